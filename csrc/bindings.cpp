@@ -1,0 +1,325 @@
+// fusedrnn._C: NumPy buffers in, NumPy buffers out. Shapes are checked here again (the Python
+// layer checks them first, with friendlier messages) so no call can read or write out of bounds.
+// Every kernel runs with the GIL released.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <atomic>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernel_api.h"
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+using fusedrnn::Cell;
+using fusedrnn::KernelTable;
+using fusedrnn::LayerShape;
+
+namespace {
+
+std::atomic<int> g_num_threads{0};  // 0: not set, use OpenMP's default (OMP_NUM_THREADS)
+
+int num_threads() {
+  int n = g_num_threads.load();
+  if (n > 0) return n;
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
+const KernelTable& kernels(const std::optional<std::string>& isa) {
+  if (!isa) return fusedrnn::active_kernels();
+  const KernelTable* t = fusedrnn::kernels_for(isa->c_str());
+  if (!t) throw py::value_error("isa '" + *isa + "' is not available on this machine");
+  return *t;
+}
+
+template <typename T>
+using Arr = py::array_t<T, py::array::c_style>;
+
+[[noreturn]] void fail(const std::string& what) { throw py::value_error(what); }
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string out = "(";
+  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
+  return out + (s.size() == 1 ? ",)" : ")");
+}
+
+template <typename T>
+void check_shape(const char* name, const Arr<T>& a, std::vector<int64_t> want) {
+  std::vector<int64_t> got(a.shape(), a.shape() + a.ndim());
+  if (got != want) fail(std::string(name) + " must have shape " + shape_str(want) + ", got " + shape_str(got));
+}
+
+template <typename T>
+const T* opt_ptr(const std::optional<Arr<T>>& a) { return a ? a->data() : nullptr; }
+
+// What a training forward keeps for backward: the saved buffers and the forward's inputs.
+struct Context {
+  LayerShape s;
+  bool f64;
+  const KernelTable* table;
+  // Null handles (not empty arrays) where a buffer does not exist.
+  py::object x, w_ih, w_hh, w_hr, lengths;  // forward inputs
+  py::object gates, h, c, hfull, extra;     // saved by the forward
+  bool has_bias;
+};
+
+template <typename T>
+py::array empty(std::vector<int64_t> shape) { return Arr<T>(shape); }
+
+template <typename T>
+py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reverse, bool training,
+                       Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0, Arr<T> w_ih, Arr<T> w_hh,
+                       std::optional<Arr<T>> b_ih, std::optional<Arr<T>> b_hh,
+                       std::optional<Arr<T>> w_hr, std::optional<Arr<int64_t>> lengths) {
+  if (cell_code < 0 || cell_code > 3) fail("cell code must be 0..3");
+  const Cell cell = static_cast<Cell>(cell_code);
+  const int64_t G = fusedrnn::gate_count(cell);
+  if (x.ndim() != 3) fail("x must be 3-d (T, B, I)");
+  if (w_hh.ndim() != 2 || w_hh.shape(0) % G != 0) fail("weight_hh must be 2-d (G*H, H_out)");
+  LayerShape s{x.shape(0), x.shape(1), x.shape(2), w_hh.shape(0) / G, w_hh.shape(1), cell, lbr,
+               reverse, b_ih.has_value(), w_hr.has_value()};
+  check_shape("weight_ih", w_ih, {G * s.H, s.I});
+  if (w_hr) {
+    if (cell != Cell::Lstm) fail("weight_hr (projection) is only for LSTM");
+    check_shape("weight_hr", *w_hr, {s.Hout, s.H});
+  } else if (s.Hout != s.H) {
+    fail("weight_hh must have shape " + shape_str({G * s.H, s.H}));
+  }
+  if (b_ih.has_value() != b_hh.has_value()) fail("bias_ih and bias_hh are given together or not at all");
+  if (b_ih) { check_shape("bias_ih", *b_ih, {G * s.H}); check_shape("bias_hh", *b_hh, {G * s.H}); }
+  check_shape("h0", h0, {s.B, s.Hout});
+  if (cell == Cell::Lstm) {
+    if (!c0) fail("c0 is required for LSTM");
+    check_shape("c0", *c0, {s.B, s.H});
+  }
+  if (lengths) {
+    check_shape("lengths", *lengths, {s.B});
+    for (int64_t b = 0; b < s.B; ++b)
+      if (lengths->data()[b] < 1 || lengths->data()[b] > s.T)
+        fail("lengths must lie in 1.." + std::to_string(s.T) + ", got " + std::to_string(lengths->data()[b]));
+  }
+  if (s.T < 1) fail("x must have at least one time step");
+
+  Arr<T> y({s.T, s.B, s.Hout}), hn({s.B, s.Hout});
+  std::optional<Arr<T>> cn;
+  if (cell == Cell::Lstm) cn.emplace(std::vector<int64_t>{s.B, s.H});
+  fusedrnn::ForwardArgs<T> a{};
+  a.s = s;
+  a.y = y.mutable_data();
+  a.hn = hn.mutable_data();
+  a.cn = cn ? cn->mutable_data() : nullptr;
+  a.x = x.data(); a.h0 = h0.data(); a.c0 = opt_ptr(c0);
+  a.w_ih = w_ih.data(); a.w_hh = w_hh.data(); a.b_ih = opt_ptr(b_ih); a.b_hh = opt_ptr(b_hh);
+  a.w_hr = opt_ptr(w_hr);
+  a.lengths = lengths ? lengths->data() : nullptr;
+  a.num_threads = num_threads();
+
+  py::object ctx = py::none();
+  Context c{};
+  if (training) {
+    const bool gru = cell == Cell::Gru;
+    c.s = s; c.f64 = sizeof(T) == 8; c.table = &kt; c.has_bias = s.has_bias;
+    c.x = x; c.w_ih = w_ih; c.w_hh = w_hh;
+    if (w_hr) c.w_hr = *w_hr;
+    if (lengths) c.lengths = *lengths;
+    c.h = empty<T>({s.T + 1, s.B, s.Hout});
+    if (G > 1) c.gates = empty<T>({s.T, s.B, G * s.H});
+    if (cell == Cell::Lstm) c.c = empty<T>({s.T + 1, s.B, s.H});
+    if (s.has_proj) c.hfull = empty<T>({s.T, s.B, s.H});
+    if (gru) c.extra = empty<T>({s.T, s.B, s.H});
+    auto mut = [](py::object& o) -> T* { return o ? static_cast<T*>(o.cast<py::array>().mutable_data()) : nullptr; };
+    a.saved = {mut(c.gates), mut(c.h), mut(c.c), mut(c.hfull), mut(c.extra)};
+  }
+  {
+    py::gil_scoped_release nogil;
+    if constexpr (sizeof(T) == 4) kt.forward_f32(a); else kt.forward_f64(a);
+  }
+  if (training) ctx = py::cast(std::move(c));
+  return py::make_tuple(y, hn, cn ? py::object(*cn) : py::none(), ctx);
+}
+
+template <typename T>
+py::tuple backward_impl(const Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn) {
+  const LayerShape& s = c.s;
+  const int64_t G = fusedrnn::gate_count(s.cell);
+  check_shape("dy", dy, {s.T, s.B, s.Hout});
+  if (dhn) check_shape("dhn", *dhn, {s.B, s.Hout});
+  if (dcn) {
+    if (s.cell != Cell::Lstm) fail("dcn is only for LSTM");
+    check_shape("dcn", *dcn, {s.B, s.H});
+  }
+  Arr<T> dx({s.T, s.B, s.I}), dh0({s.B, s.Hout}), dw_ih({G * s.H, s.I}), dw_hh({G * s.H, s.Hout});
+  std::optional<Arr<T>> dc0, db_ih, db_hh, dw_hr;
+  if (s.cell == Cell::Lstm) dc0.emplace(std::vector<int64_t>{s.B, s.H});
+  if (c.has_bias) { db_ih.emplace(std::vector<int64_t>{G * s.H}); db_hh.emplace(std::vector<int64_t>{G * s.H}); }
+  if (s.has_proj) dw_hr.emplace(std::vector<int64_t>{s.Hout, s.H});
+  auto ptr = [](const py::object& o) -> T* {
+    return o ? static_cast<T*>(const_cast<void*>(o.cast<py::array>().data())) : nullptr;
+  };
+  auto mptr = [](std::optional<Arr<T>>& o) -> T* { return o ? o->mutable_data() : nullptr; };
+  fusedrnn::BackwardArgs<T> a{};
+  a.s = s;
+  a.dx = dx.mutable_data(); a.dh0 = dh0.mutable_data(); a.dc0 = mptr(dc0);
+  a.dw_ih = dw_ih.mutable_data(); a.dw_hh = dw_hh.mutable_data();
+  a.db_ih = mptr(db_ih); a.db_hh = mptr(db_hh); a.dw_hr = mptr(dw_hr);
+  a.dy = dy.data(); a.dhn = opt_ptr(dhn); a.dcn = opt_ptr(dcn);
+  a.x = ptr(c.x); a.w_ih = ptr(c.w_ih); a.w_hh = ptr(c.w_hh); a.w_hr = ptr(c.w_hr);
+  a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
+  a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
+  a.num_threads = num_threads();
+  {
+    py::gil_scoped_release nogil;
+    if constexpr (sizeof(T) == 4) c.table->backward_f32(a); else c.table->backward_f64(a);
+  }
+  py::dict grads;
+  grads["weight_ih"] = dw_ih;
+  grads["weight_hh"] = dw_hh;
+  if (db_ih) { grads["bias_ih"] = *db_ih; grads["bias_hh"] = *db_hh; }
+  if (dw_hr) grads["weight_hr"] = *dw_hr;
+  return py::make_tuple(dx, dh0, dc0 ? py::object(*dc0) : py::none(), grads);
+}
+
+// Every float argument must already have x's dtype: we never cast silently.
+void require_dtype(const char* name, const py::object& o, const py::dtype& want) {
+  if (o.is_none()) return;
+  if (!py::isinstance<py::array>(o)) throw py::type_error(std::string(name) + " must be a numpy array");
+  py::dtype got = o.cast<py::array>().dtype();
+  if (!got.is(want))
+    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(want)) + ", got " +
+                         std::string(py::str(got)));
+}
+
+bool is_f64(const py::array& x) {
+  if (x.dtype().is(py::dtype::of<double>())) return true;
+  if (x.dtype().is(py::dtype::of<float>())) return false;
+  throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
+}
+
+template <typename T>
+py::array math_impl(const KernelTable& kt, int func, Arr<T> x) {
+  Arr<T> y(std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
+  {
+    py::gil_scoped_release nogil;
+    if constexpr (sizeof(T) == 4) kt.math_f32(func, x.data(), y.mutable_data(), x.size());
+    else kt.math_f64(func, x.data(), y.mutable_data(), x.size());
+  }
+  return y;
+}
+
+template <typename T>
+py::array gemm_impl(const KernelTable& kt, py::array_t<T> A, py::array_t<T> B) {
+  if (A.ndim() != 2 || B.ndim() != 2 || A.shape(1) != B.shape(0)) fail("gemm needs A (M, K) and B (K, N)");
+  const int64_t M = A.shape(0), K = A.shape(1), N = B.shape(1);
+  Arr<T> C({M, N});
+  const int64_t s = sizeof(T);
+  {
+    py::gil_scoped_release nogil;
+    if constexpr (sizeof(T) == 4)
+      kt.gemm_f32(M, N, K, A.data(), A.strides(0) / s, A.strides(1) / s, B.data(), B.strides(0) / s,
+                  B.strides(1) / s, C.mutable_data(), N, false, num_threads());
+    else
+      kt.gemm_f64(M, N, K, A.data(), A.strides(0) / s, A.strides(1) / s, B.data(), B.strides(0) / s,
+                  B.strides(1) / s, C.mutable_data(), N, false, num_threads());
+  }
+  return C;
+}
+
+std::vector<std::string> available_isas() {
+  std::vector<std::string> out;
+  for (const char* isa : {"generic", "avx2", "avx512"})
+    if (fusedrnn::kernels_for(isa)) out.push_back(isa);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedrnn kernels (private; use fusedrnn.functional or the layers)";
+  m.attr("__version__") = FUSEDRNN_VERSION;
+  fusedrnn::active_kernels();  // fail at import on a bad FUSEDRNN_ISA, not in the first call
+  m.def("isa", [] { return std::string(fusedrnn::active_isa_name()); }, "ISA of the kernels in use");
+  m.def("available_isas", &available_isas, "ISAs built into this module that this CPU can run");
+  m.def("vector_bytes", [](std::optional<std::string> isa) { return kernels(isa).vector_bytes; },
+        py::arg("isa") = py::none());
+#if defined(_OPENMP)
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+  m.def("get_num_threads", &num_threads);
+  m.def("set_num_threads", [](int n) {
+    if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
+    g_num_threads.store(n);
+  });
+  m.def("compiler", [] {
+#if defined(__clang__)
+    return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    return std::string("gcc ") + __VERSION__;
+#else
+    return std::string("unknown");
+#endif
+  });
+
+  py::class_<Context>(m, "Context", "What a training forward keeps for backward (opaque).")
+      .def_property_readonly("saved_bytes", [](const Context& c) {
+        size_t n = 0;
+        for (const py::object* a : {&c.gates, &c.h, &c.c, &c.hfull, &c.extra})
+          if (*a) n += a->cast<py::array>().nbytes();
+        return n;
+      });
+
+  m.def("math", [](int func, py::array x, std::optional<std::string> isa) -> py::array {
+    if (func < 0 || func > 2) fail("func must be 0 (exp), 1 (tanh) or 2 (sigmoid)");
+    const KernelTable& kt = kernels(isa);
+    return is_f64(x) ? math_impl<double>(kt, func, x) : math_impl<float>(kt, func, x);
+  }, py::arg("func"), py::arg("x"), py::arg("isa") = py::none());
+
+  m.def("gemm", [](py::array A, py::array B, std::optional<std::string> isa) -> py::array {
+    const KernelTable& kt = kernels(isa);
+    return is_f64(A) ? gemm_impl<double>(kt, A, B) : gemm_impl<float>(kt, A, B);
+  }, py::arg("A"), py::arg("B"), py::arg("isa") = py::none(), "C = A @ B with our packed GEMM");
+
+  m.def("forward", [](int cell, bool lbr, bool reverse, bool training, py::array x, py::array h0,
+                      py::object c0, py::array w_ih, py::array w_hh, py::object b_ih, py::object b_hh,
+                      py::object w_hr, py::object lengths, std::optional<std::string> isa) -> py::tuple {
+    const KernelTable& kt = kernels(isa);
+    auto opt = [](py::object o, auto tag) {
+      using A = decltype(tag);
+      return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
+    };
+    const py::dtype dt = x.dtype();
+    require_dtype("h0", h0, dt); require_dtype("c0", c0, dt); require_dtype("w_ih", w_ih, dt);
+    require_dtype("w_hh", w_hh, dt); require_dtype("b_ih", b_ih, dt); require_dtype("b_hh", b_hh, dt);
+    require_dtype("w_hr", w_hr, dt); require_dtype("lengths", lengths, py::dtype::of<int64_t>());
+    std::optional<Arr<int64_t>> len = opt(lengths, Arr<int64_t>());
+    if (is_f64(x))
+      return forward_impl<double>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<double>()), w_ih, w_hh,
+                                  opt(b_ih, Arr<double>()), opt(b_hh, Arr<double>()), opt(w_hr, Arr<double>()), len);
+    return forward_impl<float>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<float>()), w_ih, w_hh,
+                               opt(b_ih, Arr<float>()), opt(b_hh, Arr<float>()), opt(w_hr, Arr<float>()), len);
+  }, py::arg("cell"), py::arg("linear_before_reset"), py::arg("reverse"), py::arg("training"), py::arg("x"),
+     py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
+     py::arg("w_hr"), py::arg("lengths"), py::arg("isa") = py::none());
+
+  m.def("backward", [](const Context& c, py::array dy, py::object dhn, py::object dcn) -> py::tuple {
+    auto opt = [](py::object o, auto tag) {
+      using A = decltype(tag);
+      return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
+    };
+    const py::dtype dt = c.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
+    require_dtype("dy", dy, dt); require_dtype("dhn", dhn, dt); require_dtype("dcn", dcn, dt);
+    if (c.f64) return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()));
+    return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()));
+  }, py::arg("ctx"), py::arg("dy"), py::arg("dhn") = py::none(), py::arg("dcn") = py::none());
+}

@@ -1,0 +1,209 @@
+// The per-cell pointwise maths, forward (the epilogue of the fused step) and backward, written
+// once on Vec<T> for every ISA. Each function walks nu units of one row in vectors, with a
+// partial vector for the tail. Formulas: shared/DESIGN.md (torch.nn's, gate orders i,f,g,o and
+// r,z,n); python/fusedrnn/reference.py is the same maths in NumPy.
+#pragma once
+#include "cells/row.h"
+#include "simd/math.h"
+#include "simd/vec.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+// Loads/stores nu - j (<= W) lanes: a whole vector when it fits.
+template <typename T> inline Vec<T> ld(const T* p, int n) {
+  return n >= Vec<T>::W ? Vec<T>::load(p) : load_partial(p, n);
+}
+template <typename T> inline void st(T* p, Vec<T> v, int n) {
+  if (n >= Vec<T>::W) v.store(p); else store_partial(p, v, n);
+}
+template <typename T> inline Vec<T> one() { return Vec<T>::set1(T(1)); }
+// relu that keeps NaN (max(x, 0) would turn NaN into 0).
+template <typename T> inline Vec<T> vrelu(Vec<T> x) {
+  return Vec<T>::select(Vec<T>::lt(x, Vec<T>::zero()), Vec<T>::zero(), x);
+}
+
+// ---- Elman RNN: h' = act(W_ih x + b_ih + W_hh h + b_hh) ----
+template <typename T, bool Relu>
+inline void rnn_forward_row(const RowForward<T>& r) {
+  using V = Vec<T>;
+  for (int j = 0; j < r.nu; j += V::W) {
+    const int n = r.nu - j;
+    V pre = ld(r.acc + j, n) + ld(r.gx + j, n);
+    st(r.h_next + j, Relu ? vrelu(pre) : vtanh(pre), n);
+  }
+}
+template <typename T, bool Relu>
+inline void rnn_backward_row(const RowBackward<T>& r) {
+  using V = Vec<T>;
+  for (int j = 0; j < r.nu; j += V::W) {
+    const int n = r.nu - j;
+    V dh = ld(r.dh + j, n), h = ld(r.h_next + j, n);
+    V d = Relu ? V::select(V::gt(h, V::zero()), dh, V::zero()) : dh * V::fnma(h, h, one<T>());
+    st(r.dgx + j, d, n);
+    st(r.dgh + j, d, n);
+  }
+}
+
+// ---- LSTM: i,f,o = sigmoid, g = tanh, c' = f*c + i*g, h' = o*tanh(c') ----
+template <typename T>
+inline void lstm_forward_row(const RowForward<T>& r) {
+  using V = Vec<T>;
+  const int64_t H = r.H, A = r.acc_gate_stride;
+  for (int j = 0; j < r.nu; j += V::W) {
+    const int n = r.nu - j;
+    V i = vsigmoid(ld(r.acc + j, n) + ld(r.gx + j, n));
+    V f = vsigmoid(ld(r.acc + A + j, n) + ld(r.gx + H + j, n));
+    V g = vtanh(ld(r.acc + 2 * A + j, n) + ld(r.gx + 2 * H + j, n));
+    V o = vsigmoid(ld(r.acc + 3 * A + j, n) + ld(r.gx + 3 * H + j, n));
+    V c = V::fma(f, ld(r.c_prev + j, n), i * g);
+    st(r.c_next + j, c, n);
+    st(r.h_next + j, o * vtanh(c), n);
+    if (r.gates) {
+      st(r.gates + j, i, n);
+      st(r.gates + H + j, f, n);
+      st(r.gates + 2 * H + j, g, n);
+      st(r.gates + 3 * H + j, o, n);
+    }
+  }
+}
+template <typename T>
+inline void lstm_backward_row(const RowBackward<T>& r) {
+  using V = Vec<T>;
+  const int64_t H = r.H;
+  const V one_ = one<T>();
+  for (int j = 0; j < r.nu; j += V::W) {
+    const int n = r.nu - j;
+    V i = ld(r.gates + j, n), f = ld(r.gates + H + j, n);
+    V g = ld(r.gates + 2 * H + j, n), o = ld(r.gates + 3 * H + j, n);
+    V dh = ld(r.dh + j, n);
+    V tc = vtanh(ld(r.c_next + j, n));
+    V dc = V::fma(dh * o, V::fnma(tc, tc, one_), ld(r.dc + j, n));
+    V di = dc * g * i * (one_ - i);
+    V df = dc * ld(r.c_prev + j, n) * f * (one_ - f);
+    V dg = dc * i * V::fnma(g, g, one_);
+    V d_o = dh * tc * o * (one_ - o);
+    st(r.dc + j, dc * f, n);
+    st(r.dgx + j, di, n);
+    st(r.dgx + H + j, df, n);
+    st(r.dgx + 2 * H + j, dg, n);
+    st(r.dgx + 3 * H + j, d_o, n);
+    if (r.dgh != r.dgx) {  // separate buffers when steps and times differ (lengths, reverse)
+      st(r.dgh + j, di, n);
+      st(r.dgh + H + j, df, n);
+      st(r.dgh + 2 * H + j, dg, n);
+      st(r.dgh + 3 * H + j, d_o, n);
+    }
+  }
+}
+
+// ---- GRU, linear_before_reset (PyTorch): n = tanh(gx_n + r*(W_hn h + b_hn)) ----
+template <typename T>
+inline void gru_forward_row(const RowForward<T>& r) {
+  using V = Vec<T>;
+  const int64_t H = r.H, A = r.acc_gate_stride;
+  for (int j = 0; j < r.nu; j += V::W) {
+    const int n = r.nu - j;
+    V rg = vsigmoid(ld(r.acc + j, n) + ld(r.gx + j, n));
+    V z = vsigmoid(ld(r.acc + A + j, n) + ld(r.gx + H + j, n));
+    V hn_lin = ld(r.acc + 2 * A + j, n);
+    if (r.b_hn) hn_lin = hn_lin + ld(r.b_hn + j, n);
+    V nn = vtanh(V::fma(rg, hn_lin, ld(r.gx + 2 * H + j, n)));
+    V hp = ld(r.h_prev + j, n);
+    st(r.h_next + j, V::fma(z, hp - nn, nn), n);  // (1-z)*n + z*h
+    if (r.gates) {
+      st(r.gates + j, rg, n);
+      st(r.gates + H + j, z, n);
+      st(r.gates + 2 * H + j, nn, n);
+      st(r.extra + j, hn_lin, n);
+    }
+  }
+}
+template <typename T>
+inline void gru_backward_row(const RowBackward<T>& r) {
+  using V = Vec<T>;
+  const int64_t H = r.H;
+  const V one_ = one<T>();
+  for (int j = 0; j < r.nu; j += V::W) {
+    const int n = r.nu - j;
+    V rg = ld(r.gates + j, n), z = ld(r.gates + H + j, n), nn = ld(r.gates + 2 * H + j, n);
+    V dh = ld(r.dh + j, n), hp = ld(r.h_prev + j, n);
+    V dn = dh * (one_ - z) * V::fnma(nn, nn, one_);
+    V dz = dh * (hp - nn) * z * (one_ - z);
+    V dr = dn * ld(r.extra + j, n) * rg * (one_ - rg);
+    st(r.dgx + j, dr, n);
+    st(r.dgx + H + j, dz, n);
+    st(r.dgx + 2 * H + j, dn, n);
+    st(r.dgh + j, dr, n);
+    st(r.dgh + H + j, dz, n);
+    st(r.dgh + 2 * H + j, dn * rg, n);
+    st(r.dh_prev + j, dh * z, n);
+  }
+}
+
+// ---- GRU, original formulation (ONNX default): n = tanh(gx_n + W_hn (r*h) + b_hn) ----
+// Two phases per step: r, z (and r*h) from the first GEMM, then n and h' from the second.
+template <typename T>
+inline void gru_reset_forward_row(const RowForward<T>& r) {  // phase 1: gates r, z; extra = r*h
+  using V = Vec<T>;
+  const int64_t H = r.H, A = r.acc_gate_stride;
+  for (int j = 0; j < r.nu; j += V::W) {
+    const int n = r.nu - j;
+    V rg = vsigmoid(ld(r.acc + j, n) + ld(r.gx + j, n));
+    V z = vsigmoid(ld(r.acc + A + j, n) + ld(r.gx + H + j, n));
+    st(r.gates + j, rg, n);
+    st(r.gates + H + j, z, n);
+    st(r.extra + j, rg * ld(r.h_prev + j, n), n);
+  }
+}
+template <typename T>
+inline void gru_reset_new_row(const RowForward<T>& r) {  // phase 2: acc = W_hn (r*h), no bias
+  using V = Vec<T>;
+  const int64_t H = r.H;
+  for (int j = 0; j < r.nu; j += V::W) {
+    const int n = r.nu - j;
+    V pre = ld(r.acc + j, n) + ld(r.gx + 2 * H + j, n);
+    if (r.b_hn) pre = pre + ld(r.b_hn + j, n);
+    V nn = vtanh(pre);
+    V z = ld(r.gates + H + j, n), hp = ld(r.h_prev + j, n);
+    st(r.gates + 2 * H + j, nn, n);
+    st(r.h_next + j, V::fma(z, hp - nn, nn), n);
+  }
+}
+// Backward phase 1: dn and dz pre-activations, direct dh*z. dgh for n is dn (its weight
+// gradient pairs with r*h, not h). dr waits for d(r*h) = dn W_hn.
+template <typename T>
+inline void gru_reset_backward_row1(const RowBackward<T>& r) {
+  using V = Vec<T>;
+  const int64_t H = r.H;
+  const V one_ = one<T>();
+  for (int j = 0; j < r.nu; j += V::W) {
+    const int n = r.nu - j;
+    V z = ld(r.gates + H + j, n), nn = ld(r.gates + 2 * H + j, n);
+    V dh = ld(r.dh + j, n), hp = ld(r.h_prev + j, n);
+    V dn = dh * (one_ - z) * V::fnma(nn, nn, one_);
+    V dz = dh * (hp - nn) * z * (one_ - z);
+    st(r.dgx + H + j, dz, n);
+    st(r.dgx + 2 * H + j, dn, n);
+    st(r.dgh + H + j, dz, n);
+    st(r.dgh + 2 * H + j, dn, n);
+    st(r.dh_prev + j, dh * z, n);
+  }
+}
+// Backward phase 2: drh = d(r*h) (in r.dh); dr pre-activation, and dh_prev += drh * r.
+template <typename T>
+inline void gru_reset_backward_row2(const RowBackward<T>& r) {
+  using V = Vec<T>;
+  const V one_ = one<T>();
+  for (int j = 0; j < r.nu; j += V::W) {
+    const int n = r.nu - j;
+    V rg = ld(r.gates + j, n), drh = ld(r.dh + j, n), hp = ld(r.h_prev + j, n);
+    V dr = drh * hp * rg * (one_ - rg);
+    st(r.dgx + j, dr, n);
+    st(r.dgh + j, dr, n);
+    st(r.dh_prev + j, V::fma(drh, rg, ld(r.dh_prev + j, n)), n);
+  }
+}
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -1,0 +1,44 @@
+// Pointers for one batch row over a run of hidden units [u0, u0 + nu), as the fused step
+// epilogues and the pointwise backward see them. Every pointer is already offset to unit u0;
+// gate g of a (G*H)-wide row sits at +g*H, of a tile row at +g*NR.
+#pragma once
+#include <cstdint>
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+template <typename T>
+struct RowForward {
+  const T* acc;     // tile row of W_hh h_prev (no bias), gate g at acc[g*NR + j]
+  int64_t acc_gate_stride;  // NR
+  const T* gx;      // W_ih x + folded biases for this row's time, gate g at gx[g*H + j]
+  const T* b_hn;    // GRU n-gate recurrent bias (kept apart for the reset gate), or null
+  const T* h_prev;  // (H) previous state
+  const T* c_prev;  // (H) LSTM previous cell
+  T* c_next;        // (H) LSTM new cell
+  T* h_next;        // (H) new state (LSTM with projection: o*tanh(c) before W_hr)
+  T* gates;         // activated gates, gate g at gates[g*H + j]
+  T* extra;         // GRU: W_hn h + b_hn (linear_before_reset) or r*h (not); may be null
+  int64_t H;
+  int nu;
+};
+
+template <typename T>
+struct RowBackward {
+  const T* dh;      // (H) gradient reaching this step's state (LSTM: before the projection)
+  const T* gates;   // saved activated gates, gate g at gates[g*H + j]
+  const T* h_prev;  // (H) state before the step
+  const T* h_next;  // (H) state after the step (RNN derivative)
+  const T* c_prev;  // LSTM
+  const T* c_next;  // LSTM
+  const T* extra;   // GRU saved extra
+  T* dc;            // LSTM: in: dc from later steps; out: dc for the previous step
+  T* dgx;           // gradient of the pre-activations on the input side, gate g at +g*H
+  T* dgh;           // gradient of the pre-activations on the recurrent side (GRU differs)
+  T* dh_prev;       // GRU only: the direct part of d h_prev (dh*z), written
+  int64_t H;
+  int nu;
+};
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -1,0 +1,51 @@
+// Small helpers for the per-ISA units: scratch buffers, threading, denormal control.
+// Everything here lives in the ISA namespace so each build has its own copy.
+#pragma once
+#include <cstdint>
+#include "kernel_api.h"
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+template <typename I> inline I imin(I a, I b) { return a < b ? a : b; }
+template <typename I> inline I imax(I a, I b) { return a > b ? a : b; }
+template <typename I> inline I ceil_div(I a, I b) { return (a + b - 1) / b; }
+
+// Owns one aligned scratch allocation for the length of a kernel call.
+template <typename T>
+struct Scratch {
+  T* p = nullptr;
+  explicit Scratch(int64_t n) {
+    if (n > 0) p = static_cast<T*>(aligned_alloc_bytes(sizeof(T) * static_cast<size_t>(n)));
+  }
+  ~Scratch() { aligned_free_bytes(p); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
+
+// Flush denormals to zero for the kernel's duration and restore the caller's mode after:
+// denormal arithmetic is ~100x slower and never changes a result beyond our tolerances.
+struct DenormalsFlushed {
+#if defined(__SSE2__)
+  unsigned int saved;
+  DenormalsFlushed() : saved(_mm_getcsr()) { _mm_setcsr(saved | 0x8040); }  // FTZ | DAZ
+  ~DenormalsFlushed() { _mm_setcsr(saved); }
+#endif
+};
+
+inline int thread_id() {
+#if defined(_OPENMP)
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -1,0 +1,66 @@
+// Picks the kernel build for this CPU: the best supported ISA, or the one FUSEDRNN_ISA names.
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include "kernel_api.h"
+
+namespace fusedrnn {
+namespace {
+
+bool cpu_supports(const char* isa) {
+  if (std::strcmp(isa, "generic") == 0) return true;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  if (std::strcmp(isa, "avx2") == 0)
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::strcmp(isa, "avx512") == 0)
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return false;
+}
+
+const KernelTable* built_table(const char* isa) {
+#if defined(FUSEDRNN_HAVE_AVX512)
+  if (std::strcmp(isa, "avx512") == 0) return &avx512::kernel_table();
+#endif
+#if defined(FUSEDRNN_HAVE_AVX2)
+  if (std::strcmp(isa, "avx2") == 0) return &avx2::kernel_table();
+#endif
+  if (std::strcmp(isa, "generic") == 0) return &generic::kernel_table();
+  return nullptr;
+}
+
+const KernelTable* choose() {
+  const char* forced = std::getenv("FUSEDRNN_ISA");
+  if (forced && *forced) {
+    const KernelTable* t = kernels_for(forced);
+    if (!t)
+      throw std::runtime_error(std::string("FUSEDRNN_ISA=") + forced +
+                               " is not available here; choose one of: " + "generic" +
+                               (kernels_for("avx2") ? ", avx2" : "") +
+                               (kernels_for("avx512") ? ", avx512" : ""));
+    return t;
+  }
+  for (const char* isa : {"avx512", "avx2", "generic"})
+    if (const KernelTable* t = kernels_for(isa)) return t;
+  return &generic::kernel_table();
+}
+
+}  // namespace
+
+const KernelTable* kernels_for(const char* isa) {
+  return cpu_supports(isa) ? built_table(isa) : nullptr;
+}
+
+const KernelTable& active_kernels() {
+  static const KernelTable* table = choose();
+  return *table;
+}
+
+const char* active_isa_name() { return active_kernels().isa; }
+
+}  // namespace fusedrnn

@@ -1,0 +1,70 @@
+// The register-tiled micro-kernel: an MR x NR block of C from an A block read with strides and a
+// packed B panel (K x NR, NR contiguous). Each C element is one FMA chain over k in order, so the
+// result never depends on how tiles are spread over threads.
+#pragma once
+#include <cstdint>
+#include "simd/vec.h"
+#include "common.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+// Tile shape per ISA and dtype: NV vectors across, MR rows down, chosen so MR*NV accumulators,
+// NV panel vectors and one broadcast fit the register file (16 on AVX2, 32 on AVX-512).
+template <typename T> struct Tile {
+  static constexpr int NV = 2;
+  static constexpr int NR = NV * Vec<T>::W;
+#if defined(__AVX512F__)
+  static constexpr int MR = 12;
+#elif defined(__AVX2__)
+  static constexpr int MR = 6;
+#else
+  static constexpr int MR = 4;
+#endif
+};
+
+// c[r*ldc + n] (+)= sum_k a[r*a_rs + k*a_cs] * b[k*NR + n] for r < M (M <= MR), n < NR.
+template <typename T, int M>
+inline void micro_kernel_rows(int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
+                              T* c, int64_t ldc, bool accumulate) {
+  using V = Vec<T>;
+  constexpr int NV = Tile<T>::NV;
+  constexpr int NR = Tile<T>::NR;
+  V acc[M][NV];
+  for (int r = 0; r < M; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  const T* arow[M];
+  for (int r = 0; r < M; ++r) arow[r] = a + r * a_rs;
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * NR + v * V::W);
+    for (int r = 0; r < M; ++r) {
+      V av = V::set1(arow[r][k * a_cs]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < M; ++r)
+    for (int v = 0; v < NV; ++v) {
+      T* p = c + r * ldc + v * V::W;
+      V out = accumulate ? V::add(V::load(p), acc[r][v]) : acc[r][v];
+      out.store(p);
+    }
+}
+
+// Any M in 1..MR: picks the instantiation with that many rows.
+template <typename T>
+inline void micro_kernel(int M, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
+                         T* c, int64_t ldc, bool accumulate) {
+  switch (M) {
+#define FUSEDRNN_CASE(m) \
+  case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1)>(K, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+    FUSEDRNN_CASE(1) FUSEDRNN_CASE(2) FUSEDRNN_CASE(3) FUSEDRNN_CASE(4) FUSEDRNN_CASE(5)
+    FUSEDRNN_CASE(6) FUSEDRNN_CASE(7) FUSEDRNN_CASE(8) FUSEDRNN_CASE(9) FUSEDRNN_CASE(10)
+    FUSEDRNN_CASE(11) FUSEDRNN_CASE(12)
+#undef FUSEDRNN_CASE
+    default: break;
+  }
+}
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -1,0 +1,51 @@
+// Compiled once per ISA (CMakeLists.txt sets FUSEDRNN_ISA_NS and the target flags): the whole
+// kernel stack below becomes fusedrnn::<isa>::..., and kernel_table() hands its entry points to
+// dispatch.cpp.
+#include "kernel_api.h"
+#include "gemm/gemm.h"
+#include "sequence/backward.h"
+#include "sequence/forward.h"
+#include "simd/math.h"
+#include "simd/vec.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+namespace {
+
+template <typename T>
+void math_impl(int func, const T* x, T* y, int64_t n) {
+  using V = Vec<T>;
+  auto apply = [func](V v) { return func == 0 ? vexp(v) : func == 1 ? vtanh(v) : vsigmoid(v); };
+  int64_t i = 0;
+  for (; i + V::W <= n; i += V::W) apply(V::load(x + i)).store(y + i);
+  if (i < n) store_partial(y + i, apply(load_partial(x + i, static_cast<int>(n - i))), static_cast<int>(n - i));
+}
+
+void math_f32(int f, const float* x, float* y, int64_t n) { math_impl<float>(f, x, y, n); }
+void math_f64(int f, const double* x, double* y, int64_t n) { math_impl<double>(f, x, y, n); }
+
+template <typename T>
+void gemm_entry(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
+                int64_t b_rs, int64_t b_cs, T* C, int64_t ldc, bool accumulate, int nthreads) {
+  DenormalsFlushed ftz;
+  gemm<T>(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, C, ldc, accumulate, nthreads);
+}
+
+void forward_f32(const ForwardArgs<float>& a) { forward<float>(a); }
+void forward_f64(const ForwardArgs<double>& a) { forward<double>(a); }
+void backward_f32(const BackwardArgs<float>& a) { backward<float>(a); }
+void backward_f64(const BackwardArgs<double>& a) { backward<double>(a); }
+
+}  // namespace
+
+const KernelTable& kernel_table() {
+  static const KernelTable table{kIsaName,           static_cast<int>(sizeof(Vec<float>)),
+                                 math_f32,           math_f64,
+                                 gemm_entry<float>,  gemm_entry<double>,
+                                 forward_f32,        forward_f64,
+                                 backward_f32,       backward_f64};
+  return table;
+}
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

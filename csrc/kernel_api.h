@@ -1,0 +1,112 @@
+// The contract between the pybind11 layer (compiled once, portable) and the kernels (compiled
+// once per ISA, see isa_kernels.cpp). Plain structs only: anything with code in a header shared
+// by differently-compiled units could be linked from the wrong ISA's object.
+//
+// Time is walked in "steps": step s of row b consumes time t = s (forward direction) or
+// t = len_b - 1 - s (reverse direction), and is active while s < len_b. Saved training buffers
+// are indexed by step; inputs, outputs and dGx by time.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace fusedrnn {
+
+enum class Cell : int { RnnTanh = 0, RnnRelu = 1, Lstm = 2, Gru = 3 };
+
+inline int gate_count(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
+
+struct LayerShape {
+  int64_t T, B, I, H, Hout;  // steps, batch, input, hidden, output (= proj size or H)
+  Cell cell;
+  bool linear_before_reset;  // GRU only
+  bool reverse;
+  bool has_bias;
+  bool has_proj;
+};
+
+// What a training forward keeps for BPTT; all buffers owned by the caller.
+template <typename T>
+struct SavedState {
+  T* gates;     // (T, B, G*H) activated gates, by step (unused for RNN: h itself suffices)
+  T* h;         // (T+1, B, Hout) states by step, h[0] = h0
+  T* c;         // (T+1, B, H) LSTM cell states by step, c[0] = c0; else null
+  T* hfull;     // (T, B, H) LSTM o*tanh(c) before the projection; else null
+  T* gru_extra; // (T, B, H) GRU: W_hn h + b_hn (linear_before_reset) or r*h (not); else null
+};
+
+template <typename T>
+struct ForwardArgs {
+  LayerShape s;
+  T* y;               // (T, B, Hout) output, zero past each row's length
+  T* hn;              // (B, Hout) final state
+  T* cn;              // (B, H) LSTM final cell state, else null
+  const T* x;         // (T, B, I) input
+  const T* h0;        // (B, Hout) initial state
+  const T* c0;        // (B, H) LSTM initial cell state, else null
+  const T* w_ih;      // (G*H, I)
+  const T* w_hh;      // (G*H, Hout)
+  const T* b_ih;      // (G*H) or null
+  const T* b_hh;      // (G*H) or null
+  const T* w_hr;      // (Hout, H) projection, or null
+  const int64_t* lengths;  // (B) in 1..T, or null (all T)
+  SavedState<T> saved;     // all null in inference
+  int num_threads;
+};
+
+template <typename T>
+struct BackwardArgs {
+  LayerShape s;
+  T* dx;              // (T, B, I)
+  T* dh0;             // (B, Hout)
+  T* dc0;             // (B, H) LSTM, else null
+  T* dw_ih;           // (G*H, I)      overwritten
+  T* dw_hh;           // (G*H, Hout)   overwritten
+  T* db_ih;           // (G*H) or null overwritten
+  T* db_hh;           // (G*H) or null overwritten
+  T* dw_hr;           // (Hout, H) or null overwritten
+  const T* dy;        // (T, B, Hout) upstream gradient of y
+  const T* dhn;       // (B, Hout) or null
+  const T* dcn;       // (B, H) or null
+  const T* x;         // forward inputs, as in ForwardArgs
+  const T* w_ih;
+  const T* w_hh;
+  const T* w_hr;
+  const int64_t* lengths;
+  SavedState<T> saved;
+  int num_threads;
+};
+
+// Entry points of one ISA build. func codes for math: 0 exp, 1 tanh, 2 sigmoid.
+struct KernelTable {
+  const char* isa;
+  int vector_bytes;
+  void (*math_f32)(int func, const float* x, float* y, int64_t n);
+  void (*math_f64)(int func, const double* x, double* y, int64_t n);
+  // C(M,N) = A(M,K) B(K,N) (+ C if accumulate); element strides given for A and B.
+  void (*gemm_f32)(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+                   const float* B, int64_t b_rs, int64_t b_cs, float* C, int64_t ldc, bool accumulate,
+                   int num_threads);
+  void (*gemm_f64)(int64_t M, int64_t N, int64_t K, const double* A, int64_t a_rs, int64_t a_cs,
+                   const double* B, int64_t b_rs, int64_t b_cs, double* C, int64_t ldc,
+                   bool accumulate, int num_threads);
+  void (*forward_f32)(const ForwardArgs<float>& a);
+  void (*forward_f64)(const ForwardArgs<double>& a);
+  void (*backward_f32)(const BackwardArgs<float>& a);
+  void (*backward_f64)(const BackwardArgs<double>& a);
+};
+
+// Defined in workspace.cpp (portable unit): 64-byte aligned scratch memory.
+void* aligned_alloc_bytes(size_t bytes);
+void aligned_free_bytes(void* p);
+
+// Defined in dispatch.cpp.
+const KernelTable& active_kernels();
+const KernelTable* kernels_for(const char* isa);  // null when not built or not supported
+const char* active_isa_name();
+
+// Each ISA build exposes its table under its own namespace.
+namespace generic { const KernelTable& kernel_table(); }
+namespace avx2 { const KernelTable& kernel_table(); }
+namespace avx512 { const KernelTable& kernel_table(); }
+
+}  // namespace fusedrnn

@@ -1,0 +1,157 @@
+// Backpropagation through time. Walks the steps in reverse: per step the cell's backward
+// pointwise maths gives the pre-activation gradients dG (kept for the whole sequence), and one
+// packed GEMM dG W_hh gives d h_{t-1}. After the loop the weight gradients are whole-sequence
+// GEMMs (dW_hh = dGh^T H_prev, dW_ih = dGx^T X, dX = dGx W_ih) and bias gradients column sums.
+// dGx is indexed by time (it pairs with x), dGh by step (it pairs with the saved states).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include "cells/cells.h"
+#include "sequence/layout.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+// out[n] = sum over rows m of A[m*lda + n], rows added in order (deterministic).
+template <typename T>
+void column_sums(int64_t M, int64_t N, const T* A, int64_t lda, T* out, int nthreads) {
+  constexpr int64_t CHUNK = 256;
+  const int64_t chunks = ceil_div<int64_t>(N, CHUNK);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * N > 65536)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = c * CHUNK, n1 = imin(N, n0 + CHUNK);
+    for (int64_t n = n0; n < n1; ++n) out[n] = T(0);
+    for (int64_t m = 0; m < M; ++m) {
+      const T* row = A + m * lda;
+      for (int64_t n = n0; n < n1; ++n) out[n] += row[n];
+    }
+  }
+}
+
+template <typename T>
+void backward(const BackwardArgs<T>& a) {
+  const LayerShape& s = a.s;
+  const int G = gates_of(s.cell);
+  const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = G * H, TB = s.T * B;
+  const int nthreads = imax(1, a.num_threads);
+  const bool lstm = s.cell == Cell::Lstm;
+  const bool gru = s.cell == Cell::Gru;
+  const bool gru_two_phase = gru && !s.linear_before_reset;
+  DenormalsFlushed ftz;
+  Steps steps{a.lengths, s.T, s.reverse};
+
+  // Pre-activation gradients; positions no step reaches (past a row's length) stay zero.
+  Scratch<T> dgx_buf(TB * GH);
+  std::memset(dgx_buf.p, 0, sizeof(T) * TB * GH);
+  const bool same_space = !gru && !a.lengths && !s.reverse;  // step k is time k for every row
+  Scratch<T> dgh_buf(same_space ? 0 : TB * GH);
+  T* dgx = dgx_buf.p;
+  T* dgh = same_space ? dgx : dgh_buf.p;
+
+  // W_hh (GH x Hout) is already the K x N operand of dG W_hh; the two-phase GRU splits it.
+  Scratch<T> whh(packed_b_size<T>(GH, Hout));
+  Scratch<T> whn(gru_two_phase ? packed_b_size<T>(H, H) : 0);
+  if (!gru_two_phase) {
+    pack_b<T>(GH, Hout, a.w_hh, Hout, 1, whh.p, nthreads);
+  } else {
+    pack_b<T>(2 * H, Hout, a.w_hh, Hout, 1, whh.p, nthreads);
+    pack_b<T>(H, H, a.w_hh + 2 * H * Hout, Hout, 1, whn.p, nthreads);
+  }
+  Scratch<T> whr(s.has_proj ? packed_b_size<T>(Hout, H) : 0);
+  if (s.has_proj) pack_b<T>(Hout, H, a.w_hr, H, 1, whr.p, nthreads);
+
+  Scratch<T> dh_a(B * Hout), dh_b(B * Hout), dc(lstm ? B * H : 0);
+  Scratch<T> dhf(s.has_proj ? B * H : 0), dhs(s.has_proj ? TB * Hout : 0);
+  Scratch<T> drh(gru_two_phase ? B * H : 0);
+  T* dh = dh_a.p;
+  T* dh_prev = dh_b.p;
+  if (a.dhn) std::memcpy(dh, a.dhn, sizeof(T) * B * Hout); else std::memset(dh, 0, sizeof(T) * B * Hout);
+  if (lstm) {
+    if (a.dcn) std::memcpy(dc.p, a.dcn, sizeof(T) * B * H); else std::memset(dc.p, 0, sizeof(T) * B * H);
+  }
+
+  for (int64_t k = s.T - 1; k >= 0; --k) {
+    for (int64_t b = 0; b < B; ++b) {
+      if (!steps.active(k, b)) continue;
+      const T* dyr = a.dy + (steps.time(k, b) * B + b) * Hout;
+      T* d = dh + b * Hout;
+      for (int64_t o = 0; o < Hout; ++o) d[o] += dyr[o];
+    }
+    const T* dcell = dh;  // gradient reaching the cell's own output (before any projection)
+    if (s.has_proj) {
+      std::memcpy(dhs.p + k * B * Hout, dh, sizeof(T) * B * Hout);
+      gemm_packed<T>(B, H, Hout, dh, Hout, whr.p, dhf.p, H, false, nthreads);
+      dcell = dhf.p;
+    }
+    T* dgh_k = dgh + k * B * GH;
+    for (int64_t b = 0; b < B; ++b) {
+      if (!steps.active(k, b)) {  // a finished row passes its gradient straight through
+        std::memset(dgh_k + b * GH, 0, sizeof(T) * GH);
+        std::memcpy(dh_prev + b * Hout, dh + b * Hout, sizeof(T) * Hout);
+        continue;
+      }
+      if (!gru) std::memset(dh_prev + b * Hout, 0, sizeof(T) * Hout);  // filled by the GEMM
+      RowBackward<T> r;
+      r.dh = dcell + b * H;
+      r.gates = a.saved.gates ? a.saved.gates + (k * B + b) * GH : nullptr;
+      r.h_prev = a.saved.h + (k * B + b) * Hout;
+      r.h_next = a.saved.h + ((k + 1) * B + b) * Hout;
+      r.c_prev = lstm ? a.saved.c + (k * B + b) * H : nullptr;
+      r.c_next = lstm ? a.saved.c + ((k + 1) * B + b) * H : nullptr;
+      r.extra = gru ? a.saved.gru_extra + (k * B + b) * H : nullptr;
+      r.dc = lstm ? dc.p + b * H : nullptr;
+      r.dgx = dgx + (steps.time(k, b) * B + b) * GH;
+      r.dgh = dgh_k + b * GH;
+      r.dh_prev = dh_prev + b * Hout;
+      r.H = H;
+      r.nu = static_cast<int>(H);
+      switch (s.cell) {
+        case Cell::RnnTanh: rnn_backward_row<T, false>(r); break;
+        case Cell::RnnRelu: rnn_backward_row<T, true>(r); break;
+        case Cell::Lstm: lstm_backward_row<T>(r); break;
+        case Cell::Gru:
+          if (gru_two_phase) gru_reset_backward_row1<T>(r); else gru_backward_row<T>(r);
+          break;
+      }
+    }
+    if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
+      gemm_packed<T>(B, H, H, dgh_k + 2 * H, GH, whn.p, drh.p, H, false, nthreads);
+      for (int64_t b = 0; b < B; ++b) {
+        if (!steps.active(k, b)) continue;
+        RowBackward<T> r;
+        r.dh = drh.p + b * H;
+        r.gates = a.saved.gates + (k * B + b) * GH;
+        r.h_prev = a.saved.h + (k * B + b) * Hout;
+        r.dgx = dgx + (steps.time(k, b) * B + b) * GH;
+        r.dgh = dgh_k + b * GH;
+        r.dh_prev = dh_prev + b * Hout;
+        r.H = H;
+        r.nu = static_cast<int>(H);
+        gru_reset_backward_row2<T>(r);
+      }
+      gemm_packed<T>(B, Hout, 2 * H, dgh_k, GH, whh.p, dh_prev, Hout, true, nthreads);
+    } else {
+      gemm_packed<T>(B, Hout, GH, dgh_k, GH, whh.p, dh_prev, Hout, true, nthreads);
+    }
+    T* tmp = dh; dh = dh_prev; dh_prev = tmp;
+  }
+  std::memcpy(a.dh0, dh, sizeof(T) * B * Hout);
+  if (lstm) std::memcpy(a.dc0, dc.p, sizeof(T) * B * H);
+
+  // Whole-sequence weight and input gradients.
+  gemm<T>(GH, s.I, TB, dgx, 1, GH, a.x, s.I, 1, a.dw_ih, s.I, false, nthreads);
+  gemm<T>(TB, s.I, GH, dgx, GH, 1, a.w_ih, s.I, 1, a.dx, s.I, false, nthreads);
+  if (!gru_two_phase) {
+    gemm<T>(GH, Hout, TB, dgh, 1, GH, a.saved.h, Hout, 1, a.dw_hh, Hout, false, nthreads);
+  } else {  // the n rows of W_hh met r*h, not h
+    gemm<T>(2 * H, Hout, TB, dgh, 1, GH, a.saved.h, Hout, 1, a.dw_hh, Hout, false, nthreads);
+    gemm<T>(H, Hout, TB, dgh + 2 * H, 1, GH, a.saved.gru_extra, H, 1, a.dw_hh + 2 * H * Hout, Hout,
+            false, nthreads);
+  }
+  if (s.has_proj) gemm<T>(Hout, H, TB, dhs.p, 1, Hout, a.saved.hfull, H, 1, a.dw_hr, H, false, nthreads);
+  if (a.db_ih) column_sums<T>(TB, GH, dgx, GH, a.db_ih, nthreads);
+  if (a.db_hh) column_sums<T>(TB, GH, dgh, GH, a.db_hh, nthreads);
+}
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -1,0 +1,246 @@
+// The forward time loop. Per step, one packed GEMM h_{t-1} W_hh^T per (row tile, unit block)
+// lands in a small on-stack tile holding every gate of those units, and the cell's epilogue turns
+// it into h_t (and c_t) at once: gates never travel to memory except to be saved for training.
+//
+// Threads: either each thread owns a slice of batch rows and runs the whole loop with no
+// barrier, or each owns a slice of hidden-unit blocks and the team meets once per step (twice
+// for the LSTM projection and the two-phase GRU). Every output element is the same FMA chain
+// either way, so results are bitwise identical for any thread count.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include "cells/cells.h"
+#include "sequence/layout.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+inline void team_barrier() {
+#pragma omp barrier
+}
+
+// Who does which part of a step.
+struct StepSplit {
+  int64_t row0, row1;    // batch rows
+  int64_t unit0, unit1;  // hidden-unit blocks of NR
+  int64_t out0, out1;    // output (projection) blocks of NR
+  bool barrier;          // the team must meet between phases
+};
+
+template <typename T>
+StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
+  constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
+  StepSplit p{0, s.B, 0, ceil_div<int64_t>(s.H, NR), 0, ceil_div<int64_t>(s.Hout, NR), false};
+  if (nthreads <= 1) return p;
+  if (by_rows) {
+    split_range(ceil_div<int64_t>(s.B, MR), nthreads, tid, &p.row0, &p.row1);
+    p.row0 = imin<int64_t>(s.B, p.row0 * MR);
+    p.row1 = imin<int64_t>(s.B, p.row1 * MR);
+  } else {
+    split_range(ceil_div<int64_t>(s.H, NR), nthreads, tid, &p.unit0, &p.unit1);
+    split_range(ceil_div<int64_t>(s.Hout, NR), nthreads, tid, &p.out0, &p.out1);
+    p.barrier = true;
+  }
+  return p;
+}
+
+// Threads worth using for one step of this size: splitting costs a barrier per step (~1 us), so
+// small steps run on one thread; rows are split when each thread gets at least two row tiles.
+template <typename T>
+int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
+  const int64_t G = gates_of(s.cell);
+  const double flops = 2.0 * s.B * G * s.H * s.Hout;
+  *by_rows = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR;
+  if (nthreads <= 1 || (!*by_rows && flops < 4e5)) return 1;
+  if (!*by_rows && ceil_div<int64_t>(s.H, Tile<T>::NR) < nthreads) return 1;
+  return nthreads;
+}
+
+template <typename T>
+struct ForwardLoop {
+  const ForwardArgs<T>& a;
+  const LayerShape& s;
+  Steps steps;
+  int G;
+  const T* gx;
+  PackedGates<T> w;
+  const T* w_proj;  // packed W_hr^T panels, or null
+  const T* b_hn;
+  bool training;
+  // Inference ping-pong buffers (training writes into the saved ones instead).
+  T *hbuf, *cbuf, *hfull_buf, *gates_buf, *extra_buf;
+
+  T* h_at(int64_t k) const { return training ? a.saved.h + k * s.B * s.Hout : hbuf + (k % 2) * s.B * s.Hout; }
+  T* c_at(int64_t k) const { return training ? a.saved.c + k * s.B * s.H : cbuf + (k % 2) * s.B * s.H; }
+  T* hfull_at(int64_t k) const { return training ? a.saved.hfull + k * s.B * s.H : hfull_buf; }
+  T* gates_at(int64_t k) const {
+    return training ? (a.saved.gates ? a.saved.gates + k * s.B * G * s.H : nullptr) : gates_buf;
+  }
+  T* extra_at(int64_t k) const { return training ? (a.saved.gru_extra ? a.saved.gru_extra + k * s.B * s.H : nullptr) : extra_buf; }
+
+  // One phase of the cell over rows [r0, r1) and unit blocks [u0, u1): G_tile micro-kernels per
+  // tile for gates g0.., then the row epilogue. `fn` is the cell's row function.
+  template <typename RowFn>
+  void cell_phase(int64_t k, const StepSplit& p, int g0, int g_count, const T* A, int64_t lda,
+                  int64_t K, bool writes_h, RowFn fn) const {
+    constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
+    alignas(64) T tile[MR * 4 * NR];
+    const T* hp = h_at(k);
+    T* hn = h_at(k + 1);
+    const bool lstm = s.cell == Cell::Lstm;
+    T* cp = lstm ? c_at(k) : nullptr;
+    T* cn = lstm ? c_at(k + 1) : nullptr;
+    T* gates = gates_at(k);
+    T* extra = extra_at(k);
+    T* hout = s.has_proj ? hfull_at(k) : hn;
+    const int64_t GH = int64_t(G) * s.H;
+    for (int64_t ub = p.unit0; ub < p.unit1; ++ub) {
+      const int64_t u0 = ub * NR;
+      const int nu = static_cast<int>(imin<int64_t>(NR, s.H - u0));
+      for (int64_t m = p.row0; m < p.row1; m += MR) {
+        const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
+        for (int gi = 0; gi < g_count; ++gi)
+          micro_kernel<T>(mr, K, A + m * lda, lda, 1, w.panel(g0 + gi, ub), tile + gi * NR,
+                          g_count * NR, false);
+        for (int ri = 0; ri < mr; ++ri) {
+          const int64_t b = m + ri;
+          if (!steps.active(k, b)) {  // finished rows carry their state unchanged
+            if (lstm) std::memcpy(cn + b * s.H + u0, cp + b * s.H + u0, sizeof(T) * nu);
+            if (writes_h) std::memcpy(hn + b * s.Hout + u0, hp + b * s.Hout + u0, sizeof(T) * nu);
+            // Saved buffers that weight gradients multiply must hold numbers, not leftovers.
+            if (s.has_proj) std::memset(hout + b * s.H + u0, 0, sizeof(T) * nu);
+            if (extra && g0 == 0) std::memset(extra + b * s.H + u0, 0, sizeof(T) * nu);
+            continue;
+          }
+          const int64_t t = steps.time(k, b);
+          RowForward<T> r;
+          r.acc = tile + ri * g_count * NR;
+          r.acc_gate_stride = NR;
+          r.gx = gx + (t * s.B + b) * GH + u0;
+          r.b_hn = b_hn ? b_hn + u0 : nullptr;
+          r.h_prev = hp + b * s.Hout + u0;
+          r.c_prev = lstm ? cp + b * s.H + u0 : nullptr;
+          r.c_next = lstm ? cn + b * s.H + u0 : nullptr;
+          r.h_next = hout + b * s.H + u0;
+          r.gates = gates ? gates + b * GH + u0 : nullptr;
+          r.extra = extra ? extra + b * s.H + u0 : nullptr;
+          r.H = s.H;
+          r.nu = nu;
+          fn(r);
+          if (writes_h) std::memcpy(a.y + (t * s.B + b) * s.Hout + u0, r.h_next, sizeof(T) * nu);
+        }
+      }
+    }
+  }
+
+  // LSTM projection h = W_hr hfull for rows [r0, r1) and output blocks [o0, o1).
+  void projection_phase(int64_t k, const StepSplit& p) const {
+    constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
+    alignas(64) T tile[MR * NR];
+    const T* hp = h_at(k);
+    T* hn = h_at(k + 1);
+    const T* hf = hfull_at(k);
+    for (int64_t ob = p.out0; ob < p.out1; ++ob) {
+      const int64_t o0 = ob * NR;
+      const int no = static_cast<int>(imin<int64_t>(NR, s.Hout - o0));
+      for (int64_t m = p.row0; m < p.row1; m += MR) {
+        const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
+        micro_kernel<T>(mr, s.H, hf + m * s.H, s.H, 1, w_proj + ob * s.H * NR, tile, NR, false);
+        for (int ri = 0; ri < mr; ++ri) {
+          const int64_t b = m + ri;
+          T* dst = hn + b * s.Hout + o0;
+          if (!steps.active(k, b)) {
+            std::memcpy(dst, hp + b * s.Hout + o0, sizeof(T) * no);
+            continue;
+          }
+          std::memcpy(dst, tile + ri * NR, sizeof(T) * no);
+          std::memcpy(a.y + (steps.time(k, b) * s.B + b) * s.Hout + o0, dst, sizeof(T) * no);
+        }
+      }
+    }
+  }
+
+  void run(const StepSplit& p) const {
+    const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
+    for (int64_t k = 0; k < s.T; ++k) {
+      const T* hp = h_at(k);
+      switch (s.cell) {
+        case Cell::RnnTanh: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, false>); break;
+        case Cell::RnnRelu: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, true>); break;
+        case Cell::Lstm:
+          cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, lstm_forward_row<T>);
+          if (s.has_proj) {
+            if (p.barrier) team_barrier();
+            projection_phase(k, p);
+          }
+          break;
+        case Cell::Gru:
+          if (!gru_two_phase) {
+            cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, gru_forward_row<T>);
+          } else {
+            cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, gru_reset_forward_row<T>);
+            if (p.barrier) team_barrier();
+            cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, gru_reset_new_row<T>);
+          }
+          break;
+      }
+      if (p.barrier) team_barrier();
+    }
+  }
+};
+
+template <typename T>
+void forward(const ForwardArgs<T>& a) {
+  const LayerShape& s = a.s;
+  const int G = gates_of(s.cell);
+  const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = G * H;
+  if (B == 0) return;
+  DenormalsFlushed ftz;
+  const int nthreads = imax(1, a.num_threads);
+  const bool training = a.saved.h != nullptr;
+  const bool lstm = s.cell == Cell::Lstm;
+  const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
+
+  Scratch<T> gx(s.T * B * GH);
+  input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx.p, nthreads);
+  Scratch<T> wbuf(packed_gates_size<T>(G, Hout, H));
+  PackedGates<T> w = pack_gates<T>(G, Hout, H, a.w_hh, wbuf.p, nthreads);
+  Scratch<T> wproj(s.has_proj ? packed_b_size<T>(H, Hout) : 0);
+  if (s.has_proj) pack_b<T>(H, Hout, a.w_hr, 1, H, wproj.p, nthreads);
+
+  Scratch<T> hbuf(training ? 0 : 2 * B * Hout), cbuf(!training && lstm ? 2 * B * H : 0);
+  Scratch<T> hfull(!training && s.has_proj ? B * H : 0);
+  Scratch<T> gates(!training && gru_two_phase ? B * GH : 0);
+  Scratch<T> extra(!training && gru_two_phase ? B * H : 0);
+  Steps steps{a.lengths, s.T, s.reverse};
+  ForwardLoop<T> loop{a, s, steps, G, gx.p, w, wproj.p, (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
+                      training, hbuf.p, cbuf.p, hfull.p, gates.p, extra.p};
+
+  std::memcpy(loop.h_at(0), a.h0, sizeof(T) * B * Hout);
+  if (lstm) std::memcpy(loop.c_at(0), a.c0, sizeof(T) * B * H);
+  if (a.lengths)  // outputs past a row's length are zeros (PackedSequence padded back)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t t = steps.len(b); t < s.T; ++t) std::memset(a.y + (t * B + b) * Hout, 0, sizeof(T) * Hout);
+
+  bool by_rows = false;
+  const int nt = step_threads<T>(s, nthreads, &by_rows);
+  if (nt <= 1) {
+    loop.run(make_split<T>(s, 1, 0, by_rows));
+  } else {
+#pragma omp parallel num_threads(nt)
+    {
+      DenormalsFlushed ftz_worker;
+#if defined(_OPENMP)
+      const int team = omp_get_num_threads();
+#else
+      const int team = 1;
+#endif
+      loop.run(make_split<T>(s, team, thread_id(), by_rows));
+    }
+  }
+  std::memcpy(a.hn, loop.h_at(s.T), sizeof(T) * B * Hout);
+  if (lstm) std::memcpy(a.cn, loop.c_at(s.T), sizeof(T) * B * H);
+}
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -1,0 +1,42 @@
+// Vec<T>: the one SIMD abstraction every kernel is written against.
+//
+// This header is included only by translation units compiled once per ISA (csrc/isa_kernels.cpp),
+// each inside its own namespace fusedrnn::FUSEDRNN_ISA_NS, so the same source becomes an AVX-512,
+// an AVX2+FMA and a portable build. The compiler flags of that unit pick the implementation.
+// Rule: no SIMD constants at namespace scope (they would run before dispatch and could fault).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__AVX512F__)
+#include "simd/vec_avx512.h"
+#elif defined(__AVX2__) && defined(__FMA__)
+#include "simd/vec_avx2.h"
+#else
+#include "simd/vec_generic.h"
+#endif
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+// Loads and stores of the first n < W lanes, through a small stack buffer (tails only).
+template <typename T>
+inline Vec<T> load_partial(const T* p, int n) {
+  alignas(64) T buf[Vec<T>::W] = {};
+  std::memcpy(buf, p, sizeof(T) * n);
+  return Vec<T>::load(buf);
+}
+template <typename T>
+inline void store_partial(T* p, Vec<T> v, int n) {
+  alignas(64) T buf[Vec<T>::W];
+  v.store(buf);
+  std::memcpy(p, buf, sizeof(T) * n);
+}
+
+template <typename T> inline Vec<T> operator+(Vec<T> a, Vec<T> b) { return Vec<T>::add(a, b); }
+template <typename T> inline Vec<T> operator-(Vec<T> a, Vec<T> b) { return Vec<T>::sub(a, b); }
+template <typename T> inline Vec<T> operator*(Vec<T> a, Vec<T> b) { return Vec<T>::mul(a, b); }
+template <typename T> inline Vec<T> operator/(Vec<T> a, Vec<T> b) { return Vec<T>::div(a, b); }
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -1,0 +1,97 @@
+// Vec<T> on AVX2 + FMA: 8 floats or 4 doubles per register.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+constexpr const char* kIsaName = "avx2";
+
+template <typename T> struct Vec;
+
+template <>
+struct Vec<float> {
+  static constexpr int W = 8;
+  using Mask = __m256;
+  __m256 v;
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  void store(float* p) const { _mm256_storeu_ps(p, v); }
+  static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec add(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
+  static Vec sub(Vec a, Vec b) { return {_mm256_sub_ps(a.v, b.v)}; }
+  static Vec mul(Vec a, Vec b) { return {_mm256_mul_ps(a.v, b.v)}; }
+  static Vec div(Vec a, Vec b) { return {_mm256_div_ps(a.v, b.v)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }    // a*b+c
+  static Vec fnma(Vec a, Vec b, Vec c) { return {_mm256_fnmadd_ps(a.v, b.v, c.v)}; }  // c-a*b
+  // max/min return b when either is NaN (x86 semantics); callers that care use select().
+  static Vec max(Vec a, Vec b) { return {_mm256_max_ps(a.v, b.v)}; }
+  static Vec min(Vec a, Vec b) { return {_mm256_min_ps(a.v, b.v)}; }
+  static Vec abs(Vec a) { return {_mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v)}; }
+  static Vec neg(Vec a) { return {_mm256_xor_ps(_mm256_set1_ps(-0.0f), a.v)}; }
+  // Copies the sign bit of s onto the magnitude of a.
+  static Vec copysign(Vec a, Vec s) {
+    __m256 sign = _mm256_set1_ps(-0.0f);
+    return {_mm256_or_ps(_mm256_andnot_ps(sign, a.v), _mm256_and_ps(sign, s.v))};
+  }
+  static Vec round(Vec a) { return {_mm256_round_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  static Mask lt(Vec a, Vec b) { return _mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ); }
+  static Mask gt(Vec a, Vec b) { return _mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ); }
+  static Mask isnan(Vec a) { return _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q); }
+  static Vec select(Mask m, Vec if_true, Vec if_false) { return {_mm256_blendv_ps(if_false.v, if_true.v, m)}; }
+  // 2^n for integer-valued n in [-126, 127], built from exponent bits.
+  static Vec pow2i(Vec n) {
+    __m256i e = _mm256_add_epi32(_mm256_cvtps_epi32(n.v), _mm256_set1_epi32(127));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(e, 23))};
+  }
+  float sum() const {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int W = 4;
+  using Mask = __m256d;
+  __m256d v;
+  static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
+  void store(double* p) const { _mm256_storeu_pd(p, v); }
+  static Vec set1(double x) { return {_mm256_set1_pd(x)}; }
+  static Vec zero() { return {_mm256_setzero_pd()}; }
+  static Vec add(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }
+  static Vec sub(Vec a, Vec b) { return {_mm256_sub_pd(a.v, b.v)}; }
+  static Vec mul(Vec a, Vec b) { return {_mm256_mul_pd(a.v, b.v)}; }
+  static Vec div(Vec a, Vec b) { return {_mm256_div_pd(a.v, b.v)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm256_fmadd_pd(a.v, b.v, c.v)}; }
+  static Vec fnma(Vec a, Vec b, Vec c) { return {_mm256_fnmadd_pd(a.v, b.v, c.v)}; }
+  static Vec max(Vec a, Vec b) { return {_mm256_max_pd(a.v, b.v)}; }
+  static Vec min(Vec a, Vec b) { return {_mm256_min_pd(a.v, b.v)}; }
+  static Vec abs(Vec a) { return {_mm256_andnot_pd(_mm256_set1_pd(-0.0), a.v)}; }
+  static Vec neg(Vec a) { return {_mm256_xor_pd(_mm256_set1_pd(-0.0), a.v)}; }
+  static Vec copysign(Vec a, Vec s) {
+    __m256d sign = _mm256_set1_pd(-0.0);
+    return {_mm256_or_pd(_mm256_andnot_pd(sign, a.v), _mm256_and_pd(sign, s.v))};
+  }
+  static Vec round(Vec a) { return {_mm256_round_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  static Mask lt(Vec a, Vec b) { return _mm256_cmp_pd(a.v, b.v, _CMP_LT_OQ); }
+  static Mask gt(Vec a, Vec b) { return _mm256_cmp_pd(a.v, b.v, _CMP_GT_OQ); }
+  static Mask isnan(Vec a) { return _mm256_cmp_pd(a.v, a.v, _CMP_UNORD_Q); }
+  static Vec select(Mask m, Vec if_true, Vec if_false) { return {_mm256_blendv_pd(if_false.v, if_true.v, m)}; }
+  // 2^n for integer-valued n in [-1022, 1023].
+  static Vec pow2i(Vec n) {
+    __m128i n32 = _mm256_cvtpd_epi32(n.v);
+    __m256i e = _mm256_add_epi64(_mm256_cvtepi32_epi64(n32), _mm256_set1_epi64x(1023));
+    return {_mm256_castsi256_pd(_mm256_slli_epi64(e, 52))};
+  }
+  double sum() const {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(v), _mm256_extractf128_pd(v, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+};
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -1,0 +1,90 @@
+// Vec<T> on AVX-512 (F, DQ): 16 floats or 8 doubles per register.
+#pragma once
+#include <immintrin.h>
+#include <cstdint>
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+constexpr const char* kIsaName = "avx512";
+
+template <typename T> struct Vec;
+
+template <>
+struct Vec<float> {
+  static constexpr int W = 16;
+  using Mask = __mmask16;
+  __m512 v;
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  void store(float* p) const { _mm512_storeu_ps(p, v); }
+  static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec add(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
+  static Vec sub(Vec a, Vec b) { return {_mm512_sub_ps(a.v, b.v)}; }
+  static Vec mul(Vec a, Vec b) { return {_mm512_mul_ps(a.v, b.v)}; }
+  static Vec div(Vec a, Vec b) { return {_mm512_div_ps(a.v, b.v)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.v, b.v, c.v)}; }
+  static Vec fnma(Vec a, Vec b, Vec c) { return {_mm512_fnmadd_ps(a.v, b.v, c.v)}; }
+  static Vec max(Vec a, Vec b) { return {_mm512_max_ps(a.v, b.v)}; }
+  static Vec min(Vec a, Vec b) { return {_mm512_min_ps(a.v, b.v)}; }
+  static Vec abs(Vec a) { return {_mm512_abs_ps(a.v)}; }
+  static Vec neg(Vec a) {
+    return {_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MIN)))};
+  }
+  static Vec copysign(Vec a, Vec s) {
+    __m512i sign = _mm512_set1_epi32(INT32_MIN);
+    __m512i r = _mm512_ternarylogic_epi32(sign, _mm512_castps_si512(s.v), _mm512_castps_si512(a.v), 0xE4);
+    return {_mm512_castsi512_ps(r)};  // 0xE4: sign ? s : a, bitwise
+  }
+  static Vec round(Vec a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  static Mask lt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
+  static Mask gt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
+  static Mask isnan(Vec a) { return _mm512_cmp_ps_mask(a.v, a.v, _CMP_UNORD_Q); }
+  static Vec select(Mask m, Vec if_true, Vec if_false) { return {_mm512_mask_blend_ps(m, if_false.v, if_true.v)}; }
+  static Vec pow2i(Vec n) {
+    __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(e, 23))};
+  }
+  float sum() const { return _mm512_reduce_add_ps(v); }
+};
+
+template <>
+struct Vec<double> {
+  static constexpr int W = 8;
+  using Mask = __mmask8;
+  __m512d v;
+  static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
+  void store(double* p) const { _mm512_storeu_pd(p, v); }
+  static Vec set1(double x) { return {_mm512_set1_pd(x)}; }
+  static Vec zero() { return {_mm512_setzero_pd()}; }
+  static Vec add(Vec a, Vec b) { return {_mm512_add_pd(a.v, b.v)}; }
+  static Vec sub(Vec a, Vec b) { return {_mm512_sub_pd(a.v, b.v)}; }
+  static Vec mul(Vec a, Vec b) { return {_mm512_mul_pd(a.v, b.v)}; }
+  static Vec div(Vec a, Vec b) { return {_mm512_div_pd(a.v, b.v)}; }
+  static Vec fma(Vec a, Vec b, Vec c) { return {_mm512_fmadd_pd(a.v, b.v, c.v)}; }
+  static Vec fnma(Vec a, Vec b, Vec c) { return {_mm512_fnmadd_pd(a.v, b.v, c.v)}; }
+  static Vec max(Vec a, Vec b) { return {_mm512_max_pd(a.v, b.v)}; }
+  static Vec min(Vec a, Vec b) { return {_mm512_min_pd(a.v, b.v)}; }
+  static Vec abs(Vec a) { return {_mm512_abs_pd(a.v)}; }
+  static Vec neg(Vec a) {
+    return {_mm512_castsi512_pd(_mm512_xor_si512(_mm512_castpd_si512(a.v), _mm512_set1_epi64(INT64_MIN)))};
+  }
+  static Vec copysign(Vec a, Vec s) {
+    __m512i sign = _mm512_set1_epi64(INT64_MIN);
+    __m512i r = _mm512_ternarylogic_epi64(sign, _mm512_castpd_si512(s.v), _mm512_castpd_si512(a.v), 0xE4);
+    return {_mm512_castsi512_pd(r)};
+  }
+  static Vec round(Vec a) { return {_mm512_roundscale_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
+  static Mask lt(Vec a, Vec b) { return _mm512_cmp_pd_mask(a.v, b.v, _CMP_LT_OQ); }
+  static Mask gt(Vec a, Vec b) { return _mm512_cmp_pd_mask(a.v, b.v, _CMP_GT_OQ); }
+  static Mask isnan(Vec a) { return _mm512_cmp_pd_mask(a.v, a.v, _CMP_UNORD_Q); }
+  static Vec select(Mask m, Vec if_true, Vec if_false) { return {_mm512_mask_blend_pd(m, if_false.v, if_true.v)}; }
+  static Vec pow2i(Vec n) {
+    __m512i e = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_cvtpd_epi32(n.v)), _mm512_set1_epi64(1023));
+    return {_mm512_castsi512_pd(_mm512_slli_epi64(e, 52))};
+  }
+  double sum() const { return _mm512_reduce_add_pd(v); }
+};
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

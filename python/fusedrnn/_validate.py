@@ -1,0 +1,83 @@
+"""Argument checks shared by the functional API and the layers: clear errors naming the
+argument and the shape or dtype expected, before anything reaches C++."""
+import numpy as np
+
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_float_array(name, a, dtype):
+    """``a`` as a C-contiguous array of exactly ``dtype`` (copied only when needed)."""
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype.name}")
+    return np.ascontiguousarray(a)
+
+
+def check_shape(name, a, shape):
+    if a.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
+
+
+def as_lengths(lengths, T, B):
+    """lengths as int64 (B,) in 1..T, or None."""
+    if lengths is None:
+        return None
+    arr = np.asarray(lengths)
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"lengths must be integers, got dtype {arr.dtype.name}")
+    if arr.shape != (B,):
+        raise ValueError(f"lengths must have shape ({B},) (one per batch row), got {arr.shape}")
+    if B and (arr.min() < 1 or arr.max() > T):
+        raise ValueError(f"lengths must lie in 1..{T} (the number of time steps), got "
+                         f"min {arr.min()} and max {arr.max()}")
+    return np.ascontiguousarray(arr, dtype=np.int64)
+
+
+def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
+    """Validate one layer-direction call; returns the arrays ready for _C.forward."""
+    if cell not in GATES:
+        raise ValueError(f"cell must be one of {sorted(GATES)}, got {cell!r}")
+    x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x must have dtype float32 or float64, got {x.dtype.name}")
+    dtype = x.dtype
+    x = as_float_array("x", x, dtype)
+    if x.ndim != 3:
+        raise ValueError(f"x must be 3-d (T, B, I), got shape {x.shape}")
+    T, B, I = x.shape
+    if T < 1:
+        raise ValueError(f"x must have at least one time step, got shape {x.shape}")
+    G = GATES[cell]
+    w_hh = as_float_array("w_hh", w_hh, dtype)
+    if w_hh.ndim != 2 or w_hh.shape[0] % G:
+        raise ValueError(f"w_hh must be 2-d with a multiple of {G} rows, got shape {w_hh.shape}")
+    H, H_out = w_hh.shape[0] // G, w_hh.shape[1]
+    w_ih = as_float_array("w_ih", w_ih, dtype)
+    check_shape("w_ih", w_ih, (G * H, I))
+    if w_hr is not None:
+        if cell != "lstm":
+            raise ValueError("w_hr (projection) exists only for lstm")
+        w_hr = as_float_array("w_hr", w_hr, dtype)
+        check_shape("w_hr", w_hr, (H_out, H))
+    elif H_out != H:
+        raise ValueError(f"w_hh must have shape ({G * H}, {H}), got {w_hh.shape}")
+    if (b_ih is None) != (b_hh is None):
+        raise ValueError("b_ih and b_hh must both be given or both be None")
+    if b_ih is not None:
+        b_ih = as_float_array("b_ih", b_ih, dtype)
+        b_hh = as_float_array("b_hh", b_hh, dtype)
+        check_shape("b_ih", b_ih, (G * H,))
+        check_shape("b_hh", b_hh, (G * H,))
+    h0 = as_float_array("h0", h0, dtype)
+    check_shape("h0", h0, (B, H_out))
+    if cell == "lstm":
+        c0 = as_float_array("c0", c0, dtype)
+        check_shape("c0", c0, (B, H))
+    elif c0 is not None:
+        raise ValueError(f"c0 is only for lstm, got an array for {cell}")
+    lengths = as_lengths(lengths, T, B)
+    return x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths

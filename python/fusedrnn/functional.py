@@ -1,0 +1,40 @@
+"""One layer, one direction, on the C++ kernels.
+
+Same signature and results as :mod:`fusedrnn.reference` (the NumPy oracle):
+
+    y, hn, cn, ctx = forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None,
+                             reverse=False, linear_before_reset=True, training=True)
+    dx, dh0, dc0, grads = backward(ctx, dy, dhn=None, dcn=None)
+
+Shapes: x (T, B, I); h0 (B, H_out); c0 (B, H) for "lstm" else None; w_ih (G*H, I);
+w_hh (G*H, H_out); b_ih, b_hh (G*H,) or None; w_hr (H_out, H) or None; lengths (B,) in 1..T or
+None. ``ctx`` is None when ``training`` is False. ``grads`` has the keys "weight_ih",
+"weight_hh" and, where they exist, "bias_ih", "bias_hh", "weight_hr".
+
+Arrays must share one float dtype (float32 or float64); other layouts are copied to C order only
+when needed and inputs are never modified. ``isa`` ("generic", "avx2", "avx512") runs one build of
+the kernels instead of the one chosen at import (tests use it to cover every path).
+"""
+import numpy as np
+
+from . import _C
+from ._validate import check_layer_args
+
+CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
+
+
+def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, reverse=False,
+            linear_before_reset=True, training=True, isa=None):
+    args = check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    y, hn, cn, ctx = _C.forward(CELL_CODES[cell], bool(linear_before_reset), bool(reverse),
+                                bool(training), *args, isa=isa)
+    return y, hn, cn, (ctx if training else None)
+
+
+def backward(ctx, dy, dhn=None, dcn=None):
+    if ctx is None:
+        raise RuntimeError("backward needs the context of a forward run with training=True")
+    dy = np.ascontiguousarray(dy)
+    dhn = None if dhn is None else np.ascontiguousarray(dhn)
+    dcn = None if dcn is None else np.ascontiguousarray(dcn)
+    return _C.backward(ctx, dy, dhn, dcn)

@@ -1,0 +1,45 @@
+"""The one place where numerical tolerances live (see shared/DESIGN.md, "Tolerances").
+
+Every comparison in tests and in the benchmark's pre-timing check uses these numbers, relative to
+the largest magnitude of the reference result: ``max|got - want| <= tol * max(1, max|want|)``.
+"""
+import numpy as np
+
+# float64 kernels against the float64 reference: the only differences are summation order
+# (blocked GEMM, FMA contraction) and our vector exp/tanh, which keep full double precision.
+# Forward errors stay near 1e-15 per step; BPTT sums T*B products, so gradients get more room.
+FORWARD = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
+# float32 kernels against the float64 reference: each step rounds gates and states to float32
+# (~6e-8 relative) and our float32 exp/tanh/sigmoid are within 4 ulp; over T <= 100 steps the
+# forward stays below 1e-5, and gradients, which sum over T*B terms, below 1e-4.
+GRADIENT = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
+
+# Vector exp/tanh/sigmoid in float32: at most this many ulp over the whole input range
+# (the bound Highway documents for its own); float64 keeps full double precision.
+MATH_ULP_FLOAT32 = 4
+
+
+def max_scaled_error(got, want):
+    """max|got - want| divided by max(1, max|want|), computed in float64."""
+    got = np.asarray(got, dtype=np.float64)
+    want = np.asarray(want, dtype=np.float64)
+    if got.shape != want.shape:
+        raise AssertionError(f"shape {got.shape} != expected {want.shape}")
+    if want.size == 0:
+        return 0.0
+    nan_mismatch = np.isnan(got) != np.isnan(want)
+    if nan_mismatch.any():
+        return float("inf")
+    diff = np.abs(np.where(np.isnan(want), 0.0, got - want))
+    return float(diff.max() / max(1.0, float(np.nanmax(np.abs(want)))))
+
+
+def assert_close(got, want, dtype, kind="forward", what="result"):
+    """Assert ``got`` matches ``want`` within the tolerance for ``dtype`` and ``kind``."""
+    table = FORWARD if kind == "forward" else GRADIENT
+    tol = table[np.dtype(dtype)]
+    err = max_scaled_error(got, want)
+    if not err <= tol:
+        raise AssertionError(f"{what}: scaled error {err:.3g} exceeds {kind} tolerance {tol:g} "
+                             f"for {np.dtype(dtype).name}")
+    return err

@@ -14,6 +14,10 @@ FORWARD = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 # forward stays below 1e-5, and gradients, which sum over T*B terms, below 1e-4.
 GRADIENT = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
+# Our GEMM against float64 numpy: a dot product of K terms rounds once per term (FMA), so the
+# error bound grows linearly with K: per-term unit roundoff (2^-24, 2^-53) with a small margin.
+GEMM_PER_TERM = {np.dtype(np.float64): 1e-15, np.dtype(np.float32): 1e-6}
+
 # Vector exp/tanh/sigmoid in float32: at most this many ulp over the whole input range
 # (the bound Highway documents for its own); float64 keeps full double precision.
 MATH_ULP_FLOAT32 = 4

@@ -1,0 +1,60 @@
+"""Builds one single-layer case and runs it through both the NumPy reference (float64) and the
+C++ kernels (any dtype, any ISA), returning every output and gradient side by side."""
+import numpy as np
+
+from fusedrnn import functional, reference
+
+# (cell, linear_before_reset, proj_size): every cell variant the kernels have.
+VARIANTS = [
+    ("rnn_tanh", True, 0),
+    ("rnn_relu", True, 0),
+    ("lstm", True, 0),
+    ("lstm", True, 3),
+    ("gru", True, 0),
+    ("gru", False, 0),
+]
+
+
+def variant_id(v):
+    cell, lbr, proj = v
+    return cell + ("_proj" if proj else "") + ("" if cell != "gru" else "_lbr" if lbr else "_nolbr")
+
+
+def make_case(rng, cell, proj=0, T=5, B=3, I=6, H=11, bias=True, lengths=False, h0_zero=False):
+    w = reference.init_weights(cell, I, H, proj, bias, np.float64, rng)
+    H_out = proj or H
+    case = dict(cell=cell, w=w, T=T, B=B)
+    case["x"] = rng.standard_normal((T, B, I))
+    case["h0"] = np.zeros((B, H_out)) if h0_zero else 0.5 * rng.standard_normal((B, H_out))
+    case["c0"] = 0.5 * rng.standard_normal((B, H)) if cell == "lstm" else None
+    case["lengths"] = rng.integers(1, T + 1, B) if lengths else None
+    case["dy"] = rng.standard_normal((T, B, H_out))
+    case["dhn"] = rng.standard_normal((B, H_out))
+    case["dcn"] = rng.standard_normal((B, H)) if cell == "lstm" else None
+    return case
+
+
+def _cast(a, dtype):
+    return None if a is None else a.astype(dtype)
+
+
+def run(case, runner, dtype=np.float64, reverse=False, linear_before_reset=True, **kw):
+    """Forward + backward through `runner` (functional or reference); returns a flat dict."""
+    w, c = case["w"], lambda a: _cast(a, dtype)
+    y, hn, cn, ctx = runner.forward(case["cell"], c(case["x"]), c(case["h0"]), c(case["c0"]),
+                                    c(w["w_ih"]), c(w["w_hh"]), c(w["b_ih"]), c(w["b_hh"]),
+                                    c(w["w_hr"]), case["lengths"], reverse, linear_before_reset,
+                                    True, **kw)
+    dx, dh0, dc0, grads = runner.backward(ctx, c(case["dy"]), c(case["dhn"]), c(case["dcn"]))
+    out = {"y": y, "hn": hn, "cn": cn}
+    grad = {"dx": dx, "dh0": dh0, "dc0": dc0, **grads}
+    return ({k: v for k, v in out.items() if v is not None},
+            {k: v for k, v in grad.items() if v is not None})
+
+
+def run_kernels(case, dtype, isa, **kw):
+    return run(case, functional, dtype, isa=isa, **kw)
+
+
+def run_reference(case, **kw):
+    return run(case, reference, np.float64, **kw)

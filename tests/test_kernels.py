@@ -1,0 +1,145 @@
+"""The C++ kernels against the NumPy reference: every ISA this machine runs, every cell and
+option, float32 and float64, forward outputs, final states and every gradient."""
+import itertools
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import _C, functional
+from fusedrnn.tolerances import GEMM_PER_TERM, assert_close
+
+from _kernel_cases import VARIANTS, make_case, run_kernels, run_reference, variant_id
+
+ISAS = list(_C.available_isas())
+DTYPES = [np.float32, np.float64]
+
+
+def assert_matches(case, dtype, isa, **kw):
+    want_out, want_grad = run_reference(case, **kw)
+    got_out, got_grad = run_kernels(case, dtype, isa, **kw)
+    assert got_out.keys() == want_out.keys() and got_grad.keys() == want_grad.keys()
+    for k in want_out:
+        assert got_out[k].dtype == dtype
+        assert_close(got_out[k], want_out[k], dtype, "forward", what=k)
+    for k in want_grad:
+        assert got_grad[k].dtype == dtype
+        assert_close(got_grad[k], want_grad[k], dtype, "gradient", what=k)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("bias,lengths,reverse", list(itertools.product([True, False], repeat=3)))
+def test_options_grid(rng, isa, dtype, variant, bias, lengths, reverse):
+    cell, lbr, proj = variant
+    case = make_case(rng, cell, proj, bias=bias, lengths=lengths)
+    assert_matches(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
+
+
+# Sizes around the edges: T=1, B=1, hidden sizes off the vector width and the tile width,
+# inputs wider and narrower than the hidden state, batches that leave partial row tiles.
+SHAPES = [
+    dict(T=1, B=1, I=1, H=1),
+    dict(T=1, B=5, I=3, H=8),
+    dict(T=3, B=1, I=40, H=5),
+    dict(T=4, B=7, I=2, H=33),
+    dict(T=2, B=13, I=17, H=16),
+    dict(T=6, B=2, I=9, H=70),
+]
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{T}B{B}I{I}H{H}".format(**s))
+def test_shapes(rng, isa, dtype, variant, shape):
+    cell, lbr, proj = variant
+    case = make_case(rng, cell, min(proj, shape["H"] - 1) if proj and shape["H"] > 1 else 0,
+                     lengths=shape["B"] > 1, **shape)
+    assert_matches(case, dtype, isa, linear_before_reset=lbr)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_long_sequence_float32(rng, isa):
+    """T = 100 (the length DESIGN.md's float32 gradient tolerance is stated for)."""
+    case = make_case(rng, "lstm", T=100, B=2, I=5, H=12)
+    assert_matches(case, np.float32, isa)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_bitwise_identical_across_thread_counts(rng, isa, variant):
+    """Sizes chosen so 2 threads split by batch rows (B=40) and by hidden units (B=3)."""
+    if not _C.openmp:
+        pytest.skip("built without OpenMP: one thread only")
+    cell, lbr, proj = variant
+    before = fusedrnn.get_num_threads()
+    try:
+        for B in (40, 3):
+            case = make_case(rng, cell, proj and 24, T=4, B=B, I=20, H=260, lengths=True)
+            results = []
+            for n in (1, 2):
+                fusedrnn.set_num_threads(n)
+                results.append(run_kernels(case, np.float32, isa, linear_before_reset=lbr))
+            (out1, grad1), (out2, grad2) = results
+            for k in out1:
+                assert np.array_equal(out1[k], out2[k]), k
+            for k in grad1:
+                assert np.array_equal(grad1[k], grad2[k]), k
+    finally:
+        fusedrnn.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_nan_propagates(rng, isa):
+    case = make_case(rng, "lstm", T=3, B=2)
+    case["x"][1, 0, 2] = np.nan
+    out, grad = run_kernels(case, np.float32, isa)
+    assert np.isnan(out["y"][1:, 0]).all() and not np.isnan(out["y"][:, 1]).any()
+    assert np.isnan(grad["weight_ih"]).any()
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_empty_batch(rng, isa):
+    case = make_case(rng, "gru", B=0)
+    out, grad = run_kernels(case, np.float32, isa)
+    assert out["y"].shape == (5, 0, 11) and grad["dx"].shape == (5, 0, 6)
+    assert not grad["weight_hh"].any() and not grad["bias_ih"].any()
+
+
+def test_caller_floating_point_mode_restored(rng):
+    """Kernels flush denormals internally but must give the caller its own mode back."""
+    tiny = np.array([1e-38], dtype=np.float32)
+    assert (tiny * np.float32(1e-3))[0] != 0  # denormals work here before the call
+    run_kernels(make_case(rng, "lstm"), np.float32, None)
+    assert (tiny * np.float32(1e-3))[0] != 0
+
+
+def test_inputs_not_modified(rng):
+    case = make_case(rng, "lstm", proj=4, lengths=True)
+    copies = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in case.items()}
+    run_kernels(case, np.float64, None, reverse=True)
+    for k, v in copies.items():
+        if isinstance(v, np.ndarray):
+            assert np.array_equal(case[k], v), k
+
+
+def test_backward_needs_training_context():
+    with pytest.raises(RuntimeError, match="training=True"):
+        functional.backward(None, np.zeros((1, 1, 1), np.float32))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 33, 5), (64, 48, 300), (13, 129, 257)])
+@pytest.mark.parametrize("layout", ["NN", "TN", "NT", "TT"])
+def test_gemm_against_numpy(rng, isa, dtype, M, N, K, layout):
+    A = rng.standard_normal((M, K) if layout[0] == "N" else (K, M)).astype(dtype)
+    B = rng.standard_normal((K, N) if layout[1] == "N" else (N, K)).astype(dtype)
+    A = A if layout[0] == "N" else A.T
+    B = B if layout[1] == "N" else B.T
+    want = A.astype(np.float64) @ B.astype(np.float64)
+    got = _C.gemm(A, B, isa=isa)
+    err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
+    assert err <= GEMM_PER_TERM[np.dtype(dtype)] * K

@@ -50,11 +50,11 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t a_rs, c
                       int64_t ldc, bool accumulate) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   if (n_valid == NR) {
-    micro_kernel<T>(m, K, a, a_rs, 1, b, c, ldc, accumulate);
+    micro_kernel<T>(m, K, a, a_rs, b, c, ldc, accumulate);
     return;
   }
   alignas(64) T tmp[MR * NR];
-  micro_kernel<T>(m, K, a, a_rs, 1, b, tmp, NR, false);
+  micro_kernel<T>(m, K, a, a_rs, b, tmp, NR, false);
   for (int r = 0; r < m; ++r)
     for (int j = 0; j < n_valid; ++j)
       c[r * ldc + j] = accumulate ? c[r * ldc + j] + tmp[r * NR + j] : tmp[r * NR + j];

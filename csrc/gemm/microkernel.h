@@ -23,10 +23,11 @@ template <typename T> struct Tile {
 #endif
 };
 
-// c[r*ldc + n] (+)= sum_k a[r*a_rs + k*a_cs] * b[k*NR + n] for r < M (M <= MR), n < NR.
+// c[r*ldc + n] (+)= sum_k a[r*lda + k] * b[k*NR + n] for r < M (M <= MR), n < NR.
+// A's rows are contiguous in k (callers copy a transposed A into rows first).
 template <typename T, int M>
-inline void micro_kernel_rows(int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
-                              T* c, int64_t ldc, bool accumulate) {
+inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
+                              bool accumulate) {
   using V = Vec<T>;
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
@@ -34,12 +35,12 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
   for (int r = 0; r < M; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
   const T* arow[M];
-  for (int r = 0; r < M; ++r) arow[r] = a + r * a_rs;
+  for (int r = 0; r < M; ++r) arow[r] = a + r * lda;
   for (int64_t k = 0; k < K; ++k) {
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * NR + v * V::W);
     for (int r = 0; r < M; ++r) {
-      V av = V::set1(arow[r][k * a_cs]);
+      V av = V::set1(arow[r][k]);
       for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
     }
   }
@@ -53,11 +54,11 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t a_rs, int64_t a_cs,
 
 // Any M in 1..MR: picks the instantiation with that many rows.
 template <typename T>
-inline void micro_kernel(int M, int64_t K, const T* a, int64_t a_rs, int64_t a_cs, const T* b,
-                         T* c, int64_t ldc, bool accumulate) {
+inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
+                         bool accumulate) {
   switch (M) {
 #define FUSEDRNN_CASE(m) \
-  case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1)>(K, a, a_rs, a_cs, b, c, ldc, accumulate); break;
+  case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1)>(K, a, lda, b, c, ldc, accumulate); break;
     FUSEDRNN_CASE(1) FUSEDRNN_CASE(2) FUSEDRNN_CASE(3) FUSEDRNN_CASE(4) FUSEDRNN_CASE(5)
     FUSEDRNN_CASE(6) FUSEDRNN_CASE(7) FUSEDRNN_CASE(8) FUSEDRNN_CASE(9) FUSEDRNN_CASE(10)
     FUSEDRNN_CASE(11) FUSEDRNN_CASE(12)

@@ -100,7 +100,7 @@ struct ForwardLoop {
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
         for (int gi = 0; gi < g_count; ++gi)
-          micro_kernel<T>(mr, K, A + m * lda, lda, 1, w.panel(g0 + gi, ub), tile + gi * NR,
+          micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(g0 + gi, ub), tile + gi * NR,
                           g_count * NR, false);
         for (int ri = 0; ri < mr; ++ri) {
           const int64_t b = m + ri;
@@ -145,7 +145,7 @@ struct ForwardLoop {
       const int no = static_cast<int>(imin<int64_t>(NR, s.Hout - o0));
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
-        micro_kernel<T>(mr, s.H, hf + m * s.H, s.H, 1, w_proj + ob * s.H * NR, tile, NR, false);
+        micro_kernel<T>(mr, s.H, hf + m * s.H, s.H, w_proj + ob * s.H * NR, tile, NR, false);
         for (int ri = 0; ri < mr; ++ri) {
           const int64_t b = m + ri;
           T* dst = hn + b * s.Hout + o0;

@@ -1,0 +1,266 @@
+"""What the NumPy layers (``layers.py``) and the torch adapter (``torch.py``) share.
+
+- ``Spec``: the architecture of a stacked RNN (cell, sizes, layers, directions, options) and
+  the torch.nn parameter names and shapes it implies.
+- ``check_config``: the constructor checks, with errors that name the argument.
+- ``stack_forward`` / ``stack_backward``: every layer and direction, one call of
+  ``fusedrnn.functional`` each (the kernels loop over time), with dropout between layers.
+
+Everything here is NumPy; nothing imports torch.
+"""
+import numbers
+import warnings
+
+import numpy as np
+
+from . import functional as F
+from ._validate import FLOAT_DTYPES, GATES
+
+CELLS = tuple(GATES)          # "rnn_tanh", "rnn_relu", "lstm", "gru"
+_PARAM_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")   # torch's order
+
+
+class Spec:
+    """Architecture of a stacked (and possibly bidirectional) RNN, as torch.nn.RNNBase holds it."""
+
+    __slots__ = ("cell", "input_size", "hidden_size", "num_layers", "bias", "batch_first",
+                 "dropout", "bidirectional", "proj_size", "linear_before_reset")
+
+    def __init__(self, cell, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, linear_before_reset=True):
+        self.cell = cell
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        self.linear_before_reset = linear_before_reset
+
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def output_size(self):
+        """H_out: the width of h (proj_size with projections, else hidden_size)."""
+        return self.proj_size or self.hidden_size
+
+    @property
+    def gates(self):
+        return GATES[self.cell]
+
+    def layer_input_size(self, k):
+        return self.input_size if k == 0 else self.num_directions * self.output_size
+
+    def param_name(self, key, k, d):
+        return f"{key}_l{k}{'_reverse' if d else ''}"
+
+    def param_shapes(self):
+        """{name: shape} in torch's order (layer, direction, then w_ih, w_hh, b_ih, b_hh, w_hr)."""
+        G, H, H_out = self.gates, self.hidden_size, self.output_size
+        shapes = {}
+        for k in range(self.num_layers):
+            for d in range(self.num_directions):
+                full = {"weight_ih": (G * H, self.layer_input_size(k)),
+                        "weight_hh": (G * H, H_out),
+                        "bias_ih": (G * H,), "bias_hh": (G * H,), "weight_hr": (H_out, H)}
+                for key in _PARAM_KEYS:
+                    if key.startswith("bias") and not self.bias:
+                        continue
+                    if key == "weight_hr" and not self.proj_size:
+                        continue
+                    shapes[self.param_name(key, k, d)] = full[key]
+        return shapes
+
+    def state_shapes(self, B):
+        """Shapes of (h, c) for a batch of B: ((L*D, B, H_out), (L*D, B, H))."""
+        LD = self.num_layers * self.num_directions
+        return (LD, B, self.output_size), (LD, B, self.hidden_size)
+
+
+# ----------------------------------------------------------------------------------------------
+# Constructor checks
+
+def _check_int(name, value, minimum):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def check_dtype(dtype):
+    """The layer dtype as np.dtype: float32 or float64, anything else refused."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64, got {dt.name}")
+    return dt
+
+
+def check_seed(seed):
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be None or an int, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return int(seed)
+
+
+def check_config(cell, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, linear_before_reset=True):
+    """Validate constructor arguments as torch.nn does (errors name the argument); a Spec."""
+    input_size = _check_int("input_size", input_size, 1)
+    hidden_size = _check_int("hidden_size", hidden_size, 1)
+    num_layers = _check_int("num_layers", num_layers, 1)
+    bias = _check_bool("bias", bias)
+    batch_first = _check_bool("batch_first", batch_first)
+    bidirectional = _check_bool("bidirectional", bidirectional)
+    linear_before_reset = _check_bool("linear_before_reset", linear_before_reset)
+    if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout must be a number in [0, 1], got {type(dropout).__name__}")
+    if not 0 <= dropout <= 1:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+    proj_size = _check_int("proj_size", proj_size, 0)
+    if proj_size and cell != "lstm":
+        raise ValueError(f"proj_size is only for LSTM, got proj_size={proj_size}")
+    if proj_size >= hidden_size:
+        raise ValueError(f"proj_size must be smaller than hidden_size ({hidden_size}), "
+                         f"got {proj_size}")
+    if dropout > 0 and num_layers == 1:
+        # torch.nn warns the same way (and with the same words).
+        warnings.warn("dropout option adds dropout after all but last recurrent layer, so "
+                      "non-zero dropout expects num_layers greater than 1, but got "
+                      f"dropout={dropout} and num_layers={num_layers}", UserWarning, stacklevel=3)
+    return Spec(cell, input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                bidirectional, proj_size, linear_before_reset)
+
+
+# ----------------------------------------------------------------------------------------------
+# The stack: layers x directions, one kernel call each
+
+def dropout_active(spec, training):
+    return training and spec.dropout > 0 and spec.num_layers > 1
+
+
+def numpy_mask_maker(rng, p, dtype):
+    """Inverted-dropout masks (0 or 1/(1-p)) drawn from the Generator ``rng``."""
+    def make(shape):
+        if p >= 1:
+            return np.zeros(shape, dtype)
+        keep = rng.random(shape, dtype=dtype) >= p
+        return keep.astype(dtype) * dtype.type(1.0 / (1.0 - p))
+    return make
+
+
+class Saved:
+    """What a training forward of the whole stack keeps for backward: per layer, the kernel
+    contexts of each direction and the dropout mask applied to that layer's output (or None)."""
+
+    __slots__ = ("ctxs", "masks", "__weakref__")
+
+    def __init__(self):
+        self.ctxs = []
+        self.masks = []
+
+
+def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, make_mask=None,
+                  isa=None):
+    """Run every layer and direction.
+
+    x (T, B, I) of the parameters' dtype; h0 (L*D, B, H_out) or None (zeros); c0 (L*D, B, H) or
+    None (zeros, LSTM only); params {torch name: array}; lengths (B,) int64 or None;
+    ``save``: keep the kernels' contexts (training); ``make_mask(shape)``: dropout masks between
+    layers, or None for no dropout. Returns y (T, B, D*H_out), hn (L*D, B, H_out),
+    cn (L*D, B, H) or None, and a ``Saved`` (None unless ``save``).
+    """
+    dtype = x.dtype
+    T, B, _ = x.shape
+    D, H_out = spec.num_directions, spec.output_size
+    h_shape, c_shape = spec.state_shapes(B)
+    lstm = spec.cell == "lstm"
+    if h0 is None:
+        h0 = np.zeros(h_shape, dtype)
+    if lstm and c0 is None:
+        c0 = np.zeros(c_shape, dtype)
+    hn = np.empty(h_shape, dtype)
+    cn = np.empty(c_shape, dtype) if lstm else None
+    saved = Saved() if save else None
+    layer_in = np.ascontiguousarray(x)      # one copy here rather than one per direction
+    for k in range(spec.num_layers):
+        outs, ctxs = [], []
+        for d in range(D):
+            i = k * D + d
+
+            def p(key):
+                return params.get(spec.param_name(key, k, d))
+
+            y, h, c, ctx = F.forward(spec.cell, layer_in, h0[i], c0[i] if lstm else None,
+                                     p("weight_ih"), p("weight_hh"), p("bias_ih"), p("bias_hh"),
+                                     p("weight_hr"), lengths=lengths, reverse=bool(d),
+                                     linear_before_reset=spec.linear_before_reset,
+                                     training=save, isa=isa)
+            hn[i] = h
+            if lstm:
+                cn[i] = c
+            outs.append(y)
+            ctxs.append(ctx)
+        y = outs[0] if D == 1 else np.concatenate(outs, axis=-1)
+        mask = None
+        if make_mask is not None and k < spec.num_layers - 1:
+            mask = make_mask(y.shape)
+            y = y * mask
+        if save:
+            saved.ctxs.append(ctxs)
+            saved.masks.append(mask)
+        layer_in = y
+    return layer_in, hn, cn, saved
+
+
+def stack_backward(spec, saved, dy, dhn=None, dcn=None):
+    """BPTT through the stack saved by ``stack_forward``.
+
+    dy (T, B, D*H_out); dhn (L*D, B, H_out) or None; dcn (L*D, B, H) or None. Returns
+    dx (T, B, I), dh0 (L*D, B, H_out), dc0 (L*D, B, H) or None, and {torch name: gradient}.
+    """
+    D, H_out = spec.num_directions, spec.output_size
+    lstm = spec.cell == "lstm"
+    T, B, _ = dy.shape
+    h_shape, c_shape = spec.state_shapes(B)
+    dh0 = np.empty(h_shape, dy.dtype)
+    dc0 = np.empty(c_shape, dy.dtype) if lstm else None
+    grads = {}
+    d_out = dy
+    for k in reversed(range(spec.num_layers)):
+        if saved.masks[k] is not None:
+            d_out = d_out * saved.masks[k]
+        dx = None
+        for d in range(D):
+            i = k * D + d
+            dy_d = d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out]
+            dx_d, dh, dc, g = F.backward(saved.ctxs[k][d], dy_d,
+                                         None if dhn is None else dhn[i],
+                                         None if dcn is None else dcn[i])
+            dh0[i] = dh
+            if lstm:
+                dc0[i] = dc
+            for key, value in g.items():
+                grads[spec.param_name(key, k, d)] = value
+            if dx is None:
+                dx = dx_d
+            else:
+                dx += dx_d            # dx_d are fresh arrays from the kernel
+        d_out = dx
+    return d_out, dh0, dc0, grads

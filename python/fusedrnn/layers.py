@@ -1,0 +1,364 @@
+"""torch.nn-shaped RNN, LSTM and GRU layers on NumPy arrays, with training (backward).
+
+    rnn = fusedrnn.LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                        dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None)
+    y, (hn, cn) = rnn(x, hx=None, lengths=None)        # RNN and GRU: y, hn = rnn(x, hx)
+    dx, (dh0, dc0) = rnn.backward(dy, dhn=None)        # RNN and GRU: dx, dh0 = rnn.backward(dy, dhn)
+
+Shapes, parameter names, gate order, lengths and initialisation follow torch.nn (see
+shared/DESIGN.md, "Conventions"). Each layer and direction is one call of the C++ kernels
+(``fusedrnn.functional``), which run the whole time loop with the GIL released.
+
+Semantics chosen where NumPy and torch differ:
+
+- Parameters are plain arrays. ``named_parameters()``, ``parameters()`` and ``state_dict()``
+  return the live arrays (as torch's ``state_dict()`` returns tensors sharing storage), so an
+  in-place update (``p -= lr * g``) changes the layer; copy them (``copy.deepcopy``) to keep a
+  snapshot. ``load_state_dict`` copies values into those same arrays, cast to the layer's dtype
+  as torch's does.
+- ``grads`` holds one array per parameter (same keys as ``state_dict()``), allocated once;
+  ``backward`` adds into them in place and ``zero_grad()`` sets them to zero.
+- ``backward`` uses the most recent forward run in training mode and then frees what it kept
+  (as torch frees the graph): a second backward needs a new forward. Update parameters (or
+  overwrite ``x``) only after backward: the kernels read them again in backward (torch raises an
+  error for such in-place changes; NumPy cannot detect them).
+- Inputs must have the layer's dtype exactly; nothing is cast silently. Outputs for
+  ``batch_first=True`` are transposed views of time-major arrays, as in torch.
+- A layer object keeps the state of its last training forward, so one layer must not be
+  called from several threads at once; separate layers may be (the kernels release the GIL).
+"""
+import numpy as np
+
+from . import _layer_base as base
+from ._validate import as_lengths, check_shape
+
+__all__ = ["RNN", "LSTM", "GRU"]
+
+
+def _as_array(name, a, dtype):
+    """``a`` as an ndarray of exactly ``dtype`` (no copy, no cast)."""
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
+    if not isinstance(a, np.ndarray):
+        a = np.asarray(a)
+    if a.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype.name} (the layer's dtype), "
+                        f"got {a.dtype.name}")
+    return a
+
+
+class _Layer:
+    """The machinery common to RNN, LSTM and GRU; see the module docstring."""
+
+    _name = None            # class name shown in messages
+
+    def __init__(self, spec, dtype, seed):
+        self._spec = spec
+        self.dtype = base.check_dtype(dtype)
+        seed = base.check_seed(seed)
+        init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
+        init_rng = np.random.default_rng(init_seq)
+        self._dropout_rng = np.random.default_rng(dropout_seq)
+        # torch.nn's init: every parameter U(-1/sqrt(H), 1/sqrt(H)), drawn in torch's order.
+        bound = 1.0 / np.sqrt(spec.hidden_size)
+        self._params = {name: init_rng.uniform(-bound, bound, size=shape).astype(self.dtype)
+                        for name, shape in spec.param_shapes().items()}
+        self.grads = {name: np.zeros_like(p) for name, p in self._params.items()}
+        self.training = True
+        self._saved = None
+        self._why_no_saved = "no forward has run yet"
+
+    # -- torch.nn-style attributes (read-only: the parameter shapes depend on them)
+    input_size = property(lambda self: self._spec.input_size)
+    hidden_size = property(lambda self: self._spec.hidden_size)
+    num_layers = property(lambda self: self._spec.num_layers)
+    bias = property(lambda self: self._spec.bias)
+    batch_first = property(lambda self: self._spec.batch_first)
+    dropout = property(lambda self: self._spec.dropout)
+    bidirectional = property(lambda self: self._spec.bidirectional)
+
+    def __repr__(self):
+        s = self._spec
+        parts = [str(s.input_size), str(s.hidden_size)]
+        defaults = dict(num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                        bidirectional=False)
+        parts += [f"{k}={getattr(s, k)}" for k, v in defaults.items() if getattr(s, k) != v]
+        parts += self._extra_repr()
+        if self.dtype != np.float32:
+            parts.append(f"dtype={self.dtype.name}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _extra_repr(self):
+        return []
+
+    # -- modes
+    def train(self, mode=True):
+        """Training mode (the default): dropout on, forward keeps what backward needs."""
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Inference mode: no dropout, forward keeps nothing (no backward)."""
+        return self.train(False)
+
+    # -- parameters
+    def named_parameters(self):
+        """(name, array) pairs in torch's order; the arrays are the layer's own (live)."""
+        return iter(self._params.items())
+
+    def parameters(self):
+        return iter(self._params.values())
+
+    def state_dict(self):
+        """{torch name: array}: the live parameter arrays (copy them to keep a snapshot)."""
+        return dict(self._params)
+
+    def load_state_dict(self, state_dict):
+        """Copy parameters from a mapping of torch names to arrays (NumPy arrays, a torch
+        ``state_dict()``, anything ``np.asarray`` accepts). Every name and shape is checked
+        before anything is copied; values of another float dtype are cast as torch does."""
+        if not hasattr(state_dict, "keys"):
+            raise TypeError(f"state_dict must be a mapping of names to arrays, "
+                            f"got {type(state_dict).__name__}")
+        expected = self._spec.param_shapes()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict.keys() if k not in expected]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing}")
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected}")
+            raise ValueError(f"state_dict does not match {self!r}: {' and '.join(parts)}")
+        values = {}
+        for name, shape in expected.items():
+            v = _to_numpy(state_dict[name])
+            if v.dtype.kind != "f":
+                raise TypeError(f"state_dict[{name!r}] must have a float dtype, "
+                                f"got {v.dtype.name}")
+            if v.shape != shape:
+                raise ValueError(f"state_dict[{name!r}] must have shape {shape}, got {v.shape}")
+            values[name] = v
+        for name, v in values.items():
+            np.copyto(self._params[name], v, casting="same_kind")
+        self._forget("the parameters were reloaded since the last forward")
+
+    def zero_grad(self):
+        """Set every gradient in ``grads`` to zero (in place)."""
+        for g in self.grads.values():
+            g.fill(0)
+
+    # -- forward
+    def __call__(self, x, hx=None, lengths=None):
+        return self.forward(x, hx, lengths)
+
+    def forward(self, x, hx=None, lengths=None):
+        s = self._spec
+        x = _as_array("x", x, self.dtype)
+        if x.ndim not in (2, 3) or x.shape[-1] != s.input_size:
+            raise ValueError(f"x must have shape {self._x_desc()} or (T, {s.input_size}) "
+                             f"unbatched, got {x.shape}")
+        unbatched = x.ndim == 2
+        if unbatched:
+            x_tm = x[:, None, :]
+        elif s.batch_first:
+            x_tm = x.transpose(1, 0, 2)
+        else:
+            x_tm = x
+        T, B = x_tm.shape[:2]
+        if T < 1:
+            raise ValueError(f"x must have at least one time step, got shape {x.shape}")
+        h0, c0 = self._check_hx(hx, B, unbatched)
+        if lengths is not None and unbatched:
+            raise ValueError("lengths is for batched input; for unbatched x (T, I) pass "
+                             "x[:length] instead")
+        lengths = _as_lengths(lengths, T, B)
+        make_mask = None
+        if base.dropout_active(s, self.training):
+            make_mask = base.numpy_mask_maker(self._dropout_rng, s.dropout, self.dtype)
+        y, hn, cn, saved = base.stack_forward(s, self._params, x_tm, h0, c0, lengths,
+                                              save=self.training, make_mask=make_mask)
+        if self.training:
+            self._saved = (saved, T, B, unbatched)
+        else:
+            self._forget("the last forward ran in eval mode (call layer.train() first)")
+        return self._user_layout(y, unbatched), self._pack_state(hn, cn, unbatched)
+
+    def _x_desc(self):
+        s = self._spec
+        return f"({'B, T' if s.batch_first else 'T, B'}, {s.input_size})"
+
+    def _check_state(self, name, a, B, unbatched, width, width_name):
+        s = self._spec
+        a = _as_array(name, a, self.dtype)
+        LD = s.num_layers * s.num_directions
+        want = (LD, width) if unbatched else (LD, B, width)
+        if a.shape != want:
+            what = ("(num_layers*num_directions" + ("" if unbatched else ", batch")
+                    + f", {width_name})")
+            raise ValueError(f"{name} must have shape {want} {what}, got {a.shape}")
+        return np.ascontiguousarray(a[:, None, :] if unbatched else a)
+
+    def _check_hx(self, hx, B, unbatched):
+        """hx for RNN / GRU: one array, or None. Returns (h0, None)."""
+        if hx is None:
+            return None, None
+        if isinstance(hx, (tuple, list)):
+            raise TypeError(f"hx for {type(self).__name__} must be one array "
+                            f"(num_layers*num_directions, batch, hidden_size), got a "
+                            f"{type(hx).__name__} (only LSTM takes (h0, c0))")
+        return self._check_state("hx", hx, B, unbatched, self.hidden_size, "hidden_size"), None
+
+    def _pack_state(self, hn, cn, unbatched):
+        return hn[:, 0] if unbatched else hn
+
+    def _user_layout(self, a, unbatched):
+        """(T, B, N) time-major -> the caller's layout (a view)."""
+        if unbatched:
+            return a[:, 0]
+        return a.transpose(1, 0, 2) if self._spec.batch_first else a
+
+    def _forget(self, why):
+        self._saved = None
+        self._why_no_saved = why
+
+    # -- backward
+    def backward(self, dy, dhn=None):
+        """BPTT through the most recent training forward.
+
+        dy: gradient of the loss with respect to y (y's shape), or None for zero; dhn: with
+        respect to hn (LSTM: (dhn, dcn), either may be None), or None. Adds the parameter
+        gradients into ``grads``; returns (dx, dh0) (LSTM: (dx, (dh0, dc0))).
+        """
+        if self._saved is None:
+            raise RuntimeError(f"backward needs a forward in training mode first: "
+                               f"{self._why_no_saved}")
+        saved, T, B, unbatched = self._saved
+        s = self._spec
+        y_shape_tm = (T, B, s.num_directions * s.output_size)
+        y_shape = self._user_layout(np.empty(y_shape_tm, dtype=bool), unbatched).shape
+        if dy is None:
+            dy_tm = np.zeros(y_shape_tm, self.dtype)
+        else:
+            dy = _as_array("dy", dy, self.dtype)
+            check_shape("dy", dy, y_shape)
+            if unbatched:
+                dy_tm = dy[:, None, :]
+            elif s.batch_first:
+                dy_tm = dy.transpose(1, 0, 2)
+            else:
+                dy_tm = dy
+        dh, dc = self._split_dhn(dhn, B, unbatched)
+        dx, dh0, dc0, grads = base.stack_backward(s, saved, dy_tm, dh, dc)
+        for name, g in grads.items():
+            self.grads[name] += g
+        self._forget("backward already ran for the last forward (its saved state is freed; "
+                     "run forward again)")
+        return self._user_layout(dx, unbatched), self._pack_state(dh0, dc0, unbatched)
+
+    def _split_dhn(self, dhn, B, unbatched):
+        if dhn is None:
+            return None, None
+        if isinstance(dhn, (tuple, list)):
+            raise TypeError(f"dhn for {type(self).__name__} must be one array (hn's shape), "
+                            f"got a {type(dhn).__name__}")
+        return self._check_state("dhn", dhn, B, unbatched, self._spec.output_size,
+                                 "hidden_size"), None
+
+
+def _as_lengths(lengths, T, B):
+    """_validate.as_lengths, also taking an empty list (float64 to NumPy) for a batch of 0."""
+    if isinstance(lengths, (list, tuple)) and len(lengths) == 0:
+        lengths = np.zeros(0, np.int64)
+    return as_lengths(lengths, T, B)
+
+
+def _to_numpy(v):
+    """An array from a state-dict value, without importing torch (tensors: detach, cpu)."""
+    if not isinstance(v, np.ndarray) and hasattr(v, "detach") and hasattr(v, "cpu"):
+        v = v.detach().cpu().numpy()
+    return np.asarray(v)
+
+
+class RNN(_Layer):
+    """Elman RNN, ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)`` (or relu), as torch.nn.RNN."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
+                 seed=None):
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        spec = base.check_config(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers,
+                                 bias, batch_first, dropout, bidirectional)
+        super().__init__(spec, dtype, seed)
+
+    nonlinearity = property(lambda self: self._spec.cell[4:])
+
+    def _extra_repr(self):
+        return [] if self.nonlinearity == "tanh" else [f"nonlinearity='{self.nonlinearity}'"]
+
+
+class GRU(_Layer):
+    """GRU as torch.nn.GRU; ``linear_before_reset=False`` gives the original formulation
+    (ONNX's default, Keras ``reset_after=False``), which torch does not have."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, linear_before_reset=True, dtype=np.float32,
+                 seed=None):
+        spec = base.check_config("gru", input_size, hidden_size, num_layers, bias, batch_first,
+                                 dropout, bidirectional, linear_before_reset=linear_before_reset)
+        super().__init__(spec, dtype, seed)
+
+    linear_before_reset = property(lambda self: self._spec.linear_before_reset)
+
+    def _extra_repr(self):
+        return [] if self.linear_before_reset else ["linear_before_reset=False"]
+
+
+class LSTM(_Layer):
+    """LSTM as torch.nn.LSTM, with optional projections (``proj_size``)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None):
+        spec = base.check_config("lstm", input_size, hidden_size, num_layers, bias, batch_first,
+                                 dropout, bidirectional, proj_size=proj_size)
+        super().__init__(spec, dtype, seed)
+
+    proj_size = property(lambda self: self._spec.proj_size)
+
+    def _extra_repr(self):
+        return [f"proj_size={self.proj_size}"] if self.proj_size else []
+
+    def _check_hx(self, hx, B, unbatched):
+        if hx is None:
+            return None, None
+        if not isinstance(hx, (tuple, list)):
+            raise TypeError(f"hx for LSTM must be a tuple (h0, c0) of arrays, "
+                            f"got {type(hx).__name__}")
+        if len(hx) != 2:
+            raise ValueError(f"hx for LSTM must be a tuple (h0, c0) of two arrays, "
+                             f"got {len(hx)} items")
+        out_name = "proj_size" if self.proj_size else "hidden_size"
+        h0 = self._check_state("hx[0] (h0)", hx[0], B, unbatched, self._spec.output_size,
+                               out_name)
+        c0 = self._check_state("hx[1] (c0)", hx[1], B, unbatched, self.hidden_size,
+                               "hidden_size")
+        return h0, c0
+
+    def _pack_state(self, hn, cn, unbatched):
+        return (hn[:, 0], cn[:, 0]) if unbatched else (hn, cn)
+
+    def _split_dhn(self, dhn, B, unbatched):
+        if dhn is None:
+            return None, None
+        if not isinstance(dhn, (tuple, list)) or len(dhn) != 2:
+            raise TypeError(f"dhn for LSTM must be None or a tuple (dhn, dcn) (either may be "
+                            f"None), got {type(dhn).__name__}")
+        out_name = "proj_size" if self.proj_size else "hidden_size"
+        dh = None if dhn[0] is None else self._check_state(
+            "dhn[0] (dhn)", dhn[0], B, unbatched, self._spec.output_size, out_name)
+        dc = None if dhn[1] is None else self._check_state(
+            "dhn[1] (dcn)", dhn[1], B, unbatched, self.hidden_size, "hidden_size")
+        return dh, dc

@@ -1,0 +1,271 @@
+"""torch.nn.RNN / LSTM / GRU on fusedrnn's kernels: ``torch.nn.Module``s that drop in for torch's.
+
+    import fusedrnn.torch
+    model.rnn = fusedrnn.torch.LSTM.from_module(model.rnn)      # the whole migration
+
+The classes subclass ``torch.nn.RNN/LSTM/GRU``: same constructor, same parameters and names (so
+``load_state_dict`` from torch works unchanged and ``isinstance(m, torch.nn.LSTM)`` holds), and a
+``forward`` that takes a Tensor or a ``PackedSequence`` and returns exactly what torch returns.
+Gradients for the input, ``hx`` and every parameter flow through ``torch.autograd`` by our
+kernels (a ``torch.autograd.Function``; CPU tensors are read as zero-copy NumPy views).
+Dropout between layers uses torch's random generator, so ``torch.manual_seed`` controls it.
+
+Differences from torch: CPU only, float32 and float64 only (anything else raises with a clear
+message), no double backward (``once_differentiable``). ``GRU`` takes an extra keyword,
+``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
+NumPy arrays (e.g. a ``fusedrnn.LSTM(...).state_dict()``).
+
+Importing this module imports torch; ``import fusedrnn`` alone never does.
+"""
+import warnings
+
+import numpy as np
+import torch as _torch
+from torch.autograd.function import once_differentiable as _once_differentiable
+from torch.nn.utils.rnn import PackedSequence as _PackedSequence
+
+from . import _layer_base as _base
+from ._validate import as_lengths as _as_lengths
+
+__all__ = ["RNN", "LSTM", "GRU"]
+
+_DTYPES = (_torch.float32, _torch.float64)
+_NP_DTYPE = {_torch.float32: np.dtype(np.float32), _torch.float64: np.dtype(np.float64)}
+_CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+
+
+def _check_tensor(name, t, dtype=None):
+    if not isinstance(t, _torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device.type != "cpu":
+        raise ValueError(f"fusedrnn.torch runs on CPU tensors only; {name} is on {t.device} "
+                         f"(use torch.nn's own module on that device)")
+    if t.layout != _torch.strided:
+        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+    if dtype is None:
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"fusedrnn.torch supports float32 and float64; {name} has dtype "
+                            f"{t.dtype}")
+    elif t.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} (the parameters' dtype), got {t.dtype}")
+
+
+def _np(t):
+    """A NumPy view of a CPU tensor (zero-copy); None stays None."""
+    if t is None:
+        return None
+    return t.detach().resolve_conj().resolve_neg().numpy()
+
+
+def _torch_mask_maker(p, dtype):
+    """Inverted-dropout masks drawn with torch's generator (torch.manual_seed applies)."""
+    def make(shape):
+        if p >= 1:
+            return np.zeros(shape, _NP_DTYPE[dtype])
+        return _np(_torch.empty(shape, dtype=dtype).bernoulli_(1.0 - p).div_(1.0 - p))
+    return make
+
+
+class _FusedStack(_torch.autograd.Function):
+    """(x, h0, c0, *params) -> (y, hn[, cn]) through every layer and direction, and back."""
+
+    @staticmethod
+    def forward(ctx, run, x, h0, c0, *params):
+        spec, names, lengths, make_mask = run
+        y, hn, cn, saved = _base.stack_forward(
+            spec, dict(zip(names, map(_np, params))), _np(x), _np(h0), _np(c0), lengths,
+            save=True, make_mask=make_mask)
+        ctx.run = run
+        ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
+        # The kernels' saved state rides on a token tensor kept by save_for_backward, so torch
+        # frees it exactly when it frees the graph's saved tensors (after a backward without
+        # retain_graph=True) rather than when the outputs die. Saving x and the weights too
+        # makes autograd raise if any is modified in place before backward (the kernels read
+        # them again in backward).
+        token = _torch.empty(0)
+        token.fusedrnn_saved = saved
+        ctx.save_for_backward(token, x, h0, c0, *params)
+        ctx.y_shape, ctx.y_dtype = y.shape, y.dtype
+        ctx.set_materialize_grads(False)
+        out = (_torch.from_numpy(y), _torch.from_numpy(hn))
+        return out + (_torch.from_numpy(cn),) if cn is not None else out
+
+    @staticmethod
+    @_once_differentiable
+    def backward(ctx, dy, dhn, dcn=None):
+        # Raises if an input changed in place since forward, or if the graph was freed by an
+        # earlier backward without retain_graph=True (as torch does).
+        saved = ctx.saved_tensors[0].fusedrnn_saved
+        spec, names, _, _ = ctx.run
+        dy_np = np.zeros(ctx.y_shape, ctx.y_dtype) if dy is None else _np(dy)
+        dx, dh0, dc0, grads = _base.stack_backward(spec, saved, dy_np, _np(dhn), _np(dcn))
+        return (None, _torch.from_numpy(dx),
+                _torch.from_numpy(dh0) if ctx.has_h0 else None,
+                _torch.from_numpy(dc0) if ctx.has_c0 else None,
+                *(_torch.from_numpy(grads[n]) for n in names))
+
+
+class _FusedMixin:
+    """forward() and from_module() shared by RNN, LSTM and GRU."""
+
+    _torch_base = None          # the torch.nn class this one replaces
+
+    def _spec(self):
+        return _base.Spec(_CELL_OF_MODE[self.mode], self.input_size, self.hidden_size,
+                          self.num_layers, self.bias, self.batch_first, self.dropout,
+                          self.bidirectional, self.proj_size,
+                          getattr(self, "linear_before_reset", True))
+
+    def _fused_params(self):
+        names = list(self._flat_weights_names)
+        params = [getattr(self, n) for n in names]
+        dtype = None
+        for n, p in zip(names, params):
+            _check_tensor(n, p, dtype)
+            dtype = p.dtype
+        return names, params, dtype
+
+    def forward(self, input, hx=None):
+        spec = self._spec()
+        names, params, dtype = self._fused_params()
+        lstm = spec.cell == "lstm"
+        packed = isinstance(input, _PackedSequence)
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            _check_tensor("input.data", data, dtype)
+            bs = batch_sizes.numpy()
+            T, B = len(bs), int(bs[0])
+            offsets = np.repeat(np.cumsum(bs) - bs, bs)
+            t_idx = np.repeat(np.arange(T), bs)
+            b_idx = np.arange(len(t_idx)) - offsets       # position in the sorted batch
+            if sorted_indices is not None:
+                b_idx = sorted_indices.numpy()[b_idx]     # the caller's batch order
+            lengths = np.bincount(b_idx, minlength=B).astype(np.int64)
+            index = (_torch.from_numpy(t_idx), _torch.from_numpy(b_idx))
+            if data.dim() != 2 or data.shape[1] != spec.input_size:
+                raise ValueError(f"input.data must have shape (N, {spec.input_size}), "
+                                 f"got {tuple(data.shape)}")
+            x = data.new_zeros((T, B, spec.input_size)).index_put(index, data)
+            unbatched = False
+        else:
+            _check_tensor("input", input, dtype)
+            if input.dim() not in (2, 3) or input.shape[-1] != spec.input_size:
+                layout = "B, T" if spec.batch_first else "T, B"
+                raise ValueError(f"input must have shape ({layout}, {spec.input_size}) or "
+                                 f"(T, {spec.input_size}) unbatched, got {tuple(input.shape)}")
+            unbatched = input.dim() == 2
+            if unbatched:
+                x = input.unsqueeze(1)
+            else:
+                x = input.transpose(0, 1) if spec.batch_first else input
+            T, B = x.shape[:2]
+            if T < 1:
+                raise ValueError(f"input must have at least one time step, got shape "
+                                 f"{tuple(input.shape)}")
+            lengths = None
+        h0, c0 = self._check_hx(hx, spec, B, unbatched, dtype)
+        lengths = _as_lengths(lengths, T, B)
+        make_mask = None
+        if _base.dropout_active(spec, self.training):
+            make_mask = _torch_mask_maker(spec.dropout, dtype)
+        tensors = [x, h0, c0, *params]
+        if _torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+            out = _FusedStack.apply((spec, names, lengths, make_mask), x, h0, c0, *params)
+            y, hn = out[0], out[1]
+            cn = out[2] if lstm else None
+        else:
+            y, hn, cn, _ = _base.stack_forward(
+                spec, dict(zip(names, map(_np, params))), _np(x), _np(h0), _np(c0), lengths,
+                save=False, make_mask=make_mask)
+            y, hn = _torch.from_numpy(y), _torch.from_numpy(hn)
+            cn = _torch.from_numpy(cn) if lstm else None
+        if packed:
+            output = _PackedSequence(y[index], batch_sizes, sorted_indices, unsorted_indices)
+        elif unbatched:
+            output, hn = y.squeeze(1), hn.squeeze(1)
+            cn = cn.squeeze(1) if lstm else None
+        else:
+            output = y.transpose(0, 1) if spec.batch_first else y
+        return (output, (hn, cn)) if lstm else (output, hn)
+
+    def _check_state(self, name, t, spec, B, unbatched, width, dtype):
+        _check_tensor(name, t, dtype)
+        LD = spec.num_layers * spec.num_directions
+        want = (LD, width) if unbatched else (LD, B, width)
+        if tuple(t.shape) != want:
+            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+        return t.unsqueeze(1) if unbatched else t
+
+    def _check_hx(self, hx, spec, B, unbatched, dtype):
+        if hx is None:
+            return None, None
+        if spec.cell == "lstm":
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError(f"hx for LSTM must be a tuple (h0, c0) of tensors, "
+                                f"got {type(hx).__name__}")
+            return (self._check_state("hx[0] (h0)", hx[0], spec, B, unbatched,
+                                      spec.output_size, dtype),
+                    self._check_state("hx[1] (c0)", hx[1], spec, B, unbatched,
+                                      spec.hidden_size, dtype))
+        if isinstance(hx, (tuple, list)):
+            raise TypeError(f"hx for {type(self).__name__} must be one tensor, got a "
+                            f"{type(hx).__name__} (only LSTM takes (h0, c0))")
+        return self._check_state("hx", hx, spec, B, unbatched, spec.hidden_size, dtype), None
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        """torch's load_state_dict, also accepting NumPy arrays as values."""
+        state_dict = {k: _torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                      for k, v in state_dict.items()}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    @classmethod
+    def from_module(cls, module):
+        """The fusedrnn version of a ``torch.nn`` module, sharing its parameters (no copy), so
+        an optimiser built on the original keeps working; the training flag is kept too."""
+        if not isinstance(module, cls._torch_base):
+            raise TypeError(f"{cls.__module__}.{cls.__name__}.from_module needs a "
+                            f"torch.nn.{cls._torch_base.__name__}, got {type(module).__name__}")
+        kwargs = dict(num_layers=module.num_layers, bias=module.bias,
+                      batch_first=module.batch_first, dropout=module.dropout,
+                      bidirectional=module.bidirectional, device="meta")
+        if cls._torch_base is _torch.nn.LSTM:
+            kwargs["proj_size"] = module.proj_size
+        if cls._torch_base is _torch.nn.RNN:
+            kwargs["nonlinearity"] = module.nonlinearity
+        with warnings.catch_warnings():     # torch already warned about dropout for `module`
+            warnings.simplefilter("ignore")
+            new = cls(module.input_size, module.hidden_size, **kwargs)
+        for name in module._flat_weights_names:
+            setattr(new, name, getattr(module, name))
+        new.train(module.training)
+        return new
+
+
+class RNN(_FusedMixin, _torch.nn.RNN):
+    """torch.nn.RNN on fusedrnn's kernels (tanh or relu)."""
+
+    _torch_base = _torch.nn.RNN
+
+
+class LSTM(_FusedMixin, _torch.nn.LSTM):
+    """torch.nn.LSTM on fusedrnn's kernels (with projections)."""
+
+    _torch_base = _torch.nn.LSTM
+
+
+class GRU(_FusedMixin, _torch.nn.GRU):
+    """torch.nn.GRU on fusedrnn's kernels; ``linear_before_reset=False`` selects the original
+    GRU formulation (ONNX's default), which torch does not have."""
+
+    _torch_base = _torch.nn.GRU
+
+    def __init__(self, *args, linear_before_reset=True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not isinstance(linear_before_reset, bool):
+            raise TypeError(f"linear_before_reset must be a bool, "
+                            f"got {type(linear_before_reset).__name__}")
+        self.linear_before_reset = linear_before_reset
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s if self.linear_before_reset else s + ", linear_before_reset=False"

@@ -1,0 +1,344 @@
+"""Bad input to fusedrnn.RNN / LSTM / GRU: every case raises TypeError or ValueError (RuntimeError
+for backward out of order) whose message names the argument and the shape or dtype expected.
+And the unusual-but-valid inputs: non-contiguous, Fortran-ordered and read-only arrays work and
+are never modified; NaN propagates; a batch of 0 works.
+"""
+import numpy as np
+import pytest
+
+import fusedrnn
+
+F32, F64 = np.float32, np.float64
+
+
+def x_of(T=5, B=3, I=4, dtype=F32):
+    return np.random.default_rng(0).standard_normal((T, B, I)).astype(dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Constructor arguments
+
+@pytest.mark.parametrize("make,exc,match", [
+    (lambda: fusedrnn.LSTM(4, 0), ValueError, "hidden_size must be >= 1, got 0"),
+    (lambda: fusedrnn.GRU(4, -3), ValueError, "hidden_size must be >= 1, got -3"),
+    (lambda: fusedrnn.RNN(4, 2.5), TypeError, "hidden_size must be an int, got float"),
+    (lambda: fusedrnn.RNN(0, 3), ValueError, "input_size must be >= 1, got 0"),
+    (lambda: fusedrnn.RNN("4", 3), TypeError, "input_size must be an int, got str"),
+    (lambda: fusedrnn.LSTM(4, 3, num_layers=0), ValueError, "num_layers must be >= 1, got 0"),
+    (lambda: fusedrnn.LSTM(4, 3, proj_size=3), ValueError,
+     r"proj_size must be smaller than hidden_size \(3\), got 3"),
+    (lambda: fusedrnn.LSTM(4, 3, proj_size=5), ValueError, "proj_size must be smaller"),
+    (lambda: fusedrnn.LSTM(4, 3, proj_size=-1), ValueError, "proj_size must be >= 0, got -1"),
+    (lambda: fusedrnn.GRU(4, 3, proj_size=2), TypeError, "proj_size"),
+    (lambda: fusedrnn.RNN(4, 3, proj_size=2), TypeError, "proj_size"),
+    (lambda: fusedrnn.RNN(4, 3, nonlinearity="sigmoid"), ValueError,
+     "nonlinearity must be 'tanh' or 'relu', got 'sigmoid'"),
+    (lambda: fusedrnn.GRU(4, 3, num_layers=2, dropout=1.5), ValueError,
+     r"dropout must be a probability in \[0, 1\], got 1.5"),
+    (lambda: fusedrnn.GRU(4, 3, num_layers=2, dropout=-0.1), ValueError,
+     r"dropout must be a probability in \[0, 1\], got -0.1"),
+    (lambda: fusedrnn.GRU(4, 3, num_layers=2, dropout="0.5"), TypeError,
+     r"dropout must be a number in \[0, 1\], got str"),
+    (lambda: fusedrnn.LSTM(4, 3, dtype=np.float16), TypeError,
+     "dtype must be float32 or float64, got float16"),
+    (lambda: fusedrnn.LSTM(4, 3, dtype=np.int32), TypeError,
+     "dtype must be float32 or float64, got int32"),
+    (lambda: fusedrnn.LSTM(4, 3, dtype="junk"), TypeError, "dtype must be float32 or float64"),
+    (lambda: fusedrnn.LSTM(4, 3, bias=1), TypeError, "bias must be a bool, got int"),
+    (lambda: fusedrnn.LSTM(4, 3, batch_first="yes"), TypeError, "batch_first must be a bool"),
+    (lambda: fusedrnn.LSTM(4, 3, bidirectional=None), TypeError, "bidirectional must be a bool"),
+    (lambda: fusedrnn.GRU(4, 3, linear_before_reset=0), TypeError,
+     "linear_before_reset must be a bool"),
+    (lambda: fusedrnn.GRU(4, 3, seed=-1), ValueError, "seed must be >= 0, got -1"),
+    (lambda: fusedrnn.GRU(4, 3, seed=1.5), TypeError, "seed must be None or an int, got float"),
+])
+def test_bad_constructor_arguments(make, exc, match):
+    with pytest.raises(exc, match=match):
+        make()
+
+
+def test_dropout_with_one_layer_warns_like_torch():
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
+        fusedrnn.LSTM(4, 3, dropout=0.2)
+
+
+def test_train_mode_must_be_bool():
+    with pytest.raises(TypeError, match="mode must be a bool, got str"):
+        fusedrnn.GRU(2, 3).train("no")
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward arguments
+
+@pytest.mark.parametrize("x,match", [
+    (np.zeros((5, 3, 7), F32), r"x must have shape \(T, B, 4\) or \(T, 4\) unbatched, "
+                               r"got \(5, 3, 7\)"),
+    (np.zeros((5, 3, 4, 1), F32), r"x must have shape \(T, B, 4\) .*got \(5, 3, 4, 1\)"),
+    (np.zeros(4, F32), r"x must have shape \(T, B, 4\) .*got \(4,\)"),
+    (np.zeros((0, 3, 4), F32), r"x must have at least one time step, got shape \(0, 3, 4\)"),
+])
+def test_x_of_wrong_shape(x, match):
+    with pytest.raises(ValueError, match=match):
+        fusedrnn.GRU(4, 3)(x)
+
+
+def test_x_shape_message_for_batch_first():
+    with pytest.raises(ValueError, match=r"x must have shape \(B, T, 4\)"):
+        fusedrnn.GRU(4, 3, batch_first=True)(np.zeros((2, 5, 3), F32))
+
+
+@pytest.mark.parametrize("layer_dtype,x_dtype", [(F32, F64), (F64, F32), (F32, np.int64),
+                                                 (F64, np.float16), (F32, np.complex64)])
+def test_x_of_another_dtype_is_refused_not_cast(layer_dtype, x_dtype):
+    layer = fusedrnn.LSTM(4, 3, dtype=layer_dtype)
+    with pytest.raises(TypeError, match=f"x must have dtype {np.dtype(layer_dtype).name} "
+                                        rf"\(the layer's dtype\), got {np.dtype(x_dtype).name}"):
+        layer(np.zeros((2, 1, 4), x_dtype))
+
+
+def test_list_input_is_float64_and_refused_by_a_float32_layer():
+    with pytest.raises(TypeError, match="x must have dtype float32 .*got float64"):
+        fusedrnn.RNN(1, 2)([[[0.5]]])
+    y, _ = fusedrnn.RNN(1, 2, dtype=F64)([[[0.5]]])
+    assert y.shape == (1, 1, 2)
+
+
+@pytest.mark.parametrize("hx,match", [
+    (np.zeros((1, 3, 3), F32), r"hx must have shape \(4, 3, 3\) \(num_layers\*num_directions, "
+                               r"batch, hidden_size\), got \(1, 3, 3\)"),
+    (np.zeros((4, 2, 3), F32), r"hx must have shape \(4, 3, 3\)"),
+    (np.zeros((4, 3, 5), F32), r"hx must have shape \(4, 3, 3\)"),
+    (np.zeros((4, 3), F32), r"hx must have shape \(4, 3, 3\) .*got \(4, 3\)"),
+])
+def test_hx_of_wrong_shape(hx, match):
+    layer = fusedrnn.GRU(4, 3, num_layers=2, bidirectional=True)
+    with pytest.raises(ValueError, match=match):
+        layer(x_of(), hx)
+
+
+def test_unbatched_x_needs_unbatched_hx():
+    layer = fusedrnn.RNN(4, 3, num_layers=2)
+    with pytest.raises(ValueError, match=r"hx must have shape \(2, 3\) \(num_layers\*num_directions"
+                                         r", hidden_size\), got \(2, 1, 3\)"):
+        layer(np.zeros((5, 4), F32), np.zeros((2, 1, 3), F32))
+    with pytest.raises(ValueError, match="lengths is for batched input"):
+        layer(np.zeros((5, 4), F32), lengths=[3])
+
+
+def test_lstm_h0_and_c0_of_wrong_shape():
+    layer = fusedrnn.LSTM(4, 6, proj_size=2)
+    h0, c0 = np.zeros((1, 3, 2), F32), np.zeros((1, 3, 6), F32)
+    layer(x_of(), (h0, c0))
+    with pytest.raises(ValueError, match=r"hx\[0\] \(h0\) must have shape \(1, 3, 2\) "
+                                         r"\(num_layers\*num_directions, batch, proj_size\), "
+                                         r"got \(1, 3, 6\)"):
+        layer(x_of(), (c0, c0))
+    with pytest.raises(ValueError, match=r"hx\[1\] \(c0\) must have shape \(1, 3, 6\) .*"
+                                         r"hidden_size\), got \(1, 3, 2\)"):
+        layer(x_of(), (h0, h0))
+
+
+def test_hx_of_wrong_dtype():
+    layer = fusedrnn.LSTM(4, 3)
+    h = np.zeros((1, 3, 3), F32)
+    with pytest.raises(TypeError, match=r"hx\[0\] \(h0\) must have dtype float32 .*got float64"):
+        layer(x_of(), (h.astype(F64), h))
+    with pytest.raises(TypeError, match=r"hx\[1\] \(c0\) must have dtype float32 .*got int32"):
+        layer(x_of(), (h, h.astype(np.int32)))
+    with pytest.raises(TypeError, match=r"hx must have dtype float64 .*got float32"):
+        fusedrnn.GRU(4, 3, dtype=F64)(x_of(dtype=F64), h)
+
+
+def test_hx_of_wrong_kind():
+    h = np.zeros((1, 3, 3), F32)
+    with pytest.raises(TypeError, match=r"hx for GRU must be one array .*got a tuple "
+                                        r"\(only LSTM takes \(h0, c0\)\)"):
+        fusedrnn.GRU(4, 3)(x_of(), (h, h))
+    with pytest.raises(TypeError, match="hx for RNN must be one array"):
+        fusedrnn.RNN(4, 3)(x_of(), [h])
+    with pytest.raises(TypeError, match=r"hx for LSTM must be a tuple \(h0, c0\) of arrays, "
+                                        r"got ndarray"):
+        fusedrnn.LSTM(4, 3)(x_of(), h)
+    with pytest.raises(ValueError, match=r"hx for LSTM must be a tuple \(h0, c0\) of two arrays, "
+                                         r"got 3 items"):
+        fusedrnn.LSTM(4, 3)(x_of(), (h, h, h))
+    with pytest.raises(TypeError, match=r"hx\[1\] \(c0\) must be an array, got None"):
+        fusedrnn.LSTM(4, 3)(x_of(), (h, None))
+
+
+@pytest.mark.parametrize("lengths,exc,match", [
+    ([0, 2, 5], ValueError, r"lengths must lie in 1..5 \(the number of time steps\), got min 0"),
+    ([1, 6, 5], ValueError, r"lengths must lie in 1..5 .*max 6"),
+    ([-1, 2, 3], ValueError, r"lengths must lie in 1..5"),
+    ([1, 2], ValueError, r"lengths must have shape \(3,\) \(one per batch row\), got \(2,\)"),
+    ([[1, 2, 3]], ValueError, r"lengths must have shape \(3,\)"),
+    ([1.0, 2.0, 3.0], TypeError, "lengths must be integers, got dtype float64"),
+    ([True, True, True], TypeError, "lengths must be integers, got dtype bool"),
+    (["1", "2", "3"], TypeError, "lengths must be integers"),
+])
+def test_bad_lengths(lengths, exc, match):
+    with pytest.raises(exc, match=match):
+        fusedrnn.LSTM(4, 3, bidirectional=True)(x_of(), lengths=lengths)
+
+
+def test_lengths_of_any_integer_type_work():
+    layer = fusedrnn.GRU(4, 3, dtype=F64)
+    x = x_of(dtype=F64)
+    want = layer(x, lengths=[5, 2, 3])[0]
+    for lens in (np.array([5, 2, 3], np.int8), np.array([5, 2, 3], np.uint32), (5, 2, 3)):
+        np.testing.assert_array_equal(layer(x, lengths=lens)[0], want)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward arguments and order
+
+def test_backward_before_any_training_forward():
+    layer = fusedrnn.GRU(4, 3)
+    with pytest.raises(RuntimeError, match="backward needs a forward in training mode first: "
+                                           "no forward has run yet"):
+        layer.backward(np.zeros((5, 3, 3), F32))
+
+
+def test_backward_after_eval_forward():
+    layer = fusedrnn.LSTM(4, 3)
+    y, _ = layer(x_of())
+    layer.eval()
+    layer(x_of())
+    with pytest.raises(RuntimeError, match=r"the last forward ran in eval mode \(call "
+                                           r"layer.train\(\) first\)"):
+        layer.backward(y)
+
+
+def test_backward_with_bad_dy_and_dhn_keeps_the_saved_state():
+    layer = fusedrnn.LSTM(4, 3, num_layers=2, batch_first=True)
+    x = x_of().transpose(1, 0, 2)                       # (B, T, I) = (3, 5, 4)
+    y, (hn, cn) = layer(x)
+    with pytest.raises(ValueError, match=r"dy must have shape \(3, 5, 3\), got \(5, 3, 3\)"):
+        layer.backward(np.zeros((5, 3, 3), F32))
+    with pytest.raises(TypeError, match="dy must have dtype float32 .*got float64"):
+        layer.backward(y.astype(F64))
+    with pytest.raises(TypeError, match=r"dhn for LSTM must be None or a tuple \(dhn, dcn\)"):
+        layer.backward(y, hn)
+    with pytest.raises(ValueError, match=r"dhn\[1\] \(dcn\) must have shape \(2, 3, 3\)"):
+        layer.backward(y, (hn, cn[:1]))
+    with pytest.raises(TypeError, match=r"dhn\[0\] \(dhn\) must have dtype float32"):
+        layer.backward(y, (hn.astype(F64), None))
+    dx, (dh0, dc0) = layer.backward(y, (None, cn))    # still there after the failures
+    assert dx.shape == x.shape and dh0.shape == hn.shape and dc0.shape == cn.shape
+    gru = fusedrnn.GRU(4, 3)
+    y, hn = gru(x_of())
+    with pytest.raises(TypeError, match="dhn for GRU must be one array"):
+        gru.backward(y, (hn,))
+    with pytest.raises(ValueError, match=r"dhn must have shape \(1, 3, 3\)"):
+        gru.backward(y, hn[:, :2])
+
+
+# ----------------------------------------------------------------------------------------------
+# State dicts
+
+def test_state_dict_missing_and_unexpected_keys_are_named():
+    layer = fusedrnn.LSTM(4, 3, bidirectional=True)
+    sd = dict(layer.state_dict())
+    del sd["bias_hh_l0_reverse"]
+    sd["weight_hr_l0"] = np.zeros((3, 3), F32)
+    with pytest.raises(ValueError, match=r"missing keys \['bias_hh_l0_reverse'\] and "
+                                         r"unexpected keys \['weight_hr_l0'\]"):
+        layer.load_state_dict(sd)
+    no_bias = fusedrnn.LSTM(4, 3, bidirectional=True, bias=False)
+    with pytest.raises(ValueError, match=r"unexpected keys \['bias_ih_l0', 'bias_hh_l0', "):
+        no_bias.load_state_dict(layer.state_dict())
+
+
+def test_state_dict_misshaped_or_non_float_entries_are_named():
+    layer = fusedrnn.GRU(4, 3, num_layers=2)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    sd = {k: v + 1 for k, v in layer.state_dict().items()}
+    sd["weight_ih_l1"] = np.zeros((9, 4), F32)
+    with pytest.raises(ValueError, match=r"state_dict\['weight_ih_l1'\] must have shape \(9, 3\), "
+                                         r"got \(9, 4\)"):
+        layer.load_state_dict(sd)
+    sd["weight_ih_l1"] = np.zeros((9, 3), np.int64)
+    with pytest.raises(TypeError, match=r"state_dict\['weight_ih_l1'\] must have a float dtype, "
+                                        r"got int64"):
+        layer.load_state_dict(sd)
+    for k, v in layer.state_dict().items():            # nothing was copied
+        np.testing.assert_array_equal(v, before[k])
+    with pytest.raises(TypeError, match="state_dict must be a mapping of names to arrays, "
+                                        "got list"):
+        layer.load_state_dict(list(sd.values()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Unusual but valid inputs
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_strided_fortran_and_read_only_inputs_work_and_are_not_modified(cell):
+    rng = np.random.default_rng(1)
+    make = {"rnn_tanh": fusedrnn.RNN, "lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU}[cell]
+    layer = make(4, 5, num_layers=2, bidirectional=True, dtype=F64, seed=0)
+    x = rng.standard_normal((5, 3, 4))
+    h0 = rng.standard_normal((4, 3, 5))
+    c0 = rng.standard_normal((4, 3, 5))
+    lengths = np.array([5, 2, 4])
+    dy = rng.standard_normal((5, 3, 10))
+    dhn = rng.standard_normal((4, 3, 5))
+
+    def hx(h, c):
+        return (h, c) if cell == "lstm" else h
+
+    y, h = layer(x, hx(h0, c0), lengths)
+    dx, dh = layer.backward(dy, hx(dhn, dhn))
+    want = [y, dx, dict((k, g.copy()) for k, g in layer.grads.items())]
+
+    def variants(a):
+        big = np.zeros(a.shape + (2,))
+        big[..., 0] = a
+        f = np.asfortranarray(a)
+        ro = a.copy()
+        ro.flags.writeable = False
+        return {"strided": big[..., 0], "fortran": f, "readonly": ro,
+                "reversed": np.ascontiguousarray(a[::-1])[::-1]}
+
+    originals = {n: a.copy() for n, a in
+                 dict(x=x, h0=h0, c0=c0, lengths=lengths, dy=dy, dhn=dhn).items()}
+    for kind in ("strided", "fortran", "readonly", "reversed"):
+        v = {n: variants(a)[kind] for n, a in dict(x=x, h0=h0, c0=c0, dy=dy, dhn=dhn).items()}
+        ro_len = lengths.copy()
+        ro_len.flags.writeable = False
+        layer.zero_grad()
+        y2, _ = layer(v["x"], hx(v["h0"], v["c0"]), ro_len if kind == "readonly" else lengths)
+        dx2, _ = layer.backward(v["dy"], hx(v["dhn"], v["dhn"]))
+        np.testing.assert_array_equal(y2, want[0])
+        np.testing.assert_array_equal(dx2, want[1])
+        for k, g in layer.grads.items():
+            np.testing.assert_array_equal(g, want[2][k])
+        for n, a in v.items():                         # inputs are never modified
+            np.testing.assert_array_equal(a, originals[n])
+    for n, a in dict(x=x, h0=h0, c0=c0, lengths=lengths, dy=dy, dhn=dhn).items():
+        np.testing.assert_array_equal(a, originals[n])
+
+
+@pytest.mark.parametrize("make", [fusedrnn.RNN, fusedrnn.LSTM, fusedrnn.GRU])
+def test_nan_propagates(make):
+    layer = make(4, 3, num_layers=2, dtype=F64, seed=0)
+    x = x_of(dtype=F64)
+    x[2, 1, 0] = np.nan                               # row 1 from step 2 on
+    y, h = layer(x)
+    hn = h[0] if isinstance(h, tuple) else h
+    assert np.isnan(y[2:, 1]).all() and np.isnan(hn[:, 1]).all()
+    assert np.isfinite(y[:2]).all() and np.isfinite(y[:, [0, 2]]).all()
+    assert np.isfinite(hn[:, [0, 2]]).all()
+    dx, _ = layer.backward(np.ones_like(y))
+    assert np.isnan(dx[:, 1]).any()
+    assert np.isfinite(dx[:, [0, 2]]).all()
+
+
+@pytest.mark.parametrize("make", [fusedrnn.RNN, fusedrnn.LSTM, fusedrnn.GRU])
+def test_batch_of_zero_with_hx_and_lengths(make):
+    layer = make(4, 3, bidirectional=True, batch_first=True)
+    h0 = np.zeros((2, 0, 3), F32)
+    hx = (h0, h0) if make is fusedrnn.LSTM else h0
+    y, h = layer(np.zeros((0, 5, 4), F32), hx, lengths=[])
+    assert y.shape == (0, 5, 6)
+    dx, dh = layer.backward(y, h)
+    assert dx.shape == (0, 5, 4)

@@ -1,0 +1,523 @@
+"""fusedrnn.RNN / LSTM / GRU without torch: the NumPy reference stacked by hand (which covers
+GRU ``linear_before_reset=False``, absent from torch), the invariants, dropout, training
+semantics (train/eval, grads accumulation, zero_grad), parameter and state-dict semantics, and
+several layers run from several threads at once. The grid against torch.nn is in
+test_layers_torch.py; bad inputs in test_bad_input.py.
+"""
+import concurrent.futures
+import copy
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import reference as R
+from fusedrnn.tolerances import assert_close
+
+F64 = np.float64
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+
+
+def make_layer(cell, I, H, L=1, bidirectional=False, proj=0, dtype=F64, seed=0, **kw):
+    kw.update(num_layers=L, bidirectional=bidirectional, dtype=dtype, seed=seed)
+    if cell == "lstm":
+        return fusedrnn.LSTM(I, H, proj_size=proj, **kw)
+    if cell == "gru":
+        return fusedrnn.GRU(I, H, **kw)
+    return fusedrnn.RNN(I, H, nonlinearity=cell[4:], **kw)
+
+
+def hx_of(cell, h0, c0):
+    return (h0, c0) if cell == "lstm" else h0
+
+
+def split_h(cell, h):
+    return h if cell == "lstm" else (h, None)
+
+
+def ref_stack(layer, cell, x, h0, c0, lengths, dy, dhn, dcn, lbr=True):
+    """The whole stack with fusedrnn.reference, one layer and direction at a time (time-major,
+    no dropout). Returns y, hn, cn, dx, dh0, dc0, grads."""
+    sd = layer.state_dict()
+    L, D = layer.num_layers, 2 if layer.bidirectional else 1
+    H_out = h0.shape[-1]
+    inp, caches, hn, cn = x, [], np.zeros_like(h0), np.zeros_like(c0) if c0 is not None else None
+    for k in range(L):
+        outs = []
+        for d in range(D):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            y, h, c, cache = R.forward(
+                cell, inp, h0[k * D + d], None if c0 is None else c0[k * D + d],
+                sd["weight_ih" + sfx], sd["weight_hh" + sfx], sd.get("bias_ih" + sfx),
+                sd.get("bias_hh" + sfx), sd.get("weight_hr" + sfx), lengths=lengths,
+                reverse=bool(d), linear_before_reset=lbr)
+            hn[k * D + d] = h
+            if c is not None:
+                cn[k * D + d] = c
+            outs.append(y)
+            caches.append(cache)
+        inp = np.concatenate(outs, axis=-1)
+    y = inp
+    grads, dh0 = {}, np.zeros_like(h0)
+    dc0 = None if c0 is None else np.zeros_like(c0)
+    d_out = dy
+    for k in reversed(range(L)):
+        dx = 0
+        for d in range(D):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            dxd, dh, dc, g = R.backward(caches[k * D + d], d_out[..., d * H_out:(d + 1) * H_out],
+                                        dhn[k * D + d], None if dcn is None else dcn[k * D + d])
+            dh0[k * D + d] = dh
+            if dc is not None:
+                dc0[k * D + d] = dc
+            grads.update({key + sfx: v for key, v in g.items()})
+            dx = dx + dxd
+        d_out = dx
+    return y, hn, cn, d_out, dh0, dc0, grads
+
+
+def random_problem(rng, cell, T, B, I, H, L, D, proj=0, lengths=False):
+    H_out = proj or H
+    p = {"x": rng.standard_normal((T, B, I)), "h0": rng.standard_normal((L * D, B, H_out)),
+         "c0": rng.standard_normal((L * D, B, H)) if cell == "lstm" else None,
+         "dy": rng.standard_normal((T, B, D * H_out)),
+         "dhn": rng.standard_normal((L * D, B, H_out)),
+         "dcn": rng.standard_normal((L * D, B, H)) if cell == "lstm" else None,
+         "lengths": None}
+    if lengths:
+        p["lengths"] = rng.integers(1, T + 1, size=B)
+        p["lengths"][0] = T
+    return p
+
+
+def run_layer(layer, cell, p):
+    """Forward and backward of ``layer`` (time-major) on problem ``p``."""
+    y, h = layer(p["x"], hx_of(cell, p["h0"], p["c0"]), lengths=p["lengths"])
+    hn, cn = split_h(cell, h)
+    dx, dh = layer.backward(p["dy"], hx_of(cell, p["dhn"], p["dcn"]))
+    dh0, dc0 = split_h(cell, dh)
+    return y, hn, cn, dx, dh0, dc0, {k: g.copy() for k, g in layer.grads.items()}
+
+
+def assert_results_close(got, want, dtype=F64):
+    names = ("y", "hn", "cn", "dx", "dh0", "dc0")
+    for name, g, w in zip(names, got[:6], want[:6]):
+        if w is None:
+            assert g is None, name
+            continue
+        assert_close(g, w, dtype, "forward" if name in ("y", "hn", "cn") else "gradient",
+                     what=name)
+    assert sorted(got[6]) == sorted(want[6])
+    for name in want[6]:
+        assert_close(got[6][name], want[6][name], dtype, "gradient", what=name)
+
+
+# ----------------------------------------------------------------------------------------------
+# Against the NumPy reference, stacked by hand
+
+STACK_CASES = [  # cell, lbr, L, bidirectional, proj, lengths
+    ("gru", False, 1, False, 0, False),
+    ("gru", False, 2, True, 0, True),
+    ("gru", False, 3, False, 0, True),
+    ("gru", False, 2, True, 0, False),
+    ("gru", True, 2, True, 0, True),
+    ("rnn_relu", True, 2, True, 0, True),
+    ("lstm", True, 2, True, 3, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("cell,lbr,L,bidirectional,proj,lengths", STACK_CASES)
+def test_stack_matches_reference(rng, cell, lbr, L, bidirectional, proj, lengths, dtype):
+    """Including GRU linear_before_reset=False, which torch does not have."""
+    kw = {"linear_before_reset": lbr} if cell == "gru" else {}
+    T, B, I, H, D = 5, 3, 4, 7, 2 if bidirectional else 1
+    layer = make_layer(cell, I, H, L, bidirectional, proj, dtype=dtype, seed=1, **kw)
+    p = random_problem(rng, cell, T, B, I, H, L, D, proj, lengths)
+    if dtype == np.float32:
+        # the float32 layer runs on float32 data; the reference on the same values in float64
+        p = {k: v.astype(np.float32) if isinstance(v, np.ndarray) and v.dtype == F64 else v
+             for k, v in p.items()}
+    got = run_layer(layer, cell, p)
+    ref_layer = make_layer(cell, I, H, L, bidirectional, proj, seed=1, **kw)
+    ref_layer.load_state_dict(layer.state_dict())
+    p64 = {k: v.astype(F64) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+           for k, v in p.items()}
+    want = ref_stack(ref_layer, cell, p64["x"], p64["h0"], p64["c0"], p["lengths"], p64["dy"],
+                     p64["dhn"], p64["dcn"], lbr=lbr)
+    assert_results_close(got, want, dtype)
+
+
+def test_gru_linear_before_reset_changes_the_result(rng):
+    a = fusedrnn.GRU(3, 4, seed=0, dtype=F64)
+    b = fusedrnn.GRU(3, 4, seed=0, dtype=F64, linear_before_reset=False)
+    x = rng.standard_normal((4, 2, 3))
+    assert np.abs(a(x)[0] - b(x)[0]).max() > 1e-3
+    assert "linear_before_reset=False" in repr(b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Invariants
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_of_n_equals_n_batches_of_one(rng, cell):
+    T, B, I, H, L, D = 6, 4, 5, 9, 2, 2
+    layer = make_layer(cell, I, H, L, True, proj=4 if cell == "lstm" else 0)
+    p = random_problem(rng, cell, T, B, I, H, L, D, proj=4 if cell == "lstm" else 0,
+                       lengths=True)
+    y, hn, cn, dx, dh0, dc0, grads = run_layer(layer, cell, p)
+    total = {k: np.zeros_like(v) for k, v in grads.items()}
+    for b in range(B):
+        layer.zero_grad()
+        one = {k: None if v is None else (v[b:b + 1] if k == "lengths" else v[:, b:b + 1])
+               for k, v in p.items()}
+        yb, hnb, cnb, dxb, dh0b, dc0b, gb = run_layer(layer, cell, one)
+        assert_close(yb, y[:, b:b + 1], F64)
+        assert_close(hnb, hn[:, b:b + 1], F64)
+        assert_close(dxb, dx[:, b:b + 1], F64, "gradient")
+        assert_close(dh0b, dh0[:, b:b + 1], F64, "gradient")
+        if cell == "lstm":
+            assert_close(cnb, cn[:, b:b + 1], F64)
+            assert_close(dc0b, dc0[:, b:b + 1], F64, "gradient")
+        for k in total:
+            total[k] += gb[k]
+    for k in total:
+        assert_close(total[k], grads[k], F64, "gradient", what=k)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_two_half_calls_equal_one_call(rng, cell):
+    """Forward over T/2 twice with the state carried equals one call over T; backward through
+    the two halves (two layers with the same weights) gives the same gradients, summed."""
+    T, B, I, H, L = 6, 3, 4, 5, 3
+    full = make_layer(cell, I, H, L, seed=3)
+    p = random_problem(rng, cell, T, B, I, H, L, 1)
+    y, hn, cn, dx, dh0, dc0, grads = run_layer(full, cell, p)
+
+    first, second = make_layer(cell, I, H, L, seed=3), make_layer(cell, I, H, L, seed=3)
+    y1, h1 = first(p["x"][:3], hx_of(cell, p["h0"], p["c0"]))
+    y2, h2 = second(p["x"][3:], h1)
+    hn2, cn2 = split_h(cell, h2)
+    assert_close(np.concatenate([y1, y2]), y, F64)
+    assert_close(hn2, hn, F64)
+    if cell == "lstm":
+        assert_close(cn2, cn, F64)
+    dx2, dmid = second.backward(p["dy"][3:], hx_of(cell, p["dhn"], p["dcn"]))
+    dx1, dstart = first.backward(p["dy"][:3], dmid)
+    assert_close(np.concatenate([dx1, dx2]), dx, F64, "gradient")
+    dh0_1, dc0_1 = split_h(cell, dstart)
+    assert_close(dh0_1, dh0, F64, "gradient")
+    if cell == "lstm":
+        assert_close(dc0_1, dc0, F64, "gradient")
+    for k in grads:
+        assert_close(first.grads[k] + second.grads[k], grads[k], F64, "gradient", what=k)
+
+
+def reverse_rows(a, lengths):
+    """Reverse each batch row of a (T, B, ...) array within its length (rest stays zero)."""
+    out = np.zeros_like(a)
+    for b, n in enumerate(lengths):
+        out[:n, b] = a[:n, b][::-1]
+    return out
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_bidirectional_equals_forward_plus_reversed(rng, cell):
+    T, B, I, H = 6, 4, 3, 5
+    proj = 2 if cell == "lstm" else 0
+    H_out = proj or H
+    bi = make_layer(cell, I, H, 1, True, proj, seed=4)
+    fwd, rev = make_layer(cell, I, H, 1, False, proj), make_layer(cell, I, H, 1, False, proj)
+    sd = bi.state_dict()
+    fwd.load_state_dict({k: v for k, v in sd.items() if not k.endswith("_reverse")})
+    rev.load_state_dict({k[:-len("_reverse")]: v for k, v in sd.items() if k.endswith("_reverse")})
+    p = random_problem(rng, cell, T, B, I, H, 1, 2, proj, lengths=True)
+    lens = p["lengths"]
+    y, hn, cn, dx, dh0, dc0, grads = run_layer(bi, cell, p)
+
+    def part(a, d):
+        return None if a is None else a[d:d + 1]
+
+    pf = dict(p, h0=part(p["h0"], 0), c0=part(p["c0"], 0), dhn=part(p["dhn"], 0),
+              dcn=part(p["dcn"], 0), dy=p["dy"][..., :H_out])
+    pr = dict(p, x=reverse_rows(p["x"], lens), h0=part(p["h0"], 1), c0=part(p["c0"], 1),
+              dhn=part(p["dhn"], 1), dcn=part(p["dcn"], 1),
+              dy=reverse_rows(p["dy"][..., H_out:], lens))
+    yf, hnf, cnf, dxf, dh0f, dc0f, gf = run_layer(fwd, cell, pf)
+    yr, hnr, cnr, dxr, dh0r, dc0r, gr = run_layer(rev, cell, pr)
+    assert_close(np.concatenate([yf, reverse_rows(yr, lens)], axis=-1), y, F64)
+    assert_close(np.concatenate([hnf, hnr]), hn, F64)
+    assert_close(dxf + reverse_rows(dxr, lens), dx, F64, "gradient")
+    assert_close(np.concatenate([dh0f, dh0r]), dh0, F64, "gradient")
+    if cell == "lstm":
+        assert_close(np.concatenate([cnf, cnr]), cn, F64)
+        assert_close(np.concatenate([dc0f, dc0r]), dc0, F64, "gradient")
+    for k, v in gf.items():
+        assert_close(v, grads[k], F64, "gradient", what=k)
+        assert_close(gr[k], grads[k + "_reverse"], F64, "gradient", what=k + "_reverse")
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_first_and_unbatched_agree_with_time_major(rng, cell):
+    T, B, I, H, L = 5, 3, 4, 6, 2
+    tm = make_layer(cell, I, H, L, True, seed=8)
+    bf = make_layer(cell, I, H, L, True, seed=8, batch_first=True)
+    p = random_problem(rng, cell, T, B, I, H, L, 2, lengths=True)
+    y, hn, cn, dx, dh0, dc0, grads = run_layer(tm, cell, p)
+    yb, hb = bf(p["x"].transpose(1, 0, 2).copy(), hx_of(cell, p["h0"], p["c0"]),
+                lengths=p["lengths"])
+    assert yb.shape == (B, T, 2 * H)
+    np.testing.assert_array_equal(yb, y.transpose(1, 0, 2))
+    dxb, _ = bf.backward(p["dy"].transpose(1, 0, 2).copy(), hx_of(cell, p["dhn"], p["dcn"]))
+    np.testing.assert_array_equal(dxb, dx.transpose(1, 0, 2))
+    for k in grads:
+        np.testing.assert_array_equal(bf.grads[k], grads[k])
+    # unbatched (T, I) with hx (L*D, H) equals batch row 0 of a batch of one
+    one = {k: None if v is None else (v[0:1] if k == "lengths" else v[:, 0:1])
+           for k, v in p.items()}
+    one["lengths"] = None
+    tm.zero_grad()
+    y1, hn1, cn1, dx1, dh01, dc01, g1 = run_layer(tm, cell, one)
+    un = make_layer(cell, I, H, L, True, seed=8)
+    sq = {k: None if v is None else v[:, 0] for k, v in one.items() if k != "lengths"}
+    yu, hu = un(sq["x"], hx_of(cell, sq["h0"], sq["c0"]))
+    hnu, cnu = split_h(cell, hu)
+    assert yu.shape == (T, 2 * H) and hnu.shape == (2 * L, H)
+    np.testing.assert_array_equal(yu, y1[:, 0])
+    np.testing.assert_array_equal(hnu, hn1[:, 0])
+    dxu, dhu = un.backward(sq["dy"], hx_of(cell, sq["dhn"], sq["dcn"]))
+    dh0u, dc0u = split_h(cell, dhu)
+    assert dxu.shape == (T, I) and dh0u.shape == (2 * L, H)
+    np.testing.assert_array_equal(dxu, dx1[:, 0])
+    np.testing.assert_array_equal(dh0u, dh01[:, 0])
+    if cell == "lstm":
+        np.testing.assert_array_equal(cnu, cn1[:, 0])
+        np.testing.assert_array_equal(dc0u, dc01[:, 0])
+
+
+# ----------------------------------------------------------------------------------------------
+# Dropout
+
+def test_dropout_is_seeded_and_only_in_training(rng):
+    x = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    a = fusedrnn.LSTM(4, 6, num_layers=3, dropout=0.5, seed=1)
+    b = fusedrnn.LSTM(4, 6, num_layers=3, dropout=0.5, seed=1)
+    plain = fusedrnn.LSTM(4, 6, num_layers=3, seed=1)
+    ya1, ya2 = a(x)[0], a(x)[0]
+    np.testing.assert_array_equal(ya1, b(x)[0])          # same seed, same masks
+    np.testing.assert_array_equal(ya2, b(x)[0])
+    assert np.abs(ya1 - ya2).max() > 0                   # a new mask each forward
+    y_plain = plain(x)[0]
+    assert np.abs(ya1 - y_plain).max() > 0
+    np.testing.assert_array_equal(a.eval()(x)[0], plain.eval()(x)[0])   # eval: no dropout
+    np.testing.assert_array_equal(a.train()(x)[0], b(x)[0])   # stream continues in step
+
+
+def test_dropout_one_cuts_the_lower_layers():
+    """p = 1 zeroes every layer output but the last: the top layer sees zeros, and no gradient
+    reaches the input or the lower layers."""
+    layer = fusedrnn.GRU(3, 4, num_layers=2, dropout=1.0, seed=0, dtype=F64)
+    x = np.random.default_rng(0).standard_normal((4, 2, 3))
+    y, hn = layer(x)
+    dx, dh0 = layer.backward(np.ones_like(y))
+    sd = layer.state_dict()
+    y_top, _, _, _ = R.forward("gru", np.zeros((4, 2, 4)), np.zeros((2, 4)), None,
+                               sd["weight_ih_l1"], sd["weight_hh_l1"], sd["bias_ih_l1"],
+                               sd["bias_hh_l1"], training=False)
+    assert_close(y, y_top, F64)
+    assert not dx.any()
+    assert not layer.grads["weight_ih_l0"].any() and not layer.grads["weight_hh_l0"].any()
+    assert layer.grads["weight_hh_l1"].any()
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_dropout_backward_uses_the_forward_mask(rng, cell):
+    """Finite differences through a dropout layer, replaying the same masks: the gradient of
+    (y*dy).sum() with respect to x matches."""
+    layer = make_layer(cell, 3, 4, L=3, bidirectional=True, seed=2, dropout=0.4)
+    x = rng.standard_normal((4, 2, 3))
+    dy = rng.standard_normal((4, 2, 8))
+    state = copy.deepcopy(layer._dropout_rng.bit_generator.state)
+
+    def loss(xx):
+        layer._dropout_rng.bit_generator.state = copy.deepcopy(state)
+        return float((layer(xx)[0] * dy).sum())
+
+    loss(x)
+    dx, _ = layer.backward(dy)
+    eps = 1e-6
+    for idx in [(0, 0, 0), (1, 1, 2), (3, 0, 1), (2, 1, 0)]:
+        xp, xm = x.copy(), x.copy()
+        xp[idx] += eps
+        xm[idx] -= eps
+        fd = (loss(xp) - loss(xm)) / (2 * eps)
+        # central differences in float64: ~1e-9 agreement (see test_reference.py, FD_TOL)
+        assert abs(fd - dx[idx]) <= 1e-6 * max(1.0, abs(fd)), (idx, fd, dx[idx])
+
+
+# ----------------------------------------------------------------------------------------------
+# Training semantics, parameters and state dicts
+
+def test_grads_accumulate_and_zero_grad(rng):
+    layer = fusedrnn.GRU(3, 5, num_layers=2, dtype=F64, seed=0)
+    x = rng.standard_normal((4, 2, 3))
+    dy = rng.standard_normal((4, 2, 5))
+    y, _ = layer(x)
+    layer.backward(dy)
+    once = copy.deepcopy(layer.grads)
+    held = layer.grads["weight_ih_l0"]
+    layer(x)
+    layer.backward(dy)
+    for k, g in layer.grads.items():
+        assert_close(g, 2 * once[k], F64, "gradient", what=k)
+    assert layer.grads["weight_ih_l0"] is held           # accumulated in place
+    layer.zero_grad()
+    assert all(not g.any() for g in layer.grads.values())
+    assert layer.grads["weight_ih_l0"] is held
+    assert list(layer.grads) == list(layer.state_dict())
+
+
+def test_backward_frees_saved_state_and_eval_keeps_nothing(rng):
+    layer = fusedrnn.RNN(3, 4)
+    x = rng.standard_normal((2, 1, 3)).astype(np.float32)
+    y, _ = layer(x)
+    layer.backward(y)
+    with pytest.raises(RuntimeError, match="backward already ran"):
+        layer.backward(y)
+    layer.eval()
+    y, _ = layer(x)
+    assert layer._saved is None
+    with pytest.raises(RuntimeError, match="eval mode"):
+        layer.backward(y)
+
+
+def test_sgd_step_through_named_parameters_changes_the_layer(rng):
+    """The parameters are live: an in-place optimiser step changes the layer's output, and the
+    loss goes down."""
+    layer = fusedrnn.LSTM(3, 6, num_layers=2, batch_first=True, dtype=F64, seed=0)
+    x = rng.standard_normal((4, 5, 3))
+    target = rng.standard_normal((4, 5, 6)) * 0.5
+    losses = []
+    for _ in range(30):
+        y, _ = layer(x)
+        losses.append(float(((y - target) ** 2).mean()))
+        layer.zero_grad()
+        layer.backward(2 * (y - target) / y.size)
+        for name, p in layer.named_parameters():
+            p -= 2.0 * layer.grads[name]
+    assert all(np.diff(losses) < 0) and losses[-1] < 0.95 * losses[0]
+    sd = layer.state_dict()
+    assert all(sd[k] is p for k, p in layer.named_parameters())
+    assert [id(p) for p in layer.parameters()] == [id(v) for v in sd.values()]
+
+
+def test_load_state_dict_copies_into_the_live_arrays_and_casts(rng):
+    a = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=True, seed=0)
+    b = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=True, seed=1, dtype=F64)
+    held = a.state_dict()["weight_hr_l0_reverse"]
+    a.load_state_dict(b.state_dict())          # float64 values into a float32 layer
+    assert a.state_dict()["weight_hr_l0_reverse"] is held
+    assert held.dtype == np.float32
+    for k, v in b.state_dict().items():
+        np.testing.assert_array_equal(a.state_dict()[k], v.astype(np.float32))
+    snapshot = copy.deepcopy(a.state_dict())   # a snapshot is a copy
+    for p in a.parameters():
+        p *= 0
+    a.load_state_dict(snapshot)
+    np.testing.assert_array_equal(a.state_dict()["weight_ih_l0"], snapshot["weight_ih_l0"])
+
+
+def test_load_state_dict_drops_a_pending_backward(rng):
+    layer = fusedrnn.RNN(2, 3)
+    y, _ = layer(np.ones((2, 1, 2), np.float32))
+    layer.load_state_dict(layer.state_dict())
+    with pytest.raises(RuntimeError, match="reloaded"):
+        layer.backward(y)
+
+
+def test_seed_reproducible_and_repr():
+    a, b = fusedrnn.GRU(3, 4, num_layers=2, seed=5), fusedrnn.GRU(3, 4, num_layers=2, seed=5)
+    for (ka, va), (kb, vb) in zip(a.named_parameters(), b.named_parameters()):
+        assert ka == kb
+        np.testing.assert_array_equal(va, vb)
+    c = fusedrnn.GRU(3, 4, num_layers=2, seed=6)
+    assert np.abs(a.state_dict()["weight_ih_l0"] - c.state_dict()["weight_ih_l0"]).max() > 0
+    assert repr(a) == "GRU(3, 4, num_layers=2)"
+    assert repr(fusedrnn.RNN(3, 4, nonlinearity="relu", dtype=F64)) == \
+        "RNN(3, 4, nonlinearity='relu', dtype=float64)"
+    assert a.training and not a.eval().training and a.train().training
+    lstm = fusedrnn.LSTM(3, 4, proj_size=2)
+    assert (lstm.input_size, lstm.hidden_size, lstm.proj_size, lstm.num_layers) == (3, 4, 2, 1)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_batch_of_zero(cell):
+    layer = make_layer(cell, 3, 4, L=2, bidirectional=True, dtype=np.float32)
+    x = np.zeros((5, 0, 3), np.float32)
+    y, h = layer(x, lengths=np.zeros(0, np.int64))
+    hn, cn = split_h(cell, h)
+    assert y.shape == (5, 0, 8) and hn.shape == (4, 0, 4)
+    dx, dh = layer.backward(y)
+    assert dx.shape == (5, 0, 3) and split_h(cell, dh)[0].shape == (4, 0, 4)
+    assert all(not g.any() for g in layer.grads.values())
+
+
+def test_import_fusedrnn_does_not_import_torch():
+    code = "import sys, fusedrnn; fusedrnn.LSTM(2, 3); assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Threads
+
+def test_separate_layers_in_parallel_threads(rng):
+    """Several layers run at once from Python threads give the sequential results exactly."""
+    jobs = []
+    for i, cell in enumerate(CELLS * 2):
+        dtype = np.float32 if i % 2 else F64
+        layer = make_layer(cell, 16, 24, L=2, bidirectional=True, dtype=dtype, seed=i)
+        p = random_problem(rng, cell, 20, 8, 16, 24, 2, 2, lengths=True)
+        p = {k: v.astype(dtype) if isinstance(v, np.ndarray) and v.dtype.kind == "f" else v
+             for k, v in p.items()}
+        jobs.append((layer, cell, p))
+
+    def work(job):
+        layer, cell, p = job
+        layer.zero_grad()
+        return run_layer(layer, cell, p)
+
+    sequential = [work(j) for j in jobs]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        for _ in range(3):
+            parallel = list(pool.map(work, jobs))
+            for seq, par in zip(sequential, parallel):
+                for a, b in zip(seq[:6], par[:6]):
+                    if a is not None:
+                        np.testing.assert_array_equal(a, b)
+                for k in seq[6]:
+                    np.testing.assert_array_equal(seq[6][k], par[6][k])
+
+
+def test_kernels_release_the_gil_while_a_layer_runs():
+    """While one thread runs a long forward, the main thread keeps running Python: the longest
+    pause it sees is far shorter than the call (a held GIL would pause it for the whole call)."""
+    import threading
+    import time
+
+    layer = fusedrnn.LSTM(128, 256).eval()
+    x = np.random.default_rng(0).standard_normal((50, 32, 128)).astype(np.float32)
+    t0 = time.perf_counter()
+    layer(x)
+    call = time.perf_counter() - t0
+    if call < 0.02:
+        pytest.skip(f"one call takes {call * 1e3:.1f} ms here: too fast to measure pauses")
+    worker = threading.Thread(target=lambda: [layer(x) for _ in range(3)])
+    worker.start()
+    last, longest = time.perf_counter(), 0.0
+    while worker.is_alive():
+        now = time.perf_counter()
+        longest, last = max(longest, now - last), now
+    worker.join()
+    assert longest < 0.5 * call, (longest, call)

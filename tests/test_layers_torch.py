@@ -1,0 +1,321 @@
+"""fusedrnn.RNN / LSTM / GRU against torch.nn over a random grid of every option.
+
+Each case draws cell, layers, directions, batch_first, bias, proj_size, lengths, whether hx is
+given, dtype and small sizes (H not a multiple of 8, I both above and below H), builds a
+torch.nn module in float64, loads its state_dict into our layer and compares outputs, final
+states and every gradient (input, hx, each parameter) through ``(y*dy).sum() + (hn*dhn).sum()
+[+ (cn*dcn).sum()]``. A float32 layer runs on the float32-rounded weights and inputs against
+torch in float64, at the float32 tolerances. Helpers here are reused by test_torch_adapter.py.
+"""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn.tolerances import assert_close
+
+torch = pytest.importorskip("torch")
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
+TORCH_DTYPE = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    cell: str
+    dtype: str
+    T: int
+    B: int
+    I: int
+    H: int
+    L: int
+    bidirectional: bool
+    batch_first: bool
+    bias: bool
+    proj: int
+    lengths: bool
+    hx: bool
+    seed: int
+
+    @property
+    def D(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def H_out(self):
+        return self.proj or self.H
+
+    def id(self):
+        opts = [self.cell, self.dtype[5:], f"T{self.T}B{self.B}I{self.I}H{self.H}L{self.L}"]
+        opts += [name for name, on in [("bi", self.bidirectional), ("bf", self.batch_first),
+                                       ("nobias", not self.bias), ("len", self.lengths),
+                                       ("hx", self.hx)] if on]
+        if self.proj:
+            opts.append(f"proj{self.proj}")
+        return "-".join(opts)
+
+
+def make_cases(per_cell_dtype, seed):
+    """A reproducible random grid: ``per_cell_dtype`` cases for each cell and dtype."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for cell in CELLS:
+        for dtype in ("float64", "float32"):
+            for i in range(per_cell_dtype):
+                H = int(rng.choice([1, 3, 5, 7, 9]))
+                # alternate I < H and I > H (I = H now and then)
+                I = int(rng.integers(1, H + 1)) if i % 2 else int(rng.integers(H, 10))
+                proj = (int(rng.integers(1, H)) if cell == "lstm" and H > 1 and rng.random() < 0.5
+                        else 0)
+                cases.append(Case(
+                    cell=cell, dtype=dtype, T=int(rng.integers(1, 7)), B=int(rng.integers(1, 5)),
+                    I=I, H=H, L=int(rng.integers(1, 4)), bidirectional=bool(rng.random() < 0.5),
+                    batch_first=bool(rng.random() < 0.5), bias=bool(rng.random() < 0.75),
+                    proj=proj, lengths=bool(rng.random() < 0.5), hx=bool(rng.random() < 0.5),
+                    seed=int(rng.integers(2**31))))
+    return cases
+
+
+def torch_module(case):
+    """A float64 torch.nn module for ``case``; for float32 cases its weights are rounded to
+    float32 so both sides use the same weights."""
+    torch.manual_seed(case.seed)
+    kw = dict(num_layers=case.L, bias=case.bias, batch_first=case.batch_first,
+              bidirectional=case.bidirectional, dtype=torch.float64)
+    if case.cell == "lstm":
+        m = torch.nn.LSTM(case.I, case.H, proj_size=case.proj, **kw)
+    elif case.cell == "gru":
+        m = torch.nn.GRU(case.I, case.H, **kw)
+    else:
+        m = torch.nn.RNN(case.I, case.H, nonlinearity=case.cell[4:], **kw)
+    if case.dtype == "float32":
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(p.float().double())
+    return m
+
+
+def our_layer(case, **extra):
+    kw = dict(num_layers=case.L, bias=case.bias, batch_first=case.batch_first,
+              bidirectional=case.bidirectional, dtype=np.dtype(case.dtype), seed=case.seed,
+              **extra)
+    if case.cell == "lstm":
+        return fusedrnn.LSTM(case.I, case.H, proj_size=case.proj, **kw)
+    if case.cell == "gru":
+        return fusedrnn.GRU(case.I, case.H, **kw)
+    return fusedrnn.RNN(case.I, case.H, nonlinearity=case.cell[4:], **kw)
+
+
+def make_data(case):
+    """Inputs and upstream gradients as float64 arrays (float32-representable for float32
+    cases), in the caller's layout (batch_first or not)."""
+    rng = np.random.default_rng(case.seed + 1)
+    T, B, LD = case.T, case.B, case.L * case.D
+
+    def draw(*shape):
+        a = rng.standard_normal(shape)
+        return a.astype(np.float32).astype(np.float64) if case.dtype == "float32" else a
+
+    x = draw(B, T, case.I) if case.batch_first else draw(T, B, case.I)
+    d = {"x": x,
+         "dy": draw(*x.shape[:2], case.D * case.H_out),
+         "dhn": draw(LD, B, case.H_out),
+         "dcn": draw(LD, B, case.H) if case.cell == "lstm" else None,
+         "h0": draw(LD, B, case.H_out) if case.hx else None,
+         "c0": draw(LD, B, case.H) if case.hx and case.cell == "lstm" else None,
+         "lengths": None}
+    if case.lengths:
+        lens = rng.integers(1, T + 1, size=B)
+        lens[rng.integers(B)] = T
+        d["lengths"] = lens
+    return d
+
+
+def run_torch(m, case, d, packed_out=False):
+    """Forward and backward of torch module ``m`` (float64) on ``d``; NumPy results."""
+    tdt = torch.float64
+    x = torch.tensor(d["x"], dtype=tdt, requires_grad=True)
+    h0 = None if d["h0"] is None else torch.tensor(d["h0"], dtype=tdt, requires_grad=True)
+    c0 = None if d["c0"] is None else torch.tensor(d["c0"], dtype=tdt, requires_grad=True)
+    hx = (h0, c0) if case.cell == "lstm" and h0 is not None else h0
+    inp = x
+    if d["lengths"] is not None:
+        inp = pack_padded_sequence(x, torch.as_tensor(d["lengths"]), batch_first=case.batch_first,
+                                   enforce_sorted=False)
+    out, h = m(inp, hx)
+    if d["lengths"] is not None:
+        out, _ = pad_packed_sequence(out, batch_first=case.batch_first, total_length=case.T)
+    hn, cn = h if case.cell == "lstm" else (h, None)
+    loss = (out * torch.tensor(d["dy"], dtype=tdt)).sum()
+    loss = loss + (hn * torch.tensor(d["dhn"], dtype=tdt)).sum()
+    if cn is not None:
+        loss = loss + (cn * torch.tensor(d["dcn"], dtype=tdt)).sum()
+    loss.backward()
+
+    def np_(t):
+        return None if t is None else t.detach().numpy().copy()
+
+    return {"y": np_(out), "hn": np_(hn), "cn": np_(cn), "dx": np_(x.grad),
+            "dh0": None if h0 is None else np_(h0.grad),
+            "dc0": None if c0 is None else np_(c0.grad),
+            "grads": {n: np_(p.grad) for n, p in m.named_parameters()}}
+
+
+def compare(got, want, dtype, what=""):
+    """Compare result dicts as produced by run_torch (keys missing in ``got`` are skipped)."""
+    for key in ("y", "hn", "cn"):
+        if want.get(key) is not None:
+            assert_close(got[key], want[key], dtype, "forward", what=f"{what}{key}")
+    for key in ("dx", "dh0", "dc0"):
+        if want.get(key) is not None and key in got:
+            assert_close(got[key], want[key], dtype, "gradient", what=f"{what}{key}")
+    if "grads" in got:
+        assert sorted(got["grads"]) == sorted(want["grads"])
+        for name, g in want["grads"].items():
+            assert_close(got["grads"][name], g, dtype, "gradient", what=f"{what}{name}")
+
+
+def run_ours(case, d, layer=None):
+    dt = np.dtype(case.dtype)
+    layer = layer if layer is not None else our_layer(case)
+
+    def cast(a):
+        return None if a is None else a.astype(dt)
+
+    hx = cast(d["h0"])
+    if case.cell == "lstm" and hx is not None:
+        hx = (hx, cast(d["c0"]))
+    y, h = layer(cast(d["x"]), hx, lengths=d["lengths"])
+    hn, cn = h if case.cell == "lstm" else (h, None)
+    dhn = (cast(d["dhn"]), cast(d["dcn"])) if case.cell == "lstm" else cast(d["dhn"])
+    dx, dh = layer.backward(cast(d["dy"]), dhn)
+    dh0, dc0 = dh if case.cell == "lstm" else (dh, None)
+    for a in (y, hn, dx, dh0):
+        assert a.dtype == dt
+    return {"y": y, "hn": hn, "cn": cn, "dx": dx, "dh0": dh0, "dc0": dc0,
+            "grads": dict(layer.grads)}
+
+
+GRID = make_cases(per_cell_dtype=20, seed=20240601)
+
+
+def test_grid_covers_every_option():
+    for cell in CELLS:
+        cases = [c for c in GRID if c.cell == cell]
+        for field in ("bidirectional", "batch_first", "bias", "lengths", "hx"):
+            assert {getattr(c, field) for c in cases} == {False, True}, (cell, field)
+        assert {c.L for c in cases} == {1, 2, 3}, cell
+        assert {c.dtype for c in cases} == {"float32", "float64"}
+        assert any(c.I > c.H for c in cases) and any(c.I < c.H for c in cases)
+        assert any(c.H % 8 for c in cases)
+    assert any(c.proj for c in GRID) and any(c.proj and c.L > 1 and c.bidirectional
+                                             for c in GRID)
+
+
+@pytest.mark.parametrize("case", GRID, ids=Case.id)
+def test_layer_matches_torch(case):
+    m = torch_module(case)
+    d = make_data(case)
+    want = run_torch(m, case, d)
+    layer = our_layer(case)
+    layer.load_state_dict(m.state_dict())
+    got = run_ours(case, d, layer)
+    compare(got, want, case.dtype)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_unbatched_matches_torch(cell):
+    case = Case(cell=cell, dtype="float64", T=4, B=1, I=3, H=5, L=2, bidirectional=True,
+                batch_first=False, bias=True, proj=2 if cell == "lstm" else 0, lengths=False,
+                hx=True, seed=7)
+    m = torch_module(case)
+    layer = our_layer(case)
+    layer.load_state_dict(m.state_dict())
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((case.T, case.I))
+    h0 = rng.standard_normal((case.L * case.D, case.H_out))
+    c0 = rng.standard_normal((case.L * case.D, case.H))
+    hx = (h0, c0) if cell == "lstm" else h0
+    thx = tuple(map(torch.tensor, hx)) if cell == "lstm" else torch.tensor(hx)
+    ty, th = m(torch.tensor(x), thx)
+    y, h = layer(x, hx)
+    assert y.shape == tuple(ty.shape) == (case.T, case.D * case.H_out)
+    assert_close(y, ty.detach().numpy(), np.float64)
+    if cell == "lstm":
+        assert h[0].shape == tuple(th[0].shape) and h[1].shape == tuple(th[1].shape)
+        assert_close(h[0], th[0].detach().numpy(), np.float64)
+        assert_close(h[1], th[1].detach().numpy(), np.float64)
+    else:
+        assert h.shape == tuple(th.shape)
+        assert_close(h, th.detach().numpy(), np.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_eval_mode_with_dropout_matches_torch(cell):
+    """In eval mode dropout is off on both sides; the result is the plain stacked network."""
+    case = Case(cell=cell, dtype="float64", T=5, B=3, I=4, H=6, L=3, bidirectional=True,
+                batch_first=True, bias=True, proj=0, lengths=True, hx=False, seed=11)
+    m = torch_module(case)
+    m.dropout = 0.5
+    m.eval()
+    layer = our_layer(case, dropout=0.5).eval()
+    layer.load_state_dict(m.state_dict())
+    d = make_data(case)
+    with torch.no_grad():
+        inp = pack_padded_sequence(torch.tensor(d["x"]), torch.as_tensor(d["lengths"]),
+                                   batch_first=True, enforce_sorted=False)
+        out, h = m(inp)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=case.T)
+    y, hh = layer(d["x"], lengths=d["lengths"])
+    assert_close(y, out.numpy(), np.float64)
+    hn = hh[0] if cell == "lstm" else hh
+    assert_close(hn, (h[0] if cell == "lstm" else h).numpy(), np.float64)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_state_dict_to_torch_round_trip(cell):
+    """fusedrnn -> torch.nn: our initial weights load into torch and give the same outputs;
+    and back again, unchanged."""
+    case = Case(cell=cell, dtype="float64", T=4, B=2, I=3, H=5, L=2, bidirectional=True,
+                batch_first=False, bias=True, proj=3 if cell == "lstm" else 0, lengths=False,
+                hx=False, seed=5)
+    layer = our_layer(case)
+    m = torch_module(case)
+    m.load_state_dict({k: torch.from_numpy(v) for k, v in layer.state_dict().items()})
+    x = np.random.default_rng(0).standard_normal((case.T, case.B, case.I))
+    y, _ = layer(x)
+    with torch.no_grad():
+        ty, _ = m(torch.tensor(x))
+    assert_close(y, ty.numpy(), np.float64)
+    again = our_layer(dataclasses.replace(case, seed=6))
+    again.load_state_dict(m.state_dict())
+    for name, v in layer.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[name], v)
+
+
+def test_init_matches_torch_distribution():
+    """Every parameter is U(-1/sqrt(H), 1/sqrt(H)) as torch initialises it."""
+    layer = fusedrnn.LSTM(30, 40, num_layers=2, bidirectional=True, seed=0)
+    m = torch.nn.LSTM(30, 40, num_layers=2, bidirectional=True)
+    bound = 1 / np.sqrt(40)
+    for (name, p), (tname, tp) in zip(layer.named_parameters(), m.named_parameters()):
+        assert name == tname and p.shape == tuple(tp.shape)
+        assert np.abs(p).max() <= bound
+        assert abs(p.std() - bound / np.sqrt(3)) < 0.1 * bound  # std of U(-b, b)
+
+
+def test_load_state_dict_takes_parameters_and_other_float_dtypes():
+    """named_parameters() (tensors that require grad) and a float32 state_dict load too."""
+    m = torch.nn.GRU(3, 4, num_layers=2)
+    layer = fusedrnn.GRU(3, 4, num_layers=2, dtype=np.float64)
+    layer.load_state_dict(dict(m.named_parameters()))
+    for name, p in m.named_parameters():
+        np.testing.assert_array_equal(layer.state_dict()[name], p.detach().numpy())
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        want = m(x)[0].numpy()
+    assert_close(layer(x.numpy().astype(np.float64))[0], want, np.float32)

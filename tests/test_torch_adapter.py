@@ -1,0 +1,391 @@
+"""fusedrnn.torch: torch.nn.Module drop-ins on our kernels, against torch.nn itself.
+
+The random grid of test_layers_torch.py (cell, layers, directions, batch_first, bias, proj_size,
+lengths, hx, dtype) runs through the adapter, with lengths as a PackedSequence (the output must
+be a PackedSequence with the same batch_sizes and indices as torch's), comparing outputs, final
+states and, through autograd, the gradients of the input, hx and every parameter. Then
+gradcheck in float64, state dicts both ways, from_module and the one-line swap in a model,
+dropout, no_grad, and the errors for what the adapter does not support.
+"""
+import copy
+import sys
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn.tolerances import assert_close
+
+torch = pytest.importorskip("torch")
+import fusedrnn.torch as ft  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+from test_layers_torch import (CELLS, Case, make_cases, make_data, torch_module,  # noqa: E402
+                               TORCH_DTYPE)
+
+pytestmark = pytest.mark.torch
+
+ADAPTER = {"lstm": ft.LSTM, "gru": ft.GRU, "rnn_tanh": ft.RNN, "rnn_relu": ft.RNN}
+
+
+def adapter_for(case, m, how):
+    """Our module with m's weights: shared (from_module on a copy) or loaded (state_dict)."""
+    if how == "from_module" and case.dtype == "float64":
+        return ADAPTER[case.cell].from_module(copy.deepcopy(m))
+    kw = dict(num_layers=case.L, bias=case.bias, batch_first=case.batch_first,
+              bidirectional=case.bidirectional, dtype=TORCH_DTYPE[np.dtype(case.dtype)])
+    if case.cell == "lstm":
+        kw["proj_size"] = case.proj
+    if case.cell.startswith("rnn"):
+        kw["nonlinearity"] = case.cell[4:]
+    ours = ADAPTER[case.cell](case.I, case.H, **kw)
+    ours.load_state_dict(m.state_dict())             # casts float64 -> float32 as torch does
+    return ours
+
+
+def run_module(m, case, d, dtype):
+    """Forward (PackedSequence input when the case has lengths) and backward through autograd;
+    returns NumPy results plus the packed output's metadata."""
+    tdt = TORCH_DTYPE[np.dtype(dtype)]
+
+    def leaf(a):
+        return None if a is None else torch.tensor(a, dtype=tdt, requires_grad=True)
+
+    x, h0, c0 = leaf(d["x"]), leaf(d["h0"]), leaf(d["c0"])
+    hx = (h0, c0) if case.cell == "lstm" and h0 is not None else h0
+    packed = d["lengths"] is not None
+    inp = (pack_padded_sequence(x, torch.as_tensor(d["lengths"]), batch_first=case.batch_first,
+                                enforce_sorted=False) if packed else x)
+    out, h = m(inp, hx)
+    meta = None
+    if packed:
+        assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
+        meta = (out.batch_sizes, out.sorted_indices, out.unsorted_indices)
+        out, _ = pad_packed_sequence(out, batch_first=case.batch_first, total_length=case.T)
+    hn, cn = h if case.cell == "lstm" else (h, None)
+    for t in (out, hn, cn):
+        assert t is None or t.dtype == tdt
+    loss = (out * torch.tensor(d["dy"], dtype=tdt)).sum()
+    loss = loss + (hn * torch.tensor(d["dhn"], dtype=tdt)).sum()
+    if cn is not None:
+        loss = loss + (cn * torch.tensor(d["dcn"], dtype=tdt)).sum()
+    loss.backward()
+
+    def np_(t):
+        return None if t is None else t.detach().double().numpy().copy()
+
+    return {"y": np_(out), "hn": np_(hn), "cn": np_(cn), "dx": np_(x.grad),
+            "dh0": None if h0 is None else np_(h0.grad),
+            "dc0": None if c0 is None else np_(c0.grad),
+            "grads": {n: np_(p.grad) for n, p in m.named_parameters()}, "meta": meta}
+
+
+GRID = make_cases(per_cell_dtype=12, seed=777)
+
+
+@pytest.mark.parametrize("case", GRID, ids=Case.id)
+def test_adapter_matches_torch(case):
+    m = torch_module(case)
+    d = make_data(case)
+    ours = adapter_for(case, m, "from_module" if case.seed % 2 else "state_dict")
+    assert isinstance(ours, type(m))
+    got = run_module(ours, case, d, case.dtype)
+    want = run_module(m, case, d, np.float64)
+    if want["meta"] is not None:
+        for a, b in zip(got["meta"], want["meta"]):
+            assert torch.equal(a, b)
+    for key in ("y", "hn", "cn"):
+        if want[key] is not None:
+            assert_close(got[key], want[key], case.dtype, "forward", what=key)
+    for key in ("dx", "dh0", "dc0"):
+        if want[key] is not None:
+            assert_close(got[key], want[key], case.dtype, "gradient", what=key)
+    assert list(got["grads"]) == list(want["grads"])
+    for name, g in want["grads"].items():
+        assert_close(got["grads"][name], g, case.dtype, "gradient", what=name)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_gradcheck_float64(cell):
+    """torch.autograd.gradcheck on a tiny stacked bidirectional case with hx and lengths:
+    input, hx and every parameter."""
+    torch.manual_seed(0)
+    proj = 2 if cell == "lstm" else 0
+    kw = dict(num_layers=2, bidirectional=True, dtype=torch.float64)
+    if cell == "lstm":
+        mod = ft.LSTM(3, 4, proj_size=proj, **kw)
+    elif cell == "gru":
+        mod = ft.GRU(3, 4, **kw)
+    else:
+        mod = ft.RNN(3, 4, nonlinearity=cell[4:], **kw)
+    T, B = 3, 2
+    x = torch.randn(T, B, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(4, B, proj or 4, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(4, B, 4, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([3, 2])
+    params = list(mod.parameters())
+
+    def fn(x, h0, c0, *ps):
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        out, h = mod(packed, (h0, c0) if cell == "lstm" else h0)
+        hs = h if cell == "lstm" else (h,)
+        return (out.data, *hs)
+
+    assert torch.autograd.gradcheck(fn, (x, h0, c0, *params))
+    if cell == "gru":   # the variant torch lacks, through autograd too
+        mod.linear_before_reset = False
+        assert torch.autograd.gradcheck(fn, (x, h0, c0, *params))
+
+
+def test_adapter_linear_before_reset_false_matches_numpy_layer():
+    layer = fusedrnn.GRU(3, 5, num_layers=2, bidirectional=True, linear_before_reset=False,
+                         dtype=np.float64, seed=0)
+    mod = ft.GRU(3, 5, num_layers=2, bidirectional=True, linear_before_reset=False,
+                 dtype=torch.float64)
+    mod.load_state_dict(layer.state_dict())        # NumPy arrays accepted
+    assert "linear_before_reset=False" in repr(mod)
+    x = np.random.default_rng(0).standard_normal((4, 2, 3))
+    dy = np.random.default_rng(1).standard_normal((4, 2, 10))
+    y, hn = layer(x)
+    dx, _ = layer.backward(dy)
+    xt = torch.tensor(x, requires_grad=True)
+    yt, hnt = mod(xt)
+    (yt * torch.tensor(dy)).sum().backward()
+    np.testing.assert_array_equal(yt.detach().numpy(), y)
+    np.testing.assert_array_equal(hnt.detach().numpy(), hn)
+    np.testing.assert_array_equal(xt.grad.numpy(), dx)
+    for name, p in mod.named_parameters():
+        np.testing.assert_array_equal(p.grad.numpy(), layer.grads[name])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_unbatched_and_batch_first_like_torch(cell):
+    case = Case(cell=cell, dtype="float64", T=4, B=3, I=3, H=5, L=2, bidirectional=True,
+                batch_first=True, bias=True, proj=2 if cell == "lstm" else 0, lengths=False,
+                hx=True, seed=3)
+    m = torch_module(case)
+    ours = ADAPTER[cell].from_module(m)
+    x = torch.randn(case.T, case.I, dtype=torch.float64)
+    h0 = torch.randn(4, case.H_out, dtype=torch.float64)
+    c0 = torch.randn(4, case.H, dtype=torch.float64)
+    hx = (h0, c0) if cell == "lstm" else h0
+    with torch.no_grad():
+        for inp, h in ((x, hx), (x[None].expand(3, -1, -1), None)):
+            want, got = m(inp, h), ours(inp, h)
+            assert got[0].shape == want[0].shape
+            assert_close(got[0].numpy(), want[0].numpy(), np.float64)
+            for a, b in zip(got[1] if cell == "lstm" else [got[1]],
+                            want[1] if cell == "lstm" else [want[1]]):
+                assert a.shape == b.shape
+                assert_close(a.numpy(), b.numpy(), np.float64)
+
+
+def test_packed_sequence_sorted_input():
+    """enforce_sorted=True packing (no sorted_indices) works too."""
+    m = torch.nn.GRU(3, 4, bidirectional=True, dtype=torch.float64)
+    ours = ft.GRU.from_module(m)
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([5, 3, 1]))
+    assert packed.sorted_indices is None
+    with torch.no_grad():
+        (po, ph), (wo, wh) = ours(packed), m(packed)
+    assert po.sorted_indices is None and torch.equal(po.batch_sizes, wo.batch_sizes)
+    assert_close(po.data.numpy(), wo.data.numpy(), np.float64)
+    assert_close(ph.numpy(), wh.numpy(), np.float64)
+
+
+def test_state_dicts_round_trip_both_ways():
+    layer = fusedrnn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3, dtype=np.float64,
+                          seed=0)
+    # fusedrnn (NumPy) -> adapter -> torch.nn
+    mod = ft.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3, dtype=torch.float64)
+    mod.load_state_dict(layer.state_dict())
+    ref = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3,
+                        dtype=torch.float64)
+    ref.load_state_dict(mod.state_dict())
+    x = np.random.default_rng(0).standard_normal((3, 2, 4))
+    y, _ = layer.eval()(x)
+    with torch.no_grad():
+        np.testing.assert_array_equal(mod(torch.tensor(x))[0].numpy(), y)
+        assert_close(ref(torch.tensor(x))[0].numpy(), y, np.float64)
+    # torch.nn -> fusedrnn (NumPy), unchanged
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.mul_(0.5)
+    back = fusedrnn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3, dtype=np.float64)
+    back.load_state_dict(ref.state_dict())
+    for name, p in ref.named_parameters():
+        np.testing.assert_array_equal(back.state_dict()[name], p.detach().numpy())
+
+
+def test_from_module_shares_parameters_and_swaps_in_a_model():
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(4, 8, num_layers=2, batch_first=True)
+            self.head = torch.nn.Linear(8, 1)
+
+        def forward(self, x):
+            y, _ = self.rnn(x)
+            return self.head(y[:, -1])
+
+    torch.manual_seed(0)
+    model = Model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, target = torch.randn(5, 7, 4), torch.randn(5, 1)
+    want = model(x)
+    old = model.rnn
+    model.rnn = ft.LSTM.from_module(model.rnn)
+    assert isinstance(model.rnn, ft.LSTM) and isinstance(model.rnn, torch.nn.LSTM)
+    assert all(a is b for a, b in zip(model.rnn.parameters(), old.parameters()))
+    got = model(x)
+    assert_close(got.detach().numpy(), want.detach().numpy(), np.float32)
+    before = model.rnn.weight_hh_l1.detach().clone()
+    loss = ((got - target) ** 2).mean()
+    opt.zero_grad()
+    loss.backward()
+    opt.step()                     # the optimiser built before the swap still trains the rnn
+    assert not torch.equal(before, model.rnn.weight_hh_l1)
+    assert ((model(x) - target) ** 2).mean() < loss
+    with pytest.raises(TypeError, match="needs a torch.nn.LSTM, got GRU"):
+        ft.LSTM.from_module(torch.nn.GRU(2, 3))
+    relu = ft.RNN.from_module(torch.nn.RNN(2, 3, nonlinearity="relu").eval())
+    assert relu.nonlinearity == "relu" and not relu.training
+
+
+def test_no_grad_path_matches_autograd_path():
+    torch.manual_seed(0)
+    mod = ft.GRU(3, 5, num_layers=2)
+    x = torch.randn(4, 2, 3)
+    with torch.no_grad():
+        y0, h0 = mod(x)
+    assert y0.grad_fn is None
+    y1, h1 = mod(x)
+    assert y1.grad_fn is not None
+    assert torch.equal(y0, y1) and torch.equal(h0, h1)
+
+
+def test_dropout_uses_torch_rng_and_is_off_in_eval():
+    mod = ft.LSTM(3, 5, num_layers=3, dropout=0.5)
+    plain = ft.LSTM.from_module(mod)
+    plain.dropout = 0.0
+    x = torch.randn(4, 2, 3)
+    torch.manual_seed(1)
+    a = mod(x)[0]
+    torch.manual_seed(1)
+    b = mod(x)[0]
+    assert torch.equal(a, b) and not torch.equal(a, mod(x)[0])
+    assert not torch.equal(a, plain(x)[0])
+    mod.eval()
+    assert torch.equal(mod(x)[0], plain(x)[0])
+
+
+def test_dropout_gradient_uses_the_forward_mask():
+    torch.manual_seed(0)
+    mod = ft.GRU(3, 4, num_layers=2, dropout=0.5, dtype=torch.float64)
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+
+    def fn(x):
+        torch.manual_seed(5)       # the same mask for every evaluation
+        return mod(x)[0]
+
+    assert torch.autograd.gradcheck(fn, (x,))
+
+
+def test_inplace_change_before_backward_is_detected_and_retain_graph_works():
+    mod = ft.RNN(3, 4)
+    x = torch.randn(2, 1, 3, requires_grad=True)
+    y, _ = mod(x)
+    y.sum().backward(retain_graph=True)
+    g = x.grad.clone()
+    y.sum().backward()                                  # retained: a second backward works
+    assert torch.allclose(x.grad, 2 * g)
+    with pytest.raises(RuntimeError, match="second time|freed"):
+        y.sum().backward()
+    y, _ = mod(x)
+    with torch.no_grad():
+        mod.weight_hh_l0.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_import_does_not_shadow_torch():
+    from fusedrnn import torch as fused_torch
+    assert fused_torch is ft and fusedrnn.torch is ft
+    assert sys.modules["torch"] is torch and torch.nn.LSTM is not ft.LSTM
+
+
+# ----------------------------------------------------------------------------------------------
+# What the adapter does not support, and bad input
+
+def test_non_cpu_tensors_are_refused():
+    mod = ft.GRU(3, 4)
+    with pytest.raises(ValueError, match="CPU tensors only; input is on meta"):
+        mod(torch.empty(2, 1, 3, device="meta"))
+    meta = ft.GRU(3, 4, device="meta")
+    with pytest.raises(ValueError, match="CPU tensors only; weight_ih_l0 is on meta"):
+        meta(torch.zeros(2, 1, 3))
+    with pytest.raises(ValueError, match=r"hx is on meta"):
+        mod(torch.zeros(2, 1, 3), torch.empty(1, 1, 4, device="meta"))
+
+
+def test_unsupported_and_mismatched_dtypes_are_refused():
+    with pytest.raises(TypeError, match="float32 and float64; weight_ih_l0 has dtype torch.float16"):
+        ft.LSTM(3, 4, dtype=torch.float16)(torch.zeros(2, 1, 3, dtype=torch.float16))
+    mod = ft.LSTM(3, 4)
+    with pytest.raises(TypeError, match="input must have dtype torch.float32 .*got torch.float64"):
+        mod(torch.zeros(2, 1, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match=r"hx\[1\] \(c0\) must have dtype torch.float32"):
+        mod(torch.zeros(2, 1, 3), (torch.zeros(1, 1, 4), torch.zeros(1, 1, 4, dtype=torch.float64)))
+    with pytest.raises(TypeError, match="input must be a torch.Tensor, got ndarray"):
+        mod(np.zeros((2, 1, 3), np.float32))
+
+
+def test_adapter_bad_shapes_and_hx_kinds():
+    lstm, gru = ft.LSTM(3, 4, num_layers=2), ft.GRU(3, 4, batch_first=True)
+    x = torch.zeros(5, 2, 3)
+    with pytest.raises(ValueError, match=r"input must have shape \(T, B, 3\) .*got \(5, 2, 4\)"):
+        lstm(torch.zeros(5, 2, 4))
+    with pytest.raises(ValueError, match=r"input must have shape \(B, T, 3\)"):
+        gru(torch.zeros(5, 2, 3, 1))
+    with pytest.raises(ValueError, match=r"hx\[0\] \(h0\) must have shape \(2, 2, 4\), got \(1, 2, 4\)"):
+        lstm(x, (torch.zeros(1, 2, 4), torch.zeros(2, 2, 4)))
+    with pytest.raises(TypeError, match=r"hx for LSTM must be a tuple \(h0, c0\)"):
+        lstm(x, torch.zeros(2, 2, 4))
+    with pytest.raises(TypeError, match="hx for GRU must be one tensor"):
+        gru(torch.zeros(2, 5, 3), (torch.zeros(1, 2, 4),))
+    with pytest.raises(ValueError, match=r"hx must have shape \(1, 4\)"):
+        gru(torch.zeros(5, 3), torch.zeros(1, 2, 4))       # unbatched input, batched hx
+    with pytest.raises(TypeError, match="linear_before_reset must be a bool"):
+        ft.GRU(3, 4, linear_before_reset="no")
+
+
+def test_saved_state_is_freed_by_backward_not_kept_with_the_outputs():
+    """Like torch's own saved tensors, the kernels' saved state goes at backward (without
+    retain_graph) even while the outputs, and so the graph, are still alive."""
+    import gc
+    import weakref
+
+    from fusedrnn import _layer_base
+
+    made = []
+    real = _layer_base.Saved
+
+    class Tracked(real):
+        __slots__ = ()
+
+        def __init__(self):
+            super().__init__()
+            made.append(weakref.ref(self))
+
+    mod = ft.LSTM(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    try:
+        _layer_base.Saved = Tracked
+        y, (hn, cn) = mod(x)
+    finally:
+        _layer_base.Saved = real
+    gc.collect()
+    assert len(made) == 1 and made[0]() is not None
+    y.sum().backward()
+    gc.collect()
+    assert made[0]() is None and y.grad_fn is not None

@@ -25,29 +25,50 @@ template <typename T> struct Tile {
 
 // c[r*ldc + n] (+)= sum_k a[r*lda + k] * b[k*NR + n] for r < M (M <= MR), n < NR.
 // A's rows are contiguous in k (callers copy a transposed A into rows first).
+// With few rows there are too few independent FMA chains to hide the FMA latency (4 cycles,
+// 2 pipes: 8 chains needed), so small M splits k over KS partial sums, added at the end. The
+// order depends only on M, never on threads, so results stay bitwise reproducible.
+template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 3 ? 2 : 1; };
+
 template <typename T, int M>
 inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                               bool accumulate) {
   using V = Vec<T>;
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
-  V acc[M][NV];
-  for (int r = 0; r < M; ++r)
-    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  constexpr int KS = KSplit<M>::value;
+  V acc[KS][M][NV];
+  for (int s = 0; s < KS; ++s)
+    for (int r = 0; r < M; ++r)
+      for (int v = 0; v < NV; ++v) acc[s][r][v] = V::zero();
   const T* arow[M];
   for (int r = 0; r < M; ++r) arow[r] = a + r * lda;
-  for (int64_t k = 0; k < K; ++k) {
+  int64_t k = 0;
+  for (; k + KS <= K; k += KS) {
+    for (int s = 0; s < KS; ++s) {
+      V bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + s) * NR + v * V::W);
+      for (int r = 0; r < M; ++r) {
+        V av = V::set1(arow[r][k + s]);
+        for (int v = 0; v < NV; ++v) acc[s][r][v] = V::fma(av, bv[v], acc[s][r][v]);
+      }
+    }
+  }
+  for (; k < K; ++k) {
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * NR + v * V::W);
     for (int r = 0; r < M; ++r) {
       V av = V::set1(arow[r][k]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+      for (int v = 0; v < NV; ++v) acc[0][r][v] = V::fma(av, bv[v], acc[0][r][v]);
     }
   }
+  for (int s = 1; s < KS; ++s)
+    for (int r = 0; r < M; ++r)
+      for (int v = 0; v < NV; ++v) acc[0][r][v] = V::add(acc[0][r][v], acc[s][r][v]);
   for (int r = 0; r < M; ++r)
     for (int v = 0; v < NV; ++v) {
       T* p = c + r * ldc + v * V::W;
-      V out = accumulate ? V::add(V::load(p), acc[r][v]) : acc[r][v];
+      V out = accumulate ? V::add(V::load(p), acc[0][r][v]) : acc[0][r][v];
       out.store(p);
     }
 }

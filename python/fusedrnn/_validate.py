@@ -27,6 +27,8 @@ def as_lengths(lengths, T, B):
     if lengths is None:
         return None
     arr = np.asarray(lengths)
+    if arr.size == 0:  # an empty list reads as float64; a batch of 0 has no lengths to check
+        arr = arr.astype(np.int64)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"lengths must be integers, got dtype {arr.dtype.name}")
     if arr.shape != (B,):

@@ -26,6 +26,10 @@ CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, reverse=False,
             linear_before_reset=True, training=True, isa=None):
     args = check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    if training and args[0] is x:
+        # The context keeps x for dW_ih; a private copy keeps the caller free to reuse its buffer
+        # between forward and backward (weights are the layer's own and are kept by reference).
+        args = (args[0].copy(),) + args[1:]
     y, hn, cn, ctx = _C.forward(CELL_CODES[cell], bool(linear_before_reset), bool(reverse),
                                 bool(training), *args, isa=isa)
     return y, hn, cn, (ctx if training else None)

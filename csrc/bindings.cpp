@@ -73,8 +73,17 @@ struct Context {
   bool has_bias;
 };
 
+// A new C-order array in memory from the kernels' block cache (workspace.cpp): training runs
+// allocate the same large saved-state and gradient buffers every call, and fresh pages from the
+// OS cost a fault and a zeroing each.
 template <typename T>
-py::array empty(std::vector<int64_t> shape) { return Arr<T>(shape); }
+Arr<T> empty(std::vector<int64_t> shape) {
+  size_t n = 1;
+  for (int64_t d : shape) n *= static_cast<size_t>(d);
+  void* mem = fusedrnn::aligned_alloc_bytes(n * sizeof(T));
+  py::capsule owner(mem, [](void* p) { fusedrnn::aligned_free_bytes(p); });
+  return Arr<T>(shape, static_cast<T*>(mem), owner);
+}
 
 template <typename T>
 py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reverse, bool training,
@@ -110,7 +119,7 @@ py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reve
   }
   if (s.T < 1) fail("x must have at least one time step");
 
-  Arr<T> y({s.T, s.B, s.Hout}), hn({s.B, s.Hout});
+  Arr<T> y = empty<T>({s.T, s.B, s.Hout}), hn = empty<T>({s.B, s.Hout});
   std::optional<Arr<T>> cn;
   if (cell == Cell::Lstm) cn.emplace(std::vector<int64_t>{s.B, s.H});
   fusedrnn::ForwardArgs<T> a{};
@@ -158,7 +167,8 @@ py::tuple backward_impl(const Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, 
     if (s.cell != Cell::Lstm) fail("dcn is only for LSTM");
     check_shape("dcn", *dcn, {s.B, s.H});
   }
-  Arr<T> dx({s.T, s.B, s.I}), dh0({s.B, s.Hout}), dw_ih({G * s.H, s.I}), dw_hh({G * s.H, s.Hout});
+  Arr<T> dx = empty<T>({s.T, s.B, s.I}), dh0 = empty<T>({s.B, s.Hout});
+  Arr<T> dw_ih = empty<T>({G * s.H, s.I}), dw_hh = empty<T>({G * s.H, s.Hout});
   std::optional<Arr<T>> dc0, db_ih, db_hh, dw_hr;
   if (s.cell == Cell::Lstm) dc0.emplace(std::vector<int64_t>{s.B, s.H});
   if (c.has_bias) { db_ih.emplace(std::vector<int64_t>{G * s.H}); db_hh.emplace(std::vector<int64_t>{G * s.H}); }

@@ -99,6 +99,15 @@ struct KernelTable {
 void* aligned_alloc_bytes(size_t bytes);
 void aligned_free_bytes(void* p);
 
+// Packed-weight cache (workspace.cpp), per calling thread. cached_packed returns the buffer
+// for the packed form of src (raw_bytes long) under tag, and sets *valid when it was packed from
+// bytes identical to src's current ones; otherwise the caller packs into it. rows x cols is the
+// source's shape (part of the key with the tag). Null means "too big to cache: pack into your own
+// buffer". Buffers stay valid until the next begin_call.
+void packed_cache_begin_call();
+void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int64_t tag, int64_t rows,
+                    int64_t cols, bool* valid);
+
 // Defined in dispatch.cpp.
 const KernelTable& active_kernels();
 const KernelTable* kernels_for(const char* isa);  // null when not built or not supported

@@ -30,14 +30,13 @@ void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out
         for (int64_t j = 0; j < nv; ++j) dst[k * NR + j] = src[j];
         for (int64_t j = nv; j < NR; ++j) dst[k * NR + j] = T(0);
       }
-    } else {  // columns contiguous (a transposed weight): read along k
-      for (int64_t j = 0; j < NR; ++j) {
-        if (j < nv) {
-          const T* src = B + (n0 + j) * b_cs;
-          for (int64_t k = 0; k < K; ++k) dst[k * NR + j] = src[k * b_rs];
-        } else {
-          for (int64_t k = 0; k < K; ++k) dst[k * NR + j] = T(0);
-        }
+    } else {  // columns contiguous (a transposed weight): NR source streams, one write stream
+      const T* src[NR];
+      for (int64_t j = 0; j < NR; ++j) src[j] = B + (n0 + imin<int64_t>(j, nv - 1)) * b_cs;
+      for (int64_t k = 0; k < K; ++k) {
+        T* d = dst + k * NR;
+        for (int64_t j = 0; j < NR; ++j) d[j] = src[j][k * b_rs];
+        for (int64_t j = nv; j < NR; ++j) d[j] = T(0);
       }
     }
   }

@@ -38,6 +38,7 @@ void backward(const BackwardArgs<T>& a) {
   const bool gru = s.cell == Cell::Gru;
   const bool gru_two_phase = gru && !s.linear_before_reset;
   DenormalsFlushed ftz;
+  packed_cache_begin_call();
   Steps steps{a.lengths, s.T, s.reverse};
 
   // Pre-activation gradients; positions no step reaches (past a row's length) stay zero.
@@ -49,16 +50,18 @@ void backward(const BackwardArgs<T>& a) {
   T* dgh = same_space ? dgx : dgh_buf.p;
 
   // W_hh (GH x Hout) is already the K x N operand of dG W_hh; the two-phase GRU splits it.
-  Scratch<T> whh(packed_b_size<T>(GH, Hout));
-  Scratch<T> whn(gru_two_phase ? packed_b_size<T>(H, H) : 0);
-  if (!gru_two_phase) {
-    pack_b<T>(GH, Hout, a.w_hh, Hout, 1, whh.p, nthreads);
-  } else {
-    pack_b<T>(2 * H, Hout, a.w_hh, Hout, 1, whh.p, nthreads);
-    pack_b<T>(H, H, a.w_hh + 2 * H * Hout, Hout, 1, whn.p, nthreads);
-  }
-  Scratch<T> whr(s.has_proj ? packed_b_size<T>(Hout, H) : 0);
-  if (s.has_proj) pack_b<T>(Hout, H, a.w_hr, H, 1, whr.p, nthreads);
+  const int64_t hh_rows = gru_two_phase ? 2 * H : GH;  // the two-phase GRU keeps W_hn apart
+  CachedPanels<T> whh(PanelKind::BackHH, a.w_hh, hh_rows, Hout, packed_b_size<T>(hh_rows, Hout),
+                      [&](T* buf) { pack_b<T>(hh_rows, Hout, a.w_hh, Hout, 1, buf, nthreads); });
+  const T* w_hn = a.w_hh + 2 * H * Hout;
+  CachedPanels<T> whn(PanelKind::BackHN, w_hn, gru_two_phase ? H : 0, H,
+                      gru_two_phase ? packed_b_size<T>(H, H) : 0, [&](T* buf) {
+                        if (gru_two_phase) pack_b<T>(H, H, w_hn, Hout, 1, buf, nthreads);
+                      });
+  CachedPanels<T> whr(PanelKind::BackHR, a.w_hr, s.has_proj ? Hout : 0, H,
+                      s.has_proj ? packed_b_size<T>(Hout, H) : 0, [&](T* buf) {
+                        if (s.has_proj) pack_b<T>(Hout, H, a.w_hr, H, 1, buf, nthreads);
+                      });
 
   Scratch<T> dh_a(B * Hout), dh_b(B * Hout), dc(lstm ? B * H : 0);
   Scratch<T> dhf(s.has_proj ? B * H : 0), dhs(s.has_proj ? TB * Hout : 0);
@@ -80,7 +83,7 @@ void backward(const BackwardArgs<T>& a) {
     const T* dcell = dh;  // gradient reaching the cell's own output (before any projection)
     if (s.has_proj) {
       std::memcpy(dhs.p + k * B * Hout, dh, sizeof(T) * B * Hout);
-      gemm_packed<T>(B, H, Hout, dh, Hout, whr.p, dhf.p, H, false, nthreads);
+      gemm_packed<T>(B, H, Hout, dh, Hout, whr.get(), dhf.p, H, false, nthreads);
       dcell = dhf.p;
     }
     T* dgh_k = dgh + k * B * GH;
@@ -115,7 +118,7 @@ void backward(const BackwardArgs<T>& a) {
       }
     }
     if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
-      gemm_packed<T>(B, H, H, dgh_k + 2 * H, GH, whn.p, drh.p, H, false, nthreads);
+      gemm_packed<T>(B, H, H, dgh_k + 2 * H, GH, whn.get(), drh.p, H, false, nthreads);
       for (int64_t b = 0; b < B; ++b) {
         if (!steps.active(k, b)) continue;
         RowBackward<T> r;
@@ -129,9 +132,9 @@ void backward(const BackwardArgs<T>& a) {
         r.nu = static_cast<int>(H);
         gru_reset_backward_row2<T>(r);
       }
-      gemm_packed<T>(B, Hout, 2 * H, dgh_k, GH, whh.p, dh_prev, Hout, true, nthreads);
+      gemm_packed<T>(B, Hout, 2 * H, dgh_k, GH, whh.get(), dh_prev, Hout, true, nthreads);
     } else {
-      gemm_packed<T>(B, Hout, GH, dgh_k, GH, whh.p, dh_prev, Hout, true, nthreads);
+      gemm_packed<T>(B, Hout, GH, dgh_k, GH, whh.get(), dh_prev, Hout, true, nthreads);
     }
     T* tmp = dh; dh = dh_prev; dh_prev = tmp;
   }

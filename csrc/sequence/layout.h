@@ -22,13 +22,48 @@ struct Steps {
   int64_t time(int64_t s, int64_t b) const { return reverse ? len(b) - 1 - s : s; }
 };
 
+// Packed panels of one weight matrix, reused from the calling thread's cache while the weight's
+// bytes are unchanged (workspace.cpp), else packed now by `pack_into(buffer)`.
+enum class PanelKind : int { InputProj = 1, Gates, Proj, BackHH, BackHN, BackHR };
+
+template <typename T>
+class CachedPanels {
+ public:
+  // src is a rows x cols matrix; nothing is packed when rows * cols == 0.
+  template <typename PackInto>
+  CachedPanels(PanelKind kind, const T* src, int64_t rows, int64_t cols, int64_t packed_elems,
+               PackInto pack_into) {
+    if (rows * cols == 0 || packed_elems == 0) return;
+    const int64_t tag = static_cast<int64_t>(kind) * 1000 + Tile<T>::NR * 10 + int64_t(sizeof(T));
+    bool valid = false;
+    p_ = static_cast<T*>(cached_packed(src, sizeof(T) * rows * cols, sizeof(T) * packed_elems, tag,
+                                       rows, cols, &valid));
+    if (!p_) p_ = own_ = static_cast<T*>(aligned_alloc_bytes(sizeof(T) * packed_elems));
+    if (!valid) pack_into(p_);
+  }
+  ~CachedPanels() { aligned_free_bytes(own_); }
+  CachedPanels(const CachedPanels&) = delete;
+  CachedPanels& operator=(const CachedPanels&) = delete;
+  T* get() const { return p_; }
+
+ private:
+  T* p_ = nullptr;
+  T* own_ = nullptr;
+};
+
 // Gx (T*B, G*H) = X W_ih^T + b_ih + b_hh, except that the GRU's b_hn stays out: it sits inside
 // r*(W_hn h + b_hn) and is added in the step.
 template <typename T>
 void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b_ih,
                       const T* b_hh, T* gx, int nthreads) {
   const int64_t G = gates_of(s.cell), GH = G * s.H, M = s.T * s.B;
-  gemm<T>(M, GH, s.I, x, s.I, 1, w_ih, 1, s.I, gx, GH, false, nthreads);
+  CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH),
+                    [&](T* buf) { pack_b<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
+  if (s.I == 0) {
+    std::memset(gx, 0, sizeof(T) * M * GH);
+  } else {
+    gemm_packed<T>(M, GH, s.I, x, s.I, w.get(), gx, GH, false, nthreads);
+  }
   if (!s.has_bias || M == 0) return;
   Scratch<T> bias(GH);
   for (int64_t n = 0; n < GH; ++n) {

@@ -18,6 +18,12 @@ template <typename T> inline void st(T* p, Vec<T> v, int n) {
   if (n >= Vec<T>::W) v.store(p); else store_partial(p, v, n);
 }
 template <typename T> inline Vec<T> one() { return Vec<T>::set1(T(1)); }
+// Stores one vector per gate: gate g at p + g*H (a row laid out as the weights' gate blocks).
+template <typename T, typename... V>
+inline void st_gates(T* p, int64_t H, int n, V... gates) {
+  int64_t g = 0;
+  (st(p + H * g++, gates, n), ...);
+}
 // relu that keeps NaN (max(x, 0) would turn NaN into 0).
 template <typename T> inline Vec<T> vrelu(Vec<T> x) {
   return Vec<T>::select(Vec<T>::lt(x, Vec<T>::zero()), Vec<T>::zero(), x);
@@ -59,12 +65,7 @@ inline void lstm_forward_row(const RowForward<T>& r) {
     V c = V::fma(f, ld(r.c_prev + j, n), i * g);
     st(r.c_next + j, c, n);
     st(r.h_next + j, o * vtanh(c), n);
-    if (r.gates) {
-      st(r.gates + j, i, n);
-      st(r.gates + H + j, f, n);
-      st(r.gates + 2 * H + j, g, n);
-      st(r.gates + 3 * H + j, o, n);
-    }
+    if (r.gates) st_gates(r.gates + j, H, n, i, f, g, o);
   }
 }
 template <typename T>
@@ -84,16 +85,9 @@ inline void lstm_backward_row(const RowBackward<T>& r) {
     V dg = dc * i * V::fnma(g, g, one_);
     V d_o = dh * tc * o * (one_ - o);
     st(r.dc + j, dc * f, n);
-    st(r.dgx + j, di, n);
-    st(r.dgx + H + j, df, n);
-    st(r.dgx + 2 * H + j, dg, n);
-    st(r.dgx + 3 * H + j, d_o, n);
-    if (r.dgh != r.dgx) {  // separate buffers when steps and times differ (lengths, reverse)
-      st(r.dgh + j, di, n);
-      st(r.dgh + H + j, df, n);
-      st(r.dgh + 2 * H + j, dg, n);
-      st(r.dgh + 3 * H + j, d_o, n);
-    }
+    st_gates(r.dgx + j, H, n, di, df, dg, d_o);
+    // separate buffers when steps and times differ (lengths, reverse)
+    if (r.dgh != r.dgx) st_gates(r.dgh + j, H, n, di, df, dg, d_o);
   }
 }
 
@@ -112,9 +106,7 @@ inline void gru_forward_row(const RowForward<T>& r) {
     V hp = ld(r.h_prev + j, n);
     st(r.h_next + j, V::fma(z, hp - nn, nn), n);  // (1-z)*n + z*h
     if (r.gates) {
-      st(r.gates + j, rg, n);
-      st(r.gates + H + j, z, n);
-      st(r.gates + 2 * H + j, nn, n);
+      st_gates(r.gates + j, H, n, rg, z, nn);
       st(r.extra + j, hn_lin, n);
     }
   }
@@ -131,12 +123,8 @@ inline void gru_backward_row(const RowBackward<T>& r) {
     V dn = dh * (one_ - z) * V::fnma(nn, nn, one_);
     V dz = dh * (hp - nn) * z * (one_ - z);
     V dr = dn * ld(r.extra + j, n) * rg * (one_ - rg);
-    st(r.dgx + j, dr, n);
-    st(r.dgx + H + j, dz, n);
-    st(r.dgx + 2 * H + j, dn, n);
-    st(r.dgh + j, dr, n);
-    st(r.dgh + H + j, dz, n);
-    st(r.dgh + 2 * H + j, dn * rg, n);
+    st_gates(r.dgx + j, H, n, dr, dz, dn);
+    st_gates(r.dgh + j, H, n, dr, dz, dn * rg);
     st(r.dh_prev + j, dh * z, n);
   }
 }

@@ -1,0 +1,161 @@
+"""What to run: the benchmark matrix of DESIGN.md, the --quick subset, and one case's data.
+
+A *config* is a named shape (T, B, I, H, L); a *case* is a config run for one cell, one mode
+("infer" or "train") and one thread count. ``Problem`` holds the float32 arrays of one
+(config, cell): weights in torch.nn's layout and gate order, the input, the initial states and
+the upstream gradient used for training.
+"""
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import reference
+
+CELLS = ("rnn", "rnn_relu", "lstm", "gru")      # "rnn" is the tanh Elman RNN
+DEFAULT_CELLS = ("rnn", "lstm", "gru")
+KERNEL_CELL = {"rnn": "rnn_tanh", "rnn_relu": "rnn_relu", "lstm": "lstm", "gru": "gru"}
+GATES = {"rnn": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+MODES = ("infer", "train")
+DEFAULT_THREADS = (1, 2)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    T: int
+    B: int
+    I: int
+    H: int
+    L: int
+    why: str = ""
+
+    @property
+    def shape(self):
+        return f"T={self.T} B={self.B} I={self.I} H={self.H} L={self.L}"
+
+
+# DESIGN.md, "Benchmark matrix".
+MATRIX = (
+    Config("fastrnns", 100, 64, 512, 512, 1, "PyTorch's own RNN benchmark default"),
+    Config("online-small", 100, 1, 128, 128, 1, "streaming inference, overhead-bound"),
+    Config("stacked", 50, 16, 256, 256, 2, "a typical 2-layer model"),
+    Config("wide", 200, 32, 64, 1024, 1, "large hidden state, weight-bandwidth-bound"),
+    Config("long-seq", 1000, 1, 32, 64, 1, "long time series, latency-bound"),
+    Config("deepbench-train", 25, 64, 1024, 1024, 1, "DeepBench-style training step"),
+)
+CONFIGS = {c.name: c for c in MATRIX}
+
+# --quick: one thread, and per config the cells and modes that show each regime once:
+# overhead-bound (online-small), latency-bound (long-seq), a 2-layer model (stacked) and a
+# GEMM-bound inference (fastrnns). It finishes in well under a minute with every peer.
+QUICK = (
+    ("online-small", ("rnn", "lstm", "gru"), ("infer", "train")),
+    ("long-seq", ("lstm",), ("infer",)),
+    ("stacked", ("lstm", "gru"), ("infer", "train")),
+    ("fastrnns", ("lstm",), ("infer",)),
+)
+QUICK_THREADS = (1,)
+
+
+@dataclass(frozen=True)
+class Case:
+    config: Config
+    cell: str
+    mode: str
+    threads: int
+
+    @property
+    def label(self):
+        return f"{self.config.name} {self.cell} {self.mode} t={self.threads}"
+
+    @property
+    def flops(self):
+        return flops(self.config, self.cell, self.mode)
+
+
+def custom_config(T, B, I, H, L):
+    """A --sizes shape, named after its sizes."""
+    return Config(f"T{T}-B{B}-I{I}-H{H}-L{L}", T, B, I, H, L, "user sizes")
+
+
+def flops(config, cell, mode):
+    """DESIGN.md: forward 2*T*B*G*H*(I+H) per layer (input of layer k>0 is H); training 3x."""
+    G = GATES[cell]
+    c = config
+    total = 0
+    for k in range(c.L):
+        I_k = c.I if k == 0 else c.H
+        total += 2 * c.T * c.B * G * c.H * (I_k + c.H)
+    return total * (3 if mode == "train" else 1)
+
+
+def plan(configs, cells, modes, threads, quick_subset=False):
+    """The cases to run, thread count outermost so each thread setting is made once.
+
+    With ``quick_subset`` only the (config, cell, mode) triples of QUICK that pass the filters.
+    """
+    allowed = None
+    if quick_subset:
+        allowed = {(name, cell, mode) for name, qcells, qmodes in QUICK
+                   for cell in qcells for mode in qmodes}
+    cases = []
+    for n in threads:
+        for config in configs:
+            for cell in cells:
+                for mode in modes:
+                    if allowed is not None and (config.name, cell, mode) not in allowed:
+                        continue
+                    cases.append(Case(config, cell, mode, n))
+    return cases
+
+
+@dataclass
+class Problem:
+    """Arrays of one (config, cell). layers[k] has w_ih, w_hh, b_ih, b_hh (torch order)."""
+    cell: str
+    layers: list
+    x: np.ndarray            # (T, B, I)
+    h0: np.ndarray           # (L, B, H)
+    c0: object               # (L, B, H) for lstm, else None
+    dy: np.ndarray           # (T, B, H): upstream gradient of y for training
+
+    @property
+    def kernel_cell(self):
+        return KERNEL_CELL[self.cell]
+
+    @property
+    def shape(self):
+        T, B, I = self.x.shape
+        return T, B, I, self.h0.shape[2], len(self.layers)
+
+    def truncated(self, T, B):
+        """The same weights on the first T steps and B batch rows."""
+        return Problem(self.cell, self.layers, self.x[:T, :B].copy(), self.h0[:, :B].copy(),
+                       None if self.c0 is None else self.c0[:, :B].copy(), self.dy[:T, :B].copy())
+
+    def astype(self, dtype):
+        def cast(a):
+            return None if a is None else a.astype(dtype)
+        layers = [{k: cast(v) for k, v in w.items()} for w in self.layers]
+        return Problem(self.cell, layers, cast(self.x), cast(self.h0), cast(self.c0), cast(self.dy))
+
+
+def make_problem(config, cell, seed=0):
+    """Seeded float32 weights (torch's initialisation), input, states and upstream gradient."""
+    rng = np.random.default_rng([seed, zlib.crc32(f"{config.name}/{cell}".encode())])
+    c = config
+    layers = []
+    for k in range(c.L):
+        w = reference.init_weights(KERNEL_CELL[cell], c.I if k == 0 else c.H, c.H,
+                                   dtype=np.float32, rng=rng)
+        layers.append({name: w[name] for name in ("w_ih", "w_hh", "b_ih", "b_hh")})
+
+    def normal(*shape, scale=1.0):
+        return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+    x = normal(c.T, c.B, c.I)
+    h0 = normal(c.L, c.B, c.H, scale=0.5)
+    c0 = normal(c.L, c.B, c.H, scale=0.5) if cell == "lstm" else None
+    dy = normal(c.T, c.B, c.H)
+    return Problem(cell, layers, x, h0, c0, dy)

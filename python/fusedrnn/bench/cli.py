@@ -1,0 +1,239 @@
+"""``python -m fusedrnn.bench``: arguments, then the run.
+
+    python -m fusedrnn.bench [--quick] [--cells rnn,lstm,gru] [--configs NAMES]
+        [--sizes T,B,I,H,L ...] [--threads 1,2] [--mode infer,train]
+        [--peers torch,onnxruntime,reference] [--json FILE] [--plot FILE]
+
+Without options: the full matrix of DESIGN.md (every config x cell x mode x 1 and 2 threads)
+against every installed peer. ``--quick``: a subset that shows each regime once, one thread and
+shorter timing (with ``--configs`` or ``--sizes``: those cases, with the shorter timing).
+``--sizes``: your own shapes (instead of the matrix, or in addition to ``--configs``).
+Exit status 1 when fusedrnn fails its check against the reference in any case, or a case
+raises an error (the others still run).
+"""
+import argparse
+import datetime
+import importlib
+import os
+import shlex
+import sys
+import time
+import traceback
+
+from . import cases, machine, peak, peers, report
+from .peers.reference import REFERENCE_MAX_FLOP
+from .runner import add_fractions, describe, run_case, say
+
+# Timing per case: stop after BUDGET seconds of timed calls, but run at least MIN_REPS rounds.
+FULL = {"budget_s": 1.0, "min_reps": 3, "max_reps": 200, "peak_budget_s": 1.0}
+QUICK = {"budget_s": 0.15, "min_reps": 3, "max_reps": 50, "peak_budget_s": 0.25}
+
+
+THREAD_SETTINGS = (
+    "per case: fusedrnn.set_num_threads(n); torch.set_num_threads(n); onnxruntime "
+    "intra_op_num_threads=n, inter_op_num_threads=1; NumPy's BLAS n threads through "
+    "threadpoolctl when installed, else its default")
+
+
+def _list(kind, choices):
+    """argparse type: a comma-separated list of names from ``choices`` (duplicates dropped)."""
+    def parse(text):
+        items = [s.strip() for s in text.split(",") if s.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty {kind} list")
+        bad = [s for s in items if s not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(
+                f"unknown {kind} {', '.join(map(repr, bad))}; choose from {', '.join(choices)}")
+        return list(dict.fromkeys(items))
+    parse.__name__ = kind          # argparse names the type in its messages
+    return parse
+
+
+def _threads(text):
+    out = []
+    for s in text.split(","):
+        try:
+            n = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"thread counts must be integers, got {s!r}")
+        if n < 1:
+            raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {n}")
+        out.append(n)
+    return list(dict.fromkeys(out))
+
+
+def _sizes(text):
+    parts = text.split(",")
+    if len(parts) != 5:
+        raise argparse.ArgumentTypeError(
+            f"sizes must be five integers T,B,I,H,L (steps, batch, input, hidden, layers), "
+            f"got {text!r}")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"sizes must be integers T,B,I,H,L, got {text!r}")
+    if min(values) < 1:
+        raise argparse.ArgumentTypeError(f"every size must be >= 1, got {text!r}")
+    return cases.custom_config(*values)
+
+
+def _peers(text):
+    if text.strip() == "none":
+        return []
+    return _list("peer", peers.PEERS)(text)
+
+
+def parser():
+    ap = argparse.ArgumentParser(
+        prog="python -m fusedrnn.bench",
+        description="Time fusedrnn against torch.nn, ONNX Runtime and the NumPy reference on "
+                    "the DESIGN.md benchmark matrix (or your sizes), checking every case "
+                    "against the reference first.")
+    ap.add_argument("--quick", action="store_true",
+                    help="a representative subset (1 thread, shorter timing): under a minute; with "
+                         "--configs or --sizes, those cases with the shorter timing")
+    ap.add_argument("--cells", type=_list("cell", cases.CELLS),
+                    help=f"cells, comma-separated, from {','.join(cases.CELLS)} "
+                         f"(rnn is the tanh Elman RNN; default: rnn,lstm,gru)")
+    ap.add_argument("--configs", type=_list("config", list(cases.CONFIGS)),
+                    help=f"configs of the matrix: {','.join(cases.CONFIGS)} (default: all)")
+    ap.add_argument("--sizes", nargs="+", type=_sizes, metavar="T,B,I,H,L",
+                    help="your own shapes: steps, batch, input, hidden, layers")
+    ap.add_argument("--threads", type=_threads,
+                    help="thread counts, comma-separated (default: 1,2; --quick: 1)")
+    ap.add_argument("--mode", type=_list("mode", cases.MODES),
+                    help="infer and/or train (default: both)")
+    ap.add_argument("--peers", type=_peers,
+                    help=f"peers to time beside fusedrnn, from {','.join(peers.PEERS)}, or "
+                         f"'none' (default: all that are installed)")
+    ap.add_argument("--json", metavar="FILE", help="write every figure and the machine to FILE")
+    ap.add_argument("--plot", metavar="FILE", help="write a PNG of the speed-ups (matplotlib)")
+    return ap
+
+
+def plan(args):
+    """The list of cases the arguments ask for."""
+    configs = []
+    if args.configs or not args.sizes:
+        names = args.configs or list(cases.CONFIGS)
+        configs += [cases.CONFIGS[n] for n in names]
+    configs += args.sizes or []
+    # --quick alone runs the QUICK subset; with --configs or --sizes it only shortens timing.
+    quick_subset = args.quick and not args.sizes and not args.configs
+    cells = args.cells or list(cases.DEFAULT_CELLS)
+    modes = args.mode or list(cases.MODES)
+    threads = args.threads or list(cases.QUICK_THREADS if args.quick else cases.DEFAULT_THREADS)
+    return cases.plan(configs, cells, modes, threads, quick_subset=quick_subset)
+
+
+def run(args, argv):
+    """Run the cases; returns the JSON-shaped results."""
+    t_start = time.perf_counter()
+    settings = QUICK if args.quick else FULL
+    plan_ = plan(args)
+    names = list(peers.PEERS) if args.peers is None else args.peers
+    ours = peers.fusedrnn_peer()
+    others, skipped = peers.load(names)
+    data = {
+        "schema": 1,
+        "command": "python -m fusedrnn.bench" + "".join(f" {shlex.quote(a)}" for a in argv),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "settings": dict(settings, quick=bool(args.quick), threads=THREAD_SETTINGS,
+                         reference_max_flop=REFERENCE_MAX_FLOP),
+        "peers": {"fusedrnn": ours.version, **{p.name: p.version for p in others}},
+        "peers_skipped": skipped,
+    }
+    data["machine"] = m = machine.facts()
+    say(f"fusedrnn {ours.version} on {m['cpu']} ({m['logical_cpus']} CPUs), kernels: {m['isa']}")
+    for p in others:
+        say(f"peer {p.name}: {p.version}")
+    for name, reason in skipped.items():
+        say(f"peer {name}: skipped, {reason}")
+    if not names:
+        say("peers: none selected (fusedrnn alone)")
+    load = m["load_average"]
+    if load and load[0] > machine.BUSY_LOAD:
+        say(f"note: load average {load[0]:.2f} before starting: other processes are running, so "
+            f"timings will be noisy (with 2 threads most of all)")
+    threads = sorted({c.threads for c in plan_})
+    if any(n > (os.cpu_count() or 1) for n in threads):
+        say(f"note: more threads than the {os.cpu_count()} logical CPUs of this machine")
+
+    peaks = {}
+    for n in threads:
+        peaks[n] = pk = peak.measure(n, ours.set_threads, settings["peak_budget_s"])
+        say(f"GEMM peak, {n} thread(s): fusedrnn {pk['fusedrnn_gemm']['gflops']:.1f} GFLOP/s, "
+            f"numpy {pk['numpy_matmul']['gflops']:.1f} GFLOP/s (measured again at the end)")
+
+    say(f"{len(plan_)} cases")
+    records, errors, problem, problem_key = [], [], None, None
+    for i, case in enumerate(plan_, 1):
+        say(f"[{i}/{len(plan_)}] {case.label}  ({case.config.shape}, "
+            f"{case.flops / 1e9:.3g} GFLOP)")
+        try:
+            key = (case.config, case.cell)
+            if key != problem_key:
+                problem, problem_key = None, None
+                problem, problem_key = cases.make_problem(case.config, case.cell), key
+            rec = run_case(case, problem, ours, others, settings["budget_s"],
+                           settings["min_reps"], settings["max_reps"])
+        except Exception as e:        # report it and go on with the other cases
+            traceback.print_exc(file=sys.stdout)
+            errors.append(f"{case.label}: {type(e).__name__}: {e}")
+            continue
+        say(describe(rec))
+        records.append(rec)
+    data["gemm_peak"] = {}
+    for n in threads:
+        data["gemm_peak"][str(n)] = peak.best_of(
+            peaks[n], peak.measure(n, ours.set_threads, settings["peak_budget_s"]))
+    for rec in records:
+        add_fractions(rec, data["gemm_peak"][str(rec["threads"])])
+    data["cases"] = records
+    data["errors"] = errors
+    data["load_average_at_end"] = machine.load_average()
+    data["elapsed_s"] = time.perf_counter() - t_start
+    return data
+
+
+def _installed(module):
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ap = parser()
+    args = ap.parse_args(argv)
+    for option, path in (("--json", args.json), ("--plot", args.plot)):
+        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
+            ap.error(f"{option}: the folder of {path!r} does not exist")
+    if not plan(args):
+        ap.error("no case matches these options (--quick's subset: "
+                 + "; ".join(f"{n}: {','.join(c)} {','.join(m)}" for n, c, m in cases.QUICK) + ")")
+    data = run(args, argv)
+    say("")
+    say(report.text_table(data))
+    say("")
+    for line in report.summary(data) + report.peak_lines(data):
+        say(line)
+    for line in report.notes(data):
+        say(line)
+    if args.json:
+        report.write_json(data, args.json)
+        say(f"wrote {args.json}")
+    if args.plot:
+        if not _installed("matplotlib"):
+            say(f"plot: skipped, matplotlib is not installed ({args.plot} not written)")
+        else:
+            if report.plot(data, args.plot):
+                say(f"wrote {args.plot}")
+            else:
+                say("plot: skipped, no peer was timed")
+    say(f"done in {data['elapsed_s']:.1f} s")
+    ok = not data["errors"] and all(rec["check"]["ok"] for rec in data["cases"])
+    return 0 if ok else 1

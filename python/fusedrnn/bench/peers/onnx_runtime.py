@@ -1,0 +1,118 @@
+"""Peer: ONNX Runtime (CPU), inference only.
+
+The model is built in memory with ``onnx.helper``: one RNN / LSTM / GRU node per layer (with a
+Squeeze of the direction axis between layers), weights moved from torch's gate order to ONNX's
+(LSTM i,f,g,o -> i,o,f,c; GRU r,z,n -> z,r,h), GRU with ``linear_before_reset=1`` as PyTorch.
+The session runs ``intra_op_num_threads`` = the case's thread count, ``inter_op_num_threads`` = 1.
+"""
+import numpy as np
+
+OPSET = 17
+IR_VERSION = 8
+# Rows of ONNX's gate blocks, as indices into torch's.
+GATE_ORDER = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,), "rnn_relu": (0,)}
+OP = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN", "rnn_relu": "RNN"}
+
+
+class OnnxRuntimePeer:
+    name = "onnxruntime"
+    modes = ("infer",)
+
+    def __init__(self):
+        import onnx              # ImportError here means: skip this peer
+        import onnxruntime
+        self.onnx, self.ort = onnx, onnxruntime
+        self.version = onnxruntime.__version__
+        self.threads = 1
+
+    def set_threads(self, n):
+        self.threads = n
+
+    def skip_reason(self, case):
+        return None if case.mode == "infer" else "inference only"
+
+    def prepare(self, problem, mode):
+        model = build_model(self.onnx, problem)
+        options = self.ort.SessionOptions()
+        options.intra_op_num_threads = self.threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = self.ort.ExecutionMode.ORT_SEQUENTIAL
+        session = self.ort.InferenceSession(model.SerializeToString(), options,
+                                            providers=["CPUExecutionProvider"])
+        return OnnxRunner(session, problem)
+
+
+def _reorder(a, cell):
+    """Gate blocks of the first axis of ``a`` from torch's order to ONNX's."""
+    blocks = np.split(a, len(GATE_ORDER[cell]), axis=0)
+    return np.concatenate([blocks[i] for i in GATE_ORDER[cell]], axis=0)
+
+
+def build_model(onnx, problem):
+    from onnx import TensorProto, helper, numpy_helper
+    cell = problem.cell
+    T, B, I, H, L = problem.shape
+    f32 = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("x", f32, [T, B, I]),
+              helper.make_tensor_value_info("h0", f32, [L, B, H])]
+    if cell == "lstm":
+        inputs.append(helper.make_tensor_value_info("c0", f32, [L, B, H]))
+    init = [numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    nodes, hn_names, cn_names = [], [], []
+    layer_in = "x"
+    for k, w in enumerate(problem.layers):
+        W = _reorder(w["w_ih"], cell)[None]
+        R = _reorder(w["w_hh"], cell)[None]
+        Bias = np.concatenate([_reorder(w["b_ih"], cell), _reorder(w["b_hh"], cell)])[None]
+        for name, arr in ((f"W{k}", W), (f"R{k}", R), (f"B{k}", Bias)):
+            init.append(numpy_helper.from_array(np.ascontiguousarray(arr, np.float32), name))
+        # initial state of layer k: x[k:k+1] of h0 (and c0)
+        starts = numpy_helper.from_array(np.array([k], np.int64), f"s{k}")
+        ends = numpy_helper.from_array(np.array([k + 1], np.int64), f"e{k}")
+        init += [starts, ends]
+        nodes.append(helper.make_node("Slice", ["h0", f"s{k}", f"e{k}"], [f"h0_{k}"]))
+        node_in = [layer_in, f"W{k}", f"R{k}", f"B{k}", "", f"h0_{k}"]
+        node_out = [f"Y{k}", f"hn{k}"]
+        attrs = {"hidden_size": H}
+        if cell == "lstm":
+            nodes.append(helper.make_node("Slice", ["c0", f"s{k}", f"e{k}"], [f"c0_{k}"]))
+            node_in.append(f"c0_{k}")
+            node_out.append(f"cn{k}")
+            cn_names.append(f"cn{k}")
+        elif cell == "gru":
+            attrs["linear_before_reset"] = 1
+        elif cell == "rnn_relu":
+            attrs["activations"] = ["Relu"]
+        nodes.append(helper.make_node(OP[cell], node_in, node_out, name=f"layer{k}", **attrs))
+        # Y is (T, num_directions=1, B, H): drop the direction axis for the next layer.
+        nodes.append(helper.make_node("Squeeze", [f"Y{k}", "axis1"], [f"y{k}"]))
+        layer_in = f"y{k}"
+        hn_names.append(f"hn{k}")
+    nodes.append(helper.make_node("Identity", [layer_in], ["y"]))
+    nodes.append(helper.make_node("Concat", hn_names, ["hn"], axis=0))
+    outputs = [helper.make_tensor_value_info("y", f32, [T, B, H]),
+               helper.make_tensor_value_info("hn", f32, [L, B, H])]
+    if cell == "lstm":
+        nodes.append(helper.make_node("Concat", cn_names, ["cn"], axis=0))
+        outputs.append(helper.make_tensor_value_info("cn", f32, [L, B, H]))
+    graph = helper.make_graph(nodes, f"fusedrnn_bench_{cell}", inputs, outputs, init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="fusedrnn.bench")
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+class OnnxRunner:
+    def __init__(self, session, problem):
+        self.session = session
+        self.feeds = {"x": problem.x, "h0": problem.h0}
+        if problem.c0 is not None:
+            self.feeds["c0"] = problem.c0
+        self.names = [o.name for o in session.get_outputs()]
+
+    def __call__(self):
+        return self.session.run(None, self.feeds)
+
+    def outputs(self, result):
+        return dict(zip(self.names, result))

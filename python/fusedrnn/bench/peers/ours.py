@@ -1,0 +1,77 @@
+"""The measured package: fusedrnn on its C++ kernels.
+
+Models (one layer or stacked) run through the torch.nn-shaped layers (``fusedrnn.LSTM`` etc.),
+as a user would; where the package has no such class this peer chains ``fusedrnn.functional``
+per layer itself (peers/stack.py), which is what those layers do. Each record says which path
+ran ("fusedrnn_path").
+"""
+import fusedrnn
+from ... import functional
+from . import stack
+
+LAYER_CLASS = {"rnn": "RNN", "rnn_relu": "RNN", "lstm": "LSTM", "gru": "GRU"}
+
+
+class FusedrnnPeer:
+    name = "fusedrnn"
+    modes = ("infer", "train")
+
+    def __init__(self):
+        self.version = fusedrnn.__version__
+
+    def set_threads(self, n):
+        fusedrnn.set_num_threads(n)
+
+    def skip_reason(self, case):
+        return None
+
+    @staticmethod
+    def uses_layers(problem):
+        return hasattr(fusedrnn, LAYER_CLASS[problem.cell])
+
+    def prepare(self, problem, mode):
+        if self.uses_layers(problem):
+            return LayerRunner(problem, mode)
+        return stack.StackRunner(functional, problem, mode)
+
+
+class LayerRunner:
+    """fusedrnn.RNN / LSTM / GRU: forward, and in training zero_grad + forward + backward(dy)."""
+
+    def __init__(self, problem, mode):
+        import numpy as np
+        T, B, I, H, L = problem.shape
+        cls = getattr(fusedrnn, LAYER_CLASS[problem.cell])
+        kwargs = {"num_layers": L, "dtype": np.float32, "seed": 0}
+        if problem.cell in ("rnn", "rnn_relu"):
+            kwargs["nonlinearity"] = "relu" if problem.cell == "rnn_relu" else "tanh"
+        self.module = cls(I, H, **kwargs)
+        state = {}
+        for k, w in enumerate(problem.layers):
+            for ours, theirs in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"),
+                                 ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
+                state[f"{theirs}_l{k}"] = w[ours]
+        self.module.load_state_dict(state)
+        self.train = mode == "train"
+        self.module.train(self.train)
+        self.problem = problem
+        self.hx = problem.h0 if problem.c0 is None else (problem.h0, problem.c0)
+
+    def __call__(self):
+        if not self.train:
+            return self.module(self.problem.x, self.hx), None
+        self.module.zero_grad()
+        out = self.module(self.problem.x, self.hx)
+        return out, self.module.backward(self.problem.dy)
+
+    def outputs(self, result):
+        (y, hn), back = result
+        out = {"y": y}
+        if isinstance(hn, tuple):
+            out["hn"], out["cn"] = hn
+        else:
+            out["hn"] = hn
+        if self.train:
+            out["dx"] = back[0]
+            out.update({name: g.copy() for name, g in self.module.grads.items()})
+        return out

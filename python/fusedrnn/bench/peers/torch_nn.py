@@ -1,0 +1,84 @@
+"""Peer: torch.nn.RNN / LSTM / GRU on the CPU.
+
+Inference runs under ``torch.inference_mode()``; training is forward plus backward of
+``(y * dy).sum()`` with every parameter and the input requiring grad (gradients are reset to
+None before each run, as ``optimizer.zero_grad()`` does).
+"""
+import numpy as np
+
+
+class TorchPeer:
+    name = "torch"
+    modes = ("infer", "train")
+
+    def __init__(self):
+        import torch          # ImportError here means: skip this peer
+        self.torch = torch
+        self.version = torch.__version__
+
+    def set_threads(self, n):
+        self.torch.set_num_threads(n)
+
+    def skip_reason(self, case):
+        return None
+
+    def prepare(self, problem, mode):
+        return TorchRunner(self.torch, problem, mode)
+
+
+def make_module(torch, problem):
+    T, B, I, H, L = problem.shape
+    cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(problem.cell)
+    if cls is None:
+        nonlinearity = "relu" if problem.cell == "rnn_relu" else "tanh"
+        module = torch.nn.RNN(I, H, num_layers=L, nonlinearity=nonlinearity)
+    else:
+        module = cls(I, H, num_layers=L)
+    state = {}
+    for k, w in enumerate(problem.layers):
+        for ours, theirs in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"),
+                             ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
+            state[f"{theirs}_l{k}"] = torch.from_numpy(np.ascontiguousarray(w[ours]))
+    module.load_state_dict(state)
+    return module.float()
+
+
+class TorchRunner:
+    def __init__(self, torch, problem, mode):
+        self.torch, self.train = torch, mode == "train"
+        self.module = make_module(torch, problem)
+        self.module.train(self.train)
+        self.x = torch.from_numpy(problem.x)
+        h0 = torch.from_numpy(problem.h0)
+        self.hx = h0 if problem.c0 is None else (h0, torch.from_numpy(problem.c0))
+        self.dy = torch.from_numpy(problem.dy)
+        if self.train:
+            self.x.requires_grad_(True)
+        else:
+            for p in self.module.parameters():
+                p.requires_grad_(False)
+
+    def __call__(self):
+        torch = self.torch
+        if not self.train:
+            with torch.inference_mode():
+                return self.module(self.x, self.hx)
+        self.x.grad = None
+        for p in self.module.parameters():
+            p.grad = None
+        y, hn = self.module(self.x, self.hx)
+        (y * self.dy).sum().backward()
+        return y, hn
+
+    def outputs(self, result):
+        y, hn = result
+        out = {"y": y.detach().numpy()}
+        if isinstance(hn, tuple):
+            out["hn"], out["cn"] = hn[0].detach().numpy(), hn[1].detach().numpy()
+        else:
+            out["hn"] = hn.detach().numpy()
+        if self.train:
+            out["dx"] = self.x.grad.numpy()
+            for name, p in self.module.named_parameters():
+                out[name] = p.grad.numpy()
+        return out

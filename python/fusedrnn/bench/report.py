@@ -1,0 +1,260 @@
+"""Turn the run's records into something to read: a table, a summary, JSON, a plot, Markdown.
+
+Everything here works from the JSON-shaped dict that ``cli.run`` builds, so a saved results file
+can be rendered again without re-running:
+
+    python -m fusedrnn.bench.report bench/results.json bench/RESULTS.md
+"""
+import argparse
+import json
+import math
+import sys
+
+from .machine import BUSY_LOAD
+
+PEER_ORDER = ("torch", "onnxruntime", "reference")
+DASH = "-"
+
+
+def fmt_ms(seconds):
+    ms = seconds * 1e3
+    if ms >= 100:
+        return f"{ms:.0f}"
+    if ms >= 10:
+        return f"{ms:.1f}"
+    if ms >= 1:
+        return f"{ms:.2f}"
+    return f"{ms:.3f}"
+
+
+def peers_in(data):
+    names = {n for rec in data["cases"] for n in rec["results"]} - {"fusedrnn"}
+    return [p for p in PEER_ORDER if p in names] + sorted(names - set(PEER_ORDER))
+
+
+def table_rows(data):
+    """(header, rows): one row per case, all cells strings."""
+    peers = peers_in(data)
+    header = ["thr", "config", "cell", "mode", "fusedrnn ms", "GFLOP/s", "%gemm", "%numpy",
+              "check"]
+    for p in peers:
+        header += [f"{p} ms", f"vs {p}"]
+    rows = []
+    for rec in data["cases"]:
+        ours = rec["results"]["fusedrnn"]
+        frac = ours["fraction_of_peak"]
+        chk = rec["check"]
+        err = max(chk["forward_error"], chk["gradient_error"] or 0.0)
+        row = [str(rec["threads"]), rec["config"], rec["cell"], rec["mode"],
+               fmt_ms(ours["median_s"]), f"{ours['gflops']:.1f}",
+               f"{100 * frac['fusedrnn_gemm']:.0f}%", f"{100 * frac['numpy_matmul']:.0f}%",
+               f"{'ok' if chk['ok'] else 'FAIL'} {err:.0e}"]
+        for p in peers:
+            r = rec["results"].get(p)
+            if r is None:
+                row += [DASH, DASH]
+                continue
+            flag = "" if rec["agreement"].get(p, {}).get("ok", True) else " (!)"
+            row += [fmt_ms(r["median_s"]), f"x{r['speedup']:.2f}{flag}"]
+        rows.append(row)
+    return header, rows
+
+
+def text_table(data):
+    header, rows = table_rows(data)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    left = {1, 2, 3}
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i in left else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def markdown_table(data):
+    header, rows = table_rows(data)
+    align = ["---:" if i not in (1, 2, 3) else ":---" for i in range(len(header))]
+    return "\n".join("| " + " | ".join(r) + " |" for r in [header, align, *rows])
+
+
+def geomean(values):
+    values = list(values)
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
+
+
+def slower(data):
+    """(speed-up, description) of every comparison fusedrnn loses, worst first."""
+    out = [(rec["results"][p]["speedup"],
+            f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']} vs {p}")
+           for rec in data["cases"] for p in peers_in(data) if p in rec["results"]
+           and rec["results"][p]["speedup"] < 1.0]
+    return sorted(out)
+
+
+def summary(data):
+    """Lines: geometric-mean speed-up per peer and mode, failed checks, errors, busy machine."""
+    lines = []
+    load = data["machine"].get("load_average")
+    if load and load[0] > BUSY_LOAD:
+        lines.append(f"CAUTION: the 1-minute load average was {load[0]:.2f} when the run "
+                     f"started: other processes shared the machine, so these timings (with "
+                     f"2 threads most of all) are noisy. Rerun on an idle machine.")
+    for p in peers_in(data):
+        for mode in ("infer", "train"):
+            ups = [rec["results"][p]["speedup"] for rec in data["cases"]
+                   if rec["mode"] == mode and p in rec["results"]]
+            if ups:
+                lines.append(f"fusedrnn vs {p}, {mode}: geometric-mean speed-up "
+                             f"x{geomean(ups):.2f} over {len(ups)} cases "
+                             f"(range x{min(ups):.2f} .. x{max(ups):.2f})")
+    n = sum(p in rec["results"] for rec in data["cases"] for p in peers_in(data))
+    lost = slower(data)
+    if lost:
+        lines.append(f"fusedrnn is slower in {len(lost)} of {n} comparisons; the worst: "
+                     + ", ".join(f"{what} x{up:.2f}" for up, what in lost[:8]))
+    failed = [f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']}"
+              for rec in data["cases"] if not rec["check"]["ok"]]
+    if failed:
+        lines.append(f"CHECK FAILED (fusedrnn vs reference) in: {'; '.join(failed)}")
+    for error in data.get("errors", []):
+        lines.append(f"ERROR, case not timed: {error}")
+    return lines
+
+
+def peak_lines(data):
+    lines = []
+    for n, peak in data["gemm_peak"].items():
+        ours, np_ = peak["fusedrnn_gemm"], peak["numpy_matmul"]
+        lines.append(f"{n} thread(s): fusedrnn GEMM {ours['gflops']:.1f} GFLOP/s "
+                     f"({ours['size']}^3), numpy matmul {np_['gflops']:.1f} GFLOP/s "
+                     f"({np_['size']}^3, threads: {np_.get('threads', '?')})")
+    return lines
+
+
+def notes(data):
+    blas = data["machine"]["numpy_blas"]
+    limit = data["settings"]["reference_max_flop"]
+    return [
+        "ms: median wall time of one call (training: forward + backward of (y * dy).sum()).",
+        "GFLOP/s: forward 2*T*B*G*H*(I+H) per layer, training 3x that (DESIGN.md). %gemm, "
+        "%numpy: that rate as a fraction of this run's float32 GEMM peak with our GEMM and "
+        "with numpy's matmul at the same thread count "
+        f"(numpy's BLAS: {blas.get('name')} {blas.get('version') or ''}; thread control: "
+        f"{blas['thread_control']}).",
+        "check: fusedrnn against the float64 NumPy reference on the first "
+        "steps and batch rows, with the worst scaled error (forward and gradients).",
+        "vs PEER: peer time / fusedrnn time (above 1: fusedrnn is faster). (!) marks a peer whose "
+        "outputs did not agree with fusedrnn's.",
+        f"{DASH}: not run (onnxruntime is inference only; the NumPy reference, a Python loop "
+        f"over time, only runs cases under {limit / 1e9:g} GFLOP; or the peer is not installed).",
+    ]
+
+
+def write_json(data, path):
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+        f.write("\n")
+
+
+def plot(data, path):
+    """Bar chart of the speed-ups (one group per case, one bar per peer, log scale)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    peers = peers_in(data)
+    threads = sorted({rec["threads"] for rec in data["cases"]})
+    if not peers:
+        return False
+    ncases = max(sum(rec["threads"] == n for rec in data["cases"]) for n in threads)
+    fig, axes = plt.subplots(len(threads), 1, squeeze=False,
+                             figsize=(max(8.0, 0.45 * ncases + 2), 3.6 * len(threads)))
+    width = 0.8 / len(peers)
+    for ax, n in zip(axes[:, 0], threads):
+        recs = [rec for rec in data["cases"] if rec["threads"] == n]
+        for j, p in enumerate(peers):
+            xs = [i + (j - (len(peers) - 1) / 2) * width for i, rec in enumerate(recs)
+                  if p in rec["results"]]
+            ys = [rec["results"][p]["speedup"] for rec in recs if p in rec["results"]]
+            # bars grow from 1.0: up where fusedrnn is faster, down where it is slower
+            ax.bar(xs, [y - 1.0 for y in ys], width, bottom=1.0, label=f"vs {p}")
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(recs)))
+        ax.set_xticklabels([f"{r['config']}\n{r['cell']} {r['mode']}" for r in recs],
+                           rotation=90, fontsize=7)
+        ax.set_xlim(-0.6, len(recs) - 0.4)
+        ax.set_ylabel("speed-up (peer time / fusedrnn time)")
+        ax.set_title(f"fusedrnn speed-up, {n} thread{'s' if n != 1 else ''} "
+                     f"({data['machine']['cpu']}, {data['machine']['isa']})", fontsize=9)
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _load(load):
+    return "unknown" if not load else f"{load[0]:.2f}"
+
+
+def markdown(data, plot_name="speedups.png"):
+    m = data["machine"]
+    v = m["versions"]
+    blas = m["numpy_blas"]
+    out = ["# fusedrnn benchmark results", "",
+           "Regenerate with `bash bench/run_full.sh` (it runs the command below and renders this "
+           "file from `bench/results.json` with `python -m fusedrnn.bench.report`).", "",
+           "```", data["command"], "```", "",
+           f"Run on {data['started']} in {data['elapsed_s'] / 60:.1f} min; load average "
+           f"(1 min) {_load(m.get('load_average'))} before and "
+           f"{_load(data.get('load_average_at_end'))} after (the run itself adds about "
+           f"1; more means other processes shared the {m['logical_cpus']} logical CPUs).", "",
+           "## Machine", "",
+           f"- CPU: {m['cpu']}, {m['logical_cpus']} logical CPUs; kernels: {m['isa']} "
+           f"(available: {', '.join(m['available_isas'])}), {m['compiler']}, "
+           f"OpenMP {'on' if m['openmp'] else 'off'}",
+           f"- versions: fusedrnn {v['fusedrnn']}, numpy {v['numpy']}, torch {v['torch']}, "
+           f"onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, python {v['python']}",
+           f"- numpy's BLAS: {blas.get('name')} {blas.get('version') or ''} "
+           f"({blas.get('configuration', '')}); thread control: {blas['thread_control']}",
+           f"- environment: {m['env'] or 'no thread or BLAS variables set'}", "",
+           "## GEMM peak (float32, measured in this run)", ""]
+    out += [f"- {line}" for line in peak_lines(data)]
+    out += ["", "## Summary", ""]
+    out += [f"- {line}" for line in summary(data)]
+    skipped = data.get("peers_skipped", {})
+    out += [f"- {name}: skipped ({reason})" for name, reason in skipped.items()]
+    out += ["", "## Speed-ups", "", f"![speed-ups]({plot_name})", ""]
+    lost = slower(data)
+    if lost:
+        out += ["## Where fusedrnn is slower (worst first)", ""]
+        out += [f"- {what}: x{up:.2f}" for up, what in lost]
+        out += [""]
+    out += ["## All cases", "", markdown_table(data), ""]
+    out += [f"- {line}" for line in notes(data)]
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fusedrnn.bench.report",
+                                 description="Render a benchmark JSON file as Markdown.")
+    ap.add_argument("json", help="results file written by python -m fusedrnn.bench --json")
+    ap.add_argument("out", nargs="?", help="Markdown file to write (default: stdout)")
+    ap.add_argument("--plot-name", default="speedups.png",
+                    help="image the Markdown embeds (default: %(default)s)")
+    args = ap.parse_args(argv)
+    with open(args.json) as f:
+        data = json.load(f)
+    text = markdown(data, args.plot_name)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""One case from start to finish: check, warm up, compare, time, summarise.
+
+``run_case`` prints its progress (flushed) and returns the case's record for the JSON:
+the check against the reference, each peer's agreement with fusedrnn, the timings, GFLOP/s
+and the speed-ups (peer time / fusedrnn time). ``add_fractions`` adds the fractions of the
+GEMM peaks once the run has measured them.
+"""
+import sys
+import traceback
+
+from . import check, timing
+from .machine import blas_threads
+from .report import fmt_ms
+
+
+def say(*parts):
+    print(*parts, flush=True)
+
+
+def _prepare(peer, problem, case):
+    """A runner, or (None, reason) when the peer sits this case out or fails to build it."""
+    if case.mode not in peer.modes:
+        return None, f"{case.mode} not supported"
+    reason = peer.skip_reason(case)
+    if reason:
+        return None, reason
+    try:
+        return peer.prepare(problem, case.mode), None
+    except Exception as e:          # a peer that cannot run this case must not stop the rest
+        return None, f"failed to build: {type(e).__name__}: {e}"
+
+
+def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps):
+    c = case.config
+    record = {"config": c.name, "cell": case.cell, "mode": case.mode, "threads": case.threads,
+              "T": c.T, "B": c.B, "I": c.I, "H": c.H, "L": c.L, "flops": case.flops,
+              "fusedrnn_path": ("layers" if ours.uses_layers(problem) else "functional"),
+              "results": {}, "skipped": {}, "agreement": {}}
+    for peer in [ours, *peers]:
+        peer.set_threads(case.threads)
+    with blas_threads(case.threads):
+        record["check"] = chk = check.against_reference(ours, problem, case.mode)
+        grad = "" if chk["gradient_error"] is None else f", grad {chk['gradient_error']:.1e}"
+        say(f"    check vs {chk['against']} at T={chk['T']} B={chk['B']}: "
+            f"fwd {chk['forward_error']:.1e}{grad} -> {'ok' if chk['ok'] else 'FAILED'}")
+
+        runners = {"fusedrnn": ours.prepare(problem, case.mode)}
+        for peer in peers:
+            runner, reason = _prepare(peer, problem, case)
+            if runner is None:
+                record["skipped"][peer.name] = reason
+            else:
+                runners[peer.name] = runner
+
+        # Warm-up: one call each, whose outputs are compared with fusedrnn's.
+        ours_out = runners["fusedrnn"].outputs(runners["fusedrnn"]())
+        for name in list(runners)[1:]:
+            try:
+                out = runners[name].outputs(runners[name]())
+            except Exception as e:
+                traceback.print_exc(file=sys.stdout)
+                record["skipped"][name] = f"failed to run: {type(e).__name__}: {e}"
+                del runners[name]
+                continue
+            agree = record["agreement"][name] = check.agreement(out, ours_out)
+            if not agree["ok"]:
+                say(f"    WARNING: {name} differs from fusedrnn: fwd {agree['forward_error']:.1e}"
+                    f", grad {agree['gradient_error']}")
+
+        times = timing.interleave(runners, budget_s, min_reps, max_reps)
+
+    base = timing.summary(times["fusedrnn"])["median_s"]
+    for name, seconds in times.items():
+        r = timing.summary(seconds)
+        r["gflops"] = case.flops / r["median_s"] / 1e9
+        if name != "fusedrnn":
+            r["speedup"] = r["median_s"] / base
+        r["times_s"] = seconds
+        record["results"][name] = r
+    return record
+
+
+def add_fractions(record, peaks):
+    """r["fraction_of_peak"]: GFLOP/s over each GEMM peak at the case's thread count."""
+    for r in record["results"].values():
+        r["fraction_of_peak"] = {k: r["gflops"] / v["gflops"] for k, v in peaks.items()}
+
+
+def describe(record):
+    """One progress line with the figures of a finished case."""
+    res = record["results"]
+    ours = res["fusedrnn"]
+    parts = [f"fusedrnn {fmt_ms(ours['median_s'])} ms ({ours['gflops']:.3g} GFLOP/s, "
+             f"{ours['reps']} reps)"]
+    for name, r in res.items():
+        if name != "fusedrnn":
+            parts.append(f"{name} {fmt_ms(r['median_s'])} ms (x{r['speedup']:.2f})")
+    for name, reason in record["skipped"].items():
+        parts.append(f"{name} skipped: {reason}")
+    return "    " + "; ".join(parts)

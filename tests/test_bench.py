@@ -1,0 +1,278 @@
+"""Tests of ``python -m fusedrnn.bench``: argument handling, the plan of cases, and the JSON's
+structure on tiny sizes (never timings). They pass with and without torch / onnxruntime /
+matplotlib installed; the absence of the optional peers is also simulated."""
+import json
+import sys
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn.bench import cases, check, cli, peak, report
+
+TINY = ["--quick", "--sizes", "3,2,4,5,1", "--threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def short_timing(monkeypatch):
+    """These tests look at structure, not speed: time as little as possible."""
+    monkeypatch.setattr(peak, "SIZES", (64,))
+    monkeypatch.setitem(cli.QUICK, "peak_budget_s", 0.0)
+    monkeypatch.setitem(cli.QUICK, "budget_s", 0.0)
+
+
+def parse(*argv):
+    return cli.parser().parse_args(list(argv))
+
+
+def run_json(tmp_path, capsys, *argv):
+    path = tmp_path / "out.json"
+    status = cli.main([*argv, "--json", str(path)])
+    out = capsys.readouterr().out
+    return status, json.loads(path.read_text()), out
+
+
+# -- arguments
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cells", "lstm,foo"], "unknown cell 'foo'"),
+    (["--cells", ""], "empty cell list"),
+    (["--configs", "nope"], "unknown config 'nope'"),
+    (["--mode", "eval"], "unknown mode 'eval'"),
+    (["--peers", "tensorflow"], "unknown peer 'tensorflow'"),
+    (["--threads", "0"], "thread counts must be >= 1"),
+    (["--threads", "1,x"], "thread counts must be integers"),
+    (["--sizes", "1,2,3,4"], "five integers T,B,I,H,L"),
+    (["--sizes", "1,2,3,4,x"], "must be integers"),
+    (["--sizes", "1,2,0,4,1"], "every size must be >= 1"),
+    (["--sizes"], "expected at least one argument"),
+    (["--bogus"], "unrecognized arguments"),
+])
+def test_bad_arguments_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        parse(*argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_lists_parse_and_drop_duplicates():
+    args = parse("--cells", "gru,rnn,gru", "--threads", "2,1,2", "--mode", "train",
+                 "--peers", "reference,torch", "--configs", "wide,stacked")
+    assert args.cells == ["gru", "rnn"]
+    assert args.threads == [2, 1]
+    assert args.mode == ["train"]
+    assert args.peers == ["reference", "torch"]
+    assert args.configs == ["wide", "stacked"]
+    assert parse("--peers", "none").peers == []
+
+
+def test_sizes_parse_to_configs():
+    args = parse("--sizes", "3,2,4,5,1", "10,1,8,16,2")
+    a, b = args.sizes
+    assert (a.T, a.B, a.I, a.H, a.L) == (3, 2, 4, 5, 1)
+    assert (b.T, b.B, b.I, b.H, b.L) == (10, 1, 8, 16, 2)
+    assert a.name == "T3-B2-I4-H5-L1"
+
+
+# -- the plan
+
+def test_default_plan_is_the_design_matrix():
+    plan = cli.plan(parse())
+    assert len(plan) == 6 * 3 * 2 * 2
+    assert {c.config.name for c in plan} == set(cases.CONFIGS)
+    assert {c.cell for c in plan} == {"rnn", "lstm", "gru"}
+    assert {c.mode for c in plan} == {"infer", "train"}
+    assert {c.threads for c in plan} == {1, 2}
+    assert cases.CONFIGS["fastrnns"].shape == "T=100 B=64 I=512 H=512 L=1"
+
+
+def test_quick_plan_is_a_one_thread_subset():
+    quick = cli.plan(parse("--quick"))
+    full = cli.plan(parse())
+    assert 0 < len(quick) < len(full) / 4
+    assert {c.threads for c in quick} == {1}
+    assert {c.cell for c in quick} == {"rnn", "lstm", "gru"}
+    assert {c.mode for c in quick} == {"infer", "train"}
+    lstm = cli.plan(parse("--quick", "--cells", "lstm", "--mode", "infer", "--threads", "2"))
+    assert lstm and all(c.cell == "lstm" and c.mode == "infer" and c.threads == 2 for c in lstm)
+
+
+def test_configs_and_sizes_select_cases():
+    plan = cli.plan(parse("--configs", "long-seq", "--cells", "gru", "--threads", "1"))
+    assert [(c.config.name, c.mode) for c in plan] == [("long-seq", "infer"), ("long-seq", "train")]
+    plan = cli.plan(parse("--sizes", "3,2,4,5,1", "--cells", "rnn", "--threads", "1"))
+    assert [c.config.name for c in plan] == ["T3-B2-I4-H5-L1"] * 2
+    both = cli.plan(parse("--sizes", "3,2,4,5,1", "--configs", "wide", "--mode", "infer",
+                          "--cells", "rnn", "--threads", "1"))
+    assert [c.config.name for c in both] == ["wide", "T3-B2-I4-H5-L1"]
+
+
+def test_flops_follow_design():
+    c = cases.CONFIGS["stacked"]     # T=50 B=16 I=256 H=256 L=2; layer 2's input is H
+    forward = 2 * 50 * 16 * 4 * 256 * (256 + 256) * 2
+    assert cases.flops(c, "lstm", "infer") == forward
+    assert cases.flops(c, "lstm", "train") == 3 * forward
+    assert cases.flops(c, "gru", "infer") == forward * 3 // 4
+
+
+# -- runs on a tiny size: the JSON's structure
+
+def test_json_structure_with_the_reference_peer(tmp_path, capsys):
+    status, data, out = run_json(tmp_path, capsys, *TINY, "--peers", "reference")
+    assert status == 0
+    assert "T3-B2-I4-H5-L1" in out and "vs reference" in out
+    for key in ("schema", "command", "started", "elapsed_s", "settings", "machine", "peers",
+                "peers_skipped", "gemm_peak", "cases"):
+        assert key in data
+    assert data["command"].startswith("python -m fusedrnn.bench --quick")
+    m = data["machine"]
+    for key in ("cpu", "isa", "available_isas", "logical_cpus", "versions", "numpy_blas", "env"):
+        assert key in m
+    assert m["isa"] in m["available_isas"]
+    assert m["versions"]["fusedrnn"] == fusedrnn.__version__
+    assert m["versions"]["numpy"] == np.__version__
+    assert "thread_control" in m["numpy_blas"]
+    peak = data["gemm_peak"]["1"]
+    for name in ("fusedrnn_gemm", "numpy_matmul"):
+        assert peak[name]["gflops"] > 0 and peak[name]["size"] == 64
+        assert len(peak[name]["measured_gflops"]) == 2
+    assert set(data["peers"]) == {"fusedrnn", "reference"}
+    assert len(data["cases"]) == 6
+    assert {(r["cell"], r["mode"]) for r in data["cases"]} == {
+        (c, m) for c in ("rnn", "lstm", "gru") for m in ("infer", "train")}
+    for rec in data["cases"]:
+        sizes = (rec["T"], rec["B"], rec["I"], rec["H"], rec["L"], rec["threads"])
+        assert sizes == (3, 2, 4, 5, 1, 1)
+        assert rec["flops"] == cases.flops(cases.custom_config(3, 2, 4, 5, 1), rec["cell"],
+                                           rec["mode"])
+        chk = rec["check"]
+        assert chk["ok"] and chk["forward_error"] <= chk["forward_tol"]
+        assert (chk["gradient_error"] is None) == (rec["mode"] == "infer")
+        ours, ref = rec["results"]["fusedrnn"], rec["results"]["reference"]
+        for r in (ours, ref):
+            assert r["reps"] == len(r["times_s"]) >= 3
+            assert r["min_s"] <= r["median_s"] <= r["max_s"]
+            assert set(r["fraction_of_peak"]) == {"fusedrnn_gemm", "numpy_matmul"}
+        assert "speedup" not in ours
+        assert ref["speedup"] == pytest.approx(ref["median_s"] / ours["median_s"])
+        assert rec["agreement"]["reference"]["ok"]
+        if rec["mode"] == "train":
+            assert "dx" in rec["agreement"]["reference"]["compared"]
+            assert "weight_hh_l0" in rec["agreement"]["reference"]["compared"]
+
+
+def test_missing_peers_are_skipped_with_a_line(tmp_path, capsys, monkeypatch):
+    for name in ("torch", "onnx", "onnxruntime"):
+        monkeypatch.setitem(sys.modules, name, None)      # import raises ImportError
+    status, data, out = run_json(tmp_path, capsys, *TINY, "--cells", "gru", "--mode", "infer",
+                                 "--peers", "torch,onnxruntime")
+    assert status == 0
+    assert "peer torch: skipped, not installed" in out
+    assert "peer onnxruntime: skipped, not installed" in out
+    assert set(data["peers_skipped"]) == {"torch", "onnxruntime"}
+    assert list(data["cases"][0]["results"]) == ["fusedrnn"]
+
+
+def test_fusedrnn_without_layers_chains_functional(tmp_path, capsys, monkeypatch):
+    monkeypatch.delattr(fusedrnn, "LSTM", raising=False)
+    status, data, _ = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
+                               "--threads", "1", "--cells", "lstm", "--peers", "reference")
+    assert status == 0
+    for rec in data["cases"]:
+        assert rec["fusedrnn_path"] == "functional"
+        assert rec["check"]["ok"] and rec["agreement"]["reference"]["ok"]
+
+
+@pytest.mark.skipif(not hasattr(fusedrnn, "LSTM"), reason="fusedrnn has no layers yet")
+def test_fusedrnn_layers_path(tmp_path, capsys):
+    status, data, _ = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
+                               "--threads", "1", "--peers", "reference")
+    assert status == 0
+    for rec in data["cases"]:
+        assert rec["fusedrnn_path"] == "layers"
+        assert rec["check"]["ok"] and rec["agreement"]["reference"]["ok"]
+
+
+@pytest.mark.torch
+def test_torch_agrees(tmp_path, capsys):
+    pytest.importorskip("torch")
+    status, data, _ = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
+                               "--threads", "1", "--cells", "rnn,rnn_relu,lstm,gru",
+                               "--peers", "torch")
+    assert status == 0
+    for rec in data["cases"]:
+        agree = rec["agreement"]["torch"]
+        assert agree["ok"], agree
+        if rec["mode"] == "train":       # dx and every parameter's gradient were compared
+            assert {"dx", "weight_ih_l1", "bias_hh_l0"} <= set(agree["compared"])
+
+
+def test_onnxruntime_agrees(tmp_path, capsys):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    status, data, _ = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
+                               "--threads", "1", "--cells", "rnn,rnn_relu,lstm,gru",
+                               "--peers", "onnxruntime")
+    assert status == 0
+    for rec in data["cases"]:
+        if rec["mode"] == "train":
+            assert rec["skipped"]["onnxruntime"] == "train not supported"
+            continue
+        agree = rec["agreement"]["onnxruntime"]
+        assert agree["ok"], agree
+        assert set(agree["compared"]) == ({"y", "hn", "cn"} if rec["cell"] == "lstm"
+                                          else {"y", "hn"})
+
+
+def test_agreement_flags_a_wrong_peer():
+    want = {"y": np.ones((2, 1, 3)), "hn": np.ones((1, 1, 3))}
+    got = {"y": np.ones((2, 1, 3)) + 1e-3, "hn": np.ones((1, 1, 3))}
+    assert check.agreement(want, want)["ok"]
+    assert not check.agreement(got, want)["ok"]
+
+
+def test_plot_and_markdown(tmp_path, capsys):
+    status, data, _ = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--mode", "infer",
+                               "--peers", "reference")
+    text = report.markdown(data)
+    assert "```\npython -m fusedrnn.bench" in text and "![speed-ups](speedups.png)" in text
+    assert "| 1 | T3-B2-I4-H5-L1 | rnn | infer |" in text
+    json_path = tmp_path / "out.json"
+    md_path = tmp_path / "RESULTS.md"
+    assert report.main([str(json_path), str(md_path)]) == 0
+    assert md_path.read_text() == text
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "speedups.png"
+    assert cli.main([*TINY, "--cells", "rnn", "--mode", "infer", "--peers", "reference",
+                     "--plot", str(png)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_empty_selection_is_an_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--quick", "--cells", "rnn_relu"])
+    assert e.value.code == 2
+    assert "no case matches" in capsys.readouterr().err
+
+
+def test_output_folder_must_exist(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main([*TINY, "--json", str(tmp_path / "missing" / "out.json")])
+    assert e.value.code == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_a_failing_case_is_reported_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
+    real = cases.make_problem
+
+    def broken(config, cell, seed=0):
+        if cell == "gru":
+            raise RuntimeError("boom")
+        return real(config, cell, seed)
+    monkeypatch.setattr(cases, "make_problem", broken)
+    status, data, out = run_json(tmp_path, capsys, *TINY, "--cells", "gru,rnn", "--mode",
+                                 "infer", "--peers", "none")
+    assert status == 1
+    assert [rec["cell"] for rec in data["cases"]] == ["rnn"]
+    assert len(data["errors"]) == 1 and "gru" in data["errors"][0] and "boom" in data["errors"][0]
+    assert "ERROR, case not timed" in out

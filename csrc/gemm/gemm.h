@@ -20,7 +20,7 @@ void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out
   constexpr int NR = Tile<T>::NR;
   const int64_t panels = ceil_div<int64_t>(N, NR);
   const bool rows_contiguous = b_cs == 1;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > 65536)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > (int64_t(1) << 18))
   for (int64_t p = 0; p < panels; ++p) {
     T* dst = out + p * K * NR;
     const int64_t n0 = p * NR, nv = imin<int64_t>(NR, N - n0);
@@ -69,7 +69,9 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, cons
   const int64_t m_blocks = ceil_div<int64_t>(M, MC);
   const int64_t p_groups = ceil_div<int64_t>(panels, PANELS_PER_JOB);
   const int64_t jobs = m_blocks * p_groups;
-  const bool parallel = nthreads > 1 && jobs > 1 && M * N * K >= 32768;
+  // A parallel region costs a few microseconds idle and a scheduler time slice when another
+  // process holds a core, so only GEMMs of over ~25 us of single-thread work are split.
+  const bool parallel = nthreads > 1 && jobs > 1 && M * N * K >= (int64_t(1) << 20);
 #pragma omp parallel num_threads(nthreads) if (parallel)
   {
     DenormalsFlushed ftz;
@@ -101,7 +103,7 @@ template <typename T>
 void gather_rows(int64_t M, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, T* out, int nthreads) {
   constexpr int64_t BLK = 64;
   const int64_t mb = ceil_div(M, BLK), kb = ceil_div(K, BLK);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * K > 65536)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * K > (int64_t(1) << 18))
   for (int64_t blk = 0; blk < mb * kb; ++blk) {
     const int64_t m0 = (blk / kb) * BLK, k0 = (blk % kb) * BLK;
     const int64_t m1 = imin(M, m0 + BLK), k1 = imin(K, k0 + BLK);

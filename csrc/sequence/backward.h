@@ -17,7 +17,7 @@ template <typename T>
 void column_sums(int64_t M, int64_t N, const T* A, int64_t lda, T* out, int nthreads) {
   constexpr int64_t CHUNK = 256;
   const int64_t chunks = ceil_div<int64_t>(N, CHUNK);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * N > 65536)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * N > (int64_t(1) << 18))
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t n0 = c * CHUNK, n1 = imin(N, n0 + CHUNK);
     for (int64_t n = n0; n < n1; ++n) out[n] = T(0);

@@ -44,14 +44,15 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   return p;
 }
 
-// Threads worth using for one step of this size: splitting costs a barrier per step (~1 us), so
-// small steps run on one thread; rows are split when each thread gets at least two row tiles.
+// Threads worth using for one step of this size: splitting costs a barrier per step (~1 us idle,
+// a scheduler time slice when another process holds a core), so steps under ~25 us of work run on
+// one thread; rows are split when each thread gets at least two row tiles.
 template <typename T>
 int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const int64_t G = gates_of(s.cell);
   const double flops = 2.0 * s.B * G * s.H * s.Hout;
   *by_rows = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR;
-  if (nthreads <= 1 || (!*by_rows && flops < 4e5)) return 1;
+  if (nthreads <= 1 || flops < 2e6) return 1;
   if (!*by_rows && ceil_div<int64_t>(s.H, Tile<T>::NR) < nthreads) return 1;
   return nthreads;
 }

@@ -70,7 +70,7 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
     const bool gru_n = s.cell == Cell::Gru && n >= 2 * s.H;
     bias.p[n] = b_ih[n] + (gru_n ? T(0) : b_hh[n]);
   }
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * GH > 65536)
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * GH > (int64_t(1) << 18))
   for (int64_t m = 0; m < M; ++m) {
     T* row = gx + m * GH;
     for (int64_t n = 0; n < GH; ++n) row[n] += bias.p[n];

@@ -17,6 +17,7 @@ from fusedrnn.tolerances import assert_close
 
 torch = pytest.importorskip("torch")
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+from _torch_loss import backward_and_collect  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -149,20 +150,7 @@ def run_torch(m, case, d, packed_out=False):
     out, h = m(inp, hx)
     if d["lengths"] is not None:
         out, _ = pad_packed_sequence(out, batch_first=case.batch_first, total_length=case.T)
-    hn, cn = h if case.cell == "lstm" else (h, None)
-    loss = (out * torch.tensor(d["dy"], dtype=tdt)).sum()
-    loss = loss + (hn * torch.tensor(d["dhn"], dtype=tdt)).sum()
-    if cn is not None:
-        loss = loss + (cn * torch.tensor(d["dcn"], dtype=tdt)).sum()
-    loss.backward()
-
-    def np_(t):
-        return None if t is None else t.detach().numpy().copy()
-
-    return {"y": np_(out), "hn": np_(hn), "cn": np_(cn), "dx": np_(x.grad),
-            "dh0": None if h0 is None else np_(h0.grad),
-            "dc0": None if c0 is None else np_(c0.grad),
-            "grads": {n: np_(p.grad) for n, p in m.named_parameters()}}
+    return backward_and_collect(m, case.cell, d, out, h, x, h0, c0)
 
 
 def compare(got, want, dtype, what=""):

@@ -19,6 +19,7 @@ from fusedrnn.tolerances import assert_close
 torch = pytest.importorskip("torch")
 import fusedrnn.torch as ft  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
+from _torch_loss import backward_and_collect  # noqa: E402
 from test_layers_torch import (CELLS, Case, make_cases, make_data, torch_module,  # noqa: E402
                                TORCH_DTYPE)
 
@@ -61,22 +62,9 @@ def run_module(m, case, d, dtype):
         assert isinstance(out, torch.nn.utils.rnn.PackedSequence)
         meta = (out.batch_sizes, out.sorted_indices, out.unsorted_indices)
         out, _ = pad_packed_sequence(out, batch_first=case.batch_first, total_length=case.T)
-    hn, cn = h if case.cell == "lstm" else (h, None)
-    for t in (out, hn, cn):
-        assert t is None or t.dtype == tdt
-    loss = (out * torch.tensor(d["dy"], dtype=tdt)).sum()
-    loss = loss + (hn * torch.tensor(d["dhn"], dtype=tdt)).sum()
-    if cn is not None:
-        loss = loss + (cn * torch.tensor(d["dcn"], dtype=tdt)).sum()
-    loss.backward()
-
-    def np_(t):
-        return None if t is None else t.detach().double().numpy().copy()
-
-    return {"y": np_(out), "hn": np_(hn), "cn": np_(cn), "dx": np_(x.grad),
-            "dh0": None if h0 is None else np_(h0.grad),
-            "dc0": None if c0 is None else np_(c0.grad),
-            "grads": {n: np_(p.grad) for n, p in m.named_parameters()}, "meta": meta}
+    for t in (out, *(h if case.cell == "lstm" else (h,))):
+        assert t.dtype == tdt
+    return {**backward_and_collect(m, case.cell, d, out, h, x, h0, c0), "meta": meta}
 
 
 GRID = make_cases(per_cell_dtype=12, seed=777)

@@ -6,15 +6,21 @@ GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def as_float_array(name, a, dtype):
-    """``a`` as a C-contiguous array of exactly ``dtype`` (copied only when needed)."""
+def as_dtype_array(name, a, dtype, whose=""):
+    """``a`` as an ndarray of exactly ``dtype``: no copy, and never a cast (a TypeError instead).
+    ``whose`` qualifies the dtype in the message, e.g. " (the layer's dtype)"."""
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     if not isinstance(a, np.ndarray):
         a = np.asarray(a)
     if a.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}, got {a.dtype.name}")
-    return np.ascontiguousarray(a)
+        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}{whose}, got {a.dtype.name}")
+    return a
+
+
+def as_float_array(name, a, dtype):
+    """``a`` as a C-contiguous array of exactly ``dtype`` (copied only when needed)."""
+    return np.ascontiguousarray(as_dtype_array(name, a, dtype))
 
 
 def check_shape(name, a, shape):

@@ -30,21 +30,14 @@ Semantics chosen where NumPy and torch differ:
 import numpy as np
 
 from . import _layer_base as base
-from ._validate import as_lengths, check_shape
+from ._validate import as_dtype_array, as_lengths, check_shape
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
 
 def _as_array(name, a, dtype):
-    """``a`` as an ndarray of exactly ``dtype`` (no copy, no cast)."""
-    if a is None:
-        raise TypeError(f"{name} must be an array, got None")
-    if not isinstance(a, np.ndarray):
-        a = np.asarray(a)
-    if a.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype.name} (the layer's dtype), "
-                        f"got {a.dtype.name}")
-    return a
+    """``a`` as an ndarray of exactly the layer's ``dtype`` (no copy, no cast)."""
+    return as_dtype_array(name, a, dtype, whose=" (the layer's dtype)")
 
 
 class _Layer:

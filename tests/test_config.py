@@ -1,0 +1,61 @@
+"""ISA selection, FUSEDRNN_ISA, threads and show_config()."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+import fusedrnn
+from fusedrnn import _C
+
+
+def run_python(code, **env):
+    full_env = {**os.environ, **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=full_env, timeout=120)
+
+
+@pytest.mark.parametrize("isa", list(_C.available_isas()))
+def test_fusedrnn_isa_forces_a_build(isa):
+    r = run_python("import fusedrnn; print(fusedrnn._C.isa())", FUSEDRNN_ISA=isa)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == isa
+
+
+def test_unavailable_isa_fails_at_import_with_a_clear_message():
+    r = run_python("import fusedrnn", FUSEDRNN_ISA="sse9000")
+    assert r.returncode != 0
+    assert "FUSEDRNN_ISA=sse9000 is not available" in r.stderr and "generic" in r.stderr
+
+
+def test_default_is_the_best_available():
+    r = run_python("import fusedrnn; print(fusedrnn._C.isa())", FUSEDRNN_ISA="")
+    order = ["avx512", "avx2", "generic"]
+    best = next(i for i in order if i in _C.available_isas())
+    assert r.stdout.strip() == best
+
+
+def test_show_config_reports_isa_and_threads(capsys):
+    fusedrnn.show_config()
+    out = capsys.readouterr().out
+    assert f"isa: {_C.isa()}" in out and "num_threads" in out and "openmp" in out
+
+
+def test_threads_set_get_and_refuse_bad_values():
+    before = fusedrnn.get_num_threads()
+    try:
+        fusedrnn.set_num_threads(1)
+        assert fusedrnn.get_num_threads() == 1
+        with pytest.raises(ValueError, match="num_threads must be >= 1"):
+            fusedrnn.set_num_threads(0)
+        with pytest.raises(TypeError, match="num_threads must be an int"):
+            fusedrnn.set_num_threads(1.5)
+    finally:
+        fusedrnn.set_num_threads(before)
+
+
+def test_omp_num_threads_is_the_default():
+    if not _C.openmp:
+        pytest.skip("built without OpenMP")
+    r = run_python("import fusedrnn; print(fusedrnn.get_num_threads())", OMP_NUM_THREADS="1")
+    assert r.stdout.strip() == "1"

@@ -205,23 +205,20 @@ void forward(const ForwardArgs<T>& a) {
 
   Scratch<T> gx(s.T * B * GH);
   input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx.p, nthreads);
-  PackedGates<T> w{};
   CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, GH, Hout, packed_gates_size<T>(G, Hout, H),
                        [&](T* buf) { pack_gates<T>(G, Hout, H, a.w_hh, buf, nthreads); });
-  w = PackedGates<T>{G, Hout, H, packed_b_size<T>(Hout, H), wbuf.get()};
-  const T* w_proj = nullptr;
+  const PackedGates<T> w{G, Hout, H, packed_b_size<T>(Hout, H), wbuf.get()};
+  // Null without a projection (nothing is packed then).
   CachedPanels<T> wproj(PanelKind::Proj, a.w_hr, s.has_proj ? Hout : 0, H,
-                        s.has_proj ? packed_b_size<T>(H, Hout) : 0, [&](T* buf) {
-                          if (s.has_proj) pack_b<T>(H, Hout, a.w_hr, 1, H, buf, nthreads);
-                        });
-  if (s.has_proj) w_proj = wproj.get();
+                        s.has_proj ? packed_b_size<T>(H, Hout) : 0,
+                        [&](T* buf) { pack_b<T>(H, Hout, a.w_hr, 1, H, buf, nthreads); });
 
   Scratch<T> hbuf(training ? 0 : 2 * B * Hout), cbuf(!training && lstm ? 2 * B * H : 0);
   Scratch<T> hfull(!training && s.has_proj ? B * H : 0);
   Scratch<T> gates(!training && gru_two_phase ? B * GH : 0);
   Scratch<T> extra(!training && gru_two_phase ? B * H : 0);
   Steps steps{a.lengths, s.T, s.reverse};
-  ForwardLoop<T> loop{a, s, steps, G, gx.p, w, w_proj, (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
+  ForwardLoop<T> loop{a, s, steps, G, gx.p, w, wproj.get(), (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
                       training, hbuf.p, cbuf.p, hfull.p, gates.p, extra.p};
 
   std::memcpy(loop.h_at(0), a.h0, sizeof(T) * B * Hout);

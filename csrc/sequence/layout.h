@@ -95,11 +95,11 @@ inline int64_t packed_gates_size(int G, int64_t K, int64_t H) {
   return G * packed_b_size<T>(K, H);
 }
 
+// buf: packed_gates_size elements; gate g's panels start at g * packed_b_size(K, H).
 template <typename T>
-PackedGates<T> pack_gates(int G, int64_t K, int64_t H, const T* w /*(G*H, K)*/, T* buf, int nthreads) {
-  PackedGates<T> p{G, K, H, packed_b_size<T>(K, H), buf};
-  for (int g = 0; g < G; ++g) pack_b<T>(K, H, w + g * H * K, 1, K, buf + g * p.stride, nthreads);
-  return p;
+void pack_gates(int G, int64_t K, int64_t H, const T* w /*(G*H, K)*/, T* buf, int nthreads) {
+  const int64_t stride = packed_b_size<T>(K, H);
+  for (int g = 0; g < G; ++g) pack_b<T>(K, H, w + g * H * K, 1, K, buf + g * stride, nthreads);
 }
 
 // Splits [0, n) into nparts contiguous ranges; part i gets [begin, end).

@@ -6,7 +6,7 @@ Run ``python -m fusedrnn.bench --help``. The modules, one job each:
 - cases.py     the DESIGN.md matrix, the --quick subset, FLOP counts and each case's arrays
 - peers/       fusedrnn itself and the peers (torch.nn, ONNX Runtime, NumPy reference)
 - check.py     fusedrnn against the reference, and each peer against fusedrnn, before timing
-- timing.py    round-robin repetitions with a time budget
+- timing.py    interleaved blocks of repetitions with a time budget
 - peak.py      this machine's float32 GEMM peak (our GEMM and NumPy's matmul)
 - machine.py   CPU, ISA, versions, NumPy's BLAS
 - runner.py    one case: check, warm up, compare, time

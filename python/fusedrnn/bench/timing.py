@@ -1,19 +1,27 @@
-"""Round-robin timing: one repetition of every runner in turn, until a time budget is spent.
+"""Timing in interleaved blocks: every runner in turn runs a short block of consecutive calls,
+round after round, until a time budget is spent.
 
-Interleaving means a slow phase of the machine (another process, a frequency change) hits every
-peer alike instead of whichever was being timed then. The starting runner rotates each round.
-The garbage collector is paused while timing, as ``timeit`` does.
+Why blocks and not one call each in turn: the peers keep thread pools that spin for a while after
+a call (OpenMP in torch and in fusedrnn, ONNX Runtime's own pool). A call made right after another
+library's call shares the two cores with that library's spinning workers, which measured up to 2x
+slower on this machine for sub-millisecond cases, and hurts whoever is timed second. So each block
+starts with one untimed call that absorbs the previous runner's spin, then times consecutive calls,
+as an application calling one library in a loop sees it. Rounds still interleave, so a slow phase
+of the machine (another process, a frequency change) hits every peer alike; the starting runner
+rotates each round. The garbage collector is paused while timing, as ``timeit`` does.
 """
 import gc
 import statistics
 import time
 
+BLOCK_S = 0.05   # timed seconds per runner per block
 
-def interleave(runners, budget_s, min_reps=3, max_reps=200):
+
+def interleave(runners, budget_s, min_reps=3, max_reps=200, block_s=BLOCK_S):
     """Time each runner (name -> zero-argument callable). Returns name -> list of seconds.
 
-    Runs at least ``min_reps`` rounds and stops once ``budget_s`` seconds of timed calls have
-    passed (or after ``max_reps`` rounds).
+    Each runner gets at least ``min_reps`` timed calls and at most ``max_reps``; timing stops once
+    ``budget_s`` seconds of timed calls have passed and every runner has ``min_reps``.
     """
     names = list(runners)
     times = {name: [] for name in names}
@@ -22,16 +30,24 @@ def interleave(runners, budget_s, min_reps=3, max_reps=200):
     was_enabled = gc.isenabled()
     gc.disable()
     try:
-        for rep in range(max_reps):
-            if rep >= min_reps and spent >= budget_s:
+        for rnd in range(max_reps):
+            done = all(len(times[n]) >= max_reps for n in names)
+            enough = all(len(times[n]) >= min_reps for n in names) and spent >= budget_s
+            if done or enough or not names:
                 break
-            k = rep % len(names) if names else 0
+            k = rnd % len(names)
             for name in names[k:] + names[:k]:
-                t0 = time.perf_counter()
-                runners[name]()
-                dt = time.perf_counter() - t0
-                times[name].append(dt)
-                spent += dt
+                if len(times[name]) >= max_reps:
+                    continue
+                runners[name]()          # untimed: lets the previous runner's threads go idle
+                last = min(times[name][-3:]) if times[name] else block_s
+                count = max(1, min(int(block_s / max(last, 1e-9)), max_reps - len(times[name])))
+                for _ in range(count):
+                    t0 = time.perf_counter()
+                    runners[name]()
+                    dt = time.perf_counter() - t0
+                    times[name].append(dt)
+                    spent += dt
     finally:
         if was_enabled:
             gc.enable()

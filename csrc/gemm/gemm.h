@@ -69,6 +69,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, cons
   const int64_t m_blocks = ceil_div<int64_t>(M, MC);
   const int64_t p_groups = ceil_div<int64_t>(panels, PANELS_PER_JOB);
   const int64_t jobs = m_blocks * p_groups;
+  const bool keep_a = M > N;
   // A parallel region costs a few microseconds idle and a scheduler time slice when another
   // process holds a core, so only GEMMs of over ~25 us of single-thread work are split.
   const bool parallel = nthreads > 1 && jobs > 1 && M * N * K >= (int64_t(1) << 20);
@@ -77,7 +78,11 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, cons
     DenormalsFlushed ftz;
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < jobs; ++job) {
-      const int64_t mb = job % m_blocks, pg = job / m_blocks;
+      // Consecutive jobs share the bigger operand's block, which stays in L2 while the smaller
+      // operand streams past it (from L3: the bigger one may not fit there). M = 6400, N = 2048,
+      // K = 512: 66 -> 72 GFLOP/s with A kept; M = 1600, N = 4096: keeping B is 74 vs 66.
+      const int64_t mb = keep_a ? job / p_groups : job % m_blocks;
+      const int64_t pg = keep_a ? job % p_groups : job / m_blocks;
       const int64_t m0 = mb * MC, m1 = imin(M, m0 + MC);
       const int64_t p0 = pg * PANELS_PER_JOB, p1 = imin(panels, p0 + PANELS_PER_JOB);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {

@@ -295,6 +295,15 @@ PYBIND11_MODULE(_C, m) {
     return is_f64(x) ? math_impl<double>(kt, func, x) : math_impl<float>(kt, func, x);
   }, py::arg("func"), py::arg("x"), py::arg("isa") = py::none());
 
+  m.def("step_split", [](int cell, int64_t B, int64_t H, int64_t Hout, bool f64, int threads,
+                         std::optional<std::string> isa) {
+    static const char* names[] = {"one", "rows", "units"};
+    if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
+    return std::string(names[kernels(isa).step_split(cell, f64, B, H, Hout, threads)]);
+  }, py::arg("cell"), py::arg("B"), py::arg("H"), py::arg("Hout"), py::arg("f64") = false,
+     py::arg("threads") = 2, py::arg("isa") = py::none(),
+     "how the forward spreads one step over threads: 'one', 'rows' or 'units'");
+
   m.def("gemm", [](py::array A, py::array B, std::optional<std::string> isa) -> py::array {
     const KernelTable& kt = kernels(isa);
     return is_f64(A) ? gemm_impl<double>(kt, A, B) : gemm_impl<float>(kt, A, B);

@@ -93,6 +93,8 @@ struct KernelTable {
   void (*forward_f64)(const ForwardArgs<double>& a);
   void (*backward_f32)(const BackwardArgs<float>& a);
   void (*backward_f64)(const BackwardArgs<double>& a);
+  // How the forward spreads a step over threads: 0 one thread, 1 batch rows, 2 hidden units.
+  int (*step_split)(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int num_threads);
 };
 
 // Defined in workspace.cpp (portable unit): 64-byte aligned scratch memory.

@@ -46,6 +46,10 @@ SHAPES = [
     dict(T=4, B=7, I=2, H=33),
     dict(T=2, B=13, I=17, H=16),
     dict(T=6, B=2, I=9, H=70),
+    # The fused step cuts K into blocks past ~96 (LSTM), ~120 (GRU), ~384 (RNN) and groups
+    # 4 row tiles: these take several K blocks with a ragged last one, and two row groups.
+    dict(T=3, B=29, I=7, H=130),
+    dict(T=2, B=3, I=4, H=401),
 ]
 
 
@@ -70,15 +74,18 @@ def test_long_sequence_float32(rng, isa):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_bitwise_identical_across_thread_counts(rng, isa, variant):
-    """Sizes chosen so 2 threads split by batch rows (B=40) and by hidden units (B=12): both are
-    above the work threshold under which a step runs on one thread (forward.h, step_threads)."""
+    """Both ways 2 threads share a step (forward.h, step_threads): batch rows with no barrier
+    (small weights, B=96) and hidden units with a barrier per step (B=12, or weights past L2)."""
     if not _C.openmp:
         pytest.skip("built without OpenMP: one thread only")
     cell, lbr, proj = variant
     before = fusedrnn.get_num_threads()
     try:
-        for B in (40, 12):
-            case = make_case(rng, cell, proj and 24, T=4, B=B, I=20, H=300, lengths=True)
+        # (the projection's narrow K needs a wider H to reach the work threshold)
+        for B, H, split in ((96, 128, "rows"), (12, 1000 if proj else 300, "units")):
+            Hout = proj and 24 or H
+            assert _C.step_split(functional.CELL_CODES[cell], B, H, Hout, threads=2, isa=isa) == split
+            case = make_case(rng, cell, proj and 24, T=4, B=B, I=20, H=H, lengths=True)
             results = []
             for n in (1, 2):
                 fusedrnn.set_num_threads(n)
@@ -90,6 +97,17 @@ def test_bitwise_identical_across_thread_counts(rng, isa, variant):
                 assert np.array_equal(grad1[k], grad2[k]), k
     finally:
         fusedrnn.set_num_threads(before)
+
+
+def test_step_split_rule():
+    """Small steps stay on one thread; big weights split by units even for a big batch."""
+    lstm = functional.CELL_CODES["lstm"]
+    assert _C.step_split(lstm, 1, 128, 128, threads=2) == "one"
+    assert _C.step_split(lstm, 96, 128, 128, threads=2) == "rows"
+    assert _C.step_split(lstm, 64, 512, 512, threads=2) == "units"
+    assert _C.step_split(lstm, 96, 128, 128, threads=1) == "one"
+    with pytest.raises(ValueError, match="cell"):
+        _C.step_split(7, 1, 1, 1)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -37,10 +37,13 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
   constexpr int KS = KSplit<M>::value;
+  // Accumulating continues C's own chain (C + a0 b0 + a1 b1 ...), so splitting K into blocks
+  // gives the same bits as one pass when KS = 1.
   V acc[KS][M][NV];
   for (int s = 0; s < KS; ++s)
     for (int r = 0; r < M; ++r)
-      for (int v = 0; v < NV; ++v) acc[s][r][v] = V::zero();
+      for (int v = 0; v < NV; ++v)
+        acc[s][r][v] = (s == 0 && accumulate) ? V::load(c + r * ldc + v * V::W) : V::zero();
   const T* arow[M];
   for (int r = 0; r < M; ++r) arow[r] = a + r * lda;
   int64_t k = 0;
@@ -66,11 +69,7 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
     for (int r = 0; r < M; ++r)
       for (int v = 0; v < NV; ++v) acc[0][r][v] = V::add(acc[0][r][v], acc[s][r][v]);
   for (int r = 0; r < M; ++r)
-    for (int v = 0; v < NV; ++v) {
-      T* p = c + r * ldc + v * V::W;
-      V out = accumulate ? V::add(V::load(p), acc[0][r][v]) : acc[0][r][v];
-      out.store(p);
-    }
+    for (int v = 0; v < NV; ++v) acc[0][r][v].store(c + r * ldc + v * V::W);
 }
 
 // Any M in 1..MR: picks the instantiation with that many rows.

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate bench/RESULTS.md: the full DESIGN.md matrix against every installed peer, then the
-# Markdown rendered from bench/results.json (with bench/speedups.png embedded). The progress log
-# goes to bench/out/full_run.log. Takes 10-15 minutes on 2 cores: run it on an idle machine.
+# training peak memory of every config and cell (--memory, a fresh process per measurement), then
+# the Markdown rendered from bench/results.json (with bench/speedups.png embedded). The progress
+# log goes to bench/out/full_run.log. Takes 10-15 minutes on 2 cores: run it on an idle machine.
 #
 # It runs a snapshot of python/fusedrnn (the package built in the tree) copied to a temporary
 # folder, so rebuilding the extension during the run cannot pull _C*.so from under it.
@@ -13,7 +14,7 @@ trap 'rm -rf "$snapshot"' EXIT
 cp -r python/fusedrnn "$snapshot/"
 mkdir -p bench/out
 PYTHONPATH="$snapshot" python -m fusedrnn.bench --json bench/results.json \
-    --plot bench/speedups.png "$@" 2>&1 | tee bench/out/full_run.log
+    --plot bench/speedups.png --memory "$@" 2>&1 | tee bench/out/full_run.log
 status=${PIPESTATUS[0]}           # 1 when a case failed its check: still render the results
 if [ -f bench/results.json ]; then
     PYTHONPATH="$snapshot" python -m fusedrnn.bench.report bench/results.json bench/RESULTS.md \

@@ -2,12 +2,14 @@
 
     python -m fusedrnn.bench [--quick] [--cells rnn,lstm,gru] [--configs NAMES]
         [--sizes T,B,I,H,L ...] [--threads 1,2] [--mode infer,train]
-        [--peers torch,onnxruntime,reference] [--json FILE] [--plot FILE]
+        [--peers torch,onnxruntime,reference] [--json FILE] [--plot FILE] [--memory]
 
 Without options: the full matrix of DESIGN.md (every config x cell x mode x 1 and 2 threads)
 against every installed peer. ``--quick``: a subset that shows each regime once, one thread and
 shorter timing (with ``--configs`` or ``--sizes``: those cases, with the shorter timing).
 ``--sizes``: your own shapes (instead of the matrix, or in addition to ``--configs``).
+``--memory``: after the timing, the peak memory of one training call (memory.py) for every
+config and cell of the plan that runs in train mode.
 Exit status 1 when fusedrnn fails its check against the reference in any case, or a case
 raises an error (the others still run).
 """
@@ -20,7 +22,7 @@ import sys
 import time
 import traceback
 
-from . import cases, machine, peak, peers, report
+from . import cases, machine, memory, peak, peers, report
 from .peers.reference import REFERENCE_MAX_FLOP
 from .runner import add_fractions, describe, run_case, say
 
@@ -109,6 +111,13 @@ def parser():
                          f"'none' (default: all that are installed)")
     ap.add_argument("--json", metavar="FILE", help="write every figure and the machine to FILE")
     ap.add_argument("--plot", metavar="FILE", help="write a PNG of the speed-ups (matplotlib)")
+    ap.add_argument("--memory", action="store_true",
+                    help="after the timing, measure the peak memory of one training call, "
+                         "fusedrnn and torch (when selected) each in a fresh process, 1 thread, "
+                         "for every config and cell the plan runs in train mode (a few seconds "
+                         "each; Linux only). Only the plan's configs: the full matrix measures "
+                         "all six, --quick its training subset. python -m fusedrnn.bench.memory "
+                         "measures fastrnns alone, or the configs you name")
     return ap
 
 
@@ -125,6 +134,11 @@ def plan(args):
     modes = args.mode or list(cases.MODES)
     threads = args.threads or list(cases.QUICK_THREADS if args.quick else cases.DEFAULT_THREADS)
     return cases.plan(configs, cells, modes, threads, quick_subset=quick_subset)
+
+
+def memory_pairs(plan_):
+    """(config, cell) of every training case of the plan, once each, in plan order."""
+    return list(dict.fromkeys((c.config, c.cell) for c in plan_ if c.mode == "train"))
 
 
 def run(args, argv):
@@ -191,6 +205,11 @@ def run(args, argv):
     for rec in records:
         add_fractions(rec, data["gemm_peak"][str(rec["threads"])])
     data["cases"] = records
+    if args.memory:
+        pairs = memory_pairs(plan_)
+        say(f"training peak memory: {len(pairs)} config/cell pairs, one process per peer each")
+        data["memory"] = memory.measure_all(
+            pairs, [p for p in memory.PEERS if p == "fusedrnn" or p in names], say=say)
     data["errors"] = errors
     data["load_average_at_end"] = machine.load_average()
     data["elapsed_s"] = time.perf_counter() - t_start
@@ -219,6 +238,9 @@ def main(argv=None):
     say("")
     say(report.text_table(data))
     say("")
+    if data.get("memory"):
+        say(report.memory_text(data["memory"]))
+        say("")
     for line in report.summary(data) + report.peak_lines(data):
         say(line)
     for line in report.notes(data):

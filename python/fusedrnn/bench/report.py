@@ -150,6 +150,72 @@ def notes(data):
     ]
 
 
+# -- training peak memory (memory.py): data["memory"], or python -m fusedrnn.bench.memory's JSON
+
+def _mib(n):
+    return DASH if n is None else f"{n / 2 ** 20:.1f}"
+
+
+def memory_rows(mem):
+    """(header, rows) of the training-memory table, all cells strings."""
+    header = ["config", "cell", "needs MiB", "outputs MiB", "fusedrnn MiB", "torch MiB",
+              "torch/fusedrnn"]
+    rows = []
+    for rec in mem["records"]:
+        need = rec["needed_bytes"]
+        peak = rec["peak_extra_bytes"]
+        ours, torch = peak.get("fusedrnn"), peak.get("torch")
+        ratio = f"x{torch / ours:.2f}" if ours and torch is not None else DASH
+        rows.append([rec["config"], rec["cell"], _mib(need["saved"]),
+                     _mib(need["y"] + need["dx"] + need["weight_grads"]), _mib(ours),
+                     _mib(torch), ratio])
+    return header, rows
+
+
+def memory_notes(mem):
+    if not mem["available"]:
+        return [f"training peak memory: {mem['reason']}"]
+    if not mem["records"]:
+        return ["training peak memory: the plan has no training case to measure"]
+    lines = [
+        f"fusedrnn MiB, torch MiB: {mem['method']}.",
+        "needs: what BPTT must keep (h and, for LSTM, c for T+1 steps; LSTM/GRU activated "
+        "gates; GRU W_hn h + b_hn; the inputs of layers after the first); outputs: y, dx and "
+        "the weight gradients. The input x is resident before the call and not counted. What "
+        "fusedrnn holds beyond needs + outputs is listed in fusedrnn/bench/memory.py.",
+    ]
+    for rec in mem["records"]:
+        for peer, why in rec["not_measured"].items():
+            lines.append(f"{rec['config']} {rec['cell']}: {peer} not measured ({why})")
+    return lines
+
+
+def memory_text(mem):
+    """The training-memory table and its notes, as plain text."""
+    if not mem["records"]:
+        return "\n".join(memory_notes(mem))
+    header, rows = memory_rows(mem)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells):
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths)))
+    table = [line(header), line(["-" * w for w in widths]), *map(line, rows)]
+    return "\n".join(table + [""] + memory_notes(mem))
+
+
+def memory_markdown(mem):
+    """Lines of the "Training peak memory" section of RESULTS.md."""
+    out = ["## Training peak memory", ""]
+    if mem["records"]:
+        header, rows = memory_rows(mem)
+        align = [":---" if i < 2 else "---:" for i in range(len(header))]
+        out += ["| " + " | ".join(r) + " |" for r in [header, align, *rows]]
+        out += [""]
+    out += [f"- {line}" for line in memory_notes(mem)]
+    return out + [""]
+
+
 def write_json(data, path):
     with open(path, "w") as f:
         json.dump(data, f, indent=1)
@@ -232,6 +298,8 @@ def markdown(data, plot_name="speedups.png"):
         out += ["## Where fusedrnn is slower (worst first)", ""]
         out += [f"- {what}: x{up:.2f}" for up, what in lost]
         out += [""]
+    if data.get("memory"):
+        out += memory_markdown(data["memory"])
     out += ["## All cases", "", markdown_table(data), ""]
     out += [f"- {line}" for line in notes(data)]
     return "\n".join(out) + "\n"

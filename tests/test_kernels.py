@@ -151,7 +151,9 @@ def test_backward_needs_training_context():
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 33, 5), (64, 48, 300), (13, 129, 257)])
+# (1100, 3, 2000): a transposed A is gathered 512 rows at a time, so three blocks, one ragged.
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 33, 5), (64, 48, 300), (13, 129, 257),
+                                   (1100, 3, 2000)])
 @pytest.mark.parametrize("layout", ["NN", "TN", "NT", "TT"])
 def test_gemm_against_numpy(rng, isa, dtype, M, N, K, layout):
     A = rng.standard_normal((M, K) if layout[0] == "N" else (K, M)).astype(dtype)

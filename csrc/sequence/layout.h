@@ -62,7 +62,7 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
   if (s.I == 0) {
     std::memset(gx, 0, sizeof(T) * M * GH);
   } else {
-    gemm_packed<T>(M, GH, s.I, x, s.I, w.get(), gx, GH, false, nthreads);
+    gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, GH, false, nthreads);
   }
   if (!s.has_bias || M == 0) return;
   Scratch<T> bias(GH);
@@ -102,12 +102,6 @@ void pack_gates(int G, int64_t K, int64_t H, const T* w /*(G*H, K)*/, T* buf, in
   for (int g = 0; g < G; ++g) pack_b<T>(K, H, w + g * H * K, 1, K, buf + g * stride, nthreads);
 }
 
-// Splits [0, n) into nparts contiguous ranges; part i gets [begin, end).
-inline void split_range(int64_t n, int nparts, int part, int64_t* begin, int64_t* end) {
-  const int64_t base = n / nparts, extra = n % nparts;
-  *begin = part * base + imin<int64_t>(part, extra);
-  *end = *begin + base + (part < extra ? 1 : 0);
-}
 
 }  // namespace FUSEDRNN_ISA_NS
 }  // namespace fusedrnn

@@ -43,7 +43,8 @@ void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out
 }
 
 // Packs the mc x kc block of A at A (element (m, k) at A[m*a_rs + k*a_cs], any strides) into
-// MR-row micro-panels: panel i holds A(i*MR + r, k) at out[i*MR*kc + k*MR + r], rows past mc zero.
+// MR-row micro-panels: panel i holds A(i*MR + r, k) at out[i*MR*kc + k*MR + r]. The rows of a
+// last partial panel past mc are left unwritten: the micro-kernel for mr rows never reads them.
 template <typename T>
 void pack_a(int64_t mc, int64_t kc, const T* A, int64_t a_rs, int64_t a_cs, T* out) {
   constexpr int MR = Tile<T>::MR;
@@ -54,14 +55,9 @@ void pack_a(int64_t mc, int64_t kc, const T* A, int64_t a_rs, int64_t a_cs, T* o
       for (int64_t k = 0; k < kc; ++k) {
         const T* src = A + k * a_cs + i;
         for (int r = 0; r < mr; ++r) dst[k * MR + r] = src[r];
-        for (int r = mr; r < MR; ++r) dst[k * MR + r] = T(0);
       }
     } else {  // rows contiguous (or general): one row at a time, written MR apart
-      for (int r = 0; r < MR; ++r) {
-        if (r >= mr) {
-          for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = T(0);
-          continue;
-        }
+      for (int r = 0; r < mr; ++r) {
         const T* src = A + (i + r) * a_rs;
         for (int64_t k = 0; k < kc; ++k) dst[k * MR + r] = src[k * a_cs];
       }
@@ -69,21 +65,22 @@ void pack_a(int64_t mc, int64_t kc, const T* A, int64_t a_rs, int64_t a_cs, T* o
   }
 }
 
-// One MR x NR tile of C from a packed A micro-panel and a packed B panel slice; n_valid < NR goes
-// through a small tile so C is never written past column N (the chain still starts from C).
-template <typename T>
-inline void tile_to_c(int m, int n_valid, int64_t K, const T* a_panel, const T* b, T* c,
+// One MR x NR tile of C from A (a packed micro-panel, or rows lda apart when !PackedA) and a
+// packed B panel slice; n_valid < NR goes through a small tile so C is never written past
+// column N (the chain still starts from C).
+template <typename T, bool PackedA>
+inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, const T* b, T* c,
                       int64_t ldc, bool accumulate) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   if (n_valid == NR) {
-    micro_kernel<T, true>(m, K, a_panel, 0, b, c, ldc, accumulate);
+    micro_kernel<T, PackedA>(m, K, a, lda, b, c, ldc, accumulate);
     return;
   }
   alignas(64) T tmp[MR * NR];
   if (accumulate)
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < n_valid; ++j) tmp[r * NR + j] = c[r * ldc + j];
-  micro_kernel<T, true>(m, K, a_panel, 0, b, tmp, NR, accumulate);
+  micro_kernel<T, PackedA>(m, K, a, lda, b, tmp, NR, accumulate);
   for (int r = 0; r < m; ++r)
     for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[r * NR + j];
 }
@@ -112,10 +109,13 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   const bool parallel = nthreads > 1 && M * N * K >= (int64_t(1) << 20);
   const int64_t ranges = parallel ? imin<int64_t>(panels, ceil_div<int64_t>(4 * nthreads, m_blocks)) : 1;
   const int64_t jobs = m_blocks * ranges;
+  // A single row tile (the per-step products of the backward) is read in place when its rows
+  // are contiguous: packing it would cost as much as using it once.
+  const bool pack = a_cs != 1 || M > MR;
 #pragma omp parallel num_threads(nthreads) if (parallel && jobs > 1)
   {
     DenormalsFlushed ftz;
-    Scratch<T> a_pack(imin(MC, ceil_div<int64_t>(M, MR) * MR) * imin(KC, K));
+    Scratch<T> a_pack(pack ? imin(MC, ceil_div<int64_t>(M, MR) * MR) * imin(KC, K) : 0);
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < jobs; ++job) {
       const int64_t mb = job / ranges;
@@ -125,13 +125,16 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = imin(KC, K - k0);
         const bool acc = accumulate || k0 > 0;
-        pack_a<T>(mc, kc, A + m0 * a_rs + k0 * a_cs, a_rs, a_cs, a_pack.p);
+        const T* a_block = A + m0 * a_rs + k0 * a_cs;
+        if (pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack.p);
         for (int64_t p = p0; p < p1; ++p) {
           const T* b = Bp + (p * K + k0) * NR;
           const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
           for (int64_t m = 0; m < mc; m += MR) {
             const int mr = static_cast<int>(imin<int64_t>(MR, mc - m));
-            tile_to_c<T>(mr, nv, kc, a_pack.p + m * kc, b, C + (m0 + m) * ldc + p * NR, ldc, acc);
+            T* c = C + (m0 + m) * ldc + p * NR;
+            if (pack) tile_to_c<T, true>(mr, nv, kc, a_pack.p + m * kc, 0, b, c, ldc, acc);
+            else tile_to_c<T, false>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc);
           }
         }
       }

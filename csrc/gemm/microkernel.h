@@ -50,9 +50,15 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
   const T* arow[M];
   for (int r = 0; r < M; ++r) arow[r] = PackedA ? a + r : a + r * lda;
   constexpr int64_t ks = PackedA ? MR : 1;  // step of k along a row
+  // B streams from L2 in the recurrent step (every gate panel of a unit block outgrows L1):
+  // prefetch it a few k-steps (one 64-byte line each) ahead, and unroll so the loop's own
+  // instructions stay out of the FMA pipes' way.
+  constexpr int64_t PF = 4;
   int64_t k = 0;
+#pragma GCC unroll 4
   for (; k + KS <= K; k += KS) {
     for (int s = 0; s < KS; ++s) {
+      __builtin_prefetch(b + (k + s + PF) * NR);
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + s) * NR + v * V::W);
       for (int r = 0; r < M; ++r) {

@@ -27,6 +27,14 @@
 #pragma once
 #include "simd/vec.h"
 
+// Inlined into the cell epilogues so the compiler can interleave the independent gates' long
+// dependency chains (exp, divide, correction) instead of running them call by call.
+#if defined(__GNUC__)
+#define FUSEDRNN_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define FUSEDRNN_ALWAYS_INLINE
+#endif
+
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 namespace math_detail {
@@ -85,7 +93,7 @@ template <> struct C<double> {
 // Returns exp(r) (in [0.70, 1.42], before scaling by 2^n) where x = n ln2 + r, and sets n
 // (integer-valued). x must be finite and clamped by the caller so that its scaling works.
 template <typename T>
-inline Vec<T> exp_reduced(Vec<T> x, Vec<T>& n) {
+FUSEDRNN_ALWAYS_INLINE inline Vec<T> exp_reduced(Vec<T> x, Vec<T>& n) {
   using V = Vec<T>;
   const V one = V::set1(T(1));
   n = V::round(x * V::set1(C<T>::log2e));
@@ -110,7 +118,7 @@ inline Vec<T> exp_reduced(Vec<T> x, Vec<T>& n) {
 // the first x whose correctly rounded exp is inf (float 88.72284, double 709.7827128933841);
 // 0 below log(min denormal / 2) (float -103.97, double -745.13).
 template <typename T>
-inline Vec<T> vexp(Vec<T> x) {
+FUSEDRNN_ALWAYS_INLINE inline Vec<T> vexp(Vec<T> x) {
   using V = Vec<T>;
   using K = math_detail::C<T>;
   // Clamp with x first: x86 max/min return the second operand for NaN, so n stays finite.
@@ -128,7 +136,7 @@ inline Vec<T> vexp(Vec<T> x) {
 // Exact: tanh(+-0) = +-0, tanh(+-inf) = +-1, +-1 for |x| >= 9.1 (double 19.1), tanh(-x) = -tanh(x),
 // tanh(x) = x for denormal x, NaN -> NaN.
 template <typename T>
-inline Vec<T> vtanh(Vec<T> x) {
+FUSEDRNN_ALWAYS_INLINE inline Vec<T> vtanh(Vec<T> x) {
   using V = Vec<T>;
   using K = math_detail::C<T>;
   const V one = V::set1(T(1));
@@ -151,7 +159,7 @@ inline Vec<T> vtanh(Vec<T> x) {
 // Exact: sigmoid(-inf) = 0, sigmoid(+inf) = 1, 1 for x >= 17.4 (double 37.5), 0 below
 // -103.97 (double -745.13), NaN -> NaN; small results (x < 0) keep relative accuracy.
 template <typename T>
-inline Vec<T> vsigmoid(Vec<T> x) {
+FUSEDRNN_ALWAYS_INLINE inline Vec<T> vsigmoid(Vec<T> x) {
   using V = Vec<T>;
   using K = math_detail::C<T>;
   const V one = V::set1(T(1));

@@ -50,6 +50,7 @@ SHAPES = [
     # 4 row tiles: these take several K blocks with a ragged last one, and two row groups.
     dict(T=3, B=29, I=7, H=130),
     dict(T=2, B=3, I=4, H=401),
+    dict(T=3, B=2, I=0, H=5),  # no input: the gate pre-activations are the biases alone
 ]
 
 

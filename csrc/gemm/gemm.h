@@ -67,22 +67,28 @@ void pack_a(int64_t mc, int64_t kc, const T* A, int64_t a_rs, int64_t a_cs, T* o
 
 // One MR x NR tile of C from A (a packed micro-panel, or rows lda apart when !PackedA) and a
 // packed B panel slice; n_valid < NR goes through a small tile so C is never written past
-// column N (the chain still starts from C).
+// column N (the chain still starts from C). With `bias` (n_valid values) and !accumulate, the
+// chain starts from the bias instead of zero, which saves a pass over C afterwards.
 template <typename T, bool PackedA>
 inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, const T* b, T* c,
-                      int64_t ldc, bool accumulate) {
+                      int64_t ldc, bool accumulate, const T* bias) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
-  if (n_valid == NR) {
-    micro_kernel<T, PackedA>(m, K, a, lda, b, c, ldc, accumulate);
-    return;
-  }
+  const bool full = n_valid == NR;
   alignas(64) T tmp[MR * NR];
-  if (accumulate)
+  T* dst = full ? c : tmp;
+  const int64_t ldd = full ? ldc : NR;
+  if (bias && !accumulate) {
+    for (int r = 0; r < m; ++r)
+      for (int j = 0; j < n_valid; ++j) dst[r * ldd + j] = bias[j];
+    accumulate = true;
+  } else if (accumulate && !full) {
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < n_valid; ++j) tmp[r * NR + j] = c[r * ldc + j];
-  micro_kernel<T, PackedA>(m, K, a, lda, b, tmp, NR, accumulate);
-  for (int r = 0; r < m; ++r)
-    for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[r * NR + j];
+  }
+  micro_kernel<T, PackedA>(m, K, a, lda, b, dst, ldd, accumulate);
+  if (!full)
+    for (int r = 0; r < m; ++r)
+      for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[r * NR + j];
 }
 
 // GotoBLAS-style blocking: an MC x KC block of A is packed once (into L2) and meets every
@@ -92,13 +98,15 @@ template <typename T> struct GemmBlocking {
   static constexpr int64_t MC = Tile<T>::MR * 24;  // 144 rows on AVX2: 144 KB of A in L2
 };
 
-// C(M,N) (+)= A(M,K) * packed B, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A is packed).
+// C(M,N) (+)= A(M,K) * packed B, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A is packed);
+// with `bias` (N values, only when !accumulate) C = bias + A B.
 // Threads take whole row blocks when there are enough of them, else panel ranges too (each
 // packing its own copy of the A block). Every C element is one FMA chain over k in order
 // whatever the threads, so results do not depend on the thread count.
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
-                 const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads) {
+                 const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads,
+                 const T* bias = nullptr) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t KC = GemmBlocking<T>::KC, MC = GemmBlocking<T>::MC;
   if (M <= 0 || N <= 0 || K <= 0) return;
@@ -125,6 +133,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
         const int64_t kc = imin(KC, K - k0);
         const bool acc = accumulate || k0 > 0;
+        const T* bias_k = k0 == 0 ? bias : nullptr;
         const T* a_block = A + m0 * a_rs + k0 * a_cs;
         if (pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack.p);
         for (int64_t p = p0; p < p1; ++p) {
@@ -133,8 +142,9 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
           for (int64_t m = 0; m < mc; m += MR) {
             const int mr = static_cast<int>(imin<int64_t>(MR, mc - m));
             T* c = C + (m0 + m) * ldc + p * NR;
-            if (pack) tile_to_c<T, true>(mr, nv, kc, a_pack.p + m * kc, 0, b, c, ldc, acc);
-            else tile_to_c<T, false>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc);
+            const T* bias_p = bias_k ? bias_k + p * NR : nullptr;
+            if (pack) tile_to_c<T, true>(mr, nv, kc, a_pack.p + m * kc, 0, b, c, ldc, acc, bias_p);
+            else tile_to_c<T, false>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p);
           }
         }
       }

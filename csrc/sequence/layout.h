@@ -59,21 +59,18 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
   const int64_t G = gates_of(s.cell), GH = G * s.H, M = s.T * s.B;
   CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH),
                     [&](T* buf) { pack_b<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
-  if (s.I == 0) {
-    std::memset(gx, 0, sizeof(T) * M * GH);
-  } else {
-    gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, GH, false, nthreads);
-  }
-  if (!s.has_bias || M == 0) return;
-  Scratch<T> bias(GH);
-  for (int64_t n = 0; n < GH; ++n) {
+  Scratch<T> bias(s.has_bias ? GH : 0);
+  for (int64_t n = 0; s.has_bias && n < GH; ++n) {
     const bool gru_n = s.cell == Cell::Gru && n >= 2 * s.H;
     bias.p[n] = b_ih[n] + (gru_n ? T(0) : b_hh[n]);
   }
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * GH > (int64_t(1) << 18))
+  if (s.I > 0) {  // the bias rides in the GEMM: each gate chain starts from it
+    gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, GH, false, nthreads, bias.p);
+    return;
+  }
   for (int64_t m = 0; m < M; ++m) {
     T* row = gx + m * GH;
-    for (int64_t n = 0; n < GH; ++n) row[n] += bias.p[n];
+    for (int64_t n = 0; n < GH; ++n) row[n] = s.has_bias ? bias.p[n] : T(0);
   }
 }
 

@@ -10,5 +10,6 @@ Run ``python -m fusedrnn.bench --help``. The modules, one job each:
 - peak.py      this machine's float32 GEMM peak (our GEMM and NumPy's matmul)
 - machine.py   CPU, ISA, versions, NumPy's BLAS
 - runner.py    one case: check, warm up, compare, time
+- memory.py    training peak memory beside torch's, each in a fresh process (``--memory``)
 - report.py    text table, JSON, plot, Markdown (``python -m fusedrnn.bench.report``)
 """

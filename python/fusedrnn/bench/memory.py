@@ -31,7 +31,7 @@ What fusedrnn holds beyond that at its peak (accounts for the measured figures t
   forward returns; its block stays in the cache and serves the backward's dGx;
 - in the backward (csrc/sequence/backward.h) dGx, T x B x G*H, plus a separate dGh of that size
   for GRU, reversed or variable-length runs; and the weight-gradient GEMMs (csrc/gemm/gemm.h)
-  gather dG transposed into a whole new T x B x G*H buffer and pack all of x (or h) at once;
+  pack all of x (or h) at once (dG^T itself is packed a 144 x 256 block at a time);
 - the packed W_ih / W_hh panels of forward and backward, each W_hh with a copy of its bytes.
 """
 import argparse

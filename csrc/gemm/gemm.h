@@ -120,35 +120,44 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   // A single row tile (the per-step products of the backward) is read in place when its rows
   // are contiguous: packing it would cost as much as using it once.
   const bool pack = a_cs != 1 || M > MR;
-#pragma omp parallel num_threads(nthreads) if (parallel && jobs > 1)
-  {
-    DenormalsFlushed ftz;
-    Scratch<T> a_pack(pack ? imin(MC, ceil_div<int64_t>(M, MR) * MR) * imin(KC, K) : 0);
-#pragma omp for schedule(static)
-    for (int64_t job = 0; job < jobs; ++job) {
-      const int64_t mb = job / ranges;
-      int64_t p0 = 0, p1 = panels;
-      split_range(panels, static_cast<int>(ranges), static_cast<int>(job % ranges), &p0, &p1);
-      const int64_t m0 = mb * MC, mc = imin(MC, M - m0);
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t kc = imin(KC, K - k0);
-        const bool acc = accumulate || k0 > 0;
-        const T* bias_k = k0 == 0 ? bias : nullptr;
-        const T* a_block = A + m0 * a_rs + k0 * a_cs;
-        if (pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack.p);
-        for (int64_t p = p0; p < p1; ++p) {
-          const T* b = Bp + (p * K + k0) * NR;
-          const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
-          for (int64_t m = 0; m < mc; m += MR) {
-            const int mr = static_cast<int>(imin<int64_t>(MR, mc - m));
-            T* c = C + (m0 + m) * ldc + p * NR;
-            const T* bias_p = bias_k ? bias_k + p * NR : nullptr;
-            if (pack) tile_to_c<T, true>(mr, nv, kc, a_pack.p + m * kc, 0, b, c, ldc, acc, bias_p);
-            else tile_to_c<T, false>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p);
-          }
+  const int64_t a_pack_elems = pack ? imin(MC, ceil_div<int64_t>(M, MR) * MR) * imin(KC, K) : 0;
+  auto run_job = [&](int64_t job, T* a_pack) {
+    const int64_t mb = job / ranges;
+    int64_t p0 = 0, p1 = panels;
+    split_range(panels, static_cast<int>(ranges), static_cast<int>(job % ranges), &p0, &p1);
+    const int64_t m0 = mb * MC, mc = imin(MC, M - m0);
+    for (int64_t k0 = 0; k0 < K; k0 += KC) {
+      const int64_t kc = imin(KC, K - k0);
+      const bool acc = accumulate || k0 > 0;
+      const T* bias_k = k0 == 0 ? bias : nullptr;
+      const T* a_block = A + m0 * a_rs + k0 * a_cs;
+      if (pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
+      for (int64_t p = p0; p < p1; ++p) {
+        const T* b = Bp + (p * K + k0) * NR;
+        const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
+        for (int64_t m = 0; m < mc; m += MR) {
+          const int mr = static_cast<int>(imin<int64_t>(MR, mc - m));
+          T* c = C + (m0 + m) * ldc + p * NR;
+          const T* bias_p = bias_k ? bias_k + p * NR : nullptr;
+          if (pack) tile_to_c<T, true>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p);
+          else tile_to_c<T, false>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p);
         }
       }
     }
+  };
+  if (!parallel || jobs <= 1) {
+    // Not even an inactive parallel region: libgomp makes a futex call per region, ~1 us, which
+    // was a fifth of the per-step backward at B = 1 (long-seq LSTM training).
+    Scratch<T> a_pack(a_pack_elems);
+    for (int64_t job = 0; job < jobs; ++job) run_job(job, a_pack.p);
+    return;
+  }
+#pragma omp parallel num_threads(nthreads)
+  {
+    DenormalsFlushed ftz;
+    Scratch<T> a_pack(a_pack_elems);
+#pragma omp for schedule(static)
+    for (int64_t job = 0; job < jobs; ++job) run_job(job, a_pack.p);
   }
 }
 

@@ -115,7 +115,13 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   // A parallel region costs a few microseconds idle and a scheduler time slice when another
   // process holds a core, so only GEMMs of over ~25 us of single-thread work are split.
   const bool parallel = nthreads > 1 && M * N * K >= (int64_t(1) << 20);
-  const int64_t ranges = parallel ? imin<int64_t>(panels, ceil_div<int64_t>(4 * nthreads, m_blocks)) : 1;
+  // Panel ranges per row block: enough jobs (>= 4 per thread) and a multiple of the threads,
+  // so no thread waits for another's extra job (11 row blocks on 2 threads was 6 against 5).
+  int64_t ranges = 1;
+  if (parallel) {
+    ranges = imin<int64_t>(panels, ceil_div<int64_t>(4 * nthreads, m_blocks));
+    while (ranges < panels && (m_blocks * ranges) % nthreads != 0) ++ranges;
+  }
   const int64_t jobs = m_blocks * ranges;
   // A single row tile (the per-step products of the backward) is read in place when its rows
   // are contiguous: packing it would cost as much as using it once.

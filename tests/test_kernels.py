@@ -145,6 +145,25 @@ def test_inputs_not_modified(rng):
             assert np.array_equal(case[k], v), k
 
 
+@pytest.mark.parametrize("keep_x", [False, True])
+def test_training_context_and_the_callers_x(rng, keep_x):
+    """By default the context keeps its own copy of x, so the caller may reuse its buffer before
+    backward; keep_x=True (the layers' inner inputs) keeps x itself, which then must not change."""
+    case = make_case(rng, "gru", T=4, B=3, I=5, H=6)
+    w = case["w"]
+
+    def weight_ih_grad(overwrite):
+        x = case["x"].copy()
+        *_, ctx = functional.forward("gru", x, case["h0"], None, w["w_ih"], w["w_hh"], w["b_ih"],
+                                     w["b_hh"], keep_x=keep_x)
+        if overwrite:
+            x[...] = 0.0
+        return functional.backward(ctx, case["dy"])[3]["weight_ih"]
+
+    same = np.array_equal(weight_ih_grad(False), weight_ih_grad(True))
+    assert same == (not keep_x)
+
+
 def test_backward_needs_training_context():
     with pytest.raises(RuntimeError, match="training=True"):
         functional.backward(None, np.zeros((1, 1, 1), np.float32))

@@ -211,7 +211,7 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
                                      p("weight_ih"), p("weight_hh"), p("bias_ih"), p("bias_hh"),
                                      p("weight_hr"), lengths=lengths, reverse=bool(d),
                                      linear_before_reset=spec.linear_before_reset,
-                                     training=save, isa=isa)
+                                     training=save, isa=isa, keep_x=k > 0)  # y: ours alone
             hn[i] = h
             if lstm:
                 cn[i] = c

@@ -24,9 +24,11 @@ CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 
 
 def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, reverse=False,
-            linear_before_reset=True, training=True, isa=None):
+            linear_before_reset=True, training=True, isa=None, *, keep_x=False):
+    """``keep_x=True``: the training context keeps ``x`` itself rather than a copy, for callers
+    that never write to it before backward (the layers' own inner-layer inputs)."""
     args = check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-    if training and args[0] is x:
+    if training and args[0] is x and not keep_x:
         # The context keeps x for dW_ih; a private copy keeps the caller free to reuse its buffer
         # between forward and backward (weights are the layer's own and are kept by reference).
         args = (args[0].copy(),) + args[1:]

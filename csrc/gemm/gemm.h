@@ -14,15 +14,18 @@ template <typename T> inline int64_t packed_b_size(int64_t K, int64_t N) {
   return ceil_div<int64_t>(N, Tile<T>::NR) * K * Tile<T>::NR;
 }
 
-// out: ceil(N/NR) panels, panel p holds B(k, p*NR + j) at out[(p*K + k)*NR + j], zero padded.
+// out: ceil(N/NR) panels, panel p holds B(k, p*NR + j) at out[p*panel_stride + k*NR + j], zero
+// padded; panel_stride is K*NR (back to back) unless the caller interleaves several matrices.
 template <typename T>
-void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out, int nthreads) {
+void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out, int nthreads,
+            int64_t panel_stride = -1) {
   constexpr int NR = Tile<T>::NR;
   const int64_t panels = ceil_div<int64_t>(N, NR);
+  if (panel_stride < 0) panel_stride = K * NR;
   const bool rows_contiguous = b_cs == 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > (int64_t(1) << 18))
   for (int64_t p = 0; p < panels; ++p) {
-    T* dst = out + p * K * NR;
+    T* dst = out + p * panel_stride;
     const int64_t n0 = p * NR, nv = imin<int64_t>(NR, N - n0);
     if (rows_contiguous) {
       for (int64_t k = 0; k < K; ++k) {

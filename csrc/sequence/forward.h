@@ -221,7 +221,7 @@ void forward(const ForwardArgs<T>& a) {
   input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx.p, nthreads);
   CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, GH, Hout, packed_gates_size<T>(G, Hout, H),
                        [&](T* buf) { pack_gates<T>(G, Hout, H, a.w_hh, buf, nthreads); });
-  const PackedGates<T> w{G, Hout, H, packed_b_size<T>(Hout, H), wbuf.get()};
+  const PackedGates<T> w{G, Hout, wbuf.get()};
   // Null without a projection (nothing is packed then).
   CachedPanels<T> wproj(PanelKind::Proj, a.w_hr, s.has_proj ? Hout : 0, H,
                         s.has_proj ? packed_b_size<T>(H, Hout) : 0,

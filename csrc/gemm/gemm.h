@@ -14,7 +14,19 @@ template <typename T> inline int64_t packed_b_size(int64_t K, int64_t N) {
   return ceil_div<int64_t>(N, Tile<T>::NR) * K * Tile<T>::NR;
 }
 
-// out: ceil(N/NR) panels, panel p holds B(k, p*NR + j) at out[p*panel_stride + k*NR + j], zero
+// Row k of panel p (columns p*NR .. p*NR + NR of B, zero past N) into d[0..NR).
+template <typename T>
+inline void pack_b_row(int64_t k, int64_t p, int64_t N, const T* B, int64_t b_rs, int64_t b_cs,
+                       T* d) {
+  constexpr int NR = Tile<T>::NR;
+  const int64_t n0 = p * NR, nv = imin<int64_t>(NR, N - n0);
+  const T* src = B + k * b_rs + n0 * b_cs;
+  for (int64_t j = 0; j < nv; ++j) d[j] = src[j * b_cs];
+  for (int64_t j = nv; j < NR; ++j) d[j] = T(0);
+}
+
+// Panel layout, for the fused step's micro-kernels (each walks one panel over all of K):
+// ceil(N/NR) panels, panel p holds B(k, p*NR + j) at out[p*panel_stride + k*NR + j], zero
 // padded; panel_stride is K*NR (back to back) unless the caller interleaves several matrices.
 template <typename T>
 void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out, int nthreads,
@@ -22,26 +34,37 @@ void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out
   constexpr int NR = Tile<T>::NR;
   const int64_t panels = ceil_div<int64_t>(N, NR);
   if (panel_stride < 0) panel_stride = K * NR;
-  const bool rows_contiguous = b_cs == 1;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > (int64_t(1) << 18))
-  for (int64_t p = 0; p < panels; ++p) {
-    T* dst = out + p * panel_stride;
-    const int64_t n0 = p * NR, nv = imin<int64_t>(NR, N - n0);
-    if (rows_contiguous) {
-      for (int64_t k = 0; k < K; ++k) {
-        const T* src = B + k * b_rs + n0;
-        for (int64_t j = 0; j < nv; ++j) dst[k * NR + j] = src[j];
-        for (int64_t j = nv; j < NR; ++j) dst[k * NR + j] = T(0);
-      }
-    } else {  // columns contiguous (a transposed weight): NR source streams, one write stream
-      const T* src[NR];
-      for (int64_t j = 0; j < NR; ++j) src[j] = B + (n0 + imin<int64_t>(j, nv - 1)) * b_cs;
-      for (int64_t k = 0; k < K; ++k) {
-        T* d = dst + k * NR;
-        for (int64_t j = 0; j < NR; ++j) d[j] = src[j][k * b_rs];
-        for (int64_t j = nv; j < NR; ++j) d[j] = T(0);
-      }
-    }
+  for (int64_t p = 0; p < panels; ++p)
+    for (int64_t k = 0; k < K; ++k) pack_b_row(k, p, N, B, b_rs, b_cs, out + p * panel_stride + k * NR);
+}
+
+// GotoBLAS-style blocking: an MC x KC block of A is packed once (into L2) and meets every
+// KC x NR slice of the packed B panels (each in L1 while it meets the block's row tiles).
+template <typename T> struct GemmBlocking {
+  static constexpr int64_t KC = 256;
+  static constexpr int64_t MC = Tile<T>::MR * 24;  // 144 rows on AVX2: 144 KB of A in L2
+};
+
+// K-blocked layout, for gemm_packed: the KC x NR slices of every panel for one block of K lie
+// back to back, so a pass over one K block reads B as one sequential stream. Slice (k0, p) starts
+// at out + k0*panels*NR + p*kc*NR (kc = that block's length); same size as the panel layout.
+template <typename T>
+inline const T* gemm_b_slice(const T* Bp, int64_t panels, int64_t K, int64_t k0, int64_t p) {
+  const int64_t kc = imin(GemmBlocking<T>::KC, K - k0);
+  return Bp + (k0 * panels + p * kc) * Tile<T>::NR;
+}
+
+template <typename T>
+void pack_b_gemm(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out, int nthreads) {
+  constexpr int NR = Tile<T>::NR;
+  constexpr int64_t KC = GemmBlocking<T>::KC;
+  const int64_t panels = ceil_div<int64_t>(N, NR), kblocks = ceil_div<int64_t>(K, KC);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > (int64_t(1) << 18))
+  for (int64_t job = 0; job < kblocks * panels; ++job) {
+    const int64_t k0 = (job / panels) * KC, p = job % panels, k1 = imin(K, k0 + KC);
+    T* dst = const_cast<T*>(gemm_b_slice<T>(out, panels, K, k0, p));
+    for (int64_t k = k0; k < k1; ++k) pack_b_row(k, p, N, B, b_rs, b_cs, dst + (k - k0) * NR);
   }
 }
 
@@ -94,14 +117,8 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
       for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[r * NR + j];
 }
 
-// GotoBLAS-style blocking: an MC x KC block of A is packed once (into L2) and meets every
-// KC x NR slice of the packed B panels (each in L1 while it meets the block's row tiles).
-template <typename T> struct GemmBlocking {
-  static constexpr int64_t KC = 256;
-  static constexpr int64_t MC = Tile<T>::MR * 24;  // 144 rows on AVX2: 144 KB of A in L2
-};
 
-// C(M,N) (+)= A(M,K) * packed B, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A is packed);
+// C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A is packed);
 // with `bias` (N values, only when !accumulate) C = bias + A B.
 // Threads take whole row blocks when there are enough of them, else panel ranges too (each
 // packing its own copy of the A block). Every C element is one FMA chain over k in order
@@ -142,7 +159,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
       const T* a_block = A + m0 * a_rs + k0 * a_cs;
       if (pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
       for (int64_t p = p0; p < p1; ++p) {
-        const T* b = Bp + (p * K + k0) * NR;
+        const T* b = gemm_b_slice<T>(Bp, panels, K, k0, p);
         const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
         for (int64_t m = 0; m < mc; m += MR) {
           const int mr = static_cast<int>(imin<int64_t>(MR, mc - m));
@@ -181,7 +198,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
     return;
   }
   Scratch<T> packed(packed_b_size<T>(K, N));
-  pack_b<T>(K, N, B, b_rs, b_cs, packed.p, nthreads);
+  pack_b_gemm<T>(K, N, B, b_rs, b_cs, packed.p, nthreads);
   gemm_packed<T>(M, N, K, A, a_rs, a_cs, packed.p, C, ldc, accumulate, nthreads);
 }
 

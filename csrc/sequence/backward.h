@@ -52,15 +52,15 @@ void backward(const BackwardArgs<T>& a) {
   // W_hh (GH x Hout) is already the K x N operand of dG W_hh; the two-phase GRU splits it.
   const int64_t hh_rows = gru_two_phase ? 2 * H : GH;  // the two-phase GRU keeps W_hn apart
   CachedPanels<T> whh(PanelKind::BackHH, a.w_hh, hh_rows, Hout, packed_b_size<T>(hh_rows, Hout),
-                      [&](T* buf) { pack_b<T>(hh_rows, Hout, a.w_hh, Hout, 1, buf, nthreads); });
+                      [&](T* buf) { pack_b_gemm<T>(hh_rows, Hout, a.w_hh, Hout, 1, buf, nthreads); });
   const T* w_hn = a.w_hh + 2 * H * Hout;
   CachedPanels<T> whn(PanelKind::BackHN, w_hn, gru_two_phase ? H : 0, H,
                       gru_two_phase ? packed_b_size<T>(H, H) : 0, [&](T* buf) {
-                        if (gru_two_phase) pack_b<T>(H, H, w_hn, Hout, 1, buf, nthreads);
+                        if (gru_two_phase) pack_b_gemm<T>(H, H, w_hn, Hout, 1, buf, nthreads);
                       });
   CachedPanels<T> whr(PanelKind::BackHR, a.w_hr, s.has_proj ? Hout : 0, H,
                       s.has_proj ? packed_b_size<T>(Hout, H) : 0, [&](T* buf) {
-                        if (s.has_proj) pack_b<T>(Hout, H, a.w_hr, H, 1, buf, nthreads);
+                        if (s.has_proj) pack_b_gemm<T>(Hout, H, a.w_hr, H, 1, buf, nthreads);
                       });
 
   Scratch<T> dh_a(B * Hout), dh_b(B * Hout), dc(lstm ? B * H : 0);

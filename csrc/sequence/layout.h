@@ -58,7 +58,7 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
                       const T* b_hh, T* gx, int nthreads) {
   const int64_t G = gates_of(s.cell), GH = G * s.H, M = s.T * s.B;
   CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH),
-                    [&](T* buf) { pack_b<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
+                    [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
   Scratch<T> bias(s.has_bias ? GH : 0);
   for (int64_t n = 0; s.has_bias && n < GH; ++n) {
     const bool gru_n = s.cell == Cell::Gru && n >= 2 * s.H;

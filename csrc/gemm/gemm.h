@@ -120,8 +120,7 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
 
 // C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A is packed);
 // with `bias` (N values, only when !accumulate) C = bias + A B.
-// Threads take whole row blocks when there are enough of them, else panel ranges too (each
-// packing its own copy of the A block). Every C element is one FMA chain over k in order
+// Threads take panel ranges (see `ranges`). Every C element is one FMA chain over k in order
 // whatever the threads, so results do not depend on the thread count.
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
@@ -135,22 +134,21 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   // A parallel region costs a few microseconds idle and a scheduler time slice when another
   // process holds a core, so only GEMMs of over ~25 us of single-thread work are split.
   const bool parallel = nthreads > 1 && M * N * K >= (int64_t(1) << 20);
-  // Panel ranges per row block: enough jobs (>= 4 per thread) and a multiple of the threads,
-  // so no thread waits for another's extra job (11 row blocks on 2 threads was 6 against 5).
-  int64_t ranges = 1;
-  if (parallel) {
-    ranges = imin<int64_t>(panels, ceil_div<int64_t>(4 * nthreads, m_blocks));
-    while (ranges < panels && (m_blocks * ranges) % nthreads != 0) ++ranges;
-  }
+  // Threads split the panels (each takes whole panel ranges across every row block, so the
+  // shares differ by at most a panel per range, whatever M): splitting row blocks left a thread
+  // with the short last block (M = 800: 432 rows against 368). A single row block gets 4 ranges
+  // per thread for balance; each thread packs its own copy of the A blocks.
+  const int64_t ranges =
+      parallel ? imin<int64_t>(panels, int64_t(nthreads) * (m_blocks == 1 ? 4 : 1)) : 1;
   const int64_t jobs = m_blocks * ranges;
   // A single row tile (the per-step products of the backward) is read in place when its rows
   // are contiguous: packing it would cost as much as using it once.
   const bool pack = a_cs != 1 || M > MR;
   const int64_t a_pack_elems = pack ? imin(MC, ceil_div<int64_t>(M, MR) * MR) * imin(KC, K) : 0;
   auto run_job = [&](int64_t job, T* a_pack) {
-    const int64_t mb = job / ranges;
+    const int64_t mb = job % m_blocks;  // range-major: a thread's jobs share its panel range
     int64_t p0 = 0, p1 = panels;
-    split_range(panels, static_cast<int>(ranges), static_cast<int>(job % ranges), &p0, &p1);
+    split_range(panels, static_cast<int>(ranges), static_cast<int>(job / m_blocks), &p0, &p1);
     const int64_t m0 = mb * MC, mc = imin(MC, M - m0);
     for (int64_t k0 = 0; k0 < K; k0 += KC) {
       const int64_t kc = imin(KC, K - k0);

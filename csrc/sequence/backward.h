@@ -44,7 +44,11 @@ void backward(const BackwardArgs<T>& a) {
   // Pre-activation gradients; positions no step reaches (past a row's length) stay zero.
   Scratch<T> dgx_buf(TB * GH);
   std::memset(dgx_buf.p, 0, sizeof(T) * TB * GH);
-  const bool same_space = !gru && !a.lengths && !s.reverse;  // step k is time k for every row
+  // One buffer serves both when step k is time k for every row and the recurrent side's
+  // pre-activation gradients equal the input side's: all cells but the torch-style GRU, whose
+  // n gate meets r * (W_hn h + b_hn), so its recurrent dn carries the extra factor r.
+  const bool same_values = !(gru && s.linear_before_reset);
+  const bool same_space = same_values && !a.lengths && !s.reverse;
   Scratch<T> dgh_buf(same_space ? 0 : TB * GH);
   T* dgx = dgx_buf.p;
   T* dgh = same_space ? dgx : dgh_buf.p;

@@ -507,12 +507,17 @@ def test_kernels_release_the_gil_while_a_layer_runs():
     import time
 
     layer = fusedrnn.LSTM(128, 256).eval()
-    x = np.random.default_rng(0).standard_normal((50, 32, 128)).astype(np.float32)
-    t0 = time.perf_counter()
-    layer(x)
-    call = time.perf_counter() - t0
-    if call < 0.02:
-        pytest.skip(f"one call takes {call * 1e3:.1f} ms here: too fast to measure pauses")
+    rng = np.random.default_rng(0)
+    T = 50
+    while True:  # a call long enough (>= 40 ms) that a held GIL would show as a long pause
+        x = rng.standard_normal((T, 32, 128)).astype(np.float32)
+        layer(x)
+        t0 = time.perf_counter()
+        layer(x)
+        call = time.perf_counter() - t0
+        if call >= 0.04:
+            break
+        T *= 2
     worker = threading.Thread(target=lambda: [layer(x) for _ in range(3)])
     worker.start()
     last, longest = time.perf_counter(), 0.0

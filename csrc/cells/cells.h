@@ -124,7 +124,8 @@ inline void gru_backward_row(const RowBackward<T>& r) {
     V dz = dh * (hp - nn) * z * (one_ - z);
     V dr = dn * ld(r.extra + j, n) * rg * (one_ - rg);
     st_gates(r.dgx + j, H, n, dr, dz, dn);
-    st_gates(r.dgh + j, H, n, dr, dz, dn * rg);
+    if (r.dgh != r.dgx) st_gates(r.dgh + j, H, n, dr, dz);  // by step (lengths, reverse)
+    st(r.dgh_n + j, dn * rg, n);  // d(W_hn h + b_hn): dn carries r
     st(r.dh_prev + j, dh * z, n);
   }
 }

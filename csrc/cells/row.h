@@ -35,6 +35,7 @@ struct RowBackward {
   T* dc;            // LSTM: in: dc from later steps; out: dc for the previous step
   T* dgx;           // gradient of the pre-activations on the input side, gate g at +g*H
   T* dgh;           // gradient of the pre-activations on the recurrent side (GRU differs)
+  T* dgh_n;         // GRU (torch-style): the recurrent n-gate gradient, which may live apart
   T* dh_prev;       // GRU only: the direct part of d h_prev (dh*z), written
   int64_t H;
   int nu;

@@ -47,20 +47,27 @@ void backward(const BackwardArgs<T>& a) {
   // One buffer serves both when step k is time k for every row and the recurrent side's
   // pre-activation gradients equal the input side's: all cells but the torch-style GRU, whose
   // n gate meets r * (W_hn h + b_hn), so its recurrent dn carries the extra factor r.
-  const bool same_values = !(gru && s.linear_before_reset);
-  const bool same_space = same_values && !a.lengths && !s.reverse;
-  Scratch<T> dgh_buf(same_space ? 0 : TB * GH);
+  // The torch-style GRU then keeps only its recurrent dn apart (T*B*H, not another T*B*3H).
+  const bool gru_lbr = gru && s.linear_before_reset;
+  const bool same_steps = !a.lengths && !s.reverse;
+  const bool same_space = !gru_lbr && same_steps;
+  const bool n_apart = gru_lbr && same_steps;
+  Scratch<T> dgh_buf(same_space || n_apart ? 0 : TB * GH), dghn_buf(n_apart ? TB * H : 0);
   T* dgx = dgx_buf.p;
-  T* dgh = same_space ? dgx : dgh_buf.p;
+  T* dgh = same_space || n_apart ? dgx : dgh_buf.p;  // rows of G*H; for n_apart only r, z count
+  // The GRU's recurrent n-gate gradients: inside dgh, or apart (rows of H).
+  T* dghn = n_apart ? dghn_buf.p : dgh + 2 * H;
+  const int64_t ld_n = n_apart ? H : GH;
 
-  // W_hh (GH x Hout) is already the K x N operand of dG W_hh; the two-phase GRU splits it.
-  const int64_t hh_rows = gru_two_phase ? 2 * H : GH;  // the two-phase GRU keeps W_hn apart
+  // W_hh (GH x Hout) is already the K x N operand of dG W_hh; the GRU keeps W_hn apart (its n
+  // gradients may live apart, and the two-phase GRU meets W_hn on its own).
+  const int64_t hh_rows = gru ? 2 * H : GH;
   CachedPanels<T> whh(PanelKind::BackHH, a.w_hh, hh_rows, Hout, packed_b_size<T>(hh_rows, Hout),
                       [&](T* buf) { pack_b_gemm<T>(hh_rows, Hout, a.w_hh, Hout, 1, buf, nthreads); });
   const T* w_hn = a.w_hh + 2 * H * Hout;
-  CachedPanels<T> whn(PanelKind::BackHN, w_hn, gru_two_phase ? H : 0, H,
-                      gru_two_phase ? packed_b_size<T>(H, H) : 0, [&](T* buf) {
-                        if (gru_two_phase) pack_b_gemm<T>(H, H, w_hn, Hout, 1, buf, nthreads);
+  CachedPanels<T> whn(PanelKind::BackHN, w_hn, gru ? H : 0, H, gru ? packed_b_size<T>(H, H) : 0,
+                      [&](T* buf) {
+                        if (gru) pack_b_gemm<T>(H, H, w_hn, Hout, 1, buf, nthreads);
                       });
   CachedPanels<T> whr(PanelKind::BackHR, a.w_hr, s.has_proj ? Hout : 0, H,
                       s.has_proj ? packed_b_size<T>(Hout, H) : 0, [&](T* buf) {
@@ -109,6 +116,7 @@ void backward(const BackwardArgs<T>& a) {
       r.dc = lstm ? dc.p + b * H : nullptr;
       r.dgx = dgx + (steps.time(k, b) * B + b) * GH;
       r.dgh = dgh_k + b * GH;
+      r.dgh_n = dghn + (k * B + b) * ld_n;
       r.dh_prev = dh_prev + b * Hout;
       r.H = H;
       r.nu = static_cast<int>(H);
@@ -137,6 +145,10 @@ void backward(const BackwardArgs<T>& a) {
         gru_reset_backward_row2<T>(r);
       }
       gemm_packed<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh.get(), dh_prev, Hout, true, nthreads);
+    } else if (gru) {  // r, z through W_hr|W_hz, then n through W_hn (continuing each chain)
+      gemm_packed<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh.get(), dh_prev, Hout, true, nthreads);
+      gemm_packed<T>(B, Hout, H, dghn + k * B * ld_n, ld_n, 1, whn.get(), dh_prev, Hout, true,
+                     nthreads);
     } else {
       gemm_packed<T>(B, Hout, GH, dgh_k, GH, 1, whh.get(), dh_prev, Hout, true, nthreads);
     }
@@ -148,16 +160,21 @@ void backward(const BackwardArgs<T>& a) {
   // Whole-sequence weight and input gradients.
   gemm<T>(GH, s.I, TB, dgx, 1, GH, a.x, s.I, 1, a.dw_ih, s.I, false, nthreads);
   gemm<T>(TB, s.I, GH, dgx, GH, 1, a.w_ih, s.I, 1, a.dx, s.I, false, nthreads);
-  if (!gru_two_phase) {
+  if (!gru) {
     gemm<T>(GH, Hout, TB, dgh, 1, GH, a.saved.h, Hout, 1, a.dw_hh, Hout, false, nthreads);
-  } else {  // the n rows of W_hh met r*h, not h
+  } else {  // r, z rows from dgh; n rows from dghn, which met r*h in the two-phase GRU
     gemm<T>(2 * H, Hout, TB, dgh, 1, GH, a.saved.h, Hout, 1, a.dw_hh, Hout, false, nthreads);
-    gemm<T>(H, Hout, TB, dgh + 2 * H, 1, GH, a.saved.gru_extra, H, 1, a.dw_hh + 2 * H * Hout, Hout,
-            false, nthreads);
+    const T* n_met = gru_two_phase ? a.saved.gru_extra : a.saved.h;
+    gemm<T>(H, Hout, TB, dghn, 1, ld_n, n_met, Hout, 1, a.dw_hh + 2 * H * Hout, Hout, false,
+            nthreads);
   }
   if (s.has_proj) gemm<T>(Hout, H, TB, dhs.p, 1, Hout, a.saved.hfull, H, 1, a.dw_hr, H, false, nthreads);
   if (a.db_ih) column_sums<T>(TB, GH, dgx, GH, a.db_ih, nthreads);
-  if (a.db_hh) column_sums<T>(TB, GH, dgh, GH, a.db_hh, nthreads);
+  if (a.db_hh && !gru) column_sums<T>(TB, GH, dgh, GH, a.db_hh, nthreads);
+  if (a.db_hh && gru) {
+    column_sums<T>(TB, 2 * H, dgh, GH, a.db_hh, nthreads);
+    column_sums<T>(TB, H, dghn, ld_n, a.db_hh + 2 * H, nthreads);
+  }
 }
 
 }  // namespace FUSEDRNN_ISA_NS

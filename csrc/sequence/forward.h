@@ -9,15 +9,14 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include "cells/cells.h"
 #include "sequence/layout.h"
+#include "sequence/step_barrier.h"
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
-
-inline void team_barrier() {
-#pragma omp barrier
-}
 
 // Who does which part of a step.
 struct StepSplit {
@@ -84,6 +83,7 @@ struct ForwardLoop {
   bool training;
   // Inference ping-pong buffers (training writes into the saved ones instead).
   T *hbuf, *cbuf, *hfull_buf, *gates_buf, *extra_buf;
+  StepBarrier* barrier;  // the team's, when the step is split by hidden units
 
   T* h_at(int64_t k) const { return training ? a.saved.h + k * s.B * s.Hout : hbuf + (k % 2) * s.B * s.Hout; }
   T* c_at(int64_t k) const { return training ? a.saved.c + k * s.B * s.H : cbuf + (k % 2) * s.B * s.H; }
@@ -185,7 +185,7 @@ struct ForwardLoop {
         case Cell::Lstm:
           cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, lstm_forward_row<T>);
           if (s.has_proj) {
-            if (p.barrier) team_barrier();
+            if (p.barrier) barrier->wait();
             projection_phase(k, p);
           }
           break;
@@ -194,12 +194,12 @@ struct ForwardLoop {
             cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, gru_forward_row<T>);
           } else {
             cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, gru_reset_forward_row<T>);
-            if (p.barrier) team_barrier();
+            if (p.barrier) barrier->wait();
             cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, gru_reset_new_row<T>);
           }
           break;
       }
-      if (p.barrier) team_barrier();
+      if (p.barrier) barrier->wait();
     }
   }
 };
@@ -233,7 +233,7 @@ void forward(const ForwardArgs<T>& a) {
   Scratch<T> extra(!training && gru_two_phase ? B * H : 0);
   Steps steps{a.lengths, s.T, s.reverse};
   ForwardLoop<T> loop{a, s, steps, G, gx.p, w, wproj.get(), (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
-                      training, hbuf.p, cbuf.p, hfull.p, gates.p, extra.p};
+                      training, hbuf.p, cbuf.p, hfull.p, gates.p, extra.p, nullptr};
 
   std::memcpy(loop.h_at(0), a.h0, sizeof(T) * B * Hout);
   if (lstm) std::memcpy(loop.c_at(0), a.c0, sizeof(T) * B * H);
@@ -246,6 +246,10 @@ void forward(const ForwardArgs<T>& a) {
   if (nt <= 1) {
     loop.run(make_split<T>(s, 1, 0, by_rows));
   } else {
+    // The team may come out smaller than asked (OMP_THREAD_LIMIT, nesting): the barrier is
+    // sized by the first member to see the team.
+    std::unique_ptr<StepBarrier> barrier;
+    std::once_flag made;
 #pragma omp parallel num_threads(nt)
     {
       DenormalsFlushed ftz_worker;
@@ -254,7 +258,11 @@ void forward(const ForwardArgs<T>& a) {
 #else
       const int team = 1;
 #endif
-      loop.run(make_split<T>(s, team, thread_id(), by_rows));
+      std::call_once(made, [&] { barrier = std::make_unique<StepBarrier>(team); });
+#pragma omp barrier
+      ForwardLoop<T> mine = loop;
+      mine.barrier = barrier.get();
+      mine.run(make_split<T>(s, team, thread_id(), by_rows));
     }
   }
   std::memcpy(a.hn, loop.h_at(s.T), sizeof(T) * B * Hout);

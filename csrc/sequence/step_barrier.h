@@ -1,0 +1,64 @@
+// The barrier of a step team (forward.h, hidden-unit split): a short spin, then sleep.
+//
+// Why not `#pragma omp barrier`: libgomp spins up to ~300k iterations (milliseconds) before it
+// sleeps. When another library's thread pool is still spinning on the other core (torch after
+// an op, as in a model using fusedrnn.torch), the waiting thread spins away the time slice its
+// teammate needs: stacked LSTM, 2 threads, ran 15 ms alone and up to 24-31 ms right after a torch
+// call. Sleeping after ~20 us lets the scheduler hand the core to the teammate at once; a step's
+// own imbalance (a few microseconds) stays within the spin.
+#pragma once
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+class StepBarrier {
+ public:
+  explicit StepBarrier(int members) : members_(members) {}
+  StepBarrier(const StepBarrier&) = delete;
+  StepBarrier& operator=(const StepBarrier&) = delete;
+
+  // Returns once every member has called wait() for this phase; what a member wrote before its
+  // call is visible to every member after it (release/acquire on the generation).
+  void wait() {
+    const unsigned gen = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == members_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        generation_.store(gen + 1, std::memory_order_release);
+      }
+      wake_.notify_all();
+      return;
+    }
+    const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
+    for (int i = 0;; ++i) {
+      if (generation_.load(std::memory_order_acquire) != gen) return;
+      relax();
+      if ((i & 63) == 63 && std::chrono::steady_clock::now() > spin_until) break;
+    }
+    std::unique_lock<std::mutex> lock(mutex_);
+    wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != gen; });
+  }
+
+ private:
+  static void relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+  }
+  const int members_;
+  std::atomic<int> arrived_{0};
+  std::atomic<unsigned> generation_{0};
+  std::mutex mutex_;
+  std::condition_variable wake_;
+};
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -193,14 +193,19 @@ def test_fusedrnn_layers_path(tmp_path, capsys):
         assert rec["check"]["ok"] and rec["agreement"]["reference"]["ok"]
 
 
+def cases_against(peer, tmp_path, capsys):
+    """Every cell, a 2-layer tiny size, fusedrnn beside one peer: the run's case records."""
+    status, data, _ = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
+                               "--threads", "1", "--cells", "rnn,rnn_relu,lstm,gru",
+                               "--peers", peer)
+    assert status == 0
+    return data["cases"]
+
+
 @pytest.mark.torch
 def test_torch_agrees(tmp_path, capsys):
     pytest.importorskip("torch")
-    status, data, _ = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
-                               "--threads", "1", "--cells", "rnn,rnn_relu,lstm,gru",
-                               "--peers", "torch")
-    assert status == 0
-    for rec in data["cases"]:
+    for rec in cases_against("torch", tmp_path, capsys):
         agree = rec["agreement"]["torch"]
         assert agree["ok"], agree
         if rec["mode"] == "train":       # dx and every parameter's gradient were compared
@@ -210,11 +215,7 @@ def test_torch_agrees(tmp_path, capsys):
 def test_onnxruntime_agrees(tmp_path, capsys):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    status, data, _ = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
-                               "--threads", "1", "--cells", "rnn,rnn_relu,lstm,gru",
-                               "--peers", "onnxruntime")
-    assert status == 0
-    for rec in data["cases"]:
+    for rec in cases_against("onnxruntime", tmp_path, capsys):
         if rec["mode"] == "train":
             assert rec["skipped"]["onnxruntime"] == "train not supported"
             continue

@@ -117,9 +117,20 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
       for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[r * NR + j];
 }
 
+// The calling thread's buffer for packed A blocks (MC x KC), allocated on its first GEMM and kept:
+// the backward calls gemm_packed every step, which allocated one per call.
+template <typename T>
+T* a_pack_buffer() {
+  struct Buffer {
+    T* p = static_cast<T*>(aligned_alloc_bytes(sizeof(T) * GemmBlocking<T>::MC * GemmBlocking<T>::KC));
+    ~Buffer() { aligned_free_bytes(p); }
+  };
+  thread_local Buffer buffer;
+  return buffer.p;
+}
 
-// C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A is packed);
-// with `bias` (N values, only when !accumulate) C = bias + A B.
+// C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A
+// is packed); with `bias` (N values, only when !accumulate) C = bias + A B.
 // Threads take panel ranges (see `ranges`). Every C element is one FMA chain over k in order
 // whatever the threads, so results do not depend on the thread count.
 template <typename T>
@@ -144,7 +155,6 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   // A single row tile (the per-step products of the backward) is read in place when its rows
   // are contiguous: packing it would cost as much as using it once.
   const bool pack = a_cs != 1 || M > MR;
-  const int64_t a_pack_elems = pack ? imin(MC, ceil_div<int64_t>(M, MR) * MR) * imin(KC, K) : 0;
   auto run_job = [&](int64_t job, T* a_pack) {
     const int64_t mb = job % m_blocks;  // range-major: a thread's jobs share its panel range
     int64_t p0 = 0, p1 = panels;
@@ -172,16 +182,16 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   if (!parallel || jobs <= 1) {
     // Not even an inactive parallel region: libgomp makes a futex call per region, ~1 us, which
     // was a fifth of the per-step backward at B = 1 (long-seq LSTM training).
-    Scratch<T> a_pack(a_pack_elems);
-    for (int64_t job = 0; job < jobs; ++job) run_job(job, a_pack.p);
+    T* a_pack = pack ? a_pack_buffer<T>() : nullptr;
+    for (int64_t job = 0; job < jobs; ++job) run_job(job, a_pack);
     return;
   }
 #pragma omp parallel num_threads(nthreads)
   {
     DenormalsFlushed ftz;
-    Scratch<T> a_pack(a_pack_elems);
+    T* a_pack = pack ? a_pack_buffer<T>() : nullptr;
 #pragma omp for schedule(static)
-    for (int64_t job = 0; job < jobs; ++job) run_job(job, a_pack.p);
+    for (int64_t job = 0; job < jobs; ++job) run_job(job, a_pack);
   }
 }
 

@@ -23,13 +23,12 @@ struct StepSplit {
   int64_t row0, row1;    // batch rows
   int64_t unit0, unit1;  // hidden-unit blocks of NR
   int64_t out0, out1;    // output (projection) blocks of NR
-  bool barrier;          // the team must meet between phases
 };
 
 template <typename T>
 StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
-  StepSplit p{0, s.B, 0, ceil_div<int64_t>(s.H, NR), 0, ceil_div<int64_t>(s.Hout, NR), false};
+  StepSplit p{0, s.B, 0, ceil_div<int64_t>(s.H, NR), 0, ceil_div<int64_t>(s.Hout, NR)};
   if (nthreads <= 1) return p;
   if (by_rows) {
     split_range(ceil_div<int64_t>(s.B, MR), nthreads, tid, &p.row0, &p.row1);
@@ -38,7 +37,6 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   } else {
     split_range(ceil_div<int64_t>(s.H, NR), nthreads, tid, &p.unit0, &p.unit1);
     split_range(ceil_div<int64_t>(s.Hout, NR), nthreads, tid, &p.out0, &p.out1);
-    p.barrier = true;
   }
   return p;
 }
@@ -83,7 +81,7 @@ struct ForwardLoop {
   bool training;
   // Inference ping-pong buffers (training writes into the saved ones instead).
   T *hbuf, *cbuf, *hfull_buf, *gates_buf, *extra_buf;
-  StepBarrier* barrier;  // the team's, when the step is split by hidden units
+  StepBarrier* barrier;  // the team's when the step is split by hidden units, else null
 
   T* h_at(int64_t k) const { return training ? a.saved.h + k * s.B * s.Hout : hbuf + (k % 2) * s.B * s.Hout; }
   T* c_at(int64_t k) const { return training ? a.saved.c + k * s.B * s.H : cbuf + (k % 2) * s.B * s.H; }
@@ -185,7 +183,7 @@ struct ForwardLoop {
         case Cell::Lstm:
           cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, lstm_forward_row<T>);
           if (s.has_proj) {
-            if (p.barrier) barrier->wait();
+            if (barrier) barrier->wait();
             projection_phase(k, p);
           }
           break;
@@ -194,12 +192,12 @@ struct ForwardLoop {
             cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, gru_forward_row<T>);
           } else {
             cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, gru_reset_forward_row<T>);
-            if (p.barrier) barrier->wait();
+            if (barrier) barrier->wait();
             cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, gru_reset_new_row<T>);
           }
           break;
       }
-      if (p.barrier) barrier->wait();
+      if (barrier) barrier->wait();
     }
   }
 };
@@ -261,7 +259,7 @@ void forward(const ForwardArgs<T>& a) {
       std::call_once(made, [&] { barrier = std::make_unique<StepBarrier>(team); });
 #pragma omp barrier
       ForwardLoop<T> mine = loop;
-      mine.barrier = barrier.get();
+      mine.barrier = by_rows || team == 1 ? nullptr : barrier.get();  // rows never meet
       mine.run(make_split<T>(s, team, thread_id(), by_rows));
     }
   }

@@ -33,8 +33,8 @@ struct Vec<float> {
   }
   static Vec copysign(Vec a, Vec s) {
     __m512i sign = _mm512_set1_epi32(INT32_MIN);
-    __m512i r = _mm512_ternarylogic_epi32(sign, _mm512_castps_si512(s.v), _mm512_castps_si512(a.v), 0xE4);
-    return {_mm512_castsi512_ps(r)};  // 0xE4: sign ? s : a, bitwise
+    __m512i r = _mm512_ternarylogic_epi32(sign, _mm512_castps_si512(s.v), _mm512_castps_si512(a.v), 0xCA);
+    return {_mm512_castsi512_ps(r)};  // 0xCA: bitwise sign ? s : a
   }
   static Vec round(Vec a) { return {_mm512_roundscale_ps(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
   static Mask lt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
@@ -71,8 +71,8 @@ struct Vec<double> {
   }
   static Vec copysign(Vec a, Vec s) {
     __m512i sign = _mm512_set1_epi64(INT64_MIN);
-    __m512i r = _mm512_ternarylogic_epi64(sign, _mm512_castpd_si512(s.v), _mm512_castpd_si512(a.v), 0xE4);
-    return {_mm512_castsi512_pd(r)};
+    __m512i r = _mm512_ternarylogic_epi64(sign, _mm512_castpd_si512(s.v), _mm512_castpd_si512(a.v), 0xCA);
+    return {_mm512_castsi512_pd(r)};  // as for float
   }
   static Vec round(Vec a) { return {_mm512_roundscale_pd(a.v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)}; }
   static Mask lt(Vec a, Vec b) { return _mm512_cmp_pd_mask(a.v, b.v, _CMP_LT_OQ); }

@@ -3,6 +3,9 @@
 #pragma once
 #include <cstdint>
 #include "kernel_api.h"
+#if defined(__unix__)
+#include <unistd.h>
+#endif
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -45,6 +48,18 @@ struct DenormalsFlushed {
   ~DenormalsFlushed() { _mm_setcsr(saved); }
 #endif
 };
+
+// One core's L2 in bytes, as the OS reports it (512 KB where it does not say).
+inline int64_t l2_cache_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    const long n = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    if (n > 0) return int64_t(n);
+#endif
+    return int64_t(512) << 10;
+  }();
+  return bytes;
+}
 
 inline int thread_id() {
 #if defined(_OPENMP)

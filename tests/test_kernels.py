@@ -101,9 +101,11 @@ def test_bitwise_identical_across_thread_counts(rng, isa, variant):
 
 
 def test_step_split_rule():
-    """Small steps stay on one thread; big weights split by units even for a big batch."""
+    """Tiny steps stay on one thread; a batch of one splits by units (each core streams half of
+    W_hh); big weights split by units even for a big batch."""
     lstm = functional.CELL_CODES["lstm"]
-    assert _C.step_split(lstm, 1, 128, 128, threads=2) == "one"
+    assert _C.step_split(lstm, 1, 32, 32, threads=2) == "one"
+    assert _C.step_split(lstm, 1, 128, 128, threads=2) == "units"
     assert _C.step_split(lstm, 96, 128, 128, threads=2) == "rows"
     assert _C.step_split(lstm, 64, 512, 512, threads=2) == "units"
     assert _C.step_split(lstm, 96, 128, 128, threads=1) == "one"

@@ -41,19 +41,23 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   return p;
 }
 
-// Threads worth using for one step of this size: splitting costs a barrier per step (~1 us idle,
-// a scheduler time slice when another process holds a core), so steps under ~25 us of work run on
-// one thread. Rows are split (no barrier) when each thread gets at least two row tiles and the
-// recurrent weights fit one core's L2, since each thread then reads all of them every step;
+// Threads worth using for one step of this size. Splitting costs a barrier per step (a few
+// hundred ns when both cores are ours, a scheduler time slice when another process holds one), so
+// steps under ~30 KFLOP run on one thread. Above that even tiny steps gain: at B=1 the step is
+// bound by streaming W_hh from L2, and two cores each stream half (2 threads, medians:
+// online-small LSTM 0.41 -> 0.30 ms, long-seq LSTM 1.07 -> 0.84 ms, online-small RNN 0.113 ->
+// 0.094 ms; long-seq GRU, 25 KFLOP a step, 0.80 -> 0.84 ms, so it stays on one thread).
+// Rows are split (no barrier) when each thread gets at least two row tiles and the recurrent
+// weights fit half of one core's L2, since each thread then reads all of them every step;
 // bigger weights are split by hidden units, so each core streams only its share of them
 // (fastrnns LSTM, 2 threads: median 227-247 ms by rows, 211-222 ms by units).
 template <typename T>
 int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const int64_t G = gates_of(s.cell);
   const double flops = 2.0 * s.B * G * s.H * s.Hout;
-  const bool weights_fit_l2 = G * s.H * s.Hout * int64_t(sizeof(T)) <= (int64_t(256) << 10);
+  const bool weights_fit_l2 = G * s.H * s.Hout * int64_t(sizeof(T)) <= l2_cache_bytes() / 2;
   *by_rows = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2;
-  if (nthreads <= 1 || flops < 2e6) return 1;
+  if (nthreads <= 1 || flops < 3e4) return 1;
   if (!*by_rows && ceil_div<int64_t>(s.H, Tile<T>::NR) < nthreads) return 1;
   return nthreads;
 }

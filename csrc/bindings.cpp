@@ -296,13 +296,14 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("func"), py::arg("x"), py::arg("isa") = py::none());
 
   m.def("step_split", [](int cell, int64_t B, int64_t H, int64_t Hout, bool f64, int threads,
-                         std::optional<std::string> isa) {
-    static const char* names[] = {"one", "rows", "units"};
+                         std::optional<std::string> isa, bool backward) {
+    static const char* names[] = {"one", "rows", "units", "team"};
     if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
-    return std::string(names[kernels(isa).step_split(cell, f64, B, H, Hout, threads)]);
+    return std::string(names[kernels(isa).step_split(cell, f64, B, H, Hout, threads, backward)]);
   }, py::arg("cell"), py::arg("B"), py::arg("H"), py::arg("Hout"), py::arg("f64") = false,
-     py::arg("threads") = 2, py::arg("isa") = py::none(),
-     "how the forward spreads one step over threads: 'one', 'rows' or 'units'");
+     py::arg("threads") = 2, py::arg("isa") = py::none(), py::arg("backward") = false,
+     "how the forward spreads one step over threads: 'one', 'rows' or 'units'; with "
+     "backward=True, how the backward's time loop does: 'one' or 'team'");
 
   m.def("gemm", [](py::array A, py::array B, std::optional<std::string> isa) -> py::array {
     const KernelTable& kt = kernels(isa);

@@ -35,7 +35,10 @@ void forward_f32(const ForwardArgs<float>& a) { forward<float>(a); }
 void forward_f64(const ForwardArgs<double>& a) { forward<double>(a); }
 void backward_f32(const BackwardArgs<float>& a) { backward<float>(a); }
 void backward_f64(const BackwardArgs<double>& a) { backward<double>(a); }
-int step_split(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int nthreads) {
+int step_split(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int nthreads, bool backward) {
+  if (backward)
+    return f64 ? backward_split_kind<double>(cell, B, H, Hout, nthreads)
+               : backward_split_kind<float>(cell, B, H, Hout, nthreads);
   return f64 ? step_split_kind<double>(cell, B, H, Hout, nthreads)
              : step_split_kind<float>(cell, B, H, Hout, nthreads);
 }

@@ -93,8 +93,10 @@ struct KernelTable {
   void (*forward_f64)(const ForwardArgs<double>& a);
   void (*backward_f32)(const BackwardArgs<float>& a);
   void (*backward_f64)(const BackwardArgs<double>& a);
-  // How the forward spreads a step over threads: 0 one thread, 1 batch rows, 2 hidden units.
-  int (*step_split)(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int num_threads);
+  // How the forward spreads a step over threads: 0 one thread, 1 batch rows, 2 hidden units;
+  // with `backward`, how the backward does: 0 one thread, 3 a team (rows and column panels).
+  int (*step_split)(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int num_threads,
+                    bool backward);
 };
 
 // Defined in workspace.cpp (portable unit): 64-byte aligned scratch memory.

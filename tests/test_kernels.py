@@ -75,8 +75,9 @@ def test_long_sequence_float32(rng, isa):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_bitwise_identical_across_thread_counts(rng, isa, variant):
-    """Both ways 2 threads share a step (forward.h, step_threads): batch rows with no barrier
-    (small weights, B=96) and hidden units with a barrier per step (B=12, or weights past L2)."""
+    """Both ways 2 threads share a forward step (forward.h, step_threads): batch rows with no
+    barrier (small weights, B=96) and hidden units with a barrier per step (B=12, or weights past
+    L2); and the backward's team (batch rows of the pointwise maths, column panels of the GEMMs)."""
     if not _C.openmp:
         pytest.skip("built without OpenMP: one thread only")
     cell, lbr, proj = variant
@@ -85,7 +86,9 @@ def test_bitwise_identical_across_thread_counts(rng, isa, variant):
         # (the projection's narrow K needs a wider H to reach the work threshold)
         for B, H, split in ((96, 128, "rows"), (12, 1000 if proj else 300, "units")):
             Hout = proj and 24 or H
-            assert _C.step_split(functional.CELL_CODES[cell], B, H, Hout, threads=2, isa=isa) == split
+            code = functional.CELL_CODES[cell]
+            assert _C.step_split(code, B, H, Hout, threads=2, isa=isa) == split
+            assert _C.step_split(code, B, H, Hout, threads=2, isa=isa, backward=True) == "team"
             case = make_case(rng, cell, proj and 24, T=4, B=B, I=20, H=H, lengths=True)
             results = []
             for n in (1, 2):
@@ -109,6 +112,8 @@ def test_step_split_rule():
     assert _C.step_split(lstm, 96, 128, 128, threads=2) == "rows"
     assert _C.step_split(lstm, 64, 512, 512, threads=2) == "units"
     assert _C.step_split(lstm, 96, 128, 128, threads=1) == "one"
+    assert _C.step_split(lstm, 1, 32, 32, threads=2, backward=True) == "one"
+    assert _C.step_split(lstm, 1, 128, 128, threads=2, backward=True) == "team"
     with pytest.raises(ValueError, match="cell"):
         _C.step_split(7, 1, 1, 1)
 

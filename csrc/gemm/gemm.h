@@ -129,6 +129,56 @@ T* a_pack_buffer() {
   return buffer.p;
 }
 
+// Rows [m0, m0 + mc) (mc <= MC) of C(M,N) (+)= A(M,K) * B for the panels [p0, p1) of B packed
+// by pack_b_gemm, on the calling thread. a_pack: the thread's buffer, or null when A's row tile is
+// read in place (see gemm_packed).
+template <typename T>
+void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N, int64_t K,
+                       const T* A, int64_t a_rs, int64_t a_cs, const T* Bp, T* C, int64_t ldc,
+                       bool accumulate, const T* bias, T* a_pack) {
+  constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
+  constexpr int64_t KC = GemmBlocking<T>::KC;
+  const int64_t panels = ceil_div<int64_t>(N, NR);
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t kc = imin(KC, K - k0);
+    const bool acc = accumulate || k0 > 0;
+    const T* bias_k = k0 == 0 ? bias : nullptr;
+    const T* a_block = A + m0 * a_rs + k0 * a_cs;
+    if (a_pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
+    for (int64_t p = p0; p < p1; ++p) {
+      const T* b = gemm_b_slice<T>(Bp, panels, K, k0, p);
+      const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
+      for (int64_t m = 0; m < mc; m += MR) {
+        const int mr = static_cast<int>(imin<int64_t>(MR, mc - m));
+        T* c = C + (m0 + m) * ldc + p * NR;
+        const T* bias_p = bias_k ? bias_k + p * NR : nullptr;
+        if (a_pack) tile_to_c<T, true>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p);
+        else tile_to_c<T, false>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p);
+      }
+    }
+  }
+}
+
+// A single row tile (the per-step products of the backward) is read in place when its rows are
+// contiguous: packing it would cost as much as using it once.
+template <typename T>
+T* a_pack_for(int64_t M, int64_t a_cs) {
+  return a_cs != 1 || M > Tile<T>::MR ? a_pack_buffer<T>() : nullptr;
+}
+
+// Every row of C for the panels [p0, p1) only, on the calling thread: one member's share of a
+// product that a step team (backward.h) splits by columns.
+template <typename T>
+void gemm_packed_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
+                        const T* Bp, T* C, int64_t ldc, bool accumulate, int64_t p0, int64_t p1) {
+  constexpr int64_t MC = GemmBlocking<T>::MC;
+  if (M <= 0 || K <= 0 || p0 >= p1) return;
+  T* a_pack = a_pack_for<T>(M, a_cs);
+  for (int64_t m0 = 0; m0 < M; m0 += MC)
+    gemm_packed_block<T>(m0, imin(MC, M - m0), p0, p1, N, K, A, a_rs, a_cs, Bp, C, ldc,
+                         accumulate, nullptr, a_pack);
+}
+
 // C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A
 // is packed); with `bias` (N values, only when !accumulate) C = bias + A B.
 // Threads take panel ranges (see `ranges`). Every C element is one FMA chain over k in order
@@ -137,8 +187,8 @@ template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                  const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads,
                  const T* bias = nullptr) {
-  constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
-  constexpr int64_t KC = GemmBlocking<T>::KC, MC = GemmBlocking<T>::MC;
+  constexpr int NR = Tile<T>::NR;
+  constexpr int64_t MC = GemmBlocking<T>::MC;
   if (M <= 0 || N <= 0 || K <= 0) return;
   const int64_t panels = ceil_div<int64_t>(N, NR);
   const int64_t m_blocks = ceil_div<int64_t>(M, MC);
@@ -152,44 +202,25 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   const int64_t ranges =
       parallel ? imin<int64_t>(panels, int64_t(nthreads) * (m_blocks == 1 ? 4 : 1)) : 1;
   const int64_t jobs = m_blocks * ranges;
-  // A single row tile (the per-step products of the backward) is read in place when its rows
-  // are contiguous: packing it would cost as much as using it once.
-  const bool pack = a_cs != 1 || M > MR;
   auto run_job = [&](int64_t job, T* a_pack) {
     const int64_t mb = job % m_blocks;  // range-major: a thread's jobs share its panel range
     int64_t p0 = 0, p1 = panels;
     split_range(panels, static_cast<int>(ranges), static_cast<int>(job / m_blocks), &p0, &p1);
-    const int64_t m0 = mb * MC, mc = imin(MC, M - m0);
-    for (int64_t k0 = 0; k0 < K; k0 += KC) {
-      const int64_t kc = imin(KC, K - k0);
-      const bool acc = accumulate || k0 > 0;
-      const T* bias_k = k0 == 0 ? bias : nullptr;
-      const T* a_block = A + m0 * a_rs + k0 * a_cs;
-      if (pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
-      for (int64_t p = p0; p < p1; ++p) {
-        const T* b = gemm_b_slice<T>(Bp, panels, K, k0, p);
-        const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
-        for (int64_t m = 0; m < mc; m += MR) {
-          const int mr = static_cast<int>(imin<int64_t>(MR, mc - m));
-          T* c = C + (m0 + m) * ldc + p * NR;
-          const T* bias_p = bias_k ? bias_k + p * NR : nullptr;
-          if (pack) tile_to_c<T, true>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p);
-          else tile_to_c<T, false>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p);
-        }
-      }
-    }
+    const int64_t m0 = mb * MC;
+    gemm_packed_block<T>(m0, imin(MC, M - m0), p0, p1, N, K, A, a_rs, a_cs, Bp, C, ldc,
+                         accumulate, bias, a_pack);
   };
   if (!parallel || jobs <= 1) {
     // Not even an inactive parallel region: libgomp makes a futex call per region, ~1 us, which
     // was a fifth of the per-step backward at B = 1 (long-seq LSTM training).
-    T* a_pack = pack ? a_pack_buffer<T>() : nullptr;
+    T* a_pack = a_pack_for<T>(M, a_cs);
     for (int64_t job = 0; job < jobs; ++job) run_job(job, a_pack);
     return;
   }
 #pragma omp parallel num_threads(nthreads)
   {
     DenormalsFlushed ftz;
-    T* a_pack = pack ? a_pack_buffer<T>() : nullptr;
+    T* a_pack = a_pack_for<T>(M, a_cs);
 #pragma omp for schedule(static)
     for (int64_t job = 0; job < jobs; ++job) run_job(job, a_pack);
   }

@@ -3,11 +3,17 @@
 // packed GEMM dG W_hh gives d h_{t-1}. After the loop the weight gradients are whole-sequence
 // GEMMs (dW_hh = dGh^T H_prev, dW_ih = dGx^T X, dX = dGx W_ih) and bias gradients column sums.
 // dGx is indexed by time (it pairs with x), dGh by step (it pairs with the saved states).
+//
+// Threads: one team runs the whole time loop. Its members split the batch rows of the pointwise
+// maths and the column panels of each step's GEMMs, and meet twice a step (more for the LSTM
+// projection and the two-phase GRU) at a short-spin barrier. Every element is the same
+// arithmetic either way, so results are bitwise identical for any thread count.
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include "cells/cells.h"
 #include "sequence/layout.h"
+#include "sequence/step_barrier.h"
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
@@ -26,6 +32,151 @@ void column_sums(int64_t M, int64_t N, const T* A, int64_t lda, T* out, int nthr
       for (int64_t n = n0; n < n1; ++n) out[n] += row[n];
     }
   }
+}
+
+// The per-step walk back through time, for one member of the team (or the only thread).
+template <typename T>
+struct BackwardLoop {
+  const BackwardArgs<T>& a;
+  const LayerShape& s;
+  Steps steps;
+  int G;
+  T *dgx, *dgh, *dghn;  // see backward()
+  int64_t ld_n;
+  const T *whh, *whn, *whr;  // packed: W_hh (GRU: its r, z rows), W_hn, W_hr
+  T *dh_a, *dh_b, *dc, *dhf, *dhs, *drh;
+
+  // One member's share: batch rows of the pointwise maths, column panels of the GEMMs (of
+  // width Hout for d h_prev, H for the projection and the two-phase GRU's d(r*h)).
+  struct Share {
+    int64_t row0, row1, out0, out1, hid0, hid1;
+  };
+  static Share share_of(const LayerShape& s, int team, int member) {
+    constexpr int NR = Tile<T>::NR;
+    Share p{0, s.B, 0, ceil_div<int64_t>(s.Hout, NR), 0, ceil_div<int64_t>(s.H, NR)};
+    split_range(s.B, team, member, &p.row0, &p.row1);
+    split_range(ceil_div<int64_t>(s.Hout, NR), team, member, &p.out0, &p.out1);
+    split_range(ceil_div<int64_t>(s.H, NR), team, member, &p.hid0, &p.hid1);
+    return p;
+  }
+
+  // dh_prev's rows for the pointwise maths of step k (all cells: rows of this member only).
+  void pointwise(int64_t k, const Share& p, const T* dh, const T* dcell, T* dh_prev) const {
+    const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = int64_t(G) * H;
+    const bool lstm = s.cell == Cell::Lstm, gru = s.cell == Cell::Gru;
+    const bool gru_two_phase = gru && !s.linear_before_reset;
+    T* dgh_k = dgh + k * B * GH;
+    for (int64_t b = p.row0; b < p.row1; ++b) {
+      if (!steps.active(k, b)) {  // a finished row passes its gradient straight through
+        std::memset(dgh_k + b * GH, 0, sizeof(T) * GH);
+        std::memcpy(dh_prev + b * Hout, dh + b * Hout, sizeof(T) * Hout);
+        continue;
+      }
+      if (!gru) std::memset(dh_prev + b * Hout, 0, sizeof(T) * Hout);  // filled by the GEMM
+      RowBackward<T> r;
+      r.dh = dcell + b * H;
+      r.gates = a.saved.gates ? a.saved.gates + (k * B + b) * GH : nullptr;
+      r.h_prev = a.saved.h + (k * B + b) * Hout;
+      r.h_next = a.saved.h + ((k + 1) * B + b) * Hout;
+      r.c_prev = lstm ? a.saved.c + (k * B + b) * H : nullptr;
+      r.c_next = lstm ? a.saved.c + ((k + 1) * B + b) * H : nullptr;
+      r.extra = gru ? a.saved.gru_extra + (k * B + b) * H : nullptr;
+      r.dc = lstm ? dc + b * H : nullptr;
+      r.dgx = dgx + (steps.time(k, b) * B + b) * GH;
+      r.dgh = dgh_k + b * GH;
+      r.dgh_n = dghn + (k * B + b) * ld_n;
+      r.dh_prev = dh_prev + b * Hout;
+      r.H = H;
+      r.nu = static_cast<int>(H);
+      switch (s.cell) {
+        case Cell::RnnTanh: rnn_backward_row<T, false>(r); break;
+        case Cell::RnnRelu: rnn_backward_row<T, true>(r); break;
+        case Cell::Lstm: lstm_backward_row<T>(r); break;
+        case Cell::Gru:
+          if (gru_two_phase) gru_reset_backward_row1<T>(r); else gru_backward_row<T>(r);
+          break;
+      }
+    }
+  }
+
+  // The two-phase GRU's second pointwise pass: dr and the r-path of d h_prev, from d(r*h).
+  void gru_reset_pointwise(int64_t k, const Share& p, T* dh_prev) const {
+    const int64_t B = s.B, H = s.H, GH = int64_t(G) * H;
+    for (int64_t b = p.row0; b < p.row1; ++b) {
+      if (!steps.active(k, b)) continue;
+      RowBackward<T> r;
+      r.dh = drh + b * H;
+      r.gates = a.saved.gates + (k * B + b) * GH;
+      r.h_prev = a.saved.h + (k * B + b) * s.Hout;
+      r.dgx = dgx + (steps.time(k, b) * B + b) * GH;
+      r.dgh = dgh + (k * B + b) * GH;
+      r.dh_prev = dh_prev + b * s.Hout;
+      r.H = H;
+      r.nu = static_cast<int>(H);
+      gru_reset_backward_row2<T>(r);
+    }
+  }
+
+  // Walks every step back; returns the buffer holding d h_0 (the same for every member).
+  const T* run(const Share& p, StepBarrier* barrier) const {
+    auto meet = [&] { if (barrier) barrier->wait(); };
+    const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = int64_t(G) * H;
+    const bool gru = s.cell == Cell::Gru;
+    const bool gru_two_phase = gru && !s.linear_before_reset;
+    T* dh = dh_a;
+    T* dh_prev = dh_b;
+    for (int64_t k = s.T - 1; k >= 0; --k) {
+      for (int64_t b = p.row0; b < p.row1; ++b) {
+        if (!steps.active(k, b)) continue;
+        const T* dyr = a.dy + (steps.time(k, b) * B + b) * Hout;
+        T* d = dh + b * Hout;
+        for (int64_t o = 0; o < Hout; ++o) d[o] += dyr[o];
+      }
+      const T* dcell = dh;  // gradient reaching the cell's own output (before any projection)
+      if (s.has_proj) {
+        std::memcpy(dhs + (k * B + p.row0) * Hout, dh + p.row0 * Hout, sizeof(T) * (p.row1 - p.row0) * Hout);
+        meet();  // every row of dh is complete
+        gemm_packed_panels<T>(B, H, Hout, dh, Hout, 1, whr, dhf, H, false, p.hid0, p.hid1);
+        meet();
+        dcell = dhf;
+      }
+      pointwise(k, p, dh, dcell, dh_prev);
+      meet();  // every row of dG_k is complete
+      const T* dgh_k = dgh + k * B * GH;
+      if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
+        gemm_packed_panels<T>(B, H, H, dgh_k + 2 * H, GH, 1, whn, drh, H, false, p.hid0, p.hid1);
+        meet();
+        gru_reset_pointwise(k, p, dh_prev);
+        meet();
+        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1);
+      } else if (gru) {  // r, z through W_hr|W_hz, then n through W_hn (continuing each chain)
+        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1);
+        gemm_packed_panels<T>(B, Hout, H, dghn + k * B * ld_n, ld_n, 1, whn, dh_prev, Hout, true,
+                              p.out0, p.out1);
+      } else {
+        gemm_packed_panels<T>(B, Hout, GH, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1);
+      }
+      meet();  // every column of d h_prev is complete
+      T* tmp = dh; dh = dh_prev; dh_prev = tmp;
+    }
+    return dh;
+  }
+};
+
+// Threads worth a team for the time loop: as for the forward step (forward.h step_threads), a
+// step under ~30 KFLOP stays on one thread, and so does a state too narrow for two panels.
+template <typename T>
+int backward_step_threads(const LayerShape& s, int nthreads) {
+  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
+  if (nthreads <= 1 || flops < 3e4 || ceil_div<int64_t>(s.H, Tile<T>::NR) < 2) return 1;
+  return nthreads;
+}
+
+// For tests and the curious (python's _C.step_split(..., backward=True)): 0 one thread, 3 a team.
+template <typename T>
+int backward_split_kind(int cell, int64_t B, int64_t H, int64_t Hout, int nthreads) {
+  LayerShape s{1, B, 1, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+  return backward_step_threads<T>(s, nthreads) > 1 ? 3 : 0;
 }
 
 template <typename T>
@@ -77,82 +228,22 @@ void backward(const BackwardArgs<T>& a) {
   Scratch<T> dh_a(B * Hout), dh_b(B * Hout), dc(lstm ? B * H : 0);
   Scratch<T> dhf(s.has_proj ? B * H : 0), dhs(s.has_proj ? TB * Hout : 0);
   Scratch<T> drh(gru_two_phase ? B * H : 0);
-  T* dh = dh_a.p;
-  T* dh_prev = dh_b.p;
-  if (a.dhn) std::memcpy(dh, a.dhn, sizeof(T) * B * Hout); else std::memset(dh, 0, sizeof(T) * B * Hout);
+  if (a.dhn) std::memcpy(dh_a.p, a.dhn, sizeof(T) * B * Hout); else std::memset(dh_a.p, 0, sizeof(T) * B * Hout);
   if (lstm) {
     if (a.dcn) std::memcpy(dc.p, a.dcn, sizeof(T) * B * H); else std::memset(dc.p, 0, sizeof(T) * B * H);
   }
 
-  for (int64_t k = s.T - 1; k >= 0; --k) {
-    for (int64_t b = 0; b < B; ++b) {
-      if (!steps.active(k, b)) continue;
-      const T* dyr = a.dy + (steps.time(k, b) * B + b) * Hout;
-      T* d = dh + b * Hout;
-      for (int64_t o = 0; o < Hout; ++o) d[o] += dyr[o];
-    }
-    const T* dcell = dh;  // gradient reaching the cell's own output (before any projection)
-    if (s.has_proj) {
-      std::memcpy(dhs.p + k * B * Hout, dh, sizeof(T) * B * Hout);
-      gemm_packed<T>(B, H, Hout, dh, Hout, 1, whr.get(), dhf.p, H, false, nthreads);
-      dcell = dhf.p;
-    }
-    T* dgh_k = dgh + k * B * GH;
-    for (int64_t b = 0; b < B; ++b) {
-      if (!steps.active(k, b)) {  // a finished row passes its gradient straight through
-        std::memset(dgh_k + b * GH, 0, sizeof(T) * GH);
-        std::memcpy(dh_prev + b * Hout, dh + b * Hout, sizeof(T) * Hout);
-        continue;
-      }
-      if (!gru) std::memset(dh_prev + b * Hout, 0, sizeof(T) * Hout);  // filled by the GEMM
-      RowBackward<T> r;
-      r.dh = dcell + b * H;
-      r.gates = a.saved.gates ? a.saved.gates + (k * B + b) * GH : nullptr;
-      r.h_prev = a.saved.h + (k * B + b) * Hout;
-      r.h_next = a.saved.h + ((k + 1) * B + b) * Hout;
-      r.c_prev = lstm ? a.saved.c + (k * B + b) * H : nullptr;
-      r.c_next = lstm ? a.saved.c + ((k + 1) * B + b) * H : nullptr;
-      r.extra = gru ? a.saved.gru_extra + (k * B + b) * H : nullptr;
-      r.dc = lstm ? dc.p + b * H : nullptr;
-      r.dgx = dgx + (steps.time(k, b) * B + b) * GH;
-      r.dgh = dgh_k + b * GH;
-      r.dgh_n = dghn + (k * B + b) * ld_n;
-      r.dh_prev = dh_prev + b * Hout;
-      r.H = H;
-      r.nu = static_cast<int>(H);
-      switch (s.cell) {
-        case Cell::RnnTanh: rnn_backward_row<T, false>(r); break;
-        case Cell::RnnRelu: rnn_backward_row<T, true>(r); break;
-        case Cell::Lstm: lstm_backward_row<T>(r); break;
-        case Cell::Gru:
-          if (gru_two_phase) gru_reset_backward_row1<T>(r); else gru_backward_row<T>(r);
-          break;
-      }
-    }
-    if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
-      gemm_packed<T>(B, H, H, dgh_k + 2 * H, GH, 1, whn.get(), drh.p, H, false, nthreads);
-      for (int64_t b = 0; b < B; ++b) {
-        if (!steps.active(k, b)) continue;
-        RowBackward<T> r;
-        r.dh = drh.p + b * H;
-        r.gates = a.saved.gates + (k * B + b) * GH;
-        r.h_prev = a.saved.h + (k * B + b) * Hout;
-        r.dgx = dgx + (steps.time(k, b) * B + b) * GH;
-        r.dgh = dgh_k + b * GH;
-        r.dh_prev = dh_prev + b * Hout;
-        r.H = H;
-        r.nu = static_cast<int>(H);
-        gru_reset_backward_row2<T>(r);
-      }
-      gemm_packed<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh.get(), dh_prev, Hout, true, nthreads);
-    } else if (gru) {  // r, z through W_hr|W_hz, then n through W_hn (continuing each chain)
-      gemm_packed<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh.get(), dh_prev, Hout, true, nthreads);
-      gemm_packed<T>(B, Hout, H, dghn + k * B * ld_n, ld_n, 1, whn.get(), dh_prev, Hout, true,
-                     nthreads);
-    } else {
-      gemm_packed<T>(B, Hout, GH, dgh_k, GH, 1, whh.get(), dh_prev, Hout, true, nthreads);
-    }
-    T* tmp = dh; dh = dh_prev; dh_prev = tmp;
+  BackwardLoop<T> loop{a, s, steps, G, dgx, dgh, dghn, ld_n, whh.get(), whn.get(), whr.get(),
+                       dh_a.p, dh_b.p, dc.p, dhf.p, dhs.p, drh.p};
+  const T* dh = nullptr;
+  const int nt = backward_step_threads<T>(s, nthreads);
+  if (nt <= 1) {
+    dh = loop.run(BackwardLoop<T>::share_of(s, 1, 0), nullptr);
+  } else {
+    run_step_team(nt, [&](int member, int team, StepBarrier* barrier) {
+      const T* mine = loop.run(BackwardLoop<T>::share_of(s, team, member), barrier);
+      if (member == 0) dh = mine;
+    });
   }
   std::memcpy(a.dh0, dh, sizeof(T) * B * Hout);
   if (lstm) std::memcpy(a.dc0, dc.p, sizeof(T) * B * H);

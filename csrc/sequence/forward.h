@@ -9,8 +9,6 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include "cells/cells.h"
 #include "sequence/layout.h"
 #include "sequence/step_barrier.h"
@@ -248,24 +246,11 @@ void forward(const ForwardArgs<T>& a) {
   if (nt <= 1) {
     loop.run(make_split<T>(s, 1, 0, by_rows));
   } else {
-    // The team may come out smaller than asked (OMP_THREAD_LIMIT, nesting): the barrier is
-    // sized by the first member to see the team.
-    std::unique_ptr<StepBarrier> barrier;
-    std::once_flag made;
-#pragma omp parallel num_threads(nt)
-    {
-      DenormalsFlushed ftz_worker;
-#if defined(_OPENMP)
-      const int team = omp_get_num_threads();
-#else
-      const int team = 1;
-#endif
-      std::call_once(made, [&] { barrier = std::make_unique<StepBarrier>(team); });
-#pragma omp barrier
+    run_step_team(nt, [&](int member, int team, StepBarrier* barrier) {
       ForwardLoop<T> mine = loop;
-      mine.barrier = by_rows || team == 1 ? nullptr : barrier.get();  // rows never meet
-      mine.run(make_split<T>(s, team, thread_id(), by_rows));
-    }
+      mine.barrier = by_rows ? nullptr : barrier;  // rows never meet
+      mine.run(make_split<T>(s, team, member, by_rows));
+    });
   }
   std::memcpy(a.hn, loop.h_at(s.T), sizeof(T) * B * Hout);
   if (lstm) std::memcpy(a.cn, loop.c_at(s.T), sizeof(T) * B * H);

@@ -10,7 +10,9 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <memory>
 #include <mutex>
+#include "common.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -59,6 +61,27 @@ class StepBarrier {
   std::mutex mutex_;
   std::condition_variable wake_;
 };
+
+// Runs fn(member, team, barrier) on a team of up to nt threads that meet at `barrier` (null for
+// a team of one). The team may come out smaller than asked (OMP_THREAD_LIMIT, nesting), so the
+// barrier is sized by the first member to see the team.
+template <typename Fn>
+void run_step_team(int nt, Fn fn) {
+  std::unique_ptr<StepBarrier> barrier;
+  std::once_flag made;
+#pragma omp parallel num_threads(nt)
+  {
+    DenormalsFlushed ftz_worker;
+#if defined(_OPENMP)
+    const int team = omp_get_num_threads();
+#else
+    const int team = 1;
+#endif
+    std::call_once(made, [&] { barrier = std::make_unique<StepBarrier>(team); });
+#pragma omp barrier
+    fn(thread_id(), team, team == 1 ? nullptr : barrier.get());
+  }
+}
 
 }  // namespace FUSEDRNN_ISA_NS
 }  // namespace fusedrnn

@@ -94,12 +94,17 @@ struct ForwardLoop {
   T* extra_at(int64_t k) const { return training ? (a.saved.gru_extra ? a.saved.gru_extra + k * s.B * s.H : nullptr) : extra_buf; }
 
   // One phase of the cell over rows [r0, r1) and unit blocks [u0, u1): G_tile micro-kernels per
-  // tile for gates g0.., then the row epilogue. `fn` is the cell's row function.
+  // tile for gates g0.., then the row epilogue. `fn` is the cell's row function. a_pack: room
+  // for this member's rows of A packed (see a_pack_size), or null to read A's rows in place.
   template <typename RowFn>
   void cell_phase(int64_t k, const StepSplit& p, int g0, int g_count, const T* A, int64_t lda,
-                  int64_t K, bool writes_h, RowFn fn) const {
+                  int64_t K, bool writes_h, RowFn fn, T* a_pack) const {
     constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
     alignas(64) T tile[MR * 4 * NR];
+    // The state's rows as MR-row micro-panels, packed once a step and met by every unit block:
+    // read in place, a tile's MR rows lie H apart, and at H = 1024 floats (4 KB) they all fall in
+    // one L1 set (wide LSTM, 1 thread: see a_pack_size).
+    if (a_pack) pack_a<T>(p.row1 - p.row0, K, A + p.row0 * lda, lda, 1, a_pack);
     const T* hp = h_at(k);
     T* hn = h_at(k + 1);
     const bool lstm = s.cell == Cell::Lstm;
@@ -114,9 +119,14 @@ struct ForwardLoop {
       const int nu = static_cast<int>(imin<int64_t>(NR, s.H - u0));
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
-        for (int gi = 0; gi < g_count; ++gi)
-          micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(g0 + gi, ub), tile + gi * NR,
-                          g_count * NR, false);
+        for (int gi = 0; gi < g_count; ++gi) {
+          if (a_pack)
+            micro_kernel<T, true>(mr, K, a_pack + (m - p.row0) * K, 0, w.panel(g0 + gi, ub),
+                                  tile + gi * NR, g_count * NR, false);
+          else
+            micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(g0 + gi, ub), tile + gi * NR,
+                            g_count * NR, false);
+        }
         for (int ri = 0; ri < mr; ++ri) {
           const int64_t b = m + ri;
           if (!steps.active(k, b)) {  // finished rows carry their state unchanged
@@ -175,15 +185,25 @@ struct ForwardLoop {
     }
   }
 
+  // Room for a member's rows of the step's A packed, or 0 to read them in place: one row is
+  // contiguous already.
+  static int64_t a_pack_size(const LayerShape& s, const StepSplit& p) {
+    constexpr int MR = Tile<T>::MR;
+    const int64_t rows = p.row1 - p.row0;
+    return rows > 1 ? ceil_div<int64_t>(rows, MR) * MR * imax(s.H, s.Hout) : 0;
+  }
+
   void run(const StepSplit& p) const {
     const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
+    Scratch<T> a_pack(a_pack_size(s, p));
+    T* ap = a_pack.p;
     for (int64_t k = 0; k < s.T; ++k) {
       const T* hp = h_at(k);
       switch (s.cell) {
-        case Cell::RnnTanh: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, false>); break;
-        case Cell::RnnRelu: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, true>); break;
+        case Cell::RnnTanh: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, false>, ap); break;
+        case Cell::RnnRelu: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, true>, ap); break;
         case Cell::Lstm:
-          cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, lstm_forward_row<T>);
+          cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, lstm_forward_row<T>, ap);
           if (s.has_proj) {
             if (barrier) barrier->wait();
             projection_phase(k, p);
@@ -191,11 +211,11 @@ struct ForwardLoop {
           break;
         case Cell::Gru:
           if (!gru_two_phase) {
-            cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, gru_forward_row<T>);
+            cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, gru_forward_row<T>, ap);
           } else {
-            cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, gru_reset_forward_row<T>);
+            cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, gru_reset_forward_row<T>, ap);
             if (barrier) barrier->wait();
-            cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, gru_reset_new_row<T>);
+            cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, gru_reset_new_row<T>, ap);
           }
           break;
       }

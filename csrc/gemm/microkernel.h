@@ -47,9 +47,11 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
     for (int r = 0; r < M; ++r)
       for (int v = 0; v < NV; ++v)
         acc[s][r][v] = (s == 0 && accumulate) ? V::load(c + r * ldc + v * V::W) : V::zero();
+  // A(r, k): packed, one base pointer and immediate offsets r (M row pointers would not fit the
+  // general registers with the loop's own: 12 rows on AVX-512 spilled a counter to the stack).
   const T* arow[M];
-  for (int r = 0; r < M; ++r) arow[r] = PackedA ? a + r : a + r * lda;
-  constexpr int64_t ks = PackedA ? MR : 1;  // step of k along a row
+  for (int r = 0; r < M; ++r) arow[r] = a + r * lda;
+  auto a_at = [&](int r, int64_t k) { return PackedA ? a[k * MR + r] : arow[r][k]; };
   // B streams from L2 (or L3: wide's 16 MB W_hh) in the recurrent step, since the gate panels
   // of a unit block outgrow L1: prefetch it 16 k-steps (64-byte lines) ahead, and unroll so the
   // loop's own instructions stay out of the FMA pipes' way. 16 vs 4 ahead: wide LSTM step-only
@@ -67,7 +69,7 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + s) * NR + v * V::W);
       for (int r = 0; r < M; ++r) {
-        V av = V::set1(arow[r][(k + s) * ks]);
+        V av = V::set1(a_at(r, k + s));
         for (int v = 0; v < NV; ++v) acc[s][r][v] = V::fma(av, bv[v], acc[s][r][v]);
       }
     }
@@ -76,7 +78,7 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
     V bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * NR + v * V::W);
     for (int r = 0; r < M; ++r) {
-      V av = V::set1(arow[r][k * ks]);
+      V av = V::set1(a_at(r, k));
       for (int v = 0; v < NV; ++v) acc[0][r][v] = V::fma(av, bv[v], acc[0][r][v]);
     }
   }

@@ -61,6 +61,16 @@ inline int64_t l2_cache_bytes() {
   return bytes;
 }
 
+// A prefetch the compiler keeps: GCC deletes a loop whose body is only __builtin_prefetch calls
+// (it has no side effects), which silently removed ForwardLoop::prefetch_gx.
+inline void prefetch_keep(const void* p) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p);
+#endif
+}
+
 inline int thread_id() {
 #if defined(_OPENMP)
   return omp_get_thread_num();

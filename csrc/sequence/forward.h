@@ -93,6 +93,22 @@ struct ForwardLoop {
   }
   T* extra_at(int64_t k) const { return training ? (a.saved.gru_extra ? a.saved.gru_extra + k * s.B * s.H : nullptr) : extra_buf; }
 
+  // Asks for the input-projection slices the epilogue of tile (rows m.., units u0..) will read,
+  // while its micro-kernels run: gx (T*B*G*H) lives in L3 or memory, and its rows lie G*H apart,
+  // which the hardware prefetcher does not follow; the epilogue's loads of it were over half its
+  // time (stacked LSTM, 1 thread).
+  void prefetch_gx(int64_t k, int64_t m, int mr, int64_t u0, int g0, int g_count) const {
+    constexpr int kLines = (Tile<T>::NR * int(sizeof(T)) + 63) / 64;
+    const int64_t GH = int64_t(G) * s.H;
+    for (int ri = 0; ri < mr; ++ri) {
+      const int64_t b = m + ri;
+      if (!steps.active(k, b)) continue;
+      const char* row = reinterpret_cast<const char*>(gx + (steps.time(k, b) * s.B + b) * GH + u0);
+      for (int g = g0; g < g0 + g_count; ++g)
+        for (int l = 0; l < kLines; ++l) prefetch_keep(row + sizeof(T) * g * s.H + 64 * l);
+    }
+  }
+
   // One phase of the cell over rows [r0, r1) and unit blocks [u0, u1): G_tile micro-kernels per
   // tile for gates g0.., then the row epilogue. `fn` is the cell's row function. a_pack: room
   // for this member's rows of A packed (see a_pack_size), or null to read A's rows in place.
@@ -119,6 +135,7 @@ struct ForwardLoop {
       const int nu = static_cast<int>(imin<int64_t>(NR, s.H - u0));
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
+        prefetch_gx(k, m, mr, u0, g0, g_count);
         for (int gi = 0; gi < g_count; ++gi) {
           if (a_pack)
             micro_kernel<T, true>(mr, K, a_pack + (m - p.row0) * K, 0, w.panel(g0 + gi, ub),

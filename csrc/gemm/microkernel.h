@@ -56,16 +56,18 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
   // of a unit block outgrow L1: prefetch it 16 k-steps (64-byte lines) ahead, and unroll so the
   // loop's own instructions stay out of the FMA pipes' way. 16 vs 4 ahead: wide LSTM step-only
   // min 816-925 vs 880-960 ms; 32 ahead was no better.
-  // A k-step of B is NR * sizeof(T) bytes: one 64-byte line on AVX2, two on AVX-512 (which
-  // prefetching only the first of left to the hardware: wide LSTM 832 vs 714 ms under AVX2).
+  // A k-step of B is NR * sizeof(T) bytes: one 64-byte line on AVX2, two on AVX-512, and each
+  // is prefetched (the first alone: wide LSTM on AVX-512 832 ms, 714 ms on AVX2). Under 4 rows a k-step takes a few cycles, 16 of them are too close to hide anything, and
+  // the prefetches were a third of the load slots of the B = 1 step (long-seq LSTM, AVX-512).
   constexpr int64_t PF = 16;
   constexpr int kLinesPerK = (NR * int(sizeof(T)) + 63) / 64;
   int64_t k = 0;
 #pragma GCC unroll 4
   for (; k + KS <= K; k += KS) {
     for (int s = 0; s < KS; ++s) {
-      for (int l = 0; l < kLinesPerK; ++l)
-        __builtin_prefetch(reinterpret_cast<const char*>(b + (k + s + PF) * NR) + 64 * l);
+      if (M >= 4)  // a few rows go through B faster than a prefetch helps: see above
+        for (int l = 0; l < kLinesPerK; ++l)
+          __builtin_prefetch(reinterpret_cast<const char*>(b + (k + s + PF) * NR) + 64 * l);
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + s) * NR + v * V::W);
       for (int r = 0; r < M; ++r) {

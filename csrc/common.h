@@ -61,13 +61,14 @@ inline int64_t l2_cache_bytes() {
   return bytes;
 }
 
-// A prefetch the compiler keeps: GCC deletes a loop whose body is only __builtin_prefetch calls
-// (it has no side effects), which silently removed ForwardLoop::prefetch_gx.
-inline void prefetch_keep(const void* p) {
+// Prefetches p's line into L2 (prefetcht1), in a way the compiler keeps: GCC deletes a loop whose
+// body is only __builtin_prefetch calls (no side effects), which silently removed the first
+// ForwardLoop::prefetch_gx.
+inline void prefetch_to_l2(const void* p) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+  asm volatile("prefetcht1 %0" : : "m"(*static_cast<const char*>(p)));
 #else
-  __builtin_prefetch(p);
+  __builtin_prefetch(p, 0, 2);
 #endif
 }
 

@@ -277,3 +277,20 @@ def test_a_failing_case_is_reported_and_the_run_goes_on(tmp_path, capsys, monkey
     assert [rec["cell"] for rec in data["cases"]] == ["rnn"]
     assert len(data["errors"]) == 1 and "gru" in data["errors"][0] and "boom" in data["errors"][0]
     assert "ERROR, case not timed" in out
+
+
+def test_ab_builds_times_two_builds_side_by_side():
+    """bench/ab_builds.py loads the same build twice under two names (the case that needs its
+    private copies) and prints one line per case with both."""
+    import os
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "ab_builds.py")
+    package = os.path.dirname(fusedrnn.__file__)
+    out = subprocess.run([sys.executable, script, f"OLD={package}", f"NEW={package}",
+                          "--configs", "online-small", "--cells", "rnn_tanh,gru", "--reps", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["online-small rnn_tanh infer t=1",
+                                                      "online-small gru infer t=1"]
+    assert all("OLD min" in line and "NEW min" in line for line in lines)

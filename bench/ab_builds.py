@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""A/B two or more builds of the extension in one process, interleaved, for changes under ~10%.
+
+This VM's speed drifts by 10-15% over minutes, so separate runs of two builds cannot settle a
+small gain. Here every build's ``_C`` module is loaded side by side (each ``.so`` under its own
+module name) and the builds take turns on the same arrays, block after block; min and median
+per build come from the same minutes of the machine.
+
+Usage (each folder holds a built fusedrnn package, e.g. a copy of python/fusedrnn with its _C*.so;
+fusedrnn itself must be importable, installed or with PYTHONPATH=python):
+    python bench/ab_builds.py OLD=/tmp/old/fusedrnn NEW=python/fusedrnn \\
+        --configs stacked,fastrnns --cells lstm,gru --threads 1 --mode infer --reps 7
+"""
+import argparse
+import atexit
+import glob
+import importlib.util
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from fusedrnn.bench.cases import CONFIGS  # the DESIGN.md matrix, by name
+
+CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+
+
+def load_extension(package_dir, name):
+    found = glob.glob(os.path.join(package_dir, "_C*.so")) + glob.glob(os.path.join(package_dir, "_C*.pyd"))
+    if not found:
+        sys.exit(f"{package_dir}: no built _C extension there")
+    # A private copy: the loader hands out one library per file, and pybind11 refuses to
+    # register its types twice (the same build named twice, or the one fusedrnn itself imports).
+    folder = tempfile.mkdtemp(prefix=f"ab_{name}_")
+    atexit.register(shutil.rmtree, folder, True)
+    private = os.path.join(folder, os.path.basename(found[0]))
+    shutil.copy(found[0], private)
+    spec = importlib.util.spec_from_file_location(f"ab_{name}._C", private)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def one_layer_problem(config, cell, rng):
+    T, B, I, H = config.T, config.B, config.I, config.H
+    G = GATES[cell]
+
+    def normal(*shape):
+        return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+    return dict(x=normal(T, B, I), h0=normal(B, H), c0=normal(B, H) if cell == "lstm" else None,
+                w_ih=normal(G * H, I), w_hh=normal(G * H, H), b_ih=normal(G * H), b_hh=normal(G * H),
+                dy=normal(T, B, H))
+
+
+def call(ext, cell, p, train):
+    y, hn, cn, ctx = ext.forward(CELL_CODES[cell], False, False, train, p["x"], p["h0"], p["c0"],
+                                 p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], None, None)
+    if train:
+        ext.backward(ctx, p["dy"], None, None)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("builds", nargs="+", help="NAME=PACKAGE_DIR, two or more")
+    ap.add_argument("--configs", default="stacked,fastrnns")
+    ap.add_argument("--cells", default="lstm,gru")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--mode", choices=["infer", "train"], default="infer")
+    ap.add_argument("--reps", type=int, default=7, help="blocks per build (each ~0.2 s)")
+    args = ap.parse_args()
+    builds = {}
+    for spec in args.builds:
+        name, _, path = spec.partition("=")
+        builds[name] = load_extension(path, name)
+        builds[name].set_num_threads(args.threads)
+    train = args.mode == "train"
+    rng = np.random.default_rng(0)
+    for config_name in args.configs.split(","):
+        for cell in args.cells.split(","):
+            p = one_layer_problem(CONFIGS[config_name], cell, rng)
+            for ext in builds.values():  # warm-up: packing caches, page faults
+                call(ext, cell, p, train)
+            first = next(iter(builds.values()))
+            t0 = time.perf_counter()
+            call(first, cell, p, train)
+            inner = max(1, int(0.2 / (time.perf_counter() - t0)))
+            times = {name: [] for name in builds}
+            for _ in range(args.reps):
+                for name, ext in builds.items():
+                    t0 = time.perf_counter()
+                    for _ in range(inner):
+                        call(ext, cell, p, train)
+                    times[name].append((time.perf_counter() - t0) / inner * 1e3)
+            print(f"{config_name} {cell} {args.mode} t={args.threads}: " + "  ".join(
+                f"{name} min {min(t):.3f} med {np.median(t):.3f} ms" for name, t in times.items()),
+                flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -137,6 +137,12 @@ struct ForwardLoop {
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
         prefetch_gx(k, m, mr, u0, g0, g_count);
+        if (mr == 1 && g_count >= 3) {  // a single row: every gate in one pass
+          const T* b0 = w.panel(g0, ub);
+          const int64_t stride = w.panel(g0 + 1, ub) - b0;
+          if (g_count == 4) micro_kernel_row_gates<T, 4>(K, A + m * lda, b0, stride, tile);
+          else micro_kernel_row_gates<T, 3>(K, A + m * lda, b0, stride, tile);
+        } else
         for (int gi = 0; gi < g_count; ++gi) {
           if (a_pack)
             micro_kernel<T, true>(mr, K, a_pack + (m - p.row0) * K, 0, w.panel(g0 + gi, ub),

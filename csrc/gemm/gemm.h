@@ -191,7 +191,7 @@ template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                  const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads,
                  const T* bias = nullptr) {
-  constexpr int NR = Tile<T>::NR;
+  constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t MC = GemmBlocking<T>::MC;
   if (M <= 0 || N <= 0 || K <= 0) return;
   const int64_t panels = ceil_div<int64_t>(N, NR);
@@ -199,10 +199,32 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   // A parallel region costs a few microseconds idle and a scheduler time slice when another
   // process holds a core, so only GEMMs of over ~25 us of single-thread work are split.
   const bool parallel = nthreads > 1 && M * N * K >= (int64_t(1) << 20);
-  // Threads split the panels (each takes whole panel ranges across every row block, so the
-  // shares differ by at most a panel per range, whatever M): splitting row blocks left a thread
-  // with the short last block (M = 800: 432 rows against 368). A single row block gets 4 ranges
-  // per thread for balance; each thread packs its own copy of the A blocks.
+  // Tall products (two row blocks a thread or more: the whole-sequence GEMMs) split their rows,
+  // in equal runs of row tiles, so each thread packs only its own A blocks: split by panels,
+  // every thread packed all of A (fastrnns LSTM training, 2 threads: pack_a was 8% of the call).
+  // Row tiles start at multiples of MR either way, so the results do not change.
+  if (parallel && m_blocks >= 2 * int64_t(nthreads)) {
+#pragma omp parallel num_threads(nthreads)
+    {
+      DenormalsFlushed ftz;
+      T* a_pack = a_pack_for<T>(M, a_cs);
+#if defined(_OPENMP)
+      const int team = omp_get_num_threads();
+#else
+      const int team = 1;
+#endif
+      int64_t t0 = 0, t1 = 0;
+      split_range(ceil_div<int64_t>(M, MR), team, thread_id(), &t0, &t1);
+      const int64_t r1 = imin(M, t1 * MR);
+      for (int64_t m0 = t0 * MR; m0 < r1; m0 += MC)
+        gemm_packed_block<T>(m0, imin(MC, r1 - m0), 0, panels, N, K, A, a_rs, a_cs, Bp, C, ldc,
+                             accumulate, bias, a_pack);
+    }
+    return;
+  }
+  // Otherwise threads split the panels (each takes whole panel ranges across every row block,
+  // so the shares differ by at most a panel per range, whatever M); a single row block gets 4
+  // ranges per thread for balance, and each thread packs its own copy of the A blocks.
   const int64_t ranges =
       parallel ? imin<int64_t>(panels, int64_t(nthreads) * (m_blocks == 1 ? 4 : 1)) : 1;
   const int64_t jobs = m_blocks * ranges;

@@ -193,6 +193,26 @@ def test_gemm_against_numpy(rng, isa, dtype, M, N, K, layout):
     assert err <= GEMM_PER_TERM[np.dtype(dtype)] * K
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("M,N,K", [(1301, 70, 300), (40, 200, 700)], ids=["rows", "panels"])
+def test_gemm_bitwise_identical_across_thread_counts(rng, isa, M, N, K):
+    """2 threads split a tall product's rows (each packing its own A blocks), a short one's
+    column panels; either way every element is the same FMA chain as on one thread."""
+    if not _C.openmp:
+        pytest.skip("built without OpenMP: one thread only")
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    B = rng.standard_normal((K, N)).astype(np.float32)
+    before = fusedrnn.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            fusedrnn.set_num_threads(n)
+            results.append(_C.gemm(A, B, isa=isa))
+    finally:
+        fusedrnn.set_num_threads(before)
+    assert np.array_equal(results[0], results[1])
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_weights_edited_in_place_are_repacked(rng, variant):
     """Packed weights are cached per thread; an in-place edit (an optimiser step) must show."""

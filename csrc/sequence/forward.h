@@ -120,7 +120,7 @@ struct ForwardLoop {
     alignas(64) T tile[MR * 4 * NR];
     // The state's rows as MR-row micro-panels, packed once a step and met by every unit block:
     // read in place, a tile's MR rows lie H apart, and at H = 1024 floats (4 KB) they all fall in
-    // one L1 set (wide LSTM, 1 thread: see a_pack_size).
+    // one L1 set (1 thread, bench medians: deepbench LSTM 324-328 -> 282-300 ms).
     if (a_pack) pack_a<T>(p.row1 - p.row0, K, A + p.row0 * lda, lda, 1, a_pack);
     const T* hp = h_at(k);
     T* hn = h_at(k + 1);
@@ -142,14 +142,15 @@ struct ForwardLoop {
           const int64_t stride = w.panel(g0 + 1, ub) - b0;
           if (g_count == 4) micro_kernel_row_gates<T, 4>(K, A + m * lda, b0, stride, tile);
           else micro_kernel_row_gates<T, 3>(K, A + m * lda, b0, stride, tile);
-        } else
-        for (int gi = 0; gi < g_count; ++gi) {
-          if (a_pack)
-            micro_kernel<T, true>(mr, K, a_pack + (m - p.row0) * K, 0, w.panel(g0 + gi, ub),
-                                  tile + gi * NR, g_count * NR, false);
-          else
-            micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(g0 + gi, ub), tile + gi * NR,
-                            g_count * NR, false);
+        } else {
+          for (int gi = 0; gi < g_count; ++gi) {
+            if (a_pack)
+              micro_kernel<T, true>(mr, K, a_pack + (m - p.row0) * K, 0, w.panel(g0 + gi, ub),
+                                    tile + gi * NR, g_count * NR, false);
+            else
+              micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(g0 + gi, ub), tile + gi * NR,
+                              g_count * NR, false);
+          }
         }
         for (int ri = 0; ri < mr; ++ri) {
           const int64_t b = m + ri;

@@ -57,9 +57,9 @@ def one_layer_problem(config, cell, rng):
                 dy=normal(T, B, H))
 
 
-def call(ext, cell, p, train):
+def call(ext, cell, p, train, isa):
     y, hn, cn, ctx = ext.forward(CELL_CODES[cell], False, False, train, p["x"], p["h0"], p["c0"],
-                                 p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], None, None)
+                                 p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], None, None, isa)
     if train:
         ext.backward(ctx, p["dy"], None, None)
 
@@ -72,6 +72,7 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mode", choices=["infer", "train"], default="infer")
     ap.add_argument("--reps", type=int, default=7, help="blocks per build (each ~0.2 s)")
+    ap.add_argument("--isa", default=None, help="kernels to run (default: the best this CPU has)")
     args = ap.parse_args()
     builds = {}
     for spec in args.builds:
@@ -84,17 +85,17 @@ def main():
         for cell in args.cells.split(","):
             p = one_layer_problem(CONFIGS[config_name], cell, rng)
             for ext in builds.values():  # warm-up: packing caches, page faults
-                call(ext, cell, p, train)
+                call(ext, cell, p, train, args.isa)
             first = next(iter(builds.values()))
             t0 = time.perf_counter()
-            call(first, cell, p, train)
+            call(first, cell, p, train, args.isa)
             inner = max(1, int(0.2 / (time.perf_counter() - t0)))
             times = {name: [] for name in builds}
             for _ in range(args.reps):
                 for name, ext in builds.items():
                     t0 = time.perf_counter()
                     for _ in range(inner):
-                        call(ext, cell, p, train)
+                        call(ext, cell, p, train, args.isa)
                     times[name].append((time.perf_counter() - t0) / inner * 1e3)
             print(f"{config_name} {cell} {args.mode} t={args.threads}: " + "  ".join(
                 f"{name} min {min(t):.3f} med {np.median(t):.3f} ms" for name, t in times.items()),

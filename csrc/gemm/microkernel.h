@@ -92,7 +92,7 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
 }
 
 // A single row against G gate panels lying panel_stride apart, in one pass over k: G * NV
-// independent chains (LSTM 8, GRU 6) hide the FMA latency without splitting k, and each k-step
+// independent chains (8 for the LSTM) hide the FMA latency without splitting k, and each k-step
 // broadcasts its A value once for every gate (the B = 1 step; micro_kernel_rows<1> per gate
 // paid its set-up and k-split sums each time: long-seq LSTM, 1 thread, 1.106 -> 1.045 ms).
 // c: gate g's NR values at c + g * NR. One FMA chain per element, k in order.

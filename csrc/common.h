@@ -72,6 +72,15 @@ inline void prefetch_to_l2(const void* p) {
 #endif
 }
 
+// Threads in the current parallel region (1 outside one, or without OpenMP).
+inline int team_size() {
+#if defined(_OPENMP)
+  return omp_get_num_threads();
+#else
+  return 1;
+#endif
+}
+
 inline int thread_id() {
 #if defined(_OPENMP)
   return omp_get_thread_num();

@@ -208,13 +208,8 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
     {
       DenormalsFlushed ftz;
       T* a_pack = a_pack_for<T>(M, a_cs);
-#if defined(_OPENMP)
-      const int team = omp_get_num_threads();
-#else
-      const int team = 1;
-#endif
       int64_t t0 = 0, t1 = 0;
-      split_range(ceil_div<int64_t>(M, MR), team, thread_id(), &t0, &t1);
+      split_range(ceil_div<int64_t>(M, MR), team_size(), thread_id(), &t0, &t1);
       const int64_t r1 = imin(M, t1 * MR);
       for (int64_t m0 = t0 * MR; m0 < r1; m0 += MC)
         gemm_packed_block<T>(m0, imin(MC, r1 - m0), 0, panels, N, K, A, a_rs, a_cs, Bp, C, ldc,

@@ -57,8 +57,9 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
   // loop's own instructions stay out of the FMA pipes' way. 16 vs 4 ahead: wide LSTM step-only
   // min 816-925 vs 880-960 ms; 32 ahead was no better.
   // A k-step of B is NR * sizeof(T) bytes: one 64-byte line on AVX2, two on AVX-512, and each
-  // is prefetched (the first alone: wide LSTM on AVX-512 832 ms, 714 ms on AVX2). Under 4 rows a k-step takes a few cycles, 16 of them are too close to hide anything, and
-  // the prefetches were a third of the load slots of the B = 1 step (long-seq LSTM, AVX-512).
+  // is prefetched (the first alone: wide LSTM on AVX-512 832 ms, 714 ms on AVX2). Under 4 rows
+  // a k-step takes a few cycles, 16 of them are too close to hide anything, and the prefetches
+  // were a third of the load slots of the B = 1 step (long-seq LSTM, AVX-512).
   constexpr int64_t PF = 16;
   constexpr int kLinesPerK = (NR * int(sizeof(T)) + 63) / 64;
   int64_t k = 0;

@@ -168,7 +168,7 @@ struct BackwardLoop {
 template <typename T>
 int backward_step_threads(const LayerShape& s, int nthreads) {
   const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
-  if (nthreads <= 1 || flops < 3e4 || ceil_div<int64_t>(s.H, Tile<T>::NR) < 2) return 1;
+  if (nthreads <= 1 || flops < kMinTeamStepFlops || ceil_div<int64_t>(s.H, Tile<T>::NR) < 2) return 1;
   return nthreads;
 }
 

@@ -55,7 +55,7 @@ int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const double flops = 2.0 * s.B * G * s.H * s.Hout;
   const bool weights_fit_l2 = G * s.H * s.Hout * int64_t(sizeof(T)) <= l2_cache_bytes() / 2;
   *by_rows = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2;
-  if (nthreads <= 1 || flops < 3e4) return 1;
+  if (nthreads <= 1 || flops < kMinTeamStepFlops) return 1;
   if (!*by_rows && ceil_div<int64_t>(s.H, Tile<T>::NR) < nthreads) return 1;
   return nthreads;
 }
@@ -137,8 +137,9 @@ struct ForwardLoop {
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
         if (s.B > 1) prefetch_gx(k, m, mr, u0, g0, g_count);  // one row: steps are sequential
-        if (mr == 1 && g_count == 4) {  // a single LSTM row: every gate in one pass (8 chains;
-          // the GRU's 6 were slower than a k-split per gate on AVX2: long-seq 0.92 -> 0.95 ms)
+        // A single LSTM row meets every gate in one pass (8 chains; the GRU's 6 were slower than
+        // a k-split per gate on AVX2: long-seq 0.92 -> 0.95 ms).
+        if (mr == 1 && g_count == 4) {
           const T* b0 = w.panel(g0, ub);
           micro_kernel_row_gates<T, 4>(K, A + m * lda, b0, w.panel(g0 + 1, ub) - b0, tile);
         } else {

@@ -1,4 +1,5 @@
-// The barrier of a step team (forward.h, hidden-unit split): a short spin, then sleep.
+// The barrier of a step team (forward.h's hidden-unit split, backward.h's time loop): a short
+// spin, then sleep.
 //
 // Why not `#pragma omp barrier`: libgomp spins up to ~300k iterations (milliseconds) before it
 // sleeps. When another library's thread pool is still spinning on the other core (torch after
@@ -62,6 +63,10 @@ class StepBarrier {
   std::condition_variable wake_;
 };
 
+// Steps with less work than this stay on one thread, forward and backward: the reasons and the
+// measurements are at forward.h's step_threads.
+constexpr double kMinTeamStepFlops = 3e4;
+
 // Runs fn(member, team, barrier) on a team of up to nt threads that meet at `barrier` (null for
 // a team of one). The team may come out smaller than asked (OMP_THREAD_LIMIT, nesting), so the
 // barrier is sized by the first member to see the team.
@@ -72,11 +77,7 @@ void run_step_team(int nt, Fn fn) {
 #pragma omp parallel num_threads(nt)
   {
     DenormalsFlushed ftz_worker;
-#if defined(_OPENMP)
-    const int team = omp_get_num_threads();
-#else
-    const int team = 1;
-#endif
+    const int team = team_size();
     std::call_once(made, [&] { barrier = std::make_unique<StepBarrier>(team); });
 #pragma omp barrier
     fn(thread_id(), team, team == 1 ? nullptr : barrier.get());

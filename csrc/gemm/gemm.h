@@ -1,7 +1,7 @@
 // Our packed GEMM: C(M,N) (+)= A(M,K) B(K,N). B is packed into NR-wide panels (K x NR each,
 // zero padded; weights once, cached), A block by block into MR-row micro-panels (any strides, so
-// a transposed A costs no extra copy). Blocking: an MC x KC block of packed A stays in L2 while
-// every KC x NR slice of B meets its row tiles from L1.
+// a transposed A costs no extra copy). Blocking: each MR-row micro-panel of a packed MC x KC
+// block of A stays in L1 while the KC x NR slices of NC columns of B stream past it from L2.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -39,15 +39,22 @@ void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out
     for (int64_t k = 0; k < K; ++k) pack_b_row(k, p, N, B, b_rs, b_cs, out + p * panel_stride + k * NR);
 }
 
-// GotoBLAS-style blocking: an MC x KC block of A is packed once (into L2) and meets every
-// KC x NR slice of the packed B panels (each in L1 while it meets the block's row tiles).
+// Blocking: an MC x KC block of A is packed once and meets every KC x NR slice of the packed B
+// panels, NC columns of them at a time (see NC_PANELS).
 // KC: 512 where a k-step of B is two lines (AVX-512): C is loaded and stored half as often, and
 // an MC x KC block of A is 576 KB, within the L2 of AVX-512 cores (1 MB and up). 1 thread, in
 // process A/B: 6400x2048x512 GEMM 94 -> 101 GFLOP/s, fastrnns LSTM 265 -> 258 ms, deepbench LSTM
 // training 817 -> 799 ms; KC 128, to keep B's slice in L1, was slower (1024^3: 98 -> 94).
+// NC: the panels of one pass over a packed A block, 256 columns (512 KB of B on AVX-512, 256 KB
+// on AVX2) kept in L2 while each MR-row micro-panel of A (12-24 KB) stays in L1 and meets them
+// in turn, its B slices streaming from L2 in order. The other order (a B slice held in L1 for
+// every row tile) lost: at KC = 512 on AVX-512 a slice is 64 KB, twice L1, and even at K = 256
+// it fills L1 whole. 1 thread, C++ loop, AVX-512: 800x1024x256 108 -> 114 GFLOP/s, 1024^3 105
+// -> 108, 3200x2048x512 108 -> 113; AVX2 (on the same Zen 4): 1024^3 99 -> 109.
 template <typename T> struct GemmBlocking {
   static constexpr int64_t KC = Tile<T>::NR * sizeof(T) > 64 ? 512 : 256;
   static constexpr int64_t MC = Tile<T>::MR * 24;  // 144 rows on AVX2: 144 KB of A in L2
+  static constexpr int64_t NC_PANELS = 256 / Tile<T>::NR > 0 ? 256 / Tile<T>::NR : 1;
 };
 
 // K-blocked layout, for gemm_packed: the KC x NR slices of every panel for one block of K lie
@@ -149,15 +156,18 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
     const T* bias_k = k0 == 0 ? bias : nullptr;
     const T* a_block = A + m0 * a_rs + k0 * a_cs;
     if (a_pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
-    for (int64_t p = p0; p < p1; ++p) {
-      const T* b = gemm_b_slice<T>(Bp, panels, K, k0, p);
-      const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
+    for (int64_t pb = p0; pb < p1; pb += GemmBlocking<T>::NC_PANELS) {
+      const int64_t pe = imin(p1, pb + GemmBlocking<T>::NC_PANELS);
       for (int64_t m = 0; m < mc; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, mc - m));
-        T* c = C + (m0 + m) * ldc + p * NR;
-        const T* bias_p = bias_k ? bias_k + p * NR : nullptr;
-        if (a_pack) tile_to_c<T, true>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p);
-        else tile_to_c<T, false>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p);
+        for (int64_t p = pb; p < pe; ++p) {
+          const T* b = gemm_b_slice<T>(Bp, panels, K, k0, p);
+          const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
+          T* c = C + (m0 + m) * ldc + p * NR;
+          const T* bias_p = bias_k ? bias_k + p * NR : nullptr;
+          if (a_pack) tile_to_c<T, true>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p);
+          else tile_to_c<T, false>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p);
+        }
       }
     }
   }

@@ -209,11 +209,12 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   // A parallel region costs a few microseconds idle and a scheduler time slice when another
   // process holds a core, so only GEMMs of over ~25 us of single-thread work are split.
   const bool parallel = nthreads > 1 && M * N * K >= (int64_t(1) << 20);
-  // Tall products (two row blocks a thread or more: the whole-sequence GEMMs) split their rows,
-  // in equal runs of row tiles, so each thread packs only its own A blocks: split by panels,
-  // every thread packed all of A (fastrnns LSTM training, 2 threads: pack_a was 8% of the call).
-  // Row tiles start at multiples of MR either way, so the results do not change.
-  if (parallel && m_blocks >= 2 * int64_t(nthreads)) {
+  // Tall products (8 row tiles a thread or more: the whole-sequence GEMMs) split their rows, in
+  // equal runs of row tiles, so each thread packs only its own A blocks: split by panels, every
+  // thread packed all of A (fastrnns LSTM training, 2 threads: pack_a was 8% of the call; stacked
+  // LSTM, 2 threads, 800 rows, which the old rule of two MC blocks a thread left to panels: 5.32
+  // -> 5.04 ms a layer). Row tiles start at multiples of MR either way: results do not change.
+  if (parallel && ceil_div<int64_t>(M, MR) >= 8 * int64_t(nthreads)) {
 #pragma omp parallel num_threads(nthreads)
     {
       DenormalsFlushed ftz;

@@ -52,21 +52,33 @@ inline void rnn_backward_row(const RowBackward<T>& r) {
 }
 
 // ---- LSTM: i,f,o = sigmoid, g = tanh, c' = f*c + i*g, h' = o*tanh(c') ----
+// U vectors of units from j (n lanes each: W, or the tail's count when U == 1), stage by stage:
+// the U copies of each function's long dependency chain sit side by side, which the compiler
+// interleaves (one vector at a time: 143 cycles a vector, two: 124; C++ loop, AVX-512, float).
+template <typename T, int U>
+FUSEDRNN_ALWAYS_INLINE inline void lstm_forward_units(const RowForward<T>& r, int j, int n) {
+  using V = Vec<T>;
+  const int64_t H = r.H, A = r.acc_gate_stride;
+  auto pre = [&](int g, int u) { return ld(r.acc + g * A + j + u * V::W, n) + ld(r.gx + g * H + j + u * V::W, n); };
+  V i[U], f[U], g[U], o[U], c[U];
+  for (int u = 0; u < U; ++u) i[u] = vsigmoid(pre(0, u));
+  for (int u = 0; u < U; ++u) f[u] = vsigmoid(pre(1, u));
+  for (int u = 0; u < U; ++u) g[u] = vtanh(pre(2, u));
+  for (int u = 0; u < U; ++u) o[u] = vsigmoid(pre(3, u));
+  for (int u = 0; u < U; ++u) c[u] = V::fma(f[u], ld(r.c_prev + j + u * V::W, n), i[u] * g[u]);
+  for (int u = 0; u < U; ++u) {
+    const int ju = j + u * V::W;
+    st(r.c_next + ju, c[u], n);
+    st(r.h_next + ju, o[u] * vtanh(c[u]), n);
+    if (r.gates) st_gates(r.gates + ju, H, n, i[u], f[u], g[u], o[u]);
+  }
+}
 template <typename T>
 inline void lstm_forward_row(const RowForward<T>& r) {
   using V = Vec<T>;
-  const int64_t H = r.H, A = r.acc_gate_stride;
-  for (int j = 0; j < r.nu; j += V::W) {
-    const int n = r.nu - j;
-    V i = vsigmoid(ld(r.acc + j, n) + ld(r.gx + j, n));
-    V f = vsigmoid(ld(r.acc + A + j, n) + ld(r.gx + H + j, n));
-    V g = vtanh(ld(r.acc + 2 * A + j, n) + ld(r.gx + 2 * H + j, n));
-    V o = vsigmoid(ld(r.acc + 3 * A + j, n) + ld(r.gx + 3 * H + j, n));
-    V c = V::fma(f, ld(r.c_prev + j, n), i * g);
-    st(r.c_next + j, c, n);
-    st(r.h_next + j, o * vtanh(c), n);
-    if (r.gates) st_gates(r.gates + j, H, n, i, f, g, o);
-  }
+  int j = 0;
+  for (; j + 2 * V::W <= r.nu; j += 2 * V::W) lstm_forward_units<T, 2>(r, j, V::W);
+  for (; j < r.nu; j += V::W) lstm_forward_units<T, 1>(r, j, r.nu - j);
 }
 template <typename T>
 inline void lstm_backward_row(const RowBackward<T>& r) {

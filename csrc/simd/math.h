@@ -9,14 +9,16 @@
 // function are max errors over normal-range results; denormal-range results are all <= 0.78.
 //
 // Techniques. exp: x = n ln2 + r, |r| <= ln2/2, by Cody-Waite with ln2 split so that n * ln2_hi is
-// exact even without FMA; the rounding error of r is carried (Fast2Sum) and 1 + r is kept as two
-// floats, so the result rounds essentially once: exp(r) = 1 + r + r^2 Q(r), Q minimax. 2^n is
+// exact even without FMA; in float64 the rounding error of r is carried (Fast2Sum) and 1 + r is
+// kept as two doubles, so the result rounds essentially once: exp(r) = 1 + r + r^2 Q(r), Q
+// minimax (float32 rounds r and 1 + (r + r^2 Q) plainly: ~1 ulp, see C<float>::compensated). 2^n is
 // applied as two exact powers of two, so n = 128 (1024) overflows exactly where it should and
 // denormal results round once. tanh: odd minimax polynomial |x| + |x|^3 P(x^2) for small |x| (no
 // cancellation; exact for tiny x and +-0) and 1 - 2e / (1 + e), e = exp(-2|x|), beyond, with |x|
 // clamped so that it saturates to exactly +-1; the sign is copied back (odd exactly). sigmoid:
 // num / (1 + e), e = exp(-|x|), num = 1 (x >= 0) or e (x < 0), so tiny results keep relative
-// accuracy, plus one FMA residual step that removes the roundings of 1 + e and of the division.
+// accuracy, plus (float64) one FMA residual step that removes the roundings of 1 + e and of the
+// division.
 // One division in tanh and sigmoid, none in exp; no tables; NaN in -> NaN out (explicit select:
 // the clamps use x86 max/min, which would turn NaN into the bound).
 //
@@ -50,6 +52,12 @@ inline Vec<T> horner(Vec<T> x, T c, R... rest) {
 // Scalar constants per type (plain scalars: SIMD constants are built inside the functions).
 template <typename T> struct C;
 template <> struct C<float> {
+  // float32 leaves out the compensations that take exp, tanh and sigmoid to ~1 ulp: the design
+  // allows 4 ulp, and the LSTM epilogue (3 sigmoids, 2 tanh a unit) was 10-18% of the B = 1
+  // steps. Without them the epilogue takes 123 instead of 175 cycles a vector (C++ loop,
+  // AVX-512, with the 2-vector interleave of cells.h). Exhaustive float32 maxima went from
+  // 0.63 / 1.03 / 1.48 ulp (exp, tanh, sigmoid) to 1.01 / 1.03 / 2.40.
+  static constexpr bool compensated = false;
   static constexpr float log2e = 1.44269502f;
   static constexpr float ln2_hi = 0.693145751953125f;  // 16 significant bits: n * ln2_hi is exact
   static constexpr float ln2_lo = 1.42860677e-06f;     // ln2 - ln2_hi
@@ -68,6 +76,7 @@ template <> struct C<float> {
   }
 };
 template <> struct C<double> {
+  static constexpr bool compensated = true;  // full double precision (DESIGN.md)
   static constexpr double log2e = 1.4426950408889634;
   static constexpr double ln2_hi = 0x1.62e42fefa38p-1;     // 42 significant bits
   static constexpr double ln2_lo = 5.497923018708371e-14;  // ln2 - ln2_hi
@@ -97,6 +106,10 @@ FUSEDRNN_ALWAYS_INLINE inline Vec<T> exp_reduced(Vec<T> x, Vec<T>& n) {
   using V = Vec<T>;
   const V one = V::set1(T(1));
   n = V::round(x * V::set1(C<T>::log2e));
+  if (!C<T>::compensated) {  // r rounded once (two-step Cody-Waite), exp(r) = 1 + (r + r^2 Q)
+    V r = V::fnma(n, V::set1(C<T>::ln2_lo), V::fnma(n, V::set1(C<T>::ln2_hi), x));
+    return one + V::fma(r * r, C<T>::exp_poly(r), r);
+  }
   V r_hi = V::fnma(n, V::set1(C<T>::ln2_hi), x);  // exact (Sterbenz), also as mul + sub
   V t = n * V::set1(C<T>::ln2_lo);
   V r = r_hi - t;
@@ -111,7 +124,7 @@ FUSEDRNN_ALWAYS_INLINE inline Vec<T> exp_reduced(Vec<T> x, Vec<T>& n) {
 
 }  // namespace math_detail
 
-// exp(x). Measured max error (bench/measure_math_ulp.py): float32 0.63 ulp (avx2, avx512), 0.65 ulp
+// exp(x). Measured max error (bench/measure_math_ulp.py): float32 1.01 ulp (avx2, avx512), 0.99 ulp
 // (generic) over all 2^32 float32 inputs, exhaustive; float64 0.67 ulp (avx2), 0.65 (avx512), 0.70 ulp (generic)
 // over two independent samples of 10^7 random inputs covering the whole range (log-uniform
 // magnitudes 2^-1074..2^10, uniform in [-40, 40] and [-750, 750]) plus special values. Exact: exp(-inf) = 0, exp(+inf) = inf, NaN -> NaN; inf exactly from
@@ -153,8 +166,8 @@ FUSEDRNN_ALWAYS_INLINE inline Vec<T> vtanh(Vec<T> x) {
   return V::select(V::isnan(x), x, y);
 }
 
-// sigmoid(x) = 1 / (1 + exp(-x)). Measured max error: float32 1.48 ulp (avx2, avx512), 1.97 ulp (generic:
-// no fused FMA, so the residual step is only approximate) over all 2^32 float32 inputs,
+// sigmoid(x) = 1 / (1 + exp(-x)). Measured max error: float32 2.40 ulp (generic, avx2, avx512; no
+// residual step in float32) over all 2^32 float32 inputs,
 // exhaustive; float64 1.48 ulp (avx2), 1.43 (avx512), 1.81 ulp (generic) over the 2 x 10^7 random inputs.
 // Exact: sigmoid(-inf) = 0, sigmoid(+inf) = 1, 1 for x >= 17.4 (double 37.5), 0 below
 // -103.97 (double -745.13), NaN -> NaN; small results (x < 0) keep relative accuracy.
@@ -173,6 +186,7 @@ FUSEDRNN_ALWAYS_INLINE inline Vec<T> vsigmoid(Vec<T> x) {
   V d = one + e;
   V dl = e - (d - one);  // 1 + e = d + dl exactly (Fast2Sum, 1 >= e)
   V q = num / d;
+  if (!K::compensated) return V::select(V::isnan(x), x, q);
   // One correction step: num / (d + dl) = q + (num - q d - q dl) / (d + dl), where num - q d is
   // exact with a fused multiply-add (without one, as in the generic build, it still removes the
   // rounding of 1 + e), and 1 / d ~ q (x >= 0) or 1 - q (x < 0) is plenty for the correction.

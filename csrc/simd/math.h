@@ -13,9 +13,10 @@
 // kept as two doubles, so the result rounds essentially once: exp(r) = 1 + r + r^2 Q(r), Q
 // minimax (float32 rounds r and 1 + (r + r^2 Q) plainly: ~1 ulp, see C<float>::compensated). 2^n is
 // applied as two exact powers of two, so n = 128 (1024) overflows exactly where it should and
-// denormal results round once. tanh: odd minimax polynomial |x| + |x|^3 P(x^2) for small |x| (no
-// cancellation; exact for tiny x and +-0) and 1 - 2e / (1 + e), e = exp(-2|x|), beyond, with |x|
-// clamped so that it saturates to exactly +-1; the sign is copied back (odd exactly). sigmoid:
+// denormal results round once. tanh (float64): odd minimax polynomial |x| + |x|^3 P(x^2) for
+// small |x| (no cancellation; exact for tiny x and +-0) and 1 - 2e / (1 + e), e = exp(-2|x|),
+// beyond; (float32) -m / (m + 2), m = expm1(-2|x|), for every x; |x| clamped so that it
+// saturates to exactly +-1; the sign is copied back (odd exactly). sigmoid:
 // num / (1 + e), e = exp(-|x|), num = 1 (x >= 0) or e (x < 0), so tiny results keep relative
 // accuracy, plus (float64) one FMA residual step that removes the roundings of 1 + e and of the
 // division.
@@ -23,7 +24,7 @@
 // the clamps use x86 max/min, which would turn NaN into the bound).
 //
 // Coefficients: Remez exchange for the relative-error minimax problem on the intervals below,
-// solved with 60-digit mpmath, then rounded to T (float exp, float and double tanh: rounded one at
+// solved with 60-digit mpmath, then rounded to T (float exp, double tanh: rounded one at
 // a time from the lowest order, refitting the rest after each; double exp: rounded at once).
 // Max relative error of each rounded polynomial, from the fit, is noted beside it.
 #pragma once
@@ -52,27 +53,21 @@ inline Vec<T> horner(Vec<T> x, T c, R... rest) {
 // Scalar constants per type (plain scalars: SIMD constants are built inside the functions).
 template <typename T> struct C;
 template <> struct C<float> {
-  // float32 leaves out the compensations that take exp, tanh and sigmoid to ~1 ulp: the design
-  // allows 4 ulp, and the LSTM epilogue (3 sigmoids, 2 tanh a unit) was 10-18% of the B = 1
-  // steps. Without them the epilogue takes 123 instead of 175 cycles a vector (C++ loop,
-  // AVX-512, with the 2-vector interleave of cells.h). Exhaustive float32 maxima went from
-  // 0.63 / 1.03 / 1.48 ulp (exp, tanh, sigmoid) to 1.01 / 1.03 / 2.40.
+  // float32 leaves out the compensations that take exp, tanh and sigmoid to ~1 ulp, and computes
+  // tanh by one branch-free formula (see vtanh): the design allows 4 ulp, and the LSTM epilogue
+  // (3 sigmoids, 2 tanh a unit) was 10-18% of the B = 1 steps. It now takes 113 instead of 175
+  // cycles a vector (C++ loop, AVX-512, with the 2-vector interleave of cells.h); exhaustive
+  // float32 maxima went from 0.63 / 1.03 / 1.48 ulp (exp, tanh, sigmoid) to 1.01 / 2.50 / 2.40.
   static constexpr bool compensated = false;
   static constexpr float log2e = 1.44269502f;
   static constexpr float ln2_hi = 0.693145751953125f;  // 16 significant bits: n * ln2_hi is exact
   static constexpr float ln2_lo = 1.42860677e-06f;     // ln2 - ln2_hi
   // exp(x) rounds to 0 below lo and to inf above hi; both keep n within [-150, 128].
   static constexpr float exp_lo = -104.0f, exp_hi = 89.0f;
-  static constexpr float tanh_small = 1.0f;  // polynomial below, exp formula above
   static constexpr float tanh_sat = 10.0f;   // tanh(x) rounds to 1 for x > 9.01
   // exp(r) ~ 1 + r + r^2 (c2 + c3 r + ... + c6 r^4) on |r| <= ln2/2 + 2e-5: rel. error 2^-28.2.
   static Vec<float> exp_poly(Vec<float> r) {
     return horner(r, 0.49999994f, 0.166665167f, 0.0416681021f, 0.00836919248f, 0.00138389028f);
-  }
-  // tanh(x) ~ x + x^3 P(x^2) on |x| <= 1: rel. error 2^-27.7.
-  static Vec<float> tanh_poly(Vec<float> s) {
-    return horner(s, -0.333332956f, 0.133323461f, -0.0538798459f, 0.0214866903f, -0.00794606656f,
-                  0.00230129063f, -0.000358420832f);
   }
 };
 template <> struct C<double> {
@@ -106,7 +101,7 @@ FUSEDRNN_ALWAYS_INLINE inline Vec<T> exp_reduced(Vec<T> x, Vec<T>& n) {
   using V = Vec<T>;
   const V one = V::set1(T(1));
   n = V::round(x * V::set1(C<T>::log2e));
-  if (!C<T>::compensated) {  // r rounded once (two-step Cody-Waite), exp(r) = 1 + (r + r^2 Q)
+  if constexpr (!C<T>::compensated) {  // r rounded once (two-step Cody-Waite), exp(r) = 1 + (r + r^2 Q)
     V r = V::fnma(n, V::set1(C<T>::ln2_lo), V::fnma(n, V::set1(C<T>::ln2_hi), x));
     return one + V::fma(r * r, C<T>::exp_poly(r), r);
   }
@@ -144,8 +139,9 @@ FUSEDRNN_ALWAYS_INLINE inline Vec<T> vexp(Vec<T> x) {
   return V::select(V::isnan(x), x, y);
 }
 
-// tanh(x). Measured max error: float32 1.03 ulp (avx2, avx512), 1.09 ulp (generic) over all 2^32 float32
-// inputs, exhaustive; float64 1.37 ulp (avx2, avx512), 1.38 ulp (generic) over the 2 x 10^7 random inputs.
+// tanh(x). Measured max error: float32 2.50 ulp (generic, avx2, avx512) over all 2^32 float32
+// inputs, exhaustive; float64 1.37 ulp (avx2, avx512), 1.38 ulp (generic) over the 2 x 10^7
+// random inputs.
 // Exact: tanh(+-0) = +-0, tanh(+-inf) = +-1, +-1 for |x| >= 9.1 (double 19.1), tanh(-x) = -tanh(x),
 // tanh(x) = x for denormal x, NaN -> NaN.
 template <typename T>
@@ -154,21 +150,35 @@ FUSEDRNN_ALWAYS_INLINE inline Vec<T> vtanh(Vec<T> x) {
   using K = math_detail::C<T>;
   const V one = V::set1(T(1));
   V ax = V::abs(x);
-  // Large |x|: 1 - 2e / (1 + e), e = exp(-2|x|) in [exp(-2 sat), 1] (normal: one pow2i).
-  V n;
-  V p = math_detail::exp_reduced(V::set1(T(-2)) * V::min(ax, V::set1(K::tanh_sat)), n);
-  V e = p * V::pow2i(n);
-  V big = one - e / V::fma(e, V::set1(T(0.5)), V::set1(T(0.5)));
-  // Small |x|: |x| + |x|^3 P(x^2), one rounding at the end.
-  V s = ax * ax;
-  V small = V::fma(ax * s, K::tanh_poly(s), ax);
-  V y = V::copysign(V::select(V::lt(ax, V::set1(K::tanh_small)), small, big), x);
+  V y;
+  if constexpr (!K::compensated) {
+    // One formula for every |x|: tanh|x| = -m / (m + 2), m = expm1(-2|x|) = 2^n (1 + p) - 1 with
+    // p = expm1(r) = r + r^2 Q(r), which keeps relative accuracy near 0 (n = 0: m = p), where
+    // 1 - 2e / (1 + e) would cancel. One branch instead of two: see C<float>::compensated.
+    V z = V::set1(T(-2)) * V::min(ax, V::set1(K::tanh_sat));
+    V n = V::round(z * V::set1(K::log2e));
+    V r = V::fnma(n, V::set1(K::ln2_lo), V::fnma(n, V::set1(K::ln2_hi), z));
+    V p = V::fma(r * r, K::exp_poly(r), r);
+    V s = V::pow2i(n);
+    V m = V::fma(s, p, s - one);
+    y = V::copysign(V::neg(m) / (m + V::set1(T(2))), x);
+  } else {
+    // Large |x|: 1 - 2e / (1 + e), e = exp(-2|x|) in [exp(-2 sat), 1] (normal: one pow2i).
+    V n;
+    V p = math_detail::exp_reduced(V::set1(T(-2)) * V::min(ax, V::set1(K::tanh_sat)), n);
+    V e = p * V::pow2i(n);
+    V big = one - e / V::fma(e, V::set1(T(0.5)), V::set1(T(0.5)));
+    // Small |x|: |x| + |x|^3 P(x^2), one rounding at the end.
+    V s = ax * ax;
+    V small = V::fma(ax * s, K::tanh_poly(s), ax);
+    y = V::copysign(V::select(V::lt(ax, V::set1(K::tanh_small)), small, big), x);
+  }
   return V::select(V::isnan(x), x, y);
 }
 
 // sigmoid(x) = 1 / (1 + exp(-x)). Measured max error: float32 2.40 ulp (generic, avx2, avx512; no
-// residual step in float32) over all 2^32 float32 inputs,
-// exhaustive; float64 1.48 ulp (avx2), 1.43 (avx512), 1.81 ulp (generic) over the 2 x 10^7 random inputs.
+// residual step in float32) over all 2^32 float32 inputs, exhaustive; float64 1.48 ulp (avx2),
+// 1.43 (avx512), 1.81 ulp (generic) over the 2 x 10^7 random inputs.
 // Exact: sigmoid(-inf) = 0, sigmoid(+inf) = 1, 1 for x >= 17.4 (double 37.5), 0 below
 // -103.97 (double -745.13), NaN -> NaN; small results (x < 0) keep relative accuracy.
 template <typename T>
@@ -186,7 +196,7 @@ FUSEDRNN_ALWAYS_INLINE inline Vec<T> vsigmoid(Vec<T> x) {
   V d = one + e;
   V dl = e - (d - one);  // 1 + e = d + dl exactly (Fast2Sum, 1 >= e)
   V q = num / d;
-  if (!K::compensated) return V::select(V::isnan(x), x, q);
+  if constexpr (!K::compensated) return V::select(V::isnan(x), x, q);
   // One correction step: num / (d + dl) = q + (num - q d - q dl) / (d + dl), where num - q d is
   // exact with a fused multiply-add (without one, as in the generic build, it still removes the
   // rounding of 1 + e), and 1 / d ~ q (x >= 0) or 1 - q (x < 0) is plenty for the correction.

@@ -107,10 +107,10 @@ void aligned_free_bytes(void* p);
 // for the packed form of src (raw_bytes long) under tag, and sets *valid when it was packed from
 // bytes identical to src's current ones; otherwise the caller packs into it. rows x cols is the
 // source's shape (part of the key with the tag). Null means "too big to cache: pack into your own
-// buffer". Buffers stay valid until the next begin_call.
+// buffer". Buffers stay valid until the next begin_call. nthreads: threads for the comparison.
 void packed_cache_begin_call();
 void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int64_t tag, int64_t rows,
-                    int64_t cols, bool* valid);
+                    int64_t cols, bool* valid, int nthreads);
 
 // Defined in dispatch.cpp.
 const KernelTable& active_kernels();

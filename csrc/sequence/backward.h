@@ -214,14 +214,14 @@ void backward(const BackwardArgs<T>& a) {
   // gradients may live apart, and the two-phase GRU meets W_hn on its own).
   const int64_t hh_rows = gru ? 2 * H : GH;
   CachedPanels<T> whh(PanelKind::BackHH, a.w_hh, hh_rows, Hout, packed_b_size<T>(hh_rows, Hout),
-                      [&](T* buf) { pack_b_gemm<T>(hh_rows, Hout, a.w_hh, Hout, 1, buf, nthreads); });
+                      nthreads, [&](T* buf) { pack_b_gemm<T>(hh_rows, Hout, a.w_hh, Hout, 1, buf, nthreads); });
   const T* w_hn = a.w_hh + 2 * H * Hout;
   CachedPanels<T> whn(PanelKind::BackHN, w_hn, gru ? H : 0, H, gru ? packed_b_size<T>(H, H) : 0,
-                      [&](T* buf) {
+                      nthreads, [&](T* buf) {
                         if (gru) pack_b_gemm<T>(H, H, w_hn, Hout, 1, buf, nthreads);
                       });
   CachedPanels<T> whr(PanelKind::BackHR, a.w_hr, s.has_proj ? Hout : 0, H,
-                      s.has_proj ? packed_b_size<T>(Hout, H) : 0, [&](T* buf) {
+                      s.has_proj ? packed_b_size<T>(Hout, H) : 0, nthreads, [&](T* buf) {
                         if (s.has_proj) pack_b_gemm<T>(Hout, H, a.w_hr, H, 1, buf, nthreads);
                       });
 

@@ -265,11 +265,11 @@ void forward(const ForwardArgs<T>& a) {
   Scratch<T> gx(s.T * B * GH);
   input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx.p, nthreads);
   CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, GH, Hout, packed_gates_size<T>(G, Hout, H),
-                       [&](T* buf) { pack_gates<T>(G, Hout, H, a.w_hh, buf, nthreads); });
+                       nthreads, [&](T* buf) { pack_gates<T>(G, Hout, H, a.w_hh, buf, nthreads); });
   const PackedGates<T> w{G, Hout, wbuf.get()};
   // Null without a projection (nothing is packed then).
   CachedPanels<T> wproj(PanelKind::Proj, a.w_hr, s.has_proj ? Hout : 0, H,
-                        s.has_proj ? packed_b_size<T>(H, Hout) : 0,
+                        s.has_proj ? packed_b_size<T>(H, Hout) : 0, nthreads,
                         [&](T* buf) { pack_b<T>(H, Hout, a.w_hr, 1, H, buf, nthreads); });
 
   Scratch<T> hbuf(training ? 0 : 2 * B * Hout), cbuf(!training && lstm ? 2 * B * H : 0);

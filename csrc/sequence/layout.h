@@ -32,12 +32,12 @@ class CachedPanels {
   // src is a rows x cols matrix; nothing is packed when rows * cols == 0.
   template <typename PackInto>
   CachedPanels(PanelKind kind, const T* src, int64_t rows, int64_t cols, int64_t packed_elems,
-               PackInto pack_into) {
+               int nthreads, PackInto pack_into) {
     if (rows * cols == 0 || packed_elems == 0) return;
     const int64_t tag = static_cast<int64_t>(kind) * 1000 + Tile<T>::NR * 10 + int64_t(sizeof(T));
     bool valid = false;
     p_ = static_cast<T*>(cached_packed(src, sizeof(T) * rows * cols, sizeof(T) * packed_elems, tag,
-                                       rows, cols, &valid));
+                                       rows, cols, &valid, nthreads));
     if (!p_) p_ = own_ = static_cast<T*>(aligned_alloc_bytes(sizeof(T) * packed_elems));
     if (!valid) pack_into(p_);
   }
@@ -57,7 +57,7 @@ template <typename T>
 void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b_ih,
                       const T* b_hh, T* gx, int nthreads) {
   const int64_t G = gates_of(s.cell), GH = G * s.H, M = s.T * s.B;
-  CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH),
+  CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH), nthreads,
                     [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
   Scratch<T> bias(s.has_bias ? GH : 0);
   for (int64_t n = 0; s.has_bias && n < GH; ++n) {

@@ -32,9 +32,10 @@ template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 
 
 // PackedA: `a` is an MR-row micro-panel from pack_a, A(r, k) at a[k*MR + r] (lda unused): one
 // contiguous stream instead of M strided rows.
+// bias (NR values, only when !accumulate): every row's chain starts from it instead of zero.
 template <typename T, int M, bool PackedA = false>
 inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
-                              bool accumulate) {
+                              bool accumulate, const T* bias = nullptr) {
   using V = Vec<T>;
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
@@ -46,7 +47,10 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
   for (int s = 0; s < KS; ++s)
     for (int r = 0; r < M; ++r)
       for (int v = 0; v < NV; ++v)
-        acc[s][r][v] = (s == 0 && accumulate) ? V::load(c + r * ldc + v * V::W) : V::zero();
+        acc[s][r][v] = s > 0         ? V::zero()
+                       : accumulate  ? V::load(c + r * ldc + v * V::W)
+                       : bias        ? V::load(bias + v * V::W)
+                                     : V::zero();
   // A(r, k): packed, one base pointer and immediate offsets r (M row pointers would not fit the
   // general registers with the loop's own: 12 rows on AVX-512 spilled a counter to the stack).
   const T* arow[M];
@@ -119,10 +123,10 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
 // Any M in 1..MR: picks the instantiation with that many rows.
 template <typename T, bool PackedA = false>
 inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
-                         bool accumulate) {
+                         bool accumulate, const T* bias = nullptr) {
   switch (M) {
 #define FUSEDRNN_CASE(m) \
-  case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1), PackedA>(K, a, lda, b, c, ldc, accumulate); break;
+  case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1), PackedA>(K, a, lda, b, c, ldc, accumulate, bias); break;
     FUSEDRNN_CASE(1) FUSEDRNN_CASE(2) FUSEDRNN_CASE(3) FUSEDRNN_CASE(4) FUSEDRNN_CASE(5)
     FUSEDRNN_CASE(6) FUSEDRNN_CASE(7) FUSEDRNN_CASE(8) FUSEDRNN_CASE(9) FUSEDRNN_CASE(10)
     FUSEDRNN_CASE(11) FUSEDRNN_CASE(12)

@@ -213,6 +213,27 @@ def test_gemm_bitwise_identical_across_thread_counts(rng, isa, M, N, K):
     assert np.array_equal(results[0], results[1])
 
 
+def test_big_weights_edited_in_place_are_repacked_with_two_threads(rng):
+    """Weights of 256 KB and up are compared with the cached copy by the call's threads, each a
+    slice (workspace.cpp, same_bytes): an edit in the last slice alone must still show."""
+    T, B, I, H = 3, 2, 8, 256  # w_hh: 4H x H float32 = 1 MB
+    x, h0, c0 = (rng.standard_normal(s).astype(np.float32) for s in ((T, B, I), (B, H), (B, H)))
+    w_ih, w_hh = (rng.uniform(-0.06, 0.06, s).astype(np.float32) for s in ((4 * H, I), (4 * H, H)))
+    b_ih, b_hh = (rng.uniform(-0.06, 0.06, 4 * H).astype(np.float32) for _ in range(2))
+    args = ("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+    before = fusedrnn.get_num_threads()
+    try:
+        fusedrnn.set_num_threads(2)
+        functional.forward(*args, training=False)  # packs and caches w_hh
+        w_hh[-1, -1] += 1.0                          # the last byte range only, same address
+        got = functional.forward(*args, training=False)
+    finally:
+        fusedrnn.set_num_threads(before)
+    want = reference.forward(*args)
+    assert_close(got[0], want[0], np.float32, "forward", what="y after an edit of w_hh's end")
+    assert_close(got[1], want[1], np.float32, "forward", what="hn after an edit of w_hh's end")
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_weights_edited_in_place_are_repacked(rng, variant):
     """Packed weights are cached per thread; an in-place edit (an optimiser step) must show."""

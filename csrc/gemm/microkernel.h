@@ -14,6 +14,7 @@ namespace FUSEDRNN_ISA_NS {
 template <typename T> struct Tile {
   static constexpr int NV = 2;
   static constexpr int NR = NV * Vec<T>::W;
+  static constexpr int LINES = (NR * int(sizeof(T)) + 63) / 64;  // 64-byte lines in NR values
 #if defined(__AVX512F__)
   static constexpr int MR = 12;
 #elif defined(__AVX2__)
@@ -65,13 +66,12 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
   // a k-step takes a few cycles, 16 of them are too close to hide anything, and the prefetches
   // were a third of the load slots of the B = 1 step (long-seq LSTM, AVX-512).
   constexpr int64_t PF = 16;
-  constexpr int kLinesPerK = (NR * int(sizeof(T)) + 63) / 64;
   int64_t k = 0;
 #pragma GCC unroll 4
   for (; k + KS <= K; k += KS) {
     for (int s = 0; s < KS; ++s) {
       if (M >= 4)  // a few rows go through B faster than a prefetch helps: see above
-        for (int l = 0; l < kLinesPerK; ++l)
+        for (int l = 0; l < Tile<T>::LINES; ++l)
           __builtin_prefetch(reinterpret_cast<const char*>(b + (k + s + PF) * NR) + 64 * l);
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + s) * NR + v * V::W);

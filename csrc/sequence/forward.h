@@ -99,14 +99,13 @@ struct ForwardLoop {
   // time (stacked LSTM, 1 thread). Into L2, not L1: the micro-kernels' weight panels stream
   // through L1 and evicted them (fastrnns LSTM, 1 thread: 275 ms with L1, 265 with L2).
   void prefetch_gx(int64_t k, int64_t m, int mr, int64_t u0, int g0, int g_count) const {
-    constexpr int kLines = (Tile<T>::NR * int(sizeof(T)) + 63) / 64;
     const int64_t GH = int64_t(G) * s.H;
     for (int ri = 0; ri < mr; ++ri) {
       const int64_t b = m + ri;
       if (!steps.active(k, b)) continue;
       const char* row = reinterpret_cast<const char*>(gx + (steps.time(k, b) * s.B + b) * GH + u0);
       for (int g = g0; g < g0 + g_count; ++g)
-        for (int l = 0; l < kLines; ++l) prefetch_to_l2(row + sizeof(T) * g * s.H + 64 * l);
+        for (int l = 0; l < Tile<T>::LINES; ++l) prefetch_to_l2(row + sizeof(T) * g * s.H + 64 * l);
     }
   }
 

@@ -94,17 +94,24 @@ template <> struct C<double> {
   }
 };
 
+// Uncompensated (float32): returns expm1(r) = r + r^2 Q(r) where x = n ln2 + r, r rounded once
+// (two-step Cody-Waite), and sets n (integer-valued). x finite and clamped by the caller.
+template <typename T>
+FUSEDRNN_ALWAYS_INLINE inline Vec<T> expm1_reduced(Vec<T> x, Vec<T>& n) {
+  using V = Vec<T>;
+  n = V::round(x * V::set1(C<T>::log2e));
+  V r = V::fnma(n, V::set1(C<T>::ln2_lo), V::fnma(n, V::set1(C<T>::ln2_hi), x));
+  return V::fma(r * r, C<T>::exp_poly(r), r);
+}
+
 // Returns exp(r) (in [0.70, 1.42], before scaling by 2^n) where x = n ln2 + r, and sets n
 // (integer-valued). x must be finite and clamped by the caller so that its scaling works.
 template <typename T>
 FUSEDRNN_ALWAYS_INLINE inline Vec<T> exp_reduced(Vec<T> x, Vec<T>& n) {
   using V = Vec<T>;
   const V one = V::set1(T(1));
+  if constexpr (!C<T>::compensated) return one + expm1_reduced(x, n);
   n = V::round(x * V::set1(C<T>::log2e));
-  if constexpr (!C<T>::compensated) {  // r rounded once (two-step Cody-Waite), exp(r) = 1 + (r + r^2 Q)
-    V r = V::fnma(n, V::set1(C<T>::ln2_lo), V::fnma(n, V::set1(C<T>::ln2_hi), x));
-    return one + V::fma(r * r, C<T>::exp_poly(r), r);
-  }
   V r_hi = V::fnma(n, V::set1(C<T>::ln2_hi), x);  // exact (Sterbenz), also as mul + sub
   V t = n * V::set1(C<T>::ln2_lo);
   V r = r_hi - t;
@@ -150,22 +157,21 @@ FUSEDRNN_ALWAYS_INLINE inline Vec<T> vtanh(Vec<T> x) {
   using K = math_detail::C<T>;
   const V one = V::set1(T(1));
   V ax = V::abs(x);
+  const V z = V::set1(T(-2)) * V::min(ax, V::set1(K::tanh_sat));  // -2|x|, clamped: saturates
   V y;
   if constexpr (!K::compensated) {
     // One formula for every |x|: tanh|x| = -m / (m + 2), m = expm1(-2|x|) = 2^n (1 + p) - 1 with
     // p = expm1(r) = r + r^2 Q(r), which keeps relative accuracy near 0 (n = 0: m = p), where
     // 1 - 2e / (1 + e) would cancel. One branch instead of two: see C<float>::compensated.
-    V z = V::set1(T(-2)) * V::min(ax, V::set1(K::tanh_sat));
-    V n = V::round(z * V::set1(K::log2e));
-    V r = V::fnma(n, V::set1(K::ln2_lo), V::fnma(n, V::set1(K::ln2_hi), z));
-    V p = V::fma(r * r, K::exp_poly(r), r);
+    V n;
+    V p = math_detail::expm1_reduced(z, n);
     V s = V::pow2i(n);
     V m = V::fma(s, p, s - one);
     y = V::copysign(V::neg(m) / (m + V::set1(T(2))), x);
   } else {
     // Large |x|: 1 - 2e / (1 + e), e = exp(-2|x|) in [exp(-2 sat), 1] (normal: one pow2i).
     V n;
-    V p = math_detail::exp_reduced(V::set1(T(-2)) * V::min(ax, V::set1(K::tanh_sat)), n);
+    V p = math_detail::exp_reduced(z, n);
     V e = p * V::pow2i(n);
     V big = one - e / V::fma(e, V::set1(T(0.5)), V::set1(T(0.5)));
     // Small |x|: |x| + |x|^3 P(x^2), one rounding at the end.
@@ -194,9 +200,9 @@ FUSEDRNN_ALWAYS_INLINE inline Vec<T> vsigmoid(Vec<T> x) {
   auto neg = V::lt(x, V::zero());
   V num = V::select(neg, e, one);
   V d = one + e;
-  V dl = e - (d - one);  // 1 + e = d + dl exactly (Fast2Sum, 1 >= e)
   V q = num / d;
   if constexpr (!K::compensated) return V::select(V::isnan(x), x, q);
+  V dl = e - (d - one);  // 1 + e = d + dl exactly (Fast2Sum, 1 >= e)
   // One correction step: num / (d + dl) = q + (num - q d - q dl) / (d + dl), where num - q d is
   // exact with a fused multiply-add (without one, as in the generic build, it still removes the
   // rounding of 1 + e), and 1 / d ~ q (x >= 0) or 1 - q (x < 0) is plenty for the correction.

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernel_api.h"
+#include "team_policy.h"
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
@@ -271,6 +272,24 @@ PYBIND11_MODULE(_C, m) {
     if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
     g_num_threads.store(n);
   });
+  // Step teams: "adaptive" (default), "team" or "alone" (see csrc/team_policy.cpp).
+  m.def("set_team_mode", [](const std::string& mode) {
+    static const char* modes[] = {"adaptive", "team", "alone"};
+    for (int i = 0; i < 3; ++i)
+      if (mode == modes[i]) return fusedrnn::set_team_mode(i);
+    fail("team mode must be 'adaptive', 'team' or 'alone', got '" + mode + "'");
+  });
+  m.def("get_team_mode", [] {
+    static const char* modes[] = {"adaptive", "team", "alone"};
+    return std::string(modes[fusedrnn::team_mode()]);
+  });
+  // One policy on its own, for tests to drive with made-up times.
+  py::class_<fusedrnn::TeamPolicyState>(m, "TeamPolicy", py::module_local(),
+                                        "the adaptive thread policy of one shape (tests)")
+      .def(py::init<>())
+      .def("choose_team", &fusedrnn::TeamPolicyState::choose_team)
+      .def("report", &fusedrnn::TeamPolicyState::report, py::arg("team"), py::arg("ns_per_step"))
+      .def_property_readonly("alone", &fusedrnn::TeamPolicyState::alone);
   m.def("compiler", [] {
 #if defined(__clang__)
     return std::string("clang ") + __clang_version__;

@@ -112,6 +112,23 @@ void packed_cache_begin_call();
 void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int64_t tag, int64_t rows,
                     int64_t cols, bool* valid, int nthreads);
 
+// Adaptive threads (team_policy.cpp): whether a layer call asked to run on nthreads threads does
+// so this time or runs on one, and how long the call then took per step. One policy per key.
+struct TeamKey {
+  const char* isa;
+  int dtype_bytes;
+  int cell;
+  bool backward;
+  int64_t T, B, I, H, Hout;
+  int nthreads;
+};
+bool team_policy_choose(const TeamKey& key);
+void team_policy_report(const TeamKey& key, bool used_team, double ns_per_step);
+// 0 adaptive (the default), 1 always the threads asked for, 2 always one thread (tests,
+// benchmarks). Setting it forgets every measurement.
+void set_team_mode(int mode);
+int team_mode();
+
 // Defined in dispatch.cpp.
 const KernelTable& active_kernels();
 const KernelTable* kernels_for(const char* isa);  // null when not built or not supported

@@ -9,3 +9,13 @@ import pytest
 def rng(request):
     """A NumPy Generator seeded from the test's id, so every test is reproducible on its own."""
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def fixed_threads():
+    """Calls use the threads set, whatever the adaptive policy measured (tests of the threaded
+    paths must run them)."""
+    import fusedrnn
+    fusedrnn.set_thread_policy("fixed")
+    yield
+    fusedrnn.set_thread_policy("adaptive")

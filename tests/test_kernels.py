@@ -74,7 +74,7 @@ def test_long_sequence_float32(rng, isa):
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
-def test_bitwise_identical_across_thread_counts(rng, isa, variant):
+def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads):
     """Both ways 2 threads share a forward step (forward.h, step_threads): batch rows with no
     barrier (small weights, B=96) and hidden units with a barrier per step (B=12, or weights past
     L2); and the backward's team (batch rows of the pointwise maths, column panels of the GEMMs)."""
@@ -213,7 +213,7 @@ def test_gemm_bitwise_identical_across_thread_counts(rng, isa, M, N, K):
     assert np.array_equal(results[0], results[1])
 
 
-def test_big_weights_edited_in_place_are_repacked_with_two_threads(rng):
+def test_big_weights_edited_in_place_are_repacked_with_two_threads(rng, fixed_threads):
     """Weights of 256 KB and up are compared with the cached copy by the call's threads, each a
     slice (workspace.cpp, same_bytes): an edit in the last slice alone must still show."""
     T, B, I, H = 3, 2, 8, 256  # w_hh: 4H x H float32 = 1 MB

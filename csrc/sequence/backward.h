@@ -180,7 +180,7 @@ int backward_split_kind(int cell, int64_t B, int64_t H, int64_t Hout, int nthrea
 }
 
 template <typename T>
-void backward(const BackwardArgs<T>& a) {
+void backward_on_threads(const BackwardArgs<T>& a) {
   const LayerShape& s = a.s;
   const int G = gates_of(s.cell);
   const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = G * H, TB = s.T * B;
@@ -266,6 +266,17 @@ void backward(const BackwardArgs<T>& a) {
     column_sums<T>(TB, 2 * H, dgh, GH, a.db_hh, nthreads);
     column_sums<T>(TB, H, dghn, ld_n, a.db_hh + 2 * H, nthreads);
   }
+}
+
+// As forward(): a.num_threads threads, or one when the adaptive policy finds them slow.
+template <typename T>
+void backward(const BackwardArgs<T>& a) {
+  if (a.num_threads <= 1) return backward_on_threads(a);
+  BackwardArgs<T> alone = a;
+  alone.num_threads = 1;
+  const LayerShape& s = a.s;
+  const TeamKey key{kIsaName, int(sizeof(T)), int(s.cell), true, s.T, s.B, s.I, s.H, s.Hout, a.num_threads};
+  run_threads_or_alone(key, s.T, [&] { backward_on_threads(a); }, [&] { backward_on_threads(alone); });
 }
 
 }  // namespace FUSEDRNN_ISA_NS

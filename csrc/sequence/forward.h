@@ -249,7 +249,7 @@ struct ForwardLoop {
 };
 
 template <typename T>
-void forward(const ForwardArgs<T>& a) {
+void forward_on_threads(const ForwardArgs<T>& a) {
   const LayerShape& s = a.s;
   const int G = gates_of(s.cell);
   const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = G * H;
@@ -298,6 +298,18 @@ void forward(const ForwardArgs<T>& a) {
   }
   std::memcpy(a.hn, loop.h_at(s.T), sizeof(T) * B * Hout);
   if (lstm) std::memcpy(a.cn, loop.c_at(s.T), sizeof(T) * B * H);
+}
+
+// The layer on a.num_threads threads, or on one when the adaptive policy finds the team slow for
+// this shape (step_barrier.h, run_threads_or_alone).
+template <typename T>
+void forward(const ForwardArgs<T>& a) {
+  if (a.num_threads <= 1) return forward_on_threads(a);
+  ForwardArgs<T> alone = a;
+  alone.num_threads = 1;
+  const LayerShape& s = a.s;
+  const TeamKey key{kIsaName, int(sizeof(T)), int(s.cell), false, s.T, s.B, s.I, s.H, s.Hout, a.num_threads};
+  run_threads_or_alone(key, s.T, [&] { forward_on_threads(a); }, [&] { forward_on_threads(alone); });
 }
 
 }  // namespace FUSEDRNN_ISA_NS

@@ -84,5 +84,16 @@ void run_step_team(int nt, Fn fn) {
   }
 }
 
+// Runs a layer call on its threads (threads()) or on one (alone()), as the adaptive policy
+// chooses for this shape (team_policy.cpp), and reports its time per step back to it.
+template <typename Threads, typename Alone>
+void run_threads_or_alone(const TeamKey& key, int64_t steps, Threads threads, Alone alone) {
+  const bool use_threads = team_policy_choose(key);
+  const auto start = std::chrono::steady_clock::now();
+  if (use_threads) threads(); else alone();
+  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
+  team_policy_report(key, use_threads, ns / double(steps > 0 ? steps : 1));
+}
+
 }  // namespace FUSEDRNN_ISA_NS
 }  // namespace fusedrnn

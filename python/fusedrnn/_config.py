@@ -17,6 +17,25 @@ def get_num_threads():
     return _C.get_num_threads()
 
 
+_POLICIES = {"adaptive": "adaptive", "fixed": "team"}   # public name -> the kernels' mode
+
+
+def set_thread_policy(policy):
+    """How a layer call uses its threads. "adaptive" (the default): the number set by
+    ``set_num_threads``, except for shapes where the call has been measured slower on them than
+    on one thread (another busy process, a VM that moves its cores apart); those run on one thread
+    and try the threads again now and then. "fixed": always the number set. Results are bitwise
+    identical either way; setting the policy forgets what was measured."""
+    if policy not in _POLICIES:
+        raise ValueError(f"thread policy must be one of {sorted(_POLICIES)}, got {policy!r}")
+    _C.set_team_mode(_POLICIES[policy])
+
+
+def get_thread_policy():
+    mode = _C.get_team_mode()
+    return next((k for k, v in _POLICIES.items() if v == mode), mode)
+
+
 def config():
     """The facts show_config() prints, as a dict."""
     import numpy as np
@@ -27,6 +46,7 @@ def config():
         "vector_bytes": _C.vector_bytes(),
         "openmp": bool(_C.openmp),
         "num_threads": _C.get_num_threads(),
+        "thread_policy": get_thread_policy(),
         "compiler": _C.compiler(),
         "cpu": _cpu_model(),
         "python": platform.python_version(),

@@ -1,0 +1,66 @@
+// Adaptive threads. A layer call on two threads meets its teammate at a barrier every step (and
+// at the end of every parallel GEMM), so it is only as fast as the slower core's turn: when
+// another process holds one core, or this VM moves its two vCPUs apart, such a call can run far
+// slower than on one thread. Long-seq LSTM, 2 threads: 0.65 ms on a quiet machine, 1.27 ms in
+// this VM's slow phase, and beside a busy process a 0.65 ms median but a 7 ms mean (some calls
+// wait a time slice or more), against 0.96 ms on one thread. So every call asked to run on
+// several threads reports its time per step here, and the policy (team_policy.h) decides, per
+// shape, whether the next call of that shape uses them. Results do not depend on it: every output
+// is the same FMA chain for any number of threads.
+#include <atomic>
+#include <map>
+#include <mutex>
+#include <tuple>
+#include "kernel_api.h"
+#include "team_policy.h"
+
+namespace fusedrnn {
+namespace {
+
+using Key = std::tuple<const char*, int, int, bool, int64_t, int64_t, int64_t, int64_t, int, int>;
+
+struct Policies {
+  std::mutex mu;
+  std::map<Key, TeamPolicyState> states;
+  std::atomic<int> mode{0};
+};
+
+Policies& policies() {
+  static Policies* p = new Policies();  // never destroyed: calls may run during interpreter exit
+  return *p;
+}
+
+Key key_of(const TeamKey& k) {
+  int bucket = 0;  // log2 of the step count: the fixed cost of a call weighs more in short ones
+  for (int64_t t = k.T; t > 1; t >>= 1) ++bucket;
+  return Key{k.isa, k.dtype_bytes, k.cell, k.backward, k.B, k.I, k.H, k.Hout, k.nthreads, bucket};
+}
+
+}  // namespace
+
+bool team_policy_choose(const TeamKey& key) {
+  Policies& p = policies();
+  const int mode = p.mode.load(std::memory_order_relaxed);
+  if (mode != 0) return mode == 1;
+  std::lock_guard<std::mutex> lock(p.mu);
+  if (p.states.size() > 4096) p.states.clear();  // bounded: shapes come and go
+  return p.states[key_of(key)].choose_team();
+}
+
+void team_policy_report(const TeamKey& key, bool used_team, double ns_per_step) {
+  Policies& p = policies();
+  if (p.mode.load(std::memory_order_relaxed) != 0) return;
+  std::lock_guard<std::mutex> lock(p.mu);
+  p.states[key_of(key)].report(used_team, ns_per_step);
+}
+
+void set_team_mode(int mode) {
+  Policies& p = policies();
+  p.mode.store(mode, std::memory_order_relaxed);
+  std::lock_guard<std::mutex> lock(p.mu);
+  p.states.clear();
+}
+
+int team_mode() { return policies().mode.load(std::memory_order_relaxed); }
+
+}  // namespace fusedrnn

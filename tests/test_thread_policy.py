@@ -1,0 +1,105 @@
+"""The adaptive thread policy (csrc/team_policy.h): driven with made-up call times, and the
+public switch. Results never depend on it: the threads and one thread give the same bits."""
+import random
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import _C, functional
+
+ALONE_NS = 1000.0
+
+
+def drive(team_ns, calls=2000, alone_ns=ALONE_NS, seed=0):
+    """Runs one policy for `calls` calls; team_ns(i, rnd) gives call i's time on the threads.
+    Returns the mean time per call and which calls used the threads."""
+    policy, rnd = _C.TeamPolicy(), random.Random(seed)
+    total, used = 0.0, []
+    for i in range(calls):
+        team = policy.choose_team()
+        ns = team_ns(i, rnd) if team else alone_ns
+        policy.report(team, ns)
+        total += ns
+        used.append(team)
+    return total / calls, used
+
+
+def test_quiet_machine_runs_alone_once_to_measure():
+    mean, used = drive(lambda i, rnd: 600.0 + rnd.random())
+    assert used.count(False) == 1 and not used[8]  # the 8th call's report sends the 9th alone
+    assert mean < 602
+
+
+def test_a_spike_costs_a_few_calls_alone():
+    mean, used = drive(lambda i, rnd: 6000.0 if i == 100 else 600.0)
+    assert 1 < used.count(False) <= 8
+    assert all(used[200:])
+
+
+def test_busy_core_bimodal_team_runs_alone_at_small_cost():
+    """Beside a busy process most team calls are fast and some a time slice late: the mean of
+    the threads (~5 us) is far worse than alone, though the median is better."""
+    mean, used = drive(lambda i, rnd: 630.0 if rnd.random() < 0.7 else 15000.0)
+    assert sum(used) < 0.05 * len(used)
+    assert mean < 1.15 * ALONE_NS
+
+
+def test_threads_slow_from_the_start_are_found():
+    mean, used = drive(lambda i, rnd: 1270.0)
+    assert mean < 1.1 * ALONE_NS
+    assert sum(used[1000:]) < 0.25 * 1000
+
+
+def test_threads_come_back_when_the_machine_quiets():
+    mean, used = drive(lambda i, rnd: 1270.0 if i < 1000 else 630.0)
+    assert all(used[1100:])
+
+
+def test_ties_never_flap_much():
+    """Threads as fast as one thread, with noise: either choice is right, but few switches."""
+    mean, used = drive(lambda i, rnd: ALONE_NS * (0.95 + 0.1 * rnd.random()))
+    switches = sum(a != b for a, b in zip(used, used[1:]))
+    assert mean < 1.05 * ALONE_NS and switches < 200
+
+
+def test_public_switch():
+    assert fusedrnn.get_thread_policy() == "adaptive"
+    try:
+        fusedrnn.set_thread_policy("fixed")
+        assert fusedrnn.get_thread_policy() == "fixed" and _C.get_team_mode() == "team"
+        assert fusedrnn._config.config()["thread_policy"] == "fixed"
+        with pytest.raises(ValueError, match="thread policy must be one of"):
+            fusedrnn.set_thread_policy("sometimes")
+    finally:
+        fusedrnn.set_thread_policy("adaptive")
+    with pytest.raises(ValueError, match="team mode must be"):
+        _C.set_team_mode("often")
+
+
+def test_team_and_alone_give_the_same_bits(rng):
+    """An LSTM at B = 1 (a team split by hidden units) forward and backward, on 2 threads and on
+    one, as the policy may switch between them."""
+    if not _C.openmp:
+        pytest.skip("built without OpenMP: one thread only")
+    T, B, I, H = 5, 1, 16, 128
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0, c0 = (rng.standard_normal((B, H)).astype(np.float32) for _ in range(2))
+    w_ih, w_hh = (rng.uniform(-0.1, 0.1, s).astype(np.float32) for s in ((4 * H, I), (4 * H, H)))
+    b_ih, b_hh = (rng.uniform(-0.1, 0.1, 4 * H).astype(np.float32) for _ in range(2))
+    dy = rng.standard_normal((T, B, H)).astype(np.float32)
+    assert _C.step_split(2, B, H, H, threads=2) == "units"
+    before = fusedrnn.get_num_threads()
+    results = []
+    try:
+        fusedrnn.set_num_threads(2)
+        for mode in ("team", "alone"):
+            _C.set_team_mode(mode)
+            y, hn, cn, ctx = functional.forward("lstm", x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+            dx, dh0, dc0, grads = functional.backward(ctx, dy)
+            results.append([y, hn, cn, dx, dh0, dc0, *grads.values()])
+    finally:
+        _C.set_team_mode("adaptive")
+        fusedrnn.set_num_threads(before)
+    for got, want in zip(results[1], results[0]):
+        assert np.array_equal(got, want)

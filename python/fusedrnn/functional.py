@@ -28,12 +28,22 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, re
     """``keep_x=True``: the training context keeps ``x`` itself rather than a copy, for callers
     that never write to it before backward (the layers' own inner-layer inputs)."""
     args = check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
-    if training and args[0] is x and not keep_x:
-        # The context keeps x for dW_ih; a private copy keeps the caller free to reuse its buffer
-        # between forward and backward (weights are the layer's own and are kept by reference).
-        args = (args[0].copy(),) + args[1:]
+    return forward_checked(cell, *args, reverse=reverse, linear_before_reset=linear_before_reset,
+                           training=training, isa=isa, keep_x=keep_x or args[0] is not x)
+
+
+def forward_checked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse, linear_before_reset,
+                    training, isa=None, keep_x=False):
+    """forward() for arguments already as check_layer_args returns them (C-contiguous, one
+    dtype, shapes checked): the layers, which check their inputs once and own their weights.
+    The kernels check the shapes again, so nothing can read out of bounds. Unless ``keep_x``, a
+    training context keeps a private copy of x: the caller may reuse its buffer between forward
+    and backward (weights are the layer's own and are kept by reference)."""
+    if training and not keep_x:
+        x = x.copy()
     y, hn, cn, ctx = _C.forward(CELL_CODES[cell], bool(linear_before_reset), bool(reverse),
-                                bool(training), *args, isa=isa)
+                                bool(training), x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
+                                isa=isa)
     return y, hn, cn, (ctx if training else None)
 
 

@@ -172,7 +172,8 @@ class _Layer:
         if base.dropout_active(s, self.training):
             make_mask = base.numpy_mask_maker(self._dropout_rng, s.dropout, self.dtype)
         y, hn, cn, saved = base.stack_forward(s, self._params, x_tm, h0, c0, lengths,
-                                              save=self.training, make_mask=make_mask)
+                                              save=self.training, make_mask=make_mask,
+                                              checked=True)
         if self.training:
             self._saved = (saved, T, B, unbatched)
         else:

@@ -272,7 +272,8 @@ PYBIND11_MODULE(_C, m) {
     if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
     g_num_threads.store(n);
   });
-  // Step teams: "adaptive" (default), "team" or "alone" (see csrc/team_policy.cpp).
+  // Threads of a layer call: "team" (as asked, the default), "adaptive" or "alone" (see
+  // csrc/team_policy.cpp).
   m.def("set_team_mode", [](const std::string& mode) {
     static const char* modes[] = {"adaptive", "team", "alone"};
     for (int i = 0; i < 3; ++i)

@@ -124,8 +124,11 @@ struct TeamKey {
 };
 bool team_policy_choose(const TeamKey& key);
 void team_policy_report(const TeamKey& key, bool used_team, double ns_per_step);
-// 0 adaptive (the default), 1 always the threads asked for, 2 always one thread (tests,
-// benchmarks). Setting it forgets every measurement.
+// 0 adaptive, 1 always the threads asked for (the default), 2 always one thread (tests).
+// Setting it forgets every measurement. Adaptive is not the default: in the benchmark, whose
+// peers' thread pools still spin at the start of each block of our calls, it took bursts of
+// interference for a slow team and ran alone where the team was faster (stacked LSTM, 2 threads:
+// 16.7 ms against 10.2 ms in one run).
 void set_team_mode(int mode);
 int team_mode();
 

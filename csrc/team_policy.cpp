@@ -3,10 +3,11 @@
 // another process holds one core, or this VM moves its two vCPUs apart, such a call can run far
 // slower than on one thread. Long-seq LSTM, 2 threads: 0.65 ms on a quiet machine, 1.27 ms in
 // this VM's slow phase, and beside a busy process a 0.65 ms median but a 7 ms mean (some calls
-// wait a time slice or more), against 0.96 ms on one thread. So every call asked to run on
-// several threads reports its time per step here, and the policy (team_policy.h) decides, per
-// shape, whether the next call of that shape uses them. Results do not depend on it: every output
-// is the same FMA chain for any number of threads.
+// wait a time slice or more), against 0.96 ms on one thread. With the adaptive mode on (it is
+// off by default: kernel_api.h, set_team_mode), every call asked to run on several threads
+// reports its time per step here, and the policy (team_policy.h) decides, per shape, whether the
+// next call of that shape uses them. Results do not depend on it: every output is the same FMA
+// chain for any number of threads.
 #include <atomic>
 #include <map>
 #include <mutex>
@@ -22,7 +23,7 @@ using Key = std::tuple<const char*, int, int, bool, int64_t, int64_t, int64_t, i
 struct Policies {
   std::mutex mu;
   std::map<Key, TeamPolicyState> states;
-  std::atomic<int> mode{0};
+  std::atomic<int> mode{1};  // fixed: see kernel_api.h, set_team_mode
 };
 
 Policies& policies() {

@@ -16,6 +16,7 @@ def fixed_threads():
     """Calls use the threads set, whatever the adaptive policy measured (tests of the threaded
     paths must run them)."""
     import fusedrnn
+    before = fusedrnn.get_thread_policy()
     fusedrnn.set_thread_policy("fixed")
     yield
-    fusedrnn.set_thread_policy("adaptive")
+    fusedrnn.set_thread_policy(before)

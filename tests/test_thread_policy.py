@@ -64,17 +64,49 @@ def test_ties_never_flap_much():
 
 
 def test_public_switch():
-    assert fusedrnn.get_thread_policy() == "adaptive"
+    assert fusedrnn.get_thread_policy() == "fixed" and _C.get_team_mode() == "team"
     try:
-        fusedrnn.set_thread_policy("fixed")
-        assert fusedrnn.get_thread_policy() == "fixed" and _C.get_team_mode() == "team"
-        assert fusedrnn._config.config()["thread_policy"] == "fixed"
+        fusedrnn.set_thread_policy("adaptive")
+        assert fusedrnn.get_thread_policy() == "adaptive" and _C.get_team_mode() == "adaptive"
+        assert fusedrnn._config.config()["thread_policy"] == "adaptive"
         with pytest.raises(ValueError, match="thread policy must be one of"):
             fusedrnn.set_thread_policy("sometimes")
     finally:
-        fusedrnn.set_thread_policy("adaptive")
+        fusedrnn.set_thread_policy("fixed")
     with pytest.raises(ValueError, match="team mode must be"):
         _C.set_team_mode("often")
+
+
+def test_environment_variable_sets_the_policy_at_import():
+    import subprocess
+    import sys
+    code = "import fusedrnn; print(fusedrnn.get_thread_policy())"
+    for policy in ("adaptive", "fixed"):
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env={**__import__("os").environ, "FUSEDRNN_THREAD_POLICY": policy})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == policy
+
+
+def test_adaptive_policy_runs_the_kernels_correctly(rng):
+    """The whole path with the policy on: many calls of one threaded shape (past the exploring
+    call, which runs alone) give the same bits every time."""
+    if not _C.openmp:
+        pytest.skip("built without OpenMP: one thread only")
+    T, B, I, H = 3, 1, 8, 128
+    args = ("lstm", rng.standard_normal((T, B, I)).astype(np.float32),
+            np.zeros((B, H), np.float32), np.zeros((B, H), np.float32),
+            rng.uniform(-0.1, 0.1, (4 * H, I)).astype(np.float32),
+            rng.uniform(-0.1, 0.1, (4 * H, H)).astype(np.float32), None, None)
+    before = fusedrnn.get_num_threads()
+    try:
+        fusedrnn.set_num_threads(2)
+        fusedrnn.set_thread_policy("adaptive")
+        ys = [functional.forward(*args, training=False)[0] for _ in range(20)]
+    finally:
+        fusedrnn.set_thread_policy("fixed")
+        fusedrnn.set_num_threads(before)
+    assert all(np.array_equal(y, ys[0]) for y in ys)
 
 
 def test_team_and_alone_give_the_same_bits(rng):
@@ -99,7 +131,7 @@ def test_team_and_alone_give_the_same_bits(rng):
             dx, dh0, dc0, grads = functional.backward(ctx, dy)
             results.append([y, hn, cn, dx, dh0, dc0, *grads.values()])
     finally:
-        _C.set_team_mode("adaptive")
+        _C.set_team_mode("team")
         fusedrnn.set_num_threads(before)
     for got, want in zip(results[1], results[0]):
         assert np.array_equal(got, want)

@@ -268,15 +268,10 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   }
 }
 
-// As forward(): a.num_threads threads, or one when the adaptive policy finds them slow.
+// The layer's BPTT on a.num_threads threads, or on one if the adaptive policy says so.
 template <typename T>
 void backward(const BackwardArgs<T>& a) {
-  if (a.num_threads <= 1) return backward_on_threads(a);
-  BackwardArgs<T> alone = a;
-  alone.num_threads = 1;
-  const LayerShape& s = a.s;
-  const TeamKey key{kIsaName, int(sizeof(T)), int(s.cell), true, s.T, s.B, s.I, s.H, s.Hout, a.num_threads};
-  run_threads_or_alone(key, s.T, [&] { backward_on_threads(a); }, [&] { backward_on_threads(alone); });
+  run_threads_or_alone(a, true, [](const BackwardArgs<T>& args) { backward_on_threads(args); });
 }
 
 }  // namespace FUSEDRNN_ISA_NS

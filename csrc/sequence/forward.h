@@ -300,16 +300,10 @@ void forward_on_threads(const ForwardArgs<T>& a) {
   if (lstm) std::memcpy(a.cn, loop.c_at(s.T), sizeof(T) * B * H);
 }
 
-// The layer on a.num_threads threads, or on one when the adaptive policy finds the team slow for
-// this shape (step_barrier.h, run_threads_or_alone).
+// The layer on a.num_threads threads, or on one if the adaptive policy says so.
 template <typename T>
 void forward(const ForwardArgs<T>& a) {
-  if (a.num_threads <= 1) return forward_on_threads(a);
-  ForwardArgs<T> alone = a;
-  alone.num_threads = 1;
-  const LayerShape& s = a.s;
-  const TeamKey key{kIsaName, int(sizeof(T)), int(s.cell), false, s.T, s.B, s.I, s.H, s.Hout, a.num_threads};
-  run_threads_or_alone(key, s.T, [&] { forward_on_threads(a); }, [&] { forward_on_threads(alone); });
+  run_threads_or_alone(a, false, [](const ForwardArgs<T>& args) { forward_on_threads(args); });
 }
 
 }  // namespace FUSEDRNN_ISA_NS

@@ -84,15 +84,26 @@ void run_step_team(int nt, Fn fn) {
   }
 }
 
-// Runs a layer call on its threads (threads()) or on one (alone()), as the adaptive policy
-// chooses for this shape (team_policy.cpp), and reports its time per step back to it.
-template <typename Threads, typename Alone>
-void run_threads_or_alone(const TeamKey& key, int64_t steps, Threads threads, Alone alone) {
+// Runs a layer call, run(args) (ForwardArgs or BackwardArgs), on args.num_threads threads or on
+// one, as the adaptive policy chooses for this shape (team_policy.cpp; with the default fixed
+// policy, always the threads), and reports its time per step back to it.
+template <typename Args, typename Run>
+void run_threads_or_alone(const Args& a, bool backward, Run run) {
+  if (a.num_threads <= 1) return run(a);
+  const LayerShape& s = a.s;
+  const TeamKey key{kIsaName, int(sizeof(*a.x)), int(s.cell), backward, s.T, s.B, s.I, s.H, s.Hout,
+                    a.num_threads};
   const bool use_threads = team_policy_choose(key);
   const auto start = std::chrono::steady_clock::now();
-  if (use_threads) threads(); else alone();
+  if (use_threads) {
+    run(a);
+  } else {
+    Args alone = a;
+    alone.num_threads = 1;
+    run(alone);
+  }
   const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
-  team_policy_report(key, use_threads, ns / double(steps > 0 ? steps : 1));
+  team_policy_report(key, use_threads, ns / double(s.T > 0 ? s.T : 1));
 }
 
 }  // namespace FUSEDRNN_ISA_NS

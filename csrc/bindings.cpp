@@ -284,6 +284,9 @@ PYBIND11_MODULE(_C, m) {
     static const char* modes[] = {"adaptive", "team", "alone"};
     return std::string(modes[fusedrnn::team_mode()]);
   });
+  m.def("team_policy_calls", [] {
+    return py::make_tuple(fusedrnn::team_policy_calls(true), fusedrnn::team_policy_calls(false));
+  }, "calls the adaptive policy has run (on the threads, alone) since import");
   // One policy on its own, for tests to drive with made-up times.
   py::class_<fusedrnn::TeamPolicyState>(m, "TeamPolicy", py::module_local(),
                                         "the adaptive thread policy of one shape (tests)")

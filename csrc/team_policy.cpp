@@ -2,7 +2,7 @@
 // at the end of every parallel GEMM), so it is only as fast as the slower core's turn: when
 // another process holds one core, or this VM moves its two vCPUs apart, such a call can run far
 // slower than on one thread. Long-seq LSTM, 2 threads: 0.65 ms on a quiet machine, 1.27 ms in
-// this VM's slow phase, and beside a busy process a 0.65 ms median but a 7 ms mean (some calls
+// this VM's slow phase, and beside a busy process a 0.65 ms median but a 6.2 ms mean (some calls
 // wait a time slice or more), against 0.96 ms on one thread. With the adaptive mode on (it is
 // off by default: kernel_api.h, set_team_mode), every call asked to run on several threads
 // reports its time per step here, and the policy (team_policy.h) decides, per shape, whether the
@@ -24,6 +24,7 @@ struct Policies {
   std::mutex mu;
   std::map<Key, TeamPolicyState> states;
   std::atomic<int> mode{1};  // fixed: see kernel_api.h, set_team_mode
+  std::atomic<int64_t> calls[2] = {{0}, {0}};  // adaptive calls run alone, on the threads
 };
 
 Policies& policies() {
@@ -51,6 +52,7 @@ bool team_policy_choose(const TeamKey& key) {
 void team_policy_report(const TeamKey& key, bool used_team, double ns_per_step) {
   Policies& p = policies();
   if (p.mode.load(std::memory_order_relaxed) != 0) return;
+  p.calls[used_team ? 1 : 0].fetch_add(1, std::memory_order_relaxed);
   std::lock_guard<std::mutex> lock(p.mu);
   p.states[key_of(key)].report(used_team, ns_per_step);
 }
@@ -63,5 +65,9 @@ void set_team_mode(int mode) {
 }
 
 int team_mode() { return policies().mode.load(std::memory_order_relaxed); }
+
+int64_t team_policy_calls(bool team) {
+  return policies().calls[team ? 1 : 0].load(std::memory_order_relaxed);
+}
 
 }  // namespace fusedrnn

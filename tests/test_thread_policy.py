@@ -31,10 +31,17 @@ def test_quiet_machine_runs_alone_once_to_measure():
     assert mean < 602
 
 
-def test_a_spike_costs_a_few_calls_alone():
-    mean, used = drive(lambda i, rnd: 6000.0 if i == 100 else 600.0)
-    assert 1 < used.count(False) <= 8
-    assert all(used[200:])
+def test_a_short_burst_changes_nothing():
+    """Three slow calls in a row (another library's threads still spinning): the median of the
+    window stays fast, so nothing runs alone but the one exploring call."""
+    mean, used = drive(lambda i, rnd: 6000.0 if 100 <= i < 103 else 600.0)
+    assert used.count(False) == 1
+
+
+def test_a_long_burst_costs_a_few_calls_alone():
+    mean, used = drive(lambda i, rnd: 6000.0 if 100 <= i < 108 else 600.0)
+    assert 1 < used.count(False) <= 40
+    assert all(used[300:])
 
 
 def test_busy_core_bimodal_team_runs_alone_at_small_cost():
@@ -102,11 +109,14 @@ def test_adaptive_policy_runs_the_kernels_correctly(rng):
     try:
         fusedrnn.set_num_threads(2)
         fusedrnn.set_thread_policy("adaptive")
+        team0, alone0 = _C.team_policy_calls()
         ys = [functional.forward(*args, training=False)[0] for _ in range(20)]
+        team1, alone1 = _C.team_policy_calls()
     finally:
         fusedrnn.set_thread_policy("fixed")
         fusedrnn.set_num_threads(before)
     assert all(np.array_equal(y, ys[0]) for y in ys)
+    assert team1 - team0 + alone1 - alone0 == 20 and alone1 - alone0 >= 1  # the exploring call
 
 
 def test_team_and_alone_give_the_same_bits(rng):

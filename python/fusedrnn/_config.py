@@ -26,7 +26,7 @@ def set_thread_policy(policy):
     ``set_num_threads``. "adaptive": the same, except for shapes where the call has been measured
     slower on them than on one thread; those run on one thread and try the threads again now and
     then (csrc/team_policy.h). It pays beside a process that keeps a core busy (long-seq LSTM on
-    2 threads: a 7.1 ms mean call fixed, 1.1 ms adaptive, 1.0 ms on one thread) and can lose
+    2 threads: a 6.2 ms mean call fixed, 1.4 ms adaptive, 0.96 ms on one thread) and can lose
     where the interference comes in short bursts (another library's threads still spinning),
     which it may take for lasting. Results are bitwise identical either way; setting the policy
     forgets what was measured. The environment variable FUSEDRNN_THREAD_POLICY sets it at

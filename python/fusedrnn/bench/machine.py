@@ -12,7 +12,8 @@ import numpy as np
 
 BUSY_LOAD = 0.5      # 1-minute load average above which a run warns that timings are noisy
 ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE",
-            "OPENBLAS_L2_SIZE", "FUSEDRNN_ISA", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+            "OPENBLAS_L2_SIZE", "FUSEDRNN_ISA", "FUSEDRNN_THREAD_POLICY", "GOMP_SPINCOUNT",
+            "OMP_WAIT_POLICY")
 
 
 def _threadpoolctl():
@@ -70,6 +71,7 @@ def facts():
         "available_isas": cfg["available_isas"],
         "vector_bytes": cfg["vector_bytes"],
         "openmp": cfg["openmp"],
+        "thread_policy": cfg["thread_policy"],
         "compiler": cfg["compiler"],
         "versions": {
             "python": platform.python_version(),

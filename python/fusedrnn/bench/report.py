@@ -280,7 +280,8 @@ def markdown(data, plot_name="speedups.png"):
            "## Machine", "",
            f"- CPU: {m['cpu']}, {m['logical_cpus']} logical CPUs; kernels: {m['isa']} "
            f"(available: {', '.join(m['available_isas'])}), {m['compiler']}, "
-           f"OpenMP {'on' if m['openmp'] else 'off'}",
+           f"OpenMP {'on' if m['openmp'] else 'off'}, thread policy "
+           f"{m.get('thread_policy', 'fixed')}",
            f"- versions: fusedrnn {v['fusedrnn']}, numpy {v['numpy']}, torch {v['torch']}, "
            f"onnxruntime {v['onnxruntime']}, onnx {v['onnx']}, python {v['python']}",
            f"- numpy's BLAS: {blas.get('name')} {blas.get('version') or ''} "

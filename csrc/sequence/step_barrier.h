@@ -1,5 +1,6 @@
 // The barrier of a step team (forward.h's hidden-unit split, backward.h's time loop): a short
-// spin, then sleep.
+// spin, then sleep. Also how a team is started, and run_threads_or_alone, where a layer call meets
+// the adaptive thread policy.
 //
 // Why not `#pragma omp barrier`: libgomp spins up to ~300k iterations (milliseconds) before it
 // sleeps. When another library's thread pool is still spinning on the other core (torch after
@@ -102,7 +103,8 @@ void run_threads_or_alone(const Args& a, bool backward, Run run) {
     alone.num_threads = 1;
     run(alone);
   }
-  const double ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
+  const double ns =
+      std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count();
   team_policy_report(key, use_threads, ns / double(s.T > 0 ? s.T : 1));
 }
 

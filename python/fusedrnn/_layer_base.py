@@ -193,8 +193,8 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     ``save``: keep the kernels' contexts (training); ``make_mask(shape)``: dropout masks between
     layers, or None for no dropout; ``checked``: x, h0, c0, lengths and params are already as
     functional.check_layer_args would make them (the NumPy layers), so each layer call skips
-    those checks (a fifth of a small call's Python time). Returns y (T, B, D*H_out), hn (L*D, B, H_out),
-    cn (L*D, B, H) or None, and a ``Saved`` (None unless ``save``).
+    those checks (a fifth of a small call's Python time). Returns y (T, B, D*H_out),
+    hn (L*D, B, H_out), cn (L*D, B, H) or None, and a ``Saved`` (None unless ``save``).
     """
     dtype = x.dtype
     T, B, _ = x.shape

@@ -194,7 +194,10 @@ void backward_on_threads(const BackwardArgs<T>& a) {
 
   // Pre-activation gradients; positions no step reaches (past a row's length) stay zero.
   Scratch<T> dgx_buf(TB * GH);
-  std::memset(dgx_buf.p, 0, sizeof(T) * TB * GH);
+  // Without lengths every step writes every row's gradients, all gates and units (the backward
+  // rows of cells.h store, never accumulate), so nothing needs zeroing. That single-threaded pass
+  // was 3.5% of a stacked LSTM training layer on 2 threads (17.9 -> 17.3 ms; GRU 14.6 -> 14.1).
+  if (a.lengths) std::memset(dgx_buf.p, 0, sizeof(T) * TB * GH);
   // One buffer serves both when step k is time k for every row and the recurrent side's
   // pre-activation gradients equal the input side's: all cells but the torch-style GRU, whose
   // n gate meets r * (W_hn h + b_hn), so its recurrent dn carries the extra factor r.

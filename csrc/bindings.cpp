@@ -273,17 +273,14 @@ PYBIND11_MODULE(_C, m) {
     g_num_threads.store(n);
   });
   // Threads of a layer call: "team" (as asked, the default), "adaptive" or "alone" (see
-  // csrc/team_policy.cpp).
+  // csrc/team_policy.cpp); the names in the order of set_team_mode's codes.
+  static const char* const team_modes[] = {"adaptive", "team", "alone"};
   m.def("set_team_mode", [](const std::string& mode) {
-    static const char* modes[] = {"adaptive", "team", "alone"};
     for (int i = 0; i < 3; ++i)
-      if (mode == modes[i]) return fusedrnn::set_team_mode(i);
+      if (mode == team_modes[i]) return fusedrnn::set_team_mode(i);
     fail("team mode must be 'adaptive', 'team' or 'alone', got '" + mode + "'");
   });
-  m.def("get_team_mode", [] {
-    static const char* modes[] = {"adaptive", "team", "alone"};
-    return std::string(modes[fusedrnn::team_mode()]);
-  });
+  m.def("get_team_mode", [] { return std::string(team_modes[fusedrnn::team_mode()]); });
   m.def("team_policy_calls", [] {
     return py::make_tuple(fusedrnn::team_policy_calls(true), fusedrnn::team_policy_calls(false));
   }, "calls the adaptive policy has run (on the threads, alone) since import");

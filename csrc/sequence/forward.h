@@ -77,6 +77,7 @@ struct ForwardLoop {
   Steps steps;
   int G;
   const T* gx;
+  int64_t ld_gx;  // gx's row stride (gx_row_stride)
   PackedGates<T> w;
   const T* w_proj;  // packed W_hr^T panels, or null
   const T* b_hn;
@@ -97,16 +98,15 @@ struct ForwardLoop {
   T* extra_at(int64_t k) const { return training ? (a.saved.gru_extra ? a.saved.gru_extra + k * s.B * s.H : nullptr) : extra_buf; }
 
   // Asks for the input-projection slices the epilogue of tile (rows m.., units u0..) will read,
-  // while its micro-kernels run: gx (T*B*G*H) lives in L3 or memory, and its rows lie G*H apart,
-  // which the hardware prefetcher does not follow; the epilogue's loads of it were over half its
-  // time (stacked LSTM, 1 thread). Into L2, not L1: the micro-kernels' weight panels stream
+  // while its micro-kernels run: gx (T*B rows of G*H) lives in L3 or memory, and its rows lie
+  // far apart, which the hardware prefetcher does not follow; the epilogue's loads of it were
+  // over half its time (stacked LSTM, 1 thread). Into L2, not L1: the micro-kernels' weight panels stream
   // through L1 and evicted them (fastrnns LSTM, 1 thread: 275 ms with L1, 265 with L2).
   void prefetch_gx(int64_t k, int64_t m, int mr, int64_t u0, int g0, int g_count) const {
-    const int64_t GH = int64_t(G) * s.H;
     for (int ri = 0; ri < mr; ++ri) {
       const int64_t b = m + ri;
       if (!steps.active(k, b)) continue;
-      const char* row = reinterpret_cast<const char*>(gx + (steps.time(k, b) * s.B + b) * GH + u0);
+      const char* row = reinterpret_cast<const char*>(gx + (steps.time(k, b) * s.B + b) * ld_gx + u0);
       for (int g = g0; g < g0 + g_count; ++g)
         for (int l = 0; l < Tile<T>::LINES; ++l) prefetch_to_l2(row + sizeof(T) * g * s.H + 64 * l);
     }
@@ -177,7 +177,7 @@ struct ForwardLoop {
           RowForward<T> r;
           r.acc = tile + ri * g_count * NR;
           r.acc_gate_stride = NR;
-          r.gx = gx + (t * s.B + b) * GH + u0;
+          r.gx = gx + (t * s.B + b) * ld_gx + u0;
           r.b_hn = b_hn ? b_hn + u0 : nullptr;
           r.h_prev = hp + b * s.Hout + u0;
           r.c_prev = lstm ? cp + b * s.H + u0 : nullptr;
@@ -299,8 +299,9 @@ void forward_on_threads(const ForwardArgs<T>& a) {
   const bool lstm = s.cell == Cell::Lstm;
   const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
 
-  Scratch<T> gx(s.T * B * GH);
-  input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx.p, nthreads);
+  const int64_t ld_gx = gx_row_stride<T>(GH);
+  Scratch<T> gx(s.T * B * ld_gx);
+  input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx.p, ld_gx, nthreads);
   CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, GH, Hout, packed_gates_size<T>(G, Hout, H),
                        nthreads, [&](T* buf) { pack_gates<T>(G, Hout, H, a.w_hh, buf, nthreads); });
   const PackedGates<T> w{G, Hout, wbuf.get()};
@@ -318,7 +319,7 @@ void forward_on_threads(const ForwardArgs<T>& a) {
   const bool epilogue_packs = B > 1 && !s.has_proj && !gru_two_phase;
   Scratch<T> a_shared(epilogue_packs ? 2 * ForwardLoop<T>::next_a_size(s) : 0);
   Steps steps{a.lengths, s.T, s.reverse};
-  ForwardLoop<T> loop{a, s, steps, G, gx.p, w, wproj.get(), (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
+  ForwardLoop<T> loop{a, s, steps, G, gx.p, ld_gx, w, wproj.get(), (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
                       training, hbuf.p, cbuf.p, hfull.p, gates.p, extra.p, a_shared.p, nullptr};
 
   std::memcpy(loop.h_at(0), a.h0, sizeof(T) * B * Hout);

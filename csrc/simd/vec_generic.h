@@ -35,14 +35,14 @@ struct Vec {
   static Vec round(Vec a) { FUSEDRNN_LANES(std::nearbyint(a.v[i])); }
   static Vec pow2i(Vec n) {
     Vec r;
-    for (int i = 0; i < W; ++i) r.v[i] = std::ldexp(T(1), static_cast<int>(n.v[i]));
+    // NaN (which the math functions let through) must not reach the int conversion: that is UB.
+    for (int i = 0; i < W; ++i) r.v[i] = n.v[i] == n.v[i] ? std::ldexp(T(1), static_cast<int>(n.v[i])) : n.v[i];
     return r;
   }
   static Vec select(Mask m, Vec t, Vec f) { FUSEDRNN_LANES(m.m[i] ? t.v[i] : f.v[i]); }
 #undef FUSEDRNN_LANES
   static Mask lt(Vec a, Vec b) { Mask m; for (int i = 0; i < W; ++i) m.m[i] = a.v[i] < b.v[i]; return m; }
   static Mask gt(Vec a, Vec b) { Mask m; for (int i = 0; i < W; ++i) m.m[i] = a.v[i] > b.v[i]; return m; }
-  static Mask isnan(Vec a) { Mask m; for (int i = 0; i < W; ++i) m.m[i] = std::isnan(a.v[i]); return m; }
   T sum() const { T s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
 };
 

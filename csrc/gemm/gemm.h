@@ -139,7 +139,8 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < n_valid; ++j) tmp[r * NR + j] = c[r * ldc + j];
   }
-  micro_kernel<T, PackedA>(m, K, a, lda, b, dst, ldd, accumulate, bias_in_kernel);
+  micro_kernel<T, PackedA ? AForm::Panel : AForm::Rows>(m, K, a, lda, b, dst, ldd, accumulate,
+                                                          bias_in_kernel);
   if (!full)
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[r * NR + j];

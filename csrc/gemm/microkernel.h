@@ -31,10 +31,18 @@ template <typename T> struct Tile {
 // order depends only on M, never on threads, so results stay bitwise reproducible.
 template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 3 ? 2 : 1; };
 
-// PackedA: `a` is an MR-row micro-panel from pack_a, A(r, k) at a[k*MR + r] (lda unused): one
-// contiguous stream instead of M strided rows.
+// Where A(r, k) of a tile lies:
+//  Rows:    a[r*lda + k], rows of the matrix in place;
+//  Panel:   a[k*MR + r], an MR-row micro-panel from pack_a: one contiguous stream instead of M
+//           strided rows (lda unused);
+//  Blocked: a[(k/W)*W*MR + r*W + k%W] (W = a vector's lanes): each row's next W values lie
+//           side by side, so whoever computes a row writes it with whole-vector stores (the fused
+//           step's epilogue packs the next step's A so; see forward.h). Every row of a k-block
+//           is an immediate offset from one address, like the Panel form.
+enum class AForm { Rows, Panel, Blocked };
+
 // bias (NR values, only when !accumulate): every row's chain starts from it instead of zero.
-template <typename T, int M, bool PackedA = false>
+template <typename T, int M, AForm Form = AForm::Rows>
 inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                               bool accumulate, const T* bias = nullptr) {
   using V = Vec<T>;
@@ -56,7 +64,12 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
   // general registers with the loop's own: 12 rows on AVX-512 spilled a counter to the stack).
   const T* arow[M];
   for (int r = 0; r < M; ++r) arow[r] = a + r * lda;
-  auto a_at = [&](int r, int64_t k) { return PackedA ? a[k * MR + r] : arow[r][k]; };
+  constexpr int64_t W = Vec<T>::W;
+  auto a_at = [&](int r, int64_t k) {
+    if constexpr (Form == AForm::Panel) return a[k * MR + r];
+    else if constexpr (Form == AForm::Blocked) return a[(k / W) * (W * MR) + r * W + k % W];
+    else return arow[r][k];
+  };
   // B streams from L2 (or L3: wide's 16 MB W_hh) in the recurrent step, since the gate panels
   // of a unit block outgrow L1: prefetch it 16 k-steps (64-byte lines) ahead, and unroll so the
   // loop's own instructions stay out of the FMA pipes' way. 16 vs 4 ahead: wide LSTM step-only
@@ -121,12 +134,12 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
 }
 
 // Any M in 1..MR: picks the instantiation with that many rows.
-template <typename T, bool PackedA = false>
+template <typename T, AForm Form = AForm::Rows>
 inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                          bool accumulate, const T* bias = nullptr) {
   switch (M) {
 #define FUSEDRNN_CASE(m) \
-  case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1), PackedA>(K, a, lda, b, c, ldc, accumulate, bias); break;
+  case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1), Form>(K, a, lda, b, c, ldc, accumulate, bias); break;
     FUSEDRNN_CASE(1) FUSEDRNN_CASE(2) FUSEDRNN_CASE(3) FUSEDRNN_CASE(4) FUSEDRNN_CASE(5)
     FUSEDRNN_CASE(6) FUSEDRNN_CASE(7) FUSEDRNN_CASE(8) FUSEDRNN_CASE(9) FUSEDRNN_CASE(10)
     FUSEDRNN_CASE(11) FUSEDRNN_CASE(12)

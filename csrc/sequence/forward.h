@@ -84,8 +84,8 @@ struct ForwardLoop {
   bool training;
   // Inference ping-pong buffers (training writes into the saved ones instead).
   T *hbuf, *cbuf, *hfull_buf, *gates_buf, *extra_buf;
-  // Two buffers of next_a_size() for the step's A packed by the previous step's epilogue (see
-  // cell_phase), shared by the team, or null.
+  // Two buffers of next_a_size() for the step's A packed (AForm::Blocked) by the previous step's
+  // epilogue, or for step 0 before the loop (see pack_next_a), shared by the team, or null.
   T* a_shared;
   StepBarrier* barrier;  // the team's when the step is split by hidden units, else null
 
@@ -115,7 +115,7 @@ struct ForwardLoop {
   // One phase of the cell over rows [r0, r1) and unit blocks [u0, u1): G_tile micro-kernels per
   // tile for gates g0.., then the row epilogue. `fn` is the cell's row function. a_pack: room
   // for this member's rows of A packed (see a_pack_size), or null to read A's rows in place.
-  // a_ready: this step's A packed already, every row (the last step's a_next), or null;
+  // a_ready: this step's A packed already (AForm::Blocked), every row, or null;
   // a_next: where the epilogue packs the new state, the next step's A, or null.
   template <typename RowFn>
   void cell_phase(int64_t k, const StepSplit& p, int g0, int g_count, const T* A, int64_t lda,
@@ -126,13 +126,7 @@ struct ForwardLoop {
     // The state's rows as MR-row micro-panels, packed once a step and met by every unit block:
     // read in place, a tile's MR rows lie H apart, and at H = 1024 floats (4 KB) they all fall in
     // one L1 set (1 thread, bench medians: deepbench LSTM 324-328 -> 282-300 ms).
-    const T* a_packed = a_ready;  // micro-panel of row m at a_packed + (m - a_row0) * K
-    int64_t a_row0 = 0;
-    if (!a_ready && a_pack) {
-      pack_a<T>(p.row1 - p.row0, K, A + p.row0 * lda, lda, 1, a_pack);
-      a_packed = a_pack;
-      a_row0 = p.row0;
-    }
+    if (!a_ready && a_pack) pack_a<T>(p.row1 - p.row0, K, A + p.row0 * lda, lda, 1, a_pack);
     const T* hp = h_at(k);
     T* hn = h_at(k + 1);
     const bool lstm = s.cell == Cell::Lstm;
@@ -155,9 +149,14 @@ struct ForwardLoop {
           micro_kernel_row_gates<T, 4>(K, A + m * lda, b0, w.panel(g0 + 1, ub) - b0, tile);
         } else {
           for (int gi = 0; gi < g_count; ++gi) {
-            if (a_packed)
-              micro_kernel<T, true>(mr, K, a_packed + (m - a_row0) * K, 0, w.panel(g0 + gi, ub),
-                                    tile + gi * NR, g_count * NR, false);
+            if (a_ready)
+              micro_kernel<T, AForm::Blocked>(mr, K, a_ready + m * blocked_k(s), 0,
+                                              w.panel(g0 + gi, ub), tile + gi * NR, g_count * NR,
+                                              false);
+            else if (a_pack)
+              micro_kernel<T, AForm::Panel>(mr, K, a_pack + (m - p.row0) * K, 0,
+                                            w.panel(g0 + gi, ub), tile + gi * NR, g_count * NR,
+                                            false);
             else
               micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(g0 + gi, ub), tile + gi * NR,
                               g_count * NR, false);
@@ -197,22 +196,31 @@ struct ForwardLoop {
 
   // The next step's A packed by the epilogues as they write the new state, instead of by a pass
   // at the start of the step: that pass read all of h again, and in a team split by hidden units
-  // every member packed every row. Each element is now written once, by the member that computes
-  // it, a tile at a time (row by row, the strided stores cost more than they saved), and the step
-  // barrier publishes it. In process A/B, a layer: deepbench RNN 65.6 -> 63.4 ms on 1 thread,
-  // 36.0 -> 34.3 ms on 2; stacked RNN, 2 threads, 1.190 -> 1.151 ms; LSTM and GRU within noise.
-  static int64_t next_a_size(const LayerShape& s) {
-    return ceil_div<int64_t>(s.B, Tile<T>::MR) * Tile<T>::MR * s.Hout;
+  // every member packed every row. Each element is written once, by the member that computes
+  // it, and the step barrier publishes it. In process A/B, a layer: deepbench RNN 65.6 -> 63.4 ms
+  // on 1 thread, 36.0 -> 34.3 ms on 2; stacked RNN, 2 threads, 1.190 -> 1.151 ms.
+  // The layout is AForm::Blocked, not pack_a's panels: there a row's units lie MR apart and the
+  // copy went element by element (2-2.5% of a stacked LSTM or GRU step); here each row's W units
+  // are one vector.
+  static int64_t blocked_k(const LayerShape& s) {
+    return ceil_div<int64_t>(s.Hout, Vec<T>::W) * Vec<T>::W;
   }
-  // The tile's rows [m, m + mr) (m a multiple of MR) and units [u0, u0 + nu) of the new state h
-  // into pack_a's layout over all rows: the micro-panel of rows m.. at a_next + m * Hout, element
-  // (r, u) at u * MR + r, so this tile's part is one contiguous run.
+  static int64_t next_a_size(const LayerShape& s) {
+    return ceil_div<int64_t>(s.B, Tile<T>::MR) * Tile<T>::MR * blocked_k(s);
+  }
+  // Rows [m, m + mr) (m a multiple of MR) and units [u0, u0 + nu) (u0 a multiple of W) of the
+  // state h into a_next: the panel of rows m.. at a_next + m * blocked_k, element (r, u) at
+  // (u / W) * W * MR + r * W + u % W.
   void pack_next_a(T* a_next, int64_t m, int mr, int64_t u0, int nu, const T* h) const {
-    constexpr int MR = Tile<T>::MR;
-    T* dst = a_next + m * s.Hout + u0 * MR;
-    const T* src = h + m * s.Hout + u0;
-    for (int j = 0; j < nu; ++j)
-      for (int r = 0; r < mr; ++r) dst[j * MR + r] = src[r * s.Hout + j];
+    constexpr int MR = Tile<T>::MR, W = Vec<T>::W;
+    T* panel = a_next + m * blocked_k(s);
+    for (int r = 0; r < mr; ++r) {
+      const T* src = h + (m + r) * s.Hout + u0;
+      for (int j = 0; j < nu; j += W) {
+        const int n = nu - j;
+        st(panel + (u0 + j) * MR + r * W, ld(src + j, n), n);
+      }
+    }
   }
 
   // LSTM projection h = W_hr hfull for rows [r0, r1) and output blocks [o0, o1).
@@ -259,7 +267,7 @@ struct ForwardLoop {
       const T* hp = h_at(k);
       // Single-phase cells whose epilogue writes the state pack the next step's A (a_shared is
       // null otherwise).
-      const T* ready = a_shared && k > 0 ? a_shared + (k % 2) * a_size : nullptr;
+      const T* ready = a_shared ? a_shared + (k % 2) * a_size : nullptr;
       T* next = a_shared ? a_shared + ((k + 1) % 2) * a_size : nullptr;
       switch (s.cell) {
         case Cell::RnnTanh: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, false>, ap, ready, next); break;
@@ -324,6 +332,9 @@ void forward_on_threads(const ForwardArgs<T>& a) {
 
   std::memcpy(loop.h_at(0), a.h0, sizeof(T) * B * Hout);
   if (lstm) std::memcpy(loop.c_at(0), a.c0, sizeof(T) * B * H);
+  for (int64_t m = 0; epilogue_packs && m < B; m += Tile<T>::MR)  // step 0's A
+    loop.pack_next_a(a_shared.p, m, static_cast<int>(imin<int64_t>(Tile<T>::MR, B - m)), 0,
+                     static_cast<int>(Hout), a.h0);
   if (a.lengths)  // outputs past a row's length are zeros (PackedSequence padded back)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = steps.len(b); t < s.T; ++t) std::memset(a.y + (t * B + b) * Hout, 0, sizeof(T) * Hout);

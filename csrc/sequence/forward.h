@@ -77,11 +77,14 @@ struct ForwardLoop {
   Steps steps;
   int G;
   const T* gx;
-  int64_t ld_gx;  // gx's row stride (gx_row_stride)
+  int64_t ld_gx;  // gx's row stride (see gx_row_stride)
   PackedGates<T> w;
   const T* w_proj;  // packed W_hr^T panels, or null
   const T* b_hn;
   bool training;
+  // Inference without lengths or projection: the state h_k is y's block of step k - 1, written
+  // there by the epilogue, instead of a ping-pong buffer whose rows were then copied to y.
+  bool h_in_y;
   // Inference ping-pong buffers (training writes into the saved ones instead).
   T *hbuf, *cbuf, *hfull_buf, *gates_buf, *extra_buf;
   // Two buffers of next_a_size() for the step's A packed (AForm::Blocked) by the previous step's
@@ -89,7 +92,11 @@ struct ForwardLoop {
   T* a_shared;
   StepBarrier* barrier;  // the team's when the step is split by hidden units, else null
 
-  T* h_at(int64_t k) const { return training ? a.saved.h + k * s.B * s.Hout : hbuf + (k % 2) * s.B * s.Hout; }
+  T* h_at(int64_t k) const {
+    if (training) return a.saved.h + k * s.B * s.Hout;
+    if (h_in_y && k > 0) return a.y + steps.time(k - 1, 0) * s.B * s.Hout;
+    return hbuf + (k % 2) * s.B * s.Hout;
+  }
   T* c_at(int64_t k) const { return training ? a.saved.c + k * s.B * s.H : cbuf + (k % 2) * s.B * s.H; }
   T* hfull_at(int64_t k) const { return training ? a.saved.hfull + k * s.B * s.H : hfull_buf; }
   T* gates_at(int64_t k) const {
@@ -187,7 +194,7 @@ struct ForwardLoop {
           r.H = s.H;
           r.nu = nu;
           fn(r);
-          if (writes_h) std::memcpy(a.y + (t * s.B + b) * s.Hout + u0, r.h_next, sizeof(T) * nu);
+          if (writes_h && !h_in_y) std::memcpy(a.y + (t * s.B + b) * s.Hout + u0, r.h_next, sizeof(T) * nu);
         }
         if (a_next) pack_next_a(a_next, m, mr, u0, nu, hn);
       }
@@ -328,7 +335,8 @@ void forward_on_threads(const ForwardArgs<T>& a) {
   Scratch<T> a_shared(epilogue_packs ? 2 * ForwardLoop<T>::next_a_size(s) : 0);
   Steps steps{a.lengths, s.T, s.reverse};
   ForwardLoop<T> loop{a, s, steps, G, gx.p, ld_gx, w, wproj.get(), (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
-                      training, hbuf.p, cbuf.p, hfull.p, gates.p, extra.p, a_shared.p, nullptr};
+                      training, !training && !a.lengths && !s.has_proj, hbuf.p, cbuf.p, hfull.p,
+                      gates.p, extra.p, a_shared.p, nullptr};
 
   std::memcpy(loop.h_at(0), a.h0, sizeof(T) * B * Hout);
   if (lstm) std::memcpy(loop.c_at(0), a.c0, sizeof(T) * B * H);

@@ -30,15 +30,20 @@ class StepBarrier {
 
   // Returns once every member has called wait() for this phase; what a member wrote before its
   // call is visible to every member after it (release/acquire on the generation).
+  // The last to arrive takes the mutex and signals only when someone sleeps: with both cores ours
+  // the others are still spinning. C++ loop, 2 threads, interleaved runs: 163-172 ns a barrier
+  // either way when the cores talk fast, 280-330 instead of 480-600 ns when they do not.
   void wait() {
     const unsigned gen = generation_.load(std::memory_order_acquire);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == members_) {
       arrived_.store(0, std::memory_order_relaxed);
-      {
+      // seq_cst with the sleepers' count: a member either sees the new generation before it
+      // sleeps, or is counted before we look (Dekker), so no wake-up is lost.
+      generation_.store(gen + 1, std::memory_order_seq_cst);
+      if (sleepers_.load(std::memory_order_seq_cst) > 0) {
         std::lock_guard<std::mutex> lock(mutex_);
-        generation_.store(gen + 1, std::memory_order_release);
+        wake_.notify_all();
       }
-      wake_.notify_all();
       return;
     }
     const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
@@ -48,7 +53,9 @@ class StepBarrier {
       if ((i & 63) == 63 && std::chrono::steady_clock::now() > spin_until) break;
     }
     std::unique_lock<std::mutex> lock(mutex_);
-    wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != gen; });
+    sleepers_.fetch_add(1, std::memory_order_seq_cst);
+    wake_.wait(lock, [&] { return generation_.load(std::memory_order_seq_cst) != gen; });
+    sleepers_.fetch_sub(1, std::memory_order_relaxed);
   }
 
  private:
@@ -57,9 +64,12 @@ class StepBarrier {
     _mm_pause();
 #endif
   }
+  // One cache line for the three counters: a barrier then moves one line to the last member
+  // and back. On their own lines (alignas(64)) a 2-member barrier took 300 instead of 165 ns.
   const int members_;
   std::atomic<int> arrived_{0};
   std::atomic<unsigned> generation_{0};
+  std::atomic<int> sleepers_{0};
   std::mutex mutex_;
   std::condition_variable wake_;
 };

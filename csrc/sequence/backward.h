@@ -264,7 +264,10 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   }
   if (s.has_proj) gemm<T>(Hout, H, TB, dhs.p, 1, Hout, a.saved.hfull, H, 1, a.dw_hr, H, false, nthreads);
   if (a.db_ih) column_sums<T>(TB, GH, dgx, GH, a.db_ih, nthreads);
-  if (a.db_hh && !gru) column_sums<T>(TB, GH, dgh, GH, a.db_hh, nthreads);
+  if (a.db_hh && !gru && dgh == dgx && a.db_ih)  // one buffer: the same sums
+    std::memcpy(a.db_hh, a.db_ih, sizeof(T) * GH);
+  else if (a.db_hh && !gru)
+    column_sums<T>(TB, GH, dgh, GH, a.db_hh, nthreads);
   if (a.db_hh && gru) {
     column_sums<T>(TB, 2 * H, dgh, GH, a.db_hh, nthreads);
     column_sums<T>(TB, H, dghn, ld_n, a.db_hh + 2 * H, nthreads);

@@ -145,3 +145,58 @@ def test_team_and_alone_give_the_same_bits(rng):
         fusedrnn.set_num_threads(before)
     for got, want in zip(results[1], results[0]):
         assert np.array_equal(got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward team's in-call probe (csrc/sequence/forward.h, probe_steps): teams with small steps
+# check how far apart the cores are and, if far, time a few steps alone and a few as a team
+# before going on the faster way. Every way must give the one thread's bits.
+
+# (cell, linear_before_reset, H): a step of 30-200 KFLOP at B = 1, so it runs on a team and probes.
+PROBED = [("rnn_tanh", True, 128), ("rnn_relu", True, 128), ("lstm", True, 64),
+          ("gru", True, 80), ("gru", False, 80)]
+
+
+@pytest.fixture
+def probe_verdict():
+    yield lambda verdict: _C.set_probe_override(verdict)
+    _C.set_probe_override("measured")
+
+
+@pytest.mark.parametrize("isa", _C.available_isas())
+@pytest.mark.parametrize("verdict", ["far_team", "far_alone", "measured"])
+@pytest.mark.parametrize("cell,lbr,H", PROBED)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, verdict, cell, lbr,
+                                               H, dtype, isa):
+    code = functional.CELL_CODES[cell]
+    assert _C.step_split(code, 1, H, H, dtype == np.float64, 2, isa) == "units"
+    rng = np.random.default_rng(7)
+    T, I = 70, 8
+    G = {"lstm": 4, "gru": 3}.get(cell, 1)
+    w_ih = (0.3 * rng.standard_normal((G * H, I))).astype(dtype)
+    w_hh = (0.3 * rng.standard_normal((G * H, H))).astype(dtype)
+    b_ih, b_hh = (0.1 * rng.standard_normal((2, G * H))).astype(dtype)
+    probe_verdict(verdict)
+    for B, lengths, training in [(1, None, False), (1, np.array([53]), True),
+                                 (3, np.array([70, 41, 66]), False)]:
+        x = rng.standard_normal((T, B, I)).astype(dtype)
+        h0 = (0.5 * rng.standard_normal((B, H))).astype(dtype)
+        c0 = (0.5 * rng.standard_normal((B, H))).astype(dtype) if cell == "lstm" else None
+        runs = []
+        for threads in (1, 2):
+            fusedrnn.set_num_threads(threads)
+            before = _C.probe_calls()
+            y, hn, cn, _ = functional.forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                              lengths=lengths, linear_before_reset=lbr,
+                                              training=training, isa=isa)
+            after = _C.probe_calls()
+            runs.append((y, hn, cn))
+        fusedrnn.set_num_threads(2)
+        if verdict != "measured":  # the probe ran, and took the verdict imposed
+            assert after[verdict] == before[verdict] + 1, (before, after)
+        else:
+            assert sum(after.values()) == sum(before.values()) + 1, (before, after)
+        for one, two in zip(*runs):
+            if one is not None:
+                np.testing.assert_array_equal(one, two)

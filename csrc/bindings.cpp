@@ -284,7 +284,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("team_policy_calls", [] {
     return py::make_tuple(fusedrnn::team_policy_calls(true), fusedrnn::team_policy_calls(false));
   }, "calls the adaptive policy has run (on the threads, alone) since import");
-  // The forward team's in-call probe (csrc/sequence/forward.h): its verdicts so far, and a
+  // The forward team's in-call probe (csrc/sequence/team_probe.h): its verdicts so far, and a
   // verdict for tests to impose ("measured", "far_team", "far_alone").
   static const char* const probe_verdicts[] = {"close", "far_team", "far_alone"};
   m.def("probe_calls", [] {

@@ -148,7 +148,7 @@ def test_team_and_alone_give_the_same_bits(rng):
 
 
 # ----------------------------------------------------------------------------------------------
-# The forward team's in-call probe (csrc/sequence/forward.h, probe_steps): teams with small steps
+# The forward team's in-call probe (csrc/sequence/team_probe.h): teams with small steps
 # check how far apart the cores are and, if far, time a few steps alone and a few as a team
 # before going on the faster way. Every way must give the one thread's bits.
 

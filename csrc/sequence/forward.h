@@ -4,15 +4,16 @@
 //
 // Threads: either each thread owns a slice of batch rows and runs the whole loop with no
 // barrier, or each owns a slice of hidden-unit blocks and the team meets once per step (twice
-// for the LSTM projection and the two-phase GRU). Every output element is the same FMA chain
-// either way, so results are bitwise identical for any thread count.
+// for the LSTM projection and the two-phase GRU); a team of small steps first checks that its
+// threads pay (team_probe.h). Every output element is the same FMA chain either way, so results
+// are bitwise identical for any thread count.
 #pragma once
-#include <chrono>
 #include <cstdint>
 #include <cstring>
 #include "cells/cells.h"
 #include "sequence/layout.h"
 #include "sequence/step_barrier.h"
+#include "sequence/team_probe.h"
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
@@ -61,22 +62,6 @@ int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   return nthreads;
 }
 
-// Steps member 0 of a team with small steps runs alone to time them before the team's own
-// timed steps (see forward_on_threads), or 0 when the team just runs. Small: under ~4 us of work
-// a step on one thread (200 KFLOP at the ~50 GFLOP/s of such steps), where the barrier's cost
-// between the cores decides whether the team wins: 25 ns when this VM keeps its two vCPUs close,
-// 150-600 ns when it moves them apart, a time slice when another process holds one. Long-seq
-// LSTM, 2 threads: 0.63 ms in a quiet phase, 1.27 ms in a slow one, 0.95 ms on one thread. The
-// alone probe stays within the ~16 us the teammate spins before it sleeps (waking it costs more
-// than the probe), and sequences under 4 probes just run: the probe would be most of the call.
-template <typename T>
-int64_t probe_steps(const LayerShape& s) {
-  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
-  if (flops >= 2e5) return 0;
-  const int64_t probe = imin<int64_t>(16, imax<int64_t>(4, static_cast<int64_t>(16e3 * 50 / flops)));
-  return s.T >= 4 * probe ? probe : 0;
-}
-
 // How a forward step of this shape is spread over nthreads: 0 one thread, 1 batch rows, 2 hidden
 // units (for tests and the curious: python's _C.step_split).
 template <typename T>
@@ -108,7 +93,7 @@ struct ForwardLoop {
   // epilogue, or for step 0 before the loop (see pack_next_a), shared by the team, or null.
   T* a_shared;
   StepBarrier* barrier;  // the team's when the step is split by hidden units, else null
-  bool on_team;          // the step loop runs on a team (or probes one: forward_on_threads)
+  bool on_team;          // the step loop runs on a team, or probes one (team_probe.h)
 
   T* h_at(int64_t k) const {
     if (training) return a.saved.h + k * s.B * s.Hout;
@@ -376,51 +361,14 @@ void forward_on_threads(const ForwardArgs<T>& a) {
     loop.run(make_split<T>(s, 1, 0, by_rows), 0, s.T);
   } else {
     loop.on_team = true;
-    const int64_t probe = by_rows ? 0 : probe_steps<T>(s);  // rows never meet: nothing to probe
-    bool cores_far = false, alone = false;  // member 0's verdicts, published by barriers
-    run_step_team(nt, [&](int member, int team, StepBarrier* barrier) {
-      ForwardLoop<T> mine = loop;
-      mine.barrier = by_rows ? nullptr : barrier;
-      const StepSplit split = make_split<T>(s, team, member, by_rows);
-      if (probe == 0 || !barrier) return mine.run(split, 0, s.T);
-      // Small steps. When a few empty barriers show the cores close (under 100 ns each: 25 ns on
-      // this VM in its quiet phases), the team just runs. Otherwise member 0 runs `probe` steps
-      // alone, the team runs probe + 1 (the first untimed: it brings the teammate's weights into
-      // its cache), and the faster way per step runs the rest. Every way gives the same bits.
-      using Clock = std::chrono::steady_clock;
-      barrier->wait();
-      const auto tb = Clock::now();
-      for (int i = 0; i < 4; ++i) barrier->wait();
-      const int imposed = probe_override();
-      if (member == 0) {
-        const double ns = std::chrono::duration<double, std::nano>(Clock::now() - tb).count();
-        cores_far = imposed > 0 || ns > 4 * 100.0;
-        if (!cores_far) probe_count(0);
-      }
-      barrier->wait();
-      if (!cores_far) return mine.run(split, 0, s.T);
-      ForwardLoop<T> solo = loop;
-      solo.barrier = nullptr;
-      const StepSplit whole = make_split<T>(s, 1, 0, false);
-      double alone_ns = 0;
-      if (member == 0) {
-        const auto t0 = Clock::now();
-        solo.run(whole, 0, probe);
-        alone_ns = std::chrono::duration<double, std::nano>(Clock::now() - t0).count();
-      }
-      barrier->wait();
-      mine.run(split, probe, probe + 1);
-      const auto t1 = Clock::now();
-      mine.run(split, probe + 1, 2 * probe + 1);
-      if (member == 0) {
-        const double team_ns = std::chrono::duration<double, std::nano>(Clock::now() - t1).count();
-        alone = imposed > 0 ? imposed == 2 : alone_ns <= team_ns;
-        probe_count(alone ? 2 : 1);
-      }
-      barrier->wait();
-      if (!alone) return mine.run(split, 2 * probe + 1, s.T);
-      if (member == 0) solo.run(whole, 2 * probe + 1, s.T);
-    });
+    run_probed_team(
+        nt, s.T, by_rows ? 0 : probe_steps(s),  // rows never meet: nothing to probe
+        [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
+          ForwardLoop<T> mine = loop;
+          mine.barrier = by_rows ? nullptr : barrier;
+          mine.run(make_split<T>(s, team, member, by_rows), k0, k1);
+        },
+        [&](int64_t k0, int64_t k1) { loop.run(make_split<T>(s, 1, 0, false), k0, k1); });
   }
   std::memcpy(a.hn, loop.h_at(s.T), sizeof(T) * B * Hout);
   if (lstm) std::memcpy(a.cn, loop.c_at(s.T), sizeof(T) * B * H);

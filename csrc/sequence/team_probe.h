@@ -1,0 +1,79 @@
+// A forward team with small steps checks, inside the call, whether its threads pay: with a
+// barrier every step, a team is only as fast as its cores meet. Here that costs 25 ns when this
+// VM keeps its two vCPUs close, 150-600 ns when it moves them apart (a phase that comes and goes
+// over minutes), and a time slice when another process holds a core; on one thread there is no
+// barrier at all. Long-seq LSTM, 2 threads: 0.63 ms in a quiet phase, 1.27 ms in a slow one,
+// 0.95 ms on one thread. So before committing, the team measures: a few empty barriers first
+// (nearly free), and only if they are slow, some steps each way. Every way gives the same bits.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include "kernel_api.h"
+#include "sequence/layout.h"
+#include "sequence/step_barrier.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+// Steps member 0 runs alone to time them (the team then times as many), or 0 when the team just
+// runs. Small steps only: under ~4 us of work on one thread (200 KFLOP at the ~50 GFLOP/s of such
+// steps), where the barrier's cost decides. The alone steps stay within the ~16 us the teammate
+// spins before it sleeps (waking it costs more than the probe), and sequences under 4 probes just
+// run: the probe would be most of the call.
+inline int64_t probe_steps(const LayerShape& s) {
+  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
+  if (flops >= 2e5) return 0;
+  const int64_t probe = imin<int64_t>(16, imax<int64_t>(4, static_cast<int64_t>(16e3 * 50 / flops)));
+  return s.T >= 4 * probe ? probe : 0;
+}
+
+// Empty barriers over this many ns each mean the cores sit far apart (quiet phases: 25 ns).
+constexpr double kFarBarrierNs = 100;
+
+// Runs steps [0, T) on a team of up to nt threads: team_run(member, team, barrier, k0, k1) runs a
+// member's share of steps [k0, k1), solo_run(k0, k1) all of them on the calling member. With
+// probe > 0 (probe_steps) and the cores found far apart, member 0 runs `probe` steps alone, the
+// team probe + 1 (the first untimed: it brings the teammate's weights into its cache), and the
+// faster way per step runs the rest. Verdicts are counted, and tests may impose one
+// (kernel_api.h, probe_override).
+template <typename TeamRun, typename SoloRun>
+void run_probed_team(int nt, int64_t T, int64_t probe, TeamRun team_run, SoloRun solo_run) {
+  using Clock = std::chrono::steady_clock;
+  auto ns_since = [](Clock::time_point t) {
+    return std::chrono::duration<double, std::nano>(Clock::now() - t).count();
+  };
+  bool cores_far = false, alone = false;  // member 0's verdicts, published by barriers
+  run_step_team(nt, [&](int member, int team, StepBarrier* barrier) {
+    if (probe == 0 || !barrier) return team_run(member, team, barrier, 0, T);
+    const int imposed = probe_override();
+    barrier->wait();
+    const auto empty = Clock::now();
+    for (int i = 0; i < 4; ++i) barrier->wait();
+    if (member == 0) {
+      cores_far = imposed > 0 || ns_since(empty) > 4 * kFarBarrierNs;
+      if (!cores_far) probe_count(0);
+    }
+    barrier->wait();
+    if (!cores_far) return team_run(member, team, barrier, 0, T);
+    double alone_ns = 0;
+    if (member == 0) {
+      const auto start = Clock::now();
+      solo_run(0, probe);
+      alone_ns = ns_since(start);
+    }
+    barrier->wait();
+    team_run(member, team, barrier, probe, probe + 1);
+    const auto start = Clock::now();
+    team_run(member, team, barrier, probe + 1, 2 * probe + 1);
+    if (member == 0) {
+      alone = imposed > 0 ? imposed == 2 : alone_ns <= ns_since(start);
+      probe_count(alone ? 2 : 1);
+    }
+    barrier->wait();
+    if (!alone) return team_run(member, team, barrier, 2 * probe + 1, T);
+    if (member == 0) solo_run(2 * probe + 1, T);
+  });
+}
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -114,13 +114,36 @@ void pack_a(int64_t mc, int64_t kc, const T* A, int64_t a_rs, int64_t a_cs, T* o
   }
 }
 
-// One MR x NR tile of C from A (a packed micro-panel, or rows lda apart when !PackedA) and a
+// The mc x kc block of A at A (rows a_rs apart, each contiguous) in AForm::Blocked: the panel of
+// rows i.. (i a multiple of MR) at out + i * kc_blocked (kc rounded up to whole vectors), row r's
+// values k0..k0 + W at (k0 / W) * W * MR + r * W. Rows past mc and values past kc stay unwritten:
+// the micro-kernel never reads them. Needs room for MC x KC (KC is a multiple of W).
+template <typename T>
+void pack_a_blocked(int64_t mc, int64_t kc, const T* A, int64_t a_rs, T* out) {
+  constexpr int MR = Tile<T>::MR;
+  constexpr int64_t W = Vec<T>::W;
+  const int64_t kc_blocked = ceil_div<int64_t>(kc, W) * W;
+  for (int64_t i = 0; i < mc; i += MR) {
+    const int mr = static_cast<int>(imin<int64_t>(MR, mc - i));
+    T* panel = out + i * kc_blocked;
+    for (int r = 0; r < mr; ++r) {
+      const T* src = A + (i + r) * a_rs;
+      for (int64_t k0 = 0; k0 < kc; k0 += W) {
+        T* dst = panel + k0 * MR + r * W;
+        if (k0 + W <= kc) Vec<T>::load(src + k0).store(dst);
+        else for (int64_t k = k0; k < kc; ++k) dst[k - k0] = src[k];
+      }
+    }
+  }
+}
+
+// One MR x NR tile of C from A (in the given AForm: rows lda apart, or packed) and a
 // packed B panel slice; n_valid < NR goes through a small tile so C is never written past
 // column N (the chain still starts from C). With `bias` (n_valid values) and !accumulate, the
 // chain starts from the bias instead of zero, which saves a pass over C afterwards; full tiles
 // load it straight into the accumulators (writing it into C first, to load it back, was 6% of
 // the 800x1024x256 input projection of the stacked LSTM: 109 -> 103 GFLOP/s).
-template <typename T, bool PackedA>
+template <typename T, AForm Form>
 inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, const T* b, T* c,
                       int64_t ldc, bool accumulate, const T* bias) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
@@ -139,8 +162,7 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < n_valid; ++j) tmp[r * NR + j] = c[r * ldc + j];
   }
-  micro_kernel<T, PackedA ? AForm::Panel : AForm::Rows>(m, K, a, lda, b, dst, ldd, accumulate,
-                                                          bias_in_kernel);
+  micro_kernel<T, Form>(m, K, a, lda, b, dst, ldd, accumulate, bias_in_kernel);
   if (!full)
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[r * NR + j];
@@ -173,7 +195,12 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
     const bool acc = accumulate || k0 > 0;
     const T* bias_k = k0 == 0 ? bias : nullptr;
     const T* a_block = A + m0 * a_rs + k0 * a_cs;
-    if (a_pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
+    // Rows of A contiguous: the Blocked form, whole-vector copies (pack_a's panels cost 3.4% of
+    // the online-small LSTM's 100x512x128 input projection, written element by element).
+    const bool blocked = a_pack && a_cs == 1;
+    const int64_t kc_blocked = ceil_div<int64_t>(kc, Vec<T>::W) * Vec<T>::W;
+    if (blocked) pack_a_blocked<T>(mc, kc, a_block, a_rs, a_pack);
+    else if (a_pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
     for (int64_t pb = p0; pb < p1; pb += GemmBlocking<T>::NC_PANELS) {
       const int64_t pe = imin(p1, pb + GemmBlocking<T>::NC_PANELS);
       for (int64_t m = 0; m < mc; m += MR) {
@@ -183,8 +210,12 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
           const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
           T* c = C + (m0 + m) * ldc + p * NR;
           const T* bias_p = bias_k ? bias_k + p * NR : nullptr;
-          if (a_pack) tile_to_c<T, true>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p);
-          else tile_to_c<T, false>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p);
+          if (blocked)
+            tile_to_c<T, AForm::Blocked>(mr, nv, kc, a_pack + m * kc_blocked, 0, b, c, ldc, acc, bias_p);
+          else if (a_pack)
+            tile_to_c<T, AForm::Panel>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p);
+          else
+            tile_to_c<T, AForm::Rows>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p);
         }
       }
     }

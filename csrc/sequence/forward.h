@@ -133,10 +133,11 @@ struct ForwardLoop {
                   T* a_next = nullptr) const {
     constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
     alignas(64) T tile[MR * 4 * NR];
-    // The state's rows as MR-row micro-panels, packed once a step and met by every unit block:
-    // read in place, a tile's MR rows lie H apart, and at H = 1024 floats (4 KB) they all fall in
-    // one L1 set (1 thread, bench medians: deepbench LSTM 324-328 -> 282-300 ms).
-    if (!a_ready && a_pack) pack_a<T>(p.row1 - p.row0, K, A + p.row0 * lda, lda, 1, a_pack);
+    // The state's rows as MR-row micro-panels (AForm::Blocked), packed once a step and met by
+    // every unit block: read in place, a tile's MR rows lie H apart, and at H = 1024 floats
+    // (4 KB) they all fall in one L1 set (1 thread, bench medians: deepbench LSTM 324-328 ->
+    // 282-300 ms).
+    if (!a_ready && a_pack) pack_a_blocked<T>(p.row1 - p.row0, K, A + p.row0 * lda, lda, a_pack);
     const T* hp = h_at(k);
     T* hn = h_at(k + 1);
     const bool lstm = s.cell == Cell::Lstm;
@@ -168,7 +169,7 @@ struct ForwardLoop {
                                               w.panel(g0 + gi, ub), tile + gi * NR, g_count * NR,
                                               false);
             else if (a_pack)
-              micro_kernel<T, AForm::Panel>(mr, K, a_pack + (m - p.row0) * K, 0,
+              micro_kernel<T, AForm::Blocked>(mr, K, a_pack + (m - p.row0) * blocked(K), 0,
                                             w.panel(g0 + gi, ub), tile + gi * NR, g_count * NR,
                                             false);
             else
@@ -216,9 +217,8 @@ struct ForwardLoop {
   // The layout is AForm::Blocked, not pack_a's panels: there a row's units lie MR apart and the
   // copy went element by element (2-2.5% of a stacked LSTM or GRU step); here each row's W units
   // are one vector.
-  static int64_t blocked_k(const LayerShape& s) {
-    return ceil_div<int64_t>(s.Hout, Vec<T>::W) * Vec<T>::W;
-  }
+  static int64_t blocked(int64_t k) { return ceil_div<int64_t>(k, Vec<T>::W) * Vec<T>::W; }
+  static int64_t blocked_k(const LayerShape& s) { return blocked(s.Hout); }
   static int64_t next_a_size(const LayerShape& s) {
     return ceil_div<int64_t>(s.B, Tile<T>::MR) * Tile<T>::MR * blocked_k(s);
   }
@@ -269,7 +269,7 @@ struct ForwardLoop {
   static int64_t a_pack_size(const LayerShape& s, const StepSplit& p) {
     constexpr int MR = Tile<T>::MR;
     const int64_t rows = p.row1 - p.row0;
-    return rows > 1 ? ceil_div<int64_t>(rows, MR) * MR * imax(s.H, s.Hout) : 0;
+    return rows > 1 ? ceil_div<int64_t>(rows, MR) * MR * blocked(imax(s.H, s.Hout)) : 0;
   }
 
   // Steps [k0, k1) (every buffer is indexed by step, so a run may stop and another go on).

@@ -66,6 +66,11 @@ void set_team_mode(int mode) {
 
 int team_mode() { return policies().mode.load(std::memory_order_relaxed); }
 
+int64_t team_policy_calls(bool team) {
+  return policies().calls[team ? 1 : 0].load(std::memory_order_relaxed);
+}
+
+// The forward team's in-call probe (sequence/team_probe.h): its counts and the tests' override.
 namespace {
 std::atomic<int64_t> g_probe_calls[3] = {{0}, {0}, {0}};
 std::atomic<int> g_probe_override{-1};
@@ -75,9 +80,5 @@ void probe_count(int verdict) { g_probe_calls[verdict].fetch_add(1, std::memory_
 int64_t probe_calls(int verdict) { return g_probe_calls[verdict].load(std::memory_order_relaxed); }
 void set_probe_override(int verdict) { g_probe_override.store(verdict, std::memory_order_relaxed); }
 int probe_override() { return g_probe_override.load(std::memory_order_relaxed); }
-
-int64_t team_policy_calls(bool team) {
-  return policies().calls[team ? 1 : 0].load(std::memory_order_relaxed);
-}
 
 }  // namespace fusedrnn

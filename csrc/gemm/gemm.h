@@ -114,15 +114,19 @@ void pack_a(int64_t mc, int64_t kc, const T* A, int64_t a_rs, int64_t a_cs, T* o
   }
 }
 
+// k rounded up to whole vectors: the length of a row in an AForm::Blocked panel.
+template <typename T>
+inline int64_t blocked_length(int64_t k) { return ceil_div<int64_t>(k, Vec<T>::W) * Vec<T>::W; }
+
 // The mc x kc block of A at A (rows a_rs apart, each contiguous) in AForm::Blocked: the panel of
-// rows i.. (i a multiple of MR) at out + i * kc_blocked (kc rounded up to whole vectors), row r's
-// values k0..k0 + W at (k0 / W) * W * MR + r * W. Rows past mc and values past kc stay unwritten:
-// the micro-kernel never reads them. Needs room for MC x KC (KC is a multiple of W).
+// rows i.. (i a multiple of MR) at out + i * blocked_length(kc), row r's values k0..k0 + W at
+// (k0 / W) * W * MR + r * W. Rows past mc and values past kc stay unwritten: the micro-kernel
+// never reads them. Needs room for MC x KC (KC is a multiple of W).
 template <typename T>
 void pack_a_blocked(int64_t mc, int64_t kc, const T* A, int64_t a_rs, T* out) {
   constexpr int MR = Tile<T>::MR;
   constexpr int64_t W = Vec<T>::W;
-  const int64_t kc_blocked = ceil_div<int64_t>(kc, W) * W;
+  const int64_t kc_blocked = blocked_length<T>(kc);
   for (int64_t i = 0; i < mc; i += MR) {
     const int mr = static_cast<int>(imin<int64_t>(MR, mc - i));
     T* panel = out + i * kc_blocked;
@@ -198,7 +202,7 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
     // Rows of A contiguous: the Blocked form, whole-vector copies (pack_a's panels cost 3.4% of
     // the online-small LSTM's 100x512x128 input projection, written element by element).
     const bool blocked = a_pack && a_cs == 1;
-    const int64_t kc_blocked = ceil_div<int64_t>(kc, Vec<T>::W) * Vec<T>::W;
+    const int64_t kc_blocked = blocked_length<T>(kc);
     if (blocked) pack_a_blocked<T>(mc, kc, a_block, a_rs, a_pack);
     else if (a_pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
     for (int64_t pb = p0; pb < p1; pb += GemmBlocking<T>::NC_PANELS) {

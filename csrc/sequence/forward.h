@@ -90,7 +90,7 @@ struct ForwardLoop {
   // Inference ping-pong buffers (training writes into the saved ones instead).
   T *hbuf, *cbuf, *hfull_buf, *gates_buf, *extra_buf;
   // Two buffers of next_a_size() for the step's A packed (AForm::Blocked) by the previous step's
-  // epilogue, or for step 0 before the loop (see pack_next_a), shared by the team, or null.
+  // epilogue (pack_next_a), or for step 0 before the loop, shared by the team, or null.
   T* a_shared;
   StepBarrier* barrier;  // the team's when the step is split by hidden units, else null
   bool on_team;          // the step loop runs on a team, or probes one (team_probe.h)
@@ -110,8 +110,9 @@ struct ForwardLoop {
   // Asks for the input-projection slices the epilogue of tile (rows m.., units u0..) will read,
   // while its micro-kernels run: gx (T*B rows of G*H) lives in L3 or memory, and its rows lie
   // far apart, which the hardware prefetcher does not follow; the epilogue's loads of it were
-  // over half its time (stacked LSTM, 1 thread). Into L2, not L1: the micro-kernels' weight panels stream
-  // through L1 and evicted them (fastrnns LSTM, 1 thread: 275 ms with L1, 265 with L2).
+  // over half its time (stacked LSTM, 1 thread). Into L2, not L1: the micro-kernels' weight
+  // panels stream through L1 and evicted them (fastrnns LSTM, 1 thread: 275 ms with L1, 265 with
+  // L2).
   void prefetch_gx(int64_t k, int64_t m, int mr, int64_t u0, int g0, int g_count) const {
     for (int ri = 0; ri < mr; ++ri) {
       const int64_t b = m + ri;
@@ -163,15 +164,14 @@ struct ForwardLoop {
           const T* b0 = w.panel(g0, ub);
           micro_kernel_row_gates<T, 4>(K, A + m * lda, b0, w.panel(g0 + 1, ub) - b0, tile);
         } else {
+          // This tile's panel of A packed (by the last step's epilogues or just above), or null.
+          const T* a_tile = a_ready ? a_ready + m * blocked_length<T>(K)
+                            : a_pack ? a_pack + (m - p.row0) * blocked_length<T>(K)
+                                     : nullptr;
           for (int gi = 0; gi < g_count; ++gi) {
-            if (a_ready)
-              micro_kernel<T, AForm::Blocked>(mr, K, a_ready + m * blocked_k(s), 0,
-                                              w.panel(g0 + gi, ub), tile + gi * NR, g_count * NR,
-                                              false);
-            else if (a_pack)
-              micro_kernel<T, AForm::Blocked>(mr, K, a_pack + (m - p.row0) * blocked(K), 0,
-                                            w.panel(g0 + gi, ub), tile + gi * NR, g_count * NR,
-                                            false);
+            if (a_tile)
+              micro_kernel<T, AForm::Blocked>(mr, K, a_tile, 0, w.panel(g0 + gi, ub),
+                                              tile + gi * NR, g_count * NR, false);
             else
               micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(g0 + gi, ub), tile + gi * NR,
                               g_count * NR, false);
@@ -217,24 +217,15 @@ struct ForwardLoop {
   // The layout is AForm::Blocked, not pack_a's panels: there a row's units lie MR apart and the
   // copy went element by element (2-2.5% of a stacked LSTM or GRU step); here each row's W units
   // are one vector.
-  static int64_t blocked(int64_t k) { return ceil_div<int64_t>(k, Vec<T>::W) * Vec<T>::W; }
-  static int64_t blocked_k(const LayerShape& s) { return blocked(s.Hout); }
   static int64_t next_a_size(const LayerShape& s) {
-    return ceil_div<int64_t>(s.B, Tile<T>::MR) * Tile<T>::MR * blocked_k(s);
+    return ceil_div<int64_t>(s.B, Tile<T>::MR) * Tile<T>::MR * blocked_length<T>(s.Hout);
   }
   // Rows [m, m + mr) (m a multiple of MR) and units [u0, u0 + nu) (u0 a multiple of W) of the
-  // state h into a_next: the panel of rows m.. at a_next + m * blocked_k, element (r, u) at
-  // (u / W) * W * MR + r * W + u % W.
+  // state h into a_next, the panel of rows m.. at a_next + m * blocked_length(Hout): the units'
+  // part of one panel is a block of its own, at offset u0 * MR.
   void pack_next_a(T* a_next, int64_t m, int mr, int64_t u0, int nu, const T* h) const {
-    constexpr int MR = Tile<T>::MR, W = Vec<T>::W;
-    T* panel = a_next + m * blocked_k(s);
-    for (int r = 0; r < mr; ++r) {
-      const T* src = h + (m + r) * s.Hout + u0;
-      for (int j = 0; j < nu; j += W) {
-        const int n = nu - j;
-        st(panel + (u0 + j) * MR + r * W, ld(src + j, n), n);
-      }
-    }
+    pack_a_blocked<T>(mr, nu, h + m * s.Hout + u0, s.Hout,
+                      a_next + m * blocked_length<T>(s.Hout) + u0 * Tile<T>::MR);
   }
 
   // LSTM projection h = W_hr hfull for rows [r0, r1) and output blocks [o0, o1).
@@ -269,7 +260,7 @@ struct ForwardLoop {
   static int64_t a_pack_size(const LayerShape& s, const StepSplit& p) {
     constexpr int MR = Tile<T>::MR;
     const int64_t rows = p.row1 - p.row0;
-    return rows > 1 ? ceil_div<int64_t>(rows, MR) * MR * blocked(imax(s.H, s.Hout)) : 0;
+    return rows > 1 ? ceil_div<int64_t>(rows, MR) * MR * blocked_length<T>(imax(s.H, s.Hout)) : 0;
   }
 
   // Steps [k0, k1) (every buffer is indexed by step, so a run may stop and another go on).
@@ -348,9 +339,7 @@ void forward_on_threads(const ForwardArgs<T>& a) {
 
   std::memcpy(loop.h_at(0), a.h0, sizeof(T) * B * Hout);
   if (lstm) std::memcpy(loop.c_at(0), a.c0, sizeof(T) * B * H);
-  for (int64_t m = 0; epilogue_packs && m < B; m += Tile<T>::MR)  // step 0's A
-    loop.pack_next_a(a_shared.p, m, static_cast<int>(imin<int64_t>(Tile<T>::MR, B - m)), 0,
-                     static_cast<int>(Hout), a.h0);
+  if (epilogue_packs) pack_a_blocked<T>(B, Hout, a.h0, Hout, a_shared.p);  // step 0's A
   if (a.lengths)  // outputs past a row's length are zeros (PackedSequence padded back)
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = steps.len(b); t < s.T; ++t) std::memset(a.y + (t * B + b) * Hout, 0, sizeof(T) * Hout);

@@ -21,6 +21,10 @@ inline void pack_b_row(int64_t k, int64_t p, int64_t N, const T* B, int64_t b_rs
   constexpr int NR = Tile<T>::NR;
   const int64_t n0 = p * NR, nv = imin<int64_t>(NR, N - n0);
   const T* src = B + k * b_rs + n0 * b_cs;
+  if (b_cs == 1 && nv == NR) {  // a row of B in place (x, the states): one fixed-size copy
+    std::memcpy(d, src, sizeof(T) * NR);
+    return;
+  }
   for (int64_t j = 0; j < nv; ++j) d[j] = src[j * b_cs];
   for (int64_t j = nv; j < NR; ++j) d[j] = T(0);
 }
@@ -97,7 +101,10 @@ void pack_a(int64_t mc, int64_t kc, const T* A, int64_t a_rs, int64_t a_cs, T* o
         for (int64_t k = k0; k < k1; ++k) {
           const T* src = A + k * a_cs + i;
           T* dst = out + i * kc + k * MR;
-          for (int r = 0; r < mr; ++r) dst[r] = src[r];
+          // A whole tile's MR values as one fixed-size copy (wide moves); copied value by value,
+          // the pack was 2.6% of the weight gradients' GEMMs (1024x256x800, A = dG^T).
+          if (mr == MR) std::memcpy(dst, src, sizeof(T) * MR);
+          else for (int r = 0; r < mr; ++r) dst[r] = src[r];
         }
       }
     }

@@ -97,6 +97,9 @@ struct KernelTable {
   // with `backward`, how the backward does: 0 one thread, 3 a team (rows and column panels).
   int (*step_split)(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int num_threads,
                     bool backward);
+  // ns per empty meeting of a step team of num_threads (0 for one thread): how far apart the
+  // cores are right now (the benchmark records it beside every 2-thread case).
+  double (*team_barrier_ns)(int num_threads, int rounds);
 };
 
 // Defined in workspace.cpp (portable unit): 64-byte aligned scratch memory.

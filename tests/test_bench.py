@@ -161,6 +161,34 @@ def test_json_structure_with_the_reference_peer(tmp_path, capsys):
             assert "weight_hh_l0" in rec["agreement"]["reference"]["compared"]
 
 
+def test_threaded_cases_record_how_far_apart_the_cores_were(tmp_path, capsys):
+    status, data, _ = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "1,2",
+                               "--cells", "rnn", "--mode", "infer", "--peers", "reference")
+    assert status == 0
+    by_threads = {rec["threads"]: rec for rec in data["cases"]}
+    assert "barrier_ns" not in by_threads[1]
+    before, after = by_threads[2]["barrier_ns"]
+    assert before >= 0 and after >= 0
+
+
+def test_report_marks_cases_timed_with_the_cores_far_apart(tmp_path, capsys):
+    status, data, _ = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "2",
+                               "--cells", "rnn,gru", "--mode", "infer", "--peers", "reference")
+    assert status == 0
+    rnn, gru = sorted(data["cases"], key=lambda rec: rec["cell"] != "rnn")
+    rnn["barrier_ns"], gru["barrier_ns"] = [30.0, 40.0], [35.0, 310.0]
+    for rec in data["cases"]:  # fusedrnn loses both comparisons
+        rec["results"]["reference"]["speedup"] = 0.9
+    lines = report.summary(data)
+    assert any("in 1 of 2 multi-thread cases: T3-B2-I4-H5-L1 gru infer" in line for line in lines)
+    lost = dict((what, up) for up, what in report.slower(data))
+    assert "T3-B2-I4-H5-L1 gru infer t=2 vs reference (cores far apart: barrier 35 / 310 ns)" in lost
+    assert "T3-B2-I4-H5-L1 rnn infer t=2 vs reference" in lost
+    for rec in data["cases"]:
+        del rec["barrier_ns"]  # one-thread runs and files from before the gauge: no line
+    assert not any("cores far apart (" in line for line in report.summary(data))
+
+
 def test_missing_peers_are_skipped_with_a_line(tmp_path, capsys, monkeypatch):
     for name in ("torch", "onnx", "onnxruntime"):
         monkeypatch.setitem(sys.modules, name, None)      # import raises ImportError

@@ -200,3 +200,22 @@ def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, ver
         for one, two in zip(*runs):
             if one is not None:
                 np.testing.assert_array_equal(one, two)
+
+
+def test_team_barrier_ns_times_a_team_only():
+    """The benchmark's gauge of how far apart the cores are (_C.team_barrier_ns): zero for one
+    thread, which meets nobody; a positive time per meeting for two, and no hang however many
+    meetings are asked for."""
+    before = fusedrnn.get_num_threads()
+    try:
+        fusedrnn.set_num_threads(1)
+        assert _C.team_barrier_ns() == 0
+        fusedrnn.set_num_threads(2)
+        assert _C.team_barrier_ns(0) == 0
+        ns = _C.team_barrier_ns(2000)
+    finally:
+        fusedrnn.set_num_threads(before)
+    if _C.openmp:
+        assert 0 < ns < 1e6  # a meeting, not a stall (25-600 ns on this machine)
+    else:
+        assert ns == 0

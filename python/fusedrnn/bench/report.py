@@ -14,6 +14,9 @@ from .machine import BUSY_LOAD
 
 PEER_ORDER = ("torch", "onnxruntime", "reference")
 DASH = "-"
+# An empty 2-thread meeting over this many ns means the machine had put the cores far apart
+# (csrc/sequence/team_probe.h uses the same line): 25-60 ns otherwise.
+FAR_BARRIER_NS = 100
 
 
 def fmt_ms(seconds):
@@ -82,13 +85,39 @@ def geomean(values):
     return math.exp(sum(math.log(v) for v in values) / len(values)) if values else float("nan")
 
 
+def cores_far(rec):
+    """The case's barrier_ns (before, after timing) when either shows the cores far apart."""
+    ns = rec.get("barrier_ns")
+    return ns if ns and max(ns) > FAR_BARRIER_NS else None
+
+
+def _far_note(rec):
+    ns = cores_far(rec)
+    return f" (cores far apart: barrier {ns[0]:.0f} / {ns[1]:.0f} ns)" if ns else ""
+
+
 def slower(data):
     """(speed-up, description) of every comparison fusedrnn loses, worst first."""
     out = [(rec["results"][p]["speedup"],
-            f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']} vs {p}")
+            f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']} vs {p}"
+            + _far_note(rec))
            for rec in data["cases"] for p in peers_in(data) if p in rec["results"]
            and rec["results"][p]["speedup"] < 1.0]
     return sorted(out)
+
+
+def far_line(data):
+    """How many multi-thread cases ran with the cores far apart, or None without such cases."""
+    threaded = [rec for rec in data["cases"] if rec.get("barrier_ns")]
+    if not threaded:
+        return None
+    far = [rec for rec in threaded if cores_far(rec)]
+    line = (f"cores far apart (an empty {threaded[0]['threads']}-thread barrier over "
+            f"{FAR_BARRIER_NS} ns before or after timing, against 25-60 ns otherwise) in "
+            f"{len(far)} of {len(threaded)} multi-thread cases")
+    if far:
+        line += ": " + ", ".join(f"{r['config']} {r['cell']} {r['mode']}" for r in far)
+    return line
 
 
 def summary(data):
@@ -112,6 +141,9 @@ def summary(data):
     if lost:
         lines.append(f"fusedrnn is slower in {len(lost)} of {n} comparisons; the worst: "
                      + ", ".join(f"{what} x{up:.2f}" for up, what in lost[:8]))
+    far = far_line(data)
+    if far:
+        lines.append(far)
     failed = [f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']}"
               for rec in data["cases"] if not rec["check"]["ok"]]
     if failed:
@@ -147,6 +179,10 @@ def notes(data):
         "outputs did not agree with fusedrnn's.",
         f"{DASH}: not run (onnxruntime is inference only; the NumPy reference, a Python loop "
         f"over time, only runs cases under {limit / 1e9:g} GFLOP; or the peer is not installed).",
+        "cores far apart: this VM sometimes places its two vCPUs far from each other (a round "
+        "trip between them then takes ~300 ns instead of ~50); each core alone runs as fast, "
+        "but every exchange between them slows, so 2-thread times of every library get noisier "
+        "and fusedrnn's step teams, which meet every step, slow most.",
     ]
 
 

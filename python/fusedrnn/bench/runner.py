@@ -1,8 +1,9 @@
 """One case from start to finish: check, warm up, compare, time, summarise.
 
 ``run_case`` prints its progress (flushed) and returns the case's record for the JSON:
-the check against the reference, each peer's agreement with fusedrnn, the timings, GFLOP/s
-and the speed-ups (peer time / fusedrnn time). ``add_fractions`` adds the fractions of the
+the check against the reference, each peer's agreement with fusedrnn, the timings, GFLOP/s,
+the speed-ups (peer time / fusedrnn time) and, with threads, how far apart the cores were
+before and after timing (``barrier_ns``). ``add_fractions`` adds the fractions of the
 GEMM peaks once the run has measured them.
 """
 import sys
@@ -67,7 +68,10 @@ def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps):
                 say(f"    WARNING: {name} differs from fusedrnn: fwd {agree['forward_error']:.1e}"
                     f", grad {agree['gradient_error']}")
 
+        far_before = timing.team_barrier_ns() if case.threads > 1 else None
         times = timing.interleave(runners, budget_s, min_reps, max_reps)
+        if case.threads > 1:
+            record["barrier_ns"] = [far_before, timing.team_barrier_ns()]
 
     base = timing.summary(times["fusedrnn"])["median_s"]
     for name, seconds in times.items():

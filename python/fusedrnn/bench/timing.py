@@ -54,6 +54,16 @@ def interleave(runners, budget_s, min_reps=3, max_reps=200, block_s=BLOCK_S):
     return times
 
 
+def team_barrier_ns():
+    """ns per empty meeting of fusedrnn's step team at its current thread count (0 on one
+    thread): the least of three runs of 1000 meetings, after a warm-up that wakes the team.
+    About 25-60 ns when this VM keeps its two vCPUs close, 165-600 ns when it puts them far
+    apart, which slows every 2-thread case that shares data between cores (see report.py)."""
+    from .. import _C
+    _C.team_barrier_ns(100)
+    return min(_C.team_barrier_ns(1000) for _ in range(3))
+
+
 def summary(seconds):
     """Median, min, max and count of a list of timings."""
     return {"median_s": statistics.median(seconds), "min_s": min(seconds),

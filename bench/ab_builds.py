@@ -23,7 +23,15 @@ import time
 
 import numpy as np
 
-from fusedrnn.bench.cases import CONFIGS  # the DESIGN.md matrix, by name
+from fusedrnn.bench.cases import CONFIGS, custom_config  # the DESIGN.md matrix, by name
+
+
+def config_of(name):
+    """A matrix config by name, or a TxBxIxH shape (one layer)."""
+    if name in CONFIGS:
+        return CONFIGS[name]
+    T, B, I, H = (int(v) for v in name.split("x"))
+    return custom_config(T, B, I, H, 1)
 
 CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
@@ -67,7 +75,8 @@ def call(ext, cell, p, train, isa):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("builds", nargs="+", help="NAME=PACKAGE_DIR, two or more")
-    ap.add_argument("--configs", default="stacked,fastrnns")
+    ap.add_argument("--configs", default="stacked,fastrnns",
+                    help="names from DESIGN.md's matrix, or TxBxIxH shapes (e.g. 50x8x256x256)")
     ap.add_argument("--cells", default="lstm,gru")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mode", choices=["infer", "train"], default="infer")
@@ -83,7 +92,7 @@ def main():
     rng = np.random.default_rng(0)
     for config_name in args.configs.split(","):
         for cell in args.cells.split(","):
-            p = one_layer_problem(CONFIGS[config_name], cell, rng)
+            p = one_layer_problem(config_of(config_name), cell, rng)
             for ext in builds.values():  # warm-up: packing caches, page faults
                 call(ext, cell, p, train, args.isa)
             first = next(iter(builds.values()))

@@ -2,6 +2,9 @@
 // Everything here lives in the ISA namespace so each build has its own copy.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
+#include <fstream>
+#include <string>
 #include "kernel_api.h"
 #if defined(__unix__)
 #include <unistd.h>
@@ -57,6 +60,27 @@ inline int64_t l2_cache_bytes() {
     if (n > 0) return int64_t(n);
 #endif
     return int64_t(512) << 10;
+  }();
+  return bytes;
+}
+
+// The L3 in bytes that this CPU's cores share, as Linux's sysfs reports it (8 MB elsewhere).
+// Not sysconf: under this VM glibc's _SC_LEVEL3_CACHE_SIZE says 320 MB where sysfs (and lscpu)
+// say 32 MB.
+inline int64_t l3_cache_bytes() {
+  static const int64_t bytes = [] {
+    for (int i = 0; i < 8; ++i) {
+      const std::string dir = "/sys/devices/system/cpu/cpu0/cache/index" + std::to_string(i) + "/";
+      std::ifstream level(dir + "level"), size(dir + "size");
+      int l = 0;
+      std::string text;
+      if (!(level >> l) || l != 3 || !(size >> text)) continue;
+      const int64_t n = std::atoll(text.c_str());
+      const char unit = text.empty() ? ' ' : text.back();
+      const int64_t scaled = unit == 'K' ? n << 10 : unit == 'M' ? n << 20 : n;
+      if (scaled > 0) return scaled;
+    }
+    return int64_t(8) << 20;
   }();
   return bytes;
 }

@@ -44,6 +44,12 @@ int step_split(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int nthre
              : step_split_kind<float>(cell, B, H, Hout, nthreads);
 }
 
+int projection_in_step(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
+                       bool lengths) {
+  const LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+  return f64 ? in_step_projection<double>(s, lengths) : in_step_projection<float>(s, lengths);
+}
+
 // The team and barrier of the step loops (step_barrier.h), meeting `rounds` times with no work
 // in between: 25-60 ns a meeting with both cores close, 165-600 ns when this VM puts them far
 // apart. Timed by member 0 after one untimed meeting, so every member is running.
@@ -68,7 +74,8 @@ const KernelTable& kernel_table() {
                                  gemm_entry<float>,  gemm_entry<double>,
                                  forward_f32,        forward_f64,
                                  backward_f32,       backward_f64,
-                                 step_split,         team_barrier_ns};
+                                 step_split,         projection_in_step,
+                                 team_barrier_ns};
   return table;
 }
 

@@ -37,6 +37,38 @@ def test_options_grid(rng, isa, dtype, variant, bias, lengths, reverse):
     assert_matches(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
 
 
+# The input projection inside each step (forward.h, in_step_projection): batches from 8 rows
+# without lengths. 9 rows make one partial row tile; 13 make a full one and a single row (whose
+# k is split), and H = 33 leaves a partial unit block, so the padded bias and panels are met.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("bias,reverse", list(itertools.product([True, False], repeat=2)))
+@pytest.mark.parametrize("B,I,H", [(9, 6, 11), (13, 17, 33)])
+def test_input_projection_in_the_step(rng, isa, dtype, variant, bias, reverse, B, I, H):
+    cell, lbr, proj = variant
+    Hout = proj or H
+    code = functional.CELL_CODES[cell]
+    assert _C.projection_in_step(code, B, I, H, Hout, dtype == np.float64, isa=isa)
+    assert not _C.projection_in_step(code, B, I, H, Hout, dtype == np.float64, lengths=True,
+                                     isa=isa)
+    case = make_case(rng, cell, proj, T=4, B=B, I=I, H=H, bias=bias)
+    assert_matches(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
+
+
+def test_projection_in_step_rule():
+    """In the step from 8 rows, without lengths, with an input, and while W_ih and W_hh fit in
+    L3 (deepbench's LSTM, 32 MB of weights, does not)."""
+    lstm = functional.CELL_CODES["lstm"]
+    assert _C.projection_in_step(lstm, 16, 256, 256, 256)
+    assert not _C.projection_in_step(lstm, 7, 256, 256, 256)
+    assert not _C.projection_in_step(lstm, 16, 256, 256, 256, lengths=True)
+    assert not _C.projection_in_step(lstm, 16, 0, 256, 256)
+    assert not _C.projection_in_step(lstm, 64, 1024, 1024, 1024)
+    with pytest.raises(ValueError, match="cell"):
+        _C.projection_in_step(7, 16, 1, 1, 1)
+
+
 # Sizes around the edges: T=1, B=1, hidden sizes off the vector width and the tile width,
 # inputs wider and narrower than the hidden state, batches that leave partial row tiles.
 SHAPES = [
@@ -77,19 +109,23 @@ def test_long_sequence_float32(rng, isa):
 def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads):
     """Both ways 2 threads share a forward step (forward.h, step_threads): batch rows with no
     barrier (small weights, B=96) and hidden units with a barrier per step (B=12, or weights past
-    L2); and the backward's team (batch rows of the pointwise maths, column panels of the GEMMs)."""
+    L2), each with the input projection before the loop and in the step; and the backward's team
+    (batch rows of the pointwise maths, column panels of the GEMMs)."""
     if not _C.openmp:
         pytest.skip("built without OpenMP: one thread only")
     cell, lbr, proj = variant
     before = fusedrnn.get_num_threads()
     try:
         # (the projection's narrow K needs a wider H to reach the work threshold)
-        for B, H, split in ((96, 128, "rows"), (12, 1000 if proj else 300, "units")):
+        # with lengths: the whole sequence's input projection first; without: in the step
+        for (B, H, split), lengths in itertools.product(
+                ((96, 128, "rows"), (12, 1000 if proj else 300, "units")), (True, False)):
             Hout = proj and 24 or H
             code = functional.CELL_CODES[cell]
             assert _C.step_split(code, B, H, Hout, threads=2, isa=isa) == split
             assert _C.step_split(code, B, H, Hout, threads=2, isa=isa, backward=True) == "team"
-            case = make_case(rng, cell, proj and 24, T=4, B=B, I=20, H=H, lengths=True)
+            assert _C.projection_in_step(code, B, 20, H, Hout, lengths=lengths, isa=isa) != lengths
+            case = make_case(rng, cell, proj and 24, T=4, B=B, I=20, H=H, lengths=lengths)
             results = []
             for n in (1, 2):
                 fusedrnn.set_num_threads(n)

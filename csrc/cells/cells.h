@@ -70,9 +70,9 @@ inline void rnn_backward_row(const RowBackward<T>& r) {
 template <typename T, int U>
 FUSEDRNN_ALWAYS_INLINE inline void lstm_forward_units(const RowForward<T>& r, int j, int n) {
   using V = Vec<T>;
-  const int64_t H = r.H, A = r.acc_gate_stride;
+  const int64_t H = r.H, A = r.acc_gate_stride, X = r.gx_gate_stride;
   auto pre = [&](int g, int u) {
-    return ld(r.acc + g * A + j + u * V::W, n) + ld(r.gx + g * H + j + u * V::W, n);
+    return ld(r.acc + g * A + j + u * V::W, n) + ld(r.gx + g * X + j + u * V::W, n);
   };
   V i[U], f[U], g[U], o[U], c[U];
   for (int u = 0; u < U; ++u) i[u] = vsigmoid(pre(0, u));
@@ -120,7 +120,7 @@ inline void lstm_backward_row(const RowBackward<T>& r) {
 template <typename T, int U>
 FUSEDRNN_ALWAYS_INLINE inline void gru_forward_units(const RowForward<T>& r, int j, int n) {
   using V = Vec<T>;
-  const int64_t H = r.H, A = r.acc_gate_stride;
+  const int64_t H = r.H, A = r.acc_gate_stride, X = r.gx_gate_stride;
   V rg[U], z[U], hn_lin[U], nn[U];
   for (int u = 0; u < U; ++u) {
     const int ju = j + u * V::W;
@@ -128,13 +128,13 @@ FUSEDRNN_ALWAYS_INLINE inline void gru_forward_units(const RowForward<T>& r, int
   }
   for (int u = 0; u < U; ++u) {
     const int ju = j + u * V::W;
-    z[u] = vsigmoid(ld(r.acc + A + ju, n) + ld(r.gx + H + ju, n));
+    z[u] = vsigmoid(ld(r.acc + A + ju, n) + ld(r.gx + X + ju, n));
   }
   for (int u = 0; u < U; ++u) {
     const int ju = j + u * V::W;
     hn_lin[u] = ld(r.acc + 2 * A + ju, n);
     if (r.b_hn) hn_lin[u] = hn_lin[u] + ld(r.b_hn + ju, n);
-    nn[u] = vtanh(V::fma(rg[u], hn_lin[u], ld(r.gx + 2 * H + ju, n)));
+    nn[u] = vtanh(V::fma(rg[u], hn_lin[u], ld(r.gx + 2 * X + ju, n)));
   }
   for (int u = 0; u < U; ++u) {
     const int ju = j + u * V::W;
@@ -176,11 +176,11 @@ inline void gru_backward_row(const RowBackward<T>& r) {
 template <typename T>
 inline void gru_reset_forward_row(const RowForward<T>& r) {  // phase 1: gates r, z; extra = r*h
   using V = Vec<T>;
-  const int64_t H = r.H, A = r.acc_gate_stride;
+  const int64_t H = r.H, A = r.acc_gate_stride, X = r.gx_gate_stride;
   for (int j = 0; j < r.nu; j += V::W) {
     const int n = r.nu - j;
     V rg = vsigmoid(ld(r.acc + j, n) + ld(r.gx + j, n));
-    V z = vsigmoid(ld(r.acc + A + j, n) + ld(r.gx + H + j, n));
+    V z = vsigmoid(ld(r.acc + A + j, n) + ld(r.gx + X + j, n));
     st(r.gates + j, rg, n);
     st(r.gates + H + j, z, n);
     st(r.extra + j, rg * ld(r.h_prev + j, n), n);
@@ -189,10 +189,10 @@ inline void gru_reset_forward_row(const RowForward<T>& r) {  // phase 1: gates r
 template <typename T>
 inline void gru_reset_new_row(const RowForward<T>& r) {  // phase 2: acc = W_hn (r*h), no bias
   using V = Vec<T>;
-  const int64_t H = r.H;
+  const int64_t H = r.H, X = r.gx_gate_stride;
   for (int j = 0; j < r.nu; j += V::W) {
     const int n = r.nu - j;
-    V pre = ld(r.acc + j, n) + ld(r.gx + 2 * H + j, n);
+    V pre = ld(r.acc + j, n) + ld(r.gx + 2 * X + j, n);
     if (r.b_hn) pre = pre + ld(r.b_hn + j, n);
     V nn = vtanh(pre);
     V z = ld(r.gates + H + j, n), hp = ld(r.h_prev + j, n);

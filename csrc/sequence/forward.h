@@ -1,6 +1,9 @@
 // The forward time loop. Per step, one packed GEMM h_{t-1} W_hh^T per (row tile, unit block)
 // lands in a small on-stack tile holding every gate of those units, and the cell's epilogue turns
 // it into h_t (and c_t) at once: gates never travel to memory except to be saved for training.
+// The input projection x_t W_ih^T is either one GEMM over the whole sequence before the loop, or,
+// for batches that fill the tiles, a second on-stack tile computed right before the recurrent one
+// (in_step_projection).
 //
 // Threads: either each thread owns a slice of batch rows and runs the whole loop with no
 // barrier, or each owns a slice of hidden-unit blocks and the team meets once per step (twice
@@ -17,6 +20,9 @@
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
+
+// Batch rows from which the input projection runs inside the steps (in_step_projection).
+constexpr int64_t kInStepRows = 8;
 
 // Who does which part of a step.
 struct StepSplit {
@@ -72,6 +78,24 @@ int step_split_kind(int cell, int64_t B, int64_t H, int64_t Hout, int nthreads) 
   return by_rows ? 1 : 2;
 }
 
+// Whether the input projection runs inside each step's tiles (x_t W_ih^T into an L1-resident
+// tile right before the recurrent product) instead of as one whole-sequence GEMM before the loop:
+// where a step has rows enough for the micro-kernel's tiles, and every row's step is the same
+// time (no lengths), so x_t's rows lie together. Then Gx never goes through memory, and on a team
+// split by hidden units each member computes its own columns of it, instead of reading the rows
+// the other core computed. Each element is the same FMA chain whichever way is chosen (k in order,
+// from the bias), except that a tile of 1-3 rows splits k (KSplit), so the choice depends on the
+// shape only, never on the threads.
+// In-process A/B, a layer (two builds each, medians): stacked LSTM 8.21 -> 8.06 ms on 1 thread,
+// 4.78 -> 4.59 on 2; stacked GRU on 2 threads 4.08 -> 3.71; wide LSTM on 1 thread 547 -> 535.
+// Every step then streams W_ih beside W_hh, so both must stay in L3 (deepbench LSTM, 32 MB of
+// weights, 2 threads: 2% slower in the step); and from 8 rows (B = 4, I = H = 256: 4% slower).
+template <typename T>
+bool in_step_projection(const LayerShape& s, bool has_lengths) {
+  const int64_t weight_bytes = gates_of(s.cell) * s.H * (s.I + s.Hout) * int64_t(sizeof(T));
+  return !has_lengths && s.I > 0 && s.B >= kInStepRows && 3 * weight_bytes <= 2 * l3_cache_bytes();
+}
+
 template <typename T>
 struct ForwardLoop {
   const ForwardArgs<T>& a;
@@ -94,6 +118,13 @@ struct ForwardLoop {
   T* a_shared;
   StepBarrier* barrier;  // the team's when the step is split by hidden units, else null
   bool on_team;          // the step loop runs on a team, or probes one (team_probe.h)
+  // The input projection step by step (see in_step_projection): W_ih packed per gate like W_hh,
+  // and the folded bias per gate, gate g's units at bias_in + g * padded_units(); else data is
+  // null and gx holds the whole sequence's projection.
+  PackedGates<T> w_in{0, 0, nullptr};
+  const T* bias_in = nullptr;
+
+  int64_t padded_units() const { return ceil_div<int64_t>(s.H, Tile<T>::NR) * Tile<T>::NR; }
 
   T* h_at(int64_t k) const {
     if (training) return a.saved.h + k * s.B * s.Hout;
@@ -128,12 +159,14 @@ struct ForwardLoop {
   // for this member's rows of A packed (see a_pack_size), or null to read A's rows in place.
   // a_ready: this step's A packed already (AForm::Blocked), every row, or null;
   // a_next: where the epilogue packs the new state, the next step's A, or null.
+  // x_ready: with the projection in the step, this member's rows of x_t packed (AForm::Blocked).
   template <typename RowFn>
   void cell_phase(int64_t k, const StepSplit& p, int g0, int g_count, const T* A, int64_t lda,
-                  int64_t K, bool writes_h, RowFn fn, T* a_pack, const T* a_ready = nullptr,
-                  T* a_next = nullptr) const {
+                  int64_t K, bool writes_h, RowFn fn, T* a_pack, const T* x_ready,
+                  const T* a_ready = nullptr, T* a_next = nullptr) const {
     constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
     alignas(64) T tile[MR * 4 * NR];
+    alignas(64) T gx_tile[MR * 4 * NR];  // the projection in the step: gate g at column g * NR
     // The state's rows as MR-row micro-panels (AForm::Blocked), packed once a step and met by
     // every unit block: read in place, a tile's MR rows lie H apart, and at H = 1024 floats
     // (4 KB) they all fall in one L1 set (1 thread, bench medians: deepbench LSTM 324-328 ->
@@ -156,8 +189,17 @@ struct ForwardLoop {
         // One row: on a team, the next step's slices a step ahead: both cores wrote the input
         // projection, and this VM may put the other core far away (long-seq LSTM, 2 threads, in
         // such a phase, with the probe: 1.24 -> 1.07 ms). Alone they are in this core's cache.
-        if (s.B > 1) prefetch_gx(k, m, mr, u0, g0, g_count);
-        else if (on_team && k + 1 < s.T) prefetch_gx(k + 1, m, mr, u0, g0, g_count);
+        if (x_ready) {  // x_t W_ih^T + bias for this tile's gates, into the L1-resident gx_tile
+          const T* xa = x_ready + (m - p.row0) * blocked_length<T>(s.I);
+          for (int g = g0; g < g0 + g_count; ++g)
+            micro_kernel<T, AForm::Blocked>(mr, s.I, xa, 0, w_in.panel(g, ub), gx_tile + g * NR,
+                                            G * NR, false,
+                                            bias_in ? bias_in + g * padded_units() + u0 : nullptr);
+        } else if (s.B > 1) {
+          prefetch_gx(k, m, mr, u0, g0, g_count);
+        } else if (on_team && k + 1 < s.T) {
+          prefetch_gx(k + 1, m, mr, u0, g0, g_count);
+        }
         // A single LSTM row meets every gate in one pass (8 chains; the GRU's 6 were slower than
         // a k-split per gate on AVX2: long-seq 0.92 -> 0.95 ms).
         if (mr == 1 && g_count == 4) {
@@ -191,7 +233,8 @@ struct ForwardLoop {
           RowForward<T> r;
           r.acc = tile + ri * g_count * NR;
           r.acc_gate_stride = NR;
-          r.gx = gx + (t * s.B + b) * ld_gx + u0;
+          r.gx = x_ready ? gx_tile + ri * G * NR : gx + (t * s.B + b) * ld_gx + u0;
+          r.gx_gate_stride = x_ready ? NR : s.H;
           r.b_hn = b_hn ? b_hn + u0 : nullptr;
           r.h_prev = hp + b * s.Hout + u0;
           r.c_prev = lstm ? cp + b * s.H + u0 : nullptr;
@@ -269,17 +312,24 @@ struct ForwardLoop {
     Scratch<T> a_pack(a_pack_size(s, p));
     T* ap = a_pack.p;
     const int64_t a_size = next_a_size(s);
+    const int64_t rows = p.row1 - p.row0;
+    const int64_t x_pack_size = ceil_div<int64_t>(rows, Tile<T>::MR) * Tile<T>::MR * blocked_length<T>(s.I);
+    Scratch<T> x_pack(w_in.data ? x_pack_size : 0);
+    const T* xp = x_pack.p;
     for (int64_t k = k0; k < k1; ++k) {
       const T* hp = h_at(k);
+      // Every row's step k is time steps.time(k, 0) here (no lengths): x_t's rows lie together.
+      if (xp)
+        pack_a_blocked<T>(rows, s.I, a.x + (steps.time(k, 0) * s.B + p.row0) * s.I, s.I, x_pack.p);
       // Single-phase cells whose epilogue writes the state pack the next step's A (a_shared is
       // null otherwise).
       const T* ready = a_shared ? a_shared + (k % 2) * a_size : nullptr;
       T* next = a_shared ? a_shared + ((k + 1) % 2) * a_size : nullptr;
       switch (s.cell) {
-        case Cell::RnnTanh: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, false>, ap, ready, next); break;
-        case Cell::RnnRelu: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, true>, ap, ready, next); break;
+        case Cell::RnnTanh: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, false>, ap, xp, ready, next); break;
+        case Cell::RnnRelu: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, true>, ap, xp, ready, next); break;
         case Cell::Lstm:
-          cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, lstm_forward_row<T>, ap, ready, next);
+          cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, lstm_forward_row<T>, ap, xp, ready, next);
           if (s.has_proj) {
             if (barrier) barrier->wait();
             projection_phase(k, p);
@@ -287,11 +337,11 @@ struct ForwardLoop {
           break;
         case Cell::Gru:
           if (!gru_two_phase) {
-            cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, gru_forward_row<T>, ap, ready, next);
+            cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, gru_forward_row<T>, ap, xp, ready, next);
           } else {
-            cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, gru_reset_forward_row<T>, ap);
+            cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, gru_reset_forward_row<T>, ap, xp);
             if (barrier) barrier->wait();
-            cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, gru_reset_new_row<T>, ap);
+            cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, gru_reset_new_row<T>, ap, xp);
           }
           break;
       }
@@ -313,9 +363,19 @@ void forward_on_threads(const ForwardArgs<T>& a) {
   const bool lstm = s.cell == Cell::Lstm;
   const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
 
+  const bool in_step = in_step_projection<T>(s, a.lengths != nullptr);
   const int64_t ld_gx = gx_row_stride<T>(GH);
-  Scratch<T> gx(s.T * B * ld_gx);
-  input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx.p, ld_gx, nthreads);
+  Scratch<T> gx(in_step ? 0 : s.T * B * ld_gx);
+  if (!in_step) input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx.p, ld_gx, nthreads);
+  CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, in_step ? GH : 0, s.I,
+                       in_step ? packed_gates_size<T>(G, s.I, H) : 0, nthreads,
+                       [&](T* buf) { pack_gates<T>(G, s.I, H, a.w_ih, buf, nthreads); });
+  const int64_t padded_units = ceil_div<int64_t>(H, Tile<T>::NR) * Tile<T>::NR;
+  Scratch<T> bias_in(in_step && s.has_bias ? G * padded_units : 0);
+  if (bias_in.p) {
+    std::memset(bias_in.p, 0, sizeof(T) * G * padded_units);
+    folded_bias(s, a.b_ih, a.b_hh, bias_in.p, padded_units);
+  }
   CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, GH, Hout, packed_gates_size<T>(G, Hout, H),
                        nthreads, [&](T* buf) { pack_gates<T>(G, Hout, H, a.w_hh, buf, nthreads); });
   const PackedGates<T> w{G, Hout, wbuf.get()};
@@ -336,6 +396,10 @@ void forward_on_threads(const ForwardArgs<T>& a) {
   ForwardLoop<T> loop{a, s, steps, G, gx.p, ld_gx, w, wproj.get(), (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
                       training, !training && !a.lengths && !s.has_proj, hbuf.p, cbuf.p, hfull.p,
                       gates.p, extra.p, a_shared.p, nullptr, false};
+  if (in_step) {
+    loop.w_in = PackedGates<T>{G, s.I, w_in.get()};
+    loop.bias_in = bias_in.p;
+  }
 
   std::memcpy(loop.h_at(0), a.h0, sizeof(T) * B * Hout);
   if (lstm) std::memcpy(loop.c_at(0), a.c0, sizeof(T) * B * H);

@@ -24,7 +24,7 @@ struct Steps {
 
 // Packed panels of one weight matrix, reused from the calling thread's cache while the weight's
 // bytes are unchanged (workspace.cpp), else packed now by `pack_into(buffer)`.
-enum class PanelKind : int { InputProj = 1, Gates, Proj, BackHH, BackHN, BackHR };
+enum class PanelKind : int { InputProj = 1, Gates, Proj, BackHH, BackHN, BackHR, InputGates };
 
 template <typename T>
 class CachedPanels {
@@ -63,8 +63,20 @@ inline int64_t gx_row_stride(int64_t GH) {
   return (lines | 1) * per_line;
 }
 
-// Gx (T*B, G*H; rows ld_gx apart) = X W_ih^T + b_ih + b_hh, except that the GRU's b_hn stays
-// out: it sits inside r*(W_hn h + b_hn) and is added in the step.
+// The bias the input projection starts each gate chain from: b_ih + b_hh, except that the GRU's
+// b_hn stays out (it sits inside r*(W_hn h + b_hn) and is added in the step). Gate g's H values
+// at out + g * gate_stride (gate_stride >= H; the padding is left alone).
+template <typename T>
+void folded_bias(const LayerShape& s, const T* b_ih, const T* b_hh, T* out, int64_t gate_stride) {
+  const int64_t G = gates_of(s.cell);
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t u = 0; u < s.H; ++u) {
+      const int64_t n = g * s.H + u;
+      out[g * gate_stride + u] = b_ih[n] + (s.cell == Cell::Gru && g == 2 ? T(0) : b_hh[n]);
+    }
+}
+
+// Gx (T*B, G*H; rows ld_gx apart) = X W_ih^T + the folded bias, as one GEMM.
 template <typename T>
 void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b_ih,
                       const T* b_hh, T* gx, int64_t ld_gx, int nthreads) {
@@ -72,10 +84,7 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
   CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH), nthreads,
                     [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
   Scratch<T> bias(s.has_bias ? GH : 0);
-  for (int64_t n = 0; s.has_bias && n < GH; ++n) {
-    const bool gru_n = s.cell == Cell::Gru && n >= 2 * s.H;
-    bias.p[n] = b_ih[n] + (gru_n ? T(0) : b_hh[n]);
-  }
+  if (s.has_bias) folded_bias(s, b_ih, b_hh, bias.p, s.H);
   if (s.I > 0) {  // the bias rides in the GEMM: each gate chain starts from it
     gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p);
     return;

@@ -44,6 +44,7 @@ int step_split(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int nthre
              : step_split_kind<float>(cell, B, H, Hout, nthreads);
 }
 
+// forward.h's in_step_projection for one shape (python's _C.projection_in_step).
 int projection_in_step(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
                        bool lengths) {
   const LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
@@ -60,8 +61,8 @@ double team_barrier_ns(int nthreads, int rounds) {
     barrier->wait();
     const auto start = std::chrono::steady_clock::now();
     for (int i = 0; i < rounds; ++i) barrier->wait();
-    if (member == 0)
-      ns = std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start).count() / rounds;
+    using Ns = std::chrono::duration<double, std::nano>;
+    if (member == 0) ns = Ns(std::chrono::steady_clock::now() - start).count() / rounds;
   });
   return ns;
 }

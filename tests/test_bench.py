@@ -189,6 +189,29 @@ def test_report_marks_cases_timed_with_the_cores_far_apart(tmp_path, capsys):
     assert not any("cores far apart (" in line for line in report.summary(data))
 
 
+def test_report_shows_two_thread_scaling(tmp_path, capsys):
+    status, data, _ = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "1,2",
+                               "--cells", "rnn,gru", "--mode", "infer", "--peers", "none")
+    assert status == 0
+    times = {(1, "rnn"): 1.0, (2, "rnn"): 0.5, (1, "gru"): 1.0, (2, "gru"): 0.8}
+    for rec in data["cases"]:
+        rec["results"]["fusedrnn"]["median_s"] = times[rec["threads"], rec["cell"]]
+        if rec["threads"] == 2:
+            rec["barrier_ns"] = [30.0, 40.0] if rec["cell"] == "rnn" else [35.0, 310.0]
+    got = {(c, cell, m): up for c, cell, m, up, _ in report.scaling(data)}
+    assert got == {("T3-B2-I4-H5-L1", "rnn", "infer"): 2.0,
+                   ("T3-B2-I4-H5-L1", "gru", "infer"): 1.25}
+    assert report.scaling_line(data) is None  # the target is for the GEMM-bound configs
+    for rec in data["cases"]:
+        rec["config"] = "wide"
+    line = report.scaling_line(data)
+    assert "x1.25 .. x2.00 over 2 cases; under x1.8 in 1: wide gru infer x1.25 " \
+           "(cores far apart: barrier 35 / 310 ns)" in line
+    text = report.markdown(data)
+    assert "| wide | rnn | infer | x2.00 | 30 / 40 |" in text
+    assert "| wide | gru | infer | x1.25 | 35 / 310 far |" in text
+
+
 def test_missing_peers_are_skipped_with_a_line(tmp_path, capsys, monkeypatch):
     for name in ("torch", "onnx", "onnxruntime"):
         monkeypatch.setitem(sys.modules, name, None)      # import raises ImportError

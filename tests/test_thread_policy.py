@@ -148,9 +148,9 @@ def test_team_and_alone_give_the_same_bits(rng):
 
 
 # ----------------------------------------------------------------------------------------------
-# The forward team's in-call probe (csrc/sequence/team_probe.h): teams with small steps
-# check how far apart the cores are and, if far, time a few steps alone and a few as a team
-# before going on the faster way. Every way must give the one thread's bits.
+# The step teams' in-call probe (csrc/sequence/team_probe.h), forward and backward: teams with
+# small steps check how far apart the cores are and, if far, time a few steps alone and a few as
+# a team before going on the faster way. Every way must give the one thread's bits.
 
 # (cell, linear_before_reset, H): a step of 30-200 KFLOP at B = 1, so it runs on a team and probes.
 PROBED = [("rnn_tanh", True, 128), ("rnn_relu", True, 128), ("lstm", True, 64),
@@ -183,20 +183,25 @@ def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, ver
         x = rng.standard_normal((T, B, I)).astype(dtype)
         h0 = (0.5 * rng.standard_normal((B, H))).astype(dtype)
         c0 = (0.5 * rng.standard_normal((B, H))).astype(dtype) if cell == "lstm" else None
+        dy = rng.standard_normal((T, B, H)).astype(dtype)
         runs = []
         for threads in (1, 2):
             fusedrnn.set_num_threads(threads)
             before = _C.probe_calls()
-            y, hn, cn, _ = functional.forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                              lengths=lengths, linear_before_reset=lbr,
-                                              training=training, isa=isa)
+            y, hn, cn, ctx = functional.forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+                                                lengths=lengths, linear_before_reset=lbr,
+                                                training=training, isa=isa)
             after = _C.probe_calls()
-            runs.append((y, hn, cn))
+            grads = functional.backward(ctx, dy) if training else (None,)
+            after_backward = _C.probe_calls()
+            runs.append((y, hn, cn, *grads[:3], *(grads[3].values() if training else ())))
         fusedrnn.set_num_threads(2)
-        if verdict != "measured":  # the probe ran, and took the verdict imposed
-            assert after[verdict] == before[verdict] + 1, (before, after)
-        else:
-            assert sum(after.values()) == sum(before.values()) + 1, (before, after)
+        probes = [(before, after)] + ([(after, after_backward)] if training else [])
+        for b, a in probes:
+            if verdict != "measured":  # the probe ran, and took the verdict imposed
+                assert a[verdict] == b[verdict] + 1, (b, a)
+            else:
+                assert sum(a.values()) == sum(b.values()) + 1, (b, a)
         for one, two in zip(*runs):
             if one is not None:
                 np.testing.assert_array_equal(one, two)

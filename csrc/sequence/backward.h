@@ -6,14 +6,16 @@
 //
 // Threads: one team runs the whole time loop. Its members split the batch rows of the pointwise
 // maths and the column panels of each step's GEMMs, and meet twice a step (more for the LSTM
-// projection and the two-phase GRU) at a short-spin barrier. Every element is the same
-// arithmetic either way, so results are bitwise identical for any thread count.
+// projection and the two-phase GRU) at a short-spin barrier; a team of small steps first checks
+// that its threads pay (team_probe.h). Every element is the same arithmetic either way, so
+// results are bitwise identical for any thread count.
 #pragma once
 #include <cstdint>
 #include <cstring>
 #include "cells/cells.h"
 #include "sequence/layout.h"
 #include "sequence/step_barrier.h"
+#include "sequence/team_probe.h"
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
@@ -117,15 +119,22 @@ struct BackwardLoop {
     }
   }
 
-  // Walks every step back; returns the buffer holding d h_0 (the same for every member).
-  const T* run(const Share& p, StepBarrier* barrier) const {
+  // The gradient reaching the state before the i-th step walked back (i = 0: d h_T, from dhn),
+  // and the other buffer, which that step fills with the next.
+  T* dh_at(int64_t i) const { return i % 2 == 0 ? dh_a : dh_b; }
+
+  // Walks back the i-th to the (i1-1)-th steps from the end (step k = T-1-i), so a run may stop
+  // and another go on (team_probe.h); returns the buffer then holding the gradient (after all T
+  // steps, d h_0), the same for every member.
+  const T* run(const Share& p, StepBarrier* barrier, int64_t i0, int64_t i1) const {
     auto meet = [&] { if (barrier) barrier->wait(); };
     const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = int64_t(G) * H;
     const bool gru = s.cell == Cell::Gru;
     const bool gru_two_phase = gru && !s.linear_before_reset;
-    T* dh = dh_a;
-    T* dh_prev = dh_b;
-    for (int64_t k = s.T - 1; k >= 0; --k) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t k = s.T - 1 - i;
+      T* dh = dh_at(i);
+      T* dh_prev = dh_at(i + 1);
       for (int64_t b = p.row0; b < p.row1; ++b) {
         if (!steps.active(k, b)) continue;
         const T* dyr = a.dy + (steps.time(k, b) * B + b) * Hout;
@@ -157,9 +166,8 @@ struct BackwardLoop {
         gemm_packed_panels<T>(B, Hout, GH, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1);
       }
       meet();  // every column of d h_prev is complete
-      T* tmp = dh; dh = dh_prev; dh_prev = tmp;
     }
-    return dh;
+    return dh_at(i1);
   }
 };
 
@@ -238,17 +246,19 @@ void backward_on_threads(const BackwardArgs<T>& a) {
 
   BackwardLoop<T> loop{a, s, steps, G, dgx, dgh, dghn, ld_n, whh.get(), whn.get(), whr.get(),
                        dh_a.p, dh_b.p, dc.p, dhf.p, dhs.p, drh.p};
-  const T* dh = nullptr;
   const int nt = backward_step_threads<T>(s, nthreads);
+  const auto alone = BackwardLoop<T>::share_of(s, 1, 0);
   if (nt <= 1) {
-    dh = loop.run(BackwardLoop<T>::share_of(s, 1, 0), nullptr);
-  } else {
-    run_step_team(nt, [&](int member, int team, StepBarrier* barrier) {
-      const T* mine = loop.run(BackwardLoop<T>::share_of(s, team, member), barrier);
-      if (member == 0) dh = mine;
-    });
+    loop.run(alone, nullptr, 0, s.T);
+  } else {  // small steps first check that the team pays, as the forward's (team_probe.h)
+    run_probed_team(
+        nt, s.T, probe_steps(s),
+        [&](int member, int team, StepBarrier* barrier, int64_t i0, int64_t i1) {
+          loop.run(BackwardLoop<T>::share_of(s, team, member), barrier, i0, i1);
+        },
+        [&](int64_t i0, int64_t i1) { loop.run(alone, nullptr, i0, i1); });
   }
-  std::memcpy(a.dh0, dh, sizeof(T) * B * Hout);
+  std::memcpy(a.dh0, loop.dh_at(s.T), sizeof(T) * B * Hout);
   if (lstm) std::memcpy(a.dc0, dc.p, sizeof(T) * B * H);
 
   // Whole-sequence weight and input gradients.

@@ -284,8 +284,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("team_policy_calls", [] {
     return py::make_tuple(fusedrnn::team_policy_calls(true), fusedrnn::team_policy_calls(false));
   }, "calls the adaptive policy has run (on the threads, alone) since import");
-  // The forward team's in-call probe (csrc/sequence/team_probe.h): its verdicts so far, and a
-  // verdict for tests to impose ("measured", "far_team", "far_alone").
+  // The step teams' in-call probe (csrc/sequence/team_probe.h), forward and backward: its
+  // verdicts so far, and a verdict for tests to impose ("measured", "far_team", "far_alone").
   static const char* const probe_verdicts[] = {"close", "far_team", "far_alone"};
   m.def("team_barrier_ns", [](int rounds) {
     py::gil_scoped_release nogil;
@@ -297,7 +297,7 @@ PYBIND11_MODULE(_C, m) {
     py::dict d;
     for (int v = 0; v < 3; ++v) d[probe_verdicts[v]] = fusedrnn::probe_calls(v);
     return d;
-  }, "forward calls whose team probed its cores, by verdict, since import");
+  }, "forward and backward calls whose team probed its cores, by verdict, since import");
   m.def("set_probe_override", [](const std::string& verdict) {
     if (verdict == "measured") return fusedrnn::set_probe_override(-1);
     for (int v = 1; v < 3; ++v)

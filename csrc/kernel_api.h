@@ -138,7 +138,7 @@ void set_team_mode(int mode);
 int team_mode();
 int64_t team_policy_calls(bool team);  // adaptive calls so far on the threads / alone
 
-// The in-call probe of a forward team with small steps (sequence/team_probe.h): how its
+// The in-call probe of a step team (forward or backward) with small steps (team_probe.h): how its
 // calls went, counted by verdict (0 cores close: the team ran; 1 far, the team was faster; 2 far,
 // one thread was faster), and, for tests, a verdict to take instead of the measured one (-1: none;
 // 1 or 2: as if far, and then that way; the probe itself still runs).

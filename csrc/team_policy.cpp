@@ -70,7 +70,7 @@ int64_t team_policy_calls(bool team) {
   return policies().calls[team ? 1 : 0].load(std::memory_order_relaxed);
 }
 
-// The forward team's in-call probe (sequence/team_probe.h): its counts and the tests' override.
+// The step teams' in-call probe (sequence/team_probe.h): its counts and the tests' override.
 namespace {
 std::atomic<int64_t> g_probe_calls[3] = {{0}, {0}, {0}};
 std::atomic<int> g_probe_override{-1};

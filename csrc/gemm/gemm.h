@@ -125,6 +125,12 @@ void pack_a(int64_t mc, int64_t kc, const T* A, int64_t a_rs, int64_t a_cs, T* o
 template <typename T>
 inline int64_t blocked_length(int64_t k) { return ceil_div<int64_t>(k, Vec<T>::W) * Vec<T>::W; }
 
+// Elements of `rows` rows of k values packed by pack_a_blocked (whole MR-row panels).
+template <typename T>
+inline int64_t blocked_size(int64_t rows, int64_t k) {
+  return ceil_div<int64_t>(rows, Tile<T>::MR) * Tile<T>::MR * blocked_length<T>(k);
+}
+
 // The mc x kc block of A at A (rows a_rs apart, each contiguous) in AForm::Blocked: the panel of
 // rows i.. (i a multiple of MR) at out + i * blocked_length(kc), row r's values k0..k0 + W at
 // (k0 / W) * W * MR + r * W. Rows past mc and values past kc stay unwritten: the micro-kernel

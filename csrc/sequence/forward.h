@@ -124,7 +124,10 @@ struct ForwardLoop {
   PackedGates<T> w_in{0, 0, nullptr};
   const T* bias_in = nullptr;
 
-  int64_t padded_units() const { return ceil_div<int64_t>(s.H, Tile<T>::NR) * Tile<T>::NR; }
+  // Hidden units rounded up to whole unit blocks: the stride of bias_in's gates.
+  static int64_t padded_units(const LayerShape& s) {
+    return ceil_div<int64_t>(s.H, Tile<T>::NR) * Tile<T>::NR;
+  }
 
   T* h_at(int64_t k) const {
     if (training) return a.saved.h + k * s.B * s.Hout;
@@ -194,7 +197,7 @@ struct ForwardLoop {
           for (int g = g0; g < g0 + g_count; ++g)
             micro_kernel<T, AForm::Blocked>(mr, s.I, xa, 0, w_in.panel(g, ub), gx_tile + g * NR,
                                             G * NR, false,
-                                            bias_in ? bias_in + g * padded_units() + u0 : nullptr);
+                                            bias_in ? bias_in + g * padded_units(s) + u0 : nullptr);
         } else if (s.B > 1) {
           prefetch_gx(k, m, mr, u0, g0, g_count);
         } else if (on_team && k + 1 < s.T) {
@@ -261,7 +264,7 @@ struct ForwardLoop {
   // copy went element by element (2-2.5% of a stacked LSTM or GRU step); here each row's W units
   // are one vector.
   static int64_t next_a_size(const LayerShape& s) {
-    return ceil_div<int64_t>(s.B, Tile<T>::MR) * Tile<T>::MR * blocked_length<T>(s.Hout);
+    return blocked_size<T>(s.B, s.Hout);
   }
   // Rows [m, m + mr) (m a multiple of MR) and units [u0, u0 + nu) (u0 a multiple of W) of the
   // state h into a_next, the panel of rows m.. at a_next + m * blocked_length(Hout): the units'
@@ -301,9 +304,8 @@ struct ForwardLoop {
   // Room for a member's rows of the step's A packed, or 0 to read them in place: one row is
   // contiguous already.
   static int64_t a_pack_size(const LayerShape& s, const StepSplit& p) {
-    constexpr int MR = Tile<T>::MR;
     const int64_t rows = p.row1 - p.row0;
-    return rows > 1 ? ceil_div<int64_t>(rows, MR) * MR * blocked_length<T>(imax(s.H, s.Hout)) : 0;
+    return rows > 1 ? blocked_size<T>(rows, imax(s.H, s.Hout)) : 0;
   }
 
   // Steps [k0, k1) (every buffer is indexed by step, so a run may stop and another go on).
@@ -313,8 +315,7 @@ struct ForwardLoop {
     T* ap = a_pack.p;
     const int64_t a_size = next_a_size(s);
     const int64_t rows = p.row1 - p.row0;
-    const int64_t x_pack_size = ceil_div<int64_t>(rows, Tile<T>::MR) * Tile<T>::MR * blocked_length<T>(s.I);
-    Scratch<T> x_pack(w_in.data ? x_pack_size : 0);
+    Scratch<T> x_pack(w_in.data ? blocked_size<T>(rows, s.I) : 0);
     const T* xp = x_pack.p;
     for (int64_t k = k0; k < k1; ++k) {
       const T* hp = h_at(k);
@@ -370,7 +371,7 @@ void forward_on_threads(const ForwardArgs<T>& a) {
   CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, in_step ? GH : 0, s.I,
                        in_step ? packed_gates_size<T>(G, s.I, H) : 0, nthreads,
                        [&](T* buf) { pack_gates<T>(G, s.I, H, a.w_ih, buf, nthreads); });
-  const int64_t padded_units = ceil_div<int64_t>(H, Tile<T>::NR) * Tile<T>::NR;
+  const int64_t padded_units = ForwardLoop<T>::padded_units(s);
   Scratch<T> bias_in(in_step && s.has_bias ? G * padded_units : 0);
   if (bias_in.p) {
     std::memset(bias_in.p, 0, sizeof(T) * G * padded_units);

@@ -11,10 +11,10 @@
 // Techniques. exp: x = n ln2 + r, |r| <= ln2/2, by Cody-Waite with ln2 split so that n * ln2_hi is
 // exact even without FMA; in float64 the rounding error of r is carried (Fast2Sum) and 1 + r is
 // kept as two doubles, so the result rounds essentially once: exp(r) = 1 + r + r^2 Q(r), Q
-// minimax (float32 rounds r and 1 + (r + r^2 Q) plainly: ~1 ulp, see C<float>::compensated). 2^n is
-// applied as two exact powers of two (AVX-512: one vscalef), so n = 128 (1024) overflows exactly
-// where it should and denormal results round once. tanh (float64): odd minimax polynomial |x| + |x|^3 P(x^2) for
-// small |x| (no cancellation; exact for tiny x and +-0) and 1 - 2e / (1 + e), e = exp(-2|x|),
+// minimax (float32 rounds r and 1 + (r + r^2 Q) plainly: ~1 ulp, see C<float>::compensated).
+// 2^n is applied as two exact powers of two (AVX-512: one vscalef), so n = 128 (1024) overflows
+// exactly where it should and denormal results round once. tanh (float64): odd minimax
+// polynomial |x| + |x|^3 P(x^2) for small |x| (no cancellation; exact for tiny x and +-0) and 1 - 2e / (1 + e), e = exp(-2|x|),
 // beyond; (float32) -m / (m + 2), m = expm1(-2|x|), for every x; |x| clamped so that it
 // saturates to exactly +-1; the sign is copied back (odd exactly). sigmoid:
 // num / (1 + e), e = exp(-|x|), num = 1 (x >= 0) or e (x < 0), so tiny results keep relative

@@ -40,7 +40,7 @@ struct Vec<float> {
   static Mask lt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ); }
   static Mask gt(Vec a, Vec b) { return _mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ); }
   static Vec select(Mask m, Vec if_true, Vec if_false) { return {_mm512_mask_blend_ps(m, if_false.v, if_true.v)}; }
-  // a * 2^n for integer-valued n, rounded once (vscalefps): see math.h's scale_pow2.
+  // a * 2^n for integer-valued n, rounded once (vscalefps): see math.h's HasScalef.
   static Vec scalef(Vec a, Vec n) { return {_mm512_scalef_ps(a.v, n.v)}; }
   static Vec pow2i(Vec n) {
     __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));

@@ -203,7 +203,7 @@ T* a_pack_buffer() {
 template <typename T>
 void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N, int64_t K,
                        const T* A, int64_t a_rs, int64_t a_cs, const T* Bp, T* C, int64_t ldc,
-                       bool accumulate, const T* bias, T* a_pack) {
+                       bool accumulate, const T* bias, T* a_pack, bool descending = false) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t KC = GemmBlocking<T>::KC;
   const int64_t panels = ceil_div<int64_t>(N, NR);
@@ -222,7 +222,8 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
       const int64_t pe = imin(p1, pb + GemmBlocking<T>::NC_PANELS);
       for (int64_t m = 0; m < mc; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, mc - m));
-        for (int64_t p = pb; p < pe; ++p) {
+        for (int64_t j = pb; j < pe; ++j) {
+          const int64_t p = descending ? p1 - 1 - (j - p0) : j;
           const T* b = gemm_b_slice<T>(Bp, panels, K, k0, p);
           const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
           T* c = C + (m0 + m) * ldc + p * NR;
@@ -247,16 +248,18 @@ T* a_pack_for(int64_t M, int64_t a_cs) {
 }
 
 // Every row of C for the panels [p0, p1) only, on the calling thread: one member's share of a
-// product that a step team (backward.h) splits by columns.
+// product that a step team (backward.h) splits by columns. `descending` walks the panels from
+// the last (see ForwardLoop::cell_phase on alternating directions); results do not change.
 template <typename T>
 void gemm_packed_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
-                        const T* Bp, T* C, int64_t ldc, bool accumulate, int64_t p0, int64_t p1) {
+                        const T* Bp, T* C, int64_t ldc, bool accumulate, int64_t p0, int64_t p1,
+                        bool descending = false) {
   constexpr int64_t MC = GemmBlocking<T>::MC;
   if (M <= 0 || K <= 0 || p0 >= p1) return;
   T* a_pack = a_pack_for<T>(M, a_cs);
   for (int64_t m0 = 0; m0 < M; m0 += MC)
     gemm_packed_block<T>(m0, imin(MC, M - m0), p0, p1, N, K, A, a_rs, a_cs, Bp, C, ldc,
-                         accumulate, nullptr, a_pack);
+                         accumulate, nullptr, a_pack, descending);
 }
 
 // C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A

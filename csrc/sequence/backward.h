@@ -152,18 +152,19 @@ struct BackwardLoop {
       pointwise(k, p, dh, dcell, dh_prev);
       meet();  // every row of dG_k is complete
       const T* dgh_k = dgh + k * B * GH;
+      const bool desc = i & 1;  // alternate directions through W_hh (ForwardLoop::cell_phase)
       if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
-        gemm_packed_panels<T>(B, H, H, dgh_k + 2 * H, GH, 1, whn, drh, H, false, p.hid0, p.hid1);
+        gemm_packed_panels<T>(B, H, H, dgh_k + 2 * H, GH, 1, whn, drh, H, false, p.hid0, p.hid1, desc);
         meet();
         gru_reset_pointwise(k, p, dh_prev);
         meet();
-        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1);
+        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1, desc);
       } else if (gru) {  // r, z through W_hr|W_hz, then n through W_hn (continuing each chain)
-        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1);
+        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1, desc);
         gemm_packed_panels<T>(B, Hout, H, dghn + k * B * ld_n, ld_n, 1, whn, dh_prev, Hout, true,
-                              p.out0, p.out1);
+                              p.out0, p.out1, desc);
       } else {
-        gemm_packed_panels<T>(B, Hout, GH, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1);
+        gemm_packed_panels<T>(B, Hout, GH, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1, desc);
       }
       meet();  // every column of d h_prev is complete
     }

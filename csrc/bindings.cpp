@@ -345,14 +345,16 @@ PYBIND11_MODULE(_C, m) {
      "how the forward spreads one step over threads: 'one', 'rows' or 'units'; with "
      "backward=True, how the backward's time loop does: 'one' or 'team'");
 
-  m.def("projection_in_step", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
-                                 bool f64, bool lengths, std::optional<std::string> isa) {
+  m.def("projection_mode", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
+                              bool f64, bool lengths, std::optional<std::string> isa) {
     if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
-    return kernels(isa).projection_in_step(cell, f64, B, I, H, Hout, lengths) != 0;
+    static const char* const modes[] = {"whole", "in_step", "rides"};
+    return std::string(modes[kernels(isa).projection_mode(cell, f64, B, I, H, Hout, lengths)]);
   }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
      py::arg("f64") = false, py::arg("lengths") = false, py::arg("isa") = py::none(),
-     "whether the forward computes x_t W_ih^T inside each step's tiles (True) or as one GEMM "
-     "over the whole sequence before the time loop (False)");
+     "how the forward computes x_t W_ih^T: 'whole' (one GEMM over the sequence before the time "
+     "loop), 'in_step' (inside each step's tiles) or 'rides' (a chunk of the next steps' rows "
+     "in each step of a single LSTM row)");
 
   m.def("gemm", [](py::array A, py::array B, std::optional<std::string> isa) -> py::array {
     const KernelTable& kt = kernels(isa);

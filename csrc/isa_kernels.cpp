@@ -44,11 +44,11 @@ int step_split(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int nthre
              : step_split_kind<float>(cell, B, H, Hout, nthreads);
 }
 
-// forward.h's in_step_projection for one shape (python's _C.projection_in_step).
-int projection_in_step(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
+// forward.h's projection_mode for one shape (python's _C.projection_mode).
+int projection_mode_of(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
                        bool lengths) {
   const LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
-  return f64 ? in_step_projection<double>(s, lengths) : in_step_projection<float>(s, lengths);
+  return f64 ? projection_mode<double>(s, lengths) : projection_mode<float>(s, lengths);
 }
 
 // The team and barrier of the step loops (step_barrier.h), meeting `rounds` times with no work
@@ -75,7 +75,7 @@ const KernelTable& kernel_table() {
                                  gemm_entry<float>,  gemm_entry<double>,
                                  forward_f32,        forward_f64,
                                  backward_f32,       backward_f64,
-                                 step_split,         projection_in_step,
+                                 step_split,         projection_mode_of,
                                  team_barrier_ns};
   return table;
 }

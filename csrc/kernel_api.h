@@ -97,9 +97,10 @@ struct KernelTable {
   // with `backward`, how the backward does: 0 one thread, 3 a team (rows and column panels).
   int (*step_split)(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int num_threads,
                     bool backward);
-  // Whether the forward computes x_t W_ih^T inside each step (1) or as one GEMM before the loop (0).
-  int (*projection_in_step)(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
-                            bool lengths);
+  // How the forward computes x_t W_ih^T: one GEMM before the loop (0), inside each step's tiles
+  // (1), or riding along the steps of a single row (2); forward.h's projection_mode.
+  int (*projection_mode)(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
+                         bool lengths);
   // ns per empty meeting of a step team of num_threads (0 for one thread): how far apart the
   // cores are right now (the benchmark records it beside every 2-thread case).
   double (*team_barrier_ns)(int num_threads, int rounds);

@@ -49,24 +49,58 @@ def test_input_projection_in_the_step(rng, isa, dtype, variant, bias, reverse, B
     cell, lbr, proj = variant
     Hout = proj or H
     code = functional.CELL_CODES[cell]
-    assert _C.projection_in_step(code, B, I, H, Hout, dtype == np.float64, isa=isa)
-    assert not _C.projection_in_step(code, B, I, H, Hout, dtype == np.float64, lengths=True,
-                                     isa=isa)
+    f64 = dtype == np.float64
+    assert _C.projection_mode(code, B, I, H, Hout, f64, isa=isa) == "in_step"
+    assert _C.projection_mode(code, B, I, H, Hout, f64, lengths=True, isa=isa) == "whole"
     case = make_case(rng, cell, proj, T=4, B=B, I=I, H=H, bias=bias)
     assert_matches(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
 
 
-def test_projection_in_step_rule():
+# The input projection riding along the steps of a single LSTM row (forward.h,
+# projection_rides): each step adds a quarter of k to the next 4 steps' rows. T = 1..3 is all
+# first window; T = 5, 6, 9 end in a partial window (zero rows); I = 2, 3 leave empty quarters,
+# I = 7 uneven ones; H = 33 a partial unit block, H = 70 three blocks (walked both ways).
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("proj", [0, 5], ids=["plain", "proj"])
+@pytest.mark.parametrize("bias,reverse", list(itertools.product([True, False], repeat=2)))
+@pytest.mark.parametrize("T,I,H", [(1, 3, 11), (3, 7, 33), (5, 2, 33), (6, 9, 16), (9, 7, 70),
+                                   (16, 12, 33)])
+def test_input_projection_riding_along(rng, isa, dtype, proj, bias, reverse, T, I, H):
+    code = functional.CELL_CODES["lstm"]
+    f64 = dtype == np.float64
+    assert _C.projection_mode(code, 1, I, H, proj or H, f64, isa=isa) == "rides"
+    case = make_case(rng, "lstm", proj, T=T, B=1, I=I, H=H, bias=bias)
+    assert_matches(case, dtype, isa, reverse=reverse)
+    # inference (its state lives in y) gives the training forward's bits
+    w, c = case["w"], lambda a: None if a is None else a.astype(dtype)
+    args = ("lstm", c(case["x"]), c(case["h0"]), c(case["c0"]), c(w["w_ih"]), c(w["w_hh"]),
+            c(w["b_ih"]), c(w["b_hh"]), c(w["w_hr"]), None, reverse, True)
+    trained = functional.forward(*args, True, isa=isa)
+    inferred = functional.forward(*args, False, isa=isa)
+    for one, two in zip(trained[:3], inferred[:3]):
+        if one is not None:
+            np.testing.assert_array_equal(one, two)
+
+
+def test_projection_mode_rule():
     """In the step from 8 rows, without lengths, with an input, and while W_ih and W_hh fit in
-    L3 (deepbench's LSTM, 32 MB of weights, does not)."""
-    lstm = functional.CELL_CODES["lstm"]
-    assert _C.projection_in_step(lstm, 16, 256, 256, 256)
-    assert not _C.projection_in_step(lstm, 7, 256, 256, 256)
-    assert not _C.projection_in_step(lstm, 16, 256, 256, 256, lengths=True)
-    assert not _C.projection_in_step(lstm, 16, 0, 256, 256)
-    assert not _C.projection_in_step(lstm, 64, 1024, 1024, 1024)
+    L3 (deepbench's LSTM, 32 MB of weights, does not); riding along a single LSTM row without
+    lengths; else one GEMM over the whole sequence."""
+    lstm, gru = functional.CELL_CODES["lstm"], functional.CELL_CODES["gru"]
+    assert _C.projection_mode(lstm, 16, 256, 256, 256) == "in_step"
+    assert _C.projection_mode(lstm, 7, 256, 256, 256) == "whole"
+    assert _C.projection_mode(lstm, 16, 256, 256, 256, lengths=True) == "whole"
+    assert _C.projection_mode(lstm, 16, 0, 256, 256) == "whole"
+    assert _C.projection_mode(lstm, 64, 1024, 1024, 1024) == "whole"
+    assert _C.projection_mode(lstm, 1, 32, 64, 64) == "rides"
+    assert _C.projection_mode(lstm, 1, 32, 64, 16, f64=True) == "rides"
+    assert _C.projection_mode(lstm, 1, 32, 64, 64, lengths=True) == "whole"
+    assert _C.projection_mode(lstm, 1, 0, 64, 64) == "whole"
+    assert _C.projection_mode(lstm, 2, 32, 64, 64) == "whole"
+    assert _C.projection_mode(gru, 1, 32, 64, 64) == "whole"
     with pytest.raises(ValueError, match="cell"):
-        _C.projection_in_step(7, 16, 1, 1, 1)
+        _C.projection_mode(7, 16, 1, 1, 1)
 
 
 # Sizes around the edges: T=1, B=1, hidden sizes off the vector width and the tile width,
@@ -124,7 +158,8 @@ def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads
             code = functional.CELL_CODES[cell]
             assert _C.step_split(code, B, H, Hout, threads=2, isa=isa) == split
             assert _C.step_split(code, B, H, Hout, threads=2, isa=isa, backward=True) == "team"
-            assert _C.projection_in_step(code, B, 20, H, Hout, lengths=lengths, isa=isa) != lengths
+            in_step = _C.projection_mode(code, B, 20, H, Hout, lengths=lengths, isa=isa)
+            assert (in_step == "in_step") != lengths
             case = make_case(rng, cell, proj and 24, T=4, B=B, I=20, H=H, lengths=lengths)
             results = []
             for n in (1, 2):

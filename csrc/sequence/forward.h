@@ -3,7 +3,8 @@
 // it into h_t (and c_t) at once: gates never travel to memory except to be saved for training.
 // The input projection x_t W_ih^T is either one GEMM over the whole sequence before the loop, or,
 // for batches that fill the tiles, a second on-stack tile computed right before the recurrent one
-// (in_step_projection).
+// (in_step_projection), or, for a single LSTM row, tiles of later steps computed in the same
+// loop as the row's product (projection_rides).
 //
 // Threads: either each thread owns a slice of batch rows and runs the whole loop with no
 // barrier, or each owns a slice of hidden-unit blocks and the team meets once per step (twice
@@ -96,13 +97,38 @@ bool in_step_projection(const LayerShape& s, bool has_lengths) {
   return !has_lengths && s.I > 0 && s.B >= kInStepRows && 3 * weight_bytes <= 2 * l3_cache_bytes();
 }
 
+// Whether the input projection rides along the steps of a single LSTM row: the B = 1 step
+// streams W_hh from L2 (or L3) with the FMA pipes mostly idle, so each of a window's kRideRows
+// steps also computes one gate of the next window's projection, a RideTile in the same loop as
+// the row (micro_kernel_row_gates_with), instead of a whole-sequence GEMM before the loop that
+// had the pipes to itself. Every element is still one chain from the bias, k in order (4-row
+// tiles never split k; the whole-sequence GEMM splits it only in a last tile of 1-3 rows).
+// In-process A/B, medians, 1 thread: online-small LSTM 0.403 -> 0.352 ms (training 1.128 ->
+// 1.038), long-seq 0.847 -> 0.819, 1000x1x32x128 3.04 -> 2.90, 100x1x512x512 7.06 -> 6.81;
+// 2 threads: online-small 0.256 -> 0.228, long-seq training 1.78 -> 1.73. (A first version
+// that gave each step a quarter of every gate's k, reloading the partial sums, lost 10% on
+// long-seq: too little work per reload.)
+template <typename T>
+bool projection_rides(const LayerShape& s, bool has_lengths) {
+  return !has_lengths && s.I > 0 && s.B == 1 && s.cell == Cell::Lstm;
+}
+constexpr int64_t kRideRows = RideTile<float>::kRows;
+static_assert(kRideRows == 4, "a window's steps compute the LSTM's 4 gates, one each");
+
+// How the forward computes x_t W_ih^T for a shape: 0 one GEMM before the loop, 1 in the step's
+// tiles (in_step_projection), 2 riding along the single row's steps (projection_rides).
+template <typename T>
+int projection_mode(const LayerShape& s, bool has_lengths) {
+  return in_step_projection<T>(s, has_lengths) ? 1 : projection_rides<T>(s, has_lengths) ? 2 : 0;
+}
+
 template <typename T>
 struct ForwardLoop {
   const ForwardArgs<T>& a;
   const LayerShape& s;
   Steps steps;
   int G;
-  const T* gx;
+  T* gx;
   int64_t ld_gx;  // gx's row stride (see gx_row_stride)
   PackedGates<T> w;
   const T* w_proj;  // packed W_hr^T panels, or null
@@ -123,6 +149,10 @@ struct ForwardLoop {
   // null and gx holds the whole sequence's projection.
   PackedGates<T> w_in{0, 0, nullptr};
   const T* bias_in = nullptr;
+  // With the projection riding along (projection_rides): x's rows in step order, padded with
+  // zero rows to whole windows of kRideRows; gx then holds rows by step, gate g of a row at
+  // g * padded_units(), and each step of a window computes one gate of the next window's rows.
+  const T* x_steps = nullptr;
 
   // Hidden units rounded up to whole unit blocks: the stride of bias_in's gates.
   static int64_t padded_units(const LayerShape& s) {
@@ -206,6 +236,8 @@ struct ForwardLoop {
             micro_kernel<T, AForm::Blocked>(mr, s.I, xa, 0, w_in.panel(g, ub), gx_tile + g * NR,
                                             G * NR, false,
                                             bias_in ? bias_in + g * padded_units(s) + u0 : nullptr);
+        } else if (x_steps) {
+          // this step's rows were computed by whoever owned these units a window before
         } else if (s.B > 1) {
           prefetch_gx(k, m, mr, u0, g0, g_count);
         } else if (on_team && k + 1 < s.T) {
@@ -215,7 +247,12 @@ struct ForwardLoop {
         // a k-split per gate on AVX2: long-seq 0.92 -> 0.95 ms).
         if (mr == 1 && g_count == 4) {
           const T* b0 = w.panel(g0, ub);
-          micro_kernel_row_gates<T, 4>(K, A + m * lda, b0, w.panel(g0 + 1, ub) - b0, tile);
+          const int64_t ahead = (k / kRideRows + 1) * kRideRows;  // the next window's first step
+          if (x_steps && ahead < s.T)
+            micro_kernel_row_gates_with<T, 4>(K, A + m * lda, b0, w.panel(g0 + 1, ub) - b0, tile,
+                                              ride_tile(k, ahead, ub));
+          else
+            micro_kernel_row_gates<T, 4>(K, A + m * lda, b0, w.panel(g0 + 1, ub) - b0, tile);
         } else {
           // This tile's panel of A packed (by the last step's epilogues or just above), or null.
           const T* a_tile = a_ready ? a_ready + m * blocked_length<T>(K)
@@ -244,8 +281,10 @@ struct ForwardLoop {
           RowForward<T> r;
           r.acc = tile + ri * g_count * NR;
           r.acc_gate_stride = NR;
-          r.gx = x_ready ? gx_tile + ri * G * NR : gx + (t * s.B + b) * ld_gx + u0;
-          r.gx_gate_stride = x_ready ? NR : s.H;
+          r.gx = x_ready ? gx_tile + ri * G * NR
+                 : x_steps ? gx + k * ld_gx + u0
+                           : gx + (t * s.B + b) * ld_gx + u0;
+          r.gx_gate_stride = x_ready ? NR : x_steps ? padded_units(s) : s.H;
           r.b_hn = b_hn ? b_hn + u0 : nullptr;
           r.h_prev = hp + b * s.Hout + u0;
           r.c_prev = lstm ? cp + b * s.H + u0 : nullptr;
@@ -261,6 +300,25 @@ struct ForwardLoop {
         if (a_next) pack_next_a(a_next, m, mr, u0, nu, hn);
       }
     }
+  }
+
+  // Step k's share of the next window's projection for unit block ub: gate k % kRideRows of
+  // the window's rows (at gx + ahead * ld_gx).
+  RideTile<T> ride_tile(int64_t k, int64_t ahead, int64_t ub) const {
+    const int64_t g = k % kRideRows, at = g * padded_units(s) + ub * Tile<T>::NR;
+    return RideTile<T>{s.I, x_steps + ahead * s.I, s.I, w_in.panel(int(g), ub),
+                       gx + ahead * ld_gx + at, ld_gx, bias_in ? bias_in + at : nullptr};
+  }
+
+  // The first window's rows of the riding projection, before the loop (whole 4-row tiles, the
+  // chains the later windows' chunks make).
+  void ride_first_window() const {
+    constexpr int NR = Tile<T>::NR;
+    for (int64_t ub = 0; ub < ceil_div<int64_t>(s.H, NR); ++ub)
+      for (int g = 0; g < G; ++g)
+        micro_kernel<T>(int(kRideRows), s.I, x_steps, s.I, w_in.panel(g, ub),
+                        gx + g * padded_units(s) + ub * NR, ld_gx, false,
+                        bias_in ? bias_in + g * padded_units(s) + ub * NR : nullptr);
   }
 
   // The next step's A packed by the epilogues as they write the new state, instead of by a pass
@@ -323,7 +381,8 @@ struct ForwardLoop {
     T* ap = a_pack.p;
     const int64_t a_size = next_a_size(s);
     const int64_t rows = p.row1 - p.row0;
-    Scratch<T> x_pack(w_in.data ? blocked_size<T>(rows, s.I) : 0);
+    const bool in_step = w_in.data && !x_steps;  // (riding along, W_ih is packed so too)
+    Scratch<T> x_pack(in_step ? blocked_size<T>(rows, s.I) : 0);
     const T* xp = x_pack.p;
     for (int64_t k = k0; k < k1; ++k) {
       const T* hp = h_at(k);
@@ -372,15 +431,19 @@ void forward_on_threads(const ForwardArgs<T>& a) {
   const bool lstm = s.cell == Cell::Lstm;
   const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
 
-  const bool in_step = in_step_projection<T>(s, a.lengths != nullptr);
-  const int64_t ld_gx = gx_row_stride<T>(GH);
-  Scratch<T> gx(in_step ? 0 : s.T * B * ld_gx);
-  if (!in_step) input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx.p, ld_gx, nthreads);
-  CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, in_step ? GH : 0, s.I,
-                       in_step ? packed_gates_size<T>(G, s.I, H) : 0, nthreads,
-                       [&](T* buf) { pack_gates<T>(G, s.I, H, a.w_ih, buf, nthreads); });
+  const int mode = projection_mode<T>(s, a.lengths != nullptr);
+  const bool in_step = mode == 1, rides = mode == 2;
   const int64_t padded_units = ForwardLoop<T>::padded_units(s);
-  Scratch<T> bias_in(in_step && s.has_bias ? G * padded_units : 0);
+  // Riding along, rows by step in whole windows, gates padded_units apart (see x_steps).
+  const int64_t ld_gx = rides ? G * padded_units : gx_row_stride<T>(GH);
+  const int64_t gx_rows = rides ? ceil_div<int64_t>(s.T, kRideRows) * kRideRows : s.T * B;
+  Scratch<T> gx(in_step ? 0 : gx_rows * ld_gx);
+  if (mode == 0) input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx.p, ld_gx, nthreads);
+  const bool by_gates = in_step || rides;  // W_ih packed like W_hh, per unit block
+  CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, by_gates ? GH : 0, s.I,
+                       by_gates ? packed_gates_size<T>(G, s.I, H) : 0, nthreads,
+                       [&](T* buf) { pack_gates<T>(G, s.I, H, a.w_ih, buf, nthreads); });
+  Scratch<T> bias_in(by_gates && s.has_bias ? G * padded_units : 0);
   if (bias_in.p) {
     std::memset(bias_in.p, 0, sizeof(T) * G * padded_units);
     folded_bias(s, a.b_ih, a.b_hh, bias_in.p, padded_units);
@@ -405,9 +468,19 @@ void forward_on_threads(const ForwardArgs<T>& a) {
   ForwardLoop<T> loop{a, s, steps, G, gx.p, ld_gx, w, wproj.get(), (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
                       training, !training && !a.lengths && !s.has_proj, hbuf.p, cbuf.p, hfull.p,
                       gates.p, extra.p, a_shared.p, nullptr, false};
-  if (in_step) {
+  if (by_gates) {
     loop.w_in = PackedGates<T>{G, s.I, w_in.get()};
     loop.bias_in = bias_in.p;
+  }
+  Scratch<T> x_steps(rides ? gx_rows * s.I : 0);
+  if (rides) {
+    for (int64_t k = 0; k < gx_rows; ++k) {
+      T* row = x_steps.p + k * s.I;
+      if (k < s.T) std::memcpy(row, a.x + steps.time(k, 0) * s.I, sizeof(T) * s.I);
+      else std::memset(row, 0, sizeof(T) * s.I);
+    }
+    loop.x_steps = x_steps.p;
+    loop.ride_first_window();
   }
 
   std::memcpy(loop.h_at(0), a.h0, sizeof(T) * B * Hout);

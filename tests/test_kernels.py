@@ -56,26 +56,31 @@ def test_input_projection_in_the_step(rng, isa, dtype, variant, bias, reverse, B
     assert_matches(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
 
 
-# The input projection riding along the steps of a single LSTM row (forward.h,
-# projection_rides): each step adds a quarter of k to the next 4 steps' rows. T = 1..3 is all
-# first window; T = 5, 6, 9 end in a partial window (zero rows); I = 2, 3 leave empty quarters,
-# I = 7 uneven ones; H = 33 a partial unit block, H = 70 three blocks (walked both ways).
+# The input projection riding along the steps of a single LSTM or GRU row (forward.h,
+# projection_rides): each step of a window of 4 computes one gate of the next window's rows.
+# T = 1..3 is all first window; T = 5, 6, 9 end in a partial window (zero rows); I = 2, 3 are
+# shorter than the row's k, I = 70 longer; H = 33 leaves a partial unit block, H = 70 three
+# blocks (walked both ways).
+RIDING = [v for v in VARIANTS if v[0] in ("lstm", "gru")]
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("proj", [0, 5], ids=["plain", "proj"])
+@pytest.mark.parametrize("variant", RIDING, ids=variant_id)
 @pytest.mark.parametrize("bias,reverse", list(itertools.product([True, False], repeat=2)))
-@pytest.mark.parametrize("T,I,H", [(1, 3, 11), (3, 7, 33), (5, 2, 33), (6, 9, 16), (9, 7, 70),
+@pytest.mark.parametrize("T,I,H", [(1, 3, 11), (3, 7, 33), (5, 2, 33), (6, 70, 16), (9, 7, 70),
                                    (16, 12, 33)])
-def test_input_projection_riding_along(rng, isa, dtype, proj, bias, reverse, T, I, H):
-    code = functional.CELL_CODES["lstm"]
+def test_input_projection_riding_along(rng, isa, dtype, variant, bias, reverse, T, I, H):
+    cell, lbr, proj = variant
+    code = functional.CELL_CODES[cell]
     f64 = dtype == np.float64
     assert _C.projection_mode(code, 1, I, H, proj or H, f64, isa=isa) == "rides"
-    case = make_case(rng, "lstm", proj, T=T, B=1, I=I, H=H, bias=bias)
-    assert_matches(case, dtype, isa, reverse=reverse)
+    case = make_case(rng, cell, proj, T=T, B=1, I=I, H=H, bias=bias)
+    assert_matches(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
     # inference (its state lives in y) gives the training forward's bits
     w, c = case["w"], lambda a: None if a is None else a.astype(dtype)
-    args = ("lstm", c(case["x"]), c(case["h0"]), c(case["c0"]), c(w["w_ih"]), c(w["w_hh"]),
-            c(w["b_ih"]), c(w["b_hh"]), c(w["w_hr"]), None, reverse, True)
+    args = (cell, c(case["x"]), c(case["h0"]), c(case["c0"]), c(w["w_ih"]), c(w["w_hh"]),
+            c(w["b_ih"]), c(w["b_hh"]), c(w["w_hr"]), None, reverse, lbr)
     trained = functional.forward(*args, True, isa=isa)
     inferred = functional.forward(*args, False, isa=isa)
     for one, two in zip(trained[:3], inferred[:3]):
@@ -85,8 +90,8 @@ def test_input_projection_riding_along(rng, isa, dtype, proj, bias, reverse, T, 
 
 def test_projection_mode_rule():
     """In the step from 8 rows, without lengths, with an input, and while W_ih and W_hh fit in
-    L3 (deepbench's LSTM, 32 MB of weights, does not); riding along a single LSTM row without
-    lengths; else one GEMM over the whole sequence."""
+    L3 (deepbench's LSTM, 32 MB of weights, does not); riding along a single LSTM or GRU row without
+    lengths (LSTM, GRU); else one GEMM over the whole sequence."""
     lstm, gru = functional.CELL_CODES["lstm"], functional.CELL_CODES["gru"]
     assert _C.projection_mode(lstm, 16, 256, 256, 256) == "in_step"
     assert _C.projection_mode(lstm, 7, 256, 256, 256) == "whole"
@@ -98,7 +103,8 @@ def test_projection_mode_rule():
     assert _C.projection_mode(lstm, 1, 32, 64, 64, lengths=True) == "whole"
     assert _C.projection_mode(lstm, 1, 0, 64, 64) == "whole"
     assert _C.projection_mode(lstm, 2, 32, 64, 64) == "whole"
-    assert _C.projection_mode(gru, 1, 32, 64, 64) == "whole"
+    assert _C.projection_mode(gru, 1, 32, 64, 64) == "rides"
+    assert _C.projection_mode(functional.CELL_CODES["rnn_tanh"], 1, 32, 64, 64) == "whole"
     with pytest.raises(ValueError, match="cell"):
         _C.projection_mode(7, 16, 1, 1, 1)
 

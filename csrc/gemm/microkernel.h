@@ -109,33 +109,9 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
     for (int v = 0; v < NV; ++v) acc[0][r][v].store(c + r * ldc + v * V::W);
 }
 
-// A single row against G gate panels lying panel_stride apart, in one pass over k: G * NV
-// independent chains (8 for the LSTM) hide the FMA latency without splitting k, and each k-step
-// broadcasts its A value once for every gate (the B = 1 step; micro_kernel_rows<1> per gate
-// paid its set-up and k-split sums each time: long-seq LSTM, 1 thread, 1.106 -> 1.045 ms).
-// c: gate g's NR values at c + g * NR. One FMA chain per element, k in order.
-template <typename T, int G>
-inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t panel_stride, T* c) {
-  using V = Vec<T>;
-  constexpr int NV = Tile<T>::NV;
-  constexpr int NR = Tile<T>::NR;
-  V acc[G][NV];
-  for (int g = 0; g < G; ++g)
-    for (int v = 0; v < NV; ++v) acc[g][v] = V::zero();
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < K; ++k) {
-    const V av = V::set1(a[k]);
-    for (int g = 0; g < G; ++g)
-      for (int v = 0; v < NV; ++v)
-        acc[g][v] = V::fma(av, V::load(b + g * panel_stride + k * NR + v * V::W), acc[g][v]);
-  }
-  for (int g = 0; g < G; ++g)
-    for (int v = 0; v < NV; ++v) acc[g][v].store(c + g * NR + v * V::W);
-}
-
-// A tile of a product riding along micro_kernel_row_gates (micro_kernel_row_gates_with):
-// out(r, n) = bias(n) + sum over k < K of x[r*ldx + k] * w[k*NR + n] for r < kRows, n < NR
-// (row stride ld_out; bias null: from zero). KS = 1: the chains of a kRows-row micro_kernel.
+// A tile of a product riding along micro_kernel_row_gates: out(r, n) = bias(n) + sum over
+// k < K of x[r*ldx + k] * w[k*NR + n] for r < kRows, n < NR (row stride ld_out; bias null: from
+// zero). KS = 1: the chains of a kRows-row micro_kernel.
 template <typename T>
 struct RideTile {
   static constexpr int kRows = 4;
@@ -148,13 +124,17 @@ struct RideTile {
   const T* bias;
 };
 
-// micro_kernel_row_gates with a RideTile in the same loop: the single row streams its G panels
-// from L2 with the FMA pipes mostly idle, and the tile's FMAs, on one small panel, fill them
-// (B = 1 LSTM: the input projection of later steps; see forward.h, projection_rides). The row's
-// chains are those of micro_kernel_row_gates, the tile's those of RideTile.
+// A single row against G gate panels lying panel_stride apart, in one pass over k: G * NV
+// independent chains (8 for the LSTM) hide the FMA latency without splitting k, and each k-step
+// broadcasts its A value once for every gate (the B = 1 step; micro_kernel_rows<1> per gate
+// paid its set-up and k-split sums each time: long-seq LSTM, 1 thread, 1.106 -> 1.045 ms).
+// c: gate g's NR values at c + g * NR. One FMA chain per element, k in order.
+// With `ride`, that tile's k-steps share the loop: the row streams its panels from L2 with the
+// FMA pipes mostly idle, and the tile's FMAs, on one small panel, fill them (B = 1: the input
+// projection of later steps; see forward.h, projection_rides). Its chains are RideTile's.
 template <typename T, int G>
-inline void micro_kernel_row_gates_with(int64_t K, const T* a, const T* b, int64_t panel_stride,
-                                        T* c, const RideTile<T>& q) {
+inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t panel_stride, T* c,
+                                   const RideTile<T>* ride = nullptr) {
   using V = Vec<T>;
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
@@ -162,32 +142,37 @@ inline void micro_kernel_row_gates_with(int64_t K, const T* a, const T* b, int64
   V acc[G][NV], racc[R][NV];
   for (int g = 0; g < G; ++g)
     for (int v = 0; v < NV; ++v) acc[g][v] = V::zero();
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) racc[r][v] = q.bias ? V::load(q.bias + v * V::W) : V::zero();
   auto row_step = [&](int64_t k) {
     const V av = V::set1(a[k]);
     for (int g = 0; g < G; ++g)
       for (int v = 0; v < NV; ++v)
         acc[g][v] = V::fma(av, V::load(b + g * panel_stride + k * NR + v * V::W), acc[g][v]);
   };
-  auto tile_step = [&](int64_t k) {
-    V bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = V::load(q.w + k * NR + v * V::W);
-    for (int r = 0; r < R; ++r) {
-      const V xv = V::set1(q.x[r * q.ldx + k]);
-      for (int v = 0; v < NV; ++v) racc[r][v] = V::fma(xv, bv[v], racc[r][v]);
-    }
-  };
-  const int64_t both = imin(K, q.K);
+  int64_t k = 0;
+  if (ride) {
+    const RideTile<T>& q = *ride;
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) racc[r][v] = q.bias ? V::load(q.bias + v * V::W) : V::zero();
+    auto tile_step = [&](int64_t kt) {
+      V bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(q.w + kt * NR + v * V::W);
+      for (int r = 0; r < R; ++r) {
+        const V xv = V::set1(q.x[r * q.ldx + kt]);
+        for (int v = 0; v < NV; ++v) racc[r][v] = V::fma(xv, bv[v], racc[r][v]);
+      }
+    };
+    const int64_t both = imin(K, q.K);
 #pragma GCC unroll 2
-  for (int64_t k = 0; k < both; ++k) {
-    row_step(k);
-    tile_step(k);
+    for (; k < both; ++k) {
+      row_step(k);
+      tile_step(k);
+    }
+    for (int64_t kt = both; kt < q.K; ++kt) tile_step(kt);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) racc[r][v].store(q.out + r * q.ld_out + v * V::W);
   }
-  for (int64_t k = both; k < K; ++k) row_step(k);
-  for (int64_t k = both; k < q.K; ++k) tile_step(k);
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < NV; ++v) racc[r][v].store(q.out + r * q.ld_out + v * V::W);
+#pragma GCC unroll 4
+  for (; k < K; ++k) row_step(k);
   for (int g = 0; g < G; ++g)
     for (int v = 0; v < NV; ++v) acc[g][v].store(c + g * NR + v * V::W);
 }

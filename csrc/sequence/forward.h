@@ -97,23 +97,24 @@ bool in_step_projection(const LayerShape& s, bool has_lengths) {
   return !has_lengths && s.I > 0 && s.B >= kInStepRows && 3 * weight_bytes <= 2 * l3_cache_bytes();
 }
 
-// Whether the input projection rides along the steps of a single LSTM row: the B = 1 step
+// Whether the input projection rides along the steps of a single LSTM or GRU row: the B = 1 step
 // streams W_hh from L2 (or L3) with the FMA pipes mostly idle, so each of a window's kRideRows
 // steps also computes one gate of the next window's projection, a RideTile in the same loop as
-// the row (micro_kernel_row_gates_with), instead of a whole-sequence GEMM before the loop that
+// the row (micro_kernel_row_gates), instead of a whole-sequence GEMM before the loop that
 // had the pipes to itself. Every element is still one chain from the bias, k in order (4-row
 // tiles never split k; the whole-sequence GEMM splits it only in a last tile of 1-3 rows).
 // In-process A/B, medians, 1 thread: online-small LSTM 0.403 -> 0.352 ms (training 1.128 ->
 // 1.038), long-seq 0.847 -> 0.819, 1000x1x32x128 3.04 -> 2.90, 100x1x512x512 7.06 -> 6.81;
-// 2 threads: online-small 0.256 -> 0.228, long-seq training 1.78 -> 1.73. (A first version
-// that gave each step a quarter of every gate's k, reloading the partial sums, lost 10% on
-// long-seq: too little work per reload.)
+// 2 threads: online-small 0.256 -> 0.228, long-seq training 1.78 -> 1.73. The GRU's first
+// phase then meets its gates in one pass too: online-small 0.323 -> 0.283, long-seq 0.747 ->
+// 0.691 (training 1.868 -> 1.816). (A first version that gave each step a quarter of every
+// gate's k, reloading the partial sums, lost 10% on long-seq: too little work per reload.)
 template <typename T>
 bool projection_rides(const LayerShape& s, bool has_lengths) {
-  return !has_lengths && s.I > 0 && s.B == 1 && s.cell == Cell::Lstm;
+  return !has_lengths && s.I > 0 && s.B == 1 && (s.cell == Cell::Lstm || s.cell == Cell::Gru);
 }
 constexpr int64_t kRideRows = RideTile<float>::kRows;
-static_assert(kRideRows == 4, "a window's steps compute the LSTM's 4 gates, one each");
+static_assert(kRideRows == 4, "a window's steps compute the LSTM's 4 gates (GRU: 3), one each");
 
 // How the forward computes x_t W_ih^T for a shape: 0 one GEMM before the loop, 1 in the step's
 // tiles (in_step_projection), 2 riding along the single row's steps (projection_rides).
@@ -244,15 +245,13 @@ struct ForwardLoop {
           prefetch_gx(k + 1, m, mr, u0, g0, g_count);
         }
         // A single LSTM row meets every gate in one pass (8 chains; the GRU's 6 were slower than
-        // a k-split per gate on AVX2: long-seq 0.92 -> 0.95 ms).
-        if (mr == 1 && g_count == 4) {
-          const T* b0 = w.panel(g0, ub);
+        // a k-split per gate on AVX2: long-seq 0.92 -> 0.95 ms), and so does a GRU row whose
+        // first phase carries the riding projection (its chains then hide the latency).
+        if (mr == 1 && (g_count == 4 || (x_steps && g0 == 0))) {
           const int64_t ahead = (k / kRideRows + 1) * kRideRows;  // the next window's first step
-          if (x_steps && ahead < s.T)
-            micro_kernel_row_gates_with<T, 4>(K, A + m * lda, b0, w.panel(g0 + 1, ub) - b0, tile,
-                                              ride_tile(k, ahead, ub));
-          else
-            micro_kernel_row_gates<T, 4>(K, A + m * lda, b0, w.panel(g0 + 1, ub) - b0, tile);
+          const bool rides = x_steps && ahead < s.T && k % kRideRows < G;
+          const RideTile<T> ride = rides ? ride_tile(k, ahead, ub) : RideTile<T>{};
+          row_gates_pass(g_count, K, A + m * lda, ub, g0, tile, rides ? &ride : nullptr);
         } else {
           // This tile's panel of A packed (by the last step's epilogues or just above), or null.
           const T* a_tile = a_ready ? a_ready + m * blocked_length<T>(K)
@@ -299,6 +298,19 @@ struct ForwardLoop {
         }
         if (a_next) pack_next_a(a_next, m, mr, u0, nu, hn);
       }
+    }
+  }
+
+  // micro_kernel_row_gates over gates [g0, g0 + g_count) of unit block ub.
+  void row_gates_pass(int g_count, int64_t K, const T* a, int64_t ub, int g0, T* tile,
+                      const RideTile<T>* ride) const {
+    const T* b0 = w.panel(g0, ub);
+    const int64_t stride = w.panel(g0 + 1, ub) - b0;
+    switch (g_count) {
+      case 4: micro_kernel_row_gates<T, 4>(K, a, b0, stride, tile, ride); break;
+      case 3: micro_kernel_row_gates<T, 3>(K, a, b0, stride, tile, ride); break;
+      case 2: micro_kernel_row_gates<T, 2>(K, a, b0, stride, tile, ride); break;
+      default: break;
     }
   }
 

@@ -111,7 +111,9 @@ bool in_step_projection(const LayerShape& s, bool has_lengths) {
 // gate's k, reloading the partial sums, lost 10% on long-seq: too little work per reload.)
 template <typename T>
 bool projection_rides(const LayerShape& s, bool has_lengths) {
-  return !has_lengths && s.I > 0 && s.B == 1 && (s.cell == Cell::Lstm || s.cell == Cell::Gru);
+  const bool fits =
+      s.cell == Cell::Lstm ? ride_fits<T, 4>() : s.cell == Cell::Gru && ride_fits<T, 3>();
+  return !has_lengths && s.I > 0 && s.B == 1 && fits;
 }
 constexpr int64_t kRideRows = RideTile<float>::kRows;
 static_assert(kRideRows == 4, "a window's steps compute the LSTM's 4 gates (GRU: 3), one each");

@@ -57,10 +57,10 @@ def test_input_projection_in_the_step(rng, isa, dtype, variant, bias, reverse, B
 
 
 # The input projection riding along the steps of a single LSTM or GRU row (forward.h,
-# projection_rides): each step of a window of 4 computes one gate of the next window's rows.
-# T = 1..3 is all first window; T = 5, 6, 9 end in a partial window (zero rows); I = 2, 3 are
-# shorter than the row's k, I = 70 longer; H = 33 leaves a partial unit block, H = 70 three
-# blocks (walked both ways).
+# projection_rides): each step of a window (8 steps on AVX-512, 4 elsewhere) computes a slice
+# of the next window's rows. T = 1, 3 are all first window; T = 5, 6, 9, 19 end in a partial
+# window (zero rows), T = 16 in a whole one; I = 2, 3 are shorter than the row's k, I = 70
+# longer; H = 33 leaves a partial unit block, H = 70 three blocks (walked both ways).
 RIDING = [v for v in VARIANTS if v[0] in ("lstm", "gru")]
 
 
@@ -69,7 +69,7 @@ RIDING = [v for v in VARIANTS if v[0] in ("lstm", "gru")]
 @pytest.mark.parametrize("variant", RIDING, ids=variant_id)
 @pytest.mark.parametrize("bias,reverse", list(itertools.product([True, False], repeat=2)))
 @pytest.mark.parametrize("T,I,H", [(1, 3, 11), (3, 7, 33), (5, 2, 33), (6, 70, 16), (9, 7, 70),
-                                   (16, 12, 33)])
+                                   (16, 12, 33), (19, 5, 40)])
 def test_input_projection_riding_along(rng, isa, dtype, variant, bias, reverse, T, I, H):
     cell, lbr, proj = variant
     code = functional.CELL_CODES[cell]

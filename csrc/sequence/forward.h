@@ -99,7 +99,7 @@ bool in_step_projection(const LayerShape& s, bool has_lengths) {
 
 // Whether the input projection rides along the steps of a single LSTM or GRU row: the B = 1 step
 // streams W_hh from L2 (or L3) with the FMA pipes mostly idle, so each of a window's kRideRows
-// steps also computes one gate of the next window's projection, a RideTile in the same loop as
+// steps also computes a slice of the next window's projection, a RideTile in the same loop as
 // the row (micro_kernel_row_gates), instead of a whole-sequence GEMM before the loop that
 // had the pipes to itself. Every element is still one chain from the bias, k in order (4-row
 // tiles never split k; the whole-sequence GEMM splits it only in a last tile of 1-3 rows).
@@ -116,7 +116,11 @@ bool projection_rides(const LayerShape& s, bool has_lengths) {
   return !has_lengths && s.I > 0 && s.B == 1 && fits;
 }
 constexpr int64_t kRideRows = RideTile<float>::kRows;
-static_assert(kRideRows == 4, "a window's steps compute the LSTM's 4 gates (GRU: 3), one each");
+// A gate's panel in RideTiles, and a window's steps compute one each: every slice of the LSTM's
+// 4 gates (the GRU's 3 leave steps free).
+constexpr int64_t kRideSlices = Tile<float>::NV / RideTile<float>::kVectors;
+static_assert(kRideRows == 4 * kRideSlices && Tile<double>::NV == Tile<float>::NV,
+              "a window is the LSTM's gates' slices");
 
 // How the forward computes x_t W_ih^T for a shape: 0 one GEMM before the loop, 1 in the step's
 // tiles (in_step_projection), 2 riding along the single row's steps (projection_rides).
@@ -154,7 +158,7 @@ struct ForwardLoop {
   const T* bias_in = nullptr;
   // With the projection riding along (projection_rides): x's rows in step order, padded with
   // zero rows to whole windows of kRideRows; gx then holds rows by step, gate g of a row at
-  // g * padded_units(), and each step of a window computes one gate of the next window's rows.
+  // g * padded_units(), and each step of a window computes a slice of the next window's rows.
   const T* x_steps = nullptr;
 
   // Hidden units rounded up to whole unit blocks: the stride of bias_in's gates.
@@ -251,7 +255,7 @@ struct ForwardLoop {
         // first phase carries the riding projection (its chains then hide the latency).
         if (mr == 1 && (g_count == 4 || (x_steps && g0 == 0))) {
           const int64_t ahead = (k / kRideRows + 1) * kRideRows;  // the next window's first step
-          const bool rides = x_steps && ahead < s.T && k % kRideRows < G;
+          const bool rides = x_steps && ahead < s.T && k % kRideRows < kRideSlices * G;
           const RideTile<T> ride = rides ? ride_tile(k, ahead, ub) : RideTile<T>{};
           row_gates_pass(g_count, K, A + m * lda, ub, g0, tile, rides ? &ride : nullptr);
         } else {
@@ -316,23 +320,26 @@ struct ForwardLoop {
     }
   }
 
-  // Step k's share of the next window's projection for unit block ub: gate k % kRideRows of
-  // the window's rows (at gx + ahead * ld_gx).
+  // Step k's share of the next window's projection for unit block ub: of the window's rows (at
+  // gx + ahead * ld_gx), gate j / kRideSlices's slice j % kRideSlices, j = k % kRideRows.
   RideTile<T> ride_tile(int64_t k, int64_t ahead, int64_t ub) const {
-    const int64_t g = k % kRideRows, at = g * padded_units(s) + ub * Tile<T>::NR;
-    return RideTile<T>{s.I, x_steps + ahead * s.I, s.I, w_in.panel(int(g), ub),
+    const int64_t j = k % kRideRows, g = j / kRideSlices;
+    const int64_t v = (j % kRideSlices) * RideTile<T>::kVectors * Vec<T>::W;
+    const int64_t at = g * padded_units(s) + ub * Tile<T>::NR + v;
+    return RideTile<T>{s.I, x_steps + ahead * s.I, s.I, w_in.panel(int(g), ub) + v,
                        gx + ahead * ld_gx + at, ld_gx, bias_in ? bias_in + at : nullptr};
   }
 
-  // The first window's rows of the riding projection, before the loop (whole 4-row tiles, the
-  // chains the later windows' chunks make).
+  // The first window's rows of the riding projection, before the loop, in tiles of 4 rows (the
+  // chains the later windows' RideTiles make: 4 rows and up never split k).
   void ride_first_window() const {
     constexpr int NR = Tile<T>::NR;
     for (int64_t ub = 0; ub < ceil_div<int64_t>(s.H, NR); ++ub)
       for (int g = 0; g < G; ++g)
-        micro_kernel<T>(int(kRideRows), s.I, x_steps, s.I, w_in.panel(g, ub),
-                        gx + g * padded_units(s) + ub * NR, ld_gx, false,
-                        bias_in ? bias_in + g * padded_units(s) + ub * NR : nullptr);
+        for (int64_t r = 0; r < kRideRows; r += 4)
+          micro_kernel<T>(4, s.I, x_steps + r * s.I, s.I, w_in.panel(g, ub),
+                          gx + r * ld_gx + g * padded_units(s) + ub * NR, ld_gx, false,
+                          bias_in ? bias_in + g * padded_units(s) + ub * NR : nullptr);
   }
 
   // The next step's A packed by the epilogues as they write the new state, instead of by a pass

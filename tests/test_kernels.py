@@ -59,8 +59,9 @@ def test_input_projection_in_the_step(rng, isa, dtype, variant, bias, reverse, B
 # The input projection riding along the steps of a single LSTM or GRU row (forward.h,
 # projection_rides): each step of a window (8 steps on AVX-512, 4 elsewhere) computes a slice
 # of the next window's rows. T = 1, 3 are all first window; T = 5, 6, 9, 19 end in a partial
-# window (zero rows), T = 16 in a whole one; I = 2, 3 are shorter than the row's k, I = 70
-# longer; H = 33 leaves a partial unit block, H = 70 three blocks (walked both ways).
+# window (zero rows), T = 16 in a whole one; I = 5 is longer than the row's k with H = 4 or the
+# projection's 3 units, shorter elsewhere; H = 33 leaves a partial unit block, H = 70 three
+# blocks (walked both ways).
 RIDING = [v for v in VARIANTS if v[0] in ("lstm", "gru")]
 
 
@@ -68,8 +69,8 @@ RIDING = [v for v in VARIANTS if v[0] in ("lstm", "gru")]
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("variant", RIDING, ids=variant_id)
 @pytest.mark.parametrize("bias,reverse", list(itertools.product([True, False], repeat=2)))
-@pytest.mark.parametrize("T,I,H", [(1, 3, 11), (3, 7, 33), (5, 2, 33), (6, 70, 16), (9, 7, 70),
-                                   (16, 12, 33), (19, 5, 40)])
+@pytest.mark.parametrize("T,I,H", [(1, 3, 11), (3, 5, 33), (5, 2, 33), (6, 5, 4), (9, 5, 70),
+                                   (16, 4, 33), (19, 6, 40)])
 def test_input_projection_riding_along(rng, isa, dtype, variant, bias, reverse, T, I, H):
     cell, lbr, proj = variant
     code = functional.CELL_CODES[cell]
@@ -93,8 +94,9 @@ def test_input_projection_riding_along(rng, isa, dtype, variant, bias, reverse, 
 
 def test_projection_mode_rule():
     """In the step from 8 rows, without lengths, with an input, and while W_ih and W_hh fit in
-    L3 (deepbench's LSTM, 32 MB of weights, does not); riding along a single LSTM or GRU row without
-    lengths (LSTM, GRU); else one GEMM over the whole sequence."""
+    L3 (deepbench's LSTM, 32 MB of weights, does not); riding along a single LSTM or GRU row
+    without lengths while I <= G * Hout / 2 and W_hh fits in L2; else one GEMM over the whole
+    sequence."""
     lstm, gru = functional.CELL_CODES["lstm"], functional.CELL_CODES["gru"]
     assert _C.projection_mode(lstm, 16, 256, 256, 256) == "in_step"
     assert _C.projection_mode(lstm, 7, 256, 256, 256) == "whole"
@@ -110,6 +112,9 @@ def test_projection_mode_rule():
     assert _C.projection_mode(lstm, 1, 0, 64, 64) == "whole"
     assert _C.projection_mode(lstm, 2, 32, 64, 64) == "whole"
     assert _C.projection_mode(gru, 1, 32, 64, 64, lengths=True) == "whole"
+    assert _C.projection_mode(gru, 1, 96, 64, 64) == "rides"
+    assert _C.projection_mode(gru, 1, 97, 64, 64) == "whole"  # the tile's FMAs outlast the row
+    assert _C.projection_mode(gru, 1, 32, 1024, 1024) == "whole"  # W_hh in L3
     assert _C.projection_mode(functional.CELL_CODES["rnn_tanh"], 1, 32, 64, 64) == "whole"
     with pytest.raises(ValueError, match="cell"):
         _C.projection_mode(7, 16, 1, 1, 1)

@@ -109,11 +109,18 @@ bool in_step_projection(const LayerShape& s, bool has_lengths) {
 // phase then meets its gates in one pass too: online-small 0.323 -> 0.283, long-seq 0.747 ->
 // 0.691 (training 1.868 -> 1.816). (A first version that gave each step a quarter of every
 // gate's k, reloading the partial sums, lost 10% on long-seq: too little work per reload.)
+// It pays while the tile's FMAs hide behind the row's stream from L2: per unit block a step
+// streams G * Hout lines of W_hh (at 32 bytes a cycle here, 4 G Hout cycles) and the tile makes
+// 8 I one-vector FMAs (one a cycle), so up to I = G Hout / 2. Past that (100x1x2048x64 LSTM:
+// 1.17 -> 1.32 ms), or with W_hh in L3 (200x1x512x1024 LSTM: 59 -> 81 ms), the GEMM is better.
 template <typename T>
 bool projection_rides(const LayerShape& s, bool has_lengths) {
+  const int G = gates_of(s.cell);
   const bool fits =
       s.cell == Cell::Lstm ? ride_fits<T, 4>() : s.cell == Cell::Gru && ride_fits<T, 3>();
-  return !has_lengths && s.I > 0 && s.B == 1 && fits;
+  const bool hidden = 2 * s.I <= G * s.Hout;
+  const bool from_l2 = G * s.H * s.Hout * int64_t(sizeof(T)) <= l2_cache_bytes();
+  return !has_lengths && s.I > 0 && s.B == 1 && fits && hidden && from_l2;
 }
 constexpr int64_t kRideRows = RideTile<float>::kRows;
 // A gate's panel in RideTiles, and a window's steps compute one each: every slice of the LSTM's

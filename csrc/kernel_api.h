@@ -98,7 +98,7 @@ struct KernelTable {
   int (*step_split)(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int num_threads,
                     bool backward);
   // How the forward computes x_t W_ih^T: one GEMM before the loop (0), inside each step's tiles
-  // (1), or riding along the steps of a single row (2); forward.h's projection_mode.
+  // (1), or riding along the steps of a single row (2); sequence/projection_mode.h.
   int (*projection_mode)(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
                          bool lengths);
   // ns per empty meeting of a step team of num_threads (0 for one thread): how far apart the

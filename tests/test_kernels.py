@@ -37,7 +37,7 @@ def test_options_grid(rng, isa, dtype, variant, bias, lengths, reverse):
     assert_matches(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
 
 
-# The input projection inside each step (forward.h, in_step_projection): batches from 8 rows
+# The input projection inside each step (projection_mode.h, in_step_projection): batches from 8 rows
 # without lengths. 9 rows make one partial row tile; 13 make a full one and a single row (whose
 # k is split), and H = 33 leaves a partial unit block, so the padded bias and panels are met.
 @pytest.mark.parametrize("isa", ISAS)
@@ -56,7 +56,7 @@ def test_input_projection_in_the_step(rng, isa, dtype, variant, bias, reverse, B
     assert_matches(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
 
 
-# The input projection riding along the steps of a single LSTM or GRU row (forward.h,
+# The input projection riding along the steps of a single LSTM or GRU row (projection_mode.h,
 # projection_rides): each step of a window (8 steps on AVX-512, 4 elsewhere) computes a slice
 # of the next window's rows. T = 1, 3 are all first window; T = 5, 6, 9, 19 end in a partial
 # window (zero rows), T = 16 in a whole one; I = 5 is longer than the row's k with H = 4 or the

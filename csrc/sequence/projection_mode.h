@@ -1,0 +1,75 @@
+// How the forward computes the input projection x_t W_ih^T for a shape: one GEMM over the whole
+// sequence before the time loop, inside each step's tiles, or riding along a single row's steps.
+// The choice depends on the shape only (never on the threads), so results stay bitwise the same
+// for any thread count; forward.h carries it out.
+#pragma once
+#include <cstdint>
+#include "common.h"
+#include "gemm/microkernel.h"
+#include "sequence/layout.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+// Batch rows from which the input projection runs inside the steps (in_step_projection).
+constexpr int64_t kInStepRows = 8;
+
+// Whether the input projection runs inside each step's tiles (x_t W_ih^T into an L1-resident
+// tile right before the recurrent product) instead of as one whole-sequence GEMM before the loop:
+// where a step has rows enough for the micro-kernel's tiles, and every row's step is the same
+// time (no lengths), so x_t's rows lie together. Then Gx never goes through memory, and on a team
+// split by hidden units each member computes its own columns of it, instead of reading the rows
+// the other core computed. Each element is the same FMA chain whichever way is chosen (k in order,
+// from the bias), except that a tile of 1-3 rows splits k (KSplit), so the choice depends on the
+// shape only, never on the threads.
+// In-process A/B, a layer (two builds each, medians): stacked LSTM 8.21 -> 8.06 ms on 1 thread,
+// 4.78 -> 4.59 on 2; stacked GRU on 2 threads 4.08 -> 3.71; wide LSTM on 1 thread 547 -> 535.
+// Every step then streams W_ih beside W_hh, so both must stay in L3 (deepbench LSTM, 32 MB of
+// weights, 2 threads: 2% slower in the step); and from 8 rows (B = 4, I = H = 256: 4% slower).
+template <typename T>
+bool in_step_projection(const LayerShape& s, bool has_lengths) {
+  const int64_t weight_bytes = gates_of(s.cell) * s.H * (s.I + s.Hout) * int64_t(sizeof(T));
+  return !has_lengths && s.I > 0 && s.B >= kInStepRows && 3 * weight_bytes <= 2 * l3_cache_bytes();
+}
+
+// Whether the input projection rides along the steps of a single LSTM or GRU row: the B = 1 step
+// streams W_hh from L2 (or L3) with the FMA pipes mostly idle, so each of a window's kRideRows
+// steps also computes a slice of the next window's projection, a RideTile in the same loop as
+// the row (micro_kernel_row_gates), instead of a whole-sequence GEMM before the loop that
+// had the pipes to itself. Every element is still one chain from the bias, k in order (4-row
+// tiles never split k; the whole-sequence GEMM splits it only in a last tile of 1-3 rows).
+// In-process A/B, medians, 1 thread: online-small LSTM 0.403 -> 0.352 ms (training 1.128 ->
+// 1.038), long-seq 0.847 -> 0.819, 1000x1x32x128 3.04 -> 2.90, 100x1x512x512 7.06 -> 6.81;
+// 2 threads: online-small 0.256 -> 0.228, long-seq training 1.78 -> 1.73. The GRU's first
+// phase then meets its gates in one pass too: online-small 0.323 -> 0.283, long-seq 0.747 ->
+// 0.691 (training 1.868 -> 1.816). (A first version that gave each step a quarter of every
+// gate's k, reloading the partial sums, lost 10% on long-seq: too little work per reload.)
+// It pays while the tile's FMAs hide behind the row's stream from L2: per unit block a step
+// streams G * Hout lines of W_hh (at 32 bytes a cycle here, 4 G Hout cycles) and the tile makes
+// 8 I one-vector FMAs (one a cycle), so up to I = G Hout / 2. Past that (100x1x2048x64 LSTM:
+// 1.17 -> 1.32 ms), or with W_hh in L3 (200x1x512x1024 LSTM: 59 -> 81 ms), the GEMM is better.
+template <typename T>
+bool projection_rides(const LayerShape& s, bool has_lengths) {
+  const int G = gates_of(s.cell);
+  const bool fits =
+      s.cell == Cell::Lstm ? ride_fits<T, 4>() : s.cell == Cell::Gru && ride_fits<T, 3>();
+  const bool hidden = 2 * s.I <= G * s.Hout;
+  const bool from_l2 = G * s.H * s.Hout * int64_t(sizeof(T)) <= l2_cache_bytes();
+  return !has_lengths && s.I > 0 && s.B == 1 && fits && hidden && from_l2;
+}
+constexpr int64_t kRideRows = RideTile<float>::kRows;
+// A gate's panel in RideTiles, and a window's steps compute one each: every slice of the LSTM's
+// 4 gates (the GRU's 3 leave steps free).
+constexpr int64_t kRideSlices = Tile<float>::NV / RideTile<float>::kVectors;
+static_assert(kRideRows == 4 * kRideSlices && Tile<double>::NV == Tile<float>::NV,
+              "a window is the LSTM's gates' slices");
+
+// How the forward computes x_t W_ih^T for a shape: 0 one GEMM before the loop, 1 in the step's
+// tiles (in_step_projection), 2 riding along the single row's steps (projection_rides).
+template <typename T>
+int projection_mode(const LayerShape& s, bool has_lengths) {
+  return in_step_projection<T>(s, has_lengths) ? 1 : projection_rides<T>(s, has_lengths) ? 2 : 0;
+}
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -330,6 +330,38 @@ def test_a_failing_case_is_reported_and_the_run_goes_on(tmp_path, capsys, monkey
     assert "ERROR, case not timed" in out
 
 
+def test_close_calls_get_more_reps():
+    """A peer within 5% of fusedrnn, either way, gets both timed on to CLOSE_REPS calls; a clear
+    gap, reps enough already, or no peer leaves the timings alone."""
+    from fusedrnn.bench import timing
+
+    calls = {"fusedrnn": 0, "peer": 0}
+
+    def counter(name):
+        def run():
+            calls[name] += 1
+        return run
+
+    runners = {name: counter(name) for name in calls}
+    for ratio in (1.04, 1 / 1.04):
+        times = {"fusedrnn": [1.0, 1.1, 0.9], "peer": [ratio] * 3}
+        assert timing.is_close_call(times)
+        settled = timing.settle_close_calls(runners, times)
+        assert [len(v) for v in settled.values()] == [timing.CLOSE_REPS] * 2
+        assert settled["fusedrnn"][:3] == times["fusedrnn"] and settled["peer"][:3] == times["peer"]
+    assert calls["fusedrnn"] >= 2 * (timing.CLOSE_REPS - 3)  # (plus each block's untimed call)
+    before = dict(calls)
+    for ratio in (1.06, 1 / 1.06):
+        apart = {"fusedrnn": [1.0] * 3, "peer": [ratio] * 3}
+        assert not timing.is_close_call(apart)
+        assert timing.settle_close_calls(runners, apart) is apart
+    many = {"fusedrnn": [1.0] * timing.CLOSE_REPS, "peer": [1.0] * timing.CLOSE_REPS}
+    assert timing.settle_close_calls(runners, many) is many
+    alone = {"fusedrnn": [1.0] * 3}
+    assert timing.settle_close_calls({"fusedrnn": runners["fusedrnn"]}, alone) is alone
+    assert calls == before
+
+
 def test_ab_builds_times_two_builds_side_by_side():
     """bench/ab_builds.py loads the same build twice under two names (the case that needs its
     private copies) and prints one line per case with both."""

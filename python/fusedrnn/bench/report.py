@@ -10,6 +10,7 @@ import json
 import math
 import sys
 
+from . import timing
 from .machine import BUSY_LOAD
 
 PEER_ORDER = ("torch", "onnxruntime", "reference")
@@ -211,7 +212,9 @@ def notes(data):
     blas = data["machine"]["numpy_blas"]
     limit = data["settings"]["reference_max_flop"]
     return [
-        "ms: median wall time of one call (training: forward + backward of (y * dy).sum()).",
+        "ms: median wall time of one call (training: forward + backward of (y * dy).sum()), "
+        "libraries taking turns in blocks; a case where a peer is within 5% of fusedrnn is "
+        f"timed on to {timing.CLOSE_REPS} calls each.",
         "GFLOP/s: forward 2*T*B*G*H*(I+H) per layer, training 3x that (DESIGN.md). %gemm, "
         "%numpy: that rate as a fraction of this run's float32 GEMM peak with our GEMM and "
         "with numpy's matmul at the same thread count "

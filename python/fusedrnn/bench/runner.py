@@ -70,6 +70,7 @@ def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps):
 
         far_before = timing.team_barrier_ns() if case.threads > 1 else None
         times = timing.interleave(runners, budget_s, min_reps, max_reps)
+        times = timing.settle_close_calls(runners, times)
         if case.threads > 1:
             record["barrier_ns"] = [far_before, timing.team_barrier_ns()]
 

@@ -11,8 +11,10 @@ template <typename T>
 struct RowForward {
   const T* acc;     // tile row of W_hh h_prev (no bias), gate g at acc[g*NR + j]
   int64_t acc_gate_stride;  // NR
-  const T* gx;      // W_ih x + folded biases for this row's time, gate g at gx[g*gx_gate_stride + j]
-  int64_t gx_gate_stride;  // H (a row of the whole-sequence Gx) or NR (the step's own tile)
+  const T* gx;      // W_ih x + folded biases for this row's time, gate g at g * gx_gate_stride
+  // H (a row of the whole-sequence Gx), NR (the step's own tile) or H rounded up to unit blocks
+  // (a row the riding projection wrote)
+  int64_t gx_gate_stride;
   const T* b_hn;    // GRU n-gate recurrent bias (kept apart for the reset gate), or null
   const T* h_prev;  // (H) previous state
   const T* c_prev;  // (H) LSTM previous cell

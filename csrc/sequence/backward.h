@@ -124,9 +124,9 @@ struct BackwardLoop {
   T* dh_at(int64_t i) const { return i % 2 == 0 ? dh_a : dh_b; }
 
   // Walks back the i-th to the (i1-1)-th steps from the end (step k = T-1-i), so a run may stop
-  // and another go on (team_probe.h); returns the buffer then holding the gradient (after all T
-  // steps, d h_0), the same for every member.
-  const T* run(const Share& p, StepBarrier* barrier, int64_t i0, int64_t i1) const {
+  // and another go on (team_probe.h); the gradient then lies in dh_at(i1) (after all T steps,
+  // d h_0).
+  void run(const Share& p, StepBarrier* barrier, int64_t i0, int64_t i1) const {
     auto meet = [&] { if (barrier) barrier->wait(); };
     const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = int64_t(G) * H;
     const bool gru = s.cell == Cell::Gru;
@@ -154,21 +154,24 @@ struct BackwardLoop {
       const T* dgh_k = dgh + k * B * GH;
       const bool desc = i & 1;  // alternate directions through W_hh (ForwardLoop::cell_phase)
       if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
-        gemm_packed_panels<T>(B, H, H, dgh_k + 2 * H, GH, 1, whn, drh, H, false, p.hid0, p.hid1, desc);
+        gemm_packed_panels<T>(B, H, H, dgh_k + 2 * H, GH, 1, whn, drh, H, false, p.hid0, p.hid1,
+                              desc);
         meet();
         gru_reset_pointwise(k, p, dh_prev);
         meet();
-        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1, desc);
+        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0,
+                              p.out1, desc);
       } else if (gru) {  // r, z through W_hr|W_hz, then n through W_hn (continuing each chain)
-        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1, desc);
+        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0,
+                              p.out1, desc);
         gemm_packed_panels<T>(B, Hout, H, dghn + k * B * ld_n, ld_n, 1, whn, dh_prev, Hout, true,
                               p.out0, p.out1, desc);
       } else {
-        gemm_packed_panels<T>(B, Hout, GH, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1, desc);
+        gemm_packed_panels<T>(B, Hout, GH, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1,
+                              desc);
       }
       meet();  // every column of d h_prev is complete
     }
-    return dh_at(i1);
   }
 };
 

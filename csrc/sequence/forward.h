@@ -182,9 +182,6 @@ struct ForwardLoop {
       const int nu = static_cast<int>(imin<int64_t>(NR, s.H - u0));
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
-        // One row: on a team, the next step's slices a step ahead: both cores wrote the input
-        // projection, and this VM may put the other core far away (long-seq LSTM, 2 threads, in
-        // such a phase, with the probe: 1.24 -> 1.07 ms). Alone they are in this core's cache.
         if (x_ready) {  // x_t W_ih^T + bias for this tile's gates, into the L1-resident gx_tile
           const T* xa = x_ready + (m - p.row0) * blocked_length<T>(s.I);
           for (int g = g0; g < g0 + g_count; ++g)
@@ -196,6 +193,10 @@ struct ForwardLoop {
         } else if (s.B > 1) {
           prefetch_gx(k, m, mr, u0, g0, g_count);
         } else if (on_team && k + 1 < s.T) {
+          // One row: on a team, the next step's slices a step ahead: both cores wrote the input
+          // projection, and this VM may put the other core far away (long-seq LSTM, 2 threads,
+          // in such a phase, with the probe: 1.24 -> 1.07 ms). Alone they are in this core's
+          // cache.
           prefetch_gx(k + 1, m, mr, u0, g0, g_count);
         }
         // A single LSTM row meets every gate in one pass (8 chains; the GRU's 6 were slower than

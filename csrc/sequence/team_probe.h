@@ -1,8 +1,8 @@
-// A step team with small steps (forward or backward) checks, inside the call, whether its
-// threads pay: with a barrier every step, a team is only as fast as its cores meet. Here that costs 25 ns when this
-// VM keeps its two vCPUs close, 150-600 ns when it moves them apart (a phase that comes and goes
-// over minutes), and a time slice when another process holds a core; on one thread there is no
-// barrier at all. Long-seq LSTM, 2 threads: 0.63 ms in a quiet phase, 1.27 ms in a slow one,
+// A step team with small steps (forward or backward) checks, inside the call, whether its threads
+// pay: with a barrier every step, a team is only as fast as its cores meet. Here that costs 25 ns
+// when this VM keeps its two vCPUs close, 150-600 ns when it moves them apart (a phase that comes
+// and goes over minutes), and a time slice when another process holds a core; on one thread there
+// is no barrier at all. Long-seq LSTM, 2 threads: 0.63 ms in a quiet phase, 1.27 ms in a slow one,
 // 0.95 ms on one thread. So before committing, the team measures: a few empty barriers first
 // (nearly free), and only if they are slow, some steps each way. Every way gives the same bits.
 #pragma once

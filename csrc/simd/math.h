@@ -13,13 +13,13 @@
 // kept as two doubles, so the result rounds essentially once: exp(r) = 1 + r + r^2 Q(r), Q
 // minimax (float32 rounds r and 1 + (r + r^2 Q) plainly: ~1 ulp, see C<float>::compensated).
 // 2^n is applied as two exact powers of two (AVX-512: one vscalef), so n = 128 (1024) overflows
-// exactly where it should and denormal results round once. tanh (float64): odd minimax
-// polynomial |x| + |x|^3 P(x^2) for small |x| (no cancellation; exact for tiny x and +-0) and 1 - 2e / (1 + e), e = exp(-2|x|),
-// beyond; (float32) -m / (m + 2), m = expm1(-2|x|), for every x; |x| clamped so that it
-// saturates to exactly +-1; the sign is copied back (odd exactly). sigmoid:
-// num / (1 + e), e = exp(-|x|), num = 1 (x >= 0) or e (x < 0), so tiny results keep relative
-// accuracy, plus (float64) one FMA residual step that removes the roundings of 1 + e and of the
-// division.
+// exactly where it should and denormal results round once. tanh (float64): odd minimax polynomial
+// |x| + |x|^3 P(x^2) for small |x| (no cancellation; exact for tiny x and +-0) and
+// 1 - 2e / (1 + e), e = exp(-2|x|), beyond; (float32) -m / (m + 2), m = expm1(-2|x|), for every
+// x; |x| clamped so that it saturates to exactly +-1; the sign is copied back (odd exactly).
+// sigmoid: num / (1 + e), e = exp(-|x|), num = 1 (x >= 0) or e (x < 0), so tiny results keep
+// relative accuracy, plus (float64) one FMA residual step that removes the roundings of 1 + e and
+// of the division.
 // One division in tanh and sigmoid, none in exp; no tables. NaN in -> NaN out without a select:
 // every clamp takes x as the second operand of x86 max/min, which returns that operand when
 // either is NaN, and NaN then goes through the arithmetic (pow2i turns it into some power of two,

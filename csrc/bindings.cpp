@@ -86,11 +86,44 @@ Arr<T> empty(std::vector<int64_t> shape) {
   return Arr<T>(shape, static_cast<T*>(mem), owner);
 }
 
+// Every float argument must already have x's dtype: we never cast silently.
+void require_dtype(const char* name, const py::object& o, const py::dtype& want) {
+  if (o.is_none()) return;
+  if (!py::isinstance<py::array>(o)) throw py::type_error(std::string(name) + " must be a numpy array");
+  py::dtype got = o.cast<py::array>().dtype();
+  if (!got.is(want))
+    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(want)) + ", got " +
+                         std::string(py::str(got)));
+}
+
+bool is_f64(const py::array& x) {
+  if (x.dtype().is(py::dtype::of<double>())) return true;
+  if (x.dtype().is(py::dtype::of<float>())) return false;
+  throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
+}
+
+// One layer call's arguments checked, its outputs (and, training, its saved buffers) allocated:
+// the kernels' ForwardArgs and what python gets back.
 template <typename T>
-py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reverse, bool training,
-                       Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0, Arr<T> w_ih, Arr<T> w_hh,
-                       std::optional<Arr<T>> b_ih, std::optional<Arr<T>> b_hh,
-                       std::optional<Arr<T>> w_hr, std::optional<Arr<int64_t>> lengths) {
+struct LayerCall {
+  fusedrnn::ForwardArgs<T> a{};
+  Arr<T> y, hn;
+  std::optional<Arr<T>> cn;
+  Context c{};
+  bool training = false;
+
+  py::tuple result() {
+    py::object ctx = training ? py::cast(std::move(c)) : py::none();
+    return py::make_tuple(y, hn, cn ? py::object(*cn) : py::none(), ctx);
+  }
+};
+
+template <typename T>
+LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, bool reverse,
+                             bool training, Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0,
+                             Arr<T> w_ih, Arr<T> w_hh, std::optional<Arr<T>> b_ih,
+                             std::optional<Arr<T>> b_hh, std::optional<Arr<T>> w_hr,
+                             std::optional<Arr<int64_t>> lengths) {
   if (cell_code < 0 || cell_code > 3) fail("cell code must be 0..3");
   const Cell cell = static_cast<Cell>(cell_code);
   const int64_t G = fusedrnn::gate_count(cell);
@@ -120,23 +153,23 @@ py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reve
   }
   if (s.T < 1) fail("x must have at least one time step");
 
-  Arr<T> y = empty<T>({s.T, s.B, s.Hout}), hn = empty<T>({s.B, s.Hout});
-  std::optional<Arr<T>> cn;
-  if (cell == Cell::Lstm) cn.emplace(std::vector<int64_t>{s.B, s.H});
-  fusedrnn::ForwardArgs<T> a{};
+  LayerCall<T> call;
+  call.training = training;
+  call.y = empty<T>({s.T, s.B, s.Hout});
+  call.hn = empty<T>({s.B, s.Hout});
+  if (cell == Cell::Lstm) call.cn.emplace(std::vector<int64_t>{s.B, s.H});
+  fusedrnn::ForwardArgs<T>& a = call.a;
   a.s = s;
-  a.y = y.mutable_data();
-  a.hn = hn.mutable_data();
-  a.cn = cn ? cn->mutable_data() : nullptr;
+  a.y = call.y.mutable_data();
+  a.hn = call.hn.mutable_data();
+  a.cn = call.cn ? call.cn->mutable_data() : nullptr;
   a.x = x.data(); a.h0 = h0.data(); a.c0 = opt_ptr(c0);
   a.w_ih = w_ih.data(); a.w_hh = w_hh.data(); a.b_ih = opt_ptr(b_ih); a.b_hh = opt_ptr(b_hh);
   a.w_hr = opt_ptr(w_hr);
   a.lengths = lengths ? lengths->data() : nullptr;
   a.num_threads = num_threads();
-
-  py::object ctx = py::none();
-  Context c{};
   if (training) {
+    Context& c = call.c;
     const bool gru = cell == Cell::Gru;
     c.s = s; c.f64 = sizeof(T) == 8; c.table = &kt; c.has_bias = s.has_bias;
     c.x = x; c.w_ih = w_ih; c.w_hh = w_hh;
@@ -150,12 +183,65 @@ py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reve
     auto mut = [](py::object& o) -> T* { return o ? static_cast<T*>(o.cast<py::array>().mutable_data()) : nullptr; };
     a.saved = {mut(c.gates), mut(c.h), mut(c.c), mut(c.hfull), mut(c.extra)};
   }
+  return call;
+}
+
+template <typename T>
+py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reverse, bool training,
+                       Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0, Arr<T> w_ih, Arr<T> w_hh,
+                       std::optional<Arr<T>> b_ih, std::optional<Arr<T>> b_hh,
+                       std::optional<Arr<T>> w_hr, std::optional<Arr<int64_t>> lengths) {
+  LayerCall<T> call = prepare_forward<T>(kt, cell_code, lbr, reverse, training, x, h0, c0, w_ih,
+                                         w_hh, b_ih, b_hh, w_hr, lengths);
   {
     py::gil_scoped_release nogil;
-    if constexpr (sizeof(T) == 4) kt.forward_f32(a); else kt.forward_f64(a);
+    if constexpr (sizeof(T) == 4) kt.forward_f32(call.a); else kt.forward_f64(call.a);
   }
-  if (training) ctx = py::cast(std::move(c));
-  return py::make_tuple(y, hn, cn ? py::object(*cn) : py::none(), ctx);
+  return call.result();
+}
+
+// A unidirectional stack: layer k's input is layer k - 1's output (allocated here), so the
+// kernels may run the layers side by side (sequence/layer_pipeline.h). Per layer lists of the
+// states and weights (None where forward takes None); returns a list of forward's tuples.
+template <typename T>
+py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool training,
+                            Arr<T> x, const py::list& h0, const py::list& c0,
+                            const py::list& w_ih, const py::list& w_hh, const py::list& b_ih,
+                            const py::list& b_hh, const py::list& w_hr) {
+  const size_t n = w_hh.size();
+  if (n == 0) fail("a stack needs at least one layer");
+  for (const py::list* l : {&h0, &c0, &w_ih, &b_ih, &b_hh, &w_hr})
+    if (l->size() != n) fail("every per-layer list of a stack needs " + std::to_string(n) + " entries");
+  const py::dtype dt = x.dtype();
+  auto opt = [&](py::handle o, const char* name) {
+    require_dtype(name, py::reinterpret_borrow<py::object>(o), dt);
+    return o.is_none() ? std::optional<Arr<T>>() : std::optional<Arr<T>>(o.cast<Arr<T>>());
+  };
+  auto req = [&](py::handle o, const char* name) {
+    require_dtype(name, py::reinterpret_borrow<py::object>(o), dt);
+    if (o.is_none()) fail(std::string(name) + " must be an array, got None");
+    return o.cast<Arr<T>>();
+  };
+  std::vector<LayerCall<T>> calls;
+  calls.reserve(n);
+  Arr<T> layer_in = x;
+  for (size_t k = 0; k < n; ++k) {
+    calls.push_back(prepare_forward<T>(kt, cell_code, lbr, false, training, layer_in,
+                                       req(h0[k], "h0"), opt(c0[k], "c0"), req(w_ih[k], "w_ih"),
+                                       req(w_hh[k], "w_hh"), opt(b_ih[k], "b_ih"),
+                                       opt(b_hh[k], "b_hh"), opt(w_hr[k], "w_hr"), std::nullopt));
+    layer_in = calls.back().y;
+  }
+  std::vector<fusedrnn::ForwardArgs<T>> args;
+  for (const LayerCall<T>& call : calls) args.push_back(call.a);
+  {
+    py::gil_scoped_release nogil;
+    if constexpr (sizeof(T) == 4) kt.forward_stack_f32(args.data(), int(n));
+    else kt.forward_stack_f64(args.data(), int(n));
+  }
+  py::list out;
+  for (LayerCall<T>& call : calls) out.append(call.result());
+  return out;
 }
 
 template <typename T>
@@ -198,22 +284,6 @@ py::tuple backward_impl(const Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, 
   if (db_ih) { grads["bias_ih"] = *db_ih; grads["bias_hh"] = *db_hh; }
   if (dw_hr) grads["weight_hr"] = *dw_hr;
   return py::make_tuple(dx, dh0, dc0 ? py::object(*dc0) : py::none(), grads);
-}
-
-// Every float argument must already have x's dtype: we never cast silently.
-void require_dtype(const char* name, const py::object& o, const py::dtype& want) {
-  if (o.is_none()) return;
-  if (!py::isinstance<py::array>(o)) throw py::type_error(std::string(name) + " must be a numpy array");
-  py::dtype got = o.cast<py::array>().dtype();
-  if (!got.is(want))
-    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(want)) + ", got " +
-                         std::string(py::str(got)));
-}
-
-bool is_f64(const py::array& x) {
-  if (x.dtype().is(py::dtype::of<double>())) return true;
-  if (x.dtype().is(py::dtype::of<float>())) return false;
-  throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
 template <typename T>
@@ -382,6 +452,25 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("cell"), py::arg("linear_before_reset"), py::arg("reverse"), py::arg("training"), py::arg("x"),
      py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
      py::arg("w_hr"), py::arg("lengths"), py::arg("isa") = py::none());
+
+  m.def("forward_stack", [](int cell, bool lbr, bool training, py::array x, py::list h0,
+                            py::list c0, py::list w_ih, py::list w_hh, py::list b_ih,
+                            py::list b_hh, py::list w_hr, std::optional<std::string> isa) -> py::list {
+    const KernelTable& kt = kernels(isa);
+    if (is_f64(x))
+      return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+    return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+  }, py::arg("cell"), py::arg("linear_before_reset"), py::arg("training"), py::arg("x"),
+     py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
+     py::arg("b_hh"), py::arg("w_hr"), py::arg("isa") = py::none(),
+     "a unidirectional stack without lengths, bottom layer first: per layer lists of forward's "
+     "states and weights; returns the list of forward's (y, hn, cn, ctx) per layer");
+  m.def("stack_calls", [] {
+    py::dict d;
+    d["pipelined"] = fusedrnn::stack_calls(true);
+    d["layer_by_layer"] = fusedrnn::stack_calls(false);
+    return d;
+  }, "forward_stack calls since import, by how they ran (sequence/layer_pipeline.h)");
 
   m.def("backward", [](const Context& c, py::array dy, py::object dhn, py::object dcn) -> py::tuple {
     auto opt = [](py::object o, auto tag) {

@@ -6,6 +6,7 @@
 #include "gemm/gemm.h"
 #include "sequence/backward.h"
 #include "sequence/forward.h"
+#include "sequence/layer_pipeline.h"
 #include "simd/math.h"
 #include "simd/vec.h"
 
@@ -34,6 +35,8 @@ void gemm_entry(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64
 
 void forward_f32(const ForwardArgs<float>& a) { forward<float>(a); }
 void forward_f64(const ForwardArgs<double>& a) { forward<double>(a); }
+void forward_stack_f32(const ForwardArgs<float>* l, int n) { forward_stack<float>(l, n); }
+void forward_stack_f64(const ForwardArgs<double>* l, int n) { forward_stack<double>(l, n); }
 void backward_f32(const BackwardArgs<float>& a) { backward<float>(a); }
 void backward_f64(const BackwardArgs<double>& a) { backward<double>(a); }
 int step_split(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int nthreads, bool backward) {
@@ -74,6 +77,7 @@ const KernelTable& kernel_table() {
                                  math_f32,           math_f64,
                                  gemm_entry<float>,  gemm_entry<double>,
                                  forward_f32,        forward_f64,
+                                 forward_stack_f32,  forward_stack_f64,
                                  backward_f32,       backward_f64,
                                  step_split,         projection_mode_of,
                                  team_barrier_ns};

@@ -91,6 +91,9 @@ struct KernelTable {
                    bool accumulate, int num_threads);
   void (*forward_f32)(const ForwardArgs<float>& a);
   void (*forward_f64)(const ForwardArgs<double>& a);
+  // n layers bottom to top, layer k's x being layer k - 1's y (sequence/layer_pipeline.h).
+  void (*forward_stack_f32)(const ForwardArgs<float>* layers, int n);
+  void (*forward_stack_f64)(const ForwardArgs<double>* layers, int n);
   void (*backward_f32)(const BackwardArgs<float>& a);
   void (*backward_f64)(const BackwardArgs<double>& a);
   // How the forward spreads a step over threads: 0 one thread, 1 batch rows, 2 hidden units;
@@ -138,6 +141,10 @@ void team_policy_report(const TeamKey& key, bool used_team, double ns_per_step);
 void set_team_mode(int mode);
 int team_mode();
 int64_t team_policy_calls(bool team);  // adaptive calls so far on the threads / alone
+
+// Stacked forwards (forward_stack): how many ran pipelined (one thread a layer) or layer by layer.
+void stack_count(bool pipelined);
+int64_t stack_calls(bool pipelined);
 
 // The in-call probe of a step team (forward or backward) with small steps (team_probe.h): how its
 // calls went, counted by verdict (0 cores close: the team ran; 1 far, the team was faster; 2 far,

@@ -70,6 +70,14 @@ int64_t team_policy_calls(bool team) {
   return policies().calls[team ? 1 : 0].load(std::memory_order_relaxed);
 }
 
+// Stacked forwards (sequence/layer_pipeline.h), by how they ran.
+namespace {
+std::atomic<int64_t> g_stack_calls[2] = {{0}, {0}};
+}  // namespace
+
+void stack_count(bool pipelined) { g_stack_calls[pipelined].fetch_add(1, std::memory_order_relaxed); }
+int64_t stack_calls(bool pipelined) { return g_stack_calls[pipelined].load(std::memory_order_relaxed); }
+
 // The step teams' in-call probe (sequence/team_probe.h): its counts and the tests' override.
 namespace {
 std::atomic<int64_t> g_probe_calls[3] = {{0}, {0}, {0}};

@@ -108,6 +108,10 @@ struct ForwardLoop {
   // zero rows to whole windows of kRideRows; gx then holds rows by step, gate g of a row at
   // g * padded_units(), and each step of a window computes a slice of the next window's rows.
   const T* x_steps = nullptr;
+  // In a pipelined stack (layer_pipeline.h): the layer below, whose step k must be done before
+  // this layer's step k reads x_k (its output), and this layer's own count of steps done.
+  const StepProgress* below = nullptr;
+  StepProgress* done = nullptr;
 
   // Hidden units rounded up to whole unit blocks: the stride of bias_in's gates.
   static int64_t padded_units(const LayerShape& s) {
@@ -355,6 +359,7 @@ struct ForwardLoop {
     Scratch<T> x_pack(in_step ? blocked_size<T>(rows, s.I) : 0);
     const T* xp = x_pack.p;
     for (int64_t k = k0; k < k1; ++k) {
+      if (below) below->wait_for(k + 1);
       const T* hp = h_at(k);
       // Every row's step k is time steps.time(k, 0) here (no lengths): x_t's rows lie together.
       if (xp)
@@ -384,12 +389,15 @@ struct ForwardLoop {
           break;
       }
       if (barrier) barrier->wait();
+      if (done) done->publish(k + 1);
     }
   }
 };
 
+// below, done: see ForwardLoop (a layer of a pipelined stack runs on one thread).
 template <typename T>
-void forward_on_threads(const ForwardArgs<T>& a) {
+void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nullptr,
+                        StepProgress* done = nullptr) {
   const LayerShape& s = a.s;
   const int G = gates_of(s.cell);
   const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = G * H;
@@ -438,6 +446,8 @@ void forward_on_threads(const ForwardArgs<T>& a) {
   ForwardLoop<T> loop{a, s, steps, G, gx.p, ld_gx, w, wproj.get(), (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
                       training, !training && !a.lengths && !s.has_proj, hbuf.p, cbuf.p, hfull.p,
                       gates.p, extra.p, a_shared.p, nullptr, false};
+  loop.below = below;
+  loop.done = done;
   if (by_gates) {
     loop.w_in = PackedGates<T>{G, s.I, w_in.get()};
     loop.bias_in = bias_in.p;

@@ -14,6 +14,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <thread>
 #include "common.h"
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -21,6 +22,12 @@
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
+
+inline void relax_cpu() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_pause();
+#endif
+}
 
 class StepBarrier {
  public:
@@ -49,7 +56,7 @@ class StepBarrier {
     const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
     for (int i = 0;; ++i) {
       if (generation_.load(std::memory_order_acquire) != gen) return;
-      relax();
+      relax_cpu();
       if ((i & 63) == 63 && std::chrono::steady_clock::now() > spin_until) break;
     }
     std::unique_lock<std::mutex> lock(mutex_);
@@ -59,11 +66,6 @@ class StepBarrier {
   }
 
  private:
-  static void relax() {
-#if defined(__x86_64__) || defined(__i386__)
-    _mm_pause();
-#endif
-  }
   // One cache line for the three counters: a barrier then moves one line to the last member
   // and back. On their own lines (alignas(64)) a 2-member barrier took 300 instead of 165 ns.
   const int members_;
@@ -72,6 +74,27 @@ class StepBarrier {
   std::atomic<int> sleepers_{0};
   std::mutex mutex_;
   std::condition_variable wake_;
+};
+
+// How far one layer of a pipelined stack (layer_pipeline.h) has come: the steps it has finished,
+// published with release so that the layer above, which reads those steps' outputs as its input,
+// sees them once wait_for returns. A layer that failed publishes kFailed, which releases every
+// waiter (the call then throws). On its own cache line: the layer above polls it every step.
+struct alignas(64) StepProgress {
+  static constexpr int64_t kFailed = INT64_MAX;
+  std::atomic<int64_t> steps{0};
+
+  void publish(int64_t n) { steps.store(n, std::memory_order_release); }
+  void fail() { publish(kFailed); }
+  // Spins while the layer below is about to finish (a step is tens of microseconds at most where
+  // stacks pipeline), then yields the core, in case the layer below waits for it.
+  void wait_for(int64_t n) const {
+    for (int i = 0; steps.load(std::memory_order_acquire) < n; ++i) {
+      if (i < 4096) relax_cpu();
+      else std::this_thread::yield();
+    }
+  }
+  bool failed() const { return steps.load(std::memory_order_acquire) == kFailed; }
 };
 
 // Steps with less work than this stay on one thread, forward and backward: the reasons and the

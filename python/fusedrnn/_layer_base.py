@@ -210,6 +210,8 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     cn = np.empty(c_shape, dtype) if lstm and not single else None
     saved = Saved() if save else None
     layer_in = np.ascontiguousarray(x)      # one copy here rather than one per direction
+    if D == 1 and spec.num_layers > 1 and make_mask is None and lengths is None:
+        return _one_way_stack(spec, params, layer_in, h0, c0, hn, cn, saved, isa, checked)
     for k in range(spec.num_layers):
         outs, ctxs = [], []
         for d in range(D):
@@ -238,6 +240,24 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
             saved.masks.append(mask)
         layer_in = y
     return layer_in, hn, cn, saved
+
+
+def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked):
+    """stack_forward of a unidirectional stack without lengths or dropout: one kernel call for
+    every layer (F.forward_stack), which may run the layers side by side."""
+    L, lstm = spec.num_layers, spec.cell == "lstm"
+    layers = [tuple(params.get(name) for name in spec.layer_param_names(k, 0)) for k in range(L)]
+    outs = F.forward_stack(spec.cell, x, list(h0), list(c0) if lstm else [None] * L, layers,
+                           linear_before_reset=spec.linear_before_reset,
+                           training=saved is not None, isa=isa, checked=checked)
+    for k, (_, h, c, ctx) in enumerate(outs):
+        hn[k] = h
+        if lstm:
+            cn[k] = c
+        if saved is not None:
+            saved.ctxs.append([ctx])
+            saved.masks.append(None)
+    return outs[-1][0], hn, cn, saved
 
 
 def stack_backward(spec, saved, dy, dhn=None, dcn=None):

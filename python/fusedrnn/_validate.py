@@ -59,6 +59,16 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     T, B, I = x.shape
     if T < 1:
         raise ValueError(f"x must have at least one time step, got shape {x.shape}")
+    h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = check_layer_params(cell, dtype, B, I, h0, c0, w_ih,
+                                                               w_hh, b_ih, b_hh, w_hr)
+    lengths = as_lengths(lengths, T, B)
+    return x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths
+
+
+def check_layer_params(cell, dtype, B, I, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
+    """The states and weights of one layer-direction call whose input has ``B`` rows of ``I``
+    values of ``dtype``; returns them ready for _C.forward (h0, c0, w_ih, w_hh, b_ih, b_hh,
+    w_hr)."""
     G = GATES[cell]
     w_hh = as_float_array("w_hh", w_hh, dtype)
     if w_hh.ndim != 2 or w_hh.shape[0] % G:
@@ -87,5 +97,4 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
         check_shape("c0", c0, (B, H))
     elif c0 is not None:
         raise ValueError(f"c0 is only for lstm, got an array for {cell}")
-    lengths = as_lengths(lengths, T, B)
-    return x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths
+    return h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr

@@ -18,7 +18,7 @@ the kernels instead of the one chosen at import (tests use it to cover every pat
 import numpy as np
 
 from . import _C
-from ._validate import check_layer_args
+from ._validate import check_layer_args, check_layer_params
 
 CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 
@@ -45,6 +45,37 @@ def forward_checked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reve
                                 bool(training), x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
                                 isa=isa)
     return y, hn, cn, (ctx if training else None)
+
+
+def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=True, isa=None,
+                  checked=False):
+    """A unidirectional stack without lengths, bottom layer first, in one kernel call: layer k's
+    input is layer k - 1's output, so on as many threads as layers the kernels run the layers
+    side by side, each a step behind the one below (csrc/sequence/layer_pipeline.h); else layer
+    by layer. Same results either way.
+
+    h0, c0: per layer (c0 entries None except for "lstm"); layers: per layer (w_ih, w_hh, b_ih,
+    b_hh, w_hr), as forward takes them. ``checked``: the arguments are already as
+    check_layer_args / check_layer_params return them. Returns forward's (y, hn, cn, ctx) per
+    layer."""
+    L = len(layers)
+    if not (len(h0) == len(c0) == L) or L == 0:
+        raise ValueError(f"h0 and c0 need one entry per layer ({L}), got {len(h0)} and {len(c0)}")
+    h0, c0, layers = list(h0), list(c0), [tuple(w) for w in layers]
+    if not checked:
+        x, h0[0], c0[0], *weights, _ = check_layer_args(cell, x, h0[0], c0[0], *layers[0], None)
+        layers[0] = tuple(weights)
+        T, B, _ = x.shape
+        for k in range(1, L):
+            H_out = layers[k - 1][1].shape[1]
+            h0[k], c0[k], *weights = check_layer_params(cell, x.dtype, B, H_out, h0[k], c0[k],
+                                                        *layers[k])
+            layers[k] = tuple(weights)
+    if training:
+        x = x.copy()  # the caller may reuse x's buffer before backward (see forward_checked)
+    outs = _C.forward_stack(CELL_CODES[cell], bool(linear_before_reset), bool(training), x, h0,
+                            c0, *(list(w) for w in zip(*layers)), isa=isa)
+    return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 
 def backward(ctx, dy, dhn=None, dcn=None):

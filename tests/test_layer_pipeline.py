@@ -1,0 +1,190 @@
+"""Stacks of layers in one kernel call (functional.forward_stack, csrc/sequence/layer_pipeline.h):
+on a thread per layer the layers run side by side, each a step behind the one below. Every layer
+is the one-thread computation either way, so the pipeline must give the bits of the layers run
+one by one on one thread, forward and through backward."""
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import _C, functional, reference
+from fusedrnn.tolerances import assert_close
+
+GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
+# (cell, linear_before_reset, proj): every cell and option a stack can have
+VARIANTS = [("rnn_tanh", True, 0), ("rnn_relu", True, 0), ("lstm", True, 0), ("lstm", True, 7),
+            ("gru", True, 0), ("gru", False, 0)]
+needs_threads = pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+
+
+def make_stack(rng, cell, dtype, L=2, T=51, B=9, I=None, H=12, proj=0, bias=True):
+    """x and per-layer (h0, c0, weights) for a stack; by default every layer has the same work
+    (I = H_out) and the steps are many enough for the pipeline (T >= 50, B >= 8)."""
+    G, H_out = GATES[cell], proj or H
+    I = H_out if I is None else I
+    u = lambda *shape: rng.uniform(-0.4, 0.4, shape).astype(dtype)
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    h0 = [u(B, H_out) for _ in range(L)]
+    c0 = [u(B, H) if cell == "lstm" else None for _ in range(L)]
+    layers = [(u(G * H, I if k == 0 else H_out), u(G * H, H_out),
+               u(G * H) if bias else None, u(G * H) if bias else None,
+               u(H_out, H) if proj else None) for k in range(L)]
+    return x, h0, c0, layers
+
+
+def layer_by_layer(module, cell, x, h0, c0, layers, lbr=True, training=False, **kw):
+    """The stack as separate forward calls of ``module`` (functional or reference)."""
+    outs, layer_in = [], x
+    for k, (w_ih, w_hh, b_ih, b_hh, w_hr) in enumerate(layers):
+        outs.append(module.forward(cell, layer_in, h0[k], c0[k], w_ih, w_hh, b_ih, b_hh, w_hr,
+                                   linear_before_reset=lbr, training=training, **kw))
+        layer_in = outs[-1][0]
+    return outs
+
+
+def backward_through(outs, dy):
+    """BPTT down the stack from the top layer's dy: every layer's dx, dh0, dc0 and grads."""
+    results, d_out = [], dy
+    for _, _, _, ctx in reversed(outs):
+        dx, dh0, dc0, grads = functional.backward(ctx, d_out)
+        results += [dx, dh0, dc0] + [grads[k] for k in sorted(grads)]
+        d_out = dx
+    return results
+
+
+def stack_calls_during(fn):
+    before = _C.stack_calls()
+    result = fn()
+    after = _C.stack_calls()
+    return result, {k: after[k] - before[k] for k in after}
+
+
+@pytest.fixture
+def two_threads(fixed_threads):
+    before = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(2)
+    yield
+    fusedrnn.set_num_threads(before)
+
+
+@needs_threads
+@pytest.mark.parametrize("isa", _C.available_isas())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell,lbr,proj", VARIANTS)
+def test_pipelined_stack_gives_the_one_thread_bits(two_threads, rng, isa, dtype, cell, lbr, proj):
+    x, h0, c0, layers = make_stack(rng, cell, dtype, proj=proj)
+    dy = rng.standard_normal((x.shape[0], x.shape[1], proj or 12)).astype(dtype)
+    outs, ran = stack_calls_during(lambda: functional.forward_stack(
+        cell, x, h0, c0, layers, linear_before_reset=lbr, isa=isa))
+    assert ran == {"pipelined": 1, "layer_by_layer": 0}
+    fusedrnn.set_num_threads(1)
+    alone = layer_by_layer(functional, cell, x, h0, c0, layers, lbr, training=True, isa=isa)
+    for got, want in zip(outs, alone):
+        for a, b in zip(got[:3], want[:3]):
+            assert (a is None and b is None) or np.array_equal(a, b)
+    for a, b in zip(backward_through(outs, dy), backward_through(alone, dy)):
+        assert (a is None and b is None) or np.array_equal(a, b)
+    # and the numbers are right, not only the same
+    want = layer_by_layer(reference, cell, x.astype(np.float64), [h.astype(np.float64) for h in h0],
+                          [None if c is None else c.astype(np.float64) for c in c0],
+                          [tuple(None if w is None else w.astype(np.float64) for w in ws)
+                           for ws in layers], lbr)
+    assert_close(outs[-1][0], want[-1][0], dtype, what="top layer's y")
+    assert_close(outs[0][1], want[0][1], dtype, what="bottom layer's hn")
+
+
+@needs_threads
+@pytest.mark.parametrize("case", ["three layers on two threads", "unequal layers", "few rows",
+                                  "few steps", "adaptive policy"])
+def test_stacks_that_cannot_pipeline_run_layer_by_layer(two_threads, rng, case):
+    """Where one thread a layer would not pay (or could not run), the same call runs each layer
+    on the team, with the same results as separate calls."""
+    kw = {"three layers on two threads": dict(L=3), "unequal layers": dict(I=48),
+          "few rows": dict(B=4), "few steps": dict(T=20), "adaptive policy": {}}[case]
+    x, h0, c0, layers = make_stack(rng, "lstm", np.float32, **kw)
+    if case == "adaptive policy":
+        fusedrnn.set_thread_policy("adaptive")
+    outs, ran = stack_calls_during(
+        lambda: functional.forward_stack("lstm", x, h0, c0, layers, training=False))
+    assert ran == {"pipelined": 0, "layer_by_layer": 1}
+    for got, want in zip(outs, layer_by_layer(functional, "lstm", x, h0, c0, layers)):
+        for a, b in zip(got[:3], want[:3]):
+            assert np.array_equal(a, b)
+
+
+@needs_threads
+def test_layers_run_one_way_stacks_through_the_pipeline(two_threads, rng):
+    """fusedrnn.LSTM with num_layers=2 takes the stack path; bidirectional stacks and dropout
+    between layers keep one call per layer and direction."""
+    x = rng.standard_normal((60, 8, 16)).astype(np.float32)
+    for kwargs, pipelined in ((dict(), 1), (dict(bidirectional=True), 0), (dict(dropout=0.5), 0)):
+        layer = fusedrnn.LSTM(16, 16, num_layers=2, seed=1, **kwargs)
+        _, ran = stack_calls_during(lambda: layer(x))   # training mode: dropout applies
+        assert ran["pipelined"] == pipelined, kwargs
+
+
+def test_stack_arguments_are_checked_with_their_names(rng):
+    x, h0, c0, layers = make_stack(rng, "gru", np.float32)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(9, 12\), got \(9, 5\)"):
+        functional.forward_stack("gru", x, [h0[0], h0[1][:, :5]], c0, layers)
+    bad = list(layers)
+    bad[1] = (layers[1][0], layers[1][1].astype(np.float64)) + layers[1][2:]
+    with pytest.raises(TypeError, match="w_hh must have dtype float32"):
+        functional.forward_stack("gru", x, h0, c0, bad)
+    bad[1] = (layers[1][0][:, :5],) + layers[1][1:]
+    with pytest.raises(ValueError, match=r"w_ih must have shape \(36, 12\)"):
+        functional.forward_stack("gru", x, h0, c0, bad)
+    with pytest.raises(ValueError, match="one entry per layer"):
+        functional.forward_stack("gru", x, h0[:1], c0, layers)
+
+
+@needs_threads
+def test_concurrent_pipelined_stacks_from_python_threads(two_threads, rng):
+    x, h0, c0, layers = make_stack(rng, "lstm", np.float32, H=32)
+    want = functional.forward_stack("lstm", x, h0, c0, layers, training=False)[-1][0]
+    got, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                got.append(functional.forward_stack("lstm", x, h0, c0, layers, training=False)[-1][0])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(got) == 9
+    assert all(np.array_equal(y, want) for y in got)
+
+
+@needs_threads
+def test_a_team_short_of_threads_runs_the_layers_in_turn():
+    """OMP_THREAD_LIMIT=1: the pipeline's team comes out with one thread, which then runs the
+    layers in turn (same bits), and the call counts as layer by layer."""
+    code = """
+import numpy as np, fusedrnn
+from fusedrnn import _C, functional
+import test_layer_pipeline as t
+rng = np.random.default_rng(0)
+x, h0, c0, layers = t.make_stack(rng, "lstm", np.float32)
+fusedrnn.set_num_threads(2)
+got = functional.forward_stack("lstm", x, h0, c0, layers, training=False)
+fusedrnn.set_num_threads(1)
+want = t.layer_by_layer(functional, "lstm", x, h0, c0, layers)
+assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(got, want))
+print(_C.stack_calls())
+"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, OMP_THREAD_LIMIT="1",
+               PYTHONPATH=os.pathsep.join([here] + [os.path.abspath(p) for p in sys.path if p]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "'pipelined': 0, 'layer_by_layer': 1" in out.stdout

@@ -19,6 +19,11 @@ template <typename T> inline void st(T* p, Vec<T> v, int n) {
   if (n >= Vec<T>::W) v.store(p); else store_partial(p, v, n);
 }
 template <typename T> inline Vec<T> one() { return Vec<T>::set1(T(1)); }
+// Stores the new state at unit j: h_next, and its copy in y where the row has one.
+template <typename T> inline void st_state(const RowForward<T>& r, int j, Vec<T> h, int n) {
+  st(r.h_next + j, h, n);
+  if (r.h_copy) st(r.h_copy + j, h, n);
+}
 // Stores one vector per gate: gate g at p + g*H (a row laid out as the weights' gate blocks).
 template <typename T, typename... V>
 inline void st_gates(T* p, int64_t H, int n, V... gates) {
@@ -50,7 +55,7 @@ inline void rnn_forward_row(const RowForward<T>& r) {
   for (int j = 0; j < r.nu; j += V::W) {
     const int n = r.nu - j;
     V pre = ld(r.acc + j, n) + ld(r.gx + j, n);
-    st(r.h_next + j, Relu ? vrelu(pre) : vtanh(pre), n);
+    st_state(r, j, Relu ? vrelu(pre) : vtanh(pre), n);
   }
 }
 template <typename T, bool Relu>
@@ -83,7 +88,7 @@ FUSEDRNN_ALWAYS_INLINE inline void lstm_forward_units(const RowForward<T>& r, in
   for (int u = 0; u < U; ++u) {
     const int ju = j + u * V::W;
     st(r.c_next + ju, c[u], n);
-    st(r.h_next + ju, o[u] * vtanh(c[u]), n);
+    st_state(r, ju, o[u] * vtanh(c[u]), n);
     if (r.gates) st_gates(r.gates + ju, H, n, i[u], f[u], g[u], o[u]);
   }
 }
@@ -139,7 +144,7 @@ FUSEDRNN_ALWAYS_INLINE inline void gru_forward_units(const RowForward<T>& r, int
   for (int u = 0; u < U; ++u) {
     const int ju = j + u * V::W;
     V hp = ld(r.h_prev + ju, n);
-    st(r.h_next + ju, V::fma(z[u], hp - nn[u], nn[u]), n);  // (1-z)*n + z*h
+    st_state(r, ju, V::fma(z[u], hp - nn[u], nn[u]), n);  // (1-z)*n + z*h
     if (r.gates) {
       st_gates(r.gates + ju, H, n, rg[u], z[u], nn[u]);
       st(r.extra + ju, hn_lin[u], n);
@@ -197,7 +202,7 @@ inline void gru_reset_new_row(const RowForward<T>& r) {  // phase 2: acc = W_hn 
     V nn = vtanh(pre);
     V z = ld(r.gates + H + j, n), hp = ld(r.h_prev + j, n);
     st(r.gates + 2 * H + j, nn, n);
-    st(r.h_next + j, V::fma(z, hp - nn, nn), n);
+    st_state(r, j, V::fma(z, hp - nn, nn), n);
   }
 }
 // Backward phase 1: dn and dz pre-activations, direct dh*z. dgh for n is dn (its weight

@@ -248,12 +248,12 @@ struct ForwardLoop {
           r.c_prev = lstm ? cp + b * s.H + u0 : nullptr;
           r.c_next = lstm ? cn + b * s.H + u0 : nullptr;
           r.h_next = hout + b * s.H + u0;
+          r.h_copy = writes_h && !h_in_y ? a.y + (t * s.B + b) * s.Hout + u0 : nullptr;
           r.gates = gates ? gates + b * GH + u0 : nullptr;
           r.extra = extra ? extra + b * s.H + u0 : nullptr;
           r.H = s.H;
           r.nu = nu;
           fn(r);
-          if (writes_h && !h_in_y) std::memcpy(a.y + (t * s.B + b) * s.Hout + u0, r.h_next, sizeof(T) * nu);
         }
         if (a_next) pack_next_a(a_next, m, mr, u0, nu, hn);
       }

@@ -191,6 +191,39 @@ def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads
         fusedrnn.set_num_threads(before)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_single_row_backward_team_gives_the_one_thread_bits(rng, isa, variant, fixed_threads):
+    """The backward's team with fewer batch rows than members (backward.h, share_of: one member
+    does the row's pointwise maths, both the GEMMs' column panels): B = 1, with and without
+    lengths (a finished row passes its gradient through), both directions, every cell and
+    option, the LSTM's projection included."""
+    if not _C.openmp:
+        pytest.skip("built without OpenMP: one thread only")
+    cell, lbr, proj = variant
+    code = functional.CELL_CODES[cell]
+    before = fusedrnn.get_num_threads()
+    try:
+        for lengths, reverse in itertools.product((True, False), (False, True)):
+            case = make_case(rng, cell, proj and 24, T=6, B=1, I=7, H=200, lengths=False)
+            if lengths:
+                case["lengths"] = np.array([4])
+            assert _C.step_split(code, 1, 200, proj and 24 or 200, threads=2, isa=isa,
+                                 backward=True) == "team"
+            results = []
+            for n in (1, 2):
+                fusedrnn.set_num_threads(n)
+                results.append(run_kernels(case, np.float32, isa, linear_before_reset=lbr,
+                                           reverse=reverse))
+            (out1, grad1), (out2, grad2) = results
+            for k in out1:
+                assert np.array_equal(out1[k], out2[k]), k
+            for k in grad1:
+                assert np.array_equal(grad1[k], grad2[k]), k
+    finally:
+        fusedrnn.set_num_threads(before)
+
+
 def test_step_split_rule():
     """Tiny steps stay on one thread; a batch of one splits by units (each core streams half of
     W_hh); big weights split by units even for a big batch."""

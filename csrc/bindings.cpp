@@ -407,13 +407,14 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("step_split", [](int cell, int64_t B, int64_t H, int64_t Hout, bool f64, int threads,
                          std::optional<std::string> isa, bool backward) {
-    static const char* names[] = {"one", "rows", "units", "team"};
+    static const char* names[] = {"one", "rows", "units", "team", "halves"};
     if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
     return std::string(names[kernels(isa).step_split(cell, f64, B, H, Hout, threads, backward)]);
   }, py::arg("cell"), py::arg("B"), py::arg("H"), py::arg("Hout"), py::arg("f64") = false,
      py::arg("threads") = 2, py::arg("isa") = py::none(), py::arg("backward") = false,
      "how the forward spreads one step over threads: 'one', 'rows' or 'units'; with "
-     "backward=True, how the backward's time loop does: 'one' or 'team'");
+     "backward=True, how the backward's time loop does without lengths: 'one', 'team', or "
+     "'halves' (a single row's units in two halves, alone or on a team of two)");
 
   m.def("projection_mode", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
                               bool f64, bool lengths, std::optional<std::string> isa) {

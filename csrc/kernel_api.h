@@ -97,7 +97,8 @@ struct KernelTable {
   void (*backward_f32)(const BackwardArgs<float>& a);
   void (*backward_f64)(const BackwardArgs<double>& a);
   // How the forward spreads a step over threads: 0 one thread, 1 batch rows, 2 hidden units;
-  // with `backward`, how the backward does: 0 one thread, 3 a team (rows and column panels).
+  // with `backward`, how the backward does without lengths: 0 one thread, 3 a team (rows and
+  // column panels), 4 the two halves of a single row's units (backward.h, k_split_backward).
   int (*step_split)(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int num_threads,
                     bool backward);
   // How the forward computes x_t W_ih^T: one GEMM before the loop (0), inside each step's tiles

@@ -208,8 +208,11 @@ def test_single_row_backward_team_gives_the_one_thread_bits(rng, isa, variant, f
             case = make_case(rng, cell, proj and 24, T=6, B=1, I=7, H=200, lengths=False)
             if lengths:
                 case["lengths"] = np.array([4])
+            # (backward.h, k_split_backward: 30-100 KFLOP a step; step_split tells the shape
+            # without lengths, which run on the team)
+            halves = cell.startswith("rnn")
             assert _C.step_split(code, 1, 200, proj and 24 or 200, threads=2, isa=isa,
-                                 backward=True) == "team"
+                                 backward=True) == ("halves" if halves else "team")
             results = []
             for n in (1, 2):
                 fusedrnn.set_num_threads(n)
@@ -224,6 +227,22 @@ def test_single_row_backward_team_gives_the_one_thread_bits(rng, isa, variant, f
         fusedrnn.set_num_threads(before)
 
 
+# The backward of a single row without lengths, RNN or LSTM (backward.h, k_split_backward): each
+# half of the units takes its pointwise maths and its rows of dG W_hh, and the next step adds the
+# two partial products. Steps of 30-100 KFLOP only (rnn: H = 123..223, lstm: H = 62..111); the
+# sizes make halves of ragged unit blocks, unequal or equal in count.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("cell,H", [("rnn_tanh", 130), ("rnn_relu", 165), ("lstm", 75),
+                                    ("lstm", 101)])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_single_row_backward_in_halves(rng, isa, dtype, cell, H, reverse):
+    f64 = dtype == np.float64
+    assert _C.step_split(functional.CELL_CODES[cell], 1, H, H, f64, 2, isa, True) == "halves"
+    case = make_case(rng, cell, T=7, B=1, I=5, H=H)
+    assert_matches(case, dtype, isa, reverse=reverse)
+
+
 def test_step_split_rule():
     """Tiny steps stay on one thread; a batch of one splits by units (each core streams half of
     W_hh); big weights split by units even for a big batch."""
@@ -234,7 +253,17 @@ def test_step_split_rule():
     assert _C.step_split(lstm, 64, 512, 512, threads=2) == "units"
     assert _C.step_split(lstm, 96, 128, 128, threads=1) == "one"
     assert _C.step_split(lstm, 1, 32, 32, threads=2, backward=True) == "one"
+    assert _C.step_split(functional.CELL_CODES["rnn_tanh"], 1, 64, 64, threads=2,
+                         backward=True) == "one"  # a step too small for a team: not in halves
+    # a single row's units in two halves (one unit block of 32 is too few), alone or on two,
+    # where the step has 30-100 KFLOP
+    assert _C.step_split(lstm, 1, 64, 64, threads=2, backward=True) == "halves"
+    assert _C.step_split(lstm, 1, 64, 64, threads=1, backward=True) == "halves"
     assert _C.step_split(lstm, 1, 128, 128, threads=2, backward=True) == "team"
+    assert _C.step_split(lstm, 1, 96, 64, threads=2, backward=True) == "team"  # projection
+    assert _C.step_split(functional.CELL_CODES["gru"], 1, 80, 80, threads=2,
+                         backward=True) == "team"
+    assert _C.step_split(lstm, 2, 64, 64, threads=2, backward=True) == "team"
     with pytest.raises(ValueError, match="cell"):
         _C.step_split(7, 1, 1, 1)
 

@@ -36,6 +36,61 @@ void column_sums(int64_t M, int64_t N, const T* A, int64_t lda, T* out, int nthr
   }
 }
 
+// Whether the time loop splits each step's product dG W_hh over two halves of its rows (K): a
+// single row (B = 1) without lengths or projection, of an Elman RNN or an LSTM, with at least
+// two unit blocks. The two halves of the units (split_halves) each take their pointwise maths
+// and the product of their rows of dG with their rows of W_hh, a partial d h_prev over every
+// column, and the next step adds the two partials: the team of two then meets once a step, not
+// twice (after the pointwise maths and after the product, with the second member idle through
+// the single row's pointwise maths). One thread computes the same two partials, so the bits do
+// not depend on the threads (they depend on the shape, as the chains are not split so
+// elsewhere), and pays for the second product and the sums: 4-5% of such a step. So only steps
+// where the meeting is much of the step take it: big enough for a team (kMinTeamStepFlops),
+// under kHalvesMaxStepFlops. In-process A/B (training, medians, 2 threads / 1 thread): long-seq
+// LSTM (33 KFLOP a step) 1.737 -> 1.585 / 2.23 -> 2.34 ms, online-small RNN (33 KFLOP) 0.223 ->
+// 0.209 / 0.270 -> 0.285; online-small LSTM (131 KFLOP) 0.635 -> 0.631 / 1.015 -> 1.027.
+constexpr double kHalvesMaxStepFlops = 1e5;
+template <typename T>
+bool k_split_backward(const LayerShape& s, bool has_lengths) {
+  const bool cell = s.cell == Cell::Lstm || s.cell == Cell::RnnTanh || s.cell == Cell::RnnRelu;
+  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
+  return cell && s.B == 1 && !has_lengths && !s.has_proj && flops >= kMinTeamStepFlops &&
+         flops < kHalvesMaxStepFlops && ceil_div<int64_t>(s.H, Tile<T>::NR) >= 2;
+}
+
+// Units [*u0, *u1) of half h (0 or 1): whole unit blocks, the first half the smaller.
+template <typename T>
+void split_halves(int64_t H, int h, int64_t* u0, int64_t* u1) {
+  constexpr int NR = Tile<T>::NR;
+  int64_t b0 = 0, b1 = 0;
+  split_range(ceil_div<int64_t>(H, NR), 2, h, &b0, &b1);
+  *u0 = imin(H, b0 * NR);
+  *u1 = imin(H, b1 * NR);
+}
+
+// W_hh's rows of each half, gate-major (gate g's units of the half, for every gate), as the K x
+// Hout operand of the half's product, packed for gemm_packed: half 0 at buf, half 1 after it.
+template <typename T>
+int64_t halves_packed_size(const LayerShape& s, int h) {
+  int64_t u0 = 0, u1 = 0;
+  split_halves<T>(s.H, h, &u0, &u1);
+  return packed_b_size<T>(gates_of(s.cell) * (u1 - u0), s.Hout);
+}
+template <typename T>
+void pack_halves(const LayerShape& s, const T* w_hh, T* buf, int nthreads) {
+  const int64_t G = gates_of(s.cell), Hout = s.Hout;
+  for (int h = 0; h < 2; ++h) {
+    int64_t u0 = 0, u1 = 0;
+    split_halves<T>(s.H, h, &u0, &u1);
+    const int64_t nu = u1 - u0;
+    Scratch<T> rows(G * nu * Hout);
+    for (int64_t g = 0; g < G; ++g)
+      std::memcpy(rows.p + g * nu * Hout, w_hh + (g * s.H + u0) * Hout, sizeof(T) * nu * Hout);
+    pack_b_gemm<T>(G * nu, Hout, rows.p, Hout, 1, buf, nthreads);
+    buf += halves_packed_size<T>(s, h);
+  }
+}
+
 // The per-step walk back through time, for one member of the team (or the only thread).
 template <typename T>
 struct BackwardLoop {
@@ -47,6 +102,10 @@ struct BackwardLoop {
   int64_t ld_n;
   const T *whh, *whn, *whr;  // packed: W_hh (GRU: its r, z rows), W_hn, W_hr
   T *dh_a, *dh_b, *dc, *dhf, *dhs, *drh;
+  // With k_split_backward: W_hh's halves (pack_halves), and the two halves' partial d h_prev of
+  // a step, by the step's parity: half h's of step i at partials + ((i % 2) * 2 + h) * Hout.
+  const T* whh_halves = nullptr;
+  T* partials = nullptr;
 
   // One member's share: batch rows of the pointwise maths, column panels of the GEMMs (of
   // width Hout for d h_prev, H for the projection and the two-phase GRU's d(r*h)).
@@ -62,11 +121,45 @@ struct BackwardLoop {
     return p;
   }
 
+  // Row b of step k's pointwise maths over units [u0, u1), dh being the gradient reaching
+  // them (dh_prev is left to the caller).
+  RowBackward<T> row_at(int64_t k, int64_t b, int64_t u0, int64_t u1, const T* dh) const {
+    const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = int64_t(G) * H;
+    const bool lstm = s.cell == Cell::Lstm, gru = s.cell == Cell::Gru;
+    RowBackward<T> r;
+    r.dh = dh;
+    r.gates = a.saved.gates ? a.saved.gates + (k * B + b) * GH + u0 : nullptr;
+    r.h_prev = a.saved.h + (k * B + b) * Hout + u0;
+    r.h_next = a.saved.h + ((k + 1) * B + b) * Hout + u0;
+    r.c_prev = lstm ? a.saved.c + (k * B + b) * H + u0 : nullptr;
+    r.c_next = lstm ? a.saved.c + ((k + 1) * B + b) * H + u0 : nullptr;
+    r.extra = gru ? a.saved.gru_extra + (k * B + b) * H + u0 : nullptr;
+    r.dc = lstm ? dc + b * H + u0 : nullptr;
+    r.dgx = dgx + (steps.time(k, b) * B + b) * GH + u0;
+    r.dgh = dgh + (k * B + b) * GH + u0;
+    r.dgh_n = dghn + (k * B + b) * ld_n + u0;
+    r.dh_prev = nullptr;
+    r.H = H;
+    r.nu = static_cast<int>(u1 - u0);
+    return r;
+  }
+
+  // The cell's backward pointwise maths over one row (the first pass of the two-phase GRU's).
+  void cell_backward_row(const RowBackward<T>& r) const {
+    switch (s.cell) {
+      case Cell::RnnTanh: rnn_backward_row<T, false>(r); break;
+      case Cell::RnnRelu: rnn_backward_row<T, true>(r); break;
+      case Cell::Lstm: lstm_backward_row<T>(r); break;
+      case Cell::Gru:
+        if (s.linear_before_reset) gru_backward_row<T>(r); else gru_reset_backward_row1<T>(r);
+        break;
+    }
+  }
+
   // dh_prev's rows for the pointwise maths of step k (all cells: rows of this member only).
   void pointwise(int64_t k, const Share& p, const T* dh, const T* dcell, T* dh_prev) const {
     const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = int64_t(G) * H;
-    const bool lstm = s.cell == Cell::Lstm, gru = s.cell == Cell::Gru;
-    const bool gru_two_phase = gru && !s.linear_before_reset;
+    const bool gru = s.cell == Cell::Gru;
     T* dgh_k = dgh + k * B * GH;
     for (int64_t b = p.row0; b < p.row1; ++b) {
       if (!steps.active(k, b)) {  // a finished row passes its gradient straight through
@@ -75,29 +168,9 @@ struct BackwardLoop {
         continue;
       }
       if (!gru) std::memset(dh_prev + b * Hout, 0, sizeof(T) * Hout);  // filled by the GEMM
-      RowBackward<T> r;
-      r.dh = dcell + b * H;
-      r.gates = a.saved.gates ? a.saved.gates + (k * B + b) * GH : nullptr;
-      r.h_prev = a.saved.h + (k * B + b) * Hout;
-      r.h_next = a.saved.h + ((k + 1) * B + b) * Hout;
-      r.c_prev = lstm ? a.saved.c + (k * B + b) * H : nullptr;
-      r.c_next = lstm ? a.saved.c + ((k + 1) * B + b) * H : nullptr;
-      r.extra = gru ? a.saved.gru_extra + (k * B + b) * H : nullptr;
-      r.dc = lstm ? dc + b * H : nullptr;
-      r.dgx = dgx + (steps.time(k, b) * B + b) * GH;
-      r.dgh = dgh_k + b * GH;
-      r.dgh_n = dghn + (k * B + b) * ld_n;
+      RowBackward<T> r = row_at(k, b, 0, H, dcell + b * H);
       r.dh_prev = dh_prev + b * Hout;
-      r.H = H;
-      r.nu = static_cast<int>(H);
-      switch (s.cell) {
-        case Cell::RnnTanh: rnn_backward_row<T, false>(r); break;
-        case Cell::RnnRelu: rnn_backward_row<T, true>(r); break;
-        case Cell::Lstm: lstm_backward_row<T>(r); break;
-        case Cell::Gru:
-          if (gru_two_phase) gru_reset_backward_row1<T>(r); else gru_backward_row<T>(r);
-          break;
-      }
+      cell_backward_row(r);
     }
   }
 
@@ -173,6 +246,37 @@ struct BackwardLoop {
       meet();  // every column of d h_prev is complete
     }
   }
+
+  // The i-th to (i1-1)-th steps from the end under k_split_backward: member m < 2 takes half m
+  // (a lone thread both halves, members past the second only meet). d h_T is in dh_a; after
+  // step i the partials of d h_{T-1-i} are at partial_at(i + 1, 0 and 1).
+  void run_halves(int member, int team, StepBarrier* barrier, int64_t i0, int64_t i1) const {
+    const int64_t H = s.H, GH = int64_t(G) * H, panels = ceil_div<int64_t>(s.Hout, Tile<T>::NR);
+    Scratch<T> a_half(G * H);  // dG's row for a half's units, gate-major (the product's A)
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t k = s.T - 1 - i;
+      const T* dyr = a.dy + steps.time(k, 0) * s.Hout;
+      for (int h = 0; h < 2; ++h) {
+        if (team > 1 && h != member) continue;
+        int64_t u0 = 0, u1 = 0;
+        split_halves<T>(H, h, &u0, &u1);
+        const int64_t nu = u1 - u0;
+        T* dh = dh_a;  // (every step: d h_T at first, then the sum of the partials)
+        const T* p0 = i > 0 ? partial_at(i, 0) : nullptr;
+        const T* p1 = i > 0 ? partial_at(i, 1) : nullptr;
+        for (int64_t u = u0; u < u1; ++u) dh[u] = (p0 ? p0[u] + p1[u] : dh[u]) + dyr[u];
+        cell_backward_row(row_at(k, 0, u0, u1, dh + u0));
+        const T* dgh_k = dgh + k * GH;
+        for (int64_t g = 0; g < G; ++g)
+          std::memcpy(a_half.p + g * nu, dgh_k + g * H + u0, sizeof(T) * nu);
+        const T* w = whh_halves + (h == 0 ? 0 : halves_packed_size<T>(s, 0));
+        gemm_packed_panels<T>(1, s.Hout, G * nu, a_half.p, G * nu, 1, w, partial_at(i + 1, h),
+                              s.Hout, false, 0, panels, i & 1);
+      }
+      if (barrier) barrier->wait();
+    }
+  }
+  T* partial_at(int64_t i, int h) const { return partials + ((i % 2) * 2 + h) * s.Hout; }
 };
 
 // Threads worth a team for the time loop: as for the forward step (forward.h step_threads), a
@@ -184,10 +288,13 @@ int backward_step_threads(const LayerShape& s, int nthreads) {
   return nthreads;
 }
 
-// For tests and the curious (python's _C.step_split(..., backward=True)): 0 one thread, 3 a team.
+// For tests and the curious (python's _C.step_split(..., backward=True)), without lengths: 0 one
+// thread, 3 a team (rows and column panels), 4 the halves of k_split_backward (on a team of two,
+// or one thread taking both).
 template <typename T>
 int backward_split_kind(int cell, int64_t B, int64_t H, int64_t Hout, int nthreads) {
   LayerShape s{1, B, 1, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+  if (k_split_backward<T>(s, false)) return 4;
   return backward_step_threads<T>(s, nthreads) > 1 ? 3 : 0;
 }
 
@@ -227,9 +334,15 @@ void backward_on_threads(const BackwardArgs<T>& a) {
 
   // W_hh (GH x Hout) is already the K x N operand of dG W_hh; the GRU keeps W_hn apart (its n
   // gradients may live apart, and the two-phase GRU meets W_hn on its own).
-  const int64_t hh_rows = gru ? 2 * H : GH;
+  const bool k_split = k_split_backward<T>(s, a.lengths != nullptr);
+  const int64_t hh_rows = k_split ? 0 : gru ? 2 * H : GH;  // (nothing packed when 0)
   CachedPanels<T> whh(PanelKind::BackHH, a.w_hh, hh_rows, Hout, packed_b_size<T>(hh_rows, Hout),
                       nthreads, [&](T* buf) { pack_b_gemm<T>(hh_rows, Hout, a.w_hh, Hout, 1, buf, nthreads); });
+  CachedPanels<T> whh_halves(
+      PanelKind::BackHHHalves, a.w_hh, k_split ? GH : 0, Hout,
+      k_split ? halves_packed_size<T>(s, 0) + halves_packed_size<T>(s, 1) : 0, nthreads,
+      [&](T* buf) { pack_halves<T>(s, a.w_hh, buf, nthreads); });
+  Scratch<T> partials(k_split ? 4 * Hout : 0);
   const T* w_hn = a.w_hh + 2 * H * Hout;
   CachedPanels<T> whn(PanelKind::BackHN, w_hn, gru ? H : 0, H, gru ? packed_b_size<T>(H, H) : 0,
                       nthreads, [&](T* buf) {
@@ -250,9 +363,21 @@ void backward_on_threads(const BackwardArgs<T>& a) {
 
   BackwardLoop<T> loop{a, s, steps, G, dgx, dgh, dghn, ld_n, whh.get(), whn.get(), whr.get(),
                        dh_a.p, dh_b.p, dc.p, dhf.p, dhs.p, drh.p};
+  loop.whh_halves = whh_halves.get();
+  loop.partials = partials.p;
   const int nt = backward_step_threads<T>(s, nthreads);
   const auto alone = BackwardLoop<T>::share_of(s, 1, 0);
-  if (nt <= 1) {
+  if (k_split) {
+    auto halves = [&](int member, int team, StepBarrier* barrier, int64_t i0, int64_t i1) {
+      loop.run_halves(member, team, barrier, i0, i1);
+    };
+    if (nt <= 1) halves(0, 1, nullptr, 0, s.T);
+    else run_probed_team(nt, s.T, probe_steps(s), halves,
+                         [&](int64_t i0, int64_t i1) { halves(0, 1, nullptr, i0, i1); });
+    const T* p0 = loop.partial_at(s.T, 0);
+    const T* p1 = loop.partial_at(s.T, 1);
+    for (int64_t u = 0; u < Hout; ++u) a.dh0[u] = p0[u] + p1[u];
+  } else if (nt <= 1) {
     loop.run(alone, nullptr, 0, s.T);
   } else {  // small steps first check that the team pays, as the forward's (team_probe.h)
     run_probed_team(
@@ -262,7 +387,7 @@ void backward_on_threads(const BackwardArgs<T>& a) {
         },
         [&](int64_t i0, int64_t i1) { loop.run(alone, nullptr, i0, i1); });
   }
-  std::memcpy(a.dh0, loop.dh_at(s.T), sizeof(T) * B * Hout);
+  if (!k_split) std::memcpy(a.dh0, loop.dh_at(s.T), sizeof(T) * B * Hout);
   if (lstm) std::memcpy(a.dc0, dc.p, sizeof(T) * B * H);
 
   // Whole-sequence weight and input gradients.

@@ -24,7 +24,7 @@ struct Steps {
 
 // Packed panels of one weight matrix, reused from the calling thread's cache while the weight's
 // bytes are unchanged (workspace.cpp), else packed now by `pack_into(buffer)`.
-enum class PanelKind : int { InputProj = 1, Gates, Proj, BackHH, BackHN, BackHR, InputGates };
+enum class PanelKind : int { InputProj = 1, Gates, Proj, BackHH, BackHN, BackHR, InputGates, BackHHHalves };
 
 template <typename T>
 class CachedPanels {

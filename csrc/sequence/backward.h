@@ -6,9 +6,10 @@
 //
 // Threads: one team runs the whole time loop. Its members split the batch rows of the pointwise
 // maths and the column panels of each step's GEMMs, and meet twice a step (more for the LSTM
-// projection and the two-phase GRU) at a short-spin barrier; a team of small steps first checks
-// that its threads pay (team_probe.h). Every element is the same arithmetic either way, so
-// results are bitwise identical for any thread count.
+// projection and the two-phase GRU) at a short-spin barrier; a single row with small steps is
+// split in two halves of its units instead, which meet once (k_split_backward). A team of small
+// steps first checks that its threads pay (team_probe.h). Every element is the same arithmetic
+// either way, so results are bitwise identical for any thread count.
 #pragma once
 #include <cstdint>
 #include <cstring>

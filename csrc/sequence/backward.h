@@ -254,15 +254,16 @@ struct BackwardLoop {
   void run_halves(int member, int team, StepBarrier* barrier, int64_t i0, int64_t i1) const {
     const int64_t H = s.H, GH = int64_t(G) * H, panels = ceil_div<int64_t>(s.Hout, Tile<T>::NR);
     Scratch<T> a_half(G * H);  // dG's row for a half's units, gate-major (the product's A)
+    int64_t u0s[2], u1s[2];
+    for (int h = 0; h < 2; ++h) split_halves<T>(H, h, &u0s[h], &u1s[h]);
+    const T* w_half[2] = {whh_halves, whh_halves + halves_packed_size<T>(s, 0)};
+    T* dh = dh_a;  // d h_T at first, then each step the sum of the last step's partials
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t k = s.T - 1 - i;
       const T* dyr = a.dy + steps.time(k, 0) * s.Hout;
       for (int h = 0; h < 2; ++h) {
         if (team > 1 && h != member) continue;
-        int64_t u0 = 0, u1 = 0;
-        split_halves<T>(H, h, &u0, &u1);
-        const int64_t nu = u1 - u0;
-        T* dh = dh_a;  // (every step: d h_T at first, then the sum of the partials)
+        const int64_t u0 = u0s[h], u1 = u1s[h], nu = u1 - u0;
         const T* p0 = i > 0 ? partial_at(i, 0) : nullptr;
         const T* p1 = i > 0 ? partial_at(i, 1) : nullptr;
         for (int64_t u = u0; u < u1; ++u) dh[u] = (p0 ? p0[u] + p1[u] : dh[u]) + dyr[u];
@@ -270,9 +271,8 @@ struct BackwardLoop {
         const T* dgh_k = dgh + k * GH;
         for (int64_t g = 0; g < G; ++g)
           std::memcpy(a_half.p + g * nu, dgh_k + g * H + u0, sizeof(T) * nu);
-        const T* w = whh_halves + (h == 0 ? 0 : halves_packed_size<T>(s, 0));
-        gemm_packed_panels<T>(1, s.Hout, G * nu, a_half.p, G * nu, 1, w, partial_at(i + 1, h),
-                              s.Hout, false, 0, panels, i & 1);
+        gemm_packed_panels<T>(1, s.Hout, G * nu, a_half.p, G * nu, 1, w_half[h],
+                              partial_at(i + 1, h), s.Hout, false, 0, panels, i & 1);
       }
       if (barrier) barrier->wait();
     }

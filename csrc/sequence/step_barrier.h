@@ -94,7 +94,6 @@ struct alignas(64) StepProgress {
       else std::this_thread::yield();
     }
   }
-  bool failed() const { return steps.load(std::memory_order_acquire) == kFailed; }
 };
 
 // Steps with less work than this stay on one thread, forward and backward: the reasons and the

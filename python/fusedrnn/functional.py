@@ -62,16 +62,16 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     if not (len(h0) == len(c0) == L) or L == 0:
         raise ValueError(f"h0 and c0 need one entry per layer ({L}), got {len(h0)} and {len(c0)}")
     h0, c0, layers = list(h0), list(c0), [tuple(w) for w in layers]
+    given = x
     if not checked:
         x, h0[0], c0[0], *weights, _ = check_layer_args(cell, x, h0[0], c0[0], *layers[0], None)
         layers[0] = tuple(weights)
-        T, B, _ = x.shape
         for k in range(1, L):
             H_out = layers[k - 1][1].shape[1]
-            h0[k], c0[k], *weights = check_layer_params(cell, x.dtype, B, H_out, h0[k], c0[k],
-                                                        *layers[k])
+            h0[k], c0[k], *weights = check_layer_params(cell, x.dtype, x.shape[1], H_out, h0[k],
+                                                        c0[k], *layers[k])
             layers[k] = tuple(weights)
-    if training:
+    if training and x is given:
         x = x.copy()  # the caller may reuse x's buffer before backward (see forward_checked)
     outs = _C.forward_stack(CELL_CODES[cell], bool(linear_before_reset), bool(training), x, h0,
                             c0, *(list(w) for w in zip(*layers)), isa=isa)

@@ -1,0 +1,231 @@
+"""fusedrnn against ONNX: the operator's own test cases (onnx/backend/test/case/node/{rnn,gru,
+lstm}.py, their expected outputs and their NumPy helpers) and ONNX Runtime on random ones.
+
+These are the independent oracle for what torch does not have, above all the GRU with
+``linear_before_reset=False`` (ONNX's default), and a second one for the rest: ONNX's gate orders
+(LSTM i,o,f,c; GRU z,r,h), its ``direction`` ("reverse" alone is functional.forward's
+``reverse=True``), ``layout=1`` (batch_first) and ``sequence_lens``. Skipped without onnx /
+onnxruntime (the test extra installs both)."""
+import numpy as np
+import pytest
+
+from fusedrnn import _C, functional as F
+from fusedrnn.tolerances import assert_close
+
+onnx = pytest.importorskip("onnx")
+
+from onnx.backend.test.case.node import gru as onnx_gru, lstm as onnx_lstm, rnn as onnx_rnn  # noqa: E402
+
+# ONNX gate blocks, as indices into torch's (our) order.
+ONNX_TO_TORCH = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}
+HELPERS = {"LSTM": onnx_lstm.LSTMHelper, "GRU": onnx_gru.GRUHelper, "RNN": onnx_rnn.RNNHelper}
+CASE_MODULES = {"LSTM": onnx_lstm.LSTM, "GRU": onnx_gru.GRU, "RNN": onnx_rnn.RNN}
+# ONNX cases outside torch.nn's semantics, which fusedrnn keeps: named so none is dropped unseen.
+NOT_MAPPED = {"test_lstm_with_peepholes": "peepholes (P) are not in torch.nn's LSTM"}
+
+
+def onnx_cases():
+    """(name, node, inputs, expected outputs) of every exported ONNX test case of the three ops,
+    caught by standing in for the modules' ``expect``."""
+    found = []
+    for op, cls in CASE_MODULES.items():
+        module = {"LSTM": onnx_lstm, "GRU": onnx_gru, "RNN": onnx_rnn}[op]
+        saved = module.expect
+
+        def catch(node, inputs, outputs, name, **_):
+            found.append((name, node, inputs, outputs))
+        module.expect = catch
+        try:
+            np.random.seed(0)  # some cases draw random weights
+            for attr in sorted(dir(cls)):
+                if attr.startswith("export"):
+                    getattr(cls, attr)()
+        finally:
+            module.expect = saved
+    return found
+
+
+CASES = onnx_cases()
+
+
+def torch_order(a, op, axis=0):
+    blocks = np.split(a, len(ONNX_TO_TORCH[op]), axis=axis)
+    return np.concatenate([blocks[i] for i in ONNX_TO_TORCH[op]], axis=axis)
+
+
+def node_attrs(node):
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def run_fusedrnn(node, feeds, dtype, isa=None):
+    """The ONNX node's outputs (Y, Y_h, Y_c as it names them) computed by functional.forward,
+    one call per direction."""
+    op, attrs = node.op_type, node_attrs(node)
+    supported = {"hidden_size", "direction", "layout", "linear_before_reset", "activations"}
+    assert set(attrs) <= supported, f"unmapped attributes {set(attrs) - supported}"
+    acts = [a.decode() if isinstance(a, bytes) else a for a in attrs.get("activations", [])]
+    cell = {"LSTM": "lstm", "GRU": "gru"}.get(op) or {(): "rnn_tanh", ("Tanh",): "rnn_tanh",
+                                                      ("Relu",): "rnn_relu"}[tuple(acts[:1])]
+    if op != "RNN":
+        assert not acts, "only the default activations map"
+    layout = attrs.get("layout", 0)
+    x = feeds["X"].astype(dtype)
+    if layout:
+        x = np.swapaxes(x, 0, 1)
+    T, B, _ = x.shape
+    W, R = feeds["W"].astype(dtype), feeds["R"].astype(dtype)
+    D, H = W.shape[0], R.shape[-1]
+    G = len(ONNX_TO_TORCH[op])
+    bias = feeds.get("B")
+    bias = np.zeros((D, 2 * G * H), dtype) if bias is None else bias.astype(dtype)
+    h0, c0 = feeds.get("initial_h"), feeds.get("initial_c")
+    if h0 is not None and layout:
+        h0 = np.swapaxes(h0, 0, 1)
+    if c0 is not None and layout:
+        c0 = np.swapaxes(c0, 0, 1)
+    lens = feeds.get("sequence_lens")
+    lengths = None if lens is None or np.all(lens == T) else lens.astype(np.int64)
+    direction = attrs.get("direction", b"forward")
+    direction = direction.decode() if isinstance(direction, bytes) else direction
+    reverse_of = {"forward": [False], "reverse": [True], "bidirectional": [False, True]}[direction]
+    assert len(reverse_of) == D
+    ys, hns, cns = [], [], []
+    for d, reverse in enumerate(reverse_of):
+        b_ih, b_hh = np.split(bias[d], 2)
+        y, hn, cn, _ = F.forward(
+            cell, np.ascontiguousarray(x),
+            np.zeros((B, H), dtype) if h0 is None else np.ascontiguousarray(h0[d], dtype),
+            None if op != "LSTM" else
+            np.zeros((B, H), dtype) if c0 is None else np.ascontiguousarray(c0[d], dtype),
+            np.ascontiguousarray(torch_order(W[d], op)), np.ascontiguousarray(torch_order(R[d], op)),
+            np.ascontiguousarray(torch_order(b_ih, op)), np.ascontiguousarray(torch_order(b_hh, op)),
+            lengths=lengths, reverse=reverse,
+            linear_before_reset=bool(attrs.get("linear_before_reset", 0)), training=False,
+            isa=isa)
+        ys.append(y)
+        hns.append(hn)
+        cns.append(cn)
+    Y, Y_h = np.stack(ys, axis=1), np.stack(hns)  # (T, D, B, H), (D, B, H)
+    Y_c = np.stack(cns) if op == "LSTM" else None
+    if layout:
+        Y, Y_h = Y.transpose(2, 0, 1, 3), Y_h.transpose(1, 0, 2)
+        Y_c = None if Y_c is None else Y_c.transpose(1, 0, 2)
+    return dict(zip(["Y", "Y_h", "Y_c"], [Y, Y_h, Y_c]))
+
+
+def feeds_of(node, inputs):
+    return {name: value for name, value in zip(node.input, inputs) if name}
+
+
+def test_every_onnx_case_is_seen():
+    """The ONNX package's cases were found, all three ops, and only the named ones are left
+    out: a test over no cases would pass whatever the kernels did."""
+    names = {name for name, *_ in CASES}
+    for op in ("lstm", "gru", "rnn"):
+        assert sum(op in n for n in names) >= 4, names
+    assert set(NOT_MAPPED) <= names
+
+
+@pytest.mark.parametrize("name,node,inputs,outputs", [c for c in CASES if c[0] not in NOT_MAPPED],
+                         ids=[c[0] for c in CASES if c[0] not in NOT_MAPPED])
+def test_onnx_case_float32(name, node, inputs, outputs):
+    """ONNX's expected outputs (computed by its helpers in float32) within our float32 forward
+    tolerance."""
+    got = run_fusedrnn(node, feeds_of(node, inputs), np.float32)
+    named = [n for n in node.output if n]  # expect() lists the outputs the node names
+    assert len(named) == len(outputs)
+    for out_name, want in zip(named, outputs):
+        assert_close(got[out_name], want, np.float32, what=f"{name} {out_name}")
+
+
+@pytest.mark.parametrize("name,node,inputs,outputs", [c for c in CASES if c[0] not in NOT_MAPPED],
+                         ids=[c[0] for c in CASES if c[0] not in NOT_MAPPED])
+def test_onnx_case_float64(name, node, inputs, outputs):
+    """The same case in float64 against ONNX's own helper run in float64: the semantics to the
+    last bits, not only to float32's tolerance."""
+    feeds = feeds_of(node, inputs)
+    attrs = node_attrs(node)
+    helper_args = {k: (v.astype(np.float64) if v.dtype.kind == "f" else v)
+                   for k, v in feeds.items() if k not in ("sequence_lens",)}
+    for key in ("direction", "layout", "linear_before_reset"):
+        if key in attrs:
+            v = attrs[key]
+            helper_args[key] = v.decode() if isinstance(v, bytes) else v
+    want = dict(zip(["Y", "Y_h", "Y_c"], HELPERS[node.op_type](**helper_args).step()))
+    got = run_fusedrnn(node, feeds, np.float64)
+    for out_name in node.output:
+        if out_name:
+            assert_close(got[out_name], want[out_name], np.float64, what=f"{name} {out_name}")
+
+
+# ---- ONNX Runtime on random cases: lengths, both GRU variants, relu, directions ----
+
+ort = pytest.importorskip("onnxruntime")
+
+RANDOM_CASES = [  # op, activation or linear_before_reset, direction, ragged lengths
+    ("RNN", "Tanh", "forward", False),
+    ("RNN", "Relu", "bidirectional", True),
+    ("RNN", "Tanh", "reverse", True),
+    ("LSTM", None, "forward", True),
+    ("LSTM", None, "bidirectional", True),
+    ("LSTM", None, "reverse", False),
+    ("GRU", 0, "forward", True),
+    ("GRU", 0, "bidirectional", True),
+    ("GRU", 0, "reverse", True),
+    ("GRU", 1, "forward", False),
+    ("GRU", 1, "bidirectional", True),
+]
+
+
+def ort_node_outputs(node, feeds):
+    from onnx import TensorProto, helper
+    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int32): TensorProto.INT32}
+    inputs = [helper.make_tensor_value_info(n, types[v.dtype], list(v.shape))
+              for n, v in feeds.items()]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in node.output]
+    graph = helper.make_graph([node], "case", inputs, outputs)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(model.SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    return dict(zip(node.output, session.run(None, feeds)))
+
+
+@pytest.mark.parametrize("op,variant,direction,ragged", RANDOM_CASES)
+def test_onnxruntime_random(rng, op, variant, direction, ragged):
+    """Random weights and states, batch 5 with ragged lengths (some rows the whole T) and H = 37
+    (partial vectors), against ONNX Runtime's operator in float32 (its CPU kernels refuse
+    layout = 1; ONNX's own batchwise cases above cover it)."""
+    layout = 0
+    T, B, I, H = 7, 5, 6, 37
+    G = len(ONNX_TO_TORCH[op])
+    D = 2 if direction == "bidirectional" else 1
+    f32 = np.float32
+    x = rng.standard_normal((B, T, I) if layout else (T, B, I)).astype(f32)
+    feeds = {"X": x,
+             "W": (0.4 * rng.standard_normal((D, G * H, I))).astype(f32),
+             "R": (0.4 * rng.standard_normal((D, G * H, H))).astype(f32),
+             "B": (0.2 * rng.standard_normal((D, 2 * G * H))).astype(f32)}
+    lens = rng.integers(1, T + 1, size=B).astype(np.int32) if ragged else np.full(B, T, np.int32)
+    if ragged:
+        lens[0] = T
+    feeds["sequence_lens"] = lens
+    state_shape = (B, D, H) if layout else (D, B, H)
+    feeds["initial_h"] = (0.5 * rng.standard_normal(state_shape)).astype(f32)
+    outputs = ["Y", "Y_h"]
+    if op == "LSTM":
+        feeds["initial_c"] = (0.5 * rng.standard_normal(state_shape)).astype(f32)
+        outputs.append("Y_c")
+    attrs = {"hidden_size": H, "direction": direction, "layout": layout}
+    if op == "GRU":
+        attrs["linear_before_reset"] = variant
+    if op == "RNN":
+        attrs["activations"] = [variant] * D
+    node = onnx.helper.make_node(op, list(feeds), outputs, **attrs)
+    want = ort_node_outputs(node, feeds)
+    for isa in _C.available_isas():
+        got = run_fusedrnn(node, feeds, f32, isa)
+        for name in outputs:
+            assert_close(got[name], want[name], f32, what=f"{op} {name} ({isa})")

@@ -413,6 +413,35 @@ def test_sgd_step_through_named_parameters_changes_the_layer(rng):
     assert [id(p) for p in layer.parameters()] == [id(v) for v in sd.values()]
 
 
+def test_parameters_are_attributes_under_torch_names(rng):
+    """layer.weight_ih_l0 etc. are the live arrays; assigning one copies into that array after
+    the checks load_state_dict makes (a plain attribute would shadow the parameter, unused)."""
+    layer = fusedrnn.GRU(3, 4, num_layers=2, bidirectional=True, dtype=F64, seed=0)
+    sd = layer.state_dict()
+    for name in sd:
+        assert getattr(layer, name) is sd[name] and name in dir(layer)
+    x = rng.standard_normal((5, 2, 3))
+    y0, _ = layer(x)
+    held = layer.weight_hh_l1_reverse
+    new = rng.standard_normal(held.shape).astype(np.float32)   # other float dtypes are cast
+    layer.weight_hh_l1_reverse = new
+    assert layer.weight_hh_l1_reverse is held and np.array_equal(held, new.astype(F64))
+    assert "weight_hh_l1_reverse" not in vars(layer)
+    y1, _ = layer(x)
+    assert not np.array_equal(y0[:, :, 4:], y1[:, :, 4:])     # the reverse direction's output
+    np.testing.assert_array_equal(y0[:, :, :4], y1[:, :, :4])
+    with pytest.raises(ValueError, match=r"weight_ih_l0 must have shape \(12, 3\), got \(12, 4\)"):
+        layer.weight_ih_l0 = np.zeros((12, 4))
+    with pytest.raises(TypeError, match="bias_hh_l0 must have a float dtype, got int64"):
+        layer.bias_hh_l0 = np.zeros(12, dtype=np.int64)
+    with pytest.raises(AttributeError, match="no attribute 'weight_hr_l0'"):
+        layer.weight_hr_l0
+    layer.note = "plain attributes still work"
+    assert layer.note == "plain attributes still work"
+    assert [len(g) for g in layer.all_weights] == [4, 4, 4, 4]
+    assert layer.all_weights[3][1] is layer.weight_hh_l1_reverse
+
+
 def test_load_state_dict_copies_into_the_live_arrays_and_casts(rng):
     a = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=True, seed=0)
     b = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=True, seed=1, dtype=F64)

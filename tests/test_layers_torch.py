@@ -296,6 +296,25 @@ def test_init_matches_torch_distribution():
         assert abs(p.std() - bound / np.sqrt(3)) < 0.1 * bound  # std of U(-b, b)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_parameter_attributes_and_all_weights_as_torch(cell):
+    """The same attribute names as torch.nn's modules, and all_weights grouped as torch groups
+    it (per layer and direction, in order)."""
+    kw = dict(num_layers=2, bidirectional=True)
+    kw.update({"lstm": {"proj_size": 2}, "rnn_relu": {"nonlinearity": "relu"}}.get(cell, {}))
+    kind = cell.split("_")[0]
+    m = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](3, 4, **kw)
+    layer = {"rnn": fusedrnn.RNN, "lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU}[kind](3, 4, **kw)
+    layer.load_state_dict(m.state_dict())
+    for name, p in m.named_parameters():
+        np.testing.assert_array_equal(getattr(layer, name), p.detach().numpy())
+    assert [[tuple(w.shape) for w in g] for g in m.all_weights] == \
+        [[w.shape for w in g] for g in layer.all_weights]
+    for g, tg in zip(layer.all_weights, m.all_weights):
+        for w, tw in zip(g, tg):
+            np.testing.assert_array_equal(w, tw.detach().numpy())
+
+
 def test_load_state_dict_takes_parameters_and_other_float_dtypes():
     """named_parameters() (tensors that require grad) and a float32 state_dict load too."""
     m = torch.nn.GRU(3, 4, num_layers=2)

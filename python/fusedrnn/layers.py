@@ -108,6 +108,36 @@ class _Layer:
         """{torch name: array}: the live parameter arrays (copy them to keep a snapshot)."""
         return dict(self._params)
 
+    # torch.nn's parameter attributes (rnn.weight_ih_l0, ...): the live arrays, as
+    # named_parameters() gives them. Assigning one copies into that array, checked as
+    # load_state_dict checks: a plain attribute of that name would shadow the parameter and be
+    # ignored by forward, a silent wrong answer.
+    def __getattr__(self, name):
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            self._copy_into_params({name: value})
+            return
+        object.__setattr__(self, name, value)
+
+    def __dir__(self):
+        return sorted(set(super().__dir__()) | set(self.__dict__.get("_params", ())))
+
+    @property
+    def all_weights(self):
+        """Per layer and direction, its parameters in torch's order (as torch's all_weights)."""
+        s, groups = self._spec, []
+        for k in range(s.num_layers):
+            for d in range(s.num_directions):
+                suffix = f"_l{k}" + ("_reverse" if d else "")
+                groups.append([p for name, p in self._params.items() if name.endswith(suffix)])
+        return groups
+
     def load_state_dict(self, state_dict):
         """Copy parameters from a mapping of torch names to arrays (NumPy arrays, a torch
         ``state_dict()``, anything ``np.asarray`` accepts). Every name and shape is checked
@@ -125,16 +155,23 @@ class _Layer:
             if unexpected:
                 parts.append(f"unexpected keys {unexpected}")
             raise ValueError(f"state_dict does not match {self!r}: {' and '.join(parts)}")
-        values = {}
-        for name, shape in expected.items():
-            v = _to_numpy(state_dict[name])
+        self._copy_into_params({name: state_dict[name] for name in expected},
+                               label="state_dict[{!r}]")
+
+    def _copy_into_params(self, values, label="{}"):
+        """Copies {name: array-like} into the live parameter arrays once every value has the
+        parameter's shape and a float dtype (cast as torch does); nothing is copied otherwise."""
+        expected = self._spec.param_shapes()
+        checked = {}
+        for name, value in values.items():
+            v = _to_numpy(value)
+            what = label.format(name)
             if v.dtype.kind != "f":
-                raise TypeError(f"state_dict[{name!r}] must have a float dtype, "
-                                f"got {v.dtype.name}")
-            if v.shape != shape:
-                raise ValueError(f"state_dict[{name!r}] must have shape {shape}, got {v.shape}")
-            values[name] = v
-        for name, v in values.items():
+                raise TypeError(f"{what} must have a float dtype, got {v.dtype.name}")
+            if v.shape != expected[name]:
+                raise ValueError(f"{what} must have shape {expected[name]}, got {v.shape}")
+            checked[name] = v
+        for name, v in checked.items():
             np.copyto(self._params[name], v, casting="same_kind")
         self._forget("the parameters were reloaded since the last forward")
 

@@ -69,6 +69,9 @@ class _Layer:
     batch_first = property(lambda self: self._spec.batch_first)
     dropout = property(lambda self: self._spec.dropout)
     bidirectional = property(lambda self: self._spec.bidirectional)
+    proj_size = property(lambda self: self._spec.proj_size)  # 0 but for a projected LSTM
+    # torch's mode string: 'RNN_TANH', 'RNN_RELU', 'LSTM' or 'GRU'
+    mode = property(lambda self: self._spec.cell.upper())
 
     def __repr__(self):
         s = self._spec
@@ -357,7 +360,6 @@ class LSTM(_Layer):
                                  dropout, bidirectional, proj_size=proj_size)
         super().__init__(spec, dtype, seed)
 
-    proj_size = property(lambda self: self._spec.proj_size)
 
     def _extra_repr(self):
         return [f"proj_size={self.proj_size}"] if self.proj_size else []

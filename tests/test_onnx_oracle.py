@@ -9,15 +9,16 @@ onnxruntime (the test extra installs both)."""
 import numpy as np
 import pytest
 
+import fusedrnn
 from fusedrnn import _C, functional as F
+from fusedrnn.onnx_layout import from_onnx_gates, load_onnx_weights, onnx_weights
 from fusedrnn.tolerances import assert_close
 
 onnx = pytest.importorskip("onnx")
 
 from onnx.backend.test.case.node import gru as onnx_gru, lstm as onnx_lstm, rnn as onnx_rnn  # noqa: E402
 
-# ONNX gate blocks, as indices into torch's (our) order.
-ONNX_TO_TORCH = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 HELPERS = {"LSTM": onnx_lstm.LSTMHelper, "GRU": onnx_gru.GRUHelper, "RNN": onnx_rnn.RNNHelper}
 CASE_MODULES = {"LSTM": onnx_lstm.LSTM, "GRU": onnx_gru.GRU, "RNN": onnx_rnn.RNN}
 # ONNX cases outside torch.nn's semantics, which fusedrnn keeps: named so none is dropped unseen.
@@ -48,11 +49,6 @@ def onnx_cases():
 CASES = onnx_cases()
 
 
-def torch_order(a, op, axis=0):
-    blocks = np.split(a, len(ONNX_TO_TORCH[op]), axis=axis)
-    return np.concatenate([blocks[i] for i in ONNX_TO_TORCH[op]], axis=axis)
-
-
 def node_attrs(node):
     return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
 
@@ -75,7 +71,7 @@ def run_fusedrnn(node, feeds, dtype, isa=None):
     T, B, _ = x.shape
     W, R = feeds["W"].astype(dtype), feeds["R"].astype(dtype)
     D, H = W.shape[0], R.shape[-1]
-    G = len(ONNX_TO_TORCH[op])
+    G = GATES[op]
     bias = feeds.get("B")
     bias = np.zeros((D, 2 * G * H), dtype) if bias is None else bias.astype(dtype)
     h0, c0 = feeds.get("initial_h"), feeds.get("initial_c")
@@ -97,8 +93,10 @@ def run_fusedrnn(node, feeds, dtype, isa=None):
             np.zeros((B, H), dtype) if h0 is None else np.ascontiguousarray(h0[d], dtype),
             None if op != "LSTM" else
             np.zeros((B, H), dtype) if c0 is None else np.ascontiguousarray(c0[d], dtype),
-            np.ascontiguousarray(torch_order(W[d], op)), np.ascontiguousarray(torch_order(R[d], op)),
-            np.ascontiguousarray(torch_order(b_ih, op)), np.ascontiguousarray(torch_order(b_hh, op)),
+            np.ascontiguousarray(from_onnx_gates(W[d], cell)),
+            np.ascontiguousarray(from_onnx_gates(R[d], cell)),
+            np.ascontiguousarray(from_onnx_gates(b_ih, cell)),
+            np.ascontiguousarray(from_onnx_gates(b_hh, cell)),
             lengths=lengths, reverse=reverse,
             linear_before_reset=bool(attrs.get("linear_before_reset", 0)), training=False,
             isa=isa)
@@ -200,7 +198,7 @@ def test_onnxruntime_random(rng, op, variant, direction, ragged):
     layout = 1; ONNX's own batchwise cases above cover it)."""
     layout = 0
     T, B, I, H = 7, 5, 6, 37
-    G = len(ONNX_TO_TORCH[op])
+    G = GATES[op]
     D = 2 if direction == "bidirectional" else 1
     f32 = np.float32
     x = rng.standard_normal((B, T, I) if layout else (T, B, I)).astype(f32)
@@ -229,3 +227,61 @@ def test_onnxruntime_random(rng, op, variant, direction, ragged):
         got = run_fusedrnn(node, feeds, f32, isa)
         for name in outputs:
             assert_close(got[name], want[name], f32, what=f"{op} {name} ({isa})")
+
+
+# ---- onnx_layout: a layer's weights as ONNX nodes take them, and back ----
+
+LAYERS = {"RNN": fusedrnn.RNN, "LSTM": fusedrnn.LSTM, "GRU": fusedrnn.GRU}
+
+
+@pytest.mark.parametrize("op,lbr", [("RNN", None), ("LSTM", None), ("GRU", 0), ("GRU", 1)])
+def test_layer_weights_run_in_onnxruntime(rng, op, lbr):
+    """A two-layer bidirectional stack: each layer's onnx_weights in an ONNX Runtime node, the
+    first node's Y (T, D, B, H) laid out as the second's input (T, B, D*H), gives the layer's
+    y and hn; and the weights load back into a fresh layer unchanged."""
+    kw = {} if lbr is None else {"linear_before_reset": bool(lbr)}
+    T, B, I, H = 6, 3, 5, 7
+    layer = LAYERS[op](I, H, num_layers=2, bidirectional=True, seed=3, **kw).eval()
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    y, hh = layer(x)
+    hn = hh[0] if op == "LSTM" else hh
+    inp, hns = x, []
+    for k in range(2):
+        W, R, Bias = onnx_weights(layer, k)
+        attrs = {"hidden_size": H, "direction": "bidirectional"}
+        if lbr is not None:
+            attrs["linear_before_reset"] = lbr
+        feeds = {"X": inp, "W": W, "R": R, "B": Bias}
+        node = onnx.helper.make_node(op, list(feeds), ["Y", "Y_h"], **attrs)
+        out = ort_node_outputs(node, feeds)
+        inp = np.ascontiguousarray(out["Y"].transpose(0, 2, 1, 3).reshape(T, B, 2 * H))
+        hns.append(out["Y_h"])
+    assert_close(y, inp, np.float32, what="y")
+    assert_close(hn, np.concatenate(hns), np.float32, what="hn")
+    again = LAYERS[op](I, H, num_layers=2, bidirectional=True, seed=4, **kw)
+    for k in range(2):
+        load_onnx_weights(again, *onnx_weights(layer, k), layer_index=k)
+    for name, p in layer.state_dict().items():
+        np.testing.assert_array_equal(again.state_dict()[name], p)
+
+
+def test_onnx_layout_refuses_what_does_not_map(rng):
+    lstm = fusedrnn.LSTM(3, 4)
+    W, R, B = onnx_weights(lstm)
+    assert (W.shape, R.shape, B.shape) == ((1, 16, 3), (1, 16, 4), (1, 32))
+    with pytest.raises(ValueError, match=r"R must have shape \(1, 16, 4\)"):
+        load_onnx_weights(lstm, W, R[:, :, :3], B)
+    with pytest.raises(TypeError, match="W must have a float dtype"):
+        load_onnx_weights(lstm, W.astype(np.int32), R, B)
+    with pytest.raises(ValueError, match="layer_index must be an int in 0..0"):
+        onnx_weights(lstm, 1)
+    with pytest.raises(ValueError, match="projection"):
+        onnx_weights(fusedrnn.LSTM(3, 4, proj_size=2))
+    no_bias = fusedrnn.GRU(3, 4, bias=False)
+    W, R, B = onnx_weights(no_bias)
+    assert not B.any()
+    load_onnx_weights(no_bias, W, R)
+    with pytest.raises(ValueError, match="B must be zeros"):
+        load_onnx_weights(no_bias, W, R, B + 1)
+    with pytest.raises(TypeError, match="fusedrnn RNN, LSTM or GRU"):
+        onnx_weights(object())

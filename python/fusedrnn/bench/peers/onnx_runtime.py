@@ -7,10 +7,10 @@ The session runs ``intra_op_num_threads`` = the case's thread count, ``inter_op_
 """
 import numpy as np
 
+from ...onnx_layout import to_onnx_gates
+
 OPSET = 17
 IR_VERSION = 8
-# Rows of ONNX's gate blocks, as indices into torch's.
-GATE_ORDER = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,), "rnn_relu": (0,)}
 OP = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN", "rnn_relu": "RNN"}
 
 
@@ -42,12 +42,6 @@ class OnnxRuntimePeer:
         return OnnxRunner(session, problem)
 
 
-def _reorder(a, cell):
-    """Gate blocks of the first axis of ``a`` from torch's order to ONNX's."""
-    blocks = np.split(a, len(GATE_ORDER[cell]), axis=0)
-    return np.concatenate([blocks[i] for i in GATE_ORDER[cell]], axis=0)
-
-
 def build_model(onnx, problem):
     from onnx import TensorProto, helper, numpy_helper
     cell = problem.cell
@@ -61,9 +55,9 @@ def build_model(onnx, problem):
     nodes, hn_names, cn_names = [], [], []
     layer_in = "x"
     for k, w in enumerate(problem.layers):
-        W = _reorder(w["w_ih"], cell)[None]
-        R = _reorder(w["w_hh"], cell)[None]
-        Bias = np.concatenate([_reorder(w["b_ih"], cell), _reorder(w["b_hh"], cell)])[None]
+        W = to_onnx_gates(w["w_ih"], cell)[None]
+        R = to_onnx_gates(w["w_hh"], cell)[None]
+        Bias = np.concatenate([to_onnx_gates(w["b_ih"], cell), to_onnx_gates(w["b_hh"], cell)])[None]
         for name, arr in ((f"W{k}", W), (f"R{k}", R), (f"B{k}", Bias)):
             init.append(numpy_helper.from_array(np.ascontiguousarray(arr, np.float32), name))
         # initial state of layer k: x[k:k+1] of h0 (and c0)

@@ -1,0 +1,109 @@
+"""ONNX's RNN / LSTM / GRU weights to and from a layer's (torch.nn's) parameters.
+
+ONNX keeps one node per layer, its weights stacked by direction and its gates in another order:
+
+    W (D, G*H, input)   R (D, G*H, hidden)   B (D, 2*G*H) = [W_b, R_b]
+    gates: LSTM i, o, f, c (torch i, f, g, o); GRU z, r, h (torch r, z, n); RNN one block
+
+    W, R, B = fusedrnn.onnx_layout.onnx_weights(lstm, layer=0)   # to feed an ONNX LSTM node
+    fusedrnn.onnx_layout.load_onnx_weights(lstm, W, R, B, layer=0)   # from one
+
+The node's other attributes must agree with the layer: ``direction`` "forward" for one
+direction or "bidirectional" for two (ONNX's "reverse" alone has no torch.nn layer; see
+``functional.forward(..., reverse=True)``), its default activations (RNN: Tanh, or Relu for
+``nonlinearity="relu"``), no ``clip`` nor ``input_forget``, no peepholes (``P``), and for the GRU
+``linear_before_reset`` as the layer's (ONNX's default 0 is ``linear_before_reset=False``).
+A projected LSTM (``proj_size``) has no ONNX form.
+"""
+import numpy as np
+
+# ONNX's gate blocks, as indices into torch's (gate j of ONNX is torch's block ONNX_GATES[j]).
+ONNX_GATES = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,)}
+
+
+def to_onnx_gates(a, cell):
+    """The gate blocks along a's first axis, from torch's order to ONNX's. cell: "rnn", "lstm"
+    or "gru" ("rnn_tanh" and "rnn_relu" too)."""
+    order = ONNX_GATES[_kind(cell)]
+    blocks = np.split(np.asarray(a), len(order), axis=0)
+    return np.concatenate([blocks[i] for i in order], axis=0)
+
+
+def from_onnx_gates(a, cell):
+    """The gate blocks along a's first axis, from ONNX's order to torch's."""
+    order = ONNX_GATES[_kind(cell)]
+    blocks = np.split(np.asarray(a), len(order), axis=0)
+    back = [None] * len(order)
+    for j, i in enumerate(order):
+        back[i] = blocks[j]
+    return np.concatenate(back, axis=0)
+
+
+def onnx_weights(layer, layer_index=0):
+    """(W, R, B) of ONNX's node for layer ``layer_index`` of a fusedrnn RNN, LSTM or GRU, new
+    arrays of the layer's dtype; B is zeros for a layer without biases."""
+    cell, D = _check(layer, layer_index)
+    params = layer.state_dict()
+    W, R, B = [], [], []
+    for d in range(D):
+        name = f"_l{layer_index}" + ("_reverse" if d else "")
+        W.append(to_onnx_gates(params["weight_ih" + name], cell))
+        R.append(to_onnx_gates(params["weight_hh" + name], cell))
+        GH = params["weight_hh" + name].shape[0]
+        b_ih = params.get("bias_ih" + name, np.zeros(GH, layer.dtype))
+        b_hh = params.get("bias_hh" + name, np.zeros(GH, layer.dtype))
+        B.append(np.concatenate([to_onnx_gates(b_ih, cell), to_onnx_gates(b_hh, cell)]))
+    return np.stack(W), np.stack(R), np.stack(B)
+
+
+def load_onnx_weights(layer, W, R, B=None, layer_index=0):
+    """Copies an ONNX node's W, R and B (None: zeros) into layer ``layer_index`` of a fusedrnn
+    RNN, LSTM or GRU, checked as ``load_state_dict`` checks (shapes named, float dtypes, cast to
+    the layer's dtype). A layer without biases takes only a B of zeros (or None)."""
+    cell, D = _check(layer, layer_index)
+    shapes = layer._spec.param_shapes()
+    first = f"_l{layer_index}"
+    GH, I = shapes["weight_ih" + first]
+    H_out = shapes["weight_hh" + first][1]
+    expected = {"W": (D, GH, I), "R": (D, GH, H_out), "B": (D, 2 * GH)}
+    given = {"W": W, "R": R, "B": np.zeros(expected["B"]) if B is None else B}
+    arrays = {}
+    for key, value in given.items():
+        a = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        if a.dtype.kind != "f":
+            raise TypeError(f"{key} must have a float dtype, got {a.dtype.name}")
+        if a.shape != expected[key]:
+            raise ValueError(f"{key} must have shape {expected[key]} (num_directions, ...) for "
+                             f"layer {layer_index} of {layer!r}, got {a.shape}")
+        arrays[key] = a
+    values = {}
+    for d in range(D):
+        name = first + ("_reverse" if d else "")
+        values["weight_ih" + name] = from_onnx_gates(arrays["W"][d], cell)
+        values["weight_hh" + name] = from_onnx_gates(arrays["R"][d], cell)
+        b_ih, b_hh = np.split(arrays["B"][d], 2)
+        if "bias_ih" + name in shapes:
+            values["bias_ih" + name] = from_onnx_gates(b_ih, cell)
+            values["bias_hh" + name] = from_onnx_gates(b_hh, cell)
+        elif np.any(b_ih) or np.any(b_hh):
+            raise ValueError(f"B must be zeros for {layer!r}, which has no biases (bias=False)")
+    layer._copy_into_params(values)
+
+
+def _kind(cell):
+    kind = str(cell).split("_")[0]
+    if kind not in ONNX_GATES:
+        raise ValueError(f"cell must be one of rnn, rnn_tanh, rnn_relu, lstm, gru; got {cell!r}")
+    return kind
+
+
+def _check(layer, layer_index):
+    spec = getattr(layer, "_spec", None)
+    if spec is None:
+        raise TypeError(f"layer must be a fusedrnn RNN, LSTM or GRU, got {type(layer).__name__}")
+    if not isinstance(layer_index, (int, np.integer)) or not 0 <= layer_index < spec.num_layers:
+        raise ValueError(f"layer_index must be an int in 0..{spec.num_layers - 1}, "
+                         f"got {layer_index!r}")
+    if spec.proj_size:
+        raise ValueError(f"{layer!r} has a projection (proj_size), which ONNX's LSTM has not")
+    return spec.cell, spec.num_directions

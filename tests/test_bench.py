@@ -184,6 +184,14 @@ def test_report_marks_cases_timed_with_the_cores_far_apart(tmp_path, capsys):
     lost = dict((what, up) for up, what in report.slower(data))
     assert "T3-B2-I4-H5-L1 gru infer t=2 vs reference (cores far apart: barrier 35 / 310 ns)" in lost
     assert "T3-B2-I4-H5-L1 rnn infer t=2 vs reference" in lost
+    assert any(line.startswith("fusedrnn is slower in 2 of 2 comparisons") for line in lines)
+    rnn["results"]["reference"]["speedup"] = 1.0   # level counts as not slower
+    gru["results"]["reference"]["speedup"] = 1.5
+    lines = report.summary(data)
+    assert not any("is slower" in line for line in lines)
+    assert any(line.startswith("fusedrnn is at least as fast as the peer in all 2 comparisons; "
+                               "the closest: T3-B2-I4-H5-L1 rnn infer t=2 vs reference x1.000")
+               for line in lines)
     for rec in data["cases"]:
         del rec["barrier_ns"]  # one-thread runs and files from before the gauge: no line
     assert not any("cores far apart (" in line for line in report.summary(data))

@@ -99,14 +99,17 @@ def _far_note(rec):
     return f" (cores far apart: barrier {ns[0]:.0f} / {ns[1]:.0f} ns)" if ns else ""
 
 
+def comparisons(data):
+    """(speed-up, description) of every comparison with a peer, closest first."""
+    return sorted((rec["results"][p]["speedup"],
+                   f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']} vs {p}"
+                   + _far_note(rec))
+                  for rec in data["cases"] for p in peers_in(data) if p in rec["results"])
+
+
 def slower(data):
     """(speed-up, description) of every comparison fusedrnn loses, worst first."""
-    out = [(rec["results"][p]["speedup"],
-            f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']} vs {p}"
-            + _far_note(rec))
-           for rec in data["cases"] for p in peers_in(data) if p in rec["results"]
-           and rec["results"][p]["speedup"] < 1.0]
-    return sorted(out)
+    return [c for c in comparisons(data) if c[0] < 1.0]
 
 
 def scaling(data):
@@ -186,6 +189,10 @@ def summary(data):
     if lost:
         lines.append(f"fusedrnn is slower in {len(lost)} of {n} comparisons; the worst: "
                      + ", ".join(f"{what} x{up:.2f}" for up, what in lost[:8]))
+    elif n:
+        lines.append(f"fusedrnn is at least as fast as the peer in all {n} comparisons; the "
+                     "closest: " + ", ".join(f"{what} x{up:.3f}"
+                                            for up, what in comparisons(data)[:4]))
     for extra in (scaling_line(data), far_line(data)):
         if extra:
             lines.append(extra)

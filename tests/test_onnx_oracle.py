@@ -4,8 +4,8 @@ lstm}.py, their expected outputs and their NumPy helpers) and ONNX Runtime on ra
 These are the independent oracle for what torch does not have, above all the GRU with
 ``linear_before_reset=False`` (ONNX's default), and a second one for the rest: ONNX's gate orders
 (LSTM i,o,f,c; GRU z,r,h), its ``direction`` ("reverse" alone is functional.forward's
-``reverse=True``), ``layout=1`` (batch_first) and ``sequence_lens``. Skipped without onnx /
-onnxruntime (the test extra installs both)."""
+``reverse=True``), ``layout=1`` (batch_first) and ``sequence_lens``. Skipped without onnx, and
+the ONNX Runtime tests without onnxruntime (the test extra installs both)."""
 import numpy as np
 import pytest
 
@@ -158,7 +158,6 @@ def test_onnx_case_float64(name, node, inputs, outputs):
 
 # ---- ONNX Runtime on random cases: lengths, both GRU variants, relu, directions ----
 
-ort = pytest.importorskip("onnxruntime")
 
 RANDOM_CASES = [  # op, activation or linear_before_reset, direction, ragged lengths
     ("RNN", "Tanh", "forward", False),
@@ -176,6 +175,8 @@ RANDOM_CASES = [  # op, activation or linear_before_reset, direction, ragged len
 
 
 def ort_node_outputs(node, feeds):
+    """The node's outputs from ONNX Runtime's CPU kernels (the test skips without it)."""
+    ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
     types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int32): TensorProto.INT32}
     inputs = [helper.make_tensor_value_info(n, types[v.dtype], list(v.shape))

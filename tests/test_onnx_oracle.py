@@ -16,11 +16,14 @@ from fusedrnn.tolerances import assert_close
 
 onnx = pytest.importorskip("onnx")
 
-from onnx.backend.test.case.node import gru as onnx_gru, lstm as onnx_lstm, rnn as onnx_rnn  # noqa: E402
+from onnx.backend.test.case.node import gru as onnx_gru  # noqa: E402
+from onnx.backend.test.case.node import lstm as onnx_lstm  # noqa: E402
+from onnx.backend.test.case.node import rnn as onnx_rnn  # noqa: E402
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-HELPERS = {"LSTM": onnx_lstm.LSTMHelper, "GRU": onnx_gru.GRUHelper, "RNN": onnx_rnn.RNNHelper}
-CASE_MODULES = {"LSTM": onnx_lstm.LSTM, "GRU": onnx_gru.GRU, "RNN": onnx_rnn.RNN}
+# ONNX's case module per op: its exported cases are the class named after the op, and its NumPy
+# reference the op's Helper.
+CASE_MODULES = {"LSTM": onnx_lstm, "GRU": onnx_gru, "RNN": onnx_rnn}
 # ONNX cases outside torch.nn's semantics, which fusedrnn keeps: named so none is dropped unseen.
 NOT_MAPPED = {"test_lstm_with_peepholes": "peepholes (P) are not in torch.nn's LSTM"}
 
@@ -29,8 +32,8 @@ def onnx_cases():
     """(name, node, inputs, expected outputs) of every exported ONNX test case of the three ops,
     caught by standing in for the modules' ``expect``."""
     found = []
-    for op, cls in CASE_MODULES.items():
-        module = {"LSTM": onnx_lstm, "GRU": onnx_gru, "RNN": onnx_rnn}[op]
+    for op, module in CASE_MODULES.items():
+        cls = getattr(module, op)
         saved = module.expect
 
         def catch(node, inputs, outputs, name, **_):
@@ -149,7 +152,7 @@ def test_onnx_case_float64(name, node, inputs, outputs):
         if key in attrs:
             v = attrs[key]
             helper_args[key] = v.decode() if isinstance(v, bytes) else v
-    want = dict(zip(["Y", "Y_h", "Y_c"], HELPERS[node.op_type](**helper_args).step()))
+    want = dict(zip(["Y", "Y_h", "Y_c"], getattr(CASE_MODULES[node.op_type], node.op_type + "Helper")(**helper_args).step()))
     got = run_fusedrnn(node, feeds, np.float64)
     for out_name in node.output:
         if out_name:

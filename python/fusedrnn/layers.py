@@ -360,7 +360,6 @@ class LSTM(_Layer):
                                  dropout, bidirectional, proj_size=proj_size)
         super().__init__(spec, dtype, seed)
 
-
     def _extra_repr(self):
         return [f"proj_size={self.proj_size}"] if self.proj_size else []
 

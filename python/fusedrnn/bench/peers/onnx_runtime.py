@@ -57,7 +57,8 @@ def build_model(onnx, problem):
     for k, w in enumerate(problem.layers):
         W = to_onnx_gates(w["w_ih"], cell)[None]
         R = to_onnx_gates(w["w_hh"], cell)[None]
-        Bias = np.concatenate([to_onnx_gates(w["b_ih"], cell), to_onnx_gates(w["b_hh"], cell)])[None]
+        Bias = np.concatenate([to_onnx_gates(w["b_ih"], cell),
+                               to_onnx_gates(w["b_hh"], cell)])[None]
         for name, arr in ((f"W{k}", W), (f"R{k}", R), (f"B{k}", Bias)):
             init.append(numpy_helper.from_array(np.ascontiguousarray(arr, np.float32), name))
         # initial state of layer k: x[k:k+1] of h0 (and c0)

@@ -135,10 +135,11 @@ struct TeamKey {
 };
 bool team_policy_choose(const TeamKey& key);
 void team_policy_report(const TeamKey& key, bool used_team, double ns_per_step);
-// 0 adaptive, 1 always the threads asked for (the default), 2 always one thread (tests).
-// Setting it forgets every measurement. Adaptive is not the default: in the benchmark, where
+// How layer calls use their threads: adaptive, always the threads asked for (the default), or
+// always one thread (tests). Setting it forgets every measurement. Adaptive is not the default: in the benchmark, where
 // ONNX Runtime's pool still spins as each block of our calls starts, it ran shapes alone where
 // the threads were faster (stacked GRU, 2 threads: 12.5-12.9 ms against 6.6-7.6 ms fixed).
+enum TeamMode : int { kTeamAdaptive = 0, kTeamFixed = 1, kTeamAlone = 2 };
 void set_team_mode(int mode);
 int team_mode();
 int64_t team_policy_calls(bool team);  // adaptive calls so far on the threads / alone

@@ -23,7 +23,7 @@ using Key = std::tuple<const char*, int, int, bool, int64_t, int64_t, int64_t, i
 struct Policies {
   std::mutex mu;
   std::map<Key, TeamPolicyState> states;
-  std::atomic<int> mode{1};  // fixed: see kernel_api.h, set_team_mode
+  std::atomic<int> mode{kTeamFixed};  // see kernel_api.h, set_team_mode
   std::atomic<int64_t> calls[2] = {{0}, {0}};  // adaptive calls run alone, on the threads
 };
 
@@ -43,7 +43,7 @@ Key key_of(const TeamKey& k) {
 bool team_policy_choose(const TeamKey& key) {
   Policies& p = policies();
   const int mode = p.mode.load(std::memory_order_relaxed);
-  if (mode != 0) return mode == 1;
+  if (mode != kTeamAdaptive) return mode == kTeamFixed;
   std::lock_guard<std::mutex> lock(p.mu);
   if (p.states.size() > 4096) p.states.clear();  // bounded: shapes come and go
   return p.states[key_of(key)].choose_team();
@@ -51,7 +51,7 @@ bool team_policy_choose(const TeamKey& key) {
 
 void team_policy_report(const TeamKey& key, bool used_team, double ns_per_step) {
   Policies& p = policies();
-  if (p.mode.load(std::memory_order_relaxed) != 0) return;
+  if (p.mode.load(std::memory_order_relaxed) != kTeamAdaptive) return;
   p.calls[used_team ? 1 : 0].fetch_add(1, std::memory_order_relaxed);
   std::lock_guard<std::mutex> lock(p.mu);
   p.states[key_of(key)].report(used_team, ns_per_step);

@@ -19,15 +19,15 @@ inline double layer_step_flops(const LayerShape& s) {
 
 // Whether the n layers of `layers` (layer k's x is layer k - 1's y) pipeline: one thread a layer
 // (num_threads == n) under the fixed thread policy (the adaptive one decides layer by layer,
-// from each layer's own times; team_policy.h), every layer's step k is time k for every row (no lengths, forward
-// direction), each layer above the first computes its input projection inside its steps
+// from each layer's own times; team_policy.h), every layer's step k is time k for every row (no
+// lengths, forward direction), each layer above the first computes its input projection inside its steps
 // (projection_mode 1: the whole-sequence GEMM would need all of x first), and the slowest layer
 // is within 2% of the mean, the lag of one step included: a team splits its steps over its
 // threads within a few percent of evenly (stacked LSTM, 2 threads, 2.8% over the one-thread
 // halves), a pipeline runs as slow as its slowest layer.
 template <typename T>
 bool stack_pipelines(const ForwardArgs<T>* layers, int n) {
-  if (n < 2 || layers[0].num_threads != n || team_mode() != 1) return false;
+  if (n < 2 || layers[0].num_threads != n || team_mode() != kTeamFixed) return false;
   double sum = 0, most = 0;
   for (int k = 0; k < n; ++k) {
     const ForwardArgs<T>& a = layers[k];

@@ -17,6 +17,8 @@ A projected LSTM (``proj_size``) has no ONNX form.
 """
 import numpy as np
 
+from .layers import _to_numpy
+
 # ONNX's gate blocks, as indices into torch's (gate j of ONNX is torch's block ONNX_GATES[j]).
 ONNX_GATES = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,)}
 
@@ -24,19 +26,18 @@ ONNX_GATES = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,)}
 def to_onnx_gates(a, cell):
     """The gate blocks along a's first axis, from torch's order to ONNX's. cell: "rnn", "lstm"
     or "gru" ("rnn_tanh" and "rnn_relu" too)."""
-    order = ONNX_GATES[_kind(cell)]
-    blocks = np.split(np.asarray(a), len(order), axis=0)
-    return np.concatenate([blocks[i] for i in order], axis=0)
+    return _gates_in(a, ONNX_GATES[_kind(cell)])
 
 
 def from_onnx_gates(a, cell):
     """The gate blocks along a's first axis, from ONNX's order to torch's."""
-    order = ONNX_GATES[_kind(cell)]
+    return _gates_in(a, np.argsort(ONNX_GATES[_kind(cell)]))
+
+
+def _gates_in(a, order):
+    """a's gate blocks (along its first axis), block order[j] of a as block j."""
     blocks = np.split(np.asarray(a), len(order), axis=0)
-    back = [None] * len(order)
-    for j, i in enumerate(order):
-        back[i] = blocks[j]
-    return np.concatenate(back, axis=0)
+    return np.concatenate([blocks[i] for i in order], axis=0)
 
 
 def onnx_weights(layer, layer_index=0):
@@ -69,7 +70,7 @@ def load_onnx_weights(layer, W, R, B=None, layer_index=0):
     given = {"W": W, "R": R, "B": np.zeros(expected["B"]) if B is None else B}
     arrays = {}
     for key, value in given.items():
-        a = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+        a = _to_numpy(value)
         if a.dtype.kind != "f":
             raise TypeError(f"{key} must have a float dtype, got {a.dtype.name}")
         if a.shape != expected[key]:

@@ -148,6 +148,14 @@ int64_t team_policy_calls(bool team);  // adaptive calls so far on the threads /
 void stack_count(bool pipelined);
 int64_t stack_calls(bool pipelined);
 
+// Unit blocks of the forward's large team steps (sequence/block_queue.h): how many ran on the
+// member that owns them and how many another member took over, and, for tests, a lag in us that
+// the team's last member waits at the start of each such step, so that the others take over.
+void team_blocks_count(bool taken_over, int64_t n);
+int64_t team_blocks(bool taken_over);
+void set_team_lag_us(int us);
+int team_lag_us();
+
 // The in-call probe of a step team (forward or backward) with small steps (team_probe.h): how its
 // calls went, counted by verdict (0 cores close: the team ran; 1 far, the team was faster; 2 far,
 // one thread was faster), and, for tests, a verdict to take instead of the measured one (-1: none;

@@ -89,4 +89,17 @@ int64_t probe_calls(int verdict) { return g_probe_calls[verdict].load(std::memor
 void set_probe_override(int verdict) { g_probe_override.store(verdict, std::memory_order_relaxed); }
 int probe_override() { return g_probe_override.load(std::memory_order_relaxed); }
 
+// The shared unit blocks of large team steps (sequence/block_queue.h): counts and the tests' lag.
+namespace {
+std::atomic<int64_t> g_team_blocks[2] = {{0}, {0}};
+std::atomic<int> g_team_lag_us{0};
+}  // namespace
+
+void team_blocks_count(bool taken_over, int64_t n) {
+  g_team_blocks[taken_over].fetch_add(n, std::memory_order_relaxed);
+}
+int64_t team_blocks(bool taken_over) { return g_team_blocks[taken_over].load(std::memory_order_relaxed); }
+void set_team_lag_us(int us) { g_team_lag_us.store(us, std::memory_order_relaxed); }
+int team_lag_us() { return g_team_lag_us.load(std::memory_order_relaxed); }
+
 }  // namespace fusedrnn

@@ -283,17 +283,22 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   // thread packed all of A (fastrnns LSTM training, 2 threads: pack_a was 8% of the call; stacked
   // LSTM, 2 threads, 800 rows, which the old rule of two MC blocks a thread left to panels: 5.32
   // -> 5.04 ms a layer). Row tiles start at multiples of MR either way: results do not change.
-  if (parallel && ceil_div<int64_t>(M, MR) >= 8 * int64_t(nthreads)) {
+  // The row runs go to whichever thread is free (schedule dynamic), at least two a thread: this
+  // VM's cores often run at different speeds for seconds (another tenant on one), and a fixed
+  // half waited for the slower core. Runs are whole row tiles from row 0 and at most MC rows:
+  // the same tiles as on one thread, the same bits.
+  const int64_t row_tiles = ceil_div<int64_t>(M, MR);
+  if (parallel && row_tiles >= 8 * int64_t(nthreads)) {
+    const int64_t run = imin(MC, MR * ceil_div<int64_t>(row_tiles, 2 * int64_t(nthreads)));
+    const int64_t runs = ceil_div(M, run);
 #pragma omp parallel num_threads(nthreads)
     {
       DenormalsFlushed ftz;
       T* a_pack = a_pack_for<T>(M, a_cs);
-      int64_t t0 = 0, t1 = 0;
-      split_range(ceil_div<int64_t>(M, MR), team_size(), thread_id(), &t0, &t1);
-      const int64_t r1 = imin(M, t1 * MR);
-      for (int64_t m0 = t0 * MR; m0 < r1; m0 += MC)
-        gemm_packed_block<T>(m0, imin(MC, r1 - m0), 0, panels, N, K, A, a_rs, a_cs, Bp, C, ldc,
-                             accumulate, bias, a_pack);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t i = 0; i < runs; ++i)
+        gemm_packed_block<T>(i * run, imin(run, M - i * run), 0, panels, N, K, A, a_rs, a_cs, Bp,
+                             C, ldc, accumulate, bias, a_pack);
     }
     return;
   }

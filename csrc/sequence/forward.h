@@ -12,9 +12,14 @@
 // threads pay (team_probe.h). Every output element is the same FMA chain either way, so results
 // are bitwise identical for any thread count.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include "cells/cells.h"
+#include "sequence/block_queue.h"
 #include "sequence/layout.h"
 #include "sequence/projection_mode.h"
 #include "sequence/step_barrier.h"
@@ -77,6 +82,18 @@ int step_split_kind(int cell, int64_t B, int64_t H, int64_t Hout, int nthreads) 
   return by_rows ? 1 : 2;
 }
 
+// Whether a team split by hidden units shares its unit blocks out as they are done (BlockQueue)
+// instead of each member keeping its own: steps of one phase (the LSTM projection and the
+// two-phase GRU meet mid-step), not riding (whose rows each member computes for its own units a
+// window ahead), and large, over kSharedBlockStepFlops: at ~40 GFLOP/s a member's half takes
+// tens of microseconds, against a few hundred ns per block handed over between cores.
+constexpr double kSharedBlockStepFlops = 1e6;
+inline bool shares_blocks(const LayerShape& s, bool rides) {
+  const bool one_phase = !s.has_proj && !(s.cell == Cell::Gru && !s.linear_before_reset);
+  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
+  return one_phase && !rides && probe_steps(s) == 0 && flops >= kSharedBlockStepFlops;
+}
+
 template <typename T>
 struct ForwardLoop {
   const ForwardArgs<T>& a;
@@ -112,6 +129,12 @@ struct ForwardLoop {
   // this layer's step k reads x_k (its output), and this layer's own count of steps done.
   const StepProgress* below = nullptr;
   StepProgress* done = nullptr;
+  // A team's large one-phase steps share their unit blocks out (shares_blocks): the queue, this
+  // member's index in it, and how many blocks it ran and took over from the others (mutable:
+  // cell_phase is const; the counts are the member's own copy's).
+  BlockQueue* queue = nullptr;
+  int member = 0;
+  mutable int64_t blocks_run = 0, taken_over = 0;
 
   // Hidden units rounded up to whole unit blocks: the stride of bias_in's gates.
   static int64_t padded_units(const LayerShape& s) {
@@ -179,9 +202,16 @@ struct ForwardLoop {
     // first block. Order of independent tiles only: results do not change. In-process A/B, one
     // thread, medians: long-seq LSTM (64 KB of W_hh) 0.936 -> 0.857 ms, GRU 0.841 -> 0.786;
     // with the backward's products alternating too, long-seq LSTM training 2.64 -> 2.43 ms.
+    // With a queue (shares_blocks), the team's blocks go to whoever is free; this member's own
+    // come first, in the same order.
     const int64_t blocks = p.unit1 - p.unit0;
-    for (int64_t i = 0; i < blocks; ++i) {
-      const int64_t ub = (k & 1) ? p.unit1 - 1 - i : p.unit0 + i;
+    for (int64_t i = 0;; ++i) {
+      const int64_t ub = queue ? queue->next(k, member, k & 1, &taken_over)
+                         : i == blocks ? -1
+                         : (k & 1)     ? p.unit1 - 1 - i
+                                       : p.unit0 + i;
+      if (ub < 0) break;
+      blocks_run += queue != nullptr;
       const int64_t u0 = ub * NR;
       const int nu = static_cast<int>(imin<int64_t>(NR, s.H - u0));
       for (int64_t m = p.row0; m < p.row1; m += MR) {
@@ -361,8 +391,13 @@ struct ForwardLoop {
     Scratch<T> x_pack(in_step ? blocked_size<T>(rows, s.I) : 0);
     const T* xp = x_pack.p;
     if (x_steps && k0 == 0) ride_first_window(p.unit0, p.unit1);
+    const int lag_us = queue ? team_lag_us() : 0;
     for (int64_t k = k0; k < k1; ++k) {
       if (below) below->wait_for(k + 1);
+      if (queue) {
+        queue->set(k + 1, member, p.unit0, p.unit1);
+        if (lag_us > 0 && member > 0) std::this_thread::sleep_for(std::chrono::microseconds(lag_us));
+      }
       const T* hp = h_at(k);
       // Every row's step k is time steps.time(k, 0) here (no lengths): x_t's rows lie together.
       if (xp)
@@ -478,12 +513,27 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
     loop.run(make_split<T>(s, 1, 0, by_rows), 0, s.T);
   } else {
     loop.on_team = true;
+    const bool share = !by_rows && shares_blocks(s, rides);
+    std::unique_ptr<BlockQueue> queue;
+    std::once_flag made;
     run_probed_team(
         nt, s.T, by_rows ? 0 : probe_steps(s),  // rows never meet: nothing to probe
         [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
           ForwardLoop<T> mine = loop;
           mine.barrier = by_rows ? nullptr : barrier;
-          mine.run(make_split<T>(s, team, member, by_rows), k0, k1);
+          const StepSplit split = make_split<T>(s, team, member, by_rows);
+          if (share && barrier) {  // (k0 = 0: large steps are never probed)
+            std::call_once(made, [&] { queue = std::make_unique<BlockQueue>(team); });
+            queue->set(0, member, split.unit0, split.unit1);
+            barrier->wait();  // every member's step-0 range is set
+            mine.queue = queue.get();
+            mine.member = member;
+          }
+          mine.run(split, k0, k1);
+          if (mine.queue) {
+            team_blocks_count(true, mine.taken_over);
+            team_blocks_count(false, mine.blocks_run - mine.taken_over);
+          }
         },
         [&](int64_t k0, int64_t k1) { loop.run(make_split<T>(s, 1, 0, false), k0, k1); });
   }

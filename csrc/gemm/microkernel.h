@@ -83,6 +83,27 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
   // were a third of the load slots of the B = 1 step (long-seq LSTM, AVX-512).
   constexpr int64_t PF = 16;
   int64_t k = 0;
+  // Blocked A, whole vectors of k at a time: row r's next W values lie at one base + r * W + kk,
+  // all immediate offsets once the kk loop unrolls. The general loop below recomputed
+  // (k / W) * W * MR + r * W + k % W every k-step: 11 integer ops beside 20 vector ones, which
+  // held the AVX2 6 x 16 tile on Zen 3 to 80% of its FMA rate. Same k order, same bits.
+  if constexpr (Form == AForm::Blocked && KS == 1) {
+    for (; k + W <= K; k += W) {
+      const T* ak = a + k * MR;  // k is a multiple of W
+#pragma GCC unroll 16
+      for (int kk = 0; kk < W; ++kk) {
+        if (M >= 4)
+          for (int l = 0; l < Tile<T>::LINES; ++l)
+            __builtin_prefetch(reinterpret_cast<const char*>(b + (k + kk + PF) * NR) + 64 * l);
+        V bv[NV];
+        for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + kk) * NR + v * V::W);
+        for (int r = 0; r < M; ++r) {
+          V av = V::set1(ak[r * W + kk]);
+          for (int v = 0; v < NV; ++v) acc[0][r][v] = V::fma(av, bv[v], acc[0][r][v]);
+        }
+      }
+    }
+  }
 #pragma GCC unroll 4
   for (; k + KS <= K; k += KS) {
     for (int s = 0; s < KS; ++s) {

@@ -20,3 +20,13 @@ def fixed_threads():
     fusedrnn.set_thread_policy("fixed")
     yield
     fusedrnn.set_thread_policy(before)
+
+
+@pytest.fixture
+def two_threads(fixed_threads):
+    """Calls run on two threads (with the fixed policy), and on as many as before after."""
+    import fusedrnn
+    before = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(2)
+    yield
+    fusedrnn.set_num_threads(before)

@@ -63,14 +63,6 @@ def stack_calls_during(fn):
     return result, {k: after[k] - before[k] for k in after}
 
 
-@pytest.fixture
-def two_threads(fixed_threads):
-    before = fusedrnn.get_num_threads()
-    fusedrnn.set_num_threads(2)
-    yield
-    fusedrnn.set_num_threads(before)
-
-
 @needs_threads
 @pytest.mark.parametrize("isa", _C.available_isas())
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

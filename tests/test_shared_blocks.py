@@ -16,12 +16,9 @@ SHARING = [("lstm", True, 12, 112), ("gru", True, 12, 128), ("rnn_tanh", True, 1
            ("rnn_relu", True, 12, 208)]
 
 
-@pytest.fixture
-def two_threads(fixed_threads):
-    before = fusedrnn.get_num_threads()
-    fusedrnn.set_num_threads(2)
+@pytest.fixture(autouse=True)
+def no_lag_after():
     yield
-    fusedrnn.set_num_threads(before)
     _C.set_team_lag_us(0)
 
 

@@ -1,5 +1,6 @@
-"""A team's large forward steps hand their unit blocks to whoever is free
-(csrc/sequence/block_queue.h): a member that lags has its blocks taken over by the others. Who
+"""A team's large forward steps hand their unit blocks to whoever is free, and its large backward
+steps the column panels of dG W_hh (csrc/sequence/block_queue.h): a member that lags has its
+blocks taken over by the others. Who
 computes a block never changes its bits, so every way must give the one-thread result, and the
 reference's within tolerance."""
 import numpy as np
@@ -64,11 +65,23 @@ def test_shared_blocks_give_the_one_thread_bits(two_threads, rng, isa, dtype, ce
     wide = [a.astype(np.float64) if isinstance(a, np.ndarray) else a for a in args]
     want = reference.forward(*wide, lengths=kw.get("lengths"), reverse=lengths)[0]
     assert_close(team[0], want, dtype, "forward", what="y")
-    # and backward through what the team saved
+    # and backward through what each saved: the team's shares dG W_hh's panels (one product a
+    # step: RNN and LSTM)
     dy = rng.standard_normal(team[0].shape).astype(dtype)
-    for a, b in zip(functional.backward(alone[3], dy)[:3], functional.backward(team[3], dy)[:3]):
+    fusedrnn.set_num_threads(1)
+    grads_alone = functional.backward(alone[3], dy)
+    fusedrnn.set_num_threads(2)
+    grads_team, panels = blocks_during(lambda: functional.backward(team[3], dy))
+    for a, b in zip(grads_alone[:3], grads_team[:3]):
         if a is not None:
             np.testing.assert_array_equal(a, b)
+    for name in grads_alone[3]:
+        np.testing.assert_array_equal(grads_alone[3][name], grads_team[3][name], err_msg=name)
+    if cell != "gru":
+        assert panels["own"] + panels["taken_over"] == 9 * -(-H // unit_block)
+        assert panels["taken_over"] > 0 or not lag_us
+    else:
+        assert panels == {"own": 0, "taken_over": 0}
 
 
 @needs_threads

@@ -12,8 +12,13 @@
 // either way, so results are bitwise identical for any thread count.
 #pragma once
 #include <cstdint>
+#include <chrono>
 #include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
 #include "cells/cells.h"
+#include "sequence/block_queue.h"
 #include "sequence/layout.h"
 #include "sequence/step_barrier.h"
 #include "sequence/team_probe.h"
@@ -107,6 +112,11 @@ struct BackwardLoop {
   // a step, by the step's parity: half h's of step i at partials + ((i % 2) * 2 + h) * Hout.
   const T* whh_halves = nullptr;
   T* partials = nullptr;
+  // A team's large RNN and LSTM steps share the column panels of dG W_hh out as they are done
+  // (shares_panels, block_queue.h): the queue, and the step's dG packed once for all members
+  // (AForm::Blocked, K block after K block: pack_shared_dg), or null.
+  BlockQueue* queue = nullptr;
+  T* dg_packed = nullptr;
 
   // One member's share: batch rows of the pointwise maths, column panels of the GEMMs (of
   // width Hout for d h_prev, H for the projection and the two-phase GRU's d(r*h)).
@@ -200,11 +210,13 @@ struct BackwardLoop {
   // Walks back the i-th to the (i1-1)-th steps from the end (step k = T-1-i), so a run may stop
   // and another go on (team_probe.h); the gradient then lies in dh_at(i1) (after all T steps,
   // d h_0).
-  void run(const Share& p, StepBarrier* barrier, int64_t i0, int64_t i1) const {
+  void run(const Share& p, StepBarrier* barrier, int64_t i0, int64_t i1, int member = 0,
+           int team = 1) const {
     auto meet = [&] { if (barrier) barrier->wait(); };
     const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = int64_t(G) * H;
     const bool gru = s.cell == Cell::Gru;
     const bool gru_two_phase = gru && !s.linear_before_reset;
+    const int lag_us = queue ? team_lag_us() : 0;  // tests (set_team_lag_us)
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t k = s.T - 1 - i;
       T* dh = dh_at(i);
@@ -240,11 +252,63 @@ struct BackwardLoop {
                               p.out1, desc);
         gemm_packed_panels<T>(B, Hout, H, dghn + k * B * ld_n, ld_n, 1, whn, dh_prev, Hout, true,
                               p.out0, p.out1, desc);
+      } else if (queue) {
+        if (lag_us > 0 && member > 0) std::this_thread::sleep_for(std::chrono::microseconds(lag_us));
+        pack_shared_dg(dgh_k, team, member);
+        queue->set(i + 1, member, p.out0, p.out1);
+        meet();  // dG_k is packed
+        int64_t taken = 0, ran = 0;
+        for (int64_t ob; (ob = queue->next(i, member, desc, &taken)) >= 0; ++ran)
+          dg_w_panel(ob, dh_prev);
+        team_blocks_count(true, taken);
+        team_blocks_count(false, ran - taken);
       } else {
         gemm_packed_panels<T>(B, Hout, GH, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1,
                               desc);
       }
       meet();  // every column of d h_prev is complete
+    }
+  }
+
+  // Elements of dG_k packed for shares_panels: each K block of GemmBlocking::KC as
+  // pack_a_blocked lays out B rows, one after another.
+  static int64_t dg_packed_size(const LayerShape& s) {
+    constexpr int64_t KC = GemmBlocking<T>::KC;
+    const int64_t GH = int64_t(gates_of(s.cell)) * s.H;
+    return ceil_div<int64_t>(GH, KC) * blocked_size<T>(s.B, KC);
+  }
+  // This member's MR-row panels of dG_k into dg_packed, for every K block.
+  void pack_shared_dg(const T* dgh_k, int team, int member) const {
+    constexpr int MR = Tile<T>::MR;
+    constexpr int64_t KC = GemmBlocking<T>::KC;
+    const int64_t GH = int64_t(G) * s.H;
+    int64_t q0 = 0, q1 = 0;
+    split_range(ceil_div<int64_t>(s.B, MR), team, member, &q0, &q1);
+    for (int64_t k0 = 0; k0 < GH; k0 += KC) {
+      const int64_t kc = imin(KC, GH - k0);
+      T* block = dg_packed + (k0 / KC) * blocked_size<T>(s.B, KC);
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t m = q * MR;
+        pack_a_blocked<T>(imin<int64_t>(MR, s.B - m), kc, dgh_k + m * GH + k0, GH,
+                          block + m * blocked_length<T>(kc));
+      }
+    }
+  }
+  // Column panel ob of d h_prev += dG_k W_hh from the packed dG_k: every row tile, K block after
+  // K block, as gemm_packed_block walks them (the same chains, the same bits).
+  void dg_w_panel(int64_t ob, T* dh_prev) const {
+    constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
+    constexpr int64_t KC = GemmBlocking<T>::KC;
+    const int64_t GH = int64_t(G) * s.H, panels = ceil_div<int64_t>(s.Hout, NR);
+    const int nv = static_cast<int>(imin<int64_t>(NR, s.Hout - ob * NR));
+    for (int64_t k0 = 0; k0 < GH; k0 += KC) {
+      const int64_t kc = imin(KC, GH - k0);
+      const T* block = dg_packed + (k0 / KC) * blocked_size<T>(s.B, KC);
+      const T* b = gemm_b_slice<T>(whh, panels, GH, k0, ob);
+      for (int64_t m = 0; m < s.B; m += MR)
+        tile_to_c<T, AForm::Blocked>(static_cast<int>(imin<int64_t>(MR, s.B - m)), nv, kc,
+                                     block + m * blocked_length<T>(kc), 0, b,
+                                     dh_prev + m * s.Hout + ob * NR, s.Hout, true, nullptr);
     }
   }
 
@@ -279,6 +343,15 @@ struct BackwardLoop {
   }
   T* partial_at(int64_t i, int h) const { return partials + ((i % 2) * 2 + h) * s.Hout; }
 };
+
+// Whether a team shares the column panels of each step's dG W_hh out as they are done (see
+// shares_blocks in forward.h): one product a step (RNN and LSTM without a projection), steps of
+// 1 MFLOP and up.
+inline bool shares_panels(const LayerShape& s) {
+  const bool one_product = s.cell != Cell::Gru && !s.has_proj;
+  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
+  return one_product && probe_steps(s) == 0 && flops >= kSharedBlockStepFlops;
+}
 
 // Threads worth a team for the time loop: as for the forward step (forward.h step_threads), a
 // step under ~30 KFLOP stays on one thread, and so does a state too narrow for two panels.
@@ -381,10 +454,24 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   } else if (nt <= 1) {
     loop.run(alone, nullptr, 0, s.T);
   } else {  // small steps first check that the team pays, as the forward's (team_probe.h)
+    const bool share = shares_panels(s);
+    Scratch<T> dg_packed(share ? BackwardLoop<T>::dg_packed_size(s) : 0);
+    std::unique_ptr<BlockQueue> queue;
+    std::once_flag made;
     run_probed_team(
         nt, s.T, probe_steps(s),
         [&](int member, int team, StepBarrier* barrier, int64_t i0, int64_t i1) {
-          loop.run(BackwardLoop<T>::share_of(s, team, member), barrier, i0, i1);
+          const auto p = BackwardLoop<T>::share_of(s, team, member);
+          if (share && barrier) {  // (i0 = 0: large steps are never probed)
+            std::call_once(made, [&] {
+              queue = std::make_unique<BlockQueue>(team);
+              loop.queue = queue.get();
+              loop.dg_packed = dg_packed.p;
+            });
+            queue->set(0, member, p.out0, p.out1);
+            barrier->wait();  // every member's step-0 range is set
+          }
+          loop.run(p, barrier, i0, i1, member, team);
         },
         [&](int64_t i0, int64_t i1) { loop.run(alone, nullptr, i0, i1); });
   }

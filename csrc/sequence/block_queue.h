@@ -13,6 +13,10 @@
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 
+// Steps from which a team shares its blocks: at ~40 GFLOP/s a member's half of such a step takes
+// tens of microseconds, against a few hundred ns per block handed over between cores.
+constexpr double kSharedBlockStepFlops = 1e6;
+
 class BlockQueue {
  public:
   explicit BlockQueue(int members) : members_(members), ranges_(new Range[2 * members]) {}

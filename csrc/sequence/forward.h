@@ -85,9 +85,7 @@ int step_split_kind(int cell, int64_t B, int64_t H, int64_t Hout, int nthreads) 
 // Whether a team split by hidden units shares its unit blocks out as they are done (BlockQueue)
 // instead of each member keeping its own: steps of one phase (the LSTM projection and the
 // two-phase GRU meet mid-step), not riding (whose rows each member computes for its own units a
-// window ahead), and large, over kSharedBlockStepFlops: at ~40 GFLOP/s a member's half takes
-// tens of microseconds, against a few hundred ns per block handed over between cores.
-constexpr double kSharedBlockStepFlops = 1e6;
+// window ahead), and large, over kSharedBlockStepFlops.
 inline bool shares_blocks(const LayerShape& s, bool rides) {
   const bool one_phase = !s.has_proj && !(s.cell == Cell::Gru && !s.linear_before_reset);
   const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;

@@ -478,13 +478,14 @@ PYBIND11_MODULE(_C, m) {
     d["own"] = fusedrnn::team_blocks(false);
     d["taken_over"] = fusedrnn::team_blocks(true);
     return d;
-  }, "unit blocks of the forward's large team steps since import: run by the member that owns "
-     "them, or taken over by another (sequence/block_queue.h)");
+  }, "blocks of large team steps since import (the forward's unit blocks, the backward's "
+     "panels of dG W_hh): run by the member that owns them, or taken over by another "
+     "(sequence/block_queue.h)");
   m.def("set_team_lag_us", [](int us) {
     if (us < 0 || us > 100000) fail("team lag must be 0..100000 us, got " + std::to_string(us));
     fusedrnn::set_team_lag_us(us);
-  }, py::arg("us"), "tests: the team's last member waits this long at the start of each large "
-     "forward step, so that the others take its blocks over (0: off)");
+  }, py::arg("us"), "tests: every team member but the first waits this long at the start of each "
+     "large step, so that the first takes its blocks over (0: off)");
 
   m.def("backward", [](const Context& c, py::array dy, py::object dhn, py::object dcn) -> py::tuple {
     auto opt = [](py::object o, auto tag) {

@@ -148,9 +148,10 @@ int64_t team_policy_calls(bool team);  // adaptive calls so far on the threads /
 void stack_count(bool pipelined);
 int64_t stack_calls(bool pipelined);
 
-// Unit blocks of the forward's large team steps (sequence/block_queue.h): how many ran on the
-// member that owns them and how many another member took over, and, for tests, a lag in us that
-// the team's last member waits at the start of each such step, so that the others take over.
+// Blocks of large team steps, the forward's unit blocks and the backward's column panels of
+// dG W_hh (sequence/block_queue.h): how many ran on the member that owns them and how many another
+// member took over, and, for tests, a lag in us that every member but the first waits at the
+// start of each such step, so that the first takes over.
 void team_blocks_count(bool taken_over, int64_t n);
 int64_t team_blocks(bool taken_over);
 void set_team_lag_us(int us);

@@ -12,11 +12,7 @@
 // either way, so results are bitwise identical for any thread count.
 #pragma once
 #include <cstdint>
-#include <chrono>
 #include <cstring>
-#include <memory>
-#include <mutex>
-#include <thread>
 #include "cells/cells.h"
 #include "sequence/block_queue.h"
 #include "sequence/layout.h"
@@ -216,7 +212,7 @@ struct BackwardLoop {
     const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = int64_t(G) * H;
     const bool gru = s.cell == Cell::Gru;
     const bool gru_two_phase = gru && !s.linear_before_reset;
-    const int lag_us = queue ? team_lag_us() : 0;  // tests (set_team_lag_us)
+    int64_t taken = 0, ran = 0;  // panels of the shared products (queue)
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t k = s.T - 1 - i;
       T* dh = dh_at(i);
@@ -253,20 +249,21 @@ struct BackwardLoop {
         gemm_packed_panels<T>(B, Hout, H, dghn + k * B * ld_n, ld_n, 1, whn, dh_prev, Hout, true,
                               p.out0, p.out1, desc);
       } else if (queue) {
-        if (lag_us > 0 && member > 0) std::this_thread::sleep_for(std::chrono::microseconds(lag_us));
+        queue->lag(member);
         pack_shared_dg(dgh_k, team, member);
         queue->set(i + 1, member, p.out0, p.out1);
         meet();  // dG_k is packed
-        int64_t taken = 0, ran = 0;
         for (int64_t ob; (ob = queue->next(i, member, desc, &taken)) >= 0; ++ran)
           dg_w_panel(ob, dh_prev);
-        team_blocks_count(true, taken);
-        team_blocks_count(false, ran - taken);
       } else {
         gemm_packed_panels<T>(B, Hout, GH, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1,
                               desc);
       }
       meet();  // every column of d h_prev is complete
+    }
+    if (queue) {
+      team_blocks_count(true, taken);
+      team_blocks_count(false, ran - taken);
     }
   }
 
@@ -456,22 +453,17 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   } else {  // small steps first check that the team pays, as the forward's (team_probe.h)
     const bool share = shares_panels(s);
     Scratch<T> dg_packed(share ? BackwardLoop<T>::dg_packed_size(s) : 0);
-    std::unique_ptr<BlockQueue> queue;
-    std::once_flag made;
+    SharedBlocks shared;
     run_probed_team(
         nt, s.T, probe_steps(s),
         [&](int member, int team, StepBarrier* barrier, int64_t i0, int64_t i1) {
+          BackwardLoop<T> mine = loop;
           const auto p = BackwardLoop<T>::share_of(s, team, member);
-          if (share && barrier) {  // (i0 = 0: large steps are never probed)
-            std::call_once(made, [&] {
-              queue = std::make_unique<BlockQueue>(team);
-              loop.queue = queue.get();
-              loop.dg_packed = dg_packed.p;
-            });
-            queue->set(0, member, p.out0, p.out1);
-            barrier->wait();  // every member's step-0 range is set
+          if (share && barrier) {
+            mine.queue = shared.join(team, member, p.out0, p.out1, barrier);
+            mine.dg_packed = dg_packed.p;
           }
-          loop.run(p, barrier, i0, i1, member, team);
+          mine.run(p, barrier, i0, i1, member, team);
         },
         [&](int64_t i0, int64_t i1) { loop.run(alone, nullptr, i0, i1); });
   }

@@ -7,8 +7,13 @@
 // changes its bits.
 #pragma once
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <thread>
+#include "kernel_api.h"
+#include "sequence/step_barrier.h"
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
@@ -19,7 +24,8 @@ constexpr double kSharedBlockStepFlops = 1e6;
 
 class BlockQueue {
  public:
-  explicit BlockQueue(int members) : members_(members), ranges_(new Range[2 * members]) {}
+  explicit BlockQueue(int members)
+      : members_(members), lag_us_(team_lag_us()), ranges_(new Range[2 * members]) {}
 
   // Member m's own blocks [b0, b1) of step k. Step 0's are set before the team starts; step
   // k + 1's by their owner during step k: nobody touches that step's parity then (step k - 1
@@ -41,6 +47,12 @@ class BlockQueue {
     return b;
   }
 
+  // Tests (set_team_lag_us): every member but the first waits this long at the start of a step,
+  // so that the first takes its blocks over.
+  void lag(int m) const {
+    if (lag_us_ > 0 && m > 0) std::this_thread::sleep_for(std::chrono::microseconds(lag_us_));
+  }
+
  private:
   struct alignas(64) Range {  // (first << 32) | end; a line each, so owners do not collide
     std::atomic<uint64_t> bits{0};
@@ -59,7 +71,25 @@ class BlockQueue {
   }
 
   const int members_;
+  const int lag_us_;
   std::unique_ptr<Range[]> ranges_;
+};
+
+// The queue of one layer call's team, made by the first member to join. Each member joins with
+// its own blocks of the first step and returns once every member has (the call's steps are one
+// run from step 0: large steps are never probed, team_probe.h).
+class SharedBlocks {
+ public:
+  BlockQueue* join(int team, int member, int64_t b0, int64_t b1, StepBarrier* barrier) {
+    std::call_once(made_, [&] { queue_ = std::make_unique<BlockQueue>(team); });
+    queue_->set(0, member, b0, b1);
+    barrier->wait();
+    return queue_.get();
+  }
+
+ private:
+  std::unique_ptr<BlockQueue> queue_;
+  std::once_flag made_;
 };
 
 }  // namespace FUSEDRNN_ISA_NS

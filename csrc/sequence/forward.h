@@ -12,12 +12,8 @@
 // threads pay (team_probe.h). Every output element is the same FMA chain either way, so results
 // are bitwise identical for any thread count.
 #pragma once
-#include <chrono>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
-#include <thread>
 #include "cells/cells.h"
 #include "sequence/block_queue.h"
 #include "sequence/layout.h"
@@ -389,12 +385,11 @@ struct ForwardLoop {
     Scratch<T> x_pack(in_step ? blocked_size<T>(rows, s.I) : 0);
     const T* xp = x_pack.p;
     if (x_steps && k0 == 0) ride_first_window(p.unit0, p.unit1);
-    const int lag_us = queue ? team_lag_us() : 0;
     for (int64_t k = k0; k < k1; ++k) {
       if (below) below->wait_for(k + 1);
       if (queue) {
         queue->set(k + 1, member, p.unit0, p.unit1);
-        if (lag_us > 0 && member > 0) std::this_thread::sleep_for(std::chrono::microseconds(lag_us));
+        queue->lag(member);
       }
       const T* hp = h_at(k);
       // Every row's step k is time steps.time(k, 0) here (no lengths): x_t's rows lie together.
@@ -512,19 +507,15 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   } else {
     loop.on_team = true;
     const bool share = !by_rows && shares_blocks(s, rides);
-    std::unique_ptr<BlockQueue> queue;
-    std::once_flag made;
+    SharedBlocks shared;
     run_probed_team(
         nt, s.T, by_rows ? 0 : probe_steps(s),  // rows never meet: nothing to probe
         [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
           ForwardLoop<T> mine = loop;
           mine.barrier = by_rows ? nullptr : barrier;
           const StepSplit split = make_split<T>(s, team, member, by_rows);
-          if (share && barrier) {  // (k0 = 0: large steps are never probed)
-            std::call_once(made, [&] { queue = std::make_unique<BlockQueue>(team); });
-            queue->set(0, member, split.unit0, split.unit1);
-            barrier->wait();  // every member's step-0 range is set
-            mine.queue = queue.get();
+          if (share && barrier) {
+            mine.queue = shared.join(team, member, split.unit0, split.unit1, barrier);
             mine.member = member;
           }
           mine.run(split, k0, k1);

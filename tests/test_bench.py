@@ -385,3 +385,40 @@ def test_ab_builds_times_two_builds_side_by_side():
     assert [line.split(":")[0] for line in lines] == ["online-small rnn_tanh infer t=1",
                                                       "online-small gru infer t=1"]
     assert all("OLD min" in line and "NEW min" in line for line in lines)
+
+
+def test_blocks_wait_for_the_previous_runners_threads_to_idle():
+    """A thread left spinning (as ONNX Runtime's pool does for ~60 ms after a call) holds the
+    next block back until it stops, an idle process waits one window; in an interleaving every
+    block waits first, a runner timed alone never."""
+    import threading
+    import time
+
+    from fusedrnn.bench import timing
+
+    stop = time.perf_counter() + 0.15
+
+    def spin():
+        while time.perf_counter() < stop:
+            pass
+
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    waited = timing.wait_until_idle(max_s=2.0)
+    spinner.join()
+    assert waited >= 0.1
+    assert timing.wait_until_idle(max_s=2.0) < 0.1
+
+    events = []
+    runners = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
+    original = timing.wait_until_idle
+    try:
+        timing.wait_until_idle = lambda: events.append("wait")
+        timing.interleave(runners, 0.0, min_reps=2, max_reps=2, block_s=1e-9)
+        block = lambda name: ["wait", name, name]  # noqa: E731 (untimed call, then one timed)
+        assert events == block("a") + block("b") + block("b") + block("a")
+        events.clear()
+        timing.interleave({"a": runners["a"]}, 0.0, min_reps=2, max_reps=2, block_s=1e-9)
+        assert events == ["a"] * 4
+    finally:
+        timing.wait_until_idle = original

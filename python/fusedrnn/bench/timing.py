@@ -6,15 +6,35 @@ a call (OpenMP in torch and in fusedrnn, ONNX Runtime's own pool). A call made r
 library's call shares the two cores with that library's spinning workers, which measured up to 2x
 slower on this machine for sub-millisecond cases, and hurts whoever is timed second. So each block
 starts with one untimed call that absorbs the previous runner's spin, then times consecutive calls,
-as an application calling one library in a loop sees it. Rounds still interleave, so a slow phase
-of the machine (another process, a frequency change) hits every peer alike; the starting runner
-rotates each round. The garbage collector is paused while timing, as ``timeit`` does.
+as an application calling one library in a loop sees it. One call is not always enough: ONNX
+Runtime's pool keeps a whole core busy for ~60 ms after its last call (process CPU time over
+20 ms windows while sleeping: 1.0, 1.2, 1.0, then 0.0 cores), which made the next runner's first
+three or four 15 ms calls twice as slow (stacked LSTM, 2 threads: 28-32 ms, against 15 alone). So
+before a runner's block the process first waits, untimed, until no thread of it is busy
+(wait_until_idle). Rounds still interleave, so a slow phase of the machine (another process, a
+frequency change) hits every peer alike; the starting runner rotates each round. The garbage collector is paused while timing, as ``timeit`` does.
 """
 import gc
 import statistics
 import time
 
 BLOCK_S = 0.05   # timed seconds per runner per block
+
+IDLE_WINDOW_S = 0.005   # the process counts as idle after a window of this
+IDLE_CORES = 0.2        # ... in which its threads used under this many cores of CPU time
+IDLE_WAIT_MAX_S = 0.5   # a process that never idles (a peer's pool spinning for good) times anyway
+
+
+def wait_until_idle(window_s=IDLE_WINDOW_S, idle_cores=IDLE_CORES, max_s=IDLE_WAIT_MAX_S):
+    """Sleeps until this process's threads (other libraries' pools spinning after their last
+    call) have been idle for a window, or max_s has passed. Returns the seconds waited."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_s:
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        time.sleep(window_s)
+        if time.process_time() - cpu0 < idle_cores * (time.perf_counter() - wall0):
+            break
+    return time.perf_counter() - start
 
 
 def interleave(runners, budget_s, min_reps=3, max_reps=200, block_s=BLOCK_S):
@@ -39,7 +59,9 @@ def interleave(runners, budget_s, min_reps=3, max_reps=200, block_s=BLOCK_S):
             for name in names[k:] + names[:k]:
                 if len(times[name]) >= max_reps:
                     continue
-                runners[name]()          # untimed: lets the previous runner's threads go idle
+                if len(names) > 1:
+                    wait_until_idle()    # the previous runner's threads stop spinning
+                runners[name]()          # untimed: wakes this runner's threads, warms its caches
                 last = min(times[name][-3:]) if times[name] else block_s
                 count = max(1, min(int(block_s / max(last, 1e-9)), max_reps - len(times[name])))
                 for _ in range(count):

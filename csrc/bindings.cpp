@@ -427,6 +427,13 @@ PYBIND11_MODULE(_C, m) {
      "loop), 'in_step' (inside each step's tiles) or 'rides' (a chunk of the next steps' rows "
      "in each step of a single LSTM or GRU row)");
 
+  m.def("cache_bytes", []() {
+    py::dict d;
+    d["l2"] = kernels(std::nullopt).cache_bytes(2);
+    d["l3"] = kernels(std::nullopt).cache_bytes(3);
+    return d;
+  }, "the cache sizes the kernels plan for: one core's L2 and the shared L3, in bytes");
+
   m.def("gemm", [](py::array A, py::array B, std::optional<std::string> isa) -> py::array {
     const KernelTable& kt = kernels(isa);
     return is_f64(A) ? gemm_impl<double>(kt, A, B) : gemm_impl<float>(kt, A, B);

@@ -70,6 +70,8 @@ double team_barrier_ns(int nthreads, int rounds) {
   return ns;
 }
 
+int64_t cache_bytes(int level) { return level == 2 ? l2_cache_bytes() : l3_cache_bytes(); }
+
 }  // namespace
 
 const KernelTable& kernel_table() {
@@ -80,7 +82,7 @@ const KernelTable& kernel_table() {
                                  forward_stack_f32,  forward_stack_f64,
                                  backward_f32,       backward_f64,
                                  step_split,         projection_mode_of,
-                                 team_barrier_ns};
+                                 team_barrier_ns,    cache_bytes};
   return table;
 }
 

@@ -108,6 +108,8 @@ struct KernelTable {
   // ns per empty meeting of a step team of num_threads (0 for one thread): how far apart the
   // cores are right now (the benchmark records it beside every 2-thread case).
   double (*team_barrier_ns)(int num_threads, int rounds);
+  // The cache sizes the kernels plan for (common.h): one core's L2 (level 2) and the shared L3.
+  int64_t (*cache_bytes)(int level);
 };
 
 // Defined in workspace.cpp (portable unit): 64-byte aligned scratch memory.

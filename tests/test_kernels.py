@@ -92,13 +92,33 @@ def test_input_projection_riding_along(rng, isa, dtype, variant, bias, reverse, 
             np.testing.assert_array_equal(one, two)
 
 
+def in_step_fits_l2(cell, B, I, Hout, f64=False, isa=None):
+    """projection_mode.h's L2 condition: a unit block's gate panels of W_ih and W_hh (NR units,
+    two vectors wide) and the step's rows of x_t and h fit half of one core's L2."""
+    size = 8 if f64 else 4
+    nr = 2 * _C.vector_bytes(isa) // size
+    gates = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
+    return 2 * (gates * nr + B) * (I + Hout) * size <= _C.cache_bytes()["l2"]
+
+
 def test_projection_mode_rule():
-    """In the step from 8 rows, without lengths, with an input, and while W_ih and W_hh fit in
-    L3 (deepbench's LSTM, 32 MB of weights, does not); riding along a single LSTM or GRU row
-    without lengths while I <= G * Hout / 2 and W_hh fits in L2; else one GEMM over the whole
-    sequence."""
+    """In the step from 8 rows, without lengths, with an input, while W_ih and W_hh fit in L3
+    (deepbench's LSTM, 32 MB of weights, does not) and a unit block's tiles fit half of L2
+    (fastrnns' do not on a 512 KB L2); riding along a single LSTM or GRU row without lengths
+    while I <= G * Hout / 2 and W_hh fits in L2; else one GEMM over the whole sequence."""
     lstm, gru = functional.CELL_CODES["lstm"], functional.CELL_CODES["gru"]
-    assert _C.projection_mode(lstm, 16, 256, 256, 256) == "in_step"
+    stacked = "in_step" if in_step_fits_l2("lstm", 16, 256, 256) else "whole"
+    assert _C.projection_mode(lstm, 16, 256, 256, 256) == stacked
+    fastrnns = "in_step" if in_step_fits_l2("lstm", 64, 512, 512) else "whole"
+    assert _C.projection_mode(lstm, 64, 512, 512, 512) == fastrnns
+    # Small weights, many rows: the L2 condition alone decides, up to the last row that fits.
+    for isa in ISAS:
+        for f64 in (False, True):
+            for cell in ("lstm", "gru", "rnn_tanh"):
+                rows = next(b for b in range(8, 1 << 16) if not in_step_fits_l2(cell, b + 1, 64, 64, f64, isa))
+                code = functional.CELL_CODES[cell]
+                assert _C.projection_mode(code, rows, 64, 64, 64, f64, isa=isa) == "in_step"
+                assert _C.projection_mode(code, rows + 1, 64, 64, 64, f64, isa=isa) == "whole"
     assert _C.projection_mode(lstm, 7, 256, 256, 256) == "whole"
     assert _C.projection_mode(lstm, 16, 256, 256, 256, lengths=True) == "whole"
     assert _C.projection_mode(lstm, 16, 0, 256, 256) == "whole"

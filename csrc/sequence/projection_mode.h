@@ -26,10 +26,21 @@ constexpr int64_t kInStepRows = 8;
 // 4.78 -> 4.59 on 2; stacked GRU on 2 threads 4.08 -> 3.71; wide LSTM on 1 thread 547 -> 535.
 // Every step then streams W_ih beside W_hh, so both must stay in L3 (deepbench LSTM, 32 MB of
 // weights, 2 threads: 2% slower in the step); and from 8 rows (B = 4, I = H = 256: 4% slower).
+// And what a unit block's tiles meet at every row tile must fit half of L2 (in_step_block_bytes):
+// on a 512 KB L2 (Zen 3), fastrnns' 512 KB went to L3 and back at each block. In-process A/B
+// there, medians, in the step -> one GEMM: fastrnns LSTM 465 -> 452 ms on 1 thread, 243 -> 238
+// on 2; fastrnns GRU 362 -> 332, 191 -> 182; wide (417 and 348 KB) within noise either way
+// (LSTM 1097 / 1123, GRU 982 / 945); stacked (160 KB) stays in the step.
+template <typename T>
+int64_t in_step_block_bytes(const LayerShape& s) {
+  // W_ih's and W_hh's gate panels of the block, and the step's packed rows of x_t and h
+  return (gates_of(s.cell) * int64_t(Tile<T>::NR) + s.B) * (s.I + s.Hout) * int64_t(sizeof(T));
+}
 template <typename T>
 bool in_step_projection(const LayerShape& s, bool has_lengths) {
   const int64_t weight_bytes = gates_of(s.cell) * s.H * (s.I + s.Hout) * int64_t(sizeof(T));
-  return !has_lengths && s.I > 0 && s.B >= kInStepRows && 3 * weight_bytes <= 2 * l3_cache_bytes();
+  return !has_lengths && s.I > 0 && s.B >= kInStepRows && 3 * weight_bytes <= 2 * l3_cache_bytes() &&
+         2 * in_step_block_bytes<T>(s) <= l2_cache_bytes();
 }
 
 // Whether the input projection rides along the steps of a single LSTM or GRU row: the B = 1 step

@@ -28,9 +28,9 @@ constexpr int64_t kInStepRows = 8;
 // weights, 2 threads: 2% slower in the step); and from 8 rows (B = 4, I = H = 256: 4% slower).
 // And what a unit block's tiles meet at every row tile must fit half of L2 (in_step_block_bytes):
 // on a 512 KB L2 (Zen 3), fastrnns' 512 KB went to L3 and back at each block. In-process A/B
-// there, medians, in the step -> one GEMM: fastrnns LSTM 465 -> 452 ms on 1 thread, 243 -> 238
-// on 2; fastrnns GRU 362 -> 332, 191 -> 182; wide (417 and 348 KB) within noise either way
-// (LSTM 1097 / 1123, GRU 982 / 945); stacked (160 KB) stays in the step.
+// there, medians, in the step -> one GEMM, 1 thread: fastrnns LSTM 473 -> 457 ms (training 1419
+// -> 1357), GRU 386 -> 337 (1063 -> 984); 2 threads: LSTM 233 -> 229, GRU 195 -> 180. Wide (417
+// and 348 KB) within noise either way; stacked (160 KB) stays in the step.
 template <typename T>
 int64_t in_step_block_bytes(const LayerShape& s) {
   // W_ih's and W_hh's gate panels of the block, and the step's packed rows of x_t and h

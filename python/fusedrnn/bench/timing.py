@@ -12,7 +12,8 @@ Runtime's pool keeps a whole core busy for ~60 ms after its last call (process C
 three or four 15 ms calls twice as slow (stacked LSTM, 2 threads: 28-32 ms, against 15 alone). So
 before a runner's block the process first waits, untimed, until no thread of it is busy
 (wait_until_idle). Rounds still interleave, so a slow phase of the machine (another process, a
-frequency change) hits every peer alike; the starting runner rotates each round. The garbage collector is paused while timing, as ``timeit`` does.
+frequency change) hits every peer alike; the starting runner rotates each round. The garbage
+collector is paused while timing, as ``timeit`` does.
 """
 import gc
 import statistics

@@ -1,8 +1,7 @@
 """A team's large forward steps hand their unit blocks to whoever is free, and its large backward
 steps the column panels of dG W_hh (csrc/sequence/block_queue.h): a member that lags has its
-blocks taken over by the others. Who
-computes a block never changes its bits, so every way must give the one-thread result, and the
-reference's within tolerance."""
+blocks taken over by the others. Who computes a block never changes its bits, so every way must
+give the one-thread result, and the reference's within tolerance."""
 import numpy as np
 import pytest
 

@@ -55,7 +55,7 @@ constexpr double kHalvesMaxStepFlops = 1e5;
 template <typename T>
 bool k_split_backward(const LayerShape& s, bool has_lengths) {
   const bool cell = s.cell == Cell::Lstm || s.cell == Cell::RnnTanh || s.cell == Cell::RnnRelu;
-  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
+  const double flops = recurrent_step_flops(s);
   return cell && s.B == 1 && !has_lengths && !s.has_proj && flops >= kMinTeamStepFlops &&
          flops < kHalvesMaxStepFlops && ceil_div<int64_t>(s.H, Tile<T>::NR) >= 2;
 }
@@ -346,15 +346,14 @@ struct BackwardLoop {
 // 1 MFLOP and up.
 inline bool shares_panels(const LayerShape& s) {
   const bool one_product = s.cell != Cell::Gru && !s.has_proj;
-  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
-  return one_product && probe_steps(s) == 0 && flops >= kSharedBlockStepFlops;
+  return one_product && large_team_step(s);
 }
 
 // Threads worth a team for the time loop: as for the forward step (forward.h step_threads), a
 // step under ~30 KFLOP stays on one thread, and so does a state too narrow for two panels.
 template <typename T>
 int backward_step_threads(const LayerShape& s, int nthreads) {
-  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
+  const double flops = recurrent_step_flops(s);
   if (nthreads <= 1 || flops < kMinTeamStepFlops || ceil_div<int64_t>(s.H, Tile<T>::NR) < 2) return 1;
   return nthreads;
 }

@@ -14,6 +14,7 @@
 #include <thread>
 #include "kernel_api.h"
 #include "sequence/step_barrier.h"
+#include "sequence/team_probe.h"
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
@@ -21,6 +22,13 @@ namespace FUSEDRNN_ISA_NS {
 // Steps from which a team shares its blocks: at ~40 GFLOP/s a member's half of such a step takes
 // tens of microseconds, against a few hundred ns per block handed over between cores.
 constexpr double kSharedBlockStepFlops = 1e6;
+
+// Whether a team's steps of this shape are large enough to share their blocks (the forward's
+// shares_blocks and the backward's shares_panels say which steps have blocks to share): never
+// probed (team_probe.h), and kSharedBlockStepFlops and up.
+inline bool large_team_step(const LayerShape& s) {
+  return probe_steps(s) == 0 && recurrent_step_flops(s) >= kSharedBlockStepFlops;
+}
 
 class BlockQueue {
  public:

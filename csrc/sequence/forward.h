@@ -60,7 +60,7 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
 template <typename T>
 int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const int64_t G = gates_of(s.cell);
-  const double flops = 2.0 * s.B * G * s.H * s.Hout;
+  const double flops = recurrent_step_flops(s);
   const bool weights_fit_l2 = G * s.H * s.Hout * int64_t(sizeof(T)) <= l2_cache_bytes() / 2;
   *by_rows = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2;
   if (nthreads <= 1 || flops < kMinTeamStepFlops) return 1;
@@ -81,11 +81,10 @@ int step_split_kind(int cell, int64_t B, int64_t H, int64_t Hout, int nthreads) 
 // Whether a team split by hidden units shares its unit blocks out as they are done (BlockQueue)
 // instead of each member keeping its own: steps of one phase (the LSTM projection and the
 // two-phase GRU meet mid-step), not riding (whose rows each member computes for its own units a
-// window ahead), and large, over kSharedBlockStepFlops.
+// window ahead), and large (large_team_step).
 inline bool shares_blocks(const LayerShape& s, bool rides) {
   const bool one_phase = !s.has_proj && !(s.cell == Cell::Gru && !s.linear_before_reset);
-  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
-  return one_phase && !rides && probe_steps(s) == 0 && flops >= kSharedBlockStepFlops;
+  return one_phase && !rides && large_team_step(s);
 }
 
 template <typename T>

@@ -12,6 +12,11 @@ namespace FUSEDRNN_ISA_NS {
 
 inline int gates_of(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
 
+// FLOPs of one step's recurrent product h W_hh^T (every gate), which decide how a step is threaded.
+inline double recurrent_step_flops(const LayerShape& s) {
+  return 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
+}
+
 // Row b's length (T when no lengths are given), and the time its step s consumes.
 struct Steps {
   const int64_t* lengths;

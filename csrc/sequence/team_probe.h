@@ -21,7 +21,7 @@ namespace FUSEDRNN_ISA_NS {
 // spins before it sleeps (waking it costs more than the probe), and sequences under 4 probes just
 // run: the probe would be most of the call.
 inline int64_t probe_steps(const LayerShape& s) {
-  const double flops = 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
+  const double flops = recurrent_step_flops(s);
   if (flops >= 2e5) return 0;
   const int64_t probe = imin<int64_t>(16, imax<int64_t>(4, static_cast<int64_t>(16e3 * 50 / flops)));
   return s.T >= 4 * probe ? probe : 0;

@@ -68,8 +68,11 @@ def one_layer_problem(config, cell, rng):
 def call(ext, cell, p, train, isa):
     y, hn, cn, ctx = ext.forward(CELL_CODES[cell], False, False, train, p["x"], p["h0"], p["c0"],
                                  p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], None, None, isa)
-    if train:
-        ext.backward(ctx, p["dy"], None, None)
+    if train:  # as the layers do (consume=True), where the build has it
+        try:
+            ext.backward(ctx, p["dy"], None, None, consume=True)
+        except TypeError:
+            ext.backward(ctx, p["dy"], None, None)
 
 
 def main():

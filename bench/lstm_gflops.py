@@ -39,7 +39,7 @@ def main():
 
     def train():
         _, _, _, ctx = functional.forward(*args, training=True)
-        functional.backward(ctx, dy)
+        functional.backward(ctx, dy, consume=True)
 
     flops = 2 * T * B * G * H * (I + H)
     t_inf = median_seconds(lambda: functional.forward(*args, training=False))

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstring>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -72,6 +73,11 @@ struct Context {
   py::object x, w_ih, w_hh, w_hr, lengths;  // forward inputs
   py::object gates, h, c, hfull, extra;     // saved by the forward
   bool has_bias;
+  // A backward with consume=True ran (or runs): the saved gates may hold its gradients. And how
+  // many backward calls are running on it now (changed under the GIL): a consuming one waits for
+  // none, so no other thread is reading the gates it overwrites.
+  bool consumed = false;
+  int running = 0;
 };
 
 // A new C-order array in memory from the kernels' block cache (workspace.cpp): training runs
@@ -245,7 +251,8 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
 }
 
 template <typename T>
-py::tuple backward_impl(const Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn) {
+py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn,
+                        bool consume) {
   const LayerShape& s = c.s;
   const int64_t G = fusedrnn::gate_count(s.cell);
   check_shape("dy", dy, {s.T, s.B, s.Hout});
@@ -274,6 +281,16 @@ py::tuple backward_impl(const Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, 
   a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
   a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
   a.num_threads = num_threads();
+  a.gates_consumed = consume;
+  if (consume && c.running > 0)
+    throw std::runtime_error("backward with consume=True while another backward runs on the same "
+                             "context (another thread's): let that one finish first");
+  c.consumed = consume;  // before the GIL goes: another thread's backward sees it
+  struct Running {  // decremented with the GIL held again, also when the kernel throws
+    int& n;
+    explicit Running(int& count) : n(count) { ++n; }
+    ~Running() { --n; }
+  } running(c.running);
   {
     py::gil_scoped_release nogil;
     if constexpr (sizeof(T) == 4) c.table->backward_f32(a); else c.table->backward_f64(a);
@@ -494,14 +511,20 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("us"), "tests: every team member but the first waits this long at the start of each "
      "large step, so that the first takes its blocks over (0: off)");
 
-  m.def("backward", [](const Context& c, py::array dy, py::object dhn, py::object dcn) -> py::tuple {
+  m.def("backward", [](Context& c, py::array dy, py::object dhn, py::object dcn, bool consume) -> py::tuple {
+    if (c.consumed)
+      throw std::runtime_error("backward already ran on this context with consume=True, which "
+                               "reuses its saved state: run the forward again");
     auto opt = [](py::object o, auto tag) {
       using A = decltype(tag);
       return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
     };
     const py::dtype dt = c.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
     require_dtype("dy", dy, dt); require_dtype("dhn", dhn, dt); require_dtype("dcn", dcn, dt);
-    if (c.f64) return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()));
-    return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()));
-  }, py::arg("ctx"), py::arg("dy"), py::arg("dhn") = py::none(), py::arg("dcn") = py::none());
+    if (c.f64) return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume);
+    return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume);
+  }, py::arg("ctx"), py::arg("dy"), py::arg("dhn") = py::none(), py::arg("dcn") = py::none(),
+     py::arg("consume") = false,
+     "BPTT through a training forward's context; consume=True: the caller will not run backward "
+     "on it again (a second one raises), so its saved gates may hold the gradients");
 }

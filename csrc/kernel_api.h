@@ -74,6 +74,10 @@ struct BackwardArgs {
   const int64_t* lengths;
   SavedState<T> saved;
   int num_threads;
+  // The caller never runs backward on this saved state again (the layers forget it after their
+  // backward): the pre-activation gradients may then overwrite the saved gates, step by step as
+  // each step's gates are read (backward.h), instead of taking a buffer of their own.
+  bool gates_consumed;
 };
 
 // Entry points of one ISA build. func codes for math: 0 exp, 1 tanh, 2 sigmoid.

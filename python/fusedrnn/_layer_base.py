@@ -260,8 +260,9 @@ def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked):
     return outs[-1][0], hn, cn, saved
 
 
-def stack_backward(spec, saved, dy, dhn=None, dcn=None):
-    """BPTT through the stack saved by ``stack_forward``.
+def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False):
+    """BPTT through the stack saved by ``stack_forward``; ``consume``: the last backward through
+    ``saved`` (see functional.backward).
 
     dy (T, B, D*H_out); dhn (L*D, B, H_out) or None; dcn (L*D, B, H) or None. Returns
     dx (T, B, I), dh0 (L*D, B, H_out), dc0 (L*D, B, H) or None, and {torch name: gradient}.
@@ -283,7 +284,7 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None):
             dy_d = d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out]
             dx_d, dh, dc, g = F.backward(saved.ctxs[k][d], dy_d,
                                          None if dhn is None else dhn[i],
-                                         None if dcn is None else dcn[i])
+                                         None if dcn is None else dcn[i], consume=consume)
             dh0[i] = dh
             if lstm:
                 dc0[i] = dc

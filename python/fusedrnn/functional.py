@@ -4,11 +4,12 @@ Same signature and results as :mod:`fusedrnn.reference` (the NumPy oracle):
 
     y, hn, cn, ctx = forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None,
                              reverse=False, linear_before_reset=True, training=True)
-    dx, dh0, dc0, grads = backward(ctx, dy, dhn=None, dcn=None)
+    dx, dh0, dc0, grads = backward(ctx, dy, dhn=None, dcn=None, consume=False)
 
 Shapes: x (T, B, I); h0 (B, H_out); c0 (B, H) for "lstm" else None; w_ih (G*H, I);
 w_hh (G*H, H_out); b_ih, b_hh (G*H,) or None; w_hr (H_out, H) or None; lengths (B,) in 1..T or
-None. ``ctx`` is None when ``training`` is False. ``grads`` has the keys "weight_ih",
+None. ``ctx`` is None when ``training`` is False; ``consume=True`` marks the last backward through
+it (the kernels then reuse its saved state; a later backward raises). ``grads`` has the keys "weight_ih",
 "weight_hh" and, where they exist, "bias_ih", "bias_hh", "weight_hr".
 
 Arrays must share one float dtype (float32 or float64); other layouts are copied to C order only
@@ -78,10 +79,13 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 
-def backward(ctx, dy, dhn=None, dcn=None):
+def backward(ctx, dy, dhn=None, dcn=None, consume=False):
+    """``consume=True``: this is the last backward through ``ctx`` (a later one raises), so the
+    kernels may keep their gradients where the forward saved its gates instead of in a buffer as
+    large (the layers pass it: they forget the forward after its backward)."""
     if ctx is None:
         raise RuntimeError("backward needs the context of a forward run with training=True")
     dy = np.ascontiguousarray(dy)
     dhn = None if dhn is None else np.ascontiguousarray(dhn)
     dcn = None if dcn is None else np.ascontiguousarray(dcn)
-    return _C.backward(ctx, dy, dhn, dcn)
+    return _C.backward(ctx, dy, dhn, dcn, bool(consume))

@@ -285,7 +285,8 @@ class _Layer:
             else:
                 dy_tm = dy
         dh, dc = self._split_dhn(dhn, B, unbatched)
-        dx, dh0, dc0, grads = base.stack_backward(s, saved, dy_tm, dh, dc)
+        # The saved state is forgotten below, so the kernels may reuse it (consume).
+        dx, dh0, dc0, grads = base.stack_backward(s, saved, dy_tm, dh, dc, consume=True)
         for name, g in grads.items():
             self.grads[name] += g
         self._forget("backward already ran for the last forward (its saved state is freed; "

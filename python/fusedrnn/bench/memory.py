@@ -27,12 +27,16 @@ x, and the outputs y, dx and the weight gradients, are reported apart: any imple
 What fusedrnn holds beyond that at its peak (accounts for the measured figures to a few MiB):
 - a copy of x in each training context, T x B x I (functional.forward copies it so that the
   caller may reuse its buffer before backward);
-- the forward's input projection gx, T x B x G*H (csrc/sequence/forward.h), freed when the
-  forward returns; its block stays in the cache and serves the backward's dGx;
-- in the backward (csrc/sequence/backward.h) dGx, T x B x G*H, plus a separate dGh of that size
-  for GRU, reversed or variable-length runs; and the weight-gradient GEMMs (csrc/gemm/gemm.h)
-  pack all of x (or h) at once (dG^T itself is packed a 144 x 256 block at a time);
-- the packed W_ih / W_hh panels of forward and backward, each W_hh with a copy of its bytes.
+- the forward's input projection gx, T x B x G*H (csrc/sequence/forward.h), for the RNN and
+  for reversed or variable-length runs (LSTM and GRU otherwise write it where their gates are
+  saved, or compute it inside the steps);
+- in the backward (csrc/sequence/backward.h) dGx, T x B x G*H, for the RNN, reversed or
+  variable-length runs, and callers that keep the context (the layers' backward consumes it:
+  dGx then overwrites the saved gates step by step), plus a separate dGh of that size for
+  reversed or variable-length runs (the torch-style GRU always keeps its recurrent dn apart,
+  T x B x H); and the weight-gradient GEMMs (csrc/gemm/gemm.h) pack all of x (or h) at once
+  (dG^T itself is packed a 144 x 256 block at a time);
+- the packed W_ih / W_hh panels of forward and backward, each with a copy of its weight's bytes.
 """
 import argparse
 import gc

@@ -128,6 +128,8 @@ void aligned_free_bytes(void* p);
 void packed_cache_begin_call();
 void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int64_t tag, int64_t rows,
                     int64_t cols, bool* valid, int nthreads);
+// What the calling thread's cache holds: packed forms, copies of weights' bytes, and bytes of both.
+void packed_cache_stats(size_t* forms, size_t* copies, size_t* bytes);
 
 // Adaptive threads (team_policy.cpp): whether a layer call asked to run on nthreads threads does
 // so this time or runs on one, and how long the call then took per step. One policy per key.

@@ -419,3 +419,44 @@ def test_weights_edited_in_place_are_repacked(rng, variant):
     want = reference.forward(*args)
     assert_close(got[0], want[0], np.float64, "forward", what="y after an in-place edit")
     assert_close(got[1], want[1], np.float64, "forward", what="hn after an in-place edit")
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_a_weight_edited_between_its_forms_is_repacked_in_each(rng, variant):
+    """A weight's packed forms (the forward's gate panels, the backward's GEMM panels) share one
+    copy of its bytes (workspace.cpp): after an in-place edit that an inference forward has
+    already compared and taken in, the backward's own form must still be repacked."""
+    cell, lbr, proj = variant
+    case = make_case(rng, cell, proj, T=4, B=3, I=6, H=20)
+    w = case["w"]
+    args = (cell, case["x"], case["h0"], case["c0"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"],
+            w["w_hr"], None, False, lbr)
+    grads_of = lambda runner: runner.backward(runner.forward(*args, True)[3], case["dy"],
+                                              case["dhn"], case["dcn"])
+    grads_of(functional)       # packs every form of every weight
+    w["w_hh"][...] *= 0.5      # same address, new bytes
+    functional.forward(*args, False)  # compares w_hh, repacks its forward form
+    got, want = grads_of(functional), grads_of(reference)
+    for name, g, r in zip(("dx", "dh0", "dc0"), got[:3], want[:3]):
+        if r is not None:
+            assert_close(g, r, np.float64, "gradient", what=name + " after an edit of w_hh")
+    for name in want[3]:
+        assert_close(got[3][name], want[3][name], np.float64, "gradient", what=name)
+
+
+def test_packed_forms_of_one_weight_share_one_copy(rng):
+    """A training call packs W_hh twice (forward gate panels, backward GEMM panels) and keeps
+    one copy of its bytes for both (B = 2: W_ih's one form is the whole-sequence projection's)."""
+    def train(w_ih, w_hh):
+        ctx = functional.forward("lstm", x, h0, c0, w_ih, w_hh, None, None)[3]
+        functional.backward(ctx, dy)
+    x, dy = rng.standard_normal((3, 2, 5)), rng.standard_normal((3, 2, 7))
+    h0, c0 = np.zeros((2, 7)), np.zeros((2, 7))
+    w_ih, w_hh = rng.standard_normal((28, 5)), rng.standard_normal((28, 7))
+    train(w_ih, w_hh)
+    before = _C.packed_cache()
+    w_ih, w_hh = w_ih.copy(), w_hh.copy()  # new addresses: new cache entries
+    train(w_ih, w_hh)
+    after = _C.packed_cache()
+    forms, copies = after["forms"] - before["forms"], after["copies"] - before["copies"]
+    assert (forms, copies) == (3, 2)  # w_ih's input projection; w_hh's two forms, one copy

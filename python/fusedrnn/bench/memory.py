@@ -36,7 +36,9 @@ What fusedrnn holds beyond that at its peak (accounts for the measured figures t
   reversed or variable-length runs (the torch-style GRU always keeps its recurrent dn apart,
   T x B x H); and the weight-gradient GEMMs (csrc/gemm/gemm.h) pack all of x (or h) at once
   (dG^T itself is packed a 144 x 256 block at a time);
-- the packed W_ih / W_hh panels of forward and backward, each with a copy of its weight's bytes.
+- the packed W_ih / W_hh panels of forward and backward, and one copy of each weight's bytes
+  that its packed forms share (the GRU's backward packs row ranges of W_hh, which keep copies of
+  their own).
 """
 import argparse
 import gc

@@ -74,8 +74,8 @@ struct Context {
   py::object gates, h, c, hfull, extra;     // saved by the forward
   bool has_bias;
   // A backward with consume=True ran (or runs): the saved gates may hold its gradients. And how
-  // many backward calls are running on it now (changed under the GIL): a consuming one waits for
-  // none, so no other thread is reading the gates it overwrites.
+  // many backward calls are running on it now (changed under the GIL): a consuming one overwrites
+  // the gates only when none is, so no other thread is reading them.
   bool consumed = false;
   int running = 0;
 };
@@ -281,11 +281,9 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
   a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
   a.num_threads = num_threads();
-  a.gates_consumed = consume;
-  if (consume && c.running > 0)
-    throw std::runtime_error("backward with consume=True while another backward runs on the same "
-                             "context (another thread's): let that one finish first");
-  c.consumed = consume;  // before the GIL goes: another thread's backward sees it
+  // Overwrite the gates only while no other backward (another thread's) reads them.
+  a.gates_consumed = consume && c.running == 0;
+  c.consumed = consume;  // before the GIL goes: a later backward sees it
   struct Running {  // decremented with the GIL held again, also when the kernel throws
     int& n;
     explicit Running(int& count) : n(count) { ++n; }

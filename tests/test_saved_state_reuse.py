@@ -128,3 +128,31 @@ def test_layer_backward_consumes_its_forward(rng):
     assert np.array_equal(dx, want_dx)
     assert np.array_equal(layer.grads["weight_hh_l1"], g1["weight_hh"])
     assert np.array_equal(layer.grads["weight_ih_l0"], g0["weight_ih"])
+
+
+def test_concurrent_backwards_never_read_consumed_gates(rng):
+    """Threads running backward on one context while another consumes it: every backward that
+    runs gives the kept context's bits (a consuming backward overwrites the gates only while no
+    other runs, bindings.cpp), and those after the consuming one raise."""
+    import threading
+    case = make_case(rng, "lstm", 0, T=40, B=4, I=64, H=256)
+    ctx = forward(case, np.float32, None, True, False, True)[3]
+    want = backward(case, ctx, np.float32, consume=False)
+    results, refused = [], []
+
+    def worker(consume):
+        for _ in range(1 if consume else 6):
+            try:
+                results.append(backward(case, ctx, np.float32, consume=consume))
+            except RuntimeError as e:
+                assert "consume=True" in str(e)
+                refused.append(consume)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in (False, False, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(results) + len(refused) == 13 and True not in refused
+    for got in results:
+        assert_same_bits(got, want)

@@ -449,7 +449,8 @@ PYBIND11_MODULE(_C, m) {
     return d;
   }, "the cache sizes the kernels plan for: one core's L2 and the shared L3, in bytes");
 
-  m.def("packed_cache", []() {
+  m.def("packed_cache", [](bool clear) {
+    if (clear) fusedrnn::packed_cache_clear();
     size_t forms = 0, copies = 0, bytes = 0;
     fusedrnn::packed_cache_stats(&forms, &copies, &bytes);
     py::dict d;
@@ -457,8 +458,9 @@ PYBIND11_MODULE(_C, m) {
     d["copies"] = copies;
     d["bytes"] = bytes;
     return d;
-  }, "the calling thread's packed-weight cache: packed forms, copies of weights' bytes (one per "
-     "weight, shared by its forms), and the bytes of both");
+  }, py::arg("clear") = false,
+     "the calling thread's packed-weight cache: packed forms, copies of weights' bytes (one per "
+     "weight, shared by its forms), and the bytes of both; clear=True empties it first");
 
   m.def("gemm", [](py::array A, py::array B, std::optional<std::string> isa) -> py::array {
     const KernelTable& kt = kernels(isa);

@@ -130,6 +130,8 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
                     int64_t cols, bool* valid, int nthreads);
 // What the calling thread's cache holds: packed forms, copies of weights' bytes, and bytes of both.
 void packed_cache_stats(size_t* forms, size_t* copies, size_t* bytes);
+// Empties the calling thread's cache (the next calls pack again).
+void packed_cache_clear();
 
 // Adaptive threads (team_policy.cpp): whether a layer call asked to run on nthreads threads does
 // so this time or runs on one, and how long the call then took per step. One policy per key.

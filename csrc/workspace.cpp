@@ -224,6 +224,11 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
   return e.packed;
 }
 
+void packed_cache_clear() {
+  PackCache& c = t_pack_cache;
+  while (!c.entries.empty()) c.erase(c.entries.begin());
+}
+
 void packed_cache_stats(size_t* forms, size_t* copies, size_t* bytes) {
   *forms = t_pack_cache.entries.size();
   *copies = t_pack_cache.raws.size();

@@ -443,15 +443,23 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   const bool in_step = mode == 1, rides = mode == 2;
   const int64_t padded_units = ForwardLoop<T>::padded_units(s);
   // Riding along, rows by step in whole windows, gates padded_units apart (see x_steps).
-  // Training with the whole-sequence projection, step k time k for every row: Gx goes where the
-  // saved gates will be, row for row, and each epilogue reads its gx before it stores the gates
-  // there (cells.h): no T*B*G*H buffer of its own (the rows are then G*H apart, not
-  // gx_row_stride's odd count of lines). Same tiles, same bits.
-  const bool gx_in_gates = training && mode == 0 && a.saved.gates && !a.lengths && !s.reverse;
-  const int64_t ld_gx = rides ? G * padded_units : gx_in_gates ? GH : gx_row_stride<T>(GH);
+  // Training with the whole-sequence projection, step k time k for every row (not reversed):
+  // Gx goes where the saved gates will be, row for row, and each epilogue reads its gx before it
+  // stores the gates there (cells.h): no T*B*G*H buffer of its own (the rows are then G*H apart,
+  // not gx_row_stride's odd count of lines). Rows past a length are never read as gates. Same
+  // tiles, same bits.
+  const bool gx_in_gates = training && mode == 0 && a.saved.gates && !s.reverse;
+  // The Elman RNN's Gx row is as wide as its y row, and the step of time t reads the one and
+  // then writes the other: Gx goes into y (the rows past a length, zeroed below, are never read
+  // as Gx). Same tiles, same bits.
+  const bool gx_in_y = mode == 0 && G == 1 && !s.has_proj;
+  const int64_t ld_gx = rides           ? G * padded_units
+                        : gx_in_gates   ? GH
+                        : gx_in_y       ? Hout
+                                        : gx_row_stride<T>(GH);
   const int64_t gx_rows = rides ? ceil_div<int64_t>(s.T, kRideRows) * kRideRows : s.T * B;
-  Scratch<T> gx_buf(in_step || gx_in_gates ? 0 : gx_rows * ld_gx);
-  T* const gx = gx_in_gates ? a.saved.gates : gx_buf.p;
+  Scratch<T> gx_buf(in_step || gx_in_gates || gx_in_y ? 0 : gx_rows * ld_gx);
+  T* const gx = gx_in_gates ? a.saved.gates : gx_in_y ? a.y : gx_buf.p;
   if (mode == 0) input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx, ld_gx, nthreads);
   const bool by_gates = in_step || rides;  // W_ih packed like W_hh, per unit block
   CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, by_gates ? GH : 0, s.I,

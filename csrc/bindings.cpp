@@ -253,6 +253,9 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
 template <typename T>
 py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn,
                         bool consume) {
+  if (c.consumed)
+    throw std::runtime_error("backward already ran on this context with consume=True, which "
+                             "reuses its saved state: run the forward again");
   const LayerShape& s = c.s;
   const int64_t G = fusedrnn::gate_count(s.cell);
   check_shape("dy", dy, {s.T, s.B, s.Hout});
@@ -523,9 +526,6 @@ PYBIND11_MODULE(_C, m) {
      "large step, so that the first takes its blocks over (0: off)");
 
   m.def("backward", [](Context& c, py::array dy, py::object dhn, py::object dcn, bool consume) -> py::tuple {
-    if (c.consumed)
-      throw std::runtime_error("backward already ran on this context with consume=True, which "
-                               "reuses its saved state: run the forward again");
     auto opt = [](py::object o, auto tag) {
       using A = decltype(tag);
       return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());

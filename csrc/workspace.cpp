@@ -202,12 +202,11 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
       raw.checked_call = c.call;
       c.total += raw_bytes;
     }
-    PackEntry& e = c.entries[key];
-    e.raw = raw_key;
-    e.packed = aligned_alloc_bytes(packed_bytes);
-    e.packed_bytes = packed_bytes;
+    it = c.entries.emplace(key, PackEntry{}).first;
+    it->second.raw = raw_key;
+    it->second.packed = aligned_alloc_bytes(packed_bytes);
+    it->second.packed_bytes = packed_bytes;
     c.total += packed_bytes;
-    it = c.entries.find(key);
   }
   PackEntry& e = it->second;
   RawCopy& raw = c.raws.find(e.raw)->second;

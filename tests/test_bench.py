@@ -152,7 +152,13 @@ def test_json_structure_with_the_reference_peer(tmp_path, capsys):
         for r in (ours, ref):
             assert r["reps"] == len(r["times_s"]) >= 3
             assert r["min_s"] <= r["median_s"] <= r["max_s"]
-            assert set(r["fraction_of_peak"]) == {"fusedrnn_gemm", "numpy_matmul"}
+            assert set(r["fraction_of_peak"]) == {"fusedrnn_gemm", "numpy_matmul",
+                                                  "fusedrnn_gemm_beside"}
+            assert r["fraction_of_peak"]["fusedrnn_gemm_beside"] == pytest.approx(
+                r["gflops"] / rec["gemm_beside"]["gflops"])
+        beside = rec["gemm_beside"]
+        assert beside["reps"] >= 1 and beside["min_s"] <= beside["median_s"]
+        assert beside["gflops"] == pytest.approx(2 * 64**3 / beside["median_s"] / 1e9)
         assert "speedup" not in ours
         assert ref["speedup"] == pytest.approx(ref["median_s"] / ours["median_s"])
         assert rec["agreement"]["reference"]["ok"]
@@ -368,6 +374,42 @@ def test_close_calls_get_more_reps():
     alone = {"fusedrnn": [1.0] * 3}
     assert timing.settle_close_calls({"fusedrnn": runners["fusedrnn"]}, alone) is alone
     assert calls == before
+
+
+def test_gemm_beside_is_timed_once_a_round_outside_the_budget():
+    """The GEMM timed beside a case: once at the start of every round, its own wait first, its
+    time kept apart and not spent from the budget; the extra rounds of a close call time it too;
+    the case's %gemm column is over its median."""
+    from fusedrnn.bench import report, timing
+
+    events = []
+    runners = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
+    beside = {"gemm": lambda: events.append("gemm")}
+    original = timing.wait_until_idle
+    try:
+        timing.wait_until_idle = lambda: events.append("wait")
+        times = timing.interleave(runners, 0.0, min_reps=2, max_reps=2, block_s=1e-9,
+                                  beside=beside)
+        block = lambda name: ["wait", name, name]  # noqa: E731 (untimed call, then one timed)
+        one = ["wait", "gemm"]
+        assert events == one + block("a") + block("b") + one + block("b") + block("a")
+        assert [len(times[n]) for n in ("a", "b", "gemm")] == [2, 2, 2]
+        close = {"a": [1.0] * 3, "b": [1.01] * 3, "gemm": [0.5]}
+        settled = timing.settle_close_calls(runners, close, ours="a", beside=beside)
+        assert len(settled["a"]) == timing.CLOSE_REPS and len(settled["gemm"]) > 1
+        assert settled["gemm"][0] == 0.5
+    finally:
+        timing.wait_until_idle = original
+
+    rec = {"threads": 1, "config": "c", "cell": "lstm", "mode": "infer",
+           "check": {"ok": True, "forward_error": 0.0, "gradient_error": None},
+           "results": {"fusedrnn": {"median_s": 1.0, "gflops": 80.0}}, "agreement": {},
+           "gemm_beside": {"gflops": 100.0}}
+    runner_module = __import__("fusedrnn.bench.runner", fromlist=["add_fractions"])
+    runner_module.add_fractions(rec, {"fusedrnn_gemm": {"gflops": 160.0},
+                                      "numpy_matmul": {"gflops": 200.0}})
+    _, rows = report.table_rows({"cases": [rec]})
+    assert rows[0][6:8] == ["80%", "40%"]  # %gemm over the GEMM beside, %numpy over the peak
 
 
 def test_ab_builds_times_two_builds_side_by_side():

@@ -180,6 +180,7 @@ def run(args, argv):
         say(f"GEMM peak, {n} thread(s): fusedrnn {pk['fusedrnn_gemm']['gflops']:.1f} GFLOP/s, "
             f"numpy {pk['numpy_matmul']['gflops']:.1f} GFLOP/s (measured again at the end)")
 
+    gemm_beside = peak.gemm_beside(min(pk["fusedrnn_gemm"]["size"] for pk in peaks.values()))
     say(f"{len(plan_)} cases")
     records, errors, problem, problem_key = [], [], None, None
     for i, case in enumerate(plan_, 1):
@@ -191,7 +192,7 @@ def run(args, argv):
                 problem, problem_key = None, None
                 problem, problem_key = cases.make_problem(case.config, case.cell), key
             rec = run_case(case, problem, ours, others, settings["budget_s"],
-                           settings["min_reps"], settings["max_reps"])
+                           settings["min_reps"], settings["max_reps"], gemm_beside)
         except Exception as e:        # report it and go on with the other cases
             traceback.print_exc(file=sys.stdout)
             errors.append(f"{case.label}: {type(e).__name__}: {e}")

@@ -4,6 +4,11 @@ Two figures per thread count: our packed GEMM (``fusedrnn._C.gemm``) and NumPy's
 BLAS, limited to the thread count when threadpoolctl is installed), on 1024^3 (smaller only
 where one product takes over a quarter second); the peak is the best of the repetitions, and
 the run keeps the better of a measurement at its start and one at its end.
+
+``gemm_beside`` is the same GEMM as a call that each case times once per round beside its
+runners (runner.run_case): this VM's speed drifts by 10-40% over minutes, so a case's rate over
+the run's best GEMM minute says more about the minute than about the kernels; over the GEMM rate
+of the case's own minutes it does not.
 """
 import time
 
@@ -41,6 +46,14 @@ def gemm_peak(fn, budget_s=0.3, rng=None):
             break
     best, reps = _best(fn, A, B, budget_s)
     return {"size": n, "best_s": best, "reps": reps, "gflops": 2 * n**3 / best / 1e9}
+
+
+def gemm_beside(size, rng=None):
+    """(call, flops): our GEMM on size^3 float32 as a zero-argument call, timed beside a case."""
+    rng = np.random.default_rng(rng)
+    A = rng.standard_normal((size, size), dtype=np.float32)
+    B = rng.standard_normal((size, size), dtype=np.float32)
+    return (lambda: _C.gemm(A, B)), 2 * size**3
 
 
 def best_of(first, second):

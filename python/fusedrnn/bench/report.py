@@ -53,7 +53,8 @@ def table_rows(data):
         err = max(chk["forward_error"], chk["gradient_error"] or 0.0)
         row = [str(rec["threads"]), rec["config"], rec["cell"], rec["mode"],
                fmt_ms(ours["median_s"]), f"{ours['gflops']:.1f}",
-               f"{100 * frac['fusedrnn_gemm']:.0f}%", f"{100 * frac['numpy_matmul']:.0f}%",
+               f"{100 * frac.get('fusedrnn_gemm_beside', frac['fusedrnn_gemm']):.0f}%",
+               f"{100 * frac['numpy_matmul']:.0f}%",
                f"{'ok' if chk['ok'] else 'FAIL'} {err:.0e}"]
         for p in peers:
             r = rec["results"].get(p)
@@ -222,9 +223,12 @@ def notes(data):
         "ms: median wall time of one call (training: forward + backward of (y * dy).sum()), "
         "libraries taking turns in blocks; a case where a peer is within 5% of fusedrnn is "
         f"timed on to {timing.CLOSE_REPS} calls each.",
-        "GFLOP/s: forward 2*T*B*G*H*(I+H) per layer, training 3x that (DESIGN.md). %gemm, "
-        "%numpy: that rate as a fraction of this run's float32 GEMM peak with our GEMM and "
-        "with numpy's matmul at the same thread count "
+        "GFLOP/s: forward 2*T*B*G*H*(I+H) per layer, training 3x that (DESIGN.md). %gemm: "
+        "that rate as a fraction of our GEMM's median rate in the same minutes (the GEMM of the "
+        "peak lines below, at the case's thread count, timed once per round between the case's "
+        "blocks: this VM's speed drifts by 10-40% over minutes, and a case against the run's "
+        "best GEMM minute measures the minute). %numpy: that rate as a fraction of this run's "
+        "float32 GEMM peak with numpy's matmul at the same thread count "
         f"(numpy's BLAS: {blas.get('name')} {blas.get('version') or ''}; thread control: "
         f"{blas['thread_control']}).",
         "check: fusedrnn against the float64 NumPy reference on the first "

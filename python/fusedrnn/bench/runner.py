@@ -3,8 +3,9 @@
 ``run_case`` prints its progress (flushed) and returns the case's record for the JSON:
 the check against the reference, each peer's agreement with fusedrnn, the timings, GFLOP/s,
 the speed-ups (peer time / fusedrnn time) and, with threads, how far apart the cores were
-before and after timing (``barrier_ns``). ``add_fractions`` adds the fractions of the
-GEMM peaks once the run has measured them.
+before and after timing (``barrier_ns``), and the rate of our GEMM timed beside the case in the
+same minutes (``gemm_beside``). ``add_fractions`` adds the fractions of the GEMM peaks once the
+run has measured them, and of ``gemm_beside``.
 """
 import sys
 import traceback
@@ -31,7 +32,11 @@ def _prepare(peer, problem, case):
         return None, f"failed to build: {type(e).__name__}: {e}"
 
 
-def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps):
+GEMM_BESIDE = "gemm beside"
+
+
+def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps, gemm=None):
+    """gemm: (call, flops) of our GEMM (peak.gemm_beside), timed once a round beside the case."""
     c = case.config
     record = {"config": c.name, "cell": case.cell, "mode": case.mode, "threads": case.threads,
               "T": c.T, "B": c.B, "I": c.I, "H": c.H, "L": c.L, "flops": case.flops,
@@ -69,11 +74,16 @@ def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps):
                     f", grad {agree['gradient_error']}")
 
         far_before = timing.team_barrier_ns() if case.threads > 1 else None
-        times = timing.interleave(runners, budget_s, min_reps, max_reps)
-        times = timing.settle_close_calls(runners, times)
+        beside = {GEMM_BESIDE: gemm[0]} if gemm else None
+        times = timing.interleave(runners, budget_s, min_reps, max_reps, beside=beside)
+        times = timing.settle_close_calls(runners, times, beside=beside)
+        gemm_s = times.pop(GEMM_BESIDE, None)
         if case.threads > 1:
             record["barrier_ns"] = [far_before, timing.team_barrier_ns()]
 
+    if gemm_s:
+        record["gemm_beside"] = dict(timing.summary(gemm_s),
+                                     gflops=gemm[1] / timing.summary(gemm_s)["median_s"] / 1e9)
     base = timing.summary(times["fusedrnn"])["median_s"]
     for name, seconds in times.items():
         r = timing.summary(seconds)
@@ -86,9 +96,13 @@ def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps):
 
 
 def add_fractions(record, peaks):
-    """r["fraction_of_peak"]: GFLOP/s over each GEMM peak at the case's thread count."""
+    """r["fraction_of_peak"]: GFLOP/s over each GEMM peak at the case's thread count, and over
+    the median rate of our GEMM beside the case ("fusedrnn_gemm_beside") where it was timed."""
     for r in record["results"].values():
         r["fraction_of_peak"] = {k: r["gflops"] / v["gflops"] for k, v in peaks.items()}
+        if "gemm_beside" in record:
+            r["fraction_of_peak"]["fusedrnn_gemm_beside"] = (
+                r["gflops"] / record["gemm_beside"]["gflops"])
 
 
 def describe(record):
@@ -102,4 +116,6 @@ def describe(record):
             parts.append(f"{name} {fmt_ms(r['median_s'])} ms (x{r['speedup']:.2f})")
     for name, reason in record["skipped"].items():
         parts.append(f"{name} skipped: {reason}")
+    if "gemm_beside" in record:
+        parts.append(f"our GEMM beside {record['gemm_beside']['gflops']:.3g} GFLOP/s")
     return "    " + "; ".join(parts)

@@ -38,14 +38,17 @@ def wait_until_idle(window_s=IDLE_WINDOW_S, idle_cores=IDLE_CORES, max_s=IDLE_WA
     return time.perf_counter() - start
 
 
-def interleave(runners, budget_s, min_reps=3, max_reps=200, block_s=BLOCK_S):
+def interleave(runners, budget_s, min_reps=3, max_reps=200, block_s=BLOCK_S, beside=None):
     """Time each runner (name -> zero-argument callable). Returns name -> list of seconds.
 
     Each runner gets at least ``min_reps`` timed calls and at most ``max_reps``; timing stops once
     ``budget_s`` seconds of timed calls have passed and every runner has ``min_reps``.
+    ``beside`` (name -> callable): timed once at the start of every round, outside the budget
+    (the GEMM whose rate in the same minutes the case's rate is compared with).
     """
     names = list(runners)
-    times = {name: [] for name in names}
+    beside = beside or {}
+    times = {name: [] for name in [*names, *beside]}
     spent = 0.0
     gc.collect()
     was_enabled = gc.isenabled()
@@ -56,6 +59,11 @@ def interleave(runners, budget_s, min_reps=3, max_reps=200, block_s=BLOCK_S):
             enough = all(len(times[n]) >= min_reps for n in names) and spent >= budget_s
             if done or enough or not names:
                 break
+            for name, call in beside.items():
+                wait_until_idle()
+                t0 = time.perf_counter()
+                call()
+                times[name].append(time.perf_counter() - t0)
             k = rnd % len(names)
             for name in names[k:] + names[:k]:
                 if len(times[name]) >= max_reps:
@@ -91,14 +99,16 @@ def is_close_call(times, ours="fusedrnn"):
                for name, v in times.items() if name != ours)
 
 
-def settle_close_calls(runners, times, ours="fusedrnn"):
-    """``times`` with more interleaved calls of every runner when a peer is a close call and
-    some runner has fewer than CLOSE_REPS; else ``times`` itself."""
-    short = CLOSE_REPS - min(len(v) for v in times.values())
-    if short <= 0 or len(times) < 2 or not is_close_call(times, ours):
+def settle_close_calls(runners, times, ours="fusedrnn", beside=None):
+    """``times`` with more interleaved calls of every runner (and of ``beside``, as in
+    interleave) when a peer is a close call and some runner has fewer than CLOSE_REPS; else
+    ``times`` itself."""
+    timed = {name: times[name] for name in runners}
+    short = CLOSE_REPS - min(len(v) for v in timed.values())
+    if short <= 0 or len(timed) < 2 or not is_close_call(timed, ours):
         return times
-    more = interleave(runners, 0.0, min_reps=short, max_reps=short)
-    return {name: times[name] + more[name] for name in times}
+    more = interleave(runners, 0.0, min_reps=short, max_reps=short, beside=beside)
+    return {name: times.get(name, []) + more[name] for name in more}
 
 
 def team_barrier_ns():

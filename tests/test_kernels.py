@@ -460,3 +460,32 @@ def test_packed_forms_of_one_weight_share_one_copy(rng):
     assert held["bytes"] > w_ih.nbytes + w_hh.nbytes  # the copies and the panels
     train(w_ih, w_hh)
     assert _C.packed_cache() == held  # the same forms, reused
+
+
+@pytest.mark.parametrize("lbr", [True, False])
+def test_gru_row_ranges_share_the_whole_weights_copy(rng, lbr):
+    """The GRU's backward packs row ranges of W_hh, which its forward packed whole: they share
+    the whole weight's copy (two copies in all, W_ih's and W_hh's), and an in-place edit of one
+    range's rows alone still reaches every form that reads them."""
+    T, B, I, H = 3, 2, 5, 7
+    x, dy = rng.standard_normal((T, B, I)), rng.standard_normal((T, B, H))
+    h0 = rng.standard_normal((B, H))
+    w_ih, w_hh = rng.standard_normal((3 * H, I)), rng.standard_normal((3 * H, H))
+    b_ih, b_hh = rng.standard_normal(3 * H), rng.standard_normal(3 * H)
+    args = ("gru", x, h0, None, w_ih, w_hh, b_ih, b_hh, None, None, False, lbr)
+
+    def grads(runner):
+        return runner.backward(runner.forward(*args, True)[3], dy)
+
+    assert _C.packed_cache(clear=True)["copies"] == 0
+    grads(functional)
+    held = _C.packed_cache()
+    assert held["copies"] == 2 and held["forms"] > 3  # W_hh: whole and its ranges
+    for rows in (slice(2 * H, 3 * H), slice(0, H)):  # the new gate's rows, then the reset's
+        w_hh[rows] *= 0.5                             # same addresses, new bytes in one range
+        got, want = grads(functional), grads(reference)
+        assert _C.packed_cache()["copies"] == 2
+        assert_close(got[0], want[0], np.float64, "gradient", what="dx after a range's edit")
+        assert_close(got[1], want[1], np.float64, "gradient", what="dh0 after a range's edit")
+        for name in want[3]:
+            assert_close(got[3][name], want[3][name], np.float64, "gradient", what=name)

@@ -37,8 +37,7 @@ What fusedrnn holds beyond that at its peak (accounts for the measured figures t
   T x B x H); and the weight-gradient GEMMs (csrc/gemm/gemm.h) pack all of x (or h) at once
   (dG^T itself is packed a 144 x 256 block at a time);
 - the packed W_ih / W_hh panels of forward and backward, and one copy of each weight's bytes
-  that its packed forms share (the GRU's backward packs row ranges of W_hh, which keep copies of
-  their own).
+  that its packed forms share (the GRU backward's row ranges of W_hh included).
 """
 import argparse
 import gc

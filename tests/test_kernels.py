@@ -39,12 +39,13 @@ def test_options_grid(rng, isa, dtype, variant, bias, lengths, reverse):
 
 # The input projection inside each step (projection_mode.h, in_step_projection): batches from 8 rows
 # without lengths. 9 rows make one partial row tile; 13 make a full one and a single row (whose
-# k is split), and H = 33 leaves a partial unit block, so the padded bias and panels are met.
+# k is split), and H = 33 leaves a partial unit block, so the padded bias and panels are met;
+# 16 make a full one and a 4-row one, which takes its gates two at a time on AVX-512.
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("bias,reverse", list(itertools.product([True, False], repeat=2)))
-@pytest.mark.parametrize("B,I,H", [(9, 6, 11), (13, 17, 33)])
+@pytest.mark.parametrize("B,I,H", [(9, 6, 11), (13, 17, 33), (16, 21, 40)])
 def test_input_projection_in_the_step(rng, isa, dtype, variant, bias, reverse, B, I, H):
     cell, lbr, proj = variant
     Hout = proj or H
@@ -152,6 +153,7 @@ SHAPES = [
     # The fused step cuts K into blocks past ~96 (LSTM), ~120 (GRU), ~384 (RNN) and groups
     # 4 row tiles: these take several K blocks with a ragged last one, and two row groups.
     dict(T=3, B=29, I=7, H=130),
+    dict(T=3, B=16, I=5, H=40),  # a 4-row tile (AVX-512: its gates two at a time)
     dict(T=2, B=3, I=4, H=401),
     dict(T=3, B=2, I=0, H=5),  # no input: the gate pre-activations are the biases alone
 ]

@@ -218,6 +218,53 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
     for (int v = 0; v < NV; ++v) acc[g][v].store(c + g * NR + v * V::W);
 }
 
+// A short tile against P panels at once (panel p at b + p * panel_stride, its C block at
+// c + p * c_panel_stride, its bias at bias + p * bias_panel_stride), A blocked (AForm::Blocked):
+// a tile of 4 rows keeps only 8 chains on one panel, the least that hides the FMA latency on
+// two pipes, and its B lines serve 4 rows where a full tile's serve 12; with two panels the
+// chains double and each broadcast serves both. The chains are micro_kernel_rows' for M >= 4
+// (KS = 1: from the bias or zero, k in order), so the results are the same bits.
+template <typename T, int M, int P>
+constexpr bool panels_fit() {
+  return M >= 4 && P * M * Tile<T>::NV + P * Tile<T>::NV + 1 <= Tile<T>::REGS;
+}
+template <typename T, int M, int P>
+inline void micro_kernel_panels(int64_t K, const T* a, const T* b, int64_t panel_stride, T* c,
+                                int64_t ldc, int64_t c_panel_stride, const T* bias = nullptr,
+                                int64_t bias_panel_stride = 0) {
+  static_assert(panels_fit<T, M, P>(), "accumulators must fit the registers");
+  using V = Vec<T>;
+  constexpr int NV = Tile<T>::NV;
+  constexpr int NR = Tile<T>::NR;
+  constexpr int MR = Tile<T>::MR;
+  constexpr int64_t W = Vec<T>::W;
+  V acc[P][M][NV];
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < M; ++r)
+      for (int v = 0; v < NV; ++v)
+        acc[p][r][v] = bias ? V::load(bias + p * bias_panel_stride + v * V::W) : V::zero();
+  auto k_step = [&](int64_t k, auto a_of_row) {
+    V bv[P][NV];
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < NV; ++v) bv[p][v] = V::load(b + p * panel_stride + k * NR + v * V::W);
+    for (int r = 0; r < M; ++r) {
+      const V av = V::set1(a_of_row(r));
+      for (int p = 0; p < P; ++p)
+        for (int v = 0; v < NV; ++v) acc[p][r][v] = V::fma(av, bv[p][v], acc[p][r][v]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    const T* ak = a + k * MR;
+#pragma GCC unroll 16
+    for (int kk = 0; kk < W; ++kk) k_step(k + kk, [&](int r) { return ak[r * W + kk]; });
+  }
+  for (; k < K; ++k) k_step(k, [&](int r) { return a[(k / W) * (W * MR) + r * W + k % W]; });
+  for (int p = 0; p < P; ++p)
+    for (int r = 0; r < M; ++r)
+      for (int v = 0; v < NV; ++v) acc[p][r][v].store(c + p * c_panel_stride + r * ldc + v * V::W);
+}
+
 // Any M in 1..MR: picks the instantiation with that many rows.
 template <typename T, AForm Form = AForm::Rows>
 inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,

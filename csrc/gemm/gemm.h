@@ -162,7 +162,7 @@ void pack_a_blocked(int64_t mc, int64_t kc, const T* A, int64_t a_rs, T* out) {
 // the 800x1024x256 input projection of the stacked LSTM: 109 -> 103 GFLOP/s).
 template <typename T, AForm Form>
 inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, const T* b, T* c,
-                      int64_t ldc, bool accumulate, const T* bias) {
+                      int64_t ldc, bool accumulate, const T* bias, bool split_k = true) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   const bool full = n_valid == NR;
   alignas(64) T tmp[MR * NR];
@@ -179,7 +179,7 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < n_valid; ++j) tmp[r * NR + j] = c[r * ldc + j];
   }
-  micro_kernel<T, Form>(m, K, a, lda, b, dst, ldd, accumulate, bias_in_kernel);
+  micro_kernel<T, Form>(m, K, a, lda, b, dst, ldd, accumulate, bias_in_kernel, split_k);
   if (!full)
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[r * NR + j];
@@ -203,7 +203,8 @@ T* a_pack_buffer() {
 template <typename T>
 void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N, int64_t K,
                        const T* A, int64_t a_rs, int64_t a_cs, const T* Bp, T* C, int64_t ldc,
-                       bool accumulate, const T* bias, T* a_pack, bool descending = false) {
+                       bool accumulate, const T* bias, T* a_pack, bool descending = false,
+                       bool split_k = true) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t KC = GemmBlocking<T>::KC;
   const int64_t panels = ceil_div<int64_t>(N, NR);
@@ -229,11 +230,11 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
           T* c = C + (m0 + m) * ldc + p * NR;
           const T* bias_p = bias_k ? bias_k + p * NR : nullptr;
           if (blocked)
-            tile_to_c<T, AForm::Blocked>(mr, nv, kc, a_pack + m * kc_blocked, 0, b, c, ldc, acc, bias_p);
+            tile_to_c<T, AForm::Blocked>(mr, nv, kc, a_pack + m * kc_blocked, 0, b, c, ldc, acc, bias_p, split_k);
           else if (a_pack)
-            tile_to_c<T, AForm::Panel>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p);
+            tile_to_c<T, AForm::Panel>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p, split_k);
           else
-            tile_to_c<T, AForm::Rows>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p);
+            tile_to_c<T, AForm::Rows>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p, split_k);
         }
       }
     }
@@ -263,13 +264,13 @@ void gemm_packed_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_r
 }
 
 // C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A
-// is packed); with `bias` (N values, only when !accumulate) C = bias + A B.
+// is packed); with `bias` (N values, only when !accumulate) C = bias + A B. split_k: see KSplit.
 // Threads take panel ranges (see `ranges`). Every C element is one FMA chain over k in order
 // whatever the threads, so results do not depend on the thread count.
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                  const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads,
-                 const T* bias = nullptr) {
+                 const T* bias = nullptr, bool split_k = true) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t MC = GemmBlocking<T>::MC;
   if (M <= 0 || N <= 0 || K <= 0) return;
@@ -298,7 +299,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < runs; ++i)
         gemm_packed_block<T>(i * run, imin(run, M - i * run), 0, panels, N, K, A, a_rs, a_cs, Bp,
-                             C, ldc, accumulate, bias, a_pack);
+                             C, ldc, accumulate, bias, a_pack, false, split_k);
     }
     return;
   }
@@ -314,7 +315,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
     split_range(panels, static_cast<int>(ranges), static_cast<int>(job / m_blocks), &p0, &p1);
     const int64_t m0 = mb * MC;
     gemm_packed_block<T>(m0, imin(MC, M - m0), p0, p1, N, K, A, a_rs, a_cs, Bp, C, ldc,
-                         accumulate, bias, a_pack);
+                         accumulate, bias, a_pack, false, split_k);
   };
   if (!parallel || jobs <= 1) {
     // Not even an inactive parallel region: libgomp makes a futex call per region, ~1 us, which

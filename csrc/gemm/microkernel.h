@@ -33,6 +33,9 @@ template <typename T> struct Tile {
 // 2 pipes: 8 chains needed), so small M splits k over KS partial sums, added at the end. The
 // order depends only on M, never on threads, so results stay bitwise reproducible.
 template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 3 ? 2 : 1; };
+// Split = false keeps one chain per element for any M, k in order from the bias or zero: the
+// input projection, whose rows a single-row step team gets from one GEMM and a lone thread from
+// the riding tiles (forward.h), must give the same bits either way.
 
 // Where A(r, k) of a tile lies:
 //  Rows:    a[r*lda + k], rows of the matrix in place;
@@ -45,14 +48,14 @@ template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 
 enum class AForm { Rows, Panel, Blocked };
 
 // bias (NR values, only when !accumulate): every row's chain starts from it instead of zero.
-template <typename T, int M, AForm Form = AForm::Rows>
+template <typename T, int M, AForm Form = AForm::Rows, bool Split = true>
 inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                               bool accumulate, const T* bias = nullptr) {
   using V = Vec<T>;
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
   constexpr int MR = Tile<T>::MR;
-  constexpr int KS = KSplit<M>::value;
+  constexpr int KS = Split ? KSplit<M>::value : 1;
   // Accumulating continues C's own chain (C + a0 b0 + a1 b1 ...), so splitting K into blocks
   // gives the same bits as one pass when KS = 1.
   V acc[KS][M][NV];
@@ -265,14 +268,23 @@ inline void micro_kernel_panels(int64_t K, const T* a, const T* b, int64_t panel
       for (int v = 0; v < NV; ++v) acc[p][r][v].store(c + p * c_panel_stride + r * ldc + v * V::W);
 }
 
-// Any M in 1..MR: picks the instantiation with that many rows.
+// Any M in 1..MR: picks the instantiation with that many rows (split_k: see KSplit).
 template <typename T, AForm Form = AForm::Rows>
 inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
-                         bool accumulate, const T* bias = nullptr) {
+                         bool accumulate, const T* bias = nullptr, bool split_k = true) {
   switch (M) {
+    case 1:
+      if (!split_k) return micro_kernel_rows<T, 1, Form, false>(K, a, lda, b, c, ldc, accumulate, bias);
+      return micro_kernel_rows<T, 1, Form>(K, a, lda, b, c, ldc, accumulate, bias);
+    case 2:
+      if (!split_k) return micro_kernel_rows<T, 2, Form, false>(K, a, lda, b, c, ldc, accumulate, bias);
+      return micro_kernel_rows<T, 2, Form>(K, a, lda, b, c, ldc, accumulate, bias);
+    case 3:
+      if (!split_k) return micro_kernel_rows<T, 3, Form, false>(K, a, lda, b, c, ldc, accumulate, bias);
+      return micro_kernel_rows<T, 3, Form>(K, a, lda, b, c, ldc, accumulate, bias);
 #define FUSEDRNN_CASE(m) \
   case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1), Form>(K, a, lda, b, c, ldc, accumulate, bias); break;
-    FUSEDRNN_CASE(1) FUSEDRNN_CASE(2) FUSEDRNN_CASE(3) FUSEDRNN_CASE(4) FUSEDRNN_CASE(5)
+    FUSEDRNN_CASE(4) FUSEDRNN_CASE(5)
     FUSEDRNN_CASE(6) FUSEDRNN_CASE(7) FUSEDRNN_CASE(8) FUSEDRNN_CASE(9) FUSEDRNN_CASE(10)
     FUSEDRNN_CASE(11) FUSEDRNN_CASE(12)
 #undef FUSEDRNN_CASE

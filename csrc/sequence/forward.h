@@ -118,6 +118,9 @@ struct ForwardLoop {
   // zero rows to whole windows of kRideRows; gx then holds rows by step, gate g of a row at
   // g * padded_units(), and each step of a window computes a slice of the next window's rows.
   const T* x_steps = nullptr;
+  // The single row's first phase takes its gates in one pass (row_gates_pass): where the
+  // projection rides along on one thread (projection_rides), whether or not it rides here.
+  bool row_in_one_pass = false;
   // In a pipelined stack (layer_pipeline.h): the layer below, whose step k must be done before
   // this layer's step k reads x_k (its output), and this layer's own count of steps done.
   const StepProgress* below = nullptr;
@@ -226,8 +229,9 @@ struct ForwardLoop {
         }
         // A single LSTM row meets every gate in one pass (8 chains; the GRU's 6 were slower than
         // a k-split per gate on AVX2: long-seq 0.92 -> 0.95 ms), and so does a GRU row whose
-        // first phase carries the riding projection (its chains then hide the latency).
-        if (mr == 1 && (g_count == 4 || (x_steps && g0 == 0))) {
+        // first phase carries the riding projection (its chains then hide the latency), or
+        // would on one thread (row_in_one_pass: the same chains, so the same bits, on a team).
+        if (mr == 1 && (g_count == 4 || (row_in_one_pass && g0 == 0))) {
           const int64_t ahead = (k / kRideRows + 1) * kRideRows;  // the next window's first step
           const bool rides = x_steps && ahead < s.T && k % kRideRows < kRideSlices * G;
           const RideTile<T> ride = rides ? ride_tile(k, ahead, ub) : RideTile<T>{};
@@ -456,7 +460,9 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   const bool lstm = s.cell == Cell::Lstm;
   const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
 
-  const int mode = projection_mode<T>(s, a.lengths != nullptr);
+  bool by_rows = false;
+  const int nt = step_threads<T>(s, nthreads, &by_rows);
+  const int mode = projection_mode<T>(s, a.lengths != nullptr, nt > 1);
   const bool in_step = mode == 1, rides = mode == 2;
   const int64_t padded_units = ForwardLoop<T>::padded_units(s);
   // Riding along, rows by step in whole windows, gates padded_units apart (see x_steps).
@@ -513,6 +519,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
     loop.w_in = PackedGates<T>{G, s.I, w_in.get()};
     loop.bias_in = bias_in.p;
   }
+  loop.row_in_one_pass = projection_rides<T>(s, a.lengths != nullptr);
   Scratch<T> x_steps(rides ? gx_rows * s.I : 0);
   if (rides) {
     for (int64_t k = 0; k < gx_rows; ++k) {
@@ -530,8 +537,6 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
     for (int64_t b = 0; b < B; ++b)
       for (int64_t t = steps.len(b); t < s.T; ++t) std::memset(a.y + (t * B + b) * Hout, 0, sizeof(T) * Hout);
 
-  bool by_rows = false;
-  const int nt = step_threads<T>(s, nthreads, &by_rows);
   if (nt <= 1) {
     loop.run(make_split<T>(s, 1, 0, by_rows), 0, s.T);
   } else {

@@ -81,7 +81,8 @@ void folded_bias(const LayerShape& s, const T* b_ih, const T* b_hh, T* out, int6
     }
 }
 
-// Gx (T*B, G*H; rows ld_gx apart) = X W_ih^T + the folded bias, as one GEMM.
+// Gx (T*B, G*H; rows ld_gx apart) = X W_ih^T + the folded bias, as one GEMM, one chain per
+// element (no k-split in a short last row tile): the riding tiles' bits (projection_mode.h).
 template <typename T>
 void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b_ih,
                       const T* b_hh, T* gx, int64_t ld_gx, int nthreads) {
@@ -91,7 +92,7 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
   Scratch<T> bias(s.has_bias ? GH : 0);
   if (s.has_bias) folded_bias(s, b_ih, b_hh, bias.p, s.H);
   if (s.I > 0) {  // the bias rides in the GEMM: each gate chain starts from it
-    gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p);
+    gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p, false);
     return;
   }
   for (int64_t m = 0; m < M; ++m) {

@@ -443,7 +443,7 @@ PYBIND11_MODULE(_C, m) {
      py::arg("f64") = false, py::arg("lengths") = false, py::arg("isa") = py::none(),
      "how the forward computes x_t W_ih^T: 'whole' (one GEMM over the sequence before the time "
      "loop), 'in_step' (inside each step's tiles) or 'rides' (a chunk of the next steps' rows "
-     "in each step of a single LSTM or GRU row)");
+     "in each step of a single LSTM or GRU row, on one thread; a step team makes it 'whole')");
 
   m.def("cache_bytes", []() {
     py::dict d;

@@ -178,8 +178,8 @@ def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, ver
     w_hh = (0.3 * rng.standard_normal((G * H, H))).astype(dtype)
     b_ih, b_hh = (0.1 * rng.standard_normal((2, G * H))).astype(dtype)
     probe_verdict(verdict)
-    # (B = 1 without lengths: the LSTM's projection rides along the steps, and the probe's
-    # switch after the timed team steps falls inside one of its windows)
+    # (B = 1 without lengths: on one thread the projection rides along the steps, on the team
+    # it is one GEMM; the bits must not tell)
     for B, lengths, training in [(1, None, False), (1, None, True), (1, np.array([53]), True),
                                  (3, np.array([70, 41, 66]), False)]:
         x = rng.standard_normal((T, B, I)).astype(dtype)

@@ -27,14 +27,11 @@ inline int64_t probe_steps(const LayerShape& s) {
   return s.T >= 4 * probe ? probe : 0;
 }
 
-// Where the team's timed steps start: as many steps after the alone ones as keeps both at the
-// same place in a window of the riding projection (8 steps on AVX-512, 4 on AVX2), whose steps
-// carry different shares of it (projection_rides), and at least one step after the alone ones
-// (untimed: it brings the teammate's share of the weights back to its core).
-inline int64_t probe_team_from(int64_t probe) {
-  const int64_t timed = probe - 1;  // steps 1 .. probe - 1 alone
-  return timed % 8 == 0 ? probe + 1 : ceil_div<int64_t>(probe, 8) * 8 + 1;
-}
+// Team steps untimed after the alone ones: the teammate may have gone to sleep meanwhile, and
+// both cores fetch back their shares of the weights. One was too few (online-small LSTM
+// training, 2 threads: the team judged slower in most calls, 0.84 ms a call against 0.76 with
+// three).
+constexpr int64_t kTeamWarmSteps = 3;
 
 // Empty barriers over this many ns each mean the cores sit far apart (quiet phases: 25 ns).
 constexpr double kFarBarrierNs = 100;
@@ -44,8 +41,8 @@ constexpr double kFarBarrierNs = 100;
 // probe > 0 (probe_steps) and the cores found far apart, member 0 runs `probe` steps alone, the
 // first untimed (it brings the teammate's share of the weights to this core: timed, that fetch
 // counted against running alone, and long-seq LSTM on 2 threads chose the team in most calls,
-// 0.83 ms a call against 0.69 alone), then the team runs on and times as many steps at the same
-// place in a riding window (probe_team_from), and the faster way per step runs the rest. Verdicts are counted, and tests may impose one
+// 0.83 ms a call against 0.69 alone), then the team kTeamWarmSteps untimed and as many timed
+// as alone, and the faster way per step runs the rest. Verdicts are counted, and tests may impose one
 // (kernel_api.h, probe_override).
 template <typename TeamRun, typename SoloRun>
 void run_probed_team(int nt, int64_t T, int64_t probe, TeamRun team_run, SoloRun solo_run) {
@@ -66,9 +63,9 @@ void run_probed_team(int nt, int64_t T, int64_t probe, TeamRun team_run, SoloRun
     }
     barrier->wait();
     if (!cores_far) return team_run(member, team, barrier, 0, T);
-    // Steps 1 .. probe - 1 timed alone and as many from team_from as a team.
-    const int64_t team_from = probe_team_from(probe);
-    const int64_t rest = team_from + probe - 1;
+    // Alone: step 0 untimed, 1 .. probe - 1 timed; the team: kTeamWarmSteps untimed, then as
+    // many timed as alone.
+    const int64_t team_from = probe + kTeamWarmSteps, rest = team_from + probe - 1;
     double alone_ns = 0;
     if (member == 0) {
       solo_run(0, 1);

@@ -3,8 +3,8 @@
 // it into h_t (and c_t) at once: gates never travel to memory except to be saved for training.
 // The input projection x_t W_ih^T is either one GEMM over the whole sequence before the loop, or,
 // for batches that fill the tiles, a second on-stack tile computed right before the recurrent one
-// (in_step_projection), or, for a single LSTM or GRU row, tiles of later steps computed in the
-// same loop as the row's product (projection_rides); projection_mode.h chooses.
+// (in_step_projection), or, for a single LSTM or GRU row on one thread, tiles of later steps
+// computed in the same loop as the row's product (projection_rides); projection_mode.h chooses.
 //
 // Threads: either each thread owns a slice of batch rows and runs the whole loop with no
 // barrier, or each owns a slice of hidden-unit blocks and the team meets once per step (twice

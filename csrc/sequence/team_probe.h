@@ -42,8 +42,8 @@ constexpr double kFarBarrierNs = 100;
 // first untimed (it brings the teammate's share of the weights to this core: timed, that fetch
 // counted against running alone, and long-seq LSTM on 2 threads chose the team in most calls,
 // 0.83 ms a call against 0.69 alone), then the team kTeamWarmSteps untimed and as many timed
-// as alone, and the faster way per step runs the rest. Verdicts are counted, and tests may impose one
-// (kernel_api.h, probe_override).
+// as alone, and the faster way per step runs the rest. Verdicts are counted, and tests may
+// impose one (kernel_api.h, probe_override).
 template <typename TeamRun, typename SoloRun>
 void run_probed_team(int nt, int64_t T, int64_t probe, TeamRun team_run, SoloRun solo_run) {
   using Clock = std::chrono::steady_clock;

@@ -272,6 +272,13 @@ def test_step_split_rule():
     assert _C.step_split(lstm, 1, 128, 128, threads=2) == "units"
     assert _C.step_split(lstm, 96, 128, 128, threads=2) == "rows"
     assert _C.step_split(lstm, 64, 512, 512, threads=2) == "units"
+    # whole row tiles would split 64 rows 36 + 28 (12-row tiles; 6-row ones too), and the step
+    # is big: hidden units instead (rows_split_evenly); 96 rows split evenly and keep rows
+    rnn = functional.CELL_CODES["rnn_tanh"]
+    for isa in ("avx2", "avx512"):
+        if isa in _C.available_isas():
+            assert _C.step_split(rnn, 64, 512, 512, threads=2, isa=isa) == "units"
+            assert _C.step_split(rnn, 96, 128, 128, threads=2, isa=isa) == "rows"
     assert _C.step_split(lstm, 96, 128, 128, threads=1) == "one"
     assert _C.step_split(lstm, 1, 32, 32, threads=2, backward=True) == "one"
     assert _C.step_split(functional.CELL_CODES["rnn_tanh"], 1, 64, 64, threads=2,

@@ -47,6 +47,21 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   return p;
 }
 
+// Rows go to members in whole row tiles, so some batches split unevenly: 64 rows are five 12-row
+// tiles and a 4-row one, 36 + 28, and the bigger share paces every step. Where the biggest share
+// is over 5% above an even one and a step is big enough (kUnevenRowsMaxStepFlops) that a barrier
+// per step is noise, hidden units split instead. In-process A/B, 2 threads, medians, rows ->
+// units, B = 64: RNN H = 512 23.1 -> 22.4 ms, LSTM H = 256 22.0 -> 20.6, GRU H = 256 17.0 ->
+// 16.3 (training 1-2% faster); smaller steps lost with units (GRU B = 128, H = 64: 2.81 -> 3.21),
+// and even splits (B = 48, 96, 256) kept rows.
+template <typename T>
+bool rows_split_evenly(int64_t B, int nthreads) {
+  const int64_t tiles = ceil_div<int64_t>(B, Tile<T>::MR);
+  const int64_t largest = imin<int64_t>(B, ceil_div<int64_t>(tiles, nthreads) * Tile<T>::MR);
+  return largest * nthreads * 20 <= B * 21;
+}
+constexpr double kUnevenRowsMaxStepFlops = 1e7;
+
 // Threads worth using for one step of this size. Splitting costs a barrier per step (a few
 // hundred ns when both cores are ours, a scheduler time slice when another process holds one), so
 // steps under ~30 KFLOP run on one thread. Above that even tiny steps gain: at B=1 the step is
@@ -56,13 +71,15 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
 // Rows are split (no barrier) when each thread gets at least two row tiles and the recurrent
 // weights fit half of one core's L2, since each thread then reads all of them every step;
 // bigger weights are split by hidden units, so each core streams only its share of them
-// (fastrnns LSTM, 2 threads: median 227-247 ms by rows, 211-222 ms by units).
+// (fastrnns LSTM, 2 threads: median 227-247 ms by rows, 211-222 ms by units), and so are batches
+// whose row tiles split unevenly (rows_split_evenly).
 template <typename T>
 int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const int64_t G = gates_of(s.cell);
   const double flops = recurrent_step_flops(s);
   const bool weights_fit_l2 = G * s.H * s.Hout * int64_t(sizeof(T)) <= l2_cache_bytes() / 2;
-  *by_rows = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2;
+  *by_rows = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2 &&
+             (rows_split_evenly<T>(s.B, nthreads) || flops < kUnevenRowsMaxStepFlops);
   if (nthreads <= 1 || flops < kMinTeamStepFlops) return 1;
   if (!*by_rows && ceil_div<int64_t>(s.H, Tile<T>::NR) < nthreads) return 1;
   return nthreads;

@@ -78,10 +78,12 @@ int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const int64_t G = gates_of(s.cell);
   const double flops = recurrent_step_flops(s);
   const bool weights_fit_l2 = G * s.H * s.Hout * int64_t(sizeof(T)) <= l2_cache_bytes() / 2;
+  const bool units_split = ceil_div<int64_t>(s.H, Tile<T>::NR) >= nthreads;
   *by_rows = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2 &&
-             (rows_split_evenly<T>(s.B, nthreads) || flops < kUnevenRowsMaxStepFlops);
+             (rows_split_evenly<T>(s.B, nthreads) || flops < kUnevenRowsMaxStepFlops ||
+              !units_split);
   if (nthreads <= 1 || flops < kMinTeamStepFlops) return 1;
-  if (!*by_rows && ceil_div<int64_t>(s.H, Tile<T>::NR) < nthreads) return 1;
+  if (!*by_rows && !units_split) return 1;
   return nthreads;
 }
 

@@ -268,23 +268,24 @@ inline void micro_kernel_panels(int64_t K, const T* a, const T* b, int64_t panel
       for (int v = 0; v < NV; ++v) acc[p][r][v].store(c + p * c_panel_stride + r * ldc + v * V::W);
 }
 
+// M rows, k split as KSplit says, or not at all without split_k.
+template <typename T, int M, AForm Form>
+inline void micro_kernel_m(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
+                           bool accumulate, const T* bias, bool split_k) {
+  if constexpr (KSplit<M>::value > 1) {
+    if (!split_k) return micro_kernel_rows<T, M, Form, false>(K, a, lda, b, c, ldc, accumulate, bias);
+  }
+  micro_kernel_rows<T, M, Form>(K, a, lda, b, c, ldc, accumulate, bias);
+}
+
 // Any M in 1..MR: picks the instantiation with that many rows (split_k: see KSplit).
 template <typename T, AForm Form = AForm::Rows>
 inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                          bool accumulate, const T* bias = nullptr, bool split_k = true) {
   switch (M) {
-    case 1:
-      if (!split_k) return micro_kernel_rows<T, 1, Form, false>(K, a, lda, b, c, ldc, accumulate, bias);
-      return micro_kernel_rows<T, 1, Form>(K, a, lda, b, c, ldc, accumulate, bias);
-    case 2:
-      if (!split_k) return micro_kernel_rows<T, 2, Form, false>(K, a, lda, b, c, ldc, accumulate, bias);
-      return micro_kernel_rows<T, 2, Form>(K, a, lda, b, c, ldc, accumulate, bias);
-    case 3:
-      if (!split_k) return micro_kernel_rows<T, 3, Form, false>(K, a, lda, b, c, ldc, accumulate, bias);
-      return micro_kernel_rows<T, 3, Form>(K, a, lda, b, c, ldc, accumulate, bias);
 #define FUSEDRNN_CASE(m) \
-  case m: if (m <= Tile<T>::MR) micro_kernel_rows<T, (m <= Tile<T>::MR ? m : 1), Form>(K, a, lda, b, c, ldc, accumulate, bias); break;
-    FUSEDRNN_CASE(4) FUSEDRNN_CASE(5)
+  case m: if (m <= Tile<T>::MR) micro_kernel_m<T, (m <= Tile<T>::MR ? m : 1), Form>(K, a, lda, b, c, ldc, accumulate, bias, split_k); break;
+    FUSEDRNN_CASE(1) FUSEDRNN_CASE(2) FUSEDRNN_CASE(3) FUSEDRNN_CASE(4) FUSEDRNN_CASE(5)
     FUSEDRNN_CASE(6) FUSEDRNN_CASE(7) FUSEDRNN_CASE(8) FUSEDRNN_CASE(9) FUSEDRNN_CASE(10)
     FUSEDRNN_CASE(11) FUSEDRNN_CASE(12)
 #undef FUSEDRNN_CASE

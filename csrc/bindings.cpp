@@ -392,6 +392,20 @@ PYBIND11_MODULE(_C, m) {
       if (verdict == probe_verdicts[v]) return fusedrnn::set_probe_override(v);
     fail("probe verdict must be 'measured', 'far_team' or 'far_alone', got '" + verdict + "'");
   });
+  // Riding or one GEMM for a single row on one thread (csrc/ride_policy.cpp): calls by way, and
+  // a way for tests to impose ("measured", "whole", "ride"); setting it forgets every trial.
+  m.def("ride_calls", [] {
+    py::dict d;
+    d["ride"] = fusedrnn::ride_policy_calls(true);
+    d["whole"] = fusedrnn::ride_policy_calls(false);
+    return d;
+  }, "single-row forwards on one thread that could ride, by the way they ran, since import");
+  m.def("set_ride_override", [](const std::string& way) {
+    if (way == "measured") return fusedrnn::set_ride_override(-1);
+    if (way == "whole") return fusedrnn::set_ride_override(0);
+    if (way == "ride") return fusedrnn::set_ride_override(1);
+    fail("ride override must be 'measured', 'whole' or 'ride', got '" + way + "'");
+  });
   // One policy on its own, for tests to drive with made-up times.
   py::class_<fusedrnn::TeamPolicyState>(m, "TeamPolicy", py::module_local(),
                                         "the adaptive thread policy of one shape (tests)")

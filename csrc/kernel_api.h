@@ -154,6 +154,22 @@ void set_team_mode(int mode);
 int team_mode();
 int64_t team_policy_calls(bool team);  // adaptive calls so far on the threads / alone
 
+// Riding or one GEMM (ride_policy.cpp): whether a single row's forward on one thread, whose
+// input projection can ride along its steps (projection_mode.h), rides this call, and how long
+// the call then took per step. The first calls of each shape take turns; then the faster way.
+struct RideKey {
+  const char* isa;
+  int dtype_bytes;
+  int cell;
+  bool training;
+  int64_t T, I, H, Hout;
+};
+bool ride_policy_choose(const RideKey& key);
+void ride_policy_report(const RideKey& key, bool rode, double ns_per_step);
+int64_t ride_policy_calls(bool rode);  // calls so far that rode / ran one GEMM
+// For tests: -1 measure (the default), 0 always one GEMM, 1 always ride. Forgets every trial.
+void set_ride_override(int way);
+
 // Stacked forwards (forward_stack): how many ran pipelined (one thread a layer) or layer by layer.
 void stack_count(bool pipelined);
 int64_t stack_calls(bool pipelined);

@@ -63,7 +63,20 @@ def test_input_projection_in_the_step(rng, isa, dtype, variant, bias, reverse, B
 # window (zero rows), T = 16 in a whole one; I = 5 is longer than the row's k with H = 4 or the
 # projection's 3 units, shorter elsewhere; H = 33 leaves a partial unit block, H = 70 three
 # blocks (walked both ways).
+# Whether a call rides or runs one GEMM is measured per shape (csrc/ride_policy.cpp); these tests
+# impose the way they test.
 RIDING = [v for v in VARIANTS if v[0] in ("lstm", "gru")]
+
+
+@pytest.fixture
+def ride_way():
+    """Sets the way single-row forwards on one thread compute their projection ("ride", "whole"
+    or "measured"), on one thread, and puts back the measured choice after."""
+    before = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(1)
+    yield _C.set_ride_override
+    _C.set_ride_override("measured")
+    fusedrnn.set_num_threads(before)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -72,7 +85,8 @@ RIDING = [v for v in VARIANTS if v[0] in ("lstm", "gru")]
 @pytest.mark.parametrize("bias,reverse", list(itertools.product([True, False], repeat=2)))
 @pytest.mark.parametrize("T,I,H", [(1, 3, 11), (3, 5, 33), (5, 2, 33), (6, 5, 4), (9, 5, 70),
                                    (16, 4, 33), (19, 6, 40)])
-def test_input_projection_riding_along(rng, isa, dtype, variant, bias, reverse, T, I, H):
+def test_input_projection_riding_along(rng, ride_way, isa, dtype, variant, bias, reverse, T, I, H):
+    ride_way("ride")
     cell, lbr, proj = variant
     code = functional.CELL_CODES[cell]
     f64 = dtype == np.float64
@@ -91,6 +105,62 @@ def test_input_projection_riding_along(rng, isa, dtype, variant, bias, reverse, 
     for one, two in zip(trained[:3], inferred[:3]):
         if one is not None:
             np.testing.assert_array_equal(one, two)
+
+
+def rides(isa, dtype, variant, I, H):
+    cell, _, proj = variant
+    return _C.projection_mode(functional.CELL_CODES[cell], 1, I, H, proj or H,
+                              dtype == np.float64, isa=isa) == "rides"
+
+
+# (the AVX2 LSTM does not ride: see test_input_projection_riding_along)
+RIDING_WAYS = [(isa, dtype, variant, T, I, H)
+               for isa, dtype, variant, (T, I, H) in itertools.product(
+                   ISAS, DTYPES, RIDING, [(3, 5, 33), (9, 5, 70), (19, 6, 40)])
+               if rides(isa, dtype, variant, I, H)]
+
+
+@pytest.mark.parametrize("isa,dtype,variant,T,I,H", RIDING_WAYS,
+                         ids=[f"{c[0]}-{np.dtype(c[1]).name}-{variant_id(c[2])}-{c[3]}x{c[4]}x{c[5]}"
+                              for c in RIDING_WAYS])
+def test_riding_and_one_gemm_give_the_same_bits(rng, ride_way, isa, dtype, variant, T, I, H):
+    """Either way of the projection, forward and backward, reversed or not: every output and
+    gradient the same bits, so the measured choice between them never changes a result."""
+    cell, lbr, proj = variant
+    case = make_case(rng, cell, proj, T=T, B=1, I=I, H=H)
+    for reverse in (False, True):
+        results = []
+        for way in ("ride", "whole"):
+            ride_way(way)
+            before = _C.ride_calls()[way]
+            out, grad = run_kernels(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
+            assert _C.ride_calls()[way] == before + 1
+            results.append({**out, **grad})
+        for k in results[0]:
+            assert np.array_equal(results[0][k], results[1][k]), k
+
+
+def test_ride_trial_takes_turns_then_keeps_the_faster(rng, ride_way):
+    """The measured choice: a shape's first calls alternate, riding first, 4 each (RideTrial::kRuns),
+    then every call goes one way; all of them give the same bits."""
+    ride_way("measured")
+    case = make_case(rng, "lstm", T=40, B=1, I=16, H=64)
+    isa = _C.isa()
+    c = lambda a: a.astype(np.float32)
+    w = case["w"]
+    args = ("lstm", c(case["x"]), c(case["h0"]), c(case["c0"]), c(w["w_ih"]), c(w["w_hh"]),
+            c(w["b_ih"]), c(w["b_hh"]), None, None, False, True, False)
+    ways, outputs = [], []
+    for _ in range(12):
+        before = _C.ride_calls()
+        outputs.append(functional.forward(*args, isa=isa)[0])
+        after = _C.ride_calls()
+        ways.append("ride" if after["ride"] > before["ride"] else "whole")
+        assert after["ride"] + after["whole"] == before["ride"] + before["whole"] + 1
+    assert ways[:8] == ["ride", "whole"] * 4
+    assert len(set(ways[8:])) == 1
+    for y in outputs[1:]:
+        assert np.array_equal(y, outputs[0])
 
 
 def in_step_fits_l2(cell, B, I, Hout, f64=False, isa=None):

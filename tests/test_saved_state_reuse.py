@@ -15,7 +15,8 @@ from _kernel_cases import VARIANTS, make_case, variant_id
 ISAS = list(_C.available_isas())
 DTYPES = [np.float32, np.float64]
 # B = 3: the input projection before the loop (gx_in_gates without lengths); B = 13: in the
-# step; B = 1: riding along (LSTM, GRU) or before the loop (RNN).
+# step; B = 1: riding along or before the loop, as measured (LSTM, GRU: csrc/ride_policy.cpp), or
+# before the loop (RNN).
 BATCHES = {"whole": 3, "in_step": 13, "single_row": 1}
 
 

@@ -163,12 +163,20 @@ def probe_verdict():
     _C.set_probe_override("measured")
 
 
+@pytest.fixture
+def one_thread_rides():
+    """A single row on one thread rides (csrc/ride_policy.cpp would measure which way runs)."""
+    _C.set_ride_override("ride")
+    yield
+    _C.set_ride_override("measured")
+
+
 @pytest.mark.parametrize("isa", _C.available_isas())
 @pytest.mark.parametrize("verdict", ["far_team", "far_alone", "measured"])
 @pytest.mark.parametrize("cell,lbr,H", PROBED)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, verdict, cell, lbr,
-                                               H, dtype, isa):
+def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, one_thread_rides,
+                                               verdict, cell, lbr, H, dtype, isa):
     code = functional.CELL_CODES[cell]
     assert _C.step_split(code, 1, H, H, dtype == np.float64, 2, isa) == "units"
     rng = np.random.default_rng(7)

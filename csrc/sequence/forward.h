@@ -481,7 +481,9 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
 
   bool by_rows = false;
   const int nt = step_threads<T>(s, nthreads, &by_rows);
-  const int mode = projection_mode<T>(s, a.lengths != nullptr, nt > 1);
+  int mode = projection_mode<T>(s, a.lengths != nullptr, nt > 1);
+  const RideChoice ride_choice(&mode, RideKey{kIsaName, int(sizeof(T)), int(s.cell), training, s.T,
+                                                s.I, s.H, s.Hout});
   const bool in_step = mode == 1, rides = mode == 2;
   const int64_t padded_units = ForwardLoop<T>::padded_units(s);
   // Riding along, rows by step in whole windows, gates padded_units apart (see x_steps).

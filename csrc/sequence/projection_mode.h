@@ -1,10 +1,13 @@
 // How the forward computes the input projection x_t W_ih^T for a shape: one GEMM over the whole
 // sequence before the time loop, inside each step's tiles, or riding along a single row's steps.
 // The choice depends on the shape only (never on the threads), so results stay bitwise the same
-// for any thread count; forward.h carries it out.
+// for any thread count; forward.h carries it out. Between riding and one GEMM, which give the
+// same bits, the shape's first calls measure which is faster (RideChoice, ride_policy.cpp).
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include "common.h"
+#include "kernel_api.h"
 #include "gemm/microkernel.h"
 #include "sequence/layout.h"
 
@@ -89,6 +92,32 @@ int projection_mode(const LayerShape& s, bool has_lengths, bool team = false) {
   if (in_step_projection<T>(s, has_lengths)) return 1;
   return !team && projection_rides<T>(s, has_lengths) ? 2 : 0;
 }
+
+// Where projection_mode says ride, this call rides or runs one GEMM as the shape's trial says
+// (ride_policy.cpp): the same bits either way, and which is faster depends on the host. Times
+// the call from the choice to its end and reports it.
+class RideChoice {
+ public:
+  RideChoice(int* mode, const RideKey& key) : key_(key), on_trial_(*mode == 2) {
+    if (!on_trial_) return;
+    if (!ride_policy_choose(key_)) *mode = 0;
+    rode_ = *mode == 2;
+    start_ = std::chrono::steady_clock::now();
+  }
+  ~RideChoice() {
+    if (!on_trial_) return;
+    const double ns =
+        std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start_).count();
+    ride_policy_report(key_, rode_, ns / double(key_.T > 0 ? key_.T : 1));
+  }
+  RideChoice(const RideChoice&) = delete;
+  RideChoice& operator=(const RideChoice&) = delete;
+
+ private:
+  RideKey key_;
+  bool on_trial_, rode_ = false;
+  std::chrono::steady_clock::time_point start_;
+};
 
 }  // namespace FUSEDRNN_ISA_NS
 }  // namespace fusedrnn

@@ -73,6 +73,7 @@ struct Context {
   py::object x, w_ih, w_hh, w_hr, lengths;  // forward inputs
   py::object gates, h, c, hfull, extra;     // saved by the forward
   bool has_bias;
+  uint64_t frozen = 0;                      // the forward's ForwardArgs::frozen
   // A backward with consume=True ran (or runs): the saved gates may hold its gradients. And how
   // many backward calls are running on it now (changed under the GIL): a consuming one overwrites
   // the gates only when none is, so no other thread is reading them.
@@ -92,19 +93,38 @@ Arr<T> empty(std::vector<int64_t> shape) {
   return Arr<T>(shape, static_cast<T*>(mem), owner);
 }
 
+// dtype equality as numpy's ==: a dtype unpickled (a pickled layer's parameters) is an equal
+// dtype but not the same object, which `is` took for another dtype ("must have dtype float32,
+// got float32").
+bool same_dtype(const py::dtype& a, const py::dtype& b) {
+  const int eq = PyObject_RichCompareBool(a.ptr(), b.ptr(), Py_EQ);
+  if (eq < 0) throw py::error_already_set();
+  return eq == 1;
+}
+
 // Every float argument must already have x's dtype: we never cast silently.
 void require_dtype(const char* name, const py::object& o, const py::dtype& want) {
   if (o.is_none()) return;
   if (!py::isinstance<py::array>(o)) throw py::type_error(std::string(name) + " must be a numpy array");
   py::dtype got = o.cast<py::array>().dtype();
-  if (!got.is(want))
+  if (!same_dtype(got, want))
     throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(want)) + ", got " +
                          std::string(py::str(got)));
 }
 
+// A frozen call's weights (forward's `frozen`) are their own memory, unchanged while the id lives:
+// read-only C-contiguous arrays of x's dtype (a cast would hand the kernels a temporary copy).
+void require_frozen(const char* name, const py::object& o) {
+  if (o.is_none()) return;
+  const py::array a = o.cast<py::array>();
+  if (a.writeable() || !(a.flags() & py::array::c_style))
+    throw py::value_error(std::string(name) + " must be a read-only C-contiguous array when frozen "
+                          "is given (a frozen layer's own parameters)");
+}
+
 bool is_f64(const py::array& x) {
-  if (x.dtype().is(py::dtype::of<double>())) return true;
-  if (x.dtype().is(py::dtype::of<float>())) return false;
+  if (same_dtype(x.dtype(), py::dtype::of<double>())) return true;
+  if (same_dtype(x.dtype(), py::dtype::of<float>())) return false;
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
@@ -129,7 +149,7 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
                              bool training, Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0,
                              Arr<T> w_ih, Arr<T> w_hh, std::optional<Arr<T>> b_ih,
                              std::optional<Arr<T>> b_hh, std::optional<Arr<T>> w_hr,
-                             std::optional<Arr<int64_t>> lengths) {
+                             std::optional<Arr<int64_t>> lengths, uint64_t frozen) {
   if (cell_code < 0 || cell_code > 3) fail("cell code must be 0..3");
   const Cell cell = static_cast<Cell>(cell_code);
   const int64_t G = fusedrnn::gate_count(cell);
@@ -174,8 +194,10 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
   a.w_hr = opt_ptr(w_hr);
   a.lengths = lengths ? lengths->data() : nullptr;
   a.num_threads = num_threads();
+  a.frozen = frozen;
   if (training) {
     Context& c = call.c;
+    c.frozen = frozen;
     const bool gru = cell == Cell::Gru;
     c.s = s; c.f64 = sizeof(T) == 8; c.table = &kt; c.has_bias = s.has_bias;
     c.x = x; c.w_ih = w_ih; c.w_hh = w_hh;
@@ -196,9 +218,10 @@ template <typename T>
 py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reverse, bool training,
                        Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0, Arr<T> w_ih, Arr<T> w_hh,
                        std::optional<Arr<T>> b_ih, std::optional<Arr<T>> b_hh,
-                       std::optional<Arr<T>> w_hr, std::optional<Arr<int64_t>> lengths) {
+                       std::optional<Arr<T>> w_hr, std::optional<Arr<int64_t>> lengths,
+                       uint64_t frozen) {
   LayerCall<T> call = prepare_forward<T>(kt, cell_code, lbr, reverse, training, x, h0, c0, w_ih,
-                                         w_hh, b_ih, b_hh, w_hr, lengths);
+                                         w_hh, b_ih, b_hh, w_hr, lengths, frozen);
   {
     py::gil_scoped_release nogil;
     if constexpr (sizeof(T) == 4) kt.forward_f32(call.a); else kt.forward_f64(call.a);
@@ -213,7 +236,7 @@ template <typename T>
 py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool training,
                             Arr<T> x, const py::list& h0, const py::list& c0,
                             const py::list& w_ih, const py::list& w_hh, const py::list& b_ih,
-                            const py::list& b_hh, const py::list& w_hr) {
+                            const py::list& b_hh, const py::list& w_hr, uint64_t frozen) {
   const size_t n = w_hh.size();
   if (n == 0) fail("a stack needs at least one layer");
   for (const py::list* l : {&h0, &c0, &w_ih, &b_ih, &b_hh, &w_hr})
@@ -235,7 +258,8 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
     calls.push_back(prepare_forward<T>(kt, cell_code, lbr, false, training, layer_in,
                                        req(h0[k], "h0"), opt(c0[k], "c0"), req(w_ih[k], "w_ih"),
                                        req(w_hh[k], "w_hh"), opt(b_ih[k], "b_ih"),
-                                       opt(b_hh[k], "b_hh"), opt(w_hr[k], "w_hr"), std::nullopt));
+                                       opt(b_hh[k], "b_hh"), opt(w_hr[k], "w_hr"), std::nullopt,
+                                       frozen));
     layer_in = calls.back().y;
   }
   std::vector<fusedrnn::ForwardArgs<T>> args;
@@ -284,6 +308,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
   a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
   a.num_threads = num_threads();
+  a.frozen = c.frozen;
   // Overwrite the gates only while no other backward (another thread's) reads them.
   a.gates_consumed = consume && c.running == 0;
   c.consumed = consume;  // before the GIL goes: a later backward sees it
@@ -486,7 +511,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("forward", [](int cell, bool lbr, bool reverse, bool training, py::array x, py::array h0,
                       py::object c0, py::array w_ih, py::array w_hh, py::object b_ih, py::object b_hh,
-                      py::object w_hr, py::object lengths, std::optional<std::string> isa) -> py::tuple {
+                      py::object w_hr, py::object lengths, std::optional<std::string> isa,
+                      uint64_t frozen) -> py::tuple {
     const KernelTable& kt = kernels(isa);
     auto opt = [](py::object o, auto tag) {
       using A = decltype(tag);
@@ -496,26 +522,39 @@ PYBIND11_MODULE(_C, m) {
     require_dtype("h0", h0, dt); require_dtype("c0", c0, dt); require_dtype("w_ih", w_ih, dt);
     require_dtype("w_hh", w_hh, dt); require_dtype("b_ih", b_ih, dt); require_dtype("b_hh", b_hh, dt);
     require_dtype("w_hr", w_hr, dt); require_dtype("lengths", lengths, py::dtype::of<int64_t>());
+    if (frozen) {
+      require_frozen("w_ih", w_ih); require_frozen("w_hh", w_hh); require_frozen("b_ih", b_ih);
+      require_frozen("b_hh", b_hh); require_frozen("w_hr", w_hr);
+    }
     std::optional<Arr<int64_t>> len = opt(lengths, Arr<int64_t>());
     if (is_f64(x))
       return forward_impl<double>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<double>()), w_ih, w_hh,
-                                  opt(b_ih, Arr<double>()), opt(b_hh, Arr<double>()), opt(w_hr, Arr<double>()), len);
+                                  opt(b_ih, Arr<double>()), opt(b_hh, Arr<double>()), opt(w_hr, Arr<double>()), len,
+                                  frozen);
     return forward_impl<float>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<float>()), w_ih, w_hh,
-                               opt(b_ih, Arr<float>()), opt(b_hh, Arr<float>()), opt(w_hr, Arr<float>()), len);
+                               opt(b_ih, Arr<float>()), opt(b_hh, Arr<float>()), opt(w_hr, Arr<float>()), len,
+                               frozen);
   }, py::arg("cell"), py::arg("linear_before_reset"), py::arg("reverse"), py::arg("training"), py::arg("x"),
      py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
-     py::arg("w_hr"), py::arg("lengths"), py::arg("isa") = py::none());
+     py::arg("w_hr"), py::arg("lengths"), py::arg("isa") = py::none(), py::arg("frozen") = 0,
+     "frozen: 0, or an id under which every weight array holds the same bytes, in the same "
+     "memory, in every call that passes it (a layer's freeze()); the kernels then reuse their "
+     "packed weights without comparing the arrays with their copies");
 
   m.def("forward_stack", [](int cell, bool lbr, bool training, py::array x, py::list h0,
                             py::list c0, py::list w_ih, py::list w_hh, py::list b_ih,
-                            py::list b_hh, py::list w_hr, std::optional<std::string> isa) -> py::list {
+                            py::list b_hh, py::list w_hr, std::optional<std::string> isa,
+                            uint64_t frozen) -> py::list {
     const KernelTable& kt = kernels(isa);
+    if (frozen)
+      for (const py::list* l : {&w_ih, &w_hh, &b_ih, &b_hh, &w_hr})
+        for (py::handle o : *l) require_frozen("every weight", py::reinterpret_borrow<py::object>(o));
     if (is_f64(x))
-      return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
-    return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr);
+      return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen);
+    return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen);
   }, py::arg("cell"), py::arg("linear_before_reset"), py::arg("training"), py::arg("x"),
      py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
-     py::arg("b_hh"), py::arg("w_hr"), py::arg("isa") = py::none(),
+     py::arg("b_hh"), py::arg("w_hr"), py::arg("isa") = py::none(), py::arg("frozen") = 0,
      "a unidirectional stack without lengths, bottom layer first: per layer lists of forward's "
      "states and weights; returns the list of forward's (y, hn, cn, ctx) per layer");
   m.def("stack_calls", [] {

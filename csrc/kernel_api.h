@@ -51,6 +51,10 @@ struct ForwardArgs {
   const int64_t* lengths;  // (B) in 1..T, or null (all T)
   SavedState<T> saved;     // all null in inference
   int num_threads;
+  // Nonzero: the weights hold the same bytes as in every earlier call that passed this id (a
+  // layer's freeze(): read-only copies of its own); their cached packed forms are then used
+  // without comparing the weights with the copies of their bytes (cached_packed).
+  uint64_t frozen = 0;
 };
 
 template <typename T>
@@ -74,6 +78,7 @@ struct BackwardArgs {
   const int64_t* lengths;
   SavedState<T> saved;
   int num_threads;
+  uint64_t frozen = 0;  // as ForwardArgs::frozen
   // The caller never runs backward on this saved state again (the layers forget it after their
   // backward): the pre-activation gradients may then overwrite the saved gates, step by step as
   // each step's gates are read (backward.h), instead of taking a buffer of their own.
@@ -125,9 +130,11 @@ void aligned_free_bytes(void* p);
 // bytes identical to src's current ones; otherwise the caller packs into it. rows x cols is the
 // source's shape (part of the key with the tag). Null means "too big to cache: pack into your own
 // buffer". Buffers stay valid until the next begin_call. nthreads: threads for the comparison.
+// frozen (nonzero): src's bytes are those of the last call with this id, compared then; no
+// comparison now (ForwardArgs::frozen).
 void packed_cache_begin_call();
 void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int64_t tag, int64_t rows,
-                    int64_t cols, bool* valid, int nthreads);
+                    int64_t cols, bool* valid, int nthreads, uint64_t frozen = 0);
 // What the calling thread's cache holds: packed forms, copies of weights' bytes, and bytes of both.
 void packed_cache_stats(size_t* forms, size_t* copies, size_t* bytes);
 // Empties the calling thread's cache (the next calls pack again).

@@ -113,6 +113,7 @@ struct RawCopy {
   std::vector<char> bytes;    // the source's bytes when last compared
   uint64_t version = 0;       // bumped whenever they changed
   uint64_t checked_call = 0;  // the call that last compared them with the source
+  uint64_t frozen = 0;        // the frozen id (ForwardArgs::frozen) they were last compared under
   int forms = 0;              // packed forms built from it
 };
 
@@ -201,7 +202,7 @@ bool same_bytes(const char* a, const char* b, size_t n, int nthreads) {
 void packed_cache_begin_call() { ++t_pack_cache.call; }
 
 void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int64_t tag, int64_t rows,
-                    int64_t cols, bool* valid, int nthreads) {
+                    int64_t cols, bool* valid, int nthreads, uint64_t frozen) {
   PackCache& c = t_pack_cache;
   const PackKey key{src, raw_bytes, packed_bytes, tag, rows, cols};
   const RawKey raw_key{src, raw_bytes};
@@ -218,6 +219,7 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
       raw->second.bytes.assign(static_cast<const char*>(src), static_cast<const char*>(src) + raw_bytes);
       raw->second.version = 1;
       raw->second.checked_call = c.call;
+      raw->second.frozen = frozen;
       c.total += raw_bytes;
     }
     ++raw->second.forms;
@@ -231,13 +233,19 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
   }
   PackEntry& e = it->second;
   RawCopy& raw = c.raws.find(e.raw)->second;
-  if (raw.checked_call != c.call) {  // a copy compared whole in this call holds every range too
+  // A copy compared whole in this call holds every range too; one compared under this frozen id
+  // holds the bytes the id promises (a layer's read-only copies, which it keeps while frozen).
+  const bool known = raw.checked_call == c.call || (frozen != 0 && raw.frozen == frozen);
+  if (!known) {
     char* mine = raw.bytes.data() + e.offset;
     if (!same_bytes(mine, static_cast<const char*>(src), raw_bytes, nthreads)) {
       std::memcpy(mine, src, raw_bytes);
       ++raw.version;  // every form of the copy repacks, the wider ones and the other ranges too
     }
-    if (raw_bytes == raw.bytes.size()) raw.checked_call = c.call;
+    if (raw_bytes == raw.bytes.size()) {
+      raw.checked_call = c.call;
+      raw.frozen = frozen;
+    }
   }
   *valid = e.version == raw.version;
   e.version = raw.version;  // the caller packs now when it was not

@@ -555,3 +555,19 @@ def test_kernels_release_the_gil_while_a_layer_runs():
         longest, last = max(longest, now - last), now
     worker.join()
     assert longest < 0.5 * call, (longest, call)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_pickled_layer_runs_and_trains_as_the_original(rng, dtype):
+    """Unpickled arrays carry an equal dtype that is not numpy's own object (the kernels once
+    refused them: "w_ih must have dtype float32, got float32")."""
+    import pickle
+    layer = make_layer("lstm", 5, 7, L=2, dtype=dtype)
+    again = pickle.loads(pickle.dumps(layer))
+    assert again.weight_ih_l0.dtype is not np.dtype(dtype)  # what made it fail
+    x = rng.standard_normal((4, 3, 5)).astype(dtype)
+    x_pickled = pickle.loads(pickle.dumps(x))
+    for got, want in zip(again(x_pickled)[0:1], layer(x)[0:1]):
+        assert np.array_equal(got, want)
+    dy = rng.standard_normal((4, 3, 7)).astype(dtype)
+    assert np.array_equal(again.backward(dy)[0], layer.backward(dy)[0])

@@ -37,12 +37,12 @@ class CachedPanels {
   // src is a rows x cols matrix; nothing is packed when rows * cols == 0.
   template <typename PackInto>
   CachedPanels(PanelKind kind, const T* src, int64_t rows, int64_t cols, int64_t packed_elems,
-               int nthreads, PackInto pack_into) {
+               int nthreads, uint64_t frozen, PackInto pack_into) {
     if (rows * cols == 0 || packed_elems == 0) return;
     const int64_t tag = static_cast<int64_t>(kind) * 1000 + Tile<T>::NR * 10 + int64_t(sizeof(T));
     bool valid = false;
     p_ = static_cast<T*>(cached_packed(src, sizeof(T) * rows * cols, sizeof(T) * packed_elems, tag,
-                                       rows, cols, &valid, nthreads));
+                                       rows, cols, &valid, nthreads, frozen));
     if (!p_) p_ = own_ = static_cast<T*>(aligned_alloc_bytes(sizeof(T) * packed_elems));
     if (!valid) pack_into(p_);
   }
@@ -85,10 +85,10 @@ void folded_bias(const LayerShape& s, const T* b_ih, const T* b_hh, T* out, int6
 // element (no k-split in a short last row tile): the riding tiles' bits (projection_mode.h).
 template <typename T>
 void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b_ih,
-                      const T* b_hh, T* gx, int64_t ld_gx, int nthreads) {
+                      const T* b_hh, T* gx, int64_t ld_gx, int nthreads, uint64_t frozen) {
   const int64_t G = gates_of(s.cell), GH = G * s.H, M = s.T * s.B;
   CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH), nthreads,
-                    [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
+                    frozen, [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
   Scratch<T> bias(s.has_bias ? GH : 0);
   if (s.has_bias) folded_bias(s, b_ih, b_hh, bias.p, s.H);
   if (s.I > 0) {  // the bias rides in the GEMM: each gate chain starts from it

@@ -34,22 +34,23 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, re
 
 
 def forward_checked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                    linear_before_reset, training, isa=None, keep_x=False):
+                    linear_before_reset, training, isa=None, keep_x=False, frozen=0):
     """forward() for arguments already as check_layer_args returns them (C-contiguous, one
     dtype, shapes checked): the layers, which check their inputs once and own their weights.
     The kernels check the shapes again, so nothing can read out of bounds. Unless ``keep_x``, a
     training context keeps a private copy of x: the caller may reuse its buffer between forward
-    and backward (weights are the layer's own and are kept by reference)."""
+    and backward (weights are the layer's own and are kept by reference). ``frozen``: 0, or the
+    id of a frozen layer's read-only parameters (the layers' freeze(); see _C.forward)."""
     if training and not keep_x:
         x = x.copy()
     y, hn, cn, ctx = _C.forward(CELL_CODES[cell], bool(linear_before_reset), bool(reverse),
                                 bool(training), x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                isa=isa)
+                                isa=isa, frozen=frozen)
     return y, hn, cn, (ctx if training else None)
 
 
 def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=True, isa=None,
-                  checked=False):
+                  checked=False, frozen=0):
     """A unidirectional stack without lengths, bottom layer first, in one kernel call: layer k's
     input is layer k - 1's output, so on as many threads as layers the kernels run the layers
     side by side, each a step behind the one below (csrc/sequence/layer_pipeline.h); else layer
@@ -57,8 +58,8 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
 
     h0, c0: per layer (c0 entries None except for "lstm"); layers: per layer (w_ih, w_hh, b_ih,
     b_hh, w_hr), as forward takes them. ``checked``: the arguments are already as
-    check_layer_args / check_layer_params return them. Returns forward's (y, hn, cn, ctx) per
-    layer."""
+    check_layer_args / check_layer_params return them; ``frozen``: as forward_checked's. Returns
+    forward's (y, hn, cn, ctx) per layer."""
     L = len(layers)
     if not (len(h0) == len(c0) == L) or L == 0:
         raise ValueError(f"h0 and c0 need one entry per layer ({L}), got {len(h0)} and {len(c0)}")
@@ -75,7 +76,7 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     if training and x is given:
         x = x.copy()  # the caller may reuse x's buffer before backward (see forward_checked)
     outs = _C.forward_stack(CELL_CODES[cell], bool(linear_before_reset), bool(training), x, h0,
-                            c0, *(list(w) for w in zip(*layers)), isa=isa)
+                            c0, *(list(w) for w in zip(*layers)), isa=isa, frozen=frozen)
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 

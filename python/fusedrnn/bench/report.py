@@ -220,7 +220,9 @@ def notes(data):
     blas = data["machine"]["numpy_blas"]
     limit = data["settings"]["reference_max_flop"]
     return [
-        "ms: median wall time of one call (training: forward + backward of (y * dy).sum()), "
+        "ms: median wall time of one call (training: forward + backward of (y * dy).sum(); "
+        "fusedrnn's inference runs the layer frozen, freeze(), as ONNX Runtime holds its weights "
+        "as constants), "
         "libraries taking turns in blocks; a case where a peer is within 5% of fusedrnn is "
         f"timed on to {timing.CLOSE_REPS} calls each.",
         "GFLOP/s: forward 2*T*B*G*H*(I+H) per layer, training 3x that (DESIGN.md). %gemm: "

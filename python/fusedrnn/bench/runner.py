@@ -40,7 +40,7 @@ def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps, gemm=None
     c = case.config
     record = {"config": c.name, "cell": case.cell, "mode": case.mode, "threads": case.threads,
               "T": c.T, "B": c.B, "I": c.I, "H": c.H, "L": c.L, "flops": case.flops,
-              "fusedrnn_path": ("layers" if ours.uses_layers(problem) else "functional"),
+              "fusedrnn_path": ours.path(problem, case.mode),
               "results": {}, "skipped": {}, "agreement": {}}
     for peer in [ours, *peers]:
         peer.set_threads(case.threads)

@@ -2,8 +2,10 @@
 
 Models (one layer or stacked) run through the torch.nn-shaped layers (``fusedrnn.LSTM`` etc.),
 as a user would; where the package has no such class this peer chains ``fusedrnn.functional``
-per layer itself (peers/stack.py), which is what those layers do. Each record says which path
-ran ("fusedrnn_path").
+per layer itself (peers/stack.py), which is what those layers do. Inference runs the layer
+frozen (``freeze()``: read-only weights, reused packed without a per-call comparison), as ONNX
+Runtime's session holds its weights as constants; training runs it as a training loop does, its
+weights writable. Each record says which path ran ("fusedrnn_path").
 """
 import fusedrnn
 from ... import functional
@@ -28,6 +30,12 @@ class FusedrnnPeer:
     @staticmethod
     def uses_layers(problem):
         return hasattr(fusedrnn, LAYER_CLASS[problem.cell])
+
+    def path(self, problem, mode):
+        """What a case runs: "layers" (frozen in inference) or "functional"."""
+        if not self.uses_layers(problem):
+            return "functional"
+        return "layers, frozen" if mode == "infer" else "layers"
 
     def prepare(self, problem, mode):
         if self.uses_layers(problem):
@@ -54,6 +62,8 @@ class LayerRunner:
         self.module.load_state_dict(state)
         self.train = mode == "train"
         self.module.train(self.train)
+        if not self.train:
+            self.module.freeze()
         self.problem = problem
         self.hx = problem.h0 if problem.c0 is None else (problem.h0, problem.c0)
 

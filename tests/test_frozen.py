@@ -1,0 +1,153 @@
+"""Frozen layers (freeze()): read-only copies of the parameters, whose packed forms the kernels
+reuse without comparing the weights with their cached copies every call. Every result is the
+plain layer's, bit for bit; what the promise covers and how it ends."""
+import copy
+import ctypes
+import pickle
+
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import _C, functional
+
+CELLS = [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("LSTM", {}), ("LSTM", {"proj_size": 3}),
+         ("GRU", {})]
+
+
+def layer(cls, kw, I=5, H=7, **more):
+    return getattr(fusedrnn, cls)(I, H, seed=3, **kw, **more)
+
+
+def run(m, x, dy=None):
+    """Outputs, and with dy the gradients of a training call (x's, the states', the weights')."""
+    y, h = m(x)
+    out = [y, *(h if isinstance(h, tuple) else (h,))]
+    if dy is not None:
+        m.zero_grad()
+        dx, dh = m.backward(dy)
+        out += [dx, *(dh if isinstance(dh, tuple) else (dh,))]
+        out += [g.copy() for g in m.grads.values()]
+    return out
+
+
+def alias(a):
+    """A writable array over a's memory: writes behind a frozen layer's back (tests only)."""
+    buf = (ctypes.c_char * a.nbytes).from_address(a.ctypes.data)
+    return np.frombuffer(buf, dtype=a.dtype).reshape(a.shape)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("L,bidirectional", [(1, False), (2, False), (2, True)])
+@pytest.mark.parametrize("cls,kw", CELLS, ids=lambda v: v if isinstance(v, str) else str(v))
+def test_frozen_gives_the_plain_bits(rng, fixed_threads, threads, cls, kw, L, bidirectional):
+    before = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(threads)
+    try:
+        plain = layer(cls, kw, num_layers=L, bidirectional=bidirectional)
+        frozen = copy.deepcopy(plain).freeze()
+        assert frozen.frozen and not plain.frozen
+        x = rng.standard_normal((6, 3, 5)).astype(np.float32)
+        y_shape = plain(x)[0].shape
+        dy = rng.standard_normal(y_shape).astype(np.float32)
+        for m in (plain, frozen):
+            m.train(False)
+        for _ in range(2):  # the second call reuses the packed weights
+            for got, want in zip(run(frozen, x), run(plain, x)):
+                assert np.array_equal(got, want)
+        for m in (plain, frozen):
+            m.train(True)
+        for _ in range(2):
+            for got, want in zip(run(frozen, x, dy), run(plain, x, dy)):
+                assert np.array_equal(got, want)
+    finally:
+        fusedrnn.set_num_threads(before)
+
+
+def test_frozen_calls_skip_the_comparison_and_unfreeze_ends_it(rng):
+    """Weights changed behind the promise's back (through a raw alias) are not seen while
+    frozen, which is what saves the comparison; unfreeze() copies them and calls see them."""
+    m = layer("LSTM", {}).eval().freeze()
+    x = rng.standard_normal((4, 2, 5)).astype(np.float32)
+    before = m(x)[0]
+    w = m.weight_hh_l0
+    alias(w)[...] = 0
+    assert np.array_equal(m(x)[0], before)         # the packed weights of the first call
+    m.unfreeze()
+    assert not m.frozen and m.weight_hh_l0.flags.writeable
+    assert not m.weight_hh_l0.any()
+    changed = m(x)[0]
+    assert not np.array_equal(changed, before)
+    m.weight_hh_l0[...] = w                         # (a read-only view of the old frozen copy)
+    assert not m.frozen
+
+
+def test_making_a_parameter_writable_ends_the_promise(rng):
+    m = layer("GRU", {}).eval().freeze()
+    x = rng.standard_normal((4, 2, 5)).astype(np.float32)
+    before = m(x)[0]
+    w = m.weight_ih_l0
+    w.flags.writeable = True
+    assert not m.frozen
+    w *= 0.5
+    after = m(x)[0]
+    assert not np.array_equal(after, before)
+    want = layer("GRU", {})
+    want.load_state_dict(m.state_dict())
+    assert np.array_equal(after, want.eval()(x)[0])
+
+
+def test_frozen_parameters_are_read_only_copies():
+    m = layer("LSTM", {})
+    old = m.weight_hh_l0
+    m.freeze()
+    assert m.frozen
+    assert m.weight_hh_l0 is not old and np.array_equal(m.weight_hh_l0, old)
+    for name, p in m.named_parameters():
+        assert not p.flags.writeable, name
+        assert m.state_dict()[name] is p
+    with pytest.raises(ValueError, match="read-only"):
+        m.weight_hh_l0 += 1
+    with pytest.raises(RuntimeError, match="frozen"):
+        m.load_state_dict(m.state_dict())
+    with pytest.raises(RuntimeError, match="frozen"):
+        m.bias_ih_l0 = np.zeros(4 * 7, np.float32)
+    old[...] = 0                                    # no longer the layer's
+    assert m.weight_hh_l0.any()
+    assert m.freeze() is m and m.frozen             # freezing twice keeps the same copies
+    assert m.unfreeze() is m and not m.frozen and m.unfreeze() is m
+
+
+def test_copies_freeze_again_under_their_own_id(rng):
+    m = layer("LSTM", {}).eval().freeze()
+    x = rng.standard_normal((4, 2, 5)).astype(np.float32)
+    want = m(x)[0]
+    for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert other.frozen and other._frozen_id != m._frozen_id
+        assert np.array_equal(other(x)[0], want)
+
+
+def test_the_kernels_take_frozen_weights_only_read_only_and_contiguous(rng):
+    T, B, I, H = 3, 2, 5, 7
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+    w_ih, w_hh = (rng.standard_normal(s).astype(np.float32) for s in ((H, I), (H, H)))
+    ro = []
+    for w in (w_ih, w_hh):
+        w = w.copy()
+        w.flags.writeable = False
+        ro.append(w)
+    with pytest.raises(ValueError, match="w_hh must be a read-only C-contiguous array"):
+        _C.forward(0, True, False, False, x, h0, None, ro[0], w_hh, None, None, None,
+                   None, frozen=7)
+    fortran = np.asfortranarray(w_ih)
+    fortran.flags.writeable = False
+    with pytest.raises(ValueError, match="w_ih must be a read-only C-contiguous array"):
+        _C.forward(0, True, False, False, x, h0, None, fortran, ro[1], None, None, None, None,
+                   frozen=7)
+    y = _C.forward(0, True, False, False, x, h0, None, *ro, None, None, None, None, frozen=7)[0]
+    assert np.array_equal(y, functional.forward("rnn_tanh", x, h0, None, w_ih, w_hh, None, None,
+                                                training=False)[0])
+    with pytest.raises(ValueError, match="read-only"):
+        _C.forward_stack(0, True, False, x, [h0], [None], [w_ih], [ro[1]], [None], [None], [None],
+                         frozen=8)

@@ -7,9 +7,11 @@
 
 #include <atomic>
 #include <cstring>
+#include <initializer_list>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernel_api.h"
@@ -48,6 +50,13 @@ template <typename T>
 using Arr = py::array_t<T, py::array::c_style>;
 
 [[noreturn]] void fail(const std::string& what) { throw py::value_error(what); }
+
+// {name: count} for the kernels' counters the tests read.
+py::dict counts(std::initializer_list<std::pair<const char*, int64_t>> named) {
+  py::dict d;
+  for (const auto& [name, n] : named) d[name] = n;
+  return d;
+}
 
 std::string shape_str(const std::vector<int64_t>& s) {
   std::string out = "(";
@@ -420,10 +429,8 @@ PYBIND11_MODULE(_C, m) {
   // Riding or one GEMM for a single row on one thread (csrc/ride_policy.cpp): calls by way, and
   // a way for tests to impose ("measured", "whole", "ride"); setting it forgets every trial.
   m.def("ride_calls", [] {
-    py::dict d;
-    d["ride"] = fusedrnn::ride_policy_calls(true);
-    d["whole"] = fusedrnn::ride_policy_calls(false);
-    return d;
+    return counts({{"ride", fusedrnn::ride_policy_calls(true)},
+                   {"whole", fusedrnn::ride_policy_calls(false)}});
   }, "single-row forwards on one thread that could ride, by the way they ran, since import");
   m.def("set_ride_override", [](const std::string& way) {
     if (way == "measured") return fusedrnn::set_ride_override(-1);
@@ -482,24 +489,19 @@ PYBIND11_MODULE(_C, m) {
      py::arg("f64") = false, py::arg("lengths") = false, py::arg("isa") = py::none(),
      "how the forward computes x_t W_ih^T: 'whole' (one GEMM over the sequence before the time "
      "loop), 'in_step' (inside each step's tiles) or 'rides' (a chunk of the next steps' rows "
-     "in each step of a single LSTM or GRU row, on one thread; a step team makes it 'whole')");
+     "in each step of a single LSTM or GRU row, on one thread, or one GEMM if the shape's first "
+     "calls measured that faster: csrc/ride_policy.cpp; a step team makes it 'whole')");
 
   m.def("cache_bytes", []() {
-    py::dict d;
-    d["l2"] = kernels(std::nullopt).cache_bytes(2);
-    d["l3"] = kernels(std::nullopt).cache_bytes(3);
-    return d;
+    return counts({{"l2", kernels(std::nullopt).cache_bytes(2)},
+                   {"l3", kernels(std::nullopt).cache_bytes(3)}});
   }, "the cache sizes the kernels plan for: one core's L2 and the shared L3, in bytes");
 
   m.def("packed_cache", [](bool clear) {
     if (clear) fusedrnn::packed_cache_clear();
     size_t forms = 0, copies = 0, bytes = 0;
     fusedrnn::packed_cache_stats(&forms, &copies, &bytes);
-    py::dict d;
-    d["forms"] = forms;
-    d["copies"] = copies;
-    d["bytes"] = bytes;
-    return d;
+    return counts({{"forms", int64_t(forms)}, {"copies", int64_t(copies)}, {"bytes", int64_t(bytes)}});
   }, py::arg("clear") = false,
      "the calling thread's packed-weight cache: packed forms, copies of weights' bytes (one per "
      "weight, shared by its forms), and the bytes of both; clear=True empties it first");
@@ -558,17 +560,13 @@ PYBIND11_MODULE(_C, m) {
      "a unidirectional stack without lengths, bottom layer first: per layer lists of forward's "
      "states and weights; returns the list of forward's (y, hn, cn, ctx) per layer");
   m.def("stack_calls", [] {
-    py::dict d;
-    d["pipelined"] = fusedrnn::stack_calls(true);
-    d["layer_by_layer"] = fusedrnn::stack_calls(false);
-    return d;
+    return counts({{"pipelined", fusedrnn::stack_calls(true)},
+                   {"layer_by_layer", fusedrnn::stack_calls(false)}});
   }, "forward_stack calls since import, by how they ran (sequence/layer_pipeline.h)");
 
   m.def("team_blocks", [] {
-    py::dict d;
-    d["own"] = fusedrnn::team_blocks(false);
-    d["taken_over"] = fusedrnn::team_blocks(true);
-    return d;
+    return counts({{"own", fusedrnn::team_blocks(false)},
+                   {"taken_over", fusedrnn::team_blocks(true)}});
   }, "blocks of large team steps since import (the forward's unit blocks, the backward's "
      "panels of dG W_hh): run by the member that owns them, or taken over by another "
      "(sequence/block_queue.h)");

@@ -142,6 +142,14 @@ void packed_cache_clear();
 
 // Adaptive threads (team_policy.cpp): whether a layer call asked to run on nthreads threads does
 // so this time or runs on one, and how long the call then took per step. One policy per key.
+// The per-shape policies' bucket of a call's step count: its log2 (the fixed cost of a call
+// weighs more in short ones).
+inline int step_count_bucket(int64_t T) {
+  int bucket = 0;
+  for (int64_t t = T; t > 1; t >>= 1) ++bucket;
+  return bucket;
+}
+
 struct TeamKey {
   const char* isa;
   int dtype_bytes;

@@ -52,9 +52,7 @@ RideTrials& ride_trials() {
 }
 
 Key key_of(const RideKey& k) {
-  int bucket = 0;  // log2 of the step count: the fixed cost of a call weighs more in short ones
-  for (int64_t t = k.T; t > 1; t >>= 1) ++bucket;
-  return Key{k.isa, k.dtype_bytes, k.cell, k.training, k.I, k.H, k.Hout, bucket};
+  return Key{k.isa, k.dtype_bytes, k.cell, k.training, k.I, k.H, k.Hout, step_count_bucket(k.T)};
 }
 
 }  // namespace

@@ -33,9 +33,8 @@ Policies& policies() {
 }
 
 Key key_of(const TeamKey& k) {
-  int bucket = 0;  // log2 of the step count: the fixed cost of a call weighs more in short ones
-  for (int64_t t = k.T; t > 1; t >>= 1) ++bucket;
-  return Key{k.isa, k.dtype_bytes, k.cell, k.backward, k.B, k.I, k.H, k.Hout, k.nthreads, bucket};
+  return Key{k.isa, k.dtype_bytes, k.cell, k.backward, k.B, k.I, k.H, k.Hout, k.nthreads,
+             step_count_bucket(k.T)};
 }
 
 }  // namespace

@@ -151,3 +151,19 @@ def test_the_kernels_take_frozen_weights_only_read_only_and_contiguous(rng):
     with pytest.raises(ValueError, match="read-only"):
         _C.forward_stack(0, True, False, x, [h0], [None], [w_ih], [ro[1]], [None], [None], [None],
                          frozen=8)
+
+
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("cls,kw", [("LSTM", {}), ("GRU", {})], ids=["lstm", "gru"])
+def test_a_frozen_stack_pipelined_on_two_threads_gives_the_plain_bits(rng, two_threads, cls, kw):
+    """A stack on a thread per layer: each layer's thread keeps its own packed weights, which
+    the frozen id lets it reuse too."""
+    plain = layer(cls, kw, I=12, H=12, num_layers=2).eval()
+    frozen = copy.deepcopy(plain).freeze()
+    x = rng.standard_normal((51, 9, 12)).astype(np.float32)
+    for _ in range(2):
+        before = _C.stack_calls()["pipelined"]
+        got = run(frozen, x)
+        assert _C.stack_calls()["pipelined"] == before + 1
+        for one, two in zip(got, run(plain, x)):
+            assert np.array_equal(one, two)

@@ -167,3 +167,15 @@ def test_a_frozen_stack_pipelined_on_two_threads_gives_the_plain_bits(rng, two_t
         assert _C.stack_calls()["pipelined"] == before + 1
         for one, two in zip(got, run(plain, x)):
             assert np.array_equal(one, two)
+
+
+def test_unfreeze_after_one_parameter_was_made_writable(rng):
+    """The promise ended by one writable parameter; unfreeze() still makes the others writable,
+    and load_state_dict works again."""
+    m = layer("RNN", {}).freeze()
+    m.weight_hh_l0.flags.writeable = True
+    kept = m.weight_hh_l0
+    m.unfreeze()
+    assert m.weight_hh_l0 is kept
+    assert all(p.flags.writeable for p in m.parameters())
+    m.load_state_dict(layer("RNN", {}).state_dict())

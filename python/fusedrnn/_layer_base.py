@@ -194,8 +194,9 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     layers, or None for no dropout; ``checked``: x, h0, c0, lengths and params are already as
     functional.check_layer_args would make them (the NumPy layers), so each layer call skips
     those checks (a fifth of a small call's Python time); ``frozen``: 0, or the id of a frozen
-    layer's read-only parameters (with ``checked`` only; see functional.forward_checked). Returns y (T, B, D*H_out),
-    hn (L*D, B, H_out), cn (L*D, B, H) or None, and a ``Saved`` (None unless ``save``).
+    layer's read-only parameters (with ``checked`` only; see functional.forward_checked).
+    Returns y (T, B, D*H_out), hn (L*D, B, H_out), cn (L*D, B, H) or None, and a ``Saved``
+    (None unless ``save``).
     """
     dtype = x.dtype
     T, B, _ = x.shape
@@ -219,7 +220,7 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
             i = k * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = (params.get(name) for name in spec.layer_param_names(k, d))
             run = F.forward_checked if checked else F.forward
-            extra = {"frozen": frozen} if frozen else {}  # (checked: see the docstring)
+            extra = {"frozen": frozen} if frozen else {}  # F.forward (unchecked) takes none
             y, h, c, ctx = run(spec.cell, layer_in, h0[i], c0[i] if lstm else None,
                                w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths, reverse=bool(d),
                                linear_before_reset=spec.linear_before_reset, training=save,

@@ -171,11 +171,12 @@ class _Layer:
         return self
 
     def unfreeze(self):
-        """Writable copies of the parameters again (as before freeze()); returns the layer."""
-        if self._frozen_id:
-            self._params = {name: p.copy() for name, p in self._params.items()}
-            self._frozen_id = 0
+        """Writable parameters again (copies of the read-only ones); returns the layer."""
+        if any(not p.flags.writeable for p in self._params.values()):
+            self._params = {name: p if p.flags.writeable else p.copy()
+                            for name, p in self._params.items()}
             self._forget("the layer was unfrozen since the last forward")
+        self._frozen_id = 0
         return self
 
     @property

@@ -334,6 +334,29 @@ def test_single_row_backward_in_halves(rng, isa, dtype, cell, H, reverse):
     assert_matches(case, dtype, isa, reverse=reverse)
 
 
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("B,lengths", [(64, False), (64, True), (48, False), (28, False)])
+def test_row_shares_give_the_one_thread_bits(rng, two_threads, isa, variant, B, lengths):
+    """Two threads split a step's rows in equal shares where each share's tiles keep the one
+    thread's chains (forward.h, rows_in_equal_shares): 64 rows as 32 + 32 (tiles of 12, 12, 8,
+    the second share off the whole-tile grid of the packed state). Forward and backward, with
+    and without lengths: the one thread's bits."""
+    cell, lbr, proj = variant
+    case = make_case(rng, cell, proj, T=7, B=B, I=9, H=40, lengths=lengths)
+    if B >= 48 and not proj and _C.vector_bytes(isa) == 64:  # (AVX2: see test_step_split_rule)
+        code = functional.CELL_CODES[cell]
+        assert _C.step_split(code, B, 40, 40, threads=2, isa=isa) == "rows"
+    runs = []
+    for threads in (1, 2):
+        fusedrnn.set_num_threads(threads)
+        out, grad = run_kernels(case, np.float32, isa, linear_before_reset=lbr)
+        runs.append({**out, **grad})
+    for k in runs[0]:
+        assert np.array_equal(runs[0][k], runs[1][k]), k
+
+
 def test_step_split_rule():
     """Tiny steps stay on one thread; a batch of one splits by units (each core streams half of
     W_hh); big weights split by units even for a big batch."""
@@ -342,12 +365,16 @@ def test_step_split_rule():
     assert _C.step_split(lstm, 1, 128, 128, threads=2) == "units"
     assert _C.step_split(lstm, 96, 128, 128, threads=2) == "rows"
     assert _C.step_split(lstm, 64, 512, 512, threads=2) == "units"
-    # whole row tiles would split 64 rows 36 + 28 (12-row tiles; 6-row ones too), and the step
-    # is big: hidden units instead (rows_split_evenly); 96 rows split evenly and keep rows
+    # whole row tiles would split 100 rows 60 + 40 (12-row tiles; 6-row ones 54 + 46), equal
+    # shares of 50 end in a 2-row tile (which one thread's tiles do not have), and the step is
+    # big: hidden units instead (rows_split_evenly). 64 rows: 32 + 32 in 12-row tiles
+    # (rows_in_equal_shares: 12, 12, 8), but shares of 6-row tiles would end in 2 rows, and
+    # whole ones split 36 + 28: units. 96 rows split evenly either way.
     rnn = functional.CELL_CODES["rnn_tanh"]
-    for isa in ("avx2", "avx512"):
+    for isa, rows_64 in (("avx2", "units"), ("avx512", "rows")):
         if isa in _C.available_isas():
-            assert _C.step_split(rnn, 64, 512, 512, threads=2, isa=isa) == "units"
+            assert _C.step_split(rnn, 100, 512, 512, threads=2, isa=isa) == "units"
+            assert _C.step_split(rnn, 64, 512, 512, threads=2, isa=isa) == rows_64
             assert _C.step_split(rnn, 96, 128, 128, threads=2, isa=isa) == "rows"
     assert _C.step_split(lstm, 96, 128, 128, threads=1) == "one"
     assert _C.step_split(lstm, 1, 32, 32, threads=2, backward=True) == "one"

@@ -31,12 +31,42 @@ struct StepSplit {
   int64_t out0, out1;    // output (projection) blocks of NR
 };
 
+// Where a row tile starting at row m keeps its MR-row panel in the step's shared packed A
+// (AForm::Blocked, ForwardLoop::a_shared): panel ceil(m / MR), which is m / MR for whole tiles
+// from row 0 and stays one panel per tile for the balanced shares below.
+template <typename T>
+inline int64_t panel_of_row(int64_t m) { return ceil_div<int64_t>(m, Tile<T>::MR); }
+
+// Whether nthreads members can take B rows in equal shares (split_range), each tiled from its
+// first row (MR rows a tile, the rest last): 64 rows on 2 threads are 32 + 32, tiles of 12, 12
+// and 8, where whole tiles from row 0 split them 36 + 28. Only where every row's FMA chains stay
+// those of one thread's tiles, which split k in tiles of 1-3 rows (KSplit): no such tile either
+// way. And the tiles' panels (panel_of_row) must be distinct and within the shared A.
+template <typename T>
+bool rows_in_equal_shares(int64_t B, int nthreads) {
+  constexpr int64_t MR = Tile<T>::MR;
+  if (nthreads <= 1 || (B % MR != 0 && B % MR < 4)) return false;
+  int64_t last_panel = -1;
+  for (int t = 0; t < nthreads; ++t) {
+    int64_t r0 = 0, r1 = 0;
+    split_range(B, nthreads, t, &r0, &r1);
+    if (r1 - r0 < 4 || ((r1 - r0) % MR != 0 && (r1 - r0) % MR < 4)) return false;
+    for (int64_t m = r0; m < r1; m += MR) {
+      if (panel_of_row<T>(m) <= last_panel) return false;
+      last_panel = panel_of_row<T>(m);
+    }
+  }
+  return last_panel < ceil_div<int64_t>(B, MR);
+}
+
 template <typename T>
 StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   StepSplit p{0, s.B, 0, ceil_div<int64_t>(s.H, NR), 0, ceil_div<int64_t>(s.Hout, NR)};
   if (nthreads <= 1) return p;
-  if (by_rows) {
+  if (by_rows && rows_in_equal_shares<T>(s.B, nthreads)) {
+    split_range(s.B, nthreads, tid, &p.row0, &p.row1);
+  } else if (by_rows) {
     split_range(ceil_div<int64_t>(s.B, MR), nthreads, tid, &p.row0, &p.row1);
     p.row0 = imin<int64_t>(s.B, p.row0 * MR);
     p.row1 = imin<int64_t>(s.B, p.row1 * MR);
@@ -47,15 +77,19 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   return p;
 }
 
-// Rows go to members in whole row tiles, so some batches split unevenly: 64 rows are five 12-row
-// tiles and a 4-row one, 36 + 28, and the bigger share paces every step. Where the biggest share
-// is over 5% above an even one and a step is big enough (kUnevenRowsMaxStepFlops) that a barrier
-// per step is noise, hidden units split instead. In-process A/B, 2 threads, medians, rows ->
-// units, B = 64: RNN H = 512 23.1 -> 22.4 ms, LSTM H = 256 22.0 -> 20.6, GRU H = 256 17.0 ->
-// 16.3 (training 1-2% faster); smaller steps lost with units (GRU B = 128, H = 64: 2.81 -> 3.21),
-// and even splits (B = 48, 96, 256) kept rows.
+// Rows go to members in equal shares where rows_in_equal_shares allows, else in whole row tiles,
+// and then some batches split unevenly: 100 rows are eight 12-row tiles and a 4-row one, 60 +
+// 40, and the bigger share paces every step. Where the biggest share is over 5% above an even
+// one and a step is big enough (kUnevenRowsMaxStepFlops) that a barrier per step is noise,
+// hidden units split instead. In-process A/B, 2 threads, medians, rows 36 + 28 -> units,
+// B = 64: RNN H = 512 23.1 -> 22.4 ms, LSTM H = 256 22.0 -> 20.6, GRU H = 256 17.0 -> 16.3
+// (training 1-2% faster); smaller steps lost with units (GRU B = 128, H = 64: 2.81 -> 3.21),
+// and even splits (B = 48, 96, 256) kept rows. Units -> rows in equal shares (32 + 32), T = 100,
+// inference: fastrnns RNN 22.3 -> 21.7 ms, B = 64 H = 256 RNN 6.02 -> 5.69, GRU 17.0 -> 15.8,
+// LSTM 21.0 -> 20.8 (training within 2%).
 template <typename T>
 bool rows_split_evenly(int64_t B, int nthreads) {
+  if (rows_in_equal_shares<T>(B, nthreads)) return true;
   const int64_t tiles = ceil_div<int64_t>(B, Tile<T>::MR);
   const int64_t largest = imin<int64_t>(B, ceil_div<int64_t>(tiles, nthreads) * Tile<T>::MR);
   return largest * nthreads * 20 <= B * 21;
@@ -257,7 +291,7 @@ struct ForwardLoop {
           row_gates_pass(g_count, K, A + m * lda, ub, g0, tile, rides ? &ride : nullptr);
         } else {
           // This tile's panel of A packed (by the last step's epilogues or just above), or null.
-          const T* a_tile = a_ready ? a_ready + m * blocked_length<T>(K)
+          const T* a_tile = a_ready ? a_ready + panel_of_row<T>(m) * MR * blocked_length<T>(K)
                             : a_pack ? a_pack + (m - p.row0) * blocked_length<T>(K)
                                      : nullptr;
           if (a_tile)
@@ -371,12 +405,13 @@ struct ForwardLoop {
   static int64_t next_a_size(const LayerShape& s) {
     return blocked_size<T>(s.B, s.Hout);
   }
-  // Rows [m, m + mr) (m a multiple of MR) and units [u0, u0 + nu) (u0 a multiple of W) of the
-  // state h into a_next, the panel of rows m.. at a_next + m * blocked_length(Hout): the units'
-  // part of one panel is a block of its own, at offset u0 * MR.
+  // Rows [m, m + mr) (a row tile) and units [u0, u0 + nu) (u0 a multiple of W) of the state h
+  // into a_next, the tile's panel (panel_of_row) at a_next + panel * MR * blocked_length(Hout):
+  // the units' part of one panel is a block of its own, at offset u0 * MR.
   void pack_next_a(T* a_next, int64_t m, int mr, int64_t u0, int nu, const T* h) const {
+    constexpr int MR = Tile<T>::MR;
     pack_a_blocked<T>(mr, nu, h + m * s.Hout + u0, s.Hout,
-                      a_next + m * blocked_length<T>(s.Hout) + u0 * Tile<T>::MR);
+                      a_next + panel_of_row<T>(m) * MR * blocked_length<T>(s.Hout) + u0 * MR);
   }
 
   // LSTM projection h = W_hr hfull for rows [r0, r1) and output blocks [o0, o1).
@@ -424,6 +459,13 @@ struct ForwardLoop {
     Scratch<T> x_pack(in_step ? blocked_size<T>(rows, s.I) : 0);
     const T* xp = x_pack.p;
     if (x_steps && k0 == 0) ride_first_window(p.unit0, p.unit1);
+    // A balanced share of rows (rows_in_equal_shares) tiles off the whole-tile grid that step
+    // 0's A was packed on before the team started: the member packs its own panels (no other
+    // member reads them).
+    if (a_shared && k0 == 0 && p.row0 % Tile<T>::MR != 0)
+      for (int64_t m = p.row0; m < p.row1; m += Tile<T>::MR)
+        pack_next_a(a_shared, m, static_cast<int>(imin<int64_t>(Tile<T>::MR, p.row1 - m)), 0,
+                    static_cast<int>(s.Hout), h_at(0));
     for (int64_t k = k0; k < k1; ++k) {
       if (below) below->wait_for(k + 1);
       if (queue) {

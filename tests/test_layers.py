@@ -571,3 +571,33 @@ def test_a_pickled_layer_runs_and_trains_as_the_original(rng, dtype):
         assert np.array_equal(got, want)
     dy = rng.standard_normal((4, 3, 7)).astype(dtype)
     assert np.array_equal(again.backward(dy)[0], layer.backward(dy)[0])
+
+
+def test_frozen_single_rows_in_parallel_threads(rng):
+    """Frozen layers with a single row, on one thread each (where the input projection's way is
+    on trial per shape, csrc/ride_policy.cpp, shared by the threads), run at once from Python
+    threads: the sequential results exactly, round after round, as the trials take turns."""
+    before = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(1)
+    try:
+        jobs = []
+        for i, cell in enumerate(["lstm", "gru"] * 3):
+            layer = make_layer(cell, 16, 64, dtype=np.float32, seed=i).freeze()
+            x = rng.standard_normal((40, 1, 16)).astype(np.float32)
+            jobs.append((layer, x))
+
+        def work(job):
+            layer, x = job
+            layer.zero_grad()
+            y, _ = layer(x)
+            dx, _ = layer.backward(np.ones_like(y))
+            return [y, dx, *(g.copy() for g in layer.grads.values())]
+
+        sequential = [work(j) for j in jobs]
+        with concurrent.futures.ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+            for _ in range(5):
+                for seq, par in zip(sequential, pool.map(work, jobs)):
+                    for a, b in zip(seq, par):
+                        np.testing.assert_array_equal(a, b)
+    finally:
+        fusedrnn.set_num_threads(before)

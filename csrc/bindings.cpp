@@ -122,13 +122,13 @@ void require_dtype(const char* name, const py::object& o, const py::dtype& want)
 }
 
 // A frozen call's weights (forward's `frozen`) are their own memory, unchanged while the id lives:
-// read-only C-contiguous arrays of x's dtype (a cast would hand the kernels a temporary copy).
-void require_frozen(const char* name, const py::object& o) {
-  if (o.is_none()) return;
-  const py::array a = o.cast<py::array>();
-  if (a.writeable() || !(a.flags() & py::array::c_style))
-    throw py::value_error(std::string(name) + " must be a read-only C-contiguous array when frozen "
-                          "is given (a frozen layer's own parameters)");
+// read-only arrays, already C-contiguous and of x's dtype (the cast to Arr<T> of any other array
+// is a new, writable copy, so it fails here too).
+template <typename T>
+void require_frozen(const char* name, const std::optional<Arr<T>>& a) {
+  if (a && a->writeable())
+    fail(std::string(name) + " must be a read-only C-contiguous array when frozen is given (a "
+         "frozen layer's own parameters)");
 }
 
 bool is_f64(const py::array& x) {
@@ -187,6 +187,10 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
         fail("lengths must lie in 1.." + std::to_string(s.T) + ", got " + std::to_string(lengths->data()[b]));
   }
   if (s.T < 1) fail("x must have at least one time step");
+  if (frozen) {
+    require_frozen<T>("w_ih", w_ih); require_frozen<T>("w_hh", w_hh);
+    require_frozen<T>("b_ih", b_ih); require_frozen<T>("b_hh", b_hh); require_frozen<T>("w_hr", w_hr);
+  }
 
   LayerCall<T> call;
   call.training = training;
@@ -524,10 +528,6 @@ PYBIND11_MODULE(_C, m) {
     require_dtype("h0", h0, dt); require_dtype("c0", c0, dt); require_dtype("w_ih", w_ih, dt);
     require_dtype("w_hh", w_hh, dt); require_dtype("b_ih", b_ih, dt); require_dtype("b_hh", b_hh, dt);
     require_dtype("w_hr", w_hr, dt); require_dtype("lengths", lengths, py::dtype::of<int64_t>());
-    if (frozen) {
-      require_frozen("w_ih", w_ih); require_frozen("w_hh", w_hh); require_frozen("b_ih", b_ih);
-      require_frozen("b_hh", b_hh); require_frozen("w_hr", w_hr);
-    }
     std::optional<Arr<int64_t>> len = opt(lengths, Arr<int64_t>());
     if (is_f64(x))
       return forward_impl<double>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<double>()), w_ih, w_hh,
@@ -548,9 +548,6 @@ PYBIND11_MODULE(_C, m) {
                             py::list b_hh, py::list w_hr, std::optional<std::string> isa,
                             uint64_t frozen) -> py::list {
     const KernelTable& kt = kernels(isa);
-    if (frozen)
-      for (const py::list* l : {&w_ih, &w_hh, &b_ih, &b_hh, &w_hr})
-        for (py::handle o : *l) require_frozen("every weight", py::reinterpret_borrow<py::object>(o));
     if (is_f64(x))
       return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen);
     return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen);

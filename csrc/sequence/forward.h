@@ -36,6 +36,11 @@ struct StepSplit {
 // from row 0 and stays one panel per tile for the balanced shares below.
 template <typename T>
 inline int64_t panel_of_row(int64_t m) { return ceil_div<int64_t>(m, Tile<T>::MR); }
+// That panel's offset in a packed A of rows K long.
+template <typename T>
+inline int64_t shared_panel_offset(int64_t m, int64_t K) {
+  return panel_of_row<T>(m) * Tile<T>::MR * blocked_length<T>(K);
+}
 
 // Whether nthreads members can take B rows in equal shares (split_range), each tiled from its
 // first row (MR rows a tile, the rest last): 64 rows on 2 threads are 32 + 32, tiles of 12, 12
@@ -66,7 +71,7 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   if (nthreads <= 1) return p;
   if (by_rows && rows_in_equal_shares<T>(s.B, nthreads)) {
     split_range(s.B, nthreads, tid, &p.row0, &p.row1);
-  } else if (by_rows) {
+  } else if (by_rows) {  // whole row tiles from row 0
     split_range(ceil_div<int64_t>(s.B, MR), nthreads, tid, &p.row0, &p.row1);
     p.row0 = imin<int64_t>(s.B, p.row0 * MR);
     p.row1 = imin<int64_t>(s.B, p.row1 * MR);
@@ -291,7 +296,7 @@ struct ForwardLoop {
           row_gates_pass(g_count, K, A + m * lda, ub, g0, tile, rides ? &ride : nullptr);
         } else {
           // This tile's panel of A packed (by the last step's epilogues or just above), or null.
-          const T* a_tile = a_ready ? a_ready + panel_of_row<T>(m) * MR * blocked_length<T>(K)
+          const T* a_tile = a_ready ? a_ready + shared_panel_offset<T>(m, K)
                             : a_pack ? a_pack + (m - p.row0) * blocked_length<T>(K)
                                      : nullptr;
           if (a_tile)
@@ -406,12 +411,11 @@ struct ForwardLoop {
     return blocked_size<T>(s.B, s.Hout);
   }
   // Rows [m, m + mr) (a row tile) and units [u0, u0 + nu) (u0 a multiple of W) of the state h
-  // into a_next, the tile's panel (panel_of_row) at a_next + panel * MR * blocked_length(Hout):
-  // the units' part of one panel is a block of its own, at offset u0 * MR.
+  // into a_next, the tile's panel (shared_panel_offset): the units' part of one panel is a
+  // block of its own, at offset u0 * MR.
   void pack_next_a(T* a_next, int64_t m, int mr, int64_t u0, int nu, const T* h) const {
-    constexpr int MR = Tile<T>::MR;
     pack_a_blocked<T>(mr, nu, h + m * s.Hout + u0, s.Hout,
-                      a_next + panel_of_row<T>(m) * MR * blocked_length<T>(s.Hout) + u0 * MR);
+                      a_next + shared_panel_offset<T>(m, s.Hout) + u0 * Tile<T>::MR);
   }
 
   // LSTM projection h = W_hr hfull for rows [r0, r1) and output blocks [o0, o1).

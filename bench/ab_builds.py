@@ -65,7 +65,10 @@ def one_layer_problem(config, cell, rng):
                 dy=normal(T, B, H))
 
 
-def call(ext, cell, p, train, isa):
+def call(ext, cell, p, train, isa, edit=False):
+    if edit:  # an optimiser step's in-place change of the weights (negation: exact, cheap)
+        for name in ("w_ih", "w_hh"):
+            np.negative(p[name], out=p[name])
     y, hn, cn, ctx = ext.forward(CELL_CODES[cell], False, False, train, p["x"], p["h0"], p["c0"],
                                  p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], None, None, isa)
     if train:  # as the layers do (consume=True), where the build has it
@@ -85,6 +88,9 @@ def main():
     ap.add_argument("--mode", choices=["infer", "train"], default="infer")
     ap.add_argument("--reps", type=int, default=7, help="blocks per build (each ~0.2 s)")
     ap.add_argument("--isa", default=None, help="kernels to run (default: the best this CPU has)")
+    ap.add_argument("--edit-weights", action="store_true",
+                    help="change the weights in place before every call, as a training loop's "
+                         "optimiser does (the edit's time counts for every build alike)")
     args = ap.parse_args()
     builds = {}
     for spec in args.builds:
@@ -107,9 +113,10 @@ def main():
                 for name, ext in builds.items():
                     t0 = time.perf_counter()
                     for _ in range(inner):
-                        call(ext, cell, p, train, args.isa)
+                        call(ext, cell, p, train, args.isa, args.edit_weights)
                     times[name].append((time.perf_counter() - t0) / inner * 1e3)
-            print(f"{config_name} {cell} {args.mode} t={args.threads}: " + "  ".join(
+            edited = ", weights edited" if args.edit_weights else ""
+            print(f"{config_name} {cell} {args.mode}{edited} t={args.threads}: " + "  ".join(
                 f"{name} min {min(t):.3f} med {np.median(t):.3f} ms" for name, t in times.items()),
                 flush=True)
 

@@ -508,7 +508,8 @@ PYBIND11_MODULE(_C, m) {
     return counts({{"forms", int64_t(forms)}, {"copies", int64_t(copies)}, {"bytes", int64_t(bytes)}});
   }, py::arg("clear") = false,
      "the calling thread's packed-weight cache: packed forms, copies of weights' bytes (one per "
-     "weight, shared by its forms), and the bytes of both; clear=True empties it first");
+     "weight that unfrozen inference calls met, shared by its forms), and the bytes of both; "
+     "clear=True empties it first");
 
   m.def("gemm", [](py::array A, py::array B, std::optional<std::string> isa) -> py::array {
     const KernelTable& kt = kernels(isa);

@@ -92,11 +92,12 @@ void aligned_free_bytes(void* ptr) {
 // ---- Packed-weight cache -------------------------------------------------------------------
 // Packing reorders a weight matrix into GEMM panels; for a small layer it costs more than the
 // whole recurrence (LSTM, I = H = 128, T = 1: ~70% of the call). Each thread keeps the packed
-// forms of the weights it saw last, with one copy of each weight's bytes however many forms
-// it has (W_hh: the forward's gate panels and the backward's GEMM panels): a call whose weights
-// compare equal byte for byte (memcmp, ~3x cheaper than packing) reuses the panels, so weights
-// edited in place by an optimiser are always repacked. One copy, not one per form: training
-// peak of deepbench LSTM 16 MiB lower, and a weight compared once a call, not once a form.
+// forms of the weights its inference and frozen calls saw last (a training call's weights change
+// between calls: it packs its own, PanelReuse in sequence/layout.h). An unfrozen call's weights
+// are compared with a copy of their bytes (memcmp, ~3x cheaper than packing), one copy however
+// many forms the weight has, so weights edited in place are always repacked. A frozen call's
+// promise (ForwardArgs::frozen) replaces the comparison, so only its id is kept, not the bytes:
+// an unfrozen call or another id meeting those forms packs them again, and takes the bytes.
 // Thread-local, so concurrent calls never share one.
 #include <cstdint>
 #include <cstring>
@@ -110,16 +111,15 @@ namespace {
 using RawKey = std::pair<const void*, size_t>;  // src, bytes
 
 struct RawCopy {
-  std::vector<char> bytes;    // the source's bytes when last compared
-  uint64_t version = 0;       // bumped whenever they changed
+  std::vector<char> bytes;    // the source's bytes when last compared; empty when only frozen calls saw them
+  uint64_t version = 0;       // bumped whenever the forms must be packed again
   uint64_t checked_call = 0;  // the call that last compared them with the source
   uint64_t frozen = 0;        // the frozen id (ForwardArgs::frozen) they were last compared under
   int forms = 0;              // packed forms built from it
 };
 
 struct PackEntry {
-  RawKey raw;         // the copy holding the source's bytes: its own, or a wider one around it
-  size_t offset = 0;  // where the source's bytes start in that copy
+  RawKey raw;  // the source's copy (RawCopy)
   void* packed = nullptr;
   size_t packed_bytes = 0;
   uint64_t version = 0;  // the RawCopy version the panels were packed from (0: none yet)
@@ -159,24 +159,12 @@ struct PackCache {
       erase(victim);
     }
   }
+  // Brings raw up to date with src for this call: compares (or, under frozen, trusts) and bumps
+  // the version when the forms must be packed again.
+  void check(RawCopy& raw, const void* src, size_t n, int nthreads, uint64_t frozen);
 };
 
 thread_local PackCache t_pack_cache;
-
-// The copy that holds src's bytes: src's own, or one of a wider range around them. The GRU's
-// backward packs row ranges of W_hh, which its forward packed whole: they share its copy (deepbench
-// GRU training: 12 MB less). Only src's own bytes are ever compared with the source, never the rest
-// of the wider copy, so no form reads past the range its caller passed.
-std::map<RawKey, RawCopy>::iterator copy_holding(PackCache& c, const void* src, size_t bytes) {
-  auto own = c.raws.find({src, bytes});
-  if (own != c.raws.end()) return own;
-  const auto p = reinterpret_cast<uintptr_t>(src);
-  for (auto it = c.raws.begin(); it != c.raws.end(); ++it) {
-    const auto q = reinterpret_cast<uintptr_t>(it->first.first);
-    if (q <= p && p + bytes <= q + it->first.second) return it;
-  }
-  return c.raws.end();
-}
 
 // Whether a and b hold the same n bytes. Big weights are compared by the call's threads, in
 // equal slices: one thread alone kept the other waiting before every 2-thread layer (stacked
@@ -197,6 +185,24 @@ bool same_bytes(const char* a, const char* b, size_t n, int nthreads) {
   return std::memcmp(a, b, n) == 0;
 }
 
+void PackCache::check(RawCopy& raw, const void* src, size_t n, int nthreads, uint64_t frozen) {
+  // Compared whole in this call already, or under this frozen id (whose bytes it promises).
+  if (raw.checked_call == call || (frozen != 0 && raw.frozen == frozen)) return;
+  const char* now = static_cast<const char*>(src);
+  if (raw.bytes.empty()) {  // only a frozen call saw them: nothing to compare with
+    ++raw.version;
+    if (frozen == 0) {
+      raw.bytes.assign(now, now + n);
+      total += n;
+    }
+  } else if (!same_bytes(raw.bytes.data(), now, n, nthreads)) {
+    std::memcpy(raw.bytes.data(), now, n);
+    ++raw.version;  // every form of the copy repacks
+  }
+  raw.checked_call = call;
+  raw.frozen = frozen;
+}
+
 }  // namespace
 
 void packed_cache_begin_call() { ++t_pack_cache.call; }
@@ -210,43 +216,29 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
   if (it == c.entries.end()) {
     *valid = false;
     if (raw_bytes + packed_bytes > kPackCacheBudget) return nullptr;  // too big to keep: caller packs
-    const bool had_raw = copy_holding(c, src, raw_bytes) != c.raws.end();
-    c.make_room(packed_bytes + (had_raw ? 0 : raw_bytes));
-    auto raw = copy_holding(c, src, raw_bytes);
-    if (had_raw && raw == c.raws.end()) c.make_room(packed_bytes + raw_bytes);  // it went too
+    const bool had_raw = c.raws.count(raw_key) != 0;
+    const size_t copy_bytes = frozen ? 0 : raw_bytes;
+    c.make_room(packed_bytes + (had_raw ? 0 : copy_bytes));
+    auto raw = c.raws.find(raw_key);
+    if (had_raw && raw == c.raws.end()) c.make_room(packed_bytes + copy_bytes);  // it went too
     if (raw == c.raws.end()) {  // a new copy: it holds the source's bytes as of now
       raw = c.raws.emplace(raw_key, RawCopy{}).first;
-      raw->second.bytes.assign(static_cast<const char*>(src), static_cast<const char*>(src) + raw_bytes);
+      if (!frozen) raw->second.bytes.assign(static_cast<const char*>(src), static_cast<const char*>(src) + raw_bytes);
       raw->second.version = 1;
       raw->second.checked_call = c.call;
       raw->second.frozen = frozen;
-      c.total += raw_bytes;
+      c.total += copy_bytes;
     }
     ++raw->second.forms;
     it = c.entries.emplace(key, PackEntry{}).first;
-    it->second.raw = raw->first;
-    it->second.offset = static_cast<size_t>(reinterpret_cast<uintptr_t>(src) -
-                                            reinterpret_cast<uintptr_t>(raw->first.first));
+    it->second.raw = raw_key;
     it->second.packed = aligned_alloc_bytes(packed_bytes);
     it->second.packed_bytes = packed_bytes;
     c.total += packed_bytes;
   }
   PackEntry& e = it->second;
   RawCopy& raw = c.raws.find(e.raw)->second;
-  // A copy compared whole in this call holds every range too; one compared under this frozen id
-  // holds the bytes the id promises (a layer's read-only copies, which it keeps while frozen).
-  const bool known = raw.checked_call == c.call || (frozen != 0 && raw.frozen == frozen);
-  if (!known) {
-    char* mine = raw.bytes.data() + e.offset;
-    if (!same_bytes(mine, static_cast<const char*>(src), raw_bytes, nthreads)) {
-      std::memcpy(mine, src, raw_bytes);
-      ++raw.version;  // every form of the copy repacks, the wider ones and the other ranges too
-    }
-    if (raw_bytes == raw.bytes.size()) {
-      raw.checked_call = c.call;
-      raw.frozen = frozen;
-    }
-  }
+  c.check(raw, src, raw_bytes, nthreads, frozen);
   *valid = e.version == raw.version;
   e.version = raw.version;  // the caller packs now when it was not
   e.last_call = c.call;
@@ -260,7 +252,8 @@ void packed_cache_clear() {
 
 void packed_cache_stats(size_t* forms, size_t* copies, size_t* bytes) {
   *forms = t_pack_cache.entries.size();
-  *copies = t_pack_cache.raws.size();
+  *copies = 0;
+  for (const auto& kv : t_pack_cache.raws) *copies += !kv.second.bytes.empty();
   *bytes = t_pack_cache.total;
 }
 

@@ -179,3 +179,41 @@ def test_unfreeze_after_one_parameter_was_made_writable(rng):
     assert m.weight_hh_l0 is kept
     assert all(p.flags.writeable for p in m.parameters())
     m.load_state_dict(layer("RNN", {}).state_dict())
+
+
+def test_frozen_calls_keep_packed_weights_but_no_copy_of_their_bytes(rng):
+    """Under a frozen id the promise replaces the comparison, so the kernels keep the packed
+    forms and no copy of the bytes. An unfrozen call, or another id, meeting those forms has
+    nothing to compare with: it packs again (bytes changed behind the promise's back are seen)
+    and the unfrozen call keeps a copy, which the next calls compare with."""
+    T, B, I, H = 3, 2, 5, 7
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+    w_ih, w_hh = (rng.standard_normal(s).astype(np.float32) for s in ((H, I), (H, H)))
+    for w in (w_ih, w_hh):
+        w.flags.writeable = False
+
+    def run(frozen):
+        return _C.forward(0, True, False, False, x, h0, None, w_ih, w_hh, None, None, None, None,
+                          frozen=frozen)[0]
+
+    def want():  # the plain call on copies: other addresses, other cache entries
+        return functional.forward("rnn_tanh", x, h0, None, w_ih.copy(), w_hh.copy(), None, None,
+                                  training=False)[0]
+
+    wants = [want()]
+    alias(w_hh)[...] *= 0.5
+    wants.append(want())
+    alias(w_hh)[...] *= 2
+    _C.packed_cache(clear=True)
+    assert np.array_equal(run(7), wants[0])
+    assert (_C.packed_cache()["forms"], _C.packed_cache()["copies"]) == (2, 0)
+    alias(w_hh)[...] *= 0.5
+    assert np.array_equal(run(7), wants[0])          # the promise, trusted
+    assert np.array_equal(run(0), wants[1])          # no copy to compare with: packed again
+    held = _C.packed_cache()
+    assert (held["forms"], held["copies"]) == (2, 2)
+    assert np.array_equal(run(0), wants[1]) and _C.packed_cache() == held
+    alias(w_hh)[...] *= 2
+    assert np.array_equal(run(8), wants[0])          # a new id compares with the copy
+    assert np.array_equal(run(8), wants[0]) and _C.packed_cache() == held

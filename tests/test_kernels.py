@@ -550,29 +550,36 @@ def test_a_weight_edited_between_its_forms_is_repacked_in_each(rng, variant):
         assert_close(got[3][name], want[3][name], np.float64, "gradient", what=name)
 
 
-def test_packed_forms_of_one_weight_share_one_copy(rng):
-    """A training call packs W_hh twice (forward gate panels, backward GEMM panels) and keeps
-    one copy of its bytes for both (B = 2: W_ih's one form is the whole-sequence projection's)."""
-    def train(w_ih, w_hh):
-        ctx = functional.forward("lstm", x, h0, c0, w_ih, w_hh, None, None)[3]
-        functional.backward(ctx, dy)
+def test_training_calls_keep_no_packed_weights_and_inference_keeps_one_copy(rng):
+    """A training call's weights change between calls (an optimiser step): it packs its own and
+    keeps nothing (PanelReuse). An inference call keeps each weight's packed form and one copy of
+    its bytes, to compare the next call's with; the next calls reuse them, training ones too
+    leaving them as they are (B = 2: W_ih's form is the whole-sequence projection's)."""
     x, dy = rng.standard_normal((3, 2, 5)), rng.standard_normal((3, 2, 7))
     h0, c0 = np.zeros((2, 7)), np.zeros((2, 7))
     w_ih, w_hh = rng.standard_normal((28, 5)), rng.standard_normal((28, 7))
-    assert _C.packed_cache(clear=True) == {"forms": 0, "copies": 0, "bytes": 0}
-    train(w_ih, w_hh)
+
+    def forward(training):
+        return functional.forward("lstm", x, h0, c0, w_ih, w_hh, None, None, training=training)
+
+    empty = {"forms": 0, "copies": 0, "bytes": 0}
+    assert _C.packed_cache(clear=True) == empty
+    functional.backward(forward(True)[3], dy)
+    assert _C.packed_cache() == empty
+    forward(False)
     held = _C.packed_cache()
-    assert (held["forms"], held["copies"]) == (3, 2)  # w_ih: the projection; w_hh: two forms
+    assert (held["forms"], held["copies"]) == (2, 2)
     assert held["bytes"] > w_ih.nbytes + w_hh.nbytes  # the copies and the panels
-    train(w_ih, w_hh)
-    assert _C.packed_cache() == held  # the same forms, reused
+    forward(False)
+    functional.backward(forward(True)[3], dy)
+    assert _C.packed_cache() == held
 
 
 @pytest.mark.parametrize("lbr", [True, False])
-def test_gru_row_ranges_share_the_whole_weights_copy(rng, lbr):
-    """The GRU's backward packs row ranges of W_hh, which its forward packed whole: they share
-    the whole weight's copy (two copies in all, W_ih's and W_hh's), and an in-place edit of one
-    range's rows alone still reaches every form that reads them."""
+def test_an_edit_of_one_gru_row_range_reaches_every_form(rng, lbr):
+    """The GRU's backward packs row ranges of W_hh, which its forward packed whole: an in-place
+    edit of one range's rows alone reaches every form that reads them, the inference forward's
+    kept one (compared with its copy) and the training calls' own (packed every call)."""
     T, B, I, H = 3, 2, 5, 7
     x, dy = rng.standard_normal((T, B, I)), rng.standard_normal((T, B, H))
     h0 = rng.standard_normal((B, H))
@@ -585,10 +592,11 @@ def test_gru_row_ranges_share_the_whole_weights_copy(rng, lbr):
 
     assert _C.packed_cache(clear=True)["copies"] == 0
     grads(functional)
-    held = _C.packed_cache()
-    assert held["copies"] == 2 and held["forms"] > 3  # W_hh: whole and its ranges
     for rows in (slice(2 * H, 3 * H), slice(0, H)):  # the new gate's rows, then the reset's
+        functional.forward(*args, False)              # keeps W_ih's and W_hh's forms and copies
         w_hh[rows] *= 0.5                             # same addresses, new bytes in one range
+        assert_close(functional.forward(*args, False)[0], reference.forward(*args, False)[0],
+                     np.float64, "forward", what="y after a range's edit")
         got, want = grads(functional), grads(reference)
         assert _C.packed_cache()["copies"] == 2
         assert_close(got[0], want[0], np.float64, "gradient", what="dx after a range's edit")

@@ -522,6 +522,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   packed_cache_begin_call();
   const int nthreads = imax(1, a.num_threads);
   const bool training = a.saved.h != nullptr;
+  const PanelReuse reuse = PanelReuse::of_call(training, a.frozen);
   const bool lstm = s.cell == Cell::Lstm;
   const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
 
@@ -550,10 +551,10 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   const int64_t gx_rows = rides ? ceil_div<int64_t>(s.T, kRideRows) * kRideRows : s.T * B;
   Scratch<T> gx_buf(in_step || gx_in_gates || gx_in_y ? 0 : gx_rows * ld_gx);
   T* const gx = gx_in_gates ? a.saved.gates : gx_in_y ? a.y : gx_buf.p;
-  if (mode == 0) input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx, ld_gx, nthreads, a.frozen);
+  if (mode == 0) input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx, ld_gx, nthreads, reuse);
   const bool by_gates = in_step || rides;  // W_ih packed like W_hh, per unit block
   CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, by_gates ? GH : 0, s.I,
-                       by_gates ? packed_gates_size<T>(G, s.I, H) : 0, nthreads, a.frozen,
+                       by_gates ? packed_gates_size<T>(G, s.I, H) : 0, nthreads, reuse,
                        [&](T* buf) { pack_gates<T>(G, s.I, H, a.w_ih, buf, nthreads); });
   Scratch<T> bias_in(by_gates && s.has_bias ? G * padded_units : 0);
   if (bias_in.p) {
@@ -561,11 +562,11 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
     folded_bias(s, a.b_ih, a.b_hh, bias_in.p, padded_units);
   }
   CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, GH, Hout, packed_gates_size<T>(G, Hout, H),
-                       nthreads, a.frozen, [&](T* buf) { pack_gates<T>(G, Hout, H, a.w_hh, buf, nthreads); });
+                       nthreads, reuse, [&](T* buf) { pack_gates<T>(G, Hout, H, a.w_hh, buf, nthreads); });
   const PackedGates<T> w{G, Hout, wbuf.get()};
   // Null without a projection (nothing is packed then).
   CachedPanels<T> wproj(PanelKind::Proj, a.w_hr, s.has_proj ? Hout : 0, H,
-                        s.has_proj ? packed_b_size<T>(H, Hout) : 0, nthreads, a.frozen,
+                        s.has_proj ? packed_b_size<T>(H, Hout) : 0, nthreads, reuse,
                         [&](T* buf) { pack_b<T>(H, Hout, a.w_hr, 1, H, buf, nthreads); });
 
   Scratch<T> hbuf(training ? 0 : 2 * B * Hout), cbuf(!training && lstm ? 2 * B * H : 0);

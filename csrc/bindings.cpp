@@ -79,7 +79,8 @@ struct Context {
   bool f64;
   const KernelTable* table;
   // Null handles (not empty arrays) where a buffer does not exist.
-  py::object x, w_ih, w_hh, w_hr, lengths;  // forward inputs
+  py::object x, w_ih, w_hh, w_hr, lengths;  // forward inputs (x: null where x_packed is kept)
+  py::object x_packed;                      // ForwardArgs::x_packed, or null
   py::object gates, h, c, hfull, extra;     // saved by the forward
   bool has_bias;
   uint64_t frozen = 0;                      // the forward's ForwardArgs::frozen
@@ -158,7 +159,8 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
                              bool training, Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0,
                              Arr<T> w_ih, Arr<T> w_hh, std::optional<Arr<T>> b_ih,
                              std::optional<Arr<T>> b_hh, std::optional<Arr<T>> w_hr,
-                             std::optional<Arr<int64_t>> lengths, uint64_t frozen) {
+                             std::optional<Arr<int64_t>> lengths, uint64_t frozen,
+                             bool pack_x) {
   if (cell_code < 0 || cell_code > 3) fail("cell code must be 0..3");
   const Cell cell = static_cast<Cell>(cell_code);
   const int64_t G = fusedrnn::gate_count(cell);
@@ -213,7 +215,14 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
     c.frozen = frozen;
     const bool gru = cell == Cell::Gru;
     c.s = s; c.f64 = sizeof(T) == 8; c.table = &kt; c.has_bias = s.has_bias;
-    c.x = x; c.w_ih = w_ih; c.w_hh = w_hh;
+    c.w_ih = w_ih; c.w_hh = w_hh;
+    if (pack_x) {  // the caller may reuse x's buffer: keep x as the backward takes it, not x
+      Arr<T> packed = empty<T>({kt.gemm_b_elems(s.T * s.B, s.I, sizeof(T) == 8)});
+      a.x_packed = packed.mutable_data();
+      c.x_packed = packed;
+    } else {
+      c.x = x;
+    }
     if (w_hr) c.w_hr = *w_hr;
     if (lengths) c.lengths = *lengths;
     c.h = empty<T>({s.T + 1, s.B, s.Hout});
@@ -232,9 +241,9 @@ py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reve
                        Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0, Arr<T> w_ih, Arr<T> w_hh,
                        std::optional<Arr<T>> b_ih, std::optional<Arr<T>> b_hh,
                        std::optional<Arr<T>> w_hr, std::optional<Arr<int64_t>> lengths,
-                       uint64_t frozen) {
+                       uint64_t frozen, bool keep_x) {
   LayerCall<T> call = prepare_forward<T>(kt, cell_code, lbr, reverse, training, x, h0, c0, w_ih,
-                                         w_hh, b_ih, b_hh, w_hr, lengths, frozen);
+                                         w_hh, b_ih, b_hh, w_hr, lengths, frozen, !keep_x);
   {
     py::gil_scoped_release nogil;
     if constexpr (sizeof(T) == 4) kt.forward_f32(call.a); else kt.forward_f64(call.a);
@@ -249,7 +258,8 @@ template <typename T>
 py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool training,
                             Arr<T> x, const py::list& h0, const py::list& c0,
                             const py::list& w_ih, const py::list& w_hh, const py::list& b_ih,
-                            const py::list& b_hh, const py::list& w_hr, uint64_t frozen) {
+                            const py::list& b_hh, const py::list& w_hr, uint64_t frozen,
+                            bool keep_x) {
   const size_t n = w_hh.size();
   if (n == 0) fail("a stack needs at least one layer");
   for (const py::list* l : {&h0, &c0, &w_ih, &b_ih, &b_hh, &w_hr})
@@ -272,7 +282,7 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
                                        req(h0[k], "h0"), opt(c0[k], "c0"), req(w_ih[k], "w_ih"),
                                        req(w_hh[k], "w_hh"), opt(b_ih[k], "b_ih"),
                                        opt(b_hh[k], "b_hh"), opt(w_hr[k], "w_hr"), std::nullopt,
-                                       frozen));
+                                       frozen, k == 0 && !keep_x));
     layer_in = calls.back().y;
   }
   std::vector<fusedrnn::ForwardArgs<T>> args;
@@ -317,7 +327,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   a.dw_ih = dw_ih.mutable_data(); a.dw_hh = dw_hh.mutable_data();
   a.db_ih = mptr(db_ih); a.db_hh = mptr(db_hh); a.dw_hr = mptr(dw_hr);
   a.dy = dy.data(); a.dhn = opt_ptr(dhn); a.dcn = opt_ptr(dcn);
-  a.x = ptr(c.x); a.w_ih = ptr(c.w_ih); a.w_hh = ptr(c.w_hh); a.w_hr = ptr(c.w_hr);
+  a.x = ptr(c.x); a.x_packed = ptr(c.x_packed); a.w_ih = ptr(c.w_ih); a.w_hh = ptr(c.w_hh); a.w_hr = ptr(c.w_hr);
   a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
   a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
   a.num_threads = num_threads();
@@ -519,7 +529,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("forward", [](int cell, bool lbr, bool reverse, bool training, py::array x, py::array h0,
                       py::object c0, py::array w_ih, py::array w_hh, py::object b_ih, py::object b_hh,
                       py::object w_hr, py::object lengths, std::optional<std::string> isa,
-                      uint64_t frozen) -> py::tuple {
+                      uint64_t frozen, bool keep_x) -> py::tuple {
     const KernelTable& kt = kernels(isa);
     auto opt = [](py::object o, auto tag) {
       using A = decltype(tag);
@@ -533,30 +543,35 @@ PYBIND11_MODULE(_C, m) {
     if (is_f64(x))
       return forward_impl<double>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<double>()), w_ih, w_hh,
                                   opt(b_ih, Arr<double>()), opt(b_hh, Arr<double>()), opt(w_hr, Arr<double>()), len,
-                                  frozen);
+                                  frozen, keep_x);
     return forward_impl<float>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<float>()), w_ih, w_hh,
                                opt(b_ih, Arr<float>()), opt(b_hh, Arr<float>()), opt(w_hr, Arr<float>()), len,
-                               frozen);
+                               frozen, keep_x);
   }, py::arg("cell"), py::arg("linear_before_reset"), py::arg("reverse"), py::arg("training"), py::arg("x"),
      py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
      py::arg("w_hr"), py::arg("lengths"), py::arg("isa") = py::none(), py::arg("frozen") = 0,
+     py::arg("keep_x") = false,
      "frozen: 0, or an id under which every weight array holds the same bytes, in the same "
      "memory, in every call that passes it (a layer's freeze()); the kernels then reuse their "
-     "packed weights without comparing the arrays with their copies");
+     "packed weights without comparing the arrays with their copies. keep_x: a training "
+     "context keeps x itself, which must not change before backward; else it keeps x packed "
+     "as the backward reads it (a copy of its own)");
 
   m.def("forward_stack", [](int cell, bool lbr, bool training, py::array x, py::list h0,
                             py::list c0, py::list w_ih, py::list w_hh, py::list b_ih,
                             py::list b_hh, py::list w_hr, std::optional<std::string> isa,
-                            uint64_t frozen) -> py::list {
+                            uint64_t frozen, bool keep_x) -> py::list {
     const KernelTable& kt = kernels(isa);
     if (is_f64(x))
-      return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen);
-    return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen);
+      return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x);
+    return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x);
   }, py::arg("cell"), py::arg("linear_before_reset"), py::arg("training"), py::arg("x"),
      py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"),
      py::arg("b_hh"), py::arg("w_hr"), py::arg("isa") = py::none(), py::arg("frozen") = 0,
+     py::arg("keep_x") = false,
      "a unidirectional stack without lengths, bottom layer first: per layer lists of forward's "
-     "states and weights; returns the list of forward's (y, hn, cn, ctx) per layer");
+     "states and weights; returns the list of forward's (y, hn, cn, ctx) per layer (keep_x: "
+     "as forward's, for x; each layer above keeps its input, the output below, itself)");
   m.def("stack_calls", [] {
     return counts({{"pipelined", fusedrnn::stack_calls(true)},
                    {"layer_by_layer", fusedrnn::stack_calls(false)}});

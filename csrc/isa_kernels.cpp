@@ -72,6 +72,10 @@ double team_barrier_ns(int nthreads, int rounds) {
 
 int64_t cache_bytes(int level) { return level == 2 ? l2_cache_bytes() : l3_cache_bytes(); }
 
+int64_t gemm_b_elems(int64_t K, int64_t N, bool f64) {
+  return f64 ? packed_b_size<double>(K, N) : packed_b_size<float>(K, N);
+}
+
 }  // namespace
 
 const KernelTable& kernel_table() {
@@ -82,7 +86,8 @@ const KernelTable& kernel_table() {
                                  forward_stack_f32,  forward_stack_f64,
                                  backward_f32,       backward_f64,
                                  step_split,         projection_mode_of,
-                                 team_barrier_ns,    cache_bytes};
+                                 team_barrier_ns,    cache_bytes,
+                                 gemm_b_elems};
   return table;
 }
 

@@ -55,6 +55,11 @@ struct ForwardArgs {
   // layer's freeze(): read-only copies of its own); their cached packed forms are then used
   // without comparing the weights with the copies of their bytes (cached_packed).
   uint64_t frozen = 0;
+  // Training: where x goes packed as the backward's dW_ih = dG^T X takes it (pack_b_gemm,
+  // KernelTable::gemm_b_elems long), so that a context which must not keep the caller's x (who
+  // may reuse its buffer) keeps this instead of a copy that the backward would pack again; or
+  // null (the context keeps x itself).
+  T* x_packed = nullptr;
 };
 
 template <typename T>
@@ -79,6 +84,7 @@ struct BackwardArgs {
   SavedState<T> saved;
   int num_threads;
   uint64_t frozen = 0;  // as ForwardArgs::frozen
+  const T* x_packed = nullptr;  // ForwardArgs::x_packed, filled; or null: x is packed here
   // The caller never runs backward on this saved state again (the layers forget it after their
   // backward): the pre-activation gradients may then overwrite the saved gates, step by step as
   // each step's gates are read (backward.h), instead of taking a buffer of their own.
@@ -119,6 +125,8 @@ struct KernelTable {
   double (*team_barrier_ns)(int num_threads, int rounds);
   // The cache sizes the kernels plan for (common.h): one core's L2 (level 2) and the shared L3.
   int64_t (*cache_bytes)(int level);
+  // Elements of a K x N operand packed for the GEMM (pack_b_gemm): ForwardArgs::x_packed's size.
+  int64_t (*gemm_b_elems)(int64_t K, int64_t N, bool f64);
 };
 
 // Defined in workspace.cpp (portable unit): 64-byte aligned scratch memory.

@@ -446,6 +446,28 @@ def test_training_context_and_the_callers_x(rng, keep_x):
     assert same == (not keep_x)
 
 
+@pytest.mark.parametrize("keep_x", [False, True])
+def test_a_stacks_context_and_the_callers_x(rng, keep_x):
+    """forward_stack's bottom layer: its own copy of x unless keep_x (_C.forward_stack), and the
+    layer above keeps its input (the output below, the call's own) either way."""
+    case = make_case(rng, "lstm", T=4, B=3, I=5, H=6)
+    w = case["w"]
+    layers = [tuple(w[k] for k in ("w_ih", "w_hh", "b_ih", "b_hh")) + (None,),
+              (rng.standard_normal((24, 6)), rng.standard_normal((24, 6)), None, None, None)]
+
+    def weight_ih_grads(overwrite):
+        x = case["x"].copy()
+        outs = _C.forward_stack(2, True, True, x, [case["h0"]] * 2, [case["c0"]] * 2,
+                                *(list(p) for p in zip(*layers)), keep_x=keep_x)
+        if overwrite:
+            x[...] = 0.0
+        dx1 = _C.backward(outs[1][3], case["dy"], None, None, False)[0]
+        return _C.backward(outs[0][3], dx1, None, None, False)[3]["weight_ih"]
+
+    same = np.array_equal(weight_ih_grads(False), weight_ih_grads(True))
+    assert same == (not keep_x)
+
+
 def test_backward_needs_training_context():
     with pytest.raises(RuntimeError, match="training=True"):
         functional.backward(None, np.zeros((1, 1, 1), np.float32))
@@ -453,9 +475,10 @@ def test_backward_needs_training_context():
 
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-# (1100, 3, 2000): a transposed A is gathered 512 rows at a time, so three blocks, one ragged.
+# (1100, 3, 2000): a transposed A is gathered 512 rows at a time, so three blocks, one ragged;
+# (5, 4100, 1300): B is packed a chunk of K at a time (gemm.h), here one KC block a chunk.
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 33, 5), (64, 48, 300), (13, 129, 257),
-                                   (1100, 3, 2000)])
+                                   (1100, 3, 2000), (5, 4100, 1300)])
 @pytest.mark.parametrize("layout", ["NN", "TN", "NT", "TT"])
 def test_gemm_against_numpy(rng, isa, dtype, M, N, K, layout):
     A = rng.standard_normal((M, K) if layout[0] == "N" else (K, M)).astype(dtype)

@@ -342,7 +342,13 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   }
 }
 
-// General entry: any strides for A and B. Packs B (A is packed block by block).
+// The most of B that gemm packs at once.
+constexpr int64_t kGemmPackedBBytes = int64_t(4) << 20;
+
+// General entry: any strides for A and B. Packs B (A is packed block by block), a chunk of K at
+// a time: whole KC blocks, so every C tile meets the same blocks in the same order, the same
+// chains and bits as B packed whole. The backward's whole-sequence products have K = T*B (its
+// saved H, ~12 MiB in fastrnns), whose packed copy set its training peak.
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
           int64_t b_rs, int64_t b_cs, T* C, int64_t ldc, bool accumulate, int nthreads) {
@@ -352,9 +358,16 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
       for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, sizeof(T) * N);
     return;
   }
-  Scratch<T> packed(packed_b_size<T>(K, N));
-  pack_b_gemm<T>(K, N, B, b_rs, b_cs, packed.p, nthreads);
-  gemm_packed<T>(M, N, K, A, a_rs, a_cs, packed.p, C, ldc, accumulate, nthreads);
+  constexpr int64_t KC = GemmBlocking<T>::KC;
+  const int64_t row_bytes = packed_b_size<T>(1, N) * int64_t(sizeof(T));
+  const int64_t chunk = imax<int64_t>(1, kGemmPackedBBytes / row_bytes / KC) * KC;
+  Scratch<T> packed(packed_b_size<T>(imin(K, chunk), N));
+  for (int64_t k0 = 0; k0 < K; k0 += chunk) {
+    const int64_t kc = imin(chunk, K - k0);
+    pack_b_gemm<T>(kc, N, B + k0 * b_rs, b_rs, b_cs, packed.p, nthreads);
+    gemm_packed<T>(M, N, kc, A + k0 * a_cs, a_rs, a_cs, packed.p, C, ldc, accumulate || k0 > 0,
+                   nthreads);
+  }
 }
 
 }  // namespace FUSEDRNN_ISA_NS

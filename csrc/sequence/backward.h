@@ -476,7 +476,10 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   if (lstm) std::memcpy(a.dc0, dc.p, sizeof(T) * B * H);
 
   // Whole-sequence weight and input gradients.
-  gemm<T>(GH, s.I, TB, dgx, 1, GH, a.x, s.I, 1, a.dw_ih, s.I, false, nthreads);
+  if (a.x_packed && TB > 0)  // (an empty batch: gemm zeroes dW_ih, reading nothing)
+    gemm_packed<T>(GH, s.I, TB, dgx, 1, GH, a.x_packed, a.dw_ih, s.I, false, nthreads);
+  else
+    gemm<T>(GH, s.I, TB, dgx, 1, GH, a.x, s.I, 1, a.dw_ih, s.I, false, nthreads);
   gemm<T>(TB, s.I, GH, dgx, GH, 1, a.w_ih, s.I, 1, a.dx, s.I, false, nthreads);
   if (!gru) {
     gemm<T>(GH, Hout, TB, dgh, 1, GH, a.saved.h, Hout, 1, a.dw_hh, Hout, false, nthreads);

@@ -26,8 +26,8 @@ CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 
 def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, reverse=False,
             linear_before_reset=True, training=True, isa=None, *, keep_x=False):
-    """``keep_x=True``: the training context keeps ``x`` itself rather than a copy, for callers
-    that never write to it before backward (the layers' own inner-layer inputs)."""
+    """``keep_x=True``: the training context keeps ``x`` itself rather than a copy of its own,
+    for callers that never write to it before backward (the layers' own inner-layer inputs)."""
     args = check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     return forward_checked(cell, *args, reverse=reverse, linear_before_reset=linear_before_reset,
                            training=training, isa=isa, keep_x=keep_x or args[0] is not x)
@@ -38,14 +38,13 @@ def forward_checked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reve
     """forward() for arguments already as check_layer_args returns them (C-contiguous, one
     dtype, shapes checked): the layers, which check their inputs once and own their weights.
     The kernels check the shapes again, so nothing can read out of bounds. Unless ``keep_x``, a
-    training context keeps a private copy of x: the caller may reuse its buffer between forward
-    and backward (weights are the layer's own and are kept by reference). ``frozen``: 0, or the
-    id of a frozen layer's read-only parameters (the layers' freeze(); see _C.forward)."""
-    if training and not keep_x:
-        x = x.copy()
+    training context keeps a private copy of x, packed as the backward reads it: the caller may
+    reuse its buffer between forward and backward (weights are the layer's own and are kept by
+    reference). ``frozen``: 0, or the id of a frozen layer's read-only parameters (the layers'
+    freeze(); see _C.forward)."""
     y, hn, cn, ctx = _C.forward(CELL_CODES[cell], bool(linear_before_reset), bool(reverse),
                                 bool(training), x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                isa=isa, frozen=frozen)
+                                isa=isa, frozen=frozen, keep_x=bool(keep_x))
     return y, hn, cn, (ctx if training else None)
 
 
@@ -73,10 +72,11 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
             h0[k], c0[k], *weights = check_layer_params(cell, x.dtype, x.shape[1], H_out, h0[k],
                                                         c0[k], *layers[k])
             layers[k] = tuple(weights)
-    if training and x is given:
-        x = x.copy()  # the caller may reuse x's buffer before backward (see forward_checked)
+    # The caller may reuse x's buffer before backward: the context keeps its own copy (see
+    # forward_checked), unless checking made one already.
     outs = _C.forward_stack(CELL_CODES[cell], bool(linear_before_reset), bool(training), x, h0,
-                            c0, *(list(w) for w in zip(*layers)), isa=isa, frozen=frozen)
+                            c0, *(list(w) for w in zip(*layers)), isa=isa, frozen=frozen,
+                            keep_x=x is not given)
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 

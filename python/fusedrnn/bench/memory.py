@@ -14,7 +14,8 @@ training call of the real problem and reads VmHWM. Peak extra = VmHWM - VmRSS(be
 the call had resident at its worst moment beyond the model, its input and dy. One thread.
 
 fusedrnn keeps a bounded cache of freed large blocks (csrc/workspace.cpp, up to 1 GiB) and of
-packed weights (up to 256 MiB per thread), both resident between calls; later calls reuse them
+the packed weights of inference and frozen calls (up to 256 MiB per thread), both resident
+between calls; later calls reuse them
 instead of growing. A fresh process measures the first call, which allocates all of it: the
 honest peak.
 
@@ -25,19 +26,21 @@ W_hn h + b_hn T x B x H, and the input of every layer after the first (dW_ih nee
 x, and the outputs y, dx and the weight gradients, are reported apart: any implementation has them.
 
 What fusedrnn holds beyond that at its peak (accounts for the measured figures to a few MiB):
-- a copy of x in each training context, T x B x I (functional.forward copies it so that the
-  caller may reuse its buffer before backward);
-- the forward's input projection gx, T x B x G*H (csrc/sequence/forward.h), for the RNN and
-  for reversed or variable-length runs (LSTM and GRU otherwise write it where their gates are
+- x in each training context, packed as the backward's dW_ih = dG^T X reads it (csrc/gemm/gemm.h
+  pack_b_gemm; the size of x, T x B x I): the caller may reuse x's buffer before backward, and
+  the backward then packs nothing of x;
+- the forward's input projection gx, T x B x G*H (csrc/sequence/forward.h), for reversed or
+  variable-length runs (the RNN otherwise writes it into y, LSTM and GRU where their gates are
   saved, or compute it inside the steps);
 - in the backward (csrc/sequence/backward.h) dGx, T x B x G*H, for the RNN, reversed or
   variable-length runs, and callers that keep the context (the layers' backward consumes it:
   dGx then overwrites the saved gates step by step), plus a separate dGh of that size for
   reversed or variable-length runs (the torch-style GRU always keeps its recurrent dn apart,
-  T x B x H); and the weight-gradient GEMMs (csrc/gemm/gemm.h) pack all of x (or h) at once
-  (dG^T itself is packed a 144 x 256 block at a time);
-- the packed W_ih / W_hh panels of forward and backward, and one copy of each weight's bytes
-  that its packed forms share (the GRU backward's row ranges of W_hh included).
+  T x B x H); the whole-sequence products pack their B operand (h, W_ih) 4 MiB at a time
+  (csrc/gemm/gemm.h gemm);
+- the packed W_ih / W_hh panels of the call (a training call packs its own every call, freed
+  as it ends: an optimiser changes the weights between calls), and the freed blocks that the
+  kernels keep for the next call (csrc/workspace.cpp).
 """
 import argparse
 import gc

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__AVX512F__)
 #include "simd/vec_avx512.h"
@@ -32,6 +33,16 @@ inline void store_partial(T* p, Vec<T> v, int n) {
   v.store(buf);
   std::memcpy(p, buf, sizeof(T) * n);
 }
+
+// Whether this ISA's header has transpose_block(src, ld_src, dst, ld_dst) for T: a W x W block
+// transposed in registers (AVX-512 and AVX2, floats). Elsewhere gemm.h's packing goes element
+// by element, which was faster than a W x W block copied so.
+template <typename T, typename = void>
+struct HasTransposeBlock : std::false_type {};
+template <typename T>
+struct HasTransposeBlock<T, std::void_t<decltype(transpose_block(
+                                static_cast<const T*>(nullptr), int64_t(0), static_cast<T*>(nullptr), int64_t(0)))>>
+    : std::true_type {};
 
 template <typename T> inline Vec<T> operator+(Vec<T> a, Vec<T> b) { return Vec<T>::add(a, b); }
 template <typename T> inline Vec<T> operator-(Vec<T> a, Vec<T> b) { return Vec<T>::sub(a, b); }

@@ -87,5 +87,33 @@ struct Vec<double> {
   double sum() const { return _mm512_reduce_add_pd(v); }
 };
 
+// A 16 x 16 block of floats transposed: dst[i * ld_dst + j] = src[j * ld_src + i] (vec.h has the
+// general W x W one). Rows in registers, then pairs, quads and 128-bit lanes interleaved: 64
+// shuffles for 256 values, where the element-by-element copy packed transposed weights at
+// 12 GB/s (the training calls' W_ih^T and W_hh^T panels).
+inline void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; ++i) {  // lane L: rows 2i, 2i+1 at columns 4L, 4L+1 (lo), 4L+2, 4L+3 (hi)
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane L: column 4L + c of rows 4i .. 4i + 3
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i)  // row groups 2i, 2i+1: lanes 0 and 2 (0x88), 1 and 3 (0xDD)
+    for (int c = 0; c < 4; ++c) {
+      t[8 * i + c] = _mm512_shuffle_f32x4(r[8 * i + c], r[8 * i + 4 + c], 0x88);
+      t[8 * i + 4 + c] = _mm512_shuffle_f32x4(r[8 * i + c], r[8 * i + 4 + c], 0xDD);
+    }
+  for (int c = 0; c < 8; ++c) {  // column c and c + 8: every row group's lane, in order
+    _mm512_storeu_ps(dst + c * ld_dst, _mm512_shuffle_f32x4(t[c], t[8 + c], 0x88));
+    _mm512_storeu_ps(dst + (c + 8) * ld_dst, _mm512_shuffle_f32x4(t[c], t[8 + c], 0xDD));
+  }
+}
+
 }  // namespace FUSEDRNN_ISA_NS
 }  // namespace fusedrnn

@@ -5,7 +5,9 @@ as a user would; where the package has no such class this peer chains ``fusedrnn
 per layer itself (peers/stack.py), which is what those layers do. Inference runs the layer
 frozen (``freeze()``: read-only weights, reused packed without a per-call comparison), as ONNX
 Runtime's session holds its weights as constants; training runs it as a training loop does, its
-weights writable. Each record says which path ran ("fusedrnn_path").
+weights writable (the kernels pack them every training call, as an optimiser changes them between
+calls, so repeating a call with the same weights gains nothing here). Each record says which
+path ran ("fusedrnn_path").
 """
 import fusedrnn
 from ... import functional

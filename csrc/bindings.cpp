@@ -297,9 +297,29 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
   return out;
 }
 
+// The caller's gradient array named `key` in `into` (a dict), to add into: of the layer's dtype,
+// C-contiguous, writeable and of shape `shape`, since the kernel writes it in place (a copy made
+// to fit would take the gradients and drop them).
+template <typename T>
+Arr<T> gradient_to_add_into(const py::dict& into, const char* key, std::vector<int64_t> shape) {
+  const std::string where = std::string("grads_into[\"") + key + "\"]";
+  if (!into.contains(key)) fail(where + " is missing (an array of shape " + shape_str(shape) + ")");
+  py::object o = into[key];
+  if (!py::isinstance<py::array>(o)) throw py::type_error(where + " must be a numpy array");
+  py::array a = o.cast<py::array>();
+  if (!same_dtype(a.dtype(), py::dtype::of<T>()))
+    throw py::type_error(where + " must have dtype " + std::string(py::str(py::dtype::of<T>())) +
+                         ", got " + std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style) || !a.writeable())
+    fail(where + " must be a writeable C-contiguous array (the kernels add into it in place)");
+  Arr<T> arr = py::reinterpret_borrow<Arr<T>>(a);
+  check_shape(where.c_str(), arr, shape);
+  return arr;
+}
+
 template <typename T>
 py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn,
-                        bool consume) {
+                        bool consume, py::object grads_into) {
   if (c.consumed)
     throw std::runtime_error("backward already ran on this context with consume=True, which "
                              "reuses its saved state: run the forward again");
@@ -312,11 +332,40 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
     check_shape("dcn", *dcn, {s.B, s.H});
   }
   Arr<T> dx = empty<T>({s.T, s.B, s.I}), dh0 = empty<T>({s.B, s.Hout});
-  Arr<T> dw_ih = empty<T>({G * s.H, s.I}), dw_hh = empty<T>({G * s.H, s.Hout});
   std::optional<Arr<T>> dc0, db_ih, db_hh, dw_hr;
   if (s.cell == Cell::Lstm) dc0.emplace(std::vector<int64_t>{s.B, s.H});
-  if (c.has_bias) { db_ih.emplace(std::vector<int64_t>{G * s.H}); db_hh.emplace(std::vector<int64_t>{G * s.H}); }
-  if (s.has_proj) dw_hr.emplace(std::vector<int64_t>{s.Hout, s.H});
+  // The weight and bias gradients: new arrays, or the caller's, added into.
+  const bool accumulate = !grads_into.is_none();
+  py::dict into = accumulate ? grads_into.cast<py::dict>() : py::dict();
+  auto gradient = [&](const char* key, std::vector<int64_t> shape) {
+    return accumulate ? gradient_to_add_into<T>(into, key, shape) : empty<T>(shape);
+  };
+  Arr<T> dw_ih = gradient("weight_ih", {G * s.H, s.I}), dw_hh = gradient("weight_hh", {G * s.H, s.Hout});
+  if (c.has_bias) { db_ih.emplace(gradient("bias_ih", {G * s.H})); db_hh.emplace(gradient("bias_hh", {G * s.H})); }
+  if (s.has_proj) dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
+  if (accumulate) {  // arrays written in place must not overlap each other or what the kernel reads
+    using Span = std::pair<const char*, const char*>;
+    auto span = [](const py::object& o) {
+      if (!o || o.is_none()) return Span{nullptr, nullptr};  // (null: no such buffer)
+      py::array a = o.cast<py::array>();
+      const char* p = static_cast<const char*>(a.data());
+      return Span{p, p + a.nbytes()};
+    };
+    auto meet = [](Span u, Span v) { return u.first && v.first && u.first < v.second && v.first < u.second; };
+    std::vector<py::object> outs{dw_ih, dw_hh};
+    for (auto* o : {&db_ih, &db_hh, &dw_hr})
+      if (*o) outs.push_back(**o);
+    std::vector<py::object> reads{c.x, c.w_ih, c.w_hh, c.w_hr, dy};
+    if (dhn) reads.push_back(*dhn);
+    if (dcn) reads.push_back(*dcn);
+    for (size_t i = 0; i < outs.size(); ++i) {
+      for (size_t j = 0; j < i; ++j)
+        if (meet(span(outs[i]), span(outs[j]))) fail("grads_into must give each gradient an array of its own");
+      for (const py::object& r : reads)
+        if (meet(span(outs[i]), span(r)))
+          fail("grads_into's arrays must not share memory with the weights, x, dy, dhn or dcn");
+    }
+  }
   auto ptr = [](const py::object& o) -> T* {
     return o ? static_cast<T*>(const_cast<void*>(o.cast<py::array>().data())) : nullptr;
   };
@@ -332,6 +381,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
   a.num_threads = num_threads();
   a.frozen = c.frozen;
+  a.accumulate = accumulate;
   // Overwrite the gates only while no other backward (another thread's) reads them.
   a.gates_consumed = consume && c.running == 0;
   c.consumed = consume;  // before the GIL goes: a later backward sees it
@@ -589,17 +639,24 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("us"), "tests: every team member but the first waits this long at the start of each "
      "large step, so that the first takes its blocks over (0: off)");
 
-  m.def("backward", [](Context& c, py::array dy, py::object dhn, py::object dcn, bool consume) -> py::tuple {
+  m.def("backward", [](Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
+                       py::object grads_into) -> py::tuple {
     auto opt = [](py::object o, auto tag) {
       using A = decltype(tag);
       return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
     };
     const py::dtype dt = c.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
     require_dtype("dy", dy, dt); require_dtype("dhn", dhn, dt); require_dtype("dcn", dcn, dt);
-    if (c.f64) return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume);
-    return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume);
+    if (!grads_into.is_none() && !py::isinstance<py::dict>(grads_into))
+      throw py::type_error("grads_into must be a dict of gradient arrays or None");
+    if (c.f64)
+      return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume, grads_into);
+    return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume, grads_into);
   }, py::arg("ctx"), py::arg("dy"), py::arg("dhn") = py::none(), py::arg("dcn") = py::none(),
-     py::arg("consume") = false,
+     py::arg("consume") = false, py::arg("grads_into") = py::none(),
      "BPTT through a training forward's context; consume=True: the caller will not run backward "
-     "on it again (a second one raises), so its saved gates may hold the gradients");
+     "on it again (a second one raises), so its saved gates may hold the gradients. grads_into: "
+     "None, or a dict with the gradients' keys whose arrays (writeable, C-contiguous, of the "
+     "layer's dtype and the gradients' shapes) the weight and bias gradients are added into; "
+     "the returned grads are then those arrays");
 }

@@ -68,11 +68,11 @@ struct BackwardArgs {
   T* dx;              // (T, B, I)
   T* dh0;             // (B, Hout)
   T* dc0;             // (B, H) LSTM, else null
-  T* dw_ih;           // (G*H, I)      overwritten
-  T* dw_hh;           // (G*H, Hout)   overwritten
-  T* db_ih;           // (G*H) or null overwritten
-  T* db_hh;           // (G*H) or null overwritten
-  T* dw_hr;           // (Hout, H) or null overwritten
+  T* dw_ih;           // (G*H, I)      overwritten, or added into (accumulate)
+  T* dw_hh;           // (G*H, Hout)   the same
+  T* db_ih;           // (G*H) or null the same
+  T* db_hh;           // (G*H) or null the same
+  T* dw_hr;           // (Hout, H) or null the same
   const T* dy;        // (T, B, Hout) upstream gradient of y
   const T* dhn;       // (B, Hout) or null
   const T* dcn;       // (B, H) or null
@@ -85,6 +85,9 @@ struct BackwardArgs {
   int num_threads;
   uint64_t frozen = 0;  // as ForwardArgs::frozen
   const T* x_packed = nullptr;  // ForwardArgs::x_packed, filled; or null: x is packed here
+  // Add the weight and bias gradients into dw_* and db_* (a layer's gradients, accumulated as
+  // torch's are) instead of overwriting them: no array of their own and no pass to add it.
+  bool accumulate = false;
   // The caller never runs backward on this saved state again (the layers forget it after their
   // backward): the pre-activation gradients may then overwrite the saved gates, step by step as
   // each step's gates are read (backward.h), instead of taking a buffer of their own.

@@ -626,3 +626,68 @@ def test_an_edit_of_one_gru_row_range_reaches_every_form(rng, lbr):
         assert_close(got[1], want[1], np.float64, "gradient", what="dh0 after a range's edit")
         for name in want[3]:
             assert_close(got[3][name], want[3][name], np.float64, "gradient", what=name)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_gradients_added_into_the_callers_arrays(rng, isa, variant):
+    """grads_into: the weight and bias gradients are added into the caller's arrays in place.
+    Into zeros they are the bits a fresh backward returns; into other values, those values plus
+    the gradients (one rounding apart); the returned grads are the caller's arrays."""
+    cell, lbr, proj = variant
+    case = make_case(rng, cell, proj, T=4, B=3, I=20, H=35, lengths=True)
+    w = case["w"]
+
+    def grads(into):
+        ctx = functional.forward(cell, case["x"], case["h0"], case["c0"], w["w_ih"], w["w_hh"],
+                                 w["b_ih"], w["b_hh"], w["w_hr"], case["lengths"],
+                                 linear_before_reset=lbr, isa=isa)[3]
+        return functional.backward(ctx, case["dy"], case["dhn"], case["dcn"], grads_into=into)
+
+    fresh = grads(None)[3]
+    zeros = {k: np.zeros_like(v) for k, v in fresh.items()}
+    got = grads(zeros)[3]
+    assert all(got[k] is zeros[k] for k in fresh)
+    for k in fresh:
+        assert np.array_equal(zeros[k], fresh[k]), k
+    start = {k: rng.standard_normal(v.shape) for k, v in fresh.items()}
+    into = {k: v.copy() for k, v in start.items()}
+    grads(into)
+    for k in fresh:
+        assert_close(into[k], start[k] + fresh[k], np.float64, "gradient", what=k + " added")
+
+
+def test_gradients_to_add_into_are_checked(rng):
+    case = make_case(rng, "lstm", T=3, B=2, I=5, H=6)
+    w = case["w"]
+    shapes = {"weight_ih": (24, 5), "weight_hh": (24, 6), "bias_ih": (24,), "bias_hh": (24,)}
+
+    def backward(**change):
+        ctx = functional.forward("lstm", case["x"], case["h0"], case["c0"], w["w_ih"], w["w_hh"],
+                                 w["b_ih"], w["b_hh"])[3]
+        into = {k: np.zeros(s) for k, s in shapes.items()}
+        into.update(change)
+        into = {k: v for k, v in into.items() if v is not None}
+        return functional.backward(ctx, case["dy"], grads_into=into)
+
+    with pytest.raises(ValueError, match=r'grads_into\["bias_hh"\] is missing'):
+        backward(bias_hh=None)
+    with pytest.raises(TypeError, match=r'grads_into\["weight_ih"\] must have dtype float64'):
+        backward(weight_ih=np.zeros((24, 5), np.float32))
+    with pytest.raises(ValueError, match=r'grads_into\["weight_hh"\] must have shape \(24, 6\)'):
+        backward(weight_hh=np.zeros((24, 7)))
+    with pytest.raises(ValueError, match=r'grads_into\["weight_hh"\] must be a writeable C-cont'):
+        backward(weight_hh=np.zeros((6, 24)).T)
+    read_only = np.zeros(24)
+    read_only.flags.writeable = False
+    with pytest.raises(ValueError, match=r'grads_into\["bias_ih"\] must be a writeable'):
+        backward(bias_ih=read_only)
+    shared = np.zeros(24)
+    with pytest.raises(ValueError, match="an array of its own"):
+        backward(bias_ih=shared, bias_hh=shared)
+    with pytest.raises(ValueError, match="must not share memory with the weights"):
+        backward(weight_hh=w["w_hh"])
+    with pytest.raises(TypeError, match="grads_into must be a dict"):
+        ctx = functional.forward("lstm", case["x"], case["h0"], case["c0"], w["w_ih"], w["w_hh"],
+                                 w["b_ih"], w["b_hh"])[3]
+        functional.backward(ctx, case["dy"], grads_into=[np.zeros(1)])

@@ -601,3 +601,31 @@ def test_frozen_single_rows_in_parallel_threads(rng):
                         np.testing.assert_array_equal(a, b)
     finally:
         fusedrnn.set_num_threads(before)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_adds_into_grads_in_place(rng, cell):
+    """The kernels add into the layer's own gradient arrays (the same objects before and after);
+    a gradient array swapped for one they cannot write in place (here not C-contiguous) is added
+    into by NumPy instead, and both ways give the same numbers, accumulating over calls."""
+    layers = [make_layer(cell, 5, 6, L=2, bidirectional=True, dtype=np.float32, seed=4)
+              for _ in range(2)]
+    swapped = layers[1]
+    name = "weight_hh_l1_reverse"
+    swapped.grads[name] = np.asfortranarray(swapped.grads[name])
+    assert swapped._grads_to_add_into() is None and layers[0]._grads_to_add_into() is not None
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    dy = rng.standard_normal((4, 3, 12)).astype(np.float32)
+    arrays = dict(layers[0].grads)
+    for calls in (1, 2):
+        for layer in layers:
+            layer.train()
+            layer(x)
+            layer.backward(dy)
+        assert all(layers[0].grads[k] is arrays[k] for k in arrays)
+        for k in arrays:
+            if calls == 1:  # into zeros: the very bits of the gradients
+                assert np.array_equal(layers[0].grads[k], swapped.grads[k]), k
+            else:
+                assert_close(layers[0].grads[k], swapped.grads[k], np.float32, "gradient", what=k)
+    assert not np.array_equal(arrays["weight_ih_l0"], 0)

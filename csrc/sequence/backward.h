@@ -24,13 +24,15 @@ namespace FUSEDRNN_ISA_NS {
 
 // out[n] = sum over rows m of A[m*lda + n], rows added in order (deterministic).
 template <typename T>
-void column_sums(int64_t M, int64_t N, const T* A, int64_t lda, T* out, int nthreads) {
+void column_sums(int64_t M, int64_t N, const T* A, int64_t lda, T* out, int nthreads,
+                 bool accumulate = false) {
   constexpr int64_t CHUNK = 256;
   const int64_t chunks = ceil_div<int64_t>(N, CHUNK);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * N > (int64_t(1) << 18))
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t n0 = c * CHUNK, n1 = imin(N, n0 + CHUNK);
-    for (int64_t n = n0; n < n1; ++n) out[n] = T(0);
+    if (!accumulate)
+      for (int64_t n = n0; n < n1; ++n) out[n] = T(0);
     for (int64_t m = 0; m < M; ++m) {
       const T* row = A + m * lda;
       for (int64_t n = n0; n < n1; ++n) out[n] += row[n];
@@ -475,29 +477,30 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   if (!k_split) std::memcpy(a.dh0, loop.dh_at(s.T), sizeof(T) * B * Hout);
   if (lstm) std::memcpy(a.dc0, dc.p, sizeof(T) * B * H);
 
-  // Whole-sequence weight and input gradients.
+  // Whole-sequence weight and input gradients (the weights' added into a.dw_* with accumulate).
+  const bool acc = a.accumulate;
   if (a.x_packed && TB > 0)  // (an empty batch: gemm zeroes dW_ih, reading nothing)
-    gemm_packed<T>(GH, s.I, TB, dgx, 1, GH, a.x_packed, a.dw_ih, s.I, false, nthreads);
+    gemm_packed<T>(GH, s.I, TB, dgx, 1, GH, a.x_packed, a.dw_ih, s.I, acc, nthreads);
   else
-    gemm<T>(GH, s.I, TB, dgx, 1, GH, a.x, s.I, 1, a.dw_ih, s.I, false, nthreads);
+    gemm<T>(GH, s.I, TB, dgx, 1, GH, a.x, s.I, 1, a.dw_ih, s.I, acc, nthreads);
   gemm<T>(TB, s.I, GH, dgx, GH, 1, a.w_ih, s.I, 1, a.dx, s.I, false, nthreads);
   if (!gru) {
-    gemm<T>(GH, Hout, TB, dgh, 1, GH, a.saved.h, Hout, 1, a.dw_hh, Hout, false, nthreads);
+    gemm<T>(GH, Hout, TB, dgh, 1, GH, a.saved.h, Hout, 1, a.dw_hh, Hout, acc, nthreads);
   } else {  // r, z rows from dgh; n rows from dghn, which met r*h in the two-phase GRU
-    gemm<T>(2 * H, Hout, TB, dgh, 1, GH, a.saved.h, Hout, 1, a.dw_hh, Hout, false, nthreads);
+    gemm<T>(2 * H, Hout, TB, dgh, 1, GH, a.saved.h, Hout, 1, a.dw_hh, Hout, acc, nthreads);
     const T* n_met = gru_two_phase ? a.saved.gru_extra : a.saved.h;
-    gemm<T>(H, Hout, TB, dghn, 1, ld_n, n_met, Hout, 1, a.dw_hh + 2 * H * Hout, Hout, false,
+    gemm<T>(H, Hout, TB, dghn, 1, ld_n, n_met, Hout, 1, a.dw_hh + 2 * H * Hout, Hout, acc,
             nthreads);
   }
-  if (s.has_proj) gemm<T>(Hout, H, TB, dhs.p, 1, Hout, a.saved.hfull, H, 1, a.dw_hr, H, false, nthreads);
-  if (a.db_ih) column_sums<T>(TB, GH, dgx, GH, a.db_ih, nthreads);
-  if (a.db_hh && !gru && dgh == dgx && a.db_ih)  // one buffer: the same sums
+  if (s.has_proj) gemm<T>(Hout, H, TB, dhs.p, 1, Hout, a.saved.hfull, H, 1, a.dw_hr, H, acc, nthreads);
+  if (a.db_ih) column_sums<T>(TB, GH, dgx, GH, a.db_ih, nthreads, acc);
+  if (a.db_hh && !gru && dgh == dgx && a.db_ih && !acc)  // one buffer: the same sums
     std::memcpy(a.db_hh, a.db_ih, sizeof(T) * GH);
   else if (a.db_hh && !gru)
-    column_sums<T>(TB, GH, dgh, GH, a.db_hh, nthreads);
+    column_sums<T>(TB, GH, dgh, GH, a.db_hh, nthreads, acc);
   if (a.db_hh && gru) {
-    column_sums<T>(TB, 2 * H, dgh, GH, a.db_hh, nthreads);
-    column_sums<T>(TB, H, dghn, ld_n, a.db_hh + 2 * H, nthreads);
+    column_sums<T>(TB, 2 * H, dgh, GH, a.db_hh, nthreads, acc);
+    column_sums<T>(TB, H, dghn, ld_n, a.db_hh + 2 * H, nthreads, acc);
   }
 }
 

@@ -263,9 +263,10 @@ def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen)
     return outs[-1][0], hn, cn, saved
 
 
-def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False):
+def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_into=None):
     """BPTT through the stack saved by ``stack_forward``; ``consume``: the last backward through
-    ``saved`` (see functional.backward).
+    ``saved`` (see functional.backward); ``grads_into``: None, or {torch name: array} that the
+    kernels add every layer's gradients into (see functional.backward), returned as the grads.
 
     dy (T, B, D*H_out); dhn (L*D, B, H_out) or None; dcn (L*D, B, H) or None. Returns
     dx (T, B, I), dh0 (L*D, B, H_out), dc0 (L*D, B, H) or None, and {torch name: gradient}.
@@ -285,9 +286,13 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False):
         for d in range(D):
             i = k * D + d
             dy_d = d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out]
+            into = None if grads_into is None else {
+                key: grads_into[spec.param_name(key, k, d)] for key in _PARAM_KEYS
+                if spec.param_name(key, k, d) in grads_into}
             dx_d, dh, dc, g = F.backward(saved.ctxs[k][d], dy_d,
                                          None if dhn is None else dhn[i],
-                                         None if dcn is None else dcn[i], consume=consume)
+                                         None if dcn is None else dcn[i], consume=consume,
+                                         grads_into=into)
             dh0[i] = dh
             if lstm:
                 dc0[i] = dc

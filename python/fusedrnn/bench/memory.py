@@ -24,6 +24,9 @@ allocated in csrc/bindings.cpp), per layer: h for T+1 steps (B x H), LSTM c for 
 the activated gates T x B x G*H (LSTM, GRU; the Elman RNN's derivative comes from h itself), GRU
 W_hn h + b_hn T x B x H, and the input of every layer after the first (dW_ih needs it). The input
 x, and the outputs y, dx and the weight gradients, are reported apart: any implementation has them.
+fusedrnn's layers add the weight gradients into their ``grads`` arrays, which the child makes
+fresh before the call (the runner's ``drop_gradients``: np.zeros, mapped on first write), so
+they count in the call's peak as torch's .grad tensors do, which its runner sets to None.
 
 What fusedrnn holds beyond that at its peak (accounts for the measured figures to a few MiB):
 - x in each training context, packed as the backward's dW_ih = dG^T X reads it (csrc/gemm/gemm.h
@@ -207,6 +210,8 @@ def child_main(spec_json):
     warm = peer.prepare(cases.make_problem(tiny, cell), "train")
     warm()
     del warm
+    if hasattr(run, "drop_gradients"):  # a layer's grads, resident from its last call
+        run.drop_gradients()
     _release_free_heap()
     before = _status_bytes("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:

@@ -69,6 +69,13 @@ class LayerRunner:
         self.problem = problem
         self.hx = problem.h0 if problem.c0 is None else (problem.h0, problem.c0)
 
+    def drop_gradients(self):
+        """Fresh, untouched gradient arrays (np.zeros: pages the OS maps on first write), so the
+        next call's gradients count in its memory as torch's do after ``.grad = None``
+        (bench/memory.py)."""
+        import numpy as np
+        self.module.grads = {k: np.zeros_like(g) for k, g in self.module.grads.items()}
+
     def __call__(self):
         if not self.train:
             return self.module(self.problem.x, self.hx), None

@@ -317,6 +317,28 @@ Arr<T> gradient_to_add_into(const py::dict& into, const char* key, std::vector<i
   return arr;
 }
 
+// The arrays a backward adds its gradients into (grads_into) share memory neither with each
+// other nor with what it reads (weights, x, dy, dhn, dcn): a gradient written over a weight
+// that the backward reads afterwards would be a silent wrong answer. Null handles are skipped.
+void require_gradients_apart(const std::vector<py::object>& outs,
+                             const std::vector<py::object>& reads) {
+  using Span = std::pair<const char*, const char*>;
+  auto span = [](const py::object& o) {
+    if (!o || o.is_none()) return Span{nullptr, nullptr};
+    py::array a = o.cast<py::array>();
+    const char* p = static_cast<const char*>(a.data());
+    return Span{p, p + a.nbytes()};
+  };
+  auto meet = [](Span u, Span v) { return u.first && v.first && u.first < v.second && v.first < u.second; };
+  for (size_t i = 0; i < outs.size(); ++i) {
+    for (size_t j = 0; j < i; ++j)
+      if (meet(span(outs[i]), span(outs[j]))) fail("grads_into must give each gradient an array of its own");
+    for (const py::object& r : reads)
+      if (meet(span(outs[i]), span(r)))
+        fail("grads_into's arrays must not share memory with the weights, x, dy, dhn or dcn");
+  }
+}
+
 template <typename T>
 py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn,
                         bool consume, py::object grads_into) {
@@ -343,28 +365,13 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   Arr<T> dw_ih = gradient("weight_ih", {G * s.H, s.I}), dw_hh = gradient("weight_hh", {G * s.H, s.Hout});
   if (c.has_bias) { db_ih.emplace(gradient("bias_ih", {G * s.H})); db_hh.emplace(gradient("bias_hh", {G * s.H})); }
   if (s.has_proj) dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
-  if (accumulate) {  // arrays written in place must not overlap each other or what the kernel reads
-    using Span = std::pair<const char*, const char*>;
-    auto span = [](const py::object& o) {
-      if (!o || o.is_none()) return Span{nullptr, nullptr};  // (null: no such buffer)
-      py::array a = o.cast<py::array>();
-      const char* p = static_cast<const char*>(a.data());
-      return Span{p, p + a.nbytes()};
-    };
-    auto meet = [](Span u, Span v) { return u.first && v.first && u.first < v.second && v.first < u.second; };
-    std::vector<py::object> outs{dw_ih, dw_hh};
+  if (accumulate) {
+    std::vector<py::object> outs{dw_ih, dw_hh}, reads{c.x, c.w_ih, c.w_hh, c.w_hr, dy};
     for (auto* o : {&db_ih, &db_hh, &dw_hr})
       if (*o) outs.push_back(**o);
-    std::vector<py::object> reads{c.x, c.w_ih, c.w_hh, c.w_hr, dy};
     if (dhn) reads.push_back(*dhn);
     if (dcn) reads.push_back(*dcn);
-    for (size_t i = 0; i < outs.size(); ++i) {
-      for (size_t j = 0; j < i; ++j)
-        if (meet(span(outs[i]), span(outs[j]))) fail("grads_into must give each gradient an array of its own");
-      for (const py::object& r : reads)
-        if (meet(span(outs[i]), span(r)))
-          fail("grads_into's arrays must not share memory with the weights, x, dy, dhn or dcn");
-    }
+    require_gradients_apart(outs, reads);
   }
   auto ptr = [](const py::object& o) -> T* {
     return o ? static_cast<T*>(const_cast<void*>(o.cast<py::array>().data())) : nullptr;

@@ -15,9 +15,8 @@ the call had resident at its worst moment beyond the model, its input and dy. On
 
 fusedrnn keeps a bounded cache of freed large blocks (csrc/workspace.cpp, up to 1 GiB) and of
 the packed weights of inference and frozen calls (up to 256 MiB per thread), both resident
-between calls; later calls reuse them
-instead of growing. A fresh process measures the first call, which allocates all of it: the
-honest peak.
+between calls; later calls reuse them instead of growing. A fresh process measures the first
+call, which allocates all of it: the honest peak.
 
 What BPTT needs (``needed_bytes``) is fusedrnn's saved state (csrc/kernel_api.h SavedState,
 allocated in csrc/bindings.cpp), per layer: h for T+1 steps (B x H), LSTM c for T+1 steps,
@@ -210,7 +209,7 @@ def child_main(spec_json):
     warm = peer.prepare(cases.make_problem(tiny, cell), "train")
     warm()
     del warm
-    if hasattr(run, "drop_gradients"):  # a layer's grads, resident from its last call
+    if hasattr(run, "drop_gradients"):  # the call's gradients count, as torch's .grad = None
         run.drop_gradients()
     _release_free_heap()
     before = _status_bytes("VmRSS")

@@ -629,3 +629,23 @@ def test_backward_adds_into_grads_in_place(rng, cell):
             else:
                 assert_close(layers[0].grads[k], swapped.grads[k], np.float32, "gradient", what=k)
     assert not np.array_equal(arrays["weight_ih_l0"], 0)
+
+
+def test_a_gradient_array_swapped_after_calls_is_checked_again(rng):
+    """The verdict on grads is kept while the same arrays are in place; swapping one for an array
+    the kernels cannot add into (here float64 in a float32 layer) sends the layer to NumPy's +=,
+    which casts as NumPy does, and swapping back returns to the kernels."""
+    layer = make_layer("gru", 5, 6, dtype=np.float32, seed=2).train()
+    x = rng.standard_normal((3, 2, 5)).astype(np.float32)
+    dy = rng.standard_normal((3, 2, 6)).astype(np.float32)
+    layer(x)
+    layer.backward(dy)
+    assert layer._grads_to_add_into() is layer.grads
+    kept = layer.grads["weight_hh_l0"]
+    layer.grads["weight_hh_l0"] = np.zeros(kept.shape, np.float64)
+    assert layer._grads_to_add_into() is None
+    layer(x)
+    layer.backward(dy)
+    assert_close(layer.grads["weight_hh_l0"], kept, np.float32, "gradient", what="weight_hh_l0")
+    layer.grads["weight_hh_l0"] = kept
+    assert layer._grads_to_add_into() is layer.grads

@@ -216,10 +216,18 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
     const bool gru = cell == Cell::Gru;
     c.s = s; c.f64 = sizeof(T) == 8; c.table = &kt; c.has_bias = s.has_bias;
     c.w_ih = w_ih; c.w_hh = w_hh;
-    if (pack_x) {  // the caller may reuse x's buffer: keep x as the backward takes it, not x
-      Arr<T> packed = empty<T>({kt.gemm_b_elems(s.T * s.B, s.I, sizeof(T) == 8)});
+    // The caller may reuse x's buffer: keep a copy of x, packed as the backward takes it where
+    // that is about as small as x (panels pad I to whole NR columns: I = 1 would take 16-32x x's
+    // memory until backward), else plain (the backward packs it 4 MiB at a time).
+    const int64_t packed_elems = kt.gemm_b_elems(s.T * s.B, s.I, sizeof(T) == 8);
+    if (pack_x && 4 * packed_elems <= 5 * s.T * s.B * s.I) {
+      Arr<T> packed = empty<T>({packed_elems});
       a.x_packed = packed.mutable_data();
       c.x_packed = packed;
+    } else if (pack_x) {
+      Arr<T> copy = empty<T>({s.T, s.B, s.I});
+      std::memcpy(copy.mutable_data(), x.data(), sizeof(T) * s.T * s.B * s.I);
+      c.x = copy;
     } else {
       c.x = x;
     }
@@ -532,6 +540,10 @@ PYBIND11_MODULE(_C, m) {
         for (const py::object* a : {&c.gates, &c.h, &c.c, &c.hfull, &c.extra})
           if (*a) n += a->cast<py::array>().nbytes();
         return n;
+      })
+      .def_property_readonly("x_bytes", [](const Context& c) {  // its copy of x, packed or not
+        const py::object& x = c.x_packed ? c.x_packed : c.x;
+        return x ? x.cast<py::array>().nbytes() : 0;
       });
 
   m.def("math", [](int func, py::array x, std::optional<std::string> isa) -> py::array {

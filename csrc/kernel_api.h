@@ -58,7 +58,7 @@ struct ForwardArgs {
   // Training: where x goes packed as the backward's dW_ih = dG^T X takes it (pack_b_gemm,
   // KernelTable::gemm_b_elems long), so that a context which must not keep the caller's x (who
   // may reuse its buffer) keeps this instead of a copy that the backward would pack again; or
-  // null (the context keeps x itself).
+  // null (the context keeps x itself, or a plain copy where packing pads x's rows much).
   T* x_packed = nullptr;
 };
 

@@ -427,11 +427,13 @@ def test_inputs_not_modified(rng):
             assert np.array_equal(case[k], v), k
 
 
+# I = 5: a plain copy (packed panels would pad each row to 16-32 values); I = 64: packed.
+@pytest.mark.parametrize("I", [5, 64])
 @pytest.mark.parametrize("keep_x", [False, True])
-def test_training_context_and_the_callers_x(rng, keep_x):
+def test_training_context_and_the_callers_x(rng, keep_x, I):
     """By default the context keeps its own copy of x, so the caller may reuse its buffer before
     backward; keep_x=True (the layers' inner inputs) keeps x itself, which then must not change."""
-    case = make_case(rng, "gru", T=4, B=3, I=5, H=6)
+    case = make_case(rng, "gru", T=4, B=3, I=I, H=6)
     w = case["w"]
 
     def weight_ih_grad(overwrite):
@@ -446,11 +448,12 @@ def test_training_context_and_the_callers_x(rng, keep_x):
     assert same == (not keep_x)
 
 
+@pytest.mark.parametrize("I", [5, 64])
 @pytest.mark.parametrize("keep_x", [False, True])
-def test_a_stacks_context_and_the_callers_x(rng, keep_x):
+def test_a_stacks_context_and_the_callers_x(rng, keep_x, I):
     """forward_stack's bottom layer: its own copy of x unless keep_x (_C.forward_stack), and the
     layer above keeps its input (the output below, the call's own) either way."""
-    case = make_case(rng, "lstm", T=4, B=3, I=5, H=6)
+    case = make_case(rng, "lstm", T=4, B=3, I=I, H=6)
     w = case["w"]
     layers = [tuple(w[k] for k in ("w_ih", "w_hh", "b_ih", "b_hh")) + (None,),
               (rng.standard_normal((24, 6)), rng.standard_normal((24, 6)), None, None, None)]
@@ -691,3 +694,16 @@ def test_gradients_to_add_into_are_checked(rng):
         ctx = functional.forward("lstm", case["x"], case["h0"], case["c0"], w["w_ih"], w["w_hh"],
                                  w["b_ih"], w["b_hh"])[3]
         functional.backward(ctx, case["dy"], grads_into=[np.zeros(1)])
+
+
+def test_a_narrow_x_is_kept_as_a_plain_copy(rng):
+    """A training context keeps x packed only where that is about x's size: with I = 1 the panels
+    would pad every row to a whole panel (16-32 values), so it keeps a plain copy instead."""
+    def saved_x_bytes(I):
+        case = make_case(rng, "rnn_tanh", T=50, B=40, I=I, H=8)
+        w = case["w"]
+        ctx = functional.forward("rnn_tanh", case["x"], case["h0"], None, w["w_ih"], w["w_hh"],
+                                 w["b_ih"], w["b_hh"])[3]
+        return ctx.x_bytes
+    assert saved_x_bytes(1) == 50 * 40 * 1 * 8
+    assert saved_x_bytes(64) == 50 * 40 * 64 * 8

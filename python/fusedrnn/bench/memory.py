@@ -29,8 +29,9 @@ they count in the call's peak as torch's .grad tensors do, which its runner sets
 
 What fusedrnn holds beyond that at its peak (accounts for the measured figures to a few MiB):
 - x in each training context, packed as the backward's dW_ih = dG^T X reads it (csrc/gemm/gemm.h
-  pack_b_gemm; the size of x, T x B x I): the caller may reuse x's buffer before backward, and
-  the backward then packs nothing of x;
+  pack_b_gemm; the size of x, T x B x I, where I is near a multiple of the panels' width; else a
+  plain copy): the caller may reuse x's buffer before backward, and the backward then packs
+  nothing of x;
 - the forward's input projection gx, T x B x G*H (csrc/sequence/forward.h), for reversed or
   variable-length runs (the RNN otherwise writes it into y, LSTM and GRU where their gates are
   saved, or compute it inside the steps);

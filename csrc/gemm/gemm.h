@@ -290,7 +290,13 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
                  const T* bias = nullptr, bool split_k = true) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t MC = GemmBlocking<T>::MC;
-  if (M <= 0 || N <= 0 || K <= 0) return;
+  if (M <= 0 || N <= 0) return;
+  if (K <= 0) {  // an empty sum: C = bias (or zero), or C unchanged when accumulating
+    if (!accumulate)
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = bias ? bias[n] : T(0);
+    return;
+  }
   const int64_t panels = ceil_div<int64_t>(N, NR);
   const int64_t m_blocks = ceil_div<int64_t>(M, MC);
   // A parallel region costs a few microseconds idle and a scheduler time slice when another
@@ -370,11 +376,7 @@ template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
           int64_t b_rs, int64_t b_cs, T* C, int64_t ldc, bool accumulate, int nthreads) {
   if (M <= 0 || N <= 0) return;
-  if (K <= 0) {
-    if (!accumulate)
-      for (int64_t m = 0; m < M; ++m) std::memset(C + m * ldc, 0, sizeof(T) * N);
-    return;
-  }
+  if (K <= 0) return gemm_packed<T>(M, N, K, A, a_rs, a_cs, nullptr, C, ldc, accumulate, nthreads);
   constexpr int64_t KC = GemmBlocking<T>::KC;
   const int64_t row_bytes = packed_b_size<T>(1, N) * int64_t(sizeof(T));
   const int64_t chunk = imax<int64_t>(1, kGemmPackedBBytes / row_bytes / KC) * KC;

@@ -479,7 +479,7 @@ void backward_on_threads(const BackwardArgs<T>& a) {
 
   // Whole-sequence weight and input gradients (the weights' added into a.dw_* with accumulate).
   const bool acc = a.accumulate;
-  if (a.x_packed && TB > 0)  // (an empty batch: gemm zeroes dW_ih, reading nothing)
+  if (a.x_packed)
     gemm_packed<T>(GH, s.I, TB, dgx, 1, GH, a.x_packed, a.dw_ih, s.I, acc, nthreads);
   else
     gemm<T>(GH, s.I, TB, dgx, 1, GH, a.x, s.I, 1, a.dw_ih, s.I, acc, nthreads);

@@ -111,14 +111,8 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
                     reuse, [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
   Scratch<T> bias(s.has_bias ? GH : 0);
   if (s.has_bias) folded_bias(s, b_ih, b_hh, bias.p, s.H);
-  if (s.I > 0) {  // the bias rides in the GEMM: each gate chain starts from it
-    gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p, false);
-    return;
-  }
-  for (int64_t m = 0; m < M; ++m) {
-    T* row = gx + m * ld_gx;
-    for (int64_t n = 0; n < GH; ++n) row[n] = s.has_bias ? bias.p[n] : T(0);
-  }
+  // The bias rides in the GEMM: each gate chain starts from it (with I = 0, Gx is the bias).
+  gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p, false);
 }
 
 // Recurrent weights packed per gate: gate g is W_hh[g*H:(g+1)*H, :]^T as NR-wide panels over

@@ -203,27 +203,68 @@ def test_report_marks_cases_timed_with_the_cores_far_apart(tmp_path, capsys):
     assert not any("cores far apart (" in line for line in report.summary(data))
 
 
+def test_threaded_cases_time_one_thread_in_the_same_rounds(tmp_path, capsys):
+    status, data, out = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "1,2",
+                                 "--cells", "rnn", "--mode", "train", "--peers", "reference")
+    assert status == 0
+    by_threads = {rec["threads"]: rec for rec in data["cases"]}
+    assert "one_thread" not in by_threads[1]
+    one = by_threads[2]["one_thread"]
+    assert one["reps"] == len(one["times_s"]) >= 3 and one["min_s"] <= one["median_s"]
+    assert set(by_threads[2]["results"]) == {"fusedrnn", "reference"}  # not a peer
+    assert "fusedrnn on 1 thread" in out and "(2 threads x" in out
+
+
+def test_one_thread_runner_runs_on_one_thread_and_restores_the_count():
+    from fusedrnn.bench.runner import on_one_thread
+    seen = []
+    before = fusedrnn.get_num_threads()
+    try:
+        fusedrnn.set_num_threads(2)
+        call = on_one_thread(lambda: seen.append(fusedrnn.get_num_threads()) or "out",
+                             fusedrnn.set_num_threads, 2)
+        assert call() == "out" and seen == [1] and fusedrnn.get_num_threads() == 2
+
+        def fails():
+            raise RuntimeError("boom")
+        with pytest.raises(RuntimeError):
+            on_one_thread(fails, fusedrnn.set_num_threads, 2)()
+        assert fusedrnn.get_num_threads() == 2
+    finally:
+        fusedrnn.set_num_threads(before)
+
+
 def test_report_shows_two_thread_scaling(tmp_path, capsys):
     status, data, _ = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "1,2",
                                "--cells", "rnn,gru", "--mode", "infer", "--peers", "none")
     assert status == 0
     times = {(1, "rnn"): 1.0, (2, "rnn"): 0.5, (1, "gru"): 1.0, (2, "gru"): 0.8}
+    same_rounds = {"rnn": 0.95, "gru": 1.2}   # 1-thread calls in the 2-thread case's rounds
     for rec in data["cases"]:
         rec["results"]["fusedrnn"]["median_s"] = times[rec["threads"], rec["cell"]]
         if rec["threads"] == 2:
             rec["barrier_ns"] = [30.0, 40.0] if rec["cell"] == "rnn" else [35.0, 310.0]
-    got = {(c, cell, m): up for c, cell, m, up, _ in report.scaling(data)}
-    assert got == {("T3-B2-I4-H5-L1", "rnn", "infer"): 2.0,
-                   ("T3-B2-I4-H5-L1", "gru", "infer"): 1.25}
+            rec["one_thread"]["median_s"] = same_rounds[rec["cell"]]
+    got = {(c, cell, m): (up, sep) for c, cell, m, up, _, sep in report.scaling(data)}
+    assert got == {("T3-B2-I4-H5-L1", "rnn", "infer"): (pytest.approx(1.9), 2.0),
+                   ("T3-B2-I4-H5-L1", "gru", "infer"): (pytest.approx(1.5), 1.25)}
     assert report.scaling_line(data) is None  # the target is for the GEMM-bound configs
     for rec in data["cases"]:
         rec["config"] = "wide"
     line = report.scaling_line(data)
-    assert "x1.25 .. x2.00 over 2 cases; under x1.8 in 1: wide gru infer x1.25 " \
+    assert "1-thread calls timed in the same rounds" in line
+    assert "x1.50 .. x1.90 over 2 cases; under x1.8 in 1: wide gru infer x1.50 " \
            "(cores far apart: barrier 35 / 310 ns)" in line
     text = report.markdown(data)
-    assert "| wide | rnn | infer | x2.00 | 30 / 40 |" in text
-    assert "| wide | gru | infer | x1.25 | 35 / 310 far |" in text
+    assert "| wide | rnn | infer | x1.90 | x2.00 | 30 / 40 |" in text
+    assert "| wide | gru | infer | x1.50 | x1.25 | 35 / 310 far |" in text
+    for rec in data["cases"]:   # files from before the same-rounds timing: the separate cases
+        rec.pop("one_thread", None)
+    line = report.scaling_line(data)
+    assert "from the separate 1-thread cases" in line and "x1.25 .. x2.00 over 2" in line
+    assert "| wide | gru | infer | - | x1.25 | 35 / 310 far |" in report.markdown(data)
+    data["cases"] = [rec for rec in data["cases"] if rec["threads"] == 2]
+    assert report.scaling(data) == []   # no 1-thread time at all: no row
 
 
 def test_missing_peers_are_skipped_with_a_line(tmp_path, capsys, monkeypatch):

@@ -4,8 +4,12 @@
 the check against the reference, each peer's agreement with fusedrnn, the timings, GFLOP/s,
 the speed-ups (peer time / fusedrnn time) and, with threads, how far apart the cores were
 before and after timing (``barrier_ns``), and the rate of our GEMM timed beside the case in the
-same minutes (``gemm_beside``). ``add_fractions`` adds the fractions of the GEMM peaks once the
-run has measured them, and of ``gemm_beside``.
+same minutes (``gemm_beside``). A case on several threads also times fusedrnn on one thread
+in the same rounds (``one_thread``): this VM's speed drifts by 10-40% over minutes, so the
+2-thread scaling taken from the separate 1-thread case measures the minutes as much as the
+threads (fastrnns GRU inference: x1.64 from separate cases, x2.03 interleaved, the same build).
+``add_fractions`` adds the fractions of the GEMM peaks once the run has measured them, and of
+``gemm_beside``.
 """
 import sys
 import traceback
@@ -33,6 +37,18 @@ def _prepare(peer, problem, case):
 
 
 GEMM_BESIDE = "gemm beside"
+ONE_THREAD = "fusedrnn on 1 thread"
+
+
+def on_one_thread(runner, set_threads, threads):
+    """The runner on one thread, the case's thread count restored after each call."""
+    def call():
+        set_threads(1)
+        try:
+            return runner()
+        finally:
+            set_threads(threads)
+    return call
 
 
 def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps, gemm=None):
@@ -75,12 +91,20 @@ def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps, gemm=None
 
         far_before = timing.team_barrier_ns() if case.threads > 1 else None
         beside = {GEMM_BESIDE: gemm[0]} if gemm else None
-        times = timing.interleave(runners, budget_s, min_reps, max_reps, beside=beside)
+        timed = dict(runners)
+        if case.threads > 1:   # the budget grows with it: the peers keep their share
+            timed[ONE_THREAD] = on_one_thread(ours.prepare(problem, case.mode), ours.set_threads,
+                                              case.threads)
+            budget_s *= len(timed) / len(runners)
+        times = timing.interleave(timed, budget_s, min_reps, max_reps, beside=beside)
+        one_thread_s = times.pop(ONE_THREAD, None)
         times = timing.settle_close_calls(runners, times, beside=beside)
         gemm_s = times.pop(GEMM_BESIDE, None)
         if case.threads > 1:
             record["barrier_ns"] = [far_before, timing.team_barrier_ns()]
 
+    if one_thread_s:
+        record["one_thread"] = dict(timing.summary(one_thread_s), times_s=one_thread_s)
     if gemm_s:
         beside_summary = timing.summary(gemm_s)
         record["gemm_beside"] = dict(beside_summary,
@@ -117,6 +141,10 @@ def describe(record):
             parts.append(f"{name} {fmt_ms(r['median_s'])} ms (x{r['speedup']:.2f})")
     for name, reason in record["skipped"].items():
         parts.append(f"{name} skipped: {reason}")
+    if "one_thread" in record:
+        one = record["one_thread"]["median_s"]
+        parts.append(f"fusedrnn on 1 thread {fmt_ms(one)} ms "
+                     f"({record['threads']} threads x{one / ours['median_s']:.2f})")
     if "gemm_beside" in record:
         parts.append(f"our GEMM beside {record['gemm_beside']['gflops']:.3g} GFLOP/s")
     return "    " + "; ".join(parts)

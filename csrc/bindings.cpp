@@ -486,8 +486,10 @@ PYBIND11_MODULE(_C, m) {
     return py::make_tuple(fusedrnn::team_policy_calls(true), fusedrnn::team_policy_calls(false));
   }, "calls the adaptive policy has run (on the threads, alone) since import");
   // The step teams' in-call probe (csrc/sequence/team_probe.h), forward and backward: its
-  // verdicts so far, and a verdict for tests to impose ("measured", "far_team", "far_alone").
-  static const char* const probe_verdicts[] = {"close", "far_team", "far_alone"};
+  // verdicts so far, and a verdict for tests to impose ("measured", "far_team", "far_alone";
+  // setting it forgets the verdicts remembered).
+  static const char* const probe_verdicts[] = {"close", "far_team", "far_alone", "recalled_team",
+                                               "recalled_alone"};
   m.def("team_barrier_ns", [](int rounds) {
     py::gil_scoped_release nogil;
     return kernels(std::nullopt).team_barrier_ns(num_threads(), rounds);
@@ -496,9 +498,10 @@ PYBIND11_MODULE(_C, m) {
      "with the cores close, 165-600 ns when the machine puts them far apart");
   m.def("probe_calls", [] {
     py::dict d;
-    for (int v = 0; v < 3; ++v) d[probe_verdicts[v]] = fusedrnn::probe_calls(v);
+    for (int v = 0; v < 5; ++v) d[probe_verdicts[v]] = fusedrnn::probe_calls(v);
     return d;
-  }, "forward and backward calls whose team probed its cores, by verdict, since import");
+  }, "forward and backward calls whose team probed its cores, by verdict (or recalled one from an "
+     "earlier call of the shape: recalled_team, recalled_alone), since import");
   m.def("set_probe_override", [](const std::string& verdict) {
     if (verdict == "measured") return fusedrnn::set_probe_override(-1);
     for (int v = 1; v < 3; ++v)

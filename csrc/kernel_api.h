@@ -34,6 +34,16 @@ struct SavedState {
   T* gru_extra; // (T, B, H) GRU: W_hn h + b_hn (linear_before_reset) or r*h (not); else null
 };
 
+// A step team's in-call probe (sequence/team_probe.h) across calls of one shape: the verdict an
+// earlier call's probe found, for this call to take without probing (kProbeNone: probe), and
+// what this call's probe found (kProbeNone: it did not probe). run_threads_or_alone fills it.
+enum ProbeVerdict : int { kProbeNone = -1, kProbeClose = 0, kProbeFarTeam = 1, kProbeFarAlone = 2,
+                          kProbeRecalledTeam = 3, kProbeRecalledAlone = 4 };
+struct ProbeNote {
+  int recalled = kProbeNone;
+  int verdict = kProbeNone;
+};
+
 template <typename T>
 struct ForwardArgs {
   LayerShape s;
@@ -60,6 +70,7 @@ struct ForwardArgs {
   // may reuse its buffer) keeps this instead of a copy that the backward would pack again; or
   // null (the context keeps x itself, or a plain copy where packing pads x's rows much).
   T* x_packed = nullptr;
+  ProbeNote* probe_note = nullptr;  // see ProbeNote, or null: every call probes
 };
 
 template <typename T>
@@ -92,6 +103,7 @@ struct BackwardArgs {
   // backward): the pre-activation gradients may then overwrite the saved gates, step by step as
   // each step's gates are read (backward.h), instead of taking a buffer of their own.
   bool gates_consumed;
+  ProbeNote* probe_note = nullptr;  // as ForwardArgs::probe_note
 };
 
 // Entry points of one ISA build. func codes for math: 0 exp, 1 tanh, 2 sigmoid.
@@ -210,13 +222,18 @@ void set_team_lag_us(int us);
 int team_lag_us();
 
 // The in-call probe of a step team (forward or backward) with small steps (team_probe.h): how its
-// calls went, counted by verdict (0 cores close: the team ran; 1 far, the team was faster; 2 far,
-// one thread was faster), and, for tests, a verdict to take instead of the measured one (-1: none;
-// 1 or 2: as if far, and then that way; the probe itself still runs).
+// calls went, counted by ProbeVerdict (close: the team ran; far, the team was faster; far, one
+// thread was faster; or one of the last two recalled from an earlier call), and, for tests, a
+// verdict to take instead of the measured one (-1: none; 1 or 2: as if far, and then that way;
+// the probe itself still runs). Setting it forgets the verdicts remembered.
 void probe_count(int verdict);
 int64_t probe_calls(int verdict);
 void set_probe_override(int verdict);
 int probe_override();
+// The verdicts remembered per shape (team_policy.cpp): what the next call of key may take
+// without probing (kProbeNone: probe), and what a call's probe found.
+int probe_recall(const TeamKey& key);
+void probe_remember(const TeamKey& key, int verdict);
 
 // Defined in dispatch.cpp.
 const KernelTable& active_kernels();

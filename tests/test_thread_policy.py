@@ -208,13 +208,55 @@ def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, one
         fusedrnn.set_num_threads(2)
         probes = [(before, after)] + ([(after, after_backward)] if training else [])
         for b, a in probes:
-            if verdict != "measured":  # the probe ran, and took the verdict imposed
-                assert a[verdict] == b[verdict] + 1, (b, a)
+            if verdict != "measured":  # the probe ran and took the verdict imposed, or an
+                # earlier call's probe of the shape did (a training forward after inference)
+                recalled = verdict.replace("far", "recalled")
+                assert a[verdict] + a[recalled] == b[verdict] + b[recalled] + 1, (b, a)
             else:
                 assert sum(a.values()) == sum(b.values()) + 1, (b, a)
         for one, two in zip(*runs):
             if one is not None:
                 np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("verdict", ["far_team", "far_alone"])
+def test_probe_verdicts_are_remembered_for_the_next_calls_of_a_shape(two_threads, probe_verdict,
+                                                                       rng, verdict):
+    """After a probe finds the cores far apart, the next 15 calls of the shape (forward and
+    backward apart) take its verdict without probing, with the same bits; the 16th probes
+    again. Another shape probes for itself, and setting the override forgets every verdict."""
+    cell, lbr, H = PROBED[2]
+    T, I = 73, 8  # 16 probe steps: T >= 64
+    args = [rng.standard_normal((T, 1, I)), np.zeros((1, H)), np.zeros((1, H)),
+            0.3 * rng.standard_normal((4 * H, I)), 0.3 * rng.standard_normal((4 * H, H)),
+            None, None]
+    other = [a if a is None or a.ndim != 3 else a[:, :, :4] for a in args]
+    other[3] = args[3][:, :4]
+    recalled = verdict.replace("far", "recalled")
+    probe_verdict(verdict)
+
+    def counts(call):
+        before = _C.probe_calls()
+        out = call()
+        after = _C.probe_calls()
+        return out, (after[verdict] - before[verdict], after[recalled] - before[recalled])
+
+    def train(a):
+        y, hn, cn, ctx = functional.forward(cell, *a, training=True)
+        return [y, hn, cn, *functional.backward(ctx, np.ones_like(y))[:3]]
+
+    first, probed = counts(lambda: train(args))
+    assert probed == (2, 0)  # forward and backward each probed
+    for _ in range(15):
+        again, taken = counts(lambda: train(args))
+        assert taken == (0, 2)
+        for got, want in zip(again, first):
+            np.testing.assert_array_equal(got, want)
+    assert counts(lambda: train(args))[1] == (2, 0)   # 16th: probes again
+    assert counts(lambda: train(other))[1] == (2, 0)  # another shape (I = 4): its own probe
+    assert counts(lambda: train(args))[1] == (0, 2)
+    probe_verdict(verdict)                             # forgets
+    assert counts(lambda: train(args))[1] == (2, 0)
 
 
 def test_team_barrier_ns_times_a_team_only():

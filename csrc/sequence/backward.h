@@ -450,7 +450,7 @@ void backward_on_threads(const BackwardArgs<T>& a) {
       loop.run_halves(member, team, barrier, i0, i1);
     };
     if (nt <= 1) halves(0, 1, nullptr, 0, s.T);
-    else run_probed_team(nt, s.T, probe_steps(s), halves,
+    else run_probed_team(nt, s.T, probe_steps(s), a.probe_note, halves,
                          [&](int64_t i0, int64_t i1) { halves(0, 1, nullptr, i0, i1); });
     const T* p0 = loop.partial_at(s.T, 0);
     const T* p1 = loop.partial_at(s.T, 1);
@@ -462,7 +462,7 @@ void backward_on_threads(const BackwardArgs<T>& a) {
     Scratch<T> dg_packed(share ? BackwardLoop<T>::dg_packed_size(s) : 0);
     SharedBlocks shared;
     run_probed_team(
-        nt, s.T, probe_steps(s),
+        nt, s.T, probe_steps(s), a.probe_note,
         [&](int member, int team, StepBarrier* barrier, int64_t i0, int64_t i1) {
           BackwardLoop<T> mine = loop;
           const auto p = BackwardLoop<T>::share_of(s, team, member);

@@ -613,7 +613,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
     const bool share = !by_rows && shares_blocks(s, rides);
     SharedBlocks shared;
     run_probed_team(
-        nt, s.T, by_rows ? 0 : probe_steps(s),  // rows never meet: nothing to probe
+        nt, s.T, by_rows ? 0 : probe_steps(s), a.probe_note,  // rows never meet: no probe
         [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
           ForwardLoop<T> mine = loop;
           mine.barrier = by_rows ? nullptr : barrier;

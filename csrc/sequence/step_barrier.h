@@ -119,7 +119,9 @@ void run_step_team(int nt, Fn fn) {
 
 // Runs a layer call, run(args) (ForwardArgs or BackwardArgs), on args.num_threads threads or on
 // one, as the adaptive policy chooses for this shape (team_policy.cpp; with the default fixed
-// policy, always the threads), and reports its time per step back to it.
+// policy, always the threads), and reports its time per step back to it. On the threads, the
+// step team's probe takes the verdict remembered for this shape, or remembers what it finds
+// (team_probe.h, ProbeNote).
 template <typename Args, typename Run>
 void run_threads_or_alone(const Args& a, bool backward, Run run) {
   if (a.num_threads <= 1) return run(a);
@@ -129,7 +131,12 @@ void run_threads_or_alone(const Args& a, bool backward, Run run) {
   const bool use_threads = team_policy_choose(key);
   const auto start = std::chrono::steady_clock::now();
   if (use_threads) {
-    run(a);
+    ProbeNote note;
+    note.recalled = probe_recall(key);
+    Args noted = a;
+    noted.probe_note = &note;
+    run(noted);
+    if (note.verdict != kProbeNone) probe_remember(key, note.verdict);
   } else {
     Args alone = a;
     alone.num_threads = 1;

@@ -38,18 +38,30 @@ constexpr double kFarBarrierNs = 100;
 
 // Runs steps [0, T) on a team of up to nt threads: team_run(member, team, barrier, k0, k1) runs a
 // member's share of steps [k0, k1), solo_run(k0, k1) all of them on the calling member. With
-// probe > 0 (probe_steps) and the cores found far apart, member 0 runs `probe` steps alone, the
+// probe > 0 (probe_steps), a verdict recalled in `note` (run_threads_or_alone) is taken at once:
+// the team without probing, or all steps on the calling thread, no team started. Else, with the
+// cores found far apart, member 0 runs `probe` steps alone, the
 // first untimed (it brings the teammate's share of the weights to this core: timed, that fetch
 // counted against running alone, and long-seq LSTM on 2 threads chose the team in most calls,
 // 0.83 ms a call against 0.69 alone), then the team kTeamWarmSteps untimed and as many timed
-// as alone, and the faster way per step runs the rest. Verdicts are counted, and tests may
-// impose one (kernel_api.h, probe_override).
+// as alone, and the faster way per step runs the rest. Verdicts are counted and noted in `note`
+// (if not null), and tests may impose one (kernel_api.h, probe_override).
 template <typename TeamRun, typename SoloRun>
-void run_probed_team(int nt, int64_t T, int64_t probe, TeamRun team_run, SoloRun solo_run) {
+void run_probed_team(int nt, int64_t T, int64_t probe, ProbeNote* note, TeamRun team_run,
+                     SoloRun solo_run) {
   using Clock = std::chrono::steady_clock;
   auto ns_since = [](Clock::time_point t) {
     return std::chrono::duration<double, std::nano>(Clock::now() - t).count();
   };
+  const int recalled = probe > 0 && note ? note->recalled : kProbeNone;
+  if (recalled == kProbeFarAlone) {
+    probe_count(kProbeRecalledAlone);
+    return solo_run(0, T);
+  }
+  if (recalled == kProbeFarTeam) {
+    probe_count(kProbeRecalledTeam);
+    probe = 0;
+  }
   bool cores_far = false, alone = false;  // member 0's verdicts, published by barriers
   run_step_team(nt, [&](int member, int team, StepBarrier* barrier) {
     if (probe == 0 || !barrier) return team_run(member, team, barrier, 0, T);
@@ -59,7 +71,8 @@ void run_probed_team(int nt, int64_t T, int64_t probe, TeamRun team_run, SoloRun
     for (int i = 0; i < 4; ++i) barrier->wait();
     if (member == 0) {
       cores_far = imposed > 0 || ns_since(empty) > 4 * kFarBarrierNs;
-      if (!cores_far) probe_count(0);
+      if (!cores_far) probe_count(kProbeClose);
+      if (!cores_far && note) note->verdict = kProbeClose;
     }
     barrier->wait();
     if (!cores_far) return team_run(member, team, barrier, 0, T);
@@ -78,8 +91,9 @@ void run_probed_team(int nt, int64_t T, int64_t probe, TeamRun team_run, SoloRun
     const auto start = Clock::now();
     team_run(member, team, barrier, team_from, rest);
     if (member == 0) {
-      alone = imposed > 0 ? imposed == 2 : alone_ns <= ns_since(start);
-      probe_count(alone ? 2 : 1);
+      alone = imposed > 0 ? imposed == kProbeFarAlone : alone_ns <= ns_since(start);
+      probe_count(alone ? kProbeFarAlone : kProbeFarTeam);
+      if (note) note->verdict = alone ? kProbeFarAlone : kProbeFarTeam;
     }
     barrier->wait();
     if (!alone) return team_run(member, team, barrier, rest, T);

@@ -286,9 +286,9 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
         for d in range(D):
             i = k * D + d
             dy_d = d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out]
+            names = dict(zip(_PARAM_KEYS, spec.layer_param_names(k, d)))
             into = None if grads_into is None else {
-                key: grads_into[spec.param_name(key, k, d)] for key in _PARAM_KEYS
-                if spec.param_name(key, k, d) in grads_into}
+                key: grads_into[name] for key, name in names.items() if name in grads_into}
             dx_d, dh, dc, g = F.backward(saved.ctxs[k][d], dy_d,
                                          None if dhn is None else dhn[i],
                                          None if dcn is None else dcn[i], consume=consume,
@@ -297,7 +297,7 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
             if lstm:
                 dc0[i] = dc
             for key, value in g.items():
-                grads[spec.param_name(key, k, d)] = value
+                grads[names[key]] = value
             if dx is None:
                 dx = dx_d
             else:

@@ -379,6 +379,31 @@ def test_grads_accumulate_and_zero_grad(rng):
     assert list(layer.grads) == list(layer.state_dict())
 
 
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_the_caller_may_reuse_x_between_forward_and_backward(rng, bidirectional, batch_first):
+    """The first layer's input is the caller's: a training forward keeps what the backward needs
+    of it (a bidirectional stack one copy for both directions), so overwriting x before backward
+    changes no gradient."""
+    x0 = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    dy = rng.standard_normal((4, 3, 12 if bidirectional else 6)).astype(np.float32)
+
+    def grads(overwrite):
+        layer = fusedrnn.LSTM(5, 6, num_layers=2, bidirectional=bidirectional,
+                              batch_first=batch_first, seed=0)
+        x = x0.copy()
+        layer(x)
+        if overwrite:
+            x[...] = 0.0
+        dx, _ = layer.backward(dy)
+        return dx, layer.grads
+
+    (dx, kept), (dx_over, over) = grads(False), grads(True)
+    np.testing.assert_array_equal(dx, dx_over)
+    for name, g in kept.items():
+        np.testing.assert_array_equal(g, over[name], err_msg=name)
+
+
 def test_backward_frees_saved_state_and_eval_keeps_nothing(rng):
     layer = fusedrnn.RNN(3, 4)
     x = rng.standard_normal((2, 1, 3)).astype(np.float32)

@@ -212,6 +212,13 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     cn = np.empty(c_shape, dtype) if lstm and not single else None
     saved = Saved() if save else None
     layer_in = np.ascontiguousarray(x)      # one copy here rather than one per direction
+    # Training keeps each layer's input for the backward's dW_ih. Layers above the first read
+    # arrays of ours, which the contexts keep as they are (keep_x); the first reads the caller's
+    # x, whose buffer may be reused before backward, so a context keeps x packed. Both
+    # directions would each keep one: there the stack keeps one copy of x for both.
+    own_input = save and D == 2
+    if own_input and layer_in is x:
+        layer_in = x.copy()
     if D == 1 and spec.num_layers > 1 and make_mask is None and lengths is None:
         return _one_way_stack(spec, params, layer_in, h0, c0, hn, cn, saved, isa, checked, frozen)
     for k in range(spec.num_layers):
@@ -224,7 +231,7 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
             y, h, c, ctx = run(spec.cell, layer_in, h0[i], c0[i] if lstm else None,
                                w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths, reverse=bool(d),
                                linear_before_reset=spec.linear_before_reset, training=save,
-                               isa=isa, keep_x=k > 0, **extra)  # y: ours alone
+                               isa=isa, keep_x=k > 0 or own_input, **extra)  # y: ours
             if single:
                 hn, cn = h[None], (c[None] if lstm else None)
             else:

@@ -167,14 +167,20 @@ def test_json_structure_with_the_reference_peer(tmp_path, capsys):
             assert "weight_hh_l0" in rec["agreement"]["reference"]["compared"]
 
 
-def test_threaded_cases_record_how_far_apart_the_cores_were(tmp_path, capsys):
-    status, data, _ = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "1,2",
-                               "--cells", "rnn", "--mode", "infer", "--peers", "reference")
+def test_threaded_cases_record_the_cores_and_one_thread_in_the_same_rounds(tmp_path, capsys):
+    """A 2-thread case records how far apart the cores were, and fusedrnn's 1-thread calls timed
+    in its rounds (not a peer); a 1-thread case neither."""
+    status, data, out = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "1,2",
+                                 "--cells", "rnn", "--mode", "train", "--peers", "reference")
     assert status == 0
     by_threads = {rec["threads"]: rec for rec in data["cases"]}
-    assert "barrier_ns" not in by_threads[1]
+    assert "barrier_ns" not in by_threads[1] and "one_thread" not in by_threads[1]
     before, after = by_threads[2]["barrier_ns"]
     assert before >= 0 and after >= 0
+    one = by_threads[2]["one_thread"]
+    assert one["reps"] == len(one["times_s"]) >= 3 and one["min_s"] <= one["median_s"]
+    assert set(by_threads[2]["results"]) == {"fusedrnn", "reference"}
+    assert "fusedrnn on 1 thread" in out and "(2 threads x" in out
 
 
 def test_report_marks_cases_timed_with_the_cores_far_apart(tmp_path, capsys):
@@ -201,18 +207,6 @@ def test_report_marks_cases_timed_with_the_cores_far_apart(tmp_path, capsys):
     for rec in data["cases"]:
         del rec["barrier_ns"]  # one-thread runs and files from before the gauge: no line
     assert not any("cores far apart (" in line for line in report.summary(data))
-
-
-def test_threaded_cases_time_one_thread_in_the_same_rounds(tmp_path, capsys):
-    status, data, out = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "1,2",
-                                 "--cells", "rnn", "--mode", "train", "--peers", "reference")
-    assert status == 0
-    by_threads = {rec["threads"]: rec for rec in data["cases"]}
-    assert "one_thread" not in by_threads[1]
-    one = by_threads[2]["one_thread"]
-    assert one["reps"] == len(one["times_s"]) >= 3 and one["min_s"] <= one["median_s"]
-    assert set(by_threads[2]["results"]) == {"fusedrnn", "reference"}  # not a peer
-    assert "fusedrnn on 1 thread" in out and "(2 threads x" in out
 
 
 def test_one_thread_runner_runs_on_one_thread_and_restores_the_count():

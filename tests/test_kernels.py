@@ -514,6 +514,28 @@ def test_gemm_bitwise_identical_across_thread_counts(rng, isa, M, N, K):
     assert np.array_equal(results[0], results[1])
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("N,K", [(128, 300), (80, 1300), (3, 9)])
+def test_a_single_row_gives_every_column_the_one_panel_bits(rng, isa, dtype, threads, N, K):
+    """A single row takes B's full panels two at a time (the backward's B = 1 products,
+    micro_kernel_row_pair); each column must come out as the same product column by column
+    (one partial panel each, the single-panel kernel): the chains are the same. K = 1300 runs
+    three KC blocks, N = 80 ends in a partial panel."""
+    a = rng.standard_normal((1, K)).astype(dtype)
+    B = rng.standard_normal((K, N)).astype(dtype)
+    before = fusedrnn.get_num_threads()
+    try:
+        fusedrnn.set_num_threads(threads)
+        whole = _C.gemm(a, B, isa=isa)
+        by_column = np.hstack([_C.gemm(a, np.ascontiguousarray(B[:, j:j + 1]), isa=isa)
+                               for j in range(N)])
+    finally:
+        fusedrnn.set_num_threads(before)
+    np.testing.assert_array_equal(whole, by_column)
+
+
 def test_big_weights_edited_in_place_are_repacked_with_two_threads(rng, fixed_threads):
     """Weights of 256 KB and up are compared with the cached copy by the call's threads, each a
     slice (workspace.cpp, same_bytes): an edit in the last slice alone must still show."""

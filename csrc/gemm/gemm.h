@@ -236,6 +236,8 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
     const int64_t kc_blocked = blocked_length<T>(kc);
     if (blocked) pack_a_blocked<T>(mc, kc, a_block, a_rs, a_pack);
     else if (a_pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
+    // A single row read in place takes its full panels two at a time (micro_kernel_row_pair).
+    const bool pairs = mc == 1 && !a_pack && !bias_k;
     for (int64_t pb = p0; pb < p1; pb += GemmBlocking<T>::NC_PANELS) {
       const int64_t pe = imin(p1, pb + GemmBlocking<T>::NC_PANELS);
       for (int64_t m = 0; m < mc; m += MR) {
@@ -246,6 +248,15 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
           const int nv = static_cast<int>(imin<int64_t>(NR, N - p * NR));
           T* c = C + (m0 + m) * ldc + p * NR;
           const T* bias_p = bias_k ? bias_k + p * NR : nullptr;
+          const int64_t q = descending ? p - 1 : p + 1;  // the panel walked next
+          if (pairs && j + 1 < pe && nv == NR && (q + 1) * NR <= N) {
+            const T* bq = gemm_b_slice<T>(Bp, panels, K, k0, q);
+            T* cq = C + m0 * ldc + q * NR;
+            if (split_k) micro_kernel_row_pair<T, true>(kc, a_block, b, bq, c, cq, acc);
+            else micro_kernel_row_pair<T, false>(kc, a_block, b, bq, c, cq, acc);
+            ++j;
+            continue;
+          }
           if (blocked)
             tile_to_c<T, AForm::Blocked>(mr, nv, kc, a_pack + m * kc_blocked, 0, b, c, ldc, acc, bias_p, split_k);
           else if (a_pack)

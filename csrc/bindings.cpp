@@ -305,7 +305,7 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
   return out;
 }
 
-// The caller's gradient array named `key` in `into` (a dict), to add into: of the layer's dtype,
+// The caller's gradient array named `key` in `into` (a dict), to add into or write over: of the layer's dtype,
 // C-contiguous, writeable and of shape `shape`, since the kernel writes it in place (a copy made
 // to fit would take the gradients and drop them).
 template <typename T>
@@ -349,7 +349,7 @@ void require_gradients_apart(const std::vector<py::object>& outs,
 
 template <typename T>
 py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn,
-                        bool consume, py::object grads_into) {
+                        bool consume, py::object grads_into, bool add_into) {
   if (c.consumed)
     throw std::runtime_error("backward already ran on this context with consume=True, which "
                              "reuses its saved state: run the forward again");
@@ -364,16 +364,17 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   Arr<T> dx = empty<T>({s.T, s.B, s.I}), dh0 = empty<T>({s.B, s.Hout});
   std::optional<Arr<T>> dc0, db_ih, db_hh, dw_hr;
   if (s.cell == Cell::Lstm) dc0.emplace(std::vector<int64_t>{s.B, s.H});
-  // The weight and bias gradients: new arrays, or the caller's, added into.
-  const bool accumulate = !grads_into.is_none();
-  py::dict into = accumulate ? grads_into.cast<py::dict>() : py::dict();
+  // The weight and bias gradients: new arrays, or the caller's, added into or written over.
+  const bool given = !grads_into.is_none();
+  const bool accumulate = given && add_into;
+  py::dict into = given ? grads_into.cast<py::dict>() : py::dict();
   auto gradient = [&](const char* key, std::vector<int64_t> shape) {
-    return accumulate ? gradient_to_add_into<T>(into, key, shape) : empty<T>(shape);
+    return given ? gradient_to_add_into<T>(into, key, shape) : empty<T>(shape);
   };
   Arr<T> dw_ih = gradient("weight_ih", {G * s.H, s.I}), dw_hh = gradient("weight_hh", {G * s.H, s.Hout});
   if (c.has_bias) { db_ih.emplace(gradient("bias_ih", {G * s.H})); db_hh.emplace(gradient("bias_hh", {G * s.H})); }
   if (s.has_proj) dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
-  if (accumulate) {
+  if (given) {
     std::vector<py::object> outs{dw_ih, dw_hh}, reads{c.x, c.w_ih, c.w_hh, c.w_hr, dy};
     for (auto* o : {&db_ih, &db_hh, &dw_hr})
       if (*o) outs.push_back(**o);
@@ -662,7 +663,7 @@ PYBIND11_MODULE(_C, m) {
      "large step, so that the first takes its blocks over (0: off)");
 
   m.def("backward", [](Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
-                       py::object grads_into) -> py::tuple {
+                       py::object grads_into, bool add_into) -> py::tuple {
     auto opt = [](py::object o, auto tag) {
       using A = decltype(tag);
       return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
@@ -672,13 +673,14 @@ PYBIND11_MODULE(_C, m) {
     if (!grads_into.is_none() && !py::isinstance<py::dict>(grads_into))
       throw py::type_error("grads_into must be a dict of gradient arrays or None");
     if (c.f64)
-      return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume, grads_into);
-    return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume, grads_into);
+      return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume, grads_into, add_into);
+    return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume, grads_into, add_into);
   }, py::arg("ctx"), py::arg("dy"), py::arg("dhn") = py::none(), py::arg("dcn") = py::none(),
-     py::arg("consume") = false, py::arg("grads_into") = py::none(),
+     py::arg("consume") = false, py::arg("grads_into") = py::none(), py::arg("add_into") = true,
      "BPTT through a training forward's context; consume=True: the caller will not run backward "
      "on it again (a second one raises), so its saved gates may hold the gradients. grads_into: "
      "None, or a dict with the gradients' keys whose arrays (writeable, C-contiguous, of the "
-     "layer's dtype and the gradients' shapes) the weight and bias gradients are added into; "
-     "the returned grads are then those arrays");
+     "layer's dtype and the gradients' shapes) the weight and bias gradients are added into "
+     "(add_into=False: written over, whatever they held); the returned grads are then those "
+     "arrays");
 }

@@ -638,7 +638,8 @@ def test_backward_adds_into_grads_in_place(rng, cell):
     swapped = layers[1]
     name = "weight_hh_l1_reverse"
     swapped.grads[name] = np.asfortranarray(swapped.grads[name])
-    assert swapped._grads_to_add_into() is None and layers[0]._grads_to_add_into() is not None
+    assert swapped._grads_to_add_into(swapped.grads) is None
+    assert layers[0]._grads_to_add_into(layers[0].grads) is not None
     x = rng.standard_normal((4, 3, 5)).astype(np.float32)
     dy = rng.standard_normal((4, 3, 12)).astype(np.float32)
     arrays = dict(layers[0].grads)
@@ -656,6 +657,66 @@ def test_backward_adds_into_grads_in_place(rng, cell):
     assert not np.array_equal(arrays["weight_ih_l0"], 0)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("B", [3, 0])
+def test_zero_grad_set_to_none_writes_over_the_same_arrays(rng, cell, B):
+    """zero_grad(set_to_none=True) leaves None in grads, as torch's .grad; the next backward
+    writes the gradients over the arrays they had (whatever those held), the very bits of
+    zero_grad() then backward, and a backward after that adds as usual. An entry set to None
+    alone starts from zero; zero_grad() after set_to_none gives the arrays back, zeroed."""
+    ref, layer = (make_layer(cell, 5, 6, L=2, bidirectional=True, proj=2 if cell == "lstm" else 0,
+                             dtype=np.float32, seed=3) for _ in range(2))
+    x = rng.standard_normal((4, B, 5)).astype(np.float32)
+    dy = rng.standard_normal((4, B, 4 if cell == "lstm" else 12)).astype(np.float32)
+    arrays = dict(layer.grads)
+    for g in arrays.values():
+        g.fill(np.nan)  # stale values the backward must write over
+    layer.zero_grad(set_to_none=True)
+    assert all(g is None for g in layer.grads.values())
+    ref.zero_grad()
+    for m in (ref, layer):
+        m(x)
+        m.backward(dy)
+    for k, g in layer.grads.items():
+        assert g is arrays[k], k
+        np.testing.assert_array_equal(g, ref.grads[k], err_msg=k)
+    if B == 0:
+        assert not any(g.any() for g in layer.grads.values())
+    for m in (ref, layer):  # no reset: adds
+        m(x)
+        m.backward(dy)
+    for k, g in layer.grads.items():
+        np.testing.assert_array_equal(g, ref.grads[k], err_msg=k)
+    layer.grads["bias_hh_l0"] = None  # one entry alone: from zero, the rest add
+    ref.grads["bias_hh_l0"].fill(0)
+    for m in (ref, layer):
+        m(x)
+        m.backward(dy)
+    for k, g in layer.grads.items():
+        np.testing.assert_array_equal(g, ref.grads[k], err_msg=k)
+    layer.zero_grad(set_to_none=True)
+    layer.zero_grad()
+    assert not any(g.any() for g in layer.grads.values())
+    assert all(g is arrays[k] for k, g in layer.grads.items() if k != "bias_hh_l0")
+
+
+def test_zero_grad_set_to_none_with_spare_arrays_unfit_makes_new_ones(rng):
+    """A gradient array swapped for one the kernels cannot write (Fortran order) before
+    zero_grad(set_to_none=True): the backward writes new arrays, with the same values."""
+    ref, layer = (make_layer("gru", 5, 6, dtype=np.float32, seed=5) for _ in range(2))
+    layer.grads["weight_hh_l0"] = np.asfortranarray(layer.grads["weight_hh_l0"])
+    swapped = layer.grads["weight_hh_l0"]
+    layer.zero_grad(set_to_none=True)
+    ref.zero_grad()
+    x = rng.standard_normal((4, 2, 5)).astype(np.float32)
+    for m in (ref, layer):
+        y, _ = m(x)
+        m.backward(np.ones_like(y))
+    assert layer.grads["weight_hh_l0"] is not swapped
+    for k, g in layer.grads.items():
+        np.testing.assert_array_equal(g, ref.grads[k], err_msg=k)
+
+
 def test_a_gradient_array_swapped_after_calls_is_checked_again(rng):
     """The verdict on grads is kept while the same arrays are in place; swapping one for an array
     the kernels cannot add into (here float64 in a float32 layer) sends the layer to NumPy's +=,
@@ -665,12 +726,12 @@ def test_a_gradient_array_swapped_after_calls_is_checked_again(rng):
     dy = rng.standard_normal((3, 2, 6)).astype(np.float32)
     layer(x)
     layer.backward(dy)
-    assert layer._grads_to_add_into() is layer.grads
+    assert layer._grads_to_add_into(layer.grads) is layer.grads
     kept = layer.grads["weight_hh_l0"]
     layer.grads["weight_hh_l0"] = np.zeros(kept.shape, np.float64)
-    assert layer._grads_to_add_into() is None
+    assert layer._grads_to_add_into(layer.grads) is None
     layer(x)
     layer.backward(dy)
     assert_close(layer.grads["weight_hh_l0"], kept, np.float32, "gradient", what="weight_hh_l0")
     layer.grads["weight_hh_l0"] = kept
-    assert layer._grads_to_add_into() is layer.grads
+    assert layer._grads_to_add_into(layer.grads) is layer.grads

@@ -270,10 +270,12 @@ def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen)
     return outs[-1][0], hn, cn, saved
 
 
-def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_into=None):
+def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_into=None,
+                   add_into=True):
     """BPTT through the stack saved by ``stack_forward``; ``consume``: the last backward through
     ``saved`` (see functional.backward); ``grads_into``: None, or {torch name: array} that the
-    kernels add every layer's gradients into (see functional.backward), returned as the grads.
+    kernels add every layer's gradients into, or write them over with ``add_into=False`` (see
+    functional.backward), returned as the grads.
 
     dy (T, B, D*H_out); dhn (L*D, B, H_out) or None; dcn (L*D, B, H) or None. Returns
     dx (T, B, I), dh0 (L*D, B, H_out), dc0 (L*D, B, H) or None, and {torch name: gradient}.
@@ -299,7 +301,7 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
             dx_d, dh, dc, g = F.backward(saved.ctxs[k][d], dy_d,
                                          None if dhn is None else dhn[i],
                                          None if dcn is None else dcn[i], consume=consume,
-                                         grads_into=into)
+                                         grads_into=into, add_into=add_into)
             dh0[i] = dh
             if lstm:
                 dc0[i] = dc

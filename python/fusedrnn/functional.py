@@ -80,17 +80,19 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 
-def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None):
+def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_into=True):
     """``consume=True``: this is the last backward through ``ctx`` (a later one raises), so the
     kernels may keep their gradients where the forward saved its gates instead of in a buffer as
     large (the layers pass it: they forget the forward after its backward). ``grads_into``: None,
     or a dict with grads' keys whose arrays (writeable, C-contiguous, of the layer's dtype and the
     gradients' shapes, sharing no memory with the weights or inputs) the weight and bias
-    gradients are added into, as the layers accumulate theirs; ``grads`` then holds those
+    gradients are added into, as the layers accumulate theirs, or, with ``add_into=False``,
+    written over whatever they held (a layer's gradients reset to None, as torch's
+    ``zero_grad(set_to_none=True)``: no pass of zeros first); ``grads`` then holds those
     arrays."""
     if ctx is None:
         raise RuntimeError("backward needs the context of a forward run with training=True")
     dy = np.ascontiguousarray(dy)
     dhn = None if dhn is None else np.ascontiguousarray(dhn)
     dcn = None if dcn is None else np.ascontiguousarray(dcn)
-    return _C.backward(ctx, dy, dhn, dcn, bool(consume), grads_into)
+    return _C.backward(ctx, dy, dhn, dcn, bool(consume), grads_into, bool(add_into))

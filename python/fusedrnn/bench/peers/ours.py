@@ -46,7 +46,9 @@ class FusedrnnPeer:
 
 
 class LayerRunner:
-    """fusedrnn.RNN / LSTM / GRU: forward, and in training zero_grad + forward + backward(dy)."""
+    """fusedrnn.RNN / LSTM / GRU: forward, and in training zero_grad + forward + backward(dy).
+    zero_grad(set_to_none=True), as torch's peer sets its gradients to None (optimizer.zero_grad()'s
+    default): the backward writes the gradients over the last call's arrays, no pass of zeros."""
 
     def __init__(self, problem, mode):
         import numpy as np
@@ -70,16 +72,16 @@ class LayerRunner:
         self.hx = problem.h0 if problem.c0 is None else (problem.h0, problem.c0)
 
     def drop_gradients(self):
-        """Fresh, untouched gradient arrays (np.zeros: pages the OS maps on first write), so the
-        next call's gradients count in its memory as torch's do after ``.grad = None``
-        (bench/memory.py)."""
-        import numpy as np
-        self.module.grads = {k: np.zeros_like(g) for k, g in self.module.grads.items()}
+        """No gradient arrays at all, spare ones included: the next backward makes new ones
+        (np.empty: pages the OS maps on first write), so its gradients count in its memory as
+        torch's do after ``.grad = None`` (bench/memory.py)."""
+        self.module.zero_grad(set_to_none=True)
+        self.module._spare_grads.clear()
 
     def __call__(self):
         if not self.train:
             return self.module(self.problem.x, self.hx), None
-        self.module.zero_grad()
+        self.module.zero_grad(set_to_none=True)
         out = self.module(self.problem.x, self.hx)
         return out, self.module.backward(self.problem.dy)
 

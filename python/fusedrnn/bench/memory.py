@@ -25,10 +25,10 @@ W_hn h + b_hn T x B x H, and the input of every layer after the first (dW_ih nee
 x, and the outputs y, dx and the weight gradients, are reported apart: any implementation has them.
 The child drops fusedrnn's gradient arrays before the call (the runner's ``drop_gradients``:
 ``zero_grad(set_to_none=True)`` and no spare arrays), so the backward makes new ones and they
-count in the call's peak as torch's .grad tensors do, which its runner sets to None. (Until
-06c875c the child made them fresh with np.zeros before the call and the call zeroed them; calloc
-could hand back pages already resident, and the peak then left the gradients out: stacked LSTM
-16.5 MiB, 20.5 with them.)
+count in the call's peak as torch's .grad tensors do, which its runner sets to None. (Earlier
+the child made them with np.zeros before the call and the call zeroed them, but calloc could
+hand back pages already resident, and the peak then left the gradients out: stacked LSTM
+16.5 MiB without them, 20.5 with.)
 
 What fusedrnn holds beyond that at its peak (accounts for the measured figures to a few MiB):
 - x in each training context, packed as the backward's dW_ih = dG^T X reads it (csrc/gemm/gemm.h

@@ -117,16 +117,24 @@ struct BackwardLoop {
   T* dg_packed = nullptr;
 
   // One member's share: batch rows of the pointwise maths, column panels of the GEMMs (of
-  // width Hout for d h_prev, H for the projection and the two-phase GRU's d(r*h)).
+  // width Hout for d h_prev, H for the projection and the two-phase GRU's d(r*h)), for every
+  // row; or, rows_only, its rows of everything (backward_rows_apart: no meeting at all).
   struct Share {
     int64_t row0, row1, out0, out1, hid0, hid1;
+    bool rows_only;
   };
   static Share share_of(const LayerShape& s, int team, int member) {
     constexpr int NR = Tile<T>::NR;
-    Share p{0, s.B, 0, ceil_div<int64_t>(s.Hout, NR), 0, ceil_div<int64_t>(s.H, NR)};
+    Share p{0, s.B, 0, ceil_div<int64_t>(s.Hout, NR), 0, ceil_div<int64_t>(s.H, NR), false};
     split_range(s.B, team, member, &p.row0, &p.row1);
     split_range(ceil_div<int64_t>(s.Hout, NR), team, member, &p.out0, &p.out1);
     split_range(ceil_div<int64_t>(s.H, NR), team, member, &p.hid0, &p.hid1);
+    return p;
+  }
+  static Share rows_of(const LayerShape& s, int team, int member) {
+    constexpr int NR = Tile<T>::NR;
+    Share p{0, s.B, 0, ceil_div<int64_t>(s.Hout, NR), 0, ceil_div<int64_t>(s.H, NR), true};
+    split_range(s.B, team, member, &p.row0, &p.row1);
     return p;
   }
 
@@ -212,6 +220,8 @@ struct BackwardLoop {
            int team = 1) const {
     auto meet = [&] { if (barrier) barrier->wait(); };
     const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = int64_t(G) * H;
+    // The products' rows: every row (members split columns), or this member's own.
+    const int64_t m0 = p.rows_only ? p.row0 : 0, rows = p.rows_only ? p.row1 - p.row0 : B;
     const bool gru = s.cell == Cell::Gru;
     const bool gru_two_phase = gru && !s.linear_before_reset;
     int64_t taken = 0, ran = 0;  // panels of the shared products (queue)
@@ -229,27 +239,29 @@ struct BackwardLoop {
       if (s.has_proj) {
         std::memcpy(dhs + (k * B + p.row0) * Hout, dh + p.row0 * Hout, sizeof(T) * (p.row1 - p.row0) * Hout);
         meet();  // every row of dh is complete
-        gemm_packed_panels<T>(B, H, Hout, dh, Hout, 1, whr, dhf, H, false, p.hid0, p.hid1);
+        gemm_packed_panels<T>(rows, H, Hout, dh + m0 * Hout, Hout, 1, whr, dhf + m0 * H, H,
+                              false, p.hid0, p.hid1);
         meet();
         dcell = dhf;
       }
       pointwise(k, p, dh, dcell, dh_prev);
       meet();  // every row of dG_k is complete
-      const T* dgh_k = dgh + k * B * GH;
+      const T* dgh_k = dgh + (k * B + m0) * GH;
+      T* dh_rows = dh_prev + m0 * Hout;
       const bool desc = i & 1;  // alternate directions through W_hh (ForwardLoop::cell_phase)
       if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
-        gemm_packed_panels<T>(B, H, H, dgh_k + 2 * H, GH, 1, whn, drh, H, false, p.hid0, p.hid1,
-                              desc);
+        gemm_packed_panels<T>(rows, H, H, dgh_k + 2 * H, GH, 1, whn, drh + m0 * H, H, false,
+                              p.hid0, p.hid1, desc);
         meet();
         gru_reset_pointwise(k, p, dh_prev);
         meet();
-        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0,
+        gemm_packed_panels<T>(rows, Hout, 2 * H, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
                               p.out1, desc);
       } else if (gru) {  // r, z through W_hr|W_hz, then n through W_hn (continuing each chain)
-        gemm_packed_panels<T>(B, Hout, 2 * H, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0,
+        gemm_packed_panels<T>(rows, Hout, 2 * H, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
                               p.out1, desc);
-        gemm_packed_panels<T>(B, Hout, H, dghn + k * B * ld_n, ld_n, 1, whn, dh_prev, Hout, true,
-                              p.out0, p.out1, desc);
+        gemm_packed_panels<T>(rows, Hout, H, dghn + (k * B + m0) * ld_n, ld_n, 1, whn, dh_rows,
+                              Hout, true, p.out0, p.out1, desc);
       } else if (queue) {
         queue->lag(member);
         pack_shared_dg(dgh_k, team, member);
@@ -258,8 +270,8 @@ struct BackwardLoop {
         for (int64_t ob; (ob = queue->next(i, member, desc, &taken)) >= 0; ++ran)
           dg_w_panel(ob, dh_prev);
       } else {
-        gemm_packed_panels<T>(B, Hout, GH, dgh_k, GH, 1, whh, dh_prev, Hout, true, p.out0, p.out1,
-                              desc);
+        gemm_packed_panels<T>(rows, Hout, GH, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
+                              p.out1, desc);
       }
       meet();  // every column of d h_prev is complete
     }
@@ -360,13 +372,26 @@ int backward_step_threads(const LayerShape& s, int nthreads) {
   return nthreads;
 }
 
+// Whether a team's members walk back their own rows, all of each step's maths and products,
+// and never meet (the forward's by_rows): each then streams all of W_hh every step, so only
+// where the recurrent weights fit half of one core's L2, and only where every row keeps its
+// FMA chains (rows_keep_chains). A team that meets twice a step exchanges dG and d h_prev
+// between the cores every step, which costs most when this VM puts them far apart.
+template <typename T>
+bool backward_rows_apart(const LayerShape& s, int nthreads) {
+  const int64_t weights = (gates_of(s.cell) * s.H + (s.has_proj ? s.H : 0)) * s.Hout;
+  return backward_step_threads<T>(s, nthreads) > 1 && rows_keep_chains<T>(s.B, nthreads) &&
+         weights * int64_t(sizeof(T)) <= l2_cache_bytes() / 2;
+}
+
 // For tests and the curious (python's _C.step_split(..., backward=True)), without lengths: 0 one
-// thread, 3 a team (rows and column panels), 4 the halves of k_split_backward (on a team of two,
-// or one thread taking both).
+// thread, 1 a team of rows apart (backward_rows_apart), 3 a team (rows and column panels), 4
+// the halves of k_split_backward (on a team of two, or one thread taking both).
 template <typename T>
 int backward_split_kind(int cell, int64_t B, int64_t H, int64_t Hout, int nthreads) {
   LayerShape s{1, B, 1, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
   if (k_split_backward<T>(s, false)) return 4;
+  if (backward_rows_apart<T>(s, nthreads)) return 1;
   return backward_step_threads<T>(s, nthreads) > 1 ? 3 : 0;
 }
 
@@ -457,6 +482,10 @@ void backward_on_threads(const BackwardArgs<T>& a) {
     for (int64_t u = 0; u < Hout; ++u) a.dh0[u] = p0[u] + p1[u];
   } else if (nt <= 1) {
     loop.run(alone, nullptr, 0, s.T);
+  } else if (backward_rows_apart<T>(s, nt)) {
+    run_step_team(nt, [&](int member, int team, StepBarrier*) {
+      loop.run(BackwardLoop<T>::rows_of(s, team, member), nullptr, 0, s.T);
+    });
   } else {  // small steps first check that the team pays, as the forward's (team_probe.h)
     const bool share = shares_panels(s);
     Scratch<T> dg_packed(share ? BackwardLoop<T>::dg_packed_size(s) : 0);

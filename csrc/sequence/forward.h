@@ -43,19 +43,17 @@ inline int64_t shared_panel_offset(int64_t m, int64_t K) {
 }
 
 // Whether nthreads members can take B rows in equal shares (split_range), each tiled from its
-// first row (MR rows a tile, the rest last): 64 rows on 2 threads are 32 + 32, tiles of 12, 12
-// and 8, where whole tiles from row 0 split them 36 + 28. Only where every row's FMA chains stay
-// those of one thread's tiles, which split k in tiles of 1-3 rows (KSplit): no such tile either
-// way. And the tiles' panels (panel_of_row) must be distinct and within the shared A.
+// first row: 64 rows on 2 threads are 32 + 32, tiles of 12, 12 and 8, where whole tiles from row
+// 0 split them 36 + 28. Only where every row keeps its chains (rows_keep_chains), and the tiles'
+// panels (panel_of_row) are distinct and within the shared A.
 template <typename T>
 bool rows_in_equal_shares(int64_t B, int nthreads) {
   constexpr int64_t MR = Tile<T>::MR;
-  if (nthreads <= 1 || (B % MR != 0 && B % MR < 4)) return false;
+  if (!rows_keep_chains<T>(B, nthreads)) return false;
   int64_t last_panel = -1;
   for (int t = 0; t < nthreads; ++t) {
     int64_t r0 = 0, r1 = 0;
     split_range(B, nthreads, t, &r0, &r1);
-    if (r1 - r0 < 4 || ((r1 - r0) % MR != 0 && (r1 - r0) % MR < 4)) return false;
     for (int64_t m = r0; m < r1; m += MR) {
       if (panel_of_row<T>(m) <= last_panel) return false;
       last_panel = panel_of_row<T>(m);

@@ -12,6 +12,21 @@ namespace FUSEDRNN_ISA_NS {
 
 inline int gates_of(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
 
+// Whether nthreads members can take B rows in equal shares (split_range), each tiled from its
+// first row (MR rows a tile, the rest last), with every row's FMA chains those of one thread's
+// tiles from row 0: those split k in tiles of 1-3 rows (KSplit), so no such tile either way.
+template <typename T>
+bool rows_keep_chains(int64_t B, int nthreads) {
+  constexpr int64_t MR = Tile<T>::MR;
+  if (nthreads <= 1 || (B % MR != 0 && B % MR < 4)) return false;
+  for (int t = 0; t < nthreads; ++t) {
+    int64_t r0 = 0, r1 = 0;
+    split_range(B, nthreads, t, &r0, &r1);
+    if (r1 - r0 < 4 || ((r1 - r0) % MR != 0 && (r1 - r0) % MR < 4)) return false;
+  }
+  return true;
+}
+
 // FLOPs of one step's recurrent product h W_hh^T (every gate), which decide how a step is threaded.
 inline double recurrent_step_flops(const LayerShape& s) {
   return 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;

@@ -251,7 +251,7 @@ def test_long_sequence_float32(rng, isa):
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads):
     """Both ways 2 threads share a forward step (forward.h, step_threads): batch rows with no
-    barrier (small weights, B=96) and hidden units with a barrier per step (B=12 or 26, or weights
+    barrier (small weights, B=96, or B=16 with W_ih small too) and hidden units with a barrier per step (B=12 or 26, or weights
     past L2), each with the input projection before the loop and in the step; and both ways of
     the backward: rows apart (backward_rows_apart: small weights, rows keeping their chains) and
     the team (batch rows of the pointwise maths, column panels of the GEMMs; B = 26 would leave
@@ -264,7 +264,8 @@ def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads
     try:
         # with lengths: the whole sequence's input projection first; without: in the step
         for (B, H, split, back), lengths in itertools.product(
-                ((96, 128, "rows", "rows"), (12, wide, "units", None), (26, wide, None, "team")),
+                ((96, 128, "rows", "rows"), (16, 128, "rows", None), (12, wide, "units", None),
+                 (26, wide, None, "team")),
                 (True, False)):
             Hout = proj and 24 or H
             code = functional.CELL_CODES[cell]

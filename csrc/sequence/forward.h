@@ -109,14 +109,24 @@ constexpr double kUnevenRowsMaxStepFlops = 1e7;
 // weights fit half of one core's L2, since each thread then reads all of them every step;
 // bigger weights are split by hidden units, so each core streams only its share of them
 // (fastrnns LSTM, 2 threads: median 227-247 ms by rows, 211-222 ms by units), and so are batches
-// whose row tiles split unevenly (rows_split_evenly).
+// whose row tiles split unevenly (rows_split_evenly). Threads with 8 to 2 tiles' rows each split
+// rows too where W_ih also fits (the step may stream it too: in_step_projection): a team split
+// by units meets every step, and this VM may put its cores far apart (2 threads, in-process A/B,
+// one layer, TxBxIxH: 100x16x128x128 RNN 0.610 -> 0.428 ms, LSTM 1.77 -> 1.56, GRU 1.43 ->
+// 1.15, training 1.98 -> 1.71, 5.93 -> 5.42, 4.86 -> 4.46; 50x16x256x256 RNN 0.962 -> 0.727;
+// 50x24x256x256 RNN 1.36 -> 1.06. Not with 4 rows each, 64x8x256x256 LSTM 2.06 -> 3.72, nor
+// with W_hh and W_ih past half of L2, 50x16x256x256 LSTM 2.88 -> 2.96).
 template <typename T>
 int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const int64_t G = gates_of(s.cell);
   const double flops = recurrent_step_flops(s);
-  const bool weights_fit_l2 = G * s.H * s.Hout * int64_t(sizeof(T)) <= l2_cache_bytes() / 2;
+  const int64_t half_l2 = l2_cache_bytes() / 2, bytes = sizeof(T);
+  const bool weights_fit_l2 = G * s.H * s.Hout * bytes <= half_l2;
+  const bool both_fit_l2 = G * s.H * (s.Hout + s.I) * bytes <= half_l2;
   const bool units_split = ceil_div<int64_t>(s.H, Tile<T>::NR) >= nthreads;
-  *by_rows = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2 &&
+  const bool tiles = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2;
+  const bool rows = s.B >= int64_t(nthreads) * 8 && both_fit_l2;
+  *by_rows = (tiles || rows) &&
              (rows_split_evenly<T>(s.B, nthreads) || flops < kUnevenRowsMaxStepFlops ||
               !units_split);
   if (nthreads <= 1 || flops < kMinTeamStepFlops) return 1;

@@ -305,9 +305,9 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
   return out;
 }
 
-// The caller's gradient array named `key` in `into` (a dict), to add into or write over: of the layer's dtype,
-// C-contiguous, writeable and of shape `shape`, since the kernel writes it in place (a copy made
-// to fit would take the gradients and drop them).
+// The caller's gradient array named `key` in `into` (a dict), to add into or write over: of the
+// layer's dtype, C-contiguous, writeable and of shape `shape`, since the kernel writes it in
+// place (a copy made to fit would take the gradients and drop them).
 template <typename T>
 Arr<T> gradient_to_add_into(const py::dict& into, const char* key, std::vector<int64_t> shape) {
   const std::string where = std::string("grads_into[\"") + key + "\"]";
@@ -319,7 +319,7 @@ Arr<T> gradient_to_add_into(const py::dict& into, const char* key, std::vector<i
     throw py::type_error(where + " must have dtype " + std::string(py::str(py::dtype::of<T>())) +
                          ", got " + std::string(py::str(a.dtype())));
   if (!(a.flags() & py::array::c_style) || !a.writeable())
-    fail(where + " must be a writeable C-contiguous array (the kernels add into it in place)");
+    fail(where + " must be a writeable C-contiguous array (the kernels write it in place)");
   Arr<T> arr = py::reinterpret_borrow<Arr<T>>(a);
   check_shape(where.c_str(), arr, shape);
   return arr;

@@ -221,14 +221,9 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
     c.make_room(packed_bytes + (had_raw ? 0 : copy_bytes));
     auto raw = c.raws.find(raw_key);
     if (had_raw && raw == c.raws.end()) c.make_room(packed_bytes + copy_bytes);  // it went too
-    if (raw == c.raws.end()) {  // a new copy: it holds the source's bytes as of now
-      raw = c.raws.emplace(raw_key, RawCopy{}).first;
-      if (!frozen) raw->second.bytes.assign(static_cast<const char*>(src), static_cast<const char*>(src) + raw_bytes);
-      raw->second.version = 1;
-      raw->second.checked_call = c.call;
-      raw->second.frozen = frozen;
-      c.total += copy_bytes;
-    }
+    // A new copy starts empty: check() below takes the source's bytes (unless frozen) and
+    // bumps its version, so the new form packs.
+    if (raw == c.raws.end()) raw = c.raws.emplace(raw_key, RawCopy{}).first;
     ++raw->second.forms;
     it = c.entries.emplace(key, PackEntry{}).first;
     it->second.raw = raw_key;

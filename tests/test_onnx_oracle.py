@@ -6,6 +6,8 @@ These are the independent oracle for what torch does not have, above all the GRU
 (LSTM i,o,f,c; GRU z,r,h), its ``direction`` ("reverse" alone is functional.forward's
 ``reverse=True``), ``layout=1`` (batch_first) and ``sequence_lens``. Skipped without onnx, and
 the ONNX Runtime tests without onnxruntime (the test extra installs both)."""
+import warnings
+
 import numpy as np
 import pytest
 
@@ -16,9 +18,20 @@ from fusedrnn.tolerances import assert_close
 
 onnx = pytest.importorskip("onnx")
 
-from onnx.backend.test.case.node import gru as onnx_gru  # noqa: E402
-from onnx.backend.test.case.node import lstm as onnx_lstm  # noqa: E402
-from onnx.backend.test.case.node import rnn as onnx_rnn  # noqa: E402
+# ONNX's case modules compute their expected outputs with np.dot when imported (and again in
+# onnx_cases, and their Helpers in the tests below). numpy's OpenBLAS now and then raises the
+# floating-point invalid flag there on finite inputs and outputs (two full runs in about twenty:
+# "RuntimeWarning: invalid value encountered in dot" in onnx's gru.py at import), which
+# filterwarnings = error made a collection error. That warning of theirs alone is ignored; the
+# outputs are still compared, so a real NaN in them fails the tests as before.
+ONNX_DOT_WARNING = "invalid value encountered in dot"
+pytestmark = pytest.mark.filterwarnings(f"ignore:{ONNX_DOT_WARNING}:RuntimeWarning")
+
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", ONNX_DOT_WARNING, RuntimeWarning)
+    from onnx.backend.test.case.node import gru as onnx_gru  # noqa: E402
+    from onnx.backend.test.case.node import lstm as onnx_lstm  # noqa: E402
+    from onnx.backend.test.case.node import rnn as onnx_rnn  # noqa: E402
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 # ONNX's case module per op: its exported cases are the class named after the op, and its NumPy
@@ -41,9 +54,11 @@ def onnx_cases():
         module.expect = catch
         try:
             np.random.seed(0)  # some cases draw random weights
-            for attr in sorted(dir(cls)):
-                if attr.startswith("export"):
-                    getattr(cls, attr)()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ONNX_DOT_WARNING, RuntimeWarning)
+                for attr in sorted(dir(cls)):
+                    if attr.startswith("export"):
+                        getattr(cls, attr)()
         finally:
             module.expect = saved
     return found

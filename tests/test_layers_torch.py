@@ -327,3 +327,26 @@ def test_load_state_dict_takes_parameters_and_other_float_dtypes():
     with torch.no_grad():
         want = m(x)[0].numpy()
     assert_close(layer(x.numpy().astype(np.float64))[0], want, np.float32)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_constructor_keywords_are_taken_as_torch_takes_them(cell):
+    """A constructor call written for torch.nn works unchanged, meaning the same: its device
+    (the CPU) and dtype (torch's; NumPy's too, tested elsewhere), and dtype=None as torch's default float32, not
+    NumPy's float64 (np.dtype(None)). flatten_parameters(), which models call, is there."""
+    kind = cell.split("_")[0]
+    kw = {"rnn_relu": {"nonlinearity": "relu"}}.get(cell, {})
+    make = {"rnn": fusedrnn.RNN, "lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU}[kind]
+    make_torch = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
+    for device in (None, "cpu", torch.device("cpu"), torch.device("cpu", 0)):
+        for dtype in (None, torch.float32, torch.float64):
+            m = make_torch(3, 4, device=device, dtype=dtype, **kw)
+            layer = make(3, 4, device=device, dtype=dtype, **kw)
+            assert layer.dtype == np.dtype(str(m.weight_ih_l0.dtype).replace("torch.", ""))
+            layer.load_state_dict(m.state_dict())
+            layer.flatten_parameters()
+            m.flatten_parameters()
+            x = torch.randn(5, 2, 3, dtype=m.weight_ih_l0.dtype)
+            with torch.no_grad():
+                want = m(x)[0].numpy()
+            assert_close(layer(x.numpy())[0], want, layer.dtype)

@@ -106,8 +106,19 @@ def _check_bool(name, value):
     return bool(value)
 
 
+# torch's float dtypes by name, so a drop-in call with ``dtype=torch.float64`` works without
+# importing torch here.
+_TORCH_DTYPES = {"torch.float32": np.dtype(np.float32), "torch.float64": np.dtype(np.float64)}
+
+
 def check_dtype(dtype):
-    """The layer dtype as np.dtype: float32 or float64, anything else refused."""
+    """The layer dtype as np.dtype: float32 or float64, anything else refused. None is float32,
+    torch's default dtype (np.dtype(None) would be float64: a drop-in call passing torch's
+    ``dtype=None`` would get a float64 layer), and torch.float32 / torch.float64 are theirs."""
+    if dtype is None:
+        return np.dtype(np.float32)
+    if type(dtype).__module__ == "torch" and str(dtype) in _TORCH_DTYPES:
+        return _TORCH_DTYPES[str(dtype)]
     try:
         dt = np.dtype(dtype)
     except TypeError:
@@ -115,6 +126,20 @@ def check_dtype(dtype):
     if dt not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64, got {dt.name}")
     return dt
+
+
+def check_device(device):
+    """torch.nn's ``device`` argument: None or the CPU (``"cpu"``, ``"cpu:0"``,
+    ``torch.device("cpu")``), the only device fusedrnn runs on; any other is refused."""
+    if device is None:
+        return
+    if isinstance(device, str) or type(device).__module__ == "torch":
+        if str(device).split(":")[0] == "cpu":
+            return
+        raise ValueError(f"device must be None or 'cpu' (fusedrnn runs on the CPU), got "
+                         f"{str(device)!r}")
+    raise TypeError(f"device must be None, 'cpu' or torch.device('cpu'), got "
+                    f"{type(device).__name__}")
 
 
 def check_seed(seed):

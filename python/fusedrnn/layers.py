@@ -1,7 +1,8 @@
 """torch.nn-shaped RNN, LSTM and GRU layers on NumPy arrays, with training (backward).
 
     rnn = fusedrnn.LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                        dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None)
+                        dropout=0.0, bidirectional=False, proj_size=0, device=None,
+                        dtype=np.float32, seed=None)
     y, (hn, cn) = rnn(x, hx=None, lengths=None)        # RNN and GRU: y, hn = rnn(x, hx)
     dx, (dh0, dc0) = rnn.backward(dy, dhn=None)        # RNN and GRU: dx, dh0 = rnn.backward(dy, dhn)
 
@@ -25,6 +26,8 @@ Semantics chosen where NumPy and torch differ:
   (as torch frees the graph): a second backward needs a new forward. Update parameters (or
   overwrite ``x``) only after backward: the kernels read them again in backward (torch raises an
   error for such in-place changes; NumPy cannot detect them).
+- ``dtype`` takes NumPy's and torch's float32 and float64; None means float32, torch's default.
+  ``device`` takes torch's None or the CPU and refuses any other device.
 - Inputs must have the layer's dtype exactly; nothing is cast silently. Outputs for
   ``batch_first=True`` are transposed views of time-major arrays, as in torch.
 - A layer object keeps the state of its last training forward, so one layer must not be
@@ -54,7 +57,8 @@ class _Layer:
 
     _name = None            # class name shown in messages
 
-    def __init__(self, spec, dtype, seed):
+    def __init__(self, spec, device, dtype, seed):
+        base.check_device(device)
         self._spec = spec
         self.dtype = base.check_dtype(dtype)
         seed = base.check_seed(seed)
@@ -109,6 +113,11 @@ class _Layer:
     def eval(self):
         """Inference mode: no dropout, forward keeps nothing (no backward)."""
         return self.train(False)
+
+    def flatten_parameters(self):
+        """torch.nn's call to lay the weights out for cuDNN, which models make before forward:
+        nothing to do here (the kernels pack the weights themselves), so code that calls it
+        runs unchanged."""
 
     # -- parameters
     def named_parameters(self):
@@ -453,13 +462,13 @@ class RNN(_Layer):
     """Elman RNN, ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)`` (or relu), as torch.nn.RNN."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
-                 batch_first=False, dropout=0.0, bidirectional=False, dtype=np.float32,
-                 seed=None):
+                 batch_first=False, dropout=0.0, bidirectional=False, device=None,
+                 dtype=np.float32, seed=None):
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         spec = base.check_config(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers,
                                  bias, batch_first, dropout, bidirectional)
-        super().__init__(spec, dtype, seed)
+        super().__init__(spec, device, dtype, seed)
 
     nonlinearity = property(lambda self: self._spec.cell[4:])
 
@@ -472,11 +481,11 @@ class GRU(_Layer):
     (ONNX's default, Keras ``reset_after=False``), which torch does not have."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, linear_before_reset=True, dtype=np.float32,
-                 seed=None):
+                 dropout=0.0, bidirectional=False, linear_before_reset=True, device=None,
+                 dtype=np.float32, seed=None):
         spec = base.check_config("gru", input_size, hidden_size, num_layers, bias, batch_first,
                                  dropout, bidirectional, linear_before_reset=linear_before_reset)
-        super().__init__(spec, dtype, seed)
+        super().__init__(spec, device, dtype, seed)
 
     linear_before_reset = property(lambda self: self._spec.linear_before_reset)
 
@@ -488,10 +497,11 @@ class LSTM(_Layer):
     """LSTM as torch.nn.LSTM, with optional projections (``proj_size``)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None):
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=np.float32,
+                 seed=None):
         spec = base.check_config("lstm", input_size, hidden_size, num_layers, bias, batch_first,
                                  dropout, bidirectional, proj_size=proj_size)
-        super().__init__(spec, dtype, seed)
+        super().__init__(spec, device, dtype, seed)
 
     def _extra_repr(self):
         return [f"proj_size={self.proj_size}"] if self.proj_size else []

@@ -254,6 +254,29 @@ def test_state_dict_missing_and_unexpected_keys_are_named():
         no_bias.load_state_dict(layer.state_dict())
 
 
+def test_state_dict_not_strict_loads_what_matches_and_names_the_rest():
+    """strict=False as torch's: the layer's names that are there are loaded, the others keep
+    their values, and the result names both sides' extra keys; a misshaped entry still fails."""
+    layer = fusedrnn.LSTM(4, 3, bidirectional=True, seed=0)
+    source = fusedrnn.LSTM(4, 3, bidirectional=True, seed=1)
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    sd = {k: v for k, v in source.state_dict().items() if not k.endswith("_reverse")}
+    sd["weight_hr_l0"] = np.zeros((3, 3), F32)
+    result = layer.load_state_dict(sd, strict=False)
+    assert result.missing_keys == [k for k in before if k.endswith("_reverse")]
+    assert result.unexpected_keys == ["weight_hr_l0"]
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k] if k.endswith("_reverse") else sd[k])
+    assert layer.load_state_dict(source.state_dict()) == ([], [])
+    sd["weight_ih_l0"] = np.zeros((12, 5), F32)
+    with pytest.raises(ValueError, match=r"state_dict\['weight_ih_l0'\] must have shape"):
+        layer.load_state_dict(sd, strict=False)
+    with pytest.raises(TypeError, match="strict must be a bool, got str"):
+        layer.load_state_dict(sd, strict="no")
+    with pytest.raises(ValueError, match="assign=True is not supported"):
+        layer.load_state_dict(source.state_dict(), assign=True)
+
+
 def test_state_dict_misshaped_or_non_float_entries_are_named():
     layer = fusedrnn.GRU(4, 3, num_layers=2)
     before = {k: v.copy() for k, v in layer.state_dict().items()}

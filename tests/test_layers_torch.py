@@ -350,3 +350,14 @@ def test_torch_constructor_keywords_are_taken_as_torch_takes_them(cell):
             with torch.no_grad():
                 want = m(x)[0].numpy()
             assert_close(layer(x.numpy())[0], want, layer.dtype)
+
+
+def test_state_dict_not_strict_names_the_keys_torch_names():
+    """load_state_dict(strict=False) reports the same missing and unexpected keys as torch's."""
+    m = torch.nn.LSTM(4, 3, num_layers=2, proj_size=2)
+    layer = fusedrnn.LSTM(4, 3, num_layers=2, proj_size=2)
+    sd = {k: v for k, v in m.state_dict().items() if "l1" not in k}
+    sd["weight_hr_l2"] = torch.zeros(2, 3)
+    want = torch.nn.LSTM(4, 3, num_layers=2, proj_size=2).load_state_dict(sd, strict=False)
+    got = layer.load_state_dict(sd, strict=False)
+    assert (got.missing_keys, got.unexpected_keys) == (want.missing_keys, want.unexpected_keys)

@@ -100,7 +100,7 @@ def _check_int(name, value, minimum):
     return int(value)
 
 
-def _check_bool(name, value):
+def check_bool(name, value):
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
     return bool(value)
@@ -158,10 +158,10 @@ def check_config(cell, input_size, hidden_size, num_layers=1, bias=True, batch_f
     input_size = _check_int("input_size", input_size, 1)
     hidden_size = _check_int("hidden_size", hidden_size, 1)
     num_layers = _check_int("num_layers", num_layers, 1)
-    bias = _check_bool("bias", bias)
-    batch_first = _check_bool("batch_first", batch_first)
-    bidirectional = _check_bool("bidirectional", bidirectional)
-    linear_before_reset = _check_bool("linear_before_reset", linear_before_reset)
+    bias = check_bool("bias", bias)
+    batch_first = check_bool("batch_first", batch_first)
+    bidirectional = check_bool("bidirectional", bidirectional)
+    linear_before_reset = check_bool("linear_before_reset", linear_before_reset)
     if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real):
         raise TypeError(f"dropout must be a number in [0, 1], got {type(dropout).__name__}")
     if not 0 <= dropout <= 1:

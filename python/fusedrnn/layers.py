@@ -33,6 +33,7 @@ Semantics chosen where NumPy and torch differ:
 - A layer object keeps the state of its last training forward, so one layer must not be
   called from several threads at once; separate layers may be (the kernels release the GIL).
 """
+import collections
 import itertools
 
 import numpy as np
@@ -41,6 +42,10 @@ from . import _layer_base as base
 from ._validate import as_dtype_array, as_lengths, check_shape
 
 __all__ = ["RNN", "LSTM", "GRU"]
+
+# What load_state_dict returns, as torch's (its _IncompatibleKeys): the layer's names the
+# state dict lacked and the state dict's names the layer has not.
+IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
 # Ids of frozen parameter sets (freeze()), never reused in a process: the kernels' cache of
 # packed weights trusts an id for the memory it first compared under it.
@@ -214,25 +219,34 @@ class _Layer:
             self.__dict__["_frozen_id"] = 0
             self.freeze()
 
-    def load_state_dict(self, state_dict):
+    def load_state_dict(self, state_dict, strict=True, assign=False):
         """Copy parameters from a mapping of torch names to arrays (NumPy arrays, a torch
         ``state_dict()``, anything ``np.asarray`` accepts). Every name and shape is checked
-        before anything is copied; values of another float dtype are cast as torch does."""
+        before anything is copied; values of another float dtype are cast as torch does.
+        As torch's: ``strict=False`` loads the names the layer has and leaves the rest of its
+        parameters as they are, and the result names the keys each side lacked
+        (``missing_keys``, ``unexpected_keys``). ``assign=True`` (torch: keep the state dict's
+        tensors as the parameters) is refused: the layer's parameters are its own arrays."""
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of names to arrays, "
                             f"got {type(state_dict).__name__}")
+        strict = base.check_bool("strict", strict)
+        if base.check_bool("assign", assign):
+            raise ValueError("assign=True is not supported: the layer keeps its own parameter "
+                             "arrays and load_state_dict copies the values into them")
         expected = self._spec.param_shapes()
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict.keys() if k not in expected]
-        if missing or unexpected:
+        if strict and (missing or unexpected):
             parts = []
             if missing:
                 parts.append(f"missing keys {missing}")
             if unexpected:
                 parts.append(f"unexpected keys {unexpected}")
             raise ValueError(f"state_dict does not match {self!r}: {' and '.join(parts)}")
-        self._copy_into_params({name: state_dict[name] for name in expected},
+        self._copy_into_params({name: state_dict[name] for name in expected if name in state_dict},
                                label="state_dict[{!r}]")
+        return IncompatibleKeys(missing, unexpected)
 
     def _copy_into_params(self, values, label="{}"):
         """Copies {name: array-like} into the live parameter arrays once every value has the

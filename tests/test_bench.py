@@ -499,3 +499,32 @@ def test_blocks_wait_for_the_previous_runners_threads_to_idle():
         assert events == ["a"] * 4
     finally:
         timing.wait_until_idle = original
+
+
+def test_warm_up_runs_each_runner_untimed_for_its_time_and_calls():
+    """Before the first timed round every runner is called, untimed, until both the warm-up
+    time and call count are reached, each after the previous runner's threads idle (alone, no
+    wait); the case's timing calls it before interleaving."""
+    import inspect
+    import time
+
+    from fusedrnn.bench import runner, timing
+
+    events = []
+    runners = {"slow": lambda: (events.append("slow"), time.sleep(0.03)),
+               "fast": lambda: events.append("fast")}
+    original = timing.wait_until_idle
+    try:
+        timing.wait_until_idle = lambda: events.append("wait")
+        t0 = time.perf_counter()
+        made = timing.warm_up(runners, warmup_s=0.05, min_calls=3)
+        assert time.perf_counter() - t0 >= 0.1
+        assert made["slow"] == 3 and made["fast"] >= 3
+        assert events == ["wait"] + ["slow"] * 3 + ["wait"] + ["fast"] * made["fast"]
+        events.clear()
+        assert timing.warm_up({"fast": runners["fast"]}, warmup_s=0.0, min_calls=2) == {"fast": 2}
+        assert events == ["fast", "fast"]
+    finally:
+        timing.wait_until_idle = original
+    source = inspect.getsource(runner)
+    assert source.index("timing.warm_up(timed)") < source.index("timing.interleave(timed")

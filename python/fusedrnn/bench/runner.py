@@ -96,6 +96,7 @@ def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps, gemm=None
             timed[ONE_THREAD] = on_one_thread(ours.prepare(problem, case.mode), ours.set_threads,
                                               case.threads)
             budget_s *= len(timed) / len(runners)
+        timing.warm_up(timed)
         times = timing.interleave(timed, budget_s, min_reps, max_reps, beside=beside)
         one_thread_s = times.pop(ONE_THREAD, None)
         times = timing.settle_close_calls(runners, times, beside=beside)

@@ -38,6 +38,29 @@ def wait_until_idle(window_s=IDLE_WINDOW_S, idle_cores=IDLE_CORES, max_s=IDLE_WA
     return time.perf_counter() - start
 
 
+# Untimed calls each runner makes before the first timed round: a library's first calls in a
+# process run slow for a while (torch's fastrnns RNN, 1 thread, in the benchmark: its first
+# three timed calls 59-63 ms, then 53-55, after one untimed call each; in one full run the first
+# three were 92-95 ms, which made its median 92 and our speed-up x1.95 instead of about x1.1).
+WARMUP_S = 0.2      # calls go on until this much time has passed ...
+WARMUP_CALLS = 2    # ... and at least this many calls were made
+
+
+def warm_up(runners, warmup_s=WARMUP_S, min_calls=WARMUP_CALLS):
+    """Runs each runner untimed, one after the other (waiting for the previous one's threads
+    to idle), until ``warmup_s`` seconds and ``min_calls`` calls. Returns name -> calls made."""
+    made = {}
+    for name, call in runners.items():
+        if len(runners) > 1:
+            wait_until_idle()
+        start, n = time.perf_counter(), 0
+        while n < min_calls or time.perf_counter() - start < warmup_s:
+            call()
+            n += 1
+        made[name] = n
+    return made
+
+
 def interleave(runners, budget_s, min_reps=3, max_reps=200, block_s=BLOCK_S, beside=None):
     """Time each runner (name -> zero-argument callable). Returns name -> list of seconds.
 

@@ -554,6 +554,36 @@ def test_separate_layers_in_parallel_threads(rng):
                     np.testing.assert_array_equal(seq[6][k], par[6][k])
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["eval", "frozen"])
+def test_one_layer_serves_inference_from_several_threads(rng, frozen):
+    """One layer in eval mode (frozen or not), called at once from four Python threads on
+    inputs of many shapes, as a server shares one model: every output is the sequential one
+    exactly (the packed-weight cache is per thread, the block cache locked)."""
+    for cell in CELLS:
+        layer = make_layer(cell, 12, 20, L=2, bidirectional=True, dtype=np.float32, seed=3).eval()
+        if frozen:
+            layer.freeze()
+        xs = [rng.standard_normal((int(rng.integers(1, 25)), int(rng.integers(1, 9)), 12))
+              .astype(np.float32) for _ in range(16)]
+        want = [[a.copy() for a in flat_outputs(layer(x))] for x in xs]
+
+        def work(first):
+            return [(i, flat_outputs(layer(xs[i]))) for _ in range(5)
+                    for i in range(first, len(xs), 4)]
+
+        with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+            for results in pool.map(work, range(4)):
+                for i, got in results:
+                    for a, b in zip(got, want[i]):
+                        np.testing.assert_array_equal(a, b)
+
+
+def flat_outputs(out):
+    """y, hn (and cn) of a layer call as one list."""
+    y, h = out
+    return [y, *h] if isinstance(h, tuple) else [y, h]
+
+
 def test_kernels_release_the_gil_while_a_layer_runs():
     """While one thread runs a long forward, the main thread keeps running Python: the longest
     pause it sees is far shorter than the call (a held GIL would pause it for the whole call)."""

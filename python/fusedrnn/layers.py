@@ -30,8 +30,10 @@ Semantics chosen where NumPy and torch differ:
   ``device`` takes torch's None or the CPU and refuses any other device.
 - Inputs must have the layer's dtype exactly; nothing is cast silently. Outputs for
   ``batch_first=True`` are transposed views of time-major arrays, as in torch.
-- A layer object keeps the state of its last training forward, so one layer must not be
-  called from several threads at once; separate layers may be (the kernels release the GIL).
+- A layer object keeps the state of its last training forward, so in training one layer must
+  not be called from several threads at once; separate layers may be (the kernels release the
+  GIL). In eval mode (frozen or not) one layer may serve calls from several threads at once, as
+  a server shares one model: such calls keep nothing on the layer.
 """
 import collections
 import itertools

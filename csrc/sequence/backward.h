@@ -132,8 +132,8 @@ struct BackwardLoop {
     return p;
   }
   static Share rows_of(const LayerShape& s, int team, int member) {
-    constexpr int NR = Tile<T>::NR;
-    Share p{0, s.B, 0, ceil_div<int64_t>(s.Hout, NR), 0, ceil_div<int64_t>(s.H, NR), true};
+    Share p = share_of(s, 1, 0);  // every column panel
+    p.rows_only = true;
     split_range(s.B, team, member, &p.row0, &p.row1);
     return p;
   }

@@ -28,19 +28,19 @@ def check_shape(name, a, shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
 
 
-def as_lengths(lengths, T, B):
-    """lengths as int64 (B,) in 1..T, or None."""
+def as_lengths(lengths, T, B, name="lengths"):
+    """lengths as int64 (B,) in 1..T, or None. ``name``: the argument's name in errors."""
     if lengths is None:
         return None
     arr = np.asarray(lengths)
     if arr.size == 0:  # an empty list reads as float64; a batch of 0 has no lengths to check
         arr = arr.astype(np.int64)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"lengths must be integers, got dtype {arr.dtype.name}")
+        raise TypeError(f"{name} must be integers, got dtype {arr.dtype.name}")
     if arr.shape != (B,):
-        raise ValueError(f"lengths must have shape ({B},) (one per batch row), got {arr.shape}")
+        raise ValueError(f"{name} must have shape ({B},) (one per batch row), got {arr.shape}")
     if B and (arr.min() < 1 or arr.max() > T):
-        raise ValueError(f"lengths must lie in 1..{T} (the number of time steps), got "
+        raise ValueError(f"{name} must lie in 1..{T} (the number of time steps), got "
                          f"min {arr.min()} and max {arr.max()}")
     return np.ascontiguousarray(arr, dtype=np.int64)
 

@@ -9,10 +9,11 @@ ONNX keeps one node per layer, its weights stacked by direction and its gates in
     fusedrnn.onnx_layout.load_onnx_weights(lstm, W, R, B, layer=0)   # from one
 
 The node's other attributes must agree with the layer: ``direction`` "forward" for one
-direction or "bidirectional" for two (ONNX's "reverse" alone has no torch.nn layer; see
-``functional.forward(..., reverse=True)``), its default activations (RNN: Tanh, or Relu for
-``nonlinearity="relu"``), no ``clip`` nor ``input_forget``, no peepholes (``P``), and for the GRU
-``linear_before_reset`` as the layer's (ONNX's default 0 is ``linear_before_reset=False``).
+direction or "bidirectional" for two (ONNX's "reverse" alone has no torch.nn layer;
+:mod:`fusedrnn.onnx_ops` runs it, and whole nodes), its default activations (RNN: Tanh, or
+Relu for ``nonlinearity="relu"``), no ``clip`` nor ``input_forget``, no peepholes (``P``), and
+for the GRU ``linear_before_reset`` as the layer's (ONNX's default 0 is
+``linear_before_reset=False``).
 A projected LSTM (``proj_size``) has no ONNX form.
 """
 import numpy as np

@@ -1,0 +1,155 @@
+"""fusedrnn.onnx_ops, ONNX's operators on the kernels: its layouts and optional inputs against a
+layer's own results, and its refusals. ONNX's own cases and ONNX Runtime check its semantics in
+test_onnx_oracle.py."""
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import onnx_ops
+from fusedrnn.onnx_layout import onnx_weights
+from fusedrnn.tolerances import assert_close
+
+OPS = {"LSTM": (fusedrnn.LSTM, onnx_ops.lstm), "GRU": (fusedrnn.GRU, onnx_ops.gru),
+       "RNN": (fusedrnn.RNN, onnx_ops.rnn)}
+
+
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("layout", [0, 1])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bidirectional_node_is_the_layer(rng, op, layout, dtype):
+    """A bidirectional layer's weights as ONNX's W, R, B, its states and ragged lengths as the
+    node's inputs: Y and Y_h (and Y_c) are the layer's y, hn (cn) laid out as ONNX lays them."""
+    T, B, I, H = 5, 4, 3, 6
+    layer_cls, node = OPS[op]
+    layer = layer_cls(I, H, bidirectional=True, dtype=dtype, seed=1).eval()
+    x = rng.standard_normal((T, B, I)).astype(dtype)
+    h0 = rng.standard_normal((2, B, H)).astype(dtype)
+    c0 = rng.standard_normal((2, B, H)).astype(dtype)
+    lens = np.array([5, 2, 4, 1])
+    y, states = layer(x, (h0, c0) if op == "LSTM" else h0, lengths=lens)  # y zero past lengths
+    W, R, Bias = onnx_weights(layer)
+    seq_first = lambda a: np.ascontiguousarray(np.swapaxes(a, 0, 1)) if layout else a  # noqa: E731
+    inputs = [seq_first(x), W, R, Bias, lens.astype(np.int32), seq_first(h0)]
+    if op == "LSTM":
+        inputs.append(seq_first(c0))
+    variant = {"linear_before_reset": 1} if op == "GRU" else {}  # the layer's, torch's GRU
+    got = node(*inputs, direction="bidirectional", layout=layout, hidden_size=H, **variant)
+    want_y = y.reshape(T, B, 2, H).transpose(0, 2, 1, 3)  # (T, D, B, H)
+    if layout:
+        want_y = want_y.transpose(2, 0, 1, 3)  # (B, T, D, H)
+    assert_close(got[0], want_y, dtype, what="Y")
+    for name, have, want in zip(("Y_h", "Y_c"), got[1:], states if op == "LSTM" else (states,)):
+        assert_close(have, seq_first(want), dtype, what=name)
+    assert all(o.dtype == dtype and o.flags.c_contiguous for o in got)
+
+
+def test_defaults_and_spelled_out_defaults_agree(rng):
+    """Absent B and states are zeros; zero peepholes, ONNX's default activations written out
+    (either case, bytes as onnx.helper returns them) and one RNN activation for both directions
+    change nothing; reverse is the forward of the time-flipped sequence."""
+    T, B, I, H = 4, 3, 2, 5
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    W = rng.standard_normal((1, 4 * H, I)).astype(np.float32)
+    R = rng.standard_normal((1, 4 * H, H)).astype(np.float32)
+    zeros = np.zeros
+    base = onnx_ops.lstm(x, W, R)
+    same = onnx_ops.lstm(x, W, R, zeros((1, 8 * H), np.float32), np.full(B, T), zeros((1, B, H),
+                         np.float32), zeros((1, B, H), np.float32), zeros((1, 3 * H), np.float32),
+                         activations=[b"Sigmoid", "tanh", "Tanh"], direction=b"forward")
+    for a, b in zip(base, same):
+        np.testing.assert_array_equal(a, b)
+    flipped = onnx_ops.lstm(x[::-1], W, R, direction="reverse")
+    np.testing.assert_array_equal(flipped[0][::-1], base[0])
+    np.testing.assert_array_equal(flipped[1], base[1])
+    W2 = rng.standard_normal((2, H, I)).astype(np.float32)
+    R2 = rng.standard_normal((2, H, H)).astype(np.float32)
+    one = onnx_ops.rnn(x, W2, R2, direction="bidirectional", activations=["Relu"])
+    both = onnx_ops.rnn(x, W2, R2, direction="bidirectional", activations=["Relu", "Relu"])
+    tanh = onnx_ops.rnn(x, W2, R2, direction="bidirectional")
+    np.testing.assert_array_equal(one[0], both[0])
+    assert not np.array_equal(one[0], tanh[0])
+
+
+def test_gru_variants_differ(rng):
+    """linear_before_reset picks the GRU variant (ONNX's default 0 is not torch's)."""
+    x = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    W = rng.standard_normal((1, 9, 4)).astype(np.float32)
+    R = rng.standard_normal((1, 9, 3)).astype(np.float32)
+    Bias = rng.standard_normal((1, 18)).astype(np.float32)
+    original = onnx_ops.gru(x, W, R, Bias)
+    torch_variant = onnx_ops.gru(x, W, R, Bias, linear_before_reset=1)
+    assert not np.allclose(original[0], torch_variant[0])
+
+
+def lstm_args(rng, T=3, B=2, I=4, H=5, D=1, dtype=np.float32):
+    return dict(X=rng.standard_normal((T, B, I)).astype(dtype),
+                W=rng.standard_normal((D, 4 * H, I)).astype(dtype),
+                R=rng.standard_normal((D, 4 * H, H)).astype(dtype))
+
+
+@pytest.mark.parametrize("change,error,match", [
+    ({"clip": 3.0}, ValueError, "clip=3.0 is not supported"),
+    ({"input_forget": 1}, ValueError, "input_forget"),
+    ({"activations": ["Relu", "Tanh", "Tanh"]}, ValueError, "ONNX's defaults"),
+    ({"activation_alpha": [0.5]}, ValueError, "activation_alpha"),
+    ({"P": np.full((1, 15), 0.1, np.float32)}, ValueError, "peepholes"),
+    ({"P": np.zeros((1, 12), np.float32)}, ValueError, r"P must have shape \(1, 15\)"),
+    ({"direction": "backward"}, ValueError, "direction must be one of"),
+    ({"layout": 2}, ValueError, "layout must be 0"),
+    ({"hidden_size": 6}, ValueError, "hidden_size=6 disagrees"),
+    ({"W": np.zeros((1, 20, 3), np.float32)}, ValueError, r"W must have shape \(1, 20, 4\)"),
+    ({"R": np.zeros((2, 20, 5), np.float32)}, ValueError, r"R must have shape \(num_directions=1"),
+    ({"W": None}, TypeError, "W is required"),
+    ({"X": np.zeros((3, 2), np.float32)}, ValueError, r"X must have 3 dimensions \(T, B, "),
+    ({"X": np.zeros((2, 0, 4), np.float32), "layout": 1}, ValueError,
+     r"X must have at least one time step, got shape \(2, 0, 4\) \(B, T, "),
+    ({"X": np.zeros((3, 2, 4), np.int32)}, TypeError, "X must be a float32 or float64"),
+    ({"R": np.zeros((1, 20, 5))}, TypeError, "R must have X's dtype float32"),
+    ({"B": np.zeros((1, 20), np.float32)}, ValueError, r"B must have shape \(1, 40\)"),
+    ({"sequence_lens": [3, 0]}, ValueError, "sequence_lens must lie in 1..3"),
+    ({"sequence_lens": [3.0, 1.0]}, TypeError, "sequence_lens must be integers"),
+    ({"initial_h": np.zeros((2, 1, 5), np.float32)}, ValueError,
+     r"initial_h must have shape \(1, 2, 5\)"),
+    ({"layout": 1, "initial_c": np.zeros((1, 3, 5), np.float32)}, ValueError,
+     r"initial_c must have shape \(3, 1, 5\)"),
+])
+def test_refusals_name_the_input(rng, change, error, match):
+    args = {**lstm_args(rng), **change}
+    with pytest.raises(error, match=match):
+        onnx_ops.lstm(**args)
+
+
+def test_rnn_and_gru_refusals(rng):
+    x = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    W, R = np.zeros((2, 5, 4), np.float32), np.zeros((2, 5, 5), np.float32)
+    with pytest.raises(ValueError, match="Tanh or Relu, one per direction"):
+        onnx_ops.rnn(x, W, R, direction="bidirectional", activations=["Sigmoid", "Tanh"])
+    with pytest.raises(ValueError, match="Tanh or Relu, one per direction"):
+        onnx_ops.rnn(x, W, R, direction="bidirectional", activations=["Tanh"] * 3)
+    with pytest.raises(ValueError, match="linear_before_reset must be 0 or 1"):
+        onnx_ops.gru(x, np.zeros((1, 15, 4), np.float32), np.zeros((1, 15, 5), np.float32),
+                     linear_before_reset=2)
+
+
+def test_run_node_inputs_by_name_or_position(rng):
+    """run_node reads the node's attributes and inputs (by name, or by position with absent
+    optional ones left out) and returns the outputs the node names; it refuses other ops, other
+    attributes and inputs it was not given."""
+    onnx = pytest.importorskip("onnx")
+    a = lstm_args(rng, T=4, B=3, I=2, H=3)
+    lens = np.array([4, 1, 3], np.int32)
+    node = onnx.helper.make_node("LSTM", ["X", "W", "R", "", "lens"], ["", "Y_h"], hidden_size=3,
+                                 direction="reverse")
+    want = onnx_ops.lstm(a["X"], a["W"], a["R"], sequence_lens=lens, direction="reverse")
+    by_name = onnx_ops.run_node(node, {"X": a["X"], "W": a["W"], "R": a["R"], "lens": lens})
+    by_position = onnx_ops.run_node(node, [a["X"], a["W"], a["R"], None, lens])
+    assert list(by_name) == ["Y_h"]
+    np.testing.assert_array_equal(by_name["Y_h"], want[1])
+    np.testing.assert_array_equal(by_position["Y_h"], want[1])
+    with pytest.raises(ValueError, match=r"no value for the node's input\(s\) \['lens'\]"):
+        onnx_ops.run_node(node, {"X": a["X"], "W": a["W"], "R": a["R"]})
+    with pytest.raises(ValueError, match="got op_type 'Gemm'"):
+        onnx_ops.run_node(onnx.helper.make_node("Gemm", ["a", "b"], ["c"]), [a["X"], a["W"]])
+    odd = onnx.helper.make_node("GRU", ["X", "W", "R"], ["Y"], hidden_size=3, pitch=1)
+    with pytest.raises(ValueError, match=r"GRU has no attribute\(s\) \['pitch'\]"):
+        onnx_ops.run_node(odd, [a["X"], a["W"], a["R"]])

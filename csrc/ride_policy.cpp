@@ -7,8 +7,13 @@
 // 0.34 ms); on this Xeon (48 KB L1, 2 MB L2) one GEMM wins at most shapes (in-process A/B, 1
 // thread, medians, riding -> GEMM: long-seq LSTM 0.616 -> 0.581 ms, long-seq GRU 0.436 -> 0.385,
 // 100x1x256x256 LSTM 1.484 -> 1.287) and riding at a few (300x1x32x128 LSTM 0.690 against
-// 0.709). So the first calls of each shape take turns, kRuns timed calls each way, and from then
-// on the shape runs the way whose best call was faster per step.
+// 0.709). Why, in a C++ loop (online-small's 256 KB of W_hh, 64-byte aligned, 1 thread): the
+// bare stream takes 1.6-1.7 us a step, and with a ride's 4096 FMAs a step in the same loop
+// (tiles of 8x1, 8x2 or 4x2 vectors, operands in L1) 2.5-2.6 us. The ride costs 0.9-1.0 us, no
+// less than those FMAs as part of one GEMM (0.7), and even 4096 FMAs on registers alone add 0.4:
+// this core leaves few FMA slots idle while L1 fills from L2. So the first calls of each shape
+// take turns, kRuns timed calls each way, and from then on the shape runs the way whose best
+// call was faster per step.
 #include <algorithm>
 #include <atomic>
 #include <map>

@@ -146,8 +146,11 @@ def test_run_node_inputs_by_name_or_position(rng):
     assert list(by_name) == ["Y_h"]
     np.testing.assert_array_equal(by_name["Y_h"], want[1])
     np.testing.assert_array_equal(by_position["Y_h"], want[1])
-    with pytest.raises(ValueError, match=r"no value for the node's input\(s\) \['lens'\]"):
-        onnx_ops.run_node(node, {"X": a["X"], "W": a["W"], "R": a["R"]})
+    for short in ({"X": a["X"], "W": a["W"], "R": a["R"]}, [a["X"], a["W"], a["R"], None]):
+        with pytest.raises(ValueError, match=r"no value for the node's input\(s\) \['lens'\]"):
+            onnx_ops.run_node(node, short)
+    with pytest.raises(ValueError, match="inputs has 6 values for the node's 5 inputs"):
+        onnx_ops.run_node(node, [a["X"], a["W"], a["R"], None, lens, lens])
     with pytest.raises(ValueError, match="got op_type 'Gemm'"):
         onnx_ops.run_node(onnx.helper.make_node("Gemm", ["a", "b"], ["c"]), [a["X"], a["W"]])
     odd = onnx.helper.make_node("GRU", ["X", "W", "R"], ["Y"], hidden_size=3, pitch=1)

@@ -107,14 +107,15 @@ def run_node(node, inputs, isa=None):
                          f"the node names {len(names)}")
     if isinstance(inputs, dict):
         missing = [n for n in names if n and n not in inputs]
-        if missing:
-            raise ValueError(f"inputs has no value for the node's input(s) {missing}")
-        values = [inputs[n] if n else None for n in names]
+        values = [inputs.get(n) if n else None for n in names]
     else:
         values = list(inputs)
         if len(values) > len(names):
             raise ValueError(f"inputs has {len(values)} values for the node's {len(names)} inputs")
+        missing = [n for n in names[len(values):] if n]
         values = [v if n else None for n, v in zip(names, values)]
+    if missing:
+        raise ValueError(f"inputs has no value for the node's input(s) {missing}")
     args = dict(zip(INPUTS[op], values))
     outputs = {"LSTM": lstm, "GRU": gru, "RNN": rnn}[op](**args, **attrs, isa=isa)
     return {name: out for name, out in zip(node.output, outputs) if name}

@@ -309,7 +309,7 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
 // layer's dtype, C-contiguous, writeable and of shape `shape`, since the kernel writes it in
 // place (a copy made to fit would take the gradients and drop them).
 template <typename T>
-Arr<T> gradient_to_add_into(const py::dict& into, const char* key, std::vector<int64_t> shape) {
+Arr<T> gradient_in_place(const py::dict& into, const char* key, std::vector<int64_t> shape) {
   const std::string where = std::string("grads_into[\"") + key + "\"]";
   if (!into.contains(key)) fail(where + " is missing (an array of shape " + shape_str(shape) + ")");
   py::object o = into[key];
@@ -369,7 +369,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   const bool accumulate = given && add_into;
   py::dict into = given ? grads_into.cast<py::dict>() : py::dict();
   auto gradient = [&](const char* key, std::vector<int64_t> shape) {
-    return given ? gradient_to_add_into<T>(into, key, shape) : empty<T>(shape);
+    return given ? gradient_in_place<T>(into, key, shape) : empty<T>(shape);
   };
   Arr<T> dw_ih = gradient("weight_ih", {G * s.H, s.I}), dw_hh = gradient("weight_hh", {G * s.H, s.Hout});
   if (c.has_bias) { db_ih.emplace(gradient("bias_ih", {G * s.H})); db_hh.emplace(gradient("bias_hh", {G * s.H})); }

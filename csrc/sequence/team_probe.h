@@ -40,11 +40,11 @@ constexpr double kFarBarrierNs = 100;
 // member's share of steps [k0, k1), solo_run(k0, k1) all of them on the calling member. With
 // probe > 0 (probe_steps), a verdict recalled in `note` (run_threads_or_alone) is taken at once:
 // the team without probing, or all steps on the calling thread, no team started. Else, with the
-// cores found far apart, member 0 runs `probe` steps alone, the
-// first untimed (it brings the teammate's share of the weights to this core: timed, that fetch
-// counted against running alone, and long-seq LSTM on 2 threads chose the team in most calls,
-// 0.83 ms a call against 0.69 alone), then the team kTeamWarmSteps untimed and as many timed
-// as alone, and the faster way per step runs the rest. Verdicts are counted and noted in `note`
+// cores found far apart, member 0 runs `probe` steps alone, the first untimed (it brings the
+// teammate's share of the weights to this core: timed, that fetch counted against running
+// alone, and long-seq LSTM on 2 threads chose the team in most calls, 0.83 ms a call against
+// 0.69 alone), then the team kTeamWarmSteps untimed and as many timed as alone, and the faster
+// way per step runs the rest. Verdicts are counted and noted in `note`
 // (if not null), and tests may impose one (kernel_api.h, probe_override).
 template <typename TeamRun, typename SoloRun>
 void run_probed_team(int nt, int64_t T, int64_t probe, ProbeNote* note, TeamRun team_run,

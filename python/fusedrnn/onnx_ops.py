@@ -27,10 +27,9 @@ import numpy as np
 
 from . import functional
 from ._validate import FLOAT_DTYPES, as_lengths, check_shape
-from .onnx_layout import from_onnx_gates
+from .onnx_layout import ONNX_GATES, from_onnx_gates
 
 DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}
-GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 # ONNX's default activations per direction; the LSTM and GRU kernels compute only these.
 DEFAULT_ACTIVATIONS = {"lstm": ("sigmoid", "tanh", "tanh"), "gru": ("sigmoid", "tanh")}
 RNN_CELLS = {"tanh": "rnn_tanh", "relu": "rnn_relu"}
@@ -140,7 +139,7 @@ class _Node:
 
     def __init__(self, kind, X, W, R, B, sequence_lens, initial_h, direction, layout,
                  hidden_size):
-        self.kind, self.G = kind, GATES[kind]
+        self.kind, self.G = kind, len(ONNX_GATES[kind])
         direction = _text(direction)
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {list(DIRECTIONS)}, got {direction!r}")

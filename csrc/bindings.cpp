@@ -244,14 +244,51 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
   return call;
 }
 
+// ONNX's cell options (ForwardArgs::onnx) from forward's `onnx`: None, or a tuple (functions,
+// clip, input_forget, peepholes) with functions three (Activation code, alpha, beta) for f, g, h,
+// clip a float (inf: none) and peepholes None or (3, H) in gates i, f, o. The array stays
+// referenced here for the call.
+template <typename T>
+struct OnnxOptions {
+  fusedrnn::OnnxCell<T> cell{};
+  std::optional<Arr<T>> peepholes;
+
+  const fusedrnn::OnnxCell<T>* parse(const py::object& o, const LayerShape& s, bool training) {
+    if (o.is_none()) return nullptr;
+    if (training) fail("onnx cell options are for inference only (training=False)");
+    if (s.has_proj) fail("onnx cell options take no projection (weight_hr)");
+    const auto t = o.cast<py::tuple>();
+    const auto fns = t[0].cast<std::vector<std::tuple<int, double, double>>>();
+    if (fns.size() != 3) fail("onnx functions must be three (code, alpha, beta): f, g, h");
+    fusedrnn::ActivationFn<T>* dst[3] = {&cell.f, &cell.g, &cell.h};
+    for (int i = 0; i < 3; ++i) {
+      const auto [code, alpha, beta] = fns[i];
+      if (code < 0 || code > int(fusedrnn::Activation::Softplus)) fail("onnx activation code out of range");
+      *dst[i] = {static_cast<fusedrnn::Activation>(code), T(alpha), T(beta)};
+    }
+    cell.clip = T(t[1].cast<double>());
+    if (!(cell.clip > 0)) fail("onnx clip must be positive (infinity: no clip)");
+    cell.input_forget = t[2].cast<bool>();
+    if (!t[3].is_none()) {
+      if (s.cell != Cell::Lstm) fail("peepholes are only for LSTM");
+      peepholes = t[3].cast<Arr<T>>();
+      check_shape("peepholes", *peepholes, {3, s.H});
+      cell.peepholes = peepholes->data();
+    }
+    return &cell;
+  }
+};
+
 template <typename T>
 py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reverse, bool training,
                        Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0, Arr<T> w_ih, Arr<T> w_hh,
                        std::optional<Arr<T>> b_ih, std::optional<Arr<T>> b_hh,
                        std::optional<Arr<T>> w_hr, std::optional<Arr<int64_t>> lengths,
-                       uint64_t frozen, bool keep_x) {
+                       uint64_t frozen, bool keep_x, const py::object& onnx) {
   LayerCall<T> call = prepare_forward<T>(kt, cell_code, lbr, reverse, training, x, h0, c0, w_ih,
                                          w_hh, b_ih, b_hh, w_hr, lengths, frozen, !keep_x);
+  OnnxOptions<T> options;
+  call.a.onnx = options.parse(onnx, call.a.s, training);
   {
     py::gil_scoped_release nogil;
     if constexpr (sizeof(T) == 4) kt.forward_f32(call.a); else kt.forward_f64(call.a);
@@ -602,7 +639,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("forward", [](int cell, bool lbr, bool reverse, bool training, py::array x, py::array h0,
                       py::object c0, py::array w_ih, py::array w_hh, py::object b_ih, py::object b_hh,
                       py::object w_hr, py::object lengths, std::optional<std::string> isa,
-                      uint64_t frozen, bool keep_x) -> py::tuple {
+                      uint64_t frozen, bool keep_x, py::object onnx) -> py::tuple {
     const KernelTable& kt = kernels(isa);
     auto opt = [](py::object o, auto tag) {
       using A = decltype(tag);
@@ -616,19 +653,21 @@ PYBIND11_MODULE(_C, m) {
     if (is_f64(x))
       return forward_impl<double>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<double>()), w_ih, w_hh,
                                   opt(b_ih, Arr<double>()), opt(b_hh, Arr<double>()), opt(w_hr, Arr<double>()), len,
-                                  frozen, keep_x);
+                                  frozen, keep_x, onnx);
     return forward_impl<float>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<float>()), w_ih, w_hh,
                                opt(b_ih, Arr<float>()), opt(b_hh, Arr<float>()), opt(w_hr, Arr<float>()), len,
-                               frozen, keep_x);
+                               frozen, keep_x, onnx);
   }, py::arg("cell"), py::arg("linear_before_reset"), py::arg("reverse"), py::arg("training"), py::arg("x"),
      py::arg("h0"), py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
      py::arg("w_hr"), py::arg("lengths"), py::arg("isa") = py::none(), py::arg("frozen") = 0,
-     py::arg("keep_x") = false,
+     py::arg("keep_x") = false, py::arg("onnx") = py::none(),
      "frozen: 0, or an id under which every weight array holds the same bytes, in the same "
      "memory, in every call that passes it (a layer's freeze()); the kernels then reuse their "
      "packed weights without comparing the arrays with their copies. keep_x: a training "
      "context keeps x itself, which must not change before backward; else it keeps x packed "
-     "as the backward reads it (a copy of its own)");
+     "as the backward reads it (a copy of its own). onnx: None, or ONNX's cell options "
+     "(fusedrnn.onnx_ops) as (((code, alpha, beta) for f, g, h), clip, input_forget, "
+     "peepholes (3, H) i, f, o or None); inference only");
 
   m.def("forward_stack", [](int cell, bool lbr, bool training, py::array x, py::list h0,
                             py::list c0, py::list w_ih, py::list w_hh, py::list b_ih,

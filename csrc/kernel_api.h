@@ -24,6 +24,31 @@ struct LayerShape {
   bool has_proj;
 };
 
+// ONNX's activation functions (its RNN, LSTM and GRU operators' `activations`), each with the
+// alpha and beta that some take: Affine a*x + b, LeakyRelu x < 0 ? a*x : x, ThresholdedRelu
+// x < a ? 0 : x, ScaledTanh a*tanh(b*x), HardSigmoid min(max(a*x + b, 0), 1), Elu x < 0 ?
+// a*(e^x - 1) : x, Softsign x/(1 + |x|), Softplus log(1 + e^x).
+enum class Activation : int { Sigmoid = 0, Tanh, Relu, Affine, LeakyRelu, ThresholdedRelu,
+                              ScaledTanh, HardSigmoid, Elu, Softsign, Softplus };
+template <typename T>
+struct ActivationFn {
+  Activation kind;
+  T alpha, beta;
+};
+
+// ONNX's options for a cell beyond torch.nn's (fusedrnn.onnx_ops; inference only): the
+// activation functions f, g, h (LSTM: gates i, f, o; the cell input; the new cell state before
+// o. GRU: gates r, z; the new candidate n. RNN: f alone), clip of every activation's input, and
+// the LSTM's peepholes and coupled input and forget gates. The gates' inputs are those of
+// torch's cells (biases included); only the functions applied to them change.
+template <typename T>
+struct OnnxCell {
+  ActivationFn<T> f, g, h;
+  T clip;               // an activation's input is clamped to [-clip, clip]; +infinity: none
+  bool input_forget;    // LSTM: f = 1 - i (the forget gate's weights unused)
+  const T* peepholes;   // LSTM: (3, H), gates i, f, o, or null (zeros)
+};
+
 // What a training forward keeps for BPTT; all buffers owned by the caller.
 template <typename T>
 struct SavedState {
@@ -71,6 +96,8 @@ struct ForwardArgs {
   // null (the context keeps x itself, or a plain copy where packing pads x's rows much).
   T* x_packed = nullptr;
   ProbeNote* probe_note = nullptr;  // see ProbeNote, or null: every call probes
+  // ONNX's cell options, or null (torch.nn's cells). Inference only, and no projection.
+  const OnnxCell<T>* onnx = nullptr;
 };
 
 template <typename T>

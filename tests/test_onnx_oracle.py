@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn import _C, onnx_ops
+from fusedrnn import _C, onnx_ops, reference
 from fusedrnn.onnx_layout import load_onnx_weights, onnx_weights
 from fusedrnn.tolerances import assert_close
 
@@ -38,8 +38,8 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 # ONNX's case module per op: its exported cases are the class named after the op, and its NumPy
 # reference the op's Helper.
 CASE_MODULES = {"LSTM": onnx_lstm, "GRU": onnx_gru, "RNN": onnx_rnn}
-# ONNX cases outside torch.nn's semantics, which fusedrnn keeps: named so none is dropped unseen.
-NOT_MAPPED = {"test_lstm_with_peepholes": "peepholes (P) are not in torch.nn's LSTM"}
+# ONNX's cases that only its options reach (peepholes), named so that none goes missing unseen.
+BEYOND_TORCH = {"test_lstm_with_peepholes"}
 
 
 def onnx_cases():
@@ -82,25 +82,16 @@ def feeds_of(node, inputs):
     return {name: value for name, value in zip(node.input, inputs) if name}
 
 
-def test_onnx_cases_not_mapped_are_refused():
-    """ONNX's cases outside torch.nn's semantics raise, naming what is not computed."""
-    for name, node, inputs, _ in CASES:
-        if name in NOT_MAPPED:
-            with pytest.raises(ValueError, match="peepholes"):
-                onnx_ops.run_node(node, feeds_of(node, inputs))
-
-
 def test_every_onnx_case_is_seen():
-    """The ONNX package's cases were found, all three ops, and only the named ones are left
-    out: a test over no cases would pass whatever the kernels did."""
+    """The ONNX package's cases were found, all three ops, the peephole case among them: a test
+    over no cases would pass whatever the kernels did."""
     names = {name for name, *_ in CASES}
     for op in ("lstm", "gru", "rnn"):
         assert sum(op in n for n in names) >= 4, names
-    assert set(NOT_MAPPED) <= names
+    assert BEYOND_TORCH <= names
 
 
-@pytest.mark.parametrize("name,node,inputs,outputs", [c for c in CASES if c[0] not in NOT_MAPPED],
-                         ids=[c[0] for c in CASES if c[0] not in NOT_MAPPED])
+@pytest.mark.parametrize("name,node,inputs,outputs", CASES, ids=[c[0] for c in CASES])
 def test_onnx_case_float32(name, node, inputs, outputs):
     """ONNX's expected outputs (computed by its helpers in float32) within our float32 forward
     tolerance."""
@@ -111,8 +102,7 @@ def test_onnx_case_float32(name, node, inputs, outputs):
         assert_close(got[out_name], want, np.float32, what=f"{name} {out_name}")
 
 
-@pytest.mark.parametrize("name,node,inputs,outputs", [c for c in CASES if c[0] not in NOT_MAPPED],
-                         ids=[c[0] for c in CASES if c[0] not in NOT_MAPPED])
+@pytest.mark.parametrize("name,node,inputs,outputs", CASES, ids=[c[0] for c in CASES])
 def test_onnx_case_float64(name, node, inputs, outputs):
     """The same case in float64 against ONNX's own helper run in float64: the semantics to the
     last bits, not only to float32's tolerance."""
@@ -204,6 +194,74 @@ def test_onnxruntime_random(rng, op, variant, direction, ragged):
         got = run_fusedrnn(node, feeds, f32, isa)
         for name in outputs:
             assert_close(got[name], want[name], f32, what=f"{op} {name} ({isa})")
+
+
+# ---- ONNX Runtime on its cell options: every function, alpha and beta, clip, peepholes ----
+
+OPTION_CASES = [  # op, direction, attributes beyond the shapes', peepholes
+    ("LSTM", "forward", {"activations": ["HardSigmoid", "Softsign", "Elu"],
+                         "activation_alpha": [0.3, 0.9], "activation_beta": [0.4],
+                         "clip": 2.0}, True),
+    ("LSTM", "bidirectional", {"input_forget": 1}, True),
+    ("LSTM", "reverse", {"activations": ["Sigmoid", "ScaledTanh", "Softplus"],
+                         "activation_alpha": [1.2], "activation_beta": [0.7]}, False),
+    ("LSTM", "bidirectional", {"activations": ["Sigmoid", "Tanh", "Tanh", "HardSigmoid",
+                                               "LeakyRelu", "Affine"],
+                               "activation_alpha": [0.25, 0.2, 0.6], "clip": 1.1}, True),
+    ("GRU", "forward", {"activations": ["Sigmoid", "ThresholdedRelu"],
+                        "activation_alpha": [0.35], "clip": 1.5}, False),
+    ("GRU", "bidirectional", {"activations": ["HardSigmoid", "Relu", "Sigmoid", "Softsign"],
+                              "linear_before_reset": 1}, False),
+    ("RNN", "bidirectional", {"activations": ["Affine", "Elu"], "activation_alpha": [0.8, 0.5],
+                              "activation_beta": [0.1], "clip": 0.9}, False),
+    ("RNN", "forward", {"activations": ["Softplus"]}, False),
+    ("RNN", "reverse", {"activations": ["LeakyRelu"]}, False),
+]
+
+
+def option_case(rng, op, direction, attrs, peepholes):
+    """A node with ONNX's cell options and its float32 feeds: batch 5, ragged lengths, H = 37."""
+    T, B, I, H = 7, 5, 6, 37
+    G, D = GATES[op], 2 if direction == "bidirectional" else 1
+    f32 = np.float32
+    feeds = {"X": rng.standard_normal((T, B, I)).astype(f32),
+             "W": (0.4 * rng.standard_normal((D, G * H, I))).astype(f32),
+             "R": (0.4 * rng.standard_normal((D, G * H, H))).astype(f32),
+             "B": (0.2 * rng.standard_normal((D, 2 * G * H))).astype(f32),
+             "sequence_lens": np.array([7, 3, 7, 1, 5], np.int32),
+             "initial_h": (0.5 * rng.standard_normal((D, B, H))).astype(f32)}
+    outputs = ["Y", "Y_h"]
+    if op == "LSTM":
+        feeds["initial_c"] = (0.5 * rng.standard_normal((D, B, H))).astype(f32)
+        if peepholes:
+            feeds["P"] = (0.5 * rng.standard_normal((D, 3 * H))).astype(f32)
+        outputs.append("Y_c")
+    node = onnx.helper.make_node(op, list(feeds), outputs, hidden_size=H, direction=direction,
+                                 **attrs)
+    return node, feeds, outputs
+
+
+def test_option_cases_name_every_function():
+    named = {a.lower() for _, _, attrs, _ in OPTION_CASES for a in attrs.get("activations", ())}
+    assert named == set(reference.ACTIVATIONS), named
+
+
+@pytest.mark.parametrize("op,direction,attrs,peepholes", OPTION_CASES,
+                         ids=[f"{c[0]}-{c[1]}-{i}" for i, c in enumerate(OPTION_CASES)])
+def test_onnxruntime_cell_options(rng, monkeypatch, op, direction, attrs, peepholes):
+    """The kernels on every ISA and the NumPy reference (float64, through the same node
+    handling) against ONNX Runtime's operator with the node's options."""
+    node, feeds, outputs = option_case(rng, op, direction, attrs, peepholes)
+    want = ort_node_outputs(node, feeds)
+    for isa in _C.available_isas():
+        got = run_fusedrnn(node, feeds, np.float32, isa)
+        for name in outputs:
+            assert_close(got[name], want[name], np.float32, what=f"{op} {name} ({isa})")
+    monkeypatch.setattr(onnx_ops.functional, "forward",
+                        lambda *args, isa=None, **kw: reference.forward(*args, **kw))
+    got = run_fusedrnn(node, feeds, np.float64)
+    for name in outputs:
+        assert_close(got[name], want[name], np.float32, what=f"reference {op} {name}")
 
 
 # ---- onnx_layout: a layer's weights as ONNX nodes take them, and back ----

@@ -3,6 +3,7 @@
 // gate g of a (G*H)-wide row sits at +g*H, of a tile row at +g*NR.
 #pragma once
 #include <cstdint>
+#include "kernel_api.h"
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
@@ -28,6 +29,8 @@ struct RowForward {
   T* extra;         // GRU: W_hn h + b_hn (linear_before_reset) or r*h (not); may be null
   int64_t H;
   int nu;
+  const OnnxCell<T>* onnx = nullptr;  // ONNX's cell options (onnx_cells.h), or null
+  const T* peepholes = nullptr;       // their peepholes at unit u0, gate g at +g*H, or null
 };
 
 template <typename T>

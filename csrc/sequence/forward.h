@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cstring>
 #include "cells/cells.h"
+#include "cells/onnx_cells.h"
 #include "sequence/block_queue.h"
 #include "sequence/layout.h"
 #include "sequence/projection_mode.h"
@@ -152,6 +153,27 @@ inline bool shares_blocks(const LayerShape& s, bool rides) {
   const bool one_phase = !s.has_proj && !(s.cell == Cell::Gru && !s.linear_before_reset);
   return one_phase && !rides && large_team_step(s);
 }
+
+// Each cell's forward epilogues: torch.nn's (cells.h), or under ONNX's options (onnx_cells.h;
+// the RNN's function is then among the options, whichever RNN cell).
+template <typename T>
+struct TorchRows {
+  static constexpr auto rnn_tanh = rnn_forward_row<T, false>;
+  static constexpr auto rnn_relu = rnn_forward_row<T, true>;
+  static constexpr auto lstm = lstm_forward_row<T>;
+  static constexpr auto gru = gru_forward_row<T>;
+  static constexpr auto gru_reset = gru_reset_forward_row<T>;
+  static constexpr auto gru_reset_new = gru_reset_new_row<T>;
+};
+template <typename T>
+struct OnnxRows {
+  static constexpr auto rnn_tanh = rnn_onnx_forward_row<T>;
+  static constexpr auto rnn_relu = rnn_onnx_forward_row<T>;
+  static constexpr auto lstm = lstm_onnx_forward_row<T>;
+  static constexpr auto gru = gru_onnx_forward_row<T>;
+  static constexpr auto gru_reset = gru_onnx_reset_forward_row<T>;
+  static constexpr auto gru_reset_new = gru_onnx_reset_new_row<T>;
+};
 
 template <typename T>
 struct ForwardLoop {
@@ -342,6 +364,8 @@ struct ForwardLoop {
           r.extra = extra ? extra + b * s.H + u0 : nullptr;
           r.H = s.H;
           r.nu = nu;
+          r.onnx = a.onnx;
+          r.peepholes = a.onnx && a.onnx->peepholes ? a.onnx->peepholes + u0 : nullptr;
           fn(r);
         }
         if (a_next) pack_next_a(a_next, m, mr, u0, nu, hn);
@@ -460,9 +484,34 @@ struct ForwardLoop {
     return rows > 1 ? blocked_size<T>(rows, imax(s.H, s.Hout)) : 0;
   }
 
+  // Step k's phases, each cell's epilogues from Rows (TorchRows or OnnxRows).
+  template <typename Rows>
+  void step_cells(int64_t k, const StepSplit& p, const T* hp, T* ap, const T* xp,
+                  const T* ready, T* next) const {
+    switch (s.cell) {
+      case Cell::RnnTanh: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, Rows::rnn_tanh, ap, xp, ready, next); break;
+      case Cell::RnnRelu: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, Rows::rnn_relu, ap, xp, ready, next); break;
+      case Cell::Lstm:
+        cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, Rows::lstm, ap, xp, ready, next);
+        if (s.has_proj) {
+          if (barrier) barrier->wait();
+          projection_phase(k, p);
+        }
+        break;
+      case Cell::Gru:
+        if (s.linear_before_reset) {
+          cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, Rows::gru, ap, xp, ready, next);
+        } else {
+          cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, Rows::gru_reset, ap, xp);
+          if (barrier) barrier->wait();
+          cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, Rows::gru_reset_new, ap, xp);
+        }
+        break;
+    }
+  }
+
   // Steps [k0, k1) (every buffer is indexed by step, so a run may stop and another go on).
   void run(const StepSplit& p, int64_t k0, int64_t k1) const {
-    const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
     Scratch<T> a_pack(a_pack_size(s, p));
     T* ap = a_pack.p;
     const int64_t a_size = next_a_size(s);
@@ -492,26 +541,8 @@ struct ForwardLoop {
       // null otherwise).
       const T* ready = a_shared ? a_shared + (k % 2) * a_size : nullptr;
       T* next = a_shared ? a_shared + ((k + 1) % 2) * a_size : nullptr;
-      switch (s.cell) {
-        case Cell::RnnTanh: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, false>, ap, xp, ready, next); break;
-        case Cell::RnnRelu: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, rnn_forward_row<T, true>, ap, xp, ready, next); break;
-        case Cell::Lstm:
-          cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, lstm_forward_row<T>, ap, xp, ready, next);
-          if (s.has_proj) {
-            if (barrier) barrier->wait();
-            projection_phase(k, p);
-          }
-          break;
-        case Cell::Gru:
-          if (!gru_two_phase) {
-            cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, gru_forward_row<T>, ap, xp, ready, next);
-          } else {
-            cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, gru_reset_forward_row<T>, ap, xp);
-            if (barrier) barrier->wait();
-            cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, gru_reset_new_row<T>, ap, xp);
-          }
-          break;
-      }
+      if (a.onnx) step_cells<OnnxRows<T>>(k, p, hp, ap, xp, ready, next);
+      else step_cells<TorchRows<T>>(k, p, hp, ap, xp, ready, next);
       if (barrier) barrier->wait();
       if (done) done->publish(k + 1);
     }

@@ -22,29 +22,68 @@ from . import _C
 from ._validate import check_layer_args, check_layer_params
 
 CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
+# ONNX's activation functions by the kernels' codes (csrc/kernel_api.h, Activation).
+ACTIVATION_CODES = {name: code for code, name in enumerate(
+    ("sigmoid", "tanh", "relu", "affine", "leakyrelu", "thresholdedrelu", "scaledtanh",
+     "hardsigmoid", "elu", "softsign", "softplus"))}
+# Functions each cell takes under ONNX's options: f (RNN); f, g (GRU); f, g, h (LSTM).
+ONNX_FUNCTIONS = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 2, "lstm": 3}
 
 
 def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, reverse=False,
-            linear_before_reset=True, training=True, isa=None, *, keep_x=False):
+            linear_before_reset=True, training=True, isa=None, *, keep_x=False, onnx=None):
     """``keep_x=True``: the training context keeps ``x`` itself rather than a copy of its own,
-    for callers that never write to it before backward (the layers' own inner-layer inputs)."""
+    for callers that never write to it before backward (the layers' own inner-layer inputs).
+    ``onnx``: ONNX's cell options, as :func:`fusedrnn.reference.forward` takes them (inference
+    only; fusedrnn.onnx_ops builds them from a node's attributes)."""
     args = check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     return forward_checked(cell, *args, reverse=reverse, linear_before_reset=linear_before_reset,
-                           training=training, isa=isa, keep_x=keep_x or args[0] is not x)
+                           training=training, isa=isa, keep_x=keep_x or args[0] is not x,
+                           onnx=_onnx_options(cell, onnx, args[0].dtype, w_ih.shape[0]))
+
+
+def _onnx_options(cell, onnx, dtype, gate_rows):
+    """ONNX's cell options as the kernels take them (see _C.forward), checked; or None."""
+    if onnx is None:
+        return None
+    fns = list(onnx["activations"])
+    if len(fns) != ONNX_FUNCTIONS[cell]:
+        raise ValueError(f"onnx activations: {cell} takes {ONNX_FUNCTIONS[cell]} (f, g, h in "
+                         f"order), got {len(fns)}")
+    for name, _, _ in fns:
+        if name not in ACTIVATION_CODES:
+            raise ValueError(f"onnx activation {name!r} is not one of {list(ACTIVATION_CODES)}")
+    codes = [(ACTIVATION_CODES[n], float(a), float(b)) for n, a, b in fns]
+    codes += [(ACTIVATION_CODES["tanh"], 0.0, 0.0)] * (3 - len(codes))  # slots the cell leaves
+    clip = onnx.get("clip")
+    if clip is not None and not float(clip) > 0:
+        raise ValueError(f"onnx clip must be positive, got {clip}")
+    peepholes = onnx.get("peepholes")
+    if peepholes is not None:
+        peepholes = np.asarray(peepholes)
+        if peepholes.dtype != dtype:
+            raise TypeError(f"onnx peepholes must have x's dtype {dtype}, got {peepholes.dtype}")
+        H = gate_rows // 4
+        if cell != "lstm" or peepholes.shape != (3, H):
+            raise ValueError(f"onnx peepholes must be (3, hidden_size={H}) for lstm (gates i, f, "
+                             f"o), got shape {peepholes.shape} for {cell}")
+        peepholes = np.ascontiguousarray(peepholes)
+    return (codes, np.inf if clip is None else float(clip), bool(onnx.get("input_forget")),
+            peepholes)
 
 
 def forward_checked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                    linear_before_reset, training, isa=None, keep_x=False, frozen=0):
+                    linear_before_reset, training, isa=None, keep_x=False, frozen=0, onnx=None):
     """forward() for arguments already as check_layer_args returns them (C-contiguous, one
     dtype, shapes checked): the layers, which check their inputs once and own their weights.
     The kernels check the shapes again, so nothing can read out of bounds. Unless ``keep_x``, a
     training context keeps a private copy of x, packed as the backward reads it: the caller may
     reuse its buffer between forward and backward (weights are the layer's own and are kept by
     reference). ``frozen``: 0, or the id of a frozen layer's read-only parameters (the layers'
-    freeze(); see _C.forward)."""
+    freeze(); see _C.forward). ``onnx``: ONNX's cell options as _onnx_options gives them."""
     y, hn, cn, ctx = _C.forward(CELL_CODES[cell], bool(linear_before_reset), bool(reverse),
                                 bool(training), x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                isa=isa, frozen=frozen, keep_x=bool(keep_x))
+                                isa=isa, frozen=frozen, keep_x=bool(keep_x), onnx=onnx)
     return y, hn, cn, (ctx if training else None)
 
 

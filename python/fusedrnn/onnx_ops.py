@@ -18,21 +18,32 @@ Missing optional inputs are zeros; steps past a row's sequence_lens are zeros in
 hold each row's state after its last step (for "reverse", after its first time step).
 
 Every float input shares one dtype, float32 or float64 (ONNX's type T); sequence_lens are
-integers in 1..T. What the kernels do not compute is refused with a reason, never approximated:
-activations other than ONNX's defaults (the RNN takes Tanh or Relu, per direction), activation
-alpha or beta, ``clip``, ``input_forget=1`` and peepholes ``P`` other than zeros. ``isa`` runs one
-build of the kernels (see :mod:`fusedrnn.functional`).
+integers in 1..T. Every attribute of ONNX's operators is computed: ``activations`` (any of ONNX's
+eleven functions, per direction, with ``activation_alpha`` / ``activation_beta`` read as ONNX
+Runtime reads them: each function that takes an alpha, or a beta, takes the next one given, else
+its default), ``clip``, the LSTM's ``input_forget`` and peepholes ``P``; as ONNX Runtime,
+peepholes come before clip, and clip bounds each activation's input but not the cell state
+that h takes. A node with none of these beyond the defaults runs torch.nn's cells, the
+benchmark's paths. ``isa`` runs one build of the kernels (see :mod:`fusedrnn.functional`).
 """
 import numpy as np
 
 from . import functional
 from ._validate import FLOAT_DTYPES, as_lengths, check_shape
 from .onnx_layout import ONNX_GATES, from_onnx_gates
+from .reference import ACTIVATIONS
 
 DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, True)}
-# ONNX's default activations per direction; the LSTM and GRU kernels compute only these.
-DEFAULT_ACTIVATIONS = {"lstm": ("sigmoid", "tanh", "tanh"), "gru": ("sigmoid", "tanh")}
+# ONNX's default activations per direction (f, g, h as each op takes them).
+DEFAULT_ACTIVATIONS = {"lstm": ("sigmoid", "tanh", "tanh"), "gru": ("sigmoid", "tanh"),
+                       "rnn": ("tanh",)}
 RNN_CELLS = {"tanh": "rnn_tanh", "relu": "rnn_relu"}
+# ONNX Runtime's reading of activation_alpha / activation_beta: the functions, in the order
+# the node lists them, each take the next alpha (and beta) if they use one, else its default;
+# these defaults are ONNX Runtime's (ONNX's ThresholdedRelu operator would default alpha to 1).
+USES_ALPHA = {"affine", "leakyrelu", "thresholdedrelu", "scaledtanh", "hardsigmoid", "elu"}
+USES_BETA = {"affine", "scaledtanh", "hardsigmoid"}
+DEFAULT_ALPHA_BETA = {"leakyrelu": (0.01, 0.0), "hardsigmoid": (0.2, 0.5), "elu": (1.0, 0.0)}
 # The node's inputs in ONNX's order, per op.
 INPUTS = {
     "LSTM": ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"),
@@ -50,20 +61,20 @@ def lstm(X, W, R, B=None, sequence_lens=None, initial_h=None, initial_c=None, P=
          direction="forward", layout=0, hidden_size=None, activations=None,
          activation_alpha=None, activation_beta=None, clip=None, input_forget=0, isa=None):
     """ONNX's LSTM: (Y, Y_h, Y_c)."""
-    if input_forget:
-        raise ValueError("input_forget=1 (coupled input and forget gates) is not computed by "
-                         "fusedrnn's LSTM, which is torch.nn's")
-    _refuse_unmapped(activation_alpha, activation_beta, clip)
     op = _Node("lstm", X, W, R, B, sequence_lens, initial_h, direction, layout, hidden_size)
-    cells = op.cells(activations)
     c0 = op.state("initial_c", initial_c)
+    peepholes = [None] * op.D
     if P is not None:
         p = op.float_input("P", P)
         check_shape("P", p, (op.D, 3 * op.H))
-        if p.any():
-            raise ValueError("P (peepholes) must be zeros or absent: fusedrnn's LSTM, torch.nn's, "
-                             "has no peepholes")
-    return op.run(cells, c0, linear_before_reset=True, isa=isa)
+        if p.any():  # ONNX's gates i, o, f to the kernels' i, f, o
+            peepholes = [np.ascontiguousarray(p[d].reshape(3, op.H)[[0, 2, 1]])
+                         for d in range(op.D)]
+    if input_forget not in (0, 1):
+        raise ValueError(f"input_forget must be 0 or 1, got {input_forget!r}")
+    options = op.options(activations, activation_alpha, activation_beta, clip,
+                         input_forget=bool(input_forget), peepholes=peepholes)
+    return op.run(options, c0, linear_before_reset=True, isa=isa)
 
 
 def gru(X, W, R, B=None, sequence_lens=None, initial_h=None, *, direction="forward", layout=0,
@@ -71,20 +82,20 @@ def gru(X, W, R, B=None, sequence_lens=None, initial_h=None, *, direction="forwa
         clip=None, linear_before_reset=0, isa=None):
     """ONNX's GRU: (Y, Y_h). ``linear_before_reset`` 0 (ONNX's default) is the original GRU,
     1 torch.nn's."""
-    _refuse_unmapped(activation_alpha, activation_beta, clip)
     if linear_before_reset not in (0, 1):  # True and False compare equal to 1 and 0
         raise ValueError(f"linear_before_reset must be 0 or 1, got {linear_before_reset!r}")
     op = _Node("gru", X, W, R, B, sequence_lens, initial_h, direction, layout, hidden_size)
-    return op.run(op.cells(activations), None, bool(linear_before_reset), isa)
+    options = op.options(activations, activation_alpha, activation_beta, clip)
+    return op.run(options, None, bool(linear_before_reset), isa)
 
 
 def rnn(X, W, R, B=None, sequence_lens=None, initial_h=None, *, direction="forward", layout=0,
         hidden_size=None, activations=None, activation_alpha=None, activation_beta=None,
         clip=None, isa=None):
-    """ONNX's RNN: (Y, Y_h). ``activations``: "Tanh" (the default) or "Relu" per direction."""
-    _refuse_unmapped(activation_alpha, activation_beta, clip)
+    """ONNX's RNN: (Y, Y_h)."""
     op = _Node("rnn", X, W, R, B, sequence_lens, initial_h, direction, layout, hidden_size)
-    return op.run(op.cells(activations), None, True, isa)
+    return op.run(op.options(activations, activation_alpha, activation_beta, clip), None, True,
+                  isa)
 
 
 def run_node(node, inputs, isa=None):
@@ -120,13 +131,23 @@ def run_node(node, inputs, isa=None):
     return {name: out for name, out in zip(node.output, outputs) if name}
 
 
-def _refuse_unmapped(activation_alpha, activation_beta, clip):
-    if any(v is not None and len(v) for v in (activation_alpha, activation_beta)):
-        raise ValueError("activation_alpha and activation_beta are not supported: the kernels "
-                         "compute ONNX's default activations (and the RNN's Relu), which take none")
-    if clip is not None:
-        raise ValueError(f"clip={clip!r} is not supported: the kernels do not clip the gates' "
-                         "inputs (torch.nn's cells have no clip)")
+def _functions(activations, alphas, betas, default):
+    """[(name, alpha, beta)] for the node's activations (``default`` when None)."""
+    names = default if activations is None else [_text(a).lower() for a in activations]
+    unknown = sorted(set(names) - set(ACTIVATIONS))
+    if unknown:
+        raise ValueError(f"activations {unknown} are not ONNX's: it has {list(ACTIVATIONS)} "
+                         "(any case)")
+    alphas, betas = list(alphas or ()), list(betas or ())
+    out = []
+    for name in names:
+        alpha, beta = DEFAULT_ALPHA_BETA.get(name, (0.0, 0.0))
+        if name in USES_ALPHA and alphas:
+            alpha = float(alphas.pop(0))
+        if name in USES_BETA and betas:
+            beta = float(betas.pop(0))
+        out.append((name, alpha, beta))
+    return out
 
 
 def _text(value):
@@ -202,29 +223,38 @@ class _Node:
         check_shape(name, a, (self.B, self.D, self.H) if self.layout else (self.D, self.B, self.H))
         return np.swapaxes(a, 0, 1) if self.layout else a
 
-    def cells(self, activations):
-        """The kernels' cell per direction, from ONNX's activations (None: the defaults)."""
-        if self.kind == "rnn":
-            names = ("tanh",) * self.D if activations is None else \
-                tuple(_text(a).lower() for a in activations)
-            if len(names) == 1 and self.D == 2:
-                names = names * 2  # one given for both directions, as ONNX Runtime reads it
-            if len(names) != self.D or not set(names) <= set(RNN_CELLS):
-                raise ValueError(f"activations must be Tanh or Relu, one per direction ({self.D}),"
-                                 f" got {list(activations)}")
-            return [RNN_CELLS[n] for n in names]
-        if activations is not None:
-            names = tuple(_text(a).lower() for a in activations)
-            default = DEFAULT_ACTIVATIONS[self.kind]
-            if names not in (default, default * self.D):
-                raise ValueError(f"activations must be ONNX's defaults {list(default)} per "
-                                 f"direction: the {self.kind.upper()} kernels compute only those, "
-                                 f"got {list(activations)}")
-        return [self.kind] * self.D
+    def options(self, activations, alphas, betas, clip, input_forget=False, peepholes=None):
+        """Per direction, (cell, ONNX cell options or None): None where the node asks for
+        nothing beyond torch.nn's cells, which then run as they are (the RNN's Relu included)."""
+        k = len(DEFAULT_ACTIVATIONS[self.kind])
+        fns = _functions(activations, alphas, betas, DEFAULT_ACTIVATIONS[self.kind] * self.D)
+        if len(fns) == k and self.D == 2:
+            fns = fns * 2  # one direction's functions for both, as ONNX Runtime reads the RNN's
+        if len(fns) != k * self.D:
+            raise ValueError(f"activations must name {k} function(s) per direction ({self.D}), "
+                             f"got {list(activations)}")
+        if clip is not None and not float(clip) > 0:
+            raise ValueError(f"clip must be positive (it bounds the activations' inputs to "
+                             f"[-clip, clip]), got {clip!r}")
+        peepholes = peepholes or [None] * self.D
+        out = []
+        for d in range(self.D):
+            mine = fns[d * k:(d + 1) * k]
+            names = tuple(name for name, _, _ in mine)
+            plain = clip is None and not input_forget and peepholes[d] is None
+            if plain and self.kind == "rnn" and names[0] in RNN_CELLS:
+                out.append((RNN_CELLS[names[0]], None))
+            elif plain and names == DEFAULT_ACTIVATIONS[self.kind]:
+                out.append((self.kind, None))
+            else:
+                out.append(("rnn_tanh" if self.kind == "rnn" else self.kind,
+                            {"activations": mine, "clip": clip, "input_forget": input_forget,
+                             "peepholes": peepholes[d]}))
+        return out
 
-    def run(self, cells, c0, linear_before_reset, isa):
+    def run(self, options, c0, linear_before_reset, isa):
         ys, hns, cns = [], [], []
-        for d, (cell, reverse) in enumerate(zip(cells, self.reverses)):
+        for d, ((cell, onnx), reverse) in enumerate(zip(options, self.reverses)):
             b_ih, b_hh = np.split(self.b[d], 2)
             y, hn, cn, _ = functional.forward(
                 cell, self.x, np.ascontiguousarray(self.h0[d]),
@@ -232,7 +262,7 @@ class _Node:
                 from_onnx_gates(self.w[d], cell), from_onnx_gates(self.r[d], cell),
                 from_onnx_gates(b_ih, cell), from_onnx_gates(b_hh, cell),
                 lengths=self.lengths, reverse=reverse, linear_before_reset=linear_before_reset,
-                training=False, isa=isa)
+                training=False, isa=isa, onnx=onnx)
             ys.append(y)
             hns.append(hn)
             cns.append(cn)

@@ -173,6 +173,79 @@ def _affine_backward(dgx, dgh, x, h, p, g):
     return dgx @ p["w_ih"], dgh @ p["w_hh"]
 
 
+# ----------------------------------------------------------------------------------------------
+# ONNX's cell options (inference only): ``onnx`` = {"activations": [(name, alpha, beta), ...] for
+# f, g, h as the cell takes them (RNN f; GRU f, g; LSTM f, g, h), "clip": None or c > 0 (every
+# activation's input clamped to [-c, c]), "input_forget": LSTM f = 1 - i, "peepholes": None or
+# (3, H) for the LSTM's gates i, f, o}. As ONNX Runtime: peepholes, then clip, then the function.
+
+ACTIVATIONS = {
+    "sigmoid": lambda x, a, b: _sigmoid(x),
+    "tanh": lambda x, a, b: np.tanh(x),
+    "relu": lambda x, a, b: np.maximum(x, 0),
+    "affine": lambda x, a, b: a * x + b,
+    "leakyrelu": lambda x, a, b: np.where(x < 0, a * x, x),
+    "thresholdedrelu": lambda x, a, b: np.where(x < a, 0, x).astype(x.dtype, copy=False),
+    "scaledtanh": lambda x, a, b: a * np.tanh(b * x),
+    "hardsigmoid": lambda x, a, b: np.clip(a * x + b, 0, 1),
+    "elu": lambda x, a, b: np.where(x < 0, a * np.expm1(np.minimum(x, 0)), x),
+    "softsign": lambda x, a, b: x / (1 + np.abs(x)),
+    "softplus": lambda x, a, b: np.maximum(x, 0) + np.log1p(np.exp(-np.abs(x))),
+}
+
+
+def _onnx_fn(onnx, k):
+    """The cell's k-th function (0 f, 1 g, 2 h) applied after ONNX's clip."""
+    name, alpha, beta = onnx["activations"][k]
+    clip = onnx.get("clip")
+
+    def fn(v):
+        if clip is not None:
+            v = np.clip(v, -clip, clip)
+        return ACTIVATIONS[name](v, alpha, beta)
+    return fn
+
+
+def _rnn_onnx_step_forward(x, h, c, p):
+    a = x @ p["w_ih"].T + p["b_ih"] + h @ p["w_hh"].T + p["b_hh"]
+    return _onnx_fn(p["onnx"], 0)(a), None, {}
+
+
+def _lstm_onnx_step_forward(x, h, c, p):
+    o = p["onnx"]
+    f_fn, g_fn = _onnx_fn(o, 0), _onnx_fn(o, 1)
+    h_name, h_alpha, h_beta = o["activations"][2]   # the new cell state is not clipped
+    P = o.get("peepholes")
+    a = x @ p["w_ih"].T + p["b_ih"] + h @ p["w_hh"].T + p["b_hh"]
+    a_i, a_f, a_g, a_o = _split(a, 4)
+    if P is not None:
+        a_i, a_f = a_i + P[0] * c, a_f + P[1] * c
+    i = f_fn(a_i)
+    f = 1 - i if o.get("input_forget") else f_fn(a_f)
+    c_new = f * c + i * g_fn(a_g)
+    if P is not None:
+        a_o = a_o + P[2] * c_new
+    h_new = f_fn(a_o) * ACTIVATIONS[h_name](c_new, h_alpha, h_beta)
+    return h_new, c_new, {}
+
+
+def _gru_onnx_step_forward(x, h, c, p):
+    f_fn, g_fn = _onnx_fn(p["onnx"], 0), _onnx_fn(p["onnx"], 1)
+    H = p["H"]
+    gx_r, gx_z, gx_n = _split(x @ p["w_ih"].T + p["b_ih"], 3)
+    w_hn, b_hn = p["w_hh"][2 * H:], p["b_hh"][2 * H:]
+    gh_r, gh_z = _split(h @ p["w_hh"][: 2 * H].T + p["b_hh"][: 2 * H], 2)
+    r, z = f_fn(gx_r + gh_r), f_fn(gx_z + gh_z)
+    if p["linear_before_reset"]:
+        n = g_fn(gx_n + r * (h @ w_hn.T + b_hn))
+    else:
+        n = g_fn(gx_n + (r * h) @ w_hn.T + b_hn)
+    return (1 - z) * n + z * h, None, {}
+
+
+_ONNX_STEPS = {"rnn_tanh": _rnn_onnx_step_forward, "rnn_relu": _rnn_onnx_step_forward,
+               "lstm": _lstm_onnx_step_forward, "gru": _gru_onnx_step_forward}
+
 _STEPS = {
     "rnn_tanh": (_rnn_step_forward, _rnn_step_backward),
     "rnn_relu": (_rnn_step_forward, _rnn_step_backward),
@@ -195,8 +268,9 @@ def _time_index(step, lengths, reverse):
 
 
 def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, reverse=False,
-            linear_before_reset=True, training=True):
+            linear_before_reset=True, training=True, onnx=None):
     """One layer, one direction. Returns (y, hn, cn, cache); see the module docstring.
+    ``onnx``: ONNX's cell options (see ACTIVATIONS), inference only.
 
     y (T, B, H_out) with zeros past each row's length, hn (B, H_out), cn (B, H) for LSTM else
     None, cache for ``backward`` (None when ``training=False``).
@@ -253,7 +327,12 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, re
         "act": "relu" if cell == "rnn_relu" else "tanh",
         "linear_before_reset": bool(linear_before_reset),
     }
-    step_forward = _STEPS[cell][0]
+    if onnx is not None and (training or w_hr is not None):
+        raise ValueError("onnx cell options are for inference (training=False) without w_hr")
+    if onnx is not None and onnx.get("peepholes") is not None:
+        onnx = dict(onnx, peepholes=as_dt(onnx["peepholes"]))
+    p["onnx"] = onnx
+    step_forward = _STEPS[cell][0] if onnx is None else _ONNX_STEPS[cell]
     y = np.zeros((T, B, H_out), dtype)
     h = h0.copy()
     c = None if c0 is None else c0.copy()

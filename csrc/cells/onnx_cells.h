@@ -47,6 +47,14 @@ inline Vec<T> clipped(Vec<T> x, Vec<T> c) {
   return V::select(V::gt(x, c), c, V::select(V::lt(x, V::neg(c)), V::neg(c), x));
 }
 
+// fn(clip(pre-activation)) of gate g for units j.. (n lanes), the tile's and gx's parts added.
+template <typename T>
+inline Vec<T> onnx_gate(const RowForward<T>& r, int g, int j, int n, const ActivationFn<T>& fn,
+                        Vec<T> clip) {
+  const Vec<T> pre = ld(r.acc + g * r.acc_gate_stride + j, n) + ld(r.gx + g * r.gx_gate_stride + j, n);
+  return activate(fn, clipped(pre, clip));
+}
+
 // ---- RNN: h' = f(clip(W_ih x + b_ih + W_hh h + b_hh)) ----
 template <typename T>
 inline void rnn_onnx_forward_row(const RowForward<T>& r) {
@@ -55,7 +63,7 @@ inline void rnn_onnx_forward_row(const RowForward<T>& r) {
   const V c = V::set1(o.clip);
   for (int j = 0; j < r.nu; j += V::W) {
     const int n = r.nu - j;
-    st_state(r, j, activate(o.f, clipped(ld(r.acc + j, n) + ld(r.gx + j, n), c)), n);
+    st_state(r, j, onnx_gate(r, 0, j, n, o.f, c), n);
   }
 }
 
@@ -98,8 +106,7 @@ inline void gru_onnx_forward_row(const RowForward<T>& r) {
   const int64_t H = r.H, A = r.acc_gate_stride, X = r.gx_gate_stride;
   for (int j = 0; j < r.nu; j += V::W) {
     const int n = r.nu - j;
-    const V rg = activate(o.f, clipped(ld(r.acc + j, n) + ld(r.gx + j, n), clip));
-    const V z = activate(o.f, clipped(ld(r.acc + A + j, n) + ld(r.gx + X + j, n), clip));
+    const V rg = onnx_gate(r, 0, j, n, o.f, clip), z = onnx_gate(r, 1, j, n, o.f, clip);
     V hn_lin = ld(r.acc + 2 * A + j, n);
     if (r.b_hn) hn_lin = hn_lin + ld(r.b_hn + j, n);
     const V nn = activate(o.g, clipped(V::fma(rg, hn_lin, ld(r.gx + 2 * X + j, n)), clip));
@@ -117,12 +124,11 @@ inline void gru_onnx_reset_forward_row(const RowForward<T>& r) {  // phase 1: r,
   using V = Vec<T>;
   const OnnxCell<T>& o = *r.onnx;
   const V clip = V::set1(o.clip);
-  const int64_t H = r.H, A = r.acc_gate_stride, X = r.gx_gate_stride;
   for (int j = 0; j < r.nu; j += V::W) {
     const int n = r.nu - j;
-    const V rg = activate(o.f, clipped(ld(r.acc + j, n) + ld(r.gx + j, n), clip));
+    const V rg = onnx_gate(r, 0, j, n, o.f, clip);
     st(r.gates + j, rg, n);
-    st(r.gates + H + j, activate(o.f, clipped(ld(r.acc + A + j, n) + ld(r.gx + X + j, n), clip)), n);
+    st(r.gates + r.H + j, onnx_gate(r, 1, j, n, o.f, clip), n);
     st(r.extra + j, rg * ld(r.h_prev + j, n), n);
   }
 }

@@ -486,7 +486,7 @@ py::array gemm_impl(const KernelTable& kt, py::array_t<T> A, py::array_t<T> B) {
 
 std::vector<std::string> available_isas() {
   std::vector<std::string> out;
-  for (const char* isa : {"generic", "avx2", "avx512"})
+  for (const char* isa : {"generic", "avx2", "avx512", "amx"})
     if (fusedrnn::kernels_for(isa)) out.push_back(isa);
   return out;
 }

@@ -5,9 +5,25 @@
 #include <stdexcept>
 #include <string>
 #include "kernel_api.h"
+#if defined(__x86_64__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace fusedrnn {
 namespace {
+
+#if defined(__x86_64__) && defined(__linux__)
+// Linux hands out the AMX tile state only to processes that ask (arch_prctl, since 5.16); asked
+// once, it holds for every thread of the process.
+bool os_grants_amx() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  static const bool granted = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  return granted;
+}
+#else
+bool os_grants_amx() { return false; }
+#endif
 
 bool cpu_supports(const char* isa) {
   if (std::strcmp(isa, "generic") == 0) return true;
@@ -15,15 +31,21 @@ bool cpu_supports(const char* isa) {
   __builtin_cpu_init();
   if (std::strcmp(isa, "avx2") == 0)
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (std::strcmp(isa, "avx512") == 0)
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                      __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (std::strcmp(isa, "avx512") == 0) return avx512;
+  if (std::strcmp(isa, "amx") == 0)
+    return avx512 && __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
+           os_grants_amx();
 #endif
   return false;
 }
 
 const KernelTable* built_table(const char* isa) {
+#if defined(FUSEDRNN_HAVE_AMX)
+  if (std::strcmp(isa, "amx") == 0) return &amx::kernel_table();
+#endif
 #if defined(FUSEDRNN_HAVE_AVX512)
   if (std::strcmp(isa, "avx512") == 0) return &avx512::kernel_table();
 #endif
@@ -42,10 +64,11 @@ const KernelTable* choose() {
       throw std::runtime_error(std::string("FUSEDRNN_ISA=") + forced +
                                " is not available here; choose one of: " + "generic" +
                                (kernels_for("avx2") ? ", avx2" : "") +
-                               (kernels_for("avx512") ? ", avx512" : ""));
+                               (kernels_for("avx512") ? ", avx512" : "") +
+                               (kernels_for("amx") ? ", amx" : ""));
     return t;
   }
-  for (const char* isa : {"avx512", "avx2", "generic"})
+  for (const char* isa : {"amx", "avx512", "avx2", "generic"})
     if (const KernelTable* t = kernels_for(isa)) return t;
   return &generic::kernel_table();
 }

@@ -271,5 +271,6 @@ const char* active_isa_name();
 namespace generic { const KernelTable& kernel_table(); }
 namespace avx2 { const KernelTable& kernel_table(); }
 namespace avx512 { const KernelTable& kernel_table(); }
+namespace amx { const KernelTable& kernel_table(); }
 
 }  // namespace fusedrnn

@@ -30,7 +30,7 @@ def test_unavailable_isa_fails_at_import_with_a_clear_message():
 
 def test_default_is_the_best_available():
     r = run_python("import fusedrnn; print(fusedrnn._C.isa())", FUSEDRNN_ISA="")
-    order = ["avx512", "avx2", "generic"]
+    order = ["amx", "avx512", "avx2", "generic"]
     best = next(i for i in order if i in _C.available_isas())
     assert r.stdout.strip() == best
 

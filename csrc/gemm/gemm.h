@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include "gemm/microkernel.h"
 
 namespace fusedrnn {
@@ -291,14 +292,22 @@ void gemm_packed_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_r
                          accumulate, nullptr, a_pack, descending);
 }
 
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn
+#include "gemm/gemm_amx.h"  // (needs the packed layout above)
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
 // C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A
 // is packed); with `bias` (N values, only when !accumulate) C = bias + A B. split_k: see KSplit.
 // Threads take panel ranges (see `ranges`). Every C element is one FMA chain over k in order
-// whatever the threads, so results do not depend on the thread count.
+// whatever the threads, so results do not depend on the thread count. In the amx build, float
+// products that amx_gemm takes run on AMX tiles (gemm_amx.h) unless !amx_ok (a caller whose bits
+// must match the FMA kernels' elsewhere).
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                  const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads,
-                 const T* bias = nullptr, bool split_k = true) {
+                 const T* bias = nullptr, bool split_k = true, bool amx_ok = true) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t MC = GemmBlocking<T>::MC;
   if (M <= 0 || N <= 0) return;
@@ -308,6 +317,13 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
         for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = bias ? bias[n] : T(0);
     return;
   }
+#if defined(FUSEDRNN_AMX)
+  if constexpr (std::is_same_v<T, float>)
+    if (amx_ok && amx_gemm(M, N, K, A, a_rs, a_cs, Bp, packed_b_size<T>(K, N)))
+      return gemm_packed_amx(M, N, K, A, a_rs, a_cs, Bp, C, ldc, accumulate, nthreads, bias);
+#else
+  (void)amx_ok;
+#endif
   const int64_t panels = ceil_div<int64_t>(N, NR);
   const int64_t m_blocks = ceil_div<int64_t>(M, MC);
   // A parallel region costs a few microseconds idle and a scheduler time slice when another

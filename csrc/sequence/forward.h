@@ -16,6 +16,7 @@
 #include <cstring>
 #include "cells/cells.h"
 #include "cells/onnx_cells.h"
+#include "sequence/amx_step.h"
 #include "sequence/block_queue.h"
 #include "sequence/layout.h"
 #include "sequence/projection_mode.h"
@@ -206,6 +207,10 @@ struct ForwardLoop {
   // zero rows to whole windows of kRideRows; gx then holds rows by step, gate g of a row at
   // g * padded_units(), and each step of a window computes a slice of the next window's rows.
   const T* x_steps = nullptr;
+  // The steps' products on AMX tiles (amx_step): the split panels of W_hh and, with the
+  // projection in the step, of W_ih; else amx is false.
+  bool amx = false;
+  AmxGates amx_w, amx_w_in;
   // The single row's first phase takes its gates in one pass (row_gates_pass): where the
   // projection rides along on one thread (projection_rides), whether or not it rides here.
   bool row_in_one_pass = false;
@@ -259,18 +264,25 @@ struct ForwardLoop {
   // a_ready: this step's A packed already (AForm::Blocked), every row, or null;
   // a_next: where the epilogue packs the new state, the next step's A, or null.
   // x_ready: with the projection in the step, this member's rows of x_t packed (AForm::Blocked).
+  // mx: the member's rows split for AMX tiles (see AmxRows), or null.
   template <typename RowFn>
   void cell_phase(int64_t k, const StepSplit& p, int g0, int g_count, const T* A, int64_t lda,
                   int64_t K, bool writes_h, RowFn fn, T* a_pack, const T* x_ready,
-                  const T* a_ready = nullptr, T* a_next = nullptr) const {
-    constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
-    alignas(64) T tile[MR * 4 * NR];
-    alignas(64) T gx_tile[MR * 4 * NR];  // the projection in the step: gate g at column g * NR
+                  const T* a_ready = nullptr, T* a_next = nullptr,
+                  const AmxRows* mx = nullptr) const {
+    constexpr int NR = Tile<T>::NR;
+    // Row tiles of MR rows, or of an AMX tile's (on AMX, rows are independent of their tile).
+    const int MR = mx ? kAmxRows : Tile<T>::MR;
+    constexpr int kRows = step_tile_rows<T>();
+    alignas(64) T tile[kRows * 4 * NR];
+    alignas(64) T gx_tile[kRows * 4 * NR];  // the projection in the step: gate g at column g * NR
     // The state's rows as MR-row micro-panels (AForm::Blocked), packed once a step and met by
     // every unit block: read in place, a tile's MR rows lie H apart, and at H = 1024 floats
     // (4 KB) they all fall in one L1 set (1 thread, bench medians: deepbench LSTM 324-328 ->
     // 282-300 ms).
     if (!a_ready && a_pack) pack_a_blocked<T>(p.row1 - p.row0, K, A + p.row0 * lda, lda, a_pack);
+    if (mx) amx_split_rows(p.row1 - p.row0, K, A + p.row0 * lda, lda, mx->a);
+    const bool gx_in_tile = x_ready || (mx && mx->x);
     const T* hp = h_at(k);
     T* hn = h_at(k + 1);
     const bool lstm = s.cell == Cell::Lstm;
@@ -300,7 +312,13 @@ struct ForwardLoop {
       const int nu = static_cast<int>(imin<int64_t>(NR, s.H - u0));
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
-        if (x_ready) {  // x_t W_ih^T + bias for this tile's gates, into the L1-resident gx_tile
+        const int64_t tile_index = (m - p.row0) / MR;  // of the member's rows
+        if (mx && mx->x) {  // as x_ready's below, on AMX tiles
+          amx_gate_products(s.I, mx->x + tile_index * amx_rows_size(MR, s.I), amx_w_in, ub, g0,
+                            g_count, gx_tile + g0 * NR, G * NR,
+                            bias_in ? bias_in + g0 * padded_units(s) + u0 : nullptr,
+                            padded_units(s));
+        } else if (x_ready) {  // x_t W_ih^T + bias for this tile's gates, into the L1-resident gx_tile
           const T* xa = x_ready + (m - p.row0) * blocked_length<T>(s.I);
           gate_products(mr, s.I, xa, w_in, ub, g0, g_count, gx_tile + g0 * NR, G * NR,
                         bias_in ? bias_in + g0 * padded_units(s) + u0 : nullptr, padded_units(s));
@@ -319,7 +337,10 @@ struct ForwardLoop {
         // a k-split per gate on AVX2: long-seq 0.92 -> 0.95 ms), and so does a GRU row whose
         // first phase carries the riding projection (its chains then hide the latency), or
         // would on one thread (row_in_one_pass: the same chains, so the same bits, on a team).
-        if (mr == 1 && (g_count == 4 || (row_in_one_pass && g0 == 0))) {
+        if (mx) {
+          amx_gate_products(K, mx->a + tile_index * amx_rows_size(MR, K), amx_w, ub, g0, g_count,
+                            tile, g_count * NR, static_cast<const T*>(nullptr), 0);
+        } else if (mr == 1 && (g_count == 4 || (row_in_one_pass && g0 == 0))) {
           const int64_t ahead = (k / kRideRows + 1) * kRideRows;  // the next window's first step
           const bool rides = x_steps && ahead < s.T && k % kRideRows < kRideSlices * G;
           const RideTile<T> ride = rides ? ride_tile(k, ahead, ub) : RideTile<T>{};
@@ -350,10 +371,10 @@ struct ForwardLoop {
           RowForward<T> r;
           r.acc = tile + ri * g_count * NR;
           r.acc_gate_stride = NR;
-          r.gx = x_ready ? gx_tile + ri * G * NR
+          r.gx = gx_in_tile ? gx_tile + ri * G * NR
                  : x_steps ? gx + k * ld_gx + u0
                            : gx + (t * s.B + b) * ld_gx + u0;
-          r.gx_gate_stride = x_ready ? NR : x_steps ? padded_units(s) : s.H;
+          r.gx_gate_stride = gx_in_tile ? NR : x_steps ? padded_units(s) : s.H;
           r.b_hn = b_hn ? b_hn + u0 : nullptr;
           r.h_prev = hp + b * s.Hout + u0;
           r.c_prev = lstm ? cp + b * s.H + u0 : nullptr;
@@ -487,12 +508,12 @@ struct ForwardLoop {
   // Step k's phases, each cell's epilogues from Rows (TorchRows or OnnxRows).
   template <typename Rows>
   void step_cells(int64_t k, const StepSplit& p, const T* hp, T* ap, const T* xp,
-                  const T* ready, T* next) const {
+                  const T* ready, T* next, const AmxRows* mx) const {
     switch (s.cell) {
-      case Cell::RnnTanh: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, Rows::rnn_tanh, ap, xp, ready, next); break;
-      case Cell::RnnRelu: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, Rows::rnn_relu, ap, xp, ready, next); break;
+      case Cell::RnnTanh: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, Rows::rnn_tanh, ap, xp, ready, next, mx); break;
+      case Cell::RnnRelu: cell_phase(k, p, 0, 1, hp, s.Hout, s.Hout, true, Rows::rnn_relu, ap, xp, ready, next, mx); break;
       case Cell::Lstm:
-        cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, Rows::lstm, ap, xp, ready, next);
+        cell_phase(k, p, 0, 4, hp, s.Hout, s.Hout, !s.has_proj, Rows::lstm, ap, xp, ready, next, mx);
         if (s.has_proj) {
           if (barrier) barrier->wait();
           projection_phase(k, p);
@@ -500,11 +521,11 @@ struct ForwardLoop {
         break;
       case Cell::Gru:
         if (s.linear_before_reset) {
-          cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, Rows::gru, ap, xp, ready, next);
+          cell_phase(k, p, 0, 3, hp, s.Hout, s.Hout, true, Rows::gru, ap, xp, ready, next, mx);
         } else {
-          cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, Rows::gru_reset, ap, xp);
+          cell_phase(k, p, 0, 2, hp, s.Hout, s.Hout, false, Rows::gru_reset, ap, xp, nullptr, nullptr, mx);
           if (barrier) barrier->wait();
-          cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, Rows::gru_reset_new, ap, xp);
+          cell_phase(k, p, 2, 1, extra_at(k), s.H, s.H, true, Rows::gru_reset_new, ap, xp, nullptr, nullptr, mx);
         }
         break;
     }
@@ -512,13 +533,18 @@ struct ForwardLoop {
 
   // Steps [k0, k1) (every buffer is indexed by step, so a run may stop and another go on).
   void run(const StepSplit& p, int64_t k0, int64_t k1) const {
-    Scratch<T> a_pack(a_pack_size(s, p));
+    Scratch<T> a_pack(amx ? 0 : a_pack_size(s, p));
     T* ap = a_pack.p;
     const int64_t a_size = next_a_size(s);
     const int64_t rows = p.row1 - p.row0;
-    const bool in_step = w_in.data && !x_steps;  // (riding along, W_ih is packed so too)
-    Scratch<T> x_pack(in_step ? blocked_size<T>(rows, s.I) : 0);
+    // (riding along, W_ih is packed so too; on AMX tiles only its split panels are)
+    const bool in_step = (w_in.data || amx_w_in.data) && !x_steps;
+    Scratch<T> x_pack(in_step && !amx ? blocked_size<T>(rows, s.I) : 0);
     const T* xp = x_pack.p;
+    Scratch<bf16_t> amx_a(amx ? amx_rows_size(rows, imax(s.H, s.Hout)) : 0);
+    Scratch<bf16_t> amx_x(amx && in_step ? amx_rows_size(rows, s.I) : 0);
+    const AmxRows amx_rows{amx_a.p, amx_x.p};
+    const AmxRows* mx = amx ? &amx_rows : nullptr;
     if (x_steps && k0 == 0) ride_first_window(p.unit0, p.unit1);
     // A balanced share of rows (rows_in_equal_shares) tiles off the whole-tile grid that step
     // 0's A was packed on before the team started: the member packs its own panels (no other
@@ -537,12 +563,14 @@ struct ForwardLoop {
       // Every row's step k is time steps.time(k, 0) here (no lengths): x_t's rows lie together.
       if (xp)
         pack_a_blocked<T>(rows, s.I, a.x + (steps.time(k, 0) * s.B + p.row0) * s.I, s.I, x_pack.p);
+      if (amx_x.p)
+        amx_split_rows(rows, s.I, a.x + (steps.time(k, 0) * s.B + p.row0) * s.I, s.I, amx_x.p);
       // Single-phase cells whose epilogue writes the state pack the next step's A (a_shared is
       // null otherwise).
       const T* ready = a_shared ? a_shared + (k % 2) * a_size : nullptr;
       T* next = a_shared ? a_shared + ((k + 1) % 2) * a_size : nullptr;
-      if (a.onnx) step_cells<OnnxRows<T>>(k, p, hp, ap, xp, ready, next);
-      else step_cells<TorchRows<T>>(k, p, hp, ap, xp, ready, next);
+      if (a.onnx) step_cells<OnnxRows<T>>(k, p, hp, ap, xp, ready, next, mx);
+      else step_cells<TorchRows<T>>(k, p, hp, ap, xp, ready, next, mx);
       if (barrier) barrier->wait();
       if (done) done->publish(k + 1);
     }
@@ -591,9 +619,13 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   const int64_t gx_rows = rides ? ceil_div<int64_t>(s.T, kRideRows) * kRideRows : s.T * B;
   Scratch<T> gx_buf(in_step || gx_in_gates || gx_in_y ? 0 : gx_rows * ld_gx);
   T* const gx = gx_in_gates ? a.saved.gates : gx_in_y ? a.y : gx_buf.p;
-  if (mode == 0) input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx, ld_gx, nthreads, reuse);
+  if (mode == 0)
+    input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx, ld_gx, nthreads, reuse,
+                        s.B >= kAmxStepRows);
   const bool by_gates = in_step || rides;  // W_ih packed like W_hh, per unit block
-  CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, by_gates ? GH : 0, s.I,
+  // On AMX tiles (amx_step) the steps meet only the weights' split panels.
+  const bool amx = amx_step(a, in_step, reuse.keep);
+  CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, by_gates && !amx ? GH : 0, s.I,
                        by_gates ? packed_gates_size<T>(G, s.I, H) : 0, nthreads, reuse,
                        [&](T* buf) { pack_gates<T>(G, s.I, H, a.w_ih, buf, nthreads); });
   Scratch<T> bias_in(by_gates && s.has_bias ? G * padded_units : 0);
@@ -601,9 +633,12 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
     std::memset(bias_in.p, 0, sizeof(T) * G * padded_units);
     folded_bias(s, a.b_ih, a.b_hh, bias_in.p, padded_units);
   }
-  CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, GH, Hout, packed_gates_size<T>(G, Hout, H),
+  CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, amx ? 0 : GH, Hout, packed_gates_size<T>(G, Hout, H),
                        nthreads, reuse, [&](T* buf) { pack_gates<T>(G, Hout, H, a.w_hh, buf, nthreads); });
   const PackedGates<T> w{G, Hout, wbuf.get()};
+  const AmxGatesPanels<T> amx_w(amx, PanelKind::AmxGates, a.w_hh, G, H, Hout, nthreads, reuse);
+  const AmxGatesPanels<T> amx_w_in(amx && in_step, PanelKind::AmxInputGates, a.w_ih, G, H, s.I,
+                                   nthreads, reuse);
   // Null without a projection (nothing is packed then).
   CachedPanels<T> wproj(PanelKind::Proj, a.w_hr, s.has_proj ? Hout : 0, H,
                         s.has_proj ? packed_b_size<T>(H, Hout) : 0, nthreads, reuse,
@@ -615,7 +650,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   Scratch<T> extra(!training && gru_two_phase ? B * H : 0);
   // The epilogue packs the next step's A where a step has several rows (one is read in place)
   // and one phase whose epilogue writes the state (not the projection's nor the two-phase GRU's).
-  const bool epilogue_packs = B > 1 && !s.has_proj && !gru_two_phase;
+  const bool epilogue_packs = B > 1 && !s.has_proj && !gru_two_phase && !amx;
   Scratch<T> a_shared(epilogue_packs ? 2 * ForwardLoop<T>::next_a_size(s) : 0);
   Steps steps{a.lengths, s.T, s.reverse};
   ForwardLoop<T> loop{a, s, steps, G, gx, ld_gx, w, wproj.get(), (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
@@ -628,6 +663,9 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
     loop.bias_in = bias_in.p;
   }
   loop.row_in_one_pass = projection_rides<T>(s, a.lengths != nullptr);
+  loop.amx = amx;
+  loop.amx_w = amx_w.gates();
+  loop.amx_w_in = amx_w_in.gates();
   Scratch<T> x_steps(rides ? gx_rows * s.I : 0);
   if (rides) {
     for (int64_t k = 0; k < gx_rows; ++k) {

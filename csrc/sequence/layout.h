@@ -63,7 +63,8 @@ struct PanelReuse {
 // Packed panels of one weight matrix, reused from the calling thread's cache while the weight's
 // bytes are unchanged (workspace.cpp), else packed now by `pack_into(buffer)`; packed every call
 // into a buffer of its own where the call does not keep its forms (PanelReuse).
-enum class PanelKind : int { InputProj = 1, Gates, Proj, BackHH, BackHN, BackHR, InputGates, BackHHHalves };
+enum class PanelKind : int { InputProj = 1, Gates, Proj, BackHH, BackHN, BackHR, InputGates, BackHHHalves,
+                             AmxGates, AmxInputGates };
 
 template <typename T>
 class CachedPanels {
@@ -118,16 +119,18 @@ void folded_bias(const LayerShape& s, const T* b_ih, const T* b_hh, T* out, int6
 
 // Gx (T*B, G*H; rows ld_gx apart) = X W_ih^T + the folded bias, as one GEMM, one chain per
 // element (no k-split in a short last row tile): the riding tiles' bits (projection_mode.h).
+// amx_ok: as gemm_packed's (a single row's projection must give the riding tiles' bits).
 template <typename T>
 void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b_ih,
-                      const T* b_hh, T* gx, int64_t ld_gx, int nthreads, PanelReuse reuse) {
+                      const T* b_hh, T* gx, int64_t ld_gx, int nthreads, PanelReuse reuse,
+                      bool amx_ok) {
   const int64_t G = gates_of(s.cell), GH = G * s.H, M = s.T * s.B;
   CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH), nthreads,
                     reuse, [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
   Scratch<T> bias(s.has_bias ? GH : 0);
   if (s.has_bias) folded_bias(s, b_ih, b_hh, bias.p, s.H);
   // The bias rides in the GEMM: each gate chain starts from it (with I = 0, Gx is the bias).
-  gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p, false);
+  gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p, false, amx_ok);
 }
 
 // Recurrent weights packed per gate: gate g is W_hh[g*H:(g+1)*H, :]^T as NR-wide panels over

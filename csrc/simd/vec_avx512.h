@@ -6,7 +6,11 @@
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 
+#if defined(FUSEDRNN_AMX)
+constexpr const char* kIsaName = "amx";  // this header's kernels, float32 products on AMX tiles
+#else
 constexpr const char* kIsaName = "avx512";
+#endif
 
 template <typename T> struct Vec;
 

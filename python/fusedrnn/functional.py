@@ -13,8 +13,8 @@ it (the kernels then reuse its saved state; a later backward raises). ``grads`` 
 "weight_hh" and, where they exist, "bias_ih", "bias_hh", "weight_hr".
 
 Arrays must share one float dtype (float32 or float64); other layouts are copied to C order only
-when needed and inputs are never modified. ``isa`` ("generic", "avx2", "avx512") runs one build of
-the kernels instead of the one chosen at import (tests use it to cover every path).
+when needed and inputs are never modified. ``isa`` ("generic", "avx2", "avx512", "amx") runs one
+build of the kernels instead of the one chosen at import (tests use it to cover every path).
 """
 import numpy as np
 

@@ -1,0 +1,200 @@
+// float32 products on AMX tiles (the "amx" build: AVX-512 kernels plus this), exact to float32's
+// rounding: each float is split into three bfloat16 parts, x = hi + mid + lo exactly (8 + 8 + 8
+// significant bits, each rounded to nearest), and a product a*b is the six part products whose
+// weight reaches float32's (hi*hi, mid*hi, lo*hi, hi*mid, mid*mid, hi*lo), every one exact in
+// the tiles' float32 accumulators; the three dropped terms are below 2^-24 of a*b. C++ loop, 1
+// thread, K = 1024: max error 5.8e-7 of the largest result against 6.7e-7 for one FMA chain.
+// Rates (C++ loop, 1 thread, this Xeon, our AVX-512 GEMM 157-166 GFLOP/s in the same minutes):
+// 1024^3 230-250 float32-equivalent GFLOP/s; the step's 12-row tiles against 2 gate panels from
+// L2, 195-210.
+//
+// Tiles: C 0-3 (16 rows of 16 floats), A 4-6 (hi, mid, lo: 16 rows of 32 k), B 7 (16 k pairs of
+// 16 columns, VNNI: k and k + 1 side by side). A split A row tile: per block of 32 k, the three
+// parts' 16 x 32 values (rows past the tile's and k past K zero); a split B panel (32 columns,
+// as Tile<float>::NR): per block of 32 k, per part, per 16-column half, 16 x 32 values.
+//
+// Non-finite values do not split (inf - inf): callers take this path only for finite operands
+// (amx_all_finite), whose products then match the FMA kernels' to float32 rounding.
+#pragma once
+#if defined(FUSEDRNN_AMX)
+#include <immintrin.h>
+#include <cstdint>
+#include <cstring>
+#include "common.h"
+#include "gemm/microkernel.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+using bf16_t = uint16_t;
+constexpr int kAmxRows = 16;               // an A or C tile's rows
+constexpr int64_t kAmxK = 32;              // k in one tile row
+static_assert(Tile<float>::NR == 32, "a B panel is two 16-column tiles");
+
+inline int64_t amx_kblocks(int64_t K) { return ceil_div<int64_t>(K, kAmxK); }
+// bf16 elements of one split A row tile over K, and of one split 32-column B panel.
+inline int64_t amx_a_tile_size(int64_t K) { return amx_kblocks(K) * 3 * kAmxRows * kAmxK; }
+inline int64_t amx_b_panel_size(int64_t K) { return amx_kblocks(K) * 3 * 2 * 16 * kAmxK; }
+
+// The calling thread's tile configuration, loaded on its first AMX product (the tile state is
+// per thread; nothing else in the process configures tiles).
+inline void amx_configure() {
+  thread_local bool configured = false;
+  if (configured) return;
+  struct alignas(64) Config {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+  } cfg{};
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = t == 7 ? 16 : kAmxRows;  // (B: 16 k pairs)
+  }
+  _tile_loadconfig(&cfg);
+  configured = true;
+}
+
+// Whether every value of a rows x cols block (rows ld apart) splits into bfloat16 parts: finite
+// and below the largest bfloat16 (past it the high part rounds to infinity).
+inline bool amx_all_finite(const float* a, int64_t rows, int64_t cols, int64_t ld) {
+  const __m512 limit = _mm512_set1_ps(3.38e38f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = a + r * ld;
+    int64_t c = 0;
+    __mmask16 bad = 0;
+    for (; c + 16 <= cols; c += 16)
+      bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(row + c)), limit, _CMP_NLE_UQ);
+    if (c < cols) {
+      const __mmask16 m = static_cast<__mmask16>((1u << (cols - c)) - 1);
+      bad |= _mm512_mask_cmp_ps_mask(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + c)), limit,
+                                     _CMP_NLE_UQ);
+    }
+    if (bad) return false;
+  }
+  return true;
+}
+
+// x's bits rounded to bfloat16 (to nearest, ties to even), low 16 bits zero.
+inline __m512i amx_bf16_bits(__m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7FFF), lsb));
+  return _mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000u)));
+}
+// x = parts[0] + parts[1] + parts[2] exactly, each a bfloat16 in the high half of its lane.
+inline void amx_split(__m512 x, __m512i parts[3]) {
+  parts[0] = amx_bf16_bits(x);
+  const __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(parts[0]));
+  parts[1] = amx_bf16_bits(r);
+  parts[2] = amx_bf16_bits(_mm512_sub_ps(r, _mm512_castsi512_ps(parts[1])));
+}
+
+// The split A row tile of rows [0, mr) of a (rows lda apart, k contiguous) over K.
+inline void amx_split_a(int mr, int64_t K, const float* a, int64_t lda, bf16_t* out) {
+  const int64_t kbs = amx_kblocks(K);
+  for (int64_t kb = 0; kb < kbs; ++kb) {
+    bf16_t* block = out + kb * 3 * kAmxRows * kAmxK;
+    for (int r = 0; r < kAmxRows; ++r)
+      for (int half = 0; half < 2; ++half) {
+        const int64_t k0 = kb * kAmxK + half * 16;
+        const int64_t n = r < mr ? imin<int64_t>(16, K - k0) : 0;
+        const __mmask16 m = n <= 0 ? 0 : static_cast<__mmask16>((1u << n) - 1);
+        __m512i parts[3];
+        amx_split(_mm512_maskz_loadu_ps(m, a + r * lda + k0), parts);
+        for (int q = 0; q < 3; ++q)
+          _mm256_storeu_si256(
+              reinterpret_cast<__m256i*>(block + (q * kAmxRows + r) * kAmxK + half * 16),
+              _mm512_cvtepi32_epi16(_mm512_srli_epi32(parts[q], 16)));
+      }
+  }
+}
+
+// The split B panel of a K x 32 float panel (row k at b + k * 32, as pack_b / the packed gates
+// lay a panel out): k pairs side by side in each 32-bit lane (VNNI), k past K zero.
+inline void amx_split_b(int64_t K, const float* b, bf16_t* out) {
+  const int64_t kbs = amx_kblocks(K);
+  const __m512i high = _mm512_set1_epi32(int(0xFFFF0000u));
+  for (int64_t kb = 0; kb < kbs; ++kb)
+    for (int p = 0; p < 16; ++p) {
+      const int64_t k0 = kb * kAmxK + 2 * p;
+      for (int half = 0; half < 2; ++half) {
+        __m512i even[3], odd[3];
+        const __m512 zero = _mm512_setzero_ps();
+        amx_split(k0 < K ? _mm512_loadu_ps(b + k0 * 32 + half * 16) : zero, even);
+        amx_split(k0 + 1 < K ? _mm512_loadu_ps(b + (k0 + 1) * 32 + half * 16) : zero, odd);
+        for (int q = 0; q < 3; ++q) {
+          const __m512i pair = _mm512_or_si512(_mm512_and_si512(odd[q], high),
+                                               _mm512_srli_epi32(even[q], 16));
+          _mm512_storeu_si512(out + ((kb * 3 + q) * 2 + half) * 512 + p * 32, pair);
+        }
+      }
+    }
+}
+
+// How a product's C tiles start: from zero, from a bias row (the same 32 values each row), or
+// from C itself (accumulate).
+enum class AmxStart { Zero, Bias, C };
+
+// C (kAmxRows x 32 NP floats, rows ldc apart) (+)= A (a split A tile, kbs k blocks) B (NP split
+// panels b[0..NP)), starting as `start` says (bias[i]: panel i's 32 values). Writes all
+// kAmxRows rows.
+// Per element the order is fixed (k blocks in order, the six part products in the order above),
+// so results do not depend on how tiles are spread over threads.
+template <int NP>
+inline void amx_panels(int64_t kbs, const bf16_t* a, const bf16_t* const* b, float* c,
+                       int64_t ldc, AmxStart start, const float* const* bias) {
+  static_assert(NP == 1 || NP == 2, "one or two panels (two or four C tiles)");
+  amx_configure();
+  const int64_t stride = ldc * int64_t(sizeof(float));
+#define FUSEDRNN_AMX_START(t)                                                           \
+  if (start == AmxStart::Zero) _tile_zero(t);                                           \
+  else if (start == AmxStart::Bias) _tile_loadd(t, bias[(t) / 2] + ((t) % 2) * 16, 0);   \
+  else _tile_loadd(t, c + (t) * 16, stride);
+  FUSEDRNN_AMX_START(0)
+  FUSEDRNN_AMX_START(1)
+  if constexpr (NP == 2) {
+    FUSEDRNN_AMX_START(2)
+    FUSEDRNN_AMX_START(3)
+  }
+#undef FUSEDRNN_AMX_START
+  constexpr int64_t kPart = kAmxRows * kAmxK, kHalf = 16 * kAmxK;
+  for (int64_t kb = 0; kb < kbs; ++kb) {
+    const bf16_t* ak = a + kb * 3 * kPart;
+    _tile_loadd(4, ak, 64);
+    _tile_loadd(5, ak + kPart, 64);
+    _tile_loadd(6, ak + 2 * kPart, 64);
+    // C tile t: panel t / 2, half t % 2; B's hi meets A's hi, mid and lo, its mid A's hi and
+    // mid, its lo A's hi.
+#define FUSEDRNN_AMX_TILE(t)                                            \
+  {                                                                     \
+    const bf16_t* bk = b[(t) / 2] + kb * 6 * kHalf + ((t) % 2) * kHalf; \
+    _tile_loadd(7, bk, 64);                                             \
+    _tile_dpbf16ps(t, 4, 7);                                            \
+    _tile_dpbf16ps(t, 5, 7);                                            \
+    _tile_dpbf16ps(t, 6, 7);                                            \
+    _tile_loadd(7, bk + 2 * kHalf, 64);                                 \
+    _tile_dpbf16ps(t, 4, 7);                                            \
+    _tile_dpbf16ps(t, 5, 7);                                            \
+    _tile_loadd(7, bk + 4 * kHalf, 64);                                 \
+    _tile_dpbf16ps(t, 4, 7);                                            \
+  }
+    FUSEDRNN_AMX_TILE(0)
+    FUSEDRNN_AMX_TILE(1)
+    if constexpr (NP == 2) {
+      FUSEDRNN_AMX_TILE(2)
+      FUSEDRNN_AMX_TILE(3)
+    }
+#undef FUSEDRNN_AMX_TILE
+  }
+  _tile_stored(0, c, stride);
+  _tile_stored(1, c + 16, stride);
+  if constexpr (NP == 2) {
+    _tile_stored(2, c + 32, stride);
+    _tile_stored(3, c + 48, stride);
+  }
+}
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn
+#endif  // FUSEDRNN_AMX

@@ -1,0 +1,144 @@
+// gemm_packed on AMX tiles (gemm/amx.h) for float32 in the "amx" build: the whole-sequence
+// products (the input projection before the loop, the backward's weight gradients and dX) and
+// _C.gemm. B comes packed as pack_b_gemm lays it out and is split a K block at a time (the
+// threads sharing the work), then every 16-row group of A, split, meets all of that block's
+// panels; C carries each element's sum from one K block to the next exactly, so the blocks
+// change no bit and nor do the threads (whole row groups, each element's order fixed).
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include "common.h"
+#include "gemm/amx.h"
+#include "gemm/microkernel.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+#if defined(FUSEDRNN_AMX)
+// Products from which gemm_packed takes AMX tiles: rows enough to repay splitting B (_C.gemm,
+// N = 2048, K = 512, against the FMA build, 1 thread: M = 32 x0.69, 64 x0.83, 128 x1.01, 256
+// x1.15), columns for a panel pair, and k for a K block's worth of work per split.
+constexpr int64_t kAmxGemmMinRows = 128, kAmxGemmMinCols = 32, kAmxGemmMinK = 32;
+// Blocking: per K block of kAmxGemmKC (Bp's own K blocks), every panel is split once (KC x N x
+// 6 bytes, shared by the threads) and each block of kAmxGemmGroups 16-row groups of A, split (48
+// KB a group, in L2), meets the panels a pair at a time, the pair (196 KB) in L2 while the
+// block's groups meet it. In-process A/B, 1 thread, against the FMA GEMM in the same minutes:
+// with every group meeting all panels in turn, 1024^3 x0.85 (the C tiles reloaded from L3 held
+// up each pair); groups of 2, 4, 8, 12, 16: 1024^3 x1.07, 1.25, 1.39, 1.40, 1.37, 6400x2048x512
+// x1.08, 1.23, 1.29, 1.42, 1.44, 2048x512x6400 (A transposed) x1.07, 1.25, 1.26, 1.29, 1.29.
+constexpr int64_t kAmxGemmKC = 512, kAmxGemmGroups = 16;
+// Panels split at a time: wider products go a chunk of columns at a time, each chunk over all
+// of K, so the split panels take at most 512 x 1024 x 6 bytes (3 MB; the input projection of
+// deepbench's LSTM, N = 4096, had 12 MB in its training peak) for an A split 4 times over.
+constexpr int64_t kAmxGemmChunkPanels = 32;
+
+// Whether gemm_packed runs this product on AMX tiles: shape (above), A's strides (rows or
+// columns contiguous) and every operand splitting (amx_all_finite). Never depends on threads.
+inline bool amx_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+                     const float* Bp, int64_t packed_b_elems) {
+  if (M < kAmxGemmMinRows || N < kAmxGemmMinCols || K < kAmxGemmMinK) return false;
+  if (a_cs == 1) {
+    if (!amx_all_finite(A, M, K, a_rs)) return false;
+  } else if (a_rs == 1) {
+    if (!amx_all_finite(A, K, M, a_cs)) return false;
+  } else {
+    return false;
+  }
+  return amx_all_finite(Bp, 1, packed_b_elems, packed_b_elems);
+}
+
+// Rows [m0, m0 + mr) x k [k0, k0 + kc) of A split into one A tile; tmp: room for 16 x kc
+// floats (A with contiguous columns is gathered into rows there first).
+inline void amx_split_a_block(int mr, int64_t m0, int64_t k0, int64_t kc, const float* A,
+                              int64_t a_rs, int64_t a_cs, float* tmp, bf16_t* out) {
+  if (a_cs == 1) return amx_split_a(mr, kc, A + m0 * a_rs + k0, a_rs, out);
+  const float* src = A + m0 + k0 * a_cs;  // a_rs == 1: column k holds the mr rows side by side
+  int64_t k = 0;
+  if (mr == 16)
+    for (; k + 16 <= kc; k += 16) transpose_block(src + k * a_cs, a_cs, tmp + k, kc);
+  for (; k < kc; ++k)
+    for (int r = 0; r < mr; ++r) tmp[r * kc + k] = src[k * a_cs + r];
+  amx_split_a(mr, kc, tmp, kc, out);
+}
+
+// C(M,N) (+)= A(M,K) Bp (pack_b_gemm's layout), or bias + A Bp, on AMX tiles; see gemm_packed.
+inline void gemm_packed_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs,
+                            int64_t a_cs, const float* Bp, float* C, int64_t ldc, bool accumulate,
+                            int nthreads, const float* bias) {
+  constexpr int NR = Tile<float>::NR;
+  constexpr int64_t KC = GemmBlocking<float>::KC;  // Bp's K blocks
+  static_assert(KC % kAmxGemmKC == 0 || kAmxGemmKC % KC == 0, "K blocks nest");
+  const int64_t panels = ceil_div<int64_t>(N, NR), groups = ceil_div<int64_t>(M, 16);
+  const int64_t blocks = ceil_div<int64_t>(groups, kAmxGemmGroups);
+  const int64_t kc_max = imin(kAmxGemmKC, K);
+  const int64_t panel_size = amx_b_panel_size(kc_max);
+  Scratch<bf16_t> b_split(imin(panels, kAmxGemmChunkPanels) * panel_size);
+  const bool parallel = nthreads > 1 && M * N * K >= (int64_t(1) << 22);
+#pragma omp parallel num_threads(nthreads) if (parallel)
+  {
+    DenormalsFlushed ftz;
+    const int64_t a_tile = amx_a_tile_size(kc_max);
+    Scratch<bf16_t> a_split(kAmxGemmGroups * a_tile);
+    Scratch<float> gather(a_cs == 1 ? 0 : 16 * kc_max);
+    alignas(64) float edge[16 * 2 * NR];  // a group's tile pair where it passes M or N
+    for (int64_t c0 = 0; c0 < panels; c0 += kAmxGemmChunkPanels) {  // chunks of panels
+    for (int64_t k0 = 0; k0 < K; k0 += kAmxGemmKC) {
+      const int64_t c1 = imin(panels, c0 + kAmxGemmChunkPanels);
+      const int64_t kc = imin(kAmxGemmKC, K - k0), kbs = amx_kblocks(kc);
+      // This K block of the chunk's panels, split (Bp's slices are KC long: kc lies in one).
+#pragma omp for schedule(static)
+      for (int64_t p = c0; p < c1; ++p) {
+        const int64_t bk0 = (k0 / KC) * KC;
+        const float* slice = gemm_b_slice<float>(Bp, panels, K, bk0, p) + (k0 - bk0) * NR;
+        amx_split_b(kc, slice, b_split.p + (p - c0) * panel_size);
+      }
+      const bool first = k0 == 0;
+      const AmxStart start = !first || accumulate ? AmxStart::C
+                             : bias               ? AmxStart::Bias
+                                                  : AmxStart::Zero;
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t blk = 0; blk < blocks; ++blk) {
+        const int64_t g0 = blk * kAmxGemmGroups, g1 = imin(groups, g0 + kAmxGemmGroups);
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t m0 = g * 16;
+          amx_split_a_block(static_cast<int>(imin<int64_t>(16, M - m0)), m0, k0, kc, A, a_rs,
+                            a_cs, gather.p, a_split.p + (g - g0) * a_tile);
+        }
+        for (int64_t p = c0; p < c1; p += 2)
+          for (int64_t g = g0; g < g1; ++g) {
+            const int64_t m0 = g * 16;
+            const int mr = static_cast<int>(imin<int64_t>(16, M - m0));
+            const int np = static_cast<int>(imin<int64_t>(2, c1 - p));
+            const int64_t n0 = p * NR, nv = imin<int64_t>(np * NR, N - n0);
+            const bool whole = mr == 16 && nv == np * NR;
+            float* c = whole ? C + m0 * ldc + n0 : edge;
+            const int64_t ld = whole ? ldc : 2 * NR;
+            if (!whole && start == AmxStart::C)
+              for (int r = 0; r < mr; ++r)
+                std::memcpy(edge + r * ld, C + (m0 + r) * ldc + n0, sizeof(float) * nv);
+            // A short last panel's bias from a copy (the tiles read 32 values a panel).
+            alignas(64) float bias_edge[2 * NR] = {};
+            const float* bias_p = bias ? bias + n0 : nullptr;
+            if (bias && nv < np * NR) {
+              std::memcpy(bias_edge, bias + n0, sizeof(float) * nv);
+              bias_p = bias_edge;
+            }
+            const bf16_t* b[2] = {b_split.p + (p - c0) * panel_size,
+                                  b_split.p + (p + 1 - c0) * panel_size};
+            const float* bs[2] = {bias_p, bias_p ? bias_p + NR : nullptr};
+            const bf16_t* a = a_split.p + (g - g0) * a_tile;
+            if (np == 2) amx_panels<2>(kbs, a, b, c, ld, start, bs);
+            else amx_panels<1>(kbs, a, b, c, ld, start, bs);
+            if (!whole)
+              for (int r = 0; r < mr; ++r)
+                std::memcpy(C + (m0 + r) * ldc + n0, edge + r * ld, sizeof(float) * nv);
+          }
+      }
+    }
+    }
+  }
+}
+#endif  // FUSEDRNN_AMX
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

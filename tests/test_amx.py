@@ -1,0 +1,133 @@
+"""The amx build's own paths (csrc/gemm/amx.h): float32 products on AMX tiles, the forward step
+for batches from 32 rows and the whole-sequence GEMMs. Every other test runs the amx build too
+(it is one of _C.available_isas()); these make sure its tiles ran, on the shapes that reach
+them, and that what they must not take (non-finite operands, float64, small batches) runs the
+FMA kernels bit for bit. Skipped where the CPU or the OS does not offer AMX."""
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import _C, functional
+from fusedrnn.tolerances import GEMM_PER_TERM
+from _kernel_cases import VARIANTS, make_case, run_kernels, run_reference, variant_id
+from test_kernels import assert_matches
+
+pytestmark = pytest.mark.skipif("amx" not in _C.available_isas(),
+                                reason="no AMX here (CPU or OS)")
+
+AMX_ROWS = 32  # csrc/sequence/amx_step.h: kAmxStepRows, and T*B from kAmxStepWorkRows
+AMX_WORK = 512
+
+
+def forward_y(case, isa, dtype=np.float32, **kw):
+    out, _ = run_kernels(case, dtype, isa, **kw)
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("lengths,reverse", [(False, False), (True, False), (False, True)])
+def test_step_on_tiles_matches_the_reference(rng, variant, lengths, reverse):
+    """B = 40: two 16-row groups and an 8-row one; H = 33 a partial unit block; without lengths
+    the projection runs in the step, with them before the loop (both on tiles; T*B = 520 takes
+    them in training too). Forward and every gradient within the float32 tolerances, and the
+    forward's bits differ from the FMA build's: the tiles ran."""
+    cell, lbr, proj = variant
+    case = make_case(rng, cell, proj, T=13, B=40, I=20, H=33, lengths=lengths)
+    assert_matches(case, np.float32, "amx", reverse=reverse, linear_before_reset=lbr)
+    tiles = forward_y(case, "amx", reverse=reverse, linear_before_reset=lbr)
+    fma = forward_y(case, "avx512", reverse=reverse, linear_before_reset=lbr)
+    assert not np.array_equal(tiles["y"], fma["y"])
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_what_tiles_do_not_take_runs_the_fma_kernels(rng, variant):
+    """float64, a batch under 32 rows, a training call of too few steps and an input with an
+    infinity (which does not split into bfloat16 parts) give the FMA build's bits exactly."""
+    cell, lbr, proj = variant
+    small = make_case(rng, cell, proj, T=20, B=AMX_ROWS - 1, I=9, H=20)
+    short = make_case(rng, cell, proj, T=AMX_WORK // 48 - 1, B=48, I=9, H=20)
+    big = make_case(rng, cell, proj, T=12, B=48, I=9, H=20)
+    infinite = make_case(rng, cell, proj, T=12, B=48, I=9, H=20)
+    infinite["x"][2, 5, 3] = np.inf
+    for case, dtype in ((small, np.float32), (short, np.float32), (big, np.float64),
+                        (infinite, np.float32)):
+        tiles = forward_y(case, "amx", dtype, linear_before_reset=lbr)
+        fma = forward_y(case, "avx512", dtype, linear_before_reset=lbr)
+        for k in fma:
+            np.testing.assert_array_equal(tiles[k], fma[k], err_msg=k)
+
+
+def test_step_on_tiles_with_onnx_options(rng):
+    """ONNX's cell options (epilogues of their own) over the tiles' products."""
+    from fusedrnn import reference
+    w = reference.init_weights("lstm", 6, 17, 0, True, np.float64, rng)
+    x = rng.standard_normal((4, 36, 6))
+    h0, c0 = rng.standard_normal((36, 17)), rng.standard_normal((36, 17))
+    onnx = {"activations": [("hardsigmoid", 0.2, 0.5), ("softsign", 0, 0), ("elu", 0.7, 0)],
+            "clip": 1.5, "peepholes": rng.standard_normal((3, 17))}
+    args = (x, h0, c0, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
+    want = reference.forward("lstm", *args, training=False, onnx=onnx)[0]
+    f32 = [a.astype(np.float32) for a in args]
+    got = functional.forward("lstm", *f32, training=False, isa="amx",
+                             onnx=dict(onnx, peepholes=onnx["peepholes"].astype(np.float32)))[0]
+    from fusedrnn.tolerances import assert_close
+    assert_close(got, want, np.float32)
+
+
+@pytest.mark.parametrize("M,N,K", [(128, 32, 32), (145, 70, 600), (300, 96, 1100), (130, 1100, 520)])
+@pytest.mark.parametrize("layout", ["NN", "TN"])
+def test_gemm_on_tiles(rng, M, N, K, layout):
+    """Partial row groups and panels, K past one K block, N past one chunk of panels, A
+    transposed (gathered): within the GEMM's per-term tolerance, and not the FMA kernels'
+    bits."""
+    A = rng.standard_normal((M, K) if layout == "NN" else (K, M)).astype(np.float32)
+    A = A if layout == "NN" else A.T
+    B = rng.standard_normal((K, N)).astype(np.float32)
+    want = A.astype(np.float64) @ B
+    got = _C.gemm(A, B, isa="amx")
+    err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
+    assert err <= GEMM_PER_TERM[np.dtype(np.float32)] * K
+    assert not np.array_equal(got, _C.gemm(A, B, isa="avx512"))
+
+
+def test_gemm_with_an_infinity_runs_the_fma_kernels(rng):
+    A = rng.standard_normal((128, 100)).astype(np.float32)
+    B = rng.standard_normal((100, 64)).astype(np.float32)
+    A[3, 7] = np.inf
+    B[9, 2] = -np.inf
+    for a, b in ((A, np.nan_to_num(B)), (np.nan_to_num(A), B)):
+        np.testing.assert_array_equal(_C.gemm(a, b, isa="amx"), _C.gemm(a, b, isa="avx512"))
+
+
+def test_two_threads_give_the_one_thread_bits(rng, fixed_threads):
+    """The tiles with 2 threads: steps split by rows (B = 96) and by units (B = 32, H = 300),
+    and the whole-sequence GEMMs of the backward."""
+    if not _C.openmp:
+        pytest.skip("built without OpenMP: one thread only")
+    before = fusedrnn.get_num_threads()
+    try:
+        for B, H in ((96, 64), (32, 300)):
+            case = make_case(rng, "lstm", 0, T=AMX_WORK // B + 1, B=B, I=24, H=H, lengths=True)
+            results = []
+            for n in (1, 2):
+                fusedrnn.set_num_threads(n)
+                results.append(run_kernels(case, np.float32, "amx"))
+            for one, two in zip(*results):
+                for k in one:
+                    np.testing.assert_array_equal(one[k], two[k], err_msg=k)
+    finally:
+        fusedrnn.set_num_threads(before)
+
+
+@pytest.mark.parametrize("M,N,K", [(128, 64, 1024), (144, 96, 3000)])
+def test_gemm_on_tiles_is_as_exact_as_the_fma_kernels(rng, M, N, K):
+    """The split keeps float32's precision: the tiles' largest error against float64 is at most
+    the FMA kernels' (measured 0.42-0.63 of it over these and other shapes). Any part product
+    left out (even mid*mid, 2^-18 of a product at most) makes it larger, which the float32
+    tolerances alone would not see."""
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    B = rng.standard_normal((K, N)).astype(np.float32)
+    want = A.astype(np.float64) @ B
+    tiles = np.abs(_C.gemm(A, B, isa="amx") - want).max()
+    fma = np.abs(_C.gemm(A, B, isa="avx512") - want).max()
+    assert tiles <= fma, (tiles, fma)

@@ -1,12 +1,12 @@
 // float32 products on AMX tiles (the "amx" build: AVX-512 kernels plus this), exact to float32's
 // rounding: each float is split into three bfloat16 parts, x = hi + mid + lo exactly (8 + 8 + 8
 // significant bits, each rounded to nearest), and a product a*b is the six part products whose
-// weight reaches float32's (hi*hi, mid*hi, lo*hi, hi*mid, mid*mid, hi*lo), every one exact in
-// the tiles' float32 accumulators; the three dropped terms are below 2^-24 of a*b. C++ loop, 1
-// thread, K = 1024: max error 5.8e-7 of the largest result against 6.7e-7 for one FMA chain.
-// Rates (C++ loop, 1 thread, this Xeon, our AVX-512 GEMM 157-166 GFLOP/s in the same minutes):
-// 1024^3 230-250 float32-equivalent GFLOP/s; the step's 12-row tiles against 2 gate panels from
-// L2, 195-210.
+// weight reaches float32's (hi*hi, mid*hi, lo*hi, hi*mid, mid*mid, hi*lo), each exact in float32
+// and summed in the tiles' float32 accumulators; the three dropped terms are below 2^-24 of
+// a*b. C++ loop, 1 thread, K = 1024: max error 5.8e-7 of the largest result against 6.7e-7 for
+// one FMA chain. Rates (C++ loop, 1 thread, this Xeon, our AVX-512 GEMM 157-166 GFLOP/s in the
+// same minutes): 1024^3 230-250 float32-equivalent GFLOP/s; a step's 16-row tiles against 2 gate
+// panels from L2 206-242 (12-row tiles, the FMA kernels' MR, 195-210).
 //
 // Tiles: C 0-3 (16 rows of 16 floats), A 4-6 (hi, mid, lo: 16 rows of 32 k), B 7 (16 k pairs of
 // 16 columns, VNNI: k and k + 1 side by side). A split A row tile: per block of 32 k, the three
@@ -36,23 +36,28 @@ inline int64_t amx_kblocks(int64_t K) { return ceil_div<int64_t>(K, kAmxK); }
 inline int64_t amx_a_tile_size(int64_t K) { return amx_kblocks(K) * 3 * kAmxRows * kAmxK; }
 inline int64_t amx_b_panel_size(int64_t K) { return amx_kblocks(K) * 3 * 2 * 16 * kAmxK; }
 
-// The calling thread's tile configuration, loaded on its first AMX product (the tile state is
-// per thread; nothing else in the process configures tiles).
+// Loads this file's tile configuration into the calling thread's tiles unless they hold it
+// already. The tile state is per thread and other libraries in the process configure it too
+// (oneDNN in torch, ONNX Runtime's MLAS), so the tiles are read back (STTILECFG) rather than
+// trusted to a flag of ours; called before every product, it costs a 64-byte store and compare.
 inline void amx_configure() {
-  thread_local bool configured = false;
-  if (configured) return;
   struct alignas(64) Config {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
-  } cfg{};
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = t == 7 ? 16 : kAmxRows;  // (B: 16 k pairs)
-  }
-  _tile_loadconfig(&cfg);
-  configured = true;
+  };
+  static const Config ours = [] {
+    Config c{};
+    c.palette = 1;
+    for (int t = 0; t < 8; ++t) {
+      c.colsb[t] = 64;
+      c.rows[t] = t == 7 ? 16 : kAmxRows;  // (B: 16 k pairs)
+    }
+    return c;
+  }();
+  Config now;
+  _tile_storeconfig(&now);
+  if (std::memcmp(&now, &ours, sizeof(Config)) != 0) _tile_loadconfig(&ours);
 }
 
 // Whether every value of a rows x cols block (rows ld apart) splits into bfloat16 parts: finite

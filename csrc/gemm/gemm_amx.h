@@ -67,7 +67,7 @@ inline void gemm_packed_amx(int64_t M, int64_t N, int64_t K, const float* A, int
                             int nthreads, const float* bias) {
   constexpr int NR = Tile<float>::NR;
   constexpr int64_t KC = GemmBlocking<float>::KC;  // Bp's K blocks
-  static_assert(KC % kAmxGemmKC == 0 || kAmxGemmKC % KC == 0, "K blocks nest");
+  static_assert(KC % kAmxGemmKC == 0, "a K block lies within one of Bp's slices");
   const int64_t panels = ceil_div<int64_t>(N, NR), groups = ceil_div<int64_t>(M, 16);
   const int64_t blocks = ceil_div<int64_t>(groups, kAmxGemmGroups);
   const int64_t kc_max = imin(kAmxGemmKC, K);

@@ -15,8 +15,8 @@ from test_kernels import assert_matches
 pytestmark = pytest.mark.skipif("amx" not in _C.available_isas(),
                                 reason="no AMX here (CPU or OS)")
 
-AMX_ROWS = 32  # csrc/sequence/amx_step.h: kAmxStepRows, and T*B from kAmxStepWorkRows
-AMX_WORK = 512
+AMX_ROWS = 16  # csrc/sequence/amx_step.h: kAmxSmallStepRows (small weights), T*B from
+AMX_WORK = 512  # kAmxStepWorkRows
 
 
 def forward_y(case, isa, dtype=np.float32, **kw):
@@ -26,13 +26,15 @@ def forward_y(case, isa, dtype=np.float32, **kw):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("lengths,reverse", [(False, False), (True, False), (False, True)])
-def test_step_on_tiles_matches_the_reference(rng, variant, lengths, reverse):
-    """B = 40: two 16-row groups and an 8-row one; H = 33 a partial unit block; without lengths
-    the projection runs in the step, with them before the loop (both on tiles; T*B = 520 takes
-    them in training too). Forward and every gradient within the float32 tolerances, and the
-    forward's bits differ from the FMA build's: the tiles ran."""
+@pytest.mark.parametrize("B", [40, 16])
+def test_step_on_tiles_matches_the_reference(rng, variant, lengths, reverse, B):
+    """B = 40: two 16-row groups and an 8-row one; B = 16, one group (small weights); H = 33 a
+    partial unit block; without lengths the projection runs in the step, with them before the
+    loop (both on tiles; T*B from 520 takes them in training too). Forward and every gradient
+    within the float32 tolerances, and the forward's bits differ from the FMA build's: the
+    tiles ran."""
     cell, lbr, proj = variant
-    case = make_case(rng, cell, proj, T=13, B=40, I=20, H=33, lengths=lengths)
+    case = make_case(rng, cell, proj, T=-(-520 // B), B=B, I=20, H=33, lengths=lengths)
     assert_matches(case, np.float32, "amx", reverse=reverse, linear_before_reset=lbr)
     tiles = forward_y(case, "amx", reverse=reverse, linear_before_reset=lbr)
     fma = forward_y(case, "avx512", reverse=reverse, linear_before_reset=lbr)
@@ -41,16 +43,18 @@ def test_step_on_tiles_matches_the_reference(rng, variant, lengths, reverse):
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_what_tiles_do_not_take_runs_the_fma_kernels(rng, variant):
-    """float64, a batch under 32 rows, a training call of too few steps and an input with an
-    infinity (which does not split into bfloat16 parts) give the FMA build's bits exactly."""
+    """float64, a batch under 16 rows, one under 32 with weights too big to split for it, a
+    training call of too few steps and an input with an infinity (which does not split into
+    bfloat16 parts) give the FMA build's bits exactly."""
     cell, lbr, proj = variant
-    small = make_case(rng, cell, proj, T=20, B=AMX_ROWS - 1, I=9, H=20)
+    small = make_case(rng, cell, proj, T=40, B=AMX_ROWS - 1, I=9, H=20)
+    wide = make_case(rng, cell, proj, T=20, B=31, I=800, H=600)
     short = make_case(rng, cell, proj, T=AMX_WORK // 48 - 1, B=48, I=9, H=20)
     big = make_case(rng, cell, proj, T=12, B=48, I=9, H=20)
     infinite = make_case(rng, cell, proj, T=12, B=48, I=9, H=20)
     infinite["x"][2, 5, 3] = np.inf
-    for case, dtype in ((small, np.float32), (short, np.float32), (big, np.float64),
-                        (infinite, np.float32)):
+    for case, dtype in ((small, np.float32), (wide, np.float32), (short, np.float32),
+                        (big, np.float64), (infinite, np.float32)):
         tiles = forward_y(case, "amx", dtype, linear_before_reset=lbr)
         fma = forward_y(case, "avx512", dtype, linear_before_reset=lbr)
         for k in fma:

@@ -21,11 +21,13 @@ using bf16_t = uint16_t;
 template <typename T>
 constexpr int step_tile_rows() { return kAmxRows > Tile<T>::MR ? kAmxRows : Tile<T>::MR; }
 
-// Batches from which the step (and the input projection before the loop) runs on AMX tiles:
-// smaller ones stream the weights' split panels, 1.5 times the bytes, for too few rows. In-process
-// A/B, 1 thread, LSTM T x B x I x H: 100x16x256x256 x0.99-1.05, 100x32x512x512 x1.18, 64 rows
-// x1.31-1.39.
-constexpr int64_t kAmxStepRows = 32;
+// Batches from which the step runs on AMX tiles: 32 rows, or 16 where the split weights a step
+// meets fit kAmxSmallStepBytes; smaller batches stream the split panels, 1.5 times the bytes of
+// the float32 ones, for too few rows. In-process A/B against the FMA build, 1 thread, T x B x I
+// x H: LSTM 100x32x512x512 x1.18, 64 rows x1.31-1.39; 50x16x256x256 (3 MB split) LSTM x1.06,
+// GRU x1.20, RNN x1.43; 100x16x512x512 (12 MB) LSTM x0.95, 100x24x512x512 x0.95.
+constexpr int64_t kAmxStepRows = 32, kAmxSmallStepRows = 16;
+constexpr int64_t kAmxSmallStepBytes = int64_t(4) << 20;
 // And the least T*B whose steps repay splitting the weights once a call (with a call's packed
 // forms kept, the later calls only check that they are finite). LSTM, I = H = 512, against
 // the FMA build: training T x B 4x64 x0.97, 8x32 x0.99, 8x64 x1.08, 16x64 x1.18; inference
@@ -43,7 +45,10 @@ bool amx_step(const ForwardArgs<T>& a, bool in_step, bool forms_kept) {
     const LayerShape& s = a.s;
     const int64_t GH = gates_of(s.cell) * s.H;
     const int64_t work = forms_kept ? kAmxStepWorkRowsKept : kAmxStepWorkRows;
-    return s.B >= kAmxStepRows && s.T * s.B >= work &&
+    const int64_t split_bytes = GH * (s.Hout + (in_step ? s.I : 0)) * 6;
+    const bool rows = s.B >= kAmxStepRows ||
+                      (s.B >= kAmxSmallStepRows && split_bytes <= kAmxSmallStepBytes);
+    return rows && s.T * s.B >= work &&
            amx_all_finite(a.h0, s.B, s.Hout, s.Hout) &&
            amx_all_finite(a.w_hh, GH, s.Hout, s.Hout) &&
            (!in_step || (amx_all_finite(a.w_ih, GH, s.I, s.I) &&

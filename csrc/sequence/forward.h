@@ -621,7 +621,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   T* const gx = gx_in_gates ? a.saved.gates : gx_in_y ? a.y : gx_buf.p;
   if (mode == 0)
     input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx, ld_gx, nthreads, reuse,
-                        s.B >= kAmxStepRows);
+                        s.B > 1);  // (a single row's must give the riding tiles' bits)
   const bool by_gates = in_step || rides;  // W_ih packed like W_hh, per unit block
   // On AMX tiles (amx_step) the steps meet only the weights' split panels.
   const bool amx = amx_step(a, in_step, reuse.keep);

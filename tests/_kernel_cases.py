@@ -3,6 +3,7 @@ C++ kernels (any dtype, any ISA), returning every output and gradient side by si
 import numpy as np
 
 from fusedrnn import functional, reference
+from fusedrnn.tolerances import assert_close
 
 # (cell, linear_before_reset, proj_size): every cell variant the kernels have.
 VARIANTS = [
@@ -58,3 +59,17 @@ def run_kernels(case, dtype, isa, **kw):
 
 def run_reference(case, **kw):
     return run(case, reference, np.float64, **kw)
+
+
+def assert_matches(case, dtype, isa, **kw):
+    """The kernels (dtype, isa) against the float64 reference: every output within the forward
+    tolerance, every gradient within the gradient one, each of the dtype asked for."""
+    want_out, want_grad = run_reference(case, **kw)
+    got_out, got_grad = run_kernels(case, dtype, isa, **kw)
+    assert got_out.keys() == want_out.keys() and got_grad.keys() == want_grad.keys()
+    for k in want_out:
+        assert got_out[k].dtype == dtype
+        assert_close(got_out[k], want_out[k], dtype, "forward", what=k)
+    for k in want_grad:
+        assert got_grad[k].dtype == dtype
+        assert_close(got_grad[k], want_grad[k], dtype, "gradient", what=k)

@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn import _C, functional
-from fusedrnn.tolerances import GEMM_PER_TERM
-from _kernel_cases import VARIANTS, make_case, run_kernels, run_reference, variant_id
-from test_kernels import assert_matches
+from fusedrnn import _C, functional, reference
+from fusedrnn.tolerances import GEMM_PER_TERM, assert_close
+from _kernel_cases import VARIANTS, assert_matches, make_case, run_kernels, variant_id
 
 pytestmark = pytest.mark.skipif("amx" not in _C.available_isas(),
                                 reason="no AMX here (CPU or OS)")
@@ -63,7 +62,6 @@ def test_what_tiles_do_not_take_runs_the_fma_kernels(rng, variant):
 
 def test_step_on_tiles_with_onnx_options(rng):
     """ONNX's cell options (epilogues of their own) over the tiles' products."""
-    from fusedrnn import reference
     w = reference.init_weights("lstm", 6, 17, 0, True, np.float64, rng)
     x = rng.standard_normal((4, 36, 6))
     h0, c0 = rng.standard_normal((36, 17)), rng.standard_normal((36, 17))
@@ -74,7 +72,6 @@ def test_step_on_tiles_with_onnx_options(rng):
     f32 = [a.astype(np.float32) for a in args]
     got = functional.forward("lstm", *f32, training=False, isa="amx",
                              onnx=dict(onnx, peepholes=onnx["peepholes"].astype(np.float32)))[0]
-    from fusedrnn.tolerances import assert_close
     assert_close(got, want, np.float32)
 
 

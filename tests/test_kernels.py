@@ -9,22 +9,10 @@ import fusedrnn
 from fusedrnn import _C, functional, reference
 from fusedrnn.tolerances import GEMM_PER_TERM, assert_close
 
-from _kernel_cases import VARIANTS, make_case, run_kernels, run_reference, variant_id
+from _kernel_cases import VARIANTS, assert_matches, make_case, run_kernels, variant_id
 
 ISAS = list(_C.available_isas())
 DTYPES = [np.float32, np.float64]
-
-
-def assert_matches(case, dtype, isa, **kw):
-    want_out, want_grad = run_reference(case, **kw)
-    got_out, got_grad = run_kernels(case, dtype, isa, **kw)
-    assert got_out.keys() == want_out.keys() and got_grad.keys() == want_grad.keys()
-    for k in want_out:
-        assert got_out[k].dtype == dtype
-        assert_close(got_out[k], want_out[k], dtype, "forward", what=k)
-    for k in want_grad:
-        assert got_grad[k].dtype == dtype
-        assert_close(got_grad[k], want_grad[k], dtype, "gradient", what=k)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -73,6 +73,14 @@ inline void gemm_packed_amx(int64_t M, int64_t N, int64_t K, const float* A, int
   const int64_t kc_max = imin(kAmxGemmKC, K);
   const int64_t panel_size = amx_b_panel_size(kc_max);
   Scratch<bf16_t> b_split(imin(panels, kAmxGemmChunkPanels) * panel_size);
+  // The bias in whole panels (the tiles read 32 values a panel): a zero-padded copy once a
+  // call where N ends in a short panel.
+  Scratch<float> bias_padded(bias && N % NR ? panels * NR : 0);
+  if (bias_padded.p) {
+    std::memset(bias_padded.p, 0, sizeof(float) * panels * NR);
+    std::memcpy(bias_padded.p, bias, sizeof(float) * N);
+  }
+  const float* bias_whole = bias_padded.p ? bias_padded.p : bias;
   const bool parallel = nthreads > 1 && M * N * K >= (int64_t(1) << 22);
 #pragma omp parallel num_threads(nthreads) if (parallel)
   {
@@ -116,13 +124,7 @@ inline void gemm_packed_amx(int64_t M, int64_t N, int64_t K, const float* A, int
             if (!whole && start == AmxStart::C)
               for (int r = 0; r < mr; ++r)
                 std::memcpy(edge + r * ld, C + (m0 + r) * ldc + n0, sizeof(float) * nv);
-            // A short last panel's bias from a copy (the tiles read 32 values a panel).
-            alignas(64) float bias_edge[2 * NR] = {};
-            const float* bias_p = bias ? bias + n0 : nullptr;
-            if (bias && nv < np * NR) {
-              std::memcpy(bias_edge, bias + n0, sizeof(float) * nv);
-              bias_p = bias_edge;
-            }
+            const float* bias_p = bias_whole ? bias_whole + n0 : nullptr;
             const bf16_t* b[2] = {b_split.p + (p - c0) * panel_size,
                                   b_split.p + (p + 1 - c0) * panel_size};
             const float* bs[2] = {bias_p, bias_p ? bias_p + NR : nullptr};

@@ -89,6 +89,9 @@ def test_gemm_on_tiles(rng, M, N, K, layout):
     err = np.abs(got - want).max() / max(1.0, np.abs(want).max())
     assert err <= GEMM_PER_TERM[np.dtype(np.float32)] * K
     assert not np.array_equal(got, _C.gemm(A, B, isa="avx512"))
+    # B split as it lies (gemm_amx.h AmxB): a transposed B, as W_ih in the input projection,
+    # gives the same bits.
+    np.testing.assert_array_equal(_C.gemm(A, np.ascontiguousarray(B.T).T, isa="amx"), got)
 
 
 def test_gemm_with_an_infinity_runs_the_fma_kernels(rng):

@@ -319,8 +319,9 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   }
 #if defined(FUSEDRNN_AMX)
   if constexpr (std::is_same_v<T, float>)
-    if (amx_ok && amx_gemm(M, N, K, A, a_rs, a_cs, Bp, packed_b_size<T>(K, N)))
-      return gemm_packed_amx(M, N, K, A, a_rs, a_cs, Bp, C, ldc, accumulate, nthreads, bias);
+    if (amx_ok && amx_gemm(M, N, K, A, a_rs, a_cs, AmxB::of_packed(Bp)))
+      return gemm_amx(M, N, K, A, a_rs, a_cs, AmxB::of_packed(Bp), C, ldc, accumulate, nthreads,
+                      bias);
 #else
   (void)amx_ok;
 #endif
@@ -392,6 +393,26 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   }
 }
 
+// C(M,N) (+)= A(M,K) B, or bias + A B, with B as it lies (B(k, n) at B[k*b_rs + n*b_cs]), on
+// AMX tiles where the amx build takes the product (amx_gemm), splitting B with no float32
+// packed copy (AmxB); false, having done nothing, where it does not (other builds, float64).
+template <typename T>
+bool gemm_raw_b_on_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
+                         const T* B, int64_t b_rs, int64_t b_cs, T* C, int64_t ldc,
+                         bool accumulate, int nthreads, const T* bias = nullptr) {
+#if defined(FUSEDRNN_AMX)
+  if constexpr (std::is_same_v<T, float>) {
+    const AmxB b = AmxB::of_raw(B, b_rs, b_cs);
+    if (M <= 0 || N <= 0 || !amx_gemm(M, N, K, A, a_rs, a_cs, b)) return false;
+    gemm_amx(M, N, K, A, a_rs, a_cs, b, C, ldc, accumulate, nthreads, bias);
+    return true;
+  }
+#endif
+  (void)M, (void)N, (void)K, (void)A, (void)a_rs, (void)a_cs, (void)B, (void)b_rs, (void)b_cs;
+  (void)C, (void)ldc, (void)accumulate, (void)nthreads, (void)bias;
+  return false;
+}
+
 // The most of B that gemm packs at once.
 constexpr int64_t kGemmPackedBBytes = int64_t(4) << 20;
 
@@ -404,6 +425,8 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
           int64_t b_rs, int64_t b_cs, T* C, int64_t ldc, bool accumulate, int nthreads) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return gemm_packed<T>(M, N, K, A, a_rs, a_cs, nullptr, C, ldc, accumulate, nthreads);
+  if (gemm_raw_b_on_tiles<T>(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, C, ldc, accumulate, nthreads))
+    return;
   constexpr int64_t KC = GemmBlocking<T>::KC;
   const int64_t row_bytes = packed_b_size<T>(1, N) * int64_t(sizeof(T));
   const int64_t chunk = imax<int64_t>(1, kGemmPackedBBytes / row_bytes / KC) * KC;

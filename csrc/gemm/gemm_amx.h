@@ -1,9 +1,10 @@
 // gemm_packed on AMX tiles (gemm/amx.h) for float32 in the "amx" build: the whole-sequence
 // products (the input projection before the loop, the backward's weight gradients and dX) and
-// _C.gemm. B comes packed as pack_b_gemm lays it out and is split a K block at a time (the
-// threads sharing the work), then every 16-row group of A, split, meets all of that block's
-// panels; C carries each element's sum from one K block to the next exactly, so the blocks
-// change no bit and nor do the threads (whole row groups, each element's order fixed).
+// _C.gemm. B comes packed as pack_b_gemm lays it out, or as it lies (AmxB), and is split a K
+// block at a time (the threads sharing the work), then every 16-row group of A, split, meets
+// all of that block's panels; C carries each element's sum from one K block to the next
+// exactly, so the blocks change no bit and nor do the threads (whole row groups, each
+// element's order fixed).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -32,10 +33,42 @@ constexpr int64_t kAmxGemmKC = 512, kAmxGemmGroups = 16;
 // deepbench's LSTM, N = 4096, had 12 MB in its training peak) for an A split 4 times over.
 constexpr int64_t kAmxGemmChunkPanels = 32;
 
-// Whether gemm_packed runs this product on AMX tiles: shape (above), A's strides (rows or
-// columns contiguous) and every operand splitting (amx_all_finite). Never depends on threads.
+// The B of a product on tiles: packed by pack_b_gemm, or as it lies, B(k, n) at
+// raw[k * rs + n * cs] with rows or columns contiguous. Raw, each K block of a panel goes
+// through a float32 slice of its own (pack_b_rows) on its way to the split, so the product never
+// holds B's float32 packed copy: the input projection's packed W_ih (deepbench GRU, 12 MiB) sat
+// idle in the training peak, and gemm packed B 4 MiB at a time. Same values, same bits.
+struct AmxB {
+  const float* packed;
+  const float* raw;
+  int64_t rs, cs;
+  static AmxB of_packed(const float* Bp) { return AmxB{Bp, nullptr, 0, 0}; }
+  static AmxB of_raw(const float* B, int64_t rs, int64_t cs) { return AmxB{nullptr, B, rs, cs}; }
+  bool splits(int64_t K, int64_t N) const {
+    if (packed) return amx_all_finite(packed, 1, packed_b_size<float>(K, N), 0);
+    if (cs == 1) return amx_all_finite(raw, K, N, rs);
+    if (rs == 1) return amx_all_finite(raw, N, K, cs);
+    return false;
+  }
+  // Rows [k0, k0 + kc) of panel p split into out; tmp: room for a kc x NR float32 slice.
+  void split_slice(int64_t K, int64_t N, int64_t k0, int64_t kc, int64_t p, float* tmp,
+                   bf16_t* out) const {
+    constexpr int64_t KC = GemmBlocking<float>::KC;  // packed's K blocks
+    if (packed) {
+      const int64_t bk0 = (k0 / KC) * KC;
+      const int64_t panels = ceil_div<int64_t>(N, Tile<float>::NR);
+      return amx_split_b(kc, gemm_b_slice<float>(packed, panels, K, bk0, p) +
+                                 (k0 - bk0) * Tile<float>::NR, out);
+    }
+    pack_b_rows<float>(k0, k0 + kc, p, N, raw, rs, cs, tmp);
+    amx_split_b(kc, tmp, out);
+  }
+};
+
+// Whether this product runs on AMX tiles: shape (above), A's strides (rows or columns
+// contiguous) and every operand splitting (amx_all_finite). Never depends on threads.
 inline bool amx_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
-                     const float* Bp, int64_t packed_b_elems) {
+                     const AmxB& b) {
   if (M < kAmxGemmMinRows || N < kAmxGemmMinCols || K < kAmxGemmMinK) return false;
   if (a_cs == 1) {
     if (!amx_all_finite(A, M, K, a_rs)) return false;
@@ -44,7 +77,7 @@ inline bool amx_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
   } else {
     return false;
   }
-  return amx_all_finite(Bp, 1, packed_b_elems, packed_b_elems);
+  return b.splits(K, N);
 }
 
 // Rows [m0, m0 + mr) x k [k0, k0 + kc) of A split into one A tile; tmp: room for 16 x kc
@@ -61,13 +94,13 @@ inline void amx_split_a_block(int mr, int64_t m0, int64_t k0, int64_t kc, const 
   amx_split_a(mr, kc, tmp, kc, out);
 }
 
-// C(M,N) (+)= A(M,K) Bp (pack_b_gemm's layout), or bias + A Bp, on AMX tiles; see gemm_packed.
-inline void gemm_packed_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs,
-                            int64_t a_cs, const float* Bp, float* C, int64_t ldc, bool accumulate,
-                            int nthreads, const float* bias) {
+// C(M,N) (+)= A(M,K) B, or bias + A B, on AMX tiles; see gemm_packed.
+inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
+                     const AmxB& b, float* C, int64_t ldc, bool accumulate, int nthreads,
+                     const float* bias) {
   constexpr int NR = Tile<float>::NR;
-  constexpr int64_t KC = GemmBlocking<float>::KC;  // Bp's K blocks
-  static_assert(KC % kAmxGemmKC == 0, "a K block lies within one of Bp's slices");
+  static_assert(GemmBlocking<float>::KC % kAmxGemmKC == 0,
+                "a K block lies within one of a packed B's slices");
   const int64_t panels = ceil_div<int64_t>(N, NR), groups = ceil_div<int64_t>(M, 16);
   const int64_t blocks = ceil_div<int64_t>(groups, kAmxGemmGroups);
   const int64_t kc_max = imin(kAmxGemmKC, K);
@@ -88,18 +121,16 @@ inline void gemm_packed_amx(int64_t M, int64_t N, int64_t K, const float* A, int
     const int64_t a_tile = amx_a_tile_size(kc_max);
     Scratch<bf16_t> a_split(kAmxGemmGroups * a_tile);
     Scratch<float> gather(a_cs == 1 ? 0 : 16 * kc_max);
+    Scratch<float> b_slice(b.raw ? kc_max * NR : 0);
     alignas(64) float edge[16 * 2 * NR];  // a group's tile pair where it passes M or N
     for (int64_t c0 = 0; c0 < panels; c0 += kAmxGemmChunkPanels) {  // chunks of panels
     for (int64_t k0 = 0; k0 < K; k0 += kAmxGemmKC) {
       const int64_t c1 = imin(panels, c0 + kAmxGemmChunkPanels);
       const int64_t kc = imin(kAmxGemmKC, K - k0), kbs = amx_kblocks(kc);
-      // This K block of the chunk's panels, split (Bp's slices are KC long: kc lies in one).
+      // This K block of the chunk's panels, split.
 #pragma omp for schedule(static)
-      for (int64_t p = c0; p < c1; ++p) {
-        const int64_t bk0 = (k0 / KC) * KC;
-        const float* slice = gemm_b_slice<float>(Bp, panels, K, bk0, p) + (k0 - bk0) * NR;
-        amx_split_b(kc, slice, b_split.p + (p - c0) * panel_size);
-      }
+      for (int64_t p = c0; p < c1; ++p)
+        b.split_slice(K, N, k0, kc, p, b_slice.p, b_split.p + (p - c0) * panel_size);
       const bool first = k0 == 0;
       const AmxStart start = !first || accumulate ? AmxStart::C
                              : bias               ? AmxStart::Bias

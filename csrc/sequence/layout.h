@@ -125,11 +125,15 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
                       const T* b_hh, T* gx, int64_t ld_gx, int nthreads, PanelReuse reuse,
                       bool amx_ok) {
   const int64_t G = gates_of(s.cell), GH = G * s.H, M = s.T * s.B;
-  CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH), nthreads,
-                    reuse, [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
   Scratch<T> bias(s.has_bias ? GH : 0);
   if (s.has_bias) folded_bias(s, b_ih, b_hh, bias.p, s.H);
   // The bias rides in the GEMM: each gate chain starts from it (with I = 0, Gx is the bias).
+  // On tiles W_ih is split as it lies, with no float32 packed copy to keep.
+  if (amx_ok && gemm_raw_b_on_tiles<T>(M, GH, s.I, x, s.I, 1, w_ih, 1, s.I, gx, ld_gx, false,
+                                       nthreads, bias.p))
+    return;
+  CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH), nthreads,
+                    reuse, [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
   gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p, false, amx_ok);
 }
 

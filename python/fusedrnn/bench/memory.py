@@ -43,10 +43,13 @@ What fusedrnn holds beyond that at its peak (accounts for the measured figures t
   dGx then overwrites the saved gates step by step), plus a separate dGh of that size for
   reversed or variable-length runs (the torch-style GRU always keeps its recurrent dn apart,
   T x B x H); the whole-sequence products pack their B operand (h, W_ih) 4 MiB at a time
-  (csrc/gemm/gemm.h gemm);
+  (csrc/gemm/gemm.h gemm), or, on AMX tiles, split it a K block of 32 panels at a time (3 MiB
+  at most, csrc/gemm/gemm_amx.h);
 - the packed W_ih / W_hh panels of the call (a training call packs its own every call, freed
-  as it ends: an optimiser changes the weights between calls), and the freed blocks that the
-  kernels keep for the next call (csrc/workspace.cpp).
+  as it ends: an optimiser changes the weights between calls; on AMX tiles the step's weights
+  split into 6 bytes a weight, and the input projection splits W_ih as it lies), and the freed
+  blocks that the kernels keep for the next call (csrc/workspace.cpp; a request takes a block
+  of its size class, else the smallest of up to twice that).
 """
 import argparse
 import gc

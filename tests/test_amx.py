@@ -103,6 +103,42 @@ def test_gemm_with_an_infinity_runs_the_fma_kernels(rng):
         np.testing.assert_array_equal(_C.gemm(a, b, isa="amx"), _C.gemm(a, b, isa="avx512"))
 
 
+@pytest.mark.parametrize("layout", ["NN", "TN"])
+def test_big_operands_with_an_infinity_run_the_fma_kernels(rng, two_threads, layout):
+    """Operands of over half a million values are scanned for what does not split on the
+    threads (csrc/gemm/amx.h): an infinity in A's first or last run, or in B's, still sends the
+    product to the FMA kernels, while the same operands finite take the tiles."""
+    if not _C.openmp:
+        pytest.skip("built without OpenMP: one thread only")
+    M, K, N = 700, 1000, 600
+    A = rng.standard_normal((M, K) if layout == "NN" else (K, M)).astype(np.float32)
+    A = A if layout == "NN" else A.T
+    B = rng.standard_normal((K, N)).astype(np.float32)
+    assert not np.array_equal(_C.gemm(A, B, isa="amx"), _C.gemm(A, B, isa="avx512"))
+    for where in ((0, 0), (M - 1, K - 1)):
+        a = A.copy(order="K")
+        a[where] = np.inf
+        np.testing.assert_array_equal(_C.gemm(a, B, isa="amx"), _C.gemm(a, B, isa="avx512"))
+    b = B.copy()
+    b[K - 1, N - 1] = -np.inf
+    np.testing.assert_array_equal(_C.gemm(A, b, isa="amx"), _C.gemm(A, b, isa="avx512"))
+
+
+def test_a_gradient_that_does_not_split_runs_the_fma_kernels(rng, two_threads):
+    """The backward scans dG once for its three whole-sequence products (backward.h): with an
+    infinity in dy, dW_ih, dW_hh and dx are the FMA kernels' bits; finite, they are not. (One
+    row: the forward takes no tiles, so both ISAs' saved states are the same.)"""
+    case = make_case(rng, "lstm", T=300, B=1, I=40, H=40)
+    fma = run_kernels(case, np.float32, "avx512")[1]
+    tiles = run_kernels(case, np.float32, "amx")[1]
+    for k in ("dx", "weight_ih", "weight_hh"):
+        assert not np.array_equal(tiles[k], fma[k]), k
+    case["dy"][150, 0, 7] = np.inf
+    tiles, fma = run_kernels(case, np.float32, "amx")[1], run_kernels(case, np.float32, "avx512")[1]
+    for k in ("dx", "weight_ih", "weight_hh"):
+        np.testing.assert_array_equal(tiles[k], fma[k], err_msg=k)
+
+
 def test_two_threads_give_the_one_thread_bits(rng, fixed_threads):
     """The tiles with 2 threads: steps split by rows (B = 96) and by units (B = 32, H = 300),
     and the whole-sequence GEMMs of the backward."""

@@ -80,6 +80,21 @@ inline bool amx_all_finite(const float* a, int64_t rows, int64_t cols, int64_t l
   return true;
 }
 
+// amx_all_finite on the threads for a block big enough to repay a parallel region: it is a
+// pass over memory on the calling thread before the product's region opens (fastrnns LSTM
+// training, 2 threads: 5.5% of the calling thread's time, with the other idle). Runs of rows;
+// the answer is the same.
+inline bool amx_all_finite(const float* a, int64_t rows, int64_t cols, int64_t ld, int nthreads) {
+  constexpr int64_t kRunValues = int64_t(1) << 16;
+  if (nthreads <= 1 || rows * cols < 8 * kRunValues) return amx_all_finite(a, rows, cols, ld);
+  const int64_t per = imax<int64_t>(1, kRunValues / cols), runs = ceil_div<int64_t>(rows, per);
+  bool ok = true;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(&& : ok)
+  for (int64_t i = 0; i < runs; ++i)
+    ok = ok && amx_all_finite(a + i * per * ld, imin(per, rows - i * per), cols, ld);
+  return ok;
+}
+
 // x's bits rounded to bfloat16 (to nearest, ties to even), low 16 bits zero.
 inline __m512i amx_bf16_bits(__m512 x) {
   const __m512i u = _mm512_castps_si512(x);

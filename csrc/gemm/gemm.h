@@ -307,7 +307,8 @@ namespace FUSEDRNN_ISA_NS {
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                  const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads,
-                 const T* bias = nullptr, bool split_k = true, bool amx_ok = true) {
+                 const T* bias = nullptr, bool split_k = true, bool amx_ok = true,
+                 bool a_splits = false) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t MC = GemmBlocking<T>::MC;
   if (M <= 0 || N <= 0) return;
@@ -319,11 +320,11 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   }
 #if defined(FUSEDRNN_AMX)
   if constexpr (std::is_same_v<T, float>)
-    if (amx_ok && amx_gemm(M, N, K, A, a_rs, a_cs, AmxB::of_packed(Bp)))
+    if (amx_ok && amx_gemm(M, N, K, A, a_rs, a_cs, AmxB::of_packed(Bp), nthreads, a_splits))
       return gemm_amx(M, N, K, A, a_rs, a_cs, AmxB::of_packed(Bp), C, ldc, accumulate, nthreads,
                       bias);
 #else
-  (void)amx_ok;
+  (void)amx_ok, (void)a_splits;
 #endif
   const int64_t panels = ceil_div<int64_t>(N, NR);
   const int64_t m_blocks = ceil_div<int64_t>(M, MC);
@@ -393,23 +394,37 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   }
 }
 
+// Whether every value of the rows x cols block at a (rows ld apart) splits for AMX tiles
+// (amx_all_finite), for a caller that passes it to several products as their a_splits; false
+// in builds without tiles and for float64, whose products never take them.
+template <typename T>
+bool amx_operand_splits(const T* a, int64_t rows, int64_t cols, int64_t ld, int nthreads) {
+#if defined(FUSEDRNN_AMX)
+  if constexpr (std::is_same_v<T, float>) return amx_all_finite(a, rows, cols, ld, nthreads);
+#endif
+  (void)a, (void)rows, (void)cols, (void)ld, (void)nthreads;
+  return false;
+}
+
 // C(M,N) (+)= A(M,K) B, or bias + A B, with B as it lies (B(k, n) at B[k*b_rs + n*b_cs]), on
 // AMX tiles where the amx build takes the product (amx_gemm), splitting B with no float32
 // packed copy (AmxB); false, having done nothing, where it does not (other builds, float64).
 template <typename T>
 bool gemm_raw_b_on_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                          const T* B, int64_t b_rs, int64_t b_cs, T* C, int64_t ldc,
-                         bool accumulate, int nthreads, const T* bias = nullptr) {
+                         bool accumulate, int nthreads, const T* bias = nullptr,
+                         bool a_splits = false) {
 #if defined(FUSEDRNN_AMX)
   if constexpr (std::is_same_v<T, float>) {
     const AmxB b = AmxB::of_raw(B, b_rs, b_cs);
-    if (M <= 0 || N <= 0 || !amx_gemm(M, N, K, A, a_rs, a_cs, b)) return false;
+    if (M <= 0 || N <= 0 || !amx_gemm(M, N, K, A, a_rs, a_cs, b, nthreads, a_splits))
+      return false;
     gemm_amx(M, N, K, A, a_rs, a_cs, b, C, ldc, accumulate, nthreads, bias);
     return true;
   }
 #endif
   (void)M, (void)N, (void)K, (void)A, (void)a_rs, (void)a_cs, (void)B, (void)b_rs, (void)b_cs;
-  (void)C, (void)ldc, (void)accumulate, (void)nthreads, (void)bias;
+  (void)C, (void)ldc, (void)accumulate, (void)nthreads, (void)bias, (void)a_splits;
   return false;
 }
 
@@ -419,13 +434,17 @@ constexpr int64_t kGemmPackedBBytes = int64_t(4) << 20;
 // General entry: any strides for A and B. Packs B (A is packed block by block), a chunk of K at
 // a time: whole KC blocks, so every C tile meets the same blocks in the same order, the same
 // chains and bits as B packed whole. The backward's whole-sequence products have K = T*B (its
-// saved H, ~12 MiB in fastrnns), whose packed copy set its training peak.
+// saved H, ~12 MiB in fastrnns), whose packed copy set its training peak. In the amx build a
+// float product that tiles take splits B as it lies instead (gemm_raw_b_on_tiles); a_splits:
+// see amx_gemm.
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
-          int64_t b_rs, int64_t b_cs, T* C, int64_t ldc, bool accumulate, int nthreads) {
+          int64_t b_rs, int64_t b_cs, T* C, int64_t ldc, bool accumulate, int nthreads,
+          bool a_splits = false) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return gemm_packed<T>(M, N, K, A, a_rs, a_cs, nullptr, C, ldc, accumulate, nthreads);
-  if (gemm_raw_b_on_tiles<T>(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, C, ldc, accumulate, nthreads))
+  if (gemm_raw_b_on_tiles<T>(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, C, ldc, accumulate, nthreads,
+                             nullptr, a_splits))
     return;
   constexpr int64_t KC = GemmBlocking<T>::KC;
   const int64_t row_bytes = packed_b_size<T>(1, N) * int64_t(sizeof(T));

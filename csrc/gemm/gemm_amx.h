@@ -44,10 +44,11 @@ struct AmxB {
   int64_t rs, cs;
   static AmxB of_packed(const float* Bp) { return AmxB{Bp, nullptr, 0, 0}; }
   static AmxB of_raw(const float* B, int64_t rs, int64_t cs) { return AmxB{nullptr, B, rs, cs}; }
-  bool splits(int64_t K, int64_t N) const {
-    if (packed) return amx_all_finite(packed, 1, packed_b_size<float>(K, N), 0);
-    if (cs == 1) return amx_all_finite(raw, K, N, rs);
-    if (rs == 1) return amx_all_finite(raw, N, K, cs);
+  bool splits(int64_t K, int64_t N, int nthreads) const {
+    constexpr int NR = Tile<float>::NR;  // packed: rows of NR values, back to back
+    if (packed) return amx_all_finite(packed, packed_b_size<float>(K, N) / NR, NR, NR, nthreads);
+    if (cs == 1) return amx_all_finite(raw, K, N, rs, nthreads);
+    if (rs == 1) return amx_all_finite(raw, N, K, cs, nthreads);
     return false;
   }
   // Rows [k0, k0 + kc) of panel p split into out; tmp: room for a kc x NR float32 slice.
@@ -66,18 +67,16 @@ struct AmxB {
 };
 
 // Whether this product runs on AMX tiles: shape (above), A's strides (rows or columns
-// contiguous) and every operand splitting (amx_all_finite). Never depends on threads.
+// contiguous) and every operand splitting (amx_all_finite; a_splits: the caller found A's do,
+// as the backward does once for the dG its three products read). Never depends on threads.
 inline bool amx_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
-                     const AmxB& b) {
+                     const AmxB& b, int nthreads, bool a_splits) {
   if (M < kAmxGemmMinRows || N < kAmxGemmMinCols || K < kAmxGemmMinK) return false;
-  if (a_cs == 1) {
-    if (!amx_all_finite(A, M, K, a_rs)) return false;
-  } else if (a_rs == 1) {
-    if (!amx_all_finite(A, K, M, a_cs)) return false;
-  } else {
+  if (a_cs != 1 && a_rs != 1) return false;
+  if (!a_splits && !(a_cs == 1 ? amx_all_finite(A, M, K, a_rs, nthreads)
+                               : amx_all_finite(A, K, M, a_cs, nthreads)))
     return false;
-  }
-  return b.splits(K, N);
+  return b.splits(K, N, nthreads);
 }
 
 // Rows [m0, m0 + mr) x k [k0, k0 + kc) of A split into one A tile; tmp: room for 16 x kc

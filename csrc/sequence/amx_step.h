@@ -39,7 +39,7 @@ constexpr int64_t kAmxStepWorkRows = 512, kAmxStepWorkRowsKept = 64;
 // projection in the step, x. (A state that overflows float32 later is out of range either way.)
 // The choice depends on the call's data and shape, never on its threads.
 template <typename T>
-bool amx_step(const ForwardArgs<T>& a, bool in_step, bool forms_kept) {
+bool amx_step(const ForwardArgs<T>& a, bool in_step, bool forms_kept, int nthreads) {
 #if defined(FUSEDRNN_AMX)
   if constexpr (std::is_same_v<T, float>) {
     const LayerShape& s = a.s;
@@ -49,15 +49,16 @@ bool amx_step(const ForwardArgs<T>& a, bool in_step, bool forms_kept) {
     const bool rows = s.B >= kAmxStepRows ||
                       (s.B >= kAmxSmallStepRows && split_bytes <= kAmxSmallStepBytes);
     return rows && s.T * s.B >= work &&
-           amx_all_finite(a.h0, s.B, s.Hout, s.Hout) &&
-           amx_all_finite(a.w_hh, GH, s.Hout, s.Hout) &&
-           (!in_step || (amx_all_finite(a.w_ih, GH, s.I, s.I) &&
-                         amx_all_finite(a.x, s.T * s.B, s.I, s.I)));
+           amx_all_finite(a.h0, s.B, s.Hout, s.Hout, nthreads) &&
+           amx_all_finite(a.w_hh, GH, s.Hout, s.Hout, nthreads) &&
+           (!in_step || (amx_all_finite(a.w_ih, GH, s.I, s.I, nthreads) &&
+                         amx_all_finite(a.x, s.T * s.B, s.I, s.I, nthreads)));
   }
 #endif
   (void)a;
   (void)in_step;
   (void)forms_kept;
+  (void)nthreads;
   return false;
 }
 
@@ -88,7 +89,7 @@ class AmxGatesPanels {
   AmxGatesPanels(bool on, PanelKind kind, const T* src, int G, int64_t H, int64_t K,
                  int nthreads, PanelReuse reuse)
       : cached_(kind, src, on ? int64_t(G) * H : 0, K, floats(G, H, K), nthreads, reuse,
-                [&](T* buf) { split(src, G, H, K, reinterpret_cast<bf16_t*>(buf)); }) {
+                [&](T* buf) { split(src, G, H, K, reinterpret_cast<bf16_t*>(buf), nthreads); }) {
     gates_ = AmxGates{G, K, reinterpret_cast<bf16_t*>(cached_.get())};
   }
   const AmxGates& gates() const { return gates_; }
@@ -103,19 +104,25 @@ class AmxGatesPanels {
     return 0;
 #endif
   }
-  static void split(const T* w, int G, int64_t H, int64_t K, bf16_t* out) {
+  // Unit blocks shared by the threads (a training call splits its weights every call).
+  static void split(const T* w, int G, int64_t H, int64_t K, bf16_t* out, int nthreads) {
 #if defined(FUSEDRNN_AMX)
     if constexpr (std::is_same_v<T, float>) {
       const AmxGates g{G, K, out};
-      Scratch<float> panel(K * Tile<float>::NR);
-      for (int64_t ub = 0; ub < ceil_div<int64_t>(H, Tile<T>::NR); ++ub)
-        for (int gate = 0; gate < G; ++gate) {
-          pack_b_rows<float>(0, K, ub, H, w + gate * H * K, 1, K, panel.p);  // as pack_gates
-          amx_split_b(K, panel.p, const_cast<bf16_t*>(g.panel(gate, ub)));
-        }
+      const int64_t blocks = ceil_div<int64_t>(H, Tile<T>::NR);
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && G * H * K >= (int64_t(1) << 18))
+      {
+        Scratch<float> panel(K * Tile<float>::NR);
+#pragma omp for schedule(static)
+        for (int64_t ub = 0; ub < blocks; ++ub)
+          for (int gate = 0; gate < G; ++gate) {
+            pack_b_rows<float>(0, K, ub, H, w + gate * H * K, 1, K, panel.p);  // as pack_gates
+            amx_split_b(K, panel.p, const_cast<bf16_t*>(g.panel(gate, ub)));
+          }
+      }
     }
 #endif
-    (void)w, (void)G, (void)H, (void)K, (void)out;
+    (void)w, (void)G, (void)H, (void)K, (void)out, (void)nthreads;
   }
   CachedPanels<T> cached_;
   AmxGates gates_;

@@ -160,14 +160,37 @@ def in_step_fits_l2(cell, B, I, Hout, f64=False, isa=None):
     return 2 * (gates * nr + B) * (I + Hout) * size <= _C.cache_bytes()["l2"]
 
 
+def amx_projection_apart(cell, B, I, H, Hout, f64=False, isa=None):
+    """projection_mode.h's rule for the amx build's float32: one GEMM before the loop for a
+    step under 32 rows where W_ih's and W_hh's split (6 bytes a weight) pass one core's L2 and
+    4 I >= Hout."""
+    gates = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
+    split = gates * H * (I + Hout) * 6
+    return ((isa or _C.isa()) == "amx" and not f64 and B < 32
+            and split > _C.cache_bytes()["l2"] and 4 * I >= Hout)
+
+
 def test_projection_mode_rule():
     """In the step from 8 rows, without lengths, with an input, while W_ih and W_hh fit in L3
-    (deepbench's LSTM, 32 MB of weights, does not) and a unit block's tiles fit half of L2
-    (fastrnns' do not on a 512 KB L2); riding along a single LSTM or GRU row without lengths
-    while I <= G * Hout / 2 and W_hh fits in L2; else one GEMM over the whole sequence."""
+    (deepbench's LSTM, 32 MB of weights, does not), a unit block's tiles fit half of L2
+    (fastrnns' do not on a 512 KB L2) and, in the amx build's float32, not amx_projection_apart;
+    riding along a single LSTM or GRU row without lengths while I <= G * Hout / 2 and W_hh fits
+    in L2; else one GEMM over the whole sequence."""
     lstm, gru = functional.CELL_CODES["lstm"], functional.CELL_CODES["gru"]
-    stacked = "in_step" if in_step_fits_l2("lstm", 16, 256, 256) else "whole"
-    assert _C.projection_mode(lstm, 16, 256, 256, 256) == stacked
+    for isa in ISAS:
+        for f64 in (False, True):
+            for cell, I, H in (("lstm", 256, 256), ("gru", 256, 256), ("rnn_tanh", 256, 256),
+                               ("lstm", 128, 320), ("lstm", 100, 900), ("lstm", 160, 160)):
+                code = functional.CELL_CODES[cell]
+                fits = in_step_fits_l2(cell, 16, I, H, f64, isa)
+                want = "in_step" if fits and not amx_projection_apart(cell, 16, I, H, H, f64, isa) else "whole"
+                assert _C.projection_mode(code, 16, I, H, H, f64, isa=isa) == want, (isa, f64, cell, I, H)
+    if "amx" in _C.available_isas() and _C.cache_bytes()["l2"] == 2 << 20:
+        # This machine (2 MB L2): the stacked LSTM and GRU take the GEMM, the RNN stays in the step.
+        assert _C.projection_mode(lstm, 16, 256, 256, 256, isa="amx") == "whole"
+        assert _C.projection_mode(gru, 16, 256, 256, 256, isa="amx") == "whole"
+        assert _C.projection_mode(lstm, 16, 256, 256, 256, isa="avx512") == "in_step"
+        assert _C.projection_mode(lstm, 32, 256, 256, 256, isa="amx") == "in_step"  # two row groups
     fastrnns = "in_step" if in_step_fits_l2("lstm", 64, 512, 512) else "whole"
     assert _C.projection_mode(lstm, 64, 512, 512, 512) == fastrnns
     # Small weights, many rows: the L2 condition alone decides, up to the last row that fits.

@@ -101,7 +101,14 @@ inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
   static_assert(GemmBlocking<float>::KC % kAmxGemmKC == 0,
                 "a K block lies within one of a packed B's slices");
   const int64_t panels = ceil_div<int64_t>(N, NR), groups = ceil_div<int64_t>(M, 16);
-  const int64_t blocks = ceil_div<int64_t>(groups, kAmxGemmGroups);
+  const bool parallel = nthreads > 1 && M * N * K >= (int64_t(1) << 22);
+  // Blocks of up to kAmxGemmGroups row groups, and at least 4 a thread where the groups allow:
+  // a product of few rows (the stacked layer's projection, 50 groups) left one thread 32
+  // groups against the other's 18. The blocks share B's split panels; no element's sum changes.
+  const int64_t least_blocks = parallel ? imin<int64_t>(groups, 4 * int64_t(nthreads)) : 1;
+  const int64_t per_block =
+      ceil_div(groups, imax(ceil_div<int64_t>(groups, kAmxGemmGroups), least_blocks));
+  const int64_t blocks = ceil_div(groups, per_block);
   const int64_t kc_max = imin(kAmxGemmKC, K);
   const int64_t panel_size = amx_b_panel_size(kc_max);
   Scratch<bf16_t> b_split(imin(panels, kAmxGemmChunkPanels) * panel_size);
@@ -113,7 +120,6 @@ inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
     std::memcpy(bias_padded.p, bias, sizeof(float) * N);
   }
   const float* bias_whole = bias_padded.p ? bias_padded.p : bias;
-  const bool parallel = nthreads > 1 && M * N * K >= (int64_t(1) << 22);
 #pragma omp parallel num_threads(nthreads) if (parallel)
   {
     DenormalsFlushed ftz;
@@ -136,7 +142,7 @@ inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
                                                   : AmxStart::Zero;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t blk = 0; blk < blocks; ++blk) {
-        const int64_t g0 = blk * kAmxGemmGroups, g1 = imin(groups, g0 + kAmxGemmGroups);
+        const int64_t g0 = blk * per_block, g1 = imin(groups, g0 + per_block);
         for (int64_t g = g0; g < g1; ++g) {
           const int64_t m0 = g * 16;
           amx_split_a_block(static_cast<int>(imin<int64_t>(16, M - m0)), m0, k0, kc, A, a_rs,

@@ -161,12 +161,12 @@ def in_step_fits_l2(cell, B, I, Hout, f64=False, isa=None):
 
 
 def amx_projection_apart(cell, B, I, H, Hout, f64=False, isa=None):
-    """projection_mode.h's rule for the amx build's float32: one GEMM before the loop for a
-    step under 32 rows where W_ih's and W_hh's split (6 bytes a weight) pass one core's L2 and
-    4 I >= Hout."""
+    """projection_mode.h's rule for the amx build's float32: one GEMM before the loop where
+    W_ih's and W_hh's split (6 bytes a weight) pass one core's L2 and 4 I >= Hout, for the RNN
+    at any batch, for LSTM and GRU under 48 rows."""
     gates = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
     split = gates * H * (I + Hout) * 6
-    return ((isa or _C.isa()) == "amx" and not f64 and B < 32
+    return ((isa or _C.isa()) == "amx" and not f64 and (gates == 1 or B < 48)
             and split > _C.cache_bytes()["l2"] and 4 * I >= Hout)
 
 
@@ -190,7 +190,11 @@ def test_projection_mode_rule():
         assert _C.projection_mode(lstm, 16, 256, 256, 256, isa="amx") == "whole"
         assert _C.projection_mode(gru, 16, 256, 256, 256, isa="amx") == "whole"
         assert _C.projection_mode(lstm, 16, 256, 256, 256, isa="avx512") == "in_step"
-        assert _C.projection_mode(lstm, 32, 256, 256, 256, isa="amx") == "in_step"  # two row groups
+        assert _C.projection_mode(lstm, 32, 256, 256, 256, isa="amx") == "whole"
+        assert _C.projection_mode(lstm, 48, 256, 256, 256, isa="amx") == "in_step"
+        rnn = functional.CELL_CODES["rnn_tanh"]
+        assert _C.projection_mode(rnn, 64, 512, 512, 512, isa="amx") == "whole"
+        assert _C.projection_mode(rnn, 64, 256, 256, 256, isa="amx") == "in_step"
     fastrnns = "in_step" if in_step_fits_l2("lstm", 64, 512, 512) else "whole"
     assert _C.projection_mode(lstm, 64, 512, 512, 512) == fastrnns
     # Small weights, many rows: the L2 condition alone decides, up to the last row that fits.

@@ -42,16 +42,20 @@ int64_t in_step_block_bytes(const LayerShape& s) {
 }
 //
 // In the amx build a float32 GEMM before the loop runs on AMX tiles (gemm_amx.h), and the step's
-// weights are split for them, 6 bytes a weight (amx_step.h). A step of fewer than 32 rows (one
-// row group of tiles, or the FMA step) meets each weight once, so where W_ih's and W_hh's split
-// no longer fit L2 together and W_ih is a quarter of the stream or more (4 I >= Hout), one GEMM
-// before the loop wins. In-process A/B (runs alternating, best of three medians), 1 thread,
-// inference, T x B x I x H: LSTM 50x16x256x256 (the stacked config) x1.29, GRU x1.21,
-// 50x16x128x320 x1.15, 50x16x256x768 x1.07, 50x8x256x256 x1.13, 100x12x512x512 x1.22,
-// 100x16x512x512 x1.26; training 50x16x256x256 LSTM x1.09, GRU x1.06. Kept in the step (the
-// GEMM's factor): both fitting L2, LSTM 50x16x160x160 x0.95, 50x8x128x128 x0.96, RNN
-// 50x16x256x256 x0.91; W_ih small beside W_hh, LSTM 200x32x64x1024 x0.93, 50x32x128x1024 x0.94;
-// 64 rows (fastrnns), LSTM x0.95, GRU x0.92 (though RNN x1.18, and LSTM 50x64x256x256 x1.03).
+// weights are split for them, 6 bytes a weight (amx_step.h). Where W_ih's and W_hh's split no
+// longer fit L2 together and W_ih is a quarter of the stream or more (4 I >= Hout), both came
+// from L3 every step, and one GEMM before the loop wins: for an Elman RNN (whose Gx goes into
+// y) at any batch, for LSTM and GRU under 48 rows (from 48 a step's row groups share each
+// streamed panel, and their Gx, G times wider, goes through memory). In-process A/B (runs
+// alternating, best of three medians), 1 thread, inference, T x B x I x H: LSTM 50x16x256x256
+// (the stacked config) x1.29, GRU x1.21, 50x16x128x320 x1.15, 50x16x256x768 x1.07, 50x8x256x256
+// x1.13, 100x12x512x512 x1.22, 100x16x512x512 x1.26, 50x32x256x256 x1.08, 100x32x512x512 x1.07,
+// GRU x1.10; RNN 100x64x512x512 x1.17, 25x64x1024x1024 x1.14, 100x32x512x512 x1.20,
+// 100x128x512x512 x1.06; training 50x16x256x256 LSTM x1.09, GRU x1.06, RNN 100x64x512x512
+// x0.98, 25x64x1024x1024 x0.99. Kept in the step (the GEMM's factor): both fitting L2, LSTM
+// 50x16x160x160 x0.95, 50x8x128x128 x0.96, RNN 50x16x256x256 x0.91, 100x64x256x256 x0.91;
+// W_ih small beside W_hh, LSTM 200x32x64x1024 x0.93, 50x32x128x1024 x0.94; LSTM and GRU from 48
+// rows: 100x48x512x512 x1.01, fastrnns (64 rows) LSTM x0.90-0.95, GRU x0.92-0.95.
 // On 2 threads the stacked LSTM and GRU then no longer pipeline their layers (layer_pipeline.h
 // needs the upper layers' projection in the step): inference x0.95 and x0.86 against the
 // pipeline, training x0.98 and x0.94; the layers API, 1 thread, x1.24 and x1.18.
@@ -60,7 +64,8 @@ bool amx_projection_apart(const LayerShape& s) {
 #if defined(FUSEDRNN_AMX)
   if constexpr (std::is_same_v<T, float>) {
     const int64_t split_bytes = gates_of(s.cell) * s.H * (s.I + s.Hout) * 6;
-    return s.B < 32 && split_bytes > l2_cache_bytes() && 4 * s.I >= s.Hout;
+    const bool rows = gates_of(s.cell) == 1 || s.B < 48;
+    return rows && split_bytes > l2_cache_bytes() && 4 * s.I >= s.Hout;
   }
 #endif
   (void)s;

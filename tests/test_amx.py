@@ -53,6 +53,34 @@ def test_projection_apart_with_the_step_on_tiles(rng, cell):
     assert_matches(case, np.float32, "amx")
 
 
+def test_a_frozen_call_keeps_whether_its_weights_split(rng):
+    """A frozen call scans its weights for what does not split once and keeps the verdict
+    (sequence/layout.h weight_splits): weights that split take the tiles on every call, and a
+    W_hh or W_ih with an infinity gives the FMA kernels' bits on every call. (Weights that fit
+    L2 split: the projection is in the step, so it too is on tiles or not with them.)"""
+    T, B, I, H = 40, 16, 128, 128
+    w = reference.init_weights("lstm", I, H, 0, True, np.float32, rng)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = 0.5 * rng.standard_normal((B, H)).astype(np.float32)
+    c0 = 0.5 * rng.standard_normal((B, H)).astype(np.float32)
+    assert _C.projection_mode(functional.CELL_CODES["lstm"], B, I, H, H, isa="amx") == "in_step"
+    cases = [(w, True)]
+    for name in ("w_hh", "w_ih"):
+        bad = {k: None if v is None else v.copy() for k, v in w.items()}
+        bad[name][5, 7] = np.inf
+        cases.append((bad, False))
+    for frozen_id, (weights, tiles) in enumerate(cases, start=7001):
+        for v in weights.values():
+            if v is not None:
+                v.flags.writeable = False  # a frozen layer's parameters are read-only
+        args = ("lstm", x, h0, c0, weights["w_ih"], weights["w_hh"], weights["b_ih"],
+                weights["b_hh"], None, None, False, True, False)
+        fma = functional.forward_checked(*args, isa="avx512", frozen=frozen_id)[0]
+        for _ in range(2):
+            y = functional.forward_checked(*args, isa="amx", frozen=frozen_id)[0]
+            assert np.array_equal(y, fma, equal_nan=True) != tiles, (frozen_id, tiles)
+
+
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_what_tiles_do_not_take_runs_the_fma_kernels(rng, variant):
     """float64, a batch under 16 rows, one under 32 with weights too big to split for it, a

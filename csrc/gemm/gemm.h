@@ -394,9 +394,20 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   }
 }
 
+// Whether products of T may run on AMX tiles in this build (float32 in the amx build).
+template <typename T>
+constexpr bool amx_build_for() {
+#if defined(FUSEDRNN_AMX)
+  return std::is_same_v<T, float>;
+#else
+  return false;
+#endif
+}
+
 // Whether every value of the rows x cols block at a (rows ld apart) splits for AMX tiles
-// (amx_all_finite), for a caller that passes it to several products as their a_splits; false
-// in builds without tiles and for float64, whose products never take them.
+// (amx_all_finite; an empty block does), for a caller that passes it to several products as
+// their a_splits; false in builds without tiles and for float64, whose products never take
+// them.
 template <typename T>
 bool amx_operand_splits(const T* a, int64_t rows, int64_t cols, int64_t ld, int nthreads) {
 #if defined(FUSEDRNN_AMX)
@@ -406,17 +417,30 @@ bool amx_operand_splits(const T* a, int64_t rows, int64_t cols, int64_t ld, int 
   return false;
 }
 
+// Whether a product of this shape is one the amx build's tiles take (given operands that
+// split); false in other builds and for float64.
+template <typename T>
+bool amx_gemm_shape(int64_t M, int64_t N, int64_t K) {
+#if defined(FUSEDRNN_AMX)
+  if constexpr (std::is_same_v<T, float>)
+    return M >= kAmxGemmMinRows && N >= kAmxGemmMinCols && K >= kAmxGemmMinK;
+#endif
+  (void)M, (void)N, (void)K;
+  return false;
+}
+
 // C(M,N) (+)= A(M,K) B, or bias + A B, with B as it lies (B(k, n) at B[k*b_rs + n*b_cs]), on
 // AMX tiles where the amx build takes the product (amx_gemm), splitting B with no float32
 // packed copy (AmxB); false, having done nothing, where it does not (other builds, float64).
+// b_splits: the caller found B's values split (weight_splits), as a_splits for A.
 template <typename T>
 bool gemm_raw_b_on_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                          const T* B, int64_t b_rs, int64_t b_cs, T* C, int64_t ldc,
                          bool accumulate, int nthreads, const T* bias = nullptr,
-                         bool a_splits = false) {
+                         bool a_splits = false, bool b_splits = false) {
 #if defined(FUSEDRNN_AMX)
   if constexpr (std::is_same_v<T, float>) {
-    const AmxB b = AmxB::of_raw(B, b_rs, b_cs);
+    const AmxB b = AmxB::of_raw(B, b_rs, b_cs, b_splits);
     if (M <= 0 || N <= 0 || !amx_gemm(M, N, K, A, a_rs, a_cs, b, nthreads, a_splits))
       return false;
     gemm_amx(M, N, K, A, a_rs, a_cs, b, C, ldc, accumulate, nthreads, bias);
@@ -425,6 +449,7 @@ bool gemm_raw_b_on_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_
 #endif
   (void)M, (void)N, (void)K, (void)A, (void)a_rs, (void)a_cs, (void)B, (void)b_rs, (void)b_cs;
   (void)C, (void)ldc, (void)accumulate, (void)nthreads, (void)bias, (void)a_splits;
+  (void)b_splits;
   return false;
 }
 

@@ -42,10 +42,14 @@ struct AmxB {
   const float* packed;
   const float* raw;
   int64_t rs, cs;
-  static AmxB of_packed(const float* Bp) { return AmxB{Bp, nullptr, 0, 0}; }
-  static AmxB of_raw(const float* B, int64_t rs, int64_t cs) { return AmxB{nullptr, B, rs, cs}; }
+  bool known_to_split;  // the caller found every value splits (weight_splits)
+  static AmxB of_packed(const float* Bp) { return AmxB{Bp, nullptr, 0, 0, false}; }
+  static AmxB of_raw(const float* B, int64_t rs, int64_t cs, bool known_to_split = false) {
+    return AmxB{nullptr, B, rs, cs, known_to_split};
+  }
   bool splits(int64_t K, int64_t N, int nthreads) const {
     constexpr int NR = Tile<float>::NR;  // packed: rows of NR values, back to back
+    if (known_to_split) return true;
     if (packed) return amx_all_finite(packed, packed_b_size<float>(K, N) / NR, NR, NR, nthreads);
     if (cs == 1) return amx_all_finite(raw, K, N, rs, nthreads);
     if (rs == 1) return amx_all_finite(raw, N, K, cs, nthreads);

@@ -39,25 +39,25 @@ constexpr int64_t kAmxStepWorkRows = 512, kAmxStepWorkRowsKept = 64;
 // projection in the step, x. (A state that overflows float32 later is out of range either way.)
 // The choice depends on the call's data and shape, never on its threads.
 template <typename T>
-bool amx_step(const ForwardArgs<T>& a, bool in_step, bool forms_kept, int nthreads) {
+bool amx_step(const ForwardArgs<T>& a, bool in_step, PanelReuse reuse, int nthreads) {
 #if defined(FUSEDRNN_AMX)
   if constexpr (std::is_same_v<T, float>) {
     const LayerShape& s = a.s;
     const int64_t GH = gates_of(s.cell) * s.H;
-    const int64_t work = forms_kept ? kAmxStepWorkRowsKept : kAmxStepWorkRows;
+    const int64_t work = reuse.keep ? kAmxStepWorkRowsKept : kAmxStepWorkRows;
     const int64_t split_bytes = GH * (s.Hout + (in_step ? s.I : 0)) * 6;
     const bool rows = s.B >= kAmxStepRows ||
                       (s.B >= kAmxSmallStepRows && split_bytes <= kAmxSmallStepBytes);
     return rows && s.T * s.B >= work &&
            amx_all_finite(a.h0, s.B, s.Hout, s.Hout, nthreads) &&
-           amx_all_finite(a.w_hh, GH, s.Hout, s.Hout, nthreads) &&
-           (!in_step || (amx_all_finite(a.w_ih, GH, s.I, s.I, nthreads) &&
+           weight_splits<T>(a.w_hh, GH, s.Hout, nthreads, reuse) &&
+           (!in_step || (weight_splits<T>(a.w_ih, GH, s.I, nthreads, reuse) &&
                          amx_all_finite(a.x, s.T * s.B, s.I, s.I, nthreads)));
   }
 #endif
   (void)a;
   (void)in_step;
-  (void)forms_kept;
+  (void)reuse;
   (void)nthreads;
   return false;
 }

@@ -624,7 +624,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
                         s.B > 1);  // (a single row's must give the riding tiles' bits)
   const bool by_gates = in_step || rides;  // W_ih packed like W_hh, per unit block
   // On AMX tiles (amx_step) the steps meet only the weights' split panels.
-  const bool amx = amx_step(a, in_step, reuse.keep, nthreads);
+  const bool amx = amx_step(a, in_step, reuse, nthreads);
   CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, by_gates && !amx ? GH : 0, s.I,
                        by_gates ? packed_gates_size<T>(G, s.I, H) : 0, nthreads, reuse,
                        [&](T* buf) { pack_gates<T>(G, s.I, H, a.w_ih, buf, nthreads); });

@@ -64,7 +64,7 @@ struct PanelReuse {
 // bytes are unchanged (workspace.cpp), else packed now by `pack_into(buffer)`; packed every call
 // into a buffer of its own where the call does not keep its forms (PanelReuse).
 enum class PanelKind : int { InputProj = 1, Gates, Proj, BackHH, BackHN, BackHR, InputGates, BackHHHalves,
-                             AmxGates, AmxInputGates };
+                             AmxGates, AmxInputGates, AmxSplits };
 
 template <typename T>
 class CachedPanels {
@@ -91,6 +91,22 @@ class CachedPanels {
   T* p_ = nullptr;
   T* own_ = nullptr;
 };
+
+// Whether every value of a weight (rows x cols, contiguous) splits for AMX tiles
+// (amx_operand_splits). A frozen call's verdict is kept as its packed forms are (one value, 1
+// or 0; ForwardArgs::frozen promises the same bytes), so its weights are scanned once, not every
+// call (stacked LSTM inference: 4 MB of weights a call). Other calls scan: keeping the verdict
+// would keep a copy of the weight's bytes to compare, which W_ih split as it lies has no other
+// use for. False in builds without tiles and for float64.
+template <typename T>
+bool weight_splits(const T* w, int64_t rows, int64_t cols, int nthreads, PanelReuse reuse) {
+  if constexpr (!amx_build_for<T>()) return false;
+  if (!reuse.frozen) return amx_operand_splits<T>(w, rows, cols, cols, nthreads);
+  CachedPanels<T> verdict(PanelKind::AmxSplits, w, rows, cols, 1, nthreads, reuse, [&](T* buf) {
+    buf[0] = amx_operand_splits<T>(w, rows, cols, cols, nthreads) ? T(1) : T(0);
+  });
+  return verdict.get() && verdict.get()[0] != T(0);
+}
 
 // The row stride of Gx: G*H rounded up to whole cache lines, and to an odd number of them. Rows
 // a multiple of 4 KB apart (G*H = 1024 floats: stacked and wide LSTM) put all of a tile's rows
@@ -129,8 +145,10 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
   if (s.has_bias) folded_bias(s, b_ih, b_hh, bias.p, s.H);
   // The bias rides in the GEMM: each gate chain starts from it (with I = 0, Gx is the bias).
   // On tiles W_ih is split as it lies, with no float32 packed copy to keep.
+  const bool w_splits = amx_ok && amx_gemm_shape<T>(M, GH, s.I) &&
+                        weight_splits<T>(w_ih, GH, s.I, nthreads, reuse);
   if (amx_ok && gemm_raw_b_on_tiles<T>(M, GH, s.I, x, s.I, 1, w_ih, 1, s.I, gx, ld_gx, false,
-                                       nthreads, bias.p))
+                                       nthreads, bias.p, false, w_splits))
     return;
   CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH), nthreads,
                     reuse, [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });

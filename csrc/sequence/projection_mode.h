@@ -52,13 +52,15 @@ int64_t in_step_block_bytes(const LayerShape& s) {
 // x1.13, 100x12x512x512 x1.22, 100x16x512x512 x1.26, 50x32x256x256 x1.08, 100x32x512x512 x1.07,
 // GRU x1.10; RNN 100x64x512x512 x1.17, 25x64x1024x1024 x1.14, 100x32x512x512 x1.20,
 // 100x128x512x512 x1.06; training 50x16x256x256 LSTM x1.09, GRU x1.06, RNN 100x64x512x512
-// x0.98, 25x64x1024x1024 x0.99. Kept in the step (the GEMM's factor): both fitting L2, LSTM
+// x0.98-1.06, 25x64x1024x1024 x0.99-1.04 (two A/B runs). Kept in the step (the GEMM's factor):
+// both fitting L2, LSTM
 // 50x16x160x160 x0.95, 50x8x128x128 x0.96, RNN 50x16x256x256 x0.91, 100x64x256x256 x0.91;
 // W_ih small beside W_hh, LSTM 200x32x64x1024 x0.93, 50x32x128x1024 x0.94; LSTM and GRU from 48
 // rows: 100x48x512x512 x1.01, fastrnns (64 rows) LSTM x0.90-0.95, GRU x0.92-0.95.
 // On 2 threads the stacked LSTM and GRU then no longer pipeline their layers (layer_pipeline.h
-// needs the upper layers' projection in the step): inference x0.95 and x0.86 against the
-// pipeline, training x0.98 and x0.94; the layers API, 1 thread, x1.24 and x1.18.
+// needs the upper layers' projection in the step): inference x0.92 and x0.83 against the
+// pipeline, training x0.97 (before gemm_amx.h's smaller row blocks won back x1.04-1.08); the
+// layers API, 1 thread, x1.24-1.27 and x1.18-1.19.
 template <typename T>
 bool amx_projection_apart(const LayerShape& s) {
 #if defined(FUSEDRNN_AMX)

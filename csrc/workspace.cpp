@@ -63,20 +63,17 @@ void* aligned_alloc_bytes(size_t bytes) {
     // deepbench LSTM 137.6 -> 121.4 MiB, RNN 61.9 -> 54.4, stacked LSTM 23.9 -> 22.1. Six calls
     // with a half-batch one among them, with gemm_amx.h's unpacked B too: deepbench LSTM 150 ->
     // 102 MiB resident, fastrnns GRU 199 -> 153.
-    size_t best = c.blocks.size();
-    for (size_t i = 0; i < c.blocks.size(); ++i) {
+    size_t best = c.blocks.size(), best_cap = 2 * cls + 1;
+    for (size_t i = 0; i < c.blocks.size() && best_cap != cls; ++i) {
       const size_t cap = static_cast<Header*>(c.blocks[i])->capacity;
-      if (cap == cls) { best = i; break; }
-      if (cap > cls && cap <= 2 * cls &&
-          (best == c.blocks.size() || cap < static_cast<Header*>(c.blocks[best])->capacity))
-        best = i;
+      if (cap >= cls && cap < best_cap) best = i, best_cap = cap;
     }
     if (best < c.blocks.size()) {
-      Header* h = static_cast<Header*>(c.blocks[best]);
+      void* raw = c.blocks[best];
       c.blocks[best] = c.blocks.back();
       c.blocks.pop_back();
-      c.total -= h->capacity;
-      return reinterpret_cast<char*>(h) + kAlign;
+      c.total -= best_cap;
+      return static_cast<char*>(raw) + kAlign;
     }
   }
   void* p = std::aligned_alloc(kAlign, cls + kAlign);

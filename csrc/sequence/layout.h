@@ -105,7 +105,7 @@ bool weight_splits(const T* w, int64_t rows, int64_t cols, int nthreads, PanelRe
   CachedPanels<T> verdict(PanelKind::AmxSplits, w, rows, cols, 1, nthreads, reuse, [&](T* buf) {
     buf[0] = amx_operand_splits<T>(w, rows, cols, cols, nthreads) ? T(1) : T(0);
   });
-  return verdict.get() && verdict.get()[0] != T(0);
+  return !verdict.get() || verdict.get()[0] != T(0);  // (an empty weight splits)
 }
 
 // The row stride of Gx: G*H rounded up to whole cache lines, and to an odd number of them. Rows

@@ -65,8 +65,9 @@ template <typename T>
 bool amx_projection_apart(const LayerShape& s) {
 #if defined(FUSEDRNN_AMX)
   if constexpr (std::is_same_v<T, float>) {
-    const int64_t split_bytes = gates_of(s.cell) * s.H * (s.I + s.Hout) * 6;
-    const bool rows = gates_of(s.cell) == 1 || s.B < 48;
+    const int G = gates_of(s.cell);
+    const int64_t split_bytes = G * s.H * (s.I + s.Hout) * 6;
+    const bool rows = G == 1 || s.B < 48;
     return rows && split_bytes > l2_cache_bytes() && 4 * s.I >= s.Hout;
   }
 #endif

@@ -167,6 +167,21 @@ def test_big_operands_with_an_infinity_run_the_fma_kernels(rng, two_threads, lay
     np.testing.assert_array_equal(_C.gemm(A, b, isa="amx"), _C.gemm(A, b, isa="avx512"))
 
 
+def test_a_product_past_one_chunk_with_an_infinity_runs_the_fma_kernels(rng):
+    """_C.gemm packs B a chunk of K at a time where the tiles decline the product (csrc/gemm/
+    gemm.h, 4 MiB: 32768 rows of 32 columns). An infinity in the first chunk of A or of B sends
+    every chunk to the FMA kernels, not just its own."""
+    M, K, N = 128, 40000, 32
+    A = rng.standard_normal((M, K)).astype(np.float32)
+    B = rng.standard_normal((K, N)).astype(np.float32)
+    assert not np.array_equal(_C.gemm(A, B, isa="amx"), _C.gemm(A, B, isa="avx512"))
+    a, b = A.copy(), B.copy()
+    a[5, 3] = np.inf
+    b[2, 7] = -np.inf
+    for x, y in ((a, B), (A, b)):
+        np.testing.assert_array_equal(_C.gemm(x, y, isa="amx"), _C.gemm(x, y, isa="avx512"))
+
+
 def test_a_gradient_that_does_not_split_runs_the_fma_kernels(rng, two_threads):
     """The backward scans dG once for its three whole-sequence products (backward.h): with an
     infinity in dy, dW_ih, dW_hh and dx are the FMA kernels' bits; finite, they are not. (One

@@ -461,7 +461,11 @@ constexpr int64_t kGemmPackedBBytes = int64_t(4) << 20;
 // chains and bits as B packed whole. The backward's whole-sequence products have K = T*B (its
 // saved H, ~12 MiB in fastrnns), whose packed copy set its training peak. In the amx build a
 // float product that tiles take splits B as it lies instead (gemm_raw_b_on_tiles); a_splits:
-// see amx_gemm.
+// see amx_gemm. A product the tiles declined as a whole (an operand that does not split) runs
+// every chunk on the FMA kernels: left to itself, a chunk without the infinity would take the
+// tiles, and the bits would depend on the chunk size. Only a B that the tiles cannot read as it
+// lies (neither its rows nor its columns contiguous: _C.gemm's callers alone) is packed for the
+// tiles chunk by chunk.
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
           int64_t b_rs, int64_t b_cs, T* C, int64_t ldc, bool accumulate, int nthreads,
@@ -471,6 +475,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
   if (gemm_raw_b_on_tiles<T>(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, C, ldc, accumulate, nthreads,
                              nullptr, a_splits))
     return;
+  const bool tiles_declined = b_cs == 1 || b_rs == 1;  // they read this B as it lies, and declined
   constexpr int64_t KC = GemmBlocking<T>::KC;
   const int64_t row_bytes = packed_b_size<T>(1, N) * int64_t(sizeof(T));
   const int64_t chunk = imax<int64_t>(1, kGemmPackedBBytes / row_bytes / KC) * KC;
@@ -479,7 +484,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
     const int64_t kc = imin(chunk, K - k0);
     pack_b_gemm<T>(kc, N, B + k0 * b_rs, b_rs, b_cs, packed.p, nthreads);
     gemm_packed<T>(M, N, kc, A + k0 * a_cs, a_rs, a_cs, packed.p, C, ldc, accumulate || k0 > 0,
-                   nthreads);
+                   nthreads, nullptr, true, !tiles_declined);
   }
 }
 

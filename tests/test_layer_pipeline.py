@@ -109,6 +109,29 @@ def test_stacks_that_cannot_pipeline_run_layer_by_layer(two_threads, rng, case):
 
 
 @needs_threads
+def test_a_pipelined_layer_whose_input_does_not_split_runs_again(two_threads, rng):
+    """On AMX tiles (csrc/sequence/amx_step.h) a layer's steps need its x found finite, and a
+    pipelined layer above the first starts before the layer below has written its x: it checks
+    each step's rows as it goes, and where the layer below wrote an infinity the stack runs it
+    again as a separate call would (which scans x first and takes the FMA kernels), with the
+    same bits."""
+    if "amx" not in _C.available_isas():
+        pytest.skip("no AMX here (CPU or OS)")
+    x, h0, c0, layers = make_stack(rng, "rnn_relu", np.float32, B=32)
+    x[40, 3] = 3e38  # the bottom layer's state overflows there: its W_ih row sums pass 1.2
+    w_ih, *rest = layers[0]
+    layers[0] = (np.abs(w_ih) + 0.1, *rest)
+    outs, ran = stack_calls_during(
+        lambda: functional.forward_stack("rnn_relu", x, h0, c0, layers, isa="amx"))
+    assert ran == {"pipelined": 1, "layer_by_layer": 0}
+    assert np.isinf(outs[0][0][40:]).any() and np.isfinite(outs[0][0][:40]).all()
+    alone = layer_by_layer(functional, "rnn_relu", x, h0, c0, layers, isa="amx")
+    for got, want in zip(outs, alone):
+        for a, b in zip(got[:2], want[:2]):  # y and hn (an Elman RNN has no c)
+            assert np.array_equal(a, b, equal_nan=True)
+
+
+@needs_threads
 def test_layers_run_one_way_stacks_through_the_pipeline(two_threads, rng):
     """fusedrnn.LSTM with num_layers=2 takes the stack path; bidirectional stacks and dropout
     between layers keep one call per layer and direction."""

@@ -38,8 +38,11 @@ constexpr int64_t kAmxStepWorkRows = 512, kAmxStepWorkRowsKept = 64;
 // and operands that split (amx_all_finite): the weights the steps meet, h0 and, with the
 // projection in the step, x. (A state that overflows float32 later is out of range either way.)
 // The choice depends on the call's data and shape, never on its threads.
+// x_later: x is still being written (a pipelined layer above the first, layer_pipeline.h), so
+// it is not scanned here; the steps check their rows of it instead (ForwardLoop::x_unsplit).
 template <typename T>
-bool amx_step(const ForwardArgs<T>& a, bool in_step, PanelReuse reuse, int nthreads) {
+bool amx_step(const ForwardArgs<T>& a, bool in_step, PanelReuse reuse, int nthreads,
+              bool x_later = false) {
 #if defined(FUSEDRNN_AMX)
   if constexpr (std::is_same_v<T, float>) {
     const LayerShape& s = a.s;
@@ -52,13 +55,14 @@ bool amx_step(const ForwardArgs<T>& a, bool in_step, PanelReuse reuse, int nthre
            amx_all_finite(a.h0, s.B, s.Hout, s.Hout, nthreads) &&
            weight_splits<T>(a.w_hh, GH, s.Hout, nthreads, reuse) &&
            (!in_step || (weight_splits<T>(a.w_ih, GH, s.I, nthreads, reuse) &&
-                         amx_all_finite(a.x, s.T * s.B, s.I, s.I, nthreads)));
+                         (x_later || amx_all_finite(a.x, s.T * s.B, s.I, s.I, nthreads))));
   }
 #endif
   (void)a;
   (void)in_step;
   (void)reuse;
   (void)nthreads;
+  (void)x_later;
   return false;
 }
 
@@ -144,6 +148,16 @@ inline int64_t amx_rows_size(int64_t rows, int64_t K) {
   (void)K;
   return 0;
 #endif
+}
+
+// Whether rows [0, rows) of a (lda apart, K long) split for the tiles (amx_all_finite).
+template <typename T>
+bool amx_rows_split(int64_t rows, int64_t K, const T* a, int64_t lda) {
+#if defined(FUSEDRNN_AMX)
+  if constexpr (std::is_same_v<T, float>) return amx_all_finite(a, rows, K, lda);
+#endif
+  (void)rows, (void)K, (void)a, (void)lda;
+  return true;
 }
 
 // Rows [0, rows) of a (lda apart) split into row tiles of kAmxRows from the first: tile i at

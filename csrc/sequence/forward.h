@@ -218,6 +218,9 @@ struct ForwardLoop {
   // this layer's step k reads x_k (its output), and this layer's own count of steps done.
   const StepProgress* below = nullptr;
   StepProgress* done = nullptr;
+  // Set where a step's rows of x do not split for the tiles, which amx_step did not scan
+  // (x_later): the stack then runs this layer again (layer_pipeline.h). Else null.
+  bool* x_unsplit = nullptr;
   // A team's large one-phase steps share their unit blocks out (shares_blocks): the queue, this
   // member's index in it, and how many blocks it ran and took over from the others (mutable:
   // cell_phase is const; the counts are the member's own copy's).
@@ -563,8 +566,11 @@ struct ForwardLoop {
       // Every row's step k is time steps.time(k, 0) here (no lengths): x_t's rows lie together.
       if (xp)
         pack_a_blocked<T>(rows, s.I, a.x + (steps.time(k, 0) * s.B + p.row0) * s.I, s.I, x_pack.p);
-      if (amx_x.p)
-        amx_split_rows(rows, s.I, a.x + (steps.time(k, 0) * s.B + p.row0) * s.I, s.I, amx_x.p);
+      if (amx_x.p) {
+        const T* x_rows = a.x + (steps.time(k, 0) * s.B + p.row0) * s.I;
+        if (x_unsplit && !*x_unsplit && !amx_rows_split(rows, s.I, x_rows, s.I)) *x_unsplit = true;
+        amx_split_rows(rows, s.I, x_rows, s.I, amx_x.p);
+      }
       // Single-phase cells whose epilogue writes the state pack the next step's A (a_shared is
       // null otherwise).
       const T* ready = a_shared ? a_shared + (k % 2) * a_size : nullptr;
@@ -577,10 +583,10 @@ struct ForwardLoop {
   }
 };
 
-// below, done: see ForwardLoop (a layer of a pipelined stack runs on one thread).
+// below, done, x_unsplit: see ForwardLoop (a layer of a pipelined stack runs on one thread).
 template <typename T>
 void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nullptr,
-                        StepProgress* done = nullptr) {
+                        StepProgress* done = nullptr, bool* x_unsplit = nullptr) {
   const LayerShape& s = a.s;
   const int G = gates_of(s.cell);
   const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = G * H;
@@ -624,7 +630,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
                         s.B > 1);  // (a single row's must give the riding tiles' bits)
   const bool by_gates = in_step || rides;  // W_ih packed like W_hh, per unit block
   // On AMX tiles (amx_step) the steps meet only the weights' split panels.
-  const bool amx = amx_step(a, in_step, reuse, nthreads);
+  const bool amx = amx_step(a, in_step, reuse, nthreads, below != nullptr);
   CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, by_gates && !amx ? GH : 0, s.I,
                        by_gates ? packed_gates_size<T>(G, s.I, H) : 0, nthreads, reuse,
                        [&](T* buf) { pack_gates<T>(G, s.I, H, a.w_ih, buf, nthreads); });
@@ -658,6 +664,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
                       gates.p, extra.p, a_shared.p, nullptr, false};
   loop.below = below;
   loop.done = done;
+  loop.x_unsplit = below && amx && in_step ? x_unsplit : nullptr;
   if (by_gates) {
     loop.w_in = PackedGates<T>{G, s.I, w_in.get()};
     loop.bias_in = bias_in.p;

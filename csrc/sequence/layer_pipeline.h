@@ -5,6 +5,7 @@
 // layer is the same one-thread computation either way, so the bits do not change.
 #pragma once
 #include <exception>
+#include <memory>
 #include <vector>
 #include "sequence/forward.h"
 
@@ -52,6 +53,7 @@ void forward_stack(const ForwardArgs<T>* layers, int n) {
   }
   std::vector<StepProgress> progress(n);
   std::vector<std::exception_ptr> errors(n);
+  std::unique_ptr<bool[]> x_unsplit(new bool[n]());  // see ForwardLoop::x_unsplit
   bool whole_team = true;
 #pragma omp parallel num_threads(n)
   {
@@ -74,7 +76,7 @@ void forward_stack(const ForwardArgs<T>* layers, int n) {
       ForwardArgs<T> mine = layers[k];
       mine.num_threads = 1;
       try {
-        forward_on_threads(mine, k > 0 ? &progress[k - 1] : nullptr, &progress[k]);
+        forward_on_threads(mine, k > 0 ? &progress[k - 1] : nullptr, &progress[k], &x_unsplit[k]);
         progress[k].publish(mine.s.T);
       } catch (...) {
         errors[k] = std::current_exception();
@@ -85,6 +87,14 @@ void forward_stack(const ForwardArgs<T>* layers, int n) {
   stack_count(whole_team);
   for (const std::exception_ptr& e : errors)
     if (e) std::rethrow_exception(e);
+  // A layer whose steps ran on AMX tiles before all of its x was there (amx_step, x_later) and
+  // then met rows that do not split: on its own it would have scanned x first and taken the FMA
+  // kernels, so it runs again so, and so does every layer above it, whose input changed.
+  for (int k = 1; k < n; ++k)
+    if (x_unsplit[k]) {
+      for (int j = k; j < n; ++j) forward(layers[j]);
+      break;
+    }
 }
 
 }  // namespace FUSEDRNN_ISA_NS

@@ -68,6 +68,12 @@ def test_defaults_and_spelled_out_defaults_agree(rng):
     tanh = onnx_ops.rnn(x, W2, R2, direction="bidirectional")
     np.testing.assert_array_equal(one[0], both[0])
     assert not np.array_equal(one[0], tanh[0])
+    # The RNN's schema default names two functions whatever the directions; with one direction
+    # ONNX Runtime runs the first (onnxruntime's rnn.h), and so does fusedrnn.
+    for first, second in (("Tanh", "Tanh"), ("Relu", "Tanh"), ("Tanh", "Relu")):
+        np.testing.assert_array_equal(
+            onnx_ops.rnn(x, W2[:1], R2[:1], activations=[first, second])[0],
+            onnx_ops.rnn(x, W2[:1], R2[:1], activations=[first])[0])
 
 
 def test_gru_variants_differ(rng):
@@ -128,6 +134,11 @@ def test_rnn_and_gru_refusals(rng):
         onnx_ops.rnn(x, W, R, direction="bidirectional", activations=["Tanh"] * 3)
     with pytest.raises(ValueError, match=r"name 2 function\(s\) per direction \(1\)"):
         onnx_ops.gru(x, W[:1, :3].repeat(5, 1), R[:1, :3].repeat(5, 1), activations=["Tanh"])
+    with pytest.raises(ValueError, match=r"name 1 function\(s\) per direction \(1\), got "
+                                         r"\['Tanh', 'Relu', 'Tanh'\]"):
+        onnx_ops.rnn(x, W[:1], R[:1], activations=[b"Tanh", "Relu", "Tanh"])
+    with pytest.raises(TypeError, match="a list of function names, got the string 'Tanh'"):
+        onnx_ops.rnn(x, W[:1], R[:1], activations="Tanh")
     with pytest.raises(ValueError, match="linear_before_reset must be 0 or 1"):
         onnx_ops.gru(x, np.zeros((1, 15, 4), np.float32), np.zeros((1, 15, 5), np.float32),
                      linear_before_reset=2)

@@ -133,6 +133,9 @@ def run_node(node, inputs, isa=None):
 
 def _functions(activations, alphas, betas, default):
     """[(name, alpha, beta)] for the node's activations (``default`` when None)."""
+    if isinstance(activations, (str, bytes)):
+        raise TypeError(f"activations must be a list of function names, got the string "
+                        f"{_text(activations)!r}")
     names = default if activations is None else [_text(a).lower() for a in activations]
     unknown = sorted(set(names) - set(ACTIVATIONS))
     if unknown:
@@ -228,11 +231,17 @@ class _Node:
         nothing beyond torch.nn's cells, which then run as they are (the RNN's Relu included)."""
         k = len(DEFAULT_ACTIVATIONS[self.kind])
         fns = _functions(activations, alphas, betas, DEFAULT_ACTIVATIONS[self.kind] * self.D)
+        if self.kind == "rnn" and self.D == 1 and len(fns) == 2:
+            # The RNN's schema default lists two functions, (Tanh, Tanh), for either direction
+            # count; with one direction ONNX Runtime takes the first, and so do we.
+            fns = fns[:1]
         if len(fns) == k and self.D == 2:
-            fns = fns * 2  # one direction's functions for both, as ONNX Runtime reads the RNN's
+            # One direction's functions for both. (ONNX Runtime refuses such a node; this
+            # reading is the only one it can have.)
+            fns = fns * 2
         if len(fns) != k * self.D:
             raise ValueError(f"activations must name {k} function(s) per direction ({self.D}), "
-                             f"got {list(activations)}")
+                             f"got {[_text(a) for a in activations]}")
         if clip is not None and not float(clip) > 0:
             raise ValueError(f"clip must be positive (it bounds the activations' inputs to "
                              f"[-clip, clip]), got {clip!r}")

@@ -196,6 +196,33 @@ def test_onnxruntime_random(rng, op, variant, direction, ragged):
             assert_close(got[name], want[name], f32, what=f"{op} {name} ({isa})")
 
 
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("direction", ["forward", "reverse", "bidirectional"])
+@pytest.mark.parametrize("lens", [[0, 7, 3, 0, 1], [0, 0, 0, 0, 0]], ids=["some", "all"])
+def test_onnxruntime_rows_of_length_zero(rng, op, direction, lens):
+    """sequence_lens may hold 0 in ONNX Runtime: such a row is zeros in Y, Y_h and Y_c, whatever
+    its initial state; the other rows are as without it."""
+    T, B, I, H = 7, 5, 4, 6
+    G, D, f32 = GATES[op], 2 if direction == "bidirectional" else 1, np.float32
+    feeds = {"X": rng.standard_normal((T, B, I)).astype(f32),
+             "W": (0.4 * rng.standard_normal((D, G * H, I))).astype(f32),
+             "R": (0.4 * rng.standard_normal((D, G * H, H))).astype(f32),
+             "B": (0.2 * rng.standard_normal((D, 2 * G * H))).astype(f32),
+             "sequence_lens": np.array(lens, np.int32),
+             "initial_h": rng.standard_normal((D, B, H)).astype(f32)}
+    outputs = ["Y", "Y_h"]
+    if op == "LSTM":
+        feeds["initial_c"] = rng.standard_normal((D, B, H)).astype(f32)
+        outputs.append("Y_c")
+    node = onnx.helper.make_node(op, list(feeds), outputs, hidden_size=H, direction=direction)
+    want = ort_node_outputs(node, feeds)
+    got = run_fusedrnn(node, feeds, f32)
+    for name in outputs:
+        assert_close(got[name], want[name], f32, what=f"{op} {name}")
+    empty = np.array(lens) == 0
+    assert not got["Y"][:, :, empty].any() and not got["Y_h"][:, empty].any()
+
+
 # ---- ONNX Runtime on its cell options: every function, alpha and beta, clip, peepholes ----
 
 OPTION_CASES = [  # op, direction, attributes beyond the shapes', peepholes

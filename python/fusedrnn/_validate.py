@@ -28,8 +28,8 @@ def check_shape(name, a, shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
 
 
-def as_lengths(lengths, T, B, name="lengths"):
-    """lengths as int64 (B,) in 1..T, or None. ``name``: the argument's name in errors."""
+def as_lengths(lengths, T, B, name="lengths", least=1):
+    """lengths as int64 (B,) in least..T, or None. ``name``: the argument's name in errors."""
     if lengths is None:
         return None
     arr = np.asarray(lengths)
@@ -39,8 +39,8 @@ def as_lengths(lengths, T, B, name="lengths"):
         raise TypeError(f"{name} must be integers, got dtype {arr.dtype.name}")
     if arr.shape != (B,):
         raise ValueError(f"{name} must have shape ({B},) (one per batch row), got {arr.shape}")
-    if B and (arr.min() < 1 or arr.max() > T):
-        raise ValueError(f"{name} must lie in 1..{T} (the number of time steps), got "
+    if B and (arr.min() < least or arr.max() > T):
+        raise ValueError(f"{name} must lie in {least}..{T} (the number of time steps), got "
                          f"min {arr.min()} and max {arr.max()}")
     return np.ascontiguousarray(arr, dtype=np.int64)
 

@@ -15,10 +15,11 @@ Shapes, layout=0 (ONNX's default):
 D is 2 for direction "bidirectional", else 1; G is 4 (LSTM, gates i, o, f, c), 3 (GRU, z, r, h)
 or 1 (RNN). layout=1 puts the batch first: X (B, T, I), Y (B, T, D, H), states (B, D, H).
 Missing optional inputs are zeros; steps past a row's sequence_lens are zeros in Y, and Y_h / Y_c
-hold each row's state after its last step (for "reverse", after its first time step).
+hold each row's state after its last step (for "reverse", after its first time step). A row of
+length 0 is zeros in Y, Y_h and Y_c, as ONNX Runtime gives it.
 
 Every float input shares one dtype, float32 or float64 (ONNX's type T); sequence_lens are
-integers in 1..T. Every attribute of ONNX's operators is computed: ``activations`` (any of ONNX's
+integers in 0..T. Every attribute of ONNX's operators is computed: ``activations`` (any of ONNX's
 eleven functions, per direction, with ``activation_alpha`` / ``activation_beta`` read as ONNX
 Runtime reads them: each function that takes an alpha, or a beta, takes the next one given, else
 its default), ``clip``, the LSTM's ``input_forget`` and peepholes ``P``; as ONNX Runtime,
@@ -202,9 +203,12 @@ class _Node:
             check_shape("B", b, (self.D, 2 * self.G * H))
         self.w, self.r, self.b = w, r, b
         self.h0 = self.state("initial_h", initial_h)
-        lens = None
+        lens, self.rows = None, None
         if sequence_lens is not None:
-            lens = as_lengths(sequence_lens, self.T, self.B, name="sequence_lens")
+            lens = as_lengths(sequence_lens, self.T, self.B, name="sequence_lens", least=0)
+            if not lens.all():  # the kernels run the rows with steps; the others stay zeros
+                self.rows = np.flatnonzero(lens)
+                lens = lens[self.rows]
             if np.all(lens == self.T):
                 lens = None  # every row the whole sequence: the kernels' path without lengths
         self.lengths = lens
@@ -217,6 +221,16 @@ class _Node:
             raise TypeError(f"{name} must have X's dtype {self.dtype.name} (ONNX's type T), got "
                             f"{a.dtype.name}")
         return a
+
+    def all_rows(self, out, axis):
+        """``out`` of the rows with steps placed among zeros for every row."""
+        shape = list(out.shape)
+        shape[axis] = self.B
+        full = np.zeros(shape, out.dtype)
+        index = [slice(None)] * len(shape)
+        index[axis] = self.rows
+        full[tuple(index)] = out
+        return full
 
     def state(self, name, value):
         """initial_h or initial_c as (D, B, H), zeros when absent."""
@@ -263,11 +277,13 @@ class _Node:
 
     def run(self, options, c0, linear_before_reset, isa):
         ys, hns, cns = [], [], []
+        rows = slice(None) if self.rows is None else self.rows
+        x = self.x if self.rows is None else np.ascontiguousarray(self.x[:, rows])
         for d, ((cell, onnx), reverse) in enumerate(zip(options, self.reverses)):
             b_ih, b_hh = np.split(self.b[d], 2)
             y, hn, cn, _ = functional.forward(
-                cell, self.x, np.ascontiguousarray(self.h0[d]),
-                None if c0 is None else np.ascontiguousarray(c0[d]),
+                cell, x, np.ascontiguousarray(self.h0[d][rows]),
+                None if c0 is None else np.ascontiguousarray(c0[d][rows]),
                 from_onnx_gates(self.w[d], cell), from_onnx_gates(self.r[d], cell),
                 from_onnx_gates(b_ih, cell), from_onnx_gates(b_hh, cell),
                 lengths=self.lengths, reverse=reverse, linear_before_reset=linear_before_reset,
@@ -277,6 +293,9 @@ class _Node:
             cns.append(cn)
         Y, Y_h = np.stack(ys, axis=1), np.stack(hns)  # (T, D, B, H), (D, B, H)
         Y_c = np.stack(cns) if c0 is not None else None
+        if self.rows is not None:  # rows of length 0: zeros everywhere
+            Y, Y_h, Y_c = (None if o is None else self.all_rows(o, axis)
+                           for o, axis in ((Y, 2), (Y_h, 1), (Y_c, 1)))
         if self.layout:
             Y, Y_h = Y.transpose(2, 0, 1, 3), Y_h.transpose(1, 0, 2)
             Y_c = None if Y_c is None else Y_c.transpose(1, 0, 2)

@@ -125,10 +125,15 @@ def test_a_pipelined_layer_whose_input_does_not_split_runs_again(two_threads, rn
         lambda: functional.forward_stack("rnn_relu", x, h0, c0, layers, isa="amx"))
     assert ran == {"pipelined": 1, "layer_by_layer": 0}
     assert np.isinf(outs[0][0][40:]).any() and np.isfinite(outs[0][0][:40]).all()
-    alone = layer_by_layer(functional, "rnn_relu", x, h0, c0, layers, isa="amx")
+    alone = layer_by_layer(functional, "rnn_relu", x, h0, c0, layers, training=True, isa="amx")
     for got, want in zip(outs, alone):
         for a, b in zip(got[:2], want[:2]):  # y and hn (an Elman RNN has no c)
             assert np.array_equal(a, b, equal_nan=True)
+    # and what the layer run again saved for its backward is the separate call's
+    dy = rng.standard_normal(outs[-1][0].shape).astype(np.float32)
+    with np.errstate(invalid="ignore", over="ignore"):
+        for a, b in zip(backward_through(outs, dy), backward_through(alone, dy)):
+            assert (a is None and b is None) or np.array_equal(a, b, equal_nan=True)
 
 
 @needs_threads

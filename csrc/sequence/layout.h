@@ -147,12 +147,14 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
   // On tiles W_ih is split as it lies, with no float32 packed copy to keep.
   const bool w_splits = amx_ok && amx_gemm_shape<T>(M, GH, s.I) &&
                         weight_splits<T>(w_ih, GH, s.I, nthreads, reuse);
-  if (amx_ok && gemm_raw_b_on_tiles<T>(M, GH, s.I, x, s.I, 1, w_ih, 1, s.I, gx, ld_gx, false,
-                                       nthreads, bias.p, false, w_splits))
+  if (w_splits && gemm_raw_b_on_tiles<T>(M, GH, s.I, x, s.I, 1, w_ih, 1, s.I, gx, ld_gx, false,
+                                         nthreads, bias.p, false, true))
     return;
+  // The tiles declined the product (its shape, or x or W_ih does not split), and would again
+  // on the packed W_ih: the FMA kernels, without scanning the operands a second time.
   CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH), nthreads,
                     reuse, [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
-  gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p, false, amx_ok);
+  gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p, false, false);
 }
 
 // Recurrent weights packed per gate: gate g is W_hh[g*H:(g+1)*H, :]^T as NR-wide panels over

@@ -118,12 +118,12 @@ def test_step_on_tiles_with_onnx_options(rng):
     assert_close(got, want, np.float32)
 
 
-@pytest.mark.parametrize("M,N,K", [(128, 32, 32), (145, 70, 600), (300, 96, 1100), (130, 1100, 520)])
+@pytest.mark.parametrize("M,N,K", [(128, 256, 64), (145, 270, 600), (300, 290, 1100), (130, 1100, 520)])
 @pytest.mark.parametrize("layout", ["NN", "TN"])
 def test_gemm_on_tiles(rng, M, N, K, layout):
-    """Partial row groups and panels, K past one K block, N past one chunk of panels, A
-    transposed (gathered): within the GEMM's per-term tolerance, and not the FMA kernels'
-    bits."""
+    """The smallest product the tiles take either way, partial row groups and panels, K past
+    one K block, N past one chunk of panels, A transposed (gathered): within the GEMM's
+    per-term tolerance, and not the FMA kernels' bits."""
     A = rng.standard_normal((M, K) if layout == "NN" else (K, M)).astype(np.float32)
     A = A if layout == "NN" else A.T
     B = rng.standard_normal((K, N)).astype(np.float32)
@@ -137,9 +137,25 @@ def test_gemm_on_tiles(rng, M, N, K, layout):
     np.testing.assert_array_equal(_C.gemm(A, np.ascontiguousarray(B.T).T, isa="amx"), got)
 
 
+@pytest.mark.parametrize("layout", ["NN", "TN"])
+@pytest.mark.parametrize("M,N,K,tiles", [
+    (128, 128, 64, "NN"), (128, 256, 64, "NN TN"), (127, 256, 64, ""), (128, 127, 64, ""),
+    (128, 255, 64, "NN"), (128, 256, 63, "")])
+def test_which_products_the_tiles_take(rng, layout, M, N, K, tiles):
+    """The tiles take a product from 128 rows and 64 k, with 128 columns where A's rows are
+    contiguous and 256 where A is gathered from columns (csrc/gemm/gemm_amx.h: below that the
+    FMA kernels are faster); one short of each gives the FMA kernels' bits."""
+    A = rng.standard_normal((M, K) if layout == "NN" else (K, M)).astype(np.float32)
+    A = A if layout == "NN" else A.T
+    B = rng.standard_normal((K, N)).astype(np.float32)
+    same = np.array_equal(_C.gemm(A, B, isa="amx"), _C.gemm(A, B, isa="avx512"))
+    assert same != (layout in tiles.split())
+
+
 def test_gemm_with_an_infinity_runs_the_fma_kernels(rng):
     A = rng.standard_normal((128, 100)).astype(np.float32)
-    B = rng.standard_normal((100, 64)).astype(np.float32)
+    B = rng.standard_normal((100, 128)).astype(np.float32)
+    assert not np.array_equal(_C.gemm(A, B, isa="amx"), _C.gemm(A, B, isa="avx512"))
     A[3, 7] = np.inf
     B[9, 2] = -np.inf
     for a, b in ((A, np.nan_to_num(B)), (np.nan_to_num(A), B)):
@@ -169,9 +185,9 @@ def test_big_operands_with_an_infinity_run_the_fma_kernels(rng, two_threads, lay
 
 def test_a_product_past_one_chunk_with_an_infinity_runs_the_fma_kernels(rng):
     """_C.gemm packs B a chunk of K at a time where the tiles decline the product (csrc/gemm/
-    gemm.h, 4 MiB: 32768 rows of 32 columns). An infinity in the first chunk of A or of B sends
+    gemm.h, 4 MiB: 8192 rows of 128 columns). An infinity in the first chunk of A or of B sends
     every chunk to the FMA kernels, not just its own."""
-    M, K, N = 128, 40000, 32
+    M, K, N = 128, 20000, 128
     A = rng.standard_normal((M, K)).astype(np.float32)
     B = rng.standard_normal((K, N)).astype(np.float32)
     assert not np.array_equal(_C.gemm(A, B, isa="amx"), _C.gemm(A, B, isa="avx512"))
@@ -185,13 +201,14 @@ def test_a_product_past_one_chunk_with_an_infinity_runs_the_fma_kernels(rng):
 def test_a_gradient_that_does_not_split_runs_the_fma_kernels(rng, two_threads):
     """The backward scans dG once for its three whole-sequence products (backward.h): with an
     infinity in dy, dW_ih, dW_hh and dx are the FMA kernels' bits; finite, they are not. (One
-    row: the forward takes no tiles, so both ISAs' saved states are the same.)"""
-    case = make_case(rng, "lstm", T=300, B=1, I=40, H=40)
+    row: the forward takes no tiles, so both ISAs' saved states are the same. I = H = 256: the
+    tiles take all three, dW_ih's and dW_hh's dG gathered from columns.)"""
+    case = make_case(rng, "lstm", T=130, B=1, I=256, H=256)
     fma = run_kernels(case, np.float32, "avx512")[1]
     tiles = run_kernels(case, np.float32, "amx")[1]
     for k in ("dx", "weight_ih", "weight_hh"):
         assert not np.array_equal(tiles[k], fma[k]), k
-    case["dy"][150, 0, 7] = np.inf
+    case["dy"][65, 0, 7] = np.inf
     tiles, fma = run_kernels(case, np.float32, "amx")[1], run_kernels(case, np.float32, "avx512")[1]
     for k in ("dx", "weight_ih", "weight_hh"):
         np.testing.assert_array_equal(tiles[k], fma[k], err_msg=k)
@@ -199,13 +216,14 @@ def test_a_gradient_that_does_not_split_runs_the_fma_kernels(rng, two_threads):
 
 def test_two_threads_give_the_one_thread_bits(rng, fixed_threads):
     """The tiles with 2 threads: steps split by rows (B = 96) and by units (B = 32, H = 300),
-    and the whole-sequence GEMMs of the backward."""
+    and the whole-sequence GEMMs of the backward (dx on tiles with I = 130, dW_hh with H = 300,
+    dW_ih with I = 256)."""
     if not _C.openmp:
         pytest.skip("built without OpenMP: one thread only")
     before = fusedrnn.get_num_threads()
     try:
-        for B, H in ((96, 64), (32, 300)):
-            case = make_case(rng, "lstm", 0, T=AMX_WORK // B + 1, B=B, I=24, H=H, lengths=True)
+        for B, H, I in ((96, 64, 130), (32, 300, 256)):
+            case = make_case(rng, "lstm", 0, T=AMX_WORK // B + 1, B=B, I=I, H=H, lengths=True)
             results = []
             for n in (1, 2):
                 fusedrnn.set_num_threads(n)
@@ -217,7 +235,7 @@ def test_two_threads_give_the_one_thread_bits(rng, fixed_threads):
         fusedrnn.set_num_threads(before)
 
 
-@pytest.mark.parametrize("M,N,K", [(128, 64, 1024), (144, 96, 3000)])
+@pytest.mark.parametrize("M,N,K", [(128, 128, 1024), (144, 160, 3000)])
 def test_gemm_on_tiles_is_as_exact_as_the_fma_kernels(rng, M, N, K):
     """The split keeps float32's precision: the tiles' largest error against float64 is at most
     the FMA kernels' (measured 0.42-0.63 of it over these and other shapes). Any part product

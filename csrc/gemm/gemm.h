@@ -417,13 +417,12 @@ bool amx_operand_splits(const T* a, int64_t rows, int64_t cols, int64_t ld, int 
   return false;
 }
 
-// Whether a product of this shape is one the amx build's tiles take (given operands that
-// split); false in other builds and for float64.
+// Whether a product of this shape, A's rows contiguous, is one the amx build's tiles take
+// (given operands that split); false in other builds and for float64.
 template <typename T>
 bool amx_gemm_shape(int64_t M, int64_t N, int64_t K) {
 #if defined(FUSEDRNN_AMX)
-  if constexpr (std::is_same_v<T, float>)
-    return M >= kAmxGemmMinRows && N >= kAmxGemmMinCols && K >= kAmxGemmMinK;
+  if constexpr (std::is_same_v<T, float>) return amx_gemm_shape_takes(M, N, K, false);
 #endif
   (void)M, (void)N, (void)K;
   return false;

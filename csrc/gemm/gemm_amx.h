@@ -18,8 +18,21 @@ namespace FUSEDRNN_ISA_NS {
 #if defined(FUSEDRNN_AMX)
 // Products from which gemm_packed takes AMX tiles: rows enough to repay splitting B (_C.gemm,
 // N = 2048, K = 512, against the FMA build, 1 thread: M = 32 x0.69, 64 x0.83, 128 x1.01, 256
-// x1.15), columns for a panel pair, and k for a K block's worth of work per split.
-constexpr int64_t kAmxGemmMinRows = 128, kAmxGemmMinCols = 32, kAmxGemmMinK = 32;
+// x1.15), and columns and k enough to repay splitting A: each value of A is split once and
+// meets N columns, where the FMA kernels only pack it. A stored by columns (the backward's
+// dG^T) is gathered into rows first and needs twice the columns. _C.gemm against the FMA
+// kernels, 1 thread, best of 5 (FMA time / tiles' time), M = 256, 1024, 6400, K = 1000: rows
+// contiguous N = 64 x0.88-0.91, 96 x0.94-0.99, 128 x1.03-1.14, 256 x1.12-1.33; gathered N = 64
+// x0.68-0.71, 128 x0.87-0.92, 192 x1.00-1.05, 256 x1.03-1.10; K = 32 (one k block a split) N
+// = 256 x0.86-0.97, 1024 x0.76-0.85, K = 64 x1.00-1.17. On 2 threads the same within 0.1.
+// Long-seq LSTM training's three backward products (N = 32 and 64) took 0.62 ms on tiles
+// against 0.41 on the FMA kernels.
+constexpr int64_t kAmxGemmMinRows = 128, kAmxGemmMinK = 64;
+constexpr int64_t kAmxGemmMinCols = 128, kAmxGemmMinColsGathered = 256;
+inline bool amx_gemm_shape_takes(int64_t M, int64_t N, int64_t K, bool a_gathered) {
+  const int64_t min_cols = a_gathered ? kAmxGemmMinColsGathered : kAmxGemmMinCols;
+  return M >= kAmxGemmMinRows && N >= min_cols && K >= kAmxGemmMinK;
+}
 // Blocking: per K block of kAmxGemmKC (Bp's own K blocks), every panel is split once (KC x N x
 // 6 bytes, shared by the threads) and each block of kAmxGemmGroups 16-row groups of A, split (48
 // KB a group, in L2), meets the panels a pair at a time, the pair (196 KB) in L2 while the
@@ -75,8 +88,8 @@ struct AmxB {
 // as the backward does once for the dG its three products read). Never depends on threads.
 inline bool amx_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
                      const AmxB& b, int nthreads, bool a_splits) {
-  if (M < kAmxGemmMinRows || N < kAmxGemmMinCols || K < kAmxGemmMinK) return false;
   if (a_cs != 1 && a_rs != 1) return false;
+  if (!amx_gemm_shape_takes(M, N, K, a_cs != 1)) return false;
   if (!a_splits && !(a_cs == 1 ? amx_all_finite(A, M, K, a_rs, nthreads)
                                : amx_all_finite(A, K, M, a_cs, nthreads)))
     return false;

@@ -218,9 +218,11 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
     c.w_ih = w_ih; c.w_hh = w_hh;
     // The caller may reuse x's buffer: keep a copy of x, packed as the backward takes it where
     // that is about as small as x (panels pad I to whole NR columns: I = 1 would take 16-32x x's
-    // memory until backward), else plain (the backward packs it 4 MiB at a time).
+    // memory until backward), else plain (the backward packs it 4 MiB at a time). A single
+    // row's stays plain: its backward may take dW_ih chunk by chunk of steps
+    // (backward_products.h), slicing x by time.
     const int64_t packed_elems = kt.gemm_b_elems(s.T * s.B, s.I, sizeof(T) == 8);
-    if (pack_x && 4 * packed_elems <= 5 * s.T * s.B * s.I) {
+    if (pack_x && s.B > 1 && 4 * packed_elems <= 5 * s.T * s.B * s.I) {
       Arr<T> packed = empty<T>({packed_elems});
       a.x_packed = packed.mutable_data();
       c.x_packed = packed;
@@ -688,6 +690,11 @@ PYBIND11_MODULE(_C, m) {
     return counts({{"pipelined", fusedrnn::stack_calls(true)},
                    {"layer_by_layer", fusedrnn::stack_calls(false)}});
   }, "forward_stack calls since import, by how they ran (sequence/layer_pipeline.h)");
+  m.def("chunked_backwards", [] {
+    return counts({{"after_walk", fusedrnn::chunked_backwards(false)},
+                   {"beside_walk", fusedrnn::chunked_backwards(true)}});
+  }, "backward calls since import whose whole-sequence products went chunk by chunk of steps, "
+     "by whether a second thread took them beside the walk (sequence/backward_products.h)");
 
   m.def("team_blocks", [] {
     return counts({{"own", fusedrnn::team_blocks(false)},

@@ -239,6 +239,11 @@ void set_ride_override(int way);
 void stack_count(bool pipelined);
 int64_t stack_calls(bool pipelined);
 
+// Backward calls whose whole-sequence products went chunk by chunk of steps: on one thread
+// after the walk, or beside it on a second (sequence/backward_products.h).
+void chunked_backward_count(bool beside_walk);
+int64_t chunked_backwards(bool beside_walk);
+
 // Blocks of large team steps, the forward's unit blocks and the backward's column panels of
 // dG W_hh (sequence/block_queue.h): how many ran on the member that owns them and how many another
 // member took over, and, for tests, a lag in us that every member but the first waits at the

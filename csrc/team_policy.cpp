@@ -78,6 +78,19 @@ std::atomic<int64_t> g_stack_calls[2] = {{0}, {0}};
 void stack_count(bool pipelined) { g_stack_calls[pipelined].fetch_add(1, std::memory_order_relaxed); }
 int64_t stack_calls(bool pipelined) { return g_stack_calls[pipelined].load(std::memory_order_relaxed); }
 
+// Backward calls whose products went chunk by chunk (sequence/backward_products.h), by whether
+// a second thread took them beside the walk.
+namespace {
+std::atomic<int64_t> g_chunked_backwards[2] = {{0}, {0}};
+}  // namespace
+
+void chunked_backward_count(bool beside_walk) {
+  g_chunked_backwards[beside_walk].fetch_add(1, std::memory_order_relaxed);
+}
+int64_t chunked_backwards(bool beside_walk) {
+  return g_chunked_backwards[beside_walk].load(std::memory_order_relaxed);
+}
+
 // The step teams' in-call probe (sequence/team_probe.h): its counts, the tests' override, and
 // its verdicts remembered. A probe times some steps alone and some as a team, and the loser's
 // steps cost: online-small RNN inference on 2 threads with the cores far apart, 0.093 ms a call

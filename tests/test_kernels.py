@@ -355,6 +355,57 @@ def test_single_row_backward_in_halves(rng, isa, dtype, cell, H, reverse):
     assert_matches(case, dtype, isa, reverse=reverse)
 
 
+# A single row's backward takes its whole-sequence products chunk by chunk of 128 steps
+# (backward_products.h): from 129 steps, without lengths, forward, without projection; on two
+# threads from 3 chunks a second thread takes each chunk's products beside the walk.
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("T", [128, 129, 300, 1000])
+def test_single_row_products_chunk_by_chunk(rng, fixed_threads, isa, variant, T):
+    """Against the reference in float64 and float32 on two threads, and the one thread's bits
+    (the last chunk's weight gradients sum the first's onto what the others left)."""
+    cell, lbr, proj = variant
+    case = make_case(rng, cell, proj, T=T, B=1, I=9, H=40)
+    before = fusedrnn.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            fusedrnn.set_num_threads(threads)
+            counts = _C.chunked_backwards()
+            out, grad = run_kernels(case, np.float32, isa, linear_before_reset=lbr)
+            runs.append({**out, **grad})
+            way = "beside_walk" if threads == 2 and T >= 257 else "after_walk"
+            chunked = T > 128 and not proj
+            assert {k: v - counts[k] for k, v in _C.chunked_backwards().items()} == {
+                "after_walk": int(chunked and way == "after_walk"),
+                "beside_walk": int(chunked and way == "beside_walk")}
+        for dtype in DTYPES:
+            assert_matches(case, dtype, isa, linear_before_reset=lbr)
+    finally:
+        fusedrnn.set_num_threads(before)
+    for k in runs[0]:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+
+
+def test_chunked_products_add_into_the_gradients(rng):
+    """The layers add a call's weight and bias gradients into theirs: chunk by chunk, the first
+    chunk done adds into them and the others onto it; twice the same call gives twice the
+    gradients."""
+    lstm = fusedrnn.LSTM(6, 20)
+    x = rng.standard_normal((400, 1, 6)).astype(np.float32)
+    counts = _C.chunked_backwards()
+    grads = []
+    for _ in range(2):
+        y, _ = lstm(x)
+        lstm.backward(np.ones_like(y))
+        grads.append({k: v.copy() for k, v in lstm.grads.items()})
+    assert sum(_C.chunked_backwards().values()) - sum(counts.values()) == 2
+    for k in grads[0]:
+        np.testing.assert_allclose(grads[1][k], 2 * grads[0][k], rtol=1e-5, atol=1e-5,
+                                   err_msg=k)
+
+
 @pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)

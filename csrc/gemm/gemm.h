@@ -417,14 +417,14 @@ bool amx_operand_splits(const T* a, int64_t rows, int64_t cols, int64_t ld, int 
   return false;
 }
 
-// Whether a product of this shape, A's rows contiguous, is one the amx build's tiles take
-// (given operands that split); false in other builds and for float64.
+// Whether a product of this shape is one the amx build's tiles take (given operands that
+// split), A's rows contiguous or A gathered from columns; false in other builds and for float64.
 template <typename T>
-bool amx_gemm_shape(int64_t M, int64_t N, int64_t K) {
+bool amx_gemm_shape(int64_t M, int64_t N, int64_t K, bool a_gathered = false) {
 #if defined(FUSEDRNN_AMX)
-  if constexpr (std::is_same_v<T, float>) return amx_gemm_shape_takes(M, N, K, false);
+  if constexpr (std::is_same_v<T, float>) return amx_gemm_shape_takes(M, N, K, a_gathered);
 #endif
-  (void)M, (void)N, (void)K;
+  (void)M, (void)N, (void)K, (void)a_gathered;
   return false;
 }
 

@@ -1,0 +1,131 @@
+// The backward's whole-sequence products, after (or beside) its walk back through time: the
+// weight gradients dW_ih = dGx^T X, dW_hh = dGh^T H_prev (dW_hr = dHs^T Hfull), the input
+// gradient dX = dGx W_ih, and the bias gradients as column sums. They run over all T*B rows at
+// once, or, for a single row (chunked_products), chunk by chunk of steps, so that on two threads
+// one walks while the other takes each chunk's products as soon as its steps are walked
+// (backward.h). The chunks are the shape's, never the threads': each weight gradient is the sum
+// over the chunks from the last in time to the first, each chunk's sum in order, whatever runs it.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include "gemm/gemm.h"
+#include "kernel_api.h"
+#include "sequence/layout.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+// out[n] = sum over rows m of A[m*lda + n], rows added in order (deterministic).
+template <typename T>
+void column_sums(int64_t M, int64_t N, const T* A, int64_t lda, T* out, int nthreads,
+                 bool accumulate = false) {
+  constexpr int64_t CHUNK = 256;
+  const int64_t chunks = ceil_div<int64_t>(N, CHUNK);
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * N > (int64_t(1) << 18))
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t n0 = c * CHUNK, n1 = imin(N, n0 + CHUNK);
+    if (!accumulate)
+      for (int64_t n = n0; n < n1; ++n) out[n] = T(0);
+    for (int64_t m = 0; m < M; ++m) {
+      const T* row = A + m * lda;
+      for (int64_t n = n0; n < n1; ++n) out[n] += row[n];
+    }
+  }
+}
+
+// Steps in a chunk of chunked_products: the last chunk in time is walked first and the first
+// (times [0, T % kProductChunkSteps), or a whole chunk) last, its products the only ones left
+// after the walk on two threads. In-process A/B, training, against the products at once after
+// the walk (medians; long-seq LSTM, GRU, LSTM 300x1x64x64): chunks of 64 steps x0.975, x0.960,
+// x0.979 on one thread, x1.234, x1.141, x1.052 on two; 128 x0.991, x0.996, x0.991 / x1.247,
+// x1.187, x1.011; 256 x1.014, x1.001, x1.006 / x1.233, x1.184, x0.895 (two chunks: the
+// products of the first wait for half the walk).
+constexpr int64_t kProductChunkSteps = 128;
+
+// Whether the products go chunk by chunk of steps: a single row (their rows are its steps),
+// steps of one time each (no lengths, forward direction: dGx and dGh are one buffer, indexed
+// alike), no projection, more than one chunk, and products the FMA kernels take in every chunk
+// (no AMX tiles: whether those take a product depends on every value of dG, known only after
+// the walk). The shape alone decides, so the bits do not depend on the threads.
+template <typename T>
+bool chunked_products(const LayerShape& s, bool has_lengths) {
+  const int64_t GH = int64_t(gates_of(s.cell)) * s.H, C = kProductChunkSteps;
+  const bool no_tiles = !amx_gemm_shape<T>(C, s.I, GH) && !amx_gemm_shape<T>(GH, s.I, C, true) &&
+                        !amx_gemm_shape<T>(GH, s.Hout, C, true);
+  return s.B == 1 && !has_lengths && !s.reverse && !s.has_proj && s.T > C && no_tiles;
+}
+
+// Chunk c of chunked_products (c = 0 the last in time): its steps' times [*t0, *t1).
+inline void product_chunk(int64_t T, int64_t c, int64_t* t0, int64_t* t1) {
+  *t1 = T - c * kProductChunkSteps;
+  *t0 = imax<int64_t>(0, *t1 - kProductChunkSteps);
+}
+inline int64_t product_chunks(int64_t T) { return ceil_div<int64_t>(T, kProductChunkSteps); }
+// Chunks from which a second thread takes the products beside the walk, instead of the two
+// walking as a step team: with two, the first chunk's products wait for most of the walk.
+constexpr int64_t kOverlapMinChunks = 3;
+
+// The products' operands: the backward's pre-activation gradients (dgx by time, dgh by step,
+// dghn the GRU's recurrent n rows, ld_n apart; see backward_on_threads) and the projection's
+// saved gradients dhs.
+template <typename T>
+struct SequenceProducts {
+  const BackwardArgs<T>& a;
+  const T *dgx, *dgh, *dghn;
+  int64_t ld_n;
+  const T* dhs;
+
+  // The products over rows [r0, r1) of the T*B (whole steps; time and step alike where r0 > 0
+  // or r1 < T*B). first: the first rows done, whose weight and bias gradients are set (or
+  // added into a.dw_*, with a.accumulate); later ones add. dgx_splits: dGx splits for AMX tiles
+  // (amx_operand_splits), for the products at once. Where db_hh is db_ih's sums
+  // (biases_alike), finish() copies it once all rows are done.
+  void run(int64_t r0, int64_t r1, bool first, int nthreads, bool dgx_splits) const {
+    const LayerShape& s = a.s;
+    const int64_t G = gates_of(s.cell), H = s.H, Hout = s.Hout, GH = G * H, M = r1 - r0;
+    const bool gru = s.cell == Cell::Gru, gru_two_phase = gru && !s.linear_before_reset;
+    const bool acc = a.accumulate || !first;
+    const T* gx = dgx + r0 * GH;
+    const T* gh = dgh + r0 * GH;
+    const T* h_prev = a.saved.h + r0 * Hout;  // step k's h_{k-1}: saved row k
+    // dGx meets two products and, where it is dGh too, a third.
+    if (a.x_packed)  // (all rows: x_packed is kept only where B > 1)
+      gemm_packed<T>(GH, s.I, M, gx, 1, GH, a.x_packed, a.dw_ih, s.I, acc, nthreads, nullptr,
+                     true, true, dgx_splits);
+    else
+      gemm<T>(GH, s.I, M, gx, 1, GH, a.x + r0 * s.I, s.I, 1, a.dw_ih, s.I, acc, nthreads,
+              dgx_splits);
+    gemm<T>(M, s.I, GH, gx, GH, 1, a.w_ih, s.I, 1, a.dx + r0 * s.I, s.I, false, nthreads,
+            dgx_splits);
+    const bool dgh_splits = dgh == dgx && dgx_splits;
+    if (!gru) {
+      gemm<T>(GH, Hout, M, gh, 1, GH, h_prev, Hout, 1, a.dw_hh, Hout, acc, nthreads, dgh_splits);
+    } else {  // r, z rows from dgh; n rows from dghn, which met r*h in the two-phase GRU
+      gemm<T>(2 * H, Hout, M, gh, 1, GH, h_prev, Hout, 1, a.dw_hh, Hout, acc, nthreads,
+              dgh_splits);
+      const T* n_met = gru_two_phase ? a.saved.gru_extra + r0 * H : h_prev;
+      gemm<T>(H, Hout, M, dghn + r0 * ld_n, 1, ld_n, n_met, Hout, 1, a.dw_hh + 2 * H * Hout, Hout,
+              acc, nthreads);
+    }
+    if (s.has_proj)
+      gemm<T>(Hout, H, M, dhs + r0 * Hout, 1, Hout, a.saved.hfull + r0 * H, H, 1, a.dw_hr, H, acc,
+              nthreads);
+    if (a.db_ih) column_sums<T>(M, GH, gx, GH, a.db_ih, nthreads, acc);
+    if (a.db_hh && !gru && !biases_alike())
+      column_sums<T>(M, GH, gh, GH, a.db_hh, nthreads, acc);
+    if (a.db_hh && gru) {
+      column_sums<T>(M, 2 * H, gh, GH, a.db_hh, nthreads, acc);
+      column_sums<T>(M, H, dghn + r0 * ld_n, ld_n, a.db_hh + 2 * H, nthreads, acc);
+    }
+  }
+  // db_hh is db_ih's sums (one buffer of gradients, not accumulating): copied once at the end.
+  bool biases_alike() const {
+    return a.db_hh && a.db_ih && a.s.cell != Cell::Gru && dgh == dgx && !a.accumulate;
+  }
+  void finish() const {
+    if (biases_alike()) std::memcpy(a.db_hh, a.db_ih, sizeof(T) * gates_of(a.s.cell) * a.s.H);
+  }
+};
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

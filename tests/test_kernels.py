@@ -388,6 +388,28 @@ def test_single_row_products_chunk_by_chunk(rng, fixed_threads, isa, variant, T)
         np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
 
 
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("cell,H", [("rnn_tanh", 130), ("lstm", 75)])
+@pytest.mark.parametrize("T", [200, 300])
+def test_chunked_products_with_steps_in_halves(rng, fixed_threads, cell, H, T):
+    """Steps that split in halves (k_split_backward) do so over 2 chunks, on both thread counts
+    (two threads walk as a team), and not from 3 chunks, on either (one walks, the other takes
+    the products): the one thread's bits either way, and the reference's values."""
+    case = make_case(rng, cell, T=T, B=1, I=7, H=H)
+    before = fusedrnn.get_num_threads()
+    runs = []
+    try:
+        for threads in (1, 2):
+            fusedrnn.set_num_threads(threads)
+            out, grad = run_kernels(case, np.float32, ISAS[-1])
+            runs.append({**out, **grad})
+        assert_matches(case, np.float32, ISAS[-1])
+    finally:
+        fusedrnn.set_num_threads(before)
+    for k in runs[0]:
+        np.testing.assert_array_equal(runs[0][k], runs[1][k], err_msg=k)
+
+
 def test_chunked_products_add_into_the_gradients(rng):
     """The layers add a call's weight and bias gradients into theirs: chunk by chunk, the first
     chunk done adds into them and the others onto it; twice the same call gives twice the

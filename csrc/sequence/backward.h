@@ -1,15 +1,18 @@
 // Backpropagation through time. Walks the steps in reverse: per step the cell's backward
 // pointwise maths gives the pre-activation gradients dG (kept for the whole sequence), and one
 // packed GEMM dG W_hh gives d h_{t-1}. After the loop the weight gradients are whole-sequence
-// GEMMs (dW_hh = dGh^T H_prev, dW_ih = dGx^T X, dX = dGx W_ih) and bias gradients column sums.
-// dGx is indexed by time (it pairs with x), dGh by step (it pairs with the saved states).
+// GEMMs (dW_hh = dGh^T H_prev, dW_ih = dGx^T X, dX = dGx W_ih) and bias gradients column sums,
+// or for a single row chunk by chunk of steps (backward_products.h). dGx is indexed by time (it
+// pairs with x), dGh by step (it pairs with the saved states).
 //
 // Threads: one team runs the whole time loop. Its members split the batch rows of the pointwise
 // maths and the column panels of each step's GEMMs, and meet twice a step (more for the LSTM
 // projection and the two-phase GRU) at a short-spin barrier; a single row with small steps is
 // split in two halves of its units instead, which meet once (k_split_backward). A team of small
-// steps first checks that its threads pay (team_probe.h). Every element is the same arithmetic
-// either way, so results are bitwise identical for any thread count.
+// steps first checks that its threads pay (team_probe.h). A single row's long sequence instead
+// walks on one thread while another takes the products of the steps walked (chunked_products).
+// Every element is the same arithmetic either way, so results are bitwise identical for any
+// thread count.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -37,12 +40,17 @@ namespace FUSEDRNN_ISA_NS {
 // LSTM (33 KFLOP a step) 1.737 -> 1.585 / 2.23 -> 2.34 ms, online-small RNN (33 KFLOP) 0.223 ->
 // 0.209 / 0.270 -> 0.285; online-small LSTM (131 KFLOP) 0.635 -> 0.631 / 1.015 -> 1.027.
 constexpr double kHalvesMaxStepFlops = 1e5;
+// Not where two threads walk on one (products_beside_walk): the halves' second product is then
+// paid for nothing on any thread count (in-process A/B, training, medians, 1 / 2 threads:
+// long-seq LSTM x1.005 / x1.004, LSTM 400x1x32x64 x1.010 / x1.007, RNN 1000x1x64x128 x1.055 /
+// x1.026).
 template <typename T>
 bool k_split_backward(const LayerShape& s, bool has_lengths) {
   const bool cell = s.cell == Cell::Lstm || s.cell == Cell::RnnTanh || s.cell == Cell::RnnRelu;
   const double flops = recurrent_step_flops(s);
   return cell && s.B == 1 && !has_lengths && !s.has_proj && flops >= kMinTeamStepFlops &&
-         flops < kHalvesMaxStepFlops && ceil_div<int64_t>(s.H, Tile<T>::NR) >= 2;
+         flops < kHalvesMaxStepFlops && ceil_div<int64_t>(s.H, Tile<T>::NR) >= 2 &&
+         !products_beside_walk<T>(s, has_lengths);
 }
 
 // Units [*u0, *u1) of half h (0 or 1): whole unit blocks, the first half the smaller.
@@ -462,7 +470,7 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   // (x_packed, kept only where B > 1, cannot be sliced by time)
   const bool chunked = chunked_products<T>(s, a.lengths != nullptr) && !a.x_packed;
   const int64_t chunks = chunked ? product_chunks(s.T) : 0;
-  const bool beside_walk = chunked && nthreads > 1 && chunks >= kOverlapMinChunks;
+  const bool beside_walk = chunked && nthreads > 1 && products_beside_walk<T>(s, false);
   int64_t chunks_done = 0;  // chunks whose products ran beside the walk
   if (beside_walk) {
     // One thread walks alone, chunk by chunk; another takes each chunk's products as soon as

@@ -64,6 +64,11 @@ inline int64_t product_chunks(int64_t T) { return ceil_div<int64_t>(T, kProductC
 // Chunks from which a second thread takes the products beside the walk, instead of the two
 // walking as a step team: with two, the first chunk's products wait for most of the walk.
 constexpr int64_t kOverlapMinChunks = 3;
+// Whether two threads take the products beside a walk on one (chunked_products, chunks enough).
+template <typename T>
+bool products_beside_walk(const LayerShape& s, bool has_lengths) {
+  return chunked_products<T>(s, has_lengths) && product_chunks(s.T) >= kOverlapMinChunks;
+}
 
 // The products' operands: the backward's pre-activation gradients (dgx by time, dgh by step,
 // dghn the GRU's recurrent n rows, ld_n apart; see backward_on_threads) and the projection's

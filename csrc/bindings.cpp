@@ -690,11 +690,15 @@ PYBIND11_MODULE(_C, m) {
     return counts({{"pipelined", fusedrnn::stack_calls(true)},
                    {"layer_by_layer", fusedrnn::stack_calls(false)}});
   }, "forward_stack calls since import, by how they ran (sequence/layer_pipeline.h)");
-  m.def("chunked_backwards", [] {
-    return counts({{"after_walk", fusedrnn::chunked_backwards(false)},
-                   {"beside_walk", fusedrnn::chunked_backwards(true)}});
-  }, "backward calls since import whose whole-sequence products went chunk by chunk of steps, "
-     "by whether a second thread took them beside the walk (sequence/backward_products.h)");
+  m.def("beside_walk_calls", [] {
+    using fusedrnn::BesideWalk;
+    return counts({{"products_after_walk", fusedrnn::beside_walk_calls(BesideWalk::ProductsAfter)},
+                   {"products_beside_walk", fusedrnn::beside_walk_calls(BesideWalk::ProductsBeside)},
+                   {"projection_beside_walk", fusedrnn::beside_walk_calls(BesideWalk::Projection)}});
+  }, "single-row calls since import by the work that went beside the walk: the backward's "
+     "whole-sequence products chunk by chunk of steps, after the walk or beside it on a second "
+     "thread (sequence/backward_products.h), and the forward's input projection on a second "
+     "thread (sequence/forward.h)");
 
   m.def("team_blocks", [] {
     return counts({{"own", fusedrnn::team_blocks(false)},

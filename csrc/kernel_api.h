@@ -239,10 +239,13 @@ void set_ride_override(int way);
 void stack_count(bool pipelined);
 int64_t stack_calls(bool pipelined);
 
-// Backward calls whose whole-sequence products went chunk by chunk of steps: on one thread
-// after the walk, or beside it on a second (sequence/backward_products.h).
-void chunked_backward_count(bool beside_walk);
-int64_t chunked_backwards(bool beside_walk);
+// Calls of a single row's long sequence by the work a second thread took beside the walk: the
+// backward's products chunk by chunk of steps, after the walk (one thread) or beside it
+// (sequence/backward_products.h); the forward's input projection (forward.h
+// projection_beside_walk).
+enum class BesideWalk { ProductsAfter = 0, ProductsBeside = 1, Projection = 2 };
+void beside_walk_count(BesideWalk way);
+int64_t beside_walk_calls(BesideWalk way);
 
 // Blocks of large team steps, the forward's unit blocks and the backward's column panels of
 // dG W_hh (sequence/block_queue.h): how many ran on the member that owns them and how many another

@@ -78,17 +78,17 @@ std::atomic<int64_t> g_stack_calls[2] = {{0}, {0}};
 void stack_count(bool pipelined) { g_stack_calls[pipelined].fetch_add(1, std::memory_order_relaxed); }
 int64_t stack_calls(bool pipelined) { return g_stack_calls[pipelined].load(std::memory_order_relaxed); }
 
-// Backward calls whose products went chunk by chunk (sequence/backward_products.h), by whether
-// a second thread took them beside the walk.
+// Calls whose single row walked on one thread while another took work beside it: the backward's
+// products chunk by chunk (after the walk, or beside it) and the forward's projection.
 namespace {
-std::atomic<int64_t> g_chunked_backwards[2] = {{0}, {0}};
+std::atomic<int64_t> g_beside_walk[3] = {{0}, {0}, {0}};
 }  // namespace
 
-void chunked_backward_count(bool beside_walk) {
-  g_chunked_backwards[beside_walk].fetch_add(1, std::memory_order_relaxed);
+void beside_walk_count(BesideWalk way) {
+  g_beside_walk[int(way)].fetch_add(1, std::memory_order_relaxed);
 }
-int64_t chunked_backwards(bool beside_walk) {
-  return g_chunked_backwards[beside_walk].load(std::memory_order_relaxed);
+int64_t beside_walk_calls(BesideWalk way) {
+  return g_beside_walk[int(way)].load(std::memory_order_relaxed);
 }
 
 // The step teams' in-call probe (sequence/team_probe.h): its counts, the tests' override, and

@@ -372,14 +372,14 @@ def test_single_row_products_chunk_by_chunk(rng, fixed_threads, isa, variant, T)
     try:
         for threads in (1, 2):
             fusedrnn.set_num_threads(threads)
-            counts = _C.chunked_backwards()
+            counts = _C.beside_walk_calls()
             out, grad = run_kernels(case, np.float32, isa, linear_before_reset=lbr)
             runs.append({**out, **grad})
-            way = "beside_walk" if threads == 2 and T >= 257 else "after_walk"
+            way = "products_beside_walk" if threads == 2 and T >= 257 else "products_after_walk"
             chunked = T > 128 and not proj
-            assert {k: v - counts[k] for k, v in _C.chunked_backwards().items()} == {
-                "after_walk": int(chunked and way == "after_walk"),
-                "beside_walk": int(chunked and way == "beside_walk")}
+            new = {k: v - counts[k] for k, v in _C.beside_walk_calls().items()}
+            assert new["products_after_walk"] == int(chunked and way == "products_after_walk")
+            assert new["products_beside_walk"] == int(chunked and way == "products_beside_walk")
         for dtype in DTYPES:
             assert_matches(case, dtype, isa, linear_before_reset=lbr)
     finally:
@@ -416,13 +416,14 @@ def test_chunked_products_add_into_the_gradients(rng):
     gradients."""
     lstm = fusedrnn.LSTM(6, 20)
     x = rng.standard_normal((400, 1, 6)).astype(np.float32)
-    counts = _C.chunked_backwards()
+    counts = _C.beside_walk_calls()
     grads = []
     for _ in range(2):
         y, _ = lstm(x)
         lstm.backward(np.ones_like(y))
         grads.append({k: v.copy() for k, v in lstm.grads.items()})
-    assert sum(_C.chunked_backwards().values()) - sum(counts.values()) == 2
+    after = _C.beside_walk_calls()
+    assert sum(after[k] - counts[k] for k in ("products_after_walk", "products_beside_walk")) == 2
     for k in grads[0]:
         np.testing.assert_allclose(grads[1][k], 2 * grads[0][k], rtol=1e-5, atol=1e-5,
                                    err_msg=k)

@@ -219,6 +219,44 @@ def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, one
                 np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.parametrize("isa", _C.available_isas())
+@pytest.mark.parametrize("cell,lbr,H", PROBED)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_projection_beside_a_walk_alone_gives_the_one_thread_bits(
+        fixed_threads, probe_verdict, one_thread_rides, cell, lbr, H, reverse, isa):
+    """A single row's long sequence whose step team was found slower than one thread (the
+    probe's verdict, recalled by the next call of the shape) walks alone while the other thread
+    computes the input projection 32 steps ahead (csrc/sequence/forward.h
+    projection_beside_walk): in inference and in training (Gx in the saved gates; an Elman
+    RNN's in y), either direction, the one thread's bits; the probing call does not."""
+    rng = np.random.default_rng(11)
+    T, I = 130, 8  # 4 chunks of 32 steps and 2
+    G = {"lstm": 4, "gru": 3}.get(cell, 1)
+    w_ih, w_hh = 0.3 * rng.standard_normal((G * H, I)), 0.3 * rng.standard_normal((G * H, H))
+    b_ih, b_hh = 0.1 * rng.standard_normal((2, G * H))
+    x, dy = rng.standard_normal((T, 1, I)), rng.standard_normal((T, 1, H))
+    h0 = 0.5 * rng.standard_normal((1, H))
+    c0 = 0.5 * rng.standard_normal((1, H)) if cell == "lstm" else None
+    args = [a if a is None else a.astype(np.float32) for a in (x, h0, c0, w_ih, w_hh, b_ih, b_hh)]
+    for training in (False, True):
+        probe_verdict("far_alone")  # (and forget the verdict inference left for the shape)
+        runs = []
+        for threads, calls in ((1, 1), (2, 2)):
+            fusedrnn.set_num_threads(threads)
+            for call in range(calls):
+                before = _C.beside_walk_calls()["projection_beside_walk"]
+                y, hn, cn, ctx = functional.forward(cell, *args, reverse=reverse,
+                                                    linear_before_reset=lbr, training=training,
+                                                    isa=isa)
+                beside = _C.beside_walk_calls()["projection_beside_walk"] - before
+                assert beside == (threads == 2 and call == 1), (threads, call)
+            grads = functional.backward(ctx, dy.astype(np.float32)) if training else (None,)
+            runs.append((y, hn, cn, *grads[:3], *(grads[3].values() if training else ())))
+        for one, two in zip(*runs):
+            if one is not None:
+                np.testing.assert_array_equal(one, two)
+
+
 @pytest.mark.parametrize("verdict", ["far_team", "far_alone"])
 def test_probe_verdicts_are_remembered_for_the_next_calls_of_a_shape(two_threads, probe_verdict,
                                                                        rng, verdict):

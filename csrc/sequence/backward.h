@@ -542,7 +542,7 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   // too, a third: whether it splits for AMX tiles is found once (fastrnns LSTM training, 1
   // thread: three scans of its 52 MB were 3% of the call).
   if (chunked) {
-    chunked_backward_count(chunks_done > 0);
+    beside_walk_count(chunks_done > 0 ? BesideWalk::ProductsBeside : BesideWalk::ProductsAfter);
     // (on one thread all of them, after the walk)
     for (int64_t c = chunks_done; c < chunks; ++c) {
       int64_t t0 = 0, t1 = 0;

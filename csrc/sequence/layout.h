@@ -157,6 +157,17 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
   gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p, false, false);
 }
 
+// Rows [r0, r1) of input_projection's Gx on the calling thread, from W_ih packed for the FMA
+// kernels (w_packed, as input_projection packs it) and the folded bias (or null): the same
+// chains, so the same bits, as the whole product on the FMA kernels.
+template <typename T>
+void input_projection_rows(const LayerShape& s, const T* x, const T* w_packed, const T* bias,
+                           T* gx, int64_t ld_gx, int64_t r0, int64_t r1) {
+  const int64_t GH = gates_of(s.cell) * s.H;
+  gemm_packed<T>(r1 - r0, GH, s.I, x + r0 * s.I, s.I, 1, w_packed, gx + r0 * ld_gx, ld_gx, false,
+                 1, bias, false, false);
+}
+
 // Recurrent weights packed per gate: gate g is W_hh[g*H:(g+1)*H, :]^T as NR-wide panels over
 // hidden units, and the G panels of one unit block lie back to back, so one tile holds every gate
 // of the same units and a step reads all of W_hh as one sequential stream. Gate-major panels

@@ -589,10 +589,10 @@ struct ForwardLoop {
 constexpr int64_t kProjectionBesideChunk = 32;
 // Whether a team of two takes the whole-sequence projection beside a walk on one thread: a
 // single row's long sequence without lengths (as products_beside_walk in the backward; steps
-// then map to times as they lie, or reversed) whose projection would
-// run before the walk (mode 0) and whose step team this shape's recent calls found slower than
-// one thread (the probe's recalled verdict, team_probe.h). Member 0 then walks from the start,
-// as the probe's verdict would have had it. In-process A/B, 2 threads, cores far apart,
+// then map to times as they lie, or reversed) whose projection would run before the walk (mode
+// 0) and whose step team this shape's recent calls found slower than one thread (the probe's
+// recalled verdict, team_probe.h). Member 0 then walks from the start, as the probe's verdict
+// would have had it. In-process A/B, 2 threads, cores far apart,
 // medians: long-seq LSTM inference 0.487 -> 0.441 ms, training 1.078 -> 1.023; GRU inference
 // 0.342 -> 0.336.
 inline bool projection_beside_walk(const LayerShape& s, int mode, int nt, bool by_rows,

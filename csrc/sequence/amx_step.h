@@ -150,16 +150,6 @@ inline int64_t amx_rows_size(int64_t rows, int64_t K) {
 #endif
 }
 
-// Whether rows [0, rows) of a (lda apart, K long) split for the tiles (amx_all_finite).
-template <typename T>
-bool amx_rows_split(int64_t rows, int64_t K, const T* a, int64_t lda) {
-#if defined(FUSEDRNN_AMX)
-  if constexpr (std::is_same_v<T, float>) return amx_all_finite(a, rows, K, lda);
-#endif
-  (void)rows, (void)K, (void)a, (void)lda;
-  return true;
-}
-
 // Rows [0, rows) of a (lda apart) split into row tiles of kAmxRows from the first: tile i at
 // out + i * amx_a_tile_size(K).
 template <typename T>

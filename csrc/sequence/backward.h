@@ -470,7 +470,8 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   // (x_packed, kept only where B > 1, cannot be sliced by time)
   const bool chunked = chunked_products<T>(s, a.lengths != nullptr) && !a.x_packed;
   const int64_t chunks = chunked ? product_chunks(s.T) : 0;
-  const bool beside_walk = chunked && nthreads > 1 && products_beside_walk<T>(s, false);
+  const bool beside_walk =
+      chunked && nthreads > 1 && products_beside_walk<T>(s, a.lengths != nullptr);
   int64_t chunks_done = 0;  // chunks whose products ran beside the walk
   if (beside_walk) {
     // One thread walks alone, chunk by chunk; another takes each chunk's products as soon as
@@ -502,11 +503,10 @@ void backward_on_threads(const BackwardArgs<T>& a) {
     auto halves = [&](int member, int team, StepBarrier* barrier, int64_t i0, int64_t i1) {
       loop.run_halves(member, team, barrier, i0, i1);
     };
-    if (nt <= 1) halves(0, 1, nullptr, 0, s.T);
-    else run_probed_team(nt, s.T, probe_steps(s), a.probe_note, halves,
-                         [&](int64_t i0, int64_t i1) { halves(0, 1, nullptr, i0, i1); });
+    if (nt <= 1) walk_alone(0, s.T);
+    else run_probed_team(nt, s.T, probe_steps(s), a.probe_note, halves, walk_alone);
   } else if (nt <= 1) {
-    loop.run(alone, nullptr, 0, s.T);
+    walk_alone(0, s.T);
   } else if (backward_rows_apart<T>(s, nt)) {
     run_step_team(nt, [&](int member, int team, StepBarrier*) {
       loop.run(BackwardLoop<T>::rows_of(s, team, member), nullptr, 0, s.T);
@@ -526,7 +526,7 @@ void backward_on_threads(const BackwardArgs<T>& a) {
           }
           mine.run(p, barrier, i0, i1, member, team);
         },
-        [&](int64_t i0, int64_t i1) { loop.run(alone, nullptr, i0, i1); });
+        walk_alone);
   }
   if (k_split) {
     const T* p0 = loop.partial_at(s.T, 0);

@@ -570,7 +570,8 @@ struct ForwardLoop {
         pack_a_blocked<T>(rows, s.I, a.x + (steps.time(k, 0) * s.B + p.row0) * s.I, s.I, x_pack.p);
       if (amx_x.p) {
         const T* x_rows = a.x + (steps.time(k, 0) * s.B + p.row0) * s.I;
-        if (x_unsplit && !*x_unsplit && !amx_rows_split(rows, s.I, x_rows, s.I)) *x_unsplit = true;
+        if (x_unsplit && !*x_unsplit && !amx_operand_splits<T>(x_rows, rows, s.I, s.I, 1))
+          *x_unsplit = true;
         amx_split_rows(rows, s.I, x_rows, s.I, amx_x.p);
       }
       // Single-phase cells whose epilogue writes the state pack the next step's A (a_shared is
@@ -644,9 +645,6 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   const int64_t gx_rows = rides ? ceil_div<int64_t>(s.T, kRideRows) * kRideRows : s.T * B;
   Scratch<T> gx_buf(in_step || gx_in_gates || gx_in_y ? 0 : gx_rows * ld_gx);
   T* const gx = gx_in_gates ? a.saved.gates : gx_in_y ? a.y : gx_buf.p;
-  // A single row whose calls found the step team slower than one thread (the probe's verdict,
-  // recalled for this call: team_probe.h) walks alone, and the other thread computes the input
-  // projection a chunk of steps ahead instead of both computing it before the walk.
   const bool projection_beside =
       !a.lengths && projection_beside_walk(s, mode, nt, by_rows, below, a.probe_note);
   if (mode == 0 && !projection_beside)
@@ -654,9 +652,8 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
                         s.B > 1);  // (a single row's must give the riding tiles' bits)
   Scratch<T> beside_bias(projection_beside && s.has_bias ? GH : 0);
   if (beside_bias.p) folded_bias(s, a.b_ih, a.b_hh, beside_bias.p, s.H);
-  CachedPanels<T> beside_w(PanelKind::InputProj, a.w_ih, projection_beside ? GH : 0, s.I,
-                           projection_beside ? packed_b_size<T>(s.I, GH) : 0, nthreads, reuse,
-                           [&](T* buf) { pack_b_gemm<T>(s.I, GH, a.w_ih, 1, s.I, buf, nthreads); });
+  const CachedPanels<T> beside_w =
+      input_weights_packed<T>(s, a.w_ih, nthreads, reuse, projection_beside);
   const bool by_gates = in_step || rides;  // W_ih packed like W_hh, per unit block
   // On AMX tiles (amx_step) the steps meet only the weights' split panels.
   const bool amx = amx_step(a, in_step, reuse, nthreads, below != nullptr);
@@ -733,7 +730,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
         for (int64_t k0 = 0; k0 < s.T; k0 += C) {
           const int64_t k1 = imin(s.T, k0 + C);
           input_projection_rows<T>(s, a.x, beside_w.get(), beside_bias.p, gx, ld_gx,
-                                   s.reverse ? s.T - k1 : k0, s.reverse ? s.T - k0 : k1);
+                                   s.reverse ? s.T - k1 : k0, s.reverse ? s.T - k0 : k1, 1);
           projected.publish(k1);
         }
       if (member == 0)

@@ -133,6 +133,28 @@ void folded_bias(const LayerShape& s, const T* b_ih, const T* b_hh, T* out, int6
     }
 }
 
+// W_ih packed for the input projection on the FMA kernels (kept as the call's reuse allows), or
+// nothing where !wanted.
+template <typename T>
+CachedPanels<T> input_weights_packed(const LayerShape& s, const T* w_ih, int nthreads,
+                                     PanelReuse reuse, bool wanted = true) {
+  const int64_t GH = gates_of(s.cell) * s.H;
+  return CachedPanels<T>(PanelKind::InputProj, w_ih, wanted ? GH : 0, s.I,
+                         wanted ? packed_b_size<T>(s.I, GH) : 0, nthreads, reuse,
+                         [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
+}
+
+// Rows [r0, r1) of Gx = X W_ih^T + bias on the FMA kernels, from W_ih packed by
+// input_weights_packed and the folded bias (or null): one chain per element from the bias, k in
+// order (no k-split), so any run of rows on any threads gives the whole product's bits.
+template <typename T>
+void input_projection_rows(const LayerShape& s, const T* x, const T* w_packed, const T* bias,
+                           T* gx, int64_t ld_gx, int64_t r0, int64_t r1, int nthreads) {
+  const int64_t GH = gates_of(s.cell) * s.H;
+  gemm_packed<T>(r1 - r0, GH, s.I, x + r0 * s.I, s.I, 1, w_packed, gx + r0 * ld_gx, ld_gx, false,
+                 nthreads, bias, false, false);
+}
+
 // Gx (T*B, G*H; rows ld_gx apart) = X W_ih^T + the folded bias, as one GEMM, one chain per
 // element (no k-split in a short last row tile): the riding tiles' bits (projection_mode.h).
 // amx_ok: as gemm_packed's (a single row's projection must give the riding tiles' bits).
@@ -152,20 +174,8 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
     return;
   // The tiles declined the product (its shape, or x or W_ih does not split), and would again
   // on the packed W_ih: the FMA kernels, without scanning the operands a second time.
-  CachedPanels<T> w(PanelKind::InputProj, w_ih, GH, s.I, packed_b_size<T>(s.I, GH), nthreads,
-                    reuse, [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
-  gemm_packed<T>(M, GH, s.I, x, s.I, 1, w.get(), gx, ld_gx, false, nthreads, bias.p, false, false);
-}
-
-// Rows [r0, r1) of input_projection's Gx on the calling thread, from W_ih packed for the FMA
-// kernels (w_packed, as input_projection packs it) and the folded bias (or null): the same
-// chains, so the same bits, as the whole product on the FMA kernels.
-template <typename T>
-void input_projection_rows(const LayerShape& s, const T* x, const T* w_packed, const T* bias,
-                           T* gx, int64_t ld_gx, int64_t r0, int64_t r1) {
-  const int64_t GH = gates_of(s.cell) * s.H;
-  gemm_packed<T>(r1 - r0, GH, s.I, x + r0 * s.I, s.I, 1, w_packed, gx + r0 * ld_gx, ld_gx, false,
-                 1, bias, false, false);
+  const CachedPanels<T> w = input_weights_packed<T>(s, w_ih, nthreads, reuse);
+  input_projection_rows<T>(s, x, w.get(), bias.p, gx, ld_gx, 0, M, nthreads);
 }
 
 // Recurrent weights packed per gate: gate g is W_hh[g*H:(g+1)*H, :]^T as NR-wide panels over

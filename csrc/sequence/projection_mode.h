@@ -53,8 +53,8 @@ int64_t in_step_block_bytes(const LayerShape& s) {
 // GRU x1.10; RNN 100x64x512x512 x1.17, 25x64x1024x1024 x1.14, 100x32x512x512 x1.20,
 // 100x128x512x512 x1.06; training 50x16x256x256 LSTM x1.09, GRU x1.06, RNN 100x64x512x512
 // x0.98-1.06, 25x64x1024x1024 x0.99-1.04 (two A/B runs). Kept in the step (the GEMM's factor):
-// both fitting L2, LSTM
-// 50x16x160x160 x0.95, 50x8x128x128 x0.96, RNN 50x16x256x256 x0.91, 100x64x256x256 x0.91;
+// both fitting L2, LSTM 50x16x160x160 x0.95, 50x8x128x128 x0.96, RNN 50x16x256x256 x0.91,
+// 100x64x256x256 x0.91;
 // W_ih small beside W_hh, LSTM 200x32x64x1024 x0.93, 50x32x128x1024 x0.94; LSTM and GRU from 48
 // rows: 100x48x512x512 x1.01, fastrnns (64 rows) LSTM x0.90-0.95, GRU x0.92-0.95.
 // On 2 threads the stacked LSTM and GRU then no longer pipeline their layers (layer_pipeline.h

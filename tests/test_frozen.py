@@ -82,19 +82,24 @@ def test_frozen_calls_skip_the_comparison_and_unfreeze_ends_it(rng):
     assert not m.frozen
 
 
-def test_making_a_parameter_writable_ends_the_promise(rng):
+def test_frozen_parameters_cannot_be_made_writable(rng):
+    """Made writable, changed and made read-only again between two calls, a parameter would
+    have been taken as unchanged; NumPy refuses the first step."""
     m = layer("GRU", {}).eval().freeze()
     x = rng.standard_normal((4, 2, 5)).astype(np.float32)
     before = m(x)[0]
-    w = m.weight_ih_l0
-    w.flags.writeable = True
-    assert not m.frozen
-    w *= 0.5
-    after = m(x)[0]
-    assert not np.array_equal(after, before)
+    for name, p in m.named_parameters():
+        with pytest.raises(ValueError, match="WRITEABLE"):
+            p.flags.writeable = True
+        assert not p.flags.writeable, name
+    assert m.frozen
+    assert np.array_equal(m(x)[0], before)
+    m.unfreeze()
+    m.weight_ih_l0 *= 0.5
     want = layer("GRU", {})
     want.load_state_dict(m.state_dict())
-    assert np.array_equal(after, want.eval()(x)[0])
+    assert np.array_equal(m(x)[0], want.eval()(x)[0])
+    assert not np.array_equal(m(x)[0], before)
 
 
 def test_frozen_parameters_are_read_only_copies():
@@ -169,14 +174,19 @@ def test_a_frozen_stack_pipelined_on_two_threads_gives_the_plain_bits(rng, two_t
             assert np.array_equal(one, two)
 
 
-def test_unfreeze_after_one_parameter_was_made_writable(rng):
-    """The promise ended by one writable parameter; unfreeze() still makes the others writable,
-    and load_state_dict works again."""
-    m = layer("RNN", {}).freeze()
-    m.weight_hh_l0.flags.writeable = True
-    kept = m.weight_hh_l0
+def test_a_writable_parameter_ends_the_promise(rng):
+    """A frozen layer whose parameter is writable all the same (a pickle restored with another
+    array there) is not trusted: calls compare again, and unfreeze() keeps that array."""
+    m = layer("RNN", {}).eval().freeze()
+    x = rng.standard_normal((4, 2, 5)).astype(np.float32)
+    before = m(x)[0]
+    writable = m.weight_hh_l0.copy()
+    m._params["weight_hh_l0"] = writable
+    assert not m.frozen
+    writable *= 0.5
+    assert not np.array_equal(m(x)[0], before)
     m.unfreeze()
-    assert m.weight_hh_l0 is kept
+    assert m.weight_hh_l0 is writable
     assert all(p.flags.writeable for p in m.parameters())
     m.load_state_dict(layer("RNN", {}).state_dict())
 

@@ -628,6 +628,25 @@ def test_a_pickled_layer_runs_and_trains_as_the_original(rng, dtype):
     assert np.array_equal(again.backward(dy)[0], layer.backward(dy)[0])
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_layer_copies_after_a_training_forward_without_its_pending_backward(rng, how):
+    """The kernels' saved state of a pending training forward stays with the layer: the copy
+    (as torch's modules, which keep no graph) has no forward to run backward through, and the
+    original still has."""
+    import copy
+    import pickle
+    layer = make_layer("lstm", 5, 7, L=2, dtype=np.float32)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    dy = rng.standard_normal((4, 3, 7)).astype(np.float32)
+    layer(x)
+    again = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+    with pytest.raises(RuntimeError, match="copy"):
+        again.backward(dy)
+    want = layer.backward(dy)[0]
+    again(x)
+    assert np.array_equal(again.backward(dy)[0], want)
+
+
 def test_frozen_single_rows_in_parallel_threads(rng):
     """Frozen layers with a single row, on one thread each (where the input projection's way is
     on trial per shape, csrc/ride_policy.cpp, shared by the threads), run at once from Python

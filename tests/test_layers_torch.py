@@ -285,6 +285,17 @@ def test_state_dict_to_torch_round_trip(cell):
         np.testing.assert_array_equal(again.state_dict()[name], v)
 
 
+def test_a_bfloat16_state_dict_loads_cast_as_torch_casts_it():
+    """bfloat16 has no NumPy dtype: the values go through float32, which holds them exactly."""
+    m = torch.nn.LSTM(3, 5).bfloat16()
+    layer = fusedrnn.LSTM(3, 5, dtype=np.float64)
+    layer.load_state_dict(m.state_dict())
+    want = torch.nn.LSTM(3, 5).double()
+    want.load_state_dict(m.state_dict())
+    for name, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, want.state_dict()[name].numpy())
+
+
 def test_init_matches_torch_distribution():
     """Every parameter is U(-1/sqrt(H), 1/sqrt(H)) as torch initialises it."""
     layer = fusedrnn.LSTM(30, 40, num_layers=2, bidirectional=True, seed=0)

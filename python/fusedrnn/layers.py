@@ -23,7 +23,8 @@ Semantics chosen where NumPy and torch differ:
   ``.grad``; the next backward writes the gradients into the same arrays, with no pass of
   zeros first.
 - ``backward`` uses the most recent forward run in training mode and then frees what it kept
-  (as torch frees the graph): a second backward needs a new forward. Update parameters (or
+  (as torch frees the graph): a second backward needs a new forward, and a copy of the layer
+  (``copy.deepcopy``, pickle) has none to run backward through. Update parameters (or
   overwrite ``x``) only after backward: the kernels read them again in backward (torch raises an
   error for such in-place changes; NumPy cannot detect them).
 - ``dtype`` takes NumPy's and torch's float32 and float64; None means float32, torch's default.
@@ -52,6 +53,12 @@ IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "
 # Ids of frozen parameter sets (freeze()), never reused in a process: the kernels' cache of
 # packed weights trusts an id for the memory it first compared under it.
 _FROZEN_IDS = itertools.count(1)
+
+
+def _immutable_copy(a):
+    """A read-only copy of ``a`` that NumPy refuses to make writable: its memory is a bytes
+    object's."""
+    return np.frombuffer(a.tobytes(), dtype=a.dtype).reshape(a.shape)
 
 
 def _as_array(name, a, dtype):
@@ -178,14 +185,11 @@ class _Layer:
         inference call in the benchmark, a third of a one-step call), as ONNX Runtime takes
         its weights as constants. Loading or assigning parameters needs ``unfreeze()`` first;
         training still works (gradients into ``grads``), but not updating the parameters in
-        place. Making a parameter writable again (``flags.writeable = True``) ends the promise:
-        calls compare again. Returns the layer."""
+        place. The copies cannot be made writable again (``flags.writeable = True`` raises):
+        a parameter made writable, changed and made read-only again between two calls would
+        have gone unseen. Returns the layer."""
         if not self._frozen_now():
-            params = {}
-            for name, p in self._params.items():
-                params[name] = p.copy()
-                params[name].flags.writeable = False
-            self._params = params
+            self._params = {name: _immutable_copy(p) for name, p in self._params.items()}
             self._frozen_id = next(_FROZEN_IDS)
             self._forget("the layer was frozen since the last forward")
         return self
@@ -205,11 +209,24 @@ class _Layer:
         return bool(self._frozen_now())
 
     def _frozen_now(self):
-        """The frozen id the kernels may trust (0: none): a parameter made writable again ends
-        the promise."""
+        """The frozen id the kernels may trust (0: none). The frozen copies cannot be made
+        writable; a writable parameter (one whose copy a pickle of an older fusedrnn restored
+        writable) ends the promise all the same."""
         if self._frozen_id and any(p.flags.writeable for p in self._params.values()):
             self._frozen_id = 0
         return self._frozen_id
+
+    def __getstate__(self):
+        # The kernels' saved state of a pending training forward (a _C.Context) stays with this
+        # layer: a copy starts with no forward to run backward through, as torch's modules keep
+        # no graph.
+        state = self.__dict__.copy()
+        if state.get("_saved") is not None:
+            state["_saved"] = None
+            state["_why_no_saved"] = ("this layer is a copy (copy.deepcopy or pickle) made after "
+                                      "the original's training forward, which only the original "
+                                      "can run backward through")
+        return state
 
     def __setstate__(self, state):
         # A copy (copy.deepcopy, pickle) has parameters at other addresses, or in another process
@@ -470,7 +487,10 @@ def _as_lengths(lengths, T, B):
 def _to_numpy(v):
     """An array from a state-dict value, without importing torch (tensors: detach, cpu)."""
     if not isinstance(v, np.ndarray) and hasattr(v, "detach") and hasattr(v, "cpu"):
-        v = v.detach().cpu().numpy()
+        v = v.detach().cpu()
+        if str(v.dtype) == "torch.bfloat16":  # no NumPy dtype: float32 holds it exactly
+            v = v.float()
+        v = v.numpy()
     return np.asarray(v)
 
 

@@ -377,3 +377,77 @@ def test_saved_state_is_freed_by_backward_not_kept_with_the_outputs():
     y.sum().backward()
     gc.collect()
     assert made[0]() is None and y.grad_fn is not None
+
+
+def test_differentiating_a_gradient_raises_instead_of_dropping_the_term():
+    """A gradient penalty needs the gradient's own graph; the kernels' backward has none, so
+    differentiating it raises (before, the gradient came back as a constant and the penalty
+    silently added nothing). create_graph=True alone still gives first-order gradients."""
+    torch.manual_seed(0)
+    m = torch.nn.LSTM(3, 4).double()
+    ours = ft.LSTM.from_module(copy.deepcopy(m))
+    x0 = torch.randn(5, 2, 3, dtype=torch.float64)
+    grads = []
+    for mod in (m, ours):
+        x = x0.clone().requires_grad_()
+        y, _ = mod(x)
+        g, = torch.autograd.grad(y.sum(), x, create_graph=True)
+        assert g.requires_grad
+        grads.append(g.detach())
+        if mod is ours:
+            with pytest.raises(RuntimeError, match="no double backward"):
+                ((g.norm() - 1) ** 2).backward()
+    assert_close(grads[1].numpy(), grads[0].numpy(), np.float64)
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.jit.trace is deprecated, and warns of its checks
+def test_a_trace_under_no_grad_runs_the_kernels_on_new_input():
+    """torch.jit.trace records the adapter as one op (it used to enter the example's outputs as
+    constants: the traced module returned them for any input)."""
+    torch.manual_seed(0)
+    mod = ft.LSTM(4, 6, num_layers=2).eval()
+    example, new = torch.randn(5, 2, 4), torch.randn(5, 2, 4)
+    with torch.no_grad():
+        traced = torch.jit.trace(mod, (example,), check_trace=True)
+        got, (hn, cn) = traced(new)
+        want, (want_hn, want_cn) = mod(new)
+    assert torch.equal(got, want) and torch.equal(hn, want_hn) and torch.equal(cn, want_cn)
+    assert not torch.equal(got, mod(example)[0].detach())
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_torch_func_grad_and_jacrev_give_torchs_gradients(cell):
+    """torch.func's transforms call a Function's forward and setup_context apart, and its
+    backward on their own tensors; the gradients are torch.nn's."""
+    torch.manual_seed(0)
+    base = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU, "rnn_tanh": torch.nn.RNN}[cell]
+    m = base(3, 4, num_layers=2).double()
+    ours = ADAPTER[cell].from_module(copy.deepcopy(m))
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    got = {}
+    for name, mod in (("torch", m), ("ours", ours)):
+        params = {k: v.detach() for k, v in mod.named_parameters()}
+        loss = lambda p, mod=mod: torch.func.functional_call(mod, p, (x,))[0].pow(2).sum()
+        got[name] = torch.func.grad(loss)(params)
+        # jacrev maps the vjp over a batch of cotangents (_FusedStackBackward.vmap)
+        got[name]["x"] = torch.func.jacrev(lambda x, mod=mod: mod(x)[0].sum(0))(x)
+    assert got["ours"].keys() == got["torch"].keys()
+    for k in got["torch"]:
+        assert_close(got["ours"][k].detach().numpy(), got["torch"][k].detach().numpy(), np.float64)
+
+
+@pytest.mark.filterwarnings("ignore")  # dynamo's notes on the graph break at the kernels
+def test_torch_compile_runs_and_trains_as_eager():
+    """torch.compile breaks the graph at the adapter and runs it eagerly, backward included
+    (whose saved state must come back as it was left: a token made in setup_context once came
+    back from torch's compiled autograd without it)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.rnn = ft.GRU(4, 6, num_layers=2)
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(lambda x: model.rnn(x)[0].sum(), backend="aot_eager")
+    x = torch.randn(5, 3, 4)
+    compiled(x).backward()
+    eager.rnn(x)[0].sum().backward()
+    for (name, p), q in zip(model.rnn.named_parameters(), eager.rnn.parameters()):
+        assert torch.equal(p.grad, q.grad), name

@@ -43,6 +43,12 @@ class Spec:
         self._names = tuple(tuple(self.param_name(key, k, d) for key in _PARAM_KEYS)
                             for k in range(num_layers) for d in range(self.num_directions))
 
+    def __repr__(self):
+        # Stable across calls: torch.jit.trace compares the graphs of two runs, and the torch
+        # adapter's op shows its Spec there.
+        fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__[:-1])
+        return f"Spec({fields})"
+
     @property
     def num_directions(self):
         return 2 if self.bidirectional else 1

@@ -11,7 +11,8 @@ kernels (a ``torch.autograd.Function``; CPU tensors are read as zero-copy NumPy 
 Dropout between layers uses torch's random generator, so ``torch.manual_seed`` controls it.
 
 Differences from torch: CPU only, float32 and float64 only (anything else raises with a clear
-message), no double backward (``once_differentiable``). ``GRU`` takes an extra keyword,
+message), no double backward (differentiating the gradients raises). ``torch.func.grad``,
+``vjp`` and ``jacrev`` work; ``torch.jit.trace`` records the layer as one Python op. ``GRU`` takes an extra keyword,
 ``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
 NumPy arrays (e.g. a ``fusedrnn.LSTM(...).state_dict()``).
 
@@ -21,7 +22,6 @@ import warnings
 
 import numpy as np
 import torch as _torch
-from torch.autograd.function import once_differentiable as _once_differentiable
 from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 
 from . import _layer_base as _base
@@ -66,43 +66,105 @@ def _torch_mask_maker(p, dtype):
     return make
 
 
+class _SavedSlot:
+    """Where _FusedStack.forward leaves the kernels' saved state for setup_context: an object,
+    not a dict, since torch.func rebuilds the inputs' containers (pytrees) between the two."""
+
+    __slots__ = ("token",)
+
+    def __init__(self):
+        self.token = None
+
+    def __repr__(self):  # stable: torch.jit.trace compares the graphs of two runs
+        return "_SavedSlot()"
+
+
 class _FusedStack(_torch.autograd.Function):
-    """(x, h0, c0, *params) -> (y, hn[, cn]) through every layer and direction, and back."""
+    """(x, h0, c0, *params) -> (y, hn[, cn]) through every layer and direction, and back.
+    forward and setup_context apart, as torch.func's transforms (grad, vjp, jacrev) need:
+    forward leaves the kernels' saved state in the call's _SavedSlot (run[4]) for
+    setup_context to take."""
 
     @staticmethod
-    def forward(ctx, run, x, h0, c0, *params):
-        spec, names, lengths, make_mask = run
+    def forward(run, x, h0, c0, *params):
+        spec, names, lengths, make_mask, slot = run
         y, hn, cn, saved = _base.stack_forward(
             spec, dict(zip(names, map(_np, params))), _np(x), _np(h0), _np(c0), lengths,
             save=True, make_mask=make_mask)
-        ctx.run = run
+        slot.token = _torch.empty(0)
+        slot.token.fusedrnn_saved = saved
+        out = (_torch.from_numpy(y), _torch.from_numpy(hn))
+        return out + (_torch.from_numpy(cn),) if cn is not None else out
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        run, x, h0, c0, *params = inputs
+        ctx.run = run[:4]
         ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
         # The kernels' saved state rides on a token tensor kept by save_for_backward, so torch
         # frees it exactly when it frees the graph's saved tensors (after a backward without
         # retain_graph=True) rather than when the outputs die. Saving x and the weights too
         # makes autograd raise if any is modified in place before backward (the kernels read
         # them again in backward).
-        token = _torch.empty(0)
-        token.fusedrnn_saved = saved
-        ctx.save_for_backward(token, x, h0, c0, *params)
-        ctx.y_shape, ctx.y_dtype = y.shape, y.dtype
+        ctx.save_for_backward(run[4].token, x, h0, c0, *params)  # (torch.func: once a level)
+        ctx.y_shape, ctx.y_dtype = tuple(output[0].shape), _NP_DTYPE[output[0].dtype]
         ctx.set_materialize_grads(False)
-        out = (_torch.from_numpy(y), _torch.from_numpy(hn))
-        return out + (_torch.from_numpy(cn),) if cn is not None else out
 
     @staticmethod
-    @_once_differentiable
     def backward(ctx, dy, dhn, dcn=None):
         # Raises if an input changed in place since forward, or if the graph was freed by an
-        # earlier backward without retain_graph=True (as torch does).
-        saved = ctx.saved_tensors[0].fusedrnn_saved
-        spec, names, _, _ = ctx.run
-        dy_np = np.zeros(ctx.y_shape, ctx.y_dtype) if dy is None else _np(dy)
+        # earlier backward without retain_graph=True (as torch does). The kernels run inside
+        # another Function: torch.func hands it plain tensors, and it refuses a second order.
+        token, *inputs = ctx.saved_tensors
+        info = (ctx.run, ctx.has_h0, ctx.has_c0, ctx.y_shape, ctx.y_dtype, token.fusedrnn_saved)
+        return (None,) + _FusedStackBackward.apply(info, dy, dhn, dcn, *inputs)
+
+
+class _FusedStackBackward(_torch.autograd.Function):
+    """_FusedStack's backward: (dy, dhn, dcn, x, h0, c0, *params) -> (dx, dh0, dc0,
+    *param grads). x, h0, c0 and the parameters come in so that gradients taken with
+    create_graph=True depend on them, and differentiating those gradients raises (before, they
+    came out as constants: a gradient penalty's term was silently dropped)."""
+
+    @staticmethod
+    def forward(info, dy, dhn, dcn, x, h0, c0, *params):
+        (spec, names, _, _), has_h0, has_c0, y_shape, y_dtype, saved = info
+        dy_np = np.zeros(y_shape, y_dtype) if dy is None else _np(dy)
         dx, dh0, dc0, grads = _base.stack_backward(spec, saved, dy_np, _np(dhn), _np(dcn))
-        return (None, _torch.from_numpy(dx),
-                _torch.from_numpy(dh0) if ctx.has_h0 else None,
-                _torch.from_numpy(dc0) if ctx.has_c0 else None,
+        return (_torch.from_numpy(dx),
+                _torch.from_numpy(dh0) if has_h0 else None,
+                _torch.from_numpy(dc0) if has_c0 else None,
                 *(_torch.from_numpy(grads[n]) for n in names))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def vmap(vmap_info, in_dims, info, *tensors):
+        """Batched cotangents (torch.func.jacrev, vmap over a vjp): one backward per cotangent,
+        stacked; the kernels' saved state serves them all (stack_backward does not consume it).
+        x, hx and the parameters come from the forward, which is not batched."""
+        if any(d is not None for d in in_dims[4:]):
+            raise RuntimeError("fusedrnn.torch: vmap over the inputs or parameters of an RNN, "
+                               "LSTM or GRU is not supported (torch.nn's are not either)")
+
+        def one(i):
+            return _FusedStackBackward.apply(info, *(
+                t if t is None or d is None else t.select(d, i)
+                for t, d in zip(tensors, in_dims[1:])))
+
+        outs = [one(i) for i in range(vmap_info.batch_size)]
+        stacked = tuple(None if o is None else _torch.stack([r[j] for r in outs])
+                        for j, o in enumerate(outs[0]))
+        return stacked, tuple(None if o is None else 0 for o in stacked)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(
+            "fusedrnn.torch has no double backward: the gradients its RNN, LSTM and GRU "
+            "computed cannot be differentiated again (gradient penalties, Hessian-vector "
+            "products, torch.func.grad of a gradient); use torch.nn's module for those")
 
 
 class _FusedMixin:
@@ -169,8 +231,13 @@ class _FusedMixin:
         if _base.dropout_active(spec, self.training):
             make_mask = _torch_mask_maker(spec.dropout, dtype)
         tensors = [x, h0, c0, *params]
-        if _torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-            out = _FusedStack.apply((spec, names, lengths, make_mask), x, h0, c0, *params)
+        # A trace records the autograd.Function as one op; the NumPy path below would enter it
+        # as the example's outputs, constants (torch.jit.trace runs under no_grad as a rule).
+        tracked = _torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                   for t in tensors)
+        if tracked or _torch.jit.is_tracing():
+            out = _FusedStack.apply((spec, names, lengths, make_mask, _SavedSlot()), x, h0,
+                                      c0, *params)
             y, hn = out[0], out[1]
             cn = out[2] if lstm else None
         else:

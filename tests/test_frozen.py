@@ -64,6 +64,19 @@ def test_frozen_gives_the_plain_bits(rng, fixed_threads, threads, cls, kw, L, bi
         fusedrnn.set_num_threads(before)
 
 
+@pytest.mark.parametrize("cls", ["RNN", "LSTM", "GRU"])
+def test_frozen_training_gives_the_plain_bits_where_inference_takes_the_tiles(rng, cls):
+    """20 steps of 16 rows: enough for inference to take the amx build's tiles in the steps
+    (their forms kept), not for training, frozen or not (a frozen layer's training once took
+    the tiles and gave other bits than the same layer unfrozen)."""
+    plain = layer(cls, {}, I=64, H=128)
+    frozen = copy.deepcopy(plain).freeze()
+    x = rng.standard_normal((20, 16, 64)).astype(np.float32)
+    dy = rng.standard_normal((20, 16, 128)).astype(np.float32)
+    for got, want in zip(run(frozen, x, dy), run(plain, x, dy)):
+        assert np.array_equal(got, want)
+
+
 def test_frozen_calls_skip_the_comparison_and_unfreeze_ends_it(rng):
     """Weights changed behind the promise's back (through a raw alias) are not seen while
     frozen, which is what saves the comparison; unfreeze() copies them and calls see them."""

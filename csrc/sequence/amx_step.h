@@ -31,7 +31,9 @@ constexpr int64_t kAmxSmallStepBytes = int64_t(4) << 20;
 // And the least T*B whose steps repay splitting the weights once a call (with a call's packed
 // forms kept, the later calls only check that they are finite). LSTM, I = H = 512, against
 // the FMA build: training T x B 4x64 x0.97, 8x32 x0.99, 8x64 x1.08, 16x64 x1.18; inference
-// 1x64 x1.01, 2x32 x1.03, 2x64 x1.18.
+// 1x64 x1.01, 2x32 x1.03, 2x64 x1.18. Inference keeps its forms; training takes the
+// training bound frozen or not (a frozen layer's training keeps its forms too, but gave other
+// bits than the same layer unfrozen, which README promises it does not).
 constexpr int64_t kAmxStepWorkRows = 512, kAmxStepWorkRowsKept = 64;
 
 // Whether this call's steps take AMX tiles: float32 in the amx build, a batch and T*B as above,
@@ -47,7 +49,8 @@ bool amx_step(const ForwardArgs<T>& a, bool in_step, PanelReuse reuse, int nthre
   if constexpr (std::is_same_v<T, float>) {
     const LayerShape& s = a.s;
     const int64_t GH = gates_of(s.cell) * s.H;
-    const int64_t work = reuse.keep ? kAmxStepWorkRowsKept : kAmxStepWorkRows;
+    const bool training = a.saved.h != nullptr;
+    const int64_t work = training ? kAmxStepWorkRows : kAmxStepWorkRowsKept;
     const int64_t split_bytes = GH * (s.Hout + (in_step ? s.I : 0)) * 6;
     const bool rows = s.B >= kAmxStepRows ||
                       (s.B >= kAmxSmallStepRows && split_bytes <= kAmxSmallStepBytes);

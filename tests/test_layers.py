@@ -635,16 +635,20 @@ def test_a_layer_copies_after_a_training_forward_without_its_pending_backward(rn
     original still has."""
     import copy
     import pickle
-    layer = make_layer("lstm", 5, 7, L=2, dtype=np.float32)
-    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
-    dy = rng.standard_normal((4, 3, 7)).astype(np.float32)
-    layer(x)
-    again = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
-    with pytest.raises(RuntimeError, match="copy"):
-        again.backward(dy)
-    want = layer.backward(dy)[0]
-    again(x)
-    assert np.array_equal(again.backward(dy)[0], want)
+    for frozen in (False, True):
+        layer = make_layer("lstm", 5, 7, L=2, dtype=np.float32)
+        if frozen:
+            layer.freeze()
+        x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+        dy = rng.standard_normal((4, 3, 7)).astype(np.float32)
+        layer(x)
+        again = copy.deepcopy(layer) if how == "deepcopy" else pickle.loads(pickle.dumps(layer))
+        assert again.frozen == frozen
+        with pytest.raises(RuntimeError, match="is a copy"):
+            again.backward(dy)
+        want = layer.backward(dy)[0]
+        again(x)
+        assert np.array_equal(again.backward(dy)[0], want)
 
 
 def test_frozen_single_rows_in_parallel_threads(rng):

@@ -451,3 +451,93 @@ def test_torch_compile_runs_and_trains_as_eager():
     eager.rnn(x)[0].sum().backward()
     for (name, p), q in zip(model.rnn.named_parameters(), eager.rnn.parameters()):
         assert torch.equal(p.grad, q.grad), name
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.jit.trace is deprecated
+def test_a_traced_module_trains_from_two_threads_and_keeps_no_saved_state():
+    """A trace keeps the op's non-tensor inputs as constants, one object for every call: the
+    kernels' saved state goes from forward to setup_context per thread instead (a slot among
+    the inputs was shared: 1-2% of the gradients wrong with two threads, and the last call's
+    state stayed alive)."""
+    import gc
+    import threading
+    import weakref
+
+    from fusedrnn import _layer_base
+
+    made = []
+    real = _layer_base.Saved
+
+    class Tracked(real):
+        __slots__ = ()
+
+        def __init__(self):
+            super().__init__()
+            made.append(weakref.ref(self))
+
+    torch.manual_seed(0)
+    m = torch.nn.GRU(3, 8).double()
+    ours = ft.GRU.from_module(copy.deepcopy(m))
+    traced = torch.jit.trace(ours, (torch.randn(6, 2, 3, dtype=torch.float64),))
+    xs = [torch.randn(6, 2, 3, dtype=torch.float64) for _ in range(2)]
+    want = [torch.autograd.grad(m(x.clone().requires_grad_())[0].pow(2).sum(), m.weight_hh_l0)[0]
+            for x in xs]
+    try:
+        _layer_base.Saved = Tracked
+        y, h = traced(xs[0].clone().requires_grad_())
+        y.sum().backward()
+        del y, h
+        gc.collect()
+        assert made and all(r() is None for r in made)
+    finally:
+        _layer_base.Saved = real
+    wrong = []
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+
+    def work(k):
+        for _ in range(100):
+            y = traced(xs[k].clone().requires_grad_())[0]
+            g, = torch.autograd.grad(y.pow(2).sum(), ours.weight_hh_l0)
+            if not torch.allclose(g, want[k], rtol=1e-10, atol=1e-12):
+                wrong.append(k)
+
+    try:
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert not wrong
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, at forward AD's import
+def test_what_the_adapter_refuses_it_refuses_by_name():
+    """Forward-mode AD (its tangents were dropped silently where no parameter needed grad),
+    a trace of a PackedSequence (its lengths were constants of the trace), saved-tensor hooks
+    that replace the saved tensors, and the batched gradients of torch's older vmap."""
+    import torch.autograd.forward_ad as fwad
+    torch.manual_seed(0)
+    mod = ft.LSTM(3, 4, dtype=torch.float64)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with fwad.dual_level(), torch.no_grad():
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            mod(fwad.make_dual(x, torch.randn_like(x)))
+
+    class PacksItsInput(torch.nn.Module):
+        def forward(self, x):
+            return mod(pack_padded_sequence(x, torch.tensor([5, 3])))[0].data
+
+    with pytest.raises(RuntimeError, match="PackedSequence"):
+        torch.jit.trace(PacksItsInput(), (x,))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        y = mod(x.clone().requires_grad_())[0]
+    with pytest.raises(RuntimeError, match="saved_tensors_hooks"):
+        y.sum().backward()
+    xg = x.clone().requires_grad_()
+    y = mod(xg)[0]
+    with pytest.raises(RuntimeError, match="is_grads_batched"):
+        torch.autograd.grad(y, xg, torch.randn((3,) + y.shape, dtype=y.dtype),
+                            is_grads_batched=True)

@@ -214,6 +214,12 @@ class Saved:
         self.ctxs = []
         self.masks = []
 
+    def __reduce__(self):
+        # Reached through the torch adapter's token when saved-tensor hooks save to disk.
+        raise TypeError("fusedrnn's saved training state (the kernels' contexts) cannot be "
+                        "pickled or saved: saved_tensors_hooks that move the saved tensors to "
+                        "disk are not supported by fusedrnn.torch")
+
 
 def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, make_mask=None,
                   isa=None, checked=False, frozen=0):

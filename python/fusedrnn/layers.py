@@ -237,6 +237,7 @@ class _Layer:
         if state.get("_frozen_id"):
             self.__dict__["_frozen_id"] = 0
             self.freeze()
+            self.__dict__["_why_no_saved"] = state.get("_why_no_saved")  # (not freeze()'s)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Copy parameters from a mapping of torch names to arrays (NumPy arrays, a torch

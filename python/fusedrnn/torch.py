@@ -11,17 +11,20 @@ kernels (a ``torch.autograd.Function``; CPU tensors are read as zero-copy NumPy 
 Dropout between layers uses torch's random generator, so ``torch.manual_seed`` controls it.
 
 Differences from torch: CPU only, float32 and float64 only (anything else raises with a clear
-message), no double backward (differentiating the gradients raises). ``torch.func.grad``,
-``vjp`` and ``jacrev`` work; ``torch.jit.trace`` records the layer as one Python op. ``GRU`` takes an extra keyword,
+message), no double backward (differentiating the gradients raises) and no forward-mode AD.
+``torch.func.grad``, ``vjp`` and ``jacrev`` work; ``torch.jit.trace`` of Tensor inputs records
+the layer as one Python op (README lists what is refused). ``GRU`` takes an extra keyword,
 ``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
 NumPy arrays (e.g. a ``fusedrnn.LSTM(...).state_dict()``).
 
 Importing this module imports torch; ``import fusedrnn`` alone never does.
 """
+import threading
 import warnings
 
 import numpy as np
 import torch as _torch
+import torch.autograd.forward_ad as _forward_ad
 from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 
 from . import _layer_base as _base
@@ -54,7 +57,24 @@ def _np(t):
     """A NumPy view of a CPU tensor (zero-copy); None stays None."""
     if t is None:
         return None
-    return t.detach().resolve_conj().resolve_neg().numpy()
+    try:
+        return t.detach().resolve_conj().resolve_neg().numpy()
+    except RuntimeError as e:  # a transform's tensor: torch's message names no cause
+        raise RuntimeError(
+            "fusedrnn.torch cannot read this tensor: it belongs to a transform the adapter does "
+            "not support (forward-mode AD: torch.func.jvp, jacfwd; torch.func.vmap of its "
+            "forward; is_grads_batched=True or jacobian(vectorize=True)); torch.func.grad, vjp "
+            f"and jacrev are supported. ({e})") from e
+
+
+def _refuse_forward_ad(tensors):
+    """Dual tensors (torch.autograd.forward_ad) carry tangents that no kernel computes: the
+    NumPy path would drop them silently."""
+    if getattr(_forward_ad, "_current_level", -1) < 0:
+        return
+    if any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError("fusedrnn.torch has no forward-mode AD (dual tensors, "
+                                  "torch.func.jvp, jacfwd): use torch.nn's module for those")
 
 
 def _torch_mask_maker(p, dtype):
@@ -66,47 +86,39 @@ def _torch_mask_maker(p, dtype):
     return make
 
 
-class _SavedSlot:
-    """Where _FusedStack.forward leaves the kernels' saved state for setup_context: an object,
-    not a dict, since torch.func rebuilds the inputs' containers (pytrees) between the two."""
-
-    __slots__ = ("token",)
-
-    def __init__(self):
-        self.token = None
-
-    def __repr__(self):  # stable: torch.jit.trace compares the graphs of two runs
-        return "_SavedSlot()"
+# Where _FusedStack.forward leaves its token (the kernels' saved state on an empty tensor) for
+# setup_context, which torch.func calls apart from forward (once a level): per thread, since an
+# input would be one object for every call of a torch.jit.trace (its constants), shared by
+# threads, and the tracer takes no non-tensor output.
+_handoff = threading.local()
 
 
 class _FusedStack(_torch.autograd.Function):
-    """(x, h0, c0, *params) -> (y, hn[, cn]) through every layer and direction, and back.
-    forward and setup_context apart, as torch.func's transforms (grad, vjp, jacrev) need:
-    forward leaves the kernels' saved state in the call's _SavedSlot (run[4]) for
-    setup_context to take."""
+    """(x, h0, c0, *params) -> (y, hn[, cn]) through every layer and direction, and back;
+    forward and setup_context apart, as torch.func's transforms (grad, vjp, jacrev) need."""
 
     @staticmethod
     def forward(run, x, h0, c0, *params):
-        spec, names, lengths, make_mask, slot = run
+        spec, names, lengths, make_mask = run
         y, hn, cn, saved = _base.stack_forward(
             spec, dict(zip(names, map(_np, params))), _np(x), _np(h0), _np(c0), lengths,
             save=True, make_mask=make_mask)
-        slot.token = _torch.empty(0)
-        slot.token.fusedrnn_saved = saved
+        _handoff.token = _torch.empty(0)
+        _handoff.token.fusedrnn_saved = saved
         out = (_torch.from_numpy(y), _torch.from_numpy(hn))
         return out + (_torch.from_numpy(cn),) if cn is not None else out
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         run, x, h0, c0, *params = inputs
-        ctx.run = run[:4]
+        ctx.run = run
         ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
         # The kernels' saved state rides on a token tensor kept by save_for_backward, so torch
         # frees it exactly when it frees the graph's saved tensors (after a backward without
         # retain_graph=True) rather than when the outputs die. Saving x and the weights too
         # makes autograd raise if any is modified in place before backward (the kernels read
         # them again in backward).
-        ctx.save_for_backward(run[4].token, x, h0, c0, *params)  # (torch.func: once a level)
+        ctx.save_for_backward(_handoff.token, x, h0, c0, *params)
         ctx.y_shape, ctx.y_dtype = tuple(output[0].shape), _NP_DTYPE[output[0].dtype]
         ctx.set_materialize_grads(False)
 
@@ -116,7 +128,16 @@ class _FusedStack(_torch.autograd.Function):
         # earlier backward without retain_graph=True (as torch does). The kernels run inside
         # another Function: torch.func hands it plain tensors, and it refuses a second order.
         token, *inputs = ctx.saved_tensors
-        info = (ctx.run, ctx.has_h0, ctx.has_c0, ctx.y_shape, ctx.y_dtype, token.fusedrnn_saved)
+        if getattr(_handoff, "token", None) is token:
+            _handoff.token = None  # (a traced module's call, whose caller could not drop it)
+        saved = getattr(token, "fusedrnn_saved", None)
+        if saved is None:
+            raise RuntimeError(
+                "fusedrnn.torch: the saved state of this RNN/LSTM/GRU call came back without "
+                "the kernels' state: saved_tensors_hooks that replace the saved tensors (clone, "
+                "detach, save to disk) are not supported; torch.autograd.graph.save_on_cpu and "
+                "checkpointing are")
+        info = (ctx.run, ctx.has_h0, ctx.has_c0, ctx.y_shape, ctx.y_dtype, saved)
         return (None,) + _FusedStackBackward.apply(info, dy, dhn, dcn, *inputs)
 
 
@@ -188,6 +209,19 @@ class _FusedMixin:
         return names, params, dtype
 
     def forward(self, input, hx=None):
+        if not _torch.jit.is_tracing():
+            return self._forward(input, hx)
+        if isinstance(input, _PackedSequence):
+            raise RuntimeError("torch.jit.trace through fusedrnn.torch takes a Tensor input, not "
+                               "a PackedSequence: its lengths would become constants of the "
+                               "trace")
+        # The trace records the layer as one op; the tracer's notes on the Python it runs
+        # inside (shapes read as ints, arrays) would only hide warnings that matter.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", _torch.jit.TracerWarning)
+            return self._forward(input, hx)
+
+    def _forward(self, input, hx):
         spec = self._spec()
         names, params, dtype = self._fused_params()
         lstm = spec.cell == "lstm"
@@ -231,13 +265,14 @@ class _FusedMixin:
         if _base.dropout_active(spec, self.training):
             make_mask = _torch_mask_maker(spec.dropout, dtype)
         tensors = [x, h0, c0, *params]
+        _refuse_forward_ad(tensors)
         # A trace records the autograd.Function as one op; the NumPy path below would enter it
         # as the example's outputs, constants (torch.jit.trace runs under no_grad as a rule).
         tracked = _torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                    for t in tensors)
         if tracked or _torch.jit.is_tracing():
-            out = _FusedStack.apply((spec, names, lengths, make_mask, _SavedSlot()), x, h0,
-                                      c0, *params)
+            out = _FusedStack.apply((spec, names, lengths, make_mask), x, h0, c0, *params)
+            _handoff.token = None  # (held by the graph now, if it needs it)
             y, hn = out[0], out[1]
             cn = out[2] if lstm else None
         else:

@@ -210,8 +210,8 @@ class _Layer:
 
     def _frozen_now(self):
         """The frozen id the kernels may trust (0: none). The frozen copies cannot be made
-        writable; a writable parameter (one whose copy a pickle of an older fusedrnn restored
-        writable) ends the promise all the same."""
+        writable; a writable array put in their place (by reaching into the layer) ends the
+        promise all the same."""
         if self._frozen_id and any(p.flags.writeable for p in self._params.values()):
             self._frozen_id = 0
         return self._frozen_id
@@ -237,7 +237,8 @@ class _Layer:
         if state.get("_frozen_id"):
             self.__dict__["_frozen_id"] = 0
             self.freeze()
-            self.__dict__["_why_no_saved"] = state.get("_why_no_saved")  # (not freeze()'s)
+            self.__dict__["_why_no_saved"] = state.get("_why_no_saved",  # (not freeze()'s)
+                                                       self._why_no_saved)
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """Copy parameters from a mapping of torch names to arrays (NumPy arrays, a torch

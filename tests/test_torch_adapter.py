@@ -7,8 +7,12 @@ states and, through autograd, the gradients of the input, hx and every parameter
 gradcheck in float64, state dicts both ways, from_module and the one-line swap in a model,
 dropout, no_grad, and the errors for what the adapter does not support.
 """
+import contextlib
 import copy
+import gc
 import sys
+import threading
+import weakref
 
 import numpy as np
 import pytest
@@ -347,12 +351,9 @@ def test_adapter_bad_shapes_and_hx_kinds():
         ft.GRU(3, 4, linear_before_reset="no")
 
 
-def test_saved_state_is_freed_by_backward_not_kept_with_the_outputs():
-    """Like torch's own saved tensors, the kernels' saved state goes at backward (without
-    retain_graph) even while the outputs, and so the graph, are still alive."""
-    import gc
-    import weakref
-
+@contextlib.contextmanager
+def saved_states_made():
+    """Weak references to every kernels' saved state (_layer_base.Saved) made in the block."""
     from fusedrnn import _layer_base
 
     made = []
@@ -365,13 +366,20 @@ def test_saved_state_is_freed_by_backward_not_kept_with_the_outputs():
             super().__init__()
             made.append(weakref.ref(self))
 
-    mod = ft.LSTM(3, 4, num_layers=2)
-    x = torch.randn(5, 2, 3, requires_grad=True)
+    _layer_base.Saved = Tracked
     try:
-        _layer_base.Saved = Tracked
-        y, (hn, cn) = mod(x)
+        yield made
     finally:
         _layer_base.Saved = real
+
+
+def test_saved_state_is_freed_by_backward_not_kept_with_the_outputs():
+    """Like torch's own saved tensors, the kernels' saved state goes at backward (without
+    retain_graph) even while the outputs, and so the graph, are still alive."""
+    mod = ft.LSTM(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    with saved_states_made() as made:
+        y, (hn, cn) = mod(x)
     gc.collect()
     assert len(made) == 1 and made[0]() is not None
     y.sum().backward()
@@ -459,22 +467,6 @@ def test_a_traced_module_trains_from_two_threads_and_keeps_no_saved_state():
     kernels' saved state goes from forward to setup_context per thread instead (a slot among
     the inputs was shared: 1-2% of the gradients wrong with two threads, and the last call's
     state stayed alive)."""
-    import gc
-    import threading
-    import weakref
-
-    from fusedrnn import _layer_base
-
-    made = []
-    real = _layer_base.Saved
-
-    class Tracked(real):
-        __slots__ = ()
-
-        def __init__(self):
-            super().__init__()
-            made.append(weakref.ref(self))
-
     torch.manual_seed(0)
     m = torch.nn.GRU(3, 8).double()
     ours = ft.GRU.from_module(copy.deepcopy(m))
@@ -482,15 +474,12 @@ def test_a_traced_module_trains_from_two_threads_and_keeps_no_saved_state():
     xs = [torch.randn(6, 2, 3, dtype=torch.float64) for _ in range(2)]
     want = [torch.autograd.grad(m(x.clone().requires_grad_())[0].pow(2).sum(), m.weight_hh_l0)[0]
             for x in xs]
-    try:
-        _layer_base.Saved = Tracked
+    with saved_states_made() as made:
         y, h = traced(xs[0].clone().requires_grad_())
         y.sum().backward()
         del y, h
         gc.collect()
         assert made and all(r() is None for r in made)
-    finally:
-        _layer_base.Saved = real
     wrong = []
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)

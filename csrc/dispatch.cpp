@@ -60,9 +60,14 @@ const KernelTable* choose() {
   const char* forced = std::getenv("FUSEDRNN_ISA");
   if (forced && *forced) {
     const KernelTable* t = kernels_for(forced);
+    const bool known = std::strcmp(forced, "generic") == 0 || std::strcmp(forced, "avx2") == 0 ||
+                       std::strcmp(forced, "avx512") == 0 || std::strcmp(forced, "amx") == 0;
     if (!t)
       throw std::runtime_error(std::string("FUSEDRNN_ISA=") + forced +
-                               " is not available here; choose one of: " + "generic" +
+                               (known ? " is not available here (this CPU, OS or build)"
+                                      : " is not an ISA name (lower case: generic, avx2, avx512, "
+                                        "amx)") +
+                               "; this machine runs: " + "generic" +
                                (kernels_for("avx2") ? ", avx2" : "") +
                                (kernels_for("avx512") ? ", avx512" : "") +
                                (kernels_for("amx") ? ", amx" : ""));

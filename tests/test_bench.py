@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn.bench import cases, check, cli, peak, report
+from fusedrnn.bench import cases, check, cli, memory, peak, report
 
 TINY = ["--quick", "--sizes", "3,2,4,5,1", "--threads", "1"]
 
@@ -268,9 +268,20 @@ def test_missing_peers_are_skipped_with_a_line(tmp_path, capsys, monkeypatch):
                                  "--peers", "torch,onnxruntime")
     assert status == 0
     assert "peer torch: skipped, not installed" in out
-    assert "peer onnxruntime: skipped, not installed" in out
+    assert "peer onnxruntime: skipped, " in out
     assert set(data["peers_skipped"]) == {"torch", "onnxruntime"}
     assert list(data["cases"][0]["results"]) == ["fusedrnn"]
+    assert 'pip install ".[bench]"' in out
+
+
+def test_a_peer_whose_helper_package_is_missing_says_which(tmp_path, capsys, monkeypatch):
+    """onnxruntime installed without onnx (which builds its models) was reported as "not
+    installed"."""
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    status, data, out = run_json(tmp_path, capsys, *TINY, "--cells", "gru", "--mode", "infer",
+                                 "--peers", "onnxruntime")
+    assert status == 0
+    assert "peer onnxruntime: skipped, it needs the onnx package, which is not installed" in out
 
 
 def test_fusedrnn_without_layers_chains_functional(tmp_path, capsys, monkeypatch):
@@ -357,11 +368,43 @@ def test_an_empty_selection_is_an_error(capsys):
     assert "no case matches" in capsys.readouterr().err
 
 
-def test_output_folder_must_exist(tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        cli.main([*TINY, "--json", str(tmp_path / "missing" / "out.json")])
-    assert e.value.code == 2
-    assert "does not exist" in capsys.readouterr().err
+@pytest.mark.parametrize("option,path,says", [
+    ("--json", "missing/out.json", "does not exist"),
+    ("--json", ".", "is a folder"),
+    ("--json", "a_file/out.json", "is not a folder"),
+    ("--plot", "missing/out.png", "does not exist"),
+    ("--plot", "out.foo", "matplotlib cannot write '.foo' files"),
+    ("--sizes", "-1,2,3,4,5", "every size must be >= 1"),
+], ids=lambda v: v if isinstance(v, str) else None)
+def test_bad_outputs_and_sizes_stop_the_run_before_it_starts(tmp_path, capsys, monkeypatch,
+                                                             option, path, says):
+    """A path that could not be written failed after the whole run (its results lost), and a
+    size starting with a minus read as an unknown option."""
+    if option == "--plot":
+        pytest.importorskip("matplotlib")
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--quick", "--threads", "1", option, path]
+    if option != "--sizes":
+        argv += ["--sizes", "3,2,4,5,1"]
+    timed = []
+    monkeypatch.setattr(cli, "run", lambda *a: timed.append(a))
+    for main in (cli.main, memory.main) if option in ("--json", "--sizes") else (cli.main,):
+        with pytest.raises(SystemExit) as e:
+            main([a for a in argv if main is cli.main or a not in ("--quick", "--threads", "1")])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert option in err and says in err, err
+    assert not timed and sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_a_plot_path_without_an_extension_gets_png_and_says_so(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    status = cli.main([*TINY, "--cells", "rnn", "--mode", "infer", "--peers", "reference",
+                       "--plot", str(tmp_path / "speedups")])
+    assert status == 0
+    assert f"wrote {tmp_path / 'speedups.png'}" in capsys.readouterr().out
+    assert (tmp_path / "speedups.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_a_failing_case_is_reported_and_the_run_goes_on(tmp_path, capsys, monkeypatch):

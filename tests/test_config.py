@@ -22,10 +22,29 @@ def test_fusedrnn_isa_forces_a_build(isa):
     assert r.stdout.strip() == isa
 
 
-def test_unavailable_isa_fails_at_import_with_a_clear_message():
+def test_unknown_isa_fails_at_import_with_a_clear_message():
     r = run_python("import fusedrnn", FUSEDRNN_ISA="sse9000")
     assert r.returncode != 0
-    assert "FUSEDRNN_ISA=sse9000 is not available" in r.stderr and "generic" in r.stderr
+    assert "FUSEDRNN_ISA=sse9000 is not an ISA name (lower case" in r.stderr
+    assert "this machine runs: generic" in r.stderr
+    r = run_python("import fusedrnn", FUSEDRNN_ISA="AVX2")
+    assert "FUSEDRNN_ISA=AVX2 is not an ISA name" in r.stderr
+
+
+def test_an_isa_this_machine_cannot_run_fails_at_import_with_a_clear_message():
+    missing = [i for i in ("avx2", "avx512", "amx") if i not in _C.available_isas()]
+    if not missing:
+        pytest.skip("this machine runs every ISA")
+    r = run_python("import fusedrnn", FUSEDRNN_ISA=missing[0])
+    assert r.returncode != 0
+    assert f"FUSEDRNN_ISA={missing[0]} is not available here" in r.stderr
+
+
+def test_a_bad_thread_policy_variable_fails_at_import_naming_it():
+    r = run_python("import fusedrnn", FUSEDRNN_THREAD_POLICY="bogus")
+    assert r.returncode != 0
+    assert "FUSEDRNN_THREAD_POLICY=bogus is not a thread policy" in r.stderr
+    assert "adaptive, fixed" in r.stderr
 
 
 def test_default_is_the_best_available():
@@ -59,3 +78,9 @@ def test_omp_num_threads_is_the_default():
         pytest.skip("built without OpenMP")
     r = run_python("import fusedrnn; print(fusedrnn.get_num_threads())", OMP_NUM_THREADS="1")
     assert r.stdout.strip() == "1"
+
+
+def test_the_torch_adapter_without_torch_says_what_it_needs():
+    r = run_python("import sys; sys.modules['torch'] = None; import fusedrnn.torch")
+    assert r.returncode != 0
+    assert "fusedrnn.torch needs PyTorch" in r.stderr and "pip install torch" in r.stderr

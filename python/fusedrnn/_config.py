@@ -41,8 +41,12 @@ def get_thread_policy():
     return next((k for k, v in _POLICIES.items() if v == mode), mode)
 
 
-if os.environ.get("FUSEDRNN_THREAD_POLICY"):   # as OMP_NUM_THREADS is for the thread count
-    set_thread_policy(os.environ["FUSEDRNN_THREAD_POLICY"])
+_policy_env = os.environ.get("FUSEDRNN_THREAD_POLICY")
+if _policy_env:   # as OMP_NUM_THREADS is for the thread count
+    if _policy_env not in _POLICIES:
+        raise ImportError(f"FUSEDRNN_THREAD_POLICY={_policy_env} is not a thread policy; choose "
+                          f"one of: {', '.join(sorted(_POLICIES))} (or unset it)")
+    set_thread_policy(_policy_env)
 
 
 def config():

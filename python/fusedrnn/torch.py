@@ -23,7 +23,13 @@ import threading
 import warnings
 
 import numpy as np
-import torch as _torch
+
+try:
+    import torch as _torch
+except ImportError as _e:
+    raise ImportError(f"fusedrnn.torch needs PyTorch, which did not import ({_e}); "
+                      "pip install torch (fusedrnn is tested with torch==2.13.0). fusedrnn's "
+                      "NumPy layers (import fusedrnn) do not need it") from _e
 import torch.autograd.forward_ad as _forward_ad
 from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 

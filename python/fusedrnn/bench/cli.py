@@ -15,14 +15,15 @@ raises an error (the others still run).
 """
 import argparse
 import datetime
-import importlib
 import os
+import re
 import shlex
 import sys
+import textwrap
 import time
 import traceback
 
-from . import cases, machine, memory, peak, peers, report
+from . import cases, machine, memory, outputs, peak, peers, report
 from .peers.reference import REFERENCE_MAX_FLOP
 from .runner import add_fractions, describe, run_case, say
 
@@ -80,26 +81,42 @@ def _sizes(text):
     return cases.custom_config(*values)
 
 
+def refuse_negative_sizes(ap, argv):
+    """A --sizes value that starts with a minus ("-1,2,3,4,5") reads to argparse as an unknown
+    option, and its message named none of it: name the size instead."""
+    for token in argv:
+        if re.fullmatch(r"-\d[\d,-]*", token):
+            ap.error(f"argument --sizes: every size must be >= 1, got {token!r}")
+
+
 def _peers(text):
     if text.strip() == "none":
         return []
     return _list("peer", peers.PEERS)(text)
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, without breaking lines at hyphens (a config name, "online-small", was cut in
+    two)."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 def parser():
     ap = argparse.ArgumentParser(
-        prog="python -m fusedrnn.bench",
+        prog="python -m fusedrnn.bench", formatter_class=HelpFormatter,
         description="Time fusedrnn against torch.nn, ONNX Runtime and the NumPy reference on "
-                    "the DESIGN.md benchmark matrix (or your sizes), checking every case "
+                    "its benchmark matrix (or your sizes), checking every case "
                     "against the reference first.")
     ap.add_argument("--quick", action="store_true",
                     help="a representative subset (1 thread, shorter timing): under a minute; with "
                          "--configs or --sizes, those cases with the shorter timing")
     ap.add_argument("--cells", type=_list("cell", cases.CELLS),
-                    help=f"cells, comma-separated, from {','.join(cases.CELLS)} "
+                    help=f"cells, comma-separated, from {', '.join(cases.CELLS)} "
                          f"(rnn is the tanh Elman RNN; default: rnn,lstm,gru)")
     ap.add_argument("--configs", type=_list("config", list(cases.CONFIGS)),
-                    help=f"configs of the matrix: {','.join(cases.CONFIGS)} (default: all)")
+                    help=f"configs of the matrix: {', '.join(cases.CONFIGS)} (default: all)")
     ap.add_argument("--sizes", nargs="+", type=_sizes, metavar="T,B,I,H,L",
                     help="your own shapes: steps, batch, input, hidden, layers")
     ap.add_argument("--threads", type=_threads,
@@ -107,10 +124,12 @@ def parser():
     ap.add_argument("--mode", type=_list("mode", cases.MODES),
                     help="infer and/or train (default: both)")
     ap.add_argument("--peers", type=_peers,
-                    help=f"peers to time beside fusedrnn, from {','.join(peers.PEERS)}, or "
+                    help=f"peers to time beside fusedrnn, from {', '.join(peers.PEERS)}, or "
                          f"'none' (default: all that are installed)")
     ap.add_argument("--json", metavar="FILE", help="write every figure and the machine to FILE")
-    ap.add_argument("--plot", metavar="FILE", help="write a PNG of the speed-ups (matplotlib)")
+    ap.add_argument("--plot", metavar="FILE",
+                    help="write a chart of the speed-ups (matplotlib; FILE's extension picks the "
+                         "format, .png where it has none)")
     ap.add_argument("--memory", action="store_true",
                     help="after the timing, measure the peak memory of one training call, "
                          "fusedrnn and torch (when selected) each in a fresh process, 1 thread, "
@@ -164,13 +183,17 @@ def run(args, argv):
         say(f"peer {p.name}: {p.version}")
     for name, reason in skipped.items():
         say(f"peer {name}: skipped, {reason}")
+    if skipped:
+        say('(pip install ".[bench]" in fusedrnn\'s source tree installs every peer and '
+            'matplotlib)')
     if not names:
         say("peers: none selected (fusedrnn alone)")
     load = m["load_average"]
-    if load and load[0] > machine.BUSY_LOAD:
-        say(f"note: load average {load[0]:.2f} before starting: other processes are running, so "
-            f"timings will be noisy (with 2 threads most of all)")
     threads = sorted({c.threads for c in plan_})
+    if load and load[0] > machine.BUSY_LOAD:
+        say(f"note: load average {load[0]:.2f} before starting (a 1-minute average: processes "
+            f"that ran or still run), so timings may be noisy"
+            + (", with several threads most of all" if threads[-1] > 1 else ""))
     if any(n > (os.cpu_count() or 1) for n in threads):
         say(f"note: more threads than the {os.cpu_count()} logical CPUs of this machine")
 
@@ -217,21 +240,16 @@ def run(args, argv):
     return data
 
 
-def _installed(module):
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
-
-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     ap = parser()
+    refuse_negative_sizes(ap, argv)
     args = ap.parse_args(argv)
-    for option, path in (("--json", args.json), ("--plot", args.plot)):
-        if path and not os.path.isdir(os.path.dirname(os.path.abspath(path))):
-            ap.error(f"{option}: the folder of {path!r} does not exist")
+    if args.json:
+        outputs.check_writable(ap, "--json", args.json)
+    plot_file = outputs.plot_path(ap, args.plot, say) if args.plot else None
+    if plot_file and args.peers == []:
+        say("note: --plot with --peers none: there will be no speed-ups to plot")
     if not plan(args):
         ap.error("no case matches these options (--quick's subset: "
                  + "; ".join(f"{n}: {','.join(c)} {','.join(m)}" for n, c, m in cases.QUICK) + ")")
@@ -249,14 +267,11 @@ def main(argv=None):
     if args.json:
         report.write_json(data, args.json)
         say(f"wrote {args.json}")
-    if args.plot:
-        if not _installed("matplotlib"):
-            say(f"plot: skipped, matplotlib is not installed ({args.plot} not written)")
+    if plot_file:
+        if report.plot(data, plot_file):
+            say(f"wrote {plot_file}")
         else:
-            if report.plot(data, args.plot):
-                say(f"wrote {args.plot}")
-            else:
-                say("plot: skipped, no peer was timed")
+            say("plot: skipped, no peer was timed")
     say(f"done in {data['elapsed_s']:.1f} s")
     ok = not data["errors"] and all(rec["check"]["ok"] for rec in data["cases"])
     return 0 if ok else 1

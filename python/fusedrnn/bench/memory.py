@@ -233,18 +233,18 @@ def child_main(spec_json):
 # -- the command line
 
 def parser():
-    from .cli import _list, _sizes      # the benchmark's own argument types
+    from .cli import HelpFormatter, _list, _sizes      # the benchmark's own argument types
     ap = argparse.ArgumentParser(
-        prog="python -m fusedrnn.bench.memory",
+        prog="python -m fusedrnn.bench.memory", formatter_class=HelpFormatter,
         description="Peak extra memory of one training call, fusedrnn beside torch.nn, each "
                     "in a fresh process, with what BPTT needs (Linux).")
     ap.add_argument("--configs", type=_list("config", list(cases.CONFIGS)),
-                    help=f"configs of the matrix: {','.join(cases.CONFIGS)} "
+                    help=f"configs of the matrix: {', '.join(cases.CONFIGS)} "
                          f"(default: {','.join(DEFAULT_CONFIGS)} unless --sizes is given)")
     ap.add_argument("--sizes", nargs="+", type=_sizes, metavar="T,B,I,H,L",
                     help="your own shapes: steps, batch, input, hidden, layers")
     ap.add_argument("--cells", type=_list("cell", cases.CELLS),
-                    help=f"cells from {','.join(cases.CELLS)} (default: rnn,lstm,gru)")
+                    help=f"cells from {', '.join(cases.CELLS)} (default: rnn,lstm,gru)")
     ap.add_argument("--peers", choices=("torch", "none"), default="torch",
                     help="measure torch.nn beside fusedrnn (default), or fusedrnn alone")
     ap.add_argument("--json", metavar="FILE", help="write the results to FILE")
@@ -252,8 +252,14 @@ def parser():
 
 
 def main(argv=None):
-    from . import report
-    args = parser().parse_args(argv)
+    from . import outputs, report
+    from .cli import refuse_negative_sizes
+    ap = parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    refuse_negative_sizes(ap, argv)
+    args = ap.parse_args(argv)
+    if args.json:
+        outputs.check_writable(ap, "--json", args.json)
     configs = [cases.CONFIGS[n] for n in (args.configs or
                                           ([] if args.sizes else DEFAULT_CONFIGS))]
     configs += args.sizes or []

@@ -243,13 +243,14 @@ def peak_lines(data):
 def notes(data):
     blas = data["machine"]["numpy_blas"]
     limit = data["settings"]["reference_max_flop"]
-    return [
+    multi_thread = any(rec["threads"] > 1 for rec in data["cases"])
+    lines = [
         "ms: median wall time of one call (training: forward + backward of (y * dy).sum(); "
         "fusedrnn's inference runs the layer frozen, freeze(), as ONNX Runtime holds its weights "
         "as constants), "
         "libraries taking turns in blocks; a case where a peer is within 5% of fusedrnn is "
         f"timed on to {timing.CLOSE_REPS} calls each.",
-        "GFLOP/s: forward 2*T*B*G*H*(I+H) per layer, training 3x that (DESIGN.md). %gemm: "
+        "GFLOP/s: forward 2*T*B*G*H*(I+H) per layer, training 3x that. %gemm: "
         "that rate as a fraction of our GEMM's median rate in the same minutes (the GEMM of the "
         "peak lines below, at the case's thread count, timed once per round between the case's "
         "blocks: this VM's speed drifts by 10-40% over minutes, and a case against the run's "
@@ -263,11 +264,14 @@ def notes(data):
         "outputs did not agree with fusedrnn's.",
         f"{DASH}: not run (onnxruntime is inference only; the NumPy reference, a Python loop "
         f"over time, only runs cases under {limit / 1e9:g} GFLOP; or the peer is not installed).",
-        "cores far apart: this VM sometimes places its two vCPUs far from each other (a round "
-        "trip between them then takes ~300 ns instead of ~50); each core alone runs as fast, "
-        "but every exchange between them slows, so 2-thread times of every library get noisier "
-        "and fusedrnn's step teams, which meet every step, slow most.",
     ]
+    if multi_thread:
+        lines.append(
+            "cores far apart: this VM sometimes places its two vCPUs far from each other (a round "
+            "trip between them then takes ~300 ns instead of ~50); each core alone runs as fast, "
+            "but every exchange between them slows, so 2-thread times of every library get "
+            "noisier and fusedrnn's step teams, which meet every step, slow most.")
+    return lines
 
 
 # -- training peak memory (memory.py): data["memory"], or python -m fusedrnn.bench.memory's JSON

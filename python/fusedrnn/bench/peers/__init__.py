@@ -37,5 +37,7 @@ def load(names):
         try:
             peers.append(_factory(name)())
         except ImportError as e:
-            skipped[name] = f"not installed ({e})"
+            missing = (e.name or name).split(".")[0]
+            skipped[name] = (f"not installed ({e})" if missing == name else
+                             f"it needs the {missing} package, which is not installed ({e})")
     return peers, skipped

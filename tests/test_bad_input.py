@@ -370,3 +370,39 @@ def test_batch_of_zero_with_hx_and_lengths(make):
     assert y.shape == (0, 5, 6)
     dx, dh = layer.backward(y, h)
     assert dx.shape == (0, 5, 4)
+
+
+def test_functional_refusals_name_the_argument():
+    """fusedrnn.functional blamed the wrong argument or none: x=None ("got object"), a list x
+    (the weights "must have dtype float64"), dy=None, a ctx of another type and isa=3 (pybind's
+    dump of the arrays), a layer tuple short of its five entries (an internal function's
+    argument names); and a big-endian x read "must have dtype float32, got float32"."""
+    from fusedrnn import functional as F
+    rng = np.random.default_rng(0)
+    x = x_of()
+    w_ih, w_hh = (rng.standard_normal(s).astype(F32) for s in ((12, 4), (12, 4)))
+    h0 = np.zeros((3, 4), F32)
+    args = ("gru", x, h0, None, w_ih, w_hh, None, None)
+    with pytest.raises(TypeError, match=r"x must be an array \(T, B, I\) of float32 or float64, "
+                                        "got None"):
+        F.forward("gru", None, *args[2:])
+    with pytest.raises(TypeError, match=r"w_hh must have dtype float64 \(x's dtype\), got float32"):
+        F.forward("gru", x.astype(F64).tolist(), *args[2:])
+    with pytest.raises(TypeError, match="x must be native-byte-order float32, got >f4"):
+        F.forward("gru", x.astype(">f4"), *args[2:])
+    with pytest.raises(TypeError, match="isa must be None or a name"):
+        F.forward(*args, isa=3)
+    with pytest.raises(ValueError, match=r"layers\[0\] must be \(w_ih, w_hh, b_ih, b_hh, w_hr\)"):
+        F.forward_stack("gru", x, [h0], [None], [(w_ih, w_hh)])
+    ctx = F.forward(*args)[3]
+    with pytest.raises(TypeError, match="dy must be an array shaped as the forward's y"):
+        F.backward(ctx, None)
+    with pytest.raises(TypeError, match="ctx must be the context a forward with training=True "
+                                        "returned, got str"):
+        F.backward("junk", np.zeros((5, 3, 4), F32))
+
+
+def test_a_big_endian_input_is_named_as_such():
+    with pytest.raises(TypeError, match=r"x must be native-byte-order float32 \(the layer's "
+                                        r"dtype\), got >f4"):
+        fusedrnn.GRU(4, 3)(x_of().astype(">f4"))

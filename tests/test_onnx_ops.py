@@ -121,6 +121,16 @@ def lstm_args(rng, T=3, B=2, I=4, H=5, D=1, dtype=np.float32):
      r"initial_h must have shape \(1, 2, 5\)"),
     ({"layout": 1, "initial_c": np.zeros((1, 3, 5), np.float32)}, ValueError,
      r"initial_c must have shape \(3, 1, 5\)"),
+    # (these raised Python's own errors, naming nothing)
+    ({"activations": ["Sigmoid", None, "Tanh"]}, TypeError,
+     r"activations must be function names, got \[None\]"),
+    ({"activations": ["Sigmoid", "Affine", "Tanh"], "activation_alpha": 0.5}, TypeError,
+     "activation_alpha must be a list of floats, got float"),
+    ({"activations": ["Sigmoid", "Affine", "Tanh"], "activation_beta": ["x"]}, TypeError,
+     "activation_beta must be a list of floats"),
+    ({"hidden_size": "5"}, TypeError, "hidden_size must be an int, got str"),
+    ({"clip": [1.0, 2.0]}, TypeError, "clip must be a number, got list"),
+    ({"X": np.zeros((3, 2, 4), ">f4")}, TypeError, "X must be in this machine's byte order"),
 ])
 def test_refusals_name_the_input(rng, change, error, match):
     args = {**lstm_args(rng), **change}
@@ -170,3 +180,22 @@ def test_run_node_inputs_by_name_or_position(rng):
     odd = onnx.helper.make_node("GRU", ["X", "W", "R"], ["Y"], hidden_size=3, pitch=1)
     with pytest.raises(ValueError, match=r"GRU has no attribute\(s\) \['pitch'\]"):
         onnx_ops.run_node(odd, [a["X"], a["W"], a["R"]])
+
+
+def test_run_node_refuses_by_name_what_it_cannot_run(rng):
+    """A GRU naming a third output (Y_c) ran and left it out; another domain's LSTM was blamed
+    on its op_type; inputs=None raised "'NoneType' object is not iterable"."""
+    helper = pytest.importorskip("onnx").helper
+    args = lstm_args(rng)
+    inputs = {k: args[k] for k in ("X", "W", "R")}
+    W, R = np.zeros((1, 15, 4), np.float32), np.zeros((1, 15, 5), np.float32)
+    gru = helper.make_node("GRU", ["X", "W", "R"], ["Y", "Y_h", "Y_c"], hidden_size=5)
+    with pytest.raises(ValueError, match=r"GRU has at most 2 outputs \['Y', 'Y_h'\]"):
+        onnx_ops.run_node(gru, {"X": args["X"], "W": W, "R": R})
+    lstm = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=5,
+                            domain="com.microsoft")
+    with pytest.raises(ValueError, match="domain 'com.microsoft'"):
+        onnx_ops.run_node(lstm, inputs)
+    lstm = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=5)
+    with pytest.raises(TypeError, match="inputs must be a dict"):
+        onnx_ops.run_node(lstm, None)

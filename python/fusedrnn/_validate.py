@@ -14,13 +14,16 @@ def as_dtype_array(name, a, dtype, whose=""):
     if not isinstance(a, np.ndarray):
         a = np.asarray(a)
     if a.dtype != dtype:
+        if a.dtype.newbyteorder("=") == np.dtype(dtype).newbyteorder("="):
+            raise TypeError(f"{name} must be native-byte-order {np.dtype(dtype).name}{whose}, "
+                            f"got {a.dtype.str}: pass {name}.astype(np.{a.dtype.name})")
         raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}{whose}, got {a.dtype.name}")
     return a
 
 
-def as_float_array(name, a, dtype):
+def as_float_array(name, a, dtype, whose=""):
     """``a`` as a C-contiguous array of exactly ``dtype`` (copied only when needed)."""
-    return np.ascontiguousarray(as_dtype_array(name, a, dtype))
+    return np.ascontiguousarray(as_dtype_array(name, a, dtype, whose))
 
 
 def check_shape(name, a, shape):
@@ -49,10 +52,12 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     """Validate one layer-direction call; returns the arrays ready for _C.forward."""
     if cell not in GATES:
         raise ValueError(f"cell must be one of {sorted(GATES)}, got {cell!r}")
+    if x is None:
+        raise TypeError("x must be an array (T, B, I) of float32 or float64, got None")
     x = np.asarray(x) if not isinstance(x, np.ndarray) else x
-    if x.dtype not in FLOAT_DTYPES:
+    if x.dtype.newbyteorder("=") not in FLOAT_DTYPES:
         raise TypeError(f"x must have dtype float32 or float64, got {x.dtype.name}")
-    dtype = x.dtype
+    dtype = x.dtype.newbyteorder("=")
     x = as_float_array("x", x, dtype)
     if x.ndim != 3:
         raise ValueError(f"x must be 3-d (T, B, I), got shape {x.shape}")
@@ -65,35 +70,38 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     return x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths
 
 
+_X_DTYPE = " (x's dtype)"  # a layer's states and weights take its input's dtype
+
+
 def check_layer_params(cell, dtype, B, I, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     """The states and weights of one layer-direction call whose input has ``B`` rows of ``I``
     values of ``dtype``; returns them ready for _C.forward (h0, c0, w_ih, w_hh, b_ih, b_hh,
     w_hr)."""
     G = GATES[cell]
-    w_hh = as_float_array("w_hh", w_hh, dtype)
+    w_hh = as_float_array("w_hh", w_hh, dtype, _X_DTYPE)
     if w_hh.ndim != 2 or w_hh.shape[0] % G:
         raise ValueError(f"w_hh must be 2-d with a multiple of {G} rows, got shape {w_hh.shape}")
     H, H_out = w_hh.shape[0] // G, w_hh.shape[1]
-    w_ih = as_float_array("w_ih", w_ih, dtype)
+    w_ih = as_float_array("w_ih", w_ih, dtype, _X_DTYPE)
     check_shape("w_ih", w_ih, (G * H, I))
     if w_hr is not None:
         if cell != "lstm":
             raise ValueError("w_hr (projection) exists only for lstm")
-        w_hr = as_float_array("w_hr", w_hr, dtype)
+        w_hr = as_float_array("w_hr", w_hr, dtype, _X_DTYPE)
         check_shape("w_hr", w_hr, (H_out, H))
     elif H_out != H:
         raise ValueError(f"w_hh must have shape ({G * H}, {H}), got {w_hh.shape}")
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih and b_hh must both be given or both be None")
     if b_ih is not None:
-        b_ih = as_float_array("b_ih", b_ih, dtype)
-        b_hh = as_float_array("b_hh", b_hh, dtype)
+        b_ih = as_float_array("b_ih", b_ih, dtype, _X_DTYPE)
+        b_hh = as_float_array("b_hh", b_hh, dtype, _X_DTYPE)
         check_shape("b_ih", b_ih, (G * H,))
         check_shape("b_hh", b_hh, (G * H,))
-    h0 = as_float_array("h0", h0, dtype)
+    h0 = as_float_array("h0", h0, dtype, _X_DTYPE)
     check_shape("h0", h0, (B, H_out))
     if cell == "lstm":
-        c0 = as_float_array("c0", c0, dtype)
+        c0 = as_float_array("c0", c0, dtype, _X_DTYPE)
         check_shape("c0", c0, (B, H))
     elif c0 is not None:
         raise ValueError(f"c0 is only for lstm, got an array for {cell}")

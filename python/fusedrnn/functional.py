@@ -37,9 +37,16 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, re
     ``onnx``: ONNX's cell options, as :func:`fusedrnn.reference.forward` takes them (inference
     only; fusedrnn.onnx_ops builds them from a node's attributes)."""
     args = check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
+    _check_isa(isa)
     return forward_checked(cell, *args, reverse=reverse, linear_before_reset=linear_before_reset,
                            training=training, isa=isa, keep_x=keep_x or args[0] is not x,
                            onnx=_onnx_options(cell, onnx, args[0].dtype, w_ih.shape[0]))
+
+
+def _check_isa(isa):
+    if isa is not None and not isinstance(isa, str):
+        raise TypeError(f"isa must be None or a name (\"generic\", \"avx2\", \"avx512\", "
+                        f"\"amx\"), got {type(isa).__name__}")
 
 
 def _onnx_options(cell, onnx, dtype, gate_rows):
@@ -102,6 +109,11 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     if not (len(h0) == len(c0) == L) or L == 0:
         raise ValueError(f"h0 and c0 need one entry per layer ({L}), got {len(h0)} and {len(c0)}")
     h0, c0, layers = list(h0), list(c0), [tuple(w) for w in layers]
+    for k, w in enumerate(layers):
+        if len(w) != 5:
+            raise ValueError(f"layers[{k}] must be (w_ih, w_hh, b_ih, b_hh, w_hr) (None for the "
+                             f"ones it lacks), got {len(w)} items")
+    _check_isa(isa)
     given = x
     if not checked:
         x, h0[0], c0[0], *weights, _ = check_layer_args(cell, x, h0[0], c0[0], *layers[0], None)
@@ -131,6 +143,12 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     arrays."""
     if ctx is None:
         raise RuntimeError("backward needs the context of a forward run with training=True")
+    if not isinstance(ctx, _C.Context):
+        raise TypeError(f"ctx must be the context a forward with training=True returned, got "
+                        f"{type(ctx).__name__}")
+    if dy is None:
+        raise TypeError("dy must be an array shaped as the forward's y (the gradient of the "
+                        "loss with respect to y), got None")
     dy = np.ascontiguousarray(dy)
     dhn = None if dhn is None else np.ascontiguousarray(dhn)
     dcn = None if dcn is None else np.ascontiguousarray(dcn)

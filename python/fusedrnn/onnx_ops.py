@@ -51,6 +51,8 @@ INPUTS = {
     "GRU": ("X", "W", "R", "B", "sequence_lens", "initial_h"),
     "RNN": ("X", "W", "R", "B", "sequence_lens", "initial_h"),
 }
+# Its outputs, in ONNX's order.
+OUTPUTS = {"LSTM": ("Y", "Y_h", "Y_c"), "GRU": ("Y", "Y_h"), "RNN": ("Y", "Y_h")}
 COMMON_ATTRIBUTES = ("direction", "layout", "hidden_size", "activations", "activation_alpha",
                      "activation_beta", "clip")
 ATTRIBUTES = {"LSTM": COMMON_ATTRIBUTES + ("input_forget",),
@@ -104,8 +106,18 @@ def run_node(node, inputs, isa=None):
     a sequence in the node's input order (None or a missing name for an absent optional input).
     Returns {output name: array} for the outputs the node names."""
     op = getattr(node, "op_type", None)
-    if op not in INPUTS or getattr(node, "domain", "") not in ("", "ai.onnx"):
+    if op not in INPUTS:
         raise ValueError(f"node must be an ONNX LSTM, GRU or RNN node, got op_type {op!r}")
+    domain = getattr(node, "domain", "")
+    if domain not in ("", "ai.onnx"):
+        raise ValueError(f"node must be in ONNX's own domain ('' or 'ai.onnx'), got {op} in "
+                         f"domain {domain!r}, whose semantics may differ")
+    if len(node.output) > len(OUTPUTS[op]):
+        raise ValueError(f"{op} has at most {len(OUTPUTS[op])} outputs {list(OUTPUTS[op])}, the "
+                         f"node names {len(node.output)}")
+    if inputs is None or isinstance(inputs, (str, bytes)):
+        raise TypeError(f"inputs must be a dict by input name or a sequence in the node's input "
+                        f"order, got {type(inputs).__name__}")
     from onnx import helper  # the caller has a NodeProto, so onnx is installed
 
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -137,12 +149,16 @@ def _functions(activations, alphas, betas, default):
     if isinstance(activations, (str, bytes)):
         raise TypeError(f"activations must be a list of function names, got the string "
                         f"{_text(activations)!r}")
+    if activations is not None:
+        bad = [a for a in activations if not isinstance(a, (str, bytes))]
+        if bad:
+            raise TypeError(f"activations must be function names, got {bad!r} among them")
     names = default if activations is None else [_text(a).lower() for a in activations]
     unknown = sorted(set(names) - set(ACTIVATIONS))
     if unknown:
         raise ValueError(f"activations {unknown} are not ONNX's: it has {list(ACTIVATIONS)} "
                          "(any case)")
-    alphas, betas = list(alphas or ()), list(betas or ())
+    alphas, betas = _floats("activation_alpha", alphas), _floats("activation_beta", betas)
     out = []
     for name in names:
         alpha, beta = DEFAULT_ALPHA_BETA.get(name, (0.0, 0.0))
@@ -152,6 +168,18 @@ def _functions(activations, alphas, betas, default):
             beta = float(betas.pop(0))
         out.append((name, alpha, beta))
     return out
+
+
+def _floats(name, values):
+    """activation_alpha / activation_beta as a list of floats (ONNX: a list attribute)."""
+    if values is None:
+        return []
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise TypeError(f"{name} must be a list of floats, got {type(values).__name__}")
+    try:
+        return [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a list of floats, got {list(values)!r}") from None
 
 
 def _text(value):
@@ -175,6 +203,9 @@ class _Node:
                              f"{layout!r}")
         self.layout = layout
         x = np.asarray(X) if X is not None else None
+        if x is not None and x.dtype.newbyteorder("=") in FLOAT_DTYPES and not x.dtype.isnative:
+            raise TypeError(f"X must be in this machine's byte order, got {x.dtype.str}: pass "
+                            f"X.astype(np.{x.dtype.name})")
         if x is None or x.dtype not in FLOAT_DTYPES:
             raise TypeError("X must be a float32 or float64 array, got "
                             f"{'None' if x is None else x.dtype.name}")
@@ -191,6 +222,10 @@ class _Node:
             raise ValueError(f"R must have shape (num_directions={self.D}, {self.G}*hidden_size, "
                              f"hidden_size), got {r.shape}")
         self.H = H = r.shape[2]
+        if hidden_size is not None and (isinstance(hidden_size, bool) or
+                                        not isinstance(hidden_size, (int, np.integer))):
+            raise TypeError(f"hidden_size must be an int, got {type(hidden_size).__name__} "
+                            f"{hidden_size!r}")
         if hidden_size is not None and hidden_size != H:
             raise ValueError(f"hidden_size={hidden_size} disagrees with R's shape {r.shape}")
         check_shape("R", r, (self.D, self.G * H, H))
@@ -256,6 +291,9 @@ class _Node:
         if len(fns) != k * self.D:
             raise ValueError(f"activations must name {k} function(s) per direction ({self.D}), "
                              f"got {[_text(a) for a in activations]}")
+        if clip is not None and (isinstance(clip, (bool, str, bytes)) or
+                                 not isinstance(clip, (int, float, np.number))):
+            raise TypeError(f"clip must be a number, got {type(clip).__name__} {clip!r}")
         if clip is not None and not float(clip) > 0:
             raise ValueError(f"clip must be positive (it bounds the activations' inputs to "
                              f"[-clip, clip]), got {clip!r}")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerate bench/RESULTS.md: the full DESIGN.md matrix against every installed peer, then the
+# Regenerate bench/RESULTS.md: the full benchmark matrix against every installed peer, then the
 # training peak memory of every config and cell (--memory, a fresh process per measurement), then
 # the Markdown rendered from bench/results.json (with bench/speedups.png embedded). The progress
 # log goes to bench/out/full_run.log. Takes 10-15 minutes on 2 cores: run it on an idle machine.

@@ -198,9 +198,11 @@ def summary(data):
     lines = []
     load = data["machine"].get("load_average")
     if load and load[0] > BUSY_LOAD:
+        several = any(rec["threads"] > 1 for rec in data["cases"])
         lines.append(f"CAUTION: the 1-minute load average was {load[0]:.2f} when the run "
-                     f"started: other processes shared the machine, so these timings (with "
-                     f"2 threads most of all) are noisy. Rerun on an idle machine.")
+                     f"started: other processes shared the machine or just ran, so these timings"
+                     f"{' (with several threads most of all)' if several else ''} may be noisy. "
+                     f"Rerun on an idle machine.")
     for p in peers_in(data):
         for mode in ("infer", "train"):
             ups = [rec["results"][p]["speedup"] for rec in data["cases"]

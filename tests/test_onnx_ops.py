@@ -130,7 +130,7 @@ def lstm_args(rng, T=3, B=2, I=4, H=5, D=1, dtype=np.float32):
      "activation_beta must be a list of floats"),
     ({"hidden_size": "5"}, TypeError, "hidden_size must be an int, got str"),
     ({"clip": [1.0, 2.0]}, TypeError, "clip must be a number, got list"),
-    ({"X": np.zeros((3, 2, 4), ">f4")}, TypeError, "X must be in this machine's byte order"),
+    ({"X": np.zeros((3, 2, 4), ">f4")}, TypeError, "X must be native-byte-order float32, got >f4"),
 ])
 def test_refusals_name_the_input(rng, change, error, match):
     args = {**lstm_args(rng), **change}

@@ -596,9 +596,10 @@ constexpr int64_t kProjectionBesideChunk = 32;
 // would have had it. In-process A/B, 2 threads, cores far apart,
 // medians: long-seq LSTM inference 0.487 -> 0.441 ms, training 1.078 -> 1.023; GRU inference
 // 0.342 -> 0.336.
-inline bool projection_beside_walk(const LayerShape& s, int mode, int nt, bool by_rows,
-                                   const StepProgress* below, const ProbeNote* note) {
-  return mode == 0 && nt > 1 && !by_rows && s.B == 1 && s.I > 0 && !below &&
+inline bool projection_beside_walk(const LayerShape& s, bool has_lengths, int mode, int nt,
+                                   bool by_rows, const StepProgress* below,
+                                   const ProbeNote* note) {
+  return !has_lengths && mode == 0 && nt > 1 && !by_rows && s.B == 1 && s.I > 0 && !below &&
          s.T >= 4 * kProjectionBesideChunk && probe_steps(s) > 0 && note &&
          note->recalled == kProbeFarAlone;
 }
@@ -645,8 +646,8 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   const int64_t gx_rows = rides ? ceil_div<int64_t>(s.T, kRideRows) * kRideRows : s.T * B;
   Scratch<T> gx_buf(in_step || gx_in_gates || gx_in_y ? 0 : gx_rows * ld_gx);
   T* const gx = gx_in_gates ? a.saved.gates : gx_in_y ? a.y : gx_buf.p;
-  const bool projection_beside =
-      !a.lengths && projection_beside_walk(s, mode, nt, by_rows, below, a.probe_note);
+  const bool projection_beside = projection_beside_walk(s, a.lengths != nullptr, mode, nt,
+                                                        by_rows, below, a.probe_note);
   if (mode == 0 && !projection_beside)
     input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx, ld_gx, nthreads, reuse,
                         s.B > 1);  // (a single row's must give the riding tiles' bits)

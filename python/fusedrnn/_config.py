@@ -43,10 +43,11 @@ def get_thread_policy():
 
 _policy_env = os.environ.get("FUSEDRNN_THREAD_POLICY")
 if _policy_env:   # as OMP_NUM_THREADS is for the thread count
-    if _policy_env not in _POLICIES:
+    try:
+        set_thread_policy(_policy_env)
+    except ValueError:
         raise ImportError(f"FUSEDRNN_THREAD_POLICY={_policy_env} is not a thread policy; choose "
-                          f"one of: {', '.join(sorted(_POLICIES))} (or unset it)")
-    set_thread_policy(_policy_env)
+                          f"one of: {', '.join(sorted(_POLICIES))} (or unset it)") from None
 
 
 def config():

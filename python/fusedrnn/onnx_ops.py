@@ -30,7 +30,7 @@ benchmark's paths. ``isa`` runs one build of the kernels (see :mod:`fusedrnn.fun
 import numpy as np
 
 from . import functional
-from ._validate import FLOAT_DTYPES, as_lengths, check_shape
+from ._validate import FLOAT_DTYPES, as_dtype_array, as_lengths, check_shape
 from .onnx_layout import ONNX_GATES, from_onnx_gates
 from .reference import ACTIVATIONS
 
@@ -203,9 +203,8 @@ class _Node:
                              f"{layout!r}")
         self.layout = layout
         x = np.asarray(X) if X is not None else None
-        if x is not None and x.dtype.newbyteorder("=") in FLOAT_DTYPES and not x.dtype.isnative:
-            raise TypeError(f"X must be in this machine's byte order, got {x.dtype.str}: pass "
-                            f"X.astype(np.{x.dtype.name})")
+        if x is not None and x.dtype.newbyteorder("=") in FLOAT_DTYPES:
+            x = as_dtype_array("X", x, x.dtype.newbyteorder("="))  # (refuses another byte order)
         if x is None or x.dtype not in FLOAT_DTYPES:
             raise TypeError("X must be a float32 or float64 array, got "
                             f"{'None' if x is None else x.dtype.name}")

@@ -74,6 +74,21 @@ def test_sizes_parse_to_configs():
     assert a.name == "T3-B2-I4-H5-L1"
 
 
+def test_a_case_s_data_is_drawn_in_float32():
+    """A huge --sizes case must fit when its float32 arrays do: no float64 copy of x on the way."""
+    import tracemalloc
+    config = cases.Config("big-x", T=400, B=50, I=500, H=2, L=1)     # x is 40 MB, the rest tiny
+    x_bytes = config.T * config.B * config.I * 4
+    tracemalloc.start()
+    try:
+        problem = cases.make_problem(config, "rnn")
+        peak_bytes = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert problem.x.dtype == np.float32 and problem.x.nbytes == x_bytes
+    assert peak_bytes < 1.2 * x_bytes
+
+
 # -- the plan
 
 def test_default_plan_is_the_design_matrix():

@@ -152,7 +152,9 @@ def make_problem(config, cell, seed=0):
         layers.append({name: w[name] for name in ("w_ih", "w_hh", "b_ih", "b_hh")})
 
     def normal(*shape, scale=1.0):
-        return (scale * rng.standard_normal(shape)).astype(np.float32)
+        a = rng.standard_normal(shape, dtype=np.float32)   # drawn in float32: no float64 copy of a huge --sizes case
+        a *= np.float32(scale)
+        return a
 
     x = normal(c.T, c.B, c.I)
     h0 = normal(c.L, c.B, c.H, scale=0.5)

@@ -497,6 +497,18 @@ def test_nan_propagates(rng, isa):
     assert np.isnan(grad["weight_ih"]).any()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_relu_backward_keeps_nan(rng, isa, dtype):
+    """relu's derivative at a NaN is 1, as torch's: the NaN reaches the gradients, not a 0."""
+    case = make_case(rng, "rnn_relu", T=4, B=2)
+    case["x"][1, 0, 2] = np.nan
+    case["w"]["w_hh"][3, 5] = np.nan          # and NaN states from a weight, in both rows
+    _, grad = run_kernels(case, dtype, isa)
+    assert np.isnan(grad["dx"][:2, 0]).any() and np.isnan(grad["weight_ih"]).any()
+    assert_matches(case, dtype, isa)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_empty_batch(rng, isa):
     case = make_case(rng, "gru", B=0)

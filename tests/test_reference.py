@@ -220,6 +220,18 @@ def test_matches_torch_float64(cell, reverse, seed):
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("where", ["x", "w_hh"])
+def test_relu_nan_gradients_match_torch(rng, where):
+    """torch's relu passes the gradient at a NaN (threshold_backward zeroes only h <= 0)."""
+    args, ups = make_case(rng, "rnn_relu", 4, 3, 5, 6)
+    if where == "x":
+        args["x"][1, 0, 2] = np.nan
+    else:
+        args["w_hh"][3, 4] = np.nan
+    _compare_with_torch("rnn_relu", args, ups, False, F64)
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("rnn_relu", 0), ("lstm", 0), ("lstm", 3),
                                        ("gru", 0)])

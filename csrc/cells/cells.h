@@ -64,7 +64,8 @@ inline void rnn_backward_row(const RowBackward<T>& r) {
   for (int j = 0; j < r.nu; j += V::W) {
     const int n = r.nu - j;
     V dh = ld(r.dh + j, n), h = ld(r.h_next + j, n);
-    V d = Relu ? V::select(V::gt(h, V::zero()), dh, V::zero()) : dh * V::fnma(h, h, one<T>());
+    // relu passes dh unless h <= 0, as torch's threshold_backward: NaN passes, so it is not lost.
+    V d = Relu ? V::select(V::le(h, V::zero()), V::zero(), dh) : dh * V::fnma(h, h, one<T>());
     st(r.dgx + j, d, n);
     st(r.dgh + j, d, n);
   }

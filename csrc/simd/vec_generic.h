@@ -42,6 +42,7 @@ struct Vec {
   static Vec select(Mask m, Vec t, Vec f) { FUSEDRNN_LANES(m.m[i] ? t.v[i] : f.v[i]); }
 #undef FUSEDRNN_LANES
   static Mask lt(Vec a, Vec b) { Mask m; for (int i = 0; i < W; ++i) m.m[i] = a.v[i] < b.v[i]; return m; }
+  static Mask le(Vec a, Vec b) { Mask m; for (int i = 0; i < W; ++i) m.m[i] = a.v[i] <= b.v[i]; return m; }
   static Mask gt(Vec a, Vec b) { Mask m; for (int i = 0; i < W; ++i) m.m[i] = a.v[i] > b.v[i]; return m; }
   T sum() const { T s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
 };

@@ -85,7 +85,7 @@ def _rnn_step_backward(dh_new, dc_new, s, p, g):
     if p["act"] == "tanh":
         da = dh_new * (1 - s["h_new"] ** 2)
     else:
-        da = dh_new * (s["pre"] > 0)
+        da = np.where(s["h_new"] <= 0, 0, dh_new)   # torch's threshold_backward: NaN passes
     return _affine_backward(da, da, s["x"], s["h"], p, g), None
 
 

@@ -80,6 +80,50 @@ def test_omp_num_threads_is_the_default():
     assert r.stdout.strip() == "1"
 
 
+FORK_AFTER_THREADS = """
+import os, time
+import numpy as np
+import fusedrnn
+fusedrnn.set_num_threads(2)
+lstm = fusedrnn.LSTM(32, 128, seed=1)
+x = np.random.default_rng(0).standard_normal((60, 16, 32), dtype=np.float32)
+
+def train_step():
+    y, _ = lstm(x)
+    dx, _ = lstm.backward(np.cos(y))
+    return y, dx
+
+want = train_step()                         # the parent's OpenMP threads now exist
+pid = os.fork()
+if pid == 0:
+    got = train_step()                      # hung in libgomp before the child went to one thread
+    try:
+        fusedrnn.set_num_threads(2)
+        os._exit(4)
+    except RuntimeError as e:
+        ok = "fork" in str(e) and "spawn" in str(e)
+    same = all(np.array_equal(a, b) for a, b in zip(got, want))
+    os._exit(0 if ok and same and fusedrnn.get_num_threads() == 1 else 3)
+deadline = time.time() + 60
+while time.time() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print("child", os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.1)
+else:
+    os.kill(pid, 9)
+    print("child hung")
+"""
+
+
+def test_a_forked_child_runs_on_one_thread_instead_of_hanging():
+    if not _C.openmp:
+        pytest.skip("built without OpenMP")
+    r = run_python(FORK_AFTER_THREADS)
+    assert r.stdout.strip() == "child 0", r.stdout + r.stderr
+
+
 def test_the_torch_adapter_without_torch_says_what_it_needs():
     r = run_python("import sys; sys.modules['torch'] = None; import fusedrnn.torch")
     assert r.returncode != 0

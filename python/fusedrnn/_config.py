@@ -7,11 +7,31 @@ from . import _C
 __version__ = _C.__version__
 
 
+_in_forked_child = False
+
+
 def set_num_threads(n):
     """Threads the kernels may use (overrides OMP_NUM_THREADS for fusedrnn)."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"num_threads must be an int, got {type(n).__name__}")
+    if _in_forked_child and n > 1:
+        raise RuntimeError(
+            f"set_num_threads({n}) in a process made by fork(): GNU OpenMP's threads do not "
+            "survive a fork, so a call on more than one thread could hang here; fusedrnn runs "
+            "on one thread in a forked child. For threaded workers, start them with "
+            "multiprocessing's 'spawn' or 'forkserver' method")
     _C.set_num_threads(n)
+
+
+def _one_thread_after_fork():
+    # The parent's OpenMP pool (ours, or torch's: the same libgomp) is gone in the child, yet
+    # libgomp would wait for it at the next parallel region: the child would hang.
+    global _in_forked_child
+    _in_forked_child = True
+    _C.set_num_threads(1)
+
+
+os.register_at_fork(after_in_child=_one_thread_after_fork)
 
 
 def get_num_threads():

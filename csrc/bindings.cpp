@@ -29,14 +29,31 @@ namespace {
 
 std::atomic<int> g_num_threads{0};  // 0: not set, use OpenMP's default (OMP_NUM_THREADS)
 
+// Starts this thread's OpenMP workers, if it has fewer than n, outside any kernel: a worker
+// copies its creator's floating-point mode, and one born inside a kernel's DenormalsFlushed
+// would flush denormals for good, in torch's parallel work too (the same libgomp).
+void start_workers_with_the_callers_mode(int n) {
+#if defined(_OPENMP)
+  thread_local int started = 1;
+  if (n <= started) return;
+  std::atomic<int> joined{0};  // a body the compiler cannot drop
+#pragma omp parallel num_threads(n)
+  joined.fetch_add(1, std::memory_order_relaxed);
+  started = n;
+#else
+  (void)n;
+#endif
+}
+
 int num_threads() {
   int n = g_num_threads.load();
-  if (n > 0) return n;
 #if defined(_OPENMP)
-  return omp_get_max_threads();
+  if (n <= 0) n = omp_get_max_threads();
 #else
-  return 1;
+  if (n <= 0) n = 1;
 #endif
+  start_workers_with_the_callers_mode(n);
+  return n;
 }
 
 const KernelTable& kernels(const std::optional<std::string>& isa) {

@@ -124,6 +124,37 @@ def test_a_forked_child_runs_on_one_thread_instead_of_hanging():
     assert r.stdout.strip() == "child 0", r.stdout + r.stderr
 
 
+DENORMALS_IN_TORCH_AFTER_A_CALL = """
+import threading
+import numpy as np
+import fusedrnn
+import torch
+fusedrnn.set_num_threads(2)
+torch.set_num_threads(2)
+
+def flushed_by_torch_after_a_call():
+    lstm = fusedrnn.LSTM(16, 64, seed=0).eval()      # the call starts this thread's workers
+    lstm(np.random.default_rng(0).standard_normal((20, 8, 16), dtype=np.float32))
+    tiny = torch.full((1 << 22,), 1e-38) * 1e-3      # torch's parallel work, on those workers
+    return int((tiny == 0).sum())
+
+flushed = [flushed_by_torch_after_a_call()]
+t = threading.Thread(target=lambda: flushed.append(flushed_by_torch_after_a_call()))
+t.start(); t.join()
+print(flushed)
+"""
+
+
+def test_openmp_workers_keep_the_callers_denormals():
+    """The kernels flush denormals inside; workers they start must not inherit that for good
+    (torch shares the libgomp, and its parallel work would flush on them)."""
+    pytest.importorskip("torch")
+    if not _C.openmp:
+        pytest.skip("built without OpenMP")
+    r = run_python(DENORMALS_IN_TORCH_AFTER_A_CALL)
+    assert r.stdout.strip() == "[0, 0]", r.stdout + r.stderr
+
+
 def test_the_torch_adapter_without_torch_says_what_it_needs():
     r = run_python("import sys; sys.modules['torch'] = None; import fusedrnn.torch")
     assert r.returncode != 0

@@ -180,11 +180,13 @@ void aligned_free_bytes(void* p);
 // bytes identical to src's current ones; otherwise the caller packs into it. rows x cols is the
 // source's shape (part of the key with the tag). Null means "too big to cache: pack into your own
 // buffer". Buffers stay valid until the next begin_call. nthreads: threads for the comparison.
+// *pack_from: what to pack from when not valid (the copy of the bytes compared, else src).
 // frozen (nonzero): src's bytes are those of the last call with this id (ForwardArgs::frozen):
 // no comparison now, and no copy of the bytes kept for one.
 void packed_cache_begin_call();
 void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int64_t tag, int64_t rows,
-                    int64_t cols, bool* valid, int nthreads, uint64_t frozen = 0);
+                    int64_t cols, bool* valid, const void** pack_from, int nthreads,
+                    uint64_t frozen = 0);
 // What the calling thread's cache holds: packed forms, copies of weights' bytes, and bytes of both.
 void packed_cache_stats(size_t* forms, size_t* copies, size_t* bytes);
 // Empties the calling thread's cache (the next calls pack again).

@@ -219,7 +219,7 @@ void PackCache::check(RawCopy& raw, const void* src, size_t n, int nthreads, uin
 void packed_cache_begin_call() { ++t_pack_cache.call; }
 
 void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int64_t tag, int64_t rows,
-                    int64_t cols, bool* valid, int nthreads, uint64_t frozen) {
+                    int64_t cols, bool* valid, const void** pack_from, int nthreads, uint64_t frozen) {
   PackCache& c = t_pack_cache;
   const PackKey key{src, raw_bytes, packed_bytes, tag, rows, cols};
   const RawKey raw_key{src, raw_bytes};
@@ -247,6 +247,9 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
   c.check(raw, src, raw_bytes, nthreads, frozen);
   *valid = e.version == raw.version;
   e.version = raw.version;  // the caller packs now when it was not
+  // From the bytes just compared, not from src: a thread writing src meanwhile, then putting the
+  // old bytes back, would leave panels of other weights that the copy vouches for.
+  *pack_from = raw.bytes.empty() ? src : raw.bytes.data();
   e.last_call = c.call;
   return e.packed;
 }

@@ -431,20 +431,20 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   const PanelReuse reuse = PanelReuse::of_call(true, a.frozen);
   const int64_t hh_rows = k_split ? 0 : gru ? 2 * H : GH;  // (nothing packed when 0)
   CachedPanels<T> whh(PanelKind::BackHH, a.w_hh, hh_rows, Hout, packed_b_size<T>(hh_rows, Hout),
-                      nthreads, reuse, [&](T* buf) { pack_b_gemm<T>(hh_rows, Hout, a.w_hh, Hout, 1, buf, nthreads); });
+                      nthreads, reuse, [&](T* buf, const T* from) { pack_b_gemm<T>(hh_rows, Hout, from, Hout, 1, buf, nthreads); });
   CachedPanels<T> whh_halves(
       PanelKind::BackHHHalves, a.w_hh, k_split ? GH : 0, Hout,
       k_split ? halves_packed_size<T>(s, 0) + halves_packed_size<T>(s, 1) : 0, nthreads, reuse,
-      [&](T* buf) { pack_halves<T>(s, a.w_hh, buf, nthreads); });
+      [&](T* buf, const T* from) { pack_halves<T>(s, from, buf, nthreads); });
   Scratch<T> partials(k_split ? 4 * Hout : 0);
   const T* w_hn = a.w_hh + 2 * H * Hout;
   CachedPanels<T> whn(PanelKind::BackHN, w_hn, gru ? H : 0, H, gru ? packed_b_size<T>(H, H) : 0,
-                      nthreads, reuse, [&](T* buf) {
-                        if (gru) pack_b_gemm<T>(H, H, w_hn, Hout, 1, buf, nthreads);
+                      nthreads, reuse, [&](T* buf, const T* from) {
+                        if (gru) pack_b_gemm<T>(H, H, from, Hout, 1, buf, nthreads);
                       });
   CachedPanels<T> whr(PanelKind::BackHR, a.w_hr, s.has_proj ? Hout : 0, H,
-                      s.has_proj ? packed_b_size<T>(Hout, H) : 0, nthreads, reuse, [&](T* buf) {
-                        if (s.has_proj) pack_b_gemm<T>(Hout, H, a.w_hr, H, 1, buf, nthreads);
+                      s.has_proj ? packed_b_size<T>(Hout, H) : 0, nthreads, reuse, [&](T* buf, const T* from) {
+                        if (s.has_proj) pack_b_gemm<T>(Hout, H, from, H, 1, buf, nthreads);
                       });
 
   Scratch<T> dh_a(B * Hout), dh_b(B * Hout), dc(lstm ? B * H : 0);

@@ -660,14 +660,14 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   const bool amx = amx_step(a, in_step, reuse, nthreads, below != nullptr);
   CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, by_gates && !amx ? GH : 0, s.I,
                        by_gates ? packed_gates_size<T>(G, s.I, H) : 0, nthreads, reuse,
-                       [&](T* buf) { pack_gates<T>(G, s.I, H, a.w_ih, buf, nthreads); });
+                       [&](T* buf, const T* from) { pack_gates<T>(G, s.I, H, from, buf, nthreads); });
   Scratch<T> bias_in(by_gates && s.has_bias ? G * padded_units : 0);
   if (bias_in.p) {
     std::memset(bias_in.p, 0, sizeof(T) * G * padded_units);
     folded_bias(s, a.b_ih, a.b_hh, bias_in.p, padded_units);
   }
   CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, amx ? 0 : GH, Hout, packed_gates_size<T>(G, Hout, H),
-                       nthreads, reuse, [&](T* buf) { pack_gates<T>(G, Hout, H, a.w_hh, buf, nthreads); });
+                       nthreads, reuse, [&](T* buf, const T* from) { pack_gates<T>(G, Hout, H, from, buf, nthreads); });
   const PackedGates<T> w{G, Hout, wbuf.get()};
   const AmxGatesPanels<T> amx_w(amx, PanelKind::AmxGates, a.w_hh, G, H, Hout, nthreads, reuse);
   const AmxGatesPanels<T> amx_w_in(amx && in_step, PanelKind::AmxInputGates, a.w_ih, G, H, s.I,
@@ -675,7 +675,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   // Null without a projection (nothing is packed then).
   CachedPanels<T> wproj(PanelKind::Proj, a.w_hr, s.has_proj ? Hout : 0, H,
                         s.has_proj ? packed_b_size<T>(H, Hout) : 0, nthreads, reuse,
-                        [&](T* buf) { pack_b<T>(H, Hout, a.w_hr, 1, H, buf, nthreads); });
+                        [&](T* buf, const T* from) { pack_b<T>(H, Hout, from, 1, H, buf, nthreads); });
 
   Scratch<T> hbuf(training ? 0 : 2 * B * Hout), cbuf(!training && lstm ? 2 * B * H : 0);
   Scratch<T> hfull(!training && s.has_proj ? B * H : 0);

@@ -61,8 +61,9 @@ struct PanelReuse {
 };
 
 // Packed panels of one weight matrix, reused from the calling thread's cache while the weight's
-// bytes are unchanged (workspace.cpp), else packed now by `pack_into(buffer)`; packed every call
-// into a buffer of its own where the call does not keep its forms (PanelReuse).
+// bytes are unchanged (workspace.cpp), else packed now by `pack_into(buffer, from)`, `from` being
+// src or the cache's copy of its bytes; packed every call into a buffer of its own where the
+// call does not keep its forms (PanelReuse).
 enum class PanelKind : int { InputProj = 1, Gates, Proj, BackHH, BackHN, BackHR, InputGates, BackHHHalves,
                              AmxGates, AmxInputGates, AmxSplits };
 
@@ -76,11 +77,12 @@ class CachedPanels {
     if (rows * cols == 0 || packed_elems == 0) return;
     const int64_t tag = static_cast<int64_t>(kind) * 1000 + Tile<T>::NR * 10 + int64_t(sizeof(T));
     bool valid = false;
+    const void* from = src;
     if (reuse.keep)
       p_ = static_cast<T*>(cached_packed(src, sizeof(T) * rows * cols, sizeof(T) * packed_elems,
-                                         tag, rows, cols, &valid, nthreads, reuse.frozen));
+                                         tag, rows, cols, &valid, &from, nthreads, reuse.frozen));
     if (!p_) p_ = own_ = static_cast<T*>(aligned_alloc_bytes(sizeof(T) * packed_elems));
-    if (!valid) pack_into(p_);
+    if (!valid) pack_into(p_, static_cast<const T*>(from));
   }
   ~CachedPanels() { aligned_free_bytes(own_); }
   CachedPanels(const CachedPanels&) = delete;
@@ -102,8 +104,8 @@ template <typename T>
 bool weight_splits(const T* w, int64_t rows, int64_t cols, int nthreads, PanelReuse reuse) {
   if constexpr (!amx_build_for<T>()) return false;
   if (!reuse.frozen) return amx_operand_splits<T>(w, rows, cols, cols, nthreads);
-  CachedPanels<T> verdict(PanelKind::AmxSplits, w, rows, cols, 1, nthreads, reuse, [&](T* buf) {
-    buf[0] = amx_operand_splits<T>(w, rows, cols, cols, nthreads) ? T(1) : T(0);
+  CachedPanels<T> verdict(PanelKind::AmxSplits, w, rows, cols, 1, nthreads, reuse, [&](T* buf, const T* from) {
+    buf[0] = amx_operand_splits<T>(from, rows, cols, cols, nthreads) ? T(1) : T(0);
   });
   return !verdict.get() || verdict.get()[0] != T(0);  // (an empty weight splits)
 }
@@ -141,7 +143,7 @@ CachedPanels<T> input_weights_packed(const LayerShape& s, const T* w_ih, int nth
   const int64_t GH = gates_of(s.cell) * s.H;
   return CachedPanels<T>(PanelKind::InputProj, w_ih, wanted ? GH : 0, s.I,
                          wanted ? packed_b_size<T>(s.I, GH) : 0, nthreads, reuse,
-                         [&](T* buf) { pack_b_gemm<T>(s.I, GH, w_ih, 1, s.I, buf, nthreads); });
+                         [&](T* buf, const T* from) { pack_b_gemm<T>(s.I, GH, from, 1, s.I, buf, nthreads); });
 }
 
 // Rows [r0, r1) of Gx = X W_ih^T + bias on the FMA kernels, from W_ih packed by

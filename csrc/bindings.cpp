@@ -640,6 +640,10 @@ PYBIND11_MODULE(_C, m) {
                    {"l3", kernels(std::nullopt).cache_bytes(3)}});
   }, "the cache sizes the kernels plan for: one core's L2 and the shared L3, in bytes");
 
+  m.def("empty_cache", [] {
+    fusedrnn::packed_cache_clear();
+    fusedrnn::free_idle_blocks();
+  }, "frees the calling thread's packed weights and the idle blocks kept for reuse");
   m.def("packed_cache", [](bool clear) {
     if (clear) fusedrnn::packed_cache_clear();
     size_t forms = 0, copies = 0, bytes = 0;

@@ -174,6 +174,8 @@ struct KernelTable {
 // Defined in workspace.cpp (portable unit): 64-byte aligned scratch memory.
 void* aligned_alloc_bytes(size_t bytes);
 void aligned_free_bytes(void* p);
+// Gives the idle blocks kept for reuse back to the system (fusedrnn.empty_cache).
+void free_idle_blocks();
 
 // Packed-weight cache (workspace.cpp), per calling thread. cached_packed returns the buffer
 // for the packed form of src (raw_bytes long) under tag, and sets *valid when it was packed from

@@ -6,6 +6,9 @@
 // matched by size class, removes that. The cache is bounded and thread-safe.
 #include <cstdlib>
 #include <mutex>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #include <new>
 #include <vector>
 #include "kernel_api.h"
@@ -96,6 +99,17 @@ void aligned_free_bytes(void* ptr) {
     }
   }
   std::free(raw);
+}
+
+void free_idle_blocks() {
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  for (void* raw : c.blocks) std::free(raw);
+  c.blocks.clear();
+  c.total = 0;
+#if defined(__GLIBC__)
+  malloc_trim(0);  // glibc keeps freed heap pages (its mmap threshold grows with big frees)
+#endif
 }
 
 }  // namespace fusedrnn

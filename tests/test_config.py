@@ -155,6 +155,36 @@ def test_openmp_workers_keep_the_callers_denormals():
     assert r.stdout.strip() == "[0, 0]", r.stdout + r.stderr
 
 
+MEMORY_KEPT_AFTER_A_LAYER = """
+import gc
+import numpy as np
+import fusedrnn
+
+def rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+layer = fusedrnn.LSTM(256, 512, seed=0)
+x = np.random.default_rng(0).standard_normal((100, 32, 256)).astype(np.float32)
+base = rss_mib()
+y, _ = layer(x)
+layer.backward(np.ones_like(y))
+layer.eval()(x)
+del layer, y
+gc.collect()
+kept = rss_mib() - base
+fusedrnn.empty_cache()
+print(round(kept), round(rss_mib() - base))
+"""
+
+
+def test_empty_cache_gives_the_kept_memory_back():
+    """Blocks kept for reuse and packed weights outlive the layer; empty_cache frees them."""
+    kept, after = (float(v) for v in run_python(MEMORY_KEPT_AFTER_A_LAYER).stdout.split())
+    assert kept > 30          # MiB: what the test is about (the blocks of one training step)
+    assert after < 0.2 * kept
+
+
 def test_the_torch_adapter_without_torch_says_what_it_needs():
     r = run_python("import sys; sys.modules['torch'] = None; import fusedrnn.torch")
     assert r.returncode != 0

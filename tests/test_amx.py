@@ -162,6 +162,30 @@ def test_gemm_with_an_infinity_runs_the_fma_kernels(rng):
         np.testing.assert_array_equal(_C.gemm(a, b, isa="amx"), _C.gemm(a, b, isa="avx512"))
 
 
+def test_gemm_with_a_value_under_2_to_the_minus_100_runs_the_fma_kernels(rng):
+    """A nonzero value under 2^-100 leaves a denormal low part, which the tiles take as 0: such
+    products run the FMA kernels (weights ~1e-33 against x ~1e33 lost 3 digits on the tiles)."""
+    A = rng.standard_normal((128, 100)).astype(np.float32)
+    B = rng.standard_normal((100, 128)).astype(np.float32)
+    for a, b in ((A * np.float32(1e-33), B * np.float32(1e33)),
+                 (A * np.float32(1e33), B * np.float32(1e-33))):
+        np.testing.assert_array_equal(_C.gemm(a, b, isa="amx"), _C.gemm(a, b, isa="avx512"))
+    tiny_only_at_the_bound = A.copy()
+    tiny_only_at_the_bound[0, 0] = np.float32(2.0 ** -100)   # splits exactly
+    assert not np.array_equal(_C.gemm(tiny_only_at_the_bound, B, isa="amx"),
+                              _C.gemm(tiny_only_at_the_bound, B, isa="avx512"))
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm"])
+def test_a_layer_with_tiny_weights_runs_the_fma_kernels(rng, cell):
+    case = make_case(rng, cell, T=16, B=32, I=64, H=64, bias=False)   # T*B: the training bound
+    assert not np.array_equal(forward_y(case, "amx")["y"], forward_y(case, "avx512")["y"])
+    case["w"] = {k: None if v is None else v * 1e-33 for k, v in case["w"].items()}
+    case["x"] = case["x"] * 1e33
+    for k, v in forward_y(case, "amx").items():
+        np.testing.assert_array_equal(v, forward_y(case, "avx512")[k])
+
+
 @pytest.mark.parametrize("layout", ["NN", "TN"])
 def test_big_operands_with_an_infinity_run_the_fma_kernels(rng, two_threads, layout):
     """Operands of over half a million values are scanned for what does not split on the

@@ -13,8 +13,9 @@
 // parts' 16 x 32 values (rows past the tile's and k past K zero); a split B panel (32 columns,
 // as Tile<float>::NR): per block of 32 k, per part, per 16-column half, 16 x 32 values.
 //
-// Non-finite values do not split (inf - inf): callers take this path only for finite operands
-// (amx_all_finite), whose products then match the FMA kernels' to float32 rounding.
+// Non-finite values do not split (inf - inf), nor do nonzero ones under 2^-100 (denormal low
+// parts): callers take this path only for operands that split (amx_all_splits), whose products
+// then match the FMA kernels' to float32 rounding.
 #pragma once
 #if defined(FUSEDRNN_AMX)
 #include <immintrin.h>
@@ -60,38 +61,43 @@ inline void amx_configure() {
   if (std::memcmp(&now, &ours, sizeof(Config)) != 0) _tile_loadconfig(&ours);
 }
 
-// Whether every value of a rows x cols block (rows ld apart) splits into bfloat16 parts: finite
-// and below the largest bfloat16 (past it the high part rounds to infinity).
-inline bool amx_all_finite(const float* a, int64_t rows, int64_t cols, int64_t ld) {
-  const __m512 limit = _mm512_set1_ps(3.38e38f);
+// Whether every value of a rows x cols block (rows ld apart) splits exactly into bfloat16 parts:
+// finite and below the largest bfloat16 (past it the high part rounds to infinity), and zero or
+// from 2^-100 up (below, the low part is a denormal, which the tiles take as 0: weights ~1e-33
+// against x ~1e33 lost 3 decimal digits).
+inline __mmask16 amx_unsplittable(__m512 x) {
+  const __m512 m = _mm512_abs_ps(x);
+  return _mm512_cmp_ps_mask(m, _mm512_set1_ps(3.38e38f), _CMP_NLE_UQ) |
+         (_mm512_cmp_ps_mask(m, _mm512_set1_ps(0x1p-100f), _CMP_LT_OQ) &
+          _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_NEQ_OQ));
+}
+inline bool amx_all_splits(const float* a, int64_t rows, int64_t cols, int64_t ld) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = a + r * ld;
     int64_t c = 0;
     __mmask16 bad = 0;
-    for (; c + 16 <= cols; c += 16)
-      bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(_mm512_loadu_ps(row + c)), limit, _CMP_NLE_UQ);
-    if (c < cols) {
+    for (; c + 16 <= cols; c += 16) bad |= amx_unsplittable(_mm512_loadu_ps(row + c));
+    if (c < cols) {   // the masked-off lanes load as 0, which splits
       const __mmask16 m = static_cast<__mmask16>((1u << (cols - c)) - 1);
-      bad |= _mm512_mask_cmp_ps_mask(m, _mm512_abs_ps(_mm512_maskz_loadu_ps(m, row + c)), limit,
-                                     _CMP_NLE_UQ);
+      bad |= amx_unsplittable(_mm512_maskz_loadu_ps(m, row + c));
     }
     if (bad) return false;
   }
   return true;
 }
 
-// amx_all_finite on the threads for a block big enough to repay a parallel region: it is a
+// amx_all_splits on the threads for a block big enough to repay a parallel region: it is a
 // pass over memory on the calling thread before the product's region opens (fastrnns LSTM
 // training, 2 threads: 5.5% of the calling thread's time, with the other idle). Runs of rows;
 // the answer is the same.
-inline bool amx_all_finite(const float* a, int64_t rows, int64_t cols, int64_t ld, int nthreads) {
+inline bool amx_all_splits(const float* a, int64_t rows, int64_t cols, int64_t ld, int nthreads) {
   constexpr int64_t kRunValues = int64_t(1) << 16;
-  if (nthreads <= 1 || rows * cols < 8 * kRunValues) return amx_all_finite(a, rows, cols, ld);
+  if (nthreads <= 1 || rows * cols < 8 * kRunValues) return amx_all_splits(a, rows, cols, ld);
   const int64_t per = imax<int64_t>(1, kRunValues / cols), runs = ceil_div<int64_t>(rows, per);
   bool ok = true;
 #pragma omp parallel for schedule(static) num_threads(nthreads) reduction(&& : ok)
   for (int64_t i = 0; i < runs; ++i)
-    ok = ok && amx_all_finite(a + i * per * ld, imin(per, rows - i * per), cols, ld);
+    ok = ok && amx_all_splits(a + i * per * ld, imin(per, rows - i * per), cols, ld);
   return ok;
 }
 

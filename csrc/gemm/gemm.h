@@ -405,13 +405,13 @@ constexpr bool amx_build_for() {
 }
 
 // Whether every value of the rows x cols block at a (rows ld apart) splits for AMX tiles
-// (amx_all_finite; an empty block does), for a caller that passes it to several products as
+// (amx_all_splits; an empty block does), for a caller that passes it to several products as
 // their a_splits; false in builds without tiles and for float64, whose products never take
 // them.
 template <typename T>
 bool amx_operand_splits(const T* a, int64_t rows, int64_t cols, int64_t ld, int nthreads) {
 #if defined(FUSEDRNN_AMX)
-  if constexpr (std::is_same_v<T, float>) return amx_all_finite(a, rows, cols, ld, nthreads);
+  if constexpr (std::is_same_v<T, float>) return amx_all_splits(a, rows, cols, ld, nthreads);
 #endif
   (void)a, (void)rows, (void)cols, (void)ld, (void)nthreads;
   return false;

@@ -63,9 +63,9 @@ struct AmxB {
   bool splits(int64_t K, int64_t N, int nthreads) const {
     constexpr int NR = Tile<float>::NR;  // packed: rows of NR values, back to back
     if (known_to_split) return true;
-    if (packed) return amx_all_finite(packed, packed_b_size<float>(K, N) / NR, NR, NR, nthreads);
-    if (cs == 1) return amx_all_finite(raw, K, N, rs, nthreads);
-    if (rs == 1) return amx_all_finite(raw, N, K, cs, nthreads);
+    if (packed) return amx_all_splits(packed, packed_b_size<float>(K, N) / NR, NR, NR, nthreads);
+    if (cs == 1) return amx_all_splits(raw, K, N, rs, nthreads);
+    if (rs == 1) return amx_all_splits(raw, N, K, cs, nthreads);
     return false;
   }
   // Rows [k0, k0 + kc) of panel p split into out; tmp: room for a kc x NR float32 slice.
@@ -84,14 +84,14 @@ struct AmxB {
 };
 
 // Whether this product runs on AMX tiles: shape (above), A's strides (rows or columns
-// contiguous) and every operand splitting (amx_all_finite; a_splits: the caller found A's do,
+// contiguous) and every operand splitting (amx_all_splits; a_splits: the caller found A's do,
 // as the backward does once for the dG its three products read). Never depends on threads.
 inline bool amx_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
                      const AmxB& b, int nthreads, bool a_splits) {
   if (a_cs != 1 && a_rs != 1) return false;
   if (!amx_gemm_shape_takes(M, N, K, a_cs != 1)) return false;
-  if (!a_splits && !(a_cs == 1 ? amx_all_finite(A, M, K, a_rs, nthreads)
-                               : amx_all_finite(A, K, M, a_cs, nthreads)))
+  if (!a_splits && !(a_cs == 1 ? amx_all_splits(A, M, K, a_rs, nthreads)
+                               : amx_all_splits(A, K, M, a_cs, nthreads)))
     return false;
   return b.splits(K, N, nthreads);
 }

@@ -37,7 +37,7 @@ constexpr int64_t kAmxSmallStepBytes = int64_t(4) << 20;
 constexpr int64_t kAmxStepWorkRows = 512, kAmxStepWorkRowsKept = 64;
 
 // Whether this call's steps take AMX tiles: float32 in the amx build, a batch and T*B as above,
-// and operands that split (amx_all_finite): the weights the steps meet, h0 and, with the
+// and operands that split (amx_all_splits): the weights the steps meet, h0 and, with the
 // projection in the step, x. (A state that overflows float32 later is out of range either way.)
 // The choice depends on the call's data and shape, never on its threads.
 // x_later: x is still being written (a pipelined layer above the first, layer_pipeline.h), so
@@ -55,10 +55,10 @@ bool amx_step(const ForwardArgs<T>& a, bool in_step, PanelReuse reuse, int nthre
     const bool rows = s.B >= kAmxStepRows ||
                       (s.B >= kAmxSmallStepRows && split_bytes <= kAmxSmallStepBytes);
     return rows && s.T * s.B >= work &&
-           amx_all_finite(a.h0, s.B, s.Hout, s.Hout, nthreads) &&
+           amx_all_splits(a.h0, s.B, s.Hout, s.Hout, nthreads) &&
            weight_splits<T>(a.w_hh, GH, s.Hout, nthreads, reuse) &&
            (!in_step || (weight_splits<T>(a.w_ih, GH, s.I, nthreads, reuse) &&
-                         (x_later || amx_all_finite(a.x, s.T * s.B, s.I, s.I, nthreads))));
+                         (x_later || amx_all_splits(a.x, s.T * s.B, s.I, s.I, nthreads))));
   }
 #endif
   (void)a;

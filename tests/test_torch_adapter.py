@@ -244,6 +244,46 @@ def test_from_module_shares_parameters_and_swaps_in_a_model():
     assert relu.nonlinearity == "relu" and not relu.training
 
 
+def test_from_module_refuses_a_subclass_that_overrides_behaviour():
+    """The fusedrnn module runs torch.nn's forward: a subclass's own was dropped silently."""
+    class Scaled(torch.nn.LSTM):
+        def forward(self, x, hx=None):
+            out, h = super().forward(x, hx)
+            return out * 2, h
+
+    class Mixin:
+        def _apply(self, fn, recurse=True):
+            return super()._apply(fn, recurse)
+
+    class Moved(Mixin, torch.nn.GRU):
+        pass
+
+    with pytest.raises(TypeError, match="cannot convert a .*Scaled: it overrides forward"):
+        ft.LSTM.from_module(Scaled(3, 4))
+    with pytest.raises(TypeError, match="overrides _apply of torch.nn.GRU"):
+        ft.GRU.from_module(Moved(3, 4))
+    patched = torch.nn.RNN(3, 4)
+    patched.forward = lambda x, hx=None: None
+    with pytest.raises(TypeError, match="overrides forward"):
+        ft.RNN.from_module(patched)
+    with pytest.raises(TypeError, match="already a fusedrnn.torch module"):
+        ft.GRU.from_module(ft.GRU(3, 4, linear_before_reset=False))
+
+    class Tagged(torch.nn.LSTM):        # a constructor and new methods only: converts
+        def __init__(self, n):
+            super().__init__(n, 4, batch_first=True)
+            self.tag = "enc"
+
+        def describe(self):
+            return self.tag
+
+    m = Tagged(3)
+    x = torch.randn(2, 5, 3)
+    got = ft.LSTM.from_module(m)
+    assert type(got) is ft.LSTM and got.batch_first
+    assert_close(got(x)[0].detach().numpy(), m(x)[0].detach().numpy(), np.float32)
+
+
 def test_no_grad_path_matches_autograd_path():
     torch.manual_seed(0)
     mod = ft.GRU(3, 5, num_layers=2)

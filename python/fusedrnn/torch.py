@@ -194,6 +194,32 @@ class _FusedStackBackward(_torch.autograd.Function):
             "products, torch.func.grad of a gradient); use torch.nn's module for those")
 
 
+# What a subclass may define over torch's class and still convert: its constructor (it has run;
+# the parameters it made are shared) and the class's bookkeeping.
+_HARMLESS = {"__init__", "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__",
+             "__annotations__", "__annotate__", "__firstlineno__", "__static_attributes__",
+             "__orig_bases__", "__parameters__", "__slots__"}
+
+
+def _refuse_overrides(module, cls):
+    """from_module builds a plain fusedrnn module: a subclass's forward (or any other method it
+    overrides) would be dropped silently, so such a module is refused."""
+    base = cls._torch_base
+    if isinstance(module, _FusedMixin):
+        raise TypeError(f"{type(module).__name__} is already a fusedrnn.torch module: use it as "
+                        f"it is")
+    extra = [c for c in type(module).__mro__ if c not in base.__mro__]
+    overrides = {n for c in extra for n in vars(c) if n not in _HARMLESS and hasattr(base, n)}
+    overrides = sorted(overrides | ({"forward"} & vars(module).keys()))  # (m.forward = f)
+    if overrides:
+        raise TypeError(
+            f"{cls.__name__}.from_module cannot convert a {type(module).__qualname__}: it "
+            f"overrides {', '.join(overrides)} of torch.nn.{base.__name__}, and the fusedrnn "
+            f"module would run torch.nn.{base.__name__}'s behaviour instead, silently. Convert a "
+            f"plain torch.nn.{base.__name__} (load_state_dict into one), or subclass "
+            f"fusedrnn.torch.{cls.__name__} with your changes")
+
+
 class _FusedMixin:
     """forward() and from_module() shared by RNN, LSTM and GRU."""
 
@@ -333,6 +359,7 @@ class _FusedMixin:
         if not isinstance(module, cls._torch_base):
             raise TypeError(f"{cls.__module__}.{cls.__name__}.from_module needs a "
                             f"torch.nn.{cls._torch_base.__name__}, got {type(module).__name__}")
+        _refuse_overrides(module, cls)
         kwargs = dict(num_layers=module.num_layers, bias=module.bias,
                       batch_first=module.batch_first, dropout=module.dropout,
                       bidirectional=module.bidirectional, device="meta")

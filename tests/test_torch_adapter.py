@@ -284,6 +284,29 @@ def test_from_module_refuses_a_subclass_that_overrides_behaviour():
     assert_close(got(x)[0].detach().numpy(), m(x)[0].detach().numpy(), np.float32)
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")   # torch.nn.utils.weight_norm's
+def test_from_module_refuses_computed_weights_by_name():
+    """Parametrized or pruned weights are not Parameters to share: torch's error named no cause.
+    Registered on the fusedrnn module after conversion, they work."""
+    from torch.nn.utils import parametrizations, prune
+    for apply in (lambda m: parametrizations.weight_norm(m, "weight_hh_l0"),
+                  lambda m: torch.nn.utils.weight_norm(m, "weight_hh_l0"),
+                  lambda m: prune.l1_unstructured(m, "weight_hh_l0", amount=0.3),
+                  lambda m: torch.nn.utils.spectral_norm(m, "weight_hh_l0")):
+        m = torch.nn.LSTM(3, 4)
+        apply(m)
+        with pytest.raises(TypeError, match="cannot convert weight_hh_l0: computed .* remove"):
+            ft.LSTM.from_module(m)
+    torch.manual_seed(0)
+    m = torch.nn.GRU(3, 4)
+    got = ft.GRU.from_module(m)
+    parametrizations.weight_norm(m, "weight_hh_l0")
+    parametrizations.weight_norm(got, "weight_hh_l0")
+    got.load_state_dict(m.state_dict())
+    x = torch.randn(5, 2, 3)
+    assert_close(got(x)[0].detach().numpy(), m(x)[0].detach().numpy(), np.float32)
+
+
 def test_no_grad_path_matches_autograd_path():
     torch.manual_seed(0)
     mod = ft.GRU(3, 5, num_layers=2)

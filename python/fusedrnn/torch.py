@@ -31,6 +31,7 @@ except ImportError as _e:
                       "pip install torch (fusedrnn is tested with torch==2.13.0). fusedrnn's "
                       "NumPy layers (import fusedrnn) do not need it") from _e
 import torch.autograd.forward_ad as _forward_ad
+from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 
 from . import _layer_base as _base
@@ -201,6 +202,21 @@ _HARMLESS = {"__init__", "__module__", "__qualname__", "__doc__", "__dict__", "_
              "__orig_bases__", "__parameters__", "__slots__"}
 
 
+def _refuse_computed_weights(module, cls):
+    """A weight computed from others (a parametrization, or the forward pre-hook of pruning or
+    the old weight_norm) is no Parameter to share: torch's own error named no cause. (Before
+    _refuse_overrides: parametrize makes the module's class a subclass.)"""
+    computed = [n for n in module._flat_weights_names if _parametrize.is_parametrized(module, n)
+                or not isinstance(getattr(module, n), _torch.nn.Parameter)]
+    if computed:
+        raise TypeError(
+            f"{cls.__name__}.from_module cannot convert {', '.join(computed)}: computed from "
+            f"other tensors (torch.nn.utils.parametrize, parametrizations.weight_norm, "
+            f"spectral_norm, prune or weight_norm), not a Parameter it could share. Remove that "
+            f"first (parametrize.remove_parametrizations, prune.remove, remove_weight_norm, "
+            f"remove_spectral_norm), convert, and register it again on the fusedrnn module")
+
+
 def _refuse_overrides(module, cls):
     """from_module builds a plain fusedrnn module: a subclass's forward (or any other method it
     overrides) would be dropped silently, so such a module is refused."""
@@ -359,6 +375,7 @@ class _FusedMixin:
         if not isinstance(module, cls._torch_base):
             raise TypeError(f"{cls.__module__}.{cls.__name__}.from_module needs a "
                             f"torch.nn.{cls._torch_base.__name__}, got {type(module).__name__}")
+        _refuse_computed_weights(module, cls)
         _refuse_overrides(module, cls)
         kwargs = dict(num_layers=module.num_layers, bias=module.bias,
                       batch_first=module.batch_first, dropout=module.dropout,

@@ -307,6 +307,27 @@ def test_from_module_refuses_computed_weights_by_name():
     assert_close(got(x)[0].detach().numpy(), m(x)[0].detach().numpy(), np.float32)
 
 
+def test_from_module_refuses_hooks_by_name():
+    """Hooks on the original would silently stop firing after the swap."""
+    def grab(mod, inp, out):
+        pass
+
+    for register in (lambda m: m.register_forward_hook(grab),
+                     lambda m: m.register_forward_pre_hook(lambda mod, inp: None),
+                     lambda m: m.register_full_backward_hook(lambda mod, gi, go: None),
+                     lambda m: m.register_state_dict_post_hook(lambda *a: None)):
+        m = torch.nn.GRU(3, 4)
+        handle = register(m)
+        with pytest.raises(TypeError, match="with hooks, .* hook .*register them again"):
+            ft.GRU.from_module(m)
+        handle.remove()
+        ft.GRU.from_module(m)
+    m = torch.nn.GRU(3, 4)
+    m.register_forward_hook(grab)
+    with pytest.raises(TypeError, match="forward hook .*grab"):
+        ft.GRU.from_module(m)
+
+
 def test_no_grad_path_matches_autograd_path():
     torch.manual_seed(0)
     mod = ft.GRU(3, 5, num_layers=2)

@@ -236,6 +236,25 @@ def _refuse_overrides(module, cls):
             f"fusedrnn.torch.{cls.__name__} with your changes")
 
 
+_HOOKS = {"_forward_pre_hooks": "forward pre", "_forward_hooks": "forward",
+          "_backward_pre_hooks": "backward pre", "_backward_hooks": "backward",
+          "_state_dict_pre_hooks": "state_dict pre", "_state_dict_hooks": "state_dict",
+          "_load_state_dict_pre_hooks": "load_state_dict pre",
+          "_load_state_dict_post_hooks": "load_state_dict post"}
+
+
+def _refuse_hooks(module, cls):
+    """The module's hooks would not fire on the new one (a feature extractor's hook simply
+    stopped); carrying them over would also copy handles that no longer remove them."""
+    found = [f"{kind} hook {getattr(h, '__qualname__', repr(h))}"
+             for attr, kind in _HOOKS.items() for h in getattr(module, attr, {}).values()]
+    if found:
+        raise TypeError(
+            f"{cls.__name__}.from_module cannot convert a module with hooks, which the fusedrnn "
+            f"module would not run: {', '.join(found)}. Remove them (their handles' .remove()), "
+            f"convert, and register them again on the fusedrnn module")
+
+
 class _FusedMixin:
     """forward() and from_module() shared by RNN, LSTM and GRU."""
 
@@ -377,6 +396,7 @@ class _FusedMixin:
                             f"torch.nn.{cls._torch_base.__name__}, got {type(module).__name__}")
         _refuse_computed_weights(module, cls)
         _refuse_overrides(module, cls)
+        _refuse_hooks(module, cls)
         kwargs = dict(num_layers=module.num_layers, bias=module.bias,
                       batch_first=module.batch_first, dropout=module.dropout,
                       bidirectional=module.bidirectional, device="meta")

@@ -289,6 +289,14 @@ class _FusedMixin:
             return self._forward(input, hx)
 
     def _forward(self, input, hx):
+        if _torch.is_autocast_enabled("cpu"):
+            # torch.nn's modules run in autocast's dtype (bfloat16, float16) there; ours have
+            # float32/float64 kernels only, and its dtype errors did not say why.
+            raise TypeError(
+                f"fusedrnn.torch does not run under torch.autocast (CPU autocast to "
+                f"{_torch.get_autocast_dtype('cpu')} is on): its kernels are float32/float64 "
+                f"only. Call the layer outside autocast, e.g. within torch.autocast('cpu', "
+                f"enabled=False) with a float32 input (x.float()), or use torch.nn's module")
         spec = self._spec()
         names, params, dtype = self._fused_params()
         lstm = spec.cell == "lstm"

@@ -67,6 +67,12 @@ def _np(t):
     try:
         return t.detach().resolve_conj().resolve_neg().numpy()
     except RuntimeError as e:  # a transform's tensor: torch's message names no cause
+        from torch._guards import detect_fake_mode
+        if detect_fake_mode(t) is not None:  # a fake tensor or mode (torch.export's)
+            raise RuntimeError(
+                "fusedrnn.torch does not support fake tensors (FakeTensorMode, torch.export and "
+                "other shape-tracing tools): its kernels need the data. Export the torch.nn "
+                "model instead") from e
         raise RuntimeError(
             "fusedrnn.torch cannot read this tensor: it belongs to a transform the adapter does "
             "not support (forward-mode AD: torch.func.jvp, jacfwd; torch.func.vmap of its "
@@ -388,6 +394,14 @@ class _FusedMixin:
             raise TypeError(f"hx for {type(self).__name__} must be one tensor, got a "
                             f"{type(hx).__name__} (only LSTM takes (h0, c0))")
         return self._check_state("hx", hx, spec, B, unbatched, spec.hidden_size, dtype), None
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule first; the compiler's own error
+        # pointed at a generator expression inside fusedrnn.
+        raise RuntimeError(
+            f"torch.jit.script does not support fusedrnn.torch.{type(self).__name__} (its "
+            f"forward is Python around C++ kernels): use torch.jit.trace with Tensor inputs, "
+            f"or script the torch.nn model")
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
         """torch's load_state_dict, also accepting NumPy arrays as values."""

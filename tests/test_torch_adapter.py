@@ -266,8 +266,15 @@ def test_from_module_refuses_a_subclass_that_overrides_behaviour():
     patched.forward = lambda x, hx=None: None
     with pytest.raises(TypeError, match="overrides forward"):
         ft.RNN.from_module(patched)
-    with pytest.raises(TypeError, match="already a fusedrnn.torch module"):
-        ft.GRU.from_module(ft.GRU(3, 4, linear_before_reset=False))
+
+    class Ours(ft.LSTM):
+        def forward(self, x, hx=None):
+            return super().forward(x * 2, hx)
+
+    with pytest.raises(TypeError, match="overrides forward of fusedrnn.torch.LSTM"):
+        ft.LSTM.from_module(Ours(3, 4))
+    again = ft.GRU.from_module(ft.GRU(3, 4, linear_before_reset=False))   # a shared copy
+    assert again.linear_before_reset is False
 
     class Tagged(torch.nn.LSTM):        # a constructor and new methods only: converts
         def __init__(self, n):

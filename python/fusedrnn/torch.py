@@ -226,18 +226,16 @@ def _refuse_computed_weights(module, cls):
 def _refuse_overrides(module, cls):
     """from_module builds a plain fusedrnn module: a subclass's forward (or any other method it
     overrides) would be dropped silently, so such a module is refused."""
-    base = cls._torch_base
-    if isinstance(module, _FusedMixin):
-        raise TypeError(f"{type(module).__name__} is already a fusedrnn.torch module: use it as "
-                        f"it is")
+    base = cls if isinstance(module, cls) else cls._torch_base   # (a copy of one of ours)
+    where = "fusedrnn.torch" if base is cls else "torch.nn"
     extra = [c for c in type(module).__mro__ if c not in base.__mro__]
     overrides = {n for c in extra for n in vars(c) if n not in _HARMLESS and hasattr(base, n)}
     overrides = sorted(overrides | ({"forward"} & vars(module).keys()))  # (m.forward = f)
     if overrides:
         raise TypeError(
             f"{cls.__name__}.from_module cannot convert a {type(module).__qualname__}: it "
-            f"overrides {', '.join(overrides)} of torch.nn.{base.__name__}, and the fusedrnn "
-            f"module would run torch.nn.{base.__name__}'s behaviour instead, silently. Convert a "
+            f"overrides {', '.join(overrides)} of {where}.{base.__name__}, and the fusedrnn "
+            f"module would run {where}.{base.__name__}'s behaviour instead, silently. Convert a "
             f"plain torch.nn.{base.__name__} (load_state_dict into one), or subclass "
             f"fusedrnn.torch.{cls.__name__} with your changes")
 
@@ -426,6 +424,8 @@ class _FusedMixin:
             kwargs["proj_size"] = module.proj_size
         if cls._torch_base is _torch.nn.RNN:
             kwargs["nonlinearity"] = module.nonlinearity
+        if cls._torch_base is _torch.nn.GRU:    # (from one of ours)
+            kwargs["linear_before_reset"] = getattr(module, "linear_before_reset", True)
         with warnings.catch_warnings():     # torch already warned about dropout for `module`
             warnings.simplefilter("ignore")
             new = cls(module.input_size, module.hidden_size, **kwargs)

@@ -10,8 +10,9 @@ Gradients for the input, ``hx`` and every parameter flow through ``torch.autogra
 kernels (a ``torch.autograd.Function``; CPU tensors are read as zero-copy NumPy views).
 Dropout between layers uses torch's random generator, so ``torch.manual_seed`` controls it.
 
-Differences from torch: CPU only, float32 and float64 only (anything else raises with a clear
-message), no double backward (differentiating the gradients raises) and no forward-mode AD.
+Differences from torch: CPU only, float32 and float64 only (anything else, and a call under CPU
+autocast, raises with a clear message), no double backward (differentiating the gradients
+raises) and no forward-mode AD.
 ``torch.func.grad``, ``vjp`` and ``jacrev`` work; ``torch.jit.trace`` of Tensor inputs records
 the layer as one Python op (README lists what is refused). ``GRU`` takes an extra keyword,
 ``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
@@ -410,7 +411,9 @@ class _FusedMixin:
     @classmethod
     def from_module(cls, module):
         """The fusedrnn version of a ``torch.nn`` module, sharing its parameters (no copy), so
-        an optimiser built on the original keeps working; the training flag is kept too."""
+        an optimiser built on the original keeps working; the training flag is kept too. What
+        the copy would silently lose is refused: a subclass's overrides, computed weights
+        (parametrizations, pruning) and hooks."""
         if not isinstance(module, cls._torch_base):
             raise TypeError(f"{cls.__module__}.{cls.__name__}.from_module needs a "
                             f"torch.nn.{cls._torch_base.__name__}, got {type(module).__name__}")

@@ -471,8 +471,8 @@ def test_close_calls_get_more_reps():
 
 
 def test_gemm_beside_is_timed_once_a_round_outside_the_budget():
-    """The GEMM timed beside a case: once at the start of every round, its own wait first, its
-    time kept apart and not spent from the budget; the extra rounds of a close call time it too;
+    """The GEMM timed beside a case: once at the start of every round, its own wait and one
+    untimed call first (as every runner's block), its time kept apart and not spent from the budget; the extra rounds of a close call time it too;
     the case's %gemm column is over its median."""
     from fusedrnn.bench import report, runner, timing
 
@@ -485,7 +485,7 @@ def test_gemm_beside_is_timed_once_a_round_outside_the_budget():
         times = timing.interleave(runners, 0.0, min_reps=2, max_reps=2, block_s=1e-9,
                                   beside=beside)
         block = lambda name: ["wait", name, name]  # noqa: E731 (untimed call, then one timed)
-        one = ["wait", "gemm"]
+        one = ["wait", "gemm", "gemm"]                # untimed warm-up call, then one timed
         assert events == one + block("a") + block("b") + one + block("b") + block("a")
         assert [len(times[n]) for n in ("a", "b", "gemm")] == [2, 2, 2]
         close = {"a": [1.0] * 3, "b": [1.01] * 3, "gemm": [0.5]}

@@ -255,7 +255,7 @@ def notes(data):
         "GFLOP/s: forward 2*T*B*G*H*(I+H) per layer, training 3x that. %gemm: "
         "that rate as a fraction of our GEMM's median rate in the same minutes (the GEMM of the "
         "peak lines below, at the case's thread count, timed once per round between the case's "
-        "blocks: this VM's speed drifts by 10-40% over minutes, and a case against the run's "
+        "blocks, after one untimed call as every library's block: this VM's speed drifts by 10-40% over minutes, and a case against the run's "
         "best GEMM minute measures the minute). %numpy: that rate as a fraction of this run's "
         "float32 GEMM peak with numpy's matmul at the same thread count "
         f"(numpy's BLAS: {blas.get('name')} {blas.get('version') or ''}; thread control: "

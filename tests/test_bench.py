@@ -335,8 +335,34 @@ def test_torch_agrees(tmp_path, capsys):
     for rec in cases_against("torch", tmp_path, capsys):
         agree = rec["agreement"]["torch"]
         assert agree["ok"], agree
-        if rec["mode"] == "train":       # dx and every parameter's gradient were compared
-            assert {"dx", "weight_ih_l1", "bias_hh_l0"} <= set(agree["compared"])
+        if rec["mode"] == "train":       # dx, dh0 (dc0) and every parameter's gradient
+            states = {"dh0", "dc0"} if rec["cell"] == "lstm" else {"dh0"}
+            assert {"dx", "weight_ih_l1", "bias_hh_l0"} | states <= set(agree["compared"])
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_torch_training_backpropagates_dy_itself_into_the_initial_states(cell, monkeypatch):
+    """torch does fusedrnn's training work: autograd.backward(y, dy), no loss tensor (its
+    product and sum are work fusedrnn does not do), and dh0 (dc0) computed as fusedrnn's
+    backward always does."""
+    torch = pytest.importorskip("torch")
+    from fusedrnn.bench.peers import torch_nn
+    seen = []
+    real = torch.autograd.backward
+
+    def spy(tensors, grad_tensors=None, *a, **k):
+        seen.append((tensors, grad_tensors))
+        return real(tensors, grad_tensors, *a, **k)
+
+    monkeypatch.setattr(torch.autograd, "backward", spy)
+    problem = cases.make_problem(cases.custom_config(4, 3, 5, 6, 2), cell)
+    run = torch_nn.TorchPeer().prepare(problem, "train")
+    y, _ = run()
+    (tensors, grads), = seen
+    assert tensors is y and grads is run.dy          # not a scalar loss built from y * dy
+    assert all(t.grad is not None for t in run.states)
+    assert len(run.states) == (2 if cell == "lstm" else 1)
 
 
 def test_onnxruntime_agrees(tmp_path, capsys):

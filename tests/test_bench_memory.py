@@ -158,3 +158,25 @@ def test_memory_table_numbers():
     assert rows[0] == ["fastrnns", "lstm", "75.0", "3.0", "200.0", "100.0", "x0.50"]
     assert rows[1][-2:] == ["-", "-"]
     assert "fastrnns gru: torch not measured (not installed)" in report.memory_text(mem)
+
+
+@needs_linux
+@pytest.mark.torch
+def test_torch_memory_call_has_no_loss_tensor(monkeypatch, capsys):
+    """The child measures torch doing fusedrnn's work: backward of y with dy itself (a loss
+    (y * dy).sum() adds one or two T x B x H tensors to torch's peak), dh0 included."""
+    torch = pytest.importorskip("torch")
+    seen = []
+    real = torch.autograd.backward
+
+    def spy(tensors, grad_tensors=None, *a, **k):
+        seen.append(tensors)
+        return real(tensors, grad_tensors, *a, **k)
+
+    monkeypatch.setattr(torch.autograd, "backward", spy)
+    spec = json.dumps({"peer": "torch", "cell": "lstm",
+                       "config": {"name": "t", "T": 4, "B": 2, "I": 3, "H": 5, "L": 1}})
+    assert memory.child_main(spec) == 0
+    assert "peak_extra_bytes" in json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert len(seen) == 2                            # the warm-up call, then the measured one
+    assert seen[0].dim() == 3 and seen[1].shape == (4, 2, 5)     # y, not a scalar loss

@@ -1,5 +1,6 @@
-"""Peak memory of one training call (forward + backward of ``(y * dy).sum()``), fusedrnn beside
-torch.nn, and the analytic size of what BPTT has to keep.
+"""Peak memory of one training call (forward, then backward of y with the upstream gradient dy:
+no loss tensor on either side, torch's ``autograd.backward(y, dy)``), fusedrnn beside torch.nn,
+and the analytic size of what BPTT has to keep.
 
     python -m fusedrnn.bench.memory [--configs fastrnns] [--sizes T,B,I,H,L ...]
         [--cells rnn,lstm,gru] [--peers torch|none] [--json FILE]
@@ -68,7 +69,7 @@ TIMEOUT_S = 600
 WARM_UP = dict(T=3, B=2, I=8, H=8)      # the tiny problem that pays for library initialisation
 NOT_ON_THIS_OS = "not available on this OS (needs Linux's /proc/self/status and clear_refs)"
 METHOD = ("peak extra resident memory (VmHWM - VmRSS before) of one training call, forward + "
-          "backward of (y * dy).sum(), in a fresh process after a warm-up call on a tiny "
+          "backward of y with gradient dy, in a fresh process after a warm-up call on a tiny "
           "problem; 1 thread")
 
 

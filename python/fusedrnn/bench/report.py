@@ -247,7 +247,8 @@ def notes(data):
     limit = data["settings"]["reference_max_flop"]
     multi_thread = any(rec["threads"] > 1 for rec in data["cases"])
     lines = [
-        "ms: median wall time of one call (training: forward + backward of (y * dy).sum(); "
+        "ms: median wall time of one call (training: forward + backward of y with the "
+        "upstream gradient dy, computing dx, dh0 (dc0) and the weight gradients; "
         "fusedrnn's inference runs the layer frozen, freeze(), as ONNX Runtime holds its weights "
         "as constants), "
         "libraries taking turns in blocks; a case where a peer is within 5% of fusedrnn is "

@@ -93,6 +93,10 @@ class LayerRunner:
         else:
             out["hn"] = hn
         if self.train:
-            out["dx"] = back[0]
+            out["dx"], dh0 = back
+            if isinstance(dh0, tuple):
+                out["dh0"], out["dc0"] = dh0
+            else:
+                out["dh0"] = dh0
             out.update({name: g.copy() for name, g in self.module.grads.items()})
         return out

@@ -59,6 +59,7 @@ def test_fusedrnn_peak_is_measured():
     got = memory.measure(MEASURED, "lstm", "fusedrnn")
     need = memory.needed_bytes(MEASURED, "lstm")
     assert got["version"] and got["rss_before_bytes"] > 0
+    assert 0 < got["resident_after_bytes"] <= got["peak_extra_bytes"]  # its workspace stays
     # While backward runs, the saved state, y, dx and the weight gradients all exist at once.
     floor = need["saved"] + need["y"] + need["dx"] + need["weight_grads"]
     assert floor <= got["peak_extra_bytes"] < 8 * (floor + need["x"])
@@ -149,14 +150,18 @@ def test_memory_table_numbers():
         {"config": "fastrnns", "cell": "lstm", "needed_bytes": {
             "saved": 75 * mib, "x": mib, "y": mib, "dx": mib, "weight_grads": mib},
          "peak_extra_bytes": {"fusedrnn": 200 * mib, "torch": 100 * mib},
+         "resident_after_bytes": {"fusedrnn": 150 * mib, "torch": 2 * mib},
          "not_measured": {}, "versions": {}},
         {"config": "fastrnns", "cell": "gru", "needed_bytes": {
             "saved": mib, "x": mib, "y": mib, "dx": mib, "weight_grads": mib},
          "peak_extra_bytes": {"fusedrnn": 3 * mib}, "not_measured": {"torch": "not installed"},
          "versions": {}}]}
     header, rows = report.memory_rows(mem)
-    assert rows[0] == ["fastrnns", "lstm", "75.0", "3.0", "200.0", "100.0", "x0.50"]
-    assert rows[1][-2:] == ["-", "-"]
+    assert rows[0] == ["fastrnns", "lstm", "75.0", "3.0", "200.0", "100.0", "x0.50", "150.0",
+                       "2.0"]
+    assert rows[1][-4:] == ["-", "-", "-", "-"]   # an older record without "kept" figures
+    notes = report.memory_text(mem)
+    assert "peak during one call, in a fresh process" in notes and "kept" in notes
     assert "fastrnns gru: torch not measured (not installed)" in report.memory_text(mem)
 
 

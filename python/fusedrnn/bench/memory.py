@@ -13,6 +13,8 @@ initialisation is not the model's memory), returns free heap pages to the OS, re
 /proc/self/status, resets the high-water mark (``5`` into /proc/self/clear_refs), makes ONE
 training call of the real problem and reads VmHWM. Peak extra = VmHWM - VmRSS(before): everything
 the call had resident at its worst moment beyond the model, its input and dy. One thread.
+Then the child drops the outputs and gradients, returns free heap to the OS and reads VmRSS
+again: "kept" (``resident_after_bytes``), what the library holds between calls.
 
 fusedrnn keeps a bounded cache of freed large blocks (csrc/workspace.cpp, up to 1 GiB) and of
 the packed weights of inference and frozen calls (up to 256 MiB per thread), both resident
@@ -70,7 +72,8 @@ WARM_UP = dict(T=3, B=2, I=8, H=8)      # the tiny problem that pays for library
 NOT_ON_THIS_OS = "not available on this OS (needs Linux's /proc/self/status and clear_refs)"
 METHOD = ("peak extra resident memory (VmHWM - VmRSS before) of one training call, forward + "
           "backward of y with gradient dy, in a fresh process after a warm-up call on a tiny "
-          "problem; 1 thread")
+          "problem; 1 thread. kept: extra resident memory after the call, its outputs and gradients freed "
+          "and free heap returned to the OS")
 
 
 # -- what BPTT needs, analytically
@@ -155,7 +158,7 @@ def measure_all(pairs, peers=PEERS, say=print):
         rec = {"config": config.name, "cell": cell, "T": config.T, "B": config.B,
                "I": config.I, "H": config.H, "L": config.L,
                "needed_bytes": needed_bytes(config, cell), "peak_extra_bytes": {},
-               "not_measured": {}, "versions": {}}
+               "resident_after_bytes": {}, "not_measured": {}, "versions": {}}
         for peer in peers:
             got = measure(config, cell, peer)
             if "unavailable" in got:
@@ -163,9 +166,11 @@ def measure_all(pairs, peers=PEERS, say=print):
                 say(f"memory {config.name} {cell} {peer}: not measured, {got['unavailable']}")
                 continue
             rec["peak_extra_bytes"][peer] = got["peak_extra_bytes"]
+            rec["resident_after_bytes"][peer] = got["resident_after_bytes"]
             rec["versions"][peer] = got["version"]
             say(f"memory {config.name} {cell} {peer}: peak extra "
-                f"{got['peak_extra_bytes'] / MiB:.1f} MiB")
+                f"{got['peak_extra_bytes'] / MiB:.1f} MiB, kept after the call "
+                f"{got['resident_after_bytes'] / MiB:.1f} MiB")
         out["records"].append(rec)
     return out
 
@@ -225,9 +230,16 @@ def child_main(spec_json):
         f.write("5")                      # VmHWM := VmRSS now
     result = run()
     peak = _status_bytes("VmHWM")
+    # What stays resident once the caller drops the outputs and gradients: fusedrnn keeps its
+    # freed blocks for the next call (csrc/workspace.cpp), torch gives its memory back, so the
+    # peak is fusedrnn's footprint between calls too, not torch's.
     del result
-    print(json.dumps({"peak_extra_bytes": peak - before, "rss_before_bytes": before,
-                      "version": peer.version}))
+    if hasattr(run, "drop_gradients"):    # (peers/stack.py's gradients went with the result)
+        run.drop_gradients()
+    _release_free_heap()
+    kept = _status_bytes("VmRSS") - before
+    print(json.dumps({"peak_extra_bytes": peak - before, "resident_after_bytes": kept,
+                      "rss_before_bytes": before, "version": peer.version}))
     return 0
 
 

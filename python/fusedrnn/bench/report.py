@@ -286,16 +286,17 @@ def _mib(n):
 def memory_rows(mem):
     """(header, rows) of the training-memory table, all cells strings."""
     header = ["config", "cell", "needs MiB", "outputs MiB", "fusedrnn MiB", "torch MiB",
-              "torch/fusedrnn"]
+              "torch/fusedrnn", "fusedrnn kept MiB", "torch kept MiB"]
     rows = []
     for rec in mem["records"]:
         need = rec["needed_bytes"]
         peak = rec["peak_extra_bytes"]
+        kept = rec.get("resident_after_bytes", {})      # absent from older results files
         ours, torch = peak.get("fusedrnn"), peak.get("torch")
         ratio = f"x{torch / ours:.2f}" if ours and torch is not None else DASH
         rows.append([rec["config"], rec["cell"], _mib(need["saved"]),
                      _mib(need["y"] + need["dx"] + need["weight_grads"]), _mib(ours),
-                     _mib(torch), ratio])
+                     _mib(torch), ratio, _mib(kept.get("fusedrnn")), _mib(kept.get("torch"))])
     return header, rows
 
 
@@ -306,6 +307,10 @@ def memory_notes(mem):
         return ["training peak memory: the plan has no training case to measure"]
     lines = [
         f"fusedrnn MiB, torch MiB: {mem['method']}.",
+        "So the MiB columns are each library's peak during one call, in a fresh process; they "
+        "are not its footprint between calls: fusedrnn keeps its freed blocks resident for the "
+        "next call (its workspace cache, up to 1 GiB; a second call adds next to nothing), "
+        "while torch returns most of its memory (\"kept\" columns).",
         "needs: what BPTT must keep (h and, for LSTM, c for T+1 steps; LSTM/GRU activated "
         "gates; GRU W_hn h + b_hn; the inputs of layers after the first); outputs: y, dx and "
         "the weight gradients. The input x is resident before the call and not counted. What "

@@ -402,6 +402,17 @@ def test_plot_and_markdown(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_says_which_kernels_ran_against_the_peers_fma():
+    """On AMX tiles the summary says so, and that the peers run AVX-512 FMA: much of a
+    GEMM-bound speed-up is the tiles'."""
+    data = {"machine": {"isa": "amx", "load_average": None}, "cases": []}
+    line = report.summary(data)[0]
+    assert "AMX tiles" in line and "3-way bfloat16 split" in line
+    assert "AVX-512 float32 FMA" in line and "FUSEDRNN_ISA=avx512" in line
+    data["machine"]["isa"] = "avx512"
+    assert report.summary(data)[0].startswith("kernels: fusedrnn ran its avx512 kernels")
+
+
 def test_an_empty_selection_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--quick", "--cells", "rnn_relu"])

@@ -193,9 +193,25 @@ def far_line(data):
     return line
 
 
+def isa_line(data):
+    """Which kernels fusedrnn ran against the peers' float32 FMA GEMMs: on AMX tiles much of a
+    GEMM-bound speed-up is the tiles', which a CPU without AMX does not get (audit F2)."""
+    isa = data["machine"]["isa"]
+    if isa != "amx":
+        return (f"kernels: fusedrnn ran its {isa} kernels, float32 FMA like the peers' "
+                f"(torch's oneDNN/MKL, ONNX Runtime's MLAS, NumPy's BLAS).")
+    return ("kernels: fusedrnn ran its amx kernels, float32 products on AMX tiles via an exact "
+            "3-way bfloat16 split of each float (six part products summed in float32: "
+            "float32's accuracy, not a bfloat16 mode); torch, ONNX Runtime and NumPy run "
+            "AVX-512 float32 FMA. Much of the GEMM-bound configs' speed-up comes from the "
+            "tiles and does not carry over to CPUs without AMX; FUSEDRNN_ISA=avx512 gives the "
+            "FMA-only figures (bench/run_full.sh with AVX512_PASS=1).")
+
+
 def summary(data):
-    """Lines: geometric-mean speed-up per peer and mode, failed checks, errors, busy machine."""
-    lines = []
+    """Lines: which kernels ran, geometric-mean speed-up per peer and mode, failed checks,
+    errors, busy machine."""
+    lines = [isa_line(data)]
     load = data["machine"].get("load_average")
     if load and load[0] > BUSY_LOAD:
         several = any(rec["threads"] > 1 for rec in data["cases"])
@@ -258,7 +274,8 @@ def notes(data):
         "peak lines below, at the case's thread count, timed once per round between the case's "
         "blocks, after one untimed call as every library's block: this VM's speed drifts by 10-40% over minutes, and a case against the run's "
         "best GEMM minute measures the minute). %numpy: that rate as a fraction of this run's "
-        "float32 GEMM peak with numpy's matmul at the same thread count "
+        "float32 GEMM peak with numpy's matmul at the same thread count (its BLAS's FMA "
+        "sgemm, not a machine peak where fusedrnn runs on AMX tiles) "
         f"(numpy's BLAS: {blas.get('name')} {blas.get('version') or ''}; thread control: "
         f"{blas['thread_control']}).",
         "check: fusedrnn against the float64 NumPy reference on the first "

@@ -385,6 +385,30 @@ def test_agreement_flags_a_wrong_peer():
     assert not check.agreement(got, want)["ok"]
 
 
+def test_a_peer_that_disagrees_fails_the_run_and_leaves_the_summary(tmp_path, capsys,
+                                                                      monkeypatch):
+    """A full-size disagreement with a peer is flagged first in the summary, its speed-up is
+    left out of the summary's figures, and the run exits 1 (fusedrnn's own check still ok)."""
+    real = check.agreement
+
+    def wrong_for_train(got, want):
+        result = real(got, want)
+        return dict(result, ok=result["ok"] and "dx" not in result["compared"])
+
+    monkeypatch.setattr(check, "agreement", wrong_for_train)
+    status, data, out = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--peers",
+                                 "reference")
+    assert status == 1
+    assert all(rec["check"]["ok"] for rec in data["cases"])
+    assert "DISAGREE: reference differs from fusedrnn" in out
+    lines = report.summary(data)
+    assert lines[0].startswith("OUTPUTS DISAGREE") and "rnn train t=1 vs reference" in lines[0]
+    assert any("vs reference, infer: geometric-mean" in line for line in lines)
+    assert not any("vs reference, train" in line for line in lines)
+    assert [what for _, what in report.comparisons(data)] == [
+        "T3-B2-I4-H5-L1 rnn infer t=1 vs reference"]
+
+
 def test_plot_and_markdown(tmp_path, capsys):
     status, data, _ = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--mode", "infer",
                                "--peers", "reference")

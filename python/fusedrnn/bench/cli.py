@@ -10,8 +10,8 @@ shorter timing (with ``--configs`` or ``--sizes``: those cases, with the shorter
 ``--sizes``: your own shapes (instead of the matrix, or in addition to ``--configs``).
 ``--memory``: after the timing, the peak memory of one training call (memory.py) for every
 config and cell of the plan that runs in train mode.
-Exit status 1 when fusedrnn fails its check against the reference in any case, or a case
-raises an error (the others still run).
+Exit status 1 when fusedrnn fails its check against the reference in any case, a peer's
+full-size outputs disagree with fusedrnn's, or a case raises an error (the others still run).
 """
 import argparse
 import datetime
@@ -273,5 +273,6 @@ def main(argv=None):
         else:
             say("plot: skipped, no peer was timed")
     say(f"done in {data['elapsed_s']:.1f} s")
-    ok = not data["errors"] and all(rec["check"]["ok"] for rec in data["cases"])
+    ok = (not data["errors"] and all(rec["check"]["ok"] for rec in data["cases"])
+          and not report.disagreements(data))
     return 0 if ok else 1

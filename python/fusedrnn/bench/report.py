@@ -10,7 +10,7 @@ import json
 import math
 import sys
 
-from . import timing
+from . import check, timing
 from .machine import BUSY_LOAD
 
 PEER_ORDER = ("torch", "onnxruntime", "reference")
@@ -61,7 +61,7 @@ def table_rows(data):
             if r is None:
                 row += [DASH, DASH]
                 continue
-            flag = "" if rec["agreement"].get(p, {}).get("ok", True) else " (!)"
+            flag = "" if agrees(rec, p) else " (!)"
             row += [fmt_ms(r["median_s"]), f"x{r['speedup']:.2f}{flag}"]
         rows.append(row)
     return header, rows
@@ -100,12 +100,26 @@ def _far_note(rec):
     return f" (cores far apart: barrier {ns[0]:.0f} / {ns[1]:.0f} ns)" if ns else ""
 
 
+def agrees(rec, peer):
+    """Whether the peer's full-size outputs agreed with fusedrnn's in this case."""
+    return rec["agreement"].get(peer, {}).get("ok", True)
+
+
+def disagreements(data):
+    """"config cell mode t=N vs peer" of every case where a peer's outputs and fusedrnn's
+    differed beyond the check's tolerance: one of the two computed something else, so its
+    speed-up means nothing (summary() leaves it out, and the run exits 1)."""
+    return [f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']} vs {p}"
+            for rec in data["cases"] for p in rec["agreement"] if not agrees(rec, p)]
+
+
 def comparisons(data):
-    """(speed-up, description) of every comparison with a peer, closest first."""
+    """(speed-up, description) of every comparison with a peer that agreed, closest first."""
     return sorted((rec["results"][p]["speedup"],
                    f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']} vs {p}"
                    + _far_note(rec))
-                  for rec in data["cases"] for p in peers_in(data) if p in rec["results"])
+                  for rec in data["cases"] for p in peers_in(data)
+                  if p in rec["results"] and agrees(rec, p))
 
 
 def slower(data):
@@ -211,7 +225,13 @@ def isa_line(data):
 def summary(data):
     """Lines: which kernels ran, geometric-mean speed-up per peer and mode, failed checks,
     errors, busy machine."""
-    lines = [isa_line(data)]
+    lines = []
+    wrong = disagreements(data)
+    if wrong:
+        lines.append(f"OUTPUTS DISAGREE (fusedrnn vs a peer at full size, beyond "
+                     f"{check.PEER_FACTOR}x the float32 tolerance) in {len(wrong)} comparisons, "
+                     f"left out of every figure below: {'; '.join(wrong)}")
+    lines.append(isa_line(data))
     load = data["machine"].get("load_average")
     if load and load[0] > BUSY_LOAD:
         several = any(rec["threads"] > 1 for rec in data["cases"])
@@ -222,12 +242,12 @@ def summary(data):
     for p in peers_in(data):
         for mode in ("infer", "train"):
             ups = [rec["results"][p]["speedup"] for rec in data["cases"]
-                   if rec["mode"] == mode and p in rec["results"]]
+                   if rec["mode"] == mode and p in rec["results"] and agrees(rec, p)]
             if ups:
                 lines.append(f"fusedrnn vs {p}, {mode}: geometric-mean speed-up "
                              f"x{geomean(ups):.2f} over {len(ups)} cases "
                              f"(range x{min(ups):.2f} .. x{max(ups):.2f})")
-    n = sum(p in rec["results"] for rec in data["cases"] for p in peers_in(data))
+    n = len(comparisons(data))
     lost = slower(data)
     if lost:
         lines.append(f"fusedrnn is slower in {len(lost)} of {n} comparisons; the worst: "
@@ -281,7 +301,7 @@ def notes(data):
         "check: fusedrnn against the float64 NumPy reference on the first "
         "steps and batch rows, with the worst scaled error (forward and gradients).",
         "vs PEER: peer time / fusedrnn time (above 1: fusedrnn is faster). (!) marks a peer whose "
-        "outputs did not agree with fusedrnn's.",
+        "outputs did not agree with fusedrnn's (left out of the summary; the run exits 1).",
         f"{DASH}: not run (onnxruntime is inference only; the NumPy reference, a Python loop "
         f"over time, only runs cases under {limit / 1e9:g} GFLOP; or the peer is not installed).",
     ]

@@ -437,6 +437,24 @@ def test_report_says_which_kernels_ran_against_the_peers_fma():
     assert report.summary(data)[0].startswith("kernels: fusedrnn ran its avx512 kernels")
 
 
+def test_summary_gives_each_regime_its_own_mean_and_the_peak_is_called_a_reference_rate():
+    """The GEMM-bound configs and the small-batch rest get their own geomeans, beside the
+    median; the 2-thread GEMM "peak" (one size, best call) is not called a peak."""
+    def rec(config, up):
+        return {"config": config, "cell": "gru", "mode": "train", "threads": 1, "agreement": {},
+                "check": {"ok": True},
+                "results": {"fusedrnn": {"median_s": 1.0}, "torch": {"speedup": up}}}
+    data = {"machine": {"isa": "avx512", "load_average": None},
+            "cases": [rec("fastrnns", 1.5), rec("wide", 1.5), rec("online-small", 24.0)],
+            "gemm_peak": {"2": {"fusedrnn_gemm": {"gflops": 500.0, "size": 1024},
+                                "numpy_matmul": {"gflops": 300.0, "size": 1024}}}}
+    (line,) = [x for x in report.summary(data) if x.startswith("fusedrnn vs torch, train")]
+    assert "geometric-mean speed-up x3.78 over 3 cases, median x1.50" in line
+    assert "GEMM-bound configs x1.50 over 2, the rest (small batches) x24.00 over 1" in line
+    (peak_line,) = report.peak_lines(data)
+    assert "best call at one size (a reference rate, not the machine's peak)" in peak_line
+
+
 def test_an_empty_selection_is_an_error(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["--quick", "--cells", "rnn_relu"])

@@ -582,6 +582,10 @@ def test_gemm_beside_is_timed_once_a_round_outside_the_budget():
                                "numpy_matmul": {"gflops": 200.0}})
     _, rows = report.table_rows({"cases": [rec]})
     assert rows[0][6:8] == ["80%", "40%"]  # %gemm over the GEMM beside, %numpy over the peak
+    rec["gemm_beside"]["gflops"] = 64.0
+    runner.add_fractions(rec, {"fusedrnn_gemm": {"gflops": 160.0},
+                               "numpy_matmul": {"gflops": 200.0}})
+    assert report.table_rows({"cases": [rec]})[1][0][6] == "125%*"    # flagged as an artefact
 
 
 def test_ab_builds_times_two_builds_side_by_side():

@@ -52,9 +52,10 @@ def table_rows(data):
         frac = ours["fraction_of_peak"]
         chk = rec["check"]
         err = max(chk["forward_error"], chk["gradient_error"] or 0.0)
+        gemm = frac.get("fusedrnn_gemm_beside", frac["fusedrnn_gemm"])
         row = [str(rec["threads"]), rec["config"], rec["cell"], rec["mode"],
                fmt_ms(ours["median_s"]), f"{ours['gflops']:.1f}",
-               f"{100 * frac.get('fusedrnn_gemm_beside', frac['fusedrnn_gemm']):.0f}%",
+               f"{100 * gemm:.0f}%" + ("*" if gemm > 1 else ""),    # over the GEMM: see notes
                f"{100 * frac['numpy_matmul']:.0f}%",
                f"{'ok' if chk['ok'] else 'FAIL'} {err:.0e}"]
         for p in peers:
@@ -311,7 +312,9 @@ def notes(data):
         "that rate as a fraction of our GEMM's median rate in the same minutes (the GEMM of the "
         "peak lines below, at the case's thread count, timed once per round between the case's "
         "blocks, after one untimed call as every library's block: this VM's speed drifts by 10-40% over minutes, and a case against the run's "
-        "best GEMM minute measures the minute). %numpy: that rate as a fraction of this run's "
+        "best GEMM minute measures the minute; * marks a case faster than that GEMM, which says "
+        "the GEMM's calls were slowed, by the machine or by the case's calls before them, more "
+        "than the case's: a measurement artefact, not a rate over 100%). %numpy: that rate as a fraction of this run's "
         "float32 GEMM rate with numpy's matmul at the same thread count (its BLAS's FMA "
         "sgemm, not a machine peak where fusedrnn runs on AMX tiles) "
         f"(numpy's BLAS: {blas.get('name')} {blas.get('version') or ''}; thread control: "

@@ -573,6 +573,20 @@ def test_torch_compile_runs_and_trains_as_eager():
         assert torch.equal(p.grad, q.grad), name
 
 
+def test_torch_compile_does_not_trace_into_the_adapter():
+    """Dynamo stops at the layer: tracing its NumPy glue took seconds a first call and
+    recompiled for each new sequence length (100 frames for these four calls)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    m = ft.GRU(8, 16, num_layers=2)
+    compiled = torch.compile(lambda x: m(x)[0].sum(), backend="aot_eager")
+    for T in (5, 6, 7, 8):
+        x = torch.randn(T, 2, 8)
+        assert torch.equal(compiled(x), m(x)[0].sum())
+    assert counters["frames"]["total"] <= 4
+
+
 @pytest.mark.filterwarnings("ignore")  # torch.jit.trace is deprecated
 def test_a_traced_module_trains_from_two_threads_and_keeps_no_saved_state():
     """A trace keeps the op's non-tensor inputs as constants, one object for every call: the

@@ -280,6 +280,9 @@ class _FusedMixin:
             dtype = p.dtype
         return names, params, dtype
 
+    # torch.compile breaks the graph here and runs the layer as it is: Dynamo tracing into the
+    # NumPy glue took seconds a first call and recompiled for every new sequence length.
+    @_torch.compiler.disable
     def forward(self, input, hx=None):
         if not _torch.jit.is_tracing():
             return self._forward(input, hx)

@@ -11,7 +11,10 @@ import numpy as np
 FORWARD = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 # float32 kernels against the float64 reference: each step rounds gates and states to float32
 # (~6e-8 relative) and our float32 exp/tanh/sigmoid are within 4 ulp; over T <= 100 steps the
-# forward stays below 1e-5, and gradients, which sum over T*B terms, below 1e-4.
+# forward stays below 1e-5, and gradients, which sum over T*B terms, below 1e-4. That holds for
+# the tests' unit-scale inputs and sizes; a pre-activation summing ~1000 inputs, or inputs of
+# ~100, rounds more (torch float32 reaches 1.1-2.8e-5 there too): such cases are compared with
+# torch float32's own error, not with these bounds.
 GRADIENT = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
 # Our GEMM against float64 numpy: a dot product of K terms rounds once per term (FMA), so the

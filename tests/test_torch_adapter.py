@@ -362,6 +362,30 @@ def test_dropout_uses_torch_rng_and_is_off_in_eval():
     assert torch.equal(mod(x)[0], plain(x)[0])
 
 
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_dropout_on_a_packed_sequence_draws_torch_s_masks(enforce_sorted):
+    """torch draws a PackedSequence's masks over its packed data: the same seed gives torch's
+    outputs, gradients and generator state after (the masks were drawn over the padded
+    buffer)."""
+    torch.manual_seed(0)
+    ref = torch.nn.LSTM(3, 4, num_layers=3, dropout=0.4, bidirectional=True, dtype=torch.float64)
+    ours = ft.LSTM.from_module(copy.deepcopy(ref))
+    x = torch.randn(6, 3, 3, dtype=torch.float64)
+    lengths = torch.tensor([6, 2, 4]) if not enforce_sorted else torch.tensor([6, 4, 2])
+    got = {}
+    for name, mod in (("torch", ref), ("ours", ours)):
+        xs = x.clone().requires_grad_(True)
+        packed = pack_padded_sequence(xs, lengths, enforce_sorted=enforce_sorted)
+        torch.manual_seed(3)
+        y = mod(packed)[0].data
+        after = torch.rand(4)
+        y.pow(2).sum().backward()
+        got[name] = (y.detach(), after, xs.grad, mod.weight_ih_l1.grad)
+    for a, b in zip(got["ours"], got["torch"]):
+        assert_close(a.numpy(), b.numpy(), np.float64)
+    assert torch.equal(got["ours"][1], got["torch"][1])
+
+
 def test_dropout_gradient_uses_the_forward_mask():
     torch.manual_seed(0)
     mod = ft.GRU(3, 4, num_layers=2, dropout=0.5, dtype=torch.float64)

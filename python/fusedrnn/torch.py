@@ -100,6 +100,17 @@ def _torch_mask_maker(p, dtype):
     return make
 
 
+def _packed_mask_maker(make, t_idx, b_idx, np_dtype):
+    """torch draws a PackedSequence's masks over its data, (N, features) in packed order: the
+    same draws, put where those rows sit in the padded (T, B, features) buffer, give its masks
+    (and leave torch's generator where torch.nn leaves it)."""
+    def make_padded(shape):
+        padded = np.zeros(shape, dtype=np_dtype)
+        padded[t_idx, b_idx] = make((len(t_idx), shape[2]))
+        return padded
+    return make_padded
+
+
 # Where _FusedStack.forward leaves its token (the kernels' saved state on an empty tensor) for
 # setup_context, which torch.func calls apart from forward (once a level): per thread, since an
 # input would be one object for every call of a torch.jit.trace (its constants), shared by
@@ -347,6 +358,8 @@ class _FusedMixin:
         make_mask = None
         if _base.dropout_active(spec, self.training):
             make_mask = _torch_mask_maker(spec.dropout, dtype)
+            if packed:
+                make_mask = _packed_mask_maker(make_mask, t_idx, b_idx, _NP_DTYPE[dtype])
         tensors = [x, h0, c0, *params]
         _refuse_forward_ad(tensors)
         # A trace records the autograd.Function as one op; the NumPy path below would enter it

@@ -386,6 +386,28 @@ def test_dropout_on_a_packed_sequence_draws_torch_s_masks(enforce_sorted):
     assert torch.equal(got["ours"][1], got["torch"][1])
 
 
+def test_bad_calls_raise_what_torch_raises_too():
+    """Code written for torch.nn catches our errors: shapes are RuntimeError there, a dtype
+    mismatch ValueError (ours stay ValueError / TypeError as well, for the layers' users)."""
+    ref = torch.nn.LSTM(4, 5)
+    ours = ft.LSTM.from_module(copy.deepcopy(ref))
+    shape_cases = [(torch.randn(6, 3, 7), None),
+                   (torch.randn(6, 3, 4), (torch.zeros(1, 2, 5), torch.zeros(1, 2, 5))),
+                   (torch.randn(6, 4), (torch.zeros(1, 1, 5), torch.zeros(1, 1, 5))),
+                   (torch.randn(0, 3, 4), None)]
+    for x, hx in shape_cases:
+        for mod in (ref, ours):
+            with pytest.raises(RuntimeError):
+                mod(x, hx)
+        with pytest.raises(ValueError):
+            ours(x, hx)
+    for mod in (ref, ours):
+        with pytest.raises(ValueError):
+            mod(torch.randn(6, 3, 4, dtype=torch.float64))
+    with pytest.raises(TypeError):
+        ours(torch.randn(6, 3, 4, dtype=torch.float64))
+
+
 def test_dropout_gradient_uses_the_forward_mask():
     torch.manual_seed(0)
     mod = ft.GRU(3, 4, num_layers=2, dropout=0.5, dtype=torch.float64)

@@ -45,6 +45,15 @@ _NP_DTYPE = {_torch.float32: np.dtype(np.float32), _torch.float64: np.dtype(np.f
 _CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
 
+class _ShapeError(ValueError, RuntimeError):
+    """A bad input or state shape: a ValueError, as fusedrnn's layers raise, and a RuntimeError,
+    as torch.nn's modules raise, so `except RuntimeError` written for those still catches it."""
+
+
+class _DtypeError(TypeError, ValueError):
+    """A tensor of another dtype than the parameters': torch.nn raises ValueError there."""
+
+
 def _check_tensor(name, t, dtype=None):
     if not isinstance(t, _torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -58,7 +67,7 @@ def _check_tensor(name, t, dtype=None):
             raise TypeError(f"fusedrnn.torch supports float32 and float64; {name} has dtype "
                             f"{t.dtype}")
     elif t.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} (the parameters' dtype), got {t.dtype}")
+        raise _DtypeError(f"{name} must have dtype {dtype} (the parameters' dtype), got {t.dtype}")
 
 
 def _np(t):
@@ -333,16 +342,16 @@ class _FusedMixin:
             lengths = np.bincount(b_idx, minlength=B).astype(np.int64)
             index = (_torch.from_numpy(t_idx), _torch.from_numpy(b_idx))
             if data.dim() != 2 or data.shape[1] != spec.input_size:
-                raise ValueError(f"input.data must have shape (N, {spec.input_size}), "
-                                 f"got {tuple(data.shape)}")
+                raise _ShapeError(f"input.data must have shape (N, {spec.input_size}), "
+                                  f"got {tuple(data.shape)}")
             x = data.new_zeros((T, B, spec.input_size)).index_put(index, data)
             unbatched = False
         else:
             _check_tensor("input", input, dtype)
             if input.dim() not in (2, 3) or input.shape[-1] != spec.input_size:
                 layout = "B, T" if spec.batch_first else "T, B"
-                raise ValueError(f"input must have shape ({layout}, {spec.input_size}) or "
-                                 f"(T, {spec.input_size}) unbatched, got {tuple(input.shape)}")
+                raise _ShapeError(f"input must have shape ({layout}, {spec.input_size}) or "
+                                  f"(T, {spec.input_size}) unbatched, got {tuple(input.shape)}")
             unbatched = input.dim() == 2
             if unbatched:
                 x = input.unsqueeze(1)
@@ -350,8 +359,8 @@ class _FusedMixin:
                 x = input.transpose(0, 1) if spec.batch_first else input
             T, B = x.shape[:2]
             if T < 1:
-                raise ValueError(f"input must have at least one time step, got shape "
-                                 f"{tuple(input.shape)}")
+                raise _ShapeError(f"input must have at least one time step, got shape "
+                                  f"{tuple(input.shape)}")
             lengths = None
         h0, c0 = self._check_hx(hx, spec, B, unbatched, dtype)
         lengths = _as_lengths(lengths, T, B)
@@ -391,7 +400,7 @@ class _FusedMixin:
         LD = spec.num_layers * spec.num_directions
         want = (LD, width) if unbatched else (LD, B, width)
         if tuple(t.shape) != want:
-            raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+            raise _ShapeError(f"{name} must have shape {want}, got {tuple(t.shape)}")
         return t.unsqueeze(1) if unbatched else t
 
     def _check_hx(self, hx, spec, B, unbatched, dtype):

@@ -96,7 +96,9 @@ class AmxGatesPanels {
   AmxGatesPanels(bool on, PanelKind kind, const T* src, int G, int64_t H, int64_t K,
                  int nthreads, PanelReuse reuse)
       : cached_(kind, src, on ? int64_t(G) * H : 0, K, floats(G, H, K), nthreads, reuse,
-                [&](T* buf, const T* from) { split(from, G, H, K, reinterpret_cast<bf16_t*>(buf), nthreads); }) {
+                [&](T* buf, const T* from) {
+                  split(from, G, H, K, reinterpret_cast<bf16_t*>(buf), nthreads);
+                }) {
     gates_ = AmxGates{G, K, reinterpret_cast<bf16_t*>(cached_.get())};
   }
   const AmxGates& gates() const { return gates_; }

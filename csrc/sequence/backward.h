@@ -431,7 +431,9 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   const PanelReuse reuse = PanelReuse::of_call(true, a.frozen);
   const int64_t hh_rows = k_split ? 0 : gru ? 2 * H : GH;  // (nothing packed when 0)
   CachedPanels<T> whh(PanelKind::BackHH, a.w_hh, hh_rows, Hout, packed_b_size<T>(hh_rows, Hout),
-                      nthreads, reuse, [&](T* buf, const T* from) { pack_b_gemm<T>(hh_rows, Hout, from, Hout, 1, buf, nthreads); });
+                      nthreads, reuse, [&](T* buf, const T* from) {
+                        pack_b_gemm<T>(hh_rows, Hout, from, Hout, 1, buf, nthreads);
+                      });
   CachedPanels<T> whh_halves(
       PanelKind::BackHHHalves, a.w_hh, k_split ? GH : 0, Hout,
       k_split ? halves_packed_size<T>(s, 0) + halves_packed_size<T>(s, 1) : 0, nthreads, reuse,
@@ -443,7 +445,8 @@ void backward_on_threads(const BackwardArgs<T>& a) {
                         if (gru) pack_b_gemm<T>(H, H, from, Hout, 1, buf, nthreads);
                       });
   CachedPanels<T> whr(PanelKind::BackHR, a.w_hr, s.has_proj ? Hout : 0, H,
-                      s.has_proj ? packed_b_size<T>(Hout, H) : 0, nthreads, reuse, [&](T* buf, const T* from) {
+                      s.has_proj ? packed_b_size<T>(Hout, H) : 0, nthreads, reuse,
+                      [&](T* buf, const T* from) {
                         if (s.has_proj) pack_b_gemm<T>(Hout, H, from, H, 1, buf, nthreads);
                       });
 

@@ -47,11 +47,17 @@ void start_workers_with_the_callers_mode(int n) {
 
 int num_threads() {
   int n = g_num_threads.load();
+  if (n > 0) return n;
 #if defined(_OPENMP)
-  if (n <= 0) n = omp_get_max_threads();
+  return omp_get_max_threads();
 #else
-  if (n <= 0) n = 1;
+  return 1;
 #endif
+}
+
+// num_threads() for a call about to run kernels on them: its workers started first.
+int threads_for_call() {
+  const int n = num_threads();
   start_workers_with_the_callers_mode(n);
   return n;
 }
@@ -225,7 +231,7 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
   a.w_ih = w_ih.data(); a.w_hh = w_hh.data(); a.b_ih = opt_ptr(b_ih); a.b_hh = opt_ptr(b_hh);
   a.w_hr = opt_ptr(w_hr);
   a.lengths = lengths ? lengths->data() : nullptr;
-  a.num_threads = num_threads();
+  a.num_threads = threads_for_call();
   a.frozen = frozen;
   if (training) {
     Context& c = call.c;
@@ -451,7 +457,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   a.x = ptr(c.x); a.x_packed = ptr(c.x_packed); a.w_ih = ptr(c.w_ih); a.w_hh = ptr(c.w_hh); a.w_hr = ptr(c.w_hr);
   a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
   a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
-  a.num_threads = num_threads();
+  a.num_threads = threads_for_call();
   a.frozen = c.frozen;
   a.accumulate = accumulate;
   // Overwrite the gates only while no other backward (another thread's) reads them.
@@ -495,10 +501,10 @@ py::array gemm_impl(const KernelTable& kt, py::array_t<T> A, py::array_t<T> B) {
     py::gil_scoped_release nogil;
     if constexpr (sizeof(T) == 4)
       kt.gemm_f32(M, N, K, A.data(), A.strides(0) / s, A.strides(1) / s, B.data(), B.strides(0) / s,
-                  B.strides(1) / s, C.mutable_data(), N, false, num_threads());
+                  B.strides(1) / s, C.mutable_data(), N, false, threads_for_call());
     else
       kt.gemm_f64(M, N, K, A.data(), A.strides(0) / s, A.strides(1) / s, B.data(), B.strides(0) / s,
-                  B.strides(1) / s, C.mutable_data(), N, false, num_threads());
+                  B.strides(1) / s, C.mutable_data(), N, false, threads_for_call());
   }
   return C;
 }
@@ -549,7 +555,7 @@ PYBIND11_MODULE(_C, m) {
                                                "recalled_alone"};
   m.def("team_barrier_ns", [](int rounds) {
     py::gil_scoped_release nogil;
-    return kernels(std::nullopt).team_barrier_ns(num_threads(), rounds);
+    return kernels(std::nullopt).team_barrier_ns(threads_for_call(), rounds);
   }, py::arg("rounds") = 1000,
      "ns per empty meeting of a step team of get_num_threads() threads (0 for one): 25-60 ns "
      "with the cores close, 165-600 ns when the machine puts them far apart");

@@ -23,6 +23,16 @@ def fixed_threads():
 
 
 @pytest.fixture
+def one_thread():
+    """Calls run on one thread, and on as many as before after."""
+    import fusedrnn
+    before = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(1)
+    yield
+    fusedrnn.set_num_threads(before)
+
+
+@pytest.fixture
 def two_threads(fixed_threads):
     """Calls run on two threads (with the fixed policy), and on as many as before after."""
     import fusedrnn

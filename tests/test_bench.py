@@ -551,8 +551,9 @@ def test_close_calls_get_more_reps():
 
 def test_gemm_beside_is_timed_once_a_round_outside_the_budget():
     """The GEMM timed beside a case: once at the start of every round, its own wait and one
-    untimed call first (as every runner's block), its time kept apart and not spent from the budget; the extra rounds of a close call time it too;
-    the case's %gemm column is over its median."""
+    untimed call first (as every runner's block), its time kept apart and not spent from the
+    budget; the extra rounds of a close call time it too; the case's %gemm column is over its
+    median."""
     from fusedrnn.bench import report, runner, timing
 
     events = []

@@ -584,7 +584,7 @@ def flat_outputs(out):
     return [y, *h] if isinstance(h, tuple) else [y, h]
 
 
-def test_weights_swapped_and_back_during_a_call_leave_no_stale_panels():
+def test_weights_swapped_and_back_during_a_call_leave_no_stale_panels(one_thread):
     """Another thread writes the weights during a call and then puts them back (an A/B or EMA
     swap): that call may be torn, as torch's would be, but the calls after must be right. The
     cache packed from the live weights after copying them, so its copy vouched for panels of the
@@ -593,34 +593,29 @@ def test_weights_swapped_and_back_during_a_call_leave_no_stale_panels():
     import threading
     import time
 
-    before = fusedrnn.get_num_threads()
-    fusedrnn.set_num_threads(1)
-    try:
-        layer = fusedrnn.LSTM(512, 512, seed=0).eval()
-        s1 = {k: v.copy() for k, v in layer.state_dict().items()}
-        s2 = fusedrnn.LSTM(512, 512, seed=1).state_dict()
-        x = np.random.default_rng(0).standard_normal((2, 1, 512)).astype(np.float32)
-        want = fusedrnn.LSTM(512, 512, seed=0).eval()(x)[0]
-        pause = random.Random(0)
+    layer = fusedrnn.LSTM(512, 512, seed=0).eval()
+    s1 = {k: v.copy() for k, v in layer.state_dict().items()}
+    s2 = fusedrnn.LSTM(512, 512, seed=1).state_dict()
+    x = np.random.default_rng(0).standard_normal((2, 1, 512)).astype(np.float32)
+    want = fusedrnn.LSTM(512, 512, seed=0).eval()(x)[0]
+    pause = random.Random(0)
 
-        def swap_and_back(delay):
-            time.sleep(delay)
-            layer.load_state_dict(s2)
-            layer.load_state_dict(s1)
+    def swap_and_back(delay):
+        time.sleep(delay)
+        layer.load_state_dict(s2)
+        layer.load_state_dict(s1)
 
-        stale = 0
-        for _ in range(150):
-            layer.load_state_dict(s2)
-            layer(x)                                  # the cache holds s2's panels ...
-            layer.load_state_dict(s1)                 # ... so the next call copies and repacks
-            swapper = threading.Thread(target=swap_and_back, args=(pause.uniform(0, 0.002),))
-            swapper.start()
-            layer(x)                                  # overlaps the swap: may be torn
-            swapper.join()
-            stale += not np.array_equal(layer(x)[0], want)
-        assert stale == 0
-    finally:
-        fusedrnn.set_num_threads(before)
+    stale = 0
+    for _ in range(150):
+        layer.load_state_dict(s2)
+        layer(x)                                  # the cache holds s2's panels ...
+        layer.load_state_dict(s1)                 # ... so the next call copies and repacks
+        swapper = threading.Thread(target=swap_and_back, args=(pause.uniform(0, 0.002),))
+        swapper.start()
+        layer(x)                                  # overlaps the swap: may be torn
+        swapper.join()
+        stale += not np.array_equal(layer(x)[0], want)
+    assert stale == 0
 
 
 def test_kernels_release_the_gil_while_a_layer_runs():

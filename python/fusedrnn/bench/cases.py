@@ -152,7 +152,8 @@ def make_problem(config, cell, seed=0):
         layers.append({name: w[name] for name in ("w_ih", "w_hh", "b_ih", "b_hh")})
 
     def normal(*shape, scale=1.0):
-        a = rng.standard_normal(shape, dtype=np.float32)   # drawn in float32: no float64 copy of a huge --sizes case
+        # Drawn in float32: a huge --sizes case gets no float64 copy on the way.
+        a = rng.standard_normal(shape, dtype=np.float32)
         a *= np.float32(scale)
         return a
 

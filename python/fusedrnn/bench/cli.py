@@ -200,8 +200,9 @@ def run(args, argv):
     peaks = {}
     for n in threads:
         peaks[n] = pk = peak.measure(n, ours.set_threads, settings["peak_budget_s"])
-        say(f"GEMM reference rate (best call, one size), {n} thread(s): fusedrnn {pk['fusedrnn_gemm']['gflops']:.1f} GFLOP/s, "
-            f"numpy {pk['numpy_matmul']['gflops']:.1f} GFLOP/s (measured again at the end)")
+        say(f"GEMM reference rate (best call, one size), {n} thread(s): fusedrnn "
+            f"{pk['fusedrnn_gemm']['gflops']:.1f} GFLOP/s, numpy "
+            f"{pk['numpy_matmul']['gflops']:.1f} GFLOP/s (measured again at the end)")
 
     gemm_beside = peak.gemm_beside(min(pk["fusedrnn_gemm"]["size"] for pk in peaks.values()))
     say(f"{len(plan_)} cases")

@@ -72,8 +72,8 @@ WARM_UP = dict(T=3, B=2, I=8, H=8)      # the tiny problem that pays for library
 NOT_ON_THIS_OS = "not available on this OS (needs Linux's /proc/self/status and clear_refs)"
 METHOD = ("peak extra resident memory (VmHWM - VmRSS before) of one training call, forward + "
           "backward of y with gradient dy, in a fresh process after a warm-up call on a tiny "
-          "problem; 1 thread. kept: extra resident memory after the call, its outputs and gradients freed "
-          "and free heap returned to the OS")
+          "problem; 1 thread. kept: extra resident memory after the call, its outputs and "
+          "gradients freed and free heap returned to the OS")
 
 
 # -- what BPTT needs, analytically

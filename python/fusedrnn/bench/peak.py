@@ -6,9 +6,10 @@ where one product takes over a quarter second); the peak is the best of the repe
 the run keeps the better of a measurement at its start and one at its end.
 
 ``gemm_beside`` is the same GEMM as a call that each case times once per round (after one
-untimed call, as each runner's block) beside its runners (runner.run_case): this VM's speed drifts by 10-40% over minutes, so a case's rate over
-the run's best GEMM minute says more about the minute than about the kernels; over the GEMM rate
-of the case's own minutes it does not.
+untimed call, as each runner's block) beside its runners (runner.run_case): this VM's speed
+drifts by 10-40% over minutes, so a case's rate over the run's best GEMM minute says more
+about the minute than about the kernels; over the GEMM rate of the case's own minutes it does
+not.
 """
 import time
 

@@ -211,7 +211,7 @@ def far_line(data):
 
 def isa_line(data):
     """Which kernels fusedrnn ran against the peers' float32 FMA GEMMs: on AMX tiles much of a
-    GEMM-bound speed-up is the tiles', which a CPU without AMX does not get (audit F2)."""
+    GEMM-bound speed-up is the tiles', which a CPU without AMX does not get."""
     isa = data["machine"]["isa"]
     if isa != "amx":
         return (f"kernels: fusedrnn ran its {isa} kernels, float32 FMA like the peers' "
@@ -227,7 +227,7 @@ def isa_line(data):
 def _by_regime(recs, peer):
     """The geomean per regime: one mean over all pools the GEMM-bound sizes with small-batch
     ones where a peer's per-step overhead (torch's unfused RNN/GRU autograd at B=1: x15-x86)
-    dominates, which says little about either (audit F6)."""
+    dominates, which says little about either."""
     parts = []
     for label, inside in (("GEMM-bound configs", True), ("the rest (small batches)", False)):
         ups = [r["results"][peer]["speedup"] for r in recs if (r["config"] in GEMM_BOUND) == inside]
@@ -286,7 +286,7 @@ def summary(data):
 
 def peak_lines(data):
     """The GEMM rates the fractions are over. Best call at one size: a reference rate, not the
-    machine's peak (on 2 threads 1024^3 is too small for it, and a case beat it; audit F8)."""
+    machine's peak (on 2 threads 1024^3 is too small for it, and a case beat it)."""
     lines = []
     for n, peak in data["gemm_peak"].items():
         ours, np_ = peak["fusedrnn_gemm"], peak["numpy_matmul"]
@@ -311,10 +311,11 @@ def notes(data):
         "GFLOP/s: forward 2*T*B*G*H*(I+H) per layer, training 3x that. %gemm: "
         "that rate as a fraction of our GEMM's median rate in the same minutes (the GEMM of the "
         "peak lines below, at the case's thread count, timed once per round between the case's "
-        "blocks, after one untimed call as every library's block: this VM's speed drifts by 10-40% over minutes, and a case against the run's "
-        "best GEMM minute measures the minute; * marks a case faster than that GEMM, which says "
-        "the GEMM's calls were slowed, by the machine or by the case's calls before them, more "
-        "than the case's: a measurement artefact, not a rate over 100%). %numpy: that rate as a fraction of this run's "
+        "blocks, after one untimed call as every library's block: this VM's speed drifts by "
+        "10-40% over minutes, and a case against the run's best GEMM minute measures the "
+        "minute; * marks a case faster than that GEMM, which says the GEMM's calls were slowed, "
+        "by the machine or by the case's calls before them, more than the case's: a measurement "
+        "artefact, not a rate over 100%). %numpy: that rate as a fraction of this run's "
         "float32 GEMM rate with numpy's matmul at the same thread count (its BLAS's FMA "
         "sgemm, not a machine peak where fusedrnn runs on AMX tiles) "
         f"(numpy's BLAS: {blas.get('name')} {blas.get('version') or ''}; thread control: "

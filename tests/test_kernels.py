@@ -152,12 +152,14 @@ def test_ride_trial_takes_turns_then_keeps_the_faster(rng, ride_way):
 
 
 def in_step_fits_l2(cell, B, I, Hout, f64=False, isa=None):
-    """projection_mode.h's L2 condition: a unit block's gate panels of W_ih and W_hh (NR units,
-    two vectors wide) and the step's rows of x_t and h fit half of one core's L2."""
+    """projection_mode.h's cache conditions: W_ih and W_hh take at most 2/3 of the L3, and a
+    unit block's gate panels of them (NR units, two vectors wide) and the step's rows of x_t and
+    h fit half of one core's L2."""
     size = 8 if f64 else 4
     nr = 2 * _C.vector_bytes(isa) // size
     gates = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
-    return 2 * (gates * nr + B) * (I + Hout) * size <= _C.cache_bytes()["l2"]
+    weights_fit_l3 = 3 * gates * Hout * (I + Hout) * size <= 2 * _C.cache_bytes()["l3"]
+    return weights_fit_l3 and 2 * (gates * nr + B) * (I + Hout) * size <= _C.cache_bytes()["l2"]
 
 
 def amx_projection_apart(cell, B, I, H, Hout, f64=False, isa=None):
@@ -465,11 +467,15 @@ def test_step_split_rule():
     # big: hidden units instead (rows_split_evenly). 64 rows: 32 + 32 in 12-row tiles
     # (rows_in_equal_shares: 12, 12, 8), but shares of 6-row tiles would end in 2 rows, and
     # whole ones split 36 + 28: units. 96 rows split evenly either way.
+    # Rows also need W_hh within half of one core's L2: H = 512 on a 2 MB L2, 352 on a 1 MB one
+    # (a step of 64 rows still over kUnevenRowsMaxStepFlops).
     rnn = functional.CELL_CODES["rnn_tanh"]
+    H = 512 if 512 * 512 * 4 <= _C.cache_bytes()["l2"] // 2 else 352
+    assert H * H * 4 <= _C.cache_bytes()["l2"] // 2 and 2 * 64 * H * H > 1e7
     for isa, rows_64 in (("avx2", "units"), ("avx512", "rows")):
         if isa in _C.available_isas():
-            assert _C.step_split(rnn, 100, 512, 512, threads=2, isa=isa) == "units"
-            assert _C.step_split(rnn, 64, 512, 512, threads=2, isa=isa) == rows_64
+            assert _C.step_split(rnn, 100, H, H, threads=2, isa=isa) == "units"
+            assert _C.step_split(rnn, 64, H, H, threads=2, isa=isa) == rows_64
             assert _C.step_split(rnn, 96, 128, 128, threads=2, isa=isa) == "rows"
     assert _C.step_split(lstm, 96, 128, 128, threads=1) == "one"
     assert _C.step_split(lstm, 1, 32, 32, threads=2, backward=True) == "one"

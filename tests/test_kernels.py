@@ -162,20 +162,26 @@ def in_step_fits_l2(cell, B, I, Hout, f64=False, isa=None):
     return weights_fit_l3 and 2 * (gates * nr + B) * (I + Hout) * size <= _C.cache_bytes()["l2"]
 
 
-def amx_projection_apart(cell, B, I, H, Hout, f64=False, isa=None):
-    """projection_mode.h's rule for the amx build's float32: one GEMM before the loop where
-    W_ih's and W_hh's split (6 bytes a weight) pass one core's L2 and 4 I >= Hout, for the RNN
-    at any batch, for LSTM and GRU under 48 rows."""
+def projection_apart(cell, B, I, H, Hout, f64=False, isa=None):
+    """projection_mode.h's rule for one GEMM before the loop where the step's weights pass L2
+    and 4 I >= Hout. The amx build's float32 (its split, 6 bytes a weight): W_ih's and W_hh's
+    split past one core's L2, for the RNN at any batch, for LSTM and GRU under 48 rows. The FMA
+    kernels: W_ih and W_hh past L2 together, W_hh within twice the L2, the RNN at any batch,
+    LSTM and GRU under 40 rows."""
     gates = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}[cell]
-    split = gates * H * (I + Hout) * 6
-    return ((isa or _C.isa()) == "amx" and not f64 and (gates == 1 or B < 48)
-            and split > _C.cache_bytes()["l2"] and 4 * I >= Hout)
+    l2 = _C.cache_bytes()["l2"]
+    if (isa or _C.isa()) == "amx" and not f64:
+        split = gates * H * (I + Hout) * 6
+        return (gates == 1 or B < 48) and split > l2 and 4 * I >= Hout
+    size = 8 if f64 else 4
+    return ((gates == 1 or B < 40) and gates * H * (I + Hout) * size > l2
+            and gates * H * Hout * size <= 2 * l2 and 4 * I >= Hout)
 
 
 def test_projection_mode_rule():
     """In the step from 8 rows, without lengths, with an input, while W_ih and W_hh fit in L3
     (deepbench's LSTM, 32 MB of weights, does not), a unit block's tiles fit half of L2
-    (fastrnns' do not on a 512 KB L2) and, in the amx build's float32, not amx_projection_apart;
+    (fastrnns' do not on a 512 KB L2) and not projection_apart;
     riding along a single LSTM or GRU row without lengths while I <= G * Hout / 2 and W_hh fits
     in L2; else one GEMM over the whole sequence."""
     lstm, gru = functional.CELL_CODES["lstm"], functional.CELL_CODES["gru"]
@@ -185,7 +191,7 @@ def test_projection_mode_rule():
                                ("lstm", 128, 320), ("lstm", 100, 900), ("lstm", 160, 160)):
                 code = functional.CELL_CODES[cell]
                 fits = in_step_fits_l2(cell, 16, I, H, f64, isa)
-                want = "in_step" if fits and not amx_projection_apart(cell, 16, I, H, H, f64, isa) else "whole"
+                want = "in_step" if fits and not projection_apart(cell, 16, I, H, H, f64, isa) else "whole"
                 assert _C.projection_mode(code, 16, I, H, H, f64, isa=isa) == want, (isa, f64, cell, I, H)
     if "amx" in _C.available_isas() and _C.cache_bytes()["l2"] == 2 << 20:
         # This machine (2 MB L2): the stacked LSTM and GRU take the GEMM, the RNN stays in the step.
@@ -197,6 +203,16 @@ def test_projection_mode_rule():
         rnn = functional.CELL_CODES["rnn_tanh"]
         assert _C.projection_mode(rnn, 64, 512, 512, 512, isa="amx") == "whole"
         assert _C.projection_mode(rnn, 64, 256, 256, 256, isa="amx") == "in_step"
+    if _C.cache_bytes()["l2"] == 1 << 20:
+        # A 1 MB L2 (Zen 5): the stacked LSTM and GRU take the GEMM under 40 rows, the RNN
+        # stays in the step until its weights pass L2.
+        for isa in set(ISAS) & {"avx2", "avx512"}:
+            assert _C.projection_mode(lstm, 16, 256, 256, 256, isa=isa) == "whole"
+            assert _C.projection_mode(gru, 32, 256, 256, 256, isa=isa) == "whole"
+            assert _C.projection_mode(lstm, 40, 256, 256, 256, isa=isa) == "in_step"
+            rnn = functional.CELL_CODES["rnn_tanh"]
+            assert _C.projection_mode(rnn, 16, 256, 256, 256, isa=isa) == "in_step"
+            assert _C.projection_mode(rnn, 16, 512, 512, 512, isa=isa) == "whole"
     fastrnns = "in_step" if in_step_fits_l2("lstm", 64, 512, 512) else "whole"
     assert _C.projection_mode(lstm, 64, 512, 512, 512) == fastrnns
     # Small weights, many rows: the L2 condition alone decides, up to the last row that fits.

@@ -74,11 +74,36 @@ bool amx_projection_apart(const LayerShape& s) {
   (void)s;
   return false;
 }
+// The FMA kernels' counterpart, measured on a 1 MB L2 (Zen 5): where W_ih and W_hh no longer fit
+// L2 together but W_hh alone fits twice the L2 or less, and W_ih is a quarter of the stream or
+// more, streaming both from L3 every step lost to one GEMM before the loop and W_hh alone in the
+// step: for the RNN at any batch, for LSTM and GRU under 40 rows (at 48 rows on 2 threads the
+// LSTM lost x0.91). In-process A/B (bench/ab_builds.py), medians, 1 thread, inference,
+// T x B x I x H: 50x16x256x256 (the stacked config) LSTM x1.06, GRU x1.07 (2 threads x1.05,
+// x1.00; training x1.02, x1.05), 50x8x256x256 LSTM x1.07, GRU x1.10, 50x32x256x256 x1.03 and
+// x1.03, 100x16x128x320 x1.02 and x1.03, RNN 50x16x512x512 x1.09 (2 threads x1.07). Kept in the
+// step: W_hh over twice the L2, 50x16x512x512 LSTM x0.98; 48 rows, LSTM x1.00 (2 threads x0.91).
+template <typename T>
+bool fma_projection_apart(const LayerShape& s) {
+  const int64_t G = gates_of(s.cell), bytes = sizeof(T), l2 = l2_cache_bytes();
+  const bool rows = G == 1 || s.B < 40;
+  const bool both_past_l2 = G * s.H * (s.I + s.Hout) * bytes > l2;
+  const bool w_hh_near_l2 = G * s.H * s.Hout * bytes <= 2 * l2;
+  return rows && both_past_l2 && w_hh_near_l2 && 4 * s.I >= s.Hout;
+}
+// Which of the two applies: the amx build's float32 runs its steps on AMX tiles.
+template <typename T>
+bool projection_apart(const LayerShape& s) {
+#if defined(FUSEDRNN_AMX)
+  if constexpr (std::is_same_v<T, float>) return amx_projection_apart<T>(s);
+#endif
+  return fma_projection_apart<T>(s);
+}
 template <typename T>
 bool in_step_projection(const LayerShape& s, bool has_lengths) {
   const int64_t weight_bytes = gates_of(s.cell) * s.H * (s.I + s.Hout) * int64_t(sizeof(T));
   return !has_lengths && s.I > 0 && s.B >= kInStepRows && 3 * weight_bytes <= 2 * l3_cache_bytes() &&
-         2 * in_step_block_bytes<T>(s) <= l2_cache_bytes() && !amx_projection_apart<T>(s);
+         2 * in_step_block_bytes<T>(s) <= l2_cache_bytes() && !projection_apart<T>(s);
 }
 
 // Whether the input projection rides along the steps of a single LSTM or GRU row: the B = 1 step

@@ -98,6 +98,25 @@ inline void prefetch_to_l2(const void* p) {
 #endif
 }
 
+// Whether the micro-kernels prefetch B's panel ahead of its loads (microkernel.h). On Intel
+// cores it paid (the wide LSTM's W_hh streaming from L3). On AMD's Zen 5 the hardware prefetchers
+// alone were faster: in-process A/B (bench/ab_builds.py), 1 thread, inference, prefetch -> none:
+// wide LSTM 252.9 -> 238.9 ms, GRU 197.1 -> 192.7, deepbench-train LSTM 114.1 -> 111.8, GRU 93.3
+// -> 89.0, fastrnns LSTM 110.9 -> 109.2; 2 threads wide LSTM 130.7 -> 127.0; training
+// deepbench-train LSTM 353.4 -> 346.0, stacked 11.66 -> 11.47 (others within noise). Zen 4 and
+// older AMD cores were not measured and take the same choice.
+inline bool prefetch_b_panels() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const bool on = [] {
+    __builtin_cpu_init();
+    return !__builtin_cpu_is("amd");
+  }();
+  return on;
+#else
+  return true;
+#endif
+}
+
 // Threads in the current parallel region (1 outside one, or without OpenMP).
 inline int team_size() {
 #if defined(_OPENMP)

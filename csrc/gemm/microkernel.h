@@ -48,9 +48,10 @@ template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 
 enum class AForm { Rows, Panel, Blocked };
 
 // bias (NR values, only when !accumulate): every row's chain starts from it instead of zero.
-template <typename T, int M, AForm Form = AForm::Rows, bool Split = true>
-inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
-                              bool accumulate, const T* bias = nullptr) {
+// Prefetch: whether B's panel is prefetched ahead (micro_kernel_rows below chooses).
+template <typename T, int M, AForm Form, bool Split, bool Prefetch>
+inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, const T* b, T* c,
+                                          int64_t ldc, bool accumulate, const T* bias) {
   using V = Vec<T>;
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
@@ -77,14 +78,15 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
     else return arow[r][k];
   };
   // B streams from L2 (or L3: wide's 16 MB W_hh) in the recurrent step, since the gate panels
-  // of a unit block outgrow L1: prefetch it 16 k-steps (64-byte lines) ahead, and unroll so the
-  // loop's own instructions stay out of the FMA pipes' way. 16 vs 4 ahead: wide LSTM step-only
+  // of a unit block outgrow L1: on Intel cores (prefetch_b_panels) prefetch it 16 k-steps
+  // ahead, and unroll so the loop's own instructions stay out of the FMA pipes' way. 16 vs 4 ahead: wide LSTM step-only
   // min 816-925 vs 880-960 ms; 32 ahead was no better.
   // A k-step of B is NR * sizeof(T) bytes: one 64-byte line on AVX2, two on AVX-512, and each
   // is prefetched (the first alone: wide LSTM on AVX-512 832 ms, 714 ms on AVX2). Under 4 rows
   // a k-step takes a few cycles, 16 of them are too close to hide anything, and the prefetches
   // were a third of the load slots of the B = 1 step (long-seq LSTM, AVX-512).
   constexpr int64_t PF = 16;
+  constexpr bool prefetch = Prefetch && M >= 4;
   int64_t k = 0;
   // Blocked A, whole vectors of k at a time: row r's next W values lie at one base + r * W + kk,
   // all immediate offsets once the kk loop unrolls. The general loop below recomputed
@@ -95,7 +97,7 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
       const T* ak = a + k * MR;  // k is a multiple of W
 #pragma GCC unroll 16
       for (int kk = 0; kk < W; ++kk) {
-        if (M >= 4)
+        if constexpr (prefetch)
           for (int l = 0; l < Tile<T>::LINES; ++l)
             __builtin_prefetch(reinterpret_cast<const char*>(b + (k + kk + PF) * NR) + 64 * l);
         V bv[NV];
@@ -110,7 +112,7 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
 #pragma GCC unroll 4
   for (; k + KS <= K; k += KS) {
     for (int s = 0; s < KS; ++s) {
-      if (M >= 4)  // a few rows go through B faster than a prefetch helps: see above
+      if constexpr (prefetch)  // a few rows go through B faster than a prefetch helps: see above
         for (int l = 0; l < Tile<T>::LINES; ++l)
           __builtin_prefetch(reinterpret_cast<const char*>(b + (k + s + PF) * NR) + 64 * l);
       V bv[NV];
@@ -134,6 +136,17 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
       for (int v = 0; v < NV; ++v) acc[0][r][v] = V::add(acc[0][r][v], acc[s][r][v]);
   for (int r = 0; r < M; ++r)
     for (int v = 0; v < NV; ++v) acc[0][r][v].store(c + r * ldc + v * V::W);
+}
+
+// The kernel with B's prefetch where this CPU gains from it (prefetch_b_panels). A template
+// argument, not a flag in the loop: a flag tested every k-step cost wide LSTM 5% on Zen 5.
+template <typename T, int M, AForm Form = AForm::Rows, bool Split = true>
+inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
+                              bool accumulate, const T* bias = nullptr) {
+  if (prefetch_b_panels())
+    micro_kernel_rows_prefetching<T, M, Form, Split, true>(K, a, lda, b, c, ldc, accumulate, bias);
+  else
+    micro_kernel_rows_prefetching<T, M, Form, Split, false>(K, a, lda, b, c, ldc, accumulate, bias);
 }
 
 // A tile of a product riding along micro_kernel_row_gates: out(r, n) = bias(n) + sum over

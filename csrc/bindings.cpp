@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <initializer_list>
@@ -28,6 +29,10 @@ using fusedrnn::LayerShape;
 namespace {
 
 std::atomic<int> g_num_threads{0};  // 0: not set, use OpenMP's default (OMP_NUM_THREADS)
+// The most threads a call may ask for. Where the system cannot start as many as asked, GNU
+// OpenMP ends the process (exit 1) at the next parallel region, so an absurd count is refused up
+// front; 1024 is more than the logical CPUs of any machine this runs on.
+constexpr int kMaxThreads = 1024;
 
 // Starts this thread's OpenMP workers, if it has fewer than n, outside any kernel: a worker
 // copies its creator's floating-point mode, and one born inside a kernel's DenormalsFlushed
@@ -49,7 +54,7 @@ int num_threads() {
   int n = g_num_threads.load();
   if (n > 0) return n;
 #if defined(_OPENMP)
-  return omp_get_max_threads();
+  return std::min(omp_get_max_threads(), kMaxThreads);
 #else
   return 1;
 #endif
@@ -532,8 +537,12 @@ PYBIND11_MODULE(_C, m) {
   m.attr("openmp") = false;
 #endif
   m.def("get_num_threads", &num_threads);
+  m.attr("max_num_threads") = kMaxThreads;
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw py::value_error("num_threads must be >= 1, got " + std::to_string(n));
+    if (n > kMaxThreads)
+      throw py::value_error("num_threads must be <= " + std::to_string(kMaxThreads) + ", got " +
+                            std::to_string(n));
     g_num_threads.store(n);
   });
   // Threads of a layer call: "team" (as asked, the default), "adaptive" or "alone" (see

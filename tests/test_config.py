@@ -69,6 +69,14 @@ def test_threads_set_get_and_refuse_bad_values():
             fusedrnn.set_num_threads(0)
         with pytest.raises(TypeError, match="num_threads must be an int"):
             fusedrnn.set_num_threads(1.5)
+        # GNU OpenMP ends the process where it cannot start the threads: refused up front
+        for n in (1025, 10**6, 10**30):
+            with pytest.raises(ValueError, match="num_threads must be <= 1024"):
+                fusedrnn.set_num_threads(n)
+        with pytest.raises(ValueError, match="num_threads must be <= 1024"):
+            _C.set_num_threads(1025)
+        fusedrnn.set_num_threads(1024)   # (no kernel runs on them here)
+        assert fusedrnn.get_num_threads() == 1024
     finally:
         fusedrnn.set_num_threads(before)
 
@@ -78,6 +86,8 @@ def test_omp_num_threads_is_the_default():
         pytest.skip("built without OpenMP")
     r = run_python("import fusedrnn; print(fusedrnn.get_num_threads())", OMP_NUM_THREADS="1")
     assert r.stdout.strip() == "1"
+    r = run_python("import fusedrnn; print(fusedrnn.get_num_threads())", OMP_NUM_THREADS="5000")
+    assert r.stdout.strip() == "1024"
 
 
 FORK_AFTER_THREADS = """

@@ -11,9 +11,12 @@ _in_forked_child = False
 
 
 def set_num_threads(n):
-    """Threads the kernels may use (overrides OMP_NUM_THREADS for fusedrnn)."""
+    """Threads the kernels may use (overrides OMP_NUM_THREADS for fusedrnn), 1 to 1024."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"num_threads must be an int, got {type(n).__name__}")
+    if n > _C.max_num_threads:   # (before the int reaches C++, which takes 32 bits)
+        raise ValueError(f"num_threads must be <= {_C.max_num_threads} (more threads than any "
+                         f"machine's CPUs; this one has {os.cpu_count()}), got {n}")
     if _in_forked_child and n > 1:
         raise RuntimeError(
             f"set_num_threads({n}) in a process made by fork(): GNU OpenMP's threads do not "

@@ -141,7 +141,7 @@ def test_copies_freeze_again_under_their_own_id(rng):
     x = rng.standard_normal((4, 2, 5)).astype(np.float32)
     want = m(x)[0]
     for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
-        assert other.frozen and other._frozen_id != m._frozen_id
+        assert other.frozen and other._params.frozen_id != m._params.frozen_id
         assert np.array_equal(other(x)[0], want)
 
 
@@ -240,3 +240,41 @@ def test_frozen_calls_keep_packed_weights_but_no_copy_of_their_bytes(rng):
     alias(w_hh)[...] *= 2
     assert np.array_equal(run(8), wants[0])          # a new id compares with the copy
     assert np.array_equal(run(8), wants[0]) and _C.packed_cache() == held
+
+
+
+@pytest.mark.parametrize("start_frozen", [False, True], ids=["freeze", "unfreeze"])
+def test_an_eval_call_survives_freeze_or_unfreeze_at_any_point(rng, start_frozen):
+    """Another thread may freeze() or unfreeze() the layer at any point of a call: here at each
+    function call of an eval forward in turn, in the caller's thread, as a thread switch would
+    (sys.setprofile). Before, a call that read the parameters and then their frozen id could get
+    the writable set with the new id (about once in 18k calls racing freeze()), which the
+    kernels refused with a ValueError."""
+    import sys
+    m = fusedrnn.LSTM(3, 4, seed=1)
+    m.eval()
+    x = rng.standard_normal((2, 1, 3)).astype(np.float32)
+    want = m(x)[0]
+
+    def call_with_toggle_at(event):
+        (m.freeze if start_frozen else m.unfreeze)()
+        seen = [0]
+
+        def hook(frame, what, arg):
+            if what in ("call", "c_call"):
+                if seen[0] == event:
+                    (m.unfreeze if start_frozen else m.freeze)()
+                seen[0] += 1
+
+        sys.setprofile(hook)
+        try:
+            y = m(x)[0]
+        finally:
+            sys.setprofile(None)
+        return y, seen[0]
+
+    _, events = call_with_toggle_at(-1)
+    assert events > 20
+    for event in range(events):
+        y, _ = call_with_toggle_at(event)
+        assert np.array_equal(y, want), event

@@ -55,6 +55,27 @@ IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "
 _FROZEN_IDS = itertools.count(1)
 
 
+class _FrozenParams(dict):
+    """A frozen layer's parameters (read-only copies, freeze()) and the id the kernels may trust
+    for them, in one object: a call reads the layer's parameters once and gets the id that goes
+    with them, whatever another thread freezes or unfreezes meanwhile (a separate id read a
+    moment later could belong to the next parameter set: about once in 18k calls racing
+    freeze(), the kernels refused writable weights under a frozen id). frozen_id drops to 0,
+    for good, once a writable array is found among them."""
+
+    def __init__(self, params, frozen_id):
+        super().__init__(params)
+        self.frozen_id = frozen_id
+
+
+def _frozen_id_of(params):
+    """The frozen id the kernels may trust for this parameter set (0: none)."""
+    frozen_id = getattr(params, "frozen_id", 0)
+    if frozen_id and any(p.flags.writeable for p in params.values()):
+        params.frozen_id = frozen_id = 0
+    return frozen_id
+
+
 def _immutable_copy(a):
     """A read-only copy of ``a`` that NumPy refuses to make writable: its memory is a bytes
     object's."""
@@ -86,7 +107,6 @@ class _Layer:
         self.grads = {name: np.zeros_like(p) for name, p in self._params.items()}
         self._spare_grads = {}  # the arrays of grads entries set to None (zero_grad)
         self.training = True
-        self._frozen_id = 0     # see freeze()
         self._saved = None
         self._why_no_saved = "no forward has run yet"
 
@@ -189,8 +209,8 @@ class _Layer:
         a parameter made writable, changed and made read-only again between two calls would
         have gone unseen. Returns the layer."""
         if not self._frozen_now():
-            self._params = {name: _immutable_copy(p) for name, p in self._params.items()}
-            self._frozen_id = next(_FROZEN_IDS)
+            self._params = _FrozenParams(
+                {name: _immutable_copy(p) for name, p in self._params.items()}, next(_FROZEN_IDS))
             self._forget("the layer was frozen since the last forward")
         return self
 
@@ -200,7 +220,6 @@ class _Layer:
             self._params = {name: p if p.flags.writeable else p.copy()
                             for name, p in self._params.items()}
             self._forget("the layer was unfrozen since the last forward")
-        self._frozen_id = 0
         return self
 
     @property
@@ -212,9 +231,7 @@ class _Layer:
         """The frozen id the kernels may trust (0: none). The frozen copies cannot be made
         writable; a writable array put in their place (by reaching into the layer) ends the
         promise all the same."""
-        if self._frozen_id and any(p.flags.writeable for p in self._params.values()):
-            self._frozen_id = 0
-        return self._frozen_id
+        return _frozen_id_of(self._params)
 
     def __getstate__(self):
         # The kernels' saved state of a pending training forward (a _C.Context) stays with this
@@ -234,8 +251,9 @@ class _Layer:
         self.__dict__.update(state)
         self.__dict__.pop("_grads_verdict", None)  # another copy's arrays: checked afresh
         self.__dict__.setdefault("_spare_grads", {})  # pickled before zero_grad(set_to_none)
-        if state.get("_frozen_id"):
-            self.__dict__["_frozen_id"] = 0
+        params = self.__dict__["_params"]
+        if getattr(params, "frozen_id", 0):   # (the copied arrays may have come back writable)
+            self.__dict__["_params"] = dict(params)
             self.freeze()
             self.__dict__["_why_no_saved"] = state.get("_why_no_saved",  # (not freeze()'s)
                                                        self._why_no_saved)
@@ -341,9 +359,10 @@ class _Layer:
         make_mask = None
         if base.dropout_active(s, self.training):
             make_mask = base.numpy_mask_maker(self._dropout_rng, s.dropout, self.dtype)
-        y, hn, cn, saved = base.stack_forward(s, self._params, x_tm, h0, c0, lengths,
+        params = self._params   # read once: its frozen id goes with it (_FrozenParams)
+        y, hn, cn, saved = base.stack_forward(s, params, x_tm, h0, c0, lengths,
                                               save=self.training, make_mask=make_mask,
-                                              checked=True, frozen=self._frozen_now())
+                                              checked=True, frozen=_frozen_id_of(params))
         if self.training:
             self._saved = (saved, T, B, unbatched)
         else:

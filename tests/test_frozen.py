@@ -4,6 +4,7 @@ plain layer's, bit for bit; what the promise covers and how it ends."""
 import copy
 import ctypes
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -242,7 +243,6 @@ def test_frozen_calls_keep_packed_weights_but_no_copy_of_their_bytes(rng):
     assert np.array_equal(run(8), wants[0]) and _C.packed_cache() == held
 
 
-
 @pytest.mark.parametrize("start_frozen", [False, True], ids=["freeze", "unfreeze"])
 def test_an_eval_call_survives_freeze_or_unfreeze_at_any_point(rng, start_frozen):
     """Another thread may freeze() or unfreeze() the layer at any point of a call: here at each
@@ -250,7 +250,6 @@ def test_an_eval_call_survives_freeze_or_unfreeze_at_any_point(rng, start_frozen
     (sys.setprofile). Before, a call that read the parameters and then their frozen id could get
     the writable set with the new id (about once in 18k calls racing freeze()), which the
     kernels refused with a ValueError."""
-    import sys
     m = fusedrnn.LSTM(3, 4, seed=1)
     m.eval()
     x = rng.standard_normal((2, 1, 3)).astype(np.float32)

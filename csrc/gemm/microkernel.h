@@ -79,8 +79,8 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
   };
   // B streams from L2 (or L3: wide's 16 MB W_hh) in the recurrent step, since the gate panels
   // of a unit block outgrow L1: on Intel cores (prefetch_b_panels) prefetch it 16 k-steps
-  // ahead, and unroll so the loop's own instructions stay out of the FMA pipes' way. 16 vs 4 ahead: wide LSTM step-only
-  // min 816-925 vs 880-960 ms; 32 ahead was no better.
+  // ahead, and unroll so the loop's own instructions stay out of the FMA pipes' way. 16 vs 4
+  // ahead: wide LSTM step-only min 816-925 vs 880-960 ms; 32 ahead was no better.
   // A k-step of B is NR * sizeof(T) bytes: one 64-byte line on AVX2, two on AVX-512, and each
   // is prefetched (the first alone: wide LSTM on AVX-512 832 ms, 714 ms on AVX2). Under 4 rows
   // a k-step takes a few cycles, 16 of them are too close to hide anything, and the prefetches

@@ -627,12 +627,15 @@ PYBIND11_MODULE(_C, m) {
     return is_f64(x) ? math_impl<double>(kt, func, x) : math_impl<float>(kt, func, x);
   }, py::arg("func"), py::arg("x"), py::arg("isa") = py::none());
 
-  m.def("step_split", [](int cell, int64_t B, int64_t H, int64_t Hout, bool f64, int threads,
-                         std::optional<std::string> isa, bool backward) {
+  m.def("step_split", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, bool f64,
+                         int threads, std::optional<std::string> isa, bool backward) {
     static const char* names[] = {"one", "rows", "units", "team", "halves"};
     if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
-    return std::string(names[kernels(isa).step_split(cell, f64, B, H, Hout, threads, backward)]);
-  }, py::arg("cell"), py::arg("B"), py::arg("H"), py::arg("Hout"), py::arg("f64") = false,
+    if (B < 1 || I < 0 || H < 1 || Hout < 1) fail("B, H and Hout must be >= 1 and I >= 0");
+    return std::string(
+        names[kernels(isa).step_split(cell, f64, B, I, H, Hout, threads, backward)]);
+  }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
+     py::arg("f64") = false,
      py::arg("threads") = 2, py::arg("isa") = py::none(), py::arg("backward") = false,
      "how the forward spreads one step over threads: 'one', 'rows' or 'units'; with "
      "backward=True, how the backward's time loop does without lengths: 'one', 'team', or "

@@ -39,12 +39,13 @@ void forward_stack_f32(const ForwardArgs<float>* l, int n) { forward_stack<float
 void forward_stack_f64(const ForwardArgs<double>* l, int n) { forward_stack<double>(l, n); }
 void backward_f32(const BackwardArgs<float>& a) { backward<float>(a); }
 void backward_f64(const BackwardArgs<double>& a) { backward<double>(a); }
-int step_split(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int nthreads, bool backward) {
+int step_split(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads,
+               bool backward) {
   if (backward)
-    return f64 ? backward_split_kind<double>(cell, B, H, Hout, nthreads)
-               : backward_split_kind<float>(cell, B, H, Hout, nthreads);
-  return f64 ? step_split_kind<double>(cell, B, H, Hout, nthreads)
-             : step_split_kind<float>(cell, B, H, Hout, nthreads);
+    return f64 ? backward_split_kind<double>(cell, B, I, H, Hout, nthreads)
+               : backward_split_kind<float>(cell, B, I, H, Hout, nthreads);
+  return f64 ? step_split_kind<double>(cell, B, I, H, Hout, nthreads)
+             : step_split_kind<float>(cell, B, I, H, Hout, nthreads);
 }
 
 // projection_mode.h's choice for one shape (python's _C.projection_mode).

@@ -156,8 +156,8 @@ struct KernelTable {
   // How the forward spreads a step over threads: 0 one thread, 1 batch rows, 2 hidden units;
   // with `backward`, how the backward does without lengths: 0 one thread, 3 a team (rows and
   // column panels), 4 the two halves of a single row's units (backward.h, k_split_backward).
-  int (*step_split)(int cell, bool f64, int64_t B, int64_t H, int64_t Hout, int num_threads,
-                    bool backward);
+  int (*step_split)(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
+                    int num_threads, bool backward);
   // How the forward computes x_t W_ih^T: one GEMM before the loop (0), inside each step's tiles
   // (1), or riding along the steps of a single row (2); sequence/projection_mode.h.
   int (*projection_mode)(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,

@@ -302,9 +302,9 @@ def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads
                 (True, False)):
             Hout = proj and 24 or H
             code = functional.CELL_CODES[cell]
-            forward = _C.step_split(code, B, H, Hout, threads=2, isa=isa)
+            forward = _C.step_split(code, B, 20, H, Hout, threads=2, isa=isa)
             assert forward == split if split else forward in ("rows", "units")
-            got = _C.step_split(code, B, H, Hout, threads=2, isa=isa, backward=True)
+            got = _C.step_split(code, B, 20, H, Hout, threads=2, isa=isa, backward=True)
             assert got == back if back else got in ("rows", "team")
             in_step = _C.projection_mode(code, B, 20, H, Hout, lengths=lengths, isa=isa)
             assert (in_step == "in_step") != lengths
@@ -345,7 +345,7 @@ def test_single_row_backward_team_gives_the_one_thread_bits(rng, isa, variant, f
         # 30-100 KFLOP go in halves; step_split tells the shape without lengths)
         halves = cell != "gru" and not proj
         H = 75 if halves and cell == "lstm" else 200
-        assert _C.step_split(code, 1, H, proj and 24 or H, threads=2, isa=isa,
+        assert _C.step_split(code, 1, 7, H, proj and 24 or H, threads=2, isa=isa,
                              backward=True) == ("halves" if halves else "team")
         for lengths, reverse in itertools.product((True, False), (False, True)):
             case = make_case(rng, cell, proj and 24, T=6, B=1, I=7, H=H, lengths=False)
@@ -368,7 +368,7 @@ def test_single_row_backward_team_gives_the_one_thread_bits(rng, isa, variant, f
 @pytest.mark.parametrize("reverse", [False, True])
 def test_single_row_backward_in_halves(rng, isa, dtype, cell, H, reverse):
     f64 = dtype == np.float64
-    assert _C.step_split(functional.CELL_CODES[cell], 1, H, H, f64, 2, isa, True) == "halves"
+    assert _C.step_split(functional.CELL_CODES[cell], 1, 5, H, H, f64, 2, isa, True) == "halves"
     case = make_case(rng, cell, T=7, B=1, I=5, H=H)
     assert_matches(case, dtype, isa, reverse=reverse)
 
@@ -460,7 +460,7 @@ def test_row_shares_give_the_one_thread_bits(rng, two_threads, isa, variant, B, 
     case = make_case(rng, cell, proj, T=7, B=B, I=9, H=40, lengths=lengths)
     if B >= 48 and not proj and _C.vector_bytes(isa) == 64:  # (AVX2: see test_step_split_rule)
         code = functional.CELL_CODES[cell]
-        assert _C.step_split(code, B, 40, 40, threads=2, isa=isa) == "rows"
+        assert _C.step_split(code, B, 9, 40, 40, threads=2, isa=isa) == "rows"
     runs = []
     for threads in (1, 2):
         fusedrnn.set_num_threads(threads)
@@ -474,10 +474,10 @@ def test_step_split_rule():
     """Tiny steps stay on one thread; a batch of one splits by units (each core streams half of
     W_hh); big weights split by units even for a big batch."""
     lstm = functional.CELL_CODES["lstm"]
-    assert _C.step_split(lstm, 1, 32, 32, threads=2) == "one"
-    assert _C.step_split(lstm, 1, 128, 128, threads=2) == "units"
-    assert _C.step_split(lstm, 96, 128, 128, threads=2) == "rows"
-    assert _C.step_split(lstm, 64, 512, 512, threads=2) == "units"
+    assert _C.step_split(lstm, 1, 1, 32, 32, threads=2) == "one"
+    assert _C.step_split(lstm, 1, 1, 128, 128, threads=2) == "units"
+    assert _C.step_split(lstm, 96, 1, 128, 128, threads=2) == "rows"
+    assert _C.step_split(lstm, 64, 1, 512, 512, threads=2) == "units"
     # whole row tiles would split 100 rows 60 + 40 (12-row tiles; 6-row ones 54 + 46), equal
     # shares of 50 end in a 2-row tile (which one thread's tiles do not have), and the step is
     # big: hidden units instead (rows_split_evenly). 64 rows: 32 + 32 in 12-row tiles
@@ -490,24 +490,24 @@ def test_step_split_rule():
     assert H * H * 4 <= _C.cache_bytes()["l2"] // 2 and 2 * 64 * H * H > 1e7
     for isa, rows_64 in (("avx2", "units"), ("avx512", "rows")):
         if isa in _C.available_isas():
-            assert _C.step_split(rnn, 100, H, H, threads=2, isa=isa) == "units"
-            assert _C.step_split(rnn, 64, H, H, threads=2, isa=isa) == rows_64
-            assert _C.step_split(rnn, 96, 128, 128, threads=2, isa=isa) == "rows"
-    assert _C.step_split(lstm, 96, 128, 128, threads=1) == "one"
-    assert _C.step_split(lstm, 1, 32, 32, threads=2, backward=True) == "one"
-    assert _C.step_split(functional.CELL_CODES["rnn_tanh"], 1, 64, 64, threads=2,
+            assert _C.step_split(rnn, 100, 1, H, H, threads=2, isa=isa) == "units"
+            assert _C.step_split(rnn, 64, 1, H, H, threads=2, isa=isa) == rows_64
+            assert _C.step_split(rnn, 96, 1, 128, 128, threads=2, isa=isa) == "rows"
+    assert _C.step_split(lstm, 96, 1, 128, 128, threads=1) == "one"
+    assert _C.step_split(lstm, 1, 1, 32, 32, threads=2, backward=True) == "one"
+    assert _C.step_split(functional.CELL_CODES["rnn_tanh"], 1, 1, 64, 64, threads=2,
                          backward=True) == "one"  # a step too small for a team: not in halves
     # a single row's units in two halves (one unit block of 32 is too few), alone or on two,
     # where the step has 30-100 KFLOP
-    assert _C.step_split(lstm, 1, 64, 64, threads=2, backward=True) == "halves"
-    assert _C.step_split(lstm, 1, 64, 64, threads=1, backward=True) == "halves"
-    assert _C.step_split(lstm, 1, 128, 128, threads=2, backward=True) == "team"
-    assert _C.step_split(lstm, 1, 96, 64, threads=2, backward=True) == "team"  # projection
-    assert _C.step_split(functional.CELL_CODES["gru"], 1, 80, 80, threads=2,
+    assert _C.step_split(lstm, 1, 1, 64, 64, threads=2, backward=True) == "halves"
+    assert _C.step_split(lstm, 1, 1, 64, 64, threads=1, backward=True) == "halves"
+    assert _C.step_split(lstm, 1, 1, 128, 128, threads=2, backward=True) == "team"
+    assert _C.step_split(lstm, 1, 1, 96, 64, threads=2, backward=True) == "team"  # projection
+    assert _C.step_split(functional.CELL_CODES["gru"], 1, 1, 80, 80, threads=2,
                          backward=True) == "team"
-    assert _C.step_split(lstm, 2, 64, 64, threads=2, backward=True) == "team"
+    assert _C.step_split(lstm, 2, 1, 64, 64, threads=2, backward=True) == "team"
     with pytest.raises(ValueError, match="cell"):
-        _C.step_split(7, 1, 1, 1)
+        _C.step_split(7, 1, 1, 1, 1)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -98,7 +98,7 @@ def test_options_on_two_threads_give_the_one_thread_bits(rng, isa, cell, lbr, fi
     code = functional.CELL_CODES[cell]
     try:
         for B, H, split in ((96, 128, "rows"), (12, 300, "units")):
-            assert _C.step_split(code, B, H, H, threads=2, isa=isa) == split
+            assert _C.step_split(code, B, 20, H, H, threads=2, isa=isa) == split
             results = []
             for n in (1, 2):
                 fusedrnn.set_num_threads(n)

@@ -130,7 +130,7 @@ def test_team_and_alone_give_the_same_bits(rng):
     w_ih, w_hh = (rng.uniform(-0.1, 0.1, s).astype(np.float32) for s in ((4 * H, I), (4 * H, H)))
     b_ih, b_hh = (rng.uniform(-0.1, 0.1, 4 * H).astype(np.float32) for _ in range(2))
     dy = rng.standard_normal((T, B, H)).astype(np.float32)
-    assert _C.step_split(2, B, H, H, threads=2) == "units"
+    assert _C.step_split(2, B, I, H, H, threads=2) == "units"
     before = fusedrnn.get_num_threads()
     results = []
     try:
@@ -178,7 +178,7 @@ def one_thread_rides():
 def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, one_thread_rides,
                                                verdict, cell, lbr, H, dtype, isa):
     code = functional.CELL_CODES[cell]
-    assert _C.step_split(code, 1, H, H, dtype == np.float64, 2, isa) == "units"
+    assert _C.step_split(code, 1, 8, H, H, dtype == np.float64, 2, isa) == "units"
     rng = np.random.default_rng(7)
     T, I = 73, 8  # T = 1 (mod 12, 6 and 4): the input projection GEMM ends in a 1-row tile
     G = {"lstm": 4, "gru": 3}.get(cell, 1)

@@ -139,8 +139,8 @@ int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
 // How a forward step of this shape is spread over nthreads: 0 one thread, 1 batch rows, 2 hidden
 // units (for tests and the curious: python's _C.step_split).
 template <typename T>
-int step_split_kind(int cell, int64_t B, int64_t H, int64_t Hout, int nthreads) {
-  LayerShape s{1, B, 1, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+int step_split_kind(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads) {
+  LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
   bool by_rows = false;
   if (step_threads<T>(s, nthreads, &by_rows) <= 1) return 0;
   return by_rows ? 1 : 2;

@@ -83,6 +83,11 @@ bool amx_projection_apart(const LayerShape& s) {
 // x1.00; training x1.02, x1.05), 50x8x256x256 LSTM x1.07, GRU x1.10, 50x32x256x256 x1.03 and
 // x1.03, 100x16x128x320 x1.02 and x1.03, RNN 50x16x512x512 x1.09 (2 threads x1.07). Kept in the
 // step: W_hh over twice the L2, 50x16x512x512 LSTM x0.98; 48 rows, LSTM x1.00 (2 threads x0.91).
+// A 2-layer stack of such layers no longer pipelines on 2 threads (layer_pipeline.h needs the
+// upper layers' projection in the step): with the cores close it still gained (stacked, 2
+// threads, inference 4.04 -> 3.89 ms, training +1-2%), with them far apart it lost (against
+// e7d9f0f, which also lacked a8e7875's 2%: GRU inference x0.92, training x0.95, LSTM training
+// x0.96, LSTM inference x0.99).
 template <typename T>
 bool fma_projection_apart(const LayerShape& s) {
   const int64_t G = gates_of(s.cell), bytes = sizeof(T), l2 = l2_cache_bytes();

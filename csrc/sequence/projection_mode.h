@@ -85,9 +85,10 @@ bool amx_projection_apart(const LayerShape& s) {
 // step: W_hh over twice the L2, 50x16x512x512 LSTM x0.98; 48 rows, LSTM x1.00 (2 threads x0.91).
 // A 2-layer stack of such layers no longer pipelines on 2 threads (layer_pipeline.h needs the
 // upper layers' projection in the step): with the cores close it still gained (stacked, 2
-// threads, inference 4.04 -> 3.89 ms, training +1-2%), with them far apart it lost (against
-// e7d9f0f, which also lacked a8e7875's 2%: GRU inference x0.92, training x0.95, LSTM training
-// x0.96, LSTM inference x0.99).
+// threads, inference 4.04 -> 3.89 ms, training +1-2%); while they met slowly (an empty barrier
+// of 30 ns before, 20-28 us after) it lost (separate processes, against e7d9f0f, which also
+// lacked a8e7875's 2%: GRU inference x0.92, training x0.95, LSTM training x0.96, inference
+// x0.99).
 template <typename T>
 bool fma_projection_apart(const LayerShape& s) {
   const int64_t G = gates_of(s.cell), bytes = sizeof(T), l2 = l2_cache_bytes();

@@ -43,7 +43,7 @@ def test_step_on_tiles_matches_the_reference(rng, variant, lengths, reverse, B):
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
 def test_projection_apart_with_the_step_on_tiles(rng, cell):
     """A 16-row batch whose W_ih and W_hh split past L2 (the stacked config's layer) takes its
-    projection as one GEMM before the loop (projection_mode.h amx_projection_apart) and its
+    projection as one GEMM before the loop (projection_mode.h projection_apart) and its
     steps on tiles: forward and every gradient match the reference."""
     if _C.cache_bytes()["l2"] >= 3 << 20:
         pytest.skip("an L2 this size holds the stacked layer's split weights")
@@ -87,7 +87,7 @@ def test_what_tiles_do_not_take_runs_the_fma_kernels(rng, variant):
     training call of too few steps and an input with an infinity (which does not split into
     bfloat16 parts) give the FMA build's bits exactly. (The wide case's W_ih is small beside
     W_hh, 4 I < Hout, so its projection stays in the FMA step: projection_mode.h
-    amx_projection_apart; a projection of 320 keeps it so.)"""
+    projection_apart; a projection of 320 keeps it so.)"""
     cell, lbr, proj = variant
     small = make_case(rng, cell, proj, T=40, B=AMX_ROWS - 1, I=9, H=20)
     wide = make_case(rng, cell, 320 if proj else 0, T=20, B=31, I=70, H=900)

@@ -61,19 +61,6 @@ int64_t in_step_block_bytes(const LayerShape& s) {
 // needs the upper layers' projection in the step): inference x0.92 and x0.83 against the
 // pipeline, training x0.97 (before gemm_amx.h's smaller row blocks won back x1.04-1.08); the
 // layers API, 1 thread, x1.24-1.27 and x1.18-1.19.
-template <typename T>
-bool amx_projection_apart(const LayerShape& s) {
-#if defined(FUSEDRNN_AMX)
-  if constexpr (std::is_same_v<T, float>) {
-    const int G = gates_of(s.cell);
-    const int64_t split_bytes = G * s.H * (s.I + s.Hout) * 6;
-    const bool rows = G == 1 || s.B < 48;
-    return rows && split_bytes > l2_cache_bytes() && 4 * s.I >= s.Hout;
-  }
-#endif
-  (void)s;
-  return false;
-}
 // The FMA kernels' counterpart, measured on a 1 MB L2 (Zen 5): where W_ih and W_hh no longer fit
 // L2 together but W_hh alone fits twice the L2 or less, and W_ih is a quarter of the stream or
 // more, streaming both from L3 every step lost to one GEMM before the loop and W_hh alone in the
@@ -89,21 +76,22 @@ bool amx_projection_apart(const LayerShape& s) {
 // of 30 ns before, 20-28 us after) it lost (separate processes, against e7d9f0f, which also
 // lacked a8e7875's 2%: GRU inference x0.92, training x0.95, LSTM training x0.96, inference
 // x0.99).
-template <typename T>
-bool fma_projection_apart(const LayerShape& s) {
-  const int64_t G = gates_of(s.cell), bytes = sizeof(T), l2 = l2_cache_bytes();
-  const bool rows = G == 1 || s.B < 40;
-  const bool both_past_l2 = G * s.H * (s.I + s.Hout) * bytes > l2;
-  const bool w_hh_near_l2 = G * s.H * s.Hout * bytes <= 2 * l2;
-  return rows && both_past_l2 && w_hh_near_l2 && 4 * s.I >= s.Hout;
-}
-// Which of the two applies: the amx build's float32 runs its steps on AMX tiles.
+// One rule for both, with the build's figures: the amx build's float32 steps stream the
+// weights split for the tiles (6 bytes a weight) and took the GEMM under 48 rows with no bound
+// on W_hh; the FMA kernels stream them as they lie and take it under 40 rows while W_hh is
+// within twice the L2.
 template <typename T>
 bool projection_apart(const LayerShape& s) {
+  bool amx = false;
 #if defined(FUSEDRNN_AMX)
-  if constexpr (std::is_same_v<T, float>) return amx_projection_apart<T>(s);
+  amx = std::is_same_v<T, float>;
 #endif
-  return fma_projection_apart<T>(s);
+  const int64_t G = gates_of(s.cell), l2 = l2_cache_bytes();
+  const int64_t bytes = amx ? 6 : int64_t(sizeof(T));
+  const bool rows = G == 1 || s.B < (amx ? 48 : 40);
+  const bool both_past_l2 = G * s.H * (s.I + s.Hout) * bytes > l2;
+  const bool w_hh_near_l2 = amx || G * s.H * s.Hout * bytes <= 2 * l2;
+  return rows && both_past_l2 && w_hh_near_l2 && 4 * s.I >= s.Hout;
 }
 template <typename T>
 bool in_step_projection(const LayerShape& s, bool has_lengths) {

@@ -78,6 +78,25 @@ def call(ext, cell, p, train, isa, edit=False):
             ext.backward(ctx, p["dy"], None, None)
 
 
+def stack_problem(config, cell, rng):
+    """Per-layer lists for a stack of config.L layers (layer k > 0 takes H inputs)."""
+    layers = [one_layer_problem(config, cell, rng)]
+    above = custom_config(config.T, config.B, config.H, config.H, 1)
+    layers += [one_layer_problem(above, cell, rng) for _ in range(config.L - 1)]
+    return layers
+
+
+def call_stack(ext, cell, layers, train, isa):
+    """The stack in one forward_stack call (the layers' path), and BPTT down it when training."""
+    lists = [[p[name] for p in layers] for name in ("h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")]
+    outs = ext.forward_stack(CELL_CODES[cell], True, train, layers[0]["x"], *lists,
+                             [None] * len(layers), isa)
+    if train:
+        d_out = layers[-1]["dy"]
+        for _, _, _, ctx in reversed(outs):
+            d_out = ext.backward(ctx, d_out, None, None, consume=True)[0]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("builds", nargs="+", help="NAME=PACKAGE_DIR, two or more")
@@ -91,7 +110,12 @@ def main():
     ap.add_argument("--edit-weights", action="store_true",
                     help="change the weights in place before every call, as a training loop's "
                          "optimiser does (the edit's time counts for every build alike)")
+    ap.add_argument("--stack", action="store_true",
+                    help="run a config's layers as one stack call (forward_stack), as the layers "
+                         "do with num_layers > 1")
     args = ap.parse_args()
+    if args.stack and args.edit_weights:
+        ap.error("--edit-weights runs one layer (not with --stack)")
     builds = {}
     for spec in args.builds:
         name, _, path = spec.partition("=")
@@ -101,22 +125,29 @@ def main():
     rng = np.random.default_rng(0)
     for config_name in args.configs.split(","):
         for cell in args.cells.split(","):
-            p = one_layer_problem(config_of(config_name), cell, rng)
+            config = config_of(config_name)
+            if args.stack:
+                layers = stack_problem(config, cell, rng)
+                run = lambda ext, edit=False: call_stack(ext, cell, layers, train, args.isa)
+            else:
+                p = one_layer_problem(config, cell, rng)
+                run = lambda ext, edit=False: call(ext, cell, p, train, args.isa, edit)
             for ext in builds.values():  # warm-up: packing caches, page faults
-                call(ext, cell, p, train, args.isa)
+                run(ext)
             first = next(iter(builds.values()))
             t0 = time.perf_counter()
-            call(first, cell, p, train, args.isa)
+            run(first)
             inner = max(1, int(0.2 / (time.perf_counter() - t0)))
             times = {name: [] for name in builds}
             for _ in range(args.reps):
                 for name, ext in builds.items():
                     t0 = time.perf_counter()
                     for _ in range(inner):
-                        call(ext, cell, p, train, args.isa, args.edit_weights)
+                        run(ext, args.edit_weights)
                     times[name].append((time.perf_counter() - t0) / inner * 1e3)
             edited = ", weights edited" if args.edit_weights else ""
-            print(f"{config_name} {cell} {args.mode}{edited} t={args.threads}: " + "  ".join(
+            stack = f", stack of {config.L}" if args.stack else ""
+            print(f"{config_name} {cell} {args.mode}{edited}{stack} t={args.threads}: " + "  ".join(
                 f"{name} min {min(t):.3f} med {np.median(t):.3f} ms" for name, t in times.items()),
                 flush=True)
 

@@ -13,6 +13,7 @@ import pytest
 import fusedrnn
 from fusedrnn import _C, functional, reference
 from fusedrnn.tolerances import assert_close
+from test_kernels import in_step_fits_l2, projection_apart
 
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 # (cell, linear_before_reset, proj): every cell and option a stack can have
@@ -87,6 +88,43 @@ def test_pipelined_stack_gives_the_one_thread_bits(two_threads, rng, isa, dtype,
                            for ws in layers], lbr)
     assert_close(outs[-1][0], want[-1][0], dtype, what="top layer's y")
     assert_close(outs[0][1], want[0][1], dtype, what="bottom layer's hn")
+
+
+def whole_gemm_shape(cell, proj, dtype, isa):
+    """(H, H_out) of a layer (I = H_out) whose projection this host's rule takes as one GEMM
+    before the loop (projection_mode.h, projection_apart) though it would fit in the step:
+    found from this host's L2, so the case exists on any host."""
+    f64 = dtype == np.float64
+    for H in range(16, 2048, 4):
+        H_out = H // 2 if proj else H
+        if (projection_apart(cell, 13, H_out, H, H_out, f64, isa)
+                and in_step_fits_l2(cell, 13, H_out, H_out, f64, isa)):
+            assert _C.projection_mode(functional.CELL_CODES[cell], 13, H_out, H, H_out, f64, isa=isa) == "whole"
+            return H, H_out
+    raise AssertionError(f"no {cell} shape takes the GEMM apart on this host")
+
+
+@needs_threads
+@pytest.mark.parametrize("isa", _C.available_isas())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cell,lbr,proj", VARIANTS)
+def test_a_stack_whose_layers_take_the_gemm_pipelines_with_its_bits(two_threads, rng, isa, dtype,
+                                                                   cell, lbr, proj):
+    """Layers whose projection the rule takes as one GEMM (past L2 with W_ih) take it in their
+    steps in a pipelined stack (in_step_when_pipelined), k whole in every tile, so the bits are
+    the GEMM's: B = 13 leaves a tile of 1 row (12 + 1, 6 + 6 + 1, 4 * 3 + 1), which would split
+    k. The amx build's float32 keeps the GEMM and runs the layers one by one."""
+    H, H_out = whole_gemm_shape(cell, proj, dtype, isa)
+    x, h0, c0, layers = make_stack(rng, cell, dtype, B=13, H=H, proj=H_out if proj else 0)
+    outs, ran = stack_calls_during(lambda: functional.forward_stack(
+        cell, x, h0, c0, layers, linear_before_reset=lbr, isa=isa))
+    pipelines = not (isa == "amx" and dtype == np.float32)
+    assert ran == {"pipelined": int(pipelines), "layer_by_layer": int(not pipelines)}
+    fusedrnn.set_num_threads(1)
+    alone = layer_by_layer(functional, cell, x, h0, c0, layers, lbr, training=True, isa=isa)
+    for got, want in zip(outs, alone):
+        for a, b in zip(got[:3], want[:3]):
+            assert (a is None and b is None) or np.array_equal(a, b)
 
 
 @needs_threads

@@ -205,6 +205,10 @@ struct ForwardLoop {
   // null and gx holds the whole sequence's projection.
   PackedGates<T> w_in{0, 0, nullptr};
   const T* bias_in = nullptr;
+  // Whether the in-step projection splits k in tiles of 1-3 rows (KSplit): not where the layer
+  // takes it in the step only for a pipelined stack, whose bits are the whole GEMM's
+  // (in_step_when_pipelined).
+  bool split_in_step_k = true;
   // With the projection riding along (projection_rides): x's rows in step order, padded with
   // zero rows to whole windows of kRideRows; gx then holds rows by step, gate g of a row at
   // g * padded_units(), and each step of a window computes a slice of the next window's rows.
@@ -326,7 +330,8 @@ struct ForwardLoop {
         } else if (x_ready) {  // x_t W_ih^T + bias for this tile's gates, into the L1-resident gx_tile
           const T* xa = x_ready + (m - p.row0) * blocked_length<T>(s.I);
           gate_products(mr, s.I, xa, w_in, ub, g0, g_count, gx_tile + g0 * NR, G * NR,
-                        bias_in ? bias_in + g0 * padded_units(s) + u0 : nullptr, padded_units(s));
+                        bias_in ? bias_in + g0 * padded_units(s) + u0 : nullptr, padded_units(s),
+                        split_in_step_k);
         } else if (x_steps) {
           // this step's rows were computed by whoever owned these units a window before
         } else if (s.B > 1) {
@@ -404,9 +409,10 @@ struct ForwardLoop {
   // 4-row tile takes the gates two at a time (micro_kernel_panels: the same bits). In-process
   // A/B, a layer, 1 thread, medians (B = 16 or 64: full tiles and a 4-row one): stacked LSTM
   // 6.03 -> 5.96 ms, stacked GRU 4.47 -> 4.33, fastrnns LSTM 175.8 -> 172.3, deepbench LSTM
-  // 186.6 -> 182.2; training, whose backward dominates, unchanged.
+  // 186.6 -> 182.2; training, whose backward dominates, unchanged. split_k: micro_kernel's.
   void gate_products(int mr, int64_t K, const T* a, const PackedGates<T>& wg, int64_t ub, int g0,
-                     int count, T* out, int64_t ldo, const T* bias, int64_t bias_stride) const {
+                     int count, T* out, int64_t ldo, const T* bias, int64_t bias_stride,
+                     bool split_k = true) const {
     constexpr int NR = Tile<T>::NR;
     int i = 0;
     if constexpr (panels_fit<T, 4, 2>()) {
@@ -417,7 +423,7 @@ struct ForwardLoop {
     }
     for (; i < count; ++i)
       micro_kernel<T, AForm::Blocked>(mr, K, a, 0, wg.panel(g0 + i, ub), out + i * NR, ldo, false,
-                                      bias ? bias + i * bias_stride : nullptr);
+                                      bias ? bias + i * bias_stride : nullptr, split_k);
   }
 
   // micro_kernel_row_gates over gates [g0, g0 + g_count) of unit block ub.
@@ -624,6 +630,11 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   bool by_rows = false;
   const int nt = step_threads<T>(s, nthreads, &by_rows);
   int mode = projection_mode<T>(s, a.lengths != nullptr, nt > 1);
+  // A layer of a pipelined stack (one thread, no lengths) may take the GEMM's projection in its
+  // steps instead, with the GEMM's bits (in_step_when_pipelined).
+  const bool in_step_for_pipeline =
+      (below || done) && mode == 0 && in_step_when_pipelined<T>(s);
+  if (in_step_for_pipeline) mode = 1;
   const RideChoice ride_choice(&mode, RideKey{kIsaName, int(sizeof(T)), int(s.cell), training, s.T,
                                                 s.I, s.H, s.Hout});
   const bool in_step = mode == 1, rides = mode == 2;
@@ -695,6 +706,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   if (by_gates) {
     loop.w_in = PackedGates<T>{G, s.I, w_in.get()};
     loop.bias_in = bias_in.p;
+    loop.split_in_step_k = !in_step_for_pipeline;
   }
   loop.row_in_one_pass = projection_rides<T>(s, a.lengths != nullptr);
   loop.amx = amx;

@@ -22,7 +22,7 @@ inline double layer_step_flops(const LayerShape& s) {
 // (num_threads == n) under the fixed thread policy (the adaptive one decides layer by layer,
 // from each layer's own times; team_policy.h), every layer's step k is time k for every row (no
 // lengths, forward direction), each layer above the first computes its input projection inside its steps
-// (projection_mode 1: the whole-sequence GEMM would need all of x first), and the slowest layer
+// (in_step_when_pipelined: the whole-sequence GEMM would need all of x first), and the slowest layer
 // is within 2% of the mean, the lag of one step included: a team splits its steps over its
 // threads within a few percent of evenly (stacked LSTM, 2 threads, 2.8% over the one-thread
 // halves), a pipeline runs as slow as its slowest layer.
@@ -34,7 +34,7 @@ bool stack_pipelines(const ForwardArgs<T>* layers, int n) {
     const ForwardArgs<T>& a = layers[k];
     const LayerShape& s = a.s;
     if (a.lengths || s.reverse || s.B == 0 || s.T != layers[0].s.T) return false;
-    if (k > 0 && (a.x != layers[k - 1].y || projection_mode<T>(s, false) != 1)) return false;
+    if (k > 0 && (a.x != layers[k - 1].y || !in_step_when_pipelined<T>(s))) return false;
     const double flops = layer_step_flops(s);
     sum += flops;
     most = flops > most ? flops : most;

@@ -70,22 +70,23 @@ int64_t in_step_block_bytes(const LayerShape& s) {
 // x1.00; training x1.02, x1.05), 50x8x256x256 LSTM x1.07, GRU x1.10, 50x32x256x256 x1.03 and
 // x1.03, 100x16x128x320 x1.02 and x1.03, RNN 50x16x512x512 x1.09 (2 threads x1.07). Kept in the
 // step: W_hh over twice the L2, 50x16x512x512 LSTM x0.98; 48 rows, LSTM x1.00 (2 threads x0.91).
-// A 2-layer stack of such layers no longer pipelines on 2 threads (layer_pipeline.h needs the
-// upper layers' projection in the step): with the cores close it still gained (stacked, 2
-// threads, inference 4.04 -> 3.89 ms, training +1-2%); while they met slowly (an empty barrier
-// of 30 ns before, 20-28 us after) it lost (separate processes, against e7d9f0f, which also
-// lacked a8e7875's 2%: GRU inference x0.92, training x0.95, LSTM training x0.96, inference
-// x0.99).
+// A pipelined stack of such layers takes the projection in the steps all the same
+// (in_step_when_pipelined).
 // One rule for both, with the build's figures: the amx build's float32 steps stream the
 // weights split for the tiles (6 bytes a weight) and took the GEMM under 48 rows with no bound
 // on W_hh; the FMA kernels stream them as they lie and take it under 40 rows while W_hh is
 // within twice the L2.
 template <typename T>
-bool projection_apart(const LayerShape& s) {
-  bool amx = false;
+constexpr bool steps_split_for_amx() {
 #if defined(FUSEDRNN_AMX)
-  amx = std::is_same_v<T, float>;
+  return std::is_same_v<T, float>;
+#else
+  return false;
 #endif
+}
+template <typename T>
+bool projection_apart(const LayerShape& s) {
+  const bool amx = steps_split_for_amx<T>();
   const int64_t G = gates_of(s.cell), l2 = l2_cache_bytes();
   const int64_t bytes = amx ? 6 : int64_t(sizeof(T));
   const bool rows = G == 1 || s.B < (amx ? 48 : 40);
@@ -93,11 +94,35 @@ bool projection_apart(const LayerShape& s) {
   const bool w_hh_near_l2 = amx || G * s.H * s.Hout * bytes <= 2 * l2;
   return rows && both_past_l2 && w_hh_near_l2 && 4 * s.I >= s.Hout;
 }
+// in_step_projection's conditions but projection_apart.
 template <typename T>
-bool in_step_projection(const LayerShape& s, bool has_lengths) {
+bool in_step_fits(const LayerShape& s, bool has_lengths) {
   const int64_t weight_bytes = gates_of(s.cell) * s.H * (s.I + s.Hout) * int64_t(sizeof(T));
   return !has_lengths && s.I > 0 && s.B >= kInStepRows && 3 * weight_bytes <= 2 * l3_cache_bytes() &&
-         2 * in_step_block_bytes<T>(s) <= l2_cache_bytes() && !projection_apart<T>(s);
+         2 * in_step_block_bytes<T>(s) <= l2_cache_bytes();
+}
+template <typename T>
+bool in_step_projection(const LayerShape& s, bool has_lengths) {
+  return in_step_fits<T>(s, has_lengths) && !projection_apart<T>(s);
+}
+
+// Whether a layer of a pipelined stack (layer_pipeline.h: one thread a layer, no lengths) takes
+// its projection in the step: where the rule above does, and on the FMA kernels also where it
+// fits but projection_apart chose the GEMM. A layer above the first cannot have its whole x
+// before its steps, and the first one's GEMM would hold every layer above back for its length
+// (a projection is about half a layer's work). These steps then keep k whole in tiles of 1-3
+// rows too (ForwardLoop::split_in_step_k), so each element is the GEMM's chain and the layer
+// gives the bits it gives on its own, on any threads. In-process A/B (bench/ab_builds.py
+// --stack), stacked config, 2 threads, medians, against the GEMM and the layers in turn on the
+// team: while the cores met slowly, LSTM inference 4.64 -> 3.99 ms, GRU 3.72 -> 3.20, training
+// 17.00 -> 15.63 and 12.80 -> 12.16; with them close, within 1% (4.21 -> 4.16, 3.20 -> 3.16,
+// 13.71 -> 13.70, 10.41 -> 10.36). Only the layers above the first in the step (the first one's
+// GEMM before its loop): LSTM 6.02, GRU 4.54 ms against 4.19 and 3.30.
+// The amx build's float32 steps keep the rule: their tiles' in-step bits were never made the
+// GEMM's (and with AMX the pipeline lost there anyway, see above).
+template <typename T>
+bool in_step_when_pipelined(const LayerShape& s) {
+  return in_step_projection<T>(s, false) || (!steps_split_for_amx<T>() && in_step_fits<T>(s, false));
 }
 
 // Whether the input projection rides along the steps of a single LSTM or GRU row: the B = 1 step

@@ -604,6 +604,12 @@ def test_ab_builds_times_two_builds_side_by_side():
     assert [line.split(":")[0] for line in lines] == ["online-small rnn_tanh infer t=1",
                                                       "online-small gru infer t=1"]
     assert all("OLD min" in line and "NEW min" in line for line in lines)
+    # --stack: the config's layers as one forward_stack call, and BPTT down them when training
+    out = subprocess.run([sys.executable, script, f"OLD={package}", f"NEW={package}", "--stack",
+                          "--configs", "stacked", "--cells", "gru", "--mode", "train", "--reps", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("stacked gru train, stack of 2 t=1: OLD min"), out.stdout
 
 
 def test_blocks_wait_for_the_previous_runners_threads_to_idle():

@@ -54,6 +54,18 @@ struct DenormalsFlushed {
 #endif
 };
 
+// One core's L1 data cache in bytes, as the OS reports it (32 KB where it does not say).
+inline int64_t l1_cache_bytes() {
+  static const int64_t bytes = [] {
+#if defined(_SC_LEVEL1_DCACHE_SIZE)
+    const long n = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+    if (n > 0) return int64_t(n);
+#endif
+    return int64_t(32) << 10;
+  }();
+  return bytes;
+}
+
 // One core's L2 in bytes, as the OS reports it (512 KB where it does not say).
 inline int64_t l2_cache_bytes() {
   static const int64_t bytes = [] {

@@ -239,6 +239,18 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
     else if (a_pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
     // A single row read in place takes its full panels two at a time (micro_kernel_row_pair).
     const bool pairs = mc == 1 && !a_pack && !bias_k;
+    // The pairs prefetch their panels where this K block of B outgrows L1 (the backward's
+    // d h = dG W_hh of a single row, W_hh from L2), on AVX-512. In-process A/B (bench/ab_builds.py),
+    // training, medians, 1 / 2 threads: long-seq LSTM (64 KB) 1.493 -> 1.417 / 1.007 -> 0.928
+    // ms, online-small LSTM (256 KB) 0.687 -> 0.668 / 0.430 -> 0.424; GRUs (32 KB and 128 +
+    // 64 KB) within noise. Every pair prefetching lost 3% where B sits in L1 (long-seq RNN, 16 KB);
+    // the AVX2 kernels (a panel's k-step one line) lost 1-2% (online-small LSTM 0.919 -> 0.925,
+    // GRU 0.691 -> 0.710). Same loads and FMAs, so the same bits.
+#if defined(__AVX512F__)
+    const bool pairs_from_l2 = kc * ceil_div<int64_t>(N, NR) * NR * int64_t(sizeof(T)) > l1_cache_bytes();
+#else
+    const bool pairs_from_l2 = false;
+#endif
     for (int64_t pb = p0; pb < p1; pb += GemmBlocking<T>::NC_PANELS) {
       const int64_t pe = imin(p1, pb + GemmBlocking<T>::NC_PANELS);
       for (int64_t m = 0; m < mc; m += MR) {
@@ -253,7 +265,8 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
           if (pairs && j + 1 < pe && nv == NR && (q + 1) * NR <= N) {
             const T* bq = gemm_b_slice<T>(Bp, panels, K, k0, q);
             T* cq = C + m0 * ldc + q * NR;
-            if (split_k) micro_kernel_row_pair<T, true>(kc, a_block, b, bq, c, cq, acc);
+            if (split_k && pairs_from_l2) micro_kernel_row_pair<T, true, true>(kc, a_block, b, bq, c, cq, acc);
+            else if (split_k) micro_kernel_row_pair<T, true>(kc, a_block, b, bq, c, cq, acc);
             else micro_kernel_row_pair<T, false>(kc, a_block, b, bq, c, cq, acc);
             ++j;
             continue;

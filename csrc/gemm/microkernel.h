@@ -303,7 +303,8 @@ inline void micro_kernel_m(int64_t K, const T* a, int64_t lda, const T* b, T* c,
 // pairing never changes a bit. Why: the backward's per-step d h = dG W_hh of a single row
 // streams W_hh from L2, and one panel at a time spends a broadcast of A on every two panel
 // loads; two panels share it (C++ loop, 512 x 128 panels from L2: 1.9 -> 1.6 us a product).
-template <typename T, bool Split = true>
+// Prefetch: whether the panels are prefetched 32 k-steps ahead, for panels from L2.
+template <typename T, bool Split = true, bool Prefetch = false>
 inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b1, T* c0, T* c1,
                                   bool accumulate) {
   using V = Vec<T>;
@@ -325,8 +326,13 @@ inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b
   };
   int64_t k = 0;
 #pragma GCC unroll 4
-  for (; k + KS <= K; k += KS)
+  for (; k + KS <= K; k += KS) {
+    if constexpr (Prefetch)
+      for (int p = 0; p < 2; ++p)
+        for (int l = 0; l < KS * Tile<T>::LINES; ++l)
+          __builtin_prefetch(reinterpret_cast<const char*>(b[p] + (k + 32) * NR) + 64 * l);
     for (int s = 0; s < KS; ++s) k_step(s, k + s);
+  }
   for (; k < K; ++k) k_step(0, k);
   for (int s = 1; s < KS; ++s)
     for (int p = 0; p < 2; ++p)

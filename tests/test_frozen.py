@@ -16,8 +16,8 @@ CELLS = [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("LSTM", {}), ("LSTM", 
          ("GRU", {})]
 
 
-def layer(cls, kw, I=5, H=7, **more):
-    return getattr(fusedrnn, cls)(I, H, seed=3, **kw, **more)
+def layer(cls, kw, I=5, H=7, seed=3, **more):
+    return getattr(fusedrnn, cls)(I, H, seed=seed, **kw, **more)
 
 
 def run(m, x, dy=None):
@@ -203,6 +203,21 @@ def test_a_writable_parameter_ends_the_promise(rng):
     assert m.weight_hh_l0 is writable
     assert all(p.flags.writeable for p in m.parameters())
     m.load_state_dict(layer("RNN", {}).state_dict())
+
+
+def test_loading_with_one_frozen_copy_left_changes_nothing(rng):
+    """A layer whose frozen promise ended (a writable array put among the frozen copies) but
+    that still holds read-only copies refuses a load before writing anything: it once copied
+    the names before the first read-only one and then failed, half loaded."""
+    m = layer("RNN", {}).freeze()
+    m._params["weight_ih_l0"] = m.weight_ih_l0.copy()       # first in torch's order
+    before = {name: p.copy() for name, p in m.named_parameters()}
+    with pytest.raises(RuntimeError,
+                       match=r"frozen \(freeze\(\)\): unfreeze\(\) it before loading"):
+        m.load_state_dict(layer("RNN", {}, seed=4).state_dict())
+    for name, p in m.named_parameters():
+        assert np.array_equal(p, before[name]), name
+    m.unfreeze().load_state_dict(layer("RNN", {}, seed=4).state_dict())
 
 
 def test_frozen_calls_keep_packed_weights_but_no_copy_of_their_bytes(rng):

@@ -227,6 +227,16 @@ class _Layer:
         """Whether the layer is frozen (freeze())."""
         return bool(self._frozen_now())
 
+    def _writable_params(self, doing):
+        """The parameters, read once, for writing into; refused while any of them is read-only
+        (frozen, or one frozen copy left among writable ones), before anything is written: a
+        write stopped halfway would leave the layer half changed."""
+        params = self._params
+        if any(not p.flags.writeable for p in params.values()):
+            raise RuntimeError(f"{type(self).__name__} is frozen (freeze()): unfreeze() it before "
+                               f"{doing}")
+        return params
+
     def _frozen_now(self):
         """The frozen id the kernels may trust (0: none). The frozen copies cannot be made
         writable; a writable array put in their place (by reaching into the layer) ends the
@@ -290,9 +300,7 @@ class _Layer:
     def _copy_into_params(self, values, label="{}"):
         """Copies {name: array-like} into the live parameter arrays once every value has the
         parameter's shape and a float dtype (cast as torch does); nothing is copied otherwise."""
-        if self._frozen_now():
-            raise RuntimeError(f"{type(self).__name__} is frozen (freeze()): unfreeze() it before "
-                               "loading or assigning parameters")
+        params = self._writable_params("loading or assigning parameters")
         expected = self._spec.param_shapes()
         checked = {}
         for name, value in values.items():
@@ -304,7 +312,7 @@ class _Layer:
                 raise ValueError(f"{what} must have shape {expected[name]}, got {v.shape}")
             checked[name] = v
         for name, v in checked.items():
-            np.copyto(self._params[name], v, casting="same_kind")
+            np.copyto(params[name], v, casting="same_kind")
         self._forget("the parameters were reloaded since the last forward")
 
     def zero_grad(self, set_to_none=False):

@@ -205,6 +205,24 @@ def test_a_writable_parameter_ends_the_promise(rng):
     m.load_state_dict(layer("RNN", {}).state_dict())
 
 
+def test_reset_parameters_of_a_frozen_layer_is_refused(rng):
+    """The frozen promise covers the values (calls reuse the packed weights under its id
+    without looking at them), and the copies are read-only: reset_parameters() names
+    unfreeze(), changes nothing, and works once unfrozen."""
+    m = layer("LSTM", {}).eval().freeze()
+    x = rng.standard_normal((4, 2, 5)).astype(np.float32)
+    want = m(x)[0]
+    before = {name: p.copy() for name, p in m.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"LSTM is frozen \(freeze\(\)\): unfreeze\(\) it "
+                                           r"before resetting its parameters"):
+        m.reset_parameters()
+    assert m.frozen and np.array_equal(m(x)[0], want)
+    for name, p in m.named_parameters():
+        assert np.array_equal(p, before[name]), name
+    m.unfreeze().reset_parameters()
+    assert not np.array_equal(m(x)[0], want)
+
+
 def test_loading_with_one_frozen_copy_left_changes_nothing(rng):
     """A layer whose frozen promise ended (a writable array put among the frozen copies) but
     that still holds read-only copies refuses a load before writing anything: it once copied

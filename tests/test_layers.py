@@ -506,6 +506,64 @@ def test_seed_reproducible_and_repr():
     assert (lstm.input_size, lstm.hidden_size, lstm.proj_size, lstm.num_layers) == (3, 4, 2, 1)
 
 
+@pytest.mark.parametrize("cell,proj", [(c, 0) for c in CELLS] + [("lstm", 2)])
+def test_reset_parameters_draws_again_into_the_same_arrays(cell, proj):
+    """As the constructor draws (torch's U(-1/sqrt(H), 1/sqrt(H)) in torch's order), from the
+    layer's own generator going on from its first draws, into the arrays the layer had: the
+    references an optimiser holds stay the layer's. Gradients are kept, as torch keeps .grad."""
+    layer = make_layer(cell, 3, 16, L=2, bidirectional=True, proj=proj, dtype=np.float32, seed=7)
+    held = dict(layer.named_parameters())
+    views = {name: p[..., :1] for name, p in held.items()}
+    before = {name: p.copy() for name, p in held.items()}
+    layer.grads["weight_hh_l0"] += 1
+    assert layer.reset_parameters() is None                 # as torch's
+    init_seq = np.random.SeedSequence(7).spawn(2)[0]
+    stream = np.random.default_rng(init_seq)
+    bound = 1 / np.sqrt(16)
+    first = {n: stream.uniform(-bound, bound, s) for n, s in layer._spec.param_shapes().items()}
+    for name, p in layer.named_parameters():
+        assert p is held[name] and p.dtype == np.float32 and np.shares_memory(p, views[name])
+        np.testing.assert_array_equal(before[name], first[name].astype(np.float32))
+        np.testing.assert_array_equal(p, stream.uniform(-bound, bound, p.shape).astype(np.float32))
+    assert (layer.grads["weight_hh_l0"] == 1).all()
+    twin = make_layer(cell, 3, 16, L=2, bidirectional=True, proj=proj, dtype=np.float32, seed=7)
+    twin.reset_parameters()
+    for (name, p), q in zip(layer.named_parameters(), twin.parameters()):
+        np.testing.assert_array_equal(p, q)
+    layer.reset_parameters()                                # the stream goes on
+    assert not np.array_equal(layer.weight_ih_l0, twin.weight_ih_l0)
+
+
+def test_reset_parameters_is_seen_by_the_next_call_and_drops_a_pending_backward(rng):
+    """Each call compares the weights with the bytes the kernels packed from, so the next call
+    uses the new values; a training forward's saved state holds the old ones: no backward."""
+    layer = make_layer("gru", 4, 6, L=2, dtype=np.float32).eval()
+    x = rng.standard_normal((5, 2, 4)).astype(np.float32)
+    old = layer(x)[0]
+    layer.reset_parameters()
+    fresh = make_layer("gru", 4, 6, L=2, dtype=np.float32, seed=1).eval()
+    fresh.load_state_dict(layer.state_dict())
+    got = layer(x)[0]
+    assert np.array_equal(got, fresh(x)[0]) and not np.array_equal(got, old)
+    y, _ = layer.train()(x)
+    layer.reset_parameters()
+    with pytest.raises(RuntimeError, match=r"reset \(reset_parameters\(\)\) since the last"):
+        layer.backward(np.ones_like(y))
+
+
+def test_reset_parameters_of_a_layer_pickled_before_it_existed():
+    """A layer pickled before reset_parameters() has no generator of its own: it takes a new
+    one (unseeded), and resets."""
+    layer = make_layer("lstm", 3, 4)
+    state = layer.__getstate__()
+    del state["_init_rng"]
+    again = fusedrnn.LSTM.__new__(fusedrnn.LSTM)
+    again.__setstate__(state)
+    before = again.weight_ih_l0.copy()
+    again.reset_parameters()
+    assert not np.array_equal(again.weight_ih_l0, before)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_batch_of_zero(cell):
     layer = make_layer(cell, 3, 4, L=2, bidirectional=True, dtype=np.float32)

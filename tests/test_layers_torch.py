@@ -372,3 +372,26 @@ def test_state_dict_not_strict_names_the_keys_torch_names():
     want = torch.nn.LSTM(4, 3, num_layers=2, proj_size=2).load_state_dict(sd, strict=False)
     got = layer.load_state_dict(sd, strict=False)
     assert (got.missing_keys, got.unexpected_keys) == (want.missing_keys, want.unexpected_keys)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_reset_parameters_draws_as_torch_into_the_same_arrays(cell):
+    """torch's reset_parameters() returns None and draws every parameter (weight_hr too) from
+    U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)) into the tensors it had; ours into the arrays
+    it had, from the same range (the draws differ: torch's generator is not ours)."""
+    kind = cell.split("_")[0]
+    kw = {"rnn_relu": {"nonlinearity": "relu"}, "lstm": {"proj_size": 3}}.get(cell, {})
+    make = {"rnn": fusedrnn.RNN, "lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU}[kind]
+    make_torch = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
+    H = 25
+    torch.manual_seed(0)
+    for m in (make_torch(40, H, num_layers=2, **kw), make(40, H, num_layers=2, seed=0, **kw)):
+        held = dict(m.named_parameters())
+        with torch.no_grad():
+            for p in held.values():
+                p[...] = 1                      # outside the range: every value drawn again
+        assert m.reset_parameters() is None
+        for name, p in m.named_parameters():
+            assert p is held[name]
+            a = np.abs(p.detach().numpy() if isinstance(p, torch.Tensor) else p)
+            assert a.max() <= 1 / np.sqrt(H) and a.max() > 0.8 / np.sqrt(H), (type(m), name)

@@ -16,7 +16,8 @@ Semantics chosen where NumPy and torch differ:
   return the live arrays (as torch's ``state_dict()`` returns tensors sharing storage), so an
   in-place update (``p -= lr * g``) changes the layer; copy them (``copy.deepcopy``) to keep a
   snapshot. ``load_state_dict`` copies values into those same arrays, cast to the layer's dtype
-  as torch's does.
+  as torch's does, and ``reset_parameters()`` draws new ones into them (torch's init, from the
+  layer's ``seed``).
 - ``grads`` holds one array per parameter (same keys as ``state_dict()``), allocated once;
   ``backward`` adds into them in place and ``zero_grad()`` sets them to zero.
   ``zero_grad(set_to_none=True)`` (torch's default) sets every entry to None instead, as torch's
@@ -76,6 +77,14 @@ def _frozen_id_of(params):
     return frozen_id
 
 
+def _torch_init(spec, rng, dtype):
+    """torch.nn's init: every parameter U(-1/sqrt(H), 1/sqrt(H)), drawn from ``rng`` in torch's
+    order (so one seed gives one set of values)."""
+    bound = 1.0 / np.sqrt(spec.hidden_size)
+    return {name: rng.uniform(-bound, bound, size=shape).astype(dtype)
+            for name, shape in spec.param_shapes().items()}
+
+
 def _immutable_copy(a):
     """A read-only copy of ``a`` that NumPy refuses to make writable: its memory is a bytes
     object's."""
@@ -98,12 +107,9 @@ class _Layer:
         self.dtype = base.check_dtype(dtype)
         seed = base.check_seed(seed)
         init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
-        init_rng = np.random.default_rng(init_seq)
+        self._init_rng = np.random.default_rng(init_seq)   # kept for reset_parameters()
         self._dropout_rng = np.random.default_rng(dropout_seq)
-        # torch.nn's init: every parameter U(-1/sqrt(H), 1/sqrt(H)), drawn in torch's order.
-        bound = 1.0 / np.sqrt(spec.hidden_size)
-        self._params = {name: init_rng.uniform(-bound, bound, size=shape).astype(self.dtype)
-                        for name, shape in spec.param_shapes().items()}
+        self._params = _torch_init(spec, self._init_rng, self.dtype)
         self.grads = {name: np.zeros_like(p) for name, p in self._params.items()}
         self._spare_grads = {}  # the arrays of grads entries set to None (zero_grad)
         self.training = True
@@ -147,6 +153,19 @@ class _Layer:
     def eval(self):
         """Inference mode: no dropout, forward keeps nothing (no backward)."""
         return self.train(False)
+
+    def reset_parameters(self):
+        """Draw every parameter again as the constructor does (torch.nn's
+        U(-1/sqrt(hidden_size), 1/sqrt(hidden_size)), in torch's order), from the layer's own
+        generator (``seed``), which goes on from its last draws: two layers of one seed reset
+        alike. The values go into the same arrays, so references to them (an optimiser's) stay
+        the layer's. ``grads`` are kept, as torch keeps ``.grad``; a pending backward is
+        dropped. A frozen layer refuses (its promise covers the values): ``unfreeze()`` it
+        first."""
+        params = self._writable_params("resetting its parameters")
+        for name, value in _torch_init(self._spec, self._init_rng, self.dtype).items():
+            np.copyto(params[name], value)
+        self._forget("the parameters were reset (reset_parameters()) since the last forward")
 
     def flatten_parameters(self):
         """torch.nn's call to lay the weights out for cuDNN, which models make before forward:
@@ -261,6 +280,7 @@ class _Layer:
         self.__dict__.update(state)
         self.__dict__.pop("_grads_verdict", None)  # another copy's arrays: checked afresh
         self.__dict__.setdefault("_spare_grads", {})  # pickled before zero_grad(set_to_none)
+        self.__dict__.setdefault("_init_rng", np.random.default_rng())  # before reset_parameters
         params = self.__dict__["_params"]
         if getattr(params, "frozen_id", 0):   # (the copied arrays may have come back writable)
             self.__dict__["_params"] = dict(params)

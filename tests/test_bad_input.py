@@ -277,6 +277,17 @@ def test_state_dict_not_strict_loads_what_matches_and_names_the_rest():
         layer.load_state_dict(source.state_dict(), assign=True)
 
 
+def test_state_dict_arguments_are_checked():
+    layer = fusedrnn.GRU(4, 3)
+    with pytest.raises(TypeError, match="prefix must be a str, got int"):
+        layer.state_dict(prefix=3)
+    with pytest.raises(TypeError, match=r"destination must be None or a mutable mapping \(a dict\)"
+                                        r" to fill, got list"):
+        layer.state_dict(destination=[])
+    with pytest.raises(TypeError, match="keep_vars must be a bool, got str"):
+        layer.state_dict(keep_vars="yes")
+
+
 def test_state_dict_misshaped_or_non_float_entries_are_named():
     layer = fusedrnn.GRU(4, 3, num_layers=2)
     before = {k: v.copy() for k, v in layer.state_dict().items()}

@@ -467,6 +467,20 @@ def test_parameters_are_attributes_under_torch_names(rng):
     assert layer.all_weights[3][1] is layer.weight_hh_l1_reverse
 
 
+def test_state_dict_prefix_and_destination_as_torch():
+    """state_dict(destination, prefix, keep_vars), as a parent module calls torch's: the prefix
+    before every name as it is, the destination filled (what it held kept) and returned, the
+    arrays live with or without keep_vars; positional as torch still takes them."""
+    layer = fusedrnn.LSTM(3, 4, num_layers=2, seed=0)
+    own = dict(layer.named_parameters())
+    into = {"head.weight": np.zeros(2)}
+    got = layer.state_dict(destination=into, prefix="rnn.", keep_vars=True)
+    assert got is into and list(got) == ["head.weight"] + [f"rnn.{k}" for k in own]
+    assert all(got[f"rnn.{k}"] is p for k, p in own.items())
+    assert layer.state_dict({}, "enc.")["enc.weight_hh_l1"] is own["weight_hh_l1"]
+    assert list(layer.state_dict(prefix="")) == list(own)
+
+
 def test_load_state_dict_copies_into_the_live_arrays_and_casts(rng):
     a = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=True, seed=0)
     b = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=True, seed=1, dtype=F64)

@@ -395,3 +395,17 @@ def test_reset_parameters_draws_as_torch_into_the_same_arrays(cell):
             assert p is held[name]
             a = np.abs(p.detach().numpy() if isinstance(p, torch.Tensor) else p)
             assert a.max() <= 1 / np.sqrt(H) and a.max() > 0.8 / np.sqrt(H), (type(m), name)
+
+
+def test_state_dict_prefix_and_destination_give_torch_keys():
+    """A parent's call, state_dict(destination=..., prefix="rnn."), gives torch's keys; loading
+    the prefixed dict into the layer itself names the same missing and unexpected keys."""
+    m = torch.nn.GRU(3, 4, num_layers=2, bidirectional=True)
+    layer = fusedrnn.GRU(3, 4, num_layers=2, bidirectional=True)
+    want, got = {"x": 0}, {"x": 0}
+    assert m.state_dict(destination=want, prefix="rnn.") is want
+    assert layer.state_dict(destination=got, prefix="rnn.") is got
+    assert list(got) == list(want)
+    want_keys = m.load_state_dict(m.state_dict(prefix="rnn."), strict=False)
+    got_keys = layer.load_state_dict(layer.state_dict(prefix="rnn."), strict=False)
+    assert tuple(got_keys) == tuple(want_keys)

@@ -38,6 +38,7 @@ Semantics chosen where NumPy and torch differ:
   a server shares one model: such calls keep nothing on the layer.
 """
 import collections
+import collections.abc
 import itertools
 
 import numpy as np
@@ -180,9 +181,22 @@ class _Layer:
     def parameters(self):
         return iter(self._params.values())
 
-    def state_dict(self):
-        """{torch name: array}: the live parameter arrays (copy them to keep a snapshot)."""
-        return dict(self._params)
+    def state_dict(self, destination=None, prefix="", keep_vars=False):
+        """{prefix + torch name: array}: the live parameter arrays (copy them to keep a
+        snapshot). As torch's: ``prefix`` goes before every name as it is (``"rnn."``), and a
+        ``destination`` mapping is filled and returned; ``keep_vars`` changes nothing here (the
+        arrays are the parameters either way)."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        base.check_bool("keep_vars", keep_vars)
+        if destination is None:
+            destination = {}
+        elif not isinstance(destination, collections.abc.MutableMapping):
+            raise TypeError(f"destination must be None or a mutable mapping (a dict) to fill, "
+                            f"got {type(destination).__name__}")
+        for name, p in self._params.items():
+            destination[prefix + name] = p
+        return destination
 
     # torch.nn's parameter attributes (rnn.weight_ih_l0, ...): the live arrays, as
     # named_parameters() gives them. Assigning one copies into that array, checked as

@@ -277,6 +277,20 @@ def test_state_dict_not_strict_loads_what_matches_and_names_the_rest():
         layer.load_state_dict(source.state_dict(), assign=True)
 
 
+def test_state_dict_mismatches_are_also_runtime_errors_as_torchs():
+    """Keys that do not match (strict) and misshaped values (strict or not): torch.nn raises
+    RuntimeError, so code written for it catches that; ours are ValueErrors too."""
+    layer = fusedrnn.LSTM(4, 3)
+    sd = dict(layer.state_dict())
+    del sd["bias_hh_l0"]
+    with pytest.raises(RuntimeError, match="missing keys"):
+        layer.load_state_dict(sd)
+    sd = dict(layer.state_dict(), weight_ih_l0=np.zeros((12, 5), F32))
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"state_dict\['weight_ih_l0'\] must have shape"):
+            layer.load_state_dict(sd, strict=strict)
+
+
 def test_state_dict_arguments_are_checked():
     layer = fusedrnn.GRU(4, 3)
     with pytest.raises(TypeError, match="prefix must be a str, got int"):

@@ -409,3 +409,27 @@ def test_state_dict_prefix_and_destination_give_torch_keys():
     want_keys = m.load_state_dict(m.state_dict(prefix="rnn."), strict=False)
     got_keys = layer.load_state_dict(layer.state_dict(prefix="rnn."), strict=False)
     assert tuple(got_keys) == tuple(want_keys)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+@pytest.mark.parametrize("change", ["missing", "unexpected", "misshaped"])
+def test_load_state_dict_raises_where_torch_raises_and_what_it_raises(change, strict):
+    """Where torch's load_state_dict raises (keys that do not match with strict, a size mismatch
+    either way) ours raises too, a RuntimeError as torch's is; where torch's loads, ours does."""
+    m = torch.nn.LSTM(4, 3, proj_size=2)
+    layer = fusedrnn.LSTM(4, 3, proj_size=2)
+    sd = dict(m.state_dict())
+    if change == "missing":
+        del sd["weight_hr_l0"]
+    elif change == "unexpected":
+        sd["weight_hr_l1"] = torch.zeros(2, 3)
+    else:
+        sd["weight_hr_l0"] = torch.zeros(3, 3)
+    raised = []
+    for module in (m, layer):
+        try:
+            module.load_state_dict(sd, strict=strict)
+            raised.append(None)
+        except RuntimeError:
+            raised.append(RuntimeError)
+    assert raised[1] == raised[0], raised

@@ -52,6 +52,13 @@ __all__ = ["RNN", "LSTM", "GRU"]
 # state dict lacked and the state dict's names the layer has not.
 IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
 
+
+class _MismatchError(ValueError, RuntimeError):
+    """Values that do not fit the layer's parameters (names, shapes): a ValueError, as fusedrnn
+    raises for bad values, and a RuntimeError, as torch.nn's load_state_dict raises, so
+    ``except RuntimeError`` written for torch still catches it."""
+
+
 # Ids of frozen parameter sets (freeze()), never reused in a process: the kernels' cache of
 # packed weights trusts an id for the memory it first compared under it.
 _FROZEN_IDS = itertools.count(1)
@@ -308,8 +315,11 @@ class _Layer:
         before anything is copied; values of another float dtype are cast as torch does.
         As torch's: ``strict=False`` loads the names the layer has and leaves the rest of its
         parameters as they are, and the result names the keys each side lacked
-        (``missing_keys``, ``unexpected_keys``). ``assign=True`` (torch: keep the state dict's
-        tensors as the parameters) is refused: the layer's parameters are its own arrays."""
+        (``missing_keys``, ``unexpected_keys``); keys that do not match (strict) or a misshaped
+        value raise an error that is a ValueError and, as torch's, a RuntimeError (torch's
+        raises after copying what fits; ours copies nothing). ``assign=True`` (torch: keep the
+        state dict's tensors as the parameters) is refused: the layer's parameters are its own
+        arrays."""
         if not hasattr(state_dict, "keys"):
             raise TypeError(f"state_dict must be a mapping of names to arrays, "
                             f"got {type(state_dict).__name__}")
@@ -326,7 +336,7 @@ class _Layer:
                 parts.append(f"missing keys {missing}")
             if unexpected:
                 parts.append(f"unexpected keys {unexpected}")
-            raise ValueError(f"state_dict does not match {self!r}: {' and '.join(parts)}")
+            raise _MismatchError(f"state_dict does not match {self!r}: {' and '.join(parts)}")
         self._copy_into_params({name: state_dict[name] for name in expected if name in state_dict},
                                label="state_dict[{!r}]")
         return IncompatibleKeys(missing, unexpected)
@@ -343,7 +353,7 @@ class _Layer:
             if v.dtype.kind != "f":
                 raise TypeError(f"{what} must have a float dtype, got {v.dtype.name}")
             if v.shape != expected[name]:
-                raise ValueError(f"{what} must have shape {expected[name]}, got {v.shape}")
+                raise _MismatchError(f"{what} must have shape {expected[name]}, got {v.shape}")
             checked[name] = v
         for name, v in checked.items():
             np.copyto(params[name], v, casting="same_kind")

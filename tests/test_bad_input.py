@@ -302,6 +302,18 @@ def test_state_dict_arguments_are_checked():
         layer.state_dict(keep_vars="yes")
 
 
+def test_parameter_listing_arguments_are_checked():
+    layer = fusedrnn.RNN(4, 3)
+    with pytest.raises(TypeError, match="prefix must be a str, got bytes"):
+        layer.named_parameters(prefix=b"rnn")
+    with pytest.raises(TypeError, match="recurse must be a bool, got int"):
+        layer.named_parameters(recurse=0)
+    with pytest.raises(TypeError, match="remove_duplicate must be a bool, got NoneType"):
+        layer.named_parameters(remove_duplicate=None)
+    with pytest.raises(TypeError, match="recurse must be a bool, got str"):
+        layer.parameters(recurse="no")
+
+
 def test_state_dict_misshaped_or_non_float_entries_are_named():
     layer = fusedrnn.GRU(4, 3, num_layers=2)
     before = {k: v.copy() for k, v in layer.state_dict().items()}

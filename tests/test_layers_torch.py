@@ -433,3 +433,20 @@ def test_load_state_dict_raises_where_torch_raises_and_what_it_raises(change, st
         except RuntimeError:
             raised.append(RuntimeError)
     assert raised[1] == raised[0], raised
+
+
+@pytest.mark.parametrize("prefix", ["", "rnn", "encoder.rnn"])
+@pytest.mark.parametrize("recurse", [True, False])
+def test_named_parameters_and_parameters_take_torchs_arguments(prefix, recurse):
+    """named_parameters(prefix, recurse, remove_duplicate) names as torch's (the prefix joined
+    with a dot) and parameters(recurse) gives the layer's own either way, as torch's: an RNN
+    module's parameters are its own, not a submodule's."""
+    m = torch.nn.LSTM(3, 4, num_layers=2, proj_size=2)
+    layer = fusedrnn.LSTM(3, 4, num_layers=2, proj_size=2)
+    want = [name for name, _ in m.named_parameters(prefix=prefix, recurse=recurse,
+                                                   remove_duplicate=False)]
+    got = layer.named_parameters(prefix=prefix, recurse=recurse, remove_duplicate=False)
+    assert [name for name, _ in got] == want
+    assert len(list(layer.parameters(recurse=recurse))) == len(list(m.parameters(recurse=recurse)))
+    assert [id(p) for p in layer.parameters(recurse)] == [id(p) for _, p in
+                                                         layer.named_parameters(prefix)]

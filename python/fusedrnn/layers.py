@@ -181,11 +181,20 @@ class _Layer:
         runs unchanged."""
 
     # -- parameters
-    def named_parameters(self):
-        """(name, array) pairs in torch's order; the arrays are the layer's own (live)."""
-        return iter(self._params.items())
+    def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):
+        """(name, array) pairs in torch's order; the arrays are the layer's own (live). As
+        torch's, a ``prefix`` goes before each name with a dot (``"rnn"``: ``"rnn.weight_ih_l0"``);
+        ``recurse`` and ``remove_duplicate`` change nothing (no submodules, no shared arrays)."""
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        base.check_bool("recurse", recurse)
+        base.check_bool("remove_duplicate", remove_duplicate)
+        dotted = prefix + "." if prefix else ""
+        return ((dotted + name, p) for name, p in self._params.items())
 
-    def parameters(self):
+    def parameters(self, recurse=True):
+        """The live parameter arrays in torch's order; ``recurse`` as torch's (no submodules)."""
+        base.check_bool("recurse", recurse)
         return iter(self._params.values())
 
     def state_dict(self, destination=None, prefix="", keep_vars=False):

@@ -515,6 +515,8 @@ def test_seed_reproducible_and_repr():
     assert repr(a) == "GRU(3, 4, num_layers=2)"
     assert repr(fusedrnn.RNN(3, 4, nonlinearity="relu", dtype=F64)) == \
         "RNN(3, 4, nonlinearity='relu', dtype=float64)"
+    lstm = fusedrnn.LSTM(3, 4, num_layers=2, proj_size=2, dtype=F64)
+    assert lstm.extra_repr() == "3, 4, proj_size=2, num_layers=2, dtype=float64"   # torch's order
     assert a.training and not a.eval().training and a.train().training
     lstm = fusedrnn.LSTM(3, 4, proj_size=2)
     assert (lstm.input_size, lstm.hidden_size, lstm.proj_size, lstm.num_layers) == (3, 4, 2, 1)

@@ -450,3 +450,18 @@ def test_named_parameters_and_parameters_take_torchs_arguments(prefix, recurse):
     assert len(list(layer.parameters(recurse=recurse))) == len(list(m.parameters(recurse=recurse)))
     assert [id(p) for p in layer.parameters(recurse)] == [id(p) for _, p in
                                                          layer.named_parameters(prefix)]
+
+
+@pytest.mark.parametrize("kw", [{}, {"proj_size": 2, "num_layers": 2, "dropout": 0.25},
+                                {"bias": False, "batch_first": True, "bidirectional": True},
+                                {"proj_size": 1, "bidirectional": True, "dropout": 1,
+                                 "num_layers": 3}])
+def test_repr_and_extra_repr_are_torchs(kw):
+    """Options torch shows, in its order (proj_size second); float32 and the tanh RNN or
+    torch's GRU add nothing torch lacks."""
+    for name in ("RNN", "GRU", "LSTM"):
+        if name != "LSTM" and "proj_size" in kw:
+            continue
+        m = getattr(torch.nn, name)(3, 4, **kw)
+        layer = getattr(fusedrnn, name)(3, 4, **kw)
+        assert (repr(layer), layer.extra_repr()) == (repr(m), m.extra_repr())

@@ -137,15 +137,21 @@ class _Layer:
     mode = property(lambda self: self._spec.cell.upper())
 
     def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def extra_repr(self):
+        """What goes between the repr's parentheses, as torch.nn's: the sizes and the options
+        not at their defaults, in torch's order, then those torch has not (nonlinearity,
+        linear_before_reset, dtype: a torch module's repr does not show them)."""
         s = self._spec
         parts = [str(s.input_size), str(s.hidden_size)]
-        defaults = dict(num_layers=1, bias=True, batch_first=False, dropout=0.0,
+        defaults = dict(proj_size=0, num_layers=1, bias=True, batch_first=False, dropout=0.0,
                         bidirectional=False)
         parts += [f"{k}={getattr(s, k)}" for k, v in defaults.items() if getattr(s, k) != v]
         parts += self._extra_repr()
         if self.dtype != np.float32:
             parts.append(f"dtype={self.dtype.name}")
-        return f"{type(self).__name__}({', '.join(parts)})"
+        return ", ".join(parts)
 
     def _extra_repr(self):
         return []
@@ -620,9 +626,6 @@ class LSTM(_Layer):
         spec = base.check_config("lstm", input_size, hidden_size, num_layers, bias, batch_first,
                                  dropout, bidirectional, proj_size=proj_size)
         super().__init__(spec, device, dtype, seed)
-
-    def _extra_repr(self):
-        return [f"proj_size={self.proj_size}"] if self.proj_size else []
 
     def _check_hx(self, hx, B, unbatched):
         if hx is None:

@@ -481,6 +481,66 @@ def test_state_dict_prefix_and_destination_as_torch():
     assert list(layer.state_dict(prefix="")) == list(own)
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["plain", "frozen"])
+def test_double_and_float_cast_the_layer_as_torchs_do(rng, frozen):
+    """double() / float() / to(dtype): the parameters and gradients in the new dtype (new
+    arrays: NumPy cannot change an array's dtype in place), the outputs those of a layer made
+    in it; a frozen layer stays frozen under a new id; a pending backward is dropped."""
+    layer = make_layer("lstm", 3, 4, L=2, proj=2, dtype=np.float32)
+    layer.grads["bias_hh_l1"] += 0.5
+    if frozen:
+        layer.zero_grad(set_to_none=True)
+        layer.freeze()
+        first_id = layer._params.frozen_id
+    x32 = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    y, _ = layer(x32)
+    values = {name: p.copy() for name, p in layer.named_parameters()}
+    assert layer.double() is layer and layer.dtype == F64 and layer.frozen == frozen
+    for name, p in layer.named_parameters():
+        assert p.dtype == F64 and np.array_equal(p, values[name]), name
+    for name, g in layer.grads.items():
+        assert g is None if frozen else (g.dtype == F64), name
+    if frozen:
+        assert layer._params.frozen_id != first_id
+    else:
+        assert (layer.grads["bias_hh_l1"] == 0.5).all()
+    with pytest.raises(RuntimeError, match="cast to float64 since the last forward"):
+        layer.backward(np.ones_like(y))
+    twin = make_layer("lstm", 3, 4, L=2, proj=2, dtype=F64)
+    twin.load_state_dict(layer.state_dict())
+    x = x32.astype(F64)
+    assert np.array_equal(layer(x)[0], twin(x)[0])
+    layer.backward(np.ones((5, 2, 2)))
+    assert all(g.dtype == F64 for g in layer.grads.values())
+    assert layer.to(np.float32) is layer and layer.dtype == np.float32
+    assert layer.weight_hh_l0.dtype == np.float32 and layer.frozen == frozen
+    assert np.array_equal(layer(x32)[0], y)
+    assert layer.float() is layer and layer.to(dtype=np.float32) is layer    # nothing to do
+
+
+def test_to_takes_torchs_forms_for_the_cpu_and_names_what_it_refuses():
+    layer = make_layer("gru", 3, 4, dtype=np.float32)
+    held = layer.weight_ih_l0
+    for call in (lambda: layer.to("cpu"), lambda: layer.to(device="cpu:0"), layer.cpu,
+                 lambda: layer.to("cpu", np.float32), lambda: layer.to(non_blocking=True)):
+        assert call() is layer and layer.weight_ih_l0 is held
+    assert layer.to("cpu", float).dtype == F64 and layer.to(np.dtype("float32")).dtype == "f4"
+    held = layer.weight_ih_l0                # a new array: the cast's
+    with pytest.raises(ValueError, match="device must be None or 'cpu'"):
+        layer.to("cuda")
+    with pytest.raises(ValueError, match="device must be None or 'cpu'.*got 'float64'"):
+        layer.to("float64")                  # a str is a device, as torch reads it
+    with pytest.raises(TypeError, match="dtype must be float32 or float64, got int32"):
+        layer.to(np.int32)
+    with pytest.raises(TypeError, match="to\\(\\) got a dtype twice"):
+        layer.to(np.float32, dtype=F64)
+    with pytest.raises(TypeError, match="to\\(\\) got a device twice"):
+        layer.to("cpu", device="cpu")
+    with pytest.raises(TypeError, match="non_blocking must be a bool"):
+        layer.to(non_blocking="yes")
+    assert layer.dtype == np.float32 and layer.weight_ih_l0 is held
+
+
 def test_load_state_dict_copies_into_the_live_arrays_and_casts(rng):
     a = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=True, seed=0)
     b = fusedrnn.LSTM(3, 4, proj_size=2, bidirectional=True, seed=1, dtype=F64)

@@ -465,3 +465,31 @@ def test_repr_and_extra_repr_are_torchs(kw):
         m = getattr(torch.nn, name)(3, 4, **kw)
         layer = getattr(fusedrnn, name)(3, 4, **kw)
         assert (repr(layer), layer.extra_repr()) == (repr(m), m.extra_repr())
+
+
+CASTS = {"double": lambda m: m.double(), "float": lambda m: m.float(),
+         "to(float64)": lambda m: m.to(torch.float64),
+         "to(cpu, float64)": lambda m: m.to("cpu", torch.float64),
+         "to(dtype=float64)": lambda m: m.to(dtype=torch.float64),
+         "to(cpu)": lambda m: m.to("cpu"), "cpu": lambda m: m.cpu()}
+
+
+@pytest.mark.parametrize("cast", CASTS)
+def test_casts_give_torchs_dtype_and_outputs(cast):
+    """double(), float(), to(...) and cpu() as a torch module takes them: the layer returned,
+    its parameters in torch's dtype after, its outputs torch's."""
+    m = torch.nn.GRU(3, 4, num_layers=2)
+    layer = fusedrnn.GRU(3, 4, num_layers=2)
+    layer.load_state_dict(m.state_dict())
+    for module in (m, layer):
+        assert CASTS[cast](module) is module
+    dtype = m.weight_ih_l0.dtype
+    assert layer.dtype == np.dtype(str(dtype)[6:]) and layer.weight_hh_l1.dtype == layer.dtype
+    x = torch.randn(5, 2, 3, dtype=dtype)
+    with torch.no_grad():
+        want = m(x)[0].numpy()
+    assert_close(layer(x.numpy())[0], want, np.float32)
+    with pytest.raises(TypeError):
+        m.to(torch.int32)
+    with pytest.raises(TypeError, match="dtype must be float32 or float64, got torch.int32"):
+        layer.to(torch.int32)

@@ -29,7 +29,9 @@ Semantics chosen where NumPy and torch differ:
   overwrite ``x``) only after backward: the kernels read them again in backward (torch raises an
   error for such in-place changes; NumPy cannot detect them).
 - ``dtype`` takes NumPy's and torch's float32 and float64; None means float32, torch's default.
-  ``device`` takes torch's None or the CPU and refuses any other device.
+  ``device`` takes torch's None or the CPU and refuses any other device. ``double()``,
+  ``float()`` and ``to(dtype)`` cast the parameters and gradients into new arrays (torch swaps
+  a parameter's data; a NumPy array keeps its dtype): take ``named_parameters()`` again after.
 - Inputs must have the layer's dtype exactly; nothing is cast silently. Outputs for
   ``batch_first=True`` are transposed views of time-major arrays, as in torch.
 - A layer object keeps the state of its last training forward, so in training one layer must
@@ -91,6 +93,11 @@ def _torch_init(spec, rng, dtype):
     bound = 1.0 / np.sqrt(spec.hidden_size)
     return {name: rng.uniform(-bound, bound, size=shape).astype(dtype)
             for name, shape in spec.param_shapes().items()}
+
+
+def _is_torch_dtype(a):
+    """Whether ``a`` is a torch.dtype (torch.float64), without importing torch."""
+    return type(a).__module__ == "torch" and type(a).__name__ == "dtype"
 
 
 def _immutable_copy(a):
@@ -185,6 +192,59 @@ class _Layer:
         """torch.nn's call to lay the weights out for cuDNN, which models make before forward:
         nothing to do here (the kernels pack the weights themselves), so code that calls it
         runs unchanged."""
+
+    # -- dtype and device (torch.nn.Module's casts)
+    def to(self, *args, device=None, dtype=None, non_blocking=False):
+        """torch.nn.Module.to on the CPU: ``to(dtype)``, ``to(device)``, ``to(device, dtype)`` or
+        the keywords. The device must be the CPU; the dtype float32 or float64, NumPy's or
+        torch's (a str is a device, as torch reads it). Returns the layer; see ``_cast`` for a
+        new dtype."""
+        for a in args:
+            if isinstance(a, (np.dtype, type)) or _is_torch_dtype(a):
+                if dtype is not None:
+                    raise TypeError(f"to() got a dtype twice: {dtype!r} and {a!r}")
+                dtype = a
+            else:
+                if device is not None:
+                    raise TypeError(f"to() got a device twice: {device!r} and {a!r}")
+                device = a
+        base.check_device(device)
+        base.check_bool("non_blocking", non_blocking)
+        return self if dtype is None else self._cast(base.check_dtype(dtype))
+
+    def float(self):
+        """float32 parameters, as torch.nn.Module.float(); returns the layer (see ``_cast``)."""
+        return self._cast(np.dtype(np.float32))
+
+    def double(self):
+        """float64 parameters, as torch.nn.Module.double(); returns the layer (see ``_cast``)."""
+        return self._cast(np.dtype(np.float64))
+
+    def cpu(self):
+        """torch.nn.Module.cpu(): the layer is on the CPU already."""
+        return self
+
+    def _cast(self, dtype):
+        """The layer in ``dtype``. A new dtype gives the parameters and gradients as new arrays
+        (NumPy cannot change an array's dtype in place, where torch swaps a parameter's data):
+        arrays taken before, an optimiser's among them, are no longer the layer's, so take
+        ``named_parameters()`` again (torch asks the same of optimisers built before a move
+        to another device). A frozen layer stays frozen, under a new id; a pending backward is
+        dropped. Not while other threads call the layer (theirs may meet the other dtype)."""
+        if dtype == self.dtype:
+            return self
+        old = self._params   # read once: its values and whether frozen go together
+        params = {name: p.astype(dtype) for name, p in old.items()}
+        if _frozen_id_of(old):
+            params = _FrozenParams({name: _immutable_copy(p) for name, p in params.items()},
+                                   next(_FROZEN_IDS))
+        self.grads = {name: None if g is None else g.astype(dtype)
+                      for name, g in self.grads.items()}
+        self._spare_grads.clear()       # of the old dtype: no use to backward now
+        self._params = params
+        self.dtype = dtype
+        self._forget(f"the layer was cast to {dtype.name} since the last forward")
+        return self
 
     # -- parameters
     def named_parameters(self, prefix="", recurse=True, remove_duplicate=True):

@@ -580,6 +580,11 @@ PYBIND11_MODULE(_C, m) {
       if (verdict == probe_verdicts[v]) return fusedrnn::set_probe_override(v);
     fail("probe verdict must be 'measured', 'far_team' or 'far_alone', got '" + verdict + "'");
   });
+  m.def("set_probe_recall_ms", [](int ms) {
+    if (ms > 3600000) fail("probe recall time must be at most 3600000 ms, got " + std::to_string(ms));
+    return fusedrnn::set_probe_recall_ms(ms);
+  }, py::arg("ms"), "tests: how long a probe's verdict is remembered (by the calls from now on), "
+     "in ms; negative: the default (500); returns the previous setting");
   // Riding or one GEMM for a single row on one thread (csrc/ride_policy.cpp): calls by way, and
   // a way for tests to impose ("measured", "whole", "ride"); setting it forgets every trial.
   m.def("ride_calls", [] {

@@ -273,6 +273,9 @@ int probe_override();
 // without probing (kProbeNone: probe), and what a call's probe found.
 int probe_recall(const TeamKey& key);
 void probe_remember(const TeamKey& key, int verdict);
+// Tests: how long a verdict remembered from now on lasts, in ms (negative: the default); returns
+// the previous setting. A loaded machine can take the default's 500 ms for a test's 15 calls.
+int set_probe_recall_ms(int ms);
 
 // Defined in dispatch.cpp.
 const KernelTable& active_kernels();

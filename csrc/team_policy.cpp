@@ -97,14 +97,15 @@ int64_t beside_walk_calls(BesideWalk way) {
 // against 0.083 on one thread. This VM keeps the cores apart or close for minutes, and a shape's
 // verdict held in every call (online-small, 200 calls: RNN alone in 199, GRU and LSTM the team
 // in 198 and 199), so after a probe that found the cores far apart, the next kRecallCalls calls
-// of the shape within kRecallTime take its verdict without probing. Cores found close are not
+// of the shape within kRecallMs take its verdict without probing. Cores found close are not
 // remembered: that check is four empty meetings, nearly free.
 namespace {
 std::atomic<int64_t> g_probe_calls[5] = {{0}, {0}, {0}, {0}, {0}};
 std::atomic<int> g_probe_override{-1};
 
 constexpr int kRecallCalls = 15;
-constexpr std::chrono::milliseconds kRecallTime{500};
+constexpr int kRecallMs = 500;
+std::atomic<int> g_recall_ms{kRecallMs};  // kRecallMs, or what a test set (set_probe_recall_ms)
 
 struct ProbeMemo {
   int verdict;
@@ -155,8 +156,12 @@ void probe_remember(const TeamKey& key, int verdict) {
     return;
   }
   if (m.memos.size() > 4096) m.memos.clear();  // bounded: shapes come and go
-  m.memos[key_of(key)] = ProbeMemo{verdict, kRecallCalls,
-                                   std::chrono::steady_clock::now() + kRecallTime};
+  const std::chrono::milliseconds recall{g_recall_ms.load(std::memory_order_relaxed)};
+  m.memos[key_of(key)] = ProbeMemo{verdict, kRecallCalls, std::chrono::steady_clock::now() + recall};
+}
+
+int set_probe_recall_ms(int ms) {
+  return g_recall_ms.exchange(ms < 0 ? kRecallMs : ms, std::memory_order_relaxed);
 }
 
 // The shared unit blocks of large team steps (sequence/block_queue.h): counts and the tests' lag.

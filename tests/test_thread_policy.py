@@ -159,8 +159,12 @@ PROBED = [("rnn_tanh", True, 128), ("rnn_relu", True, 128), ("lstm", True, 64),
 
 @pytest.fixture
 def probe_verdict():
+    """Imposes a probe verdict; a remembered one lasts a minute here, not 500 ms (a loaded
+    machine took longer for a test's 17 calls)."""
+    before = _C.set_probe_recall_ms(60000)
     yield lambda verdict: _C.set_probe_override(verdict)
     _C.set_probe_override("measured")
+    _C.set_probe_recall_ms(before)
 
 
 @pytest.fixture
@@ -295,6 +299,22 @@ def test_probe_verdicts_are_remembered_for_the_next_calls_of_a_shape(two_threads
     assert counts(lambda: train(args))[1] == (0, 2)
     probe_verdict(verdict)                             # forgets
     assert counts(lambda: train(args))[1] == (2, 0)
+    # and a verdict lasts its time: remembered for no time, the next call probes again
+    _C.set_probe_recall_ms(0)
+    probe_verdict(verdict)
+    assert counts(lambda: train(args))[1] == (2, 0)
+    assert counts(lambda: train(args))[1] == (2, 0)
+
+
+def test_probe_recall_time_is_checked_and_restored():
+    before = _C.set_probe_recall_ms(-1)   # the default
+    try:
+        assert _C.set_probe_recall_ms(1234) == 500
+        assert _C.set_probe_recall_ms(-1) == 1234
+        with pytest.raises(ValueError, match="at most 3600000 ms"):
+            _C.set_probe_recall_ms(3600001)
+    finally:
+        _C.set_probe_recall_ms(before)
 
 
 def test_team_barrier_ns_times_a_team_only():

@@ -54,27 +54,21 @@ struct DenormalsFlushed {
 #endif
 };
 
-// One core's L1 data cache in bytes, as the OS reports it (32 KB where it does not say).
-inline int64_t l1_cache_bytes() {
-  static const int64_t bytes = [] {
-#if defined(_SC_LEVEL1_DCACHE_SIZE)
-    const long n = sysconf(_SC_LEVEL1_DCACHE_SIZE);
-    if (n > 0) return int64_t(n);
+// One core's L1 data cache or L2 in bytes, as the OS reports it (32 KB and 512 KB where it does
+// not say).
+inline int64_t core_cache_bytes(int level) {
+#if defined(_SC_LEVEL1_DCACHE_SIZE) && defined(_SC_LEVEL2_CACHE_SIZE)
+  const long n = sysconf(level == 1 ? _SC_LEVEL1_DCACHE_SIZE : _SC_LEVEL2_CACHE_SIZE);
+  if (n > 0) return int64_t(n);
 #endif
-    return int64_t(32) << 10;
-  }();
+  return int64_t(level == 1 ? 32 : 512) << 10;
+}
+inline int64_t l1_cache_bytes() {
+  static const int64_t bytes = core_cache_bytes(1);
   return bytes;
 }
-
-// One core's L2 in bytes, as the OS reports it (512 KB where it does not say).
 inline int64_t l2_cache_bytes() {
-  static const int64_t bytes = [] {
-#if defined(_SC_LEVEL2_CACHE_SIZE)
-    const long n = sysconf(_SC_LEVEL2_CACHE_SIZE);
-    if (n > 0) return int64_t(n);
-#endif
-    return int64_t(512) << 10;
-  }();
+  static const int64_t bytes = core_cache_bytes(2);
   return bytes;
 }
 

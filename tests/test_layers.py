@@ -712,6 +712,44 @@ def test_one_layer_serves_inference_from_several_threads(rng, frozen):
                         np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_training_call_meeting_another_threads_on_one_layer_raises(rng, monkeypatch, cell):
+    """In training one layer object serves one thread at a time: a training forward or a
+    backward that meets another thread's (held here inside the kernels' call) raises and names
+    the rule, instead of taking or replacing the state the other saves; the held call then
+    finishes, and its backward gives the right gradients."""
+    import threading
+
+    from fusedrnn import _layer_base
+    layer = make_layer(cell, 6, 8, dtype=np.float64, seed=2)
+    x = rng.standard_normal((5, 3, 6))
+    want_y = layer(x)[0].copy()
+    want_dx = layer.backward(np.ones_like(want_y))[0].copy()
+    inside, go_on = threading.Event(), threading.Event()
+    real_forward = _layer_base.stack_forward
+
+    def held_forward(*args, **kwargs):
+        inside.set()
+        assert go_on.wait(10)
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(_layer_base, "stack_forward", held_forward)
+    result = {}
+    holder = threading.Thread(target=lambda: result.setdefault("y", layer(x)[0]))
+    holder.start()
+    try:
+        assert inside.wait(10)
+        monkeypatch.setattr(_layer_base, "stack_forward", real_forward)
+        for call in (lambda: layer(x), lambda: layer.backward(np.ones_like(want_y))):
+            with pytest.raises(RuntimeError, match="one layer object serves one thread at a time"):
+                call()
+    finally:
+        go_on.set()
+        holder.join()
+    np.testing.assert_array_equal(result["y"], want_y)
+    np.testing.assert_array_equal(layer.backward(np.ones_like(want_y))[0], want_dx)
+
+
 def flat_outputs(out):
     """y, hn (and cn) of a layer call as one list."""
     y, h = out

@@ -35,13 +35,15 @@ Semantics chosen where NumPy and torch differ:
 - Inputs must have the layer's dtype exactly; nothing is cast silently. Outputs for
   ``batch_first=True`` are transposed views of time-major arrays, as in torch.
 - A layer object keeps the state of its last training forward, so in training one layer must
-  not be called from several threads at once; separate layers may be (the kernels release the
-  GIL). In eval mode (frozen or not) one layer may serve calls from several threads at once, as
+  not be called from several threads at once (a training forward or backward that meets
+  another thread's raises RuntimeError); separate layers may be (the kernels release the GIL). In eval mode (frozen or not) one layer may serve calls from several threads at once, as
   a server shares one model: such calls keep nothing on the layer.
 """
 import collections
 import collections.abc
+import contextlib
 import itertools
+import threading
 
 import numpy as np
 
@@ -130,6 +132,7 @@ class _Layer:
         self.training = True
         self._saved = None
         self._why_no_saved = "no forward has run yet"
+        self._training_call = threading.Lock()  # held through a training forward or backward
 
     # -- torch.nn-style attributes (read-only: the parameter shapes depend on them)
     input_size = property(lambda self: self._spec.input_size)
@@ -363,6 +366,7 @@ class _Layer:
         # layer: a copy starts with no forward to run backward through, as torch's modules keep
         # no graph.
         state = self.__dict__.copy()
+        del state["_training_call"]   # (a lock does not pickle; the copy gets its own)
         if state.get("_saved") is not None:
             state["_saved"] = None
             state["_why_no_saved"] = ("this layer is a copy (copy.deepcopy or pickle) made after "
@@ -374,6 +378,7 @@ class _Layer:
         # A copy (copy.deepcopy, pickle) has parameters at other addresses, or in another process
         # where this id may be taken: it freezes again under a new id.
         self.__dict__.update(state)
+        self.__dict__["_training_call"] = threading.Lock()
         self.__dict__.pop("_grads_verdict", None)  # another copy's arrays: checked afresh
         self.__dict__.setdefault("_spare_grads", {})  # pickled before zero_grad(set_to_none)
         self.__dict__.setdefault("_init_rng", np.random.default_rng())  # before reset_parameters
@@ -487,14 +492,35 @@ class _Layer:
         if base.dropout_active(s, self.training):
             make_mask = base.numpy_mask_maker(self._dropout_rng, s.dropout, self.dtype)
         params = self._params   # read once: its frozen id goes with it (_FrozenParams)
-        y, hn, cn, saved = base.stack_forward(s, params, x_tm, h0, c0, lengths,
-                                              save=self.training, make_mask=make_mask,
-                                              checked=True, frozen=_frozen_id_of(params))
-        if self.training:
-            self._saved = (saved, T, B, unbatched)
-        else:
-            self._forget("the last forward ran in eval mode (call layer.train() first)")
+        training = self.training
+        with self._one_training_call(training, "forward"):
+            y, hn, cn, saved = base.stack_forward(s, params, x_tm, h0, c0, lengths,
+                                                  save=training, make_mask=make_mask,
+                                                  checked=True, frozen=_frozen_id_of(params))
+            if training:
+                self._saved = (saved, T, B, unbatched)
+            else:
+                self._forget("the last forward ran in eval mode (call layer.train() first)")
         return self._user_layout(y, unbatched), self._pack_state(hn, cn, unbatched)
+
+    @contextlib.contextmanager
+    def _one_training_call(self, training, what):
+        """A training call (or any backward) runs alone on the layer: another thread's, meeting
+        it, would take or replace the state this one saves, silently (its backward then runs
+        through the other's forward). Such a call raises instead; eval calls share the layer
+        freely."""
+        if not training:
+            yield
+            return
+        if not self._training_call.acquire(blocking=False):
+            raise RuntimeError(f"{type(self).__name__}.{what}: another thread is in a training "
+                               f"forward or backward of this layer; in training one layer object "
+                               f"serves one thread at a time (give each thread its own copy, "
+                               f"copy.deepcopy, or call it in eval mode)")
+        try:
+            yield
+        finally:
+            self._training_call.release()
 
     def _x_desc(self):
         s = self._spec
@@ -542,6 +568,10 @@ class _Layer:
         respect to hn (LSTM: (dhn, dcn), either may be None), or None. Adds the parameter
         gradients into ``grads``; returns (dx, dh0) (LSTM: (dx, (dh0, dc0))).
         """
+        with self._one_training_call(True, "backward"):
+            return self._backward(dy, dhn)
+
+    def _backward(self, dy, dhn):
         if self._saved is None:
             raise RuntimeError(f"backward needs a forward in training mode first: "
                                f"{self._why_no_saved}")

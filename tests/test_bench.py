@@ -612,27 +612,55 @@ def test_ab_builds_times_two_builds_side_by_side():
     assert out.stdout.startswith("stacked gru train, stack of 2 t=1: OLD min"), out.stdout
 
 
-def test_blocks_wait_for_the_previous_runners_threads_to_idle():
+class ScriptedClocks:
+    """The clocks fusedrnn.bench.timing reads, scripted: sleep() moves the wall clock on at
+    once, and the process's CPU clock as far while another thread spins on a whole core (until
+    `spin_s` of wall time, or for good)."""
+
+    def __init__(self, spin_s):
+        self.wall = self.cpu = 0.0
+        self.spin_s = spin_s
+
+    def perf_counter(self):
+        return self.wall
+
+    def process_time(self):
+        return self.cpu
+
+    def sleep(self, s):
+        self.cpu += max(0.0, min(self.wall + s, self.spin_s) - self.wall)
+        self.wall += s
+
+
+def test_blocks_wait_for_the_previous_runners_threads_to_idle(monkeypatch):
     """A thread left spinning (as ONNX Runtime's pool does for ~60 ms after a call) holds the
-    next block back until it stops, an idle process waits one window; in an interleaving every
-    block waits first, a runner timed alone never."""
+    next block back until it stops, an idle process waits one window, one that never idles
+    max_s; in an interleaving every block waits first, a runner timed alone never. The clocks
+    are scripted: a real spinner on a loaded machine can miss a whole 5 ms window (it did, and
+    the wait ended after 27 ms); that the real process clock counts another thread's spin is
+    checked apart."""
     import threading
     import time
 
     from fusedrnn.bench import timing
 
-    stop = time.perf_counter() + 0.15
+    window = timing.IDLE_WINDOW_S
+    for spin_s, least, most in [(0.15, 0.15, 0.15 + 2 * window), (0.0, window, 2 * window),
+                                (float("inf"), 2.0, 2.0 + 2 * window)]:
+        with monkeypatch.context() as m:
+            m.setattr(timing, "time", ScriptedClocks(spin_s))
+            assert least <= timing.wait_until_idle(max_s=2.0) < most, spin_s
 
-    def spin():
-        while time.perf_counter() < stop:
+    def spin(cpu_s):  # on this thread's own CPU time, so load only makes it take longer
+        start = time.thread_time()
+        while time.thread_time() - start < cpu_s:
             pass
 
-    spinner = threading.Thread(target=spin)
+    cpu0 = timing.time.process_time()
+    spinner = threading.Thread(target=spin, args=(0.05,))
     spinner.start()
-    waited = timing.wait_until_idle(max_s=2.0)
     spinner.join()
-    assert waited >= 0.1
-    assert timing.wait_until_idle(max_s=2.0) < 0.1
+    assert timing.time.process_time() - cpu0 >= 0.05
 
     events = []
     runners = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}

@@ -74,6 +74,18 @@ const KernelTable& kernels(const std::optional<std::string>& isa) {
   return *t;
 }
 
+// A kernel call's part without the GIL, counted for tests (_C.calls_without_gil) from before
+// the release to after the GIL is back: Python in another thread sees the count from the moment
+// it can run, and only while the GIL is away (a call that held it would never show).
+std::atomic<int> g_calls_without_gil{0};
+class WithoutGil {
+  struct Counted {
+    Counted() { g_calls_without_gil.fetch_add(1, std::memory_order_relaxed); }
+    ~Counted() { g_calls_without_gil.fetch_sub(1, std::memory_order_relaxed); }
+  } counted_;  // (members: made in order, ended in reverse)
+  py::gil_scoped_release released_;
+};
+
 template <typename T>
 using Arr = py::array_t<T, py::array::c_style>;
 
@@ -320,7 +332,7 @@ py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reve
   OnnxOptions<T> options;
   call.a.onnx = options.parse(onnx, call.a.s, training);
   {
-    py::gil_scoped_release nogil;
+    WithoutGil nogil;
     if constexpr (sizeof(T) == 4) kt.forward_f32(call.a); else kt.forward_f64(call.a);
   }
   return call.result();
@@ -363,7 +375,7 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
   std::vector<fusedrnn::ForwardArgs<T>> args;
   for (const LayerCall<T>& call : calls) args.push_back(call.a);
   {
-    py::gil_scoped_release nogil;
+    WithoutGil nogil;
     if constexpr (sizeof(T) == 4) kt.forward_stack_f32(args.data(), int(n));
     else kt.forward_stack_f64(args.data(), int(n));
   }
@@ -474,7 +486,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
     ~Running() { --n; }
   } running(c.running);
   {
-    py::gil_scoped_release nogil;
+    WithoutGil nogil;
     if constexpr (sizeof(T) == 4) c.table->backward_f32(a); else c.table->backward_f64(a);
   }
   py::dict grads;
@@ -489,7 +501,7 @@ template <typename T>
 py::array math_impl(const KernelTable& kt, int func, Arr<T> x) {
   Arr<T> y(std::vector<int64_t>(x.shape(), x.shape() + x.ndim()));
   {
-    py::gil_scoped_release nogil;
+    WithoutGil nogil;
     if constexpr (sizeof(T) == 4) kt.math_f32(func, x.data(), y.mutable_data(), x.size());
     else kt.math_f64(func, x.data(), y.mutable_data(), x.size());
   }
@@ -503,7 +515,7 @@ py::array gemm_impl(const KernelTable& kt, py::array_t<T> A, py::array_t<T> B) {
   Arr<T> C({M, N});
   const int64_t s = sizeof(T);
   {
-    py::gil_scoped_release nogil;
+    WithoutGil nogil;
     if constexpr (sizeof(T) == 4)
       kt.gemm_f32(M, N, K, A.data(), A.strides(0) / s, A.strides(1) / s, B.data(), B.strides(0) / s,
                   B.strides(1) / s, C.mutable_data(), N, false, threads_for_call());
@@ -563,7 +575,7 @@ PYBIND11_MODULE(_C, m) {
   static const char* const probe_verdicts[] = {"close", "far_team", "far_alone", "recalled_team",
                                                "recalled_alone"};
   m.def("team_barrier_ns", [](int rounds) {
-    py::gil_scoped_release nogil;
+    WithoutGil nogil;
     return kernels(std::nullopt).team_barrier_ns(threads_for_call(), rounds);
   }, py::arg("rounds") = 1000,
      "ns per empty meeting of a step team of get_num_threads() threads (0 for one): 25-60 ns "
@@ -730,6 +742,8 @@ PYBIND11_MODULE(_C, m) {
      "a unidirectional stack without lengths, bottom layer first: per layer lists of forward's "
      "states and weights; returns the list of forward's (y, hn, cn, ctx) per layer (keep_x: "
      "as forward's, for x; each layer above keeps its input, the output below, itself)");
+  m.def("calls_without_gil", [] { return g_calls_without_gil.load(std::memory_order_relaxed); },
+        "tests: kernel calls running now with the GIL released (by any thread)");
   m.def("stack_calls", [] {
     return counts({{"pipelined", fusedrnn::stack_calls(true)},
                    {"layer_by_layer", fusedrnn::stack_calls(false)}});

@@ -6,9 +6,9 @@
 #pragma once
 #include <chrono>
 #include <cstdint>
-#include <type_traits>
 #include "common.h"
 #include "kernel_api.h"
+#include "gemm/gemm.h"  // amx_build_for
 #include "gemm/microkernel.h"
 #include "sequence/layout.h"
 
@@ -77,16 +77,8 @@ int64_t in_step_block_bytes(const LayerShape& s) {
 // on W_hh; the FMA kernels stream them as they lie and take it under 40 rows while W_hh is
 // within twice the L2.
 template <typename T>
-constexpr bool steps_split_for_amx() {
-#if defined(FUSEDRNN_AMX)
-  return std::is_same_v<T, float>;
-#else
-  return false;
-#endif
-}
-template <typename T>
 bool projection_apart(const LayerShape& s) {
-  const bool amx = steps_split_for_amx<T>();
+  const bool amx = amx_build_for<T>();
   const int64_t G = gates_of(s.cell), l2 = l2_cache_bytes();
   const int64_t bytes = amx ? 6 : int64_t(sizeof(T));
   const bool rows = G == 1 || s.B < (amx ? 48 : 40);
@@ -122,7 +114,7 @@ bool in_step_projection(const LayerShape& s, bool has_lengths) {
 // GEMM's (and with AMX the pipeline lost there anyway, see above).
 template <typename T>
 bool in_step_when_pipelined(const LayerShape& s) {
-  return in_step_projection<T>(s, false) || (!steps_split_for_amx<T>() && in_step_fits<T>(s, false));
+  return in_step_projection<T>(s, false) || (!amx_build_for<T>() && in_step_fits<T>(s, false));
 }
 
 // Whether the input projection rides along the steps of a single LSTM or GRU row: the B = 1 step

@@ -14,7 +14,8 @@ Differences from torch: CPU only, float32 and float64 only (anything else, and a
 autocast, raises with a clear message), no double backward (differentiating the gradients
 raises) and no forward-mode AD.
 ``torch.func.grad``, ``vjp`` and ``jacrev`` work; ``torch.jit.trace`` of Tensor inputs records
-the layer as one Python op (README lists what is refused). ``GRU`` takes an extra keyword,
+the layer as one Python op; under ``torch.export`` and fake tensors it is one operator,
+``torch.ops.fusedrnn.rnn_stack`` (``_torch_ops.py``). README lists what is refused. ``GRU`` takes an extra keyword,
 ``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
 NumPy arrays (e.g. a ``fusedrnn.LSTM(...).state_dict()``).
 
@@ -36,11 +37,13 @@ from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 
 from . import _layer_base as _base
+from . import _torch_ops  # noqa: F401  (registers torch.ops.fusedrnn, which exported models use)
 from ._validate import as_lengths as _as_lengths
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
 _DTYPES = (_torch.float32, _torch.float64)
+_PLAIN = (_torch.Tensor, _torch.nn.Parameter, type(None))
 _NP_DTYPE = {_torch.float32: np.dtype(np.float32), _torch.float64: np.dtype(np.float64)}
 _CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
@@ -77,17 +80,33 @@ def _np(t):
     try:
         return t.detach().resolve_conj().resolve_neg().numpy()
     except RuntimeError as e:  # a transform's tensor: torch's message names no cause
-        from torch._guards import detect_fake_mode
-        if detect_fake_mode(t) is not None:  # a fake tensor or mode (torch.export's)
-            raise RuntimeError(
-                "fusedrnn.torch does not support fake tensors (FakeTensorMode, torch.export and "
-                "other shape-tracing tools): its kernels need the data. Export the torch.nn "
-                "model instead") from e
         raise RuntimeError(
             "fusedrnn.torch cannot read this tensor: it belongs to a transform the adapter does "
             "not support (forward-mode AD: torch.func.jvp, jacfwd; torch.func.vmap of its "
             "forward; is_grads_batched=True or jacobian(vectorize=True)); torch.func.grad, vjp "
             f"and jacrev are supported. ({e})") from e
+
+
+def _has_fake_tensors(input, hx, params):
+    """Whether any of the call's tensors is fake (FakeTensorMode, or a tool that traces with it)."""
+    from torch._subclasses.fake_tensor import is_fake
+    tensors = [input.data if isinstance(input, _PackedSequence) else input, *params]
+    tensors += list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    # (is_fake costs a microsecond a tensor: plain tensors and parameters are not fake)
+    return any(type(t) not in _PLAIN and isinstance(t, _torch.Tensor) and is_fake(t)
+               for t in tensors)
+
+
+def _refuse_for_export(packed, dropout):
+    """What the traced op cannot take: a PackedSequence's lengths are data (an exported graph
+    would keep them as constants), and dropout's masks are drawn where the kernels run."""
+    if packed:
+        raise RuntimeError("fusedrnn.torch under torch.export or fake tensors takes a padded "
+                           "Tensor input, not a PackedSequence (its lengths would become "
+                           "constants of the graph)")
+    if dropout:
+        raise RuntimeError("fusedrnn.torch under torch.export or fake tensors runs without "
+                           "dropout: call model.eval() first (dropout is only active in training)")
 
 
 def _refuse_forward_ad(tensors):
@@ -300,10 +319,20 @@ class _FusedMixin:
             dtype = p.dtype
         return names, params, dtype
 
+    def forward(self, input, hx=None):
+        # torch.export and fake tensors trace the layer by its shapes: there it is one op of
+        # the graph (_torch_ops), whose fake kernel gives the shapes. (Strict export runs
+        # Dynamo through this method, which must not be compiler.disable'd.)
+        if _torch.compiler.is_exporting():
+            return self._forward(input, hx, as_op=True)
+        return self._forward_eager(input, hx)
+
     # torch.compile breaks the graph here and runs the layer as it is: Dynamo tracing into the
     # NumPy glue took seconds a first call and recompiled for every new sequence length.
     @_torch.compiler.disable
-    def forward(self, input, hx=None):
+    def _forward_eager(self, input, hx):
+        if _has_fake_tensors(input, hx, self._flat_weights):  # FakeTensorMode, or a tool using it
+            return self._forward(input, hx, as_op=True)
         if not _torch.jit.is_tracing():
             return self._forward(input, hx)
         if isinstance(input, _PackedSequence):
@@ -316,7 +345,7 @@ class _FusedMixin:
             warnings.simplefilter("ignore", _torch.jit.TracerWarning)
             return self._forward(input, hx)
 
-    def _forward(self, input, hx):
+    def _forward(self, input, hx, as_op=False):
         if _torch.is_autocast_enabled("cpu"):
             # torch.nn's modules run in autocast's dtype (bfloat16, float16) there; ours have
             # float32/float64 kernels only, and its dtype errors did not say why.
@@ -329,6 +358,8 @@ class _FusedMixin:
         names, params, dtype = self._fused_params()
         lstm = spec.cell == "lstm"
         packed = isinstance(input, _PackedSequence)
+        if as_op:
+            _refuse_for_export(packed, _base.dropout_active(spec, self.training))
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             _check_tensor("input.data", data, dtype)
@@ -370,6 +401,11 @@ class _FusedMixin:
             if packed:
                 make_mask = _packed_mask_maker(make_mask, t_idx, b_idx, _NP_DTYPE[dtype])
         tensors = [x, h0, c0, *params]
+        if as_op:
+            y, hn, cn = _torch.ops.fusedrnn.rnn_stack(
+                x, h0, c0, params, spec.cell, spec.input_size, spec.hidden_size, spec.num_layers,
+                spec.bias, spec.bidirectional, spec.proj_size, spec.linear_before_reset)
+            return self._shaped_outputs(y, hn, cn if lstm else None, spec, unbatched)
         _refuse_forward_ad(tensors)
         # A trace records the autograd.Function as one op; the NumPy path below would enter it
         # as the example's outputs, constants (torch.jit.trace runs under no_grad as a rule).
@@ -388,12 +424,18 @@ class _FusedMixin:
             cn = _torch.from_numpy(cn) if lstm else None
         if packed:
             output = _PackedSequence(y[index], batch_sizes, sorted_indices, unsorted_indices)
-        elif unbatched:
+            return (output, (hn, cn)) if lstm else (output, hn)
+        return self._shaped_outputs(y, hn, cn, spec, unbatched)
+
+    @staticmethod
+    def _shaped_outputs(y, hn, cn, spec, unbatched):
+        """(output, hn) or (output, (hn, cn)) as torch returns them, from the (T, B, ...) y."""
+        if unbatched:
             output, hn = y.squeeze(1), hn.squeeze(1)
-            cn = cn.squeeze(1) if lstm else None
+            cn = None if cn is None else cn.squeeze(1)
         else:
             output = y.transpose(0, 1) if spec.batch_first else y
-        return (output, (hn, cn)) if lstm else (output, hn)
+        return (output, (hn, cn)) if spec.cell == "lstm" else (output, hn)
 
     def _check_state(self, name, t, spec, B, unbatched, width, dtype):
         _check_tensor(name, t, dtype)

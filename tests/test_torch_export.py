@@ -1,0 +1,206 @@
+"""fusedrnn.torch under the tools that trace a model by its shapes: torch.export (strict and
+not, dynamic shapes, saved programs), FakeTensorMode, and the gradients of the exported op.
+
+There the adapter is one op, torch.ops.fusedrnn.rnn_stack (fusedrnn/_torch_ops.py): its outputs
+and gradients must be the eager adapter's, bit for bit (the same kernels, in the same calls), and
+torch.nn's within the tolerances; before, torch.export and fake tensors raised.
+"""
+import io
+
+import numpy as np
+import pytest
+
+from fusedrnn.tolerances import assert_close
+
+torch = pytest.importorskip("torch")
+import fusedrnn.torch as ft  # noqa: E402
+from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+# (class, keywords): every cell, layers, directions, batch_first, no bias, projections.
+CONFIGS = [
+    (ft.LSTM, dict(num_layers=2, bidirectional=True, proj_size=3, batch_first=True)),
+    (ft.LSTM, dict(bias=False)),
+    (ft.GRU, dict(num_layers=2)),
+    (ft.GRU, dict(linear_before_reset=False, bidirectional=True)),
+    (ft.RNN, dict(nonlinearity="relu", num_layers=2, batch_first=True)),
+    (ft.RNN, dict(bidirectional=True)),
+]
+IDS = ["lstm-2-bi-proj-bf", "lstm-nobias", "gru-2", "gru-onnx-bi", "relu-2-bf", "tanh-bi"]
+I, H, T, B = 4, 6, 5, 3
+
+
+class Wraps(torch.nn.Module):
+    def __init__(self, rnn):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x, hx=None):
+        return self.rnn(x, hx)
+
+
+def make(cls, kw, dtype=torch.float32, seed=0):
+    torch.manual_seed(seed)
+    return cls(I, H, dtype=dtype, **kw).eval()
+
+
+def inputs(m, dtype, t=T, b=B, unbatched=False, requires_grad=False):
+    """x and a random hx for m, as torch.nn takes them."""
+    D = 2 if m.bidirectional else 1
+    lead = (m.num_layers * D,) if unbatched else (m.num_layers * D, b)
+    x_shape = (t, I) if unbatched else ((b, t, I) if m.batch_first else (t, b, I))
+    x = torch.randn(x_shape, dtype=dtype, requires_grad=requires_grad)
+    h0 = torch.randn(lead + (m.proj_size or H,), dtype=dtype, requires_grad=requires_grad)
+    if m.mode != "LSTM":
+        return x, h0
+    return x, (h0, torch.randn(lead + (H,), dtype=dtype, requires_grad=requires_grad))
+
+
+def torch_twin(m):
+    """torch.nn's module with m's weights (the GRU without reset-first: None, torch has none)."""
+    if getattr(m, "linear_before_reset", True) is False:
+        return None
+    kw = dict(num_layers=m.num_layers, bias=m.bias, batch_first=m.batch_first,
+              bidirectional=m.bidirectional, dtype=m.weight_hh_l0.dtype)
+    if m.mode == "LSTM":
+        kw["proj_size"] = m.proj_size
+    if m.mode.startswith("RNN"):
+        kw["nonlinearity"] = m.nonlinearity
+    twin = m._torch_base(m.input_size, m.hidden_size, **kw)
+    twin.load_state_dict(m.state_dict())
+    return twin.eval()
+
+
+def assert_same(got, want):
+    got, want = tree_leaves(got), tree_leaves(want)
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        assert torch.equal(g, w)
+
+
+# (torch.nn's own LSTM with projections, the twin, warns that oneDNN does not take it)
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("strict", [False, True], ids=["nonstrict", "strict"])
+@pytest.mark.parametrize("cls, kw", CONFIGS, ids=IDS)
+def test_an_exported_program_gives_the_adapters_outputs(cls, kw, strict, dtype):
+    m = make(cls, kw, dtype)
+    x, hx = inputs(m, dtype)
+    ep = torch.export.export(Wraps(m), (x, hx), strict=strict)
+    assert "torch.ops.fusedrnn.rnn_stack" in ep.graph_module.code
+    got = ep.module()(x, hx)
+    assert_same(got, m(x, hx))
+    twin = torch_twin(m)
+    if twin is not None:
+        for g, w in zip(tree_leaves(got), tree_leaves(twin(x, hx))):
+            assert_close(g.detach().numpy(), w.detach().numpy(), np.dtype(str(dtype)[6:]))
+
+
+@pytest.mark.parametrize("cls, kw", CONFIGS, ids=IDS)
+def test_exported_without_hx_and_unbatched(cls, kw):
+    m = make(cls, kw)
+    x, _ = inputs(m, torch.float32)
+    assert_same(torch.export.export(Wraps(m), (x,)).module()(x), m(x))
+    xu, hxu = inputs(m, torch.float32, unbatched=True)
+    assert_same(torch.export.export(Wraps(m), (xu, hxu)).module()(xu, hxu), m(xu, hxu))
+
+
+def test_an_exported_program_takes_other_lengths_and_batches():
+    m = make(ft.LSTM, dict(num_layers=2, batch_first=True))
+    x, hx = inputs(m, torch.float32)
+    t, b = torch.export.Dim("t", min=2, max=64), torch.export.Dim("b", min=2, max=64)
+    ep = torch.export.export(Wraps(m), (x, hx),
+                             dynamic_shapes=({0: b, 1: t}, ({1: b}, {1: b})))
+    run = ep.module()
+    for steps, batch in ((9, 2), (3, 7), (64, 5)):
+        x2, hx2 = inputs(m, torch.float32, t=steps, b=batch)
+        assert_same(run(x2, hx2), m(x2, hx2))
+
+
+def test_a_saved_program_loads_and_runs():
+    m = make(ft.GRU, dict(num_layers=2, bidirectional=True))
+    x, hx = inputs(m, torch.float32)
+    buffer = io.BytesIO()
+    torch.export.save(torch.export.export(Wraps(m), (x, hx)), buffer)
+    buffer.seek(0)
+    assert_same(torch.export.load(buffer).module()(x, hx), m(x, hx))
+
+
+@pytest.mark.parametrize("cls, kw", CONFIGS, ids=IDS)
+def test_fake_tensors_get_torchs_shapes(cls, kw):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    m = make(cls, kw)
+    x, hx = inputs(m, torch.float32)
+    want = m(x, hx)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fx = mode.from_tensor(x)
+        fhx = tuple(map(mode.from_tensor, hx)) if isinstance(hx, tuple) else mode.from_tensor(hx)
+        got = m(fx, fhx)
+    for g, w in zip(tree_leaves(got), tree_leaves(want)):
+        assert isinstance(g, FakeTensor) and g.shape == w.shape and g.dtype == w.dtype
+    with FakeTensorMode() as mode:   # a module made under the mode: its parameters are fake
+        fake_module = cls(I, H, **kw).eval()
+        got = fake_module(mode.from_tensor(x))
+    assert [g.shape for g in tree_leaves(got)] == [w.shape for w in tree_leaves(m(x))]
+
+
+@pytest.mark.parametrize("cls, kw", CONFIGS, ids=IDS)
+def test_the_exported_op_has_the_adapters_gradients(cls, kw):
+    """An exported program trained: the op's backward runs the forward again, then BPTT, and
+    gives the eager adapter's gradients for x, hx and every parameter, bit for bit."""
+    m = make(cls, kw, torch.float64)
+    x, hx = inputs(m, torch.float64, requires_grad=True)
+    run = torch.export.export(Wraps(m), (x, hx)).module()
+    leaves = [x, *tree_leaves(hx), *m.parameters()]
+
+    def grads(f):
+        loss = sum((o * o.detach().sin()).sum() for o in tree_leaves(f(x, hx)))
+        return torch.autograd.grad(loss, leaves)
+
+    for g, w in zip(grads(run), grads(m)):
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("cls, kw", CONFIGS, ids=IDS)
+def test_the_ops_pass_torchs_opcheck(cls, kw):
+    """Schema, fake kernel against the real one, autograd registration, and AOT dispatch."""
+    m = make(cls, kw, torch.float64)
+    x, hx = inputs(m, torch.float64, requires_grad=True)
+    x = x.detach().transpose(0, 1).requires_grad_() if m.batch_first else x  # (time first)
+    h0, c0 = hx if isinstance(hx, tuple) else (hx, None)
+    cell = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}[m.mode]
+    args = (x, h0, c0, list(m._flat_weights), cell, I, H, m.num_layers, m.bias,
+            m.bidirectional, m.proj_size, getattr(m, "linear_before_reset", True))
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_stack.default, args)
+    y, hn, cn = torch.ops.fusedrnn.rnn_stack(*args)
+    dy, dhn, dcn = torch.randn_like(y), torch.randn_like(hn), torch.randn_like(cn)
+    plain = [a.detach() if torch.is_tensor(a) else a for a in args[:3]]  # (no second order)
+    torch.library.opcheck(torch.ops.fusedrnn.rnn_stack_backward.default,
+                          (dy, dhn, dcn, *plain, [p.detach() for p in args[3]], *args[4:]))
+
+
+def test_what_export_cannot_take_is_refused_by_name():
+    """A PackedSequence's lengths would be constants of the graph, and dropout's masks are
+    drawn where the kernels run; the exported op's gradients cannot be differentiated again."""
+    m = make(ft.LSTM, dict(num_layers=2))
+
+    class Packs(torch.nn.Module):
+        def forward(self, x):
+            return m(pack_padded_sequence(x, torch.tensor([5, 3])))[0].data
+
+    x = torch.randn(5, 2, I)
+    with pytest.raises(RuntimeError, match="not a PackedSequence"):
+        torch.export.export(Packs(), (x,))
+    dropping = ft.GRU(I, H, num_layers=2, dropout=0.5)
+    with pytest.raises(RuntimeError, match="model.eval"):
+        torch.export.export(Wraps(dropping.train()), (x,))
+    torch.export.export(Wraps(dropping.eval()), (x,))   # eval: no dropout, exports
+    m64 = make(ft.GRU, {}, torch.float64)
+    xg = torch.randn(5, 2, I, dtype=torch.float64, requires_grad=True)
+    run = torch.export.export(Wraps(m64), (xg,)).module()
+    g, = torch.autograd.grad(run(xg)[0].sum(), xg, create_graph=True)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        g.sum().backward()

@@ -120,13 +120,20 @@ def test_an_exported_program_takes_other_lengths_and_batches():
         assert_same(run(x2, hx2), m(x2, hx2))
 
 
-def test_a_saved_program_loads_and_runs():
+@pytest.mark.filterwarnings("ignore:`isinstance.treespec, LeafSpec.` is deprecated")  # torch's
+def test_a_saved_or_decomposed_program_runs():
+    """torch.export.save / load (the op is found again where fusedrnn.torch is imported), and
+    run_decompositions (the op stays one node: it is no composite of torch's)."""
     m = make(ft.GRU, dict(num_layers=2, bidirectional=True))
     x, hx = inputs(m, torch.float32)
+    ep = torch.export.export(Wraps(m), (x, hx))
     buffer = io.BytesIO()
-    torch.export.save(torch.export.export(Wraps(m), (x, hx)), buffer)
+    torch.export.save(ep, buffer)
     buffer.seek(0)
     assert_same(torch.export.load(buffer).module()(x, hx), m(x, hx))
+    decomposed = ep.run_decompositions()
+    assert "torch.ops.fusedrnn.rnn_stack" in decomposed.graph_module.code
+    assert_same(decomposed.module()(x, hx), m(x, hx))
 
 
 @pytest.mark.parametrize("cls, kw", CONFIGS, ids=IDS)

@@ -1,5 +1,6 @@
 """fusedrnn.torch under the tools that trace a model by its shapes: torch.export (strict and
-not, dynamic shapes, saved programs), FakeTensorMode, and the gradients of the exported op.
+not, dynamic shapes, saved programs), FakeTensorMode, and the gradients of the exported op; and
+under torch.onnx.export, which writes torch.nn's ONNX nodes (run here in ONNX Runtime).
 
 There the adapter is one op, torch.ops.fusedrnn.rnn_stack (fusedrnn/_torch_ops.py): its outputs
 and gradients must be the eager adapter's, bit for bit (the same kernels, in the same calls), and
@@ -211,3 +212,44 @@ def test_what_export_cannot_take_is_refused_by_name():
     g, = torch.autograd.grad(run(xg)[0].sum(), xg, create_graph=True)
     with pytest.raises(RuntimeError, match="no double backward"):
         g.sum().backward()
+
+
+# torch.onnx.export writes torch.nn's nodes: every config that torch.nn's exporter takes (not
+# LSTM projections, which it refuses as it does torch's; not the GRU torch lacks).
+ONNX_CONFIGS = [(c, kw) for c, kw in CONFIGS
+                if not kw.get("proj_size") and kw.get("linear_before_reset", True)]
+
+
+# (the TorchScript-based exporter is deprecated, and its trace of torch.nn's forward warns)
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
+@pytest.mark.parametrize("cls, kw", ONNX_CONFIGS,
+                         ids=[i for i, c in zip(IDS, CONFIGS) if c in ONNX_CONFIGS])
+def test_torch_onnx_export_writes_onnx_rnn_nodes_that_onnxruntime_runs(cls, kw, dynamo):
+    """Both of torch's exporters (torch.export-based, torch 2.13's default, needs onnxscript)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    m = make(cls, kw)
+    x, hx = inputs(m, torch.float32)
+    h_names = ["h0", "c0"] if isinstance(hx, tuple) else ["h0"]
+    buffer = io.BytesIO()
+    torch.onnx.export(Wraps(m), (x, hx), buffer, dynamo=dynamo, input_names=["x"] + h_names)
+    ops = {n.op_type for n in onnx.load_from_string(buffer.getvalue()).graph.node}
+    # (torch's exporters write LSTM and GRU nodes, and the Elman RNN as MatMuls)
+    assert {"LSTM": "LSTM", "GRU": "GRU"}.get(m.mode, "MatMul" if dynamo else "RNN") in ops
+    assert not any(op.startswith("rnn_stack") for op in ops)
+    feeds = dict(zip(["x"] + h_names, [t.numpy() for t in tree_leaves((x, hx))]))
+    got = ort.InferenceSession(buffer.getvalue()).run(None, feeds)
+    want = tree_leaves(m(x, hx))
+    assert len(got) == len(want)
+    for g, w in zip(got, want):
+        assert_close(g, w.detach().numpy(), np.float32)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the TorchScript-based exporter
+def test_torch_onnx_export_refuses_the_gru_torch_lacks():
+    m = make(ft.GRU, dict(linear_before_reset=False))
+    with pytest.raises(RuntimeError, match="linear_before_reset=True"):
+        torch.onnx.export(Wraps(m), (torch.randn(T, B, I),), io.BytesIO(), dynamo=False)

@@ -15,7 +15,8 @@ autocast, raises with a clear message), no double backward (differentiating the 
 raises) and no forward-mode AD.
 ``torch.func.grad``, ``vjp`` and ``jacrev`` work; ``torch.jit.trace`` of Tensor inputs records
 the layer as one Python op; under ``torch.export`` and fake tensors it is one operator,
-``torch.ops.fusedrnn.rnn_stack`` (``_torch_ops.py``). README lists what is refused. ``GRU`` takes an extra keyword,
+``torch.ops.fusedrnn.rnn_stack`` (``_torch_ops.py``); ``torch.onnx.export`` writes torch.nn's
+ONNX nodes. README lists what is refused. ``GRU`` takes an extra keyword,
 ``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
 NumPy arrays (e.g. a ``fusedrnn.LSTM(...).state_dict()``).
 
@@ -320,12 +321,26 @@ class _FusedMixin:
         return names, params, dtype
 
     def forward(self, input, hx=None):
+        # torch.onnx.export (either exporter) writes what torch.nn's module would: ONNX's
+        # RNN, LSTM and GRU nodes, which ONNX Runtime runs.
+        if _torch.onnx.is_in_onnx_export():
+            return self._forward_for_onnx(input, hx)
         # torch.export and fake tensors trace the layer by its shapes: there it is one op of
         # the graph (_torch_ops), whose fake kernel gives the shapes. (Strict export runs
         # Dynamo through this method, which must not be compiler.disable'd.)
         if _torch.compiler.is_exporting():
             return self._forward(input, hx, as_op=True)
         return self._forward_eager(input, hx)
+
+    def _forward_for_onnx(self, input, hx):
+        """torch.nn's own forward (the same parameters), for torch's ONNX exporters."""
+        if not getattr(self, "linear_before_reset", True):
+            raise RuntimeError(
+                "torch.onnx.export takes a fusedrnn.torch.GRU with linear_before_reset=True "
+                "only: it writes what torch.nn.GRU would, and torch has no other GRU. For "
+                "ONNX's default GRU (linear_before_reset=0), fusedrnn.onnx_layout.onnx_weights "
+                "gives the node's W, R and B from a fusedrnn.GRU with these weights")
+        return self._torch_base.forward(self, input, hx)
 
     # torch.compile breaks the graph here and runs the layer as it is: Dynamo tracing into the
     # NumPy glue took seconds a first call and recompiled for every new sequence length.

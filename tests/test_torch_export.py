@@ -253,3 +253,17 @@ def test_torch_onnx_export_refuses_the_gru_torch_lacks():
     m = make(ft.GRU, dict(linear_before_reset=False))
     with pytest.raises(RuntimeError, match="linear_before_reset=True"):
         torch.onnx.export(Wraps(m), (torch.randn(T, B, I),), io.BytesIO(), dynamo=False)
+
+
+@pytest.mark.parametrize("cls, kw", CONFIGS, ids=IDS)
+def test_fake_mode_takes_real_inputs_as_torch_does(cls, kw):
+    """Under a FakeTensorMode that allows real inputs, torch.nn's modules return fake tensors;
+    the adapter ran its eager path on them and raised about forward-mode AD instead."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    m = make(cls, kw)
+    x, hx = inputs(m, torch.float32)
+    want = m(x, hx)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        got = m(x, hx)
+    for g, w in zip(tree_leaves(got), tree_leaves(want)):
+        assert isinstance(g, FakeTensor) and g.shape == w.shape and g.dtype == w.dtype

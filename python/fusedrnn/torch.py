@@ -93,8 +93,13 @@ def _np(t):
 
 
 def _has_fake_tensors(input, hx, params):
-    """Whether any of the call's tensors is fake (FakeTensorMode, or a tool that traces with it)."""
+    """Whether any of the call's tensors is fake (FakeTensorMode, or a tool that traces with it),
+    or a FakeTensorMode is active: one that allows real inputs makes them fake as torch's ops
+    take them (the eager path would read them as NumPy and fail)."""
+    from torch._guards import active_fake_mode
     from torch._subclasses.fake_tensor import is_fake
+    if _torch._C._len_torch_dispatch_stack() and active_fake_mode() is not None:  # (mostly none)
+        return True
     tensors = [input.data if isinstance(input, _PackedSequence) else input, *params]
     tensors += list(hx) if isinstance(hx, (tuple, list)) else [hx]
     # (is_fake costs a microsecond a tensor: plain tensors and parameters are not fake)

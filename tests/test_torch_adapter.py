@@ -722,9 +722,11 @@ def test_what_the_adapter_refuses_it_refuses_by_name():
         with pytest.raises(NotImplementedError, match="forward-mode AD"):
             mod(fwad.make_dual(x, torch.randn_like(x)))
 
+    lengths = torch.tensor([5, 3])  # (made in the trace, it warned: an error under -W error)
+
     class PacksItsInput(torch.nn.Module):
         def forward(self, x):
-            return mod(pack_padded_sequence(x, torch.tensor([5, 3])))[0].data
+            return mod(pack_padded_sequence(x, lengths))[0].data
 
     with pytest.raises(RuntimeError, match="PackedSequence"):
         torch.jit.trace(PacksItsInput(), (x,))

@@ -255,6 +255,22 @@ def test_torch_onnx_export_refuses_the_gru_torch_lacks():
         torch.onnx.export(Wraps(m), (torch.randn(T, B, I),), io.BytesIO(), dynamo=False)
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit's, at forward AD's import
+def test_forward_mode_ad_through_an_exported_program_is_refused():
+    """A custom op's generated autograd ignores tangents: torch.func.jvp of an exported program
+    gave a tangent of zeros, and a dual input with frozen parameters an output without one,
+    where the eager adapter refuses forward-mode AD by name (and torch.nn computes it)."""
+    import torch.autograd.forward_ad as fwad
+    m = make(ft.GRU, dict(num_layers=2), torch.float64).requires_grad_(False)
+    x, _ = inputs(m, torch.float64)
+    run = torch.export.export(Wraps(m), (x,)).module()
+    with pytest.raises(NotImplementedError, match="forward-mode AD"):
+        torch.func.jvp(lambda a: run(a)[0], (x,), (torch.ones_like(x),))
+    with fwad.dual_level(), pytest.raises(NotImplementedError, match="forward-mode AD"):
+        run(fwad.make_dual(x, torch.ones_like(x)))
+    assert_same(run(x), m(x))   # (and outside forward-mode AD it runs)
+
+
 @pytest.mark.parametrize("cls, kw", CONFIGS, ids=IDS)
 def test_fake_mode_takes_real_inputs_as_torch_does(cls, kw):
     """Under a FakeTensorMode that allows real inputs, torch.nn's modules return fake tensors;

@@ -35,7 +35,21 @@ def _arrays(*tensors):
     return [None if t is None else t.detach().contiguous().numpy() for t in tensors]
 
 
+def _refuse_forward_ad():
+    """The ops have no forward-mode AD, and torch's autograd for a custom op drops tangents
+    silently (torch.func.jvp of an exported program gave zeros; a dual input with frozen
+    parameters, an output without a tangent). Under torch.func.jvp the kernel sees no tangent on
+    its inputs, so it refuses whenever a forward-AD level is open, as the eager adapter refuses
+    dual tensors."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        raise NotImplementedError(
+            "fusedrnn.torch has no forward-mode AD (torch.func.jvp, jacfwd, dual tensors): its "
+            "exported operator does not run while forward-mode AD is active; use torch.nn's "
+            "module for those")
+
+
 def _run_forward(spec, x, h0, c0, params, save):
+    _refuse_forward_ad()
     names = list(spec.param_shapes())
     x_np, h0_np, c0_np, *p_np = _arrays(x, h0, c0, *params)
     return _base.stack_forward(spec, dict(zip(names, p_np)), x_np, h0_np, c0_np, save=save)

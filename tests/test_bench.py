@@ -612,6 +612,23 @@ def test_ab_builds_times_two_builds_side_by_side():
     assert out.stdout.startswith("stacked gru train, stack of 2 t=1: OLD min"), out.stdout
 
 
+def test_adapter_vs_torch_times_the_three_ways_to_run_a_layer():
+    """bench/adapter_vs_torch.py: torch.nn, the adapter and the NumPy layers on the same weights
+    (checked to agree first), one line per case."""
+    import os
+    import subprocess
+    pytest.importorskip("torch")
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "adapter_vs_torch.py")
+    out = subprocess.run([sys.executable, script, "--configs", "online-small", "--cells", "gru",
+                          "--budget", "0.05"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "adapter vs torch" in lines[1]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[:3] for r in rows] == [["online-small", "gru", "infer"], ["online-small", "gru", "train"]]
+    assert all(float(v) > 0 for r in rows for v in r[3:6])
+
+
 class ScriptedClocks:
     """The clocks fusedrnn.bench.timing reads, scripted: sleep() moves the wall clock on at
     once, and the process's CPU clock as far while another thread spins on a whole core (until

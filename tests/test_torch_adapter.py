@@ -669,10 +669,11 @@ def test_torch_compile_does_not_trace_into_the_adapter():
 
 @pytest.mark.filterwarnings("ignore")  # torch.jit.trace is deprecated
 def test_a_traced_module_trains_from_two_threads_and_keeps_no_saved_state():
-    """A trace keeps the op's non-tensor inputs as constants, one object for every call: the
-    kernels' saved state goes from forward to setup_context per thread instead (a slot among
-    the inputs was shared: 1-2% of the gradients wrong with two threads, and the last call's
-    state stayed alive)."""
+    """A trace keeps an op's non-tensor inputs as constants, one object for every call. When
+    traces recorded the autograd.Function, a slot for the kernels' saved state among its inputs
+    was shared (1-2% of the gradients wrong with two threads, and the last call's state stayed
+    alive); now they record the stateless torch.ops.fusedrnn.rnn_stack, whose backward keeps
+    nothing past the call either."""
     torch.manual_seed(0)
     m = torch.nn.GRU(3, 8).double()
     ours = ft.GRU.from_module(copy.deepcopy(m))

@@ -1,6 +1,7 @@
-"""fusedrnn.torch under the tools that trace a model by its shapes: torch.export (strict and
-not, dynamic shapes, saved programs), FakeTensorMode, and the gradients of the exported op; and
-under torch.onnx.export, which writes torch.nn's ONNX nodes (run here in ONNX Runtime).
+"""fusedrnn.torch under the tools that trace a model: torch.export (strict and not, dynamic
+shapes, saved programs), torch.jit.trace (and torch.jit.save), FakeTensorMode, and the gradients
+of the traced op; and under torch.onnx.export, which writes torch.nn's ONNX nodes (run here in
+ONNX Runtime).
 
 There the adapter is one op, torch.ops.fusedrnn.rnn_stack (fusedrnn/_torch_ops.py): its outputs
 and gradients must be the eager adapter's, bit for bit (the same kernels, in the same calls), and
@@ -135,6 +136,34 @@ def test_a_saved_or_decomposed_program_runs():
     decomposed = ep.run_decompositions()
     assert "torch.ops.fusedrnn.rnn_stack" in decomposed.graph_module.code
     assert_same(decomposed.module()(x, hx), m(x, hx))
+
+
+@pytest.mark.filterwarnings("ignore")  # torch.jit.trace is deprecated, and warns of its checks
+@pytest.mark.parametrize("cls, kw", CONFIGS, ids=IDS)
+def test_a_trace_saves_loads_and_trains_as_the_adapter(cls, kw):
+    """torch.jit.trace records the op (it recorded a Python op, which torch.jit.save could not
+    store); the loaded module runs other lengths and batches, and a traced module's gradients
+    are the eager adapter's."""
+    m = make(cls, kw, torch.float64)
+    x, hx = inputs(m, torch.float64)
+    with torch.no_grad():
+        traced = torch.jit.trace(Wraps(m), (x, hx))
+    assert "fusedrnn::rnn_stack" in str(traced.inlined_graph)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    x2, hx2 = inputs(m, torch.float64, t=T + 3, b=B + 2)
+    with torch.no_grad():
+        assert_same(loaded(x2, hx2), m(x2, hx2))
+    xg, hxg = inputs(m, torch.float64, requires_grad=True)
+    leaves = [xg, *tree_leaves(hxg), *m.parameters()]
+
+    def grads(f):
+        return torch.autograd.grad(sum((o * o).sum() for o in tree_leaves(f(xg, hxg))), leaves)
+
+    for g, w in zip(grads(traced), grads(m)):    # (the trace keeps m's parameters)
+        assert torch.equal(g, w)
 
 
 @pytest.mark.parametrize("cls, kw", CONFIGS, ids=IDS)

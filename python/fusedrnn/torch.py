@@ -13,9 +13,8 @@ Dropout between layers uses torch's random generator, so ``torch.manual_seed`` c
 Differences from torch: CPU only, float32 and float64 only (anything else, and a call under CPU
 autocast, raises with a clear message), no double backward (differentiating the gradients
 raises) and no forward-mode AD.
-``torch.func.grad``, ``vjp`` and ``jacrev`` work; ``torch.jit.trace`` of Tensor inputs records
-the layer as one Python op; under ``torch.export`` and fake tensors it is one operator,
-``torch.ops.fusedrnn.rnn_stack`` (``_torch_ops.py``); ``torch.onnx.export`` writes torch.nn's
+``torch.func.grad``, ``vjp`` and ``jacrev`` work; under ``torch.export``, ``torch.jit.trace``
+and fake tensors the layer is one operator, ``torch.ops.fusedrnn.rnn_stack`` (``_torch_ops.py``); ``torch.onnx.export`` writes torch.nn's
 ONNX nodes. README lists what is refused. ``GRU`` takes an extra keyword,
 ``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
 NumPy arrays (e.g. a ``fusedrnn.LSTM(...).state_dict()``).
@@ -111,12 +110,13 @@ def _refuse_for_export(packed, dropout):
     """What the traced op cannot take: a PackedSequence's lengths are data (an exported graph
     would keep them as constants), and dropout's masks are drawn where the kernels run."""
     if packed:
-        raise RuntimeError("fusedrnn.torch under torch.export or fake tensors takes a padded "
-                           "Tensor input, not a PackedSequence (its lengths would become "
-                           "constants of the graph)")
+        raise RuntimeError("fusedrnn.torch under torch.export, torch.jit.trace or fake tensors "
+                           "takes a padded Tensor input, not a PackedSequence (its lengths would "
+                           "become constants of the graph)")
     if dropout:
-        raise RuntimeError("fusedrnn.torch under torch.export or fake tensors runs without "
-                           "dropout: call model.eval() first (dropout is only active in training)")
+        raise RuntimeError("fusedrnn.torch under torch.export, torch.jit.trace or fake tensors "
+                           "runs without dropout: call model.eval() first (dropout is only active "
+                           "in training)")
 
 
 def _refuse_forward_ad(tensors):
@@ -150,9 +150,9 @@ def _packed_mask_maker(make, t_idx, b_idx, np_dtype):
 
 
 # Where _FusedStack.forward leaves its token (the kernels' saved state on an empty tensor) for
-# setup_context, which torch.func calls apart from forward (once a level): per thread, since an
-# input would be one object for every call of a torch.jit.trace (its constants), shared by
-# threads, and the tracer takes no non-tensor output.
+# setup_context, which torch.func calls apart from forward (once a level): per thread, since
+# several threads may call the layer at once (an input slot for it was one object for every
+# call of a torch.jit.trace, when traces recorded this Function).
 _handoff = threading.local()
 
 
@@ -392,11 +392,12 @@ class _FusedMixin:
             raise RuntimeError("torch.jit.trace through fusedrnn.torch takes a Tensor input, not "
                                "a PackedSequence: its lengths would become constants of the "
                                "trace")
-        # The trace records the layer as one op; the tracer's notes on the Python it runs
-        # inside (shapes read as ints, arrays) would only hide warnings that matter.
+        # The trace records the layer as one op, torch.ops.fusedrnn.rnn_stack (_torch_ops), so
+        # torch.jit.save stores it; the tracer's notes on the Python it runs around the op
+        # (shapes read as ints) would only hide warnings that matter.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", _torch.jit.TracerWarning)
-            return self._forward(input, hx)
+            return self._forward(input, hx, as_op=True)
 
     def _forward(self, input, hx, as_op=False):
         if _torch.is_autocast_enabled("cpu"):

@@ -461,11 +461,9 @@ class _FusedMixin:
                 spec.bias, spec.bidirectional, spec.proj_size, spec.linear_before_reset)
             return self._shaped_outputs(y, hn, cn if lstm else None, spec, unbatched)
         _refuse_forward_ad(tensors)
-        # A trace records the autograd.Function as one op; the NumPy path below would enter it
-        # as the example's outputs, constants (torch.jit.trace runs under no_grad as a rule).
         tracked = _torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                    for t in tensors)
-        if tracked or _torch.jit.is_tracing():
+        if tracked:
             out = _FusedStack.apply((spec, names, lengths, make_mask), x, h0, c0, *params)
             _handoff.token = None  # (held by the graph now, if it needs it)
             y, hn = out[0], out[1]

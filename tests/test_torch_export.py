@@ -122,6 +122,21 @@ def test_an_exported_program_takes_other_lengths_and_batches():
         assert_same(run(x2, hx2), m(x2, hx2))
 
 
+def test_an_exported_program_refuses_no_steps_as_the_adapter_does():
+    """A dynamic length lets an exported program take T = 0, which the adapter's own check
+    (traced at export) never sees: the op refuses it as the adapter does, an error that is a
+    ValueError and, as torch.nn's, a RuntimeError."""
+    m = make(ft.GRU, {})
+    x, hx = inputs(m, torch.float32)
+    run = torch.export.export(Wraps(m), (x, hx),
+                              dynamic_shapes=({0: torch.export.Dim("t", min=0)}, None)).module()
+    for error in (ValueError, RuntimeError):
+        with pytest.raises(error, match="at least one time step"):
+            run(torch.randn(0, B, I), hx)
+        with pytest.raises(error, match="at least one time step"):
+            m(torch.randn(0, B, I), hx)
+
+
 @pytest.mark.filterwarnings("ignore:`isinstance.treespec, LeafSpec.` is deprecated")  # torch's
 def test_a_saved_or_decomposed_program_runs():
     """torch.export.save / load (the op is found again where fusedrnn.torch is imported), and

@@ -24,6 +24,11 @@ from . import _layer_base as _base
 _Tensor = torch.Tensor
 
 
+class ShapeError(ValueError, RuntimeError):
+    """A bad input or state shape: a ValueError, as fusedrnn's layers raise, and a RuntimeError,
+    as torch.nn's modules raise, so `except RuntimeError` written for those still catches it."""
+
+
 def _spec(cell, input_size, hidden_size, num_layers, bias, bidirectional, proj_size,
           linear_before_reset):
     return _base.Spec(cell, input_size, hidden_size, num_layers, bias, False, 0.0, bidirectional,
@@ -50,6 +55,9 @@ def _refuse_forward_ad():
 
 def _run_forward(spec, x, h0, c0, params, save):
     _refuse_forward_ad()
+    if x.shape[0] < 1:   # (an exported program with a dynamic length skips the adapter's check)
+        raise ShapeError(f"input must have at least one time step, got shape {tuple(x.shape)} "
+                         f"(time first)")
     names = list(spec.param_shapes())
     x_np, h0_np, c0_np, *p_np = _arrays(x, h0, c0, *params)
     return _base.stack_forward(spec, dict(zip(names, p_np)), x_np, h0_np, c0_np, save=save)

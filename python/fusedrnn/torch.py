@@ -14,8 +14,8 @@ Differences from torch: CPU only, float32 and float64 only (anything else, and a
 autocast, raises with a clear message), no double backward (differentiating the gradients
 raises) and no forward-mode AD.
 ``torch.func.grad``, ``vjp`` and ``jacrev`` work; under ``torch.export``, ``torch.jit.trace``
-and fake tensors the layer is one operator, ``torch.ops.fusedrnn.rnn_stack`` (``_torch_ops.py``); ``torch.onnx.export`` writes torch.nn's
-ONNX nodes. README lists what is refused. ``GRU`` takes an extra keyword,
+and fake tensors the layer is one operator, ``torch.ops.fusedrnn.rnn_stack`` (``_torch_ops.py``);
+``torch.onnx.export`` writes torch.nn's ONNX nodes. README lists what is refused. ``GRU`` takes an extra keyword,
 ``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
 NumPy arrays (e.g. a ``fusedrnn.LSTM(...).state_dict()``).
 
@@ -38,6 +38,7 @@ from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 
 from . import _layer_base as _base
 from . import _torch_ops  # noqa: F401  (registers torch.ops.fusedrnn, which exported models use)
+from ._torch_ops import ShapeError as _ShapeError
 from ._validate import as_lengths as _as_lengths
 
 __all__ = ["RNN", "LSTM", "GRU"]
@@ -46,11 +47,6 @@ _DTYPES = (_torch.float32, _torch.float64)
 _PLAIN = (_torch.Tensor, _torch.nn.Parameter, type(None))
 _NP_DTYPE = {_torch.float32: np.dtype(np.float32), _torch.float64: np.dtype(np.float64)}
 _CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
-
-
-class _ShapeError(ValueError, RuntimeError):
-    """A bad input or state shape: a ValueError, as fusedrnn's layers raise, and a RuntimeError,
-    as torch.nn's modules raise, so `except RuntimeError` written for those still catches it."""
 
 
 class _DtypeError(TypeError, ValueError):

@@ -1,6 +1,6 @@
-"""fusedrnn's stacked RNN as torch operators, for the tools that trace a model by its shapes
-(torch.export, FakeTensorMode): the torch adapter (fusedrnn.torch) calls them there, where its
-eager path, an autograd.Function around NumPy, has no data to run on.
+"""fusedrnn's stacked RNN as torch operators, for the tools that trace a model (torch.export,
+torch.jit.trace, FakeTensorMode): the torch adapter (fusedrnn.torch) calls them there, where its
+eager path, an autograd.Function around NumPy, has no data to run on or cannot be recorded.
 
     y, hn, cn = torch.ops.fusedrnn.rnn_stack(x, h0, c0, params, cell, input_size, hidden_size,
                                              num_layers, bias, bidirectional, proj_size,
@@ -12,7 +12,7 @@ Inference kernels: the op keeps nothing. Its gradient is a second op, rnn_stack_
 runs the forward again keeping what BPTT needs and then BPTT: an exported program carries no
 Python state from its forward to its backward, so its training costs one forward more than the
 adapter's eager path. Both ops are registered when fusedrnn.torch is imported (as loading an
-exported program that uses them needs).
+exported or traced program that uses them needs).
 """
 from typing import List, Optional, Tuple
 

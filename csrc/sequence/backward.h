@@ -254,10 +254,10 @@ struct BackwardLoop {
         gemm_packed_panels<T>(rows, Hout, H, dghn + (k * B + m0) * ld_n, ld_n, 1, whn, dh_rows,
                               Hout, true, p.out0, p.out1, desc);
       } else if (queue) {
-        queue->lag(member);
         pack_shared_dg(dgh_k, team, member);
         queue->set(i + 1, member, p.out0, p.out1);
         meet();  // dG_k is packed
+        queue->lag(member);  // (tests: after the meeting, which would make the others wait too)
         for (int64_t ob; (ob = queue->next(i, member, desc, &taken)) >= 0; ++ran)
           dg_w_panel(ob, dh_prev);
       } else {

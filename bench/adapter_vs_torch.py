@@ -17,7 +17,7 @@ import torch
 
 import fusedrnn
 import fusedrnn.torch as ft
-from fusedrnn.bench import cases, timing
+from fusedrnn.bench import cases, check, timing
 from fusedrnn.bench.peers.ours import FusedrnnPeer
 from fusedrnn.bench.peers.torch_nn import TorchRunner
 
@@ -37,11 +37,11 @@ def time_case(config, cell, mode, budget_s):
                "fusedrnn.torch": adapter_runner(problem, mode),
                "fusedrnn": FusedrnnPeer().prepare(problem, mode)}
     outs = {name: r.outputs(r()) for name, r in runners.items()}
-    for name in ("fusedrnn.torch", "torch"):   # the same results, up to float32 rounding
-        scale = max(1.0, float(np.abs(outs["fusedrnn"]["y"]).max()))
-        err = float(np.abs(outs[name]["y"] - outs["fusedrnn"]["y"]).max()) / scale
-        if err > 1e-4:
-            raise AssertionError(f"{name} differs from fusedrnn by {err:.1e} on {config.name}")
+    for name in ("fusedrnn.torch", "torch"):   # the benchmark's check of a peer's outputs
+        agree = check.agreement(outs[name], outs["fusedrnn"])
+        if not agree["ok"]:
+            raise AssertionError(f"{name} differs from fusedrnn on {config.name} {cell} {mode}: "
+                                 f"{agree}")
     timing.warm_up(runners)
     times = timing.interleave(runners, budget_s, min_reps=5, max_reps=400)
     return {name: float(np.median(t)) for name, t in times.items()}

@@ -36,8 +36,9 @@ Semantics chosen where NumPy and torch differ:
   ``batch_first=True`` are transposed views of time-major arrays, as in torch.
 - A layer object keeps the state of its last training forward, so in training one layer must
   not be called from several threads at once (a training forward or backward that meets
-  another thread's raises RuntimeError); separate layers may be (the kernels release the GIL). In eval mode (frozen or not) one layer may serve calls from several threads at once, as
-  a server shares one model: such calls keep nothing on the layer.
+  another thread's raises RuntimeError); separate layers may be (the kernels release the GIL).
+  In eval mode (frozen or not) one layer may serve calls from several threads at once, as a
+  server shares one model: such calls keep nothing on the layer.
 """
 import collections
 import collections.abc

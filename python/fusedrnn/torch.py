@@ -33,6 +33,8 @@ except ImportError as _e:
                       "pip install torch (fusedrnn is tested with torch==2.13.0). fusedrnn's "
                       "NumPy layers (import fusedrnn) do not need it") from _e
 import torch.autograd.forward_ad as _forward_ad
+from torch._guards import active_fake_mode as _active_fake_mode
+from torch._subclasses.fake_tensor import is_fake as _is_fake
 from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 
@@ -91,14 +93,12 @@ def _has_fake_tensors(input, hx, params):
     """Whether any of the call's tensors is fake (FakeTensorMode, or a tool that traces with it),
     or a FakeTensorMode is active: one that allows real inputs makes them fake as torch's ops
     take them (the eager path would read them as NumPy and fail)."""
-    from torch._guards import active_fake_mode
-    from torch._subclasses.fake_tensor import is_fake
-    if _torch._C._len_torch_dispatch_stack() and active_fake_mode() is not None:  # (mostly none)
+    if _torch._C._len_torch_dispatch_stack() and _active_fake_mode() is not None:  # (mostly none)
         return True
     tensors = [input.data if isinstance(input, _PackedSequence) else input, *params]
     tensors += list(hx) if isinstance(hx, (tuple, list)) else [hx]
     # (is_fake costs a microsecond a tensor: plain tensors and parameters are not fake)
-    return any(type(t) not in _PLAIN and isinstance(t, _torch.Tensor) and is_fake(t)
+    return any(type(t) not in _PLAIN and isinstance(t, _torch.Tensor) and _is_fake(t)
                for t in tensors)
 
 
@@ -337,13 +337,13 @@ class _FusedMixin:
         key = (self.mode, self.input_size, self.hidden_size, self.num_layers, self.bias,
                self.batch_first, self.dropout, self.bidirectional, self.proj_size,
                getattr(self, "linear_before_reset", True))
-        if _torch.compiler.is_exporting():  # (strict export refuses the cache's side effect)
-            return _base.Spec(_CELL_OF_MODE[key[0]], *key[1:])
         cached = self.__dict__.get("_fusedrnn_spec")
-        if cached is None or cached[0] != key:
-            cached = (key, _base.Spec(_CELL_OF_MODE[key[0]], *key[1:]))
-            self.__dict__["_fusedrnn_spec"] = cached
-        return cached[1]
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        spec = _base.Spec(_CELL_OF_MODE[key[0]], *key[1:])
+        if not _torch.compiler.is_exporting():  # (strict export refuses the cache's side effect)
+            self.__dict__["_fusedrnn_spec"] = (key, spec)
+        return spec
 
     def _fused_params(self):
         names = list(self._flat_weights_names)

@@ -21,6 +21,20 @@ FORWARD = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 # chain over k in order (the same bits on any thread count) where torch's GEMM sums in blocks.
 GRADIENT = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
+# fusedrnn.torch in bfloat16 or float16 (such a module, or CPU autocast) runs the float32 kernels
+# on the tensors' values and rounds each output once to that dtype: against torch.nn in float32
+# on the same values, half an ulp of the dtype (its unit roundoff, relative to each element and
+# so to the largest) comes on top of float32's own tolerance. torch.nn's own low-precision
+# modules round every step and are not this accurate, so they are not the reference.
+LOW_PRECISION_ROUNDING = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
+
+
+def low_precision_tolerance(dtype_name, kind="forward"):
+    """The bound for a low-precision output against float32 (see LOW_PRECISION_ROUNDING)."""
+    table = FORWARD if kind == "forward" else GRADIENT
+    return LOW_PRECISION_ROUNDING[dtype_name] + table[np.dtype(np.float32)]
+
+
 # Our GEMM against float64 numpy: a dot product of K terms rounds once per term (FMA), so the
 # error bound grows linearly with K: per-term unit roundoff (2^-24, 2^-53) with a small margin.
 GEMM_PER_TERM = {np.dtype(np.float64): 1e-15, np.dtype(np.float32): 1e-6}

@@ -10,9 +10,10 @@ Gradients for the input, ``hx`` and every parameter flow through ``torch.autogra
 kernels (a ``torch.autograd.Function``; CPU tensors are read as zero-copy NumPy views).
 Dropout between layers uses torch's random generator, so ``torch.manual_seed`` controls it.
 
-Differences from torch: CPU only, float32 and float64 only (anything else, and a call under CPU
-autocast, raises with a clear message), no double backward (differentiating the gradients
-raises) and no forward-mode AD.
+Differences from torch: CPU only; no double backward (differentiating the gradients raises) and
+no forward-mode AD. bfloat16 and float16 modules, and calls under CPU autocast, run the float32
+kernels and return torch.nn's dtypes (``_torch_precision.py``), so they are more exact than
+torch.nn's own low-precision kernels.
 ``torch.func.grad``, ``vjp`` and ``jacrev`` work; under ``torch.export``, ``torch.jit.trace``
 and fake tensors the layer is one operator, ``torch.ops.fusedrnn.rnn_stack`` (``_torch_ops.py``);
 ``torch.onnx.export`` writes torch.nn's ONNX nodes. README lists what is refused. ``GRU`` takes an extra keyword,
@@ -40,35 +41,16 @@ from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 
 from . import _layer_base as _base
 from . import _torch_ops  # noqa: F401  (registers torch.ops.fusedrnn, which exported models use)
+from . import _torch_precision as _precision
+from ._torch_checks import KERNEL_DTYPES as _KERNEL_DTYPES, check_tensor as _check_tensor
 from ._torch_ops import ShapeError as _ShapeError
 from ._validate import as_lengths as _as_lengths
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
-_DTYPES = (_torch.float32, _torch.float64)
 _PLAIN = (_torch.Tensor, _torch.nn.Parameter, type(None))
 _NP_DTYPE = {_torch.float32: np.dtype(np.float32), _torch.float64: np.dtype(np.float64)}
 _CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
-
-
-class _DtypeError(TypeError, ValueError):
-    """A tensor of another dtype than the parameters': torch.nn raises ValueError there."""
-
-
-def _check_tensor(name, t, dtype=None):
-    if not isinstance(t, _torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.device.type != "cpu":
-        raise ValueError(f"fusedrnn.torch runs on CPU tensors only; {name} is on {t.device} "
-                         f"(use torch.nn's own module on that device)")
-    if t.layout != _torch.strided:
-        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
-    if dtype is None:
-        if t.dtype not in _DTYPES:
-            raise TypeError(f"fusedrnn.torch supports float32 and float64; {name} has dtype "
-                            f"{t.dtype}")
-    elif t.dtype != dtype:
-        raise _DtypeError(f"{name} must have dtype {dtype} (the parameters' dtype), got {t.dtype}")
 
 
 def _np(t):
@@ -396,16 +378,22 @@ class _FusedMixin:
             return self._forward(input, hx, as_op=True)
 
     def _forward(self, input, hx, as_op=False):
-        if _torch.is_autocast_enabled("cpu"):
-            # torch.nn's modules run in autocast's dtype (bfloat16, float16) there; ours have
-            # float32/float64 kernels only, and its dtype errors did not say why.
-            raise TypeError(
-                f"fusedrnn.torch does not run under torch.autocast (CPU autocast to "
-                f"{_torch.get_autocast_dtype('cpu')} is on): its kernels are float32/float64 "
-                f"only. Call the layer outside autocast, e.g. within torch.autocast('cpu', "
-                f"enabled=False) with a float32 input (x.float()), or use torch.nn's module")
         spec = self._spec()
         names, params, dtype = self._fused_params()
+        if dtype in _KERNEL_DTYPES and not _torch._C._is_any_autocast_enabled():
+            return self._run(spec, names, params, dtype, input, hx, as_op)
+        # bfloat16/float16 modules and CPU autocast: the float32 kernels, torch.nn's dtypes out
+        casts = _precision.plan(self.mode, self.proj_size, dtype, input, hx)
+        if casts is None:
+            return self._run(spec, names, params, dtype, input, hx, as_op)
+        compute, out = casts
+        input, hx, params = _precision.cast_inputs(input, hx, params, compute)
+        with _torch.autocast("cpu", enabled=False):
+            result = self._run(spec, names, params, compute, input, hx, as_op)
+        return _precision.cast_outputs(result, out)
+
+    def _run(self, spec, names, params, dtype, input, hx, as_op):
+        """The layer on the kernels, all of its tensors in `dtype` (float32 or float64)."""
         lstm = spec.cell == "lstm"
         packed = isinstance(input, _PackedSequence)
         if as_op:

@@ -1,0 +1,199 @@
+"""fusedrnn.torch in bfloat16 and float16: modules of those dtypes, and calls under CPU autocast
+(python/fusedrnn/_torch_precision.py). The dtypes that come out are torch.nn's, call by call; the
+values are the float32 kernels' rounded once, held to torch.nn in float32 on the same values."""
+import copy
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import fusedrnn.torch as ft  # noqa: E402
+from fusedrnn.tolerances import low_precision_tolerance, max_scaled_error, assert_close  # noqa: E402
+
+LOW = [torch.bfloat16, torch.float16]
+CELLS = [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("LSTM", {}), ("LSTM", {"proj_size": 3}),
+         ("GRU", {})]
+I, H, T, B = 6, 5, 7, 3
+
+
+def _name(dtype):
+    return str(dtype).replace("torch.", "")
+
+
+def _modules(kind, kwargs, **more):
+    """torch.nn's module and ours on the same parameters."""
+    torch.manual_seed(0)
+    ref = getattr(torch.nn, kind)(I, H, **kwargs, **more)
+    return ref, getattr(ft, kind).from_module(copy.deepcopy(ref))
+
+
+def _hx(kind, ref, dtypes, batch=B):
+    """hx in `dtypes` (one dtype, or (h0's, c0's) for an LSTM), or None."""
+    if dtypes is None:
+        return None
+    LD = ref.num_layers * (2 if ref.bidirectional else 1)
+    h_dtype, c_dtype = dtypes if isinstance(dtypes, tuple) else (dtypes, dtypes)
+    h = torch.randn(LD, batch, ref.proj_size or H).to(h_dtype)
+    return (h, torch.randn(LD, batch, H).to(c_dtype)) if kind == "LSTM" else h
+
+
+def _flat(result):
+    """(output, hn[, cn]) of a call, as a list."""
+    output, state = result
+    return [output, *(state if isinstance(state, tuple) else (state,))]
+
+
+def _assert_low_close(got, want, kind="forward", what="result"):
+    """got (any dtype) against want (float32), with got's dtype's tolerance."""
+    got_np = got.detach().double().numpy()
+    want_np = want.detach().double().numpy()
+    if got.dtype in LOW:
+        tol = low_precision_tolerance(_name(got.dtype), kind)
+        err = max_scaled_error(got_np, want_np)
+        assert err <= tol, f"{what}: scaled error {err:.3g} over {tol:.3g} ({got.dtype})"
+    else:
+        assert got.dtype == torch.float32
+        assert_close(got_np, want_np, np.float32, kind, what)
+
+
+@pytest.mark.parametrize("autocast", LOW, ids=_name)
+@pytest.mark.parametrize("kind, kwargs", CELLS, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={w}" for k, w in v.items()) or "plain")
+def test_under_autocast_the_dtypes_are_torch_nns_and_the_values_float32s(kind, kwargs, autocast):
+    """Each mix of float32 and autocast-dtype input, h0 and c0, with and without grad: our
+    outputs' dtypes are those torch.nn returns for the same call (autocast's where torch's
+    kernels fail: its float16 LSTM on a float32 input, here), and their values torch.nn's
+    float32 results rounded once."""
+    ref, mod = _modules(kind, kwargs)
+    x = torch.randn(T, B, I)
+    cast_by_torch = 0
+    dtypes = [torch.float32, autocast]
+    hx_dtypes = [None, *(itertools.product(dtypes, dtypes) if kind == "LSTM" else dtypes)]
+    for x_dtype, hx_dtype, grad in itertools.product(dtypes, hx_dtypes, [True, False]):
+        xin, hx = x.to(x_dtype), _hx(kind, ref, hx_dtype)
+        case = f"x {x_dtype}, hx {hx_dtype}, grad {grad}"
+        with torch.autocast("cpu", dtype=autocast), torch.set_grad_enabled(grad):
+            got = _flat(mod(xin, hx))
+            try:
+                with warnings.catch_warnings():     # (torch's note on its own LSTM kernels)
+                    warnings.filterwarnings("ignore", "LSTM with projections is not supported")
+                    want_dtypes = [t.dtype for t in _flat(ref(xin, hx))]
+            except RuntimeError:
+                want_dtypes = [autocast] * len(got)     # (where torch's kernels fail)
+        assert [t.dtype for t in got] == want_dtypes, case
+        cast_by_torch += got[0].dtype == autocast
+        hx32 = None if hx is None else (tuple(t.float() for t in hx) if kind == "LSTM"
+                                        else hx.float())
+        with torch.no_grad():
+            want = _flat(ref(xin.float(), hx32))
+        for g, w, what in zip(got, want, ["output", "hn", "cn"]):
+            _assert_low_close(g, w, what=f"{what} ({case})")
+    assert cast_by_torch > 0        # (every cell returns autocast's dtype for some mix)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_name)
+@pytest.mark.parametrize("kind, kwargs", CELLS, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={w}" for k, w in v.items()) or "plain")
+def test_a_low_precision_module_trains_as_torch_nn_in_float32(kind, kwargs, dtype):
+    """A bfloat16/float16 module, 2 layers both ways: outputs and the gradients of the input, hx
+    and every parameter come in the module's dtype, each torch.nn's float32 result on the same
+    values rounded once."""
+    ref, mod = _modules(kind, kwargs, num_layers=2, bidirectional=True)
+    mod.to(dtype)
+    ref.load_state_dict({k: v.to(dtype).float() for k, v in ref.state_dict().items()})
+    x = torch.randn(T, B, I).to(dtype)
+    hx = _hx(kind, ref, dtype)
+    hx_list = list(hx) if kind == "LSTM" else [hx]
+    leaves = [x, *hx_list]
+    ours_in = [t.clone().requires_grad_() for t in leaves]
+    ref_in = [t.float().requires_grad_() for t in leaves]
+    got = _flat(mod(ours_in[0], tuple(ours_in[1:]) if kind == "LSTM" else ours_in[1]))
+    want = _flat(ref(ref_in[0], tuple(ref_in[1:]) if kind == "LSTM" else ref_in[1]))
+    # loss weights exact in the low dtype: the cast's backward rounds what reaches our outputs
+    weights = [torch.randn(w.shape).to(dtype).float() for w in want]
+    sum((g.float() * w).sum() for g, w in zip(got, weights)).backward()
+    sum((o * w).sum() for o, w in zip(want, weights)).backward()
+    for g, w, what in zip(got, want, ["output", "hn", "cn"]):
+        assert g.dtype == dtype
+        _assert_low_close(g, w, what=what)
+    for name, g, w in zip(["dx", "dh0", "dc0"], ours_in, ref_in):
+        assert g.grad.dtype == dtype
+        _assert_low_close(g.grad, w.grad, "gradient", name)
+    for name, p in mod.named_parameters():
+        assert p.grad.dtype == dtype
+        _assert_low_close(p.grad, getattr(ref, name).grad, "gradient", name)
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=_name)
+def test_a_packed_sequence_in_low_precision(dtype):
+    ref, mod = _modules("LSTM", {}, batch_first=True)
+    mod.to(dtype)
+    ref.load_state_dict({k: v.to(dtype).float() for k, v in ref.state_dict().items()})
+    x = torch.randn(B, T, I).to(dtype)
+    lengths = [T, 2, 5]
+    pack = torch.nn.utils.rnn.pack_padded_sequence
+    got_y, (got_h, got_c) = mod(pack(x, lengths, batch_first=True, enforce_sorted=False))
+    with torch.no_grad():
+        want_y, (want_h, want_c) = ref(pack(x.float(), lengths, batch_first=True,
+                                            enforce_sorted=False))
+    assert isinstance(got_y, torch.nn.utils.rnn.PackedSequence)
+    assert torch.equal(got_y.batch_sizes, want_y.batch_sizes)
+    assert torch.equal(got_y.unsorted_indices, want_y.unsorted_indices)
+    for g, w in [(got_y.data, want_y.data), (got_h, want_h), (got_c, want_c)]:
+        assert g.dtype == dtype
+        _assert_low_close(g, w)
+    ref, mod = _modules("GRU", {})     # under autocast, torch.nn's dtypes
+    packed = pack(torch.randn(T, B, I), lengths, enforce_sorted=False)
+    for h0 in (None, torch.zeros(1, B, H, dtype=dtype)):
+        with torch.autocast("cpu", dtype=dtype):
+            got, want = _flat(mod(packed, h0)), _flat(ref(packed, h0))
+        assert [g.dtype for g in [got[0].data, *got[1:]]] == \
+            [w.dtype for w in [want[0].data, *want[1:]]]
+
+
+def test_a_float64_module_under_autocast_runs_in_float64_unchanged():
+    """Autocast leaves float64 alone, in torch.nn as here: the same bits as outside it."""
+    _, mod = _modules("GRU", {})
+    mod.double()
+    x = torch.randn(T, B, I, dtype=torch.float64)
+    outside = _flat(mod(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = _flat(mod(x))
+    assert all(i.dtype == torch.float64 and torch.equal(i, o) for i, o in zip(inside, outside))
+
+
+def test_low_precision_dtypes_torch_refuses_are_refused_by_name():
+    _, mod = _modules("LSTM", {})
+    mod.bfloat16()
+    with pytest.raises(ValueError, match=r"input must have dtype torch.bfloat16 \(the "
+                                         r"parameters' dtype\), got torch.float32"):
+        mod(torch.randn(T, B, I))
+    with pytest.raises(ValueError, match=r"hx\[1\] must have dtype torch.bfloat16"):
+        mod(torch.randn(T, B, I).bfloat16(), (torch.zeros(1, B, H).bfloat16(),
+                                              torch.zeros(1, B, H)))
+    _, mod = _modules("RNN", {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="input must have dtype torch.float32 or "
+                                             "torch.bfloat16 under CPU autocast to "
+                                             "torch.bfloat16, got torch.float64"):
+            mod(torch.randn(T, B, I, dtype=torch.float64))
+        mod.half()
+        with pytest.raises(ValueError, match="parameters must have dtype torch.float32 or "
+                                             "torch.bfloat16, got torch.float16"):
+            mod(torch.randn(T, B, I))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace is deprecated
+def test_a_bfloat16_module_exports_and_traces_with_its_casts():
+    """torch.export and torch.jit.trace record the casts around the layer's op: the programs
+    give the eager module's bits."""
+    _, mod = _modules("LSTM", {})
+    mod.bfloat16().eval()
+    x = torch.randn(T, B, I).bfloat16()
+    want = _flat(mod(x))
+    programs = [torch.export.export(mod, (x,)).module(), torch.jit.trace(mod, (x,))]
+    for program in programs:
+        got = _flat(program(x))
+        assert all(g.dtype == torch.bfloat16 and torch.equal(g, w) for g, w in zip(got, want))

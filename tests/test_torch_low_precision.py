@@ -197,3 +197,35 @@ def test_a_bfloat16_module_exports_and_traces_with_its_casts():
     for program in programs:
         got = _flat(program(x))
         assert all(g.dtype == torch.bfloat16 and torch.equal(g, w) for g, w in zip(got, want))
+
+
+class _UnderAutocast(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.layer(x)[0]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_under_autocast_is_refused_by_name(strict):
+    """Non-strict export dropped the output casts in its autocast region (a float32 result
+    where torch.nn's is bfloat16): refused, in both modes."""
+    _, mod = _modules("LSTM", {})
+    with pytest.raises(Exception, match="torch.export of fusedrnn.torch under CPU autocast"):
+        torch.export.export(_UnderAutocast(mod.eval()), (torch.randn(T, B, I),), strict=strict)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace is deprecated
+def test_traces_and_fake_tensors_under_autocast_give_the_eager_dtypes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    ref, mod = _modules("LSTM", {"proj_size": 3})
+    model = _UnderAutocast(mod.eval())
+    x = torch.randn(T, B, I)
+    want = model(x)
+    assert want.dtype == _UnderAutocast(ref.eval())(x).dtype == torch.bfloat16
+    assert torch.equal(torch.jit.trace(model, (x,))(x), want)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        assert model(mode.from_tensor(x)).dtype == torch.bfloat16

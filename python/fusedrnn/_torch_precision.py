@@ -8,25 +8,21 @@ output rounded once:
   torch.nn requires;
 - under autocast to A: float32 and A tensors are taken (a float64 module runs in float64, which
   autocast leaves alone), and each output comes in the dtype torch.nn's module returns for a
-  call with the same dtypes. That depends on torch's kernel path, and so on the CPU and the
-  grad mode (oneDNN's LSTM casts everything to A where the CPU has the instructions; torch's
-  step-by-step cells return the state's dtype, or A after a projection), so it is asked of
-  torch.nn itself: a one-step call of a small module, once per combination. Where torch.nn
-  raises (its float16 LSTM on a float32 input, on some CPUs), the outputs come in A.
+  call with the same dtypes. That follows torch's kernel path (torch 2.13, aten's RNN.cpp and
+  autocast_mode.cpp): its LSTM runs on oneDNN where the input's dtype, the CPU and the grad
+  mode allow, and autocast casts that op's every tensor to A; its other paths are step-by-step
+  cells whose matrix products autocast casts to A, so a GRU and an LSTM without projections
+  return their state's dtype (promoted with A: h0's, c0's, or the input's without hx), and
+  the Elman RNN, and an LSTM's projected outputs, A.
 The casts are torch ops, so autograd takes each gradient back to its tensor's own dtype, and
 torch.export and torch.jit.trace record them around the layer's op.
 """
-import functools
-import warnings
-
 import torch
-from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence
 
 from ._torch_checks import DtypeError, check_tensor, LOW_DTYPES as LOW
 
 _COMPUTE = torch.float32
-_TORCH_CLASS = {"RNN_TANH": (torch.nn.RNN, {}), "RNN_RELU": (torch.nn.RNN, {"nonlinearity": "relu"}),
-                "LSTM": (torch.nn.LSTM, {}), "GRU": (torch.nn.GRU, {})}
 
 
 def _tensors(input, hx):
@@ -41,33 +37,34 @@ def _tensors(input, hx):
     return named
 
 
-@functools.lru_cache(maxsize=None)
-def _torch_nn_dtypes(mode, projected, param_dtype, autocast, packed, x_dtype, hx_dtypes,
-                     grad_enabled):
-    """The dtypes of (output, hn[, cn]) from torch.nn's module for a call with these dtypes
-    under CPU autocast to `autocast`, or None where torch.nn raises: a one-step call."""
-    cls, kwargs = _TORCH_CLASS[mode]
-    if projected:
-        kwargs = dict(kwargs, proj_size=1)
-    with torch.autocast("cpu", enabled=False):
-        module = cls(1, 2, **kwargs).to(param_dtype)
-        x = torch.zeros(1, 1, 1, dtype=x_dtype)
-        if packed:
-            x = pack_padded_sequence(x, [1])
-        widths = [1 if projected else 2, 2]
-        hx = None if hx_dtypes is None else tuple(
-            torch.zeros(1, 1, w, dtype=d) for w, d in zip(widths, hx_dtypes))
-        if hx is not None and mode != "LSTM":
-            hx = hx[0]
-    try:
-        with torch.set_grad_enabled(grad_enabled), torch.autocast("cpu", dtype=autocast), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")     # (torch's notes on its kernel paths)
-            output, state = module(x, hx)
-    except RuntimeError:
-        return None
-    output = output.data if packed else output
-    return tuple(t.dtype for t in (output, *(state if isinstance(state, tuple) else (state,))))
+def _onednn_lstm(x):
+    """Whether torch.nn.LSTM (unpacked, no projections) runs on oneDNN: aten's use_mkldnn, on
+    the input as given (before autocast's casts). On this path a float16 autocast fails inside
+    torch where the CPU has no float16 oneDNN kernels."""
+    x_dtype = x.dtype
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and x.numel() != 0):
+        return False
+    if x_dtype == torch.float32:
+        return True
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+             torch.float16: "_is_mkldnn_fp16_supported"}[x_dtype]
+    supported = getattr(torch.ops.mkldnn, check, None)
+    return (supported is not None and supported()
+            and (x_dtype != torch.float16 or not torch.is_grad_enabled()))
+
+
+def _autocast_dtypes(mode, projected, packed, autocast, x, h_dtype, c_dtype):
+    """The dtypes of (output, hn, cn) that torch.nn's module returns under CPU autocast to
+    `autocast`, given the input (its data, if packed) and the states' dtypes (None: no hx,
+    zeros in the input's)."""
+    if mode.startswith("RNN"):
+        return (autocast,) * 3
+    if mode == "LSTM" and not packed and not projected and _onednn_lstm(x):
+        return (autocast,) * 3
+    state = (c_dtype if mode == "LSTM" else h_dtype) or x.dtype
+    state = torch.promote_types(state, autocast)
+    return (autocast if projected else state,) * 2 + (state,)
 
 
 def plan(mode, proj_size, param_dtype, input, hx):
@@ -82,6 +79,12 @@ def plan(mode, proj_size, param_dtype, input, hx):
         return _COMPUTE, (param_dtype,) * 3
     if param_dtype == torch.float64:      # autocast leaves float64 alone
         return None
+    if torch.compiler.is_exporting():
+        # (non-strict export dropped the output casts inside its autocast region: a silently
+        # float32 result where torch.nn's is bfloat16)
+        raise RuntimeError(
+            "torch.export of fusedrnn.torch under CPU autocast is not supported: export the "
+            "model without autocast, or convert it (model.bfloat16()) and export that")
     autocast = torch.get_autocast_dtype("cpu")
     named = _tensors(input, hx)
     for name, t in named:
@@ -92,13 +95,12 @@ def plan(mode, proj_size, param_dtype, input, hx):
     if param_dtype not in (torch.float32, autocast):
         raise DtypeError(f"under CPU autocast to {autocast}, the parameters must have dtype "
                          f"torch.float32 or {autocast}, got {param_dtype}")
-    hx_dtypes = tuple(t.dtype for _, t in named[1:]) or None
     lstm = mode == "LSTM"
     if hx is not None and (isinstance(hx, (tuple, list)) != lstm or len(named) != 2 + lstm):
         return None                         # (the layer's own checks say what is wrong)
-    outs = _torch_nn_dtypes(mode, proj_size > 0, param_dtype, autocast,
-                            isinstance(input, PackedSequence), named[0][1].dtype, hx_dtypes,
-                            torch.is_grad_enabled()) or (autocast,) * 3
+    states = [t.dtype for _, t in named[1:]] or [None, None]
+    outs = _autocast_dtypes(mode, proj_size > 0, isinstance(input, PackedSequence), autocast,
+                            named[0][1], states[0], states[-1])
     if all(d == torch.float32 for d in outs + (param_dtype,) + tuple(t.dtype for _, t in named)):
         return None
     return _COMPUTE, outs

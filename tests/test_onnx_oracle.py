@@ -15,7 +15,7 @@ import pytest
 import fusedrnn
 from fusedrnn import _C, onnx_ops, reference
 from fusedrnn.onnx_layout import load_onnx_weights, onnx_weights
-from fusedrnn.tolerances import assert_close
+from fusedrnn.tolerances import assert_close, low_precision_tolerance, max_scaled_error
 
 onnx = pytest.importorskip("onnx")
 
@@ -144,10 +144,12 @@ def ort_node_outputs(node, feeds):
     """The node's outputs from ONNX Runtime's CPU kernels (the test skips without it)."""
     ort = pytest.importorskip("onnxruntime")
     from onnx import TensorProto, helper
-    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.int32): TensorProto.INT32}
+    types = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
+             np.dtype(np.int32): TensorProto.INT32}
     inputs = [helper.make_tensor_value_info(n, types[v.dtype], list(v.shape))
               for n, v in feeds.items()]
-    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in node.output]
+    out_type = types[feeds["X"].dtype]
+    outputs = [helper.make_tensor_value_info(n, out_type, None) for n in node.output]
     graph = helper.make_graph([node], "case", inputs, outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -289,6 +291,53 @@ def test_onnxruntime_cell_options(rng, monkeypatch, op, direction, attrs, peepho
     got = run_fusedrnn(node, feeds, np.float64)
     for name in outputs:
         assert_close(got[name], want[name], np.float32, what=f"reference {op} {name}")
+
+
+# ---- float16 and bfloat16 (ONNX's type T takes both): the float32 kernels, rounded once ----
+
+
+def _low_precision_case(rng, op, direction, attrs, peepholes, dtype):
+    """option_case's node and feeds, the float inputs rounded to ``dtype``."""
+    node, feeds, outputs = option_case(rng, op, direction, attrs, peepholes)
+    return node, {k: (v.astype(dtype) if v.dtype.kind == "f" else v)
+                  for k, v in feeds.items()}, outputs
+
+
+@pytest.mark.parametrize("op,direction,attrs,peepholes", OPTION_CASES[:2] + [
+    ("GRU", "bidirectional", {}, False), ("GRU", "reverse", {"linear_before_reset": 1}, False),
+    ("RNN", "forward", {}, False), ("LSTM", "reverse", {}, False)],
+    ids=lambda v: v if isinstance(v, str) else None)
+def test_onnxruntime_float16(rng, op, direction, attrs, peepholes):
+    """float16 nodes: ONNX Runtime's float16 kernels compute in float32 and round each output
+    once, as ours do, so the two agree within two roundings; and ours are ONNX Runtime's
+    float32 results on the same (float16) values, rounded once."""
+    node, feeds, outputs = _low_precision_case(rng, op, direction, attrs, peepholes, np.float16)
+    got = onnx_ops.run_node(node, feeds)
+    want16 = ort_node_outputs(node, feeds)
+    want32 = ort_node_outputs(node, {k: (v.astype(np.float32) if v.dtype == np.float16 else v)
+                                     for k, v in feeds.items()})
+    for name in outputs:
+        assert got[name].dtype == want16[name].dtype == np.float16
+        err = max_scaled_error(got[name], want16[name])
+        assert err <= low_precision_tolerance("float16", roundings=2), (name, err)
+        err = max_scaled_error(got[name], want32[name])
+        assert err <= low_precision_tolerance("float16"), (name, err)
+
+
+def test_bfloat16_nodes_round_the_float32_result_once(rng):
+    """bfloat16 (ml_dtypes', as onnx's numpy_helper gives it; ONNX Runtime's CPU kernels have
+    none): the outputs are ONNX Runtime's float32 results on the same values, rounded once."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    node, feeds, outputs = _low_precision_case(rng, *OPTION_CASES[1], ml_dtypes.bfloat16)
+    got = onnx_ops.run_node(node, feeds)
+    want = ort_node_outputs(node, {k: (v.astype(np.float32) if v.dtype.kind != "i" else v)
+                                   for k, v in feeds.items()})
+    for name in outputs:
+        assert got[name].dtype == ml_dtypes.bfloat16
+        err = max_scaled_error(got[name].astype(np.float64), want[name])
+        assert err <= low_precision_tolerance("bfloat16"), (name, err)
+    with pytest.raises(TypeError, match="W must have X's dtype bfloat16"):
+        onnx_ops.run_node(node, dict(feeds, W=feeds["W"].astype(np.float32)))
 
 
 # ---- onnx_layout: a layer's weights as ONNX nodes take them, and back ----

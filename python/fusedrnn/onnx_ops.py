@@ -18,8 +18,9 @@ Missing optional inputs are zeros; steps past a row's sequence_lens are zeros in
 hold each row's state after its last step (for "reverse", after its first time step). A row of
 length 0 is zeros in Y, Y_h and Y_c, as ONNX Runtime gives it.
 
-Every float input shares one dtype, float32 or float64 (ONNX's type T); sequence_lens are
-integers in 0..T. Every attribute of ONNX's operators is computed: ``activations`` (any of ONNX's
+Every float input shares one dtype (ONNX's type T): float32 or float64, or float16 or bfloat16
+(``ml_dtypes.bfloat16``, as onnx's ``numpy_helper`` gives it), which run the float32 kernels and
+come out rounded once to T; sequence_lens are integers in 0..T. Every attribute of ONNX's operators is computed: ``activations`` (any of ONNX's
 eleven functions, per direction, with ``activation_alpha`` / ``activation_beta`` read as ONNX
 Runtime reads them: each function that takes an alpha, or a beta, takes the next one given, else
 its default), ``clip``, the LSTM's ``input_forget`` and peepholes ``P``; as ONNX Runtime,
@@ -182,6 +183,11 @@ def _floats(name, values):
         raise TypeError(f"{name} must be a list of floats, got {list(values)!r}") from None
 
 
+def _is_low_precision(dtype):
+    """float16, or ml_dtypes' bfloat16 (NumPy has none of its own)."""
+    return dtype == np.float16 or dtype.name == "bfloat16"
+
+
 def _text(value):
     return value.decode() if isinstance(value, bytes) else value
 
@@ -205,10 +211,14 @@ class _Node:
         x = np.asarray(X) if X is not None else None
         if x is not None and x.dtype.newbyteorder("=") in FLOAT_DTYPES:
             x = as_dtype_array("X", x, x.dtype.newbyteorder("="))  # (refuses another byte order)
-        if x is None or x.dtype not in FLOAT_DTYPES:
-            raise TypeError("X must be a float32 or float64 array, got "
+        if x is None or (x.dtype not in FLOAT_DTYPES and not _is_low_precision(x.dtype)):
+            raise TypeError("X must be a float16, bfloat16, float32 or float64 array, got "
                             f"{'None' if x is None else x.dtype.name}")
+        # ONNX's type T, of every float input and output; float16 and bfloat16 (ml_dtypes, as
+        # onnx's numpy_helper makes it) run the float32 kernels, and each output is rounded once
         self.dtype = x.dtype
+        self.compute_dtype = np.dtype(np.float32) if _is_low_precision(x.dtype) else x.dtype
+        x = x.astype(self.compute_dtype, copy=False)
         axes = "(B, T, input_size)" if layout else "(T, B, input_size)"
         if x.ndim != 3:
             raise ValueError(f"X must have 3 dimensions {axes}, got shape {x.shape}")
@@ -231,7 +241,7 @@ class _Node:
         w = self.float_input("W", W)
         check_shape("W", w, (self.D, self.G * H, I))
         if B is None:
-            b = np.zeros((self.D, 2 * self.G * H), self.dtype)
+            b = np.zeros((self.D, 2 * self.G * H), self.compute_dtype)
         else:
             b = self.float_input("B", B)
             check_shape("B", b, (self.D, 2 * self.G * H))
@@ -254,7 +264,7 @@ class _Node:
         if a.dtype != self.dtype:
             raise TypeError(f"{name} must have X's dtype {self.dtype.name} (ONNX's type T), got "
                             f"{a.dtype.name}")
-        return a
+        return a.astype(self.compute_dtype, copy=False)
 
     def all_rows(self, out, axis):
         """``out`` of the rows with steps placed among zeros for every row."""
@@ -269,7 +279,7 @@ class _Node:
     def state(self, name, value):
         """initial_h or initial_c as (D, B, H), zeros when absent."""
         if value is None:
-            return np.zeros((self.D, self.B, self.H), self.dtype)
+            return np.zeros((self.D, self.B, self.H), self.compute_dtype)
         a = self.float_input(name, value)
         check_shape(name, a, (self.B, self.D, self.H) if self.layout else (self.D, self.B, self.H))
         return np.swapaxes(a, 0, 1) if self.layout else a
@@ -337,4 +347,4 @@ class _Node:
             Y, Y_h = Y.transpose(2, 0, 1, 3), Y_h.transpose(1, 0, 2)
             Y_c = None if Y_c is None else Y_c.transpose(1, 0, 2)
         outs = (Y, Y_h) if Y_c is None else (Y, Y_h, Y_c)
-        return tuple(np.ascontiguousarray(o) for o in outs)
+        return tuple(np.ascontiguousarray(o).astype(self.dtype, copy=False) for o in outs)

@@ -29,10 +29,11 @@ GRADIENT = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 LOW_PRECISION_ROUNDING = {"bfloat16": 2.0 ** -8, "float16": 2.0 ** -11}
 
 
-def low_precision_tolerance(dtype_name, kind="forward"):
-    """The bound for a low-precision output against float32 (see LOW_PRECISION_ROUNDING)."""
+def low_precision_tolerance(dtype_name, kind="forward", roundings=1):
+    """The bound for a low-precision output against float32 (see LOW_PRECISION_ROUNDING), or,
+    with roundings=2, against another float32 computation rounded once to the same dtype."""
     table = FORWARD if kind == "forward" else GRADIENT
-    return LOW_PRECISION_ROUNDING[dtype_name] + table[np.dtype(np.float32)]
+    return roundings * LOW_PRECISION_ROUNDING[dtype_name] + table[np.dtype(np.float32)]
 
 
 # Our GEMM against float64 numpy: a dot product of K terms rounds once per term (FMA), so the

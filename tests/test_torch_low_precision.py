@@ -229,3 +229,78 @@ def test_traces_and_fake_tensors_under_autocast_give_the_eager_dtypes():
     assert torch.equal(torch.jit.trace(model, (x,))(x), want)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         assert model(mode.from_tensor(x)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=_name)
+def test_checkpointing_and_save_on_cpu_give_the_plain_gradients(dtype):
+    """Both checkpoint modes and save_on_cpu (which the README promises) give the gradients of
+    a plain call, bit for bit: non-reentrant checkpointing unpacks each saved tensor once, so
+    the adapter's backward must read ctx.saved_tensors once."""
+    from torch.utils.checkpoint import checkpoint
+    _, mod = _modules("LSTM", {}, num_layers=2)
+    mod.to(dtype)
+    x = torch.randn(T, B, I).to(dtype)
+
+    def grads(call):
+        mod.zero_grad()
+        xin = x.clone().requires_grad_()
+        call(xin).float().sum().backward()
+        return [xin.grad] + [p.grad for p in mod.parameters()]
+
+    want = grads(lambda a: mod(a)[0])
+    ways = [lambda a: checkpoint(lambda b: mod(b)[0], a, use_reentrant=False),
+            lambda a: checkpoint(lambda b: mod(b)[0], a, use_reentrant=True)]
+    for way in ways:
+        assert all(torch.equal(g, w) for g, w in zip(grads(way), want))
+    with torch.autograd.graph.save_on_cpu():
+        got = grads(lambda a: mod(a)[0])
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_a_low_precision_tensor_changed_in_place_before_backward_raises_as_in_torch():
+    """The kernels saw float32 copies, so the gradients would be the old values' (torch.nn
+    raises there): an optimizer step between forward and backward is caught."""
+    _, mod = _modules("GRU", {})
+    mod.bfloat16()
+    for change in (lambda x: mod.weight_hh_l0.add_(1), lambda x: x.add_(1)):
+        x = torch.randn(T, B, I).bfloat16()
+        y = mod(x)[0].float().sum()
+        with torch.no_grad():
+            change(x)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
+
+@pytest.mark.parametrize("autocast", LOW, ids=_name)
+def test_a_packed_batch_of_full_rows_under_autocast_takes_torchs_unpacked_dtypes(autocast):
+    """torch runs a PackedSequence whose rows all have every step as a padded batch (oneDNN's
+    LSTM, which casts all to autocast's dtype); with ragged rows, its step-by-step cells."""
+    ref, mod = _modules("LSTM", {})
+    pack = torch.nn.utils.rnn.pack_padded_sequence
+    for lengths in ([T, T, T], [T, 4, 2]):
+        packed = pack(torch.randn(T, B, I), lengths)
+        with torch.autocast("cpu", dtype=autocast):
+            got = [t.dtype for t in _flat(mod(packed))[1:]] + [mod(packed)[0].data.dtype]
+            try:
+                out = _flat(ref(packed))
+                want = [t.dtype for t in out[1:]] + [out[0].data.dtype]
+            except RuntimeError:        # (torch's float16 oneDNN LSTM, on this CPU)
+                want = [autocast] * 3
+        assert got == want, lengths
+
+
+def test_a_malformed_hx_in_low_precision_is_named_before_the_dtypes():
+    h = torch.zeros(1, B, H).bfloat16()
+    x = torch.randn(T, B, I).bfloat16()
+    _, gru = _modules("GRU", {})
+    _, lstm = _modules("LSTM", {})
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=r"hx for GRU must be one tensor, got a tuple"):
+            gru(x, (h, h))
+        with pytest.raises(TypeError, match=r"hx for LSTM must be a tuple \(h0, c0\) of "
+                                            r"tensors, got tuple of 3"):
+            lstm(x, (h, h, h))
+    lstm.bfloat16()
+    with pytest.raises(TypeError, match=r"hx for LSTM must be a tuple \(h0, c0\) of tensors, "
+                                        r"got Tensor"):
+        lstm(x, h)

@@ -54,13 +54,22 @@ def _onednn_lstm(x):
             and (x_dtype != torch.float16 or not torch.is_grad_enabled()))
 
 
-def _autocast_dtypes(mode, projected, packed, autocast, x, h_dtype, c_dtype):
+def _runs_unpacked(input):
+    """Whether torch's LSTM takes `input` as a padded tensor: it is one, or a PackedSequence
+    whose rows all have every step (torch unpacks one with uniform batch sizes)."""
+    if not isinstance(input, PackedSequence):
+        return True
+    sizes = input.batch_sizes
+    return bool((sizes == sizes[0]).all()) if sizes.numel() else False
+
+
+def _autocast_dtypes(mode, projected, autocast, input, x, h_dtype, c_dtype):
     """The dtypes of (output, hn, cn) that torch.nn's module returns under CPU autocast to
-    `autocast`, given the input (its data, if packed) and the states' dtypes (None: no hx,
-    zeros in the input's)."""
+    `autocast`, given the input, its tensor x (the data, if packed) and the states' dtypes
+    (None: no hx, zeros in the input's)."""
     if mode.startswith("RNN"):
         return (autocast,) * 3
-    if mode == "LSTM" and not packed and not projected and _onednn_lstm(x):
+    if mode == "LSTM" and not projected and _runs_unpacked(input) and _onednn_lstm(x):
         return (autocast,) * 3
     state = (c_dtype if mode == "LSTM" else h_dtype) or x.dtype
     state = torch.promote_types(state, autocast)
@@ -70,7 +79,7 @@ def _autocast_dtypes(mode, projected, packed, autocast, x, h_dtype, c_dtype):
 def plan(mode, proj_size, param_dtype, input, hx):
     """(compute dtype, dtypes of output, hn and cn) for a call that needs casts, or None for one
     that runs as it is (float32/float64 in and out). Raises for a dtype torch.nn would not take
-    either."""
+    either. hx has the cell's structure (a pair for an LSTM, else one tensor) or is None."""
     if not torch.is_autocast_enabled("cpu"):
         if param_dtype not in LOW:
             return None
@@ -95,12 +104,9 @@ def plan(mode, proj_size, param_dtype, input, hx):
     if param_dtype not in (torch.float32, autocast):
         raise DtypeError(f"under CPU autocast to {autocast}, the parameters must have dtype "
                          f"torch.float32 or {autocast}, got {param_dtype}")
-    lstm = mode == "LSTM"
-    if hx is not None and (isinstance(hx, (tuple, list)) != lstm or len(named) != 2 + lstm):
-        return None                         # (the layer's own checks say what is wrong)
     states = [t.dtype for _, t in named[1:]] or [None, None]
-    outs = _autocast_dtypes(mode, proj_size > 0, isinstance(input, PackedSequence), autocast,
-                            named[0][1], states[0], states[-1])
+    outs = _autocast_dtypes(mode, proj_size > 0, autocast, input, named[0][1], states[0],
+                            states[-1])
     if all(d == torch.float32 for d in outs + (param_dtype,) + tuple(t.dtype for _, t in named)):
         return None
     return _COMPUTE, outs
@@ -108,6 +114,17 @@ def plan(mode, proj_size, param_dtype, input, hx):
 
 def _cast(t, dtype):
     return t.to(dtype) if isinstance(t, torch.Tensor) else t   # (others: the layer's checks)
+
+
+def tensors_cast(input, hx, params, dtype):
+    """The call's tensors that cast_inputs copies to `dtype` (outside torch.func's transforms,
+    whose tensors are saved by their own levels)."""
+    if torch._C._are_functorch_transforms_active():
+        return ()
+    data = input.data if isinstance(input, PackedSequence) else input
+    states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    return tuple(t for t in [data, *states, *params]
+                 if isinstance(t, torch.Tensor) and t.dtype != dtype)
 
 
 def cast_inputs(input, hx, params, dtype):

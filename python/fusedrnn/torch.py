@@ -161,7 +161,7 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
 
     @staticmethod
     def forward(run, x, h0, c0, *params):
-        spec, names, lengths, make_mask = run
+        spec, names, lengths, make_mask, _ = run
         y, hn, cn, saved = _base.stack_forward(
             spec, dict(zip(names, map(_np, params))), _np(x), _np(h0), _np(c0), lengths,
             save=True, make_mask=make_mask)
@@ -174,13 +174,16 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         run, x, h0, c0, *params = inputs
         ctx.run = run
+        watched = run[4]
+        ctx.n_watched = len(watched)
         ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
         # The kernels' saved state rides on a token tensor kept by save_for_backward, so torch
         # frees it exactly when it frees the graph's saved tensors (after a backward without
         # retain_graph=True) rather than when the outputs die. Saving x and the weights too
         # makes autograd raise if any is modified in place before backward (the kernels read
-        # them again in backward).
-        ctx.save_for_backward(_handoff.token, x, h0, c0, *params)
+        # them again in backward). The watched tensors are a low-precision call's own, whose
+        # float32 copies the kernels read: changed in place, torch.nn would raise too.
+        ctx.save_for_backward(_handoff.token, x, h0, c0, *params, *watched)
         ctx.y_shape, ctx.y_dtype = tuple(output[0].shape), _NP_DTYPE[output[0].dtype]
         ctx.set_materialize_grads(False)
 
@@ -189,7 +192,8 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
         # Raises if an input changed in place since forward, or if the graph was freed by an
         # earlier backward without retain_graph=True (as torch does). The kernels run inside
         # another Function: torch.func hands it plain tensors, and it refuses a second order.
-        token, *inputs = ctx.saved_tensors
+        saved_tensors = ctx.saved_tensors       # (once: checkpointing unpacks each once)
+        token, *inputs = saved_tensors[:len(saved_tensors) - ctx.n_watched]
         if getattr(_handoff, "token", None) is token:
             _handoff.token = None  # (a traced module's call, whose caller could not drop it)
         saved = getattr(token, "fusedrnn_saved", None)
@@ -211,7 +215,7 @@ class _FusedStackBackward(_PositionalApply, _torch.autograd.Function):
 
     @staticmethod
     def forward(info, dy, dhn, dcn, x, h0, c0, *params):
-        (spec, names, _, _), has_h0, has_c0, y_shape, y_dtype, saved = info
+        (spec, names, _, _, _), has_h0, has_c0, y_shape, y_dtype, saved = info
         dy_np = np.zeros(y_shape, y_dtype) if dy is None else _np(dy)
         dx, dh0, dc0, grads = _base.stack_backward(spec, saved, dy_np, _np(dhn), _np(dcn))
         return (_torch.from_numpy(dx),
@@ -383,17 +387,21 @@ class _FusedMixin:
         if dtype in _KERNEL_DTYPES and not _torch._C._is_any_autocast_enabled():
             return self._run(spec, names, params, dtype, input, hx, as_op)
         # bfloat16/float16 modules and CPU autocast: the float32 kernels, torch.nn's dtypes out
+        self._check_hx_structure(hx, spec)
         casts = _precision.plan(self.mode, self.proj_size, dtype, input, hx)
         if casts is None:
             return self._run(spec, names, params, dtype, input, hx, as_op)
         compute, out = casts
+        watched = _precision.tensors_cast(input, hx, params, compute)
         input, hx, params = _precision.cast_inputs(input, hx, params, compute)
         with _torch.autocast("cpu", enabled=False):
-            result = self._run(spec, names, params, compute, input, hx, as_op)
+            result = self._run(spec, names, params, compute, input, hx, as_op, watched)
         return _precision.cast_outputs(result, out)
 
-    def _run(self, spec, names, params, dtype, input, hx, as_op):
-        """The layer on the kernels, all of its tensors in `dtype` (float32 or float64)."""
+    def _run(self, spec, names, params, dtype, input, hx, as_op, watched=()):
+        """The layer on the kernels, all of its tensors in `dtype` (float32 or float64).
+        `watched`: tensors whose in-place change before backward must raise (a low-precision
+        call's own, of which the kernels saw copies)."""
         lstm = spec.cell == "lstm"
         packed = isinstance(input, _PackedSequence)
         if as_op:
@@ -448,7 +456,8 @@ class _FusedMixin:
         tracked = _torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                    for t in tensors)
         if tracked:
-            out = _FusedStack.apply((spec, names, lengths, make_mask), x, h0, c0, *params)
+            out = _FusedStack.apply((spec, names, lengths, make_mask, watched), x, h0, c0,
+                                    *params)
             _handoff.token = None  # (held by the graph now, if it needs it)
             y, hn = out[0], out[1]
             cn = out[2] if lstm else None
@@ -481,20 +490,28 @@ class _FusedMixin:
             raise _ShapeError(f"{name} must have shape {want}, got {tuple(t.shape)}")
         return t.unsqueeze(1) if unbatched else t
 
-    def _check_hx(self, hx, spec, B, unbatched, dtype):
+    def _check_hx_structure(self, hx, spec):
+        """hx is None, (h0, c0) for an LSTM, or one tensor for the others."""
         if hx is None:
-            return None, None
+            return
         if spec.cell == "lstm":
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise TypeError(f"hx for LSTM must be a tuple (h0, c0) of tensors, "
-                                f"got {type(hx).__name__}")
+                                f"got {type(hx).__name__}"
+                                + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+        elif isinstance(hx, (tuple, list)):
+            raise TypeError(f"hx for {type(self).__name__} must be one tensor, got a "
+                            f"{type(hx).__name__} (only LSTM takes (h0, c0))")
+
+    def _check_hx(self, hx, spec, B, unbatched, dtype):
+        self._check_hx_structure(hx, spec)
+        if hx is None:
+            return None, None
+        if spec.cell == "lstm":
             return (self._check_state("hx[0] (h0)", hx[0], spec, B, unbatched,
                                       spec.output_size, dtype),
                     self._check_state("hx[1] (c0)", hx[1], spec, B, unbatched,
                                       spec.hidden_size, dtype))
-        if isinstance(hx, (tuple, list)):
-            raise TypeError(f"hx for {type(self).__name__} must be one tensor, got a "
-                            f"{type(hx).__name__} (only LSTM takes (h0, c0))")
         return self._check_state("hx", hx, spec, B, unbatched, spec.hidden_size, dtype), None
 
     def __prepare_scriptable__(self):

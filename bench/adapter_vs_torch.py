@@ -9,6 +9,13 @@ run it and read it.
 
     python bench/adapter_vs_torch.py [--configs online-small,long-seq,stacked,fastrnns]
                                      [--cells lstm,gru] [--modes infer,train] [--threads 1]
+                                     [--autocast bfloat16|float16]
+
+--autocast runs torch.nn and the adapter under ``torch.autocast("cpu", dtype)`` (the NumPy layers
+stay float32): torch.nn's low-precision kernels against the adapter's float32 kernels with
+rounded outputs. Their outputs are then held to the adapter's low-precision tolerance
+(tolerances.low_precision_tolerance) against the NumPy layers' float32 ones, and torch.nn's
+scaled error beside the adapter's is printed instead of checked: torch.nn rounds every step.
 """
 import argparse
 
@@ -20,6 +27,7 @@ import fusedrnn.torch as ft
 from fusedrnn.bench import cases, check, timing
 from fusedrnn.bench.peers.ours import FusedrnnPeer
 from fusedrnn.bench.peers.torch_nn import TorchRunner
+from fusedrnn.tolerances import low_precision_tolerance
 
 ADAPTER = {"LSTM": ft.LSTM, "GRU": ft.GRU, "RNN_TANH": ft.RNN, "RNN_RELU": ft.RNN}
 
@@ -31,20 +39,59 @@ def adapter_runner(problem, mode):
     return runner
 
 
-def time_case(config, cell, mode, budget_s):
+class UnderAutocast:
+    """A torch runner whose calls run under CPU autocast to `dtype`; its outputs read as float32
+    (NumPy has no bfloat16)."""
+
+    def __init__(self, runner, dtype):
+        self.runner, self.dtype = runner, dtype
+
+    def __call__(self):
+        with torch.autocast("cpu", dtype=self.dtype):
+            return self.runner()
+
+    def outputs(self, result):
+        y, hn = result
+        hn = tuple(h.float() for h in hn) if isinstance(hn, tuple) else hn.float()
+        return self.runner.outputs((y.float(), hn))
+
+
+def largest_errors(got, want):
+    """(forward, gradient) scaled errors of `got` against `want` (fusedrnn.bench.check's)."""
+    return check._errors(got, want)
+
+
+def check_outputs(outs, autocast, where):
+    """The benchmark's check of each torch-side runner's outputs against the NumPy layers';
+    under autocast the adapter's at its rounding, and torch.nn's errors returned."""
+    if autocast is None:
+        for name in ("fusedrnn.torch", "torch"):
+            agree = check.agreement(outs[name], outs["fusedrnn"])
+            if not agree["ok"]:
+                raise AssertionError(f"{name} differs from fusedrnn on {where}: {agree}")
+        return None
+    dtype_name = str(autocast).replace("torch.", "")
+    fwd, grad = largest_errors(outs["fusedrnn.torch"], outs["fusedrnn"])
+    if not (fwd <= low_precision_tolerance(dtype_name)
+            and (grad is None or grad <= low_precision_tolerance(dtype_name, "gradient"))):
+        raise AssertionError(f"fusedrnn.torch under autocast differs from fusedrnn on {where}: "
+                             f"forward {fwd:.3g}, gradient {grad}")
+    return {"adapter": (fwd, grad), "torch": largest_errors(outs["torch"], outs["fusedrnn"])}
+
+
+def time_case(config, cell, mode, budget_s, autocast=None):
     problem = cases.make_problem(config, cell)
     runners = {"torch": TorchRunner(torch, problem, mode),
                "fusedrnn.torch": adapter_runner(problem, mode),
                "fusedrnn": FusedrnnPeer().prepare(problem, mode)}
+    if autocast is not None:
+        for name in ("torch", "fusedrnn.torch"):
+            runners[name] = UnderAutocast(runners[name], autocast)
     outs = {name: r.outputs(r()) for name, r in runners.items()}
-    for name in ("fusedrnn.torch", "torch"):   # the benchmark's check of a peer's outputs
-        agree = check.agreement(outs[name], outs["fusedrnn"])
-        if not agree["ok"]:
-            raise AssertionError(f"{name} differs from fusedrnn on {config.name} {cell} {mode}: "
-                                 f"{agree}")
+    errors = check_outputs(outs, autocast, f"{config.name} {cell} {mode}")
     timing.warm_up(runners)
     times = timing.interleave(runners, budget_s, min_reps=5, max_reps=400)
-    return {name: float(np.median(t)) for name, t in times.items()}
+    return {name: float(np.median(t)) for name, t in times.items()}, errors
 
 
 def main(argv=None):
@@ -54,23 +101,38 @@ def main(argv=None):
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget", type=float, default=2.0, help="timed seconds a case (default 2)")
+    p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
+                   help="torch.nn and the adapter under CPU autocast to this dtype")
     args = p.parse_args(argv)
+    autocast = getattr(torch, args.autocast) if args.autocast else None
     torch.set_num_threads(args.threads)
     fusedrnn.set_num_threads(args.threads)
     head = (f"{'config':14s} {'cell':5s} {'mode':6s} {'torch ms':>9s} {'adapter ms':>10s} "
             f"{'numpy ms':>9s} {'adapter vs torch':>16s} {'numpy vs torch':>14s} "
             f"{'glue ms':>8s}")
+    if autocast is not None:
+        head += f" {'torch err':>9s} {'adapter err':>11s}"
     print(f"{args.threads} thread(s); torch {torch.__version__}, fusedrnn {fusedrnn.__version__}"
-          f"; vs torch: torch ms / that ms; glue: adapter ms - numpy ms", flush=True)
+          f"; vs torch: torch ms / that ms; glue: adapter ms - numpy ms"
+          + (f"; under autocast to {args.autocast} (numpy: float32); err: largest scaled "
+             f"error against numpy's, forward/gradient" if autocast else ""), flush=True)
     print(head, flush=True)
     for name in args.configs.split(","):
         for cell in args.cells.split(","):
             for mode in args.modes.split(","):
-                t = time_case(cases.CONFIGS[name], cell, mode, args.budget)
+                t, errors = time_case(cases.CONFIGS[name], cell, mode, args.budget, autocast)
                 a, n, th = t["fusedrnn.torch"], t["fusedrnn"], t["torch"]
-                print(f"{name:14s} {cell:5s} {mode:6s} {th * 1e3:9.3f} {a * 1e3:10.3f} "
-                      f"{n * 1e3:9.3f} {'x%.2f' % (th / a):>16s} {'x%.2f' % (th / n):>14s} "
-                      f"{(a - n) * 1e3:8.3f}", flush=True)
+                line = (f"{name:14s} {cell:5s} {mode:6s} {th * 1e3:9.3f} {a * 1e3:10.3f} "
+                        f"{n * 1e3:9.3f} {'x%.2f' % (th / a):>16s} {'x%.2f' % (th / n):>14s} "
+                        f"{(a - n) * 1e3:8.3f}")
+                if errors is not None:
+                    line += f" {_pair(errors['torch']):>9s} {_pair(errors['adapter']):>11s}"
+                print(line, flush=True)
+
+
+def _pair(errors):
+    fwd, grad = errors
+    return f"{fwd:.0e}" + ("" if grad is None else f"/{grad:.0e}")
 
 
 if __name__ == "__main__":

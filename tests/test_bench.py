@@ -627,6 +627,17 @@ def test_adapter_vs_torch_times_the_three_ways_to_run_a_layer():
     rows = [line.split() for line in lines[2:]]
     assert [r[:3] for r in rows] == [["online-small", "gru", "infer"], ["online-small", "gru", "train"]]
     assert all(float(v) > 0 for r in rows for v in r[3:6])
+    # --autocast: torch.nn and the adapter under CPU autocast, with their errors against numpy's
+    out = subprocess.run([sys.executable, script, "--configs", "online-small", "--cells", "lstm",
+                          "--modes", "train", "--budget", "0.05", "--autocast", "bfloat16"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "under autocast to bfloat16" in lines[0] and lines[1].endswith("torch err adapter err")
+    row = lines[2].split()
+    assert row[:3] == ["online-small", "lstm", "train"] and len(row) == 11
+    adapter_fwd, adapter_grad = map(float, row[10].split("/"))
+    assert 0 < adapter_fwd <= 2 ** -8 + 1e-5    # (the output rounded once to bfloat16)
 
 
 class ScriptedClocks:

@@ -17,6 +17,8 @@ output rounded once:
 The casts are torch ops, so autograd takes each gradient back to its tensor's own dtype, and
 torch.export and torch.jit.trace record them around the layer's op.
 """
+import functools
+
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
@@ -37,21 +39,25 @@ def _tensors(input, hx):
     return named
 
 
+@functools.lru_cache(maxsize=None)
+def _onednn_runs(dtype):
+    """Whether this torch and CPU have oneDNN kernels for `dtype` (aten's device checks)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    check = {torch.bfloat16: "_is_mkldnn_bf16_supported",
+             torch.float16: "_is_mkldnn_fp16_supported"}[dtype]
+    supported = getattr(torch.ops.mkldnn, check, None)
+    return supported is not None and bool(supported())
+
+
 def _onednn_lstm(x):
     """Whether torch.nn.LSTM (unpacked, no projections) runs on oneDNN: aten's use_mkldnn, on
     the input as given (before autocast's casts). On this path a float16 autocast fails inside
     torch where the CPU has no float16 oneDNN kernels."""
-    x_dtype = x.dtype
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-            and x.numel() != 0):
-        return False
-    if x_dtype == torch.float32:
-        return True
-    check = {torch.bfloat16: "_is_mkldnn_bf16_supported",
-             torch.float16: "_is_mkldnn_fp16_supported"}[x_dtype]
-    supported = getattr(torch.ops.mkldnn, check, None)
-    return (supported is not None and supported()
-            and (x_dtype != torch.float16 or not torch.is_grad_enabled()))
+    return (torch.backends.mkldnn.enabled and x.numel() != 0 and _onednn_runs(x.dtype)
+            and (x.dtype != torch.float16 or not torch.is_grad_enabled()))
 
 
 def _runs_unpacked(input):
@@ -113,7 +119,9 @@ def plan(mode, proj_size, param_dtype, input, hx):
 
 
 def _cast(t, dtype):
-    return t.to(dtype) if isinstance(t, torch.Tensor) else t   # (others: the layer's checks)
+    if isinstance(t, torch.Tensor) and t.dtype != dtype:
+        return t.to(dtype)
+    return t                # (the same dtype; or not a tensor, for the layer's checks)
 
 
 def tensors_cast(input, hx, params, dtype):
@@ -138,7 +146,7 @@ def cast_inputs(input, hx, params, dtype):
         hx = type(hx)(_cast(t, dtype) for t in hx)
     else:
         hx = _cast(hx, dtype)
-    return input, hx, [p.to(dtype) for p in params]
+    return input, hx, [_cast(p, dtype) for p in params]
 
 
 def cast_outputs(result, dtypes):
@@ -146,10 +154,10 @@ def cast_outputs(result, dtypes):
     hn and cn)."""
     output, state = result
     if isinstance(output, PackedSequence):
-        output = PackedSequence(output.data.to(dtypes[0]), output.batch_sizes,
+        output = PackedSequence(_cast(output.data, dtypes[0]), output.batch_sizes,
                                 output.sorted_indices, output.unsorted_indices)
     else:
-        output = output.to(dtypes[0])
+        output = _cast(output, dtypes[0])
     if isinstance(state, tuple):
-        return output, tuple(t.to(d) for t, d in zip(state, dtypes[1:]))
-    return output, state.to(dtypes[1])
+        return output, tuple(_cast(t, d) for t, d in zip(state, dtypes[1:]))
+    return output, _cast(state, dtypes[1])

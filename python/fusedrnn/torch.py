@@ -394,8 +394,8 @@ class _FusedMixin:
         compute, out = casts
         watched = _precision.tensors_cast(input, hx, params, compute)
         input, hx, params = _precision.cast_inputs(input, hx, params, compute)
-        with _torch.autocast("cpu", enabled=False):
-            result = self._run(spec, names, params, compute, input, hx, as_op, watched)
+        # (autocast stays on: _run's torch ops, and the op under export, are none it casts)
+        result = self._run(spec, names, params, compute, input, hx, as_op, watched)
         return _precision.cast_outputs(result, out)
 
     def _run(self, spec, names, params, dtype, input, hx, as_op, watched=()):

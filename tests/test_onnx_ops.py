@@ -132,6 +132,10 @@ def lstm_args(rng, T=3, B=2, I=4, H=5, D=1, dtype=np.float32):
     ({"hidden_size": "5"}, TypeError, "hidden_size must be an int, got str"),
     ({"clip": [1.0, 2.0]}, TypeError, "clip must be a number, got list"),
     ({"X": np.zeros((3, 2, 4), ">f4")}, TypeError, "X must be native-byte-order float32, got >f4"),
+    ({"X": np.zeros((3, 2, 4), ">f2")}, TypeError, "X must be native-byte-order float16, got >f2"),
+    ({"X": np.zeros((3, 2, 4), np.float16), "W": np.zeros((1, 20, 4), ">f2"),
+      "R": np.zeros((1, 20, 5), np.float16)}, TypeError,
+     r"W must be native-byte-order float16 \(X's dtype\), got >f2"),
 ])
 def test_refusals_name_the_input(rng, change, error, match):
     args = {**lstm_args(rng), **change}

@@ -209,8 +209,9 @@ class _Node:
                              f"{layout!r}")
         self.layout = layout
         x = np.asarray(X) if X is not None else None
-        if x is not None and x.dtype.newbyteorder("=") in FLOAT_DTYPES:
-            x = as_dtype_array("X", x, x.dtype.newbyteorder("="))  # (refuses another byte order)
+        native = None if x is None else x.dtype.newbyteorder("=")
+        if x is not None and (native in FLOAT_DTYPES or _is_low_precision(native)):
+            x = as_dtype_array("X", x, native)  # (refuses another byte order)
         if x is None or (x.dtype not in FLOAT_DTYPES and not _is_low_precision(x.dtype)):
             raise TypeError("X must be a float16, bfloat16, float32 or float64 array, got "
                             f"{'None' if x is None else x.dtype.name}")
@@ -262,6 +263,8 @@ class _Node:
             raise TypeError(f"{name} is required: an array of X's dtype {self.dtype.name}")
         a = np.asarray(value)
         if a.dtype != self.dtype:
+            if a.dtype.newbyteorder("=") == self.dtype:
+                as_dtype_array(name, a, self.dtype, " (X's dtype)")   # (raises: byte order)
             raise TypeError(f"{name} must have X's dtype {self.dtype.name} (ONNX's type T), got "
                             f"{a.dtype.name}")
         return a.astype(self.compute_dtype, copy=False)

@@ -28,8 +28,7 @@ _COMPUTE = torch.float32
 
 
 def _tensors(input, hx):
-    """(name, tensor) of the call's input and states, where they are tensors (others are left to
-    the layer's own checks, which name what they must be)."""
+    """(name, value) of the call's input (its data, if packed) and states, for the checks."""
     packed = isinstance(input, PackedSequence)
     named = [("input.data", input.data) if packed else ("input", input)]
     if isinstance(hx, (tuple, list)):

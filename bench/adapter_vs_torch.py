@@ -56,11 +56,6 @@ class UnderAutocast:
         return self.runner.outputs((y.float(), hn))
 
 
-def largest_errors(got, want):
-    """(forward, gradient) scaled errors of `got` against `want` (fusedrnn.bench.check's)."""
-    return check._errors(got, want)
-
-
 def check_outputs(outs, autocast, where):
     """The benchmark's check of each torch-side runner's outputs against the NumPy layers';
     under autocast the adapter's at its rounding, and torch.nn's errors returned."""
@@ -71,12 +66,13 @@ def check_outputs(outs, autocast, where):
                 raise AssertionError(f"{name} differs from fusedrnn on {where}: {agree}")
         return None
     dtype_name = str(autocast).replace("torch.", "")
-    fwd, grad = largest_errors(outs["fusedrnn.torch"], outs["fusedrnn"])
+    fwd, grad = check.largest_errors(outs["fusedrnn.torch"], outs["fusedrnn"])
     if not (fwd <= low_precision_tolerance(dtype_name)
             and (grad is None or grad <= low_precision_tolerance(dtype_name, "gradient"))):
         raise AssertionError(f"fusedrnn.torch under autocast differs from fusedrnn on {where}: "
                              f"forward {fwd:.3g}, gradient {grad}")
-    return {"adapter": (fwd, grad), "torch": largest_errors(outs["torch"], outs["fusedrnn"])}
+    return {"adapter": (fwd, grad),
+            "torch": check.largest_errors(outs["torch"], outs["fusedrnn"])}
 
 
 def time_case(config, cell, mode, budget_s, autocast=None):
@@ -111,7 +107,7 @@ def main(argv=None):
             f"{'numpy ms':>9s} {'adapter vs torch':>16s} {'numpy vs torch':>14s} "
             f"{'glue ms':>8s}")
     if autocast is not None:
-        head += f" {'torch err':>9s} {'adapter err':>11s}"
+        head += f" {'torch err':>15s} {'adapter err':>15s}"
     print(f"{args.threads} thread(s); torch {torch.__version__}, fusedrnn {fusedrnn.__version__}"
           f"; vs torch: torch ms / that ms; glue: adapter ms - numpy ms"
           + (f"; under autocast to {args.autocast} (numpy: float32); err: largest scaled "
@@ -126,13 +122,13 @@ def main(argv=None):
                         f"{n * 1e3:9.3f} {'x%.2f' % (th / a):>16s} {'x%.2f' % (th / n):>14s} "
                         f"{(a - n) * 1e3:8.3f}")
                 if errors is not None:
-                    line += f" {_pair(errors['torch']):>9s} {_pair(errors['adapter']):>11s}"
+                    line += f" {_pair(errors['torch']):>15s} {_pair(errors['adapter']):>15s}"
                 print(line, flush=True)
 
 
 def _pair(errors):
     fwd, grad = errors
-    return f"{fwd:.0e}" + ("" if grad is None else f"/{grad:.0e}")
+    return f"{fwd:.1e}" + ("" if grad is None else f"/{grad:.1e}")
 
 
 if __name__ == "__main__":

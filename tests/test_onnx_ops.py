@@ -204,3 +204,22 @@ def test_run_node_refuses_by_name_what_it_cannot_run(rng):
     lstm = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=5)
     with pytest.raises(TypeError, match="inputs must be a dict"):
         onnx_ops.run_node(lstm, None)
+
+
+@pytest.mark.parametrize("op", ["lstm", "gru"])
+def test_a_nan_input_reaches_the_outputs_of_its_row_from_its_step(op):
+    """IEEE semantics, bias B given (README: ONNX Runtime 1.32's LSTM and GRU turn it into finite
+    numbers there): from the NaN's step on, its row is NaN in Y and in the states; the other
+    rows and the earlier steps stay finite."""
+    rng = np.random.default_rng(3)
+    T, B, I, H = 5, 3, 4, 6
+    G = 4 if op == "lstm" else 3
+    X = rng.standard_normal((T, B, I)).astype(np.float32)
+    X[2, 1, 0] = np.nan
+    W = (0.4 * rng.standard_normal((1, G * H, I))).astype(np.float32)
+    R = (0.4 * rng.standard_normal((1, G * H, H))).astype(np.float32)
+    bias = (0.2 * rng.standard_normal((1, 2 * G * H))).astype(np.float32)
+    Y, Y_h, *rest = getattr(onnx_ops, op)(X, W, R, bias)
+    assert np.isnan(Y[2:, 0, 1]).all() and np.isnan(Y_h[0, 1]).all()
+    assert np.isfinite(Y[:2]).all() and np.isfinite(Y[:, :, [0, 2]]).all()
+    assert all(np.isnan(c[0, 1]).all() and np.isfinite(c[0, [0, 2]]).all() for c in rest)

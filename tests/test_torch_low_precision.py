@@ -10,7 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import fusedrnn.torch as ft  # noqa: E402
-from fusedrnn.tolerances import low_precision_tolerance, max_scaled_error, assert_close  # noqa: E402
+from fusedrnn.tolerances import (  # noqa: E402
+    assert_close, low_precision_tolerance, max_scaled_error)
 
 LOW = [torch.bfloat16, torch.float16]
 CELLS = [("RNN", {}), ("RNN", {"nonlinearity": "relu"}), ("LSTM", {}), ("LSTM", {"proj_size": 3}),
@@ -80,8 +81,9 @@ def test_under_autocast_the_dtypes_are_torch_nns_and_the_values_float32s(kind, k
                 with warnings.catch_warnings():     # (torch's note on its own LSTM kernels)
                     warnings.filterwarnings("ignore", "LSTM with projections is not supported")
                     want_dtypes = [t.dtype for t in _flat(ref(xin, hx))]
-            except RuntimeError:
-                want_dtypes = [autocast] * len(got)     # (where torch's kernels fail)
+            except RuntimeError as e:   # (where torch's float16 oneDNN kernels are missing)
+                assert "could not create a primitive descriptor" in str(e), e
+                want_dtypes = [autocast] * len(got)
         assert [t.dtype for t in got] == want_dtypes, case
         cast_by_torch += got[0].dtype == autocast
         hx32 = None if hx is None else (tuple(t.float() for t in hx) if kind == "LSTM"
@@ -174,15 +176,12 @@ def test_low_precision_dtypes_torch_refuses_are_refused_by_name():
         mod(torch.randn(T, B, I).bfloat16(), (torch.zeros(1, B, H).bfloat16(),
                                               torch.zeros(1, B, H)))
     _, mod = _modules("RNN", {})
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with pytest.raises(ValueError, match="input must have dtype torch.float32 or "
-                                             "torch.bfloat16 under CPU autocast to "
-                                             "torch.bfloat16, got torch.float64"):
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # (torch: "mat1 and mat2 must have ...")
+        with pytest.raises(ValueError, match=r"input must have dtype torch.float32, "
+                                             r"torch.bfloat16 or torch.float16 under CPU "
+                                             r"autocast \(the parameters': torch.float32\), "
+                                             r"got torch.float64"):
             mod(torch.randn(T, B, I, dtype=torch.float64))
-        mod.half()
-        with pytest.raises(ValueError, match="parameters must have dtype torch.float32 or "
-                                             "torch.bfloat16, got torch.float16"):
-            mod(torch.randn(T, B, I))
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace is deprecated
@@ -284,7 +283,8 @@ def test_a_packed_batch_of_full_rows_under_autocast_takes_torchs_unpacked_dtypes
             try:
                 out = _flat(ref(packed))
                 want = [t.dtype for t in out[1:]] + [out[0].data.dtype]
-            except RuntimeError:        # (torch's float16 oneDNN LSTM, on this CPU)
+            except RuntimeError as e:   # (torch's float16 oneDNN LSTM, on this CPU)
+                assert "could not create a primitive descriptor" in str(e), e
                 want = [autocast] * 3
         assert got == want, lengths
 
@@ -304,3 +304,47 @@ def test_a_malformed_hx_in_low_precision_is_named_before_the_dtypes():
     with pytest.raises(TypeError, match=r"hx for LSTM must be a tuple \(h0, c0\) of tensors, "
                                         r"got Tensor"):
         lstm(x, h)
+
+
+@pytest.mark.parametrize("autocast", LOW, ids=_name)
+@pytest.mark.parametrize("kind, kwargs", CELLS, ids=lambda v: v if isinstance(v, str) else
+                         "-".join(f"{k}={w}" for k, w in v.items()) or "plain")
+def test_the_other_low_dtype_under_autocast_gives_torch_nns_dtypes(kind, kwargs, autocast):
+    """Under autocast torch.nn also takes float16 tensors with bfloat16 autocast (and the
+    reverse), in the input, hx or the module, and promotes: the adapter's dtypes are its."""
+    other = torch.float16 if autocast == torch.bfloat16 else torch.bfloat16
+    ref, mod = _modules(kind, kwargs)
+    x = torch.randn(T, B, I)
+    for module_dtype, x_dtype, hx_dtype in [(torch.float32, other, None),
+                                            (torch.float32, torch.float32, other),
+                                            (other, torch.float32, None)]:
+        ref.to(module_dtype), mod.to(module_dtype)
+        xin, hx = x.to(x_dtype), _hx(kind, ref, hx_dtype)
+        case = f"module {module_dtype}, x {x_dtype}, hx {hx_dtype}"
+        with torch.autocast("cpu", dtype=autocast), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "LSTM with projections is not supported")
+            got = _flat(mod(xin, hx))
+            try:
+                want = [t.dtype for t in _flat(ref(xin, hx))]
+            except RuntimeError as e:   # (torch's float16 oneDNN kernels are missing here)
+                assert "could not create a primitive descriptor" in str(e), e
+                want = [autocast] * len(got)
+        assert [t.dtype for t in got] == want, case
+
+
+def test_a_low_precision_call_frees_its_input_as_torch_does():
+    """The tensors watched for in-place changes are held by save_for_backward alone, so they go
+    when autograd frees the graph (and checkpointing can drop them): the graph held them past
+    backward before."""
+    import gc
+    import weakref
+    _, mod = _modules("LSTM", {})
+    mod.bfloat16()
+    source = torch.randn(T, B, I).bfloat16().requires_grad_()
+    x = source * 2                      # an activation the graph alone should keep
+    seen = weakref.ref(x)
+    y = mod(x)[0]
+    del x
+    y.float().sum().backward()
+    gc.collect()
+    assert seen() is None

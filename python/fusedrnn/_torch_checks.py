@@ -4,15 +4,16 @@ import torch
 
 KERNEL_DTYPES = (torch.float32, torch.float64)      # what the kernels compute in
 LOW_DTYPES = (torch.bfloat16, torch.float16)        # computed in float32 (_torch_precision)
+_RUNS = KERNEL_DTYPES + LOW_DTYPES
 
 
 class DtypeError(TypeError, ValueError):
     """A tensor of another dtype than the parameters': torch.nn raises ValueError there."""
 
 
-def check_tensor(name, t, dtype=None, allowed=KERNEL_DTYPES + LOW_DTYPES):
+def check_tensor(name, t, dtype=None):
     """Raises, naming `name`, unless t is a dense CPU tensor of `dtype` (or, without one, of a
-    dtype in `allowed`)."""
+    dtype fusedrnn.torch runs)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
@@ -21,8 +22,8 @@ def check_tensor(name, t, dtype=None, allowed=KERNEL_DTYPES + LOW_DTYPES):
     if t.layout != torch.strided:
         raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if dtype is None:
-        if t.dtype not in allowed:
-            names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        if t.dtype not in _RUNS:
+            names = ", ".join(str(d).replace("torch.", "") for d in _RUNS)
             raise TypeError(f"fusedrnn.torch supports {names}; {name} has dtype {t.dtype}")
     elif t.dtype != dtype:
         raise DtypeError(f"{name} must have dtype {dtype} (the parameters' dtype), got {t.dtype}")

@@ -6,14 +6,14 @@ weights as float32, runs the float32 kernels, and returns the dtypes torch.nn re
 output rounded once:
 - a bfloat16 or float16 module (autocast off): that dtype; input and hx must have it too, as
   torch.nn requires;
-- under autocast to A: float32 and A tensors are taken (a float64 module runs in float64, which
-  autocast leaves alone), and each output comes in the dtype torch.nn's module returns for a
-  call with the same dtypes. That follows torch's kernel path (torch 2.13, aten's RNN.cpp and
-  autocast_mode.cpp): its LSTM runs on oneDNN where the input's dtype, the CPU and the grad
-  mode allow, and autocast casts that op's every tensor to A; its other paths are step-by-step
-  cells whose matrix products autocast casts to A, so a GRU and an LSTM without projections
-  return their state's dtype (promoted with A: h0's, c0's, or the input's without hx), and
-  the Elman RNN, and an LSTM's projected outputs, A.
+- under autocast to A: float32, bfloat16 and float16 tensors are taken, in any mix (a float64
+  module runs in float64, which autocast leaves alone), and each output comes in the dtype
+  torch.nn's module returns for a call with the same dtypes. That follows torch's kernel path
+  (torch 2.13, aten's RNN.cpp and autocast_mode.cpp): its LSTM runs on oneDNN where the input's
+  dtype, the CPU and the grad mode allow, and autocast casts that op's every tensor to A; its
+  other paths are step-by-step cells whose matrix products autocast casts to A, so a GRU and an
+  LSTM without projections return their state's dtype promoted with A (h0's, c0's, or the
+  input's without hx), and the Elman RNN, and an LSTM's projected outputs, A.
 The casts are torch ops, so autograd takes each gradient back to its tensor's own dtype, and
 torch.export and torch.jit.trace record them around the layer's op.
 """
@@ -24,7 +24,8 @@ from torch.nn.utils.rnn import PackedSequence
 
 from ._torch_checks import DtypeError, check_tensor, LOW_DTYPES as LOW
 
-_COMPUTE = torch.float32
+COMPUTE = torch.float32                     # what a low-precision call runs in
+_UNDER_AUTOCAST = (torch.float32, *LOW)     # what torch.nn takes under CPU autocast
 
 
 def _tensors(input, hx):
@@ -82,15 +83,16 @@ def _autocast_dtypes(mode, projected, autocast, input, x, h_dtype, c_dtype):
 
 
 def plan(mode, proj_size, param_dtype, input, hx):
-    """(compute dtype, dtypes of output, hn and cn) for a call that needs casts, or None for one
-    that runs as it is (float32/float64 in and out). Raises for a dtype torch.nn would not take
-    either. hx has the cell's structure (a pair for an LSTM, else one tensor) or is None."""
+    """The dtypes of (output, hn, cn) for a call that runs the float32 kernels on casts, or None
+    for one that runs as it is (float32/float64 in and out). Raises for a dtype torch.nn does
+    not take either (float64 mixed in under autocast). hx has the cell's structure (a pair for
+    an LSTM, else one tensor) or is None."""
     if not torch.is_autocast_enabled("cpu"):
         if param_dtype not in LOW:
             return None
         for name, t in _tensors(input, hx):
             check_tensor(name, t, param_dtype)
-        return _COMPUTE, (param_dtype,) * 3
+        return (param_dtype,) * 3
     if param_dtype == torch.float64:      # autocast leaves float64 alone
         return None
     if torch.compiler.is_exporting():
@@ -103,18 +105,17 @@ def plan(mode, proj_size, param_dtype, input, hx):
     named = _tensors(input, hx)
     for name, t in named:
         check_tensor(name, t)
-        if t.dtype not in (torch.float32, autocast):
-            raise DtypeError(f"{name} must have dtype torch.float32 or {autocast} under CPU "
-                             f"autocast to {autocast}, got {t.dtype}")
-    if param_dtype not in (torch.float32, autocast):
-        raise DtypeError(f"under CPU autocast to {autocast}, the parameters must have dtype "
-                         f"torch.float32 or {autocast}, got {param_dtype}")
-    states = [t.dtype for _, t in named[1:]] or [None, None]
-    outs = _autocast_dtypes(mode, proj_size > 0, autocast, input, named[0][1], states[0],
-                            states[-1])
+        if t.dtype not in _UNDER_AUTOCAST:
+            raise DtypeError(f"{name} must have dtype torch.float32, torch.bfloat16 or "
+                             f"torch.float16 under CPU autocast (the parameters': "
+                             f"{param_dtype}), got {t.dtype}")
+    (_, x), states = named[0], [t.dtype for _, t in named[1:]]
+    h0_dtype, c0_dtype = (states + [None, None])[:2] if mode == "LSTM" else (
+        (states or [None])[0], None)
+    outs = _autocast_dtypes(mode, proj_size > 0, autocast, input, x, h0_dtype, c0_dtype)
     if all(d == torch.float32 for d in outs + (param_dtype,) + tuple(t.dtype for _, t in named)):
         return None
-    return _COMPUTE, outs
+    return outs
 
 
 def _cast(t, dtype):

@@ -20,13 +20,14 @@ length 0 is zeros in Y, Y_h and Y_c, as ONNX Runtime gives it.
 
 Every float input shares one dtype (ONNX's type T): float32 or float64, or float16 or bfloat16
 (``ml_dtypes.bfloat16``, as onnx's ``numpy_helper`` gives it), which run the float32 kernels and
-come out rounded once to T; sequence_lens are integers in 0..T. Every attribute of ONNX's operators is computed: ``activations`` (any of ONNX's
-eleven functions, per direction, with ``activation_alpha`` / ``activation_beta`` read as ONNX
-Runtime reads them: each function that takes an alpha, or a beta, takes the next one given, else
-its default), ``clip``, the LSTM's ``input_forget`` and peepholes ``P``; as ONNX Runtime,
-peepholes come before clip, and clip bounds each activation's input but not the cell state
-that h takes. A node with none of these beyond the defaults runs torch.nn's cells, the
-benchmark's paths. ``isa`` runs one build of the kernels (see :mod:`fusedrnn.functional`).
+come out rounded once to T; sequence_lens are integers in 0..T. Every attribute of ONNX's
+operators is computed: ``activations`` (any of ONNX's eleven functions, per direction, with
+``activation_alpha`` / ``activation_beta`` read as ONNX Runtime reads them: each function that
+takes an alpha, or a beta, takes the next one given, else its default), ``clip``, the LSTM's
+``input_forget`` and peepholes ``P``; as ONNX Runtime, peepholes come before clip, and clip
+bounds each activation's input but not the cell state that h takes. A node with none of these
+beyond the defaults runs torch.nn's cells, the benchmark's paths. ``isa`` runs one build of the
+kernels (see :mod:`fusedrnn.functional`).
 """
 import numpy as np
 

@@ -24,6 +24,7 @@ Importing this module imports torch; ``import fusedrnn`` alone never does.
 """
 import threading
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 
@@ -155,16 +156,26 @@ except ImportError:
     _FAST_APPLY = False
 
 
+class _Run(NamedTuple):
+    """What _FusedStack needs besides tensors: the layer, its parameters' names, the rows'
+    lengths, the dropout masks' maker, and the tensors to watch for in-place changes (a
+    low-precision call's own, whose float32 copies the kernels read; not kept past setup)."""
+    spec: object
+    names: list
+    lengths: object
+    make_mask: object
+    watched: tuple = ()
+
+
 class _FusedStack(_PositionalApply, _torch.autograd.Function):
     """(x, h0, c0, *params) -> (y, hn[, cn]) through every layer and direction, and back;
     forward and setup_context apart, as torch.func's transforms (grad, vjp, jacrev) need."""
 
     @staticmethod
     def forward(run, x, h0, c0, *params):
-        spec, names, lengths, make_mask, _ = run
         y, hn, cn, saved = _base.stack_forward(
-            spec, dict(zip(names, map(_np, params))), _np(x), _np(h0), _np(c0), lengths,
-            save=True, make_mask=make_mask)
+            run.spec, dict(zip(run.names, map(_np, params))), _np(x), _np(h0), _np(c0),
+            run.lengths, save=True, make_mask=run.make_mask)
         _handoff.token = _torch.empty(0)
         _handoff.token.fusedrnn_saved = saved
         out = (_torch.from_numpy(y), _torch.from_numpy(hn))
@@ -173,9 +184,8 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         run, x, h0, c0, *params = inputs
-        ctx.run = run
-        watched = run[4]
-        ctx.n_watched = len(watched)
+        ctx.run = run._replace(watched=())     # (held by save_for_backward alone, below)
+        ctx.n_watched = len(run.watched)
         ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
         # The kernels' saved state rides on a token tensor kept by save_for_backward, so torch
         # frees it exactly when it frees the graph's saved tensors (after a backward without
@@ -183,7 +193,7 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
         # makes autograd raise if any is modified in place before backward (the kernels read
         # them again in backward). The watched tensors are a low-precision call's own, whose
         # float32 copies the kernels read: changed in place, torch.nn would raise too.
-        ctx.save_for_backward(_handoff.token, x, h0, c0, *params, *watched)
+        ctx.save_for_backward(_handoff.token, x, h0, c0, *params, *run.watched)
         ctx.y_shape, ctx.y_dtype = tuple(output[0].shape), _NP_DTYPE[output[0].dtype]
         ctx.set_materialize_grads(False)
 
@@ -215,13 +225,13 @@ class _FusedStackBackward(_PositionalApply, _torch.autograd.Function):
 
     @staticmethod
     def forward(info, dy, dhn, dcn, x, h0, c0, *params):
-        (spec, names, _, _, _), has_h0, has_c0, y_shape, y_dtype, saved = info
+        run, has_h0, has_c0, y_shape, y_dtype, saved = info
         dy_np = np.zeros(y_shape, y_dtype) if dy is None else _np(dy)
-        dx, dh0, dc0, grads = _base.stack_backward(spec, saved, dy_np, _np(dhn), _np(dcn))
+        dx, dh0, dc0, grads = _base.stack_backward(run.spec, saved, dy_np, _np(dhn), _np(dcn))
         return (_torch.from_numpy(dx),
                 _torch.from_numpy(dh0) if has_h0 else None,
                 _torch.from_numpy(dc0) if has_c0 else None,
-                *(_torch.from_numpy(grads[n]) for n in names))
+                *(_torch.from_numpy(grads[n]) for n in run.names))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -388,15 +398,15 @@ class _FusedMixin:
             return self._run(spec, names, params, dtype, input, hx, as_op)
         # bfloat16/float16 modules and CPU autocast: the float32 kernels, torch.nn's dtypes out
         self._check_hx_structure(hx, spec)
-        casts = _precision.plan(self.mode, self.proj_size, dtype, input, hx)
-        if casts is None:
+        out_dtypes = _precision.plan(self.mode, self.proj_size, dtype, input, hx)
+        if out_dtypes is None:
             return self._run(spec, names, params, dtype, input, hx, as_op)
-        compute, out = casts
+        compute = _precision.COMPUTE
         watched = _precision.tensors_cast(input, hx, params, compute)
         input, hx, params = _precision.cast_inputs(input, hx, params, compute)
         # (autocast stays on: _run's torch ops, and the op under export, are none it casts)
         result = self._run(spec, names, params, compute, input, hx, as_op, watched)
-        return _precision.cast_outputs(result, out)
+        return _precision.cast_outputs(result, out_dtypes)
 
     def _run(self, spec, names, params, dtype, input, hx, as_op, watched=()):
         """The layer on the kernels, all of its tensors in `dtype` (float32 or float64).
@@ -456,7 +466,7 @@ class _FusedMixin:
         tracked = _torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                    for t in tensors)
         if tracked:
-            out = _FusedStack.apply((spec, names, lengths, make_mask, watched), x, h0, c0,
+            out = _FusedStack.apply(_Run(spec, names, lengths, make_mask, watched), x, h0, c0,
                                     *params)
             _handoff.token = None  # (held by the graph now, if it needs it)
             y, hn = out[0], out[1]

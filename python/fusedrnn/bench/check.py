@@ -20,7 +20,7 @@ FORWARD_KEYS = ("y", "hn", "cn")
 F32 = np.dtype(np.float32)
 
 
-def _errors(got, want):
+def largest_errors(got, want):
     """(max forward error, max gradient error) over the keys both dicts have."""
     fwd, grad = 0.0, None
     for key in sorted(set(got) & set(want)):
@@ -49,13 +49,13 @@ def against_reference(ours, problem, mode):
     got = runner.outputs(runner())
     want_runner = reference_peer.ReferencePeer().prepare(small.astype(np.float64), mode)
     want = want_runner.outputs(want_runner())
-    result = _verdict(*_errors(got, want))
+    result = _verdict(*largest_errors(got, want))
     result.update({"against": "reference (float64)", "T": small.shape[0], "B": small.shape[1]})
     return result
 
 
 def agreement(got, want):
     """A peer's outputs against fusedrnn's, at PEER_FACTOR times the float32 tolerances."""
-    result = _verdict(*_errors(got, want), factor=PEER_FACTOR)
+    result = _verdict(*largest_errors(got, want), factor=PEER_FACTOR)
     result["compared"] = sorted(set(got) & set(want))
     return result

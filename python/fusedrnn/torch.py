@@ -184,7 +184,8 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         run, x, h0, c0, *params = inputs
-        ctx.run = run._replace(watched=())     # (held by save_for_backward alone, below)
+        # (the watched tensors are held by save_for_backward alone, below)
+        ctx.run = run._replace(watched=()) if run.watched else run
         ctx.n_watched = len(run.watched)
         ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
         # The kernels' saved state rides on a token tensor kept by save_for_backward, so torch

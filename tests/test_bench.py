@@ -638,6 +638,16 @@ def test_adapter_vs_torch_times_the_three_ways_to_run_a_layer():
     assert row[:3] == ["online-small", "lstm", "train"] and len(row) == 11
     adapter_fwd, adapter_grad = map(float, row[10].split("/"))
     assert 0 < adapter_fwd <= 2 ** -8 + 1e-5    # (the output rounded once to bfloat16)
+    # where torch.nn's kernels fail (its float16 oneDNN LSTM, on a CPU without them), the row
+    # says so and times the adapter and the NumPy layers alone
+    out = subprocess.run([sys.executable, script, "--configs", "online-small", "--cells", "lstm",
+                          "--modes", "infer", "--budget", "0.05", "--autocast", "float16"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    row = out.stdout.strip().splitlines()[-1].split()
+    assert row[:3] == ["online-small", "lstm", "infer"] and float(row[4]) > 0
+    torch_fails = "torch.nn fails on online-small lstm infer" in out.stdout
+    assert (row[3] == "-") == torch_fails
 
 
 class ScriptedClocks:

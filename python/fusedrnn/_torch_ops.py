@@ -124,7 +124,7 @@ def _(dy, dhn, dcn, x, h0, c0, params, cell, input_size, hidden_size, num_layers
 def _setup_context(ctx, inputs, output):
     x, h0, c0, params, *config = inputs
     ctx.config = config
-    ctx.has_h0, ctx.has_c0, ctx.n_params = h0 is not None, c0 is not None, len(params)
+    ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None
     ctx.save_for_backward(x, h0, c0, *params)
 
 

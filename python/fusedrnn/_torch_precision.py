@@ -124,40 +124,37 @@ def _cast(t, dtype):
     return t                # (the same dtype; or not a tensor, for the layer's checks)
 
 
+def _cast_sequence(input, dtype):
+    """A Tensor, or a PackedSequence's data, in `dtype`."""
+    if isinstance(input, PackedSequence):
+        return PackedSequence(_cast(input.data, dtype), input.batch_sizes,
+                              input.sorted_indices, input.unsorted_indices)
+    return _cast(input, dtype)
+
+
 def tensors_cast(input, hx, params, dtype):
     """The call's tensors that cast_inputs copies to `dtype` (outside torch.func's transforms,
     whose tensors are saved by their own levels)."""
     if torch._C._are_functorch_transforms_active():
         return ()
-    data = input.data if isinstance(input, PackedSequence) else input
-    states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
-    return tuple(t for t in [data, *states, *params]
+    return tuple(t for t in [*(t for _, t in _tensors(input, hx)), *params]
                  if isinstance(t, torch.Tensor) and t.dtype != dtype)
 
 
 def cast_inputs(input, hx, params, dtype):
     """The call's input, hx and parameters in `dtype` (autograd's casts, differentiable)."""
-    if isinstance(input, PackedSequence):
-        input = PackedSequence(_cast(input.data, dtype), input.batch_sizes,
-                               input.sorted_indices, input.unsorted_indices)
-    else:
-        input = _cast(input, dtype)
     if isinstance(hx, (tuple, list)):
         hx = type(hx)(_cast(t, dtype) for t in hx)
     else:
         hx = _cast(hx, dtype)
-    return input, hx, [_cast(p, dtype) for p in params]
+    return _cast_sequence(input, dtype), hx, [_cast(p, dtype) for p in params]
 
 
 def cast_outputs(result, dtypes):
     """(output, hn) or (output, (hn, cn)), as the layer returns them, in `dtypes` (of output,
     hn and cn)."""
     output, state = result
-    if isinstance(output, PackedSequence):
-        output = PackedSequence(_cast(output.data, dtypes[0]), output.batch_sizes,
-                                output.sorted_indices, output.unsorted_indices)
-    else:
-        output = _cast(output, dtypes[0])
+    output = _cast_sequence(output, dtypes[0])
     if isinstance(state, tuple):
         return output, tuple(_cast(t, d) for t, d in zip(state, dtypes[1:]))
     return output, _cast(state, dtypes[1])

@@ -211,11 +211,10 @@ class _Node:
         self.layout = layout
         x = np.asarray(X) if X is not None else None
         native = None if x is None else x.dtype.newbyteorder("=")
-        if x is not None and (native in FLOAT_DTYPES or _is_low_precision(native)):
-            x = as_dtype_array("X", x, native)  # (refuses another byte order)
-        if x is None or (x.dtype not in FLOAT_DTYPES and not _is_low_precision(x.dtype)):
+        if x is None or not (native in FLOAT_DTYPES or _is_low_precision(native)):
             raise TypeError("X must be a float16, bfloat16, float32 or float64 array, got "
                             f"{'None' if x is None else x.dtype.name}")
+        x = as_dtype_array("X", x, native)  # (refuses another byte order)
         # ONNX's type T, of every float input and output; float16 and bfloat16 (ml_dtypes, as
         # onnx's numpy_helper makes it) run the float32 kernels, and each output is rounded once
         self.dtype = x.dtype

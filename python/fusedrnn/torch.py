@@ -16,8 +16,8 @@ kernels and return torch.nn's dtypes (``_torch_precision.py``), so they are more
 torch.nn's own low-precision kernels.
 ``torch.func.grad``, ``vjp`` and ``jacrev`` work; under ``torch.export``, ``torch.jit.trace``
 and fake tensors the layer is one operator, ``torch.ops.fusedrnn.rnn_stack`` (``_torch_ops.py``);
-``torch.onnx.export`` writes torch.nn's ONNX nodes. README lists what is refused. ``GRU`` takes an extra keyword,
-``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
+``torch.onnx.export`` writes torch.nn's ONNX nodes. README lists what is refused. ``GRU`` takes
+an extra keyword, ``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
 NumPy arrays (e.g. a ``fusedrnn.LSTM(...).state_dict()``).
 
 Importing this module imports torch; ``import fusedrnn`` alone never does.

@@ -2,6 +2,7 @@
 
     import fusedrnn.torch
     model.rnn = fusedrnn.torch.LSTM.from_module(model.rnn)      # the whole migration
+    model = fusedrnn.torch.convert(model)       # or: every RNN/LSTM/GRU of a model at once
 
 The classes subclass ``torch.nn.RNN/LSTM/GRU``: same constructor, same parameters and names (so
 ``load_state_dict`` from torch works unchanged and ``isinstance(m, torch.nn.LSTM)`` holds), and a
@@ -43,11 +44,12 @@ from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 from . import _layer_base as _base
 from . import _torch_ops  # noqa: F401  (registers torch.ops.fusedrnn, which exported models use)
 from . import _torch_precision as _precision
+from ._torch_convert import convert
 from ._torch_checks import KERNEL_DTYPES as _KERNEL_DTYPES, check_tensor as _check_tensor
 from ._torch_ops import ShapeError as _ShapeError
 from ._validate import as_lengths as _as_lengths
 
-__all__ = ["RNN", "LSTM", "GRU"]
+__all__ = ["RNN", "LSTM", "GRU", "convert"]
 
 _PLAIN = (_torch.Tensor, _torch.nn.Parameter, type(None))
 _NP_DTYPE = {_torch.float32: np.dtype(np.float32), _torch.float64: np.dtype(np.float64)}

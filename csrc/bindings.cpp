@@ -426,9 +426,45 @@ void require_gradients_apart(const std::vector<py::object>& outs,
   }
 }
 
+// The weights a backward reads: the forward's (the context's), or the caller's `weights`, a
+// tuple (w_ih, w_hh, w_hr or None) of the same shapes, C-contiguous, of the layer's dtype. The
+// torch adapter passes what autograd saved: the forward's values, where the memory the context
+// points at may have been changed since (allow_mutation_on_saved_tensors) or freed and
+// refilled elsewhere (FSDP frees a parameter's storage between forward and backward).
+struct BackwardWeights {
+  py::object w_ih, w_hh, w_hr;
+};
+
+BackwardWeights backward_weights(const Context& c, const py::object& weights, const py::dtype& dt) {
+  if (weights.is_none()) return {c.w_ih, c.w_hh, c.w_hr};
+  if (!py::isinstance<py::tuple>(weights) || py::len(weights) != 3)
+    throw py::type_error("weights must be None or a tuple (w_ih, w_hh, w_hr or None)");
+  py::tuple w = weights.cast<py::tuple>();
+  const char* names[3] = {"weights[0] (w_ih)", "weights[1] (w_hh)", "weights[2] (w_hr)"};
+  const py::object* forward_ones[3] = {&c.w_ih, &c.w_hh, &c.w_hr};
+  py::object out[3];
+  for (int i = 0; i < 3; ++i) {
+    const py::object& want = *forward_ones[i];
+    py::object got = w[i];
+    if (!want) {
+      if (!got.is_none()) fail(std::string(names[i]) + " must be None: the forward had none");
+      continue;
+    }
+    require_dtype(names[i], got, dt);
+    if (got.is_none()) fail(std::string(names[i]) + " must be an array: the forward had one");
+    py::array a = got.cast<py::array>(), f = want.cast<py::array>();
+    std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim()), fshape(f.shape(), f.shape() + f.ndim());
+    if (shape != fshape)
+      fail(std::string(names[i]) + " must have shape " + shape_str(fshape) + ", got " + shape_str(shape));
+    if (!(a.flags() & py::array::c_style)) fail(std::string(names[i]) + " must be C-contiguous");
+    out[i] = got;
+  }
+  return {out[0], out[1], out[2]};
+}
+
 template <typename T>
 py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn,
-                        bool consume, py::object grads_into, bool add_into) {
+                        bool consume, py::object grads_into, bool add_into, const BackwardWeights& w) {
   if (c.consumed)
     throw std::runtime_error("backward already ran on this context with consume=True, which "
                              "reuses its saved state: run the forward again");
@@ -454,7 +490,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   if (c.has_bias) { db_ih.emplace(gradient("bias_ih", {G * s.H})); db_hh.emplace(gradient("bias_hh", {G * s.H})); }
   if (s.has_proj) dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
   if (given) {
-    std::vector<py::object> outs{dw_ih, dw_hh}, reads{c.x, c.w_ih, c.w_hh, c.w_hr, dy};
+    std::vector<py::object> outs{dw_ih, dw_hh}, reads{c.x, w.w_ih, w.w_hh, w.w_hr, dy};
     for (auto* o : {&db_ih, &db_hh, &dw_hr})
       if (*o) outs.push_back(**o);
     if (dhn) reads.push_back(*dhn);
@@ -471,7 +507,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   a.dw_ih = dw_ih.mutable_data(); a.dw_hh = dw_hh.mutable_data();
   a.db_ih = mptr(db_ih); a.db_hh = mptr(db_hh); a.dw_hr = mptr(dw_hr);
   a.dy = dy.data(); a.dhn = opt_ptr(dhn); a.dcn = opt_ptr(dcn);
-  a.x = ptr(c.x); a.x_packed = ptr(c.x_packed); a.w_ih = ptr(c.w_ih); a.w_hh = ptr(c.w_hh); a.w_hr = ptr(c.w_hr);
+  a.x = ptr(c.x); a.x_packed = ptr(c.x_packed); a.w_ih = ptr(w.w_ih); a.w_hh = ptr(w.w_hh); a.w_hr = ptr(w.w_hr);
   a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
   a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
   a.num_threads = threads_for_call();
@@ -638,6 +674,20 @@ PYBIND11_MODULE(_C, m) {
         return x ? x.cast<py::array>().nbytes() : 0;
       });
 
+  // The torch adapter's view of a tensor's memory: what Tensor.numpy() gives, without its side
+  // effect, which marks the tensor's storage never resizable again (FSDP frees and refills its
+  // parameters' storage; a caller may resize_ a buffer it reuses). `owner`, the tensor, keeps
+  // the memory alive while the view lives; the caller vouches for the pointer, shape and
+  // element strides (fusedrnn/_torch_views.py reads them off the tensor).
+  m.def("tensor_view", [](uintptr_t data, std::vector<py::ssize_t> shape,
+                          std::vector<py::ssize_t> strides, bool f64, py::object owner) -> py::array {
+    if (shape.size() != strides.size()) fail("tensor_view: shape and strides differ in length");
+    const py::ssize_t item = f64 ? sizeof(double) : sizeof(float);
+    for (auto& st : strides) st *= item;
+    const py::dtype dt = f64 ? py::dtype::of<double>() : py::dtype::of<float>();
+    return py::array(dt, shape, strides, reinterpret_cast<const void*>(data), owner);
+  }, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("f64"), py::arg("owner"));
+
   m.def("math", [](int func, py::array x, std::optional<std::string> isa) -> py::array {
     if (func < 0 || func > 2) fail("func must be 0 (exp), 1 (tanh) or 2 (sigmoid)");
     const KernelTable& kt = kernels(isa);
@@ -771,7 +821,7 @@ PYBIND11_MODULE(_C, m) {
      "large step, so that the first takes its blocks over (0: off)");
 
   m.def("backward", [](Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
-                       py::object grads_into, bool add_into) -> py::tuple {
+                       py::object grads_into, bool add_into, py::object weights) -> py::tuple {
     auto opt = [](py::object o, auto tag) {
       using A = decltype(tag);
       return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
@@ -780,15 +830,18 @@ PYBIND11_MODULE(_C, m) {
     require_dtype("dy", dy, dt); require_dtype("dhn", dhn, dt); require_dtype("dcn", dcn, dt);
     if (!grads_into.is_none() && !py::isinstance<py::dict>(grads_into))
       throw py::type_error("grads_into must be a dict of gradient arrays or None");
+    const BackwardWeights w = backward_weights(c, weights, dt);
     if (c.f64)
-      return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume, grads_into, add_into);
-    return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume, grads_into, add_into);
+      return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume, grads_into, add_into, w);
+    return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume, grads_into, add_into, w);
   }, py::arg("ctx"), py::arg("dy"), py::arg("dhn") = py::none(), py::arg("dcn") = py::none(),
      py::arg("consume") = false, py::arg("grads_into") = py::none(), py::arg("add_into") = true,
+     py::arg("weights") = py::none(),
      "BPTT through a training forward's context; consume=True: the caller will not run backward "
      "on it again (a second one raises), so its saved gates may hold the gradients. grads_into: "
      "None, or a dict with the gradients' keys whose arrays (writeable, C-contiguous, of the "
      "layer's dtype and the gradients' shapes) the weight and bias gradients are added into "
      "(add_into=False: written over, whatever they held); the returned grads are then those "
-     "arrays");
+     "arrays. weights: None (the forward's), or (w_ih, w_hh, w_hr or None) with the forward's "
+     "values, shapes and dtype, read instead of the memory the forward read");
 }

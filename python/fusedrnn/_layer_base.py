@@ -308,11 +308,13 @@ def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen)
 
 
 def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_into=None,
-                   add_into=True):
+                   add_into=True, params=None):
     """BPTT through the stack saved by ``stack_forward``; ``consume``: the last backward through
     ``saved`` (see functional.backward); ``grads_into``: None, or {torch name: array} that the
     kernels add every layer's gradients into, or write them over with ``add_into=False`` (see
-    functional.backward), returned as the grads.
+    functional.backward), returned as the grads; ``params``: None (the weights the forward
+    read), or {torch name: array} with the forward's weight values (functional.backward's
+    ``weights``).
 
     dy (T, B, D*H_out); dhn (L*D, B, H_out) or None; dcn (L*D, B, H) or None. Returns
     dx (T, B, I), dh0 (L*D, B, H_out), dc0 (L*D, B, H) or None, and {torch name: gradient}.
@@ -335,10 +337,12 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
             names = dict(zip(_PARAM_KEYS, spec.layer_param_names(k, d)))
             into = None if grads_into is None else {
                 key: grads_into[name] for key, name in names.items() if name in grads_into}
+            weights = None if params is None else tuple(
+                params.get(names[key]) for key in ("weight_ih", "weight_hh", "weight_hr"))
             dx_d, dh, dc, g = F.backward(saved.ctxs[k][d], dy_d,
                                          None if dhn is None else dhn[i],
                                          None if dcn is None else dcn[i], consume=consume,
-                                         grads_into=into, add_into=add_into)
+                                         grads_into=into, add_into=add_into, weights=weights)
             dh0[i] = dh
             if lstm:
                 dc0[i] = dc

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from . import _layer_base as _base
+from ._torch_views import numpy_view
 
 _Tensor = torch.Tensor
 
@@ -37,7 +38,7 @@ def _spec(cell, input_size, hidden_size, num_layers, bias, bidirectional, proj_s
 
 def _arrays(*tensors):
     """Contiguous NumPy views (copies where a tensor is strided); None stays None."""
-    return [None if t is None else t.detach().contiguous().numpy() for t in tensors]
+    return [None if t is None else numpy_view(t.contiguous()) for t in tensors]
 
 
 def _refuse_forward_ad():

@@ -131,7 +131,8 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 
-def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_into=True):
+def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_into=True,
+             weights=None):
     """``consume=True``: this is the last backward through ``ctx`` (a later one raises), so the
     kernels may keep their gradients where the forward saved its gates instead of in a buffer as
     large (the layers pass it: they forget the forward after its backward). ``grads_into``: None,
@@ -140,7 +141,9 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     gradients are added into, as the layers accumulate theirs, or, with ``add_into=False``,
     written over whatever they held (a layer's gradients reset to None, as torch's
     ``zero_grad(set_to_none=True)``: no pass of zeros first); ``grads`` then holds those
-    arrays."""
+    arrays. ``weights``: None, or (w_ih, w_hh, w_hr or None) holding the forward's values, read
+    instead of the arrays the forward read (made C-contiguous here; their shapes and dtype must
+    be the forward's): the torch adapter's parameters may have moved since (see _C.backward)."""
     if ctx is None:
         raise RuntimeError("backward needs the context of a forward run with training=True")
     if not isinstance(ctx, _C.Context):
@@ -152,4 +155,6 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     dy = np.ascontiguousarray(dy)
     dhn = None if dhn is None else np.ascontiguousarray(dhn)
     dcn = None if dcn is None else np.ascontiguousarray(dcn)
-    return _C.backward(ctx, dy, dhn, dcn, bool(consume), grads_into, bool(add_into))
+    if weights is not None:
+        weights = tuple(None if w is None else np.ascontiguousarray(w) for w in weights)
+    return _C.backward(ctx, dy, dhn, dcn, bool(consume), grads_into, bool(add_into), weights)

@@ -47,6 +47,7 @@ from . import _torch_precision as _precision
 from ._torch_convert import convert
 from ._torch_checks import KERNEL_DTYPES as _KERNEL_DTYPES, check_tensor as _check_tensor
 from ._torch_ops import ShapeError as _ShapeError
+from ._torch_views import numpy_view as _np
 from ._validate import as_lengths as _as_lengths
 
 __all__ = ["RNN", "LSTM", "GRU", "convert"]
@@ -54,24 +55,6 @@ __all__ = ["RNN", "LSTM", "GRU", "convert"]
 _PLAIN = (_torch.Tensor, _torch.nn.Parameter, type(None))
 _NP_DTYPE = {_torch.float32: np.dtype(np.float32), _torch.float64: np.dtype(np.float64)}
 _CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
-
-
-def _np(t):
-    """A NumPy view of a CPU tensor (zero-copy); None stays None."""
-    if t is None:
-        return None
-    try:
-        return t.detach().numpy()
-    except RuntimeError:    # (a negative-bit view, a transform's tensor: below)
-        pass
-    try:
-        return t.detach().resolve_conj().resolve_neg().numpy()
-    except RuntimeError as e:  # a transform's tensor: torch's message names no cause
-        raise RuntimeError(
-            "fusedrnn.torch cannot read this tensor: it belongs to a transform the adapter does "
-            "not support (forward-mode AD: torch.func.jvp, jacfwd; torch.func.vmap of its "
-            "forward; is_grads_batched=True or jacobian(vectorize=True)); torch.func.grad, vjp "
-            f"and jacrev are supported. ({e})") from e
 
 
 def _has_fake_tensors(input, hx, params):
@@ -230,7 +213,11 @@ class _FusedStackBackward(_PositionalApply, _torch.autograd.Function):
     def forward(info, dy, dhn, dcn, x, h0, c0, *params):
         run, has_h0, has_c0, y_shape, y_dtype, saved = info
         dy_np = np.zeros(y_shape, y_dtype) if dy is None else _np(dy)
-        dx, dh0, dc0, grads = _base.stack_backward(run.spec, saved, dy_np, _np(dhn), _np(dcn))
+        # The weights as autograd saved them, not the memory the forward read: under
+        # allow_mutation_on_saved_tensors that holds the values after an in-place change, and
+        # FSDP frees a parameter's storage between forward and backward.
+        dx, dh0, dc0, grads = _base.stack_backward(run.spec, saved, dy_np, _np(dhn), _np(dcn),
+                                                   params=dict(zip(run.names, map(_np, params))))
         return (_torch.from_numpy(dx),
                 _torch.from_numpy(dh0) if has_h0 else None,
                 _torch.from_numpy(dc0) if has_c0 else None,

@@ -1,0 +1,135 @@
+"""fusedrnn.torch inside torch's training machinery, against torch.nn in the same place: saved
+tensors changed in place under allow_mutation_on_saved_tensors, storages that FSDP frees and
+refills (and a caller resizes), FSDP2 itself."""
+import copy
+
+import numpy as np
+import pytest
+
+import fusedrnn.functional as F
+from fusedrnn.tolerances import assert_close
+
+torch = pytest.importorskip("torch")
+import fusedrnn.torch as ft  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+CONFIGS = {
+    "lstm": (torch.nn.LSTM, ft.LSTM, {}),
+    "lstm-proj-bi-2": (torch.nn.LSTM, ft.LSTM, dict(proj_size=2, num_layers=2,
+                                                    bidirectional=True)),
+    "gru": (torch.nn.GRU, ft.GRU, {}),
+    "rnn-relu-2": (torch.nn.RNN, ft.RNN, dict(nonlinearity="relu", num_layers=2)),
+}
+
+
+def _pair(config, seed=0):
+    """torch.nn's module in float64 and ours with a copy of its weights."""
+    base, ours, kw = CONFIGS[config]
+    torch.manual_seed(seed)
+    want = base(3, 4, **kw).double()
+    return want, ours.from_module(copy.deepcopy(want))
+
+
+def _all_grads(m, x):
+    return [x.grad] + [p.grad for p in m.parameters()]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_weights_changed_in_place_under_allow_mutation_on_saved_tensors(config):
+    """torch keeps the forward's values of a saved tensor changed in place; the kernels read
+    the weights' memory in backward, and gave the gradients of the changed weights."""
+    want, got = _pair(config)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    grads = []
+    for m in (want, got):
+        xx = x.clone().requires_grad_()
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            out = m(xx)[0]
+            with torch.no_grad():
+                for p in m.parameters():     # as an optimiser's step between the two would
+                    p.mul_(3.0)
+            (out ** 2).sum().backward()
+        grads.append(_all_grads(m, xx))
+    for g, w in zip(*grads):
+        assert_close(g.numpy(), w.numpy(), np.float64, kind="gradient")
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_storages_stay_resizable_and_backward_reads_what_autograd_saved(config):
+    """Tensor.numpy() had marked every storage the adapter read (parameters, x, hx) never
+    resizable again; torch.nn leaves them resizable. FSDP frees a parameter's storage after the
+    forward and refills it, at another address, before the backward."""
+    want, got = _pair(config)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    grads = []
+    for m in (want, got):
+        xx = x.clone().requires_grad_()
+        out = m(xx)[0]
+        for p in m.parameters():
+            keep = p.detach().clone()
+            p.untyped_storage().resize_(0)                     # freed ...
+            p.untyped_storage().resize_(keep.numel() * keep.element_size())
+            p.data.copy_(keep)            # ... and refilled, autograd unaware (as FSDP's)
+        (out ** 2).sum().backward()
+        grads.append(_all_grads(m, xx))
+        buffer = torch.zeros(5, 2, 3, dtype=torch.float64)
+        m(buffer)
+        buffer.resize_(7, 2, 3)                                # a reused input buffer
+    for g, w in zip(*grads):
+        assert_close(g.numpy(), w.numpy(), np.float64, kind="gradient")
+
+
+def test_fsdp2_trains_as_torch_nn(tmp_path):
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    want, got = _pair("lstm-proj-bi-2")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        models = []
+        for m in (want, got):
+            model = torch.nn.Sequential()
+            model.add_module("rnn", m)
+            fully_shard(model.rnn, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for _ in range(3):
+                opt.zero_grad()
+                (model(x)[0] ** 2).sum().backward()
+                opt.step()
+            models.append([p.full_tensor().detach() for p in model.parameters()])
+    finally:
+        dist.destroy_process_group()
+    for g, w in zip(*models):
+        assert_close(g.numpy(), w.numpy(), np.float64, kind="gradient")
+
+
+def test_backward_reads_the_weights_it_is_given_and_checks_them():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 2, 3))
+    w_ih, w_hh = rng.standard_normal((6, 3)), rng.standard_normal((6, 2))
+    y, _, _, ctx = F.forward("gru", x, np.zeros((2, 2)), None, w_ih, w_hh, None, None,
+                             training=True)
+    dy = np.ones_like(y)
+    forward_ones = F.backward(ctx, dy)
+    same_values_elsewhere = F.backward(ctx, dy, weights=(w_ih.copy(), w_hh.copy(), None))
+    other_values = F.backward(ctx, dy, weights=(w_ih, 2 * w_hh, None))
+    for a, b in zip(forward_ones[:2], same_values_elsewhere[:2]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(forward_ones[1], other_values[1])      # dh0 = dG_0 W_hh
+    with pytest.raises(ValueError, match=r"weights\[1\] \(w_hh\) must have shape \(6, 2\), "
+                                         r"got \(8, 2\)"):
+        F.backward(ctx, dy, weights=(w_ih, np.zeros((8, 2)), None))
+    with pytest.raises(ValueError, match=r"weights\[2\] \(w_hr\) must be None"):
+        F.backward(ctx, dy, weights=(w_ih, w_hh, w_hh))
+    with pytest.raises(TypeError, match=r"weights\[0\] \(w_ih\) must have dtype float64"):
+        F.backward(ctx, dy, weights=(w_ih.astype(np.float32), w_hh, None))
+    with pytest.raises(TypeError, match="weights must be None or a tuple"):
+        F.backward(ctx, dy, weights=[w_ih, w_hh])

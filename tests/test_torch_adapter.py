@@ -244,6 +244,35 @@ def test_from_module_shares_parameters_and_swaps_in_a_model():
     assert relu.nonlinearity == "relu" and not relu.training
 
 
+def test_from_module_carries_what_else_the_module_holds():
+    """A learned h0 kept on the LSTM, a buffer, a submodule and an attribute were dropped,
+    silently: an optimiser built after the swap skipped h0, checkpoints lost it."""
+    class WithState(torch.nn.LSTM):
+        def __init__(self):
+            super().__init__(3, 4)
+            self.h0 = torch.nn.Parameter(torch.randn(1, 1, 4))
+            self.register_buffer("steps", torch.zeros(()))
+            self.register_buffer("scratch", torch.zeros(2), persistent=False)
+            self.norm = torch.nn.LayerNorm(4)
+            self.tag = "encoder"
+
+    torch.manual_seed(0)
+    old = WithState()
+    new = ft.LSTM.from_module(old)
+    assert [(n, id(p)) for n, p in new.named_parameters()] == \
+        [(n, id(p)) for n, p in old.named_parameters()]
+    assert list(new.state_dict()) == list(old.state_dict())        # (scratch not persistent)
+    assert new.steps is old.steps and new.scratch is old.scratch and new.norm is old.norm
+    assert new.tag == "encoder"
+    opt = torch.optim.SGD(new.parameters(), lr=0.1)                 # built after the swap
+    h0 = new.h0.detach().clone()
+    x = torch.randn(5, 2, 3)
+    hx = (new.h0.expand(1, 2, 4), torch.zeros(1, 2, 4))
+    new.norm(new(x, hx)[0]).pow(2).sum().backward()
+    opt.step()
+    assert not torch.equal(h0, new.h0)
+
+
 def test_from_module_refuses_a_subclass_that_overrides_behaviour():
     """The fusedrnn module runs torch.nn's forward: a subclass's own was dropped silently."""
     class Scaled(torch.nn.LSTM):

@@ -312,6 +312,22 @@ def _refuse_hooks(module, cls):
             f"convert, and register them again on the fusedrnn module")
 
 
+def _carry_extra_state(module, new):
+    """What the torch.nn module holds besides its weights (a learned initial state kept on it as
+    a Parameter, a buffer, a submodule, an attribute its constructor set), held by the new one
+    too: parameters(), state_dict() and the model's code see them as before (they were dropped,
+    silently: an optimiser built after the swap skipped a learned h0)."""
+    for name, p in module._parameters.items():
+        if name not in new._parameters:
+            new.register_parameter(name, p)
+    for name, b in module._buffers.items():
+        new.register_buffer(name, b, persistent=name not in module._non_persistent_buffers_set)
+    for name, m in module._modules.items():
+        new.add_module(name, m)
+    for name, value in vars(module).items():
+        new.__dict__.setdefault(name, value)
+
+
 class _FusedMixin:
     """forward() and from_module() shared by RNN, LSTM and GRU."""
 
@@ -531,8 +547,9 @@ class _FusedMixin:
     @classmethod
     def from_module(cls, module):
         """The fusedrnn version of a ``torch.nn`` module, sharing its parameters (no copy), so
-        an optimiser built on the original keeps working; the training flag is kept too. What
-        the copy would silently lose is refused: a subclass's overrides, computed weights
+        an optimiser built on the original keeps working; its other Parameters, buffers,
+        submodules and attributes, and the training flag, are carried over too. What the copy
+        would silently lose is refused: a subclass's overrides, computed weights
         (parametrizations, pruning) and hooks."""
         if not isinstance(module, cls._torch_base):
             raise TypeError(f"{cls.__module__}.{cls.__name__}.from_module needs a "
@@ -554,6 +571,7 @@ class _FusedMixin:
             new = cls(module.input_size, module.hidden_size, **kwargs)
         for name in module._flat_weights_names:
             setattr(new, name, getattr(module, name))
+        _carry_extra_state(module, new)
         new.train(module.training)
         return new
 

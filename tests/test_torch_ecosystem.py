@@ -2,6 +2,7 @@
 tensors changed in place under allow_mutation_on_saved_tensors, storages that FSDP frees and
 refills (and a caller resizes), FSDP2 itself."""
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -133,3 +134,89 @@ def test_backward_reads_the_weights_it_is_given_and_checks_them():
         F.backward(ctx, dy, weights=(w_ih.astype(np.float32), w_hh, None))
     with pytest.raises(TypeError, match="weights must be None or a tuple"):
         F.backward(ctx, dy, weights=[w_ih, w_hh])
+
+
+class _Tagger(torch.nn.Module):
+    """A learned initial state passed as hx: hx is traced too."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = torch.nn.LSTM(3, 4, num_layers=2, batch_first=True)
+        self.h0 = torch.nn.Parameter(torch.randn(2, 1, 4))
+        self.gru = torch.nn.GRU(4, 2)
+        self.head = torch.nn.Linear(2, 1)
+
+    def forward(self, x):
+        h0 = self.h0.expand(-1, x.shape[0], -1).contiguous()
+        y, _ = self.rnn(x, (h0, torch.zeros_like(h0)))
+        z, hn = self.gru(y.transpose(0, 1))
+        return self.head(z).sum() + hn.sum()
+
+
+def test_fx_symbolic_trace_keeps_the_layers_as_call_module_nodes():
+    """FX keeps torch.nn's RNNs as leaves by their __module__ and traced into ours, which
+    failed ("weight_ih_l0 must be a torch.Tensor, got Proxy")."""
+    torch.manual_seed(0)
+    model = ft.convert(_Tagger().double())
+    graph_module = torch.fx.symbolic_trace(model)
+    called = [n.target for n in graph_module.graph.nodes if n.op == "call_module"]
+    assert called == ["rnn", "gru", "head"]
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    got = graph_module(x)
+    got.backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    want = model(x)
+    want.backward()
+    assert_close(got.detach().numpy(), want.detach().numpy(), np.float64)
+    for g, p in zip(grads, model.parameters()):
+        assert_close(g.numpy(), p.grad.numpy(), np.float64, kind="gradient")
+    with pytest.raises(RuntimeError, match="cannot trace a fusedrnn.torch.GRU itself"):
+        torch.fx.symbolic_trace(ft.GRU(2, 3))
+
+
+def test_vmap_and_hessian_are_refused_in_the_adapters_words():
+    """torch's own message named a private class and asked to implement its vmap method."""
+    gru = ft.GRU(3, 4).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="fusedrnn.torch: vmap of an RNN, LSTM or GRU's "
+                                           "forward is not supported"):
+        torch.func.vmap(lambda xx: gru(xx)[0])(torch.stack([x, x]))
+    params = {k: v.detach() for k, v in gru.named_parameters()}
+    with pytest.raises(NotImplementedError, match="no forward-mode AD .*hessian"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # (torch.jit.script inside torch)
+        torch.func.hessian(
+            lambda p: (torch.func.functional_call(gru, p, (x,))[0] ** 2).sum())(params)
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_a_module_on_the_meta_device_gives_torch_nn_s_meta_outputs(config):
+    """A shape-only dry run of a model built on the meta device (it was refused as not CPU)."""
+    base, ours, kw = CONFIGS[config]
+    want, got = base(3, 4, device="meta", **kw), ours(3, 4, device="meta", **kw)
+    for x in (torch.empty(5, 2, 3, device="meta"), torch.empty(5, 3, device="meta")):
+        shapes = [[tuple(t.shape) for t in torch.utils._pytree.tree_leaves(m(x))]
+                  for m in (want, got)]
+        assert shapes[0] == shapes[1]
+        assert all(t.is_meta for t in torch.utils._pytree.tree_leaves(got(x)))
+    with pytest.raises(RuntimeError, match="not at the same device"):   # as torch.nn's
+        got(torch.empty(5, 2, 3))
+
+
+@pytest.mark.parametrize("mistake", ["lstm hx of 3", "hx float64", "hx int64", "sparse input",
+                                     "hx on meta"])
+def test_errors_are_runtime_errors_where_torch_nn_s_are(mistake):
+    """Code that catches torch.nn's RuntimeError still catches ours (and torch's
+    documented ValueError/TypeError classes stay)."""
+    x = torch.randn(5, 2, 3)
+    kind, x, hx = {
+        "lstm hx of 3": ("LSTM", x, (torch.zeros(1, 2, 4),) * 3),
+        "hx float64": ("GRU", x, torch.zeros(1, 2, 4, dtype=torch.float64)),
+        "hx int64": ("GRU", x, torch.zeros(1, 2, 4, dtype=torch.int64)),
+        "sparse input": ("GRU", x.to_sparse(), None),
+        "hx on meta": ("GRU", x, torch.empty(1, 2, 4, device="meta")),
+    }[mistake]
+    for module in (getattr(torch.nn, kind)(3, 4), getattr(ft, kind)(3, 4)):
+        with pytest.raises(RuntimeError):
+            module(x, hx)

@@ -7,8 +7,13 @@ LOW_DTYPES = (torch.bfloat16, torch.float16)        # computed in float32 (_torc
 _RUNS = KERNEL_DTYPES + LOW_DTYPES
 
 
-class DtypeError(TypeError, ValueError):
-    """A tensor of another dtype than the parameters': torch.nn raises ValueError there."""
+class DtypeError(TypeError, ValueError, RuntimeError):
+    """A tensor of another dtype than the parameters': torch.nn raises ValueError for the input
+    and RuntimeError for hx, so code that catches either still does."""
+
+
+class TensorKindError(ValueError, RuntimeError):
+    """A tensor on another device or of another layout: torch.nn raises RuntimeError."""
 
 
 def check_tensor(name, t, dtype=None):
@@ -17,10 +22,10 @@ def check_tensor(name, t, dtype=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.device.type != "cpu":
-        raise ValueError(f"fusedrnn.torch runs on CPU tensors only; {name} is on {t.device} "
-                         f"(use torch.nn's own module on that device)")
+        raise TensorKindError(f"fusedrnn.torch runs on CPU tensors only; {name} is on "
+                              f"{t.device} (use torch.nn's own module on that device)")
     if t.layout != torch.strided:
-        raise ValueError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
+        raise TensorKindError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
     if dtype is None:
         if t.dtype not in _RUNS:
             names = ", ".join(str(d).replace("torch.", "") for d in _RUNS)

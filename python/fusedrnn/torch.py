@@ -38,6 +38,7 @@ except ImportError as _e:
 import torch.autograd.forward_ad as _forward_ad
 from torch._guards import active_fake_mode as _active_fake_mode
 from torch._subclasses.fake_tensor import is_fake as _is_fake
+from torch.fx import Proxy as _FxProxy
 from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 
@@ -55,6 +56,29 @@ __all__ = ["RNN", "LSTM", "GRU", "convert"]
 _PLAIN = (_torch.Tensor, _torch.nn.Parameter, type(None))
 _NP_DTYPE = {_torch.float32: np.dtype(np.float32), _torch.float64: np.dtype(np.float64)}
 _CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
+
+
+class _HxError(TypeError, RuntimeError):
+    """hx of the wrong structure: torch.nn raises RuntimeError (or IndexError by accident)."""
+
+
+def _fx_proxy_of(hx):
+    """The torch.fx Proxy in hx (a tensor, or LSTM's pair), or None."""
+    for t in (hx if isinstance(hx, (tuple, list)) else (hx,)):
+        if isinstance(t, _FxProxy):
+            return t
+    return None
+
+
+def _fx_leaf_call(module, tracer, input, hx):
+    """The module's call as one call_module node of the torch.fx graph being traced."""
+    path = tracer.path_of_module(module)
+    if not path:
+        raise RuntimeError(
+            f"torch.fx.symbolic_trace cannot trace a fusedrnn.torch.{type(module).__name__} "
+            f"itself (its forward is Python around C++ kernels): trace a model that holds it, "
+            f"where it becomes one call_module node")
+    return tracer.create_proxy("call_module", path, (input, hx), {})
 
 
 def _has_fake_tensors(input, hx, params):
@@ -89,8 +113,11 @@ def _refuse_forward_ad(tensors):
     if getattr(_forward_ad, "_current_level", -1) < 0:
         return
     if any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        raise NotImplementedError("fusedrnn.torch has no forward-mode AD (dual tensors, "
-                                  "torch.func.jvp, jacfwd): use torch.nn's module for those")
+        raise NotImplementedError(_NO_FORWARD_AD)
+
+
+_NO_FORWARD_AD = ("fusedrnn.torch has no forward-mode AD (dual tensors, torch.func.jvp, jacfwd, "
+                  "hessian): use torch.nn's module for those")
 
 
 def _torch_mask_maker(p, dtype):
@@ -182,6 +209,19 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
         ctx.save_for_backward(_handoff.token, x, h0, c0, *params, *run.watched)
         ctx.y_shape, ctx.y_dtype = tuple(output[0].shape), _NP_DTYPE[output[0].dtype]
         ctx.set_materialize_grads(False)
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        # (reached by torch.func transforms, which unwrap the dual tensors before forward)
+        raise NotImplementedError(_NO_FORWARD_AD)
+
+    @staticmethod
+    def vmap(vmap_info, in_dims, run, *tensors):
+        # (torch's own message named this private class and asked to implement this method)
+        raise RuntimeError(
+            "fusedrnn.torch: vmap of an RNN, LSTM or GRU's forward is not supported "
+            "(torch.func.vmap over its input, hx or parameters, or ensembles through "
+            "stack_module_state); torch.func.grad, vjp and jacrev work, or use torch.nn's module")
 
     @staticmethod
     def backward(ctx, dy, dhn, dcn=None):
@@ -357,6 +397,11 @@ class _FusedMixin:
         return names, params, dtype
 
     def forward(self, input, hx=None):
+        # torch.fx.symbolic_trace keeps torch.nn's RNNs as leaves (call_module nodes) by their
+        # __module__, and would trace into this one: it is made a leaf here instead.
+        proxy = input if isinstance(input, _FxProxy) else _fx_proxy_of(hx)
+        if proxy is not None:
+            return _fx_leaf_call(self, proxy.tracer, input, hx)
         # torch.onnx.export (either exporter) writes what torch.nn's module would: ONNX's
         # RNN, LSTM and GRU nodes, which ONNX Runtime runs.
         if _torch.onnx.is_in_onnx_export():
@@ -384,6 +429,10 @@ class _FusedMixin:
     def _forward_eager(self, input, hx):
         if _has_fake_tensors(input, hx, self._flat_weights):  # FakeTensorMode, or a tool using it
             return self._forward(input, hx, as_op=True)
+        if self._flat_weights and getattr(self._flat_weights[0], "is_meta", False):
+            # A shape-only dry run (a model built on the meta device): torch.nn's forward gives
+            # its meta outputs, and its errors (an input on another device).
+            return self._torch_base.forward(self, input, hx)
         if not _torch.jit.is_tracing():
             return self._forward(input, hx)
         if isinstance(input, _PackedSequence):
@@ -512,11 +561,11 @@ class _FusedMixin:
             return
         if spec.cell == "lstm":
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise TypeError(f"hx for LSTM must be a tuple (h0, c0) of tensors, "
+                raise _HxError(f"hx for LSTM must be a tuple (h0, c0) of tensors, "
                                 f"got {type(hx).__name__}"
                                 + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
         elif isinstance(hx, (tuple, list)):
-            raise TypeError(f"hx for {type(self).__name__} must be one tensor, got a "
+            raise _HxError(f"hx for {type(self).__name__} must be one tensor, got a "
                             f"{type(hx).__name__} (only LSTM takes (h0, c0))")
 
     def _check_hx(self, hx, spec, B, unbatched, dtype):

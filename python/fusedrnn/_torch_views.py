@@ -23,6 +23,7 @@ def numpy_view(t):
             "not support (forward-mode AD: torch.func.jvp, jacfwd; torch.func.vmap of its "
             "forward; is_grads_batched=True or jacobian(vectorize=True)); torch.func.grad, vjp "
             f"and jacrev are supported. ({e})") from e
-    if t.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"fusedrnn.torch reads float32 and float64 tensors, got {t.dtype}")
-    return _C.tensor_view(data, t.shape, t.stride(), t.dtype is torch.float64, t)
+    dtype = t.dtype
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        raise TypeError(f"fusedrnn.torch reads float32 and float64 tensors, got {dtype}")
+    return _C.tensor_view(data, t.shape, t.stride(), dtype is torch.float64, t)

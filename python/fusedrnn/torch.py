@@ -243,6 +243,11 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
         return (None,) + _FusedStackBackward.apply(info, dy, dhn, dcn, *inputs)
 
 
+def _weights_only(names, params):
+    """{name: NumPy view} of the weights among the parameters (a backward reads no bias)."""
+    return {n: _np(p) for n, p in zip(names, params) if n.startswith("weight")}
+
+
 class _FusedStackBackward(_PositionalApply, _torch.autograd.Function):
     """_FusedStack's backward: (dy, dhn, dcn, x, h0, c0, *params) -> (dx, dh0, dc0,
     *param grads). x, h0, c0 and the parameters come in so that gradients taken with
@@ -257,7 +262,7 @@ class _FusedStackBackward(_PositionalApply, _torch.autograd.Function):
         # allow_mutation_on_saved_tensors that holds the values after an in-place change, and
         # FSDP frees a parameter's storage between forward and backward.
         dx, dh0, dc0, grads = _base.stack_backward(run.spec, saved, dy_np, _np(dhn), _np(dcn),
-                                                   params=dict(zip(run.names, map(_np, params))))
+                                                   params=_weights_only(run.names, params))
         return (_torch.from_numpy(dx),
                 _torch.from_numpy(dh0) if has_h0 else None,
                 _torch.from_numpy(dc0) if has_c0 else None,

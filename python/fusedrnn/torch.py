@@ -45,8 +45,8 @@ from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 from . import _layer_base as _base
 from . import _torch_ops  # noqa: F401  (registers torch.ops.fusedrnn, which exported models use)
 from . import _torch_precision as _precision
-from ._torch_convert import convert
 from ._torch_checks import KERNEL_DTYPES as _KERNEL_DTYPES, check_tensor as _check_tensor
+from ._torch_convert import convert
 from ._torch_ops import ShapeError as _ShapeError
 from ._torch_views import numpy_view as _np
 from ._validate import as_lengths as _as_lengths
@@ -107,6 +107,10 @@ def _refuse_for_export(packed, dropout):
                            "in training)")
 
 
+_NO_FORWARD_AD = ("fusedrnn.torch has no forward-mode AD (dual tensors, torch.func.jvp, jacfwd, "
+                  "hessian): use torch.nn's module for those")
+
+
 def _refuse_forward_ad(tensors):
     """Dual tensors (torch.autograd.forward_ad) carry tangents that no kernel computes: the
     NumPy path would drop them silently."""
@@ -114,10 +118,6 @@ def _refuse_forward_ad(tensors):
         return
     if any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(_NO_FORWARD_AD)
-
-
-_NO_FORWARD_AD = ("fusedrnn.torch has no forward-mode AD (dual tensors, torch.func.jvp, jacfwd, "
-                  "hessian): use torch.nn's module for those")
 
 
 def _torch_mask_maker(p, dtype):
@@ -567,11 +567,11 @@ class _FusedMixin:
         if spec.cell == "lstm":
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise _HxError(f"hx for LSTM must be a tuple (h0, c0) of tensors, "
-                                f"got {type(hx).__name__}"
-                                + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+                               f"got {type(hx).__name__}"
+                               + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
         elif isinstance(hx, (tuple, list)):
             raise _HxError(f"hx for {type(self).__name__} must be one tensor, got a "
-                            f"{type(hx).__name__} (only LSTM takes (h0, c0))")
+                           f"{type(hx).__name__} (only LSTM takes (h0, c0))")
 
     def _check_hx(self, hx, spec, B, unbatched, dtype):
         self._check_hx_structure(hx, spec)

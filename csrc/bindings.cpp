@@ -680,13 +680,23 @@ PYBIND11_MODULE(_C, m) {
   // the memory alive while the view lives; the caller vouches for the pointer, shape and
   // element strides (fusedrnn/_torch_views.py reads them off the tensor).
   m.def("tensor_view", [](uintptr_t data, std::vector<py::ssize_t> shape,
-                          std::vector<py::ssize_t> strides, bool f64, py::object owner) -> py::array {
+                          std::vector<py::ssize_t> strides, bool f64, py::object owner,
+                          py::ssize_t storage_offset) -> py::array {
     if (shape.size() != strides.size()) fail("tensor_view: shape and strides differ in length");
     const py::ssize_t item = f64 ? sizeof(double) : sizeof(float);
+    py::ssize_t count = 1;
+    for (auto n : shape) count *= n;
+    // A storage resized to 0 (FSDP frees parameters' so) has no memory: the pointer is its
+    // offset from null, and pybind11 would allocate a new array for a null one.
+    if (count > 0 && data == uintptr_t(storage_offset * item))
+      throw std::runtime_error("fusedrnn.torch: a tensor of shape " + shape_str({shape.begin(), shape.end()}) +
+                               " has no memory: its storage was resized to 0 (as FSDP frees "
+                               "parameters between calls) and not refilled");
     for (auto& st : strides) st *= item;
     const py::dtype dt = f64 ? py::dtype::of<double>() : py::dtype::of<float>();
     return py::array(dt, shape, strides, reinterpret_cast<const void*>(data), owner);
-  }, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("f64"), py::arg("owner"));
+  }, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("f64"), py::arg("owner"),
+     py::arg("storage_offset"));
 
   m.def("math", [](int func, py::array x, std::optional<std::string> isa) -> py::array {
     if (func < 0 || func > 2) fail("func must be 0 (exp), 1 (tanh) or 2 (sigmoid)");

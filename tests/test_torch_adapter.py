@@ -12,6 +12,7 @@ import copy
 import gc
 import sys
 import threading
+import warnings
 import weakref
 
 import numpy as np
@@ -273,6 +274,41 @@ def test_from_module_carries_what_else_the_module_holds():
     assert not torch.equal(h0, new.h0)
 
 
+def test_from_module_carries_no_state_of_torch_or_the_adapter():
+    """A compiled call (module.compile()) was carried and ran torch.nn's forward, with the old
+    module's flag and hooks; an attribute named as an adapter method hid it; train() of the new
+    module switched a carried, deliberately frozen submodule to training."""
+    torch.manual_seed(0)
+    old = torch.nn.LSTM(3, 4, num_layers=2, dropout=0.5)
+    reference = copy.deepcopy(old).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # (torch's own imports)
+        old.compile(backend="eager")
+    old._spec = {"unit": "ms"}
+    old.norm = torch.nn.BatchNorm1d(4).eval()
+    new = ft.LSTM.from_module(old).eval()
+    assert "_compiled_call_impl" not in vars(new) and callable(new._spec)
+    assert not new.norm.training
+    fired = []
+    new.register_forward_hook(lambda *args: fired.append(1))
+    x = torch.randn(5, 2, 3)
+    assert torch.equal(new(x)[0], new(x)[0]) and fired == [1, 1]    # eval: no dropout
+    assert_close(new(x)[0].detach().numpy(), reference(x)[0].detach().numpy(), np.float32)
+
+
+def test_from_module_names_a_parametrized_extra_parameter():
+    """It was refused as overriding __getstate__ (what parametrize's subclass defines)."""
+    class Double(torch.nn.Module):
+        def forward(self, t):
+            return 2 * t
+
+    gru = torch.nn.GRU(3, 4)
+    gru.h0 = torch.nn.Parameter(torch.zeros(1, 1, 4))
+    torch.nn.utils.parametrize.register_parametrization(gru, "h0", Double())
+    with pytest.raises(TypeError, match="cannot convert h0: computed from other tensors"):
+        ft.GRU.from_module(gru)
+
+
 def test_from_module_refuses_a_subclass_that_overrides_behaviour():
     """The fusedrnn module runs torch.nn's forward: a subclass's own was dropped silently."""
     class Scaled(torch.nn.LSTM):
@@ -305,19 +341,26 @@ def test_from_module_refuses_a_subclass_that_overrides_behaviour():
     again = ft.GRU.from_module(ft.GRU(3, 4, linear_before_reset=False))   # a shared copy
     assert again.linear_before_reset is False
 
-    class Tagged(torch.nn.LSTM):        # a constructor and new methods only: converts
+    class Tagged(torch.nn.LSTM):        # a constructor only: converts, its attribute too
         def __init__(self, n):
             super().__init__(n, 4, batch_first=True)
             self.tag = "enc"
 
-        def describe(self):
-            return self.tag
-
     m = Tagged(3)
     x = torch.randn(2, 5, 3)
     got = ft.LSTM.from_module(m)
-    assert type(got) is ft.LSTM and got.batch_first
+    assert type(got) is ft.LSTM and got.batch_first and got.tag == "enc"
     assert_close(got(x)[0].detach().numpy(), m(x)[0].detach().numpy(), np.float32)
+
+    class Described(Tagged):            # a method the model may call: it would be lost
+        scale = 2.0
+
+        def describe(self):
+            return self.tag
+
+    with pytest.raises(TypeError, match=r"Described: it defines describe, scale, which the "
+                                        r"fusedrnn module would lack"):
+        ft.LSTM.from_module(Described(3))
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")   # torch.nn.utils.weight_norm's

@@ -146,3 +146,28 @@ def test_convert_refuses_a_scripted_rnn_and_what_is_no_module():
             is not None                      # TorchScript without RNNs: nothing to refuse
     with pytest.raises(TypeError, match="needs a torch.nn.Module, got dict"):
         ft.convert({"rnn": torch.nn.LSTM(2, 2)})
+
+
+def test_convert_an_rnn_held_by_an_rnn_in_one_call():
+    """The outer was replaced first, carrying the old inner; the inner's replacement went to
+    the old outer, so a second convert was needed."""
+    outer = torch.nn.LSTM(3, 4)
+    outer.inner = torch.nn.GRU(4, 4)
+    model = torch.nn.Sequential(outer)
+    ft.convert(model)
+    assert type(model[0]) is ft.LSTM and type(model[0].inner) is ft.GRU
+
+
+def test_convert_takes_traced_fusedrnn_and_scripted_modules_of_other_classes():
+    """Refused by their TorchScript class name alone before: a jit.trace of fusedrnn's own GRU
+    (what the refusal recommends) and a user's scripted class named GRU."""
+    class GRU(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(ft.GRU(3, 4), torch.randn(2, 1, 3))
+    model = torch.nn.Sequential(traced, _scripted(GRU()), torch.nn.RNN(3, 3))
+    ft.convert(model)
+    assert model[0] is traced and type(model[2]) is ft.RNN

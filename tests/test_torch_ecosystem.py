@@ -220,3 +220,42 @@ def test_errors_are_runtime_errors_where_torch_nn_s_are(mistake):
     for module in (getattr(torch.nn, kind)(3, 4), getattr(ft, kind)(3, 4)):
         with pytest.raises(RuntimeError):
             module(x, hx)
+
+
+def test_a_storage_freed_and_not_refilled_raises_in_forward_and_backward():
+    """A tensor whose storage was resized to 0 has a null (or offset-from-null) pointer: the
+    forward read garbage (pybind11 allocates for a null pointer) or crashed, the backward
+    returned garbage gradients. torch.nn's ops raise RuntimeError."""
+    gru = ft.GRU(4, 3)
+    gru.weight_hh_l0.data.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match=r"shape \(9, 3\) has no memory"):
+        gru(torch.randn(5, 2, 4))
+    big = torch.randn(1 + 5 * 2 * 4)
+    offset_view = big[1:].view(5, 2, 4)
+    big.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match=r"shape \(5, 2, 4\) has no memory"):
+        ft.GRU(4, 3)(offset_view)
+    lstm = ft.LSTM(4, 3)
+    y, _ = lstm(torch.randn(5, 2, 4))
+    lstm.weight_ih_l0.data.untyped_storage().resize_(0)
+    with pytest.raises(RuntimeError, match=r"shape \(12, 4\) has no memory"):
+        y.sum().backward()
+    assert ft.GRU(4, 3)(torch.empty(5, 0, 4))[0].shape == (5, 0, 3)  # no memory, none needed
+
+
+def test_fx_symbolic_trace_of_a_call_on_a_constant_input():
+    """The input is no Proxy (a plain tensor attribute), but the weights are: it failed."""
+    class FromConstant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gru = torch.nn.GRU(4, 3)
+            self.start = torch.ones(5, 2, 4)
+
+        def forward(self, x):
+            return x + self.gru(self.start)[0]
+
+    model = ft.convert(FromConstant())
+    graph_module = torch.fx.symbolic_trace(model)
+    assert [n.target for n in graph_module.graph.nodes if n.op == "call_module"] == ["gru"]
+    x = torch.randn(5, 2, 3)
+    assert torch.equal(graph_module(x), model(x))

@@ -15,8 +15,16 @@ def _references(model):
 
 
 def _scripted_rnn(m):
-    return isinstance(m, torch.jit.ScriptModule) and getattr(m, "original_name", None) in (
-        "RNN", "LSTM", "GRU")
+    """Whether m is TorchScript of torch.nn's RNN, LSTM or GRU (not of fusedrnn's, traced, nor
+    a class of the same name)."""
+    if not isinstance(m, torch.jit.ScriptModule):
+        return False
+    try:
+        name = m._c._type().qualified_name()
+    except (AttributeError, RuntimeError):
+        return False
+    return name in ("__torch__.torch.nn.modules.rnn.RNN", "__torch__.torch.nn.modules.rnn.LSTM",
+                    "__torch__.torch.nn.modules.rnn.GRU")
 
 
 def _path(parent_paths, parent, name):
@@ -75,6 +83,6 @@ def convert(model, *, strict=True):
         warnings.warn("fusedrnn.torch.convert left these as they are: "
                       + "; ".join(refused.values()), stacklevel=2)
     for parent, name, child in slots[1:]:
-        if id(child) in replaced:
-            setattr(parent, name, replaced[id(child)])
+        if id(child) in replaced:   # (into the parent's replacement: an RNN held by an RNN)
+            setattr(replaced.get(id(parent), parent), name, replaced[id(child)])
     return replaced.get(id(model), model)

@@ -10,7 +10,8 @@ from . import _C
 
 def numpy_view(t):
     """A writeable NumPy view of a float32/float64 CPU tensor's memory (zero-copy); None stays
-    None. A negative-bit view (torch._neg_view) is resolved into a copy first."""
+    None. A negative-bit view (torch._neg_view) is resolved into a copy first; a tensor whose
+    storage was resized to 0 raises RuntimeError (torch.nn's ops raise too)."""
     if t is None:
         return None
     if t.is_neg():
@@ -26,4 +27,5 @@ def numpy_view(t):
     dtype = t.dtype
     if dtype is not torch.float32 and dtype is not torch.float64:
         raise TypeError(f"fusedrnn.torch reads float32 and float64 tensors, got {dtype}")
-    return _C.tensor_view(data, t.shape, t.stride(), dtype is torch.float64, t)
+    return _C.tensor_view(data, t.shape, t.stride(), dtype is torch.float64, t,
+                          t.storage_offset())

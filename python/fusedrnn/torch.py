@@ -39,6 +39,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch._guards import active_fake_mode as _active_fake_mode
 from torch._subclasses.fake_tensor import is_fake as _is_fake
 from torch.fx import Proxy as _FxProxy
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
 from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 
@@ -312,6 +313,8 @@ def _refuse_computed_weights(module, cls):
     _refuse_overrides: parametrize makes the module's class a subclass.)"""
     computed = [n for n in module._flat_weights_names if _parametrize.is_parametrized(module, n)
                 or not isinstance(getattr(module, n), _torch.nn.Parameter)]
+    if _parametrize.is_parametrized(module):    # (a learned h0's parametrization, say)
+        computed += [n for n in module.parametrizations if n not in computed]
     if computed:
         raise TypeError(
             f"{cls.__name__}.from_module cannot convert {', '.join(computed)}: computed from "
@@ -323,18 +326,24 @@ def _refuse_computed_weights(module, cls):
 
 def _refuse_overrides(module, cls):
     """from_module builds a plain fusedrnn module: a subclass's forward (or any other method it
-    overrides) would be dropped silently, so such a module is refused."""
+    overrides) would be dropped silently, and what it adds (a method, a class attribute) lost,
+    so such a module is refused."""
     base = cls if isinstance(module, cls) else cls._torch_base   # (a copy of one of ours)
     where = "fusedrnn.torch" if base is cls else "torch.nn"
     extra = [c for c in type(module).__mro__ if c not in base.__mro__]
-    overrides = {n for c in extra for n in vars(c) if n not in _HARMLESS and hasattr(base, n)}
-    overrides = sorted(overrides | ({"forward"} & vars(module).keys()))  # (m.forward = f)
-    if overrides:
+    defined = {n for c in extra for n in vars(c) if n not in _HARMLESS}
+    overrides = sorted({n for n in defined if hasattr(base, n)}
+                       | ({"forward"} & vars(module).keys()))  # (m.forward = f)
+    additions = sorted(n for n in defined if not hasattr(base, n))
+    if overrides or additions:
+        what = "; ".join(
+            ([f"it overrides {', '.join(overrides)} of {where}.{base.__name__}, and the fusedrnn "
+              f"module would run {where}.{base.__name__}'s behaviour instead"] if overrides else [])
+            + ([f"it defines {', '.join(additions)}, which the fusedrnn module would lack (and "
+                f"it would not be a {type(module).__qualname__})"] if additions else []))
         raise TypeError(
-            f"{cls.__name__}.from_module cannot convert a {type(module).__qualname__}: it "
-            f"overrides {', '.join(overrides)} of {where}.{base.__name__}, and the fusedrnn "
-            f"module would run {where}.{base.__name__}'s behaviour instead, silently. Convert a "
-            f"plain torch.nn.{base.__name__} (load_state_dict into one), or subclass "
+            f"{cls.__name__}.from_module cannot convert a {type(module).__qualname__}: {what}. "
+            f"Convert a plain torch.nn.{base.__name__} (load_state_dict into one), or subclass "
             f"fusedrnn.torch.{cls.__name__} with your changes")
 
 
@@ -370,7 +379,8 @@ def _carry_extra_state(module, new):
     for name, m in module._modules.items():
         new.add_module(name, m)
     for name, value in vars(module).items():
-        new.__dict__.setdefault(name, value)
+        if not hasattr(new, name):   # (not torch's or the adapter's own: a compiled call, _spec)
+            new.__dict__[name] = value
 
 
 class _FusedMixin:
@@ -405,7 +415,9 @@ class _FusedMixin:
         # torch.fx.symbolic_trace keeps torch.nn's RNNs as leaves (call_module nodes) by their
         # __module__, and would trace into this one: it is made a leaf here instead.
         proxy = input if isinstance(input, _FxProxy) else _fx_proxy_of(hx)
-        if proxy is not None:
+        if proxy is None and _is_fx_tracing():  # (a constant input: the weights are Proxies)
+            proxy = getattr(self, self._flat_weights_names[0])
+        if isinstance(proxy, _FxProxy):
             return _fx_leaf_call(self, proxy.tracer, input, hx)
         # torch.onnx.export (either exporter) writes what torch.nn's module would: ONNX's
         # RNN, LSTM and GRU nodes, which ONNX Runtime runs.
@@ -626,7 +638,7 @@ class _FusedMixin:
         for name in module._flat_weights_names:
             setattr(new, name, getattr(module, name))
         _carry_extra_state(module, new)
-        new.train(module.training)
+        new.training = module.training   # (not train(): carried submodules keep their modes)
         return new
 
 

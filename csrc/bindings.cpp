@@ -433,6 +433,7 @@ void require_gradients_apart(const std::vector<py::object>& outs,
 // refilled elsewhere (FSDP frees a parameter's storage between forward and backward).
 struct BackwardWeights {
   py::object w_ih, w_hh, w_hr;
+  bool given = false;  // the caller's: a frozen forward's id does not vouch for them
 };
 
 BackwardWeights backward_weights(const Context& c, const py::object& weights, const py::dtype& dt) {
@@ -459,7 +460,7 @@ BackwardWeights backward_weights(const Context& c, const py::object& weights, co
     if (!(a.flags() & py::array::c_style)) fail(std::string(names[i]) + " must be C-contiguous");
     out[i] = got;
   }
-  return {out[0], out[1], out[2]};
+  return {out[0], out[1], out[2], true};
 }
 
 template <typename T>
@@ -511,7 +512,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
   a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
   a.num_threads = threads_for_call();
-  a.frozen = c.frozen;
+  a.frozen = w.given ? 0 : c.frozen;
   a.accumulate = accumulate;
   // Overwrite the gates only while no other backward (another thread's) reads them.
   a.gates_consumed = consume && c.running == 0;

@@ -41,8 +41,8 @@ def convert(model, *, strict=True):
     places gets one replacement, held at all of them; fusedrnn's own modules are left as they
     are, so converting twice changes nothing more.
 
-    What ``from_module`` refuses (a subclass overriding torch's methods, computed weights,
-    hooks on the layer) raises TypeError naming every such module by its path, before anything
+    What ``from_module`` refuses (a subclass overriding torch's methods or adding its own,
+    computed weights, hooks on the layer) raises TypeError naming every such module by its path, before anything
     is replaced; with ``strict=False`` those modules stay as they are, with a warning naming
     them, and the others are replaced. A TorchScript RNN/LSTM/GRU inside is refused the same
     way: it has no Python module to swap."""

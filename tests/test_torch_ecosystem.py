@@ -259,3 +259,23 @@ def test_fx_symbolic_trace_of_a_call_on_a_constant_input():
     assert [n.target for n in graph_module.graph.nodes if n.op == "call_module"] == ["gru"]
     x = torch.randn(5, 2, 3)
     assert torch.equal(graph_module(x), model(x))
+
+
+def test_make_fx_in_real_mode_records_the_layer_as_an_op():
+    """make_fx recorded the layer's outputs as constants: the graph returned the traced
+    input's outputs for any later input."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    want, got = _pair("lstm-proj-bi-2")
+    x, later = (torch.randn(5, 2, 3, dtype=torch.float64) for _ in range(2))
+
+    def outputs_and_grads(m):
+        def run(x):
+            y = m(x)[0]
+            return (y,) + torch.autograd.grad((y ** 2).sum(), list(m.parameters()))
+        return run
+
+    graph = make_fx(outputs_and_grads(got))(x)
+    assert any(n.target is torch.ops.fusedrnn.rnn_stack.default for n in graph.graph.nodes)
+    for g, w in zip(graph(later), outputs_and_grads(want)(later)):
+        assert_close(g.detach().numpy(), w.detach().numpy(), np.float64, kind="gradient")

@@ -40,6 +40,7 @@ from torch._guards import active_fake_mode as _active_fake_mode
 from torch._subclasses.fake_tensor import is_fake as _is_fake
 from torch.fx import Proxy as _FxProxy
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
+from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
 from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils.rnn import PackedSequence as _PackedSequence
 
@@ -445,6 +446,10 @@ class _FusedMixin:
     @_torch.compiler.disable
     def _forward_eager(self, input, hx):
         if _has_fake_tensors(input, hx, self._flat_weights):  # FakeTensorMode, or a tool using it
+            return self._forward(input, hx, as_op=True)
+        if _torch._C._len_torch_dispatch_stack() and _get_proxy_mode() is not None:
+            # make_fx in real mode records the ops it sees: the layer as one op, not its outputs
+            # as constants (which the graph returned for any later input)
             return self._forward(input, hx, as_op=True)
         if self._flat_weights and getattr(self._flat_weights[0], "is_meta", False):
             # A shape-only dry run (a model built on the meta device): torch.nn's forward gives

@@ -7,11 +7,13 @@ states and, through autograd, the gradients of the input, hx and every parameter
 gradcheck in float64, state dicts both ways, from_module and the one-line swap in a model,
 dropout, no_grad, and the errors for what the adapter does not support.
 """
+import abc
 import contextlib
 import copy
 import gc
 import sys
 import threading
+import typing
 import warnings
 import weakref
 
@@ -351,6 +353,11 @@ def test_from_module_refuses_a_subclass_that_overrides_behaviour():
     got = ft.LSTM.from_module(m)
     assert type(got) is ft.LSTM and got.batch_first and got.tag == "enc"
     assert_close(got(x)[0].detach().numpy(), m(x)[0].detach().numpy(), np.float32)
+
+    class Typed(torch.nn.LSTM, typing.Generic[typing.TypeVar("T")], abc.ABC):
+        pass                            # (typing's and abc's bookkeeping: nothing of its own)
+
+    assert type(ft.LSTM.from_module(Typed(3, 4))) is ft.LSTM
 
     class Described(Tagged):            # a method the model may call: it would be lost
         scale = 2.0

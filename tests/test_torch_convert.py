@@ -171,3 +171,17 @@ def test_convert_takes_traced_fusedrnn_and_scripted_modules_of_other_classes():
     model = torch.nn.Sequential(traced, _scripted(GRU()), torch.nn.RNN(3, 3))
     ft.convert(model)
     assert model[0] is traced and type(model[2]) is ft.RNN
+
+
+def test_convert_refuses_a_second_scripted_rnn_and_a_compiled_one():
+    """A second scripted LSTM of another configuration has a mangled TorchScript name, and
+    went through silently; torch.compile's wrapper kept calling the torch.nn module."""
+    model = torch.nn.Sequential(_scripted(torch.nn.LSTM(3, 4)), _scripted(torch.nn.LSTM(4, 2)))
+    with pytest.raises(TypeError, match=r"model\.0: a TorchScript LSTM.*model\.1: a TorchScript"):
+        ft.convert(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # (torch's own imports)
+        compiled = torch.compile(torch.nn.GRU(3, 4), backend="eager")
+    with pytest.raises(TypeError, match=r"model\._orig_mod: compiled by torch.compile.*"
+                                        r"torch.compile\(convert\(model\)\)"):
+        ft.convert(compiled)

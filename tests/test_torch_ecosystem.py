@@ -279,3 +279,36 @@ def test_make_fx_in_real_mode_records_the_layer_as_an_op():
     assert any(n.target is torch.ops.fusedrnn.rnn_stack.default for n in graph.graph.nodes)
     for g, w in zip(graph(later), outputs_and_grads(want)(later)):
         assert_close(g.detach().numpy(), w.detach().numpy(), np.float64, kind="gradient")
+
+
+def test_fx_symbolic_trace_leaves_hooks_to_the_graph_s_call():
+    """The layer became a leaf inside its forward, so FX had run its hooks while tracing and
+    recorded them into the graph: they then ran twice (torch.nn's: once, at the graph's call)."""
+    model = ft.convert(_Tagger().double())
+    calls = []
+    model.rnn.register_forward_pre_hook(lambda m, args: calls.append("pre"))
+    model.rnn.register_forward_hook(lambda m, args, out: (2 * out[0], out[1]))
+    graph_module = torch.fx.symbolic_trace(model)
+    assert calls == []
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    assert_close(graph_module(x).detach().numpy(), model(x).detach().numpy(), np.float64)
+    assert calls == ["pre", "pre"]
+
+
+def test_make_fx_refusals_name_make_fx():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    gru = ft.GRU(3, 4, num_layers=2, dropout=0.5).double()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="make_fx or fake tensors runs without dropout"):
+        make_fx(lambda x: gru(x)[0])(x)
+    gru.eval()
+    params = {k: v.detach() for k, v in gru.named_parameters()}
+
+    def loss_grad(p, x):     # (its error was torch's, about a missing setup_context)
+        return torch.func.grad(
+            lambda p: (torch.func.functional_call(gru, p, (x,))[0] ** 2).sum())(p)
+
+    with pytest.raises(RuntimeError, match="make_fx or fake tensors does not run inside "
+                                           "torch.func transforms"):
+        make_fx(loss_grad)(params, x)

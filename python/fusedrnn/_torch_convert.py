@@ -23,8 +23,9 @@ def _scripted_rnn(m):
         name = m._c._type().qualified_name()
     except (AttributeError, RuntimeError):
         return False
-    return name in ("__torch__.torch.nn.modules.rnn.RNN", "__torch__.torch.nn.modules.rnn.LSTM",
-                    "__torch__.torch.nn.modules.rnn.GRU")
+    # (a second scripted LSTM of another configuration is "...rnn.___torch_mangle_0.LSTM")
+    return (name.startswith("__torch__.torch.nn.modules.rnn.")
+            and name.rsplit(".", 1)[-1] in ("RNN", "LSTM", "GRU"))
 
 
 def _path(parent_paths, parent, name):
@@ -42,10 +43,11 @@ def convert(model, *, strict=True):
     are, so converting twice changes nothing more.
 
     What ``from_module`` refuses (a subclass overriding torch's methods or adding its own,
-    computed weights, hooks on the layer) raises TypeError naming every such module by its path, before anything
-    is replaced; with ``strict=False`` those modules stay as they are, with a warning naming
-    them, and the others are replaced. A TorchScript RNN/LSTM/GRU inside is refused the same
-    way: it has no Python module to swap."""
+    computed weights, hooks on the layer) raises TypeError naming every such module by its
+    path, before anything is replaced; with ``strict=False`` those modules stay as they are,
+    with a warning naming them, and the others are replaced. A TorchScript torch.nn RNN, LSTM
+    or GRU inside is refused the same way (it has no Python module to swap), and so is one that
+    torch.compile wraps (its wrapper would keep calling it): convert before compiling."""
     from .torch import GRU, LSTM, RNN
     ours_for = {torch.nn.RNN: RNN, torch.nn.LSTM: LSTM, torch.nn.GRU: GRU}
     if not isinstance(model, torch.nn.Module):
@@ -65,7 +67,12 @@ def convert(model, *, strict=True):
         if id(child) in replaced or id(child) in refused:
             continue
         path = "model" if name is None else _path(parent_paths, parent, name)
-        if cls is not None:
+        if cls is not None and name == "_orig_mod" and getattr(parent, "_orig_mod", None) is child:
+            # torch.compile's wrapper keeps calling the module it compiled
+            refused[id(child)] = (f"{path}: compiled by torch.compile, whose wrapper would keep "
+                                  f"calling torch.nn's module (convert before compiling: "
+                                  f"torch.compile(convert(model)))")
+        elif cls is not None:
             try:
                 replaced[id(child)] = cls.from_module(child)
             except TypeError as e:

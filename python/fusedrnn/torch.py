@@ -64,15 +64,17 @@ class _HxError(TypeError, RuntimeError):
     """hx of the wrong structure: torch.nn raises RuntimeError (or IndexError by accident)."""
 
 
-def _fx_proxy_of(hx):
-    """The torch.fx Proxy in hx (a tensor, or LSTM's pair), or None."""
-    for t in (hx if isinstance(hx, (tuple, list)) else (hx,)):
-        if isinstance(t, _FxProxy):
-            return t
+def _fx_proxy_in(values):
+    """The first torch.fx Proxy among values (tensors, or tuples of them as LSTM's hx), or
+    None."""
+    for v in values:
+        for t in (v if isinstance(v, (tuple, list)) else (v,)):
+            if isinstance(t, _FxProxy):
+                return t
     return None
 
 
-def _fx_leaf_call(module, tracer, input, hx):
+def _fx_leaf_call(module, tracer, args, kwargs):
     """The module's call as one call_module node of the torch.fx graph being traced."""
     path = tracer.path_of_module(module)
     if not path:
@@ -80,7 +82,7 @@ def _fx_leaf_call(module, tracer, input, hx):
             f"torch.fx.symbolic_trace cannot trace a fusedrnn.torch.{type(module).__name__} "
             f"itself (its forward is Python around C++ kernels): trace a model that holds it, "
             f"where it becomes one call_module node")
-    return tracer.create_proxy("call_module", path, (input, hx), {})
+    return tracer.create_proxy("call_module", path, args, kwargs)
 
 
 def _has_fake_tensors(input, hx, params):
@@ -98,15 +100,19 @@ def _has_fake_tensors(input, hx, params):
 
 def _refuse_for_export(packed, dropout):
     """What the traced op cannot take: a PackedSequence's lengths are data (an exported graph
-    would keep them as constants), and dropout's masks are drawn where the kernels run."""
+    would keep them as constants), dropout's masks are drawn where the kernels run, and
+    torch.func's transforms find no autograd rule for it."""
+    where = "fusedrnn.torch under torch.export, torch.jit.trace, make_fx or fake tensors"
     if packed:
-        raise RuntimeError("fusedrnn.torch under torch.export, torch.jit.trace or fake tensors "
-                           "takes a padded Tensor input, not a PackedSequence (its lengths would "
-                           "become constants of the graph)")
+        raise RuntimeError(f"{where} takes a padded Tensor input, not a PackedSequence (its "
+                           f"lengths would become constants of the graph)")
     if dropout:
-        raise RuntimeError("fusedrnn.torch under torch.export, torch.jit.trace or fake tensors "
-                           "runs without dropout: call model.eval() first (dropout is only active "
-                           "in training)")
+        raise RuntimeError(f"{where} runs without dropout: call model.eval() first (dropout is "
+                           f"only active in training)")
+    if _torch._C._are_functorch_transforms_active():  # (the op's autograd has no rule there)
+        raise RuntimeError(f"{where} does not run inside torch.func transforms (grad, vjp, "
+                           f"jacrev): trace torch.autograd.grad instead, or use torch.func "
+                           f"eagerly, where it works")
 
 
 _NO_FORWARD_AD = ("fusedrnn.torch has no forward-mode AD (dual tensors, torch.func.jvp, jacfwd, "
@@ -305,7 +311,9 @@ class _FusedStackBackward(_PositionalApply, _torch.autograd.Function):
 # the parameters it made are shared) and the class's bookkeeping.
 _HARMLESS = {"__init__", "__module__", "__qualname__", "__doc__", "__dict__", "__weakref__",
              "__annotations__", "__annotate__", "__firstlineno__", "__static_attributes__",
-             "__orig_bases__", "__parameters__", "__slots__"}
+             "__orig_bases__", "__parameters__", "__slots__", "__init_subclass__",
+             # typing.Generic's and abc.ABC's bookkeeping, in a mixin or the class itself
+             "__class_getitem__", "_is_protocol", "__abstractmethods__", "_abc_impl"}
 
 
 def _refuse_computed_weights(module, cls):
@@ -325,6 +333,10 @@ def _refuse_computed_weights(module, cls):
             f"remove_spectral_norm), convert, and register it again on the fusedrnn module")
 
 
+def _a(word):
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
 def _refuse_overrides(module, cls):
     """from_module builds a plain fusedrnn module: a subclass's forward (or any other method it
     overrides) would be dropped silently, and what it adds (a method, a class attribute) lost,
@@ -342,8 +354,9 @@ def _refuse_overrides(module, cls):
               f"module would run {where}.{base.__name__}'s behaviour instead"] if overrides else [])
             + ([f"it defines {', '.join(additions)}, which the fusedrnn module would lack (and "
                 f"it would not be a {type(module).__qualname__})"] if additions else []))
+        name = type(module).__qualname__
         raise TypeError(
-            f"{cls.__name__}.from_module cannot convert a {type(module).__qualname__}: {what}. "
+            f"{cls.__name__}.from_module cannot convert {_a(name)} {name}: {what}. "
             f"Convert a plain torch.nn.{base.__name__} (load_state_dict into one), or subclass "
             f"fusedrnn.torch.{cls.__name__} with your changes")
 
@@ -412,14 +425,22 @@ class _FusedMixin:
             dtype = p.dtype
         return names, params, dtype
 
-    def forward(self, input, hx=None):
+    def __call__(self, *args, **kwargs):
         # torch.fx.symbolic_trace keeps torch.nn's RNNs as leaves (call_module nodes) by their
-        # __module__, and would trace into this one: it is made a leaf here instead.
-        proxy = input if isinstance(input, _FxProxy) else _fx_proxy_of(hx)
-        if proxy is None and _is_fx_tracing():  # (a constant input: the weights are Proxies)
-            proxy = getattr(self, self._flat_weights_names[0])
-        if isinstance(proxy, _FxProxy):
-            return _fx_leaf_call(self, proxy.tracer, input, hx)
+        # __module__ and would trace into this one, its hooks too (recorded into the graph,
+        # they then ran twice): while it traces, the call is one call_module node here.
+        if _is_fx_tracing():
+            proxy = _fx_proxy_in((*args, *kwargs.values()))
+            if proxy is None:   # (a constant input: the weights are Proxies while it traces)
+                proxy = getattr(self, self._flat_weights_names[0])
+            if isinstance(proxy, _FxProxy):
+                return _fx_leaf_call(self, proxy.tracer, args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def forward(self, input, hx=None):
+        proxy = _fx_proxy_in((input, hx))   # (forward itself traced: the root of a trace)
+        if proxy is not None:
+            return _fx_leaf_call(self, proxy.tracer, (input, hx), {})
         # torch.onnx.export (either exporter) writes what torch.nn's module would: ONNX's
         # RNN, LSTM and GRU nodes, which ONNX Runtime runs.
         if _torch.onnx.is_in_onnx_export():

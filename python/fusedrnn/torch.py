@@ -438,9 +438,10 @@ class _FusedMixin:
         return super().__call__(*args, **kwargs)
 
     def forward(self, input, hx=None):
-        proxy = _fx_proxy_in((input, hx))   # (forward itself traced: the root of a trace)
-        if proxy is not None:
-            return _fx_leaf_call(self, proxy.tracer, (input, hx), {})
+        if _is_fx_tracing():     # (forward itself traced: the root of a trace)
+            proxy = _fx_proxy_in((input, hx))
+            if proxy is not None:
+                return _fx_leaf_call(self, proxy.tracer, (input, hx), {})
         # torch.onnx.export (either exporter) writes what torch.nn's module would: ONNX's
         # RNN, LSTM and GRU nodes, which ONNX Runtime runs.
         if _torch.onnx.is_in_onnx_export():

@@ -349,12 +349,12 @@ def _refuse_overrides(module, cls):
                        | ({"forward"} & vars(module).keys()))  # (m.forward = f)
     additions = sorted(n for n in defined if not hasattr(base, n))
     if overrides or additions:
+        name = type(module).__qualname__
         what = "; ".join(
             ([f"it overrides {', '.join(overrides)} of {where}.{base.__name__}, and the fusedrnn "
               f"module would run {where}.{base.__name__}'s behaviour instead"] if overrides else [])
             + ([f"it defines {', '.join(additions)}, which the fusedrnn module would lack (and "
-                f"it would not be a {type(module).__qualname__})"] if additions else []))
-        name = type(module).__qualname__
+                f"it would not be {_a(name)} {name})"] if additions else []))
         raise TypeError(
             f"{cls.__name__}.from_module cannot convert {_a(name)} {name}: {what}. "
             f"Convert a plain torch.nn.{base.__name__} (load_state_dict into one), or subclass "
@@ -642,7 +642,7 @@ class _FusedMixin:
         """The fusedrnn version of a ``torch.nn`` module, sharing its parameters (no copy), so
         an optimiser built on the original keeps working; its other Parameters, buffers,
         submodules and attributes, and the training flag, are carried over too. What the copy
-        would silently lose is refused: a subclass's overrides, computed weights
+        would silently lose is refused: a subclass's overrides and additions, computed weights
         (parametrizations, pruning) and hooks."""
         if not isinstance(module, cls._torch_base):
             raise TypeError(f"{cls.__module__}.{cls.__name__}.from_module needs a "

@@ -359,6 +359,14 @@ def test_from_module_refuses_a_subclass_that_overrides_behaviour():
 
     assert type(ft.LSTM.from_module(Typed(3, 4))) is ft.LSTM
 
+    class Marker(typing.Protocol):
+        pass
+
+    class Marked(torch.nn.LSTM, Marker):
+        pass                            # (typing.Protocol's bookkeeping)
+
+    assert type(ft.LSTM.from_module(Marked(3, 4))) is ft.LSTM
+
     class Described(Tagged):            # a method the model may call: it would be lost
         scale = 2.0
 

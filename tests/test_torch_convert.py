@@ -185,3 +185,12 @@ def test_convert_refuses_a_second_scripted_rnn_and_a_compiled_one():
     with pytest.raises(TypeError, match=r"model\._orig_mod: compiled by torch.compile.*"
                                         r"torch.compile\(convert\(model\)\)"):
         ft.convert(compiled)
+
+
+def test_convert_takes_an_rnn_held_as_orig_mod_by_a_plain_module():
+    """Only torch.compile's wrapper is refused (a state_dict saved from a compiled model is
+    often loaded into a module with an _orig_mod child)."""
+    holder = torch.nn.Module()
+    holder._orig_mod = torch.nn.LSTM(3, 4)
+    ft.convert(holder)
+    assert type(holder._orig_mod) is ft.LSTM

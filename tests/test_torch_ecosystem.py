@@ -312,3 +312,32 @@ def test_make_fx_refusals_name_make_fx():
     with pytest.raises(RuntimeError, match="make_fx or fake tensors does not run inside "
                                            "torch.func transforms"):
         make_fx(loss_grad)(params, x)
+
+
+def test_make_fx_pre_dispatch_records_the_layer_as_an_op():
+    """With pre_dispatch=True the proxy mode is on the pre-dispatch stack: the outputs were
+    baked in as constants again."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    want, got = _pair("gru")
+    x, later = (torch.randn(5, 2, 3, dtype=torch.float64) for _ in range(2))
+    graph = make_fx(lambda x: got(x)[0], pre_dispatch=True)(x)
+    assert any(n.target is torch.ops.fusedrnn.rnn_stack.default for n in graph.graph.nodes)
+    assert_close(graph(later).detach().numpy(), want(later)[0].detach().numpy(), np.float64)
+
+
+def test_fx_leaf_goes_through_the_tracer_s_call_module():
+    """Its scope and module stack (nodes' nn_module_stack), and a tracer overriding
+    call_module (torchvision's feature extractor names nodes there), saw no layer."""
+    seen = []
+
+    class Watching(torch.fx.Tracer):
+        def call_module(self, m, forward, args, kwargs):
+            seen.append(type(m))
+            return super().call_module(m, forward, args, kwargs)
+
+    model = ft.convert(_Tagger().double())
+    graph = Watching().trace(model)
+    assert seen == [ft.LSTM, ft.GRU, torch.nn.Linear]
+    rnn_node = next(n for n in graph.nodes if n.op == "call_module" and n.target == "rnn")
+    assert list(rnn_node.meta["nn_module_stack"]) == ["rnn"]

@@ -28,6 +28,11 @@ def _scripted_rnn(m):
             and name.rsplit(".", 1)[-1] in ("RNN", "LSTM", "GRU"))
 
 
+def _compile_wrapper(m):
+    """Whether m is torch.compile's wrapper (torch._dynamo's OptimizedModule)."""
+    return type(m).__name__ == "OptimizedModule" and type(m).__module__.startswith("torch._dynamo")
+
+
 def _path(parent_paths, parent, name):
     prefix = parent_paths[id(parent)]
     return f"model.{prefix}.{name}" if prefix else f"model.{name}"
@@ -67,7 +72,7 @@ def convert(model, *, strict=True):
         if id(child) in replaced or id(child) in refused:
             continue
         path = "model" if name is None else _path(parent_paths, parent, name)
-        if cls is not None and name == "_orig_mod" and getattr(parent, "_orig_mod", None) is child:
+        if cls is not None and name == "_orig_mod" and _compile_wrapper(parent):
             # torch.compile's wrapper keeps calling the module it compiled
             refused[id(child)] = (f"{path}: compiled by torch.compile, whose wrapper would keep "
                                   f"calling torch.nn's module (convert before compiling: "

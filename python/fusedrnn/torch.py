@@ -40,6 +40,7 @@ from torch._guards import active_fake_mode as _active_fake_mode
 from torch._subclasses.fake_tensor import is_fake as _is_fake
 from torch.fx import Proxy as _FxProxy
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing as _is_fx_tracing
+from torch._ops import _len_torch_dispatch_stack_pre_dispatch as _pre_dispatch_modes
 from torch.fx.experimental.proxy_tensor import get_proxy_mode as _get_proxy_mode
 from torch.nn.utils import parametrize as _parametrize
 from torch.nn.utils.rnn import PackedSequence as _PackedSequence
@@ -75,14 +76,20 @@ def _fx_proxy_in(values):
 
 
 def _fx_leaf_call(module, tracer, args, kwargs):
-    """The module's call as one call_module node of the torch.fx graph being traced."""
+    """The module's call as one call_module node of the torch.fx graph being traced, made
+    through the tracer's call_module (its scope, module stack and overrides: torchvision's
+    feature extractor names nodes there), whichever way its is_leaf_module answers."""
     path = tracer.path_of_module(module)
     if not path:
         raise RuntimeError(
             f"torch.fx.symbolic_trace cannot trace a fusedrnn.torch.{type(module).__name__} "
             f"itself (its forward is Python around C++ kernels): trace a model that holds it, "
             f"where it becomes one call_module node")
-    return tracer.create_proxy("call_module", path, args, kwargs)
+
+    def leaf(*args, **kwargs):
+        return tracer.create_proxy("call_module", path, args, kwargs)
+
+    return tracer.call_module(module, leaf, args, kwargs)
 
 
 def _has_fake_tensors(input, hx, params):
@@ -313,7 +320,9 @@ _HARMLESS = {"__init__", "__module__", "__qualname__", "__doc__", "__dict__", "_
              "__annotations__", "__annotate__", "__firstlineno__", "__static_attributes__",
              "__orig_bases__", "__parameters__", "__slots__", "__init_subclass__",
              # typing.Generic's and abc.ABC's bookkeeping, in a mixin or the class itself
-             "__class_getitem__", "_is_protocol", "__abstractmethods__", "_abc_impl"}
+             "__class_getitem__", "_is_protocol", "__abstractmethods__", "_abc_impl",
+             "__subclasshook__", "_is_runtime_protocol", "__protocol_attrs__",
+             "__non_callable_proto_members__"}
 
 
 def _refuse_computed_weights(module, cls):
@@ -469,9 +478,10 @@ class _FusedMixin:
     def _forward_eager(self, input, hx):
         if _has_fake_tensors(input, hx, self._flat_weights):  # FakeTensorMode, or a tool using it
             return self._forward(input, hx, as_op=True)
-        if _torch._C._len_torch_dispatch_stack() and _get_proxy_mode() is not None:
-            # make_fx in real mode records the ops it sees: the layer as one op, not its outputs
-            # as constants (which the graph returned for any later input)
+        if ((_torch._C._len_torch_dispatch_stack() or _pre_dispatch_modes())
+                and _get_proxy_mode() is not None):
+            # make_fx in real mode (pre_dispatch too) records the ops it sees: the layer as one
+            # op, not its outputs as constants (which the graph returned for any later input)
             return self._forward(input, hx, as_op=True)
         if self._flat_weights and getattr(self._flat_weights[0], "is_meta", False):
             # A shape-only dry run (a model built on the meta device): torch.nn's forward gives

@@ -57,7 +57,6 @@ from ._validate import as_lengths as _as_lengths
 __all__ = ["RNN", "LSTM", "GRU", "convert"]
 
 _PLAIN = (_torch.Tensor, _torch.nn.Parameter, type(None))
-_MODULE_CALL = _torch.nn.Module.__call__   # (FX patches it while tracing: ours acts first)
 _NP_DTYPE = {_torch.float32: np.dtype(np.float32), _torch.float64: np.dtype(np.float64)}
 _CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
 
@@ -445,7 +444,7 @@ class _FusedMixin:
                 proxy = getattr(self, self._flat_weights_names[0])
             if isinstance(proxy, _FxProxy):
                 return _fx_leaf_call(self, proxy.tracer, args, kwargs)
-        return _MODULE_CALL(self, *args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
     def forward(self, input, hx=None):
         if _is_fx_tracing():     # (forward itself traced: the root of a trace)

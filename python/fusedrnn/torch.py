@@ -65,6 +65,25 @@ class _HxError(TypeError, RuntimeError):
     """hx of the wrong structure: torch.nn raises RuntimeError (or IndexError by accident)."""
 
 
+_ONNX_STATE = []     # torch's ONNX exporters' flags, found on the first call
+
+
+def _in_onnx_export():
+    """torch.onnx.is_in_onnx_export() without its imports on every call (0.9 us of a 28 us
+    call); torch.onnx's own function where torch keeps the flags elsewhere."""
+    if not _ONNX_STATE:
+        try:
+            from torch.onnx._internal.exporter import _flags
+            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+            _ONNX_STATE.append((_flags, GLOBALS))
+        except ImportError:
+            _ONNX_STATE.append(None)
+    if _ONNX_STATE[0] is None:
+        return _torch.onnx.is_in_onnx_export()
+    flags, state = _ONNX_STATE[0]
+    return state.in_onnx_export or flags._is_onnx_exporting
+
+
 def _fx_proxy_in(values):
     """The first torch.fx Proxy among values (tensors, or tuples of them as LSTM's hx), or
     None."""
@@ -452,8 +471,10 @@ class _FusedMixin:
             if proxy is not None:
                 return _fx_leaf_call(self, proxy.tracer, (input, hx), {})
         # torch.onnx.export (either exporter) writes what torch.nn's module would: ONNX's
-        # RNN, LSTM and GRU nodes, which ONNX Runtime runs.
-        if _torch.onnx.is_in_onnx_export():
+        # RNN, LSTM and GRU nodes, which ONNX Runtime runs. (Dynamo, tracing this method,
+        # takes torch's own test; it skips the flags the quick one reads.)
+        compiling = _torch.compiler.is_compiling()
+        if _torch.onnx.is_in_onnx_export() if compiling else _in_onnx_export():
             return self._forward_for_onnx(input, hx)
         # torch.export and fake tensors trace the layer by its shapes: there it is one op of
         # the graph (_torch_ops), whose fake kernel gives the shapes. (Strict export runs
@@ -473,7 +494,9 @@ class _FusedMixin:
         return self._torch_base.forward(self, input, hx)
 
     # torch.compile breaks the graph here and runs the layer as it is: Dynamo tracing into the
-    # NumPy glue took seconds a first call and recompiled for every new sequence length.
+    # NumPy glue took seconds a first call and recompiled for every new sequence length. (The
+    # wrapper costs 0.7 us a call; called only while Dynamo traces, it would not stop Dynamo
+    # from compiling this method's frame when the layer runs eagerly inside a compiled call.)
     @_torch.compiler.disable
     def _forward_eager(self, input, hx):
         if _has_fake_tensors(input, hx, self._flat_weights):  # FakeTensorMode, or a tool using it
@@ -499,6 +522,7 @@ class _FusedMixin:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", _torch.jit.TracerWarning)
             return self._forward(input, hx, as_op=True)
+
 
     def _forward(self, input, hx, as_op=False):
         spec = self._spec()

@@ -65,7 +65,8 @@ class _HxError(TypeError, RuntimeError):
     """hx of the wrong structure: torch.nn raises RuntimeError (or IndexError by accident)."""
 
 
-_ONNX_STATE = []     # torch's ONNX exporters' flags, found on the first call
+_ONNX_STATE = []     # torch's ONNX exporters' flags, found on the first call (not an
+                     # lru_cache: Dynamo warns where it meets one, in a compiled call's frames)
 
 
 def _in_onnx_export():
@@ -111,12 +112,19 @@ def _fx_leaf_call(module, tracer, args, kwargs):
     return tracer.call_module(module, leaf, args, kwargs)
 
 
+def _tracing_mode_active():
+    """Whether a mode that traces torch's ops is active: a FakeTensorMode (one that allows real
+    inputs makes them fake as torch's ops take them: the eager path would read them as NumPy
+    and fail), or make_fx's proxy mode, pre_dispatch's too (the eager path's outputs would be
+    recorded as constants, which the graph returned for any later input)."""
+    if _torch._C._len_torch_dispatch_stack():               # (mostly empty)
+        return _active_fake_mode() is not None or _get_proxy_mode() is not None
+    return bool(_pre_dispatch_modes()) and _get_proxy_mode() is not None
+
+
 def _has_fake_tensors(input, hx, params):
-    """Whether any of the call's tensors is fake (FakeTensorMode, or a tool that traces with it),
-    or a FakeTensorMode is active: one that allows real inputs makes them fake as torch's ops
-    take them (the eager path would read them as NumPy and fail)."""
-    if _torch._C._len_torch_dispatch_stack() and _active_fake_mode() is not None:  # (mostly none)
-        return True
+    """Whether any of the call's tensors is fake (FakeTensorMode, or a tool that traces with
+    it)."""
     tensors = [input.data if isinstance(input, _PackedSequence) else input, *params]
     tensors += list(hx) if isinstance(hx, (tuple, list)) else [hx]
     # (is_fake costs a microsecond a tensor: plain tensors and parameters are not fake)
@@ -499,12 +507,9 @@ class _FusedMixin:
     # from compiling this method's frame when the layer runs eagerly inside a compiled call.)
     @_torch.compiler.disable
     def _forward_eager(self, input, hx):
-        if _has_fake_tensors(input, hx, self._flat_weights):  # FakeTensorMode, or a tool using it
-            return self._forward(input, hx, as_op=True)
-        if ((_torch._C._len_torch_dispatch_stack() or _pre_dispatch_modes())
-                and _get_proxy_mode() is not None):
-            # make_fx in real mode (pre_dispatch too) records the ops it sees: the layer as one
-            # op, not its outputs as constants (which the graph returned for any later input)
+        # Fake tensors and make_fx trace the layer as one op (_torch_ops), by its fake kernel
+        # or by running it
+        if _tracing_mode_active() or _has_fake_tensors(input, hx, self._flat_weights):
             return self._forward(input, hx, as_op=True)
         if self._flat_weights and getattr(self._flat_weights[0], "is_meta", False):
             # A shape-only dry run (a model built on the meta device): torch.nn's forward gives

@@ -26,7 +26,7 @@ struct LayerShape {
 
 // ONNX's activation functions (its RNN, LSTM and GRU operators' `activations`), each with the
 // alpha and beta that some take: Affine a*x + b, LeakyRelu x < 0 ? a*x : x, ThresholdedRelu
-// x < a ? 0 : x, ScaledTanh a*tanh(b*x), HardSigmoid min(max(a*x + b, 0), 1), Elu x < 0 ?
+// x <= a ? 0 : x, ScaledTanh a*tanh(b*x), HardSigmoid min(max(a*x + b, 0), 1), Elu x < 0 ?
 // a*(e^x - 1) : x, Softsign x/(1 + |x|), Softplus log(1 + e^x).
 enum class Activation : int { Sigmoid = 0, Tanh, Relu, Affine, LeakyRelu, ThresholdedRelu,
                               ScaledTanh, HardSigmoid, Elu, Softsign, Softplus };

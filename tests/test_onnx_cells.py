@@ -168,3 +168,22 @@ def test_options_refused(rng):
         functional.forward(*args, training=False, onnx={**ok, "peepholes": np.zeros((3, 5))})
     with pytest.raises(ValueError, match="inference"):
         reference.forward(*args, training=True, onnx=ok)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_thresholded_relu_at_its_threshold(isa, dtype):
+    """ThresholdedRelu keeps x only above alpha (ONNX's ThresholdedRelu operator, ONNX Runtime):
+    x == alpha gives 0, NaN stays NaN. An RNN whose step is f(x): W = I, R = 0, no bias."""
+    alpha = dtype(0.3)
+    x = np.array([alpha, np.nextafter(alpha, dtype(1)), np.nextafter(alpha, dtype(0)), -1.0,
+                  2.0], dtype)
+    H = len(x)
+    eye, zeros = np.eye(H, dtype=dtype), np.zeros((H, H), dtype)
+    xs = np.stack([x, np.full(H, np.nan, dtype)])[None]  # (T, B, I): batch row 1 all NaN
+    want = np.stack([np.array([0, x[1], 0, 0, 2.0], dtype), np.full(H, np.nan, dtype)])
+    for name, f in (("kernels", lambda *a, **k: functional.forward(*a, isa=isa, **k)),
+                    ("reference", reference.forward)):
+        y = f("rnn_tanh", xs, np.zeros((2, H), dtype), None, eye, zeros, None, None,
+              training=False, onnx={"activations": [("thresholdedrelu", alpha, 0.0)]})[0]
+        np.testing.assert_array_equal(y[0], want, err_msg=name)

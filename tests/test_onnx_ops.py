@@ -189,7 +189,8 @@ def test_run_node_inputs_by_name_or_position(rng):
 
 def test_run_node_refuses_by_name_what_it_cannot_run(rng):
     """A GRU naming a third output (Y_c) ran and left it out; another domain's LSTM was blamed
-    on its op_type; inputs=None raised "'NoneType' object is not iterable"."""
+    on its op_type; inputs=None raised "'NoneType' object is not iterable"; outputs named twice
+    returned the second under the name."""
     helper = pytest.importorskip("onnx").helper
     args = lstm_args(rng)
     inputs = {k: args[k] for k in ("X", "W", "R")}
@@ -204,6 +205,9 @@ def test_run_node_refuses_by_name_what_it_cannot_run(rng):
     lstm = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=5)
     with pytest.raises(TypeError, match="inputs must be a dict"):
         onnx_ops.run_node(lstm, None)
+    twice = helper.make_node("LSTM", ["X", "W", "R"], ["Y", "Y"], hidden_size=5)
+    with pytest.raises(ValueError, match=r"distinct names, got \['Y', 'Y'\]"):
+        onnx_ops.run_node(twice, inputs)  # (it returned Y_h under the name Y)
 
 
 @pytest.mark.parametrize("op", ["lstm", "gru"])

@@ -293,6 +293,25 @@ def test_onnxruntime_cell_options(rng, monkeypatch, op, direction, attrs, peepho
         assert_close(got[name], want[name], np.float32, what=f"reference {op} {name}")
 
 
+def test_onnxruntime_thresholded_relu_at_its_threshold():
+    """ThresholdedRelu at x == alpha gives 0 as in ONNX Runtime (the RNN operators' text says
+    x >= alpha keeps x; ONNX's ThresholdedRelu operator and ONNX Runtime keep x > alpha only).
+    An RNN whose step is f(x): W = I, R = 0."""
+    alpha = np.float32(0.3)
+    x = np.array([alpha, np.nextafter(alpha, np.float32(1)), np.nextafter(alpha, np.float32(0)),
+                  -1, 2], np.float32)
+    H = len(x)
+    node = onnx.helper.make_node("RNN", ["X", "W", "R"], ["Y"], hidden_size=H,
+                                 activations=["ThresholdedRelu"], activation_alpha=[float(alpha)])
+    feeds = {"X": x[None, None], "W": np.eye(H, dtype=np.float32)[None],
+             "R": np.zeros((1, H, H), np.float32)}
+    want = ort_node_outputs(node, feeds)["Y"]
+    assert want[0, 0, 0, 0] == 0 and want[0, 0, 0, 1] == x[1]  # the tie as ONNX Runtime has it
+    for isa in _C.available_isas():
+        np.testing.assert_array_equal(run_fusedrnn(node, feeds, np.float32, isa)["Y"], want,
+                                      err_msg=isa)
+
+
 # ---- float16 and bfloat16 (ONNX's type T takes both): the float32 kernels, rounded once ----
 
 

@@ -22,7 +22,7 @@ inline Vec<T> activate(const ActivationFn<T>& fn, Vec<T> x) {
     case Activation::Relu: return vrelu(x);
     case Activation::Affine: return V::fma(a, x, b);
     case Activation::LeakyRelu: return V::select(V::lt(x, zero), a * x, x);
-    case Activation::ThresholdedRelu: return V::select(V::lt(x, a), zero, x);
+    case Activation::ThresholdedRelu: return V::select(V::le(x, a), zero, x);  // x == a: 0, NaN: NaN
     case Activation::ScaledTanh: return a * vtanh(b * x);
     case Activation::HardSigmoid: {
       const V y = V::fma(a, x, b);

@@ -117,6 +117,10 @@ def run_node(node, inputs, isa=None):
     if len(node.output) > len(OUTPUTS[op]):
         raise ValueError(f"{op} has at most {len(OUTPUTS[op])} outputs {list(OUTPUTS[op])}, the "
                          f"node names {len(node.output)}")
+    named = [name for name in node.output if name]
+    if len(set(named)) < len(named):
+        # (ONNX names each value once; the dict returned would hold the last under the name)
+        raise ValueError(f"node's outputs must have distinct names, got {list(node.output)}")
     if inputs is None or isinstance(inputs, (str, bytes)):
         raise TypeError(f"inputs must be a dict by input name or a sequence in the node's input "
                         f"order, got {type(inputs).__name__}")

@@ -178,6 +178,8 @@ def _affine_backward(dgx, dgh, x, h, p, g):
 # f, g, h as the cell takes them (RNN f; GRU f, g; LSTM f, g, h), "clip": None or c > 0 (every
 # activation's input clamped to [-c, c]), "input_forget": LSTM f = 1 - i, "peepholes": None or
 # (3, H) for the LSTM's gates i, f, o}. As ONNX Runtime: peepholes, then clip, then the function.
+# ThresholdedRelu is 0 at x == alpha, as ONNX's ThresholdedRelu operator and ONNX Runtime have it
+# (the RNN operators' text says x >= alpha keeps x).
 
 ACTIVATIONS = {
     "sigmoid": lambda x, a, b: _sigmoid(x),
@@ -185,7 +187,7 @@ ACTIVATIONS = {
     "relu": lambda x, a, b: np.maximum(x, 0),
     "affine": lambda x, a, b: a * x + b,
     "leakyrelu": lambda x, a, b: np.where(x < 0, a * x, x),
-    "thresholdedrelu": lambda x, a, b: np.where(x < a, 0, x).astype(x.dtype, copy=False),
+    "thresholdedrelu": lambda x, a, b: np.where(x <= a, 0, x).astype(x.dtype, copy=False),
     "scaledtanh": lambda x, a, b: a * np.tanh(b * x),
     "hardsigmoid": lambda x, a, b: np.clip(a * x + b, 0, 1),
     "elu": lambda x, a, b: np.where(x < 0, a * np.expm1(np.minimum(x, 0)), x),

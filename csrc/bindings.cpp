@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <initializer_list>
 #include <optional>
@@ -178,6 +179,39 @@ bool is_f64(const py::array& x) {
   throw py::type_error("x must be float32 or float64, got " + std::string(py::str(x.dtype())));
 }
 
+template <typename T>
+Arr<T> own_copy(const Arr<T>& a) {
+  Arr<T> copy(std::vector<int64_t>(a.shape(), a.shape() + a.ndim()));
+  std::memcpy(copy.mutable_data(), a.data(), sizeof(T) * a.size());
+  return copy;
+}
+
+// Whether x (T, B, I) holds a NaN or an infinity at a step past its row's length.
+template <typename T>
+bool padding_not_finite(const Arr<T>& x, const Arr<int64_t>& lengths) {
+  const int64_t T_ = x.shape(0), B = x.shape(1), I = x.shape(2);
+  for (int64_t t = 0; t < T_; ++t)
+    for (int64_t b = 0; b < B; ++b)
+      if (t >= lengths.data()[b])
+        for (const T* v = x.data() + (t * B + b) * I, *end = v + I; v < end; ++v)
+          if (!std::isfinite(*v)) return true;
+  return false;
+}
+
+// A copy of x with the steps past each row's length zeroed.
+template <typename T>
+Arr<T> padding_zeroed(const Arr<T>& x, const Arr<int64_t>& lengths) {
+  const int64_t T_ = x.shape(0), B = x.shape(1), I = x.shape(2);
+  Arr<T> clean = empty<T>({T_, B, I});
+  for (int64_t t = 0; t < T_; ++t)
+    for (int64_t b = 0; b < B; ++b) {
+      T* to = clean.mutable_data() + (t * B + b) * I;
+      if (t < lengths.data()[b]) std::memcpy(to, x.data() + (t * B + b) * I, sizeof(T) * I);
+      else std::fill(to, to + I, T(0));
+    }
+  return clean;
+}
+
 // One layer call's arguments checked, its outputs (and, training, its saved buffers) allocated:
 // the kernels' ForwardArgs and what python gets back.
 template <typename T>
@@ -185,6 +219,8 @@ struct LayerCall {
   fusedrnn::ForwardArgs<T> a{};
   Arr<T> y, hn;
   std::optional<Arr<T>> cn;
+  std::optional<Arr<int64_t>> lengths;  // the kernels' copy, alive for the call
+  std::optional<Arr<T>> x_clean;        // x with its padding zeroed, where the call needs it
   Context c{};
   bool training = false;
 
@@ -224,6 +260,9 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
   }
   if (lengths) {
     check_shape("lengths", *lengths, {s.B});
+    // Our own copy, checked, read by the kernels and kept for backward: the caller may change
+    // theirs (the next batch's lengths) before backward, or while the GIL is away.
+    lengths = own_copy(*lengths);
     for (int64_t b = 0; b < s.B; ++b)
       if (lengths->data()[b] < 1 || lengths->data()[b] > s.T)
         fail("lengths must lie in 1.." + std::to_string(s.T) + ", got " + std::to_string(lengths->data()[b]));
@@ -236,6 +275,14 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
 
   LayerCall<T> call;
   call.training = training;
+  call.lengths = lengths;
+  if (training && lengths && padding_not_finite(x, *lengths)) {
+    // Steps past a row's length enter nothing but dW_ih = dG^T X, where dG is 0 and 0 * NaN is
+    // NaN: the kernels take x with them zeroed (torch's PackedSequence never holds them).
+    x = padding_zeroed(x, *lengths);
+    call.x_clean = x;
+    pack_x = true;  // (the context keeps this copy, not the caller's x)
+  }
   call.y = empty<T>({s.T, s.B, s.Hout});
   call.hn = empty<T>({s.B, s.Hout});
   if (cell == Cell::Lstm) call.cn.emplace(std::vector<int64_t>{s.B, s.H});
@@ -266,6 +313,8 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
       Arr<T> packed = empty<T>({packed_elems});
       a.x_packed = packed.mutable_data();
       c.x_packed = packed;
+    } else if (call.x_clean) {
+      c.x = *call.x_clean;
     } else if (pack_x) {
       Arr<T> copy = empty<T>({s.T, s.B, s.I});
       std::memcpy(copy.mutable_data(), x.data(), sizeof(T) * s.T * s.B * s.I);

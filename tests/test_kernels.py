@@ -577,6 +577,67 @@ def test_training_context_and_the_callers_x(rng, keep_x, I):
     assert same == (not keep_x)
 
 
+# B = 1: a single row (dW_ih may be taken chunk by chunk of steps); 3: whole-sequence products;
+# 13: the projection in the step. I = 5: x copied plain; I = 64: packed for the backward.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("B,I", [(1, 5), (3, 5), (3, 64), (13, 5)])
+@pytest.mark.parametrize("keep_x", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_padding_past_lengths_never_reaches_the_gradients(rng, isa, cell, B, I, keep_x, reverse):
+    """Steps past a row's length are padding (torch's PackedSequence never holds them): NaN and
+    infinities there leave every output and gradient as zeros there do. They met dW_ih = dG^T X,
+    where dG is 0 and 0 * NaN is NaN."""
+    T = 6
+    case = make_case(rng, cell, T=T, B=B, I=I, H=7)
+    lengths = np.full(B, T)
+    lengths[-1] = 2 if B > 1 else 4
+    lengths[0] = 3 if B > 2 else lengths[0]
+    padding = np.arange(T)[:, None] >= lengths[None, :]          # (T, B)
+    w = case["w"]
+
+    def run(fill):
+        x = case["x"].copy()
+        x[padding] = fill
+        y, hn, cn, ctx = functional.forward(cell, x, case["h0"], case["c0"], w["w_ih"],
+                                            w["w_hh"], w["b_ih"], w["b_hh"], None, lengths,
+                                            reverse, isa=isa, keep_x=keep_x)
+        dx, dh0, dc0, grads = functional.backward(ctx, case["dy"], case["dhn"], case["dcn"])
+        return {"y": y, "hn": hn, "cn": cn, "dx": dx, "dh0": dh0, "dc0": dc0, **grads}
+
+    want = run(0.0)
+    for fill in (np.nan, np.inf, -np.inf):
+        got = run(fill)
+        for k, v in want.items():
+            if v is not None:
+                # (keep_x with zeros keeps x itself; with NaN it takes a copy, maybe packed)
+                assert np.isfinite(got[k]).all(), (fill, k)
+                assert_close(got[k], v, np.float64, what=f"{k} ({fill} in the padding)")
+
+
+def test_the_context_keeps_its_own_lengths(rng):
+    """The caller may change its lengths array (the next batch's) between forward and backward,
+    to other lengths or to values no call would take: the backward reads the forward's. It read
+    the caller's array: other gradients, or a crash out of bounds."""
+    case = make_case(rng, "gru", T=6, B=3, I=4, H=5)
+    w = case["w"]
+
+    def grads(overwrite):
+        lengths = np.array([6, 2, 4], np.int64)
+        *_, ctx = functional.forward("gru", case["x"], case["h0"], None, w["w_ih"], w["w_hh"],
+                                     w["b_ih"], w["b_hh"], None, lengths, True)
+        if overwrite is not None:
+            lengths[:] = overwrite
+        dx, dh0, _, g = functional.backward(ctx, case["dy"], case["dhn"])
+        return {"dx": dx, "dh0": dh0, **g}
+
+    want = grads(None)
+    for overwrite in ([1, 6, 6], [10 ** 6] * 3, [-5] * 3):
+        got = grads(overwrite)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"{k} after {overwrite}")
+
+
 @pytest.mark.parametrize("I", [5, 64])
 @pytest.mark.parametrize("keep_x", [False, True])
 def test_a_stacks_context_and_the_callers_x(rng, keep_x, I):

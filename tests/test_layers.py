@@ -404,6 +404,33 @@ def test_the_caller_may_reuse_x_between_forward_and_backward(rng, bidirectional,
         np.testing.assert_array_equal(g, over[name], err_msg=name)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_padding_past_lengths_leaves_the_gradients_as_zeros_do(rng, cell, batch_first):
+    """NaN in x past a row's length (padding from np.empty, say) made weight_ih_l0 NaN: a
+    PackedSequence never holds it. And the lengths array may be the next batch's by backward."""
+    T, B, I, H = 5, 4, 3, 6
+    lengths0 = np.array([5, 2, 4, 1])
+    x0 = rng.standard_normal((B, T, I) if batch_first else (T, B, I))
+    dy = rng.standard_normal((B, T, 2 * H) if batch_first else (T, B, 2 * H))
+    steps = np.arange(T)[None, :] if batch_first else np.arange(T)[:, None]
+    rows = lengths0[:, None] if batch_first else lengths0[None, :]
+
+    def grads(fill):
+        layer = make_layer(cell, I, H, L=2, bidirectional=True, batch_first=batch_first)
+        x, lengths = x0.copy(), lengths0.copy()
+        x[steps >= rows] = fill
+        layer(x, lengths=lengths)
+        lengths[:] = T
+        dx, _ = layer.backward(dy)
+        return {"dx": dx, **layer.grads}
+
+    want = grads(0.0)
+    got = grads(np.nan)
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
 def test_backward_frees_saved_state_and_eval_keeps_nothing(rng):
     layer = fusedrnn.RNN(3, 4)
     x = rng.standard_normal((2, 1, 3)).astype(np.float32)

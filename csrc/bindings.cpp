@@ -8,6 +8,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdio>
+#include <cstdint>
 #include <cstring>
 #include <initializer_list>
 #include <optional>
@@ -138,8 +140,23 @@ struct Context {
 template <typename T>
 Arr<T> empty(std::vector<int64_t> shape) {
   size_t n = 1;
-  for (int64_t d : shape) n *= static_cast<size_t>(d);
-  void* mem = fusedrnn::aligned_alloc_bytes(n * sizeof(T));
+  bool too_big = false;
+  for (int64_t d : shape) too_big |= __builtin_mul_overflow(n, static_cast<size_t>(d), &n);
+  too_big |= n > SIZE_MAX / sizeof(T);
+  void* mem = nullptr;
+  try {
+    if (!too_big) mem = fusedrnn::aligned_alloc_bytes(n * sizeof(T));
+  } catch (const std::bad_alloc&) {
+  }
+  if (!mem) {  // (MemoryError, as NumPy's, with the size: pybind11's says "std::bad_alloc")
+    char gib[64];
+    std::snprintf(gib, sizeof gib, "%.1f GiB", double(n) * sizeof(T) / (1 << 30));
+    const std::string size = too_big ? "more bytes than an address space holds" : gib;
+    PyErr_SetString(PyExc_MemoryError, ("cannot allocate " + size + " for an array of shape " +
+                                        shape_str(shape) + (sizeof(T) == 4 ? " float32" : " float64"))
+                                           .c_str());
+    throw py::error_already_set();
+  }
   py::capsule owner(mem, [](void* p) { fusedrnn::aligned_free_bytes(p); });
   return Arr<T>(shape, static_cast<T*>(mem), owner);
 }

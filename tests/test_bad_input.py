@@ -443,3 +443,15 @@ def test_a_big_endian_input_is_named_as_such():
     with pytest.raises(TypeError, match=r"x must be native-byte-order float32 \(the layer's "
                                         r"dtype\), got >f4"):
         fusedrnn.GRU(4, 3)(x_of().astype(">f4"))
+
+
+def test_an_output_too_big_for_memory_is_a_memory_error_with_its_size():
+    """A call whose outputs cannot be allocated raises MemoryError naming the size and shape
+    (pybind11's said "std::bad_alloc"), here y (T, B, H) of 4 PiB from an input of no values."""
+    from fusedrnn import functional as F
+    T, B, H = 2 ** 46, 4, 4
+    x = np.empty((T, B, 0), np.float32)
+    weights = (np.zeros((H, 0), np.float32), np.zeros((H, H), np.float32), None, None)
+    with pytest.raises(MemoryError, match=rf"cannot allocate 4194304.0 GiB for an array of "
+                                          rf"shape \({T}, {B}, {H}\) float32"):
+        F.forward("rnn_tanh", x, np.zeros((B, H), np.float32), None, *weights, training=False)

@@ -919,3 +919,20 @@ def test_a_narrow_x_is_kept_as_a_plain_copy(rng):
         return ctx.x_bytes
     assert saved_x_bytes(1) == 50 * 40 * 1 * 8
     assert saved_x_bytes(64) == 50 * 40 * 64 * 8
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_missing_initial_states_are_zeros(rng, cell):
+    """functional.forward takes h0 = None (and the LSTM's c0 = None) as zeros, as
+    reference.forward and torch.nn do; it refused them."""
+    case = make_case(rng, cell, h0_zero=True)
+    w = case["w"]
+    weights = (w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
+    c0 = np.zeros_like(case["c0"]) if cell == "lstm" else None
+    want = functional.forward(cell, case["x"], case["h0"], c0, *weights, training=False)
+    got = functional.forward(cell, case["x"], None, None, *weights, training=False)
+    ref = reference.forward(cell, case["x"], None, None, *weights, training=False)
+    for g, w_, r in zip(got[:3], want[:3], ref[:3]):
+        if w_ is not None:
+            np.testing.assert_array_equal(g, w_)
+            assert_close(g, r, np.float64)

@@ -777,6 +777,54 @@ def test_a_training_call_meeting_another_threads_on_one_layer_raises(rng, monkey
     np.testing.assert_array_equal(layer.backward(np.ones_like(want_y))[0], want_dx)
 
 
+@pytest.mark.parametrize("call", ["forward", "backward"])
+def test_an_interrupted_training_call_leaves_the_layer_usable(rng, call):
+    """A KeyboardInterrupt landing after a training call's claim on the layer and before its
+    release (a Ctrl-C in a training loop) left the claim held: every later training call raised
+    "another thread is in a training forward or backward", with no other thread. The thread
+    that held it now takes it back; another thread is still refused."""
+    import sys
+    import threading
+
+    from fusedrnn import layers
+    layer = make_layer("lstm", 4, 5, seed=0)
+    x = rng.standard_normal((3, 2, 4))
+    want = layer(x)[0].copy()
+    dy = np.ones_like(want)
+    if call == "backward":
+        layer(x)
+    claim = layers._Layer._claim_training_call.__code__
+
+    def interrupt_after_the_claim(frame, event, arg):
+        if frame.f_code is claim:
+            def local(frame, event, arg):
+                if event == "return":
+                    sys.settrace(None)
+                    raise KeyboardInterrupt  # as a signal handler's, before the caller's `try`
+                return local
+            return local
+        return None
+
+    sys.settrace(interrupt_after_the_claim)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            layer(x) if call == "forward" else layer.backward(dy)
+    finally:
+        sys.settrace(None)
+    errors = []
+    other = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, layer, x)))
+    other.start()
+    other.join()
+    assert "one layer object serves one thread at a time" in str(errors[0].value)
+    np.testing.assert_array_equal(layer(x)[0], want)
+    layer.backward(dy)
+    layer(x)  # (released: nothing held after a whole call)
+    other = threading.Thread(target=lambda: errors.append(layer.backward(dy)))
+    other.start()
+    other.join()
+    assert len(errors) == 2
+
+
 def flat_outputs(out):
     """y, hn (and cn) of a layer call as one list."""
     y, h = out

@@ -99,10 +99,11 @@ def check_layer_params(cell, dtype, B, I, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         b_hh = as_float_array("b_hh", b_hh, dtype, _X_DTYPE)
         check_shape("b_ih", b_ih, (G * H,))
         check_shape("b_hh", b_hh, (G * H,))
-    h0 = as_float_array("h0", h0, dtype, _X_DTYPE)
+    # None: zeros, as reference.forward and torch.nn take it
+    h0 = np.zeros((B, H_out), dtype) if h0 is None else as_float_array("h0", h0, dtype, _X_DTYPE)
     check_shape("h0", h0, (B, H_out))
     if cell == "lstm":
-        c0 = as_float_array("c0", c0, dtype, _X_DTYPE)
+        c0 = np.zeros((B, H), dtype) if c0 is None else as_float_array("c0", c0, dtype, _X_DTYPE)
         check_shape("c0", c0, (B, H))
     elif c0 is not None:
         raise ValueError(f"c0 is only for lstm, got an array for {cell}")

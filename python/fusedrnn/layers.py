@@ -133,6 +133,7 @@ class _Layer:
         self._saved = None
         self._why_no_saved = "no forward has run yet"
         self._training_call = threading.Lock()  # held through a training forward or backward
+        self._training_owner = None             # the thread that last took it
 
     # -- torch.nn-style attributes (read-only: the parameter shapes depend on them)
     input_size = property(lambda self: self._spec.input_size)
@@ -379,6 +380,7 @@ class _Layer:
         # where this id may be taken: it freezes again under a new id.
         self.__dict__.update(state)
         self.__dict__["_training_call"] = threading.Lock()
+        self.__dict__["_training_owner"] = None
         self.__dict__.pop("_grads_verdict", None)  # another copy's arrays: checked afresh
         self.__dict__.setdefault("_spare_grads", {})  # pickled before zero_grad(set_to_none)
         self.__dict__.setdefault("_init_rng", np.random.default_rng())  # before reset_parameters
@@ -513,12 +515,17 @@ class _Layer:
         after): another thread's, meeting it, would take or replace the state this one saves,
         silently (its backward then runs through the other's forward). Such a call raises
         instead; eval calls share the layer freely. (Not a context manager: that cost 1 us a
-        call, against 0.15.)"""
-        if not self._training_call.acquire(blocking=False):
+        call, against 0.15.) A claim held by the calling thread itself is stale: its call was
+        interrupted (a KeyboardInterrupt between the claim and the release), and is taken over;
+        else such a layer would refuse every training call for good."""
+        me = threading.get_ident()
+        d = self.__dict__
+        if not d["_training_call"].acquire(blocking=False) and d["_training_owner"] != me:
             raise RuntimeError(f"{type(self).__name__}.{what}: another thread is in a training "
                                f"forward or backward of this layer; in training one layer object "
                                f"serves one thread at a time (give each thread its own copy, "
                                f"copy.deepcopy, or call it in eval mode)")
+        d["_training_owner"] = me
 
     def _x_desc(self):
         s = self._spec

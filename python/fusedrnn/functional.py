@@ -6,9 +6,9 @@ Same signature and results as :mod:`fusedrnn.reference` (the NumPy oracle):
                              reverse=False, linear_before_reset=True, training=True)
     dx, dh0, dc0, grads = backward(ctx, dy, dhn=None, dcn=None, consume=False)
 
-Shapes: x (T, B, I); h0 (B, H_out); c0 (B, H) for "lstm" else None; w_ih (G*H, I);
-w_hh (G*H, H_out); b_ih, b_hh (G*H,) or None; w_hr (H_out, H) or None; lengths (B,) in 1..T or
-None. ``ctx`` is None when ``training`` is False; ``consume=True`` marks the last backward through
+Shapes: x (T, B, I); h0 (B, H_out), None for zeros; c0 (B, H) for "lstm" (None for zeros), else
+None; w_ih (G*H, I); w_hh (G*H, H_out); b_ih, b_hh (G*H,) or None; w_hr (H_out, H) or None;
+lengths (B,) in 1..T or None. ``ctx`` is None when ``training`` is False; ``consume=True`` marks the last backward through
 it (the kernels then reuse its saved state; a later backward raises). ``grads`` has the keys "weight_ih",
 "weight_hh" and, where they exist, "bias_ih", "bias_hh", "weight_hr".
 

@@ -175,6 +175,7 @@ def one_thread_rides():
     _C.set_ride_override("measured")
 
 
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
 @pytest.mark.parametrize("isa", _C.available_isas())
 @pytest.mark.parametrize("verdict", ["far_team", "far_alone", "measured"])
 @pytest.mark.parametrize("cell,lbr,H", PROBED)
@@ -223,6 +224,7 @@ def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, one
                 np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
 @pytest.mark.parametrize("isa", _C.available_isas())
 @pytest.mark.parametrize("cell,lbr,H", PROBED)
 @pytest.mark.parametrize("reverse", [False, True])
@@ -261,6 +263,7 @@ def test_projection_beside_a_walk_alone_gives_the_one_thread_bits(
                 np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
 @pytest.mark.parametrize("verdict", ["far_team", "far_alone"])
 def test_probe_verdicts_are_remembered_for_the_next_calls_of_a_shape(two_threads, probe_verdict,
                                                                        rng, verdict):

@@ -151,10 +151,11 @@ Arr<T> empty(std::vector<int64_t> shape) {
   if (!mem) {  // (MemoryError, as NumPy's, with the size: pybind11's says "std::bad_alloc")
     char gib[64];
     std::snprintf(gib, sizeof gib, "%.1f GiB", double(n) * sizeof(T) / (1 << 30));
-    const std::string size = too_big ? "more bytes than an address space holds" : gib;
-    PyErr_SetString(PyExc_MemoryError, ("cannot allocate " + size + " for an array of shape " +
-                                        shape_str(shape) + (sizeof(T) == 4 ? " float32" : " float64"))
-                                           .c_str());
+    const std::string what = std::string("cannot allocate ") +
+                             (too_big ? "more bytes than an address space holds" : gib) +
+                             " for an array of shape " + shape_str(shape) +
+                             (sizeof(T) == 4 ? " float32" : " float64");
+    PyErr_SetString(PyExc_MemoryError, what.c_str());
     throw py::error_already_set();
   }
   py::capsule owner(mem, [](void* p) { fusedrnn::aligned_free_bytes(p); });

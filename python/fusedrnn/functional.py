@@ -8,9 +8,10 @@ Same signature and results as :mod:`fusedrnn.reference` (the NumPy oracle):
 
 Shapes: x (T, B, I); h0 (B, H_out), None for zeros; c0 (B, H) for "lstm" (None for zeros), else
 None; w_ih (G*H, I); w_hh (G*H, H_out); b_ih, b_hh (G*H,) or None; w_hr (H_out, H) or None;
-lengths (B,) in 1..T or None. ``ctx`` is None when ``training`` is False; ``consume=True`` marks the last backward through
-it (the kernels then reuse its saved state; a later backward raises). ``grads`` has the keys "weight_ih",
-"weight_hh" and, where they exist, "bias_ih", "bias_hh", "weight_hr".
+lengths (B,) in 1..T or None. ``ctx`` is None when ``training`` is False; ``consume=True`` marks
+the last backward through it (the kernels then reuse its saved state; a later backward raises).
+``grads`` has the keys "weight_ih", "weight_hh" and, where they exist, "bias_ih", "bias_hh",
+"weight_hr".
 
 Arrays must share one float dtype (float32 or float64); other layouts are copied to C order only
 when needed and inputs are never modified. ``isa`` ("generic", "avx2", "avx512", "amx") runs one

@@ -204,39 +204,42 @@ Arr<T> own_copy(const Arr<T>& a) {
   return copy;
 }
 
-// Whether x (T, B, I) holds a NaN or an infinity at a step past its row's length: an exponent
-// of all ones, tested on the bits (a loop the compiler vectorises).
+// Whether any of v[0, n) is a NaN or an infinity: an exponent of all ones, tested on the bits
+// (a loop the compiler vectorises).
 template <typename T>
-bool padding_not_finite(const Arr<T>& x, const Arr<int64_t>& lengths) {
+bool any_not_finite(const T* v, int64_t n) {
   using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
   const Bits exponent = sizeof(T) == 4 ? Bits(0x7f800000u) : Bits(0x7ff0000000000000ull);
-  const int64_t T_ = x.shape(0), B = x.shape(1), I = x.shape(2);
+  Bits all_ones = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    Bits bits;
+    std::memcpy(&bits, v + i, sizeof bits);
+    all_ones |= Bits((bits & exponent) == exponent);
+  }
+  return all_ones != 0;
+}
+
+// Whether a (steps, B, n) holds a NaN or an infinity at a step past its row's length.
+template <typename T>
+bool padding_not_finite(const T* a, int64_t steps, int64_t B, int64_t n,
+                        const int64_t* lengths) {
   bool found = false;
-  for (int64_t t = 0; t < T_ && !found; ++t)
-    for (int64_t b = 0; b < B; ++b) {
-      if (t < lengths.data()[b]) continue;
-      const T* v = x.data() + (t * B + b) * I;
-      Bits all_ones = 0;
-      for (int64_t i = 0; i < I; ++i) {
-        Bits bits;
-        std::memcpy(&bits, v + i, sizeof bits);
-        all_ones |= Bits((bits & exponent) == exponent);
-      }
-      found |= all_ones != 0;
-    }
+  for (int64_t k = 0; k < steps && !found; ++k)
+    for (int64_t b = 0; b < B; ++b)
+      if (k >= lengths[b]) found |= any_not_finite(a + (k * B + b) * n, n);
   return found;
 }
 
-// A copy of x with the steps past each row's length zeroed.
+// A copy of a (rows, B, n) whose steps past each row's length, before `steps`, are zeros.
 template <typename T>
-Arr<T> padding_zeroed(const Arr<T>& x, const Arr<int64_t>& lengths) {
-  const int64_t T_ = x.shape(0), B = x.shape(1), I = x.shape(2);
-  Arr<T> clean = empty<T>({T_, B, I});
-  for (int64_t t = 0; t < T_; ++t)
+Arr<T> padding_zeroed(const T* a, int64_t rows, int64_t steps, int64_t B, int64_t n,
+                      const int64_t* lengths) {
+  Arr<T> clean = empty<T>({rows, B, n});
+  for (int64_t k = 0; k < rows; ++k)
     for (int64_t b = 0; b < B; ++b) {
-      T* to = clean.mutable_data() + (t * B + b) * I;
-      if (t < lengths.data()[b]) std::memcpy(to, x.data() + (t * B + b) * I, sizeof(T) * I);
-      else std::fill(to, to + I, T(0));
+      T* to = clean.mutable_data() + (k * B + b) * n;
+      if (k < steps && k >= lengths[b]) std::fill(to, to + n, T(0));
+      else std::memcpy(to, a + (k * B + b) * n, sizeof(T) * n);
     }
   return clean;
 }
@@ -305,10 +308,10 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
   LayerCall<T> call;
   call.training = training;
   call.lengths = lengths;
-  if (training && lengths && padding_not_finite(x, *lengths)) {
+  if (training && lengths && padding_not_finite(x.data(), s.T, s.B, s.I, lengths->data())) {
     // Steps past a row's length enter nothing but dW_ih = dG^T X, where dG is 0 and 0 * NaN is
     // NaN: the kernels take x with them zeroed (torch's PackedSequence never holds them).
-    x = padding_zeroed(x, *lengths);
+    x = padding_zeroed(x.data(), s.T, s.T, s.B, s.I, lengths->data());
     call.x_clean = x;
     pack_x = true;  // (the context keeps this copy, not the caller's x)
   }
@@ -589,6 +592,15 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   a.x = ptr(c.x); a.x_packed = ptr(c.x_packed); a.w_ih = ptr(w.w_ih); a.w_hh = ptr(w.w_hh); a.w_hr = ptr(w.w_hr);
   a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
   a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
+  // A finished row carries its last state through the steps past its length, where dW_hh =
+  // dG^T H_prev multiplies it by a dG of 0: a state not finite there (a relu RNN's overflow)
+  // would make dW_hh NaN where torch's sum has no such terms. The product then reads a copy
+  // with those rows zeroed (step k's h_prev is saved row k: rows lengths[b] .. T - 1).
+  std::optional<Arr<T>> h_prev_clean;
+  if (a.lengths && padding_not_finite(a.saved.h, s.T, s.B, s.Hout, a.lengths)) {
+    h_prev_clean = padding_zeroed(a.saved.h, s.T + 1, s.T, s.B, s.Hout, a.lengths);
+    a.h_prev_products = h_prev_clean->data();
+  }
   a.num_threads = threads_for_call();
   a.frozen = w.given ? 0 : c.frozen;
   a.accumulate = accumulate;

@@ -936,3 +936,35 @@ def test_missing_initial_states_are_zeros(rng, cell):
         if w_ is not None:
             np.testing.assert_array_equal(g, w_)
             assert_close(g, r, np.float64)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_an_infinite_state_carried_past_a_rows_length_leaves_dw_hh_alone(isa, dtype, B, reverse):
+    """A relu RNN whose state overflows to inf at a row's last step carries it through the
+    steps past the row's length, where dW_hh = dG^T H_prev multiplied it by a dG of 0: NaN, where
+    the row alone (torch's PackedSequence) gives inf, and the reference too."""
+    T, big = 4, {np.float32: 1e30, np.float64: 1e300}[dtype]
+    x = np.zeros((T, B, 1), dtype)
+    x[:, -1] = 1e10          # the last row: length 2, its state inf from its second step
+    lengths = np.array([T, 2][-B:])
+    w_ih, w_hh = np.ones((1, 1), dtype), np.full((1, 1), big, dtype)
+    dy = np.ones((T, B, 1), dtype)
+    h0 = np.zeros((B, 1), dtype)
+
+    *_, ctx = functional.forward("rnn_relu", x, h0, None, w_ih, w_hh, None, None, None, lengths,
+                                 reverse, isa=isa)
+    got = functional.backward(ctx, dy)[3]["weight_hh"]
+    with np.errstate(over="ignore"):  # (the overflow is the case)
+        *_, ctx = reference.forward("rnn_relu", x, h0, None, w_ih, w_hh, None, None, None,
+                                    lengths, reverse)
+        want = reference.backward(ctx, dy)[3]["weight_hh"]
+    *_, ctx = functional.forward("rnn_relu", x[:2, -1:], h0[:1], None, w_ih, w_hh, None, None,
+                                 None, None, reverse, isa=isa)
+    alone = functional.backward(ctx, dy[:2, -1:])[3]["weight_hh"]
+    assert not np.isnan(want).any()
+    np.testing.assert_array_equal(got, want)
+    if B == 1:
+        np.testing.assert_array_equal(got, alone)

@@ -92,7 +92,8 @@ struct SequenceProducts {
     const bool acc = a.accumulate || !first;
     const T* gx = dgx + r0 * GH;
     const T* gh = dgh + r0 * GH;
-    const T* h_prev = a.saved.h + r0 * Hout;  // step k's h_{k-1}: saved row k
+    const T* h_prev = (a.h_prev_products ? a.h_prev_products : a.saved.h) +
+                      r0 * Hout;  // step k's h_{k-1}: saved row k
     // dGx meets two products and, where it is dGh too, a third.
     if (a.x_packed)  // (all rows: x_packed is kept only where B > 1)
       gemm_packed<T>(GH, s.I, M, gx, 1, GH, a.x_packed, a.dw_ih, s.I, acc, nthreads, nullptr,

@@ -616,6 +616,13 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
     WithoutGil nogil;
     if constexpr (sizeof(T) == 4) c.table->backward_f32(a); else c.table->backward_f64(a);
   }
+  if (a.lengths) {
+    // dx past a row's length is dG W_ih with a dG of 0: zeros, unless W_ih holds an infinity
+    // or a NaN (0 * inf); torch's PackedSequence gives zeros there.
+    for (int64_t t = 0; t < s.T; ++t)
+      for (int64_t b = 0; b < s.B; ++b)
+        if (t >= a.lengths[b]) std::fill_n(dx.mutable_data() + (t * s.B + b) * s.I, s.I, T(0));
+  }
   py::dict grads;
   grads["weight_ih"] = dw_ih;
   grads["weight_hh"] = dw_hh;

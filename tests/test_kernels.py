@@ -968,3 +968,43 @@ def test_an_infinite_state_carried_past_a_rows_length_leaves_dw_hh_alone(isa, dt
     np.testing.assert_array_equal(got, want)
     if B == 1:
         np.testing.assert_array_equal(got, alone)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("B", [1, 3])
+def test_padding_keeps_non_finite_gradients_where_torch_has_them(rng, isa, reverse, B):
+    """Past a row's length dG is 0, so dx there is 0 even where W_ih holds an infinity (it was
+    0 * inf = NaN), and an infinite dhn of a row that finished early reaches dW_hr as inf, not
+    NaN (its carried gradient met the zeros saved for the projection). As the reference, and
+    torch's PackedSequence."""
+    T, I, H, P = 4, 3, 5, 2
+    case = make_case(rng, "lstm", proj=P, T=T, B=B, I=I, H=H)
+    lengths = np.full(B, T)
+    lengths[-1] = 1  # (one step: its dhn's infinity reaches dW_hr as one product, inf not NaN)
+    padding = np.arange(T)[:, None] >= lengths[None, :]
+
+    def both(w, dhn):
+        args = (case["x"], case["h0"], case["c0"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"],
+                w["w_hr"], lengths, reverse)
+        *_, ctx = functional.forward("lstm", *args, isa=isa)
+        got = functional.backward(ctx, case["dy"], dhn, case["dcn"])
+        with np.errstate(invalid="ignore", over="ignore"):  # (non-finite values are the case)
+            *_, ctx = reference.forward("lstm", *args)
+            want = reference.backward(ctx, case["dy"], dhn, case["dcn"])
+        return got, want
+
+    def assert_same_pattern(g, r, name):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(r), err_msg=f"{name} NaN")
+        np.testing.assert_array_equal(np.isinf(g), np.isinf(r), err_msg=f"{name} inf")
+
+    w = dict(case["w"], w_ih=case["w"]["w_ih"].copy())
+    w["w_ih"][0, 0] = np.inf
+    got, want = both(w, case["dhn"])
+    assert not got[0][padding].any()
+    assert_same_pattern(got[0], want[0], "dx")
+    dhn = case["dhn"].copy()
+    dhn[-1, 0] = np.inf
+    got, want = both(case["w"], dhn)
+    assert np.isinf(want[3]["weight_hr"]).any()
+    assert_same_pattern(got[3]["weight_hr"], want[3]["weight_hr"], "weight_hr")

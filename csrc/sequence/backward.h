@@ -229,6 +229,11 @@ struct BackwardLoop {
       const T* dcell = dh;  // gradient reaching the cell's own output (before any projection)
       if (s.has_proj) {
         std::memcpy(dhs + (k * B + p.row0) * Hout, dh + p.row0 * Hout, sizeof(T) * (p.row1 - p.row0) * Hout);
+        // A finished row's carried dh meets the zeros saved in hfull in dW_hr = dhs^T hfull:
+        // zeros here too, so that an infinite dh (a dhn of inf) does not make it NaN.
+        if (a.lengths)
+          for (int64_t b = p.row0; b < p.row1; ++b)
+            if (!steps.active(k, b)) std::memset(dhs + (k * B + b) * Hout, 0, sizeof(T) * Hout);
         meet();  // every row of dh is complete
         gemm_packed_panels<T>(rows, H, Hout, dh + m0 * Hout, Hout, 1, whr, dhf + m0 * H, H,
                               false, p.hid0, p.hid1);

@@ -1008,3 +1008,45 @@ def test_padding_keeps_non_finite_gradients_where_torch_has_them(rng, isa, rever
     got, want = both(case["w"], dhn)
     assert np.isinf(want[3]["weight_hr"]).any()
     assert_same_pattern(got[3]["weight_hr"], want[3]["weight_hr"], "weight_hr")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cell,lbr", [("rnn_tanh", True), ("lstm", True), ("gru", True),
+                                      ("gru", False)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("B,threads", [(1, 1), (2, 1), (2, 2), (13, 2)])
+def test_a_finished_rows_gradient_passes_an_infinite_w_hh_untouched(fixed_threads, isa, cell,
+                                                                     lbr, reverse, B, threads):
+    """A row that finished early passes its gradient through the steps past its length, where
+    the step's product added 0 W_hh to it: NaN from an infinity in W_hh, which then reached the
+    row's valid steps (its dx, dh0 and every weight's gradient). The reference, as torch's
+    PackedSequence, never runs those steps. Team paths included (2 threads)."""
+    rng = np.random.default_rng(3)
+    T, I, H = 3, 2, 3
+    case = make_case(rng, cell, T=T, B=B, I=I, H=H)
+    w = dict(case["w"], w_hh=case["w"]["w_hh"].copy())
+    w["w_hh"][0, 0] = np.inf
+    h0 = np.abs(case["h0"]) + 0.1  # (no h of 0: 0 * inf in the forward too)
+    lengths = np.full(B, T)
+    lengths[0] = 1
+    args = (case["x"], h0, case["c0"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], None,
+            lengths, reverse, lbr)
+    before = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(threads)
+    try:
+        *_, ctx = functional.forward(cell, *args, isa=isa)
+        dx, dh0, dc0, grads = functional.backward(ctx, case["dy"], case["dhn"], case["dcn"])
+    finally:
+        fusedrnn.set_num_threads(before)
+    with np.errstate(invalid="ignore", over="ignore"):  # (the infinity is the case)
+        *_, ctx = reference.forward(cell, *args)
+        want = reference.backward(ctx, case["dy"], case["dhn"], case["dcn"])
+    got = [dx, dh0, dc0, *grads.values()]
+    names = ["dx", "dh0", "dc0", *grads]
+    assert np.isfinite(want[0][:, 0]).all()  # the finished row's dx: finite in the reference
+    for name, g, r in zip(names, got, [*want[:3], *want[3].values()]):
+        if r is None:
+            continue
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(r), err_msg=f"{name} NaN")
+        finite = np.isfinite(r)
+        assert_close(np.where(finite, g, 0), np.where(finite, r, 0), np.float64, what=name)

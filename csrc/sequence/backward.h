@@ -220,6 +220,13 @@ struct BackwardLoop {
       const int64_t k = s.T - 1 - i;
       T* dh = dh_at(i);
       T* dh_prev = dh_at(i + 1);
+      if (a.lengths && i > 0)
+        // A row finished at step k + 1 passed its gradient through it, and the step's product
+        // added 0 W_hh to it: NaN where W_hh holds an infinity. Its gradient as it was (still in
+        // the other buffer); every write of the step before is done (its last meeting).
+        for (int64_t b = p.row0; b < p.row1; ++b)
+          if (!steps.active(k + 1, b))
+            std::memcpy(dh + b * Hout, dh_prev + b * Hout, sizeof(T) * Hout);
       for (int64_t b = p.row0; b < p.row1; ++b) {
         if (!steps.active(k, b)) continue;
         const T* dyr = a.dy + (steps.time(k, b) * B + b) * Hout;

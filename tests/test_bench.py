@@ -42,6 +42,8 @@ def run_json(tmp_path, capsys, *argv):
     (["--peers", "tensorflow"], "unknown peer 'tensorflow'"),
     (["--threads", "0"], "thread counts must be >= 1"),
     (["--threads", "1,x"], "thread counts must be integers"),
+    (["--threads", "1025"], "thread counts must be <= 1024"),  # (a traceback after parsing)
+    (["--threads", "-1"], "argument --threads: thread counts must be >= 1"),  # (named --sizes)
     (["--sizes", "1,2,3,4"], "five integers T,B,I,H,L"),
     (["--sizes", "1,2,3,4,x"], "must be integers"),
     (["--sizes", "1,2,0,4,1"], "every size must be >= 1"),
@@ -742,3 +744,54 @@ def test_warm_up_runs_each_runner_untimed_for_its_time_and_calls():
         timing.wait_until_idle = original
     source = inspect.getsource(runner)
     assert source.index("timing.warm_up(timed)") < source.index("timing.interleave(timed")
+
+
+def test_a_peer_that_fails_to_run_is_in_the_summary(tmp_path, capsys, monkeypatch):
+    """A peer raising in its warm-up call printed a traceback and a skip note in its case's
+    progress line, and nothing in the summary."""
+    pytest.importorskip("torch")
+    from fusedrnn.bench.peers import torch_nn
+
+    def broken(self):
+        raise RuntimeError("peer boom")
+    monkeypatch.setattr(torch_nn.TorchRunner, "__call__", broken)
+    status, data, out = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--mode", "infer",
+                                 "--peers", "torch")
+    assert "PEER FAILED TO RUN" in out and "torch in" in out and "peer boom" in out
+
+
+def test_a_plot_that_cannot_be_written_is_said_and_fails_the_run(tmp_path, capsys, monkeypatch):
+    """A format whose backend fails (.pgf without LaTeX) ended the run in a traceback after
+    the timing, before "done"."""
+    pytest.importorskip("matplotlib")
+
+    def broken(data, path):
+        raise RuntimeError("no latex")
+    monkeypatch.setattr(report, "plot", broken)
+    status = cli.main([*TINY, "--cells", "rnn", "--mode", "infer", "--peers", "reference",
+                       "--plot", str(tmp_path / "out.png")])
+    out = capsys.readouterr().out
+    assert status == 1
+    assert "PLOT NOT WRITTEN" in out and "no latex" in out and "done in" in out
+
+
+@pytest.mark.parametrize("content,says", [
+    (None, "cannot read"), ("nope", "is not JSON"), ('{"a": 1}', "is not a results file"),
+])
+def test_report_refuses_what_it_cannot_render(tmp_path, capsys, content, says):
+    """python -m fusedrnn.bench.report on a missing file, text or another JSON: tracebacks."""
+    path = tmp_path / "in.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(SystemExit) as e:
+        report.main([str(path)])
+    assert e.value.code == 2 and says in capsys.readouterr().err
+
+
+def test_a_negative_value_of_another_option_is_not_blamed_on_sizes(capsys):
+    """The check for a --sizes value starting with a minus read every such token: `--threads
+    -1` said "argument --sizes: every size must be >= 1"."""
+    with pytest.raises(SystemExit):
+        cli.main(["--quick", "--threads", "-1"])
+    err = capsys.readouterr().err.splitlines()[-1]  # (the usage lines name every option)
+    assert "argument --threads" in err and "--sizes" not in err

@@ -7,6 +7,7 @@ These are the independent oracle for what torch does not have, above all the GRU
 (LSTM i,o,f,c; GRU z,r,h), its ``direction`` (with "reverse" alone), ``layout=1`` (batch first)
 and ``sequence_lens``. Skipped without onnx, and the ONNX Runtime tests without onnxruntime (the
 test extra installs both)."""
+import re
 import warnings
 
 import numpy as np
@@ -390,7 +391,7 @@ def test_layer_weights_run_in_onnxruntime(rng, op, lbr):
     assert_close(hn, np.concatenate(hns), np.float32, what="hn")
     again = LAYERS[op](I, H, num_layers=2, bidirectional=True, seed=4, **kw)
     for k in range(2):
-        load_onnx_weights(again, *onnx_weights(layer, k), layer_index=k)
+        load_onnx_weights(again, *onnx_weights(layer, k), layer_index=k, node=node)
     for name, p in layer.state_dict().items():
         np.testing.assert_array_equal(again.state_dict()[name], p)
 
@@ -415,3 +416,37 @@ def test_onnx_layout_refuses_what_does_not_map(rng):
         load_onnx_weights(no_bias, W, R, B + 1)
     with pytest.raises(TypeError, match="fusedrnn RNN, LSTM or GRU"):
         onnx_weights(object())
+
+
+def test_load_onnx_weights_checks_the_node_it_is_given(rng):
+    """With node=, load_onnx_weights refuses a node whose maths the layer does not compute, by
+    the attribute: the weights loaded and the outputs differed (a torch-exported GRU node, with
+    linear_before_reset=1, into a GRU(linear_before_reset=False): by up to 0.19)."""
+    make = onnx.helper.make_node
+    gru = fusedrnn.GRU(3, 4, linear_before_reset=False)
+    weights = onnx_weights(gru)
+    load_onnx_weights(gru, *weights, node=make("GRU", ["X", "W", "R"], ["Y"], hidden_size=4))
+    refused = [
+        (gru, make("GRU", ["X", "W", "R"], ["Y"], hidden_size=4, linear_before_reset=1),
+         "linear_before_reset is 1"),
+        (gru, make("GRU", ["X", "W", "R"], ["Y"], hidden_size=5), "hidden_size is 5"),
+        (gru, make("GRU", ["X", "W", "R"], ["Y"], direction="reverse"), "direction is 'reverse'"),
+        (gru, make("GRU", ["X", "W", "R"], ["Y"], clip=2.0), "clip is 2.0"),
+        (gru, make("LSTM", ["X", "W", "R"], ["Y"]), "an ONNX GRU node"),
+        (gru, make("GRU", ["X", "W", "R"], ["Y"], activations=["Sigmoid", "Relu"]),
+         "activations are"),
+        (fusedrnn.RNN(3, 4), make("RNN", ["X", "W", "R"], ["Y"], activations=["Relu"]),
+         "activations are"),
+        (fusedrnn.RNN(3, 4, nonlinearity="relu"), make("RNN", ["X", "W", "R"], ["Y"]),
+         "computes Relu"),
+        (fusedrnn.LSTM(3, 4), make("LSTM", ["X", "W", "R", "", "", "", "", "P"], ["Y"]),
+         "peepholes"),
+    ]
+    for layer, node, match in refused:
+        with pytest.raises(ValueError, match=re.escape(match)):
+            load_onnx_weights(layer, *onnx_weights(layer), node=node)
+    rnn = fusedrnn.RNN(3, 4, nonlinearity="relu")
+    load_onnx_weights(rnn, *onnx_weights(rnn),
+                      node=make("RNN", ["X", "W", "R"], ["Y"], activations=["Relu"]))
+    with pytest.raises(ValueError, match="layer_index must be an int"):
+        onnx_weights(gru, True)

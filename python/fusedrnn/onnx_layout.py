@@ -5,10 +5,11 @@ ONNX keeps one node per layer, its weights stacked by direction and its gates in
     W (D, G*H, input)   R (D, G*H, hidden)   B (D, 2*G*H) = [W_b, R_b]
     gates: LSTM i, o, f, c (torch i, f, g, o); GRU z, r, h (torch r, z, n); RNN one block
 
-    W, R, B = fusedrnn.onnx_layout.onnx_weights(lstm, layer=0)   # to feed an ONNX LSTM node
-    fusedrnn.onnx_layout.load_onnx_weights(lstm, W, R, B, layer=0)   # from one
+    W, R, B = fusedrnn.onnx_layout.onnx_weights(lstm, layer_index=0)   # to feed an ONNX node
+    fusedrnn.onnx_layout.load_onnx_weights(lstm, W, R, B, layer_index=0, node=node)  # from one
 
-The node's other attributes must agree with the layer: ``direction`` "forward" for one
+The node's other attributes must agree with the layer (``node=``, an onnx NodeProto, has
+load_onnx_weights check them): ``direction`` "forward" for one
 direction or "bidirectional" for two (ONNX's "reverse" alone has no torch.nn layer;
 :mod:`fusedrnn.onnx_ops` runs it, and whole nodes), its default activations (RNN: Tanh, or
 Relu for ``nonlinearity="relu"``), no ``clip`` nor ``input_forget``, no peepholes (``P``), and
@@ -58,11 +59,15 @@ def onnx_weights(layer, layer_index=0):
     return np.stack(W), np.stack(R), np.stack(B)
 
 
-def load_onnx_weights(layer, W, R, B=None, layer_index=0):
+def load_onnx_weights(layer, W, R, B=None, layer_index=0, node=None):
     """Copies an ONNX node's W, R and B (None: zeros) into layer ``layer_index`` of a fusedrnn
     RNN, LSTM or GRU, checked as ``load_state_dict`` checks (shapes named, float dtypes, cast to
-    the layer's dtype). A layer without biases takes only a B of zeros (or None)."""
+    the layer's dtype). A layer without biases takes only a B of zeros (or None). ``node``: the
+    onnx NodeProto the weights come from, whose attributes must then agree with the layer
+    (module docstring); without it that is the caller's to check."""
     cell, D = _check(layer, layer_index)
+    if node is not None:
+        check_node(layer, node)
     shapes = layer._spec.param_shapes()
     first = f"_l{layer_index}"
     GH, I = shapes["weight_ih" + first]
@@ -92,6 +97,43 @@ def load_onnx_weights(layer, W, R, B=None, layer_index=0):
     layer._copy_into_params(values)
 
 
+def check_node(layer, node):
+    """Refuses (ValueError naming the attribute) an ONNX RNN / LSTM / GRU node whose maths a
+    layer of ``layer``'s kind does not compute: its weights would load and give other results."""
+    from onnx import helper
+
+    from .onnx_ops import DEFAULT_ACTIVATIONS
+    spec = layer._spec
+    kind = _kind(spec.cell)
+    if getattr(node, "op_type", None) != kind.upper():
+        raise ValueError(f"node must be an ONNX {kind.upper()} node for {layer!r}, got "
+                         f"{getattr(node, 'op_type', type(node).__name__)!r}")
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    text = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+    D = spec.num_directions
+    want = {"direction": "bidirectional" if D == 2 else "forward",
+            "hidden_size": spec.hidden_size, "clip": None, "input_forget": 0,
+            "linear_before_reset": int(spec.linear_before_reset) if kind == "gru" else 0}
+    for name, value in want.items():
+        got = text.get(name, {"direction": "forward", "input_forget": 0,
+                              "linear_before_reset": 0}.get(name, value))
+        if got != value:
+            raise ValueError(f"node's {name} is {got!r}, where {layer!r} computes {value!r}")
+    defaults = DEFAULT_ACTIVATIONS[kind]
+    if kind == "rnn":
+        defaults = ("relu",) if spec.cell == "rnn_relu" else ("tanh",)
+    names = [a.decode() if isinstance(a, bytes) else a for a in text.get("activations", [])]
+    ok = {tuple(defaults * D)} | ({("tanh", "tanh")} if kind == "rnn" and D == 1 else set())
+    if names and tuple(n.lower() for n in names) not in ok:
+        raise ValueError(f"node's activations are {names}, where {layer!r} computes "
+                         f"{list(defaults * D)}")
+    if not names and spec.cell == "rnn_relu":
+        raise ValueError(f"node's activations are ONNX's default (Tanh), where {layer!r} "
+                         f"computes Relu")
+    if kind == "lstm" and len(node.input) > 7 and node.input[7]:
+        raise ValueError(f"node has peepholes (input P), which {layer!r} does not compute")
+
+
 def _kind(cell):
     kind = str(cell).split("_")[0]
     if kind not in ONNX_GATES:
@@ -103,7 +145,8 @@ def _check(layer, layer_index):
     spec = getattr(layer, "_spec", None)
     if spec is None:
         raise TypeError(f"layer must be a fusedrnn RNN, LSTM or GRU, got {type(layer).__name__}")
-    if not isinstance(layer_index, (int, np.integer)) or not 0 <= layer_index < spec.num_layers:
+    if (isinstance(layer_index, bool) or not isinstance(layer_index, (int, np.integer))
+            or not 0 <= layer_index < spec.num_layers):
         raise ValueError(f"layer_index must be an int in 0..{spec.num_layers - 1}, "
                          f"got {layer_index!r}")
     if spec.proj_size:

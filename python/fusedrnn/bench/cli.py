@@ -23,6 +23,7 @@ import textwrap
 import time
 import traceback
 
+from .. import _C
 from . import cases, machine, memory, outputs, peak, peers, report
 from .peers.reference import REFERENCE_MAX_FLOP
 from .runner import add_fractions, describe, run_case, say
@@ -62,6 +63,9 @@ def _threads(text):
             raise argparse.ArgumentTypeError(f"thread counts must be integers, got {s!r}")
         if n < 1:
             raise argparse.ArgumentTypeError(f"thread counts must be >= 1, got {n}")
+        if n > _C.max_num_threads:
+            raise argparse.ArgumentTypeError(
+                f"thread counts must be <= {_C.max_num_threads} (fusedrnn's limit), got {n}")
         out.append(n)
     return list(dict.fromkeys(out))
 
@@ -83,9 +87,13 @@ def _sizes(text):
 
 def refuse_negative_sizes(ap, argv):
     """A --sizes value that starts with a minus ("-1,2,3,4,5") reads to argparse as an unknown
-    option, and its message named none of it: name the size instead."""
+    option, and its message named none of it: name the size instead. (Only the values after
+    --sizes: another option's "-1" is argparse's to read, and its own message names it.)"""
+    in_sizes = False
     for token in argv:
-        if re.fullmatch(r"-\d[\d,-]*", token):
+        if token.startswith("--"):
+            in_sizes = token == "--sizes"
+        elif in_sizes and re.fullmatch(r"-\d[\d,-]*", token):
             ap.error(f"argument --sizes: every size must be >= 1, got {token!r}")
 
 
@@ -268,12 +276,17 @@ def main(argv=None):
     if args.json:
         report.write_json(data, args.json)
         say(f"wrote {args.json}")
+    plotted = True
     if plot_file:
-        if report.plot(data, plot_file):
-            say(f"wrote {plot_file}")
-        else:
-            say("plot: skipped, no peer was timed")
+        try:
+            if report.plot(data, plot_file):
+                say(f"wrote {plot_file}")
+            else:
+                say("plot: skipped, no peer was timed")
+        except Exception as e:  # (a format whose backend needs more, .pgf's LaTeX, say)
+            plotted = False
+            say(f"PLOT NOT WRITTEN: {plot_file}: {type(e).__name__}: {e}")
     say(f"done in {data['elapsed_s']:.1f} s")
-    ok = (not data["errors"] and all(rec["check"]["ok"] for rec in data["cases"])
+    ok = (plotted and not data["errors"] and all(rec["check"]["ok"] for rec in data["cases"])
           and not report.disagreements(data))
     return 0 if ok else 1

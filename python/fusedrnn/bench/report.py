@@ -279,6 +279,12 @@ def summary(data):
               for rec in data["cases"] if not rec["check"]["ok"]]
     if failed:
         lines.append(f"CHECK FAILED (fusedrnn vs reference) in: {'; '.join(failed)}")
+    crashed = [f"{name} in {rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']}"
+               for rec in data["cases"] for name, why in rec.get("skipped", {}).items()
+               if why.startswith("failed to run")]
+    if crashed:
+        lines.append(f"PEER FAILED TO RUN (its traceback is above; not compared, not timed): "
+                     f"{'; '.join(crashed)}")
     for error in data.get("errors", []):
         lines.append(f"ERROR, case not timed: {error}")
     return lines
@@ -515,8 +521,16 @@ def main(argv=None):
     ap.add_argument("--plot-name", default="speedups.png",
                     help="image the Markdown embeds (default: %(default)s)")
     args = ap.parse_args(argv)
-    with open(args.json) as f:
-        data = json.load(f)
+    try:
+        with open(args.json) as f:
+            data = json.load(f)
+    except OSError as e:
+        ap.error(f"cannot read {args.json!r}: {e.strerror or e}")
+    except ValueError as e:
+        ap.error(f"{args.json!r} is not JSON: {e}")
+    if not isinstance(data, dict) or not {"machine", "cases"} <= set(data):
+        ap.error(f"{args.json!r} is not a results file of python -m fusedrnn.bench --json (it "
+                 f"has no 'machine' and 'cases')")
     text = markdown(data, args.plot_name)
     if args.out:
         with open(args.out, "w") as f:

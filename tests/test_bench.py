@@ -795,3 +795,34 @@ def test_a_negative_value_of_another_option_is_not_blamed_on_sizes(capsys):
         cli.main(["--quick", "--threads", "-1"])
     err = capsys.readouterr().err.splitlines()[-1]  # (the usage lines name every option)
     assert "argument --threads" in err and "--sizes" not in err
+
+
+def test_a_fault_only_at_the_full_shape_fails_the_check(tmp_path, capsys, monkeypatch):
+    """The check against the reference ran on the first 10 steps and 4 batch rows only: a
+    fusedrnn fault on the timed shape's paths alone (here: batches of 8 or more) passed it, and
+    with no peer at full size the run exited 0. The full shape's first and last rows are now
+    checked too."""
+    from fusedrnn.bench.peers import ours
+
+    real = ours.FusedrnnPeer.prepare
+
+    def faulty(self, problem, mode):
+        runner = real(self, problem, mode)
+        outputs = runner.outputs
+
+        def wrong(result):
+            out = outputs(result)
+            if out["y"].shape[1] >= 8:
+                out["y"] = out["y"].copy()
+                out["y"][:, -1] += 0.1
+            return out
+        runner.outputs = wrong
+        return runner
+    monkeypatch.setattr(ours.FusedrnnPeer, "prepare", faulty)
+    status, data, out = run_json(tmp_path, capsys, "--quick", "--sizes", "12,9,4,5,1",
+                                 "--threads", "1", "--cells", "lstm", "--peers", "none")
+    assert status == 1
+    assert all(not rec["check"]["ok"] and not rec["check"]["full_rows"]["ok"]
+               and rec["check"]["forward_error"] < rec["check"]["forward_tol"]
+               for rec in data["cases"])
+    assert "CHECK FAILED" in out

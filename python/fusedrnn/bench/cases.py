@@ -134,6 +134,13 @@ class Problem:
         return Problem(self.cell, self.layers, self.x[:T, :B].copy(), self.h0[:, :B].copy(),
                        None if self.c0 is None else self.c0[:, :B].copy(), self.dy[:T, :B].copy())
 
+    def rows(self, rows):
+        """The same weights on batch rows ``rows`` (a list), every step."""
+        def pick(a):
+            return None if a is None else a[:, rows].copy()
+        return Problem(self.cell, self.layers, pick(self.x), pick(self.h0), pick(self.c0),
+                       pick(self.dy))
+
     def astype(self, dtype):
         def cast(a):
             return None if a is None else a.astype(dtype)

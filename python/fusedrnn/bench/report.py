@@ -327,7 +327,9 @@ def notes(data):
         f"(numpy's BLAS: {blas.get('name')} {blas.get('version') or ''}; thread control: "
         f"{blas['thread_control']}).",
         "check: fusedrnn against the float64 NumPy reference on the first "
-        "steps and batch rows, with the worst scaled error (forward and gradients).",
+        "steps and batch rows, with the worst scaled error (forward and gradients), and at the "
+        f"case's full shape on its first and last batch rows ({check.PEER_FACTOR}x the "
+        "tolerance).",
         "vs PEER: peer time / fusedrnn time (above 1: fusedrnn is faster). (!) marks a peer whose "
         "outputs did not agree with fusedrnn's (left out of the summary; the run exits 1).",
         f"{DASH}: not run (onnxruntime is inference only; the NumPy reference, a Python loop "

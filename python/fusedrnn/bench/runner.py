@@ -63,8 +63,12 @@ def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps, gemm=None
     with blas_threads(case.threads):
         record["check"] = chk = check.against_reference(ours, problem, case.mode)
         grad = "" if chk["gradient_error"] is None else f", grad {chk['gradient_error']:.1e}"
+        full = chk["full_rows"]
+        full_grad = "" if full["gradient_error"] is None else f", grad {full['gradient_error']:.1e}"
         say(f"    check vs {chk['against']} at T={chk['T']} B={chk['B']}: "
-            f"fwd {chk['forward_error']:.1e}{grad} -> {'ok' if chk['ok'] else 'FAILED'}")
+            f"fwd {chk['forward_error']:.1e}{grad}; at full size on rows {full['rows']}: fwd "
+            f"{full['forward_error']:.1e}{full_grad} (tolerance x{check.PEER_FACTOR}) -> "
+            f"{'ok' if chk['ok'] else 'FAILED'}")
 
         runners = {"fusedrnn": ours.prepare(problem, case.mode)}
         for peer in peers:

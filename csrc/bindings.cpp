@@ -230,17 +230,21 @@ bool padding_not_finite(const T* a, int64_t steps, int64_t B, int64_t n,
   return found;
 }
 
+// Zeros the steps of a (steps, B, n) past each row's length.
+template <typename T>
+void zero_padding(T* a, int64_t steps, int64_t B, int64_t n, const int64_t* lengths) {
+  for (int64_t k = 0; k < steps; ++k)
+    for (int64_t b = 0; b < B; ++b)
+      if (k >= lengths[b]) std::fill_n(a + (k * B + b) * n, n, T(0));
+}
+
 // A copy of a (rows, B, n) whose steps past each row's length, before `steps`, are zeros.
 template <typename T>
 Arr<T> padding_zeroed(const T* a, int64_t rows, int64_t steps, int64_t B, int64_t n,
                       const int64_t* lengths) {
   Arr<T> clean = empty<T>({rows, B, n});
-  for (int64_t k = 0; k < rows; ++k)
-    for (int64_t b = 0; b < B; ++b) {
-      T* to = clean.mutable_data() + (k * B + b) * n;
-      if (k < steps && k >= lengths[b]) std::fill(to, to + n, T(0));
-      else std::memcpy(to, a + (k * B + b) * n, sizeof(T) * n);
-    }
+  std::memcpy(clean.mutable_data(), a, sizeof(T) * rows * B * n);
+  zero_padding(clean.mutable_data(), steps, B, n, lengths);
   return clean;
 }
 
@@ -616,13 +620,9 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
     WithoutGil nogil;
     if constexpr (sizeof(T) == 4) c.table->backward_f32(a); else c.table->backward_f64(a);
   }
-  if (a.lengths) {
-    // dx past a row's length is dG W_ih with a dG of 0: zeros, unless W_ih holds an infinity
-    // or a NaN (0 * inf); torch's PackedSequence gives zeros there.
-    for (int64_t t = 0; t < s.T; ++t)
-      for (int64_t b = 0; b < s.B; ++b)
-        if (t >= a.lengths[b]) std::fill_n(dx.mutable_data() + (t * s.B + b) * s.I, s.I, T(0));
-  }
+  // dx past a row's length is dG W_ih with a dG of 0: zeros, unless W_ih holds an infinity or
+  // a NaN (0 * inf); torch's PackedSequence gives zeros there.
+  if (a.lengths) zero_padding(dx.mutable_data(), s.T, s.B, s.I, a.lengths);
   py::dict grads;
   grads["weight_ih"] = dw_ih;
   grads["weight_hh"] = dw_hh;

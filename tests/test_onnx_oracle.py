@@ -438,7 +438,7 @@ def test_load_onnx_weights_checks_the_node_it_is_given(rng):
         (fusedrnn.RNN(3, 4), make("RNN", ["X", "W", "R"], ["Y"], activations=["Relu"]),
          "activations are"),
         (fusedrnn.RNN(3, 4, nonlinearity="relu"), make("RNN", ["X", "W", "R"], ["Y"]),
-         "computes Relu"),
+         "computes ['relu']"),
         (fusedrnn.LSTM(3, 4), make("LSTM", ["X", "W", "R", "", "", "", "", "P"], ["Y"]),
          "peepholes"),
     ]

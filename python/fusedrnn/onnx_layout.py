@@ -100,36 +100,33 @@ def load_onnx_weights(layer, W, R, B=None, layer_index=0, node=None):
 def check_node(layer, node):
     """Refuses (ValueError naming the attribute) an ONNX RNN / LSTM / GRU node whose maths a
     layer of ``layer``'s kind does not compute: its weights would load and give other results."""
-    from onnx import helper
-
-    from .onnx_ops import DEFAULT_ACTIVATIONS
+    from .onnx_ops import DEFAULT_ACTIVATIONS, _text, node_attributes
     spec = layer._spec
     kind = _kind(spec.cell)
     if getattr(node, "op_type", None) != kind.upper():
         raise ValueError(f"node must be an ONNX {kind.upper()} node for {layer!r}, got "
                          f"{getattr(node, 'op_type', type(node).__name__)!r}")
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    text = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+    attrs = {k: _text(v) for k, v in node_attributes(node).items()}
     D = spec.num_directions
+    absent = {"direction": "forward", "hidden_size": spec.hidden_size, "clip": None,
+              "input_forget": 0, "linear_before_reset": 0}  # (ONNX's defaults)
     want = {"direction": "bidirectional" if D == 2 else "forward",
             "hidden_size": spec.hidden_size, "clip": None, "input_forget": 0,
             "linear_before_reset": int(spec.linear_before_reset) if kind == "gru" else 0}
     for name, value in want.items():
-        got = text.get(name, {"direction": "forward", "input_forget": 0,
-                              "linear_before_reset": 0}.get(name, value))
+        got = attrs.get(name, absent[name])
         if got != value:
             raise ValueError(f"node's {name} is {got!r}, where {layer!r} computes {value!r}")
-    defaults = DEFAULT_ACTIVATIONS[kind]
-    if kind == "rnn":
-        defaults = ("relu",) if spec.cell == "rnn_relu" else ("tanh",)
-    names = [a.decode() if isinstance(a, bytes) else a for a in text.get("activations", [])]
-    ok = {tuple(defaults * D)} | ({("tanh", "tanh")} if kind == "rnn" and D == 1 else set())
-    if names and tuple(n.lower() for n in names) not in ok:
-        raise ValueError(f"node's activations are {names}, where {layer!r} computes "
-                         f"{list(defaults * D)}")
-    if not names and spec.cell == "rnn_relu":
-        raise ValueError(f"node's activations are ONNX's default (Tanh), where {layer!r} "
-                         f"computes Relu")
+    computes = DEFAULT_ACTIVATIONS[kind] * D
+    if spec.cell == "rnn_relu":
+        computes = ("relu",) * D
+    names = tuple(_text(a).lower() for a in attrs.get("activations", ())) or \
+        DEFAULT_ACTIVATIONS[kind] * D
+    if kind == "rnn" and D == 1 and len(names) == 2:
+        names = names[:1]  # (the RNN schema's default lists two; ONNX Runtime takes the first)
+    if names != computes:
+        raise ValueError(f"node's activations are {list(names)}, where {layer!r} computes "
+                         f"{list(computes)}")
     if kind == "lstm" and len(node.input) > 7 and node.input[7]:
         raise ValueError(f"node has peepholes (input P), which {layer!r} does not compute")
 

@@ -124,9 +124,7 @@ def run_node(node, inputs, isa=None):
     if inputs is None or isinstance(inputs, (str, bytes)):
         raise TypeError(f"inputs must be a dict by input name or a sequence in the node's input "
                         f"order, got {type(inputs).__name__}")
-    from onnx import helper  # the caller has a NodeProto, so onnx is installed
-
-    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    attrs = node_attributes(node)
     unknown = sorted(set(attrs) - set(ATTRIBUTES[op]))
     if unknown:
         raise ValueError(f"{op} has no attribute(s) {unknown}: ONNX's are {list(ATTRIBUTES[op])}")
@@ -191,6 +189,13 @@ def _floats(name, values):
 def _is_low_precision(dtype):
     """float16, or ml_dtypes' bfloat16 (NumPy has none of its own)."""
     return dtype == np.float16 or dtype.name == "bfloat16"
+
+
+def node_attributes(node):
+    """{name: value} of an onnx NodeProto's attributes (strings as bytes, as onnx gives them)."""
+    from onnx import helper  # the caller has a NodeProto, so onnx is installed
+
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def _text(value):

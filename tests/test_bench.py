@@ -2,6 +2,7 @@
 structure on tiny sizes (never timings). They pass with and without torch / onnxruntime /
 matplotlib installed; the absence of the optional peers is also simulated."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -122,6 +123,9 @@ def test_configs_and_sizes_select_cases():
     both = cli.plan(parse("--sizes", "3,2,4,5,1", "--configs", "wide", "--mode", "infer",
                           "--cells", "rnn", "--threads", "1"))
     assert [c.config.name for c in both] == ["wide", "T3-B2-I4-H5-L1"]
+    repeated = cli.plan(parse("--sizes", "3,2,4,5,1", "--sizes", "6,1,2,3,1", "--mode", "infer",
+                              "--cells", "rnn", "--threads", "1"))
+    assert [c.config.name for c in repeated] == ["T3-B2-I4-H5-L1", "T6-B1-I2-H3-L1"]
 
 
 def test_flops_follow_design():
@@ -403,6 +407,8 @@ def test_a_peer_that_disagrees_fails_the_run_and_leaves_the_summary(tmp_path, ca
     assert status == 1
     assert all(rec["check"]["ok"] for rec in data["cases"])
     assert "DISAGREE: reference differs from fusedrnn" in out
+    assert re.search(r"DISAGREE: reference differs from fusedrnn: "
+                     r"fwd \d\.\de-\d\d, grad \d\.\de-\d\d \(timed", out)
     lines = report.summary(data)
     assert lines[0].startswith("OUTPUTS DISAGREE") and "rnn train t=1 vs reference" in lines[0]
     assert any("vs reference, infer: geometric-mean" in line for line in lines)
@@ -452,7 +458,7 @@ def test_summary_gives_each_regime_its_own_mean_and_the_peak_is_called_a_referen
                                 "numpy_matmul": {"gflops": 300.0, "size": 1024}}}}
     (line,) = [x for x in report.summary(data) if x.startswith("fusedrnn vs torch, train")]
     assert "geometric-mean speed-up x3.78 over 3 cases, median x1.50" in line
-    assert "GEMM-bound configs x1.50 over 2, the rest (small batches) x24.00 over 1" in line
+    assert "GEMM-bound configs x1.50 over 2, the other configs x24.00 over 1" in line
     (peak_line,) = report.peak_lines(data)
     assert "best call at one size (a reference rate, not the machine's peak)" in peak_line
 

@@ -125,8 +125,8 @@ def parser():
                          f"(rnn is the tanh Elman RNN; default: rnn,lstm,gru)")
     ap.add_argument("--configs", type=_list("config", list(cases.CONFIGS)),
                     help=f"configs of the matrix: {', '.join(cases.CONFIGS)} (default: all)")
-    ap.add_argument("--sizes", nargs="+", type=_sizes, metavar="T,B,I,H,L",
-                    help="your own shapes: steps, batch, input, hidden, layers")
+    ap.add_argument("--sizes", nargs="+", action="extend", type=_sizes, metavar="T,B,I,H,L",
+                    help="your own shapes: steps, batch, input, hidden, layers (repeatable)")
     ap.add_argument("--threads", type=_threads,
                     help="thread counts, comma-separated (default: 1,2; --quick: 1)")
     ap.add_argument("--mode", type=_list("mode", cases.MODES),

@@ -254,8 +254,8 @@ def parser():
     ap.add_argument("--configs", type=_list("config", list(cases.CONFIGS)),
                     help=f"configs of the matrix: {', '.join(cases.CONFIGS)} "
                          f"(default: {','.join(DEFAULT_CONFIGS)} unless --sizes is given)")
-    ap.add_argument("--sizes", nargs="+", type=_sizes, metavar="T,B,I,H,L",
-                    help="your own shapes: steps, batch, input, hidden, layers")
+    ap.add_argument("--sizes", nargs="+", action="extend", type=_sizes, metavar="T,B,I,H,L",
+                    help="your own shapes: steps, batch, input, hidden, layers (repeatable)")
     ap.add_argument("--cells", type=_list("cell", cases.CELLS),
                     help=f"cells from {', '.join(cases.CELLS)} (default: rnn,lstm,gru)")
     ap.add_argument("--peers", choices=("torch", "none"), default="torch",

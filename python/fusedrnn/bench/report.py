@@ -229,7 +229,7 @@ def _by_regime(recs, peer):
     ones where a peer's per-step overhead (torch's unfused RNN/GRU autograd at B=1: x15-x86)
     dominates, which says little about either."""
     parts = []
-    for label, inside in (("GEMM-bound configs", True), ("the rest (small batches)", False)):
+    for label, inside in (("GEMM-bound configs", True), ("the other configs", False)):
         ups = [r["results"][peer]["speedup"] for r in recs if (r["config"] in GEMM_BOUND) == inside]
         if ups:
             parts.append(f"{label} x{geomean(ups):.2f} over {len(ups)}")

@@ -23,6 +23,12 @@ def say(*parts):
     print(*parts, flush=True)
 
 
+def _errors(verdict):
+    """"fwd 1.2e-06, grad 3.4e-05" of a check's verdict (no gradients in inference)."""
+    grad = verdict["gradient_error"]
+    return f"fwd {verdict['forward_error']:.1e}" + ("" if grad is None else f", grad {grad:.1e}")
+
+
 def _prepare(peer, problem, case):
     """A runner, or (None, reason) when the peer sits this case out or fails to build it."""
     if case.mode not in peer.modes:
@@ -62,13 +68,10 @@ def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps, gemm=None
         peer.set_threads(case.threads)
     with blas_threads(case.threads):
         record["check"] = chk = check.against_reference(ours, problem, case.mode)
-        grad = "" if chk["gradient_error"] is None else f", grad {chk['gradient_error']:.1e}"
         full = chk["full_rows"]
-        full_grad = "" if full["gradient_error"] is None else f", grad {full['gradient_error']:.1e}"
-        say(f"    check vs {chk['against']} at T={chk['T']} B={chk['B']}: "
-            f"fwd {chk['forward_error']:.1e}{grad}; at full size on rows {full['rows']}: fwd "
-            f"{full['forward_error']:.1e}{full_grad} (tolerance x{check.PEER_FACTOR}) -> "
-            f"{'ok' if chk['ok'] else 'FAILED'}")
+        say(f"    check vs {chk['against']} at T={chk['T']} B={chk['B']}: {_errors(chk)}; at "
+            f"full size on rows {full['rows']}: {_errors(full)} (tolerance "
+            f"x{check.PEER_FACTOR}) -> {'ok' if chk['ok'] else 'FAILED'}")
 
         runners = {"fusedrnn": ours.prepare(problem, case.mode)}
         for peer in peers:
@@ -90,9 +93,8 @@ def run_case(case, problem, ours, peers, budget_s, min_reps, max_reps, gemm=None
                 continue
             agree = record["agreement"][name] = check.agreement(out, ours_out)
             if not agree["ok"]:
-                say(f"    DISAGREE: {name} differs from fusedrnn: fwd "
-                    f"{agree['forward_error']:.1e}, grad {agree['gradient_error']} (timed, but "
-                    f"left out of the summary; the run will exit 1)")
+                say(f"    DISAGREE: {name} differs from fusedrnn: {_errors(agree)} (timed, "
+                    f"but left out of the summary; the run will exit 1)")
 
         far_before = timing.team_barrier_ns() if case.threads > 1 else None
         beside = {GEMM_BESIDE: gemm[0]} if gemm else None

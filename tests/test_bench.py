@@ -417,6 +417,23 @@ def test_a_peer_that_disagrees_fails_the_run_and_leaves_the_summary(tmp_path, ca
         "T3-B2-I4-H5-L1 rnn infer t=1 vs reference"]
 
 
+def test_the_plot_marks_a_peer_that_disagreed(tmp_path, capsys, monkeypatch):
+    """Its bar is drawn (timed), but red and hatched, and the title says what that means."""
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+    real = check.agreement
+    monkeypatch.setattr(check, "agreement", lambda got, want: dict(
+        real(got, want), ok="dx" not in real(got, want)["compared"]))
+    _, data, _ = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--peers", "reference")
+    drawn = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: drawn.append(fig))
+    assert report.plot(data, tmp_path / "speedups.png")
+    ax = drawn[0].axes[0]
+    hatches = [bar.get_hatch() for bar in ax.patches]
+    assert hatches == [None, "xx"]         # infer agreed, train did not
+    assert "red hatched: outputs disagreed" in ax.get_title()
+
+
 def test_plot_and_markdown(tmp_path, capsys):
     status, data, _ = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--mode", "infer",
                                "--peers", "reference")

@@ -439,11 +439,15 @@ def plot(data, path):
     for ax, n in zip(axes[:, 0], threads):
         recs = [rec for rec in data["cases"] if rec["threads"] == n]
         for j, p in enumerate(peers):
-            xs = [i + (j - (len(peers) - 1) / 2) * width for i, rec in enumerate(recs)
-                  if p in rec["results"]]
-            ys = [rec["results"][p]["speedup"] for rec in recs if p in rec["results"]]
+            shown = [(i, rec) for i, rec in enumerate(recs) if p in rec["results"]]
+            xs = [i + (j - (len(peers) - 1) / 2) * width for i, _ in shown]
+            ys = [rec["results"][p]["speedup"] for _, rec in shown]
             # bars grow from 1.0: up where fusedrnn is faster, down where it is slower
-            ax.bar(xs, [y - 1.0 for y in ys], width, bottom=1.0, label=f"vs {p}")
+            bars = ax.bar(xs, [y - 1.0 for y in ys], width, bottom=1.0, label=f"vs {p}")
+            for bar, (_, rec) in zip(bars, shown):
+                if not agrees(rec, p):   # one of the two computed something else
+                    bar.set_hatch("xx")
+                    bar.set_edgecolor("red")
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
         # Labelled at 1-2-5 steps, as speed-ups ("x2"), and always reaching below x1, so that a
@@ -459,8 +463,11 @@ def plot(data, path):
                            rotation=90, fontsize=7)
         ax.set_xlim(-0.6, len(recs) - 0.4)
         ax.set_ylabel("speed-up (peer time / fusedrnn time)")
+        wrong = any(not agrees(rec, p) for rec in recs for p in rec["results"])
         ax.set_title(f"fusedrnn speed-up, {n} thread{'s' if n != 1 else ''} "
-                     f"({data['machine']['cpu']}, {data['machine']['isa']})", fontsize=9)
+                     f"({data['machine']['cpu']}, {data['machine']['isa']})"
+                     + ("; red hatched: outputs disagreed, not a speed-up" if wrong else ""),
+                     fontsize=9)
         ax.grid(axis="y", which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()

@@ -1,8 +1,16 @@
 """Version, threads and a report of how the kernels were built and which ISA runs."""
 import os
 import platform
+import sys
 
-from . import _C
+try:
+    from . import _C
+except ImportError as _e:   # else: "partially initialized module ... circular import"
+    raise ImportError(
+        f"fusedrnn's compiled module fusedrnn._C did not import for this Python "
+        f"({sys.implementation.cache_tag}) from {os.path.dirname(os.path.abspath(__file__))}: "
+        f"{_e}. Install the package (pip install . in the source tree), or build _C for this "
+        "Python (README, fast rebuild)") from _e
 
 __version__ = _C.__version__
 

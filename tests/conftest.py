@@ -1,8 +1,33 @@
 """Shared pytest fixtures (kept small on purpose)."""
+import pathlib
 import zlib
 
 import numpy as np
 import pytest
+
+_TREE = pathlib.Path(__file__).resolve().parent.parent / "python" / "fusedrnn"
+
+
+def pytest_report_header(config):
+    """Which fusedrnn the run tests: the installed package, not this tree's python/ (which has no
+    _C), so a tree edited since its last `pip install .` would test the old code unnoticed."""
+    try:
+        import fusedrnn
+    except ImportError as e:
+        return f"fusedrnn: does not import ({e}); pip install . first"
+    pkg = pathlib.Path(fusedrnn.__file__).resolve().parent
+    line = (f"fusedrnn {fusedrnn.__version__} from {pkg} (isa {fusedrnn._C.isa()}, "
+            f"openmp {bool(fusedrnn._C.openmp)})")
+    if pkg == _TREE or not _TREE.is_dir():
+        return line
+    stale = sorted(str(f.relative_to(_TREE)) for f in _TREE.rglob("*.py")
+                   if not (pkg / f.relative_to(_TREE)).is_file()
+                   or (pkg / f.relative_to(_TREE)).read_bytes() != f.read_bytes())
+    if stale:
+        line += (f"\nWARNING: the installed fusedrnn differs from this tree's python/fusedrnn in "
+                 f"{len(stale)} file(s) ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}):"
+                 " these tests run the installed code; pip install . to test this tree")
+    return line
 
 
 @pytest.fixture

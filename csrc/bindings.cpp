@@ -177,7 +177,7 @@ void require_dtype(const char* name, const py::object& o, const py::dtype& want)
   if (!py::isinstance<py::array>(o)) throw py::type_error(std::string(name) + " must be a numpy array");
   py::dtype got = o.cast<py::array>().dtype();
   if (!same_dtype(got, want))
-    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(want)) + ", got " +
+    throw py::type_error(std::string(name) + " must have dtype " + std::string(py::str(py::handle(want))) + ", got " +
                          std::string(py::str(got)));
 }
 

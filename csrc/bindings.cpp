@@ -53,10 +53,11 @@ void start_workers_with_the_callers_mode(int n) {
 #endif
 }
 
+// Without OpenMP the kernels run on the caller's thread alone, whatever set_num_threads said.
 int num_threads() {
+#if defined(_OPENMP)
   int n = g_num_threads.load();
   if (n > 0) return n;
-#if defined(_OPENMP)
   return std::min(omp_get_max_threads(), kMaxThreads);
 #else
   return 1;

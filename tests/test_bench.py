@@ -12,6 +12,8 @@ import fusedrnn
 from fusedrnn.bench import cases, check, cli, memory, peak, report
 
 TINY = ["--quick", "--sizes", "3,2,4,5,1", "--threads", "1"]
+needs_openmp = pytest.mark.skipif(not fusedrnn._C.openmp, reason="built without OpenMP: the "
+                                  "benchmark runs every case on one thread")
 
 
 @pytest.fixture(autouse=True)
@@ -188,6 +190,7 @@ def test_json_structure_with_the_reference_peer(tmp_path, capsys):
             assert "weight_hh_l0" in rec["agreement"]["reference"]["compared"]
 
 
+@needs_openmp
 def test_threaded_cases_record_the_cores_and_one_thread_in_the_same_rounds(tmp_path, capsys):
     """A 2-thread case records how far apart the cores were, and fusedrnn's 1-thread calls timed
     in its rounds (not a peer); a 1-thread case neither."""
@@ -204,6 +207,7 @@ def test_threaded_cases_record_the_cores_and_one_thread_in_the_same_rounds(tmp_p
     assert "fusedrnn on 1 thread" in out and "(2 threads x" in out
 
 
+@needs_openmp
 def test_report_marks_cases_timed_with_the_cores_far_apart(tmp_path, capsys):
     status, data, _ = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "2",
                                "--cells", "rnn,gru", "--mode", "infer", "--peers", "reference")
@@ -238,17 +242,28 @@ def test_one_thread_runner_runs_on_one_thread_and_restores_the_count():
         fusedrnn.set_num_threads(2)
         call = on_one_thread(lambda: seen.append(fusedrnn.get_num_threads()) or "out",
                              fusedrnn.set_num_threads, 2)
-        assert call() == "out" and seen == [1] and fusedrnn.get_num_threads() == 2
+        two = 2 if fusedrnn._C.openmp else 1   # a build without OpenMP runs on one
+        assert call() == "out" and seen == [1] and fusedrnn.get_num_threads() == two
 
         def fails():
             raise RuntimeError("boom")
         with pytest.raises(RuntimeError):
             on_one_thread(fails, fusedrnn.set_num_threads, 2)()
-        assert fusedrnn.get_num_threads() == 2
+        assert fusedrnn.get_num_threads() == two
     finally:
         fusedrnn.set_num_threads(before)
 
 
+def test_a_build_without_openmp_plans_one_thread_and_says_so(tmp_path, capsys, monkeypatch):
+    """Its kernels run on the caller's thread alone: a "t=2" case would time one thread."""
+    monkeypatch.setattr(cli._C, "openmp", False)
+    _, data, out = run_json(tmp_path, capsys, "--quick", "--sizes", "3,2,4,5,1", "--threads",
+                            "1,2", "--cells", "rnn", "--mode", "infer", "--peers", "none")
+    assert "built without OpenMP: every case runs on 1 thread" in out
+    assert [rec["threads"] for rec in data["cases"]] == [1]
+
+
+@needs_openmp
 def test_report_shows_two_thread_scaling(tmp_path, capsys):
     status, data, _ = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "1,2",
                                "--cells", "rnn,gru", "--mode", "infer", "--peers", "none")

@@ -19,7 +19,9 @@ _in_forked_child = False
 
 
 def set_num_threads(n):
-    """Threads the kernels may use (overrides OMP_NUM_THREADS for fusedrnn), 1 to 1024."""
+    """Threads the kernels may use (overrides OMP_NUM_THREADS for fusedrnn), 1 to 1024. A build
+    without OpenMP (``show_config()``: openmp False) runs on one thread: there this checks ``n``
+    and ``get_num_threads()`` stays 1."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"num_threads must be an int, got {type(n).__name__}")
     if n > _C.max_num_threads:   # (before the int reaches C++, which takes 32 bits)

@@ -173,6 +173,8 @@ def run(args, argv):
     t_start = time.perf_counter()
     settings = QUICK if args.quick else FULL
     plan_ = plan(args)
+    if not _C.openmp:   # one thread is all such a build runs: "t=2" would time t=1
+        plan_ = [c for c in plan_ if c.threads == 1]
     names = list(peers.PEERS) if args.peers is None else args.peers
     ours = peers.fusedrnn_peer()
     others, skipped = peers.load(names)
@@ -192,8 +194,10 @@ def run(args, argv):
     for name, reason in skipped.items():
         say(f"peer {name}: skipped, {reason}")
     if skipped:
-        say('(pip install ".[bench]" in fusedrnn\'s source tree installs every peer and '
-            'matplotlib)')
+        say("(pip install torch==2.13.0 onnx onnxruntime matplotlib threadpoolctl installs every "
+            "peer and the plot; in fusedrnn's source tree, pip install \".[bench]\")")
+    if not _C.openmp:
+        say("fusedrnn was built without OpenMP: every case runs on 1 thread")
     if not names:
         say("peers: none selected (fusedrnn alone)")
     load = m["load_average"]

@@ -7,9 +7,11 @@ import pytest
 
 import fusedrnn
 from fusedrnn import _C, functional, reference
-from fusedrnn.tolerances import GEMM_PER_TERM, assert_close
+from fusedrnn.tolerances import (GEMM_PER_TERM, LONG_SUM_GRADIENT_FLOAT32, assert_close,
+                                  max_scaled_error)
 
-from _kernel_cases import VARIANTS, assert_matches, make_case, run_kernels, variant_id
+from _kernel_cases import (VARIANTS, assert_matches, make_case, run_kernels, run_reference,
+                           variant_id)
 
 ISAS = list(_C.available_isas())
 DTYPES = [np.float32, np.float64]
@@ -23,6 +25,19 @@ def test_options_grid(rng, isa, dtype, variant, bias, lengths, reverse):
     cell, lbr, proj = variant
     case = make_case(rng, cell, proj, bias=bias, lengths=lengths)
     assert_matches(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
+
+
+# The weight and bias gradients of 64000 rows (T*B), summed in blocks (gemm.h's k_blocks_apart,
+# column_sums): within LONG_SUM_GRADIENT_FLOAT32, which one chain over the rows exceeded 2-8x.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+def test_weight_gradients_over_many_rows_keep_float32_accuracy(rng, isa, cell):
+    case = make_case(rng, cell, T=1000, B=64, I=5, H=16)
+    _, want = run_reference(case)
+    _, got = run_kernels(case, np.float32, isa)
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+        err = max_scaled_error(got[name], want[name])
+        assert err <= LONG_SUM_GRADIENT_FLOAT32, f"{name}: {err:.2g}"
 
 
 # The input projection inside each step (projection_mode.h, in_step_projection): batches from 8 rows

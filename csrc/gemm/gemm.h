@@ -178,12 +178,21 @@ void pack_a_blocked(int64_t mc, int64_t kc, const T* A, int64_t a_rs, T* out) {
 // chain starts from the bias instead of zero, which saves a pass over C afterwards; full tiles
 // load it straight into the accumulators (writing it into C first, to load it back, was 6% of
 // the 800x1024x256 input projection of the stacked LSTM: 109 -> 103 GFLOP/s).
+// apart (with accumulate, no bias): this K block's sum starts from zero and is then added to
+// C, instead of continuing C's chain (see gemm_packed's k_blocks_apart).
 template <typename T, AForm Form>
 inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, const T* b, T* c,
-                      int64_t ldc, bool accumulate, const T* bias, bool split_k = true) {
+                      int64_t ldc, bool accumulate, const T* bias, bool split_k = true,
+                      bool apart = false) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   const bool full = n_valid == NR;
   alignas(64) T tmp[MR * NR];
+  if (accumulate && apart) {
+    micro_kernel<T, Form>(m, K, a, lda, b, tmp, NR, false, nullptr, split_k);
+    for (int r = 0; r < m; ++r)
+      for (int j = 0; j < n_valid; ++j) c[r * ldc + j] += tmp[r * NR + j];
+    return;
+  }
   T* dst = full ? c : tmp;
   const int64_t ldd = full ? ldc : NR;
   const T* bias_in_kernel = nullptr;
@@ -222,10 +231,11 @@ template <typename T>
 void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N, int64_t K,
                        const T* A, int64_t a_rs, int64_t a_cs, const T* Bp, T* C, int64_t ldc,
                        bool accumulate, const T* bias, T* a_pack, bool descending = false,
-                       bool split_k = true) {
+                       bool split_k = true, bool k_blocks_apart = false) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t KC = GemmBlocking<T>::KC;
   const int64_t panels = ceil_div<int64_t>(N, NR);
+  const bool apart = k_blocks_apart && !bias;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = imin(KC, K - k0);
     const bool acc = accumulate || k0 > 0;
@@ -238,7 +248,7 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
     if (blocked) pack_a_blocked<T>(mc, kc, a_block, a_rs, a_pack);
     else if (a_pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
     // A single row read in place takes its full panels two at a time (micro_kernel_row_pair).
-    const bool pairs = mc == 1 && !a_pack && !bias_k;
+    const bool pairs = mc == 1 && !a_pack && !bias_k && !apart;
     // The pairs prefetch their panels where this K block of B outgrows L1 (the backward's
     // d h = dG W_hh of a single row, W_hh from L2), on AVX-512. In-process A/B (bench/ab_builds.py),
     // training, medians, 1 / 2 threads: long-seq LSTM (64 KB) 1.493 -> 1.417 / 1.007 -> 0.928
@@ -272,11 +282,11 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
             continue;
           }
           if (blocked)
-            tile_to_c<T, AForm::Blocked>(mr, nv, kc, a_pack + m * kc_blocked, 0, b, c, ldc, acc, bias_p, split_k);
+            tile_to_c<T, AForm::Blocked>(mr, nv, kc, a_pack + m * kc_blocked, 0, b, c, ldc, acc, bias_p, split_k, apart);
           else if (a_pack)
-            tile_to_c<T, AForm::Panel>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p, split_k);
+            tile_to_c<T, AForm::Panel>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p, split_k, apart);
           else
-            tile_to_c<T, AForm::Rows>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p, split_k);
+            tile_to_c<T, AForm::Rows>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p, split_k, apart);
         }
       }
     }
@@ -314,14 +324,19 @@ namespace FUSEDRNN_ISA_NS {
 // C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A
 // is packed); with `bias` (N values, only when !accumulate) C = bias + A B. split_k: see KSplit.
 // Threads take panel ranges (see `ranges`). Every C element is one FMA chain over k in order
-// whatever the threads, so results do not depend on the thread count. In the amx build, float
+// whatever the threads, so results do not depend on the thread count. k_blocks_apart: each
+// block of KC values of k is its own chain from zero, added to C (or to the previous blocks'
+// sum) after it, so a long K's rounding error grows with KC and the number of blocks, not with
+// one chain of K terms (the weight gradients, K = T*B: one chain over T = 1000, B = 64 was 19x
+// torch.nn's error, whose BLAS blocks K). The blocks are fixed by K alone: still the same bits
+// whatever the threads. In the amx build, float
 // products that amx_gemm takes run on AMX tiles (gemm_amx.h) unless !amx_ok (a caller whose bits
 // must match the FMA kernels' elsewhere).
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                  const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads,
                  const T* bias = nullptr, bool split_k = true, bool amx_ok = true,
-                 bool a_splits = false) {
+                 bool a_splits = false, bool k_blocks_apart = false) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t MC = GemmBlocking<T>::MC;
   if (M <= 0 || N <= 0) return;
@@ -372,7 +387,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
         split_range(row_tiles, static_cast<int>(runs), static_cast<int>(i), &t0, &t1);
         const int64_t m0 = t0 * MR, m1 = imin(M, t1 * MR);
         gemm_packed_block<T>(m0, m1 - m0, 0, panels, N, K, A, a_rs, a_cs, Bp, C, ldc, accumulate,
-                             bias, a_pack, false, split_k);
+                             bias, a_pack, false, split_k, k_blocks_apart);
       }
     }
     return;
@@ -389,7 +404,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
     split_range(panels, static_cast<int>(ranges), static_cast<int>(job / m_blocks), &p0, &p1);
     const int64_t m0 = mb * MC;
     gemm_packed_block<T>(m0, imin(MC, M - m0), p0, p1, N, K, A, a_rs, a_cs, Bp, C, ldc,
-                         accumulate, bias, a_pack, false, split_k);
+                         accumulate, bias, a_pack, false, split_k, k_blocks_apart);
   };
   if (!parallel || jobs <= 1) {
     // Not even an inactive parallel region: libgomp makes a futex call per region, ~1 us, which
@@ -481,7 +496,7 @@ constexpr int64_t kGemmPackedBBytes = int64_t(4) << 20;
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
           int64_t b_rs, int64_t b_cs, T* C, int64_t ldc, bool accumulate, int nthreads,
-          bool a_splits = false) {
+          bool a_splits = false, bool k_blocks_apart = false) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return gemm_packed<T>(M, N, K, A, a_rs, a_cs, nullptr, C, ldc, accumulate, nthreads);
   if (gemm_raw_b_on_tiles<T>(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, C, ldc, accumulate, nthreads,
@@ -496,7 +511,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
     const int64_t kc = imin(chunk, K - k0);
     pack_b_gemm<T>(kc, N, B + k0 * b_rs, b_rs, b_cs, packed.p, nthreads);
     gemm_packed<T>(M, N, kc, A + k0 * a_cs, a_rs, a_cs, packed.p, C, ldc, accumulate || k0 > 0,
-                   nthreads, nullptr, true, !tiles_declined);
+                   nthreads, nullptr, true, !tiles_declined, false, k_blocks_apart);
   }
 }
 

@@ -21,11 +21,11 @@ FORWARD = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 # chain over k in order (the same bits on any thread count) where torch's GEMM sums in blocks.
 GRADIENT = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
-# The weight and bias gradients sum over T*B rows. The kernels sum them in blocks (512 rows for
-# the weights, 128 for the biases), each block from zero and added after, so the error grows with
-# the block and the number of blocks, not with T*B. At T = 1000, B = 64 (I = 5, H = 16, every cell
-# and ISA) they measured 2.1e-7 to 7.3e-7, torch.nn float32 4.4e-7; one chain over the 64000 rows,
-# as before, gave 2.8e-6 to 1.2e-5. The bound sits between the two.
+# The weight and bias gradients sum over T*B rows. The kernels sum them in blocks (the GEMM's K
+# block, 256-512 rows, for the weights; 128 for the biases), each block from zero and added after,
+# so the error grows with the block and the number of blocks, not with T*B. At T = 1000, B = 64 (I =
+# 5, H = 16, every cell and ISA) they measured 2.1e-7 to 7.3e-7, torch.nn float32 4.4e-7; one chain
+# over the 64000 rows, as before, gave 2.8e-6 to 1.2e-5. The bound sits between the two.
 LONG_SUM_GRADIENT_FLOAT32 = 1.5e-6
 
 # fusedrnn.torch in bfloat16 or float16 (such a module, or CPU autocast) runs the float32 kernels

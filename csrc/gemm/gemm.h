@@ -188,9 +188,16 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
   const bool full = n_valid == NR;
   alignas(64) T tmp[MR * NR];
   if (accumulate && apart) {
+    using V = Vec<T>;
     micro_kernel<T, Form>(m, K, a, lda, b, tmp, NR, false, nullptr, split_k);
-    for (int r = 0; r < m; ++r)
-      for (int j = 0; j < n_valid; ++j) c[r * ldc + j] += tmp[r * NR + j];
+    for (int r = 0; r < m; ++r) {
+      if (full)
+        for (int v = 0; v < Tile<T>::NV; ++v)
+          V::add(V::load(c + r * ldc + v * V::W), V::load(tmp + r * NR + v * V::W))
+              .store(c + r * ldc + v * V::W);
+      else
+        for (int j = 0; j < n_valid; ++j) c[r * ldc + j] += tmp[r * NR + j];
+    }
     return;
   }
   T* dst = full ? c : tmp;

@@ -7,8 +7,8 @@ import pytest
 
 import fusedrnn
 from fusedrnn import _C, functional, reference
-from fusedrnn.tolerances import (GEMM_PER_TERM, LONG_SUM_GRADIENT_FLOAT32, assert_close,
-                                  max_scaled_error)
+from fusedrnn.tolerances import (GEMM_PER_TERM, GRU_STEP_GRADIENT_FLOAT32,
+                                  LONG_SUM_GRADIENT_FLOAT32, assert_close, max_scaled_error)
 
 from _kernel_cases import (VARIANTS, assert_matches, make_case, run_kernels, run_reference,
                            variant_id)
@@ -38,6 +38,18 @@ def test_weight_gradients_over_many_rows_keep_float32_accuracy(rng, isa, cell):
     for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
         err = max_scaled_error(got[name], want[name])
         assert err <= LONG_SUM_GRADIENT_FLOAT32, f"{name}: {err:.2g}"
+
+
+# The GRU's per-step d h_prev: its products summed apart from the z path they are added to.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("linear_before_reset", [True, False], ids=["lbr", "nolbr"])
+@pytest.mark.parametrize("seed", range(3))
+def test_gru_state_gradient_keeps_float32_accuracy(isa, linear_before_reset, seed):
+    case = make_case(np.random.default_rng(seed), "gru", T=1, B=8, I=8, H=256)
+    _, want = run_reference(case, linear_before_reset=linear_before_reset)
+    _, got = run_kernels(case, np.float32, isa, linear_before_reset=linear_before_reset)
+    err = max_scaled_error(got["dh0"], want["dh0"])
+    assert err <= GRU_STEP_GRADIENT_FLOAT32, f"dh0: {err:.2g}"
 
 
 # The input projection inside each step (projection_mode.h, in_step_projection): batches from 8 rows

@@ -255,7 +255,7 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
     if (blocked) pack_a_blocked<T>(mc, kc, a_block, a_rs, a_pack);
     else if (a_pack) pack_a<T>(mc, kc, a_block, a_rs, a_cs, a_pack);
     // A single row read in place takes its full panels two at a time (micro_kernel_row_pair).
-    const bool pairs = mc == 1 && !a_pack && !bias_k && !apart;
+    const bool pairs = mc == 1 && !a_pack && !bias_k;
     // The pairs prefetch their panels where this K block of B outgrows L1 (the backward's
     // d h = dG W_hh of a single row, W_hh from L2), on AVX-512. In-process A/B (bench/ab_builds.py),
     // training, medians, 1 / 2 threads: long-seq LSTM (64 KB) 1.493 -> 1.417 / 1.007 -> 0.928
@@ -282,9 +282,9 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
           if (pairs && j + 1 < pe && nv == NR && (q + 1) * NR <= N) {
             const T* bq = gemm_b_slice<T>(Bp, panels, K, k0, q);
             T* cq = C + m0 * ldc + q * NR;
-            if (split_k && pairs_from_l2) micro_kernel_row_pair<T, true, true>(kc, a_block, b, bq, c, cq, acc);
-            else if (split_k) micro_kernel_row_pair<T, true>(kc, a_block, b, bq, c, cq, acc);
-            else micro_kernel_row_pair<T, false>(kc, a_block, b, bq, c, cq, acc);
+            if (split_k && pairs_from_l2) micro_kernel_row_pair<T, true, true>(kc, a_block, b, bq, c, cq, acc, apart);
+            else if (split_k) micro_kernel_row_pair<T, true>(kc, a_block, b, bq, c, cq, acc, apart);
+            else micro_kernel_row_pair<T, false>(kc, a_block, b, bq, c, cq, acc, apart);
             ++j;
             continue;
           }
@@ -313,13 +313,13 @@ T* a_pack_for(int64_t M, int64_t a_cs) {
 template <typename T>
 void gemm_packed_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                         const T* Bp, T* C, int64_t ldc, bool accumulate, int64_t p0, int64_t p1,
-                        bool descending = false) {
+                        bool descending = false, bool k_blocks_apart = false) {
   constexpr int64_t MC = GemmBlocking<T>::MC;
   if (M <= 0 || K <= 0 || p0 >= p1) return;
   T* a_pack = a_pack_for<T>(M, a_cs);
   for (int64_t m0 = 0; m0 < M; m0 += MC)
     gemm_packed_block<T>(m0, imin(MC, M - m0), p0, p1, N, K, A, a_rs, a_cs, Bp, C, ldc,
-                         accumulate, nullptr, a_pack, descending);
+                         accumulate, nullptr, a_pack, descending, true, k_blocks_apart);
 }
 
 }  // namespace FUSEDRNN_ISA_NS

@@ -304,9 +304,11 @@ inline void micro_kernel_m(int64_t K, const T* a, int64_t lda, const T* b, T* c,
 // streams W_hh from L2, and one panel at a time spends a broadcast of A on every two panel
 // loads; two panels share it (C++ loop, 512 x 128 panels from L2: 1.9 -> 1.6 us a product).
 // Prefetch: whether the panels are prefetched 32 k-steps ahead, for panels from L2.
+// apart (with accumulate): the sum starts from zero and is added to C at the end (gemm.h's
+// k_blocks_apart), instead of continuing C's chain.
 template <typename T, bool Split = true, bool Prefetch = false>
 inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b1, T* c0, T* c1,
-                                  bool accumulate) {
+                                  bool accumulate, bool apart = false) {
   using V = Vec<T>;
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
@@ -317,7 +319,7 @@ inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b
   for (int s = 0; s < KS; ++s)
     for (int p = 0; p < 2; ++p)
       for (int v = 0; v < NV; ++v)
-        acc[s][p][v] = s == 0 && accumulate ? V::load(c[p] + v * V::W) : V::zero();
+        acc[s][p][v] = s == 0 && accumulate && !apart ? V::load(c[p] + v * V::W) : V::zero();
   auto k_step = [&](int s, int64_t k) {
     const V av = V::set1(a[k]);
     for (int p = 0; p < 2; ++p)
@@ -337,6 +339,9 @@ inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b
   for (int s = 1; s < KS; ++s)
     for (int p = 0; p < 2; ++p)
       for (int v = 0; v < NV; ++v) acc[0][p][v] = V::add(acc[0][p][v], acc[s][p][v]);
+  if (accumulate && apart)
+    for (int p = 0; p < 2; ++p)
+      for (int v = 0; v < NV; ++v) acc[0][p][v] = V::add(V::load(c[p] + v * V::W), acc[0][p][v]);
   for (int p = 0; p < 2; ++p)
     for (int v = 0; v < NV; ++v) acc[0][p][v].store(c[p] + v * V::W);
 }

@@ -252,6 +252,9 @@ struct BackwardLoop {
       const T* dgh_k = dgh + (k * B + m0) * GH;
       T* dh_rows = dh_prev + m0 * Hout;
       const bool desc = i & 1;  // alternate directions through W_hh (ForwardLoop::cell_phase)
+      // The GRU's d h_prev holds its z path (dh * z) before the products: each product's sum
+      // starts from zero and is added after (k_blocks_apart), not a chain from dh * z, where
+      // every FMA rounded at that magnitude (dh0 at T = 1, B = 8, H = 256: 12x torch.nn's error).
       if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
         gemm_packed_panels<T>(rows, H, H, dgh_k + 2 * H, GH, 1, whn, drh + m0 * H, H, false,
                               p.hid0, p.hid1, desc);
@@ -259,12 +262,12 @@ struct BackwardLoop {
         gru_reset_pointwise(k, p, dh_prev);
         meet();
         gemm_packed_panels<T>(rows, Hout, 2 * H, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
-                              p.out1, desc);
-      } else if (gru) {  // r, z through W_hr|W_hz, then n through W_hn (continuing each chain)
+                              p.out1, desc, true);
+      } else if (gru) {  // r, z through W_hr|W_hz, then n through W_hn
         gemm_packed_panels<T>(rows, Hout, 2 * H, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
-                              p.out1, desc);
+                              p.out1, desc, true);
         gemm_packed_panels<T>(rows, Hout, H, dghn + (k * B + m0) * ld_n, ld_n, 1, whn, dh_rows,
-                              Hout, true, p.out0, p.out1, desc);
+                              Hout, true, p.out0, p.out1, desc, true);
       } else if (queue) {
         pack_shared_dg(dgh_k, team, member);
         queue->set(i + 1, member, p.out0, p.out1);

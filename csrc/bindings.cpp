@@ -90,8 +90,12 @@ class WithoutGil {
   py::gil_scoped_release released_;
 };
 
+// C-contiguous and aligned to T: NumPy copies an array that is not (an unaligned one comes from
+// np.frombuffer at an odd offset, or a packed record's field), since the kernels' loads and
+// stores of T assume its alignment (an unaligned T* is undefined behaviour; UBSan).
+constexpr int kAligned = py::detail::npy_api::NPY_ARRAY_ALIGNED_;
 template <typename T>
-using Arr = py::array_t<T, py::array::c_style>;
+using Arr = py::array_t<T, py::array::c_style | kAligned>;
 
 [[noreturn]] void fail(const std::string& what) { throw py::value_error(what); }
 
@@ -483,8 +487,9 @@ Arr<T> gradient_in_place(const py::dict& into, const char* key, std::vector<int6
   if (!same_dtype(a.dtype(), py::dtype::of<T>()))
     throw py::type_error(where + " must have dtype " + std::string(py::str(py::dtype::of<T>())) +
                          ", got " + std::string(py::str(a.dtype())));
-  if (!(a.flags() & py::array::c_style) || !a.writeable())
-    fail(where + " must be a writeable C-contiguous array (the kernels write it in place)");
+  if (!(a.flags() & py::array::c_style) || !(a.flags() & kAligned) || !a.writeable())
+    fail(where + " must be a writeable, aligned C-contiguous array (the kernels write it in "
+         "place)");
   Arr<T> arr = py::reinterpret_borrow<Arr<T>>(a);
   check_shape(where.c_str(), arr, shape);
   return arr;
@@ -544,7 +549,7 @@ BackwardWeights backward_weights(const Context& c, const py::object& weights, co
     if (shape != fshape)
       fail(std::string(names[i]) + " must have shape " + shape_str(fshape) + ", got " + shape_str(shape));
     if (!(a.flags() & py::array::c_style)) fail(std::string(names[i]) + " must be C-contiguous");
-    out[i] = got;
+    out[i] = a.flags() & kAligned ? got : py::object(py::array::ensure(got, kAligned));
   }
   return {out[0], out[1], out[2], true};
 }
@@ -644,7 +649,8 @@ py::array math_impl(const KernelTable& kt, int func, Arr<T> x) {
 }
 
 template <typename T>
-py::array gemm_impl(const KernelTable& kt, py::array_t<T> A, py::array_t<T> B) {
+py::array gemm_impl(const KernelTable& kt, py::array_t<T, py::array::forcecast | kAligned> A,
+                    py::array_t<T, py::array::forcecast | kAligned> B) {
   if (A.ndim() != 2 || B.ndim() != 2 || A.shape(1) != B.shape(0)) fail("gemm needs A (M, K) and B (K, N)");
   const int64_t M = A.shape(0), K = A.shape(1), N = B.shape(1);
   Arr<T> C({M, N});

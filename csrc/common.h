@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <string>
 #include "kernel_api.h"
@@ -41,6 +42,16 @@ struct Scratch {
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
 };
+
+// memcpy and memset that do nothing for 0 bytes: an empty Scratch's pointer is null (B = 0, or
+// H = 0 through the functional API), and the C library's null with size 0 is undefined
+// behaviour (UBSan), which lets the compiler drop later null checks.
+inline void copy_bytes(void* dst, const void* src, size_t bytes) {
+  if (bytes) std::memcpy(dst, src, bytes);
+}
+inline void set_bytes(void* dst, int value, size_t bytes) {
+  if (bytes) std::memset(dst, value, bytes);
+}
 
 // Flush denormals to zero for the kernel's duration and restore the caller's mode after:
 // denormal arithmetic is ~100x slower (a gradient decaying over a long sequence reaches them).

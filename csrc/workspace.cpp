@@ -48,6 +48,19 @@ size_t size_class(size_t bytes) {
 
 }  // namespace
 
+#if defined(FUSEDRNN_EXACT_ALLOC)
+// Sanitizer builds: every block its exact size (no rounding to 64 bytes, no size classes, no
+// reuse), so ASan sees any access past the bytes asked for and any use after free.
+void* aligned_alloc_bytes(size_t bytes) {
+  void* p = nullptr;
+  if (posix_memalign(&p, kAlign, kAlign + bytes) != 0 || !p) throw std::bad_alloc();
+  static_cast<Header*>(p)->capacity = 0;
+  return static_cast<char*>(p) + kAlign;
+}
+void aligned_free_bytes(void* ptr) {
+  if (ptr) std::free(static_cast<char*>(ptr) - kAlign);
+}
+#else
 void* aligned_alloc_bytes(size_t bytes) {
   if (bytes < kMinCached) {
     void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign + kAlign);
@@ -100,6 +113,7 @@ void aligned_free_bytes(void* ptr) {
   }
   std::free(raw);
 }
+#endif
 
 void free_idle_blocks() {
   Cache& c = cache();

@@ -899,6 +899,42 @@ def test_gradients_added_into_the_callers_arrays(rng, isa, variant):
         assert_close(into[k], start[k] + fresh[k], np.float64, "gradient", what=k + " added")
 
 
+def unaligned(a):
+    """A writeable copy of ``a`` one byte off its dtype's alignment (np.frombuffer at an odd
+    offset; a packed record's field is another such array)."""
+    raw = np.zeros(a.nbytes + 1, np.uint8)
+    out = np.frombuffer(raw.data, np.uint8, a.nbytes, offset=1).view(a.dtype).reshape(a.shape)
+    out[...] = a
+    assert not out.flags.aligned and out.flags.c_contiguous
+    return out
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_unaligned_arrays_are_read_as_aligned_copies(rng, isa, dtype, variant):
+    """Every input one byte off alignment gives the aligned inputs' bits (the kernels read T
+    aligned: the bindings copy such an array, as a non-contiguous one)."""
+    cell, lbr, proj = variant
+    case = make_case(rng, cell, proj, lengths=True)
+    w = case["w"]
+    names = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "dy", "dhn", "dcn")
+    given = {k: case[k] if k in case else w[k] for k in names}
+    aligned = {k: None if v is None else v.astype(dtype) for k, v in given.items()}
+
+    def run(a):
+        y, hn, cn, ctx = functional.forward(cell, *(a[k] for k in names[:8]), case["lengths"],
+                                            False, lbr, True, isa=isa)
+        return (y, hn, cn, *functional.backward(ctx, a["dy"], a["dhn"], a["dcn"]))
+
+    moved = {k: None if v is None else unaligned(v) for k, v in aligned.items()}
+    want, got = run(aligned), run(moved)
+    for have, expect in zip(got[:-1], want[:-1]):
+        np.testing.assert_array_equal(have, expect)
+    for k in want[-1]:
+        np.testing.assert_array_equal(got[-1][k], want[-1][k], err_msg=k)
+
+
 def test_gradients_to_add_into_are_checked(rng):
     case = make_case(rng, "lstm", T=3, B=2, I=5, H=6)
     w = case["w"]
@@ -918,8 +954,11 @@ def test_gradients_to_add_into_are_checked(rng):
         backward(weight_ih=np.zeros((24, 5), np.float32))
     with pytest.raises(ValueError, match=r'grads_into\["weight_hh"\] must have shape \(24, 6\)'):
         backward(weight_hh=np.zeros((24, 7)))
-    with pytest.raises(ValueError, match=r'grads_into\["weight_hh"\] must be a writeable C-cont'):
+    with pytest.raises(ValueError, match=r'grads_into\["weight_hh"\] must be a writeable, '
+                                         r'aligned C-cont'):
         backward(weight_hh=np.zeros((6, 24)).T)
+    with pytest.raises(ValueError, match=r'grads_into\["weight_hh"\] must be a writeable, aligned'):
+        backward(weight_hh=unaligned(np.zeros((24, 6))))
     read_only = np.zeros(24)
     read_only.flags.writeable = False
     with pytest.raises(ValueError, match=r'grads_into\["bias_ih"\] must be a writeable'):

@@ -80,7 +80,7 @@ void pack_halves(const LayerShape& s, const T* w_hh, T* buf, int nthreads) {
     const int64_t nu = u1 - u0;
     Scratch<T> rows(G * nu * Hout);
     for (int64_t g = 0; g < G; ++g)
-      std::memcpy(rows.p + g * nu * Hout, w_hh + (g * s.H + u0) * Hout, sizeof(T) * nu * Hout);
+      copy_bytes(rows.p + g * nu * Hout, w_hh + (g * s.H + u0) * Hout, sizeof(T) * nu * Hout);
     pack_b_gemm<T>(G * nu, Hout, rows.p, Hout, 1, buf, nthreads);
     buf += halves_packed_size<T>(s, h);
   }
@@ -171,11 +171,11 @@ struct BackwardLoop {
     T* dgh_k = dgh + k * B * GH;
     for (int64_t b = p.row0; b < p.row1; ++b) {
       if (!steps.active(k, b)) {  // a finished row passes its gradient straight through
-        std::memset(dgh_k + b * GH, 0, sizeof(T) * GH);
-        std::memcpy(dh_prev + b * Hout, dh + b * Hout, sizeof(T) * Hout);
+        set_bytes(dgh_k + b * GH, 0, sizeof(T) * GH);
+        copy_bytes(dh_prev + b * Hout, dh + b * Hout, sizeof(T) * Hout);
         continue;
       }
-      if (!gru) std::memset(dh_prev + b * Hout, 0, sizeof(T) * Hout);  // filled by the GEMM
+      if (!gru) set_bytes(dh_prev + b * Hout, 0, sizeof(T) * Hout);  // filled by the GEMM
       RowBackward<T> r = row_at(k, b, 0, H, dcell + b * H);
       r.dh_prev = dh_prev + b * Hout;
       cell_backward_row(r);
@@ -226,7 +226,7 @@ struct BackwardLoop {
         // the other buffer); every write of the step before is done (its last meeting).
         for (int64_t b = p.row0; b < p.row1; ++b)
           if (!steps.active(k + 1, b))
-            std::memcpy(dh + b * Hout, dh_prev + b * Hout, sizeof(T) * Hout);
+            copy_bytes(dh + b * Hout, dh_prev + b * Hout, sizeof(T) * Hout);
       for (int64_t b = p.row0; b < p.row1; ++b) {
         if (!steps.active(k, b)) continue;
         const T* dyr = a.dy + (steps.time(k, b) * B + b) * Hout;
@@ -235,12 +235,12 @@ struct BackwardLoop {
       }
       const T* dcell = dh;  // gradient reaching the cell's own output (before any projection)
       if (s.has_proj) {
-        std::memcpy(dhs + (k * B + p.row0) * Hout, dh + p.row0 * Hout, sizeof(T) * (p.row1 - p.row0) * Hout);
+        copy_bytes(dhs + (k * B + p.row0) * Hout, dh + p.row0 * Hout, sizeof(T) * (p.row1 - p.row0) * Hout);
         // A finished row's carried dh meets the zeros saved in hfull in dW_hr = dhs^T hfull:
         // zeros here too, so that an infinite dh (a dhn of inf) does not make it NaN.
         if (a.lengths)
           for (int64_t b = p.row0; b < p.row1; ++b)
-            if (!steps.active(k, b)) std::memset(dhs + (k * B + b) * Hout, 0, sizeof(T) * Hout);
+            if (!steps.active(k, b)) set_bytes(dhs + (k * B + b) * Hout, 0, sizeof(T) * Hout);
         meet();  // every row of dh is complete
         gemm_packed_panels<T>(rows, H, Hout, dh + m0 * Hout, Hout, 1, whr, dhf + m0 * H, H,
                               false, p.hid0, p.hid1);
@@ -351,7 +351,7 @@ struct BackwardLoop {
         cell_backward_row(row_at(k, 0, u0, u1, dh + u0));
         const T* dgh_k = dgh + k * GH;
         for (int64_t g = 0; g < G; ++g)
-          std::memcpy(a_half.p + g * nu, dgh_k + g * H + u0, sizeof(T) * nu);
+          copy_bytes(a_half.p + g * nu, dgh_k + g * H + u0, sizeof(T) * nu);
         gemm_packed_panels<T>(1, s.Hout, G * nu, a_half.p, G * nu, 1, w_half[h],
                               partial_at(i + 1, h), s.Hout, false, 0, panels, i & 1);
       }
@@ -432,7 +432,7 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   // Without lengths every step writes every row's gradients, all gates and units (the backward
   // rows of cells.h store, never accumulate), so nothing needs zeroing. That single-threaded pass
   // was 3.5% of a stacked LSTM training layer on 2 threads (17.9 -> 17.3 ms; GRU 14.6 -> 14.1).
-  if (a.lengths) std::memset(dgx_buf.p, 0, sizeof(T) * TB * GH);
+  if (a.lengths) set_bytes(dgx_buf.p, 0, sizeof(T) * TB * GH);
   Scratch<T> dgh_buf(same_space || n_apart ? 0 : TB * GH), dghn_buf(n_apart ? TB * H : 0);
   T* dgx = in_gates ? a.saved.gates : dgx_buf.p;
   T* dgh = same_space || n_apart ? dgx : dgh_buf.p;  // rows of G*H; for n_apart only r, z count
@@ -468,9 +468,9 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   Scratch<T> dh_a(B * Hout), dh_b(B * Hout), dc(lstm ? B * H : 0);
   Scratch<T> dhf(s.has_proj ? B * H : 0), dhs(s.has_proj ? TB * Hout : 0);
   Scratch<T> drh(gru_two_phase ? B * H : 0);
-  if (a.dhn) std::memcpy(dh_a.p, a.dhn, sizeof(T) * B * Hout); else std::memset(dh_a.p, 0, sizeof(T) * B * Hout);
+  if (a.dhn) copy_bytes(dh_a.p, a.dhn, sizeof(T) * B * Hout); else set_bytes(dh_a.p, 0, sizeof(T) * B * Hout);
   if (lstm) {
-    if (a.dcn) std::memcpy(dc.p, a.dcn, sizeof(T) * B * H); else std::memset(dc.p, 0, sizeof(T) * B * H);
+    if (a.dcn) copy_bytes(dc.p, a.dcn, sizeof(T) * B * H); else set_bytes(dc.p, 0, sizeof(T) * B * H);
   }
 
   BackwardLoop<T> loop{a, s, steps, G, dgx, dgh, dghn, ld_n, whh.get(), whn.get(), whr.get(),
@@ -551,9 +551,9 @@ void backward_on_threads(const BackwardArgs<T>& a) {
     const T* p1 = loop.partial_at(s.T, 1);
     for (int64_t u = 0; u < Hout; ++u) a.dh0[u] = p0[u] + p1[u];
   } else {
-    std::memcpy(a.dh0, loop.dh_at(s.T), sizeof(T) * B * Hout);
+    copy_bytes(a.dh0, loop.dh_at(s.T), sizeof(T) * B * Hout);
   }
-  if (lstm) std::memcpy(a.dc0, dc.p, sizeof(T) * B * H);
+  if (lstm) copy_bytes(a.dc0, dc.p, sizeof(T) * B * H);
 
   // Whole-sequence weight and input gradients (the weights' added into a.dw_* with accumulate),
   // at once or the chunks not yet done. At once, dGx meets two products and, where it is dGh

@@ -141,7 +141,7 @@ struct SequenceProducts {
     return a.db_hh && a.db_ih && a.s.cell != Cell::Gru && dgh == dgx && !a.accumulate;
   }
   void finish() const {
-    if (biases_alike()) std::memcpy(a.db_hh, a.db_ih, sizeof(T) * gates_of(a.s.cell) * a.s.H);
+    if (biases_alike()) copy_bytes(a.db_hh, a.db_ih, sizeof(T) * gates_of(a.s.cell) * a.s.H);
   }
 };
 

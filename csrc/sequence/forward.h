@@ -370,11 +370,11 @@ struct ForwardLoop {
         for (int ri = 0; ri < mr; ++ri) {
           const int64_t b = m + ri;
           if (!steps.active(k, b)) {  // finished rows carry their state unchanged
-            if (lstm) std::memcpy(cn + b * s.H + u0, cp + b * s.H + u0, sizeof(T) * nu);
-            if (writes_h) std::memcpy(hn + b * s.Hout + u0, hp + b * s.Hout + u0, sizeof(T) * nu);
+            if (lstm) copy_bytes(cn + b * s.H + u0, cp + b * s.H + u0, sizeof(T) * nu);
+            if (writes_h) copy_bytes(hn + b * s.Hout + u0, hp + b * s.Hout + u0, sizeof(T) * nu);
             // Saved buffers that weight gradients multiply must hold numbers, not leftovers.
-            if (s.has_proj) std::memset(hout + b * s.H + u0, 0, sizeof(T) * nu);
-            if (extra && g0 == 0) std::memset(extra + b * s.H + u0, 0, sizeof(T) * nu);
+            if (s.has_proj) set_bytes(hout + b * s.H + u0, 0, sizeof(T) * nu);
+            if (extra && g0 == 0) set_bytes(extra + b * s.H + u0, 0, sizeof(T) * nu);
             continue;
           }
           const int64_t t = steps.time(k, b);
@@ -499,11 +499,11 @@ struct ForwardLoop {
           const int64_t b = m + ri;
           T* dst = hn + b * s.Hout + o0;
           if (!steps.active(k, b)) {
-            std::memcpy(dst, hp + b * s.Hout + o0, sizeof(T) * no);
+            copy_bytes(dst, hp + b * s.Hout + o0, sizeof(T) * no);
             continue;
           }
-          std::memcpy(dst, tile + ri * NR, sizeof(T) * no);
-          std::memcpy(a.y + (steps.time(k, b) * s.B + b) * s.Hout + o0, dst, sizeof(T) * no);
+          copy_bytes(dst, tile + ri * NR, sizeof(T) * no);
+          copy_bytes(a.y + (steps.time(k, b) * s.B + b) * s.Hout + o0, dst, sizeof(T) * no);
         }
       }
     }
@@ -674,7 +674,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
                        [&](T* buf, const T* from) { pack_gates<T>(G, s.I, H, from, buf, nthreads); });
   Scratch<T> bias_in(by_gates && s.has_bias ? G * padded_units : 0);
   if (bias_in.p) {
-    std::memset(bias_in.p, 0, sizeof(T) * G * padded_units);
+    set_bytes(bias_in.p, 0, sizeof(T) * G * padded_units);
     folded_bias(s, a.b_ih, a.b_hh, bias_in.p, padded_units);
   }
   CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, amx ? 0 : GH, Hout, packed_gates_size<T>(G, Hout, H),
@@ -716,18 +716,18 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   if (rides) {
     for (int64_t k = 0; k < gx_rows; ++k) {
       T* row = x_steps.p + k * s.I;
-      if (k < s.T) std::memcpy(row, a.x + steps.time(k, 0) * s.I, sizeof(T) * s.I);
-      else std::memset(row, 0, sizeof(T) * s.I);
+      if (k < s.T) copy_bytes(row, a.x + steps.time(k, 0) * s.I, sizeof(T) * s.I);
+      else set_bytes(row, 0, sizeof(T) * s.I);
     }
     loop.x_steps = x_steps.p;
   }
 
-  std::memcpy(loop.h_at(0), a.h0, sizeof(T) * B * Hout);
-  if (lstm) std::memcpy(loop.c_at(0), a.c0, sizeof(T) * B * H);
+  copy_bytes(loop.h_at(0), a.h0, sizeof(T) * B * Hout);
+  if (lstm) copy_bytes(loop.c_at(0), a.c0, sizeof(T) * B * H);
   if (epilogue_packs) pack_a_blocked<T>(B, Hout, a.h0, Hout, a_shared.p);  // step 0's A
   if (a.lengths)  // outputs past a row's length are zeros (PackedSequence padded back)
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = steps.len(b); t < s.T; ++t) std::memset(a.y + (t * B + b) * Hout, 0, sizeof(T) * Hout);
+      for (int64_t t = steps.len(b); t < s.T; ++t) set_bytes(a.y + (t * B + b) * Hout, 0, sizeof(T) * Hout);
 
   if (projection_beside) {
     // Member 1 projects chunk after chunk of steps; member 0 walks each once it is there (the
@@ -781,8 +781,8 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
         },
         [&](int64_t k0, int64_t k1) { loop.run(make_split<T>(s, 1, 0, false), k0, k1); });
   }
-  std::memcpy(a.hn, loop.h_at(s.T), sizeof(T) * B * Hout);
-  if (lstm) std::memcpy(a.cn, loop.c_at(s.T), sizeof(T) * B * H);
+  copy_bytes(a.hn, loop.h_at(s.T), sizeof(T) * B * Hout);
+  if (lstm) copy_bytes(a.cn, loop.c_at(s.T), sizeof(T) * B * H);
 }
 
 // The layer on a.num_threads threads, or on one if the adaptive policy says so.

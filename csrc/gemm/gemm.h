@@ -328,17 +328,16 @@ void gemm_packed_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_r
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 
-// C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A
-// is packed); with `bias` (N values, only when !accumulate) C = bias + A B. split_k: see KSplit.
+// C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A is
+// packed); with `bias` (N values, only when !accumulate) C = bias + A B. split_k: see KSplit.
 // Threads take panel ranges (see `ranges`). Every C element is one FMA chain over k in order
-// whatever the threads, so results do not depend on the thread count. k_blocks_apart: each
-// block of KC values of k is its own chain from zero, added to C (or to the previous blocks'
-// sum) after it, so a long K's rounding error grows with KC and the number of blocks, not with
-// one chain of K terms (the weight gradients, K = T*B: one chain over T = 1000, B = 64 was 19x
-// torch.nn's error, whose BLAS blocks K). The blocks are fixed by K alone: still the same bits
-// whatever the threads. In the amx build, float
-// products that amx_gemm takes run on AMX tiles (gemm_amx.h) unless !amx_ok (a caller whose bits
-// must match the FMA kernels' elsewhere).
+// whatever the threads, so results do not depend on the thread count. k_blocks_apart: each block of
+// KC values of k is its own chain from zero, added to C (or to the previous blocks' sum) after it,
+// so a long K's rounding error grows with KC and the number of blocks, not with one chain of K
+// terms (the weight gradients, K = T*B: one chain over T = 1000, B = 64 was 9-19x torch.nn's error,
+// whose BLAS blocks K). The blocks are fixed by K alone: still the same bits whatever the threads.
+// In the amx build, float products that amx_gemm takes run on AMX tiles (gemm_amx.h) unless !amx_ok
+// (a caller whose bits must match the FMA kernels' elsewhere).
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                  const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads,

@@ -36,7 +36,7 @@ def make_case(rng, cell, proj=0, T=5, B=3, I=6, H=11, bias=True, lengths=False, 
 
 
 def _cast(a, dtype):
-    return None if a is None else a.astype(dtype)
+    return None if a is None else a.astype(dtype, copy=False)   # (as given, if of dtype)
 
 
 def run(case, runner, dtype=np.float64, reverse=False, linear_before_reset=True, **kw):

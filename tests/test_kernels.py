@@ -917,22 +917,16 @@ def test_unaligned_arrays_are_read_as_aligned_copies(rng, isa, dtype, variant):
     aligned: the bindings copy such an array, as a non-contiguous one)."""
     cell, lbr, proj = variant
     case = make_case(rng, cell, proj, lengths=True)
-    w = case["w"]
-    names = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr", "dy", "dhn", "dcn")
-    given = {k: case[k] if k in case else w[k] for k in names}
-    aligned = {k: None if v is None else v.astype(dtype) for k, v in given.items()}
-
-    def run(a):
-        y, hn, cn, ctx = functional.forward(cell, *(a[k] for k in names[:8]), case["lengths"],
-                                            False, lbr, True, isa=isa)
-        return (y, hn, cn, *functional.backward(ctx, a["dy"], a["dhn"], a["dcn"]))
-
-    moved = {k: None if v is None else unaligned(v) for k, v in aligned.items()}
-    want, got = run(aligned), run(moved)
-    for have, expect in zip(got[:-1], want[:-1]):
-        np.testing.assert_array_equal(have, expect)
-    for k in want[-1]:
-        np.testing.assert_array_equal(got[-1][k], want[-1][k], err_msg=k)
+    moved = {k: None if v is None else unaligned(v.astype(dtype)) for k, v in case.items()
+             if k in ("x", "h0", "c0", "dy", "dhn", "dcn")}
+    moved = dict(case, **moved, w={k: None if v is None else unaligned(v.astype(dtype))
+                                   for k, v in case["w"].items()})
+    want = run_kernels(case, dtype, isa, linear_before_reset=lbr)
+    got = run_kernels(moved, dtype, isa, linear_before_reset=lbr)
+    for have, expect in zip(got, want):
+        assert have.keys() == expect.keys()
+        for k in expect:
+            np.testing.assert_array_equal(have[k], expect[k], err_msg=k)
 
 
 def test_gradients_to_add_into_are_checked(rng):

@@ -313,6 +313,20 @@ def test_onnxruntime_thresholded_relu_at_its_threshold():
                                       err_msg=isa)
 
 
+@pytest.mark.parametrize("op", ["LSTM", "GRU"])
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_onnxruntime_empty_activations_are_the_defaults(rng, op, direction):
+    """An activations attribute that lists no function: ONNX Runtime's LSTM and GRU run their
+    defaults (ours refused it: "must name 3 function(s) per direction")."""
+    node, feeds, outputs = option_case(rng, op, direction, {}, False)
+    node.attribute.append(onnx.helper.make_attribute("activations", [],
+                                                     attr_type=onnx.AttributeProto.STRINGS))
+    want = ort_node_outputs(node, feeds)
+    got = run_fusedrnn(node, feeds, np.float32)
+    for name in outputs:
+        assert_close(got[name], want[name], np.float32, what=f"{op} {name}")
+
+
 # ---- float16 and bfloat16 (ONNX's type T takes both): the float32 kernels, rounded once ----
 
 

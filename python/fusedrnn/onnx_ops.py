@@ -157,7 +157,10 @@ def _functions(activations, alphas, betas, default):
         bad = [a for a in activations if not isinstance(a, (str, bytes))]
         if bad:
             raise TypeError(f"activations must be function names, got {bad!r} among them")
-    names = default if activations is None else [_text(a).lower() for a in activations]
+    # An empty list names none: ONNX's defaults, as ONNX Runtime's LSTM and GRU read it (its
+    # RNN refuses it; onnx_layout.check_node reads it so too).
+    names = [_text(a).lower() for a in activations] if activations is not None else []
+    names = names or default
     unknown = sorted(set(names) - set(ACTIVATIONS))
     if unknown:
         raise ValueError(f"activations {unknown} are not ONNX's: it has {list(ACTIVATIONS)} "

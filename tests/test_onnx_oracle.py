@@ -15,7 +15,7 @@ import pytest
 
 import fusedrnn
 from fusedrnn import _C, onnx_ops, reference
-from fusedrnn.onnx_layout import load_onnx_weights, onnx_weights
+from fusedrnn.onnx_layout import check_node, load_onnx_weights, onnx_weights
 from fusedrnn.tolerances import assert_close, low_precision_tolerance, max_scaled_error
 
 onnx = pytest.importorskip("onnx")
@@ -428,8 +428,25 @@ def test_onnx_layout_refuses_what_does_not_map(rng):
     load_onnx_weights(no_bias, W, R)
     with pytest.raises(ValueError, match="B must be zeros"):
         load_onnx_weights(no_bias, W, R, B + 1)
-    with pytest.raises(TypeError, match="fusedrnn RNN, LSTM or GRU"):
+    with pytest.raises(TypeError, match="fusedrnn.RNN, LSTM or GRU, got builtins.object$"):
         onnx_weights(object())
+
+
+@pytest.mark.torch
+def test_onnx_layout_refuses_torch_modules_by_name():
+    """fusedrnn.torch's modules (torch.nn's, whose _spec is a method): onnx_weights raised
+    AttributeError "'function' object has no attribute 'num_layers'", though the adapter's own
+    export error sends the GRU torch lacks to onnx_weights."""
+    torch = pytest.importorskip("torch")
+    import fusedrnn.torch as ft
+    node = onnx.helper.make_node("GRU", ["X", "W", "R"], ["Y"], hidden_size=4)
+    for module in (ft.GRU(3, 4, linear_before_reset=False), torch.nn.GRU(3, 4)):
+        name = f"{type(module).__module__}.GRU"
+        for call in (lambda: onnx_weights(module), lambda: check_node(module, node),
+                     lambda: load_onnx_weights(module, *onnx_weights(fusedrnn.GRU(3, 4)))):
+            with pytest.raises(TypeError, match=rf"got {re.escape(name)}; .* load its "
+                                                r"state_dict\(\) into a fusedrnn layer"):
+                call()
 
 
 def test_load_onnx_weights_checks_the_node_it_is_given(rng):

@@ -8,6 +8,9 @@ ONNX keeps one node per layer, its weights stacked by direction and its gates in
     W, R, B = fusedrnn.onnx_layout.onnx_weights(lstm, layer_index=0)   # to feed an ONNX node
     fusedrnn.onnx_layout.load_onnx_weights(lstm, W, R, B, layer_index=0, node=node)  # from one
 
+The layer is fusedrnn's own (NumPy) RNN, LSTM or GRU; a torch module's weights (fusedrnn.torch's
+or torch.nn's) go through ``load_state_dict`` into one.
+
 The node's other attributes must agree with the layer (``node=``, an onnx NodeProto, has
 load_onnx_weights check them): ``direction`` "forward" for one
 direction or "bidirectional" for two (ONNX's "reverse" alone has no torch.nn layer;
@@ -19,7 +22,7 @@ A projected LSTM (``proj_size``) has no ONNX form.
 """
 import numpy as np
 
-from .layers import _to_numpy
+from .layers import _Layer, _to_numpy
 
 # ONNX's gate blocks, as indices into torch's (gate j of ONNX is torch's block ONNX_GATES[j]).
 ONNX_GATES = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,)}
@@ -101,7 +104,7 @@ def check_node(layer, node):
     """Refuses (ValueError naming the attribute) an ONNX RNN / LSTM / GRU node whose maths a
     layer of ``layer``'s kind does not compute: its weights would load and give other results."""
     from .onnx_ops import DEFAULT_ACTIVATIONS, _text, node_attributes
-    spec = layer._spec
+    spec = _spec_of(layer)
     kind = _kind(spec.cell)
     if getattr(node, "op_type", None) != kind.upper():
         raise ValueError(f"node must be an ONNX {kind.upper()} node for {layer!r}, got "
@@ -138,10 +141,20 @@ def _kind(cell):
     return kind
 
 
+def _spec_of(layer):
+    if not isinstance(layer, _Layer):
+        # (fusedrnn.torch's modules are torch.nn's: an AttributeError came from within)
+        kind = type(layer)
+        hint = ("; for a torch module (fusedrnn.torch's or torch.nn's), load its state_dict() "
+                "into a fusedrnn layer of its configuration" if hasattr(layer, "state_dict")
+                else "")
+        raise TypeError(f"layer must be a fusedrnn.RNN, LSTM or GRU, got "
+                        f"{kind.__module__}.{kind.__qualname__}{hint}")
+    return layer._spec
+
+
 def _check(layer, layer_index):
-    spec = getattr(layer, "_spec", None)
-    if spec is None:
-        raise TypeError(f"layer must be a fusedrnn RNN, LSTM or GRU, got {type(layer).__name__}")
+    spec = _spec_of(layer)
     if (isinstance(layer_index, bool) or not isinstance(layer_index, (int, np.integer))
             or not 0 <= layer_index < spec.num_layers):
         raise ValueError(f"layer_index must be an int in 0..{spec.num_layers - 1}, "

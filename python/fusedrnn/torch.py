@@ -65,23 +65,30 @@ class _HxError(TypeError, RuntimeError):
     """hx of the wrong structure: torch.nn raises RuntimeError (or IndexError by accident)."""
 
 
-_ONNX_STATE = []     # torch's ONNX exporters' flags, found on the first call (not an
-                     # lru_cache: Dynamo warns where it meets one, in a compiled call's frames)
+def _onnx_flags():
+    """torch's ONNX exporters' flags (torch.onnx.is_in_onnx_export() reads them), or None
+    where torch keeps them elsewhere."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return None
+    return _flags, GLOBALS
+
+
+_ONNX_FLAGS = _onnx_flags()
 
 
 def _in_onnx_export():
     """torch.onnx.is_in_onnx_export() without its imports on every call (0.9 us of a 28 us
-    call); torch.onnx's own function where torch keeps the flags elsewhere."""
-    if not _ONNX_STATE:
-        try:
-            from torch.onnx._internal.exporter import _flags
-            from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
-            _ONNX_STATE.append((_flags, GLOBALS))
-        except ImportError:
-            _ONNX_STATE.append(None)
-    if _ONNX_STATE[0] is None:
+    call), and under Dynamo too, which takes torch's function for False: the default
+    exporter's second capture (strict, after a refusal of _forward_for_onnx's) recorded the op
+    and failed on "No ONNX function found for fusedrnn.rnn_stack", the refusal unseen."""
+    if _ONNX_FLAGS is None:
         return _torch.onnx.is_in_onnx_export()
-    flags, state = _ONNX_STATE[0]
+    flags, state = _ONNX_FLAGS
+    if _torch.compiler.is_compiling():  # (Dynamo refuses to trace the TorchScript exporter's
+        return flags._is_onnx_exporting  # flag, a property; that exporter never runs Dynamo)
     return state.in_onnx_export or flags._is_onnx_exporting
 
 
@@ -479,10 +486,8 @@ class _FusedMixin:
             if proxy is not None:
                 return _fx_leaf_call(self, proxy.tracer, (input, hx), {})
         # torch.onnx.export (either exporter) writes what torch.nn's module would: ONNX's
-        # RNN, LSTM and GRU nodes, which ONNX Runtime runs. (Dynamo, tracing this method,
-        # takes torch's own test; it skips the flags the quick one reads.)
-        compiling = _torch.compiler.is_compiling()
-        if _torch.onnx.is_in_onnx_export() if compiling else _in_onnx_export():
+        # RNN, LSTM and GRU nodes, which ONNX Runtime runs.
+        if _in_onnx_export():
             return self._forward_for_onnx(input, hx)
         # torch.export and fake tensors trace the layer by its shapes: there it is one op of
         # the graph (_torch_ops), whose fake kernel gives the shapes. (Strict export runs
@@ -499,6 +504,12 @@ class _FusedMixin:
                 "only: it writes what torch.nn.GRU would, and torch has no other GRU. For "
                 "ONNX's default GRU (linear_before_reset=0), fusedrnn.onnx_layout.onnx_weights "
                 "gives the node's W, R and B from a fusedrnn.GRU with these weights")
+        if getattr(self, "proj_size", 0):
+            # (torch 2.13's default exporter wrote torch.nn's: an LSTM node of hidden_size
+            # proj_size, on the first rows of the weights, that ONNX Runtime refuses to run)
+            raise RuntimeError(
+                "torch.onnx.export cannot write an LSTM with projections (proj_size): ONNX's "
+                "LSTM has none; torch's TorchScript-based exporter refuses torch.nn's too")
         return self._torch_base.forward(self, input, hx)
 
     # torch.compile breaks the graph here and runs the layer as it is: Dynamo tracing into the

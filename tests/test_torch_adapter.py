@@ -11,6 +11,7 @@ import abc
 import contextlib
 import copy
 import gc
+import io
 import sys
 import threading
 import typing
@@ -210,6 +211,23 @@ def test_state_dicts_round_trip_both_ways():
     back.load_state_dict(ref.state_dict())
     for name, p in ref.named_parameters():
         np.testing.assert_array_equal(back.state_dict()[name], p.detach().numpy())
+
+
+def test_a_module_saved_whole_loads_with_weights_only_as_torch_s_does():
+    """torch.save(model) of a module that had run pickled the adapter's cache of its Spec:
+    torch.load's default (weights_only=True) then refused fusedrnn._layer_base.Spec, which had
+    to be allowlisted besides the module's class (torch.nn's needs its class alone)."""
+    m = ft.GRU(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        y, _ = m(x)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    with torch.serialization.safe_globals([ft.GRU]):
+        loaded = torch.load(buf, weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], y, rtol=0, atol=0)
 
 
 def test_from_module_shares_parameters_and_swaps_in_a_model():

@@ -452,6 +452,14 @@ class _FusedMixin:
             self.__dict__["_fusedrnn_spec"] = (key, spec)
         return spec
 
+    def __getstate__(self):
+        # Not the Spec cache (made again at the next call): pickled, torch.save(model) made
+        # torch.load's default weights_only=True ask to allowlist fusedrnn._layer_base.Spec as
+        # well as the class, and tied the file to how this version lays a Spec out.
+        state = super().__getstate__()
+        state.pop("_fusedrnn_spec", None)
+        return state
+
     def _fused_params(self):
         names = list(self._flat_weights_names)
         params = [getattr(self, n) for n in names]

@@ -166,6 +166,27 @@ def test_openmp_workers_keep_the_callers_denormals():
     assert r.stdout.strip() == "[0, 0]", r.stdout + r.stderr
 
 
+TORCH_SETS_THE_THREADS = """
+import torch
+import fusedrnn
+torch.set_num_threads(1)
+followed = fusedrnn.get_num_threads()
+fusedrnn.set_num_threads(2)
+torch.set_num_threads(1)
+print(followed, fusedrnn.get_num_threads())
+"""
+
+
+def test_torch_set_num_threads_sets_ours_until_we_set_them():
+    """As the README says: torch and fusedrnn share libgomp's thread count, which
+    fusedrnn.set_num_threads overrides for fusedrnn alone."""
+    pytest.importorskip("torch")
+    if not _C.openmp:
+        pytest.skip("built without OpenMP")
+    r = run_python(TORCH_SETS_THE_THREADS)
+    assert r.stdout.strip() == "1 2", r.stdout + r.stderr
+
+
 MEMORY_KEPT_AFTER_A_LAYER = """
 import gc
 import numpy as np

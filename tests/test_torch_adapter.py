@@ -11,6 +11,7 @@ import abc
 import contextlib
 import copy
 import gc
+import io
 import sys
 import threading
 import typing
@@ -210,6 +211,43 @@ def test_state_dicts_round_trip_both_ways():
     back.load_state_dict(ref.state_dict())
     for name, p in ref.named_parameters():
         np.testing.assert_array_equal(back.state_dict()[name], p.detach().numpy())
+
+
+def test_a_frozen_layer_s_state_dict_is_copied_not_shared():
+    """A frozen fusedrnn layer's parameters are read-only arrays: load_state_dict viewed them as
+    tensors (torch warned of undefined behaviour), assign=True made them the module's
+    parameters, and a step of its optimiser then changed the frozen layer's weights behind the
+    packed copies it keeps (its outputs no longer those of its weights)."""
+    layer = fusedrnn.GRU(3, 4, seed=0).freeze()
+    before = {k: v.copy() for k, v in layer.state_dict().items()}
+    m = ft.GRU(3, 4)
+    m.load_state_dict(layer.state_dict(), assign=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    # A writable array is shared under assign=True, as a tensor would be
+    live = fusedrnn.GRU(3, 4, seed=0)
+    m.load_state_dict(live.state_dict(), assign=True)
+    assert np.shares_memory(m.weight_hh_l0.detach().numpy(), live.state_dict()["weight_hh_l0"])
+
+
+def test_a_module_saved_whole_loads_with_weights_only_as_torch_s_does():
+    """torch.save(model) of a module that had run pickled the adapter's cache of its Spec:
+    torch.load's default (weights_only=True) then refused fusedrnn._layer_base.Spec, which had
+    to be allowlisted besides the module's class (torch.nn's needs its class alone)."""
+    m = ft.GRU(3, 4, num_layers=2)
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        y, _ = m(x)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    with torch.serialization.safe_globals([ft.GRU]):
+        loaded = torch.load(buf, weights_only=True)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x)[0], y, rtol=0, atol=0)
 
 
 def test_from_module_shares_parameters_and_swaps_in_a_model():

@@ -459,6 +459,14 @@ class _FusedMixin:
             self.__dict__["_fusedrnn_spec"] = (key, spec)
         return spec
 
+    def __getstate__(self):
+        # Not the Spec cache (made again at the next call): pickled, torch.save(model) made
+        # torch.load's default weights_only=True ask to allowlist fusedrnn._layer_base.Spec as
+        # well as the class, and tied the file to how this version lays a Spec out.
+        state = super().__getstate__()
+        state.pop("_fusedrnn_spec", None)
+        return state
+
     def _fused_params(self):
         names = list(self._flat_weights_names)
         params = [getattr(self, n) for n in names]
@@ -682,9 +690,11 @@ class _FusedMixin:
             f"or script the torch.nn model")
 
     def load_state_dict(self, state_dict, strict=True, assign=False):
-        """torch's load_state_dict, also accepting NumPy arrays as values."""
-        state_dict = {k: _torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                      for k, v in state_dict.items()}
+        """torch's load_state_dict, also accepting NumPy arrays as values: with assign=True the
+        parameters share a writable array's memory, as they would a tensor's. A read-only
+        array (a frozen fusedrnn layer's) is copied: a tensor cannot be kept from writing it."""
+        state_dict = {k: _torch.from_numpy(v if v.flags.writeable else v.copy())
+                      if isinstance(v, np.ndarray) else v for k, v in state_dict.items()}
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod

@@ -124,8 +124,8 @@ struct BackwardArgs {
   uint64_t frozen = 0;  // as ForwardArgs::frozen
   const T* x_packed = nullptr;  // ForwardArgs::x_packed, filled; or null: x is packed here
   // The states dW_hh's product reads, (T + 1, B, Hout) as saved.h: saved.h where null, else a
-  // copy whose rows past each row's length are zeros (bindings.cpp: a finished row's carried
-  // state is not finite there, and 0 * inf in the product would be NaN).
+  // copy whose rows past each row's length are zeros (bindings/backward.cpp: a finished row's
+  // carried state is not finite there, and 0 * inf in the product would be NaN).
   const T* h_prev_products = nullptr;
   // Add the weight and bias gradients into dw_* and db_* (a layer's gradients, accumulated as
   // torch's are) instead of overwriting them: no array of their own and no pass to add it.

@@ -1,6 +1,7 @@
 // The adaptive choice between a layer call's threads and one thread, for one shape of call (see
 // team_policy.cpp for why). Portable code: included by the portable units only (team_policy.cpp
-// and bindings.cpp, which exposes it to the tests); the ISA builds reach it through kernel_api.h.
+// and bindings/module.cpp, which exposes it to the tests); the ISA builds reach it through
+// kernel_api.h.
 #pragma once
 
 namespace fusedrnn {

@@ -134,7 +134,7 @@ def test_layer_backward_consumes_its_forward(rng):
 def test_concurrent_backwards_never_read_consumed_gates(rng):
     """Threads running backward on one context while another consumes it: every backward that
     runs gives the kept context's bits (a consuming backward overwrites the gates only while no
-    other runs, bindings.cpp), and those after the consuming one raise."""
+    other runs, bindings/backward.cpp), and those after the consuming one raise."""
     import threading
     case = make_case(rng, "lstm", 0, T=40, B=4, I=64, H=256)
     ctx = forward(case, np.float32, None, True, False, True)[3]

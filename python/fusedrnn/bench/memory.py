@@ -22,7 +22,7 @@ between calls; later calls reuse them instead of growing. A fresh process measur
 call, which allocates all of it: the honest peak.
 
 What BPTT needs (``needed_bytes``) is fusedrnn's saved state (csrc/kernel_api.h SavedState,
-allocated in csrc/bindings.cpp), per layer: h for T+1 steps (B x H), LSTM c for T+1 steps,
+allocated in csrc/bindings/forward.cpp), per layer: h for T+1 steps (B x H), LSTM c for T+1 steps,
 the activated gates T x B x G*H (LSTM, GRU; the Elman RNN's derivative comes from h itself), GRU
 W_hn h + b_hn T x B x H, and the input of every layer after the first (dW_ih needs it). The input
 x, and the outputs y, dx and the weight gradients, are reported apart: any implementation has them.

@@ -1,0 +1,194 @@
+// BPTT through a training forward's context: the upstream gradients and the caller's gradient
+// arrays (grads_into) checked, the weights read (the forward's or the caller's), the kernels run
+// without the GIL.
+#include <cstring>
+#include <stdexcept>
+
+#include "bindings/calls.h"
+#include "bindings/runtime.h"
+
+namespace fusedrnn::bindings {
+namespace {
+
+// The caller's gradient array named `key` in `into` (a dict), to add into or write over: of the
+// layer's dtype, C-contiguous, writeable and of shape `shape`, since the kernel writes it in
+// place (a copy made to fit would take the gradients and drop them).
+template <typename T>
+Arr<T> gradient_in_place(const py::dict& into, const char* key, std::vector<int64_t> shape) {
+  const std::string where = std::string("grads_into[\"") + key + "\"]";
+  if (!into.contains(key)) fail(where + " is missing (an array of shape " + shape_str(shape) + ")");
+  py::object o = into[key];
+  if (!py::isinstance<py::array>(o)) throw py::type_error(where + " must be a numpy array");
+  py::array a = o.cast<py::array>();
+  if (!same_dtype(a.dtype(), py::dtype::of<T>()))
+    throw py::type_error(where + " must have dtype " + std::string(py::str(py::dtype::of<T>())) +
+                         ", got " + std::string(py::str(a.dtype())));
+  if (!(a.flags() & py::array::c_style) || !(a.flags() & kAligned) || !a.writeable())
+    fail(where + " must be a writeable, aligned C-contiguous array (the kernels write it in "
+         "place)");
+  Arr<T> arr = py::reinterpret_borrow<Arr<T>>(a);
+  check_shape(where.c_str(), arr, shape);
+  return arr;
+}
+
+// The arrays a backward adds its gradients into (grads_into) share memory neither with each
+// other nor with what it reads (weights, x, dy, dhn, dcn): a gradient written over a weight
+// that the backward reads afterwards would be a silent wrong answer. Null handles are skipped.
+void require_gradients_apart(const std::vector<py::object>& outs,
+                             const std::vector<py::object>& reads) {
+  using Span = std::pair<const char*, const char*>;
+  auto span = [](const py::object& o) {
+    if (!o || o.is_none()) return Span{nullptr, nullptr};
+    py::array a = o.cast<py::array>();
+    const char* p = static_cast<const char*>(a.data());
+    return Span{p, p + a.nbytes()};
+  };
+  auto meet = [](Span u, Span v) { return u.first && v.first && u.first < v.second && v.first < u.second; };
+  for (size_t i = 0; i < outs.size(); ++i) {
+    for (size_t j = 0; j < i; ++j)
+      if (meet(span(outs[i]), span(outs[j]))) fail("grads_into must give each gradient an array of its own");
+    for (const py::object& r : reads)
+      if (meet(span(outs[i]), span(r)))
+        fail("grads_into's arrays must not share memory with the weights, x, dy, dhn or dcn");
+  }
+}
+
+// The weights a backward reads: the forward's (the context's), or the caller's `weights`, a
+// tuple (w_ih, w_hh, w_hr or None) of the same shapes, C-contiguous, of the layer's dtype. The
+// torch adapter passes what autograd saved: the forward's values, where the memory the context
+// points at may have been changed since (allow_mutation_on_saved_tensors) or freed and
+// refilled elsewhere (FSDP frees a parameter's storage between forward and backward).
+struct BackwardWeights {
+  py::object w_ih, w_hh, w_hr;
+  bool given = false;  // the caller's: a frozen forward's id does not vouch for them
+};
+
+BackwardWeights backward_weights(const Context& c, const py::object& weights, const py::dtype& dt) {
+  if (weights.is_none()) return {c.w_ih, c.w_hh, c.w_hr};
+  if (!py::isinstance<py::tuple>(weights) || py::len(weights) != 3)
+    throw py::type_error("weights must be None or a tuple (w_ih, w_hh, w_hr or None)");
+  py::tuple w = weights.cast<py::tuple>();
+  const char* names[3] = {"weights[0] (w_ih)", "weights[1] (w_hh)", "weights[2] (w_hr)"};
+  const py::object* forward_ones[3] = {&c.w_ih, &c.w_hh, &c.w_hr};
+  py::object out[3];
+  for (int i = 0; i < 3; ++i) {
+    const py::object& want = *forward_ones[i];
+    py::object got = w[i];
+    if (!want) {
+      if (!got.is_none()) fail(std::string(names[i]) + " must be None: the forward had none");
+      continue;
+    }
+    require_dtype(names[i], got, dt);
+    if (got.is_none()) fail(std::string(names[i]) + " must be an array: the forward had one");
+    py::array a = got.cast<py::array>(), f = want.cast<py::array>();
+    std::vector<int64_t> shape(a.shape(), a.shape() + a.ndim()), fshape(f.shape(), f.shape() + f.ndim());
+    if (shape != fshape)
+      fail(std::string(names[i]) + " must have shape " + shape_str(fshape) + ", got " + shape_str(shape));
+    if (!(a.flags() & py::array::c_style)) fail(std::string(names[i]) + " must be C-contiguous");
+    out[i] = a.flags() & kAligned ? got : py::object(py::array::ensure(got, kAligned));
+  }
+  return {out[0], out[1], out[2], true};
+}
+
+template <typename T>
+py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn,
+                        bool consume, py::object grads_into, bool add_into, const BackwardWeights& w) {
+  if (c.consumed)
+    throw std::runtime_error("backward already ran on this context with consume=True, which "
+                             "reuses its saved state: run the forward again");
+  const LayerShape& s = c.s;
+  const int64_t G = fusedrnn::gate_count(s.cell);
+  check_shape("dy", dy, {s.T, s.B, s.Hout});
+  if (dhn) check_shape("dhn", *dhn, {s.B, s.Hout});
+  if (dcn) {
+    if (s.cell != Cell::Lstm) fail("dcn is only for LSTM");
+    check_shape("dcn", *dcn, {s.B, s.H});
+  }
+  Arr<T> dx = empty<T>({s.T, s.B, s.I}), dh0 = empty<T>({s.B, s.Hout});
+  std::optional<Arr<T>> dc0, db_ih, db_hh, dw_hr;
+  if (s.cell == Cell::Lstm) dc0.emplace(std::vector<int64_t>{s.B, s.H});
+  // The weight and bias gradients: new arrays, or the caller's, added into or written over.
+  const bool given = !grads_into.is_none();
+  const bool accumulate = given && add_into;
+  py::dict into = given ? grads_into.cast<py::dict>() : py::dict();
+  auto gradient = [&](const char* key, std::vector<int64_t> shape) {
+    return given ? gradient_in_place<T>(into, key, shape) : empty<T>(shape);
+  };
+  Arr<T> dw_ih = gradient("weight_ih", {G * s.H, s.I}), dw_hh = gradient("weight_hh", {G * s.H, s.Hout});
+  if (c.has_bias) { db_ih.emplace(gradient("bias_ih", {G * s.H})); db_hh.emplace(gradient("bias_hh", {G * s.H})); }
+  if (s.has_proj) dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
+  if (given) {
+    std::vector<py::object> outs{dw_ih, dw_hh}, reads{c.x, w.w_ih, w.w_hh, w.w_hr, dy};
+    for (auto* o : {&db_ih, &db_hh, &dw_hr})
+      if (*o) outs.push_back(**o);
+    if (dhn) reads.push_back(*dhn);
+    if (dcn) reads.push_back(*dcn);
+    require_gradients_apart(outs, reads);
+  }
+  auto ptr = [](const py::object& o) -> T* {
+    return o ? static_cast<T*>(const_cast<void*>(o.cast<py::array>().data())) : nullptr;
+  };
+  auto mptr = [](std::optional<Arr<T>>& o) -> T* { return o ? o->mutable_data() : nullptr; };
+  fusedrnn::BackwardArgs<T> a{};
+  a.s = s;
+  a.dx = dx.mutable_data(); a.dh0 = dh0.mutable_data(); a.dc0 = mptr(dc0);
+  a.dw_ih = dw_ih.mutable_data(); a.dw_hh = dw_hh.mutable_data();
+  a.db_ih = mptr(db_ih); a.db_hh = mptr(db_hh); a.dw_hr = mptr(dw_hr);
+  a.dy = dy.data(); a.dhn = opt_ptr(dhn); a.dcn = opt_ptr(dcn);
+  a.x = ptr(c.x); a.x_packed = ptr(c.x_packed); a.w_ih = ptr(w.w_ih); a.w_hh = ptr(w.w_hh); a.w_hr = ptr(w.w_hr);
+  a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
+  a.saved = {ptr(c.gates), ptr(c.h), ptr(c.c), ptr(c.hfull), ptr(c.extra)};
+  // A finished row carries its last state through the steps past its length, where dW_hh =
+  // dG^T H_prev multiplies it by a dG of 0: a state not finite there (a relu RNN's overflow)
+  // would make dW_hh NaN where torch's sum has no such terms. The product then reads a copy
+  // with those rows zeroed (step k's h_prev is saved row k: rows lengths[b] .. T - 1).
+  std::optional<Arr<T>> h_prev_clean;
+  if (a.lengths && padding_not_finite(a.saved.h, s.T, s.B, s.Hout, a.lengths)) {
+    h_prev_clean = padding_zeroed(a.saved.h, s.T + 1, s.T, s.B, s.Hout, a.lengths);
+    a.h_prev_products = h_prev_clean->data();
+  }
+  a.num_threads = threads_for_call();
+  a.frozen = w.given ? 0 : c.frozen;
+  a.accumulate = accumulate;
+  // Overwrite the gates only while no other backward (another thread's) reads them.
+  a.gates_consumed = consume && c.running == 0;
+  c.consumed = consume;  // before the GIL goes: a later backward sees it
+  struct Running {  // decremented with the GIL held again, also when the kernel throws
+    int& n;
+    explicit Running(int& count) : n(count) { ++n; }
+    ~Running() { --n; }
+  } running(c.running);
+  {
+    WithoutGil nogil;
+    if constexpr (sizeof(T) == 4) c.table->backward_f32(a); else c.table->backward_f64(a);
+  }
+  // dx past a row's length is dG W_ih with a dG of 0: zeros, unless W_ih holds an infinity or
+  // a NaN (0 * inf); torch's PackedSequence gives zeros there.
+  if (a.lengths) zero_padding(dx.mutable_data(), s.T, s.B, s.I, a.lengths);
+  py::dict grads;
+  grads["weight_ih"] = dw_ih;
+  grads["weight_hh"] = dw_hh;
+  if (db_ih) { grads["bias_ih"] = *db_ih; grads["bias_hh"] = *db_hh; }
+  if (dw_hr) grads["weight_hr"] = *dw_hr;
+  return py::make_tuple(dx, dh0, dc0 ? py::object(*dc0) : py::none(), grads);
+}
+
+}  // namespace
+
+py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
+                   py::object grads_into, bool add_into, py::object weights) {
+  auto opt = [](py::object o, auto tag) {
+    using A = decltype(tag);
+    return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
+  };
+  const py::dtype dt = c.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
+  require_dtype("dy", dy, dt); require_dtype("dhn", dhn, dt); require_dtype("dcn", dcn, dt);
+  if (!grads_into.is_none() && !py::isinstance<py::dict>(grads_into))
+    throw py::type_error("grads_into must be a dict of gradient arrays or None");
+  const BackwardWeights w = backward_weights(c, weights, dt);
+  if (c.f64)
+    return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume, grads_into, add_into, w);
+  return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume, grads_into, add_into, w);
+}
+
+}  // namespace fusedrnn::bindings

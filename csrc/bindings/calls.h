@@ -1,0 +1,43 @@
+// The calls module.cpp binds that take more than a few lines: the layer forward and the stack
+// (forward.cpp), BPTT (backward.cpp), the vector math and the GEMM alone (ops.cpp). Each takes
+// its arguments as Python gave them and picks float32 or float64.
+#pragma once
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "bindings/arrays.h"
+
+namespace fusedrnn::bindings {
+
+// What a training forward keeps for backward: the saved buffers and the forward's inputs.
+struct Context {
+  LayerShape s;
+  bool f64;
+  const KernelTable* table;
+  // Null handles (not empty arrays) where a buffer does not exist.
+  py::object x, w_ih, w_hh, w_hr, lengths;  // forward inputs (x: null where x_packed is kept)
+  py::object x_packed;                      // ForwardArgs::x_packed, or null
+  py::object gates, h, c, hfull, extra;     // saved by the forward
+  bool has_bias;
+  uint64_t frozen = 0;                      // the forward's ForwardArgs::frozen
+  // A backward with consume=True ran (or runs): the saved gates may hold its gradients. And how
+  // many backward calls are running on it now (changed under the GIL): a consuming one overwrites
+  // the gates only when none is, so no other thread is reading them.
+  bool consumed = false;
+  int running = 0;
+};
+
+py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, py::array h0,
+                  py::object c0, py::array w_ih, py::array w_hh, py::object b_ih, py::object b_hh,
+                  py::object w_hr, py::object lengths, std::optional<std::string> isa,
+                  uint64_t frozen, bool keep_x, py::object onnx);
+py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list h0, py::list c0,
+                       py::list w_ih, py::list w_hh, py::list b_ih, py::list b_hh, py::list w_hr,
+                       std::optional<std::string> isa, uint64_t frozen, bool keep_x);
+py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
+                   py::object grads_into, bool add_into, py::object weights);
+py::array math(int func, py::array x, std::optional<std::string> isa);
+py::array gemm(py::array A, py::array B, std::optional<std::string> isa);
+
+}  // namespace fusedrnn::bindings

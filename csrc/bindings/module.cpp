@@ -1,0 +1,256 @@
+// fusedrnn._C: NumPy buffers in, NumPy buffers out. Shapes are checked here again (the Python
+// layer checks them first, with friendlier messages) so no call can read or write out of bounds.
+// Every kernel runs with the GIL released.
+//
+// This file names what Python sees (functions, arguments, defaults, docstrings); the calls
+// themselves are in forward.cpp, backward.cpp and ops.cpp, the threads and the GIL in
+// runtime.cpp, the array checks in arrays.h. python/fusedrnn/_C.pyi types the same names for
+// type checkers; tests/test_stubs.py fails when the two differ.
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "bindings/arrays.h"
+#include "bindings/calls.h"
+#include "bindings/runtime.h"
+#include "kernel_api.h"
+#include "team_policy.h"
+
+using namespace fusedrnn::bindings;
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedrnn kernels (private; use fusedrnn.functional or the layers)";
+  m.attr("__version__") = FUSEDRNN_VERSION;
+  fusedrnn::active_kernels();  // fail at import on a bad FUSEDRNN_ISA, not in the first call
+  m.def("isa", [] { return std::string(fusedrnn::active_isa_name()); }, "ISA of the kernels in use");
+  m.def("available_isas", &available_isas, "ISAs built into this module that this CPU can run");
+  m.def("vector_bytes", [](std::optional<std::string> isa) { return kernels(isa).vector_bytes; },
+        py::arg("isa") = py::none());
+#if defined(_OPENMP)
+  m.attr("openmp") = true;
+#else
+  m.attr("openmp") = false;
+#endif
+  m.def("get_num_threads", &num_threads);
+  m.attr("max_num_threads") = kMaxThreads;
+  m.def("set_num_threads", &set_num_threads);
+  // Threads of a layer call: "team" (as asked, the default), "adaptive" or "alone" (see
+  // csrc/team_policy.cpp); the names in the order of set_team_mode's codes.
+  static const char* const team_modes[] = {"adaptive", "team", "alone"};
+  m.def("set_team_mode", [](const std::string& mode) {
+    for (int i = 0; i < 3; ++i)
+      if (mode == team_modes[i]) return fusedrnn::set_team_mode(i);
+    fail("team mode must be 'adaptive', 'team' or 'alone', got '" + mode + "'");
+  });
+  m.def("get_team_mode", [] { return std::string(team_modes[fusedrnn::team_mode()]); });
+  m.def("team_policy_calls", [] {
+    return py::make_tuple(fusedrnn::team_policy_calls(true), fusedrnn::team_policy_calls(false));
+  }, "calls the adaptive policy has run (on the threads, alone) since import");
+  // The step teams' in-call probe (csrc/sequence/team_probe.h), forward and backward: its
+  // verdicts so far, and a verdict for tests to impose ("measured", "far_team", "far_alone";
+  // setting it forgets the verdicts remembered).
+  static const char* const probe_verdicts[] = {"close", "far_team", "far_alone", "recalled_team",
+                                               "recalled_alone"};
+  m.def("team_barrier_ns", [](int rounds) {
+    WithoutGil nogil;
+    return kernels(std::nullopt).team_barrier_ns(threads_for_call(), rounds);
+  }, py::arg("rounds") = 1000,
+     "ns per empty meeting of a step team of get_num_threads() threads (0 for one): 25-60 ns "
+     "with the cores close, 165-600 ns when the machine puts them far apart");
+  m.def("probe_calls", [] {
+    py::dict d;
+    for (int v = 0; v < 5; ++v) d[probe_verdicts[v]] = fusedrnn::probe_calls(v);
+    return d;
+  }, "forward and backward calls whose team probed its cores, by verdict (or recalled one from an "
+     "earlier call of the shape: recalled_team, recalled_alone), since import");
+  m.def("set_probe_override", [](const std::string& verdict) {
+    if (verdict == "measured") return fusedrnn::set_probe_override(-1);
+    for (int v = 1; v < 3; ++v)
+      if (verdict == probe_verdicts[v]) return fusedrnn::set_probe_override(v);
+    fail("probe verdict must be 'measured', 'far_team' or 'far_alone', got '" + verdict + "'");
+  });
+  m.def("set_probe_recall_ms", [](int ms) {
+    if (ms > 3600000) fail("probe recall time must be at most 3600000 ms, got " + std::to_string(ms));
+    return fusedrnn::set_probe_recall_ms(ms);
+  }, py::arg("ms"), "tests: how long a probe's verdict is remembered (by the calls from now on), "
+     "in ms; negative: the default (500); returns the previous setting");
+  // Riding or one GEMM for a single row on one thread (csrc/ride_policy.cpp): calls by way, and
+  // a way for tests to impose ("measured", "whole", "ride"); setting it forgets every trial.
+  m.def("ride_calls", [] {
+    return counts({{"ride", fusedrnn::ride_policy_calls(true)},
+                   {"whole", fusedrnn::ride_policy_calls(false)}});
+  }, "single-row forwards on one thread that could ride, by the way they ran, since import");
+  m.def("set_ride_override", [](const std::string& way) {
+    if (way == "measured") return fusedrnn::set_ride_override(-1);
+    if (way == "whole") return fusedrnn::set_ride_override(0);
+    if (way == "ride") return fusedrnn::set_ride_override(1);
+    fail("ride override must be 'measured', 'whole' or 'ride', got '" + way + "'");
+  });
+  // One policy on its own, for tests to drive with made-up times.
+  py::class_<fusedrnn::TeamPolicyState>(m, "TeamPolicy", py::module_local(),
+                                        "the adaptive thread policy of one shape (tests)")
+      .def(py::init<>())
+      .def("choose_team", &fusedrnn::TeamPolicyState::choose_team)
+      .def("report", &fusedrnn::TeamPolicyState::report, py::arg("team"), py::arg("ns_per_step"))
+      .def_property_readonly("alone", &fusedrnn::TeamPolicyState::alone);
+  m.def("compiler", [] {
+#if defined(__clang__)
+    return std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+    return std::string("gcc ") + __VERSION__;
+#else
+    return std::string("unknown");
+#endif
+  });
+
+  // module_local, as TeamPolicy: pybind11 knows a type by its C++ name, the same in every build
+  // of this module, and two builds in one process (bench/ab_builds.py) each register theirs.
+  py::class_<Context>(m, "Context", py::module_local(),
+                      "What a training forward keeps for backward (opaque).")
+      .def_property_readonly("saved_bytes", [](const Context& c) {
+        size_t n = 0;
+        for (const py::object* a : {&c.gates, &c.h, &c.c, &c.hfull, &c.extra})
+          if (*a) n += a->cast<py::array>().nbytes();
+        return n;
+      })
+      .def_property_readonly("x_bytes", [](const Context& c) {  // its copy of x, packed or not
+        const py::object& x = c.x_packed ? c.x_packed : c.x;
+        return x ? x.cast<py::array>().nbytes() : 0;
+      });
+
+  // The torch adapter's view of a tensor's memory: what Tensor.numpy() gives, without its side
+  // effect, which marks the tensor's storage never resizable again (FSDP frees and refills its
+  // parameters' storage; a caller may resize_ a buffer it reuses). `owner`, the tensor, keeps
+  // the memory alive while the view lives; the caller vouches for the pointer, shape and
+  // element strides (fusedrnn/_torch_views.py reads them off the tensor).
+  m.def("tensor_view", [](uintptr_t data, std::vector<py::ssize_t> shape,
+                          std::vector<py::ssize_t> strides, bool f64, py::object owner,
+                          py::ssize_t storage_offset) -> py::array {
+    if (shape.size() != strides.size()) fail("tensor_view: shape and strides differ in length");
+    const py::ssize_t item = f64 ? sizeof(double) : sizeof(float);
+    py::ssize_t count = 1;
+    for (auto n : shape) count *= n;
+    // A storage resized to 0 (FSDP frees parameters' so) has no memory: the pointer is its
+    // offset from null, and pybind11 would allocate a new array for a null one.
+    if (count > 0 && data == uintptr_t(storage_offset * item))
+      throw std::runtime_error("fusedrnn.torch: a tensor of shape " + shape_str({shape.begin(), shape.end()}) +
+                               " has no memory: its storage was resized to 0 (as FSDP frees "
+                               "parameters between calls) and not refilled");
+    for (auto& st : strides) st *= item;
+    const py::dtype dt = f64 ? py::dtype::of<double>() : py::dtype::of<float>();
+    return py::array(dt, shape, strides, reinterpret_cast<const void*>(data), owner);
+  }, py::arg("data"), py::arg("shape"), py::arg("strides"), py::arg("f64"), py::arg("owner"),
+     py::arg("storage_offset"));
+
+  m.def("math", &math, py::arg("func"), py::arg("x"), py::arg("isa") = py::none());
+
+  m.def("step_split", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, bool f64,
+                         int threads, std::optional<std::string> isa, bool backward) {
+    static const char* names[] = {"one", "rows", "units", "team", "halves"};
+    if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
+    if (B < 1 || I < 0 || H < 1 || Hout < 1) fail("B, H and Hout must be >= 1 and I >= 0");
+    return std::string(
+        names[kernels(isa).step_split(cell, f64, B, I, H, Hout, threads, backward)]);
+  }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
+     py::arg("f64") = false,
+     py::arg("threads") = 2, py::arg("isa") = py::none(), py::arg("backward") = false,
+     "how the forward spreads one step over threads: 'one', 'rows' or 'units'; with "
+     "backward=True, how the backward's time loop does without lengths: 'one', 'team', or "
+     "'halves' (a single row's units in two halves, alone or on a team of two)");
+
+  m.def("projection_mode", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
+                              bool f64, bool lengths, std::optional<std::string> isa) {
+    if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
+    static const char* const modes[] = {"whole", "in_step", "rides"};
+    return std::string(modes[kernels(isa).projection_mode(cell, f64, B, I, H, Hout, lengths)]);
+  }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
+     py::arg("f64") = false, py::arg("lengths") = false, py::arg("isa") = py::none(),
+     "how the forward computes x_t W_ih^T: 'whole' (one GEMM over the sequence before the time "
+     "loop), 'in_step' (inside each step's tiles) or 'rides' (a chunk of the next steps' rows "
+     "in each step of a single LSTM or GRU row, on one thread, or one GEMM if the shape's first "
+     "calls measured that faster: csrc/ride_policy.cpp; a step team makes it 'whole')");
+
+  m.def("cache_bytes", []() {
+    return counts({{"l2", kernels(std::nullopt).cache_bytes(2)},
+                   {"l3", kernels(std::nullopt).cache_bytes(3)}});
+  }, "the cache sizes the kernels plan for: one core's L2 and the shared L3, in bytes");
+
+  m.def("empty_cache", [] {
+    fusedrnn::packed_cache_clear();
+    fusedrnn::free_idle_blocks();
+  }, "frees the calling thread's packed weights and the idle blocks kept for reuse");
+  m.def("packed_cache", [](bool clear) {
+    if (clear) fusedrnn::packed_cache_clear();
+    size_t forms = 0, copies = 0, bytes = 0;
+    fusedrnn::packed_cache_stats(&forms, &copies, &bytes);
+    return counts({{"forms", int64_t(forms)}, {"copies", int64_t(copies)}, {"bytes", int64_t(bytes)}});
+  }, py::arg("clear") = false,
+     "the calling thread's packed-weight cache: packed forms, copies of weights' bytes (one per "
+     "weight that unfrozen inference calls met, shared by its forms), and the bytes of both; "
+     "clear=True empties it first");
+
+  m.def("gemm", &gemm, py::arg("A"), py::arg("B"), py::arg("isa") = py::none(),
+        "C = A @ B with our packed GEMM");
+
+  m.def("forward", &forward, py::arg("cell"), py::arg("linear_before_reset"), py::arg("reverse"),
+        py::arg("training"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
+        py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"), py::arg("lengths"),
+        py::arg("isa") = py::none(), py::arg("frozen") = 0, py::arg("keep_x") = false,
+        py::arg("onnx") = py::none(),
+        "frozen: 0, or an id under which every weight array holds the same bytes, in the same "
+        "memory, in every call that passes it (a layer's freeze()); the kernels then reuse their "
+        "packed weights without comparing the arrays with their copies. keep_x: a training "
+        "context keeps x itself, which must not change before backward; else it keeps x packed "
+        "as the backward reads it (a copy of its own). onnx: None, or ONNX's cell options "
+        "(fusedrnn.onnx_ops) as (((code, alpha, beta) for f, g, h), clip, input_forget, "
+        "peepholes (3, H) i, f, o or None); inference only");
+
+  m.def("forward_stack", &forward_stack, py::arg("cell"), py::arg("linear_before_reset"),
+        py::arg("training"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
+        py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"),
+        py::arg("isa") = py::none(), py::arg("frozen") = 0, py::arg("keep_x") = false,
+        "a unidirectional stack without lengths, bottom layer first: per layer lists of forward's "
+        "states and weights; returns the list of forward's (y, hn, cn, ctx) per layer (keep_x: "
+        "as forward's, for x; each layer above keeps its input, the output below, itself)");
+  m.def("calls_without_gil", [] { return g_calls_without_gil.load(std::memory_order_relaxed); },
+        "tests: kernel calls running now with the GIL released (by any thread)");
+  m.def("stack_calls", [] {
+    return counts({{"pipelined", fusedrnn::stack_calls(true)},
+                   {"layer_by_layer", fusedrnn::stack_calls(false)}});
+  }, "forward_stack calls since import, by how they ran (sequence/layer_pipeline.h)");
+  m.def("beside_walk_calls", [] {
+    using fusedrnn::BesideWalk;
+    return counts({{"products_after_walk", fusedrnn::beside_walk_calls(BesideWalk::ProductsAfter)},
+                   {"products_beside_walk", fusedrnn::beside_walk_calls(BesideWalk::ProductsBeside)},
+                   {"projection_beside_walk", fusedrnn::beside_walk_calls(BesideWalk::Projection)}});
+  }, "single-row calls since import by the work that went beside the walk: the backward's "
+     "whole-sequence products chunk by chunk of steps, after the walk or beside it on a second "
+     "thread (sequence/backward_products.h), and the forward's input projection on a second "
+     "thread (sequence/forward.h)");
+
+  m.def("team_blocks", [] {
+    return counts({{"own", fusedrnn::team_blocks(false)},
+                   {"taken_over", fusedrnn::team_blocks(true)}});
+  }, "blocks of large team steps since import (the forward's unit blocks, the backward's "
+     "panels of dG W_hh): run by the member that owns them, or taken over by another "
+     "(sequence/block_queue.h)");
+  m.def("set_team_lag_us", [](int us) {
+    if (us < 0 || us > 100000) fail("team lag must be 0..100000 us, got " + std::to_string(us));
+    fusedrnn::set_team_lag_us(us);
+  }, py::arg("us"), "tests: every team member but the first waits this long at the start of each "
+     "large step, so that the first takes its blocks over (0: off)");
+
+  m.def("backward", &backward, py::arg("ctx"), py::arg("dy"), py::arg("dhn") = py::none(),
+        py::arg("dcn") = py::none(), py::arg("consume") = false,
+        py::arg("grads_into") = py::none(), py::arg("add_into") = true,
+        py::arg("weights") = py::none(),
+        "BPTT through a training forward's context; consume=True: the caller will not run backward "
+        "on it again (a second one raises), so its saved gates may hold the gradients. grads_into: "
+        "None, or a dict with the gradients' keys whose arrays (writeable, C-contiguous, of the "
+        "layer's dtype and the gradients' shapes) the weight and bias gradients are added into "
+        "(add_into=False: written over, whatever they held); the returned grads are then those "
+        "arrays. weights: None (the forward's), or (w_ih, w_hh, w_hr or None) with the forward's "
+        "values, shapes and dtype, read instead of the memory the forward read");
+}

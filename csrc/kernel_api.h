@@ -103,9 +103,10 @@ struct ForwardArgs {
 template <typename T>
 struct BackwardArgs {
   LayerShape s;
-  T* dx;              // (T, B, I)
+  T* dx;              // (T, B, I), or null: the caller needs no input gradient
   T* dh0;             // (B, Hout)
   T* dc0;             // (B, H) LSTM, else null
+  // The weight and bias gradients: all null where the caller needs none (a frozen layer).
   T* dw_ih;           // (G*H, I)      overwritten, or added into (accumulate)
   T* dw_hh;           // (G*H, Hout)   the same
   T* db_ih;           // (G*H) or null the same

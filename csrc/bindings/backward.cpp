@@ -92,7 +92,8 @@ BackwardWeights backward_weights(const Context& c, const py::object& weights, co
 
 template <typename T>
 py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn,
-                        bool consume, py::object grads_into, bool add_into, const BackwardWeights& w) {
+                        bool consume, py::object grads_into, bool add_into, const BackwardWeights& w,
+                        bool need_dx, bool need_weight_grads) {
   if (c.consumed)
     throw std::runtime_error("backward already ran on this context with consume=True, which "
                              "reuses its saved state: run the forward again");
@@ -104,22 +105,27 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
     if (s.cell != Cell::Lstm) fail("dcn is only for LSTM");
     check_shape("dcn", *dcn, {s.B, s.H});
   }
-  Arr<T> dx = empty<T>({s.T, s.B, s.I}), dh0 = empty<T>({s.B, s.Hout});
-  std::optional<Arr<T>> dc0, db_ih, db_hh, dw_hr;
+  Arr<T> dh0 = empty<T>({s.B, s.Hout});
+  std::optional<Arr<T>> dx, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr;
+  if (need_dx) dx.emplace(empty<T>({s.T, s.B, s.I}));
   if (s.cell == Cell::Lstm) dc0.emplace(std::vector<int64_t>{s.B, s.H});
-  // The weight and bias gradients: new arrays, or the caller's, added into or written over.
-  const bool given = !grads_into.is_none();
+  // The weight and bias gradients: new arrays, or the caller's, added into or written over; none
+  // where the caller needs none (grads_into is then left as it is).
+  const bool given = need_weight_grads && !grads_into.is_none();
   const bool accumulate = given && add_into;
   py::dict into = given ? grads_into.cast<py::dict>() : py::dict();
   auto gradient = [&](const char* key, std::vector<int64_t> shape) {
     return given ? gradient_in_place<T>(into, key, shape) : empty<T>(shape);
   };
-  Arr<T> dw_ih = gradient("weight_ih", {G * s.H, s.I}), dw_hh = gradient("weight_hh", {G * s.H, s.Hout});
-  if (c.has_bias) { db_ih.emplace(gradient("bias_ih", {G * s.H})); db_hh.emplace(gradient("bias_hh", {G * s.H})); }
-  if (s.has_proj) dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
+  if (need_weight_grads) {
+    dw_ih.emplace(gradient("weight_ih", {G * s.H, s.I}));
+    dw_hh.emplace(gradient("weight_hh", {G * s.H, s.Hout}));
+    if (c.has_bias) { db_ih.emplace(gradient("bias_ih", {G * s.H})); db_hh.emplace(gradient("bias_hh", {G * s.H})); }
+    if (s.has_proj) dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
+  }
   if (given) {
-    std::vector<py::object> outs{dw_ih, dw_hh}, reads{c.x, w.w_ih, w.w_hh, w.w_hr, dy};
-    for (auto* o : {&db_ih, &db_hh, &dw_hr})
+    std::vector<py::object> outs, reads{c.x, w.w_ih, w.w_hh, w.w_hr, dy};
+    for (auto* o : {&dw_ih, &dw_hh, &db_ih, &db_hh, &dw_hr})
       if (*o) outs.push_back(**o);
     if (dhn) reads.push_back(*dhn);
     if (dcn) reads.push_back(*dcn);
@@ -131,8 +137,8 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   auto mptr = [](std::optional<Arr<T>>& o) -> T* { return o ? o->mutable_data() : nullptr; };
   fusedrnn::BackwardArgs<T> a{};
   a.s = s;
-  a.dx = dx.mutable_data(); a.dh0 = dh0.mutable_data(); a.dc0 = mptr(dc0);
-  a.dw_ih = dw_ih.mutable_data(); a.dw_hh = dw_hh.mutable_data();
+  a.dx = mptr(dx); a.dh0 = dh0.mutable_data(); a.dc0 = mptr(dc0);
+  a.dw_ih = mptr(dw_ih); a.dw_hh = mptr(dw_hh);
   a.db_ih = mptr(db_ih); a.db_hh = mptr(db_hh); a.dw_hr = mptr(dw_hr);
   a.dy = dy.data(); a.dhn = opt_ptr(dhn); a.dcn = opt_ptr(dcn);
   a.x = ptr(c.x); a.x_packed = ptr(c.x_packed); a.w_ih = ptr(w.w_ih); a.w_hh = ptr(w.w_hh); a.w_hr = ptr(w.w_hr);
@@ -143,7 +149,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   // would make dW_hh NaN where torch's sum has no such terms. The product then reads a copy
   // with those rows zeroed (step k's h_prev is saved row k: rows lengths[b] .. T - 1).
   std::optional<Arr<T>> h_prev_clean;
-  if (a.lengths && padding_not_finite(a.saved.h, s.T, s.B, s.Hout, a.lengths)) {
+  if (a.dw_hh && a.lengths && padding_not_finite(a.saved.h, s.T, s.B, s.Hout, a.lengths)) {
     h_prev_clean = padding_zeroed(a.saved.h, s.T + 1, s.T, s.B, s.Hout, a.lengths);
     a.h_prev_products = h_prev_clean->data();
   }
@@ -164,19 +170,20 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   }
   // dx past a row's length is dG W_ih with a dG of 0: zeros, unless W_ih holds an infinity or
   // a NaN (0 * inf); torch's PackedSequence gives zeros there.
-  if (a.lengths) zero_padding(dx.mutable_data(), s.T, s.B, s.I, a.lengths);
+  if (dx && a.lengths) zero_padding(dx->mutable_data(), s.T, s.B, s.I, a.lengths);
   py::dict grads;
-  grads["weight_ih"] = dw_ih;
-  grads["weight_hh"] = dw_hh;
+  if (dw_ih) { grads["weight_ih"] = *dw_ih; grads["weight_hh"] = *dw_hh; }
   if (db_ih) { grads["bias_ih"] = *db_ih; grads["bias_hh"] = *db_hh; }
   if (dw_hr) grads["weight_hr"] = *dw_hr;
-  return py::make_tuple(dx, dh0, dc0 ? py::object(*dc0) : py::none(), grads);
+  return py::make_tuple(dx ? py::object(*dx) : py::none(), dh0, dc0 ? py::object(*dc0) : py::none(),
+                        grads);
 }
 
 }  // namespace
 
 py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
-                   py::object grads_into, bool add_into, py::object weights) {
+                   py::object grads_into, bool add_into, py::object weights, bool need_dx,
+                   bool need_weight_grads) {
   auto opt = [](py::object o, auto tag) {
     using A = decltype(tag);
     return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
@@ -187,8 +194,8 @@ py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, boo
     throw py::type_error("grads_into must be a dict of gradient arrays or None");
   const BackwardWeights w = backward_weights(c, weights, dt);
   if (c.f64)
-    return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume, grads_into, add_into, w);
-  return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume, grads_into, add_into, w);
+    return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume, grads_into, add_into, w, need_dx, need_weight_grads);
+  return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume, grads_into, add_into, w, need_dx, need_weight_grads);
 }
 
 }  // namespace fusedrnn::bindings

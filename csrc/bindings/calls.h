@@ -36,7 +36,8 @@ py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list 
                        py::list w_ih, py::list w_hh, py::list b_ih, py::list b_hh, py::list w_hr,
                        std::optional<std::string> isa, uint64_t frozen, bool keep_x);
 py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
-                   py::object grads_into, bool add_into, py::object weights);
+                   py::object grads_into, bool add_into, py::object weights, bool need_dx,
+                   bool need_weight_grads);
 py::array math(int func, py::array x, std::optional<std::string> isa);
 py::array gemm(py::array A, py::array B, std::optional<std::string> isa);
 

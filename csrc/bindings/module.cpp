@@ -245,12 +245,15 @@ PYBIND11_MODULE(_C, m) {
   m.def("backward", &backward, py::arg("ctx"), py::arg("dy"), py::arg("dhn") = py::none(),
         py::arg("dcn") = py::none(), py::arg("consume") = false,
         py::arg("grads_into") = py::none(), py::arg("add_into") = true,
-        py::arg("weights") = py::none(),
+        py::arg("weights") = py::none(), py::arg("need_dx") = true,
+        py::arg("need_weight_grads") = true,
         "BPTT through a training forward's context; consume=True: the caller will not run backward "
         "on it again (a second one raises), so its saved gates may hold the gradients. grads_into: "
         "None, or a dict with the gradients' keys whose arrays (writeable, C-contiguous, of the "
         "layer's dtype and the gradients' shapes) the weight and bias gradients are added into "
         "(add_into=False: written over, whatever they held); the returned grads are then those "
         "arrays. weights: None (the forward's), or (w_ih, w_hh, w_hr or None) with the forward's "
-        "values, shapes and dtype, read instead of the memory the forward read");
+        "values, shapes and dtype, read instead of the memory the forward read. need_dx=False: dx is "
+        "None and its product skipped; need_weight_grads=False: grads is {} (grads_into "
+        "untouched) and their products skipped");
 }

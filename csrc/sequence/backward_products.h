@@ -105,27 +105,29 @@ struct SequenceProducts {
     const T* gh = dgh + r0 * GH;
     const T* h_prev = (a.h_prev_products ? a.h_prev_products : a.saved.h) +
                       r0 * Hout;  // step k's h_{k-1}: saved row k
-    // dGx meets two products and, where it is dGh too, a third.
-    if (a.x_packed)  // (all rows: x_packed is kept only where B > 1)
+    // dGx meets two products and, where it is dGh too, a third. A null dx or dw_ih (the
+    // caller needs no input gradient, or no weight gradients) skips its product.
+    if (a.dw_ih && a.x_packed)  // (all rows: x_packed is kept only where B > 1)
       gemm_packed<T>(GH, s.I, M, gx, 1, GH, a.x_packed, a.dw_ih, s.I, acc, nthreads, nullptr,
                      true, true, dgx_splits, kApart);
-    else
+    else if (a.dw_ih)
       gemm<T>(GH, s.I, M, gx, 1, GH, a.x + r0 * s.I, s.I, 1, a.dw_ih, s.I, acc, nthreads,
               dgx_splits, kApart);
-    gemm<T>(M, s.I, GH, gx, GH, 1, a.w_ih, s.I, 1, a.dx + r0 * s.I, s.I, false, nthreads,
-            dgx_splits, kApart);
+    if (a.dx)
+      gemm<T>(M, s.I, GH, gx, GH, 1, a.w_ih, s.I, 1, a.dx + r0 * s.I, s.I, false, nthreads,
+              dgx_splits, kApart);
     const bool dgh_splits = dgh == dgx && dgx_splits;
-    if (!gru) {
+    if (a.dw_hh && !gru) {
       gemm<T>(GH, Hout, M, gh, 1, GH, h_prev, Hout, 1, a.dw_hh, Hout, acc, nthreads, dgh_splits,
               kApart);
-    } else {  // r, z rows from dgh; n rows from dghn, which met r*h in the two-phase GRU
+    } else if (a.dw_hh) {  // r, z rows from dgh; n rows from dghn, which met r*h in the two-phase GRU
       gemm<T>(2 * H, Hout, M, gh, 1, GH, h_prev, Hout, 1, a.dw_hh, Hout, acc, nthreads,
               dgh_splits, kApart);
       const T* n_met = gru_two_phase ? a.saved.gru_extra + r0 * H : h_prev;
       gemm<T>(H, Hout, M, dghn + r0 * ld_n, 1, ld_n, n_met, Hout, 1, a.dw_hh + 2 * H * Hout, Hout,
               acc, nthreads, false, kApart);
     }
-    if (s.has_proj)
+    if (a.dw_hr)
       gemm<T>(Hout, H, M, dhs + r0 * Hout, 1, Hout, a.saved.hfull + r0 * H, H, 1, a.dw_hr, H, acc,
               nthreads, false, kApart);
     if (a.db_ih) column_sums<T>(M, GH, gx, GH, a.db_ih, nthreads, acc);

@@ -73,7 +73,9 @@ def backward(ctx: Context, dy: _FloatArray, dhn: Optional[_FloatArray] = None,
              dcn: Optional[_FloatArray] = None, consume: bool = False,
              grads_into: Optional[Dict[str, _FloatArray]] = None, add_into: bool = True,
              weights: Optional[Tuple[_FloatArray, _FloatArray, Optional[_FloatArray]]] = None,
-             ) -> Tuple[_FloatArray, _FloatArray, Optional[_FloatArray], Dict[str, _FloatArray]]: ...
+             need_dx: bool = True, need_weight_grads: bool = True,
+             ) -> Tuple[Optional[_FloatArray], _FloatArray, Optional[_FloatArray],
+                        Dict[str, _FloatArray]]: ...
 
 # The kernels' building blocks alone. gemm's B is cast to A's dtype.
 def math(func: int, x: npt.NDArray[_F], isa: Optional[str] = None) -> npt.NDArray[_F]: ...

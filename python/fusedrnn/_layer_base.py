@@ -308,7 +308,7 @@ def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen)
 
 
 def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_into=None,
-                   add_into=True, params=None):
+                   add_into=True, params=None, *, need_dx=True, need_dh0=True, weight_grads=None):
     """BPTT through the stack saved by ``stack_forward``; ``consume``: the last backward through
     ``saved`` (see functional.backward); ``grads_into``: None, or {torch name: array} that the
     kernels add every layer's gradients into, or write them over with ``add_into=False`` (see
@@ -316,18 +316,36 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
     read), or {torch name: array} with the forward's weight values (functional.backward's
     ``weights``).
 
+    What the caller needs, as torch's autograd knows it: ``need_dx``, ``need_dh0`` (dh0 and
+    dc0), ``weight_grads`` (None: every parameter's; else the names of those needed). A layer
+    direction whose parameters are none of them skips its weight products, layer 0 skips dx's
+    without need_dx, and the layers below the lowest one that needs anything are not run.
+
     dy (T, B, D*H_out); dhn (L*D, B, H_out) or None; dcn (L*D, B, H) or None. Returns
-    dx (T, B, I), dh0 (L*D, B, H_out), dc0 (L*D, B, H) or None, and {torch name: gradient}.
+    dx (T, B, I) (None without need_dx), dh0 (L*D, B, H_out), dc0 (L*D, B, H) or None (both
+    None without need_dh0), and {torch name: gradient} of the parameters computed.
     """
     D, H_out = spec.num_directions, spec.output_size
     lstm = spec.cell == "lstm"
     T, B, _ = dy.shape
     h_shape, c_shape = spec.state_shapes(B)
-    dh0 = np.empty(h_shape, dy.dtype)
-    dc0 = np.empty(c_shape, dy.dtype) if lstm else None
+    dh0 = np.empty(h_shape, dy.dtype) if need_dh0 else None
+    dc0 = np.empty(c_shape, dy.dtype) if lstm and need_dh0 else None
+
+    def weights_needed(k, d):
+        return weight_grads is None or any(
+            name in weight_grads for name in spec.layer_param_names(k, d))
+
+    # Layer k runs where it or a layer below it needs a gradient: dx into layer k - 1's.
+    runs, below = [], need_dx
+    for k in range(spec.num_layers):
+        below = below or need_dh0 or any(weights_needed(k, d) for d in range(D))
+        runs.append(below)
     grads = {}
     d_out = dy
     for k in reversed(range(spec.num_layers)):
+        if not runs[k]:
+            break
         if saved.masks[k] is not None:
             d_out = d_out * saved.masks[k]
         dx = None
@@ -342,15 +360,18 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
             dx_d, dh, dc, g = F.backward(saved.ctxs[k][d], dy_d,
                                          None if dhn is None else dhn[i],
                                          None if dcn is None else dcn[i], consume=consume,
-                                         grads_into=into, add_into=add_into, weights=weights)
-            dh0[i] = dh
-            if lstm:
-                dc0[i] = dc
+                                         grads_into=into, add_into=add_into, weights=weights,
+                                         need_dx=runs[k - 1] if k else need_dx,
+                                         need_weight_grads=weights_needed(k, d))
+            if need_dh0:
+                dh0[i] = dh
+                if lstm:
+                    dc0[i] = dc
             for key, value in g.items():
                 grads[names[key]] = value
             if dx is None:
                 dx = dx_d
-            else:
+            elif dx_d is not None:
                 dx += dx_d            # dx_d are fresh arrays from the kernel
         d_out = dx
-    return d_out, dh0, dc0, grads
+    return (d_out if need_dx else None), dh0, dc0, grads

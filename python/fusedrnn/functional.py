@@ -5,6 +5,7 @@ Same signature and results as :mod:`fusedrnn.reference` (the NumPy oracle):
     y, hn, cn, ctx = forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None,
                              reverse=False, linear_before_reset=True, training=True)
     dx, dh0, dc0, grads = backward(ctx, dy, dhn=None, dcn=None, consume=False)
+    (need_dx=False / need_weight_grads=False skip dx / the weight gradients: None / {})
 
 Shapes: x (T, B, I); h0 (B, H_out), None for zeros; c0 (B, H) for "lstm" (None for zeros), else
 None; w_ih (G*H, I); w_hh (G*H, H_out); b_ih, b_hh (G*H,) or None; w_hr (H_out, H) or None;
@@ -133,7 +134,7 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
 
 
 def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_into=True,
-             weights=None):
+             weights=None, *, need_dx=True, need_weight_grads=True):
     """``consume=True``: this is the last backward through ``ctx`` (a later one raises), so the
     kernels may keep their gradients where the forward saved its gates instead of in a buffer as
     large (the layers pass it: they forget the forward after its backward). ``grads_into``: None,
@@ -144,7 +145,10 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     ``zero_grad(set_to_none=True)``: no pass of zeros first); ``grads`` then holds those
     arrays. ``weights``: None, or (w_ih, w_hh, w_hr or None) holding the forward's values, read
     instead of the arrays the forward read (made C-contiguous here; their shapes and dtype must
-    be the forward's): the torch adapter's parameters may have moved since (see _C.backward)."""
+    be the forward's): the torch adapter's parameters may have moved since (see _C.backward).
+    ``need_dx=False``: dx is None, its product (as large as dW_ih's) skipped, as torch's autograd
+    skips an input that needs no gradient; ``need_weight_grads=False``: grads is {} (grads_into
+    untouched), the weight products and bias sums skipped (a frozen layer)."""
     if ctx is None:
         raise RuntimeError("backward needs the context of a forward run with training=True")
     if not isinstance(ctx, _C.Context):
@@ -158,4 +162,5 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     dcn = None if dcn is None else np.ascontiguousarray(dcn)
     if weights is not None:
         weights = tuple(None if w is None else np.ascontiguousarray(w) for w in weights)
-    return _C.backward(ctx, dy, dhn, dcn, bool(consume), grads_into, bool(add_into), weights)
+    return _C.backward(ctx, dy, dhn, dcn, bool(consume), grads_into, bool(add_into), weights,
+                       bool(need_dx), bool(need_weight_grads))

@@ -566,20 +566,23 @@ class _Layer:
         self._why_no_saved = why
 
     # -- backward
-    def backward(self, dy, dhn=None):
+    def backward(self, dy, dhn=None, *, need_dx=True, need_weight_grads=True):
         """BPTT through the most recent training forward.
 
         dy: gradient of the loss with respect to y (y's shape), or None for zero; dhn: with
         respect to hn (LSTM: (dhn, dcn), either may be None), or None. Adds the parameter
         gradients into ``grads``; returns (dx, dh0) (LSTM: (dx, (dh0, dc0))).
+        ``need_dx=False`` (x is data, not an upstream layer's output) returns None for dx and
+        ``need_weight_grads=False`` (the layer is not trained) leaves ``grads`` as it is; both
+        skip their share of the work, as torch's autograd skips what needs no gradient.
         """
         self._claim_training_call("backward")
         try:
-            return self._backward(dy, dhn)
+            return self._backward(dy, dhn, need_dx, need_weight_grads)
         finally:
             self._training_call.release()
 
-    def _backward(self, dy, dhn):
+    def _backward(self, dy, dhn, need_dx=True, need_weight_grads=True):
         if self._saved is None:
             raise RuntimeError(f"backward needs a forward in training mode first: "
                                f"{self._why_no_saved}")
@@ -599,6 +602,10 @@ class _Layer:
             else:
                 dy_tm = dy
         dh, dc = self._split_dhn(dhn, B, unbatched)
+        if not need_weight_grads:
+            dx, dh0, dc0, _ = base.stack_backward(s, saved, dy_tm, dh, dc, consume=True,
+                                                  need_dx=need_dx, weight_grads=())
+            return self._finish_backward(dx, dh0, dc0, unbatched)
         # The saved state is forgotten below, so the kernels may reuse it (consume). The kernels
         # add into grads themselves where its arrays allow (see _grads_to_add_into); gradients
         # all set to None (zero_grad(set_to_none=True)) they write over their spare arrays.
@@ -613,16 +620,21 @@ class _Layer:
                     self.grads[name] = self._zeroed_gradient(name)
             into = self._grads_to_add_into(self.grads)
         dx, dh0, dc0, grads = base.stack_backward(s, saved, dy_tm, dh, dc, consume=True,
-                                                  grads_into=into, add_into=not reset)
+                                                  grads_into=into, add_into=not reset,
+                                                  need_dx=need_dx)
         if reset:
             self.grads.update(grads)
             self._spare_grads.clear()
         elif into is None:
             for name, g in grads.items():
                 self.grads[name] += g
+        return self._finish_backward(dx, dh0, dc0, unbatched)
+
+    def _finish_backward(self, dx, dh0, dc0, unbatched):
         self._forget("backward already ran for the last forward (its saved state is freed; "
                      "run forward again)")
-        return self._user_layout(dx, unbatched), self._pack_state(dh0, dc0, unbatched)
+        dx = None if dx is None else self._user_layout(dx, unbatched)
+        return dx, self._pack_state(dh0, dc0, unbatched)
 
     def _grads_to_add_into(self, grads):
         """``grads`` (``self.grads``, or the spare arrays) for the kernels to write into in place

@@ -288,7 +288,10 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
                 "the kernels' state: saved_tensors_hooks that replace the saved tensors (clone, "
                 "detach, save to disk) are not supported; torch.autograd.graph.save_on_cpu and "
                 "checkpointing are")
-        info = (ctx.run, ctx.has_h0, ctx.has_c0, ctx.y_shape, ctx.y_dtype, saved)
+        # What autograd needs, (x, h0, c0, *params): the kernels skip the rest (dx's product
+        # for data x, the weight products of frozen layers, the layers below them).
+        needs = ctx.needs_input_grad[1:]
+        info = (ctx.run, ctx.has_h0, ctx.has_c0, ctx.y_shape, ctx.y_dtype, saved, needs)
         return (None,) + _FusedStackBackward.apply(info, dy, dhn, dcn, *inputs)
 
 
@@ -305,17 +308,20 @@ class _FusedStackBackward(_PositionalApply, _torch.autograd.Function):
 
     @staticmethod
     def forward(info, dy, dhn, dcn, x, h0, c0, *params):
-        run, has_h0, has_c0, y_shape, y_dtype, saved = info
+        run, has_h0, has_c0, y_shape, y_dtype, saved, needs = info
         dy_np = np.zeros(y_shape, y_dtype) if dy is None else _np(dy)
         # The weights as autograd saved them, not the memory the forward read: under
         # allow_mutation_on_saved_tensors that holds the values after an in-place change, and
         # FSDP frees a parameter's storage between forward and backward.
-        dx, dh0, dc0, grads = _base.stack_backward(run.spec, saved, dy_np, _np(dhn), _np(dcn),
-                                                   params=_weights_only(run.names, params))
-        return (_torch.from_numpy(dx),
-                _torch.from_numpy(dh0) if has_h0 else None,
-                _torch.from_numpy(dc0) if has_c0 else None,
-                *(_torch.from_numpy(grads[n]) for n in run.names))
+        need_x, need_h0, need_c0, *need_params = needs
+        dx, dh0, dc0, grads = _base.stack_backward(
+            run.spec, saved, dy_np, _np(dhn), _np(dcn), params=_weights_only(run.names, params),
+            need_dx=need_x, need_dh0=need_h0 or need_c0,
+            weight_grads={n for n, need in zip(run.names, need_params) if need})
+        return (None if dx is None else _torch.from_numpy(dx),
+                _torch.from_numpy(dh0) if has_h0 and dh0 is not None else None,
+                _torch.from_numpy(dc0) if has_c0 and dc0 is not None else None,
+                *(_torch.from_numpy(grads[n]) if n in grads else None for n in run.names))
 
     @staticmethod
     def setup_context(ctx, inputs, output):

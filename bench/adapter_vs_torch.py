@@ -10,6 +10,7 @@ run it and read it.
     python bench/adapter_vs_torch.py [--configs online-small,long-seq,stacked,fastrnns]
                                      [--cells lstm,gru] [--modes infer,train] [--threads 1]
                                      [--autocast bfloat16|float16]
+                                     [--needs all|data-x|frozen-below|saliency]
 
 --autocast runs torch.nn and the adapter under ``torch.autocast("cpu", dtype)`` (the NumPy layers
 stay float32): torch.nn's low-precision kernels against the adapter's float32 kernels with
@@ -18,6 +19,12 @@ rounded outputs. The adapter's outputs are then held to its low-precision tolera
 scaled error beside the adapter's is printed instead of checked: torch.nn rounds every step.
 Where torch.nn's kernels fail (its float16 LSTM on a CPU without float16 oneDNN kernels), the
 line says so and its row times the other two.
+
+--needs (training) sets which gradients autograd needs, for torch.nn and the adapter alike (the
+NumPy layers still compute all): "all" (the benchmark's: the parameters, x and the states),
+"data-x" (the parameters only: x and the states are data), "frozen-below" (data x, and only the
+last layer trained), "saliency" (x only: every parameter frozen). torch's autograd skips what
+is not needed, and so does the adapter (functional.backward's need_dx, need_weight_grads).
 """
 import argparse
 
@@ -32,6 +39,25 @@ from fusedrnn.bench.peers.torch_nn import TorchRunner
 from fusedrnn.tolerances import low_precision_tolerance
 
 ADAPTER = {"LSTM": ft.LSTM, "GRU": ft.GRU, "RNN_TANH": ft.RNN, "RNN_RELU": ft.RNN}
+
+
+# --needs: (x needs grad, which layers are trained: all, the last, none)
+NEEDS = {"all": (True, "all"), "data-x": (False, "all"), "frozen-below": (False, "last"),
+         "saliency": (True, "none")}
+
+
+def apply_needs(runner, needs, layers):
+    """Sets requires_grad on a torch-side training runner's x, states and parameters."""
+    if needs == "all":
+        return runner
+    x_grad, trained = NEEDS[needs]
+    runner.x.requires_grad_(x_grad)
+    for t in runner.states:
+        t.requires_grad_(False)
+    last = f"_l{layers - 1}"
+    for name, p in runner.module.named_parameters():
+        p.requires_grad_(trained == "all" or (trained == "last" and name.endswith(last)))
+    return runner
 
 
 def adapter_runner(problem, mode):
@@ -79,10 +105,10 @@ def check_outputs(outs, autocast, where):
     return {"adapter": (fwd, grad), "torch": torch_errors}
 
 
-def time_case(config, cell, mode, budget_s, autocast=None):
+def time_case(config, cell, mode, budget_s, autocast=None, needs="all"):
     problem = cases.make_problem(config, cell)
-    runners = {"torch": TorchRunner(torch, problem, mode),
-               "fusedrnn.torch": adapter_runner(problem, mode),
+    runners = {"torch": apply_needs(TorchRunner(torch, problem, mode), needs, config.L),
+               "fusedrnn.torch": apply_needs(adapter_runner(problem, mode), needs, config.L),
                "fusedrnn": FusedrnnPeer().prepare(problem, mode)}
     outs = {}
     if autocast is not None:
@@ -110,7 +136,11 @@ def main(argv=None):
     p.add_argument("--budget", type=float, default=2.0, help="timed seconds a case (default 2)")
     p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
                    help="torch.nn and the adapter under CPU autocast to this dtype")
+    p.add_argument("--needs", choices=list(NEEDS), default="all",
+                   help="training: which gradients autograd needs (default all)")
     args = p.parse_args(argv)
+    if args.needs != "all" and args.modes != "train":
+        p.error("--needs is for training: give --modes train")
     autocast = getattr(torch, args.autocast) if args.autocast else None
     torch.set_num_threads(args.threads)
     fusedrnn.set_num_threads(args.threads)
@@ -121,13 +151,15 @@ def main(argv=None):
         head += f" {'torch err':>15s} {'adapter err':>15s}"
     print(f"{args.threads} thread(s); torch {torch.__version__}, fusedrnn {fusedrnn.__version__}"
           f"; vs torch: torch ms / that ms; glue: adapter ms - numpy ms"
+          + (f"; needs {args.needs} (numpy: all)" if args.needs != "all" else "")
           + (f"; under autocast to {args.autocast} (numpy: float32); err: largest scaled "
              f"error against numpy's, forward/gradient" if autocast else ""), flush=True)
     print(head, flush=True)
     for name in args.configs.split(","):
         for cell in args.cells.split(","):
             for mode in args.modes.split(","):
-                t, errors = time_case(cases.CONFIGS[name], cell, mode, args.budget, autocast)
+                t, errors = time_case(cases.CONFIGS[name], cell, mode, args.budget, autocast,
+                                      args.needs)
                 a, n, th = t["fusedrnn.torch"], t["fusedrnn"], t.get("torch")
                 ratio = (lambda ms: "-" if th is None else "x%.2f" % (th / ms))
                 line = (f"{name:14s} {cell:5s} {mode:6s} "

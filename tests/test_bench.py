@@ -688,6 +688,14 @@ def test_adapter_vs_torch_times_the_three_ways_to_run_a_layer():
     assert row[:3] == ["online-small", "lstm", "infer"] and float(row[4]) > 0
     torch_fails = "torch.nn fails on online-small lstm infer" in out.stdout
     assert (row[3] == "-") == torch_fails
+    # --needs: torch.nn and the adapter train what autograd needs (checked against numpy's)
+    out = subprocess.run([sys.executable, script, "--configs", "stacked", "--cells", "gru",
+                          "--modes", "train", "--budget", "0.05", "--needs", "frozen-below"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "needs frozen-below" in lines[0]
+    assert lines[2].split()[:3] == ["stacked", "gru", "train"]
 
 
 class ScriptedClocks:

@@ -840,6 +840,37 @@ def test_training_calls_keep_no_packed_weights_and_inference_keeps_one_copy(rng)
     assert _C.packed_cache() == held
 
 
+# csrc/workspace.cpp, kPackCacheMaxForms: the packed forms a thread keeps at most.
+PACKED_FORMS_MAX = 4096
+
+
+def test_the_packed_weight_cache_keeps_a_bounded_number_of_forms(rng):
+    """A process meeting many small weights (layers made and dropped, a service's many small
+    models) kept every form until the thread's 256 MiB were full: tens of thousands of forms,
+    and every call that met a new weight scanned them all for the oldest (0.07 -> 0.9 ms a
+    call). Now at most PACKED_FORMS_MAX stay, the least recently used leaving first; a weight
+    whose forms left is packed again, to the same bits."""
+    x, h0 = rng.standard_normal((2, 1, 3)), np.zeros((1, 2))
+    weights = [(rng.standard_normal((2, 3)), rng.standard_normal((2, 2)))
+               for _ in range(PACKED_FORMS_MAX // 2 + 300)]   # two forms each (B = 1)
+
+    def run(w_ih, w_hh):
+        return functional.forward("rnn_tanh", x, h0, None, w_ih, w_hh, None, None,
+                                  training=False)[0]
+
+    _C.packed_cache(clear=True)
+    try:
+        first = run(*weights[0])
+        for w in weights[1:]:
+            run(*w)
+        held = _C.packed_cache()
+        assert held["forms"] == PACKED_FORMS_MAX and held["copies"] <= PACKED_FORMS_MAX
+        np.testing.assert_array_equal(run(*weights[0]), first)   # evicted, packed again
+        assert _C.packed_cache()["forms"] == PACKED_FORMS_MAX
+    finally:
+        _C.packed_cache(clear=True)
+
+
 @pytest.mark.parametrize("lbr", [True, False])
 def test_an_edit_of_one_gru_row_range_reaches_every_form(rng, lbr):
     """The GRU's backward packs row ranges of W_hh, which its forward packed whole: an in-place

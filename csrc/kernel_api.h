@@ -90,6 +90,11 @@ struct ForwardArgs {
   // layer's freeze(): read-only copies of its own); their cached packed forms are then used
   // without comparing the weights with the copies of their bytes (cached_packed).
   uint64_t frozen = 0;
+  // False: the weights are copies made for this call alone (fusedrnn.onnx_ops's gates in
+  // torch's order, a bfloat16 module's float32 casts), freed after it and never met again: the
+  // call packs them into buffers of its own and keeps no forms in the packed-weight cache, which
+  // such calls filled with dead forms up to its budget (PanelReuse).
+  bool keep_packed = true;
   // Training: where x goes packed as the backward's dW_ih = dG^T X takes it (pack_b_gemm,
   // KernelTable::gemm_b_elems long), so that a context which must not keep the caller's x (who
   // may reuse its buffer) keeps this instead of a copy that the backward would pack again; or

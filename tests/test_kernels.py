@@ -871,6 +871,36 @@ def test_the_packed_weight_cache_keeps_a_bounded_number_of_forms(rng):
         _C.packed_cache(clear=True)
 
 
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("B", [1, 9])
+def test_weights_made_for_one_call_leave_no_packed_forms(rng, cell, B):
+    """keep_packed=False, for weights copied for the call alone (fusedrnn.onnx_ops reorders the
+    gates, a bfloat16 module's parameters are cast): packed for that call, the same bits, and
+    nothing kept in the thread's cache, where forms of freed arrays stayed until it was full."""
+    case = make_case(rng, cell, 0, T=5, B=B, I=6, H=10)
+    w = case["w"]
+    args = (cell, case["x"], case["h0"], case["c0"], w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
+    layers = [(w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], None),
+              (w["w_hh"].copy(), w["w_hh"], w["b_ih"], w["b_hh"], None)]
+    for f32 in (False, True):
+        cast = (lambda a: a if a is None else a.astype(np.float32)) if f32 else (lambda a: a)
+        one = tuple(cast(a) for a in args[1:])
+        stack = [tuple(cast(a) for a in layer) for layer in layers]
+        h0s, c0s = [one[1]] * 2, [one[2]] * 2
+        _C.packed_cache(clear=True)
+        got = functional.forward(cell, *one, training=False, keep_packed=False)
+        got_stack = functional.forward_stack(cell, one[0], h0s, c0s, stack, training=False,
+                                             keep_packed=False)
+        assert _C.packed_cache()["forms"] == 0
+        want = functional.forward(cell, *one, training=False)
+        want_stack = functional.forward_stack(cell, one[0], h0s, c0s, stack, training=False)
+        assert _C.packed_cache()["forms"] > 0
+        for g, r in zip(got[:3] + tuple(got_stack[1][:3]), want[:3] + tuple(want_stack[1][:3])):
+            if r is not None:
+                np.testing.assert_array_equal(g, r)
+    _C.packed_cache(clear=True)
+
+
 @pytest.mark.parametrize("lbr", [True, False])
 def test_an_edit_of_one_gru_row_range_reaches_every_form(rng, lbr):
     """The GRU's backward packs row ranges of W_hh, which its forward packed whole: an in-place

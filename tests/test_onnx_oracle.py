@@ -287,8 +287,9 @@ def test_onnxruntime_cell_options(rng, monkeypatch, op, direction, attrs, peepho
         got = run_fusedrnn(node, feeds, np.float32, isa)
         for name in outputs:
             assert_close(got[name], want[name], np.float32, what=f"{op} {name} ({isa})")
-    monkeypatch.setattr(onnx_ops.functional, "forward",
-                        lambda *args, isa=None, **kw: reference.forward(*args, **kw))
+    monkeypatch.setattr(onnx_ops.functional, "forward",  # (isa, keep_packed: the kernels' only)
+                        lambda *args, isa=None, keep_packed=True, **kw:
+                        reference.forward(*args, **kw))
     got = run_fusedrnn(node, feeds, np.float64)
     for name in outputs:
         assert_close(got[name], want[name], np.float32, what=f"reference {op} {name}")

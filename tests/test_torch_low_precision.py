@@ -345,3 +345,24 @@ def test_a_low_precision_call_frees_its_input_as_torch_does():
     y.float().sum().backward()
     gc.collect()
     assert seen() is None
+
+
+def test_a_low_precision_module_in_inference_keeps_no_packed_forms_of_its_casts():
+    """A bfloat16 or float16 module's inference call hands the kernels float32 casts of its
+    parameters, new tensors every call: the kernels kept their packed forms, one set a call,
+    until the thread's cache was full (256 MiB; two modules filled it in 1000 calls). They keep
+    none now; a float32 module's parameters are kept as before."""
+    from fusedrnn import _C
+    _, mod = _modules("LSTM", {}, num_layers=2)
+    x = torch.randn(T, B, I)
+    _C.packed_cache(clear=True)
+    with torch.no_grad():
+        for dtype in LOW:
+            mod.to(dtype)
+            for _ in range(3):
+                mod(x.to(dtype))
+        assert _C.packed_cache()["forms"] == 0
+        with torch.autocast("cpu", dtype=torch.bfloat16):   # float32 parameters: not cast
+            mod.float()(x)
+        assert _C.packed_cache()["forms"] > 0
+    _C.packed_cache(clear=True)

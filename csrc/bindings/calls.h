@@ -31,10 +31,11 @@ struct Context {
 py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, py::array h0,
                   py::object c0, py::array w_ih, py::array w_hh, py::object b_ih, py::object b_hh,
                   py::object w_hr, py::object lengths, std::optional<std::string> isa,
-                  uint64_t frozen, bool keep_x, py::object onnx);
+                  uint64_t frozen, bool keep_x, py::object onnx, bool keep_packed);
 py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list h0, py::list c0,
                        py::list w_ih, py::list w_hh, py::list b_ih, py::list b_hh, py::list w_hr,
-                       std::optional<std::string> isa, uint64_t frozen, bool keep_x);
+                       std::optional<std::string> isa, uint64_t frozen, bool keep_x,
+                       bool keep_packed);
 py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
                    py::object grads_into, bool add_into, py::object weights, bool need_dx,
                    bool need_weight_grads);

@@ -33,7 +33,7 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
                              Arr<T> w_ih, Arr<T> w_hh, std::optional<Arr<T>> b_ih,
                              std::optional<Arr<T>> b_hh, std::optional<Arr<T>> w_hr,
                              std::optional<Arr<int64_t>> lengths, uint64_t frozen,
-                             bool pack_x) {
+                             bool pack_x, bool keep_packed) {
   if (cell_code < 0 || cell_code > 3) fail("cell code must be 0..3");
   const Cell cell = static_cast<Cell>(cell_code);
   const int64_t G = fusedrnn::gate_count(cell);
@@ -94,6 +94,7 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
   a.lengths = lengths ? lengths->data() : nullptr;
   a.num_threads = threads_for_call();
   a.frozen = frozen;
+  a.keep_packed = keep_packed;
   if (training) {
     Context& c = call.c;
     c.frozen = frozen;
@@ -172,9 +173,10 @@ py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reve
                        Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0, Arr<T> w_ih, Arr<T> w_hh,
                        std::optional<Arr<T>> b_ih, std::optional<Arr<T>> b_hh,
                        std::optional<Arr<T>> w_hr, std::optional<Arr<int64_t>> lengths,
-                       uint64_t frozen, bool keep_x, const py::object& onnx) {
+                       uint64_t frozen, bool keep_x, const py::object& onnx, bool keep_packed) {
   LayerCall<T> call = prepare_forward<T>(kt, cell_code, lbr, reverse, training, x, h0, c0, w_ih,
-                                         w_hh, b_ih, b_hh, w_hr, lengths, frozen, !keep_x);
+                                         w_hh, b_ih, b_hh, w_hr, lengths, frozen, !keep_x,
+                                         keep_packed);
   OnnxOptions<T> options;
   call.a.onnx = options.parse(onnx, call.a.s, training);
   {
@@ -192,7 +194,7 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
                             Arr<T> x, const py::list& h0, const py::list& c0,
                             const py::list& w_ih, const py::list& w_hh, const py::list& b_ih,
                             const py::list& b_hh, const py::list& w_hr, uint64_t frozen,
-                            bool keep_x) {
+                            bool keep_x, bool keep_packed) {
   const size_t n = w_hh.size();
   if (n == 0) fail("a stack needs at least one layer");
   for (const py::list* l : {&h0, &c0, &w_ih, &b_ih, &b_hh, &w_hr})
@@ -215,7 +217,7 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
                                        req(h0[k], "h0"), opt(c0[k], "c0"), req(w_ih[k], "w_ih"),
                                        req(w_hh[k], "w_hh"), opt(b_ih[k], "b_ih"),
                                        opt(b_hh[k], "b_hh"), opt(w_hr[k], "w_hr"), std::nullopt,
-                                       frozen, k == 0 && !keep_x));
+                                       frozen, k == 0 && !keep_x, keep_packed));
     layer_in = calls.back().y;
   }
   std::vector<fusedrnn::ForwardArgs<T>> args;
@@ -235,7 +237,7 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
 py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, py::array h0,
                   py::object c0, py::array w_ih, py::array w_hh, py::object b_ih, py::object b_hh,
                   py::object w_hr, py::object lengths, std::optional<std::string> isa,
-                  uint64_t frozen, bool keep_x, py::object onnx) {
+                  uint64_t frozen, bool keep_x, py::object onnx, bool keep_packed) {
   const KernelTable& kt = kernels(isa);
   auto opt = [](py::object o, auto tag) {
     using A = decltype(tag);
@@ -249,19 +251,20 @@ py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, 
   if (is_f64(x))
     return forward_impl<double>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<double>()), w_ih, w_hh,
                                 opt(b_ih, Arr<double>()), opt(b_hh, Arr<double>()), opt(w_hr, Arr<double>()), len,
-                                frozen, keep_x, onnx);
+                                frozen, keep_x, onnx, keep_packed);
   return forward_impl<float>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<float>()), w_ih, w_hh,
                              opt(b_ih, Arr<float>()), opt(b_hh, Arr<float>()), opt(w_hr, Arr<float>()), len,
-                             frozen, keep_x, onnx);
+                             frozen, keep_x, onnx, keep_packed);
 }
 
 py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list h0, py::list c0,
                        py::list w_ih, py::list w_hh, py::list b_ih, py::list b_hh, py::list w_hr,
-                       std::optional<std::string> isa, uint64_t frozen, bool keep_x) {
+                       std::optional<std::string> isa, uint64_t frozen, bool keep_x,
+                       bool keep_packed) {
   const KernelTable& kt = kernels(isa);
   if (is_f64(x))
-    return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x);
-  return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x);
+    return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x, keep_packed);
+  return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x, keep_packed);
 }
 
 }  // namespace fusedrnn::bindings

@@ -623,7 +623,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   const int nthreads = imax(1, a.num_threads);
   const bool training = a.saved.h != nullptr;
   if (a.x_packed) pack_b_gemm<T>(s.T * B, s.I, a.x, s.I, 1, a.x_packed, nthreads);
-  const PanelReuse reuse = PanelReuse::of_call(training, a.frozen);
+  const PanelReuse reuse = PanelReuse::of_call(training, a.frozen, a.keep_packed);
   const bool lstm = s.cell == Cell::Lstm;
   const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
 

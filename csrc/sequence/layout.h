@@ -52,11 +52,12 @@ struct Steps {
 // LSTM 17.1 -> 16.4, others within noise; with the same weights every call (which the cache
 // served) online-small RNN 0.203 -> 0.215, GRU 0.647 -> 0.661, others within noise. Training
 // peak memory: deepbench LSTM 195 -> 132 MiB, GRU 164 -> 114, stacked LSTM 29 -> 21.
+// Nor does a call whose weights are copies of its own (ForwardArgs::keep_packed false).
 struct PanelReuse {
   bool keep;        // look up and keep the forms in the calling thread's cache
   uint64_t frozen;  // ForwardArgs::frozen
-  static PanelReuse of_call(bool training, uint64_t frozen) {
-    return PanelReuse{frozen != 0 || !training, frozen};
+  static PanelReuse of_call(bool training, uint64_t frozen, bool keep_packed = true) {
+    return PanelReuse{keep_packed && (frozen != 0 || !training), frozen};
   }
 };
 

@@ -58,7 +58,7 @@ def forward(cell: int, linear_before_reset: bool, reverse: bool, training: bool,
             w_ih: npt.NDArray[_F], w_hh: npt.NDArray[_F], b_ih: Optional[npt.NDArray[_F]],
             b_hh: Optional[npt.NDArray[_F]], w_hr: Optional[npt.NDArray[_F]],
             lengths: Optional[npt.NDArray[np.int64]], isa: Optional[str] = None, frozen: int = 0,
-            keep_x: bool = False, onnx: Optional[_OnnxOptions] = None,
+            keep_x: bool = False, onnx: Optional[_OnnxOptions] = None, keep_packed: bool = True,
             ) -> Tuple[npt.NDArray[_F], npt.NDArray[_F], Optional[npt.NDArray[_F]],
                        Optional[Context]]: ...
 def forward_stack(cell: int, linear_before_reset: bool, training: bool, x: npt.NDArray[_F],
@@ -66,7 +66,7 @@ def forward_stack(cell: int, linear_before_reset: bool, training: bool, x: npt.N
                   w_ih: List[npt.NDArray[_F]], w_hh: List[npt.NDArray[_F]],
                   b_ih: List[Optional[npt.NDArray[_F]]], b_hh: List[Optional[npt.NDArray[_F]]],
                   w_hr: List[Optional[npt.NDArray[_F]]], isa: Optional[str] = None,
-                  frozen: int = 0, keep_x: bool = False,
+                  frozen: int = 0, keep_x: bool = False, keep_packed: bool = True,
                   ) -> List[Tuple[npt.NDArray[_F], npt.NDArray[_F], Optional[npt.NDArray[_F]],
                                   Optional[Context]]]: ...
 def backward(ctx: Context, dy: _FloatArray, dhn: Optional[_FloatArray] = None,

@@ -222,7 +222,7 @@ class Saved:
 
 
 def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, make_mask=None,
-                  isa=None, checked=False, frozen=0):
+                  isa=None, checked=False, frozen=0, keep_packed=True):
     """Run every layer and direction.
 
     x (T, B, I) of the parameters' dtype; h0 (L*D, B, H_out) or None (zeros); c0 (L*D, B, H) or
@@ -231,7 +231,8 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     layers, or None for no dropout; ``checked``: x, h0, c0, lengths and params are already as
     functional.check_layer_args would make them (the NumPy layers), so each layer call skips
     those checks (a fifth of a small call's Python time); ``frozen``: 0, or the id of a frozen
-    layer's read-only parameters (with ``checked`` only; see functional.forward_checked).
+    layer's read-only parameters (with ``checked`` only; see functional.forward_checked);
+    ``keep_packed=False``: params are copies made for this call (see functional.forward).
     Returns y (T, B, D*H_out), hn (L*D, B, H_out), cn (L*D, B, H) or None, and a ``Saved``
     (None unless ``save``).
     """
@@ -257,7 +258,8 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     if own_input and layer_in is x:
         layer_in = x.copy()
     if D == 1 and spec.num_layers > 1 and make_mask is None and lengths is None:
-        return _one_way_stack(spec, params, layer_in, h0, c0, hn, cn, saved, isa, checked, frozen)
+        return _one_way_stack(spec, params, layer_in, h0, c0, hn, cn, saved, isa, checked, frozen,
+                              keep_packed)
     for k in range(spec.num_layers):
         outs, ctxs = [], []
         for d in range(D):
@@ -268,7 +270,8 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
             y, h, c, ctx = run(spec.cell, layer_in, h0[i], c0[i] if lstm else None,
                                w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths, reverse=bool(d),
                                linear_before_reset=spec.linear_before_reset, training=save,
-                               isa=isa, keep_x=k > 0 or own_input, **extra)  # y: ours
+                               isa=isa, keep_x=k > 0 or own_input, keep_packed=keep_packed,
+                               **extra)  # y: ours
             if single:
                 hn, cn = h[None], (c[None] if lstm else None)
             else:
@@ -289,14 +292,15 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     return layer_in, hn, cn, saved
 
 
-def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen):
+def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen, keep_packed):
     """stack_forward of a unidirectional stack without lengths or dropout: one kernel call for
     every layer (F.forward_stack), which may run the layers side by side."""
     L, lstm = spec.num_layers, spec.cell == "lstm"
     layers = [tuple(params.get(name) for name in spec.layer_param_names(k, 0)) for k in range(L)]
     outs = F.forward_stack(spec.cell, x, list(h0), list(c0) if lstm else [None] * L, layers,
                            linear_before_reset=spec.linear_before_reset,
-                           training=saved is not None, isa=isa, checked=checked, frozen=frozen)
+                           training=saved is not None, isa=isa, checked=checked, frozen=frozen,
+                           keep_packed=keep_packed)
     for k, (_, h, c, ctx) in enumerate(outs):
         hn[k] = h
         if lstm:

@@ -33,16 +33,22 @@ ONNX_FUNCTIONS = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 2, "lstm": 3}
 
 
 def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, reverse=False,
-            linear_before_reset=True, training=True, isa=None, *, keep_x=False, onnx=None):
+            linear_before_reset=True, training=True, isa=None, *, keep_x=False, onnx=None,
+            keep_packed=True):
     """``keep_x=True``: the training context keeps ``x`` itself rather than a copy of its own,
     for callers that never write to it before backward (the layers' own inner-layer inputs).
     ``onnx``: ONNX's cell options, as :func:`fusedrnn.reference.forward` takes them (inference
-    only; fusedrnn.onnx_ops builds them from a node's attributes)."""
+    only; fusedrnn.onnx_ops builds them from a node's attributes). ``keep_packed=False``: the
+    weights are arrays made for this call alone (fusedrnn.onnx_ops's gates reordered, a
+    low-precision module's casts): an inference call packs them for itself and keeps nothing in
+    the calling thread's packed-weight cache, where forms of freed arrays would sit until that
+    cache's budget pushed them out (see _C.forward)."""
     args = check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     _check_isa(isa)
     return forward_checked(cell, *args, reverse=reverse, linear_before_reset=linear_before_reset,
                            training=training, isa=isa, keep_x=keep_x or args[0] is not x,
-                           onnx=_onnx_options(cell, onnx, args[0].dtype, w_ih.shape[0]))
+                           onnx=_onnx_options(cell, onnx, args[0].dtype, w_ih.shape[0]),
+                           keep_packed=keep_packed)
 
 
 def _check_isa(isa):
@@ -82,22 +88,25 @@ def _onnx_options(cell, onnx, dtype, gate_rows):
 
 
 def forward_checked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
-                    linear_before_reset, training, isa=None, keep_x=False, frozen=0, onnx=None):
+                    linear_before_reset, training, isa=None, keep_x=False, frozen=0, onnx=None,
+                    keep_packed=True):
     """forward() for arguments already as check_layer_args returns them (C-contiguous, one
     dtype, shapes checked): the layers, which check their inputs once and own their weights.
     The kernels check the shapes again, so nothing can read out of bounds. Unless ``keep_x``, a
     training context keeps a private copy of x, packed as the backward reads it: the caller may
     reuse its buffer between forward and backward (weights are the layer's own and are kept by
     reference). ``frozen``: 0, or the id of a frozen layer's read-only parameters (the layers'
-    freeze(); see _C.forward). ``onnx``: ONNX's cell options as _onnx_options gives them."""
+    freeze(); see _C.forward). ``onnx``: ONNX's cell options as _onnx_options gives them.
+    ``keep_packed``: as forward's."""
     y, hn, cn, ctx = _C.forward(CELL_CODES[cell], bool(linear_before_reset), bool(reverse),
                                 bool(training), x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                isa=isa, frozen=frozen, keep_x=bool(keep_x), onnx=onnx)
+                                isa=isa, frozen=frozen, keep_x=bool(keep_x), onnx=onnx,
+                                keep_packed=bool(keep_packed))
     return y, hn, cn, (ctx if training else None)
 
 
 def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=True, isa=None,
-                  checked=False, frozen=0):
+                  checked=False, frozen=0, keep_packed=True):
     """A unidirectional stack without lengths, bottom layer first, in one kernel call: layer k's
     input is layer k - 1's output, so on as many threads as layers the kernels run the layers
     side by side, each a step behind the one below (csrc/sequence/layer_pipeline.h); else layer
@@ -105,8 +114,8 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
 
     h0, c0: per layer (c0 entries None except for "lstm"); layers: per layer (w_ih, w_hh, b_ih,
     b_hh, w_hr), as forward takes them. ``checked``: the arguments are already as
-    check_layer_args / check_layer_params return them; ``frozen``: as forward_checked's. Returns
-    forward's (y, hn, cn, ctx) per layer."""
+    check_layer_args / check_layer_params return them; ``frozen``, ``keep_packed``: as
+    forward_checked's. Returns forward's (y, hn, cn, ctx) per layer."""
     L = len(layers)
     if not (len(h0) == len(c0) == L) or L == 0:
         raise ValueError(f"h0 and c0 need one entry per layer ({L}), got {len(h0)} and {len(c0)}")
@@ -129,7 +138,7 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     # forward_checked), unless checking made one already.
     outs = _C.forward_stack(CELL_CODES[cell], bool(linear_before_reset), bool(training), x, h0,
                             c0, *(list(w) for w in zip(*layers)), isa=isa, frozen=frozen,
-                            keep_x=x is not given)
+                            keep_x=x is not given, keep_packed=bool(keep_packed))
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 

@@ -338,6 +338,9 @@ class _Node:
         return out
 
     def run(self, options, c0, linear_before_reset, isa):
+        # The weights reach the kernels as new arrays every call (ONNX's gate order to torch's):
+        # keep_packed=False, else the calling thread's packed-weight cache kept their dead forms,
+        # up to its 256 MiB (50 nodes: full within 4000 calls).
         ys, hns, cns = [], [], []
         rows = slice(None) if self.rows is None else self.rows
         x = self.x if self.rows is None else np.ascontiguousarray(self.x[:, rows])
@@ -349,7 +352,7 @@ class _Node:
                 from_onnx_gates(self.w[d], cell), from_onnx_gates(self.r[d], cell),
                 from_onnx_gates(b_ih, cell), from_onnx_gates(b_hh, cell),
                 lengths=self.lengths, reverse=reverse, linear_before_reset=linear_before_reset,
-                training=False, isa=isa, onnx=onnx)
+                training=False, isa=isa, onnx=onnx, keep_packed=False)
             ys.append(y)
             hns.append(hn)
             cns.append(cn)

@@ -566,15 +566,19 @@ class _FusedMixin:
             return self._run(spec, names, params, dtype, input, hx, as_op)
         compute = _precision.COMPUTE
         watched = _precision.tensors_cast(input, hx, params, compute)
+        # Parameters cast to float32 are new tensors every call: the kernels keep no packed
+        # forms of them (their memory is freed after the call; see functional.forward).
+        keep_packed = not any(isinstance(p, _torch.Tensor) and p.dtype != compute for p in params)
         input, hx, params = _precision.cast_inputs(input, hx, params, compute)
         # (autocast stays on: _run's torch ops, and the op under export, are none it casts)
-        result = self._run(spec, names, params, compute, input, hx, as_op, watched)
+        result = self._run(spec, names, params, compute, input, hx, as_op, watched, keep_packed)
         return _precision.cast_outputs(result, out_dtypes)
 
-    def _run(self, spec, names, params, dtype, input, hx, as_op, watched=()):
+    def _run(self, spec, names, params, dtype, input, hx, as_op, watched=(), keep_packed=True):
         """The layer on the kernels, all of its tensors in `dtype` (float32 or float64).
         `watched`: tensors whose in-place change before backward must raise (a low-precision
-        call's own, of which the kernels saw copies)."""
+        call's own, of which the kernels saw copies). `keep_packed=False`: params are this
+        call's casts (an inference call keeps no packed forms of them)."""
         lstm = spec.cell == "lstm"
         packed = isinstance(input, _PackedSequence)
         if as_op:
@@ -637,7 +641,7 @@ class _FusedMixin:
         else:
             y, hn, cn, _ = _base.stack_forward(
                 spec, dict(zip(names, map(_np, params))), _np(x), _np(h0), _np(c0), lengths,
-                save=False, make_mask=make_mask)
+                save=False, make_mask=make_mask, keep_packed=keep_packed)
             y, hn = _torch.from_numpy(y), _torch.from_numpy(hn)
             cn = _torch.from_numpy(cn) if lstm else None
         if packed:

@@ -203,7 +203,8 @@ struct PackCache {
   // uses), until `need` more bytes and one more form fit.
   void make_room(size_t need) {
     while (total + need > kPackCacheBudget || entries.size() >= kPackCacheMaxForms) {
-      auto victim = entries.find(lru.front());  // (not empty: else both would fit)
+      if (lru.empty()) return;  // (cannot be: with no form both fit; a too-big one is refused)
+      auto victim = entries.find(lru.front());
       if (victim->second.last_call == call) return;  // then every form is this call's
       erase(victim);
     }

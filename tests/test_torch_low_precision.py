@@ -366,3 +366,23 @@ def test_a_low_precision_module_in_inference_keeps_no_packed_forms_of_its_casts(
             mod.float()(x)
         assert _C.packed_cache()["forms"] > 0
     _C.packed_cache(clear=True)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")     # torch.jit.trace is deprecated
+def test_a_low_precision_program_keeps_no_packed_forms_of_its_casts():
+    """The same through the layer's op, which torch.export and torch.jit.trace record after the
+    parameters' casts: the op kept the packed forms of each call's casts (an exported bfloat16
+    model served call after call filled the thread's cache). A float32 module's op still keeps
+    the forms of its parameters."""
+    from fusedrnn import _C
+    _, mod = _modules("LSTM", {}, num_layers=2)
+    mod.eval()
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float32):
+            mod.to(dtype)
+            x = torch.randn(T, B, I).to(dtype)
+            for program in (torch.export.export(mod, (x,)).module(), torch.jit.trace(mod, (x,))):
+                _C.packed_cache(clear=True)
+                program(x)
+                assert (_C.packed_cache()["forms"] > 0) == (dtype == torch.float32), program
+    _C.packed_cache(clear=True)

@@ -4,10 +4,12 @@ eager path, an autograd.Function around NumPy, has no data to run on or cannot b
 
     y, hn, cn = torch.ops.fusedrnn.rnn_stack(x, h0, c0, params, cell, input_size, hidden_size,
                                              num_layers, bias, bidirectional, proj_size,
-                                             linear_before_reset)
+                                             linear_before_reset, keep_packed=True)
 
 x is (T, B, I), time first; h0 and c0 are (L*D, B, H_out) and (L*D, B, H), or None for zeros;
 params are the module's ``_flat_weights`` in torch's order. cn is empty unless cell is "lstm".
+``keep_packed=False``: params are casts made for the call (a bfloat16 or float16 module's, cast
+to float32 before the op), of which the kernels keep no packed forms (functional.forward).
 Inference kernels: the op keeps nothing. Its gradient is a second op, rnn_stack_backward, which
 runs the forward again keeping what BPTT needs and then BPTT: an exported program carries no
 Python state from its forward to its backward, so its training costs one forward more than the
@@ -54,14 +56,15 @@ def _refuse_forward_ad():
             "module for those")
 
 
-def _run_forward(spec, x, h0, c0, params, save):
+def _run_forward(spec, x, h0, c0, params, save, keep_packed=True):
     _refuse_forward_ad()
     if x.shape[0] < 1:   # (an exported program with a dynamic length skips the adapter's check)
         raise ShapeError(f"input must have at least one time step, got shape {tuple(x.shape)} "
                          f"(time first)")
     names = list(spec.param_shapes())
     x_np, h0_np, c0_np, *p_np = _arrays(x, h0, c0, *params)
-    return _base.stack_forward(spec, dict(zip(names, p_np)), x_np, h0_np, c0_np, save=save)
+    return _base.stack_forward(spec, dict(zip(names, p_np)), x_np, h0_np, c0_np, save=save,
+                               keep_packed=keep_packed)
 
 
 def _no_c(x):
@@ -72,11 +75,14 @@ def _no_c(x):
 @torch.library.custom_op("fusedrnn::rnn_stack", mutates_args=())
 def rnn_stack(x: _Tensor, h0: Optional[_Tensor], c0: Optional[_Tensor], params: List[_Tensor],
               cell: str, input_size: int, hidden_size: int, num_layers: int, bias: bool,
-              bidirectional: bool, proj_size: int,
-              linear_before_reset: bool) -> Tuple[_Tensor, _Tensor, _Tensor]:
+              bidirectional: bool, proj_size: int, linear_before_reset: bool, *,
+              keep_packed: bool = True) -> Tuple[_Tensor, _Tensor, _Tensor]:
+    # (keep_packed has a default, as programs recorded before it call the op without it, and
+    # is keyword-only: the dispatcher drops a default-valued argument, so a positional one
+    # changed the inputs whose gradients _backward returns)
     spec = _spec(cell, input_size, hidden_size, num_layers, bias, bidirectional, proj_size,
                  linear_before_reset)
-    y, hn, cn, _ = _run_forward(spec, x, h0, c0, params, save=False)
+    y, hn, cn, _ = _run_forward(spec, x, h0, c0, params, save=False, keep_packed=keep_packed)
     # (a one-layer hn is a view of that layer's array: the op's outputs own their memory)
     return (torch.from_numpy(y), torch.from_numpy(np.array(hn)),
             _no_c(x) if cn is None else torch.from_numpy(np.array(cn)))
@@ -84,7 +90,7 @@ def rnn_stack(x: _Tensor, h0: Optional[_Tensor], c0: Optional[_Tensor], params: 
 
 @rnn_stack.register_fake
 def _(x, h0, c0, params, cell, input_size, hidden_size, num_layers, bias, bidirectional,
-      proj_size, linear_before_reset):
+      proj_size, linear_before_reset, *, keep_packed=True):
     spec = _spec(cell, input_size, hidden_size, num_layers, bias, bidirectional, proj_size,
                  linear_before_reset)
     T, B = x.shape[0], x.shape[1]
@@ -122,7 +128,8 @@ def _(dy, dhn, dcn, x, h0, c0, params, cell, input_size, hidden_size, num_layers
             *(p.new_empty(p.shape) for p in params)]
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, keyword_only_inputs, output):
+    # (keyword_only_inputs: keep_packed; the backward's forward keeps no packed forms)
     x, h0, c0, params, *config = inputs
     ctx.config = config
     ctx.has_h0, ctx.has_c0 = h0 is not None, c0 is not None

@@ -627,7 +627,8 @@ class _FusedMixin:
         if as_op:
             y, hn, cn = _torch.ops.fusedrnn.rnn_stack(
                 x, h0, c0, params, spec.cell, spec.input_size, spec.hidden_size, spec.num_layers,
-                spec.bias, spec.bidirectional, spec.proj_size, spec.linear_before_reset)
+                spec.bias, spec.bidirectional, spec.proj_size, spec.linear_before_reset,
+                keep_packed=keep_packed)
             return self._shaped_outputs(y, hn, cn if lstm else None, spec, unbatched)
         _refuse_forward_ad(tensors)
         tracked = _torch.is_grad_enabled() and any(t is not None and t.requires_grad

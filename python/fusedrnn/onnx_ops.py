@@ -149,7 +149,7 @@ def run_node(node, inputs, isa=None):
 
 
 def _functions(activations, alphas, betas, default):
-    """[(name, alpha, beta)] for the node's activations (``default`` when None)."""
+    """[(name, alpha, beta)] for the node's activations (``default`` when None or empty)."""
     if isinstance(activations, (str, bytes)):
         raise TypeError(f"activations must be a list of function names, got the string "
                         f"{_text(activations)!r}")

@@ -1132,6 +1132,27 @@ def test_padding_keeps_non_finite_gradients_where_torch_has_them(rng, isa, rever
 
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("lbr", [True, False], ids=["lbr", "nolbr"])
+def test_an_infinite_dh_makes_the_grus_gate_gradients_nan_as_torchs(isa, dtype, lbr):
+    """The GRU's d n = dh (1 - z) is dh - dh z, as torch's autograd takes it from h' = n + z (h -
+    n): where dh is infinite it is NaN, and so are d r and every element of that row's dx, as in
+    torch.nn (dh * (1 - z) kept +-inf, and dx had +-inf wherever the gates' infinities, through
+    W_ih, shared a sign)."""
+    # (seed 11: there dh * (1 - z) gave dx[2, 0] some -inf, in both GRU variants)
+    case = make_case(np.random.default_rng(11), "gru", T=4, B=2, I=3, H=4)
+    case["dy"] = case["dy"].copy()
+    case["dy"][2, 0, 1] = np.inf
+    with np.errstate(invalid="ignore", over="ignore"):  # (the infinity is the case)
+        _, want = run_reference(case, linear_before_reset=lbr)
+    _, got = run_kernels(case, dtype, isa, linear_before_reset=lbr)
+    assert np.isnan(got["dx"][2, 0]).all() and np.isfinite(got["dx"][3]).all()
+    for name, r in want.items():
+        np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(r), err_msg=f"{name} NaN")
+        np.testing.assert_array_equal(np.isinf(got[name]), np.isinf(r), err_msg=f"{name} inf")
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("cell,lbr", [("rnn_tanh", True), ("lstm", True), ("gru", True),
                                       ("gru", False)])
 @pytest.mark.parametrize("reverse", [False, True])

@@ -8,7 +8,8 @@ import pytest
 import fusedrnn
 from fusedrnn import _C, functional, reference
 from fusedrnn.tolerances import (GEMM_PER_TERM, GRU_STEP_GRADIENT_FLOAT32,
-                                  LONG_SUM_GRADIENT_FLOAT32, assert_close, max_scaled_error)
+                                  LONG_SUM_GRADIENT_FLOAT32, STEP_PRODUCT_GRADIENT_FLOAT32,
+                                  assert_close, max_scaled_error)
 
 from _kernel_cases import (VARIANTS, assert_matches, make_case, run_kernels, run_reference,
                            variant_id)
@@ -50,6 +51,19 @@ def test_gru_state_gradient_keeps_float32_accuracy(isa, linear_before_reset, see
     _, got = run_kernels(case, np.float32, isa, linear_before_reset=linear_before_reset)
     err = max_scaled_error(got["dh0"], want["dh0"])
     assert err <= GRU_STEP_GRADIENT_FLOAT32, f"dh0: {err:.2g}"
+
+
+# The Elman RNN's and LSTM's per-step d h_prev = dG W_hh over G*H = 2048-4096 rows of W_hh: each
+# K block of the GEMM summed from zero and added after (backward.h, dg_blocks_apart).
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cell,H", [("lstm", 1024), ("rnn_tanh", 2048)])
+@pytest.mark.parametrize("seed", range(3))
+def test_state_gradient_of_a_wide_layer_keeps_float32_accuracy(isa, cell, H, seed):
+    case = make_case(np.random.default_rng(seed), cell, T=1, B=8, I=8, H=H)
+    _, want = run_reference(case)
+    _, got = run_kernels(case, np.float32, isa)
+    err = max_scaled_error(got["dh0"], want["dh0"])
+    assert err <= STEP_PRODUCT_GRADIENT_FLOAT32, f"dh0: {err:.2g}"
 
 
 # The input projection inside each step (projection_mode.h, in_step_projection): batches from 8 rows

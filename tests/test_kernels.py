@@ -8,7 +8,8 @@ import pytest
 import fusedrnn
 from fusedrnn import _C, functional, reference
 from fusedrnn.tolerances import (GEMM_PER_TERM, GRU_STEP_GRADIENT_FLOAT32,
-                                  LONG_SUM_GRADIENT_FLOAT32, assert_close, max_scaled_error)
+                                  LONG_SUM_GRADIENT_FLOAT32, STEP_PRODUCT_GRADIENT_FLOAT32,
+                                  assert_close, max_scaled_error)
 
 from _kernel_cases import (VARIANTS, assert_matches, make_case, run_kernels, run_reference,
                            variant_id)
@@ -50,6 +51,19 @@ def test_gru_state_gradient_keeps_float32_accuracy(isa, linear_before_reset, see
     _, got = run_kernels(case, np.float32, isa, linear_before_reset=linear_before_reset)
     err = max_scaled_error(got["dh0"], want["dh0"])
     assert err <= GRU_STEP_GRADIENT_FLOAT32, f"dh0: {err:.2g}"
+
+
+# The Elman RNN's and LSTM's per-step d h_prev = dG W_hh over G*H = 2048-4096 rows of W_hh: each
+# K block of the GEMM summed from zero and added after (backward.h, dg_blocks_apart).
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cell,H", [("lstm", 1024), ("rnn_tanh", 2048)])
+@pytest.mark.parametrize("seed", range(3))
+def test_state_gradient_of_a_wide_layer_keeps_float32_accuracy(isa, cell, H, seed):
+    case = make_case(np.random.default_rng(seed), cell, T=1, B=8, I=8, H=H)
+    _, want = run_reference(case)
+    _, got = run_kernels(case, np.float32, isa)
+    err = max_scaled_error(got["dh0"], want["dh0"])
+    assert err <= STEP_PRODUCT_GRADIENT_FLOAT32, f"dh0: {err:.2g}"
 
 
 # The input projection inside each step (projection_mode.h, in_step_projection): batches from 8 rows
@@ -1129,6 +1143,27 @@ def test_padding_keeps_non_finite_gradients_where_torch_has_them(rng, isa, rever
     got, want = both(case["w"], dhn)
     assert np.isinf(want[3]["weight_hr"]).any()
     assert_same_pattern(got[3]["weight_hr"], want[3]["weight_hr"], "weight_hr")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("lbr", [True, False], ids=["lbr", "nolbr"])
+def test_an_infinite_dh_makes_the_grus_gate_gradients_nan_as_torchs(isa, dtype, lbr):
+    """The GRU's d n = dh (1 - z) is dh - dh z, as torch's autograd takes it from h' = n + z (h -
+    n): where dh is infinite it is NaN, and so are d r and every element of that row's dx, as in
+    torch.nn (dh * (1 - z) kept +-inf, and dx had +-inf wherever the gates' infinities, through
+    W_ih, shared a sign)."""
+    # (seed 11: there dh * (1 - z) gave dx[2, 0] some -inf, in both GRU variants)
+    case = make_case(np.random.default_rng(11), "gru", T=4, B=2, I=3, H=4)
+    case["dy"] = case["dy"].copy()
+    case["dy"][2, 0, 1] = np.inf
+    with np.errstate(invalid="ignore", over="ignore"):  # (the infinity is the case)
+        _, want = run_reference(case, linear_before_reset=lbr)
+    _, got = run_kernels(case, dtype, isa, linear_before_reset=lbr)
+    assert np.isnan(got["dx"][2, 0]).all() and np.isfinite(got["dx"][3]).all()
+    for name, r in want.items():
+        np.testing.assert_array_equal(np.isnan(got[name]), np.isnan(r), err_msg=f"{name} NaN")
+        np.testing.assert_array_equal(np.isinf(got[name]), np.isinf(r), err_msg=f"{name} inf")
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -215,6 +215,48 @@ def test_layer_matches_torch(case):
     compare(got, want, case.dtype)
 
 
+def assert_same_nonfinite_and_close(got, want, dtype, what):
+    """NaN and +-inf at the same elements as ``want``, the finite elements within tolerance."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want), err_msg=f"{what}: NaN")
+    np.testing.assert_array_equal(np.where(np.isinf(got), got, 0), np.where(np.isinf(want), want, 0),
+                                  err_msg=f"{what}: inf")
+    finite = np.isfinite(want)
+    assert_close(np.where(finite, got, 0), np.where(finite, want, 0), dtype, "gradient", what)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("layout", ["plain", "bi-lengths"])
+@pytest.mark.parametrize("where", ["dy", "dhn"])
+@pytest.mark.parametrize("cell", CELLS)
+def test_infinite_upstream_gradients_give_torchs_nan_and_inf(cell, where, layout, dtype):
+    """Infinities in dy or dhn reach every gradient as NaN or +-inf where torch.nn's autograd puts
+    them. The GRU's d n = dh (1 - z) is dh - dh z, as autograd takes it from h' = n + z (h - n):
+    NaN for an infinite dh (dh * (1 - z), as before, kept +-inf: dx had -inf where torch.nn has
+    NaN)."""
+    bi = layout == "bi-lengths"
+    case = Case(cell=cell, dtype=dtype, T=6, B=3, I=4, H=5, L=1, bidirectional=bi,
+                batch_first=False, bias=True, proj=0, lengths=bi, hx=True, seed=11)
+    m = torch_module(case)
+    d = make_data(case)
+    if where == "dy":
+        d["dy"][3, 0, 1], d["dy"][1, 2, 3], d["dy"][4, 1, 0] = np.inf, -np.inf, np.inf
+        if bi:
+            d["dy"][np.arange(case.T)[:, None] >= d["lengths"][None, :]] = 0  # padding
+    else:
+        d["dhn"][0, 2, 0], d["dhn"][-1, 1, 4], d["dhn"][0, 0, 2] = np.inf, -np.inf, np.inf
+    want = run_torch(m, case, d)
+    layer = our_layer(case)
+    layer.load_state_dict(m.state_dict())
+    got = run_ours(case, d, layer)
+    assert not all(np.isfinite(g).all() for g in want["grads"].values())  # they reach them
+    for key in ("dx", "dh0", "dc0"):
+        if want[key] is not None:
+            assert_same_nonfinite_and_close(got[key], want[key], case.dtype, key)
+    for name, g in want["grads"].items():
+        assert_same_nonfinite_and_close(got["grads"][name], g, case.dtype, name)
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_unbatched_matches_torch(cell):
     case = Case(cell=cell, dtype="float64", T=4, B=1, I=3, H=5, L=2, bidirectional=True,

@@ -167,7 +167,10 @@ inline void gru_backward_row(const RowBackward<T>& r) {
     const int n = r.nu - j;
     V rg = ld(r.gates + j, n), z = ld(r.gates + H + j, n), nn = ld(r.gates + 2 * H + j, n);
     V dh = ld(r.dh + j, n), hp = ld(r.h_prev + j, n);
-    V dn = dh * (one_ - z) * V::fnma(nn, nn, one_);
+    // d n = dh (1 - z) as dh - dh z in one FMA: torch's autograd takes it so from h' = n + z (h -
+    // n) (dh + -(dh z)), so an infinite dh gives NaN here as in torch.nn (dh * (1 - z) gave +-inf
+    // and dx's rows NaN elsewhere), and it rounds once where dh * (1 - z) rounded 1 - z too.
+    V dn = V::fnma(dh, z, dh) * V::fnma(nn, nn, one_);
     V dz = dh * (hp - nn) * z * (one_ - z);
     V dr = dn * ld(r.extra + j, n) * rg * (one_ - rg);
     st_gates(r.dgx + j, H, n, dr, dz, dn);
@@ -217,7 +220,7 @@ inline void gru_reset_backward_row1(const RowBackward<T>& r) {
     const int n = r.nu - j;
     V z = ld(r.gates + H + j, n), nn = ld(r.gates + 2 * H + j, n);
     V dh = ld(r.dh + j, n), hp = ld(r.h_prev + j, n);
-    V dn = dh * (one_ - z) * V::fnma(nn, nn, one_);
+    V dn = V::fnma(dh, z, dh) * V::fnma(nn, nn, one_);  // dh (1 - z): see gru_backward_row
     V dz = dh * (hp - nn) * z * (one_ - z);
     st(r.dgx + H + j, dz, n);
     st(r.dgx + 2 * H + j, dn, n);

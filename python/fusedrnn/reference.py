@@ -136,7 +136,8 @@ def _gru_step_forward(x, h, c, p):
 def _gru_step_backward(dh_new, dc_new, s, p, g):
     H = p["H"]
     h, r, z, n = s["h"], s["r"], s["z"], s["n"]
-    dn = dh_new * (1 - z)
+    # dh (1 - z) as torch's autograd takes it from h' = n + z (h - n): NaN for an infinite dh
+    dn = dh_new - dh_new * z
     dz = dh_new * (h - n)
     dh_direct = dh_new * z
     da_n = dn * (1 - n ** 2)                      # gradient w.r.t. n's pre-activation

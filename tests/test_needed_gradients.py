@@ -128,6 +128,7 @@ SCENARIOS = {
                               [(True, False)] * 4),
     "one_direction_frozen": (False, ("_l1_reverse",), [(True, True), (True, False)]
                              + [(False, True)] * 2),
+    "one_direction_trained": (False, ("_l0", "_l0_reverse", "_l1_reverse"), [(False, True)]),
 }
 
 

@@ -323,7 +323,8 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
     What the caller needs, as torch's autograd knows it: ``need_dx``, ``need_dh0`` (dh0 and
     dc0), ``weight_grads`` (None: every parameter's; else the names of those needed). A layer
     direction whose parameters are none of them skips its weight products, layer 0 skips dx's
-    without need_dx, and the layers below the lowest one that needs anything are not run.
+    without need_dx, a direction that gives none of them is not run, nor are the layers below
+    the lowest one that needs anything.
 
     dy (T, B, D*H_out); dhn (L*D, B, H_out) or None; dcn (L*D, B, H) or None. Returns
     dx (T, B, I) (None without need_dx), dh0 (L*D, B, H_out), dc0 (L*D, B, H) or None (both
@@ -353,7 +354,10 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
         if saved.masks[k] is not None:
             d_out = d_out * saved.masks[k]
         dx = None
+        dx_needed = runs[k - 1] if k else need_dx
         for d in range(D):
+            if not (dx_needed or need_dh0 or weights_needed(k, d)):
+                continue  # (a frozen direction above frozen layers)
             i = k * D + d
             dy_d = d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out]
             names = dict(zip(_PARAM_KEYS, spec.layer_param_names(k, d)))
@@ -365,8 +369,7 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
                                          None if dhn is None else dhn[i],
                                          None if dcn is None else dcn[i], consume=consume,
                                          grads_into=into, add_into=add_into, weights=weights,
-                                         need_dx=runs[k - 1] if k else need_dx,
-                                         need_weight_grads=weights_needed(k, d))
+                                         need_dx=dx_needed, need_weight_grads=weights_needed(k, d))
             if need_dh0:
                 dh0[i] = dh
                 if lstm:

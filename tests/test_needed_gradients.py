@@ -8,14 +8,14 @@ import pytest
 import fusedrnn
 from fusedrnn import _C, functional
 
-from _kernel_cases import VARIANTS, make_case, variant_id
+from _kernel_cases import VARIANTS, _cast, make_case, variant_id
 
 ISAS = list(_C.available_isas())
 
 
 def _forward(case, dtype, isa, lbr):
-    w = {k: None if v is None else v.astype(dtype) for k, v in case["w"].items()}
-    c = lambda a: None if a is None else a.astype(dtype)  # noqa: E731
+    w = {k: _cast(v, dtype) for k, v in case["w"].items()}
+    c = lambda a: _cast(a, dtype)  # noqa: E731
     _, _, _, ctx = functional.forward(case["cell"], c(case["x"]), c(case["h0"]), c(case["c0"]),
                                       w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"], w["w_hr"],
                                       case["lengths"], linear_before_reset=lbr, isa=isa)

@@ -8,8 +8,8 @@ import pytest
 import fusedrnn
 from fusedrnn import _C, functional, reference
 from fusedrnn.tolerances import (GEMM_PER_TERM, GRU_STEP_GRADIENT_FLOAT32,
-                                  LONG_SUM_GRADIENT_FLOAT32, STEP_PRODUCT_GRADIENT_FLOAT32,
-                                  assert_close, max_scaled_error)
+                                  LONG_SUM_GRADIENT_FLOAT32, SMALL_INPUT_FORWARD_FLOAT32,
+                                  STEP_PRODUCT_GRADIENT_FLOAT32, assert_close, max_scaled_error)
 
 from _kernel_cases import (VARIANTS, assert_matches, make_case, run_kernels, run_reference,
                            variant_id)
@@ -64,6 +64,31 @@ def test_state_gradient_of_a_wide_layer_keeps_float32_accuracy(isa, cell, H, see
     _, got = run_kernels(case, np.float32, isa)
     err = max_scaled_error(got["dh0"], want["dh0"])
     assert err <= STEP_PRODUCT_GRADIENT_FLOAT32, f"dh0: {err:.2g}"
+
+
+# Inputs small beside the biases: each gate's I products summed from zero and the bias added
+# after (micro_kernel's bias), not one chain from the bias. One step from h0 = 0, so the output
+# is the projection through the cell; the case is rounded to float32 first, so the reference
+# meets the same numbers. 1 row rides or runs one GEMM, 3 rows a GEMM tile that splits k, 9 and
+# 16 rows the in-step projection; H = 33 a partial unit block; I = 1000 > the GEMM's K block.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("B,H", [(1, 40), (3, 40), (9, 33), (16, 40)])
+@pytest.mark.parametrize("seed", range(2))
+def test_small_inputs_beside_the_bias_keep_float32_accuracy(isa, cell, B, H, seed):
+    rng = np.random.default_rng(seed)
+    case = make_case(rng, cell, T=1, B=B, I=1000, H=H, h0_zero=True)
+    w = case["w"]
+    w["b_ih"] = rng.uniform(0.1, 0.3, w["b_ih"].shape) * rng.choice([-1, 1], w["b_ih"].shape)
+    case["x"] = 1e-4 * case["x"]
+    for key, value in [*w.items(), *case.items()]:
+        if isinstance(value, np.ndarray) and value.dtype == np.float64:
+            (w if key in w else case)[key] = value.astype(np.float32).astype(np.float64)
+    want, _ = run_reference(case)
+    got, _ = run_kernels(case, np.float32, isa)
+    for name in want:
+        err = max_scaled_error(got[name], want[name])
+        assert err <= SMALL_INPUT_FORWARD_FLOAT32, f"{name}: {err:.2g}"
 
 
 # The input projection inside each step (projection_mode.h, in_step_projection): batches from 8 rows

@@ -174,10 +174,8 @@ void pack_a_blocked(int64_t mc, int64_t kc, const T* A, int64_t a_rs, T* out) {
 
 // One MR x NR tile of C from A (in the given AForm: rows lda apart, or packed) and a
 // packed B panel slice; n_valid < NR goes through a small tile so C is never written past
-// column N (the chain still starts from C). With `bias` (n_valid values) and !accumulate, the
-// chain starts from the bias instead of zero, which saves a pass over C afterwards; full tiles
-// load it straight into the accumulators (writing it into C first, to load it back, was 6% of
-// the 800x1024x256 input projection of the stacked LSTM: 109 -> 103 GFLOP/s).
+// column N (the chain still starts from C). `bias` (n_valid values, or null) is added to each
+// element once its chain is done (micro_kernel's), in the registers for full tiles: no pass over C.
 // apart (with accumulate, no bias): this K block's sum starts from zero and is then added to
 // C, instead of continuing C's chain (see gemm_packed's k_blocks_apart).
 template <typename T, AForm Form>
@@ -200,23 +198,13 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
     }
     return;
   }
-  T* dst = full ? c : tmp;
-  const int64_t ldd = full ? ldc : NR;
-  const T* bias_in_kernel = nullptr;
-  if (bias && !accumulate && full) {
-    bias_in_kernel = bias;  // the micro-kernel starts its chains from it: no pass over C
-  } else if (bias && !accumulate) {
-    for (int r = 0; r < m; ++r)
-      for (int j = 0; j < n_valid; ++j) dst[r * ldd + j] = bias[j];
-    accumulate = true;
-  } else if (accumulate && !full) {
+  if (full) return micro_kernel<T, Form>(m, K, a, lda, b, c, ldc, accumulate, bias, split_k);
+  if (accumulate)
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < n_valid; ++j) tmp[r * NR + j] = c[r * ldc + j];
-  }
-  micro_kernel<T, Form>(m, K, a, lda, b, dst, ldd, accumulate, bias_in_kernel, split_k);
-  if (!full)
-    for (int r = 0; r < m; ++r)
-      for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = tmp[r * NR + j];
+  micro_kernel<T, Form>(m, K, a, lda, b, tmp, NR, accumulate, nullptr, split_k);
+  for (int r = 0; r < m; ++r)
+    for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = bias ? tmp[r * NR + j] + bias[j] : tmp[r * NR + j];
 }
 
 // The calling thread's buffer for packed A blocks (MC x KC), allocated on its first GEMM and kept:
@@ -246,7 +234,9 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = imin(KC, K - k0);
     const bool acc = accumulate || k0 > 0;
-    const T* bias_k = k0 == 0 ? bias : nullptr;
+    // The bias after the last K block: a chain over all of K, then the bias, whatever KC is
+    // (the riding tiles of forward.h make such chains and must give the same bits).
+    const T* bias_k = k0 + kc == K ? bias : nullptr;
     const T* a_block = A + m0 * a_rs + k0 * a_cs;
     // Rows of A contiguous: the Blocked form, whole-vector copies (pack_a's panels cost 3.4% of
     // the online-small LSTM's 100x512x128 input projection, written element by element).

@@ -33,7 +33,7 @@ template <typename T> struct Tile {
 // 2 pipes: 8 chains needed), so small M splits k over KS partial sums, added at the end. The
 // order depends only on M, never on threads, so results stay bitwise reproducible.
 template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 3 ? 2 : 1; };
-// Split = false keeps one chain per element for any M, k in order from the bias or zero: the
+// Split = false keeps one chain per element for any M, k in order from zero (then the bias): the
 // input projection, whose rows a single-row step team gets from one GEMM and a lone thread from
 // the riding tiles (forward.h), must give the same bits either way.
 
@@ -47,7 +47,9 @@ template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 
 //           is an immediate offset from one address, like the Panel form.
 enum class AForm { Rows, Panel, Blocked };
 
-// bias (NR values, only when !accumulate): every row's chain starts from it instead of zero.
+// bias (NR values, or null): added to every row's sum once its chain is done, as a BLAS adds C
+// to A B: a chain started from the bias rounds each of its terms at the bias's scale, which lost
+// up to 20x torch's accuracy where the inputs are small beside the bias.
 // Prefetch: whether B's panel is prefetched ahead (micro_kernel_rows below chooses).
 template <typename T, int M, AForm Form, bool Split, bool Prefetch>
 inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, const T* b, T* c,
@@ -63,10 +65,7 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
   for (int s = 0; s < KS; ++s)
     for (int r = 0; r < M; ++r)
       for (int v = 0; v < NV; ++v)
-        acc[s][r][v] = s > 0         ? V::zero()
-                       : accumulate  ? V::load(c + r * ldc + v * V::W)
-                       : bias        ? V::load(bias + v * V::W)
-                                     : V::zero();
+        acc[s][r][v] = s == 0 && accumulate ? V::load(c + r * ldc + v * V::W) : V::zero();
   // A(r, k): packed, one base pointer and immediate offsets r (M row pointers would not fit the
   // general registers with the loop's own: 12 rows on AVX-512 spilled a counter to the stack).
   const T* arow[M];
@@ -140,6 +139,9 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
   for (int s = 1; s < KS; ++s)
     for (int r = 0; r < M; ++r)
       for (int v = 0; v < NV; ++v) acc[0][r][v] = V::add(acc[0][r][v], acc[s][r][v]);
+  if (bias)
+    for (int r = 0; r < M; ++r)
+      for (int v = 0; v < NV; ++v) acc[0][r][v] = V::add(acc[0][r][v], V::load(bias + v * V::W));
   for (int r = 0; r < M; ++r)
     for (int v = 0; v < NV; ++v) acc[0][r][v].store(c + r * ldc + v * V::W);
 }
@@ -155,10 +157,10 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
     micro_kernel_rows_prefetching<T, M, Form, Split, false>(K, a, lda, b, c, ldc, accumulate, bias);
 }
 
-// A tile of a product riding along micro_kernel_row_gates: out(r, n) = bias(n) + sum over
-// k < K of x[r*ldx + k] * w[k*NR + n] for r < kRows and kVectors vectors of n (row stride ld_out;
-// bias null: from zero): one FMA chain per element from the bias, k in order, as a micro_kernel
-// of 4 rows or more makes it. On AVX-512, 8 rows one vector wide: each panel line it loads
+// A tile of a product riding along micro_kernel_row_gates: out(r, n) = sum over k < K of
+// x[r*ldx + k] * w[k*NR + n], plus bias(n) unless it is null, for r < kRows and kVectors vectors
+// of n (row stride ld_out): one FMA chain per element from zero, k in order, then the bias, as a
+// micro_kernel of 4 rows or more makes it. On AVX-512, 8 rows one vector wide: each panel line it loads
 // serves twice the rows of a 4 x NR tile, in as many registers (online-small LSTM 0.358 ->
 // 0.345 ms); with 16 registers, 4 rows two vectors wide: half the broadcasts a k-step (AVX2,
 // online-small GRU: 0.309 ms against 0.345).
@@ -215,7 +217,7 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
   if (ride) {
     const RideTile<T>& q = *ride;
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < RV; ++v) racc[r][v] = q.bias ? V::load(q.bias + v * V::W) : V::zero();
+      for (int v = 0; v < RV; ++v) racc[r][v] = V::zero();
     auto tile_step = [&](int64_t kt) {
       V bv[RV];
       for (int v = 0; v < RV; ++v) bv[v] = V::load(q.w + kt * NR + v * V::W);
@@ -232,7 +234,9 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
     }
     for (int64_t kt = both; kt < q.K; ++kt) tile_step(kt);
     for (int r = 0; r < R; ++r)
-      for (int v = 0; v < RV; ++v) racc[r][v].store(q.out + r * q.ld_out + v * V::W);
+      for (int v = 0; v < RV; ++v)
+        (q.bias ? V::add(racc[r][v], V::load(q.bias + v * V::W)) : racc[r][v])
+            .store(q.out + r * q.ld_out + v * V::W);
   }
 #pragma GCC unroll 4
   for (; k < K; ++k) row_step(k);
@@ -245,7 +249,7 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
 // a tile of 4 rows keeps only 8 chains on one panel, the least that hides the FMA latency on
 // two pipes, and its B lines serve 4 rows where a full tile's serve 12; with two panels the
 // chains double and each broadcast serves both. The chains are micro_kernel_rows' for M >= 4
-// (KS = 1: from the bias or zero, k in order), so the results are the same bits.
+// (KS = 1: from zero, k in order, then the bias), so the results are the same bits.
 template <typename T, int M, int P>
 constexpr bool panels_fit() {
   return M >= 4 && P * M * Tile<T>::NV + P * Tile<T>::NV + 1 <= Tile<T>::REGS;
@@ -264,7 +268,7 @@ inline void micro_kernel_panels(int64_t K, const T* a, const T* b, int64_t panel
   for (int p = 0; p < P; ++p)
     for (int r = 0; r < M; ++r)
       for (int v = 0; v < NV; ++v)
-        acc[p][r][v] = bias ? V::load(bias + p * bias_panel_stride + v * V::W) : V::zero();
+        acc[p][r][v] = V::zero();
   auto k_step = [&](int64_t k, auto a_of_row) {
     V bv[P][NV];
     for (int p = 0; p < P; ++p)
@@ -284,7 +288,9 @@ inline void micro_kernel_panels(int64_t K, const T* a, const T* b, int64_t panel
   for (; k < K; ++k) k_step(k, [&](int r) { return a[(k / W) * (W * MR) + r * W + k % W]; });
   for (int p = 0; p < P; ++p)
     for (int r = 0; r < M; ++r)
-      for (int v = 0; v < NV; ++v) acc[p][r][v].store(c + p * c_panel_stride + r * ldc + v * V::W);
+      for (int v = 0; v < NV; ++v)
+        (bias ? V::add(acc[p][r][v], V::load(bias + p * bias_panel_stride + v * V::W)) : acc[p][r][v])
+            .store(c + p * c_panel_stride + r * ldc + v * V::W);
 }
 
 // M rows, k split as KSplit says, or not at all without split_k.

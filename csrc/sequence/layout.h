@@ -148,8 +148,8 @@ CachedPanels<T> input_weights_packed(const LayerShape& s, const T* w_ih, int nth
 }
 
 // Rows [r0, r1) of Gx = X W_ih^T + bias on the FMA kernels, from W_ih packed by
-// input_weights_packed and the folded bias (or null): one chain per element from the bias, k in
-// order (no k-split), so any run of rows on any threads gives the whole product's bits.
+// input_weights_packed and the folded bias (or null): one chain per element from zero, k in
+// order (no k-split), then the bias, so any run of rows on any threads gives the whole product's bits.
 template <typename T>
 void input_projection_rows(const LayerShape& s, const T* x, const T* w_packed, const T* bias,
                            T* gx, int64_t ld_gx, int64_t r0, int64_t r1, int nthreads) {
@@ -168,7 +168,8 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
   const int64_t G = gates_of(s.cell), GH = G * s.H, M = s.T * s.B;
   Scratch<T> bias(s.has_bias ? GH : 0);
   if (s.has_bias) folded_bias(s, b_ih, b_hh, bias.p, s.H);
-  // The bias rides in the GEMM: each gate chain starts from it (with I = 0, Gx is the bias).
+  // The bias rides in the GEMM: added to each gate's chain in the registers (with I = 0, Gx is
+  // the bias).
   // On tiles W_ih is split as it lies, with no float32 packed copy to keep.
   const bool w_splits = amx_ok && amx_gemm_shape<T>(M, GH, s.I) &&
                         weight_splits<T>(w_ih, GH, s.I, nthreads, reuse);

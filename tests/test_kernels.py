@@ -8,7 +8,8 @@ import pytest
 import fusedrnn
 from fusedrnn import _C, functional, reference
 from fusedrnn.tolerances import (GEMM_PER_TERM, GRU_STEP_GRADIENT_FLOAT32,
-                                  LONG_SUM_GRADIENT_FLOAT32, SMALL_INPUT_FORWARD_FLOAT32,
+                                  LONG_PRODUCT_FORWARD_FLOAT32, LONG_SUM_GRADIENT_FLOAT32,
+                                  SMALL_INPUT_FORWARD_FLOAT32,
                                   STEP_PRODUCT_GRADIENT_FLOAT32, assert_close, max_scaled_error)
 
 from _kernel_cases import (VARIANTS, assert_matches, make_case, run_kernels, run_reference,
@@ -66,6 +67,13 @@ def test_state_gradient_of_a_wide_layer_keeps_float32_accuracy(isa, cell, H, see
     assert err <= STEP_PRODUCT_GRADIENT_FLOAT32, f"dh0: {err:.2g}"
 
 
+def rounded_to_float32(case):
+    """The case's float64 arrays rounded to float32 values, so the reference meets the kernels'
+    numbers and only their arithmetic differs."""
+    r = lambda a: a.astype(np.float32).astype(np.float64) if isinstance(a, np.ndarray) else a
+    return {**{k: r(v) for k, v in case.items()}, "w": {k: r(v) for k, v in case["w"].items()}}
+
+
 # Inputs small beside the biases: each gate's I products summed from zero and the bias added
 # after (micro_kernel's bias), not one chain from the bias. One step from h0 = 0, so the output
 # is the projection through the cell; the case is rounded to float32 first, so the reference
@@ -81,14 +89,29 @@ def test_small_inputs_beside_the_bias_keep_float32_accuracy(isa, cell, B, H, see
     w = case["w"]
     w["b_ih"] = rng.uniform(0.1, 0.3, w["b_ih"].shape) * rng.choice([-1, 1], w["b_ih"].shape)
     case["x"] = 1e-4 * case["x"]
-    for key, value in [*w.items(), *case.items()]:
-        if isinstance(value, np.ndarray) and value.dtype == np.float64:
-            (w if key in w else case)[key] = value.astype(np.float32).astype(np.float64)
+    case = rounded_to_float32(case)
     want, _ = run_reference(case)
     got, _ = run_kernels(case, np.float32, isa)
     for name in want:
         err = max_scaled_error(got[name], want[name])
         assert err <= SMALL_INPUT_FORWARD_FLOAT32, f"{name}: {err:.2g}"
+
+
+# Products over a long k: the input projection (I = 2048) and the step's (H = 1024-2048), summed
+# in blocks of kSumBlock (microkernel.h), each from zero and added after. Relu RNN, so no
+# activation's slope hides the sums' error.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("B,I,H", [(1, 2048, 40), (5, 2048, 40), (16, 2048, 33), (8, 16, 1024),
+                                   (2, 16, 2048), (4, 16, 1024)])
+@pytest.mark.parametrize("seed", range(2))
+def test_long_products_keep_float32_accuracy(isa, B, I, H, seed):
+    rng = np.random.default_rng(seed)
+    case = rounded_to_float32(make_case(rng, "rnn_relu", T=2, B=B, I=I, H=H))
+    want, _ = run_reference(case)
+    got, _ = run_kernels(case, np.float32, isa)
+    for name in want:
+        err = max_scaled_error(got[name], want[name])
+        assert err <= LONG_PRODUCT_FORWARD_FLOAT32, f"{name}: {err:.2g}"
 
 
 # The input projection inside each step (projection_mode.h, in_step_projection): batches from 8 rows
@@ -167,10 +190,11 @@ def rides(isa, dtype, variant, I, H):
                               dtype == np.float64, isa=isa) == "rides"
 
 
-# (the AVX2 LSTM does not ride: see test_input_projection_riding_along)
+# (the AVX2 LSTM does not ride: see test_input_projection_riding_along). I = 260 and H = 200 sum
+# the ride's and the row's k in several blocks (microkernel.h, kSumBlock), and pass AVX2's K block.
 RIDING_WAYS = [(isa, dtype, variant, T, I, H)
                for isa, dtype, variant, (T, I, H) in itertools.product(
-                   ISAS, DTYPES, RIDING, [(3, 5, 33), (9, 5, 70), (19, 6, 40)])
+                   ISAS, DTYPES, RIDING, [(3, 5, 33), (9, 5, 70), (19, 6, 40), (9, 260, 200)])
                if rides(isa, dtype, variant, I, H)]
 
 

@@ -32,6 +32,12 @@ template <typename T> struct Tile {
 // With few rows there are too few independent FMA chains to hide the FMA latency (4 cycles,
 // 2 pipes: 8 chains needed), so small M splits k over KS partial sums, added at the end. The
 // order depends only on M, never on threads, so results stay bitwise reproducible.
+// Every product sums k in blocks of kSumBlock terms: each block's chains start from zero and
+// its sum is added to C after, as a BLAS's K blocks are (torch.nn's GEMM sums blocks of 192):
+// one chain over K rounds each term at the running sum's scale, so its error grew with K (K =
+// 1024: twice torch's). A multiple of every KSplit, of a vector's lanes and of the GEMM's KC,
+// so the blocks fall at the same k whichever kernel, K block or thread computes a product.
+constexpr int64_t kSumBlock = 128;
 template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 3 ? 2 : 1; };
 // Split = false keeps one chain per element for any M, k in order from zero (then the bias): the
 // input projection, whose rows a single-row step team gets from one GEMM and a lone thread from
@@ -59,13 +65,10 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
   constexpr int NR = Tile<T>::NR;
   constexpr int MR = Tile<T>::MR;
   constexpr int KS = Split ? KSplit<M>::value : 1;
-  // Accumulating continues C's own chain (C + a0 b0 + a1 b1 ...), so splitting K into blocks
-  // gives the same bits as one pass when KS = 1.
+  // k in blocks of kSumBlock: each block's chains start from zero and the block's
+  // sum is added to C (or is C, for the first block of a product that does not accumulate),
+  // so the error grows with the block and the number of blocks, not with K.
   V acc[KS][M][NV];
-  for (int s = 0; s < KS; ++s)
-    for (int r = 0; r < M; ++r)
-      for (int v = 0; v < NV; ++v)
-        acc[s][r][v] = s == 0 && accumulate ? V::load(c + r * ldc + v * V::W) : V::zero();
   // A(r, k): packed, one base pointer and immediate offsets r (M row pointers would not fit the
   // general registers with the loop's own: 12 rows on AVX-512 spilled a counter to the stack).
   const T* arow[M];
@@ -76,74 +79,82 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
     else if constexpr (Form == AForm::Blocked) return a[(k / W) * (W * MR) + r * W + k % W];
     else return arow[r][k];
   };
-  // B streams from L2 (or L3: wide's 16 MB W_hh) in the recurrent step, since the gate panels
-  // of a unit block outgrow L1: on Intel cores (prefetch_b_panels) prefetch it 16 k-steps
-  // ahead, and unroll so the loop's own instructions stay out of the FMA pipes' way. 16 vs 4
-  // ahead: wide LSTM step-only min 816-925 vs 880-960 ms; 32 ahead was no better.
-  // A k-step of B is NR * sizeof(T) bytes: one 64-byte line on AVX2, two on AVX-512, and each
-  // is prefetched (the first alone: wide LSTM on AVX-512 832 ms, 714 ms on AVX2). Under 4 rows
-  // a k-step takes a few cycles, 16 of them are too close to hide anything, and the prefetches
-  // were a third of the load slots of the B = 1 step (long-seq LSTM, AVX-512).
-  constexpr int64_t PF = 16;
-  constexpr bool prefetch = Prefetch && M >= 4;
-  int64_t k = 0;
-  // Blocked A, whole vectors of k at a time: row r's next W values lie at one base + r * W + kk,
-  // all immediate offsets once the kk loop unrolls. The general loop below recomputed
-  // (k / W) * W * MR + r * W + k % W every k-step: 11 integer ops beside 20 vector ones, which
-  // held the AVX2 6 x 16 tile on Zen 3 to 80% of its FMA rate. Same k order, same bits.
-  // Unrolled 4 k-steps, not a whole vector's 16: unrolled 16, GCC kept the 24 accumulators of
-  // the AVX-512 tile in no fixed registers and copied them around (214 vmovaps beside 552 FMAs
-  // in the hot loop, perf annotate). In-process A/B, Zen 5, 1 thread, inference, 16 -> 4:
-  // stacked LSTM 3.646 -> 3.564 ms, GRU 2.831 -> 2.754, fastrnns LSTM 109.5 -> 107.0, GRU
-  // 86.7 -> 84.1, wide LSTM 241.2 -> 235.6, deepbench-train LSTM 115.3 -> 111.9 (every config
-  // and cell faster, 1-4%); training 1-3% faster, 2 threads wide LSTM 127.0 -> 121.5.
-  if constexpr (Form == AForm::Blocked && KS == 1) {
-    for (; k + W <= K; k += W) {
-      const T* ak = a + k * MR;  // k is a multiple of W
-#pragma GCC unroll 4
-      for (int kk = 0; kk < W; ++kk) {
-        if constexpr (prefetch)
-          for (int l = 0; l < Tile<T>::LINES; ++l)
-            __builtin_prefetch(reinterpret_cast<const char*>(b + (k + kk + PF) * NR) + 64 * l);
-        V bv[NV];
-        for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + kk) * NR + v * V::W);
-        for (int r = 0; r < M; ++r) {
-          V av = V::set1(ak[r * W + kk]);
-          for (int v = 0; v < NV; ++v) acc[0][r][v] = V::fma(av, bv[v], acc[0][r][v]);
+  for (int64_t k = 0, k_block = 0; k_block == 0 || k < K; k_block += kSumBlock) {
+    const int64_t k_end = imin(K, k_block + kSumBlock);
+    for (int s = 0; s < KS; ++s)
+      for (int r = 0; r < M; ++r)
+        for (int v = 0; v < NV; ++v) acc[s][r][v] = V::zero();
+    // B streams from L2 (or L3: wide's 16 MB W_hh) in the recurrent step, since the gate panels
+    // of a unit block outgrow L1: on Intel cores (prefetch_b_panels) prefetch it 16 k-steps
+    // ahead, and unroll so the loop's own instructions stay out of the FMA pipes' way. 16 vs 4
+    // ahead: wide LSTM step-only min 816-925 vs 880-960 ms; 32 ahead was no better.
+    // A k-step of B is NR * sizeof(T) bytes: one 64-byte line on AVX2, two on AVX-512, and each
+    // is prefetched (the first alone: wide LSTM on AVX-512 832 ms, 714 ms on AVX2). Under 4 rows
+    // a k-step takes a few cycles, 16 of them are too close to hide anything, and the prefetches
+    // were a third of the load slots of the B = 1 step (long-seq LSTM, AVX-512).
+    constexpr int64_t PF = 16;
+    constexpr bool prefetch = Prefetch && M >= 4;
+    // Blocked A, whole vectors of k at a time: row r's next W values lie at one base + r * W + kk,
+    // all immediate offsets once the kk loop unrolls. The general loop below recomputed
+    // (k / W) * W * MR + r * W + k % W every k-step: 11 integer ops beside 20 vector ones, which
+    // held the AVX2 6 x 16 tile on Zen 3 to 80% of its FMA rate. Same k order, same bits.
+    // Unrolled 4 k-steps, not a whole vector's 16: unrolled 16, GCC kept the 24 accumulators of
+    // the AVX-512 tile in no fixed registers and copied them around (214 vmovaps beside 552 FMAs
+    // in the hot loop, perf annotate). In-process A/B, Zen 5, 1 thread, inference, 16 -> 4:
+    // stacked LSTM 3.646 -> 3.564 ms, GRU 2.831 -> 2.754, fastrnns LSTM 109.5 -> 107.0, GRU
+    // 86.7 -> 84.1, wide LSTM 241.2 -> 235.6, deepbench-train LSTM 115.3 -> 111.9 (every config
+    // and cell faster, 1-4%); training 1-3% faster, 2 threads wide LSTM 127.0 -> 121.5.
+    if constexpr (Form == AForm::Blocked && KS == 1) {
+      for (; k + W <= k_end; k += W) {
+        const T* ak = a + k * MR;  // k is a multiple of W
+  #pragma GCC unroll 4
+        for (int kk = 0; kk < W; ++kk) {
+          if constexpr (prefetch)
+            for (int l = 0; l < Tile<T>::LINES; ++l)
+              __builtin_prefetch(reinterpret_cast<const char*>(b + (k + kk + PF) * NR) + 64 * l);
+          V bv[NV];
+          for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + kk) * NR + v * V::W);
+          for (int r = 0; r < M; ++r) {
+            V av = V::set1(ak[r * W + kk]);
+            for (int v = 0; v < NV; ++v) acc[0][r][v] = V::fma(av, bv[v], acc[0][r][v]);
+          }
         }
       }
     }
-  }
-#pragma GCC unroll 4
-  for (; k + KS <= K; k += KS) {
-    for (int s = 0; s < KS; ++s) {
-      if constexpr (prefetch)  // a few rows go through B faster than a prefetch helps: see above
-        for (int l = 0; l < Tile<T>::LINES; ++l)
-          __builtin_prefetch(reinterpret_cast<const char*>(b + (k + s + PF) * NR) + 64 * l);
-      V bv[NV];
-      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + s) * NR + v * V::W);
-      for (int r = 0; r < M; ++r) {
-        V av = V::set1(a_at(r, k + s));
-        for (int v = 0; v < NV; ++v) acc[s][r][v] = V::fma(av, bv[v], acc[s][r][v]);
+  #pragma GCC unroll 4
+    for (; k + KS <= k_end; k += KS) {
+      for (int s = 0; s < KS; ++s) {
+        if constexpr (prefetch)  // a few rows go through B faster than a prefetch helps: see above
+          for (int l = 0; l < Tile<T>::LINES; ++l)
+            __builtin_prefetch(reinterpret_cast<const char*>(b + (k + s + PF) * NR) + 64 * l);
+        V bv[NV];
+        for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + s) * NR + v * V::W);
+        for (int r = 0; r < M; ++r) {
+          V av = V::set1(a_at(r, k + s));
+          for (int v = 0; v < NV; ++v) acc[s][r][v] = V::fma(av, bv[v], acc[s][r][v]);
+        }
       }
     }
-  }
-  for (; k < K; ++k) {
-    V bv[NV];
-    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * NR + v * V::W);
-    for (int r = 0; r < M; ++r) {
-      V av = V::set1(a_at(r, k));
-      for (int v = 0; v < NV; ++v) acc[0][r][v] = V::fma(av, bv[v], acc[0][r][v]);
+    for (; k < k_end; ++k) {
+      V bv[NV];
+      for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * NR + v * V::W);
+      for (int r = 0; r < M; ++r) {
+        V av = V::set1(a_at(r, k));
+        for (int v = 0; v < NV; ++v) acc[0][r][v] = V::fma(av, bv[v], acc[0][r][v]);
+      }
     }
+    for (int s = 1; s < KS; ++s)
+      for (int r = 0; r < M; ++r)
+        for (int v = 0; v < NV; ++v) acc[0][r][v] = V::add(acc[0][r][v], acc[s][r][v]);
+    const bool onto_c = accumulate || k_block > 0;
+    const bool last = k_end == K;
+    for (int r = 0; r < M; ++r)
+      for (int v = 0; v < NV; ++v) {
+        V sum = onto_c ? V::add(V::load(c + r * ldc + v * V::W), acc[0][r][v]) : acc[0][r][v];
+        if (last && bias) sum = V::add(sum, V::load(bias + v * V::W));
+        sum.store(c + r * ldc + v * V::W);
+      }
   }
-  for (int s = 1; s < KS; ++s)
-    for (int r = 0; r < M; ++r)
-      for (int v = 0; v < NV; ++v) acc[0][r][v] = V::add(acc[0][r][v], acc[s][r][v]);
-  if (bias)
-    for (int r = 0; r < M; ++r)
-      for (int v = 0; v < NV; ++v) acc[0][r][v] = V::add(acc[0][r][v], V::load(bias + v * V::W));
-  for (int r = 0; r < M; ++r)
-    for (int v = 0; v < NV; ++v) acc[0][r][v].store(c + r * ldc + v * V::W);
 }
 
 // The kernel with B's prefetch where this CPU gains from it (prefetch_b_panels). A template
@@ -192,7 +203,7 @@ constexpr bool ride_fits() {
 // independent chains (8 for the LSTM) hide the FMA latency without splitting k, and each k-step
 // broadcasts its A value once for every gate (the B = 1 step; micro_kernel_rows<1> per gate
 // paid its set-up and k-split sums each time: long-seq LSTM, 1 thread, 1.106 -> 1.045 ms).
-// c: gate g's NR values at c + g * NR. One FMA chain per element, k in order.
+// c: gate g's NR values at c + g * NR. One FMA chain per element and k block, k in order.
 // With `ride`, that tile's k-steps share the loop: the row streams its panels from L2 with the
 // FMA pipes mostly idle, and the tile's FMAs, on one small panel, fill them (B = 1: the input
 // projection of later steps; see forward.h, projection_rides). Its chains are RideTile's.
@@ -213,6 +224,16 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
       for (int v = 0; v < NV; ++v)
         acc[g][v] = V::fma(av, V::load(b + g * panel_stride + k * NR + v * V::W), acc[g][v]);
   };
+  // Each kSumBlock of k apart: at a block's end the row's sums go to c (the first block's) or
+  // are added to it, and the ride's to its out (the bias after its last).
+  auto fold_row = [&](bool first) {
+    for (int g = 0; g < G; ++g)
+      for (int v = 0; v < NV; ++v) {
+        T* at = c + g * NR + v * V::W;
+        (first ? acc[g][v] : V::add(V::load(at), acc[g][v])).store(at);
+        acc[g][v] = V::zero();
+      }
+  };
   int64_t k = 0;
   if (ride) {
     const RideTile<T>& q = *ride;
@@ -226,22 +247,56 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
         for (int v = 0; v < RV; ++v) racc[r][v] = V::fma(xv, bv[v], racc[r][v]);
       }
     };
+    auto fold_ride = [&](bool first, const T* bias) {
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < RV; ++v) {
+          T* at = q.out + r * q.ld_out + v * V::W;
+          V sum = first ? racc[r][v] : V::add(V::load(at), racc[r][v]);
+          (bias ? V::add(sum, V::load(bias + v * V::W)) : sum).store(at);
+          racc[r][v] = V::zero();
+        }
+    };
     const int64_t both = imin(K, q.K);
+    if (K <= kSumBlock && q.K <= kSumBlock) {  // one block each: no folds to look for
 #pragma GCC unroll 2
-    for (; k < both; ++k) {
-      row_step(k);
-      tile_step(k);
-    }
-    for (int64_t kt = both; kt < q.K; ++kt) tile_step(kt);
-    for (int r = 0; r < R; ++r)
-      for (int v = 0; v < RV; ++v)
-        (q.bias ? V::add(racc[r][v], V::load(q.bias + v * V::W)) : racc[r][v])
-            .store(q.out + r * q.ld_out + v * V::W);
-  }
+      for (; k < both; ++k) {
+        row_step(k);
+        tile_step(k);
+      }
+      for (int64_t kt = both; kt < q.K; ++kt) tile_step(kt);
+      fold_ride(true, q.bias);
 #pragma GCC unroll 4
-  for (; k < K; ++k) row_step(k);
-  for (int g = 0; g < G; ++g)
-    for (int v = 0; v < NV; ++v) acc[g][v].store(c + g * NR + v * V::W);
+      for (; k < K; ++k) row_step(k);
+      return fold_row(true);
+    }
+    while (k < both) {
+      if (k > 0 && k % kSumBlock == 0) fold_row(k == kSumBlock), fold_ride(k == kSumBlock, nullptr);
+      const int64_t k1 = imin(both, (k / kSumBlock + 1) * kSumBlock);
+#pragma GCC unroll 2
+      for (; k < k1; ++k) {
+        row_step(k);
+        tile_step(k);
+      }
+    }
+    for (int64_t kt = both; kt < q.K;) {
+      if (kt > 0 && kt % kSumBlock == 0) fold_ride(kt == kSumBlock, nullptr);
+      const int64_t k1 = imin(q.K, (kt / kSumBlock + 1) * kSumBlock);
+      for (; kt < k1; ++kt) tile_step(kt);
+    }
+    fold_ride(q.K <= kSumBlock, q.bias);
+  }
+  if (!ride && K <= kSumBlock) {
+#pragma GCC unroll 4
+    for (; k < K; ++k) row_step(k);
+    return fold_row(true);
+  }
+  while (k < K) {
+    if (k > 0 && k % kSumBlock == 0) fold_row(k == kSumBlock);
+    const int64_t k1 = imin(K, (k / kSumBlock + 1) * kSumBlock);
+#pragma GCC unroll 4
+    for (; k < k1; ++k) row_step(k);
+  }
+  fold_row(K <= kSumBlock);
 }
 
 // A short tile against P panels at once (panel p at b + p * panel_stride, its C block at
@@ -265,10 +320,6 @@ inline void micro_kernel_panels(int64_t K, const T* a, const T* b, int64_t panel
   constexpr int MR = Tile<T>::MR;
   constexpr int64_t W = Vec<T>::W;
   V acc[P][M][NV];
-  for (int p = 0; p < P; ++p)
-    for (int r = 0; r < M; ++r)
-      for (int v = 0; v < NV; ++v)
-        acc[p][r][v] = V::zero();
   auto k_step = [&](int64_t k, auto a_of_row) {
     V bv[P][NV];
     for (int p = 0; p < P; ++p)
@@ -279,18 +330,27 @@ inline void micro_kernel_panels(int64_t K, const T* a, const T* b, int64_t panel
         for (int v = 0; v < NV; ++v) acc[p][r][v] = V::fma(av, bv[p][v], acc[p][r][v]);
     }
   };
-  int64_t k = 0;
-  for (; k + W <= K; k += W) {
-    const T* ak = a + k * MR;
+  for (int64_t k = 0, k_block = 0; k_block == 0 || k < K; k_block += kSumBlock) {
+    const int64_t k_end = imin(K, k_block + kSumBlock);
+    for (int p = 0; p < P; ++p)
+      for (int r = 0; r < M; ++r)
+        for (int v = 0; v < NV; ++v) acc[p][r][v] = V::zero();
+    for (; k + W <= k_end; k += W) {
+      const T* ak = a + k * MR;
 #pragma GCC unroll 4  // (as micro_kernel_rows_prefetching's: see there)
-    for (int kk = 0; kk < W; ++kk) k_step(k + kk, [&](int r) { return ak[r * W + kk]; });
+      for (int kk = 0; kk < W; ++kk) k_step(k + kk, [&](int r) { return ak[r * W + kk]; });
+    }
+    for (; k < k_end; ++k) k_step(k, [&](int r) { return a[(k / W) * (W * MR) + r * W + k % W]; });
+    const bool last = k_end == K;
+    for (int p = 0; p < P; ++p)
+      for (int r = 0; r < M; ++r)
+        for (int v = 0; v < NV; ++v) {
+          T* at = c + p * c_panel_stride + r * ldc + v * V::W;
+          V sum = k_block > 0 ? V::add(V::load(at), acc[p][r][v]) : acc[p][r][v];
+          if (last && bias) sum = V::add(sum, V::load(bias + p * bias_panel_stride + v * V::W));
+          sum.store(at);
+        }
   }
-  for (; k < K; ++k) k_step(k, [&](int r) { return a[(k / W) * (W * MR) + r * W + k % W]; });
-  for (int p = 0; p < P; ++p)
-    for (int r = 0; r < M; ++r)
-      for (int v = 0; v < NV; ++v)
-        (bias ? V::add(acc[p][r][v], V::load(bias + p * bias_panel_stride + v * V::W)) : acc[p][r][v])
-            .store(c + p * c_panel_stride + r * ldc + v * V::W);
 }
 
 // M rows, k split as KSplit says, or not at all without split_k.
@@ -310,11 +370,9 @@ inline void micro_kernel_m(int64_t K, const T* a, int64_t lda, const T* b, T* c,
 // streams W_hh from L2, and one panel at a time spends a broadcast of A on every two panel
 // loads; two panels share it (C++ loop, 512 x 128 panels from L2: 1.9 -> 1.6 us a product).
 // Prefetch: whether the panels are prefetched 32 k-steps ahead, for panels from L2.
-// apart (with accumulate): the sum starts from zero and is added to C at the end (gemm.h's
-// k_blocks_apart), instead of continuing C's chain.
 template <typename T, bool Split = true, bool Prefetch = false>
 inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b1, T* c0, T* c1,
-                                  bool accumulate, bool apart = false) {
+                                  bool accumulate) {
   using V = Vec<T>;
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
@@ -322,34 +380,35 @@ inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b
   const T* b[2] = {b0, b1};
   T* c[2] = {c0, c1};
   V acc[KS][2][NV];
-  for (int s = 0; s < KS; ++s)
-    for (int p = 0; p < 2; ++p)
-      for (int v = 0; v < NV; ++v)
-        acc[s][p][v] = s == 0 && accumulate && !apart ? V::load(c[p] + v * V::W) : V::zero();
   auto k_step = [&](int s, int64_t k) {
     const V av = V::set1(a[k]);
     for (int p = 0; p < 2; ++p)
       for (int v = 0; v < NV; ++v)
         acc[s][p][v] = V::fma(av, V::load(b[p] + k * NR + v * V::W), acc[s][p][v]);
   };
-  int64_t k = 0;
-#pragma GCC unroll 4
-  for (; k + KS <= K; k += KS) {
-    if constexpr (Prefetch)
+  for (int64_t k = 0, k_block = 0; k_block == 0 || k < K; k_block += kSumBlock) {
+    const int64_t k_end = imin(K, k_block + kSumBlock);
+    for (int s = 0; s < KS; ++s)
       for (int p = 0; p < 2; ++p)
-        for (int l = 0; l < KS * Tile<T>::LINES; ++l)
-          __builtin_prefetch(reinterpret_cast<const char*>(b[p] + (k + 32) * NR) + 64 * l);
-    for (int s = 0; s < KS; ++s) k_step(s, k + s);
+        for (int v = 0; v < NV; ++v) acc[s][p][v] = V::zero();
+#pragma GCC unroll 4
+    for (; k + KS <= k_end; k += KS) {
+      if constexpr (Prefetch)
+        for (int p = 0; p < 2; ++p)
+          for (int l = 0; l < KS * Tile<T>::LINES; ++l)
+            __builtin_prefetch(reinterpret_cast<const char*>(b[p] + (k + 32) * NR) + 64 * l);
+      for (int s = 0; s < KS; ++s) k_step(s, k + s);
+    }
+    for (; k < k_end; ++k) k_step(0, k);
+    for (int s = 1; s < KS; ++s)
+      for (int p = 0; p < 2; ++p)
+        for (int v = 0; v < NV; ++v) acc[0][p][v] = V::add(acc[0][p][v], acc[s][p][v]);
+    const bool onto_c = accumulate || k_block > 0;
+    for (int p = 0; p < 2; ++p)
+      for (int v = 0; v < NV; ++v)
+        (onto_c ? V::add(V::load(c[p] + v * V::W), acc[0][p][v]) : acc[0][p][v])
+            .store(c[p] + v * V::W);
   }
-  for (; k < K; ++k) k_step(0, k);
-  for (int s = 1; s < KS; ++s)
-    for (int p = 0; p < 2; ++p)
-      for (int v = 0; v < NV; ++v) acc[0][p][v] = V::add(acc[0][p][v], acc[s][p][v]);
-  if (accumulate && apart)
-    for (int p = 0; p < 2; ++p)
-      for (int v = 0; v < NV; ++v) acc[0][p][v] = V::add(V::load(c[p] + v * V::W), acc[0][p][v]);
-  for (int p = 0; p < 2; ++p)
-    for (int v = 0; v < NV; ++v) acc[0][p][v].store(c[p] + v * V::W);
 }
 
 // Any M in 1..MR: picks the instantiation with that many rows (split_k: see KSplit).

@@ -164,14 +164,6 @@ struct BackwardLoop {
     }
   }
 
-  // Whether each step's d h_prev = dG W_hh (RNN, LSTM) sums its K blocks (GemmBlocking::KC rows
-  // of W_hh) apart, each from zero and added after (gemm_packed's k_blocks_apart), as the
-  // whole-sequence products and the GRU's per-step ones do: one chain over the G*H rows grew the
-  // error with H (LSTM dh0 against torch.nn's error, float32, median of 5: H = 1024, B = 8, 3.6x;
-  // H = 2048, B = 8, 6.4x). A single block (G*H <= KC) keeps its one chain from zero: the same
-  // bits, and the small steps pay nothing for it.
-  bool dg_blocks_apart() const { return int64_t(G) * s.H > GemmBlocking<T>::KC; }
-
   // dh_prev's rows for the pointwise maths of step k (all cells: rows of this member only).
   void pointwise(int64_t k, const Share& p, const T* dh, const T* dcell, T* dh_prev) const {
     const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = int64_t(G) * H;
@@ -260,9 +252,9 @@ struct BackwardLoop {
       const T* dgh_k = dgh + (k * B + m0) * GH;
       T* dh_rows = dh_prev + m0 * Hout;
       const bool desc = i & 1;  // alternate directions through W_hh (ForwardLoop::cell_phase)
-      // The GRU's d h_prev holds its z path (dh * z) before the products: each product's sum
-      // starts from zero and is added after (k_blocks_apart), not a chain from dh * z, where
-      // every FMA rounded at that magnitude (dh0 at T = 1, B = 8, H = 256: 12x torch.nn's error).
+      // The GRU's d h_prev holds its z path (dh * z) before the products, and the products' k
+      // blocks (kSumBlock) are each summed from zero and added to it: a chain from dh * z rounded
+      // every FMA at that magnitude (dh0 at T = 1, B = 8, H = 256: 12x torch.nn's error).
       if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
         gemm_packed_panels<T>(rows, H, H, dgh_k + 2 * H, GH, 1, whn, drh + m0 * H, H, false,
                               p.hid0, p.hid1, desc);
@@ -270,12 +262,12 @@ struct BackwardLoop {
         gru_reset_pointwise(k, p, dh_prev);
         meet();
         gemm_packed_panels<T>(rows, Hout, 2 * H, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
-                              p.out1, desc, true);
+                              p.out1, desc);
       } else if (gru) {  // r, z through W_hr|W_hz, then n through W_hn
         gemm_packed_panels<T>(rows, Hout, 2 * H, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
-                              p.out1, desc, true);
+                              p.out1, desc);
         gemm_packed_panels<T>(rows, Hout, H, dghn + (k * B + m0) * ld_n, ld_n, 1, whn, dh_rows,
-                              Hout, true, p.out0, p.out1, desc, true);
+                              Hout, true, p.out0, p.out1, desc);
       } else if (queue) {
         pack_shared_dg(dgh_k, team, member);
         queue->set(i + 1, member, p.out0, p.out1);
@@ -285,7 +277,7 @@ struct BackwardLoop {
           dg_w_panel(ob, dh_prev);
       } else {
         gemm_packed_panels<T>(rows, Hout, GH, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
-                              p.out1, desc, dg_blocks_apart());
+                              p.out1, desc);
       }
       meet();  // every column of d h_prev is complete
     }
@@ -333,8 +325,7 @@ struct BackwardLoop {
       for (int64_t m = 0; m < s.B; m += MR)
         tile_to_c<T, AForm::Blocked>(static_cast<int>(imin<int64_t>(MR, s.B - m)), nv, kc,
                                      block + m * blocked_length<T>(kc), 0, b,
-                                     dh_prev + m * s.Hout + ob * NR, s.Hout, true, nullptr,
-                                     true, dg_blocks_apart());
+                                     dh_prev + m * s.Hout + ob * NR, s.Hout, true, nullptr);
     }
   }
 

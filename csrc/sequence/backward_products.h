@@ -98,9 +98,8 @@ struct SequenceProducts {
     const int64_t G = gates_of(s.cell), H = s.H, Hout = s.Hout, GH = G * H, M = r1 - r0;
     const bool gru = s.cell == Cell::Gru, gru_two_phase = gru && !s.linear_before_reset;
     const bool acc = a.accumulate || !first;
-    // Sums over T*B rows (and dX's over the gates) in blocks, each added after (gemm_packed's
-    // k_blocks_apart; column_sums): one chain over every row grew the error with T*B.
-    constexpr bool kApart = true;
+    // Sums over T*B rows (and dX's over the gates) go in blocks, each added after (the GEMM's
+    // kSumBlock; column_sums): one chain over every row grew the error with T*B.
     const T* gx = dgx + r0 * GH;
     const T* gh = dgh + r0 * GH;
     const T* h_prev = (a.h_prev_products ? a.h_prev_products : a.saved.h) +
@@ -109,27 +108,26 @@ struct SequenceProducts {
     // caller needs no input gradient, or no weight gradients) skips its product.
     if (a.dw_ih && a.x_packed)  // (all rows: x_packed is kept only where B > 1)
       gemm_packed<T>(GH, s.I, M, gx, 1, GH, a.x_packed, a.dw_ih, s.I, acc, nthreads, nullptr,
-                     true, true, dgx_splits, kApart);
+                     true, true, dgx_splits);
     else if (a.dw_ih)
       gemm<T>(GH, s.I, M, gx, 1, GH, a.x + r0 * s.I, s.I, 1, a.dw_ih, s.I, acc, nthreads,
-              dgx_splits, kApart);
+              dgx_splits);
     if (a.dx)
       gemm<T>(M, s.I, GH, gx, GH, 1, a.w_ih, s.I, 1, a.dx + r0 * s.I, s.I, false, nthreads,
-              dgx_splits, kApart);
+              dgx_splits);
     const bool dgh_splits = dgh == dgx && dgx_splits;
     if (a.dw_hh && !gru) {
-      gemm<T>(GH, Hout, M, gh, 1, GH, h_prev, Hout, 1, a.dw_hh, Hout, acc, nthreads, dgh_splits,
-              kApart);
+      gemm<T>(GH, Hout, M, gh, 1, GH, h_prev, Hout, 1, a.dw_hh, Hout, acc, nthreads, dgh_splits);
     } else if (a.dw_hh) {  // r, z rows from dgh; n rows from dghn, which met r*h in the two-phase GRU
       gemm<T>(2 * H, Hout, M, gh, 1, GH, h_prev, Hout, 1, a.dw_hh, Hout, acc, nthreads,
-              dgh_splits, kApart);
+              dgh_splits);
       const T* n_met = gru_two_phase ? a.saved.gru_extra + r0 * H : h_prev;
       gemm<T>(H, Hout, M, dghn + r0 * ld_n, 1, ld_n, n_met, Hout, 1, a.dw_hh + 2 * H * Hout, Hout,
-              acc, nthreads, false, kApart);
+              acc, nthreads, false);
     }
     if (a.dw_hr)
       gemm<T>(Hout, H, M, dhs + r0 * Hout, 1, Hout, a.saved.hfull + r0 * H, H, 1, a.dw_hr, H, acc,
-              nthreads, false, kApart);
+              nthreads, false);
     if (a.db_ih) column_sums<T>(M, GH, gx, GH, a.db_ih, nthreads, acc);
     if (a.db_hh && !gru && !biases_alike())
       column_sums<T>(M, GH, gh, GH, a.db_hh, nthreads, acc);

@@ -49,6 +49,13 @@ STEP_PRODUCT_GRADIENT_FLOAT32 = 1.0e-6
 # sits between the two.
 SMALL_INPUT_FORWARD_FLOAT32 = 1.2e-7
 
+# A product over a long k (I = 2048, or H = 1024-2048 in the step; relu RNN, two steps, unit-scale
+# inputs): the kernels sum k in blocks of 128 terms, each block from zero and added after, as
+# torch.nn's GEMM sums blocks of 192. Measured up to 4.3e-7 (every ISA, 1-16 rows, two
+# seeds); one chain over k, as before, gave 6.5e-7 to 1.3e-6 (twice torch's error at K = 1024).
+# The bound sits between the two.
+LONG_PRODUCT_FORWARD_FLOAT32 = 5.5e-7
+
 # fusedrnn.torch in bfloat16 or float16 (such a module, or CPU autocast) runs the float32 kernels
 # on the tensors' values and rounds each output once to that dtype: against torch.nn in float32
 # on the same values, half an ulp of the dtype (its unit roundoff, relative to each element and

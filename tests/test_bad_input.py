@@ -445,6 +445,26 @@ def test_a_big_endian_input_is_named_as_such():
         fusedrnn.GRU(4, 3)(x_of().astype(">f4"))
 
 
+def test_an_input_numpy_cannot_read_is_named():
+    """A ragged list gave NumPy's "setting an array element with a sequence" naming no argument."""
+    with pytest.raises(ValueError, match="x must be an array, got a list that NumPy cannot read"):
+        fusedrnn.GRU(1, 3, dtype=F64)([[[1.0]], [[1.0], [2.0]]])
+    layer = fusedrnn.GRU(4, 3)
+    y, _ = layer(x_of())
+    with pytest.raises(ValueError, match="dy must be an array, got a list"):
+        layer.backward([y[0], y[1, :2]])
+
+
+@pytest.mark.torch
+def test_a_packed_sequence_is_named_with_what_to_pass_instead():
+    """Code moved from torch.nn passes a PackedSequence; NumPy read it as a ragged tuple."""
+    torch = pytest.importorskip("torch")
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.from_numpy(x_of()), [5, 4, 2])
+    with pytest.raises(TypeError, match=r"x is a torch PackedSequence: .* take the padded array "
+                                        r"with lengths="):
+        fusedrnn.LSTM(4, 3)(packed)
+
+
 def test_an_output_too_big_for_memory_is_a_memory_error_with_its_size():
     """A call whose outputs cannot be allocated raises MemoryError naming the size and shape
     (pybind11's said "std::bad_alloc"), here y (T, B, H) of 4 PiB from an input of no values."""

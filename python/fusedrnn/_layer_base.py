@@ -49,6 +49,15 @@ class Spec:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__[:-1])
         return f"Spec({fields})"
 
+    # Pickle protocols 0 and 1 (copyreg) refuse a class with __slots__ and no __getstate__ of its
+    # own: a layer, which holds a Spec, would not pickle there, where torch.nn's modules do.
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
     @property
     def num_directions(self):
         return 2 if self.bidirectional else 1

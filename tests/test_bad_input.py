@@ -44,6 +44,8 @@ def x_of(T=5, B=3, I=4, dtype=F32):
     (lambda: fusedrnn.LSTM(4, 3, dtype=np.int32), TypeError,
      "dtype must be float32 or float64, got int32"),
     (lambda: fusedrnn.LSTM(4, 3, dtype="junk"), TypeError, "dtype must be float32 or float64"),
+    (lambda: fusedrnn.LSTM(4, 3, dtype=">f4"), TypeError,
+     r"dtype must be float32 or float64, got >f4 \(not native byte order\)"),
     (lambda: fusedrnn.LSTM(4, 3, device="cuda"), ValueError,
      r"device must be None or 'cpu' \(fusedrnn runs on the CPU\), got 'cuda'"),
     (lambda: fusedrnn.GRU(4, 3, device="meta"), ValueError, "device must be None or 'cpu'"),

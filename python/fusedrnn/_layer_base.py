@@ -139,7 +139,9 @@ def check_dtype(dtype):
     except TypeError:
         raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if dt not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt.name}")
+        # (a big-endian float32's name is "float32": "must be float32, got float32" otherwise)
+        got = dt.name if dt.isnative else f"{dt.str} (not native byte order)"
+        raise TypeError(f"dtype must be float32 or float64, got {got}")
     return dt
 
 

@@ -226,6 +226,9 @@ def test_backward_with_bad_dy_and_dhn_keeps_the_saved_state():
         layer.backward(y.astype(F64))
     with pytest.raises(TypeError, match=r"dhn for LSTM must be None or a tuple \(dhn, dcn\)"):
         layer.backward(y, hn)
+    with pytest.raises(TypeError, match=r"dhn for LSTM must be None or a tuple \(dhn, dcn\) "
+                                        r"\(either may be None\), got a tuple of 3 items"):
+        layer.backward(y, (hn, cn, cn))
     with pytest.raises(ValueError, match=r"dhn\[1\] \(dcn\) must have shape \(2, 3, 3\)"):
         layer.backward(y, (hn, cn[:1]))
     with pytest.raises(TypeError, match=r"dhn\[0\] \(dhn\) must have dtype float32"):

@@ -44,6 +44,8 @@ def x_of(T=5, B=3, I=4, dtype=F32):
     (lambda: fusedrnn.LSTM(4, 3, dtype=np.int32), TypeError,
      "dtype must be float32 or float64, got int32"),
     (lambda: fusedrnn.LSTM(4, 3, dtype="junk"), TypeError, "dtype must be float32 or float64"),
+    (lambda: fusedrnn.LSTM(4, 3, dtype=">f4"), TypeError,
+     r"dtype must be float32 or float64, got >f4 \(not native byte order\)"),
     (lambda: fusedrnn.LSTM(4, 3, device="cuda"), ValueError,
      r"device must be None or 'cpu' \(fusedrnn runs on the CPU\), got 'cuda'"),
     (lambda: fusedrnn.GRU(4, 3, device="meta"), ValueError, "device must be None or 'cpu'"),
@@ -224,6 +226,9 @@ def test_backward_with_bad_dy_and_dhn_keeps_the_saved_state():
         layer.backward(y.astype(F64))
     with pytest.raises(TypeError, match=r"dhn for LSTM must be None or a tuple \(dhn, dcn\)"):
         layer.backward(y, hn)
+    with pytest.raises(TypeError, match=r"dhn for LSTM must be None or a tuple \(dhn, dcn\) "
+                                        r"\(either may be None\), got a tuple of 3 items"):
+        layer.backward(y, (hn, cn, cn))
     with pytest.raises(ValueError, match=r"dhn\[1\] \(dcn\) must have shape \(2, 3, 3\)"):
         layer.backward(y, (hn, cn[:1]))
     with pytest.raises(TypeError, match=r"dhn\[0\] \(dhn\) must have dtype float32"):
@@ -443,6 +448,26 @@ def test_a_big_endian_input_is_named_as_such():
     with pytest.raises(TypeError, match=r"x must be native-byte-order float32 \(the layer's "
                                         r"dtype\), got >f4"):
         fusedrnn.GRU(4, 3)(x_of().astype(">f4"))
+
+
+def test_an_input_numpy_cannot_read_is_named():
+    """A ragged list gave NumPy's "setting an array element with a sequence" naming no argument."""
+    with pytest.raises(ValueError, match="x must be an array, got a list that NumPy cannot read"):
+        fusedrnn.GRU(1, 3, dtype=F64)([[[1.0]], [[1.0], [2.0]]])
+    layer = fusedrnn.GRU(4, 3)
+    y, _ = layer(x_of())
+    with pytest.raises(ValueError, match="dy must be an array, got a list"):
+        layer.backward([y[0], y[1, :2]])
+
+
+@pytest.mark.torch
+def test_a_packed_sequence_is_named_with_what_to_pass_instead():
+    """Code moved from torch.nn passes a PackedSequence; NumPy read it as a ragged tuple."""
+    torch = pytest.importorskip("torch")
+    packed = torch.nn.utils.rnn.pack_padded_sequence(torch.from_numpy(x_of()), [5, 4, 2])
+    with pytest.raises(TypeError, match=r"x is a torch PackedSequence: .* take the padded array "
+                                        r"with lengths="):
+        fusedrnn.LSTM(4, 3)(packed)
 
 
 def test_an_output_too_big_for_memory_is_a_memory_error_with_its_size():

@@ -912,6 +912,20 @@ def test_a_pickled_layer_runs_and_trains_as_the_original(rng, dtype):
     assert np.array_equal(again.backward(dy)[0], layer.backward(dy)[0])
 
 
+@pytest.mark.parametrize("protocol", [0, 1])
+def test_a_layer_pickles_with_the_old_protocols_as_torchs_modules_do(rng, protocol):
+    """Protocols 0 and 1 refused the layer's Spec (__slots__ without __getstate__)."""
+    import pickle
+    for frozen in (False, True):
+        layer = make_layer("gru", 5, 7, L=2, dtype=np.float32)
+        if frozen:
+            layer.freeze()
+        again = pickle.loads(pickle.dumps(layer, protocol=protocol))
+        assert repr(again) == repr(layer) and again.frozen == frozen
+        x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+        assert np.array_equal(again(x)[0], layer(x)[0])
+
+
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_a_layer_copies_after_a_training_forward_without_its_pending_backward(rng, how):
     """The kernels' saved state of a pending training forward stays with the layer: the copy

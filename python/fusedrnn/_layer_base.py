@@ -49,6 +49,15 @@ class Spec:
         fields = ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__[:-1])
         return f"Spec({fields})"
 
+    # Pickle protocols 0 and 1 (copyreg) refuse a class with __slots__ and no __getstate__ of its
+    # own: a layer, which holds a Spec, would not pickle there, where torch.nn's modules do.
+    def __getstate__(self):
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+
     @property
     def num_directions(self):
         return 2 if self.bidirectional else 1
@@ -130,7 +139,9 @@ def check_dtype(dtype):
     except TypeError:
         raise TypeError(f"dtype must be float32 or float64, got {dtype!r}") from None
     if dt not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32 or float64, got {dt.name}")
+        # (a big-endian float32's name is "float32": "must be float32, got float32" otherwise)
+        got = dt.name if dt.isnative else f"{dt.str} (not native byte order)"
+        raise TypeError(f"dtype must be float32 or float64, got {got}")
     return dt
 
 

@@ -12,7 +12,18 @@ def as_dtype_array(name, a, dtype, whose=""):
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     if not isinstance(a, np.ndarray):
-        a = np.asarray(a)
+        if hasattr(a, "batch_sizes") and hasattr(a, "data"):
+            # torch's PackedSequence, which np.asarray reads as a ragged tuple ("setting an
+            # array element with a sequence"): say what the NumPy layers take instead.
+            raise TypeError(f"{name} is a torch PackedSequence: fusedrnn's NumPy layers take "
+                            f"the padded array with lengths= (torch.nn.utils.rnn."
+                            f"pad_packed_sequence gives both); fusedrnn.torch's modules take "
+                            f"a PackedSequence")
+        try:
+            a = np.asarray(a)
+        except (ValueError, TypeError) as e:  # NumPy's own message names no argument
+            raise type(e)(f"{name} must be an array, got a {type(a).__name__} that NumPy cannot "
+                          f"read as one: {e}") from e
     if a.dtype != dtype:
         if a.dtype.newbyteorder("=") == np.dtype(dtype).newbyteorder("="):
             raise TypeError(f"{name} must be native-byte-order {np.dtype(dtype).name}{whose}, "

@@ -760,8 +760,11 @@ class LSTM(_Layer):
         if dhn is None:
             return None, None
         if not isinstance(dhn, (tuple, list)) or len(dhn) != 2:
+            got = type(dhn).__name__  # (a tuple of another length: say so, not just "tuple")
+            if isinstance(dhn, (tuple, list)):
+                got = f"a {got} of {len(dhn)} items"
             raise TypeError(f"dhn for LSTM must be None or a tuple (dhn, dcn) (either may be "
-                            f"None), got {type(dhn).__name__}")
+                            f"None), got {got}")
         out_name = "proj_size" if self.proj_size else "hidden_size"
         dh = None if dhn[0] is None else self._check_state(
             "dhn[0] (dhn)", dhn[0], B, unbatched, self._spec.output_size, out_name)

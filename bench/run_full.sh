@@ -2,7 +2,8 @@
 # Regenerate bench/RESULTS.md: the full benchmark matrix against every installed peer, then the
 # training peak memory of every config and cell (--memory, a fresh process per measurement), then
 # the Markdown rendered from bench/results.json (with bench/speedups.png embedded). The progress
-# log goes to bench/out/full_run.log. Takes 10-15 minutes on 2 cores: run it on an idle machine.
+# log goes to bench/out/full_run.log. Takes 7-8 minutes on 2 cores (6.9-8.2 in the recorded runs,
+# memory included): run it on an idle machine.
 #
 # It runs a snapshot of python/fusedrnn (the package built in the tree) copied to a temporary
 # folder, so rebuilding the extension during the run cannot pull _C*.so from under it.

@@ -191,9 +191,9 @@ void free_idle_blocks();
 // for the packed form of src (raw_bytes long) under tag, and sets *valid when it was packed from
 // bytes identical to src's current ones; otherwise the caller packs into it. rows x cols is the
 // source's shape (part of the key with the tag). Null means "too big to cache: pack into your own
-// buffer". Buffers stay valid until the next begin_call. nthreads: threads for the comparison.
-// *pack_from: what to pack from when not valid (the copy of the bytes compared, else src).
-// frozen (nonzero): src's bytes are those of the last call with this id (ForwardArgs::frozen):
+// buffer". Buffers stay valid until the next packed_cache_begin_call. nthreads: threads for the
+// comparison. *pack_from: what to pack from when not valid (the copy of the bytes compared, else
+// src). frozen (nonzero): src's bytes are those of the last call with this id (ForwardArgs::frozen):
 // no comparison now, and no copy of the bytes kept for one.
 void packed_cache_begin_call();
 void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int64_t tag, int64_t rows,

@@ -157,8 +157,9 @@ PYBIND11_MODULE(_C, m) {
      py::arg("f64") = false,
      py::arg("threads") = 2, py::arg("isa") = py::none(), py::arg("backward") = false,
      "how the forward spreads one step over threads: 'one', 'rows' or 'units'; with "
-     "backward=True, how the backward's time loop does without lengths: 'one', 'team', or "
-     "'halves' (a single row's units in two halves, alone or on a team of two)");
+     "backward=True, how the backward's time loop does without lengths: 'one', 'rows' (each "
+     "thread its own rows, never meeting), 'team', or 'halves' (a single row's units in two "
+     "halves, alone or on a team of two)");
 
   m.def("projection_mode", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
                               bool f64, bool lengths, std::optional<std::string> isa) {

@@ -405,8 +405,9 @@ struct ForwardLoop {
   }
 
   // mr rows of A (blocked) against gates [g0, g0 + count) of unit block ub of wg: gate g0 + i's
-  // tile at out + i * NR (row stride ldo), from bias + i * bias_stride when bias is given. A
-  // 4-row tile takes the gates two at a time (micro_kernel_panels: the same bits). In-process
+  // tile at out + i * NR (row stride ldo), plus bias + i * bias_stride when bias is given (added
+  // after each element's chain, as micro_kernel adds it). A 4-row tile takes the gates two at a
+  // time (micro_kernel_panels: the same bits). In-process
   // A/B, a layer, 1 thread, medians (B = 16 or 64: full tiles and a 4-row one): stacked LSTM
   // 6.03 -> 5.96 ms, stacked GRU 4.47 -> 4.33, fastrnns LSTM 175.8 -> 172.3, deepbench LSTM
   // 186.6 -> 182.2; training, whose backward dominates, unchanged. split_k: micro_kernel's.

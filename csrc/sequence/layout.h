@@ -123,7 +123,7 @@ inline int64_t gx_row_stride(int64_t GH) {
   return (lines | 1) * per_line;
 }
 
-// The bias the input projection starts each gate chain from: b_ih + b_hh, except that the GRU's
+// The bias the input projection adds to each gate's chain: b_ih + b_hh, except that the GRU's
 // b_hn stays out (it sits inside r*(W_hn h + b_hn) and is added in the step). Gate g's H values
 // at out + g * gate_stride (gate_stride >= H; the padding is left alone).
 template <typename T>

@@ -4,7 +4,8 @@
   the torch.nn parameter names and shapes it implies.
 - ``check_config``: the constructor checks, with errors that name the argument.
 - ``stack_forward`` / ``stack_backward``: every layer and direction, one call of
-  ``fusedrnn.functional`` each (the kernels loop over time), with dropout between layers.
+  ``fusedrnn.functional`` each (the kernels loop over time), with dropout between layers; a
+  unidirectional stack without lengths or dropout runs forward as one ``forward_stack`` call.
 
 Everything here is NumPy; nothing imports torch.
 """

@@ -4,7 +4,7 @@ eager path, an autograd.Function around NumPy, has no data to run on or cannot b
 
     y, hn, cn = torch.ops.fusedrnn.rnn_stack(x, h0, c0, params, cell, input_size, hidden_size,
                                              num_layers, bias, bidirectional, proj_size,
-                                             linear_before_reset, keep_packed=True)
+                                             linear_before_reset, *, keep_packed=True)
 
 x is (T, B, I), time first; h0 and c0 are (L*D, B, H_out) and (L*D, B, H), or None for zeros;
 params are the module's ``_flat_weights`` in torch's order. cn is empty unless cell is "lstm".

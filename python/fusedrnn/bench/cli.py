@@ -28,7 +28,8 @@ from . import cases, machine, memory, outputs, peak, peers, report
 from .peers.reference import REFERENCE_MAX_FLOP
 from .runner import add_fractions, describe, run_case, say
 
-# Timing per case: stop after BUDGET seconds of timed calls, but run at least MIN_REPS rounds.
+# Timing per case (timing.interleave): stop after budget_s seconds of timed calls, but time each
+# runner at least min_reps and at most max_reps calls.
 FULL = {"budget_s": 1.0, "min_reps": 3, "max_reps": 200, "peak_budget_s": 1.0}
 QUICK = {"budget_s": 0.15, "min_reps": 3, "max_reps": 50, "peak_budget_s": 0.25}
 

@@ -176,12 +176,28 @@ void pack_a_blocked(int64_t mc, int64_t kc, const T* A, int64_t a_rs, T* out) {
 // packed B panel slice; n_valid < NR goes through a small tile so C is never written past
 // column N (its sums are still added to C). `bias` (n_valid values, or null) is added to each
 // element after its last k block (micro_kernel's), in the registers for full tiles: no pass over C.
+// apart (with accumulate, no bias): the sum of this call's k blocks is made apart and then added
+// to C, instead of each block being added to C in turn (see gemm_packed's k_blocks_apart).
 template <typename T, AForm Form>
 inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, const T* b, T* c,
-                      int64_t ldc, bool accumulate, const T* bias, bool split_k = true) {
+                      int64_t ldc, bool accumulate, const T* bias, bool split_k = true,
+                      bool apart = false) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   const bool full = n_valid == NR;
   alignas(64) T tmp[MR * NR];
+  if (accumulate && apart) {
+    using V = Vec<T>;
+    micro_kernel<T, Form>(m, K, a, lda, b, tmp, NR, false, nullptr, split_k);
+    for (int r = 0; r < m; ++r) {
+      if (full)
+        for (int v = 0; v < Tile<T>::NV; ++v)
+          V::add(V::load(c + r * ldc + v * V::W), V::load(tmp + r * NR + v * V::W))
+              .store(c + r * ldc + v * V::W);
+      else
+        for (int j = 0; j < n_valid; ++j) c[r * ldc + j] += tmp[r * NR + j];
+    }
+    return;
+  }
   if (full) return micro_kernel<T, Form>(m, K, a, lda, b, c, ldc, accumulate, bias, split_k);
   if (accumulate)
     for (int r = 0; r < m; ++r)
@@ -210,10 +226,11 @@ template <typename T>
 void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N, int64_t K,
                        const T* A, int64_t a_rs, int64_t a_cs, const T* Bp, T* C, int64_t ldc,
                        bool accumulate, const T* bias, T* a_pack, bool descending = false,
-                       bool split_k = true) {
+                       bool split_k = true, bool k_blocks_apart = false) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t KC = GemmBlocking<T>::KC;
   const int64_t panels = ceil_div<int64_t>(N, NR);
+  const bool apart = k_blocks_apart && !bias;
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = imin(KC, K - k0);
     const bool acc = accumulate || k0 > 0;
@@ -255,18 +272,18 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
           if (pairs && j + 1 < pe && nv == NR && (q + 1) * NR <= N) {
             const T* bq = gemm_b_slice<T>(Bp, panels, K, k0, q);
             T* cq = C + m0 * ldc + q * NR;
-            if (split_k && pairs_from_l2) micro_kernel_row_pair<T, true, true>(kc, a_block, b, bq, c, cq, acc);
-            else if (split_k) micro_kernel_row_pair<T, true>(kc, a_block, b, bq, c, cq, acc);
-            else micro_kernel_row_pair<T, false>(kc, a_block, b, bq, c, cq, acc);
+            if (split_k && pairs_from_l2) micro_kernel_row_pair<T, true, true>(kc, a_block, b, bq, c, cq, acc, apart);
+            else if (split_k) micro_kernel_row_pair<T, true>(kc, a_block, b, bq, c, cq, acc, apart);
+            else micro_kernel_row_pair<T, false>(kc, a_block, b, bq, c, cq, acc, apart);
             ++j;
             continue;
           }
           if (blocked)
-            tile_to_c<T, AForm::Blocked>(mr, nv, kc, a_pack + m * kc_blocked, 0, b, c, ldc, acc, bias_p, split_k);
+            tile_to_c<T, AForm::Blocked>(mr, nv, kc, a_pack + m * kc_blocked, 0, b, c, ldc, acc, bias_p, split_k, apart);
           else if (a_pack)
-            tile_to_c<T, AForm::Panel>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p, split_k);
+            tile_to_c<T, AForm::Panel>(mr, nv, kc, a_pack + m * kc, 0, b, c, ldc, acc, bias_p, split_k, apart);
           else
-            tile_to_c<T, AForm::Rows>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p, split_k);
+            tile_to_c<T, AForm::Rows>(mr, nv, kc, a_block + m * a_rs, a_rs, b, c, ldc, acc, bias_p, split_k, apart);
         }
       }
     }
@@ -304,17 +321,19 @@ namespace FUSEDRNN_ISA_NS {
 // C(M,N) (+)= A(M,K) * B packed by pack_b_gemm, A(m, k) at A[m*a_rs + k*a_cs] (any strides: A is
 // packed); with `bias` (N values, only when !accumulate) C = bias + A B. split_k: see KSplit.
 // Threads take panel ranges (see `ranges`). Every C element sums k in blocks of kSumBlock (each
-// from zero, added to C after; microkernel.h), so a long K's rounding error grows with the block
-// and the number of blocks, not with one chain of K terms (the weight gradients, K = T*B: one
-// chain over T = 1000, B = 64 was 9-19x torch.nn's error, whose BLAS blocks K). The blocks are
-// fixed by K alone: the same bits whatever the threads.
+// from zero, added to C after; microkernel.h). k_blocks_apart: the blocks of each KC values of k
+// are summed apart and that sum added to C (or to the previous KC blocks' sum) after it, so a very
+// long K's rounding error grows with kSumBlock, KC / kSumBlock and K / KC, not with K / kSumBlock
+// additions into C (the weight gradients, K = T*B: one chain over T = 1000, B = 64 was 9-19x
+// torch.nn's error, whose BLAS blocks K). The blocks are fixed by K alone: the same bits whatever
+// the threads.
 // In the amx build, float products that amx_gemm takes run on AMX tiles (gemm_amx.h) unless !amx_ok
 // (a caller whose bits must match the FMA kernels' elsewhere).
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                  const T* Bp, T* C, int64_t ldc, bool accumulate, int nthreads,
                  const T* bias = nullptr, bool split_k = true, bool amx_ok = true,
-                 bool a_splits = false) {
+                 bool a_splits = false, bool k_blocks_apart = false) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   constexpr int64_t MC = GemmBlocking<T>::MC;
   if (M <= 0 || N <= 0) return;
@@ -365,7 +384,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
         split_range(row_tiles, static_cast<int>(runs), static_cast<int>(i), &t0, &t1);
         const int64_t m0 = t0 * MR, m1 = imin(M, t1 * MR);
         gemm_packed_block<T>(m0, m1 - m0, 0, panels, N, K, A, a_rs, a_cs, Bp, C, ldc, accumulate,
-                             bias, a_pack, false, split_k);
+                             bias, a_pack, false, split_k, k_blocks_apart);
       }
     }
     return;
@@ -382,7 +401,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
     split_range(panels, static_cast<int>(ranges), static_cast<int>(job / m_blocks), &p0, &p1);
     const int64_t m0 = mb * MC;
     gemm_packed_block<T>(m0, imin(MC, M - m0), p0, p1, N, K, A, a_rs, a_cs, Bp, C, ldc,
-                         accumulate, bias, a_pack, false, split_k);
+                         accumulate, bias, a_pack, false, split_k, k_blocks_apart);
   };
   if (!parallel || jobs <= 1) {
     // Not even an inactive parallel region: libgomp makes a futex call per region, ~1 us, which
@@ -474,7 +493,7 @@ constexpr int64_t kGemmPackedBBytes = int64_t(4) << 20;
 template <typename T>
 void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs, const T* B,
           int64_t b_rs, int64_t b_cs, T* C, int64_t ldc, bool accumulate, int nthreads,
-          bool a_splits = false) {
+          bool a_splits = false, bool k_blocks_apart = false) {
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return gemm_packed<T>(M, N, K, A, a_rs, a_cs, nullptr, C, ldc, accumulate, nthreads);
   if (gemm_raw_b_on_tiles<T>(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, C, ldc, accumulate, nthreads,
@@ -489,7 +508,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
     const int64_t kc = imin(chunk, K - k0);
     pack_b_gemm<T>(kc, N, B + k0 * b_rs, b_rs, b_cs, packed.p, nthreads);
     gemm_packed<T>(M, N, kc, A + k0 * a_cs, a_rs, a_cs, packed.p, C, ldc, accumulate || k0 > 0,
-                   nthreads, nullptr, true, !tiles_declined, false);
+                   nthreads, nullptr, true, !tiles_declined, false, k_blocks_apart);
   }
 }
 

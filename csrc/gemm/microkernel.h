@@ -370,15 +370,19 @@ inline void micro_kernel_m(int64_t K, const T* a, int64_t lda, const T* b, T* c,
 // streams W_hh from L2, and one panel at a time spends a broadcast of A on every two panel
 // loads; two panels share it (C++ loop, 512 x 128 panels from L2: 1.9 -> 1.6 us a product).
 // Prefetch: whether the panels are prefetched 32 k-steps ahead, for panels from L2.
+// apart (with accumulate): the blocks' sum is made apart and added to C at the end (gemm.h's
+// k_blocks_apart), instead of each block being added to C in turn.
 template <typename T, bool Split = true, bool Prefetch = false>
 inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b1, T* c0, T* c1,
-                                  bool accumulate) {
+                                  bool accumulate, bool apart = false) {
   using V = Vec<T>;
   constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
   constexpr int KS = Split ? KSplit<1>::value : 1;
   const T* b[2] = {b0, b1};
-  T* c[2] = {c0, c1};
+  alignas(64) T sum_apart[2][NR];
+  const bool to_c = !(accumulate && apart);
+  T* c[2] = {to_c ? c0 : sum_apart[0], to_c ? c1 : sum_apart[1]};
   V acc[KS][2][NV];
   auto k_step = [&](int s, int64_t k) {
     const V av = V::set1(a[k]);
@@ -403,11 +407,17 @@ inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b
     for (int s = 1; s < KS; ++s)
       for (int p = 0; p < 2; ++p)
         for (int v = 0; v < NV; ++v) acc[0][p][v] = V::add(acc[0][p][v], acc[s][p][v]);
-    const bool onto_c = accumulate || k_block > 0;
+    const bool onto_c = (accumulate && to_c) || k_block > 0;
     for (int p = 0; p < 2; ++p)
       for (int v = 0; v < NV; ++v)
         (onto_c ? V::add(V::load(c[p] + v * V::W), acc[0][p][v]) : acc[0][p][v])
             .store(c[p] + v * V::W);
+  }
+  if (!to_c) {
+    T* out[2] = {c0, c1};
+    for (int p = 0; p < 2; ++p)
+      for (int v = 0; v < NV; ++v)
+        V::add(V::load(out[p] + v * V::W), V::load(c[p] + v * V::W)).store(out[p] + v * V::W);
   }
 }
 

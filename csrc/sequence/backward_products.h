@@ -16,27 +16,32 @@ namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 
 // out[n] (+)= sum over rows m of A[m*lda + n]: blocks of ROWS rows each summed in order from
-// zero, and added to out in order (deterministic; the error grows with ROWS and the number of
-// blocks, not with M: one chain over T = 1000, B = 64 rows was 40x torch.nn's error, whose sums
-// are blocked too).
+// zero, GROUP blocks summed in order from zero, and the groups added to out in order
+// (deterministic; the error grows with ROWS, GROUP and the number of groups, not with M: one
+// chain over T = 1000, B = 64 rows was 40x torch.nn's error, whose sums are blocked too, and
+// those 500 blocks added to out in turn 2-7x).
 template <typename T>
 void column_sums(int64_t M, int64_t N, const T* A, int64_t lda, T* out, int nthreads,
                  bool accumulate = false) {
-  constexpr int64_t CHUNK = 256, ROWS = 128;
+  constexpr int64_t CHUNK = 256, ROWS = 128, GROUP = 32;
   const int64_t chunks = ceil_div<int64_t>(N, CHUNK);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && M * N > (int64_t(1) << 18))
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t n0 = c * CHUNK, n1 = imin(N, n0 + CHUNK);
     if (!accumulate)
       for (int64_t n = n0; n < n1; ++n) out[n] = T(0);
-    T block[CHUNK];
-    for (int64_t m0 = 0; m0 < M; m0 += ROWS) {
-      for (int64_t n = n0; n < n1; ++n) block[n - n0] = T(0);
-      for (int64_t m = m0; m < imin(M, m0 + ROWS); ++m) {
-        const T* row = A + m * lda;
-        for (int64_t n = n0; n < n1; ++n) block[n - n0] += row[n];
+    T block[CHUNK], group[CHUNK];
+    for (int64_t g0 = 0; g0 < M; g0 += ROWS * GROUP) {
+      for (int64_t n = n0; n < n1; ++n) group[n - n0] = T(0);
+      for (int64_t m0 = g0; m0 < imin(M, g0 + ROWS * GROUP); m0 += ROWS) {
+        for (int64_t n = n0; n < n1; ++n) block[n - n0] = T(0);
+        for (int64_t m = m0; m < imin(M, m0 + ROWS); ++m) {
+          const T* row = A + m * lda;
+          for (int64_t n = n0; n < n1; ++n) block[n - n0] += row[n];
+        }
+        for (int64_t n = n0; n < n1; ++n) group[n - n0] += block[n - n0];
       }
-      for (int64_t n = n0; n < n1; ++n) out[n] += block[n - n0];
+      for (int64_t n = n0; n < n1; ++n) out[n] += group[n - n0];
     }
   }
 }
@@ -99,7 +104,8 @@ struct SequenceProducts {
     const bool gru = s.cell == Cell::Gru, gru_two_phase = gru && !s.linear_before_reset;
     const bool acc = a.accumulate || !first;
     // Sums over T*B rows (and dX's over the gates) go in blocks, each added after (the GEMM's
-    // kSumBlock; column_sums): one chain over every row grew the error with T*B.
+    // kSumBlock and k_blocks_apart; column_sums): one chain over every row grew the error with T*B.
+    constexpr bool kApart = true;
     const T* gx = dgx + r0 * GH;
     const T* gh = dgh + r0 * GH;
     const T* h_prev = (a.h_prev_products ? a.h_prev_products : a.saved.h) +
@@ -108,26 +114,27 @@ struct SequenceProducts {
     // caller needs no input gradient, or no weight gradients) skips its product.
     if (a.dw_ih && a.x_packed)  // (all rows: x_packed is kept only where B > 1)
       gemm_packed<T>(GH, s.I, M, gx, 1, GH, a.x_packed, a.dw_ih, s.I, acc, nthreads, nullptr,
-                     true, true, dgx_splits);
+                     true, true, dgx_splits, kApart);
     else if (a.dw_ih)
       gemm<T>(GH, s.I, M, gx, 1, GH, a.x + r0 * s.I, s.I, 1, a.dw_ih, s.I, acc, nthreads,
-              dgx_splits);
+              dgx_splits, kApart);
     if (a.dx)
       gemm<T>(M, s.I, GH, gx, GH, 1, a.w_ih, s.I, 1, a.dx + r0 * s.I, s.I, false, nthreads,
-              dgx_splits);
+              dgx_splits, kApart);
     const bool dgh_splits = dgh == dgx && dgx_splits;
     if (a.dw_hh && !gru) {
-      gemm<T>(GH, Hout, M, gh, 1, GH, h_prev, Hout, 1, a.dw_hh, Hout, acc, nthreads, dgh_splits);
+      gemm<T>(GH, Hout, M, gh, 1, GH, h_prev, Hout, 1, a.dw_hh, Hout, acc, nthreads, dgh_splits,
+              kApart);
     } else if (a.dw_hh) {  // r, z rows from dgh; n rows from dghn, which met r*h in the two-phase GRU
       gemm<T>(2 * H, Hout, M, gh, 1, GH, h_prev, Hout, 1, a.dw_hh, Hout, acc, nthreads,
-              dgh_splits);
+              dgh_splits, kApart);
       const T* n_met = gru_two_phase ? a.saved.gru_extra + r0 * H : h_prev;
       gemm<T>(H, Hout, M, dghn + r0 * ld_n, 1, ld_n, n_met, Hout, 1, a.dw_hh + 2 * H * Hout, Hout,
-              acc, nthreads, false);
+              acc, nthreads, false, kApart);
     }
     if (a.dw_hr)
       gemm<T>(Hout, H, M, dhs + r0 * Hout, 1, Hout, a.saved.hfull + r0 * H, H, 1, a.dw_hr, H, acc,
-              nthreads, false);
+              nthreads, false, kApart);
     if (a.db_ih) column_sums<T>(M, GH, gx, GH, a.db_ih, nthreads, acc);
     if (a.db_hh && !gru && !biases_alike())
       column_sums<T>(M, GH, gh, GH, a.db_hh, nthreads, acc);

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
+from fusedrnn import functional
 
 F32, F64 = np.float32, np.float64
 
@@ -481,3 +482,23 @@ def test_an_output_too_big_for_memory_is_a_memory_error_with_its_size():
     with pytest.raises(MemoryError, match=rf"cannot allocate 4194304.0 GiB for an array of "
                                           rf"shape \({T}, {B}, {H}\) float32"):
         F.forward("rnn_tanh", x, np.zeros((B, H), np.float32), None, *weights, training=False)
+
+
+def test_shape_errors_are_also_runtime_errors_as_torchs():
+    """torch.nn raises RuntimeError for a misshaped input or state: code ported with `except
+    RuntimeError` still catches fusedrnn's (a ValueError too, as before)."""
+    lstm = fusedrnn.LSTM(4, 3, num_layers=2)
+    x = x_of()
+    y, (hn, cn) = lstm(x)
+    calls = [lambda: lstm(np.zeros((5, 3, 7), F32)),                    # input size
+             lambda: lstm(np.zeros((0, 3, 4), F32)),                    # no time step
+             lambda: lstm(x, (hn[:1], cn)),                             # h0
+             lambda: lstm(x, lengths=[5, 5]),                           # lengths
+             lambda: lstm.backward(y[:, :2]),                           # dy
+             lambda: lstm.backward(y, (hn, cn[:1])),                    # dcn
+             lambda: functional.forward("gru", x[0], None, None, np.zeros((9, 4), F32),
+                                        np.zeros((9, 3), F32), None, None)]   # x not 3-d
+    for call in calls:
+        with pytest.raises(RuntimeError, match="must") as caught:
+            call()
+        assert isinstance(caught.value, ValueError)

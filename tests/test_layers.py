@@ -315,6 +315,33 @@ def test_dropout_is_seeded_and_only_in_training(rng):
     np.testing.assert_array_equal(a.train()(x)[0], b(x)[0])   # stream continues in step
 
 
+def test_dropout_and_batch_first_may_be_set_as_on_a_torch_module(rng):
+    """torch.nn reads dropout and batch_first at each forward, so code sets them on a built
+    module (model.rnn.dropout = 0.0): the next forward here uses them too."""
+    x = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    layer = fusedrnn.LSTM(4, 6, num_layers=3, dropout=0.5, seed=1)
+    plain = fusedrnn.LSTM(4, 6, num_layers=3, seed=1)
+    assert np.abs(layer(x)[0] - plain(x)[0]).max() > 0
+    layer.dropout = 0
+    assert layer.dropout == 0.0 and "dropout" not in repr(layer)
+    np.testing.assert_array_equal(layer(x)[0], plain(x)[0])
+    y, _ = layer(x)
+    layer.batch_first = True
+    assert layer.batch_first and "batch_first=True" in repr(layer)
+    with pytest.raises(RuntimeError, match="batch_first changed after the last training forward"):
+        layer.backward(y)                     # dy would be read in the other layout
+    y_bf, _ = layer(x.transpose(1, 0, 2))
+    np.testing.assert_array_equal(y_bf, y.transpose(1, 0, 2))
+    layer.backward(np.ones_like(y_bf))
+    with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\], got 2"):
+        layer.dropout = 2
+    with pytest.raises(TypeError, match="batch_first must be"):
+        layer.batch_first = "yes"
+    assert layer.dropout == 0.0 and layer.batch_first   # unchanged by the refusals
+    with pytest.raises(AttributeError):
+        layer.hidden_size = 7                 # the parameter shapes depend on it
+
+
 def test_dropout_one_cuts_the_lower_layers():
     """p = 1 zeroes every layer output but the last: the top layer sees zeros, and no gradient
     reaches the input or the lower layers."""

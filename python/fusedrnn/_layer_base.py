@@ -44,6 +44,12 @@ class Spec:
         self._names = tuple(tuple(self.param_name(key, k, d) for key in _PARAM_KEYS)
                             for k in range(num_layers) for d in range(self.num_directions))
 
+    def replaced(self, **changes):
+        """A copy with the given fields changed."""
+        fields = {k: getattr(self, k) for k in self.__slots__[:-1]}
+        fields.update(changes)
+        return Spec(**fields)
+
     def __repr__(self):
         # Stable across calls: torch.jit.trace compares the graphs of two runs, and the torch
         # adapter's op shows its Spec there.
@@ -170,6 +176,14 @@ def check_seed(seed):
     return int(seed)
 
 
+def check_dropout(dropout):
+    if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real):
+        raise TypeError(f"dropout must be a number in [0, 1], got {type(dropout).__name__}")
+    if not 0 <= dropout <= 1:
+        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+    return float(dropout)
+
+
 def check_config(cell, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, linear_before_reset=True):
     """Validate constructor arguments as torch.nn does (errors name the argument); a Spec."""
@@ -180,10 +194,7 @@ def check_config(cell, input_size, hidden_size, num_layers=1, bias=True, batch_f
     batch_first = check_bool("batch_first", batch_first)
     bidirectional = check_bool("bidirectional", bidirectional)
     linear_before_reset = check_bool("linear_before_reset", linear_before_reset)
-    if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real):
-        raise TypeError(f"dropout must be a number in [0, 1], got {type(dropout).__name__}")
-    if not 0 <= dropout <= 1:
-        raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
+    dropout = check_dropout(dropout)
     proj_size = _check_int("proj_size", proj_size, 0)
     if proj_size and cell != "lstm":
         raise ValueError(f"proj_size is only for LSTM, got proj_size={proj_size}")

@@ -23,13 +23,11 @@ import torch
 
 from . import _layer_base as _base
 from ._torch_views import numpy_view
+from ._validate import ShapeError
 
 _Tensor = torch.Tensor
 
 
-class ShapeError(ValueError, RuntimeError):
-    """A bad input or state shape: a ValueError, as fusedrnn's layers raise, and a RuntimeError,
-    as torch.nn's modules raise, so `except RuntimeError` written for those still catches it."""
 
 
 def _spec(cell, input_size, hidden_size, num_layers, bias, bidirectional, proj_size,

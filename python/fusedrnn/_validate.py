@@ -6,6 +6,12 @@ GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+class ShapeError(ValueError, RuntimeError):
+    """A bad input or state shape: a ValueError, as fusedrnn raises for bad values, and a
+    RuntimeError, as torch.nn's modules raise, so ``except RuntimeError`` written for those
+    still catches it."""
+
+
 def as_dtype_array(name, a, dtype, whose=""):
     """``a`` as an ndarray of exactly ``dtype``: no copy, and never a cast (a TypeError instead).
     ``whose`` qualifies the dtype in the message, e.g. " (the layer's dtype)"."""
@@ -40,7 +46,7 @@ def as_float_array(name, a, dtype, whose=""):
 
 def check_shape(name, a, shape):
     if a.shape != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
+        raise ShapeError(f"{name} must have shape {tuple(shape)}, got {a.shape}")
 
 
 def as_lengths(lengths, T, B, name="lengths", least=1):
@@ -53,7 +59,7 @@ def as_lengths(lengths, T, B, name="lengths", least=1):
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name} must be integers, got dtype {arr.dtype.name}")
     if arr.shape != (B,):
-        raise ValueError(f"{name} must have shape ({B},) (one per batch row), got {arr.shape}")
+        raise ShapeError(f"{name} must have shape ({B},) (one per batch row), got {arr.shape}")
     if B and (arr.min() < least or arr.max() > T):
         raise ValueError(f"{name} must lie in {least}..{T} (the number of time steps), got "
                          f"min {arr.min()} and max {arr.max()}")
@@ -72,10 +78,10 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     dtype = x.dtype.newbyteorder("=")
     x = as_float_array("x", x, dtype)
     if x.ndim != 3:
-        raise ValueError(f"x must be 3-d (T, B, I), got shape {x.shape}")
+        raise ShapeError(f"x must be 3-d (T, B, I), got shape {x.shape}")
     T, B, I = x.shape
     if T < 1:
-        raise ValueError(f"x must have at least one time step, got shape {x.shape}")
+        raise ShapeError(f"x must have at least one time step, got shape {x.shape}")
     h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = check_layer_params(cell, dtype, B, I, h0, c0, w_ih,
                                                                w_hh, b_ih, b_hh, w_hr)
     lengths = as_lengths(lengths, T, B)
@@ -92,7 +98,7 @@ def check_layer_params(cell, dtype, B, I, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     G = GATES[cell]
     w_hh = as_float_array("w_hh", w_hh, dtype, _X_DTYPE)
     if w_hh.ndim != 2 or w_hh.shape[0] % G:
-        raise ValueError(f"w_hh must be 2-d with a multiple of {G} rows, got shape {w_hh.shape}")
+        raise ShapeError(f"w_hh must be 2-d with a multiple of {G} rows, got shape {w_hh.shape}")
     H, H_out = w_hh.shape[0] // G, w_hh.shape[1]
     w_ih = as_float_array("w_ih", w_ih, dtype, _X_DTYPE)
     check_shape("w_ih", w_ih, (G * H, I))
@@ -102,7 +108,7 @@ def check_layer_params(cell, dtype, B, I, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
         w_hr = as_float_array("w_hr", w_hr, dtype, _X_DTYPE)
         check_shape("w_hr", w_hr, (H_out, H))
     elif H_out != H:
-        raise ValueError(f"w_hh must have shape ({G * H}, {H}), got {w_hh.shape}")
+        raise ShapeError(f"w_hh must have shape ({G * H}, {H}), got {w_hh.shape}")
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih and b_hh must both be given or both be None")
     if b_ih is not None:

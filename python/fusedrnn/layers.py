@@ -48,7 +48,7 @@ import threading
 import numpy as np
 
 from . import _layer_base as base
-from ._validate import as_dtype_array, as_lengths, check_shape
+from ._validate import ShapeError, as_dtype_array, as_lengths, check_shape
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
@@ -135,14 +135,34 @@ class _Layer:
         self._training_call = threading.Lock()  # held through a training forward or backward
         self._training_owner = None             # the thread that last took it
 
-    # -- torch.nn-style attributes (read-only: the parameter shapes depend on them)
+    # -- torch.nn-style attributes (read-only where the parameter shapes depend on them)
     input_size = property(lambda self: self._spec.input_size)
     hidden_size = property(lambda self: self._spec.hidden_size)
     num_layers = property(lambda self: self._spec.num_layers)
     bias = property(lambda self: self._spec.bias)
-    batch_first = property(lambda self: self._spec.batch_first)
-    dropout = property(lambda self: self._spec.dropout)
     bidirectional = property(lambda self: self._spec.bidirectional)
+
+    # batch_first and dropout may be set, as on a torch.nn module: the next forward uses them.
+    @property
+    def batch_first(self):
+        return self._spec.batch_first
+
+    @batch_first.setter
+    def batch_first(self, value):
+        value = base.check_bool("batch_first", value)
+        if value != self._spec.batch_first:
+            self._spec = self._spec.replaced(batch_first=value)
+            # dy would be read in the other layout: the pending backward goes
+            self._forget("batch_first changed after the last training forward; run forward again")
+
+    @property
+    def dropout(self):
+        return self._spec.dropout
+
+    @dropout.setter
+    def dropout(self, value):
+        self._spec = self._spec.replaced(dropout=base.check_dropout(value))
+
     proj_size = property(lambda self: self._spec.proj_size)  # 0 but for a projected LSTM
     # torch's mode string: 'RNN_TANH', 'RNN_RELU', 'LSTM' or 'GRU'
     mode = property(lambda self: self._spec.cell.upper())
@@ -473,7 +493,7 @@ class _Layer:
         s = self._spec
         x = _as_array("x", x, self.dtype)
         if x.ndim not in (2, 3) or x.shape[-1] != s.input_size:
-            raise ValueError(f"x must have shape {self._x_desc()} or (T, {s.input_size}) "
+            raise ShapeError(f"x must have shape {self._x_desc()} or (T, {s.input_size}) "
                              f"unbatched, got {x.shape}")
         unbatched = x.ndim == 2
         if unbatched:
@@ -484,7 +504,7 @@ class _Layer:
             x_tm = x
         T, B = x_tm.shape[:2]
         if T < 1:
-            raise ValueError(f"x must have at least one time step, got shape {x.shape}")
+            raise ShapeError(f"x must have at least one time step, got shape {x.shape}")
         h0, c0 = self._check_hx(hx, B, unbatched)
         if lengths is not None and unbatched:
             raise ValueError("lengths is for batched input; for unbatched x (T, I) pass "
@@ -539,7 +559,7 @@ class _Layer:
         if a.shape != want:
             what = ("(num_layers*num_directions" + ("" if unbatched else ", batch")
                     + f", {width_name})")
-            raise ValueError(f"{name} must have shape {want} {what}, got {a.shape}")
+            raise ShapeError(f"{name} must have shape {want} {what}, got {a.shape}")
         return np.ascontiguousarray(a[:, None, :] if unbatched else a)
 
     def _check_hx(self, hx, B, unbatched):

@@ -1,9 +1,9 @@
 // Riding or one GEMM, measured per shape. Where a single row's steps run on one thread, its input
 // projection can ride along the steps (sequence/projection_mode.h, projection_rides) or run as one
-// GEMM before them. Both give the same bits (every element one FMA chain from zero, k in
-// order, then the bias; tests/test_kernels.py checks it), but which is faster depends on the host as much as
-// on the shape: riding fills FMA slots that a row streaming W_hh from L2 leaves idle, and how
-// many it leaves depends on the core's L1 and L2. On Zen 4 riding won (online-small LSTM 0.40 ->
+// GEMM before them. Both give the same bits (every element the same FMA chains, k in order in
+// blocks of kSumBlock, then the bias; tests/test_kernels.py checks it), but which is faster
+// depends on the host as much as on the shape: riding fills FMA slots that a row streaming W_hh
+// from L2 leaves idle, and how many it leaves depends on the core's L1 and L2. On Zen 4 riding won (online-small LSTM 0.40 ->
 // 0.34 ms); on this Xeon (48 KB L1, 2 MB L2) one GEMM wins at most shapes (in-process A/B, 1
 // thread, medians, riding -> GEMM: long-seq LSTM 0.616 -> 0.581 ms, long-seq GRU 0.436 -> 0.385,
 // 100x1x256x256 LSTM 1.484 -> 1.287) and riding at a few (300x1x32x128 LSTM 0.690 against

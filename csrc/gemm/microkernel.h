@@ -1,6 +1,7 @@
 // The register-tiled micro-kernel: an MR x NR block of C from an A block read with strides and a
-// packed B panel (K x NR, NR contiguous). Each C element is one FMA chain over k in order, so the
-// result never depends on how tiles are spread over threads.
+// packed B panel (K x NR, NR contiguous). Each C element is an FMA chain over k in order in each
+// block of kSumBlock, the blocks added after, so the result never depends on how tiles are spread
+// over threads.
 #pragma once
 #include <cstdint>
 #include "simd/vec.h"

@@ -148,8 +148,9 @@ CachedPanels<T> input_weights_packed(const LayerShape& s, const T* w_ih, int nth
 }
 
 // Rows [r0, r1) of Gx = X W_ih^T + bias on the FMA kernels, from W_ih packed by
-// input_weights_packed and the folded bias (or null): one chain per element from zero, k in
-// order (no k-split), then the bias, so any run of rows on any threads gives the whole product's bits.
+// input_weights_packed and the folded bias (or null): each element's chains k in order, in
+// blocks of kSumBlock (no k-split), then the bias, so any run of rows on any threads gives the
+// whole product's bits.
 template <typename T>
 void input_projection_rows(const LayerShape& s, const T* x, const T* w_packed, const T* bias,
                            T* gx, int64_t ld_gx, int64_t r0, int64_t r1, int nthreads) {
@@ -158,8 +159,9 @@ void input_projection_rows(const LayerShape& s, const T* x, const T* w_packed, c
                  nthreads, bias, false, false);
 }
 
-// Gx (T*B, G*H; rows ld_gx apart) = X W_ih^T + the folded bias, as one GEMM, one chain per
-// element (no k-split in a short last row tile): the riding tiles' bits (projection_mode.h).
+// Gx (T*B, G*H; rows ld_gx apart) = X W_ih^T + the folded bias, as one GEMM, the same chains
+// for every element (no k-split in a short last row tile): the riding tiles' bits
+// (projection_mode.h).
 // amx_ok: as gemm_packed's (a single row's projection must give the riding tiles' bits).
 template <typename T>
 void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b_ih,

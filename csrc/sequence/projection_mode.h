@@ -23,9 +23,9 @@ constexpr int64_t kInStepRows = 8;
 // where a step has rows enough for the micro-kernel's tiles, and every row's step is the same
 // time (no lengths), so x_t's rows lie together. Then Gx never goes through memory, and on a team
 // split by hidden units each member computes its own columns of it, instead of reading the rows
-// the other core computed. Each element is the same FMA chain whichever way is chosen (k in order,
-// from zero, then the bias), except that a tile of 1-3 rows splits k (KSplit), so the choice depends on the
-// shape only, never on the threads.
+// the other core computed. Each element is the same FMA chains whichever way is chosen (k in
+// order in blocks of kSumBlock, then the bias), except that a tile of 1-3 rows splits k (KSplit),
+// so the choice depends on the shape only, never on the threads.
 // In-process A/B, a layer (two builds each, medians): stacked LSTM 8.21 -> 8.06 ms on 1 thread,
 // 4.78 -> 4.59 on 2; stacked GRU on 2 threads 4.08 -> 3.71; wide LSTM on 1 thread 547 -> 535.
 // Every step then streams W_ih beside W_hh, so both must stay in L3 (deepbench LSTM, 32 MB of
@@ -121,8 +121,9 @@ bool in_step_when_pipelined(const LayerShape& s) {
 // streams W_hh from L2 (or L3) with the FMA pipes mostly idle, so each of a window's kRideRows
 // steps also computes a slice of the next window's projection, a RideTile in the same loop as
 // the row (micro_kernel_row_gates), instead of a whole-sequence GEMM before the loop that
-// had the pipes to itself. Every element is still one chain from zero, k in order, then the bias (4-row
-// tiles never split k; the whole-sequence GEMM splits it only in a last tile of 1-3 rows).
+// had the pipes to itself. Every element still has the same chains (k in order in blocks of
+// kSumBlock, then the bias; 4-row tiles never split k; the whole-sequence GEMM splits it only in
+// a last tile of 1-3 rows).
 // In-process A/B, medians, 1 thread: online-small LSTM 0.403 -> 0.352 ms (training 1.128 ->
 // 1.038), long-seq 0.847 -> 0.819, 1000x1x32x128 3.04 -> 2.90, 100x1x512x512 7.06 -> 6.81;
 // 2 threads: online-small 0.256 -> 0.228, long-seq training 1.78 -> 1.73. The GRU's first
@@ -155,9 +156,9 @@ static_assert(kRideRows == 4 * kRideSlices && Tile<double>::NV == Tile<float>::N
 // before the steps: riding, each member computed its share of every window inside the steps
 // that its teammate waits on. In-process A/B, 2 threads, medians, inference / training:
 // online-small LSTM 0.296 -> 0.256 / 0.881 -> 0.714 ms, GRU 0.309 -> 0.270 / 0.710 -> 0.639,
-// long-seq LSTM 0.676 -> 0.628 / 1.762 -> 1.610. The same bits: both make one chain per element,
-// k in order from zero, then the bias (input_projection never splits k), and the GRU row's recurrent
-// product keeps its one pass (ForwardLoop::row_in_one_pass).
+// long-seq LSTM 0.676 -> 0.628 / 1.762 -> 1.610. The same bits: both make the same chains for
+// every element (k in order in blocks of kSumBlock, then the bias; input_projection never splits
+// k), and the GRU row's recurrent product keeps its one pass (ForwardLoop::row_in_one_pass).
 template <typename T>
 int projection_mode(const LayerShape& s, bool has_lengths, bool team = false) {
   if (in_step_projection<T>(s, has_lengths)) return 1;

@@ -74,10 +74,19 @@ def rounded_to_float32(case):
     return {**{k: r(v) for k, v in case.items()}, "w": {k: r(v) for k, v in case["w"].items()}}
 
 
+def assert_float32_forward_within(case, isa, bound):
+    """Every float32 output of `case` (rounded to float32 first) within `bound` of the reference."""
+    case = rounded_to_float32(case)
+    want, _ = run_reference(case)
+    got, _ = run_kernels(case, np.float32, isa)
+    for name in want:
+        err = max_scaled_error(got[name], want[name])
+        assert err <= bound, f"{name}: {err:.2g}"
+
+
 # Inputs small beside the biases: each gate's I products summed from zero and the bias added
 # after (micro_kernel's bias), not one chain from the bias. One step from h0 = 0, so the output
-# is the projection through the cell; the case is rounded to float32 first, so the reference
-# meets the same numbers. 1 row rides or runs one GEMM, 3 rows a GEMM tile that splits k, 9 and
+# is the projection through the cell. 1 row rides or runs one GEMM, 3 rows a GEMM tile that splits k, 9 and
 # 16 rows the in-step projection; H = 33 a partial unit block; I = 1000 > the GEMM's K block.
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
@@ -89,12 +98,7 @@ def test_small_inputs_beside_the_bias_keep_float32_accuracy(isa, cell, B, H, see
     w = case["w"]
     w["b_ih"] = rng.uniform(0.1, 0.3, w["b_ih"].shape) * rng.choice([-1, 1], w["b_ih"].shape)
     case["x"] = 1e-4 * case["x"]
-    case = rounded_to_float32(case)
-    want, _ = run_reference(case)
-    got, _ = run_kernels(case, np.float32, isa)
-    for name in want:
-        err = max_scaled_error(got[name], want[name])
-        assert err <= SMALL_INPUT_FORWARD_FLOAT32, f"{name}: {err:.2g}"
+    assert_float32_forward_within(case, isa, SMALL_INPUT_FORWARD_FLOAT32)
 
 
 # Products over a long k: the input projection (I = 2048) and the step's (H = 1024-2048), summed
@@ -105,13 +109,8 @@ def test_small_inputs_beside_the_bias_keep_float32_accuracy(isa, cell, B, H, see
                                    (2, 16, 2048), (4, 16, 1024)])
 @pytest.mark.parametrize("seed", range(2))
 def test_long_products_keep_float32_accuracy(isa, B, I, H, seed):
-    rng = np.random.default_rng(seed)
-    case = rounded_to_float32(make_case(rng, "rnn_relu", T=2, B=B, I=I, H=H))
-    want, _ = run_reference(case)
-    got, _ = run_kernels(case, np.float32, isa)
-    for name in want:
-        err = max_scaled_error(got[name], want[name])
-        assert err <= LONG_PRODUCT_FORWARD_FLOAT32, f"{name}: {err:.2g}"
+    case = make_case(np.random.default_rng(seed), "rnn_relu", T=2, B=B, I=I, H=H)
+    assert_float32_forward_within(case, isa, LONG_PRODUCT_FORWARD_FLOAT32)
 
 
 # The input projection inside each step (projection_mode.h, in_step_projection): batches from 8 rows

@@ -204,7 +204,8 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
       for (int j = 0; j < n_valid; ++j) tmp[r * NR + j] = c[r * ldc + j];
   micro_kernel<T, Form>(m, K, a, lda, b, tmp, NR, accumulate, nullptr, split_k);
   for (int r = 0; r < m; ++r)
-    for (int j = 0; j < n_valid; ++j) c[r * ldc + j] = bias ? tmp[r * NR + j] + bias[j] : tmp[r * NR + j];
+    for (int j = 0; j < n_valid; ++j)
+      c[r * ldc + j] = bias ? tmp[r * NR + j] + bias[j] : tmp[r * NR + j];
 }
 
 // The calling thread's buffer for packed A blocks (MC x KC), allocated on its first GEMM and kept:
@@ -234,8 +235,8 @@ void gemm_packed_block(int64_t m0, int64_t mc, int64_t p0, int64_t p1, int64_t N
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t kc = imin(KC, K - k0);
     const bool acc = accumulate || k0 > 0;
-    // The bias after the last K block: a chain over all of K, then the bias, whatever KC is
-    // (the riding tiles of forward.h make such chains and must give the same bits).
+    // The bias after the last K block: the blocks of all of K, then the bias, whatever KC is
+    // (the riding tiles of forward.h sum so and must give the same bits).
     const T* bias_k = k0 + kc == K ? bias : nullptr;
     const T* a_block = A + m0 * a_rs + k0 * a_cs;
     // Rows of A contiguous: the Blocked form, whole-vector copies (pack_a's panels cost 3.4% of

@@ -40,7 +40,7 @@ template <typename T> struct Tile {
 // so the blocks fall at the same k whichever kernel, K block or thread computes a product.
 constexpr int64_t kSumBlock = 128;
 template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 3 ? 2 : 1; };
-// Split = false keeps one chain per element for any M, k in order from zero (then the bias): the
+// Split = false keeps one chain per element and k block for any M, k in order (then the bias): the
 // input projection, whose rows a single-row step team gets from one GEMM and a lone thread from
 // the riding tiles (forward.h), must give the same bits either way.
 
@@ -66,9 +66,8 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
   constexpr int NR = Tile<T>::NR;
   constexpr int MR = Tile<T>::MR;
   constexpr int KS = Split ? KSplit<M>::value : 1;
-  // k in blocks of kSumBlock: each block's chains start from zero and the block's
-  // sum is added to C (or is C, for the first block of a product that does not accumulate),
-  // so the error grows with the block and the number of blocks, not with K.
+  // k in blocks of kSumBlock: each block's chains start from zero and the block's sum is added
+  // to C (or is C, for the first block of a product that does not accumulate).
   V acc[KS][M][NV];
   // A(r, k): packed, one base pointer and immediate offsets r (M row pointers would not fit the
   // general registers with the loop's own: 12 rows on AVX-512 spilled a counter to the stack).
@@ -108,7 +107,7 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
     if constexpr (Form == AForm::Blocked && KS == 1) {
       for (; k + W <= k_end; k += W) {
         const T* ak = a + k * MR;  // k is a multiple of W
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
         for (int kk = 0; kk < W; ++kk) {
           if constexpr (prefetch)
             for (int l = 0; l < Tile<T>::LINES; ++l)
@@ -122,7 +121,7 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
         }
       }
     }
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
     for (; k + KS <= k_end; k += KS) {
       for (int s = 0; s < KS; ++s) {
         if constexpr (prefetch)  // a few rows go through B faster than a prefetch helps: see above
@@ -171,8 +170,8 @@ inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T*
 
 // A tile of a product riding along micro_kernel_row_gates: out(r, n) = sum over k < K of
 // x[r*ldx + k] * w[k*NR + n], plus bias(n) unless it is null, for r < kRows and kVectors vectors
-// of n (row stride ld_out): one FMA chain per element from zero, k in order, then the bias, as a
-// micro_kernel of 4 rows or more makes it. On AVX-512, 8 rows one vector wide: each panel line it loads
+// of n (row stride ld_out): the chains of a micro_kernel of 4 rows or more (k in order in blocks
+// of kSumBlock, then the bias). On AVX-512, 8 rows one vector wide: each panel line it loads
 // serves twice the rows of a 4 x NR tile, in as many registers (online-small LSTM 0.358 ->
 // 0.345 ms); with 16 registers, 4 rows two vectors wide: half the broadcasts a k-step (AVX2,
 // online-small GRU: 0.309 ms against 0.345).

@@ -20,19 +20,13 @@
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 
-// Loads and stores of the first n < W lanes, through a small stack buffer (tails only).
+// Loads and stores of the first n < W lanes (tails), masked. Through a stack buffer and memcpy,
+// as before, a layer whose H is no multiple of W paid a call to memcpy for every tail vector of
+// every row and step: LSTM T = 500, B = 4, 1 thread, 0.14 ms at H = 16, 0.36 ms at H = 15.
 template <typename T>
-inline Vec<T> load_partial(const T* p, int n) {
-  alignas(64) T buf[Vec<T>::W] = {};
-  std::memcpy(buf, p, sizeof(T) * n);
-  return Vec<T>::load(buf);
-}
+inline Vec<T> load_partial(const T* p, int n) { return Vec<T>::load_first(p, n); }
 template <typename T>
-inline void store_partial(T* p, Vec<T> v, int n) {
-  alignas(64) T buf[Vec<T>::W];
-  v.store(buf);
-  std::memcpy(p, buf, sizeof(T) * n);
-}
+inline void store_partial(T* p, Vec<T> v, int n) { v.store_first(p, n); }
 
 // Whether this ISA's header has transpose_block(src, ld_src, dst, ld_dst) for T: a W x W block
 // transposed in registers (AVX-512 and AVX2, floats). Elsewhere gemm.h's packing goes element

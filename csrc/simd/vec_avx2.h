@@ -17,6 +17,10 @@ struct Vec<float> {
   __m256 v;
   static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
   void store(float* p) const { _mm256_storeu_ps(p, v); }
+  // The first n < W lanes (the rest zero / untouched), masked: no fault past them.
+  static __m256i first(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
+  static Vec load_first(const float* p, int n) { return {_mm256_maskload_ps(p, first(n))}; }
+  void store_first(float* p, int n) const { _mm256_maskstore_ps(p, first(n), v); }
   static Vec set1(float x) { return {_mm256_set1_ps(x)}; }
   static Vec zero() { return {_mm256_setzero_ps()}; }
   static Vec add(Vec a, Vec b) { return {_mm256_add_ps(a.v, b.v)}; }
@@ -60,6 +64,9 @@ struct Vec<double> {
   __m256d v;
   static Vec load(const double* p) { return {_mm256_loadu_pd(p)}; }
   void store(double* p) const { _mm256_storeu_pd(p, v); }
+  static __m256i first(int n) { return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)); }
+  static Vec load_first(const double* p, int n) { return {_mm256_maskload_pd(p, first(n))}; }
+  void store_first(double* p, int n) const { _mm256_maskstore_pd(p, first(n), v); }
   static Vec set1(double x) { return {_mm256_set1_pd(x)}; }
   static Vec zero() { return {_mm256_setzero_pd()}; }
   static Vec add(Vec a, Vec b) { return {_mm256_add_pd(a.v, b.v)}; }

@@ -21,6 +21,9 @@ struct Vec<float> {
   __m512 v;
   static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
   void store(float* p) const { _mm512_storeu_ps(p, v); }
+  // The first n < W lanes (the rest zero / untouched), masked: no fault past them.
+  static Vec load_first(const float* p, int n) { return {_mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p)}; }
+  void store_first(float* p, int n) const { _mm512_mask_storeu_ps(p, __mmask16((1u << n) - 1), v); }
   static Vec set1(float x) { return {_mm512_set1_ps(x)}; }
   static Vec zero() { return {_mm512_setzero_ps()}; }
   static Vec add(Vec a, Vec b) { return {_mm512_add_ps(a.v, b.v)}; }
@@ -61,6 +64,8 @@ struct Vec<double> {
   __m512d v;
   static Vec load(const double* p) { return {_mm512_loadu_pd(p)}; }
   void store(double* p) const { _mm512_storeu_pd(p, v); }
+  static Vec load_first(const double* p, int n) { return {_mm512_maskz_loadu_pd(__mmask8((1u << n) - 1), p)}; }
+  void store_first(double* p, int n) const { _mm512_mask_storeu_pd(p, __mmask8((1u << n) - 1), v); }
   static Vec set1(double x) { return {_mm512_set1_pd(x)}; }
   static Vec zero() { return {_mm512_setzero_pd()}; }
   static Vec add(Vec a, Vec b) { return {_mm512_add_pd(a.v, b.v)}; }

@@ -18,6 +18,9 @@ struct Vec {
 #define FUSEDRNN_LANES(expr) Vec r; for (int i = 0; i < W; ++i) r.v[i] = (expr); return r
   static Vec load(const T* p) { Vec r; std::memcpy(r.v, p, sizeof(r.v)); return r; }
   void store(T* p) const { std::memcpy(p, v, sizeof(v)); }
+  // The first n < W lanes (the rest zero / untouched).
+  static Vec load_first(const T* p, int n) { Vec r = zero(); for (int i = 0; i < n; ++i) r.v[i] = p[i]; return r; }
+  void store_first(T* p, int n) const { for (int i = 0; i < n; ++i) p[i] = v[i]; }
   static Vec set1(T x) { FUSEDRNN_LANES(x); }
   static Vec zero() { FUSEDRNN_LANES(T(0)); }
   static Vec add(Vec a, Vec b) { FUSEDRNN_LANES(a.v[i] + b.v[i]); }

@@ -93,9 +93,20 @@ bool in_step_fits(const LayerShape& s, bool has_lengths) {
   return !has_lengths && s.I > 0 && s.B >= kInStepRows && 3 * weight_bytes <= 2 * l3_cache_bytes() &&
          2 * in_step_block_bytes<T>(s) <= l2_cache_bytes();
 }
+// The step's tiles take whole unit blocks (NR units a gate), so a small or ragged H pads the
+// in-step projection's columns, which the GEMM before the loop (G*H wide) does not: past a
+// quarter of padding the GEMM wins. In-process A/B (bench/ab_builds.py), medians, 1 thread,
+// inference, in the step -> the GEMM, T x B x I x H: LSTM 20x128x100x8 0.359 -> 0.184 ms (torch.nn
+// 0.28), GRU 0.286 -> 0.182; LSTM 50x16x256x40 0.517 -> 0.378, 50x64x256x100 5.03 -> 4.53,
+// 20x128x100x17 0.409 -> 0.359; training and 2 threads alike (LSTM 20x128x100x8 training 0.734
+// -> 0.584 ms). A padding of an eighth or less (H = 200, 240, 250, 500) was within noise.
+template <typename T>
+bool pads_little(const LayerShape& s) {
+  return 4 * ceil_div<int64_t>(s.H, Tile<T>::NR) * Tile<T>::NR <= 5 * s.H;
+}
 template <typename T>
 bool in_step_projection(const LayerShape& s, bool has_lengths) {
-  return in_step_fits<T>(s, has_lengths) && !projection_apart<T>(s);
+  return in_step_fits<T>(s, has_lengths) && pads_little<T>(s) && !projection_apart<T>(s);
 }
 
 // Whether a layer of a pipelined stack (layer_pipeline.h: one thread a layer, no lengths) takes

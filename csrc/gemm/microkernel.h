@@ -58,11 +58,13 @@ enum class AForm { Rows, Panel, Blocked };
 // to A B: a chain started from the bias rounds each of its terms at the bias's scale, which lost
 // up to 20x torch's accuracy where the inputs are small beside the bias.
 // Prefetch: whether B's panel is prefetched ahead (micro_kernel_rows below chooses).
-template <typename T, int M, AForm Form, bool Split, bool Prefetch>
+// NVU: the vectors of the panel computed (FirstHalf: its first only, where a hidden layer's last
+// unit block holds no more units than one vector; the other lanes of C are left as they are).
+template <typename T, int M, AForm Form, bool Split, bool Prefetch, int NVU = Tile<T>::NV>
 inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, const T* b, T* c,
                                           int64_t ldc, bool accumulate, const T* bias) {
   using V = Vec<T>;
-  constexpr int NV = Tile<T>::NV;
+  constexpr int NV = NVU;
   constexpr int NR = Tile<T>::NR;
   constexpr int MR = Tile<T>::MR;
   constexpr int KS = Split ? KSplit<M>::value : 1;
@@ -159,13 +161,13 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
 
 // The kernel with B's prefetch where this CPU gains from it (prefetch_b_panels). A template
 // argument, not a flag in the loop: a flag tested every k-step cost wide LSTM 5% on Zen 5.
-template <typename T, int M, AForm Form = AForm::Rows, bool Split = true>
+template <typename T, int M, AForm Form = AForm::Rows, bool Split = true, int NVU = Tile<T>::NV>
 inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                               bool accumulate, const T* bias = nullptr) {
   if (prefetch_b_panels())
-    micro_kernel_rows_prefetching<T, M, Form, Split, true>(K, a, lda, b, c, ldc, accumulate, bias);
+    micro_kernel_rows_prefetching<T, M, Form, Split, true, NVU>(K, a, lda, b, c, ldc, accumulate, bias);
   else
-    micro_kernel_rows_prefetching<T, M, Form, Split, false>(K, a, lda, b, c, ldc, accumulate, bias);
+    micro_kernel_rows_prefetching<T, M, Form, Split, false, NVU>(K, a, lda, b, c, ldc, accumulate, bias);
 }
 
 // A tile of a product riding along micro_kernel_row_gates: out(r, n) = sum over k < K of
@@ -305,17 +307,18 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
 // two pipes, and its B lines serve 4 rows where a full tile's serve 12; with two panels the
 // chains double and each broadcast serves both. The chains are micro_kernel_rows' for M >= 4
 // (KS = 1: from zero, k in order, then the bias), so the results are the same bits.
-template <typename T, int M, int P>
+template <typename T, int M, int P, int NVU = Tile<T>::NV>
 constexpr bool panels_fit() {
-  return M >= 4 && P * M * Tile<T>::NV + P * Tile<T>::NV + 1 <= Tile<T>::REGS;
+  return M >= 4 && P * M * NVU + P * NVU + 1 <= Tile<T>::REGS;
 }
-template <typename T, int M, int P>
+// NVU: as micro_kernel_rows_prefetching's.
+template <typename T, int M, int P, int NVU = Tile<T>::NV>
 inline void micro_kernel_panels(int64_t K, const T* a, const T* b, int64_t panel_stride, T* c,
                                 int64_t ldc, int64_t c_panel_stride, const T* bias = nullptr,
                                 int64_t bias_panel_stride = 0) {
-  static_assert(panels_fit<T, M, P>(), "accumulators must fit the registers");
+  static_assert(panels_fit<T, M, P, NVU>(), "accumulators must fit the registers");
   using V = Vec<T>;
-  constexpr int NV = Tile<T>::NV;
+  constexpr int NV = NVU;
   constexpr int NR = Tile<T>::NR;
   constexpr int MR = Tile<T>::MR;
   constexpr int64_t W = Vec<T>::W;
@@ -354,13 +357,13 @@ inline void micro_kernel_panels(int64_t K, const T* a, const T* b, int64_t panel
 }
 
 // M rows, k split as KSplit says, or not at all without split_k.
-template <typename T, int M, AForm Form>
+template <typename T, int M, AForm Form, int NVU = Tile<T>::NV>
 inline void micro_kernel_m(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                            bool accumulate, const T* bias, bool split_k) {
   if constexpr (KSplit<M>::value > 1) {
-    if (!split_k) return micro_kernel_rows<T, M, Form, false>(K, a, lda, b, c, ldc, accumulate, bias);
+    if (!split_k) return micro_kernel_rows<T, M, Form, false, NVU>(K, a, lda, b, c, ldc, accumulate, bias);
   }
-  micro_kernel_rows<T, M, Form>(K, a, lda, b, c, ldc, accumulate, bias);
+  micro_kernel_rows<T, M, Form, true, NVU>(K, a, lda, b, c, ldc, accumulate, bias);
 }
 
 // A single row (A's one row read in place, AForm::Rows) against two full panels of B at once:
@@ -422,18 +425,29 @@ inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b
 }
 
 // Any M in 1..MR: picks the instantiation with that many rows (split_k: see KSplit).
-template <typename T, AForm Form = AForm::Rows>
-inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
-                         bool accumulate, const T* bias = nullptr, bool split_k = true) {
+template <typename T, AForm Form, int NVU>
+inline void micro_kernel_nvu(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c,
+                             int64_t ldc, bool accumulate, const T* bias, bool split_k) {
   switch (M) {
 #define FUSEDRNN_CASE(m) \
-  case m: if (m <= Tile<T>::MR) micro_kernel_m<T, (m <= Tile<T>::MR ? m : 1), Form>(K, a, lda, b, c, ldc, accumulate, bias, split_k); break;
+  case m: if (m <= Tile<T>::MR) micro_kernel_m<T, (m <= Tile<T>::MR ? m : 1), Form, NVU>(K, a, lda, b, c, ldc, accumulate, bias, split_k); break;
     FUSEDRNN_CASE(1) FUSEDRNN_CASE(2) FUSEDRNN_CASE(3) FUSEDRNN_CASE(4) FUSEDRNN_CASE(5)
     FUSEDRNN_CASE(6) FUSEDRNN_CASE(7) FUSEDRNN_CASE(8) FUSEDRNN_CASE(9) FUSEDRNN_CASE(10)
     FUSEDRNN_CASE(11) FUSEDRNN_CASE(12)
 #undef FUSEDRNN_CASE
     default: break;
   }
+}
+// first_half (the step's Rows and Blocked tiles): the panel's first vector only (NVU = 1), for
+// a last unit block of no more units than one vector. Each lane's chains are its own, so the
+// lanes computed keep their bits.
+template <typename T, AForm Form = AForm::Rows>
+inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
+                         bool accumulate, const T* bias = nullptr, bool split_k = true,
+                         bool first_half = false) {
+  if constexpr (Form != AForm::Panel && Tile<T>::NV > 1)
+    if (first_half) return micro_kernel_nvu<T, Form, 1>(M, K, a, lda, b, c, ldc, accumulate, bias, split_k);
+  micro_kernel_nvu<T, Form, Tile<T>::NV>(M, K, a, lda, b, c, ldc, accumulate, bias, split_k);
 }
 
 }  // namespace FUSEDRNN_ISA_NS

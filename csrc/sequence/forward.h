@@ -365,7 +365,7 @@ struct ForwardLoop {
           else
             for (int gi = 0; gi < g_count; ++gi)
               micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(g0 + gi, ub), tile + gi * NR,
-                              g_count * NR, false);
+                              g_count * NR, false, nullptr, true, first_half(ub));
         }
         for (int ri = 0; ri < mr; ++ri) {
           const int64_t b = m + ri;
@@ -411,20 +411,33 @@ struct ForwardLoop {
   // A/B, a layer, 1 thread, medians (B = 16 or 64: full tiles and a 4-row one): stacked LSTM
   // 6.03 -> 5.96 ms, stacked GRU 4.47 -> 4.33, fastrnns LSTM 175.8 -> 172.3, deepbench LSTM
   // 186.6 -> 182.2; training, whose backward dominates, unchanged. split_k: micro_kernel's.
+  // Of a unit block with no more units than one vector (H's last, first_half), only the panels'
+  // first vector: H = 200 computed 224 units a gate, now 208.
   void gate_products(int mr, int64_t K, const T* a, const PackedGates<T>& wg, int64_t ub, int g0,
                      int count, T* out, int64_t ldo, const T* bias, int64_t bias_stride,
                      bool split_k = true) const {
     constexpr int NR = Tile<T>::NR;
+    const bool half = first_half(ub);
     int i = 0;
     if constexpr (panels_fit<T, 4, 2>()) {
-      if (mr == 4)
+      if (mr == 4 && !half)
         for (; i + 2 <= count; i += 2)
           micro_kernel_panels<T, 4, 2>(K, a, wg.panel(g0 + i, ub), K * NR, out + i * NR, ldo, NR,
                                        bias ? bias + i * bias_stride : nullptr, bias_stride);
     }
+    if constexpr (panels_fit<T, 4, 2, 1>()) {
+      if (mr == 4 && half)
+        for (; i + 2 <= count; i += 2)
+          micro_kernel_panels<T, 4, 2, 1>(K, a, wg.panel(g0 + i, ub), K * NR, out + i * NR, ldo,
+                                          NR, bias ? bias + i * bias_stride : nullptr, bias_stride);
+    }
     for (; i < count; ++i)
       micro_kernel<T, AForm::Blocked>(mr, K, a, 0, wg.panel(g0 + i, ub), out + i * NR, ldo, false,
-                                      bias ? bias + i * bias_stride : nullptr, split_k);
+                                      bias ? bias + i * bias_stride : nullptr, split_k, half);
+  }
+  // Whether unit block ub holds no more of H's units than one vector (micro_kernel's first_half).
+  bool first_half(int64_t ub) const {
+    return Tile<T>::NV > 1 && s.H - ub * Tile<T>::NR <= Vec<T>::W;
   }
 
   // micro_kernel_row_gates over gates [g0, g0 + g_count) of unit block ub.

@@ -185,9 +185,10 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   const bool full = n_valid == NR;
   alignas(64) T tmp[MR * NR];
+  const bool half = n_valid <= Vec<T>::W;  // a last panel of one vector's columns or fewer
   if (accumulate && apart) {
     using V = Vec<T>;
-    micro_kernel<T, Form>(m, K, a, lda, b, tmp, NR, false, nullptr, split_k);
+    micro_kernel<T, Form>(m, K, a, lda, b, tmp, NR, false, nullptr, split_k, half);
     for (int r = 0; r < m; ++r) {
       if (full)
         for (int v = 0; v < Tile<T>::NV; ++v)
@@ -202,7 +203,7 @@ inline void tile_to_c(int m, int n_valid, int64_t K, const T* a, int64_t lda, co
   if (accumulate)
     for (int r = 0; r < m; ++r)
       for (int j = 0; j < n_valid; ++j) tmp[r * NR + j] = c[r * ldc + j];
-  micro_kernel<T, Form>(m, K, a, lda, b, tmp, NR, accumulate, nullptr, split_k);
+  micro_kernel<T, Form>(m, K, a, lda, b, tmp, NR, accumulate, nullptr, split_k, half);
   for (int r = 0; r < m; ++r)
     for (int j = 0; j < n_valid; ++j)
       c[r * ldc + j] = bias ? tmp[r * NR + j] + bias[j] : tmp[r * NR + j];

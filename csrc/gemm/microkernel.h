@@ -438,14 +438,14 @@ inline void micro_kernel_nvu(int M, int64_t K, const T* a, int64_t lda, const T*
     default: break;
   }
 }
-// first_half (the step's Rows and Blocked tiles): the panel's first vector only (NVU = 1), for
-// a last unit block of no more units than one vector. Each lane's chains are its own, so the
-// lanes computed keep their bits.
+// first_half: the panel's first vector only (NVU = 1), for a last unit block (or panel) of no
+// more units (columns) than one vector. Each lane's chains are its own, so the lanes computed
+// keep their bits.
 template <typename T, AForm Form = AForm::Rows>
 inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                          bool accumulate, const T* bias = nullptr, bool split_k = true,
                          bool first_half = false) {
-  if constexpr (Form != AForm::Panel && Tile<T>::NV > 1)
+  if constexpr (Tile<T>::NV > 1)
     if (first_half) return micro_kernel_nvu<T, Form, 1>(M, K, a, lda, b, c, ldc, accumulate, bias, split_k);
   micro_kernel_nvu<T, Form, Tile<T>::NV>(M, K, a, lda, b, c, ldc, accumulate, bias, split_k);
 }

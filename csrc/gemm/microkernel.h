@@ -165,9 +165,11 @@ template <typename T, int M, AForm Form = AForm::Rows, bool Split = true, int NV
 inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                               bool accumulate, const T* bias = nullptr) {
   if (prefetch_b_panels())
-    micro_kernel_rows_prefetching<T, M, Form, Split, true, NVU>(K, a, lda, b, c, ldc, accumulate, bias);
+    micro_kernel_rows_prefetching<T, M, Form, Split, true, NVU>(K, a, lda, b, c, ldc, accumulate,
+                                                                bias);
   else
-    micro_kernel_rows_prefetching<T, M, Form, Split, false, NVU>(K, a, lda, b, c, ldc, accumulate, bias);
+    micro_kernel_rows_prefetching<T, M, Form, Split, false, NVU>(K, a, lda, b, c, ldc, accumulate,
+                                                                 bias);
 }
 
 // A tile of a product riding along micro_kernel_row_gates: out(r, n) = sum over k < K of
@@ -361,7 +363,8 @@ template <typename T, int M, AForm Form, int NVU = Tile<T>::NV>
 inline void micro_kernel_m(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                            bool accumulate, const T* bias, bool split_k) {
   if constexpr (KSplit<M>::value > 1) {
-    if (!split_k) return micro_kernel_rows<T, M, Form, false, NVU>(K, a, lda, b, c, ldc, accumulate, bias);
+    if (!split_k)
+      return micro_kernel_rows<T, M, Form, false, NVU>(K, a, lda, b, c, ldc, accumulate, bias);
   }
   micro_kernel_rows<T, M, Form, true, NVU>(K, a, lda, b, c, ldc, accumulate, bias);
 }
@@ -446,7 +449,8 @@ inline void micro_kernel(int M, int64_t K, const T* a, int64_t lda, const T* b, 
                          bool accumulate, const T* bias = nullptr, bool split_k = true,
                          bool first_half = false) {
   if constexpr (Tile<T>::NV > 1)
-    if (first_half) return micro_kernel_nvu<T, Form, 1>(M, K, a, lda, b, c, ldc, accumulate, bias, split_k);
+    if (first_half)
+      return micro_kernel_nvu<T, Form, 1>(M, K, a, lda, b, c, ldc, accumulate, bias, split_k);
   micro_kernel_nvu<T, Form, Tile<T>::NV>(M, K, a, lda, b, c, ldc, accumulate, bias, split_k);
 }
 

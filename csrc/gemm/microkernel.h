@@ -39,6 +39,14 @@ template <typename T> struct Tile {
 // 1024: twice torch's). A multiple of every KSplit, of a vector's lanes and of the GEMM's KC,
 // so the blocks fall at the same k whichever kernel, K block or thread computes a product.
 constexpr int64_t kSumBlock = 128;
+// A k block's sum into C: stored as C's value (the first block of a product that does not
+// accumulate) or added to it (onto), then the bias added where given (after the last block).
+template <typename T>
+inline void store_block_sum(Vec<T> sum, T* at, bool onto, const T* bias) {
+  if (onto) sum = Vec<T>::add(Vec<T>::load(at), sum);
+  if (bias) sum = Vec<T>::add(sum, Vec<T>::load(bias));
+  sum.store(at);
+}
 template <int M> struct KSplit { static constexpr int value = M == 1 ? 4 : M <= 3 ? 2 : 1; };
 // Split = false keeps one chain per element and k block for any M, k in order (then the bias): the
 // input projection, whose rows a single-row step team gets from one GEMM and a lone thread from
@@ -151,11 +159,9 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
     const bool onto_c = accumulate || k_block > 0;
     const bool last = k_end == K;
     for (int r = 0; r < M; ++r)
-      for (int v = 0; v < NV; ++v) {
-        V sum = onto_c ? V::add(V::load(c + r * ldc + v * V::W), acc[0][r][v]) : acc[0][r][v];
-        if (last && bias) sum = V::add(sum, V::load(bias + v * V::W));
-        sum.store(c + r * ldc + v * V::W);
-      }
+      for (int v = 0; v < NV; ++v)
+        store_block_sum(acc[0][r][v], c + r * ldc + v * V::W, onto_c,
+                        last && bias ? bias + v * V::W : nullptr);
   }
 }
 
@@ -233,8 +239,7 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
   auto fold_row = [&](bool first) {
     for (int g = 0; g < G; ++g)
       for (int v = 0; v < NV; ++v) {
-        T* at = c + g * NR + v * V::W;
-        (first ? acc[g][v] : V::add(V::load(at), acc[g][v])).store(at);
+        store_block_sum(acc[g][v], c + g * NR + v * V::W, !first, static_cast<const T*>(nullptr));
         acc[g][v] = V::zero();
       }
   };
@@ -254,9 +259,8 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
     auto fold_ride = [&](bool first, const T* bias) {
       for (int r = 0; r < R; ++r)
         for (int v = 0; v < RV; ++v) {
-          T* at = q.out + r * q.ld_out + v * V::W;
-          V sum = first ? racc[r][v] : V::add(V::load(at), racc[r][v]);
-          (bias ? V::add(sum, V::load(bias + v * V::W)) : sum).store(at);
+          store_block_sum(racc[r][v], q.out + r * q.ld_out + v * V::W, !first,
+                          bias ? bias + v * V::W : nullptr);
           racc[r][v] = V::zero();
         }
     };
@@ -349,12 +353,9 @@ inline void micro_kernel_panels(int64_t K, const T* a, const T* b, int64_t panel
     const bool last = k_end == K;
     for (int p = 0; p < P; ++p)
       for (int r = 0; r < M; ++r)
-        for (int v = 0; v < NV; ++v) {
-          T* at = c + p * c_panel_stride + r * ldc + v * V::W;
-          V sum = k_block > 0 ? V::add(V::load(at), acc[p][r][v]) : acc[p][r][v];
-          if (last && bias) sum = V::add(sum, V::load(bias + p * bias_panel_stride + v * V::W));
-          sum.store(at);
-        }
+        for (int v = 0; v < NV; ++v)
+          store_block_sum(acc[p][r][v], c + p * c_panel_stride + r * ldc + v * V::W, k_block > 0,
+                          last && bias ? bias + p * bias_panel_stride + v * V::W : nullptr);
   }
 }
 
@@ -416,8 +417,7 @@ inline void micro_kernel_row_pair(int64_t K, const T* a, const T* b0, const T* b
     const bool onto_c = (accumulate && to_c) || k_block > 0;
     for (int p = 0; p < 2; ++p)
       for (int v = 0; v < NV; ++v)
-        (onto_c ? V::add(V::load(c[p] + v * V::W), acc[0][p][v]) : acc[0][p][v])
-            .store(c[p] + v * V::W);
+        store_block_sum(acc[0][p][v], c[p] + v * V::W, onto_c, static_cast<const T*>(nullptr));
   }
   if (!to_c) {
     T* out[2] = {c0, c1};

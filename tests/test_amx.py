@@ -87,14 +87,18 @@ def test_what_tiles_do_not_take_runs_the_fma_kernels(rng, variant):
     training call of too few steps and an input with an infinity (which does not split into
     bfloat16 parts) give the FMA build's bits exactly. (The wide case's W_ih is small beside
     W_hh, 4 I < Hout, so its projection stays in the FMA step: projection_mode.h
-    projection_apart; a projection of 320 keeps it so.)"""
+    projection_apart; a projection of 320 keeps it so. The infinity's case has H = 32, which
+    pads little, so its projection runs in the step, on tiles with x's rows split: with H = 20
+    the projection went apart to the FMA GEMM and the steps, on h alone, kept the tiles.)"""
     cell, lbr, proj = variant
     small = make_case(rng, cell, proj, T=40, B=AMX_ROWS - 1, I=9, H=20)
     wide = make_case(rng, cell, 320 if proj else 0, T=20, B=31, I=70, H=900)
     short = make_case(rng, cell, proj, T=AMX_WORK // 48 - 1, B=48, I=9, H=20)
     big = make_case(rng, cell, proj, T=12, B=48, I=9, H=20)
-    infinite = make_case(rng, cell, proj, T=12, B=48, I=9, H=20)
+    infinite = make_case(rng, cell, proj, T=12, B=48, I=9, H=32)
     infinite["x"][2, 5, 3] = np.inf
+    assert _C.projection_mode(functional.CELL_CODES[cell], 48, 9, 32, proj or 32,
+                              isa="amx") == "in_step"
     for case, dtype in ((small, np.float32), (wide, np.float32), (short, np.float32),
                         (big, np.float64), (infinite, np.float32)):
         tiles = forward_y(case, "amx", dtype, linear_before_reset=lbr)
@@ -259,15 +263,18 @@ def test_two_threads_give_the_one_thread_bits(rng, fixed_threads):
         fusedrnn.set_num_threads(before)
 
 
-@pytest.mark.parametrize("M,N,K", [(128, 128, 1024), (144, 160, 3000)])
+@pytest.mark.parametrize("M,N,K", [(128, 128, 1024), (144, 160, 3000), (128, 128, 4096)])
 def test_gemm_on_tiles_is_as_exact_as_the_fma_kernels(rng, M, N, K):
-    """The split keeps float32's precision: the tiles' largest error against float64 is at most
-    the FMA kernels' (measured 0.42-0.63 of it over these and other shapes). Any part product
-    left out (even mid*mid, 2^-18 of a product at most) makes it larger, which the float32
-    tolerances alone would not see."""
+    """The split keeps float32's precision and the tiles sum k in blocks as the FMA kernels do
+    (csrc/gemm/amx.h amx_panels_summed): the tiles' RMS error against float64 is under 0.8 of
+    the FMA kernels' (measured 0.67-0.70 over 25 draws of these and other shapes; the RMS, not
+    the largest error, which one element decides: its ratio ranged 0.7-1.2). One sum over all
+    of K in the tiles gave 1.2x at K = 1024 and 2.2x at 4096; any part product left out (even
+    mid*mid, 2^-18 of a product at most) makes it larger, which the float32 tolerances alone
+    would not see."""
     A = rng.standard_normal((M, K)).astype(np.float32)
     B = rng.standard_normal((K, N)).astype(np.float32)
     want = A.astype(np.float64) @ B
-    tiles = np.abs(_C.gemm(A, B, isa="amx") - want).max()
-    fma = np.abs(_C.gemm(A, B, isa="avx512") - want).max()
-    assert tiles <= fma, (tiles, fma)
+    rms = lambda got: np.sqrt(np.mean((got - want) ** 2))
+    tiles, fma = rms(_C.gemm(A, B, isa="amx")), rms(_C.gemm(A, B, isa="avx512"))
+    assert tiles <= 0.8 * fma, (tiles, fma)

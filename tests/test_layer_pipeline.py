@@ -158,7 +158,12 @@ def test_a_pipelined_layer_whose_input_does_not_split_runs_again(two_threads, rn
     same bits."""
     if "amx" not in _C.available_isas():
         pytest.skip("no AMX here (CPU or OS)")
-    x, h0, c0, layers = make_stack(rng, "rnn_relu", np.float32, B=32)
+    # H = 28 pads its unit block little, so the projection is in the step (projection_mode.h
+    # pads_little) and a layer's steps take the tiles, x's rows split with them
+    x, h0, c0, layers = make_stack(rng, "rnn_relu", np.float32, B=32, H=28)
+    finite = [functional.forward_stack("rnn_relu", x, h0, c0, layers, isa=isa)[1][0]
+              for isa in ("amx", "avx512")]
+    assert not np.array_equal(*finite)  # the upper layer's steps take the tiles
     x[40, 3] = 3e38  # the bottom layer's state overflows there: its W_ih row sums pass 1.2
     w_ih, *rest = layers[0]
     layers[0] = (np.abs(w_ih) + 0.1, *rest)

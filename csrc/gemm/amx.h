@@ -158,32 +158,23 @@ inline void amx_split_b(int64_t K, const float* b, bf16_t* out) {
     }
 }
 
-// How a product's C tiles start: from zero, from a bias row (the same 32 values each row), or
-// from C itself (accumulate).
-enum class AmxStart { Zero, Bias, C };
-
-// C (kAmxRows x 32 NP floats, rows ldc apart) (+)= A (a split A tile, kbs k blocks) B (NP split
-// panels b[0..NP)), starting as `start` says (bias[i]: panel i's 32 values). Writes all
-// kAmxRows rows.
-// Per element the order is fixed (k blocks in order, the six part products in the order above),
-// so results do not depend on how tiles are spread over threads.
+// The C tiles' part of a product: tiles 0 .. 2 NP - 1 hold a kAmxRows x 32 NP block of C.
+// amx_tiles_zero clears them; amx_tiles_product adds A (a split A tile, kbs k blocks) B (NP
+// split panels b[0..NP)) to them, per element in a fixed order (k blocks in order, the six part
+// products in the order above), so results do not depend on how tiles are spread over threads;
+// amx_tiles_store writes them to c (rows ldc apart), all kAmxRows rows.
 template <int NP>
-inline void amx_panels(int64_t kbs, const bf16_t* a, const bf16_t* const* b, float* c,
-                       int64_t ldc, AmxStart start, const float* const* bias) {
+inline void amx_tiles_zero() {
   static_assert(NP == 1 || NP == 2, "one or two panels (two or four C tiles)");
-  amx_configure();
-  const int64_t stride = ldc * int64_t(sizeof(float));
-#define FUSEDRNN_AMX_START(t)                                                           \
-  if (start == AmxStart::Zero) _tile_zero(t);                                           \
-  else if (start == AmxStart::Bias) _tile_loadd(t, bias[(t) / 2] + ((t) % 2) * 16, 0);   \
-  else _tile_loadd(t, c + (t) * 16, stride);
-  FUSEDRNN_AMX_START(0)
-  FUSEDRNN_AMX_START(1)
+  _tile_zero(0);
+  _tile_zero(1);
   if constexpr (NP == 2) {
-    FUSEDRNN_AMX_START(2)
-    FUSEDRNN_AMX_START(3)
+    _tile_zero(2);
+    _tile_zero(3);
   }
-#undef FUSEDRNN_AMX_START
+}
+template <int NP>
+inline void amx_tiles_product(int64_t kbs, const bf16_t* a, const bf16_t* const* b) {
   constexpr int64_t kPart = kAmxRows * kAmxK, kHalf = 16 * kAmxK;
   for (int64_t kb = 0; kb < kbs; ++kb) {
     const bf16_t* ak = a + kb * 3 * kPart;
@@ -213,12 +204,78 @@ inline void amx_panels(int64_t kbs, const bf16_t* a, const bf16_t* const* b, flo
     }
 #undef FUSEDRNN_AMX_TILE
   }
+}
+template <int NP>
+inline void amx_tiles_store(float* c, int64_t ldc) {
+  const int64_t stride = ldc * int64_t(sizeof(float));
   _tile_stored(0, c, stride);
   _tile_stored(1, c + 16, stride);
   if constexpr (NP == 2) {
     _tile_stored(2, c + 32, stride);
     _tile_stored(3, c + 48, stride);
   }
+}
+
+// C (kAmxRows x 32 NP floats, rows ldc apart) = A B, or C + A B (onto), then + bias (bias[i]:
+// panel i's 32 values; null for none), with k summed in blocks of kAmxSumBlock (8 k blocks of
+// the tiles), as the FMA kernels sum k in blocks (microkernel.h): each block's sum from zero in
+// the tiles, added to C after it; `apart` (with onto): added to the blocks' own sum, which is
+// added to C at the end (gemm.h's k_blocks_apart). The tiles carrying one sum over all of K
+// (three additions into it per k, against the FMA chain's one) gave _C.gemm an RMS error
+// against float64 of 1.2x the FMA kernels' at K = 1024, 1.9x at 3000, 2.2x at 4096; in blocks
+// of 256, 0.67-0.70x at K = 512-4096 (25 draws each). Blocks of kSumBlock (128), 0.54-0.64x,
+// cost 5-7% of the GEMM's speed (in-process A/B, 1 thread, 1024^3, 6400x2048x512), 256 about 1%.
+// A block's sum goes through `sums` (two buffers, one a block) and is added to C while the
+// tiles compute the next block: the vector adds of block j - 1 come after block j's tile
+// products in program order, so they overlap them. The same adds in the same order.
+constexpr int64_t kAmxSumBlock = 2 * kSumBlock;
+template <int NP>
+inline void amx_panels_summed(int64_t kbs, const bf16_t* a, const bf16_t* const* b, float* c,
+                              int64_t ldc, bool onto, bool apart, const float* const* bias) {
+  constexpr int64_t kBlockKbs = kAmxSumBlock / kAmxK;
+  static_assert(kAmxSumBlock % kAmxK == 0, "a sum block is whole tile k blocks");
+  constexpr int kCols = NP * 32, W = Vec<float>::W;
+  amx_configure();
+  bool has_bias = false;
+  for (int i = 0; i < NP; ++i) has_bias = has_bias || (bias && bias[i]);
+  if (kbs <= kBlockKbs && !onto && !has_bias) {  // one block into C as it is
+    amx_tiles_zero<NP>();
+    amx_tiles_product<NP>(kbs, a, b);
+    return amx_tiles_store<NP>(c, ldc);
+  }
+  alignas(64) float sums[2][kAmxRows * kCols];
+  alignas(64) float total[kAmxRows * kCols];
+  apart = apart && onto && kbs > kBlockKbs;
+  auto bias_at = [bias](int j) -> const float* {  // vector j's bias
+    return bias && bias[j * W / 32] ? bias[j * W / 32] + (j * W) % 32 : nullptr;
+  };
+  float* into = apart ? total : c;
+  const int64_t ld_into = apart ? kCols : ldc;
+  const int64_t blocks = ceil_div(kbs, kBlockKbs);
+  auto add_block = [&](int64_t j) {  // block j's sum, in sums[j % 2], onto C (or total)
+    const bool block_onto = j > 0 || (onto && !apart);
+    const bool last = j + 1 == blocks;
+    for (int r = 0; r < kAmxRows; ++r)
+      for (int v = 0; v < kCols / W; ++v)
+        store_block_sum(Vec<float>::load(sums[j % 2] + r * kCols + v * W),
+                        into + r * ld_into + v * W, block_onto,
+                        last && !apart ? bias_at(v) : nullptr);
+  };
+  for (int64_t j = 0; j < blocks; ++j) {
+    const int64_t kb = j * kBlockKbs;
+    const bf16_t* bk[NP];
+    for (int i = 0; i < NP; ++i) bk[i] = b[i] + kb * 6 * 16 * kAmxK;
+    amx_tiles_zero<NP>();
+    amx_tiles_product<NP>(imin(kBlockKbs, kbs - kb), a + kb * 3 * kAmxRows * kAmxK, bk);
+    if (j > 0) add_block(j - 1);
+    amx_tiles_store<NP>(sums[j % 2], kCols);
+  }
+  add_block(blocks - 1);
+  if (apart)
+    for (int r = 0; r < kAmxRows; ++r)
+      for (int v = 0; v < kCols / W; ++v)
+        store_block_sum(Vec<float>::load(total + r * kCols + v * W), c + r * ldc + v * W, true,
+                        bias_at(v));
 }
 
 }  // namespace FUSEDRNN_ISA_NS

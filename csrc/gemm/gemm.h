@@ -349,7 +349,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
   if constexpr (std::is_same_v<T, float>)
     if (amx_ok && amx_gemm(M, N, K, A, a_rs, a_cs, AmxB::of_packed(Bp), nthreads, a_splits))
       return gemm_amx(M, N, K, A, a_rs, a_cs, AmxB::of_packed(Bp), C, ldc, accumulate, nthreads,
-                      bias);
+                      bias, k_blocks_apart);
 #else
   (void)amx_ok, (void)a_splits;
 #endif
@@ -463,19 +463,20 @@ template <typename T>
 bool gemm_raw_b_on_tiles(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                          const T* B, int64_t b_rs, int64_t b_cs, T* C, int64_t ldc,
                          bool accumulate, int nthreads, const T* bias = nullptr,
-                         bool a_splits = false, bool b_splits = false) {
+                         bool a_splits = false, bool b_splits = false,
+                         bool k_blocks_apart = false) {
 #if defined(FUSEDRNN_AMX)
   if constexpr (std::is_same_v<T, float>) {
     const AmxB b = AmxB::of_raw(B, b_rs, b_cs, b_splits);
     if (M <= 0 || N <= 0 || !amx_gemm(M, N, K, A, a_rs, a_cs, b, nthreads, a_splits))
       return false;
-    gemm_amx(M, N, K, A, a_rs, a_cs, b, C, ldc, accumulate, nthreads, bias);
+    gemm_amx(M, N, K, A, a_rs, a_cs, b, C, ldc, accumulate, nthreads, bias, k_blocks_apart);
     return true;
   }
 #endif
   (void)M, (void)N, (void)K, (void)A, (void)a_rs, (void)a_cs, (void)B, (void)b_rs, (void)b_cs;
   (void)C, (void)ldc, (void)accumulate, (void)nthreads, (void)bias, (void)a_splits;
-  (void)b_splits;
+  (void)b_splits, (void)k_blocks_apart;
   return false;
 }
 
@@ -499,7 +500,7 @@ void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_c
   if (M <= 0 || N <= 0) return;
   if (K <= 0) return gemm_packed<T>(M, N, K, A, a_rs, a_cs, nullptr, C, ldc, accumulate, nthreads);
   if (gemm_raw_b_on_tiles<T>(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, C, ldc, accumulate, nthreads,
-                             nullptr, a_splits))
+                             nullptr, a_splits, false, k_blocks_apart))
     return;
   const bool tiles_declined = b_cs == 1 || b_rs == 1;  // they read this B as it lies, and declined
   constexpr int64_t KC = GemmBlocking<T>::KC;

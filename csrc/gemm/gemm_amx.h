@@ -113,7 +113,7 @@ inline void amx_split_a_block(int mr, int64_t m0, int64_t k0, int64_t kc, const 
 // C(M,N) (+)= A(M,K) B, or bias + A B, on AMX tiles; see gemm_packed.
 inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_rs, int64_t a_cs,
                      const AmxB& b, float* C, int64_t ldc, bool accumulate, int nthreads,
-                     const float* bias) {
+                     const float* bias, bool k_blocks_apart) {
   constexpr int NR = Tile<float>::NR;
   static_assert(GemmBlocking<float>::KC % kAmxGemmKC == 0,
                 "a K block lies within one of a packed B's slices");
@@ -153,10 +153,11 @@ inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
 #pragma omp for schedule(static)
       for (int64_t p = c0; p < c1; ++p)
         b.split_slice(K, N, k0, kc, p, b_slice.p, b_split.p + (p - c0) * panel_size);
-      const bool first = k0 == 0;
-      const AmxStart start = !first || accumulate ? AmxStart::C
-                             : bias               ? AmxStart::Bias
-                                                  : AmxStart::Zero;
+      // As gemm_packed_block sums: onto C after the first K block, the bias after the last one,
+      // k_blocks_apart's blocks of a K block summed apart where added onto C.
+      const bool onto = accumulate || k0 > 0;
+      const bool apart = k_blocks_apart && !bias;
+      const float* bias_k = k0 + kc == K ? bias_whole : nullptr;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t blk = 0; blk < blocks; ++blk) {
         const int64_t g0 = blk * per_block, g1 = imin(groups, g0 + per_block);
@@ -174,16 +175,16 @@ inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
             const bool whole = mr == 16 && nv == np * NR;
             float* c = whole ? C + m0 * ldc + n0 : edge;
             const int64_t ld = whole ? ldc : 2 * NR;
-            if (!whole && start == AmxStart::C)
+            if (!whole && onto)
               for (int r = 0; r < mr; ++r)
                 std::memcpy(edge + r * ld, C + (m0 + r) * ldc + n0, sizeof(float) * nv);
-            const float* bias_p = bias_whole ? bias_whole + n0 : nullptr;
+            const float* bias_p = bias_k ? bias_k + n0 : nullptr;
             const bf16_t* b[2] = {b_split.p + (p - c0) * panel_size,
                                   b_split.p + (p + 1 - c0) * panel_size};
             const float* bs[2] = {bias_p, bias_p ? bias_p + NR : nullptr};
             const bf16_t* a = a_split.p + (g - g0) * a_tile;
-            if (np == 2) amx_panels<2>(kbs, a, b, c, ld, start, bs);
-            else amx_panels<1>(kbs, a, b, c, ld, start, bs);
+            if (np == 2) amx_panels_summed<2>(kbs, a, b, c, ld, onto, apart, bs);
+            else amx_panels_summed<1>(kbs, a, b, c, ld, onto, apart, bs);
             if (!whole)
               for (int r = 0; r < mr; ++r)
                 std::memcpy(C + (m0 + r) * ldc + n0, edge + r * ld, sizeof(float) * nv);

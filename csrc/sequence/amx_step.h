@@ -174,8 +174,8 @@ void amx_split_rows(int64_t rows, int64_t K, const T* a, int64_t lda, bf16_t* ou
 }
 
 // Gates [g0, g0 + count) of unit block ub for one split row tile a (K values a row): gate i's
-// kAmxRows x NR products at out + i * NR (rows ldo apart), from its bias (bias + i * bias_stride) or
-// zero; the gates two at a time.
+// kAmxRows x NR products at out + i * NR (rows ldo apart), k in blocks of kAmxSumBlock and then
+// its bias (bias + i * bias_stride, or none), as the FMA kernels sum; the gates two at a time.
 template <typename T>
 void amx_gate_products(int64_t K, const bf16_t* a, const AmxGates& w, int64_t ub, int g0,
                        int count, T* out, int64_t ldo, const T* bias, int64_t bias_stride) {
@@ -183,18 +183,17 @@ void amx_gate_products(int64_t K, const bf16_t* a, const AmxGates& w, int64_t ub
   if constexpr (std::is_same_v<T, float>) {
     constexpr int NR = Tile<float>::NR;
     const int64_t kbs = amx_kblocks(K);
-    const AmxStart start = bias ? AmxStart::Bias : AmxStart::Zero;
     int i = 0;
     for (; i + 2 <= count; i += 2) {
       const bf16_t* b[2] = {w.panel(g0 + i, ub), w.panel(g0 + i + 1, ub)};
       const float* bs[2] = {bias ? bias + i * bias_stride : nullptr,
                             bias ? bias + (i + 1) * bias_stride : nullptr};
-      amx_panels<2>(kbs, a, b, out + i * NR, ldo, start, bs);
+      amx_panels_summed<2>(kbs, a, b, out + i * NR, ldo, false, false, bs);
     }
     if (i < count) {
       const bf16_t* b[1] = {w.panel(g0 + i, ub)};
       const float* bs[1] = {bias ? bias + i * bias_stride : nullptr};
-      amx_panels<1>(kbs, a, b, out + i * NR, ldo, start, bs);
+      amx_panels_summed<1>(kbs, a, b, out + i * NR, ldo, false, false, bs);
     }
     return;
   }

@@ -10,6 +10,7 @@
 #include "kernel_api.h"
 #include "gemm/gemm.h"  // amx_build_for
 #include "gemm/microkernel.h"
+#include "sequence/amx_step.h"  // kAmxSmallStepRows
 #include "sequence/layout.h"
 
 namespace fusedrnn {
@@ -121,11 +122,27 @@ bool in_step_projection(const LayerShape& s, bool has_lengths) {
 // 17.00 -> 15.63 and 12.80 -> 12.16; with them close, within 1% (4.21 -> 4.16, 3.20 -> 3.16,
 // 13.71 -> 13.70, 10.41 -> 10.36). Only the layers above the first in the step (the first one's
 // GEMM before its loop): LSTM 6.02, GRU 4.54 ms against 4.19 and 3.30.
-// The amx build's float32 steps keep the rule: their tiles' in-step bits were never made the
-// GEMM's (and with AMX the pipeline lost there anyway, see above).
+// The amx build's float32 steps keep the rule where tiles may run the layer: their tiles'
+// in-step bits were never made the GEMM's (and with AMX the pipeline lost there anyway, see
+// above). Where neither its steps (a batch under kAmxSmallStepRows) nor its GEMM before the loop
+// (amx_gemm_shape_takes) can take tiles, the layer is the FMA kernels' and pipelines as theirs
+// do: fusedrnn.LSTM(16, 16, num_layers=2) pipelined on AVX-512 but not on AMX hosts once
+// pads_little sent H = 16 to the GEMM.
+template <typename T>
+bool tiles_may_take_layer(const LayerShape& s) {
+#if defined(FUSEDRNN_AMX)
+  return amx_build_for<T>() &&
+         (s.B >= kAmxSmallStepRows ||
+          amx_gemm_shape_takes(s.T * s.B, gates_of(s.cell) * s.H, s.I, false));
+#else
+  (void)s;
+  return false;
+#endif
+}
 template <typename T>
 bool in_step_when_pipelined(const LayerShape& s) {
-  return in_step_projection<T>(s, false) || (!amx_build_for<T>() && in_step_fits<T>(s, false));
+  return in_step_projection<T>(s, false) ||
+         (!tiles_may_take_layer<T>(s) && in_step_fits<T>(s, false));
 }
 
 // Whether the input projection rides along the steps of a single LSTM or GRU row: the B = 1 step

@@ -278,3 +278,47 @@ def test_gemm_on_tiles_is_as_exact_as_the_fma_kernels(rng, M, N, K):
     rms = lambda got: np.sqrt(np.mean((got - want) ** 2))
     tiles, fma = rms(_C.gemm(A, B, isa="amx")), rms(_C.gemm(A, B, isa="avx512"))
     assert tiles <= 0.8 * fma, (tiles, fma)
+
+
+@pytest.mark.parametrize("bits", [0x7FFF8000, 0xFFFFFFFF], ids=hex)
+@pytest.mark.parametrize("cell,lbr,where,shape", [
+    ("rnn_tanh", True, "x", (32, 24, 40)), ("rnn_relu", True, "b_ih", (32, 24, 40)),
+    ("rnn_tanh", True, "b_hh", (48, 9, 32)), ("gru", False, "b_ih", (48, 9, 32)),
+    ("gru", True, "b_hh", (32, 24, 40)), ("lstm", True, "b_hh", (48, 9, 32))])
+def test_a_nan_reaching_a_steps_state_stays_nan(rng, cell, lbr, where, shape, bits):
+    """The steps split each step's h for the tiles without scanning it (only x, h0 and the
+    weights are scanned), so a NaN from x's projection (apart, before the loop: B = 32, I = 24,
+    H = 40) or from a bias (either projection) reaches the split. A NaN whose payload fills the
+    high mantissa bits (0x7FFF8000, 0xFFFFFFFF: memory filled with 0xFF) rounded to a bfloat16
+    zero (csrc/gemm/amx.h amx_split), so the next step's products dropped it: an Elman RNN's row
+    came back finite and the other units of an LSTM or GRU never turned NaN, where torch's and
+    the reference's do. The NaNs lie where the reference's lie."""
+    T, (B, I, H) = 16, shape
+    w = reference.init_weights(cell, I, H, 0, True, np.float32, rng)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = 0.5 * rng.standard_normal((B, H)).astype(np.float32)
+    c0 = 0.5 * rng.standard_normal((B, H)).astype(np.float32) if cell == "lstm" else None
+    mode = _C.projection_mode(functional.CELL_CODES[cell], B, I, H, H, isa="amx")
+    assert mode == ("whole" if B == 32 else "in_step")
+
+    def args(w, x):
+        return (x, h0, c0, w["w_ih"], w["w_hh"], w["b_ih"], w["b_hh"])
+
+    def y(isa, w, x):
+        return functional.forward(cell, *args(w, x), linear_before_reset=lbr, training=False,
+                                  isa=isa)[0]
+
+    assert not np.array_equal(y("amx", w, x), y("avx512", w, x))   # the steps take the tiles
+    nan = np.array([bits], np.uint32).view(np.float32)[0]
+    if where == "x":
+        x = x.copy()
+        x[4, 3, 2] = nan
+    else:
+        w = dict(w, **{where: w[where].copy()})
+        w[where][5] = nan
+    want = reference.forward(cell, *(None if a is None else a.astype(np.float64)
+                                     for a in args(w, x)),
+                             linear_before_reset=lbr, training=False)[0]
+    assert np.isnan(want).any()
+    for isa in ("amx", "avx512"):
+        np.testing.assert_array_equal(np.isnan(y(isa, w, x)), np.isnan(want), err_msg=isa)

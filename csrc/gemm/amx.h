@@ -109,8 +109,15 @@ inline __m512i amx_bf16_bits(__m512 x) {
   return _mm512_and_si512(r, _mm512_set1_epi32(int(0xFFFF0000u)));
 }
 // x = parts[0] + parts[1] + parts[2] exactly, each a bfloat16 in the high half of its lane.
+// A NaN's high part is a NaN (bfloat16 0x7FC0), which makes every product it meets NaN:
+// rounded as a number, a NaN whose payload fills the high mantissa bits carries into the
+// exponent and the sign (0x7FFF8000 -> -0, 0xFFFFFFFF -> +0), and all three parts came out
+// zero. The operands are scanned for NaNs (amx_all_splits), but a step's h is not: a NaN
+// reaching it from x's projection or a bias dropped out of the next step's products (an Elman
+// RNN's row came back finite where torch's stays NaN).
 inline void amx_split(__m512 x, __m512i parts[3]) {
-  parts[0] = amx_bf16_bits(x);
+  parts[0] = _mm512_mask_mov_epi32(amx_bf16_bits(x), _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q),
+                                   _mm512_set1_epi32(0x7FC00000));
   const __m512 r = _mm512_sub_ps(x, _mm512_castsi512_ps(parts[0]));
   parts[1] = amx_bf16_bits(r);
   parts[2] = amx_bf16_bits(_mm512_sub_ps(r, _mm512_castsi512_ps(parts[1])));

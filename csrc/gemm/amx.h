@@ -166,8 +166,8 @@ inline void amx_split_b(int64_t K, const float* b, bf16_t* out) {
 }
 
 // The C tiles' part of a product: tiles 0 .. 2 NP - 1 hold a kAmxRows x 32 NP block of C.
-// amx_tiles_zero clears them; amx_tiles_product adds A (a split A tile, kbs k blocks) B (NP
-// split panels b[0..NP)) to them, per element in a fixed order (k blocks in order, the six part
+// amx_tiles_zero clears them; amx_tiles_product adds A (a split A tile) B (NP split panels
+// b[0..NP)) over k blocks [kb0, kb1) to them, per element in a fixed order (k blocks in order, the six part
 // products in the order above), so results do not depend on how tiles are spread over threads;
 // amx_tiles_store writes them to c (rows ldc apart), all kAmxRows rows.
 template <int NP>
@@ -181,9 +181,10 @@ inline void amx_tiles_zero() {
   }
 }
 template <int NP>
-inline void amx_tiles_product(int64_t kbs, const bf16_t* a, const bf16_t* const* b) {
+inline void amx_tiles_product(int64_t kb0, int64_t kb1, const bf16_t* a,
+                              const bf16_t* const* b) {
   constexpr int64_t kPart = kAmxRows * kAmxK, kHalf = 16 * kAmxK;
-  for (int64_t kb = 0; kb < kbs; ++kb) {
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
     const bf16_t* ak = a + kb * 3 * kPart;
     _tile_loadd(4, ak, 64);
     _tile_loadd(5, ak + kPart, 64);
@@ -247,7 +248,7 @@ inline void amx_panels_summed(int64_t kbs, const bf16_t* a, const bf16_t* const*
   for (int i = 0; i < NP; ++i) has_bias = has_bias || (bias && bias[i]);
   if (kbs <= kBlockKbs && !onto && !has_bias) {  // one block into C as it is
     amx_tiles_zero<NP>();
-    amx_tiles_product<NP>(kbs, a, b);
+    amx_tiles_product<NP>(0, kbs, a, b);
     return amx_tiles_store<NP>(c, ldc);
   }
   alignas(64) float sums[2][kAmxRows * kCols];
@@ -259,30 +260,25 @@ inline void amx_panels_summed(int64_t kbs, const bf16_t* a, const bf16_t* const*
   float* into = apart ? total : c;
   const int64_t ld_into = apart ? kCols : ldc;
   const int64_t blocks = ceil_div(kbs, kBlockKbs);
-  auto add_block = [&](int64_t j) {  // block j's sum, in sums[j % 2], onto C (or total)
-    const bool block_onto = j > 0 || (onto && !apart);
-    const bool last = j + 1 == blocks;
+  // A sum (kCols wide) stored into or added onto dst (rows ld apart), then the bias if asked.
+  auto fold = [&](const float* sum, float* dst, int64_t ld, bool onto_dst, bool with_bias) {
     for (int r = 0; r < kAmxRows; ++r)
       for (int v = 0; v < kCols / W; ++v)
-        store_block_sum(Vec<float>::load(sums[j % 2] + r * kCols + v * W),
-                        into + r * ld_into + v * W, block_onto,
-                        last && !apart ? bias_at(v) : nullptr);
+        store_block_sum(Vec<float>::load(sum + r * kCols + v * W), dst + r * ld + v * W,
+                        onto_dst, with_bias ? bias_at(v) : nullptr);
+  };
+  auto add_block = [&](int64_t j) {  // block j's sum, in sums[j % 2], onto C (or total)
+    fold(sums[j % 2], into, ld_into, j > 0 || (onto && !apart), j + 1 == blocks && !apart);
   };
   for (int64_t j = 0; j < blocks; ++j) {
     const int64_t kb = j * kBlockKbs;
-    const bf16_t* bk[NP];
-    for (int i = 0; i < NP; ++i) bk[i] = b[i] + kb * 6 * 16 * kAmxK;
     amx_tiles_zero<NP>();
-    amx_tiles_product<NP>(imin(kBlockKbs, kbs - kb), a + kb * 3 * kAmxRows * kAmxK, bk);
+    amx_tiles_product<NP>(kb, imin(kbs, kb + kBlockKbs), a, b);
     if (j > 0) add_block(j - 1);
     amx_tiles_store<NP>(sums[j % 2], kCols);
   }
   add_block(blocks - 1);
-  if (apart)
-    for (int r = 0; r < kAmxRows; ++r)
-      for (int v = 0; v < kCols / W; ++v)
-        store_block_sum(Vec<float>::load(total + r * kCols + v * W), c + r * ldc + v * W, true,
-                        bias_at(v));
+  if (apart) fold(total, c, ldc, true, true);
 }
 
 }  // namespace FUSEDRNN_ISA_NS

@@ -98,10 +98,11 @@ def forward_checked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reve
     reference). ``frozen``: 0, or the id of a frozen layer's read-only parameters (the layers'
     freeze(); see _C.forward). ``onnx``: ONNX's cell options as _onnx_options gives them.
     ``keep_packed``: as forward's."""
+    # Every argument by position: pybind11 matches a keyword by name each call, 3 us of a
+    # small call's ~20 (_C.pyi names them: isa, frozen, keep_x, onnx, keep_packed).
     y, hn, cn, ctx = _C.forward(CELL_CODES[cell], bool(linear_before_reset), bool(reverse),
                                 bool(training), x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                isa=isa, frozen=frozen, keep_x=bool(keep_x), onnx=onnx,
-                                keep_packed=bool(keep_packed))
+                                isa, frozen, bool(keep_x), onnx, bool(keep_packed))
     return y, hn, cn, (ctx if training else None)
 
 
@@ -136,9 +137,10 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
             layers[k] = tuple(weights)
     # The caller may reuse x's buffer before backward: the context keeps its own copy (see
     # forward_checked), unless checking made one already.
+    # (by position, as forward_checked's: isa, frozen, keep_x, keep_packed)
     outs = _C.forward_stack(CELL_CODES[cell], bool(linear_before_reset), bool(training), x, h0,
-                            c0, *(list(w) for w in zip(*layers)), isa=isa, frozen=frozen,
-                            keep_x=x is not given, keep_packed=bool(keep_packed))
+                            c0, *(list(w) for w in zip(*layers)), isa, frozen, x is not given,
+                            bool(keep_packed))
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 

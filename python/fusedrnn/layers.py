@@ -582,8 +582,11 @@ class _Layer:
         return a.transpose(1, 0, 2) if self._spec.batch_first else a
 
     def _forget(self, why):
-        self._saved = None
-        self._why_no_saved = why
+        # (into __dict__: neither is a parameter, and every eval call comes here, where
+        # __setattr__'s parameter check cost two Python calls)
+        d = self.__dict__
+        d["_saved"] = None
+        d["_why_no_saved"] = why
 
     # -- backward
     def backward(self, dy, dhn=None, *, need_dx=True, need_weight_grads=True):

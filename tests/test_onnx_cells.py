@@ -187,3 +187,26 @@ def test_thresholded_relu_at_its_threshold(isa, dtype):
         y = f("rnn_tanh", xs, np.zeros((2, H), dtype), None, eye, zeros, None, None,
               training=False, onnx={"activations": [("thresholdedrelu", alpha, 0.0)]})[0]
         np.testing.assert_array_equal(y[0], want, err_msg=name)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("lbr", [True, False])
+def test_gru_state_is_onnx_sum_of_large_and_infinite_terms(isa, dtype, lbr):
+    """The GRU's new state under options is ONNX's (1 - z) n + z h, as the reference takes it:
+    the kernels took torch.nn's n + z (h - n), whose h - n overflows where n and h are finite,
+    large and of opposite signs (n = -h = 0.9 max, z = 1/2: -inf, not ONNX Runtime's 0), and
+    gives NaN, not inf, for an infinite n (g unbounded, here Affine). A one-unit GRU with x = 1
+    and zero weights but n's: z = r = 1/2."""
+    big = 0.9 * np.finfo(dtype).max
+    x, h0 = np.ones((1, 2, 1), dtype), np.array([[-big], [1.0]], dtype)
+    w_hh = np.zeros((3, 1), dtype)
+    onnx = {"activations": [("sigmoid", 0.0, 0.0), ("affine", 1.0, 0.0)]}
+    for w_n, want in ((big, [0, big / 2 + 0.5]), (np.inf, [np.inf, np.inf])):
+        w_ih = np.array([[0.0], [0.0], [w_n]], dtype)  # gates r, z, n
+        args = ("gru", x, h0, None, w_ih, w_hh, None, None)
+        got = functional.forward(*args, linear_before_reset=lbr, training=False, isa=isa,
+                                 onnx=onnx)[1]
+        ref = reference.forward(*args, linear_before_reset=lbr, training=False, onnx=onnx)[1]
+        np.testing.assert_array_equal(ref[:, 0], np.array(want, dtype))
+        np.testing.assert_array_equal(got, ref)

@@ -130,6 +130,12 @@ def lstm_args(rng, T=3, B=2, I=4, H=5, D=1, dtype=np.float32):
     ({"activations": ["Sigmoid", "Affine", "Tanh"], "activation_beta": ["x"]}, TypeError,
      "activation_beta must be a list of floats"),
     ({"hidden_size": "5"}, TypeError, "hidden_size must be an int, got str"),
+    # (NumPy's "setting an array element with a sequence", Python's UnicodeDecodeError)
+    ({"X": [[[1.0]], [[1.0, 2.0]]]}, ValueError, "X must be an array, got a list that NumPy"),
+    ({"W": [[[1.0]], [[1.0, 2.0]]]}, ValueError, "W must be an array, got a list that NumPy"),
+    ({"activations": [b"\xff", b"Tanh", b"Tanh"]}, ValueError,
+     r"activations \['\\\\xff'\] are not ONNX's"),
+    ({"direction": b"\xff"}, ValueError, r"direction must be one of .*, got '\\\\xff'"),
     ({"clip": [1.0, 2.0]}, TypeError, "clip must be a number, got list"),
     ({"X": np.zeros((3, 2, 4), ">f4")}, TypeError, "X must be native-byte-order float32, got >f4"),
     ({"X": np.zeros((3, 2, 4), ">f2")}, TypeError, "X must be native-byte-order float16, got >f2"),

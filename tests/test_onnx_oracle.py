@@ -41,6 +41,14 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 CASE_MODULES = {"LSTM": onnx_lstm, "GRU": onnx_gru, "RNN": onnx_rnn}
 # ONNX's cases that only its options reach (peepholes), named so that none goes missing unseen.
 BEYOND_TORCH = {"test_lstm_with_peepholes"}
+# Every case of the three ops in onnx 1.23 (its backend test data, onnx/backend/test/data/node,
+# holds each as model.onnx and test_data_set_0, written from these same exports).
+ONNX_1_23_CASES = {f"test_{name}" for name in (
+    "gru_batchwise", "gru_bidirectional", "gru_defaults", "gru_reverse", "gru_seq_length",
+    "gru_with_initial_bias", "lstm_batchwise", "lstm_bidirectional", "lstm_defaults",
+    "lstm_reverse", "lstm_with_initial_bias", "lstm_with_peepholes", "rnn_seq_length",
+    "simple_rnn_batchwise", "simple_rnn_bidirectional", "simple_rnn_defaults",
+    "simple_rnn_reverse", "simple_rnn_with_initial_bias")}
 
 
 def onnx_cases():
@@ -84,12 +92,13 @@ def feeds_of(node, inputs):
 
 
 def test_every_onnx_case_is_seen():
-    """The ONNX package's cases were found, all three ops, the peephole case among them: a test
-    over no cases would pass whatever the kernels did."""
+    """The ONNX package's cases were found, all three ops, the peephole case among them and
+    every one onnx 1.23 has: a test over no cases would pass whatever the kernels did."""
     names = {name for name, *_ in CASES}
     for op in ("lstm", "gru", "rnn"):
         assert sum(op in n for n in names) >= 4, names
     assert BEYOND_TORCH <= names
+    assert ONNX_1_23_CASES <= names, sorted(ONNX_1_23_CASES - names)
 
 
 @pytest.mark.parametrize("name,node,inputs,outputs", CASES, ids=[c[0] for c in CASES])

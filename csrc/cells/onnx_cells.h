@@ -97,6 +97,14 @@ inline void lstm_onnx_forward_row(const RowForward<T>& r) {
   }
 }
 
+// The GRU's new state as ONNX writes it, (1 - z) n + z h: torch.nn's n + z (h - n) (cells.h)
+// overflows in h - n where n and h are large and of opposite signs, and gives NaN for an
+// infinite n, which an unbounded g (Affine, Relu, ...) can make.
+template <typename T>
+inline Vec<T> onnx_gru_state(Vec<T> z, Vec<T> nn, Vec<T> h_prev) {
+  return Vec<T>::fma(z, h_prev, (one<T>() - z) * nn);
+}
+
 // ---- GRU, linear_before_reset: r, z = f(clip(.)), n = g(clip(gx_n + r (W_hn h + b_hn))) ----
 template <typename T>
 inline void gru_onnx_forward_row(const RowForward<T>& r) {
@@ -110,7 +118,7 @@ inline void gru_onnx_forward_row(const RowForward<T>& r) {
     V hn_lin = ld(r.acc + 2 * A + j, n);
     if (r.b_hn) hn_lin = hn_lin + ld(r.b_hn + j, n);
     const V nn = activate(o.g, clipped(V::fma(rg, hn_lin, ld(r.gx + 2 * X + j, n)), clip));
-    st_state(r, j, V::fma(z, ld(r.h_prev + j, n) - nn, nn), n);  // (1-z)*n + z*h
+    st_state(r, j, onnx_gru_state(z, nn, ld(r.h_prev + j, n)), n);
     if (r.gates) {
       st_gates(r.gates + j, H, n, rg, z, nn);
       st(r.extra + j, hn_lin, n);
@@ -144,7 +152,7 @@ inline void gru_onnx_reset_new_row(const RowForward<T>& r) {  // phase 2: acc = 
     if (r.b_hn) pre = pre + ld(r.b_hn + j, n);
     const V nn = activate(o.g, clipped(pre, clip));
     st(r.gates + 2 * H + j, nn, n);
-    st_state(r, j, V::fma(ld(r.gates + H + j, n), ld(r.h_prev + j, n) - nn, nn), n);
+    st_state(r, j, onnx_gru_state(ld(r.gates + H + j, n), nn, ld(r.h_prev + j, n)), n);
   }
 }
 

@@ -12,11 +12,8 @@ class ShapeError(ValueError, RuntimeError):
     still catches it."""
 
 
-def as_dtype_array(name, a, dtype, whose=""):
-    """``a`` as an ndarray of exactly ``dtype``: no copy, and never a cast (a TypeError instead).
-    ``whose`` qualifies the dtype in the message, e.g. " (the layer's dtype)"."""
-    if a is None:
-        raise TypeError(f"{name} must be an array, got None")
+def as_array(name, a):
+    """``a`` as an ndarray (no copy when it is one), its conversion errors naming ``name``."""
     if not isinstance(a, np.ndarray):
         if hasattr(a, "batch_sizes") and hasattr(a, "data"):
             # torch's PackedSequence, which np.asarray reads as a ragged tuple ("setting an
@@ -30,6 +27,15 @@ def as_dtype_array(name, a, dtype, whose=""):
         except (ValueError, TypeError) as e:  # NumPy's own message names no argument
             raise type(e)(f"{name} must be an array, got a {type(a).__name__} that NumPy cannot "
                           f"read as one: {e}") from e
+    return a
+
+
+def as_dtype_array(name, a, dtype, whose=""):
+    """``a`` as an ndarray of exactly ``dtype``: no copy, and never a cast (a TypeError instead).
+    ``whose`` qualifies the dtype in the message, e.g. " (the layer's dtype)"."""
+    if a is None:
+        raise TypeError(f"{name} must be an array, got None")
+    a = as_array(name, a)
     if a.dtype != dtype:
         if a.dtype.newbyteorder("=") == np.dtype(dtype).newbyteorder("="):
             raise TypeError(f"{name} must be native-byte-order {np.dtype(dtype).name}{whose}, "

@@ -32,7 +32,7 @@ kernels (see :mod:`fusedrnn.functional`).
 import numpy as np
 
 from . import functional
-from ._validate import FLOAT_DTYPES, as_dtype_array, as_lengths, check_shape
+from ._validate import FLOAT_DTYPES, as_array, as_dtype_array, as_lengths, check_shape
 from .onnx_layout import ONNX_GATES, from_onnx_gates
 from .reference import ACTIVATIONS
 
@@ -202,7 +202,8 @@ def node_attributes(node):
 
 
 def _text(value):
-    return value.decode() if isinstance(value, bytes) else value
+    # (bytes that are not UTF-8 shown escaped, so that the error about them names the attribute)
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else value
 
 
 class _Node:
@@ -221,7 +222,7 @@ class _Node:
             raise ValueError(f"layout must be 0 (sequence first) or 1 (batch first), got "
                              f"{layout!r}")
         self.layout = layout
-        x = np.asarray(X) if X is not None else None
+        x = as_array("X", X) if X is not None else None
         native = None if x is None else x.dtype.newbyteorder("=")
         if x is None or not (native in FLOAT_DTYPES or _is_low_precision(native)):
             raise TypeError("X must be a float16, bfloat16, float32 or float64 array, got "
@@ -273,7 +274,7 @@ class _Node:
     def float_input(self, name, value):
         if value is None:
             raise TypeError(f"{name} is required: an array of X's dtype {self.dtype.name}")
-        a = np.asarray(value)
+        a = as_array(name, value)
         if a.dtype != self.dtype:
             if a.dtype.newbyteorder("=") == self.dtype:
                 as_dtype_array(name, a, self.dtype, " (X's dtype)")   # (raises: byte order)

@@ -169,7 +169,7 @@ def test_rnn_and_gru_refusals(rng):
 def test_run_node_inputs_by_name_or_position(rng):
     """run_node reads the node's attributes and inputs (by name, or by position with absent
     optional ones left out) and returns the outputs the node names; it refuses other ops, other
-    attributes and inputs it was not given."""
+    attributes, inputs it was not given and values for inputs the node does not take."""
     onnx = pytest.importorskip("onnx")
     a = lstm_args(rng, T=4, B=3, I=2, H=3)
     lens = np.array([4, 1, 3], np.int32)
@@ -186,6 +186,13 @@ def test_run_node_inputs_by_name_or_position(rng):
             onnx_ops.run_node(node, short)
     with pytest.raises(ValueError, match="inputs has 6 values for the node's 5 inputs"):
         onnx_ops.run_node(node, [a["X"], a["W"], a["R"], None, lens, lens])
+    # A value the node does not take was dropped: an initial state meant for it ran as zeros.
+    h0 = np.ones((1, 3, 3), np.float32)
+    with pytest.raises(ValueError, match=r"names \['initial_h'\], which the node does not take"):
+        onnx_ops.run_node(node, {"X": a["X"], "W": a["W"], "R": a["R"], "lens": lens,
+                                 "initial_h": h0})
+    with pytest.raises(ValueError, match=r"gives \['B'\], which the node leaves out"):
+        onnx_ops.run_node(node, [a["X"], a["W"], a["R"], np.ones((1, 24), np.float32), lens])
     with pytest.raises(ValueError, match="got op_type 'Gemm'"):
         onnx_ops.run_node(onnx.helper.make_node("Gemm", ["a", "b"], ["c"]), [a["X"], a["W"]])
     odd = onnx.helper.make_node("GRU", ["X", "W", "R"], ["Y"], hidden_size=3, pitch=1)

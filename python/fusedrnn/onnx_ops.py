@@ -132,13 +132,24 @@ def run_node(node, inputs, isa=None):
     if len(names) > len(INPUTS[op]):
         raise ValueError(f"{op} takes at most {len(INPUTS[op])} inputs {INPUTS[op]}, "
                          f"the node names {len(names)}")
+    # A value the node does not read raises, as ONNX Runtime refuses a feed it has no input
+    # for: dropped, an initial state meant for the node would silently be zeros.
     if isinstance(inputs, dict):
+        unread = sorted(str(k) for k in set(inputs) - {n for n in names if n})
+        if unread:
+            raise ValueError(f"inputs names {unread}, which the node does not take as input; "
+                             f"its inputs are {names}")
         missing = [n for n in names if n and n not in inputs]
         values = [inputs.get(n) if n else None for n in names]
     else:
         values = list(inputs)
         if len(values) > len(names):
             raise ValueError(f"inputs has {len(values)} values for the node's {len(names)} inputs")
+        unread = [INPUTS[op][i] for i, (n, v) in enumerate(zip(names, values))
+                  if not n and v is not None]
+        if unread:
+            raise ValueError(f"inputs gives {unread}, which the node leaves out (an empty input "
+                             f"name); its inputs are {names}")
         missing = [n for n in names[len(values):] if n]
         values = [v if n else None for n, v in zip(names, values)]
     if missing:

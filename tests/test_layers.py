@@ -342,6 +342,29 @@ def test_dropout_and_batch_first_may_be_set_as_on_a_torch_module(rng):
         layer.hidden_size = 7                 # the parameter shapes depend on it
 
 
+def test_dropout_is_torchs_inverted_dropout_of_every_layer_output_but_the_last(rng):
+    """As torch.nn's: in training each unit of a lower layer's output is zeroed with probability
+    p and the others scaled by 1 / (1 - p); the top layer's output is left as it is. A relu RNN
+    whose top layer passes its input through (W_ih the identity, W_hh and the biases zero) shows
+    the mask itself: y over the eval-mode y is 0 or 1 / (1 - p), nothing else."""
+    p, H = 0.25, 8
+    layer = make_layer("rnn_relu", 3, H, L=2, bidirectional=True, seed=4, dropout=p)
+    eye = np.eye(2 * H)
+    layer.weight_ih_l1, layer.weight_ih_l1_reverse = eye[:H], eye[H:]
+    for name in ("weight_hh_l1", "bias_ih_l1", "bias_hh_l1"):
+        for sfx in ("", "_reverse"):
+            setattr(layer, name + sfx, np.zeros_like(getattr(layer, name + sfx)))
+    x = rng.standard_normal((20, 16, 3))
+    y_eval = layer.eval()(x)[0]
+    y = layer.train()(x)[0]
+    kept = y_eval > 0
+    assert not y[~kept].any()
+    ratio = y[kept] / y_eval[kept]
+    dropped = ratio == 0
+    np.testing.assert_allclose(ratio[~dropped], 1 / (1 - p), rtol=1e-14)
+    assert 0.2 < dropped.mean() < 0.3, dropped.mean()   # ~p of 2000-odd units
+
+
 def test_dropout_one_cuts_the_lower_layers():
     """p = 1 zeroes every layer output but the last: the top layer sees zeros, and no gradient
     reaches the input or the lower layers."""

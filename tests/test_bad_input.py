@@ -443,6 +443,11 @@ def test_functional_refusals_name_the_argument():
     with pytest.raises(TypeError, match="ctx must be the context a forward with training=True "
                                         "returned, got str"):
         F.backward("junk", np.zeros((5, 3, 4), F32))
+    # the kernels' own call blamed h0 ("h0 must have dtype float16") for a float16 x
+    from fusedrnn import _C
+    with pytest.raises(TypeError, match="x must be float32 or float64, got float16"):
+        _C.forward(3, True, False, False, x.astype(np.float16), h0, None, w_ih, w_hh, None, None,
+                   None, None)
 
 
 def test_a_big_endian_input_is_named_as_such():

@@ -450,6 +450,19 @@ def test_functional_refusals_name_the_argument():
                    None, None)
 
 
+def test_a_misshaped_argument_is_named_before_a_broadcast_x_is_copied():
+    """functional.forward made x C-contiguous before checking the other arguments: a broadcast
+    x of 60 TiB as a copy raised MemoryError instead of naming the misshaped h0 (and one that
+    fitted in memory was copied first, gigabytes written for an error)."""
+    from fusedrnn import functional as F
+    x = np.broadcast_to(np.zeros((1, 1, 4), F32), (2 ** 40, 3, 4))
+    w_ih, w_hh = np.zeros((9, 4), F32), np.zeros((9, 3), F32)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(3, 3\), got \(2, 3\)"):
+        F.forward("gru", x, np.zeros((2, 3), F32), None, w_ih, w_hh, None, None)
+    with pytest.raises(ValueError, match=r"lengths must lie in 1\.\.1099511627776"):
+        F.forward("gru", x, None, None, w_ih, w_hh, None, None, lengths=[1, 0, 1])
+
+
 def test_a_big_endian_input_is_named_as_such():
     with pytest.raises(TypeError, match=r"x must be native-byte-order float32 \(the layer's "
                                         r"dtype\), got >f4"):

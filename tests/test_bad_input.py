@@ -332,6 +332,13 @@ def test_state_dict_misshaped_or_non_float_entries_are_named():
     with pytest.raises(TypeError, match=r"state_dict\['weight_ih_l1'\] must have a float dtype, "
                                         r"got int64"):
         layer.load_state_dict(sd)
+    # a ragged list gave NumPy's "setting an array element with a sequence", naming no key
+    sd["weight_ih_l1"] = [[0.0] * 3] * 8 + [[0.0] * 2]
+    with pytest.raises(ValueError, match=r"state_dict\['weight_ih_l1'\] must be an array, got a "
+                                         r"list that NumPy cannot read as one"):
+        layer.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"weight_hh_l0 must be an array, got a list"):
+        layer.weight_hh_l0 = [[0.0] * 3] * 8 + [[0.0] * 2]
     for k, v in layer.state_dict().items():            # nothing was copied
         np.testing.assert_array_equal(v, before[k])
     with pytest.raises(TypeError, match="state_dict must be a mapping of names to arrays, "

@@ -332,6 +332,13 @@ def test_state_dict_misshaped_or_non_float_entries_are_named():
     with pytest.raises(TypeError, match=r"state_dict\['weight_ih_l1'\] must have a float dtype, "
                                         r"got int64"):
         layer.load_state_dict(sd)
+    # a ragged list gave NumPy's "setting an array element with a sequence", naming no key
+    sd["weight_ih_l1"] = [[0.0] * 3] * 8 + [[0.0] * 2]
+    with pytest.raises(ValueError, match=r"state_dict\['weight_ih_l1'\] must be an array, got a "
+                                         r"list that NumPy cannot read as one"):
+        layer.load_state_dict(sd)
+    with pytest.raises(ValueError, match=r"weight_hh_l0 must be an array, got a list"):
+        layer.weight_hh_l0 = [[0.0] * 3] * 8 + [[0.0] * 2]
     for k, v in layer.state_dict().items():            # nothing was copied
         np.testing.assert_array_equal(v, before[k])
     with pytest.raises(TypeError, match="state_dict must be a mapping of names to arrays, "
@@ -443,6 +450,24 @@ def test_functional_refusals_name_the_argument():
     with pytest.raises(TypeError, match="ctx must be the context a forward with training=True "
                                         "returned, got str"):
         F.backward("junk", np.zeros((5, 3, 4), F32))
+    # the kernels' own call blamed h0 ("h0 must have dtype float16") for a float16 x
+    from fusedrnn import _C
+    with pytest.raises(TypeError, match="x must be float32 or float64, got float16"):
+        _C.forward(3, True, False, False, x.astype(np.float16), h0, None, w_ih, w_hh, None, None,
+                   None, None)
+
+
+def test_a_misshaped_argument_is_named_before_a_broadcast_x_is_copied():
+    """functional.forward made x C-contiguous before checking the other arguments: a broadcast
+    x of 60 TiB as a copy raised MemoryError instead of naming the misshaped h0 (and one that
+    fitted in memory was copied first, gigabytes written for an error)."""
+    from fusedrnn import functional as F
+    x = np.broadcast_to(np.zeros((1, 1, 4), F32), (2 ** 40, 3, 4))
+    w_ih, w_hh = np.zeros((9, 4), F32), np.zeros((9, 3), F32)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(3, 3\), got \(2, 3\)"):
+        F.forward("gru", x, np.zeros((2, 3), F32), None, w_ih, w_hh, None, None)
+    with pytest.raises(ValueError, match=r"lengths must lie in 1\.\.1099511627776"):
+        F.forward("gru", x, None, None, w_ih, w_hh, None, None, lengths=[1, 0, 1])
 
 
 def test_a_big_endian_input_is_named_as_such():

@@ -610,6 +610,20 @@ def test_step_split_rule():
         _C.step_split(7, 1, 1, 1, 1)
 
 
+@pytest.mark.parametrize("kwargs,match", [
+    ({"threads": 0}, r"threads must lie in 1\.\.1024, got 0"),     # was SIGFPE: the process died
+    ({"threads": -1}, r"threads must lie in 1\.\.1024, got -1"),
+    ({"threads": 2 ** 31 - 1}, "threads must lie in"),
+    ({"B": 2 ** 62}, r"B must be at most 2\^32 rows"),             # walked 2^58 row tiles: a hang
+])
+@pytest.mark.parametrize("backward", [False, True])
+def test_step_split_refuses_what_no_call_can_have(kwargs, match, backward):
+    args = {"cell": functional.CELL_CODES["lstm"], "B": 4, "I": 5, "H": 6, "Hout": 6, "threads": 2,
+            **kwargs}
+    with pytest.raises(ValueError, match=match):
+        _C.step_split(**args, backward=backward)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_nan_propagates(rng, isa):
     case = make_case(rng, "lstm", T=3, B=2)

@@ -149,6 +149,20 @@ def test_refusals_name_the_input(rng, change, error, match):
         onnx_ops.lstm(**args)
 
 
+def test_a_misshaped_input_is_named_before_a_broadcast_x_is_copied(rng):
+    """X was made C-contiguous (and cast, for float16) before W, R and the states were checked:
+    a broadcast X of 60 TiB as a copy raised MemoryError instead of naming the misshaped input."""
+    for dtype in (np.float32, np.float16):
+        args = lstm_args(rng, dtype=dtype)
+        for layout in (0, 1):
+            x = np.broadcast_to(np.zeros((1, 1, 4), dtype), (2 ** 40, 2, 4))
+            with pytest.raises(ValueError, match=r"W must have shape \(1, 20, 4\)"):
+                onnx_ops.lstm(x, args["W"][..., :3], args["R"], layout=layout)
+            with pytest.raises(ValueError, match="initial_h must have shape"):
+                onnx_ops.lstm(x, args["W"], args["R"], initial_h=np.zeros((1, 7, 5), dtype),
+                              layout=layout)
+
+
 def test_rnn_and_gru_refusals(rng):
     x = rng.standard_normal((3, 2, 4)).astype(np.float32)
     W, R = np.zeros((2, 5, 4), np.float32), np.zeros((2, 5, 5), np.float32)

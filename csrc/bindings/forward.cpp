@@ -243,12 +243,13 @@ py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, 
     using A = decltype(tag);
     return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
   };
+  const bool f64 = is_f64(x);  // first: a float16 x is x's error, not "h0 must be float16"
   const py::dtype dt = x.dtype();
   require_dtype("h0", h0, dt); require_dtype("c0", c0, dt); require_dtype("w_ih", w_ih, dt);
   require_dtype("w_hh", w_hh, dt); require_dtype("b_ih", b_ih, dt); require_dtype("b_hh", b_hh, dt);
   require_dtype("w_hr", w_hr, dt); require_dtype("lengths", lengths, py::dtype::of<int64_t>());
   std::optional<Arr<int64_t>> len = opt(lengths, Arr<int64_t>());
-  if (is_f64(x))
+  if (f64)
     return forward_impl<double>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<double>()), w_ih, w_hh,
                                 opt(b_ih, Arr<double>()), opt(b_hh, Arr<double>()), opt(w_hr, Arr<double>()), len,
                                 frozen, keep_x, onnx, keep_packed);

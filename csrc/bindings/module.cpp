@@ -151,6 +151,11 @@ PYBIND11_MODULE(_C, m) {
     static const char* names[] = {"one", "rows", "units", "team", "halves"};
     if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
     if (B < 1 || I < 0 || H < 1 || Hout < 1) fail("B, H and Hout must be >= 1 and I >= 0");
+    // The rules divide by the thread count and walk the batch's row tiles per thread: 0 threads
+    // was a division by zero (SIGFPE), and B = 2^62 a walk of 2^58 tiles.
+    if (threads < 1 || threads > kMaxThreads)
+      fail("threads must lie in 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(threads));
+    if (B > (int64_t(1) << 32)) fail("B must be at most 2^32 rows, got " + std::to_string(B));
     return std::string(
         names[kernels(isa).step_split(cell, f64, B, I, H, Hout, threads, backward)]);
   }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),

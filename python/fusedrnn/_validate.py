@@ -82,7 +82,7 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     if x.dtype.newbyteorder("=") not in FLOAT_DTYPES:
         raise TypeError(f"x must have dtype float32 or float64, got {x.dtype.name}")
     dtype = x.dtype.newbyteorder("=")
-    x = as_float_array("x", x, dtype)
+    x = as_dtype_array("x", x, dtype)
     if x.ndim != 3:
         raise ShapeError(f"x must be 3-d (T, B, I), got shape {x.shape}")
     T, B, I = x.shape
@@ -91,7 +91,9 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
     h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr = check_layer_params(cell, dtype, B, I, h0, c0, w_ih,
                                                                w_hh, b_ih, b_hh, w_hr)
     lengths = as_lengths(lengths, T, B)
-    return x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths
+    # C order only now, every argument checked: a strided or broadcast x may be far larger as
+    # a copy (a MemoryError, or gigabytes written) than the mistake the checks would name.
+    return np.ascontiguousarray(x), h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths
 
 
 _X_DTYPE = " (x's dtype)"  # a layer's states and weights take its input's dtype

@@ -450,8 +450,8 @@ class _Layer:
         expected = self._spec.param_shapes()
         checked = {}
         for name, value in values.items():
-            v = _to_numpy(value)
             what = label.format(name)
+            v = _to_numpy(value, what)
             if v.dtype.kind != "f":
                 raise TypeError(f"{what} must have a float dtype, got {v.dtype.name}")
             if v.shape != expected[name]:
@@ -705,14 +705,19 @@ def _as_lengths(lengths, T, B):
     return as_lengths(lengths, T, B)
 
 
-def _to_numpy(v):
-    """An array from a state-dict value, without importing torch (tensors: detach, cpu)."""
+def _to_numpy(v, what="value"):
+    """An array from a state-dict value, without importing torch (tensors: detach, cpu).
+    ``what`` names the value in the error for one NumPy cannot read (a ragged list)."""
     if not isinstance(v, np.ndarray) and hasattr(v, "detach") and hasattr(v, "cpu"):
         v = v.detach().cpu()
         if str(v.dtype) == "torch.bfloat16":  # no NumPy dtype: float32 holds it exactly
             v = v.float()
         v = v.numpy()
-    return np.asarray(v)
+    try:
+        return np.asarray(v)
+    except (ValueError, TypeError) as e:  # NumPy's own message names no argument
+        raise type(e)(f"{what} must be an array, got a {type(v).__name__} that NumPy cannot "
+                      f"read as one: {e}") from e
 
 
 class RNN(_Layer):

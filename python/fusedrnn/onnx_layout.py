@@ -79,7 +79,7 @@ def load_onnx_weights(layer, W, R, B=None, layer_index=0, node=None):
     given = {"W": W, "R": R, "B": np.zeros(expected["B"]) if B is None else B}
     arrays = {}
     for key, value in given.items():
-        a = _to_numpy(value)
+        a = _to_numpy(value, key)
         if a.dtype.kind != "f":
             raise TypeError(f"{key} must have a float dtype, got {a.dtype.name}")
         if a.shape != expected[key]:

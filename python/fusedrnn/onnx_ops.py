@@ -243,14 +243,13 @@ class _Node:
         # onnx's numpy_helper makes it) run the float32 kernels, and each output is rounded once
         self.dtype = x.dtype
         self.compute_dtype = np.dtype(np.float32) if _is_low_precision(x.dtype) else x.dtype
-        x = x.astype(self.compute_dtype, copy=False)
         axes = "(B, T, input_size)" if layout else "(T, B, input_size)"
         if x.ndim != 3:
             raise ValueError(f"X must have 3 dimensions {axes}, got shape {x.shape}")
-        self.x = np.ascontiguousarray(np.swapaxes(x, 0, 1) if layout else x)
-        self.T, self.B, I = self.x.shape
-        if self.T == 0:
+        if x.shape[1 if layout else 0] == 0:
             raise ValueError(f"X must have at least one time step, got shape {x.shape} {axes}")
+        x = np.swapaxes(x, 0, 1) if layout else x  # (a view: copied once every input is checked)
+        self.T, self.B, I = x.shape
         r = self.float_input("R", R)
         if r.ndim != 3 or r.shape[0] != self.D:
             raise ValueError(f"R must have shape (num_directions={self.D}, {self.G}*hidden_size, "
@@ -281,6 +280,9 @@ class _Node:
             if np.all(lens == self.T):
                 lens = None  # every row the whole sequence: the kernels' path without lengths
         self.lengths = lens
+        # Cast and C order only now: a strided or broadcast X may be far larger as a copy (a
+        # MemoryError, or gigabytes written) than the mistake the checks above would name.
+        self.x = np.ascontiguousarray(x, dtype=self.compute_dtype)
 
     def float_input(self, name, value):
         if value is None:

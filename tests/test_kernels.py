@@ -645,6 +645,22 @@ def test_relu_backward_keeps_nan(rng, isa, dtype):
     assert_matches(case, dtype, isa)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", ISAS)
+def test_relu_derivative_at_an_exact_zero_is_zero(rng, isa, dtype):
+    """relu's derivative where its pre-activation is exactly 0 is 0, as torch's (its
+    threshold_backward passes the gradient only where h > 0) and the reference's. With x_0 = 0,
+    h0 = 0 and b_hh = -b_ih every unit's first pre-activation is exactly 0, so no gradient reaches
+    x_0 (a derivative of 1 there would give it one of O(1))."""
+    case = make_case(rng, "rnn_relu", T=4, B=3, I=2, H=5)
+    case["x"][0] = 0
+    case["h0"][:] = 0
+    case["w"]["b_hh"] = -case["w"]["b_ih"]
+    _, grad = run_kernels(case, dtype, isa)
+    assert not grad["dx"][0].any() and grad["dx"][1:].any()
+    assert_matches(case, dtype, isa)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_empty_batch(rng, isa):
     case = make_case(rng, "gru", B=0)

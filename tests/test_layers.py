@@ -455,6 +455,25 @@ def test_the_caller_may_reuse_x_between_forward_and_backward(rng, bidirectional,
 
 
 @pytest.mark.parametrize("cell", CELLS)
+def test_backward_without_hx_gives_the_gradient_at_the_zero_state(rng, cell):
+    """Without hx the state starts at zeros, and backward's dh0 (dc0) is the gradient there: the
+    bits of a call given those zeros, not zeros or None (torch has no tensor to give it to)."""
+    T, B, I, H, L, D = 4, 3, 2, 5, 2, 2
+    p = random_problem(rng, cell, T, B, I, H, L, D, lengths=True)
+    layer = make_layer(cell, I, H, L=L, bidirectional=True)
+    zeros = {k: None if p[k] is None else np.zeros_like(p[k]) for k in ("h0", "c0")}
+    given = run_layer(layer, cell, {**p, **zeros})
+    layer(p["x"], lengths=p["lengths"])
+    dx, dh = layer.backward(p["dy"], hx_of(cell, p["dhn"], p["dcn"]))
+    dh0, dc0 = split_h(cell, dh)
+    assert np.abs(dh0).max() > 0.1
+    np.testing.assert_array_equal(dx, given[3])
+    np.testing.assert_array_equal(dh0, given[4])
+    if cell == "lstm":
+        np.testing.assert_array_equal(dc0, given[5])
+
+
+@pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_padding_past_lengths_leaves_the_gradients_as_zeros_do(rng, cell, batch_first):
     """NaN in x past a row's length (padding from np.empty, say) made weight_ih_l0 NaN: a

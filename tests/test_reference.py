@@ -232,6 +232,20 @@ def test_relu_nan_gradients_match_torch(rng, where):
 
 
 @pytest.mark.torch
+def test_relu_derivative_at_an_exact_zero_matches_torch(rng):
+    """At a pre-activation of exactly 0 torch's relu passes no gradient (threshold_backward keeps
+    it only where h > 0), nor does the reference's: x_0 = 0, h0 = 0 and b_hh = -b_ih make every
+    unit's first pre-activation exactly 0, and x_0 then gets no gradient."""
+    args, ups = make_case(rng, "rnn_relu", 4, 3, 2, 5)
+    args["x"][0] = 0
+    args["h0"][:] = 0
+    args["b_hh"] = -args["b_ih"]
+    *_, cache = R.forward("rnn_relu", **args)
+    assert not R.backward(cache, **ups)[0][0].any()
+    _compare_with_torch("rnn_relu", args, ups, False, F64)
+
+
+@pytest.mark.torch
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("cell,proj", [("rnn_tanh", 0), ("rnn_relu", 0), ("lstm", 0), ("lstm", 3),
                                        ("gru", 0)])

@@ -25,9 +25,9 @@ Semantics chosen where NumPy and torch differ:
   zeros first.
 - ``backward`` uses the most recent forward run in training mode and then frees what it kept
   (as torch frees the graph): a second backward needs a new forward, and a copy of the layer
-  (``copy.deepcopy``, pickle) has none to run backward through. Update parameters (or
-  overwrite ``x``) only after backward: the kernels read them again in backward (torch raises an
-  error for such in-place changes; NumPy cannot detect them).
+  (``copy.deepcopy``, pickle) has none to run backward through. Update parameters only after
+  backward: the kernels read them again in backward (torch raises an error for such in-place
+  changes; NumPy cannot detect them). ``x`` may be overwritten: the forward keeps a copy.
 - ``dtype`` takes NumPy's and torch's float32 and float64; None means float32, torch's default.
   ``device`` takes torch's None or the CPU and refuses any other device. ``double()``,
   ``float()`` and ``to(dtype)`` cast the parameters and gradients into new arrays (torch swaps
@@ -594,7 +594,8 @@ class _Layer:
 
         dy: gradient of the loss with respect to y (y's shape), or None for zero; dhn: with
         respect to hn (LSTM: (dhn, dcn), either may be None), or None. Adds the parameter
-        gradients into ``grads``; returns (dx, dh0) (LSTM: (dx, (dh0, dc0))).
+        gradients into ``grads``; returns (dx, dh0) (LSTM: (dx, (dh0, dc0))), dh0 being the
+        gradient at the zero state where the forward had no hx.
         ``need_dx=False`` (x is data, not an upstream layer's output) returns None for dx and
         ``need_weight_grads=False`` (the layer is not trained) leaves ``grads`` as it is; both
         skip their share of the work, as torch's autograd skips what needs no gradient.

@@ -12,6 +12,7 @@ import contextlib
 import copy
 import gc
 import io
+import re
 import sys
 import threading
 import typing
@@ -646,6 +647,21 @@ def test_adapter_bad_shapes_and_hx_kinds():
         gru(torch.zeros(5, 3), torch.zeros(1, 2, 4))       # unbatched input, batched hx
     with pytest.raises(TypeError, match="linear_before_reset must be a bool"):
         ft.GRU(3, 4, linear_before_reset="no")
+
+
+@pytest.mark.parametrize("name,shape", [("weight_hh_l1", (16, 5)), ("weight_hh_l1", (20, 4)),
+                                        ("weight_ih_l1_reverse", (16, 3)), ("bias_ih_l0", (15,))])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_weight_swapped_for_another_shape_is_named(name, shape, grad):
+    """A parameter given another shape through .data: the layer calls named it w_hh or w_ih,
+    of no layer, and rows of another count made h0 look wrong."""
+    lstm = ft.LSTM(3, 4, num_layers=2, bidirectional=True)
+    getattr(lstm, name).data = torch.zeros(shape)
+    want = {"weight_hh_l1": (16, 4), "weight_ih_l1_reverse": (16, 8), "bias_ih_l0": (16,)}[name]
+    with torch.set_grad_enabled(grad), pytest.raises(
+            ValueError, match=rf"^{name} must have shape {re.escape(str(want))}, got "
+                              rf"{re.escape(str(shape))}$"):
+        lstm(torch.zeros(5, 2, 3, requires_grad=grad))
 
 
 @contextlib.contextmanager

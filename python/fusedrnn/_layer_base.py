@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from . import functional as F
-from ._validate import FLOAT_DTYPES, GATES
+from ._validate import FLOAT_DTYPES, GATES, ShapeError
 
 CELLS = tuple(GATES)          # "rnn_tanh", "rnn_relu", "lstm", "gru"
 _PARAM_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")   # torch's order
@@ -113,6 +113,15 @@ class Spec:
 
 # ----------------------------------------------------------------------------------------------
 # Constructor checks
+
+def check_param_shapes(spec, params):
+    """Raises ShapeError naming the first parameter of {torch name: array} whose shape is not the
+    one ``spec`` implies."""
+    for name, shape in spec.param_shapes().items():
+        p = params.get(name)
+        if p is not None and tuple(p.shape) != shape:
+            raise ShapeError(f"{name} must have shape {shape}, got {tuple(p.shape)}")
+
 
 def _check_int(name, value, minimum):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
@@ -259,6 +268,19 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     Returns y (T, B, D*H_out), hn (L*D, B, H_out), cn (L*D, B, H) or None, and a ``Saved``
     (None unless ``save``).
     """
+    try:
+        return _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, checked,
+                              frozen, keep_packed)
+    except ShapeError:
+        # Each layer's call names its weights w_ih, w_hh, ... and may blame h0 for a weight
+        # whose rows are wrong (a torch module's weight swapped through .data): where a
+        # parameter is at fault, the error names it as torch does.
+        check_param_shapes(spec, params)
+        raise
+
+
+def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, checked, frozen,
+                   keep_packed):
     dtype = x.dtype
     T, B, _ = x.shape
     D, H_out = spec.num_directions, spec.output_size

@@ -48,7 +48,7 @@ import threading
 import numpy as np
 
 from . import _layer_base as base
-from ._validate import ShapeError, as_dtype_array, as_lengths, check_shape
+from ._validate import ShapeError, as_array, as_dtype_array, as_lengths, check_shape
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
@@ -714,11 +714,7 @@ def _to_numpy(v, what="value"):
         if str(v.dtype) == "torch.bfloat16":  # no NumPy dtype: float32 holds it exactly
             v = v.float()
         v = v.numpy()
-    try:
-        return np.asarray(v)
-    except (ValueError, TypeError) as e:  # NumPy's own message names no argument
-        raise type(e)(f"{what} must be an array, got a {type(v).__name__} that NumPy cannot "
-                      f"read as one: {e}") from e
+    return as_array(what, v)
 
 
 class RNN(_Layer):

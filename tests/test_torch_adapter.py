@@ -686,6 +686,43 @@ def saved_states_made():
         _layer_base.Saved = real
 
 
+@pytest.mark.parametrize("cell,bidirectional", [("LSTM", False), ("LSTM", True), ("GRU", False)])
+def test_frozen_lower_layers_keep_no_saved_state(cell, bidirectional):
+    """Fine-tuning the top of a stack: the layers below the lowest one whose parameters need a
+    gradient (x and hx needing none) kept their gates and states for a backward that never runs
+    through them. They keep none now, and the gradients are the bits of a call that kept all."""
+    torch.manual_seed(0)
+    layer = getattr(ft, cell)(5, 8, num_layers=4, bidirectional=bidirectional)
+    x = torch.randn(7, 3, 5)
+    dy = torch.randn(7, 3, 16 if bidirectional else 8)
+
+    def trained(frozen_below):
+        for name, p in layer.named_parameters():
+            p.requires_grad_(int(name.split("_l")[1][0]) >= frozen_below)
+            p.grad = None
+        with saved_states_made() as made:
+            y = layer(x)[0]
+        kept = [[ctx is not None for ctx in ctxs] for ctxs in made[0]().ctxs]
+        y.backward(dy)
+        return kept, {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+
+    kept, grads = trained(frozen_below=2)
+    assert kept == [[False] * (1 + bidirectional)] * 2 + [[True] * (1 + bidirectional)] * 2
+    kept_all, grads_all = trained(frozen_below=0)
+    assert all(map(all, kept_all))
+    assert sorted(grads) == sorted(n for n in grads_all if int(n.split("_l")[1][0]) >= 2)
+    for name, g in grads.items():
+        assert torch.equal(g, grads_all[name]), name
+    # x needing a gradient: every layer's state is kept, and dx is the full call's
+    x_grad = x.clone().requires_grad_(True)
+    layer.weight_hh_l0.requires_grad_(False)
+    with saved_states_made() as made:
+        y = layer(x_grad)[0]
+    assert all(ctx is not None for ctxs in made[0]().ctxs for ctx in ctxs)
+    y.backward(dy)
+    assert x_grad.grad is not None
+
+
 def test_saved_state_is_freed_by_backward_not_kept_with_the_outputs():
     """Like torch's own saved tensors, the kernels' saved state goes at backward (without
     retain_graph) even while the outputs, and so the graph, are still alive."""

@@ -194,7 +194,7 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
                             Arr<T> x, const py::list& h0, const py::list& c0,
                             const py::list& w_ih, const py::list& w_hh, const py::list& b_ih,
                             const py::list& b_hh, const py::list& w_hr, uint64_t frozen,
-                            bool keep_x, bool keep_packed) {
+                            bool keep_x, bool keep_packed, int64_t train_from) {
   const size_t n = w_hh.size();
   if (n == 0) fail("a stack needs at least one layer");
   for (const py::list* l : {&h0, &c0, &w_ih, &b_ih, &b_hh, &w_hr})
@@ -213,7 +213,8 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
   calls.reserve(n);
   Arr<T> layer_in = x;
   for (size_t k = 0; k < n; ++k) {
-    calls.push_back(prepare_forward<T>(kt, cell_code, lbr, false, training, layer_in,
+    const bool train = training && int64_t(k) >= train_from;
+    calls.push_back(prepare_forward<T>(kt, cell_code, lbr, false, train, layer_in,
                                        req(h0[k], "h0"), opt(c0[k], "c0"), req(w_ih[k], "w_ih"),
                                        req(w_hh[k], "w_hh"), opt(b_ih[k], "b_ih"),
                                        opt(b_hh[k], "b_hh"), opt(w_hr[k], "w_hr"), std::nullopt,
@@ -261,11 +262,11 @@ py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, 
 py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list h0, py::list c0,
                        py::list w_ih, py::list w_hh, py::list b_ih, py::list b_hh, py::list w_hr,
                        std::optional<std::string> isa, uint64_t frozen, bool keep_x,
-                       bool keep_packed) {
+                       bool keep_packed, int64_t train_from) {
   const KernelTable& kt = kernels(isa);
   if (is_f64(x))
-    return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x, keep_packed);
-  return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x, keep_packed);
+    return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x, keep_packed, train_from);
+  return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x, keep_packed, train_from);
 }
 
 }  // namespace fusedrnn::bindings

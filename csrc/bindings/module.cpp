@@ -219,11 +219,12 @@ PYBIND11_MODULE(_C, m) {
         py::arg("training"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
         py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"),
         py::arg("isa") = py::none(), py::arg("frozen") = 0, py::arg("keep_x") = false,
-        py::arg("keep_packed") = true,
+        py::arg("keep_packed") = true, py::arg("train_from") = 0,
         "a unidirectional stack without lengths, bottom layer first: per layer lists of forward's "
         "states and weights; returns the list of forward's (y, hn, cn, ctx) per layer (keep_x: "
         "as forward's, for x; each layer above keeps its input, the output below, itself; "
-        "keep_packed: as forward's)");
+        "keep_packed: as forward's; train_from: in training, the layers below it keep no "
+        "context (ctx None), as no backward will run through them)");
   m.def("calls_without_gil", [] { return g_calls_without_gil.load(std::memory_order_relaxed); },
         "tests: kernel calls running now with the GIL released (by any thread)");
   m.def("stack_calls", [] {

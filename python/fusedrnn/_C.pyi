@@ -67,6 +67,7 @@ def forward_stack(cell: int, linear_before_reset: bool, training: bool, x: npt.N
                   b_ih: List[Optional[npt.NDArray[_F]]], b_hh: List[Optional[npt.NDArray[_F]]],
                   w_hr: List[Optional[npt.NDArray[_F]]], isa: Optional[str] = None,
                   frozen: int = 0, keep_x: bool = False, keep_packed: bool = True,
+                  train_from: int = 0,
                   ) -> List[Tuple[npt.NDArray[_F], npt.NDArray[_F], Optional[npt.NDArray[_F]],
                                   Optional[Context]]]: ...
 def backward(ctx: Context, dy: _FloatArray, dhn: Optional[_FloatArray] = None,

@@ -254,7 +254,7 @@ class Saved:
 
 
 def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, make_mask=None,
-                  isa=None, checked=False, frozen=0, keep_packed=True):
+                  isa=None, checked=False, frozen=0, keep_packed=True, save_from=0):
     """Run every layer and direction.
 
     x (T, B, I) of the parameters' dtype; h0 (L*D, B, H_out) or None (zeros); c0 (L*D, B, H) or
@@ -264,13 +264,15 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     functional.check_layer_args would make them (the NumPy layers), so each layer call skips
     those checks (a fifth of a small call's Python time); ``frozen``: 0, or the id of a frozen
     layer's read-only parameters (with ``checked`` only; see functional.forward_checked);
-    ``keep_packed=False``: params are copies made for this call (see functional.forward).
-    Returns y (T, B, D*H_out), hn (L*D, B, H_out), cn (L*D, B, H) or None, and a ``Saved``
-    (None unless ``save``).
+    ``keep_packed=False``: params are copies made for this call (see functional.forward);
+    ``save_from``: with ``save``, the layers below it keep no context (None in the Saved), as
+    the backward will not run through them (the torch adapter: nothing below that layer needs a
+    gradient). Returns y (T, B, D*H_out), hn (L*D, B, H_out), cn (L*D, B, H) or None, and a
+    ``Saved`` (None unless ``save``).
     """
     try:
         return _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, checked,
-                              frozen, keep_packed)
+                              frozen, keep_packed, save_from)
     except ShapeError:
         # Each layer's call names its weights w_ih, w_hh, ... and may blame h0 for a weight
         # whose rows are wrong (a torch module's weight swapped through .data): where a
@@ -280,7 +282,7 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
 
 
 def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, checked, frozen,
-                   keep_packed):
+                   keep_packed, save_from):
     dtype = x.dtype
     T, B, _ = x.shape
     D, H_out = spec.num_directions, spec.output_size
@@ -299,12 +301,12 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
     # arrays of ours, which the contexts keep as they are (keep_x); the first reads the caller's
     # x, whose buffer may be reused before backward, so a context keeps x packed. Both
     # directions would each keep one: there the stack keeps one copy of x for both.
-    own_input = save and D == 2
+    own_input = save and D == 2 and save_from == 0
     if own_input and layer_in is x:
         layer_in = x.copy()
     if D == 1 and spec.num_layers > 1 and make_mask is None and lengths is None:
         return _one_way_stack(spec, params, layer_in, h0, c0, hn, cn, saved, isa, checked, frozen,
-                              keep_packed)
+                              keep_packed, save_from)
     for k in range(spec.num_layers):
         outs, ctxs = [], []
         for d in range(D):
@@ -314,7 +316,8 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
             extra = {"frozen": frozen} if frozen else {}  # F.forward (unchecked) takes none
             y, h, c, ctx = run(spec.cell, layer_in, h0[i], c0[i] if lstm else None,
                                w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths, reverse=bool(d),
-                               linear_before_reset=spec.linear_before_reset, training=save,
+                               linear_before_reset=spec.linear_before_reset,
+                               training=save and k >= save_from,
                                isa=isa, keep_x=k > 0 or own_input, keep_packed=keep_packed,
                                **extra)  # y: ours
             if single:
@@ -337,7 +340,8 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
     return layer_in, hn, cn, saved
 
 
-def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen, keep_packed):
+def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen, keep_packed,
+                   save_from):
     """stack_forward of a unidirectional stack without lengths or dropout: one kernel call for
     every layer (F.forward_stack), which may run the layers side by side."""
     L, lstm = spec.num_layers, spec.cell == "lstm"
@@ -345,7 +349,7 @@ def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen,
     outs = F.forward_stack(spec.cell, x, list(h0), list(c0) if lstm else [None] * L, layers,
                            linear_before_reset=spec.linear_before_reset,
                            training=saved is not None, isa=isa, checked=checked, frozen=frozen,
-                           keep_packed=keep_packed)
+                           keep_packed=keep_packed, train_from=save_from)
     for k, (_, h, c, ctx) in enumerate(outs):
         hn[k] = h
         if lstm:
@@ -404,6 +408,11 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
             if not (dx_needed or need_dh0 or weights_needed(k, d)):
                 continue  # (a frozen direction above frozen layers)
             i = k * D + d
+            if saved.ctxs[k][d] is None:  # (save_from above k: the forward said none would run)
+                raise RuntimeError(
+                    f"backward needs layer {k}'s saved state, which its forward did not keep: "
+                    f"then neither the input, the initial state nor that layer's parameters "
+                    f"needed a gradient")
             dy_d = d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out]
             names = dict(zip(_PARAM_KEYS, spec.layer_param_names(k, d)))
             into = None if grads_into is None else {

@@ -107,7 +107,7 @@ def forward_checked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reve
 
 
 def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=True, isa=None,
-                  checked=False, frozen=0, keep_packed=True):
+                  checked=False, frozen=0, keep_packed=True, train_from=0):
     """A unidirectional stack without lengths, bottom layer first, in one kernel call: layer k's
     input is layer k - 1's output, so on as many threads as layers the kernels run the layers
     side by side, each a step behind the one below (csrc/sequence/layer_pipeline.h); else layer
@@ -116,7 +116,9 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     h0, c0: per layer (c0 entries None except for "lstm"); layers: per layer (w_ih, w_hh, b_ih,
     b_hh, w_hr), as forward takes them. ``checked``: the arguments are already as
     check_layer_args / check_layer_params return them; ``frozen``, ``keep_packed``: as
-    forward_checked's. Returns forward's (y, hn, cn, ctx) per layer."""
+    forward_checked's; ``train_from``: in training, the layers below it run as in inference
+    (ctx None: no backward will run through them). Returns forward's (y, hn, cn, ctx) per
+    layer."""
     L = len(layers)
     if not (len(h0) == len(c0) == L) or L == 0:
         raise ValueError(f"h0 and c0 need one entry per layer ({L}), got {len(h0)} and {len(c0)}")
@@ -137,10 +139,10 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
             layers[k] = tuple(weights)
     # The caller may reuse x's buffer before backward: the context keeps its own copy (see
     # forward_checked), unless checking made one already.
-    # (by position, as forward_checked's: isa, frozen, keep_x, keep_packed)
+    # (by position, as forward_checked's: isa, frozen, keep_x, keep_packed, train_from)
     outs = _C.forward_stack(CELL_CODES[cell], bool(linear_before_reset), bool(training), x, h0,
                             c0, *(list(w) for w in zip(*layers)), isa, frozen, x is not given,
-                            bool(keep_packed))
+                            bool(keep_packed), int(train_from))
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 

@@ -219,13 +219,28 @@ except ImportError:
 
 class _Run(NamedTuple):
     """What _FusedStack needs besides tensors: the layer, its parameters' names, the rows'
-    lengths, the dropout masks' maker, and the tensors to watch for in-place changes (a
-    low-precision call's own, whose float32 copies the kernels read; not kept past setup)."""
+    lengths, the dropout masks' maker, the tensors to watch for in-place changes (a
+    low-precision call's own, whose float32 copies the kernels read; not kept past setup), and
+    the lowest layer whose saved state a backward may need (_lowest_layer_needing_grads)."""
     spec: object
     names: list
     lengths: object
     make_mask: object
     watched: tuple = ()
+    save_from: int = 0
+
+
+def _lowest_layer_needing_grads(spec, names, x, h0, c0, params):
+    """The lowest layer that backward runs through, as autograd will ask (the tensors'
+    requires_grad, which ctx.needs_input_grad takes): every layer for x or an initial state,
+    else the lowest one of a parameter needing a gradient. A frozen lower part of the stack
+    (fine-tuning the top) then keeps no saved state: its gates and states were kept for
+    nothing, as much memory as the trained layers'."""
+    if any(t is not None and t.requires_grad for t in (x, h0, c0)):
+        return 0
+    needing = {n for n, p in zip(names, params) if p.requires_grad}
+    return next((k for k in range(spec.num_layers) for d in range(spec.num_directions)
+                 if needing.intersection(spec.layer_param_names(k, d))), 0)
 
 
 class _FusedStack(_PositionalApply, _torch.autograd.Function):
@@ -236,7 +251,7 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
     def forward(run, x, h0, c0, *params):
         y, hn, cn, saved = _base.stack_forward(
             run.spec, dict(zip(run.names, map(_np, params))), _np(x), _np(h0), _np(c0),
-            run.lengths, save=True, make_mask=run.make_mask)
+            run.lengths, save=True, make_mask=run.make_mask, save_from=run.save_from)
         _handoff.token = _torch.empty(0)
         _handoff.token.fusedrnn_saved = saved
         out = (_torch.from_numpy(y), _torch.from_numpy(hn))
@@ -634,8 +649,9 @@ class _FusedMixin:
         tracked = _torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                    for t in tensors)
         if tracked:
-            out = _FusedStack.apply(_Run(spec, names, lengths, make_mask, watched), x, h0, c0,
-                                    *params)
+            save_from = _lowest_layer_needing_grads(spec, names, x, h0, c0, params)
+            out = _FusedStack.apply(_Run(spec, names, lengths, make_mask, watched, save_from),
+                                    x, h0, c0, *params)
             _handoff.token = None  # (held by the graph now, if it needs it)
             y, hn = out[0], out[1]
             cn = out[2] if lstm else None

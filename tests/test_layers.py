@@ -1155,3 +1155,29 @@ def test_a_gradient_array_swapped_after_calls_is_checked_again(rng):
     assert_close(layer.grads["weight_hh_l0"], kept, np.float32, "gradient", what="weight_hh_l0")
     layer.grads["weight_hh_l0"] = kept
     assert layer._grads_to_add_into(layer.grads) is layer.grads
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_stack_saved_from_a_layer_refuses_a_backward_below_it(bidirectional, rng):
+    """stack_forward(save_from=k) keeps no state for the layers below k (the torch adapter,
+    when nothing there needs a gradient): a backward asked for more raises rather than reading
+    a state that is not there; asked for no more, it gives the bits of a stack that kept all."""
+    from fusedrnn import _layer_base as base
+    layer = fusedrnn.LSTM(3, 4, num_layers=3, bidirectional=bidirectional, seed=1)
+    spec, params = layer._spec, dict(layer.named_parameters())
+    x = rng.standard_normal((5, 2, 3)).astype(np.float32)
+    y, _, _, part = base.stack_forward(spec, params, x, save=True, save_from=2)
+    _, _, _, whole = base.stack_forward(spec, params, x, save=True)
+    assert [all(c is None for c in ctxs) for ctxs in part.ctxs] == [True, True, False]
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    top = {n for n in params if "_l2" in n}
+    got = base.stack_backward(spec, part, dy, need_dx=False, need_dh0=False, weight_grads=top)[3]
+    want = base.stack_backward(spec, whole, dy, need_dx=False, need_dh0=False,
+                               weight_grads=top)[3]
+    assert sorted(got) == sorted(top)
+    for name in top:
+        np.testing.assert_array_equal(got[name], want[name])
+    _, _, _, part = base.stack_forward(spec, params, x, save=True, save_from=2)
+    with pytest.raises(RuntimeError, match="needs layer 1's saved state"):
+        base.stack_backward(spec, part, dy, need_dx=False, need_dh0=False,
+                            weight_grads=top | {"weight_hh_l1"})

@@ -311,7 +311,7 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
         outs, ctxs = [], []
         for d in range(D):
             i = k * D + d
-            w_ih, w_hh, b_ih, b_hh, w_hr = (params.get(name) for name in spec.layer_param_names(k, d))
+            w_ih, w_hh, b_ih, b_hh, w_hr = map(params.get, spec.layer_param_names(k, d))
             run = F.forward_checked if checked else F.forward
             extra = {"frozen": frozen} if frozen else {}  # F.forward (unchecked) takes none
             y, h, c, ctx = run(spec.cell, layer_in, h0[i], c0[i] if lstm else None,
@@ -345,7 +345,7 @@ def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen,
     """stack_forward of a unidirectional stack without lengths or dropout: one kernel call for
     every layer (F.forward_stack), which may run the layers side by side."""
     L, lstm = spec.num_layers, spec.cell == "lstm"
-    layers = [tuple(params.get(name) for name in spec.layer_param_names(k, 0)) for k in range(L)]
+    layers = [tuple(map(params.get, spec.layer_param_names(k, 0))) for k in range(L)]
     outs = F.forward_stack(spec.cell, x, list(h0), list(c0) if lstm else [None] * L, layers,
                            linear_before_reset=spec.linear_before_reset,
                            training=saved is not None, isa=isa, checked=checked, frozen=frozen,

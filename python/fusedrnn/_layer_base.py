@@ -360,6 +360,22 @@ def _one_way_stack(spec, params, x, h0, c0, hn, cn, saved, isa, checked, frozen,
     return outs[-1][0], hn, cn, saved
 
 
+def _weights_needed(spec, weight_grads, k, d):
+    """Whether layer k, direction d has a parameter among ``weight_grads`` (None: all)."""
+    return weight_grads is None or any(
+        name in weight_grads for name in spec.layer_param_names(k, d))
+
+
+def lowest_layer_backward_runs(spec, need_input, weight_grads):
+    """The lowest layer a backward runs through: every one where dx or dh0 is needed
+    (``need_input``), else the lowest with a parameter among ``weight_grads`` (None: all), as
+    dx flows into the layer below; num_layers where none is needed."""
+    if need_input:
+        return 0
+    return next((k for k in range(spec.num_layers) for d in range(spec.num_directions)
+                 if _weights_needed(spec, weight_grads, k, d)), spec.num_layers)
+
+
 def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_into=None,
                    add_into=True, params=None, *, need_dx=True, need_dh0=True, weight_grads=None):
     """BPTT through the stack saved by ``stack_forward``; ``consume``: the last backward through
@@ -387,23 +403,16 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
     dc0 = np.empty(c_shape, dy.dtype) if lstm and need_dh0 else None
 
     def weights_needed(k, d):
-        return weight_grads is None or any(
-            name in weight_grads for name in spec.layer_param_names(k, d))
+        return _weights_needed(spec, weight_grads, k, d)
 
-    # Layer k runs where it or a layer below it needs a gradient: dx into layer k - 1's.
-    runs, below = [], need_dx
-    for k in range(spec.num_layers):
-        below = below or need_dh0 or any(weights_needed(k, d) for d in range(D))
-        runs.append(below)
+    lowest = lowest_layer_backward_runs(spec, need_dx or need_dh0, weight_grads)
     grads = {}
     d_out = dy
-    for k in reversed(range(spec.num_layers)):
-        if not runs[k]:
-            break
+    for k in reversed(range(lowest, spec.num_layers)):
         if saved.masks[k] is not None:
             d_out = d_out * saved.masks[k]
         dx = None
-        dx_needed = runs[k - 1] if k else need_dx
+        dx_needed = k > lowest or need_dx  # (into layer k - 1, which runs)
         for d in range(D):
             if not (dx_needed or need_dh0 or weights_needed(k, d)):
                 continue  # (a frozen direction above frozen layers)

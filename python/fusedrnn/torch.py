@@ -221,26 +221,13 @@ class _Run(NamedTuple):
     """What _FusedStack needs besides tensors: the layer, its parameters' names, the rows'
     lengths, the dropout masks' maker, the tensors to watch for in-place changes (a
     low-precision call's own, whose float32 copies the kernels read; not kept past setup), and
-    the lowest layer whose saved state a backward may need (_lowest_layer_needing_grads)."""
+    the lowest layer whose saved state a backward may need (see _FusedMixin._run)."""
     spec: object
     names: list
     lengths: object
     make_mask: object
     watched: tuple = ()
     save_from: int = 0
-
-
-def _lowest_layer_needing_grads(spec, names, x, h0, c0, params):
-    """The lowest layer that backward runs through, as autograd will ask (the tensors'
-    requires_grad, which ctx.needs_input_grad takes): every layer for x or an initial state,
-    else the lowest one of a parameter needing a gradient. A frozen lower part of the stack
-    (fine-tuning the top) then keeps no saved state: its gates and states were kept for
-    nothing, as much memory as the trained layers'."""
-    if any(t is not None and t.requires_grad for t in (x, h0, c0)):
-        return 0
-    needing = {n for n, p in zip(names, params) if p.requires_grad}
-    return next((k for k in range(spec.num_layers) for d in range(spec.num_directions)
-                 if needing.intersection(spec.layer_param_names(k, d))), 0)
 
 
 class _FusedStack(_PositionalApply, _torch.autograd.Function):
@@ -649,7 +636,12 @@ class _FusedMixin:
         tracked = _torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                    for t in tensors)
         if tracked:
-            save_from = _lowest_layer_needing_grads(spec, names, x, h0, c0, params)
+            # The layers below the lowest one the backward will run through, as autograd will
+            # ask it (needs_input_grad: the tensors' requires_grad), keep no saved state: a
+            # frozen lower part of the stack (fine-tuning the top) kept as much as the rest.
+            save_from = _base.lowest_layer_backward_runs(
+                spec, any(t is not None and t.requires_grad for t in (x, h0, c0)),
+                {n for n, p in zip(names, params) if p.requires_grad})
             out = _FusedStack.apply(_Run(spec, names, lengths, make_mask, watched, save_from),
                                     x, h0, c0, *params)
             _handoff.token = None  # (held by the graph now, if it needs it)

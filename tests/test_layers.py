@@ -1079,18 +1079,19 @@ def test_backward_adds_into_grads_in_place(rng, cell):
 
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("B", [3, 0])
-def test_zero_grad_set_to_none_writes_over_the_same_arrays(rng, cell, B):
+def test_zero_grad_set_to_none_writes_over_arrays_nothing_else_holds(rng, cell, B):
     """zero_grad(set_to_none=True) leaves None in grads, as torch's .grad; the next backward
-    writes the gradients over the arrays they had (whatever those held), the very bits of
-    zero_grad() then backward, and a backward after that adds as usual. An entry set to None
-    alone starts from zero; zero_grad() after set_to_none gives the arrays back, zeroed."""
+    writes the gradients over the arrays they had (whatever those held) when nothing else holds
+    them, the very bits of zero_grad() then backward, and a backward after that adds as usual.
+    An entry set to None alone starts from zero; zero_grad() after set_to_none gives the arrays
+    back, zeroed."""
     ref, layer = (make_layer(cell, 5, 6, L=2, bidirectional=True, proj=2 if cell == "lstm" else 0,
                              dtype=np.float32, seed=3) for _ in range(2))
     x = rng.standard_normal((4, B, 5)).astype(np.float32)
     dy = rng.standard_normal((4, B, 4 if cell == "lstm" else 12)).astype(np.float32)
-    arrays = dict(layer.grads)
-    for g in arrays.values():
-        g.fill(np.nan)  # stale values the backward must write over
+    ids = {k: id(g) for k, g in layer.grads.items()}   # (ids alone: a name would hold the array)
+    for k in ids:
+        layer.grads[k].fill(np.nan)  # stale values the backward must write over
     layer.zero_grad(set_to_none=True)
     assert all(g is None for g in layer.grads.values())
     ref.zero_grad()
@@ -1098,7 +1099,7 @@ def test_zero_grad_set_to_none_writes_over_the_same_arrays(rng, cell, B):
         m(x)
         m.backward(dy)
     for k, g in layer.grads.items():
-        assert g is arrays[k], k
+        assert id(g) == ids[k], k
         np.testing.assert_array_equal(g, ref.grads[k], err_msg=k)
     if B == 0:
         assert not any(g.any() for g in layer.grads.values())
@@ -1114,10 +1115,36 @@ def test_zero_grad_set_to_none_writes_over_the_same_arrays(rng, cell, B):
         m.backward(dy)
     for k, g in layer.grads.items():
         np.testing.assert_array_equal(g, ref.grads[k], err_msg=k)
+    del g   # the loop's name holds an array, which zero_grad would then leave alone
     layer.zero_grad(set_to_none=True)
     layer.zero_grad()
     assert not any(g.any() for g in layer.grads.values())
-    assert all(g is arrays[k] for k, g in layer.grads.items() if k != "bias_hh_l0")
+    assert all(id(g) == ids[k] for k, g in layer.grads.items() if k != "bias_hh_l0")
+
+
+@pytest.mark.parametrize("hold", ["arrays", "views"])
+def test_zero_grad_set_to_none_leaves_arrays_the_caller_holds_alone(rng, hold):
+    """As torch's .grad after zero_grad(): gradient arrays (or views of them) the caller kept
+    keep their values through the next backward, which gives new arrays (gradient accumulation
+    by hand: acc = grads[k]; zero_grad(set_to_none=True); backward; acc += grads[k]). Arrays
+    nobody kept are still written over (the test above)."""
+    ref, layer = (make_layer("lstm", 5, 6, L=2, dtype=np.float32, seed=3) for _ in range(2))
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    dy = rng.standard_normal((4, 3, 6)).astype(np.float32)
+    for m in (ref, layer):
+        m(x)
+        m.backward(dy)
+    kept = {k: g if hold == "arrays" else g[:] for k, g in layer.grads.items()}
+    before = {k: g.copy() for k, g in kept.items()}
+    layer.zero_grad(set_to_none=True)
+    ref.zero_grad()
+    for m in (ref, layer):
+        m(x)
+        m.backward(2 * dy)
+    for k, g in layer.grads.items():
+        assert not np.shares_memory(g, kept[k]), k
+        np.testing.assert_array_equal(kept[k], before[k], err_msg=k)
+        np.testing.assert_array_equal(g, ref.grads[k], err_msg=k)
 
 
 def test_zero_grad_set_to_none_with_spare_arrays_unfit_makes_new_ones(rng):

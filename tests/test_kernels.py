@@ -814,6 +814,14 @@ def test_gemm_against_numpy(rng, isa, dtype, M, N, K, layout):
     assert err <= GEMM_PER_TERM[np.dtype(dtype)] * K
 
 
+@pytest.mark.parametrize("b_dtype", [np.complex64, np.float64, np.int32])
+def test_gemm_refuses_a_b_of_another_dtype(b_dtype):
+    """B is not cast to A's dtype (a complex B would lose its imaginary part)."""
+    A = np.ones((2, 3), np.float32)
+    with pytest.raises(TypeError, match="gemm needs B of A's dtype, float32, got"):
+        _C.gemm(A, np.ones((3, 2), b_dtype))
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("M,N,K", [(1301, 70, 300), (40, 200, 700)], ids=["rows", "panels"])
 def test_gemm_bitwise_identical_across_thread_counts(rng, isa, M, N, K):

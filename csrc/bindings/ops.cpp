@@ -46,6 +46,10 @@ py::array math(int func, py::array x, std::optional<std::string> isa) {
 
 py::array gemm(py::array A, py::array B, std::optional<std::string> isa) {
   const KernelTable& kt = kernels(isa);
+  // (B would be cast to A's dtype: a complex B lost its imaginary part, a float64 B its digits)
+  if (!same_dtype(A.dtype(), B.dtype()))
+    throw py::type_error("gemm needs B of A's dtype, " + std::string(py::str(A.dtype())) + ", got " +
+                         std::string(py::str(B.dtype())));
   return is_f64(A) ? gemm_impl<double>(kt, A, B) : gemm_impl<float>(kt, A, B);
 }
 

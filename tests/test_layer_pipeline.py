@@ -208,6 +208,33 @@ def test_stack_arguments_are_checked_with_their_names(rng):
         functional.forward_stack("gru", x, h0[:1], c0, layers)
 
 
+@pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("arg", ["h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh", "w_hr"])
+def test_a_stack_reads_arrays_that_are_not_c_contiguous(rng, arg, training):
+    """The kernels take a copy of such an array (checked=True passes them on as they are, as the
+    torch adapter's tensor views can be); the copy must live until they have read it: each layer's
+    copies were freed before the stack ran, and the kernels read freed memory (h0 transposed, as
+    a batch-first model's hx can be: outputs 0.03 off)."""
+    x, h0, c0, layers = make_stack(rng, "lstm", np.float32, L=3, proj=7)
+    strided = lambda a: np.repeat(a, 2, axis=-1)[..., ::2]   # same values, every other element
+    h0_given = [strided(h) for h in h0] if arg == "h0" else h0
+    c0_given = [strided(c) for c in c0] if arg == "c0" else c0
+    names = ["w_ih", "w_hh", "b_ih", "b_hh", "w_hr"]
+    i = names.index(arg) if arg in names else None
+    given = layers if i is None else [w[:i] + (strided(w[i]),) + w[i + 1:] for w in layers]
+    run = lambda h, c, w: functional.forward_stack("lstm", x, h, c, w, training=training,
+                                                   checked=True)
+    got = run(h0_given, c0_given, given)
+    want = run(h0, c0, layers)
+    for k, (g, w) in enumerate(zip(got, want)):
+        for what, a, b in zip(("y", "hn", "cn"), g[:3], w[:3]):
+            np.testing.assert_array_equal(a, b, err_msg=f"layer {k} {what}")
+    if training:
+        dy = rng.standard_normal(got[-1][0].shape).astype(np.float32)
+        for a, b in zip(backward_through(got, dy), backward_through(want, dy)):
+            np.testing.assert_array_equal(a, b)
+
+
 @needs_threads
 def test_concurrent_pipelined_stacks_from_python_threads(two_threads, rng):
     x, h0, c0, layers = make_stack(rng, "lstm", np.float32, H=32)

@@ -2,6 +2,7 @@
 // state allocated, the kernels run without the GIL.
 #include <cstring>
 #include <tuple>
+#include <vector>
 
 #include "bindings/calls.h"
 #include "bindings/runtime.h"
@@ -18,6 +19,10 @@ struct LayerCall {
   std::optional<Arr<T>> cn;
   std::optional<Arr<int64_t>> lengths;  // the kernels' copy, alive for the call
   std::optional<Arr<T>> x_clean;        // x with its padding zeroed, where the call needs it
+  // The arrays the kernels read, alive until they have run: a stack's per-layer arguments are
+  // cast to Arr<T> in forward_stack_impl's loop, and the cast of an array that is not C-contiguous
+  // (or not aligned) is a copy, freed with the temporary before the kernels read it.
+  std::vector<py::object> inputs;
   Context c{};
   bool training = false;
 
@@ -73,6 +78,10 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
   LayerCall<T> call;
   call.training = training;
   call.lengths = lengths;
+  for (const py::object& held : {py::object(x), py::object(h0), py::object(w_ih), py::object(w_hh)})
+    call.inputs.push_back(held);
+  for (const auto* held : {&c0, &b_ih, &b_hh, &w_hr})
+    if (*held) call.inputs.push_back(**held);
   if (training && lengths && padding_not_finite(x.data(), s.T, s.B, s.I, lengths->data())) {
     // Steps past a row's length enter nothing but dW_ih = dG^T X, where dG is 0 and 0 * NaN is
     // NaN: the kernels take x with them zeroed (torch's PackedSequence never holds them).

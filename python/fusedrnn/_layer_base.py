@@ -261,8 +261,10 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     None (zeros, LSTM only); params {torch name: array}; lengths (B,) int64 or None;
     ``save``: keep the kernels' contexts (training); ``make_mask(shape)``: dropout masks between
     layers, or None for no dropout; ``checked``: x, h0, c0, lengths and params are already as
-    functional.check_layer_args would make them (the NumPy layers), so each layer call skips
-    those checks (a fifth of a small call's Python time); ``frozen``: 0, or the id of a frozen
+    functional.check_layer_args would make them (the NumPy layers), or at least of one dtype
+    with x's, h0's and the lengths' shapes checked (the torch adapter: the kernels check every
+    shape again and copy an array that is not C-contiguous), so each layer call skips those
+    checks (a fifth of a small call's Python time); ``frozen``: 0, or the id of a frozen
     layer's read-only parameters (with ``checked`` only; see functional.forward_checked);
     ``keep_packed=False``: params are copies made for this call (see functional.forward);
     ``save_from``: with ``save``, the layers below it keep no context (None in the Saved), as
@@ -273,7 +275,7 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     try:
         return _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, checked,
                               frozen, keep_packed, save_from)
-    except ShapeError:
+    except ValueError:  # (ShapeError, or the kernels' own shape checks under ``checked``)
         # Each layer's call names its weights w_ih, w_hh, ... and may blame h0 for a weight
         # whose rows are wrong (a torch module's weight swapped through .data): where a
         # parameter is at fault, the error names it as torch does.

@@ -6,6 +6,8 @@ import sys
 try:
     from . import _C
 except ImportError as _e:   # else: "partially initialized module ... circular import"
+    if "FUSEDRNN_ISA=" in str(_e):  # _C loaded and refused the ISA forced: its message says all
+        raise ImportError(str(_e)) from None
     raise ImportError(
         f"fusedrnn's compiled module fusedrnn._C did not import for this Python "
         f"({sys.implementation.cache_tag}) from {os.path.dirname(os.path.abspath(__file__))}: "

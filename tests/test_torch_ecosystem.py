@@ -1,6 +1,6 @@
 """fusedrnn.torch inside torch's training machinery, against torch.nn in the same place: saved
 tensors changed in place under allow_mutation_on_saved_tensors, storages that FSDP frees and
-refills (and a caller resizes), FSDP2 itself."""
+refills (and a caller resizes), FSDP2 and DDP themselves, quantize_dynamic beside it."""
 import copy
 import warnings
 
@@ -110,6 +110,51 @@ def test_fsdp2_trains_as_torch_nn(tmp_path):
         dist.destroy_process_group()
     for g, w in zip(*models):
         assert_close(g.numpy(), w.numpy(), np.float64, kind="gradient")
+
+
+def test_ddp_trains_as_torch_nn(tmp_path):
+    """README: DistributedDataParallel trains the adapter as it trains torch.nn's."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    want, got = _pair("lstm-proj-bi-2")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)
+    try:
+        trained = []
+        for m in (want, got):
+            model = torch.nn.parallel.DistributedDataParallel(m)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1)
+            for _ in range(3):
+                opt.zero_grad()
+                (model(x)[0] ** 2).sum().backward()
+                opt.step()
+            trained.append([p.detach() for p in m.parameters()])
+    finally:
+        dist.destroy_process_group()
+    for g, w in zip(*trained):
+        assert_close(g.numpy(), w.numpy(), np.float64, kind="gradient")
+
+
+def test_outputs_shrink_in_place_but_do_not_grow():
+    """README: the outputs are NumPy memory; resize_ to more elements raises, shrinking works."""
+    with torch.no_grad():
+        y, _ = ft.GRU(3, 4)(torch.randn(5, 2, 3))
+    with pytest.raises(RuntimeError, match="not resizable"):
+        y.resize_(100)
+    assert y.resize_(2).shape == (2,)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")   # torch.ao.quantization's,
+@pytest.mark.filterwarnings("ignore::UserWarning")   # and its quantized tensors'
+def test_dynamic_quantization_leaves_the_adapter_as_it_is():
+    """README: torch.ao.quantization matches torch.nn's exact classes, so quantize_dynamic leaves
+    the adapter in float32 (and torch.nn's module beside it quantized)."""
+    model = torch.nn.Sequential(ft.LSTM(3, 4), torch.nn.LSTM(4, 4))
+    q = torch.ao.quantization.quantize_dynamic(model, {torch.nn.LSTM}, dtype=torch.qint8)
+    assert type(q[0]) is ft.LSTM and q[0].weight_hh_l0.dtype == torch.float32
+    assert type(q[1]) is not torch.nn.LSTM
 
 
 def test_backward_reads_the_weights_it_is_given_and_checks_them():

@@ -2,6 +2,7 @@
 
 Every ```python block of README.md is executed on its own, in a fresh namespace, in the order it
 appears. Blocks that use torch are marked ``torch`` and skipped when torch is not installed.
+The files, extension functions and benchmark command lines it names exist and parse.
 """
 import pathlib
 import re
@@ -53,3 +54,31 @@ def test_readme_block_runs(line, src):
     # padded with blank lines so that a traceback points at the README's own line numbers
     code = compile("\n" * (line - 1) + src, str(README), "exec")
     exec(code, {"__name__": "__readme__"})
+
+
+ROOT = README.parent
+_PATH = re.compile(r"\b(?:csrc|bench|tests|python/fusedrnn)/[\w./-]*\w")
+_BENCH_COMMAND = re.compile(r"python -m (fusedrnn\.bench(?:\.memory)?)\b([^`#&\n]*)")
+
+
+def test_the_files_the_readme_names_exist():
+    missing = sorted({p for p in _PATH.findall(README.read_text()) if not (ROOT / p).exists()})
+    assert not missing
+
+
+def test_the_extension_functions_the_readme_names_exist():
+    from fusedrnn import _C
+    names = set(re.findall(r"`_C\.(\w+)\(", README.read_text()))
+    assert names and not [n for n in names if not callable(getattr(_C, n, None))]
+
+
+def test_the_readme_s_benchmark_commands_parse():
+    """Each `python -m fusedrnn.bench[.memory] ...` the README shows is one its parser takes."""
+    import importlib
+    import shlex
+    commands = _BENCH_COMMAND.findall(README.read_text())
+    assert {module for module, _ in commands} == {"fusedrnn.bench", "fusedrnn.bench.memory"}
+    parsers = {"fusedrnn.bench": "fusedrnn.bench.cli",
+               "fusedrnn.bench.memory": "fusedrnn.bench.memory"}
+    for module, argv in commands:
+        importlib.import_module(parsers[module]).parser().parse_args(shlex.split(argv))

@@ -58,6 +58,9 @@ def empty_cache():
 
 
 def get_num_threads():
+    """Threads the kernels use: set_num_threads's count, else OMP_NUM_THREADS's (at most 1024),
+    else OpenMP's default (the CPUs the process may run on); 1 in a process made by fork() and
+    in a build without OpenMP."""
     return _C.get_num_threads()
 
 
@@ -80,6 +83,7 @@ def set_thread_policy(policy):
 
 
 def get_thread_policy():
+    """The thread policy in use, "fixed" or "adaptive" (see set_thread_policy)."""
     mode = _C.get_team_mode()
     return next((k for k, v in _POLICIES.items() if v == mode), mode)
 

@@ -237,8 +237,8 @@ class _Layer:
     def to(self, *args, device=None, dtype=None, non_blocking=False):
         """torch.nn.Module.to on the CPU: ``to(dtype)``, ``to(device)``, ``to(device, dtype)`` or
         the keywords. The device must be the CPU; the dtype float32 or float64, NumPy's or
-        torch's (a str is a device, as torch reads it). Returns the layer; see ``_cast`` for a
-        new dtype."""
+        torch's (a str is a device, as torch reads it). Returns the layer; a new dtype gives
+        new arrays for the parameters and gradients: take ``named_parameters()`` again."""
         for a in args:
             if isinstance(a, (np.dtype, type)) or _is_torch_dtype(a):
                 if dtype is not None:
@@ -253,11 +253,13 @@ class _Layer:
         return self if dtype is None else self._cast(base.check_dtype(dtype))
 
     def float(self):
-        """float32 parameters, as torch.nn.Module.float(); returns the layer (see ``_cast``)."""
+        """float32 parameters and gradients, as torch.nn.Module.float(); returns the layer. A new
+        dtype gives new arrays: take ``named_parameters()`` again."""
         return self._cast(np.dtype(np.float32))
 
     def double(self):
-        """float64 parameters, as torch.nn.Module.double(); returns the layer (see ``_cast``)."""
+        """float64 parameters and gradients, as torch.nn.Module.double(); returns the layer. A
+        new dtype gives new arrays: take ``named_parameters()`` again."""
         return self._cast(np.dtype(np.float64))
 
     def cpu(self):
@@ -512,6 +514,14 @@ class _Layer:
         return self.forward(x, hx, lengths)
 
     def forward(self, x, hx=None, lengths=None):
+        """``y, hn = layer(x, hx=None, lengths=None)`` (LSTM: ``y, (hn, cn)``, hx ``(h0, c0)``), as
+        torch.nn's. x: (T, B, input_size), (B, T, input_size) with ``batch_first``, or unbatched
+        (T, input_size); h0 and hn: (num_layers * num_directions, B, proj_size or hidden_size),
+        c0 and cn: (num_layers * num_directions, B, hidden_size), without B for unbatched x;
+        hx None: zeros. y: (T, B, num_directions * (proj_size or hidden_size)) in x's layout.
+        ``lengths`` (one int per batch row, 1..T): as a PackedSequence padded back, y is 0 past
+        a row's length and hn its state there. In training mode (the default) the call keeps
+        what ``backward`` needs."""
         s = self._spec
         x = _as_array("x", x, self.dtype)
         if x.ndim not in (2, 3) or x.shape[-1] != s.input_size:

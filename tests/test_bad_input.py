@@ -158,7 +158,15 @@ def test_hx_of_wrong_dtype():
 
 
 def test_hx_of_wrong_kind():
+    """Each a TypeError (a ValueError for an LSTM tuple of another length) and a RuntimeError,
+    as the torch adapter raises (torch.nn's modules raise RuntimeError or, by accident,
+    IndexError and AttributeError)."""
     h = np.zeros((1, 3, 3), F32)
+    for layer, hx in ((fusedrnn.GRU(4, 3), (h, h)), (fusedrnn.LSTM(4, 3), h),
+                      (fusedrnn.LSTM(4, 3), (h, h, h))):
+        for kind in (TypeError, ValueError, RuntimeError):
+            with pytest.raises(kind, match="hx for"):
+                layer(x_of(), hx)
     with pytest.raises(TypeError, match=r"hx for GRU must be one array .*got a tuple "
                                         r"\(only LSTM takes \(h0, c0\)\)"):
         fusedrnn.GRU(4, 3)(x_of(), (h, h))
@@ -239,6 +247,8 @@ def test_backward_with_bad_dy_and_dhn_keeps_the_saved_state():
     gru = fusedrnn.GRU(4, 3)
     y, hn = gru(x_of())
     with pytest.raises(TypeError, match="dhn for GRU must be one array"):
+        gru.backward(y, (hn,))
+    with pytest.raises(RuntimeError, match="dhn for GRU must be one array"):
         gru.backward(y, (hn,))
     with pytest.raises(ValueError, match=r"dhn must have shape \(1, 3, 3\)"):
         gru.backward(y, hn[:, :2])

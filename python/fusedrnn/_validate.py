@@ -12,6 +12,13 @@ class ShapeError(ValueError, RuntimeError):
     still catches it."""
 
 
+class StateStructureError(TypeError, ValueError, RuntimeError):
+    """hx (or dhn) of the wrong structure: a tuple where one array goes, or an LSTM state that is
+    not a pair. One class for the NumPy layers and the torch adapter, caught as any of the errors
+    either raised for it before (TypeError; ValueError for an LSTM tuple of another length) and as
+    torch.nn's RuntimeError."""
+
+
 def as_array(name, a):
     """``a`` as an ndarray (no copy when it is one), its conversion errors naming ``name``."""
     if not isinstance(a, np.ndarray):

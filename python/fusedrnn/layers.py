@@ -50,7 +50,8 @@ import threading
 import numpy as np
 
 from . import _layer_base as base
-from ._validate import ShapeError, as_array, as_dtype_array, as_lengths, check_shape
+from ._validate import (ShapeError, StateStructureError, as_array, as_dtype_array, as_lengths,
+                        check_shape)
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
@@ -599,9 +600,9 @@ class _Layer:
         if hx is None:
             return None, None
         if isinstance(hx, (tuple, list)):
-            raise TypeError(f"hx for {type(self).__name__} must be one array "
-                            f"(num_layers*num_directions, batch, hidden_size), got a "
-                            f"{type(hx).__name__} (only LSTM takes (h0, c0))")
+            raise StateStructureError(f"hx for {type(self).__name__} must be one array "
+                                      f"(num_layers*num_directions, batch, hidden_size), got a "
+                                      f"{type(hx).__name__} (only LSTM takes (h0, c0))")
         return self._check_state("hx", hx, B, unbatched, self.hidden_size, "hidden_size"), None
 
     def _pack_state(self, hn, cn, unbatched):
@@ -725,8 +726,8 @@ class _Layer:
         if dhn is None:
             return None, None
         if isinstance(dhn, (tuple, list)):
-            raise TypeError(f"dhn for {type(self).__name__} must be one array (hn's shape), "
-                            f"got a {type(dhn).__name__}")
+            raise StateStructureError(f"dhn for {type(self).__name__} must be one array "
+                                      f"(hn's shape), got a {type(dhn).__name__}")
         return self._check_state("dhn", dhn, B, unbatched, self._spec.output_size,
                                  "hidden_size"), None
 
@@ -798,11 +799,11 @@ class LSTM(_Layer):
         if hx is None:
             return None, None
         if not isinstance(hx, (tuple, list)):
-            raise TypeError(f"hx for LSTM must be a tuple (h0, c0) of arrays, "
-                            f"got {type(hx).__name__}")
+            raise StateStructureError(f"hx for LSTM must be a tuple (h0, c0) of arrays, "
+                                      f"got {type(hx).__name__}")
         if len(hx) != 2:
-            raise ValueError(f"hx for LSTM must be a tuple (h0, c0) of two arrays, "
-                             f"got {len(hx)} items")
+            raise StateStructureError(f"hx for LSTM must be a tuple (h0, c0) of two arrays, "
+                                      f"got {len(hx)} items")
         out_name = "proj_size" if self.proj_size else "hidden_size"
         h0 = self._check_state("hx[0] (h0)", hx[0], B, unbatched, self._spec.output_size,
                                out_name)
@@ -820,8 +821,8 @@ class LSTM(_Layer):
             got = type(dhn).__name__  # (a tuple of another length: say so, not just "tuple")
             if isinstance(dhn, (tuple, list)):
                 got = f"a {got} of {len(dhn)} items"
-            raise TypeError(f"dhn for LSTM must be None or a tuple (dhn, dcn) (either may be "
-                            f"None), got {got}")
+            raise StateStructureError(f"dhn for LSTM must be None or a tuple (dhn, dcn) "
+                                      f"(either may be None), got {got}")
         out_name = "proj_size" if self.proj_size else "hidden_size"
         dh = None if dhn[0] is None else self._check_state(
             "dhn[0] (dhn)", dhn[0], B, unbatched, self._spec.output_size, out_name)

@@ -52,6 +52,7 @@ from ._torch_checks import KERNEL_DTYPES as _KERNEL_DTYPES, check_tensor as _che
 from ._torch_convert import convert
 from ._torch_ops import ShapeError as _ShapeError
 from ._torch_views import numpy_view as _np
+from ._validate import StateStructureError as _StateStructureError
 from ._validate import as_lengths as _as_lengths
 
 __all__ = ["RNN", "LSTM", "GRU", "convert"]
@@ -59,10 +60,6 @@ __all__ = ["RNN", "LSTM", "GRU", "convert"]
 _PLAIN = (_torch.Tensor, _torch.nn.Parameter, type(None))
 _NP_DTYPE = {_torch.float32: np.dtype(np.float32), _torch.float64: np.dtype(np.float64)}
 _CELL_OF_MODE = {"RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu", "LSTM": "lstm", "GRU": "gru"}
-
-
-class _HxError(TypeError, RuntimeError):
-    """hx of the wrong structure: torch.nn raises RuntimeError (or IndexError by accident)."""
 
 
 def _onnx_flags():
@@ -687,12 +684,12 @@ class _FusedMixin:
             return
         if spec.cell == "lstm":
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                raise _HxError(f"hx for LSTM must be a tuple (h0, c0) of tensors, "
-                               f"got {type(hx).__name__}"
-                               + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+                raise _StateStructureError(
+                    f"hx for LSTM must be a tuple (h0, c0) of tensors, got {type(hx).__name__}"
+                    + (f" of {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
         elif isinstance(hx, (tuple, list)):
-            raise _HxError(f"hx for {type(self).__name__} must be one tensor, got a "
-                           f"{type(hx).__name__} (only LSTM takes (h0, c0))")
+            raise _StateStructureError(f"hx for {type(self).__name__} must be one tensor, got a "
+                                       f"{type(hx).__name__} (only LSTM takes (h0, c0))")
 
     def _check_hx(self, hx, spec, B, unbatched, dtype):
         self._check_hx_structure(hx, spec)

@@ -55,6 +55,7 @@ from ._validate import (ShapeError, StateStructureError, as_array, as_dtype_arra
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
+
 def _reference_count(array):
     # Where Python counts no references (not CPython), every array counts as held elsewhere.
     return sys.getrefcount(array) if hasattr(sys, "getrefcount") else sys.maxsize

@@ -85,6 +85,10 @@ struct ForwardArgs {
   const T* w_hr;      // (Hout, H) projection, or null
   const int64_t* lengths;  // (B) in 1..T, or null (all T)
   SavedState<T> saved;     // all null in inference
+  // Inference (nothing saved) that takes a training call's ways, so its outputs have that call's
+  // bits: a stack's layer below the lowest one a backward runs through (the torch adapter's
+  // save_from), whose output the trained layers above read.
+  bool training_bits = false;
   int num_threads;
   // Nonzero: the weights hold the same bytes as in every earlier call that passed this id (a
   // layer's freeze(): read-only copies of its own); their cached packed forms are then used

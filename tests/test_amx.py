@@ -322,3 +322,32 @@ def test_a_nan_reaching_a_steps_state_stays_nan(rng, cell, lbr, where, shape, bi
     assert np.isnan(want).any()
     for isa in ("amx", "avx512"):
         np.testing.assert_array_equal(np.isnan(y(isa, w, x)), np.isnan(want), err_msg=isa)
+
+
+@pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_a_stack_saved_from_a_layer_gives_the_bits_of_a_whole_one(rng, cell, bidirectional):
+    """The layers below save_from (the torch adapter fine-tuning the top of a stack) keep no
+    state, yet take the steps a training call takes: at T*B = 128 an inference call's steps run
+    on tiles (from AMX_WORK / 8) and a training call's do not (from AMX_WORK), and the trained
+    layers above read their output, so the outputs and gradients of a stack that froze its
+    lower layers differed in their last bits from those of one that kept all. One kernel call
+    for the unidirectional stack (forward_stack), one per layer and direction otherwise."""
+    from fusedrnn import _layer_base as base
+    layer = fusedrnn.LSTM if cell == "lstm" else fusedrnn.GRU if cell == "gru" else fusedrnn.RNN
+    layer = layer(16, 32, num_layers=3, bidirectional=bidirectional, seed=4)
+    spec, params = layer._spec, dict(layer.named_parameters())
+    x = rng.standard_normal((4, 32, 16)).astype(np.float32)
+    inference = base.stack_forward(spec, params, x, isa="amx")
+    whole = base.stack_forward(spec, params, x, save=True, isa="amx")
+    assert not np.array_equal(inference[0], whole[0])  # (the shape is in the band)
+    part = base.stack_forward(spec, params, x, save=True, save_from=2, isa="amx")
+    assert [all(c is None for c in ctxs) for ctxs in part[3].ctxs] == [True, True, False]
+    for got, want in zip(part[:2], whole[:2]):
+        np.testing.assert_array_equal(got, want)
+    dy = rng.standard_normal(whole[0].shape).astype(np.float32)
+    top = {n for n in params if "_l2" in n}
+    got, want = (base.stack_backward(spec, saved, dy, need_dx=False, need_dh0=False,
+                                     weight_grads=top)[3] for saved in (part[3], whole[3]))
+    for name in top:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)

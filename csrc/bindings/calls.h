@@ -31,7 +31,8 @@ struct Context {
 py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, py::array h0,
                   py::object c0, py::array w_ih, py::array w_hh, py::object b_ih, py::object b_hh,
                   py::object w_hr, py::object lengths, std::optional<std::string> isa,
-                  uint64_t frozen, bool keep_x, py::object onnx, bool keep_packed);
+                  uint64_t frozen, bool keep_x, py::object onnx, bool keep_packed,
+                  bool training_bits);
 py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list h0, py::list c0,
                        py::list w_ih, py::list w_hh, py::list b_ih, py::list b_hh, py::list w_hr,
                        std::optional<std::string> isa, uint64_t frozen, bool keep_x,

@@ -182,10 +182,12 @@ py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reve
                        Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0, Arr<T> w_ih, Arr<T> w_hh,
                        std::optional<Arr<T>> b_ih, std::optional<Arr<T>> b_hh,
                        std::optional<Arr<T>> w_hr, std::optional<Arr<int64_t>> lengths,
-                       uint64_t frozen, bool keep_x, const py::object& onnx, bool keep_packed) {
+                       uint64_t frozen, bool keep_x, const py::object& onnx, bool keep_packed,
+                       bool training_bits) {
   LayerCall<T> call = prepare_forward<T>(kt, cell_code, lbr, reverse, training, x, h0, c0, w_ih,
                                          w_hh, b_ih, b_hh, w_hr, lengths, frozen, !keep_x,
                                          keep_packed);
+  call.a.training_bits = training_bits;
   OnnxOptions<T> options;
   call.a.onnx = options.parse(onnx, call.a.s, training);
   {
@@ -228,6 +230,7 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
                                        req(w_hh[k], "w_hh"), opt(b_ih[k], "b_ih"),
                                        opt(b_hh[k], "b_hh"), opt(w_hr[k], "w_hr"), std::nullopt,
                                        frozen, k == 0 && !keep_x, keep_packed));
+    calls.back().a.training_bits = training;  // (below train_from: the bits of the layers above)
     layer_in = calls.back().y;
   }
   std::vector<fusedrnn::ForwardArgs<T>> args;
@@ -247,7 +250,8 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
 py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, py::array h0,
                   py::object c0, py::array w_ih, py::array w_hh, py::object b_ih, py::object b_hh,
                   py::object w_hr, py::object lengths, std::optional<std::string> isa,
-                  uint64_t frozen, bool keep_x, py::object onnx, bool keep_packed) {
+                  uint64_t frozen, bool keep_x, py::object onnx, bool keep_packed,
+                  bool training_bits) {
   const KernelTable& kt = kernels(isa);
   auto opt = [](py::object o, auto tag) {
     using A = decltype(tag);
@@ -262,10 +266,10 @@ py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, 
   if (f64)
     return forward_impl<double>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<double>()), w_ih, w_hh,
                                 opt(b_ih, Arr<double>()), opt(b_hh, Arr<double>()), opt(w_hr, Arr<double>()), len,
-                                frozen, keep_x, onnx, keep_packed);
+                                frozen, keep_x, onnx, keep_packed, training_bits);
   return forward_impl<float>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<float>()), w_ih, w_hh,
                              opt(b_ih, Arr<float>()), opt(b_hh, Arr<float>()), opt(w_hr, Arr<float>()), len,
-                             frozen, keep_x, onnx, keep_packed);
+                             frozen, keep_x, onnx, keep_packed, training_bits);
 }
 
 py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list h0, py::list c0,

@@ -205,6 +205,7 @@ PYBIND11_MODULE(_C, m) {
         py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("w_hr"), py::arg("lengths"),
         py::arg("isa") = py::none(), py::arg("frozen") = 0, py::arg("keep_x") = false,
         py::arg("onnx") = py::none(), py::arg("keep_packed") = true,
+        py::arg("training_bits") = false,
         "frozen: 0, or an id under which every weight array holds the same bytes, in the same "
         "memory, in every call that passes it (a layer's freeze()); the kernels then reuse their "
         "packed weights without comparing the arrays with their copies. keep_x: a training "
@@ -213,7 +214,9 @@ PYBIND11_MODULE(_C, m) {
         "(fusedrnn.onnx_ops) as (((code, alpha, beta) for f, g, h), clip, input_forget, "
         "peepholes (3, H) i, f, o or None); inference only. keep_packed=False: the weights are "
         "copies made for this call (freed after it): they are packed for it alone and nothing is "
-        "kept in the calling thread's packed-weight cache");
+        "kept in the calling thread's packed-weight cache. training_bits: an inference call "
+        "(training False) gives the bits a training call would (a stack's layer below the ones "
+        "that train)");
 
   m.def("forward_stack", &forward_stack, py::arg("cell"), py::arg("linear_before_reset"),
         py::arg("training"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("w_ih"),
@@ -224,7 +227,8 @@ PYBIND11_MODULE(_C, m) {
         "states and weights; returns the list of forward's (y, hn, cn, ctx) per layer (keep_x: "
         "as forward's, for x; each layer above keeps its input, the output below, itself; "
         "keep_packed: as forward's; train_from: in training, the layers below it keep no "
-        "context (ctx None), as no backward will run through them)");
+        "context (ctx None), as no backward will run through them, and give a training "
+        "call's bits as forward's training_bits)");
   m.def("calls_without_gil", [] { return g_calls_without_gil.load(std::memory_order_relaxed); },
         "tests: kernel calls running now with the GIL released (by any thread)");
   m.def("stack_calls", [] {

@@ -49,7 +49,7 @@ bool amx_step(const ForwardArgs<T>& a, bool in_step, PanelReuse reuse, int nthre
   if constexpr (std::is_same_v<T, float>) {
     const LayerShape& s = a.s;
     const int64_t GH = gates_of(s.cell) * s.H;
-    const bool training = a.saved.h != nullptr;
+    const bool training = a.saved.h != nullptr || a.training_bits;
     const int64_t work = training ? kAmxStepWorkRows : kAmxStepWorkRowsKept;
     const int64_t split_bytes = GH * (s.Hout + (in_step ? s.I : 0)) * 6;
     const bool rows = s.B >= kAmxStepRows ||

@@ -59,6 +59,7 @@ def forward(cell: int, linear_before_reset: bool, reverse: bool, training: bool,
             b_hh: Optional[npt.NDArray[_F]], w_hr: Optional[npt.NDArray[_F]],
             lengths: Optional[npt.NDArray[np.int64]], isa: Optional[str] = None, frozen: int = 0,
             keep_x: bool = False, onnx: Optional[_OnnxOptions] = None, keep_packed: bool = True,
+            training_bits: bool = False,
             ) -> Tuple[npt.NDArray[_F], npt.NDArray[_F], Optional[npt.NDArray[_F]],
                        Optional[Context]]: ...
 def forward_stack(cell: int, linear_before_reset: bool, training: bool, x: npt.NDArray[_F],

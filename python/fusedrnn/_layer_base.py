@@ -269,8 +269,9 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     ``keep_packed=False``: params are copies made for this call (see functional.forward);
     ``save_from``: with ``save``, the layers below it keep no context (None in the Saved), as
     the backward will not run through them (the torch adapter: nothing below that layer needs a
-    gradient). Returns y (T, B, D*H_out), hn (L*D, B, H_out), cn (L*D, B, H) or None, and a
-    ``Saved`` (None unless ``save``).
+    gradient), yet give a training call's bits, which the layers above read. Returns y (T, B,
+    D*H_out), hn (L*D, B, H_out), cn (L*D, B, H) or None, and a ``Saved`` (None unless
+    ``save``).
     """
     try:
         return _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, checked,
@@ -319,7 +320,7 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
             y, h, c, ctx = run(spec.cell, layer_in, h0[i], c0[i] if lstm else None,
                                w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths, reverse=bool(d),
                                linear_before_reset=spec.linear_before_reset,
-                               training=save and k >= save_from,
+                               training=save and k >= save_from, training_bits=save,
                                isa=isa, keep_x=k > 0 or own_input, keep_packed=keep_packed,
                                **extra)  # y: ours
             if single:

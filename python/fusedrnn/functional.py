@@ -34,7 +34,7 @@ ONNX_FUNCTIONS = {"rnn_tanh": 1, "rnn_relu": 1, "gru": 2, "lstm": 3}
 
 def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, reverse=False,
             linear_before_reset=True, training=True, isa=None, *, keep_x=False, onnx=None,
-            keep_packed=True):
+            keep_packed=True, training_bits=False):
     """``keep_x=True``: the training context keeps ``x`` itself rather than a copy of its own,
     for callers that never write to it before backward (the layers' own inner-layer inputs).
     ``onnx``: ONNX's cell options, as :func:`fusedrnn.reference.forward` takes them (inference
@@ -42,13 +42,15 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, re
     weights are arrays made for this call alone (fusedrnn.onnx_ops's gates reordered, a
     low-precision module's casts): an inference call packs them for itself and keeps nothing in
     the calling thread's packed-weight cache, where forms of freed arrays would sit until that
-    cache's budget pushed them out (see _C.forward)."""
+    cache's budget pushed them out (see _C.forward). ``training_bits=True``: an inference call
+    gives the bits a training call would (the kernels may take other steps in inference): a
+    stack's layer below the ones a backward runs through, whose output they read."""
     args = check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     _check_isa(isa)
     return forward_checked(cell, *args, reverse=reverse, linear_before_reset=linear_before_reset,
                            training=training, isa=isa, keep_x=keep_x or args[0] is not x,
                            onnx=_onnx_options(cell, onnx, args[0].dtype, w_ih.shape[0]),
-                           keep_packed=keep_packed)
+                           keep_packed=keep_packed, training_bits=training_bits)
 
 
 def _check_isa(isa):
@@ -89,7 +91,7 @@ def _onnx_options(cell, onnx, dtype, gate_rows):
 
 def forward_checked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reverse,
                     linear_before_reset, training, isa=None, keep_x=False, frozen=0, onnx=None,
-                    keep_packed=True):
+                    keep_packed=True, training_bits=False):
     """forward() for arguments already as check_layer_args returns them (C-contiguous, one
     dtype, shapes checked): the layers, which check their inputs once and own their weights.
     The kernels check the shapes again, so nothing can read out of bounds. Unless ``keep_x``, a
@@ -97,12 +99,14 @@ def forward_checked(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths, reve
     reuse its buffer between forward and backward (weights are the layer's own and are kept by
     reference). ``frozen``: 0, or the id of a frozen layer's read-only parameters (the layers'
     freeze(); see _C.forward). ``onnx``: ONNX's cell options as _onnx_options gives them.
-    ``keep_packed``: as forward's."""
+    ``keep_packed``, ``training_bits``: as forward's."""
     # Every argument by position: pybind11 matches a keyword by name each call, 3 us of a
-    # small call's ~20 (_C.pyi names them: isa, frozen, keep_x, onnx, keep_packed).
+    # small call's ~20 (_C.pyi names them: isa, frozen, keep_x, onnx, keep_packed,
+    # training_bits).
     y, hn, cn, ctx = _C.forward(CELL_CODES[cell], bool(linear_before_reset), bool(reverse),
                                 bool(training), x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths,
-                                isa, frozen, bool(keep_x), onnx, bool(keep_packed))
+                                isa, frozen, bool(keep_x), onnx, bool(keep_packed),
+                                bool(training_bits))
     return y, hn, cn, (ctx if training else None)
 
 
@@ -117,8 +121,8 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     b_hh, w_hr), as forward takes them. ``checked``: the arguments are already as
     check_layer_args / check_layer_params return them; ``frozen``, ``keep_packed``: as
     forward_checked's; ``train_from``: in training, the layers below it run as in inference
-    (ctx None: no backward will run through them). Returns forward's (y, hn, cn, ctx) per
-    layer."""
+    (ctx None: no backward will run through them), with a training call's bits (forward's
+    training_bits). Returns forward's (y, hn, cn, ctx) per layer."""
     L = len(layers)
     if not (len(h0) == len(c0) == L) or L == 0:
         raise ValueError(f"h0 and c0 need one entry per layer ({L}), got {len(h0)} and {len(c0)}")

@@ -1147,6 +1147,45 @@ def test_zero_grad_set_to_none_leaves_arrays_the_caller_holds_alone(rng, hold):
         np.testing.assert_array_equal(g, ref.grads[k], err_msg=k)
 
 
+def test_zero_grad_set_to_none_counts_references_at_the_call():
+    """Whether the caller still holds a gradient array is read from its reference count, against
+    that of a local nothing else holds. A tracer that reads frames' locals (a debugger's, a
+    snooper's) adds a reference to every local while it runs: counted once, at an import under
+    such a tracer, that count made an array the caller held look unheld, and the next backward
+    wrote over it. Arrays nothing holds are still written over."""
+    code = """if True:
+        import sys
+        import numpy as np
+
+        def tracer(frame, event, arg):
+            frame.f_locals
+            return tracer
+
+        sys.settrace(tracer)
+        import fusedrnn
+        sys.settrace(None)
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+        dy = rng.standard_normal((4, 3, 6)).astype(np.float32)
+        layer = fusedrnn.GRU(5, 6, seed=1)
+        layer(x)
+        layer.backward(dy)
+        kept = layer.grads["weight_hh_l0"]
+        before = kept.copy()
+        layer.zero_grad(set_to_none=True)
+        layer(x)
+        layer.backward(2 * dy)
+        assert np.array_equal(kept, before), "an array the caller held was written over"
+        del kept
+        ids = {k: id(g) for k, g in layer.grads.items()}
+        layer.zero_grad(set_to_none=True)
+        layer(x)
+        layer.backward(dy)
+        assert all(id(g) == ids[k] for k, g in layer.grads.items()), "unheld arrays not reused"
+    """
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_zero_grad_set_to_none_with_spare_arrays_unfit_makes_new_ones(rng):
     """A gradient array swapped for one the kernels cannot write (Fortran order) before
     zero_grad(set_to_none=True): the backward writes new arrays, with the same values."""

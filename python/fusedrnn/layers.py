@@ -67,9 +67,6 @@ def _references_of_an_unheld_local():
     g = np.empty(0)
     return _reference_count(g)
 
-
-_UNHELD_REFERENCES = _references_of_an_unheld_local()
-
 # What load_state_dict returns, as torch's (its _IncompatibleKeys): the layer's names the
 # state dict lacked and the state dict's names the layer has not.
 IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
@@ -488,6 +485,10 @@ class _Layer:
         ``grads`` before keep their values. The layer writes over an array of its own that
         nothing else holds (no pass of zeros first: stacked LSTM training, 1 thread: 37.0 ->
         36.2 ms)."""
+        # Counted at each call, not once: a tracer reading frames' locals (a debugger's) adds a
+        # reference to every local while it runs, and one running at import made arrays the
+        # caller held look unheld.
+        unheld = _references_of_an_unheld_local() if set_to_none else 0
         for name in list(self.grads):
             g = self.grads[name]
             if set_to_none:
@@ -495,7 +496,7 @@ class _Layer:
                 # Held by nothing but g and perhaps the verdict on the arrays: no name, view or
                 # container of the caller's, which a later backward must not write over.
                 held_by_verdict = any(a is g for a in self._grads_verdict[1])
-                if g is not None and _reference_count(g) <= _UNHELD_REFERENCES + held_by_verdict:
+                if g is not None and _reference_count(g) <= unheld + held_by_verdict:
                     self._spare_grads[name] = g
             elif g is None:
                 self.grads[name] = self._zeroed_gradient(name)

@@ -791,6 +791,46 @@ def test_a_stacks_context_and_the_callers_x(rng, keep_x, I):
     assert same == (not keep_x)
 
 
+class _Subclass(np.ndarray):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["subclass", "memmap", "__array__"])
+@pytest.mark.parametrize("stack", [False, True])
+def test_an_x_whose_checked_array_is_a_view_of_it_is_copied_for_backward(rng, tmp_path, kind,
+                                                                         stack):
+    """functional.forward / forward_stack keep their own copy of x unless the checks made one;
+    np.ascontiguousarray of an ndarray subclass (np.memmap) is a new object viewing the caller's
+    memory, as np.asarray of an object's own array is, and was taken for such a copy: the context
+    kept the caller's memory and overwriting it changed the gradients (119 off)."""
+    case = make_case(rng, "gru", T=4, B=3, I=5, H=6)
+    w = case["w"]
+    layers = [tuple(w[k] for k in ("w_ih", "w_hh", "b_ih", "b_hh")) + (None,)]
+
+    def weight_ih_grad(x, overwrite):
+        if stack:
+            ctx = functional.forward_stack("gru", x, [case["h0"]], [None], layers)[0][3]
+        else:
+            *_, ctx = functional.forward("gru", x, case["h0"], None, w["w_ih"], w["w_hh"],
+                                         w["b_ih"], w["b_hh"])
+        if overwrite is not None:
+            overwrite[...] = 0.0
+        return functional.backward(ctx, case["dy"])[3]["weight_ih"]
+
+    want = weight_ih_grad(case["x"].copy(), None)
+    if kind == "subclass":
+        x = case["x"].copy().view(_Subclass)
+        mem = x
+    elif kind == "memmap":
+        x = np.memmap(tmp_path / "x.bin", case["x"].dtype, "w+", shape=case["x"].shape)
+        x[...] = case["x"]
+        mem = x
+    else:
+        mem = case["x"].copy()
+        x = type("Holder", (), {"__array__": lambda self, dtype=None, copy=None: mem})()
+    np.testing.assert_array_equal(weight_ih_grad(x, mem), want)
+
+
 def test_backward_needs_training_context():
     with pytest.raises(RuntimeError, match="training=True"):
         functional.backward(None, np.zeros((1, 1, 1), np.float32))

@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from . import functional as F
-from ._validate import FLOAT_DTYPES, GATES, ShapeError
+from ._validate import FLOAT_DTYPES, GATES, ShapeError, made_here
 
 CELLS = tuple(GATES)          # "rnn_tanh", "rnn_relu", "lstm", "gru"
 _PARAM_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")   # torch's order
@@ -305,8 +305,8 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
     # x, whose buffer may be reused before backward, so a context keeps x packed. Both
     # directions would each keep one: there the stack keeps one copy of x for both.
     own_input = save and D == 2 and save_from == 0
-    if own_input and layer_in is x:
-        layer_in = x.copy()
+    if own_input and not made_here(layer_in, x):  # (an ndarray subclass's is a view of x)
+        layer_in = layer_in.copy()
     if D == 1 and spec.num_layers > 1 and make_mask is None and lengths is None:
         return _one_way_stack(spec, params, layer_in, h0, c0, hn, cn, saved, isa, checked, frozen,
                               keep_packed, save_from)

@@ -57,6 +57,14 @@ def as_float_array(name, a, dtype, whose=""):
     return np.ascontiguousarray(as_dtype_array(name, a, dtype, whose))
 
 
+def made_here(checked, given):
+    """Whether ``checked``, what the checks made of the caller's ``given``, is memory of our own
+    (a copy) that a training context may keep as it is: not ``given`` itself, nor a view of its
+    memory, which np.ascontiguousarray gives back for an ndarray subclass (np.memmap) and
+    np.asarray for an object's own array (``__array__``): the caller may overwrite those."""
+    return checked is not given and not np.may_share_memory(checked, given)
+
+
 def check_shape(name, a, shape):
     if a.shape != tuple(shape):
         raise ShapeError(f"{name} must have shape {tuple(shape)}, got {a.shape}")

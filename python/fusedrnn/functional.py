@@ -21,7 +21,7 @@ build of the kernels instead of the one chosen at import (tests use it to cover 
 import numpy as np
 
 from . import _C
-from ._validate import check_layer_args, check_layer_params
+from ._validate import check_layer_args, check_layer_params, made_here
 
 CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 # ONNX's activation functions by the kernels' codes (csrc/kernel_api.h, Activation).
@@ -48,7 +48,7 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, re
     args = check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths)
     _check_isa(isa)
     return forward_checked(cell, *args, reverse=reverse, linear_before_reset=linear_before_reset,
-                           training=training, isa=isa, keep_x=keep_x or args[0] is not x,
+                           training=training, isa=isa, keep_x=keep_x or made_here(args[0], x),
                            onnx=_onnx_options(cell, onnx, args[0].dtype, w_ih.shape[0]),
                            keep_packed=keep_packed, training_bits=training_bits)
 
@@ -142,10 +142,10 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
                                                         c0[k], *layers[k])
             layers[k] = tuple(weights)
     # The caller may reuse x's buffer before backward: the context keeps its own copy (see
-    # forward_checked), unless checking made one already.
+    # forward_checked), unless checking made one already (a view of x's memory is none).
     # (by position, as forward_checked's: isa, frozen, keep_x, keep_packed, train_from)
     outs = _C.forward_stack(CELL_CODES[cell], bool(linear_before_reset), bool(training), x, h0,
-                            c0, *(list(w) for w in zip(*layers)), isa, frozen, x is not given,
+                            c0, *(list(w) for w in zip(*layers)), isa, frozen, made_here(x, given),
                             bool(keep_packed), int(train_from))
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 

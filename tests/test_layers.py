@@ -1055,16 +1055,26 @@ def test_frozen_single_rows_in_parallel_threads(rng):
         fusedrnn.set_num_threads(before)
 
 
+def _misaligned_copy(a):
+    """a's values in memory at an odd offset (np.frombuffer): C-contiguous but not aligned."""
+    v = np.frombuffer(bytearray(a.nbytes + 1), a.dtype, a.size, offset=1).reshape(a.shape)
+    v[...] = a
+    return v
+
+
+@pytest.mark.parametrize("swap", [np.asfortranarray, _misaligned_copy], ids=["F", "misaligned"])
 @pytest.mark.parametrize("cell", CELLS)
-def test_backward_adds_into_grads_in_place(rng, cell):
+def test_backward_adds_into_grads_in_place(rng, cell, swap):
     """The kernels add into the layer's own gradient arrays (the same objects before and after);
-    a gradient array swapped for one they cannot write in place (here not C-contiguous) is added
-    into by NumPy instead, and both ways give the same numbers, accumulating over calls."""
+    a gradient array swapped for one they cannot write in place (not C-contiguous, or not
+    aligned: the kernels refused that one, and the backward raised after consuming the layers
+    above) is added into by NumPy instead, and both ways give the same numbers, accumulating
+    over calls."""
     layers = [make_layer(cell, 5, 6, L=2, bidirectional=True, dtype=np.float32, seed=4)
               for _ in range(2)]
     swapped = layers[1]
-    name = "weight_hh_l1_reverse"
-    swapped.grads[name] = np.asfortranarray(swapped.grads[name])
+    name = "weight_hh_l0_reverse"   # (a lower layer's: the backward reaches it last)
+    swapped.grads[name] = swap(swapped.grads[name])
     assert swapped._grads_to_add_into(swapped.grads) is None
     assert layers[0]._grads_to_add_into(layers[0].grads) is not None
     x = rng.standard_normal((4, 3, 5)).astype(np.float32)

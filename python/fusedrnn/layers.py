@@ -699,7 +699,8 @@ class _Layer:
         """``grads`` (``self.grads``, or the spare arrays) for the kernels to write into in place
         (saving an array per gradient and a pass over it), or None where an array was swapped
         for one they cannot write so (another dtype or shape, not C-contiguous or writeable, or
-        sharing memory with a parameter or another gradient): those are added into by NumPy.
+        sharing memory with a parameter or another gradient, or misaligned): those are added into
+        by NumPy.
         The verdict is kept while the same arrays are in place (checking them was 10 us of a
         40 us one-step training call)."""
         arrays = (*grads.values(), *self._params.values())
@@ -715,8 +716,9 @@ class _Layer:
         arrays = list(grads.values())
         for name, p in self._params.items():
             g = grads.get(name)
+            # (aligned too: the kernels refuse a misaligned array, np.frombuffer at an offset)
             if not (isinstance(g, np.ndarray) and g.dtype == self.dtype and g.shape == p.shape
-                    and g.flags.c_contiguous and g.flags.writeable):
+                    and g.flags.c_contiguous and g.flags.writeable and g.flags.aligned):
                 return False
             if any(np.may_share_memory(g, other) for other in self._params.values()):
                 return False

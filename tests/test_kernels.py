@@ -791,6 +791,27 @@ def test_a_stacks_context_and_the_callers_x(rng, keep_x, I):
     assert same == (not keep_x)
 
 
+@pytest.mark.parametrize("train_from", [0, 1, 2])
+def test_a_stacks_outputs_kept_as_the_input_above_are_read_only(rng, train_from):
+    """functional.forward_stack returns each layer's y, which the layer above's training context
+    keeps as its x: written into before backward, it silently changed that layer's gradients.
+    Those are read-only; the others (the top's, those under layers without a context, inference)
+    stay writeable."""
+    case = make_case(rng, "rnn_tanh", T=4, B=2, I=3, H=4)
+    w = case["w"]
+    upper = (rng.standard_normal((4, 4)), rng.standard_normal((4, 4)), None, None, None)
+    layers = [(w["w_ih"], w["w_hh"], None, None, None), upper, upper]
+    for training in (False, True):
+        outs = functional.forward_stack("rnn_tanh", case["x"], [None] * 3, [None] * 3, layers,
+                                        training=training, train_from=train_from)
+        kept = [training and k + 1 >= train_from and k < 2 for k in range(3)]
+        assert [y.flags.writeable for y, *_ in outs] == [not k for k in kept]
+        for (y, *_), k in zip(outs, kept):
+            if k:
+                with pytest.raises(ValueError, match="read-only"):
+                    y[...] = 0.0
+
+
 class _Subclass(np.ndarray):
     pass
 

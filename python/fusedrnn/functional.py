@@ -122,7 +122,9 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     check_layer_args / check_layer_params return them; ``frozen``, ``keep_packed``: as
     forward_checked's; ``train_from``: in training, the layers below it run as in inference
     (ctx None: no backward will run through them), with a training call's bits (forward's
-    training_bits). Returns forward's (y, hn, cn, ctx) per layer."""
+    training_bits). Returns forward's (y, hn, cn, ctx) per layer; a y whose layer above keeps a
+    context is read-only, since that context keeps it as its input x, which the backward
+    reads."""
     L = len(layers)
     if not (len(h0) == len(c0) == L) or L == 0:
         raise ValueError(f"h0 and c0 need one entry per layer ({L}), got {len(h0)} and {len(c0)}")
@@ -147,6 +149,9 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     outs = _C.forward_stack(CELL_CODES[cell], bool(linear_before_reset), bool(training), x, h0,
                             c0, *(list(w) for w in zip(*layers)), isa, frozen, made_here(x, given),
                             bool(keep_packed), int(train_from))
+    for below, (_, _, _, ctx) in zip(outs, outs[1:]):
+        if ctx is not None:  # (written into, it silently changed the layer above's gradients)
+            below[0].flags.writeable = False
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 

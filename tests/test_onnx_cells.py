@@ -168,6 +168,12 @@ def test_options_refused(rng):
         functional.forward(*args, training=False, onnx={**ok, "peepholes": np.zeros((3, 5))})
     with pytest.raises(ValueError, match="inference"):
         reference.forward(*args, training=True, onnx=ok)
+    # The kernels refuse them too, not cast (NumPy casts a byte-swapped array "safely")
+    codes = ([(0, 0.0, 0.0), (1, 0.0, 0.0), (1, 0.0, 0.0)], np.inf, False)
+    for peepholes in (np.zeros((3, 5), ">f4"), np.zeros((3, 5), np.float16)):
+        with pytest.raises(TypeError, match="peepholes must have dtype float32"):
+            _C.forward(2, True, False, False, x, h0, h0, w["w_ih"], w["w_hh"], w["b_ih"],
+                       w["b_hh"], None, None, None, 0, False, codes + (peepholes,), True)
 
 
 @pytest.mark.parametrize("isa", ISAS)

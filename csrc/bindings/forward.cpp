@@ -169,6 +169,8 @@ struct OnnxOptions {
     cell.input_forget = t[2].cast<bool>();
     if (!t[3].is_none()) {
       if (s.cell != Cell::Lstm) fail("peepholes are only for LSTM");
+      // (the cast converts what NumPy casts safely: a byte-swapped or float32 array in float64)
+      require_dtype("peepholes", t[3], py::dtype::of<T>());
       peepholes = t[3].cast<Arr<T>>();
       check_shape("peepholes", *peepholes, {3, s.H});
       cell.peepholes = peepholes->data();

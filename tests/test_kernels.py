@@ -883,6 +883,15 @@ def test_gemm_refuses_a_b_of_another_dtype(b_dtype):
         _C.gemm(A, np.ones((3, 2), b_dtype))
 
 
+@pytest.mark.parametrize("a_dtype", [">f4", ">f8", np.float16, np.int32])
+def test_gemm_names_a_of_another_dtype(a_dtype):
+    """An A of no kernel's dtype (a byte-swapped one included) is named as A (the error said
+    "x must be float32 or float64")."""
+    A = np.ones((2, 3), a_dtype)
+    with pytest.raises(TypeError, match=f"gemm needs A of float32 or float64, got {A.dtype}"):
+        _C.gemm(A, A.T.copy())
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("M,N,K", [(1301, 70, 300), (40, 200, 700)], ids=["rows", "panels"])
 def test_gemm_bitwise_identical_across_thread_counts(rng, isa, M, N, K):

@@ -46,6 +46,9 @@ py::array math(int func, py::array x, std::optional<std::string> isa) {
 
 py::array gemm(py::array A, py::array B, std::optional<std::string> isa) {
   const KernelTable& kt = kernels(isa);
+  // (is_f64's own error names x, an argument gemm does not have)
+  if (!same_dtype(A.dtype(), py::dtype::of<float>()) && !same_dtype(A.dtype(), py::dtype::of<double>()))
+    throw py::type_error("gemm needs A of float32 or float64, got " + std::string(py::str(A.dtype())));
   // (B would be cast to A's dtype: a complex B lost its imaginary part, a float64 B its digits)
   if (!same_dtype(A.dtype(), B.dtype()))
     throw py::type_error("gemm needs B of A's dtype, " + std::string(py::str(A.dtype())) + ", got " +

@@ -1,6 +1,7 @@
 """fusedrnn.torch inside torch's training machinery, against torch.nn in the same place: saved
 tensors changed in place under allow_mutation_on_saved_tensors, storages that FSDP frees and
 refills (and a caller resizes), FSDP2 and DDP themselves, quantize_dynamic beside it."""
+import contextlib
 import copy
 import warnings
 
@@ -81,18 +82,34 @@ def test_storages_stay_resizable_and_backward_reads_what_autograd_saved(config):
         assert_close(g.numpy(), w.numpy(), np.float64, kind="gradient")
 
 
-def test_fsdp2_trains_as_torch_nn(tmp_path):
+@contextlib.contextmanager
+def _one_rank_gloo_group(tmp_path):
+    """torch.distributed's default group, one rank on gloo, for the duration."""
     dist = pytest.importorskip("torch.distributed")
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    want, got = _pair("lstm-proj-bi-2")
-    x = torch.randn(5, 2, 3, dtype=torch.float64)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
                             world_size=1)
     try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _train_three_sgd_steps(model, x):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x)[0] ** 2).sum().backward()
+        opt.step()
+
+
+def test_fsdp2_trains_as_torch_nn(tmp_path):
+    want, got = _pair("lstm-proj-bi-2")
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with _one_rank_gloo_group(tmp_path):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
         mesh = init_device_mesh("cpu", (1,))
         models = []
         for m in (want, got):
@@ -100,39 +117,21 @@ def test_fsdp2_trains_as_torch_nn(tmp_path):
             model.add_module("rnn", m)
             fully_shard(model.rnn, mesh=mesh)
             fully_shard(model, mesh=mesh)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            for _ in range(3):
-                opt.zero_grad()
-                (model(x)[0] ** 2).sum().backward()
-                opt.step()
+            _train_three_sgd_steps(model, x)
             models.append([p.full_tensor().detach() for p in model.parameters()])
-    finally:
-        dist.destroy_process_group()
     for g, w in zip(*models):
         assert_close(g.numpy(), w.numpy(), np.float64, kind="gradient")
 
 
 def test_ddp_trains_as_torch_nn(tmp_path):
     """README: DistributedDataParallel trains the adapter as it trains torch.nn's."""
-    dist = pytest.importorskip("torch.distributed")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
     want, got = _pair("lstm-proj-bi-2")
     x = torch.randn(5, 2, 3, dtype=torch.float64)
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
-                            world_size=1)
-    try:
+    with _one_rank_gloo_group(tmp_path):
         trained = []
         for m in (want, got):
-            model = torch.nn.parallel.DistributedDataParallel(m)
-            opt = torch.optim.SGD(model.parameters(), lr=0.1)
-            for _ in range(3):
-                opt.zero_grad()
-                (model(x)[0] ** 2).sum().backward()
-                opt.step()
+            _train_three_sgd_steps(torch.nn.parallel.DistributedDataParallel(m), x)
             trained.append([p.detach() for p in m.parameters()])
-    finally:
-        dist.destroy_process_group()
     for g, w in zip(*trained):
         assert_close(g.numpy(), w.numpy(), np.float64, kind="gradient")
 

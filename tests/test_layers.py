@@ -1164,6 +1164,35 @@ def test_zero_grad_set_to_none_leaves_arrays_the_caller_holds_alone(rng, hold):
         np.testing.assert_array_equal(g, ref.grads[k], err_msg=k)
 
 
+@pytest.mark.parametrize("hold", ["view", "base"])
+def test_zero_grad_set_to_none_leaves_views_of_a_view_entry_alone(rng, hold):
+    """A gradient entry the caller swapped for a view of its own buffer (a flat gradient buffer):
+    a view taken from that entry names the buffer as its base, not the entry (NumPy collapses
+    chains of views), so the entry's reference count missed it, the entry looked unheld and the
+    next backward wrote over the caller's memory. The buffer and views of the entry keep their
+    values, as torch's .grad after zero_grad()."""
+    ref, layer = (make_layer("lstm", 5, 6, dtype=np.float32, seed=3) for _ in range(2))
+    flat = np.zeros(sum(p.size for _, p in layer.named_parameters()), np.float32)
+    offsets = np.cumsum([0] + [p.size for _, p in layer.named_parameters()])
+    for (k, p), o in zip(layer.named_parameters(), offsets):
+        layer.grads[k] = flat[o:o + p.size].reshape(p.shape)
+    x = rng.standard_normal((4, 3, 5)).astype(np.float32)
+    dy = rng.standard_normal((4, 3, 6)).astype(np.float32)
+    layer(x)
+    layer.backward(dy)
+    kept = flat if hold == "base" else layer.grads["weight_hh_l0"][...]
+    before = kept.copy()
+    layer.zero_grad(set_to_none=True)
+    ref.zero_grad()
+    for m in (ref, layer):
+        m(x)
+        m.backward(2 * dy)
+    np.testing.assert_array_equal(kept, before)
+    for k, g in layer.grads.items():
+        assert not np.shares_memory(g, flat), k
+        np.testing.assert_array_equal(g, ref.grads[k], err_msg=k)
+
+
 def test_zero_grad_set_to_none_counts_references_at_the_call():
     """Whether the caller still holds a gradient array is read from its reference count, against
     that of a local nothing else holds. A tracer that reads frames' locals (a debugger's, a

@@ -404,10 +404,6 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
     h_shape, c_shape = spec.state_shapes(B)
     dh0 = np.empty(h_shape, dy.dtype) if need_dh0 else None
     dc0 = np.empty(c_shape, dy.dtype) if lstm and need_dh0 else None
-
-    def weights_needed(k, d):
-        return _weights_needed(spec, weight_grads, k, d)
-
     lowest = lowest_layer_backward_runs(spec, need_dx or need_dh0, weight_grads)
     grads = {}
     d_out = dy
@@ -417,7 +413,8 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
         dx = None
         dx_needed = k > lowest or need_dx  # (into layer k - 1, which runs)
         for d in range(D):
-            if not (dx_needed or need_dh0 or weights_needed(k, d)):
+            weights_needed = _weights_needed(spec, weight_grads, k, d)
+            if not (dx_needed or need_dh0 or weights_needed):
                 continue  # (a frozen direction above frozen layers)
             i = k * D + d
             if saved.ctxs[k][d] is None:  # (save_from above k: the forward said none would run)
@@ -435,7 +432,7 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
                                          None if dhn is None else dhn[i],
                                          None if dcn is None else dcn[i], consume=consume,
                                          grads_into=into, add_into=add_into, weights=weights,
-                                         need_dx=dx_needed, need_weight_grads=weights_needed(k, d))
+                                         need_dx=dx_needed, need_weight_grads=weights_needed)
             if need_dh0:
                 dh0[i] = dh
                 if lstm:

@@ -493,13 +493,13 @@ class _Layer:
             g = self.grads[name]
             if set_to_none:
                 self.grads[name] = None
-                # Held by nothing but g and perhaps the verdict on the arrays: no name, view or
-                # container of the caller's, which a later backward must not write over. Only an
-                # array owning its memory: a view's own views (the caller's) name its base, not
-                # it (NumPy collapses chains of views), so its count misses them.
-                held_by_verdict = any(a is g for a in self._grads_verdict[1])
-                if (isinstance(g, np.ndarray) and g.flags.owndata
-                        and _reference_count(g) <= unheld + held_by_verdict):
+                # Held by nothing but g and perhaps the verdict on the arrays (which keeps their
+                # ids theirs): no name, view or container of the caller's, which a later
+                # backward must not write over. Only an array owning its memory: a view's own
+                # views (the caller's) name its base, not it (NumPy collapses chains of views),
+                # so its count misses them. (g stays a plain local, as in the baseline's count.)
+                if (isinstance(g, np.ndarray) and g.flags.owndata and _reference_count(g)
+                        <= unheld + (id(g) in self._grads_verdict[0])):
                     self._spare_grads[name] = g
             elif g is None:
                 self.grads[name] = self._zeroed_gradient(name)

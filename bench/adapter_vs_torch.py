@@ -11,6 +11,7 @@ run it and read it.
                                      [--cells lstm,gru] [--modes infer,train] [--threads 1]
                                      [--autocast bfloat16|float16]
                                      [--needs all|data-x|frozen-below|saliency]
+                                     [--steps T] [--frozen]
 
 --autocast runs torch.nn and the adapter under ``torch.autocast("cpu", dtype)`` (the NumPy layers
 stay float32): torch.nn's low-precision kernels against the adapter's float32 kernels with
@@ -25,7 +26,12 @@ NumPy layers still compute all): "all" (the benchmark's: the parameters, x and t
 "data-x" (the parameters only: x and the states are data), "frozen-below" (data x, and only the
 last layer trained), "saliency" (x only: every parameter frozen). torch's autograd skips what
 is not needed, and so does the adapter (functional.backward's need_dx, need_weight_grads).
+
+--steps T gives every config T time steps (--steps 1: a model served one step a call), and
+--frozen runs the adapter frozen in inference (its freeze(): read-only copies of the parameters,
+as the NumPy layers run there) instead of reading and comparing its parameters every call.
 """
+import dataclasses
 import argparse
 
 import numpy as np
@@ -60,10 +66,13 @@ def apply_needs(runner, needs, layers):
     return runner
 
 
-def adapter_runner(problem, mode):
-    """torch's peer with its module swapped for the adapter (from_module: the same weights)."""
+def adapter_runner(problem, mode, frozen=False):
+    """torch's peer with its module swapped for the adapter (from_module: the same weights),
+    frozen in inference if asked."""
     runner = TorchRunner(torch, problem, mode)
     runner.module = ADAPTER[runner.module.mode].from_module(runner.module)
+    if frozen and mode == "infer":
+        runner.module.freeze()
     return runner
 
 
@@ -105,10 +114,11 @@ def check_outputs(outs, autocast, where):
     return {"adapter": (fwd, grad), "torch": torch_errors}
 
 
-def time_case(config, cell, mode, budget_s, autocast=None, needs="all"):
+def time_case(config, cell, mode, budget_s, autocast=None, needs="all", frozen=False):
     problem = cases.make_problem(config, cell)
     runners = {"torch": apply_needs(TorchRunner(torch, problem, mode), needs, config.L),
-               "fusedrnn.torch": apply_needs(adapter_runner(problem, mode), needs, config.L),
+               "fusedrnn.torch": apply_needs(adapter_runner(problem, mode, frozen), needs,
+                                             config.L),
                "fusedrnn": FusedrnnPeer().prepare(problem, mode)}
     outs = {}
     if autocast is not None:
@@ -138,7 +148,13 @@ def main(argv=None):
                    help="torch.nn and the adapter under CPU autocast to this dtype")
     p.add_argument("--needs", choices=list(NEEDS), default="all",
                    help="training: which gradients autograd needs (default all)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="time steps T of every config (default: each config's own)")
+    p.add_argument("--frozen", action="store_true",
+                   help="inference: the adapter frozen (freeze()), as the NumPy layers are")
     args = p.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        p.error("--steps must be at least 1")
     if args.needs != "all" and args.modes != "train":
         p.error("--needs is for training: give --modes train")
     autocast = getattr(torch, args.autocast) if args.autocast else None
@@ -152,14 +168,19 @@ def main(argv=None):
     print(f"{args.threads} thread(s); torch {torch.__version__}, fusedrnn {fusedrnn.__version__}"
           f"; vs torch: torch ms / that ms; glue: adapter ms - numpy ms"
           + (f"; needs {args.needs} (numpy: all)" if args.needs != "all" else "")
+          + (f"; T = {args.steps}" if args.steps else "")
+          + ("; the adapter frozen in inference" if args.frozen else "")
           + (f"; under autocast to {args.autocast} (numpy: float32); err: largest scaled "
              f"error against numpy's, forward/gradient" if autocast else ""), flush=True)
     print(head, flush=True)
     for name in args.configs.split(","):
+        config = cases.CONFIGS[name]
+        if args.steps:
+            config = dataclasses.replace(config, T=args.steps)
         for cell in args.cells.split(","):
             for mode in args.modes.split(","):
-                t, errors = time_case(cases.CONFIGS[name], cell, mode, args.budget, autocast,
-                                      args.needs)
+                t, errors = time_case(config, cell, mode, args.budget, autocast, args.needs,
+                                      args.frozen)
                 a, n, th = t["fusedrnn.torch"], t["fusedrnn"], t.get("torch")
                 ratio = (lambda ms: "-" if th is None else "x%.2f" % (th / ms))
                 line = (f"{name:14s} {cell:5s} {mode:6s} "

@@ -696,6 +696,14 @@ def test_adapter_vs_torch_times_the_three_ways_to_run_a_layer():
     lines = out.stdout.strip().splitlines()
     assert "needs frozen-below" in lines[0]
     assert lines[2].split()[:3] == ["stacked", "gru", "train"]
+    # --steps and --frozen: one step a call, the adapter frozen in inference (checked first)
+    out = subprocess.run([sys.executable, script, "--configs", "online-small", "--cells", "lstm",
+                          "--modes", "infer", "--budget", "0.05", "--steps", "1", "--frozen"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "; T = 1; the adapter frozen in inference" in lines[0]
+    assert lines[2].split()[:3] == ["online-small", "lstm", "infer"]
 
 
 class ScriptedClocks:

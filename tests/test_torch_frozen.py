@@ -161,6 +161,7 @@ def test_training_calls_run_on_the_parameters(kind):
         grads.append([xi.grad, *(p.grad.clone() for p in module.parameters())])
         module.zero_grad()
     assert same_bits(*grads)
+    assert "_fusedrnn_frozen_weights" not in m.__dict__   # (training took no copy to run on)
 
 
 def test_computed_weights_run_unfrozen():

@@ -510,6 +510,8 @@ class _FusedMixin:
         or parameters that cannot be frozen)."""
         if not self.__dict__.get("_fusedrnn_frozen") or _torch._C._is_any_autocast_enabled():
             return None
+        if _torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters.values()):
+            return None  # (autograd tracks the call: it runs on the parameters, no copy to take)
         return _frozen.current(self, self._flat_weights_names)
 
     def _fused_params(self):

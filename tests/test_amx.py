@@ -324,6 +324,33 @@ def test_a_nan_reaching_a_steps_state_stays_nan(rng, cell, lbr, where, shape, bi
         np.testing.assert_array_equal(np.isnan(y(isa, w, x)), np.isnan(want), err_msg=isa)
 
 
+@pytest.mark.parametrize("big", [np.inf, 3.39e38], ids=["infinite", "past_bfloat16"])
+def test_a_state_the_tiles_cannot_take_runs_the_fma_kernels(rng, big):
+    """A step's h is split for the tiles unscanned, and an infinite state (a relu RNN's, or an
+    ONNX cell's unbounded function's), or a finite one past bfloat16's largest, split with a NaN
+    part: the next step's products were NaN where the FMA kernels', torch's and ONNX Runtime's
+    are infinite (or finite: 3.39e38 against weights of 1e-3). Such a call runs the FMA kernels
+    again: their bits. Row 3's state is `big` after step 1 (W_ih's column 0 is 1, x's others 0)."""
+    T, B, I, H = 4, 32, 24, 40
+    assert _C.projection_mode(functional.CELL_CODES["rnn_relu"], B, I, H, H, isa="amx") == "whole"
+    x = rng.uniform(0.5, 1, (T, B, I)).astype(np.float32)
+    w_ih = rng.uniform(0.5, 1, (H, I)).astype(np.float32)
+    w_ih[:, 0] = 1
+    w_hh = rng.uniform(0.5e-3, 1e-3, (H, H)).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+
+    def y(isa, x):
+        return functional.forward("rnn_relu", x, h0, None, w_ih, w_hh, None, None,
+                                  training=False, isa=isa)[0]
+
+    assert not np.array_equal(y("amx", x), y("avx512", x))   # the steps take the tiles
+    x[1, 3] = 0
+    x[1, 3, 0] = big
+    tiles, fma = y("amx", x), y("avx512", x)
+    assert np.all(fma[1:, 3] == big) if big == np.inf else np.isfinite(fma).all()
+    np.testing.assert_array_equal(tiles, fma)
+
+
 @pytest.mark.parametrize("cell", ["rnn_tanh", "lstm", "gru"])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_a_stack_saved_from_a_layer_gives_the_bits_of_a_whole_one(rng, cell, bidirectional):

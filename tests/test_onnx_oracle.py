@@ -323,6 +323,33 @@ def test_onnxruntime_thresholded_relu_at_its_threshold():
                                       err_msg=isa)
 
 
+def test_onnxruntime_infinite_state_at_a_batch_of_32(rng):
+    """An LSTM node whose g and h are Relu (unbounded): row 3's cell state overflows at step 0
+    (c0 = 3e38 and g about 3e38), and its h with it; positive weights keep every sum of the
+    steps after infinite, as ONNX Runtime's are. At 32 rows the amx build's steps take their
+    products on AMX tiles, which split h into bfloat16 parts: an infinity split with a NaN part,
+    and that row's outputs from step 2 on were NaN on the "amx" ISA alone."""
+    T, B, I, H = 4, 32, 24, 40
+    x = rng.uniform(0.5, 1, (T, B, I)).astype(np.float32)
+    x[0, 3] = 1e37
+    c0 = np.zeros((1, B, H), np.float32)
+    c0[0, 3] = 3e38
+    feeds = {"X": x, "W": (rng.uniform(0.5, 1, (1, 4 * H, I)) / I).astype(np.float32),
+             "R": rng.uniform(0, 0.1, (1, 4 * H, H)).astype(np.float32), "initial_c": c0}
+    node = onnx.helper.make_node("LSTM", ["X", "W", "R", "", "", "", "initial_c"],
+                                 ["Y", "Y_h", "Y_c"], hidden_size=H,
+                                 activations=["Sigmoid", "Relu", "Relu"])
+    want = ort_node_outputs(node, feeds)
+    assert np.isinf(want["Y"][1:, 0, 3]).all() and np.isfinite(want["Y"][:, 0, :3]).all()
+    for isa in _C.available_isas():
+        got = run_fusedrnn(node, feeds, np.float32, isa)
+        for name, w in want.items():
+            np.testing.assert_array_equal(np.isinf(got[name]), np.isinf(w), err_msg=f"{name} {isa}")
+            finite = np.isfinite(w)
+            assert_close(np.where(finite, got[name], 0), np.where(finite, w, 0), np.float32,
+                         what=f"{name} ({isa})")
+
+
 @pytest.mark.parametrize("op", ["LSTM", "GRU"])
 @pytest.mark.parametrize("direction", ["forward", "bidirectional"])
 def test_onnxruntime_empty_activations_are_the_defaults(rng, op, direction):

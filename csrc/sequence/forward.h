@@ -12,6 +12,7 @@
 // threads pay (team_probe.h). Every output element is the same FMA chain either way, so results
 // are bitwise identical for any thread count.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include "cells/cells.h"
@@ -227,6 +228,12 @@ struct ForwardLoop {
   // Set where a step's rows of x do not split for the tiles, which amx_step did not scan
   // (x_later): the stack then runs this layer again (layer_pipeline.h). Else null.
   bool* x_unsplit = nullptr;
+  // Set where a phase's state rows (its A) do not split for the tiles: amx_step scans h0, not
+  // the states the steps make, which an unbounded cell (a relu RNN; ONNX's Relu, Affine, ...)
+  // can take to an infinity or past bfloat16's largest. Split, such a value has a NaN part, and
+  // the next products were NaN where the FMA kernels' are infinite or finite: the call then runs
+  // again on those (forward_on_threads). Null off the tiles.
+  std::atomic<bool>* state_unsplit = nullptr;
   // A team's large one-phase steps share their unit blocks out (shares_blocks): the queue, this
   // member's index in it, and how many blocks it ran and took over from the others (mutable:
   // cell_phase is const; the counts are the member's own copy's).
@@ -290,7 +297,11 @@ struct ForwardLoop {
     // (4 KB) they all fall in one L1 set (1 thread, bench medians: deepbench LSTM 324-328 ->
     // 282-300 ms).
     if (!a_ready && a_pack) pack_a_blocked<T>(p.row1 - p.row0, K, A + p.row0 * lda, lda, a_pack);
-    if (mx) amx_split_rows(p.row1 - p.row0, K, A + p.row0 * lda, lda, mx->a);
+    if (mx) {
+      amx_split_rows(p.row1 - p.row0, K, A + p.row0 * lda, lda, mx->a);
+      if (state_unsplit && !amx_operand_splits<T>(A + p.row0 * lda, p.row1 - p.row0, K, lda, 1))
+        state_unsplit->store(true, std::memory_order_relaxed);
+    }
     const bool gx_in_tile = x_ready || (mx && mx->x);
     const T* hp = h_at(k);
     T* hn = h_at(k + 1);
@@ -625,13 +636,15 @@ inline bool projection_beside_walk(const LayerShape& s, bool has_lengths, int mo
 }
 
 // below, done, x_unsplit: see ForwardLoop (a layer of a pipelined stack runs on one thread).
+// tiles: whether the steps may take AMX tiles (amx_step). Returns whether they took them and a
+// state did not split (ForwardLoop::state_unsplit).
 template <typename T>
-void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nullptr,
-                        StepProgress* done = nullptr, bool* x_unsplit = nullptr) {
+bool forward_steps(const ForwardArgs<T>& a, const StepProgress* below, StepProgress* done,
+                   bool* x_unsplit, bool tiles) {
   const LayerShape& s = a.s;
   const int G = gates_of(s.cell);
   const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = G * H;
-  if (B == 0) return;
+  if (B == 0) return false;
   DenormalsFlushed ftz;
   packed_cache_begin_call();
   const int nthreads = imax(1, a.num_threads);
@@ -682,7 +695,7 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
       input_weights_packed<T>(s, a.w_ih, nthreads, reuse, projection_beside);
   const bool by_gates = in_step || rides;  // W_ih packed like W_hh, per unit block
   // On AMX tiles (amx_step) the steps meet only the weights' split panels.
-  const bool amx = amx_step(a, in_step, reuse, nthreads, below != nullptr);
+  const bool amx = tiles && amx_step(a, in_step, reuse, nthreads, below != nullptr);
   CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, by_gates && !amx ? GH : 0, s.I,
                        by_gates ? packed_gates_size<T>(G, s.I, H) : 0, nthreads, reuse,
                        [&](T* buf, const T* from) { pack_gates<T>(G, s.I, H, from, buf, nthreads); });
@@ -717,6 +730,8 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   loop.below = below;
   loop.done = done;
   loop.x_unsplit = below && amx && in_step ? x_unsplit : nullptr;
+  std::atomic<bool> state_unsplit{false};
+  loop.state_unsplit = amx ? &state_unsplit : nullptr;
   if (by_gates) {
     loop.w_in = PackedGates<T>{G, s.I, w_in.get()};
     loop.bias_in = bias_in.p;
@@ -797,6 +812,22 @@ void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nul
   }
   copy_bytes(a.hn, loop.h_at(s.T), sizeof(T) * B * Hout);
   if (lstm) copy_bytes(a.cn, loop.c_at(s.T), sizeof(T) * B * H);
+  return state_unsplit.load();
+}
+
+// below, done, x_unsplit: see ForwardLoop (a layer of a pipelined stack runs on one thread).
+template <typename T>
+void forward_on_threads(const ForwardArgs<T>& a, const StepProgress* below = nullptr,
+                        StepProgress* done = nullptr, bool* x_unsplit = nullptr) {
+  if (!forward_steps(a, below, done, x_unsplit, true)) return;
+  // A state the tiles could not take: every output again from the FMA kernels, as a call whose
+  // h0 does not split runs. A layer of a pipelined stack, whose output the layers above have
+  // read, is run again by the stack, with them (layer_pipeline.h).
+  if (below || done) {
+    if (x_unsplit) *x_unsplit = true;
+  } else {
+    forward_steps(a, nullptr, nullptr, nullptr, false);
+  }
 }
 
 // The layer on a.num_threads threads, or on one if the adaptive policy says so.

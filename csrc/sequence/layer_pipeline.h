@@ -53,7 +53,7 @@ void forward_stack(const ForwardArgs<T>* layers, int n) {
   }
   std::vector<StepProgress> progress(n);
   std::vector<std::exception_ptr> errors(n);
-  std::unique_ptr<bool[]> x_unsplit(new bool[n]());  // see ForwardLoop::x_unsplit
+  std::unique_ptr<bool[]> x_unsplit(new bool[n]());  // see ForwardLoop::x_unsplit, state_unsplit
   bool whole_team = true;
 #pragma omp parallel num_threads(n)
   {
@@ -89,8 +89,9 @@ void forward_stack(const ForwardArgs<T>* layers, int n) {
     if (e) std::rethrow_exception(e);
   // A layer whose steps ran on AMX tiles before all of its x was there (amx_step, x_later) and
   // then met rows that do not split: on its own it would have scanned x first and taken the FMA
-  // kernels, so it runs again so, and so does every layer above it, whose input changed.
-  for (int k = 1; k < n; ++k)
+  // kernels, so it runs again so, and so does every layer above it, whose input changed. So
+  // does a layer (the first too) whose state did not split (ForwardLoop::state_unsplit).
+  for (int k = 0; k < n; ++k)
     if (x_unsplit[k]) {
       for (int j = k; j < n; ++j) forward(layers[j]);
       break;

@@ -1,6 +1,7 @@
 """fusedrnn.torch inside torch's training machinery, against torch.nn in the same place: saved
 tensors changed in place under allow_mutation_on_saved_tensors, storages that FSDP frees and
-refills (and a caller resizes), FSDP2 and DDP themselves, quantize_dynamic beside it."""
+refills (and a caller resizes), FSDP2 and DDP themselves, quantize_dynamic beside it,
+parametrized weights and torch.func.functional_call."""
 import contextlib
 import copy
 import warnings
@@ -385,3 +386,51 @@ def test_fx_leaf_goes_through_the_tracer_s_call_module():
     assert seen == [ft.LSTM, ft.GRU, torch.nn.Linear]
     rnn_node = next(n for n in graph.nodes if n.op == "call_module" and n.target == "rnn")
     assert list(rnn_node.meta["nn_module_stack"]) == ["rnn"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_spectral_norm_on_a_weight_trains_as_on_torch_nn(config):
+    """torch.nn's forward evaluates a parametrized weight twice (_update_flat_weights: once to
+    see it changed, once to refresh _flat_weights), so spectral_norm's power iteration, which
+    runs at each evaluation in training, runs twice a call; the adapter evaluated it once (and
+    a module from from_module, whose weak references named the meta weights it was built with,
+    once in its first call too), so its sigma, outputs and gradients drifted from torch.nn's
+    (float64: outputs 3e-10 to 8e-7 off at the first step, all 4 configs failing)."""
+    from torch.nn.utils import parametrizations
+    want, got = _pair(config)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for m in (want, got):
+        torch.manual_seed(1)                    # (the same initial u and v)
+        parametrizations.spectral_norm(m, "weight_hh_l0")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (want, got)]
+    for step in range(3):
+        results = []
+        for m, opt in zip((want, got), opts):
+            opt.zero_grad()
+            out = m(x)[0]
+            (out ** 2).sum().backward()
+            opt.step()
+            values = [out] + list(m.parametrizations.weight_hh_l0[0]._buffers.values())
+            results.append((values, [p.grad for p in m.parameters()]))
+        (got_values, got_grads), (want_values, want_grads) = results[1], results[0]
+        for g, w in zip(got_values, want_values):     # (the output, u and v)
+            assert_close(g.detach().numpy(), w.detach().numpy(), np.float64, what=f"step {step}")
+        for g, w in zip(got_grads, want_grads):
+            assert_close(g.numpy(), w.numpy(), np.float64, kind="gradient", what=f"step {step}")
+
+
+def test_functional_call_with_meta_or_real_tensors_as_torch_nn():
+    """torch.func.functional_call swaps the module's parameters without its __setattr__, so
+    _flat_weights kept the module's own: meta tensors on a CPU module were refused as not on
+    the CPU (torch.nn gives meta outputs), and a meta module called with CPU tensors ran
+    torch.nn's forward, not the kernels."""
+    torch.manual_seed(0)
+    cpu = ft.LSTM(3, 4, num_layers=2)
+    meta = {k: torch.empty_like(v, device="meta") for k, v in cpu.named_parameters()}
+    y, (hn, cn) = torch.func.functional_call(cpu, meta, (torch.empty(5, 2, 3, device="meta"),))
+    assert y.is_meta and hn.is_meta and cn.is_meta and y.shape == (5, 2, 4)
+    x = torch.randn(5, 2, 3)
+    y = torch.func.functional_call(copy.deepcopy(cpu).to("meta"), dict(cpu.named_parameters()),
+                                   (x,))[0]
+    assert type(y.grad_fn).__name__ == "_FusedStackBackward"
+    assert torch.equal(y, cpu(x)[0])

@@ -514,9 +514,28 @@ class _FusedMixin:
             return None  # (autograd tracks the call: it runs on the parameters, no copy to take)
         return _frozen.current(self, self._flat_weights_names)
 
+    def _refresh_flat_weights(self):
+        """torch.nn's forward's _update_flat_weights(), so the weights are those torch.nn's
+        forward takes: refreshed where one was swapped without __setattr__
+        (torch.func.functional_call: meta ones were refused, CPU ones on a meta module ran
+        torch.nn's forward), and a parametrized one evaluated as often as torch.nn evaluates it
+        (twice: spectral_norm's power iteration, which runs at each evaluation in training, ran
+        once a call here, and its outputs drifted from torch.nn's). Skipped where it would
+        change nothing, every weight the Parameter it last saw: its two attribute lookups a
+        weight cost more than the rest of this (a one-layer LSTM 13 us against 1 on this VM)."""
+        params = self._parameters
+        for name, ref in zip(self._flat_weights_names, self._flat_weight_refs):
+            if ref is None or params.get(name) is not ref():
+                self._update_flat_weights()
+                return
+
     def _fused_params(self):
+        """(names, weights, their dtype) as torch.nn's forward reads them: _flat_weights, which
+        _forward_eager refreshed first; under export, those export swapped in (it refuses
+        attributes assigned while it runs, so _flat_weights is not refreshed there)."""
         names = list(self._flat_weights_names)
-        params = [getattr(self, n) for n in names]
+        params = ([getattr(self, n) for n in names] if _torch.compiler.is_exporting()
+                  else list(self._flat_weights))
         dtype = None
         for n, p in zip(names, params):
             _check_tensor(n, p, dtype)
@@ -573,6 +592,7 @@ class _FusedMixin:
     # from compiling this method's frame when the layer runs eagerly inside a compiled call.)
     @_torch.compiler.disable
     def _forward_eager(self, input, hx):
+        self._refresh_flat_weights()
         # Fake tensors and make_fx trace the layer as one op (_torch_ops), by its fake kernel
         # or by running it
         if _tracing_mode_active() or _has_fake_tensors(input, hx, self._flat_weights):
@@ -794,6 +814,10 @@ class _FusedMixin:
             new = cls(module.input_size, module.hidden_size, **kwargs)
         for name in module._flat_weights_names:
             setattr(new, name, getattr(module, name))
+        # (and torch's weak references to them, as torch.nn's own module holds: they named the
+        # meta weights, so the first call took every weight as changed and evaluated a
+        # parametrization registered since once fewer than torch.nn does)
+        new._init_flat_weights()
         _carry_extra_state(module, new)
         new.training = module.training   # (not train(): carried submodules keep their modes)
         return new

@@ -5,7 +5,6 @@ one by one on one thread, forward and through backward."""
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
@@ -13,6 +12,7 @@ import pytest
 import fusedrnn
 from fusedrnn import _C, functional, reference
 from fusedrnn.tolerances import assert_close
+from _threads import results_from_threads
 from test_kernels import in_step_fits_l2, projection_apart
 
 GATES = {"rnn_tanh": 1, "rnn_relu": 1, "lstm": 4, "gru": 3}
@@ -244,23 +244,12 @@ def test_a_stack_reads_arrays_that_are_not_c_contiguous(rng, arg, training):
 @needs_threads
 def test_concurrent_pipelined_stacks_from_python_threads(two_threads, rng):
     x, h0, c0, layers = make_stack(rng, "lstm", np.float32, H=32)
-    want = functional.forward_stack("lstm", x, h0, c0, layers, training=False)[-1][0]
-    got, errors = [], []
+    def stack():
+        return functional.forward_stack("lstm", x, h0, c0, layers, training=False)[-1][0]
 
-    def work():
-        try:
-            for _ in range(3):
-                got.append(functional.forward_stack("lstm", x, h0, c0, layers, training=False)[-1][0])
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(got) == 9
-    assert all(np.array_equal(y, want) for y in got)
+    want = stack()
+    got = results_from_threads(stack, threads=3, calls_each=3)
+    assert len(got) == 9 and all(np.array_equal(y, want) for y in got)
 
 
 @needs_threads

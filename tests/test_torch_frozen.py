@@ -8,13 +8,13 @@ thread: an unfrozen inference call keeps a copy of each weight's bytes to compar
 frozen one keeps none."""
 import copy
 import pickle
-import threading
 
 import numpy as np
 import pytest
 
 import fusedrnn
 from fusedrnn import _C
+from _threads import results_from_threads
 
 torch = pytest.importorskip("torch")
 import fusedrnn.torch as ft  # noqa: E402
@@ -211,19 +211,5 @@ def test_threads_share_a_frozen_module():
     m = make("gru").freeze()
     x, hx = inputs(m, T=6, B=5)
     want = outputs(twin(m), x, hx)
-    results, errors = [], []
-
-    def run():
-        try:
-            for _ in range(20):
-                results.append(outputs(m, x, hx))
-        except Exception as e:  # (reported below)
-            errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(results) == 80
-    assert all(same_bits(r, want) for r in results)
+    results = results_from_threads(lambda: outputs(m, x, hx), threads=4, calls_each=20)
+    assert len(results) == 80 and all(same_bits(r, want) for r in results)

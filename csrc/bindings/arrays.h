@@ -7,6 +7,7 @@
 #include <pybind11/stl.h>  // (every unit sees the same casters of std::optional, vector, tuple)
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
@@ -148,6 +149,26 @@ bool padding_not_finite(const T* a, int64_t steps, int64_t B, int64_t n,
   for (int64_t k = 0; k < steps && !found; ++k)
     for (int64_t b = 0; b < B; ++b)
       if (k >= lengths[b]) found |= any_not_finite(a + (k * B + b) * n, n);
+  return found;
+}
+
+// Whether a (steps, B, n) holds, at a step past its row's length, a value the kernels are not
+// to meet: a NaN or an infinity (0 * NaN is NaN in dW_ih = dG^T X, where dG is 0 there), or one
+// the AMX tiles cannot split (past bfloat16's largest, or nonzero under 2^-100, as
+// amx_unsplittable): a scan of x for the tiles would send the whole call to the FMA kernels,
+// and what lies in the padding would change the other rows' bits (T = 16, B = 64 GRU: 4.6e-7).
+template <typename T>
+bool padding_to_clear(const T* a, int64_t steps, int64_t B, int64_t n, const int64_t* lengths) {
+  bool found = false;
+  for (int64_t k = 0; k < steps && !found; ++k)
+    for (int64_t b = 0; b < B; ++b) {
+      if (k < lengths[b]) continue;
+      const T* v = a + (k * B + b) * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const T m = std::abs(v[i]);
+        found |= !(m <= T(3.38e38)) | ((m != T(0)) & (m < T(0x1p-100)));  // (no branches)
+      }
+    }
   return found;
 }
 

@@ -82,12 +82,13 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
     call.inputs.push_back(held);
   for (const auto* held : {&c0, &b_ih, &b_hh, &w_hr})
     if (*held) call.inputs.push_back(**held);
-  if (training && lengths && padding_not_finite(x.data(), s.T, s.B, s.I, lengths->data())) {
-    // Steps past a row's length enter nothing but dW_ih = dG^T X, where dG is 0 and 0 * NaN is
-    // NaN: the kernels take x with them zeroed (torch's PackedSequence never holds them).
+  if (lengths && padding_to_clear(x.data(), s.T, s.B, s.I, lengths->data())) {
+    // Steps past a row's length enter no result (torch's PackedSequence never holds them) but
+    // dW_ih = dG^T X, where dG is 0 and 0 * NaN is NaN, and the tiles' scans of x: the kernels
+    // take x with them zeroed, so the results are the bits zeros there give.
     x = padding_zeroed(x.data(), s.T, s.T, s.B, s.I, lengths->data());
     call.x_clean = x;
-    pack_x = true;  // (the context keeps this copy, not the caller's x)
+    pack_x = true;  // (training: the context keeps this copy, not the caller's x)
   }
   call.y = empty<T>({s.T, s.B, s.Hout});
   call.hn = empty<T>({s.B, s.Hout});

@@ -94,6 +94,29 @@ def _sgd_step(m):
     m.eval()
 
 
+def _step_of(optimizer, **kw):
+    """One training step of `optimizer` (a class) on a module, writing the parameters without
+    moving their version counters: fused=True (one kernel for all of them), or through .data."""
+    def step(m):
+        m.train()
+        m(inputs(m)[0])[0].square().sum().backward()
+        optimizer(m.parameters(), lr=0.1, **kw).step()
+        m.eval()
+    return step
+
+
+class _DataSGD(torch.optim.Optimizer):
+    """An optimiser written as many outside torch are: it writes p.data, no version moves."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, dict(lr=lr))
+
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.add_(p.grad, alpha=-group["lr"])
+
+
 def _vector_to_parameters(m):
     vector = torch.nn.utils.parameters_to_vector(m.parameters())
     torch.nn.utils.vector_to_parameters(vector * 0.5, m.parameters())   # (assigns p.data)
@@ -101,6 +124,9 @@ def _vector_to_parameters(m):
 
 CHANGES = {  # what torch records: each must be seen by the next frozen call
     "optimizer step": _sgd_step,
+    "fused Adam step": _step_of(torch.optim.Adam, fused=True),
+    "fused SGD step": _step_of(torch.optim.SGD, fused=True),
+    "step of an optimiser writing .data": _step_of(_DataSGD),
     "load_state_dict": lambda m: m.load_state_dict(
         {k: v * 0.5 for k, v in m.state_dict().items()}),
     "load_state_dict assign": lambda m: m.load_state_dict(

@@ -6,12 +6,14 @@ parameter as a NumPy view (GRU, I = H = 128, T = B = 1: ~15 of a call's ~60 us).
 A torch module's parameters cannot be made read-only, so the copies follow what torch records:
 a copy is taken again when a parameter is another object, its storage another (``.data``
 assigned, ``.to()``) or its version counter moved (in-place ops, optimisers, load_state_dict).
-Writes torch does not count (``p.data.add_()``, NumPy views) are not seen: that is the promise
-freeze() asks for."""
+An optimiser's step may move no version counter (``fused=True``; one writing ``p.data``): every
+step, counted by a global optimiser hook, takes the copies again. Writes torch does not count
+(``p.data.add_()``, NumPy views) are not seen: that is the promise freeze() asks for."""
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ._torch_checks import KERNEL_DTYPES, check_tensor
 from ._torch_views import numpy_view
@@ -25,6 +27,26 @@ class FrozenWeights(NamedTuple):
     arrays: dict        # name -> read-only copy, for the kernels
     dtype: torch.dtype
     frozen_id: int
+    steps: int          # _STEPS[0] when taken
+
+
+# Optimiser steps, counted by a global step hook registered at the first copy taken: fused
+# optimisers' kernels (Adam, AdamW, SGD, Adagrad with fused=True) and optimisers writing p.data
+# change the parameters without moving their version counters, and a frozen module ran on the
+# weights from before the step. (Any step counts: one of another model's optimiser only makes
+# the next frozen call copy again.)
+_STEPS = [0]
+_step_hook = None
+
+
+def _count_step(optimizer, args, kwargs):
+    _STEPS[0] += 1
+
+
+def _watch_steps():
+    global _step_hook
+    if _step_hook is None:
+        _step_hook = register_optimizer_step_post_hook(_count_step)
 
 
 def _mark(p):
@@ -40,7 +62,7 @@ def current(module, names):
     version counter)."""
     taken = module.__dict__.get("_fusedrnn_frozen_weights")
     registered = module._parameters
-    if taken is not None and taken.names == names:
+    if taken is not None and taken.names == names and taken.steps == _STEPS[0]:
         for n, p, (version, ptr, _) in zip(names, taken.params, taken.marks):
             if registered.get(n) is not p or p._version != version or p.data_ptr() != ptr:
                 break
@@ -54,9 +76,11 @@ def current(module, names):
         return None
     for n, p in zip(names, params):
         check_tensor(n, p, dtype)
-    # (marked before the copy: a change in between is then seen at the next call)
-    taken = FrozenWeights(list(names), params, tuple(_mark(p) for p in params),
+    _watch_steps()
+    # (marked and counted before the copy: a change in between is then seen at the next call)
+    steps, marks = _STEPS[0], tuple(_mark(p) for p in params)
+    taken = FrozenWeights(list(names), params, marks,
                           {n: _immutable_copy(numpy_view(p)) for n, p in zip(names, params)},
-                          dtype, next(_FROZEN_IDS))
+                          dtype, next(_FROZEN_IDS), steps)
     module.__dict__["_fusedrnn_frozen_weights"] = taken
     return taken

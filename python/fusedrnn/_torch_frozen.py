@@ -8,7 +8,8 @@ a copy is taken again when a parameter is another object, its storage another (`
 assigned, ``.to()``) or its version counter moved (in-place ops, optimisers, load_state_dict).
 An optimiser's step may move no version counter (``fused=True``; one writing ``p.data``): every
 step, counted by a global optimiser hook, takes the copies again. Writes torch does not count
-(``p.data.add_()``, NumPy views) are not seen: that is the promise freeze() asks for."""
+(``p.data.add_()``, NumPy views, ``.data`` assigned a view of the memory it has: the same
+version, the same data_ptr) are not seen: that is the promise freeze() asks for."""
 from typing import NamedTuple
 
 import numpy as np

@@ -481,16 +481,18 @@ class _FusedMixin:
     # -- frozen weights (deployment; _torch_frozen.py)
     def freeze(self):
         """Promise that the parameters change only in ways torch records (an optimiser's step,
-        ``load_state_dict``, in-place ops on them, ``.to()``, assigning a parameter or its
-        ``.data``), for faster inference: calls that autograd does not track (under
-        ``torch.no_grad()`` or ``torch.inference_mode()``, or with no tensor requiring grad)
-        then run on a read-only copy of the parameters, taken again after each such change, and
-        skip comparing every weight with the kernels' copy of its bytes, as the NumPy layers'
-        ``freeze()`` does (GRU, I = H = 128, one step: ~15 us of ~60 us a call). A write torch
-        does not record (``p.data.add_()``, a NumPy view of a parameter) is not seen until the
-        next recorded change or ``unfreeze()``. Weights computed each call (parametrizations,
-        pruning) and low-precision modules run as unfrozen. Training calls run on the
-        parameters themselves, as before. Returns the module."""
+        ``load_state_dict``, in-place ops on them, ``.to()``, assigning a parameter, or its
+        ``.data`` a tensor in other memory), for faster inference: calls that autograd does not
+        track (under ``torch.no_grad()`` or ``torch.inference_mode()``, or with no tensor
+        requiring grad) then run on a read-only copy of the parameters, taken again after each
+        such change, and skip comparing every weight with the kernels' copy of its bytes, as the
+        NumPy layers' ``freeze()`` does (GRU, I = H = 128, one step: ~15 us of ~60 us a call). A
+        write torch does not record (``p.data.add_()``, a NumPy view of a parameter, ``.data``
+        assigned a view of the memory it already has: ``vector_to_parameters`` from the same
+        vector again, ``p.data = p.data.t()``) is not seen until the next recorded change or
+        ``unfreeze()``. Weights computed each call (parametrizations, pruning) and low-precision
+        modules run as unfrozen. Training calls run on the parameters themselves, as before.
+        Returns the module."""
         self.__dict__["_fusedrnn_frozen"] = True
         return self
 

@@ -122,6 +122,18 @@ def _vector_to_parameters(m):
     torch.nn.utils.vector_to_parameters(vector * 0.5, m.parameters())   # (assigns p.data)
 
 
+def _data_assigned_after_share_memory(m):
+    """share_memory() moves each storage in place, out of memory a NumPy array keeps: .data
+    assigned that array's memory again is another storage at the address the copy was taken at."""
+    arrays = {k: v.detach().numpy().copy() for k, v in m.state_dict().items()}
+    m.load_state_dict(arrays, assign=True)          # (the parameters share the arrays' memory)
+    outputs(m, *inputs(m))                          # (copies taken of them)
+    m.share_memory()
+    for name, a in arrays.items():
+        a *= 0.5
+        getattr(m, name).data = torch.from_numpy(a)
+
+
 CHANGES = {  # what torch records: each must be seen by the next frozen call
     "optimizer step": _sgd_step,
     "fused Adam step": _step_of(torch.optim.Adam, fused=True),
@@ -137,6 +149,7 @@ CHANGES = {  # what torch records: each must be seen by the next frozen call
     "assigned parameter": lambda m: setattr(
         m, "weight_hh_l0_reverse", torch.nn.Parameter(m.weight_hh_l0_reverse.detach() * 0.5)),
     "vector_to_parameters": _vector_to_parameters,
+    ".data assigned after share_memory()": _data_assigned_after_share_memory,
 }
 
 

@@ -24,7 +24,7 @@ from .layers import _FROZEN_IDS, _immutable_copy
 class FrozenWeights(NamedTuple):
     names: list         # the module's _flat_weights_names when taken
     params: list        # the Parameters, as getattr gives them
-    marks: tuple        # per parameter: (version, data_ptr, a tensor holding its storage)
+    marks: tuple        # per parameter: (version, a tensor holding its storage)
     arrays: dict        # name -> read-only copy, for the kernels
     dtype: torch.dtype
     frozen_id: int
@@ -51,9 +51,11 @@ def _watch_steps():
 
 
 def _mark(p):
-    # p.data holds the storage: while it lives, no other storage can take its address, so an
-    # equal data_ptr is this storage (an equal version alone misses `p.data = other`).
-    return p._version, p.data_ptr(), p.data
+    # p.data holds the storage: while it lives, no other storage can take its address, so a
+    # data_ptr equal to its data_ptr now is this storage (an equal version alone misses
+    # `p.data = other`). Now, not when taken: share_memory() moves a storage in place, and its
+    # old memory (a NumPy array's, still held) could be assigned as .data again, unseen.
+    return p._version, p.data
 
 
 def current(module, names):
@@ -64,8 +66,9 @@ def current(module, names):
     taken = module.__dict__.get("_fusedrnn_frozen_weights")
     registered = module._parameters
     if taken is not None and taken.names == names and taken.steps == _STEPS[0]:
-        for n, p, (version, ptr, _) in zip(names, taken.params, taken.marks):
-            if registered.get(n) is not p or p._version != version or p.data_ptr() != ptr:
+        for n, p, (version, held) in zip(names, taken.params, taken.marks):
+            if (registered.get(n) is not p or p._version != version
+                    or p.data_ptr() != held.data_ptr()):
                 break
         else:
             return taken

@@ -492,6 +492,8 @@ class _FusedMixin:
         vector again, ``p.data = p.data.t()``) is not seen until the next recorded change or
         ``unfreeze()``. Weights computed each call (parametrizations, pruning) and low-precision
         modules run as unfrozen. Training calls run on the parameters themselves, as before.
+        Each new copy is packed anew, and the packed forms of the copies it replaced stay in the
+        kernels' cache until evicted: for serving, not for a module trained between calls.
         Returns the module."""
         self.__dict__["_fusedrnn_frozen"] = True
         return self

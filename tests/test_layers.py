@@ -901,6 +901,79 @@ def test_an_interrupted_training_call_leaves_the_layer_usable(rng, call):
     assert len(errors) == 2
 
 
+@pytest.mark.parametrize("call", ["forward", "backward"])
+def test_a_claim_taken_by_another_thread_is_not_mistaken_for_the_callers_stale_one(rng, call):
+    """The thread that made the last training call calls again while another thread is inside
+    its claim of the layer (paused here at each line of it in turn, as a GIL switch can): it got
+    the layer and had not yet written itself down as the owner, where the last owner's name
+    still stood. Taken for the caller's own interrupted claim, both calls ran at once: the
+    caller's forward or backward took or replaced the other's saved state, and the other's
+    release then raised "release unlocked lock". Every pause: one call is refused or they run
+    one after the other, each giving the serial bits, and the layer is free after."""
+    import threading
+
+    from fusedrnn import layers
+    layer = make_layer("gru", 4, 5, seed=0)
+    x = rng.standard_normal((3, 2, 4))
+    want = layer(x)[0].copy()
+    dy = np.ones_like(want)
+    want_dx = layer.backward(dy)[0].copy()
+    claim = layers._Layer._claim_training_call.__code__
+    run = (lambda: layer(x)[0]) if call == "forward" else (lambda: layer.backward(dy)[0])
+    pause_at = 0
+    while True:
+        layer(x)  # by this thread: the last owner (and a forward for backward to run through)
+        paused, go_on, outcome = threading.Event(), threading.Event(), {}
+        lines = [0]
+
+        def pause_in_the_claim(frame, event, arg):
+            if frame.f_code is not claim:
+                return None
+
+            def line(frame, event, arg):
+                if event == "line":
+                    lines[0] += 1
+                    if lines[0] == pause_at + 1:
+                        paused.set()
+                        assert go_on.wait(10)
+                return line
+            return line
+
+        def other():
+            sys.settrace(pause_in_the_claim)
+            try:
+                outcome["other"] = run()
+            except RuntimeError as e:
+                outcome["other"] = e
+            finally:
+                sys.settrace(None)
+                paused.set()  # (past the claim's last line: nothing left to pause at)
+
+        t = threading.Thread(target=other)
+        t.start()
+        assert paused.wait(10)
+        if "other" in outcome:  # every line of the claim has been paused at
+            t.join()
+            break
+        try:
+            outcome["mine"] = run()
+        except RuntimeError as e:
+            outcome["mine"] = e
+        go_on.set()
+        t.join()
+        got = [v for v in outcome.values() if not isinstance(v, RuntimeError)]
+        errors = [v for v in outcome.values() if isinstance(v, RuntimeError)]
+        for e in errors:  # (run one after the other, the second backward has no forward)
+            assert ("one layer object serves one thread at a time" in str(e)
+                    or call == "backward" and "backward needs a forward" in str(e)), (pause_at, e)
+        for y in got:
+            np.testing.assert_array_equal(y, want if call == "forward" else want_dx)
+        if call == "forward":
+            np.testing.assert_array_equal(layer.backward(dy)[0], want_dx)  # not taken
+        pause_at += 1
+    assert pause_at >= 2
+
+
 def flat_outputs(out):
     """y, hn (and cn) of a layer call as one list."""
     y, h = out

@@ -147,8 +147,8 @@ class _Layer:
         self.training = True
         self._saved = None
         self._why_no_saved = "no forward has run yet"
-        self._training_call = threading.Lock()  # held through a training forward or backward
-        self._training_owner = None             # the thread that last took it
+        # (__dict__["_training_owner"]: the thread in a training forward or backward, absent
+        # between them; _claim_training_call)
 
     # -- torch.nn-style attributes (read-only where the parameter shapes depend on them)
     input_size = property(lambda self: self._spec.input_size)
@@ -404,7 +404,7 @@ class _Layer:
         # layer: a copy starts with no forward to run backward through, as torch's modules keep
         # no graph.
         state = self.__dict__.copy()
-        del state["_training_call"]   # (a lock does not pickle; the copy gets its own)
+        state.pop("_training_owner", None)   # (another thread's claim: not the copy's)
         if state.get("_saved") is not None:
             state["_saved"] = None
             state["_why_no_saved"] = ("this layer is a copy (copy.deepcopy or pickle) made after "
@@ -416,8 +416,9 @@ class _Layer:
         # A copy (copy.deepcopy, pickle) has parameters at other addresses, or in another process
         # where this id may be taken: it freezes again under a new id.
         self.__dict__.update(state)
-        self.__dict__["_training_call"] = threading.Lock()
-        self.__dict__["_training_owner"] = None
+        # (pickled by earlier versions: a lock's owner, None between calls, which would claim)
+        self.__dict__.pop("_training_owner", None)
+        self.__dict__.pop("_training_call", None)
         self.__dict__.pop("_grads_verdict", None)  # another copy's arrays: checked afresh
         self.__dict__.setdefault("_spare_grads", {})  # pickled before zero_grad(set_to_none)
         self.__dict__.setdefault("_init_rng", np.random.default_rng())  # before reset_parameters
@@ -565,25 +566,26 @@ class _Layer:
                 self._forget("the last forward ran in eval mode (call layer.train() first)")
         finally:
             if training:
-                self._training_call.release()
+                self.__dict__.pop("_training_owner", None)
         return self._user_layout(y, unbatched), self._pack_state(hn, cn, unbatched)
 
     def _claim_training_call(self, what):
-        """A training forward or a backward runs alone on the layer (release _training_call
-        after): another thread's, meeting it, would take or replace the state this one saves,
-        silently (its backward then runs through the other's forward). Such a call raises
-        instead; eval calls share the layer freely. (Not a context manager: that cost 1 us a
-        call, against 0.15.) A claim held by the calling thread itself is stale: its call was
-        interrupted (a KeyboardInterrupt between the claim and the release), and is taken over;
-        else such a layer would refuse every training call for good."""
+        """A training forward or a backward runs alone on the layer (pop
+        __dict__["_training_owner"] after): another thread's, meeting it, would take or replace
+        the state this one saves, silently (its backward then runs through the other's forward).
+        Such a call raises instead; eval calls share the layer freely. (Not a context manager:
+        that cost 1 us a call, against 0.15.) A claim held by the calling thread itself is stale:
+        its call was interrupted (a KeyboardInterrupt between the claim and the release), and is
+        taken over; else such a layer would refuse every training call for good. The claim and
+        its owner are one dict.setdefault, atomic: a lock taken and then the owner written after
+        it left the last owner's name standing between the two, and that thread, calling again
+        there, took the other's fresh claim for its own stale one and ran beside it."""
         me = threading.get_ident()
-        d = self.__dict__
-        if not d["_training_call"].acquire(blocking=False) and d["_training_owner"] != me:
+        if self.__dict__.setdefault("_training_owner", me) != me:
             raise RuntimeError(f"{type(self).__name__}.{what}: another thread is in a training "
                                f"forward or backward of this layer; in training one layer object "
                                f"serves one thread at a time (give each thread its own copy, "
                                f"copy.deepcopy, or call it in eval mode)")
-        d["_training_owner"] = me
 
     def _x_desc(self):
         s = self._spec
@@ -642,7 +644,7 @@ class _Layer:
         try:
             return self._backward(dy, dhn, need_dx, need_weight_grads)
         finally:
-            self._training_call.release()
+            self.__dict__.pop("_training_owner", None)
 
     def _backward(self, dy, dhn, need_dx=True, need_weight_grads=True):
         if self._saved is None:

@@ -480,6 +480,47 @@ def test_a_misshaped_argument_is_named_before_a_broadcast_x_is_copied():
         F.forward("gru", x, None, None, w_ih, w_hh, None, None, lengths=[1, 0, 1])
 
 
+
+def test_misshaped_states_and_weights_are_named_before_they_are_copied():
+    """functional.forward made h0, c0 and each weight C-contiguous before checking its shape: a
+    broadcast one of the wrong shape, 24 TiB as a copy, raised MemoryError instead of naming it
+    (and one that fitted in memory was copied first)."""
+    from fusedrnn import functional as F
+    x = x_of()
+    huge = lambda cols: np.broadcast_to(np.zeros((1, 1), F32), (2 ** 40, cols))  # noqa: E731
+    w_ih, w_hh, b = np.zeros((16, 4), F32), np.zeros((16, 4), F32), np.zeros(16, F32)
+    args = dict(cell="lstm", x=x, h0=None, c0=None, w_ih=w_ih, w_hh=w_hh, b_ih=b, b_hh=b)
+    for name, value, match in [
+            ("h0", huge(4), r"h0 must have shape \(3, 4\), got \(1099511627776, 4\)"),
+            ("c0", huge(4), r"c0 must have shape \(3, 4\), got \(1099511627776, 4\)"),
+            ("w_ih", huge(4), r"w_ih must have shape \(16, 4\), got \(1099511627776, 4\)"),
+            ("w_hr", huge(4), r"w_hr must have shape \(4, 4\), got \(1099511627776, 4\)"),
+            ("b_ih", huge(1)[:, 0], r"b_ih must have shape \(16,\), got \(1099511627776,\)"),
+            ("w_hh", np.broadcast_to(np.zeros(1, F32), (2 ** 40, 3, 2)),
+             r"w_hh must be 2-d with a multiple of 4 rows, got shape \(1099511627776, 3, 2\)")]:
+        with pytest.raises(ValueError, match=match):
+            F.forward(**{**args, name: value})
+
+
+def test_functional_takes_weights_as_lists():
+    """A list for w_ih passed every check and then failed on its .shape (AttributeError: 'list'
+    object has no attribute 'shape') in functional.forward."""
+    from fusedrnn import functional as F
+    rng = np.random.default_rng(0)
+    x = x_of(dtype=F64)
+    w_ih, w_hh = rng.standard_normal((9, 4)), rng.standard_normal((9, 3))
+    want = F.forward("gru", x, None, None, w_ih, w_hh, None, None, training=False)
+    got = F.forward("gru", x, None, None, w_ih.tolist(), w_hh.tolist(), None, None,
+                    training=False)
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+def test_lengths_numpy_cannot_read_are_named():
+    """A ragged lengths list gave NumPy's "setting an array element with a sequence", naming
+    no argument."""
+    with pytest.raises(ValueError, match="lengths must be an array, got a list that NumPy"):
+        fusedrnn.GRU(4, 3)(x_of(), lengths=[[5], [4, 3], 2])
+
 def test_a_big_endian_input_is_named_as_such():
     with pytest.raises(TypeError, match=r"x must be native-byte-order float32 \(the layer's "
                                         r"dtype\), got >f4"):

@@ -71,6 +71,10 @@ def test_threads_set_get_and_refuse_bad_values():
             fusedrnn.set_num_threads(0)
         with pytest.raises(TypeError, match="num_threads must be an int"):
             fusedrnn.set_num_threads(1.5)
+        # (past C's int: pybind11's "incompatible function arguments", naming no argument)
+        for n in (-1, -2**31 - 1, -10**30):
+            with pytest.raises(ValueError, match=f"num_threads must be >= 1, got {n}"):
+                fusedrnn.set_num_threads(n)
         # GNU OpenMP ends the process where it cannot start the threads: refused up front
         for n in (1025, 10**6, 10**30):
             with pytest.raises(ValueError, match="num_threads must be <= 1024"):

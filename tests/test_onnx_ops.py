@@ -137,6 +137,9 @@ def lstm_args(rng, T=3, B=2, I=4, H=5, D=1, dtype=np.float32):
      r"activations \['\\\\xff'\] are not ONNX's"),
     ({"direction": b"\xff"}, ValueError, r"direction must be one of .*, got '\\\\xff'"),
     ({"clip": [1.0, 2.0]}, TypeError, "clip must be a number, got list"),
+    # (Python's "unhashable type: 'list'", NumPy's "setting an array element with a sequence")
+    ({"direction": ["forward"]}, ValueError, r"direction must be one of .*, got \['forward'\]"),
+    ({"sequence_lens": [[3], [1, 2]]}, ValueError, "sequence_lens must be an array, got a list"),
     ({"X": np.zeros((3, 2, 4), ">f4")}, TypeError, "X must be native-byte-order float32, got >f4"),
     ({"X": np.zeros((3, 2, 4), ">f2")}, TypeError, "X must be native-byte-order float16, got >f2"),
     ({"X": np.zeros((3, 2, 4), np.float16), "W": np.zeros((1, 20, 4), ">f2"),
@@ -162,6 +165,23 @@ def test_a_misshaped_input_is_named_before_a_broadcast_x_is_copied(rng):
                 onnx_ops.lstm(x, args["W"], args["R"], initial_h=np.zeros((1, 7, 5), dtype),
                               layout=layout)
 
+
+
+def test_activations_given_as_an_iterator_are_the_functions_it_names(rng):
+    """An iterator of activations was consumed by the check of its names and then read as no
+    activations: ONNX's defaults ran, silently (Tanh for an RNN given iter(["Relu"]))."""
+    x = rng.standard_normal((3, 2, 4)).astype(np.float32)
+    W, R = rng.standard_normal((1, 5, 4)).astype(np.float32), np.zeros((1, 5, 5), np.float32)
+    want = onnx_ops.rnn(x, W, R, activations=["Relu"])
+    for given in (iter(["Relu"]), (a for a in ["Relu"])):
+        got = onnx_ops.rnn(x, W, R, activations=given)
+        np.testing.assert_array_equal(got[0], want[0])
+    want = onnx_ops.gru(x, np.tile(W, (1, 3, 1)), np.zeros((1, 15, 5), np.float32),
+                        activations=["HardSigmoid", "Affine"], activation_alpha=[0.3, 2.0])
+    got = onnx_ops.gru(x, np.tile(W, (1, 3, 1)), np.zeros((1, 15, 5), np.float32),
+                       activations=iter(["HardSigmoid", "Affine"]),
+                       activation_alpha=iter([0.3, 2.0]))
+    np.testing.assert_array_equal(got[0], want[0])
 
 def test_rnn_and_gru_refusals(rng):
     x = rng.standard_normal((3, 2, 4)).astype(np.float32)

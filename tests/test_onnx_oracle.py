@@ -469,6 +469,20 @@ def test_onnx_layout_refuses_what_does_not_map(rng):
         onnx_weights(object())
 
 
+
+def test_gate_reordering_names_an_array_without_whole_gate_blocks():
+    """to_onnx_gates / from_onnx_gates raised NumPy's IndexError ("tuple index out of range")
+    for a 0-d array or None, and "array split does not result in an equal division" for rows
+    that are not whole gate blocks, naming neither the array nor the blocks."""
+    from fusedrnn.onnx_layout import from_onnx_gates, to_onnx_gates
+    for convert in (to_onnx_gates, from_onnx_gates):
+        for a, got in ((np.float32(1), r"\(\)"), (None, r"\(\)"), (np.zeros((7, 3)), r"\(7, 3\)")):
+            with pytest.raises(ValueError, match=r"a must have 4 gate blocks of equal rows along "
+                                                 rf"its first axis for lstm, got shape {got}"):
+                convert(a, "lstm")
+    np.testing.assert_array_equal(from_onnx_gates(to_onnx_gates(np.arange(8), "lstm"), "lstm"),
+                                  np.arange(8))
+
 @pytest.mark.torch
 def test_onnx_layout_refuses_torch_modules_by_name():
     """fusedrnn.torch's modules (torch.nn's, whose _spec is a method): onnx_weights raised

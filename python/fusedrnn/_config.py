@@ -26,6 +26,8 @@ def set_num_threads(n):
     and ``get_num_threads()`` stays 1."""
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"num_threads must be an int, got {type(n).__name__}")
+    if n < 1:   # (checked here too: below C's int, pybind11 names no argument)
+        raise ValueError(f"num_threads must be >= 1, got {n}")
     if n > _C.max_num_threads:   # (before the int reaches C++, which takes 32 bits)
         raise ValueError(f"num_threads must be <= {_C.max_num_threads} (more threads than any "
                          f"machine's CPUs; this one has {os.cpu_count()}), got {n}")

@@ -52,11 +52,6 @@ def as_dtype_array(name, a, dtype, whose=""):
     return a
 
 
-def as_float_array(name, a, dtype, whose=""):
-    """``a`` as a C-contiguous array of exactly ``dtype`` (copied only when needed)."""
-    return np.ascontiguousarray(as_dtype_array(name, a, dtype, whose))
-
-
 def made_here(checked, given):
     """Whether ``checked``, what the checks made of the caller's ``given``, is memory of our own
     (a copy) that a training context may keep as it is: not ``given`` itself, nor a view of its
@@ -74,7 +69,7 @@ def as_lengths(lengths, T, B, name="lengths", least=1):
     """lengths as int64 (B,) in least..T, or None. ``name``: the argument's name in errors."""
     if lengths is None:
         return None
-    arr = np.asarray(lengths)
+    arr = as_array(name, lengths)
     if arr.size == 0:  # an empty list reads as float64; a batch of 0 has no lengths to check
         arr = arr.astype(np.int64)
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
@@ -117,34 +112,36 @@ _X_DTYPE = " (x's dtype)"  # a layer's states and weights take its input's dtype
 def check_layer_params(cell, dtype, B, I, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr):
     """The states and weights of one layer-direction call whose input has ``B`` rows of ``I``
     values of ``dtype``; returns them ready for _C.forward (h0, c0, w_ih, w_hh, b_ih, b_hh,
-    w_hr)."""
+    w_hr). Each is made C-contiguous only once its shape is checked: a broadcast array of the
+    wrong shape may be far larger as a copy (a MemoryError) than the mistake named."""
     G = GATES[cell]
-    w_hh = as_float_array("w_hh", w_hh, dtype, _X_DTYPE)
+    w_hh = as_dtype_array("w_hh", w_hh, dtype, _X_DTYPE)
     if w_hh.ndim != 2 or w_hh.shape[0] % G:
         raise ShapeError(f"w_hh must be 2-d with a multiple of {G} rows, got shape {w_hh.shape}")
     H, H_out = w_hh.shape[0] // G, w_hh.shape[1]
-    w_ih = as_float_array("w_ih", w_ih, dtype, _X_DTYPE)
+    w_ih = as_dtype_array("w_ih", w_ih, dtype, _X_DTYPE)
     check_shape("w_ih", w_ih, (G * H, I))
     if w_hr is not None:
         if cell != "lstm":
             raise ValueError("w_hr (projection) exists only for lstm")
-        w_hr = as_float_array("w_hr", w_hr, dtype, _X_DTYPE)
+        w_hr = as_dtype_array("w_hr", w_hr, dtype, _X_DTYPE)
         check_shape("w_hr", w_hr, (H_out, H))
     elif H_out != H:
         raise ShapeError(f"w_hh must have shape ({G * H}, {H}), got {w_hh.shape}")
     if (b_ih is None) != (b_hh is None):
         raise ValueError("b_ih and b_hh must both be given or both be None")
     if b_ih is not None:
-        b_ih = as_float_array("b_ih", b_ih, dtype, _X_DTYPE)
-        b_hh = as_float_array("b_hh", b_hh, dtype, _X_DTYPE)
+        b_ih = as_dtype_array("b_ih", b_ih, dtype, _X_DTYPE)
+        b_hh = as_dtype_array("b_hh", b_hh, dtype, _X_DTYPE)
         check_shape("b_ih", b_ih, (G * H,))
         check_shape("b_hh", b_hh, (G * H,))
     # None: zeros, as reference.forward and torch.nn take it
-    h0 = np.zeros((B, H_out), dtype) if h0 is None else as_float_array("h0", h0, dtype, _X_DTYPE)
+    h0 = np.zeros((B, H_out), dtype) if h0 is None else as_dtype_array("h0", h0, dtype, _X_DTYPE)
     check_shape("h0", h0, (B, H_out))
     if cell == "lstm":
-        c0 = np.zeros((B, H), dtype) if c0 is None else as_float_array("c0", c0, dtype, _X_DTYPE)
+        c0 = np.zeros((B, H), dtype) if c0 is None else as_dtype_array("c0", c0, dtype, _X_DTYPE)
         check_shape("c0", c0, (B, H))
     elif c0 is not None:
         raise ValueError(f"c0 is only for lstm, got an array for {cell}")
-    return h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr
+    return tuple(None if a is None else np.ascontiguousarray(a)
+                 for a in (h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr))

@@ -49,7 +49,7 @@ def forward(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr=None, lengths=None, re
     _check_isa(isa)
     return forward_checked(cell, *args, reverse=reverse, linear_before_reset=linear_before_reset,
                            training=training, isa=isa, keep_x=keep_x or made_here(args[0], x),
-                           onnx=_onnx_options(cell, onnx, args[0].dtype, w_ih.shape[0]),
+                           onnx=_onnx_options(cell, onnx, args[0].dtype, args[3].shape[0]),
                            keep_packed=keep_packed, training_bits=training_bits)
 
 

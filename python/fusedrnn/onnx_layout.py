@@ -31,17 +31,24 @@ ONNX_GATES = {"lstm": (0, 3, 1, 2), "gru": (1, 0, 2), "rnn": (0,)}
 def to_onnx_gates(a, cell):
     """The gate blocks along a's first axis, from torch's order to ONNX's. cell: "rnn", "lstm"
     or "gru" ("rnn_tanh" and "rnn_relu" too)."""
-    return _gates_in(a, ONNX_GATES[_kind(cell)])
+    kind = _kind(cell)
+    return _gates_in(a, ONNX_GATES[kind], kind)
 
 
 def from_onnx_gates(a, cell):
     """The gate blocks along a's first axis, from ONNX's order to torch's."""
-    return _gates_in(a, np.argsort(ONNX_GATES[_kind(cell)]))
+    kind = _kind(cell)
+    return _gates_in(a, np.argsort(ONNX_GATES[kind]), kind)
 
 
-def _gates_in(a, order):
-    """a's gate blocks (along its first axis), block order[j] of a as block j."""
-    blocks = np.split(np.asarray(a), len(order), axis=0)
+def _gates_in(a, order, kind):
+    """a's gate blocks (along its first axis), block order[j] of a as block j (a ``kind``
+    cell's: "rnn", "lstm" or "gru")."""
+    a = np.asarray(a)
+    if a.ndim == 0 or a.shape[0] % len(order):
+        raise ValueError(f"a must have {len(order)} gate blocks of equal rows along its first "
+                         f"axis for {kind}, got shape {a.shape}")
+    blocks = np.split(a, len(order), axis=0)
     return np.concatenate([blocks[i] for i in order], axis=0)
 
 

@@ -165,6 +165,7 @@ def _functions(activations, alphas, betas, default):
         raise TypeError(f"activations must be a list of function names, got the string "
                         f"{_text(activations)!r}")
     if activations is not None:
+        activations = list(activations)  # (an iterator, read once here, then read as none)
         bad = [a for a in activations if not isinstance(a, (str, bytes))]
         if bad:
             raise TypeError(f"activations must be function names, got {bad!r} among them")
@@ -225,7 +226,7 @@ class _Node:
                  hidden_size):
         self.kind, self.G = kind, len(ONNX_GATES[kind])
         direction = _text(direction)
-        if direction not in DIRECTIONS:
+        if not isinstance(direction, str) or direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {list(DIRECTIONS)}, got {direction!r}")
         self.reverses = DIRECTIONS[direction]
         self.D = len(self.reverses)

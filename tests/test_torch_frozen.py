@@ -201,6 +201,9 @@ def test_training_calls_run_on_the_parameters(kind):
         module.zero_grad()
     assert same_bits(*grads)
     assert "_fusedrnn_frozen_weights" not in m.__dict__   # (training took no copy to run on)
+    m.eval().requires_grad_(False)                         # (a saliency map: only x tracked)
+    m(x.clone().requires_grad_(), hx)[0].sum().backward()
+    assert "_fusedrnn_frozen_weights" not in m.__dict__
 
 
 def test_computed_weights_run_unfrozen():

@@ -509,13 +509,18 @@ class _FusedMixin:
         """Whether freeze() is in force."""
         return bool(self.__dict__.get("_fusedrnn_frozen"))
 
-    def _frozen_weights(self):
-        """The FrozenWeights an eager call may run on, or None (not frozen, or under autocast,
-        or parameters that cannot be frozen)."""
+    def _frozen_weights(self, input, hx):
+        """The FrozenWeights an eager call of (input, hx) may run on, or None (not frozen,
+        under autocast, a call autograd tracks, or parameters that cannot be frozen)."""
         if not self.__dict__.get("_fusedrnn_frozen") or _torch._C._is_any_autocast_enabled():
             return None
-        if _torch.is_grad_enabled() and any(p.requires_grad for p in self._parameters.values()):
-            return None  # (autograd tracks the call: it runs on the parameters, no copy to take)
+        if _torch.is_grad_enabled():
+            # (a tracked call runs on the parameters: no copy to take for it)
+            data = input.data if isinstance(input, _PackedSequence) else input
+            states = hx if isinstance(hx, (tuple, list)) else (hx,)
+            if any(isinstance(t, _torch.Tensor) and t.requires_grad
+                   for t in (data, *states, *self._parameters.values())):
+                return None
         return _frozen.current(self, self._flat_weights_names)
 
     def _refresh_flat_weights(self):
@@ -621,7 +626,7 @@ class _FusedMixin:
 
     def _forward(self, input, hx, as_op=False):
         spec = self._spec()
-        frozen = self._frozen_weights() if not as_op else None
+        frozen = self._frozen_weights(input, hx) if not as_op else None
         if frozen is not None:
             return self._run(spec, frozen.names, frozen.params, frozen.dtype, input, hx, as_op,
                              frozen=frozen)

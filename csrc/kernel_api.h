@@ -15,6 +15,13 @@ enum class Cell : int { RnnTanh = 0, RnnRelu = 1, Lstm = 2, Gru = 3 };
 
 inline int gate_count(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
 
+// The values the AMX kernels' exact split into three bfloat16 parts takes (gemm/amx.h,
+// amx_unsplittable): finite and at most kAmxSplitMax in magnitude (past bfloat16's largest the
+// high part rounds to infinity), and zero or from kAmxSplitMin up (below, the low part is a
+// denormal, which the tiles take as 0). The bindings keep padding outside them (arrays.h).
+constexpr float kAmxSplitMax = 3.38e38f;
+constexpr float kAmxSplitMin = 0x1p-100f;
+
 struct LayerShape {
   int64_t T, B, I, H, Hout;  // steps, batch, input, hidden, output (= proj size or H)
   Cell cell;

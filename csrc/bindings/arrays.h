@@ -141,35 +141,38 @@ bool any_not_finite(const T* v, int64_t n) {
   return all_ones != 0;
 }
 
+// Whether row_holds(row) for a row of a (steps, B, n) at a step past its row's length.
+template <typename T, typename RowTest>
+bool any_padding_row(const T* a, int64_t steps, int64_t B, int64_t n, const int64_t* lengths,
+                     RowTest row_holds) {
+  for (int64_t k = 0; k < steps; ++k)
+    for (int64_t b = 0; b < B; ++b)
+      if (k >= lengths[b] && row_holds(a + (k * B + b) * n)) return true;
+  return false;
+}
+
 // Whether a (steps, B, n) holds a NaN or an infinity at a step past its row's length.
 template <typename T>
 bool padding_not_finite(const T* a, int64_t steps, int64_t B, int64_t n,
                         const int64_t* lengths) {
-  bool found = false;
-  for (int64_t k = 0; k < steps && !found; ++k)
-    for (int64_t b = 0; b < B; ++b)
-      if (k >= lengths[b]) found |= any_not_finite(a + (k * B + b) * n, n);
-  return found;
+  return any_padding_row(a, steps, B, n, lengths, [n](const T* row) { return any_not_finite(row, n); });
 }
 
 // Whether a (steps, B, n) holds, at a step past its row's length, a value the kernels are not
 // to meet: a NaN or an infinity (0 * NaN is NaN in dW_ih = dG^T X, where dG is 0 there), or one
-// the AMX tiles cannot split (past bfloat16's largest, or nonzero under 2^-100, as
-// amx_unsplittable): a scan of x for the tiles would send the whole call to the FMA kernels,
-// and what lies in the padding would change the other rows' bits (T = 16, B = 64 GRU: 4.6e-7).
+// the AMX tiles cannot split (kAmxSplitMax, kAmxSplitMin): a scan of x for the tiles would send
+// the whole call to the FMA kernels, and what lies in the padding would change the other rows'
+// bits (T = 16, B = 64 GRU: 4.6e-7).
 template <typename T>
 bool padding_to_clear(const T* a, int64_t steps, int64_t B, int64_t n, const int64_t* lengths) {
-  bool found = false;
-  for (int64_t k = 0; k < steps && !found; ++k)
-    for (int64_t b = 0; b < B; ++b) {
-      if (k < lengths[b]) continue;
-      const T* v = a + (k * B + b) * n;
-      for (int64_t i = 0; i < n; ++i) {
-        const T m = std::abs(v[i]);
-        found |= !(m <= T(3.38e38)) | ((m != T(0)) & (m < T(0x1p-100)));  // (no branches)
-      }
+  return any_padding_row(a, steps, B, n, lengths, [n](const T* row) {
+    bool found = false;
+    for (int64_t i = 0; i < n; ++i) {
+      const T m = std::abs(row[i]);
+      found |= !(m <= T(kAmxSplitMax)) | ((m != T(0)) & (m < T(kAmxSplitMin)));  // (no branches)
     }
-  return found;
+    return found;
+  });
 }
 
 // Zeros the steps of a (steps, B, n) past each row's length.

@@ -67,8 +67,8 @@ inline void amx_configure() {
 // against x ~1e33 lost 3 decimal digits).
 inline __mmask16 amx_unsplittable(__m512 x) {
   const __m512 m = _mm512_abs_ps(x);
-  return _mm512_cmp_ps_mask(m, _mm512_set1_ps(3.38e38f), _CMP_NLE_UQ) |
-         (_mm512_cmp_ps_mask(m, _mm512_set1_ps(0x1p-100f), _CMP_LT_OQ) &
+  return _mm512_cmp_ps_mask(m, _mm512_set1_ps(kAmxSplitMax), _CMP_NLE_UQ) |
+         (_mm512_cmp_ps_mask(m, _mm512_set1_ps(kAmxSplitMin), _CMP_LT_OQ) &
           _mm512_cmp_ps_mask(m, _mm512_setzero_ps(), _CMP_NEQ_OQ));
 }
 inline bool amx_all_splits(const float* a, int64_t rows, int64_t cols, int64_t ld) {

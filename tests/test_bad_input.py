@@ -502,6 +502,41 @@ def test_misshaped_states_and_weights_are_named_before_they_are_copied():
             F.forward(**{**args, name: value})
 
 
+def test_backward_names_a_misshaped_gradient_before_it_is_copied():
+    """functional.backward made dy, dhn, dcn and the weights C-contiguous before the kernels
+    checked their shapes: a broadcast one of the wrong shape, terabytes as a copy, raised
+    MemoryError instead of naming it."""
+    from fusedrnn import functional as F
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 3, 4)).astype(F32)
+    w_ih, w_hh, w_hr = (rng.standard_normal(s).astype(F32) for s in [(16, 4), (16, 2), (2, 4)])
+    _, _, _, ctx = F.forward("lstm", x, None, None, w_ih, w_hh, None, None, w_hr=w_hr,
+                             training=True)
+    huge = lambda *shape: np.broadcast_to(np.zeros(1, F32), shape)  # noqa: E731
+    dy, T40 = np.zeros((5, 3, 2), F32), 2 ** 40
+    weights = (w_ih, w_hh, w_hr)
+    for kwargs, match in [
+            (dict(dy=huge(T40, 3, 2)), r"dy must have shape \(5, 3, 2\), got \(1099511627776, 3, 2\)"),
+            (dict(dhn=huge(T40, 2)), r"dhn must have shape \(3, 2\), got \(1099511627776, 2\)"),
+            (dict(dcn=huge(T40, 4)), r"dcn must have shape \(3, 4\), got \(1099511627776, 4\)"),
+            (dict(weights=(huge(T40, 4), w_hh, w_hr)),
+             r"weights\[0\] \(w_ih\) must have shape \(16, 4\), got \(1099511627776, 4\)"),
+            (dict(weights=(w_ih, w_hh, huge(T40, 4))),
+             r"weights\[2\] \(w_hr\) must have shape \(2, 4\), got \(1099511627776, 4\)")]:
+        with pytest.raises(ValueError, match=match):
+            F.backward(ctx, **{"dy": dy, "weights": weights, **kwargs})
+    # a GRU's context has no cell state and no projection
+    _, _, _, ctx = F.forward("gru", x, None, None, rng.standard_normal((12, 4)).astype(F32),
+                             rng.standard_normal((12, 4)).astype(F32), None, None, training=True)
+    with pytest.raises(ValueError, match="dcn is only for LSTM"):
+        F.backward(ctx, np.zeros((5, 3, 4), F32), dcn=huge(T40, 4))
+    with pytest.raises(ValueError, match=r"weights\[2\] \(w_hr\) must be None"):
+        F.backward(ctx, np.zeros((5, 3, 4), F32),
+                   weights=(np.zeros((12, 4), F32), np.zeros((12, 4), F32), huge(T40, 4)))
+    # and the context is still good for a well-shaped backward
+    assert F.backward(ctx, np.zeros((5, 3, 4), F32))[0].shape == (5, 3, 4)
+
+
 def test_functional_takes_weights_as_lists():
     """A list for w_ih passed every check and then failed on its .shape (AttributeError: 'list'
     object has no attribute 'shape') in functional.forward."""

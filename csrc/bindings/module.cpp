@@ -118,6 +118,22 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("x_bytes", [](const Context& c) {  // its copy of x, packed or not
         const py::object& x = c.x_packed ? c.x_packed : c.x;
         return x ? x.cast<py::array>().nbytes() : 0;
+      })
+      // The shapes backward expects of what it is given, for the Python side to check before
+      // it copies an argument to C order (a broadcast one of the wrong shape may not fit).
+      .def_property_readonly("shapes", [](const Context& c) {
+        const fusedrnn::LayerShape& s = c.s;
+        auto shape_of = [](const py::object& a) -> py::object {  // of a weight the forward read
+          return a ? py::object(a.attr("shape")) : py::object(py::none());
+        };
+        py::dict d;
+        d["dy"] = py::make_tuple(s.T, s.B, s.Hout);
+        d["dhn"] = py::make_tuple(s.B, s.Hout);
+        d["dcn"] = s.cell == fusedrnn::Cell::Lstm ? py::object(py::make_tuple(s.B, s.H)) : py::none();
+        d["w_ih"] = shape_of(c.w_ih);
+        d["w_hh"] = shape_of(c.w_hh);
+        d["w_hr"] = shape_of(c.w_hr);
+        return d;
       });
 
   // The torch adapter's view of a tensor's memory: what Tensor.numpy() gives, without its side

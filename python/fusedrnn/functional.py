@@ -21,7 +21,7 @@ build of the kernels instead of the one chosen at import (tests use it to cover 
 import numpy as np
 
 from . import _C
-from ._validate import check_layer_args, check_layer_params, made_here
+from ._validate import check_layer_args, check_layer_params, check_shape, made_here
 
 CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 # ONNX's activation functions by the kernels' codes (csrc/kernel_api.h, Activation).
@@ -179,6 +179,7 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     if dy is None:
         raise TypeError("dy must be an array shaped as the forward's y (the gradient of the "
                         "loss with respect to y), got None")
+    _check_grad_shapes(ctx.shapes, dy, dhn, dcn, weights)
     dy = np.ascontiguousarray(dy)
     dhn = None if dhn is None else np.ascontiguousarray(dhn)
     dcn = None if dcn is None else np.ascontiguousarray(dcn)
@@ -186,3 +187,20 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
         weights = tuple(None if w is None else np.ascontiguousarray(w) for w in weights)
     return _C.backward(ctx, dy, dhn, dcn, bool(consume), grads_into, bool(add_into), weights,
                        bool(need_dx), bool(need_weight_grads))
+
+
+def _check_grad_shapes(shapes, dy, dhn, dcn, weights):
+    """Each argument given as an array against the shape ``shapes`` (the context's) says, before
+    any of them is copied to C order: a broadcast one of the wrong shape may not fit in memory,
+    and would fail for that instead of for its shape. (The kernels check again, as they must.)"""
+    given = [("dy", dy, "dy"), ("dhn", dhn, "dhn"), ("dcn", dcn, "dcn")]
+    if isinstance(weights, tuple) and len(weights) == 3:
+        given += [(f"weights[{i}] ({key})", w, key)
+                  for i, (w, key) in enumerate(zip(weights, ("w_ih", "w_hh", "w_hr")))]
+    for name, a, key in given:
+        if a is None or not isinstance(a, np.ndarray):
+            continue  # absent, or not an array yet: the copy below makes one, the kernels check it
+        if shapes[key] is None:
+            raise ValueError(f"{name} is only for LSTM" if key == "dcn" else
+                             f"{name} must be None: the forward had none")
+        check_shape(name, a, shapes[key])

@@ -179,7 +179,7 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     if dy is None:
         raise TypeError("dy must be an array shaped as the forward's y (the gradient of the "
                         "loss with respect to y), got None")
-    _check_grad_shapes(ctx.shapes, dy, dhn, dcn, weights)
+    _check_grad_shapes(ctx, dy, dhn, dcn, weights)
     dy = np.ascontiguousarray(dy)
     dhn = None if dhn is None else np.ascontiguousarray(dhn)
     dcn = None if dcn is None else np.ascontiguousarray(dcn)
@@ -189,17 +189,21 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
                        bool(need_dx), bool(need_weight_grads))
 
 
-def _check_grad_shapes(shapes, dy, dhn, dcn, weights):
-    """Each argument given as an array against the shape ``shapes`` (the context's) says, before
-    any of them is copied to C order: a broadcast one of the wrong shape may not fit in memory,
-    and would fail for that instead of for its shape. (The kernels check again, as they must.)"""
+def _check_grad_shapes(ctx, dy, dhn, dcn, weights):
+    """Each argument np.ascontiguousarray would copy, against the shape the context expects of
+    it (ctx.shapes), before any copy is made: a broadcast one of the wrong shape may not fit in
+    memory, and would fail for that instead of for its shape. Arguments already in C order
+    are left to the kernels' own checks (this runs every call: no dict is built for them)."""
     given = [("dy", dy, "dy"), ("dhn", dhn, "dhn"), ("dcn", dcn, "dcn")]
     if isinstance(weights, tuple) and len(weights) == 3:
         given += [(f"weights[{i}] ({key})", w, key)
                   for i, (w, key) in enumerate(zip(weights, ("w_ih", "w_hh", "w_hr")))]
-    for name, a, key in given:
-        if a is None or not isinstance(a, np.ndarray):
-            continue  # absent, or not an array yet: the copy below makes one, the kernels check it
+    to_copy = [(name, a, key) for name, a, key in given
+               if isinstance(a, np.ndarray) and not a.flags.c_contiguous]
+    if not to_copy:
+        return
+    shapes = ctx.shapes
+    for name, a, key in to_copy:
         if shapes[key] is None:
             raise ValueError(f"{name} is only for LSTM" if key == "dcn" else
                              f"{name} must be None: the forward had none")

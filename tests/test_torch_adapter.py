@@ -234,6 +234,32 @@ def test_a_frozen_layer_s_state_dict_is_copied_not_shared():
     assert np.shares_memory(m.weight_hh_l0.detach().numpy(), live.state_dict()["weight_hh_l0"])
 
 
+def test_load_state_dict_passes_on_the_metadata_and_refuses_what_is_no_mapping():
+    """The NumPy-accepting load_state_dict rebuilt the dict and lost its _metadata, so
+    version-aware loading (a subclass's _load_from_state_dict, a hook) saw every checkpoint as
+    versionless; and it raised AttributeError ('list' object has no attribute 'items') where
+    torch.nn raises TypeError naming what it expects."""
+    versions = {}
+
+    def record(module, state_dict, prefix, local_metadata, *args):
+        versions[type(module).__module__] = local_metadata.get("version")
+
+    ref = torch.nn.GRU(3, 4)
+    ours = ft.GRU(3, 4)
+    state = ref.state_dict()
+    for mod in (ref, ours):
+        mod.register_load_state_dict_pre_hook(record)
+        mod.load_state_dict(state)
+        with pytest.raises(TypeError, match="Expected state_dict to be dict-like"):
+            mod.load_state_dict([("weight_ih_l0", state["weight_ih_l0"])])
+    assert versions == {"torch.nn.modules.rnn": 1, "fusedrnn.torch": 1}
+    arrays = type(state)((k, v.numpy()) for k, v in state.items())
+    arrays._metadata = state._metadata
+    versions.clear()
+    ours.load_state_dict(arrays)                        # (NumPy values: converted, kept)
+    assert versions == {"fusedrnn.torch": 1}
+
+
 def test_a_module_saved_whole_loads_with_weights_only_as_torch_s_does():
     """torch.save(model) of a module that had run pickled the adapter's cache of its Spec:
     torch.load's default (weights_only=True) then refused fusedrnn._layer_base.Spec, which had

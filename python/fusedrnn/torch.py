@@ -27,6 +27,8 @@ Importing this module imports torch; ``import fusedrnn`` alone never does.
 """
 import threading
 import warnings
+from collections import OrderedDict
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -792,8 +794,13 @@ class _FusedMixin:
         """torch's load_state_dict, also accepting NumPy arrays as values: with assign=True the
         parameters share a writable array's memory, as they would a tensor's. A read-only
         array (a frozen fusedrnn layer's) is copied: a tensor cannot be kept from writing it."""
-        state_dict = {k: _torch.from_numpy(v if v.flags.writeable else v.copy())
-                      if isinstance(v, np.ndarray) else v for k, v in state_dict.items()}
+        if isinstance(state_dict, Mapping):   # (else torch's TypeError names what it expects)
+            metadata = getattr(state_dict, "_metadata", None)
+            state_dict = OrderedDict(
+                (k, _torch.from_numpy(v if v.flags.writeable else v.copy())
+                 if isinstance(v, np.ndarray) else v) for k, v in state_dict.items())
+            if metadata is not None:    # (the modules' versions, which their loading reads)
+                state_dict._metadata = metadata
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @classmethod

@@ -680,6 +680,34 @@ def test_unsupported_and_mismatched_dtypes_are_refused():
         mod(np.zeros((2, 1, 3), np.float32))
 
 
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")   # (prototype)
+def test_nested_tensors_and_dispatching_subclasses_are_refused_by_name():
+    """A nested tensor failed with "Internal error: NestedTensorImpl doesn't support sizes",
+    and a tensor subclass that runs torch's operators itself (a wrapper subclass, as DTensor,
+    MaskedTensor) with "storage was resized to 0 (as FSDP frees parameters...)": neither
+    named the argument, the second blamed FSDP."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    mod = ft.LSTM(3, 4)
+    x = torch.randn(5, 2, 3)
+    h, c = torch.zeros(1, 2, 4), torch.zeros(1, 2, 4)
+    nested = torch.nested.nested_tensor([torch.randn(5, 3), torch.randn(2, 3)])
+    with pytest.raises(ValueError, match="input is a nested tensor.*pack_sequence"):
+        mod(nested)
+    with pytest.raises(RuntimeError, match=r"hx\[1\] \(c0\) is a nested tensor"):
+        mod(x, (h, torch.nested.nested_tensor([torch.zeros(1, 4), torch.zeros(1, 4)])))
+    for call, name in [(lambda: mod(TwoTensor(x, x.clone())), "input"),
+                       (lambda: mod(x, (h, TwoTensor(c, c.clone()))), r"hx\[1\] \(c0\)"),
+                       (lambda: mod(pack_padded_sequence(TwoTensor(x, x.clone()),
+                                                         torch.tensor([5, 3]))), "input.data")]:
+        with pytest.raises(ValueError, match=rf"^{name} is of the tensor subclass TwoTensor, "
+                                             rf"which runs torch's operators itself"):
+            call()
+    w = mod.weight_hh_l0.detach()
+    mod.weight_hh_l0 = torch.nn.Parameter(TwoTensor(w, w.clone()))
+    with pytest.raises(RuntimeError, match="^weight_hh_l0 is of the tensor subclass TwoTensor"):
+        mod(x)
+
+
 def test_adapter_bad_shapes_and_hx_kinds():
     lstm, gru = ft.LSTM(3, 4, num_layers=2), ft.GRU(3, 4, batch_first=True)
     x = torch.zeros(5, 2, 3)

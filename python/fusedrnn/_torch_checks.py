@@ -32,3 +32,29 @@ def check_tensor(name, t, dtype=None):
             raise TypeError(f"fusedrnn.torch supports {names}; {name} has dtype {t.dtype}")
     elif t.dtype != dtype:
         raise DtypeError(f"{name} must have dtype {dtype} (the parameters' dtype), got {t.dtype}")
+
+
+def check_not_nested(name, t):
+    """Raises, naming `name`, for a nested tensor (torch.nested, strided layout: check_tensor
+    passes it), whose sizes torch could not even report."""
+    if t.is_nested:
+        raise TensorKindError(
+            f"{name} is a nested tensor, which fusedrnn.torch (as torch.nn's RNNs) does not take: "
+            f"pack its sequences (torch.nn.utils.rnn.pack_sequence(list({name}.unbind()), "
+            f"enforce_sorted=False)) or pad them ({name}.to_padded_tensor(0.0))")
+
+
+def dispatches_itself(t):
+    """Whether t's class runs torch's operators itself (__torch_dispatch__: a wrapper subclass
+    as DTensor or MaskedTensor): the kernels read a tensor's memory, which such a tensor may
+    lack (its data pointer is null) and would bypass. (Fake tensors too: callers ask first.)"""
+    return type(t).__torch_dispatch__ is not torch.Tensor.__torch_dispatch__
+
+
+def refuse_dispatching_subclass(name, t):
+    if dispatches_itself(t):
+        raise TensorKindError(
+            f"{name} is of the tensor subclass {type(t).__name__}, which runs torch's operators "
+            f"itself (__torch_dispatch__): fusedrnn.torch's kernels read a plain tensor's "
+            f"memory and would bypass them. Pass plain tensors (a DTensor's to_local() or "
+            f"full_tensor()), or use torch.nn's module")

@@ -54,6 +54,9 @@ from . import _torch_ops  # noqa: F401  (registers torch.ops.fusedrnn, which exp
 from . import _torch_frozen as _frozen
 from . import _torch_precision as _precision
 from ._torch_checks import KERNEL_DTYPES as _KERNEL_DTYPES, check_tensor as _check_tensor
+from ._torch_checks import check_not_nested as _check_not_nested
+from ._torch_checks import dispatches_itself as _dispatches_itself
+from ._torch_checks import refuse_dispatching_subclass as _refuse_dispatching_subclass
 from ._torch_convert import convert
 from ._torch_ops import ShapeError as _ShapeError
 from ._torch_views import numpy_view as _np
@@ -131,14 +134,25 @@ def _tracing_mode_active():
     return bool(_pre_dispatch_modes()) and _get_proxy_mode() is not None
 
 
-def _has_fake_tensors(input, hx, params):
+def _has_fake_tensors(input, hx, names, params):
     """Whether any of the call's tensors is fake (FakeTensorMode, or a tool that traces with
-    it)."""
-    tensors = [input.data if isinstance(input, _PackedSequence) else input, *params]
-    tensors += list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    it). Raises, naming it, for a tensor of a subclass that runs torch's operators itself and
+    is not fake, which the eager kernels cannot read."""
+    packed = isinstance(input, _PackedSequence)
+    states = list(hx) if isinstance(hx, (tuple, list)) else [hx]
+    tensors = [input.data if packed else input, *states, *params]
     # (is_fake costs a microsecond a tensor: plain tensors and parameters are not fake)
-    return any(type(t) not in _PLAIN and isinstance(t, _torch.Tensor) and _is_fake(t)
-               for t in tensors)
+    unusual = [t for t in tensors if type(t) not in _PLAIN and isinstance(t, _torch.Tensor)]
+    if not unusual or any(_is_fake(t) for t in unusual):
+        return bool(unusual)
+    if any(map(_dispatches_itself, unusual)):
+        state_names = ([f"hx[{i}]" + {0: " (h0)", 1: " (c0)"}.get(i, "")
+                        for i in range(len(states))] if isinstance(hx, (tuple, list)) else ["hx"])
+        for name, t in zip(["input.data" if packed else "input", *state_names, *names],
+                           tensors):
+            if isinstance(t, _torch.Tensor):
+                _refuse_dispatching_subclass(name, t)
+    return False
 
 
 def _refuse_for_export(packed, dropout):
@@ -606,7 +620,8 @@ class _FusedMixin:
         self._refresh_flat_weights()
         # Fake tensors and make_fx trace the layer as one op (_torch_ops), by its fake kernel
         # or by running it
-        if _tracing_mode_active() or _has_fake_tensors(input, hx, self._flat_weights):
+        if _tracing_mode_active() or _has_fake_tensors(input, hx, self._flat_weights_names,
+                                                       self._flat_weights):
             return self._forward(input, hx, as_op=True)
         if self._flat_weights and getattr(self._flat_weights[0], "is_meta", False):
             # A shape-only dry run (a model built on the meta device): torch.nn's forward gives
@@ -680,6 +695,7 @@ class _FusedMixin:
             unbatched = False
         else:
             _check_tensor("input", input, dtype)
+            _check_not_nested("input", input)
             if input.dim() not in (2, 3) or input.shape[-1] != spec.input_size:
                 layout = "B, T" if spec.batch_first else "T, B"
                 raise _ShapeError(f"input must have shape ({layout}, {spec.input_size}) or "
@@ -752,6 +768,7 @@ class _FusedMixin:
 
     def _check_state(self, name, t, spec, B, unbatched, width, dtype):
         _check_tensor(name, t, dtype)
+        _check_not_nested(name, t)
         LD = spec.num_layers * spec.num_directions
         want = (LD, width) if unbatched else (LD, B, width)
         if tuple(t.shape) != want:

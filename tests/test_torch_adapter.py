@@ -540,6 +540,30 @@ def test_attributes_changed_between_calls_take_effect_as_in_torch():
             assert ours._spec().batch_first and ours._spec().dropout == getattr(m, "dropout")
 
 
+def test_a_dropout_set_out_of_range_is_refused_where_torch_nn_refuses_it():
+    """dropout set on a built module (the constructor checks its own) to 1.5 ran as p = 1, to
+    -0.1 as no dropout, and "0.3" as 0.3, silently: torch.nn's forward raises where it would
+    apply it (training, between layers), and runs where it would not."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 3)
+    for value in (1.5, -0.1):
+        for cls in (torch.nn.GRU, ft.GRU):
+            mod = cls(3, 5, num_layers=2)
+            mod.dropout = value
+            with pytest.raises(RuntimeError, match=rf"dropout.* between 0 and 1, .*got {value}"):
+                mod(x)
+            mod.eval()(x)                           # not applied: no error
+            single = cls(3, 5)
+            single.dropout = value
+            single(x)                               # (nor in a single layer)
+        with pytest.raises(ValueError, match=r"^dropout must be a probability between 0 and 1"):
+            mod.train()(x)                          # (ours is a ValueError too)
+    ours = ft.LSTM(3, 5, num_layers=2).eval()
+    ours.dropout = "0.3"
+    with pytest.raises(TypeError, match=r"^dropout must be a number in \[0, 1\], got str$"):
+        ours(x)
+
+
 def test_autograd_calls_skip_torchs_signature_binding(monkeypatch):
     """Function.apply binds every call's arguments with inspect.signature (12-30 us: a small
     LSTM's training call through the adapter spent 60 of its 200 us there); ours take no

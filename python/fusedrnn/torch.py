@@ -25,6 +25,7 @@ read-only copies of the parameters, taken again whenever torch records a change
 
 Importing this module imports torch; ``import fusedrnn`` alone never does.
 """
+import numbers
 import threading
 import warnings
 from collections import OrderedDict
@@ -183,6 +184,20 @@ def _refuse_forward_ad(tensors):
         return
     if any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         raise NotImplementedError(_NO_FORWARD_AD)
+
+
+class _DropoutError(ValueError, RuntimeError):
+    """A dropout probability outside [0, 1] where it applies: torch.nn raises RuntimeError."""
+
+
+def _check_dropout_applied(spec, training):
+    """torch.nn's forward refuses a dropout probability outside [0, 1] where it applies it
+    (training, between layers), and only there. The constructor checks its own; set on the
+    built module, 1.5 ran here as p = 1 and -0.1 as no dropout."""
+    p = spec.dropout
+    if training and p != 0 and spec.num_layers > 1 and not 0 <= p <= 1:
+        raise _DropoutError(f"dropout must be a probability between 0 and 1, got {p} (set on "
+                            f"the module after it was built; torch.nn's forward refuses it too)")
 
 
 def _torch_mask_maker(p, dtype):
@@ -479,6 +494,9 @@ class _FusedMixin:
         cached = self.__dict__.get("_fusedrnn_spec")
         if cached is not None and cached[0] == key:
             return cached[1]
+        if not isinstance(self.dropout, numbers.Real):   # (set on the built module)
+            raise TypeError(f"dropout must be a number in [0, 1], got "
+                            f"{type(self.dropout).__name__}")
         spec = _base.Spec(_CELL_OF_MODE[key[0]], *key[1:])
         if not _torch.compiler.is_exporting():  # (strict export refuses the cache's side effect)
             self.__dict__["_fusedrnn_spec"] = (key, spec)
@@ -674,6 +692,7 @@ class _FusedMixin:
         parameters' FrozenWeights, which an untracked call runs on."""
         lstm = spec.cell == "lstm"
         packed = isinstance(input, _PackedSequence)
+        _check_dropout_applied(spec, self.training)
         if as_op:
             _refuse_for_export(packed, _base.dropout_active(spec, self.training))
         if packed:

@@ -235,6 +235,18 @@ def test_vmap_and_hessian_are_refused_in_the_adapters_words():
             lambda p: (torch.func.functional_call(gru, p, (x,))[0] ** 2).sum())(params)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_functionalize_is_refused_in_the_adapters_words(grad):
+    """Under torch.func.functionalize an untracked call blamed FSDP ("storage was resized to 0
+    (as FSDP frees parameters...)": a functional tensor has no memory to read), a tracked one
+    raised torch's "NYI: Functionalize rule for custom_function_call"."""
+    gru = ft.GRU(3, 4).requires_grad_(grad)
+    x = torch.randn(5, 2, 3)
+    with pytest.raises(RuntimeError, match="^fusedrnn.torch does not run under "
+                                           "torch.func.functionalize"):
+        torch.func.functionalize(lambda xx: gru(xx)[0])(x)
+
+
 @pytest.mark.parametrize("config", CONFIGS)
 def test_a_module_on_the_meta_device_gives_torch_nn_s_meta_outputs(config):
     """A shape-only dry run of a model built on the meta device (it was refused as not CPU)."""

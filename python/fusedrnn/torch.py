@@ -200,6 +200,17 @@ def _check_dropout_applied(spec, training):
                             f"the module after it was built; torch.nn's forward refuses it too)")
 
 
+def _refuse_functionalize(tensors):
+    """A functional tensor (torch.func.functionalize) has no memory for the kernels to read: an
+    untracked call blamed FSDP for it, a tracked one raised torch's NYI for custom Functions."""
+    if any(t is not None and _torch._is_functional_tensor(t) for t in tensors):
+        raise RuntimeError(
+            "fusedrnn.torch does not run under torch.func.functionalize (its kernels read the "
+            "tensors' memory, which a functional tensor has none of): trace the model with "
+            "torch.export or make_fx instead, where the layer is one operator, or functionalize "
+            "torch.nn's module")
+
+
 def _torch_mask_maker(p, dtype):
     """Inverted-dropout masks drawn with torch's generator (torch.manual_seed applies)."""
     def make(shape):
@@ -748,6 +759,8 @@ class _FusedMixin:
                 keep_packed=keep_packed)
             return self._shaped_outputs(y, hn, cn if lstm else None, spec, unbatched)
         _refuse_forward_ad(tensors)
+        if _torch._C._are_functorch_transforms_active():
+            _refuse_functionalize(tensors)
         tracked = _torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                                    for t in tensors)
         if tracked:

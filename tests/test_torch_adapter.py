@@ -190,6 +190,44 @@ def test_packed_sequence_sorted_input():
     assert_close(ph.numpy(), wh.numpy(), np.float64)
 
 
+def test_a_hand_built_packed_sequence_that_disagrees_is_named():
+    """A PackedSequence built by hand whose fields disagree (pack_padded_sequence never makes
+    one) gave IndexError naming no field (batch sizes that grow, indices past the batch) or
+    torch's indexing message (data rows past sum(batch_sizes)); a sorted_indices that is no
+    permutation ran, reading the rows in a wrong order."""
+    from torch.nn.utils.rnn import PackedSequence
+    ours = ft.LSTM(4, 3)
+    data = torch.randn(5, 4)
+    for packed, error, match in [
+            (PackedSequence(data, torch.tensor([2, 3])), ValueError,
+             r"input.batch_sizes must start positive and never grow .*got \[2, 3\]"),
+            (PackedSequence(torch.randn(6, 4), torch.tensor([3, 2])), ValueError,
+             r"input.data must have sum\(input.batch_sizes\) = 5 rows, got 6"),
+            (PackedSequence(data, torch.tensor([3.0, 2.0])), TypeError,
+             r"input.batch_sizes must be a 1-D integer tensor"),
+            (PackedSequence(data, torch.tensor([[3, 2]])), TypeError,
+             r"input.batch_sizes must be a 1-D integer tensor"),
+            (PackedSequence(torch.randn(0, 4), torch.tensor([], dtype=torch.int64)), ValueError,
+             r"input.batch_sizes must start positive .*got \[\]"),
+            (PackedSequence(data, torch.tensor([3, 2]), torch.tensor([0, 1, 5]),
+                            torch.tensor([0, 1, 2])), ValueError,
+             r"input.sorted_indices must be a permutation of 0..2 .*got \[0, 1, 5\]"),
+            (PackedSequence(data, torch.tensor([3, 2]), torch.tensor([0, 0, 1]),
+                            torch.tensor([0, 1, 2])), ValueError,
+             r"input.sorted_indices must be a permutation of 0..2"),
+            (PackedSequence(data, torch.tensor([3, 2]), torch.tensor([2, 0, 1]),
+                            torch.tensor([0, 1])), ValueError,
+             r"input.unsorted_indices must be a permutation of 0..2")]:
+        with pytest.raises(error, match=match):
+            ours(packed)
+    # one pack_padded_sequence makes, with a trailing step of no rows as torch.nn takes it, runs
+    ref = torch.nn.LSTM(4, 3)
+    ours.load_state_dict(ref.state_dict())
+    packed = PackedSequence(data, torch.tensor([3, 2, 0]))
+    with torch.no_grad():
+        assert_close(ours(packed)[0].data.numpy(), ref(packed)[0].data.numpy(), np.float32)
+
+
 def test_state_dicts_round_trip_both_ways():
     layer = fusedrnn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3, dtype=np.float64,
                           seed=0)

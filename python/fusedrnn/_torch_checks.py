@@ -2,6 +2,8 @@
 layer runs in (the parameters' dtype, where one is given)."""
 import torch
 
+from ._validate import ShapeError
+
 KERNEL_DTYPES = (torch.float32, torch.float64)      # what the kernels compute in
 LOW_DTYPES = (torch.bfloat16, torch.float16)        # computed in float32 (_torch_precision)
 _RUNS = KERNEL_DTYPES + LOW_DTYPES
@@ -58,3 +60,35 @@ def refuse_dispatching_subclass(name, t):
             f"itself (__torch_dispatch__): fusedrnn.torch's kernels read a plain tensor's "
             f"memory and would bypass them. Pass plain tensors (a DTensor's to_local() or "
             f"full_tensor()), or use torch.nn's module")
+
+
+def check_packed_sequence(data, batch_sizes, sorted_indices, unsorted_indices, input_size):
+    """Raises, naming the field, unless a PackedSequence's fields agree as pack_padded_sequence
+    makes them: data (N, input_size), batch_sizes a 1-D integer CPU tensor, positive where it
+    starts and never growing, summing to N, and each index tensor a permutation of the batch.
+    A hand-built one that breaks these gave IndexError or a silently wrong batch order.
+    Returns batch_sizes as a NumPy array."""
+    if data.dim() != 2 or data.shape[1] != input_size:
+        raise ShapeError(f"input.data must have shape (N, {input_size}), got {tuple(data.shape)}")
+    if (not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1
+            or batch_sizes.device.type != "cpu" or batch_sizes.dtype.is_floating_point
+            or batch_sizes.dtype.is_complex or batch_sizes.dtype == torch.bool):
+        raise TypeError("input.batch_sizes must be a 1-D integer tensor on the CPU (as "
+                        "pack_padded_sequence makes it)")
+    sizes = batch_sizes.numpy().astype("int64")
+    if len(sizes) == 0 or sizes[0] < 1 or (sizes < 0).any() or (sizes[1:] > sizes[:-1]).any():
+        raise ValueError(f"input.batch_sizes must start positive and never grow (the batch "
+                         f"at each time step), got {sizes.tolist()}")
+    if int(sizes.sum()) != data.shape[0]:
+        raise ShapeError(f"input.data must have sum(input.batch_sizes) = {int(sizes.sum())} "
+                         f"rows, got {data.shape[0]}")
+    B = int(sizes[0])
+    for name, idx in (("sorted_indices", sorted_indices), ("unsorted_indices", unsorted_indices)):
+        if idx is None:
+            continue
+        ok = (isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.device.type == "cpu"
+              and not idx.dtype.is_floating_point and idx.dtype != torch.bool)
+        if not ok or sorted(idx.tolist()) != list(range(B)):
+            raise ValueError(f"input.{name} must be a permutation of 0..{B - 1} (the batch of "
+                             f"{B} sequences), got {idx.tolist() if ok else type(idx).__name__}")
+    return sizes

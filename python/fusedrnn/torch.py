@@ -56,6 +56,7 @@ from . import _torch_frozen as _frozen
 from . import _torch_precision as _precision
 from ._torch_checks import KERNEL_DTYPES as _KERNEL_DTYPES, check_tensor as _check_tensor
 from ._torch_checks import check_not_nested as _check_not_nested
+from ._torch_checks import check_packed_sequence as _check_packed_sequence
 from ._torch_checks import dispatches_itself as _dispatches_itself
 from ._torch_checks import refuse_dispatching_subclass as _refuse_dispatching_subclass
 from ._torch_convert import convert
@@ -709,7 +710,8 @@ class _FusedMixin:
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             _check_tensor("input.data", data, dtype)
-            bs = batch_sizes.numpy()
+            bs = _check_packed_sequence(data, batch_sizes, sorted_indices, unsorted_indices,
+                                        spec.input_size)
             T, B = len(bs), int(bs[0])
             offsets = np.repeat(np.cumsum(bs) - bs, bs)
             t_idx = np.repeat(np.arange(T), bs)
@@ -718,9 +720,6 @@ class _FusedMixin:
                 b_idx = sorted_indices.numpy()[b_idx]     # the caller's batch order
             lengths = np.bincount(b_idx, minlength=B).astype(np.int64)
             index = (_torch.from_numpy(t_idx), _torch.from_numpy(b_idx))
-            if data.dim() != 2 or data.shape[1] != spec.input_size:
-                raise _ShapeError(f"input.data must have shape (N, {spec.input_size}), "
-                                  f"got {tuple(data.shape)}")
             x = data.new_zeros((T, B, spec.input_size)).index_put(index, data)
             unbatched = False
         else:

@@ -16,10 +16,14 @@ enum class Cell : int { RnnTanh = 0, RnnRelu = 1, Lstm = 2, Gru = 3 };
 inline int gate_count(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
 
 // The values the AMX kernels' exact split into three bfloat16 parts takes (gemm/amx.h,
-// amx_unsplittable): finite and at most kAmxSplitMax in magnitude (past bfloat16's largest the
-// high part rounds to infinity), and zero or from kAmxSplitMin up (below, the low part is a
-// denormal, which the tiles take as 0). The bindings keep padding outside them (arrays.h).
-constexpr float kAmxSplitMax = 3.38e38f;
+// amx_unsplittable): finite and at most kAmxSplitMax in magnitude, and zero or from
+// kAmxSplitMin up (below, the low part is a denormal, which the tiles take as 0). The parts of
+// a value may differ in sign (3e38 = 3.004e38 - 4.05e35 - ...), so where a product passed
+// float32's largest by 2^8 its high and middle part products overflowed to opposite infinities
+// and summed to NaN (the FMA kernels and torch: the infinity). Under 2^63, no part product of
+// two values reaches 2^126 (1 + 2^-8)^2, below float32's largest. The bindings keep padding
+// outside them (arrays.h).
+constexpr float kAmxSplitMax = 0x1p63f;
 constexpr float kAmxSplitMin = 0x1p-100f;
 
 struct LayerShape {

@@ -378,3 +378,63 @@ def test_a_stack_saved_from_a_layer_gives_the_bits_of_a_whole_one(rng, cell, bid
                                      weight_grads=top)[3] for saved in (part[3], whole[3]))
     for name in top:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+@pytest.mark.parametrize("big,other", [(3e38, 1000.0), (1.0039e30, 1e12)])
+def test_a_product_past_float32s_largest_is_infinite_not_nan(rng, big, other):
+    """The three bfloat16 parts of a value may differ in sign (3e38 = 3.004e38 - 4.05e35 - ...,
+    1.0039e30 = 1.0052e30 - 1.3e27 - ...): where one product passes float32's largest by 2^8 or
+    more, its high parts' product and a lower one overflow to infinities of opposite signs, and
+    the tiles summed them to NaN where the FMA kernels and torch give the infinity. (Operands
+    past 2^63 now run the FMA kernels: no part product of two smaller ones overflows.)"""
+    A = rng.standard_normal((128, 64)).astype(np.float32)
+    B = rng.standard_normal((64, 128)).astype(np.float32)
+    A[:, 5], B[5, :] = 0, 0
+    A[3, 5], B[5, 7] = big, other   # the one large product, in C[3, 7]
+    fma = _C.gemm(A, B, isa="avx512")
+    assert np.isposinf(fma[3, 7]) and np.isfinite(fma).sum() == fma.size - 1
+    np.testing.assert_array_equal(_C.gemm(A, B, isa="amx"), fma)
+    A[3, 5], B[5, 7] = 2.0 ** 63, -(2.0 ** 63)   # the largest that split: 2^126 on the tiles
+    tiles = _C.gemm(A, B, isa="amx")
+    assert tiles[3, 7] == -(2.0 ** 126) and not np.array_equal(tiles, _C.gemm(A, B, isa="avx512"))
+    B[5, 7] = np.nextafter(np.float32(B[5, 7]), np.float32(-np.inf))
+    np.testing.assert_array_equal(_C.gemm(A, B, isa="amx"), _C.gemm(A, B, isa="avx512"))
+
+
+def test_a_last_steps_overflowing_pre_activation_is_not_nan(rng):
+    """A tanh RNN's pre-activation past float32's largest (a weight of 3e38 meets an input of
+    1000) is tanh(inf) = 1, as the reference's tanh(3e41) and the FMA kernels'. On the tiles its
+    split parts' products summed to NaN (see above): at an earlier step the next step's scan of
+    the state sent the call to the FMA kernels, but the last step's state is never scanned, so
+    its NaN was the output."""
+    T, B, I, H = 12, 48, 9, 32
+    assert _C.projection_mode(functional.CELL_CODES["rnn_tanh"], B, I, H, H, isa="amx") == "in_step"
+    w = reference.init_weights("rnn_tanh", I, H, 0, True, np.float32, rng)
+    x = rng.standard_normal((T, B, I)).astype(np.float32)
+    h0 = np.zeros((B, H), np.float32)
+
+    def y(isa, w_ih, x):
+        return functional.forward("rnn_tanh", x, h0, None, w_ih, w["w_hh"], w["b_ih"],
+                                  w["b_hh"], training=False, isa=isa)[0]
+
+    assert not np.array_equal(y("amx", w["w_ih"], x), y("avx512", w["w_ih"], x))  # tiles ran
+    w_ih, x = w["w_ih"].copy(), x.copy()
+    w_ih[3, 2], x[T - 1, 5, 2] = 3e38, 1000
+    tiles = y("amx", w_ih, x)
+    assert tiles[T - 1, 5, 3] == 1.0
+    np.testing.assert_array_equal(tiles, y("avx512", w_ih, x))
+
+
+def test_an_overflowing_weight_gradient_is_infinite_not_nan(rng):
+    """dW_ih = dG^T X on the tiles (one row: the forward takes none; I = H = 256) where the
+    products of input 7 (x ~ 1e30 at one step, its W_ih column 0, so the gates stay unsaturated)
+    with that step's dG (dy ~ 1e15) pass float32's largest: infinities, as the FMA kernels and
+    torch give, where the tiles gave NaN."""
+    case = make_case(rng, "lstm", T=130, B=1, I=256, H=256)
+    case["w"]["w_ih"][:, 7] = 0
+    case["x"][65, 0, 7] = 1e30
+    case["dy"][65] *= 1e15
+    tiles = run_kernels(case, np.float32, "amx")[1]["weight_ih"]
+    fma = run_kernels(case, np.float32, "avx512")[1]["weight_ih"]
+    assert np.isinf(fma[:, 7]).all() and not np.isnan(fma).any()
+    np.testing.assert_array_equal(tiles, fma)

@@ -13,8 +13,8 @@
 // parts' 16 x 32 values (rows past the tile's and k past K zero); a split B panel (32 columns,
 // as Tile<float>::NR): per block of 32 k, per part, per 16-column half, 16 x 32 values.
 //
-// Non-finite values do not split (inf - inf), nor do nonzero ones under 2^-100 (denormal low
-// parts): callers take this path only for operands that split (amx_all_splits), whose products
+// Non-finite values do not split (inf - inf), nor do ones past 2^63 (a product's part products
+// could overflow to opposite infinities) or nonzero ones under 2^-100 (denormal low parts): callers take this path only for operands that split (amx_all_splits), whose products
 // then match the FMA kernels' to float32 rounding.
 #pragma once
 #if defined(FUSEDRNN_AMX)
@@ -61,9 +61,9 @@ inline void amx_configure() {
   if (std::memcmp(&now, &ours, sizeof(Config)) != 0) _tile_loadconfig(&ours);
 }
 
-// Whether every value of a rows x cols block (rows ld apart) splits exactly into bfloat16 parts:
-// finite and below the largest bfloat16 (past it the high part rounds to infinity), and zero or
-// from 2^-100 up (below, the low part is a denormal, which the tiles take as 0: weights ~1e-33
+// Whether every value of a rows x cols block (rows ld apart) splits exactly into bfloat16 parts
+// whose products with another's cannot overflow: finite and at most 2^63 (kernel_api.h
+// kAmxSplitMax), and zero or from 2^-100 up (below, the low part is a denormal, which the tiles take as 0: weights ~1e-33
 // against x ~1e33 lost 3 decimal digits).
 inline __mmask16 amx_unsplittable(__m512 x) {
   const __m512 m = _mm512_abs_ps(x);

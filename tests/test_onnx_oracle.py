@@ -254,6 +254,10 @@ OPTION_CASES = [  # op, direction, attributes beyond the shapes', peepholes
     ("RNN", "bidirectional", {"activations": ["Affine", "Elu"], "activation_alpha": [0.8, 0.5],
                               "activation_beta": [0.1], "clip": 0.9}, False),
     ("RNN", "forward", {"activations": ["Softplus"]}, False),
+    # Tanh takes no alpha: Affine takes the first alpha and beta, as in ONNX Runtime 1.32 (onnx's
+    # reference evaluator and older ONNX Runtimes index them by direction: Affine's 0.5 and 0.2)
+    ("RNN", "bidirectional", {"activations": ["Tanh", "Affine"], "activation_alpha": [0.8, 0.5],
+                              "activation_beta": [0.1, 0.2]}, False),
     ("RNN", "reverse", {"activations": ["LeakyRelu"]}, False),
 ]
 

@@ -129,7 +129,8 @@ PYBIND11_MODULE(_C, m) {
         py::dict d;
         d["dy"] = py::make_tuple(s.T, s.B, s.Hout);
         d["dhn"] = py::make_tuple(s.B, s.Hout);
-        d["dcn"] = s.cell == fusedrnn::Cell::Lstm ? py::object(py::make_tuple(s.B, s.H)) : py::none();
+        const bool lstm = s.cell == fusedrnn::Cell::Lstm;
+        d["dcn"] = lstm ? py::object(py::make_tuple(s.B, s.H)) : py::object(py::none());
         d["w_ih"] = shape_of(c.w_ih);
         d["w_hh"] = shape_of(c.w_hh);
         d["w_hr"] = shape_of(c.w_hr);

@@ -14,8 +14,9 @@
 // as Tile<float>::NR): per block of 32 k, per part, per 16-column half, 16 x 32 values.
 //
 // Non-finite values do not split (inf - inf), nor do ones past 2^63 (a product's part products
-// could overflow to opposite infinities) or nonzero ones under 2^-100 (denormal low parts): callers take this path only for operands that split (amx_all_splits), whose products
-// then match the FMA kernels' to float32 rounding.
+// could overflow to opposite infinities) or nonzero ones under 2^-100 (denormal low parts):
+// callers take this path only for operands that split (amx_all_splits), whose products then
+// match the FMA kernels' to float32 rounding.
 #pragma once
 #if defined(FUSEDRNN_AMX)
 #include <immintrin.h>
@@ -63,8 +64,8 @@ inline void amx_configure() {
 
 // Whether every value of a rows x cols block (rows ld apart) splits exactly into bfloat16 parts
 // whose products with another's cannot overflow: finite and at most 2^63 (kernel_api.h
-// kAmxSplitMax), and zero or from 2^-100 up (below, the low part is a denormal, which the tiles take as 0: weights ~1e-33
-// against x ~1e33 lost 3 decimal digits).
+// kAmxSplitMax), and zero or from 2^-100 up (below, the low part is a denormal, which the
+// tiles take as 0: weights ~1e-33 against x ~1e33 lost 3 decimal digits).
 inline __mmask16 amx_unsplittable(__m512 x) {
   const __m512 m = _mm512_abs_ps(x);
   return _mm512_cmp_ps_mask(m, _mm512_set1_ps(kAmxSplitMax), _CMP_NLE_UQ) |

@@ -231,8 +231,9 @@ struct ForwardLoop {
   // Set where a phase's state rows (its A) do not split for the tiles: amx_step scans h0, not
   // the states the steps make, which an unbounded cell (a relu RNN; ONNX's Relu, Affine, ...)
   // can take to an infinity or past kAmxSplitMax. Split, such a value has a NaN part (or part
-  // products that overflow to opposite infinities), and the next products were NaN where the FMA kernels' are infinite or finite: the call then runs
-  // again on those (forward_on_threads). Null off the tiles.
+  // products that overflow to opposite infinities), and the next products were NaN where the
+  // FMA kernels' are infinite or finite: the call then runs again on those
+  // (forward_on_threads). Null off the tiles.
   std::atomic<bool>* state_unsplit = nullptr;
   // A team's large one-phase steps share their unit blocks out (shares_blocks): the queue, this
   // member's index in it, and how many blocks it ran and took over from the others (mutable:

@@ -263,6 +263,22 @@ def test_a_build_without_openmp_plans_one_thread_and_says_so(tmp_path, capsys, m
     assert [rec["threads"] for rec in data["cases"]] == [1]
 
 
+@pytest.mark.parametrize("threads", ["2", "2,4"])
+def test_a_build_without_openmp_refuses_only_threaded_cases_up_front(threads, capsys,
+                                                                     monkeypatch):
+    """Every case asked for has more than one thread, so such a build has none to run: an
+    argument error naming why, before anything is timed (it ran no case, then raised
+    IndexError, or printed an empty table and exited 0)."""
+    monkeypatch.setattr(cli._C, "openmp", False)
+    monkeypatch.setattr(cli.machine, "load_average", lambda: (99.0, 99.0, 99.0))  # a busy host
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--quick", "--sizes", "3,2,4,5,1", "--threads", threads, "--peers", "none"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"--threads {threads}: this fusedrnn was built without OpenMP" in err
+    assert "--threads 1" in err
+
+
 @needs_openmp
 def test_report_shows_two_thread_scaling(tmp_path, capsys):
     status, data, _ = run_json(tmp_path, capsys, "--sizes", "3,2,4,5,1", "--threads", "1,2",

@@ -164,6 +164,12 @@ def plan(args):
     return cases.plan(configs, cells, modes, threads, quick_subset=quick_subset)
 
 
+def runnable(plan_):
+    """The cases of ``plan_`` this build runs: a build without OpenMP runs on one thread only, so
+    its "t=2" would time t=1."""
+    return plan_ if _C.openmp else [c for c in plan_ if c.threads == 1]
+
+
 def memory_pairs(plan_):
     """(config, cell) of every training case of the plan, once each, in plan order."""
     return list(dict.fromkeys((c.config, c.cell) for c in plan_ if c.mode == "train"))
@@ -173,9 +179,7 @@ def run(args, argv):
     """Run the cases; returns the JSON-shaped results."""
     t_start = time.perf_counter()
     settings = QUICK if args.quick else FULL
-    plan_ = plan(args)
-    if not _C.openmp:   # one thread is all such a build runs: "t=2" would time t=1
-        plan_ = [c for c in plan_ if c.threads == 1]
+    plan_ = runnable(plan(args))
     names = list(peers.PEERS) if args.peers is None else args.peers
     ours = peers.fusedrnn_peer()
     others, skipped = peers.load(names)
@@ -264,6 +268,10 @@ def main(argv=None):
     plot_file = outputs.plot_path(ap, args.plot, say) if args.plot else None
     if plot_file and args.peers == []:
         say("note: --plot with --peers none: there will be no speed-ups to plot")
+    if plan(args) and not runnable(plan(args)):
+        ap.error(f"--threads {','.join(map(str, args.threads))}: this fusedrnn was built without "
+                 "OpenMP (show_config(): openmp False) and runs on one thread only; use "
+                 "--threads 1")
     if not plan(args):
         ap.error("no case matches these options (--quick's subset: "
                  + "; ".join(f"{n}: {','.join(c)} {','.join(m)}" for n, c, m in cases.QUICK) + ")")

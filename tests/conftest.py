@@ -18,6 +18,11 @@ def pytest_report_header(config):
     pkg = pathlib.Path(fusedrnn.__file__).resolve().parent
     line = (f"fusedrnn {fusedrnn.__version__} from {pkg} (isa {fusedrnn._C.isa()}, "
             f"openmp {bool(fusedrnn._C.openmp)})")
+    ext = pathlib.Path(fusedrnn._C.__file__).resolve()
+    if ext.parent != pkg:   # an editable install (pip install -e .): its _C is in site-packages
+        line += (f"\nNOTE: fusedrnn._C is {ext}, not one in {pkg} (an editable install): a _C "
+                 f"copied there, as the README's fast rebuild does, is not the one tested; "
+                 f"pip install -e . again after changing csrc/")
     if pkg == _TREE or not _TREE.is_dir():
         return line
     stale = sorted(str(f.relative_to(_TREE)) for f in _TREE.rglob("*.py")

@@ -651,7 +651,7 @@ def test_ab_builds_times_two_builds_side_by_side():
     import os
     import subprocess
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "ab_builds.py")
-    package = os.path.dirname(fusedrnn.__file__)
+    package = os.path.dirname(fusedrnn._C.__file__)   # (an editable install's is not the tree's)
     out = subprocess.run([sys.executable, script, f"OLD={package}", f"NEW={package}",
                           "--configs", "online-small", "--cells", "rnn_tanh,gru", "--reps", "1"],
                          capture_output=True, text=True, timeout=120)

@@ -9,9 +9,9 @@ import fusedrnn
 from fusedrnn import _C
 
 
-def run_python(code, **env):
+def run_python(code, *flags, **env):
     full_env = {**os.environ, **env}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+    return subprocess.run([sys.executable, *flags, "-c", code], capture_output=True, text=True,
                           env=full_env, timeout=120)
 
 
@@ -235,7 +235,9 @@ def test_a_tree_without_the_compiled_module_says_so(tmp_path):
     import shutil
     shutil.copytree(os.path.dirname(fusedrnn.__file__), tmp_path / "fusedrnn",
                     ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
-    r = run_python("import fusedrnn", PYTHONPATH=str(tmp_path))
+    # -S: no site-packages, so no installed fusedrnn takes the import instead of the copy on
+    # PYTHONPATH (an editable install's import hook, from a .pth file, takes it before PYTHONPATH)
+    r = run_python("import fusedrnn", "-S", PYTHONPATH=str(tmp_path))
     assert r.returncode != 0
     assert "fusedrnn's compiled module fusedrnn._C did not import for this Python" in r.stderr
     assert str(tmp_path / "fusedrnn") in r.stderr and "pip install ." in r.stderr

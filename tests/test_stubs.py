@@ -4,7 +4,9 @@ defaults, and the same kind of result (str, list, ndarray, ...) as pybind11's si
 says; the same types of attributes. A name added, renamed or dropped in
 csrc/bindings/module.cpp without the stub, or the other way round, fails here.
 
-The stub is read where type checkers look for it, beside the extension module. pybind11's
+The stub is read where the package ships it, beside fusedrnn's own files: in an installed package
+that is beside the extension module, where type checkers look for it (in an editable install,
+python/fusedrnn of the tree, while the extension lies in site-packages). pybind11's
 functions carry no __text_signature__ (inspect.signature fails on them): their signature is the
 first line of __doc__, which parses as a def."""
 import ast
@@ -13,9 +15,10 @@ import re
 
 import pytest
 
+import fusedrnn
 from fusedrnn import _C
 
-STUB = pathlib.Path(_C.__file__).with_name("_C.pyi")
+STUB = pathlib.Path(fusedrnn.__file__).with_name("_C.pyi")
 REQUIRED = "<no default>"
 
 

@@ -241,3 +241,24 @@ def test_a_tree_without_the_compiled_module_says_so(tmp_path):
     assert r.returncode != 0
     assert "fusedrnn's compiled module fusedrnn._C did not import for this Python" in r.stderr
     assert str(tmp_path / "fusedrnn") in r.stderr and "pip install ." in r.stderr
+    # why, without Python's own guess ("most likely due to a circular import")
+    assert "there is no built _C there" in r.stderr and "circular import" not in r.stderr
+
+
+def test_a_tree_with_another_python_s_or_a_broken_compiled_module_says_which(tmp_path):
+    import importlib.machinery
+    import shutil
+    package = tmp_path / "fusedrnn"
+    shutil.copytree(os.path.dirname(fusedrnn.__file__), package,
+                    ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"))
+    other = "_C.cpython-39-x86_64-linux-gnu.so"   # built for another Python: never tried
+    (package / other).write_bytes(b"")
+    r = run_python("import fusedrnn", "-S", PYTHONPATH=str(tmp_path))
+    assert r.returncode != 0
+    assert f"the _C there is built for another Python ({other})" in r.stderr
+    assert "circular import" not in r.stderr
+    ours = "_C" + importlib.machinery.EXTENSION_SUFFIXES[0]   # this Python's, but no library
+    (package / ours).write_bytes(b"not an ELF file")
+    r = run_python("import fusedrnn", "-S", PYTHONPATH=str(tmp_path))
+    assert r.returncode != 0
+    assert f"{package / ours} did not load: " in r.stderr and "circular import" not in r.stderr

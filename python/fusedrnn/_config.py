@@ -3,6 +3,22 @@ import os
 import platform
 import sys
 
+
+def _why_no_extension(error):
+    """Why ``from . import _C`` failed: Python's own message for a missing _C guesses "most
+    likely due to a circular import"."""
+    import importlib.machinery
+    here = os.path.dirname(os.path.abspath(__file__))
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        if os.path.isfile(os.path.join(here, "_C" + suffix)):   # there, and failed to load
+            return f"{os.path.join(here, '_C' + suffix)} did not load: {error}"
+    others = sorted(f for f in os.listdir(here)
+                    if f.startswith("_C.") and f.endswith((".so", ".pyd")))
+    if others:
+        return f"the _C there is built for another Python ({', '.join(others)})"
+    return "there is no built _C there (a source tree that was not built)"
+
+
 try:
     from . import _C
 except ImportError as _e:   # else: "partially initialized module ... circular import"
@@ -11,8 +27,8 @@ except ImportError as _e:   # else: "partially initialized module ... circular i
     raise ImportError(
         f"fusedrnn's compiled module fusedrnn._C did not import for this Python "
         f"({sys.implementation.cache_tag}) from {os.path.dirname(os.path.abspath(__file__))}: "
-        f"{_e}. Install the package (pip install . in the source tree), or build _C for this "
-        "Python (README, fast rebuild)") from _e
+        f"{_why_no_extension(_e)}. Install the package (pip install . in the source tree), or "
+        "build _C for this Python (README, fast rebuild)") from None   # (the why says all)
 
 __version__ = _C.__version__
 

@@ -218,6 +218,13 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
 void packed_cache_stats(size_t* forms, size_t* copies, size_t* bytes);
 // Empties the calling thread's cache (the next calls pack again).
 void packed_cache_clear();
+// Empties it and those of the calling thread's OpenMP workers that a pipelined stack ran layers
+// on (layer_pipeline.h), which live as long as the workers do: empty_cache().
+void packed_cache_clear_team();
+// A pipelined stack is about to run layers on n threads of the calling thread's team.
+void note_pipeline_team(int n);
+// Packed forms the caches of all threads hold together.
+int64_t packed_forms_all_threads();
 
 // Adaptive threads (team_policy.cpp): whether a layer call asked to run on nthreads threads does
 // so this time or runs on one, and how long the call then took per step. One policy per key.

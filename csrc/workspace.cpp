@@ -138,6 +138,8 @@ void free_idle_blocks() {
 // promise (ForwardArgs::frozen) replaces the comparison, so only its id is kept, not the bytes:
 // an unfrozen call or another id meeting those forms packs them again, and takes the bytes.
 // Thread-local, so concurrent calls never share one.
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <list>
@@ -176,6 +178,9 @@ constexpr size_t kPackCacheBudget = size_t(256) << 20;  // bytes of panels + cop
 // over a thousand layers' directions (2-3 forms each).
 constexpr size_t kPackCacheMaxForms = 4096;
 
+// Packed forms kept by every thread's cache (tests: none may sit where no empty_cache() reaches).
+std::atomic<int64_t> g_forms_all_threads{0};
+
 struct PackCache {
   std::map<PackKey, PackEntry> entries;
   std::map<RawKey, RawCopy> raws;
@@ -187,6 +192,7 @@ struct PackCache {
   uint64_t call = 1;
   ~PackCache() {
     for (auto& kv : entries) aligned_free_bytes(kv.second.packed);
+    g_forms_all_threads -= int64_t(entries.size());
   }
   void erase(std::map<PackKey, PackEntry>::iterator it) {
     total -= it->second.packed_bytes;
@@ -198,6 +204,7 @@ struct PackCache {
     }
     lru.erase(it->second.lru);
     entries.erase(it);
+    --g_forms_all_threads;
   }
   // Drops forms not used by the current call, least recently used first (and copies no form
   // uses), until `need` more bytes and one more form fit.
@@ -276,6 +283,7 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
     if (raw == c.raws.end()) raw = c.raws.emplace(raw_key, RawCopy{}).first;
     ++raw->second.forms;
     it = c.entries.emplace(key, PackEntry{}).first;
+    ++g_forms_all_threads;
     it->second.raw = raw_key;
     it->second.lru = c.lru.insert(c.lru.end(), key);
     it->second.packed = aligned_alloc_bytes(packed_bytes);
@@ -300,11 +308,30 @@ void packed_cache_clear() {
   while (!c.entries.empty()) c.erase(c.entries.begin());
 }
 
+// The widest pipelined team the calling thread has run (1: none). Its workers are the OpenMP
+// pool's first threads, which any region as wide takes again, each member on its own thread.
+thread_local int t_widest_pipeline = 1;
+
+void note_pipeline_team(int n) { t_widest_pipeline = std::max(t_widest_pipeline, n); }
+
+void packed_cache_clear_team() {
+#if defined(FUSEDRNN_HAVE_OPENMP)
+  if (t_widest_pipeline > 1) {
+#pragma omp parallel num_threads(t_widest_pipeline)
+    packed_cache_clear();
+    return;
+  }
+#endif
+  packed_cache_clear();
+}
+
 void packed_cache_stats(size_t* forms, size_t* copies, size_t* bytes) {
   *forms = t_pack_cache.entries.size();
   *copies = 0;
   for (const auto& kv : t_pack_cache.raws) *copies += !kv.second.bytes.empty();
   *bytes = t_pack_cache.total;
 }
+
+int64_t packed_forms_all_threads() { return g_forms_all_threads.load(std::memory_order_relaxed); }
 
 }  // namespace fusedrnn

@@ -201,9 +201,10 @@ PYBIND11_MODULE(_C, m) {
   }, "the cache sizes the kernels plan for: one core's L2 and the shared L3, in bytes");
 
   m.def("empty_cache", [] {
-    fusedrnn::packed_cache_clear();
+    fusedrnn::packed_cache_clear_team();
     fusedrnn::free_idle_blocks();
-  }, "frees the calling thread's packed weights and the idle blocks kept for reuse");
+  }, "frees the calling thread's packed weights (and its OpenMP workers', which pipelined "
+     "stacks ran layers on) and the idle blocks kept for reuse");
   m.def("packed_cache", [](bool clear) {
     if (clear) fusedrnn::packed_cache_clear();
     size_t forms = 0, copies = 0, bytes = 0;
@@ -213,6 +214,8 @@ PYBIND11_MODULE(_C, m) {
      "the calling thread's packed-weight cache: packed forms, copies of weights' bytes (one per "
      "weight that unfrozen inference calls met, shared by its forms), and the bytes of both; "
      "clear=True empties it first");
+  m.def("packed_forms_all_threads", [] { return fusedrnn::packed_forms_all_threads(); },
+        "tests: the packed forms every thread's packed-weight cache holds, together");
 
   m.def("gemm", &gemm, py::arg("A"), py::arg("B"), py::arg("isa") = py::none(),
         "C = A @ B with our packed GEMM");

@@ -55,6 +55,7 @@ void forward_stack(const ForwardArgs<T>* layers, int n) {
   std::vector<std::exception_ptr> errors(n);
   std::unique_ptr<bool[]> x_unsplit(new bool[n]());  // see ForwardLoop::x_unsplit, state_unsplit
   bool whole_team = true;
+  note_pipeline_team(n);  // its layers above the first keep packed forms on the team's workers
 #pragma omp parallel num_threads(n)
   {
     if (team_size() != n) {  // fewer threads than asked (OMP_THREAD_LIMIT, nesting): in turn

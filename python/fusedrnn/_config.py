@@ -70,7 +70,8 @@ os.register_at_fork(after_in_child=_one_thread_after_fork)
 def empty_cache():
     """Give memory the kernels keep between calls back to the system: the blocks kept for reuse
     (up to 1 GiB, process-wide) and the calling thread's packed weights (up to 256 MiB and 4096
-    packed forms a thread, which other threads' caches also hold until they call this or end).
+    packed forms a thread, which other threads' caches also hold until they call this or end),
+    with those its OpenMP workers hold for the pipelined stacks it ran.
     The next calls allocate and pack again."""
     _C.empty_cache()
 

@@ -278,6 +278,9 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
     c.make_room(packed_bytes + (had_raw ? 0 : copy_bytes));
     auto raw = c.raws.find(raw_key);
     if (had_raw && raw == c.raws.end()) c.make_room(packed_bytes + copy_bytes);  // it went too
+    // The panels' memory before any entry: an allocation that failed (MemoryError) left an
+    // entry with none, and every later call with that weight packed for itself beside it.
+    void* packed = aligned_alloc_bytes(packed_bytes);
     // A new copy starts empty: check() below takes the source's bytes (unless frozen) and
     // bumps its version, so the new form packs.
     if (raw == c.raws.end()) raw = c.raws.emplace(raw_key, RawCopy{}).first;
@@ -286,7 +289,7 @@ void* cached_packed(const void* src, size_t raw_bytes, size_t packed_bytes, int6
     ++g_forms_all_threads;
     it->second.raw = raw_key;
     it->second.lru = c.lru.insert(c.lru.end(), key);
-    it->second.packed = aligned_alloc_bytes(packed_bytes);
+    it->second.packed = packed;
     it->second.packed_bytes = packed_bytes;
     c.total += packed_bytes;
   }

@@ -1,6 +1,9 @@
 """The C++ kernels against the NumPy reference: every ISA this machine runs, every cell and
 option, float32 and float64, forward outputs, final states and every gradient."""
 import itertools
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -1054,6 +1057,43 @@ def test_training_calls_keep_no_packed_weights_and_inference_keeps_one_copy(rng)
     forward(False)
     functional.backward(forward(True)[3], dy)
     assert _C.packed_cache() == held
+
+
+_PACKING_WITHOUT_MEMORY = """
+import resource, sys
+import numpy as np
+import fusedrnn
+from fusedrnn import _C
+fusedrnn.set_num_threads(1)
+layer = fusedrnn.LSTM(2048, 2048, seed=0).eval()   # W_hh 64 MiB, its packed form as much
+x = np.ones((1, 1, 2048), np.float32)
+with open("/proc/self/statm") as f:
+    in_use = int(f.read().split()[0]) * resource.getpagesize()
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (in_use + (16 << 20), hard))
+try:
+    layer(x)
+    sys.exit("the call ran within 16 MiB more")
+except MemoryError:
+    pass
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+print(_C.packed_cache()["forms"], end=" ")
+layer(x)
+held = _C.packed_cache()
+print(held["forms"], held["bytes"] >= 2 * (8192 * 2048 * 4))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+def test_a_packed_form_whose_memory_failed_leaves_no_entry():
+    """cached_packed made a form's cache entry before it allocated the form's memory: where the
+    allocation failed (MemoryError), an entry with no memory stayed, and every later call with
+    that weight packed for itself beside it, until the entry was evicted. Run apart, under an
+    address-space limit that the 64 MiB form passes."""
+    out = subprocess.run([sys.executable, "-c", _PACKING_WITHOUT_MEMORY], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["0", "2", "True"]  # then W_ih's and W_hh's forms, with memory
 
 
 # csrc/workspace.cpp, kPackCacheMaxForms: the packed forms a thread keeps at most.

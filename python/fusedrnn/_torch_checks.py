@@ -70,9 +70,7 @@ def check_packed_sequence(data, batch_sizes, sorted_indices, unsorted_indices, i
     Returns batch_sizes as a NumPy array."""
     if data.dim() != 2 or data.shape[1] != input_size:
         raise ShapeError(f"input.data must have shape (N, {input_size}), got {tuple(data.shape)}")
-    if (not isinstance(batch_sizes, torch.Tensor) or batch_sizes.dim() != 1
-            or batch_sizes.device.type != "cpu" or batch_sizes.dtype.is_floating_point
-            or batch_sizes.dtype.is_complex or batch_sizes.dtype == torch.bool):
+    if not _integer_cpu_vector(batch_sizes):
         raise TypeError("input.batch_sizes must be a 1-D integer tensor on the CPU (as "
                         "pack_padded_sequence makes it)")
     sizes = batch_sizes.numpy().astype("int64")
@@ -86,9 +84,14 @@ def check_packed_sequence(data, batch_sizes, sorted_indices, unsorted_indices, i
     for name, idx in (("sorted_indices", sorted_indices), ("unsorted_indices", unsorted_indices)):
         if idx is None:
             continue
-        ok = (isinstance(idx, torch.Tensor) and idx.dim() == 1 and idx.device.type == "cpu"
-              and not idx.dtype.is_floating_point and idx.dtype != torch.bool)
+        ok = _integer_cpu_vector(idx)
         if not ok or sorted(idx.tolist()) != list(range(B)):
             raise ValueError(f"input.{name} must be a permutation of 0..{B - 1} (the batch of "
                              f"{B} sequences), got {idx.tolist() if ok else type(idx).__name__}")
     return sizes
+
+
+def _integer_cpu_vector(t):
+    """Whether t is a 1-D tensor of integers on the CPU (as a PackedSequence's index fields)."""
+    return (isinstance(t, torch.Tensor) and t.dim() == 1 and t.device.type == "cpu"
+            and not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool)

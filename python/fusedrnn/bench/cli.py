@@ -268,11 +268,12 @@ def main(argv=None):
     plot_file = outputs.plot_path(ap, args.plot, say) if args.plot else None
     if plot_file and args.peers == []:
         say("note: --plot with --peers none: there will be no speed-ups to plot")
-    if plan(args) and not runnable(plan(args)):
+    planned = plan(args)
+    if planned and not runnable(planned):
         ap.error(f"--threads {','.join(map(str, args.threads))}: this fusedrnn was built without "
                  "OpenMP (show_config(): openmp False) and runs on one thread only; use "
                  "--threads 1")
-    if not plan(args):
+    if not planned:
         ap.error("no case matches these options (--quick's subset: "
                  + "; ".join(f"{n}: {','.join(c)} {','.join(m)}" for n, c, m in cases.QUICK) + ")")
     data = run(args, argv)

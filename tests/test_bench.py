@@ -422,6 +422,66 @@ def test_agreement_flags_a_wrong_peer():
     assert not check.agreement(got, want)["ok"]
 
 
+def test_agreement_fails_an_output_only_one_side_has():
+    """It compared the outputs both sides had: a peer that computed fewer (no weight gradients:
+    less work, a faster time) agreed, and so did one with an output fusedrnn had not."""
+    want = {"y": np.ones((2, 1, 3)), "dx": np.ones((2, 1, 4)), "weight_hh_l0": np.ones((3, 3))}
+    fewer = {k: v for k, v in want.items() if k != "weight_hh_l0"}
+    for got, unmatched in ((fewer, ["weight_hh_l0"]), ({**want, "dh0": np.ones((1, 1, 3))},
+                                                         ["dh0"])):
+        result = check.agreement(got, want)
+        assert not result["ok"] and result["unmatched"] == unmatched
+    assert check.agreement(want, want)["ok"] and check.agreement(want, want)["unmatched"] == []
+    assert check.agreement(fewer, want, partial=True)["ok"]   # (adapter_vs_torch --needs)
+    assert not check.agreement(want, fewer, partial=True)["ok"]
+
+
+@pytest.mark.torch
+def test_a_peer_that_skips_the_weight_gradients_disagrees(tmp_path, capsys, monkeypatch):
+    """torch with its parameters not requiring grad computes dx, dh0 (dc0) only: the run
+    agreed and timed it against fusedrnn's full training step."""
+    pytest.importorskip("torch")
+    from fusedrnn.bench.peers import torch_nn
+    real = torch_nn.TorchRunner.__init__
+
+    def no_weight_gradients(self, *args):
+        real(self, *args)
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+    monkeypatch.setattr(torch_nn.TorchRunner, "__init__", no_weight_gradients)
+    status, data, out = run_json(tmp_path, capsys, *TINY, "--cells", "lstm", "--mode", "train",
+                                 "--peers", "torch")
+    assert status == 1
+    agree = data["cases"][0]["agreement"]["torch"]
+    assert not agree["ok"] and "weight_ih_l0" in agree["unmatched"]
+    assert "outputs on one side only: bias_hh_l0" in out
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_the_initial_states_gradients_are_checked_against_the_reference(tmp_path, capsys,
+                                                                        monkeypatch, cell):
+    """The reference (peers/stack.py) dropped dh0 and dc0, and the check compared the outputs
+    both had: fusedrnn's dh0 off by 1 passed, and without torch the run exited 0."""
+    from fusedrnn.bench.peers import ours
+    real = ours.LayerRunner.outputs
+
+    def wrong(self, result):
+        out = real(self, result)
+        if "dh0" in out:
+            out["dh0"] = out["dh0"] + 1.0
+        return out
+    monkeypatch.setattr(ours.LayerRunner, "outputs", wrong)
+    status, data, out = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
+                                 "--threads", "1", "--cells", cell, "--mode", "train",
+                                 "--peers", "reference")
+    assert status == 1 and "CHECK FAILED" in out
+    rec, = data["cases"]
+    assert not rec["check"]["ok"] and rec["check"]["gradient_error"] > 0.1  # (1 over |dh0| ~2)
+    assert not rec["check"]["full_rows"]["ok"] and not rec["agreement"]["reference"]["ok"]
+    states = {"dh0", "dc0"} if cell == "lstm" else {"dh0"}
+    assert states <= set(rec["agreement"]["reference"]["compared"])
+
+
 def test_a_peer_that_disagrees_fails_the_run_and_leaves_the_summary(tmp_path, capsys,
                                                                       monkeypatch):
     """A full-size disagreement with a peer is flagged first in the summary, its speed-up is

@@ -8,6 +8,8 @@
 2. ``agreement``: every peer's full-size float32 outputs against fusedrnn's. Two float32
    implementations each differ from the exact result by up to the float32 tolerance, in
    different directions and over up to 1000 steps, so they are compared at PEER_FACTOR times it.
+Both fail on an output one side has and the other has not: a peer that skips the weight
+gradients does less work, and an output the reference lacks goes unchecked.
 """
 import dataclasses
 
@@ -20,7 +22,7 @@ CHECK_T = 10
 CHECK_B = 4
 PEER_FACTOR = 10
 FORWARD_KEYS = ("y", "hn", "cn")
-BATCH_KEYS = ("y", "hn", "cn", "dx")  # outputs with a batch axis (axis 1)
+BATCH_KEYS = ("y", "hn", "cn", "dx", "dh0", "dc0")  # outputs with a batch axis (axis 1)
 
 F32 = np.dtype(np.float32)
 
@@ -37,13 +39,18 @@ def largest_errors(got, want):
     return fwd, grad
 
 
-def _verdict(fwd, grad, factor=1):
+def _verdict(got, want, factor=1, partial=False):
+    """The errors of ``got`` against ``want`` and whether they are within ``factor`` times the
+    float32 tolerances, every output of each in the other (``unmatched``: those that are not;
+    with ``partial``, only got's must be in want)."""
+    fwd, grad = largest_errors(got, want)
+    unmatched = sorted(set(got) - set(want) if partial else set(got) ^ set(want))
     fwd_tol = factor * tolerances.FORWARD[F32]
     grad_tol = factor * tolerances.GRADIENT[F32]
     ok = fwd <= fwd_tol and (grad is None or grad <= grad_tol)
     return {"forward_error": fwd, "forward_tol": fwd_tol,
             "gradient_error": grad, "gradient_tol": grad_tol if grad is not None else None,
-            "ok": bool(ok)}
+            "unmatched": unmatched, "ok": bool(ok) and not unmatched}
 
 
 def against_reference(ours, problem, mode):
@@ -54,7 +61,7 @@ def against_reference(ours, problem, mode):
     runner = ours.prepare(small, mode)
     got = runner.outputs(runner())
     want = _reference_outputs(small, mode)
-    result = _verdict(*largest_errors(got, want))
+    result = _verdict(got, want)
     result.update({"against": "reference (float64)", "T": small.shape[0], "B": small.shape[1]})
     result["full_rows"] = full = _full_shape_rows(ours, problem, mode)
     result["ok"] = result["ok"] and full["ok"]
@@ -78,13 +85,14 @@ def _full_shape_rows(ours, problem, mode):
     got = runner.outputs(runner())
     got = {k: v[:, rows] if k in BATCH_KEYS else v for k, v in got.items()}
     want = _reference_outputs(problem.rows(rows), mode)
-    result = _verdict(*largest_errors(got, want), factor=PEER_FACTOR)
+    result = _verdict(got, want, factor=PEER_FACTOR)
     result["rows"] = rows
     return result
 
 
-def agreement(got, want):
-    """A peer's outputs against fusedrnn's, at PEER_FACTOR times the float32 tolerances."""
-    result = _verdict(*largest_errors(got, want), factor=PEER_FACTOR)
+def agreement(got, want, partial=False):
+    """A peer's outputs against fusedrnn's, at PEER_FACTOR times the float32 tolerances.
+    ``partial``: the peer was told to compute fewer (bench/adapter_vs_torch.py --needs)."""
+    result = _verdict(got, want, factor=PEER_FACTOR, partial=partial)
     result["compared"] = sorted(set(got) & set(want))
     return result

@@ -109,8 +109,9 @@ def agrees(rec, peer):
 
 def disagreements(data):
     """"config cell mode t=N vs peer" of every case where a peer's outputs and fusedrnn's
-    differed beyond the check's tolerance: one of the two computed something else, so its
-    speed-up means nothing (summary() leaves it out, and the run exits 1)."""
+    differed beyond the check's tolerance or in which outputs they had: one of the two computed
+    something else, so its speed-up means nothing (summary() leaves it out, and the run exits
+    1)."""
     return [f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']} vs {p}"
             for rec in data["cases"] for p in rec["agreement"] if not agrees(rec, p)]
 
@@ -243,7 +244,8 @@ def summary(data):
     wrong = disagreements(data)
     if wrong:
         lines.append(f"OUTPUTS DISAGREE (fusedrnn vs a peer at full size, beyond "
-                     f"{check.PEER_FACTOR}x the float32 tolerance) in {len(wrong)} comparisons, "
+                     f"{check.PEER_FACTOR}x the float32 tolerance, or an output one side has "
+                     f"and the other has not) in {len(wrong)} comparisons, "
                      f"left out of every figure below: {'; '.join(wrong)}")
     lines.append(isa_line(data))
     load = data["machine"].get("load_average")

@@ -24,9 +24,12 @@ def say(*parts):
 
 
 def _errors(verdict):
-    """"fwd 1.2e-06, grad 3.4e-05" of a check's verdict (no gradients in inference)."""
+    """"fwd 1.2e-06, grad 3.4e-05" of a check's verdict (no gradients in inference), and the
+    outputs only one side had."""
     grad = verdict["gradient_error"]
-    return f"fwd {verdict['forward_error']:.1e}" + ("" if grad is None else f", grad {grad:.1e}")
+    unmatched = verdict.get("unmatched")
+    return (f"fwd {verdict['forward_error']:.1e}" + ("" if grad is None else f", grad {grad:.1e}")
+            + (f"; outputs on one side only: {', '.join(unmatched)}" if unmatched else ""))
 
 
 def _prepare(peer, problem, case):

@@ -2,8 +2,9 @@
 
 ``fn`` is a module with the functional API (fusedrnn.functional or fusedrnn.reference): this is
 how a stacked model runs on that API, and the shape of the outputs every peer reports:
-"y" (T, B, H), "hn" and "cn" (L, B, H), and for training "dx" (T, B, I) and the weight
-gradients named as torch.nn names its parameters ("weight_ih_l0", "bias_hh_l1", ...).
+"y" (T, B, H), "hn" and "cn" (L, B, H), and for training "dx" (T, B, I), "dh0" and "dc0"
+(L, B, H) and the weight gradients named as torch.nn names its parameters ("weight_ih_l0",
+"bias_hh_l1", ...).
 """
 import numpy as np
 
@@ -23,21 +24,24 @@ def forward(fn, problem, training):
 
 
 def backward(fn, ctxs, dy):
-    """BPTT through the stack (the loss is (y * dy).sum()); returns (dx, grads)."""
-    grads = {}
+    """BPTT through the stack (the loss is (y * dy).sum()); returns (dx, dh0, dc0, grads), dh0
+    and dc0 (L, B, H), dc0 None unless LSTM."""
+    grads, dh0, dc0 = {}, [None] * len(ctxs), [None] * len(ctxs)
     for k in reversed(range(len(ctxs))):
-        dy, _, _, g = fn.backward(ctxs[k], dy)
+        dy, dh0[k], dc0[k], g = fn.backward(ctxs[k], dy)
         for name, value in g.items():
             grads[f"{name}_l{k}"] = value
-    return dy, grads
+    return dy, np.stack(dh0), (None if dc0[0] is None else np.stack(dc0)), grads
 
 
-def outputs(y, hn, cn, dx=None, grads=None):
+def outputs(y, hn, cn, dx=None, dh0=None, dc0=None, grads=None):
     out = {"y": y, "hn": hn}
     if cn is not None:
         out["cn"] = cn
     if dx is not None:
-        out["dx"] = dx
+        out["dx"], out["dh0"] = dx, dh0
+        if dc0 is not None:
+            out["dc0"] = dc0
         out.update(grads)
     return out
 
@@ -51,9 +55,8 @@ class StackRunner:
     def __call__(self):
         y, hn, cn, ctxs = forward(self.fn, self.problem, self.train)
         if not self.train:
-            return y, hn, cn, None, None
-        dx, grads = backward(self.fn, ctxs, self.problem.dy)
-        return y, hn, cn, dx, grads
+            return y, hn, cn
+        return (y, hn, cn, *backward(self.fn, ctxs, self.problem.dy))
 
     def outputs(self, result):
         return outputs(*result)

@@ -525,6 +525,19 @@ def test_the_plot_marks_a_peer_that_disagreed(tmp_path, capsys, monkeypatch):
     assert "red hatched: outputs disagreed" in ax.get_title()
 
 
+def test_notes_claim_the_full_shape_check_only_where_the_file_has_it(tmp_path, capsys):
+    """The notes describe the check as the code makes it now: bench/results_avx512.json, run
+    before the full-shape check existed, rendered as checked at full shape."""
+    _, data, _ = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--mode", "infer",
+                          "--peers", "none")
+    full = "at the case's full shape on its first and last batch rows"
+    assert any(full in line for line in report.notes(data))
+    for rec in data["cases"]:
+        del rec["check"]["full_rows"]
+    check_line, = [line for line in report.notes(data) if line.startswith("check:")]
+    assert full not in check_line and "(forward and gradients)." in check_line
+
+
 def test_plot_and_markdown(tmp_path, capsys):
     status, data, _ = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--mode", "infer",
                                "--peers", "reference")

@@ -309,6 +309,8 @@ def notes(data):
     blas = data["machine"]["numpy_blas"]
     limit = data["settings"]["reference_max_flop"]
     multi_thread = any(rec["threads"] > 1 for rec in data["cases"])
+    # (results files from before the full-shape check have no "full_rows")
+    full_shape = all("full_rows" in rec["check"] for rec in data["cases"])
     lines = [
         "ms: median wall time of one call (training: forward + backward of y with the "
         "upstream gradient dy, computing dx, dh0 (dc0) and the weight gradients; "
@@ -329,9 +331,9 @@ def notes(data):
         f"(numpy's BLAS: {blas.get('name')} {blas.get('version') or ''}; thread control: "
         f"{blas['thread_control']}).",
         "check: fusedrnn against the float64 NumPy reference on the first "
-        "steps and batch rows, with the worst scaled error (forward and gradients), and at the "
-        f"case's full shape on its first and last batch rows ({check.PEER_FACTOR}x the "
-        "tolerance).",
+        "steps and batch rows, with the worst scaled error (forward and gradients)"
+        + (f", and at the case's full shape on its first and last batch rows "
+           f"({check.PEER_FACTOR}x the tolerance)." if full_shape else "."),
         "vs PEER: peer time / fusedrnn time (above 1: fusedrnn is faster). (!) marks a peer whose "
         "outputs did not agree with fusedrnn's (left out of the summary; the run exits 1).",
         f"{DASH}: not run (onnxruntime is inference only; the NumPy reference, a Python loop "

@@ -903,6 +903,24 @@ def test_a_peer_that_fails_to_run_is_in_the_summary(tmp_path, capsys, monkeypatc
     assert "PEER FAILED TO RUN" in out and "torch in" in out and "peer boom" in out
 
 
+def test_a_peer_that_fails_to_build_is_in_the_summary(tmp_path, capsys, monkeypatch):
+    """A peer whose prepare() raised (an ONNX model its checker refuses, say) was left out of
+    its cases with a note in their progress lines only: the summary and RESULTS.md said
+    nothing, and its empty columns read as "not installed" or "inference only"."""
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    from fusedrnn.bench.peers import onnx_runtime
+
+    def broken(onnx, problem):
+        raise ValueError("model boom")
+    monkeypatch.setattr(onnx_runtime, "build_model", broken)
+    _, data, out = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--mode", "infer",
+                            "--peers", "onnxruntime")
+    line, = [line for line in report.summary(data) if line.startswith("PEER FAILED TO BUILD")]
+    assert "onnxruntime in T3-B2-I4-H5-L1 rnn infer t=1: ValueError: model boom" in line
+    assert line in report.markdown(data)
+
+
 def test_a_plot_that_cannot_be_written_is_said_and_fails_the_run(tmp_path, capsys, monkeypatch):
     """A format whose backend fails (.pgf without LaTeX) ended the run in a traceback after
     the timing, before "done"."""

@@ -287,6 +287,12 @@ def summary(data):
     if crashed:
         lines.append(f"PEER FAILED TO RUN (its traceback is above; not compared, not timed): "
                      f"{'; '.join(crashed)}")
+    unbuilt = [f"{name} in {rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']}: "
+               f"{why.removeprefix('failed to build: ')}"
+               for rec in data["cases"] for name, why in rec.get("skipped", {}).items()
+               if why.startswith("failed to build")]
+    if unbuilt:
+        lines.append(f"PEER FAILED TO BUILD (not compared, not timed): {'; '.join(unbuilt)}")
     for error in data.get("errors", []):
         lines.append(f"ERROR, case not timed: {error}")
     return lines

@@ -84,6 +84,15 @@ def test_public_switch():
         _C.set_team_mode("often")
 
 
+def test_a_thread_policy_that_is_not_a_name_is_refused_naming_it():
+    """An unhashable policy (a list, a dict) met the names' dict first and raised Python's
+    "unhashable type: 'list'", naming no argument; the policy stays as it was."""
+    for policy in (["fixed"], {"fixed": 1}, None, 1):
+        with pytest.raises(TypeError, match="thread policy must be a name"):
+            fusedrnn.set_thread_policy(policy)
+    assert fusedrnn.get_thread_policy() == "fixed"
+
+
 def test_environment_variable_sets_the_policy_at_import():
     import subprocess
     import sys

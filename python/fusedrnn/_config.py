@@ -96,6 +96,9 @@ def set_thread_policy(policy):
     which it may take for lasting. Results are bitwise identical either way; setting the policy
     forgets what was measured. The environment variable FUSEDRNN_THREAD_POLICY sets it at
     import."""
+    if not isinstance(policy, str):   # (before the dict: a list there raised "unhashable type")
+        raise TypeError(f"thread policy must be a name, one of {sorted(_POLICIES)}, got "
+                        f"{type(policy).__name__}")
     if policy not in _POLICIES:
         raise ValueError(f"thread policy must be one of {sorted(_POLICIES)}, got {policy!r}")
     _C.set_team_mode(_POLICIES[policy])

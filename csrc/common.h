@@ -1,10 +1,13 @@
 // Small helpers for the per-ISA units: scratch buffers, threading, denormal control.
 // Everything here lives in the ISA namespace so each build has its own copy.
 #pragma once
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 #include <fstream>
+#include <mutex>
 #include <string>
 #include "kernel_api.h"
 #if defined(__unix__)
@@ -150,6 +153,35 @@ inline int thread_id() {
   return 0;
 #endif
 }
+
+// The first exception thrown on a parallel region's threads, for the calling thread to throw
+// after the region: one leaving the region ends the process (std::terminate), as a MemoryError
+// in an OpenMP worker's first buffer did.
+class RegionError {
+ public:
+  // Runs fn, keeping what it throws; whether it returned.
+  template <typename Fn>
+  bool run(Fn&& fn) noexcept {
+    try {
+      fn();
+      return true;
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!error_) error_ = std::current_exception();
+      failed_.store(true, std::memory_order_release);
+      return false;
+    }
+  }
+  bool failed() const { return failed_.load(std::memory_order_acquire); }
+  void rethrow() const {
+    if (failed()) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::mutex mu_;
+  std::exception_ptr error_;
+  std::atomic<bool> failed_{false};
+};
 
 }  // namespace FUSEDRNN_ISA_NS
 }  // namespace fusedrnn

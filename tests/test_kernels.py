@@ -1096,6 +1096,57 @@ def test_a_packed_form_whose_memory_failed_leaves_no_entry():
     assert out.stdout.split() == ["0", "2", "True"]  # then W_ih's and W_hh's forms, with memory
 
 
+_THREADS_WITHOUT_MEMORY = """
+import resource, sys
+import numpy as np
+import fusedrnn
+cell, I, H, B, T = sys.argv[1], *map(int, sys.argv[2:6])
+layer = getattr(fusedrnn, cell)(I, H, seed=0)
+x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
+def call():
+    y = layer(x)[0].copy()
+    layer.zero_grad()
+    return [y, layer.backward(np.ones_like(y))[0], *layer.grads.values()]
+fusedrnn.set_thread_policy("fixed")
+fusedrnn.set_num_threads(1)
+want = call()
+call()   # (its blocks kept: the calling thread's buffers need no new memory)
+fusedrnn.set_num_threads(2)
+fusedrnn.RNN(2, 2).eval()(np.ones((1, 1, 2), np.float32))   # the worker started, on no buffer
+with open("/proc/self/statm") as f:
+    in_use = int(f.read().split()[0]) * resource.getpagesize()
+soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+resource.setrlimit(resource.RLIMIT_AS, (in_use + (256 << 10), hard))
+try:
+    call()
+    print("ran", end=" ")
+except MemoryError:
+    print("MemoryError", end=" ")
+resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+print(all(np.array_equal(a, b) for a, b in zip(call(), want)))
+"""
+
+
+# A worker's first buffers are allocated inside the OpenMP region: there the step team of a
+# backward (B = 26: column panels), the walk beside the products (a single row, T = 300) and,
+# in the amx build, the GEMM on tiles.
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS and /proc: Linux")
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", ["LSTM 32 300 26 6", "GRU 32 300 26 6", "GRU 8 64 1 300",
+                                  "LSTM 256 256 64 50"])
+def test_memory_running_out_on_a_worker_thread_raises_memory_error(isa, case):
+    """An allocation that failed on an OpenMP worker (its first buffers, under an address-space
+    limit) threw out of the parallel region, and the process ended (std::terminate, SIGABRT);
+    the member's error now stops the team and the call raises MemoryError, or runs where its
+    memory was enough. Run apart; after the limit is lifted the call gives the one-thread bits."""
+    out = subprocess.run([sys.executable, "-c", _THREADS_WITHOUT_MEMORY, *case.split()],
+                         capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "FUSEDRNN_ISA": isa})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "True", out.stdout
+
+
 # csrc/workspace.cpp, kPackCacheMaxForms: the packed forms a thread keeps at most.
 PACKED_FORMS_MAX = 4096
 

@@ -16,14 +16,17 @@ std::atomic<int> g_num_threads{0};  // 0: not set, use OpenMP's default (OMP_NUM
 
 // Starts this thread's OpenMP workers, if it has fewer than n, outside any kernel: a worker
 // copies its creator's floating-point mode, and one born inside a kernel's DenormalsFlushed
-// would flush denormals for good, in torch's parallel work too (the same libgomp).
+// would flush denormals for good, in torch's parallel work too (the same libgomp). Each takes
+// its block of this module's thread-local data now: glibc allocates it at a thread's first use
+// and ends the process where it cannot ("cannot allocate memory for thread-local data"), as a
+// worker's first kernel did under a memory limit, where a MemoryError was due.
 void start_workers_with_the_callers_mode(int n) {
 #if defined(_OPENMP)
   thread_local int started = 1;
   if (n <= started) return;
-  std::atomic<int> joined{0};  // a body the compiler cannot drop
+  static thread_local volatile char tls_taken;  // (volatile: a store the compiler keeps)
 #pragma omp parallel num_threads(n)
-  joined.fetch_add(1, std::memory_order_relaxed);
+  tls_taken = 1;
   started = n;
 #else
   (void)n;

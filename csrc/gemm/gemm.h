@@ -376,12 +376,15 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
     const int64_t runs =
         ceil_div(imax(ceil_div(row_tiles, MC / MR), 2 * int64_t(nthreads)), int64_t(nthreads)) *
         nthreads;
+    RegionError error;  // (a worker's first GEMM allocates its a_pack buffer)
 #pragma omp parallel num_threads(nthreads)
     {
       DenormalsFlushed ftz;
-      T* a_pack = a_pack_for<T>(M, a_cs);
+      T* a_pack = nullptr;
+      const bool packs = error.run([&] { a_pack = a_pack_for<T>(M, a_cs); });
 #pragma omp for schedule(dynamic, 1)
       for (int64_t i = 0; i < runs; ++i) {
+        if (!packs) continue;  // (the call throws)
         int64_t t0 = 0, t1 = 0;
         split_range(row_tiles, static_cast<int>(runs), static_cast<int>(i), &t0, &t1);
         const int64_t m0 = t0 * MR, m1 = imin(M, t1 * MR);
@@ -389,6 +392,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
                              bias, a_pack, false, split_k, k_blocks_apart);
       }
     }
+    error.rethrow();
     return;
   }
   // Otherwise threads split the panels (each takes whole panel ranges across every row block,
@@ -412,13 +416,17 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int6
     for (int64_t job = 0; job < jobs; ++job) run_job(job, a_pack);
     return;
   }
+  RegionError error;
 #pragma omp parallel num_threads(nthreads)
   {
     DenormalsFlushed ftz;
-    T* a_pack = a_pack_for<T>(M, a_cs);
+    T* a_pack = nullptr;
+    const bool packs = error.run([&] { a_pack = a_pack_for<T>(M, a_cs); });
 #pragma omp for schedule(static)
-    for (int64_t job = 0; job < jobs; ++job) run_job(job, a_pack);
+    for (int64_t job = 0; job < jobs; ++job)
+      if (packs) run_job(job, a_pack);
   }
+  error.rethrow();
 }
 
 // Whether products of T may run on AMX tiles in this build (float32 in the amx build).

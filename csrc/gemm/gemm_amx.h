@@ -137,13 +137,19 @@ inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
     std::memcpy(bias_padded.p, bias, sizeof(float) * N);
   }
   const float* bias_whole = bias_padded.p ? bias_padded.p : bias;
+  // Every thread's buffers, allocated here: one failing inside the region (a MemoryError) would
+  // end the process. Each thread's share starts on a 64-byte line, as a Scratch of its own did.
+  const int64_t a_tile = amx_a_tile_size(kc_max), members = parallel ? nthreads : 1;
+  const int64_t a_split_size = kAmxGemmGroups * a_tile, gather_size = a_cs == 1 ? 0 : 16 * kc_max;
+  const int64_t b_slice_size = b.raw ? kc_max * NR : 0;
+  Scratch<bf16_t> a_splits(members * a_split_size);
+  Scratch<float> gathers(members * gather_size), b_slices(members * b_slice_size);
 #pragma omp parallel num_threads(nthreads) if (parallel)
   {
     DenormalsFlushed ftz;
-    const int64_t a_tile = amx_a_tile_size(kc_max);
-    Scratch<bf16_t> a_split(kAmxGemmGroups * a_tile);
-    Scratch<float> gather(a_cs == 1 ? 0 : 16 * kc_max);
-    Scratch<float> b_slice(b.raw ? kc_max * NR : 0);
+    bf16_t* const a_split = a_splits.p + thread_id() * a_split_size;
+    float* const gather = gather_size ? gathers.p + thread_id() * gather_size : nullptr;
+    float* const b_slice = b_slice_size ? b_slices.p + thread_id() * b_slice_size : nullptr;
     alignas(64) float edge[16 * 2 * NR];  // a group's tile pair where it passes M or N
     for (int64_t c0 = 0; c0 < panels; c0 += kAmxGemmChunkPanels) {  // chunks of panels
     for (int64_t k0 = 0; k0 < K; k0 += kAmxGemmKC) {
@@ -152,7 +158,7 @@ inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
       // This K block of the chunk's panels, split.
 #pragma omp for schedule(static)
       for (int64_t p = c0; p < c1; ++p)
-        b.split_slice(K, N, k0, kc, p, b_slice.p, b_split.p + (p - c0) * panel_size);
+        b.split_slice(K, N, k0, kc, p, b_slice, b_split.p + (p - c0) * panel_size);
       // As gemm_packed_block sums: onto C after the first K block, the bias after the last one,
       // k_blocks_apart's blocks of a K block summed apart where added onto C.
       const bool onto = accumulate || k0 > 0;
@@ -164,7 +170,7 @@ inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
         for (int64_t g = g0; g < g1; ++g) {
           const int64_t m0 = g * 16;
           amx_split_a_block(static_cast<int>(imin<int64_t>(16, M - m0)), m0, k0, kc, A, a_rs,
-                            a_cs, gather.p, a_split.p + (g - g0) * a_tile);
+                            a_cs, gather, a_split + (g - g0) * a_tile);
         }
         for (int64_t p = c0; p < c1; p += 2)
           for (int64_t g = g0; g < g1; ++g) {
@@ -182,7 +188,7 @@ inline void gemm_amx(int64_t M, int64_t N, int64_t K, const float* A, int64_t a_
             const bf16_t* b[2] = {b_split.p + (p - c0) * panel_size,
                                   b_split.p + (p + 1 - c0) * panel_size};
             const float* bs[2] = {bias_p, bias_p ? bias_p + NR : nullptr};
-            const bf16_t* a = a_split.p + (g - g0) * a_tile;
+            const bf16_t* a = a_split + (g - g0) * a_tile;
             if (np == 2) amx_panels_summed<2>(kbs, a, b, c, ld, onto, apart, bs);
             else amx_panels_summed<1>(kbs, a, b, c, ld, onto, apart, bs);
             if (!whole)

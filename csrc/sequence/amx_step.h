@@ -119,14 +119,18 @@ class AmxGatesPanels {
     if constexpr (std::is_same_v<T, float>) {
       const AmxGates g{G, K, out};
       const int64_t blocks = ceil_div<int64_t>(H, Tile<T>::NR);
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && G * H * K >= (int64_t(1) << 18))
+      const bool parallel = nthreads > 1 && G * H * K >= (int64_t(1) << 18);
+      // Every thread's panel, allocated here: one failing inside the region would end the process.
+      const int64_t panel_size = K * Tile<float>::NR;
+      Scratch<float> panels((parallel ? nthreads : 1) * panel_size);
+#pragma omp parallel num_threads(nthreads) if (parallel)
       {
-        Scratch<float> panel(K * Tile<float>::NR);
+        float* const panel = panels.p + thread_id() * panel_size;
 #pragma omp for schedule(static)
         for (int64_t ub = 0; ub < blocks; ++ub)
           for (int gate = 0; gate < G; ++gate) {
-            pack_b_rows<float>(0, K, ub, H, w + gate * H * K, 1, K, panel.p);  // as pack_gates
-            amx_split_b(K, panel.p, const_cast<bf16_t*>(g.panel(gate, ub)));
+            pack_b_rows<float>(0, K, ub, H, w + gate * H * K, 1, K, panel);  // as pack_gates
+            amx_split_b(K, panel, const_cast<bf16_t*>(g.panel(gate, ub)));
           }
       }
     }

@@ -501,6 +501,7 @@ void backward_on_threads(const BackwardArgs<T>& a) {
     StepProgress walked;
     run_step_team(2, [&](int member, int team, StepBarrier*) {
       if (member == 0) {
+        const StepProgress::FailOnThrow unblocks_the_products{walked};
         for (int64_t c = 0; c < chunks; ++c) {
           int64_t t0 = 0, t1 = 0;
           product_chunk(s.T, c, &t0, &t1);

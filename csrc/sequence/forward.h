@@ -769,13 +769,15 @@ bool forward_steps(const ForwardArgs<T>& a, const StepProgress* below, StepProgr
     StepProgress projected;
     run_step_team(2, [&](int member, int team, StepBarrier*) {
       constexpr int64_t C = kProjectionBesideChunk;
-      if (member == 1 || team == 1)
+      if (member == 1 || team == 1) {
+        const StepProgress::FailOnThrow unblocks_the_walk{projected};
         for (int64_t k0 = 0; k0 < s.T; k0 += C) {
           const int64_t k1 = imin(s.T, k0 + C);
           input_projection_rows<T>(s, a.x, beside_w.get(), beside_bias.p, gx, ld_gx,
                                    s.reverse ? s.T - k1 : k0, s.reverse ? s.T - k0 : k1, 1);
           projected.publish(k1);
         }
+      }
       if (member == 0)
         for (int64_t k0 = 0; k0 < s.T; k0 += C) {
           const int64_t k1 = imin(s.T, k0 + C);

@@ -201,6 +201,9 @@ void* aligned_alloc_bytes(size_t bytes);
 void aligned_free_bytes(void* p);
 // Gives the idle blocks kept for reuse back to the system (fusedrnn.empty_cache).
 void free_idle_blocks();
+// Bytes of the blocks handed out and not freed (as asked for), their most at once since the last
+// reset_peak (which sets it to the bytes in use), and the bytes of the idle blocks kept for reuse.
+void workspace_bytes(size_t* in_use, size_t* peak, size_t* idle, bool reset_peak);
 
 // Packed-weight cache (workspace.cpp), per calling thread. cached_packed returns the buffer
 // for the packed form of src (raw_bytes long) under tag, and sets *valid when it was packed from

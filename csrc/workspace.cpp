@@ -4,6 +4,7 @@
 // projection, dG, packed weights), and fresh pages from the OS cost a page fault and a zeroing
 // per 4 KiB -- measured at ~10% of an LSTM training step. A small cache of freed blocks,
 // matched by size class, removes that. The cache is bounded and thread-safe.
+#include <atomic>
 #include <cstdlib>
 #include <mutex>
 #if defined(__GLIBC__)
@@ -22,7 +23,28 @@ constexpr size_t kMaxCachedTotal = size_t(1) << 30;  // never hold more than 1 G
 
 struct Header {  // sits in the 64 bytes before the block handed out
   size_t capacity;
+  size_t requested;  // the bytes asked for (workspace_bytes)
 };
+
+// Bytes of the blocks handed out and not freed yet, as asked for (not their size classes), and
+// their most at once since the last reset: what the kernels' scratch and new arrays hold together
+// (workspace_bytes: tests and the accounting of bench/memory.py).
+std::atomic<size_t> g_in_use{0}, g_peak{0};
+
+void* handed_out(void* raw, size_t bytes) {
+  static_cast<Header*>(raw)->requested = bytes;
+  const size_t now = g_in_use += bytes;
+  size_t peak = g_peak.load(std::memory_order_relaxed);
+  while (now > peak && !g_peak.compare_exchange_weak(peak, now)) {
+  }
+  return static_cast<char*>(raw) + kAlign;
+}
+
+void* given_back(void* ptr) {
+  void* raw = static_cast<char*>(ptr) - kAlign;
+  g_in_use -= static_cast<Header*>(raw)->requested;
+  return raw;
+}
 
 struct Cache {
   std::mutex mu;
@@ -55,10 +77,10 @@ void* aligned_alloc_bytes(size_t bytes) {
   void* p = nullptr;
   if (posix_memalign(&p, kAlign, kAlign + bytes) != 0 || !p) throw std::bad_alloc();
   static_cast<Header*>(p)->capacity = 0;
-  return static_cast<char*>(p) + kAlign;
+  return handed_out(p, bytes);
 }
 void aligned_free_bytes(void* ptr) {
-  if (ptr) std::free(static_cast<char*>(ptr) - kAlign);
+  if (ptr) std::free(given_back(ptr));
 }
 #else
 void* aligned_alloc_bytes(size_t bytes) {
@@ -66,7 +88,7 @@ void* aligned_alloc_bytes(size_t bytes) {
     void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign + kAlign);
     if (!p) throw std::bad_alloc();
     static_cast<Header*>(p)->capacity = 0;
-    return static_cast<char*>(p) + kAlign;
+    return handed_out(p, bytes);
   }
   const size_t cls = size_class(bytes);
   {
@@ -89,18 +111,18 @@ void* aligned_alloc_bytes(size_t bytes) {
       c.blocks[best] = c.blocks.back();
       c.blocks.pop_back();
       c.total -= best_cap;
-      return static_cast<char*>(raw) + kAlign;
+      return handed_out(raw, bytes);
     }
   }
   void* p = std::aligned_alloc(kAlign, cls + kAlign);
   if (!p) throw std::bad_alloc();
   static_cast<Header*>(p)->capacity = cls;
-  return static_cast<char*>(p) + kAlign;
+  return handed_out(p, bytes);
 }
 
 void aligned_free_bytes(void* ptr) {
   if (!ptr) return;
-  void* raw = static_cast<char*>(ptr) - kAlign;
+  void* raw = given_back(ptr);
   const size_t cls = static_cast<Header*>(raw)->capacity;
   if (cls != 0) {
     Cache& c = cache();
@@ -114,6 +136,15 @@ void aligned_free_bytes(void* ptr) {
   std::free(raw);
 }
 #endif
+
+void workspace_bytes(size_t* in_use, size_t* peak, size_t* idle, bool reset_peak) {
+  if (reset_peak) g_peak = g_in_use.load();
+  *in_use = g_in_use.load();
+  *peak = g_peak.load();
+  Cache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  *idle = c.total;
+}
 
 void free_idle_blocks() {
   Cache& c = cache();

@@ -223,6 +223,34 @@ def test_empty_cache_gives_the_kept_memory_back():
     assert after < 0.2 * kept
 
 
+def test_workspace_bytes_count_the_kernels_blocks():
+    """_C.workspace_bytes: the arrays the kernels make are in use while alive (as asked for, not
+    their size classes), the peak keeps the most at once until reset, and freed blocks go idle."""
+    import numpy as np
+    a = np.zeros((100, 64, 128), np.float32)       # 3.1 MiB: the kernels' y is its size
+    h0 = np.zeros((64, 128), np.float32)
+    w = np.zeros((128, 128), np.float32)
+
+    def forward():
+        return fusedrnn.functional.forward("rnn_tanh", a, h0, None, w, w, None, None,
+                                           training=False)[:2]
+
+    forward()                                      # (the threads' lasting buffers)
+    fusedrnn.empty_cache()
+    before = _C.workspace_bytes(reset_peak=True)
+    assert before["idle"] == 0 and before["peak"] == before["in_use"]
+    y, hn = forward()
+    _C.packed_cache(clear=True)                    # (the call's packed weights, kept)
+    during = _C.workspace_bytes()
+    assert during["in_use"] - before["in_use"] == y.nbytes + hn.nbytes
+    del y, hn
+    after = _C.workspace_bytes()
+    assert after["in_use"] == before["in_use"]
+    assert after["peak"] >= during["in_use"]
+    assert after["idle"] >= a.nbytes              # y's block, kept for reuse
+    assert _C.workspace_bytes(reset_peak=True)["peak"] == after["in_use"]
+
+
 def test_the_torch_adapter_without_torch_says_what_it_needs():
     r = run_python("import sys; sys.modules['torch'] = None; import fusedrnn.torch")
     assert r.returncode != 0

@@ -214,6 +214,14 @@ PYBIND11_MODULE(_C, m) {
      "the calling thread's packed-weight cache: packed forms, copies of weights' bytes (one per "
      "weight that unfrozen inference calls met, shared by its forms), and the bytes of both; "
      "clear=True empties it first");
+  m.def("workspace_bytes", [](bool reset_peak) {
+    size_t in_use = 0, peak = 0, idle = 0;
+    fusedrnn::workspace_bytes(&in_use, &peak, &idle, reset_peak);
+    return counts({{"in_use", int64_t(in_use)}, {"peak", int64_t(peak)}, {"idle", int64_t(idle)}});
+  }, py::arg("reset_peak") = false,
+     "the kernels' memory blocks (their scratch and the arrays they make), all threads: bytes in "
+     "use (as asked for), the most in use at once since the last reset_peak=True (which starts "
+     "it from the bytes in use), and the idle blocks kept for reuse");
   m.def("packed_forms_all_threads", [] { return fusedrnn::packed_forms_all_threads(); },
         "tests: the packed forms every thread's packed-weight cache holds, together");
 

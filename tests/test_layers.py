@@ -521,6 +521,38 @@ def test_backward_frees_saved_state_and_eval_keeps_nothing(rng):
         layer.backward(y)
 
 
+@pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_backward_frees_each_layers_saved_state_as_it_goes(rng, monkeypatch, cell,
+                                                            bidirectional):
+    """A layer direction's saved state goes as soon as its backward has run (torch's autograd
+    frees a node's so), not once the layers below have run theirs too: from the start of one
+    kernel backward to the next, the kernels' blocks in use grow by at most what the first
+    returned (dx, dh0, dc0) less the saved state it ran through."""
+    from fusedrnn import _C, functional
+    seen = []  # per kernel backward: bytes in use at its start, its saved state, what it returned
+    run = functional.backward
+
+    def watched(ctx, *args, **kwargs):
+        in_use, saved = _C.workspace_bytes()["in_use"], ctx.saved_bytes
+        out = run(ctx, *args, **kwargs)
+        seen.append((in_use, saved, sum(a.nbytes for a in out[:3] if a is not None)))
+        return out
+
+    layer = getattr(fusedrnn, cell.upper())(16, 32, num_layers=2, bidirectional=bidirectional,
+                                            seed=0)
+    x = rng.standard_normal((20, 8, 16)).astype(np.float32)
+    for watch in (False, True):  # (the first: the threads' lasting buffers)
+        if watch:
+            monkeypatch.setattr(functional, "backward", watched)
+        y, _ = layer(x)
+        layer.backward(np.ones_like(y))
+    assert len(seen) == 2 * (2 if bidirectional else 1)
+    for (in_use, saved, returned), (next_in_use, _, _) in zip(seen, seen[1:]):
+        assert saved > 0
+        assert next_in_use - in_use <= returned - saved
+
+
 def test_sgd_step_through_named_parameters_changes_the_layer(rng):
     """The parameters are live: an in-place optimiser step changes the layer's output, and the
     loss goes down."""

@@ -379,10 +379,16 @@ def lowest_layer_backward_runs(spec, need_input, weight_grads):
                  if _weights_needed(spec, weight_grads, k, d)), spec.num_layers)
 
 
+# A context a consuming backward has run through (stack_backward drops it there).
+_CONSUMED = "consumed"
+
+
 def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_into=None,
                    add_into=True, params=None, *, need_dx=True, need_dh0=True, weight_grads=None):
     """BPTT through the stack saved by ``stack_forward``; ``consume``: the last backward through
-    ``saved`` (see functional.backward); ``grads_into``: None, or {torch name: array} that the
+    ``saved`` (see functional.backward), which drops each context as its backward ends (a layer's
+    saved state is not held through the backward of the layers below, as torch's autograd frees
+    a node's); ``grads_into``: None, or {torch name: array} that the
     kernels add every layer's gradients into, or write them over with ``add_into=False`` (see
     functional.backward), returned as the grads; ``params``: None (the weights the forward
     read), or {torch name: array} with the forward's weight values (functional.backward's
@@ -417,6 +423,9 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
             if not (dx_needed or need_dh0 or weights_needed):
                 continue  # (a frozen direction above frozen layers)
             i = k * D + d
+            if saved.ctxs[k][d] is _CONSUMED:
+                raise RuntimeError("backward already ran through this saved state with "
+                                   "consume=True, which frees it: run the forward again")
             if saved.ctxs[k][d] is None:  # (save_from above k: the forward said none would run)
                 raise RuntimeError(
                     f"backward needs layer {k}'s saved state, which its forward did not keep: "
@@ -433,6 +442,8 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
                                          None if dcn is None else dcn[i], consume=consume,
                                          grads_into=into, add_into=add_into, weights=weights,
                                          need_dx=dx_needed, need_weight_grads=weights_needed)
+            if consume:  # its saved state goes now, not after the layers below have run theirs
+                saved.ctxs[k][d] = _CONSUMED
             if need_dh0:
                 dh0[i] = dh
                 if lstm:

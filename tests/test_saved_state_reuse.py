@@ -1,7 +1,9 @@
 """Training buffers that share the saved gates' memory: the forward's whole-sequence input
 projection written where the gates will be saved (forward.h, gx_in_gates), and a consuming
-backward's pre-activation gradients written over them (backward.h, in_gates). Both must give the
-bits of the separate buffers, and a consumed context must refuse a second backward."""
+backward's pre-activation gradients written over them (backward.h, in_gates; the torch-style
+GRU's recurrent n gradients over its saved W_hn h + b_hn). Both must give the bits of the
+separate buffers and hold those buffers' bytes less, and a consumed context must refuse a second
+backward."""
 import itertools
 
 import numpy as np
@@ -63,6 +65,33 @@ def test_consuming_backward_gives_the_same_bits(rng, isa, dtype, variant, batch,
     assert_same_bits(backward(case, ctx, dtype, consume=True), kept)
     with pytest.raises(RuntimeError, match="consume=True"):
         backward(case, ctx, dtype, consume=False)
+
+
+def backward_peak_bytes(case, ctx, dtype, consume):
+    """The most bytes the kernels' blocks (their scratch and the arrays they return) held at once
+    during a backward, beyond those in use before it."""
+    before = _C.workspace_bytes(reset_peak=True)["in_use"]
+    backward(case, ctx, dtype, consume)
+    return _C.workspace_bytes()["peak"] - before
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("lengths", [False, True])
+def test_consuming_backward_keeps_its_gradients_in_the_saved_state(rng, variant, lengths):
+    """A consuming backward of a forward-direction run (lengths or not) writes its pre-activation
+    gradients over the saved gates, and the torch-style GRU its recurrent n gradients over the
+    saved W_hn h + b_hn: at its peak it holds exactly those buffers' bytes less than a backward
+    that keeps the context (the Elman RNN saves no gates: the same)."""
+    cell, lbr, proj = variant
+    T, B, H, itemsize = 16, 8, 32, 4
+    case = make_case(rng, cell, proj, T=T, B=B, I=24, H=H, lengths=lengths)
+    G = {"lstm": 4, "gru": 3}.get(cell, 0)
+    in_saved = T * B * (G + (cell == "gru" and lbr)) * H * itemsize
+    peaks = []
+    for consume in (False, True, False, True):  # (the first calls: the threads' lasting buffers)
+        ctx = forward(case, np.float32, None, True, False, lbr)[3]
+        peaks.append(backward_peak_bytes(case, ctx, np.float32, consume))
+    assert peaks[2] - peaks[3] == in_saved
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -172,6 +172,7 @@ struct BackwardLoop {
     for (int64_t b = p.row0; b < p.row1; ++b) {
       if (!steps.active(k, b)) {  // a finished row passes its gradient straight through
         set_bytes(dgh_k + b * GH, 0, sizeof(T) * GH);
+        if (ld_n != GH) set_bytes(dghn + (k * B + b) * ld_n, 0, sizeof(T) * H);  // (GRU's n apart)
         copy_bytes(dh_prev + b * Hout, dh + b * Hout, sizeof(T) * Hout);
         continue;
       }
@@ -415,29 +416,33 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   Steps steps{a.lengths, s.T, s.reverse};
 
   // One buffer serves both sides' pre-activation gradients when step k is time k for every row
-  // and the recurrent side's equal the input side's: all cells but the torch-style GRU, whose
-  // n gate meets r * (W_hn h + b_hn), so its recurrent dn carries the extra factor r.
+  // (the forward direction, lengths or not: a step's pointwise maths writes zeros past a row's
+  // length) and the recurrent side's equal the input side's: all cells but the torch-style GRU,
+  // whose n gate meets r * (W_hn h + b_hn), so its recurrent dn carries the extra factor r.
   // The torch-style GRU then keeps only its recurrent dn apart (T*B*H, not another T*B*3H).
   const bool gru_lbr = gru && s.linear_before_reset;
-  const bool same_steps = !a.lengths && !s.reverse;
-  const bool same_space = !gru_lbr && same_steps;
+  const bool same_steps = !s.reverse;
   const bool n_apart = gru_lbr && same_steps;
   // Where the caller is done with the saved gates (gates_consumed), that one buffer is theirs:
   // each row's pointwise backward reads a step's gates and then stores its gradients in their
   // place (cells.h: every load of a vector before its stores), and nothing reads gates after.
-  // No T*B*G*H buffer of its own: fastrnns LSTM training peak ~50 MiB lower.
-  const bool in_gates = a.gates_consumed && a.saved.gates && (same_space || n_apart);
+  // No T*B*G*H buffer of its own: fastrnns LSTM training peak ~50 MiB lower. Likewise the
+  // torch-style GRU's recurrent dn over its saved W_hn h + b_hn (gru_backward_row reads it
+  // before it stores dn * r there; the products pair dn * r with h_prev): GRU ~12.5 MiB lower.
+  const bool in_gates = a.gates_consumed && a.saved.gates && same_steps;
+  const bool n_in_extra = in_gates && n_apart;
   // Pre-activation gradients; positions no step reaches (past a row's length) stay zero.
   Scratch<T> dgx_buf(in_gates ? 0 : TB * GH);
-  // Without lengths every step writes every row's gradients, all gates and units (the backward
-  // rows of cells.h store, never accumulate), so nothing needs zeroing. That single-threaded pass
-  // was 3.5% of a stacked LSTM training layer on 2 threads (17.9 -> 17.3 ms; GRU 14.6 -> 14.1).
-  if (a.lengths) set_bytes(dgx_buf.p, 0, sizeof(T) * TB * GH);
-  Scratch<T> dgh_buf(same_space || n_apart ? 0 : TB * GH), dghn_buf(n_apart ? TB * H : 0);
+  // Where every step writes every row's gradients, all gates and units (the backward rows of
+  // cells.h store, never accumulate; the steps past a row's length zeros), nothing needs zeroing.
+  // That single-threaded pass was 3.5% of a stacked LSTM training layer on 2 threads (17.9 ->
+  // 17.3 ms; GRU 14.6 -> 14.1). Reversed with lengths, dGx's rows past a length are no step's.
+  if (a.lengths && !same_steps) set_bytes(dgx_buf.p, 0, sizeof(T) * TB * GH);
+  Scratch<T> dgh_buf(same_steps ? 0 : TB * GH), dghn_buf(n_apart && !n_in_extra ? TB * H : 0);
   T* dgx = in_gates ? a.saved.gates : dgx_buf.p;
-  T* dgh = same_space || n_apart ? dgx : dgh_buf.p;  // rows of G*H; for n_apart only r, z count
+  T* dgh = same_steps ? dgx : dgh_buf.p;  // rows of G*H; for n_apart only r, z count
   // The GRU's recurrent n-gate gradients: inside dgh, or apart (rows of H).
-  T* dghn = n_apart ? dghn_buf.p : dgh + 2 * H;
+  T* dghn = n_in_extra ? a.saved.gru_extra : n_apart ? dghn_buf.p : dgh + 2 * H;
   const int64_t ld_n = n_apart ? H : GH;
 
   // W_hh (GH x Hout) is already the K x N operand of dG W_hh; the GRU keeps W_hn apart (its n

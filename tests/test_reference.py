@@ -476,3 +476,18 @@ def test_one_missing_bias_means_zero_bias_and_no_gradient(rng, cell, proj, lbr, 
     assert set(g0) - set(g1) == {GRAD_OF[missing]}
     for k in g1:
         np.testing.assert_array_equal(g1[k], g0[k])
+
+
+def test_scaled_error_takes_equal_infinities_as_equal_and_others_as_infinitely_wrong():
+    """An overflow both sides give matches; one on one side only, or of the other sign, does
+    not; the scale is the largest finite |want| (before: inf - inf made every such comparison
+    NaN, a test that could not pass)."""
+    want = np.array([np.inf, -np.inf, np.nan, 2.0, -4.0])
+    assert tolerances.max_scaled_error(want.copy(), want) == 0.0
+    nudged = want.copy()
+    nudged[3] += 0.04
+    assert tolerances.max_scaled_error(nudged, want) == pytest.approx(0.01)
+    for i, value in ((0, -np.inf), (0, 1e30), (1, np.nan), (3, np.inf), (4, -np.inf)):
+        wrong = want.copy()
+        wrong[i] = value
+        assert tolerances.max_scaled_error(wrong, want) == np.inf, (i, value)

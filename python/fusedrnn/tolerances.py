@@ -91,19 +91,24 @@ MATH_ULP_FLOAT64 = 2
 
 
 def max_scaled_error(got, want):
-    """max|got - want| divided by max(1, max|want|), computed in float64."""
+    """max|got - want| divided by max(1, max|want|), computed in float64, over want's finite
+    values: got's NaNs and infinities must lie where want's do (an infinity of the same sign),
+    or the error is infinite. (inf - inf is NaN: an overflow both sides give failed every
+    comparison, and one infinity in want made the scale infinite.)"""
     got = np.asarray(got, dtype=np.float64)
     want = np.asarray(want, dtype=np.float64)
     if got.shape != want.shape:
         raise AssertionError(f"shape {got.shape} != expected {want.shape}")
     if want.size == 0:
         return 0.0
+    finite = np.isfinite(want)
     nan_mismatch = np.isnan(got) != np.isnan(want)
-    if nan_mismatch.any():
+    inf_mismatch = np.isinf(want) & (got != want)
+    if nan_mismatch.any() or inf_mismatch.any() or np.isinf(got[finite]).any():
         return float("inf")
-    diff = np.abs(np.where(np.isnan(want), 0.0, got - want))
-    finite_scale = np.abs(want[~np.isnan(want)]).max(initial=0.0)   # an all-NaN want has none
-    return float(diff.max() / max(1.0, float(finite_scale)))
+    diff = np.abs(got[finite] - want[finite]).max(initial=0.0)
+    finite_scale = np.abs(want[finite]).max(initial=0.0)   # an all-NaN want has none
+    return float(diff / max(1.0, float(finite_scale)))
 
 
 def assert_close(got, want, dtype, kind="forward", what="result"):

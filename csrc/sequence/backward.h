@@ -53,7 +53,8 @@ bool k_split_backward(const LayerShape& s, bool has_lengths) {
          !products_beside_walk<T>(s, has_lengths);
 }
 
-// Units [*u0, *u1) of half h (0 or 1): whole unit blocks, the first half the smaller.
+// Units [*u0, *u1) of half h (0 or 1): whole unit blocks, the first half the larger by one
+// where their count is odd (split_range; H = 65 on 32-unit blocks: 64 and 1).
 template <typename T>
 void split_halves(int64_t H, int h, int64_t* u0, int64_t* u1) {
   constexpr int NR = Tile<T>::NR;

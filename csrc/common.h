@@ -38,8 +38,11 @@ inline void split_range(int64_t n, int nparts, int part, int64_t* begin, int64_t
 template <typename T>
 struct Scratch {
   T* p = nullptr;
+  // A count whose bytes would wrap size_t asks for SIZE_MAX, which aligned_alloc_bytes refuses:
+  // wrapped, it was a small block the kernel then wrote past.
   explicit Scratch(int64_t n) {
-    if (n > 0) p = static_cast<T*>(aligned_alloc_bytes(sizeof(T) * static_cast<size_t>(n)));
+    const bool fits = static_cast<uint64_t>(n) <= SIZE_MAX / sizeof(T);
+    if (n > 0) p = static_cast<T*>(aligned_alloc_bytes(fits ? sizeof(T) * size_t(n) : SIZE_MAX));
   }
   ~Scratch() { aligned_free_bytes(p); }
   Scratch(const Scratch&) = delete;

@@ -5,6 +5,8 @@
 // per 4 KiB -- measured at ~10% of an LSTM training step. A small cache of freed blocks,
 // matched by size class, removes that. The cache is bounded and thread-safe.
 #include <atomic>
+#include <cstddef>
+#include <cstdint>
 #include <cstdlib>
 #include <mutex>
 #if defined(__GLIBC__)
@@ -68,12 +70,20 @@ size_t size_class(size_t bytes) {
   return p;
 }
 
+// No allocation holds more than PTRDIFF_MAX bytes (malloc refuses them), and past 1.5 * 2^63
+// size_class's doubling wrapped to 0 and never ended: a y of 2^61 float32 elements from an input
+// of none hung the call. Such a request fails at once (the bindings' MemoryError).
+void refuse_impossible(size_t bytes) {
+  if (bytes > size_t(PTRDIFF_MAX) - 2 * kAlign) throw std::bad_alloc();
+}
+
 }  // namespace
 
 #if defined(FUSEDRNN_EXACT_ALLOC)
 // Sanitizer builds: every block its exact size (no rounding to 64 bytes, no size classes, no
 // reuse), so ASan sees any access past the bytes asked for and any use after free.
 void* aligned_alloc_bytes(size_t bytes) {
+  refuse_impossible(bytes);
   void* p = nullptr;
   if (posix_memalign(&p, kAlign, kAlign + bytes) != 0 || !p) throw std::bad_alloc();
   static_cast<Header*>(p)->capacity = 0;
@@ -84,6 +94,7 @@ void aligned_free_bytes(void* ptr) {
 }
 #else
 void* aligned_alloc_bytes(size_t bytes) {
+  refuse_impossible(bytes);
   if (bytes < kMinCached) {
     void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign + kAlign);
     if (!p) throw std::bad_alloc();

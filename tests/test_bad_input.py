@@ -596,25 +596,31 @@ def test_an_output_too_big_for_memory_is_a_memory_error_with_its_size():
 
 
 _OUTPUT_PAST_2_63_BYTES = """
+import sys
 import numpy as np
 from fusedrnn import functional as F
 T, H = 7 * 2 ** 58, 2  # y (T, 1, H) float32: 1.75 * 2^63 bytes, less than 2^64
 x = np.lib.stride_tricks.as_strided(np.empty(1, np.float32), (T, 1, 0), (0, 0, 4))
 weights = (np.zeros((H, 0), np.float32), np.zeros((H, H), np.float32), None, None)
+lengths = [3] if sys.argv[1] == "lengths" else None
 try:
-    F.forward("rnn_tanh", x, np.zeros((1, H), np.float32), None, *weights, training=False)
+    F.forward("rnn_tanh", x, np.zeros((1, H), np.float32), None, *weights, lengths=lengths,
+              training=False)
 except MemoryError as e:
     print("MemoryError:", e)
 """
 
 
-def test_an_output_of_more_bytes_than_2_63_is_a_memory_error_not_a_hang():
-    """y of 1.75 * 2^63 bytes (under 2^64, so no wrap in the count) hung the call: the block
-    cache's size classes doubled past 2^63 to 0 and never ended. Run apart, so a hang fails."""
+@pytest.mark.parametrize("lengths", ["none", "lengths"])
+def test_an_output_of_more_bytes_than_2_63_is_a_memory_error_not_a_hang(lengths):
+    """y of 1.75 * 2^63 bytes (under 2^64, so no wrap in the count) from an x of no values hung
+    the call: the block cache's size classes doubled past 2^63 to 0 and never ended; and with
+    lengths, before that, the scan of x's padding walked its 2^61 empty rows. Run apart, so a
+    hang fails."""
     import subprocess
     import sys
-    out = subprocess.run([sys.executable, "-c", _OUTPUT_PAST_2_63_BYTES], capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", _OUTPUT_PAST_2_63_BYTES, lengths],
+                         capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert (f"MemoryError: cannot allocate {1.75 * 2 ** 33:.1f} GiB for an array of shape "
             f"({7 * 2 ** 58}, 1, 2) float32") in out.stdout, out.stdout

@@ -141,10 +141,13 @@ bool any_not_finite(const T* v, int64_t n) {
   return all_ones != 0;
 }
 
-// Whether row_holds(row) for a row of a (steps, B, n) at a step past its row's length.
+// Whether row_holds(row) for a row of a (steps, B, n) at a step past its row's length. Rows of
+// no values hold nothing: an x of I = 0 takes no memory whatever its steps, and the walk of its
+// 2^61 empty rows hung the call before its y could be refused.
 template <typename T, typename RowTest>
 bool any_padding_row(const T* a, int64_t steps, int64_t B, int64_t n, const int64_t* lengths,
                      RowTest row_holds) {
+  if (n == 0) return false;
   for (int64_t k = 0; k < steps; ++k)
     for (int64_t b = 0; b < B; ++b)
       if (k >= lengths[b] && row_holds(a + (k * B + b) * n)) return true;

@@ -627,6 +627,22 @@ def test_step_split_refuses_what_no_call_can_have(kwargs, match, backward):
         _C.step_split(**args, backward=backward)
 
 
+@pytest.mark.parametrize("args,match", [
+    ((7, 4, 5, 6, 6), "cell must be 0..3"),
+    ((2, 0, 5, 6, 6), "B, H and Hout must be >= 1 and I >= 0"),   # each gave a mode
+    ((2, -1, 5, 6, 6), "B, H and Hout must be >= 1"),
+    ((2, 4, -5, 6, 6), "I >= 0"),
+    ((2, 4, 5, 0, 6), "B, H and Hout must be >= 1"),
+    ((2, 4, 5, 6, -6), "B, H and Hout must be >= 1"),
+    ((2, 2 ** 62, 5, 6, 6), r"B must be at most 2\^32 rows"),
+])
+def test_projection_mode_refuses_what_no_call_can_have(args, match):
+    """As step_split does (the same check): it read a batch of -1 rows as a shape and named a
+    mode for it."""
+    with pytest.raises(ValueError, match=match):
+        _C.projection_mode(*args)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_nan_propagates(rng, isa):
     case = make_case(rng, "lstm", T=3, B=2)

@@ -20,6 +20,19 @@
 
 using namespace fusedrnn::bindings;
 
+namespace {
+
+// The layer shape step_split and projection_mode describe, as a call can have it: the rules
+// read nonsense (B = -1, H = 0) as a shape and gave it a mode. B is bounded as step_split's rules
+// walk the batch's row tiles (B = 2^62: 2^58 of them, a hang).
+void check_diagnostic_shape(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout) {
+  if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
+  if (B < 1 || I < 0 || H < 1 || Hout < 1) fail("B, H and Hout must be >= 1 and I >= 0");
+  if (B > (int64_t(1) << 32)) fail("B must be at most 2^32 rows, got " + std::to_string(B));
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedrnn kernels (private; use fusedrnn.functional or the layers)";
   m.attr("__version__") = FUSEDRNN_VERSION;
@@ -166,13 +179,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("step_split", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, bool f64,
                          int threads, std::optional<std::string> isa, bool backward) {
     static const char* names[] = {"one", "rows", "units", "team", "halves"};
-    if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
-    if (B < 1 || I < 0 || H < 1 || Hout < 1) fail("B, H and Hout must be >= 1 and I >= 0");
-    // The rules divide by the thread count and walk the batch's row tiles per thread: 0 threads
-    // was a division by zero (SIGFPE), and B = 2^62 a walk of 2^58 tiles.
+    check_diagnostic_shape(cell, B, I, H, Hout);
+    // The rules divide by the thread count: 0 threads was a division by zero (SIGFPE).
     if (threads < 1 || threads > kMaxThreads)
       fail("threads must lie in 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(threads));
-    if (B > (int64_t(1) << 32)) fail("B must be at most 2^32 rows, got " + std::to_string(B));
     return std::string(
         names[kernels(isa).step_split(cell, f64, B, I, H, Hout, threads, backward)]);
   }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
@@ -185,7 +195,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("projection_mode", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
                               bool f64, bool lengths, std::optional<std::string> isa) {
-    if (cell < 0 || cell > 3) fail("cell must be 0..3 (rnn_tanh, rnn_relu, lstm, gru)");
+    check_diagnostic_shape(cell, B, I, H, Hout);
     static const char* const modes[] = {"whole", "in_step", "rides"};
     return std::string(modes[kernels(isa).projection_mode(cell, f64, B, I, H, Hout, lengths)]);
   }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),

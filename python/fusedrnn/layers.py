@@ -653,7 +653,8 @@ class _Layer:
         saved, T, B, unbatched = self._saved
         s = self._spec
         y_shape_tm = (T, B, s.num_directions * s.output_size)
-        y_shape = self._user_layout(np.empty(y_shape_tm, dtype=bool), unbatched).shape
+        # (the layout's shape from a broadcast view: np.empty of y's shape allocated T*B*N bytes)
+        y_shape = self._user_layout(np.broadcast_to(False, y_shape_tm), unbatched).shape
         if dy is None:
             dy_tm = np.zeros(y_shape_tm, self.dtype)
         else:

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import fusedrnn
@@ -69,8 +70,13 @@ def test_threads_set_get_and_refuse_bad_values():
         assert fusedrnn.get_num_threads() == 1
         with pytest.raises(ValueError, match="num_threads must be >= 1"):
             fusedrnn.set_num_threads(0)
-        with pytest.raises(TypeError, match="num_threads must be an int"):
-            fusedrnn.set_num_threads(1.5)
+        for bad in (1.5, True, np.bool_(True), "2", None):
+            with pytest.raises(TypeError, match="num_threads must be an int"):
+                fusedrnn.set_num_threads(bad)
+        fusedrnn.set_num_threads(np.int64(2))   # (as torch.set_num_threads and the layers' sizes)
+        assert fusedrnn.get_num_threads() == (2 if _C.openmp else 1)
+        assert type(fusedrnn.get_num_threads()) is int
+        fusedrnn.set_num_threads(1)
         # (past C's int: pybind11's "incompatible function arguments", naming no argument)
         for n in (-1, -2**31 - 1, -10**30):
             with pytest.raises(ValueError, match=f"num_threads must be >= 1, got {n}"):

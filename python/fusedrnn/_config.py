@@ -1,4 +1,5 @@
 """Version, threads and a report of how the kernels were built and which ISA runs."""
+import numbers
 import os
 import platform
 import sys
@@ -40,8 +41,11 @@ def set_num_threads(n):
     """Threads the kernels may use (overrides OMP_NUM_THREADS for fusedrnn), 1 to 1024. A build
     without OpenMP (``show_config()``: openmp False) runs on one thread: there this checks ``n``
     and ``get_num_threads()`` stays 1."""
-    if isinstance(n, bool) or not isinstance(n, int):
+    # Any integer, as the layers' sizes and torch.set_num_threads take (np.int64 too; numpy's
+    # bool_ is no numbers.Integral, and this module imports no numpy: see _why_no_extension).
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         raise TypeError(f"num_threads must be an int, got {type(n).__name__}")
+    n = int(n)
     if n < 1:   # (checked here too: below C's int, pybind11 names no argument)
         raise ValueError(f"num_threads must be >= 1, got {n}")
     if n > _C.max_num_threads:   # (before the int reaches C++, which takes 32 bits)

@@ -65,11 +65,11 @@ def one_layer_problem(config, cell, rng):
                 dy=normal(T, B, H))
 
 
-def call(ext, cell, p, train, isa, edit=False):
+def call(ext, cell, p, train, isa, edit=False, reverse=False):
     if edit:  # an optimiser step's in-place change of the weights (negation: exact, cheap)
         for name in ("w_ih", "w_hh"):
             np.negative(p[name], out=p[name])
-    y, hn, cn, ctx = ext.forward(CELL_CODES[cell], False, False, train, p["x"], p["h0"], p["c0"],
+    y, hn, cn, ctx = ext.forward(CELL_CODES[cell], False, reverse, train, p["x"], p["h0"], p["c0"],
                                  p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], None, None, isa)
     if train:  # as the layers do (consume=True), where the build has it
         try:
@@ -113,9 +113,11 @@ def main():
     ap.add_argument("--stack", action="store_true",
                     help="run a config's layers as one stack call (forward_stack), as the layers "
                          "do with num_layers > 1")
+    ap.add_argument("--reverse", action="store_true",
+                    help="run the layer backwards in time (a bidirectional layer's second half)")
     args = ap.parse_args()
-    if args.stack and args.edit_weights:
-        ap.error("--edit-weights runs one layer (not with --stack)")
+    if args.stack and (args.edit_weights or args.reverse):
+        ap.error("--edit-weights and --reverse run one layer (not with --stack)")
     builds = {}
     for spec in args.builds:
         name, _, path = spec.partition("=")
@@ -131,7 +133,8 @@ def main():
                 run = lambda ext, edit=False: call_stack(ext, cell, layers, train, args.isa)
             else:
                 p = one_layer_problem(config, cell, rng)
-                run = lambda ext, edit=False: call(ext, cell, p, train, args.isa, edit)
+                run = lambda ext, edit=False: call(ext, cell, p, train, args.isa, edit,
+                                                  args.reverse)
             for ext in builds.values():  # warm-up: packing caches, page faults
                 run(ext)
             first = next(iter(builds.values()))

@@ -76,20 +76,23 @@ def backward_peak_bytes(case, ctx, dtype, consume):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
-@pytest.mark.parametrize("lengths", [False, True])
-def test_consuming_backward_keeps_its_gradients_in_the_saved_state(rng, variant, lengths):
+@pytest.mark.parametrize("lengths,reverse", list(itertools.product([False, True], repeat=2)))
+def test_consuming_backward_keeps_its_gradients_in_the_saved_state(rng, variant, lengths,
+                                                                   reverse):
     """A consuming backward of a forward-direction run (lengths or not) writes its pre-activation
     gradients over the saved gates, and the torch-style GRU its recurrent n gradients over the
-    saved W_hn h + b_hn: at its peak it holds exactly those buffers' bytes less than a backward
-    that keeps the context (the Elman RNN saves no gates: the same)."""
+    saved W_hn h + b_hn; a reversed run its recurrent side's, in step order as the gates lie (the
+    input side's, in time order, stay apart): at its peak it holds exactly those buffers' bytes
+    less than a backward that keeps the context (the Elman RNN saves no gates: the same)."""
     cell, lbr, proj = variant
     T, B, H, itemsize = 16, 8, 32, 4
     case = make_case(rng, cell, proj, T=T, B=B, I=24, H=H, lengths=lengths)
     G = {"lstm": 4, "gru": 3}.get(cell, 0)
-    in_saved = T * B * (G + (cell == "gru" and lbr)) * H * itemsize
+    n_apart = cell == "gru" and lbr and not reverse
+    in_saved = T * B * (G + n_apart) * H * itemsize
     peaks = []
     for consume in (False, True, False, True):  # (the first calls: the threads' lasting buffers)
-        ctx = forward(case, np.float32, None, True, False, lbr)[3]
+        ctx = forward(case, np.float32, None, True, reverse, lbr)[3]
         peaks.append(backward_peak_bytes(case, ctx, np.float32, consume))
     assert peaks[2] - peaks[3] == in_saved
 

@@ -430,18 +430,23 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   // No T*B*G*H buffer of its own: fastrnns LSTM training peak ~50 MiB lower. Likewise the
   // torch-style GRU's recurrent dn over its saved W_hn h + b_hn (gru_backward_row reads it
   // before it stores dn * r there; the products pair dn * r with h_prev): GRU ~12.5 MiB lower.
-  const bool in_gates = a.gates_consumed && a.saved.gates && same_steps;
+  // A reversed run's recurrent-side gradients (dGh) lie in step order, as the gates do: they go
+  // there, and its input side's (dGx, in time order) apart (bidirectional fastrnns LSTM training
+  // ~50 MiB lower). Which slots a row overwrites is the forward direction's, where dGx is dGh.
+  const bool in_gates = a.gates_consumed && a.saved.gates;
   const bool n_in_extra = in_gates && n_apart;
   // Pre-activation gradients; positions no step reaches (past a row's length) stay zero.
-  Scratch<T> dgx_buf(in_gates ? 0 : TB * GH);
+  Scratch<T> dgx_buf(in_gates && same_steps ? 0 : TB * GH);
   // Where every step writes every row's gradients, all gates and units (the backward rows of
   // cells.h store, never accumulate; the steps past a row's length zeros), nothing needs zeroing.
   // That single-threaded pass was 3.5% of a stacked LSTM training layer on 2 threads (17.9 ->
   // 17.3 ms; GRU 14.6 -> 14.1). Reversed with lengths, dGx's rows past a length are no step's.
   if (a.lengths && !same_steps) set_bytes(dgx_buf.p, 0, sizeof(T) * TB * GH);
-  Scratch<T> dgh_buf(same_steps ? 0 : TB * GH), dghn_buf(n_apart && !n_in_extra ? TB * H : 0);
-  T* dgx = in_gates ? a.saved.gates : dgx_buf.p;
-  T* dgh = same_steps ? dgx : dgh_buf.p;  // rows of G*H; for n_apart only r, z count
+  Scratch<T> dgh_buf(same_steps || in_gates ? 0 : TB * GH);
+  Scratch<T> dghn_buf(n_apart && !n_in_extra ? TB * H : 0);
+  T* dgx = in_gates && same_steps ? a.saved.gates : dgx_buf.p;
+  T* dgh = same_steps ? dgx : in_gates ? a.saved.gates : dgh_buf.p;  // rows of G*H; for n_apart
+                                                                      // only r, z count
   // The GRU's recurrent n-gate gradients: inside dgh, or apart (rows of H).
   T* dghn = n_in_extra ? a.saved.gru_extra : n_apart ? dghn_buf.p : dgh + 2 * H;
   const int64_t ld_n = n_apart ? H : GH;

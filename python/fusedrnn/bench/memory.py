@@ -44,8 +44,10 @@ What fusedrnn holds beyond that at its peak (accounts for the measured figures t
 - in the backward (csrc/sequence/backward.h) dGx, T x B x G*H, for the RNN, reversed runs,
   and callers that keep the context (the layers' backward consumes it: dGx then overwrites the
   saved gates step by step, and the torch-style GRU's recurrent dn, else apart, T x B x H, its
-  saved W_hn h + b_hn), plus a separate dGh of that size for reversed runs; the layers drop
-  each layer direction's saved state once its backward has run; the whole-sequence products pack their B operand (h, W_ih) 4 MiB at a time
+  saved W_hn h + b_hn), plus, for reversed runs, a dGh of that size in step order where the
+  context is kept (consumed, it overwrites the saved gates, which lie in step order); the
+  layers drop each layer direction's saved state once its backward has run; the
+  whole-sequence products pack their B operand (h, W_ih) 4 MiB at a time
   (csrc/gemm/gemm.h gemm), or, on AMX tiles, split it a K block of 32 panels at a time (3 MiB
   at most, csrc/gemm/gemm_amx.h);
 - the packed W_ih / W_hh panels of the call (a training call packs its own every call, freed

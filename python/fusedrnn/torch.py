@@ -337,8 +337,20 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
         # What autograd needs, (x, h0, c0, *params): the kernels skip the rest (dx's product
         # for data x, the weight products of frozen layers, the layers below them).
         needs = ctx.needs_input_grad[1:]
-        info = (ctx.run, ctx.has_h0, ctx.has_c0, ctx.y_shape, ctx.y_dtype, saved, needs)
+        info = (ctx.run, ctx.has_h0, ctx.has_c0, ctx.y_shape, ctx.y_dtype, saved, needs,
+                _graph_freed_after())
         return (None,) + _FusedStackBackward.apply(info, dy, dhn, dcn, *inputs)
+
+
+def _graph_freed_after():
+    """Whether autograd frees the graph after the backward now running (no retain_graph or
+    create_graph, no torch.func transform, which may replay it): then that backward is the last
+    through the kernels' saved state, which it may consume (functional.backward: the
+    pre-activation gradients overwrite the saved gates, fastrnns LSTM ~50 MiB less). A torch
+    without the query keeps the state."""
+    keep_graph = getattr(_torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return (keep_graph is not None and not keep_graph()
+            and not _torch._C._are_functorch_transforms_active())
 
 
 def _weights_only(names, params):
@@ -354,15 +366,15 @@ class _FusedStackBackward(_PositionalApply, _torch.autograd.Function):
 
     @staticmethod
     def forward(info, dy, dhn, dcn, x, h0, c0, *params):
-        run, has_h0, has_c0, y_shape, y_dtype, saved, needs = info
+        run, has_h0, has_c0, y_shape, y_dtype, saved, needs, consume = info
         dy_np = np.zeros(y_shape, y_dtype) if dy is None else _np(dy)
         # The weights as autograd saved them, not the memory the forward read: under
         # allow_mutation_on_saved_tensors that holds the values after an in-place change, and
         # FSDP frees a parameter's storage between forward and backward.
         need_x, need_h0, need_c0, *need_params = needs
         dx, dh0, dc0, grads = _base.stack_backward(
-            run.spec, saved, dy_np, _np(dhn), _np(dcn), params=_weights_only(run.names, params),
-            need_dx=need_x, need_dh0=need_h0 or need_c0,
+            run.spec, saved, dy_np, _np(dhn), _np(dcn), consume=consume,
+            params=_weights_only(run.names, params), need_dx=need_x, need_dh0=need_h0 or need_c0,
             weight_grads={n for n, need in zip(run.names, need_params) if need})
         return (None if dx is None else _torch.from_numpy(dx),
                 _torch.from_numpy(dh0) if has_h0 and dh0 is not None else None,
@@ -381,6 +393,8 @@ class _FusedStackBackward(_PositionalApply, _torch.autograd.Function):
         if any(d is not None for d in in_dims[4:]):
             raise RuntimeError("fusedrnn.torch: vmap over the inputs or parameters of an RNN, "
                                "LSTM or GRU is not supported (torch.nn's are not either)")
+
+        info = info[:-1] + (False,)  # (every cotangent's backward reads the saved state)
 
         def one(i):
             return _FusedStackBackward.apply(info, *(

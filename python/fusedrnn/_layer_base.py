@@ -288,7 +288,7 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
                    keep_packed, save_from):
     dtype = x.dtype
     T, B, _ = x.shape
-    D, H_out = spec.num_directions, spec.output_size
+    D = spec.num_directions
     h_shape, c_shape = spec.state_shapes(B)
     lstm = spec.cell == "lstm"
     if h0 is None:

@@ -11,5 +11,6 @@ Run ``python -m fusedrnn.bench --help``. The modules, one job each:
 - machine.py   CPU, ISA, versions, NumPy's BLAS
 - runner.py    one case: check, warm up, compare, time
 - memory.py    training peak memory beside torch's, each in a fresh process (``--memory``)
+- outputs.py   the --json and --plot files, checked writable before anything is timed
 - report.py    text table, JSON, plot, Markdown (``python -m fusedrnn.bench.report``)
 """

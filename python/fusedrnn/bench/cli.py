@@ -11,7 +11,8 @@ shorter timing (with ``--configs`` or ``--sizes``: those cases, with the shorter
 ``--memory``: after the timing, the peak memory of one training call (memory.py) for every
 config and cell of the plan that runs in train mode.
 Exit status 1 when fusedrnn fails its check against the reference in any case, a peer's
-full-size outputs disagree with fusedrnn's, or a case raises an error (the others still run).
+full-size outputs disagree with fusedrnn's, a case raises an error (the others still run), or
+the --plot file cannot be written.
 """
 import argparse
 import datetime

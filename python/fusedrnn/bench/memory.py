@@ -128,7 +128,7 @@ def _child_env():
 
 def measure(config, cell, peer, timeout_s=TIMEOUT_S):
     """One peer, one (config, cell), in a fresh process. Returns {"peak_extra_bytes",
-    "rss_before_bytes", "version"} or {"unavailable": reason}."""
+    "resident_after_bytes", "rss_before_bytes", "version"} or {"unavailable": reason}."""
     import subprocess
     reason = unavailable_reason()
     if reason:

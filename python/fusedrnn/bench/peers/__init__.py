@@ -6,8 +6,8 @@ returns a runner: calling it runs the model once (that call is what is timed) an
 ``runner.outputs(result)`` turns its result into NumPy arrays named as peers/stack.py names them,
 to check the peer against fusedrnn before it is timed.
 
-``load(names)`` imports the peers asked for; one whose package is missing is skipped with a
-printed reason, never an error.
+``load(names)`` imports the peers asked for; one whose package is missing is skipped, never an
+error, with the reason returned for the run to print.
 """
 PEERS = ("torch", "onnxruntime", "reference")
 

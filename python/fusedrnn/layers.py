@@ -3,12 +3,13 @@
     rnn = fusedrnn.LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                         dropout=0.0, bidirectional=False, proj_size=0, device=None,
                         dtype=np.float32, seed=None)
-    y, (hn, cn) = rnn(x, hx=None, lengths=None)        # RNN and GRU: y, hn = rnn(x, hx)
-    dx, (dh0, dc0) = rnn.backward(dy, dhn=None)        # RNN and GRU: dx, dh0 = rnn.backward(dy, dhn)
+    y, (hn, cn) = rnn(x, hx=None, lengths=None)     # RNN and GRU: y, hn = rnn(x, hx)
+    dx, (dh0, dc0) = rnn.backward(dy, dhn=None)     # RNN and GRU: dx, dh0 = rnn.backward(dy, dhn)
 
 Shapes, parameter names, gate order, lengths and initialisation follow torch.nn (see
 shared/DESIGN.md, "Conventions"). Each layer and direction is one call of the C++ kernels
-(``fusedrnn.functional``), which run the whole time loop with the GIL released.
+(``fusedrnn.functional``; a one-way stack without lengths or dropout, one call for every
+layer), which run the whole time loop with the GIL released.
 
 Semantics chosen where NumPy and torch differ:
 
@@ -151,15 +152,20 @@ class _Layer:
         # between them; _claim_training_call)
 
     # -- torch.nn-style attributes (read-only where the parameter shapes depend on them)
-    input_size = property(lambda self: self._spec.input_size)
-    hidden_size = property(lambda self: self._spec.hidden_size)
-    num_layers = property(lambda self: self._spec.num_layers)
-    bias = property(lambda self: self._spec.bias)
-    bidirectional = property(lambda self: self._spec.bidirectional)
+    input_size = property(lambda self: self._spec.input_size, doc="Features of each input step.")
+    hidden_size = property(lambda self: self._spec.hidden_size,
+                           doc="Features of the hidden state (and of the LSTM's cell state).")
+    num_layers = property(lambda self: self._spec.num_layers, doc="Stacked recurrent layers.")
+    bias = property(lambda self: self._spec.bias,
+                    doc="Whether the layers have bias_ih and bias_hh.")
+    bidirectional = property(lambda self: self._spec.bidirectional,
+                             doc="Whether each layer also runs backwards in time (2 directions).")
 
     # batch_first and dropout may be set, as on a torch.nn module: the next forward uses them.
     @property
     def batch_first(self):
+        """x, y and dy batch first, (B, T, ...), rather than (T, B, ...). Settable, as on a
+        torch.nn module: the next forward uses it (a change drops a pending backward)."""
         return self._spec.batch_first
 
     @batch_first.setter
@@ -172,15 +178,18 @@ class _Layer:
 
     @property
     def dropout(self):
+        """Dropout probability on every layer's output but the last's, in training. Settable, as
+        on a torch.nn module: the next forward uses it."""
         return self._spec.dropout
 
     @dropout.setter
     def dropout(self, value):
         self._spec = self._spec.replaced(dropout=base.check_dropout(value))
 
-    proj_size = property(lambda self: self._spec.proj_size)  # 0 but for a projected LSTM
-    # torch's mode string: 'RNN_TANH', 'RNN_RELU', 'LSTM' or 'GRU'
-    mode = property(lambda self: self._spec.cell.upper())
+    proj_size = property(lambda self: self._spec.proj_size,
+                         doc="The LSTM's projection size; 0 for none (always, for RNN and GRU).")
+    mode = property(lambda self: self._spec.cell.upper(),
+                    doc="torch's mode string: 'RNN_TANH', 'RNN_RELU', 'LSTM' or 'GRU'.")
 
     def __repr__(self):
         return f"{type(self).__name__}({self.extra_repr()})"
@@ -518,6 +527,7 @@ class _Layer:
 
     # -- forward
     def __call__(self, x, hx=None, lengths=None):
+        """``layer(x, hx=None, lengths=None)``: forward()."""
         return self.forward(x, hx, lengths)
 
     def forward(self, x, hx=None, lengths=None):
@@ -761,7 +771,12 @@ def _to_numpy(v, what="value"):
 
 
 class RNN(_Layer):
-    """Elman RNN, ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)`` (or relu), as torch.nn.RNN."""
+    """Elman RNN, ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)`` (or relu), as torch.nn.RNN.
+
+    Its constructor's arguments are torch.nn.RNN's, and ``seed``: None draws the parameters
+    (torch's init) and the dropout masks from fresh entropy, an int draws them reproducibly.
+    ``dtype``: float32 (the default; None too) or float64, NumPy's or torch's; ``device``: None
+    or the CPU. How parameters, gradients, backward and threads behave: ``fusedrnn.layers``."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None,
@@ -772,7 +787,7 @@ class RNN(_Layer):
                                  bias, batch_first, dropout, bidirectional)
         super().__init__(spec, device, dtype, seed)
 
-    nonlinearity = property(lambda self: self._spec.cell[4:])
+    nonlinearity = property(lambda self: self._spec.cell[4:], doc="'tanh' or 'relu'.")
 
     def _extra_repr(self):
         return [] if self.nonlinearity == "tanh" else [f"nonlinearity='{self.nonlinearity}'"]
@@ -780,7 +795,9 @@ class RNN(_Layer):
 
 class GRU(_Layer):
     """GRU as torch.nn.GRU; ``linear_before_reset=False`` gives the original formulation
-    (ONNX's default, Keras ``reset_after=False``), which torch does not have."""
+    (ONNX's default, Keras ``reset_after=False``), which torch does not have.
+
+    ``seed``, ``dtype`` and ``device`` as RNN's (``help(fusedrnn.RNN)``)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, linear_before_reset=True, device=None,
@@ -789,14 +806,19 @@ class GRU(_Layer):
                                  dropout, bidirectional, linear_before_reset=linear_before_reset)
         super().__init__(spec, device, dtype, seed)
 
-    linear_before_reset = property(lambda self: self._spec.linear_before_reset)
+    linear_before_reset = property(
+        lambda self: self._spec.linear_before_reset,
+        doc="True: torch.nn's GRU, n = tanh(W_in x + b_in + r*(W_hn h + b_hn)); False: the "
+            "original, n = tanh(W_in x + b_in + W_hn (r*h) + b_hn).")
 
     def _extra_repr(self):
         return [] if self.linear_before_reset else ["linear_before_reset=False"]
 
 
 class LSTM(_Layer):
-    """LSTM as torch.nn.LSTM, with optional projections (``proj_size``)."""
+    """LSTM as torch.nn.LSTM, with optional projections (``proj_size``).
+
+    ``seed``, ``dtype`` and ``device`` as RNN's (``help(fusedrnn.RNN)``)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=np.float32,

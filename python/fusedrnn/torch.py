@@ -18,10 +18,10 @@ torch.nn's own low-precision kernels.
 ``torch.func.grad``, ``vjp`` and ``jacrev`` work; under ``torch.export``, ``torch.jit.trace``
 and fake tensors the layer is one operator, ``torch.ops.fusedrnn.rnn_stack`` (``_torch_ops.py``);
 ``torch.onnx.export`` writes torch.nn's ONNX nodes. README lists what is refused. ``GRU`` takes
-an extra keyword, ``linear_before_reset`` (True, torch's formulation, by default). ``load_state_dict`` also accepts
-NumPy arrays (e.g. a ``fusedrnn.LSTM(...).state_dict()``). ``freeze()`` serves inference from
-read-only copies of the parameters, taken again whenever torch records a change
-(``_torch_frozen.py``).
+an extra keyword, ``linear_before_reset`` (True, torch's formulation, by default).
+``load_state_dict`` also accepts NumPy arrays (e.g. a ``fusedrnn.LSTM(...).state_dict()``).
+``freeze()`` serves inference from read-only copies of the parameters, taken again whenever
+torch records a change (``_torch_frozen.py``).
 
 Importing this module imports torch; ``import fusedrnn`` alone never does.
 """
@@ -624,6 +624,10 @@ class _FusedMixin:
         return super().__call__(*args, **kwargs)
 
     def forward(self, input, hx=None):
+        """``output, h_n = module(input, hx=None)`` (LSTM: ``output, (h_n, c_n)``), as torch.nn's
+        forward, on fusedrnn's kernels: ``input`` a Tensor (T, B, input_size), (B, T,
+        input_size) with batch_first, unbatched (T, input_size), or a PackedSequence (``output``
+        is then one too); ``hx`` None for zeros. Gradients flow through torch.autograd."""
         if _is_fx_tracing():     # (forward itself traced: the root of a trace)
             proxy = _fx_proxy_in((input, hx))
             if proxy is not None:

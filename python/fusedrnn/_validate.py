@@ -16,7 +16,8 @@ class StateStructureError(TypeError, ValueError, RuntimeError):
     """hx (or dhn) of the wrong structure: a tuple where one array goes, or an LSTM state that is
     not a pair. One class for the NumPy layers and the torch adapter, caught as any of the errors
     either raised for it before (TypeError; ValueError for an LSTM tuple of another length) and as
-    torch.nn's RuntimeError."""
+    the RuntimeError torch.nn raises for an LSTM tuple of another length (for the other mistakes
+    torch.nn fails with IndexError or AttributeError)."""
 
 
 def as_array(name, a):

@@ -61,7 +61,7 @@ def build_model(onnx, problem):
                                to_onnx_gates(w["b_hh"], cell)])[None]
         for name, arr in ((f"W{k}", W), (f"R{k}", R), (f"B{k}", Bias)):
             init.append(numpy_helper.from_array(np.ascontiguousarray(arr, np.float32), name))
-        # initial state of layer k: x[k:k+1] of h0 (and c0)
+        # initial state of layer k: h0[k:k+1] (and c0's)
         starts = numpy_helper.from_array(np.array([k], np.int64), f"s{k}")
         ends = numpy_helper.from_array(np.array([k + 1], np.int64), f"e{k}")
         init += [starts, ends]

@@ -405,6 +405,26 @@ def test_torch_constructor_keywords_are_taken_as_torch_takes_them(cell):
             assert_close(layer(x.numpy())[0], want, layer.dtype)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_torch_constructor_positional_arguments_mean_what_they_mean_for_torch(cell):
+    """torch.nn's documented signatures, positionally: (input_size, hidden_size, num_layers, [RNN:
+    nonlinearity,] bias, batch_first, dropout, bidirectional, [LSTM: proj_size,] device, dtype).
+    GRU's linear_before_reset is keyword-only, so a torch call's device never lands on it."""
+    kind = cell.split("_")[0]
+    make = {"rnn": fusedrnn.RNN, "lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU}[kind]
+    make_torch = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind]
+    args = [3, 4, 2] + ([cell[4:]] if kind == "rnn" else []) + [False, True, 0.0, True]
+    args += [2] if kind == "lstm" else []
+    m = make_torch(*args, device="cpu", dtype=torch.float64)
+    layer = make(*args, "cpu", torch.float64)
+    assert layer.dtype == np.float64 and dict(layer.state_dict()).keys() == m.state_dict().keys()
+    layer.load_state_dict(m.state_dict())
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    with torch.no_grad():
+        want = m(x)[0].numpy()
+    assert_close(layer(x.numpy())[0], want, np.float64)
+
+
 def test_state_dict_not_strict_names_the_keys_torch_names():
     """load_state_dict(strict=False) reports the same missing and unexpected keys as torch's."""
     m = torch.nn.LSTM(4, 3, num_layers=2, proj_size=2)

@@ -795,13 +795,14 @@ class RNN(_Layer):
 
 class GRU(_Layer):
     """GRU as torch.nn.GRU; ``linear_before_reset=False`` gives the original formulation
-    (ONNX's default, Keras ``reset_after=False``), which torch does not have.
+    (ONNX's default, Keras ``reset_after=False``), which torch does not have. It is keyword-only,
+    as on the adapter's GRU: positions 8 and 9 are torch's device and dtype.
 
     ``seed``, ``dtype`` and ``device`` as RNN's (``help(fusedrnn.RNN)``)."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, linear_before_reset=True, device=None,
-                 dtype=np.float32, seed=None):
+                 dropout=0.0, bidirectional=False, device=None, dtype=np.float32, seed=None,
+                 *, linear_before_reset=True):
         spec = base.check_config("gru", input_size, hidden_size, num_layers, bias, batch_first,
                                  dropout, bidirectional, linear_before_reset=linear_before_reset)
         super().__init__(spec, device, dtype, seed)

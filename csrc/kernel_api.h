@@ -1,6 +1,8 @@
 // The contract between the pybind11 layer (compiled once, portable) and the kernels (compiled
-// once per ISA, see isa_kernels.cpp). Plain structs only: anything with code in a header shared
-// by differently-compiled units could be linked from the wrong ISA's object.
+// once per ISA, see isa_kernels.cpp). Plain structs and declarations: an inline function in a
+// header shared by differently-compiled units could be linked from the wrong ISA's object. The
+// two inline helpers here (gate_count, step_count_bucket) are for the portable units only; the
+// kernels have their own gates_of (sequence/layout.h).
 //
 // Time is walked in "steps": step s of row b consumes time t = s (forward direction) or
 // t = len_b - 1 - s (reverse direction), and is active while s < len_b. Saved training buffers
@@ -179,8 +181,9 @@ struct KernelTable {
   void (*backward_f32)(const BackwardArgs<float>& a);
   void (*backward_f64)(const BackwardArgs<double>& a);
   // How the forward spreads a step over threads: 0 one thread, 1 batch rows, 2 hidden units;
-  // with `backward`, how the backward does without lengths: 0 one thread, 3 a team (rows and
-  // column panels), 4 the two halves of a single row's units (backward.h, k_split_backward).
+  // with `backward`, how the backward does without lengths: 0 one thread, 1 a team whose members
+  // walk their own rows and never meet (backward.h, backward_rows_apart), 3 a team (rows and
+  // column panels), 4 the two halves of a single row's units (k_split_backward).
   int (*step_split)(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
                     int num_threads, bool backward);
   // How the forward computes x_t W_ih^T: one GEMM before the loop (0), inside each step's tiles

@@ -98,10 +98,11 @@ struct Vec<double> {
   double sum() const { return _mm512_reduce_add_pd(v); }
 };
 
-// A 16 x 16 block of floats transposed: dst[i * ld_dst + j] = src[j * ld_src + i] (vec.h has the
-// general W x W one). Rows in registers, then pairs, quads and 128-bit lanes interleaved: 64
-// shuffles for 256 values, where the element-by-element copy packed transposed weights at
-// 12 GB/s (the training calls' W_ih^T and W_hh^T panels).
+// A 16 x 16 block of floats transposed: dst[i * ld_dst + j] = src[j * ld_src + i] (vec_avx2.h has
+// the 8 x 8 one; vec.h's HasTransposeBlock says which builds have one). Rows in registers, then
+// pairs, quads and 128-bit lanes interleaved: 64 shuffles for 256 values, where the
+// element-by-element copy packed transposed weights at 12 GB/s (the training calls' W_ih^T and
+// W_hh^T panels).
 inline void transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
   __m512 r[16], t[16];
   for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);

@@ -54,7 +54,6 @@ struct Vec<float> {
     __m512i e = _mm512_add_epi32(_mm512_cvtps_epi32(n.v), _mm512_set1_epi32(127));
     return {_mm512_castsi512_ps(_mm512_slli_epi32(e, 23))};
   }
-  float sum() const { return _mm512_reduce_add_ps(v); }
 };
 
 template <>
@@ -95,7 +94,6 @@ struct Vec<double> {
     __m512i e = _mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_cvtpd_epi32(n.v)), _mm512_set1_epi64(1023));
     return {_mm512_castsi512_pd(_mm512_slli_epi64(e, 52))};
   }
-  double sum() const { return _mm512_reduce_add_pd(v); }
 };
 
 // A 16 x 16 block of floats transposed: dst[i * ld_dst + j] = src[j * ld_src + i] (vec_avx2.h has

@@ -47,7 +47,6 @@ struct Vec {
   static Mask lt(Vec a, Vec b) { Mask m; for (int i = 0; i < W; ++i) m.m[i] = a.v[i] < b.v[i]; return m; }
   static Mask le(Vec a, Vec b) { Mask m; for (int i = 0; i < W; ++i) m.m[i] = a.v[i] <= b.v[i]; return m; }
   static Mask gt(Vec a, Vec b) { Mask m; for (int i = 0; i < W; ++i) m.m[i] = a.v[i] > b.v[i]; return m; }
-  T sum() const { T s = 0; for (int i = 0; i < W; ++i) s += v[i]; return s; }
 };
 
 }  // namespace FUSEDRNN_ISA_NS

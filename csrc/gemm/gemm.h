@@ -55,7 +55,7 @@ inline void pack_b_rows(int64_t k0, int64_t k1, int64_t p, int64_t N, const T* B
 template <typename T>
 void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out, int nthreads,
             int64_t panel_stride = -1) {
-  constexpr int NR = Tile<T>::NR;  // (for panel_stride)
+  constexpr int NR = Tile<T>::NR;
   const int64_t panels = ceil_div<int64_t>(N, NR);
   if (panel_stride < 0) panel_stride = K * NR;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > (int64_t(1) << 18))

@@ -1,8 +1,8 @@
 // gemm_packed on AMX tiles (gemm/amx.h) for float32 in the "amx" build: the whole-sequence
 // products (the input projection before the loop, the backward's weight gradients and dX) and
-// _C.gemm. B comes packed as pack_b_gemm lays it out, or as it lies (AmxB), and is split a K
-// block at a time (the threads sharing the work), then every 16-row group of A, split, meets
-// all of that block's panels; C carries each element's sum from one K block to the next
+// _C.gemm. B comes packed as pack_b_gemm lays it out, or as it lies (AmxB), and is split a chunk
+// of panels and a K block at a time (the threads sharing the work), then every 16-row group of
+// A, split, meets all of those panels; C carries each element's sum from one K block to the next
 // exactly, so the blocks change no bit and nor do the threads (whole row groups, each
 // element's order fixed).
 #pragma once
@@ -33,10 +33,10 @@ inline bool amx_gemm_shape_takes(int64_t M, int64_t N, int64_t K, bool a_gathere
   const int64_t min_cols = a_gathered ? kAmxGemmMinColsGathered : kAmxGemmMinCols;
   return M >= kAmxGemmMinRows && N >= min_cols && K >= kAmxGemmMinK;
 }
-// Blocking: per K block of kAmxGemmKC (Bp's own K blocks), every panel is split once (KC x N x
-// 6 bytes, shared by the threads) and each block of kAmxGemmGroups 16-row groups of A, split (48
-// KB a group, in L2), meets the panels a pair at a time, the pair (196 KB) in L2 while the
-// block's groups meet it. In-process A/B, 1 thread, against the FMA GEMM in the same minutes:
+// Blocking: per K block of kAmxGemmKC (Bp's own K blocks), every panel of a chunk
+// (kAmxGemmChunkPanels, below) is split once (shared by the threads) and each block of
+// kAmxGemmGroups 16-row groups of A, split (48 KiB a group, in L2), meets the panels a pair at a
+// time, the pair (192 KiB) in L2 while the block's groups meet it. In-process A/B, 1 thread, against the FMA GEMM in the same minutes:
 // with every group meeting all panels in turn, 1024^3 x0.85 (the C tiles reloaded from L3 held
 // up each pair); groups of 2, 4, 8, 12, 16: 1024^3 x1.07, 1.25, 1.39, 1.40, 1.37, 6400x2048x512
 // x1.08, 1.23, 1.29, 1.42, 1.44, 2048x512x6400 (A transposed) x1.07, 1.25, 1.26, 1.29, 1.29.

@@ -28,16 +28,17 @@ template <typename T> struct Tile {
 #endif
 };
 
-// c[r*ldc + n] (+)= sum_k a[r*lda + k] * b[k*NR + n] for r < M (M <= MR), n < NR.
-// A's rows are contiguous in k (callers copy a transposed A into rows first).
+// c[r*ldc + n] (+)= sum_k A(r, k) * b[k*NR + n] for r < M (M <= MR), n < NR, A(r, k) in one of
+// the AForm layouts below (a transposed A reaches them packed: gemm.h's pack_a).
 // With few rows there are too few independent FMA chains to hide the FMA latency (4 cycles,
 // 2 pipes: 8 chains needed), so small M splits k over KS partial sums, added at the end. The
 // order depends only on M, never on threads, so results stay bitwise reproducible.
 // Every product sums k in blocks of kSumBlock terms: each block's chains start from zero and
 // its sum is added to C after, as a BLAS's K blocks are (torch.nn's GEMM sums blocks of 192):
 // one chain over K rounds each term at the running sum's scale, so its error grew with K (K =
-// 1024: twice torch's). A multiple of every KSplit, of a vector's lanes and of the GEMM's KC,
-// so the blocks fall at the same k whichever kernel, K block or thread computes a product.
+// 1024: twice torch's). A multiple of every KSplit and of a vector's lanes, and a divisor of the
+// GEMM's KC, so the blocks fall at the same k whichever kernel, K block or thread computes a
+// product.
 constexpr int64_t kSumBlock = 128;
 // A k block's sum into C: stored as C's value (the first block of a product that does not
 // accumulate) or added to it (onto), then the bias added where given (after the last block).
@@ -66,8 +67,9 @@ enum class AForm { Rows, Panel, Blocked };
 // to A B: a chain started from the bias rounds each of its terms at the bias's scale, which lost
 // up to 20x torch's accuracy where the inputs are small beside the bias.
 // Prefetch: whether B's panel is prefetched ahead (micro_kernel_rows below chooses).
-// NVU: the vectors of the panel computed (FirstHalf: its first only, where a hidden layer's last
-// unit block holds no more units than one vector; the other lanes of C are left as they are).
+// NVU: the vectors of the panel computed (1: its first only, micro_kernel's first_half, where a
+// hidden layer's last unit block holds no more units than one vector; the other lanes of C are
+// left as they are).
 template <typename T, int M, AForm Form, bool Split, bool Prefetch, int NVU = Tile<T>::NV>
 inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, const T* b, T* c,
                                           int64_t ldc, bool accumulate, const T* bias) {

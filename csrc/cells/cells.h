@@ -11,7 +11,8 @@
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 
-// Loads/stores nu - j (<= W) lanes: a whole vector when it fits.
+// Loads/stores the first min(n, W) lanes (n: the row's units left from there): a whole vector
+// when n >= W.
 template <typename T> inline Vec<T> ld(const T* p, int n) {
   return n >= Vec<T>::W ? Vec<T>::load(p) : load_partial(p, n);
 }
@@ -117,7 +118,7 @@ inline void lstm_backward_row(const RowBackward<T>& r) {
     V d_o = dh * tc * o * (one_ - o);
     st(r.dc + j, dc * f, n);
     st_gates(r.dgx + j, H, n, di, df, dg, d_o);
-    // separate buffers when steps and times differ (lengths, reverse)
+    // dGh apart, by step, where steps and times differ (a reversed run; backward_on_threads)
     if (r.dgh != r.dgx) st_gates(r.dgh + j, H, n, di, df, dg, d_o);
   }
 }
@@ -174,7 +175,7 @@ inline void gru_backward_row(const RowBackward<T>& r) {
     V dz = dh * (hp - nn) * z * (one_ - z);
     V dr = dn * ld(r.extra + j, n) * rg * (one_ - rg);
     st_gates(r.dgx + j, H, n, dr, dz, dn);
-    if (r.dgh != r.dgx) st_gates(r.dgh + j, H, n, dr, dz);  // by step (lengths, reverse)
+    if (r.dgh != r.dgx) st_gates(r.dgh + j, H, n, dr, dz);  // by step (a reversed run)
     st(r.dgh_n + j, dn * rg, n);  // d(W_hn h + b_hn): dn carries r
     st(r.dh_prev + j, dh * z, n);
   }

@@ -29,7 +29,8 @@ constexpr int step_tile_rows() { return kAmxRows > Tile<T>::MR ? kAmxRows : Tile
 constexpr int64_t kAmxStepRows = 32, kAmxSmallStepRows = 16;
 constexpr int64_t kAmxSmallStepBytes = int64_t(4) << 20;
 // And the least T*B whose steps repay splitting the weights once a call (with a call's packed
-// forms kept, the later calls only check that they are finite). LSTM, I = H = 512, against
+// forms kept, the later calls only check that the weights still split: weight_splits, which
+// keeps a frozen layer's verdict). LSTM, I = H = 512, against
 // the FMA build: training T x B 4x64 x0.97, 8x32 x0.99, 8x64 x1.08, 16x64 x1.18; inference
 // 1x64 x1.01, 2x32 x1.03, 2x64 x1.18. Inference keeps its forms; training takes the
 // training bound frozen or not (a frozen layer's training keeps its forms too, but gave other

@@ -6,11 +6,13 @@
 // pairs with x), dGh by step (it pairs with the saved states).
 //
 // Threads: one team runs the whole time loop. Its members split the batch rows of the pointwise
-// maths and the column panels of each step's GEMMs, and meet twice a step (more for the LSTM
-// projection and the two-phase GRU) at a short-spin barrier; a single row with small steps is
-// split in two halves of its units instead, which meet once (k_split_backward). A team of small
-// steps first checks that its threads pay (team_probe.h). A single row's long sequence instead
-// walks on one thread while another takes the products of the steps walked (chunked_products).
+// maths and the column panels of each step's GEMMs, and meet twice a step (three times where
+// they share dG W_hh's panels, shares_panels; more for the LSTM projection and the two-phase
+// GRU) at a short-spin barrier; where the weights fit half of L2 each member walks its own rows
+// and never meets (backward_rows_apart); a single row with small steps is split in two halves of
+// its units instead, which meet once (k_split_backward). A team of small steps first checks that
+// its threads pay (team_probe.h). A single row's long sequence instead walks on one thread while
+// another takes the products of the steps walked (products_beside_walk).
 // Every element is the same arithmetic either way, so results are bitwise identical for any
 // thread count.
 #pragma once
@@ -94,7 +96,7 @@ struct BackwardLoop {
   const LayerShape& s;
   Steps steps;
   int G;
-  T *dgx, *dgh, *dghn;  // see backward()
+  T *dgx, *dgh, *dghn;  // see backward_on_threads
   int64_t ld_n;
   const T *whh, *whn, *whr;  // packed: W_hh (GRU: its r, z rows), W_hn, W_hr
   T *dh_a, *dh_b, *dc, *dhf, *dhs, *drh;

@@ -201,9 +201,9 @@ struct ForwardLoop {
   // Gx's rows may lie in another core's cache: the step loop runs on a team (or probes one,
   // team_probe.h), or the threads computed the whole-sequence projection before the walk.
   bool gx_on_other_cores;
-  // The input projection step by step (see in_step_projection): W_ih packed per gate like W_hh,
-  // and the folded bias per gate, gate g's units at bias_in + g * padded_units(); else data is
-  // null and gx holds the whole sequence's projection.
+  // The input projection step by step (in_step_projection) or riding along (projection_rides):
+  // W_ih packed per gate like W_hh, and the folded bias per gate, gate g's units at bias_in + g *
+  // padded_units(); else data is null and gx holds the whole sequence's projection.
   PackedGates<T> w_in{0, 0, nullptr};
   const T* bias_in = nullptr;
   // Whether the in-step projection splits k in tiles of 1-3 rows (KSplit): not where the layer
@@ -275,8 +275,8 @@ struct ForwardLoop {
     }
   }
 
-  // One phase of the cell over rows [r0, r1) and unit blocks [u0, u1): G_tile micro-kernels per
-  // tile for gates g0.., then the row epilogue. `fn` is the cell's row function. a_pack: room
+  // One phase of the cell over p's rows and unit blocks: the products of gates [g0, g0 +
+  // g_count) per tile, then the row epilogue. `fn` is the cell's row function. a_pack: room
   // for this member's rows of A packed (see a_pack_size), or null to read A's rows in place.
   // a_ready: this step's A packed already (AForm::Blocked), every row, or null;
   // a_next: where the epilogue packs the new state, the next step's A, or null.

@@ -10,6 +10,7 @@
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 
+// kernel_api.h's gate_count, compiled in this ISA's namespace (kernel_api.h says why).
 inline int gates_of(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 1; }
 
 // Whether nthreads members can take B rows in equal shares (split_range), each tiled from its

@@ -1,8 +1,9 @@
 // How the forward computes the input projection x_t W_ih^T for a shape: one GEMM over the whole
 // sequence before the time loop, inside each step's tiles, or riding along a single row's steps.
-// The choice depends on the shape only (never on the threads), so results stay bitwise the same
-// for any thread count; forward.h carries it out. Between riding and one GEMM, which give the
-// same bits, the shape's first calls measure which is faster (RideChoice, ride_policy.cpp).
+// Where the bits differ (in the step or not), the choice depends on the shape only, so results
+// stay bitwise the same for any thread count; forward.h carries it out. Riding and one GEMM give
+// the same bits: a step team takes the GEMM, and on one thread the shape's first calls measure
+// which is faster (RideChoice, ride_policy.cpp).
 #pragma once
 #include <chrono>
 #include <cstdint>
@@ -87,7 +88,7 @@ bool projection_apart(const LayerShape& s) {
   const bool w_hh_near_l2 = amx || G * s.H * s.Hout * bytes <= 2 * l2;
   return rows && both_past_l2 && w_hh_near_l2 && 4 * s.I >= s.Hout;
 }
-// in_step_projection's conditions but projection_apart.
+// in_step_projection's conditions but pads_little and projection_apart.
 template <typename T>
 bool in_step_fits(const LayerShape& s, bool has_lengths) {
   const int64_t weight_bytes = gates_of(s.cell) * s.H * (s.I + s.Hout) * int64_t(sizeof(T));

@@ -17,9 +17,9 @@ namespace FUSEDRNN_ISA_NS {
 
 // Steps member 0 runs alone to time them (the team then times as many), or 0 when the team just
 // runs. Small steps only: under ~4 us of work on one thread (200 KFLOP at the ~50 GFLOP/s of such
-// steps), where the barrier's cost decides. The alone steps stay within the ~16 us the teammate
-// spins before it sleeps (waking it costs more than the probe), and sequences under 4 probes just
-// run: the probe would be most of the call.
+// steps), where the barrier's cost decides. The alone steps take at most ~16 us, within the 20 us
+// the teammate spins before it sleeps (StepBarrier::wait; waking it costs more than the probe),
+// and sequences under 4 probes just run: the probe would be most of the call.
 inline int64_t probe_steps(const LayerShape& s) {
   const double flops = recurrent_step_flops(s);
   if (flops >= 2e5) return 0;

@@ -115,7 +115,8 @@ struct ForwardArgs {
   // Training: where x goes packed as the backward's dW_ih = dG^T X takes it (pack_b_gemm,
   // KernelTable::gemm_b_elems long), so that a context which must not keep the caller's x (who
   // may reuse its buffer) keeps this instead of a copy that the backward would pack again; or
-  // null (the context keeps x itself, or a plain copy where packing pads x's rows much).
+  // null (the context keeps x itself, or a plain copy: a single row's, whose backward may slice
+  // it by time, or where packing pads x's rows much; bindings/forward.cpp).
   T* x_packed = nullptr;
   ProbeNote* probe_note = nullptr;  // see ProbeNote, or null: every call probes
   // ONNX's cell options, or null (torch.nn's cells). Inference only, and no projection.

@@ -902,12 +902,13 @@ def test_an_interrupted_training_call_leaves_the_layer_usable(rng, call):
     if call == "backward":
         layer(x)
     claim = layers._Layer._claim_training_call.__code__
+    tracer_before = sys.gettrace()  # (a coverage run's or a debugger's: given back after)
 
     def interrupt_after_the_claim(frame, event, arg):
         if frame.f_code is claim:
             def local(frame, event, arg):
                 if event == "return":
-                    sys.settrace(None)
+                    sys.settrace(tracer_before)
                     raise KeyboardInterrupt  # as a signal handler's, before the caller's `try`
                 return local
             return local
@@ -918,7 +919,7 @@ def test_an_interrupted_training_call_leaves_the_layer_usable(rng, call):
         with pytest.raises(KeyboardInterrupt):
             layer(x) if call == "forward" else layer.backward(dy)
     finally:
-        sys.settrace(None)
+        sys.settrace(tracer_before)
     errors = []
     other = threading.Thread(target=lambda: errors.append(pytest.raises(RuntimeError, layer, x)))
     other.start()

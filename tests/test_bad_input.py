@@ -467,6 +467,36 @@ def test_functional_refusals_name_the_argument():
                    None, None)
 
 
+def _functional_gru(**changes):
+    """functional.forward of a small GRU (T, B, I, H = 5, 3, 4, 4), with ``changes`` to its
+    arguments."""
+    rng = np.random.default_rng(0)
+    args = dict(cell="gru", x=x_of(), h0=None, c0=None,
+                w_ih=rng.standard_normal((12, 4)).astype(F32),
+                w_hh=rng.standard_normal((12, 4)).astype(F32), b_ih=None, b_hh=None)
+    args.update(changes)
+    return functional.forward(**args)
+
+
+@pytest.mark.parametrize("changes,exc,match", [
+    (dict(cell="elman"), ValueError,
+     r"cell must be one of \['gru', 'lstm', 'rnn_relu', 'rnn_tanh'\], got 'elman'"),
+    (dict(x=x_of().astype(np.int32)), TypeError, "x must have dtype float32 or float64, got int32"),
+    (dict(x=[[[1.0]], [[1.0], [2.0]]]), ValueError,
+     "x must be an array, got a list that NumPy cannot read as one"),
+    (dict(x=x_of(T=0)), ValueError, r"x must have at least one time step, got shape \(0, 3, 4\)"),
+    (dict(w_hr=np.zeros((4, 4), F32)), ValueError, r"w_hr \(projection\) exists only for lstm"),
+    (dict(w_hh=np.zeros((12, 3), F32)), ValueError,
+     r"w_hh must have shape \(12, 4\), got \(12, 3\)"),
+    (dict(b_ih=np.zeros(12, F32)), ValueError, "b_ih and b_hh must both be given or both be None"),
+    (dict(b_hh=np.zeros(12, F32)), ValueError, "b_ih and b_hh must both be given or both be None"),
+    (dict(c0=np.zeros((3, 4), F32)), ValueError, "c0 is only for lstm, got an array for gru"),
+])
+def test_functional_checks_name_the_argument(changes, exc, match):
+    with pytest.raises(exc, match=match):
+        _functional_gru(**changes)
+
+
 def test_a_misshaped_argument_is_named_before_a_broadcast_x_is_copied():
     """functional.forward made x C-contiguous before checking the other arguments: a broadcast
     x of 60 TiB as a copy raised MemoryError instead of naming the misshaped h0 (and one that

@@ -89,7 +89,7 @@ def check_layer_args(cell, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, lengths):
         raise ValueError(f"cell must be one of {sorted(GATES)}, got {cell!r}")
     if x is None:
         raise TypeError("x must be an array (T, B, I) of float32 or float64, got None")
-    x = np.asarray(x) if not isinstance(x, np.ndarray) else x
+    x = as_array("x", x)
     if x.dtype.newbyteorder("=") not in FLOAT_DTYPES:
         raise TypeError(f"x must have dtype float32 or float64, got {x.dtype.name}")
     dtype = x.dtype.newbyteorder("=")

@@ -491,3 +491,43 @@ def test_scaled_error_takes_equal_infinities_as_equal_and_others_as_infinitely_w
         wrong = want.copy()
         wrong[i] = value
         assert tolerances.max_scaled_error(wrong, want) == np.inf, (i, value)
+
+
+def test_assert_close_fails_past_the_tolerance_and_on_another_shape():
+    """The oracle comparison every test leans on fails where it must: an error just past the
+    dtype's tolerance, got's NaN where want has a number, and another shape."""
+    want = np.array([1.0, -2.0, 0.5])
+    for dtype in (np.float32, np.float64):
+        for kind, table in (("forward", tolerances.FORWARD), ("gradient", tolerances.GRADIENT)):
+            tol = table[np.dtype(dtype)]
+            near, far = want.copy(), want.copy()
+            near[0] += 0.9 * tol * 2.0          # the scale: max(1, max|want|) = 2
+            far[0] += 1.1 * tol * 2.0
+            assert tolerances.assert_close(near, want, dtype, kind) <= tol
+            with pytest.raises(AssertionError, match=f"y: scaled error .* exceeds {kind} "
+                                                     f"tolerance {tol:g} for {np.dtype(dtype)}"):
+                tolerances.assert_close(far, want, dtype, kind, "y")
+    with pytest.raises(AssertionError, match="exceeds forward tolerance"):
+        tolerances.assert_close(np.array([np.nan, -2.0, 0.5]), want, np.float64)
+    with pytest.raises(AssertionError, match=r"shape \(2,\) != expected \(3,\)"):
+        tolerances.assert_close(want[:2], want, np.float64)
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda w: R.init_weights("gru", 3, 4, proj_size=2), "proj_size is only supported for lstm"),
+    (lambda w: R.init_weights("lstm", 3, 4, proj_size=4), r"proj_size must be 0 or in 1..hidden_size-1"),
+    (lambda w: R.init_weights("lstm", 3, 4, proj_size=-1), r"proj_size must be 0 or in 1..hidden_size-1"),
+    (lambda w: R.forward("rnn_tanh", np.zeros((3, 2)), None, None, **w), r"x must be \(T, B, I\)"),
+    (lambda w: R.forward("rnn_tanh", np.zeros((0, 2, 2)), None, None, **w), "T must be >= 1"),
+    (lambda w: R.forward("rnn_tanh", np.zeros((3, 2, 2)), None, None, **dict(w, w_ih=np.zeros(2))),
+     r"w_ih has shape \(2,\), expected \(1\*H, 2\)"),
+    (lambda w: R.forward("rnn_tanh", np.zeros((3, 2, 2)), None, None, **w, w_hr=np.zeros((1, 2))),
+     "w_hr .* only supported for lstm"),
+    (lambda w: R.forward("rnn_tanh", np.zeros((3, 2, 2)), None, None, **w, lengths=[1.0, 2.0]),
+     "lengths must be integers"),
+    (lambda w: R.backward(None, np.zeros((3, 2, 2))), "backward needs the cache"),
+])
+def test_the_reference_refuses_what_it_cannot_compute(call, match):
+    w = {k: v for k, v in R.init_weights("rnn_tanh", 2, 2, rng=0).items() if k != "w_hr"}
+    with pytest.raises(ValueError, match=match):
+        call(w)

@@ -934,6 +934,30 @@ def test_an_interrupted_training_call_leaves_the_layer_usable(rng, call):
     assert len(errors) == 2
 
 
+def test_a_backward_interrupted_after_consuming_a_layer_refuses_to_run_again(rng, monkeypatch):
+    """A consuming backward frees each layer's saved state as it goes: interrupted below the top
+    layer (a Ctrl-C), the layer still holds the forward's saved state with the top layer's
+    gone, so a second backward says so instead of reading freed state."""
+    from fusedrnn import functional
+    layer = make_layer("lstm", 4, 5, L=2, seed=0)
+    y, _ = layer(rng.standard_normal((3, 2, 4)))
+    real, calls = functional.backward, []
+
+    def interrupted_below_the_top(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:   # layer 1 ran (and consumed its state); layer 0 is interrupted
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(functional, "backward", interrupted_below_the_top)
+    with pytest.raises(KeyboardInterrupt):
+        layer.backward(np.ones_like(y))
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="backward already ran through this saved state with "
+                                           "consume=True, which frees it: run the forward again"):
+        layer.backward(np.ones_like(y))
+
+
 @pytest.mark.parametrize("call", ["forward", "backward"])
 def test_a_claim_taken_by_another_thread_is_not_mistaken_for_the_callers_stale_one(rng, call):
     """The thread that made the last training call calls again while another thread is inside

@@ -205,8 +205,6 @@ def check_config(cell, input_size, hidden_size, num_layers=1, bias=True, batch_f
     linear_before_reset = check_bool("linear_before_reset", linear_before_reset)
     dropout = check_dropout(dropout)
     proj_size = _check_int("proj_size", proj_size, 0)
-    if proj_size and cell != "lstm":
-        raise ValueError(f"proj_size is only for LSTM, got proj_size={proj_size}")
     if proj_size >= hidden_size:
         raise ValueError(f"proj_size must be smaller than hidden_size ({hidden_size}), "
                          f"got {proj_size}")
@@ -452,7 +450,7 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
                 grads[names[key]] = value
             if dx is None:
                 dx = dx_d
-            elif dx_d is not None:
+            else:  # (both directions give dx or neither: dx_needed is the layer's)
                 dx += dx_d            # dx_d are fresh arrays from the kernel
         d_out = dx
     return (d_out if need_dx else None), dh0, dc0, grads

@@ -326,6 +326,38 @@ def test_missing_peers_are_skipped_with_a_line(tmp_path, capsys, monkeypatch):
     assert 'pip install ".[bench]"' in out
 
 
+_WITHOUT_OPTIONAL_PACKAGES = """if True:
+    import runpy, sys
+    for name in ("torch", "onnx", "onnxruntime", "matplotlib", "threadpoolctl"):
+        sys.modules[name] = None   # import raises ImportError, as where none is installed
+    sys.argv = ["fusedrnn.bench", *sys.argv[1:]]
+    runpy.run_module("fusedrnn.bench", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_python_m_fusedrnn_bench_runs_without_its_optional_packages(tmp_path):
+    """`python -m fusedrnn.bench` in a fresh process with none of torch, onnx, onnxruntime,
+    matplotlib and threadpoolctl: it times fusedrnn against the NumPy reference, says what it
+    skipped and why, writes the JSON and no plot, and exits 0."""
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_OPTIONAL_PACKAGES, *TINY,
+                          "--cells", "gru", "--json", str(tmp_path / "out.json"),
+                          "--plot", str(tmp_path / "out")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (f"note: --plot: matplotlib is not installed, so {tmp_path / 'out.png'} will not be "
+            f"written (pip install matplotlib)") in out.stdout
+    assert "peer torch: skipped, not installed" in out.stdout
+    assert "peer onnxruntime: skipped, " in out.stdout
+    assert "threadpoolctl not installed" in out.stdout
+    assert not (tmp_path / "out.png").exists()
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert set(data["peers_skipped"]) == {"torch", "onnxruntime"}
+    assert [set(rec["results"]) for rec in data["cases"]] == [{"fusedrnn", "reference"}] * 2
+    assert all(rec["check"]["ok"] for rec in data["cases"])
+    assert "threadpools" not in data["machine"]["numpy_blas"]
+
+
 def test_a_peer_whose_helper_package_is_missing_says_which(tmp_path, capsys, monkeypatch):
     """onnxruntime installed without onnx (which builds its models) was reported as "not
     installed"."""

@@ -199,6 +199,10 @@ def test_a_hand_built_packed_sequence_that_disagrees_is_named():
     ours = ft.LSTM(4, 3)
     data = torch.randn(5, 4)
     for packed, error, match in [
+            (PackedSequence(torch.randn(5, 3), torch.tensor([3, 2])), ValueError,
+             r"input.data must have shape \(N, 4\), got \(5, 3\)"),
+            (PackedSequence(torch.randn(5, 1, 4), torch.tensor([3, 2])), ValueError,
+             r"input.data must have shape \(N, 4\), got \(5, 1, 4\)"),
             (PackedSequence(data, torch.tensor([2, 3])), ValueError,
              r"input.batch_sizes must start positive and never grow .*got \[2, 3\]"),
             (PackedSequence(torch.randn(6, 4), torch.tensor([3, 2])), ValueError,
@@ -634,6 +638,25 @@ def test_dropout_uses_torch_rng_and_is_off_in_eval():
     assert torch.equal(mod(x)[0], plain(x)[0])
 
 
+def test_dropout_of_one_zeroes_the_layers_above_as_torch_nn():
+    """dropout=1.0 in training: every mask is zero (no draw, as torch's), so the layers above
+    the first see zeros; outputs, gradients and the generator's state after are torch.nn's."""
+    ref = torch.nn.LSTM(3, 5, num_layers=2, dropout=1.0, dtype=torch.float64)
+    ours = ft.LSTM.from_module(copy.deepcopy(ref))
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    outs = []
+    for m in (ref, ours):
+        xi = x.clone().requires_grad_()
+        torch.manual_seed(3)
+        y, (hn, cn) = m(xi)
+        (y.sin().sum() + hn.sum() + cn.sum()).backward()
+        outs.append([y, hn, cn, xi.grad, *(p.grad for p in m.parameters()),
+                     torch.randn(3, dtype=torch.float64)])   # (the generator after)
+    for got, want in zip(*outs):
+        assert_close(got.detach().numpy(), want.detach().numpy(), np.float64)
+    assert outs[1][3].abs().sum() > 0   # (dx through the first layer still flows)
+
+
 @pytest.mark.parametrize("enforce_sorted", [True, False])
 def test_dropout_on_a_packed_sequence_draws_torch_s_masks(enforce_sorted):
     """torch draws a PackedSequence's masks over its packed data: the same seed gives torch's
@@ -768,6 +791,22 @@ def test_nested_tensors_and_dispatching_subclasses_are_refused_by_name():
     mod.weight_hh_l0 = torch.nn.Parameter(TwoTensor(w, w.clone()))
     with pytest.raises(RuntimeError, match="^weight_hh_l0 is of the tensor subclass TwoTensor"):
         mod(x)
+
+
+def test_a_tensor_subclass_of_torch_s_own_dispatch_and_a_negative_view_run_as_their_values():
+    """A subclass that leaves torch's operators to torch (no __torch_dispatch__) holds plain
+    memory, which the kernels read; a negative-bit view (torch._neg_view) holds its values'
+    negation, which they must not read as they are."""
+    class Tagged(torch.Tensor):
+        pass
+
+    mod = ft.GRU(3, 4, num_layers=2)
+    x, h = torch.randn(5, 2, 3), torch.randn(2, 2, 4)
+    y, hn = mod(x, h)
+    for got in (mod(x.as_subclass(Tagged), h.as_subclass(Tagged)),
+                mod(torch._neg_view(-x), torch._neg_view(-h))):
+        torch.testing.assert_close(got[0], y, rtol=0, atol=0)
+        torch.testing.assert_close(got[1], hn, rtol=0, atol=0)
 
 
 def test_adapter_bad_shapes_and_hx_kinds():
@@ -1037,7 +1076,7 @@ def test_a_traced_module_trains_from_two_threads_and_keeps_no_saved_state():
 def test_what_the_adapter_refuses_it_refuses_by_name():
     """Forward-mode AD (its tangents were dropped silently where no parameter needed grad),
     a trace of a PackedSequence (its lengths were constants of the trace), saved-tensor hooks
-    that replace the saved tensors, torch.jit.script, and the
+    that replace the saved tensors or save them to disk, torch.jit.script, and the
     batched gradients of torch's older vmap."""
     import torch.autograd.forward_ad as fwad
     torch.manual_seed(0)
@@ -1059,6 +1098,17 @@ def test_what_the_adapter_refuses_it_refuses_by_name():
         y = mod(x.clone().requires_grad_())[0]
     with pytest.raises(RuntimeError, match="saved_tensors_hooks"):
         y.sum().backward()
+
+    def to_disk(t):   # (torch.save pickles the saved tensors, the kernels' state with them)
+        torch.save(t, io.BytesIO())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(to_disk, lambda t: t):
+        with pytest.raises(TypeError, match="fusedrnn's saved training state .* cannot be pickled "
+                                            "or saved: saved_tensors_hooks that move the saved "
+                                            "tensors to disk are not supported"):
+            mod(x.clone().requires_grad_())
+
     class Wraps(torch.nn.Module):
         def __init__(self):
             super().__init__()

@@ -234,6 +234,24 @@ def test_the_ops_pass_torchs_opcheck(cls, kw):
                           (dy, dhn, dcn, *plain, [p.detach() for p in args[3]], *args[4:]))
 
 
+def test_the_op_names_a_misshaped_state_or_weight():
+    """Called directly (an exported program skips the adapter's checks), the op names what is
+    misshaped: a weight by torch's name, else the state."""
+    m = make(ft.GRU, dict(num_layers=2))
+    x = torch.randn(5, 2, I)
+    w = list(m._flat_weights)
+
+    def op(h0, weights):
+        return torch.ops.fusedrnn.rnn_stack(x, h0, None, weights, "gru", I, H, 2, True, False, 0,
+                                            True)
+
+    with pytest.raises(ValueError, match=rf"^h0 must have shape \(2, {H}\), got \(3, {H}\)"):
+        op(torch.zeros(2, 3, H), w)
+    with pytest.raises(ValueError, match=rf"^weight_hh_l1 must have shape \({3 * H}, {H}\), got "
+                                         rf"\({H}, {H}\)"):
+        op(torch.zeros(2, 2, H), [*w[:5], w[5][:H], *w[6:]])
+
+
 def test_what_export_cannot_take_is_refused_by_name():
     """A PackedSequence's lengths would be constants of the graph, and dropout's masks are
     drawn where the kernels run; the exported op's gradients cannot be differentiated again."""

@@ -232,6 +232,9 @@ def test_run_node_inputs_by_name_or_position(rng):
     odd = onnx.helper.make_node("GRU", ["X", "W", "R"], ["Y"], hidden_size=3, pitch=1)
     with pytest.raises(ValueError, match=r"GRU has no attribute\(s\) \['pitch'\]"):
         onnx_ops.run_node(odd, [a["X"], a["W"], a["R"]])
+    crowded = onnx.helper.make_node("LSTM", ["X", "W", "R", *"abcdef"], ["Y"], hidden_size=3)
+    with pytest.raises(ValueError, match=r"LSTM takes at most 8 inputs .*, the node names 9"):
+        onnx_ops.run_node(crowded, [a["X"], a["W"], a["R"]])
 
 
 def test_nodes_keep_no_packed_forms_of_their_weights(rng):

@@ -486,6 +486,9 @@ def test_gate_reordering_names_an_array_without_whole_gate_blocks():
                 convert(a, "lstm")
     np.testing.assert_array_equal(from_onnx_gates(to_onnx_gates(np.arange(8), "lstm"), "lstm"),
                                   np.arange(8))
+    with pytest.raises(ValueError, match="cell must be one of rnn, rnn_tanh, rnn_relu, lstm, "
+                                         "gru; got 'transformer'"):
+        to_onnx_gates(np.arange(8), "transformer")
 
 @pytest.mark.torch
 def test_onnx_layout_refuses_torch_modules_by_name():
@@ -534,5 +537,9 @@ def test_load_onnx_weights_checks_the_node_it_is_given(rng):
     rnn = fusedrnn.RNN(3, 4, nonlinearity="relu")
     load_onnx_weights(rnn, *onnx_weights(rnn),
                       node=make("RNN", ["X", "W", "R"], ["Y"], activations=["Relu"]))
+    # a forward node listing two, as the RNN schema's default does: ONNX Runtime takes the first
+    tanh = fusedrnn.RNN(3, 4)
+    load_onnx_weights(tanh, *onnx_weights(tanh),
+                      node=make("RNN", ["X", "W", "R"], ["Y"], activations=["Tanh", "Relu"]))
     with pytest.raises(ValueError, match="layer_index must be an int"):
         onnx_weights(gru, True)

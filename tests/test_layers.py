@@ -332,6 +332,7 @@ def test_dropout_and_batch_first_may_be_set_as_on_a_torch_module(rng):
         layer.backward(y)                     # dy would be read in the other layout
     y_bf, _ = layer(x.transpose(1, 0, 2))
     np.testing.assert_array_equal(y_bf, y.transpose(1, 0, 2))
+    layer.batch_first = True                  # (no change: the pending backward stays)
     layer.backward(np.ones_like(y_bf))
     with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\], got 2"):
         layer.dropout = 2
@@ -478,6 +479,27 @@ def test_backward_without_hx_gives_the_gradient_at_the_zero_state(rng, cell):
     np.testing.assert_array_equal(dh0, given[4])
     if cell == "lstm":
         np.testing.assert_array_equal(dc0, given[5])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_backward_of_no_dy_is_that_of_a_zero_dy(rng, cell):
+    """dy=None (a loss of hn alone) is a zero dy: the same dx, dh0 and gradients."""
+    layers = [make_layer(cell, 4, 5, L=2, seed=3) for _ in range(2)]
+    x = rng.standard_normal((3, 2, 4))
+    ys = [layer(x) for layer in layers]
+    dhn = tuple(np.ones_like(h) for h in ys[0][1]) if cell == "lstm" else np.ones_like(ys[0][1])
+    got = layers[0].backward(None, dhn)
+    want = layers[1].backward(np.zeros_like(ys[1][0]), dhn)
+    for a, b in zip(_flat(got), _flat(want)):
+        np.testing.assert_array_equal(a, b)
+    for name in layers[1].grads:
+        np.testing.assert_array_equal(layers[0].grads[name], layers[1].grads[name], err_msg=name)
+
+
+def _flat(out):
+    """The arrays of a backward's (dx, dh0) or (dx, (dh0, dc0))."""
+    dx, dh = out
+    return [dx, *(dh if isinstance(dh, tuple) else (dh,))]
 
 
 @pytest.mark.parametrize("cell", CELLS)
@@ -1397,6 +1419,31 @@ def test_a_gradient_array_swapped_after_calls_is_checked_again(rng):
     assert_close(layer.grads["weight_hh_l0"], kept, np.float32, "gradient", what="weight_hh_l0")
     layer.grads["weight_hh_l0"] = kept
     assert layer._grads_to_add_into(layer.grads) is layer.grads
+
+
+@pytest.mark.parametrize("alias", ["a parameter", "another gradient"])
+def test_gradient_arrays_that_share_memory_are_added_into_after_the_backward(rng, alias):
+    """A gradient array that is a parameter, or that two gradients share, must not take the
+    kernels' adds while they run: those read the weights, and each add would land in the
+    other gradient too. NumPy's += after the backward gives each array its sum."""
+    layer = make_layer("gru", 5, 6, seed=2).train()
+    fresh = make_layer("gru", 5, 6, seed=2).train()
+    x, dy = rng.standard_normal((3, 2, 5)), rng.standard_normal((3, 2, 6))
+    fresh(x)
+    fresh.backward(dy)
+    if alias == "a parameter":
+        shared = layer.grads["weight_hh_l0"] = layer.weight_hh_l0
+        names = ["weight_hh_l0"]
+    else:
+        shared = layer.grads["bias_ih_l0"] = layer.grads["bias_hh_l0"] = np.zeros(18)
+        names = ["bias_ih_l0", "bias_hh_l0"]
+    start = shared.copy()
+    assert layer._grads_to_add_into(layer.grads) is None
+    layer(x)
+    layer.backward(dy)
+    assert_close(shared, start + sum(fresh.grads[n] for n in names), F64, "gradient")
+    for name in fresh.grads.keys() - set(names):
+        assert_close(layer.grads[name], fresh.grads[name], F64, "gradient", what=name)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

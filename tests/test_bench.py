@@ -580,11 +580,34 @@ def test_plot_and_markdown(tmp_path, capsys):
     md_path = tmp_path / "RESULTS.md"
     assert report.main([str(json_path), str(md_path)]) == 0
     assert md_path.read_text() == text
+    capsys.readouterr()
+    assert report.main([str(json_path)]) == 0   # (no file: to stdout)
+    assert capsys.readouterr().out == text
+    assert "slower" not in text
+    data["cases"][0]["results"]["reference"]["speedup"] = 0.5   # (a peer faster than fusedrnn)
+    assert ("## Where fusedrnn is slower (worst first)\n\n"
+            "- T3-B2-I4-H5-L1 rnn infer t=1 vs reference: x0.50\n") in report.markdown(data)
     pytest.importorskip("matplotlib")
     png = tmp_path / "speedups.png"
     assert cli.main([*TINY, "--cells", "rnn", "--mode", "infer", "--peers", "reference",
                      "--plot", str(png)]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@needs_openmp
+def test_a_plot_with_no_peer_and_more_threads_than_cpus_are_noted(tmp_path, capsys, monkeypatch):
+    """--plot with --peers none says up front there is nothing to plot, and after the run that
+    it skipped the plot; thread counts past the machine's CPUs are noted."""
+    pytest.importorskip("matplotlib")
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 1)
+    png = tmp_path / "speedups.png"
+    status, _, out = run_json(tmp_path, capsys, "--quick", "--sizes", "3,2,4,5,1", "--threads",
+                              "2", "--cells", "rnn", "--mode", "infer", "--peers", "none",
+                              "--plot", str(png))
+    assert status == 0 and not png.exists()
+    assert "note: --plot with --peers none: there will be no speed-ups to plot" in out
+    assert "plot: skipped, no peer was timed" in out
+    assert "note: more threads than the 1 logical CPUs of this machine" in out
 
 
 def test_report_says_which_kernels_ran_against_the_peers_fma():

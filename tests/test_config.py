@@ -63,6 +63,31 @@ def test_show_config_reports_isa_and_threads(capsys):
     assert f"isa: {_C.isa()}" in out and "num_threads" in out and "openmp" in out
 
 
+@pytest.mark.parametrize("cpuinfo", [None, "processor\t: 0\nBogoMIPS\t: 50.00\n"],
+                         ids=["no /proc", "no model name"])
+def test_the_cpu_is_named_where_proc_cpuinfo_does_not_name_it(monkeypatch, cpuinfo):
+    """Without /proc/cpuinfo (macOS, Windows) or a "model name" line in it (Linux on ARM),
+    show_config()'s cpu is what the platform module says, never empty."""
+    import builtins
+    import io
+    import platform
+    from fusedrnn import _config
+    real_open = builtins.open
+
+    def fake_open(path, *args, **kwargs):
+        if path != "/proc/cpuinfo":
+            return real_open(path, *args, **kwargs)
+        if cpuinfo is None:
+            raise FileNotFoundError(path)
+        return io.StringIO(cpuinfo)
+
+    monkeypatch.setattr(builtins, "open", fake_open)
+    monkeypatch.setattr(platform, "processor", lambda: "")
+    assert _config.config()["cpu"] == platform.machine() != ""
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert _config._cpu_model() == "arm"
+
+
 def test_threads_set_get_and_refuse_bad_values():
     before = fusedrnn.get_num_threads()
     try:

@@ -56,6 +56,12 @@ void check_shape(const char* name, const Arr<T>& a, std::vector<int64_t> want) {
 template <typename T>
 const T* opt_ptr(const std::optional<Arr<T>>& a) { return a ? a->data() : nullptr; }
 
+// An optional argument's array (None: empty), after require_dtype has checked its dtype.
+template <typename A>
+std::optional<A> optional_cast(const py::object& o) {
+  return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
+}
+
 // A new C-order array in memory from the kernels' block cache (workspace.cpp): training runs
 // allocate the same large saved-state and gradient buffers every call, and fresh pages from the
 // OS cost a fault and a zeroing each.

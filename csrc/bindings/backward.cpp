@@ -184,18 +184,17 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
 py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
                    py::object grads_into, bool add_into, py::object weights, bool need_dx,
                    bool need_weight_grads) {
-  auto opt = [](py::object o, auto tag) {
-    using A = decltype(tag);
-    return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
-  };
   const py::dtype dt = c.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
   require_dtype("dy", dy, dt); require_dtype("dhn", dhn, dt); require_dtype("dcn", dcn, dt);
   if (!grads_into.is_none() && !py::isinstance<py::dict>(grads_into))
     throw py::type_error("grads_into must be a dict of gradient arrays or None");
   const BackwardWeights w = backward_weights(c, weights, dt);
-  if (c.f64)
-    return backward_impl<double>(c, dy, opt(dhn, Arr<double>()), opt(dcn, Arr<double>()), consume, grads_into, add_into, w, need_dx, need_weight_grads);
-  return backward_impl<float>(c, dy, opt(dhn, Arr<float>()), opt(dcn, Arr<float>()), consume, grads_into, add_into, w, need_dx, need_weight_grads);
+  auto run = [&](auto zero) {  // the same call in either precision
+    using T = decltype(zero);
+    return backward_impl<T>(c, dy, optional_cast<Arr<T>>(dhn), optional_cast<Arr<T>>(dcn), consume,
+                            grads_into, add_into, w, need_dx, need_weight_grads);
+  };
+  return c.f64 ? run(0.0) : run(0.0f);
 }
 
 }  // namespace fusedrnn::bindings

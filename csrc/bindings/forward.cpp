@@ -256,23 +256,20 @@ py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, 
                   uint64_t frozen, bool keep_x, py::object onnx, bool keep_packed,
                   bool training_bits) {
   const KernelTable& kt = kernels(isa);
-  auto opt = [](py::object o, auto tag) {
-    using A = decltype(tag);
-    return o.is_none() ? std::optional<A>() : std::optional<A>(o.cast<A>());
-  };
   const bool f64 = is_f64(x);  // first: a float16 x is x's error, not "h0 must be float16"
   const py::dtype dt = x.dtype();
   require_dtype("h0", h0, dt); require_dtype("c0", c0, dt); require_dtype("w_ih", w_ih, dt);
   require_dtype("w_hh", w_hh, dt); require_dtype("b_ih", b_ih, dt); require_dtype("b_hh", b_hh, dt);
   require_dtype("w_hr", w_hr, dt); require_dtype("lengths", lengths, py::dtype::of<int64_t>());
-  std::optional<Arr<int64_t>> len = opt(lengths, Arr<int64_t>());
-  if (f64)
-    return forward_impl<double>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<double>()), w_ih, w_hh,
-                                opt(b_ih, Arr<double>()), opt(b_hh, Arr<double>()), opt(w_hr, Arr<double>()), len,
-                                frozen, keep_x, onnx, keep_packed, training_bits);
-  return forward_impl<float>(kt, cell, lbr, reverse, training, x, h0, opt(c0, Arr<float>()), w_ih, w_hh,
-                             opt(b_ih, Arr<float>()), opt(b_hh, Arr<float>()), opt(w_hr, Arr<float>()), len,
-                             frozen, keep_x, onnx, keep_packed, training_bits);
+  std::optional<Arr<int64_t>> len = optional_cast<Arr<int64_t>>(lengths);
+  auto run = [&](auto zero) {  // the same call in either precision
+    using T = decltype(zero);
+    auto o = [](const py::object& a) { return optional_cast<Arr<T>>(a); };
+    return forward_impl<T>(kt, cell, lbr, reverse, training, x, h0, o(c0), w_ih, w_hh, o(b_ih),
+                           o(b_hh), o(w_hr), len, frozen, keep_x, onnx, keep_packed,
+                           training_bits);
+  };
+  return f64 ? run(0.0) : run(0.0f);
 }
 
 py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list h0, py::list c0,

@@ -197,6 +197,19 @@ def test_bad_lengths(lengths, exc, match):
         fusedrnn.LSTM(4, 3, bidirectional=True)(x_of(), lengths=lengths)
 
 
+@pytest.mark.parametrize("bad", [0, 6, -2 ** 62])
+def test_the_kernels_own_call_refuses_lengths_out_of_range(bad):
+    """_C.forward checks lengths itself (the kernels index by them), whoever called it: the
+    Python checks above never let such lengths reach it."""
+    from fusedrnn import _C
+    rng = np.random.default_rng(0)
+    w_ih, w_hh = rng.standard_normal((3, 4)).astype(F32), rng.standard_normal((3, 3)).astype(F32)
+    h0 = np.zeros((3, 3), F32)
+    lengths = np.array([1, bad, 5], np.int64)
+    with pytest.raises(ValueError, match=f"lengths must lie in 1..5, got {bad}"):
+        _C.forward(0, True, False, True, x_of(), h0, None, w_ih, w_hh, None, None, None, lengths)
+
+
 def test_lengths_of_any_integer_type_work():
     layer = fusedrnn.GRU(4, 3, dtype=F64)
     x = x_of(dtype=F64)

@@ -362,6 +362,9 @@ SHAPES = [
     dict(T=3, B=16, I=5, H=40),  # a 4-row tile (AVX-512: its gates two at a time)
     dict(T=2, B=3, I=4, H=401),
     dict(T=3, B=2, I=0, H=5),  # no input: the gate pre-activations are the biases alone
+    # One row, one step: dX's product of that row sums G*H = 640 (LSTM) over several K blocks,
+    # two panels of W_ih at a time (microkernel.h's row pair, its blocks summed apart).
+    dict(T=1, B=1, I=64, H=160),
 ]
 
 
@@ -553,7 +556,10 @@ def test_chunked_products_add_into_the_gradients(rng):
 @pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
-@pytest.mark.parametrize("B,lengths", [(64, False), (64, True), (48, False), (28, False)])
+# B = 22: shares of 11 rows, the second from row 11, off the 6- and 12-row tile grids (AVX2 and
+# AVX-512 pack their own panels then; no such share keeps the 4-row tiles' chains).
+@pytest.mark.parametrize("B,lengths", [(64, False), (64, True), (48, False), (28, False),
+                                      (22, False)])
 def test_row_shares_give_the_one_thread_bits(rng, two_threads, isa, variant, B, lengths):
     """Two threads split a step's rows in equal shares where each share's tiles keep the one
     thread's chains (forward.h, rows_in_equal_shares): 64 rows as 32 + 32 (tiles of 12, 12, 8,
@@ -917,12 +923,13 @@ def test_backward_needs_training_context():
 # (5, 4100, 1300): B is packed a chunk of K at a time (gemm.h), here one KC block a chunk.
 @pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 33, 5), (64, 48, 300), (13, 129, 257),
                                    (1100, 3, 2000), (5, 4100, 1300)])
-@pytest.mark.parametrize("layout", ["NN", "TN", "NT", "TT"])
+# S: a strided view, neither stride 1 (A packed element by element, gemm.h's pack_a)
+@pytest.mark.parametrize("layout", ["NN", "TN", "NT", "TT", "SS"])
 def test_gemm_against_numpy(rng, isa, dtype, M, N, K, layout):
-    A = rng.standard_normal((M, K) if layout[0] == "N" else (K, M)).astype(dtype)
-    B = rng.standard_normal((K, N) if layout[1] == "N" else (N, K)).astype(dtype)
-    A = A if layout[0] == "N" else A.T
-    B = B if layout[1] == "N" else B.T
+    A = rng.standard_normal((M, K) if layout[0] != "T" else (K, M)).astype(dtype)
+    B = rng.standard_normal((K, N) if layout[1] != "T" else (N, K)).astype(dtype)
+    A = A if layout[0] == "N" else A.T if layout[0] == "T" else np.repeat(A, 2, axis=1)[:, ::2]
+    B = B if layout[1] == "N" else B.T if layout[1] == "T" else np.repeat(B, 2, axis=1)[:, ::2]
     want = A.astype(np.float64) @ B.astype(np.float64)
     got = _C.gemm(A, B, isa=isa)
     err = np.abs(got - want).max() / max(1.0, np.abs(want).max())

@@ -133,7 +133,8 @@ def test_a_stack_whose_layers_take_the_gemm_pipelines_with_its_bits(two_threads,
 @needs_threads
 @pytest.mark.parametrize("case", ["three layers on two threads", "unequal layers", "few rows",
                                   "few steps", "adaptive policy"])
-def test_stacks_that_cannot_pipeline_run_layer_by_layer(two_threads, rng, case):
+@pytest.mark.parametrize("isa", _C.available_isas())
+def test_stacks_that_cannot_pipeline_run_layer_by_layer(two_threads, rng, case, isa):
     """Where one thread a layer would not pay (or could not run), the same call runs each layer
     on the team, with the same results as separate calls."""
     kw = {"three layers on two threads": dict(L=3), "unequal layers": dict(I=48),
@@ -142,9 +143,9 @@ def test_stacks_that_cannot_pipeline_run_layer_by_layer(two_threads, rng, case):
     if case == "adaptive policy":
         fusedrnn.set_thread_policy("adaptive")
     outs, ran = stack_calls_during(
-        lambda: functional.forward_stack("lstm", x, h0, c0, layers, training=False))
+        lambda: functional.forward_stack("lstm", x, h0, c0, layers, training=False, isa=isa))
     assert ran == {"pipelined": 0, "layer_by_layer": 1}
-    for got, want in zip(outs, layer_by_layer(functional, "lstm", x, h0, c0, layers)):
+    for got, want in zip(outs, layer_by_layer(functional, "lstm", x, h0, c0, layers, isa=isa)):
         for a, b in zip(got[:3], want[:3]):
             assert np.array_equal(a, b)
 

@@ -329,6 +329,14 @@ def test_probe_recall_time_is_checked_and_restored():
         _C.set_probe_recall_ms(before)
 
 
+@pytest.mark.parametrize("setter,match", [
+    (_C.set_probe_override, "probe verdict must be 'measured', 'far_team' or 'far_alone', got 'close'"),
+    (_C.set_ride_override, "ride override must be 'measured', 'whole' or 'ride', got 'close'")])
+def test_overrides_refuse_a_name_they_do_not_know(setter, match):
+    with pytest.raises(ValueError, match=match):
+        setter("close")
+
+
 def test_team_barrier_ns_times_a_team_only():
     """The benchmark's gauge of how far apart the cores are (_C.team_barrier_ns): zero for one
     thread, which meets nobody; a positive time per meeting for two, and no hang however many

@@ -73,9 +73,9 @@ const KernelTable* choose() {
                                (kernels_for("amx") ? ", amx" : ""));
     return t;
   }
-  for (const char* isa : {"amx", "avx512", "avx2", "generic"})
+  for (const char* isa : {"amx", "avx512", "avx2"})
     if (const KernelTable* t = kernels_for(isa)) return t;
-  return &generic::kernel_table();
+  return &generic::kernel_table();  // every CPU runs it
 }
 
 }  // namespace

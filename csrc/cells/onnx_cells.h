@@ -2,7 +2,9 @@
 // activation functions, clip, and the LSTM's peepholes and coupled input and forget gates. The
 // gates' inputs are the same tiles as torch.nn's cells get (cells.h); ONNX Runtime's order of
 // operations: peepholes, then clip, then the function. One vector of units at a time: these
-// run where a model asks for the options, not on the benchmark's paths.
+// run where a model asks for the options, not on the benchmark's paths. Inference only (the
+// bindings refuse training): nothing is saved, so only the two-phase GRU's rows write gates (its
+// second phase reads them).
 #pragma once
 #include <algorithm>
 #include <cmath>
@@ -93,7 +95,6 @@ inline void lstm_onnx_forward_row(const RowForward<T>& r) {
     const V og = activate(o.f, clipped(po, clip));
     st(r.c_next + j, c, n);
     st_state(r, j, og * activate(o.h, c), n);
-    if (r.gates) st_gates(r.gates + j, H, n, i, f, g, og);
   }
 }
 
@@ -111,7 +112,7 @@ inline void gru_onnx_forward_row(const RowForward<T>& r) {
   using V = Vec<T>;
   const OnnxCell<T>& o = *r.onnx;
   const V clip = V::set1(o.clip);
-  const int64_t H = r.H, A = r.acc_gate_stride, X = r.gx_gate_stride;
+  const int64_t A = r.acc_gate_stride, X = r.gx_gate_stride;
   for (int j = 0; j < r.nu; j += V::W) {
     const int n = r.nu - j;
     const V rg = onnx_gate(r, 0, j, n, o.f, clip), z = onnx_gate(r, 1, j, n, o.f, clip);
@@ -119,10 +120,6 @@ inline void gru_onnx_forward_row(const RowForward<T>& r) {
     if (r.b_hn) hn_lin = hn_lin + ld(r.b_hn + j, n);
     const V nn = activate(o.g, clipped(V::fma(rg, hn_lin, ld(r.gx + 2 * X + j, n)), clip));
     st_state(r, j, onnx_gru_state(z, nn, ld(r.h_prev + j, n)), n);
-    if (r.gates) {
-      st_gates(r.gates + j, H, n, rg, z, nn);
-      st(r.extra + j, hn_lin, n);
-    }
   }
 }
 

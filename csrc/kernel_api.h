@@ -208,6 +208,9 @@ void free_idle_blocks();
 // Bytes of the blocks handed out and not freed (as asked for), their most at once since the last
 // reset_peak (which sets it to the bytes in use), and the bytes of the idle blocks kept for reuse.
 void workspace_bytes(size_t* in_use, size_t* peak, size_t* idle, bool reset_peak);
+// Tests: the next n block allocations made on OpenMP worker threads (not a region's first
+// thread) throw std::bad_alloc, as a worker running out of memory does; 0 (the default) none.
+void fail_worker_allocations(int64_t n);
 
 // Packed-weight cache (workspace.cpp), per calling thread. cached_packed returns the buffer
 // for the packed form of src (raw_bytes long) under tag, and sets *valid when it was packed from

@@ -14,6 +14,9 @@
 #endif
 #include <new>
 #include <vector>
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
 #include "kernel_api.h"
 
 namespace fusedrnn {
@@ -77,6 +80,19 @@ void refuse_impossible(size_t bytes) {
   if (bytes > size_t(PTRDIFF_MAX) - 2 * kAlign) throw std::bad_alloc();
 }
 
+// fail_worker_allocations: the only way a test can make a worker's allocation fail for sure (an
+// address-space limit hits whichever thread allocates next, usually the caller's).
+std::atomic<int64_t> g_worker_allocations_to_fail{0};
+
+void fail_if_asked_on_a_worker() {
+  if (g_worker_allocations_to_fail.load(std::memory_order_relaxed) <= 0) return;
+#if defined(_OPENMP)
+  if (omp_get_thread_num() != 0 &&
+      g_worker_allocations_to_fail.fetch_sub(1, std::memory_order_relaxed) > 0)
+    throw std::bad_alloc();
+#endif
+}
+
 }  // namespace
 
 #if defined(FUSEDRNN_EXACT_ALLOC)
@@ -84,6 +100,7 @@ void refuse_impossible(size_t bytes) {
 // reuse), so ASan sees any access past the bytes asked for and any use after free.
 void* aligned_alloc_bytes(size_t bytes) {
   refuse_impossible(bytes);
+  fail_if_asked_on_a_worker();
   void* p = nullptr;
   if (posix_memalign(&p, kAlign, kAlign + bytes) != 0 || !p) throw std::bad_alloc();
   static_cast<Header*>(p)->capacity = 0;
@@ -95,6 +112,7 @@ void aligned_free_bytes(void* ptr) {
 #else
 void* aligned_alloc_bytes(size_t bytes) {
   refuse_impossible(bytes);
+  fail_if_asked_on_a_worker();
   if (bytes < kMinCached) {
     void* p = std::aligned_alloc(kAlign, (bytes + kAlign - 1) / kAlign * kAlign + kAlign);
     if (!p) throw std::bad_alloc();
@@ -147,6 +165,10 @@ void aligned_free_bytes(void* ptr) {
   std::free(raw);
 }
 #endif
+
+void fail_worker_allocations(int64_t n) {
+  g_worker_allocations_to_fail.store(n, std::memory_order_relaxed);
+}
 
 void workspace_bytes(size_t* in_use, size_t* peak, size_t* idle, bool reset_peak) {
   if (reset_peak) g_peak = g_in_use.load();

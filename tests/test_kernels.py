@@ -1170,6 +1170,61 @@ def test_memory_running_out_on_a_worker_thread_raises_memory_error(isa, case):
     assert out.stdout.split()[-1] == "True", out.stdout
 
 
+_WORKER_ALLOCATION_FAILS = """
+import sys
+import numpy as np
+import fusedrnn
+from fusedrnn import _C
+fusedrnn.set_thread_policy("fixed")
+for case in sys.argv[1:]:
+    cell, I, H, B, T, mode = case.split()
+    layer = getattr(fusedrnn, cell)(int(I), int(H), seed=0)
+    layer = layer.eval() if mode == "infer" else layer
+    x = np.random.default_rng(0).standard_normal((int(T), int(B), int(I))).astype(np.float32)
+    def call():
+        y = layer(x)[0].copy()
+        if mode == "infer":
+            return [y]
+        layer.zero_grad()
+        return [y, layer.backward(np.ones_like(y))[0], *layer.grads.values()]
+    fusedrnn.set_num_threads(1)
+    want = call()
+    fusedrnn.set_num_threads(2)
+    _C.fail_worker_allocations(1)
+    try:
+        call()
+        outcome = "ran"
+    except MemoryError:
+        outcome = "MemoryError"
+    _C.fail_worker_allocations(0)
+    print(case, outcome, all(np.array_equal(a, b) for a, b in zip(call(), want)))
+"""
+
+# Cases whose worker allocates inside a parallel region: a forward team on one row (first: the
+# worker keeps what it allocates there, so only its first such team allocates), a backward's
+# step team (B = 26), the walk beside the products (one row, T = 300), the GEMMs and step teams
+# of batch 64.
+_WORKER_CASES = ["LSTM 128 128 1 100 infer", "LSTM 32 300 26 6 train", "GRU 32 300 26 6 train",
+                 "GRU 8 64 1 300 train", "LSTM 256 256 64 50 train", "LSTM 256 256 64 50 infer",
+                 "GRU 256 256 64 50 infer"]
+
+
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("isa", ISAS)
+def test_an_allocation_failing_on_a_worker_thread_raises_memory_error(isa):
+    """The address-space test above cannot choose the thread that runs out: there the caller's
+    allocations usually fail first, and the workers' (RegionError, the step barrier's abort) went
+    untested (gcov). _C.fail_worker_allocations makes a worker's next allocation throw: every
+    call raises MemoryError (no std::terminate, no teammate left waiting at a barrier), and the
+    next call gives the one-thread bits. Run apart: a regression would hang or end the process."""
+    out = subprocess.run([sys.executable, "-c", _WORKER_ALLOCATION_FAILS, *_WORKER_CASES],
+                         capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "FUSEDRNN_ISA": isa})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines == [f"{case} MemoryError True" for case in _WORKER_CASES], out.stdout
+
+
 # csrc/workspace.cpp, kPackCacheMaxForms: the packed forms a thread keeps at most.
 PACKED_FORMS_MAX = 4096
 

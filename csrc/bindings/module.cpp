@@ -232,6 +232,10 @@ PYBIND11_MODULE(_C, m) {
      "the kernels' memory blocks (their scratch and the arrays they make), all threads: bytes in "
      "use (as asked for), the most in use at once since the last reset_peak=True (which starts "
      "it from the bytes in use), and the idle blocks kept for reuse");
+  m.def("fail_worker_allocations", [](int64_t n) { fusedrnn::fail_worker_allocations(n); },
+        py::arg("n"),
+        "tests: the next n allocations of the kernels' blocks on OpenMP worker threads fail "
+        "(std::bad_alloc, as running out of memory there); 0 stops it");
   m.def("packed_forms_all_threads", [] { return fusedrnn::packed_forms_all_threads(); },
         "tests: the packed forms every thread's packed-weight cache holds, together");
 

@@ -9,10 +9,8 @@ frozen one keeps none."""
 import copy
 import pickle
 
-import numpy as np
 import pytest
 
-import fusedrnn
 from fusedrnn import _C
 from _threads import results_from_threads
 

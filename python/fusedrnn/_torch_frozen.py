@@ -12,7 +12,6 @@ step, counted by a global optimiser hook, takes the copies again. Writes torch d
 version, the same data_ptr) are not seen: that is the promise freeze() asks for."""
 from typing import NamedTuple
 
-import numpy as np
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 

@@ -60,6 +60,19 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("main", [cli.main, memory.main], ids=["bench", "memory"])
+def test_help_renders_every_option(main, capsys):
+    """--help renders (argparse formats every help text and default only here: a stray % in one
+    raises) and names each option the parser has."""
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    options = {o for a in (cli.parser() if main is cli.main else memory.parser())._actions
+               for o in a.option_strings if o.startswith("--")}
+    assert options and all(o in out for o in options), sorted(o for o in options if o not in out)
+
+
 def test_lists_parse_and_drop_duplicates():
     args = parse("--cells", "gru,rnn,gru", "--threads", "2,1,2", "--mode", "train",
                  "--peers", "reference,torch", "--configs", "wide,stacked")

@@ -11,10 +11,11 @@ from fusedrnn import _C, functional
 ALONE_NS = 1000.0
 
 
-def drive(team_ns, calls=2000, alone_ns=ALONE_NS, seed=0):
-    """Runs one policy for `calls` calls; team_ns(i, rnd) gives call i's time on the threads.
-    Returns the mean time per call and which calls used the threads."""
-    policy, rnd = _C.TeamPolicy(), random.Random(seed)
+def drive(team_ns, calls=2000, alone_ns=ALONE_NS, seed=0, policy=None):
+    """Runs a policy (a new one by default) for `calls` calls; team_ns(i, rnd) gives call i's
+    time on the threads. Returns the mean time per call and which calls used the threads."""
+    policy = _C.TeamPolicy() if policy is None else policy
+    rnd = random.Random(seed)
     total, used = 0.0, []
     for i in range(calls):
         team = policy.choose_team()
@@ -59,8 +60,12 @@ def test_threads_slow_from_the_start_are_found():
 
 
 def test_threads_come_back_when_the_machine_quiets():
-    mean, used = drive(lambda i, rnd: 1270.0 if i < 1000 else 630.0)
-    assert all(used[1100:])
+    policy = _C.TeamPolicy()
+    assert not policy.alone
+    drive(lambda i, rnd: 1270.0, calls=1000, policy=policy)
+    assert policy.alone            # the threads' calls slower than alone: it runs alone
+    mean, used = drive(lambda i, rnd: 630.0, calls=1000, policy=policy)
+    assert all(used[100:]) and not policy.alone
 
 
 def test_ties_never_flap_much():

@@ -2,6 +2,7 @@
 hand and against the kernels' own saved state, real measurements in fresh processes on a size
 big enough to see (several MiB), the command line's JSON, and the report's section."""
 import json
+import shutil
 import sys
 
 import pytest
@@ -82,6 +83,25 @@ def test_a_missing_peer_is_reported_not_raised(monkeypatch, capsys):
     assert memory.child_main(spec) == 0
     got = json.loads(capsys.readouterr().out)
     assert got["unavailable"].startswith("not installed")
+
+
+@needs_linux
+def test_a_child_that_fails_or_hangs_is_reported_not_measured(monkeypatch):
+    """A measurement whose fresh process fails (its last stderr line is the reason) or gives no
+    result in time is 'not measured' with the reason, in the record and the progress line; the
+    other measurements go on."""
+    got = memory.measure(MEASURED, "nope", "fusedrnn")        # the child's KeyError
+    assert got["unavailable"].startswith("failed (exit status 1): KeyError"), got
+    got = memory.measure(MEASURED, "lstm", "fusedrnn", timeout_s=0.001)
+    assert got == {"unavailable": "failed: no result within 0.001 s"}
+    monkeypatch.setattr(sys, "executable", shutil.which("false"))   # exits 1, says nothing
+    said = []
+    data = memory.measure_all([(MEASURED, "rnn")], peers=("fusedrnn",), say=said.append)
+    (rec,) = data["records"]
+    assert rec["not_measured"] == {"fusedrnn": "failed (exit status 1): no output"}
+    assert rec["peak_extra_bytes"] == {} and rec["versions"] == {}
+    assert said == [f"memory {MEASURED.name} rnn fusedrnn: not measured, failed (exit status 1): "
+                    "no output"]
 
 
 def test_other_systems_get_a_clear_result(monkeypatch):

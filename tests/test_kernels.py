@@ -1119,18 +1119,31 @@ def test_a_packed_form_whose_memory_failed_leaves_no_entry():
     assert out.stdout.split() == ["0", "2", "True"]  # then W_ih's and W_hh's forms, with memory
 
 
-_THREADS_WITHOUT_MEMORY = """
-import resource, sys
+# The subprocesses' layer call: "CELL I H B T MODE" -> a function giving its outputs (and in
+# training its gradients), fresh copies.
+_LAYER_CALL = """
+import sys
 import numpy as np
 import fusedrnn
-cell, I, H, B, T = sys.argv[1], *map(int, sys.argv[2:6])
-layer = getattr(fusedrnn, cell)(I, H, seed=0)
-x = np.random.default_rng(0).standard_normal((T, B, I)).astype(np.float32)
-def call():
-    y = layer(x)[0].copy()
-    layer.zero_grad()
-    return [y, layer.backward(np.ones_like(y))[0], *layer.grads.values()]
+from fusedrnn import _C
+def layer_call(case):
+    cell, I, H, B, T, mode = case.split()
+    layer = getattr(fusedrnn, cell)(int(I), int(H), seed=0)
+    layer = layer.eval() if mode == "infer" else layer
+    x = np.random.default_rng(0).standard_normal((int(T), int(B), int(I))).astype(np.float32)
+    def call():
+        y = layer(x)[0].copy()
+        if mode == "infer":
+            return [y]
+        layer.zero_grad()
+        return [y, layer.backward(np.ones_like(y))[0], *layer.grads.values()]
+    return call
 fusedrnn.set_thread_policy("fixed")
+"""
+
+_THREADS_WITHOUT_MEMORY = _LAYER_CALL + """
+import resource
+call = layer_call(" ".join(sys.argv[1:]) + " train")
 fusedrnn.set_num_threads(1)
 want = call()
 call()   # (its blocks kept: the calling thread's buffers need no new memory)
@@ -1170,23 +1183,9 @@ def test_memory_running_out_on_a_worker_thread_raises_memory_error(isa, case):
     assert out.stdout.split()[-1] == "True", out.stdout
 
 
-_WORKER_ALLOCATION_FAILS = """
-import sys
-import numpy as np
-import fusedrnn
-from fusedrnn import _C
-fusedrnn.set_thread_policy("fixed")
+_WORKER_ALLOCATION_FAILS = _LAYER_CALL + """
 for case in sys.argv[1:]:
-    cell, I, H, B, T, mode = case.split()
-    layer = getattr(fusedrnn, cell)(int(I), int(H), seed=0)
-    layer = layer.eval() if mode == "infer" else layer
-    x = np.random.default_rng(0).standard_normal((int(T), int(B), int(I))).astype(np.float32)
-    def call():
-        y = layer(x)[0].copy()
-        if mode == "infer":
-            return [y]
-        layer.zero_grad()
-        return [y, layer.backward(np.ones_like(y))[0], *layer.grads.values()]
+    call = layer_call(case)
     fusedrnn.set_num_threads(1)
     want = call()
     fusedrnn.set_num_threads(2)

@@ -30,8 +30,11 @@ def x_of(T=5, B=3, I=4, dtype=F32):
      r"proj_size must be smaller than hidden_size \(3\), got 3"),
     (lambda: fusedrnn.LSTM(4, 3, proj_size=5), ValueError, "proj_size must be smaller"),
     (lambda: fusedrnn.LSTM(4, 3, proj_size=-1), ValueError, "proj_size must be >= 0, got -1"),
-    (lambda: fusedrnn.GRU(4, 3, proj_size=2), TypeError, "proj_size"),
-    (lambda: fusedrnn.RNN(4, 3, proj_size=2), TypeError, "proj_size"),
+    # torch.nn's words and exception, for any proj_size on RNN or GRU (0 too)
+    (lambda: fusedrnn.GRU(4, 3, proj_size=2), ValueError,
+     "proj_size argument is only supported for LSTM, not RNN or GRU"),
+    (lambda: fusedrnn.RNN(4, 3, proj_size=0), ValueError,
+     "proj_size argument is only supported for LSTM, not RNN or GRU"),
     (lambda: fusedrnn.RNN(4, 3, nonlinearity="sigmoid"), ValueError,
      "nonlinearity must be 'tanh' or 'relu', got 'sigmoid'"),
     (lambda: fusedrnn.GRU(4, 3, num_layers=2, dropout=1.5), ValueError,
@@ -79,11 +82,11 @@ def test_train_mode_must_be_bool():
 # Forward arguments
 
 @pytest.mark.parametrize("x,match", [
-    (np.zeros((5, 3, 7), F32), r"x must have shape \(T, B, 4\) or \(T, 4\) unbatched, "
+    (np.zeros((5, 3, 7), F32), r"input must have shape \(T, B, 4\) or \(T, 4\) unbatched, "
                                r"got \(5, 3, 7\)"),
-    (np.zeros((5, 3, 4, 1), F32), r"x must have shape \(T, B, 4\) .*got \(5, 3, 4, 1\)"),
-    (np.zeros(4, F32), r"x must have shape \(T, B, 4\) .*got \(4,\)"),
-    (np.zeros((0, 3, 4), F32), r"x must have at least one time step, got shape \(0, 3, 4\)"),
+    (np.zeros((5, 3, 4, 1), F32), r"input must have shape \(T, B, 4\) .*got \(5, 3, 4, 1\)"),
+    (np.zeros(4, F32), r"input must have shape \(T, B, 4\) .*got \(4,\)"),
+    (np.zeros((0, 3, 4), F32), r"input must have at least one time step, got shape \(0, 3, 4\)"),
 ])
 def test_x_of_wrong_shape(x, match):
     with pytest.raises(ValueError, match=match):
@@ -91,7 +94,7 @@ def test_x_of_wrong_shape(x, match):
 
 
 def test_x_shape_message_for_batch_first():
-    with pytest.raises(ValueError, match=r"x must have shape \(B, T, 4\)"):
+    with pytest.raises(ValueError, match=r"input must have shape \(B, T, 4\)"):
         fusedrnn.GRU(4, 3, batch_first=True)(np.zeros((2, 5, 3), F32))
 
 
@@ -99,13 +102,13 @@ def test_x_shape_message_for_batch_first():
                                                  (F64, np.float16), (F32, np.complex64)])
 def test_x_of_another_dtype_is_refused_not_cast(layer_dtype, x_dtype):
     layer = fusedrnn.LSTM(4, 3, dtype=layer_dtype)
-    with pytest.raises(TypeError, match=f"x must have dtype {np.dtype(layer_dtype).name} "
+    with pytest.raises(TypeError, match=f"input must have dtype {np.dtype(layer_dtype).name} "
                                         rf"\(the layer's dtype\), got {np.dtype(x_dtype).name}"):
         layer(np.zeros((2, 1, 4), x_dtype))
 
 
 def test_list_input_is_float64_and_refused_by_a_float32_layer():
-    with pytest.raises(TypeError, match="x must have dtype float32 .*got float64"):
+    with pytest.raises(TypeError, match="input must have dtype float32 .*got float64"):
         fusedrnn.RNN(1, 2)([[[0.5]]])
     y, _ = fusedrnn.RNN(1, 2, dtype=F64)([[[0.5]]])
     assert y.shape == (1, 1, 2)
@@ -600,14 +603,15 @@ def test_lengths_numpy_cannot_read_are_named():
         fusedrnn.GRU(4, 3)(x_of(), lengths=[[5], [4, 3], 2])
 
 def test_a_big_endian_input_is_named_as_such():
-    with pytest.raises(TypeError, match=r"x must be native-byte-order float32 \(the layer's "
+    with pytest.raises(TypeError, match=r"input must be native-byte-order float32 \(the layer's "
                                         r"dtype\), got >f4"):
         fusedrnn.GRU(4, 3)(x_of().astype(">f4"))
 
 
 def test_an_input_numpy_cannot_read_is_named():
     """A ragged list gave NumPy's "setting an array element with a sequence" naming no argument."""
-    with pytest.raises(ValueError, match="x must be an array, got a list that NumPy cannot read"):
+    with pytest.raises(ValueError,
+                       match="input must be an array, got a list that NumPy cannot read"):
         fusedrnn.GRU(1, 3, dtype=F64)([[[1.0]], [[1.0], [2.0]]])
     layer = fusedrnn.GRU(4, 3)
     y, _ = layer(x_of())
@@ -620,8 +624,8 @@ def test_a_packed_sequence_is_named_with_what_to_pass_instead():
     """Code moved from torch.nn passes a PackedSequence; NumPy read it as a ragged tuple."""
     torch = pytest.importorskip("torch")
     packed = torch.nn.utils.rnn.pack_padded_sequence(torch.from_numpy(x_of()), [5, 4, 2])
-    with pytest.raises(TypeError, match=r"x is a torch PackedSequence: .* take the padded array "
-                                        r"with lengths="):
+    with pytest.raises(TypeError, match=r"input is a torch PackedSequence: .* take the padded "
+                                        r"array with lengths="):
         fusedrnn.LSTM(4, 3)(packed)
 
 

@@ -425,6 +425,23 @@ def test_torch_constructor_positional_arguments_mean_what_they_mean_for_torch(ce
     assert_close(layer(x.numpy())[0], want, np.float64)
 
 
+@pytest.mark.parametrize("cell", CELLS)
+def test_forward_takes_torchs_argument_names(cell):
+    """``layer(input=x, hx=h)``, as torch.nn's forward(input, hx=None) is called by name."""
+    kind = cell.split("_")[0]
+    kw = {"rnn_relu": {"nonlinearity": "relu"}}.get(cell, {})
+    m = {"rnn": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[kind](3, 4, **kw)
+    layer = {"rnn": fusedrnn.RNN, "lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU}[kind](3, 4, **kw)
+    layer.load_state_dict(m.state_dict())
+    x, h = torch.randn(5, 2, 3), torch.randn(1, 2, 4)
+    hx = (h, torch.randn(1, 2, 4)) if kind == "lstm" else h
+    with torch.no_grad():
+        want = m(input=x, hx=hx)[0].numpy()
+    np_hx = tuple(t.numpy() for t in hx) if kind == "lstm" else hx.numpy()
+    assert_close(layer(input=x.numpy(), hx=np_hx)[0], want, np.float32)
+    assert_close(layer.forward(input=x.numpy(), hx=np_hx)[0], want, np.float32)
+
+
 def test_state_dict_not_strict_names_the_keys_torch_names():
     """load_state_dict(strict=False) reports the same missing and unexpected keys as torch's."""
     m = torch.nn.LSTM(4, 3, num_layers=2, proj_size=2)

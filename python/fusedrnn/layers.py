@@ -526,23 +526,25 @@ class _Layer:
         return np.zeros_like(p)
 
     # -- forward
-    def __call__(self, x, hx=None, lengths=None):
-        """``layer(x, hx=None, lengths=None)``: forward()."""
-        return self.forward(x, hx, lengths)
+    def __call__(self, input, hx=None, lengths=None):
+        """``layer(input, hx=None, lengths=None)``: forward()."""
+        return self.forward(input, hx, lengths)
 
-    def forward(self, x, hx=None, lengths=None):
-        """``y, hn = layer(x, hx=None, lengths=None)`` (LSTM: ``y, (hn, cn)``, hx ``(h0, c0)``), as
-        torch.nn's. x: (T, B, input_size), (B, T, input_size) with ``batch_first``, or unbatched
+    def forward(self, input, hx=None, lengths=None):
+        """``y, hn = layer(input, hx=None, lengths=None)`` (LSTM: ``y, (hn, cn)``, hx ``(h0, c0)``),
+        as torch.nn's, whose argument names these are (``layer(input=x, hx=h)`` works alike).
+        input: (T, B, input_size), (B, T, input_size) with ``batch_first``, or unbatched
         (T, input_size); h0 and hn: (num_layers * num_directions, B, proj_size or hidden_size),
-        c0 and cn: (num_layers * num_directions, B, hidden_size), without B for unbatched x;
-        hx None: zeros. y: (T, B, num_directions * (proj_size or hidden_size)) in x's layout.
+        c0 and cn: (num_layers * num_directions, B, hidden_size), without B for an unbatched
+        input; hx None: zeros. y: (T, B, num_directions * (proj_size or hidden_size)) in the
+        input's layout.
         ``lengths`` (one int per batch row, 1..T): as a PackedSequence padded back, y is 0 past
         a row's length and hn its state there. In training mode (the default) the call keeps
         what ``backward`` needs."""
         s = self._spec
-        x = _as_array("x", x, self.dtype)
+        x = _as_array("input", input, self.dtype)
         if x.ndim not in (2, 3) or x.shape[-1] != s.input_size:
-            raise ShapeError(f"x must have shape {self._x_desc()} or (T, {s.input_size}) "
+            raise ShapeError(f"input must have shape {self._x_desc()} or (T, {s.input_size}) "
                              f"unbatched, got {x.shape}")
         unbatched = x.ndim == 2
         if unbatched:
@@ -553,11 +555,11 @@ class _Layer:
             x_tm = x
         T, B = x_tm.shape[:2]
         if T < 1:
-            raise ShapeError(f"x must have at least one time step, got shape {x.shape}")
+            raise ShapeError(f"input must have at least one time step, got shape {x.shape}")
         h0, c0 = self._check_hx(hx, B, unbatched)
         if lengths is not None and unbatched:
-            raise ValueError("lengths is for batched input; for unbatched x (T, I) pass "
-                             "x[:length] instead")
+            raise ValueError("lengths is for batched input; for an unbatched input (T, I) "
+                             "pass input[:length] instead")
         lengths = _as_lengths(lengths, T, B)
         make_mask = None
         if base.dropout_active(s, self.training):
@@ -770,6 +772,14 @@ def _to_numpy(v, what="value"):
     return as_array(what, v)
 
 
+def _refuse_proj_size(proj_size):
+    """RNN and GRU take no projections. torch.nn's accept ``proj_size`` as a keyword only to
+    refuse it (any value, 0 too) with this ValueError, and so do these: a TypeError instead
+    would slip past code that catches torch's."""
+    if proj_size is not None:
+        raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+
+
 class RNN(_Layer):
     """Elman RNN, ``h' = tanh(W_ih x + b_ih + W_hh h + b_hh)`` (or relu), as torch.nn.RNN.
 
@@ -780,7 +790,8 @@ class RNN(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, device=None,
-                 dtype=np.float32, seed=None):
+                 dtype=np.float32, seed=None, *, proj_size=None):
+        _refuse_proj_size(proj_size)
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         spec = base.check_config(f"rnn_{nonlinearity}", input_size, hidden_size, num_layers,
@@ -802,7 +813,8 @@ class GRU(_Layer):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, device=None, dtype=np.float32, seed=None,
-                 *, linear_before_reset=True):
+                 *, linear_before_reset=True, proj_size=None):
+        _refuse_proj_size(proj_size)
         spec = base.check_config("gru", input_size, hidden_size, num_layers, bias, batch_first,
                                  dropout, bidirectional, linear_before_reset=linear_before_reset)
         super().__init__(spec, device, dtype, seed)

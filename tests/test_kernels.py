@@ -1407,6 +1407,20 @@ def test_gradients_to_add_into_are_checked(rng):
         backward(bias_ih=shared, bias_hh=shared)
     with pytest.raises(ValueError, match="must not share memory with the weights"):
         backward(weight_hh=w["w_hh"])
+    # a key the backward writes no gradient for would keep its values, taken for a gradient
+    with pytest.raises(ValueError, match=r'grads_into\["weight_hr"\]: this backward has no such '
+                                         r'gradient \(it writes weight_ih, weight_hh, bias_ih, '
+                                         r'bias_hh\); drop the key'):
+        backward(weight_hr=np.zeros((6, 6)))
+    with pytest.raises(ValueError, match=r'grads_into\["weight_ih_l0"\]: this backward has no'):
+        backward(weight_ih_l0=np.zeros((24, 5)))
+    ctx = functional.forward("lstm", case["x"], case["h0"], case["c0"], w["w_ih"], w["w_hh"],
+                             None, None)[3]
+    into = {k: np.full(s, 7.0) for k, s in shapes.items()}
+    with pytest.raises(ValueError, match=r'grads_into\["bias_ih"\]: this backward has no such '
+                                         r'gradient \(it writes weight_ih, weight_hh\)'):
+        functional.backward(ctx, case["dy"], grads_into=into)
+    assert all((a == 7.0).all() for a in into.values()), "refused, yet written"
     with pytest.raises(TypeError, match="grads_into must be a dict"):
         ctx = functional.forward("lstm", case["x"], case["h0"], case["c0"], w["w_ih"], w["w_hh"],
                                  w["b_ih"], w["b_hh"])[3]

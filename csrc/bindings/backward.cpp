@@ -1,6 +1,7 @@
 // BPTT through a training forward's context: the upstream gradients and the caller's gradient
 // arrays (grads_into) checked, the weights read (the forward's or the caller's), the kernels run
 // without the GIL.
+#include <algorithm>
 #include <cstring>
 #include <stdexcept>
 
@@ -50,6 +51,20 @@ void require_gradients_apart(const std::vector<py::object>& outs,
     for (const py::object& r : reads)
       if (meet(span(outs[i]), span(r)))
         fail("grads_into's arrays must not share memory with the weights, x, dy, dhn or dcn");
+  }
+}
+
+// Every key of grads_into names a gradient this backward writes: an array under any other key
+// (a bias's for a layer without biases, weight_hr's without projections, a misspelt name) would
+// keep its old values while the caller takes them for gradients.
+void refuse_unwritten_keys(const py::dict& into, const std::vector<std::string>& written) {
+  for (auto item : into) {
+    const std::string key = py::str(item.first);
+    if (std::find(written.begin(), written.end(), key) != written.end()) continue;
+    std::string names;
+    for (const std::string& w : written) names += (names.empty() ? "" : ", ") + w;
+    fail("grads_into[\"" + key + "\"]: this backward has no such gradient (it writes " + names +
+         "); drop the key");
   }
 }
 
@@ -114,7 +129,9 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   const bool given = need_weight_grads && !grads_into.is_none();
   const bool accumulate = given && add_into;
   py::dict into = given ? grads_into.cast<py::dict>() : py::dict();
+  std::vector<std::string> written;
   auto gradient = [&](const char* key, std::vector<int64_t> shape) {
+    written.emplace_back(key);
     return given ? gradient_in_place<T>(into, key, shape) : empty<T>(shape);
   };
   if (need_weight_grads) {
@@ -124,6 +141,7 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
     if (s.has_proj) dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
   }
   if (given) {
+    refuse_unwritten_keys(into, written);
     std::vector<py::object> outs, reads{c.x, w.w_ih, w.w_hh, w.w_hr, dy};
     for (auto* o : {&dw_ih, &dw_hh, &db_ih, &db_hh, &dw_hr})
       if (*o) outs.push_back(**o);

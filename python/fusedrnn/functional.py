@@ -160,8 +160,9 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     """``consume=True``: this is the last backward through ``ctx`` (a later one raises), so the
     kernels may keep their gradients where the forward saved its gates instead of in a buffer as
     large (the layers pass it: they forget the forward after its backward). ``grads_into``: None,
-    or a dict with grads' keys whose arrays (writeable, C-contiguous, of the layer's dtype and the
-    gradients' shapes, sharing no memory with the weights or inputs) the weight and bias
+    or a dict with grads' keys (those only: another key raises) whose arrays (writeable,
+    C-contiguous, of the layer's dtype and the gradients' shapes, sharing no memory with the
+    weights or inputs) the weight and bias
     gradients are added into, as the layers accumulate theirs, or, with ``add_into=False``,
     written over whatever they held (a layer's gradients reset to None, as torch's
     ``zero_grad(set_to_none=True)``: no pass of zeros first); ``grads`` then holds those

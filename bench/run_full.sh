@@ -9,9 +9,11 @@
 # folder, so rebuilding the extension during the run cannot pull _C*.so from under it.
 # Extra arguments go to the benchmark (e.g. --threads 1).
 #
-# AVX512_PASS=1 adds a pass over the GEMM-bound configs with FUSEDRNN_ISA=avx512 (fusedrnn on
-# the same FMA as the peers instead of AMX tiles) into bench/RESULTS_avx512.md: off by default,
-# it makes the run about half as long again.
+# AMX_PASS=1 adds a pass over the GEMM-bound configs with FUSEDRNN_ISA=amx (fusedrnn's products
+# on AMX tiles instead of the FMA the peers run, which the default kernels run too; see
+# bench/ISA_AB.md) into bench/RESULTS_amx.md: off by default, it makes the run about half as
+# long again. (bench/RESULTS_avx512.md is the converse pass of an earlier session, when the
+# tiles were the default on a CPU with AMX.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 snapshot="$(mktemp -d)"
@@ -25,13 +27,13 @@ if [ -f bench/results.json ]; then
     PYTHONPATH="$snapshot" python -m fusedrnn.bench.report bench/results.json bench/RESULTS.md \
         && echo "wrote bench/RESULTS.md"
 fi
-if [ "${AVX512_PASS:-0}" = 1 ]; then
-    FUSEDRNN_ISA=avx512 PYTHONPATH="$snapshot" python -m fusedrnn.bench \
-        --configs fastrnns,wide,deepbench-train --json bench/results_avx512.json \
-        --plot bench/speedups_avx512.png 2>&1 | tee bench/out/avx512_run.log
+if [ "${AMX_PASS:-0}" = 1 ]; then
+    FUSEDRNN_ISA=amx PYTHONPATH="$snapshot" python -m fusedrnn.bench \
+        --configs fastrnns,wide,deepbench-train --json bench/results_amx.json \
+        --plot bench/speedups_amx.png 2>&1 | tee bench/out/amx_run.log
     [ "${PIPESTATUS[0]}" = 0 ] || status=1
-    PYTHONPATH="$snapshot" python -m fusedrnn.bench.report bench/results_avx512.json \
-        bench/RESULTS_avx512.md --plot-name speedups_avx512.png \
-        && echo "wrote bench/RESULTS_avx512.md"
+    PYTHONPATH="$snapshot" python -m fusedrnn.bench.report bench/results_amx.json \
+        bench/RESULTS_amx.md --plot-name speedups_amx.png \
+        && echo "wrote bench/RESULTS_amx.md"
 fi
 exit "$status"

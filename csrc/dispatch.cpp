@@ -1,4 +1,9 @@
-// Picks the kernel build for this CPU: the best supported ISA, or the one FUSEDRNN_ISA names.
+// Picks the kernel build for this CPU: the widest FMA build it supports (avx512, avx2, generic),
+// or the one FUSEDRNN_ISA names. The amx build (float32 products on AMX tiles) runs only when
+// named, here or by a call's isa: the tiles are a unit that the two hyperthreads of a core
+// share, and on a VM whose neighbours use them they lost to the AVX-512 build in most of the
+// benchmark matrix (bench/ISA_AB.md: 25 minutes interleaved, the tiles slower than torch.nn in
+// 14 of 72 cases, the AVX-512 build in none), winning x1.15-1.3 only in quiet minutes.
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -73,7 +78,7 @@ const KernelTable* choose() {
                                (kernels_for("amx") ? ", amx" : ""));
     return t;
   }
-  for (const char* isa : {"amx", "avx512", "avx2"})
+  for (const char* isa : {"avx512", "avx2"})
     if (const KernelTable* t = kernels_for(isa)) return t;
   return &generic::kernel_table();  // every CPU runs it
 }

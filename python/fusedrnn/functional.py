@@ -16,7 +16,8 @@ the last backward through it (the kernels then reuse its saved state; a later ba
 
 Arrays must share one float dtype (float32 or float64); other layouts are copied to C order only
 when needed and inputs are never modified. ``isa`` ("generic", "avx2", "avx512", "amx") runs one
-build of the kernels instead of the one chosen at import (tests use it to cover every path).
+build of the kernels instead of the one chosen at import (tests use it to cover every path; the
+amx build, float32 products on AMX tiles, runs only where named: README, "Development").
 """
 import numpy as np
 

@@ -221,8 +221,8 @@ def isa_line(data):
             "3-way bfloat16 split of each float (six part products summed in float32: "
             "float32's accuracy, not a bfloat16 mode); torch, ONNX Runtime and NumPy run "
             "AVX-512 float32 FMA. Much of the GEMM-bound configs' speed-up comes from the "
-            "tiles and does not carry over to CPUs without AMX; FUSEDRNN_ISA=avx512 gives the "
-            "FMA-only figures (bench/run_full.sh with AVX512_PASS=1).")
+            "tiles and does not carry over to CPUs without AMX; without FUSEDRNN_ISA=amx (the "
+            "default kernels) fusedrnn runs AVX-512 FMA too.")
 
 
 def _by_regime(recs, peer):

@@ -106,7 +106,8 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mode", choices=["infer", "train"], default="infer")
     ap.add_argument("--reps", type=int, default=7, help="blocks per build (each ~0.2 s)")
-    ap.add_argument("--isa", default=None, help="kernels to run (default: the best this CPU has)")
+    ap.add_argument("--isa", default=None,
+                    help="kernels to run (default: the build chosen at import)")
     ap.add_argument("--edit-weights", action="store_true",
                     help="change the weights in place before every call, as a training loop's "
                          "optimiser does (the edit's time counts for every build alike)")

@@ -632,6 +632,9 @@ def test_report_says_which_kernels_ran_against_the_peers_fma():
     assert "AVX-512 float32 FMA" in line and "without FUSEDRNN_ISA=amx" in line
     data["machine"]["isa"] = "avx512"
     assert report.summary(data)[0].startswith("kernels: fusedrnn ran its avx512 kernels")
+    assert "AMX" not in report.summary(data)[0]
+    data["machine"]["available_isas"] = ["generic", "avx2", "avx512", "amx"]
+    assert "This CPU has AMX: FUSEDRNN_ISA=amx runs" in report.summary(data)[0]
 
 
 def test_summary_gives_each_regime_its_own_mean_and_the_peak_is_called_a_reference_rate():

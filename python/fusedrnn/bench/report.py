@@ -215,8 +215,13 @@ def isa_line(data):
     GEMM-bound speed-up is the tiles', which a CPU without AMX does not get."""
     isa = data["machine"]["isa"]
     if isa != "amx":
-        return (f"kernels: fusedrnn ran its {isa} kernels, float32 FMA like the peers' "
+        line = (f"kernels: fusedrnn ran its {isa} kernels, float32 FMA like the peers' "
                 f"(torch's oneDNN/MKL, ONNX Runtime's MLAS, NumPy's BLAS).")
+        if "amx" in data["machine"].get("available_isas", ()):
+            line += (" This CPU has AMX: FUSEDRNN_ISA=amx runs float32 products on its tiles "
+                     "instead (exact, not a bfloat16 mode): faster where a core's tiles are "
+                     "its own, slower on a VM whose neighbours share them (bench/ISA_AB.md).")
+        return line
     return ("kernels: fusedrnn ran its amx kernels, float32 products on AMX tiles via an exact "
             "3-way bfloat16 split of each float (six part products summed in float32: "
             "float32's accuracy, not a bfloat16 mode); torch, ONNX Runtime and NumPy run "

@@ -107,6 +107,19 @@ def test_x_of_another_dtype_is_refused_not_cast(layer_dtype, x_dtype):
         layer(np.zeros((2, 1, 4), x_dtype))
 
 
+def test_another_dtype_is_caught_as_torch_nn_raises_it():
+    """torch.nn raises ValueError for an input of another dtype than the weights' and
+    RuntimeError for such an hx; ours is a TypeError and both of those, as the adapter's."""
+    h = np.zeros((1, 3, 3), F32)
+    calls = [lambda: fusedrnn.GRU(4, 3)(x_of(dtype=F64)),
+             lambda: fusedrnn.GRU(4, 3)(x_of(), h.astype(F64)),
+             lambda: fusedrnn.LSTM(4, 3)(x_of(), (h, h.astype(F64)))]
+    for call in calls:
+        for kind in (TypeError, ValueError, RuntimeError):
+            with pytest.raises(kind, match="must have dtype float32"):
+                call()
+
+
 def test_list_input_is_float64_and_refused_by_a_float32_layer():
     with pytest.raises(TypeError, match="input must have dtype float32 .*got float64"):
         fusedrnn.RNN(1, 2)([[[0.5]]])

@@ -2,16 +2,11 @@
 layer runs in (the parameters' dtype, where one is given)."""
 import torch
 
-from ._validate import ShapeError
+from ._validate import DtypeError, ShapeError
 
 KERNEL_DTYPES = (torch.float32, torch.float64)      # what the kernels compute in
 LOW_DTYPES = (torch.bfloat16, torch.float16)        # computed in float32 (_torch_precision)
 _RUNS = KERNEL_DTYPES + LOW_DTYPES
-
-
-class DtypeError(TypeError, ValueError, RuntimeError):
-    """A tensor of another dtype than the parameters': torch.nn raises ValueError for the input
-    and RuntimeError for hx, so code that catches either still does."""
 
 
 class TensorKindError(ValueError, RuntimeError):

@@ -20,6 +20,13 @@ class StateStructureError(TypeError, ValueError, RuntimeError):
     torch.nn fails with IndexError or AttributeError)."""
 
 
+class DtypeError(TypeError, ValueError, RuntimeError):
+    """An array or tensor of another dtype than the one it must have (never cast): a TypeError,
+    and the ValueError torch.nn raises for an input of another dtype than its weights' and the
+    RuntimeError it raises for such an hx, so code that catches torch's still does. One class
+    for the NumPy layers and the torch adapter."""
+
+
 def as_array(name, a):
     """``a`` as an ndarray (no copy when it is one), its conversion errors naming ``name``."""
     if not isinstance(a, np.ndarray):
@@ -39,17 +46,18 @@ def as_array(name, a):
 
 
 def as_dtype_array(name, a, dtype, whose=""):
-    """``a`` as an ndarray of exactly ``dtype``: no copy, and never a cast (a TypeError instead).
+    """``a`` as an ndarray of exactly ``dtype``: no copy, and never a cast (a DtypeError instead).
     ``whose`` qualifies the dtype in the message, e.g. " (the layer's dtype)"."""
     if a is None:
         raise TypeError(f"{name} must be an array, got None")
     a = as_array(name, a)
     if a.dtype != dtype:
         if a.dtype.newbyteorder("=") == np.dtype(dtype).newbyteorder("="):
-            raise TypeError(f"{name} must be native-byte-order {np.dtype(dtype).name}{whose}, "
+            raise DtypeError(f"{name} must be native-byte-order {np.dtype(dtype).name}{whose}, "
                             f"got {a.dtype.str}: pass {name}.astype({name}.dtype.newbyteorder("
                             f"'='))")
-        raise TypeError(f"{name} must have dtype {np.dtype(dtype).name}{whose}, got {a.dtype.name}")
+        raise DtypeError(f"{name} must have dtype {np.dtype(dtype).name}{whose}, "
+                         f"got {a.dtype.name}")
     return a
 
 

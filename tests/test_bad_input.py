@@ -68,6 +68,19 @@ def test_bad_constructor_arguments(make, exc, match):
         make()
 
 
+def test_wrong_types_torch_refuses_with_valueerror_are_valueerrors_too():
+    """torch.nn raises ValueError for a dropout that is not a number (a str, a bool) and for a
+    train() mode that is not a bool; ours are TypeErrors that are ValueErrors too."""
+    calls = [(lambda: fusedrnn.GRU(4, 3, num_layers=2, dropout="0.5"), "dropout must be a number"),
+             (lambda: fusedrnn.LSTM(4, 3, num_layers=2, dropout=True), "dropout must be a number"),
+             (lambda: fusedrnn.GRU(2, 3).train(0), "mode must be a bool, got int"),
+             (lambda: fusedrnn.RNN(2, 3).train(None), "mode must be a bool, got NoneType")]
+    for call, match in calls:
+        for kind in (TypeError, ValueError):
+            with pytest.raises(kind, match=match):
+                call()
+
+
 def test_dropout_with_one_layer_warns_like_torch():
     with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
         fusedrnn.LSTM(4, 3, dropout=0.2)

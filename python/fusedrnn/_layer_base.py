@@ -185,9 +185,15 @@ def check_seed(seed):
     return int(seed)
 
 
+class TorchValueTypeError(TypeError, ValueError):
+    """An argument of the wrong type where torch.nn raises ValueError (a dropout that is not a
+    number, a train() mode that is not a bool): a TypeError, as fusedrnn raises for a wrong
+    type, and a ValueError, so code that catches torch's still does."""
+
+
 def check_dropout(dropout):
     if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real):
-        raise TypeError(f"dropout must be a number in [0, 1], got {type(dropout).__name__}")
+        raise TorchValueTypeError(f"dropout must be a number in [0, 1], got {type(dropout).__name__}")
     if not 0 <= dropout <= 1:
         raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
     return float(dropout)

@@ -215,7 +215,7 @@ class _Layer:
     def train(self, mode=True):
         """Training mode (the default): dropout on, forward keeps what backward needs."""
         if not isinstance(mode, (bool, np.bool_)):
-            raise TypeError(f"mode must be a bool, got {type(mode).__name__}")
+            raise base.TorchValueTypeError(f"mode must be a bool, got {type(mode).__name__}")
         self.training = bool(mode)
         return self
 

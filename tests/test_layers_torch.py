@@ -550,7 +550,9 @@ CASTS = {"double": lambda m: m.double(), "float": lambda m: m.float(),
          "to(float64)": lambda m: m.to(torch.float64),
          "to(cpu, float64)": lambda m: m.to("cpu", torch.float64),
          "to(dtype=float64)": lambda m: m.to(dtype=torch.float64),
-         "to(cpu)": lambda m: m.to("cpu"), "cpu": lambda m: m.cpu()}
+         "to(cpu)": lambda m: m.to("cpu"), "cpu": lambda m: m.cpu(),
+         # torch's to(tensor): that tensor's dtype and device (ours refused it as a device)
+         "to(tensor)": lambda m: m.to(torch.zeros(1, dtype=torch.float64))}
 
 
 @pytest.mark.parametrize("cast", CASTS)

@@ -118,6 +118,12 @@ def _is_torch_dtype(a):
     return type(a).__module__ == "torch" and type(a).__name__ == "dtype"
 
 
+def _is_torch_tensor(a):
+    """Whether ``a`` is a torch.Tensor (a Parameter too), without importing torch."""
+    return type(a).__module__.startswith("torch") and all(
+        hasattr(a, k) for k in ("dtype", "device", "detach"))
+
+
 def _immutable_copy(a):
     """A read-only copy of ``a`` that NumPy refuses to make writable: its memory is a bytes
     object's."""
@@ -243,10 +249,13 @@ class _Layer:
 
     # -- dtype and device (torch.nn.Module's casts)
     def to(self, *args, device=None, dtype=None, non_blocking=False):
-        """torch.nn.Module.to on the CPU: ``to(dtype)``, ``to(device)``, ``to(device, dtype)`` or
-        the keywords. The device must be the CPU; the dtype float32 or float64, NumPy's or
-        torch's (a str is a device, as torch reads it). Returns the layer; a new dtype gives
-        new arrays for the parameters and gradients: take ``named_parameters()`` again."""
+        """torch.nn.Module.to on the CPU: ``to(dtype)``, ``to(device)``, ``to(device, dtype)``,
+        ``to(tensor)`` (its dtype and device) or the keywords. The device must be the CPU; the
+        dtype float32 or float64, NumPy's or torch's (a str is a device, as torch reads it).
+        Returns the layer; a new dtype gives new arrays for the parameters and gradients: take
+        ``named_parameters()`` again."""
+        if len(args) == 1 and _is_torch_tensor(args[0]):
+            args = (args[0].device, args[0].dtype)
         for a in args:
             if isinstance(a, (np.dtype, type)) or _is_torch_dtype(a):
                 if dtype is not None:

@@ -453,6 +453,17 @@ def test_state_dict_not_strict_names_the_keys_torch_names():
     assert (got.missing_keys, got.unexpected_keys) == (want.missing_keys, want.unexpected_keys)
 
 
+def test_load_state_dict_result_prints_as_torchs():
+    """torch's result of a load where every key matched prints "<All keys matched
+    successfully>" (repr and str), as a notebook shows it."""
+    m = torch.nn.GRU(4, 3)
+    want = m.load_state_dict(m.state_dict())
+    got = fusedrnn.GRU(4, 3).load_state_dict(m.state_dict())
+    assert repr(want) == "<All keys matched successfully>"
+    assert (repr(got), str(got)) == (repr(want), str(want))
+    assert got == ([], []) and got.missing_keys == []
+
+
 @pytest.mark.parametrize("cell", CELLS)
 def test_reset_parameters_draws_as_torch_into_the_same_arrays(cell):
     """torch's reset_parameters() returns None and draws every parameter (weight_hr too) from

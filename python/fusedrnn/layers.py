@@ -68,9 +68,20 @@ def _references_of_an_unheld_local():
     g = np.empty(0)
     return _reference_count(g)
 
-# What load_state_dict returns, as torch's (its _IncompatibleKeys): the layer's names the
-# state dict lacked and the state dict's names the layer has not.
-IncompatibleKeys = collections.namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+class IncompatibleKeys(collections.namedtuple("IncompatibleKeys",
+                                              ["missing_keys", "unexpected_keys"])):
+    """What load_state_dict returns, as torch's (its _IncompatibleKeys): the layer's names the
+    state dict lacked and the state dict's names the layer has not."""
+    __slots__ = ()
+
+    def __repr__(self):
+        # torch's words where every key matched, which a notebook shows after a load
+        if not self.missing_keys and not self.unexpected_keys:
+            return "<All keys matched successfully>"
+        return super().__repr__()
+
+    __str__ = __repr__
 
 
 class _MismatchError(ValueError, RuntimeError):

@@ -352,7 +352,8 @@ def test_init_matches_torch_distribution():
 @pytest.mark.parametrize("cell", CELLS)
 def test_parameter_attributes_and_all_weights_as_torch(cell):
     """The same attribute names as torch.nn's modules (parameters, mode, proj_size), and
-    all_weights grouped as torch groups it (per layer and direction, in order)."""
+    all_weights grouped as torch groups it (per layer and direction, in order); its names, in
+    _flat_weights_names, which code that rewraps an RNN's weights (weight drop) reads."""
     kw = dict(num_layers=2, bidirectional=True)
     kw.update({"lstm": {"proj_size": 2}, "rnn_relu": {"nonlinearity": "relu"}}.get(cell, {}))
     kind = cell.split("_")[0]
@@ -360,6 +361,7 @@ def test_parameter_attributes_and_all_weights_as_torch(cell):
     layer = {"rnn": fusedrnn.RNN, "lstm": fusedrnn.LSTM, "gru": fusedrnn.GRU}[kind](3, 4, **kw)
     layer.load_state_dict(m.state_dict())
     assert (layer.mode, layer.proj_size) == (m.mode, m.proj_size)
+    assert layer._flat_weights_names == m._flat_weights_names
     for name, p in m.named_parameters():
         np.testing.assert_array_equal(getattr(layer, name), p.detach().numpy())
     assert [[tuple(w.shape) for w in g] for g in m.all_weights] == \

@@ -371,6 +371,12 @@ class _Layer:
         return sorted(set(super().__dir__()) | set(self.__dict__.get("_params", ())))
 
     @property
+    def _flat_weights_names(self):
+        """torch.nn.RNNBase's list of parameter names in its order (private there, yet read by
+        code that rewraps an RNN's weights, as weight drop does)."""
+        return list(self._params)
+
+    @property
     def all_weights(self):
         """Per layer and direction, its parameters in torch's order (as torch's all_weights)."""
         s, groups = self._spec, []

@@ -193,7 +193,8 @@ class TorchValueTypeError(TypeError, ValueError):
 
 def check_dropout(dropout):
     if isinstance(dropout, (bool, np.bool_)) or not isinstance(dropout, numbers.Real):
-        raise TorchValueTypeError(f"dropout must be a number in [0, 1], got {type(dropout).__name__}")
+        raise TorchValueTypeError(f"dropout must be a number in [0, 1], "
+                                  f"got {type(dropout).__name__}")
     if not 0 <= dropout <= 1:
         raise ValueError(f"dropout must be a probability in [0, 1], got {dropout}")
     return float(dropout)

@@ -616,6 +616,8 @@ def test_parameters_are_attributes_under_torch_names(rng):
         layer.weight_ih_l0 = np.zeros((12, 4))
     with pytest.raises(TypeError, match="bias_hh_l0 must have a float dtype, got int64"):
         layer.bias_hh_l0 = np.zeros(12, dtype=np.int64)
+    with pytest.raises(TypeError, match=r"bias_hh_l0 must be an array of shape \(12,\), got None"):
+        layer.bias_hh_l0 = None     # (it said "must have a float dtype, got object")
     with pytest.raises(AttributeError, match="no attribute 'weight_hr_l0'"):
         layer.weight_hr_l0
     layer.note = "plain attributes still work"

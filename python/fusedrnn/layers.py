@@ -504,6 +504,9 @@ class _Layer:
         checked = {}
         for name, value in values.items():
             what = label.format(name)
+            if value is None:  # (torch takes it, and its next forward fails)
+                raise TypeError(f"{what} must be an array of shape {expected[name]}, got None: "
+                                f"a layer's parameters stay (bias=False leaves out the biases)")
             v = _to_numpy(value, what)
             if v.dtype.kind != "f":
                 raise TypeError(f"{what} must have a float dtype, got {v.dtype.name}")

@@ -226,6 +226,17 @@ def test_bad_lengths(lengths, exc, match):
         fusedrnn.LSTM(4, 3, bidirectional=True)(x_of(), lengths=lengths)
 
 
+def test_lengths_out_of_range_are_caught_as_torchs_packing_raises_them():
+    """pack_padded_sequence raises RuntimeError for a length of 0: so does ours (a ValueError
+    too), for the layers and fusedrnn.functional alike."""
+    for call in (lambda: fusedrnn.GRU(4, 3)(x_of(), lengths=[0, 2, 5]),
+                 lambda: functional.forward("gru", x_of(), None, None, np.zeros((9, 4), F32),
+                                            np.zeros((9, 3), F32), None, None, lengths=[1, 6, 5])):
+        for exc in (ValueError, RuntimeError):
+            with pytest.raises(exc, match="lengths must lie in 1..5"):
+                call()
+
+
 @pytest.mark.parametrize("bad", [0, 6, -2 ** 62])
 def test_the_kernels_own_call_refuses_lengths_out_of_range(bad):
     """_C.forward checks lengths itself (the kernels index by them), whoever called it: the

@@ -12,6 +12,11 @@ class ShapeError(ValueError, RuntimeError):
     still catches it."""
 
 
+class LengthsRangeError(ValueError, RuntimeError):
+    """A length under 1 or past T: a ValueError, and the RuntimeError torch's
+    pack_padded_sequence raises for a length of 0, so code written for that still catches it."""
+
+
 class StateStructureError(TypeError, ValueError, RuntimeError):
     """hx (or dhn) of the wrong structure: a tuple where one array goes, or an LSTM state that is
     not a pair. One class for the NumPy layers and the torch adapter, caught as any of the errors
@@ -86,8 +91,8 @@ def as_lengths(lengths, T, B, name="lengths", least=1):
     if arr.shape != (B,):
         raise ShapeError(f"{name} must have shape ({B},) (one per batch row), got {arr.shape}")
     if B and (arr.min() < least or arr.max() > T):
-        raise ValueError(f"{name} must lie in {least}..{T} (the number of time steps), got "
-                         f"min {arr.min()} and max {arr.max()}")
+        raise LengthsRangeError(f"{name} must lie in {least}..{T} (the number of time steps), "
+                                f"got min {arr.min()} and max {arr.max()}")
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 

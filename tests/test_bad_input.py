@@ -657,6 +657,18 @@ def test_an_input_numpy_cannot_read_is_named():
 
 
 @pytest.mark.torch
+def test_a_tensor_that_requires_grad_is_named_with_what_to_pass_instead():
+    """torch's own refusal ("Can't call numpy() on Tensor that requires grad") named nothing."""
+    torch = pytest.importorskip("torch")
+    x = torch.from_numpy(x_of()).requires_grad_(True)
+    with pytest.raises(TypeError, match=r"input is a torch tensor that requires grad: .* pass "
+                                        r"input.detach\(\), or use fusedrnn.torch's modules"):
+        fusedrnn.LSTM(4, 3)(x)
+    y, _ = fusedrnn.LSTM(4, 3, seed=0)(x.detach())
+    np.testing.assert_array_equal(y, fusedrnn.LSTM(4, 3, seed=0)(x_of())[0])
+
+
+@pytest.mark.torch
 def test_a_packed_sequence_is_named_with_what_to_pass_instead():
     """Code moved from torch.nn passes a PackedSequence; NumPy read it as a ragged tuple."""
     torch = pytest.importorskip("torch")

@@ -42,6 +42,12 @@ def as_array(name, a):
                             f"the padded array with lengths= (torch.nn.utils.rnn."
                             f"pad_packed_sequence gives both); fusedrnn.torch's modules take "
                             f"a PackedSequence")
+        if getattr(a, "requires_grad", False) is True and hasattr(a, "detach"):
+            # (torch's own refusal, "Can't call numpy() on Tensor that requires grad", names no
+            # argument and no way on)
+            raise TypeError(f"{name} is a torch tensor that requires grad: fusedrnn's NumPy "
+                            f"layers take no part in autograd, so pass {name}.detach(), or use "
+                            f"fusedrnn.torch's modules, which do")
         try:
             a = np.asarray(a)
         except (ValueError, TypeError) as e:  # NumPy's own message names no argument

@@ -501,6 +501,7 @@ def test_state_dict_prefix_and_destination_give_torch_keys():
     want_keys = m.load_state_dict(m.state_dict(prefix="rnn."), strict=False)
     got_keys = layer.load_state_dict(layer.state_dict(prefix="rnn."), strict=False)
     assert tuple(got_keys) == tuple(want_keys)
+    assert type(layer.state_dict()) is type(m.state_dict())   # an OrderedDict (it was a dict)
 
 
 @pytest.mark.parametrize("strict", [True, False])

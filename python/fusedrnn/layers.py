@@ -342,7 +342,7 @@ class _Layer:
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         base.check_bool("keep_vars", keep_vars)
         if destination is None:
-            destination = {}
+            destination = collections.OrderedDict()  # torch's type, which code may test for
         elif not isinstance(destination, collections.abc.MutableMapping):
             raise TypeError(f"destination must be None or a mutable mapping (a dict) to fill, "
                             f"got {type(destination).__name__}")

@@ -65,8 +65,8 @@ def as_dtype_array(name, a, dtype, whose=""):
     if a.dtype != dtype:
         if a.dtype.newbyteorder("=") == np.dtype(dtype).newbyteorder("="):
             raise DtypeError(f"{name} must be native-byte-order {np.dtype(dtype).name}{whose}, "
-                            f"got {a.dtype.str}: pass {name}.astype({name}.dtype.newbyteorder("
-                            f"'='))")
+                             f"got {a.dtype.str}: pass {name}.astype({name}.dtype.newbyteorder("
+                             f"'='))")
         raise DtypeError(f"{name} must have dtype {np.dtype(dtype).name}{whose}, "
                          f"got {a.dtype.name}")
     return a

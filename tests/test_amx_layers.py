@@ -31,3 +31,23 @@ def test_the_layer_suites_pass_on_the_amx_build():
     assert "(isa amx," in r.stdout, f"the child did not run the amx build:\n{tail}"
     assert r.returncode == 0, f"the layer suites failed on the amx build:\n{tail}"
     assert " passed" in tail and " failed" not in tail, tail
+
+
+@pytest.mark.skipif("amx" not in _C.available_isas(), reason="this CPU does not run AMX")
+def test_the_amx_builds_process_gauges_answer():
+    """_C.team_barrier_ns and _C.cache_bytes ask the process's build (no isa argument), so the
+    amx build's answer them only under FUSEDRNN_ISA=amx: a time a meeting for two threads, zero
+    for one, and the same caches as the default build sees."""
+    code = ("import fusedrnn; from fusedrnn import _C; fusedrnn.set_num_threads(2); "
+            "ns = _C.team_barrier_ns(2000); fusedrnn.set_num_threads(1); "
+            "print(_C.isa(), ns, _C.team_barrier_ns(100), _C.cache_bytes()['l2'], "
+            "_C.cache_bytes()['l3'])")
+    r = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, FUSEDRNN_ISA="amx"),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    isa, two, one, l2, l3 = r.stdout.split()
+    assert isa == "amx"
+    if _C.openmp:
+        assert 0 < float(two) < 1e6, two  # a meeting, not a stall
+    assert float(one) == 0
+    assert (int(l2), int(l3)) == (_C.cache_bytes()["l2"], _C.cache_bytes()["l3"])

@@ -278,12 +278,15 @@ def test_projection_beside_a_walk_alone_gives_the_one_thread_bits(
 
 
 @pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("isa", _C.available_isas())
 @pytest.mark.parametrize("verdict", ["far_team", "far_alone"])
 def test_probe_verdicts_are_remembered_for_the_next_calls_of_a_shape(two_threads, probe_verdict,
-                                                                       rng, verdict):
+                                                                       rng, verdict, isa):
     """After a probe finds the cores far apart, the next 15 calls of the shape (forward and
     backward apart) take its verdict without probing, with the same bits; the 16th probes
-    again. Another shape probes for itself, and setting the override forgets every verdict."""
+    again. Another shape probes for itself, and setting the override forgets every verdict.
+    Every build (each compiles team_probe.h): the amx build's recalled verdicts ran here only
+    while it was the default."""
     cell, lbr, H = PROBED[2]
     T, I = 73, 8  # 16 probe steps: T >= 64
     args = [rng.standard_normal((T, 1, I)), np.zeros((1, H)), np.zeros((1, H)),
@@ -301,7 +304,7 @@ def test_probe_verdicts_are_remembered_for_the_next_calls_of_a_shape(two_threads
         return out, (after[verdict] - before[verdict], after[recalled] - before[recalled])
 
     def train(a):
-        y, hn, cn, ctx = functional.forward(cell, *a, training=True)
+        y, hn, cn, ctx = functional.forward(cell, *a, training=True, isa=isa)
         return [y, hn, cn, *functional.backward(ctx, np.ones_like(y))[:3]]
 
     first, probed = counts(lambda: train(args))

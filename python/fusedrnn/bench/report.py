@@ -220,7 +220,7 @@ def isa_line(data):
         if "amx" in data["machine"].get("available_isas", ()):
             line += (" This CPU has AMX: FUSEDRNN_ISA=amx runs float32 products on its tiles "
                      "instead (exact, not a bfloat16 mode): faster where a core's tiles are "
-                     "its own, slower on a VM whose neighbours share them (bench/ISA_AB.md).")
+                     "its own, not on a VM whose neighbours share them (bench/ISA_AB.md).")
         return line
     return ("kernels: fusedrnn ran its amx kernels, float32 products on AMX tiles via an exact "
             "3-way bfloat16 split of each float (six part products summed in float32: "

@@ -22,56 +22,42 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import ab_builds  # noqa: E402  (the problems and calls of the build A/B)
+import ab_builds  # noqa: E402  (the kernel calls of the build A/B)
 
-CELLS = ("rnn_tanh", "lstm", "gru")
+CELLS = ("rnn", "lstm", "gru")   # the benchmark's names ("rnn": tanh)
 THREADS = (1, 2)
 ROUNDS = 5
 
 
-def torch_runner(torch, config, cell, layers, train):
-    """torch.nn's module with the same weights: inference_mode, or forward and backward(dy)."""
-    cls = {"rnn_tanh": torch.nn.RNN, "lstm": torch.nn.LSTM, "gru": torch.nn.GRU}[cell]
-    m = cls(config.I, config.H, num_layers=config.L)
-    with torch.no_grad():
-        for k, p in enumerate(layers):
-            for ours, theirs in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"),
-                                 ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
-                getattr(m, f"{theirs}_l{k}").copy_(torch.from_numpy(p[ours]))
-    x, dy = torch.from_numpy(layers[0]["x"]), torch.from_numpy(layers[-1]["dy"])
-    if not train:
-        m.eval()
-
-        def run():
-            with torch.inference_mode():
-                m(x)
-        return run
-    x = x.clone().requires_grad_(True)
-
-    def run():
-        m.zero_grad(set_to_none=True)
-        x.grad = None
-        m(x)[0].backward(dy)
-    return run
+def kernel_layers(problem):
+    """The benchmark's Problem as bench/ab_builds.py's per-layer dicts: each layer's weights and
+    initial states, x on the first, dy on the last."""
+    layers = [dict(w, h0=problem.h0[k], c0=None if problem.c0 is None else problem.c0[k])
+              for k, w in enumerate(problem.layers)]
+    layers[0]["x"], layers[-1]["dy"] = problem.x, problem.dy
+    return layers
 
 
-def sweep(ext, torch, isas, configs, out, index):
-    rng = np.random.default_rng(index)
+def sweep(ext, torch_peer, isas, configs, out, index):
+    """One pass over the configs: per case, ROUNDS rounds of each ISA's and torch's block."""
+    from fusedrnn.bench.cases import make_problem
     for config in configs:
         for cell in CELLS:
-            layers = ab_builds.stack_problem(config, cell, rng)
-            for train in (False, True):
+            problem = make_problem(config, cell, seed=index)
+            kernel_cell, layers = problem.kernel_cell, kernel_layers(problem)
+            for mode in ("infer", "train"):
+                train = mode == "train"
                 for threads in THREADS:
                     ext.set_num_threads(threads)
-                    torch.set_num_threads(threads)
+                    torch_peer.set_threads(threads)
                     if config.L > 1:
                         def ours(isa):
-                            ab_builds.call_stack(ext, cell, layers, train, isa)
+                            ab_builds.call_stack(ext, kernel_cell, layers, train, isa)
                     else:
                         def ours(isa):
-                            ab_builds.call(ext, cell, layers[0], train, isa)
+                            ab_builds.call(ext, kernel_cell, layers[0], train, isa)
                     runs = {isa: (lambda isa=isa: ours(isa)) for isa in isas}
-                    runs["torch"] = torch_runner(torch, config, cell, layers, train)
+                    runs["torch"] = torch_peer.prepare(problem, mode)
                     for run in runs.values():   # warm-up: packing caches, page faults
                         run()
                     t0 = time.perf_counter()
@@ -86,12 +72,12 @@ def sweep(ext, torch, isas, configs, out, index):
                                 runs[name]()
                             row[name] = (time.perf_counter() - t0) / inner * 1e3
                         rows.append(row)
-                    rec = dict(sweep=index, time=time.time(), config=config.name, cell=cell,
-                               mode="train" if train else "infer", threads=threads, rows=rows)
+                    rec = dict(sweep=index, time=time.time(), config=config.name, cell=kernel_cell,
+                               mode=mode, threads=threads, rows=rows)
                     out.write(json.dumps(rec) + "\n")
                     out.flush()
                     med = {n: np.median([row[n] for row in rows]) for n in names}
-                    print(f"sweep {index} {config.name} {cell} {rec['mode']} t={threads}: "
+                    print(f"sweep {index} {config.name} {kernel_cell} {mode} t={threads}: "
                           + "  ".join(f"{n} {med[n]:.3f} ms" for n in names), flush=True)
 
 
@@ -147,8 +133,8 @@ def main():
         return summary(args.summary)
     if not args.out:
         ap.error("--out is needed to run (or --summary to read a run)")
-    import torch
     from fusedrnn import _C
+    from fusedrnn.bench.peers.torch_nn import TorchPeer
     from fusedrnn.bench.cases import CONFIGS, MATRIX
     configs = MATRIX if not args.configs else [CONFIGS[c] for c in args.configs.split(",")]
     isas = args.isas.split(",")
@@ -157,7 +143,7 @@ def main():
         ap.error(f"--isas takes two of {', '.join(_C.available_isas())}, got {args.isas}")
     with open(args.out, "a") as out:
         for index in range(args.sweeps):
-            sweep(_C, torch, isas, configs, out, index)
+            sweep(_C, TorchPeer(), isas, configs, out, index)
 
 
 if __name__ == "__main__":

@@ -17,8 +17,10 @@ LAYER_SUITES = ("test_layers.py", "test_layers_torch.py", "test_frozen.py", "tes
                 "test_torch_frozen.py", "test_torch_convert.py", "test_torch_ecosystem.py",
                 "test_torch_low_precision.py", "test_onnx_ops.py")
 
+pytestmark = pytest.mark.skipif("amx" not in _C.available_isas(),
+                                reason="this CPU does not run AMX")
 
-@pytest.mark.skipif("amx" not in _C.available_isas(), reason="this CPU does not run AMX")
+
 def test_the_layer_suites_pass_on_the_amx_build():
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, FUSEDRNN_ISA="amx")
@@ -33,7 +35,6 @@ def test_the_layer_suites_pass_on_the_amx_build():
     assert " passed" in tail and " failed" not in tail, tail
 
 
-@pytest.mark.skipif("amx" not in _C.available_isas(), reason="this CPU does not run AMX")
 def test_the_amx_builds_process_gauges_answer():
     """_C.team_barrier_ns and _C.cache_bytes ask the process's build (no isa argument), so the
     amx build's answer them only under FUSEDRNN_ISA=amx: a time a meeting for two threads, zero

@@ -306,8 +306,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("need_weight_grads") = true,
         "BPTT through a training forward's context; consume=True: the caller will not run backward "
         "on it again (a second one raises), so its saved gates may hold the gradients. grads_into: "
-        "None, or a dict with the gradients' keys (those only) whose arrays (writeable, C-contiguous, of the "
-        "layer's dtype and the gradients' shapes) the weight and bias gradients are added into "
+        "None, or a dict with the gradients' keys (those only) whose arrays (writeable, "
+        "C-contiguous, of the layer's dtype and the gradients' shapes) the weight and bias "
+        "gradients are added into "
         "(add_into=False: written over, whatever they held); the returned grads are then those "
         "arrays. weights: None (the forward's), or (w_ih, w_hh, w_hr or None) with the forward's "
         "values, shapes and dtype, read instead of the memory the forward read. need_dx=False: dx is "

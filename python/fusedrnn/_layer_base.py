@@ -15,7 +15,7 @@ import warnings
 import numpy as np
 
 from . import functional as F
-from ._validate import FLOAT_DTYPES, GATES, ShapeError, made_here
+from ._validate import FLOAT_DTYPES, GATES, ShapeError, TorchValueTypeError, made_here
 
 CELLS = tuple(GATES)          # "rnn_tanh", "rnn_relu", "lstm", "gru"
 _PARAM_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")   # torch's order
@@ -183,12 +183,6 @@ def check_seed(seed):
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     return int(seed)
-
-
-class TorchValueTypeError(TypeError, ValueError):
-    """An argument of the wrong type where torch.nn raises ValueError (a dropout that is not a
-    number, a train() mode that is not a bool): a TypeError, as fusedrnn raises for a wrong
-    type, and a ValueError, so code that catches torch's still does."""
 
 
 def check_dropout(dropout):

@@ -12,6 +12,12 @@ class ShapeError(ValueError, RuntimeError):
     still catches it."""
 
 
+class TorchValueTypeError(TypeError, ValueError):
+    """An argument of the wrong type where torch.nn raises ValueError (a dropout that is not a
+    number, a train() mode that is not a bool): a TypeError, as fusedrnn raises for a wrong
+    type, and a ValueError, so code that catches torch's still does."""
+
+
 class LengthsRangeError(ValueError, RuntimeError):
     """A length under 1 or past T: a ValueError, and the RuntimeError torch's
     pack_padded_sequence raises for a length of 0, so code written for that still catches it."""

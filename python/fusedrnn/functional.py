@@ -163,13 +163,13 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     large (the layers pass it: they forget the forward after its backward). ``grads_into``: None,
     or a dict with grads' keys (those only: another key raises) whose arrays (writeable,
     C-contiguous, of the layer's dtype and the gradients' shapes, sharing no memory with the
-    weights or inputs) the weight and bias
-    gradients are added into, as the layers accumulate theirs, or, with ``add_into=False``,
-    written over whatever they held (a layer's gradients reset to None, as torch's
-    ``zero_grad(set_to_none=True)``: no pass of zeros first); ``grads`` then holds those
-    arrays. ``weights``: None, or (w_ih, w_hh, w_hr or None) holding the forward's values, read
-    instead of the arrays the forward read (made C-contiguous here; their shapes and dtype must
-    be the forward's): the torch adapter's parameters may have moved since (see _C.backward).
+    weights or inputs) the weight and bias gradients are added into, as the layers accumulate
+    theirs, or, with ``add_into=False``, written over whatever they held (a layer's gradients
+    reset to None, as torch's ``zero_grad(set_to_none=True)``: no pass of zeros first);
+    ``grads`` then holds those arrays. ``weights``: None, or (w_ih, w_hh, w_hr or None) holding
+    the forward's values, read instead of the arrays the forward read (made C-contiguous here;
+    their shapes and dtype must be the forward's): the torch adapter's parameters may have moved
+    since (see _C.backward).
     ``need_dx=False``: dx is None, its product (as large as dW_ih's) skipped, as torch's autograd
     skips an input that needs no gradient; ``need_weight_grads=False``: grads is {} (grads_into
     untouched), the weight products and bias sums skipped (a frozen layer)."""

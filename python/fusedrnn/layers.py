@@ -51,8 +51,8 @@ import threading
 import numpy as np
 
 from . import _layer_base as base
-from ._validate import (ShapeError, StateStructureError, as_array, as_dtype_array, as_lengths,
-                        check_shape)
+from ._validate import (ShapeError, StateStructureError, TorchValueTypeError, as_array,
+                        as_dtype_array, as_lengths, check_shape)
 
 __all__ = ["RNN", "LSTM", "GRU"]
 
@@ -232,7 +232,7 @@ class _Layer:
     def train(self, mode=True):
         """Training mode (the default): dropout on, forward keeps what backward needs."""
         if not isinstance(mode, (bool, np.bool_)):
-            raise base.TorchValueTypeError(f"mode must be a bool, got {type(mode).__name__}")
+            raise TorchValueTypeError(f"mode must be a bool, got {type(mode).__name__}")
         self.training = bool(mode)
         return self
 

@@ -118,7 +118,7 @@ inline void lstm_backward_row(const RowBackward<T>& r) {
     V d_o = dh * tc * o * (one_ - o);
     st(r.dc + j, dc * f, n);
     st_gates(r.dgx + j, H, n, di, df, dg, d_o);
-    // dGh apart, by step, where steps and times differ (a reversed run; backward_on_threads)
+    // dGh apart, by step, where steps and times differ (a reversed run; PreactivationGradients)
     if (r.dgh != r.dgx) st_gates(r.dgh + j, H, n, di, df, dg, d_o);
   }
 }

@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 #include "cells/cells.h"
+#include "sequence/backward_buffers.h"
 #include "sequence/backward_products.h"
 #include "sequence/block_queue.h"
 #include "sequence/layout.h"
@@ -28,67 +29,6 @@
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
 
-// Whether the time loop splits each step's product dG W_hh over two halves of its rows (K): a
-// single row (B = 1) without lengths or projection, of an Elman RNN or an LSTM, with at least
-// two unit blocks. The two halves of the units (split_halves) each take their pointwise maths
-// and the product of their rows of dG with their rows of W_hh, a partial d h_prev over every
-// column, and the next step adds the two partials: the team of two then meets once a step, not
-// twice (after the pointwise maths and after the product, with the second member idle through
-// the single row's pointwise maths). One thread computes the same two partials, so the bits do
-// not depend on the threads (they depend on the shape, as the chains are not split so
-// elsewhere), and pays for the second product and the sums: 4-5% of such a step. So only steps
-// where the meeting is much of the step take it: big enough for a team (kMinTeamStepFlops),
-// under kHalvesMaxStepFlops. In-process A/B (training, medians, 2 threads / 1 thread): long-seq
-// LSTM (33 KFLOP a step) 1.737 -> 1.585 / 2.23 -> 2.34 ms, online-small RNN (33 KFLOP) 0.223 ->
-// 0.209 / 0.270 -> 0.285; online-small LSTM (131 KFLOP) 0.635 -> 0.631 / 1.015 -> 1.027.
-constexpr double kHalvesMaxStepFlops = 1e5;
-// Not where two threads walk on one (products_beside_walk): the halves' second product is then
-// paid for nothing on any thread count (in-process A/B, training, medians, 1 / 2 threads:
-// long-seq LSTM x1.005 / x1.004, LSTM 400x1x32x64 x1.010 / x1.007, RNN 1000x1x64x128 x1.055 /
-// x1.026).
-template <typename T>
-bool k_split_backward(const LayerShape& s, bool has_lengths) {
-  const bool cell = s.cell == Cell::Lstm || s.cell == Cell::RnnTanh || s.cell == Cell::RnnRelu;
-  const double flops = recurrent_step_flops(s);
-  return cell && s.B == 1 && !has_lengths && !s.has_proj && flops >= kMinTeamStepFlops &&
-         flops < kHalvesMaxStepFlops && ceil_div<int64_t>(s.H, Tile<T>::NR) >= 2 &&
-         !products_beside_walk<T>(s, has_lengths);
-}
-
-// Units [*u0, *u1) of half h (0 or 1): whole unit blocks, the first half the larger by one
-// where their count is odd (split_range; H = 65 on 32-unit blocks: 64 and 1).
-template <typename T>
-void split_halves(int64_t H, int h, int64_t* u0, int64_t* u1) {
-  constexpr int NR = Tile<T>::NR;
-  int64_t b0 = 0, b1 = 0;
-  split_range(ceil_div<int64_t>(H, NR), 2, h, &b0, &b1);
-  *u0 = imin(H, b0 * NR);
-  *u1 = imin(H, b1 * NR);
-}
-
-// W_hh's rows of each half, gate-major (gate g's units of the half, for every gate), as the K x
-// Hout operand of the half's product, packed for gemm_packed: half 0 at buf, half 1 after it.
-template <typename T>
-int64_t halves_packed_size(const LayerShape& s, int h) {
-  int64_t u0 = 0, u1 = 0;
-  split_halves<T>(s.H, h, &u0, &u1);
-  return packed_b_size<T>(gates_of(s.cell) * (u1 - u0), s.Hout);
-}
-template <typename T>
-void pack_halves(const LayerShape& s, const T* w_hh, T* buf, int nthreads) {
-  const int64_t G = gates_of(s.cell), Hout = s.Hout;
-  for (int h = 0; h < 2; ++h) {
-    int64_t u0 = 0, u1 = 0;
-    split_halves<T>(s.H, h, &u0, &u1);
-    const int64_t nu = u1 - u0;
-    Scratch<T> rows(G * nu * Hout);
-    for (int64_t g = 0; g < G; ++g)
-      copy_bytes(rows.p + g * nu * Hout, w_hh + (g * s.H + u0) * Hout, sizeof(T) * nu * Hout);
-    pack_b_gemm<T>(G * nu, Hout, rows.p, Hout, 1, buf, nthreads);
-    buf += halves_packed_size<T>(s, h);
-  }
-}
-
 // The per-step walk back through time, for one member of the team (or the only thread).
 template <typename T>
 struct BackwardLoop {
@@ -96,7 +36,7 @@ struct BackwardLoop {
   const LayerShape& s;
   Steps steps;
   int G;
-  T *dgx, *dgh, *dghn;  // see backward_on_threads
+  T *dgx, *dgh, *dghn;  // see PreactivationGradients
   int64_t ld_n;
   const T *whh, *whn, *whr;  // packed: W_hh (GRU: its r, z rows), W_hn, W_hr
   T *dh_a, *dh_b, *dc, *dhf, *dhs, *drh;
@@ -405,91 +345,14 @@ int backward_split_kind(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
   return backward_step_threads<T>(s, nthreads) > 1 ? 3 : 0;
 }
 
+// The walk back through every step, on the threads the shape pays for (see the top of this
+// file), with the products of each chunk of steps walked beside it on a second thread where it
+// takes them (products_beside_walk). Returns the count of chunks whose products ran so.
 template <typename T>
-void backward_on_threads(const BackwardArgs<T>& a) {
+int64_t walk_back(const BackwardArgs<T>& a, const BackwardLoop<T>& loop, bool k_split,
+                  const SequenceProducts<T>& products, int64_t chunks) {
   const LayerShape& s = a.s;
-  const int G = gates_of(s.cell);
-  const int64_t B = s.B, H = s.H, Hout = s.Hout, GH = G * H, TB = s.T * B;
   const int nthreads = imax(1, a.num_threads);
-  const bool lstm = s.cell == Cell::Lstm;
-  const bool gru = s.cell == Cell::Gru;
-  const bool gru_two_phase = gru && !s.linear_before_reset;
-  DenormalsFlushed ftz;
-  packed_cache_begin_call();
-  Steps steps{a.lengths, s.T, s.reverse};
-
-  // One buffer serves both sides' pre-activation gradients when step k is time k for every row
-  // (the forward direction, lengths or not: a step's pointwise maths writes zeros past a row's
-  // length) and the recurrent side's equal the input side's: all cells but the torch-style GRU,
-  // whose n gate meets r * (W_hn h + b_hn), so its recurrent dn carries the extra factor r.
-  // The torch-style GRU then keeps only its recurrent dn apart (T*B*H, not another T*B*3H).
-  const bool gru_lbr = gru && s.linear_before_reset;
-  const bool same_steps = !s.reverse;
-  const bool n_apart = gru_lbr && same_steps;
-  // Where the caller is done with the saved gates (gates_consumed), that one buffer is theirs:
-  // each row's pointwise backward reads a step's gates and then stores its gradients in their
-  // place (cells.h: every load of a vector before its stores), and nothing reads gates after.
-  // No T*B*G*H buffer of its own: fastrnns LSTM training peak ~50 MiB lower. Likewise the
-  // torch-style GRU's recurrent dn over its saved W_hn h + b_hn (gru_backward_row reads it
-  // before it stores dn * r there; the products pair dn * r with h_prev): GRU ~12.5 MiB lower.
-  // A reversed run's recurrent-side gradients (dGh) lie in step order, as the gates do: they go
-  // there, and its input side's (dGx, in time order) apart (bidirectional fastrnns LSTM training
-  // ~50 MiB lower). Which slots a row overwrites is the forward direction's, where dGx is dGh.
-  const bool in_gates = a.gates_consumed && a.saved.gates;
-  const bool n_in_extra = in_gates && n_apart;
-  // Pre-activation gradients; positions no step reaches (past a row's length) stay zero.
-  Scratch<T> dgx_buf(in_gates && same_steps ? 0 : TB * GH);
-  // Where every step writes every row's gradients, all gates and units (the backward rows of
-  // cells.h store, never accumulate; the steps past a row's length zeros), nothing needs zeroing.
-  // That single-threaded pass was 3.5% of a stacked LSTM training layer on 2 threads (17.9 ->
-  // 17.3 ms; GRU 14.6 -> 14.1). Reversed with lengths, dGx's rows past a length are no step's.
-  if (a.lengths && !same_steps) set_bytes(dgx_buf.p, 0, sizeof(T) * TB * GH);
-  Scratch<T> dgh_buf(same_steps || in_gates ? 0 : TB * GH);
-  Scratch<T> dghn_buf(n_apart && !n_in_extra ? TB * H : 0);
-  T* dgx = in_gates && same_steps ? a.saved.gates : dgx_buf.p;
-  T* dgh = same_steps ? dgx : in_gates ? a.saved.gates : dgh_buf.p;  // rows of G*H; for n_apart
-                                                                      // only r, z count
-  // The GRU's recurrent n-gate gradients: inside dgh, or apart (rows of H).
-  T* dghn = n_in_extra ? a.saved.gru_extra : n_apart ? dghn_buf.p : dgh + 2 * H;
-  const int64_t ld_n = n_apart ? H : GH;
-
-  // W_hh (GH x Hout) is already the K x N operand of dG W_hh; the GRU keeps W_hn apart (its n
-  // gradients may live apart, and the two-phase GRU meets W_hn on its own).
-  const bool k_split = k_split_backward<T>(s, a.lengths != nullptr);
-  const PanelReuse reuse = PanelReuse::of_call(true, a.frozen);
-  const int64_t hh_rows = k_split ? 0 : gru ? 2 * H : GH;  // (nothing packed when 0)
-  CachedPanels<T> whh(PanelKind::BackHH, a.w_hh, hh_rows, Hout, packed_b_size<T>(hh_rows, Hout),
-                      nthreads, reuse, [&](T* buf, const T* from) {
-                        pack_b_gemm<T>(hh_rows, Hout, from, Hout, 1, buf, nthreads);
-                      });
-  CachedPanels<T> whh_halves(
-      PanelKind::BackHHHalves, a.w_hh, k_split ? GH : 0, Hout,
-      k_split ? halves_packed_size<T>(s, 0) + halves_packed_size<T>(s, 1) : 0, nthreads, reuse,
-      [&](T* buf, const T* from) { pack_halves<T>(s, from, buf, nthreads); });
-  Scratch<T> partials(k_split ? 4 * Hout : 0);
-  const T* w_hn = a.w_hh + 2 * H * Hout;
-  CachedPanels<T> whn(PanelKind::BackHN, w_hn, gru ? H : 0, H, gru ? packed_b_size<T>(H, H) : 0,
-                      nthreads, reuse, [&](T* buf, const T* from) {
-                        if (gru) pack_b_gemm<T>(H, H, from, Hout, 1, buf, nthreads);
-                      });
-  CachedPanels<T> whr(PanelKind::BackHR, a.w_hr, s.has_proj ? Hout : 0, H,
-                      s.has_proj ? packed_b_size<T>(Hout, H) : 0, nthreads, reuse,
-                      [&](T* buf, const T* from) {
-                        if (s.has_proj) pack_b_gemm<T>(Hout, H, from, H, 1, buf, nthreads);
-                      });
-
-  Scratch<T> dh_a(B * Hout), dh_b(B * Hout), dc(lstm ? B * H : 0);
-  Scratch<T> dhf(s.has_proj ? B * H : 0), dhs(s.has_proj ? TB * Hout : 0);
-  Scratch<T> drh(gru_two_phase ? B * H : 0);
-  if (a.dhn) copy_bytes(dh_a.p, a.dhn, sizeof(T) * B * Hout); else set_bytes(dh_a.p, 0, sizeof(T) * B * Hout);
-  if (lstm) {
-    if (a.dcn) copy_bytes(dc.p, a.dcn, sizeof(T) * B * H); else set_bytes(dc.p, 0, sizeof(T) * B * H);
-  }
-
-  BackwardLoop<T> loop{a, s, steps, G, dgx, dgh, dghn, ld_n, whh.get(), whn.get(), whr.get(),
-                       dh_a.p, dh_b.p, dc.p, dhf.p, dhs.p, drh.p};
-  loop.whh_halves = whh_halves.get();
-  loop.partials = partials.p;
   const int nt = backward_step_threads<T>(s, nthreads);
   const auto alone = BackwardLoop<T>::share_of(s, 1, 0);
   // Steps [i0, i1) from the end on the calling thread alone.
@@ -497,20 +360,14 @@ void backward_on_threads(const BackwardArgs<T>& a) {
     if (k_split) loop.run_halves(0, 1, nullptr, i0, i1);
     else loop.run(alone, nullptr, i0, i1);
   };
-  const SequenceProducts<T> products{a, dgx, dgh, dghn, ld_n, dhs.p};
-  // (x_packed, kept only where B > 1, cannot be sliced by time)
-  const bool chunked = chunked_products<T>(s, a.lengths != nullptr) && !a.x_packed;
-  const int64_t chunks = chunked ? product_chunks(s.T) : 0;
-  const bool beside_walk =
-      chunked && nthreads > 1 && products_beside_walk<T>(s, a.lengths != nullptr);
-  int64_t chunks_done = 0;  // chunks whose products ran beside the walk
-  if (beside_walk) {
+  if (chunks > 0 && nthreads > 1 && products_beside_walk<T>(s, a.lengths != nullptr)) {
     // One thread walks alone, chunk by chunk; another takes each chunk's products as soon as
     // its steps are walked, all but the last chunk's, which the threads share after the walk.
     // A step team (k_split_backward's halves, or column panels) instead met every step, for
     // steps of a few hundred ns, and left the products for after. In-process A/B, 2 threads,
     // training, medians: long-seq LSTM 1.370 -> 1.098 ms, GRU 0.967 -> 0.815; GRU 1000x1x64x200
     // 7.86 -> 7.10, RNN 1000x1x64x250 4.51 -> 3.84 (the chunks' sizes: kProductChunkSteps).
+    int64_t chunks_done = 0;
     StepProgress walked;
     run_step_team(2, [&](int member, int team, StepBarrier*) {
       if (member == 0) {
@@ -531,14 +388,15 @@ void backward_on_threads(const BackwardArgs<T>& a) {
         }
       }
     });
+    return chunks_done;
+  }
+  if (nt <= 1) {
+    walk_alone(0, s.T);
   } else if (k_split) {
     auto halves = [&](int member, int team, StepBarrier* barrier, int64_t i0, int64_t i1) {
       loop.run_halves(member, team, barrier, i0, i1);
     };
-    if (nt <= 1) walk_alone(0, s.T);
-    else run_probed_team(nt, s.T, probe_steps(s), a.probe_note, halves, walk_alone);
-  } else if (nt <= 1) {
-    walk_alone(0, s.T);
+    run_probed_team(nt, s.T, probe_steps(s), a.probe_note, halves, walk_alone);
   } else if (backward_rows_apart<T>(s, nt)) {
     run_step_team(nt, [&](int member, int team, StepBarrier*) {
       loop.run(BackwardLoop<T>::rows_of(s, team, member), nullptr, 0, s.T);
@@ -560,6 +418,42 @@ void backward_on_threads(const BackwardArgs<T>& a) {
         },
         walk_alone);
   }
+  return 0;
+}
+
+template <typename T>
+void backward_on_threads(const BackwardArgs<T>& a) {
+  const LayerShape& s = a.s;
+  const int64_t B = s.B, H = s.H, Hout = s.Hout, TB = s.T * B;
+  const int nthreads = imax(1, a.num_threads);
+  const bool lstm = s.cell == Cell::Lstm;
+  const bool gru_two_phase = s.cell == Cell::Gru && !s.linear_before_reset;
+  DenormalsFlushed ftz;
+  packed_cache_begin_call();
+  Steps steps{a.lengths, s.T, s.reverse};
+  const PreactivationGradients<T> dg(a);
+  const bool k_split = k_split_backward<T>(s, a.lengths != nullptr);
+  const BackwardWeights<T> w(a, k_split);
+  Scratch<T> partials(k_split ? 4 * Hout : 0);
+
+  Scratch<T> dh_a(B * Hout), dh_b(B * Hout), dc(lstm ? B * H : 0);
+  Scratch<T> dhf(s.has_proj ? B * H : 0), dhs(s.has_proj ? TB * Hout : 0);
+  Scratch<T> drh(gru_two_phase ? B * H : 0);
+  if (a.dhn) copy_bytes(dh_a.p, a.dhn, sizeof(T) * B * Hout);
+  else set_bytes(dh_a.p, 0, sizeof(T) * B * Hout);
+  if (lstm && a.dcn) copy_bytes(dc.p, a.dcn, sizeof(T) * B * H);
+  else if (lstm) set_bytes(dc.p, 0, sizeof(T) * B * H);
+
+  BackwardLoop<T> loop{a, s, steps, gates_of(s.cell), dg.dgx, dg.dgh, dg.dghn, dg.ld_n,
+                       w.whh.get(), w.whn.get(), w.whr.get(), dh_a.p, dh_b.p, dc.p, dhf.p, dhs.p,
+                       drh.p};
+  loop.whh_halves = w.whh_halves.get();
+  loop.partials = partials.p;
+  const SequenceProducts<T> products{a, dg.dgx, dg.dgh, dg.dghn, dg.ld_n, dhs.p};
+  // (x_packed, kept only where B > 1, cannot be sliced by time)
+  const bool chunked = chunked_products<T>(s, a.lengths != nullptr) && !a.x_packed;
+  const int64_t chunks = chunked ? product_chunks(s.T) : 0;
+  const int64_t chunks_done = walk_back(a, loop, k_split, products, chunks);
   if (k_split) {
     const T* p0 = loop.partial_at(s.T, 0);
     const T* p1 = loop.partial_at(s.T, 1);
@@ -582,7 +476,7 @@ void backward_on_threads(const BackwardArgs<T>& a) {
       products.run(t0, t1, c == 0, nthreads, false);
     }
   } else {
-    products.run(0, TB, true, nthreads, amx_operand_splits<T>(dgx, TB, GH, GH, nthreads));
+    products.run(0, TB, true, nthreads, amx_operand_splits<T>(dg.dgx, TB, dg.GH, dg.GH, nthreads));
   }
   products.finish();
 }

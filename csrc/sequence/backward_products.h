@@ -84,7 +84,7 @@ bool products_beside_walk(const LayerShape& s, bool has_lengths) {
 }
 
 // The products' operands: the backward's pre-activation gradients (dgx by time, dgh by step,
-// dghn the GRU's recurrent n rows, ld_n apart; see backward_on_threads) and the projection's
+// dghn the GRU's recurrent n rows, ld_n apart; see PreactivationGradients) and the projection's
 // saved gradients dhs.
 template <typename T>
 struct SequenceProducts {

@@ -293,3 +293,23 @@ def test_a_nan_input_reaches_the_outputs_of_its_row_from_its_step(op):
     assert np.isnan(Y[2:, 0, 1]).all() and np.isnan(Y_h[0, 1]).all()
     assert np.isfinite(Y[:2]).all() and np.isfinite(Y[:, :, [0, 2]]).all()
     assert all(np.isnan(c[0, 1]).all() and np.isfinite(c[0, [0, 2]]).all() for c in rest)
+
+
+@pytest.mark.parametrize("name,alphas,betas,f", [
+    ("Affine", None, None, lambda x: x),
+    ("Affine", [2.0], None, lambda x: 2 * x),
+    ("Affine", None, [0.5], lambda x: x + 0.5),
+    ("ThresholdedRelu", None, None, lambda x: np.where(x > 1, x, 0)),
+    ("ScaledTanh", None, None, np.tanh),
+    ("ScaledTanh", [2.0], None, lambda x: 2 * np.tanh(x)),
+])
+def test_absent_alpha_and_beta_are_the_operators_defaults(name, alphas, betas, f):
+    """ONNX's RNN operators: alpha and beta not given take "the same [defaults] as of
+    corresponding ONNX operators": Affine alpha 1, beta 0; ThresholdedRelu alpha 1; ScaledTanh
+    alpha 1, beta 1. We took 0 for each, as ONNX Runtime 1.32 does (Affine gave 0 for every x;
+    found by fuzzing against the spec's equations). An RNN with W = I, R = 0: Y = f(X)."""
+    x = np.linspace(-3, 3, 25, dtype=np.float32).reshape(1, 1, 25)
+    W, R = np.eye(25, dtype=np.float32)[None], np.zeros((1, 25, 25), np.float32)
+    Y, _ = onnx_ops.rnn(x, W, R, activations=[name], activation_alpha=alphas,
+                        activation_beta=betas)
+    assert_close(Y[:, 0], f(x.astype(np.float64)), np.float32, what=name)

@@ -23,7 +23,8 @@ Every float input shares one dtype (ONNX's type T): float32 or float64, or float
 come out rounded once to T; sequence_lens are integers in 0..T. Every attribute of ONNX's
 operators is computed: ``activations`` (any of ONNX's eleven functions, per direction, with
 ``activation_alpha`` / ``activation_beta`` read as ONNX Runtime reads them: each function that
-takes an alpha, or a beta, takes the next one given, else its default), ``clip``, the LSTM's
+takes an alpha, or a beta, takes the next one given, else its ONNX operator's default, where
+ONNX Runtime's are 0 for Affine, ThresholdedRelu and ScaledTanh), ``clip``, the LSTM's
 ``input_forget`` and peepholes ``P``; as ONNX Runtime, peepholes come before clip, and clip
 bounds each activation's input but not the cell state that h takes. A node with none of these
 beyond the defaults runs torch.nn's cells, the benchmark's paths. ``isa`` runs one build of the
@@ -41,12 +42,15 @@ DIRECTIONS = {"forward": (False,), "reverse": (True,), "bidirectional": (False, 
 DEFAULT_ACTIVATIONS = {"lstm": ("sigmoid", "tanh", "tanh"), "gru": ("sigmoid", "tanh"),
                        "rnn": ("tanh",)}
 RNN_CELLS = {"tanh": "rnn_tanh", "relu": "rnn_relu"}
-# ONNX Runtime's reading of activation_alpha / activation_beta: the functions, in the order
-# the node lists them, each take the next alpha (and beta) if they use one, else its default;
-# these defaults are ONNX Runtime's (ONNX's ThresholdedRelu operator would default alpha to 1).
+# activation_alpha / activation_beta as ONNX Runtime reads them: the functions, in the order
+# the node lists them, each take the next alpha (and beta) if they use one, else its default.
+# The defaults are ONNX's: "the same as of corresponding ONNX operators" (Affine, ThresholdedRelu
+# and ScaledTanh take 1 where ONNX Runtime 1.32 takes 0: Affine gave 0 for every x).
 USES_ALPHA = {"affine", "leakyrelu", "thresholdedrelu", "scaledtanh", "hardsigmoid", "elu"}
 USES_BETA = {"affine", "scaledtanh", "hardsigmoid"}
-DEFAULT_ALPHA_BETA = {"leakyrelu": (0.01, 0.0), "hardsigmoid": (0.2, 0.5), "elu": (1.0, 0.0)}
+DEFAULT_ALPHA_BETA = {"affine": (1.0, 0.0), "leakyrelu": (0.01, 0.0),
+                      "thresholdedrelu": (1.0, 0.0), "scaledtanh": (1.0, 1.0),
+                      "hardsigmoid": (0.2, 0.5), "elu": (1.0, 0.0)}
 # The node's inputs in ONNX's order, per op.
 INPUTS = {
     "LSTM": ("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"),

@@ -22,6 +22,7 @@
 #include "sequence/layout.h"
 #include "sequence/projection_mode.h"
 #include "sequence/step_barrier.h"
+#include "sequence/step_weights.h"
 #include "sequence/team_probe.h"
 
 namespace fusedrnn {
@@ -636,6 +637,74 @@ inline bool projection_beside_walk(const LayerShape& s, bool has_lengths, int mo
          note->recalled == kProbeFarAlone;
 }
 
+// The walk where a second thread projects x beside it (projection_beside_walk): member 1
+// projects chunk after chunk of steps; member 0 walks each once it is there (the steps' rows of
+// Gx, written by the other core, are prefetched a step ahead). The same chains as the whole
+// product, so the same bits. w_ih_packed: input_weights_packed's; bias: the folded bias or null.
+template <typename T>
+void walk_beside_projection(ForwardLoop<T>& loop, const T* w_ih_packed, const T* bias) {
+  const ForwardArgs<T>& a = loop.a;
+  const LayerShape& s = a.s;
+  probe_count(kProbeRecalledAlone);
+  beside_walk_count(BesideWalk::Projection);
+  loop.gx_on_other_cores = true;
+  StepProgress projected;
+  run_step_team(2, [&](int member, int team, StepBarrier*) {
+    constexpr int64_t C = kProjectionBesideChunk;
+    if (member == 1 || team == 1) {
+      const StepProgress::FailOnThrow unblocks_the_walk{projected};
+      for (int64_t k0 = 0; k0 < s.T; k0 += C) {
+        const int64_t k1 = imin(s.T, k0 + C);
+        input_projection_rows<T>(s, a.x, w_ih_packed, bias, loop.gx, loop.ld_gx,
+                                 s.reverse ? s.T - k1 : k0, s.reverse ? s.T - k0 : k1, 1);
+        projected.publish(k1);
+      }
+    }
+    if (member == 0)
+      for (int64_t k0 = 0; k0 < s.T; k0 += C) {
+        const int64_t k1 = imin(s.T, k0 + C);
+        projected.wait_for(k1);
+        loop.run(make_split<T>(s, 1, 0, false), k0, k1);
+      }
+  });
+}
+
+// The walk through every step on nt threads (step_threads; by_rows: members take rows and
+// never meet), or on the calling thread alone. mode: the projection's (projection_mode).
+template <typename T>
+void walk_forward(ForwardLoop<T>& loop, int nt, bool by_rows, int mode) {
+  const ForwardArgs<T>& a = loop.a;
+  const LayerShape& s = a.s;
+  if (nt <= 1) {
+    // A single row's next Gx row, a step ahead, where the threads computed Gx: the walk read
+    // it from the other core's cache (long-seq RNN inference, 2 threads, cores far apart,
+    // in-process A/B: 0.187 -> 0.159 ms, against 0.154 on one thread).
+    loop.gx_on_other_cores = mode == 0 && a.num_threads > 1;
+    loop.run(make_split<T>(s, 1, 0, by_rows), 0, s.T);
+    return;
+  }
+  loop.gx_on_other_cores = true;
+  const bool share = !by_rows && shares_blocks(s, mode == 2);
+  SharedBlocks shared;
+  run_probed_team(
+      nt, s.T, by_rows ? 0 : probe_steps(s), a.probe_note,  // rows never meet: no probe
+      [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
+        ForwardLoop<T> mine = loop;
+        mine.barrier = by_rows ? nullptr : barrier;
+        const StepSplit split = make_split<T>(s, team, member, by_rows);
+        if (share && barrier) {
+          mine.queue = shared.join(team, member, split.unit0, split.unit1, barrier);
+          mine.member = member;
+        }
+        mine.run(split, k0, k1);
+        if (mine.queue) {
+          team_blocks_count(true, mine.taken_over);
+          team_blocks_count(false, mine.blocks_run - mine.taken_over);
+        }
+      },
+      [&](int64_t k0, int64_t k1) { loop.run(make_split<T>(s, 1, 0, false), k0, k1); });
+}
+
 // below, done, x_unsplit: see ForwardLoop (a layer of a pipelined stack runs on one thread).
 // tiles: whether the steps may take AMX tiles (amx_step). Returns whether they took them and a
 // state did not split (ForwardLoop::state_unsplit).
@@ -694,28 +763,9 @@ bool forward_steps(const ForwardArgs<T>& a, const StepProgress* below, StepProgr
   if (beside_bias.p) folded_bias(s, a.b_ih, a.b_hh, beside_bias.p, s.H);
   const CachedPanels<T> beside_w =
       input_weights_packed<T>(s, a.w_ih, nthreads, reuse, projection_beside);
-  const bool by_gates = in_step || rides;  // W_ih packed like W_hh, per unit block
   // On AMX tiles (amx_step) the steps meet only the weights' split panels.
   const bool amx = tiles && amx_step(a, in_step, reuse, nthreads, below != nullptr);
-  CachedPanels<T> w_in(PanelKind::InputGates, a.w_ih, by_gates && !amx ? GH : 0, s.I,
-                       by_gates ? packed_gates_size<T>(G, s.I, H) : 0, nthreads, reuse,
-                       [&](T* buf, const T* from) { pack_gates<T>(G, s.I, H, from, buf, nthreads); });
-  Scratch<T> bias_in(by_gates && s.has_bias ? G * padded_units : 0);
-  if (bias_in.p) {
-    set_bytes(bias_in.p, 0, sizeof(T) * G * padded_units);
-    folded_bias(s, a.b_ih, a.b_hh, bias_in.p, padded_units);
-  }
-  CachedPanels<T> wbuf(PanelKind::Gates, a.w_hh, amx ? 0 : GH, Hout, packed_gates_size<T>(G, Hout, H),
-                       nthreads, reuse, [&](T* buf, const T* from) { pack_gates<T>(G, Hout, H, from, buf, nthreads); });
-  const PackedGates<T> w{G, Hout, wbuf.get()};
-  const AmxGatesPanels<T> amx_w(amx, PanelKind::AmxGates, a.w_hh, G, H, Hout, nthreads, reuse);
-  const AmxGatesPanels<T> amx_w_in(amx && in_step, PanelKind::AmxInputGates, a.w_ih, G, H, s.I,
-                                   nthreads, reuse);
-  // Null without a projection (nothing is packed then).
-  CachedPanels<T> wproj(PanelKind::Proj, a.w_hr, s.has_proj ? Hout : 0, H,
-                        s.has_proj ? packed_b_size<T>(H, Hout) : 0, nthreads, reuse,
-                        [&](T* buf, const T* from) { pack_b<T>(H, Hout, from, 1, H, buf, nthreads); });
-
+  const StepWeights<T> weights(a, in_step || rides, amx, in_step, padded_units, nthreads, reuse);
   Scratch<T> hbuf(training ? 0 : 2 * B * Hout), cbuf(!training && lstm ? 2 * B * H : 0);
   Scratch<T> hfull(!training && s.has_proj ? B * H : 0);
   Scratch<T> gates(!training && gru_two_phase ? B * GH : 0);
@@ -725,23 +775,24 @@ bool forward_steps(const ForwardArgs<T>& a, const StepProgress* below, StepProgr
   const bool epilogue_packs = B > 1 && !s.has_proj && !gru_two_phase && !amx;
   Scratch<T> a_shared(epilogue_packs ? 2 * ForwardLoop<T>::next_a_size(s) : 0);
   Steps steps{a.lengths, s.T, s.reverse};
-  ForwardLoop<T> loop{a, s, steps, G, gx, ld_gx, w, wproj.get(), (s.cell == Cell::Gru && s.has_bias) ? a.b_hh + 2 * H : nullptr,
-                      training, !training && !a.lengths && !s.has_proj, hbuf.p, cbuf.p, hfull.p,
+  const T* b_hn = s.cell == Cell::Gru && s.has_bias ? a.b_hh + 2 * H : nullptr;
+  ForwardLoop<T> loop{a, s, steps, G, gx, ld_gx, weights.w, weights.wproj.get(), b_hn, training,
+                      !training && !a.lengths && !s.has_proj, hbuf.p, cbuf.p, hfull.p,
                       gates.p, extra.p, a_shared.p, nullptr, false};
   loop.below = below;
   loop.done = done;
   loop.x_unsplit = below && amx && in_step ? x_unsplit : nullptr;
   std::atomic<bool> state_unsplit{false};
   loop.state_unsplit = amx ? &state_unsplit : nullptr;
-  if (by_gates) {
-    loop.w_in = PackedGates<T>{G, s.I, w_in.get()};
-    loop.bias_in = bias_in.p;
+  if (weights.by_gates) {
+    loop.w_in = PackedGates<T>{G, s.I, weights.w_in.get()};
+    loop.bias_in = weights.bias_in.p;
     loop.split_in_step_k = !in_step_for_pipeline;
   }
   loop.row_in_one_pass = projection_rides<T>(s, a.lengths != nullptr);
   loop.amx = amx;
-  loop.amx_w = amx_w.gates();
-  loop.amx_w_in = amx_w_in.gates();
+  loop.amx_w = weights.amx_w.gates();
+  loop.amx_w_in = weights.amx_w_in.gates();
   Scratch<T> x_steps(rides ? gx_rows * s.I : 0);
   if (rides) {
     for (int64_t k = 0; k < gx_rows; ++k) {
@@ -757,62 +808,11 @@ bool forward_steps(const ForwardArgs<T>& a, const StepProgress* below, StepProgr
   if (epilogue_packs) pack_a_blocked<T>(B, Hout, a.h0, Hout, a_shared.p);  // step 0's A
   if (a.lengths)  // outputs past a row's length are zeros (PackedSequence padded back)
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t t = steps.len(b); t < s.T; ++t) set_bytes(a.y + (t * B + b) * Hout, 0, sizeof(T) * Hout);
+      for (int64_t t = steps.len(b); t < s.T; ++t)
+        set_bytes(a.y + (t * B + b) * Hout, 0, sizeof(T) * Hout);
 
-  if (projection_beside) {
-    // Member 1 projects chunk after chunk of steps; member 0 walks each once it is there (the
-    // steps' rows of Gx, written by the other core, are prefetched a step ahead).
-    // The same chains as the whole product, so the same bits.
-    probe_count(kProbeRecalledAlone);
-    beside_walk_count(BesideWalk::Projection);
-    loop.gx_on_other_cores = true;
-    StepProgress projected;
-    run_step_team(2, [&](int member, int team, StepBarrier*) {
-      constexpr int64_t C = kProjectionBesideChunk;
-      if (member == 1 || team == 1) {
-        const StepProgress::FailOnThrow unblocks_the_walk{projected};
-        for (int64_t k0 = 0; k0 < s.T; k0 += C) {
-          const int64_t k1 = imin(s.T, k0 + C);
-          input_projection_rows<T>(s, a.x, beside_w.get(), beside_bias.p, gx, ld_gx,
-                                   s.reverse ? s.T - k1 : k0, s.reverse ? s.T - k0 : k1, 1);
-          projected.publish(k1);
-        }
-      }
-      if (member == 0)
-        for (int64_t k0 = 0; k0 < s.T; k0 += C) {
-          const int64_t k1 = imin(s.T, k0 + C);
-          projected.wait_for(k1);
-          loop.run(make_split<T>(s, 1, 0, false), k0, k1);
-        }
-    });
-  } else if (nt <= 1) {
-    // A single row's next Gx row, a step ahead, where the threads computed Gx: the walk read
-    // it from the other core's cache (long-seq RNN inference, 2 threads, cores far apart,
-    // in-process A/B: 0.187 -> 0.159 ms, against 0.154 on one thread).
-    loop.gx_on_other_cores = mode == 0 && nthreads > 1;
-    loop.run(make_split<T>(s, 1, 0, by_rows), 0, s.T);
-  } else {
-    loop.gx_on_other_cores = true;
-    const bool share = !by_rows && shares_blocks(s, rides);
-    SharedBlocks shared;
-    run_probed_team(
-        nt, s.T, by_rows ? 0 : probe_steps(s), a.probe_note,  // rows never meet: no probe
-        [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
-          ForwardLoop<T> mine = loop;
-          mine.barrier = by_rows ? nullptr : barrier;
-          const StepSplit split = make_split<T>(s, team, member, by_rows);
-          if (share && barrier) {
-            mine.queue = shared.join(team, member, split.unit0, split.unit1, barrier);
-            mine.member = member;
-          }
-          mine.run(split, k0, k1);
-          if (mine.queue) {
-            team_blocks_count(true, mine.taken_over);
-            team_blocks_count(false, mine.blocks_run - mine.taken_over);
-          }
-        },
-        [&](int64_t k0, int64_t k1) { loop.run(make_split<T>(s, 1, 0, false), k0, k1); });
-  }
+  if (projection_beside) walk_beside_projection(loop, beside_w.get(), beside_bias.p);
+  else walk_forward(loop, nt, by_rows, mode);
   copy_bytes(a.hn, loop.h_at(s.T), sizeof(T) * B * Hout);
   if (lstm) copy_bytes(a.cn, loop.c_at(s.T), sizeof(T) * B * H);
   return state_unsplit.load();

@@ -1,0 +1,59 @@
+// The weights as a forward call's steps read them (StepWeights): W_hh packed per unit block or
+// as its AMX split panels, W_ih so too where the steps project x themselves (in the step or
+// riding along), with the folded bias, and the LSTM projection's W_hr. Members are made in
+// declaration order, the order the call always packed them in.
+#pragma once
+#include <cstdint>
+#include "sequence/amx_step.h"
+#include "sequence/layout.h"
+
+namespace fusedrnn {
+namespace FUSEDRNN_ISA_NS {
+
+template <typename T>
+struct StepWeights {
+  const ForwardArgs<T>& a;
+  const LayerShape& s = a.s;
+  const int G = gates_of(s.cell);
+  const int64_t H = s.H, Hout = s.Hout, GH = G * H;
+  const bool by_gates;  // W_ih packed like W_hh, per unit block (in step or riding along)
+  const bool amx;       // on AMX tiles (amx_step) the steps meet only the split panels
+  const bool in_step;
+  const int64_t padded_units;  // ForwardLoop::padded_units: the gates' stride in bias_in
+  const int nthreads;
+  const PanelReuse reuse;
+  CachedPanels<T> w_in{PanelKind::InputGates, a.w_ih, by_gates && !amx ? GH : 0, s.I,
+                       by_gates ? packed_gates_size<T>(G, s.I, H) : 0, nthreads, reuse,
+                       [this](T* buf, const T* from) {
+                         pack_gates<T>(G, s.I, H, from, buf, nthreads);
+                       }};
+  Scratch<T> bias_in{by_gates && s.has_bias ? G * padded_units : 0};
+  CachedPanels<T> wbuf{PanelKind::Gates, a.w_hh, amx ? 0 : GH, Hout,
+                       packed_gates_size<T>(G, Hout, H), nthreads, reuse,
+                       [this](T* buf, const T* from) {
+                         pack_gates<T>(G, Hout, H, from, buf, nthreads);
+                       }};
+  const PackedGates<T> w{G, Hout, wbuf.get()};
+  const AmxGatesPanels<T> amx_w{amx, PanelKind::AmxGates, a.w_hh, G, H, Hout, nthreads, reuse};
+  const AmxGatesPanels<T> amx_w_in{amx && in_step, PanelKind::AmxInputGates, a.w_ih, G, H, s.I,
+                                   nthreads, reuse};
+  // Null without a projection (nothing is packed then).
+  CachedPanels<T> wproj{PanelKind::Proj, a.w_hr, s.has_proj ? Hout : 0, H,
+                        s.has_proj ? packed_b_size<T>(H, Hout) : 0, nthreads, reuse,
+                        [this](T* buf, const T* from) {
+                          pack_b<T>(H, Hout, from, 1, H, buf, nthreads);
+                        }};
+
+  StepWeights(const ForwardArgs<T>& args, bool gates_blocked, bool on_tiles, bool projects_in_step,
+              int64_t units_padded, int threads, PanelReuse panel_reuse)
+      : a(args), by_gates(gates_blocked), amx(on_tiles), in_step(projects_in_step),
+        padded_units(units_padded), nthreads(threads), reuse(panel_reuse) {
+    if (bias_in.p) {
+      set_bytes(bias_in.p, 0, sizeof(T) * G * padded_units);
+      folded_bias(s, a.b_ih, a.b_hh, bias_in.p, padded_units);
+    }
+  }
+};
+
+}  // namespace FUSEDRNN_ISA_NS
+}  // namespace fusedrnn

@@ -353,7 +353,9 @@ def test_init_matches_torch_distribution():
 def test_parameter_attributes_and_all_weights_as_torch(cell):
     """The same attribute names as torch.nn's modules (parameters, mode, proj_size), and
     all_weights grouped as torch groups it (per layer and direction, in order); its names, in
-    _flat_weights_names, which code that rewraps an RNN's weights (weight drop) reads."""
+    _flat_weights_names, and the weights themselves, in _flat_weights, which code that rewraps
+    an RNN's weights (weight drop) reads. (_flat_weights was missing: found by a differential
+    probe of torch.nn's attributes.)"""
     kw = dict(num_layers=2, bidirectional=True)
     kw.update({"lstm": {"proj_size": 2}, "rnn_relu": {"nonlinearity": "relu"}}.get(cell, {}))
     kind = cell.split("_")[0]
@@ -362,6 +364,10 @@ def test_parameter_attributes_and_all_weights_as_torch(cell):
     layer.load_state_dict(m.state_dict())
     assert (layer.mode, layer.proj_size) == (m.mode, m.proj_size)
     assert layer._flat_weights_names == m._flat_weights_names
+    assert len(layer._flat_weights) == len(m._flat_weights)
+    for name, w, tw in zip(m._flat_weights_names, layer._flat_weights, m._flat_weights):
+        assert w is getattr(layer, name)        # the live arrays, as torch's are its Parameters
+        np.testing.assert_array_equal(w, tw.detach().numpy())
     for name, p in m.named_parameters():
         np.testing.assert_array_equal(getattr(layer, name), p.detach().numpy())
     assert [[tuple(w.shape) for w in g] for g in m.all_weights] == \

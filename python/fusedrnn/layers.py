@@ -377,6 +377,12 @@ class _Layer:
         return list(self._params)
 
     @property
+    def _flat_weights(self):
+        """The live parameter arrays in _flat_weights_names' order, as torch.nn.RNNBase's list
+        of its Parameters (read beside the names by the same code)."""
+        return list(self._params.values())
+
+    @property
     def all_weights(self):
         """Per layer and direction, its parameters in torch's order (as torch's all_weights)."""
         s, groups = self._spec, []

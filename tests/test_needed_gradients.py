@@ -156,3 +156,37 @@ def test_adapter_computes_what_autograd_needs_as_torch_does(rng, monkeypatch, ce
         assert (got[name] is None) == (g is None), name
         if g is not None:
             torch.testing.assert_close(got[name], g, msg=name)
+
+
+@pytest.mark.parametrize("T", [1, 2])
+@pytest.mark.parametrize("batch_first,unbatched", [(False, False), (True, False), (False, True)])
+def test_adapter_gives_no_gradient_to_a_projection_its_loss_never_reached(rng, T, batch_first,
+                                                                          unbatched):
+    """A loss on the LSTM's c_n alone, over one step: the top layer's projections (weight_hr of
+    both directions) only make its h, so torch.nn's graph leaves their .grad None (an optimiser
+    then skips them, weight decay and momentum too), where the adapter gave zeros. Found by a
+    differential fuzz of requires_grad and the outputs a loss uses; over two steps h feeds c."""
+    kw = dict(num_layers=2, bidirectional=True, proj_size=2, batch_first=batch_first,
+              dtype=torch.float64)
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(3, 4, **kw)
+    ours = ft.LSTM(3, 4, **kw)
+    ours.load_state_dict(theirs.state_dict())
+    shape = (T, 3) if unbatched else ((2, T, 3) if batch_first else (T, 2, 3))
+    x_np = rng.standard_normal(shape)
+    h0_np = rng.standard_normal((4, 2) if unbatched else (4, 2, 2))
+    results = []
+    for module in (theirs, ours):
+        x = torch.tensor(x_np, requires_grad=True)
+        h0 = torch.tensor(h0_np, requires_grad=True)
+        _, (_, cn) = module(x, (h0, torch.zeros(h0.shape[:-1] + (4,), dtype=torch.float64)))
+        (cn * 0.5).sum().backward()
+        results.append((x.grad, h0.grad, {n: p.grad for n, p in module.named_parameters()}))
+    (x_want, h0_want, want), (x_got, h0_got, got) = results
+    torch.testing.assert_close(x_got, x_want)
+    torch.testing.assert_close(h0_got, h0_want)
+    assert [n for n, g in got.items() if g is None] == [n for n, g in want.items() if g is None]
+    assert (want["weight_hr_l1"] is None) == (T == 1)
+    for name, g in want.items():
+        if g is not None:
+            torch.testing.assert_close(got[name], g, msg=name)

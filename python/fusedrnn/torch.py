@@ -339,7 +339,15 @@ class _FusedStack(_PositionalApply, _torch.autograd.Function):
         needs = ctx.needs_input_grad[1:]
         info = (ctx.run, ctx.has_h0, ctx.has_c0, ctx.y_shape, ctx.y_dtype, saved, needs,
                 _graph_freed_after())
-        return (None,) + _FusedStackBackward.apply(info, dy, dhn, dcn, *inputs)
+        grads = _FusedStackBackward.apply(info, dy, dhn, dcn, *inputs)
+        spec = ctx.run.spec
+        if dy is None and dhn is None and spec.proj_size and ctx.y_shape[0] == 1:
+            # A loss on c_n alone over one step never reaches the top layer's projections
+            # (they only make its h): torch.nn's graph leaves their .grad None, not zeros.
+            top = {f"weight_hr_l{spec.num_layers - 1}{s}" for s in ("", "_reverse")}
+            grads = grads[:3] + tuple(None if name in top else g
+                                      for name, g in zip(ctx.run.names, grads[3:]))
+        return (None,) + grads
 
 
 def _graph_freed_after():

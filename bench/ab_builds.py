@@ -102,7 +102,9 @@ def main():
     ap.add_argument("builds", nargs="+", help="NAME=PACKAGE_DIR, two or more")
     ap.add_argument("--configs", default="stacked,fastrnns",
                     help="names from DESIGN.md's matrix, or TxBxIxH shapes (e.g. 50x8x256x256)")
-    ap.add_argument("--cells", default="lstm,gru")
+    ap.add_argument("--cells", default="lstm,gru",
+                    help="from rnn_tanh (or rnn, as python -m fusedrnn.bench names it), "
+                         "rnn_relu, lstm, gru")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--mode", choices=["infer", "train"], default="infer")
     ap.add_argument("--reps", type=int, default=7, help="blocks per build (each ~0.2 s)")
@@ -117,6 +119,10 @@ def main():
     ap.add_argument("--reverse", action="store_true",
                     help="run the layer backwards in time (a bidirectional layer's second half)")
     args = ap.parse_args()
+    cells = [{"rnn": "rnn_tanh"}.get(c, c) for c in args.cells.split(",")]
+    unknown = [c for c in cells if c not in CELL_CODES]
+    if unknown:
+        ap.error(f"--cells: unknown {', '.join(unknown)} (from {', '.join(CELL_CODES)} or rnn)")
     if args.stack and (args.edit_weights or args.reverse):
         ap.error("--edit-weights and --reverse run one layer (not with --stack)")
     builds = {}
@@ -127,7 +133,7 @@ def main():
     train = args.mode == "train"
     rng = np.random.default_rng(0)
     for config_name in args.configs.split(","):
-        for cell in args.cells.split(","):
+        for cell in cells:
             config = config_of(config_name)
             if args.stack:
                 layers = stack_problem(config, cell, rng)

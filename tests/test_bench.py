@@ -810,6 +810,15 @@ def test_ab_builds_times_two_builds_side_by_side():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("stacked gru train, stack of 2 t=1: OLD min"), out.stdout
+    # --cells takes the benchmark's name rnn for rnn_tanh, and names an unknown cell
+    out = subprocess.run([sys.executable, script, f"OLD={package}", "--configs", "online-small",
+                          "--cells", "rnn", "--reps", "1"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("online-small rnn_tanh infer t=1: OLD min"), out.stdout
+    out = subprocess.run([sys.executable, script, f"OLD={package}", "--cells", "lstm,gur"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "--cells: unknown gur" in out.stderr, out.stderr
 
 
 def test_adapter_vs_torch_times_the_three_ways_to_run_a_layer():

@@ -32,13 +32,15 @@ struct LayerCall {
   }
 };
 
+// The layer's shape from x and the weights, every input checked against it (a ValueError naming
+// the argument and the shape expected); lengths replaced by our own checked copy.
 template <typename T>
-LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, bool reverse,
-                             bool training, Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0,
-                             Arr<T> w_ih, Arr<T> w_hh, std::optional<Arr<T>> b_ih,
-                             std::optional<Arr<T>> b_hh, std::optional<Arr<T>> w_hr,
-                             std::optional<Arr<int64_t>> lengths, uint64_t frozen,
-                             bool pack_x, bool keep_packed) {
+LayerShape checked_layer_shape(int cell_code, bool lbr, bool reverse, const Arr<T>& x,
+                               const Arr<T>& h0, const std::optional<Arr<T>>& c0,
+                               const Arr<T>& w_ih, const Arr<T>& w_hh,
+                               const std::optional<Arr<T>>& b_ih, const std::optional<Arr<T>>& b_hh,
+                               const std::optional<Arr<T>>& w_hr,
+                               std::optional<Arr<int64_t>>& lengths, uint64_t frozen) {
   if (cell_code < 0 || cell_code > 3) fail("cell code must be 0..3");
   const Cell cell = static_cast<Cell>(cell_code);
   const int64_t G = fusedrnn::gate_count(cell);
@@ -53,8 +55,12 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
   } else if (s.Hout != s.H) {
     fail("weight_hh must have shape " + shape_str({G * s.H, s.H}));
   }
-  if (b_ih.has_value() != b_hh.has_value()) fail("bias_ih and bias_hh are given together or not at all");
-  if (b_ih) { check_shape("bias_ih", *b_ih, {G * s.H}); check_shape("bias_hh", *b_hh, {G * s.H}); }
+  if (b_ih.has_value() != b_hh.has_value())
+    fail("bias_ih and bias_hh are given together or not at all");
+  if (b_ih) {
+    check_shape("bias_ih", *b_ih, {G * s.H});
+    check_shape("bias_hh", *b_hh, {G * s.H});
+  }
   check_shape("h0", h0, {s.B, s.Hout});
   if (cell == Cell::Lstm) {
     if (!c0) fail("c0 is required for LSTM");
@@ -67,14 +73,74 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
     lengths = own_copy(*lengths);
     for (int64_t b = 0; b < s.B; ++b)
       if (lengths->data()[b] < 1 || lengths->data()[b] > s.T)
-        fail("lengths must lie in 1.." + std::to_string(s.T) + ", got " + std::to_string(lengths->data()[b]));
+        fail("lengths must lie in 1.." + std::to_string(s.T) + ", got " +
+             std::to_string(lengths->data()[b]));
   }
   if (s.T < 1) fail("x must have at least one time step");
   if (frozen) {
-    require_frozen<T>("w_ih", w_ih); require_frozen<T>("w_hh", w_hh);
-    require_frozen<T>("b_ih", b_ih); require_frozen<T>("b_hh", b_hh); require_frozen<T>("w_hr", w_hr);
+    require_frozen<T>("w_ih", w_ih);
+    require_frozen<T>("w_hh", w_hh);
+    require_frozen<T>("b_ih", b_ih);
+    require_frozen<T>("b_hh", b_hh);
+    require_frozen<T>("w_hr", w_hr);
   }
+  return s;
+}
 
+// A training call's context: what its backward reads (x, the weights, lengths) and the saved
+// state the kernels fill (a.saved), made in call.c.
+template <typename T>
+void keep_for_backward(LayerCall<T>& call, const KernelTable& kt, const Arr<T>& x,
+                       const Arr<T>& w_ih, const Arr<T>& w_hh, const std::optional<Arr<T>>& w_hr,
+                       const std::optional<Arr<int64_t>>& lengths, uint64_t frozen, bool pack_x) {
+  fusedrnn::ForwardArgs<T>& a = call.a;
+  const LayerShape& s = a.s;
+  const int64_t G = fusedrnn::gate_count(s.cell);
+  Context& c = call.c;
+  c.frozen = frozen;
+  c.s = s; c.f64 = sizeof(T) == 8; c.table = &kt; c.has_bias = s.has_bias;
+  c.w_ih = w_ih; c.w_hh = w_hh;
+  // The caller may reuse x's buffer: keep a copy of x, packed as the backward takes it where
+  // that is about as small as x (panels pad I to whole NR columns: I = 1 would take 16-32x x's
+  // memory until backward), else plain (the backward packs it 4 MiB at a time). A single
+  // row's stays plain: its backward may take dW_ih chunk by chunk of steps
+  // (backward_products.h), slicing x by time.
+  const int64_t packed_elems = kt.gemm_b_elems(s.T * s.B, s.I, sizeof(T) == 8);
+  if (pack_x && s.B > 1 && 4 * packed_elems <= 5 * s.T * s.B * s.I) {
+    Arr<T> packed = empty<T>({packed_elems});
+    a.x_packed = packed.mutable_data();
+    c.x_packed = packed;
+  } else if (call.x_clean) {
+    c.x = *call.x_clean;
+  } else if (pack_x) {
+    Arr<T> copy = empty<T>({s.T, s.B, s.I});
+    std::memcpy(copy.mutable_data(), x.data(), sizeof(T) * s.T * s.B * s.I);
+    c.x = copy;
+  } else {
+    c.x = x;
+  }
+  if (w_hr) c.w_hr = *w_hr;
+  if (lengths) c.lengths = *lengths;
+  c.h = empty<T>({s.T + 1, s.B, s.Hout});
+  if (G > 1) c.gates = empty<T>({s.T, s.B, G * s.H});
+  if (s.cell == Cell::Lstm) c.c = empty<T>({s.T + 1, s.B, s.H});
+  if (s.has_proj) c.hfull = empty<T>({s.T, s.B, s.H});
+  if (s.cell == Cell::Gru) c.extra = empty<T>({s.T, s.B, s.H});
+  auto mut = [](py::object& o) -> T* {
+    return o ? static_cast<T*>(o.cast<py::array>().mutable_data()) : nullptr;
+  };
+  a.saved = {mut(c.gates), mut(c.h), mut(c.c), mut(c.hfull), mut(c.extra)};
+}
+
+template <typename T>
+LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, bool reverse,
+                             bool training, Arr<T> x, Arr<T> h0, std::optional<Arr<T>> c0,
+                             Arr<T> w_ih, Arr<T> w_hh, std::optional<Arr<T>> b_ih,
+                             std::optional<Arr<T>> b_hh, std::optional<Arr<T>> w_hr,
+                             std::optional<Arr<int64_t>> lengths, uint64_t frozen,
+                             bool pack_x, bool keep_packed) {
+  const LayerShape s = checked_layer_shape<T>(cell_code, lbr, reverse, x, h0, c0, w_ih, w_hh,
+                                              b_ih, b_hh, w_hr, lengths, frozen);
   LayerCall<T> call;
   call.training = training;
   call.lengths = lengths;
@@ -92,7 +158,7 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
   }
   call.y = empty<T>({s.T, s.B, s.Hout});
   call.hn = empty<T>({s.B, s.Hout});
-  if (cell == Cell::Lstm) call.cn.emplace(std::vector<int64_t>{s.B, s.H});
+  if (s.cell == Cell::Lstm) call.cn.emplace(std::vector<int64_t>{s.B, s.H});
   fusedrnn::ForwardArgs<T>& a = call.a;
   a.s = s;
   a.y = call.y.mutable_data();
@@ -105,41 +171,7 @@ LayerCall<T> prepare_forward(const KernelTable& kt, int cell_code, bool lbr, boo
   a.num_threads = threads_for_call();
   a.frozen = frozen;
   a.keep_packed = keep_packed;
-  if (training) {
-    Context& c = call.c;
-    c.frozen = frozen;
-    const bool gru = cell == Cell::Gru;
-    c.s = s; c.f64 = sizeof(T) == 8; c.table = &kt; c.has_bias = s.has_bias;
-    c.w_ih = w_ih; c.w_hh = w_hh;
-    // The caller may reuse x's buffer: keep a copy of x, packed as the backward takes it where
-    // that is about as small as x (panels pad I to whole NR columns: I = 1 would take 16-32x x's
-    // memory until backward), else plain (the backward packs it 4 MiB at a time). A single
-    // row's stays plain: its backward may take dW_ih chunk by chunk of steps
-    // (backward_products.h), slicing x by time.
-    const int64_t packed_elems = kt.gemm_b_elems(s.T * s.B, s.I, sizeof(T) == 8);
-    if (pack_x && s.B > 1 && 4 * packed_elems <= 5 * s.T * s.B * s.I) {
-      Arr<T> packed = empty<T>({packed_elems});
-      a.x_packed = packed.mutable_data();
-      c.x_packed = packed;
-    } else if (call.x_clean) {
-      c.x = *call.x_clean;
-    } else if (pack_x) {
-      Arr<T> copy = empty<T>({s.T, s.B, s.I});
-      std::memcpy(copy.mutable_data(), x.data(), sizeof(T) * s.T * s.B * s.I);
-      c.x = copy;
-    } else {
-      c.x = x;
-    }
-    if (w_hr) c.w_hr = *w_hr;
-    if (lengths) c.lengths = *lengths;
-    c.h = empty<T>({s.T + 1, s.B, s.Hout});
-    if (G > 1) c.gates = empty<T>({s.T, s.B, G * s.H});
-    if (cell == Cell::Lstm) c.c = empty<T>({s.T + 1, s.B, s.H});
-    if (s.has_proj) c.hfull = empty<T>({s.T, s.B, s.H});
-    if (gru) c.extra = empty<T>({s.T, s.B, s.H});
-    auto mut = [](py::object& o) -> T* { return o ? static_cast<T*>(o.cast<py::array>().mutable_data()) : nullptr; };
-    a.saved = {mut(c.gates), mut(c.h), mut(c.c), mut(c.hfull), mut(c.extra)};
-  }
+  if (training) keep_for_backward(call, kt, x, w_ih, w_hh, w_hr, lengths, frozen, pack_x);
   return call;
 }
 

@@ -584,10 +584,16 @@ def test_notes_claim_the_full_shape_check_only_where_the_file_has_it(tmp_path, c
 
 
 def test_plot_and_markdown(tmp_path, capsys):
-    status, data, _ = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--mode", "infer",
-                               "--peers", "reference")
+    status, data, out = run_json(tmp_path, capsys, *TINY, "--cells", "rnn", "--mode", "infer",
+                                 "--peers", "reference")
+    assert "\ntarget: GEMM-bound on 2 threads at least x1.8 the 1-thread speed: not measured" \
+        in out
     text = report.markdown(data)
     assert "```\npython -m fusedrnn.bench" in text and "![speed-ups](speedups.png)" in text
+    # issue 6's targets, each judged or said to be unmeasured (bench/targets.py)
+    assert "## Targets (issue 6)\n\n- at least as fast as torch.nn" in text
+    assert "- overhead-bound (online-small, long-seq) infer at least x3 torch.nn: not measured" \
+        in text
     assert "| 1 | T3-B2-I4-H5-L1 | rnn | infer |" in text
     json_path = tmp_path / "out.json"
     md_path = tmp_path / "RESULTS.md"

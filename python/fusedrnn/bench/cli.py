@@ -25,7 +25,7 @@ import time
 import traceback
 
 from .. import _C
-from . import cases, machine, memory, outputs, peak, peers, report
+from . import cases, machine, memory, outputs, peak, peers, report, targets
 from .peers.reference import REFERENCE_MAX_FLOP
 from .runner import add_fractions, describe, run_case, say
 
@@ -286,6 +286,8 @@ def main(argv=None):
         say("")
     for line in report.summary(data) + report.peak_lines(data):
         say(line)
+    for line in targets.target_lines(data):
+        say(f"target: {line}")
     for line in report.notes(data):
         say(line)
     if args.json:

@@ -523,6 +523,9 @@ def markdown(data, plot_name="speedups.png"):
     out += [f"- {line}" for line in summary(data)]
     skipped = data.get("peers_skipped", {})
     out += [f"- {name}: skipped ({reason})" for name, reason in skipped.items()]
+    from . import targets   # (here: targets reads this module's helpers)
+    out += ["", "## Targets (issue 6)", ""]
+    out += [f"- {line}" for line in targets.target_lines(data)]
     out += ["", "## Speed-ups", "", f"![speed-ups]({plot_name})", ""]
     lost = slower(data)
     if lost:

@@ -1,0 +1,113 @@
+"""Issue 6's targets, checked against a benchmark run's results: one line per target, saying
+whether the run met it and, where it did not, in which cases. Only what the run measured is
+judged: a target whose cases the run did not time says so."""
+import math
+
+from . import report
+
+# Overhead-bound configs and their speed-up targets over torch.nn, per mode.
+OVERHEAD_BOUND = ("online-small", "long-seq")
+OVERHEAD_TARGET = {"infer": 3.0, "train": 5.0}
+# GEMM-bound configs on 1 thread: the fraction of the GEMM's rate in the same minutes, per mode.
+GEMM_FRACTION_TARGET = {"infer": 0.85, "train": 0.75}
+
+
+def _name(rec):
+    return f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']}"
+
+
+def _verdict(label, cases, failing, unit="cases"):
+    """'label: met in all N cases' or 'label: NOT met in K of N cases: ...', or not measured."""
+    if not cases:
+        return f"{label}: not measured in this run"
+    if not failing:
+        return f"{label}: met in all {len(cases)} {unit}"
+    return (f"{label}: NOT met in {len(failing)} of {len(cases)} {unit}: "
+            + ", ".join(failing))
+
+
+def peers_line(data):
+    """Every case at least as fast as torch.nn, and as ONNX Runtime in inference."""
+    cases, failing = [], []
+    for rec in data["cases"]:
+        for peer in ("torch", "onnxruntime"):
+            r = rec["results"].get(peer)
+            if r is None or not report.agrees(rec, peer):
+                continue
+            cases.append(rec)
+            if r["speedup"] < 1.0:
+                failing.append(f"{_name(rec)} vs {peer} x{r['speedup']:.2f}")
+    return _verdict("at least as fast as torch.nn (and ONNX Runtime in inference), every case",
+                    cases, failing, unit="comparisons")
+
+
+def overhead_lines(data):
+    """The overhead-bound configs' speed-ups over torch.nn: x3 in inference, x5 in training."""
+    lines = []
+    for mode, target in OVERHEAD_TARGET.items():
+        cases = [rec for rec in data["cases"] if rec["config"] in OVERHEAD_BOUND
+                 and rec["mode"] == mode and "torch" in rec["results"]
+                 and report.agrees(rec, "torch")]
+        failing = [f"{_name(rec)} x{rec['results']['torch']['speedup']:.2f}" for rec in cases
+                   if rec["results"]["torch"]["speedup"] < target]
+        lines.append(_verdict(f"overhead-bound ({', '.join(OVERHEAD_BOUND)}) {mode} at least "
+                              f"x{target:g} torch.nn", cases, failing))
+    return lines
+
+
+def gemm_fraction_lines(data):
+    """The GEMM-bound configs on 1 thread against the GEMM's rate in the same minutes (the
+    report's %gemm), with NumPy's best sgemm call of the run (%numpy) beside for reference."""
+    lines = []
+    for mode, target in GEMM_FRACTION_TARGET.items():
+        cases = [rec for rec in data["cases"] if rec["config"] in report.GEMM_BOUND
+                 and rec["mode"] == mode and rec["threads"] == 1]
+        fractions = []
+        for rec in cases:
+            frac = rec["results"]["fusedrnn"]["fraction_of_peak"]
+            fractions.append((frac.get("fusedrnn_gemm_beside", frac["fusedrnn_gemm"]),
+                              frac.get("numpy_matmul"), rec))
+        failing = [f"{_name(rec)} {100 * ours:.0f}%" for ours, _, rec in fractions
+                   if ours < target]
+        line = _verdict(f"GEMM-bound ({', '.join(report.GEMM_BOUND)}) {mode} on 1 thread at "
+                        f"least {100 * target:.0f}% of our GEMM's rate in the same minutes",
+                        cases, failing)
+        over_numpy = [numpy for _, numpy, _ in fractions if numpy is not None]
+        if over_numpy:
+            line += (f" (of NumPy's best sgemm call in this run: {100 * min(over_numpy):.0f}% to "
+                     f"{100 * max(over_numpy):.0f}%)")
+        lines.append(line)
+    return lines
+
+
+def scaling_target_line(data):
+    """The GEMM-bound configs on 2 threads at least 1.8x their 1-thread speed."""
+    rows = [r for r in report.scaling(data) if r[0] in report.GEMM_BOUND]
+    # (cut, not rounded, to three decimals: x1.7996 is under x1.8, and rounded it reads x1.800)
+    failing = [f"{c} {cell} {m} x{math.floor(up * 1000) / 1000:.3f}{report._far_note(rec)}"
+               for c, cell, m, up, rec, _ in rows if up < report.SCALING_TARGET]
+    return _verdict(f"GEMM-bound on 2 threads at least x{report.SCALING_TARGET} the 1-thread "
+                    "speed", rows, failing)
+
+
+def memory_target_line(data):
+    """Training peak memory of the fastrnns case reported beside torch's."""
+    mem = data.get("memory")
+    records = [r for r in (mem or {}).get("records", []) if r["config"] == "fastrnns"]
+    if not records:
+        return "training peak memory of fastrnns beside torch.nn's: not measured in this run " \
+               "(--memory)"
+    parts = []
+    for r in records:
+        peak = r["peak_extra_bytes"]
+        ours, torch = peak.get("fusedrnn"), peak.get("torch")
+        parts.append(f"{r['cell']} {report._mib(ours)} MiB against "
+                     f"{report._mib(torch)} MiB")
+    return "training peak memory of fastrnns beside torch.nn's: reported (" + \
+        ", ".join(parts) + ")"
+
+
+def target_lines(data):
+    """One line per target of issue 6, for the run's summary and RESULTS.md."""
+    return ([peers_line(data)] + overhead_lines(data) + gemm_fraction_lines(data)
+            + [scaling_target_line(data), memory_target_line(data)])

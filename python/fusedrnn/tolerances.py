@@ -30,6 +30,13 @@ GRADIENT = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 # 500 blocks added in turn 3.9e-7 to 1.2e-6. The bound sits below those.
 LONG_SUM_GRADIENT_FLOAT32 = 8e-7
 
+# The bias gradients sum dG over the T*B rows as a cascade (column_sums in backward_products.h):
+# runs of 8 rows, 16 runs, 32 blocks, each from zero. Over 64-128 rows (T = 1, B = 128; T = 2,
+# B = 64; T = 1, B = 64, H = 256; every cell and ISA, three seeds) they measured 1.1e-7 to
+# 2.1e-7; blocks of 128 rows in one chain, as before, 2.6e-7 to 6.3e-7 (torch.nn float32
+# 0.9e-7 to 3.1e-7 on such shapes: its sums cascade too). The bound sits between the two.
+BIAS_GRADIENT_FLOAT32 = 2.4e-7
+
 # The GRU's d h_prev starts as its z path (dh * z); each step's products dG W_hh are summed in
 # blocks of 128 from zero and added to it after. At T = 1, B = 8, I = 8, H = 256 its dh0 measured
 # 1.3e-7 to 2.6e-7 (every ISA, both GRU variants, three seeds; torch.nn float32 1.3e-7); a chain

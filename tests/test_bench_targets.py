@@ -54,7 +54,7 @@ def test_each_missed_target_names_its_cases():
     cases = [case("stacked", "lstm", "infer", torch=0.97, ort=1.01),
              case("long-seq", "lstm", "infer", torch=2.2),
              case("long-seq", "gru", "train", threads=2, torch=4.9),
-             case("wide", "lstm", "infer", torch=1.1, gemm=0.84),
+             case("wide", "lstm", "infer", torch=1.1, gemm=0.8496),   # cut to 84%, not 85%
              case("wide", "lstm", "train", torch=1.1, gemm=0.74),
              # 1.7996 is under 1.8: cut to x1.799, not rounded to a "missed" x1.800
              case("wide", "lstm", "train", threads=2, torch=1.1, one_thread_s=1.7996)]

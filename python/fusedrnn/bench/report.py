@@ -97,7 +97,8 @@ def cores_far(rec):
     return ns if ns and max(ns) > FAR_BARRIER_NS else None
 
 
-def _far_note(rec):
+def far_note(rec):
+    """" (cores far apart: barrier B / A ns)" for a case run so, else "" (also bench/targets.py)."""
     ns = cores_far(rec)
     return f" (cores far apart: barrier {ns[0]:.0f} / {ns[1]:.0f} ns)" if ns else ""
 
@@ -120,7 +121,7 @@ def comparisons(data):
     """(speed-up, description) of every comparison with a peer that agreed, closest first."""
     return sorted((rec["results"][p]["speedup"],
                    f"{rec['config']} {rec['cell']} {rec['mode']} t={rec['threads']} vs {p}"
-                   + _far_note(rec))
+                   + far_note(rec))
                   for rec in data["cases"] for p in peers_in(data)
                   if p in rec["results"] and agrees(rec, p))
 
@@ -170,7 +171,7 @@ def scaling_line(data):
             f"x{max(r[3] for r in rows):.2f} over {len(rows)} cases; under x{SCALING_TARGET} in "
             f"{len(under)}")
     if under:
-        line += ": " + ", ".join(f"{c} {cell} {m} x{up:.2f}{_far_note(rec)}"
+        line += ": " + ", ".join(f"{c} {cell} {m} x{up:.2f}{far_note(rec)}"
                                  for c, cell, m, up, rec, _ in under)
     return line
 
@@ -361,7 +362,8 @@ def notes(data):
 
 # -- training peak memory (memory.py): data["memory"], or python -m fusedrnn.bench.memory's JSON
 
-def _mib(n):
+def mib(n):
+    """Bytes as MiB with one decimal, or the dash for None."""
     return DASH if n is None else f"{n / 2 ** 20:.1f}"
 
 
@@ -376,9 +378,9 @@ def memory_rows(mem):
         kept = rec.get("resident_after_bytes", {})      # absent from older results files
         ours, torch = peak.get("fusedrnn"), peak.get("torch")
         ratio = f"x{torch / ours:.2f}" if ours and torch is not None else DASH
-        rows.append([rec["config"], rec["cell"], _mib(need["saved"]),
-                     _mib(need["y"] + need["dx"] + need["weight_grads"]), _mib(ours),
-                     _mib(torch), ratio, _mib(kept.get("fusedrnn")), _mib(kept.get("torch"))])
+        rows.append([rec["config"], rec["cell"], mib(need["saved"]),
+                     mib(need["y"] + need["dx"] + need["weight_grads"]), mib(ours),
+                     mib(torch), ratio, mib(kept.get("fusedrnn")), mib(kept.get("torch"))])
     return header, rows
 
 

@@ -84,7 +84,7 @@ def scaling_target_line(data):
     """The GEMM-bound configs on 2 threads at least 1.8x their 1-thread speed."""
     rows = [r for r in report.scaling(data) if r[0] in report.GEMM_BOUND]
     # (cut, not rounded, to three decimals: x1.7996 is under x1.8, and rounded it reads x1.800)
-    failing = [f"{c} {cell} {m} x{math.floor(up * 1000) / 1000:.3f}{report._far_note(rec)}"
+    failing = [f"{c} {cell} {m} x{math.floor(up * 1000) / 1000:.3f}{report.far_note(rec)}"
                for c, cell, m, up, rec, _ in rows if up < report.SCALING_TARGET]
     return _verdict(f"GEMM-bound on 2 threads at least x{report.SCALING_TARGET} the 1-thread "
                     "speed", rows, failing)
@@ -101,8 +101,8 @@ def memory_target_line(data):
     for r in records:
         peak = r["peak_extra_bytes"]
         ours, torch = peak.get("fusedrnn"), peak.get("torch")
-        parts.append(f"{r['cell']} {report._mib(ours)} MiB against "
-                     f"{report._mib(torch)} MiB")
+        parts.append(f"{r['cell']} {report.mib(ours)} MiB against "
+                     f"{report.mib(torch)} MiB")
     return "training peak memory of fastrnns beside torch.nn's: reported (" + \
         ", ".join(parts) + ")"
 

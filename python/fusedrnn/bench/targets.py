@@ -21,7 +21,8 @@ def _verdict(label, cases, failing, unit="cases"):
     if not cases:
         return f"{label}: not measured in this run"
     if not failing:
-        return f"{label}: met in all {len(cases)} {unit}"
+        return (f"{label}: met in all {len(cases)} {unit}" if len(cases) > 1
+                else f"{label}: met in its one {unit[:-1]}")
     return (f"{label}: NOT met in {len(failing)} of {len(cases)} {unit}: "
             + ", ".join(failing))
 
@@ -74,8 +75,9 @@ def gemm_fraction_lines(data):
                         cases, failing)
         over_numpy = [numpy for _, numpy, _ in fractions if numpy is not None]
         if over_numpy:
-            line += (f" (of NumPy's best sgemm call in this run: {100 * min(over_numpy):.0f}% to "
-                     f"{100 * max(over_numpy):.0f}%)")
+            low, high = (f"{100 * f:.0f}%" for f in (min(over_numpy), max(over_numpy)))
+            line += f" (of NumPy's best sgemm call in this run: {low}" + \
+                (f" to {high})" if high != low else ")")
         lines.append(line)
     return lines
 

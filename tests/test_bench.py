@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn.bench import cases, check, cli, memory, peak, report
+from fusedrnn.bench import cases, check, cli, machine, memory, peak, report
 
 TINY = ["--quick", "--sizes", "3,2,4,5,1", "--threads", "1"]
 needs_openmp = pytest.mark.skipif(not fusedrnn._C.openmp, reason="built without OpenMP: the "
@@ -641,6 +641,30 @@ def test_report_says_which_kernels_ran_against_the_peers_fma():
     assert "AMX" not in report.summary(data)[0]
     data["machine"]["available_isas"] = ["generic", "avx2", "avx512", "amx"]
     assert "This CPU has AMX: FUSEDRNN_ISA=amx runs" in report.summary(data)[0]
+
+
+def test_numpy_peak_without_threadpoolctl_runs_at_the_thread_count_in_a_fresh_process(
+        monkeypatch):
+    # Without threadpoolctl this process's BLAS keeps every core; a 1-thread run's %numpy was
+    # then over NumPy on all of them (52% on 2 cores, where NumPy on one ran as fast as our GEMM).
+    monkeypatch.setattr(machine, "_threadpoolctl", lambda: None)
+    monkeypatch.setattr(peak, "SIZES", (64,))
+    got = peak.measure(1, fusedrnn.set_num_threads, budget_s=0.01)["numpy_matmul"]
+    assert got["threads"] == 1 and got["process"] == "fresh" and got["size"] == 64
+    assert got["gflops"] > 0
+    assert got["blas_threads"] == [1]     # as the child's BLAS reports it (threadpoolctl there)
+    line = report.peak_lines({"gemm_peak": {"1": {
+        "fusedrnn_gemm": {"gflops": 1.0, "size": 64}, "numpy_matmul": got}}})[0]
+    assert "threads: 1, in a fresh process" in line
+
+
+def test_numpy_peak_falls_back_to_numpys_default_where_no_process_can_be_started(monkeypatch):
+    monkeypatch.setattr(machine, "_threadpoolctl", lambda: None)
+    monkeypatch.setattr(peak, "SIZES", (64,))
+    monkeypatch.setattr(sys, "executable", "/nonexistent/python")
+    assert peak.numpy_peak_apart(1) is None
+    got = peak.measure(1, fusedrnn.set_num_threads, budget_s=0.01)["numpy_matmul"]
+    assert got["threads"] == "numpy's default" and "process" not in got and got["gflops"] > 0
 
 
 def test_summary_gives_each_regime_its_own_mean_and_the_peak_is_called_a_reference_rate():

@@ -1,7 +1,8 @@
 """Facts about this machine and the software measured: CPU, ISA, versions, NumPy's BLAS.
 
 Also ``blas_threads(n)``: a context that limits NumPy's BLAS to n threads through threadpoolctl
-when it is installed (otherwise NumPy keeps its default, and ``numpy_blas()`` says so).
+when it is installed (otherwise NumPy keeps its default in this process, and ``numpy_blas()``
+says so; peak.py then measures NumPy's GEMM rate in a fresh process).
 """
 import contextlib
 import importlib.metadata
@@ -35,7 +36,8 @@ def blas_threads(n):
 def numpy_blas():
     """Which BLAS NumPy uses, and whether its thread count can be set here."""
     info = {"thread_control": "threadpoolctl" if _threadpoolctl() else
-            "none (threadpoolctl not installed: NumPy's default thread count)"}
+            "none here (threadpoolctl not installed: NumPy's default thread count; its GEMM "
+            "rate is measured in a fresh process started at each thread count)"}
     try:
         blas = np.show_config(mode="dicts")["Build Dependencies"]["blas"]
         info["name"] = blas.get("name")

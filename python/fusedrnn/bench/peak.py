@@ -1,7 +1,8 @@
 """This machine's float32 GEMM peak, measured in the same run as the cases.
 
 Two figures per thread count: our packed GEMM (``fusedrnn._C.gemm``) and NumPy's matmul (its
-BLAS, limited to the thread count when threadpoolctl is installed), on 1024^3 (smaller only
+BLAS at the thread count: through threadpoolctl when installed, else in a fresh Python whose
+BLAS reads the count from the environment as it loads), on 1024^3 (smaller only
 where one product takes over a quarter second); the peak is the best of the repetitions, and
 the run keeps the better of a measurement at its start and one at its end.
 
@@ -11,6 +12,10 @@ drifts by 10-40% over minutes, so a case's rate over the run's best GEMM minute 
 about the minute than about the kernels; over the GEMM rate of the case's own minutes it does
 not.
 """
+import json
+import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -19,6 +24,10 @@ from .. import _C
 from .machine import blas_threads
 from .timing import wait_until_idle
 
+# What BLAS libraries read their thread count from when they load (OpenBLAS, MKL, BLIS, Apple's
+# Accelerate, and OpenMP for the rest).
+BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS",
+                    "VECLIB_MAXIMUM_THREADS", "OMP_NUM_THREADS")
 SIZES = (1024, 512, 256)      # the first whose product takes at most MAX_CALL_S
 MAX_CALL_S = 0.25
 
@@ -68,11 +77,48 @@ def best_of(first, second):
     return out
 
 
+def numpy_peak_apart(threads, budget_s=0.3, timeout_s=300):
+    """gemm_peak(np.matmul) in a fresh Python whose BLAS starts with ``threads`` threads (the
+    environment's BLAS_THREAD_VARS), or None if that process fails. Without threadpoolctl this
+    process cannot limit a BLAS already loaded, which took every core: on 2 cores a --quick run
+    set its 1-thread cases beside NumPy on both (52% of NumPy's rate, where NumPy on one core
+    ran no faster than our GEMM). Adds "blas_threads" where the child can read its BLAS's count
+    (threadpoolctl there)."""
+    package_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {package_parent!r})\n"
+        "import numpy as np\n"
+        "from fusedrnn.bench import peak\n"
+        f"peak.SIZES = {tuple(SIZES)!r}\n"
+        f"out = peak.gemm_peak(np.matmul, {budget_s!r})\n"
+        "try:\n"
+        "    import threadpoolctl\n"
+        "    out['blas_threads'] = [p['num_threads'] for p in threadpoolctl.threadpool_info()\n"
+        "                           if p['user_api'] == 'blas']\n"
+        "except ImportError:\n"
+        "    pass\n"
+        "print(json.dumps(out))\n")
+    env = dict(os.environ, **{name: str(threads) for name in BLAS_THREAD_VARS})
+    try:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True, timeout=timeout_s)
+        return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else None
+    except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+        return None
+
+
 def measure(threads, set_threads, budget_s=0.3):
-    """{"fusedrnn_gemm": ..., "numpy_matmul": ...} at ``threads`` threads."""
+    """{"fusedrnn_gemm": ..., "numpy_matmul": ...} at ``threads`` threads. NumPy's "threads"
+    says how its count was set: a number (threadpoolctl here, or a fresh process, "process":
+    "fresh"), or "numpy's default" where neither worked."""
     set_threads(threads)
     ours = gemm_peak(_C.gemm, budget_s)
     with blas_threads(threads) as limited:
-        theirs = gemm_peak(np.matmul, budget_s)
-    theirs["threads"] = threads if limited is not None else "numpy's default"
+        if limited is not None:
+            theirs = dict(gemm_peak(np.matmul, budget_s), threads=threads)
+    if limited is None:
+        apart = numpy_peak_apart(threads, budget_s)
+        theirs = (dict(apart, threads=threads, process="fresh") if apart is not None else
+                  dict(gemm_peak(np.matmul, budget_s), threads="numpy's default"))
     return {"fusedrnn_gemm": ours, "numpy_matmul": theirs}

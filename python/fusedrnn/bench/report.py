@@ -320,7 +320,8 @@ def peak_lines(data):
         lines.append(f"{n} thread(s), best call at one size (a reference rate, not the "
                      f"machine's peak): fusedrnn GEMM {ours['gflops']:.1f} GFLOP/s "
                      f"({ours['size']}^3), numpy matmul {np_['gflops']:.1f} GFLOP/s "
-                     f"({np_['size']}^3, threads: {np_.get('threads', '?')})")
+                     f"({np_['size']}^3, threads: {np_.get('threads', '?')}"
+                     f"{', in a fresh process' if np_.get('process') == 'fresh' else ''})")
     return lines
 
 

@@ -1,6 +1,7 @@
 """The C++ kernels against the NumPy reference: every ISA this machine runs, every cell and
 option, float32 and float64, forward outputs, final states and every gradient."""
 import itertools
+import math
 import os
 import subprocess
 import sys
@@ -437,6 +438,29 @@ def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads
             assert (in_step == "in_step") != lengths
             case = make_case(rng, cell, proj and 24, T=4, B=B, I=20, H=H, lengths=lengths)
             assert_same_bits_on_one_and_two_threads(case, isa, linear_before_reset=lbr)
+    finally:
+        fusedrnn.set_num_threads(before)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_backward_walks_rows_apart_wherever_the_weights_fit_half_of_l2_or_l3(rng, isa,
+                                                                              fixed_threads):
+    """The backward's rows apart (backward_rows_apart) where the recurrent weights fit half of
+    one core's L2 or half of the L3 the cores share, the team past both; rows apart past L2
+    (an LSTM of H = 256: 1 MiB) give the one-thread bits. B = 24: 12 rows a member, whole tiles
+    on every ISA."""
+    if not _C.openmp:
+        pytest.skip("built without OpenMP: one thread only")
+    lstm = functional.CELL_CODES["lstm"]
+    caches = _C.cache_bytes()
+    half = max(caches["l2"], caches["l3"]) // 2
+    fits = math.isqrt(half // 16)  # the widest LSTM whose 4 H x H float32 gates fit
+    for H, want in ((256, "rows"), (fits, "rows"), (fits + 1, "team")):
+        assert _C.step_split(lstm, 24, 16, H, H, threads=2, isa=isa, backward=True) == want, H
+    before = fusedrnn.get_num_threads()
+    try:
+        case = make_case(rng, "lstm", 0, T=3, B=24, I=16, H=256)
+        assert_same_bits_on_one_and_two_threads(case, isa)
     finally:
         fusedrnn.set_num_threads(before)
 

@@ -324,14 +324,21 @@ int backward_step_threads(const LayerShape& s, int nthreads) {
 
 // Whether a team's members walk back their own rows, all of each step's maths and products,
 // and never meet (the forward's by_rows): each then streams all of W_hh every step, so only
-// where the recurrent weights fit half of one core's L2, and only where every row keeps its
-// FMA chains (rows_keep_chains). A team that meets twice a step exchanges dG and d h_prev
-// between the cores every step, which costs most when this VM puts them far apart.
+// where the recurrent weights fit half of one core's L2 or half of the L3 the cores share (the
+// two stream the same lines from it), and only where every row keeps its FMA chains
+// (rows_keep_chains). A team that meets twice a step exchanges dG and d h_prev between the
+// cores every step, which costs most when this VM puts them far apart. Past L2 the rows apart
+// ran as fast as the team on a Xeon (2 MB L2: fastrnns LSTM and GRU) and faster on Zen 4 (1 MB
+// L2, 32 MB L3; in-process A/B, one layer's backward, 2 threads, team -> rows apart: stacked
+// LSTM 10.7 -> 10.2 ms, 100x8x256x512 LSTM 32.7 -> 27.6, fastrnns LSTM 285 -> 272, wide LSTM
+// 655 -> 631 and RNN 166 -> 151, deepbench LSTM 294 -> 287, 50x12x256x1024 GRU 54.0 -> 48.7;
+// the rest within 1%); past half of L3 they lost (H = 2048, 64 MB of LSTM weights: 51.1 ->
+// 60.4 ms, 10 x 8 rows).
 template <typename T>
 bool backward_rows_apart(const LayerShape& s, int nthreads) {
   const int64_t weights = (gates_of(s.cell) * s.H + (s.has_proj ? s.H : 0)) * s.Hout;
   return backward_step_threads<T>(s, nthreads) > 1 && rows_keep_chains<T>(s.B, nthreads) &&
-         weights * int64_t(sizeof(T)) <= l2_cache_bytes() / 2;
+         weights * int64_t(sizeof(T)) <= imax(l2_cache_bytes(), l3_cache_bytes()) / 2;
 }
 
 // For tests and the curious (python's _C.step_split(..., backward=True)), without lengths: 0 one

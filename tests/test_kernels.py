@@ -455,7 +455,8 @@ def test_backward_walks_rows_apart_wherever_the_weights_fit_half_of_l2_or_l3(rng
     caches = _C.cache_bytes()
     half = max(caches["l2"], caches["l3"]) // 2
     fits = math.isqrt(half // 16)  # the widest LSTM whose 4 H x H float32 gates fit
-    for H, want in ((256, "rows"), (fits, "rows"), (fits + 1, "team")):
+    for H in (256, fits, fits + 1):
+        want = "rows" if 16 * H * H <= half else "team"
         assert _C.step_split(lstm, 24, 16, H, H, threads=2, isa=isa, backward=True) == want, H
     before = fusedrnn.get_num_threads()
     try:

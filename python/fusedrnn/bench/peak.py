@@ -117,8 +117,8 @@ def measure(threads, set_threads, budget_s=0.3):
     with blas_threads(threads) as limited:
         if limited is not None:
             theirs = dict(gemm_peak(np.matmul, budget_s), threads=threads)
-    if limited is None:
-        apart = numpy_peak_apart(threads, budget_s)
-        theirs = (dict(apart, threads=threads, process="fresh") if apart is not None else
-                  dict(gemm_peak(np.matmul, budget_s), threads="numpy's default"))
+            return {"fusedrnn_gemm": ours, "numpy_matmul": theirs}
+    apart = numpy_peak_apart(threads, budget_s)
+    theirs = (dict(apart, threads=threads, process="fresh") if apart is not None else
+              dict(gemm_peak(np.matmul, budget_s), threads="numpy's default"))
     return {"fusedrnn_gemm": ours, "numpy_matmul": theirs}

@@ -121,6 +121,23 @@ inline void prefetch_to_l2(const void* p) {
 #endif
 }
 
+// Prefetches p's line into L1 (prefetcht0), kept as prefetch_to_l2 is.
+inline void prefetch_to_l1(const void* p) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm volatile("prefetcht0 %0" : : "m"(*static_cast<const char*>(p)));
+#else
+  __builtin_prefetch(p, 0, 3);
+#endif
+}
+
+// Prefetches every line of the n values at p into L1.
+template <typename T>
+inline void prefetch_values_to_l1(const T* p, int64_t n) {
+  const char* end = reinterpret_cast<const char*>(p + n);
+  for (const char* c = reinterpret_cast<const char*>(p); c < end; c += 64) prefetch_to_l1(c);
+  if (n > 0) prefetch_to_l1(end - 1);  // (p not on a line: its last line)
+}
+
 // Whether the micro-kernels prefetch B's panel ahead of its loads (microkernel.h). On Intel
 // cores it paid (the wide LSTM's W_hh streaming from L3). On AMD's Zen 5 the hardware prefetchers
 // alone were faster: in-process A/B (bench/ab_builds.py), 1 thread, inference, prefetch -> none:

@@ -304,6 +304,14 @@ struct ForwardLoop {
       if (state_unsplit && !amx_operand_splits<T>(A + p.row0 * lda, p.row1 - p.row0, K, lda, 1))
         state_unsplit->store(true, std::memory_order_relaxed);
     }
+    // A single row on a team: its state's other part was written by the other core this step,
+    // and the row's k loop reaches those lines only halfway through a unit block, too far ahead
+    // for the core to ask for them early. Asked for here, they cross while the first block's
+    // weights stream. In-process A/B (bench/ab_builds.py), 2 threads, medians of three calm
+    // runs: long-seq LSTM inference 0.656 -> 0.616, 0.669 -> 0.638, 0.679 -> 0.643 ms; the
+    // other single-row shapes within noise, as was training (and the backward's dG_k row asked
+    // for so).
+    if (barrier && p.row1 - p.row0 == 1 && !mx) prefetch_values_to_l1(A + p.row0 * lda, K);
     const bool gx_in_tile = x_ready || (mx && mx->x);
     const T* hp = h_at(k);
     T* hn = h_at(k + 1);

@@ -274,6 +274,7 @@ struct RideKey {
   int cell;
   bool training;
   int64_t T, I, H, Hout;
+  bool team;  // the steps on a team (each member riding for its own units), or on one thread
 };
 bool ride_policy_choose(const RideKey& key);
 void ride_policy_report(const RideKey& key, bool rode, double ns_per_step);

@@ -1,6 +1,6 @@
-// Riding or one GEMM, measured per shape. Where a single row's steps run on one thread, its input
-// projection can ride along the steps (sequence/projection_mode.h, projection_rides) or run as one
-// GEMM before them. Both give the same bits (every element the same FMA chains, k in order in
+// Riding or one GEMM, measured per shape. Where a single row's steps run, on one thread or on a
+// step team, its input projection can ride along the steps (sequence/projection_mode.h,
+// projection_rides) or run as one GEMM before them. Both give the same bits (every element the same FMA chains, k in order in
 // blocks of kSumBlock, then the bias; tests/test_kernels.py checks it), but which is faster
 // depends on the host as much as on the shape: riding fills FMA slots that a row streaming W_hh
 // from L2 leaves idle, and how many it leaves depends on the core's L1 and L2. On Zen 4 riding won (online-small LSTM 0.40 ->
@@ -13,7 +13,8 @@
 // less than those FMAs as part of one GEMM (0.7), and even 4096 FMAs on registers alone add 0.4:
 // this core leaves few FMA slots idle while L1 fills from L2. So the first calls of each shape
 // take turns, kRuns timed calls each way, and from then on the shape runs the way whose best
-// call was faster per step.
+// call was faster per step. A team's trial is its own (RideKey::team): on the same Zen 4 a team
+// of two riding won at online-small and lost at long-seq, as one thread did.
 #include <algorithm>
 #include <atomic>
 #include <map>
@@ -42,7 +43,7 @@ struct RideTrial {
   }
 };
 
-using Key = std::tuple<const char*, int, int, bool, int64_t, int64_t, int64_t, int>;
+using Key = std::tuple<const char*, int, int, bool, int64_t, int64_t, int64_t, int, bool>;
 
 struct RideTrials {
   std::mutex mu;
@@ -57,7 +58,8 @@ RideTrials& ride_trials() {
 }
 
 Key key_of(const RideKey& k) {
-  return Key{k.isa, k.dtype_bytes, k.cell, k.training, k.I, k.H, k.Hout, step_count_bucket(k.T)};
+  return Key{k.isa, k.dtype_bytes, k.cell, k.training, k.I, k.H, k.Hout, step_count_bucket(k.T),
+             k.team};
 }
 
 }  // namespace

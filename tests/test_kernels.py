@@ -266,6 +266,34 @@ def test_ride_trial_takes_turns_then_keeps_the_faster(rng, ride_way, isa):
         assert np.array_equal(y, outputs[0])
 
 
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("isa", RIDE_TRIAL_ISAS)
+def test_a_step_team_rides_on_its_own_trial(rng, ride_way, fixed_threads, isa):
+    """A single row's steps on a team of two ride too (each member its own units' share of
+    every window), on a trial of their own: the shape's first team calls alternate, then keep
+    one way, and the same shape on one thread then starts its trial afresh. Every call gives
+    the same bits."""
+    ride_way("measured")
+    case = make_case(rng, "lstm", T=40, B=1, I=16, H=128)
+    assert _C.step_split(2, 1, 16, 128, 128, threads=2, isa=isa) == "units"
+    c = lambda a: a.astype(np.float32)
+    w = case["w"]
+    args = ("lstm", c(case["x"]), c(case["h0"]), c(case["c0"]), c(w["w_ih"]), c(w["w_hh"]),
+            c(w["b_ih"]), c(w["b_hh"]), None, None, False, True, False)
+    outputs = []
+    for threads in (2, 1):
+        fusedrnn.set_num_threads(threads)
+        ways = []
+        for _ in range(10):
+            before = _C.ride_calls()
+            outputs.append(functional.forward(*args, isa=isa)[0])
+            ways.append("ride" if _C.ride_calls()["ride"] > before["ride"] else "whole")
+        assert ways[:8] == ["ride", "whole"] * 4, (threads, ways)
+        assert len(set(ways[8:])) == 1, (threads, ways)
+    for y in outputs[1:]:
+        assert np.array_equal(y, outputs[0])
+
+
 def in_step_fits_l2(cell, B, I, Hout, f64=False, isa=None):
     """projection_mode.h's cache conditions: W_ih and W_hh take at most 2/3 of the L3, and a
     unit block's gate panels of them (NR units, two vectors wide) and the step's rows of x_t and
@@ -1230,6 +1258,7 @@ def test_memory_running_out_on_a_worker_thread_raises_memory_error(isa, case):
 
 
 _WORKER_ALLOCATION_FAILS = _LAYER_CALL + """
+_C.set_ride_override("whole")  # (a single row's team riding allocates nothing on its worker)
 for case in sys.argv[1:]:
     call = layer_call(case)
     fusedrnn.set_num_threads(1)

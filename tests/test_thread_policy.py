@@ -184,8 +184,9 @@ def probe_verdict():
 
 
 @pytest.fixture
-def one_thread_rides():
-    """A single row on one thread rides (csrc/ride_policy.cpp would measure which way runs)."""
+def single_rows_ride():
+    """A single row rides, on one thread or on a team (csrc/ride_policy.cpp would measure which
+    way runs)."""
     _C.set_ride_override("ride")
     yield
     _C.set_ride_override("measured")
@@ -196,7 +197,7 @@ def one_thread_rides():
 @pytest.mark.parametrize("verdict", ["far_team", "far_alone", "measured"])
 @pytest.mark.parametrize("cell,lbr,H", PROBED)
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, one_thread_rides,
+def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, single_rows_ride,
                                                verdict, cell, lbr, H, dtype, isa):
     code = functional.CELL_CODES[cell]
     assert _C.step_split(code, 1, 8, H, H, dtype == np.float64, 2, isa) == "units"
@@ -245,7 +246,7 @@ def test_probed_team_gives_the_one_thread_bits(fixed_threads, probe_verdict, one
 @pytest.mark.parametrize("cell,lbr,H", PROBED)
 @pytest.mark.parametrize("reverse", [False, True])
 def test_projection_beside_a_walk_alone_gives_the_one_thread_bits(
-        fixed_threads, probe_verdict, one_thread_rides, cell, lbr, H, reverse, isa):
+        fixed_threads, probe_verdict, single_rows_ride, cell, lbr, H, reverse, isa):
     """A single row's long sequence whose step team was found slower than one thread (the
     probe's verdict, recalled by the next call of the shape) walks alone while the other thread
     computes the input projection 32 steps ahead (csrc/sequence/forward.h
@@ -265,6 +266,8 @@ def test_projection_beside_a_walk_alone_gives_the_one_thread_bits(
         runs = []
         for threads, calls in ((1, 1), (2, 2)):
             fusedrnn.set_num_threads(threads)
+            # one thread rides, the team takes one GEMM, which a walk alone can have beside it
+            _C.set_ride_override("ride" if threads == 1 else "whole")
             for call in range(calls):
                 before = _C.beside_walk_calls()["projection_beside_walk"]
                 y, hn, cn, ctx = functional.forward(cell, *args, reverse=reverse,

@@ -89,12 +89,12 @@ PYBIND11_MODULE(_C, m) {
     return fusedrnn::set_probe_recall_ms(ms);
   }, py::arg("ms"), "tests: how long a probe's verdict is remembered (by the calls from now on), "
      "in ms; negative: the default (500); returns the previous setting");
-  // Riding or one GEMM for a single row on one thread (csrc/ride_policy.cpp): calls by way, and
+  // Riding or one GEMM for a single row, alone or on a team (csrc/ride_policy.cpp): calls by way, and
   // a way for tests to impose ("measured", "whole", "ride"); setting it forgets every trial.
   m.def("ride_calls", [] {
     return counts({{"ride", fusedrnn::ride_policy_calls(true)},
                    {"whole", fusedrnn::ride_policy_calls(false)}});
-  }, "single-row forwards on one thread that could ride, by the way they ran, since import");
+  }, "single-row forwards that could ride, alone or on a team, by the way they ran, since import");
   m.def("set_ride_override", [](const std::string& way) {
     if (way == "measured") return fusedrnn::set_ride_override(-1);
     if (way == "whole") return fusedrnn::set_ride_override(0);
@@ -202,8 +202,8 @@ PYBIND11_MODULE(_C, m) {
      py::arg("f64") = false, py::arg("lengths") = false, py::arg("isa") = py::none(),
      "how the forward computes x_t W_ih^T: 'whole' (one GEMM over the sequence before the time "
      "loop), 'in_step' (inside each step's tiles) or 'rides' (a chunk of the next steps' rows "
-     "in each step of a single LSTM or GRU row, on one thread, or one GEMM if the shape's first "
-     "calls measured that faster: csrc/ride_policy.cpp; a step team makes it 'whole')");
+     "in each step of a single LSTM or GRU row, alone or on a step team, or one GEMM if the "
+     "shape's first calls on those threads measured that faster: csrc/ride_policy.cpp)");
 
   m.def("cache_bytes", []() {
     return counts({{"l2", kernels(std::nullopt).cache_bytes(2)},

@@ -734,14 +734,14 @@ bool forward_steps(const ForwardArgs<T>& a, const StepProgress* below, StepProgr
 
   bool by_rows = false;
   const int nt = step_threads<T>(s, nthreads, &by_rows);
-  int mode = projection_mode<T>(s, a.lengths != nullptr, nt > 1);
+  int mode = projection_mode<T>(s, a.lengths != nullptr);
   // A layer of a pipelined stack (one thread, no lengths) may take the GEMM's projection in its
   // steps instead, with the GEMM's bits (in_step_when_pipelined).
   const bool in_step_for_pipeline =
       (below || done) && mode == 0 && in_step_when_pipelined<T>(s);
   if (in_step_for_pipeline) mode = 1;
   const RideChoice ride_choice(&mode, RideKey{kIsaName, int(sizeof(T)), int(s.cell), training, s.T,
-                                                s.I, s.H, s.Hout});
+                                                s.I, s.H, s.Hout, nt > 1});
   const bool in_step = mode == 1, rides = mode == 2;
   const int64_t padded_units = ForwardLoop<T>::padded_units(s);
   // Riding along, rows by step in whole windows, gates padded_units apart (see x_steps).

@@ -2,8 +2,8 @@
 // sequence before the time loop, inside each step's tiles, or riding along a single row's steps.
 // Where the bits differ (in the step or not), the choice depends on the shape only, so results
 // stay bitwise the same for any thread count; forward.h carries it out. Riding and one GEMM give
-// the same bits: a step team takes the GEMM, and on one thread the shape's first calls measure
-// which is faster (RideChoice, ride_policy.cpp).
+// the same bits, and the shape's first calls, alone or on a team, measure which is faster
+// (RideChoice, ride_policy.cpp).
 #pragma once
 #include <chrono>
 #include <cstdint>
@@ -180,18 +180,23 @@ static_assert(kRideRows == 4 * kRideSlices && Tile<double>::NV == Tile<float>::N
               "a window is the LSTM's gates' slices");
 
 // How the forward computes x_t W_ih^T for a shape: 0 one GEMM before the loop, 1 in the step's
-// tiles (in_step_projection), 2 riding along the single row's steps (projection_rides), where
-// the steps run on one thread. A step team computes it as one GEMM, its threads side by side,
-// before the steps: riding, each member computed its share of every window inside the steps
-// that its teammate waits on. In-process A/B, 2 threads, medians, inference / training:
-// online-small LSTM 0.296 -> 0.256 / 0.881 -> 0.714 ms, GRU 0.309 -> 0.270 / 0.710 -> 0.639,
-// long-seq LSTM 0.676 -> 0.628 / 1.762 -> 1.610. The same bits: both make the same chains for
-// every element (k in order in blocks of kSumBlock, then the bias; input_projection never splits
-// k), and the GRU row's recurrent product keeps its one pass (ForwardLoop::row_in_one_pass).
+// tiles (in_step_projection), 2 riding along the single row's steps (projection_rides), on one
+// thread or on a step team (each member its own units' share of every window). Riding or one
+// GEMM is then measured per shape and team (RideChoice): which wins depends on the host. On a
+// Xeon (2 MB L2) a team riding lost (in-process A/B, 2 threads, medians, riding -> one GEMM,
+// inference / training: online-small LSTM 0.296 -> 0.256 / 0.881 -> 0.714 ms, GRU 0.309 ->
+// 0.270 / 0.710 -> 0.639, long-seq LSTM 0.676 -> 0.628 / 1.762 -> 1.610), and so it never rode;
+// on Zen 4 (1 MB L2) it won where W_hh streams from L2 (one GEMM -> riding, 2 threads, two
+// runs, mins: online-small LSTM 0.247 -> 0.223 and 0.252 -> 0.227 ms, GRU 0.246 -> 0.221 and
+// 0.247 -> 0.217, 100x1x256x256 LSTM 0.827 -> 0.772 and 0.850 -> 0.809) and lost on long-seq's
+// LSTM (64 KB: 0.610 -> 0.659, 0.612 -> 0.662), as on one thread. The same bits: both make the
+// same chains for every element (k in order in blocks of kSumBlock, then the bias;
+// input_projection never splits k), and the GRU row's recurrent product keeps its one pass
+// (ForwardLoop::row_in_one_pass).
 template <typename T>
-int projection_mode(const LayerShape& s, bool has_lengths, bool team = false) {
+int projection_mode(const LayerShape& s, bool has_lengths) {
   if (in_step_projection<T>(s, has_lengths)) return 1;
-  return !team && projection_rides<T>(s, has_lengths) ? 2 : 0;
+  return projection_rides<T>(s, has_lengths) ? 2 : 0;
 }
 
 // Where projection_mode says ride, this call rides or runs one GEMM as the shape's trial says

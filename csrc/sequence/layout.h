@@ -205,6 +205,16 @@ inline int64_t packed_gates_size(int G, int64_t K, int64_t H) {
   return G * packed_b_size<T>(K, H);
 }
 
+// Unit blocks [ub0, ub1) of pack_gates's panels, on the calling thread.
+template <typename T>
+void pack_gate_blocks(int G, int64_t K, int64_t H, const T* w /*(G*H, K)*/, T* buf, int64_t ub0,
+                      int64_t ub1) {
+  constexpr int NR = Tile<T>::NR;
+  for (int64_t ub = ub0; ub < ub1; ++ub)
+    for (int g = 0; g < G; ++g)
+      pack_b_rows(0, K, ub, H, w + g * H * K, 1, K, buf + (ub * G + g) * K * NR);
+}
+
 // buf: packed_gates_size elements, laid out as PackedGates::panel reads them.
 template <typename T>
 void pack_gates(int G, int64_t K, int64_t H, const T* w /*(G*H, K)*/, T* buf, int nthreads) {

@@ -8,6 +8,7 @@
 #pragma once
 #include <chrono>
 #include <cstdint>
+#include <type_traits>
 #include "kernel_api.h"
 #include "sequence/layout.h"
 #include "sequence/step_barrier.h"
@@ -46,9 +47,14 @@ constexpr double kFarBarrierNs = 100;
 // 0.69 alone), then the team kTeamWarmSteps untimed and as many timed as alone, and the faster
 // way per step runs the rest. Verdicts are counted and noted in `note`
 // (if not null), and tests may impose one (kernel_api.h, probe_override).
-template <typename TeamRun, typename SoloRun>
+// prologue(member, team), where given, runs first in each member, and a meeting after it
+// publishes its work to the team: or prologue(0, 1) first where the calling thread runs alone.
+struct NoPrologue {
+  void operator()(int, int) const {}
+};
+template <typename TeamRun, typename SoloRun, typename Prologue = NoPrologue>
 void run_probed_team(int nt, int64_t T, int64_t probe, ProbeNote* note, TeamRun team_run,
-                     SoloRun solo_run) {
+                     SoloRun solo_run, Prologue prologue = Prologue()) {
   using Clock = std::chrono::steady_clock;
   auto ns_since = [](Clock::time_point t) {
     return std::chrono::duration<double, std::nano>(Clock::now() - t).count();
@@ -56,14 +62,18 @@ void run_probed_team(int nt, int64_t T, int64_t probe, ProbeNote* note, TeamRun 
   const int recalled = probe > 0 && note ? note->recalled : kProbeNone;
   if (recalled == kProbeFarAlone) {
     probe_count(kProbeRecalledAlone);
+    prologue(0, 1);
     return solo_run(0, T);
   }
   if (recalled == kProbeFarTeam) {
     probe_count(kProbeRecalledTeam);
     probe = 0;
   }
+  constexpr bool kHasPrologue = !std::is_same_v<Prologue, NoPrologue>;
   bool cores_far = false, alone = false;  // member 0's verdicts, published by barriers
   run_step_team(nt, [&](int member, int team, StepBarrier* barrier) {
+    prologue(member, team);
+    if (kHasPrologue && barrier && probe == 0) barrier->wait();  // (the probe's meetings follow)
     if (probe == 0 || !barrier) return team_run(member, team, barrier, 0, T);
     const int imposed = probe_override();
     barrier->wait();

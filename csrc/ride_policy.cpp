@@ -1,20 +1,20 @@
 // Riding or one GEMM, measured per shape. Where a single row's steps run, on one thread or on a
 // step team, its input projection can ride along the steps (sequence/projection_mode.h,
-// projection_rides) or run as one GEMM before them. Both give the same bits (every element the same FMA chains, k in order in
-// blocks of kSumBlock, then the bias; tests/test_kernels.py checks it), but which is faster
-// depends on the host as much as on the shape: riding fills FMA slots that a row streaming W_hh
-// from L2 leaves idle, and how many it leaves depends on the core's L1 and L2. On Zen 4 riding won (online-small LSTM 0.40 ->
-// 0.34 ms); on this Xeon (48 KB L1, 2 MB L2) one GEMM wins at most shapes (in-process A/B, 1
-// thread, medians, riding -> GEMM: long-seq LSTM 0.616 -> 0.581 ms, long-seq GRU 0.436 -> 0.385,
-// 100x1x256x256 LSTM 1.484 -> 1.287) and riding at a few (300x1x32x128 LSTM 0.690 against
-// 0.709). Why, in a C++ loop (online-small's 256 KB of W_hh, 64-byte aligned, 1 thread): the
-// bare stream takes 1.6-1.7 us a step, and with a ride's 4096 FMAs a step in the same loop
-// (tiles of 8x1, 8x2 or 4x2 vectors, operands in L1) 2.5-2.6 us. The ride costs 0.9-1.0 us, no
-// less than those FMAs as part of one GEMM (0.7), and even 4096 FMAs on registers alone add 0.4:
-// this core leaves few FMA slots idle while L1 fills from L2. So the first calls of each shape
-// take turns, kRuns timed calls each way, and from then on the shape runs the way whose best
-// call was faster per step. A team's trial is its own (RideKey::team): on the same Zen 4 a team
-// of two riding won at online-small and lost at long-seq, as one thread did.
+// projection_rides) or run as one GEMM before them. Both give the same bits (every element the same
+// FMA chains, k in order in blocks of kSumBlock, then the bias; tests/test_kernels.py checks it),
+// but which is faster depends on the host as much as on the shape: riding fills FMA slots that a
+// row streaming W_hh from L2 leaves idle, and how many it leaves depends on the core's L1 and L2.
+// On Zen 4 riding won (online-small LSTM 0.40 -> 0.34 ms); on this Xeon (48 KB L1, 2 MB L2) one
+// GEMM wins at most shapes (in-process A/B, 1 thread, medians, riding -> GEMM: long-seq LSTM 0.616
+// -> 0.581 ms, long-seq GRU 0.436 -> 0.385, 100x1x256x256 LSTM 1.484 -> 1.287) and riding at a few
+// (300x1x32x128 LSTM 0.690 against 0.709). Why, in a C++ loop (online-small's 256 KB of W_hh,
+// 64-byte aligned, 1 thread): the bare stream takes 1.6-1.7 us a step, and with a ride's 4096 FMAs
+// a step in the same loop (tiles of 8x1, 8x2 or 4x2 vectors, operands in L1) 2.5-2.6 us. The ride
+// costs 0.9-1.0 us, no less than those FMAs as part of one GEMM (0.7), and even 4096 FMAs on
+// registers alone add 0.4: this core leaves few FMA slots idle while L1 fills from L2. So the first
+// calls of each shape take turns, kRuns timed calls each way, and from then on the shape runs the
+// way whose best call was faster per step. A team's trial is its own (RideKey::team): on the same
+// Zen 4 a team of two riding won at online-small and lost at long-seq, as one thread did.
 #include <algorithm>
 #include <atomic>
 #include <map>

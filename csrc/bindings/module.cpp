@@ -89,8 +89,9 @@ PYBIND11_MODULE(_C, m) {
     return fusedrnn::set_probe_recall_ms(ms);
   }, py::arg("ms"), "tests: how long a probe's verdict is remembered (by the calls from now on), "
      "in ms; negative: the default (500); returns the previous setting");
-  // Riding or one GEMM for a single row, alone or on a team (csrc/ride_policy.cpp): calls by way, and
-  // a way for tests to impose ("measured", "whole", "ride"); setting it forgets every trial.
+  // Riding or one GEMM for a single row, alone or on a team (csrc/ride_policy.cpp): calls by
+  // way, and a way for tests to impose ("measured", "whole", "ride"); setting it forgets every
+  // trial.
   m.def("ride_calls", [] {
     return counts({{"ride", fusedrnn::ride_policy_calls(true)},
                    {"whole", fusedrnn::ride_policy_calls(false)}});

@@ -243,23 +243,34 @@ def test_riding_and_one_gemm_give_the_same_bits(rng, ride_way, isa, dtype, varia
 RIDE_TRIAL_ISAS = [isa for isa in ISAS if rides(isa, np.float32, ("lstm", False, None), 16, 64)]
 
 
-@pytest.mark.parametrize("isa", RIDE_TRIAL_ISAS)
-def test_ride_trial_takes_turns_then_keeps_the_faster(rng, ride_way, isa):
-    """The measured choice: a shape's first calls alternate, riding first, 4 each (RideTrial::kRuns),
-    then every call goes one way; all of them give the same bits."""
-    ride_way("measured")
-    case = make_case(rng, "lstm", T=40, B=1, I=16, H=64)
+def single_row_lstm_args(rng, H):
+    """functional.forward's arguments for a float32 LSTM inference of one row, T = 40, I = 16."""
+    case = make_case(rng, "lstm", T=40, B=1, I=16, H=H)
     c = lambda a: a.astype(np.float32)
     w = case["w"]
-    args = ("lstm", c(case["x"]), c(case["h0"]), c(case["c0"]), c(w["w_ih"]), c(w["w_hh"]),
+    return ("lstm", c(case["x"]), c(case["h0"]), c(case["c0"]), c(w["w_ih"]), c(w["w_hh"]),
             c(w["b_ih"]), c(w["b_hh"]), None, None, False, True, False)
+
+
+def ride_ways(args, isa, calls):
+    """(ways, outputs): how each of `calls` forwards ran its projection ("ride" or "whole", each
+    call counted once by _C.ride_calls) and its y."""
     ways, outputs = [], []
-    for _ in range(12):
+    for _ in range(calls):
         before = _C.ride_calls()
         outputs.append(functional.forward(*args, isa=isa)[0])
         after = _C.ride_calls()
         ways.append("ride" if after["ride"] > before["ride"] else "whole")
         assert after["ride"] + after["whole"] == before["ride"] + before["whole"] + 1
+    return ways, outputs
+
+
+@pytest.mark.parametrize("isa", RIDE_TRIAL_ISAS)
+def test_ride_trial_takes_turns_then_keeps_the_faster(rng, ride_way, isa):
+    """The measured choice: a shape's first calls alternate, riding first, 4 each (RideTrial::kRuns),
+    then every call goes one way; all of them give the same bits."""
+    ride_way("measured")
+    ways, outputs = ride_ways(single_row_lstm_args(rng, 64), isa, 12)
     assert ways[:8] == ["ride", "whole"] * 4
     assert len(set(ways[8:])) == 1
     for y in outputs[1:]:
@@ -274,20 +285,13 @@ def test_a_step_team_rides_on_its_own_trial(rng, ride_way, fixed_threads, isa):
     one way, and the same shape on one thread then starts its trial afresh. Every call gives
     the same bits."""
     ride_way("measured")
-    case = make_case(rng, "lstm", T=40, B=1, I=16, H=128)
+    args = single_row_lstm_args(rng, 128)
     assert _C.step_split(2, 1, 16, 128, 128, threads=2, isa=isa) == "units"
-    c = lambda a: a.astype(np.float32)
-    w = case["w"]
-    args = ("lstm", c(case["x"]), c(case["h0"]), c(case["c0"]), c(w["w_ih"]), c(w["w_hh"]),
-            c(w["b_ih"]), c(w["b_hh"]), None, None, False, True, False)
     outputs = []
     for threads in (2, 1):
         fusedrnn.set_num_threads(threads)
-        ways = []
-        for _ in range(10):
-            before = _C.ride_calls()
-            outputs.append(functional.forward(*args, isa=isa)[0])
-            ways.append("ride" if _C.ride_calls()["ride"] > before["ride"] else "whole")
+        ways, ys = ride_ways(args, isa, 10)
+        outputs += ys
         assert ways[:8] == ["ride", "whole"] * 4, (threads, ways)
         assert len(set(ways[8:])) == 1, (threads, ways)
     for y in outputs[1:]:

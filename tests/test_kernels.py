@@ -443,7 +443,7 @@ def test_long_sequence_float32(rng, isa):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads):
-    """Both ways 2 threads share a forward step (forward.h, step_threads): batch rows with no
+    """Both ways 2 threads share a forward step (forward_split.h, step_threads): batch rows with no
     barrier (small weights, B=96, or B=16 with W_ih small too) and hidden units with a barrier per step (B=12 or 26, or weights
     past L2), each with the input projection before the loop and in the step; and both ways of
     the backward: rows apart (backward_rows_apart: small weights, rows keeping their chains) and
@@ -640,7 +640,7 @@ def test_chunked_products_add_into_the_gradients(rng):
                                       (22, False)])
 def test_row_shares_give_the_one_thread_bits(rng, two_threads, isa, variant, B, lengths):
     """Two threads split a step's rows in equal shares where each share's tiles keep the one
-    thread's chains (forward.h, rows_in_equal_shares): 64 rows as 32 + 32 (tiles of 12, 12, 8,
+    thread's chains (forward_split.h, rows_in_equal_shares): 64 rows as 32 + 32 (tiles of 12, 12, 8,
     the second share off the whole-tile grid of the packed state). Forward and backward, with
     and without lengths: the one thread's bits."""
     cell, lbr, proj = variant

@@ -306,15 +306,16 @@ struct BackwardLoop {
 };
 
 // Whether a team shares the column panels of each step's dG W_hh out as they are done (see
-// shares_blocks in forward.h): one product a step (RNN and LSTM without a projection), steps of
-// 1 MFLOP and up.
+// shares_blocks in forward_split.h): one product a step (RNN and LSTM without a projection),
+// steps of 1 MFLOP and up.
 inline bool shares_panels(const LayerShape& s) {
   const bool one_product = s.cell != Cell::Gru && !s.has_proj;
   return one_product && large_team_step(s);
 }
 
-// Threads worth a team for the time loop: as for the forward step (forward.h step_threads), a
-// step under ~30 KFLOP stays on one thread, and so does a state too narrow for two panels.
+// Threads worth a team for the time loop: as for the forward step (forward_split.h,
+// step_threads), a step under ~30 KFLOP stays on one thread, and so does a state too narrow for
+// two panels.
 template <typename T>
 int backward_step_threads(const LayerShape& s, int nthreads) {
   const double flops = recurrent_step_flops(s);

@@ -126,7 +126,7 @@ struct alignas(64) StepProgress {
 };
 
 // Steps with less work than this stay on one thread, forward and backward: the reasons and the
-// measurements are at forward.h's step_threads.
+// measurements are at forward_split.h's step_threads.
 constexpr double kMinTeamStepFlops = 3e4;
 
 // Runs fn(member, team, barrier) on a team of up to nt threads that meet at `barrier` (null for

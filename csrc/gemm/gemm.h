@@ -49,6 +49,15 @@ inline void pack_b_rows(int64_t k0, int64_t k1, int64_t p, int64_t N, const T* B
   for (; k < k1; ++k) pack_b_row(k, p, N, B, b_rs, b_cs, d + (k - k0) * NR);
 }
 
+// Values of B from which pack_b and pack_b_gemm share their panels among the threads. A
+// training call packs its weights every call, and packs of 2^16-2^18 values (online-small's and
+// stacked's W_ih and W_hh, 8-50 us each) ran on the calling thread alone, the other idle; a
+// parallel loop costs ~1-2 us here. In-process A/B (bench/ab_builds.py), 2 threads, training,
+// medians, 2^18 -> 2^15: stacked LSTM 14.32 -> 14.16 ms, GRU 10.70 -> 10.44, online-small LSTM
+// 0.681 -> 0.661, GRU 0.640 either way (2^14 alike: 16.45 -> 15.99, 11.02 -> 10.79, 0.679 ->
+// 0.660); frozen inference packs once and does not change.
+constexpr int64_t kParallelPackValues = int64_t(1) << 15;
+
 // Panel layout, for the fused step's micro-kernels (each walks one panel over all of K):
 // ceil(N/NR) panels, panel p holds B(k, p*NR + j) at out[p*panel_stride + k*NR + j], zero
 // padded; panel_stride is K*NR (back to back) unless the caller interleaves several matrices.
@@ -58,7 +67,7 @@ void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out
   constexpr int NR = Tile<T>::NR;
   const int64_t panels = ceil_div<int64_t>(N, NR);
   if (panel_stride < 0) panel_stride = K * NR;
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > (int64_t(1) << 18))
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > kParallelPackValues)
   for (int64_t p = 0; p < panels; ++p) pack_b_rows(0, K, p, N, B, b_rs, b_cs, out + p * panel_stride);
 }
 
@@ -94,7 +103,7 @@ void pack_b_gemm(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T
   constexpr int NR = Tile<T>::NR;
   constexpr int64_t KC = GemmBlocking<T>::KC;
   const int64_t panels = ceil_div<int64_t>(N, NR), kblocks = ceil_div<int64_t>(K, KC);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > (int64_t(1) << 18))
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > kParallelPackValues)
   for (int64_t job = 0; job < kblocks * panels; ++job) {
     const int64_t k0 = (job / panels) * KC, p = job % panels, k1 = imin(K, k0 + KC);
     pack_b_rows(k0, k1, p, N, B, b_rs, b_cs, const_cast<T*>(gemm_b_slice<T>(out, panels, K, k0, p)));

@@ -6,6 +6,7 @@ torch.nn module in float64, loads its state_dict into our layer and compares out
 states and every gradient (input, hx, each parameter) through ``(y*dy).sum() + (hn*dhn).sum()
 [+ (cn*dcn).sum()]``. A float32 layer runs on the float32-rounded weights and inputs against
 torch in float64, at the float32 tolerances. Helpers here are reused by test_torch_adapter.py.
+A second, smaller grid takes the sizes where the kernels change their ways (KERNEL_GRID).
 """
 import dataclasses
 
@@ -41,6 +42,7 @@ class Case:
     lengths: bool
     hx: bool
     seed: int
+    threads: int = 1
 
     @property
     def D(self):
@@ -57,6 +59,8 @@ class Case:
                                        ("hx", self.hx)] if on]
         if self.proj:
             opts.append(f"proj{self.proj}")
+        if self.threads > 1:
+            opts.append(f"t{self.threads}")
         return "-".join(opts)
 
 
@@ -204,14 +208,53 @@ def test_grid_covers_every_option():
                                              for c in GRID)
 
 
-@pytest.mark.parametrize("case", GRID, ids=Case.id)
+def make_kernel_sized_cases(seed):
+    """Sizes past GRID's, where the kernels take other ways: several unit blocks and a ragged
+    last one (H = 33, 65, 100), a state past one sum block (H = 129: kSumBlock), a single row
+    (riding, the halves, the products by chunks of 128 steps at T = 150), a row tile and one
+    more row (B = 13), and 2 threads (step teams). Three cases for each cell and dtype."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    for cell in CELLS:
+        for dtype in ("float64", "float32"):
+            for i in range(3):
+                H = int(rng.choice([33, 65, 100, 129]))
+                proj = (int(rng.integers(1, H)) if cell == "lstm" and rng.random() < 0.4 else 0)
+                steps = [37, 150] if i == 0 else [1, 37, 150]  # (a single row's team: T > 1)
+                cases.append(Case(
+                    cell=cell, dtype=dtype, T=int(rng.choice(steps)),
+                    B=(1, 13, 20)[i], I=int(rng.choice([1, 33, 130])),
+                    H=H, L=int(rng.integers(1, 3)), bidirectional=bool(rng.random() < 0.5),
+                    batch_first=bool(rng.random() < 0.5), bias=bool(rng.random() < 0.75),
+                    proj=proj, lengths=bool(rng.random() < 0.4), hx=bool(rng.random() < 0.5),
+                    seed=int(rng.integers(2**31)), threads=1 + len(cases) % 2))
+    return cases
+
+
+KERNEL_GRID = make_kernel_sized_cases(seed=20261206)
+
+
+def test_kernel_grid_covers_the_kernels_ways():
+    assert {c.B for c in KERNEL_GRID} == {1, 13, 20}
+    assert {c.threads for c in KERNEL_GRID} == {1, 2}
+    assert any(c.H > 128 for c in KERNEL_GRID) and any(c.H % 32 for c in KERNEL_GRID)
+    assert any(c.B == 1 and c.T > 128 and not c.lengths for c in KERNEL_GRID)
+    assert any(c.B == 1 and c.threads == 2 and c.T > 1 and c.cell == "lstm" for c in KERNEL_GRID)
+
+
+@pytest.mark.parametrize("case", GRID + KERNEL_GRID, ids=Case.id)
 def test_layer_matches_torch(case):
     m = torch_module(case)
     d = make_data(case)
     want = run_torch(m, case, d)
     layer = our_layer(case)
     layer.load_state_dict(m.state_dict())
-    got = run_ours(case, d, layer)
+    threads = fusedrnn.get_num_threads()
+    fusedrnn.set_num_threads(case.threads)
+    try:
+        got = run_ours(case, d, layer)
+    finally:
+        fusedrnn.set_num_threads(threads)
     compare(got, want, case.dtype)
 
 

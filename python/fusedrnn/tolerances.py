@@ -19,7 +19,12 @@ FORWARD = {np.dtype(np.float64): 1e-12, np.dtype(np.float32): 1e-5}
 # kernels' float32 forward reached 1.7e-5 (14 of 160 fuzz cases over 1e-5, torch float32 1 of
 # 160) while each element was one FMA chain over k; summed in blocks of 128 (microkernel.h), 160
 # other such cases gave a median of 1.00x torch float32's error, a 95th percentile of 2.6x (one
-# chain: 1.17x and 3.9x on the same cases).
+# chain: 1.17x and 3.9x on the same cases). A fuzz of the layers against torch.nn in float64
+# (2,400 random configurations of every cell and option, H and I up to 130, T up to 300, 1 and 2
+# threads) stayed within 0.23 of the float32 forward bound and 0.06 of the gradient one; the
+# float32 error was at a median 0.85-0.95x torch float32's own, a 95th percentile 1.4-2.8x, and
+# single draws up to 12x at H = 1-3, where torch float32 happened to be exact (over 30 draws of
+# those shapes: 1.3-2.2x).
 GRADIENT = {np.dtype(np.float64): 1e-10, np.dtype(np.float32): 1e-4}
 
 # The weight and bias gradients sum over T*B rows. The kernels sum them in blocks (128 rows; the

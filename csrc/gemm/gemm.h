@@ -59,16 +59,14 @@ inline void pack_b_rows(int64_t k0, int64_t k1, int64_t p, int64_t N, const T* B
 constexpr int64_t kParallelPackValues = int64_t(1) << 15;
 
 // Panel layout, for the fused step's micro-kernels (each walks one panel over all of K):
-// ceil(N/NR) panels, panel p holds B(k, p*NR + j) at out[p*panel_stride + k*NR + j], zero
-// padded; panel_stride is K*NR (back to back) unless the caller interleaves several matrices.
+// ceil(N/NR) panels back to back, panel p holds B(k, p*NR + j) at out[p*K*NR + k*NR + j], zero
+// padded (several matrices' panels interleaved: layout.h's pack_gates).
 template <typename T>
-void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out, int nthreads,
-            int64_t panel_stride = -1) {
+void pack_b(int64_t K, int64_t N, const T* B, int64_t b_rs, int64_t b_cs, T* out, int nthreads) {
   constexpr int NR = Tile<T>::NR;
   const int64_t panels = ceil_div<int64_t>(N, NR);
-  if (panel_stride < 0) panel_stride = K * NR;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && K * N > kParallelPackValues)
-  for (int64_t p = 0; p < panels; ++p) pack_b_rows(0, K, p, N, B, b_rs, b_cs, out + p * panel_stride);
+  for (int64_t p = 0; p < panels; ++p) pack_b_rows(0, K, p, N, B, b_rs, b_cs, out + p * K * NR);
 }
 
 // Blocking: an MC x KC block of A is packed once and meets every KC x NR slice of the packed B

@@ -40,8 +40,11 @@ void forward_stack_f64(const ForwardArgs<double>* l, int n) { forward_stack<doub
 void backward_f32(const BackwardArgs<float>& a) { backward<float>(a); }
 void backward_f64(const BackwardArgs<double>& a) { backward<double>(a); }
 int step_split(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads,
-               bool backward) {
-  if (backward)
+               int query) {
+  if (query == kSharedBlockRows)
+    return int(f64 ? shared_block_rows<double>(cell, B, I, H, Hout, nthreads)
+                   : shared_block_rows<float>(cell, B, I, H, Hout, nthreads));
+  if (query == kBackwardSplit)
     return f64 ? backward_split_kind<double>(cell, B, I, H, Hout, nthreads)
                : backward_split_kind<float>(cell, B, I, H, Hout, nthreads);
   return f64 ? step_split_kind<double>(cell, B, I, H, Hout, nthreads)

@@ -162,6 +162,9 @@ struct BackwardArgs {
 };
 
 // Entry points of one ISA build. func codes for math: 0 exp, 1 tanh, 2 sigmoid.
+// What KernelTable::step_split tells.
+constexpr int kForwardSplit = 0, kBackwardSplit = 1, kSharedBlockRows = 2;
+
 struct KernelTable {
   const char* isa;
   int vector_bytes;
@@ -182,11 +185,13 @@ struct KernelTable {
   void (*backward_f32)(const BackwardArgs<float>& a);
   void (*backward_f64)(const BackwardArgs<double>& a);
   // How the forward spreads a step over threads: 0 one thread, 1 batch rows, 2 hidden units;
-  // with `backward`, how the backward does without lengths: 0 one thread, 1 a team whose members
-  // walk their own rows and never meet (backward.h, backward_rows_apart), 3 a team (rows and
-  // column panels), 4 the two halves of a single row's units (k_split_backward).
+  // with query kBackwardSplit, how the backward does without lengths: 0 one thread, 1 a team
+  // whose members walk their own rows and never meet (backward.h, backward_rows_apart), 3 a team
+  // (rows and column panels), 4 the two halves of a single row's units (k_split_backward); with
+  // kSharedBlockRows, the row from which member 1 of a team split by hidden units takes member
+  // 0's last unit block (share_boundary_block), or 0.
   int (*step_split)(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
-                    int num_threads, bool backward);
+                    int num_threads, int query);
   // How the forward computes x_t W_ih^T: one GEMM before the loop (0), inside each step's tiles
   // (1), or riding along the steps of a single row (2); sequence/projection_mode.h.
   int (*projection_mode)(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,

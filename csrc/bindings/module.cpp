@@ -185,7 +185,8 @@ PYBIND11_MODULE(_C, m) {
     if (threads < 1 || threads > kMaxThreads)
       fail("threads must lie in 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(threads));
     return std::string(
-        names[kernels(isa).step_split(cell, f64, B, I, H, Hout, threads, backward)]);
+        names[kernels(isa).step_split(cell, f64, B, I, H, Hout, threads,
+                                      backward ? fusedrnn::kBackwardSplit : fusedrnn::kForwardSplit)]);
   }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
      py::arg("f64") = false,
      py::arg("threads") = 2, py::arg("isa") = py::none(), py::arg("backward") = false,
@@ -193,6 +194,19 @@ PYBIND11_MODULE(_C, m) {
      "backward=True, how the backward's time loop does without lengths: 'one', 'rows' (each "
      "thread its own rows, never meeting), 'team', or 'halves' (a single row's units in two "
      "halves, alone or on a team of two)");
+
+  m.def("shared_block_rows", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
+                                bool f64, int threads, std::optional<std::string> isa) {
+    check_diagnostic_shape(cell, B, I, H, Hout);
+    if (threads < 1 || threads > kMaxThreads)
+      fail("threads must lie in 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(threads));
+    return static_cast<int64_t>(
+        kernels(isa).step_split(cell, f64, B, I, H, Hout, threads, fusedrnn::kSharedBlockRows));
+  }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
+     py::arg("f64") = false, py::arg("threads") = 2, py::arg("isa") = py::none(),
+     "where a forward team split by hidden units evens its shares: the row from which the "
+     "second member takes the first member's last unit block, or 0 (the forward leaves out "
+     "teams that share their blocks out, ride along or run on AMX tiles)");
 
   m.def("projection_mode", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
                               bool f64, bool lengths, std::optional<std::string> isa) {

@@ -205,18 +205,22 @@ struct ForwardLoop {
     // with the backward's products alternating too, long-seq LSTM training 2.64 -> 2.43 ms.
     // With a queue (shares_blocks), the team's blocks go to whoever is free; this member's own
     // come first, in the same order.
+    // After its blocks, a member runs its rows of a block shared with the other (part_ub).
     const int64_t blocks = p.unit1 - p.unit0;
     for (int64_t i = 0;; ++i) {
+      const bool part = !queue && i == blocks && p.part_ub >= 0;
       const int64_t ub = queue ? queue->next(k, member, k & 1, &taken_over)
-                         : i == blocks ? -1
+                         : part        ? p.part_ub
+                         : i >= blocks ? -1
                          : (k & 1)     ? p.unit1 - 1 - i
                                        : p.unit0 + i;
       if (ub < 0) break;
       blocks_run += queue != nullptr;
       const int64_t u0 = ub * NR;
       const int nu = static_cast<int>(imin<int64_t>(NR, s.H - u0));
-      for (int64_t m = p.row0; m < p.row1; m += MR) {
-        const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
+      const int64_t row0 = part ? p.part_row0 : p.row0, row1 = part ? p.part_row1 : p.row1;
+      for (int64_t m = row0; m < row1; m += MR) {
+        const int mr = static_cast<int>(imin<int64_t>(MR, row1 - m));
         const int64_t tile_index = (m - p.row0) / MR;  // of the member's rows
         if (mx && mx->x) {  // as x_ready's below, on AMX tiles
           amx_gate_products(s.I, mx->x + tile_index * amx_rows_size(MR, s.I), amx_w_in, ub, g0,
@@ -224,7 +228,7 @@ struct ForwardLoop {
                             bias_in ? bias_in + g0 * padded_units(s) + u0 : nullptr,
                             padded_units(s));
         } else if (x_ready) {  // x_t W_ih^T + bias for this tile's gates, into the L1-resident gx_tile
-          const T* xa = x_ready + (m - p.row0) * blocked_length<T>(s.I);
+          const T* xa = x_ready + row_panel_offset<T>(m - p.row0, s.I);
           gate_products(mr, s.I, xa, w_in, ub, g0, g_count, gx_tile + g0 * NR, G * NR,
                         bias_in ? bias_in + g0 * padded_units(s) + u0 : nullptr, padded_units(s),
                         split_in_step_k);
@@ -253,8 +257,9 @@ struct ForwardLoop {
           row_gates_pass(g_count, K, A + m * lda, ub, g0, tile, rides ? &ride : nullptr);
         } else {
           // This tile's panel of A packed (by the last step's epilogues or just above), or null.
-          const T* a_tile = a_ready ? a_ready + shared_panel_offset<T>(m, K)
-                            : a_pack ? a_pack + (m - p.row0) * blocked_length<T>(K)
+          const T* a_tile = a_ready ? a_ready + (part ? row_panel_offset<T>(m, K)
+                                                      : shared_panel_offset<T>(m, K))
+                            : a_pack ? a_pack + row_panel_offset<T>(m - p.row0, K)
                                      : nullptr;
           if (a_tile)
             gate_products(mr, K, a_tile, w, ub, g0, g_count, tile, g_count * NR, nullptr, 0);
@@ -295,7 +300,7 @@ struct ForwardLoop {
           r.peepholes = a.onnx && a.onnx->peepholes ? a.onnx->peepholes + u0 : nullptr;
           fn(r);
         }
-        if (a_next) pack_next_a(a_next, m, mr, u0, nu, hn);
+        if (a_next) pack_next_a(a_next, m, mr, u0, nu, hn, part);
       }
     }
   }
@@ -385,11 +390,14 @@ struct ForwardLoop {
     return blocked_size<T>(s.B, s.Hout);
   }
   // Rows [m, m + mr) (a row tile) and units [u0, u0 + nu) (u0 a multiple of W) of the state h
-  // into a_next, the tile's panel (shared_panel_offset): the units' part of one panel is a
-  // block of its own, at offset u0 * MR.
-  void pack_next_a(T* a_next, int64_t m, int mr, int64_t u0, int nu, const T* h) const {
-    pack_a_blocked<T>(mr, nu, h + m * s.Hout + u0, s.Hout,
-                      a_next + shared_panel_offset<T>(m, s.Hout) + u0 * Tile<T>::MR);
+  // into a_next, the tile's panel (shared_panel_offset; a shared block's part tile, inside its
+  // panel: row_panel_offset): the units' part of one panel is a block of its own, at offset
+  // u0 * MR.
+  void pack_next_a(T* a_next, int64_t m, int mr, int64_t u0, int nu, const T* h,
+                   bool part = false) const {
+    const int64_t panel =
+        part ? row_panel_offset<T>(m, s.Hout) : shared_panel_offset<T>(m, s.Hout);
+    pack_a_blocked<T>(mr, nu, h + m * s.Hout + u0, s.Hout, a_next + panel + u0 * Tile<T>::MR);
   }
 
   // LSTM projection h = W_hr hfull for rows [r0, r1) and output blocks [o0, o1).
@@ -573,7 +581,9 @@ void walk_forward(ForwardLoop<T>& loop, int nt, bool by_rows, int mode) {
   auto team_run = [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
     ForwardLoop<T> mine = loop;
     mine.barrier = by_rows ? nullptr : barrier;
-    const StepSplit split = make_split<T>(s, team, member, by_rows);
+    StepSplit split = make_split<T>(s, team, member, by_rows);
+    if (!by_rows && !share && !mine.amx && !mine.x_steps)
+      share_boundary_block<T>(s, team, member, &split);
     if (share && barrier) {
       mine.queue = shared.join(team, member, split.unit0, split.unit1, barrier);
       mine.member = member;

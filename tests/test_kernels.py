@@ -474,38 +474,40 @@ def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads
         fusedrnn.set_num_threads(before)
 
 
+@pytest.fixture
+def team_of_two(fixed_threads):
+    """Calls on the threads set (fixed_threads), skipped without OpenMP; the count set back
+    after."""
+    if not _C.openmp:
+        pytest.skip("built without OpenMP: one thread only")
+    before = fusedrnn.get_num_threads()
+    yield
+    fusedrnn.set_num_threads(before)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_team_sharing_a_unit_blocks_rows_gives_the_one_thread_bits(rng, isa, variant,
-                                                                   fixed_threads):
+                                                                   team_of_two):
     """A forward team of two split by hidden units whose shares differ (an odd number of unit
     blocks: 2 + 1) hands rows of the first member's last block to the second
     (share_boundary_block): at whole row tiles (B = 13), or inside one row panel where a panel
     holds the batch (B = 10 on AVX-512: rows 5-9); the step's A and x read and packed there,
     with lengths (the projection before the loop) and without (in the step); every cell and
     option. The bits of one thread."""
-    if not _C.openmp:
-        pytest.skip("built without OpenMP: one thread only")
     cell, lbr, proj = variant
     code = functional.CELL_CODES[cell]
-    before = fusedrnn.get_num_threads()
-    try:
-        for B in (10, 13):
-            # three unit blocks of this ISA's tiles (2 vectors wide), or two or five
-            shared = [(H, _C.shared_block_rows(code, B, 20, H, proj and 24 or H, isa=isa))
-                      for H in (48, 96, 40, 80, 160)]
-            H, row = next(((H, row) for H, row in shared if row), (None, 0))
-            if B == 13:
-                assert row == 12 or (row and isa != "avx512"), shared
-            elif isa == "avx512":
-                assert row == 5, shared  # a 12-row panel holds all 10 rows
-            if not row:
-                continue  # (B = 10 on AVX2 and generic: 6- and 4-row panels, three blocks even)
-            for lengths in (True, False):
-                case = make_case(rng, cell, proj and 24, T=5, B=B, I=20, H=H, lengths=lengths)
-                assert_same_bits_on_one_and_two_threads(case, isa, linear_before_reset=lbr)
-    finally:
-        fusedrnn.set_num_threads(before)
+    for B in (10, 13):
+        # three unit blocks of this ISA's tiles (2 vectors wide), or two or five
+        shared = [(H, _C.shared_block_rows(code, B, 20, H, proj and 24 or H, isa=isa))
+                  for H in (48, 96, 40, 80, 160)]
+        H, row = next(((H, row) for H, row in shared if row), (None, 0))
+        assert row, shared
+        if isa == "avx512":  # 12-row panels: all 10 rows in one (split inside it), or 12 + 1
+            assert row == (5 if B == 10 else 12), shared
+        for lengths in (True, False):
+            case = make_case(rng, cell, proj and 24, T=5, B=B, I=20, H=H, lengths=lengths)
+            assert_same_bits_on_one_and_two_threads(case, isa, linear_before_reset=lbr)
 
 
 @pytest.mark.parametrize("isa", ISAS)

@@ -13,9 +13,12 @@ needs_threads = pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: 
 # (cell, linear_before_reset, B, H): the one-phase cells, with steps of 1 MFLOP and up
 # (B * G * H * H >= 5e5) whose teams split hidden units (B < 2 threads x 2 row tiles on every ISA),
 # forward and backward (14 rows in two shares of 7 would end in a 2-row tile on every ISA, so
-# the backward's members cannot walk back their rows apart: backward_rows_apart)
-SHARING = [("lstm", True, 14, 112), ("gru", True, 14, 128), ("rnn_tanh", True, 14, 208),
-           ("rnn_relu", True, 14, 208)]
+# the backward's members cannot walk back their rows apart: backward_rows_apart). H = 127 and
+# 191: an even number of unit blocks on every ISA and dtype, the last one ragged but two vectors
+# wide, so the two members' shares are equal and none hands rows of a block to the other
+# (share_boundary_block, which a team with unequal shares takes instead of the queue).
+SHARING = [("lstm", True, 14, 127), ("gru", True, 14, 127), ("rnn_tanh", True, 14, 191),
+           ("rnn_relu", True, 14, 191)]
 
 
 @pytest.fixture(autouse=True)
@@ -47,6 +50,8 @@ def make_case(rng, cell, dtype, T, B, H, I=24):
 @pytest.mark.parametrize("lengths", [False, True])
 def test_shared_blocks_give_the_one_thread_bits(two_threads, rng, isa, dtype, cell, lbr, B, H,
                                                 lag_us, lengths):
+    code = functional.CELL_CODES[cell]
+    assert _C.shared_block_rows(code, B, 24, H, H, dtype == np.float64, 2, isa) == 0
     args = make_case(rng, cell, dtype, T=9, B=B, H=H)
     kw = dict(training=True, isa=isa, reverse=lengths)
     if lengths:  # finished rows carry their state block by block, whoever runs the block

@@ -206,7 +206,7 @@ PYBIND11_MODULE(_C, m) {
      py::arg("f64") = false, py::arg("threads") = 2, py::arg("isa") = py::none(),
      "where a forward team split by hidden units evens its shares: the row from which the "
      "second member takes the first member's last unit block, or 0 (the forward leaves out "
-     "teams that share their blocks out, ride along or run on AMX tiles)");
+     "teams that ride along or run on AMX tiles)");
 
   m.def("projection_mode", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
                               bool f64, bool lengths, std::optional<std::string> isa) {

@@ -575,15 +575,18 @@ void walk_forward(ForwardLoop<T>& loop, int nt, bool by_rows, int mode) {
     return;
   }
   loop.gx_on_other_cores = true;
-  const bool share = !by_rows && shares_blocks(s, mode == 2);
+  // Unequal shares of unit blocks even out by a block's rows (share_boundary_block), or else
+  // large steps share their blocks out as they are done (shares_blocks).
+  const bool boundary =
+      !by_rows && !loop.amx && !loop.x_steps && boundary_rows<T>(s, nt) > 0;
+  const bool share = !by_rows && !boundary && shares_blocks(s, mode == 2);
   SharedBlocks shared;
   const int64_t probe = by_rows ? 0 : probe_steps(s);  // rows never meet: no probe
   auto team_run = [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
     ForwardLoop<T> mine = loop;
     mine.barrier = by_rows ? nullptr : barrier;
     StepSplit split = make_split<T>(s, team, member, by_rows);
-    if (!by_rows && !share && !mine.amx && !mine.x_steps)
-      share_boundary_block<T>(s, team, member, &split);
+    if (boundary) share_boundary_block<T>(s, team, member, &split);
     if (share && barrier) {
       mine.queue = shared.join(team, member, split.unit0, split.unit1, barrier);
       mine.member = member;

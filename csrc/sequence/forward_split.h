@@ -71,28 +71,29 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
 
 // Where a team of two split by hidden units holds unequal shares (an odd number of unit blocks,
 // or a ragged last one: 3 blocks are 2 + 1, so the team's steps took 2 blocks' time), member 0
-// hands rows [r, B) of its last block to member 1. r keeps every row's chains: whole row tiles
-// (a multiple of MR, the tiles of one thread), or, within one panel (8 <= B <= MR), half the
-// rows, tiles of 4 rows and up (k never split). The same tiles' chains, so the same bits. The
-// panel rows a part tile reads and packs lie at row_panel_offset. Not for a team sharing its
-// blocks out (BlockQueue), riding along or on AMX tiles (their tiles keep whole blocks).
+// hands rows [r, B) of its last block to member 1: boundary_rows gives r, or 0 where no r
+// evens the shares. r keeps every row's chains: whole row tiles (a multiple of MR, the tiles of
+// one thread), or, within one panel (8 <= B <= MR), half the rows, tiles of 4 rows and up (k
+// never split). The same tiles' chains, so the same bits. The panel rows a part tile reads and
+// packs lie at row_panel_offset. Not riding along or on AMX tiles (their tiles keep whole
+// blocks); such a team keeps its blocks instead of sharing them out (shares_blocks).
 // In-process A/B (bench/ab_builds.py), 2 threads, inference, medians, T x B x I x H: 100x8x96x96
 // LSTM 0.925 -> 0.781 ms, GRU 0.757 -> 0.620, RNN 0.314 -> 0.281; 50x10x128x200 GRU 2.039 ->
 // 1.737, RNN 0.616 -> 0.536; 100x10x64x160 GRU 1.583 -> 1.443; training 100x8x96x96 GRU 2.32
-// -> 1.89. LSTMs past 1 MFLOP a step share their blocks out and are left as they were.
+// -> 1.89. The LSTMs that shared their blocks out then: 100x10x64x160 2.005 -> 1.762,
+// 50x10x128x200 1.887 -> 1.789, 50x12x256x288 4.868 -> 4.779 (GRU there within noise).
 template <typename T>
-void share_boundary_block(const LayerShape& s, int nthreads, int tid, StepSplit* p) {
+int64_t boundary_rows(const LayerShape& s, int nthreads) {
   constexpr int64_t NR = Tile<T>::NR, MR = Tile<T>::MR;
   const int64_t blocks = ceil_div<int64_t>(s.H, NR);
-  if (nthreads != 2 || blocks < 2) return;
-  int64_t first0 = 0, end0 = 0;
-  split_range(blocks, 2, 0, &first0, &end0);  // member 0: blocks [0, end0), the bigger share
+  if (nthreads != 2 || blocks < 2) return 0;
+  // member 0: blocks [0, end0), the bigger share; member 1 holds the last one
+  const int64_t end0 = ceil_div<int64_t>(blocks, 2);
   // Work in vectors computed: a last block of one vector's units or fewer computes one
   // (micro_kernel's first_half). H = 100 is 2 + 2 against 2 + 1, which no row split evens.
   constexpr int64_t NV = Tile<T>::NV, W = Vec<T>::W;
   const int64_t last_vectors = NV > 1 && s.H - (blocks - 1) * NR <= W ? 1 : NV;
   const int64_t vectors0 = end0 * NV, vectors1 = (blocks - end0 - 1) * NV + last_vectors;
-  const int64_t lent = end0 - 1;  // a whole block: member 1 holds the last one
   int64_t best_r = 0, best_load = vectors0 * s.B;  // vector-rows of the busier member
   auto consider = [&](int64_t r) {
     const int64_t moved = NV * (s.B - r);
@@ -101,11 +102,17 @@ void share_boundary_block(const LayerShape& s, int nthreads, int tid, StepSplit*
   };
   if (s.B >= 8 && s.B <= MR) consider(s.B / 2);
   for (int64_t r = MR; r < s.B; r += MR) consider(r);
-  if (best_r == 0) return;
+  return best_r;
+}
+template <typename T>
+void share_boundary_block(const LayerShape& s, int nthreads, int tid, StepSplit* p) {
+  const int64_t r = boundary_rows<T>(s, nthreads);
+  if (r == 0) return;
+  const int64_t lent = ceil_div<int64_t>(ceil_div<int64_t>(s.H, Tile<T>::NR), 2) - 1;
   if (tid == 0) p->unit1 = lent;
   p->part_ub = lent;
-  p->part_row0 = tid == 0 ? 0 : best_r;
-  p->part_row1 = tid == 0 ? best_r : s.B;
+  p->part_row0 = tid == 0 ? 0 : r;
+  p->part_row1 = tid == 0 ? r : s.B;
 }
 // Where row m of a state packed as MR-row panels from row 0 (AForm::Blocked) lies: its panel,
 // then m's place in it (a tile may start inside a panel: share_boundary_block's rows).
@@ -181,15 +188,12 @@ int step_split_kind(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, int
 
 // Where a team of nthreads split by hidden units at this shape shares a unit block's rows
 // (share_boundary_block): the row from which member 1 takes them, or 0 (for tests: python's
-// _C.shared_block_rows). The forward leaves out teams that share their blocks out, ride along
-// or run on AMX tiles.
+// _C.shared_block_rows). The forward leaves out teams that ride along or run on AMX tiles.
 template <typename T>
 int64_t shared_block_rows(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads) {
   LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
   if (step_split_kind<T>(cell, B, I, H, Hout, nthreads) != 2) return 0;
-  StepSplit p = make_split<T>(s, nthreads, 1, false);
-  share_boundary_block<T>(s, nthreads, 1, &p);
-  return p.part_ub >= 0 ? p.part_row0 : 0;
+  return boundary_rows<T>(s, nthreads);
 }
 
 // Whether a team split by hidden units shares its unit blocks out as they are done (BlockQueue)

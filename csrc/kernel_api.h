@@ -161,10 +161,10 @@ struct BackwardArgs {
   ProbeNote* probe_note = nullptr;  // as ForwardArgs::probe_note
 };
 
-// Entry points of one ISA build. func codes for math: 0 exp, 1 tanh, 2 sigmoid.
 // What KernelTable::step_split tells.
 constexpr int kForwardSplit = 0, kBackwardSplit = 1, kSharedBlockRows = 2;
 
+// Entry points of one ISA build. func codes for math: 0 exp, 1 tanh, 2 sigmoid.
 struct KernelTable {
   const char* isa;
   int vector_bytes;

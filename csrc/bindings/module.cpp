@@ -30,6 +30,11 @@ void check_diagnostic_shape(int cell, int64_t B, int64_t I, int64_t H, int64_t H
   if (B < 1 || I < 0 || H < 1 || Hout < 1) fail("B, H and Hout must be >= 1 and I >= 0");
   if (B > (int64_t(1) << 32)) fail("B must be at most 2^32 rows, got " + std::to_string(B));
 }
+// The rules divide by the thread count: 0 threads was a division by zero (SIGFPE).
+void check_diagnostic_threads(int threads) {
+  if (threads < 1 || threads > kMaxThreads)
+    fail("threads must lie in 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(threads));
+}
 
 }  // namespace
 
@@ -181,9 +186,7 @@ PYBIND11_MODULE(_C, m) {
                          int threads, std::optional<std::string> isa, bool backward) {
     static const char* names[] = {"one", "rows", "units", "team", "halves"};
     check_diagnostic_shape(cell, B, I, H, Hout);
-    // The rules divide by the thread count: 0 threads was a division by zero (SIGFPE).
-    if (threads < 1 || threads > kMaxThreads)
-      fail("threads must lie in 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(threads));
+    check_diagnostic_threads(threads);
     return std::string(
         names[kernels(isa).step_split(cell, f64, B, I, H, Hout, threads,
                                       backward ? fusedrnn::kBackwardSplit : fusedrnn::kForwardSplit)]);
@@ -198,8 +201,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("shared_block_rows", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
                                 bool f64, int threads, std::optional<std::string> isa) {
     check_diagnostic_shape(cell, B, I, H, Hout);
-    if (threads < 1 || threads > kMaxThreads)
-      fail("threads must lie in 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(threads));
+    check_diagnostic_threads(threads);
     return static_cast<int64_t>(
         kernels(isa).step_split(cell, f64, B, I, H, Hout, threads, fusedrnn::kSharedBlockRows));
   }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),

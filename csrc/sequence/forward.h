@@ -577,8 +577,8 @@ void walk_forward(ForwardLoop<T>& loop, int nt, bool by_rows, int mode) {
   loop.gx_on_other_cores = true;
   // Unequal shares of unit blocks even out by a block's rows (share_boundary_block), or else
   // large steps share their blocks out as they are done (shares_blocks).
-  const bool boundary =
-      !by_rows && !loop.amx && !loop.x_steps && boundary_rows<T>(s, nt) > 0;
+  const int64_t boundary =
+      by_rows || loop.amx || loop.x_steps ? 0 : boundary_rows<T>(s, nt);  // a row, or 0
   const bool share = !by_rows && !boundary && shares_blocks(s, mode == 2);
   SharedBlocks shared;
   const int64_t probe = by_rows ? 0 : probe_steps(s);  // rows never meet: no probe
@@ -586,7 +586,7 @@ void walk_forward(ForwardLoop<T>& loop, int nt, bool by_rows, int mode) {
     ForwardLoop<T> mine = loop;
     mine.barrier = by_rows ? nullptr : barrier;
     StepSplit split = make_split<T>(s, team, member, by_rows);
-    if (boundary) share_boundary_block<T>(s, team, member, &split);
+    if (boundary && team == 2) share_boundary_block(boundary, s.B, member, &split);
     if (share && barrier) {
       mine.queue = shared.join(team, member, split.unit0, split.unit1, barrier);
       mine.member = member;

@@ -104,15 +104,14 @@ int64_t boundary_rows(const LayerShape& s, int nthreads) {
   for (int64_t r = MR; r < s.B; r += MR) consider(r);
   return best_r;
 }
-template <typename T>
-void share_boundary_block(const LayerShape& s, int nthreads, int tid, StepSplit* p) {
-  const int64_t r = boundary_rows<T>(s, nthreads);
-  if (r == 0) return;
-  const int64_t lent = ceil_div<int64_t>(ceil_div<int64_t>(s.H, Tile<T>::NR), 2) - 1;
+// Member tid's split (make_split's, by units, of a team of two) with rows [r, B) of member 0's
+// last block handed to member 1 (r from boundary_rows, > 0).
+inline void share_boundary_block(int64_t r, int64_t B, int tid, StepSplit* p) {
+  const int64_t lent = (tid == 0 ? p->unit1 : p->unit0) - 1;  // member 1 starts past it
   if (tid == 0) p->unit1 = lent;
   p->part_ub = lent;
   p->part_row0 = tid == 0 ? 0 : r;
-  p->part_row1 = tid == 0 ? r : s.B;
+  p->part_row1 = tid == 0 ? r : B;
 }
 // Where row m of a state packed as MR-row panels from row 0 (AForm::Blocked) lies: its panel,
 // then m's place in it (a tile may start inside a panel: share_boundary_block's rows).

@@ -227,11 +227,12 @@ constexpr bool ride_fits() {
 // With `ride`, that tile's k-steps share the loop: the row streams its panels from L2 with the
 // FMA pipes mostly idle, and the tile's FMAs, on one small panel, fill them (B = 1: the input
 // projection of later steps; see forward.h, projection_rides). Its chains are RideTile's.
-template <typename T, int G>
+// NV: the vectors of each panel computed (1: its first only, for a unit block that holds no more
+// units than one vector; gate g's other lanes of c are left as they are).
+template <typename T, int G, int NV = Tile<T>::NV>
 inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t panel_stride, T* c,
                                    const RideTile<T>* ride = nullptr) {
   using V = Vec<T>;
-  constexpr int NV = Tile<T>::NV;
   constexpr int NR = Tile<T>::NR;
   constexpr int R = RideTile<T>::kRows;
   constexpr int RV = RideTile<T>::kVectors;

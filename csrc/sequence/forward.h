@@ -341,15 +341,24 @@ struct ForwardLoop {
     return Tile<T>::NV > 1 && s.H - ub * Tile<T>::NR <= Vec<T>::W;
   }
 
-  // micro_kernel_row_gates over gates [g0, g0 + g_count) of unit block ub.
+  // micro_kernel_row_gates over gates [g0, g0 + g_count) of unit block ub; of a unit block
+  // with no more units than one vector (first_half), only the panels' first vector, as
+  // gate_products: a single row's step streams its panels from L2 at ~32 bytes a cycle, and
+  // H = 200's last block streamed 24 padding units a gate beside 8 real ones.
   void row_gates_pass(int g_count, int64_t K, const T* a, int64_t ub, int g0, T* tile,
                       const RideTile<T>* ride) const {
+    if (first_half(ub)) return row_gates_pass_vectors<1>(g_count, K, a, ub, g0, tile, ride);
+    row_gates_pass_vectors<Tile<T>::NV>(g_count, K, a, ub, g0, tile, ride);
+  }
+  template <int NV>
+  void row_gates_pass_vectors(int g_count, int64_t K, const T* a, int64_t ub, int g0, T* tile,
+                              const RideTile<T>* ride) const {
     const T* b0 = w.panel(g0, ub);
     const int64_t stride = w.panel(g0 + 1, ub) - b0;
     switch (g_count) {
-      case 4: micro_kernel_row_gates<T, 4>(K, a, b0, stride, tile, ride); break;
-      case 3: micro_kernel_row_gates<T, 3>(K, a, b0, stride, tile, ride); break;
-      case 2: micro_kernel_row_gates<T, 2>(K, a, b0, stride, tile, ride); break;
+      case 4: micro_kernel_row_gates<T, 4, NV>(K, a, b0, stride, tile, ride); break;
+      case 3: micro_kernel_row_gates<T, 3, NV>(K, a, b0, stride, tile, ride); break;
+      case 2: micro_kernel_row_gates<T, 2, NV>(K, a, b0, stride, tile, ride); break;
       default: break;
     }
   }

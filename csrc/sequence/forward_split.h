@@ -51,6 +51,34 @@ bool rows_in_equal_shares(int64_t B, int nthreads) {
   return last_panel < ceil_div<int64_t>(B, MR);
 }
 
+// Whether H's last unit block holds no more units than one vector, of which the steps compute
+// only that vector (ForwardLoop::first_half): H = 200 is six blocks of 32 and one of 8.
+template <typename T>
+bool last_block_one_vector(int64_t H) {
+  return Tile<T>::NV > 1 && H - (ceil_div<int64_t>(H, Tile<T>::NR) - 1) * Tile<T>::NR <= Vec<T>::W;
+}
+template <typename T>
+int64_t boundary_rows(const LayerShape& s, int nthreads);
+// Member tid's unit blocks [*ub0, *ub1) of H, contiguous, in split_range's shares. Where the
+// last block computes one vector and no block's rows are lent (boundary_rows, whose shares are
+// split_range's), the bigger shares go to the last members instead of the first, so the lighter
+// block lies in a bigger share: a single row with H = 200 on two threads takes 3 + 4 blocks, 6
+// and 7 vectors, where 4 + 3 was 8 and 5. Whichever member computes a unit, its chains are the
+// same: the same bits. In-process A/B (bench/ab_builds.py), 2 threads, inference, medians,
+// T x B x I x H: 64x1x8x200 LSTM 0.308 -> 0.277 ms, GRU 0.249 -> 0.239; 100x1x64x80 LSTM 0.143
+// -> 0.129, GRU 0.124 -> 0.113; 50x4x64x200 GRU 0.460 -> 0.423 (LSTM within noise); H = 100
+// (4 blocks, no bigger share) unchanged.
+template <typename T>
+void split_unit_blocks(const LayerShape& s, int nthreads, int tid, int64_t* ub0, int64_t* ub1) {
+  const int64_t blocks = ceil_div<int64_t>(s.H, Tile<T>::NR);
+  if (!last_block_one_vector<T>(s.H) || boundary_rows<T>(s, nthreads) > 0)
+    return split_range(blocks, nthreads, tid, ub0, ub1);
+  int64_t r0 = 0, r1 = 0;
+  split_range(blocks, nthreads, nthreads - 1 - tid, &r0, &r1);
+  *ub0 = blocks - r1;
+  *ub1 = blocks - r0;
+}
+
 template <typename T>
 StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
@@ -63,7 +91,7 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
     p.row0 = imin<int64_t>(s.B, p.row0 * MR);
     p.row1 = imin<int64_t>(s.B, p.row1 * MR);
   } else {
-    split_range(ceil_div<int64_t>(s.H, NR), nthreads, tid, &p.unit0, &p.unit1);
+    split_unit_blocks<T>(s, nthreads, tid, &p.unit0, &p.unit1);
     split_range(ceil_div<int64_t>(s.Hout, NR), nthreads, tid, &p.out0, &p.out1);
   }
   return p;
@@ -91,8 +119,8 @@ int64_t boundary_rows(const LayerShape& s, int nthreads) {
   const int64_t end0 = ceil_div<int64_t>(blocks, 2);
   // Work in vectors computed: a last block of one vector's units or fewer computes one
   // (micro_kernel's first_half). H = 100 is 2 + 2 against 2 + 1, which no row split evens.
-  constexpr int64_t NV = Tile<T>::NV, W = Vec<T>::W;
-  const int64_t last_vectors = NV > 1 && s.H - (blocks - 1) * NR <= W ? 1 : NV;
+  constexpr int64_t NV = Tile<T>::NV;
+  const int64_t last_vectors = last_block_one_vector<T>(s.H) ? 1 : NV;
   const int64_t vectors0 = end0 * NV, vectors1 = (blocks - end0 - 1) * NV + last_vectors;
   int64_t best_r = 0, best_load = vectors0 * s.B;  // vector-rows of the busier member
   auto consider = [&](int64_t r) {

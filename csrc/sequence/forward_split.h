@@ -57,45 +57,6 @@ template <typename T>
 bool last_block_one_vector(int64_t H) {
   return Tile<T>::NV > 1 && H - (ceil_div<int64_t>(H, Tile<T>::NR) - 1) * Tile<T>::NR <= Vec<T>::W;
 }
-template <typename T>
-int64_t boundary_rows(const LayerShape& s, int nthreads);
-// Member tid's unit blocks [*ub0, *ub1) of H, contiguous, in split_range's shares. Where the
-// last block computes one vector and no block's rows are lent (boundary_rows, whose shares are
-// split_range's), the bigger shares go to the last members instead of the first, so the lighter
-// block lies in a bigger share: a single row with H = 200 on two threads takes 3 + 4 blocks, 6
-// and 7 vectors, where 4 + 3 was 8 and 5. Whichever member computes a unit, its chains are the
-// same: the same bits. In-process A/B (bench/ab_builds.py), 2 threads, inference, medians,
-// T x B x I x H: 64x1x8x200 LSTM 0.308 -> 0.277 ms, GRU 0.249 -> 0.239; 100x1x64x80 LSTM 0.143
-// -> 0.129, GRU 0.124 -> 0.113; 50x4x64x200 GRU 0.460 -> 0.423 (LSTM within noise); H = 100
-// (4 blocks, no bigger share) unchanged.
-template <typename T>
-void split_unit_blocks(const LayerShape& s, int nthreads, int tid, int64_t* ub0, int64_t* ub1) {
-  const int64_t blocks = ceil_div<int64_t>(s.H, Tile<T>::NR);
-  if (!last_block_one_vector<T>(s.H) || boundary_rows<T>(s, nthreads) > 0)
-    return split_range(blocks, nthreads, tid, ub0, ub1);
-  int64_t r0 = 0, r1 = 0;
-  split_range(blocks, nthreads, nthreads - 1 - tid, &r0, &r1);
-  *ub0 = blocks - r1;
-  *ub1 = blocks - r0;
-}
-
-template <typename T>
-StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
-  constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
-  StepSplit p{0, s.B, 0, ceil_div<int64_t>(s.H, NR), 0, ceil_div<int64_t>(s.Hout, NR)};
-  if (nthreads <= 1) return p;
-  if (by_rows && rows_in_equal_shares<T>(s.B, nthreads)) {
-    split_range(s.B, nthreads, tid, &p.row0, &p.row1);
-  } else if (by_rows) {  // whole row tiles from row 0
-    split_range(ceil_div<int64_t>(s.B, MR), nthreads, tid, &p.row0, &p.row1);
-    p.row0 = imin<int64_t>(s.B, p.row0 * MR);
-    p.row1 = imin<int64_t>(s.B, p.row1 * MR);
-  } else {
-    split_unit_blocks<T>(s, nthreads, tid, &p.unit0, &p.unit1);
-    split_range(ceil_div<int64_t>(s.Hout, NR), nthreads, tid, &p.out0, &p.out1);
-  }
-  return p;
-}
 
 // Where a team of two split by hidden units holds unequal shares (an odd number of unit blocks,
 // or a ragged last one: 3 blocks are 2 + 1, so the team's steps took 2 blocks' time), member 0
@@ -140,6 +101,44 @@ inline void share_boundary_block(int64_t r, int64_t B, int tid, StepSplit* p) {
   p->part_ub = lent;
   p->part_row0 = tid == 0 ? 0 : r;
   p->part_row1 = tid == 0 ? r : B;
+}
+
+// Member tid's unit blocks [*ub0, *ub1) of H, contiguous, in split_range's shares. Where the
+// last block computes one vector and no block's rows are lent (boundary_rows, whose shares are
+// split_range's), the bigger shares go to the last members instead of the first, so the lighter
+// block lies in a bigger share: a single row with H = 200 on two threads takes 3 + 4 blocks, 6
+// and 7 vectors, where 4 + 3 was 8 and 5. Whichever member computes a unit, its chains are the
+// same: the same bits. In-process A/B (bench/ab_builds.py), 2 threads, inference, medians,
+// T x B x I x H: 64x1x8x200 LSTM 0.308 -> 0.277 ms, GRU 0.249 -> 0.239; 100x1x64x80 LSTM 0.143
+// -> 0.129, GRU 0.124 -> 0.113; 50x4x64x200 GRU 0.460 -> 0.423 (LSTM within noise); H = 100
+// (4 blocks, no bigger share) unchanged.
+template <typename T>
+void split_unit_blocks(const LayerShape& s, int nthreads, int tid, int64_t* ub0, int64_t* ub1) {
+  const int64_t blocks = ceil_div<int64_t>(s.H, Tile<T>::NR);
+  if (!last_block_one_vector<T>(s.H) || boundary_rows<T>(s, nthreads) > 0)
+    return split_range(blocks, nthreads, tid, ub0, ub1);
+  int64_t r0 = 0, r1 = 0;
+  split_range(blocks, nthreads, nthreads - 1 - tid, &r0, &r1);
+  *ub0 = blocks - r1;
+  *ub1 = blocks - r0;
+}
+
+template <typename T>
+StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
+  constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
+  StepSplit p{0, s.B, 0, ceil_div<int64_t>(s.H, NR), 0, ceil_div<int64_t>(s.Hout, NR)};
+  if (nthreads <= 1) return p;
+  if (by_rows && rows_in_equal_shares<T>(s.B, nthreads)) {
+    split_range(s.B, nthreads, tid, &p.row0, &p.row1);
+  } else if (by_rows) {  // whole row tiles from row 0
+    split_range(ceil_div<int64_t>(s.B, MR), nthreads, tid, &p.row0, &p.row1);
+    p.row0 = imin<int64_t>(s.B, p.row0 * MR);
+    p.row1 = imin<int64_t>(s.B, p.row1 * MR);
+  } else {
+    split_unit_blocks<T>(s, nthreads, tid, &p.unit0, &p.unit1);
+    split_range(ceil_div<int64_t>(s.Hout, NR), nthreads, tid, &p.out0, &p.out1);
+  }
+  return p;
 }
 // Where row m of a state packed as MR-row panels from row 0 (AForm::Blocked) lies: its panel,
 // then m's place in it (a tile may start inside a panel: share_boundary_block's rows).

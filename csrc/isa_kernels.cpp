@@ -44,6 +44,9 @@ int step_split(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout
   if (query == kSharedBlockRows)
     return int(f64 ? shared_block_rows<double>(cell, B, I, H, Hout, nthreads)
                    : shared_block_rows<float>(cell, B, I, H, Hout, nthreads));
+  if (query == kSharedBlockVector)
+    return int(f64 ? shared_block_vector<double>(cell, B, I, H, Hout, nthreads)
+                   : shared_block_vector<float>(cell, B, I, H, Hout, nthreads));
   if (query == kBackwardSplit)
     return f64 ? backward_split_kind<double>(cell, B, I, H, Hout, nthreads)
                : backward_split_kind<float>(cell, B, I, H, Hout, nthreads);

@@ -162,7 +162,7 @@ struct BackwardArgs {
 };
 
 // What KernelTable::step_split tells.
-constexpr int kForwardSplit = 0, kBackwardSplit = 1, kSharedBlockRows = 2;
+constexpr int kForwardSplit = 0, kBackwardSplit = 1, kSharedBlockRows = 2, kSharedBlockVector = 3;
 
 // Entry points of one ISA build. func codes for math: 0 exp, 1 tanh, 2 sigmoid.
 struct KernelTable {
@@ -189,7 +189,8 @@ struct KernelTable {
   // whose members walk their own rows and never meet (backward.h, backward_rows_apart), 3 a team
   // (rows and column panels), 4 the two halves of a single row's units (k_split_backward); with
   // kSharedBlockRows, the row from which member 1 of a team split by hidden units takes member
-  // 0's last unit block (share_boundary_block), or 0.
+  // 0's last unit block (share_boundary_block), or 0; with kSharedBlockVector, 1 where member 1
+  // takes the second vector of member 0's last unit block instead (share_boundary_vector).
   int (*step_split)(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
                     int num_threads, int query);
   // How the forward computes x_t W_ih^T: one GEMM before the loop (0), inside each step's tiles

@@ -210,6 +210,18 @@ PYBIND11_MODULE(_C, m) {
      "second member takes the first member's last unit block, or 0 (the forward leaves out "
      "teams that ride along or run on AMX tiles)");
 
+  m.def("shared_block_vector", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
+                                  bool f64, int threads, std::optional<std::string> isa) {
+    check_diagnostic_shape(cell, B, I, H, Hout);
+    check_diagnostic_threads(threads);
+    return kernels(isa).step_split(cell, f64, B, I, H, Hout, threads,
+                                   fusedrnn::kSharedBlockVector) != 0;
+  }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
+     py::arg("f64") = false, py::arg("threads") = 2, py::arg("isa") = py::none(),
+     "whether a forward team split by hidden units evens a single row's shares by handing the "
+     "second vector of the first member's last unit block to the second (where the projection "
+     "does not ride along, or its riding slices are one vector)");
+
   m.def("projection_mode", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
                               bool f64, bool lengths, std::optional<std::string> isa) {
     check_diagnostic_shape(cell, B, I, H, Hout);

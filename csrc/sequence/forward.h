@@ -216,8 +216,11 @@ struct ForwardLoop {
                                        : p.unit0 + i;
       if (ub < 0) break;
       blocks_run += queue != nullptr;
-      const int64_t u0 = ub * NR;
-      const int nu = static_cast<int>(imin<int64_t>(NR, s.H - u0));
+      // A part block's one vector (share_boundary_vector): its units, and from the row pass's
+      // tile's first lanes.
+      const int64_t vector = part ? p.part_vector : -1;
+      const int64_t u0 = ub * NR + (vector >= 0 ? vector * Vec<T>::W : 0);
+      const int nu = static_cast<int>(imin<int64_t>(vector >= 0 ? Vec<T>::W : NR, s.H - u0));
       const int64_t row0 = part ? p.part_row0 : p.row0, row1 = part ? p.part_row1 : p.row1;
       for (int64_t m = row0; m < row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, row1 - m));
@@ -252,9 +255,11 @@ struct ForwardLoop {
                             tile, g_count * NR, static_cast<const T*>(nullptr), 0);
         } else if (mr == 1 && (g_count == 4 || (row_in_one_pass && g0 == 0))) {
           const int64_t ahead = (k / kRideRows + 1) * kRideRows;  // the next window's first step
-          const bool rides = x_steps && ahead < s.T && k % kRideRows < kRideSlices * G;
+          // (of a part block's vector, only that vector's slices: the other member rides the rest)
+          const bool rides = x_steps && ahead < s.T && k % kRideRows < kRideSlices * G &&
+                             (vector < 0 || (k % kRideRows) % kRideSlices == vector);
           const RideTile<T> ride = rides ? ride_tile(k, ahead, ub) : RideTile<T>{};
-          row_gates_pass(g_count, K, A + m * lda, ub, g0, tile, rides ? &ride : nullptr);
+          row_gates_pass(g_count, K, A + m * lda, ub, g0, tile, rides ? &ride : nullptr, vector);
         } else {
           // This tile's panel of A packed (by the last step's epilogues or just above), or null.
           const T* a_tile = a_ready ? a_ready + (part ? row_panel_offset<T>(m, K)
@@ -345,16 +350,20 @@ struct ForwardLoop {
   // with no more units than one vector (first_half), only the panels' first vector, as
   // gate_products: a single row's step streams its panels from L2 at ~32 bytes a cycle, and
   // H = 200's last block streamed 24 padding units a gate beside 8 real ones.
+  // vector >= 0: that vector of the panels only, into the tile's first lanes of each gate
+  // (share_boundary_vector).
   void row_gates_pass(int g_count, int64_t K, const T* a, int64_t ub, int g0, T* tile,
-                      const RideTile<T>* ride) const {
-    if (first_half(ub)) return row_gates_pass_vectors<1>(g_count, K, a, ub, g0, tile, ride);
-    row_gates_pass_vectors<Tile<T>::NV>(g_count, K, a, ub, g0, tile, ride);
+                      const RideTile<T>* ride, int64_t vector = -1) const {
+    if (vector >= 0)
+      return row_gates_pass_vectors<1>(g_count, K, a, ub, g0, tile, ride, vector * Vec<T>::W);
+    if (first_half(ub)) return row_gates_pass_vectors<1>(g_count, K, a, ub, g0, tile, ride, 0);
+    row_gates_pass_vectors<Tile<T>::NV>(g_count, K, a, ub, g0, tile, ride, 0);
   }
   template <int NV>
   void row_gates_pass_vectors(int g_count, int64_t K, const T* a, int64_t ub, int g0, T* tile,
-                              const RideTile<T>* ride) const {
-    const T* b0 = w.panel(g0, ub);
-    const int64_t stride = w.panel(g0 + 1, ub) - b0;
+                              const RideTile<T>* ride, int64_t lane0) const {
+    const T* b0 = w.panel(g0, ub) + lane0;
+    const int64_t stride = w.panel(g0 + 1, ub) - w.panel(g0, ub);
     switch (g_count) {
       case 4: micro_kernel_row_gates<T, 4, NV>(K, a, b0, stride, tile, ride); break;
       case 3: micro_kernel_row_gates<T, 3, NV>(K, a, b0, stride, tile, ride); break;
@@ -377,14 +386,18 @@ struct ForwardLoop {
   // rows (the chains the later windows' RideTiles make: 4 rows and up never split k). Run by
   // whoever runs step 0 of those units: on a team each member its own, side by side (before
   // the team started, one thread did all: online-small LSTM, 2 threads, ~9 us of a 217 us call).
-  void ride_first_window(int64_t ub0, int64_t ub1) const {
+  // vector >= 0: of the one block ub0, that vector only (share_boundary_vector).
+  void ride_first_window(int64_t ub0, int64_t ub1, int64_t vector = -1) const {
     constexpr int NR = Tile<T>::NR;
+    const int64_t lane0 = vector >= 0 ? vector * Vec<T>::W : 0;
     for (int64_t ub = ub0; ub < ub1; ++ub)
       for (int g = 0; g < G; ++g)
-        for (int64_t r = 0; r < kRideRows; r += 4)
-          micro_kernel<T>(4, s.I, x_steps + r * s.I, s.I, w_in.panel(g, ub),
-                          gx + r * ld_gx + g * padded_units(s) + ub * NR, ld_gx, false,
-                          bias_in ? bias_in + g * padded_units(s) + ub * NR : nullptr);
+        for (int64_t r = 0; r < kRideRows; r += 4) {
+          const int64_t at = g * padded_units(s) + ub * NR + lane0;
+          micro_kernel<T>(4, s.I, x_steps + r * s.I, s.I, w_in.panel(g, ub) + lane0,
+                          gx + r * ld_gx + at, ld_gx, false, bias_in ? bias_in + at : nullptr,
+                          true, vector >= 0);
+        }
   }
 
   // The next step's A packed by the epilogues as they write the new state, instead of by a pass
@@ -483,7 +496,10 @@ struct ForwardLoop {
     Scratch<bf16_t> amx_x(amx && in_step ? amx_rows_size(rows, s.I) : 0);
     const AmxRows amx_rows{amx_a.p, amx_x.p};
     const AmxRows* mx = amx ? &amx_rows : nullptr;
-    if (x_steps && k0 == 0) ride_first_window(p.unit0, p.unit1);
+    if (x_steps && k0 == 0) {
+      ride_first_window(p.unit0, p.unit1);
+      if (p.part_vector >= 0) ride_first_window(p.part_ub, p.part_ub + 1, p.part_vector);
+    }
     // A balanced share of rows (rows_in_equal_shares) tiles off the whole-tile grid that step
     // 0's A was packed on before the team started: the member packs its own panels (no other
     // member reads them).
@@ -588,7 +604,10 @@ void walk_forward(ForwardLoop<T>& loop, int nt, bool by_rows, int mode) {
   // large steps share their blocks out as they are done (shares_blocks).
   const int64_t boundary =
       by_rows || loop.amx || loop.x_steps ? 0 : boundary_rows<T>(s, nt);  // a row, or 0
-  const bool share = !by_rows && !boundary && shares_blocks(s, mode == 2);
+  // or, for a single row, by a block's vectors (share_boundary_vector)
+  const bool vector_part = !by_rows && !loop.amx && !boundary &&
+                           shares_boundary_vector<T>(s, nt, loop.x_steps != nullptr);
+  const bool share = !by_rows && !boundary && !vector_part && shares_blocks(s, mode == 2);
   SharedBlocks shared;
   const int64_t probe = by_rows ? 0 : probe_steps(s);  // rows never meet: no probe
   auto team_run = [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
@@ -596,6 +615,7 @@ void walk_forward(ForwardLoop<T>& loop, int nt, bool by_rows, int mode) {
     mine.barrier = by_rows ? nullptr : barrier;
     StepSplit split = make_split<T>(s, team, member, by_rows);
     if (boundary && team == 2) share_boundary_block(boundary, s.B, member, &split);
+    if (vector_part && team == 2) share_boundary_vector(member, &split);
     if (share && barrier) {
       mine.queue = shared.join(team, member, split.unit0, split.unit1, barrier);
       mine.member = member;

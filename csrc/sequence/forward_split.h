@@ -16,8 +16,10 @@ struct StepSplit {
   int64_t row0, row1;    // batch rows
   int64_t unit0, unit1;  // hidden-unit blocks of NR
   int64_t out0, out1;    // output (projection) blocks of NR
-  // One more unit block, for rows [part_row0, part_row1) only (share_boundary_block), or none.
-  int64_t part_ub = -1, part_row0 = 0, part_row1 = 0;
+  // One more unit block, for rows [part_row0, part_row1) only (share_boundary_block), or none;
+  // of it, only vector part_vector of each gate's panel where that is not -1
+  // (share_boundary_vector).
+  int64_t part_ub = -1, part_row0 = 0, part_row1 = 0, part_vector = -1;
 };
 
 // Where a row tile starting at row m keeps its MR-row panel in the step's shared packed A
@@ -93,14 +95,45 @@ int64_t boundary_rows(const LayerShape& s, int nthreads) {
   for (int64_t r = MR; r < s.B; r += MR) consider(r);
   return best_r;
 }
-// Member tid's split (make_split's, by units, of a team of two) with rows [r, B) of member 0's
-// last block handed to member 1 (r from boundary_rows, > 0).
-inline void share_boundary_block(int64_t r, int64_t B, int tid, StepSplit* p) {
+// Member 0's last unit block (of make_split's, by units, on a team of two) out of its own and
+// made both members' part block.
+inline void lend_last_block(int tid, StepSplit* p) {
   const int64_t lent = (tid == 0 ? p->unit1 : p->unit0) - 1;  // member 1 starts past it
   if (tid == 0) p->unit1 = lent;
   p->part_ub = lent;
+}
+// Member tid's split with rows [r, B) of member 0's last block handed to member 1 (r from
+// boundary_rows, > 0).
+inline void share_boundary_block(int64_t r, int64_t B, int tid, StepSplit* p) {
+  lend_last_block(tid, p);
   p->part_row0 = tid == 0 ? 0 : r;
   p->part_row1 = tid == 0 ? r : B;
+}
+
+// A single LSTM row on a team of two with an odd number of unit blocks, the last one whole: no
+// rows to lend, so member 0 hands the second vector of its last block to member 1 (H = 96 is
+// 2 + 1 blocks: 4 and 2 vectors, now 3 and 3). The row's pass over that block's gate panels
+// then covers one vector a member (micro_kernel_row_gates: each lane's chains are its own, so
+// the same bits), and so do the riding projection's slices of it (riding, only where a slice
+// is one vector: RideTile's kVectors, AVX-512). The LSTM's step is one row pass (every gate at
+// once); the GRU's may take other products. In-process A/B (bench/ab_builds.py), 2 threads,
+// inference, best / median of 16 blocks, T x B x I x H: 100x1x64x160 LSTM 0.342 / 0.346 ->
+// 0.300 / 0.306 ms, 100x1x128x96 0.200 / 0.208 -> 0.183 / 0.194, 64x1x8x224 0.451 / 0.469 ->
+// 0.407 / 0.424 (12 blocks); training 100x1x64x96 0.450 -> 0.410 (medians).
+template <typename T>
+bool shares_boundary_vector(const LayerShape& s, int nthreads, bool rides) {
+  const int64_t blocks = ceil_div<int64_t>(s.H, Tile<T>::NR);
+  return nthreads == 2 && s.B == 1 && s.cell == Cell::Lstm && Tile<T>::NV == 2 &&
+         blocks % 2 == 1 && !last_block_one_vector<T>(s.H) &&
+         (!rides || RideTile<T>::kVectors == 1);
+}
+// Member tid's split (make_split's, by units, of a team of two) with the second vector of member
+// 0's last block handed to member 1 (shares_boundary_vector).
+inline void share_boundary_vector(int tid, StepSplit* p) {
+  lend_last_block(tid, p);
+  p->part_row0 = p->row0;
+  p->part_row1 = p->row1;
+  p->part_vector = tid;
 }
 
 // Member tid's unit blocks [*ub0, *ub1) of H, contiguous, in split_range's shares. Where the
@@ -220,6 +253,16 @@ int64_t shared_block_rows(int cell, int64_t B, int64_t I, int64_t H, int64_t Hou
   LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
   if (step_split_kind<T>(cell, B, I, H, Hout, nthreads) != 2) return 0;
   return boundary_rows<T>(s, nthreads);
+}
+
+// Whether a team of nthreads split by hidden units at this shape hands the second vector of a
+// unit block across (share_boundary_vector), where it does not ride along (for tests: python's
+// _C.shared_block_vector).
+template <typename T>
+bool shared_block_vector(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads) {
+  LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+  return step_split_kind<T>(cell, B, I, H, Hout, nthreads) == 2 &&
+         boundary_rows<T>(s, nthreads) == 0 && shares_boundary_vector<T>(s, nthreads, false);
 }
 
 // Whether a team split by hidden units shares its unit blocks out as they are done (BlockQueue)

@@ -57,7 +57,7 @@ int step_split(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout
 // projection_mode.h's choice for one shape (python's _C.projection_mode).
 int projection_mode_of(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
                        bool lengths) {
-  const LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+  const LayerShape s = diagnostic_shape(cell, B, I, H, Hout);
   return f64 ? projection_mode<double>(s, lengths) : projection_mode<float>(s, lengths);
 }
 

@@ -36,6 +36,11 @@ struct LayerShape {
   bool has_bias;
   bool has_proj;
 };
+// The one-step shape the diagnostics (step_split, projection_mode) ask the rules about: GRU
+// with linear_before_reset, forward in time, with biases, a projection where Hout != H.
+inline LayerShape diagnostic_shape(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout) {
+  return LayerShape{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+}
 
 // ONNX's activation functions (its RNN, LSTM and GRU operators' `activations`), each with the
 // alpha and beta that some take: Affine a*x + b, LeakyRelu x < 0 ? a*x : x, ThresholdedRelu

@@ -35,6 +35,13 @@ void check_diagnostic_threads(int threads) {
   if (threads < 1 || threads > kMaxThreads)
     fail("threads must lie in 1.." + std::to_string(kMaxThreads) + ", got " + std::to_string(threads));
 }
+// KernelTable::step_split's answer to `query` for a shape and a thread count, both checked.
+int step_split_query(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout,
+                     int threads, const std::optional<std::string>& isa, int query) {
+  check_diagnostic_shape(cell, B, I, H, Hout);
+  check_diagnostic_threads(threads);
+  return kernels(isa).step_split(cell, f64, B, I, H, Hout, threads, query);
+}
 
 }  // namespace
 
@@ -185,11 +192,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("step_split", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, bool f64,
                          int threads, std::optional<std::string> isa, bool backward) {
     static const char* names[] = {"one", "rows", "units", "team", "halves"};
-    check_diagnostic_shape(cell, B, I, H, Hout);
-    check_diagnostic_threads(threads);
-    return std::string(
-        names[kernels(isa).step_split(cell, f64, B, I, H, Hout, threads,
-                                      backward ? fusedrnn::kBackwardSplit : fusedrnn::kForwardSplit)]);
+    return std::string(names[step_split_query(
+        cell, f64, B, I, H, Hout, threads, isa,
+        backward ? fusedrnn::kBackwardSplit : fusedrnn::kForwardSplit)]);
   }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
      py::arg("f64") = false,
      py::arg("threads") = 2, py::arg("isa") = py::none(), py::arg("backward") = false,
@@ -200,10 +205,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("shared_block_rows", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
                                 bool f64, int threads, std::optional<std::string> isa) {
-    check_diagnostic_shape(cell, B, I, H, Hout);
-    check_diagnostic_threads(threads);
-    return static_cast<int64_t>(
-        kernels(isa).step_split(cell, f64, B, I, H, Hout, threads, fusedrnn::kSharedBlockRows));
+    return static_cast<int64_t>(step_split_query(cell, f64, B, I, H, Hout, threads, isa,
+                                                 fusedrnn::kSharedBlockRows));
   }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
      py::arg("f64") = false, py::arg("threads") = 2, py::arg("isa") = py::none(),
      "where a forward team split by hidden units evens its shares: the row from which the "
@@ -212,10 +215,8 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("shared_block_vector", [](int cell, int64_t B, int64_t I, int64_t H, int64_t Hout,
                                   bool f64, int threads, std::optional<std::string> isa) {
-    check_diagnostic_shape(cell, B, I, H, Hout);
-    check_diagnostic_threads(threads);
-    return kernels(isa).step_split(cell, f64, B, I, H, Hout, threads,
-                                   fusedrnn::kSharedBlockVector) != 0;
+    return step_split_query(cell, f64, B, I, H, Hout, threads, isa,
+                            fusedrnn::kSharedBlockVector) != 0;
   }, py::arg("cell"), py::arg("B"), py::arg("I"), py::arg("H"), py::arg("Hout"),
      py::arg("f64") = false, py::arg("threads") = 2, py::arg("isa") = py::none(),
      "whether a forward team split by hidden units evens a single row's shares by handing the "

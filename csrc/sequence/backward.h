@@ -347,7 +347,7 @@ bool backward_rows_apart(const LayerShape& s, int nthreads) {
 // the halves of k_split_backward (on a team of two, or one thread taking both).
 template <typename T>
 int backward_split_kind(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads) {
-  LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+  LayerShape s = diagnostic_shape(cell, B, I, H, Hout);
   if (k_split_backward<T>(s, false)) return 4;
   if (backward_rows_apart<T>(s, nthreads)) return 1;
   return backward_step_threads<T>(s, nthreads) > 1 ? 3 : 0;

@@ -239,7 +239,7 @@ int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
 // units (for tests and the curious: python's _C.step_split).
 template <typename T>
 int step_split_kind(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads) {
-  LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+  LayerShape s = diagnostic_shape(cell, B, I, H, Hout);
   bool by_rows = false;
   if (step_threads<T>(s, nthreads, &by_rows) <= 1) return 0;
   return by_rows ? 1 : 2;
@@ -250,7 +250,7 @@ int step_split_kind(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, int
 // _C.shared_block_rows). The forward leaves out teams that ride along or run on AMX tiles.
 template <typename T>
 int64_t shared_block_rows(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads) {
-  LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+  LayerShape s = diagnostic_shape(cell, B, I, H, Hout);
   if (step_split_kind<T>(cell, B, I, H, Hout, nthreads) != 2) return 0;
   return boundary_rows<T>(s, nthreads);
 }
@@ -260,7 +260,7 @@ int64_t shared_block_rows(int cell, int64_t B, int64_t I, int64_t H, int64_t Hou
 // _C.shared_block_vector).
 template <typename T>
 bool shared_block_vector(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads) {
-  LayerShape s{1, B, I, H, Hout, static_cast<Cell>(cell), true, false, true, Hout != H};
+  LayerShape s = diagnostic_shape(cell, B, I, H, Hout);
   return step_split_kind<T>(cell, B, I, H, Hout, nthreads) == 2 &&
          boundary_rows<T>(s, nthreads) == 0 && shares_boundary_vector<T>(s, nthreads, false);
 }

@@ -419,6 +419,11 @@ SHAPES = [
     # One row, one step: dX's product of that row sums G*H = 640 (LSTM) over several K blocks,
     # two panels of W_ih at a time (microkernel.h's row pair, its blocks summed apart).
     dict(T=1, B=1, I=64, H=160),
+    # H's last unit block as the compact tail (layout.h: its gates side by side in one panel),
+    # in one vector or two on each ISA and dtype: a single row (k over kTailChains chains) and
+    # rows of a tile of 4 and one of 1.
+    dict(T=4, B=1, I=9, H=100),
+    dict(T=3, B=5, I=6, H=104),
 ]
 
 

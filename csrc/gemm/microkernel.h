@@ -4,6 +4,7 @@
 // over threads.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 #include "simd/vec.h"
 #include "common.h"
 
@@ -223,36 +224,65 @@ constexpr bool ride_fits() {
 // independent chains (8 for the LSTM) hide the FMA latency without splitting k, and each k-step
 // broadcasts its A value once for every gate (the B = 1 step; micro_kernel_rows<1> per gate
 // paid its set-up and k-split sums each time: long-seq LSTM, 1 thread, 1.106 -> 1.045 ms).
-// c: gate g's NR values at c + g * NR. One FMA chain per element and k block, k in order.
+// c: gate g's NR values at c + g * NR. One FMA chain per element and k block, k in order; with
+// KS > 1, KS chains, k-step k in chain k % KS, added in order at each block's end (one panel of
+// one or two vectors, the compact tail of forward.h, whose one or two chains alone waited on the
+// FMA latency).
 // With `ride`, that tile's k-steps share the loop: the row streams its panels from L2 with the
 // FMA pipes mostly idle, and the tile's FMAs, on one small panel, fill them (B = 1: the input
 // projection of later steps; see forward.h, projection_rides). Its chains are RideTile's.
 // NV: the vectors of each panel computed (1: its first only, for a unit block that holds no more
 // units than one vector; gate g's other lanes of c are left as they are).
-template <typename T, int G, int NV = Tile<T>::NV>
+template <typename T, int G, int NV = Tile<T>::NV, int KS = 1>
 inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t panel_stride, T* c,
                                    const RideTile<T>* ride = nullptr) {
   using V = Vec<T>;
   constexpr int NR = Tile<T>::NR;
   constexpr int R = RideTile<T>::kRows;
   constexpr int RV = RideTile<T>::kVectors;
-  V acc[G][NV], racc[R][RV];
-  for (int g = 0; g < G; ++g)
-    for (int v = 0; v < NV; ++v) acc[g][v] = V::zero();
-  auto row_step = [&](int64_t k) {
+  static_assert(kSumBlock % KS == 0, "each k block starts at chain 0");
+  V acc[KS][G][NV], racc[R][RV];
+  for (int s = 0; s < KS; ++s)
+    for (int g = 0; g < G; ++g)
+      for (int v = 0; v < NV; ++v) acc[s][g][v] = V::zero();
+  auto row_step = [&](int64_t k, int s) {
     const V av = V::set1(a[k]);
     for (int g = 0; g < G; ++g)
       for (int v = 0; v < NV; ++v)
-        acc[g][v] = V::fma(av, V::load(b + g * panel_stride + k * NR + v * V::W), acc[g][v]);
+        acc[s][g][v] = V::fma(av, V::load(b + g * panel_stride + k * NR + v * V::W), acc[s][g][v]);
   };
   // Each kSumBlock of k apart: at a block's end the row's sums go to c (the first block's) or
   // are added to it, and the ride's to its out (the bias after its last).
   auto fold_row = [&](bool first) {
     for (int g = 0; g < G; ++g)
       for (int v = 0; v < NV; ++v) {
-        store_block_sum(acc[g][v], c + g * NR + v * V::W, !first, static_cast<const T*>(nullptr));
-        acc[g][v] = V::zero();
+        for (int s = 1; s < KS; ++s) acc[0][g][v] = V::add(acc[0][g][v], acc[s][g][v]);
+        store_block_sum(acc[0][g][v], c + g * NR + v * V::W, !first, static_cast<const T*>(nullptr));
+        for (int s = 0; s < KS; ++s) acc[s][g][v] = V::zero();
       }
+  };
+  // The row's k-steps [k, k1), k-step k in chain k % KS whether or not the ride shares them, and
+  // the ride's k-steps beside them (`with`, or `alone`: none). Chain indices stay constants
+  // (unrolled over s): indexed at run time, the chains would live in memory.
+  auto alone = [](int64_t) {};
+  auto row_steps = [&](int64_t k, int64_t k1, auto with) {
+    auto both_steps = [&](int64_t kk, int s) {
+      row_step(kk, s);
+      with(kk);
+    };
+    for (int s = 1; s < KS; ++s)  // up to the next multiple of KS
+      if (k % KS == s && k < k1) both_steps(k++, s);
+    if constexpr (std::is_same_v<decltype(with), decltype(alone)>) {
+#pragma GCC unroll 4
+      for (; k + KS <= k1; k += KS)
+        for (int s = 0; s < KS; ++s) both_steps(k + s, s);
+    } else {
+#pragma GCC unroll 2
+      for (; k + KS <= k1; k += KS)
+        for (int s = 0; s < KS; ++s) both_steps(k + s, s);
+    }
+    for (int s = 0; s < KS; ++s)
+      if (k + s < k1) both_steps(k + s, s);
   };
   int64_t k = 0;
   if (ride) {
@@ -277,25 +307,17 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
     };
     const int64_t both = imin(K, q.K);
     if (K <= kSumBlock && q.K <= kSumBlock) {  // one block each: no folds to look for
-#pragma GCC unroll 2
-      for (; k < both; ++k) {
-        row_step(k);
-        tile_step(k);
-      }
+      row_steps(0, both, tile_step);
       for (int64_t kt = both; kt < q.K; ++kt) tile_step(kt);
       fold_ride(true, q.bias);
-#pragma GCC unroll 4
-      for (; k < K; ++k) row_step(k);
+      row_steps(both, K, alone);
       return fold_row(true);
     }
     while (k < both) {
       if (k > 0 && k % kSumBlock == 0) fold_row(k == kSumBlock), fold_ride(k == kSumBlock, nullptr);
       const int64_t k1 = imin(both, (k / kSumBlock + 1) * kSumBlock);
-#pragma GCC unroll 2
-      for (; k < k1; ++k) {
-        row_step(k);
-        tile_step(k);
-      }
+      row_steps(k, k1, tile_step);
+      k = k1;
     }
     for (int64_t kt = both; kt < q.K;) {
       if (kt > 0 && kt % kSumBlock == 0) fold_ride(kt == kSumBlock, nullptr);
@@ -305,15 +327,14 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
     fold_ride(q.K <= kSumBlock, q.bias);
   }
   if (!ride && K <= kSumBlock) {
-#pragma GCC unroll 4
-    for (; k < K; ++k) row_step(k);
+    row_steps(0, K, alone);
     return fold_row(true);
   }
   while (k < K) {
     if (k > 0 && k % kSumBlock == 0) fold_row(k == kSumBlock);
     const int64_t k1 = imin(K, (k / kSumBlock + 1) * kSumBlock);
-#pragma GCC unroll 4
-    for (; k < k1; ++k) row_step(k);
+    row_steps(k, k1, alone);
+    k = k1;
   }
   fold_row(K <= kSumBlock);
 }

@@ -118,6 +118,11 @@ struct ForwardLoop {
   int member = 0;
   mutable int64_t blocks_run = 0, taken_over = 0;
 
+  // The chains of a single row's compact tail (row_gates_pass): 4 for one vector, the FMA
+  // latency's cycles at one vector FMA a cycle.
+  static constexpr int kTailChains = 4;
+  static_assert(Tile<T>::NV == 2, "the compact tail takes one or two vectors");
+
   // Hidden units rounded up to whole unit blocks: the stride of bias_in's gates.
   static int64_t padded_units(const LayerShape& s) {
     return ceil_div<int64_t>(s.H, Tile<T>::NR) * Tile<T>::NR;
@@ -257,7 +262,8 @@ struct ForwardLoop {
           const int64_t ahead = (k / kRideRows + 1) * kRideRows;  // the next window's first step
           // (of a part block's vector, only that vector's slices: the other member rides the rest)
           const bool rides = x_steps && ahead < s.T && k % kRideRows < kRideSlices * G &&
-                             (vector < 0 || (k % kRideRows) % kRideSlices == vector);
+                             (vector < 0 || (k % kRideRows) % kRideSlices == vector) &&
+                             !ride_slice_past_h(k, ub);
           const RideTile<T> ride = rides ? ride_tile(k, ahead, ub) : RideTile<T>{};
           row_gates_pass(g_count, K, A + m * lda, ub, g0, tile, rides ? &ride : nullptr, vector);
         } else {
@@ -268,11 +274,16 @@ struct ForwardLoop {
                                      : nullptr;
           if (a_tile)
             gate_products(mr, K, a_tile, w, ub, g0, g_count, tile, g_count * NR, nullptr, 0);
+          else if (ub == w.tail_block)  // every gate in one panel: its own chains, as below
+            micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(0, ub), tile, g_count * NR, false,
+                            nullptr, true, w.tail_in_one_vector());
           else
             for (int gi = 0; gi < g_count; ++gi)
               micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(g0 + gi, ub), tile + gi * NR,
                               g_count * NR, false, nullptr, true, first_half(ub));
         }
+        // The compact tail's tile rows hold every gate, gate g at lane g * tail_units.
+        const bool tail = ub == w.tail_block;
         for (int ri = 0; ri < mr; ++ri) {
           const int64_t b = m + ri;
           if (!steps.active(k, b)) {  // finished rows carry their state unchanged
@@ -285,8 +296,8 @@ struct ForwardLoop {
           }
           const int64_t t = steps.time(k, b);
           RowForward<T> r;
-          r.acc = tile + ri * g_count * NR;
-          r.acc_gate_stride = NR;
+          r.acc = tile + ri * g_count * NR + (tail ? g0 * w.tail_units : 0);
+          r.acc_gate_stride = tail ? w.tail_units : NR;
           r.gx = gx_in_tile ? gx_tile + ri * G * NR
                  : x_steps ? gx + k * ld_gx + u0
                            : gx + (t * s.B + b) * ld_gx + u0;
@@ -323,6 +334,9 @@ struct ForwardLoop {
                      int count, T* out, int64_t ldo, const T* bias, int64_t bias_stride,
                      bool split_k = true) const {
     constexpr int NR = Tile<T>::NR;
+    if (ub == wg.tail_block)  // every gate in one panel (W_hh's compact tail; bias is null)
+      return micro_kernel<T, AForm::Blocked>(mr, K, a, 0, wg.panel(0, ub), out, ldo, false,
+                                             nullptr, split_k, wg.tail_in_one_vector());
     const bool half = first_half(ub);
     int i = 0;
     if constexpr (panels_fit<T, 4, 2>()) {
@@ -354,6 +368,14 @@ struct ForwardLoop {
   // (share_boundary_vector).
   void row_gates_pass(int g_count, int64_t K, const T* a, int64_t ub, int g0, T* tile,
                       const RideTile<T>* ride, int64_t vector = -1) const {
+    // Every gate in one panel (the compact tail): its vector's, or two vectors', chains alone
+    // waited on the FMA latency, so k splits over 4 chains a vector (kTailChains), riding or not.
+    if (ub == w.tail_block) {
+      if (w.tail_in_one_vector())
+        return micro_kernel_row_gates<T, 1, 1, kTailChains>(K, a, w.panel(0, ub), 0, tile, ride);
+      return micro_kernel_row_gates<T, 1, 2, kTailChains / 2>(K, a, w.panel(0, ub), 0, tile,
+                                                               ride);
+    }
     if (vector >= 0)
       return row_gates_pass_vectors<1>(g_count, K, a, ub, g0, tile, ride, vector * Vec<T>::W);
     if (first_half(ub)) return row_gates_pass_vectors<1>(g_count, K, a, ub, g0, tile, ride, 0);
@@ -380,6 +402,14 @@ struct ForwardLoop {
     const int64_t at = g * padded_units(s) + ub * Tile<T>::NR + v;
     return RideTile<T>{s.I, x_steps + ahead * s.I, s.I, w_in.panel(int(g), ub) + v,
                        gx + ahead * ld_gx + at, ld_gx, bias_in ? bias_in + at : nullptr};
+  }
+
+  // Whether step k's slice of unit block ub (ride_tile) lies wholly past H: the second vector of
+  // a last block of no more units than one vector (H = 100: 4 units), whose lanes no epilogue
+  // reads. Not computed: the row's chains do not depend on the ride, so the same bits.
+  bool ride_slice_past_h(int64_t k, int64_t ub) const {
+    const int64_t slice = (k % kRideRows) % kRideSlices;
+    return ub * Tile<T>::NR + slice * RideTile<T>::kVectors * Vec<T>::W >= s.H;
   }
 
   // The first window's rows of the riding projection for unit blocks [ub0, ub1), in tiles of 4

@@ -190,14 +190,35 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
 // of the same units and a step reads all of W_hh as one sequential stream. Gate-major panels
 // were G streams restarting every K*NR elements; step-only LSTM (I=8) min, gate-major ->
 // unit-major: H=1024 B=32 981-1023 -> 878-890 ms, H=512 B=64 223-245 -> 188-220 ms.
+//
+// The compact tail: where H's last unit block holds few units, at most NR / G (LSTM: 1-8 of
+// AVX-512's float lanes, GRU 1-10), its G gates lie side by side in the block's first panel,
+// gate g's units at lanes g * units.. (tail_units), and the other panels of that block are left
+// unused. A gate per panel computed G vectors of that block, each with units of its W lanes
+// real; side by side they take one vector or two. H = 100 (32-lane blocks, 4 units in the last)
+// computed 112 units a gate, 448 a step's row; now 400. Each element keeps its FMA chain (the
+// same kernels, the same rows), so the bits are the same.
+template <typename T>
+inline int compact_tail_units(int G, int64_t H) {
+  constexpr int NR = Tile<T>::NR;
+  const int64_t units = H - (ceil_div<int64_t>(H, NR) - 1) * NR;  // of the last block, 1..NR
+  return G >= 2 && G * units <= NR ? static_cast<int>(units) : 0;
+}
+
 template <typename T>
 struct PackedGates {
   int G;
   int64_t K;
   T* data;
+  // The compact tail's unit block and its units (compact_tail_units), or -1 and 0: W_ih's panels
+  // (the projection in the step or riding along) keep a panel per gate.
+  int64_t tail_block = -1;
+  int tail_units = 0;
   const T* panel(int g, int64_t unit_block) const {
     return data + (unit_block * G + g) * K * Tile<T>::NR;
   }
+  // Whether the compact tail's gates fill no more than its panel's first vector.
+  bool tail_in_one_vector() const { return G * tail_units <= Vec<T>::W; }
 };
 
 template <typename T>
@@ -205,14 +226,36 @@ inline int64_t packed_gates_size(int G, int64_t K, int64_t H) {
   return G * packed_b_size<T>(K, H);
 }
 
-// Unit blocks [ub0, ub1) of pack_gates's panels, on the calling thread.
+// The compact tail's panel (compact_tail_units: `units` units from u0) into d: B(k, g * units +
+// j) = w[(g * H + u0 + j) * K + k], zero past G * units.
+template <typename T>
+void pack_compact_tail(int G, int64_t K, int64_t H, const T* w, int64_t u0, int units, T* d) {
+  constexpr int NR = Tile<T>::NR;
+  set_bytes(d, 0, sizeof(T) * K * NR);
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < units; ++j) {
+      const T* row = w + (g * H + u0 + j) * K;
+      T* lane = d + g * units + j;
+      for (int64_t k = 0; k < K; ++k) lane[k * NR] = row[k];
+    }
+}
+
+// Unit blocks [ub0, ub1) of pack_gates's panels, on the calling thread; compact_tail: H's last
+// block as the compact tail where it qualifies (compact_tail_units), as W_hh's are.
 template <typename T>
 void pack_gate_blocks(int G, int64_t K, int64_t H, const T* w /*(G*H, K)*/, T* buf, int64_t ub0,
-                      int64_t ub1) {
+                      int64_t ub1, bool compact_tail = false) {
   constexpr int NR = Tile<T>::NR;
-  for (int64_t ub = ub0; ub < ub1; ++ub)
+  const int tail_units = compact_tail ? compact_tail_units<T>(G, H) : 0;
+  const int64_t tail_block = ceil_div<int64_t>(H, NR) - 1;
+  for (int64_t ub = ub0; ub < ub1; ++ub) {
+    if (tail_units > 0 && ub == tail_block) {
+      pack_compact_tail(G, K, H, w, ub * NR, tail_units, buf + ub * G * K * NR);
+      continue;
+    }
     for (int g = 0; g < G; ++g)
       pack_b_rows(0, K, ub, H, w + g * H * K, 1, K, buf + (ub * G + g) * K * NR);
+  }
 }
 
 // buf: packed_gates_size elements, laid out as PackedGates::panel reads them. The threads take
@@ -221,10 +264,12 @@ void pack_gate_blocks(int G, int64_t K, int64_t H, const T* w /*(G*H, K)*/, T* b
 // every call), 2 threads, inference, medians: online-small LSTM 0.290 -> 0.275 ms and 0.308 ->
 // 0.289, GRU within noise, stacked within noise; 1 thread unchanged.
 template <typename T>
-void pack_gates(int G, int64_t K, int64_t H, const T* w /*(G*H, K)*/, T* buf, int nthreads) {
+void pack_gates(int G, int64_t K, int64_t H, const T* w /*(G*H, K)*/, T* buf, int nthreads,
+                bool compact_tail = false) {
   const int64_t blocks = ceil_div<int64_t>(H, Tile<T>::NR);
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && G * K * H > kParallelPackValues)
-  for (int64_t ub = 0; ub < blocks; ++ub) pack_gate_blocks<T>(G, K, H, w, buf, ub, ub + 1);
+  for (int64_t ub = 0; ub < blocks; ++ub)
+    pack_gate_blocks<T>(G, K, H, w, buf, ub, ub + 1, compact_tail);
 }
 
 }  // namespace FUSEDRNN_ISA_NS

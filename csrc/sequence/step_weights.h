@@ -36,9 +36,12 @@ struct StepWeights {
   CachedPanels<T> wbuf{PanelKind::Gates, a.w_hh, amx ? 0 : GH, Hout,
                        packed_gates_size<T>(G, Hout, H), nthreads, reuse,
                        [this](T* buf, const T* from) {
-                         if (!members_pack) pack_gates<T>(G, Hout, H, from, buf, nthreads);
+                         if (!members_pack) pack_gates<T>(G, Hout, H, from, buf, nthreads, true);
                        }};
-  const PackedGates<T> w{G, Hout, wbuf.get()};
+  // (the compact tail: W_hh's, on the FMA kernels)
+  const int tail_units = amx ? 0 : compact_tail_units<T>(G, H);
+  const PackedGates<T> w{G, Hout, wbuf.get(),
+                         tail_units > 0 ? ceil_div<int64_t>(H, Tile<T>::NR) - 1 : -1, tail_units};
   const AmxGatesPanels<T> amx_w{amx, PanelKind::AmxGates, a.w_hh, G, H, Hout, nthreads, reuse};
   const AmxGatesPanels<T> amx_w_in{amx && in_step, PanelKind::AmxInputGates, a.w_ih, G, H, s.I,
                                    nthreads, reuse};
@@ -65,7 +68,7 @@ struct StepWeights {
   void pack_unit_blocks(int64_t ub0, int64_t ub1) const {
     if (!members_pack) return;
     if (by_gates) pack_gate_blocks<T>(G, s.I, H, a.w_ih, w_in.get(), ub0, ub1);
-    pack_gate_blocks<T>(G, Hout, H, a.w_hh, wbuf.get(), ub0, ub1);
+    pack_gate_blocks<T>(G, Hout, H, a.w_hh, wbuf.get(), ub0, ub1, true);
   }
 };
 

@@ -110,32 +110,6 @@ inline void share_boundary_block(int64_t r, int64_t B, int tid, StepSplit* p) {
   p->part_row1 = tid == 0 ? r : B;
 }
 
-// A single LSTM row on a team of two with an odd number of unit blocks, the last one whole: no
-// rows to lend, so member 0 hands the second vector of its last block to member 1 (H = 96 is
-// 2 + 1 blocks: 4 and 2 vectors, now 3 and 3). The row's pass over that block's gate panels
-// then covers one vector a member (micro_kernel_row_gates: each lane's chains are its own, so
-// the same bits), and so do the riding projection's slices of it (riding, only where a slice
-// is one vector: RideTile's kVectors, AVX-512). The LSTM's step is one row pass (every gate at
-// once); the GRU's may take other products. In-process A/B (bench/ab_builds.py), 2 threads,
-// inference, best / median of 16 blocks, T x B x I x H: 100x1x64x160 LSTM 0.342 / 0.346 ->
-// 0.300 / 0.306 ms, 100x1x128x96 0.200 / 0.208 -> 0.183 / 0.194, 64x1x8x224 0.451 / 0.469 ->
-// 0.407 / 0.424 (12 blocks); training 100x1x64x96 0.450 -> 0.410 (medians).
-template <typename T>
-bool shares_boundary_vector(const LayerShape& s, int nthreads, bool rides) {
-  const int64_t blocks = ceil_div<int64_t>(s.H, Tile<T>::NR);
-  return nthreads == 2 && s.B == 1 && s.cell == Cell::Lstm && Tile<T>::NV == 2 &&
-         blocks % 2 == 1 && !last_block_one_vector<T>(s.H) &&
-         (!rides || RideTile<T>::kVectors == 1);
-}
-// Member tid's split (make_split's, by units, of a team of two) with the second vector of member
-// 0's last block handed to member 1 (shares_boundary_vector).
-inline void share_boundary_vector(int tid, StepSplit* p) {
-  lend_last_block(tid, p);
-  p->part_row0 = p->row0;
-  p->part_row1 = p->row1;
-  p->part_vector = tid;
-}
-
 // Member tid's unit blocks [*ub0, *ub1) of H, contiguous, in split_range's shares. Where the
 // last block computes one vector and no block's rows are lent (boundary_rows, whose shares are
 // split_range's), the bigger shares go to the last members instead of the first, so the lighter
@@ -154,6 +128,55 @@ void split_unit_blocks(const LayerShape& s, int nthreads, int tid, int64_t* ub0,
   split_range(blocks, nthreads, nthreads - 1 - tid, &r0, &r1);
   *ub0 = blocks - r1;
   *ub1 = blocks - r0;
+}
+
+// The vectors a single row's pass computes of unit block ub of a G-gate layer (the FMA kernels):
+// NV a gate, one a gate for a last block of no more units than one vector, or the compact
+// tail's one or two for all its gates (layout.h).
+template <typename T>
+int64_t block_vectors(int G, int64_t H, int64_t ub) {
+  constexpr int NR = Tile<T>::NR;
+  if (ub < ceil_div<int64_t>(H, NR) - 1) return G * Tile<T>::NV;
+  const int units = compact_tail_units<T>(G, H);
+  if (units > 0) return ceil_div<int64_t>(G * units, Vec<T>::W);
+  return G * (last_block_one_vector<T>(H) ? 1 : Tile<T>::NV);
+}
+
+// A single LSTM row on a team of two with an odd number of unit blocks, the last one whole: no
+// rows to lend, so member 0 hands the second vector of its last block to member 1 (H = 96 is
+// 2 + 1 blocks: 4 and 2 vectors, now 3 and 3). The row's pass over that block's gate panels
+// then covers one vector a member (micro_kernel_row_gates: each lane's chains are its own, so
+// the same bits), and so do the riding projection's slices of it (riding, only where a slice
+// is one vector: RideTile's kVectors, AVX-512). The LSTM's step is one row pass (every gate at
+// once); the GRU's may take other products. In-process A/B (bench/ab_builds.py), 2 threads,
+// inference, best / median of 16 blocks, T x B x I x H: 100x1x64x160 LSTM 0.342 / 0.346 ->
+// 0.300 / 0.306 ms, 100x1x128x96 0.200 / 0.208 -> 0.183 / 0.194, 64x1x8x224 0.451 / 0.469 ->
+// 0.407 / 0.424 (12 blocks); training 100x1x64x96 0.450 -> 0.410 (medians).
+// Also where H's last block is the compact tail (layout.h), whose gates take one or two vectors
+// where each whole block takes 8: H = 100 is 2 + 2 blocks, 16 and 9 vectors, now 12 and 13.
+// In-process A/B, 2 threads, inference, medians, T x B x I x H: 100x1x32x100 LSTM 0.164 ->
+// 0.151 ms, 100x1x64x104 0.185 -> 0.178, 100x1x64x164 0.473 -> 0.459 (training within noise).
+template <typename T>
+bool shares_boundary_vector(const LayerShape& s, int nthreads, bool rides) {
+  constexpr int G = 4;
+  if (nthreads != 2 || s.B != 1 || s.cell != Cell::Lstm || Tile<T>::NV != 2 ||
+      (rides && RideTile<T>::kVectors != 1))
+    return false;
+  const int64_t blocks = ceil_div<int64_t>(s.H, Tile<T>::NR);
+  int64_t ub0 = 0, ub1 = 0;
+  split_unit_blocks<T>(s, nthreads, 0, &ub0, &ub1);
+  if (ub1 <= ub0 || ub1 >= blocks) return false;  // member 0's last block must be a whole one
+  int64_t load0 = 0, load1 = 0;  // each member's vectors of the row's pass
+  for (int64_t ub = 0; ub < blocks; ++ub) (ub < ub1 ? load0 : load1) += block_vectors<T>(G, s.H, ub);
+  return imax(load0 - G, load1 + G) < imax(load0, load1);
+}
+// Member tid's split (make_split's, by units, of a team of two) with the second vector of member
+// 0's last block handed to member 1 (shares_boundary_vector).
+inline void share_boundary_vector(int tid, StepSplit* p) {
+  lend_last_block(tid, p);
+  p->part_row0 = p->row0;
+  p->part_row1 = p->row1;
+  p->part_vector = tid;
 }
 
 template <typename T>

@@ -118,6 +118,11 @@ def main():
                          "do with num_layers > 1")
     ap.add_argument("--reverse", action="store_true",
                     help="run the layer backwards in time (a bidirectional layer's second half)")
+    ap.add_argument("--probe", default=None,
+                    help="impose the step team probe's verdict on every build (far_team: a "
+                         "team of small steps runs as a team; far_alone: one thread walks), so "
+                         "that this VM's core placement does not pick the path; default: "
+                         "measured")
     args = ap.parse_args()
     cells = [{"rnn": "rnn_tanh"}.get(c, c) for c in args.cells.split(",")]
     unknown = [c for c in cells if c not in CELL_CODES]
@@ -130,6 +135,8 @@ def main():
         name, _, path = spec.partition("=")
         builds[name] = load_extension(path, name)
         builds[name].set_num_threads(args.threads)
+        if args.probe:
+            builds[name].set_probe_override(args.probe)
     train = args.mode == "train"
     rng = np.random.default_rng(0)
     for config_name in args.configs.split(","):

@@ -196,8 +196,9 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
 // gate g's units at lanes g * units.. (tail_units), and the other panels of that block are left
 // unused. A gate per panel computed G vectors of that block, each with units of its W lanes
 // real; side by side they take one vector or two. H = 100 (32-lane blocks, 4 units in the last)
-// computed 112 units a gate, 448 a step's row; now 400. Each element keeps its FMA chain (the
-// same kernels, the same rows), so the bits are the same.
+// computed 112 units a gate, 448 a step's row; now 400. Tiles of several rows keep each
+// element's FMA chain (the same kernels), so their bits; a single row's pass splits k instead
+// (forward.h, kTailChains): its bits are new, the same for every thread count.
 template <typename T>
 inline int compact_tail_units(int G, int64_t H) {
   constexpr int NR = Tile<T>::NR;
@@ -220,6 +221,13 @@ struct PackedGates {
   // Whether the compact tail's gates fill no more than its panel's first vector.
   bool tail_in_one_vector() const { return G * tail_units <= Vec<T>::W; }
 };
+
+// W_hh's panels at data, as pack_gates(..., compact_tail = true) lays them out.
+template <typename T>
+PackedGates<T> recurrent_gates(int G, int64_t K, int64_t H, T* data) {
+  const int units = compact_tail_units<T>(G, H);
+  return PackedGates<T>{G, K, data, units > 0 ? ceil_div<int64_t>(H, Tile<T>::NR) - 1 : -1, units};
+}
 
 template <typename T>
 inline int64_t packed_gates_size(int G, int64_t K, int64_t H) {

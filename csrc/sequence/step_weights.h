@@ -38,10 +38,9 @@ struct StepWeights {
                        [this](T* buf, const T* from) {
                          if (!members_pack) pack_gates<T>(G, Hout, H, from, buf, nthreads, true);
                        }};
-  // (the compact tail: W_hh's, on the FMA kernels)
-  const int tail_units = amx ? 0 : compact_tail_units<T>(G, H);
-  const PackedGates<T> w{G, Hout, wbuf.get(),
-                         tail_units > 0 ? ceil_div<int64_t>(H, Tile<T>::NR) - 1 : -1, tail_units};
+  // (none on AMX tiles, where the steps meet only amx_w's panels)
+  const PackedGates<T> w = amx ? PackedGates<T>{G, Hout, nullptr}
+                               : recurrent_gates<T>(G, Hout, H, wbuf.get());
   const AmxGatesPanels<T> amx_w{amx, PanelKind::AmxGates, a.w_hh, G, H, Hout, nthreads, reuse};
   const AmxGatesPanels<T> amx_w_in{amx && in_step, PanelKind::AmxInputGates, a.w_ih, G, H, s.I,
                                    nthreads, reuse};

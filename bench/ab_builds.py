@@ -69,7 +69,9 @@ def call(ext, cell, p, train, isa, edit=False, reverse=False):
     if edit:  # an optimiser step's in-place change of the weights (negation: exact, cheap)
         for name in ("w_ih", "w_hh"):
             np.negative(p[name], out=p[name])
-    y, hn, cn, ctx = ext.forward(CELL_CODES[cell], False, reverse, train, p["x"], p["h0"], p["c0"],
+    # linear_before_reset = True: torch.nn's GRU, as the layers and the benchmark run it (False,
+    # ONNX's default, is the two-phase GRU)
+    y, hn, cn, ctx = ext.forward(CELL_CODES[cell], True, reverse, train, p["x"], p["h0"], p["c0"],
                                  p["w_ih"], p["w_hh"], p["b_ih"], p["b_hh"], None, None, isa)
     if train:  # as the layers do (consume=True), where the build has it
         try:

@@ -516,18 +516,20 @@ def test_team_sharing_a_unit_blocks_rows_gives_the_one_thread_bits(rng, isa, var
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("proj", (0, 24))
-def test_team_sharing_a_unit_blocks_vectors_gives_the_one_thread_bits(rng, isa, proj,
+@pytest.mark.parametrize("cell,proj", [("lstm", 0), ("lstm", 24), ("gru", 0)])
+def test_team_sharing_a_unit_blocks_vectors_gives_the_one_thread_bits(rng, isa, cell, proj,
                                                                       team_of_two):
     """A single LSTM row on a team of two with an odd number of whole unit blocks (no rows to
     lend), or whose last block is the compact tail (AVX-512: H = 100, 104, 164), hands the
     second vector of the first member's last block to the second (share_boundary_vector): the
     row's pass over that block one vector a member, and so the riding projection's slices of it
     where a slice is one vector; riding and not, with lengths (the projection before the loop)
-    and without, the LSTM's projection too. The bits of one thread."""
-    lstm = functional.CELL_CODES["lstm"]
+    and without, the LSTM's projection too. So does a GRU's row whose gates meet in one pass
+    (torch.nn's GRU, riding or not, without lengths; with them, it keeps whole blocks). The bits
+    of one thread."""
+    code = functional.CELL_CODES[cell]
     shared = [H for H in (48, 80, 96, 100, 104, 160, 164, 176, 200, 224, 240)
-              if _C.shared_block_vector(lstm, 1, 20, H, proj or H, isa=isa)]
+              if _C.shared_block_vector(code, 1, 20, H, proj or H, isa=isa)]
     assert shared, isa
     if isa == "avx512" and not proj:
         assert {96, 100, 104, 164} <= set(shared), shared
@@ -535,7 +537,7 @@ def test_team_sharing_a_unit_blocks_vectors_gives_the_one_thread_bits(rng, isa, 
         for ride in ("ride", "whole"):
             _C.set_ride_override(ride)
             for lengths, H in itertools.product((True, False), shared):
-                case = make_case(rng, "lstm", proj, T=20, B=1, I=20, H=H, lengths=lengths)
+                case = make_case(rng, cell, proj, T=20, B=1, I=20, H=H, lengths=lengths)
                 assert_same_bits_on_one_and_two_threads(case, isa)
     finally:
         _C.set_ride_override("measured")

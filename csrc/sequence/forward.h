@@ -636,7 +636,8 @@ void walk_forward(ForwardLoop<T>& loop, int nt, bool by_rows, int mode) {
       by_rows || loop.amx || loop.x_steps ? 0 : boundary_rows<T>(s, nt);  // a row, or 0
   // or, for a single row, by a block's vectors (share_boundary_vector)
   const bool vector_part = !by_rows && !loop.amx && !boundary &&
-                           shares_boundary_vector<T>(s, nt, loop.x_steps != nullptr);
+                           shares_boundary_vector<T>(s, nt, loop.x_steps != nullptr,
+                                                     a.lengths != nullptr);
   const bool share = !by_rows && !boundary && !vector_part && shares_blocks(s, mode == 2);
   SharedBlocks shared;
   const int64_t probe = by_rows ? 0 : probe_steps(s);  // rows never meet: no probe

@@ -6,6 +6,7 @@
 #include "common.h"
 #include "sequence/block_queue.h"
 #include "sequence/layout.h"
+#include "sequence/projection_mode.h"
 #include "sequence/step_barrier.h"
 
 namespace fusedrnn {
@@ -156,12 +157,19 @@ int64_t block_vectors(int G, int64_t H, int64_t ub) {
 // where each whole block takes 8: H = 100 is 2 + 2 blocks, 16 and 9 vectors, now 12 and 13.
 // In-process A/B, 2 threads, inference, medians, T x B x I x H: 100x1x32x100 LSTM 0.164 ->
 // 0.151 ms, 100x1x64x104 0.185 -> 0.178, 100x1x64x164 0.473 -> 0.459 (training within noise).
+// And a GRU's row where its step is one row pass too: one phase (linear_before_reset) whose
+// gates meet in one pass (ForwardLoop::row_in_one_pass, projection_rides). In-process A/B, 2
+// threads, inference, medians: 100x1x64x96 GRU 0.125 -> 0.116 ms, 100x1x64x160 0.259 -> 0.235,
+// 100x1x32x100 0.126 -> 0.119 (100x1x64x104 and training within noise).
 template <typename T>
-bool shares_boundary_vector(const LayerShape& s, int nthreads, bool rides) {
-  constexpr int G = 4;
-  if (nthreads != 2 || s.B != 1 || s.cell != Cell::Lstm || Tile<T>::NV != 2 ||
+bool shares_boundary_vector(const LayerShape& s, int nthreads, bool rides, bool has_lengths) {
+  const bool one_pass = s.cell == Cell::Lstm ||
+                        (s.cell == Cell::Gru && s.linear_before_reset &&
+                         projection_rides<T>(s, has_lengths));
+  if (nthreads != 2 || s.B != 1 || !one_pass || Tile<T>::NV != 2 ||
       (rides && RideTile<T>::kVectors != 1))
     return false;
+  const int G = gates_of(s.cell);
   const int64_t blocks = ceil_div<int64_t>(s.H, Tile<T>::NR);
   int64_t ub0 = 0, ub1 = 0;
   split_unit_blocks<T>(s, nthreads, 0, &ub0, &ub1);
@@ -285,7 +293,8 @@ template <typename T>
 bool shared_block_vector(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads) {
   LayerShape s = diagnostic_shape(cell, B, I, H, Hout);
   return step_split_kind<T>(cell, B, I, H, Hout, nthreads) == 2 &&
-         boundary_rows<T>(s, nthreads) == 0 && shares_boundary_vector<T>(s, nthreads, false);
+         boundary_rows<T>(s, nthreads) == 0 &&
+         shares_boundary_vector<T>(s, nthreads, false, false);
 }
 
 // Whether a team split by hidden units shares its unit blocks out as they are done (BlockQueue)

@@ -61,6 +61,18 @@ bool last_block_one_vector(int64_t H) {
   return Tile<T>::NV > 1 && H - (ceil_div<int64_t>(H, Tile<T>::NR) - 1) * Tile<T>::NR <= Vec<T>::W;
 }
 
+// The vectors a row's product computes of unit block ub of a G-gate layer (the FMA kernels):
+// NV a gate, one a gate for a last block of no more units than one vector, or the compact
+// tail's one or two for all its gates (layout.h).
+template <typename T>
+int64_t block_vectors(int G, int64_t H, int64_t ub) {
+  constexpr int NR = Tile<T>::NR;
+  if (ub < ceil_div<int64_t>(H, NR) - 1) return G * Tile<T>::NV;
+  const int units = compact_tail_units<T>(G, H);
+  if (units > 0) return ceil_div<int64_t>(G * units, Vec<T>::W);
+  return G * (last_block_one_vector<T>(H) ? 1 : Tile<T>::NV);
+}
+
 // Where a team of two split by hidden units holds unequal shares (an odd number of unit blocks,
 // or a ragged last one: 3 blocks are 2 + 1, so the team's steps took 2 blocks' time), member 0
 // hands rows [r, B) of its last block to member 1: boundary_rows gives r, or 0 where no r
@@ -74,6 +86,10 @@ bool last_block_one_vector(int64_t H) {
 // 1.737, RNN 0.616 -> 0.536; 100x10x64x160 GRU 1.583 -> 1.443; training 100x8x96x96 GRU 2.32
 // -> 1.89. The LSTMs that shared their blocks out then: 100x10x64x160 2.005 -> 1.762,
 // 50x10x128x200 1.887 -> 1.789, 50x12x256x288 4.868 -> 4.779 (GRU there within noise).
+// Counted with the compact tail's vectors (block_vectors), B = 8-12 rows also share where H's
+// last block is one (H = 40, 100, 104, 164 on AVX-512): 100x10x64x164 LSTM 2.442 -> 2.399 ms,
+// GRU 1.931 -> 1.871, 50x12x128x104 LSTM 1.047 -> 1.005 (the cores far apart; 100x8x100x100
+// and 100x8x64x40 within 1%).
 template <typename T>
 int64_t boundary_rows(const LayerShape& s, int nthreads) {
   constexpr int64_t NR = Tile<T>::NR, MR = Tile<T>::MR;
@@ -81,14 +97,16 @@ int64_t boundary_rows(const LayerShape& s, int nthreads) {
   if (nthreads != 2 || blocks < 2) return 0;
   // member 0: blocks [0, end0), the bigger share; member 1 holds the last one
   const int64_t end0 = ceil_div<int64_t>(blocks, 2);
-  // Work in vectors computed: a last block of one vector's units or fewer computes one
-  // (micro_kernel's first_half). H = 100 is 2 + 2 against 2 + 1, which no row split evens.
-  constexpr int64_t NV = Tile<T>::NV;
-  const int64_t last_vectors = last_block_one_vector<T>(s.H) ? 1 : NV;
-  const int64_t vectors0 = end0 * NV, vectors1 = (blocks - end0 - 1) * NV + last_vectors;
+  // Work in vectors computed (block_vectors): a last block of one vector's units or fewer
+  // computes one a gate (micro_kernel's first_half), the compact tail one or two in all.
+  // H = 100 (LSTM, AVX-512) is 16 + 9 vectors a row: half of block 1's rows make it 12 + 13.
+  const int G = gates_of(s.cell);
+  int64_t vectors0 = 0, vectors1 = 0;
+  for (int64_t ub = 0; ub < blocks; ++ub) (ub < end0 ? vectors0 : vectors1) += block_vectors<T>(G, s.H, ub);
+  const int64_t lent = block_vectors<T>(G, s.H, end0 - 1);  // a whole block's
   int64_t best_r = 0, best_load = vectors0 * s.B;  // vector-rows of the busier member
   auto consider = [&](int64_t r) {
-    const int64_t moved = NV * (s.B - r);
+    const int64_t moved = lent * (s.B - r);
     const int64_t load = imax(vectors0 * s.B - moved, vectors1 * s.B + moved);
     if (load < best_load) best_load = load, best_r = r;
   };
@@ -129,18 +147,6 @@ void split_unit_blocks(const LayerShape& s, int nthreads, int tid, int64_t* ub0,
   split_range(blocks, nthreads, nthreads - 1 - tid, &r0, &r1);
   *ub0 = blocks - r1;
   *ub1 = blocks - r0;
-}
-
-// The vectors a single row's pass computes of unit block ub of a G-gate layer (the FMA kernels):
-// NV a gate, one a gate for a last block of no more units than one vector, or the compact
-// tail's one or two for all its gates (layout.h).
-template <typename T>
-int64_t block_vectors(int G, int64_t H, int64_t ub) {
-  constexpr int NR = Tile<T>::NR;
-  if (ub < ceil_div<int64_t>(H, NR) - 1) return G * Tile<T>::NV;
-  const int units = compact_tail_units<T>(G, H);
-  if (units > 0) return ceil_div<int64_t>(G * units, Vec<T>::W);
-  return G * (last_block_one_vector<T>(H) ? 1 : Tile<T>::NV);
 }
 
 // A single LSTM row on a team of two with an odd number of unit blocks, the last one whole: no

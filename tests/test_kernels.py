@@ -23,13 +23,15 @@ ISAS = list(_C.available_isas())
 DTYPES = [np.float32, np.float64]
 
 
+# H = 34: H's last unit block of 2 units, the compact tail (layout.h) on every ISA and dtype.
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 @pytest.mark.parametrize("bias,lengths,reverse", list(itertools.product([True, False], repeat=3)))
-def test_options_grid(rng, isa, dtype, variant, bias, lengths, reverse):
+@pytest.mark.parametrize("H", [11, 34])
+def test_options_grid(rng, isa, dtype, variant, bias, lengths, reverse, H):
     cell, lbr, proj = variant
-    case = make_case(rng, cell, proj, bias=bias, lengths=lengths)
+    case = make_case(rng, cell, proj, H=H, bias=bias, lengths=lengths)
     assert_matches(case, dtype, isa, reverse=reverse, linear_before_reset=lbr)
 
 

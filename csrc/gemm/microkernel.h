@@ -249,7 +249,8 @@ inline void micro_kernel_row_gates(int64_t K, const T* a, const T* b, int64_t pa
     const V av = V::set1(a[k]);
     for (int g = 0; g < G; ++g)
       for (int v = 0; v < NV; ++v)
-        acc[s][g][v] = V::fma(av, V::load(b + g * panel_stride + k * NR + v * V::W), acc[s][g][v]);
+        acc[s][g][v] =
+            V::fma(av, V::load(b + g * panel_stride + k * NR + v * V::W), acc[s][g][v]);
   };
   // Each kSumBlock of k apart: at a block's end the row's sums go to c (the first block's) or
   // are added to it, and the ride's to its out (the bias after its last).

@@ -72,6 +72,13 @@ int64_t block_vectors(int G, int64_t H, int64_t ub) {
   if (units > 0) return ceil_div<int64_t>(G * units, Vec<T>::W);
   return G * (last_block_one_vector<T>(H) ? 1 : Tile<T>::NV);
 }
+// The vectors of a row's product in unit blocks [0, end) and in [end, ceil(H / NR)).
+template <typename T>
+void vectors_split_at(int G, int64_t H, int64_t end, int64_t* before, int64_t* after) {
+  *before = *after = 0;
+  for (int64_t ub = 0; ub < ceil_div<int64_t>(H, Tile<T>::NR); ++ub)
+    (ub < end ? *before : *after) += block_vectors<T>(G, H, ub);
+}
 
 // Where a team of two split by hidden units holds unequal shares (an odd number of unit blocks,
 // or a ragged last one: 3 blocks are 2 + 1, so the team's steps took 2 blocks' time), member 0
@@ -102,7 +109,7 @@ int64_t boundary_rows(const LayerShape& s, int nthreads) {
   // H = 100 (LSTM, AVX-512) is 16 + 9 vectors a row: half of block 1's rows make it 12 + 13.
   const int G = gates_of(s.cell);
   int64_t vectors0 = 0, vectors1 = 0;
-  for (int64_t ub = 0; ub < blocks; ++ub) (ub < end0 ? vectors0 : vectors1) += block_vectors<T>(G, s.H, ub);
+  vectors_split_at<T>(G, s.H, end0, &vectors0, &vectors1);
   const int64_t lent = block_vectors<T>(G, s.H, end0 - 1);  // a whole block's
   int64_t best_r = 0, best_load = vectors0 * s.B;  // vector-rows of the busier member
   auto consider = [&](int64_t r) {
@@ -149,20 +156,21 @@ void split_unit_blocks(const LayerShape& s, int nthreads, int tid, int64_t* ub0,
   *ub1 = blocks - r0;
 }
 
-// A single LSTM row on a team of two with an odd number of unit blocks, the last one whole: no
-// rows to lend, so member 0 hands the second vector of its last block to member 1 (H = 96 is
-// 2 + 1 blocks: 4 and 2 vectors, now 3 and 3). The row's pass over that block's gate panels
-// then covers one vector a member (micro_kernel_row_gates: each lane's chains are its own, so
-// the same bits), and so do the riding projection's slices of it (riding, only where a slice
-// is one vector: RideTile's kVectors, AVX-512). The LSTM's step is one row pass (every gate at
-// once); the GRU's may take other products. In-process A/B (bench/ab_builds.py), 2 threads,
-// inference, best / median of 16 blocks, T x B x I x H: 100x1x64x160 LSTM 0.342 / 0.346 ->
-// 0.300 / 0.306 ms, 100x1x128x96 0.200 / 0.208 -> 0.183 / 0.194, 64x1x8x224 0.451 / 0.469 ->
-// 0.407 / 0.424 (12 blocks); training 100x1x64x96 0.450 -> 0.410 (medians).
+// A single LSTM row (or GRU row, below) on a team of two with an odd number of unit blocks, the
+// last one whole: no rows to lend, so member 0 hands the second vector of its last block to
+// member 1 (H = 96 is 2 + 1 blocks: 4 and 2 vectors, now 3 and 3). The row's pass over that
+// block's gate panels then covers one vector a member (micro_kernel_row_gates: each lane's
+// chains are its own, so the same bits), and so do the riding projection's slices of it (riding,
+// only where a slice is one vector: RideTile's kVectors, AVX-512). The LSTM's step is one row
+// pass (every gate at once); the GRU's only where its gates meet in one pass (below). In-process
+// A/B (bench/ab_builds.py), 2 threads, inference, best / median of 16 blocks, T x B x I x H:
+// 100x1x64x160 LSTM 0.342 / 0.346 -> 0.300 / 0.306 ms, 100x1x128x96 0.200 / 0.208 -> 0.183 /
+// 0.194, 64x1x8x224 0.451 / 0.469 -> 0.407 / 0.424 (12 blocks); training 100x1x64x96 0.450 ->
+// 0.410 (medians).
 // Also where H's last block is the compact tail (layout.h), whose gates take one or two vectors
 // where each whole block takes 8: H = 100 is 2 + 2 blocks, 16 and 9 vectors, now 12 and 13.
-// In-process A/B, 2 threads, inference, medians, T x B x I x H: 100x1x32x100 LSTM 0.164 ->
-// 0.151 ms, 100x1x64x104 0.185 -> 0.178, 100x1x64x164 0.473 -> 0.459 (training within noise).
+// In-process A/B, 2 threads, inference, medians, T x B x I x H: 100x1x32x100 LSTM 0.164 -> 0.151
+// ms, 100x1x64x104 0.185 -> 0.178, 100x1x64x164 0.473 -> 0.459 (training within noise).
 // And a GRU's row where its step is one row pass too: one phase (linear_before_reset) whose
 // gates meet in one pass (ForwardLoop::row_in_one_pass, projection_rides). In-process A/B, 2
 // threads, inference, medians: 100x1x64x96 GRU 0.125 -> 0.116 ms, 100x1x64x160 0.259 -> 0.235,
@@ -181,7 +189,7 @@ bool shares_boundary_vector(const LayerShape& s, int nthreads, bool rides, bool 
   split_unit_blocks<T>(s, nthreads, 0, &ub0, &ub1);
   if (ub1 <= ub0 || ub1 >= blocks) return false;  // member 0's last block must be a whole one
   int64_t load0 = 0, load1 = 0;  // each member's vectors of the row's pass
-  for (int64_t ub = 0; ub < blocks; ++ub) (ub < ub1 ? load0 : load1) += block_vectors<T>(G, s.H, ub);
+  vectors_split_at<T>(G, s.H, ub1, &load0, &load1);
   return imax(load0 - G, load1 + G) < imax(load0, load1);
 }
 // Member tid's split (make_split's, by units, of a team of two) with the second vector of member

@@ -58,7 +58,7 @@ bool rows_in_equal_shares(int64_t B, int nthreads) {
 // only that vector (ForwardLoop::first_half): H = 200 is six blocks of 32 and one of 8.
 template <typename T>
 bool last_block_one_vector(int64_t H) {
-  return Tile<T>::NV > 1 && H - (ceil_div<int64_t>(H, Tile<T>::NR) - 1) * Tile<T>::NR <= Vec<T>::W;
+  return Tile<T>::NV > 1 && last_block_units<T>(H) <= Vec<T>::W;
 }
 
 // The vectors a row's product computes of unit block ub of a G-gate layer (the FMA kernels):
@@ -66,8 +66,7 @@ bool last_block_one_vector(int64_t H) {
 // tail's one or two for all its gates (layout.h).
 template <typename T>
 int64_t block_vectors(int G, int64_t H, int64_t ub) {
-  constexpr int NR = Tile<T>::NR;
-  if (ub < ceil_div<int64_t>(H, NR) - 1) return G * Tile<T>::NV;
+  if (ub < last_unit_block<T>(H)) return G * Tile<T>::NV;
   const int units = compact_tail_units<T>(G, H);
   if (units > 0) return ceil_div<int64_t>(G * units, Vec<T>::W);
   return G * (last_block_one_vector<T>(H) ? 1 : Tile<T>::NV);
@@ -76,7 +75,7 @@ int64_t block_vectors(int G, int64_t H, int64_t ub) {
 template <typename T>
 void vectors_split_at(int G, int64_t H, int64_t end, int64_t* before, int64_t* after) {
   *before = *after = 0;
-  for (int64_t ub = 0; ub < ceil_div<int64_t>(H, Tile<T>::NR); ++ub)
+  for (int64_t ub = 0; ub <= last_unit_block<T>(H); ++ub)
     (ub < end ? *before : *after) += block_vectors<T>(G, H, ub);
 }
 

@@ -199,11 +199,16 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
 // computed 112 units a gate, 448 a step's row; now 400. Tiles of several rows keep each
 // element's FMA chain (the same kernels), so their bits; a single row's pass splits k instead
 // (forward.h, kTailChains): its bits are new, the same for every thread count.
+// H's last unit block (H > 0) and its units, 1..NR.
+template <typename T>
+inline int64_t last_unit_block(int64_t H) { return ceil_div<int64_t>(H, Tile<T>::NR) - 1; }
+template <typename T>
+inline int64_t last_block_units(int64_t H) { return H - last_unit_block<T>(H) * Tile<T>::NR; }
+
 template <typename T>
 inline int compact_tail_units(int G, int64_t H) {
-  constexpr int NR = Tile<T>::NR;
-  const int64_t units = H - (ceil_div<int64_t>(H, NR) - 1) * NR;  // of the last block, 1..NR
-  return G >= 2 && G * units <= NR ? static_cast<int>(units) : 0;
+  const int64_t units = last_block_units<T>(H);
+  return G >= 2 && G * units <= Tile<T>::NR ? static_cast<int>(units) : 0;
 }
 
 template <typename T>
@@ -226,7 +231,7 @@ struct PackedGates {
 template <typename T>
 PackedGates<T> recurrent_gates(int G, int64_t K, int64_t H, T* data) {
   const int units = compact_tail_units<T>(G, H);
-  return PackedGates<T>{G, K, data, units > 0 ? ceil_div<int64_t>(H, Tile<T>::NR) - 1 : -1, units};
+  return PackedGates<T>{G, K, data, units > 0 ? last_unit_block<T>(H) : -1, units};
 }
 
 template <typename T>
@@ -254,11 +259,11 @@ template <typename T>
 void pack_gate_blocks(int G, int64_t K, int64_t H, const T* w /*(G*H, K)*/, T* buf, int64_t ub0,
                       int64_t ub1, bool compact_tail = false) {
   constexpr int NR = Tile<T>::NR;
-  const int tail_units = compact_tail ? compact_tail_units<T>(G, H) : 0;
-  const int64_t tail_block = ceil_div<int64_t>(H, NR) - 1;
+  const PackedGates<T> layout = compact_tail ? recurrent_gates<T>(G, K, H, buf)
+                                             : PackedGates<T>{G, K, buf};
   for (int64_t ub = ub0; ub < ub1; ++ub) {
-    if (tail_units > 0 && ub == tail_block) {
-      pack_compact_tail(G, K, H, w, ub * NR, tail_units, buf + ub * G * K * NR);
+    if (ub == layout.tail_block) {
+      pack_compact_tail(G, K, H, w, ub * NR, layout.tail_units, buf + ub * G * K * NR);
       continue;
     }
     for (int g = 0; g < G; ++g)

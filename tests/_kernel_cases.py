@@ -2,7 +2,7 @@
 C++ kernels (any dtype, any ISA), returning every output and gradient side by side."""
 import numpy as np
 
-from fusedrnn import functional, reference
+from fusedrnn import _C, functional, reference
 from fusedrnn.tolerances import assert_close
 
 # (cell, linear_before_reset, proj_size): every cell variant the kernels have.
@@ -19,6 +19,17 @@ VARIANTS = [
 def variant_id(v):
     cell, lbr, proj = v
     return cell + ("_proj" if proj else "") + ("" if cell != "gru" else "_lbr" if lbr else "_nolbr")
+
+
+def hidden_past_l2(cell, I, proj=0, at_least=1):
+    """The smallest hidden size from at_least whose float32 W_ih and W_hh together outgrow this
+    host's L2: a forward step of a few rows on two threads then splits its hidden units, not its
+    rows (forward_split.h, step_threads)."""
+    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
+    H = at_least
+    while gates * H * ((proj or H) + I) * 4 <= _C.cache_bytes()["l2"]:
+        H += 1
+    return H
 
 
 def make_case(rng, cell, proj=0, T=5, B=3, I=6, H=11, bias=True, lengths=False, h0_zero=False):

@@ -16,8 +16,8 @@ from fusedrnn.tolerances import (BIAS_GRADIENT_FLOAT32, GEMM_PER_TERM, GRU_STEP_
                                   SMALL_INPUT_FORWARD_FLOAT32,
                                   STEP_PRODUCT_GRADIENT_FLOAT32, assert_close, max_scaled_error)
 
-from _kernel_cases import (VARIANTS, assert_matches, make_case, run_kernels, run_reference,
-                           variant_id)
+from _kernel_cases import (VARIANTS, assert_matches, hidden_past_l2, make_case, run_kernels,
+                           run_reference, variant_id)
 
 ISAS = list(_C.available_isas())
 DTYPES = [np.float32, np.float64]
@@ -451,31 +451,38 @@ def test_long_sequence_float32(rng, isa):
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads):
     """Both ways 2 threads share a forward step (forward_split.h, step_threads): batch rows with no
-    barrier (small weights, B=96, or B=16 with W_ih small too) and hidden units with a barrier per step (B=12 or 26, or weights
-    past L2), each with the input projection before the loop and in the step; and both ways of
-    the backward: rows apart (backward_rows_apart: small weights, rows keeping their chains) and
-    the team (batch rows of the pointwise maths, column panels of the GEMMs; B = 26 would leave
-    each member a 1-row tile)."""
+    barrier (small weights, B=96, or B=16 with W_ih small too, or a few rows a member: 4 + 4 on
+    AVX-512, whose second tile starts inside the first 12-row panel, shared_a_panels; 5 + 5 on
+    AVX2, 4 + 4 on SSE2) and hidden units with a barrier per step (B=12 or 26 with
+    weights past L2), each with the input projection before the loop and in the step; and both
+    ways of the backward: rows apart (backward_rows_apart: small weights, rows keeping their
+    chains) and the team (batch rows of the pointwise maths, column panels of the GEMMs; B = 26
+    would leave each member a 1-row tile)."""
     if not _C.openmp:
         pytest.skip("built without OpenMP: one thread only")
     cell, lbr, proj = variant
     before = fusedrnn.get_num_threads()
-    wide = 1000 if proj else 300  # (the projection's narrow K needs a wider H to reach the work threshold)
+    # A step of 12 rows with W_ih and W_hh past L2, at least as wide as the work threshold asks
+    # (the projection's narrow K needs a wider H). The projection's x is narrow (I = 5): with
+    # weights past L2 and 4 I >= Hout its input projection runs apart (projection_apart).
+    I = 5 if proj else 20
+    few = {64: 8, 32: 10, 16: 8}[_C.vector_bytes(isa)]  # rows that split evenly in whole tiles
+    wide = hidden_past_l2(cell, I, proj and 24, at_least=1000 if proj else 300)
     try:
         # with lengths: the whole sequence's input projection first; without: in the step
         for (B, H, split, back), lengths in itertools.product(
-                ((96, 128, "rows", "rows"), (16, 128, "rows", None), (12, wide, "units", None),
-                 (26, wide, None, "team")),
+                ((96, 128, "rows", "rows"), (16, 128, "rows", None), (few, 128, "rows", None),
+                 (12, wide, "units", None), (26, wide, None, "team")),
                 (True, False)):
             Hout = proj and 24 or H
             code = functional.CELL_CODES[cell]
-            forward = _C.step_split(code, B, 20, H, Hout, threads=2, isa=isa)
+            forward = _C.step_split(code, B, I, H, Hout, threads=2, isa=isa)
             assert forward == split if split else forward in ("rows", "units")
-            got = _C.step_split(code, B, 20, H, Hout, threads=2, isa=isa, backward=True)
+            got = _C.step_split(code, B, I, H, Hout, threads=2, isa=isa, backward=True)
             assert got == back if back else got in ("rows", "team")
-            in_step = _C.projection_mode(code, B, 20, H, Hout, lengths=lengths, isa=isa)
+            in_step = _C.projection_mode(code, B, I, H, Hout, lengths=lengths, isa=isa)
             assert (in_step == "in_step") != lengths
-            case = make_case(rng, cell, proj and 24, T=4, B=B, I=20, H=H, lengths=lengths)
+            case = make_case(rng, cell, proj and 24, T=4, B=B, I=I, H=H, lengths=lengths)
             assert_same_bits_on_one_and_two_threads(case, isa, linear_before_reset=lbr)
     finally:
         fusedrnn.set_num_threads(before)
@@ -497,17 +504,18 @@ def team_of_two(fixed_threads):
 def test_team_sharing_a_unit_blocks_rows_gives_the_one_thread_bits(rng, isa, variant,
                                                                    team_of_two):
     """A forward team of two split by hidden units whose shares differ (an odd number of unit
-    blocks: 2 + 1) hands rows of the first member's last block to the second
+    blocks, or a ragged last one) hands rows of the first member's last block to the second
     (share_boundary_block): at whole row tiles (B = 13), or inside one row panel where a panel
-    holds the batch (B = 10 on AVX-512: rows 5-9); the step's A and x read and packed there,
-    with lengths (the projection before the loop) and without (in the step); every cell and
-    option. The bits of one thread."""
+    holds the batch (B = 10 on AVX-512: rows 5-9; 10 rows split by rows instead where W_ih and
+    W_hh fit L2, so H here outgrows it); the step's A and x read and packed there, with lengths
+    (the projection before the loop) and without (in the step); every cell and option. The bits
+    of one thread."""
     cell, lbr, proj = variant
     code = functional.CELL_CODES[cell]
     for B in (10, 13):
-        # three unit blocks of this ISA's tiles (2 vectors wide), or two or five
+        past_l2 = hidden_past_l2(cell, 20, proj and 24)
         shared = [(H, _C.shared_block_rows(code, B, 20, H, proj and 24 or H, isa=isa))
-                  for H in (48, 96, 40, 80, 160)]
+                  for H in range(past_l2, past_l2 + 64)]
         H, row = next(((H, row) for H, row in shared if row), (None, 0))
         assert row, shared
         if isa == "avx512":  # 12-row panels: all 10 rows in one (split inside it), or 12 + 1

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
+from _kernel_cases import hidden_past_l2
 from fusedrnn import _C, functional, reference
 from fusedrnn.tolerances import assert_close
 
@@ -91,13 +92,15 @@ def test_options_on_the_step_paths(rng, isa, cell, lbr, B, I, H):
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("cell,lbr", CELLS, ids=lambda v: str(v))
 def test_options_on_two_threads_give_the_one_thread_bits(rng, isa, cell, lbr, fixed_threads):
-    """Steps split by batch rows (B = 96, H = 128) and by hidden units (B = 12, H = 300)."""
+    """Steps split by batch rows (B = 96, H = 128) and by hidden units (B = 12, H = 300 or wider,
+    W_ih and W_hh past L2)."""
     if not _C.openmp:
         pytest.skip("built without OpenMP: one thread only")
     before = fusedrnn.get_num_threads()
     code = functional.CELL_CODES[cell]
     try:
-        for B, H, split in ((96, 128, "rows"), (12, 300, "units")):
+        wide = hidden_past_l2(cell, 20, at_least=300)
+        for B, H, split in ((96, 128, "rows"), (12, wide, "units")):
             assert _C.step_split(code, B, 20, H, H, threads=2, isa=isa) == split
             results = []
             for n in (1, 2):

@@ -439,7 +439,7 @@ struct ForwardLoop {
   // copy went element by element (2-2.5% of a stacked LSTM or GRU step); here each row's W units
   // are one vector.
   static int64_t next_a_size(const LayerShape& s) {
-    return blocked_size<T>(s.B, s.Hout);
+    return shared_a_panels<T>(s.B) * Tile<T>::MR * blocked_length<T>(s.Hout);
   }
   // Rows [m, m + mr) (a row tile) and units [u0, u0 + nu) (u0 a multiple of W) of the state h
   // into a_next, the tile's panel (shared_panel_offset; a shared block's part tile, inside its

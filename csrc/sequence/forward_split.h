@@ -34,10 +34,17 @@ inline int64_t shared_panel_offset(int64_t m, int64_t K) {
   return panel_of_row<T>(m) * Tile<T>::MR * blocked_length<T>(K);
 }
 
+// The MR-row panels of the step's shared packed A: B's whole tiles and one more, so that the
+// tiles of a balanced share starting inside a panel keep a panel each (8 rows on two threads:
+// tiles at rows 0 and 4, panels 0 and 1).
+template <typename T>
+inline int64_t shared_a_panels(int64_t B) { return ceil_div<int64_t>(B, Tile<T>::MR) + 1; }
+
 // Whether nthreads members can take B rows in equal shares (split_range), each tiled from its
 // first row: 64 rows on 2 threads are 32 + 32, tiles of 12, 12 and 8, where whole tiles from row
-// 0 split them 36 + 28. Only where every row keeps its chains (rows_keep_chains), and the tiles'
-// panels (panel_of_row) are distinct and within the shared A.
+// 0 split them 36 + 28; 8 rows are 4 + 4, where whole tiles gave member 0 all 8. Only where
+// every row keeps its chains (rows_keep_chains), and the tiles' panels (panel_of_row) are
+// distinct and within the shared A (shared_a_panels).
 template <typename T>
 bool rows_in_equal_shares(int64_t B, int nthreads) {
   constexpr int64_t MR = Tile<T>::MR;
@@ -51,7 +58,7 @@ bool rows_in_equal_shares(int64_t B, int nthreads) {
       last_panel = panel_of_row<T>(m);
     }
   }
-  return last_panel < ceil_div<int64_t>(B, MR);
+  return last_panel < shared_a_panels<T>(B);
 }
 
 // Whether H's last unit block holds no more units than one vector, of which the steps compute
@@ -95,7 +102,9 @@ void vectors_split_at(int G, int64_t H, int64_t end, int64_t* before, int64_t* a
 // Counted with the compact tail's vectors (block_vectors), B = 8-12 rows also share where H's
 // last block is one (H = 40, 100, 104, 164 on AVX-512): 100x10x64x164 LSTM 2.442 -> 2.399 ms,
 // GRU 1.931 -> 1.871, 50x12x128x104 LSTM 1.047 -> 1.005 (the cores far apart; 100x8x100x100
-// and 100x8x64x40 within 1%).
+// and 100x8x64x40 within 1%). Since then such batches split by rows where W_ih and W_hh fit L2
+// (step_threads), faster still (100x8x100x100 LSTM 0.832 -> 0.733 ms): the rows lent here serve
+// bigger weights, and batches of 13-15 rows (12 + 1-3, which split by rows would cut chains).
 template <typename T>
 int64_t boundary_rows(const LayerShape& s, int nthreads) {
   constexpr int64_t NR = Tile<T>::NR, MR = Tile<T>::MR;
@@ -254,23 +263,34 @@ constexpr double kUnevenRowsMaxStepFlops = 1e7;
 // weights fit half of one core's L2, since each thread then reads all of them every step;
 // bigger weights are split by hidden units, so each core streams only its share of them
 // (fastrnns LSTM, 2 threads: median 227-247 ms by rows, 211-222 ms by units), and so are batches
-// whose row tiles split unevenly (rows_split_evenly). Threads with 8 to 2 tiles' rows each split
-// rows too where W_ih also fits (the step may stream it too: in_step_projection): a team split
-// by units meets every step, and this VM may put its cores far apart (2 threads, in-process A/B,
-// one layer, TxBxIxH: 100x16x128x128 RNN 0.610 -> 0.428 ms, LSTM 1.77 -> 1.56, GRU 1.43 ->
-// 1.15, training 1.98 -> 1.71, 5.93 -> 5.42, 4.86 -> 4.46; 50x16x256x256 RNN 0.962 -> 0.727;
-// 50x24x256x256 RNN 1.36 -> 1.06. Not with 4 rows each, 64x8x256x256 LSTM 2.06 -> 3.72, nor
-// with W_hh and W_ih past half of L2, 50x16x256x256 LSTM 2.88 -> 2.96).
+// whose row tiles split unevenly (rows_split_evenly).
+// Threads with 4 rows or more each split rows too where W_hh and W_ih together fit one core's
+// L2 (the step may stream W_ih too: in_step_projection), under 8 rows each only in equal shares
+// (rows_in_equal_shares): a team split by units meets every step, and this VM may put its cores
+// far apart. In-process A/B (bench/ab_builds.py), 2 threads, medians, T x B x I x H, units ->
+// rows, inference: 100x8x100x100 LSTM 0.832 -> 0.733 ms, GRU 0.643 -> 0.565; 100x12x100x100
+// LSTM 1.199 -> 1.078, GRU 0.935 -> 0.842; 100x8x32x32 LSTM 0.183 -> 0.102; 100x8x64x64 RNN
+// 0.135 -> 0.097; 100x8x100x200 LSTM (960 KB of weights) 2.250 -> 2.029; 100x20x100x200 LSTM
+// 6.267 -> 5.343, GRU 4.620 -> 4.150; 100x16x128x160 LSTM 3.459 -> 3.121; training 100x8x100x100
+// LSTM 4.638 -> 3.901, GRU 3.965 -> 3.453, 200x8x32x48 GRU 2.718 -> 2.321. Past L2 rows and
+// units ran within 2% (100x8x256x256, 50x8x512x512, 50x10x1024x1024 LSTM and GRU; earlier
+// 50x16x256x256 LSTM 2.88 -> 2.96). Earlier, 8 rows a thread or more within half of L2:
+// 100x16x128x128 RNN 0.610 -> 0.428 ms, LSTM 1.77 -> 1.56, GRU 1.43 -> 1.15, training 1.98 ->
+// 1.71, 5.93 -> 5.42, 4.86 -> 4.46; 50x16x256x256 RNN 0.962 -> 0.727; 50x24x256x256 RNN 1.36 ->
+// 1.06. Until rows_in_equal_shares took 8-12 rows on two threads (AVX-512), whole tiles from
+// row 0 gave member 0 them all, so 4-6 rows a thread measured slower (64x8x256x256 LSTM 2.06 ->
+// 3.72 ms, 100x8x128x128 LSTM 1.120 -> 2.092).
 template <typename T>
 int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const int64_t G = gates_of(s.cell);
   const double flops = recurrent_step_flops(s);
   const int64_t half_l2 = l2_cache_bytes() / 2, bytes = sizeof(T);
   const bool weights_fit_l2 = G * s.H * s.Hout * bytes <= half_l2;
-  const bool both_fit_l2 = G * s.H * (s.Hout + s.I) * bytes <= half_l2;
   const bool units_split = ceil_div<int64_t>(s.H, Tile<T>::NR) >= nthreads;
   const bool tiles = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2;
-  const bool rows = s.B >= int64_t(nthreads) * 8 && both_fit_l2;
+  const bool both_fit_l2 = G * s.H * (s.Hout + s.I) * bytes <= l2_cache_bytes();
+  const bool rows = s.B >= int64_t(nthreads) * 4 && both_fit_l2 &&
+                    (s.B >= int64_t(nthreads) * 8 || rows_in_equal_shares<T>(s.B, nthreads));
   *by_rows = (tiles || rows) &&
              (rows_split_evenly<T>(s.B, nthreads) || flops < kUnevenRowsMaxStepFlops ||
               !units_split);

@@ -83,6 +83,9 @@ struct ForwardLoop {
   // takes it in the step only for a pipelined stack, whose bits are the whole GEMM's
   // (in_step_when_pipelined).
   bool split_in_step_k = true;
+  // Whether the step's products keep k whole in tiles of 1-3 rows too: a member's share of 2-3
+  // rows of a batch whose one-thread tiles are 4 rows or more (rows_in_equal_shares' k_whole).
+  bool k_whole = false;
   // With the projection riding along (projection_rides): x's rows in step order, padded with
   // zero rows to whole windows of kRideRows; gx then holds rows by step, gate g of a row at
   // g * padded_units(), and each step of a window computes a slice of the next window's rows.
@@ -239,7 +242,7 @@ struct ForwardLoop {
           const T* xa = x_ready + row_panel_offset<T>(m - p.row0, s.I);
           gate_products(mr, s.I, xa, w_in, ub, g0, g_count, gx_tile + g0 * NR, G * NR,
                         bias_in ? bias_in + g0 * padded_units(s) + u0 : nullptr, padded_units(s),
-                        split_in_step_k);
+                        split_in_step_k && !k_whole);
         } else if (x_steps) {
           // this step's rows were computed by whoever owned these units a window before
         } else if (s.B > 1) {
@@ -273,14 +276,15 @@ struct ForwardLoop {
                             : a_pack ? a_pack + row_panel_offset<T>(m - p.row0, K)
                                      : nullptr;
           if (a_tile)
-            gate_products(mr, K, a_tile, w, ub, g0, g_count, tile, g_count * NR, nullptr, 0);
+            gate_products(mr, K, a_tile, w, ub, g0, g_count, tile, g_count * NR, nullptr, 0,
+                          !k_whole);
           else if (ub == w.tail_block)  // every gate in one panel: its own chains, as below
             micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(0, ub), tile, g_count * NR, false,
-                            nullptr, true, w.tail_in_one_vector());
+                            nullptr, !k_whole, w.tail_in_one_vector());
           else
             for (int gi = 0; gi < g_count; ++gi)
               micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(g0 + gi, ub), tile + gi * NR,
-                              g_count * NR, false, nullptr, true, first_half(ub));
+                              g_count * NR, false, nullptr, !k_whole, first_half(ub));
         }
         // The compact tail's tile rows hold every gate, gate g at lane g * tail_units.
         const bool tail = ub == w.tail_block;
@@ -464,7 +468,8 @@ struct ForwardLoop {
       const int no = static_cast<int>(imin<int64_t>(NR, s.Hout - o0));
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
-        micro_kernel<T>(mr, s.H, hf + m * s.H, s.H, w_proj + ob * s.H * NR, tile, NR, false);
+        micro_kernel<T>(mr, s.H, hf + m * s.H, s.H, w_proj + ob * s.H * NR, tile, NR, false,
+                        nullptr, !k_whole);
         for (int ri = 0; ri < mr; ++ri) {
           const int64_t b = m + ri;
           T* dst = hn + b * s.Hout + o0;
@@ -644,6 +649,8 @@ void walk_forward(ForwardLoop<T>& loop, int nt, bool by_rows, int mode) {
   auto team_run = [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
     ForwardLoop<T> mine = loop;
     mine.barrier = by_rows ? nullptr : barrier;
+    mine.k_whole =
+        by_rows && rows_k_whole<T>(s, team) && rows_in_equal_shares<T>(s.B, team, true);
     StepSplit split = make_split<T>(s, team, member, by_rows);
     if (boundary && team == 2) share_boundary_block(boundary, s.B, member, &split);
     if (vector_part && team == 2) share_boundary_vector(member, &split);

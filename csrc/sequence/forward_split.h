@@ -46,9 +46,9 @@ inline int64_t shared_a_panels(int64_t B) { return ceil_div<int64_t>(B, Tile<T>:
 // every row keeps its chains (rows_keep_chains), and the tiles' panels (panel_of_row) are
 // distinct and within the shared A (shared_a_panels).
 template <typename T>
-bool rows_in_equal_shares(int64_t B, int nthreads) {
+bool rows_in_equal_shares(int64_t B, int nthreads, bool k_whole = false) {
   constexpr int64_t MR = Tile<T>::MR;
-  if (!rows_keep_chains<T>(B, nthreads)) return false;
+  if (!rows_keep_chains<T>(B, nthreads, k_whole)) return false;
   int64_t last_panel = -1;
   for (int t = 0; t < nthreads; ++t) {
     int64_t r0 = 0, r1 = 0;
@@ -209,12 +209,26 @@ inline void share_boundary_vector(int tid, StepSplit* p) {
   p->part_vector = tid;
 }
 
+// Whether a rows split of fewer than 4 rows a thread takes shares of 2-3 rows, whose tiles keep
+// k whole (rows_keep_chains' k_whole, ForwardLoop::k_whole) so one thread's bits hold: only from
+// 90 KFLOP a step. In-process A/B, 2 threads, medians, units -> rows, inference
+// 100x4x100x100 LSTM 0.816 -> 0.609 ms, GRU 0.687 -> 0.511; 100x6x100x100 LSTM 1.190 -> 0.888;
+// 100x5x128x128 GRU 0.916 -> 0.768; 100x4x64x64 GRU 0.159 -> 0.145; training 100x4x100x100 LSTM
+// 2.748 -> 2.453, 100x6x64x128 GRU 3.458 -> 3.017, 100x4x64x64 LSTM 1.046 -> 0.943. Smaller
+// steps lost in training (100x4x32x48 LSTM 0.577 -> 0.696, 100x6x32x32 GRU 0.370 -> 0.481) and
+// the Elman RNN's 80 KFLOP at 100x4x100x100 in inference (0.191 -> 0.201).
+constexpr double kFewRowsMinStepFlops = 9e4;
+template <typename T>
+bool rows_k_whole(const LayerShape& s, int nthreads) {
+  return s.B < int64_t(nthreads) * 4 && recurrent_step_flops(s) >= kFewRowsMinStepFlops;
+}
+
 template <typename T>
 StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   StepSplit p{0, s.B, 0, ceil_div<int64_t>(s.H, NR), 0, ceil_div<int64_t>(s.Hout, NR)};
   if (nthreads <= 1) return p;
-  if (by_rows && rows_in_equal_shares<T>(s.B, nthreads)) {
+  if (by_rows && rows_in_equal_shares<T>(s.B, nthreads, rows_k_whole<T>(s, nthreads))) {
     split_range(s.B, nthreads, tid, &p.row0, &p.row1);
   } else if (by_rows) {  // whole row tiles from row 0
     split_range(ceil_div<int64_t>(s.B, MR), nthreads, tid, &p.row0, &p.row1);
@@ -279,7 +293,8 @@ constexpr double kUnevenRowsMaxStepFlops = 1e7;
 // 1.71, 5.93 -> 5.42, 4.86 -> 4.46; 50x16x256x256 RNN 0.962 -> 0.727; 50x24x256x256 RNN 1.36 ->
 // 1.06. Until rows_in_equal_shares took 8-12 rows on two threads (AVX-512), whole tiles from
 // row 0 gave member 0 them all, so 4-6 rows a thread measured slower (64x8x256x256 LSTM 2.06 ->
-// 3.72 ms, 100x8x128x128 LSTM 1.120 -> 2.092).
+// 3.72 ms, 100x8x128x128 LSTM 1.120 -> 2.092). Threads with 2-3 rows each split rows too where
+// their tiles keep k whole (rows_k_whole).
 template <typename T>
 int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const int64_t G = gates_of(s.cell);
@@ -289,8 +304,10 @@ int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const bool units_split = ceil_div<int64_t>(s.H, Tile<T>::NR) >= nthreads;
   const bool tiles = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2;
   const bool both_fit_l2 = G * s.H * (s.Hout + s.I) * bytes <= l2_cache_bytes();
-  const bool rows = s.B >= int64_t(nthreads) * 4 && both_fit_l2 &&
-                    (s.B >= int64_t(nthreads) * 8 || rows_in_equal_shares<T>(s.B, nthreads));
+  const bool k_whole = rows_k_whole<T>(s, nthreads);
+  const bool rows = s.B >= int64_t(nthreads) * 2 && both_fit_l2 &&
+                    (s.B >= int64_t(nthreads) * 8 ||
+                     rows_in_equal_shares<T>(s.B, nthreads, k_whole));
   *by_rows = (tiles || rows) &&
              (rows_split_evenly<T>(s.B, nthreads) || flops < kUnevenRowsMaxStepFlops ||
               !units_split);

@@ -16,14 +16,17 @@ inline int gates_of(Cell c) { return c == Cell::Lstm ? 4 : c == Cell::Gru ? 3 : 
 // Whether nthreads members can take B rows in equal shares (split_range), each tiled from its
 // first row (MR rows a tile, the rest last), with every row's FMA chains those of one thread's
 // tiles from row 0: those split k in tiles of 1-3 rows (KSplit), so no such tile either way.
+// k_whole: where the members' tiles of 2-3 rows keep k whole (ForwardLoop::k_whole), as one
+// thread's tiles of 4 rows and more do, so shares of 2 rows and up keep the chains too.
 template <typename T>
-bool rows_keep_chains(int64_t B, int nthreads) {
+bool rows_keep_chains(int64_t B, int nthreads, bool k_whole = false) {
   constexpr int64_t MR = Tile<T>::MR;
+  const int64_t least = k_whole ? 2 : 4;
   if (nthreads <= 1 || (B % MR != 0 && B % MR < 4)) return false;
   for (int t = 0; t < nthreads; ++t) {
     int64_t r0 = 0, r1 = 0;
     split_range(B, nthreads, t, &r0, &r1);
-    if (r1 - r0 < 4 || ((r1 - r0) % MR != 0 && (r1 - r0) % MR < 4)) return false;
+    if (r1 - r0 < least || ((r1 - r0) % MR != 0 && (r1 - r0) % MR < least)) return false;
   }
   return true;
 }

@@ -503,16 +503,20 @@ def team_of_two(fixed_threads):
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_rows_of_two_or_three_a_thread_give_the_one_thread_bits(rng, isa, variant, team_of_two):
     """A forward of 4 (or 6) rows on two threads splits them 2 + 2 (3 + 3) where the step is big
-    enough (forward_split.h, rows_k_whole), though one thread's tile of 4-6 rows keeps each row's
-    k in one FMA chain where a tile of 2-3 rows splits it (KSplit): the members' tiles keep k
-    whole (ForwardLoop::k_whole), in the recurrent product, the in-step projection and the LSTM's
-    projection. With lengths and without; every cell and option. The bits of one thread."""
+    enough (layout.h, rows_k_whole), and so does the backward's rows apart, though one thread's
+    tile of 4-6 rows keeps each row's k in one FMA chain where a tile of 2-3 rows splits it
+    (KSplit): the members' tiles keep k whole (ForwardLoop::k_whole, BackwardLoop::k_whole), in
+    the recurrent product, the in-step projection and the LSTM's projection, and in each step's
+    products back. With lengths and without; every cell and option. The bits of one thread."""
     cell, lbr, proj = variant
     code = functional.CELL_CODES[cell]
-    I, H, Hout = 20, 128, proj and 24 or 128
+    # steps big enough for the backward's rows apart too (200 KFLOP at 4 rows)
+    I, H = 20, (272 if proj else 160)
+    Hout = proj and 24 or H
     mr = {16: 4, 32: 6, 64: 12}[_C.vector_bytes(isa)]
     for B in (4, 6) if mr > 4 else (4,):  # (SSE2's 4-row tiles: 6 rows are 4 + 2 on one thread)
         assert _C.step_split(code, B, I, H, Hout, threads=2, isa=isa) == "rows", B
+        assert _C.step_split(code, B, I, H, Hout, threads=2, isa=isa, backward=True) == "rows", B
         for lengths in (True, False):
             case = make_case(rng, cell, proj and 24, T=5, B=B, I=I, H=H, lengths=lengths)
             assert_same_bits_on_one_and_two_threads(case, isa, linear_before_reset=lbr)

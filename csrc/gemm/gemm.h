@@ -309,16 +309,17 @@ T* a_pack_for(int64_t M, int64_t a_cs) {
 // Every row of C for the panels [p0, p1) only, on the calling thread: one member's share of a
 // product that a step team (backward.h) splits by columns. `descending` walks the panels from
 // the last (see ForwardLoop::cell_phase on alternating directions); results do not change.
+// split_k: see KSplit.
 template <typename T>
 void gemm_packed_panels(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
                         const T* Bp, T* C, int64_t ldc, bool accumulate, int64_t p0, int64_t p1,
-                        bool descending = false) {
+                        bool descending = false, bool split_k = true) {
   constexpr int64_t MC = GemmBlocking<T>::MC;
   if (M <= 0 || K <= 0 || p0 >= p1) return;
   T* a_pack = a_pack_for<T>(M, a_cs);
   for (int64_t m0 = 0; m0 < M; m0 += MC)
     gemm_packed_block<T>(m0, imin(MC, M - m0), p0, p1, N, K, A, a_rs, a_cs, Bp, C, ldc,
-                         accumulate, nullptr, a_pack, descending, true);
+                         accumulate, nullptr, a_pack, descending, split_k);
 }
 
 }  // namespace FUSEDRNN_ISA_NS

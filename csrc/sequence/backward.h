@@ -49,6 +49,9 @@ struct BackwardLoop {
   // (AForm::Blocked, K block after K block: pack_shared_dg), or null.
   BlockQueue* queue = nullptr;
   T* dg_packed = nullptr;
+  // Whether the step's products keep k whole in tiles of 1-3 rows too: a member's rows apart of
+  // 2-3 rows whose one-thread tile is 4 rows or more (rows_k_whole).
+  bool k_whole = false;
 
   // One member's share: batch rows of the pointwise maths, column panels of the GEMMs (of
   // width Hout for d h_prev, H for the projection and the two-phase GRU's d(r*h)), for every
@@ -187,7 +190,7 @@ struct BackwardLoop {
             if (!steps.active(k, b)) set_bytes(dhs + (k * B + b) * Hout, 0, sizeof(T) * Hout);
         meet();  // every row of dh is complete
         gemm_packed_panels<T>(rows, H, Hout, dh + m0 * Hout, Hout, 1, whr, dhf + m0 * H, H,
-                              false, p.hid0, p.hid1);
+                              false, p.hid0, p.hid1, false, !k_whole);
         meet();
         dcell = dhf;
       }
@@ -201,17 +204,17 @@ struct BackwardLoop {
       // every FMA at that magnitude (dh0 at T = 1, B = 8, H = 256: 12x torch.nn's error).
       if (gru_two_phase) {  // d(r*h) = dn W_hn, then dr and the r-path of d h_prev
         gemm_packed_panels<T>(rows, H, H, dgh_k + 2 * H, GH, 1, whn, drh + m0 * H, H, false,
-                              p.hid0, p.hid1, desc);
+                              p.hid0, p.hid1, desc, !k_whole);
         meet();
         gru_reset_pointwise(k, p, dh_prev);
         meet();
         gemm_packed_panels<T>(rows, Hout, 2 * H, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
-                              p.out1, desc);
+                              p.out1, desc, !k_whole);
       } else if (gru) {  // r, z through W_hr|W_hz, then n through W_hn
         gemm_packed_panels<T>(rows, Hout, 2 * H, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
-                              p.out1, desc);
+                              p.out1, desc, !k_whole);
         gemm_packed_panels<T>(rows, Hout, H, dghn + (k * B + m0) * ld_n, ld_n, 1, whn, dh_rows,
-                              Hout, true, p.out0, p.out1, desc);
+                              Hout, true, p.out0, p.out1, desc, !k_whole);
       } else if (queue) {
         pack_shared_dg(dgh_k, team, member);
         queue->set(i + 1, member, p.out0, p.out1);
@@ -221,7 +224,7 @@ struct BackwardLoop {
           dg_w_panel(ob, dh_prev);
       } else {
         gemm_packed_panels<T>(rows, Hout, GH, dgh_k, GH, 1, whh, dh_rows, Hout, true, p.out0,
-                              p.out1, desc);
+                              p.out1, desc, !k_whole);
       }
       meet();  // every column of d h_prev is complete
     }
@@ -338,7 +341,9 @@ int backward_step_threads(const LayerShape& s, int nthreads) {
 template <typename T>
 bool backward_rows_apart(const LayerShape& s, int nthreads) {
   const int64_t weights = (gates_of(s.cell) * s.H + (s.has_proj ? s.H : 0)) * s.Hout;
-  return backward_step_threads<T>(s, nthreads) > 1 && rows_keep_chains<T>(s.B, nthreads) &&
+  return backward_step_threads<T>(s, nthreads) > 1 &&
+         rows_keep_chains<T>(s.B, nthreads,
+                             rows_k_whole<T>(s, nthreads, kFewRowsMinBackwardStepFlops)) &&
          weights * int64_t(sizeof(T)) <= imax(l2_cache_bytes(), l3_cache_bytes()) / 2;
 }
 
@@ -407,7 +412,9 @@ int64_t walk_back(const BackwardArgs<T>& a, const BackwardLoop<T>& loop, bool k_
     run_probed_team(nt, s.T, probe_steps(s), a.probe_note, halves, walk_alone);
   } else if (backward_rows_apart<T>(s, nt)) {
     run_step_team(nt, [&](int member, int team, StepBarrier*) {
-      loop.run(BackwardLoop<T>::rows_of(s, team, member), nullptr, 0, s.T);
+      BackwardLoop<T> mine = loop;
+      mine.k_whole = rows_k_whole<T>(s, team, kFewRowsMinBackwardStepFlops);
+      mine.run(BackwardLoop<T>::rows_of(s, team, member), nullptr, 0, s.T);
     });
   } else {  // small steps first check that the team pays, as the forward's (team_probe.h)
     const bool share = shares_panels(s);

@@ -209,20 +209,6 @@ inline void share_boundary_vector(int tid, StepSplit* p) {
   p->part_vector = tid;
 }
 
-// Whether a rows split of fewer than 4 rows a thread takes shares of 2-3 rows, whose tiles keep
-// k whole (rows_keep_chains' k_whole, ForwardLoop::k_whole) so one thread's bits hold: only from
-// 90 KFLOP a step. In-process A/B, 2 threads, medians, units -> rows, inference
-// 100x4x100x100 LSTM 0.816 -> 0.609 ms, GRU 0.687 -> 0.511; 100x6x100x100 LSTM 1.190 -> 0.888;
-// 100x5x128x128 GRU 0.916 -> 0.768; 100x4x64x64 GRU 0.159 -> 0.145; training 100x4x100x100 LSTM
-// 2.748 -> 2.453, 100x6x64x128 GRU 3.458 -> 3.017, 100x4x64x64 LSTM 1.046 -> 0.943. Smaller
-// steps lost in training (100x4x32x48 LSTM 0.577 -> 0.696, 100x6x32x32 GRU 0.370 -> 0.481) and
-// the Elman RNN's 80 KFLOP at 100x4x100x100 in inference (0.191 -> 0.201).
-constexpr double kFewRowsMinStepFlops = 9e4;
-template <typename T>
-bool rows_k_whole(const LayerShape& s, int nthreads) {
-  return s.B < int64_t(nthreads) * 4 && recurrent_step_flops(s) >= kFewRowsMinStepFlops;
-}
-
 template <typename T>
 StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;

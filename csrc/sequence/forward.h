@@ -84,7 +84,7 @@ struct ForwardLoop {
   // (in_step_when_pipelined).
   bool split_in_step_k = true;
   // Whether the step's products keep k whole in tiles of 1-3 rows too: a member's share of 2-3
-  // rows of a batch whose one-thread tiles are 4 rows or more (rows_in_equal_shares' k_whole).
+  // rows of a batch whose one-thread tiles are 4 rows or more (members_keep_k_whole).
   bool k_whole = false;
   // With the projection riding along (projection_rides): x's rows in step order, padded with
   // zero rows to whole windows of kRideRows; gx then holds rows by step, gate g of a row at
@@ -649,8 +649,7 @@ void walk_forward(ForwardLoop<T>& loop, int nt, bool by_rows, int mode) {
   auto team_run = [&](int member, int team, StepBarrier* barrier, int64_t k0, int64_t k1) {
     ForwardLoop<T> mine = loop;
     mine.barrier = by_rows ? nullptr : barrier;
-    mine.k_whole =
-        by_rows && rows_k_whole<T>(s, team) && rows_in_equal_shares<T>(s.B, team, true);
+    mine.k_whole = by_rows && members_keep_k_whole<T>(s, team);
     StepSplit split = make_split<T>(s, team, member, by_rows);
     if (boundary && team == 2) share_boundary_block(boundary, s.B, member, &split);
     if (vector_part && team == 2) share_boundary_vector(member, &split);

@@ -507,14 +507,17 @@ def test_rows_of_two_or_three_a_thread_give_the_one_thread_bits(rng, isa, varian
     tile of 4-6 rows keeps each row's k in one FMA chain where a tile of 2-3 rows splits it
     (KSplit): the members' tiles keep k whole (ForwardLoop::k_whole, BackwardLoop::k_whole), in
     the recurrent product, the in-step projection and the LSTM's projection, and in each step's
-    products back. With lengths and without; every cell and option. The bits of one thread."""
+    products back. So do equal shares whose last tile has 2-3 rows: 28 rows on AVX-512 are
+    14 + 14 (tiles of 12 and 2; one thread's 12, 12 and 4), 16 on AVX2 8 + 8, 12 on SSE2 6 + 6.
+    With lengths and without; every cell and option. The bits of one thread."""
     cell, lbr, proj = variant
     code = functional.CELL_CODES[cell]
     # steps big enough for the backward's rows apart too (200 KFLOP at 4 rows)
     I, H = 20, (272 if proj else 160)
     Hout = proj and 24 or H
     mr = {16: 4, 32: 6, 64: 12}[_C.vector_bytes(isa)]
-    for B in (4, 6) if mr > 4 else (4,):  # (SSE2's 4-row tiles: 6 rows are 4 + 2 on one thread)
+    # (SSE2's 4-row tiles: 6 rows are 4 + 2 on one thread)
+    for B in ((4, 6) if mr > 4 else (4,)) + ({12: 28, 6: 16, 4: 12}[mr],):
         assert _C.step_split(code, B, I, H, Hout, threads=2, isa=isa) == "rows", B
         assert _C.step_split(code, B, I, H, Hout, threads=2, isa=isa, backward=True) == "rows", B
         for lengths in (True, False):
@@ -766,20 +769,21 @@ def test_step_split_rule():
     assert _C.step_split(lstm, 1, 1, 128, 128, threads=2) == "units"
     assert _C.step_split(lstm, 96, 1, 128, 128, threads=2) == "rows"
     assert _C.step_split(lstm, 64, 1, 512, 512, threads=2) == "units"
-    # whole row tiles would split 100 rows 60 + 40 (12-row tiles; 6-row ones 54 + 46), equal
-    # shares of 50 end in a 2-row tile (which one thread's tiles do not have), and the step is
-    # big: hidden units instead (rows_split_evenly). 64 rows: 32 + 32 in 12-row tiles
-    # (rows_in_equal_shares: 12, 12, 8), but shares of 6-row tiles would end in 2 rows, and
-    # whole ones split 36 + 28: units. 96 rows split evenly either way.
+    # 98 rows: one thread's tiles end in 2 rows (12- or 6-row tiles), whose k splits, so equal
+    # shares cannot keep the chains; whole row tiles split them 60 + 38 (54 + 44), and the step
+    # is big: hidden units instead (rows_split_evenly). 100 rows: equal shares of 50 end in a
+    # 2-row tile, which keeps k whole (rows_k_whole), so rows; 64 rows: 32 + 32 (tiles of 12,
+    # 12 and 8, or of 6 ending in 2 rows that keep k whole). 96 rows split evenly either way.
     # Rows also need W_hh within half of one core's L2: H = 512 on a 2 MB L2, 352 on a 1 MB one
     # (a step of 64 rows still over kUnevenRowsMaxStepFlops).
     rnn = functional.CELL_CODES["rnn_tanh"]
     H = 512 if 512 * 512 * 4 <= _C.cache_bytes()["l2"] // 2 else 352
     assert H * H * 4 <= _C.cache_bytes()["l2"] // 2 and 2 * 64 * H * H > 1e7
-    for isa, rows_64 in (("avx2", "units"), ("avx512", "rows")):
+    for isa in ("avx2", "avx512"):
         if isa in _C.available_isas():
-            assert _C.step_split(rnn, 100, 1, H, H, threads=2, isa=isa) == "units"
-            assert _C.step_split(rnn, 64, 1, H, H, threads=2, isa=isa) == rows_64
+            assert _C.step_split(rnn, 98, 1, H, H, threads=2, isa=isa) == "units"
+            assert _C.step_split(rnn, 100, 1, H, H, threads=2, isa=isa) == "rows"
+            assert _C.step_split(rnn, 64, 1, H, H, threads=2, isa=isa) == "rows"
             assert _C.step_split(rnn, 96, 1, 128, 128, threads=2, isa=isa) == "rows"
     assert _C.step_split(lstm, 96, 1, 128, 128, threads=1) == "one"
     assert _C.step_split(lstm, 1, 1, 32, 32, threads=2, backward=True) == "one"

@@ -49,8 +49,8 @@ struct BackwardLoop {
   // (AForm::Blocked, K block after K block: pack_shared_dg), or null.
   BlockQueue* queue = nullptr;
   T* dg_packed = nullptr;
-  // Whether the step's products keep k whole in tiles of 1-3 rows too: a member's rows apart of
-  // 2-3 rows whose one-thread tile is 4 rows or more (rows_k_whole).
+  // Whether the step's products keep k whole in tiles of 1-3 rows too: a member's rows apart in
+  // tiles of 2-3 rows where one thread's are 4 rows or more (rows_k_whole).
   bool k_whole = false;
 
   // One member's share: batch rows of the pointwise maths, column panels of the GEMMs (of
@@ -343,7 +343,7 @@ bool backward_rows_apart(const LayerShape& s, int nthreads) {
   const int64_t weights = (gates_of(s.cell) * s.H + (s.has_proj ? s.H : 0)) * s.Hout;
   return backward_step_threads<T>(s, nthreads) > 1 &&
          rows_keep_chains<T>(s.B, nthreads,
-                             rows_k_whole<T>(s, nthreads, kFewRowsMinBackwardStepFlops)) &&
+                             rows_k_whole(s, kFewRowsMinBackwardStepFlops)) &&
          weights * int64_t(sizeof(T)) <= imax(l2_cache_bytes(), l3_cache_bytes()) / 2;
 }
 
@@ -413,7 +413,7 @@ int64_t walk_back(const BackwardArgs<T>& a, const BackwardLoop<T>& loop, bool k_
   } else if (backward_rows_apart<T>(s, nt)) {
     run_step_team(nt, [&](int member, int team, StepBarrier*) {
       BackwardLoop<T> mine = loop;
-      mine.k_whole = rows_k_whole<T>(s, team, kFewRowsMinBackwardStepFlops);
+      mine.k_whole = rows_k_whole(s, kFewRowsMinBackwardStepFlops);
       mine.run(BackwardLoop<T>::rows_of(s, team, member), nullptr, 0, s.T);
     });
   } else {  // small steps first check that the team pays, as the forward's (team_probe.h)

@@ -83,8 +83,8 @@ struct ForwardLoop {
   // takes it in the step only for a pipelined stack, whose bits are the whole GEMM's
   // (in_step_when_pipelined).
   bool split_in_step_k = true;
-  // Whether the step's products keep k whole in tiles of 1-3 rows too: a member's share of 2-3
-  // rows of a batch whose one-thread tiles are 4 rows or more (members_keep_k_whole).
+  // Whether the step's products keep k whole in tiles of 1-3 rows too: a member's tiles of 2-3
+  // rows where one thread's are 4 rows or more (members_keep_k_whole).
   bool k_whole = false;
   // With the projection riding along (projection_rides): x's rows in step order, padded with
   // zero rows to whole windows of kRideRows; gx then holds rows by step, gate g of a row at

@@ -209,11 +209,11 @@ inline void share_boundary_vector(int tid, StepSplit* p) {
   p->part_vector = tid;
 }
 
-// Whether the members of a rows split keep k whole in their tiles (ForwardLoop::k_whole): shares
-// of 2-3 rows (rows_k_whole) in equal shares.
+// Whether the members of a rows split keep k whole in their tiles (ForwardLoop::k_whole): equal
+// shares with tiles of 2-3 rows where one thread's are 4 rows or more (rows_k_whole).
 template <typename T>
 bool members_keep_k_whole(const LayerShape& s, int nthreads) {
-  return rows_k_whole<T>(s, nthreads) && rows_in_equal_shares<T>(s.B, nthreads, true);
+  return rows_k_whole(s) && rows_in_equal_shares<T>(s.B, nthreads, true);
 }
 
 template <typename T>
@@ -252,8 +252,8 @@ inline int64_t row_panel_offset(int64_t m, int64_t K) {
 // inference: fastrnns RNN 22.3 -> 21.7 ms, B = 64 H = 256 RNN 6.02 -> 5.69, GRU 17.0 -> 15.8,
 // LSTM 21.0 -> 20.8 (training within 2%).
 template <typename T>
-bool rows_split_evenly(int64_t B, int nthreads) {
-  if (rows_in_equal_shares<T>(B, nthreads)) return true;
+bool rows_split_evenly(int64_t B, int nthreads, bool k_whole = false) {
+  if (rows_in_equal_shares<T>(B, nthreads, k_whole)) return true;
   const int64_t tiles = ceil_div<int64_t>(B, Tile<T>::MR);
   const int64_t largest = imin<int64_t>(B, ceil_div<int64_t>(tiles, nthreads) * Tile<T>::MR);
   return largest * nthreads * 20 <= B * 21;
@@ -286,8 +286,8 @@ constexpr double kUnevenRowsMaxStepFlops = 1e7;
 // 1.71, 5.93 -> 5.42, 4.86 -> 4.46; 50x16x256x256 RNN 0.962 -> 0.727; 50x24x256x256 RNN 1.36 ->
 // 1.06. Until rows_in_equal_shares took 8-12 rows on two threads (AVX-512), whole tiles from
 // row 0 gave member 0 them all, so 4-6 rows a thread measured slower (64x8x256x256 LSTM 2.06 ->
-// 3.72 ms, 100x8x128x128 LSTM 1.120 -> 2.092). Threads with 2-3 rows each split rows too where
-// their tiles keep k whole (rows_k_whole).
+// 3.72 ms, 100x8x128x128 LSTM 1.120 -> 2.092). Shares with tiles of 2-3 rows (2 + 2 rows, or
+// 14 + 14 on AVX-512) split rows too where their tiles keep k whole (rows_k_whole).
 template <typename T>
 int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const int64_t G = gates_of(s.cell);
@@ -297,12 +297,12 @@ int step_threads(const LayerShape& s, int nthreads, bool* by_rows) {
   const bool units_split = ceil_div<int64_t>(s.H, Tile<T>::NR) >= nthreads;
   const bool tiles = s.B >= int64_t(nthreads) * 2 * Tile<T>::MR && weights_fit_l2;
   const bool both_fit_l2 = G * s.H * (s.Hout + s.I) * bytes <= l2_cache_bytes();
-  const bool k_whole = rows_k_whole<T>(s, nthreads);
+  const bool k_whole = rows_k_whole(s);
   const bool rows = s.B >= int64_t(nthreads) * 2 && both_fit_l2 &&
                     (s.B >= int64_t(nthreads) * 8 ||
                      rows_in_equal_shares<T>(s.B, nthreads, k_whole));
   *by_rows = (tiles || rows) &&
-             (rows_split_evenly<T>(s.B, nthreads) || flops < kUnevenRowsMaxStepFlops ||
+             (rows_split_evenly<T>(s.B, nthreads, k_whole) || flops < kUnevenRowsMaxStepFlops ||
               !units_split);
   if (nthreads <= 1 || flops < kMinTeamStepFlops) return 1;
   if (!*by_rows && !units_split) return 1;

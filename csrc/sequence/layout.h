@@ -36,23 +36,27 @@ inline double recurrent_step_flops(const LayerShape& s) {
   return 2.0 * s.B * gates_of(s.cell) * s.H * s.Hout;
 }
 
-// Whether a rows split of fewer than 4 rows a thread (the forward's by_rows, the backward's rows
-// apart) takes shares of 2-3 rows, whose tiles keep k whole (rows_keep_chains' k_whole,
-// ForwardLoop::k_whole, BackwardLoop::k_whole) so one thread's bits hold: only from 90 KFLOP a
-// step. In-process A/B, 2 threads, medians, units -> rows, inference
+// Whether a rows split (the forward's by_rows, the backward's rows apart) may give its members
+// tiles of 2-3 rows where one thread's tiles are 4 rows or more, their tiles keeping k whole
+// (rows_keep_chains' k_whole, ForwardLoop::k_whole, BackwardLoop::k_whole) so one thread's bits
+// hold: 2 + 2 rows, or 14 + 14 on AVX-512 (tiles of 12 and 2, where whole tiles from row 0 split
+// 24 + 4). Only from 90 KFLOP a step. In-process A/B, 2 threads, medians, inference:
 // 100x4x100x100 LSTM 0.816 -> 0.609 ms, GRU 0.687 -> 0.511; 100x6x100x100 LSTM 1.190 -> 0.888;
-// 100x5x128x128 GRU 0.916 -> 0.768; 100x4x64x64 GRU 0.159 -> 0.145; training 100x4x100x100 LSTM
-// 2.748 -> 2.453, 100x6x64x128 GRU 3.458 -> 3.017, 100x4x64x64 LSTM 1.046 -> 0.943. Smaller
-// steps lost in training (100x4x32x48 LSTM 0.577 -> 0.696, 100x6x32x32 GRU 0.370 -> 0.481) and
-// the Elman RNN's 80 KFLOP at 100x4x100x100 in inference (0.191 -> 0.201).
+// 100x5x128x128 GRU 0.916 -> 0.768; 100x4x64x64 GRU 0.159 -> 0.145 (units -> rows);
+// 100x28x128x128 LSTM 6.533 -> 4.488, GRU 4.842 -> 3.363; 100x29x64x160 LSTM 7.360 -> 5.140;
+// 100x30x100x100 LSTM 4.127 -> 3.405 (24 + 4 or 24 + 6 rows -> equal shares); AVX2,
+// 100x17x100x100 LSTM 2.552 -> 2.312; training 100x4x100x100 LSTM 2.748 -> 2.453, 100x6x64x128
+// GRU 3.458 -> 3.017, 100x4x64x64 LSTM 1.046 -> 0.943, 100x28x128x128 GRU 16.01 -> 12.85,
+// 100x30x100x100 LSTM 16.05 -> 12.18. Smaller steps lost in training (100x4x32x48 LSTM 0.577 ->
+// 0.696, 100x6x32x32 GRU 0.370 -> 0.481) and the Elman RNN's 80 KFLOP at 100x4x100x100 in
+// inference (0.191 -> 0.201).
 // The backward's rows apart so, from 200 KFLOP a step (in-process A/B, 2 threads, training,
 // medians, its team -> rows apart: 100x4x100x100 GRU 2.284 -> 2.008 ms, 100x6x100x100 LSTM
 // 3.335 -> 2.973, GRU 3.091 -> 2.787, 100x5x128x128 GRU 2.865 -> 2.622; under it
 // 100x4x64x64 LSTM 0.980 -> 1.041, GRU 0.915 -> 0.990, 100x6x100x100 RNN 1.117 -> 1.173).
 constexpr double kFewRowsMinStepFlops = 9e4, kFewRowsMinBackwardStepFlops = 2e5;
-template <typename T>
-bool rows_k_whole(const LayerShape& s, int nthreads, double min_flops = kFewRowsMinStepFlops) {
-  return s.B < int64_t(nthreads) * 4 && recurrent_step_flops(s) >= min_flops;
+inline bool rows_k_whole(const LayerShape& s, double min_flops = kFewRowsMinStepFlops) {
+  return recurrent_step_flops(s) >= min_flops;
 }
 
 // Row b's length (T when no lengths are given), and the time its step s consumes.

@@ -21,11 +21,16 @@ def variant_id(v):
     return cell + ("_proj" if proj else "") + ("" if cell != "gru" else "_lbr" if lbr else "_nolbr")
 
 
+def tile_rows(isa):
+    """A float32 row tile's rows on this ISA's kernels (csrc/gemm/microkernel.h, Tile::MR)."""
+    return {16: 4, 32: 6, 64: 12}[_C.vector_bytes(isa)]
+
+
 def hidden_past_l2(cell, I, proj=0, at_least=1):
     """The smallest hidden size from at_least whose float32 W_ih and W_hh together outgrow this
     host's L2: a forward step of a few rows on two threads then splits its hidden units, not its
     rows (forward_split.h, step_threads)."""
-    gates = {"lstm": 4, "gru": 3}.get(cell, 1)
+    gates = reference.gate_count(cell)
     H = at_least
     while gates * H * ((proj or H) + I) * 4 <= _C.cache_bytes()["l2"]:
         H += 1

@@ -13,12 +13,11 @@ import pytest
 import fusedrnn
 from fusedrnn import _C
 
-from _kernel_cases import VARIANTS, assert_matches, make_case, run_kernels, variant_id
+from _kernel_cases import (VARIANTS, assert_matches, make_case, run_kernels, tile_rows,
+                           variant_id)
 
 ISAS = list(_C.available_isas())
 DTYPES = [np.float32, np.float64]
-# A row tile's rows (csrc/gemm/microkernel.h, Tile::MR) by the build's vector bytes.
-MR = {16: 4, 32: 6, 64: 12}
 
 
 def lanes(isa, dtype):
@@ -68,7 +67,7 @@ def test_batches_at_the_row_tile_edges(rng, fixed_threads, isa, dtype, variant):
     a 1-row tile after them), with the projection in the step (H = 32 pads little) and, with
     lengths, before the loop."""
     cell, lbr, proj = variant
-    mr = MR[_C.vector_bytes(isa)]
+    mr = tile_rows(isa)
     for B, lengths in itertools.product(sorted(set(edges(mr) + edges(2 * mr))), (False, True)):
         case = make_case(rng, cell, proj, T=3, B=B, I=9, H=32, lengths=lengths)
         assert_matches(case, dtype, isa, linear_before_reset=lbr)

@@ -17,7 +17,7 @@ from fusedrnn.tolerances import (BIAS_GRADIENT_FLOAT32, GEMM_PER_TERM, GRU_STEP_
                                   STEP_PRODUCT_GRADIENT_FLOAT32, assert_close, max_scaled_error)
 
 from _kernel_cases import (VARIANTS, assert_matches, hidden_past_l2, make_case, run_kernels,
-                           run_reference, variant_id)
+                           run_reference, tile_rows, variant_id)
 
 ISAS = list(_C.available_isas())
 DTYPES = [np.float32, np.float64]
@@ -466,7 +466,7 @@ def test_bitwise_identical_across_thread_counts(rng, isa, variant, fixed_threads
     # (the projection's narrow K needs a wider H). The projection's x is narrow (I = 5): with
     # weights past L2 and 4 I >= Hout its input projection runs apart (projection_apart).
     I = 5 if proj else 20
-    few = {64: 8, 32: 10, 16: 8}[_C.vector_bytes(isa)]  # rows that split evenly in whole tiles
+    few = {12: 8, 6: 10, 4: 8}[tile_rows(isa)]  # a few rows that split evenly, 4 or more a member
     wide = hidden_past_l2(cell, I, proj and 24, at_least=1000 if proj else 300)
     try:
         # with lengths: the whole sequence's input projection first; without: in the step
@@ -515,7 +515,7 @@ def test_rows_of_two_or_three_a_thread_give_the_one_thread_bits(rng, isa, varian
     # steps big enough for the backward's rows apart too (200 KFLOP at 4 rows)
     I, H = 20, (272 if proj else 160)
     Hout = proj and 24 or H
-    mr = {16: 4, 32: 6, 64: 12}[_C.vector_bytes(isa)]
+    mr = tile_rows(isa)
     # (SSE2's 4-row tiles: 6 rows are 4 + 2 on one thread)
     for B in ((4, 6) if mr > 4 else (4,)) + ({12: 28, 6: 16, 4: 12}[mr],):
         assert _C.step_split(code, B, I, H, Hout, threads=2, isa=isa) == "rows", B

@@ -579,6 +579,36 @@ def test_team_sharing_a_unit_blocks_vectors_gives_the_one_thread_bits(rng, isa, 
         _C.set_ride_override("measured")
 
 @pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_team_sharing_a_unit_blocks_vector_over_rows_gives_the_one_thread_bits(rng, isa, variant,
+                                                                               team_of_two):
+    """Tiles of 2-3 rows on a team of two split by hidden units hand the second vector of the
+    first member's last block across too (share_boundary_vector), the LSTM's and the GRU's
+    with every option: each gate's panel of that block one vector a member (gate_products),
+    with and without lengths. The Elman RNN's keep whole blocks (one gate: a vector more or
+    less did not pay). The team imposed (the probe's far_team), so that this VM's core
+    placement cannot walk the steps on one thread. The bits of one thread."""
+    cell, lbr, proj = variant
+    code = functional.CELL_CODES[cell]
+    try:
+        _C.set_probe_override("far_team")
+        for B in (2, 3):
+            shared = [H for H in (48, 80, 96, 100, 104, 112, 144, 160, 164, 176, 224)
+                      if _C.shared_block_vector(code, B, 20, H, proj and 24 or H, isa=isa)]
+            if cell.startswith("rnn"):
+                assert not shared, shared
+                continue
+            assert shared, (B, isa)
+            if isa == "avx512" and not proj:  # 3 and 5 whole blocks; the LSTM's compact tail
+                assert {96, 160} | ({100} if cell == "lstm" else set()) <= set(shared), shared
+            for lengths, H in itertools.product((True, False), shared[:3]):
+                case = make_case(rng, cell, proj and 24, T=12, B=B, I=20, H=H, lengths=lengths)
+                assert_same_bits_on_one_and_two_threads(case, isa, linear_before_reset=lbr)
+    finally:
+        _C.set_probe_override("measured")
+
+
+@pytest.mark.parametrize("isa", ISAS)
 def test_backward_walks_rows_apart_wherever_the_weights_fit_half_of_l2_or_l3(rng, isa,
                                                                               fixed_threads):
     """The backward's rows apart (backward_rows_apart) where the recurrent weights fit half of

@@ -164,6 +164,15 @@ void split_unit_blocks(const LayerShape& s, int nthreads, int tid, int64_t* ub0,
   *ub1 = blocks - r0;
 }
 
+// Whether a team split by hidden units shares its unit blocks out as they are done (BlockQueue)
+// instead of each member keeping its own: steps of one phase (the LSTM projection and the
+// two-phase GRU meet mid-step), not riding (whose rows each member computes for its own units a
+// window ahead), and large (large_team_step).
+inline bool shares_blocks(const LayerShape& s, bool rides) {
+  const bool one_phase = !s.has_proj && !(s.cell == Cell::Gru && !s.linear_before_reset);
+  return one_phase && !rides && large_team_step(s);
+}
+
 // A single LSTM row (or GRU row, below) on a team of two with an odd number of unit blocks, the
 // last one whole: no rows to lend, so member 0 hands the second vector of its last block to
 // member 1 (H = 96 is 2 + 1 blocks: 4 and 2 vectors, now 3 and 3). The row's pass over that
@@ -183,12 +192,22 @@ void split_unit_blocks(const LayerShape& s, int nthreads, int tid, int64_t* ub0,
 // gates meet in one pass (ForwardLoop::row_in_one_pass, projection_rides). In-process A/B, 2
 // threads, inference, medians: 100x1x64x96 GRU 0.125 -> 0.116 ms, 100x1x64x160 0.259 -> 0.235,
 // 100x1x32x100 0.126 -> 0.119 (100x1x64x104 and training within noise).
+// Rows of 2 and up (no rows lent: boundary_rows) hand the vector across too, the LSTM's and the
+// GRU's: their tiles then take that block's gate panels one vector at a time
+// (ForwardLoop::gate_products), each lane's chains its own, so the same bits. In-process A/B
+// (bench/ab_builds.py), 2 threads, inference, medians, T x B x I x H: 100x2x64x96 LSTM 0.235 ->
+// 0.212 ms, GRU 0.178 -> 0.168; 100x3x128x160 LSTM 0.712 -> 0.666, GRU 0.548 -> 0.518;
+// 100x2x64x224 LSTM 0.727 -> 0.692, GRU 0.538 -> 0.514; 100x2x32x164 LSTM 0.423 -> 0.406. Not
+// the Elman RNN's (one gate: a block's extra pass over A for one vector ate the gain, 100x3x128x224
+// 0.575 -> 0.607), nor where the team shares its blocks out (shares_blocks), which evens large
+// steps out as they run.
 template <typename T>
 bool shares_boundary_vector(const LayerShape& s, int nthreads, bool rides, bool has_lengths) {
   const bool one_pass = s.cell == Cell::Lstm ||
                         (s.cell == Cell::Gru && s.linear_before_reset &&
                          projection_rides<T>(s, has_lengths));
-  if (nthreads != 2 || s.B != 1 || !one_pass || Tile<T>::NV != 2 ||
+  const bool tiles = s.B > 1 && gates_of(s.cell) > 1 && !shares_blocks(s, rides);
+  if (nthreads != 2 || !(tiles || (s.B == 1 && one_pass)) || Tile<T>::NV != 2 ||
       (rides && RideTile<T>::kVectors != 1))
     return false;
   const int G = gates_of(s.cell);
@@ -338,15 +357,6 @@ bool shared_block_vector(int cell, int64_t B, int64_t I, int64_t H, int64_t Hout
   return step_split_kind<T>(cell, B, I, H, Hout, nthreads) == 2 &&
          boundary_rows<T>(s, nthreads) == 0 &&
          shares_boundary_vector<T>(s, nthreads, false, false);
-}
-
-// Whether a team split by hidden units shares its unit blocks out as they are done (BlockQueue)
-// instead of each member keeping its own: steps of one phase (the LSTM projection and the
-// two-phase GRU meet mid-step), not riding (whose rows each member computes for its own units a
-// window ahead), and large (large_team_step).
-inline bool shares_blocks(const LayerShape& s, bool rides) {
-  const bool one_phase = !s.has_proj && !(s.cell == Cell::Gru && !s.linear_before_reset);
-  return one_phase && !rides && large_team_step(s);
 }
 
 }  // namespace FUSEDRNN_ISA_NS

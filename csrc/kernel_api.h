@@ -290,6 +290,8 @@ struct RideKey {
 bool ride_policy_choose(const RideKey& key);
 void ride_policy_report(const RideKey& key, bool rode, double ns_per_step);
 int64_t ride_policy_calls(bool rode);  // calls so far that rode / ran one GEMM
+// The shapes' trials still on trial and decided, each [0] on one thread, [1] on a team (tests).
+void ride_policy_trials(int64_t* on_trial, int64_t* decided);
 // For tests: -1 measure (the default), 0 always one GEMM, 1 always ride. Forgets every trial.
 void set_ride_override(int way);
 

@@ -84,6 +84,14 @@ void ride_policy_report(const RideKey& key, bool rode, double ns_per_step) {
   r.trials[key_of(key)].report(rode, ns_per_step);
 }
 
+void ride_policy_trials(int64_t* on_trial, int64_t* decided) {
+  RideTrials& r = ride_trials();
+  std::lock_guard<std::mutex> lock(r.mu);
+  on_trial[0] = on_trial[1] = decided[0] = decided[1] = 0;
+  for (const auto& [key, trial] : r.trials)
+    ++(trial.decided >= 0 ? decided : on_trial)[std::get<8>(key)];
+}
+
 int64_t ride_policy_calls(bool rode) {
   return ride_trials().calls[rode ? 1 : 0].load(std::memory_order_relaxed);
 }

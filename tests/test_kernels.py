@@ -284,18 +284,29 @@ def test_ride_trial_takes_turns_then_keeps_the_faster(rng, ride_way, isa):
 def test_a_step_team_rides_on_its_own_trial(rng, ride_way, fixed_threads, isa):
     """A single row's steps on a team of two ride too (each member its own units' share of
     every window), on a trial of their own: the shape's first team calls alternate, then keep
-    one way, and the same shape on one thread then starts its trial afresh. Every call gives
+    one way, and the same shape on one thread then starts its trial afresh. The team's first
+    call probes its cores (imposed here, far_team, and remembered for the next calls), timing
+    steps alone and as a team: that call stays out of the trial (RideChoice). Every call gives
     the same bits."""
     ride_way("measured")
     args = single_row_lstm_args(rng, 128)
     assert _C.step_split(2, 1, 16, 128, 128, threads=2, isa=isa) == "units"
-    outputs = []
-    for threads in (2, 1):
-        fusedrnn.set_num_threads(threads)
-        ways, ys = ride_ways(args, isa, 10)
-        outputs += ys
-        assert ways[:8] == ["ride", "whole"] * 4, (threads, ways)
-        assert len(set(ways[8:])) == 1, (threads, ways)
+    recall = _C.set_probe_recall_ms(60000)
+    try:
+        _C.set_probe_override("far_team")
+        outputs = []
+        for threads in (2, 1):
+            fusedrnn.set_num_threads(threads)
+            ways, ys = ride_ways(args, isa, 11 if threads == 2 else 10)
+            outputs += ys
+            if threads == 2:
+                assert ways[0] == "ride", ways  # the probing call: the trial's first way, again
+                ways = ways[1:]
+            assert ways[:8] == ["ride", "whole"] * 4, (threads, ways)
+            assert len(set(ways[8:])) == 1, (threads, ways)
+    finally:
+        _C.set_probe_override("measured")
+        _C.set_probe_recall_ms(recall)
     for y in outputs[1:]:
         assert np.array_equal(y, outputs[0])
 

@@ -331,6 +331,43 @@ def test_probe_verdicts_are_remembered_for_the_next_calls_of_a_shape(two_threads
     assert counts(lambda: train(args))[1] == (2, 0)
 
 
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("verdict", ["far_team", "far_alone"])
+def test_riding_trials_take_only_the_calls_that_ran_as_their_key_says(two_threads, probe_verdict,
+                                                                       rng, verdict):
+    """The riding trial of a single row's team (ride_policy.cpp, RideChoice) takes neither a
+    call whose probe timed steps alone and as a team, nor one that walked alone by a recalled
+    verdict: that one goes to the shape's one-thread trial. Before, a process's first calls
+    often walked alone so, and the team's trial chose from them."""
+    cell, lbr, H = PROBED[2]
+    T, I = 73, 8
+    assert _C.projection_mode(functional.CELL_CODES[cell], 1, I, H, H) == "rides"
+    args = [a if a is None else a.astype(np.float32) for a in (
+        rng.standard_normal((T, 1, I)), np.zeros((1, H)), np.zeros((1, H)),
+        0.3 * rng.standard_normal((4 * H, I)), 0.3 * rng.standard_normal((4 * H, H)), None, None)]
+    try:
+        _C.set_ride_override("measured")  # forgets every trial
+        probe_verdict(verdict)
+        for _ in range(12):  # the first probes; with far_alone the next 11 walk alone
+            functional.forward(cell, *args)
+        trials = _C.ride_trials()
+        if verdict == "far_alone":  # 11 calls alone: 4 each way decide the one-thread trial
+            assert trials == {"alone_on_trial": 0, "team_on_trial": 1, "alone_decided": 1,
+                              "team_decided": 0}, trials
+        else:  # the 11 recalled calls ran as a team: its trial decided
+            assert trials == {"alone_on_trial": 0, "team_on_trial": 0, "alone_decided": 0,
+                              "team_decided": 1}, trials
+        probe_verdict(verdict)  # forgets the verdict: every call now probes, and none reports
+        _C.set_probe_recall_ms(0)
+        _C.set_ride_override("measured")
+        for _ in range(12):
+            functional.forward(cell, *args)
+        assert _C.ride_trials() == {"alone_on_trial": 0, "team_on_trial": 1, "alone_decided": 0,
+                                    "team_decided": 0}
+    finally:
+        _C.set_ride_override("measured")
+
+
 def test_probe_recall_time_is_checked_and_restored():
     before = _C.set_probe_recall_ms(-1)   # the default
     try:

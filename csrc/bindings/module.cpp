@@ -108,6 +108,13 @@ PYBIND11_MODULE(_C, m) {
     return counts({{"ride", fusedrnn::ride_policy_calls(true)},
                    {"whole", fusedrnn::ride_policy_calls(false)}});
   }, "single-row forwards that could ride, alone or on a team, by the way they ran, since import");
+  m.def("ride_trials", [] {
+    int64_t on_trial[2], decided[2];
+    fusedrnn::ride_policy_trials(on_trial, decided);
+    return counts({{"alone_on_trial", on_trial[0]}, {"team_on_trial", on_trial[1]},
+                   {"alone_decided", decided[0]}, {"team_decided", decided[1]}});
+  }, "the riding trials of the shapes since the last set_ride_override, one thread or a team, "
+     "by whether they have chosen");
   m.def("set_ride_override", [](const std::string& way) {
     if (way == "measured") return fusedrnn::set_ride_override(-1);
     if (way == "whole") return fusedrnn::set_ride_override(0);

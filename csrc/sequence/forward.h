@@ -735,8 +735,10 @@ bool forward_steps(const ForwardArgs<T>& a, const StepProgress* below, StepProgr
   const bool in_step_for_pipeline =
       (below || done) && mode == 0 && in_step_when_pipelined<T>(s);
   if (in_step_for_pipeline) mode = 1;
-  const RideChoice ride_choice(&mode, RideKey{kIsaName, int(sizeof(T)), int(s.cell), training, s.T,
-                                                s.I, s.H, s.Hout, nt > 1});
+  const RideChoice ride_choice(&mode,
+                               RideKey{kIsaName, int(sizeof(T)), int(s.cell), training, s.T, s.I,
+                                       s.H, s.Hout, nt > 1},
+                               nt > 1 ? a.probe_note : nullptr);
   const bool in_step = mode == 1, rides = mode == 2;
   const int64_t padded_units = ForwardLoop<T>::padded_units(s);
   // Riding along, rows by step in whole windows, gates padded_units apart (see x_steps).

@@ -202,16 +202,26 @@ int projection_mode(const LayerShape& s, bool has_lengths) {
 // Where projection_mode says ride, this call rides or runs one GEMM as the shape's trial says
 // (ride_policy.cpp): the same bits either way, and which is faster depends on the host. Times
 // the call from the choice to its end and reports it.
+// A step team's calls go to the trial they run as: a team whose probe's recalled verdict walks
+// alone (team_probe.h) is a one-thread call, and a call whose own probe timed steps both ways is
+// neither, not reported. Before, a process's first call of a shape often found the cores far
+// apart (the teammate just woken), its verdict walked the next 15 calls alone, and the team's
+// trial, taken in those, chose the GEMM for online-small's LSTM on 2 threads in 4 of 12 fresh
+// processes (0.255 ms a call against 0.240 riding); now in 1 of 12.
 class RideChoice {
  public:
-  RideChoice(int* mode, const RideKey& key) : key_(key), on_trial_(*mode == 2) {
+  // key.team: whether the steps run on a team; note: the call's probe note, or null.
+  RideChoice(int* mode, RideKey key, const ProbeNote* note)
+      : key_(key), note_(note), on_trial_(*mode == 2) {
     if (!on_trial_) return;
+    if (note_ && note_->recalled == kProbeFarAlone) key_.team = false;
     if (!ride_policy_choose(key_)) *mode = 0;
     rode_ = *mode == 2;
     start_ = std::chrono::steady_clock::now();
   }
   ~RideChoice() {
     if (!on_trial_) return;
+    if (note_ && (note_->verdict == kProbeFarAlone || note_->verdict == kProbeFarTeam)) return;
     const double ns =
         std::chrono::duration<double, std::nano>(std::chrono::steady_clock::now() - start_).count();
     ride_policy_report(key_, rode_, ns / double(key_.T > 0 ? key_.T : 1));
@@ -221,6 +231,7 @@ class RideChoice {
 
  private:
   RideKey key_;
+  const ProbeNote* note_;
   bool on_trial_, rode_ = false;
   std::chrono::steady_clock::time_point start_;
 };

@@ -332,6 +332,38 @@ def test_probe_verdicts_are_remembered_for_the_next_calls_of_a_shape(two_threads
 
 
 @pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+@pytest.mark.parametrize("cell,B,H,probes", [
+    ("lstm", 3, 100, True),    # 80 KFLOP a row, 240 a step
+    ("gru", 13, 100, True),    # 60 KFLOP a row, 780 a step
+    ("lstm", 13, 100, False),  # 1.04 MFLOP a step: large teams share their blocks instead
+    ("lstm", 1, 256, False),   # 524 KFLOP a row
+])
+def test_a_team_probes_where_a_rows_step_is_small(two_threads, probe_verdict, rng, cell, B, H,
+                                                  probes):
+    """A team split by hidden units probes its cores (team_probe.h, probe_steps) where a row's
+    step is under 200 KFLOP and the whole step under 1 MFLOP, whatever the batch: each row's
+    state crosses between the cores every step. Its verdict (imposed here) gives the one-thread
+    bits."""
+    code = functional.CELL_CODES[cell]
+    T, I = 40, 16
+    assert _C.step_split(code, B, I, H, H) == "units"
+    G = {"lstm": 4, "gru": 3}[cell]
+    args = [a if a is None else a.astype(np.float32) for a in (
+        rng.standard_normal((T, B, I)), 0.5 * rng.standard_normal((B, H)),
+        0.5 * rng.standard_normal((B, H)) if cell == "lstm" else None,
+        0.3 * rng.standard_normal((G * H, I)), 0.3 * rng.standard_normal((G * H, H)), None, None)]
+    fusedrnn.set_num_threads(1)
+    want = functional.forward(cell, *args)[0]
+    fusedrnn.set_num_threads(2)
+    probe_verdict("far_alone")
+    before = _C.probe_calls()
+    got = functional.forward(cell, *args)[0]
+    after = _C.probe_calls()
+    assert after["far_alone"] - before["far_alone"] == int(probes), (before, after)
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
 @pytest.mark.parametrize("verdict", ["far_team", "far_alone"])
 def test_riding_trials_take_only_the_calls_that_ran_as_their_key_says(two_threads, probe_verdict,
                                                                        rng, verdict):

@@ -195,12 +195,14 @@ struct ForwardLoop {
     // other single-row shapes within noise, as was training (and the backward's dG_k row asked
     // for so).
     if (barrier && p.row1 - p.row0 == 1 && !mx) prefetch_values_to_l1(A + p.row0 * lda, K);
-    // Rows of 2 and up so (a team split by units reads every row's packed state, a_ready): the
-    // tiles' k loops met the other member's lines one at a time. In-process A/B, 2 threads,
+    // 2-3 rows so (a team split by units reads every row's packed state, a_ready): the tiles'
+    // k loops met the other member's lines one at a time. In-process A/B, 2 threads,
     // inference, medians: 100x3x128x128 LSTM 0.742 -> 0.717 ms, GRU 0.659 -> 0.623 (those
     // without share_boundary_vector); 100x3x100x100 LSTM 0.368 -> 0.354 and RNN 0.139 -> 0.135
-    // with it; training within noise.
-    if (barrier && a_ready && !mx && p.row1 - p.row0 > 1) prefetch_packed_rows(a_ready, p, K);
+    // with it; training within noise. 13-14 rows (100x13x64x100, 100x14x100x100): within noise
+    // either way, so the prefetch stays where it was measured to gain.
+    if (barrier && a_ready && !mx && p.row1 - p.row0 > 1 && p.row1 - p.row0 <= 3)
+      prefetch_packed_rows(a_ready, p, K);
     const bool gx_in_tile = x_ready || (mx && mx->x);
     const T* hp = h_at(k);
     T* hn = h_at(k + 1);

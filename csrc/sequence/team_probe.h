@@ -21,15 +21,18 @@ namespace FUSEDRNN_ISA_NS {
 // of such steps), where the meeting's cost decides: a team split by hidden units hands each row's
 // state across every step, so a row's work beside its exchange does not grow with the batch. Up
 // to 1 MFLOP a step (from there large teams share their blocks out, block_queue.h, which needs
-// the steps in one run). The alone steps take ~16 us, within the 20 us the teammate spins before
-// it sleeps (StepBarrier::wait; waking it costs more than the probe), and sequences under 4
-// probes just run: the probe would be most of the call. Until the rule took a row's work, 2-13
+// the steps in one run). A single row's alone steps take ~16 us, within the 20 us the teammate
+// spins before it sleeps (StepBarrier::wait; waking it costs more than the probe); bigger steps
+// probe 4, the teammate's wake-up then among the team's untimed steps. Sequences under 4 probes
+// just run: the probe would be most of the call. Until the rule took a row's work, 2-13
 // rows never probed; in-process A/B, 2 threads, the cores far apart, medians: 100x3x100x100 LSTM
 // inference 0.664 -> 0.516 ms, training 2.057 -> 1.579; 100x13x64x100 GRU training 6.04 -> 5.29,
 // inference 1.809 -> 1.756 (with the cores close, within 1%: the probe's four empty meetings).
+constexpr double kProbedRowStepFlops = 2e5, kProbedStepFlops = 1e6;
 inline int64_t probe_steps(const LayerShape& s) {
   const double flops = recurrent_step_flops(s);
-  if (flops >= 2e5 * double(s.B > 1 ? s.B : 1) || flops >= 1e6) return 0;
+  if (flops >= kProbedRowStepFlops * double(s.B > 1 ? s.B : 1) || flops >= kProbedStepFlops)
+    return 0;
   const int64_t probe = imin<int64_t>(16, imax<int64_t>(4, static_cast<int64_t>(16e3 * 50 / flops)));
   return s.T >= 4 * probe ? probe : 0;
 }

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fusedrnn
-from fusedrnn import _C, functional
+from fusedrnn import _C, functional, reference
 
 ALONE_NS = 1000.0
 
@@ -331,6 +331,16 @@ def test_probe_verdicts_are_remembered_for_the_next_calls_of_a_shape(two_threads
     assert counts(lambda: train(args))[1] == (2, 0)
 
 
+def float32_layer_args(rng, cell, T, B, I, H):
+    """functional.forward's arguments for a float32 layer without biases: x, h0, c0 (the
+    LSTM's, else None), W_ih, W_hh, b_ih, b_hh."""
+    G = reference.gate_count(cell)
+    c0 = 0.5 * rng.standard_normal((B, H)) if cell == "lstm" else None
+    return [a if a is None else a.astype(np.float32) for a in (
+        rng.standard_normal((T, B, I)), 0.5 * rng.standard_normal((B, H)), c0,
+        0.3 * rng.standard_normal((G * H, I)), 0.3 * rng.standard_normal((G * H, H)), None, None)]
+
+
 @pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
 @pytest.mark.parametrize("cell,B,H,probes", [
     ("lstm", 3, 100, True),    # 80 KFLOP a row, 240 a step
@@ -344,14 +354,9 @@ def test_a_team_probes_where_a_rows_step_is_small(two_threads, probe_verdict, rn
     step is under 200 KFLOP and the whole step under 1 MFLOP, whatever the batch: each row's
     state crosses between the cores every step. Its verdict (imposed here) gives the one-thread
     bits."""
-    code = functional.CELL_CODES[cell]
     T, I = 40, 16
-    assert _C.step_split(code, B, I, H, H) == "units"
-    G = {"lstm": 4, "gru": 3}[cell]
-    args = [a if a is None else a.astype(np.float32) for a in (
-        rng.standard_normal((T, B, I)), 0.5 * rng.standard_normal((B, H)),
-        0.5 * rng.standard_normal((B, H)) if cell == "lstm" else None,
-        0.3 * rng.standard_normal((G * H, I)), 0.3 * rng.standard_normal((G * H, H)), None, None)]
+    assert _C.step_split(functional.CELL_CODES[cell], B, I, H, H) == "units"
+    args = float32_layer_args(rng, cell, T, B, I, H)
     fusedrnn.set_num_threads(1)
     want = functional.forward(cell, *args)[0]
     fusedrnn.set_num_threads(2)
@@ -374,9 +379,7 @@ def test_riding_trials_take_only_the_calls_that_ran_as_their_key_says(two_thread
     cell, lbr, H = PROBED[2]
     T, I = 73, 8
     assert _C.projection_mode(functional.CELL_CODES[cell], 1, I, H, H) == "rides"
-    args = [a if a is None else a.astype(np.float32) for a in (
-        rng.standard_normal((T, 1, I)), np.zeros((1, H)), np.zeros((1, H)),
-        0.3 * rng.standard_normal((4 * H, I)), 0.3 * rng.standard_normal((4 * H, H)), None, None)]
+    args = float32_layer_args(rng, cell, T, 1, I, H)
     try:
         _C.set_ride_override("measured")  # forgets every trial
         probe_verdict(verdict)

@@ -326,6 +326,11 @@ int backward_step_threads(const LayerShape& s, int nthreads) {
   return nthreads;
 }
 
+// Whether the rows apart keep k whole in their tiles of 2-3 rows (BackwardLoop::k_whole).
+inline bool rows_apart_keep_k_whole(const LayerShape& s) {
+  return rows_k_whole(s, kFewRowsMinBackwardStepFlops);
+}
+
 // Whether a team's members walk back their own rows, all of each step's maths and products,
 // and never meet (the forward's by_rows): each then streams all of W_hh every step, so only
 // where the recurrent weights fit half of one core's L2 or half of the L3 the cores share (the
@@ -342,8 +347,7 @@ template <typename T>
 bool backward_rows_apart(const LayerShape& s, int nthreads) {
   const int64_t weights = (gates_of(s.cell) * s.H + (s.has_proj ? s.H : 0)) * s.Hout;
   return backward_step_threads<T>(s, nthreads) > 1 &&
-         rows_keep_chains<T>(s.B, nthreads,
-                             rows_k_whole(s, kFewRowsMinBackwardStepFlops)) &&
+         rows_keep_chains<T>(s.B, nthreads, rows_apart_keep_k_whole(s)) &&
          weights * int64_t(sizeof(T)) <= imax(l2_cache_bytes(), l3_cache_bytes()) / 2;
 }
 
@@ -413,7 +417,7 @@ int64_t walk_back(const BackwardArgs<T>& a, const BackwardLoop<T>& loop, bool k_
   } else if (backward_rows_apart<T>(s, nt)) {
     run_step_team(nt, [&](int member, int team, StepBarrier*) {
       BackwardLoop<T> mine = loop;
-      mine.k_whole = rows_k_whole(s, kFewRowsMinBackwardStepFlops);
+      mine.k_whole = rows_apart_keep_k_whole(s);
       mine.run(BackwardLoop<T>::rows_of(s, team, member), nullptr, 0, s.T);
     });
   } else {  // small steps first check that the team pays, as the forward's (team_probe.h)

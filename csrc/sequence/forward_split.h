@@ -240,7 +240,7 @@ StepSplit make_split(const LayerShape& s, int nthreads, int tid, bool by_rows) {
   constexpr int NR = Tile<T>::NR, MR = Tile<T>::MR;
   StepSplit p{0, s.B, 0, ceil_div<int64_t>(s.H, NR), 0, ceil_div<int64_t>(s.Hout, NR)};
   if (nthreads <= 1) return p;
-  if (by_rows && (rows_in_equal_shares<T>(s.B, nthreads) || members_keep_k_whole<T>(s, nthreads))) {
+  if (by_rows && rows_in_equal_shares<T>(s.B, nthreads, rows_k_whole(s))) {
     split_range(s.B, nthreads, tid, &p.row0, &p.row1);
   } else if (by_rows) {  // whole row tiles from row 0
     split_range(ceil_div<int64_t>(s.B, MR), nthreads, tid, &p.row0, &p.row1);

@@ -2,9 +2,9 @@
 
 Two figures per thread count: our packed GEMM (``fusedrnn._C.gemm``) and NumPy's matmul (its
 BLAS at the thread count: through threadpoolctl when installed, else in a fresh Python whose
-BLAS reads the count from the environment as it loads), on 1024^3 (smaller only
-where one product takes over a quarter second); the peak is the best of the repetitions, and
-the run keeps the better of a measurement at its start and one at its end.
+BLAS reads the count from the environment as it loads), on 1024 x 1024 x 1056 (``product_shape``;
+smaller only where one product takes over a quarter second); the peak is the best of the
+repetitions, and the run keeps the better of a measurement at its start and one at its end.
 
 ``gemm_beside`` is the same GEMM as a call that each case times once per round (after one
 untimed call, as each runner's block) beside its runners (runner.run_case): this VM's speed
@@ -30,6 +30,17 @@ BLAS_THREAD_VARS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "BLIS_NUM_THREADS
                     "VECLIB_MAXIMUM_THREADS", "OMP_NUM_THREADS")
 SIZES = (1024, 512, 256)      # the first whose product takes at most MAX_CALL_S
 MAX_CALL_S = 0.25
+# B is one panel of our kernels wider than square: at 1024^3 C's rows lie 4 KB apart, share L1
+# sets, and every k block's sum passes through them, which cost our GEMM 3-4% on the Zen 4 host
+# (1 thread: 100.5-102.0 GFLOP/s at 1024^3, 105.1-105.3 at 1024 x 1024 x 1056; NumPy's BLAS
+# 101-104 and 102.5-105). The layers' own products avoid such strides (gx_row_stride), so a
+# case's fraction of the square GEMM read that much high (bench/HOSTS.md, session 54).
+EXTRA_COLUMNS = 32
+
+
+def product_shape(n):
+    """(M, K, N) of the reference GEMM at size n: A is n x n, B n x (n + EXTRA_COLUMNS)."""
+    return n, n, n + EXTRA_COLUMNS
 
 
 def _best(fn, A, B, budget_s, min_reps=3):
@@ -43,11 +54,12 @@ def _best(fn, A, B, budget_s, min_reps=3):
 
 
 def gemm_peak(fn, budget_s=0.3, rng=None):
-    """GFLOP/s of C = A @ B with square float32 matrices; returns a dict of the figures."""
+    """GFLOP/s of C = A @ B, float32, of product_shape(n); returns a dict of the figures."""
     rng = np.random.default_rng(rng)
     for n in SIZES:
-        A = rng.standard_normal((n, n), dtype=np.float32)
-        B = rng.standard_normal((n, n), dtype=np.float32)
+        M, K, N = product_shape(n)
+        A = rng.standard_normal((M, K), dtype=np.float32)
+        B = rng.standard_normal((K, N), dtype=np.float32)
         wait_until_idle()                         # another library's pool still spinning
         fn(A, B)                                  # warm-up (and packing buffers)
         t0 = time.perf_counter()
@@ -55,15 +67,18 @@ def gemm_peak(fn, budget_s=0.3, rng=None):
         if time.perf_counter() - t0 <= MAX_CALL_S:
             break
     best, reps = _best(fn, A, B, budget_s)
-    return {"size": n, "best_s": best, "reps": reps, "gflops": 2 * n**3 / best / 1e9}
+    return {"size": n, "shape": [M, K, N], "best_s": best, "reps": reps,
+            "gflops": 2 * M * K * N / best / 1e9}
 
 
 def gemm_beside(size, rng=None):
-    """(call, flops): our GEMM on size^3 float32 as a zero-argument call, timed beside a case."""
+    """(call, flops): our GEMM of product_shape(size), float32, as a zero-argument call, timed
+    beside a case."""
     rng = np.random.default_rng(rng)
-    A = rng.standard_normal((size, size), dtype=np.float32)
-    B = rng.standard_normal((size, size), dtype=np.float32)
-    return (lambda: _C.gemm(A, B)), 2 * size**3
+    M, K, N = product_shape(size)
+    A = rng.standard_normal((M, K), dtype=np.float32)
+    B = rng.standard_normal((K, N), dtype=np.float32)
+    return (lambda: _C.gemm(A, B)), 2 * M * K * N
 
 
 def best_of(first, second):

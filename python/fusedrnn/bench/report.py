@@ -311,16 +311,25 @@ def summary(data):
     return lines
 
 
+def shape_label(figure):
+    """'MxKxN' of a reference GEMM figure (peak.product_shape), or 'n^3' for results written
+    before it had a shape (square then)."""
+    if "shape" in figure:
+        return "x".join(str(d) for d in figure["shape"])
+    return f"{figure['size']}^3"
+
+
 def peak_lines(data):
     """The GEMM rates the fractions are over. Best call at one size: a reference rate, not the
-    machine's peak (on 2 threads 1024^3 is too small for it, and a case beat it)."""
+    machine's peak (on 2 threads the 1024 x 1024 x 1056 product is too small for it, and a case
+    beat it)."""
     lines = []
     for n, peak in data["gemm_peak"].items():
         ours, np_ = peak["fusedrnn_gemm"], peak["numpy_matmul"]
         lines.append(f"{n} thread(s), best call at one size (a reference rate, not the "
                      f"machine's peak): fusedrnn GEMM {ours['gflops']:.1f} GFLOP/s "
-                     f"({ours['size']}^3), numpy matmul {np_['gflops']:.1f} GFLOP/s "
-                     f"({np_['size']}^3, threads: {np_.get('threads', '?')}"
+                     f"({shape_label(ours)}), numpy matmul {np_['gflops']:.1f} GFLOP/s "
+                     f"({shape_label(np_)}, threads: {np_.get('threads', '?')}"
                      f"{', in a fresh process' if np_.get('process') == 'fresh' else ''})")
     return lines
 

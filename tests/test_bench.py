@@ -3,6 +3,7 @@ structure on tiny sizes (never timings). They pass with and without torch / onnx
 matplotlib installed; the absence of the optional peers is also simulated."""
 import json
 import math
+import os
 import re
 import sys
 
@@ -707,6 +708,19 @@ def test_summary_gives_each_regime_its_own_mean_and_the_peak_is_called_a_referen
     assert "GEMM-bound configs x1.50 over 2, the other configs x24.00 over 1" in line
     (peak_line,) = report.peak_lines(data)
     assert "best call at one size (a reference rate, not the machine's peak)" in peak_line
+
+
+def test_recorded_results_md_is_the_report_of_its_json():
+    """bench/RESULTS.md is rendered from bench/results.json (bench/run_full.sh): the report's
+    text changed (the targets' FLOP ceilings) while the recorded file kept the old one."""
+    bench_dir = os.path.join(os.path.dirname(__file__), "..", "bench")
+    with open(os.path.join(bench_dir, "results.json")) as f:
+        data = json.load(f)
+    with open(os.path.join(bench_dir, "RESULTS.md")) as f:
+        recorded = f.read()
+    assert recorded == report.markdown(data), (
+        "bench/RESULTS.md differs from its JSON's report: python -m fusedrnn.bench.report "
+        "bench/results.json bench/RESULTS.md")
 
 
 def test_an_empty_selection_is_an_error(capsys):

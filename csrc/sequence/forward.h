@@ -291,10 +291,9 @@ struct ForwardLoop {
                             nullptr, !k_whole, w.tail_in_one_vector());
           else
             for (int gi = 0; gi < g_count; ++gi)
-              micro_kernel<T>(mr, K, A + m * lda, lda,
-                              w.panel(g0 + gi, ub) + (vector >= 0 ? vector * Vec<T>::W : 0),
+              micro_kernel<T>(mr, K, A + m * lda, lda, panel_from(w, g0 + gi, ub, vector),
                               tile + gi * NR, g_count * NR, false, nullptr, !k_whole,
-                              vector >= 0 || first_half(ub));
+                              one_vector(ub, vector));
         }
         // The compact tail's tile rows hold every gate, gate g at lane g * tail_units.
         const bool tail = ub == w.tail_block;
@@ -353,14 +352,7 @@ struct ForwardLoop {
     if (ub == wg.tail_block)  // every gate in one panel (W_hh's compact tail; bias is null)
       return micro_kernel<T, AForm::Blocked>(mr, K, a, 0, wg.panel(0, ub), out, ldo, false,
                                              nullptr, split_k, wg.tail_in_one_vector());
-    if (vector >= 0) {
-      for (int i = 0; i < count; ++i)
-        micro_kernel<T, AForm::Blocked>(mr, K, a, 0, wg.panel(g0 + i, ub) + vector * Vec<T>::W,
-                                        out + i * NR, ldo, false,
-                                        bias ? bias + i * bias_stride : nullptr, split_k, true);
-      return;
-    }
-    const bool half = first_half(ub);
+    const bool half = one_vector(ub, vector);
     int i = 0;
     if constexpr (panels_fit<T, 4, 2>()) {
       if (mr == 4 && !half)
@@ -371,16 +363,25 @@ struct ForwardLoop {
     if constexpr (panels_fit<T, 4, 2, 1>()) {
       if (mr == 4 && half)
         for (; i + 2 <= count; i += 2)
-          micro_kernel_panels<T, 4, 2, 1>(K, a, wg.panel(g0 + i, ub), K * NR, out + i * NR, ldo,
-                                          NR, bias ? bias + i * bias_stride : nullptr, bias_stride);
+          micro_kernel_panels<T, 4, 2, 1>(K, a, panel_from(wg, g0 + i, ub, vector), K * NR,
+                                          out + i * NR, ldo, NR,
+                                          bias ? bias + i * bias_stride : nullptr, bias_stride);
     }
     for (; i < count; ++i)
-      micro_kernel<T, AForm::Blocked>(mr, K, a, 0, wg.panel(g0 + i, ub), out + i * NR, ldo, false,
+      micro_kernel<T, AForm::Blocked>(mr, K, a, 0, panel_from(wg, g0 + i, ub, vector),
+                                      out + i * NR, ldo, false,
                                       bias ? bias + i * bias_stride : nullptr, split_k, half);
   }
   // Whether unit block ub holds no more of H's units than one vector (micro_kernel's first_half).
   bool first_half(int64_t ub) const {
     return Tile<T>::NV > 1 && s.H - ub * Tile<T>::NR <= Vec<T>::W;
+  }
+  // Whether a tile computes only one vector of ub's panels: a part block's vector
+  // (share_boundary_vector, vector >= 0), or H's last units within one vector (first_half).
+  bool one_vector(int64_t ub, int64_t vector) const { return vector >= 0 || first_half(ub); }
+  // Gate g's panel of unit block ub, from a part block's vector where vector >= 0.
+  static const T* panel_from(const PackedGates<T>& wg, int g, int64_t ub, int64_t vector) {
+    return wg.panel(g, ub) + (vector >= 0 ? vector * Vec<T>::W : 0);
   }
 
   // micro_kernel_row_gates over gates [g0, g0 + g_count) of unit block ub; of a unit block

@@ -19,6 +19,9 @@
 #if defined(__SSE2__)
 #include <xmmintrin.h>
 #endif
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
+#endif
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
@@ -138,22 +141,44 @@ inline void prefetch_values_to_l1(const T* p, int64_t n) {
   if (n > 0) prefetch_to_l1(end - 1);  // (p not on a line: its last line)
 }
 
-// Whether the micro-kernels prefetch B's panel ahead of its loads (microkernel.h). On Intel
-// cores it paid (the wide LSTM's W_hh streaming from L3). On AMD's Zen 5 the hardware prefetchers
-// alone were faster: in-process A/B (bench/ab_builds.py), 1 thread, inference, prefetch -> none:
-// wide LSTM 252.9 -> 238.9 ms, GRU 197.1 -> 192.7, deepbench-train LSTM 114.1 -> 111.8, GRU 93.3
-// -> 89.0, fastrnns LSTM 110.9 -> 109.2; 2 threads wide LSTM 130.7 -> 127.0; training
-// deepbench-train LSTM 353.4 -> 346.0, stacked 11.66 -> 11.47 (others within noise). Zen 4 and
-// older AMD cores were not measured and take the same choice.
-inline bool prefetch_b_panels() {
+// The CPU's family as cpuid leaf 1 gives it (base family, plus the extended family where the
+// base is 15): AMD's Zen 4 is 25, Zen 5 26. 0 where unknown.
+inline int cpu_family() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-  static const bool on = [] {
-    __builtin_cpu_init();
-    return !__builtin_cpu_is("amd");
-  }();
-  return on;
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return 0;
+  const int base = (eax >> 8) & 0xF;
+  return base == 0xF ? base + int((eax >> 20) & 0xFF) : base;
 #else
-  return true;
+  return 0;
+#endif
+}
+
+// How many k-steps ahead the micro-kernels prefetch B's panel (microkernel.h), 0 for none; it
+// depends on the core. Intel: 16 (it paid: the wide LSTM's W_hh streaming from L3). AMD's Zen 5
+// (family 26 on): none, its hardware prefetchers alone were faster: in-process A/B
+// (bench/ab_builds.py), 1 thread, inference, prefetch 16 -> none: wide LSTM 252.9 -> 238.9 ms, GRU
+// 197.1 -> 192.7, deepbench-train LSTM 114.1 -> 111.8, GRU 93.3 -> 89.0, fastrnns LSTM 110.9 ->
+// 109.2; 2 threads wide LSTM 130.7 -> 127.0; training deepbench-train LSTM 353.4 -> 346.0, stacked
+// 11.66 -> 11.47 (others within noise). Zen 4 (family 25; Zen 3, unmeasured, shares it): 24, as
+// the step's weight panels stream from L3 there (wide's 16 MB, deepbench's 16 MB) at 94-99
+// GFLOP/s without, 110-111 with (a C++ harness over these kernels, B = 32 or 64 rows, K = 1024;
+// 16 ahead was no better than none, 32 like 24). In-process A/B, 1 thread, medians, none -> 24:
+// inference wide LSTM 611.9 -> 578.1 ms, GRU 450.8 -> 422.3, deepbench-train LSTM 276.5 -> 270.5;
+// training wide LSTM 1963.8 -> 1800.9, GRU 1376.1 -> 1304.6, deepbench-train LSTM 814.3 -> 797.6,
+// GRU 620.6 -> 597.6, long-seq GRU 1.920 -> 1.837; 2 threads, inference, wide LSTM 328.9 ->
+// 306.8; fastrnns, stacked, online-small within noise. 24 against 32, medians: wide LSTM 561.7
+// against 570.9 (training 1769 against 1803), the others within 1%.
+inline int prefetch_b_ahead() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  static const int ahead = [] {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_is("amd")) return 16;
+    return cpu_family() >= 26 ? 0 : 24;
+  }();
+  return ahead;
+#else
+  return 16;
 #endif
 }
 

@@ -94,7 +94,7 @@ const KernelTable& kernel_table() {
                                  backward_f32,       backward_f64,
                                  step_split,         projection_mode_of,
                                  team_barrier_ns,    cache_bytes,
-                                 gemm_b_elems};
+                                 prefetch_b_ahead,   gemm_b_elems};
   return table;
 }
 

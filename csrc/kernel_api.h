@@ -207,6 +207,9 @@ struct KernelTable {
   double (*team_barrier_ns)(int num_threads, int rounds);
   // The cache sizes the kernels plan for (common.h): one core's L2 (level 2) and the shared L3.
   int64_t (*cache_bytes)(int level);
+  // How many k-steps ahead the micro-kernels prefetch their weight panels on this CPU, 0 for
+  // none (common.h, prefetch_b_ahead).
+  int (*prefetch_ahead)();
   // Elements of a K x N operand packed for the GEMM (pack_b_gemm): ForwardArgs::x_packed's size.
   int64_t (*gemm_b_elems)(int64_t K, int64_t N, bool f64);
 };

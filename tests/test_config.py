@@ -68,6 +68,34 @@ def test_show_config_reports_isa_and_threads(capsys):
     assert f"isa: {_C.isa()}" in out and "num_threads" in out and "openmp" in out
 
 
+def _proc_cpuinfo_field(name):
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def test_the_weight_prefetch_distance_is_the_one_measured_for_this_cpu():
+    """The micro-kernels prefetch their weight panels 16 k-steps ahead on Intel, 24 on AMD up to
+    Zen 4 (cpu family 25), and not at all from Zen 5 on (family 26), each measured best there
+    (csrc/common.h, prefetch_b_ahead); every ISA build takes the same. The family is decoded
+    from cpuid (base plus extended family), checked here against Linux's decoding of it."""
+    vendor, family = _proc_cpuinfo_field("vendor_id"), _proc_cpuinfo_field("cpu family")
+    if vendor is None or family is None:
+        pytest.skip("no x86 /proc/cpuinfo here to check the CPU's family against")
+    if vendor == "AuthenticAMD":
+        expected = 0 if int(family) >= 26 else 24
+    else:
+        expected = 16
+    assert {isa: _C.prefetch_ahead(isa) for isa in _C.available_isas()} == {
+        isa: expected for isa in _C.available_isas()}
+    assert fusedrnn._config.config()["prefetch_ahead"] == expected
+
+
 @pytest.mark.parametrize("cpuinfo", [None, "processor\t: 0\nBogoMIPS\t: 50.00\n"],
                          ids=["no /proc", "no model name"])
 def test_the_cpu_is_named_where_proc_cpuinfo_does_not_name_it(monkeypatch, cpuinfo):

@@ -246,6 +246,11 @@ PYBIND11_MODULE(_C, m) {
     return counts({{"l2", kernels(std::nullopt).cache_bytes(2)},
                    {"l3", kernels(std::nullopt).cache_bytes(3)}});
   }, "the cache sizes the kernels plan for: one core's L2 and the shared L3, in bytes");
+  m.def("prefetch_ahead", [](const std::optional<std::string>& isa) {
+    return kernels(isa).prefetch_ahead();
+  }, py::arg("isa") = py::none(),
+     "how many k-steps ahead the micro-kernels prefetch their weight panels on this CPU (0: "
+     "none, the hardware prefetchers alone)");
 
   m.def("empty_cache", [] {
     fusedrnn::packed_cache_clear_team();

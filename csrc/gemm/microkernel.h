@@ -67,13 +67,15 @@ enum class AForm { Rows, Panel, Blocked };
 // bias (NR values, or null): added to every row's sum once its chain is done, as a BLAS adds C
 // to A B: a chain started from the bias rounds each of its terms at the bias's scale, which lost
 // up to 20x torch's accuracy where the inputs are small beside the bias.
-// Prefetch: whether B's panel is prefetched ahead (micro_kernel_rows below chooses).
+// Prefetch: whether B's panel is prefetched, `ahead` k-steps ahead (micro_kernel_rows below
+// chooses).
 // NVU: the vectors of the panel computed (1: its first only, micro_kernel's first_half, where a
 // hidden layer's last unit block holds no more units than one vector; the other lanes of C are
 // left as they are).
 template <typename T, int M, AForm Form, bool Split, bool Prefetch, int NVU = Tile<T>::NV>
 inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, const T* b, T* c,
-                                          int64_t ldc, bool accumulate, const T* bias) {
+                                          int64_t ldc, bool accumulate, const T* bias,
+                                          int64_t ahead = 0) {
   using V = Vec<T>;
   constexpr int NV = NVU;
   constexpr int NR = Tile<T>::NR;
@@ -98,15 +100,16 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
       for (int r = 0; r < M; ++r)
         for (int v = 0; v < NV; ++v) acc[s][r][v] = V::zero();
     // B streams from L2 (or L3: wide's 16 MB W_hh) in the recurrent step, since the gate panels
-    // of a unit block outgrow L1: on Intel cores (prefetch_b_panels) prefetch it 16 k-steps
-    // ahead, and unroll so the loop's own instructions stay out of the FMA pipes' way. 16 vs 4
-    // ahead: wide LSTM step-only min 816-925 vs 880-960 ms; 32 ahead was no better.
+    // of a unit block outgrow L1: where the core gains (prefetch_b_ahead: Intel's 16 k-steps
+    // ahead, Zen 4's 24) prefetch it, and unroll so the loop's own instructions stay out of the
+    // FMA pipes' way. Intel, 16 vs 4 ahead: wide LSTM step-only min 816-925 vs 880-960 ms; 32
+    // ahead was no better.
     // A k-step of B is NR * sizeof(T) bytes: one 64-byte line on AVX2, two on AVX-512, and each
     // is prefetched (the first alone: wide LSTM on AVX-512 832 ms, 714 ms on AVX2). Under 4 rows
     // a k-step takes a few cycles, 16 of them are too close to hide anything, and the prefetches
     // were a third of the load slots of the B = 1 step (long-seq LSTM, AVX-512).
-    constexpr int64_t PF = 16;
     constexpr bool prefetch = Prefetch && M >= 4;
+    const T* b_ahead = b + ahead * NR;
     // Blocked A, whole vectors of k at a time: row r's next W values lie at one base + r * W + kk,
     // all immediate offsets once the kk loop unrolls. The general loop below recomputed
     // (k / W) * W * MR + r * W + k % W every k-step: 11 integer ops beside 20 vector ones, which
@@ -130,7 +133,7 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
           for (int s = 0; s < KS; ++s) {
             if constexpr (prefetch)
               for (int l = 0; l < Tile<T>::LINES; ++l)
-                __builtin_prefetch(reinterpret_cast<const char*>(b + (k + kk + s + PF) * NR) +
+                __builtin_prefetch(reinterpret_cast<const char*>(b_ahead + (k + kk + s) * NR) +
                                    64 * l);
             V bv[NV];
             for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + kk + s) * NR + v * V::W);
@@ -147,7 +150,7 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
       for (int s = 0; s < KS; ++s) {
         if constexpr (prefetch)  // a few rows go through B faster than a prefetch helps: see above
           for (int l = 0; l < Tile<T>::LINES; ++l)
-            __builtin_prefetch(reinterpret_cast<const char*>(b + (k + s + PF) * NR) + 64 * l);
+            __builtin_prefetch(reinterpret_cast<const char*>(b_ahead + (k + s) * NR) + 64 * l);
         V bv[NV];
         for (int v = 0; v < NV; ++v) bv[v] = V::load(b + (k + s) * NR + v * V::W);
         for (int r = 0; r < M; ++r) {
@@ -176,14 +179,14 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
   }
 }
 
-// The kernel with B's prefetch where this CPU gains from it (prefetch_b_panels). A template
+// The kernel with B's prefetch where this CPU gains from it (prefetch_b_ahead). A template
 // argument, not a flag in the loop: a flag tested every k-step cost wide LSTM 5% on Zen 5.
 template <typename T, int M, AForm Form = AForm::Rows, bool Split = true, int NVU = Tile<T>::NV>
 inline void micro_kernel_rows(int64_t K, const T* a, int64_t lda, const T* b, T* c, int64_t ldc,
                               bool accumulate, const T* bias = nullptr) {
-  if (prefetch_b_panels())
+  if (const int ahead = prefetch_b_ahead())
     micro_kernel_rows_prefetching<T, M, Form, Split, true, NVU>(K, a, lda, b, c, ldc, accumulate,
-                                                                bias);
+                                                                bias, ahead);
   else
     micro_kernel_rows_prefetching<T, M, Form, Split, false, NVU>(K, a, lda, b, c, ldc, accumulate,
                                                                  bias);

@@ -131,6 +131,7 @@ def config():
         "isa": _C.isa(),
         "available_isas": list(_C.available_isas()),
         "vector_bytes": _C.vector_bytes(),
+        "prefetch_ahead": _C.prefetch_ahead(),
         "openmp": bool(_C.openmp),
         "num_threads": _C.get_num_threads(),
         "thread_policy": get_thread_policy(),

@@ -72,6 +72,7 @@ def facts():
         "isa": cfg["isa"],
         "available_isas": cfg["available_isas"],
         "vector_bytes": cfg["vector_bytes"],
+        "prefetch_ahead": cfg["prefetch_ahead"],
         "openmp": cfg["openmp"],
         "thread_policy": cfg["thread_policy"],
         "compiler": cfg["compiler"],

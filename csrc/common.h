@@ -168,13 +168,20 @@ inline int cpu_family() {
 // training wide LSTM 1963.8 -> 1800.9, GRU 1376.1 -> 1304.6, deepbench-train LSTM 814.3 -> 797.6,
 // GRU 620.6 -> 597.6, long-seq GRU 1.920 -> 1.837; 2 threads, inference, wide LSTM 328.9 ->
 // 306.8; fastrnns, stacked, online-small within noise. 24 against 32, medians: wide LSTM 561.7
-// against 570.9 (training 1769 against 1803), the others within 1%.
+// against 570.9 (training 1769 against 1803), the others within 1%. Only the AVX-512 kernels:
+// Zen 4's AVX2 ones (a k-step of the 6 x 16 tile is one line and half the cycles) lost 1-2% with
+// it (inference, medians: wide LSTM 699.5 -> 710.4 ms, deepbench-train LSTM 278.8 -> 285.3), so
+// on AMD the AVX2 and SSE2 builds leave it to the hardware, as before.
 inline int prefetch_b_ahead() {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   static const int ahead = [] {
     __builtin_cpu_init();
     if (!__builtin_cpu_is("amd")) return 16;
+#if defined(__AVX512F__)
     return cpu_family() >= 26 ? 0 : 24;
+#else
+    return 0;
+#endif
   }();
   return ahead;
 #else

@@ -80,20 +80,22 @@ def _proc_cpuinfo_field(name):
 
 
 def test_the_weight_prefetch_distance_is_the_one_measured_for_this_cpu():
-    """The micro-kernels prefetch their weight panels 16 k-steps ahead on Intel, 24 on AMD up to
-    Zen 4 (cpu family 25), and not at all from Zen 5 on (family 26), each measured best there
-    (csrc/common.h, prefetch_b_ahead); every ISA build takes the same. The family is decoded
-    from cpuid (base plus extended family), checked here against Linux's decoding of it."""
+    """The micro-kernels prefetch their weight panels 16 k-steps ahead on Intel; on AMD only the
+    AVX-512 kernels up to Zen 4 (cpu family 25), 24 ahead, and none from Zen 5 on (family 26),
+    each measured best there (csrc/common.h, prefetch_b_ahead). The family is decoded from
+    cpuid (base plus extended family), checked here against Linux's decoding of it."""
     vendor, family = _proc_cpuinfo_field("vendor_id"), _proc_cpuinfo_field("cpu family")
     if vendor is None or family is None:
         pytest.skip("no x86 /proc/cpuinfo here to check the CPU's family against")
-    if vendor == "AuthenticAMD":
-        expected = 0 if int(family) >= 26 else 24
-    else:
-        expected = 16
-    assert {isa: _C.prefetch_ahead(isa) for isa in _C.available_isas()} == {
-        isa: expected for isa in _C.available_isas()}
-    assert fusedrnn._config.config()["prefetch_ahead"] == expected
+
+    def expected(isa):
+        if vendor != "AuthenticAMD":
+            return 16
+        return 24 if isa in ("avx512", "amx") and int(family) <= 25 else 0
+
+    isas = _C.available_isas()
+    assert {isa: _C.prefetch_ahead(isa) for isa in isas} == {isa: expected(isa) for isa in isas}
+    assert fusedrnn._config.config()["prefetch_ahead"] == expected(_C.isa())
 
 
 @pytest.mark.parametrize("cpuinfo", [None, "processor\t: 0\nBogoMIPS\t: 50.00\n"],

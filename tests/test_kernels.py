@@ -966,10 +966,13 @@ def test_rows_past_their_length_leave_the_running_rows_bits(rng, isa, dtype, var
                                                             order):
     """The step's tiles and the input projection leave out rows past their length (a tile
     shrinks to its rows still running, a tile of ended rows computes nothing; forward.h,
-    cell_phase; layout.h, input_projection): each row's outputs and final states are, bit for
-    bit, those of the same batch run for just its length with every row running. B = two row
-    tiles and 5 rows, the second tile's last rows and the 5 ending early, so that tiles shrink
-    to fewer than 4 rows (whose chains must stay those of the whole tile's)."""
+    cell_phase; layout.h, input_projection), and so do the backward's step products (whole
+    tiles; backward.h, live_product_rows): each row's outputs and final states, and in training
+    its dh0 and dc0, are, bit for bit, those of the same batch run for just its length with
+    every row running. (Not dx: one product over all T * B rows, whose last row tile, and so
+    its k-split, depends on T.) B = two row tiles and 5 rows, the second tile's last rows and the 5
+    ending early, so that tiles shrink to fewer than 4 rows (whose chains must stay those of
+    the whole tile's)."""
     cell, lbr, proj = variant
     mr = tile_rows(isa)
     T, B = 9, 2 * mr + 5
@@ -982,18 +985,28 @@ def test_rows_past_their_length_leave_the_running_rows_bits(rng, isa, dtype, var
     w, c = case["w"], lambda a: None if a is None else a.astype(dtype)
 
     def forward(steps, lens):
-        return functional.forward(cell, c(case["x"][:steps]), c(case["h0"]), c(case["c0"]),
-                                  c(w["w_ih"]), c(w["w_hh"]), c(w["b_ih"]), c(w["b_hh"]),
-                                  c(w["w_hr"]), lens, False, lbr, training, isa=isa)[:3]
+        y, hn, cn, ctx = functional.forward(
+            cell, c(case["x"][:steps]), c(case["h0"]), c(case["c0"]), c(w["w_ih"]),
+            c(w["w_hh"]), c(w["b_ih"]), c(w["b_hh"]), c(w["w_hr"]), lens, False, lbr, training,
+            isa=isa)
+        out = {"y": y, "hn": hn, "cn": cn}
+        if training:
+            _, dh0, dc0, _ = functional.backward(ctx, c(case["dy"][:steps]), c(case["dhn"]),
+                                                 c(case["dcn"]))
+            out.update(dh0=dh0, dc0=dc0)
+        return out
 
-    y, hn, cn = forward(T, lengths)
+    got = forward(T, lengths)
     for L in np.unique(lengths):
         rows = lengths == L
-        y_L, hn_L, cn_L = forward(L, np.full(B, L))
-        assert np.array_equal(y[:L, rows], y_L[:, rows]), L
-        assert np.array_equal(hn[rows], hn_L[rows]), L
-        if cn is not None:
-            assert np.array_equal(cn[rows], cn_L[rows]), L
+        want = forward(L, np.full(B, L))
+        for name, value in got.items():
+            if value is None:
+                continue
+            if name == "y":
+                assert np.array_equal(value[:L, rows], want[name][:, rows]), (name, L)
+            else:
+                assert np.array_equal(value[rows], want[name][rows]), (name, L)
 
 
 # B = 1: a single row (dW_ih may be taken chunk by chunk of steps); 3: whole-sequence products;

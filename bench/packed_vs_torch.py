@@ -5,8 +5,10 @@ row's length is drawn from T/2..T (the longest T), in random batch order, packed
 ``enforce_sorted=False`` as torch.nn users usually do. The three run the same weights and inputs,
 timed in interleaved blocks (fusedrnn.bench.timing); inference under torch.inference_mode (the
 NumPy layers frozen), training as forward plus the backward of sum(y * dy) over the rows'
-outputs. Every output and gradient is checked against torch.nn's first. Needs torch. Not a test:
-run it and read it.
+outputs. Every output and gradient is checked against torch.nn's first. torch.nn's and the
+adapter's times include torch's pack_padded_sequence and pad_packed_sequence (and, training,
+their backward: tens of ms at fastrnns' size), which the NumPy layers' lengths= needs none of.
+Needs torch. Not a test: run it and read it.
 
     python bench/packed_vs_torch.py [--configs stacked,fastrnns] [--cells lstm,gru]
                                     [--modes infer,train] [--threads 1] [--budget 2]

@@ -276,7 +276,7 @@ struct ForwardLoop {
         // a k-split per gate on AVX2: long-seq 0.92 -> 0.95 ms), and so does a GRU row whose
         // first phase carries the riding projection (its chains then hide the latency), or
         // would on one thread (row_in_one_pass: the same chains, so the same bits, on a team).
-        if (live == 0) {
+        if (live == 0) {  // (as above)
         } else if (mx) {
           amx_gate_products(K, mx->a + tile_index * amx_rows_size(MR, K), amx_w, ub, g0, g_count,
                             tile, g_count * NR, static_cast<const T*>(nullptr), 0);

@@ -138,13 +138,20 @@ def time_case(config, cell, mode, budget_s, autocast=None, needs="all", frozen=F
     return {name: float(np.median(t)) for name, t in times.items()}, errors
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="online-small,long-seq,stacked,fastrnns")
+def case_arguments(description, configs):
+    """The options this script and bench/packed_vs_torch.py share: which cases, on how many
+    threads, timed how long."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--configs", default=configs)
     p.add_argument("--cells", default="lstm,gru")
     p.add_argument("--modes", default="infer,train")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget", type=float, default=2.0, help="timed seconds a case (default 2)")
+    return p
+
+
+def main(argv=None):
+    p = case_arguments(__doc__.split("\n\n")[0], "online-small,long-seq,stacked,fastrnns")
     p.add_argument("--autocast", choices=["bfloat16", "float16"], default=None,
                    help="torch.nn and the adapter under CPU autocast to this dtype")
     p.add_argument("--needs", choices=list(NEEDS), default="all",

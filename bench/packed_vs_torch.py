@@ -13,8 +13,6 @@ Needs torch. Not a test: run it and read it.
     python bench/packed_vs_torch.py [--configs stacked,fastrnns] [--cells lstm,gru]
                                     [--modes infer,train] [--threads 1] [--budget 2]
 """
-import argparse
-
 import numpy as np
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
@@ -22,6 +20,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fusedrnn
 import fusedrnn.torch as ft
 from fusedrnn.bench import cases, timing
+
+from adapter_vs_torch import case_arguments  # (bench/, beside this script)
 
 MODULES = {"lstm": "LSTM", "gru": "GRU", "rnn": "RNN"}
 # Agreement with torch.nn: float32 outputs and gradients, scaled by each array's largest value
@@ -94,13 +94,7 @@ def check(results, where):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--configs", default="stacked,fastrnns")
-    p.add_argument("--cells", default="lstm,gru")
-    p.add_argument("--modes", default="infer,train")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--budget", type=float, default=2.0, help="timed seconds a case (default 2)")
-    args = p.parse_args(argv)
+    args = case_arguments(__doc__.split("\n\n")[0], "stacked,fastrnns").parse_args(argv)
     torch.set_num_threads(args.threads)
     fusedrnn.set_num_threads(args.threads)
     rng = np.random.default_rng(0)

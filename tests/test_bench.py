@@ -889,23 +889,32 @@ def test_ab_builds_times_two_builds_side_by_side():
     assert out.returncode == 2 and "--cells: unknown gur" in out.stderr, out.stderr
 
 
-def test_packed_vs_torch_checks_then_times_batches_of_several_lengths():
-    """bench/packed_vs_torch.py: torch.nn, the adapter and the NumPy layers on packed batches of
-    several lengths, every output and gradient checked against torch.nn's first (a disagreement
-    stops it), one line per case."""
-    import importlib.util
+def _times_the_three_ways(script_name, config):
+    """Runs bench/<script_name> on config's GRU, briefly: torch.nn, the adapter and the NumPy
+    layers timed (positive ms), one line per mode. Returns the script's path."""
     import os
     import subprocess
     pytest.importorskip("torch")
-    script = os.path.join(os.path.dirname(__file__), "..", "bench", "packed_vs_torch.py")
-    out = subprocess.run([sys.executable, script, "--configs", "stacked", "--cells", "gru",
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", script_name)
+    out = subprocess.run([sys.executable, script, "--configs", config, "--cells", "gru",
                           "--budget", "0.05"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert "adapter vs torch" in lines[1]
     rows = [line.split() for line in lines[2:]]
-    assert [r[:3] for r in rows] == [["stacked", "gru", "infer"], ["stacked", "gru", "train"]]
+    assert [r[:3] for r in rows] == [[config, "gru", "infer"], [config, "gru", "train"]]
     assert all(float(v) > 0 for r in rows for v in r[3:6])
+    return script
+
+
+def test_packed_vs_torch_checks_then_times_batches_of_several_lengths(monkeypatch):
+    """bench/packed_vs_torch.py: torch.nn, the adapter and the NumPy layers on packed batches of
+    several lengths, every output and gradient checked against torch.nn's first (a disagreement
+    stops it), one line per case."""
+    import importlib.util
+    import os
+    script = _times_the_three_ways("packed_vs_torch.py", "stacked")
+    monkeypatch.syspath_prepend(os.path.dirname(script))   # (it imports adapter_vs_torch)
     spec = importlib.util.spec_from_file_location("packed_vs_torch", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
@@ -926,18 +935,8 @@ def test_packed_vs_torch_checks_then_times_batches_of_several_lengths():
 def test_adapter_vs_torch_times_the_three_ways_to_run_a_layer():
     """bench/adapter_vs_torch.py: torch.nn, the adapter and the NumPy layers on the same weights
     (checked to agree first), one line per case."""
-    import os
     import subprocess
-    pytest.importorskip("torch")
-    script = os.path.join(os.path.dirname(__file__), "..", "bench", "adapter_vs_torch.py")
-    out = subprocess.run([sys.executable, script, "--configs", "online-small", "--cells", "gru",
-                          "--budget", "0.05"], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    lines = out.stdout.strip().splitlines()
-    assert "adapter vs torch" in lines[1]
-    rows = [line.split() for line in lines[2:]]
-    assert [r[:3] for r in rows] == [["online-small", "gru", "infer"], ["online-small", "gru", "train"]]
-    assert all(float(v) > 0 for r in rows for v in r[3:6])
+    script = _times_the_three_ways("adapter_vs_torch.py", "online-small")
     # --autocast: torch.nn and the adapter under CPU autocast, with their errors against numpy's
     out = subprocess.run([sys.executable, script, "--configs", "online-small", "--cells", "lstm",
                           "--modes", "train", "--budget", "0.05", "--autocast", "bfloat16"],

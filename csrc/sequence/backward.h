@@ -151,10 +151,7 @@ struct BackwardLoop {
   // running at step k, in whole row tiles.
   int64_t live_product_rows(int64_t k, int64_t m0, int64_t rows) const {
     constexpr int64_t MR = Tile<T>::MR;
-    if (!a.lengths) return rows;
-    int64_t live = rows;
-    while (live > 0 && !steps.active(k, m0 + live - 1)) --live;
-    return imin(rows, ceil_div(live, MR) * MR);
+    return imin(rows, ceil_div(steps.live_rows(k, m0, rows), MR) * MR);
   }
 
   // The gradient reaching the state before the i-th step walked back (i = 0: d h_T, from dhn),

@@ -246,7 +246,7 @@ struct ForwardLoop {
         // and the products are skipped. A tile of 4 rows or more shrinks to them, each row's
         // chains kept whole (k unsplit: a tile of 4 rows or more never splits k), so the same
         // bits; a smaller tile (split k, or a single row's own pass) stays as it is.
-        const int live = steps.live_rows(k, m, mr);
+        const int live = static_cast<int>(steps.live_rows(k, m, mr));
         const int mp = mr >= 4 && !mx ? live : mr;
         const bool split = mr < 4 && !k_whole;
         if (live == 0) {
@@ -513,7 +513,7 @@ struct ForwardLoop {
       const int no = static_cast<int>(imin<int64_t>(NR, s.Hout - o0));
       for (int64_t m = p.row0; m < p.row1; m += MR) {
         const int mr = static_cast<int>(imin<int64_t>(MR, p.row1 - m));
-        const int live = steps.live_rows(k, m, mr);  // as cell_phase's tiles
+        const int live = static_cast<int>(steps.live_rows(k, m, mr));  // as cell_phase's tiles
         if (live > 0)
           micro_kernel<T>(mr >= 4 ? live : mr, s.H, hf + m * s.H, s.H, w_proj + ob * s.H * NR,
                           tile, NR, false, nullptr, mr < 4 && !k_whole);

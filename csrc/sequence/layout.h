@@ -69,7 +69,7 @@ struct Steps {
   int64_t time(int64_t s, int64_t b) const { return reverse ? len(b) - 1 - s : s; }
   // How many of rows [m, m + rows) a step's products need at step s: up to the last row still
   // running (rows past their length only carry their state).
-  int live_rows(int64_t s, int64_t m, int rows) const {
+  int64_t live_rows(int64_t s, int64_t m, int64_t rows) const {
     if (!lengths) return rows;
     while (rows > 0 && !active(s, m + rows - 1)) --rows;
     return rows;
@@ -224,16 +224,12 @@ void input_projection(const LayerShape& s, const T* x, const T* w_ih, const T* b
   // on the packed W_ih: the FMA kernels, without scanning the operands a second time.
   const CachedPanels<T> w = input_weights_packed<T>(s, w_ih, nthreads, reuse);
   if (!lengths) return input_projection_rows<T>(s, x, w.get(), bias.p, gx, ld_gx, 0, M, nthreads);
-  auto live_rows = [&](int64_t t) {
-    int64_t rows = s.B;
-    while (rows > 0 && lengths[rows - 1] <= t) --rows;
-    return rows;
-  };
+  const Steps steps{lengths, s.T, false};  // (time t is step t here: Gx is by time)
   for (int64_t t = 0, t1; t < s.T; t = t1) {
-    const int64_t rows = live_rows(t);
+    const int64_t rows = steps.live_rows(t, 0, s.B);
     t1 = t + 1;
     if (rows == s.B)
-      while (t1 < s.T && live_rows(t1) == s.B) ++t1;
+      while (t1 < s.T && steps.live_rows(t1, 0, s.B) == s.B) ++t1;
     const int64_t r1 = rows == s.B ? t1 * s.B : t * s.B + rows;
     if (rows > 0) input_projection_rows<T>(s, x, w.get(), bias.p, gx, ld_gx, t * s.B, r1, nthreads);
   }

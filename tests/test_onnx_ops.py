@@ -237,6 +237,31 @@ def test_run_node_inputs_by_name_or_position(rng):
         onnx_ops.run_node(crowded, [a["X"], a["W"], a["R"]])
 
 
+def test_a_node_runs_its_rows_longest_first(rng, monkeypatch):
+    """sequence_lens in any order: the kernels run the rows with steps longest first (so that
+    rows past their length lie together and leave the steps' products) and every output comes
+    back in the node's order, rows of length 0 zeros (the ONNX Runtime and reference tests check
+    the values)."""
+    from fusedrnn import functional
+    seen = []
+    real = functional.forward
+
+    def spy(*args, **kwargs):
+        seen.append(np.array(kwargs["lengths"]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(functional, "forward", spy)
+    T, B, I, H = 5, 6, 3, 4
+    X = rng.standard_normal((T, B, I)).astype(np.float32)
+    W = rng.standard_normal((2, 4 * H, I)).astype(np.float32)
+    R = rng.standard_normal((2, 4 * H, H)).astype(np.float32)
+    lens = np.array([2, 5, 0, 3, 5, 1], np.int32)
+    Y, Y_h, _ = onnx_ops.lstm(X, W, R, sequence_lens=lens, direction="bidirectional",
+                              hidden_size=H)
+    assert [list(s) for s in seen] == [[5, 5, 3, 2, 1]] * 2
+    assert np.all(Y[:, :, 2] == 0) and np.all(Y_h[:, 2] == 0)
+    assert np.all(Y[2:, 0, 0] == 0) and np.any(Y[1, 0, 0] != 0)   # row 0 (length 2) in place
+
+
 def test_nodes_keep_no_packed_forms_of_their_weights(rng):
     """The kernels get a node's weights as new arrays every call (ONNX's gate order to torch's):
     the thread's packed-weight cache kept each call's forms, dead once it returned, until its

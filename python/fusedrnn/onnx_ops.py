@@ -33,6 +33,7 @@ kernels (see :mod:`fusedrnn.functional`).
 import numpy as np
 
 from . import functional
+from ._layer_base import descending_order
 from ._validate import FLOAT_DTYPES, as_array, as_dtype_array, as_lengths, check_shape
 from .onnx_layout import ONNX_GATES, from_onnx_gates
 from .reference import ACTIVATIONS
@@ -279,8 +280,13 @@ class _Node:
         lens, self.rows = None, None
         if sequence_lens is not None:
             lens = as_lengths(sequence_lens, self.T, self.B, name="sequence_lens", least=0)
-            if not lens.all():  # the kernels run the rows with steps; the others stay zeros
-                self.rows = np.flatnonzero(lens)
+            # The kernels run the rows with steps (the others stay zeros), longest first: rows
+            # past their length then lie together and leave the steps' products, as the layers'
+            # (_layer_base.descending_order).
+            running = np.flatnonzero(lens)
+            order = descending_order(lens[running], len(running))
+            if order is not None or len(running) < self.B:
+                self.rows = running if order is None else running[order]
                 lens = lens[self.rows]
             if np.all(lens == self.T):
                 lens = None  # every row the whole sequence: the kernels' path without lengths

@@ -259,7 +259,7 @@ def test_a_node_runs_its_rows_longest_first(rng, monkeypatch):
                               hidden_size=H)
     assert [list(s) for s in seen] == [[5, 5, 3, 2, 1]] * 2
     assert np.all(Y[:, :, 2] == 0) and np.all(Y_h[:, 2] == 0)
-    assert np.all(Y[2:, 0, 0] == 0) and np.any(Y[1, 0, 0] != 0)   # row 0 (length 2) in place
+    assert np.all(Y[2:, 0, 0] == 0) and np.any(Y[1, 0, 0] != 0)  # row 0 (length 2) in place
 
 
 def test_nodes_keep_no_packed_forms_of_their_weights(rng):

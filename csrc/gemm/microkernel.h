@@ -94,6 +94,7 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
     else if constexpr (Form == AForm::Blocked) return a[(k / W) * (W * MR) + r * W + k % W];
     else return arow[r][k];
   };
+  const T* b_ahead = b + ahead * NR;  // where the prefetches read (Prefetch)
   for (int64_t k = 0, k_block = 0; k_block == 0 || k < K; k_block += kSumBlock) {
     const int64_t k_end = imin(K, k_block + kSumBlock);
     for (int s = 0; s < KS; ++s)
@@ -109,7 +110,6 @@ inline void micro_kernel_rows_prefetching(int64_t K, const T* a, int64_t lda, co
     // a k-step takes a few cycles, 16 of them are too close to hide anything, and the prefetches
     // were a third of the load slots of the B = 1 step (long-seq LSTM, AVX-512).
     constexpr bool prefetch = Prefetch && M >= 4;
-    const T* b_ahead = b + ahead * NR;
     // Blocked A, whole vectors of k at a time: row r's next W values lie at one base + r * W + kk,
     // all immediate offsets once the kk loop unrolls. The general loop below recomputed
     // (k / W) * W * MR + r * W + k % W every k-step: 11 integer ops beside 20 vector ones, which

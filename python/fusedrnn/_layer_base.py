@@ -296,15 +296,18 @@ def stack_forward(spec, params, x, h0=None, c0=None, lengths=None, save=False, m
 
 def descending_order(lengths, B):
     """The batch's B rows by length, longest first (stable), or None where they are so already
-    (or there are no lengths, or lengths the kernels will refuse, naming what is wrong). The kernels skip a step's products for rows past their length
-    where those lie together at the batch's end (csrc/sequence/forward.h, cell_phase), as
-    torch.nn runs a PackedSequence sorted: so the stack runs its rows in this order, and gives
-    every output back in the caller's. 100x64x256x256, lengths 50..100 shuffled, 1 thread,
-    inference, frozen, medians: LSTM 62.0 ms in the caller's order, 53.4 so; GRU 47.7, 41.1."""
+    (or there are no lengths, or lengths the kernels will refuse, naming what is wrong). The
+    kernels skip a step's products for rows past their length where those lie together at the
+    batch's end (csrc/sequence/forward.h, cell_phase), as torch.nn runs a PackedSequence sorted:
+    so the stack runs its rows in this order, and gives every output back in the caller's.
+    100x64x256x256, lengths 50..100 shuffled, 1 thread, inference, frozen, medians: LSTM 62.0 ms
+    in the caller's order, 53.4 so; GRU 47.7, 41.1."""
     if lengths is None or B < 2:
         return None
     lengths = np.asarray(lengths)
-    if lengths.shape != (B,) or lengths.dtype.kind not in "iu" or np.all(lengths[:-1] >= lengths[1:]):
+    if lengths.shape != (B,) or lengths.dtype.kind not in "iu":
+        return None
+    if np.all(lengths[:-1] >= lengths[1:]):
         return None
     return np.argsort(-lengths, kind="stable")
 

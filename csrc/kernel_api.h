@@ -310,6 +310,10 @@ enum class BesideWalk { ProductsAfter = 0, ProductsBeside = 1, Projection = 2 };
 void beside_walk_count(BesideWalk way);
 int64_t beside_walk_calls(BesideWalk way);
 
+// Chunks of gathered rows the backward's products ran on (sequence/live_products.h).
+void gathered_chunks_count();
+int64_t gathered_chunks();
+
 // Blocks of large team steps, the forward's unit blocks and the backward's column panels of
 // dG W_hh (sequence/block_queue.h): how many ran on the member that owns them and how many another
 // member took over, and, for tests, a lag in us that every member but the first waits at the

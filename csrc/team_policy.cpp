@@ -91,6 +91,12 @@ int64_t beside_walk_calls(BesideWalk way) {
   return g_beside_walk[int(way)].load(std::memory_order_relaxed);
 }
 
+namespace {
+std::atomic<int64_t> g_gathered_chunks{0};
+}  // namespace
+void gathered_chunks_count() { g_gathered_chunks.fetch_add(1, std::memory_order_relaxed); }
+int64_t gathered_chunks() { return g_gathered_chunks.load(std::memory_order_relaxed); }
+
 // The step teams' in-call probe (sequence/team_probe.h): its counts, the tests' override, and
 // its verdicts remembered. A probe times some steps alone and some as a team, and the loser's
 // steps cost: online-small RNN inference on 2 threads with the cores far apart, 0.093 ms a call

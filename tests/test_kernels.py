@@ -1047,6 +1047,43 @@ def test_padding_past_lengths_never_reaches_the_gradients(rng, isa, cell, B, I, 
                 assert_close(got[k], v, np.float64, what=f"{k} ({fill} in the padding)")
 
 
+# The products over the rows that ran (csrc/sequence/live_products.h) gather them ~8 MB at a
+# time: in float64 with H = I = 128 (the RNN's one gate: 256), 512 or 1024 rows a chunk, and
+# these lengths leave ~1200 of the 1920 rows running, so every variant's weight gradients are
+# summed over several chunks.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_products_over_the_rows_that_ran_sum_every_chunk(rng, isa, variant, reverse):
+    """With lengths, the whole-sequence products (dX, dW_ih, dW_hh, dW_hr, the bias sums) run
+    on the rows that ran only, gathered chunk by chunk; dX's other rows are zeros."""
+    cell, lbr, proj = variant
+    size = 256 if cell.startswith("rnn") else 128
+    case = make_case(rng, cell, proj, T=40, B=48, I=size, H=size)
+    case["lengths"] = rng.integers(10, 41, case["B"])
+    assert case["lengths"].sum() > 1024
+    chunks = _C.gathered_product_chunks()
+    assert_matches(case, np.float64, isa, reverse=reverse, linear_before_reset=lbr)
+    assert _C.gathered_product_chunks() - chunks >= 2
+
+
+# Products of G*H*(I + Hout) = 2^16 FMAs a row and more gather; a 64th of the rows idle (2 of
+# 128) is enough.
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cell,size,gathers", [("rnn_tanh", 256, True), ("lstm", 128, True),
+                                               ("gru", 128, True), ("lstm", 64, False)])
+def test_products_gather_the_rows_that_ran_where_it_pays(rng, isa, cell, size, gathers):
+    """Gathering copies every row's operands once: it pays where lengths leave rows idle and the
+    products are big beside the copies; elsewhere the products run over all T*B rows."""
+    case = make_case(rng, cell, T=16, B=8, I=size, H=size)
+    for lengths, idle in ((np.full(8, 16), 0), ([16] * 7 + [15], 1), ([16] * 6 + [15, 15], 2)):
+        case["lengths"] = np.array(lengths)
+        chunks = _C.gathered_product_chunks()
+        assert_matches(case, np.float32, isa)
+        gathered = _C.gathered_product_chunks() - chunks
+        assert gathered == int(gathers and idle * 64 >= 16 * 8), lengths
+
+
 # T * B = 1024 and I = H = 128: on amx the tiles' shapes, in inference and training alike.
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("cell", ["rnn_relu", "lstm", "gru"])

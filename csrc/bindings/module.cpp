@@ -328,6 +328,9 @@ PYBIND11_MODULE(_C, m) {
      "whole-sequence products chunk by chunk of steps, after the walk or beside it on a second "
      "thread (sequence/backward_products.h), and the forward's input projection on a second "
      "thread (sequence/forward.h)");
+  m.def("gathered_product_chunks", [] { return fusedrnn::gathered_chunks(); },
+        "chunks of the rows that ran, gathered for the backward's whole-sequence products with "
+        "lengths, since import (sequence/live_products.h)");
 
   m.def("team_blocks", [] {
     return counts({{"own", fusedrnn::team_blocks(false)},

@@ -23,6 +23,7 @@
 #include "sequence/backward_products.h"
 #include "sequence/block_queue.h"
 #include "sequence/layout.h"
+#include "sequence/live_products.h"
 #include "sequence/step_barrier.h"
 #include "sequence/team_probe.h"
 
@@ -509,9 +510,15 @@ void backward_on_threads(const BackwardArgs<T>& a) {
       product_chunk(s.T, c, &t0, &t1);
       products.run(t0, t1, c == 0, nthreads, false);
     }
-  } else {
-    products.run(0, TB, true, nthreads, amx_operand_splits<T>(dg.dgx, TB, dg.GH, dg.GH, nthreads));
+    products.finish();
+    return;
   }
+  if (a.lengths) {
+    const std::vector<int64_t> ran = rows_that_ran(s.T, B, a.lengths);
+    if (products_gather_rows(s, a.lengths, int64_t(ran.size())))
+      return products_over_rows_that_ran(products, ran, nthreads);
+  }
+  products.run(0, TB, true, nthreads, amx_operand_splits<T>(dg.dgx, TB, dg.GH, dg.GH, nthreads));
   products.finish();
 }
 

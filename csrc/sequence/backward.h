@@ -2,8 +2,9 @@
 // pointwise maths gives the pre-activation gradients dG (kept for the whole sequence), and one
 // packed GEMM dG W_hh gives d h_{t-1}. After the loop the weight gradients are whole-sequence
 // GEMMs (dW_hh = dGh^T H_prev, dW_ih = dGx^T X, dX = dGx W_ih) and bias gradients column sums,
-// or for a single row chunk by chunk of steps (backward_products.h). dGx is indexed by time (it
-// pairs with x), dGh by step (it pairs with the saved states).
+// or for a single row chunk by chunk of steps (backward_products.h), or with lengths on the rows
+// that ran, gathered (live_products.h). dGx is indexed by time (it pairs with x), dGh by step (it
+// pairs with the saved states).
 //
 // Threads: one team runs the whole time loop. Its members split the batch rows of the pointwise
 // maths and the column panels of each step's GEMMs, and meet twice a step (three times where
@@ -513,11 +514,8 @@ void backward_on_threads(const BackwardArgs<T>& a) {
     products.finish();
     return;
   }
-  if (a.lengths) {
-    const std::vector<int64_t> ran = rows_that_ran(s.T, B, a.lengths);
-    if (products_gather_rows(s, a.lengths, int64_t(ran.size())))
-      return products_over_rows_that_ran(products, ran, nthreads);
-  }
+  if (products_gather_rows(s, a.lengths))
+    return products_over_rows_that_ran(products, rows_that_ran(s.T, B, a.lengths), nthreads);
   products.run(0, TB, true, nthreads, amx_operand_splits<T>(dg.dgx, TB, dg.GH, dg.GH, nthreads));
   products.finish();
 }

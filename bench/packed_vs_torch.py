@@ -20,6 +20,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fusedrnn
 import fusedrnn.torch as ft
 from fusedrnn.bench import cases, timing
+from fusedrnn.tolerances import max_scaled_error
 
 from adapter_vs_torch import case_arguments  # (bench/, beside this script)
 
@@ -80,15 +81,12 @@ def runners(config, cell, mode, rng):
             "fusedrnn": numpy_side}
 
 
-def scaled_error(got, want):
-    return float(np.max(np.abs(got - want)) / max(1.0, float(np.max(np.abs(want)))))
-
-
 def check(results, where):
     y_ref, g_ref = results["torch"]
     for name in ("fusedrnn.torch", "fusedrnn"):
         y, g = results[name]
-        errors = [scaled_error(y, y_ref)] + [scaled_error(a, b) for a, b in zip(g or [], g_ref or [])]
+        errors = [max_scaled_error(y, y_ref)] + [max_scaled_error(a, b)
+                                                 for a, b in zip(g or [], g_ref or [])]
         if max(errors) > AGREE:
             raise AssertionError(f"{name} differs from torch.nn on {where}: {max(errors):.2e}")
 

@@ -500,9 +500,9 @@ void backward_on_threads(const BackwardArgs<T>& a) {
   if (lstm) copy_bytes(a.dc0, dc.p, sizeof(T) * B * H);
 
   // Whole-sequence weight and input gradients (the weights' added into a.dw_* with accumulate),
-  // at once or the chunks not yet done. At once, dGx meets two products and, where it is dGh
-  // too, a third: whether it splits for AMX tiles is found once (fastrnns LSTM training, 1
-  // thread: three scans of its 52 MB were 3% of the call).
+  // at once, the chunks not yet done, or on the rows that ran (live_products.h). At once, dGx
+  // meets two products and, where it is dGh too, a third: whether it splits for AMX tiles is
+  // found once (fastrnns LSTM training, 1 thread: three scans of its 52 MB were 3% of the call).
   if (chunked) {
     beside_walk_count(chunks_done > 0 ? BesideWalk::ProductsBeside : BesideWalk::ProductsAfter);
     // (on one thread all of them, after the walk)
@@ -511,12 +511,11 @@ void backward_on_threads(const BackwardArgs<T>& a) {
       product_chunk(s.T, c, &t0, &t1);
       products.run(t0, t1, c == 0, nthreads, false);
     }
-    products.finish();
-    return;
+  } else if (products_gather_rows(s, a.lengths)) {
+    products_over_rows_that_ran(products, rows_that_ran(s.T, B, a.lengths), nthreads);
+  } else {
+    products.run(0, TB, true, nthreads, amx_operand_splits<T>(dg.dgx, TB, dg.GH, dg.GH, nthreads));
   }
-  if (products_gather_rows(s, a.lengths))
-    return products_over_rows_that_ran(products, rows_that_ran(s.T, B, a.lengths), nthreads);
-  products.run(0, TB, true, nthreads, amx_operand_splits<T>(dg.dgx, TB, dg.GH, dg.GH, nthreads));
   products.finish();
 }
 

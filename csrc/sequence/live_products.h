@@ -44,11 +44,14 @@ inline bool products_gather_rows(const LayerShape& s, const int64_t* lengths) {
   return (rows - ran) * 64 >= rows;
 }
 
+// Values from which a gather splits its rows among the threads (as pack_b's kParallelPackValues).
+constexpr int64_t kParallelGatherValues = int64_t(1) << 16;
+
 // dst row k = src row rows[k] (cols values each; rows ld apart in src, cols apart in dst).
 template <typename T>
 void gather_rows(const T* src, int64_t ld, int64_t cols, const int64_t* rows, int64_t n, T* dst,
                  int nthreads) {
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n * cols > (int64_t(1) << 16))
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n * cols > kParallelGatherValues)
   for (int64_t k = 0; k < n; ++k)
     copy_bytes(dst + k * cols, src + rows[k] * ld, sizeof(T) * size_t(cols));
 }
@@ -60,7 +63,7 @@ void gather_packed_rows(const T* Bp, int64_t K, int64_t N, const int64_t* rows, 
                         int nthreads) {
   constexpr int64_t NR = Tile<T>::NR, KC = GemmBlocking<T>::KC;
   const int64_t panels = ceil_div<int64_t>(N, NR);
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n * N > (int64_t(1) << 16))
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (nthreads > 1 && n * N > kParallelGatherValues)
   for (int64_t k = 0; k < n; ++k) {
     const int64_t r = rows[k], k0 = r / KC * KC;
     for (int64_t p = 0; p < panels; ++p)
@@ -69,7 +72,8 @@ void gather_packed_rows(const T* Bp, int64_t K, int64_t N, const int64_t* rows, 
   }
 }
 
-// The products of `all` (whose a.lengths is set) over the rows that ran, `rows` (rows_that_ran).
+// The products of `all` (whose a.lengths is set) over the rows that ran, `rows` (rows_that_ran);
+// all.finish() is the caller's, as after all.run.
 template <typename T>
 void products_over_rows_that_ran(const SequenceProducts<T>& all, const std::vector<int64_t>& rows,
                                  int nthreads) {
@@ -79,8 +83,7 @@ void products_over_rows_that_ran(const SequenceProducts<T>& all, const std::vect
   const int64_t ran = int64_t(rows.size());
   const bool gru = s.cell == Cell::Gru, gru_two_phase = gru && !s.linear_before_reset;
   const bool dgh_apart = all.dgh != all.dgx;
-  const bool dghn_in_dgh = gru && all.dghn == all.dgh + 2 * H && all.ld_n == GH;
-  const bool dghn_apart = gru && !dghn_in_dgh;
+  const bool dghn_apart = gru && all.dghn != all.dgh + 2 * H;  // (else inside dgh, GH apart)
   const bool weights = a.dw_ih != nullptr;  // (the weight gradients come all or none)
   const bool hfull = a.dw_hr != nullptr;
   const T* h_prev = a.h_prev_products ? a.h_prev_products : a.saved.h;
@@ -133,7 +136,6 @@ void products_over_rows_that_ran(const SequenceProducts<T>& all, const std::vect
       for (int64_t k = 0; k < n; ++k)
         copy_bytes(a.dx + r[k] * s.I, dx.p + k * s.I, sizeof(T) * size_t(s.I));
   }
-  all.finish();
 }
 
 }  // namespace FUSEDRNN_ISA_NS

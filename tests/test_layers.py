@@ -936,6 +936,50 @@ def test_a_training_call_meeting_another_threads_on_one_layer_raises(rng, monkey
     np.testing.assert_array_equal(layer.backward(np.ones_like(want_y))[0], want_dx)
 
 
+def _in_a_thread(call):
+    """call() on a new thread, waited for: what it returned, or the exception it raised."""
+    import threading
+    out = {}
+
+    def run():
+        try:
+            out["value"] = call()
+        except Exception as e:   # (handed to the test)
+            out["value"] = e
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return out["value"]
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_a_backward_whose_forward_another_thread_replaced_raises(rng, cell):
+    """Thread A's training forward, then B's, then A's backward: the calls never overlap, so no
+    claim meets another, but A's backward would run through B's forward and silently give B's
+    gradients. It raises and names the rule; B's own backward, and A's after a forward of its
+    own, give the right gradients; a forward handed to another thread for its backward (no
+    forward of that thread replaced) still runs."""
+    layer = make_layer(cell, 6, 8, dtype=np.float64, seed=2)
+    x_a, x_b = rng.standard_normal((2, 5, 3, 6))
+    dy = np.ones((5, 3, 8))
+    want_a = copy.deepcopy(layer)
+    want_a(x_a)
+    want_dx_a = want_a.backward(dy)[0]
+    want_b = copy.deepcopy(layer)
+    want_b(x_b)
+    want_dx_b = want_b.backward(dy)[0]
+
+    layer(x_a)
+    _in_a_thread(lambda: layer(x_b))
+    with pytest.raises(RuntimeError, match="replaced by another thread's forward"):
+        layer.backward(dy)
+    np.testing.assert_array_equal(_in_a_thread(lambda: layer.backward(dy)[0]), want_dx_b)
+    layer(x_a)
+    np.testing.assert_array_equal(layer.backward(dy)[0], want_dx_a)
+    _in_a_thread(lambda: layer(x_b))     # handed over: this thread had no forward pending
+    np.testing.assert_array_equal(layer.backward(dy)[0], want_dx_b)
+
+
 @pytest.mark.parametrize("call", ["forward", "backward"])
 def test_an_interrupted_training_call_leaves_the_layer_usable(rng, call):
     """A KeyboardInterrupt landing after a training call's claim on the layer and before its
@@ -1017,7 +1061,8 @@ def test_a_claim_taken_by_another_thread_is_not_mistaken_for_the_callers_stale_o
     still stood. Taken for the caller's own interrupted claim, both calls ran at once: the
     caller's forward or backward took or replaced the other's saved state, and the other's
     release then raised "release unlocked lock". Every pause: one call is refused or they run
-    one after the other, each giving the serial bits, and the layer is free after."""
+    one after the other, each giving the serial bits, and the layer is free after (where the
+    other's forward ran, it replaced this thread's, whose backward then raises)."""
     import threading
 
     from fusedrnn import layers
@@ -1076,8 +1121,11 @@ def test_a_claim_taken_by_another_thread_is_not_mistaken_for_the_callers_stale_o
                     or call == "backward" and "backward needs a forward" in str(e)), (pause_at, e)
         for y in got:
             np.testing.assert_array_equal(y, want if call == "forward" else want_dx)
-        if call == "forward":
+        if call == "forward" and isinstance(outcome["other"], RuntimeError):
             np.testing.assert_array_equal(layer.backward(dy)[0], want_dx)  # not taken
+        elif call == "forward":  # the other's forward ran last: this thread's was replaced
+            with pytest.raises(RuntimeError, match="replaced by another thread's forward"):
+                layer.backward(dy)
         pause_at += 1
     assert pause_at >= 2
 

@@ -38,7 +38,8 @@ Semantics chosen where NumPy and torch differ:
   ``batch_first=True`` are transposed views of time-major arrays, as in torch.
 - A layer object keeps the state of its last training forward, so in training one layer must
   not be called from several threads at once (a training forward or backward that meets
-  another thread's raises RuntimeError); separate layers may be (the kernels release the GIL).
+  another thread's raises RuntimeError, as does a backward whose thread's forward another
+  thread's replaced); separate layers may be (the kernels release the GIL).
   In eval mode (frozen or not) one layer may serve calls from several threads at once, as a
   server shares one model: such calls keep nothing on the layer.
 """
@@ -446,6 +447,7 @@ class _Layer:
         # no graph.
         state = self.__dict__.copy()
         state.pop("_training_owner", None)   # (another thread's claim: not the copy's)
+        state.pop("_replaced_threads", None)  # (threads of the original's forwards)
         if state.get("_saved") is not None:
             state["_saved"] = None
             state["_why_no_saved"] = ("this layer is a copy (copy.deepcopy or pickle) made after "
@@ -608,7 +610,7 @@ class _Layer:
                                                   save=training, make_mask=make_mask,
                                                   checked=True, frozen=_frozen_id_of(params))
             if training:
-                self._saved = (saved, T, B, unbatched)
+                self._keep_for_backward(saved, T, B, unbatched)
             else:
                 self._forget("the last forward ran in eval mode (call layer.train() first)")
         finally:
@@ -633,6 +635,22 @@ class _Layer:
                                f"forward or backward of this layer; in training one layer object "
                                f"serves one thread at a time (give each thread its own copy, "
                                f"copy.deepcopy, or call it in eval mode)")
+
+    def _keep_for_backward(self, saved, T, B, unbatched):
+        """Keep a training forward's saved state for the next backward, with the calling
+        thread's name. A pending forward of another thread that this one replaces leaves that
+        thread's name in _replaced_threads: its backward would run through this forward, which
+        _claim_training_call does not see where the calls did not overlap (thread A's forward,
+        B's, then A's backward), so that backward raises instead. A backward from a thread with
+        no forward replaced (a forward handed over to another thread) still runs."""
+        me = threading.get_ident()
+        d = self.__dict__
+        pending = d["_saved"]
+        replaced = d.get("_replaced_threads", frozenset()) - {me}
+        if pending is not None and pending[4] != me:
+            replaced |= {pending[4]}
+        d["_replaced_threads"] = replaced
+        d["_saved"] = (saved, T, B, unbatched, me)
 
     def _x_desc(self):
         s = self._spec
@@ -697,7 +715,13 @@ class _Layer:
         if self._saved is None:
             raise RuntimeError(f"backward needs a forward in training mode first: "
                                f"{self._why_no_saved}")
-        saved, T, B, unbatched = self._saved
+        saved, T, B, unbatched, forward_thread = self._saved
+        me = threading.get_ident()
+        if forward_thread != me and me in self.__dict__.get("_replaced_threads", ()):
+            raise RuntimeError(f"{type(self).__name__}.backward: this thread's training forward "
+                               f"was replaced by another thread's forward before this backward; "
+                               f"in training one layer object serves one thread at a time (give "
+                               f"each thread its own copy, copy.deepcopy)")
         s = self._spec
         y_shape_tm = (T, B, s.num_directions * s.output_size)
         # (the layout's shape from a broadcast view: np.empty of y's shape allocated T*B*N bytes)

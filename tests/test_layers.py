@@ -15,6 +15,7 @@ import pytest
 import fusedrnn
 from fusedrnn import reference as R
 from fusedrnn.tolerances import assert_close
+from _threads import results_from_threads
 
 F64 = np.float64
 CELLS = ("rnn_tanh", "rnn_relu", "lstm", "gru")
@@ -936,22 +937,6 @@ def test_a_training_call_meeting_another_threads_on_one_layer_raises(rng, monkey
     np.testing.assert_array_equal(layer.backward(np.ones_like(want_y))[0], want_dx)
 
 
-def _in_a_thread(call):
-    """call() on a new thread, waited for: what it returned, or the exception it raised."""
-    import threading
-    out = {}
-
-    def run():
-        try:
-            out["value"] = call()
-        except Exception as e:   # (handed to the test)
-            out["value"] = e
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join()
-    return out["value"]
-
-
 @pytest.mark.parametrize("cell", CELLS)
 def test_a_backward_whose_forward_another_thread_replaced_raises(rng, cell):
     """Thread A's training forward, then B's, then A's backward: the calls never overlap, so no
@@ -970,13 +955,14 @@ def test_a_backward_whose_forward_another_thread_replaced_raises(rng, cell):
     want_dx_b = want_b.backward(dy)[0]
 
     layer(x_a)
-    _in_a_thread(lambda: layer(x_b))
+    results_from_threads(lambda: layer(x_b), 1, 1)
     with pytest.raises(RuntimeError, match="replaced by another thread's forward"):
         layer.backward(dy)
-    np.testing.assert_array_equal(_in_a_thread(lambda: layer.backward(dy)[0]), want_dx_b)
+    dx_b = results_from_threads(lambda: layer.backward(dy)[0], 1, 1)[0]
+    np.testing.assert_array_equal(dx_b, want_dx_b)
     layer(x_a)
     np.testing.assert_array_equal(layer.backward(dy)[0], want_dx_a)
-    _in_a_thread(lambda: layer(x_b))     # handed over: this thread had no forward pending
+    results_from_threads(lambda: layer(x_b), 1, 1)  # handed over: this thread had none pending
     np.testing.assert_array_equal(layer.backward(dy)[0], want_dx_b)
 
 

@@ -5,6 +5,7 @@
 #include "kernel_api.h"
 #include "gemm/gemm.h"
 #include "sequence/backward.h"
+#include "sequence/direction_pair.h"
 #include "sequence/forward.h"
 #include "sequence/layer_pipeline.h"
 #include "simd/math.h"
@@ -37,8 +38,12 @@ void forward_f32(const ForwardArgs<float>& a) { forward<float>(a); }
 void forward_f64(const ForwardArgs<double>& a) { forward<double>(a); }
 void forward_stack_f32(const ForwardArgs<float>* l, int n) { forward_stack<float>(l, n); }
 void forward_stack_f64(const ForwardArgs<double>* l, int n) { forward_stack<double>(l, n); }
+void forward_directions_f32(const ForwardArgs<float>* d) { forward_directions<float>(d); }
+void forward_directions_f64(const ForwardArgs<double>* d) { forward_directions<double>(d); }
 void backward_f32(const BackwardArgs<float>& a) { backward<float>(a); }
 void backward_f64(const BackwardArgs<double>& a) { backward<double>(a); }
+void backward_directions_f32(const BackwardArgs<float>* d) { backward_directions<float>(d); }
+void backward_directions_f64(const BackwardArgs<double>* d) { backward_directions<double>(d); }
 int step_split(int cell, bool f64, int64_t B, int64_t I, int64_t H, int64_t Hout, int nthreads,
                int query) {
   if (query == kSharedBlockRows)
@@ -91,7 +96,9 @@ const KernelTable& kernel_table() {
                                  gemm_entry<float>,  gemm_entry<double>,
                                  forward_f32,        forward_f64,
                                  forward_stack_f32,  forward_stack_f64,
+                                 forward_directions_f32, forward_directions_f64,
                                  backward_f32,       backward_f64,
+                                 backward_directions_f32, backward_directions_f64,
                                  step_split,         projection_mode_of,
                                  team_barrier_ns,    cache_bytes,
                                  prefetch_b_ahead,   gemm_b_elems};

@@ -187,8 +187,14 @@ struct KernelTable {
   // n layers bottom to top, layer k's x being layer k - 1's y (sequence/layer_pipeline.h).
   void (*forward_stack_f32)(const ForwardArgs<float>* layers, int n);
   void (*forward_stack_f64)(const ForwardArgs<double>* layers, int n);
+  // A bidirectional layer's two directions, dirs[0] forward, dirs[1] reverse, on one x
+  // (sequence/direction_pair.h).
+  void (*forward_directions_f32)(const ForwardArgs<float>* dirs);
+  void (*forward_directions_f64)(const ForwardArgs<double>* dirs);
   void (*backward_f32)(const BackwardArgs<float>& a);
   void (*backward_f64)(const BackwardArgs<double>& a);
+  void (*backward_directions_f32)(const BackwardArgs<float>* dirs);
+  void (*backward_directions_f64)(const BackwardArgs<double>* dirs);
   // How the forward spreads a step over threads: 0 one thread, 1 batch rows, 2 hidden units;
   // with query kBackwardSplit, how the backward does without lengths: 0 one thread, 1 a team
   // whose members walk their own rows and never meet (backward.h, backward_rows_apart), 3 a team
@@ -301,6 +307,10 @@ void set_ride_override(int way);
 // Stacked forwards (forward_stack): how many ran pipelined (one thread a layer) or layer by layer.
 void stack_count(bool pipelined);
 int64_t stack_calls(bool pipelined);
+// Bidirectional layers' forward and backward calls: how many ran their directions side by side
+// (one thread each) or in turn.
+void direction_count(bool side_by_side);
+int64_t direction_calls(bool side_by_side);
 
 // Calls of a single row's long sequence by the work a second thread took beside the walk: the
 // backward's products chunk by chunk of steps, after the walk (one thread) or beside it

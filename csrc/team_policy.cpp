@@ -78,6 +78,18 @@ std::atomic<int64_t> g_stack_calls[2] = {{0}, {0}};
 void stack_count(bool pipelined) { g_stack_calls[pipelined].fetch_add(1, std::memory_order_relaxed); }
 int64_t stack_calls(bool pipelined) { return g_stack_calls[pipelined].load(std::memory_order_relaxed); }
 
+// Bidirectional layers' forwards and backwards (sequence/direction_pair.h), by how they ran.
+namespace {
+std::atomic<int64_t> g_direction_calls[2] = {{0}, {0}};
+}  // namespace
+
+void direction_count(bool side_by_side) {
+  g_direction_calls[side_by_side].fetch_add(1, std::memory_order_relaxed);
+}
+int64_t direction_calls(bool side_by_side) {
+  return g_direction_calls[side_by_side].load(std::memory_order_relaxed);
+}
+
 // Calls whose single row walked on one thread while another took work beside it: the backward's
 // products chunk by chunk (after the walk, or beside it) and the forward's projection.
 namespace {

@@ -191,8 +191,8 @@ def test_a_pipelined_layer_whose_input_does_not_split_runs_again(two_threads, rn
 
 @needs_threads
 def test_layers_run_one_way_stacks_through_the_pipeline(two_threads, rng):
-    """fusedrnn.LSTM with num_layers=2 takes the stack path; bidirectional stacks and dropout
-    between layers keep one call per layer and direction."""
+    """fusedrnn.LSTM with num_layers=2 takes the stack path; bidirectional stacks (one call per
+    layer for both directions: test_direction_pair.py) and dropout between layers do not."""
     x = rng.standard_normal((60, 8, 16)).astype(np.float32)
     for kwargs, pipelined in ((dict(), 1), (dict(bidirectional=True), 0), (dict(dropout=0.5), 0)):
         layer = fusedrnn.LSTM(16, 16, num_layers=2, seed=1, **kwargs)

@@ -512,11 +512,14 @@ def test_a_batch_of_several_lengths_runs_longest_first(rng, monkeypatch, frozen)
     sees lengths in descending order."""
     from fusedrnn import functional
     seen = []
-    for name in ("forward", "forward_checked"):
+    # (the lengths argument's place, and the directions one call runs)
+    for name, where, directions in (("forward", 9, 1), ("forward_checked", 9, 1),
+                                    ("forward_directions", 5, 2)):
         real = getattr(functional, name)
 
-        def spy(*args, _real=real, **kwargs):
-            seen.append(np.array(kwargs["lengths"] if "lengths" in kwargs else args[9]))
+        def spy(*args, _real=real, _where=where, _directions=directions, **kwargs):
+            lengths = kwargs["lengths"] if "lengths" in kwargs else args[_where]
+            seen.extend([np.array(lengths)] * _directions)
             return _real(*args, **kwargs)
         monkeypatch.setattr(functional, name, spy)
     layer = fusedrnn.LSTM(5, 7, num_layers=2, bidirectional=True)
@@ -581,7 +584,7 @@ def test_backward_frees_each_layers_saved_state_as_it_goes(rng, monkeypatch, cel
     returned (dx, dh0, dc0) less the saved state it ran through."""
     from fusedrnn import _C, functional
     seen = []  # per kernel backward: bytes in use at its start, its saved state, what it returned
-    run = functional.backward
+    run, run_both = functional.backward, functional.backward_directions
 
     def watched(ctx, *args, **kwargs):
         in_use, saved = _C.workspace_bytes()["in_use"], ctx.saved_bytes
@@ -589,15 +592,23 @@ def test_backward_frees_each_layers_saved_state_as_it_goes(rng, monkeypatch, cel
         seen.append((in_use, saved, sum(a.nbytes for a in out[:3] if a is not None)))
         return out
 
+    def watched_both(ctxs, *args, **kwargs):  # (a bidirectional layer's: one kernel call)
+        in_use, saved = _C.workspace_bytes()["in_use"], sum(c.saved_bytes for c in ctxs)
+        outs = run_both(ctxs, *args, **kwargs)
+        seen.append((in_use, saved,
+                     sum(a.nbytes for out in outs for a in out[:3] if a is not None)))
+        return outs
+
     layer = getattr(fusedrnn, cell.upper())(16, 32, num_layers=2, bidirectional=bidirectional,
                                             seed=0)
     x = rng.standard_normal((20, 8, 16)).astype(np.float32)
     for watch in (False, True):  # (the first: the threads' lasting buffers)
         if watch:
             monkeypatch.setattr(functional, "backward", watched)
+            monkeypatch.setattr(functional, "backward_directions", watched_both)
         y, _ = layer(x)
         layer.backward(np.ones_like(y))
-    assert len(seen) == 2 * (2 if bidirectional else 1)
+    assert len(seen) == 2
     for (in_use, saved, returned), (next_in_use, _, _) in zip(seen, seen[1:]):
         assert saved > 0
         assert next_in_use - in_use <= returned - saved

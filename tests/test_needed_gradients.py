@@ -57,14 +57,16 @@ def test_skipped_gradients_leave_the_others_bit_for_bit(rng, isa, dtype, variant
 
 
 def _recording_backward(monkeypatch):
-    """Records (need_dx, need_weight_grads) of every one-layer backward the stack runs."""
-    calls, inner = [], functional.backward
+    """Records (need_dx, need_weight_grads) of every one-layer backward the stack runs (each
+    direction's, where one call runs both)."""
+    calls = []
+    for name, directions in (("backward", 1), ("backward_directions", 2)):
+        def recording(*args, need_dx=True, need_weight_grads=True, _inner=getattr(functional, name),
+                      _directions=directions, **kw):
+            calls.extend([(need_dx, need_weight_grads)] * _directions)
+            return _inner(*args, need_dx=need_dx, need_weight_grads=need_weight_grads, **kw)
 
-    def recording(*args, need_dx=True, need_weight_grads=True, **kw):
-        calls.append((need_dx, need_weight_grads))
-        return inner(*args, need_dx=need_dx, need_weight_grads=need_weight_grads, **kw)
-
-    monkeypatch.setattr(functional, "backward", recording)
+        monkeypatch.setattr(functional, name, recording)
     return calls
 
 

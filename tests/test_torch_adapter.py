@@ -1136,7 +1136,8 @@ def test_a_last_backward_writes_its_gradients_over_the_saved_gates(cell, bidirec
     last through the kernels' saved state and consumes it: the pre-activation gradients go over
     the saved gates (and the GRU's recurrent n gradients over its saved W_hn h + b_hn), T*B*4*H
     floats a direction fewer at the backward's peak than under retain_graph=True (a
-    bidirectional layer's: at least that), with the same bits."""
+    bidirectional layer's: at least that; on two threads its directions run side by side,
+    whose peaks need not meet), with the same bits."""
     from fusedrnn import _C
     T, B, H = 16, 8, 32
     torch.manual_seed(0)
@@ -1152,8 +1153,8 @@ def test_a_last_backward_writes_its_gradients_over_the_saved_gates(cell, bidirec
         peaks.append(_C.workspace_bytes()["peak"] - before)
         grads.append([x.grad.clone()] + [p.grad.clone() for p in m.parameters()])
     gates_bytes = T * B * 4 * H * 4
-    if bidirectional:  # (and the first direction's saved state goes before the second's backward)
-        assert peaks[2] - peaks[3] >= 2 * gates_bytes
+    if bidirectional:
+        assert peaks[2] - peaks[3] >= gates_bytes, (peaks, gates_bytes)
     else:
         assert peaks[2] - peaks[3] == gates_bytes
     for kept, consumed in zip(grads[2], grads[3]):

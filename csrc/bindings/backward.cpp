@@ -105,10 +105,59 @@ BackwardWeights backward_weights(const Context& c, const py::object& weights, co
   return {out[0], out[1], out[2], true};
 }
 
+// One backward call's arguments checked and its outputs allocated: the kernels' BackwardArgs,
+// the arrays they write, and the context marked running (until this is destroyed, with the GIL
+// held) so that another thread's backward through it leaves its saved gates alone.
 template <typename T>
-py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn,
-                        bool consume, py::object grads_into, bool add_into, const BackwardWeights& w,
-                        bool need_dx, bool need_weight_grads) {
+struct BackwardCall {
+  fusedrnn::BackwardArgs<T> a{};
+  Arr<T> dh0;
+  std::optional<Arr<T>> dx, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, h_prev_clean;
+  int* running = nullptr;
+
+  BackwardCall() = default;
+  BackwardCall(const BackwardCall&) = delete;
+  BackwardCall(BackwardCall&& o) noexcept
+      : a(o.a), dh0(std::move(o.dh0)), dx(std::move(o.dx)), dc0(std::move(o.dc0)),
+        dw_ih(std::move(o.dw_ih)), dw_hh(std::move(o.dw_hh)), db_ih(std::move(o.db_ih)),
+        db_hh(std::move(o.db_hh)), dw_hr(std::move(o.dw_hr)),
+        h_prev_clean(std::move(o.h_prev_clean)), running(o.running) {
+    o.running = nullptr;
+  }
+  ~BackwardCall() {
+    if (running) --*running;
+  }
+
+  // Once every call of a kernel run is prepared (a check failing leaves each context as it
+  // was): the context marked consumed, before the GIL goes, so a later backward sees it, and
+  // running. The gates are overwritten only while no other backward (another thread's) reads
+  // them.
+  void claim(Context& c, bool consume) {
+    a.gates_consumed = consume && c.running == 0;
+    c.consumed = consume;
+    running = &c.running;
+    ++c.running;
+  }
+
+  // After the kernels: dx past a row's length is dG W_ih with a dG of 0: zeros, unless W_ih
+  // holds an infinity or a NaN (0 * inf); torch's PackedSequence gives zeros there.
+  py::tuple result() {
+    const LayerShape& s = a.s;
+    if (dx && a.lengths) zero_padding(dx->mutable_data(), s.T, s.B, s.I, a.lengths);
+    py::dict grads;
+    if (dw_ih) { grads["weight_ih"] = *dw_ih; grads["weight_hh"] = *dw_hh; }
+    if (db_ih) { grads["bias_ih"] = *db_ih; grads["bias_hh"] = *db_hh; }
+    if (dw_hr) grads["weight_hr"] = *dw_hr;
+    return py::make_tuple(dx ? py::object(*dx) : py::none(), dh0,
+                          dc0 ? py::object(*dc0) : py::none(), grads);
+  }
+};
+
+template <typename T>
+BackwardCall<T> prepare_backward(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn,
+                                 std::optional<Arr<T>> dcn, bool consume, py::object grads_into,
+                                 bool add_into, const BackwardWeights& w, bool need_dx,
+                                 bool need_weight_grads) {
   if (c.consumed)
     throw std::runtime_error("backward already ran on this context with consume=True, which "
                              "reuses its saved state: run the forward again");
@@ -120,10 +169,10 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
     if (s.cell != Cell::Lstm) fail("dcn is only for LSTM");
     check_shape("dcn", *dcn, {s.B, s.H});
   }
-  Arr<T> dh0 = empty<T>({s.B, s.Hout});
-  std::optional<Arr<T>> dx, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr;
-  if (need_dx) dx.emplace(empty<T>({s.T, s.B, s.I}));
-  if (s.cell == Cell::Lstm) dc0.emplace(std::vector<int64_t>{s.B, s.H});
+  BackwardCall<T> call;
+  call.dh0 = empty<T>({s.B, s.Hout});
+  if (need_dx) call.dx.emplace(empty<T>({s.T, s.B, s.I}));
+  if (s.cell == Cell::Lstm) call.dc0.emplace(std::vector<int64_t>{s.B, s.H});
   // The weight and bias gradients: new arrays, or the caller's, added into or written over; none
   // where the caller needs none (grads_into is then left as it is).
   const bool given = need_weight_grads && !grads_into.is_none();
@@ -135,15 +184,18 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
     return given ? gradient_in_place<T>(into, key, shape) : empty<T>(shape);
   };
   if (need_weight_grads) {
-    dw_ih.emplace(gradient("weight_ih", {G * s.H, s.I}));
-    dw_hh.emplace(gradient("weight_hh", {G * s.H, s.Hout}));
-    if (c.has_bias) { db_ih.emplace(gradient("bias_ih", {G * s.H})); db_hh.emplace(gradient("bias_hh", {G * s.H})); }
-    if (s.has_proj) dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
+    call.dw_ih.emplace(gradient("weight_ih", {G * s.H, s.I}));
+    call.dw_hh.emplace(gradient("weight_hh", {G * s.H, s.Hout}));
+    if (c.has_bias) {
+      call.db_ih.emplace(gradient("bias_ih", {G * s.H}));
+      call.db_hh.emplace(gradient("bias_hh", {G * s.H}));
+    }
+    if (s.has_proj) call.dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
   }
   if (given) {
     refuse_unwritten_keys(into, written);
     std::vector<py::object> outs, reads{c.x, w.w_ih, w.w_hh, w.w_hr, dy};
-    for (auto* o : {&dw_ih, &dw_hh, &db_ih, &db_hh, &dw_hr})
+    for (auto* o : {&call.dw_ih, &call.dw_hh, &call.db_ih, &call.db_hh, &call.dw_hr})
       if (*o) outs.push_back(**o);
     if (dhn) reads.push_back(*dhn);
     if (dcn) reads.push_back(*dcn);
@@ -153,11 +205,11 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
     return o ? static_cast<T*>(const_cast<void*>(o.cast<py::array>().data())) : nullptr;
   };
   auto mptr = [](std::optional<Arr<T>>& o) -> T* { return o ? o->mutable_data() : nullptr; };
-  fusedrnn::BackwardArgs<T> a{};
+  fusedrnn::BackwardArgs<T>& a = call.a;
   a.s = s;
-  a.dx = mptr(dx); a.dh0 = dh0.mutable_data(); a.dc0 = mptr(dc0);
-  a.dw_ih = mptr(dw_ih); a.dw_hh = mptr(dw_hh);
-  a.db_ih = mptr(db_ih); a.db_hh = mptr(db_hh); a.dw_hr = mptr(dw_hr);
+  a.dx = mptr(call.dx); a.dh0 = call.dh0.mutable_data(); a.dc0 = mptr(call.dc0);
+  a.dw_ih = mptr(call.dw_ih); a.dw_hh = mptr(call.dw_hh);
+  a.db_ih = mptr(call.db_ih); a.db_hh = mptr(call.db_hh); a.dw_hr = mptr(call.dw_hr);
   a.dy = dy.data(); a.dhn = opt_ptr(dhn); a.dcn = opt_ptr(dcn);
   a.x = ptr(c.x); a.x_packed = ptr(c.x_packed); a.w_ih = ptr(w.w_ih); a.w_hh = ptr(w.w_hh); a.w_hr = ptr(w.w_hr);
   a.lengths = c.lengths ? static_cast<const int64_t*>(c.lengths.cast<py::array>().data()) : nullptr;
@@ -166,35 +218,57 @@ py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::o
   // dG^T H_prev multiplies it by a dG of 0: a state not finite there (a relu RNN's overflow)
   // would make dW_hh NaN where torch's sum has no such terms. The product then reads a copy
   // with those rows zeroed (step k's h_prev is saved row k: rows lengths[b] .. T - 1).
-  std::optional<Arr<T>> h_prev_clean;
   if (a.dw_hh && a.lengths && padding_not_finite(a.saved.h, s.T, s.B, s.Hout, a.lengths)) {
-    h_prev_clean = padding_zeroed(a.saved.h, s.T + 1, s.T, s.B, s.Hout, a.lengths);
-    a.h_prev_products = h_prev_clean->data();
+    call.h_prev_clean = padding_zeroed(a.saved.h, s.T + 1, s.T, s.B, s.Hout, a.lengths);
+    a.h_prev_products = call.h_prev_clean->data();
   }
   a.num_threads = threads_for_call();
   a.frozen = w.given ? 0 : c.frozen;
   a.accumulate = accumulate;
-  // Overwrite the gates only while no other backward (another thread's) reads them.
-  a.gates_consumed = consume && c.running == 0;
-  c.consumed = consume;  // before the GIL goes: a later backward sees it
-  struct Running {  // decremented with the GIL held again, also when the kernel throws
-    int& n;
-    explicit Running(int& count) : n(count) { ++n; }
-    ~Running() { --n; }
-  } running(c.running);
+  return call;
+}
+
+template <typename T>
+py::tuple backward_impl(Context& c, Arr<T> dy, std::optional<Arr<T>> dhn, std::optional<Arr<T>> dcn,
+                        bool consume, py::object grads_into, bool add_into, const BackwardWeights& w,
+                        bool need_dx, bool need_weight_grads) {
+  BackwardCall<T> call = prepare_backward<T>(c, dy, dhn, dcn, consume, grads_into, add_into, w,
+                                             need_dx, need_weight_grads);
+  call.claim(c, consume);
   {
     WithoutGil nogil;
-    if constexpr (sizeof(T) == 4) c.table->backward_f32(a); else c.table->backward_f64(a);
+    if constexpr (sizeof(T) == 4) c.table->backward_f32(call.a); else c.table->backward_f64(call.a);
   }
-  // dx past a row's length is dG W_ih with a dG of 0: zeros, unless W_ih holds an infinity or
-  // a NaN (0 * inf); torch's PackedSequence gives zeros there.
-  if (dx && a.lengths) zero_padding(dx->mutable_data(), s.T, s.B, s.I, a.lengths);
-  py::dict grads;
-  if (dw_ih) { grads["weight_ih"] = *dw_ih; grads["weight_hh"] = *dw_hh; }
-  if (db_ih) { grads["bias_ih"] = *db_ih; grads["bias_hh"] = *db_hh; }
-  if (dw_hr) grads["weight_hr"] = *dw_hr;
-  return py::make_tuple(dx ? py::object(*dx) : py::none(), dh0, dc0 ? py::object(*dc0) : py::none(),
-                        grads);
+  return call.result();
+}
+
+// Both directions of a bidirectional layer (ctx0 forward, ctx1 reverse, contexts of one
+// forward_directions call or of two forwards of one shape): on two threads side by side
+// (sequence/direction_pair.h). Per direction what backward takes; returns backward's tuple per
+// direction.
+template <typename T>
+py::list backward_directions_impl(Context& c0, Context& c1, const py::sequence& dy,
+                                  const py::sequence& dhn, const py::sequence& dcn, bool consume,
+                                  const py::sequence& grads_into, bool add_into,
+                                  const BackwardWeights* w, bool need_dx, bool need_weight_grads) {
+  Context* ctx[2] = {&c0, &c1};
+  std::vector<BackwardCall<T>> calls;
+  calls.reserve(2);
+  for (int d = 0; d < 2; ++d)
+    calls.push_back(prepare_backward<T>(*ctx[d], dy[d].cast<Arr<T>>(),
+                                        optional_cast<Arr<T>>(dhn[d]),
+                                        optional_cast<Arr<T>>(dcn[d]), consume, grads_into[d],
+                                        add_into, w[d], need_dx, need_weight_grads));
+  for (int d = 0; d < 2; ++d) calls[d].claim(*ctx[d], consume);
+  const fusedrnn::BackwardArgs<T> args[2] = {calls[0].a, calls[1].a};
+  {
+    WithoutGil nogil;
+    if constexpr (sizeof(T) == 4) c0.table->backward_directions_f32(args);
+    else c0.table->backward_directions_f64(args);
+  }
+  py::list out;
+  for (BackwardCall<T>& call : calls) out.append(call.result());
+  return out;
 }
 
 }  // namespace
@@ -213,6 +287,32 @@ py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, boo
                             grads_into, add_into, w, need_dx, need_weight_grads);
   };
   return c.f64 ? run(0.0) : run(0.0f);
+}
+
+py::list backward_directions(Context& c0, Context& c1, py::sequence dy, py::sequence dhn,
+                             py::sequence dcn, bool consume, py::sequence grads_into,
+                             bool add_into, py::sequence weights, bool need_dx,
+                             bool need_weight_grads) {
+  for (const py::sequence* l : {&dy, &dhn, &dcn, &grads_into, &weights})
+    if (l->size() != 2) fail("every per-direction list needs 2 entries");
+  if (&c0 == &c1) fail("the two directions' contexts must be two contexts, got one twice");
+  if (c0.f64 != c1.f64 || c0.table != c1.table || c0.s.reverse || !c1.s.reverse)
+    fail("the contexts must be a forward and a reverse direction's, of one dtype and ISA");
+  const py::dtype dt = c0.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
+  BackwardWeights w[2];
+  for (int d = 0; d < 2; ++d) {
+    require_dtype("dy", dy[d], dt); require_dtype("dhn", dhn[d], dt);
+    require_dtype("dcn", dcn[d], dt);
+    py::object into = grads_into[d];
+    if (!into.is_none() && !py::isinstance<py::dict>(into))
+      throw py::type_error("grads_into must be a dict of gradient arrays or None");
+    w[d] = backward_weights(d ? c1 : c0, weights[d], dt);
+  }
+  if (c0.f64)
+    return backward_directions_impl<double>(c0, c1, dy, dhn, dcn, consume, grads_into, add_into,
+                                            w, need_dx, need_weight_grads);
+  return backward_directions_impl<float>(c0, c1, dy, dhn, dcn, consume, grads_into, add_into, w,
+                                         need_dx, need_weight_grads);
 }
 
 }  // namespace fusedrnn::bindings

@@ -232,6 +232,29 @@ py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reve
   return call.result();
 }
 
+// Per-layer (or per-direction) lists of a stack's arguments, each entry checked as it is taken:
+// of x's dtype, and an array where one is required.
+template <typename T>
+struct ListEntries {
+  py::dtype dt;
+
+  std::optional<Arr<T>> optional(py::handle o, const char* name) const {
+    require_dtype(name, py::reinterpret_borrow<py::object>(o), dt);
+    return o.is_none() ? std::optional<Arr<T>>() : std::optional<Arr<T>>(o.cast<Arr<T>>());
+  }
+  Arr<T> required(py::handle o, const char* name) const {
+    require_dtype(name, py::reinterpret_borrow<py::object>(o), dt);
+    if (o.is_none()) fail(std::string(name) + " must be an array, got None");
+    return o.cast<Arr<T>>();
+  }
+};
+
+void check_list_sizes(std::initializer_list<const py::list*> lists, size_t n, const char* what) {
+  for (const py::list* l : lists)
+    if (l->size() != n) fail(std::string("every per-") + what + " list needs " +
+                             std::to_string(n) + " entries");
+}
+
 // A unidirectional stack: layer k's input is layer k - 1's output (allocated here), so the
 // kernels may run the layers side by side (sequence/layer_pipeline.h). Per layer lists of the
 // states and weights (None where forward takes None); returns a list of forward's tuples.
@@ -243,28 +266,18 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
                             bool keep_x, bool keep_packed, int64_t train_from) {
   const size_t n = w_hh.size();
   if (n == 0) fail("a stack needs at least one layer");
-  for (const py::list* l : {&h0, &c0, &w_ih, &b_ih, &b_hh, &w_hr})
-    if (l->size() != n) fail("every per-layer list of a stack needs " + std::to_string(n) + " entries");
-  const py::dtype dt = x.dtype();
-  auto opt = [&](py::handle o, const char* name) {
-    require_dtype(name, py::reinterpret_borrow<py::object>(o), dt);
-    return o.is_none() ? std::optional<Arr<T>>() : std::optional<Arr<T>>(o.cast<Arr<T>>());
-  };
-  auto req = [&](py::handle o, const char* name) {
-    require_dtype(name, py::reinterpret_borrow<py::object>(o), dt);
-    if (o.is_none()) fail(std::string(name) + " must be an array, got None");
-    return o.cast<Arr<T>>();
-  };
+  check_list_sizes({&h0, &c0, &w_ih, &b_ih, &b_hh, &w_hr}, n, "layer");
+  const ListEntries<T> e{x.dtype()};
   std::vector<LayerCall<T>> calls;
   calls.reserve(n);
   Arr<T> layer_in = x;
   for (size_t k = 0; k < n; ++k) {
     const bool train = training && int64_t(k) >= train_from;
-    calls.push_back(prepare_forward<T>(kt, cell_code, lbr, false, train, layer_in,
-                                       req(h0[k], "h0"), opt(c0[k], "c0"), req(w_ih[k], "w_ih"),
-                                       req(w_hh[k], "w_hh"), opt(b_ih[k], "b_ih"),
-                                       opt(b_hh[k], "b_hh"), opt(w_hr[k], "w_hr"), std::nullopt,
-                                       frozen, k == 0 && !keep_x, keep_packed));
+    calls.push_back(prepare_forward<T>(
+        kt, cell_code, lbr, false, train, layer_in, e.required(h0[k], "h0"),
+        e.optional(c0[k], "c0"), e.required(w_ih[k], "w_ih"), e.required(w_hh[k], "w_hh"),
+        e.optional(b_ih[k], "b_ih"), e.optional(b_hh[k], "b_hh"), e.optional(w_hr[k], "w_hr"),
+        std::nullopt, frozen, k == 0 && !keep_x, keep_packed));
     calls.back().a.training_bits = training;  // (below train_from: the bits of the layers above)
     layer_in = calls.back().y;
   }
@@ -274,6 +287,39 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
     WithoutGil nogil;
     if constexpr (sizeof(T) == 4) kt.forward_stack_f32(args.data(), int(n));
     else kt.forward_stack_f64(args.data(), int(n));
+  }
+  py::list out;
+  for (LayerCall<T>& call : calls) out.append(call.result());
+  return out;
+}
+
+// A bidirectional layer: direction 0 forward, 1 reverse, both on x, so the kernels may run them
+// side by side (sequence/direction_pair.h). Per direction lists of the states and weights;
+// returns forward's tuple per direction.
+template <typename T>
+py::list forward_directions_impl(const KernelTable& kt, int cell_code, bool lbr, bool training,
+                                 Arr<T> x, const py::list& h0, const py::list& c0,
+                                 const py::list& w_ih, const py::list& w_hh, const py::list& b_ih,
+                                 const py::list& b_hh, const py::list& w_hr,
+                                 const std::optional<Arr<int64_t>>& lengths, uint64_t frozen,
+                                 bool keep_x, bool keep_packed, bool training_bits) {
+  check_list_sizes({&h0, &c0, &w_ih, &w_hh, &b_ih, &b_hh, &w_hr}, 2, "direction");
+  const ListEntries<T> e{x.dtype()};
+  std::vector<LayerCall<T>> calls;
+  calls.reserve(2);
+  for (size_t d = 0; d < 2; ++d) {
+    calls.push_back(prepare_forward<T>(
+        kt, cell_code, lbr, d == 1, training, x, e.required(h0[d], "h0"),
+        e.optional(c0[d], "c0"), e.required(w_ih[d], "w_ih"), e.required(w_hh[d], "w_hh"),
+        e.optional(b_ih[d], "b_ih"), e.optional(b_hh[d], "b_hh"), e.optional(w_hr[d], "w_hr"),
+        lengths, frozen, !keep_x, keep_packed));
+    calls.back().a.training_bits = training_bits;
+  }
+  const fusedrnn::ForwardArgs<T> args[2] = {calls[0].a, calls[1].a};
+  {
+    WithoutGil nogil;
+    if constexpr (sizeof(T) == 4) kt.forward_directions_f32(args);
+    else kt.forward_directions_f64(args);
   }
   py::list out;
   for (LayerCall<T>& call : calls) out.append(call.result());
@@ -312,6 +358,23 @@ py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list 
   if (is_f64(x))
     return forward_stack_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x, keep_packed, train_from);
   return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x, keep_packed, train_from);
+}
+
+py::list forward_directions(int cell, bool lbr, bool training, py::array x, py::list h0,
+                            py::list c0, py::list w_ih, py::list w_hh, py::list b_ih,
+                            py::list b_hh, py::list w_hr, py::object lengths,
+                            std::optional<std::string> isa, uint64_t frozen, bool keep_x,
+                            bool keep_packed, bool training_bits) {
+  const KernelTable& kt = kernels(isa);
+  require_dtype("lengths", lengths, py::dtype::of<int64_t>());
+  const std::optional<Arr<int64_t>> len = optional_cast<Arr<int64_t>>(lengths);
+  if (is_f64(x))
+    return forward_directions_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih,
+                                           b_hh, w_hr, len, frozen, keep_x, keep_packed,
+                                           training_bits);
+  return forward_directions_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih,
+                                        b_hh, w_hr, len, frozen, keep_x, keep_packed,
+                                        training_bits);
 }
 
 }  // namespace fusedrnn::bindings

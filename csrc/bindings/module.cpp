@@ -313,8 +313,23 @@ PYBIND11_MODULE(_C, m) {
         "keep_packed: as forward's; train_from: in training, the layers below it keep no "
         "context (ctx None), as no backward will run through them, and give a training "
         "call's bits as forward's training_bits)");
+  m.def("forward_directions", &forward_directions, py::arg("cell"),
+        py::arg("linear_before_reset"), py::arg("training"), py::arg("x"), py::arg("h0"),
+        py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
+        py::arg("w_hr"), py::arg("lengths") = py::none(), py::arg("isa") = py::none(),
+        py::arg("frozen") = 0, py::arg("keep_x") = false, py::arg("keep_packed") = true,
+        py::arg("training_bits") = false,
+        "a bidirectional layer: per direction (forward, reverse) lists of forward's states and "
+        "weights, both directions on x; returns the list of forward's (y, hn, cn, ctx) per "
+        "direction. On two threads the directions run side by side, one thread each "
+        "(sequence/direction_pair.h); the same results either way");
   m.def("calls_without_gil", [] { return g_calls_without_gil.load(std::memory_order_relaxed); },
         "tests: kernel calls running now with the GIL released (by any thread)");
+  m.def("direction_calls", [] {
+    return counts({{"side_by_side", fusedrnn::direction_calls(true)},
+                   {"in_turn", fusedrnn::direction_calls(false)}});
+  }, "forward_directions and backward_directions calls since import, by how they ran "
+     "(sequence/direction_pair.h)");
   m.def("stack_calls", [] {
     return counts({{"pipelined", fusedrnn::stack_calls(true)},
                    {"layer_by_layer", fusedrnn::stack_calls(false)}});
@@ -344,6 +359,15 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("us"), "tests: every team member but the first waits this long at the start of each "
      "large step, so that the first takes its blocks over (0: off)");
 
+  m.def("backward_directions", &backward_directions, py::arg("ctx0"), py::arg("ctx1"),
+        py::arg("dy"), py::arg("dhn"), py::arg("dcn"), py::arg("consume") = false,
+        py::arg("grads_into") = py::make_tuple(py::none(), py::none()),
+        py::arg("add_into") = true, py::arg("weights") = py::make_tuple(py::none(), py::none()),
+        py::arg("need_dx") = true, py::arg("need_weight_grads") = true,
+        "backward through both directions of a bidirectional layer (ctx0 forward, ctx1 "
+        "reverse): per direction lists of backward's dy, dhn, dcn, grads_into and weights; "
+        "returns backward's (dx, dh0, dc0, grads) per direction. On two threads the directions "
+        "run side by side (sequence/direction_pair.h); the same results either way");
   m.def("backward", &backward, py::arg("ctx"), py::arg("dy"), py::arg("dhn") = py::none(),
         py::arg("dcn") = py::none(), py::arg("consume") = false,
         py::arg("grads_into") = py::none(), py::arg("add_into") = true,

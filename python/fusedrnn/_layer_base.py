@@ -340,17 +340,26 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
                               keep_packed, save_from)
     for k in range(spec.num_layers):
         outs, ctxs = [], []
-        for d in range(D):
-            i = k * D + d
-            w_ih, w_hh, b_ih, b_hh, w_hr = map(params.get, spec.layer_param_names(k, d))
+        extra = {"frozen": frozen} if frozen else {}  # F.forward (unchecked) takes none
+        if D == 2:
+            i = 2 * k
+            runs = F.forward_directions(
+                spec.cell, layer_in, h0[i:i + 2], c0[i:i + 2] if lstm else [None, None],
+                [tuple(map(params.get, spec.layer_param_names(k, d))) for d in range(2)],
+                lengths=lengths, linear_before_reset=spec.linear_before_reset,
+                training=save and k >= save_from, isa=isa, checked=checked, frozen=frozen,
+                keep_x=k > 0 or own_input, keep_packed=keep_packed, training_bits=save)
+        else:
+            w_ih, w_hh, b_ih, b_hh, w_hr = map(params.get, spec.layer_param_names(k, 0))
             run = F.forward_checked if checked else F.forward
-            extra = {"frozen": frozen} if frozen else {}  # F.forward (unchecked) takes none
-            y, h, c, ctx = run(spec.cell, layer_in, h0[i], c0[i] if lstm else None,
-                               w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths, reverse=bool(d),
-                               linear_before_reset=spec.linear_before_reset,
-                               training=save and k >= save_from, training_bits=save,
-                               isa=isa, keep_x=k > 0 or own_input, keep_packed=keep_packed,
-                               **extra)  # y: ours
+            runs = [run(spec.cell, layer_in, h0[k], c0[k] if lstm else None,
+                        w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths, reverse=False,
+                        linear_before_reset=spec.linear_before_reset,
+                        training=save and k >= save_from, training_bits=save,
+                        isa=isa, keep_x=k > 0 or own_input, keep_packed=keep_packed,
+                        **extra)]  # y: ours
+        for d, (y, h, c, ctx) in enumerate(runs):
+            i = k * D + d
             if single:
                 hn, cn = h[None], (c[None] if lstm else None)
             else:
@@ -457,8 +466,8 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
     for k in reversed(range(lowest, spec.num_layers)):
         if saved.masks[k] is not None:
             d_out = d_out * saved.masks[k]
-        dx = None
         dx_needed = k > lowest or need_dx  # (into layer k - 1, which runs)
+        jobs = []  # (direction, its call's arguments) of the directions that run
         for d in range(D):
             weights_needed = _weights_needed(spec, weight_grads, k, d)
             if not (dx_needed or need_dh0 or weights_needed):
@@ -472,17 +481,29 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
                     f"backward needs layer {k}'s saved state, which its forward did not keep: "
                     f"then neither the input, the initial state nor that layer's parameters "
                     f"needed a gradient")
-            dy_d = d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out]
             names = dict(zip(_PARAM_KEYS, spec.layer_param_names(k, d)))
-            into = None if grads_into is None else {
-                key: grads_into[name] for key, name in names.items() if name in grads_into}
-            weights = None if params is None else tuple(
-                params.get(names[key]) for key in ("weight_ih", "weight_hh", "weight_hr"))
-            dx_d, dh, dc, g = F.backward(saved.ctxs[k][d], dy_d,
-                                         None if dhn is None else dhn[i],
-                                         None if dcn is None else dcn[i], consume=consume,
-                                         grads_into=into, add_into=add_into, weights=weights,
-                                         need_dx=dx_needed, need_weight_grads=weights_needed)
+            jobs.append((d, names, weights_needed, dict(
+                ctx=saved.ctxs[k][d],
+                dy=d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out],
+                dhn=None if dhn is None else dhn[i], dcn=None if dcn is None else dcn[i],
+                grads_into=None if grads_into is None else {
+                    key: grads_into[name] for key, name in names.items() if name in grads_into},
+                weights=None if params is None else tuple(
+                    params.get(names[key]) for key in ("weight_ih", "weight_hh", "weight_hr")))))
+        if len(jobs) == 2 and jobs[0][2] == jobs[1][2]:  # both directions, one kind of call
+            kw = [job[3] for job in jobs]
+            results = F.backward_directions(  # (ctx popped: a consumed state goes after it)
+                [a.pop("ctx") for a in kw], [a["dy"] for a in kw], [a["dhn"] for a in kw],
+                [a["dcn"] for a in kw], consume=consume, grads_into=[a["grads_into"] for a in kw],
+                add_into=add_into, weights=[a["weights"] for a in kw], need_dx=dx_needed,
+                need_weight_grads=jobs[0][2])
+        else:
+            results = [F.backward(a.pop("ctx"), a.pop("dy"), consume=consume, add_into=add_into,
+                                  need_dx=dx_needed, need_weight_grads=weights_needed, **a)
+                       for _, _, weights_needed, a in jobs]
+        dx = None
+        for (d, names, _, _), (dx_d, dh, dc, g) in zip(jobs, results):
+            i = k * D + d
             if consume:  # its saved state goes now, not after the layers below have run theirs
                 saved.ctxs[k][d] = _CONSUMED
             if need_dh0:

@@ -156,6 +156,41 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 
+def forward_directions(cell, x, h0, c0, directions, lengths=None, linear_before_reset=True,
+                       training=True, isa=None, checked=False, frozen=0, keep_x=False,
+                       keep_packed=True, training_bits=False):
+    """A bidirectional layer in one kernel call: direction 0 forward, 1 reverse, both on x. On
+    two threads the kernels run the directions side by side, one thread each
+    (csrc/sequence/direction_pair.h); else one after the other. Same results either way.
+
+    h0, c0: per direction (c0 entries None except for "lstm"); directions: per direction
+    (w_ih, w_hh, b_ih, b_hh, w_hr), as forward takes them. ``checked``, ``frozen``,
+    ``keep_x``, ``keep_packed``, ``training_bits``: as forward_checked's. Returns forward's
+    (y, hn, cn, ctx) per direction."""
+    if not (len(h0) == len(c0) == len(directions) == 2):
+        raise ValueError(f"h0, c0 and directions need one entry per direction (2), got "
+                         f"{len(h0)}, {len(c0)} and {len(directions)}")
+    h0, c0, directions = list(h0), list(c0), [tuple(w) for w in directions]
+    for d, w in enumerate(directions):
+        if len(w) != 5:
+            raise ValueError(f"directions[{d}] must be (w_ih, w_hh, b_ih, b_hh, w_hr) (None for "
+                             f"the ones it lacks), got {len(w)} items")
+    _check_isa(isa)
+    given = x
+    if not checked:
+        for d in range(2):
+            x, h0[d], c0[d], *weights, lengths = check_layer_args(cell, given, h0[d], c0[d],
+                                                                  *directions[d], lengths)
+            directions[d] = tuple(weights)
+    # (by position, as forward_checked's: lengths, isa, frozen, keep_x, keep_packed,
+    # training_bits)
+    outs = _C.forward_directions(CELL_CODES[cell], bool(linear_before_reset), bool(training), x,
+                                 h0, c0, *(list(w) for w in zip(*directions)), lengths, isa,
+                                 frozen, bool(keep_x) or made_here(x, given), bool(keep_packed),
+                                 bool(training_bits))
+    return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
+
+
 def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_into=True,
              weights=None, *, need_dx=True, need_weight_grads=True):
     """``consume=True``: this is the last backward through ``ctx`` (a later one raises), so the
@@ -189,6 +224,41 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
         weights = tuple(None if w is None else np.ascontiguousarray(w) for w in weights)
     return _C.backward(ctx, dy, dhn, dcn, bool(consume), grads_into, bool(add_into), weights,
                        bool(need_dx), bool(need_weight_grads))
+
+
+def backward_directions(ctxs, dy, dhn, dcn, consume=False, grads_into=(None, None),
+                        add_into=True, weights=(None, None), *, need_dx=True,
+                        need_weight_grads=True):
+    """backward() through both directions of a bidirectional layer in one kernel call: ctxs
+    (forward's, reverse's), as forward_directions returns them; dy, dhn, dcn, grads_into,
+    weights: per direction what backward takes. On two threads the kernels run the directions
+    side by side (csrc/sequence/direction_pair.h); same results either way. Returns backward's
+    (dx, dh0, dc0, grads) per direction (the layer's dx is the sum of the two)."""
+    per_direction = (ctxs, dy, dhn, dcn, grads_into, weights)
+    if any(len(a) != 2 for a in per_direction):
+        raise ValueError("ctxs, dy, dhn, dcn, grads_into and weights need one entry per "
+                         "direction (2)")
+    args = [[], [], [], [], []]
+    for d in range(2):
+        ctx, dy_d, dhn_d, dcn_d, w = ctxs[d], dy[d], dhn[d], dcn[d], weights[d]
+        if ctx is None:
+            raise RuntimeError("backward needs the context of a forward run with training=True")
+        if not isinstance(ctx, _C.Context):
+            raise TypeError(f"ctx must be the context a forward with training=True returned, "
+                            f"got {type(ctx).__name__}")
+        if dy_d is None:
+            raise TypeError("dy must be an array shaped as the forward's y (the gradient of the "
+                            "loss with respect to y), got None")
+        _check_grad_shapes(ctx, dy_d, dhn_d, dcn_d, w)
+        contiguous = [None if a is None else np.ascontiguousarray(a) for a in (dy_d, dhn_d, dcn_d)]
+        if w is not None:
+            w = tuple(None if a is None else np.ascontiguousarray(a) for a in w)
+        for store, value in zip(args, contiguous + [w]):
+            store.append(value)
+    dys, dhns, dcns, ws = args[0], args[1], args[2], args[3]
+    return _C.backward_directions(ctxs[0], ctxs[1], dys, dhns, dcns, bool(consume),
+                                  list(grads_into), bool(add_into), ws, bool(need_dx),
+                                  bool(need_weight_grads))
 
 
 def _check_grad_shapes(ctx, dy, dhn, dcn, weights):

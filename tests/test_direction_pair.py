@@ -1,0 +1,182 @@
+"""A bidirectional layer's two directions in one kernel call (functional.forward_directions and
+backward_directions, csrc/sequence/direction_pair.h): on two threads they run side by side, one
+thread each. Each direction is the one-thread computation either way, so the pair must give the
+bits of the directions run as separate calls on one thread, forward and backward."""
+import numpy as np
+import pytest
+
+import fusedrnn
+from fusedrnn import _C, functional, reference
+from fusedrnn.tolerances import assert_close
+from _kernel_cases import VARIANTS, _cast, make_case, variant_id
+from _threads import results_from_threads
+
+needs_threads = pytest.mark.skipif(not _C.openmp, reason="built without OpenMP: one thread only")
+
+
+def directions_case(rng, cell, proj, dtype, T=100, B=3, I=6, H=24, lengths=False):
+    """x, the state and weights of both directions, and the backward's per-direction inputs."""
+    cases = [make_case(rng, cell, proj, T=T, B=B, I=I, H=H, lengths=lengths) for _ in range(2)]
+    c = lambda a: _cast(a, dtype)  # noqa: E731
+    x = c(cases[0]["x"])
+    weights = [tuple(c(case["w"][k]) for k in ("w_ih", "w_hh", "b_ih", "b_hh", "w_hr"))
+               for case in cases]
+    per = {k: [c(case[k]) for case in cases] for k in ("h0", "c0", "dy", "dhn", "dcn")}
+    return x, cases[0]["lengths"], weights, per
+
+
+def calls_during(fn):
+    before = _C.direction_calls()
+    result = fn()
+    after = _C.direction_calls()
+    return result, {k: after[k] - before[k] for k in after}
+
+
+def separate_calls(cell, x, lengths, weights, per, lbr, isa):
+    """Each direction as a forward and a backward call of its own: forward's and backward's
+    outputs per direction."""
+    outs = []
+    for d in range(2):
+        y, hn, cn, ctx = functional.forward(cell, x, per["h0"][d], per["c0"][d], *weights[d],
+                                            lengths=lengths, reverse=bool(d),
+                                            linear_before_reset=lbr, isa=isa)
+        outs.append(((y, hn, cn), functional.backward(ctx, per["dy"][d], per["dhn"][d],
+                                                      per["dcn"][d])))
+    return outs
+
+
+def paired_calls(cell, x, lengths, weights, per, lbr, isa, consume=False):
+    forwards = functional.forward_directions(cell, x, per["h0"], per["c0"], weights,
+                                             lengths=lengths, linear_before_reset=lbr, isa=isa)
+    backwards = functional.backward_directions([f[3] for f in forwards], per["dy"], per["dhn"],
+                                               per["dcn"], consume=consume)
+    return [(f[:3], b) for f, b in zip(forwards, backwards)]
+
+
+def assert_same_bits(got, want):
+    for (fwd, bwd), (fwd_want, bwd_want) in zip(got, want):
+        for a, b in zip(list(fwd) + list(bwd[:3]), list(fwd_want) + list(bwd_want[:3])):
+            assert (a is None and b is None) or np.array_equal(a, b)
+        assert set(bwd[3]) == set(bwd_want[3])
+        for name, g in bwd[3].items():
+            assert np.array_equal(g, bwd_want[3][name]), name
+
+
+@needs_threads
+@pytest.mark.parametrize("isa", _C.available_isas())
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+@pytest.mark.parametrize("B,lengths", [(1, False), (3, False), (3, True)])
+def test_directions_side_by_side_give_the_one_thread_bits(two_threads, rng, isa, dtype, variant,
+                                                          B, lengths):
+    cell, lbr, proj = variant
+    x, lens, weights, per = directions_case(rng, cell, proj, dtype, B=B, lengths=lengths)
+    got, ran = calls_during(lambda: paired_calls(cell, x, lens, weights, per, lbr, isa,
+                                                 consume=True))
+    assert ran == {"side_by_side": 2, "in_turn": 0}  # the forward and the backward
+    fusedrnn.set_num_threads(1)
+    assert_same_bits(got, separate_calls(cell, x, lens, weights, per, lbr, isa))
+    # and the numbers are right, not only the same
+    f64 = lambda a: None if a is None else a.astype(np.float64)  # noqa: E731
+    for d in range(2):
+        y, hn, _, _ = reference.forward(cell, f64(x), f64(per["h0"][d]), f64(per["c0"][d]),
+                                        *map(f64, weights[d]), lens, bool(d), lbr)
+        assert_close(got[d][0][0], y, dtype, what=f"direction {d}'s y")
+        assert_close(got[d][0][1], hn, dtype, what=f"direction {d}'s hn")
+
+
+def l2_sized_hidden():
+    """An Elman RNN's H whose W_hh (float32) is 7/8 of this host's L2: a single row's direction
+    then fits L2 only on a team (direction_pair.h, directions_side_by_side)."""
+    return int(np.sqrt(_C.cache_bytes()["l2"] * 7 / 8 / 4))
+
+
+def l3_filling_hidden():
+    """An Elman RNN's H (I = 4, float32) whose two directions' weights fill more than 3/4 of
+    this host's L3 (direction_pair.h, directions_side_by_side)."""
+    return int(np.sqrt(_C.cache_bytes()["l3"] * 3 / 4 / 8)) + 16
+
+
+@needs_threads
+@pytest.mark.parametrize("case", ["one thread", "adaptive policy", "little work",
+                                  "W_hh fits L2 only halved", "weights fill L3"])
+def test_directions_that_would_not_gain_run_in_turn(two_threads, rng, case):
+    """Where two threads a direction would not pay (or are not there), the same call runs each
+    direction in turn on the team, with the same results as separate calls."""
+    shape = {"little work": dict(T=2, B=1, I=2, H=3),
+             "W_hh fits L2 only halved": dict(T=3, B=1, I=4, H=l2_sized_hidden()),
+             "weights fill L3": dict(T=2, B=2, I=4, H=l3_filling_hidden())}
+    x, lens, weights, per = directions_case(rng, "rnn_tanh", 0, np.float32,
+                                            **shape.get(case, {}))
+    if case == "one thread":
+        fusedrnn.set_num_threads(1)
+    if case == "adaptive policy":
+        fusedrnn.set_thread_policy("adaptive")
+    got, ran = calls_during(lambda: paired_calls("rnn_tanh", x, lens, weights, per, True, None))
+    assert ran == {"side_by_side": 0, "in_turn": 2}
+    assert_same_bits(got, separate_calls("rnn_tanh", x, lens, weights, per, True, None))
+
+
+@needs_threads
+def test_a_bidirectional_layer_runs_its_directions_in_one_call(two_threads, rng):
+    """fusedrnn's layers (and so the torch adapter) take the pair for every bidirectional layer
+    of a stack, forward and backward."""
+    layer = fusedrnn.GRU(16, 24, num_layers=2, bidirectional=True, seed=3)
+    x = rng.standard_normal((30, 2, 16)).astype(np.float32)
+    (y, _), ran = calls_during(lambda: layer(x))
+    assert ran == {"side_by_side": 2, "in_turn": 0}
+    _, ran = calls_during(lambda: layer.backward(np.ones_like(y)))
+    assert ran == {"side_by_side": 2, "in_turn": 0}
+
+
+def test_a_pair_whose_second_direction_is_refused_leaves_the_first_unconsumed(rng):
+    """Every argument of both directions is checked before either context is marked consumed:
+    the corrected call then runs (no "backward already ran")."""
+    x, lens, weights, per = directions_case(rng, "lstm", 0, np.float32)
+    forwards = functional.forward_directions("lstm", x, per["h0"], per["c0"], weights)
+    ctxs = [f[3] for f in forwards]
+    bad_dhn = [per["dhn"][0], per["dhn"][1][:, :5].copy()]  # (C order: the kernels' check)
+    with pytest.raises(ValueError, match=r"dhn must have shape \(3, 24\), got \(3, 5\)"):
+        functional.backward_directions(ctxs, per["dy"], bad_dhn, per["dcn"], consume=True)
+    got = functional.backward_directions(ctxs, per["dy"], per["dhn"], per["dcn"], consume=True)
+    want = [functional.backward(functional.forward("lstm", x, per["h0"][d], per["c0"][d],
+                                                   *weights[d], reverse=bool(d))[3],
+                                per["dy"][d], per["dhn"][d], per["dcn"][d]) for d in range(2)]
+    for g, w in zip(got, want):
+        assert np.array_equal(g[0], w[0])
+    with pytest.raises(RuntimeError, match="consume=True"):
+        functional.backward_directions(ctxs, per["dy"], per["dhn"], per["dcn"])
+
+
+def test_pair_arguments_are_checked_with_their_names(rng):
+    x, lens, weights, per = directions_case(rng, "gru", 0, np.float32)
+    with pytest.raises(ValueError, match=r"h0 must have shape \(3, 24\), got \(3, 5\)"):
+        functional.forward_directions("gru", x, [per["h0"][0], per["h0"][1][:, :5]],
+                                      per["c0"], weights)
+    with pytest.raises(ValueError, match="one entry per direction"):
+        functional.forward_directions("gru", x, per["h0"][:1], per["c0"], weights)
+    bad = [weights[0], (weights[1][0], weights[1][1].astype(np.float64)) + weights[1][2:]]
+    with pytest.raises(TypeError, match="must have dtype float32"):
+        functional.forward_directions("gru", x, per["h0"], per["c0"], bad, checked=True)
+    ctxs = [f[3] for f in functional.forward_directions("gru", x, per["h0"], per["c0"], weights)]
+    with pytest.raises(ValueError, match="two contexts, got one twice"):
+        _C.backward_directions(ctxs[0], ctxs[0], per["dy"], [None, None], [None, None])
+    with pytest.raises(ValueError, match="a forward and a reverse direction's"):
+        _C.backward_directions(ctxs[1], ctxs[0], per["dy"], [None, None], [None, None])
+    with pytest.raises(RuntimeError, match="training=True"):
+        functional.backward_directions([ctxs[0], None], per["dy"], per["dhn"], per["dcn"])
+
+
+@needs_threads
+def test_pairs_from_several_python_threads_at_once(two_threads, rng):
+    """Each Python thread's pairs run on their own team (the kernels release the GIL): the
+    results are each thread's own, as on one thread."""
+    x, lens, weights, per = directions_case(rng, "lstm", 3, np.float32, T=60, B=1, H=32)
+    fusedrnn.set_num_threads(1)
+    want = separate_calls("lstm", x, lens, weights, per, True, None)
+    fusedrnn.set_num_threads(2)
+    results = results_from_threads(
+        lambda: paired_calls("lstm", x, lens, weights, per, True, None), 4, 5)
+    assert len(results) == 20
+    for got in results:
+        assert_same_bits(got, want)

@@ -180,3 +180,41 @@ def test_pairs_from_several_python_threads_at_once(two_threads, rng):
     assert len(results) == 20
     for got in results:
         assert_same_bits(got, want)
+
+
+@needs_threads
+@pytest.mark.parametrize("op", ["rnn", "lstm"])
+def test_an_onnx_node_runs_its_two_directions_side_by_side(two_threads, rng, op):
+    """fusedrnn.onnx_ops gives a bidirectional node's directions to one pair call, each with its
+    own cell and ONNX options (an Elman RNN's Tanh one way and Relu the other, an LSTM's six
+    activations and its peepholes): the same outputs as each direction run as a node alone."""
+    from fusedrnn import onnx_ops
+    T, B, I, H = 40, 2, 8, 24  # (the Elman RNN's direction: 123 KFLOP)
+    G = 4 if op == "lstm" else 1
+    f32 = lambda *shape, s=0.3: (s * rng.standard_normal(shape)).astype(np.float32)  # noqa: E731
+    X, W, R, Bias, h0 = f32(T, B, I, s=1), f32(2, G * H, I), f32(2, G * H, H), \
+        f32(2, 2 * G * H), f32(2, B, H)
+    if op == "rnn":
+        kw, fns = dict(activations=["Tanh", "Relu"]), [["Tanh"], ["Relu"]]
+        run = lambda d, **k: onnx_ops.rnn(X, W[d], R[d], Bias[d], None, h0[d], **k)  # noqa: E731
+    else:
+        c0, P = f32(2, B, H), f32(2, 3 * H)
+        fns = [["Sigmoid", "Tanh", "Softsign"], ["HardSigmoid", "LeakyRelu", "Tanh"]]
+        kw = dict(activations=fns[0] + fns[1], activation_alpha=[0.25, 0.2],
+                  activation_beta=[0.6], clip=3.0)
+        run = lambda d, **k: onnx_ops.lstm(X, W[d], R[d], Bias[d], None, h0[d], c0[d],  # noqa
+                                           P[d], **k)
+    both, ran = calls_during(lambda: run(slice(None), direction="bidirectional",
+                                         hidden_size=H, **kw))
+    assert ran == {"side_by_side": 1, "in_turn": 0}
+    if op == "lstm":  # each direction alone: its own functions and its alpha / beta
+        alone_kw = [dict(activations=fns[0], clip=3.0),
+                    dict(activations=fns[1], activation_alpha=[0.25, 0.2],
+                         activation_beta=[0.6], clip=3.0)]
+    else:
+        alone_kw = [dict(activations=f) for f in fns]
+    for d, direction in enumerate(("forward", "reverse")):
+        alone = run(slice(d, d + 1), direction=direction, hidden_size=H, **alone_kw[d])
+        for got, want in zip(both, alone):
+            np.testing.assert_array_equal(got[:, d:d + 1] if got.ndim == 4 else got[d:d + 1],
+                                          want)

@@ -244,12 +244,11 @@ def test_a_node_runs_its_rows_longest_first(rng, monkeypatch):
     the values)."""
     from fusedrnn import functional
     seen = []
-    real = functional.forward
-
-    def spy(*args, **kwargs):
-        seen.append(np.array(kwargs["lengths"]))
-        return real(*args, **kwargs)
-    monkeypatch.setattr(functional, "forward", spy)
+    for name, directions in (("forward", 1), ("forward_directions", 2)):
+        def spy(*args, _real=getattr(functional, name), _directions=directions, **kwargs):
+            seen.extend([np.array(kwargs["lengths"])] * _directions)
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(functional, name, spy)
     T, B, I, H = 5, 6, 3, 4
     X = rng.standard_normal((T, B, I)).astype(np.float32)
     W = rng.standard_normal((2, 4 * H, I)).astype(np.float32)

@@ -303,6 +303,12 @@ def test_onnxruntime_cell_options(rng, monkeypatch, op, direction, attrs, peepho
     monkeypatch.setattr(onnx_ops.functional, "forward",  # (isa, keep_packed: the kernels' only)
                         lambda *args, isa=None, keep_packed=True, **kw:
                         reference.forward(*args, **kw))
+
+    def reference_directions(cells, x, h0, c0, directions, *, isa=None, keep_packed=True,
+                             onnx, **kw):  # (a bidirectional node's one call)
+        return [reference.forward(cells[d], x, h0[d], c0[d], *directions[d], reverse=bool(d),
+                                  onnx=onnx[d], **kw) for d in range(2)]
+    monkeypatch.setattr(onnx_ops.functional, "forward_directions", reference_directions)
     got = run_fusedrnn(node, feeds, np.float64)
     for name in outputs:
         assert_close(got[name], want[name], np.float32, what=f"reference {op} {name}")

@@ -37,11 +37,11 @@ py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list 
                        py::list w_ih, py::list w_hh, py::list b_ih, py::list b_hh, py::list w_hr,
                        std::optional<std::string> isa, uint64_t frozen, bool keep_x,
                        bool keep_packed, int64_t train_from);
-py::list forward_directions(int cell, bool lbr, bool training, py::array x, py::list h0,
-                            py::list c0, py::list w_ih, py::list w_hh, py::list b_ih,
-                            py::list b_hh, py::list w_hr, py::object lengths,
+py::list forward_directions(py::sequence cells, bool lbr, bool training, py::array x,
+                            py::list h0, py::list c0, py::list w_ih, py::list w_hh,
+                            py::list b_ih, py::list b_hh, py::list w_hr, py::object lengths,
                             std::optional<std::string> isa, uint64_t frozen, bool keep_x,
-                            bool keep_packed, bool training_bits);
+                            py::sequence onnx, bool keep_packed, bool training_bits);
 py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
                    py::object grads_into, bool add_into, py::object weights, bool need_dx,
                    bool need_weight_grads);

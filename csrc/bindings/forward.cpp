@@ -297,23 +297,26 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
 // side by side (sequence/direction_pair.h). Per direction lists of the states and weights;
 // returns forward's tuple per direction.
 template <typename T>
-py::list forward_directions_impl(const KernelTable& kt, int cell_code, bool lbr, bool training,
-                                 Arr<T> x, const py::list& h0, const py::list& c0,
+py::list forward_directions_impl(const KernelTable& kt, const int cell_codes[2], bool lbr,
+                                 bool training, Arr<T> x, const py::list& h0, const py::list& c0,
                                  const py::list& w_ih, const py::list& w_hh, const py::list& b_ih,
                                  const py::list& b_hh, const py::list& w_hr,
                                  const std::optional<Arr<int64_t>>& lengths, uint64_t frozen,
-                                 bool keep_x, bool keep_packed, bool training_bits) {
+                                 bool keep_x, const py::sequence& onnx, bool keep_packed,
+                                 bool training_bits) {
   check_list_sizes({&h0, &c0, &w_ih, &w_hh, &b_ih, &b_hh, &w_hr}, 2, "direction");
   const ListEntries<T> e{x.dtype()};
   std::vector<LayerCall<T>> calls;
   calls.reserve(2);
+  OnnxOptions<T> options[2];
   for (size_t d = 0; d < 2; ++d) {
     calls.push_back(prepare_forward<T>(
-        kt, cell_code, lbr, d == 1, training, x, e.required(h0[d], "h0"),
+        kt, cell_codes[d], lbr, d == 1, training, x, e.required(h0[d], "h0"),
         e.optional(c0[d], "c0"), e.required(w_ih[d], "w_ih"), e.required(w_hh[d], "w_hh"),
         e.optional(b_ih[d], "b_ih"), e.optional(b_hh[d], "b_hh"), e.optional(w_hr[d], "w_hr"),
         lengths, frozen, !keep_x, keep_packed));
     calls.back().a.training_bits = training_bits;
+    calls.back().a.onnx = options[d].parse(onnx[d], calls.back().a.s, training);
   }
   const fusedrnn::ForwardArgs<T> args[2] = {calls[0].a, calls[1].a};
   {
@@ -360,20 +363,23 @@ py::list forward_stack(int cell, bool lbr, bool training, py::array x, py::list 
   return forward_stack_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih, b_hh, w_hr, frozen, keep_x, keep_packed, train_from);
 }
 
-py::list forward_directions(int cell, bool lbr, bool training, py::array x, py::list h0,
-                            py::list c0, py::list w_ih, py::list w_hh, py::list b_ih,
-                            py::list b_hh, py::list w_hr, py::object lengths,
+py::list forward_directions(py::sequence cells, bool lbr, bool training, py::array x,
+                            py::list h0, py::list c0, py::list w_ih, py::list w_hh,
+                            py::list b_ih, py::list b_hh, py::list w_hr, py::object lengths,
                             std::optional<std::string> isa, uint64_t frozen, bool keep_x,
-                            bool keep_packed, bool training_bits) {
+                            py::sequence onnx, bool keep_packed, bool training_bits) {
   const KernelTable& kt = kernels(isa);
+  if (cells.size() != 2 || onnx.size() != 2)
+    fail("cells and onnx need one entry per direction (2)");
+  const int codes[2] = {cells[0].cast<int>(), cells[1].cast<int>()};
   require_dtype("lengths", lengths, py::dtype::of<int64_t>());
   const std::optional<Arr<int64_t>> len = optional_cast<Arr<int64_t>>(lengths);
   if (is_f64(x))
-    return forward_directions_impl<double>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih,
-                                           b_hh, w_hr, len, frozen, keep_x, keep_packed,
-                                           training_bits);
-  return forward_directions_impl<float>(kt, cell, lbr, training, x, h0, c0, w_ih, w_hh, b_ih,
-                                        b_hh, w_hr, len, frozen, keep_x, keep_packed,
+    return forward_directions_impl<double>(kt, codes, lbr, training, x, h0, c0, w_ih, w_hh,
+                                           b_ih, b_hh, w_hr, len, frozen, keep_x, onnx,
+                                           keep_packed, training_bits);
+  return forward_directions_impl<float>(kt, codes, lbr, training, x, h0, c0, w_ih, w_hh, b_ih,
+                                        b_hh, w_hr, len, frozen, keep_x, onnx, keep_packed,
                                         training_bits);
 }
 

@@ -313,14 +313,16 @@ PYBIND11_MODULE(_C, m) {
         "keep_packed: as forward's; train_from: in training, the layers below it keep no "
         "context (ctx None), as no backward will run through them, and give a training "
         "call's bits as forward's training_bits)");
-  m.def("forward_directions", &forward_directions, py::arg("cell"),
+  m.def("forward_directions", &forward_directions, py::arg("cells"),
         py::arg("linear_before_reset"), py::arg("training"), py::arg("x"), py::arg("h0"),
         py::arg("c0"), py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"),
         py::arg("w_hr"), py::arg("lengths") = py::none(), py::arg("isa") = py::none(),
-        py::arg("frozen") = 0, py::arg("keep_x") = false, py::arg("keep_packed") = true,
+        py::arg("frozen") = 0, py::arg("keep_x") = false,
+        py::arg("onnx") = py::make_tuple(py::none(), py::none()), py::arg("keep_packed") = true,
         py::arg("training_bits") = false,
-        "a bidirectional layer: per direction (forward, reverse) lists of forward's states and "
-        "weights, both directions on x; returns the list of forward's (y, hn, cn, ctx) per "
+        "a bidirectional layer: per direction (forward, reverse) lists of forward's cell codes "
+        "(an ONNX node's directions may differ: tanh and relu), states, weights and onnx "
+        "options, both directions on x; returns the list of forward's (y, hn, cn, ctx) per "
         "direction. On two threads the directions run side by side, one thread each "
         "(sequence/direction_pair.h); the same results either way");
   m.def("calls_without_gil", [] { return g_calls_without_gil.load(std::memory_order_relaxed); },

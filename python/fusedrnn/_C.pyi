@@ -77,7 +77,7 @@ def forward_stack(cell: int, linear_before_reset: bool, training: bool, x: npt.N
                   train_from: int = 0,
                   ) -> List[Tuple[npt.NDArray[_F], npt.NDArray[_F], Optional[npt.NDArray[_F]],
                                   Optional[Context]]]: ...
-def forward_directions(cell: int, linear_before_reset: bool, training: bool,
+def forward_directions(cells: Sequence[int], linear_before_reset: bool, training: bool,
                        x: npt.NDArray[_F], h0: List[npt.NDArray[_F]],
                        c0: List[Optional[npt.NDArray[_F]]], w_ih: List[npt.NDArray[_F]],
                        w_hh: List[npt.NDArray[_F]], b_ih: List[Optional[npt.NDArray[_F]]],
@@ -85,6 +85,7 @@ def forward_directions(cell: int, linear_before_reset: bool, training: bool,
                        w_hr: List[Optional[npt.NDArray[_F]]],
                        lengths: Optional[npt.NDArray[np.int64]] = None,
                        isa: Optional[str] = None, frozen: int = 0, keep_x: bool = False,
+                       onnx: Sequence[Optional[_OnnxOptions]] = (None, None),
                        keep_packed: bool = True, training_bits: bool = False,
                        ) -> List[Tuple[npt.NDArray[_F], npt.NDArray[_F],
                                        Optional[npt.NDArray[_F]], Optional[Context]]]: ...

@@ -158,18 +158,22 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
 
 def forward_directions(cell, x, h0, c0, directions, lengths=None, linear_before_reset=True,
                        training=True, isa=None, checked=False, frozen=0, keep_x=False,
-                       keep_packed=True, training_bits=False):
+                       keep_packed=True, training_bits=False, onnx=(None, None)):
     """A bidirectional layer in one kernel call: direction 0 forward, 1 reverse, both on x. On
     two threads the kernels run the directions side by side, one thread each
     (csrc/sequence/direction_pair.h); else one after the other. Same results either way.
 
-    h0, c0: per direction (c0 entries None except for "lstm"); directions: per direction
-    (w_ih, w_hh, b_ih, b_hh, w_hr), as forward takes them. ``checked``, ``frozen``,
+    cell: one cell for both, or a pair (an ONNX node's directions may be "rnn_tanh" and
+    "rnn_relu"); h0, c0: per direction (c0 entries None except for "lstm"); directions: per
+    direction (w_ih, w_hh, b_ih, b_hh, w_hr), as forward takes them; onnx: per direction, None
+    or ONNX's cell options as forward takes them (inference only). ``checked``, ``frozen``,
     ``keep_x``, ``keep_packed``, ``training_bits``: as forward_checked's. Returns forward's
     (y, hn, cn, ctx) per direction."""
-    if not (len(h0) == len(c0) == len(directions) == 2):
-        raise ValueError(f"h0, c0 and directions need one entry per direction (2), got "
-                         f"{len(h0)}, {len(c0)} and {len(directions)}")
+    cells = [cell, cell] if isinstance(cell, str) else list(cell)
+    if not (len(h0) == len(c0) == len(directions) == len(cells) == len(onnx) == 2):
+        raise ValueError(f"cell (a pair), h0, c0, directions and onnx need one entry per "
+                         f"direction (2), got {len(h0)} h0, {len(c0)} c0, {len(directions)} "
+                         f"directions")
     h0, c0, directions = list(h0), list(c0), [tuple(w) for w in directions]
     for d, w in enumerate(directions):
         if len(w) != 5:
@@ -179,15 +183,17 @@ def forward_directions(cell, x, h0, c0, directions, lengths=None, linear_before_
     given = x
     if not checked:
         for d in range(2):
-            x, h0[d], c0[d], *weights, lengths = check_layer_args(cell, given, h0[d], c0[d],
+            x, h0[d], c0[d], *weights, lengths = check_layer_args(cells[d], given, h0[d], c0[d],
                                                                   *directions[d], lengths)
             directions[d] = tuple(weights)
-    # (by position, as forward_checked's: lengths, isa, frozen, keep_x, keep_packed,
+    options = [_onnx_options(cells[d], onnx[d], x.dtype, directions[d][1].shape[0])
+               for d in range(2)]
+    # (by position, as forward_checked's: lengths, isa, frozen, keep_x, onnx, keep_packed,
     # training_bits)
-    outs = _C.forward_directions(CELL_CODES[cell], bool(linear_before_reset), bool(training), x,
-                                 h0, c0, *(list(w) for w in zip(*directions)), lengths, isa,
-                                 frozen, bool(keep_x) or made_here(x, given), bool(keep_packed),
-                                 bool(training_bits))
+    outs = _C.forward_directions([CELL_CODES[c] for c in cells], bool(linear_before_reset),
+                                 bool(training), x, h0, c0, *(list(w) for w in zip(*directions)),
+                                 lengths, isa, frozen, bool(keep_x) or made_here(x, given),
+                                 options, bool(keep_packed), bool(training_bits))
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 

@@ -366,21 +366,27 @@ class _Node:
         # The weights reach the kernels as new arrays every call (ONNX's gate order to torch's):
         # keep_packed=False, else the calling thread's packed-weight cache kept their dead forms,
         # up to its 256 MiB (50 nodes: full within 4000 calls).
-        ys, hns, cns = [], [], []
         rows = slice(None) if self.rows is None else self.rows
         x = self.x if self.rows is None else np.ascontiguousarray(self.x[:, rows])
-        for d, ((cell, onnx), reverse) in enumerate(zip(options, self.reverses)):
+        h0 = [np.ascontiguousarray(self.h0[d][rows]) for d in range(self.D)]
+        c0s = [None if c0 is None else np.ascontiguousarray(c0[d][rows]) for d in range(self.D)]
+        weights = []
+        for d, (cell, _) in enumerate(options):
             b_ih, b_hh = np.split(self.b[d], 2)
-            y, hn, cn, _ = functional.forward(
-                cell, x, np.ascontiguousarray(self.h0[d][rows]),
-                None if c0 is None else np.ascontiguousarray(c0[d][rows]),
-                from_onnx_gates(self.w[d], cell), from_onnx_gates(self.r[d], cell),
-                from_onnx_gates(b_ih, cell), from_onnx_gates(b_hh, cell),
-                lengths=self.lengths, reverse=reverse, linear_before_reset=linear_before_reset,
-                training=False, isa=isa, onnx=onnx, keep_packed=False)
-            ys.append(y)
-            hns.append(hn)
-            cns.append(cn)
+            weights.append(tuple(from_onnx_gates(a, cell) for a in
+                                 (self.w[d], self.r[d], b_ih, b_hh)) + (None,))
+        cells, onnx = [cell for cell, _ in options], [o for _, o in options]
+        if self.D == 2:  # (both in one call: on two threads, side by side)
+            outs = functional.forward_directions(
+                cells, x, h0, c0s, weights, lengths=self.lengths,
+                linear_before_reset=linear_before_reset, training=False, isa=isa,
+                keep_packed=False, onnx=onnx)
+        else:
+            outs = [functional.forward(
+                cells[0], x, h0[0], c0s[0], *weights[0], lengths=self.lengths,
+                reverse=self.reverses[0], linear_before_reset=linear_before_reset,
+                training=False, isa=isa, onnx=onnx[0], keep_packed=False)]
+        ys, hns, cns = ([out[i] for out in outs] for i in range(3))
         Y, Y_h = np.stack(ys, axis=1), np.stack(hns)  # (T, D, B, H), (D, B, H)
         Y_c = np.stack(cns) if c0 is not None else None
         if self.rows is not None:  # rows of length 0: zeros everywhere

@@ -249,9 +249,11 @@ void packed_cache_stats(size_t* forms, size_t* copies, size_t* bytes);
 // Empties the calling thread's cache (the next calls pack again).
 void packed_cache_clear();
 // Empties it and those of the calling thread's OpenMP workers that a pipelined stack ran layers
-// on (layer_pipeline.h), which live as long as the workers do: empty_cache().
+// on (layer_pipeline.h), or a bidirectional layer its reverse direction (direction_pair.h),
+// which live as long as the workers do: empty_cache().
 void packed_cache_clear_team();
-// A pipelined stack is about to run layers on n threads of the calling thread's team.
+// A pipelined stack (or a direction pair) is about to run on n threads of the calling thread's
+// team.
 void note_pipeline_team(int n);
 // Packed forms the caches of all threads hold together.
 int64_t packed_forms_all_threads();

@@ -218,3 +218,24 @@ def test_an_onnx_node_runs_its_two_directions_side_by_side(two_threads, rng, op)
         for got, want in zip(both, alone):
             np.testing.assert_array_equal(got[:, d:d + 1] if got.ndim == 4 else got[d:d + 1],
                                           want)
+
+
+@needs_threads
+@pytest.mark.parametrize("frozen", [False, True])
+def test_directions_side_by_side_keep_packed_weights_only_where_empty_cache_reaches(
+        two_threads, rng, frozen):
+    """The reverse direction runs on the kernels' OpenMP worker, whose packed-weight cache lasts
+    as long as the worker: empty_cache() clears it too (as a pipelined stack's), and leaves no
+    form anywhere."""
+    x = rng.standard_normal((60, 2, 16)).astype(np.float32)
+    fusedrnn.empty_cache()
+    before = _C.packed_forms_all_threads()
+    layers = [fusedrnn.GRU(16, 32, bidirectional=True, seed=seed).eval() for seed in range(3)]
+    for layer in layers:                         # all alive: new arrays, new forms
+        if frozen:
+            layer.freeze()
+        _, ran = calls_during(lambda: layer(x))
+        assert ran == {"side_by_side": 1, "in_turn": 0}
+    assert _C.packed_forms_all_threads() > before + _C.packed_cache()["forms"]  # the worker's
+    fusedrnn.empty_cache()
+    assert _C.packed_forms_all_threads() == before

@@ -75,7 +75,8 @@ def empty_cache():
     """Give memory the kernels keep between calls back to the system: the blocks kept for reuse
     (up to 1 GiB, process-wide) and the calling thread's packed weights (up to 256 MiB and 4096
     packed forms a thread, which other threads' caches also hold until they call this or end),
-    with those its OpenMP workers hold for the pipelined stacks it ran.
+    with those its OpenMP workers hold for the pipelined stacks and the bidirectional layers'
+    directions side by side it ran.
     The next calls allocate and pack again."""
     _C.empty_cache()
 

@@ -395,6 +395,35 @@ def test_fusedrnn_without_layers_chains_functional(tmp_path, capsys, monkeypatch
 
 
 @pytest.mark.skipif(not hasattr(fusedrnn, "LSTM"), reason="fusedrnn has no layers yet")
+def test_bidirectional_configs_are_named_apart_and_count_both_directions(tmp_path, capsys):
+    """--bidirectional: every config with both directions (its own name, outside issue 6's
+    targets, which are the one-way matrix's), twice the FLOPs of one direction in a layer and
+    the layers above reading both directions' outputs; --quick still picks its subset; the
+    fusedrnn layers and the NumPy reference agree, every gradient named as torch's."""
+    plan = cli.plan(parse("--bidirectional"))
+    assert {c.config.name for c in plan} == {f"{n}-bidir" for n in cases.CONFIGS}
+    quick = cli.plan(parse("--quick", "--bidirectional"))
+    assert [(c.config.base_name, c.cell, c.mode) for c in quick] == [
+        (c.config.name, c.cell, c.mode) for c in cli.plan(parse("--quick"))]
+    one_way, both = cases.custom_config(4, 3, 5, 6, 2), cases.bidirectional(
+        cases.custom_config(4, 3, 5, 6, 2))
+    G, T, B, I, H = 4, 4, 3, 5, 6
+    assert cases.flops(both, "lstm", "infer") == 2 * 2 * T * B * G * H * (I + H) + \
+        2 * 2 * T * B * G * H * (2 * H + H)
+    assert cases.flops(both, "lstm", "train") == 3 * cases.flops(both, "lstm", "infer")
+    assert cases.flops(one_way, "lstm", "infer") == 2 * T * B * G * H * (I + H + H + H)
+    problem = cases.make_problem(both, "lstm")
+    assert problem.D == 2 and problem.h0.shape == (4, 3, 6) and problem.dy.shape == (4, 3, 12)
+    assert problem.reverse[1]["w_ih"].shape == (24, 12)
+    status, data, out = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
+                                 "--threads", "1", "--peers", "reference", "--bidirectional")
+    assert status == 0 and "overhead-bound (online-small, long-seq) infer" in out
+    for rec in data["cases"]:
+        assert rec["check"]["ok"] and rec["agreement"]["reference"]["ok"], rec
+        if rec["mode"] == "train":
+            assert "weight_hh_l1_reverse" in rec["agreement"]["reference"]["compared"]
+
+
 def test_fusedrnn_layers_path(tmp_path, capsys):
     status, data, _ = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
                                "--threads", "1", "--peers", "reference")
@@ -405,24 +434,29 @@ def test_fusedrnn_layers_path(tmp_path, capsys):
         assert rec["check"]["ok"] and rec["agreement"]["reference"]["ok"]
 
 
-def cases_against(peer, tmp_path, capsys):
+def cases_against(peer, tmp_path, capsys, bidirectional=False):
     """Every cell, a 2-layer tiny size, fusedrnn beside one peer: the run's case records."""
     status, data, _ = run_json(tmp_path, capsys, "--quick", "--sizes", "4,3,5,6,2",
                                "--threads", "1", "--cells", "rnn,rnn_relu,lstm,gru",
-                               "--peers", peer)
+                               "--peers", peer, *(["--bidirectional"] if bidirectional else []))
     assert status == 0
+    assert all(rec["config"].endswith("-bidir") == bidirectional for rec in data["cases"])
     return data["cases"]
 
 
 @pytest.mark.torch
-def test_torch_agrees(tmp_path, capsys):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_torch_agrees(tmp_path, capsys, bidirectional):
     pytest.importorskip("torch")
-    for rec in cases_against("torch", tmp_path, capsys):
+    for rec in cases_against("torch", tmp_path, capsys, bidirectional):
         agree = rec["agreement"]["torch"]
         assert agree["ok"], agree
         if rec["mode"] == "train":       # dx, dh0 (dc0) and every parameter's gradient
             states = {"dh0", "dc0"} if rec["cell"] == "lstm" else {"dh0"}
-            assert {"dx", "weight_ih_l1", "bias_hh_l0"} | states <= set(agree["compared"])
+            names = {"dx", "weight_ih_l1", "bias_hh_l0"} | states
+            if bidirectional:
+                names |= {"weight_ih_l1_reverse", "bias_hh_l0_reverse"}
+            assert names <= set(agree["compared"])
 
 
 @pytest.mark.torch
@@ -450,10 +484,11 @@ def test_torch_training_backpropagates_dy_itself_into_the_initial_states(cell, m
     assert len(run.states) == (2 if cell == "lstm" else 1)
 
 
-def test_onnxruntime_agrees(tmp_path, capsys):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_onnxruntime_agrees(tmp_path, capsys, bidirectional):
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
-    for rec in cases_against("onnxruntime", tmp_path, capsys):
+    for rec in cases_against("onnxruntime", tmp_path, capsys, bidirectional):
         if rec["mode"] == "train":
             assert rec["skipped"]["onnxruntime"] == "train not supported"
             continue

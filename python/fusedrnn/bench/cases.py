@@ -29,10 +29,27 @@ class Config:
     H: int
     L: int
     why: str = ""
+    D: int = 1   # directions: 2 for a bidirectional model (--bidirectional)
 
     @property
     def shape(self):
-        return f"T={self.T} B={self.B} I={self.I} H={self.H} L={self.L}"
+        return f"T={self.T} B={self.B} I={self.I} H={self.H} L={self.L}" + (
+            " bidirectional" if self.D == 2 else "")
+
+    @property
+    def base_name(self):
+        """The name of the config this one is the bidirectional form of (else its own)."""
+        return self.name[:-len(BIDIRECTIONAL_SUFFIX)] if self.D == 2 else self.name
+
+
+BIDIRECTIONAL_SUFFIX = "-bidir"
+
+
+def bidirectional(config):
+    """The config with both directions in every layer (torch.nn's bidirectional=True, ONNX's
+    direction="bidirectional"), named apart: issue 6's targets are the one-way matrix's."""
+    return Config(config.name + BIDIRECTIONAL_SUFFIX, config.T, config.B, config.I, config.H,
+                  config.L, config.why, D=2)
 
 
 # DESIGN.md, "Benchmark matrix".
@@ -80,13 +97,14 @@ def custom_config(T, B, I, H, L):
 
 
 def flops(config, cell, mode):
-    """DESIGN.md: forward 2*T*B*G*H*(I+H) per layer (input of layer k>0 is H); training 3x."""
+    """DESIGN.md: forward 2*T*B*G*H*(I+H) per layer and direction (input of layer k>0 is D*H);
+    training 3x."""
     G = GATES[cell]
     c = config
     total = 0
     for k in range(c.L):
-        I_k = c.I if k == 0 else c.H
-        total += 2 * c.T * c.B * G * c.H * (I_k + c.H)
+        I_k = c.I if k == 0 else c.D * c.H
+        total += c.D * 2 * c.T * c.B * G * c.H * (I_k + c.H)
     return total * (3 if mode == "train" else 1)
 
 
@@ -104,7 +122,7 @@ def plan(configs, cells, modes, threads, quick_subset=False):
         for config in configs:
             for cell in cells:
                 for mode in modes:
-                    if allowed is not None and (config.name, cell, mode) not in allowed:
+                    if allowed is not None and (config.base_name, cell, mode) not in allowed:
                         continue
                     cases.append(Case(config, cell, mode, n))
     return cases
@@ -112,13 +130,15 @@ def plan(configs, cells, modes, threads, quick_subset=False):
 
 @dataclass
 class Problem:
-    """Arrays of one (config, cell). layers[k] has w_ih, w_hh, b_ih, b_hh (torch order)."""
+    """Arrays of one (config, cell). layers[k] has w_ih, w_hh, b_ih, b_hh (torch order);
+    reverse[k] the same of layer k's reverse direction (bidirectional configs; else None)."""
     cell: str
     layers: list
     x: np.ndarray            # (T, B, I)
-    h0: np.ndarray           # (L, B, H)
-    c0: object               # (L, B, H) for lstm, else None
-    dy: np.ndarray           # (T, B, H): upstream gradient of y for training
+    h0: np.ndarray           # (L*D, B, H), layer by layer, each layer's directions in order
+    c0: object               # (L*D, B, H) for lstm, else None
+    dy: np.ndarray           # (T, B, D*H): upstream gradient of y for training
+    reverse: list = None
 
     @property
     def kernel_cell(self):
@@ -129,34 +149,49 @@ class Problem:
         T, B, I = self.x.shape
         return T, B, I, self.h0.shape[2], len(self.layers)
 
+    @property
+    def D(self):
+        return 1 if self.reverse is None else 2
+
+    def directions(self, k):
+        """Layer k's weights per direction: [forward's] or [forward's, reverse's]."""
+        return [self.layers[k]] + ([] if self.reverse is None else [self.reverse[k]])
+
+    def _with(self, cast, x, h0, c0, dy):
+        layers = [{k: cast(v) for k, v in w.items()} for w in self.layers]
+        reverse = None if self.reverse is None else [{k: cast(v) for k, v in w.items()}
+                                                     for w in self.reverse]
+        return Problem(self.cell, layers, x, h0, c0, dy, reverse)
+
     def truncated(self, T, B):
         """The same weights on the first T steps and B batch rows."""
-        return Problem(self.cell, self.layers, self.x[:T, :B].copy(), self.h0[:, :B].copy(),
-                       None if self.c0 is None else self.c0[:, :B].copy(), self.dy[:T, :B].copy())
+        return self._with(lambda a: a, self.x[:T, :B].copy(), self.h0[:, :B].copy(),
+                          None if self.c0 is None else self.c0[:, :B].copy(),
+                          self.dy[:T, :B].copy())
 
     def rows(self, rows):
         """The same weights on batch rows ``rows`` (a list), every step."""
         def pick(a):
             return None if a is None else a[:, rows].copy()
-        return Problem(self.cell, self.layers, pick(self.x), pick(self.h0), pick(self.c0),
-                       pick(self.dy))
+        return self._with(lambda a: a, pick(self.x), pick(self.h0), pick(self.c0), pick(self.dy))
 
     def astype(self, dtype):
         def cast(a):
             return None if a is None else a.astype(dtype)
-        layers = [{k: cast(v) for k, v in w.items()} for w in self.layers]
-        return Problem(self.cell, layers, cast(self.x), cast(self.h0), cast(self.c0), cast(self.dy))
+        return self._with(cast, cast(self.x), cast(self.h0), cast(self.c0), cast(self.dy))
 
 
 def make_problem(config, cell, seed=0):
     """Seeded float32 weights (torch's initialisation), input, states and upstream gradient."""
     rng = np.random.default_rng([seed, zlib.crc32(f"{config.name}/{cell}".encode())])
     c = config
-    layers = []
+    layers, reverse = [], []
     for k in range(c.L):
-        w = reference.init_weights(KERNEL_CELL[cell], c.I if k == 0 else c.H, c.H,
-                                   dtype=np.float32, rng=rng)
-        layers.append({name: w[name] for name in ("w_ih", "w_hh", "b_ih", "b_hh")})
+        for d in range(c.D):
+            w = reference.init_weights(KERNEL_CELL[cell], c.I if k == 0 else c.D * c.H, c.H,
+                                       dtype=np.float32, rng=rng)
+            (reverse if d else layers).append(
+                {name: w[name] for name in ("w_ih", "w_hh", "b_ih", "b_hh")})
 
     def normal(*shape, scale=1.0):
         # Drawn in float32: a huge --sizes case gets no float64 copy on the way.
@@ -165,7 +200,19 @@ def make_problem(config, cell, seed=0):
         return a
 
     x = normal(c.T, c.B, c.I)
-    h0 = normal(c.L, c.B, c.H, scale=0.5)
-    c0 = normal(c.L, c.B, c.H, scale=0.5) if cell == "lstm" else None
-    dy = normal(c.T, c.B, c.H)
-    return Problem(cell, layers, x, h0, c0, dy)
+    h0 = normal(c.L * c.D, c.B, c.H, scale=0.5)
+    c0 = normal(c.L * c.D, c.B, c.H, scale=0.5) if cell == "lstm" else None
+    dy = normal(c.T, c.B, c.D * c.H)
+    return Problem(cell, layers, x, h0, c0, dy, reverse if c.D == 2 else None)
+
+
+def torch_names(problem):
+    """{torch.nn parameter name: array} of the problem's weights (weight_ih_l0,
+    bias_hh_l1_reverse, ...)."""
+    state = {}
+    for k in range(len(problem.layers)):
+        for d, w in enumerate(problem.directions(k)):
+            for ours, theirs in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"),
+                                 ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
+                state[f"{theirs}_l{k}{'_reverse' if d else ''}"] = w[ours]
+    return state

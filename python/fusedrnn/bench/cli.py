@@ -1,13 +1,14 @@
 """``python -m fusedrnn.bench``: arguments, then the run.
 
     python -m fusedrnn.bench [--quick] [--cells rnn,lstm,gru] [--configs NAMES]
-        [--sizes T,B,I,H,L ...] [--threads 1,2] [--mode infer,train]
+        [--sizes T,B,I,H,L ...] [--bidirectional] [--threads 1,2] [--mode infer,train]
         [--peers torch,onnxruntime,reference] [--json FILE] [--plot FILE] [--memory]
 
 Without options: the full matrix of DESIGN.md (every config x cell x mode x 1 and 2 threads)
 against every installed peer. ``--quick``: a subset that shows each regime once, one thread and
 shorter timing (with ``--configs`` or ``--sizes``: those cases, with the shorter timing).
 ``--sizes``: your own shapes (instead of the matrix, or in addition to ``--configs``).
+``--bidirectional``: every config with both directions in each layer (named ``<config>-bidir``).
 ``--memory``: after the timing, the peak memory of one training call (memory.py) for every
 config and cell of the plan that runs in train mode.
 Exit status 1 when fusedrnn fails its check against the reference in any case, a peer's
@@ -129,6 +130,9 @@ def parser():
                     help=f"configs of the matrix: {', '.join(cases.CONFIGS)} (default: all)")
     ap.add_argument("--sizes", nargs="+", action="extend", type=_sizes, metavar="T,B,I,H,L",
                     help="your own shapes: steps, batch, input, hidden, layers (repeatable)")
+    ap.add_argument("--bidirectional", action="store_true",
+                    help="every config with both directions in each layer (torch.nn's "
+                         "bidirectional=True; named <config>-bidir, outside issue 6's targets)")
     ap.add_argument("--threads", type=_threads,
                     help="thread counts, comma-separated (default: 1,2; --quick: 1)")
     ap.add_argument("--mode", type=_list("mode", cases.MODES),
@@ -157,6 +161,8 @@ def plan(args):
         names = args.configs or list(cases.CONFIGS)
         configs += [cases.CONFIGS[n] for n in names]
     configs += args.sizes or []
+    if args.bidirectional:
+        configs = [cases.bidirectional(c) for c in configs]
     # --quick alone runs the QUICK subset; with --configs or --sizes it only shortens timing.
     quick_subset = args.quick and not args.sizes and not args.configs
     cells = args.cells or list(cases.DEFAULT_CELLS)

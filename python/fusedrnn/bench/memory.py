@@ -220,7 +220,7 @@ def child_main(spec_json):
     peer.set_threads(THREADS)
     problem = cases.make_problem(config, cell)
     run = peer.prepare(problem, "train")
-    tiny = cases.Config("warm-up", L=config.L, **WARM_UP)
+    tiny = cases.Config("warm-up", L=config.L, D=config.D, **WARM_UP)
     warm = peer.prepare(cases.make_problem(tiny, cell), "train")
     warm()
     del warm

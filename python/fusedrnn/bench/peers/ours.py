@@ -11,6 +11,7 @@ path ran ("fusedrnn_path").
 """
 import fusedrnn
 from ... import functional
+from ..cases import torch_names
 from . import stack
 
 LAYER_CLASS = {"rnn": "RNN", "rnn_relu": "RNN", "lstm": "LSTM", "gru": "GRU"}
@@ -54,16 +55,12 @@ class LayerRunner:
         import numpy as np
         T, B, I, H, L = problem.shape
         cls = getattr(fusedrnn, LAYER_CLASS[problem.cell])
-        kwargs = {"num_layers": L, "dtype": np.float32, "seed": 0}
+        kwargs = {"num_layers": L, "dtype": np.float32, "seed": 0,
+                  "bidirectional": problem.D == 2}
         if problem.cell in ("rnn", "rnn_relu"):
             kwargs["nonlinearity"] = "relu" if problem.cell == "rnn_relu" else "tanh"
         self.module = cls(I, H, **kwargs)
-        state = {}
-        for k, w in enumerate(problem.layers):
-            for ours, theirs in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"),
-                                 ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
-                state[f"{theirs}_l{k}"] = w[ours]
-        self.module.load_state_dict(state)
+        self.module.load_state_dict(torch_names(problem))
         self.train = mode == "train"
         self.module.train(self.train)
         if not self.train:

@@ -1,36 +1,50 @@
 """Chain one-layer, one-direction ``forward``/``backward`` over the layers of a Problem.
 
 ``fn`` is a module with the functional API (fusedrnn.functional or fusedrnn.reference): this is
-how a stacked model runs on that API, and the shape of the outputs every peer reports:
-"y" (T, B, H), "hn" and "cn" (L, B, H), and for training "dx" (T, B, I), "dh0" and "dc0"
-(L, B, H) and the weight gradients named as torch.nn names its parameters ("weight_ih_l0",
-"bias_hh_l1", ...).
+how a stacked (and bidirectional) model runs on that API, and the shape of the outputs every peer
+reports: "y" (T, B, D*H), "hn" and "cn" (L*D, B, H), and for training "dx" (T, B, I), "dh0" and
+"dc0" (L*D, B, H) and the weight gradients named as torch.nn names its parameters
+("weight_ih_l0", "bias_hh_l1_reverse", ...).
 """
 import numpy as np
 
 
 def forward(fn, problem, training):
-    """Returns (y, hn, cn, ctxs); cn is None unless LSTM, ctxs empty unless training."""
-    cell = problem.kernel_cell
+    """Returns (y, hn, cn, ctxs); cn is None unless LSTM, ctxs (per layer, per direction) empty
+    unless training."""
+    cell, D = problem.kernel_cell, problem.D
     inp, hn, cn, ctxs = problem.x, [], [], []
-    for k, w in enumerate(problem.layers):
-        c0 = None if problem.c0 is None else problem.c0[k]
-        inp, h, c, ctx = fn.forward(cell, inp, problem.h0[k], c0, w["w_ih"], w["w_hh"],
-                                    w["b_ih"], w["b_hh"], training=training)
-        hn.append(h)
-        cn.append(c)
-        ctxs.append(ctx)
+    for k in range(len(problem.layers)):
+        ys, layer_ctxs = [], []
+        for d, w in enumerate(problem.directions(k)):
+            i = k * D + d
+            c0 = None if problem.c0 is None else problem.c0[i]
+            y, h, c, ctx = fn.forward(cell, inp, problem.h0[i], c0, w["w_ih"], w["w_hh"],
+                                      w["b_ih"], w["b_hh"], reverse=bool(d), training=training)
+            ys.append(y)
+            hn.append(h)
+            cn.append(c)
+            layer_ctxs.append(ctx)
+        inp = ys[0] if D == 1 else np.concatenate(ys, axis=-1)
+        ctxs.append(layer_ctxs)
     return inp, np.stack(hn), (np.stack(cn) if problem.c0 is not None else None), ctxs
 
 
 def backward(fn, ctxs, dy):
     """BPTT through the stack (the loss is (y * dy).sum()); returns (dx, dh0, dc0, grads), dh0
-    and dc0 (L, B, H), dc0 None unless LSTM."""
-    grads, dh0, dc0 = {}, [None] * len(ctxs), [None] * len(ctxs)
+    and dc0 (L*D, B, H), dc0 None unless LSTM."""
+    D = len(ctxs[0])
+    grads, dh0, dc0 = {}, [None] * (len(ctxs) * D), [None] * (len(ctxs) * D)
     for k in reversed(range(len(ctxs))):
-        dy, dh0[k], dc0[k], g = fn.backward(ctxs[k], dy)
-        for name, value in g.items():
-            grads[f"{name}_l{k}"] = value
+        H = dy.shape[-1] // D
+        dx = None
+        for d, ctx in enumerate(ctxs[k]):
+            dx_d, dh0[k * D + d], dc0[k * D + d], g = fn.backward(
+                ctx, np.ascontiguousarray(dy[..., d * H:(d + 1) * H]))
+            dx = dx_d if dx is None else dx + dx_d
+            for name, value in g.items():
+                grads[f"{name}_l{k}{'_reverse' if d else ''}"] = value
+        dy = dx
     return dy, np.stack(dh0), (None if dc0[0] is None else np.stack(dc0)), grads
 
 

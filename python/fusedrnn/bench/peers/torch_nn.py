@@ -9,6 +9,8 @@ dh0 (and dc0), which torch skips unless h0 (c0) requires grad.
 """
 import numpy as np
 
+from ..cases import torch_names
+
 
 class TorchPeer:
     name = "torch"
@@ -32,17 +34,14 @@ class TorchPeer:
 def make_module(torch, problem):
     T, B, I, H, L = problem.shape
     cls = {"lstm": torch.nn.LSTM, "gru": torch.nn.GRU}.get(problem.cell)
+    kwargs = {"num_layers": L, "bidirectional": problem.D == 2}
     if cls is None:
         nonlinearity = "relu" if problem.cell == "rnn_relu" else "tanh"
-        module = torch.nn.RNN(I, H, num_layers=L, nonlinearity=nonlinearity)
+        module = torch.nn.RNN(I, H, nonlinearity=nonlinearity, **kwargs)
     else:
-        module = cls(I, H, num_layers=L)
-    state = {}
-    for k, w in enumerate(problem.layers):
-        for ours, theirs in (("w_ih", "weight_ih"), ("w_hh", "weight_hh"),
-                             ("b_ih", "bias_ih"), ("b_hh", "bias_hh")):
-            state[f"{theirs}_l{k}"] = torch.from_numpy(np.ascontiguousarray(w[ours]))
-    module.load_state_dict(state)
+        module = cls(I, H, **kwargs)
+    module.load_state_dict({name: torch.from_numpy(np.ascontiguousarray(w))
+                            for name, w in torch_names(problem).items()})
     return module.float()
 
 

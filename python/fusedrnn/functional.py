@@ -129,11 +129,7 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     L = len(layers)
     if not (len(h0) == len(c0) == L) or L == 0:
         raise ValueError(f"h0 and c0 need one entry per layer ({L}), got {len(h0)} and {len(c0)}")
-    h0, c0, layers = list(h0), list(c0), [tuple(w) for w in layers]
-    for k, w in enumerate(layers):
-        if len(w) != 5:
-            raise ValueError(f"layers[{k}] must be (w_ih, w_hh, b_ih, b_hh, w_hr) (None for the "
-                             f"ones it lacks), got {len(w)} items")
+    h0, c0, layers = list(h0), list(c0), _weight_tuples(layers, "layers")
     _check_isa(isa)
     given = x
     if not checked:
@@ -156,6 +152,17 @@ def forward_stack(cell, x, h0, c0, layers, linear_before_reset=True, training=Tr
     return [(y, hn, cn, ctx if training else None) for y, hn, cn, ctx in outs]
 
 
+def _weight_tuples(entries, name):
+    """Each entry of a stack's ``layers`` (a pair's ``directions``) as a tuple (w_ih, w_hh,
+    b_ih, b_hh, w_hr), checked to have five items."""
+    tuples = [tuple(w) for w in entries]
+    for k, w in enumerate(tuples):
+        if len(w) != 5:
+            raise ValueError(f"{name}[{k}] must be (w_ih, w_hh, b_ih, b_hh, w_hr) (None for the "
+                             f"ones it lacks), got {len(w)} items")
+    return tuples
+
+
 def forward_directions(cell, x, h0, c0, directions, lengths=None, linear_before_reset=True,
                        training=True, isa=None, checked=False, frozen=0, keep_x=False,
                        keep_packed=True, training_bits=False, onnx=(None, None)):
@@ -174,11 +181,7 @@ def forward_directions(cell, x, h0, c0, directions, lengths=None, linear_before_
         raise ValueError(f"cell (a pair), h0, c0, directions and onnx need one entry per "
                          f"direction (2), got {len(h0)} h0, {len(c0)} c0, {len(directions)} "
                          f"directions")
-    h0, c0, directions = list(h0), list(c0), [tuple(w) for w in directions]
-    for d, w in enumerate(directions):
-        if len(w) != 5:
-            raise ValueError(f"directions[{d}] must be (w_ih, w_hh, b_ih, b_hh, w_hr) (None for "
-                             f"the ones it lacks), got {len(w)} items")
+    h0, c0, directions = list(h0), list(c0), _weight_tuples(directions, "directions")
     _check_isa(isa)
     given = x
     if not checked:
@@ -214,6 +217,14 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     ``need_dx=False``: dx is None, its product (as large as dW_ih's) skipped, as torch's autograd
     skips an input that needs no gradient; ``need_weight_grads=False``: grads is {} (grads_into
     untouched), the weight products and bias sums skipped (a frozen layer)."""
+    dy, dhn, dcn, weights = _backward_inputs(ctx, dy, dhn, dcn, weights)
+    return _C.backward(ctx, dy, dhn, dcn, bool(consume), grads_into, bool(add_into), weights,
+                       bool(need_dx), bool(need_weight_grads))
+
+
+def _backward_inputs(ctx, dy, dhn, dcn, weights):
+    """One backward's context checked and its dy, dhn, dcn and weights as the kernels take
+    them (C-contiguous, each shape checked before a copy is made)."""
     if ctx is None:
         raise RuntimeError("backward needs the context of a forward run with training=True")
     if not isinstance(ctx, _C.Context):
@@ -228,8 +239,7 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     dcn = None if dcn is None else np.ascontiguousarray(dcn)
     if weights is not None:
         weights = tuple(None if w is None else np.ascontiguousarray(w) for w in weights)
-    return _C.backward(ctx, dy, dhn, dcn, bool(consume), grads_into, bool(add_into), weights,
-                       bool(need_dx), bool(need_weight_grads))
+    return dy, dhn, dcn, weights
 
 
 def backward_directions(ctxs, dy, dhn, dcn, consume=False, grads_into=(None, None),
@@ -244,27 +254,11 @@ def backward_directions(ctxs, dy, dhn, dcn, consume=False, grads_into=(None, Non
     if any(len(a) != 2 for a in per_direction):
         raise ValueError("ctxs, dy, dhn, dcn, grads_into and weights need one entry per "
                          "direction (2)")
-    args = [[], [], [], [], []]
-    for d in range(2):
-        ctx, dy_d, dhn_d, dcn_d, w = ctxs[d], dy[d], dhn[d], dcn[d], weights[d]
-        if ctx is None:
-            raise RuntimeError("backward needs the context of a forward run with training=True")
-        if not isinstance(ctx, _C.Context):
-            raise TypeError(f"ctx must be the context a forward with training=True returned, "
-                            f"got {type(ctx).__name__}")
-        if dy_d is None:
-            raise TypeError("dy must be an array shaped as the forward's y (the gradient of the "
-                            "loss with respect to y), got None")
-        _check_grad_shapes(ctx, dy_d, dhn_d, dcn_d, w)
-        contiguous = [None if a is None else np.ascontiguousarray(a) for a in (dy_d, dhn_d, dcn_d)]
-        if w is not None:
-            w = tuple(None if a is None else np.ascontiguousarray(a) for a in w)
-        for store, value in zip(args, contiguous + [w]):
-            store.append(value)
-    dys, dhns, dcns, ws = args[0], args[1], args[2], args[3]
-    return _C.backward_directions(ctxs[0], ctxs[1], dys, dhns, dcns, bool(consume),
-                                  list(grads_into), bool(add_into), ws, bool(need_dx),
-                                  bool(need_weight_grads))
+    dys, dhns, dcns, ws = zip(*(_backward_inputs(ctxs[d], dy[d], dhn[d], dcn[d], weights[d])
+                                for d in range(2)))
+    return _C.backward_directions(ctxs[0], ctxs[1], list(dys), list(dhns), list(dcns),
+                                  bool(consume), list(grads_into), bool(add_into), list(ws),
+                                  bool(need_dx), bool(need_weight_grads))
 
 
 def _check_grad_shapes(ctx, dy, dhn, dcn, weights):

@@ -239,3 +239,28 @@ def test_directions_side_by_side_keep_packed_weights_only_where_empty_cache_reac
     assert _C.packed_forms_all_threads() > before + _C.packed_cache()["forms"]  # the worker's
     fusedrnn.empty_cache()
     assert _C.packed_forms_all_threads() == before
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_a_pair_reads_arrays_that_are_not_c_contiguous(rng, dtype):
+    """_C's pair calls take a copy of such an array (functional's make them C-contiguous first):
+    the copy must live until the kernels have read it. Direction 0's dy copy went with its
+    cast's temporary before the kernels ran (200 x 8 x 64: a freed block, dx 0.3 off)."""
+    x, lens, weights, per = directions_case(rng, "lstm", 0, dtype, T=200, B=8, H=64)
+    strided = lambda a: np.repeat(a, 2, axis=-1)[..., ::2]  # noqa: E731 (same values)
+    outs = [_C.forward_directions([2, 2], True, True, *args) for args in (
+        (x, per["h0"], per["c0"], *map(list, zip(*weights))),
+        (x, [strided(h) for h in per["h0"]], [strided(c) for c in per["c0"]],
+         *([strided(w) if w is not None else None for w in ws] for ws in zip(*weights))))]
+    for got, want in zip(outs[1], outs[0]):
+        for a, b in zip(got[:3], want[:3]):
+            assert np.array_equal(a, b)
+    grads = [_C.backward_directions(out[0][3], out[1][3], *args) for out, args in zip(outs, (
+        (per["dy"], per["dhn"], per["dcn"]),
+        ([strided(a) for a in per["dy"]], [strided(a) for a in per["dhn"]],
+         [strided(a) for a in per["dcn"]])))]
+    for got, want in zip(grads[1], grads[0]):
+        for a, b in zip(got[:3], want[:3]):
+            assert np.array_equal(a, b)
+        for name in want[3]:
+            assert np.array_equal(got[3][name], want[3][name]), name

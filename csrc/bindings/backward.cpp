@@ -113,6 +113,9 @@ struct BackwardCall {
   fusedrnn::BackwardArgs<T> a{};
   Arr<T> dh0;
   std::optional<Arr<T>> dx, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, h_prev_clean;
+  // dy, dhn and dcn as the kernels read them, alive until they have run: the cast of an array
+  // that is not C-contiguous is a copy, which would go with the caller's temporary.
+  std::vector<py::object> inputs;
   int* running = nullptr;
 
   BackwardCall() = default;
@@ -121,7 +124,8 @@ struct BackwardCall {
       : a(o.a), dh0(std::move(o.dh0)), dx(std::move(o.dx)), dc0(std::move(o.dc0)),
         dw_ih(std::move(o.dw_ih)), dw_hh(std::move(o.dw_hh)), db_ih(std::move(o.db_ih)),
         db_hh(std::move(o.db_hh)), dw_hr(std::move(o.dw_hr)),
-        h_prev_clean(std::move(o.h_prev_clean)), running(o.running) {
+        h_prev_clean(std::move(o.h_prev_clean)), inputs(std::move(o.inputs)),
+        running(o.running) {
     o.running = nullptr;
   }
   ~BackwardCall() {
@@ -170,6 +174,9 @@ BackwardCall<T> prepare_backward(Context& c, Arr<T> dy, std::optional<Arr<T>> dh
     check_shape("dcn", *dcn, {s.B, s.H});
   }
   BackwardCall<T> call;
+  call.inputs.push_back(dy);
+  if (dhn) call.inputs.push_back(*dhn);
+  if (dcn) call.inputs.push_back(*dcn);
   call.dh0 = empty<T>({s.B, s.Hout});
   if (need_dx) call.dx.emplace(empty<T>({s.T, s.B, s.I}));
   if (s.cell == Cell::Lstm) call.dc0.emplace(std::vector<int64_t>{s.B, s.H});

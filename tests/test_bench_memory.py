@@ -5,8 +5,10 @@ import json
 import shutil
 import sys
 
+import numpy as np
 import pytest
 
+import fusedrnn
 from fusedrnn import functional
 from fusedrnn.bench import cases, cli, memory, peak, report
 
@@ -40,6 +42,23 @@ def test_needed_bytes_of_a_stack_keep_each_layers_input():
     # layer 2 saves what layer 1 saves, plus its input (layer 1's y, T*B*H = 60)
     assert two["saved"] == 2 * one["saved"] + 60 * F32
     assert two["weight_grads"] == one["weight_grads"] + (4 * 4 * (4 + 4) + 2 * 4 * 4) * F32
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_needed_bytes_of_a_bidirectional_stack_are_what_its_layers_save(cell):
+    """Each direction keeps its states and gates, a layer above the first its input (both
+    directions' outputs, 2H wide) once for both; the gradients are both directions'."""
+    config = cases.bidirectional(cases.custom_config(6, 3, 5, 4, 2))
+    layer = getattr(fusedrnn, cell.upper())(5, 4, num_layers=2, bidirectional=True, seed=0)
+    layer(np.zeros((6, 3, 5), np.float32))
+    ctxs = layer._saved[0].ctxs
+    saved = sum(ctx.saved_bytes for pair in ctxs for ctx in pair)  # (states and gates)
+    above = ctxs[1][0].x_bytes  # layer 1's input, layer 0's y: one array both directions keep
+    assert above == ctxs[1][1].x_bytes == 6 * 3 * 8 * F32
+    need = memory.needed_bytes(config, cell)
+    assert need["saved"] == saved + above
+    assert need["weight_grads"] == sum(p.nbytes for _, p in layer.named_parameters())
+    assert need["y"] == 6 * 3 * 8 * F32
 
 
 @pytest.mark.parametrize("cell", cases.CELLS)

@@ -82,23 +82,26 @@ METHOD = ("peak extra resident memory (VmHWM - VmRSS before) of one training cal
 
 def needed_bytes(config, cell, itemsize=4):
     """Bytes of the training call's buffers: "saved" is what BPTT must keep (see the module
-    docstring); "x" is the input, "y", "dx" and "weight_grads" the outputs."""
-    c, G = config, cases.GATES[cell]
+    docstring); "x" is the input, "y", "dx" and "weight_grads" the outputs. A bidirectional
+    config's directions each keep their states and gates; a layer's input, kept for dW_ih, is
+    one for both."""
+    c, G, D = config, cases.GATES[cell], config.D
     T, B, H = c.T, c.B, c.H
     saved = weight_grads = 0
     for k in range(c.L):
-        I_k = c.I if k == 0 else H
-        saved += (T + 1) * B * H                           # h, with h0
+        I_k = c.I if k == 0 else D * H
+        per_direction = (T + 1) * B * H                    # h, with h0
         if cell == "lstm":
-            saved += (T + 1) * B * H                       # c, with c0
+            per_direction += (T + 1) * B * H               # c, with c0
         if G > 1:
-            saved += T * B * G * H                         # activated gates
+            per_direction += T * B * G * H                 # activated gates
         if cell == "gru":
-            saved += T * B * H                             # W_hn h + b_hn
+            per_direction += T * B * H                     # W_hn h + b_hn
+        saved += D * per_direction
         if k > 0:
             saved += T * B * I_k                           # this layer's input, for dW_ih
-        weight_grads += G * H * (I_k + H) + 2 * G * H
-    sizes = {"saved": saved, "x": T * B * c.I, "y": T * B * H, "dx": T * B * c.I,
+        weight_grads += D * (G * H * (I_k + H) + 2 * G * H)
+    sizes = {"saved": saved, "x": T * B * c.I, "y": T * B * D * H, "dx": T * B * c.I,
              "weight_grads": weight_grads}
     return {k: v * itemsize for k, v in sizes.items()}
 

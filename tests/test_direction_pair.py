@@ -264,3 +264,31 @@ def test_a_pair_reads_arrays_that_are_not_c_contiguous(rng, dtype):
             assert np.array_equal(a, b)
         for name in want[3]:
             assert np.array_equal(got[3][name], want[3][name]), name
+
+
+def test_a_pair_refuses_gradient_arrays_the_other_direction_reads_or_writes(rng):
+    """The two directions run at once: one's grads_into may be neither the other's nor what the
+    other reads (its weights, dy), else the writes race (both directions' gradients into one
+    array: off by up to 11.7 from one thread's, differing run to run). Each direction alone
+    was already checked so."""
+    x, lens, weights, per = directions_case(rng, "lstm", 0, np.float32)
+    fresh = lambda: [f[3] for f in functional.forward_directions(  # noqa: E731
+        "lstm", x, per["h0"], per["c0"], weights)]
+    grads = lambda: {k: np.empty_like(w) for k, w in zip(  # noqa: E731
+        ("weight_ih", "weight_hh", "bias_ih", "bias_hh"), weights[0])}
+    shared = grads()
+    reads_other = grads()
+    reads_other["weight_hh"] = weights[1][1]  # the reverse direction's W_hh
+    dy_other = grads()
+    dy_other["weight_ih"] = per["dy"][1].reshape(-1)[:dy_other["weight_ih"].size].reshape(
+        dy_other["weight_ih"].shape)  # a view of the reverse direction's dy
+    for into, message in (([shared, shared], "an array of its own"),
+                          ([reads_other, None], "must not share memory with the weights"),
+                          ([dy_other, None], "must not share memory with the weights")):
+        ctxs = fresh()
+        with pytest.raises(ValueError, match=message):
+            functional.backward_directions(ctxs, per["dy"], per["dhn"], per["dcn"],
+                                           consume=True, grads_into=into, add_into=False)
+        functional.backward_directions(ctxs, per["dy"], per["dhn"], per["dcn"], consume=True)
+    with pytest.raises(TypeError, match="dy must be an array"):
+        _C.backward_directions(*fresh(), [per["dy"][0], None], [None, None], [None, None])

@@ -116,6 +116,10 @@ struct BackwardCall {
   // dy, dhn and dcn as the kernels read them, alive until they have run: the cast of an array
   // that is not C-contiguous is a copy, which would go with the caller's temporary.
   std::vector<py::object> inputs;
+  // What the kernels read (x, the weights, dy, dhn, dcn) and the caller's arrays they write
+  // (grads_into's): a pair's two calls run at once, so neither may write what the other reads
+  // or writes.
+  std::vector<py::object> reads, caller_outs;
   int* running = nullptr;
 
   BackwardCall() = default;
@@ -125,7 +129,7 @@ struct BackwardCall {
         dw_ih(std::move(o.dw_ih)), dw_hh(std::move(o.dw_hh)), db_ih(std::move(o.db_ih)),
         db_hh(std::move(o.db_hh)), dw_hr(std::move(o.dw_hr)),
         h_prev_clean(std::move(o.h_prev_clean)), inputs(std::move(o.inputs)),
-        running(o.running) {
+        reads(std::move(o.reads)), caller_outs(std::move(o.caller_outs)), running(o.running) {
     o.running = nullptr;
   }
   ~BackwardCall() {
@@ -199,14 +203,14 @@ BackwardCall<T> prepare_backward(Context& c, Arr<T> dy, std::optional<Arr<T>> dh
     }
     if (s.has_proj) call.dw_hr.emplace(gradient("weight_hr", {s.Hout, s.H}));
   }
+  call.reads = {c.x, w.w_ih, w.w_hh, w.w_hr, dy};
+  if (dhn) call.reads.push_back(*dhn);
+  if (dcn) call.reads.push_back(*dcn);
   if (given) {
     refuse_unwritten_keys(into, written);
-    std::vector<py::object> outs, reads{c.x, w.w_ih, w.w_hh, w.w_hr, dy};
     for (auto* o : {&call.dw_ih, &call.dw_hh, &call.db_ih, &call.db_hh, &call.dw_hr})
-      if (*o) outs.push_back(**o);
-    if (dhn) reads.push_back(*dhn);
-    if (dcn) reads.push_back(*dcn);
-    require_gradients_apart(outs, reads);
+      if (*o) call.caller_outs.push_back(**o);
+    require_gradients_apart(call.caller_outs, call.reads);
   }
   auto ptr = [](const py::object& o) -> T* {
     return o ? static_cast<T*>(const_cast<void*>(o.cast<py::array>().data())) : nullptr;
@@ -261,11 +265,21 @@ py::list backward_directions_impl(Context& c0, Context& c1, const py::sequence& 
   Context* ctx[2] = {&c0, &c1};
   std::vector<BackwardCall<T>> calls;
   calls.reserve(2);
-  for (int d = 0; d < 2; ++d)
+  for (int d = 0; d < 2; ++d) {
+    if (dy[d].is_none())
+      throw py::type_error("dy must be an array shaped as the forward's y, got None");
     calls.push_back(prepare_backward<T>(*ctx[d], dy[d].cast<Arr<T>>(),
                                         optional_cast<Arr<T>>(dhn[d]),
                                         optional_cast<Arr<T>>(dcn[d]), consume, grads_into[d],
                                         add_into, w[d], need_dx, need_weight_grads));
+  }
+  // Each call checked its own arrays; across the two (which run at once), each one's
+  // grads_into against the other's too.
+  for (int d = 0; d < 2; ++d) {
+    std::vector<py::object> outs = calls[d].caller_outs;
+    outs.insert(outs.end(), calls[1 - d].caller_outs.begin(), calls[1 - d].caller_outs.end());
+    require_gradients_apart(outs, calls[1 - d].reads);
+  }
   for (int d = 0; d < 2; ++d) calls[d].claim(*ctx[d], consume);
   const fusedrnn::BackwardArgs<T> args[2] = {calls[0].a, calls[1].a};
   {

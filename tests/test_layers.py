@@ -574,14 +574,17 @@ def test_backward_frees_saved_state_and_eval_keeps_nothing(rng):
         layer.backward(y)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_backward_frees_each_layers_saved_state_as_it_goes(rng, monkeypatch, cell,
-                                                            bidirectional):
+def test_backward_frees_each_layers_saved_state_as_it_goes(rng, monkeypatch, request, cell,
+                                                            bidirectional, threads):
     """A layer direction's saved state goes as soon as its backward has run (torch's autograd
     frees a node's so), not once the layers below have run theirs too: from the start of one
     kernel backward to the next, the kernels' blocks in use grow by at most what the first
-    returned (dx, dh0, dc0) less the saved state it ran through."""
+    returned (dx, dh0, dc0) less the saved state it ran through. (A bidirectional layer's
+    directions: one pair call on two threads, else one call each.)"""
+    request.getfixturevalue("two_threads" if threads == 2 else "one_thread")
     from fusedrnn import _C, functional
     seen = []  # per kernel backward: bytes in use at its start, its saved state, what it returned
     run, run_both = functional.backward, functional.backward_directions
@@ -608,7 +611,7 @@ def test_backward_frees_each_layers_saved_state_as_it_goes(rng, monkeypatch, cel
             monkeypatch.setattr(functional, "backward_directions", watched_both)
         y, _ = layer(x)
         layer.backward(np.ones_like(y))
-    assert len(seen) == 2
+    assert len(seen) == (2 if threads == 2 or not bidirectional else 4)
     for (in_use, saved, returned), (next_in_use, _, _) in zip(seen, seen[1:]):
         assert saved > 0
         assert next_in_use - in_use <= returned - saved

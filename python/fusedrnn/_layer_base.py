@@ -338,10 +338,11 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
     if D == 1 and spec.num_layers > 1 and make_mask is None and lengths is None:
         return _one_way_stack(spec, params, layer_in, h0, c0, hn, cn, saved, isa, checked, frozen,
                               keep_packed, save_from)
+    pair = D == 2 and F.directions_may_pair()
     for k in range(spec.num_layers):
         outs, ctxs = [], []
         extra = {"frozen": frozen} if frozen else {}  # F.forward (unchecked) takes none
-        if D == 2:
+        if pair:
             i = 2 * k
             runs = F.forward_directions(
                 spec.cell, layer_in, h0[i:i + 2], c0[i:i + 2] if lstm else [None, None],
@@ -350,14 +351,17 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
                 training=save and k >= save_from, isa=isa, checked=checked, frozen=frozen,
                 keep_x=k > 0 or own_input, keep_packed=keep_packed, training_bits=save)
         else:
-            w_ih, w_hh, b_ih, b_hh, w_hr = map(params.get, spec.layer_param_names(k, 0))
             run = F.forward_checked if checked else F.forward
-            runs = [run(spec.cell, layer_in, h0[k], c0[k] if lstm else None,
-                        w_ih, w_hh, b_ih, b_hh, w_hr, lengths=lengths, reverse=False,
-                        linear_before_reset=spec.linear_before_reset,
-                        training=save and k >= save_from, training_bits=save,
-                        isa=isa, keep_x=k > 0 or own_input, keep_packed=keep_packed,
-                        **extra)]  # y: ours
+            runs = []
+            for d in range(D):
+                w_ih, w_hh, b_ih, b_hh, w_hr = map(params.get, spec.layer_param_names(k, d))
+                runs.append(run(spec.cell, layer_in, h0[k * D + d],
+                                c0[k * D + d] if lstm else None, w_ih, w_hh, b_ih, b_hh, w_hr,
+                                lengths=lengths, reverse=bool(d),
+                                linear_before_reset=spec.linear_before_reset,
+                                training=save and k >= save_from, training_bits=save,
+                                isa=isa, keep_x=k > 0 or own_input, keep_packed=keep_packed,
+                                **extra))  # y: ours
         for d, (y, h, c, ctx) in enumerate(runs):
             i = k * D + d
             if single:
@@ -461,17 +465,20 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
     dh0 = np.empty(h_shape, dy.dtype) if need_dh0 else None
     dc0 = np.empty(c_shape, dy.dtype) if lstm and need_dh0 else None
     lowest = lowest_layer_backward_runs(spec, need_dx or need_dh0, weight_grads)
+    pair = D == 2 and F.directions_may_pair()
     grads = {}
     d_out = dy
     for k in reversed(range(lowest, spec.num_layers)):
         if saved.masks[k] is not None:
             d_out = d_out * saved.masks[k]
         dx_needed = k > lowest or need_dx  # (into layer k - 1, which runs)
-        jobs = []  # (direction, its call's arguments) of the directions that run
-        for d in range(D):
-            weights_needed = _weights_needed(spec, weight_grads, k, d)
-            if not (dx_needed or need_dh0 or weights_needed):
-                continue  # (a frozen direction above frozen layers)
+        needed = [_weights_needed(spec, weight_grads, k, d) for d in range(D)]
+        runs = [d for d in range(D) if dx_needed or need_dh0 or needed[d]]  # (else: a frozen
+        # direction above frozen layers)
+        dx = None
+
+        def arguments(d):
+            """Direction d's backward arguments: (names, ctx, dy, dhn, dcn, into, weights)."""
             i = k * D + d
             if saved.ctxs[k][d] is _CONSUMED:
                 raise RuntimeError("backward already ran through this saved state with "
@@ -482,27 +489,18 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
                     f"then neither the input, the initial state nor that layer's parameters "
                     f"needed a gradient")
             names = dict(zip(_PARAM_KEYS, spec.layer_param_names(k, d)))
-            jobs.append((d, names, weights_needed, dict(
-                ctx=saved.ctxs[k][d],
-                dy=d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out],
-                dhn=None if dhn is None else dhn[i], dcn=None if dcn is None else dcn[i],
-                grads_into=None if grads_into is None else {
-                    key: grads_into[name] for key, name in names.items() if name in grads_into},
-                weights=None if params is None else tuple(
-                    params.get(names[key]) for key in ("weight_ih", "weight_hh", "weight_hr")))))
-        if len(jobs) == 2 and jobs[0][2] == jobs[1][2]:  # both directions, one kind of call
-            kw = [job[3] for job in jobs]
-            results = F.backward_directions(  # (ctx popped: a consumed state goes after it)
-                [a.pop("ctx") for a in kw], [a["dy"] for a in kw], [a["dhn"] for a in kw],
-                [a["dcn"] for a in kw], consume=consume, grads_into=[a["grads_into"] for a in kw],
-                add_into=add_into, weights=[a["weights"] for a in kw], need_dx=dx_needed,
-                need_weight_grads=jobs[0][2])
-        else:
-            results = [F.backward(a.pop("ctx"), a.pop("dy"), consume=consume, add_into=add_into,
-                                  need_dx=dx_needed, need_weight_grads=weights_needed, **a)
-                       for _, _, weights_needed, a in jobs]
-        dx = None
-        for (d, names, _, _), (dx_d, dh, dc, g) in zip(jobs, results):
+            return (names, saved.ctxs[k][d],
+                    d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out],
+                    None if dhn is None else dhn[i], None if dcn is None else dcn[i],
+                    None if grads_into is None else {
+                        key: grads_into[name] for key, name in names.items()
+                        if name in grads_into},
+                    None if params is None else tuple(
+                        params.get(names[key]) for key in ("weight_ih", "weight_hh", "weight_hr")))
+
+        def take(d, names, result, dx):
+            """Direction d's results into dh0, dc0 and grads; returns the layer's dx so far."""
+            dx_d, dh, dc, g = result
             i = k * D + d
             if consume:  # its saved state goes now, not after the layers below have run theirs
                 saved.ctxs[k][d] = _CONSUMED
@@ -513,8 +511,26 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
             for key, value in g.items():
                 grads[names[key]] = value
             if dx is None:
-                dx = dx_d
-            else:  # (both directions give dx or neither: dx_needed is the layer's)
-                dx += dx_d            # dx_d are fresh arrays from the kernel
+                return dx_d
+            dx += dx_d  # (both directions give dx or neither: dx_needed is the layer's; dx_d are
+            return dx   # fresh arrays from the kernel)
+
+        if pair and len(runs) == 2 and needed[0] == needed[1]:  # both, one kind of call
+            (names0, *a0), (names1, *a1) = arguments(0), arguments(1)
+            results = F.backward_directions(*([u, v] for u, v in zip(a0[:4], a1[:4])),
+                                            consume=consume, grads_into=[a0[4], a1[4]],
+                                            add_into=add_into, weights=[a0[5], a1[5]],
+                                            need_dx=dx_needed, need_weight_grads=needed[0])
+            del a0, a1  # (the contexts: a consumed state goes with them)
+            for d, names, result in zip(runs, (names0, names1), results):
+                dx = take(d, names, result, dx)
+        else:
+            for d in runs:
+                names, ctx, dy_d, dhn_d, dcn_d, into, weights = arguments(d)
+                result = F.backward(ctx, dy_d, dhn_d, dcn_d, consume=consume, grads_into=into,
+                                    add_into=add_into, weights=weights, need_dx=dx_needed,
+                                    need_weight_grads=needed[d])
+                del ctx  # (its saved state goes before the other direction's backward)
+                dx = take(d, names, result, dx)
         d_out = dx
     return (d_out if need_dx else None), dh0, dc0, grads

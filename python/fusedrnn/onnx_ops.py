@@ -376,16 +376,17 @@ class _Node:
             weights.append(tuple(from_onnx_gates(a, cell) for a in
                                  (self.w[d], self.r[d], b_ih, b_hh)) + (None,))
         cells, onnx = [cell for cell, _ in options], [o for _, o in options]
-        if self.D == 2:  # (both in one call: on two threads, side by side)
+        if self.D == 2 and functional.directions_may_pair():  # (on two threads, side by side)
             outs = functional.forward_directions(
                 cells, x, h0, c0s, weights, lengths=self.lengths,
                 linear_before_reset=linear_before_reset, training=False, isa=isa,
                 keep_packed=False, onnx=onnx)
         else:
             outs = [functional.forward(
-                cells[0], x, h0[0], c0s[0], *weights[0], lengths=self.lengths,
-                reverse=self.reverses[0], linear_before_reset=linear_before_reset,
-                training=False, isa=isa, onnx=onnx[0], keep_packed=False)]
+                cells[d], x, h0[d], c0s[d], *weights[d], lengths=self.lengths,
+                reverse=self.reverses[d], linear_before_reset=linear_before_reset,
+                training=False, isa=isa, onnx=onnx[d], keep_packed=False)
+                for d in range(self.D)]
         ys, hns, cns = ([out[i] for out in outs] for i in range(3))
         Y, Y_h = np.stack(ys, axis=1), np.stack(hns)  # (T, D, B, H), (D, B, H)
         Y_c = np.stack(cns) if c0 is not None else None

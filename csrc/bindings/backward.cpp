@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <utility>
 
 #include "bindings/calls.h"
 #include "bindings/runtime.h"
@@ -105,6 +106,25 @@ BackwardWeights backward_weights(const Context& c, const py::object& weights, co
   return {out[0], out[1], out[2], true};
 }
 
+// A context's count of backwards running through it, held from claim() until this is
+// destroyed (with the GIL held again, also when the kernel throws).
+class RunningClaim {
+ public:
+  RunningClaim() = default;
+  RunningClaim(RunningClaim&& o) noexcept : count_(std::exchange(o.count_, nullptr)) {}
+  RunningClaim& operator=(RunningClaim&&) = delete;
+  ~RunningClaim() {
+    if (count_) --*count_;
+  }
+  void hold(int& count) {
+    count_ = &count;
+    ++count;
+  }
+
+ private:
+  int* count_ = nullptr;
+};
+
 // One backward call's arguments checked and its outputs allocated: the kernels' BackwardArgs,
 // the arrays they write, and the context marked running (until this is destroyed, with the GIL
 // held) so that another thread's backward through it leaves its saved gates alone.
@@ -113,28 +133,12 @@ struct BackwardCall {
   fusedrnn::BackwardArgs<T> a{};
   Arr<T> dh0;
   std::optional<Arr<T>> dx, dc0, dw_ih, dw_hh, db_ih, db_hh, dw_hr, h_prev_clean;
-  // dy, dhn and dcn as the kernels read them, alive until they have run: the cast of an array
-  // that is not C-contiguous is a copy, which would go with the caller's temporary.
-  std::vector<py::object> inputs;
-  // What the kernels read (x, the weights, dy, dhn, dcn) and the caller's arrays they write
-  // (grads_into's): a pair's two calls run at once, so neither may write what the other reads
-  // or writes.
+  // What the kernels read (x, the weights, dy, dhn, dcn), kept alive until they have run (the
+  // cast of a dy that is not C-contiguous is a copy, which would go with the caller's
+  // temporary), and the caller's arrays they write (grads_into's): a pair's two calls run at
+  // once, so neither may write what the other reads or writes.
   std::vector<py::object> reads, caller_outs;
-  int* running = nullptr;
-
-  BackwardCall() = default;
-  BackwardCall(const BackwardCall&) = delete;
-  BackwardCall(BackwardCall&& o) noexcept
-      : a(o.a), dh0(std::move(o.dh0)), dx(std::move(o.dx)), dc0(std::move(o.dc0)),
-        dw_ih(std::move(o.dw_ih)), dw_hh(std::move(o.dw_hh)), db_ih(std::move(o.db_ih)),
-        db_hh(std::move(o.db_hh)), dw_hr(std::move(o.dw_hr)),
-        h_prev_clean(std::move(o.h_prev_clean)), inputs(std::move(o.inputs)),
-        reads(std::move(o.reads)), caller_outs(std::move(o.caller_outs)), running(o.running) {
-    o.running = nullptr;
-  }
-  ~BackwardCall() {
-    if (running) --*running;
-  }
+  RunningClaim running;
 
   // Once every call of a kernel run is prepared (a check failing leaves each context as it
   // was): the context marked consumed, before the GIL goes, so a later backward sees it, and
@@ -143,8 +147,7 @@ struct BackwardCall {
   void claim(Context& c, bool consume) {
     a.gates_consumed = consume && c.running == 0;
     c.consumed = consume;
-    running = &c.running;
-    ++c.running;
+    running.hold(c.running);
   }
 
   // After the kernels: dx past a row's length is dG W_ih with a dG of 0: zeros, unless W_ih
@@ -178,9 +181,6 @@ BackwardCall<T> prepare_backward(Context& c, Arr<T> dy, std::optional<Arr<T>> dh
     check_shape("dcn", *dcn, {s.B, s.H});
   }
   BackwardCall<T> call;
-  call.inputs.push_back(dy);
-  if (dhn) call.inputs.push_back(*dhn);
-  if (dcn) call.inputs.push_back(*dcn);
   call.dh0 = empty<T>({s.B, s.Hout});
   if (need_dx) call.dx.emplace(empty<T>({s.T, s.B, s.I}));
   if (s.cell == Cell::Lstm) call.dc0.emplace(std::vector<int64_t>{s.B, s.H});

@@ -341,7 +341,6 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
     pair = D == 2 and F.directions_may_pair()
     for k in range(spec.num_layers):
         outs, ctxs = [], []
-        extra = {"frozen": frozen} if frozen else {}  # F.forward (unchecked) takes none
         if pair:
             i = 2 * k
             runs = F.forward_directions(
@@ -352,6 +351,7 @@ def _stack_forward(spec, params, x, h0, c0, lengths, save, make_mask, isa, check
                 keep_x=k > 0 or own_input, keep_packed=keep_packed, training_bits=save)
         else:
             run = F.forward_checked if checked else F.forward
+            extra = {"frozen": frozen} if frozen else {}  # F.forward (unchecked) takes none
             runs = []
             for d in range(D):
                 w_ih, w_hh, b_ih, b_hh, w_hr = map(params.get, spec.layer_param_names(k, d))

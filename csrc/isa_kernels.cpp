@@ -10,6 +10,7 @@
 #include "sequence/layer_pipeline.h"
 #include "simd/math.h"
 #include "simd/vec.h"
+#include "weights_digest.h"
 
 namespace fusedrnn {
 namespace FUSEDRNN_ISA_NS {
@@ -34,12 +35,41 @@ void gemm_entry(int64_t M, int64_t N, int64_t K, const T* A, int64_t a_rs, int64
   gemm<T>(M, N, K, A, a_rs, a_cs, B, b_rs, b_cs, C, ldc, accumulate, nthreads);
 }
 
-void forward_f32(const ForwardArgs<float>& a) { forward<float>(a); }
-void forward_f64(const ForwardArgs<double>& a) { forward<double>(a); }
-void forward_stack_f32(const ForwardArgs<float>* l, int n) { forward_stack<float>(l, n); }
-void forward_stack_f64(const ForwardArgs<double>* l, int n) { forward_stack<double>(l, n); }
-void forward_directions_f32(const ForwardArgs<float>* d) { forward_directions<float>(d); }
-void forward_directions_f64(const ForwardArgs<double>* d) { forward_directions<double>(d); }
+// A training forward's digests of the weights it read (ForwardArgs::weight_digests).
+template <typename T>
+void digest_weights(const ForwardArgs<T>* calls, int n) {
+  for (const ForwardArgs<T>* a = calls; a != calls + n; ++a) {
+    if (!a->weight_digests) continue;
+    const LayerShape& s = a->s;
+    const size_t gate_rows = size_t(gates_of(s.cell) * s.H);
+    a->weight_digests[0] = weights_digest(a->w_ih, sizeof(T) * gate_rows * size_t(s.I));
+    a->weight_digests[1] = weights_digest(a->w_hh, sizeof(T) * gate_rows * size_t(s.Hout));
+    a->weight_digests[2] = a->w_hr ? weights_digest(a->w_hr, sizeof(T) * size_t(s.Hout * s.H)) : 0;
+  }
+}
+
+template <typename T>
+void forward_entry(const ForwardArgs<T>& a) {
+  forward<T>(a);
+  digest_weights(&a, 1);
+}
+template <typename T>
+void forward_stack_entry(const ForwardArgs<T>* layers, int n) {
+  forward_stack<T>(layers, n);
+  digest_weights(layers, n);
+}
+template <typename T>
+void forward_directions_entry(const ForwardArgs<T>* dirs) {
+  forward_directions<T>(dirs);
+  digest_weights(dirs, 2);
+}
+
+void forward_f32(const ForwardArgs<float>& a) { forward_entry<float>(a); }
+void forward_f64(const ForwardArgs<double>& a) { forward_entry<double>(a); }
+void forward_stack_f32(const ForwardArgs<float>* l, int n) { forward_stack_entry<float>(l, n); }
+void forward_stack_f64(const ForwardArgs<double>* l, int n) { forward_stack_entry<double>(l, n); }
+void forward_directions_f32(const ForwardArgs<float>* d) { forward_directions_entry<float>(d); }
+void forward_directions_f64(const ForwardArgs<double>* d) { forward_directions_entry<double>(d); }
 void backward_f32(const BackwardArgs<float>& a) { backward<float>(a); }
 void backward_f64(const BackwardArgs<double>& a) { backward<double>(a); }
 void backward_directions_f32(const BackwardArgs<float>* d) { backward_directions<float>(d); }
@@ -101,7 +131,8 @@ const KernelTable& kernel_table() {
                                  backward_directions_f32, backward_directions_f64,
                                  step_split,         projection_mode_of,
                                  team_barrier_ns,    cache_bytes,
-                                 prefetch_b_ahead,   gemm_b_elems};
+                                 prefetch_b_ahead,   gemm_b_elems,
+                                 weights_digest};
   return table;
 }
 

@@ -126,6 +126,10 @@ struct ForwardArgs {
   ProbeNote* probe_note = nullptr;  // see ProbeNote, or null: every call probes
   // ONNX's cell options, or null (torch.nn's cells). Inference only, and no projection.
   const OnnxCell<T>* onnx = nullptr;
+  // Training: where the digests of w_ih, w_hh and w_hr (0 for none) go, taken after the steps
+  // (the weights are then in this core's caches), for the backward to check the weights it reads
+  // against (weights_digest.h); or null.
+  uint64_t* weight_digests = nullptr;
 };
 
 template <typename T>
@@ -218,6 +222,9 @@ struct KernelTable {
   int (*prefetch_ahead)();
   // Elements of a K x N operand packed for the GEMM (pack_b_gemm): ForwardArgs::x_packed's size.
   int64_t (*gemm_b_elems)(int64_t K, int64_t N, bool f64);
+  // A digest of `bytes` bytes (weights_digest.h): a training forward's weights, checked again by
+  // its backward.
+  uint64_t (*digest)(const void* data, size_t bytes);
 };
 
 // Defined in workspace.cpp (portable unit): 64-byte aligned scratch memory.

@@ -165,11 +165,17 @@ def test_backward_reads_the_weights_it_is_given_and_checks_them():
                              training=True)
     dy = np.ones_like(y)
     forward_ones = F.backward(ctx, dy)
-    same_values_elsewhere = F.backward(ctx, dy, weights=(w_ih.copy(), w_hh.copy(), None))
-    other_values = F.backward(ctx, dy, weights=(w_ih, 2 * w_hh, None))
+    # The forward's arrays changed (FSDP refills a parameter's storage), the values it read
+    # given elsewhere: the backward reads those, and gives the forward's results.
+    forward_values = (w_ih.copy(), w_hh.copy(), None)
+    w_hh *= 2
+    same_values_elsewhere = F.backward(ctx, dy, weights=forward_values)
     for a, b in zip(forward_ones[:2], same_values_elsewhere[:2]):
         np.testing.assert_array_equal(a, b)
-    assert not np.allclose(forward_ones[1], other_values[1])      # dh0 = dG_0 W_hh
+    with pytest.raises(F.WeightsChangedError, match="^weight_hh changed"):
+        F.backward(ctx, dy)  # (the forward's arrays, now other values)
+    with pytest.raises(F.WeightsChangedError, match="^weight_hh changed"):
+        F.backward(ctx, dy, weights=(w_ih, 3 * forward_values[1], None))
     with pytest.raises(ValueError, match=r"weights\[1\] \(w_hh\) must have shape \(6, 2\), "
                                          r"got \(8, 2\)"):
         F.backward(ctx, dy, weights=(w_ih, np.zeros((8, 2)), None))

@@ -106,6 +106,44 @@ BackwardWeights backward_weights(const Context& c, const py::object& weights, co
   return {out[0], out[1], out[2], true};
 }
 
+}  // namespace
+
+void weight_digests(const KernelTable& kt, const py::object* const weights[3], uint64_t out[3]) {
+  const void* data[3] = {nullptr, nullptr, nullptr};
+  size_t bytes[3] = {0, 0, 0}, total = 0;
+  for (int i = 0; i < 3; ++i) {
+    if (!*weights[i]) continue;
+    const py::array a = weights[i]->cast<py::array>();
+    data[i] = a.data();
+    bytes[i] = size_t(a.nbytes());
+    total += bytes[i];
+  }
+  auto digest_all = [&] {
+    for (int i = 0; i < 3; ++i) out[i] = data[i] ? kt.digest(data[i], bytes[i]) : 0;
+  };
+  // (releasing the GIL costs about a microsecond: small weights keep it)
+  if (total < (size_t(1) << 20)) return digest_all();
+  WithoutGil nogil;
+  digest_all();
+}
+
+namespace {
+
+// Whether the weights a backward reads are those its forward read (Context::weight_digests).
+void require_forward_weights(const Context& c, const BackwardWeights& w) {
+  const py::object* weights[3] = {&w.w_ih, &w.w_hh, &w.w_hr};
+  uint64_t now[3];
+  weight_digests(*c.table, weights, now);
+  const char* names[3] = {"weight_ih", "weight_hh", "weight_hr"};
+  for (int i = 0; i < 3; ++i)
+    if (now[i] != c.weight_digests[i])
+      throw WeightsChanged(
+          std::string(names[i]) + " changed (in place) after the training forward whose saved "
+          "state this backward reads: its gradients would be of neither model, the forward's "
+          "nor the changed one (torch.nn's autograd raises here too). Change the weights after "
+          "backward, or run the forward again", names[i]);
+}
+
 // A context's count of backwards running through it, held from claim() until this is
 // destroyed (with the GIL held again, also when the kernel throws).
 class RunningClaim {
@@ -172,6 +210,7 @@ BackwardCall<T> prepare_backward(Context& c, Arr<T> dy, std::optional<Arr<T>> dh
   if (c.consumed)
     throw std::runtime_error("backward already ran on this context with consume=True, which "
                              "reuses its saved state: run the forward again");
+  require_forward_weights(c, w);
   const LayerShape& s = c.s;
   const int64_t G = fusedrnn::gate_count(s.cell);
   check_shape("dy", dy, {s.T, s.B, s.Hout});
@@ -268,10 +307,15 @@ py::list backward_directions_impl(Context& c0, Context& c1, const py::sequence& 
   for (int d = 0; d < 2; ++d) {
     if (dy[d].is_none())
       throw py::type_error("dy must be an array shaped as the forward's y, got None");
-    calls.push_back(prepare_backward<T>(*ctx[d], dy[d].cast<Arr<T>>(),
-                                        optional_cast<Arr<T>>(dhn[d]),
-                                        optional_cast<Arr<T>>(dcn[d]), consume, grads_into[d],
-                                        add_into, w[d], need_dx, need_weight_grads));
+    try {
+      calls.push_back(prepare_backward<T>(*ctx[d], dy[d].cast<Arr<T>>(),
+                                          optional_cast<Arr<T>>(dhn[d]),
+                                          optional_cast<Arr<T>>(dcn[d]), consume, grads_into[d],
+                                          add_into, w[d], need_dx, need_weight_grads));
+    } catch (WeightsChanged& e) {
+      e.direction = d;
+      throw;
+    }
   }
   // Each call checked its own arrays; across the two (which run at once), each one's
   // grads_into against the other's too.
@@ -293,6 +337,11 @@ py::list backward_directions_impl(Context& c0, Context& c1, const py::sequence& 
 }
 
 }  // namespace
+
+void check_forward_weights(const Context& c, py::object weights) {
+  const py::dtype dt = c.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
+  require_forward_weights(c, backward_weights(c, weights, dt));
+}
 
 py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
                    py::object grads_into, bool add_into, py::object weights, bool need_dx,

@@ -4,7 +4,9 @@
 #pragma once
 #include <cstdint>
 #include <optional>
+#include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "bindings/arrays.h"
 
@@ -21,12 +23,35 @@ struct Context {
   py::object gates, h, c, hfull, extra;     // saved by the forward
   bool has_bias;
   uint64_t frozen = 0;                      // the forward's ForwardArgs::frozen
+  uint64_t weight_digests[3] = {0, 0, 0};   // of w_ih, w_hh, w_hr as the forward read them
   // A backward with consume=True ran (or runs): the saved gates may hold its gradients. And how
   // many backward calls are running on it now (changed under the GIL): a consuming one overwrites
   // the gates only when none is, so no other thread is reading them.
   bool consumed = false;
   int running = 0;
 };
+
+// A backward's weights are not the bytes its training forward read (weight_digests): the
+// saved gates are of the forward's model, so its gradients would be of neither. Python's
+// fusedrnn._C.WeightsChangedError, a RuntimeError as torch.nn's autograd raises there, whose
+// `weight` names the weight ("weight_hh") and `direction` the call's (1: a pair's reverse one),
+// for the layers to name it as torch does.
+struct WeightsChanged : std::runtime_error {
+  WeightsChanged(const std::string& what, std::string weight)
+      : std::runtime_error(what), weight(std::move(weight)) {}
+  std::string weight;
+  int direction = 0;
+};
+
+// The digests (weights_digest.h) of w_ih, w_hh and w_hr by the kernels in `kt` (0 for a null
+// handle), as a training forward's kernels took them into its context
+// (ForwardArgs::weight_digests): its backward checks the weights it reads against them. Without
+// the GIL where the weights are large.
+void weight_digests(const KernelTable& kt, const py::object* const weights[3], uint64_t out[3]);
+
+// Context.check_weights: WeightsChanged where the weights a backward would read (backward's
+// `weights`, None for the forward's arrays) are not the values its forward read.
+void check_forward_weights(const Context& c, py::object weights);
 
 py::tuple forward(int cell, bool lbr, bool reverse, bool training, py::array x, py::array h0,
                   py::object c0, py::array w_ih, py::array w_hh, py::object b_ih, py::object b_hh,

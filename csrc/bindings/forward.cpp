@@ -26,6 +26,13 @@ struct LayerCall {
   Context c{};
   bool training = false;
 
+  // The kernels' arguments, once this call is where it stays until they have run (a training
+  // forward's digests of its weights go into its context: ForwardArgs::weight_digests).
+  const fusedrnn::ForwardArgs<T>& kernel_args() {
+    a.weight_digests = training ? c.weight_digests : nullptr;
+    return a;
+  }
+
   py::tuple result() {
     py::object ctx = training ? py::cast(std::move(c)) : py::none();
     return py::make_tuple(y, hn, cn ? py::object(*cn) : py::none(), ctx);
@@ -227,7 +234,8 @@ py::tuple forward_impl(const KernelTable& kt, int cell_code, bool lbr, bool reve
   call.a.onnx = options.parse(onnx, call.a.s, training);
   {
     WithoutGil nogil;
-    if constexpr (sizeof(T) == 4) kt.forward_f32(call.a); else kt.forward_f64(call.a);
+    if constexpr (sizeof(T) == 4) kt.forward_f32(call.kernel_args());
+    else kt.forward_f64(call.kernel_args());
   }
   return call.result();
 }
@@ -282,7 +290,7 @@ py::list forward_stack_impl(const KernelTable& kt, int cell_code, bool lbr, bool
     layer_in = calls.back().y;
   }
   std::vector<fusedrnn::ForwardArgs<T>> args;
-  for (const LayerCall<T>& call : calls) args.push_back(call.a);
+  for (LayerCall<T>& call : calls) args.push_back(call.kernel_args());
   {
     WithoutGil nogil;
     if constexpr (sizeof(T) == 4) kt.forward_stack_f32(args.data(), int(n));
@@ -318,7 +326,7 @@ py::list forward_directions_impl(const KernelTable& kt, const int cell_codes[2],
     calls.back().a.training_bits = training_bits;
     calls.back().a.onnx = options[d].parse(onnx[d], calls.back().a.s, training);
   }
-  const fusedrnn::ForwardArgs<T> args[2] = {calls[0].a, calls[1].a};
+  const fusedrnn::ForwardArgs<T> args[2] = {calls[0].kernel_args(), calls[1].kernel_args()};
   {
     WithoutGil nogil;
     if constexpr (sizeof(T) == 4) kt.forward_directions_f32(args);

@@ -49,6 +49,18 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedrnn kernels (private; use fusedrnn.functional or the layers)";
   m.attr("__version__") = FUSEDRNN_VERSION;
   fusedrnn::active_kernels();  // fail at import on a bad FUSEDRNN_ISA, not in the first call
+  static py::exception<WeightsChanged> weights_changed(m, "WeightsChangedError",
+                                                       PyExc_RuntimeError);
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const WeightsChanged& e) {  // (the message, and which weight and direction)
+      py::object error = py::reinterpret_borrow<py::object>(weights_changed.ptr())(e.what());
+      error.attr("weight") = e.weight;
+      error.attr("direction") = e.direction;
+      PyErr_SetObject(weights_changed.ptr(), error.ptr());
+    }
+  });
   m.def("isa", [] { return std::string(fusedrnn::active_isa_name()); }, "ISA of the kernels in use");
   m.def("available_isas", &available_isas, "ISAs built into this module that this CPU can run");
   m.def("vector_bytes", [](std::optional<std::string> isa) { return kernels(isa).vector_bytes; },
@@ -148,6 +160,10 @@ PYBIND11_MODULE(_C, m) {
           if (*a) n += a->cast<py::array>().nbytes();
         return n;
       })
+      // Raises WeightsChangedError where the weights a backward would read (weights as
+      // backward takes it) are not those the forward read: a stack's backward checks every
+      // layer before any runs.
+      .def("check_weights", &check_forward_weights, py::arg("weights") = py::none())
       .def_property_readonly("x_bytes", [](const Context& c) {  // its copy of x, packed or not
         const py::object& x = c.x_packed ? c.x_packed : c.x;
         return x ? x.cast<py::array>().nbytes() : 0;

@@ -18,10 +18,16 @@ _FloatArray = npt.NDArray[np.floating[Any]]
 _OnnxOptions = Tuple[Sequence[Tuple[int, float, float]], float, bool, Optional[_FloatArray]]
 
 
+class WeightsChangedError(RuntimeError):
+    """backward's weights are not the bytes its training forward read (see backward); each
+    instance's ``weight`` (str) names the weight, ``direction`` (int) the pair's direction."""
+
+
 class Context:
     """What a training forward keeps for backward (opaque; made by forward, no constructor)."""
     @property
     def saved_bytes(self) -> int: ...
+    def check_weights(self, weights: Optional[Tuple[Optional[_FloatArray], ...]] = None) -> None: ...
     @property
     def x_bytes(self) -> int: ...
     @property

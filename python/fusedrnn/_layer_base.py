@@ -456,6 +456,35 @@ def stack_backward(spec, saved, dy, dhn=None, dcn=None, consume=False, grads_int
                            need_dx, need_dh0, weight_grads)
 
 
+def _named_as_torch(error, names):
+    """The kernels' WeightsChangedError again, naming the layer's parameter as torch does
+    (weight_hh_l1_reverse, not weight_hh)."""
+    name = names[error.weight]
+    named = type(error)(name + str(error)[len(error.weight):])
+    named.weight, named.direction = name, error.direction
+    return named
+
+
+def _check_weights_first(spec, saved, params, lowest):
+    """Every layer direction's weights from ``lowest`` up against what its forward read, before
+    any of their backwards runs: each kernel call checks its own, but where one of several
+    refused, those that ran before it would have added their gradients already and consumed
+    their saved state."""
+    for k in range(lowest, spec.num_layers):
+        for d in range(spec.num_directions):
+            ctx = saved.ctxs[k][d]
+            if ctx is None or ctx is _CONSUMED:
+                continue  # (the layer's own call says why)
+            names = dict(zip(_PARAM_KEYS, spec.layer_param_names(k, d)))
+            weights = None if params is None else tuple(
+                None if w is None else np.ascontiguousarray(w) for w in (
+                    params.get(names[key]) for key in ("weight_ih", "weight_hh", "weight_hr")))
+            try:
+                ctx.check_weights(weights)
+            except F.WeightsChangedError as error:
+                raise _named_as_torch(error, names) from None
+
+
 def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, params, need_dx,
                     need_dh0, weight_grads):
     D, H_out = spec.num_directions, spec.output_size
@@ -466,6 +495,8 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
     dc0 = np.empty(c_shape, dy.dtype) if lstm and need_dh0 else None
     lowest = lowest_layer_backward_runs(spec, need_dx or need_dh0, weight_grads)
     pair = D == 2 and F.directions_may_pair()
+    if (spec.num_layers - lowest) * D > 1:
+        _check_weights_first(spec, saved, params, lowest)
     grads = {}
     d_out = dy
     for k in reversed(range(lowest, spec.num_layers)):
@@ -517,19 +548,25 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
 
         if pair and len(runs) == 2 and needed[0] == needed[1]:  # both, one kind of call
             (names0, *a0), (names1, *a1) = arguments(0), arguments(1)
-            results = F.backward_directions(*([u, v] for u, v in zip(a0[:4], a1[:4])),
-                                            consume=consume, grads_into=[a0[4], a1[4]],
-                                            add_into=add_into, weights=[a0[5], a1[5]],
-                                            need_dx=dx_needed, need_weight_grads=needed[0])
+            try:
+                results = F.backward_directions(*([u, v] for u, v in zip(a0[:4], a1[:4])),
+                                                consume=consume, grads_into=[a0[4], a1[4]],
+                                                add_into=add_into, weights=[a0[5], a1[5]],
+                                                need_dx=dx_needed, need_weight_grads=needed[0])
+            except F.WeightsChangedError as error:
+                raise _named_as_torch(error, (names0, names1)[error.direction]) from None
             del a0, a1  # (the contexts: a consumed state goes with them)
             for d, names, result in zip(runs, (names0, names1), results):
                 dx = take(d, names, result, dx)
         else:
             for d in runs:
                 names, ctx, dy_d, dhn_d, dcn_d, into, weights = arguments(d)
-                result = F.backward(ctx, dy_d, dhn_d, dcn_d, consume=consume, grads_into=into,
-                                    add_into=add_into, weights=weights, need_dx=dx_needed,
-                                    need_weight_grads=needed[d])
+                try:
+                    result = F.backward(ctx, dy_d, dhn_d, dcn_d, consume=consume,
+                                        grads_into=into, add_into=add_into, weights=weights,
+                                        need_dx=dx_needed, need_weight_grads=needed[d])
+                except F.WeightsChangedError as error:
+                    raise _named_as_torch(error, names) from None
                 del ctx  # (its saved state goes before the other direction's backward)
                 dx = take(d, names, result, dx)
         d_out = dx

@@ -24,6 +24,12 @@ import numpy as np
 from . import _C
 from ._validate import check_layer_args, check_layer_params, check_shape, made_here
 
+# Raised by backward where the weights it reads (w_ih, w_hh, w_hr; the forward's arrays, or
+# ``weights``) are not the values its training forward read: changed in place in between, the
+# gradients would be of neither model (torch.nn's autograd raises there too). A RuntimeError;
+# ``weight`` names the weight ("weight_hh"), ``direction`` the pair's direction (0 or 1).
+WeightsChangedError = _C.WeightsChangedError
+
 CELL_CODES = {"rnn_tanh": 0, "rnn_relu": 1, "lstm": 2, "gru": 3}
 # ONNX's activation functions by the kernels' codes (csrc/kernel_api.h, Activation).
 ACTIVATION_CODES = {name: code for code, name in enumerate(
@@ -231,7 +237,8 @@ def backward(ctx, dy, dhn=None, dcn=None, consume=False, grads_into=None, add_in
     ``grads`` then holds those arrays. ``weights``: None, or (w_ih, w_hh, w_hr or None) holding
     the forward's values, read instead of the arrays the forward read (made C-contiguous here;
     their shapes and dtype must be the forward's): the torch adapter's parameters may have moved
-    since (see _C.backward).
+    since (see _C.backward). Either way they must hold the forward's values: weights changed in
+    place since raise WeightsChangedError (biases, which backward does not read, may change).
     ``need_dx=False``: dx is None, its product (as large as dW_ih's) skipped, as torch's autograd
     skips an input that needs no gradient; ``need_weight_grads=False``: grads is {} (grads_into
     untouched), the weight products and bias sums skipped (a frozen layer)."""

@@ -98,6 +98,30 @@ def test_backward_refuses_two_weights_swapped(rng, isa, dtype):
         backward(case, ctx, dtype)
 
 
+# Changes that add one constant to every word of a float64 weight (its sign: 2^63; a power of
+# two: 2^52 to the exponent), which sums of the words alone lose in a large weight: W_ih of
+# LSTM(128, 256), 1 MiB, 8192 words in each of the digest's 16 lanes (found by an audit helper).
+# Its values as drawn, and float16 values in float64 (their words' low halves all 0).
+STEPS = {"negated": -1.0, "doubled": 2.0, "halved": 0.5, "times_16": 16.0}
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize("values", ["drawn", "float16_in_float64"])
+def test_backward_refuses_every_word_stepped_alike(rng, isa, dtype, step, values):
+    case = make_case(rng, "lstm", T=2, B=1, I=128, H=256)
+    if values == "float16_in_float64":
+        case["w"] = {k: None if v is None else v.astype(np.float16).astype(np.float64)
+                     for k, v in case["w"].items()}
+    w = weights_of(case, dtype)
+    assert w["w_ih"].nbytes >= 1 << 20 or dtype == np.float32
+    ctx = forward(case, w, isa)[3]
+    w["w_ih"] *= STEPS[step]
+    with pytest.raises(functional.WeightsChangedError, match="^weight_ih changed"):
+        backward(case, ctx, dtype)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
 def test_biases_may_change_between_forward_and_backward(rng, isa, variant):

@@ -156,14 +156,15 @@ def test_given_weights_must_hold_the_forwards_values(rng, isa):
 @pytest.mark.parametrize("cell", ["RNN", "LSTM", "GRU"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["one_way", "bidir"])
+@pytest.mark.parametrize("num_layers", [1, 2])
 def test_layers_name_the_changed_parameter_as_torch_does(cell, threads, bidirectional,
-                                                         fixed_threads):
+                                                         num_layers, fixed_threads):
     before = fusedrnn.get_num_threads()
     fusedrnn.set_num_threads(threads)
     try:
         kwargs = {"proj_size": 2} if cell == "LSTM" else {}
-        layer = getattr(fusedrnn, cell)(3, 4, num_layers=2, bidirectional=bidirectional, seed=0,
-                                        dtype=np.float64, **kwargs)
+        layer = getattr(fusedrnn, cell)(3, 4, num_layers=num_layers, bidirectional=bidirectional,
+                                        seed=0, dtype=np.float64, **kwargs)
         x = np.random.default_rng(0).standard_normal((5, 2, 3))
         names = [n for n in layer.state_dict() if n.startswith("weight_")]
         for name in names:

@@ -465,6 +465,16 @@ def _named_as_torch(error, names):
     return named
 
 
+def _directions_run(spec, weight_grads, k, dx_needed, need_dh0, pair):
+    """Layer k's backward: whether each direction's weights need gradients, the directions
+    that run (not a frozen direction above frozen layers) and whether they run as one pair
+    call (both, one kind of call)."""
+    D = spec.num_directions
+    needed = [_weights_needed(spec, weight_grads, k, d) for d in range(D)]
+    runs = [d for d in range(D) if dx_needed or need_dh0 or needed[d]]
+    return needed, runs, pair and len(runs) == 2 and needed[0] == needed[1]
+
+
 def _check_weights_first(spec, saved, params, lowest):
     """Every layer direction's weights from ``lowest`` up against what its forward read, before
     any of their backwards runs: each kernel call checks its own, but where one of several
@@ -495,7 +505,10 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
     dc0 = np.empty(c_shape, dy.dtype) if lstm and need_dh0 else None
     lowest = lowest_layer_backward_runs(spec, need_dx or need_dh0, weight_grads)
     pair = D == 2 and F.directions_may_pair()
-    if (spec.num_layers - lowest) * D > 1:
+    # One kernel call (one layer, one direction or both paired) checks its weights before it
+    # runs anything; several are checked first, all of them.
+    top = _directions_run(spec, weight_grads, lowest, need_dx, need_dh0, pair)
+    if spec.num_layers - lowest > 1 or len(top[1]) > 1 and not top[2]:
         _check_weights_first(spec, saved, params, lowest)
     grads = {}
     d_out = dy
@@ -503,9 +516,7 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
         if saved.masks[k] is not None:
             d_out = d_out * saved.masks[k]
         dx_needed = k > lowest or need_dx  # (into layer k - 1, which runs)
-        needed = [_weights_needed(spec, weight_grads, k, d) for d in range(D)]
-        runs = [d for d in range(D) if dx_needed or need_dh0 or needed[d]]  # (else: a frozen
-        # direction above frozen layers)
+        needed, runs, paired = _directions_run(spec, weight_grads, k, dx_needed, need_dh0, pair)
         dx = None
 
         def arguments(d):
@@ -546,7 +557,7 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
             dx += dx_d  # (both directions give dx or neither: dx_needed is the layer's; dx_d are
             return dx   # fresh arrays from the kernel)
 
-        if pair and len(runs) == 2 and needed[0] == needed[1]:  # both, one kind of call
+        if paired:
             (names0, *a0), (names1, *a1) = arguments(0), arguments(1)
             try:
                 results = F.backward_directions(*([u, v] for u, v in zip(a0[:4], a1[:4])),

@@ -83,6 +83,8 @@ inline uint64_t weights_digest(const void* data, size_t bytes) {
     std::memcpy(rest, p + i, bytes - i);
     add(rest);
   }
+  // The 32 sums folded into one value by a multiply-xorshift mix (sums traded between lanes do
+  // not cancel), the length last.
   uint64_t h = 0x9e3779b97f4a7c15ull;
   auto mix = [&h](uint64_t v) {
     h = (h ^ v) * 0xbf58476d1ce4e5b9ull;

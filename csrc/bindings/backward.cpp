@@ -336,21 +336,32 @@ py::list backward_directions_impl(Context& c0, Context& c1, const py::sequence& 
   return out;
 }
 
+py::dtype dtype_of(const Context& c) {
+  return c.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
+}
+
+// One direction's backward arguments as Python gave them, of the context's dtype (grads_into a
+// dict or None); returns the weights it reads.
+BackwardWeights checked_arguments(const Context& c, const py::object& dy, const py::object& dhn,
+                                  const py::object& dcn, const py::object& grads_into,
+                                  const py::object& weights) {
+  const py::dtype dt = dtype_of(c);
+  require_dtype("dy", dy, dt); require_dtype("dhn", dhn, dt); require_dtype("dcn", dcn, dt);
+  if (!grads_into.is_none() && !py::isinstance<py::dict>(grads_into))
+    throw py::type_error("grads_into must be a dict of gradient arrays or None");
+  return backward_weights(c, weights, dt);
+}
+
 }  // namespace
 
 void check_forward_weights(const Context& c, py::object weights) {
-  const py::dtype dt = c.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
-  require_forward_weights(c, backward_weights(c, weights, dt));
+  require_forward_weights(c, backward_weights(c, weights, dtype_of(c)));
 }
 
 py::tuple backward(Context& c, py::array dy, py::object dhn, py::object dcn, bool consume,
                    py::object grads_into, bool add_into, py::object weights, bool need_dx,
                    bool need_weight_grads) {
-  const py::dtype dt = c.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
-  require_dtype("dy", dy, dt); require_dtype("dhn", dhn, dt); require_dtype("dcn", dcn, dt);
-  if (!grads_into.is_none() && !py::isinstance<py::dict>(grads_into))
-    throw py::type_error("grads_into must be a dict of gradient arrays or None");
-  const BackwardWeights w = backward_weights(c, weights, dt);
+  const BackwardWeights w = checked_arguments(c, dy, dhn, dcn, grads_into, weights);
   auto run = [&](auto zero) {  // the same call in either precision
     using T = decltype(zero);
     return backward_impl<T>(c, dy, optional_cast<Arr<T>>(dhn), optional_cast<Arr<T>>(dcn), consume,
@@ -368,16 +379,9 @@ py::list backward_directions(Context& c0, Context& c1, py::sequence dy, py::sequ
   if (&c0 == &c1) fail("the two directions' contexts must be two contexts, got one twice");
   if (c0.f64 != c1.f64 || c0.table != c1.table || c0.s.reverse || !c1.s.reverse)
     fail("the contexts must be a forward and a reverse direction's, of one dtype and ISA");
-  const py::dtype dt = c0.f64 ? py::dtype::of<double>() : py::dtype::of<float>();
   BackwardWeights w[2];
-  for (int d = 0; d < 2; ++d) {
-    require_dtype("dy", dy[d], dt); require_dtype("dhn", dhn[d], dt);
-    require_dtype("dcn", dcn[d], dt);
-    py::object into = grads_into[d];
-    if (!into.is_none() && !py::isinstance<py::dict>(into))
-      throw py::type_error("grads_into must be a dict of gradient arrays or None");
-    w[d] = backward_weights(d ? c1 : c0, weights[d], dt);
-  }
+  for (int d = 0; d < 2; ++d)
+    w[d] = checked_arguments(d ? c1 : c0, dy[d], dhn[d], dcn[d], grads_into[d], weights[d]);
   if (c0.f64)
     return backward_directions_impl<double>(c0, c1, dy, dhn, dcn, consume, grads_into, add_into,
                                             w, need_dx, need_weight_grads);

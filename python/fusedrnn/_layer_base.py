@@ -475,6 +475,15 @@ def _directions_run(spec, weight_grads, k, dx_needed, need_dh0, pair):
     return needed, runs, pair and len(runs) == 2 and needed[0] == needed[1]
 
 
+def _direction_weights(spec, params, k, d):
+    """Layer k, direction d: its parameters' names by the kernels' keys ("weight_ih":
+    "weight_ih_l0", ...), and the weights its backward reads: None (the forward's arrays) or
+    params' (functional.backward's ``weights``)."""
+    names = dict(zip(_PARAM_KEYS, spec.layer_param_names(k, d)))
+    return names, None if params is None else tuple(
+        params.get(names[key]) for key in ("weight_ih", "weight_hh", "weight_hr"))
+
+
 def _check_weights_first(spec, saved, params, lowest):
     """Every layer direction's weights from ``lowest`` up against what its forward read, before
     any of their backwards runs: each kernel call checks its own, but where one of several
@@ -485,12 +494,9 @@ def _check_weights_first(spec, saved, params, lowest):
             ctx = saved.ctxs[k][d]
             if ctx is None or ctx is _CONSUMED:
                 continue  # (the layer's own call says why)
-            names = dict(zip(_PARAM_KEYS, spec.layer_param_names(k, d)))
-            weights = None if params is None else tuple(
-                None if w is None else np.ascontiguousarray(w) for w in (
-                    params.get(names[key]) for key in ("weight_ih", "weight_hh", "weight_hr")))
+            names, weights = _direction_weights(spec, params, k, d)
             try:
-                ctx.check_weights(weights)
+                F.check_weights(ctx, weights)
             except F.WeightsChangedError as error:
                 raise _named_as_torch(error, names) from None
 
@@ -530,15 +536,14 @@ def _stack_backward(spec, saved, dy, dhn, dcn, consume, grads_into, add_into, pa
                     f"backward needs layer {k}'s saved state, which its forward did not keep: "
                     f"then neither the input, the initial state nor that layer's parameters "
                     f"needed a gradient")
-            names = dict(zip(_PARAM_KEYS, spec.layer_param_names(k, d)))
+            names, weights = _direction_weights(spec, params, k, d)
             return (names, saved.ctxs[k][d],
                     d_out if D == 1 else d_out[..., d * H_out:(d + 1) * H_out],
                     None if dhn is None else dhn[i], None if dcn is None else dcn[i],
                     None if grads_into is None else {
                         key: grads_into[name] for key, name in names.items()
                         if name in grads_into},
-                    None if params is None else tuple(
-                        params.get(names[key]) for key in ("weight_ih", "weight_hh", "weight_hr")))
+                    weights)
 
         def take(d, names, result, dx):
             """Direction d's results into dh0, dc0 and grads; returns the layer's dx so far."""

@@ -262,9 +262,21 @@ def _backward_inputs(ctx, dy, dhn, dcn, weights):
     dy = np.ascontiguousarray(dy)
     dhn = None if dhn is None else np.ascontiguousarray(dhn)
     dcn = None if dcn is None else np.ascontiguousarray(dcn)
-    if weights is not None:
-        weights = tuple(None if w is None else np.ascontiguousarray(w) for w in weights)
-    return dy, dhn, dcn, weights
+    return dy, dhn, dcn, _contiguous(weights)
+
+
+def _contiguous(weights):
+    """backward's ``weights`` (None, or a tuple of arrays and Nones) in C order."""
+    if weights is None:
+        return None
+    return tuple(None if w is None else np.ascontiguousarray(w) for w in weights)
+
+
+def check_weights(ctx, weights=None):
+    """Raises WeightsChangedError where backward(ctx, ..., weights=weights) would refuse its
+    weights (not the values its forward read), before any backward runs: a stack checks every
+    layer first."""
+    ctx.check_weights(_contiguous(weights))
 
 
 def backward_directions(ctxs, dy, dhn, dcn, consume=False, grads_into=(None, None),
